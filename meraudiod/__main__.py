@@ -1,0 +1,5 @@
+"""python -m meraudiod."""
+
+from .cli import main
+
+main()

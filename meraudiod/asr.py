@@ -1,0 +1,212 @@
+"""faster-whisper wrapper: 16 kHz float32 audio in, our Transcript out; a hallucination guard."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from .audio import SAMPLE_RATE_HZ, Float32Array
+from .config import AsrSettings
+
+_LOGGER = logging.getLogger(__name__)
+
+# Phrases Whisper is known to invent on silence and noise (subtitles in its training data).
+_PHANTOM_PHRASES: Final = (
+    "thanks for watching",
+    "thank you for watching",
+    "thank you so much for watching",
+    "please subscribe",
+    "like and subscribe",
+    "subscribe to my channel",
+    "see you in the next video",
+    "see you next time",
+    "subtitles by",
+    "captions by",
+    "transcribed by",
+    "amara.org",
+    "thank you",
+    "you",
+    "bye",
+    "i'm sorry",
+)
+
+
+_MAX_COMPRESSION_RATIO: Final = 2.4
+_FALLBACK_TEMPERATURES: Final = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+# Whisper writes these for sounds that are not speech.
+_SOUND_LABELS: Final = frozenset(
+    {
+        "music",
+        "mmm",
+        "mm",
+        "hmm",
+        "applause",
+        "laughter",
+        "laughs",
+        "silence",
+        "noise",
+        "beep",
+        "static",
+        "wind",
+        "inaudible",
+        "sigh",
+        "sighs",
+        "humming",
+    }
+)
+# Real short commands measured down to about -1.2; non-speech that slips past the VAD
+# was seen at -1.5 and below.
+_VERY_LOW_MARGIN: Final = 0.5
+
+
+class AsrError(Exception):
+    """The model could not be loaded or the audio could not be transcribed."""
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word with its time (seconds from the start of the audio)."""
+
+    start_s: float
+    end_s: float
+    text: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One Whisper segment with the scores the guard looks at."""
+
+    start_s: float
+    end_s: float
+    text: str
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+    words: tuple[Word, ...] = ()
+    suspect: str | None = None  # why it is not trusted as speech
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What Whisper heard in one recording."""
+
+    language: str
+    duration_s: float
+    segments: tuple[Segment, ...] = field(default_factory=tuple)
+
+    @property
+    def text(self) -> str:
+        """The trusted text (suspect segments left out)."""
+        return " ".join(s.text for s in self.segments if not s.suspect).strip()
+
+    @property
+    def suspect(self) -> bool:
+        """Nothing in it is trusted as speech."""
+        return all(s.suspect for s in self.segments)
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[^a-z' ]+", " ", text.lower()).strip()
+
+
+def judge(segment: Segment, settings: AsrSettings) -> str | None:
+    """Why a segment should not be trusted as speech, or None."""
+    if not segment.text.strip():
+        return "empty"
+    no_speech = segment.no_speech_prob > settings.no_speech_threshold
+    low_logprob = segment.avg_logprob < settings.logprob_threshold
+    if no_speech and low_logprob:  # Whisper's own rule for "nothing was said"
+        return "no_speech"
+    words = " ".join(_normalise(segment.text).split())
+    if set(words.split()) <= _SOUND_LABELS:  # "Music", "Mmm...", "(beep beep)", "..."
+        return "sound_label"
+    if segment.avg_logprob < settings.logprob_threshold - _VERY_LOW_MARGIN:
+        return "low_confidence"
+    phantom = words in _PHANTOM_PHRASES or any(p in words for p in _PHANTOM_PHRASES if len(p) > 8)
+    if phantom and (no_speech or low_logprob):
+        return "phantom_phrase"
+    if segment.compression_ratio > _MAX_COMPRESSION_RATIO:  # loops like "the the the the"
+        return "repetitive"
+    return None
+
+
+class Transcriber:
+    """A faster-whisper model loaded once, with our settings."""
+
+    def __init__(self, model_path: Path, settings: AsrSettings, model_name: str) -> None:
+        try:
+            from faster_whisper import WhisperModel
+
+            self._model = WhisperModel(
+                str(model_path),
+                device="cpu",
+                compute_type=settings.compute_type,
+                cpu_threads=settings.cpu_threads,
+                num_workers=1,
+            )
+        except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError on bad files
+            raise AsrError(f"cannot load ASR model {model_path}: {exc}") from exc
+        self.settings = settings
+        self.model_name = model_name
+        # Fallback re-decodes low-confidence audio at up to five higher temperatures: on noise
+        # that multiplies the cost, and short recordings rarely fall into the loops it fixes.
+        self._temperatures = _FALLBACK_TEMPERATURES if settings.temperature_fallback else [0.0]
+
+    def transcribe(self, audio: Float32Array) -> Transcript:
+        """Transcribe one recording; the lazy segment generator is consumed here."""
+        s = self.settings
+        language = s.language
+        try:
+            segments, info = self._model.transcribe(
+                audio,
+                language=language,
+                beam_size=s.beam_size,
+                word_timestamps=s.word_timestamps,
+                vad_filter=False,  # our own VAD already cut the recording
+                condition_on_previous_text=False,
+                no_speech_threshold=None,  # keep every segment; judge() flags, never drops
+                temperature=self._temperatures,
+            )
+            if language is None and s.languages and info.language not in s.languages:
+                # Detection picked a language we do not allow: take the likeliest allowed one.
+                probs = dict(info.all_language_probs or [])
+                language = max(s.languages, key=lambda lang: probs.get(lang, 0.0))
+                segments, info = self._model.transcribe(
+                    audio,
+                    language=language,
+                    beam_size=s.beam_size,
+                    word_timestamps=s.word_timestamps,
+                    vad_filter=False,
+                    condition_on_previous_text=False,
+                    no_speech_threshold=None,
+                    temperature=self._temperatures,
+                )
+            result = tuple(self._convert(seg) for seg in segments)
+        except Exception as exc:  # decoding failures surface while iterating
+            raise AsrError(f"transcription failed: {exc}") from exc
+        return Transcript(
+            language=str(info.language), duration_s=audio.size / SAMPLE_RATE_HZ, segments=result
+        )
+
+    def _convert(self, seg: Any) -> Segment:
+        words = tuple(
+            Word(float(w.start), float(w.end), str(w.word), float(w.probability))
+            for w in (seg.words or ())
+        )
+        segment = Segment(
+            start_s=float(seg.start),
+            end_s=float(seg.end),
+            text=str(seg.text).strip(),
+            avg_logprob=float(seg.avg_logprob),
+            no_speech_prob=float(seg.no_speech_prob),
+            compression_ratio=float(seg.compression_ratio),
+            words=words,
+        )
+        reason = judge(segment, self.settings)
+        if reason is None:
+            return segment
+        return Segment(**{**segment.__dict__, "suspect": reason})

@@ -1,0 +1,114 @@
+"""Audio constants and helpers: PCM conversion, loudness, streaming resampling, file decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+SAMPLE_RATE_HZ: Final = 16000
+FRAME_SAMPLES: Final = 512  # what Silero VAD takes at 16 kHz: 32 ms
+FRAME_S: Final = FRAME_SAMPLES / SAMPLE_RATE_HZ
+
+Int16Array = npt.NDArray[np.int16]
+Float32Array = npt.NDArray[np.float32]
+
+
+class AudioDecodeError(Exception):
+    """A file could not be opened or decoded; the message names the file."""
+
+
+def to_float32(samples: Int16Array) -> Float32Array:
+    """int16 PCM to float32 in [-1, 1)."""
+    return (samples.astype(np.float32) / 32768.0).astype(np.float32)
+
+
+def rms_dbfs(samples: Int16Array) -> float:
+    """Loudness of int16 PCM in dB relative to full scale (-120 for digital silence)."""
+    if samples.size == 0:
+        return -120.0
+    mean_square = float(np.mean(np.square(samples.astype(np.float64) / 32768.0)))
+    return max(-120.0, 10.0 * np.log10(mean_square)) if mean_square > 0 else -120.0
+
+
+class Resampler:
+    """Streaming conversion of interleaved float32 blocks at any rate to 16 kHz mono int16."""
+
+    def __init__(self, rate_hz: int, channels: int) -> None:
+        import av
+
+        self._rate_hz = rate_hz
+        self._layout = "mono" if channels == 1 else "stereo" if channels == 2 else f"{channels}c"
+        self._channels = channels
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE_HZ)
+        self._pts = 0
+
+    def process(self, block: Float32Array) -> Int16Array:
+        """Resample one block of shape (samples, channels); returns what is ready so far."""
+        import av
+
+        interleaved = np.ascontiguousarray(block, dtype=np.float32).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(interleaved, format="flt", layout=self._layout)
+        frame.sample_rate = self._rate_hz
+        frame.pts = self._pts
+        self._pts += block.shape[0]
+        return _frames_to_int16(self._resampler.resample(frame))
+
+    def flush(self) -> Int16Array:
+        """Whatever the resampler still holds at the end of the stream."""
+        return _frames_to_int16(self._resampler.resample(None))
+
+
+def _frames_to_int16(frames: Sequence[Any]) -> Int16Array:
+    arrays = [f.to_ndarray().reshape(-1) for f in frames]
+    if not arrays:
+        return np.zeros(0, dtype=np.int16)
+    return np.concatenate(arrays).astype(np.int16, copy=False)
+
+
+def iter_file_pcm(path: Path, block_s: float = 1.0) -> Iterator[Int16Array]:
+    """Decode any file PyAV/FFmpeg reads to 16 kHz mono int16, a block at a time."""
+    import av
+
+    try:
+        container = av.open(str(path), mode="r")
+    except (av.error.FFmpegError, OSError) as exc:
+        raise AudioDecodeError(f"cannot open audio file {path}: {_reason(exc)}") from exc
+    with container:
+        if not container.streams.audio:
+            raise AudioDecodeError(f"no audio stream in {path}")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE_HZ)
+        pending: list[Int16Array] = []
+        pending_samples = 0
+        block_samples = int(block_s * SAMPLE_RATE_HZ)
+        try:
+            for frame in container.decode(stream):
+                # Some containers reuse the frame layout guess; dropping pts avoids resampler
+                # complaints about non-monotonic timestamps in broken files.
+                frame.pts = None
+                out = _frames_to_int16(resampler.resample(frame))
+                pending.append(out)
+                pending_samples += out.size
+                if pending_samples >= block_samples:
+                    yield np.concatenate(pending)
+                    pending, pending_samples = [], 0
+            pending.append(_frames_to_int16(resampler.resample(None)))
+        except av.error.FFmpegError as exc:
+            raise AudioDecodeError(f"cannot decode audio file {path}: {_reason(exc)}") from exc
+        if pending:
+            yield np.concatenate(pending)
+
+
+def decode_file(path: Path) -> Int16Array:
+    """The whole file as 16 kHz mono int16."""
+    blocks = list(iter_file_pcm(path))
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int16)
+
+
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc)
+    return str(text).split(":")[-1].strip() or type(exc).__name__

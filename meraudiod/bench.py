@@ -1,0 +1,261 @@
+"""`meraudiod bench`: measure this device with the configured models and the bundled sample.
+
+Every figure that has a bare-library counterpart is measured against it on the same input in
+the same run, and the ratio is reported. Nothing here is a pass/fail test: it prints figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import soundfile
+
+from . import __version__, models
+from .asr import Transcriber
+from .audio import FRAME_S, FRAME_SAMPLES, SAMPLE_RATE_HZ, decode_file, to_float32
+from .config import Settings
+from .sources import FileSource, demo_path
+from .vad import SileroVad
+
+_LISTEN_S: Final = 10.0
+_PASSAGE_S: Final = 30.0
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _best_of(runs: int, func: Callable[[], object]) -> float:
+    """Fastest wall time of a few runs (the least disturbed by other load)."""
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        func()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _disk_write_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def bench_vad(settings: Settings, audio: np.ndarray) -> dict[str, Any]:
+    """Cost per frame back to back, ours (streaming) against faster-whisper's batch VAD, and
+    the CPU used listening to silence paced at real time."""
+    from faster_whisper.vad import SileroVADModel
+
+    path = models.vad_file(settings)
+    vad = SileroVad(path, threads=settings.vad.threads)
+    n = audio.size // FRAME_SAMPLES
+    frames = [audio[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES] for i in range(n)]
+
+    def stream() -> None:
+        vad.reset()
+        for frame in frames:
+            vad(frame)
+
+    ours_s = _best_of(3, stream)
+    bare = SileroVADModel(str(path))
+    bare_s = _best_of(3, lambda: bare(audio[: n * FRAME_SAMPLES]))
+
+    silence = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+    vad.reset()
+    frames_paced = int(_LISTEN_S / FRAME_S)
+    cpu0, wall0 = _cpu_s(), time.monotonic()
+    for i in range(frames_paced):
+        vad(silence)
+        wait = wall0 + (i + 1) * FRAME_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+    listen_cpu_pct = 100.0 * (_cpu_s() - cpu0) / (time.monotonic() - wall0)
+    return {
+        "vad_us_per_frame": round(ours_s / n * 1e6, 1),
+        "vad_bare_batch_us_per_frame": round(bare_s / n * 1e6, 1),
+        "vad_ratio_vs_bare": round(ours_s / bare_s, 2),
+        "listening_cpu_pct_of_one_core": round(listen_cpu_pct, 2),
+        "listening_measured_s": _LISTEN_S,
+    }
+
+
+def bench_asr(settings: Settings, command: np.ndarray, passage: np.ndarray) -> dict[str, Any]:
+    """Real-time factor of our Transcriber against bare faster-whisper, same settings."""
+    from faster_whisper import WhisperModel
+
+    asr = settings.asr
+    path = models.resolve(asr.model, settings.storage.resolved_models_dir, asr.allow_download)
+    ours = Transcriber(path, asr, asr.model)
+    bare = WhisperModel(
+        str(path), device="cpu", compute_type=asr.compute_type, cpu_threads=asr.cpu_threads
+    )
+
+    def bare_run(audio: np.ndarray) -> None:
+        segments, _ = bare.transcribe(
+            audio,
+            language=asr.language,
+            beam_size=asr.beam_size,
+            word_timestamps=asr.word_timestamps,
+            condition_on_previous_text=False,
+            temperature=[0.0],
+        )
+        list(segments)
+
+    result: dict[str, Any] = {
+        "asr_model": asr.model,
+        "asr_compute_type": asr.compute_type,
+        "asr_cpu_threads": asr.cpu_threads,
+    }
+    ours.transcribe(command)  # warm-up: first call pays one-off allocations
+    for name, audio in (("command", command), ("passage", passage)):
+        seconds = audio.size / SAMPLE_RATE_HZ
+        ours_s = _best_of(2, lambda: ours.transcribe(audio))  # noqa: B023 - called at once
+        bare_s = _best_of(2, lambda: bare_run(audio))  # noqa: B023
+        result[f"asr_{name}_audio_s"] = round(seconds, 2)
+        result[f"asr_{name}_rtf"] = round(ours_s / seconds, 3)
+        result[f"asr_{name}_bare_rtf"] = round(bare_s / seconds, 3)
+        result[f"asr_{name}_ratio_vs_bare"] = round(ours_s / bare_s, 2)
+    return result
+
+
+def bench_speakers(settings: Settings, audio: np.ndarray) -> dict[str, Any]:
+    """Speaker-embedding cost per second of audio, when the model is installed."""
+    from .speakers import SpeakerEmbedder, SpeakerError, _onnx_file
+
+    spk = settings.speakers
+    try:
+        path = _onnx_file(models.resolve(spk.model, settings.storage.resolved_models_dir))
+        embedder = SpeakerEmbedder(path, spk.model, spk.threads)
+    except (models.ModelError, SpeakerError) as exc:  # not exported on this device
+        return {"speaker_embedding_ms_per_audio_s": None, "speaker_note": str(exc)[:200]}
+    seconds = audio.size / SAMPLE_RATE_HZ
+    elapsed = _best_of(2, lambda: embedder(audio))
+    return {"speaker_embedding_ms_per_audio_s": round(elapsed / seconds * 1000.0, 1)}
+
+
+def bench_pipeline(settings: Settings, sample: Path) -> dict[str, Any]:
+    """The daemon's own pipeline on the sample in a scratch data dir: latency from end of
+    speech to transcript stored, whole-pipeline real-time factor, disk writes per hour."""
+    from .daemon import Pipeline
+
+    scratch = Path(tempfile.mkdtemp(prefix="meraudiod-bench-"))
+    try:
+        local = settings.model_copy(deep=True)
+        local.storage.models_dir = settings.storage.resolved_models_dir
+        local.storage.data_dir = scratch
+        local.storage.tmp_audio_dir = None
+        local.mqtt.enabled = False
+        stop = threading.Event()
+        pipeline = Pipeline(local, stop)
+        pipeline.open()
+        pipeline.start_worker()
+        written0 = _disk_write_bytes()
+        t0 = time.monotonic()
+        source = FileSource(sample, realtime=True)  # audio arriving as from a microphone
+        source.start()
+        listener = pipeline.listener(source)
+        listener.finished.wait()
+        pipeline.drain()
+        wall_s = time.monotonic() - t0
+        pipeline.close()
+        written = _disk_write_bytes()
+        conn = sqlite3.connect(local.storage.db_path)
+        rows = conn.execute("SELECT duration_s, rtf, latency_ms FROM recordings").fetchall()
+        conn.close()
+        speech_s = sum(r[0] for r in rows)
+        latencies = sorted(r[2] for r in rows if r[2] is not None)
+        per_hour = 3600.0 / speech_s if speech_s else 0.0
+        audio_bytes = sum(p.stat().st_size for p in (scratch / "audio").rglob("*") if p.is_file())
+        return {
+            "pipeline_recordings": len(rows),
+            "pipeline_speech_s": round(speech_s, 1),
+            "pipeline_wall_s": round(wall_s, 1),
+            "pipeline_rtf_mean": round(float(np.mean([r[1] for r in rows])), 3) if rows else None,
+            "latency_ms_median": round(float(np.median(latencies)), 0) if latencies else None,
+            "latency_ms_max": round(latencies[-1], 0) if latencies else None,
+            "disk_write_mb_per_recorded_hour": (
+                round((written - written0) / 1e6 * per_hour, 1)
+                if written is not None and written0 is not None
+                else None
+            ),
+            "audio_mb_per_recorded_hour": round(audio_bytes / 1e6 * per_hour, 1),
+        }
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_bench(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Every figure, in under two minutes on a Raspberry-Pi-class device."""
+    sample = demo_path()
+    pcm = decode_file(sample)
+    audio = to_float32(pcm)
+    truth = json.loads((sample.parent / "demo.json").read_text())["utterances"]
+    short = truth[1]  # "he was not an ill disposed young man": a command-length utterance
+    command = audio[
+        int((short["start_s"] - 0.3) * SAMPLE_RATE_HZ) : int(
+            (short["end_s"] + 0.3) * SAMPLE_RATE_HZ
+        )
+    ]
+    passage = audio[: int(_PASSAGE_S * SAMPLE_RATE_HZ)]
+    figures: dict[str, Any] = {
+        "version": __version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "processor": _cpu_model(),
+    }
+    started = time.monotonic()
+    progress("VAD")
+    figures |= bench_vad(settings, audio)
+    progress("ASR")
+    figures |= bench_asr(settings, command, passage)
+    progress("speaker embeddings")
+    figures |= bench_speakers(settings, passage)
+    progress("pipeline at real time")
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = Path(tmp) / "bench.flac"
+        soundfile.write(clip, pcm[: int(20 * SAMPLE_RATE_HZ)], SAMPLE_RATE_HZ)
+        figures |= bench_pipeline(settings, clip)
+    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0)
+    # Continuous speech arrives as utterances of a few seconds up to max_utterance_s: the
+    # measured per-recording cost is the honest figure (each pays a whole encoder pass).
+    per_speech_s = max(figures["asr_passage_rtf"], figures["pipeline_rtf_mean"] or 0.0) + (
+        (figures["speaker_embedding_ms_per_audio_s"] or 0.0) / 1000.0
+        if settings.speakers.enabled
+        else 0.0
+    )
+    figures["speech_cost_per_audio_s"] = round(per_speech_s, 3)
+    figures["keeps_up"] = per_speech_s < 1.0
+    figures["verdict"] = (
+        f"keeps up with continuous speech: {per_speech_s:.2f} s of work per second of speech"
+        if per_speech_s < 1.0
+        else f"falls behind on continuous speech ({per_speech_s:.2f} s of work per second);"
+        " the backlog grows on disk and drains in pauses"
+    )
+    figures["bench_s"] = round(time.monotonic() - started, 1)
+    return figures
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -1,0 +1,429 @@
+"""The command table, shared by MQTT (`request/<command>`) and the CLI.
+
+Every request is validated before anything changes: malformed JSON, a wrong type, an unknown
+command, an unknown argument or an oversized payload each get an error response.
+Destructive commands run only when the caller is allowed admin commands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import __version__, jobs
+from .config import Settings
+from .db import Transaction, now
+from .messages import Response
+from .recordings import delete_recordings, recording_details
+from .retention import disk_free_mb, purge
+
+_LOGGER = logging.getLogger(__name__)
+MAX_PAYLOAD_BYTES: Final = 16 * 1024
+HEARTBEAT_FILE: Final = "heartbeat.json"
+HEARTBEAT_STALE_S: Final = 20.0
+
+
+class CommandError(Exception):
+    """A request that cannot be carried out; the message goes back to the caller."""
+
+
+class Runtime(Protocol):
+    """What a running daemon lets commands change."""
+
+    def set_listening(self, on: bool) -> None:
+        """Open or close the microphone."""
+
+
+@dataclass
+class CommandContext:
+    """Where a command runs: its database connection, settings, and who asks."""
+
+    conn: sqlite3.Connection
+    settings: Settings
+    admin: bool = True
+    runtime: Runtime | None = None
+
+
+class Args(BaseModel):
+    """Base of command arguments: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class NoArgs(Args):
+    """A command without arguments."""
+
+
+class ListArgs(Args):
+    """Recording search."""
+
+    search: str | None = Field(None, max_length=200, description="Full-text search")
+    since: str | None = Field(None, description="2h, 3d, 45m or an ISO date/time")
+    speaker: str | None = Field(None, max_length=100, description="Speaker name")
+    limit: int = Field(20, ge=1, le=1000, description="Most rows returned")
+
+
+class IdArgs(Args):
+    """One recording."""
+
+    id: str = Field(min_length=26, max_length=26, description="Recording ULID")
+
+
+class IdsArgs(Args):
+    """Several recordings."""
+
+    ids: list[str] = Field(min_length=1, max_length=1000, description="Recording ULIDs")
+
+
+class PurgeArgs(Args):
+    """What to purge (at least one criterion)."""
+
+    older_than_days: float | None = Field(None, gt=0, description="Started this long ago")
+    start: str | None = Field(None, description="ISO date/time: from")
+    end: str | None = Field(None, description="ISO date/time: until")
+    speaker: str | None = Field(None, description="Everything this speaker said")
+    audio_only: bool = Field(False, description="Delete the audio, keep the text")
+
+
+class ReprocessArgs(Args):
+    """Transcribe again: given recordings, or every failed one."""
+
+    ids: list[str] = Field(default_factory=list, max_length=1000)
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class Command:
+    """One entry of the table."""
+
+    handler: Callable[[CommandContext, Any], Any]
+    args: type[Args] = NoArgs
+    admin: bool = False
+    help: str = ""
+
+
+# --- queries used by the commands and the CLI ------------------------------------------------
+
+
+def parse_since(value: str) -> float:
+    """'2h', '3d', '45m', '30s' ago, or an ISO date/time, as Unix seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", value.strip())
+    if match:
+        seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return time.time() - float(match.group(1)) * seconds
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError as exc:
+        raise CommandError(f"{value!r} is not a time: use e.g. 2h, 3d or 2026-11-25T08:00") from exc
+
+
+def _fts_query(text: str) -> str:
+    """Plain words as an FTS5 query that user input cannot break."""
+    words = re.findall(r"\w+", text)
+    return " ".join(f'"{w}"' for w in words) or '""'
+
+
+def list_recordings(conn: sqlite3.Connection, args: ListArgs) -> list[dict[str, Any]]:
+    """Recordings, newest first, by text, time and speaker."""
+    where: list[str] = ["1=1"]
+    params: list[Any] = []
+    if args.since:
+        where.append("r.started_at >= ?")
+        params.append(parse_since(args.since))
+    if args.search:
+        where.append(
+            "r.id IN (SELECT s.recording_id FROM segments s JOIN segments_fts f"
+            " ON f.rowid = s.id WHERE segments_fts MATCH ?)"
+        )
+        params.append(_fts_query(args.search))
+    if args.speaker:
+        where.append(
+            "r.id IN (SELECT s.recording_id FROM segments s JOIN speakers p"
+            " ON p.id = s.speaker_id WHERE p.name = ?)"
+        )
+        params.append(args.speaker)
+    rows = conn.execute(
+        "SELECT r.id, r.start_s, r.end_s, r.duration_s, r.started_at, r.text,"
+        " CASE WHEN j.state = 'running' THEN 'running' ELSE r.status END AS state"
+        " FROM recordings r LEFT JOIN jobs j ON j.recording_id = r.id AND j.state = 'running'"
+        f" WHERE {' AND '.join(where)} ORDER BY r.id DESC LIMIT ?",
+        (*params, args.limit),
+    )
+    return [dict(zip(row.keys(), tuple(row), strict=True)) for row in rows]
+
+
+def heartbeat_path(settings: Settings) -> Path:
+    """Where the running daemon says how it is (a small file, rewritten every few seconds)."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY")  # systemd's RuntimeDirectory, a tmpfs
+    return (Path(runtime.split(":")[0]) if runtime else settings.storage.data_dir) / HEARTBEAT_FILE
+
+
+def read_heartbeat(settings: Settings) -> dict[str, Any] | None:
+    """What the running daemon last wrote about itself."""
+    try:
+        data = json.loads(heartbeat_path(settings).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_heartbeat(settings: Settings, heartbeat: dict[str, Any]) -> None:
+    """Replace the heartbeat file. No fsync: it is rewritten every few seconds and losing
+    it in a power cut only makes the daemon look stopped, which it then is."""
+    path = heartbeat_path(settings)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(heartbeat), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def get_kv(conn: sqlite3.Connection, key: str, default: str) -> str:
+    """A small persistent value."""
+    row = conn.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+    return str(row["value"]) if row else default
+
+
+def set_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
+    """Persist a small value."""
+    with Transaction(conn):
+        conn.execute(
+            "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=?",
+            (key, value, value),
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def status(conn: sqlite3.Connection, settings: Settings) -> dict[str, Any]:
+    """Everything an admin wants at a glance, from the database and the daemon's heartbeat."""
+    heartbeat = read_heartbeat(settings) or {}
+    age_s = now() - float(heartbeat.get("at", 0))
+    running = bool(heartbeat) and age_s < HEARTBEAT_STALE_S and _pid_alive(int(heartbeat["pid"]))
+    counts = jobs.counts(conn)
+    oldest = conn.execute(
+        "SELECT MIN(r.started_at) FROM jobs j JOIN recordings r ON r.id = j.recording_id"
+        " WHERE j.state IN ('pending', 'running')"
+    ).fetchone()[0]
+    last = conn.execute(
+        "SELECT id, started_at, text FROM recordings WHERE status='done' ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    last_speaker = conn.execute(
+        "SELECT p.name FROM segments s JOIN speakers p ON p.id = s.speaker_id"
+        " ORDER BY s.id DESC LIMIT 1"
+    ).fetchone()
+    midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    today = conn.execute(
+        "SELECT COUNT(*), SUM(CASE WHEN status='done' THEN 1 ELSE 0 END) FROM recordings"
+        " WHERE started_at >= ?",
+        (midnight,),
+    ).fetchone()
+    outbox = conn.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
+    data_dir = settings.storage.data_dir
+    used_mb = sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file()) / 1e6
+    return {
+        "running": running,
+        "pid": heartbeat.get("pid") if running else None,
+        "heartbeat_age_s": round(age_s, 1) if heartbeat else None,
+        "listening": heartbeat.get("listening") if running else None,
+        "muted": (not heartbeat.get("listening")) if running else None,
+        "degraded": heartbeat.get("degraded") if running else None,
+        "microphone": heartbeat.get("microphone") if running else None,
+        "audio_level_dbfs": heartbeat.get("audio_level_dbfs") if running else None,
+        "dropped_frames": heartbeat.get("dropped_frames") if running else None,
+        "uptime_s": heartbeat.get("uptime_s") if running else None,
+        "mqtt": heartbeat.get("mqtt") if running else None,
+        "backlog": counts["pending"] + counts["running"],
+        "jobs": counts,
+        "oldest_pending_at": oldest,
+        "last_transcript": dict(zip(last.keys(), tuple(last), strict=True)) if last else None,
+        "last_speaker": last_speaker[0] if last_speaker else None,
+        "recordings_today": int(today[0] or 0),
+        "transcripts_today": int(today[1] or 0),
+        "outbox_pending": int(outbox),
+        "outbox_dropped": int(get_kv(conn, "outbox_dropped", "0")),
+        "models": {
+            "vad": settings.vad.model,
+            "asr": settings.asr.model,
+            "speakers": settings.speakers.model if settings.speakers.enabled else None,
+        },
+        "data_dir": str(data_dir),
+        "disk_used_mb": round(used_mb, 1),
+        "disk_free_mb": round(disk_free_mb(data_dir), 1),
+        "version": __version__,
+    }
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+def _status(ctx: CommandContext, args: NoArgs) -> Any:
+    return status(ctx.conn, ctx.settings)
+
+
+def _recordings_list(ctx: CommandContext, args: ListArgs) -> Any:
+    return list_recordings(ctx.conn, args)
+
+
+def _recordings_get(ctx: CommandContext, args: IdArgs) -> Any:
+    data = recording_details(ctx.conn, args.id)
+    if data is None:
+        raise CommandError(f"no recording {args.id}")
+    return data
+
+
+def _recordings_delete(ctx: CommandContext, args: IdsArgs) -> Any:
+    deleted = delete_recordings(ctx.conn, args.ids)
+    return {"deleted": deleted, "missing": len(args.ids) - deleted}
+
+
+def _speaker_id(conn: sqlite3.Connection, name: str) -> str:
+    row = conn.execute("SELECT id FROM speakers WHERE name=?", (name,)).fetchone()
+    if row is None:
+        raise CommandError(f"no speaker named {name!r}")
+    return str(row["id"])
+
+
+def _purge(ctx: CommandContext, args: PurgeArgs) -> Any:
+    before = now() - args.older_than_days * 86400 if args.older_than_days else None
+    if args.end:
+        end = parse_since(args.end)
+        before = min(before, end) if before is not None else end
+    after = parse_since(args.start) if args.start else None
+    speaker = _speaker_id(ctx.conn, args.speaker) if args.speaker else None
+    if before is None and after is None and speaker is None:
+        raise CommandError("purge needs older_than_days, start/end or speaker")
+    result = purge(
+        ctx.conn, before=before, after=after, speaker_id=speaker, audio_only=args.audio_only
+    )
+    return {
+        "recordings_deleted": result.recordings_deleted,
+        "audio_files_deleted": result.audio_files_deleted,
+    }
+
+
+def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
+    ids = list(args.ids)
+    if args.failed:
+        ids += [
+            str(r[0])
+            for r in ctx.conn.execute("SELECT recording_id FROM jobs WHERE state='failed'")
+        ]
+    queued = 0
+    with Transaction(ctx.conn):
+        for rec_id in dict.fromkeys(ids):
+            row = ctx.conn.execute(
+                "SELECT audio_path FROM recordings WHERE id=?", (rec_id,)
+            ).fetchone()
+            if row is None or not row["audio_path"]:
+                continue  # without audio there is nothing to transcribe again
+            ctx.conn.execute(
+                "DELETE FROM jobs WHERE recording_id=? AND state != 'running'", (rec_id,)
+            )
+            ctx.conn.execute("UPDATE recordings SET status='pending' WHERE id=?", (rec_id,))
+            jobs.enqueue(ctx.conn, rec_id)
+            queued += 1
+    return {"queued": queued}
+
+
+def _config_get(ctx: CommandContext, args: NoArgs) -> Any:
+    return ctx.settings.model_dump(mode="json", exclude={"mqtt": {"password"}})
+
+
+COMMANDS: dict[str, Command] = {
+    "status": Command(_status, help="Daemon, backlog, last transcript, disk"),
+    "recordings/list": Command(_recordings_list, ListArgs, help="Search recordings"),
+    "recordings/get": Command(_recordings_get, IdArgs, help="One recording with segments"),
+    "recordings/delete": Command(
+        _recordings_delete, IdsArgs, admin=True, help="Delete recordings: audio, text, index"
+    ),
+    "purge": Command(_purge, PurgeArgs, admin=True, help="Delete by age, time range, speaker"),
+    "reprocess": Command(_reprocess, ReprocessArgs, help="Transcribe recordings again"),
+    "config/get": Command(_config_get, help="The effective configuration, without secrets"),
+}
+
+
+@dataclass
+class Request:
+    """A decoded request, before validation of its arguments."""
+
+    command: str
+    transaction: str | int | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def decode_request(command: str, payload: bytes) -> Request:
+    """Parse a request payload; CommandError says what is wrong with it."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise CommandError(f"payload too large ({len(payload)} bytes, at most {MAX_PAYLOAD_BYTES})")
+    if not payload.strip():
+        return Request(command)
+    try:
+        body = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CommandError(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise CommandError("payload must be a JSON object")
+    transaction = body.pop("transaction", None)
+    if transaction is not None and not isinstance(transaction, str | int):
+        raise CommandError("transaction must be a string or a number")
+    return Request(command, transaction, body)
+
+
+def _transaction_of(payload: bytes) -> str | int | None:
+    """Best effort: echo the caller's transaction even when the rest is invalid."""
+    try:
+        body = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    value = body.get("transaction") if isinstance(body, dict) else None
+    return value if isinstance(value, str | int) and not isinstance(value, bool) else None
+
+
+def execute(ctx: CommandContext, name: str, args: dict[str, Any]) -> Any:
+    """Validate and run one command; raises CommandError."""
+    command = COMMANDS.get(name)
+    if command is None:
+        raise CommandError(f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
+    if command.admin and not ctx.admin:
+        raise CommandError(f"{name} changes or deletes data: set mqtt.allow_admin_commands")
+    try:
+        parsed = command.args.model_validate(args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in exc.errors()
+        )
+        raise CommandError(f"invalid arguments: {problems}") from exc
+    return command.handler(ctx, parsed)
+
+
+def dispatch(ctx: CommandContext, name: str, payload: bytes) -> Response:
+    """Run a request that came over MQTT and build its response; never raises."""
+    transaction = _transaction_of(payload) if len(payload) <= MAX_PAYLOAD_BYTES else None
+    try:
+        request = decode_request(name, payload)
+        data = execute(ctx, request.command, request.args)
+        json.dumps(data, default=str)  # fail here, not on the way out
+        return Response(name, "ok", data=data, transaction=request.transaction)
+    except CommandError as exc:
+        return Response(name, "error", error=str(exc), transaction=transaction)
+    except Exception as exc:  # a bug must still answer the caller and leave the daemon up
+        _LOGGER.exception("command %s failed", name)
+        return Response(name, "error", error=f"internal error: {exc}", transaction=transaction)

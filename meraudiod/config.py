@@ -1,0 +1,339 @@
+"""Configuration: one pydantic model per section, loaded from TOML, overridden by environment.
+
+Precedence: `MERAUDIOD_<SECTION>__<KEY>` environment variables, then the TOML file
+(`--config`, `$MERAUDIOD_CONFIG`, `/etc/meraudiod/config.toml`), then the defaults here.
+Unknown keys and a named file that does not exist are errors that say which key or file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/meraudiod/config.toml")
+ENV_CONFIG: Final = "MERAUDIOD_CONFIG"
+
+
+class ConfigError(Exception):
+    """The configuration file or environment is invalid; the message says where."""
+
+
+def _default_data_dir() -> Path:
+    """systemd's StateDirectory, else the XDG data directory."""
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0])
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "meraudiod"
+
+
+def _default_node_id() -> str:
+    return sanitize_node_id(socket.gethostname())
+
+
+def sanitize_node_id(raw: str) -> str:
+    """Lower-case and replace anything outside [a-z0-9_-] so the id is safe in MQTT topics."""
+    cleaned = re.sub(r"[^a-z0-9_-]+", "_", raw.lower()).strip("_")
+    return cleaned or "meraudiod"
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AudioSettings(Section):
+    """Where audio comes from."""
+
+    source: str = Field(
+        "mic", description="mic, file:PATH, stdin (raw 16 kHz mono s16le) or demo (bundled sample)"
+    )
+    device: str | int | None = Field(
+        None, description="Input device name (substring) or index; None = system default"
+    )
+    device_rate_hz: int | None = Field(
+        None, description="Rate to open the device at; None = its native default rate"
+    )
+    queue_frames: int = Field(
+        256, ge=16, description="Frames buffered between the capture callback and the listener"
+    )
+    realtime: bool = Field(
+        False, description="Pace file replay at real time instead of as fast as possible"
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if value in ("mic", "stdin", "demo") or (value.startswith("file:") and len(value) > 5):
+            return value
+        raise ValueError("must be mic, stdin, demo or file:PATH")
+
+
+class VadSettings(Section):
+    """Silero VAD on onnxruntime."""
+
+    model: str = Field("silero-vad-v6", description="Manifest name or path of the VAD ONNX file")
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads (1 keeps idle CPU low)")
+    start_threshold: float = Field(
+        0.5, gt=0, lt=1, description="Speech probability that opens an utterance"
+    )
+    end_threshold: float = Field(
+        0.35, gt=0, lt=1, description="Probability below which a frame counts as silence"
+    )
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> VadSettings:
+        if self.end_threshold > self.start_threshold:
+            raise ValueError("vad.end_threshold must not exceed vad.start_threshold")
+        return self
+
+
+class RecorderSettings(Section):
+    """Segmenter timing: how speech probabilities become recordings."""
+
+    min_speech_ms: int = Field(250, ge=0, description="Shorter bursts of speech are ignored")
+    hangover_ms: int = Field(
+        700, ge=32, description="Silence that ends an utterance (end-of-speech hang-over)"
+    )
+    pre_roll_ms: int = Field(300, ge=0, description="Audio kept before the detected start")
+    post_roll_ms: int = Field(200, ge=0, description="Audio kept after the last speech frame")
+    max_utterance_s: float = Field(
+        28.0, ge=2.0, le=300.0, description="Longer speech is split cleanly at the quietest frame"
+    )
+    audio_format: Literal["flac", "wav"] = Field("flac", description="File format of recordings")
+
+    @model_validator(mode="after")
+    def _post_roll_fits(self) -> RecorderSettings:
+        if self.post_roll_ms > self.hangover_ms:
+            raise ValueError("recorder.post_roll_ms must not exceed recorder.hangover_ms")
+        return self
+
+
+class AsrSettings(Section):
+    """faster-whisper transcription and the job queue that feeds it."""
+
+    enabled: bool = Field(True, description="Transcribe recordings (false: record only)")
+    model: str = Field(
+        "tiny.en", description="Manifest name, faster-whisper model name, or CTranslate2 dir"
+    )
+    compute_type: str = Field("int8", description="CTranslate2 compute type (int8 = quantized)")
+    beam_size: int = Field(1, ge=1, le=10, description="Beam width (1 = greedy)")
+    cpu_threads: int = Field(1, ge=0, description="CTranslate2 threads (0 = library default)")
+    language: str | None = Field("en", description="Fixed language; None = detect")
+    languages: list[str] = Field(
+        default_factory=list, description="With detection, the languages allowed (empty = any)"
+    )
+    word_timestamps: bool = Field(True, description="Store per-word times")
+    temperature_fallback: bool = Field(
+        False, description="Re-decode low-confidence audio at higher temperatures (slower)"
+    )
+    allow_download: bool = Field(
+        False, description="Fetch a named faster-whisper model from the hub when not installed"
+    )
+    no_speech_threshold: float = Field(
+        0.6, ge=0, le=1, description="Segments above this no-speech probability are suspect"
+    )
+    logprob_threshold: float = Field(
+        -1.0, description="Segments below this average log-probability are low-confidence"
+    )
+    max_attempts: int = Field(3, ge=1, description="Tries before a job is left failed")
+    job_lease_s: float = Field(600.0, gt=0, description="How long a claimed job stays claimed")
+
+
+class SpeakersSettings(Section):
+    """Speaker identification."""
+
+    enabled: bool = Field(False, description="Identify enrolled speakers")
+    model: str = Field("ecapa-voxceleb", description="Speaker-embedding model")
+    threshold: float = Field(0.40, ge=-1, le=1, description="Cosine score needed to name someone")
+    margin: float = Field(0.05, ge=0, le=2, description="Lead needed over the runner-up")
+    min_speech_s: float = Field(1.5, ge=0, description="Less speech than this stays unknown")
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for embeddings")
+    max_embedding_s: float = Field(
+        20.0, ge=2.0, description="Most speech per speaker that is embedded (bounds the cost)"
+    )
+    group_unknown: bool = Field(
+        True, description="Group unknown voices into provisional profiles an admin can name"
+    )
+    max_unknown_embeddings: int = Field(
+        5, ge=1, description="Embeddings kept per provisional profile"
+    )
+
+
+class DiarizationSettings(Section):
+    """Who spoke when, inside one recording."""
+
+    enabled: bool = Field(False, description="Split recordings by speaker turn")
+    max_speakers: int = Field(3, ge=1, le=10, description="Most speakers expected in a recording")
+    model: str = Field(
+        "pyannote-segmentation-3.0",
+        description="Segmentation model (also finds the speech that identification embeds)",
+    )
+    cluster_threshold: float = Field(
+        0.4, ge=-1, le=1, description="Cosine similarity at which two local speakers are one"
+    )
+
+
+class EmotionSettings(Section):
+    """Optional emotion classifier (user-supplied ONNX)."""
+
+    enabled: bool = Field(False, description="Classify emotion per segment")
+    model_path: Path | None = Field(None, description="Path of the ONNX classifier")
+
+
+class StorageSettings(Section):
+    """Where the database, audio and models live."""
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Database and audio")
+    models_dir: Path | None = Field(None, description="Installed models; None = data_dir/models")
+    tmp_audio_dir: Path | None = Field(
+        None, description="Transient audio (e.g. on tmpfs); None = inside data_dir"
+    )
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite database file."""
+        return self.data_dir / "meraudiod.db"
+
+    @property
+    def audio_dir(self) -> Path:
+        """Finished recordings."""
+        return self.data_dir / "audio"
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        """Installed models."""
+        return self.models_dir or self.data_dir / "models"
+
+
+class RetentionSettings(Section):
+    """How long things are kept."""
+
+    audio_days: float | None = Field(None, gt=0, description="Delete audio older than this")
+    text_days: float | None = Field(None, gt=0, description="Delete transcripts older than this")
+    keep_audio: bool = Field(True, description="false: delete audio once it is transcribed")
+    min_free_disk_mb: int = Field(500, ge=0, description="Below this, stop writing audio")
+    sweep_interval_s: float = Field(3600.0, gt=0, description="How often retention runs")
+
+
+class MqttSettings(Section):
+    """The MQTT connection."""
+
+    enabled: bool = Field(False, description="Publish events and accept commands over MQTT")
+    host: str = Field("localhost", description="Broker host")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port")
+    node_id: str = Field(default_factory=_default_node_id, description="This device's id")
+    area: str = Field("", description="Room name carried in events")
+    base_topic: str = Field("meraudiod", description="Topic prefix; topics are base/node_id/...")
+    protocol: Literal["3.1.1", "5"] = Field("5", description="MQTT protocol version")
+    username: str | None = Field(None, description="Broker user")
+    password: str | None = Field(None, description="Broker password (prefer the environment)")
+    password_file: Path | None = Field(None, description="File holding the broker password")
+    tls: bool = Field(False, description="Connect with TLS")
+    tls_ca_file: Path | None = Field(None, description="CA certificate for the broker")
+    tls_cert_file: Path | None = Field(None, description="Client certificate")
+    tls_key_file: Path | None = Field(None, description="Client key")
+    tls_insecure: bool = Field(False, description="Skip hostname checks (self-signed setups)")
+    keepalive_s: int = Field(60, ge=5, description="MQTT keep-alive")
+    allow_admin_commands: bool = Field(False, description="Allow destructive commands over MQTT")
+    outbox_max_age_days: float = Field(7.0, gt=0, description="Undelivered events kept this long")
+    outbox_max_rows: int = Field(10000, ge=10, description="Most undelivered events kept")
+
+    @field_validator("node_id")
+    @classmethod
+    def _sanitize(cls, value: str) -> str:
+        return sanitize_node_id(value)
+
+
+class HomeAssistantSettings(Section):
+    """Home Assistant MQTT discovery."""
+
+    discovery: bool = Field(True, description="Publish device discovery when MQTT is enabled")
+    discovery_prefix: str = Field("homeassistant", description="Discovery topic prefix")
+
+
+class LoggingSettings(Section):
+    """Log output."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
+
+
+class Settings(BaseSettings):
+    """All settings; the environment overrides the file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MERAUDIOD_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    audio: AudioSettings = Field(default_factory=AudioSettings)
+    vad: VadSettings = Field(default_factory=VadSettings)
+    recorder: RecorderSettings = Field(default_factory=RecorderSettings)
+    asr: AsrSettings = Field(default_factory=AsrSettings)
+    speakers: SpeakersSettings = Field(default_factory=SpeakersSettings)
+    diarization: DiarizationSettings = Field(default_factory=DiarizationSettings)
+    emotion: EmotionSettings = Field(default_factory=EmotionSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment first, then what was read from the TOML file."""
+        return (env_settings, init_settings)
+
+
+def resolve_config_path(explicit: str | Path | None) -> tuple[Path | None, bool]:
+    """The file to read and whether it was named (a named file must exist)."""
+    if explicit:
+        return Path(explicit), True
+    env = os.environ.get(ENV_CONFIG)
+    if env:
+        return Path(env), True
+    return (DEFAULT_CONFIG_PATH, False) if DEFAULT_CONFIG_PATH.exists() else (None, False)
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{key}: {message}")
+    return f"invalid configuration ({source}): " + "; ".join(lines)
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read the TOML file (if any), apply the environment, validate everything."""
+    config_path, _named = resolve_config_path(path)
+    data: dict[str, Any] = {}
+    source = "defaults and environment"
+    if config_path is not None:
+        if not config_path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        try:
+            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_path}: {exc}") from exc
+        source = str(config_path)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc

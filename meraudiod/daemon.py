@@ -1,0 +1,495 @@
+"""Builds the stages, starts them (sinks first, the microphone last), runs the main loop,
+and stops them in reverse.
+
+The main thread owns signals (they only set the stop event), commands from MQTT (through a
+queue), the listening switch, the heartbeat that `meraudiod status` reads, the retained
+state, and the systemd watchdog, which is fed only while audio frames arrive and every
+thread is alive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from . import __version__, jobs, models
+from .asr import Transcriber
+from .commands import CommandContext, dispatch, get_kv, set_kv, status, write_heartbeat
+from .config import Settings
+from .db import open_db
+from .listener import Listener
+from .messages import (
+    SegmentPayload,
+    SpeechEvent,
+    State,
+    TranscriptEvent,
+    enqueue,
+    truncate_state,
+)
+from .recordings import Recording, remove_orphans
+from .retention import Retention, disk_free_mb
+from .sources import AudioSource, FileSource, MicSource, SourceError, StdinSource
+from .systemd import Notifier
+from .vad import SileroVad
+from .worker import TranscribedRecording, Worker
+
+_LOGGER = logging.getLogger(__name__)
+_POLL_S: Final = 0.2
+_HEARTBEAT_EVERY_S: Final = 5.0
+_STATE_EVERY_S: Final = 30.0
+_AUDIO_STALL_S: Final = 5.0  # no frame for this long while listening: the microphone is gone
+_MIC_RETRY_MAX_S: Final = 60.0
+_LISTENING_KEY: Final = "listening"
+
+
+class Pipeline:
+    """Database recovery, models and the worker: what `run` and `analyze` share."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stop: threading.Event,
+        on_transcribed: Callable[[TranscribedRecording], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stop_event = stop
+        self.on_transcribed = on_transcribed
+        self.worker: Worker | None = None
+        self.vad: SileroVad | None = None
+
+    def open(self) -> None:
+        """Recover the store, load the models, start the worker. Fails fast with a message."""
+        storage = self.settings.storage
+        storage.audio_dir.mkdir(parents=True, exist_ok=True)
+        conn = open_db(storage.db_path)
+        try:
+            requeued = jobs.requeue_stale(conn)
+            if requeued:
+                _LOGGER.warning("requeued %d jobs left running by a stopped process", requeued)
+            remove_orphans(conn, storage.audio_dir)
+        finally:
+            conn.close()
+        self.vad = SileroVad(models.vad_file(self.settings), threads=self.settings.vad.threads)
+        if self.settings.asr.enabled:
+            asr = self.settings.asr
+            path = models.resolve(asr.model, storage.resolved_models_dir, asr.allow_download)
+            transcriber = Transcriber(path, asr, model_name=asr.model)
+            self.worker = Worker(self.settings, transcriber, self.stop_event, self.on_transcribed)
+            if self.settings.speakers.enabled or self.settings.diarization.enabled:
+                from .speakers import SpeakerStage  # fails fast when a model is missing
+
+                self.worker.speakers = SpeakerStage(self.settings)
+
+    def start_worker(self) -> None:
+        """Start transcribing the backlog."""
+        if self.worker is not None:
+            self.worker.start()
+
+    def listener(self, source: AudioSource, **hooks: Any) -> Listener:
+        """A started listener on an already started source."""
+        assert self.vad is not None, "open() first"
+
+        def on_recording(recording: Recording) -> None:
+            if self.worker is not None:
+                self.worker.wake()
+
+        listener = Listener(self.settings, source, self.vad, on_recording=on_recording, **hooks)
+        listener.start()
+        return listener
+
+    def backlog(self) -> int:
+        """Pending plus running jobs."""
+        conn = open_db(self.settings.storage.db_path)
+        try:
+            counts = jobs.counts(conn)
+        finally:
+            conn.close()
+        return counts["pending"] + counts["running"]
+
+    def drain(self) -> None:
+        """Wait until every job is done or failed (or stop is set)."""
+        if self.worker is None:
+            return
+        while not self.stop_event.is_set() and self.backlog() > 0 and self.worker.is_alive():
+            self.worker.wake()
+            time.sleep(_POLL_S)
+
+    def close(self) -> None:
+        """Stop the worker after its current job."""
+        self.stop_event.set()
+        if self.worker is not None:
+            self.worker.join()
+
+
+class Daemon:
+    """The always-on service."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: AudioSource,
+        stop: threading.Event,
+        on_transcribed: Callable[[TranscribedRecording], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.stop_event = stop
+        # The worker has its own stop so that, on the way out, it ends after the listener.
+        self._worker_stop = threading.Event()
+        self.pipeline = Pipeline(settings, self._worker_stop, on_transcribed)
+        self.listener: Listener | None = None
+        self.listening = True
+        self.degraded: str | None = None
+        self.error: str | None = None
+        self.notifier = Notifier()
+        self.inbound: queue.Queue[Any] = queue.Queue(maxsize=100)
+        self.mqtt: Any = None  # MqttLink when enabled
+        self.retention = Retention(settings, self._worker_stop)
+        self.conn: sqlite3.Connection | None = None
+        self.recordings_made = 0
+        self._started_at = time.monotonic()
+        self._mic_retry_s = 1.0
+        self._next_mic_retry = 0.0
+        self._last_state: dict[str, Any] | None = None
+
+    @property
+    def finite(self) -> bool:
+        """A file or stdin ends; a microphone does not."""
+        return isinstance(self.source, FileSource | StdinSource)
+
+    # --- start -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Store and models, then the sinks (MQTT, worker, retention), then the microphone."""
+        self.pipeline.open()
+        self.conn = open_db(self.settings.storage.db_path)
+        # A muted microphone stays muted across restarts; a file or stdin always plays.
+        self.listening = self.finite or get_kv(self.conn, _LISTENING_KEY, "ON") == "ON"
+        if self.settings.mqtt.enabled:
+            self._start_mqtt()
+        self.pipeline.start_worker()
+        self.retention.start()
+        if self.listening:
+            self.source.start()  # a missing microphone fails here, before READY
+            self._start_listener()
+        self._publish_listening()
+        self._heartbeat()
+        self.notifier.ready(self._status_line())
+        _LOGGER.info("ready: %s", self._status_line())
+
+    def _start_mqtt(self) -> None:
+        from .mqtt import MqttLink, discovery_payload
+
+        discovery = (
+            discovery_payload(self.settings) if self.settings.homeassistant.discovery else None
+        )
+        self.mqtt = MqttLink(self.settings, self._worker_stop, self.inbound, discovery)
+        assert self.pipeline.worker is not None or not self.settings.asr.enabled
+        if self.pipeline.worker is not None:
+            self.pipeline.worker.on_stored.append(self._transcript_event)
+        self.mqtt.start()
+
+    def _start_listener(self) -> None:
+        hooks: dict[str, Any] = {}
+        if self.mqtt is not None:
+            hooks = {"on_speech_start": self._speech_start, "on_speech_end": self._speech_end}
+        self.listener = self.pipeline.listener(self.source, **hooks)
+
+    # --- events into the outbox (called on the listener and worker threads) -----------------
+
+    def _speech_start(self, conn: sqlite3.Connection, ts: float) -> None:
+        m = self.settings.mqtt
+        enqueue(conn, SpeechEvent(node_id=m.node_id, area=m.area, ts=ts, type="start"))
+        self.mqtt.wake()
+
+    def _speech_end(self, conn: sqlite3.Connection, recording: Recording) -> None:
+        event = SpeechEvent(
+            node_id=self.settings.mqtt.node_id,
+            area=self.settings.mqtt.area,
+            ts=recording.ended_at,
+            type="end",
+            recording_id=recording.id,
+            rms_dbfs=round(recording.rms_dbfs, 1),
+        )
+        enqueue(conn, event)
+        self.mqtt.wake()
+
+    def _transcript_event(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
+        if result.suspect:
+            return  # not speech: stored, flagged, never published as speech
+        row = conn.execute(
+            "SELECT started_at, ended_at, duration_s, rms_dbfs, model FROM recordings WHERE id=?",
+            (result.recording_id,),
+        ).fetchone()
+        segments = tuple(
+            SegmentPayload(round(s["start_s"], 3), round(s["end_s"], 3), s["text"])
+            for s in conn.execute(
+                "SELECT start_s, end_s, text FROM segments WHERE recording_id=? AND suspect IS NULL"
+                " ORDER BY idx",
+                (result.recording_id,),
+            )
+        )
+        event = TranscriptEvent(
+            node_id=self.settings.mqtt.node_id,
+            area=self.settings.mqtt.area,
+            recording_id=result.recording_id,
+            started_at=row["started_at"],
+            ended_at=row["ended_at"],
+            duration_s=round(row["duration_s"], 3),
+            text=result.text,
+            language=result.language,
+            segments=segments,
+            model=row["model"] or "",
+            rtf=round(result.rtf, 3),
+            latency_ms=round(result.latency_ms, 1),
+            rms_dbfs=round(row["rms_dbfs"], 1),
+        )
+        enqueue(conn, event)
+        self.mqtt.wake()
+
+    # --- main loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Main loop until stopped (or, for a file, until it has played and been transcribed)."""
+        assert self.conn is not None, "start() first"
+        next_heartbeat = next_state = next_watchdog = 0.0
+        while not self.stop_event.is_set():
+            try:
+                item = self.inbound.get(timeout=_POLL_S)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._handle_inbound(item)
+            t = time.monotonic()
+            self._check_audio(t)
+            if t >= next_heartbeat:
+                self._heartbeat()
+                next_heartbeat = t + _HEARTBEAT_EVERY_S
+            if self.notifier.watchdog_interval_s and t >= next_watchdog:
+                if self._healthy():
+                    self.notifier.watchdog()
+                next_watchdog = t + self.notifier.watchdog_interval_s
+            if self.mqtt is not None and (t >= next_state or self._state_changed()):
+                self._publish_state()
+                next_state = t + _STATE_EVERY_S
+            if self._finished():
+                break
+        return 1 if self.error else 0
+
+    def _finished(self) -> bool:
+        """A file or stdin has played, and its recordings are transcribed."""
+        listener = self.listener
+        if listener is None or not listener.finished.is_set():
+            return False
+        if listener.error:
+            self.error = listener.error
+            return not isinstance(self.source, MicSource)  # a microphone is retried
+        if not self.finite:
+            return False
+        self.pipeline.drain()
+        return True
+
+    def _healthy(self) -> bool:
+        """Audio arriving (or deliberately muted) and every thread alive."""
+        threads_ok = self.retention.is_alive() and (
+            self.pipeline.worker is None or self.pipeline.worker.is_alive()
+        )
+        if self.mqtt is not None:
+            threads_ok = threads_ok and self.mqtt.is_alive()
+        if not self.listening:
+            return threads_ok
+        listener = self.listener
+        audio_ok = (
+            listener is not None
+            and listener.is_alive()
+            and time.monotonic() - listener.last_frame_at < _AUDIO_STALL_S
+        )
+        return threads_ok and audio_ok
+
+    def _check_audio(self, t: float) -> None:
+        """A microphone that stopped delivering is reopened with backoff, not a crash loop."""
+        if not isinstance(self.source, MicSource) or not self.listening:
+            return
+        listener = self.listener
+        stalled = (
+            listener is None
+            or not listener.is_alive()
+            or (listener.frames_read > 0 and t - listener.last_frame_at > _AUDIO_STALL_S)
+            or (listener.frames_read == 0 and t - self._started_at > _AUDIO_STALL_S)
+        )
+        if not stalled:
+            if self.degraded:
+                _LOGGER.info("microphone is back")
+                self.degraded = None
+                self.notifier.status(self._status_line())
+            self._mic_retry_s = 1.0
+            return
+        if t < self._next_mic_retry:
+            return
+        self.degraded = "microphone lost: retrying"
+        self.notifier.status(self._status_line())
+        _LOGGER.warning("no audio from %s; reopening it", self.source.name)
+        if listener is not None:
+            listener.stop(timeout_s=5.0)
+        self.source.stop()
+        try:
+            self.source.start()
+            self._start_listener()
+            self._started_at = t
+        except SourceError as exc:
+            self.degraded = f"microphone lost: {exc}"
+            _LOGGER.error("%s", exc)
+        self._next_mic_retry = t + self._mic_retry_s
+        self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
+
+    def _handle_inbound(self, item: Any) -> None:
+        assert self.conn is not None
+        if item.kind == "listening":
+            value = item.payload.decode("utf-8", "replace").strip().upper()
+            if value in ("ON", "OFF"):
+                self.set_listening(value == "ON")
+            else:
+                _LOGGER.warning("listening/set wants ON or OFF, got %r", value[:20])
+                self._publish_listening()
+            return
+        context = CommandContext(
+            self.conn,
+            self.settings,
+            admin=self.settings.mqtt.allow_admin_commands,
+            runtime=self,
+        )
+        response = dispatch(context, item.name, item.payload)
+        if self.mqtt is not None:
+            from .mqtt import Outgoing
+
+            self.mqtt.send(Outgoing(response.topic, json.dumps(response.to_payload(), default=str)))
+        self._publish_state()
+
+    def set_listening(self, on: bool) -> None:
+        """Open or close the microphone; persisted across restarts."""
+        assert self.conn is not None
+        if on != self.listening:
+            self.listening = on
+            set_kv(self.conn, _LISTENING_KEY, "ON" if on else "OFF")
+            if not isinstance(self.source, MicSource):
+                if self.listener is not None:  # a file or a pipe: keep reading, record nothing
+                    self.listener.muted = not on
+            elif on:
+                self.source.start()
+                self._start_listener()
+            else:  # muted means the microphone is closed
+                if self.listener is not None:
+                    self.listener.stop()
+                self.source.stop()
+            _LOGGER.info("listening %s", "ON" if on else "OFF")
+            self.notifier.status(self._status_line())
+            self._heartbeat()
+        self._publish_listening()
+        self._publish_state()
+
+    # --- state, heartbeat -------------------------------------------------------------------
+
+    def _status_line(self) -> str:
+        if self.degraded:
+            return self.degraded
+        return f"listening on {self.source.name}" if self.listening else "muted"
+
+    def _snapshot(self) -> dict[str, Any]:
+        listener = self.listener
+        return {
+            "pid": os.getpid(),
+            "at": time.time(),
+            "listening": self.listening,
+            "degraded": self.degraded,
+            "microphone": self.source.name,
+            "audio_level_dbfs": (
+                round(listener.level_dbfs, 1)
+                if listener is not None and listener.level_dbfs is not None and self.listening
+                else None
+            ),
+            "recording": bool(listener is not None and listener.speaking),
+            "dropped_frames": self.source.dropped_frames,
+            "uptime_s": round(time.monotonic() - self._started_at, 1),
+            "mqtt": (
+                {"connected": bool(self.mqtt.online), "error": self.mqtt.last_error}
+                if self.mqtt is not None
+                else None
+            ),
+            "version": __version__,
+        }
+
+    def _heartbeat(self) -> None:
+        write_heartbeat(self.settings, self._snapshot())
+
+    def _state(self) -> State:
+        assert self.conn is not None
+        info = status(self.conn, self.settings)
+        snap = self._snapshot()
+        last = info["last_transcript"] or {}
+        return State(
+            listening=self.listening,
+            recording=snap["recording"],
+            queue_depth=info["backlog"],
+            failed_jobs=info["jobs"]["failed"],
+            outbox_depth=info["outbox_pending"],
+            outbox_dropped=info["outbox_dropped"],
+            models={k: v for k, v in info["models"].items() if v},
+            version=__version__,
+            uptime_s=snap["uptime_s"],
+            microphone=snap["microphone"],
+            audio_level_dbfs=snap["audio_level_dbfs"],
+            last_transcript=truncate_state(last.get("text") or ""),
+            last_transcript_full=last.get("text") or "",
+            last_transcript_at=last.get("started_at"),
+            last_speaker=info["last_speaker"] or "",
+            disk_free_mb=round(disk_free_mb(self.settings.storage.data_dir), 1),
+            degraded=self.degraded,
+        )
+
+    def _state_changed(self) -> bool:
+        listener = self.listener
+        speaking = bool(listener is not None and listener.speaking)
+        return self._last_state is None or self._last_state.get("recording") != speaking
+
+    def _publish_state(self) -> None:
+        if self.mqtt is None:
+            return
+        from .mqtt import Outgoing
+
+        payload = self._state().to_payload()
+        self._last_state = payload
+        self.mqtt.send(Outgoing("state", json.dumps(payload), qos=1, retain=True))
+
+    def _publish_listening(self) -> None:
+        if self.mqtt is None:
+            return
+        from .mqtt import Outgoing
+
+        value = "ON" if self.listening else "OFF"
+        self.mqtt.send(Outgoing("listening/state", value, qos=1, retain=True))
+
+    # --- stop ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Reverse order: the microphone and listener (saving what was being said), then the
+        worker after its current job, then retention, then MQTT (which says `offline`)."""
+        self.notifier.stopping()
+        self.stop_event.set()
+        if self.listener is not None:
+            self.listener.stop()
+        self.source.stop()
+        self._worker_stop.set()
+        self.pipeline.close()
+        self.retention.join()
+        if self.mqtt is not None:
+            self.mqtt.join()
+        write_heartbeat(self.settings, {**self._snapshot(), "at": 0.0})  # stopped
+        if self.conn is not None:
+            self.conn.close()

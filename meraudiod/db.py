@@ -1,0 +1,199 @@
+"""SQLite: open with WAL and durable pragmas, migrate, and the queries the CLI and status use.
+
+One connection per thread. Every multi-row write is one transaction (`with conn:`).
+Segment times are seconds from the start of their recording; recording `start_s`/`end_s`
+are seconds from the start of the source stream.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+_MIGRATIONS: Final[Sequence[str]] = (
+    # 1: the listening core and transcription
+    """
+    CREATE TABLE recordings (
+        id TEXT PRIMARY KEY,                 -- ULID: sorts by creation time
+        source TEXT NOT NULL,
+        started_at REAL NOT NULL,            -- wall clock, Unix seconds
+        ended_at REAL NOT NULL,
+        start_s REAL NOT NULL,               -- offsets into the source stream
+        end_s REAL NOT NULL,
+        duration_s REAL NOT NULL,
+        audio_path TEXT,                     -- NULL once the audio is purged
+        rms_dbfs REAL NOT NULL,
+        closed_at REAL NOT NULL,             -- wall clock when the segmenter closed it
+        status TEXT NOT NULL DEFAULT 'pending',  -- pending, done, suspect, failed
+        text TEXT,
+        language TEXT,
+        model TEXT,
+        rtf REAL,                            -- transcription time / audio duration
+        latency_ms REAL,                     -- closed_at -> transcript stored
+        transcribed_at REAL
+    );
+    CREATE INDEX recordings_started ON recordings(started_at);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        recording_id TEXT NOT NULL REFERENCES recordings(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL DEFAULT 'transcribe',
+        state TEXT NOT NULL DEFAULT 'pending',   -- pending, running, done, failed
+        attempts INTEGER NOT NULL DEFAULT 0,
+        lease_until REAL,
+        owner TEXT,
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX jobs_state ON jobs(state, id);
+    CREATE TABLE segments (
+        id INTEGER PRIMARY KEY,
+        recording_id TEXT NOT NULL REFERENCES recordings(id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        start_s REAL NOT NULL,
+        end_s REAL NOT NULL,
+        text TEXT NOT NULL,
+        language TEXT,
+        avg_logprob REAL,
+        no_speech_prob REAL,
+        compression_ratio REAL,
+        words TEXT,                          -- JSON [[start_s, end_s, word, probability], ...]
+        suspect TEXT,                        -- why it is not trusted as speech, or NULL
+        speaker_label TEXT,
+        speaker_id TEXT,
+        speaker_score REAL,
+        emotion TEXT
+    );
+    CREATE INDEX segments_recording ON segments(recording_id, idx);
+    CREATE VIRTUAL TABLE segments_fts USING fts5(text, content='segments', content_rowid='id');
+    CREATE TRIGGER segments_ai AFTER INSERT ON segments BEGIN
+        INSERT INTO segments_fts(rowid, text) VALUES (new.id, new.text);
+    END;
+    CREATE TRIGGER segments_ad AFTER DELETE ON segments BEGIN
+        INSERT INTO segments_fts(segments_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    END;
+    """,
+    # 2: who spoke
+    """
+    CREATE TABLE speakers (
+        id TEXT PRIMARY KEY,                 -- ULID
+        name TEXT NOT NULL UNIQUE,
+        provisional INTEGER NOT NULL DEFAULT 0,  -- an unknown voice grouped automatically
+        opt_out INTEGER NOT NULL DEFAULT 0,      -- "do not keep": matched recordings are deleted
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE speaker_embeddings (
+        id INTEGER PRIMARY KEY,
+        speaker_id TEXT NOT NULL REFERENCES speakers(id) ON DELETE CASCADE,
+        model TEXT NOT NULL,                 -- embeddings of another model are stale
+        vector BLOB NOT NULL,                -- float32, L2-normalised
+        duration_s REAL NOT NULL,
+        recording_id TEXT REFERENCES recordings(id) ON DELETE SET NULL,
+        source TEXT,                         -- file it was enrolled from, if any
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX speaker_embeddings_speaker ON speaker_embeddings(speaker_id);
+    CREATE TABLE speaker_mappings (
+        recording_id TEXT NOT NULL REFERENCES recordings(id) ON DELETE CASCADE,
+        label TEXT NOT NULL,                 -- local speaker inside the recording
+        speaker_id TEXT REFERENCES speakers(id) ON DELETE SET NULL,
+        score REAL,
+        margin REAL,
+        speech_s REAL NOT NULL,
+        PRIMARY KEY (recording_id, label)
+    );
+    """,
+    # 3: events for MQTT, delivered in order after any outage; small persistent state
+    """
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,                 -- relative to the base topic
+        payload TEXT NOT NULL,
+        qos INTEGER NOT NULL DEFAULT 1,
+        retain INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        sent_at REAL,
+        recording_id TEXT                    -- deleting a recording deletes its events too
+    );
+    CREATE INDEX outbox_unsent ON outbox(sent_at, id);
+    CREATE TABLE kv (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+)
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) and migrate the database; one connection per thread."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=True)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit survives a power cut, which is the promise for finished recordings.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    # Deleted text is overwritten, not left in free pages.
+    conn.execute("PRAGMA secure_delete=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    migrate(conn)
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the migrations this database has not seen; returns the schema version."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # A concurrent process may have migrated between our read and our lock.
+            if int(conn.execute("PRAGMA user_version").fetchone()[0]) >= number:
+                conn.execute("ROLLBACK")
+                continue
+            for statement in _split_sql(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return len(_MIGRATIONS)
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration (triggers contain semicolons, so complete_statement decides)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return [s for s in statements if s and s != ";"]
+
+
+class Transaction:
+    """`with Transaction(conn):` runs the block in BEGIN IMMEDIATE ... COMMIT (or ROLLBACK)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def now() -> float:
+    """Wall-clock time for stored timestamps."""
+    return time.time()
+
+
+def row_dict(row: sqlite3.Row) -> dict[str, Any]:
+    """A row as a plain dict."""
+    return {key: row[key] for key in row.keys()}  # noqa: SIM118 - Row has no __iter__ of keys

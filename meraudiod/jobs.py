@@ -1,0 +1,139 @@
+"""Durable SQLite job queue: enqueue, claim with a lease, complete, fail with retry, requeue.
+
+Functions that change a job take the connection and run inside the caller's transaction, so
+a job is completed in the same transaction that stores its results.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from .db import Transaction, now
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed job."""
+
+    id: int
+    recording_id: str
+    kind: str
+    attempts: int
+
+
+def owner_id() -> str:
+    """host:pid of this process, stored with a claim so a restart can tell it is dead."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def enqueue(conn: sqlite3.Connection, recording_id: str, kind: str = "transcribe") -> int:
+    """Add a pending job (call inside the transaction that inserts the recording)."""
+    t = now()
+    cur = conn.execute(
+        "INSERT INTO jobs (recording_id, kind, state, created_at, updated_at)"
+        " VALUES (?, ?, 'pending', ?, ?)",
+        (recording_id, kind, t, t),
+    )
+    return int(cur.lastrowid or 0)
+
+
+def claim(conn: sqlite3.Connection, lease_s: float, owner: str | None = None) -> Job | None:
+    """Take the oldest pending job, leased to this process for `lease_s` seconds."""
+    t = now()
+    with Transaction(conn):
+        row = conn.execute(
+            "UPDATE jobs SET state='running', attempts=attempts+1, lease_until=?, owner=?,"
+            " updated_at=? WHERE id = (SELECT id FROM jobs WHERE state='pending'"
+            " ORDER BY id LIMIT 1) RETURNING id, recording_id, kind, attempts",
+            (t + lease_s, owner or owner_id(), t),
+        ).fetchone()
+    if row is None:
+        return None
+    return Job(int(row["id"]), str(row["recording_id"]), str(row["kind"]), int(row["attempts"]))
+
+
+def complete(conn: sqlite3.Connection, job_id: int) -> None:
+    """Mark done (inside the caller's transaction)."""
+    conn.execute(
+        "UPDATE jobs SET state='done', lease_until=NULL, error=NULL, updated_at=? WHERE id=?",
+        (now(), job_id),
+    )
+
+
+def fail(conn: sqlite3.Connection, job_id: int, error: str, max_attempts: int) -> bool:
+    """Record the error; the job goes back to pending until it has used max_attempts.
+
+    Returns True when the job is now failed for good.
+    """
+    row = conn.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
+    final = row is None or int(row["attempts"]) >= max_attempts
+    conn.execute(
+        "UPDATE jobs SET state=?, lease_until=NULL, error=?, updated_at=? WHERE id=?",
+        ("failed" if final else "pending", error[:2000], now(), job_id),
+    )
+    return final
+
+
+def requeue_stale(conn: sqlite3.Connection) -> int:
+    """Running jobs whose lease expired, or whose owner on this host is dead, go back to pending."""
+    t = now()
+    host = socket.gethostname()
+    stale = []
+    for row in conn.execute("SELECT id, owner, lease_until FROM jobs WHERE state='running'"):
+        owner_host, _, pid = str(row["owner"] or "").rpartition(":")
+        if (row["lease_until"] or 0) < t or (owner_host == host and not _alive(pid)):
+            stale.append(int(row["id"]))
+    with Transaction(conn):
+        for job_id in stale:
+            conn.execute(
+                "UPDATE jobs SET state='pending', lease_until=NULL, owner=NULL, updated_at=?"
+                " WHERE id=? AND state='running'",
+                (t, job_id),
+            )
+    return len(stale)
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def retry_failed(conn: sqlite3.Connection) -> int:
+    """Give every failed job a fresh set of attempts."""
+    with Transaction(conn):
+        cur = conn.execute(
+            "UPDATE jobs SET state='pending', attempts=0, updated_at=? WHERE state='failed'",
+            (now(),),
+        )
+    return cur.rowcount
+
+
+def counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Jobs per state (every state present, zero when none)."""
+    result = {"pending": 0, "running": 0, "done": 0, "failed": 0}
+    for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+        result[str(row["state"])] = int(row["n"])
+    return result
+
+
+def backlog(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Pending, running and failed jobs, oldest first, with their errors."""
+    rows = conn.execute(
+        "SELECT j.id, j.recording_id, j.kind, j.state, j.attempts, j.error, j.created_at,"
+        " j.updated_at, r.duration_s FROM jobs j JOIN recordings r ON r.id = j.recording_id"
+        " WHERE j.state != 'done' ORDER BY j.id"
+    )
+    return [dict(zip(row.keys(), tuple(row), strict=True)) for row in rows]

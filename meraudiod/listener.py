@@ -1,0 +1,167 @@
+"""The listener thread: frames from a source -> VAD -> segmenter -> stored recordings."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .audio import FRAME_S, Int16Array, rms_dbfs, to_float32
+from .config import Settings
+from .db import open_db
+from .recordings import Recording, RecordingStore
+from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
+from .sources import AudioSource, EndOfStream, SourceError
+from .vad import SileroVad
+
+_LOGGER = logging.getLogger(__name__)
+_READ_TIMEOUT_S = 0.5
+
+
+class FrameBuffer:
+    """The frames a pending utterance may still need, addressed by stream frame index."""
+
+    def __init__(self) -> None:
+        self._frames: list[Int16Array] = []
+        self._first = 0  # stream index of _frames[0]
+
+    def append(self, frame: Int16Array) -> None:
+        """Add the next frame of the stream."""
+        self._frames.append(frame)
+
+    def trim(self, oldest_needed: int) -> None:
+        """Forget frames before `oldest_needed`."""
+        drop = oldest_needed - self._first
+        if drop > 0:
+            del self._frames[:drop]
+            self._first += drop
+
+    def slice(self, start: int, end: int) -> Int16Array:
+        """Samples of frames [start, end)."""
+        chunk = self._frames[max(0, start - self._first) : end - self._first]
+        return np.concatenate(chunk) if chunk else np.zeros(0, dtype=np.int16)
+
+
+class Listener:
+    """Runs one source through VAD and the segmenter on a named thread, saving utterances."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: AudioSource,
+        vad: SileroVad,
+        on_recording: Callable[[Recording], None] | None = None,
+        on_speech_start: Callable[[sqlite3.Connection, float], None] | None = None,
+        on_speech_end: Callable[[sqlite3.Connection, Recording], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.vad = vad
+        self.stop_event = threading.Event()  # set to stop this listener (and save what it heard)
+        self.on_recording = on_recording
+        self.on_speech_start = on_speech_start  # called with the listener's connection
+        self.on_speech_end = on_speech_end  # inside the transaction that stores the recording
+        self.params = SegmenterParams.from_settings(settings.vad, settings.recorder)
+        self.finished = threading.Event()
+        self.error: str | None = None
+        self.recordings: list[Recording] = []
+        self.frames_read = 0
+        self.last_frame_at = 0.0  # time.monotonic() of the last frame
+        self.last_prob = 0.0
+        self.speaking = False
+        # Muted without closing the source (files, stdin): frames are read and replaced by
+        # silence, so nothing more is recorded and the stream's timeline stays intact.
+        self.muted = False
+        self.level_dbfs: float | None = None  # loudness of the last frame
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the listener thread (the source must already be started)."""
+        self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop listening; what was being said is saved first."""
+        self.stop_event.set()
+        self.join(timeout_s)
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wait for the thread to end."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def is_alive(self) -> bool:
+        """Whether the thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        conn = open_db(self.settings.storage.db_path)
+        store = RecordingStore(
+            conn, self.settings.storage.audio_dir, self.settings.recorder.audio_format
+        )
+        segmenter = Segmenter(self.params)
+        buffer = FrameBuffer()
+        stream_t0 = time.time()
+        self.vad.reset()
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    frame = self.source.read(_READ_TIMEOUT_S)
+                except EndOfStream:
+                    break
+                if frame is None:
+                    continue
+                self.frames_read += 1
+                self.last_frame_at = time.monotonic()
+                if self.muted:
+                    frame = np.zeros_like(frame)
+                    self.last_prob, self.level_dbfs = 0.0, None
+                else:
+                    self.last_prob = self.vad(to_float32(frame))
+                    self.level_dbfs = rms_dbfs(frame)
+                buffer.append(frame)
+                for event in segmenter.push(self.last_prob):
+                    self._handle(event, buffer, store, stream_t0)
+                buffer.trim(segmenter.oldest_needed_frame())
+            # End of stream or stop: what was being said is still saved whole.
+            for event in segmenter.flush():
+                self._handle(event, buffer, store, stream_t0)
+        except SourceError as exc:
+            self.error = str(exc)
+            _LOGGER.error("%s", exc)
+        except Exception as exc:
+            self.error = f"listener failed: {type(exc).__name__}: {exc}"
+            _LOGGER.exception("listener failed")
+        finally:
+            conn.close()
+            self.finished.set()
+
+    def _handle(
+        self,
+        event: SpeechStarted | Utterance,
+        buffer: FrameBuffer,
+        store: RecordingStore,
+        stream_t0: float,
+    ) -> None:
+        if isinstance(event, SpeechStarted):
+            self.speaking = True
+            if self.on_speech_start is not None:
+                self.on_speech_start(store.conn, stream_t0 + event.start_frame * FRAME_S)
+            return
+        self.speaking = False
+        start_s = event.start_frame * FRAME_S
+        recording = store.save(
+            buffer.slice(event.start_frame, event.end_frame),
+            source=self.source.name,
+            start_s=start_s,
+            started_at=stream_t0 + start_s,
+            transcribe=self.settings.asr.enabled,
+            in_transaction=self.on_speech_end,
+        )
+        self.recordings.append(recording)
+        if self.on_recording is not None:
+            self.on_recording(recording)

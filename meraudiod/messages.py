@@ -1,0 +1,176 @@
+"""One frozen dataclass per MQTT message: its topic (relative to the base topic), QoS,
+retain flag and payload. Events go through the SQLite outbox, written in the same
+transaction as the data they describe, and reach the broker in order."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Final
+
+from ulid import ULID
+
+from .db import now
+
+SCHEMA_VERSION: Final = 1
+MAX_STATE_CHARS: Final = 250  # Home Assistant refuses sensor states of 255 characters or more
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of the events: versioned, with a ULID, the node and its area."""
+
+    topic: ClassVar[str] = "event"
+    qos: ClassVar[int] = 1
+    node_id: str
+    area: str
+    event_id: str = field(default_factory=lambda: str(ULID()))
+    ts: float = field(default_factory=time.time)
+
+    def to_payload(self) -> dict[str, Any]:
+        """The JSON object sent."""
+        return {"schema": SCHEMA_VERSION, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class SpeechEvent(Event):
+    """Someone started or stopped speaking."""
+
+    topic: ClassVar[str] = "event/speech"
+    qos: ClassVar[int] = 0
+    type: str = "start"  # start | end
+    recording_id: str | None = None
+    rms_dbfs: float | None = None
+
+
+@dataclass(frozen=True)
+class SegmentPayload:
+    """One transcript segment as published (times from the start of the recording)."""
+
+    start_s: float
+    end_s: float
+    text: str
+    speaker: dict[str, Any] | None = None  # {"id", "name", "score"} or null when unknown
+    emotion: str | None = None
+
+
+@dataclass(frozen=True)
+class TranscriptEvent(Event):
+    """One per recording, once it is transcribed."""
+
+    topic: ClassVar[str] = "event/transcript"
+    event_type: str = "transcript"  # what Home Assistant's event entity keys on
+    recording_id: str = ""
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    duration_s: float = 0.0
+    text: str = ""
+    language: str = ""
+    segments: tuple[SegmentPayload, ...] = ()
+    model: str = ""
+    rtf: float = 0.0
+    latency_ms: float = 0.0
+    rms_dbfs: float = 0.0
+
+
+@dataclass(frozen=True)
+class SpeakerEvent(Event):
+    """A speaker was identified, heard but unknown, enrolled or deleted."""
+
+    topic: ClassVar[str] = "event/speaker"
+    event_type: str = "identified"  # identified | unknown | enrolled | deleted
+    speaker_id: str | None = None
+    name: str | None = None
+    score: float | None = None
+    recording_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ErrorEvent(Event):
+    """Something failed: which part, what, and about what."""
+
+    topic: ClassVar[str] = "event/error"
+    component: str = ""
+    error: str = ""
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+def enqueue(conn: sqlite3.Connection, event: Event, recording_id: str | None = None) -> int:
+    """Put an event in the outbox (inside the caller's transaction)."""
+    cur = conn.execute(
+        "INSERT INTO outbox (topic, payload, qos, retain, created_at, recording_id)"
+        " VALUES (?, ?, ?, 0, ?, ?)",
+        (
+            event.topic,
+            json.dumps(event.to_payload(), ensure_ascii=False),
+            event.qos,
+            now(),
+            recording_id or getattr(event, "recording_id", None),
+        ),
+    )
+    return int(cur.lastrowid or 0)
+
+
+@dataclass(frozen=True)
+class State:
+    """The retained device state."""
+
+    topic: ClassVar[str] = "state"
+    listening: bool
+    recording: bool
+    queue_depth: int
+    failed_jobs: int
+    outbox_depth: int
+    outbox_dropped: int
+    models: dict[str, str]
+    version: str
+    uptime_s: float
+    microphone: str
+    audio_level_dbfs: float | None
+    last_transcript: str
+    last_transcript_full: str
+    last_transcript_at: float | None
+    last_speaker: str
+    disk_free_mb: float
+    degraded: str | None = None
+
+    @property
+    def muted(self) -> bool:
+        """Not listening: the microphone is closed."""
+        return not self.listening
+
+    def to_payload(self) -> dict[str, Any]:
+        """The JSON object sent."""
+        return {"schema": SCHEMA_VERSION, "muted": self.muted, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Response:
+    """The reply to `request/<command>`."""
+
+    command: str
+    status: str  # ok | error
+    data: Any = None
+    error: str | None = None
+    transaction: str | int | None = None
+
+    @property
+    def topic(self) -> str:
+        """response/<command>"""
+        return f"response/{self.command}"
+
+    def to_payload(self) -> dict[str, Any]:
+        """The JSON object sent."""
+        return {
+            "status": self.status,
+            "data": self.data,
+            "error": self.error,
+            "transaction": self.transaction,
+        }
+
+
+def truncate_state(text: str) -> str:
+    """A sensor state Home Assistant accepts (the full text goes in attributes)."""
+    return text if len(text) <= MAX_STATE_CHARS else text[: MAX_STATE_CHARS - 1] + "…"

@@ -1,0 +1,575 @@
+"""The MQTT link: one named thread runs paho's network loop, the reconnect loop with
+jittered exponential backoff (the first connect at boot included), and the outbox drain.
+
+paho callbacks run on this thread and only decode and enqueue: commands go to the main
+thread's queue; `online` is published once the subscriptions are acknowledged and the
+retained state and discovery are republished. Outbox rows are sent one at a time, in order,
+and deleted only after the broker acknowledged them (QoS 1), so a broker outage or a crash
+loses nothing; what is sent late carries `"replayed": true`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import socket
+import sqlite3
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from . import __version__
+from .commands import get_kv, set_kv
+from .config import Settings
+from .db import Transaction, now, open_db
+
+_LOGGER = logging.getLogger(__name__)
+_LOOP_S: Final = 0.1
+_BACKOFF_MIN_S: Final = 1.0
+_BACKOFF_MAX_S: Final = 60.0
+_REPLAYED_AFTER_S: Final = 10.0
+_BOUND_EVERY_S: Final = 60.0
+_SESSION_EXPIRY_S: Final = 24 * 3600
+_GOODBYE_S: Final = 5.0
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A message from the broker for the main thread: a command or a listening switch."""
+
+    kind: str  # "command" | "listening"
+    name: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message sent directly (state, responses), not through the outbox."""
+
+    topic: str  # relative to the base topic, or absolute when absolute=True
+    payload: str
+    qos: int = 1
+    retain: bool = False
+    absolute: bool = False
+
+
+def base_topic(settings: Settings) -> str:
+    """<base_topic>/<node_id>."""
+    return f"{settings.mqtt.base_topic.rstrip('/')}/{settings.mqtt.node_id}"
+
+
+def read_password(settings: Settings) -> str | None:
+    """The broker password, from the environment/config or its file (never logged)."""
+    m = settings.mqtt
+    if m.password_file is not None:
+        return m.password_file.read_text(encoding="utf-8").strip()
+    return m.password
+
+
+def make_client(settings: Settings, client_id: str | None = None) -> paho.Client:
+    """A paho client with our protocol, credentials, TLS and will."""
+    m = settings.mqtt
+    v5 = m.protocol == "5"
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id or f"meraudiod-{m.node_id}",
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+        clean_session=None if v5 else False,  # a persistent session keeps QoS 1 state
+    )
+    if m.username:
+        client.username_pw_set(m.username, read_password(settings))
+    if m.tls:
+        client.tls_set(
+            ca_certs=str(m.tls_ca_file) if m.tls_ca_file else None,
+            certfile=str(m.tls_cert_file) if m.tls_cert_file else None,
+            keyfile=str(m.tls_key_file) if m.tls_key_file else None,
+            cert_reqs=ssl.CERT_NONE if m.tls_insecure and not m.tls_ca_file else ssl.CERT_REQUIRED,
+        )
+        client.tls_insecure_set(m.tls_insecure)
+    client.will_set(f"{base_topic(settings)}/status", "offline", qos=1, retain=True)
+    return client
+
+
+def connect(client: paho.Client, settings: Settings) -> None:
+    """The first CONNECT; MQTT 5 keeps the session across reconnects, as 3.1.1 does with
+    clean_session=False."""
+    m = settings.mqtt
+    if m.protocol != "5":
+        client.connect(m.host, m.port, m.keepalive_s)
+        return
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = _SESSION_EXPIRY_S
+    client.connect(m.host, m.port, m.keepalive_s, clean_start=False, properties=props)
+
+
+class MqttLink:
+    """Connection, subscriptions, discovery, outbox delivery; on its own thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stop: threading.Event,
+        inbound: queue.Queue[Inbound],
+        discovery: dict[str, Any] | None,
+    ) -> None:
+        self.settings = settings
+        self.stop_event = stop
+        self.inbound = inbound
+        self.discovery = discovery
+        self.base = base_topic(settings)
+        self.connected = False
+        self.online = False
+        self.last_error: str | None = None
+        self._outgoing: queue.Queue[Outgoing] = queue.Queue(maxsize=1000)
+        self._retained: dict[str, Outgoing] = {}  # republished on every connect
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: paho.Client | None = None
+        self._connected_at = 0.0
+        self._pending_subs: set[int] = set()
+        self._inflight: tuple[int, int] | None = None  # (mid, outbox id)
+        self._acked_mids: set[int] = set()
+        self._republish_discovery = False
+        self._backoff_s = _BACKOFF_MIN_S
+        self._ever_tried = False
+
+    # --- called from other threads ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the MQTT thread; it connects (and keeps reconnecting) by itself."""
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        """Whether the thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wait for the thread to end (it publishes `offline` on the way out)."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def wake(self) -> None:
+        """New rows in the outbox."""
+        self._wake.set()
+
+    def send(self, message: Outgoing) -> None:
+        """Publish directly; retained messages are also republished on every connect."""
+        if message.retain:
+            self._retained[message.topic] = message
+        try:
+            self._outgoing.put_nowait(message)
+        except queue.Full:
+            _LOGGER.warning("MQTT send queue full; dropped %s", message.topic)
+        self._wake.set()
+
+    # --- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        conn = open_db(self.settings.storage.db_path)
+        client = self._client = make_client(self.settings)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        next_attempt = 0.0
+        next_bound = 0.0
+        try:
+            while not self.stop_event.is_set():
+                due = not self.connected and time.monotonic() >= next_attempt
+                if due and not self._connect(client):
+                    next_attempt = time.monotonic() + self._next_backoff()
+                if self.connected:
+                    rc = client.loop(timeout=_LOOP_S)
+                    if rc != paho.MQTT_ERR_SUCCESS and self.connected:
+                        self._lost(f"network loop: {paho.error_string(rc)}")
+                        next_attempt = time.monotonic() + self._next_backoff()
+                        continue
+                    self._deliver(conn, client)
+                else:
+                    self._wake.wait(_LOOP_S)
+                    self._wake.clear()
+                if time.monotonic() >= next_bound:
+                    bound_outbox(conn, self.settings)
+                    next_bound = time.monotonic() + _BOUND_EVERY_S
+            self._say_goodbye(conn, client)
+        finally:
+            conn.close()
+
+    def _connect(self, client: paho.Client) -> bool:
+        m = self.settings.mqtt
+        try:
+            if self._ever_tried:
+                client.reconnect()
+            else:
+                self._ever_tried = True
+                connect(client, self.settings)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.last_error = f"cannot connect to {m.host}:{m.port}: {exc}"
+            _LOGGER.warning("MQTT %s", self.last_error)
+            return False
+        # CONNACK arrives through the loop; on_connect decides.
+        deadline = time.monotonic() + 10.0
+        while not self.connected and time.monotonic() < deadline and not self.stop_event.is_set():
+            if client.loop(timeout=_LOOP_S) != paho.MQTT_ERR_SUCCESS:
+                break
+            if self.last_error and self.last_error.startswith("refused"):
+                break  # the broker said no: wait for the backoff
+        return self.connected
+
+    def _next_backoff(self) -> float:
+        delay = self._backoff_s * random.uniform(0.5, 1.0)  # jitter: no reconnect storms
+        self._backoff_s = min(_BACKOFF_MAX_S, self._backoff_s * 2)
+        return delay
+
+    def _lost(self, reason: str) -> None:
+        self.connected = self.online = False
+        self.last_error = reason
+        _LOGGER.warning("MQTT connection lost: %s", reason)
+
+    def _say_goodbye(self, conn: sqlite3.Connection, client: paho.Client) -> None:
+        """Deliver what is still in the outbox (a little while), then a clean `offline`."""
+        if not self.connected:
+            return
+        deadline = time.monotonic() + _GOODBYE_S
+        while self.connected and time.monotonic() < deadline:
+            client.loop(timeout=_LOOP_S)
+            self._deliver(conn, client)
+            unsent = conn.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").fetchone()
+            if self._inflight is None and not unsent[0] and self._outgoing.empty():
+                break
+        info = client.publish(f"{self.base}/status", "offline", qos=1, retain=True)
+        while not info.is_published() and time.monotonic() < deadline + 2.0:
+            client.loop(timeout=_LOOP_S)
+        self.connected = self.online = False  # a goodbye, not a lost connection
+        client.disconnect()
+        client.loop(timeout=_LOOP_S)
+
+    # --- paho callbacks (this thread): decode, set flags, enqueue --------------------------
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            self.last_error = f"refused by broker: {reason}"
+            _LOGGER.error("MQTT connection %s", self.last_error)
+            return
+        self.connected = True
+        self.last_error = None
+        self._connected_at = now()
+        self._backoff_s = _BACKOFF_MIN_S
+        # What was in flight stays in flight: paho resends it (DUP) and its PUBACK clears it.
+        _LOGGER.info("MQTT connected to %s:%d", self.settings.mqtt.host, self.settings.mqtt.port)
+        topics = [f"{self.base}/listening/set", f"{self.base}/request/#"]
+        if self.discovery is not None:
+            topics.append(f"{self.settings.homeassistant.discovery_prefix}/status")
+        self._pending_subs = set()
+        for topic in topics:
+            _, mid = client.subscribe(topic, qos=1)
+            if mid is not None:
+                self._pending_subs.add(mid)
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
+        self._pending_subs.discard(mid)
+        if self._pending_subs or self.online:
+            return
+        # Subscribed: republish retained state and discovery, then announce ourselves.
+        self._publish_discovery(client)
+        for message in list(self._retained.values()):
+            self._publish(client, message)
+        client.publish(f"{self.base}/status", "online", qos=1, retain=True)
+        self.online = True
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if self.connected:
+            self._lost(f"disconnected: {reason}")
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        topic = msg.topic
+        if topic == f"{self.base}/listening/set":
+            self.inbound.put(Inbound("listening", "listening/set", bytes(msg.payload)))
+        elif topic.startswith(f"{self.base}/request/"):
+            name = topic.removeprefix(f"{self.base}/request/")
+            self.inbound.put(Inbound("command", name, bytes(msg.payload)))
+        elif topic.endswith("/status") and msg.payload == b"online":
+            self._republish_discovery = True  # Home Assistant restarted
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any
+    ) -> None:
+        # paho may call this inside publish() itself (QoS 0 written at once), so only note it.
+        self._acked_mids.add(mid)
+
+    # --- publishing ------------------------------------------------------------------------
+
+    def _publish(self, client: paho.Client, message: Outgoing) -> None:
+        topic = message.topic if message.absolute else f"{self.base}/{message.topic}"
+        client.publish(topic, message.payload, qos=message.qos, retain=message.retain)
+
+    def _publish_discovery(self, client: paho.Client) -> None:
+        if self.discovery is None:
+            return
+        topic = discovery_topic(self.settings)
+        client.publish(topic, json.dumps(self.discovery), qos=1, retain=True)
+
+    def _deliver(self, conn: sqlite3.Connection, client: paho.Client) -> None:
+        if not self.online:
+            return
+        if self._republish_discovery:
+            self._republish_discovery = False
+            self._publish_discovery(client)
+        while True:
+            try:
+                self._publish(client, self._outgoing.get_nowait())
+            except queue.Empty:
+                break
+        if self._inflight is not None:
+            mid, row_id = self._inflight
+            if mid not in self._acked_mids:
+                return  # strictly one event in flight: order is kept across any outage
+            with Transaction(conn):
+                conn.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+            self._inflight = None
+        self._acked_mids.clear()
+        row = conn.execute(
+            "SELECT id, topic, payload, qos, created_at FROM outbox WHERE sent_at IS NULL"
+            " ORDER BY id LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return
+        payload = json.loads(row["payload"])
+        created_at = float(row["created_at"])
+        if created_at < self._connected_at - 1.0 or now() - created_at > _REPLAYED_AFTER_S:
+            payload["replayed"] = True
+        info = client.publish(
+            f"{self.base}/{row['topic']}", json.dumps(payload, ensure_ascii=False), qos=row["qos"]
+        )
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            return  # not connected after all: the row stays and goes out later
+        self._inflight = (info.mid, int(row["id"]))
+
+
+def bound_outbox(conn: sqlite3.Connection, settings: Settings) -> int:
+    """Drop undelivered events past the age and count limits; count what was dropped."""
+    m = settings.mqtt
+    with Transaction(conn):
+        by_age = conn.execute(
+            "DELETE FROM outbox WHERE created_at < ?", (now() - m.outbox_max_age_days * 86400,)
+        ).rowcount
+        by_count = conn.execute(
+            "DELETE FROM outbox WHERE id NOT IN (SELECT id FROM outbox ORDER BY id DESC LIMIT ?)",
+            (m.outbox_max_rows,),
+        ).rowcount
+    dropped = by_age + by_count
+    if dropped:
+        total = int(get_kv(conn, "outbox_dropped", "0")) + dropped
+        set_kv(conn, "outbox_dropped", str(total))
+        _LOGGER.warning("MQTT outbox over its limits: dropped %d undelivered events", dropped)
+    return dropped
+
+
+def discovery_topic(settings: Settings) -> str:
+    """homeassistant/device/meraudiod_<node_id>/config."""
+    prefix = settings.homeassistant.discovery_prefix
+    return f"{prefix}/device/meraudiod_{settings.mqtt.node_id}/config"
+
+
+def discovery_payload(settings: Settings) -> dict[str, Any]:
+    """Home Assistant device-based discovery: one retained message for every entity."""
+    node = settings.mqtt.node_id
+    base = base_topic(settings)
+    uid = f"meraudiod_{node}"
+    state = f"{base}/state"
+    diagnostic = {"ent_cat": "diagnostic", "stat_t": state}
+
+    def sensor(name: str, template: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "p": "sensor",
+            "name": name,
+            "uniq_id": f"{uid}_{_slug(name)}",
+            "stat_t": state,
+            "val_tpl": template,
+            **extra,
+        }
+
+    return {
+        "dev": {
+            "ids": [uid],
+            "name": f"meraudiod {node}",
+            "mf": "meraudiod",
+            "mdl": "meraudiod",
+            "sw": __version__,
+            **({"sa": settings.mqtt.area} if settings.mqtt.area else {}),
+        },
+        "o": {"name": "meraudiod", "sw": __version__},
+        "avty_t": f"{base}/status",
+        "pl_avail": "online",
+        "pl_not_avail": "offline",
+        "qos": 1,
+        "cmps": {
+            "listening": {
+                "p": "switch",
+                "name": "Listening",
+                "uniq_id": f"{uid}_listening",
+                "cmd_t": f"{base}/listening/set",
+                "stat_t": f"{base}/listening/state",
+                "pl_on": "ON",
+                "pl_off": "OFF",
+                "icon": "mdi:microphone",
+            },
+            "speaking": {
+                "p": "binary_sensor",
+                "name": "Speaking",
+                "uniq_id": f"{uid}_speaking",
+                "stat_t": state,
+                "dev_cla": "sound",
+                "val_tpl": "{{ 'ON' if value_json.recording else 'OFF' }}",
+            },
+            "last_speaker": sensor(
+                "Last speaker", "{{ value_json.last_speaker }}", icon="mdi:account-voice"
+            ),
+            "last_transcript": sensor(
+                "Last transcript",
+                "{{ value_json.last_transcript }}",
+                icon="mdi:text",
+                json_attr_t=state,
+                json_attr_tpl=(
+                    "{{ {'text': value_json.last_transcript_full,"
+                    " 'at': value_json.last_transcript_at} | tojson }}"
+                ),
+            ),
+            "queue_depth": sensor(
+                "Backlog",
+                "{{ value_json.queue_depth }}",
+                stat_cla="measurement",
+                unit_of_meas="recordings",
+                **diagnostic,
+            ),
+            "outbox": sensor(
+                "Undelivered events",
+                "{{ value_json.outbox_depth }}",
+                stat_cla="measurement",
+                **diagnostic,
+            ),
+            "audio_level": sensor(
+                "Audio level",
+                "{{ value_json.audio_level_dbfs }}",
+                unit_of_meas="dBFS",
+                stat_cla="measurement",
+                **diagnostic,
+            ),
+            "disk_free": sensor(
+                "Disk free",
+                "{{ value_json.disk_free_mb | round(0) }}",
+                unit_of_meas="MB",
+                dev_cla="data_size",
+                **diagnostic,
+            ),
+            "transcript": {
+                "p": "event",
+                "name": "Transcript",
+                "uniq_id": f"{uid}_transcript",
+                "stat_t": f"{base}/event/transcript",
+                "evt_typ": ["transcript"],
+            },
+            "speaker": {
+                "p": "event",
+                "name": "Speaker",
+                "uniq_id": f"{uid}_speaker",
+                "stat_t": f"{base}/event/speaker",
+                "evt_typ": ["identified", "unknown", "enrolled", "deleted"],
+            },
+        },
+    }
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace(" ", "_")
+
+
+def check_connection(settings: Settings, timeout_s: float = 10.0) -> list[tuple[str, bool, str]]:
+    """`meraudiod mqtt test`: DNS, TCP, TLS, CONNECT, and a publish/subscribe round trip."""
+    m = settings.mqtt
+    steps: list[tuple[str, bool, str]] = []
+    try:
+        infos = socket.getaddrinfo(m.host, m.port, type=socket.SOCK_STREAM)
+        steps.append(("dns", True, f"{m.host} -> {infos[0][4][0]}"))
+    except OSError as exc:
+        return [("dns", False, f"cannot resolve {m.host}: {exc}")]
+    try:
+        sock = socket.create_connection((m.host, m.port), timeout=timeout_s)
+        steps.append(("tcp", True, f"connected to port {m.port}"))
+    except OSError as exc:
+        return [*steps, ("tcp", False, f"cannot connect to {m.host}:{m.port}: {exc}")]
+    if m.tls:
+        try:
+            cafile = str(m.tls_ca_file) if m.tls_ca_file else None
+            context = ssl.create_default_context(cafile=cafile)
+            if m.tls_insecure:
+                context.check_hostname = False
+                if not m.tls_ca_file:
+                    context.verify_mode = ssl.CERT_NONE
+            if m.tls_cert_file:
+                keyfile = str(m.tls_key_file) if m.tls_key_file else None
+                context.load_cert_chain(str(m.tls_cert_file), keyfile)
+            with context.wrap_socket(sock, server_hostname=m.host) as tls_sock:
+                steps.append(("tls", True, f"{tls_sock.version()}"))
+        except (ssl.SSLError, OSError) as exc:
+            return [*steps, ("tls", False, f"TLS handshake failed: {exc}")]
+    else:
+        sock.close()
+    result: dict[str, Any] = {}
+    got = threading.Event()
+    probe_id = f"meraudiod-test-{m.node_id}-{random.randrange(1 << 30)}"
+    client = make_client(settings, client_id=probe_id)
+    client.will_clear()  # a probe must not mark the device offline
+
+    def on_connect(c: paho.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+        result["connect"] = reason
+
+    def on_message(c: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
+        result["message"] = msg.payload
+        got.set()
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    try:
+        client.connect(m.host, m.port, m.keepalive_s)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        return [*steps, ("connect", False, f"{exc}")]
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while "connect" not in result and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reason = result.get("connect")
+        if reason is None or reason.is_failure:
+            return [*steps, ("connect", False, f"refused: {reason or 'no answer'}")]
+        steps.append(("connect", True, "accepted"))
+        topic = f"{base_topic(settings)}/test/{random.randrange(1 << 30)}"
+        client.subscribe(topic, qos=1)
+        time.sleep(0.2)
+        client.publish(topic, b"ping", qos=1)
+        if got.wait(timeout_s) and result.get("message") == b"ping":
+            steps.append(("roundtrip", True, "published and received"))
+        else:
+            steps.append(("roundtrip", False, "published but nothing came back (ACLs?)"))
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return steps

@@ -1,0 +1,251 @@
+"""Stored voice profiles, as an admin manages them: enrol, list, rename, merge, delete, opt out.
+
+A profile is a row in `speakers` with several embeddings in `speaker_embeddings` (one per
+enrolment clip or, for a provisional "unknown-N" profile, per recording it was grown from).
+Renaming a provisional profile makes it a named person; merging moves one profile's
+embeddings and attributions into another. Deleting removes the embeddings (and, if asked,
+every recording the person was heard in). A "do not keep" profile is still recognised, so
+that recordings matched to it are deleted once processed (worker.py).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ulid import ULID
+
+from . import models
+from .audio import AudioDecodeError, decode_file, to_float32
+from .config import Settings
+from .db import Transaction, now
+from .recordings import delete_recordings
+from .speakers import SpeakerStage, add_embedding, model_id
+
+
+class ProfileError(Exception):
+    """A profile operation is not possible; the message says why."""
+
+
+def current_model(settings: Settings) -> str:
+    """The id embeddings of the configured model are stored with (without loading it)."""
+    name = settings.speakers.model
+    if name in models.manifest():
+        return model_id(name, Path(name))
+    return model_id(name, Path(name).expanduser())
+
+
+@dataclass(frozen=True)
+class EnrolResult:
+    """One enrolment source: how much speech it had and whether an embedding was kept."""
+
+    source: str
+    speech_s: float
+    stored: bool
+    reason: str | None = None  # why not
+
+
+@dataclass(frozen=True)
+class ProfileInfo:
+    """One profile as `speakers list` shows it."""
+
+    id: str
+    name: str
+    provisional: bool
+    opt_out: bool
+    embeddings: int  # usable with the current model
+    stale: int  # made with another model: ignored until re-enrolled
+    speech_s: float
+    recordings: int
+    last_heard_at: float | None
+    created_at: float
+
+
+def _row(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM speakers WHERE name=?", (name,)).fetchone()
+    if row is None:
+        raise ProfileError(f"no speaker named {name!r} (see `meraudiod speakers list`)")
+    return row  # type: ignore[no-any-return]
+
+
+def _load(conn: sqlite3.Connection, source: str) -> tuple[str, Path]:
+    """(label, audio path) of a file or of a stored recording given by its id."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return str(path), path
+    row = conn.execute("SELECT id, audio_path FROM recordings WHERE id=?", (source,)).fetchone()
+    if row is None:
+        raise ProfileError(f"{source}: no such file or recording")
+    if not row["audio_path"] or not Path(row["audio_path"]).is_file():
+        raise ProfileError(f"recording {source} has no audio any more")
+    return f"recording {source}", Path(row["audio_path"])
+
+
+def enroll(
+    conn: sqlite3.Connection,
+    stage: SpeakerStage,
+    name: str,
+    sources: Sequence[str],
+    opt_out: bool = False,
+) -> list[EnrolResult]:
+    """Add one embedding per source (file or recording id) to the named profile.
+
+    Sources with too little speech are reported and skipped; nothing is stored unless at
+    least one source gives an embedding.
+    """
+    if not name.strip():
+        raise ProfileError("a speaker needs a name")
+    found, results = [], []
+    for source in sources:
+        label, path = _load(conn, source)
+        try:
+            audio = to_float32(decode_file(path))
+        except AudioDecodeError as exc:
+            results.append(EnrolResult(label, 0.0, False, str(exc)))
+            continue
+        vector, speech_s = stage.voiceprint(audio)
+        if vector is None:
+            need = stage.settings.speakers.min_speech_s
+            reason = f"only {speech_s:.1f} s of speech (at least {need:.1f} s needed)"
+            results.append(EnrolResult(label, speech_s, False, reason))
+            continue
+        found.append((label, vector, speech_s))
+        results.append(EnrolResult(label, speech_s, True))
+    if not found:
+        return results
+    with Transaction(conn):
+        row = conn.execute("SELECT id FROM speakers WHERE name=?", (name,)).fetchone()
+        t = now()
+        if row is None:
+            speaker_id = str(ULID())
+            conn.execute(
+                "INSERT INTO speakers (id, name, provisional, opt_out, created_at, updated_at)"
+                " VALUES (?, ?, 0, ?, ?, ?)",
+                (speaker_id, name, int(opt_out), t, t),
+            )
+        else:  # more clips for someone known; a provisional profile becomes a person
+            speaker_id = str(row["id"])
+            conn.execute(
+                "UPDATE speakers SET provisional=0, opt_out=MAX(opt_out, ?), updated_at=?"
+                " WHERE id=?",
+                (int(opt_out), t, speaker_id),
+            )
+        for label, vector, speech_s in found:
+            # No recording_id: deleting that recording later must not unlearn the person.
+            add_embedding(conn, speaker_id, stage.model, vector, speech_s, None, label)
+    return results
+
+
+def list_profiles(conn: sqlite3.Connection, model: str) -> list[ProfileInfo]:
+    """Every profile, named ones first, with embedding counts and when it was last heard."""
+    rows = conn.execute(
+        "SELECT p.*,"
+        " (SELECT COUNT(*) FROM speaker_embeddings e WHERE e.speaker_id=p.id AND e.model=?)"
+        "  AS usable,"
+        " (SELECT COUNT(*) FROM speaker_embeddings e WHERE e.speaker_id=p.id AND e.model!=?)"
+        "  AS stale,"
+        " (SELECT COALESCE(SUM(duration_s), 0) FROM speaker_embeddings e"
+        "  WHERE e.speaker_id=p.id) AS speech_s,"
+        " (SELECT COUNT(DISTINCT m.recording_id) FROM speaker_mappings m"
+        "  WHERE m.speaker_id=p.id) AS recordings,"
+        " (SELECT MAX(r.started_at) FROM speaker_mappings m JOIN recordings r"
+        "  ON r.id=m.recording_id WHERE m.speaker_id=p.id) AS last_heard_at"
+        " FROM speakers p ORDER BY p.provisional, p.name",
+        (model, model),
+    )
+    return [
+        ProfileInfo(
+            id=r["id"],
+            name=r["name"],
+            provisional=bool(r["provisional"]),
+            opt_out=bool(r["opt_out"]),
+            embeddings=int(r["usable"]),
+            stale=int(r["stale"]),
+            speech_s=float(r["speech_s"]),
+            recordings=int(r["recordings"]),
+            last_heard_at=r["last_heard_at"],
+            created_at=float(r["created_at"]),
+        )
+        for r in rows
+    ]
+
+
+def rename(conn: sqlite3.Connection, old: str, new: str) -> None:
+    """Give a profile a new name; a provisional one becomes a named person."""
+    if not new.strip():
+        raise ProfileError("a speaker needs a name")
+    with Transaction(conn):
+        speaker = _row(conn, old)
+        if conn.execute("SELECT 1 FROM speakers WHERE name=?", (new,)).fetchone():
+            raise ProfileError(f"{new!r} exists already: use `meraudiod speakers merge`")
+        conn.execute(
+            "UPDATE speakers SET name=?, provisional=0, updated_at=? WHERE id=?",
+            (new, now(), speaker["id"]),
+        )
+
+
+def merge(conn: sqlite3.Connection, source: str, target: str) -> int:
+    """Fold profile `source` into `target` (embeddings, attributions); returns embeddings moved.
+
+    The merged profile is "do not keep" if either was.
+    """
+    with Transaction(conn):
+        src, dst = _row(conn, source), _row(conn, target)
+        if src["id"] == dst["id"]:
+            raise ProfileError("cannot merge a speaker into itself")
+        moved = conn.execute(
+            "UPDATE speaker_embeddings SET speaker_id=? WHERE speaker_id=?", (dst["id"], src["id"])
+        ).rowcount
+        conn.execute("UPDATE segments SET speaker_id=? WHERE speaker_id=?", (dst["id"], src["id"]))
+        conn.execute(
+            "UPDATE speaker_mappings SET speaker_id=? WHERE speaker_id=?", (dst["id"], src["id"])
+        )
+        conn.execute(
+            "UPDATE speakers SET opt_out=MAX(opt_out, ?), updated_at=? WHERE id=?",
+            (src["opt_out"], now(), dst["id"]),
+        )
+        conn.execute("DELETE FROM speakers WHERE id=?", (src["id"],))
+    return int(moved)
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """What `delete` removed."""
+
+    embeddings: int
+    recordings: int
+
+
+def delete(conn: sqlite3.Connection, name: str, with_recordings: bool = False) -> Deleted:
+    """Remove a profile and its embeddings; with_recordings also every recording it spoke in."""
+    speaker_id = str(_row(conn, name)["id"])
+    recordings = 0
+    if with_recordings:
+        ids = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT recording_id FROM speaker_mappings WHERE speaker_id=?"
+                " UNION SELECT recording_id FROM segments WHERE speaker_id=?",
+                (speaker_id, speaker_id),
+            )
+        ]
+        recordings = delete_recordings(conn, ids) if ids else 0
+    with Transaction(conn):
+        (embeddings,) = conn.execute(
+            "SELECT COUNT(*) FROM speaker_embeddings WHERE speaker_id=?", (speaker_id,)
+        ).fetchone()
+        conn.execute("UPDATE segments SET speaker_id=NULL WHERE speaker_id=?", (speaker_id,))
+        conn.execute("DELETE FROM speakers WHERE id=?", (speaker_id,))  # embeddings cascade
+    return Deleted(int(embeddings), recordings)
+
+
+def set_opt_out(conn: sqlite3.Connection, name: str, opt_out: bool) -> None:
+    """Mark a profile "do not keep" (recordings matched to it are deleted), or undo that."""
+    with Transaction(conn):
+        speaker = _row(conn, name)
+        conn.execute(
+            "UPDATE speakers SET opt_out=?, updated_at=? WHERE id=?",
+            (int(opt_out), now(), speaker["id"]),
+        )

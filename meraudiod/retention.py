@@ -1,0 +1,152 @@
+"""Retention and privacy: purge by age, speaker or time range; the periodic sweep; disk guard."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Settings
+from .db import Transaction, now, open_db
+from .recordings import delete_recordings
+
+_LOGGER = logging.getLogger(__name__)
+_DAY_S = 86400.0
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    """What a purge or sweep removed."""
+
+    recordings_deleted: int = 0
+    audio_files_deleted: int = 0
+
+
+def purge(
+    conn: sqlite3.Connection,
+    *,
+    before: float | None = None,
+    after: float | None = None,
+    speaker_id: str | None = None,
+    audio_only: bool = False,
+) -> PurgeResult:
+    """Delete recordings started in [after, before) and/or attributed to a speaker.
+
+    With audio_only the text stays and only the audio files go. At least one criterion is
+    required, so a purge never deletes everything by accident.
+    """
+    if before is None and after is None and speaker_id is None:
+        raise ValueError("purge needs an age, a time range or a speaker")
+    where: list[str] = ["1=1"]
+    args: list[object] = []
+    if before is not None:
+        where.append("r.started_at < ?")
+        args.append(before)
+    if after is not None:
+        where.append("r.started_at >= ?")
+        args.append(after)
+    if speaker_id is not None:
+        where.append(
+            "(r.id IN (SELECT recording_id FROM segments WHERE speaker_id = ?)"
+            " OR r.id IN (SELECT recording_id FROM speaker_mappings WHERE speaker_id = ?))"
+        )
+        args += [speaker_id, speaker_id]
+    if audio_only:
+        where.append("r.audio_path IS NOT NULL")
+    rows = conn.execute(
+        f"SELECT r.id, r.audio_path FROM recordings r WHERE {' AND '.join(where)}",
+        args,
+    ).fetchall()
+    if audio_only:
+        dropped = drop_audio(conn, [(r["id"], r["audio_path"]) for r in rows])
+        return PurgeResult(audio_files_deleted=dropped)
+    deleted = delete_recordings(conn, [str(r["id"]) for r in rows])
+    return PurgeResult(recordings_deleted=deleted, audio_files_deleted=deleted)
+
+
+def drop_audio(conn: sqlite3.Connection, rows: list[tuple[str, str]]) -> int:
+    """Delete audio files but keep their transcripts."""
+    with Transaction(conn):
+        for rec_id, _ in rows:
+            conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (rec_id,))
+    for _, path in rows:
+        Path(path).unlink(missing_ok=True)
+    return len(rows)
+
+
+def sweep(conn: sqlite3.Connection, settings: Settings) -> PurgeResult:
+    """Apply the configured limits: audio older than audio_days, text older than text_days.
+
+    Recordings still waiting to be transcribed keep their audio.
+    """
+    r = settings.retention
+    total = PurgeResult()
+    if r.text_days is not None:
+        total = purge(conn, before=now() - r.text_days * _DAY_S)
+    if r.audio_days is not None:
+        rows = conn.execute(
+            "SELECT id, audio_path FROM recordings WHERE audio_path IS NOT NULL"
+            " AND started_at < ? AND status != 'pending'",
+            (now() - r.audio_days * _DAY_S,),
+        ).fetchall()
+        dropped = drop_audio(conn, [(row["id"], row["audio_path"]) for row in rows])
+        total = PurgeResult(total.recordings_deleted, total.audio_files_deleted + dropped)
+    if total.recordings_deleted or total.audio_files_deleted:
+        _LOGGER.info(
+            "retention: deleted %d recordings and %d audio files",
+            total.recordings_deleted,
+            total.audio_files_deleted,
+        )
+    return total
+
+
+def disk_free_mb(path: Path) -> float:
+    """Free space where the data lives."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free / 1e6
+
+
+def disk_low(settings: Settings) -> bool:
+    """Below the free-disk threshold: stop writing audio."""
+    return disk_free_mb(settings.storage.data_dir) < settings.retention.min_free_disk_mb
+
+
+class Retention:
+    """The periodic sweep on a named thread."""
+
+    def __init__(self, settings: Settings, stop: threading.Event) -> None:
+        self.settings = settings
+        self.stop_event = stop
+        self._thread: threading.Thread | None = None
+        self.last_result = PurgeResult()
+
+    def start(self) -> None:
+        """Sweep now, then every sweep_interval_s."""
+        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        """Whether the thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wait for the thread to end."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        conn = open_db(self.settings.storage.db_path)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    self.last_result = sweep(conn, self.settings)
+                except Exception:  # one failed sweep must not end the daemon
+                    _LOGGER.exception("retention sweep failed")
+                self.stop_event.wait(self.settings.retention.sweep_interval_s)
+        finally:
+            conn.close()

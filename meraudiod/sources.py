@@ -1,0 +1,315 @@
+"""Audio sources: microphone (sounddevice), file replay, stdin PCM. All yield 16 kHz frames.
+
+A source is opened with `start()` (which fails with SourceError naming the device or file),
+read with `read(timeout_s)` one 512-sample int16 frame at a time, and closed with `stop()`.
+`read` returns None when no frame arrived in time and raises EndOfStream when a file or
+stdin ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import numpy as np
+
+from .audio import (
+    FRAME_S,
+    FRAME_SAMPLES,
+    SAMPLE_RATE_HZ,
+    AudioDecodeError,
+    Float32Array,
+    Int16Array,
+    Resampler,
+    iter_file_pcm,
+)
+from .config import AudioSettings
+
+_LOGGER = logging.getLogger(__name__)
+_STDIN_READ_BYTES: Final = FRAME_SAMPLES * 2
+
+
+class SourceError(Exception):
+    """A source could not be opened or read; the message names the device or file."""
+
+
+class EndOfStream(Exception):
+    """A finite source (file, stdin) has no more audio."""
+
+
+class AudioSource(Protocol):
+    """What the listener reads frames from."""
+
+    name: str
+    dropped_frames: int
+
+    def start(self) -> None:
+        """Open the device or file."""
+
+    def read(self, timeout_s: float) -> Int16Array | None:
+        """The next 512-sample frame, None on timeout; EndOfStream at the end."""
+
+    def stop(self) -> None:
+        """Close the device or file."""
+
+
+class _Framer:
+    """Cuts a stream of int16 blocks into 512-sample frames."""
+
+    def __init__(self) -> None:
+        self._buffer = np.zeros(0, dtype=np.int16)
+
+    def add(self, block: Int16Array) -> None:
+        self._buffer = np.concatenate([self._buffer, block]) if self._buffer.size else block
+
+    def take(self) -> Int16Array | None:
+        if self._buffer.size < FRAME_SAMPLES:
+            return None
+        frame, self._buffer = self._buffer[:FRAME_SAMPLES], self._buffer[FRAME_SAMPLES:]
+        return frame
+
+    def take_last(self) -> Int16Array | None:
+        """The final partial frame, padded with silence."""
+        if self._buffer.size == 0:
+            return None
+        frame = np.zeros(FRAME_SAMPLES, dtype=np.int16)
+        frame[: self._buffer.size] = self._buffer
+        self._buffer = self._buffer[:0]
+        return frame
+
+
+def demo_path() -> Path:
+    """The bundled recording of real speech that `--source demo` replays."""
+    return Path(str(resources.files("meraudiod") / "assets" / "demo.flac"))
+
+
+class FileSource:
+    """Replays a file of any common format, as fast as possible or at real time."""
+
+    def __init__(self, path: Path, realtime: bool = False) -> None:
+        self.path = path
+        self.name = f"file:{path}"
+        self.realtime = realtime
+        self.dropped_frames = 0
+        self._blocks: Iterator[Int16Array] | None = None
+        self._framer = _Framer()
+        self._ended = False
+        self._frames_read = 0
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        """Open the file and decode its first block, so a bad file fails here."""
+        if not self.path.is_file():
+            raise SourceError(f"audio file not found: {self.path}")
+        self._blocks = iter_file_pcm(self.path)
+        self._fill()
+        self._t0 = time.monotonic()
+
+    def _fill(self) -> None:
+        assert self._blocks is not None
+        try:
+            self._framer.add(next(self._blocks))
+        except StopIteration:
+            self._ended = True
+        except AudioDecodeError as exc:
+            raise SourceError(str(exc)) from exc
+
+    def read(self, timeout_s: float) -> Int16Array | None:
+        """The next frame; with realtime, not before its time."""
+        frame = self._framer.take()
+        while frame is None and not self._ended:
+            self._fill()
+            frame = self._framer.take()
+        if frame is None:
+            frame = self._framer.take_last()
+            if frame is None:
+                raise EndOfStream(self.name)
+        if self.realtime:  # frames are due one every 32 ms, so this wait is short
+            wait = self._t0 + self._frames_read * FRAME_S - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        self._frames_read += 1
+        return frame
+
+    def stop(self) -> None:
+        """Release the decoder."""
+        if self._blocks is not None:
+            close = getattr(self._blocks, "close", None)
+            if close is not None:
+                close()
+        self._blocks = None
+
+
+class StdinSource:
+    """Raw 16 kHz mono s16le on standard input (arecord, ffmpeg, a pipe from anywhere)."""
+
+    def __init__(self, stream: Any = None, queue_frames: int = 256) -> None:
+        self.name = "stdin"
+        self.dropped_frames = 0
+        self._stream = stream if stream is not None else sys.stdin.buffer
+        self._queue: queue.Queue[Int16Array | None] = queue.Queue(maxsize=queue_frames)
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._ended = False
+        self._framer = _Framer()
+
+    def start(self) -> None:
+        """Start the reader thread."""
+        self._thread = threading.Thread(target=self._run, name="stdin-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        leftover = b""
+        while not self._stopped.is_set():
+            chunk = self._stream.read(_STDIN_READ_BYTES)
+            if not chunk:
+                break
+            data = leftover + chunk
+            usable = len(data) - len(data) % 2
+            leftover = data[usable:]
+            self._put(np.frombuffer(data[:usable], dtype="<i2").astype(np.int16))
+        self._put(None)
+
+    def _put(self, block: Int16Array | None) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(block, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, timeout_s: float) -> Int16Array | None:
+        """The next frame of 512 samples."""
+        framer = self._framer
+        while True:
+            frame = framer.take()
+            if frame is not None:
+                return frame
+            if self._ended:
+                last = framer.take_last()
+                if last is None:
+                    raise EndOfStream(self.name)
+                return last
+            try:
+                block = self._queue.get(timeout=timeout_s)
+            except queue.Empty:
+                return None
+            if block is None:
+                self._ended = True
+            else:
+                framer.add(block)
+
+    def stop(self) -> None:
+        """Stop reading (the reader thread ends at the next read or EOF)."""
+        self._stopped.set()
+
+
+class MicSource:
+    """A sound card through PortAudio. The callback only copies and enqueues."""
+
+    def __init__(self, device: str | int | None, rate_hz: int | None, queue_frames: int) -> None:
+        self.device = device
+        self.name = f"mic:{device if device is not None else 'default'}"
+        self.dropped_frames = 0
+        self.overflows = 0
+        self._rate_hz = rate_hz
+        self._queue: queue.Queue[Float32Array] = queue.Queue(queue_frames)
+        self._stream: Any = None
+        self._resampler: Resampler | None = None
+        self._framer = _Framer()
+        self.last_frame_at = 0.0
+
+    def start(self) -> None:
+        """Open the device; SourceError with the device name when it cannot."""
+        sd = _import_sounddevice()
+        try:
+            info = sd.query_devices(self.device, "input")
+            rate = int(self._rate_hz or info["default_samplerate"])
+            channels = 1
+            self._stream = sd.InputStream(
+                device=self.device,
+                samplerate=rate,
+                channels=channels,
+                dtype="float32",
+                blocksize=int(rate * FRAME_S),
+                callback=self._callback,
+            )
+            self._stream.start()
+        except (sd.PortAudioError, ValueError) as exc:
+            raise SourceError(f"cannot open microphone {self.device or 'default'}: {exc}") from exc
+        self.name = f"mic:{info['name']}"
+        if rate != SAMPLE_RATE_HZ:
+            self._resampler = Resampler(rate, channels)
+        _LOGGER.info("microphone %s open at %d Hz", info["name"], rate)
+
+    def _callback(self, indata: Any, frames: int, time_info: Any, status: Any) -> None:
+        if status.input_overflow:
+            self.overflows += 1
+        try:
+            self._queue.put_nowait(indata.copy())  # PortAudio reuses its buffer
+        except queue.Full:
+            self.dropped_frames += 1
+
+    def read(self, timeout_s: float) -> Int16Array | None:
+        """The next 16 kHz frame."""
+        while True:
+            frame = self._framer.take()
+            if frame is not None:
+                return frame
+            try:
+                block = self._queue.get(timeout=timeout_s)
+            except queue.Empty:
+                return None
+            if self._resampler is not None:
+                pcm = self._resampler.process(block)
+            else:
+                pcm = np.clip(block[:, 0] * 32768.0, -32768, 32767).astype(np.int16)
+            self._framer.add(pcm)
+
+    def stop(self) -> None:
+        """Close the device."""
+        if self._stream is not None:
+            self._stream.stop()
+            self._stream.close()
+            self._stream = None
+
+
+def _import_sounddevice() -> Any:
+    try:
+        import sounddevice
+    except OSError as exc:  # PortAudio itself is missing
+        raise SourceError(f"no microphone support: {exc} (install libportaudio2)") from exc
+    return sounddevice
+
+
+def input_devices() -> list[dict[str, Any]]:
+    """The input devices PortAudio sees (empty when there is no PortAudio or none)."""
+    try:
+        sd = _import_sounddevice()
+        return [
+            {"index": i, "name": d["name"], "default_rate_hz": int(d["default_samplerate"])}
+            for i, d in enumerate(sd.query_devices())
+            if d["max_input_channels"] > 0
+        ]
+    except (SourceError, Exception):
+        return []
+
+
+def open_source(spec: str, settings: AudioSettings) -> AudioSource:
+    """Build (not yet start) the source named by `mic`, `file:PATH`, `stdin` or `demo`."""
+    if spec == "mic":
+        return MicSource(settings.device, settings.device_rate_hz, settings.queue_frames)
+    if spec == "stdin":
+        return StdinSource(queue_frames=settings.queue_frames)
+    if spec == "demo":
+        return FileSource(demo_path(), realtime=settings.realtime)
+    if spec.startswith("file:"):
+        return FileSource(Path(spec[5:]).expanduser(), realtime=settings.realtime)
+    raise SourceError(f"unknown audio source {spec!r}: use mic, file:PATH, stdin or demo")

@@ -1,0 +1,433 @@
+"""Who spoke: ONNX speaker embeddings, identification (threshold + margin), the worker's step.
+
+Embeddings are SpeechBrain's ECAPA-TDNN exported to ONNX (see features.py and
+scripts/export-models), L2-normalised, compared by cosine. A person keeps several embeddings
+(one per enrolment clip) and scores as their best one. A voice is named when that score
+reaches `speakers.threshold` *and* leads the runner-up by `speakers.margin`; otherwise it is
+unknown. The score is kept either way. Less than `speakers.min_speech_s` of speech gives no
+embedding at all: too short is "unknown", never a new person. Unknown voices with enough
+speech are grouped into provisional profiles ("unknown-3") that an admin can name or merge
+(profiles.py). Embeddings of another model are stale: ignored until re-enrolled.
+
+The worker calls `SpeakerStage.analyze` (heavy: segmentation, embeddings, clustering) outside
+its transaction and `SpeakerStage.store` (identification against the stored profiles and all
+writes) inside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from . import models
+from .asr import Transcript
+from .audio import Float32Array
+from .config import Settings, SpeakersSettings
+from .db import now
+from .diarization import (
+    Diarization,
+    Diarizer,
+    LabelledSegment,
+    SegmentationModel,
+    attribute,
+    gather,
+)
+from .features import MIN_SAMPLES, fbank
+
+_LOGGER = logging.getLogger(__name__)
+EMBEDDING_DIM: Final = 192
+UNKNOWN_PREFIX: Final = "unknown-"
+
+
+class SpeakerError(Exception):
+    """A speaker model could not be loaded, or a profile operation is not possible."""
+
+
+def model_id(name_or_path: str, path: Path) -> str:
+    """What stored embeddings are tagged with: the model's name and the start of its sha256."""
+    if name_or_path in models.manifest():
+        digest = next(iter(models.spec(name_or_path).files.values()), "")
+    else:
+        digest = models.sha256_file(path)
+    return f"{Path(name_or_path).name}@{digest[:12]}"
+
+
+def unit(vector: Float32Array) -> Float32Array:
+    """The vector scaled to length 1 (float32)."""
+    norm = float(np.linalg.norm(vector))
+    return np.asarray(vector / norm if norm > 0 else vector, dtype=np.float32)
+
+
+class SpeakerEmbedder:
+    """ECAPA-TDNN on onnxruntime: 16 kHz float32 speech -> unit 192-d embedding."""
+
+    def __init__(self, model_path: Path, model: str, threads: int = 1) -> None:
+        try:
+            import onnxruntime
+        except ImportError as exc:  # pragma: no cover - a core dependency
+            raise SpeakerError("onnxruntime is not installed (pip install onnxruntime)") from exc
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        try:
+            self._session = onnxruntime.InferenceSession(
+                str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise SpeakerError(f"cannot load speaker model {model_path}: {exc}") from exc
+        self.model = model
+
+    def __call__(self, audio: Float32Array) -> Float32Array:
+        """The unit embedding of one stretch of speech (at least 50 ms)."""
+        if audio.size < MIN_SAMPLES:
+            audio = np.pad(audio, (0, MIN_SAMPLES - audio.size))
+        feats = fbank(audio)[None]
+        return unit(np.asarray(self._session.run(["embedding"], {"feats": feats})[0][0]))
+
+
+def to_blob(vector: Float32Array) -> bytes:
+    """Storage form of an embedding: little-endian float32."""
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def from_blob(blob: bytes) -> Float32Array:
+    """An embedding from its storage form."""
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A stored voice: a named person or a provisional group of an unknown voice."""
+
+    id: str
+    name: str
+    provisional: bool
+    opt_out: bool
+    vectors: Float32Array = field(repr=False, compare=False)  # [n, 192] of the current model
+
+
+def load_profiles(conn: sqlite3.Connection, model: str) -> list[Profile]:
+    """Every profile with at least one embedding of this model."""
+    vectors: dict[str, list[Float32Array]] = {}
+    for row in conn.execute(
+        "SELECT speaker_id, vector FROM speaker_embeddings WHERE model=? ORDER BY id", (model,)
+    ):
+        vectors.setdefault(str(row[0]), []).append(from_blob(row[1]))
+    profiles = []
+    for row in conn.execute("SELECT id, name, provisional, opt_out FROM speakers ORDER BY id"):
+        if row["id"] in vectors:
+            profiles.append(
+                Profile(
+                    id=row["id"],
+                    name=row["name"],
+                    provisional=bool(row["provisional"]),
+                    opt_out=bool(row["opt_out"]),
+                    vectors=np.stack(vectors[row["id"]]),
+                )
+            )
+    return profiles
+
+
+@dataclass(frozen=True)
+class Match:
+    """Identification of one voice: the profile (or None), the best score and the margin."""
+
+    speaker_id: str | None
+    name: str | None
+    score: float | None  # best cosine score over all profiles (None: nothing to compare)
+    margin: float | None  # best minus runner-up (or minus 0 with a single candidate)
+    provisional: bool = False
+    opt_out: bool = False
+
+    @property
+    def known(self) -> bool:
+        """Matched a named (enrolled) person."""
+        return self.speaker_id is not None and not self.provisional
+
+
+UNKNOWN: Final = Match(None, None, None, None)
+
+
+def score_profiles(profiles: list[Profile], vector: Float32Array) -> list[tuple[float, Profile]]:
+    """Each profile's score for the vector (its best embedding), best first."""
+    scored = [(float(np.max(p.vectors @ vector)), p) for p in profiles]
+    return sorted(scored, key=lambda s: -s[0])
+
+
+def identify(
+    profiles: list[Profile], vector: Float32Array, threshold: float, margin: float
+) -> Match:
+    """The profile the voice belongs to, when it clears the threshold and the margin."""
+    scored = score_profiles(profiles, vector)
+    if not scored:
+        return UNKNOWN
+    best, profile = scored[0]
+    lead = best - max(scored[1][0] if len(scored) > 1 else 0.0, 0.0)
+    if best >= threshold and lead >= margin:
+        return Match(profile.id, profile.name, best, lead, profile.provisional, profile.opt_out)
+    return Match(None, None, best, lead)
+
+
+@dataclass(frozen=True)
+class SegmentSpeaker:
+    """One transcript segment with who said it (times from the start of the recording)."""
+
+    start_s: float
+    end_s: float
+    text: str
+    suspect: str | None  # why the segment is not trusted as speech, or None
+    label: str | None  # the local speaker inside the recording ("S1"), None if not analysed
+    speaker_id: str | None  # the matched profile (enrolled or provisional), None = unknown
+    speaker_name: str | None
+    score: float | None  # best cosine score of the local speaker (kept for unknowns too)
+    known: bool  # matched a named person (False for unknown and provisional voices)
+
+
+def plain_segments(transcript: Transcript) -> tuple[SegmentSpeaker, ...]:
+    """The transcript's segments with no speaker information."""
+    return tuple(
+        SegmentSpeaker(s.start_s, s.end_s, s.text, s.suspect, None, None, None, None, False)
+        for s in transcript.segments
+    )
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A local speaker of one recording with its embedding (None: too little speech)."""
+
+    label: str
+    speech_s: float
+    embedding: Float32Array | None = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class SpeakerAnalysis:
+    """What analyze() found in one recording, ready to be identified and stored."""
+
+    transcript: Transcript  # segments split at speaker changes
+    segments: tuple[LabelledSegment, ...]
+    voices: tuple[Voice, ...]
+    diarization: Diarization
+    cost_s: float
+
+
+@dataclass(frozen=True)
+class StoredSpeakers:
+    """What store() wrote: segments with speakers, and whether a do-not-keep voice was heard."""
+
+    segments: tuple[SegmentSpeaker, ...]
+    matches: dict[str, Match]
+    opt_out: bool
+
+
+class SpeakerStage:
+    """Diarization and identification for recordings; models loaded once."""
+
+    def __init__(self, settings: Settings) -> None:
+        models_dir = settings.storage.resolved_models_dir
+        spk, dia = settings.speakers, settings.diarization
+        try:
+            emb_path = _onnx_file(models.resolve(spk.model, models_dir))
+            seg_path = _onnx_file(models.resolve(dia.model, models_dir))
+        except models.ModelError as exc:
+            raise SpeakerError(
+                f"speakers/diarization are enabled but a model is missing: {exc}"
+                " (scripts/setup exports and installs both)"
+            ) from exc
+        self.settings = settings
+        self.embedder = SpeakerEmbedder(emb_path, model_id(spk.model, emb_path), spk.threads)
+        self.diarizer = Diarizer(
+            SegmentationModel(seg_path, spk.threads),
+            self.embedder,
+            threshold=dia.cluster_threshold,
+            max_speakers=dia.max_speakers,
+            max_embedding_s=spk.max_embedding_s,
+        )
+
+    @property
+    def model(self) -> str:
+        """The embedding model's id, as stored with embeddings."""
+        return self.embedder.model
+
+    def voiceprint(self, audio: Float32Array) -> tuple[Float32Array | None, float]:
+        """One embedding of all the speech in the audio, and how much speech there was."""
+        diarization = self.diarizer.speech(audio)
+        if not diarization.speakers:
+            return None, 0.0
+        voice = diarization.speakers[0]
+        if voice.speech_s < self.settings.speakers.min_speech_s:
+            return None, voice.speech_s
+        clip = gather(audio, voice.spans, self.settings.speakers.max_embedding_s)
+        return self.embedder(clip), voice.speech_s
+
+    def analyze(self, audio: Float32Array, transcript: Transcript) -> SpeakerAnalysis:
+        """Turns, local speakers and their embeddings (the heavy part, outside transactions)."""
+        t0 = time.perf_counter()
+        if transcript.suspect:  # nothing trusted as speech: no voice to learn or name
+            diarization = Diarization((), ())
+        elif self.settings.diarization.enabled:
+            diarization = self.diarizer(audio)
+        else:
+            diarization = self.diarizer.speech(audio)
+        segments = attribute(transcript, diarization)
+        voices = []
+        for local in diarization.speakers:
+            embedding = None
+            if (
+                self.settings.speakers.enabled
+                and local.speech_s >= self.settings.speakers.min_speech_s
+            ):
+                clip = gather(audio, local.spans, self.settings.speakers.max_embedding_s)
+                embedding = self.embedder(clip)
+            voices.append(Voice(local.label, local.speech_s, embedding))
+        split = Transcript(
+            language=transcript.language,
+            duration_s=transcript.duration_s,
+            segments=tuple(s.segment for s in segments),
+        )
+        return SpeakerAnalysis(
+            split, segments, tuple(voices), diarization, time.perf_counter() - t0
+        )
+
+    def store(
+        self, conn: sqlite3.Connection, recording_id: str, analysis: SpeakerAnalysis
+    ) -> StoredSpeakers:
+        """Identify each local speaker against the stored profiles and write it all.
+
+        Runs inside the caller's transaction, after the segments are stored (same order).
+        """
+        spk = self.settings.speakers
+        profiles = load_profiles(conn, self.model)
+        conn.execute("DELETE FROM speaker_mappings WHERE recording_id=?", (recording_id,))
+        matches: dict[str, Match] = {}
+        for voice in analysis.voices:
+            match = UNKNOWN
+            if voice.embedding is not None:
+                match = identify(profiles, voice.embedding, spk.threshold, spk.margin)
+                if match.speaker_id is None and spk.group_unknown:
+                    profile = _new_provisional(conn, voice, recording_id, self.model)
+                    profiles.append(profile)
+                    match = Match(profile.id, profile.name, match.score, match.margin, True)
+                elif match.provisional:
+                    _grow_provisional(conn, match, voice, recording_id, self.model, spk)
+            matches[voice.label] = match
+            conn.execute(
+                "INSERT INTO speaker_mappings (recording_id, label, speaker_id, score, margin,"
+                " speech_s) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    recording_id,
+                    voice.label,
+                    match.speaker_id,
+                    match.score,
+                    match.margin,
+                    voice.speech_s,
+                ),
+            )
+        out = []
+        for idx, labelled in enumerate(analysis.segments):
+            seg, label = labelled.segment, labelled.label
+            match = matches.get(label, UNKNOWN) if label else UNKNOWN
+            conn.execute(
+                "UPDATE segments SET speaker_label=?, speaker_id=?, speaker_score=?"
+                " WHERE recording_id=? AND idx=?",
+                (label, match.speaker_id, match.score, recording_id, idx),
+            )
+            out.append(
+                SegmentSpeaker(
+                    seg.start_s,
+                    seg.end_s,
+                    seg.text,
+                    seg.suspect,
+                    label,
+                    match.speaker_id,
+                    match.name,
+                    match.score,
+                    match.known,
+                )
+            )
+        opt_out = any(m.opt_out for m in matches.values())
+        return StoredSpeakers(tuple(out), matches, opt_out)
+
+
+def _onnx_file(path: Path) -> Path:
+    """The .onnx file of an installed model directory (or the path itself)."""
+    if path.is_dir():
+        found = sorted(path.glob("*.onnx"))
+        if not found:
+            raise SpeakerError(f"no .onnx file in {path}")
+        return found[0]
+    return path
+
+
+def next_unknown_name(conn: sqlite3.Connection) -> str:
+    """The next free "unknown-N" name."""
+    numbers = [0]
+    for (name,) in conn.execute("SELECT name FROM speakers WHERE name LIKE 'unknown-%'"):
+        suffix = str(name)[len(UNKNOWN_PREFIX) :]
+        if suffix.isdigit():
+            numbers.append(int(suffix))
+    return f"{UNKNOWN_PREFIX}{max(numbers) + 1}"
+
+
+def _new_provisional(
+    conn: sqlite3.Connection, voice: Voice, recording_id: str, model: str
+) -> Profile:
+    """A provisional profile for a voice nobody has enrolled."""
+    from ulid import ULID
+
+    assert voice.embedding is not None
+    speaker_id, name, t = str(ULID()), next_unknown_name(conn), now()
+    conn.execute(
+        "INSERT INTO speakers (id, name, provisional, opt_out, created_at, updated_at)"
+        " VALUES (?, ?, 1, 0, ?, ?)",
+        (speaker_id, name, t, t),
+    )
+    add_embedding(conn, speaker_id, model, voice.embedding, voice.speech_s, recording_id, None)
+    _LOGGER.info("new provisional speaker %s from recording %s", name, recording_id)
+    return Profile(speaker_id, name, True, False, voice.embedding[None])
+
+
+def _grow_provisional(
+    conn: sqlite3.Connection,
+    match: Match,
+    voice: Voice,
+    recording_id: str,
+    model: str,
+    settings: SpeakersSettings,
+) -> None:
+    """A provisional profile learns the voice from a few more recordings."""
+    assert voice.embedding is not None
+    (count,) = conn.execute(
+        "SELECT COUNT(*) FROM speaker_embeddings WHERE speaker_id=? AND model=?",
+        (match.speaker_id, model),
+    ).fetchone()
+    if int(count) < settings.max_unknown_embeddings and match.speaker_id is not None:
+        add_embedding(
+            conn, match.speaker_id, model, voice.embedding, voice.speech_s, recording_id, None
+        )
+
+
+def add_embedding(
+    conn: sqlite3.Connection,
+    speaker_id: str,
+    model: str,
+    vector: Float32Array,
+    speech_s: float,
+    recording_id: str | None,
+    source: str | None,
+) -> None:
+    """Store one embedding of a profile."""
+    conn.execute(
+        "INSERT INTO speaker_embeddings (speaker_id, model, vector, duration_s, recording_id,"
+        " source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (speaker_id, model, to_blob(vector), speech_s, recording_id, source, now()),
+    )

@@ -1,0 +1,57 @@
+"""Streaming Silero VAD v6 on onnxruntime: one 512-sample frame in, one speech probability out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from .audio import FRAME_SAMPLES, Float32Array
+
+_CONTEXT_SAMPLES: Final = 64  # the v6 model sees the tail of the previous frame
+_STATE_SHAPE: Final = (1, 1, 128)
+
+
+class VadError(Exception):
+    """The VAD model could not be loaded."""
+
+
+class SileroVad:
+    """Silero VAD with its LSTM state and audio context carried from frame to frame."""
+
+    def __init__(self, model_path: Path, threads: int = 1) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Spinning threads would burn most of a core between our 32 ms frames.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options.enable_cpu_mem_arena = False
+        options.log_severity_level = 3
+        try:
+            self._session = onnxruntime.InferenceSession(
+                str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise VadError(f"cannot load VAD model {model_path}: {exc}") from exc
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything heard so far (a new stream)."""
+        self._h = np.zeros(_STATE_SHAPE, dtype=np.float32)
+        self._c = np.zeros(_STATE_SHAPE, dtype=np.float32)
+        self._context = np.zeros(_CONTEXT_SAMPLES, dtype=np.float32)
+
+    def __call__(self, frame: Float32Array) -> float:
+        """Speech probability of one frame of 512 float32 samples at 16 kHz."""
+        if frame.shape != (FRAME_SAMPLES,):
+            raise ValueError(f"VAD frames must be {FRAME_SAMPLES} samples, got {frame.shape}")
+        window = np.concatenate([self._context, frame]).reshape(1, -1)
+        prob, self._h, self._c = self._session.run(
+            None, {"input": window, "h": self._h, "c": self._c}
+        )
+        self._context = frame[-_CONTEXT_SAMPLES:]
+        return float(prob.reshape(-1)[0])

@@ -1,0 +1,231 @@
+"""The worker thread: claim a job, transcribe its recording, store everything in one transaction."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from . import jobs
+from .asr import Transcriber, Transcript
+from .config import Settings
+from .db import Transaction, now, open_db
+from .recordings import delete_recording
+from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
+
+_LOGGER = logging.getLogger(__name__)
+_IDLE_WAIT_S = 0.5
+
+
+@dataclass(frozen=True)
+class TranscribedRecording:
+    """What the worker tells listeners about a finished recording."""
+
+    recording_id: str
+    source: str
+    start_s: float
+    end_s: float
+    text: str
+    language: str
+    suspect: bool
+    rtf: float
+    latency_ms: float
+    # Every segment as stored (split where the speaker changes) with who said it; the speaker
+    # fields are None when speakers/diarization are off or nobody could be told.
+    segments: tuple[SegmentSpeaker, ...] = ()
+    # A "do not keep" voice was heard: the recording is deleted right after this transaction.
+    opt_out: bool = False
+
+
+class Worker:
+    """Drains the jobs table in order on a named thread; one bad recording never stops it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        transcriber: Transcriber,
+        stop: threading.Event,
+        on_transcribed: Callable[[TranscribedRecording], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.transcriber = transcriber
+        self.stop_event = stop
+        self.on_transcribed = on_transcribed
+        # Called inside the transaction that stores a transcript, so whatever they write
+        # (events in the outbox) is committed together with it or not at all.
+        self.on_stored: list[Callable[[sqlite3.Connection, TranscribedRecording], None]] = []
+        self.speakers: SpeakerStage | None = None  # diarization + identification, when enabled
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.busy = False
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """A new job is waiting: look now rather than at the next poll."""
+        self._wake.set()
+
+    def is_alive(self) -> bool:
+        """Whether the thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wait for the thread to finish its current job and end."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        conn = open_db(self.settings.storage.db_path)
+        try:
+            while not self.stop_event.is_set():
+                self._wake.clear()
+                if not self.process_next(conn):
+                    self._wake.wait(_IDLE_WAIT_S)
+        finally:
+            conn.close()
+
+    def process_next(self, conn: sqlite3.Connection) -> bool:
+        """Claim and process one job; False when there was none."""
+        job = jobs.claim(conn, self.settings.asr.job_lease_s)
+        if job is None:
+            return False
+        self.busy = True
+        try:
+            result = self._transcribe(conn, job)
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            _LOGGER.error(
+                "job %d (recording %s) failed: %s\n%s",
+                job.id,
+                job.recording_id,
+                self.last_error,
+                traceback.format_exc(),
+            )
+            with Transaction(conn):
+                final = jobs.fail(conn, job.id, self.last_error, self.settings.asr.max_attempts)
+                if final:
+                    conn.execute(
+                        "UPDATE recordings SET status='failed' WHERE id=?", (job.recording_id,)
+                    )
+            return True
+        finally:
+            self.busy = False
+        if result is not None and self.on_transcribed is not None:
+            self.on_transcribed(result)
+        return True
+
+    def _transcribe(self, conn: sqlite3.Connection, job: jobs.Job) -> TranscribedRecording | None:
+        row = conn.execute("SELECT * FROM recordings WHERE id=?", (job.recording_id,)).fetchone()
+        if row is None or not row["audio_path"]:
+            with Transaction(conn):  # deleted or purged meanwhile: nothing to do
+                jobs.complete(conn, job.id)
+            return None
+        audio, _ = soundfile.read(Path(row["audio_path"]), dtype="float32")
+        t0 = time.perf_counter()
+        audio = np.ascontiguousarray(audio, dtype=np.float32)
+        transcript = self.transcriber.transcribe(audio)
+        asr_s = time.perf_counter() - t0
+        rtf = asr_s / max(float(row["duration_s"]), 1e-6)
+        analysis = None
+        if self.speakers is not None:  # the heavy part, outside the transaction
+            analysis = self.speakers.analyze(audio, transcript)
+            transcript = analysis.transcript  # segments split at speaker changes
+        with Transaction(conn):
+            stored_at = now()
+            latency_ms = (stored_at - float(row["closed_at"])) * 1000.0
+            store_transcript(conn, job.recording_id, transcript, self.transcriber.model_name)
+            speakers = None
+            if self.speakers is not None and analysis is not None:
+                speakers = self.speakers.store(conn, job.recording_id, analysis)
+            conn.execute(
+                "UPDATE recordings SET rtf=?, latency_ms=?, transcribed_at=? WHERE id=?",
+                (rtf, latency_ms, stored_at, job.recording_id),
+            )
+            result = TranscribedRecording(
+                recording_id=job.recording_id,
+                source=str(row["source"]),
+                start_s=float(row["start_s"]),
+                end_s=float(row["end_s"]),
+                text=transcript.text,
+                language=transcript.language,
+                suspect=transcript.suspect,
+                rtf=rtf,
+                latency_ms=latency_ms,
+                segments=speakers.segments if speakers else plain_segments(transcript),
+                opt_out=speakers.opt_out if speakers else False,
+            )
+            for hook in self.on_stored:  # e.g. the MQTT outbox: same transaction as the data
+                hook(conn, result)
+            jobs.complete(conn, job.id)
+        if result.opt_out:  # this person asked not to be kept: audio and text go
+            delete_recording(conn, job.recording_id)
+            _LOGGER.info("recording %s deleted: a do-not-keep voice", job.recording_id)
+            return result
+        if self.settings.retention.keep_audio is False:
+            _drop_audio(conn, job.recording_id, Path(row["audio_path"]))
+        _LOGGER.info(
+            "transcript %s (%.2f s, rtf %.2f, latency %.0f ms)%s: %s",
+            job.recording_id,
+            row["duration_s"],
+            rtf,
+            latency_ms,
+            " [suspect]" if transcript.suspect else "",
+            transcript.text,
+        )
+        return result
+
+def store_transcript(
+    conn: sqlite3.Connection, recording_id: str, transcript: Transcript, model_name: str
+) -> None:
+    """Replace the recording's segments (so a retried job never duplicates them)."""
+    conn.execute("DELETE FROM segments WHERE recording_id=?", (recording_id,))
+    for idx, seg in enumerate(transcript.segments):
+        conn.execute(
+            "INSERT INTO segments (recording_id, idx, start_s, end_s, text, language,"
+            " avg_logprob, no_speech_prob, compression_ratio, words, suspect)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                recording_id,
+                idx,
+                seg.start_s,
+                seg.end_s,
+                seg.text,
+                transcript.language,
+                seg.avg_logprob,
+                seg.no_speech_prob,
+                seg.compression_ratio,
+                json.dumps(
+                    [[w.start_s, w.end_s, w.text, round(w.probability, 4)] for w in seg.words]
+                ),
+                seg.suspect,
+            ),
+        )
+    conn.execute(
+        "UPDATE recordings SET status=?, text=?, language=?, model=? WHERE id=?",
+        (
+            "suspect" if transcript.suspect else "done",
+            transcript.text,
+            transcript.language,
+            model_name,
+            recording_id,
+        ),
+    )
+
+
+def _drop_audio(conn: sqlite3.Connection, recording_id: str, path: Path) -> None:
+    with Transaction(conn):
+        conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (recording_id,))
+    path.unlink(missing_ok=True)

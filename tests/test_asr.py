@@ -1,0 +1,83 @@
+"""Transcription with the real tiny.en model, and the hallucination guard."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from meraudiod import models
+from meraudiod.asr import Segment, Transcriber, judge
+from meraudiod.audio import decode_file, to_float32
+from meraudiod.config import AsrSettings, Settings
+
+from .conftest import SHARED_DATA, TEST_DATA, needs_shared
+
+
+@pytest.fixture(scope="module")
+def transcriber(models_dir: object) -> Transcriber:
+    settings = AsrSettings()
+    path = models.resolve("tiny.en", models_dir)  # type: ignore[arg-type]
+    return Transcriber(path, settings, "tiny.en")
+
+
+def seg(text: str, avg_logprob: float = -0.3, no_speech_prob: float = 0.1) -> Segment:
+    return Segment(0.0, 1.0, text, avg_logprob, no_speech_prob, compression_ratio=1.2)
+
+
+@pytest.mark.parametrize(
+    ("segment", "reason"),
+    [
+        (seg("Turn on the kitchen lights."), None),
+        (seg("Two.", avg_logprob=-1.1, no_speech_prob=0.55), None),  # a real short command
+        (seg("Thanks for watching!", avg_logprob=-0.9, no_speech_prob=0.7), "phantom_phrase"),
+        (seg("Thank you.", avg_logprob=-1.2, no_speech_prob=0.35), "phantom_phrase"),
+        (seg("Thank you.", avg_logprob=-0.2, no_speech_prob=0.05), None),  # said clearly
+        (seg("Hello there", avg_logprob=-1.3, no_speech_prob=0.8), "no_speech"),
+        (seg("Music", avg_logprob=-0.9), "sound_label"),
+        (seg("Beep, beep, beep!"), "sound_label"),
+        (seg("..."), "sound_label"),
+        (seg("I'm going to go back.", avg_logprob=-1.7), "low_confidence"),
+        (seg(""), "empty"),
+    ],
+)
+def test_judge(segment: Segment, reason: str | None) -> None:
+    assert judge(segment, AsrSettings()) == reason
+
+
+def test_real_speech_is_transcribed_with_words_and_scores(transcriber: Transcriber) -> None:
+    transcript = transcriber.transcribe(to_float32(decode_file(TEST_DATA / "librivox_0880.wav")))
+    assert not transcript.suspect
+    assert "young man" in transcript.text.lower()
+    (segment,) = transcript.segments
+    assert segment.words and segment.words[0].start_s < segment.words[-1].end_s <= 3.0
+    assert -1.0 < segment.avg_logprob < 0 and 0 <= segment.no_speech_prob < 0.5
+
+
+def test_silence_and_music_are_suspect(transcriber: Transcriber) -> None:
+    for audio in (
+        np.zeros(16000 * 3, dtype=np.float32),
+        to_float32(decode_file(TEST_DATA / "music_strings_pd.flac")),
+        to_float32(decode_file(TEST_DATA / "humpback_whale_pd.flac")),
+    ):
+        transcript = transcriber.transcribe(audio)
+        assert transcript.suspect and transcript.text == ""
+
+
+@needs_shared
+def test_guard_on_real_nonspeech(transcriber: Transcriber) -> None:
+    """Non-speech the VAD let through: at most a few invented texts get past the guard."""
+    folder = SHARED_DATA / "nonspeech"
+    entries = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    files = [e["file"] for e in entries if not e["contains_speech"]]
+    trusted = [
+        f
+        for f in files
+        if transcriber.transcribe(to_float32(decode_file(folder / f))[: 16000 * 28]).text
+    ]
+    assert len(trusted) <= 0.1 * len(files), trusted
+
+
+def test_worker_settings_default_is_quantized(settings: Settings) -> None:
+    assert settings.asr.compute_type == "int8" and settings.asr.model == "tiny.en"

@@ -1,0 +1,31 @@
+"""`meraudiod bench` runs on the bundled sample and reports every figure it promises."""
+
+from __future__ import annotations
+
+import json
+
+from .conftest import cli
+
+
+def test_bench_reports_figures_with_ratios_against_the_bare_library(env: dict[str, str]) -> None:
+    result = cli("bench", "--json", env=env, timeout_s=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    for key in (
+        "vad_us_per_frame",
+        "vad_ratio_vs_bare",
+        "listening_cpu_pct_of_one_core",
+        "asr_command_rtf",
+        "asr_command_ratio_vs_bare",
+        "asr_passage_rtf",
+        "asr_passage_ratio_vs_bare",
+        "latency_ms_median",
+        "peak_rss_mb",
+        "disk_write_mb_per_recorded_hour",
+        "audio_mb_per_recorded_hour",
+    ):
+        assert isinstance(figures[key], int | float) and figures[key] > 0, key
+    assert "speaker_embedding_ms_per_audio_s" in figures
+    assert figures["pipeline_recordings"] == 3  # the first 20 s of the sample: three utterances
+    assert isinstance(figures["keeps_up"], bool) and figures["verdict"]
+    assert figures["bench_s"] < 120

@@ -1,0 +1,91 @@
+"""Configuration: the example documents every key, errors say which key or file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from meraudiod.config import ConfigError, Settings, load_settings
+
+from .conftest import REPO
+
+
+def test_example_parses_and_documents_every_key(env: dict[str, str]) -> None:
+    example = REPO / "config.example.toml"
+    settings = load_settings(example)
+    assert settings.asr.model == "tiny.en"
+    assert settings.mqtt.enabled is False and settings.speakers.enabled is False
+    text = example.read_text()
+    blocks = {b.split("]", 1)[0]: b for b in text.split("\n[")[1:]}
+    for section, model in Settings.model_fields.items():
+        block = blocks[section]
+        for key in model.annotation.model_fields:  # type: ignore[union-attr]
+            assert f"\n{key} =" in block or f"\n# {key} =" in block, f"{section}.{key}"
+    # every key that is set in the example has the default's value
+    defaults = Settings().model_dump()
+    for section, values in tomllib.loads(text).items():
+        for key, value in values.items():
+            assert defaults[section][key] == value, f"{section}.{key}"
+
+
+def test_unknown_key_is_named(tmp_path: Path, env: dict[str, str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[audio]\nsorce = "mic"\n')
+    with pytest.raises(ConfigError, match=r"audio\.sorce: unknown key"):
+        load_settings(path)
+
+
+def test_unknown_section_is_named(tmp_path: Path, env: dict[str, str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[audoi]\nsource = 'mic'\n")
+    with pytest.raises(ConfigError, match=r"audoi: unknown key"):
+        load_settings(path)
+
+
+def test_bad_value_is_named(tmp_path: Path, env: dict[str, str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[vad]\nstart_threshold = 0.2\nend_threshold = 0.4\n")
+    with pytest.raises(ConfigError, match=r"end_threshold"):
+        load_settings(path)
+
+
+def test_missing_named_file_is_an_error(tmp_path: Path, env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"not found: .*absent.toml"):
+        load_settings(tmp_path / "absent.toml")
+
+
+def test_named_by_environment_must_exist(
+    tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MERAUDIOD_CONFIG", str(tmp_path / "gone.toml"))
+    with pytest.raises(ConfigError, match=r"gone.toml"):
+        load_settings()
+
+
+def test_broken_toml_names_the_file(tmp_path: Path, env: dict[str, str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[audio\n")
+    with pytest.raises(ConfigError, match=r"c.toml"):
+        load_settings(path)
+
+
+def test_environment_overrides_file(
+    tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[asr]\nbeam_size = 2\nmodel = 'base.en'\n[mqtt]\nnode_id = 'Living Room!'\n")
+    monkeypatch.setenv("MERAUDIOD_ASR__BEAM_SIZE", "4")
+    settings = load_settings(path)
+    assert settings.asr.beam_size == 4
+    assert settings.asr.model == "base.en"
+    assert settings.mqtt.node_id == "living_room"
+
+
+def test_unknown_environment_key_is_named(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MERAUDIOD_ASR__BEEM_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"asr\.beem_size: unknown key"):
+        load_settings()

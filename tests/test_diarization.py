@@ -1,0 +1,152 @@
+"""Diarization with the real segmentation and embedding models on real voices taking turns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from meraudiod.asr import Segment, Transcript, Word
+from meraudiod.audio import decode_file, to_float32
+from meraudiod.config import Settings
+from meraudiod.diarization import Diarization, Turn, attribute
+from meraudiod.speakers import SpeakerStage
+
+from .conftest import SHARED_DATA, TEST_DATA, cli, needs_shared
+
+PAUSE_S = 0.4
+# Alice (LibriSpeech 3080) and Bob (2609) take turns; neither clip was used for enrolment.
+TURNS = [
+    ("Alice", "ls_3080_0001.flac"),
+    ("Bob", "ls_2609_0001.flac"),
+    ("Alice", "ls_3080_0004.flac"),
+    ("Bob", "ls_2609_0009.flac"),
+]
+
+
+def speech_only(stage: SpeakerStage, name: str) -> np.ndarray:
+    """A clip without its leading and trailing silence, so the pauses really are 0.4 s."""
+    audio = to_float32(decode_file(TEST_DATA / name))
+    spans = stage.diarizer.speech(audio).speakers[0].spans
+    return audio[spans[0][0] : spans[-1][1]]
+
+
+@pytest.fixture(scope="module")
+def stage(speaker_models: Path) -> SpeakerStage:
+    settings = Settings()
+    settings.storage.models_dir = speaker_models
+    settings.speakers.enabled = settings.diarization.enabled = True
+    return SpeakerStage(settings)
+
+
+@pytest.fixture(scope="module")
+def conversation(
+    stage: SpeakerStage, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[tuple[str, float, float]]]:
+    """The turns joined with 0.4 s pauses; (who, start_s, end_s) of each turn."""
+    pause = np.zeros(int(PAUSE_S * 16000), dtype=np.float32)
+    pieces, truth, t = [np.zeros(8000, dtype=np.float32)], [], 0.5
+    for who, name in TURNS:
+        clip = speech_only(stage, name)
+        truth.append((who, t, t + clip.size / 16000))
+        pieces += [clip, pause]
+        t += clip.size / 16000 + PAUSE_S
+    path = tmp_path_factory.mktemp("conversation") / "turns.wav"
+    soundfile.write(path, np.concatenate(pieces), 16000)
+    return path, truth
+
+
+def test_diarizer_finds_two_people_taking_turns(
+    stage: SpeakerStage, conversation: tuple[Path, list[tuple[str, float, float]]]
+) -> None:
+    path, truth = conversation
+    result = stage.diarizer(to_float32(decode_file(path)))
+    labels = []
+    for _, start_s, end_s in truth:
+        label = result.label_at(start_s + 0.3, end_s - 0.3)
+        assert label is not None
+        labels.append(label)
+    assert labels[0] == labels[2] and labels[1] == labels[3] and labels[0] != labels[1]
+    assert len(result.speakers) == 2
+
+
+def test_turns_are_named_in_one_recording(
+    env: dict[str, str], conversation: tuple[Path, list[tuple[str, float, float]]]
+) -> None:
+    path, truth = conversation
+    env = {
+        **env,
+        "MERAUDIOD_SPEAKERS__ENABLED": "true",
+        "MERAUDIOD_DIARIZATION__ENABLED": "true",
+        # Pauses inside the clips must not end the recording either: one recording, 4 turns.
+        "MERAUDIOD_RECORDER__HANGOVER_MS": "2000",
+    }
+    for name, clips in (
+        ("Alice", ["ls_3080_0000.flac", "ls_3080_0003.flac"]),
+        ("Bob", ["ls_2609_0000.flac", "ls_2609_0003.flac"]),
+    ):
+        result = cli("speakers", "enroll", name, *(str(TEST_DATA / c) for c in clips), env=env)
+        assert result.returncode == 0, result.stderr
+    result = cli("analyze", "--json", str(path), env=env, timeout_s=300)
+    assert result.returncode == 0, result.stderr
+    recs = json.loads(result.stdout)["recordings"]
+    rec = max(recs, key=lambda r: r["end_s"] - r["start_s"])
+    assert rec["end_s"] - rec["start_s"] > 0.8 * (truth[-1][2] - truth[0][1]), recs
+    right = 0
+    for who, start_s, end_s in truth:
+        said = [
+            s["speaker"]["name"] if s["speaker"] else None
+            for s in rec["segments"]
+            if min(end_s, s["end_s"]) - max(start_s, s["start_s"])
+            > 0.5 * (s["end_s"] - s["start_s"])
+        ]
+        right += bool(said) and all(name == who for name in said)
+    assert right >= len(truth) - 1, rec["segments"]
+    shown = cli("recordings", "show", rec["id"], env=env)
+    assert "Alice (" in shown.stdout and "Bob (" in shown.stdout
+
+
+def test_segments_split_where_the_speaker_changes() -> None:
+    words = (
+        Word(0.0, 0.4, " Yes,", 0.9),
+        Word(0.5, 0.9, " please.", 0.9),
+        Word(1.4, 1.8, " No", 0.9),
+        Word(1.9, 2.4, " thanks.", 0.9),
+    )
+    segment = Segment(0.0, 2.5, "Yes, please. No thanks.", -0.2, 0.01, 1.1, words)
+    diarization = Diarization((Turn(0.0, 1.0, "S1"), Turn(1.3, 2.6, "S2")), ())
+    parts = attribute(Transcript("en", 2.5, (segment,)), diarization)
+    assert [(p.segment.text, p.label) for p in parts] == [
+        ("Yes, please.", "S1"),
+        ("No thanks.", "S2"),
+    ]
+    assert parts[0].segment.start_s == 0.0 and parts[1].segment.end_s == 2.5
+    assert parts[0].segment.end_s == 0.9 and parts[1].segment.start_s == 1.4
+
+
+@needs_shared
+def test_der_on_reliable_ami_excerpts(stage: SpeakerStage) -> None:
+    """Two AMI excerpts (2 speakers each): diarization error rate well under chance."""
+    from pyannote.core import Annotation, Timeline
+    from pyannote.core import Segment as Span
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    folder = SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts"
+    metric = DiarizationErrorRate()
+    for name in ("trn03", "dev00"):
+        ref = Annotation(uri=name)
+        for i, line in enumerate(
+            (folder / "rttm_per_file" / f"{name}.rttm").read_text().splitlines()
+        ):
+            p = line.split()
+            ref[Span(float(p[3]), float(p[3]) + float(p[4])), i] = p[7]
+        hyp = Annotation(uri=name)
+        for i, turn in enumerate(
+            stage.diarizer(to_float32(decode_file(folder / f"{name}.wav"))).turns
+        ):
+            hyp[Span(turn.start_s, turn.end_s), i] = turn.label
+        metric(ref, hyp, uem=Timeline([Span(0, 30)]))
+    assert abs(metric) < 0.4

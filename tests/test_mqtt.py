@@ -1,0 +1,345 @@
+"""MQTT against a real Mosquitto, watched by a separate paho subscriber."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meraudiod.audio import decode_file
+
+from .broker import PASSWORD, USER, Broker, Subscriber
+from .conftest import DEMO, DEMO_TRUTH, cli
+
+NODE = "testnode"
+BASE = f"meraudiod/{NODE}"
+DISCOVERY = f"homeassistant/device/meraudiod_{NODE}/config"
+DEMO_PCM = decode_file(DEMO).astype("<i2").tobytes()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+def mqtt_env(env: dict[str, str], broker: Broker, **extra: str) -> dict[str, str]:
+    values = {
+        "MERAUDIOD_MQTT__ENABLED": "true",
+        "MERAUDIOD_MQTT__HOST": "127.0.0.1",
+        "MERAUDIOD_MQTT__PORT": str(broker.port),
+        "MERAUDIOD_MQTT__NODE_ID": NODE,
+        "MERAUDIOD_MQTT__AREA": "kitchen",
+    }
+    return {**env, **values, **extra}
+
+
+def start_daemon(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin", *args],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def finish(proc: subprocess.Popen[bytes]) -> str:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    stderr = proc.stderr.read() if proc.stderr else b""
+    proc.wait(timeout=120)
+    assert proc.returncode == 0, stderr.decode()
+    return stderr.decode()
+
+
+def request(sub: Subscriber, command: str, payload: bytes | str, timeout_s: float = 10) -> dict:
+    before = len(sub.on(f"/response/{command}"))
+    sub.publish(f"{BASE}/request/{command}", payload)
+    sub.wait_for(lambda: len(sub.on(f"/response/{command}")) > before, timeout_s)
+    return sub.on(f"/response/{command}")[-1].json()
+
+
+def test_file_run_end_to_end(env: dict[str, str], broker: Broker) -> None:
+    sub = Subscriber(broker.port, [f"{BASE}/#", "homeassistant/#"])
+    result = cli("run", "--source", "demo", env=mqtt_env(env, broker))
+    assert result.returncode == 0, result.stderr
+    sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH), 15)
+    sub.wait_for(lambda: sub.on("/status") and sub.on("/status")[-1].payload == b"offline", 10)
+    statuses = [m.payload for m in sub.on(f"{BASE}/status")]
+    assert statuses[0] == b"online" and statuses[-1] == b"offline"
+
+    assert [m for m in sub.messages if m.topic == DISCOVERY]
+    late = Subscriber(broker.port, [DISCOVERY, f"{BASE}/state", f"{BASE}/event/#"])
+    late.wait_for(lambda: late.on("/config") and late.on("/state"), 5)
+    (discovery,) = late.on("/config")  # retained for Home Assistant, whenever it comes
+    assert discovery.retain and late.on("/state")[-1].retain
+    assert not late.on("/event/transcript")  # transcripts are never retained
+    late.close()
+    config = discovery.json()
+    assert config["dev"]["ids"] == [f"meraudiod_{NODE}"] and config["o"]["name"] == "meraudiod"
+    assert config["avty_t"] == f"{BASE}/status"
+    platforms = {c["p"] for c in config["cmps"].values()}
+    assert platforms == {"switch", "binary_sensor", "sensor", "event"}
+    assert all("uniq_id" in c for c in config["cmps"].values())
+
+    transcripts = [m.json() for m in sub.on("/event/transcript")]
+    assert not any(m.retain for m in sub.on("/event/transcript"))
+    for event, truth in zip(transcripts, DEMO_TRUTH, strict=True):
+        assert event["schema"] == 1 and event["node_id"] == NODE and event["area"] == "kitchen"
+        assert event["event_type"] == "transcript" and event["model"] == "tiny.en"
+        assert event["segments"] and event["latency_ms"] > 0 and event["rtf"] > 0
+        assert len(event["recording_id"]) == 26 and len(event["event_id"]) == 26
+        assert truth["text"].split()[-1] in event["text"].lower()
+    speech = [m.json() for m in sub.on("/event/speech")]
+    assert [s["type"] for s in speech] == ["start", "end"] * len(DEMO_TRUTH)
+    # no audio ever goes over MQTT: every payload is short text
+    assert all(len(m.payload) < 20000 for m in sub.messages)
+    state = sub.on(f"{BASE}/state")
+    assert state and "queue_depth" in state[-1].json()
+    sub.close()
+
+
+def test_commands_listening_and_bad_payloads(env: dict[str, str], broker: Broker) -> None:
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    proc = start_daemon(mqtt_env(env, broker))
+    try:
+        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 60)
+        assert proc.stdin is not None
+        proc.stdin.write(DEMO_PCM)
+        proc.stdin.flush()
+        sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH), 60)
+
+        ok = request(sub, "status", json.dumps({"transaction": "t-1"}))
+        assert ok["status"] == "ok" and ok["transaction"] == "t-1"
+        assert ok["data"]["running"] and ok["data"]["listening"] is True
+
+        listed = request(sub, "recordings/list", json.dumps({"transaction": 7, "limit": 2}))
+        assert listed["status"] == "ok" and listed["transaction"] == 7 and len(listed["data"]) == 2
+        rec_id = listed["data"][0]["id"]
+        got = request(sub, "recordings/get", json.dumps({"id": rec_id}))
+        assert got["data"]["id"] == rec_id and got["data"]["segments"]
+        searched = request(sub, "recordings/list", json.dumps({"search": "amiable"}))
+        assert len(searched["data"]) == 2
+        config = request(sub, "config/get", "")
+        assert config["status"] == "ok" and "password" not in config["data"]["mqtt"]
+
+        for command, payload, message in [
+            ("status", b"{not json", "not valid JSON"),
+            ("status", b"[1, 2]", "JSON object"),
+            ("status", b"\xff\xfe", "not valid JSON"),
+            ("recordings/list", json.dumps({"limit": "many", "transaction": "t-2"}), "limit"),
+            ("recordings/list", json.dumps({"colour": "red"}), "colour"),
+            ("recordings/get", json.dumps({"id": 42}), "id"),
+            ("launch/rockets", "{}", "unknown command"),
+            ("status", "x" * 20000, "too large"),
+            ("recordings/delete", json.dumps({"ids": [rec_id]}), "allow_admin_commands"),
+            ("purge", json.dumps({"older_than_days": 1}), "allow_admin_commands"),
+        ]:
+            reply = request(sub, command, payload)
+            assert reply["status"] == "error" and message in reply["error"], (command, reply)
+        assert (
+            request(sub, "recordings/list", json.dumps({"limit": "x", "transaction": "t-2"}))[
+                "transaction"
+            ]
+            == "t-2"
+        )
+        # nothing changed, and the daemon is still here
+        assert len(request(sub, "recordings/list", "{}")["data"]) == len(DEMO_TRUTH)
+        assert proc.poll() is None
+
+        sub.publish(f"{BASE}/listening/set", "OFF")
+        sub.wait_for(lambda: sub.on("/listening/state")[-1].payload == b"OFF", 10)
+        late = Subscriber(broker.port, [f"{BASE}/listening/state"])
+        late.wait_for(lambda: late.on("/listening/state"), 5)
+        assert late.on("/listening/state")[-1].payload == b"OFF"
+        assert late.on("/listening/state")[-1].retain
+        late.close()
+        assert request(sub, "status", "{}")["data"]["listening"] is False
+        sub.wait_for(lambda: sub.on(f"{BASE}/state")[-1].json()["listening"] is False, 10)
+        sub.publish(f"{BASE}/listening/set", "ON")
+        sub.wait_for(lambda: sub.on("/listening/state")[-1].payload == b"ON", 10)
+    finally:
+        finish(proc)
+        sub.close()
+
+
+def test_admin_commands_when_allowed(env: dict[str, str], broker: Broker) -> None:
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    proc = start_daemon(mqtt_env(env, broker, MERAUDIOD_MQTT__ALLOW_ADMIN_COMMANDS="true"))
+    try:
+        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 60)
+        assert proc.stdin is not None
+        proc.stdin.write(DEMO_PCM)
+        proc.stdin.flush()
+        sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH), 60)
+        ids = [r["id"] for r in request(sub, "recordings/list", "{}")["data"]]
+        deleted = request(sub, "recordings/delete", json.dumps({"ids": ids[:2]}))
+        assert deleted["data"] == {"deleted": 2, "missing": 0}
+        again = request(sub, "reprocess", json.dumps({"ids": ids[2:3]}))
+        assert again["data"] == {"queued": 1}
+        sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH) + 1, 30)
+        purged = request(sub, "purge", json.dumps({"start": "2000-01-01T00:00"}))
+        assert purged["data"]["recordings_deleted"] == len(DEMO_TRUTH) - 2
+        assert request(sub, "recordings/list", "{}")["data"] == []
+    finally:
+        finish(proc)
+        sub.close()
+
+
+@pytest.fixture
+def running_daemon(
+    env: dict[str, str], broker: Broker
+) -> Iterator[tuple[subprocess.Popen[bytes], Subscriber]]:
+    sub = Subscriber(broker.port, [f"{BASE}/response/#", f"{BASE}/status"])
+    proc = start_daemon(mqtt_env(env, broker))
+    sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 60)
+    yield proc, sub
+    finish(proc)
+    sub.close()
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    command=st.sampled_from(
+        ["status", "recordings/list", "recordings/get", "purge", "nope", "config/get"]
+    ),
+    payload=st.one_of(
+        st.binary(max_size=300),
+        st.dictionaries(
+            st.text(max_size=10),
+            st.one_of(
+                st.none(), st.integers(), st.text(max_size=20), st.lists(st.integers(), max_size=3)
+            ),
+            max_size=4,
+        ).map(json.dumps),
+    ),
+)
+def test_fuzzed_payloads_never_crash_the_daemon(
+    running_daemon: tuple[subprocess.Popen[bytes], Subscriber], command: str, payload: bytes | str
+) -> None:
+    proc, sub = running_daemon
+    reply = request(sub, command, payload)
+    assert reply["status"] in ("ok", "error")
+    assert proc.poll() is None
+
+
+def test_killed_daemon_leaves_its_last_will(env: dict[str, str], broker: Broker) -> None:
+    sub = Subscriber(broker.port, [f"{BASE}/status"])
+    proc = start_daemon(mqtt_env(env, broker))
+    sub.wait_for(lambda: sub.on("/status") and sub.on("/status")[-1].payload == b"online", 60)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    sub.wait_for(lambda: sub.on("/status")[-1].payload == b"offline", 10)
+    late = Subscriber(broker.port, [f"{BASE}/status"])  # retained for whoever comes later
+    late.wait_for(lambda: late.on("/status"), 5)
+    assert late.on("/status")[-1].payload == b"offline" and late.on("/status")[-1].retain
+    sub.close()
+    late.close()
+
+
+def test_broker_outage_loses_nothing_and_keeps_order(env: dict[str, str], broker: Broker) -> None:
+    sub = Subscriber(broker.port, [f"{BASE}/event/transcript"])
+    proc = start_daemon(mqtt_env(env, broker))
+    try:
+        time.sleep(0.5)
+        broker.stop()  # down before anyone speaks
+        time.sleep(1.0)
+        assert proc.stdin is not None
+        proc.stdin.write(DEMO_PCM)
+        proc.stdin.flush()
+        db = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # everything transcribed while the broker is down
+            done = subprocess.run(
+                ["sqlite3", str(db), "SELECT COUNT(*) FROM recordings WHERE status='done'"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+            if done == str(len(DEMO_TRUTH)):
+                break
+            time.sleep(0.2)
+        broker.start()
+        sub.wait_for(lambda: len(sub.on("/event/transcript")) >= len(DEMO_TRUTH), 90)
+        time.sleep(1.0)
+    finally:
+        finish(proc)
+    events = [m.json() for m in sub.on("/event/transcript")]
+    assert len(events) == len(DEMO_TRUTH)
+    assert [e["recording_id"] for e in events] == sorted(e["recording_id"] for e in events)
+    assert all(e["replayed"] for e in events)
+    sub.close()
+
+
+def test_broker_absent_at_start(env: dict[str, str], broker: Broker) -> None:
+    broker.stop()
+    proc = start_daemon(mqtt_env(env, broker))
+    try:
+        time.sleep(3.0)
+        assert proc.poll() is None  # no broker is not a reason to die
+        broker.start()
+        sub = Subscriber(broker.port, [f"{BASE}/status"])
+        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 90)
+        sub.close()
+    finally:
+        finish(proc)
+
+
+def test_password_and_tls(env: dict[str, str], broker: Broker, tmp_path: Path) -> None:
+    secure = mqtt_env(
+        env,
+        broker,
+        MERAUDIOD_MQTT__PORT=str(broker.tls_port),
+        MERAUDIOD_MQTT__HOST="localhost",
+        MERAUDIOD_MQTT__TLS="true",
+        MERAUDIOD_MQTT__TLS_CA_FILE=str(broker.folder / "ca.crt"),
+        MERAUDIOD_MQTT__USERNAME=USER,
+        MERAUDIOD_MQTT__PASSWORD=PASSWORD,
+    )
+    good = cli("mqtt", "test", env=secure, timeout_s=60)
+    assert good.returncode == 0, good.stdout + good.stderr
+    for step in ("dns", "tcp", "tls", "connect", "roundtrip"):
+        assert f"{step}" in good.stdout
+    assert PASSWORD not in good.stdout + good.stderr
+
+    wrong = cli("mqtt", "test", env={**secure, "MERAUDIOD_MQTT__PASSWORD": "nope"}, timeout_s=60)
+    assert wrong.returncode != 0 and "step connect" in wrong.stderr
+
+    other_ca = tmp_path / "other"
+    other_ca.mkdir()
+    from .broker import make_certificates
+
+    make_certificates(other_ca)
+    untrusted = cli(
+        "mqtt",
+        "test",
+        env={**secure, "MERAUDIOD_MQTT__TLS_CA_FILE": str(other_ca / "ca.crt")},
+        timeout_s=60,
+    )
+    assert untrusted.returncode != 0 and "step tls" in untrusted.stderr
+    closed = cli("mqtt", "test", env={**secure, "MERAUDIOD_MQTT__PORT": "1"}, timeout_s=60)
+    assert closed.returncode != 0 and "step tcp" in closed.stderr
+
+    password_file = tmp_path / "pw"
+    password_file.write_text(PASSWORD + "\n")
+    by_file = {**secure, "MERAUDIOD_MQTT__PASSWORD_FILE": str(password_file)}
+    del by_file["MERAUDIOD_MQTT__PASSWORD"]
+    sub = Subscriber(broker.port, [f"{BASE}/event/transcript"])  # anonymous listener: same broker
+    result = cli("run", "--source", f"file:{DEMO}", env=by_file)
+    assert result.returncode == 0, result.stderr
+    sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH), 20)
+    assert PASSWORD not in result.stderr
+    sub.close()

@@ -1,0 +1,155 @@
+"""End to end through the real `meraudiod` process: file, stdin, signals, crashes."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from meraudiod.audio import decode_file
+
+from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli
+
+
+def db_rows(env: dict[str, str], sql: str) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def test_demo_gives_one_whole_recording_per_utterance(env: dict[str, str]) -> None:
+    result = cli("run", "--source", "demo", "--print", env=env)
+    assert result.returncode == 0, result.stderr
+    rows = db_rows(env, "SELECT * FROM recordings ORDER BY start_s")
+    assert len(rows) == len(DEMO_TRUTH)
+    for row, truth in zip(rows, DEMO_TRUTH, strict=True):
+        assert row["start_s"] <= truth["start_s"] and row["end_s"] >= truth["end_s"], truth
+        assert row["status"] == "done"
+        audio, rate = soundfile.read(row["audio_path"])
+        assert rate == 16000 and abs(audio.size / 16000 - row["duration_s"]) < 1e-6
+    # the printed transcripts are the stored ones, in order
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert [line.split("] ", 1)[1] for line in lines] == [row["text"] for row in rows]
+    assert "dashwood" in rows[0]["text"].lower()
+
+
+def test_tones_and_music_give_no_recording(env: dict[str, str], tmp_path: Path) -> None:
+    t = np.arange(16000 * 4) / 16000
+    tones = np.concatenate(
+        [
+            0.3 * np.sin(2 * np.pi * 440 * t),
+            0.3 * np.sin(2 * np.pi * (300 + 400 * t) * t),  # a sweep
+            0.2 * (np.sin(2 * np.pi * 697 * t) + np.sin(2 * np.pi * 1209 * t)),  # a DTMF tone
+        ]
+    )
+    music = [
+        soundfile.read(TEST_DATA / n)[0]
+        for n in ("music_strings_pd.flac", "humpback_whale_pd.flac")
+    ]
+    path = tmp_path / "nonspeech.wav"
+    soundfile.write(path, np.concatenate([tones, *music]), 16000)
+    result = cli("run", "--source", f"file:{path}", env=env)
+    assert result.returncode == 0, result.stderr
+    assert db_rows(env, "SELECT COUNT(*) AS n FROM recordings")[0]["n"] == 0
+
+
+def test_stdin_pcm_is_recorded(env: dict[str, str]) -> None:
+    pcm = decode_file(DEMO).astype("<i2").tobytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=env,
+        input=pcm,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(db_rows(env, "SELECT id FROM recordings WHERE status='done'")) == len(DEMO_TRUTH)
+
+
+def test_bad_file_and_bad_device_exit_with_one_clear_line(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "notes.mp3"
+    bad.write_text("not audio")
+    result = cli("run", "--source", f"file:{bad}", env=env)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: cannot open audio file")
+    assert "notes.mp3" in result.stderr
+    env = {**env, "MERAUDIOD_AUDIO__DEVICE": "no-such-microphone"}
+    result = cli("run", "--source", "mic", env=env)
+    assert result.returncode != 0
+    assert "microphone" in result.stderr.strip().splitlines()[-1]
+
+
+def test_sigterm_stops_cleanly_and_keeps_what_was_said(env: dict[str, str]) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "demo", "--realtime"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(8.0)  # models loaded, the first utterance (1.2-7.8 s) over, the second begun
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert time.monotonic() - started < 5.0
+    rows = db_rows(env, "SELECT * FROM recordings ORDER BY start_s")
+    assert rows and rows[0]["status"] in ("done", "pending")
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    assert not list(data_dir.rglob("*.part"))
+    for row in rows:
+        assert soundfile.info(row["audio_path"]).frames > 0
+
+
+def test_sigkill_mid_backlog_loses_nothing_and_duplicates_nothing(env: dict[str, str]) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "demo"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            try:
+                running = db_rows(env, "SELECT COUNT(*) AS n FROM jobs WHERE state='running'")
+            except sqlite3.OperationalError:
+                running = []  # not created yet
+            if running and running[0]["n"]:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("no job was ever running")
+    finally:
+        proc.kill()  # SIGKILL while a job is being transcribed
+        proc.wait(timeout=10)
+    before = db_rows(env, "SELECT id, audio_path FROM recordings")
+    assert before and all(Path(r["audio_path"]).is_file() for r in before)
+    assert db_rows(env, "SELECT COUNT(*) AS n FROM jobs WHERE state='running'")[0]["n"] == 1
+
+    silence = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).parent / "silence.wav"
+    soundfile.write(silence, np.zeros(16000), 16000)
+    result = cli("run", "--source", f"file:{silence}", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "requeued 1 jobs" in result.stderr
+    after = db_rows(env, "SELECT id, status FROM recordings")
+    assert {r["id"] for r in after} == {r["id"] for r in before}
+    assert all(r["status"] == "done" for r in after)
+    dupes = db_rows(
+        env, "SELECT recording_id, idx, COUNT(*) AS n FROM segments GROUP BY 1, 2 HAVING n > 1"
+    )
+    assert dupes == []
+    jobs = db_rows(env, "SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+    assert [(j["state"], j["n"]) for j in jobs] == [("done", len(before))]

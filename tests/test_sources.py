@@ -1,0 +1,132 @@
+"""Audio sources: every common format decodes to the 16 kHz samples a reference decoder gives."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from scipy.signal import resample_poly
+
+from meraudiod.audio import FRAME_SAMPLES, decode_file
+from meraudiod.config import AudioSettings
+from meraudiod.sources import (
+    EndOfStream,
+    FileSource,
+    MicSource,
+    SourceError,
+    StdinSource,
+    open_source,
+)
+
+from .conftest import TEST_DATA
+
+SPEECH = TEST_DATA / "librivox_0880.wav"
+
+
+def reference_16k(path: Path) -> np.ndarray:
+    """libsndfile decode, channel mean, scipy polyphase resampling: an independent decoder."""
+    data, rate = soundfile.read(path, dtype="float64", always_2d=True)
+    mono = data.mean(axis=1)
+    if rate != 16000:
+        g = np.gcd(rate, 16000)
+        mono = resample_poly(mono, 16000 // g, rate // g)
+    return mono
+
+
+def snr_db(ours: np.ndarray, ref: np.ndarray) -> float:
+    n = min(len(ours), len(ref))
+    err = ours[:n] - ref[:n]
+    return float(10 * np.log10(np.sum(ref[:n] ** 2) / max(np.sum(err**2), 1e-12)))
+
+
+def make_variant(
+    tmp_path: Path, name: str, rate: int, channels: int, fmt: str, subtype: str
+) -> Path:
+    """Real speech re-encoded at another rate, channel count, sample format and container."""
+    speech, _ = soundfile.read(SPEECH, dtype="float64")
+    g = np.gcd(rate, 16000)
+    signal = resample_poly(speech, rate // g, 16000 // g) if rate != 16000 else speech
+    if channels == 2:  # a slightly different right channel, as a real stereo pair would be
+        signal = np.stack([signal, 0.8 * signal], axis=1)
+    path = tmp_path / name
+    soundfile.write(path, signal, rate, format=fmt, subtype=subtype)
+    return path
+
+
+VARIANTS = [
+    ("8k.wav", 8000, 1, "WAV", "PCM_16", 35.0),
+    ("44k_stereo_24bit.wav", 44100, 2, "WAV", "PCM_24", 35.0),
+    ("float32.wav", 16000, 1, "WAV", "FLOAT", 60.0),
+    ("48k.flac", 48000, 1, "FLAC", "PCM_16", 35.0),
+    ("22k.ogg", 22050, 1, "OGG", "VORBIS", 15.0),
+    ("44k.mp3", 44100, 2, "MP3", "MPEG_LAYER_III", 15.0),
+]
+
+
+@pytest.mark.parametrize(("name", "rate", "channels", "fmt", "subtype", "min_snr_db"), VARIANTS)
+def test_formats_decode_like_the_reference(
+    tmp_path: Path, name: str, rate: int, channels: int, fmt: str, subtype: str, min_snr_db: float
+) -> None:
+    path = make_variant(tmp_path, name, rate, channels, fmt, subtype)
+    ours = decode_file(path).astype(np.float64) / 32768.0
+    ref = reference_16k(path)
+    assert abs(len(ours) - len(ref)) <= 0.01 * 16000 + 1152  # at most a codec frame of padding
+    assert snr_db(ours, ref) > min_snr_db
+
+
+def test_file_source_yields_whole_frames_then_ends() -> None:
+    source = FileSource(SPEECH)
+    source.start()
+    frames = []
+    with pytest.raises(EndOfStream):
+        while True:
+            frame = source.read(0.5)
+            assert frame is not None
+            frames.append(frame)
+    assert all(f.shape == (FRAME_SAMPLES,) and f.dtype == np.int16 for f in frames)
+    expected = decode_file(SPEECH)
+    joined = np.concatenate(frames)
+    assert np.array_equal(joined[: expected.size], expected)
+    assert joined.size - expected.size < FRAME_SAMPLES
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not audio at all" * 100, b"RIFF\x00\x00"])
+def test_unreadable_file_names_the_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "broken.wav"
+    path.write_bytes(content)
+    source = FileSource(path)
+    with pytest.raises(SourceError, match=r"broken.wav"):
+        source.start()
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=r"nowhere.flac"):
+        FileSource(tmp_path / "nowhere.flac").start()
+
+
+def test_missing_microphone_names_the_device() -> None:
+    source = MicSource("no-such-device-xyz", None, 16)
+    with pytest.raises(SourceError, match=r"no-such-device-xyz|microphone"):
+        source.start()
+
+
+def test_stdin_source_frames_raw_pcm() -> None:
+    pcm = decode_file(SPEECH)
+    source = StdinSource(io.BytesIO(pcm.astype("<i2").tobytes()))
+    source.start()
+    frames = []
+    with pytest.raises(EndOfStream):
+        while True:
+            frame = source.read(2.0)
+            if frame is not None:
+                frames.append(frame)
+    joined = np.concatenate(frames)
+    assert np.array_equal(joined[: pcm.size], pcm)
+
+
+def test_open_source_rejects_unknown_specs() -> None:
+    with pytest.raises(SourceError, match=r"unknown audio source"):
+        open_source("camera", AudioSettings())

@@ -1,0 +1,234 @@
+"""Speaker embeddings, identification and profiles with the real ONNX models and real voices.
+
+Voices (tests/data, LibriSpeech, see ATTRIBUTION.md): 3080 (F) and 2609 (M) are enrolled in
+the tests from clips 0000 and 0003 and tested on 0001 and 0004/0009; 1034 (M) and 103 (F)
+are never enrolled.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meraudiod.audio import decode_file, to_float32
+from meraudiod.config import Settings
+from meraudiod.features import fbank
+from meraudiod.speakers import Profile, SpeakerStage, identify
+
+from .conftest import SHARED_DATA, TEST_DATA, cli, needs_shared
+
+ALICE = ["ls_3080_0000.flac", "ls_3080_0003.flac"]  # enrolment clips
+BOB = ["ls_2609_0000.flac", "ls_2609_0003.flac"]
+ALICE_TEST = ["ls_3080_0001.flac", "ls_3080_0004.flac"]
+BOB_TEST = ["ls_2609_0001.flac", "ls_2609_0009.flac"]
+STRANGERS = ["ls_1034_0000.flac", "ls_103_0000.flac"]
+
+
+def audio(name: str) -> np.ndarray:
+    return to_float32(decode_file(TEST_DATA / name))
+
+
+@pytest.fixture(scope="module")
+def stage(speaker_models: Path) -> SpeakerStage:
+    settings = Settings()
+    settings.storage.models_dir = speaker_models
+    settings.speakers.enabled = True
+    return SpeakerStage(settings)
+
+
+def test_front_end_and_onnx_match_speechbrain(stage: SpeakerStage) -> None:
+    """Our numpy fbank + the exported graph against speechbrain's own pipeline.
+
+    The reference was computed by speechbrain (torch) in scripts/export-models --reference.
+    """
+    ref = np.load(TEST_DATA / "ecapa_reference.npz")
+    files = [str(f) for f in ref["files"]]
+    feats = fbank(audio(files[0]))
+    assert feats.shape == ref["feats0"].shape
+    assert np.abs(feats - ref["feats0"]).max() < 0.01  # dB
+    for name, expected in zip(files, ref["embeddings"], strict=True):
+        ours = stage.embedder(audio(name))
+        cosine = float(ours @ expected / np.linalg.norm(expected))
+        assert cosine > 0.9999, name
+
+
+def profiles(stage: SpeakerStage) -> list[Profile]:
+    out = []
+    for i, (name, clips) in enumerate((("Alice", ALICE), ("Bob", BOB))):
+        vectors = [stage.voiceprint(audio(c))[0] for c in clips]
+        assert all(v is not None for v in vectors)
+        out.append(Profile(str(i), name, False, False, np.stack(vectors)))  # type: ignore[arg-type]
+    return out
+
+
+def test_identification_names_enrolled_voices_and_not_strangers(stage: SpeakerStage) -> None:
+    known = profiles(stage)
+    spk = stage.settings.speakers
+    for name, clips in (("Alice", ALICE_TEST), ("Bob", BOB_TEST)):
+        for clip in clips:
+            vector, speech_s = stage.voiceprint(audio(clip))
+            assert vector is not None and speech_s > 2.0
+            match = identify(known, vector, spk.threshold, spk.margin)
+            assert match.name == name and match.known, (clip, match)
+            assert match.margin is not None and match.margin >= spk.margin
+    for clip in STRANGERS:
+        vector, _ = stage.voiceprint(audio(clip))
+        assert vector is not None
+        match = identify(known, vector, spk.threshold, spk.margin)
+        assert match.speaker_id is None and not match.known, (clip, match)
+        assert match.score is not None and match.score < spk.threshold  # kept for unknowns
+
+
+def test_too_little_speech_gives_no_embedding(stage: SpeakerStage) -> None:
+    clip = audio(ALICE_TEST[0])[: 16000 * 1]  # one second
+    vector, speech_s = stage.voiceprint(clip)
+    assert vector is None and 0 < speech_s < stage.settings.speakers.min_speech_s
+    silence = np.zeros(16000 * 3, dtype=np.float32)
+    assert stage.voiceprint(silence) == (None, 0.0)
+
+
+def speakers_json(env: dict[str, str]) -> dict[str, dict[str, object]]:
+    result = cli("speakers", "list", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return {row["name"]: row for row in json.loads(result.stdout)}
+
+
+def test_profiles_from_the_command_line(env: dict[str, str], speaker_models: Path) -> None:
+    result = cli("speakers", "enroll", "Alice", *(str(TEST_DATA / c) for c in ALICE), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "2 embeddings added" in result.stdout
+    short = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).parent / "short.wav"
+    import soundfile
+
+    soundfile.write(short, audio(BOB[0])[:16000], 16000)
+    result = cli("speakers", "enroll", "Bob", str(short), env=env)
+    assert result.returncode != 0 and "at least 1.5 s" in result.stdout + result.stderr
+    result = cli("speakers", "enroll", "Bob", *(str(TEST_DATA / c) for c in BOB), env=env)
+    assert result.returncode == 0, result.stderr
+    rows = speakers_json(env)
+    assert set(rows) == {"Alice", "Bob"}
+    assert rows["Alice"]["embeddings"] == 2 and rows["Alice"]["stale"] == 0
+    assert not rows["Alice"]["provisional"]
+
+    assert cli("speakers", "rename", "Bob", "Robert", env=env).returncode == 0
+    assert cli("speakers", "rename", "Robert", "Alice", env=env).returncode != 0  # taken
+    assert cli("speakers", "opt-out", "Robert", env=env).returncode == 0
+    assert speakers_json(env)["Robert"]["opt_out"] is True
+    result = cli("speakers", "merge", "Robert", "Alice", env=env)
+    assert result.returncode == 0 and "2 embeddings moved" in result.stdout
+    rows = speakers_json(env)
+    assert set(rows) == {"Alice"} and rows["Alice"]["embeddings"] == 4
+    assert rows["Alice"]["opt_out"] is True  # merging never loses a "do not keep"
+
+    # A changed embedding model makes old enrolments stale (listed, ignored when matching).
+    db = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE speaker_embeddings SET model='old-model@000000000000' WHERE id=1")
+    rows = speakers_json(env)
+    assert rows["Alice"]["embeddings"] == 3 and rows["Alice"]["stale"] == 1
+
+    result = cli("speakers", "delete", "Alice", env=env)
+    assert result.returncode == 0 and "4 embeddings" in result.stdout
+    assert speakers_json(env) == {}
+    assert cli("speakers", "delete", "Nobody", env=env).returncode != 0
+
+
+def analyze(env: dict[str, str], *paths: Path) -> list[dict[str, object]]:
+    result = cli("analyze", "--json", *(str(p) for p in paths), env=env, timeout_s=300)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_worker_names_voices_groups_strangers_and_forgets_opted_out(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    env = {**env, "MERAUDIOD_SPEAKERS__ENABLED": "true"}
+    for name, clips in (("Alice", ALICE), ("Bob", BOB)):
+        assert cli("speakers", "enroll", name, *(str(TEST_DATA / c) for c in clips), env=env)
+    out = analyze(env, TEST_DATA / ALICE_TEST[0], TEST_DATA / BOB_TEST[0], TEST_DATA / STRANGERS[0])
+    names = []
+    for item in out:  # a clip may come out as one or more recordings: one voice in all
+        segments = [s for rec in item["recordings"] for s in rec["segments"] if not s["suspect"]]
+        assert len({json.dumps(s["speaker"]) for s in segments}) == 1, segments
+        names.append(segments[0]["speaker"])
+    assert names[0]["name"] == "Alice" and names[0]["score"] >= 0.4
+    assert names[1]["name"] == "Bob"
+    assert names[2] is None  # a stranger is unknown ...
+    rows = speakers_json(env)
+    (unknown,) = [n for n in rows if n.startswith("unknown-")]  # ... grouped provisionally
+    assert rows[unknown]["provisional"]
+    heard = rows[unknown]["recordings"]
+
+    # The same stranger again: still unknown, and the same provisional profile.
+    analyze(env, TEST_DATA / STRANGERS[0])
+    rows = speakers_json(env)
+    assert [n for n in rows if n.startswith("unknown-")] == [unknown]
+    assert rows[unknown]["recordings"] == 2 * heard
+
+    # An admin names the voice; later recordings (and the old ones) carry the name.
+    assert cli("speakers", "rename", unknown, "Carl", env=env).returncode == 0
+    listed = cli("recordings", "list", "--speaker", "Carl", "--json", env=env)
+    assert len(json.loads(listed.stdout)) == 2 * heard
+
+    # "Do not keep": recordings matched to Bob are deleted once processed.
+    assert cli("speakers", "opt-out", "Bob", env=env).returncode == 0
+    (item,) = analyze(env, TEST_DATA / BOB_TEST[1])
+    assert item["recordings"]
+    db = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+    for rec in item["recordings"]:  # type: ignore[attr-defined]
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT 1 FROM recordings WHERE id=?", (rec["id"],)).fetchone()
+        assert row is None
+        assert not list(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).rglob(f"{rec['id']}.*"))
+
+
+def test_enabled_without_the_model_fails_fast(env: dict[str, str], tmp_path: Path) -> None:
+    env = {
+        **env,
+        "MERAUDIOD_SPEAKERS__ENABLED": "true",
+        "MERAUDIOD_SPEAKERS__MODEL": "ecapa-voxceleb",
+        "MERAUDIOD_CACHE_DIR": str(tmp_path / "empty-cache"),
+        "MERAUDIOD_STORAGE__MODELS_DIR": str(tmp_path / "no-models"),
+    }
+    result = cli("run", "--source", f"file:{TEST_DATA / ALICE_TEST[0]}", env=env)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "model" in last and ("install" in last or "export" in last), last
+
+
+@needs_shared
+def test_identification_on_librispeech(stage: SpeakerStage) -> None:
+    """Six readers enrolled from three utterances each, named on three more; 10 strangers.
+
+    (scripts/measure-speakers runs the whole set.)
+    """
+    folder = SHARED_DATA / "speaker_id" / "librispeech_test-other_10spk"
+    rows = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    by_speaker: dict[str, list[str]] = {}
+    for row in rows:
+        by_speaker.setdefault(row["speaker"], []).append(row["file"])
+    known, tests = [], []
+    for speaker, files in sorted(by_speaker.items())[:6]:
+        files.sort()
+        vectors = [stage.voiceprint(to_float32(decode_file(folder / f)))[0] for f in files[:3]]
+        known.append(Profile(speaker, speaker, False, False, np.stack(vectors)))  # type: ignore[arg-type]
+        tests += [(speaker, f) for f in files[3:6]]
+    spk = stage.settings.speakers
+    right = 0
+    for speaker, f in tests:
+        vector, _ = stage.voiceprint(to_float32(decode_file(folder / f)))
+        right += (
+            vector is not None
+            and identify(known, vector, spk.threshold, spk.margin).name == speaker
+        )
+    assert right >= 0.95 * len(tests)
+    impostors = SHARED_DATA / "speaker_id" / "librispeech_train-clean-100_impostors"
+    accepted = 0
+    for f in sorted(impostors.glob("*.flac"))[:10]:
+        vector, _ = stage.voiceprint(to_float32(decode_file(f)))
+        accepted += vector is not None and identify(known, vector, spk.threshold, spk.margin).known
+    assert accepted <= 1

@@ -1,0 +1,159 @@
+"""Recordings, jobs and the database, on real SQLite files and real audio files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from meraudiod import jobs
+from meraudiod.audio import decode_file
+from meraudiod.config import Settings
+from meraudiod.db import Transaction, open_db
+from meraudiod.recordings import RecordingStore, delete_recording, remove_orphans
+
+from .conftest import TEST_DATA
+
+SPEECH = decode_file(TEST_DATA / "librivox_0880.wav")
+
+
+def store(settings: Settings) -> RecordingStore:
+    conn = open_db(settings.storage.db_path)
+    return RecordingStore(conn, settings.storage.audio_dir, "flac")
+
+
+def test_database_is_wal_and_migrated(settings: Settings) -> None:
+    conn = open_db(settings.storage.db_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+    again = open_db(settings.storage.db_path)  # a second open migrates nothing twice
+    assert (
+        again.execute("PRAGMA user_version").fetchone()[0]
+        == conn.execute("PRAGMA user_version").fetchone()[0]
+    )
+
+
+def test_save_writes_audio_and_rows_together(settings: Settings) -> None:
+    s = store(settings)
+    rec = s.save(SPEECH, source="file:x", start_s=12.5, started_at=1000.0)
+    audio, rate = soundfile.read(rec.audio_path, dtype="int16")
+    assert rate == 16000 and np.array_equal(audio, SPEECH)
+    row = s.conn.execute("SELECT * FROM recordings WHERE id=?", (rec.id,)).fetchone()
+    assert row["start_s"] == 12.5 and abs(row["end_s"] - (12.5 + SPEECH.size / 16000)) < 1e-9
+    assert row["status"] == "pending" and row["rms_dbfs"] < -10
+    assert jobs.counts(s.conn)["pending"] == 1
+    assert not list(settings.storage.audio_dir.rglob("*.part"))
+
+
+def test_orphans_and_half_written_files_are_removed(settings: Settings) -> None:
+    s = store(settings)
+    kept = s.save(SPEECH, source="x", start_s=0.0, started_at=1000.0)
+    orphan = kept.audio_path.with_name("01ORPHAN.flac")
+    orphan.write_bytes(kept.audio_path.read_bytes())
+    partial = kept.audio_path.with_name("01HALF.flac.part")
+    partial.write_bytes(b"half")
+    assert remove_orphans(s.conn, settings.storage.audio_dir) == 2
+    assert kept.audio_path.is_file() and not orphan.exists() and not partial.exists()
+
+
+def test_claim_complete_in_order(settings: Settings) -> None:
+    s = store(settings)
+    ids = [s.save(SPEECH, source="x", start_s=i, started_at=1000.0 + i).id for i in range(3)]
+    claimed = []
+    while (job := jobs.claim(s.conn, lease_s=60)) is not None:
+        claimed.append(job.recording_id)
+        with Transaction(s.conn):
+            jobs.complete(s.conn, job.id)
+    assert claimed == ids
+    assert jobs.counts(s.conn) == {"pending": 0, "running": 0, "done": 3, "failed": 0}
+
+
+def test_fail_retries_then_gives_up(settings: Settings) -> None:
+    s = store(settings)
+    s.save(SPEECH, source="x", start_s=0, started_at=1000.0)
+    for attempt in range(1, 4):
+        job = jobs.claim(s.conn, lease_s=60)
+        assert job is not None and job.attempts == attempt
+        with Transaction(s.conn):
+            final = jobs.fail(s.conn, job.id, f"boom {attempt}", max_attempts=3)
+        assert final is (attempt == 3)
+    assert jobs.claim(s.conn, lease_s=60) is None
+    (failed,) = jobs.backlog(s.conn)
+    assert failed["state"] == "failed" and failed["error"] == "boom 3"
+    assert jobs.retry_failed(s.conn) == 1
+    assert jobs.claim(s.conn, lease_s=60) is not None
+
+
+def test_expired_and_orphaned_leases_are_requeued(settings: Settings) -> None:
+    s = store(settings)
+    for i in range(3):
+        s.save(SPEECH, source="x", start_s=i, started_at=1000.0)
+    expired = jobs.claim(s.conn, lease_s=-1)  # lease already over
+    dead = jobs.claim(s.conn, lease_s=600, owner="elsewhere:1")  # expired owner not on this host
+    alive = jobs.claim(s.conn, lease_s=600)  # this live process
+    assert expired and dead and alive
+    s.conn.execute(
+        "UPDATE jobs SET owner=? WHERE id=?",
+        (f"{jobs.owner_id().split(':')[0]}:999999999", dead.id),
+    )
+    assert jobs.requeue_stale(s.conn) == 2
+    assert jobs.counts(s.conn) == {"pending": 2, "running": 1, "done": 0, "failed": 0}
+
+
+def test_delete_removes_audio_rows_and_index(settings: Settings) -> None:
+    s = store(settings)
+    rec = s.save(SPEECH, source="x", start_s=0, started_at=1000.0)
+    s.conn.execute(
+        "INSERT INTO segments (recording_id, idx, start_s, end_s, text) VALUES (?, 0, 0, 1, ?)",
+        (rec.id, "the secret word is marmalade"),
+    )
+    hits = "SELECT COUNT(*) FROM segments_fts WHERE segments_fts MATCH 'marmalade'"
+    assert s.conn.execute(hits).fetchone()[0] == 1
+    assert delete_recording(s.conn, rec.id)
+    assert not rec.audio_path.exists()
+    assert s.conn.execute(hits).fetchone()[0] == 0
+    assert s.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+    s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert b"marmalade" not in Path(settings.storage.db_path).read_bytes()
+
+
+WRITER = """
+import sys, numpy as np
+from meraudiod.config import load_settings
+from meraudiod.db import open_db
+from meraudiod.recordings import RecordingStore
+s = load_settings()
+store = RecordingStore(open_db(s.storage.db_path), s.storage.audio_dir, "flac")
+audio = (np.random.default_rng(0).standard_normal(16000 * 20) * 3000).astype(np.int16)
+i = 0
+while True:
+    store.save(audio, source="crash-test", start_s=i, started_at=1000.0 + i)
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def test_sigkill_during_writes_leaves_only_whole_recordings(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    while int(proc.stdout.readline() or 0) < 5:
+        pass
+    proc.kill()
+    proc.wait(timeout=10)
+    conn = open_db(settings.storage.db_path)
+    remove_orphans(conn, settings.storage.audio_dir)
+    rows = conn.execute("SELECT audio_path, duration_s FROM recordings").fetchall()
+    assert len(rows) >= 5
+    files = sorted(settings.storage.audio_dir.rglob("*.*"))
+    assert sorted(Path(r["audio_path"]) for r in rows) == files
+    for row in rows:
+        assert soundfile.info(row["audio_path"]).frames == round(row["duration_s"] * 16000)
+    assert jobs.counts(conn)["pending"] == len(rows)

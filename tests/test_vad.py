@@ -1,0 +1,48 @@
+"""The real Silero model, streamed frame by frame, on real speech and real non-speech."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from meraudiod import models
+from meraudiod.audio import FRAME_SAMPLES, decode_file, to_float32
+from meraudiod.config import Settings
+from meraudiod.vad import SileroVad
+
+from .conftest import DEMO, DEMO_TRUTH, TEST_DATA
+
+
+def probabilities(vad: SileroVad, path: Path) -> np.ndarray:
+    audio = to_float32(decode_file(path))
+    n = audio.size // FRAME_SAMPLES
+    vad.reset()
+    return np.array([vad(audio[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]) for i in range(n)])
+
+
+def test_speech_is_speech_and_silence_is_not(settings: Settings) -> None:
+    vad = SileroVad(models.vad_file(settings))
+    probs = probabilities(vad, DEMO)
+    t = np.arange(probs.size) * FRAME_SAMPLES / 16000
+    for utt in DEMO_TRUTH:
+        inside = probs[(t > utt["start_s"] + 0.2) & (t < utt["end_s"] - 0.2)]
+        assert np.mean(inside > 0.5) > 0.8, utt["text"]
+    gaps = [(a["end_s"] + 0.5, b["start_s"] - 0.5) for a, b in itertools.pairwise(DEMO_TRUTH)]
+    for start, end in gaps:
+        assert probs[(t > start) & (t < end)].max() < 0.2
+
+
+def test_music_and_whale_song_stay_below_threshold_mostly(settings: Settings) -> None:
+    vad = SileroVad(models.vad_file(settings))
+    for name in ("music_strings_pd.flac", "humpback_whale_pd.flac"):
+        probs = probabilities(vad, TEST_DATA / name)
+        assert np.mean(probs > 0.5) < 0.05, name
+
+
+def test_state_is_carried_and_reset(settings: Settings) -> None:
+    vad = SileroVad(models.vad_file(settings))
+    first = probabilities(vad, TEST_DATA / "librivox_0880.wav")
+    second = probabilities(vad, TEST_DATA / "librivox_0880.wav")
+    assert np.allclose(first, second)  # reset() makes a new stream start from scratch
