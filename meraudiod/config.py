@@ -172,7 +172,7 @@ class DiarizationSettings(Section):
     """Who spoke when, inside one recording."""
 
     enabled: bool = Field(False, description="Split recordings by speaker turn")
-    max_speakers: int = Field(3, ge=1, le=10, description="Most speakers expected in a recording")
+    max_speakers: int = Field(4, ge=1, le=10, description="Most speakers expected in a recording")
     model: str = Field(
         "pyannote-segmentation-3.0",
         description="Segmentation model (also finds the speech that identification embeds)",

@@ -48,6 +48,8 @@ _MIN_TURN_S: Final = 0.1  # shorter runs of frames are noise
 _MAX_GAP_S: Final = 0.2  # a speaker's turns closer than this are joined
 
 Embed = Callable[[Float32Array], Float32Array]
+# Who an embedding (of that much speech) surely is, among enrolled people, or None.
+Recognise = Callable[[Float32Array, float], str | None]
 Mask = npt.NDArray[np.bool_]
 
 
@@ -197,6 +199,7 @@ class _Piece:
     speech_s: float
     embedding: Float32Array
     core: bool  # long enough to found or join clusters by itself
+    identity: str | None = None  # an enrolled person it was recognised as
     cluster: int = -1
 
 
@@ -245,8 +248,13 @@ class Diarizer:
         speaker = LocalSpeaker("S1", speech_s, spans)
         return Diarization(_turns({"S1": mask}, audio.size), (speaker,) if spans else ())
 
-    def __call__(self, audio: Float32Array) -> Diarization:
-        """Turns and local speakers of one recording."""
+    def __call__(self, audio: Float32Array, recognise: Recognise | None = None) -> Diarization:
+        """Turns and local speakers of one recording.
+
+        With `recognise`, pieces that surely are two different enrolled people are never
+        joined, and pieces of the same enrolled person always are: voices the device knows
+        guide the clustering of similar-sounding ones.
+        """
         windows = self._windows(audio)
         pieces: list[_Piece] = []
         frame_s = FRAME_STEP_SAMPLES / SAMPLE_RATE_HZ
@@ -271,7 +279,8 @@ class Diarizer:
                     clip = gather(audio, spans, self.max_embedding_s)
                     speech_s = sum(b - a for a, b in group) * frame_s
                     embedding = _unit(self.embed(clip))
-                    pieces.append(_Piece(w, k, group, speech_s, embedding, bool(long)))
+                    identity = recognise(embedding, speech_s) if recognise else None
+                    pieces.append(_Piece(w, k, group, speech_s, embedding, bool(long), identity))
         self._cluster(pieces)
         return self._reconstruct(audio.size, windows, pieces)
 
@@ -290,7 +299,12 @@ class Diarizer:
             # speaker may still be split (see __call__).
             if any(x.window == y.window and x.index != y.index for x in a for y in b):
                 return -np.inf
-            return float(np.mean([[sims[index[id(x)], index[id(y)]] for y in b] for x in a]))
+            known_a = {x.identity for x in a if x.identity}
+            known_b = {y.identity for y in b if y.identity}
+            if known_a and known_b and not known_a & known_b:
+                return -np.inf  # two different enrolled people
+            mean = float(np.mean([[sims[index[id(x)], index[id(y)]] for y in b] for x in a]))
+            return max(mean, self.threshold) if known_a & known_b else mean
 
         while len(clusters) > 1:
             pairs = [

@@ -34,6 +34,7 @@ from .diarization import (
     Diarization,
     Diarizer,
     LabelledSegment,
+    Recognise,
     SegmentationModel,
     attribute,
     gather,
@@ -269,13 +270,18 @@ class SpeakerStage:
         clip = gather(audio, voice.spans, self.settings.speakers.max_embedding_s)
         return self.embedder(clip), voice.speech_s
 
-    def analyze(self, audio: Float32Array, transcript: Transcript) -> SpeakerAnalysis:
-        """Turns, local speakers and their embeddings (the heavy part, outside transactions)."""
+    def analyze(
+        self, audio: Float32Array, transcript: Transcript, conn: sqlite3.Connection | None = None
+    ) -> SpeakerAnalysis:
+        """Turns, local speakers and their embeddings (the heavy part, outside transactions).
+
+        With `conn`, the enrolled people guide diarization (see Diarizer); it is only read.
+        """
         t0 = time.perf_counter()
         if transcript.suspect:  # nothing trusted as speech: no voice to learn or name
             diarization = Diarization((), ())
         elif self.settings.diarization.enabled:
-            diarization = self.diarizer(audio)
+            diarization = self.diarizer(audio, self._recogniser(conn))
         else:
             diarization = self.diarizer.speech(audio)
         segments = attribute(transcript, diarization)
@@ -298,6 +304,22 @@ class SpeakerStage:
             split, segments, tuple(voices), diarization, time.perf_counter() - t0
         )
 
+    def _recogniser(self, conn: sqlite3.Connection | None) -> Recognise | None:
+        """Who a piece of speech surely is among the enrolled (named) people."""
+        spk = self.settings.speakers
+        if conn is None or not spk.enabled:
+            return None
+        known = [p for p in load_profiles(conn, self.model) if not p.provisional]
+        if not known:
+            return None
+
+        def recognise(vector: Float32Array, speech_s: float) -> str | None:
+            if speech_s < spk.min_speech_s:
+                return None
+            return identify(known, vector, spk.threshold, spk.margin).speaker_id
+
+        return recognise
+
     def store(
         self, conn: sqlite3.Connection, recording_id: str, analysis: SpeakerAnalysis
     ) -> StoredSpeakers:
@@ -313,7 +335,10 @@ class SpeakerStage:
             match = UNKNOWN
             if voice.embedding is not None:
                 match = identify(profiles, voice.embedding, spk.threshold, spk.margin)
-                if match.speaker_id is None and spk.group_unknown:
+                # Nobody close at all: a new voice. (Close to two people at once is only
+                # ambiguous, not new: it stays unknown without a profile.)
+                nobody = match.score is None or match.score < spk.threshold
+                if match.speaker_id is None and spk.group_unknown and nobody:
                     profile = _new_provisional(conn, voice, recording_id, self.model)
                     profiles.append(profile)
                     match = Match(profile.id, profile.name, match.score, match.margin, True)

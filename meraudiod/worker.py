@@ -141,7 +141,7 @@ class Worker:
         rtf = asr_s / max(float(row["duration_s"]), 1e-6)
         analysis = None
         if self.speakers is not None:  # the heavy part, outside the transaction
-            analysis = self.speakers.analyze(audio, transcript)
+            analysis = self.speakers.analyze(audio, transcript, conn)
             transcript = analysis.transcript  # segments split at speaker changes
         with Transaction(conn):
             stored_at = now()
