@@ -172,7 +172,19 @@ def test_worker_names_voices_groups_strangers_and_forgets_opted_out(
     # An admin names the voice; later recordings (and the old ones) carry the name.
     assert cli("speakers", "rename", unknown, "Carl", env=env).returncode == 0
     listed = cli("recordings", "list", "--speaker", "Carl", "--json", env=env)
-    assert len(json.loads(listed.stdout)) == 2 * heard
+    carl = [r["id"] for r in json.loads(listed.stdout)]
+    assert len(carl) == 2 * heard
+    shown = cli("recordings", "show", carl[0], env=env)
+    assert "Carl (" in shown.stdout and "S1 = Carl" in shown.stdout
+
+    # Enrolment from a stored recording adds to a profile.
+    result = cli("speakers", "enroll", "Carl", carl[0], env=env)
+    assert result.returncode == 0 and "1 embeddings added" in result.stdout, result.stderr
+
+    # Deleting a person with --recordings takes everything they said.
+    result = cli("speakers", "delete", "Carl", "--recordings", env=env)
+    assert result.returncode == 0 and f"{2 * heard} recordings" in result.stdout
+    assert cli("recordings", "show", carl[0], env=env).returncode != 0
 
     # "Do not keep": recordings matched to Bob are deleted once processed.
     assert cli("speakers", "opt-out", "Bob", env=env).returncode == 0
