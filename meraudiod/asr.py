@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+
 from .audio import SAMPLE_RATE_HZ, Float32Array
 from .config import AsrSettings
 
@@ -35,26 +37,16 @@ _PHANTOM_PHRASES: Final = (
 
 
 _MAX_COMPRESSION_RATIO: Final = 2.4
+_LEAD_IN_S: Final = 0.25
+_LEAD_IN_SAMPLES: Final = int(_LEAD_IN_S * SAMPLE_RATE_HZ)
 _FALLBACK_TEMPERATURES: Final = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 # Whisper writes these for sounds that are not speech.
 _SOUND_LABELS: Final = frozenset(
     {
-        "music",
-        "mmm",
-        "mm",
-        "hmm",
-        "applause",
-        "laughter",
-        "laughs",
-        "silence",
-        "noise",
-        "beep",
-        "static",
-        "wind",
-        "inaudible",
-        "sigh",
-        "sighs",
-        "humming",
+        # Whisper's labels for sounds, and fillers that alone say nothing
+        *("music", "mmm", "mm", "hmm", "applause", "laughter", "laughs", "silence", "noise"),
+        *("beep", "static", "wind", "inaudible", "sigh", "sighs", "humming"),
+        *("oh", "uh", "um", "ah", "hm", "huh"),
     }
 )
 # Real short commands measured down to about -1.2; non-speech that slips past the VAD
@@ -110,7 +102,7 @@ class Transcript:
 
 
 def _normalise(text: str) -> str:
-    return re.sub(r"[^a-z' ]+", " ", text.lower()).strip()
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).strip()
 
 
 def judge(segment: Segment, settings: AsrSettings) -> str | None:
@@ -159,10 +151,14 @@ class Transcriber:
     def transcribe(self, audio: Float32Array) -> Transcript:
         """Transcribe one recording; the lazy segment generator is consumed here."""
         s = self.settings
-        language = s.language
-        try:
-            segments, info = self._model.transcribe(
-                audio,
+        duration_s = audio.size / SAMPLE_RATE_HZ
+        # A short lead-in of silence: Whisper misreads a word that starts at sample 0
+        # ("erase" -> "but race"); times are shifted back below.
+        padded = np.concatenate([np.zeros(_LEAD_IN_SAMPLES, dtype=np.float32), audio])
+
+        def run(language: str | None) -> tuple[Any, Any]:
+            return self._model.transcribe(  # type: ignore[no-any-return]
+                padded,
                 language=language,
                 beam_size=s.beam_size,
                 word_timestamps=s.word_timestamps,
@@ -171,35 +167,29 @@ class Transcriber:
                 no_speech_threshold=None,  # keep every segment; judge() flags, never drops
                 temperature=self._temperatures,
             )
-            if language is None and s.languages and info.language not in s.languages:
+
+        try:
+            segments, info = run(s.language)
+            if s.language is None and s.languages and info.language not in s.languages:
                 # Detection picked a language we do not allow: take the likeliest allowed one.
                 probs = dict(info.all_language_probs or [])
-                language = max(s.languages, key=lambda lang: probs.get(lang, 0.0))
-                segments, info = self._model.transcribe(
-                    audio,
-                    language=language,
-                    beam_size=s.beam_size,
-                    word_timestamps=s.word_timestamps,
-                    vad_filter=False,
-                    condition_on_previous_text=False,
-                    no_speech_threshold=None,
-                    temperature=self._temperatures,
-                )
-            result = tuple(self._convert(seg) for seg in segments)
+                segments, info = run(max(s.languages, key=lambda lang: probs.get(lang, 0.0)))
+            result = tuple(self._convert(seg, duration_s) for seg in segments)
         except Exception as exc:  # decoding failures surface while iterating
             raise AsrError(f"transcription failed: {exc}") from exc
-        return Transcript(
-            language=str(info.language), duration_s=audio.size / SAMPLE_RATE_HZ, segments=result
-        )
+        return Transcript(language=str(info.language), duration_s=duration_s, segments=result)
 
-    def _convert(self, seg: Any) -> Segment:
+    def _convert(self, seg: Any, duration_s: float) -> Segment:
+        def shift(t: float) -> float:
+            return round(min(max(0.0, float(t) - _LEAD_IN_S), duration_s), 3)
+
         words = tuple(
-            Word(float(w.start), float(w.end), str(w.word), float(w.probability))
+            Word(shift(w.start), shift(w.end), str(w.word), float(w.probability))
             for w in (seg.words or ())
         )
         segment = Segment(
-            start_s=float(seg.start),
-            end_s=float(seg.end),
+            start_s=shift(seg.start),
+            end_s=shift(seg.end),
             text=str(seg.text).strip(),
             avg_logprob=float(seg.avg_logprob),
             no_speech_prob=float(seg.no_speech_prob),

@@ -121,7 +121,6 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
     if realtime is not None:
         settings.audio.realtime = realtime
     stop = threading.Event()
-    _install_signal_handlers(stop)
     count = [0]
 
     def printer(result: Any) -> None:
@@ -135,6 +134,12 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
         stop,
         on_transcribed=printer if print_ else None,
     )
+    daemon.config_path = str(config_path) if config_path else None
+    if source is not None:
+        daemon.cli_overrides[("audio", "source")] = settings.audio.source
+    if realtime is not None:
+        daemon.cli_overrides[("audio", "realtime")] = realtime
+    _install_signal_handlers(stop, daemon.reload_requested)
     t0 = time.monotonic()
     try:
         daemon.start()
@@ -163,12 +168,14 @@ def _checked_source(spec: str) -> str:
         raise click.BadParameter(f"{spec!r}: use mic, file:PATH, stdin or demo") from exc
 
 
-def _install_signal_handlers(stop: threading.Event) -> None:
+def _install_signal_handlers(stop: threading.Event, reload: threading.Event | None = None) -> None:
     def handler(signum: int, frame: object) -> None:
-        stop.set()  # signal handlers only set the flag
+        stop.set()  # signal handlers only set a flag
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if reload is not None:
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
 
 
 # --- analyze -------------------------------------------------------------------------------
@@ -847,3 +854,28 @@ def mqtt_test(config_path: Path | None) -> None:
     if not steps[-1][1] or steps[-1][0] != "roundtrip":
         failed = next(name for name, ok, _ in steps if not ok)
         raise click.ClickException(f"MQTT check failed at step {failed}")
+
+
+@main.command()
+@config_option
+@json_option
+def bench(config_path: Path | None, as_json: bool) -> None:
+    """Measure this device with the configured models on the bundled sample (under 2 minutes):
+    VAD cost and listening CPU, ASR real-time factor and latency (each against the bare
+    library), speaker-embedding cost, the daemon's peak memory, disk writes per recorded hour,
+    and whether it keeps up with continuous speech.
+    """
+    from .bench import run_bench
+
+    settings = _settings(config_path)
+    logging.getLogger().setLevel(logging.WARNING)
+    figures = run_bench(
+        settings,
+        str(config_path) if config_path else None,
+        lambda stage: click.echo(f"measuring {stage} ...", err=True),
+    )
+    if as_json:
+        _echo_json(figures)
+        return
+    for key, value in figures.items():
+        click.echo(f"{key:<36} {value}")

@@ -14,7 +14,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -43,6 +43,9 @@ class Runtime(Protocol):
 
     def set_listening(self, on: bool) -> None:
         """Open or close the microphone."""
+
+    def speaker_stage(self) -> Any:
+        """The loaded speaker models (a SpeakerStage), or None."""
 
 
 @dataclass
@@ -94,6 +97,41 @@ class PurgeArgs(Args):
     end: str | None = Field(None, description="ISO date/time: until")
     speaker: str | None = Field(None, description="Everything this speaker said")
     audio_only: bool = Field(False, description="Delete the audio, keep the text")
+
+
+class NameArgs(Args):
+    """One voice profile."""
+
+    name: str = Field(min_length=1, max_length=100)
+
+
+class EnrollArgs(Args):
+    """Enrol a person from stored recordings."""
+
+    name: str = Field(min_length=1, max_length=100)
+    recording_ids: list[str] = Field(min_length=1, max_length=20)
+    do_not_keep: bool = Field(False, description="Recognise this person only to delete them")
+
+
+class RenameArgs(Args):
+    """Give a profile (e.g. a provisional "unknown-3") a name."""
+
+    name: str = Field(min_length=1, max_length=100)
+    new_name: str = Field(min_length=1, max_length=100)
+
+
+class MergeArgs(Args):
+    """Move one profile's voice into another."""
+
+    source: str = Field(min_length=1, max_length=100)
+    target: str = Field(min_length=1, max_length=100)
+
+
+class DeleteSpeakerArgs(Args):
+    """Delete a profile's embeddings, and with recordings=true what they said."""
+
+    name: str = Field(min_length=1, max_length=100)
+    recordings: bool = False
 
 
 class ReprocessArgs(Args):
@@ -343,6 +381,63 @@ def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
     return {"queued": queued}
 
 
+def _profiles(func: Callable[[], Any]) -> Any:
+    from .profiles import ProfileError
+
+    try:
+        return func()
+    except ProfileError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _speakers_list(ctx: CommandContext, args: NoArgs) -> Any:
+    from .profiles import current_model, list_profiles
+
+    return [asdict(p) for p in list_profiles(ctx.conn, current_model(ctx.settings))]
+
+
+def _speakers_enroll(ctx: CommandContext, args: EnrollArgs) -> Any:
+    from .profiles import enroll
+    from .speakers import SpeakerError, SpeakerStage
+
+    stage = ctx.runtime.speaker_stage() if ctx.runtime is not None else None
+    if stage is None:
+        try:
+            stage = SpeakerStage(ctx.settings)
+        except SpeakerError as exc:
+            raise CommandError(str(exc)) from exc
+    results = _profiles(
+        lambda: enroll(ctx.conn, stage, args.name, args.recording_ids, args.do_not_keep)
+    )
+    if not any(r.stored for r in results):
+        raise CommandError(
+            f"nothing enrolled for {args.name}: "
+            + "; ".join(f"{r.source}: {r.reason}" for r in results)
+        )
+    return {"name": args.name, "sources": [asdict(r) for r in results]}
+
+
+def _speakers_rename(ctx: CommandContext, args: RenameArgs) -> Any:
+    from .profiles import rename
+
+    _profiles(lambda: rename(ctx.conn, args.name, args.new_name))
+    return {"name": args.new_name}
+
+
+def _speakers_merge(ctx: CommandContext, args: MergeArgs) -> Any:
+    from .profiles import merge
+
+    moved = _profiles(lambda: merge(ctx.conn, args.source, args.target))
+    return {"target": args.target, "embeddings_moved": moved}
+
+
+def _speakers_delete(ctx: CommandContext, args: DeleteSpeakerArgs) -> Any:
+    from .profiles import delete
+
+    deleted = _profiles(lambda: delete(ctx.conn, args.name, args.recordings))
+    return asdict(deleted)
+
+
 def _config_get(ctx: CommandContext, args: NoArgs) -> Any:
     return ctx.settings.model_dump(mode="json", exclude={"mqtt": {"password"}})
 
@@ -353,6 +448,18 @@ COMMANDS: dict[str, Command] = {
     "recordings/get": Command(_recordings_get, IdArgs, help="One recording with segments"),
     "recordings/delete": Command(
         _recordings_delete, IdsArgs, admin=True, help="Delete recordings: audio, text, index"
+    ),
+    "speakers/list": Command(_speakers_list, help="Voice profiles"),
+    "speakers/enroll": Command(
+        _speakers_enroll, EnrollArgs, admin=True, help="Enrol a person from stored recordings"
+    ),
+    "speakers/rename": Command(_speakers_rename, RenameArgs, admin=True, help="Rename a profile"),
+    "speakers/merge": Command(_speakers_merge, MergeArgs, admin=True, help="Merge two profiles"),
+    "speakers/delete": Command(
+        _speakers_delete,
+        DeleteSpeakerArgs,
+        admin=True,
+        help="Delete a profile's voice (and, asked, its recordings)",
     ),
     "purge": Command(_purge, PurgeArgs, admin=True, help="Delete by age, time range, speaker"),
     "reprocess": Command(_reprocess, ReprocessArgs, help="Transcribe recordings again"),

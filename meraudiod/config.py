@@ -192,10 +192,20 @@ class EmotionSettings(Section):
 class StorageSettings(Section):
     """Where the database, audio and models live."""
 
+    @field_validator("data_dir", "models_dir", "tmp_audio_dir", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: object) -> object:
+        # "" would become Path("."): the current directory, never what anyone meant.
+        if value == "":
+            return None
+        return value
+
     data_dir: Path = Field(default_factory=_default_data_dir, description="Database and audio")
     models_dir: Path | None = Field(None, description="Installed models; None = data_dir/models")
     tmp_audio_dir: Path | None = Field(
-        None, description="Transient audio (e.g. on tmpfs); None = inside data_dir"
+        None,
+        description="Write recordings' audio here instead (a tmpfs, with retention.keep_audio"
+        " = false: no audio ever reaches the SD card); None = data_dir/audio",
     )
 
     @property
@@ -205,8 +215,8 @@ class StorageSettings(Section):
 
     @property
     def audio_dir(self) -> Path:
-        """Finished recordings."""
-        return self.data_dir / "audio"
+        """Where recordings' audio is written."""
+        return self.tmp_audio_dir or self.data_dir / "audio"
 
     @property
     def resolved_models_dir(self) -> Path:

@@ -22,19 +22,22 @@ from typing import Any, Final
 from . import __version__, jobs, models
 from .asr import Transcriber
 from .commands import CommandContext, dispatch, get_kv, set_kv, status, write_heartbeat
-from .config import Settings
-from .db import open_db
+from .config import ConfigError, Settings, load_settings
+from .db import Transaction, open_db
 from .listener import Listener
 from .messages import (
+    ErrorEvent,
     SegmentPayload,
+    SpeakerEvent,
     SpeechEvent,
     State,
     TranscriptEvent,
     enqueue,
     truncate_state,
 )
-from .recordings import Recording, remove_orphans
-from .retention import Retention, disk_free_mb
+from .recordings import MemoryAudio, Recording, remove_orphans
+from .retention import Retention, disk_free_mb, disk_low
+from .segmenter import SegmenterParams
 from .sources import AudioSource, FileSource, MicSource, SourceError, StdinSource
 from .systemd import Notifier
 from .vad import SileroVad
@@ -47,6 +50,26 @@ _STATE_EVERY_S: Final = 30.0
 _AUDIO_STALL_S: Final = 5.0  # no frame for this long while listening: the microphone is gone
 _MIC_RETRY_MAX_S: Final = 60.0
 _LISTENING_KEY: Final = "listening"
+# What SIGHUP can change while running; everything else is reported as needing a restart.
+_LIVE_SECTIONS: Final = frozenset({"recorder", "retention", "logging"})
+_LIVE_KEYS: Final = frozenset(
+    {
+        "vad.start_threshold",
+        "vad.end_threshold",
+        "asr.no_speech_threshold",
+        "asr.logprob_threshold",
+        "asr.max_attempts",
+        "speakers.threshold",
+        "speakers.margin",
+        "mqtt.allow_admin_commands",
+        "mqtt.outbox_max_age_days",
+        "mqtt.outbox_max_rows",
+    }
+)
+
+
+def _round(value: float | None) -> float | None:
+    return round(value, 3) if value is not None else None
 
 
 class Pipeline:
@@ -63,6 +86,7 @@ class Pipeline:
         self.on_transcribed = on_transcribed
         self.worker: Worker | None = None
         self.vad: SileroVad | None = None
+        self.memory = MemoryAudio()  # recordings waiting in RAM while the disk is full
 
     def open(self) -> None:
         """Recover the store, load the models, start the worker. Fails fast with a message."""
@@ -82,6 +106,7 @@ class Pipeline:
             path = models.resolve(asr.model, storage.resolved_models_dir, asr.allow_download)
             transcriber = Transcriber(path, asr, model_name=asr.model)
             self.worker = Worker(self.settings, transcriber, self.stop_event, self.on_transcribed)
+            self.worker.memory = self.memory
             if self.settings.speakers.enabled or self.settings.diarization.enabled:
                 from .speakers import SpeakerStage  # fails fast when a model is missing
 
@@ -101,6 +126,7 @@ class Pipeline:
                 self.worker.wake()
 
         listener = Listener(self.settings, source, self.vad, on_recording=on_recording, **hooks)
+        listener.memory = self.memory
         listener.start()
         return listener
 
@@ -143,10 +169,15 @@ class Daemon:
         self.stop_event = stop
         # The worker has its own stop so that, on the way out, it ends after the listener.
         self._worker_stop = threading.Event()
+        self._mqtt_stop = threading.Event()  # last: it delivers the final events and state
         self.pipeline = Pipeline(settings, self._worker_stop, on_transcribed)
         self.listener: Listener | None = None
         self.listening = True
-        self.degraded: str | None = None
+        self.mic_problem: str | None = None
+        self.disk_problem: str | None = None
+        self.config_path: str | None = None  # what SIGHUP reloads
+        self.cli_overrides: dict[tuple[str, str], Any] = {}  # command-line options win on reload
+        self.reload_requested = threading.Event()
         self.error: str | None = None
         self.notifier = Notifier()
         self.inbound: queue.Queue[Any] = queue.Queue(maxsize=100)
@@ -158,6 +189,7 @@ class Daemon:
         self._mic_retry_s = 1.0
         self._next_mic_retry = 0.0
         self._last_state: dict[str, Any] | None = None
+        self._state_dirty = False
 
     @property
     def finite(self) -> bool:
@@ -190,7 +222,7 @@ class Daemon:
         discovery = (
             discovery_payload(self.settings) if self.settings.homeassistant.discovery else None
         )
-        self.mqtt = MqttLink(self.settings, self._worker_stop, self.inbound, discovery)
+        self.mqtt = MqttLink(self.settings, self._mqtt_stop, self.inbound, discovery)
         assert self.pipeline.worker is not None or not self.settings.asr.enabled
         if self.pipeline.worker is not None:
             self.pipeline.worker.on_stored.append(self._transcript_event)
@@ -229,12 +261,18 @@ class Daemon:
             (result.recording_id,),
         ).fetchone()
         segments = tuple(
-            SegmentPayload(round(s["start_s"], 3), round(s["end_s"], 3), s["text"])
-            for s in conn.execute(
-                "SELECT start_s, end_s, text FROM segments WHERE recording_id=? AND suspect IS NULL"
-                " ORDER BY idx",
-                (result.recording_id,),
+            SegmentPayload(
+                round(seg.start_s, 3),
+                round(seg.end_s, 3),
+                seg.text,
+                speaker=(
+                    {"id": seg.speaker_id, "name": seg.speaker_name, "score": _round(seg.score)}
+                    if seg.known
+                    else None
+                ),
             )
+            for seg in result.segments
+            if not seg.suspect
         )
         event = TranscriptEvent(
             node_id=self.settings.mqtt.node_id,
@@ -252,7 +290,26 @@ class Daemon:
             rms_dbfs=round(row["rms_dbfs"], 1),
         )
         enqueue(conn, event)
+        m = self.settings.mqtt
+        heard: dict[str, Any] = {}
+        for seg in result.segments:  # one speaker event per voice heard in the recording
+            if seg.label is not None and not seg.suspect and seg.label not in heard:
+                heard[seg.label] = seg
+        for seg in heard.values():
+            enqueue(
+                conn,
+                SpeakerEvent(
+                    node_id=m.node_id,
+                    area=m.area,
+                    event_type="identified" if seg.known else "unknown",
+                    speaker_id=seg.speaker_id if seg.known else None,
+                    name=seg.speaker_name if seg.known else None,
+                    score=_round(seg.score),
+                    recording_id=result.recording_id,
+                ),
+            )
         self.mqtt.wake()
+        self._state_dirty = True  # "last transcript" changed
 
     # --- main loop -------------------------------------------------------------------------
 
@@ -269,7 +326,11 @@ class Daemon:
                 self._handle_inbound(item)
             t = time.monotonic()
             self._check_audio(t)
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
             if t >= next_heartbeat:
+                self._check_disk()
                 self._heartbeat()
                 next_heartbeat = t + _HEARTBEAT_EVERY_S
             if self.notifier.watchdog_interval_s and t >= next_watchdog:
@@ -325,15 +386,15 @@ class Daemon:
             or (listener.frames_read == 0 and t - self._started_at > _AUDIO_STALL_S)
         )
         if not stalled:
-            if self.degraded:
+            if self.mic_problem:
                 _LOGGER.info("microphone is back")
-                self.degraded = None
+                self.mic_problem = None
                 self.notifier.status(self._status_line())
             self._mic_retry_s = 1.0
             return
         if t < self._next_mic_retry:
             return
-        self.degraded = "microphone lost: retrying"
+        self.mic_problem = "microphone lost: retrying"
         self.notifier.status(self._status_line())
         _LOGGER.warning("no audio from %s; reopening it", self.source.name)
         if listener is not None:
@@ -344,7 +405,7 @@ class Daemon:
             self._start_listener()
             self._started_at = t
         except SourceError as exc:
-            self.degraded = f"microphone lost: {exc}"
+            self.mic_problem = f"microphone lost: {exc}"
             _LOGGER.error("%s", exc)
         self._next_mic_retry = t + self._mic_retry_s
         self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
@@ -366,11 +427,30 @@ class Daemon:
             runtime=self,
         )
         response = dispatch(context, item.name, item.payload)
+        if response.status == "ok" and item.name in ("speakers/enroll", "speakers/delete"):
+            name = response.data.get("name") if item.name == "speakers/enroll" else None
+            self._speaker_event(
+                "enrolled" if item.name == "speakers/enroll" else "deleted",
+                name or json.loads(item.payload).get("name"),
+            )
         if self.mqtt is not None:
             from .mqtt import Outgoing
 
             self.mqtt.send(Outgoing(response.topic, json.dumps(response.to_payload(), default=str)))
         self._publish_state()
+
+    def _speaker_event(self, kind: str, name: str | None) -> None:
+        if self.mqtt is None or self.conn is None:
+            return
+        m = self.settings.mqtt
+        event = SpeakerEvent(node_id=m.node_id, area=m.area, event_type=kind, name=name)
+        with Transaction(self.conn):
+            enqueue(self.conn, event)
+        self.mqtt.wake()
+
+    def speaker_stage(self) -> Any:
+        """The worker's loaded speaker models, for enrolment over MQTT (None when off)."""
+        return self.pipeline.worker.speakers if self.pipeline.worker is not None else None
 
     def set_listening(self, on: bool) -> None:
         """Open or close the microphone; persisted across restarts."""
@@ -395,6 +475,38 @@ class Daemon:
         self._publish_state()
 
     # --- state, heartbeat -------------------------------------------------------------------
+
+    @property
+    def degraded(self) -> str | None:
+        """What is wrong, in a few words (None when all is well)."""
+        return "; ".join(p for p in (self.mic_problem, self.disk_problem) if p) or None
+
+    def _check_disk(self) -> None:
+        """Below the free-space threshold, audio stays in memory; say so everywhere."""
+        low = disk_low(self.settings)
+        if low == (self.disk_problem is not None):
+            return
+        free_mb = disk_free_mb(self.settings.storage.data_dir)
+        if low:
+            self.disk_problem = f"disk almost full ({free_mb:.0f} MB free): audio not written"
+            _LOGGER.error("%s", self.disk_problem)
+            self._error_event("storage", self.disk_problem, {"free_mb": round(free_mb)})
+        else:
+            _LOGGER.info("disk space is back (%.0f MB free)", free_mb)
+            self.disk_problem = None
+        self.notifier.status(self._status_line())
+        self._publish_state()
+
+    def _error_event(self, component: str, error: str, context: dict[str, Any]) -> None:
+        if self.mqtt is None or self.conn is None:
+            return
+        m = self.settings.mqtt
+        event = ErrorEvent(
+            node_id=m.node_id, area=m.area, component=component, error=error, context=context
+        )
+        with Transaction(self.conn):
+            enqueue(self.conn, event)
+        self.mqtt.wake()
 
     def _status_line(self) -> str:
         if self.degraded:
@@ -454,6 +566,9 @@ class Daemon:
         )
 
     def _state_changed(self) -> bool:
+        if self._state_dirty:
+            self._state_dirty = False
+            return True
         listener = self.listener
         speaking = bool(listener is not None and listener.speaking)
         return self._last_state is None or self._last_state.get("recording") != speaking
@@ -475,6 +590,47 @@ class Daemon:
         value = "ON" if self.listening else "OFF"
         self.mqtt.send(Outgoing("listening/state", value, qos=1, retain=True))
 
+    # --- SIGHUP -----------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the configuration: apply what can change live, report what cannot."""
+        try:
+            fresh = load_settings(self.config_path)
+        except ConfigError as exc:
+            _LOGGER.error("reload refused, keeping the running configuration: %s", exc)
+            self.notifier.status(f"reload failed: {exc}")
+            return
+        for (section, key), value in self.cli_overrides.items():
+            object.__setattr__(getattr(fresh, section), key, value)
+        old, new = self.settings.model_dump(), fresh.model_dump()
+        applied, needs_restart = [], []
+        for section, values in new.items():
+            for key, value in values.items():
+                if old[section][key] == value:
+                    continue
+                name = f"{section}.{key}"
+                if section in _LIVE_SECTIONS or name in _LIVE_KEYS:
+                    # In place (stages hold these section objects); `fresh` validated the values.
+                    object.__setattr__(
+                        getattr(self.settings, section), key, getattr(getattr(fresh, section), key)
+                    )
+                    applied.append(name)
+                else:
+                    needs_restart.append(name)
+        if applied:
+            logging.getLogger().setLevel(self.settings.logging.level)
+            if self.listener is not None:
+                self.listener.update_params(
+                    SegmenterParams.from_settings(self.settings.vad, self.settings.recorder)
+                )
+        _LOGGER.info("reloaded configuration: applied %s", ", ".join(applied) or "nothing")
+        if needs_restart:
+            _LOGGER.warning("these settings need a restart: %s", ", ".join(needs_restart))
+        self.notifier.status(
+            self._status_line()
+            + (f"; restart needed for {', '.join(needs_restart)}" if needs_restart else "")
+        )
+
     # --- stop ------------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -488,6 +644,9 @@ class Daemon:
         self._worker_stop.set()
         self.pipeline.close()
         self.retention.join()
+        if self.conn is not None:
+            self._publish_state()  # the last word before `offline`
+        self._mqtt_stop.set()
         if self.mqtt is not None:
             self.mqtt.join()
         write_heartbeat(self.settings, {**self._snapshot(), "at": 0.0})  # stopped

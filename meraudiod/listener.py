@@ -13,7 +13,8 @@ import numpy as np
 from .audio import FRAME_S, Int16Array, rms_dbfs, to_float32
 from .config import Settings
 from .db import open_db
-from .recordings import Recording, RecordingStore
+from .recordings import MemoryAudio, Recording, RecordingStore
+from .retention import disk_low
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 from .sources import AudioSource, EndOfStream, SourceError
 from .vad import SileroVad
@@ -76,13 +77,21 @@ class Listener:
         # Muted without closing the source (files, stdin): frames are read and replaced by
         # silence, so nothing more is recorded and the stream's timeline stays intact.
         self.muted = False
+        self.memory: MemoryAudio | None = None  # where audio goes while the disk is full
         self.level_dbfs: float | None = None  # loudness of the last frame
         self._thread: threading.Thread | None = None
+        self._segmenter: Segmenter | None = None
 
     def start(self) -> None:
         """Start the listener thread (the source must already be started)."""
         self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
         self._thread.start()
+
+    def update_params(self, params: SegmenterParams) -> None:
+        """New thresholds and timings (SIGHUP), from the next frame on."""
+        self.params = params
+        if self._segmenter is not None:
+            self._segmenter.p = params
 
     def stop(self, timeout_s: float | None = None) -> None:
         """Stop listening; what was being said is saved first."""
@@ -103,7 +112,7 @@ class Listener:
         store = RecordingStore(
             conn, self.settings.storage.audio_dir, self.settings.recorder.audio_format
         )
-        segmenter = Segmenter(self.params)
+        segmenter = self._segmenter = Segmenter(self.params)
         buffer = FrameBuffer()
         stream_t0 = time.time()
         self.vad.reset()
@@ -161,7 +170,10 @@ class Listener:
             started_at=stream_t0 + start_s,
             transcribe=self.settings.asr.enabled,
             in_transaction=self.on_speech_end,
+            memory=self.memory if disk_low(self.settings) else None,
         )
+        if recording is None:
+            return  # the disk and the memory for it are full: reported by the daemon
         self.recordings.append(recording)
         if self.on_recording is not None:
             self.on_recording(recording)

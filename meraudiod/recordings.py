@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sqlite3
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import soundfile
 from ulid import ULID
@@ -34,7 +36,7 @@ class Recording:
     start_s: float
     end_s: float
     duration_s: float
-    audio_path: Path
+    audio_path: Path | None  # None: kept in memory because the disk is too full
     rms_dbfs: float
     closed_at: float
 
@@ -57,6 +59,33 @@ def write_audio_atomically(path: Path, samples: Int16Array, audio_format: str) -
         os.close(dir_fd)
 
 
+class MemoryAudio:
+    """Recordings held in RAM while the disk is too full to write them; bounded."""
+
+    def __init__(self, max_recordings: int = 32) -> None:
+        self.max_recordings = max_recordings
+        self._items: dict[str, Int16Array] = {}
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def put(self, rec_id: str, samples: Int16Array) -> bool:
+        """Keep a recording's audio; False (and counted) when memory is full."""
+        with self._lock:
+            if len(self._items) >= self.max_recordings:
+                self.dropped += 1
+                return False
+            self._items[rec_id] = samples
+            return True
+
+    def pop(self, rec_id: str) -> Int16Array | None:
+        """Take a recording's audio out (once transcribed it is not kept)."""
+        with self._lock:
+            return self._items.pop(rec_id, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class RecordingStore:
     """Writes recordings under `audio_dir` and registers them with a pending job."""
 
@@ -73,17 +102,24 @@ class RecordingStore:
         started_at: float,
         transcribe: bool = True,
         in_transaction: Callable[[sqlite3.Connection, Recording], None] | None = None,
-    ) -> Recording:
+        memory: MemoryAudio | None = None,
+    ) -> Recording | None:
         """Store one utterance; once this returns, a crash cannot lose it.
 
         `in_transaction` runs inside the transaction that inserts the rows (e.g. the
-        speech-end event for the outbox), so both are stored or neither.
+        speech-end event for the outbox), so both are stored or neither. With `memory`
+        (the disk is too full) the audio is kept in RAM for the worker instead of written;
+        None is returned when that memory is full too.
         """
         rec_id = str(ULID())
         duration_s = samples.size / SAMPLE_RATE_HZ
-        day = Path(*_day_parts(started_at))
-        path = self.audio_dir / day / f"{rec_id}.{self.audio_format}"
-        write_audio_atomically(path, samples, self.audio_format)
+        path: Path | None = None
+        if memory is None:
+            path = self.audio_dir / Path(*_day_parts(started_at)) / f"{rec_id}.{self.audio_format}"
+            write_audio_atomically(path, samples, self.audio_format)
+        elif not memory.put(rec_id, samples):
+            _LOGGER.error("disk full and memory full: recording of %.1f s dropped", duration_s)
+            return None
         recording = Recording(
             id=rec_id,
             source=source,
@@ -110,7 +146,7 @@ class RecordingStore:
                         start_s,
                         recording.end_s,
                         duration_s,
-                        str(path),
+                        str(path) if path else None,
                         recording.rms_dbfs,
                         recording.closed_at,
                         "pending" if transcribe else "done",
@@ -121,7 +157,10 @@ class RecordingStore:
                 if in_transaction is not None:
                     in_transaction(self.conn, recording)
         except BaseException:
-            path.unlink(missing_ok=True)
+            if path is not None:
+                path.unlink(missing_ok=True)
+            elif memory is not None:
+                memory.pop(rec_id)
             raise
         _LOGGER.info(
             "recording %s: %.2f s from %s at %.2f s, %.1f dBFS",
@@ -141,8 +180,13 @@ def _day_parts(wall_s: float) -> tuple[str, str, str]:
     return f"{t.tm_year:04d}", f"{t.tm_mon:02d}", f"{t.tm_mday:02d}"
 
 
+# Only what this module writes: <audio_dir>/YYYY/MM/DD/<ULID>.<flac|wav>[.part]. Nothing else
+# under audio_dir is ever touched, whatever directory it is configured to be.
+_OWN_FILE: Final = re.compile(r"\d{4}/\d{2}/\d{2}/[0-9A-HJKMNP-TV-Z]{26}\.(flac|wav)(\.part)?")
+
+
 def remove_orphans(conn: sqlite3.Connection, audio_dir: Path) -> int:
-    """Delete half-written files and audio that no recording row points to."""
+    """Delete our half-written files and our audio that no recording row points to."""
     if not audio_dir.is_dir():
         return 0
     known = {
@@ -150,13 +194,16 @@ def remove_orphans(conn: sqlite3.Connection, audio_dir: Path) -> int:
         for row in conn.execute("SELECT audio_path FROM recordings WHERE audio_path IS NOT NULL")
     }
     removed = 0
-    for path in audio_dir.rglob("*"):
-        if path.is_file() and (path.name.endswith(_TMP_SUFFIX) or str(path) not in known):
+    for path in audio_dir.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]/*"):
+        relative = path.relative_to(audio_dir).as_posix()
+        ours = path.is_file() and _OWN_FILE.fullmatch(relative) is not None
+        if ours and (path.name.endswith(_TMP_SUFFIX) or str(path) not in known):
             path.unlink(missing_ok=True)
             removed += 1
-    for folder in sorted((p for p in audio_dir.rglob("*") if p.is_dir()), reverse=True):
-        if not any(folder.iterdir()):
-            folder.rmdir()
+    for day in sorted(audio_dir.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]"), reverse=True):
+        for folder in (day, day.parent, day.parent.parent):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     if removed:
         _LOGGER.warning("removed %d orphaned audio files from %s", removed, audio_dir)
     return removed

@@ -9,6 +9,7 @@ stdin ends.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import threading
@@ -153,7 +154,9 @@ class StdinSource:
     def __init__(self, stream: Any = None, queue_frames: int = 256) -> None:
         self.name = "stdin"
         self.dropped_frames = 0
-        self._stream = stream if stream is not None else sys.stdin.buffer
+        # The raw descriptor, not sys.stdin's buffered reader: a thread blocked in a buffered
+        # read at interpreter exit aborts the process.
+        self._read = stream.read if stream is not None else lambda n: os.read(sys.stdin.fileno(), n)
         self._queue: queue.Queue[Int16Array | None] = queue.Queue(maxsize=queue_frames)
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -168,7 +171,7 @@ class StdinSource:
     def _run(self) -> None:
         leftover = b""
         while not self._stopped.is_set():
-            chunk = self._stream.read(_STDIN_READ_BYTES)
+            chunk = self._read(_STDIN_READ_BYTES)
             if not chunk:
                 break
             data = leftover + chunk

@@ -17,12 +17,19 @@ import soundfile
 
 from . import jobs
 from .asr import Transcriber, Transcript
+from .audio import to_float32
 from .config import Settings
 from .db import Transaction, now, open_db
-from .recordings import delete_recording
+from .recordings import MemoryAudio, delete_recording
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 
 _LOGGER = logging.getLogger(__name__)
+
+
+class AudioLostError(Exception):
+    """A recording's audio is not on disk and not in memory."""
+
+
 _IDLE_WAIT_S = 0.5
 
 
@@ -64,6 +71,7 @@ class Worker:
         # (events in the outbox) is committed together with it or not at all.
         self.on_stored: list[Callable[[sqlite3.Connection, TranscribedRecording], None]] = []
         self.speakers: SpeakerStage | None = None  # diarization + identification, when enabled
+        self.memory: MemoryAudio | None = None  # audio held while the disk is full
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.busy = False
@@ -129,11 +137,17 @@ class Worker:
 
     def _transcribe(self, conn: sqlite3.Connection, job: jobs.Job) -> TranscribedRecording | None:
         row = conn.execute("SELECT * FROM recordings WHERE id=?", (job.recording_id,)).fetchone()
-        if row is None or not row["audio_path"]:
-            with Transaction(conn):  # deleted or purged meanwhile: nothing to do
+        if row is None:
+            with Transaction(conn):  # deleted meanwhile: nothing to do
                 jobs.complete(conn, job.id)
             return None
-        audio, _ = soundfile.read(Path(row["audio_path"]), dtype="float32")
+        if row["audio_path"]:
+            audio, _ = soundfile.read(Path(row["audio_path"]), dtype="float32")
+        else:  # written to memory only, because the disk was too full
+            held = self.memory.pop(job.recording_id) if self.memory is not None else None
+            if held is None:
+                raise AudioLostError("its audio was never written (disk full) and is gone")
+            audio = to_float32(held)
         t0 = time.perf_counter()
         audio = np.ascontiguousarray(audio, dtype=np.float32)
         transcript = self.transcriber.transcribe(audio)
@@ -174,7 +188,7 @@ class Worker:
             delete_recording(conn, job.recording_id)
             _LOGGER.info("recording %s deleted: a do-not-keep voice", job.recording_id)
             return result
-        if self.settings.retention.keep_audio is False:
+        if self.settings.retention.keep_audio is False and row["audio_path"]:
             _drop_audio(conn, job.recording_id, Path(row["audio_path"]))
         _LOGGER.info(
             "transcript %s (%.2f s, rtf %.2f, latency %.0f ms)%s: %s",
@@ -186,6 +200,7 @@ class Worker:
             transcript.text,
         )
         return result
+
 
 def store_transcript(
     conn: sqlite3.Connection, recording_id: str, transcript: Transcript, model_name: str

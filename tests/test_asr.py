@@ -38,6 +38,9 @@ def seg(text: str, avg_logprob: float = -0.3, no_speech_prob: float = 0.1) -> Se
         (seg("Music", avg_logprob=-0.9), "sound_label"),
         (seg("Beep, beep, beep!"), "sound_label"),
         (seg("..."), "sound_label"),
+        (seg("33."), None),  # a spoken number is speech
+        (seg("268-441-8."), None),
+        (seg("Oh", avg_logprob=-1.2), "sound_label"),
         (seg("I'm going to go back.", avg_logprob=-1.7), "low_confidence"),
         (seg(""), "empty"),
     ],

@@ -20,7 +20,7 @@ def test_bench_reports_figures_with_ratios_against_the_bare_library(env: dict[st
         "asr_passage_rtf",
         "asr_passage_ratio_vs_bare",
         "latency_ms_median",
-        "peak_rss_mb",
+        "daemon_peak_rss_mb",
         "disk_write_mb_per_recorded_hour",
         "audio_mb_per_recorded_hour",
     ):

@@ -70,9 +70,12 @@ def request(sub: Subscriber, command: str, payload: bytes | str, timeout_s: floa
     return sub.on(f"/response/{command}")[-1].json()
 
 
-def test_file_run_end_to_end(env: dict[str, str], broker: Broker) -> None:
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_file_run_end_to_end(env: dict[str, str], broker: Broker, protocol: str) -> None:
     sub = Subscriber(broker.port, [f"{BASE}/#", "homeassistant/#"])
-    result = cli("run", "--source", "demo", env=mqtt_env(env, broker))
+    result = cli(
+        "run", "--source", "demo", env=mqtt_env(env, broker, MERAUDIOD_MQTT__PROTOCOL=protocol)
+    )
     assert result.returncode == 0, result.stderr
     sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH), 15)
     sub.wait_for(lambda: sub.on("/status") and sub.on("/status")[-1].payload == b"offline", 10)
@@ -131,6 +134,7 @@ def test_commands_listening_and_bad_payloads(env: dict[str, str], broker: Broker
         assert got["data"]["id"] == rec_id and got["data"]["segments"]
         searched = request(sub, "recordings/list", json.dumps({"search": "amiable"}))
         assert len(searched["data"]) == 2
+        assert request(sub, "speakers/list", "{}")["data"] == []
         config = request(sub, "config/get", "")
         assert config["status"] == "ok" and "password" not in config["data"]["mqtt"]
 
@@ -145,6 +149,11 @@ def test_commands_listening_and_bad_payloads(env: dict[str, str], broker: Broker
             ("status", "x" * 20000, "too large"),
             ("recordings/delete", json.dumps({"ids": [rec_id]}), "allow_admin_commands"),
             ("purge", json.dumps({"older_than_days": 1}), "allow_admin_commands"),
+            (
+                "speakers/enroll",
+                json.dumps({"name": "X", "recording_ids": [rec_id]}),
+                "allow_admin",
+            ),
         ]:
             reply = request(sub, command, payload)
             assert reply["status"] == "error" and message in reply["error"], (command, reply)

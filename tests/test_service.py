@@ -4,7 +4,6 @@ the install script, and a backlog built faster than real time."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket

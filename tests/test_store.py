@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 
 from meraudiod import jobs
@@ -49,9 +50,9 @@ def test_save_writes_audio_and_rows_together(settings: Settings) -> None:
 def test_orphans_and_half_written_files_are_removed(settings: Settings) -> None:
     s = store(settings)
     kept = s.save(SPEECH, source="x", start_s=0.0, started_at=1000.0)
-    orphan = kept.audio_path.with_name("01ORPHAN.flac")
+    orphan = kept.audio_path.with_name("01M89AY2FTNHNGP6MBNKJA4H0J.flac")
     orphan.write_bytes(kept.audio_path.read_bytes())
-    partial = kept.audio_path.with_name("01HALF.flac.part")
+    partial = kept.audio_path.with_name("01M89AY2HYHZ863J8AWD7NPJEM.flac.part")
     partial.write_bytes(b"half")
     assert remove_orphans(s.conn, settings.storage.audio_dir) == 2
     assert kept.audio_path.is_file() and not orphan.exists() and not partial.exists()
@@ -157,3 +158,37 @@ def test_sigkill_during_writes_leaves_only_whole_recordings(
     for row in rows:
         assert soundfile.info(row["audio_path"]).frames == round(row["duration_s"] * 16000)
     assert jobs.counts(conn)["pending"] == len(rows)
+
+
+def test_orphan_removal_touches_only_our_own_files(settings: Settings, tmp_path: Path) -> None:
+    """Even pointed at a directory full of other things, start-up recovery deletes nothing
+    but its own half-written and unregistered recordings."""
+    elsewhere = tmp_path / "somebody_elses"
+    (elsewhere / "2026" / "11" / "25").mkdir(parents=True)
+    precious = [
+        elsewhere / "notes.txt",
+        elsewhere / "2026" / "11" / "25" / "song.flac",
+        elsewhere / ".git" / "HEAD",
+    ]
+    precious[2].parent.mkdir()
+    for path in precious:
+        path.write_text("keep me")
+    ours = elsewhere / "2026" / "11" / "25" / "01M89AY2FTNHNGP6MBNKJA4H0J.flac"
+    ours.write_bytes(b"x")
+    half = elsewhere / "2026" / "11" / "25" / "01M89AY2HYHZ863J8AWD7NPJEM.flac.part"
+    half.write_bytes(b"x")
+    conn = open_db(settings.storage.db_path)
+    assert remove_orphans(conn, elsewhere) == 2
+    assert all(p.read_text() == "keep me" for p in precious)
+    assert not ours.exists() and not half.exists()
+
+
+def test_an_empty_path_is_never_the_current_directory(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meraudiod.config import load_settings
+
+    monkeypatch.setenv("MERAUDIOD_STORAGE__TMP_AUDIO_DIR", "")
+    settings = load_settings()
+    assert settings.storage.tmp_audio_dir is None
+    assert settings.storage.audio_dir == settings.storage.data_dir / "audio"
