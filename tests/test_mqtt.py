@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -103,7 +104,9 @@ def test_file_run_end_to_end(env: dict[str, str], broker: Broker, protocol: str)
         assert event["event_type"] == "transcript" and event["model"] == "tiny.en"
         assert event["segments"] and event["latency_ms"] > 0 and event["rtf"] > 0
         assert len(event["recording_id"]) == 26 and len(event["event_id"]) == 26
-        assert truth["text"].split()[-1] in event["text"].lower()
+        said = set(re.findall(r"[a-z]+", event["text"].lower()))
+        words = truth["text"].split()
+        assert sum(w in said for w in words) >= 0.7 * len(words)  # tiny.en's slips allowed
     speech = [m.json() for m in sub.on("/event/speech")]
     assert [s["type"] for s in speech] == ["start", "end"] * len(DEMO_TRUTH)
     # no audio ever goes over MQTT: every payload is short text
