@@ -254,8 +254,8 @@ class Daemon:
         self.mqtt.wake()
 
     def _transcript_event(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
-        if result.suspect:
-            return  # not speech: stored, flagged, never published as speech
+        if result.suspect or result.opt_out:
+            return  # not speech, or a voice that asked not to be kept: never published
         row = conn.execute(
             "SELECT started_at, ended_at, duration_s, rms_dbfs, model FROM recordings WHERE id=?",
             (result.recording_id,),
