@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from .asr import Segment, Transcript, Word
 from .audio import SAMPLE_RATE_HZ, Float32Array
+from .onnx import OnnxLoadError, cpu_session
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -107,23 +108,9 @@ class SegmentationModel:
 
     def __init__(self, model_path: Path, threads: int = 1) -> None:
         try:
-            import onnxruntime
-        except ImportError as exc:  # pragma: no cover - a core dependency
-            raise DiarizationError(
-                "onnxruntime is not installed (pip install onnxruntime)"
-            ) from exc
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        try:
-            self._session = onnxruntime.InferenceSession(
-                str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise DiarizationError(f"cannot load segmentation model {model_path}: {exc}") from exc
+            self._session = cpu_session(model_path, threads, "segmentation model")
+        except OnnxLoadError as exc:
+            raise DiarizationError(str(exc)) from exc
 
     def window(self, audio: Float32Array) -> npt.NDArray[np.int8]:
         """Active local speakers per frame [frames, 3] for up to 10 s of audio."""

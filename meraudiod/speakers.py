@@ -40,6 +40,7 @@ from .diarization import (
     gather,
 )
 from .features import MIN_SAMPLES, fbank
+from .onnx import OnnxLoadError, cpu_session
 
 _LOGGER = logging.getLogger(__name__)
 EMBEDDING_DIM: Final = 192
@@ -70,21 +71,9 @@ class SpeakerEmbedder:
 
     def __init__(self, model_path: Path, model: str, threads: int = 1) -> None:
         try:
-            import onnxruntime
-        except ImportError as exc:  # pragma: no cover - a core dependency
-            raise SpeakerError("onnxruntime is not installed (pip install onnxruntime)") from exc
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        try:
-            self._session = onnxruntime.InferenceSession(
-                str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise SpeakerError(f"cannot load speaker model {model_path}: {exc}") from exc
+            self._session = cpu_session(model_path, threads, "speaker model")
+        except OnnxLoadError as exc:
+            raise SpeakerError(str(exc)) from exc
         self.model = model
 
     def __call__(self, audio: Float32Array) -> Float32Array:

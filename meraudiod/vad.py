@@ -8,6 +8,7 @@ from typing import Final
 import numpy as np
 
 from .audio import FRAME_SAMPLES, Float32Array
+from .onnx import OnnxLoadError, cpu_session
 
 _CONTEXT_SAMPLES: Final = 64  # the v6 model sees the tail of the previous frame
 _STATE_SHAPE: Final = (1, 1, 128)
@@ -21,22 +22,10 @@ class SileroVad:
     """Silero VAD with its LSTM state and audio context carried from frame to frame."""
 
     def __init__(self, model_path: Path, threads: int = 1) -> None:
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Spinning threads would burn most of a core between our 32 ms frames.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        options.enable_cpu_mem_arena = False
-        options.log_severity_level = 3
         try:
-            self._session = onnxruntime.InferenceSession(
-                str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise VadError(f"cannot load VAD model {model_path}: {exc}") from exc
+            self._session = cpu_session(model_path, threads, "VAD model")
+        except OnnxLoadError as exc:
+            raise VadError(str(exc)) from exc
         self.reset()
 
     def reset(self) -> None:
