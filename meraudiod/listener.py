@@ -17,6 +17,7 @@ from .recordings import MemoryAudio, Recording, RecordingStore
 from .retention import disk_low
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 from .sources import AudioSource, EndOfStream, SourceError
+from .stage import StageThread
 from .vad import SileroVad
 
 _LOGGER = logging.getLogger(__name__)
@@ -47,8 +48,10 @@ class FrameBuffer:
         return np.concatenate(chunk) if chunk else np.zeros(0, dtype=np.int16)
 
 
-class Listener:
+class Listener(StageThread):
     """Runs one source through VAD and the segmenter on a named thread, saving utterances."""
+
+    thread_name = "listener"
 
     def __init__(
         self,
@@ -79,13 +82,7 @@ class Listener:
         self.muted = False
         self.memory: MemoryAudio | None = None  # where audio goes while the disk is full
         self.level_dbfs: float | None = None  # loudness of the last frame
-        self._thread: threading.Thread | None = None
         self._segmenter: Segmenter | None = None
-
-    def start(self) -> None:
-        """Start the listener thread (the source must already be started)."""
-        self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
-        self._thread.start()
 
     def update_params(self, params: SegmenterParams) -> None:
         """New thresholds and timings (SIGHUP), from the next frame on."""
@@ -97,15 +94,6 @@ class Listener:
         """Stop listening; what was being said is saved first."""
         self.stop_event.set()
         self.join(timeout_s)
-
-    def join(self, timeout_s: float | None = None) -> None:
-        """Wait for the thread to end."""
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-
-    def is_alive(self) -> bool:
-        """Whether the thread runs."""
-        return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
         conn = open_db(self.settings.storage.db_path)

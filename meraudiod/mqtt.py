@@ -29,6 +29,7 @@ from . import __version__
 from .commands import get_kv, set_kv
 from .config import Settings
 from .db import Transaction, now, open_db
+from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
 _LOOP_S: Final = 0.1
@@ -112,8 +113,10 @@ def connect(client: paho.Client, settings: Settings) -> None:
     client.connect(m.host, m.port, m.keepalive_s, clean_start=False, properties=props)
 
 
-class MqttLink:
+class MqttLink(StageThread):
     """Connection, subscriptions, discovery, outbox delivery; on its own thread."""
+
+    thread_name = "mqtt"
 
     def __init__(
         self,
@@ -133,7 +136,6 @@ class MqttLink:
         self._outgoing: queue.Queue[Outgoing] = queue.Queue(maxsize=1000)
         self._retained: dict[str, Outgoing] = {}  # republished on every connect
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
         self._client: paho.Client | None = None
         self._connected_at = 0.0
         self._pending_subs: set[int] = set()
@@ -142,22 +144,11 @@ class MqttLink:
         self._republish_discovery = False
         self._backoff_s = _BACKOFF_MIN_S
         self._ever_tried = False
+        # Events created while there was no connection are sent late and say so.
+        self._offline_since: float | None = None
+        self._replay_before = 0.0
 
     # --- called from other threads ---------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the MQTT thread; it connects (and keeps reconnecting) by itself."""
-        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
-        self._thread.start()
-
-    def is_alive(self) -> bool:
-        """Whether the thread runs."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def join(self, timeout_s: float | None = None) -> None:
-        """Wait for the thread to end (it publishes `offline` on the way out)."""
-        if self._thread is not None:
-            self._thread.join(timeout_s)
 
     def wake(self) -> None:
         """New rows in the outbox."""
@@ -218,6 +209,7 @@ class MqttLink:
         except (OSError, ssl.SSLError, ValueError) as exc:
             self.last_error = f"cannot connect to {m.host}:{m.port}: {exc}"
             _LOGGER.warning("MQTT %s", self.last_error)
+            self._offline_since = self._offline_since or now()
             return False
         # CONNACK arrives through the loop; on_connect decides.
         deadline = time.monotonic() + 10.0
@@ -226,6 +218,8 @@ class MqttLink:
                 break
             if self.last_error and self.last_error.startswith("refused"):
                 break  # the broker said no: wait for the backoff
+        if not self.connected:
+            self._offline_since = self._offline_since or now()
         return self.connected
 
     def _next_backoff(self) -> float:
@@ -234,6 +228,7 @@ class MqttLink:
         return delay
 
     def _lost(self, reason: str) -> None:
+        self._offline_since = self._offline_since or now()
         self.connected = self.online = False
         self.last_error = reason
         _LOGGER.warning("MQTT connection lost: %s", reason)
@@ -268,6 +263,8 @@ class MqttLink:
         self.connected = True
         self.last_error = None
         self._connected_at = now()
+        self._replay_before = self._connected_at if self._offline_since is not None else 0.0
+        self._offline_since = None
         self._backoff_s = _BACKOFF_MIN_S
         # What was in flight stays in flight: paho resends it (DUP) and its PUBACK clears it.
         _LOGGER.info("MQTT connected to %s:%d", self.settings.mqtt.host, self.settings.mqtt.port)
@@ -354,7 +351,7 @@ class MqttLink:
             return
         payload = json.loads(row["payload"])
         created_at = float(row["created_at"])
-        if created_at < self._connected_at - 1.0 or now() - created_at > _REPLAYED_AFTER_S:
+        if created_at < self._replay_before or now() - created_at > _REPLAYED_AFTER_S:
             payload["replayed"] = True
         info = client.publish(
             f"{self.base}/{row['topic']}", json.dumps(payload, ensure_ascii=False), qos=row["qos"]

@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import Settings
 from .db import Transaction, now, open_db
 from .recordings import delete_recordings
+from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
 _DAY_S = 86400.0
@@ -116,28 +117,15 @@ def disk_low(settings: Settings) -> bool:
     return disk_free_mb(settings.storage.data_dir) < settings.retention.min_free_disk_mb
 
 
-class Retention:
+class Retention(StageThread):
     """The periodic sweep on a named thread."""
+
+    thread_name = "retention"
 
     def __init__(self, settings: Settings, stop: threading.Event) -> None:
         self.settings = settings
         self.stop_event = stop
-        self._thread: threading.Thread | None = None
         self.last_result = PurgeResult()
-
-    def start(self) -> None:
-        """Sweep now, then every sweep_interval_s."""
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
-        self._thread.start()
-
-    def is_alive(self) -> bool:
-        """Whether the thread runs."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def join(self, timeout_s: float | None = None) -> None:
-        """Wait for the thread to end."""
-        if self._thread is not None:
-            self._thread.join(timeout_s)
 
     def _run(self) -> None:
         conn = open_db(self.settings.storage.db_path)

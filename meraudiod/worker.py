@@ -22,6 +22,7 @@ from .config import Settings
 from .db import Transaction, now, open_db
 from .recordings import MemoryAudio, delete_recording
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
+from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -53,8 +54,10 @@ class TranscribedRecording:
     opt_out: bool = False
 
 
-class Worker:
+class Worker(StageThread):
     """Drains the jobs table in order on a named thread; one bad recording never stops it."""
+
+    thread_name = "worker"
 
     def __init__(
         self,
@@ -73,27 +76,12 @@ class Worker:
         self.speakers: SpeakerStage | None = None  # diarization + identification, when enabled
         self.memory: MemoryAudio | None = None  # audio held while the disk is full
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
         self.busy = False
         self.last_error: str | None = None
-
-    def start(self) -> None:
-        """Start the worker thread."""
-        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
-        self._thread.start()
 
     def wake(self) -> None:
         """A new job is waiting: look now rather than at the next poll."""
         self._wake.set()
-
-    def is_alive(self) -> bool:
-        """Whether the thread runs."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def join(self, timeout_s: float | None = None) -> None:
-        """Wait for the thread to finish its current job and end."""
-        if self._thread is not None:
-            self._thread.join(timeout_s)
 
     def _run(self) -> None:
         conn = open_db(self.settings.storage.db_path)
