@@ -250,8 +250,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def status(conn: sqlite3.Connection, settings: Settings) -> dict[str, Any]:
-    """Everything an admin wants at a glance, from the database and the daemon's heartbeat."""
+def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) -> dict[str, Any]:
+    """Everything an admin wants at a glance, from the database and the daemon's heartbeat.
+
+    disk_use=False skips walking the data directory (the daemon's frequent state updates).
+    """
     heartbeat = read_heartbeat(settings) or {}
     age_s = now() - float(heartbeat.get("at", 0))
     running = bool(heartbeat) and age_s < HEARTBEAT_STALE_S and _pid_alive(int(heartbeat["pid"]))
@@ -275,7 +278,11 @@ def status(conn: sqlite3.Connection, settings: Settings) -> dict[str, Any]:
     ).fetchone()
     outbox = conn.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
     data_dir = settings.storage.data_dir
-    used_mb = sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file()) / 1e6
+    used_mb = (
+        sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file()) / 1e6
+        if disk_use
+        else None
+    )
     return {
         "running": running,
         "pid": heartbeat.get("pid") if running else None,
@@ -303,7 +310,7 @@ def status(conn: sqlite3.Connection, settings: Settings) -> dict[str, Any]:
             "speakers": settings.speakers.model if settings.speakers.enabled else None,
         },
         "data_dir": str(data_dir),
-        "disk_used_mb": round(used_mb, 1),
+        "disk_used_mb": round(used_mb, 1) if used_mb is not None else None,
         "disk_free_mb": round(disk_free_mb(data_dir), 1),
         "version": __version__,
     }
@@ -435,7 +442,7 @@ def _speakers_delete(ctx: CommandContext, args: DeleteSpeakerArgs) -> Any:
     from .profiles import delete
 
     deleted = _profiles(lambda: delete(ctx.conn, args.name, args.recordings))
-    return asdict(deleted)
+    return {"name": args.name, **asdict(deleted)}
 
 
 def _config_get(ctx: CommandContext, args: NoArgs) -> Any:

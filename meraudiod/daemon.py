@@ -27,6 +27,7 @@ from .db import Transaction, open_db
 from .listener import Listener
 from .messages import (
     ErrorEvent,
+    Event,
     SegmentPayload,
     SpeakerEvent,
     SpeechEvent,
@@ -50,6 +51,7 @@ _STATE_EVERY_S: Final = 30.0
 _AUDIO_STALL_S: Final = 5.0  # no frame for this long while listening: the microphone is gone
 _MIC_RETRY_MAX_S: Final = 60.0
 _LISTENING_KEY: Final = "listening"
+_SPEAKER_EVENTS: Final = {"speakers/enroll": "enrolled", "speakers/delete": "deleted"}
 # What SIGHUP can change while running; everything else is reported as needing a restart.
 _LIVE_SECTIONS: Final = frozenset({"recorder", "retention", "logging"})
 _LIVE_KEYS: Final = frozenset(
@@ -427,11 +429,16 @@ class Daemon:
             runtime=self,
         )
         response = dispatch(context, item.name, item.payload)
-        if response.status == "ok" and item.name in ("speakers/enroll", "speakers/delete"):
-            name = response.data.get("name") if item.name == "speakers/enroll" else None
-            self._speaker_event(
-                "enrolled" if item.name == "speakers/enroll" else "deleted",
-                name or json.loads(item.payload).get("name"),
+        kind = _SPEAKER_EVENTS.get(item.name)
+        if response.status == "ok" and kind is not None:
+            m = self.settings.mqtt
+            self._publish_event(
+                SpeakerEvent(
+                    node_id=m.node_id,
+                    area=m.area,
+                    event_type=kind,
+                    name=response.data["name"],
+                )
             )
         if self.mqtt is not None:
             from .mqtt import Outgoing
@@ -439,11 +446,10 @@ class Daemon:
             self.mqtt.send(Outgoing(response.topic, json.dumps(response.to_payload(), default=str)))
         self._publish_state()
 
-    def _speaker_event(self, kind: str, name: str | None) -> None:
+    def _publish_event(self, event: Event) -> None:
+        """An event of the main thread's own (not part of a recording's transaction)."""
         if self.mqtt is None or self.conn is None:
             return
-        m = self.settings.mqtt
-        event = SpeakerEvent(node_id=m.node_id, area=m.area, event_type=kind, name=name)
         with Transaction(self.conn):
             enqueue(self.conn, event)
         self.mqtt.wake()
@@ -490,23 +496,21 @@ class Daemon:
         if low:
             self.disk_problem = f"disk almost full ({free_mb:.0f} MB free): audio not written"
             _LOGGER.error("%s", self.disk_problem)
-            self._error_event("storage", self.disk_problem, {"free_mb": round(free_mb)})
+            m = self.settings.mqtt
+            self._publish_event(
+                ErrorEvent(
+                    node_id=m.node_id,
+                    area=m.area,
+                    component="storage",
+                    error=self.disk_problem,
+                    context={"free_mb": round(free_mb)},
+                )
+            )
         else:
             _LOGGER.info("disk space is back (%.0f MB free)", free_mb)
             self.disk_problem = None
         self.notifier.status(self._status_line())
         self._publish_state()
-
-    def _error_event(self, component: str, error: str, context: dict[str, Any]) -> None:
-        if self.mqtt is None or self.conn is None:
-            return
-        m = self.settings.mqtt
-        event = ErrorEvent(
-            node_id=m.node_id, area=m.area, component=component, error=error, context=context
-        )
-        with Transaction(self.conn):
-            enqueue(self.conn, event)
-        self.mqtt.wake()
 
     def _status_line(self) -> str:
         if self.degraded:
@@ -542,7 +546,7 @@ class Daemon:
 
     def _state(self) -> State:
         assert self.conn is not None
-        info = status(self.conn, self.settings)
+        info = status(self.conn, self.settings, disk_use=False)
         snap = self._snapshot()
         last = info["last_transcript"] or {}
         return State(

@@ -81,8 +81,14 @@ class Listener(StageThread):
         # silence, so nothing more is recorded and the stream's timeline stays intact.
         self.muted = False
         self.memory: MemoryAudio | None = None  # where audio goes while the disk is full
-        self.level_dbfs: float | None = None  # loudness of the last frame
+        self._last_frame: Int16Array | None = None  # for the level, measured when asked
         self._segmenter: Segmenter | None = None
+
+    @property
+    def level_dbfs(self) -> float | None:
+        """Loudness of the last frame heard (None while muted); computed only when read."""
+        frame = self._last_frame
+        return rms_dbfs(frame) if frame is not None else None
 
     def update_params(self, params: SegmenterParams) -> None:
         """New thresholds and timings (SIGHUP), from the next frame on."""
@@ -116,10 +122,10 @@ class Listener(StageThread):
                 self.last_frame_at = time.monotonic()
                 if self.muted:
                     frame = np.zeros_like(frame)
-                    self.last_prob, self.level_dbfs = 0.0, None
+                    self.last_prob, self._last_frame = 0.0, None
                 else:
                     self.last_prob = self.vad(to_float32(frame))
-                    self.level_dbfs = rms_dbfs(frame)
+                    self._last_frame = frame
                 buffer.append(frame)
                 for event in segmenter.push(self.last_prob):
                     self._handle(event, buffer, store, stream_t0)

@@ -92,7 +92,6 @@ def test_ready_watchdog_and_stopping_under_simulated_systemd(
         time.sleep(10.0)
         late = [t for t in notify.times("WATCHDOG=1") if t > stalled_at + 7.0]
         assert late == []  # systemd would now restart us
-        assert any(t > stalled_at for t in notify.times("WATCHDOG=1")) or True
 
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
