@@ -579,9 +579,12 @@ def jobs_cmd(config_path: Path | None, as_json: bool, retry_failed: bool) -> Non
     click.echo(" ".join(f"{k}={v}" for k, v in counts.items()))
     for job in backlog:
         error = f"  {job['error']}" if job["error"] else ""
+        due = ""
+        if job["state"] == "pending" and job["not_before"]:
+            due = f" retry={_fmt_time(job['not_before'])}"
         click.echo(
             f"{job['id']:6d} {job['state']:<8} {job['recording_id']} "
-            f"attempts={job['attempts']}{error}"
+            f"attempts={job['attempts']}{due}{error}"
         )
 
 

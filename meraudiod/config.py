@@ -145,6 +145,9 @@ class AsrSettings(Section):
         -1.0, description="Segments below this average log-probability are low-confidence"
     )
     max_attempts: int = Field(3, ge=1, description="Tries before a job is left failed")
+    retry_delay_s: float = Field(
+        30.0, ge=0, description="Wait before the second try; doubles for each later one"
+    )
     job_lease_s: float = Field(600.0, gt=0, description="How long a claimed job stays claimed")
 
 

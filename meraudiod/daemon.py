@@ -61,6 +61,7 @@ _LIVE_KEYS: Final = frozenset(
         "asr.no_speech_threshold",
         "asr.logprob_threshold",
         "asr.max_attempts",
+        "asr.retry_delay_s",
         "speakers.threshold",
         "speakers.margin",
         "mqtt.allow_admin_commands",
@@ -142,9 +143,19 @@ class Pipeline:
         return counts["pending"] + counts["running"]
 
     def drain(self) -> None:
-        """Wait until every job is done or failed (or stop is set)."""
+        """Wait until every job is done or failed (or stop is set).
+
+        The input has ended and somebody waits for the results, so failed recordings are
+        retried at once rather than after asr.retry_delay_s.
+        """
         if self.worker is None:
             return
+        self.worker.retry_at_once = True
+        conn = open_db(self.settings.storage.db_path)
+        try:
+            jobs.retry_now(conn)
+        finally:
+            conn.close()
         while not self.stop_event.is_set() and self.backlog() > 0 and self.worker.is_alive():
             self.worker.wake()
             time.sleep(_POLL_S)

@@ -125,6 +125,10 @@ _MIGRATIONS: Final[Sequence[str]] = (
         value TEXT NOT NULL
     );
     """,
+    # 4: a failed attempt is retried after a delay, not at once
+    """
+    ALTER TABLE jobs ADD COLUMN not_before REAL;  -- wall clock; NULL means now
+    """,
 )
 
 

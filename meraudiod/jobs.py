@@ -42,14 +42,15 @@ def enqueue(conn: sqlite3.Connection, recording_id: str, kind: str = "transcribe
 
 
 def claim(conn: sqlite3.Connection, lease_s: float, owner: str | None = None) -> Job | None:
-    """Take the oldest pending job, leased to this process for `lease_s` seconds."""
+    """Take the oldest pending job that is due, leased to this process for `lease_s` seconds."""
     t = now()
     with Transaction(conn):
         row = conn.execute(
             "UPDATE jobs SET state='running', attempts=attempts+1, lease_until=?, owner=?,"
             " updated_at=? WHERE id = (SELECT id FROM jobs WHERE state='pending'"
-            " ORDER BY id LIMIT 1) RETURNING id, recording_id, kind, attempts",
-            (t + lease_s, owner or owner_id(), t),
+            " AND (not_before IS NULL OR not_before <= ?) ORDER BY id LIMIT 1)"
+            " RETURNING id, recording_id, kind, attempts",
+            (t + lease_s, owner or owner_id(), t, t),
         ).fetchone()
     if row is None:
         return None
@@ -64,16 +65,28 @@ def complete(conn: sqlite3.Connection, job_id: int) -> None:
     )
 
 
-def fail(conn: sqlite3.Connection, job_id: int, error: str, max_attempts: int) -> bool:
+def fail(
+    conn: sqlite3.Connection, job_id: int, error: str, max_attempts: int, retry_delay_s: float
+) -> bool:
     """Record the error; the job goes back to pending until it has used max_attempts.
 
-    Returns True when the job is now failed for good.
+    The next attempt waits retry_delay_s, doubling with each attempt, so a recording that
+    fails for a passing reason (memory, a busy disk) is not retried in a tight loop while the
+    jobs behind it go on. Returns True when the job is now failed for good.
     """
     row = conn.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
-    final = row is None or int(row["attempts"]) >= max_attempts
+    attempts = int(row["attempts"]) if row is not None else max_attempts
+    final = attempts >= max_attempts
+    t = now()
     conn.execute(
-        "UPDATE jobs SET state=?, lease_until=NULL, error=?, updated_at=? WHERE id=?",
-        ("failed" if final else "pending", error[:2000], now(), job_id),
+        "UPDATE jobs SET state=?, lease_until=NULL, error=?, not_before=?, updated_at=? WHERE id=?",
+        (
+            "failed" if final else "pending",
+            error[:2000],
+            None if final else t + retry_delay_s * 2 ** (attempts - 1),
+            t,
+            job_id,
+        ),
     )
     return final
 
@@ -115,8 +128,18 @@ def retry_failed(conn: sqlite3.Connection) -> int:
     """Give every failed job a fresh set of attempts."""
     with Transaction(conn):
         cur = conn.execute(
-            "UPDATE jobs SET state='pending', attempts=0, updated_at=? WHERE state='failed'",
+            "UPDATE jobs SET state='pending', attempts=0, not_before=NULL, updated_at=?"
+            " WHERE state='failed'",
             (now(),),
+        )
+    return cur.rowcount
+
+
+def retry_now(conn: sqlite3.Connection) -> int:
+    """Pending jobs waiting for their retry time become due now."""
+    with Transaction(conn):
+        cur = conn.execute(
+            "UPDATE jobs SET not_before=NULL WHERE state='pending' AND not_before IS NOT NULL"
         )
     return cur.rowcount
 
@@ -132,8 +155,9 @@ def counts(conn: sqlite3.Connection) -> dict[str, int]:
 def backlog(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Pending, running and failed jobs, oldest first, with their errors."""
     rows = conn.execute(
-        "SELECT j.id, j.recording_id, j.kind, j.state, j.attempts, j.error, j.created_at,"
-        " j.updated_at, r.duration_s FROM jobs j JOIN recordings r ON r.id = j.recording_id"
+        "SELECT j.id, j.recording_id, j.kind, j.state, j.attempts, j.error, j.not_before,"
+        " j.created_at, j.updated_at, r.duration_s"
+        " FROM jobs j JOIN recordings r ON r.id = j.recording_id"
         " WHERE j.state != 'done' ORDER BY j.id"
     )
     return [dict(zip(row.keys(), tuple(row), strict=True)) for row in rows]

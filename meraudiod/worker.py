@@ -75,6 +75,8 @@ class Worker(StageThread):
         self.on_stored: list[Callable[[sqlite3.Connection, TranscribedRecording], None]] = []
         self.speakers: SpeakerStage | None = None  # diarization + identification, when enabled
         self.memory: MemoryAudio | None = None  # audio held while the disk is full
+        # Retry a failed recording without asr.retry_delay_s (the input ended: see drain).
+        self.retry_at_once = False
         self._wake = threading.Event()
         self.busy = False
         self.last_error: str | None = None
@@ -111,7 +113,13 @@ class Worker(StageThread):
                 traceback.format_exc(),
             )
             with Transaction(conn):
-                final = jobs.fail(conn, job.id, self.last_error, self.settings.asr.max_attempts)
+                final = jobs.fail(
+                    conn,
+                    job.id,
+                    self.last_error,
+                    self.settings.asr.max_attempts,
+                    0.0 if self.retry_at_once else self.settings.asr.retry_delay_s,
+                )
                 if final:
                     conn.execute(
                         "UPDATE recordings SET status='failed' WHERE id=?", (job.recording_id,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +78,35 @@ def test_fail_retries_then_gives_up(settings: Settings) -> None:
         job = jobs.claim(s.conn, lease_s=60)
         assert job is not None and job.attempts == attempt
         with Transaction(s.conn):
-            final = jobs.fail(s.conn, job.id, f"boom {attempt}", max_attempts=3)
+            final = jobs.fail(s.conn, job.id, f"boom {attempt}", max_attempts=3, retry_delay_s=0)
         assert final is (attempt == 3)
     assert jobs.claim(s.conn, lease_s=60) is None
     (failed,) = jobs.backlog(s.conn)
     assert failed["state"] == "failed" and failed["error"] == "boom 3"
     assert jobs.retry_failed(s.conn) == 1
     assert jobs.claim(s.conn, lease_s=60) is not None
+
+
+def test_a_failed_job_waits_before_its_retry_and_the_rest_go_on(settings: Settings) -> None:
+    s = store(settings)
+    first, second = (s.save(SPEECH, source="x", start_s=i, started_at=1000.0).id for i in range(2))
+    job = jobs.claim(s.conn, lease_s=60)
+    assert job is not None and job.recording_id == first
+    before = time.time()
+    with Transaction(s.conn):
+        assert jobs.fail(s.conn, job.id, "boom", max_attempts=3, retry_delay_s=30) is False
+    (waiting, _) = jobs.backlog(s.conn)
+    assert waiting["state"] == "pending" and 30 <= waiting["not_before"] - before < 31
+    nxt = jobs.claim(s.conn, lease_s=60)  # the first waits; the second is not held up
+    assert nxt is not None and nxt.recording_id == second
+    assert jobs.claim(s.conn, lease_s=60) is None
+    assert jobs.retry_now(s.conn) == 1
+    again = jobs.claim(s.conn, lease_s=60)
+    assert again is not None and again.recording_id == first and again.attempts == 2
+    with Transaction(s.conn):  # the delay doubles with each attempt
+        jobs.fail(s.conn, again.id, "boom", max_attempts=3, retry_delay_s=30)
+    (waiting, _) = jobs.backlog(s.conn)
+    assert 60 <= waiting["not_before"] - before < 62
 
 
 def test_expired_and_orphaned_leases_are_requeued(settings: Settings) -> None:
