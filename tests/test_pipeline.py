@@ -153,3 +153,16 @@ def test_sigkill_mid_backlog_loses_nothing_and_duplicates_nothing(env: dict[str,
     assert dupes == []
     jobs = db_rows(env, "SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
     assert [(j["state"], j["n"]) for j in jobs] == [("done", len(before))]
+
+
+def test_nothing_is_written_outside_the_data_dir(env: dict[str, str], tmp_path: Path) -> None:
+    """No telemetry: onnxruntime 1.32 keeps a device id and an upload queue under
+    ~/.cache/Microsoft unless it is told not to before it starts."""
+    home = tmp_path / "home"
+    home.mkdir()
+    own = {**env, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
+    own.pop("ORT_DISABLE_TELEMETRY", None)
+    result = cli("analyze", str(TEST_DATA / "librivox_0880.wav"), env=own)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
