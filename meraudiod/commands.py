@@ -202,9 +202,11 @@ def list_recordings(conn: sqlite3.Connection, args: ListArgs) -> list[dict[str, 
 
 
 def heartbeat_path(settings: Settings) -> Path:
-    """Where the running daemon says how it is (a small file, rewritten every few seconds)."""
-    runtime = os.environ.get("RUNTIME_DIRECTORY")  # systemd's RuntimeDirectory, a tmpfs
-    return (Path(runtime.split(":")[0]) if runtime else settings.storage.data_dir) / HEARTBEAT_FILE
+    """Where the running daemon says how it is (a small file, rewritten every few seconds).
+
+    From the configuration alone, so that `status` in an admin's shell finds what the
+    service wrote."""
+    return (settings.storage.run_dir or settings.storage.data_dir) / HEARTBEAT_FILE
 
 
 def read_heartbeat(settings: Settings) -> dict[str, Any] | None:

@@ -195,7 +195,7 @@ class EmotionSettings(Section):
 class StorageSettings(Section):
     """Where the database, audio and models live."""
 
-    @field_validator("data_dir", "models_dir", "tmp_audio_dir", mode="before")
+    @field_validator("data_dir", "models_dir", "tmp_audio_dir", "run_dir", mode="before")
     @classmethod
     def _no_empty_path(cls, value: object) -> object:
         # "" would become Path("."): the current directory, never what anyone meant.
@@ -209,6 +209,11 @@ class StorageSettings(Section):
         None,
         description="Write recordings' audio here instead (a tmpfs, with retention.keep_audio"
         " = false: no audio ever reaches the SD card); None = data_dir/audio",
+    )
+    run_dir: Path | None = Field(
+        None,
+        description="The daemon's heartbeat, rewritten every 5 s, which `status` reads: a tmpfs"
+        " such as /run/meraudiod spares the SD card; None = data_dir",
     )
 
     @property

@@ -21,7 +21,15 @@ from typing import Any, Final
 
 from . import __version__, jobs, models
 from .asr import Transcriber
-from .commands import CommandContext, dispatch, get_kv, set_kv, status, write_heartbeat
+from .commands import (
+    CommandContext,
+    dispatch,
+    get_kv,
+    heartbeat_path,
+    set_kv,
+    status,
+    write_heartbeat,
+)
 from .config import ConfigError, Settings, load_settings
 from .db import Transaction, open_db
 from .listener import Listener
@@ -213,6 +221,7 @@ class Daemon:
 
     def start(self) -> None:
         """Store and models, then the sinks (MQTT, worker, retention), then the microphone."""
+        heartbeat_path(self.settings).parent.mkdir(parents=True, exist_ok=True)
         self.pipeline.open()
         self.conn = open_db(self.settings.storage.db_path)
         # A muted microphone stays muted across restarts; a file or stdin always plays.

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from meraudiod.audio import decode_file
+from meraudiod.config import load_settings
 
 from .conftest import DEMO, DEMO_TRUTH, REPO, cli
 
@@ -105,7 +106,9 @@ def test_ready_watchdog_and_stopping_under_simulated_systemd(
         notify.close()
 
 
-def test_status_with_daemon_up_and_down(env: dict[str, str]) -> None:
+def test_status_with_daemon_up_and_down(env: dict[str, str], tmp_path: Path) -> None:
+    # The heartbeat in its own directory (a tmpfs under systemd): status must find it there.
+    env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(tmp_path / "run")}
     down = json.loads(cli("status", "--json", env=env).stdout)
     assert down["running"] is False and down["backlog"] == 0 and down["version"]
     proc = subprocess.Popen(
@@ -127,6 +130,8 @@ def test_status_with_daemon_up_and_down(env: dict[str, str]) -> None:
             time.sleep(0.5)
         assert up["running"] and up["pid"] == proc.pid and up["listening"] is True
         assert up["microphone"] == "stdin" and up["last_transcript"]["text"]
+        assert (tmp_path / "run" / "heartbeat.json").is_file()
+        assert not (Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "heartbeat.json").exists()
         assert up["recordings_today"] == len(DEMO_TRUTH) and up["disk_free_mb"] > 0
         table = cli("status", env=env).stdout
         assert (
@@ -224,7 +229,12 @@ def test_install_into_a_temporary_root_twice(tmp_path: Path) -> None:
         )
     config = (root / "etc/meraudiod/config.toml").read_text()
     assert config.count("# edited by the admin") == 2  # the admin's file was kept
-    assert 'data_dir = "/var/lib/meraudiod"' in config
+    installed = load_settings(root / "etc/meraudiod/config.toml")
+    assert installed.storage.data_dir == Path("/var/lib/meraudiod")
+    assert installed.storage.run_dir == Path("/run/meraudiod")  # the unit's RuntimeDirectory
+    assert (
+        "RuntimeDirectory=meraudiod" in (root / "etc/systemd/system/meraudiod.service").read_text()
+    )
     assert (root / "etc/systemd/system/meraudiod.service").is_file()
     assert (root / "opt/meraudiod/meraudiod/daemon.py").is_file()
     assert oct((root / "etc/meraudiod/environment").stat().st_mode & 0o777) == "0o600"
