@@ -146,10 +146,16 @@ def bench_pipeline(settings: Settings, config_path: str | None, clip: Path) -> d
     """The daemon itself, as a child process on a scratch data dir, fed the clip at real
     time: latency from end of speech to transcript stored, real-time factor, peak memory,
     and disk writes per recorded hour (the kernel's count of bytes the process wrote)."""
-    scratch = Path(tempfile.mkdtemp(prefix="meraudiod-bench-"))
+    # On the data directory's own disk (the one the writes wear), not a tmpfs /tmp.
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=settings.storage.data_dir))
+    # As installed, the heartbeat goes to a tmpfs (the service's RuntimeDirectory).
+    shm = Path("/dev/shm")
+    run_dir = Path(tempfile.mkdtemp(prefix="meraudiod-bench-", dir=shm if shm.is_dir() else None))
     env = {
         **os.environ,
         "MERAUDIOD_STORAGE__DATA_DIR": str(scratch),
+        "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir),
         "MERAUDIOD_STORAGE__MODELS_DIR": str(settings.storage.resolved_models_dir),
         "MERAUDIOD_MQTT__ENABLED": "false",
     }
@@ -201,6 +207,7 @@ def bench_pipeline(settings: Settings, config_path: str | None, clip: Path) -> d
         }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run_bench(
