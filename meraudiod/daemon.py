@@ -209,6 +209,9 @@ class Daemon:
         self._started_at = time.monotonic()
         self._mic_retry_s = 1.0
         self._next_mic_retry = 0.0
+        # The microphone is not there at all (reopening it fails): waiting for it, degraded,
+        # is healthy. One that opens but delivers nothing is a stall, for systemd to restart.
+        self._mic_gone = False
         self._last_state: dict[str, Any] | None = None
         self._state_dirty = False
 
@@ -380,7 +383,8 @@ class Daemon:
         return True
 
     def _healthy(self) -> bool:
-        """Audio arriving (or deliberately muted) and every thread alive."""
+        """Every thread alive, and audio arriving (or muted, or the microphone gone and
+        waited for)."""
         threads_ok = self.retention.is_alive() and (
             self.pipeline.worker is None or self.pipeline.worker.is_alive()
         )
@@ -389,7 +393,7 @@ class Daemon:
         if not self.listening:
             return threads_ok
         listener = self.listener
-        audio_ok = (
+        audio_ok = self._mic_gone or (
             listener is not None
             and listener.is_alive()
             and time.monotonic() - listener.last_frame_at < _AUDIO_STALL_S
@@ -426,8 +430,10 @@ class Daemon:
             self.source.start()
             self._start_listener()
             self._started_at = t
+            self._mic_gone = False
         except SourceError as exc:
             self.mic_problem = f"microphone lost: {exc}"
+            self._mic_gone = True
             _LOGGER.error("%s", exc)
         self._next_mic_retry = t + self._mic_retry_s
         self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)

@@ -1,0 +1,111 @@
+"""The microphone path for real: PortAudio capturing from a sound card (a private PulseAudio
+server's null sink at 48 kHz, see room.py) while speech is played into it in real time, and
+the card unplugged and plugged back in while the daemon runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import soundfile
+
+from meraudiod.audio import decode_file
+
+from .conftest import DEMO, DEMO_TRUTH, cli
+from .room import Room
+from .test_pipeline import db_rows
+from .test_service import NotifySocket
+
+
+@pytest.fixture
+def room(tmp_path: Path) -> Iterator[Room]:
+    room = Room(tmp_path / "room")
+    room.start()
+    yield room
+    room.stop()
+
+
+def clip(tmp_path: Path, name: str, first: int, last: int) -> Path:
+    """Utterances first..last of the demo, with its 2 s pauses, as a 16 kHz WAV."""
+    pcm = decode_file(DEMO)
+    start_s = DEMO_TRUTH[first]["start_s"] - 0.5
+    end_s = DEMO_TRUTH[last]["end_s"] + 1.5
+    path = tmp_path / name
+    soundfile.write(path, pcm[int(start_s * 16000) : int(end_s * 16000)], 16000)
+    return path
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_microphone_records_survives_an_unplug_and_carries_on(
+    env: dict[str, str], room: Room, tmp_path: Path
+) -> None:
+    first, second = clip(tmp_path, "a.wav", 0, 1), clip(tmp_path, "b.wav", 3, 4)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    mic_env = {
+        **room.env,
+        **env,
+        "HOME": room.env["HOME"],
+        "MERAUDIOD_AUDIO__DEVICE": "pulse",
+        "NOTIFY_SOCKET": str(notify.path),
+        "WATCHDOG_USEC": "2000000",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "mic"],
+        env=mic_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    def status() -> dict:
+        return json.loads(cli("status", "--json", env=mic_env).stdout)
+
+    def done() -> int:
+        return len(db_rows(env, "SELECT id FROM recordings WHERE status='done'"))
+
+    try:
+        wait_for(lambda: status()["running"], 60, "the daemon to start")
+        up = status()
+        assert up["microphone"] == "mic:pulse" and not up["degraded"]
+        room.play(first).wait(timeout=60)
+        wait_for(lambda: done() == 2, 60, "two recordings from the microphone")
+
+        room.unplug()
+        wait_for(lambda: bool(status()["degraded"]), 30, "status to say degraded")
+        assert "microphone lost" in status()["degraded"]
+        waiting_since = time.monotonic()
+        time.sleep(6.0)
+        assert proc.poll() is None
+        # Waiting for an unplugged microphone is healthy: systemd must not restart us into a
+        # loop of failed starts, so the watchdog is still fed.
+        assert [t for t in notify.times("WATCHDOG=1") if t > waiting_since]
+        assert any("microphone lost" in m for _, m in notify.messages)
+
+        room.plug_in()
+        wait_for(lambda: not status()["degraded"], 90, "the microphone to be reopened")
+        room.play(second).wait(timeout=60)
+        wait_for(lambda: done() == 4, 60, "two more recordings after the replug")
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=60)
+        notify.close()
+    assert proc.returncode == 0, stderr.decode()
+    assert "reopening" in stderr.decode()
+    texts = [r["text"].lower() for r in db_rows(env, "SELECT text FROM recordings ORDER BY id")]
+    assert len(texts) == 4
+    for text, truth in zip(texts, [DEMO_TRUTH[i] for i in (0, 1, 3, 4)], strict=True):
+        words = set(truth["text"].lower().replace(",", "").replace(".", "").split())
+        heard = set(text.replace(",", "").replace(".", "").split())
+        assert len(words & heard) >= 0.6 * len(words), (text, truth["text"])
