@@ -129,11 +129,11 @@ def bench_asr(settings: Settings, command: np.ndarray, passage: np.ndarray) -> d
 
 def bench_speakers(settings: Settings, audio: np.ndarray) -> dict[str, Any]:
     """Speaker-embedding cost per second of audio, when the model is installed."""
-    from .speakers import SpeakerEmbedder, SpeakerError, _onnx_file
+    from .voiceprints import SpeakerEmbedder, SpeakerError, onnx_file
 
     spk = settings.speakers
     try:
-        path = _onnx_file(models.resolve(spk.model, settings.storage.resolved_models_dir))
+        path = onnx_file(models.resolve(spk.model, settings.storage.resolved_models_dir))
         embedder = SpeakerEmbedder(path, spk.model, spk.threads)
     except (models.ModelError, SpeakerError) as exc:  # not exported on this device
         return {"speaker_embedding_ms_per_audio_s": None, "speaker_note": str(exc)[:200]}

@@ -355,3 +355,44 @@ def load_settings(path: str | Path | None = None) -> Settings:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, source)) from exc
+
+
+# What SIGHUP can change while running; everything else is reported as needing a restart.
+_LIVE_SECTIONS: Final = frozenset({"recorder", "retention", "logging"})
+_LIVE_KEYS: Final = frozenset(
+    {
+        "vad.start_threshold",
+        "vad.end_threshold",
+        "asr.no_speech_threshold",
+        "asr.logprob_threshold",
+        "asr.max_attempts",
+        "asr.retry_delay_s",
+        "speakers.threshold",
+        "speakers.margin",
+        "mqtt.allow_admin_commands",
+        "mqtt.outbox_max_age_days",
+        "mqtt.outbox_max_rows",
+    }
+)
+
+
+def apply_live(running: Settings, fresh: Settings) -> tuple[list[str], list[str]]:
+    """Copy into `running` what may change while the daemon runs (in place: stages hold
+    these section objects); returns the keys applied and the changed keys that need a
+    restart."""
+    old, new = running.model_dump(), fresh.model_dump()
+    applied, needs_restart = [], []
+    for section, values in new.items():
+        for key, value in values.items():
+            if old[section][key] == value:
+                continue
+            name = f"{section}.{key}"
+            if section in _LIVE_SECTIONS or name in _LIVE_KEYS:
+                # `fresh` validated the values together; assigning one key at a time through
+                # validation could trip a cross-field rule halfway.
+                value = getattr(getattr(fresh, section), key)
+                object.__setattr__(getattr(running, section), key, value)
+                applied.append(name)
+            else:
+                needs_restart.append(name)
+    return applied, needs_restart

@@ -19,38 +19,27 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from . import __version__, jobs, models
-from .asr import Transcriber
-from .commands import (
-    CommandContext,
-    dispatch,
-    get_kv,
-    heartbeat_path,
-    set_kv,
-    status,
-    write_heartbeat,
-)
-from .config import ConfigError, Settings, load_settings
-from .db import Transaction, open_db
+from . import __version__, events
+from .commands import CommandContext, dispatch
+from .config import ConfigError, Settings, apply_live, load_settings
+from .db import Transaction, get_kv, open_db, set_kv
 from .listener import Listener
 from .messages import (
     ErrorEvent,
     Event,
-    SegmentPayload,
     SpeakerEvent,
-    SpeechEvent,
     State,
-    TranscriptEvent,
     enqueue,
     truncate_state,
 )
-from .recordings import MemoryAudio, Recording, remove_orphans
+from .pipeline import Pipeline
+from .recordings import Recording
 from .retention import Retention, disk_free_mb, disk_low
 from .segmenter import SegmenterParams
 from .sources import AudioSource, FileSource, MicSource, SourceError, StdinSource
+from .status import heartbeat_path, status, write_heartbeat
 from .systemd import Notifier
-from .vad import SileroVad
-from .worker import TranscribedRecording, Worker
+from .worker import TranscribedRecording
 
 _LOGGER = logging.getLogger(__name__)
 _POLL_S: Final = 0.2
@@ -60,119 +49,6 @@ _AUDIO_STALL_S: Final = 5.0  # no frame for this long while listening: the micro
 _MIC_RETRY_MAX_S: Final = 60.0
 _LISTENING_KEY: Final = "listening"
 _SPEAKER_EVENTS: Final = {"speakers/enroll": "enrolled", "speakers/delete": "deleted"}
-# What SIGHUP can change while running; everything else is reported as needing a restart.
-_LIVE_SECTIONS: Final = frozenset({"recorder", "retention", "logging"})
-_LIVE_KEYS: Final = frozenset(
-    {
-        "vad.start_threshold",
-        "vad.end_threshold",
-        "asr.no_speech_threshold",
-        "asr.logprob_threshold",
-        "asr.max_attempts",
-        "asr.retry_delay_s",
-        "speakers.threshold",
-        "speakers.margin",
-        "mqtt.allow_admin_commands",
-        "mqtt.outbox_max_age_days",
-        "mqtt.outbox_max_rows",
-    }
-)
-
-
-def _round(value: float | None) -> float | None:
-    return round(value, 3) if value is not None else None
-
-
-class Pipeline:
-    """Database recovery, models and the worker: what `run` and `analyze` share."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        stop: threading.Event,
-        on_transcribed: Callable[[TranscribedRecording], None] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.stop_event = stop
-        self.on_transcribed = on_transcribed
-        self.worker: Worker | None = None
-        self.vad: SileroVad | None = None
-        self.memory = MemoryAudio()  # recordings waiting in RAM while the disk is full
-
-    def open(self) -> None:
-        """Recover the store, load the models, start the worker. Fails fast with a message."""
-        storage = self.settings.storage
-        storage.audio_dir.mkdir(parents=True, exist_ok=True)
-        conn = open_db(storage.db_path)
-        try:
-            requeued = jobs.requeue_stale(conn)
-            if requeued:
-                _LOGGER.warning("requeued %d jobs left running by a stopped process", requeued)
-            remove_orphans(conn, storage.audio_dir)
-        finally:
-            conn.close()
-        self.vad = SileroVad(models.vad_file(self.settings), threads=self.settings.vad.threads)
-        if self.settings.asr.enabled:
-            asr = self.settings.asr
-            path = models.resolve(asr.model, storage.resolved_models_dir, asr.allow_download)
-            transcriber = Transcriber(path, asr, model_name=asr.model)
-            self.worker = Worker(self.settings, transcriber, self.stop_event, self.on_transcribed)
-            self.worker.memory = self.memory
-            if self.settings.speakers.enabled or self.settings.diarization.enabled:
-                from .speakers import SpeakerStage  # fails fast when a model is missing
-
-                self.worker.speakers = SpeakerStage(self.settings)
-
-    def start_worker(self) -> None:
-        """Start transcribing the backlog."""
-        if self.worker is not None:
-            self.worker.start()
-
-    def listener(self, source: AudioSource, **hooks: Any) -> Listener:
-        """A started listener on an already started source."""
-        assert self.vad is not None, "open() first"
-
-        def on_recording(recording: Recording) -> None:
-            if self.worker is not None:
-                self.worker.wake()
-
-        listener = Listener(self.settings, source, self.vad, on_recording=on_recording, **hooks)
-        listener.memory = self.memory
-        listener.start()
-        return listener
-
-    def backlog(self) -> int:
-        """Pending plus running jobs."""
-        conn = open_db(self.settings.storage.db_path)
-        try:
-            counts = jobs.counts(conn)
-        finally:
-            conn.close()
-        return counts["pending"] + counts["running"]
-
-    def drain(self) -> None:
-        """Wait until every job is done or failed (or stop is set).
-
-        The input has ended and somebody waits for the results, so failed recordings are
-        retried at once rather than after asr.retry_delay_s.
-        """
-        if self.worker is None:
-            return
-        self.worker.retry_at_once = True
-        conn = open_db(self.settings.storage.db_path)
-        try:
-            jobs.retry_now(conn)
-        finally:
-            conn.close()
-        while not self.stop_event.is_set() and self.backlog() > 0 and self.worker.is_alive():
-            self.worker.wake()
-            time.sleep(_POLL_S)
-
-    def close(self) -> None:
-        """Stop the worker after its current job."""
-        self.stop_event.set()
-        if self.worker is not None:
-            self.worker.join()
 
 
 class Daemon:
@@ -242,10 +118,11 @@ class Daemon:
         _LOGGER.info("ready: %s", self._status_line())
 
     def _start_mqtt(self) -> None:
-        from .mqtt import MqttLink, discovery_payload
+        from .homeassistant import discovery_message
+        from .mqtt import MqttLink
 
         discovery = (
-            discovery_payload(self.settings) if self.settings.homeassistant.discovery else None
+            discovery_message(self.settings) if self.settings.homeassistant.discovery else None
         )
         self.mqtt = MqttLink(self.settings, self._mqtt_stop, self.inbound, discovery)
         assert self.pipeline.worker is not None or not self.settings.asr.enabled
@@ -262,79 +139,17 @@ class Daemon:
     # --- events into the outbox (called on the listener and worker threads) -----------------
 
     def _speech_start(self, conn: sqlite3.Connection, ts: float) -> None:
-        m = self.settings.mqtt
-        enqueue(conn, SpeechEvent(node_id=m.node_id, area=m.area, ts=ts, type="start"))
+        events.speech_start(conn, self.settings.mqtt, ts)
         self.mqtt.wake()
 
     def _speech_end(self, conn: sqlite3.Connection, recording: Recording) -> None:
-        event = SpeechEvent(
-            node_id=self.settings.mqtt.node_id,
-            area=self.settings.mqtt.area,
-            ts=recording.ended_at,
-            type="end",
-            recording_id=recording.id,
-            rms_dbfs=round(recording.rms_dbfs, 1),
-        )
-        enqueue(conn, event)
+        events.speech_end(conn, self.settings.mqtt, recording)
         self.mqtt.wake()
 
     def _transcript_event(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
-        if result.suspect or result.opt_out:
-            return  # not speech, or a voice that asked not to be kept: never published
-        row = conn.execute(
-            "SELECT started_at, ended_at, duration_s, rms_dbfs, model FROM recordings WHERE id=?",
-            (result.recording_id,),
-        ).fetchone()
-        segments = tuple(
-            SegmentPayload(
-                round(seg.start_s, 3),
-                round(seg.end_s, 3),
-                seg.text,
-                speaker=(
-                    {"id": seg.speaker_id, "name": seg.speaker_name, "score": _round(seg.score)}
-                    if seg.known
-                    else None
-                ),
-            )
-            for seg in result.segments
-            if not seg.suspect
-        )
-        event = TranscriptEvent(
-            node_id=self.settings.mqtt.node_id,
-            area=self.settings.mqtt.area,
-            recording_id=result.recording_id,
-            started_at=row["started_at"],
-            ended_at=row["ended_at"],
-            duration_s=round(row["duration_s"], 3),
-            text=result.text,
-            language=result.language,
-            segments=segments,
-            model=row["model"] or "",
-            rtf=round(result.rtf, 3),
-            latency_ms=round(result.latency_ms, 1),
-            rms_dbfs=round(row["rms_dbfs"], 1),
-        )
-        enqueue(conn, event)
-        m = self.settings.mqtt
-        heard: dict[str, Any] = {}
-        for seg in result.segments:  # one speaker event per voice heard in the recording
-            if seg.label is not None and not seg.suspect and seg.label not in heard:
-                heard[seg.label] = seg
-        for seg in heard.values():
-            enqueue(
-                conn,
-                SpeakerEvent(
-                    node_id=m.node_id,
-                    area=m.area,
-                    event_type="identified" if seg.known else "unknown",
-                    speaker_id=seg.speaker_id if seg.known else None,
-                    name=seg.speaker_name if seg.known else None,
-                    score=_round(seg.score),
-                    recording_id=result.recording_id,
-                ),
-            )
-        self.mqtt.wake()
-        self._state_dirty = True  # "last transcript" changed
+        if events.transcribed(conn, self.settings.mqtt, result):
+            self.mqtt.wake()
+            self._state_dirty = True  # "last transcript" changed
 
     # --- main loop -------------------------------------------------------------------------
 
@@ -632,21 +447,7 @@ class Daemon:
             return
         for (section, key), value in self.cli_overrides.items():
             object.__setattr__(getattr(fresh, section), key, value)
-        old, new = self.settings.model_dump(), fresh.model_dump()
-        applied, needs_restart = [], []
-        for section, values in new.items():
-            for key, value in values.items():
-                if old[section][key] == value:
-                    continue
-                name = f"{section}.{key}"
-                if section in _LIVE_SECTIONS or name in _LIVE_KEYS:
-                    # In place (stages hold these section objects); `fresh` validated the values.
-                    object.__setattr__(
-                        getattr(self.settings, section), key, getattr(getattr(fresh, section), key)
-                    )
-                    applied.append(name)
-                else:
-                    needs_restart.append(name)
+        applied, needs_restart = apply_live(self.settings, fresh)
         if applied:
             logging.getLogger().setLevel(self.settings.logging.level)
             if self.listener is not None:

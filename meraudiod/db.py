@@ -201,3 +201,18 @@ def now() -> float:
 def row_dict(row: sqlite3.Row) -> dict[str, Any]:
     """A row as a plain dict."""
     return {key: row[key] for key in row.keys()}  # noqa: SIM118 - Row has no __iter__ of keys
+
+
+def get_kv(conn: sqlite3.Connection, key: str, default: str) -> str:
+    """A small persistent value."""
+    row = conn.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+    return str(row["value"]) if row else default
+
+
+def set_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
+    """Persist a small value."""
+    with Transaction(conn):
+        conn.execute(
+            "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=?",
+            (key, value, value),
+        )

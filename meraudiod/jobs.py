@@ -98,7 +98,8 @@ def requeue_stale(conn: sqlite3.Connection) -> int:
     stale = []
     for row in conn.execute("SELECT id, owner, lease_until FROM jobs WHERE state='running'"):
         owner_host, _, pid = str(row["owner"] or "").rpartition(":")
-        if (row["lease_until"] or 0) < t or (owner_host == host and not _alive(pid)):
+        owner_dead = owner_host == host and not (pid.isdigit() and pid_alive(int(pid)))
+        if (row["lease_until"] or 0) < t or owner_dead:
             stale.append(int(row["id"]))
     with Transaction(conn):
         for job_id in stale:
@@ -110,16 +111,13 @@ def requeue_stale(conn: sqlite3.Connection) -> int:
     return len(stale)
 
 
-def _alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
-    if int(pid) == os.getpid():
-        return True
+def pid_alive(pid: int) -> bool:
+    """Is a process with this id running (on this host)?"""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # alive, another user's
         return True
     return True
 

@@ -25,10 +25,8 @@ from typing import Any, Final
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from . import __version__
-from .commands import get_kv, set_kv
 from .config import Settings
-from .db import Transaction, now, open_db
+from .db import Transaction, get_kv, now, open_db, set_kv
 from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
@@ -123,7 +121,7 @@ class MqttLink(StageThread):
         settings: Settings,
         stop: threading.Event,
         inbound: queue.Queue[Inbound],
-        discovery: dict[str, Any] | None,
+        discovery: Outgoing | None,
     ) -> None:
         self.settings = settings
         self.stop_event = stop
@@ -319,10 +317,8 @@ class MqttLink(StageThread):
         client.publish(topic, message.payload, qos=message.qos, retain=message.retain)
 
     def _publish_discovery(self, client: paho.Client) -> None:
-        if self.discovery is None:
-            return
-        topic = discovery_topic(self.settings)
-        client.publish(topic, json.dumps(self.discovery), qos=1, retain=True)
+        if self.discovery is not None:
+            self._publish(client, self.discovery)
 
     def _deliver(self, conn: sqlite3.Connection, client: paho.Client) -> None:
         if not self.online:
@@ -378,125 +374,6 @@ def bound_outbox(conn: sqlite3.Connection, settings: Settings) -> int:
         set_kv(conn, "outbox_dropped", str(total))
         _LOGGER.warning("MQTT outbox over its limits: dropped %d undelivered events", dropped)
     return dropped
-
-
-def discovery_topic(settings: Settings) -> str:
-    """homeassistant/device/meraudiod_<node_id>/config."""
-    prefix = settings.homeassistant.discovery_prefix
-    return f"{prefix}/device/meraudiod_{settings.mqtt.node_id}/config"
-
-
-def discovery_payload(settings: Settings) -> dict[str, Any]:
-    """Home Assistant device-based discovery: one retained message for every entity."""
-    node = settings.mqtt.node_id
-    base = base_topic(settings)
-    uid = f"meraudiod_{node}"
-    state = f"{base}/state"
-    diagnostic = {"ent_cat": "diagnostic", "stat_t": state}
-
-    def sensor(name: str, template: str, **extra: Any) -> dict[str, Any]:
-        return {
-            "p": "sensor",
-            "name": name,
-            "uniq_id": f"{uid}_{_slug(name)}",
-            "stat_t": state,
-            "val_tpl": template,
-            **extra,
-        }
-
-    return {
-        "dev": {
-            "ids": [uid],
-            "name": f"meraudiod {node}",
-            "mf": "meraudiod",
-            "mdl": "meraudiod",
-            "sw": __version__,
-            **({"sa": settings.mqtt.area} if settings.mqtt.area else {}),
-        },
-        "o": {"name": "meraudiod", "sw": __version__},
-        "avty_t": f"{base}/status",
-        "pl_avail": "online",
-        "pl_not_avail": "offline",
-        "qos": 1,
-        "cmps": {
-            "listening": {
-                "p": "switch",
-                "name": "Listening",
-                "uniq_id": f"{uid}_listening",
-                "cmd_t": f"{base}/listening/set",
-                "stat_t": f"{base}/listening/state",
-                "pl_on": "ON",
-                "pl_off": "OFF",
-                "icon": "mdi:microphone",
-            },
-            "speaking": {
-                "p": "binary_sensor",
-                "name": "Speaking",
-                "uniq_id": f"{uid}_speaking",
-                "stat_t": state,
-                "dev_cla": "sound",
-                "val_tpl": "{{ 'ON' if value_json.recording else 'OFF' }}",
-            },
-            "last_speaker": sensor(
-                "Last speaker", "{{ value_json.last_speaker }}", icon="mdi:account-voice"
-            ),
-            "last_transcript": sensor(
-                "Last transcript",
-                "{{ value_json.last_transcript }}",
-                icon="mdi:text",
-                json_attr_t=state,
-                json_attr_tpl=(
-                    "{{ {'text': value_json.last_transcript_full,"
-                    " 'at': value_json.last_transcript_at} | tojson }}"
-                ),
-            ),
-            "queue_depth": sensor(
-                "Backlog",
-                "{{ value_json.queue_depth }}",
-                stat_cla="measurement",
-                unit_of_meas="recordings",
-                **diagnostic,
-            ),
-            "outbox": sensor(
-                "Undelivered events",
-                "{{ value_json.outbox_depth }}",
-                stat_cla="measurement",
-                **diagnostic,
-            ),
-            "audio_level": sensor(
-                "Audio level",
-                "{{ value_json.audio_level_dbfs }}",
-                unit_of_meas="dBFS",
-                stat_cla="measurement",
-                **diagnostic,
-            ),
-            "disk_free": sensor(
-                "Disk free",
-                "{{ value_json.disk_free_mb | round(0) }}",
-                unit_of_meas="MB",
-                dev_cla="data_size",
-                **diagnostic,
-            ),
-            "transcript": {
-                "p": "event",
-                "name": "Transcript",
-                "uniq_id": f"{uid}_transcript",
-                "stat_t": f"{base}/event/transcript",
-                "evt_typ": ["transcript"],
-            },
-            "speaker": {
-                "p": "event",
-                "name": "Speaker",
-                "uniq_id": f"{uid}_speaker",
-                "stat_t": f"{base}/event/speaker",
-                "evt_typ": ["identified", "unknown", "enrolled", "deleted"],
-            },
-        },
-    }
-
-
-def _slug(name: str) -> str:
-    return name.lower().replace(" ", "_")
 
 
 def check_connection(settings: Settings, timeout_s: float = 10.0) -> list[tuple[str, bool, str]]:

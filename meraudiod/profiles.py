@@ -22,7 +22,8 @@ from .audio import AudioDecodeError, decode_file, to_float32
 from .config import Settings
 from .db import Transaction, now
 from .recordings import delete_recordings
-from .speakers import SpeakerStage, add_embedding, model_id
+from .speakers import SpeakerStage, add_embedding
+from .voiceprints import model_id
 
 
 class ProfileError(Exception):

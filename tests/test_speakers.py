@@ -17,7 +17,8 @@ import pytest
 from meraudiod.audio import decode_file, to_float32
 from meraudiod.config import Settings
 from meraudiod.features import fbank
-from meraudiod.speakers import Profile, SpeakerStage, identify
+from meraudiod.speakers import SpeakerStage
+from meraudiod.voiceprints import Profile, identify
 
 from .conftest import SHARED_DATA, TEST_DATA, cli, needs_shared
 

@@ -1,0 +1,89 @@
+"""What every `meraudiod` subcommand shares: --config and --json, settings, logging, the
+store, output formats, and the command table run with the admin's rights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .commands import CommandContext, CommandError, execute
+from .config import ConfigError, Settings, load_settings
+from .db import open_db
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_option(func: F) -> F:
+    """Every command takes --config."""
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Config file (default: $MERAUDIOD_CONFIG, then /etc/meraudiod/config.toml).",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    """Every listing takes --json."""
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(func)
+
+
+def settings_from(config_path: Path | None) -> Settings:
+    """The configuration, or a clear error; logging set up as it says."""
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    setup_logging(settings.logging.level)
+    return settings
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr (no timestamps under journald, which adds its own)."""
+    # journald stamps lines itself; elsewhere a timestamp helps.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    logging.getLogger("faster_whisper").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def open_store(settings: Settings) -> sqlite3.Connection:
+    """The database (created and migrated if needed)."""
+    return open_db(settings.storage.db_path)
+
+
+def echo_json(data: Any) -> None:
+    """One JSON document on stdout."""
+    click.echo(json.dumps(data, ensure_ascii=False, default=str))
+
+
+def fmt_time(wall_s: float | None) -> str:
+    """Local wall-clock time, to the second."""
+    if wall_s is None:
+        return "-"
+    return datetime.fromtimestamp(wall_s).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_span(start_s: float, end_s: float) -> str:
+    """[start - end] in seconds."""
+    return f"[{start_s:7.2f} - {end_s:7.2f}]"
+
+
+def run_command(settings: Settings, name: str, args: dict[str, Any]) -> Any:
+    """Run an entry of the command table, as MQTT does, with the admin's rights."""
+    context = CommandContext(open_store(settings), settings, admin=True)
+    try:
+        return execute(context, name, {k: v for k, v in args.items() if v is not None})
+    except CommandError as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,126 @@
+"""`meraudiod recordings`: list, show, delete and export what was recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .cli_common import (
+    config_option,
+    echo_json,
+    fmt_span,
+    fmt_time,
+    json_option,
+    open_store,
+    run_command,
+    settings_from,
+)
+from .recordings import export_recording, recording_details
+
+
+@click.group()
+def recordings() -> None:
+    """Browse, search, export and delete recordings."""
+
+
+@recordings.command("list")
+@config_option
+@json_option
+@click.option("--search", help="Full-text search in transcripts.")
+@click.option("--since", help="Only newer than this: 2h, 3d, or an ISO date/time.")
+@click.option("--speaker", help="Only recordings where this speaker talks.")
+@click.option("--limit", default=100, show_default=True, help="Most rows shown.")
+def recordings_list(
+    config_path: Path | None,
+    as_json: bool,
+    search: str | None,
+    since: str | None,
+    speaker: str | None,
+    limit: int,
+) -> None:
+    """List recordings, newest first.
+
+    \b
+    Examples:
+      meraudiod recordings list --since 2h
+      meraudiod recordings list --search "turn off the lights" --json
+    """
+    settings = settings_from(config_path)
+    args = {"search": search, "since": since, "speaker": speaker, "limit": limit}
+    rows = run_command(settings, "recordings/list", args)
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        text = (r["text"] or "")[:70]
+        click.echo(
+            f"{r['id']}  {fmt_time(r['started_at'])}  {r['duration_s']:5.1f} s"
+            f"  {r['state']:<8} {text}"
+        )
+
+
+@recordings.command("show")
+@config_option
+@json_option
+@click.argument("rec_id")
+def recordings_show(config_path: Path | None, as_json: bool, rec_id: str) -> None:
+    """Show one recording with its segments and their times."""
+    settings = settings_from(config_path)
+    data = recording_details(open_store(settings), rec_id)
+    if data is None:
+        raise click.ClickException(f"no recording {rec_id}")
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"recording {data['id']}  {data['status']}")
+    click.echo(f"  started  {fmt_time(data['started_at'])}  ({data['duration_s']:.2f} s)")
+    click.echo(f"  source   {data['source']} at {data['start_s']:.2f} s")
+    click.echo(f"  audio    {data['audio_path'] or '(deleted)'}  {data['rms_dbfs']:.1f} dBFS")
+    if data["model"]:
+        rtf, latency_ms = data["rtf"], data["latency_ms"]
+        click.echo(f"  model    {data['model']}  rtf {rtf:.2f}  latency {latency_ms:.0f} ms")
+    names = {m["label"]: m["name"] or "unknown" for m in data.get("speakers", [])}
+    for m in data.get("speakers", []):
+        score = "-" if m["score"] is None else f"{m['score']:.2f}"
+        margin = "-" if m["margin"] is None else f"{m['margin']:.2f}"
+        click.echo(
+            f"  speaker  {m['label']} = {names[m['label']]}  score {score}  margin {margin}"
+            f"  ({m['speech_s']:.1f} s of speech)"
+        )
+    for seg in data["segments"]:
+        flag = f"  (suspect: {seg['suspect']})" if seg["suspect"] else ""
+        who = ""
+        if seg.get("speaker_label"):
+            score = seg.get("speaker_score")
+            who = names.get(seg["speaker_label"], "unknown")
+            who = f"{who} ({score:.2f}): " if score is not None else f"{who}: "
+        click.echo(f"  {fmt_span(seg['start_s'], seg['end_s'])} {who}{seg['text']}{flag}")
+
+
+@recordings.command("delete")
+@config_option
+@click.argument("rec_ids", nargs=-1, required=True)
+def recordings_delete(config_path: Path | None, rec_ids: tuple[str, ...]) -> None:
+    """Delete recordings: audio, text and search index alike."""
+    settings = settings_from(config_path)
+    result = run_command(settings, "recordings/delete", {"ids": list(rec_ids)})
+    click.echo(f"deleted {result['deleted']} recordings")
+    if result["missing"]:
+        raise click.ClickException(f"{result['missing']} of them did not exist")
+
+
+@recordings.command("export")
+@config_option
+@click.argument("rec_ids", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+def recordings_export(config_path: Path | None, rec_ids: tuple[str, ...], out_dir: Path) -> None:
+    """Write each recording's audio and a JSON file with its transcript into --out."""
+    settings = settings_from(config_path)
+    conn = open_store(settings)
+    for rec_id in rec_ids:
+        try:
+            for path in export_recording(conn, rec_id, out_dir):
+                click.echo(str(path))
+        except KeyError as exc:
+            raise click.ClickException(f"no recording {rec_id}") from exc

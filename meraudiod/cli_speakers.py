@@ -1,0 +1,191 @@
+"""`meraudiod speakers`: enrol people, list, rename, merge, delete, opt out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli_common import (
+    config_option,
+    echo_json,
+    fmt_time,
+    json_option,
+    open_store,
+    settings_from,
+)
+
+
+@click.group("speakers")
+def speakers_group() -> None:
+    """Voice profiles: enrol people, name or merge unknown voices, delete, opt out."""
+
+
+def _profiles_call(func: Callable[[], Any]) -> Any:
+    from .profiles import ProfileError
+
+    try:
+        return func()
+    except ProfileError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@speakers_group.command("list")
+@config_option
+@json_option
+def speakers_list(config_path: Path | None, as_json: bool) -> None:
+    """Named people first, then provisional "unknown-N" voices, with what is stored for each.
+
+    \b
+    Examples:
+      meraudiod speakers list
+      meraudiod speakers list --json | jq '.[] | select(.provisional)'
+    """
+    from dataclasses import asdict
+
+    from .profiles import current_model, list_profiles
+
+    settings = settings_from(config_path)
+    rows = list_profiles(open_store(settings), current_model(settings))
+    if as_json:
+        echo_json([asdict(r) for r in rows])
+        return
+    for r in rows:
+        flags = ", ".join(
+            f
+            for f in (
+                "provisional" if r.provisional else "",
+                "do not keep" if r.opt_out else "",
+                f"{r.stale} stale (re-enrol)" if r.stale else "",
+            )
+            if f
+        )
+        click.echo(
+            f"{r.name:<20} {r.embeddings:3d} embeddings {r.speech_s:6.1f} s  heard in"
+            f" {r.recordings:4d} recordings, last {fmt_time(r.last_heard_at)}"
+            + (f"  [{flags}]" if flags else "")
+        )
+    if not rows:
+        click.echo("no speakers yet: meraudiod speakers enroll NAME FILE...", err=True)
+
+
+@speakers_group.command("enroll")
+@config_option
+@click.argument("name")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--do-not-keep", is_flag=True, help="Recognise this person only to delete them.")
+def speakers_enroll(
+    config_path: Path | None, name: str, sources: tuple[str, ...], do_not_keep: bool
+) -> None:
+    """Enrol NAME from audio files or stored recordings (one embedding each).
+
+    Each source needs at least speakers.min_speech_s of speech; three clips of a few
+    seconds each, in different sessions, work well.
+
+    \b
+    Examples:
+      meraudiod speakers enroll Alice alice1.wav alice2.m4a alice3.flac
+      meraudiod speakers enroll Bob 01JD2X9K8M7Q6R5S4T3V2W1X0Y   # a stored recording
+    """
+    from .profiles import enroll
+    from .speakers import SpeakerStage
+    from .voiceprints import SpeakerError
+
+    settings = settings_from(config_path)
+    try:
+        stage = SpeakerStage(settings)
+    except SpeakerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    conn = open_store(settings)
+    results = _profiles_call(lambda: enroll(conn, stage, name, sources, do_not_keep))
+    for r in results:
+        state = "ok" if r.stored else f"skipped: {r.reason}"
+        click.echo(f"{r.source}: {r.speech_s:.1f} s of speech, {state}")
+    stored = sum(r.stored for r in results)
+    if not stored:
+        raise click.ClickException(f"nothing enrolled for {name}")
+    click.echo(f"{name}: {stored} embeddings added")
+    if not settings.speakers.enabled:
+        click.echo("note: identification is off; set speakers.enabled = true to use it", err=True)
+
+
+@speakers_group.command("rename")
+@config_option
+@click.argument("old")
+@click.argument("new")
+def speakers_rename(config_path: Path | None, old: str, new: str) -> None:
+    """Rename a profile; naming a provisional "unknown-N" makes it a known person.
+
+    \b
+    Example:
+      meraudiod speakers rename unknown-3 Carol
+    """
+    from .profiles import rename
+
+    settings = settings_from(config_path)
+    conn = open_store(settings)
+    _profiles_call(lambda: rename(conn, old, new))
+    click.echo(f"{old} is now {new}")
+
+
+@speakers_group.command("merge")
+@config_option
+@click.argument("source")
+@click.argument("target")
+def speakers_merge(config_path: Path | None, source: str, target: str) -> None:
+    """Fold SOURCE into TARGET: embeddings and past attributions move, SOURCE goes.
+
+    \b
+    Example:
+      meraudiod speakers merge unknown-5 Carol
+    """
+    from .profiles import merge
+
+    settings = settings_from(config_path)
+    conn = open_store(settings)
+    moved = _profiles_call(lambda: merge(conn, source, target))
+    click.echo(f"merged {source} into {target} ({moved} embeddings moved)")
+
+
+@speakers_group.command("delete")
+@config_option
+@click.argument("name")
+@click.option("--recordings", "with_recordings", is_flag=True, help="Also every recording of them.")
+def speakers_delete(config_path: Path | None, name: str, with_recordings: bool) -> None:
+    """Delete a profile and its embeddings (and, with --recordings, what they said).
+
+    \b
+    Examples:
+      meraudiod speakers delete unknown-2
+      meraudiod speakers delete Dave --recordings
+    """
+    from .profiles import delete
+
+    settings = settings_from(config_path)
+    conn = open_store(settings)
+    done = _profiles_call(lambda: delete(conn, name, with_recordings))
+    click.echo(
+        f"deleted {name}: {done.embeddings} embeddings"
+        + (f", {done.recordings} recordings" if with_recordings else "")
+    )
+
+
+@speakers_group.command("opt-out")
+@config_option
+@click.argument("name")
+@click.option("--undo", is_flag=True, help="Keep this person's recordings again.")
+def speakers_opt_out(config_path: Path | None, name: str, undo: bool) -> None:
+    """Mark a person "do not keep": recordings matched to them are deleted once processed.
+
+    \b
+    Example:
+      meraudiod speakers opt-out Dave
+    """
+    from .profiles import set_opt_out
+
+    settings = settings_from(config_path)
+    conn = open_store(settings)
+    _profiles_call(lambda: set_opt_out(conn, name, not undo))
+    click.echo(f"{name}: {'kept again' if undo else 'do not keep'}")

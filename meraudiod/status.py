@@ -1,0 +1,114 @@
+"""What `meraudiod status` and the `status` command report: the database, and the heartbeat
+file the running daemon rewrites every few seconds (so it works with the daemon up or down
+and never starts the daemon's threads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+from . import __version__, jobs
+from .config import Settings
+from .db import get_kv, now
+from .retention import disk_free_mb
+
+HEARTBEAT_FILE: Final = "heartbeat.json"
+HEARTBEAT_STALE_S: Final = 20.0
+
+
+def heartbeat_path(settings: Settings) -> Path:
+    """Where the running daemon says how it is (a small file, rewritten every few seconds).
+
+    From the configuration alone, so that `status` in an admin's shell finds what the
+    service wrote."""
+    return (settings.storage.run_dir or settings.storage.data_dir) / HEARTBEAT_FILE
+
+
+def read_heartbeat(settings: Settings) -> dict[str, Any] | None:
+    """What the running daemon last wrote about itself."""
+    try:
+        data = json.loads(heartbeat_path(settings).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_heartbeat(settings: Settings, heartbeat: dict[str, Any]) -> None:
+    """Replace the heartbeat file. No fsync: it is rewritten every few seconds and losing
+    it in a power cut only makes the daemon look stopped, which it then is."""
+    path = heartbeat_path(settings)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(heartbeat), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) -> dict[str, Any]:
+    """Everything an admin wants at a glance, from the database and the daemon's heartbeat.
+
+    disk_use=False skips walking the data directory (the daemon's frequent state updates).
+    """
+    heartbeat = read_heartbeat(settings) or {}
+    age_s = now() - float(heartbeat.get("at", 0))
+    running = (
+        bool(heartbeat) and age_s < HEARTBEAT_STALE_S and jobs.pid_alive(int(heartbeat["pid"]))
+    )
+    counts = jobs.counts(conn)
+    oldest = conn.execute(
+        "SELECT MIN(r.started_at) FROM jobs j JOIN recordings r ON r.id = j.recording_id"
+        " WHERE j.state IN ('pending', 'running')"
+    ).fetchone()[0]
+    last = conn.execute(
+        "SELECT id, started_at, text FROM recordings WHERE status='done' ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    last_speaker = conn.execute(
+        "SELECT p.name FROM segments s JOIN speakers p ON p.id = s.speaker_id"
+        " ORDER BY s.id DESC LIMIT 1"
+    ).fetchone()
+    midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    today = conn.execute(
+        "SELECT COUNT(*), SUM(CASE WHEN status='done' THEN 1 ELSE 0 END) FROM recordings"
+        " WHERE started_at >= ?",
+        (midnight,),
+    ).fetchone()
+    outbox = conn.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
+    data_dir = settings.storage.data_dir
+    used_mb = (
+        sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file()) / 1e6
+        if disk_use
+        else None
+    )
+    return {
+        "running": running,
+        "pid": heartbeat.get("pid") if running else None,
+        "heartbeat_age_s": round(age_s, 1) if heartbeat else None,
+        "listening": heartbeat.get("listening") if running else None,
+        "muted": (not heartbeat.get("listening")) if running else None,
+        "degraded": heartbeat.get("degraded") if running else None,
+        "microphone": heartbeat.get("microphone") if running else None,
+        "audio_level_dbfs": heartbeat.get("audio_level_dbfs") if running else None,
+        "dropped_frames": heartbeat.get("dropped_frames") if running else None,
+        "uptime_s": heartbeat.get("uptime_s") if running else None,
+        "mqtt": heartbeat.get("mqtt") if running else None,
+        "backlog": counts["pending"] + counts["running"],
+        "jobs": counts,
+        "oldest_pending_at": oldest,
+        "last_transcript": dict(zip(last.keys(), tuple(last), strict=True)) if last else None,
+        "last_speaker": last_speaker[0] if last_speaker else None,
+        "recordings_today": int(today[0] or 0),
+        "transcripts_today": int(today[1] or 0),
+        "outbox_pending": int(outbox),
+        "outbox_dropped": int(get_kv(conn, "outbox_dropped", "0")),
+        "models": {
+            "vad": settings.vad.model,
+            "asr": settings.asr.model,
+            "speakers": settings.speakers.model if settings.speakers.enabled else None,
+        },
+        "data_dir": str(data_dir),
+        "disk_used_mb": round(used_mb, 1) if used_mb is not None else None,
+        "disk_free_mb": round(disk_free_mb(data_dir), 1),
+        "version": __version__,
+    }
