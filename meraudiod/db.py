@@ -129,6 +129,12 @@ _MIGRATIONS: Final[Sequence[str]] = (
     """
     ALTER TABLE jobs ADD COLUMN not_before REAL;  -- wall clock; NULL means now
     """,
+    # 5: an acknowledged event is deleted, never marked: sent_at and its index (written on
+    # every insert and delete) were dead weight
+    """
+    DROP INDEX outbox_unsent;
+    ALTER TABLE outbox DROP COLUMN sent_at;
+    """,
 )
 
 

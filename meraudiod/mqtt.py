@@ -239,7 +239,7 @@ class MqttLink(StageThread):
         while self.connected and time.monotonic() < deadline:
             client.loop(timeout=_LOOP_S)
             self._deliver(conn, client)
-            unsent = conn.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").fetchone()
+            unsent = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
             if self._inflight is None and not unsent[0] and self._outgoing.empty():
                 break
         info = client.publish(f"{self.base}/status", "offline", qos=1, retain=True)
@@ -340,8 +340,7 @@ class MqttLink(StageThread):
             self._inflight = None
         self._acked_mids.clear()
         row = conn.execute(
-            "SELECT id, topic, payload, qos, created_at FROM outbox WHERE sent_at IS NULL"
-            " ORDER BY id LIMIT 1"
+            "SELECT id, topic, payload, qos, created_at FROM outbox ORDER BY id LIMIT 1"
         ).fetchone()
         if row is None:
             return

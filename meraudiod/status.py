@@ -74,7 +74,7 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         " WHERE started_at >= ?",
         (midnight,),
     ).fetchone()
-    outbox = conn.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
+    outbox = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
     data_dir = settings.storage.data_dir
     used_mb = (
         sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file()) / 1e6
