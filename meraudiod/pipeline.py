@@ -81,32 +81,25 @@ class Pipeline:
         listener.start()
         return listener
 
-    def backlog(self) -> int:
-        """Pending plus running jobs."""
-        conn = open_db(self.settings.storage.db_path)
-        try:
-            counts = jobs.counts(conn)
-        finally:
-            conn.close()
-        return counts["pending"] + counts["running"]
-
     def drain(self) -> None:
         """Wait until every job is done or failed (or stop is set).
 
-        The input has ended and somebody waits for the results, so failed recordings are
-        retried at once rather than after asr.retry_delay_s.
+        The input has ended and somebody waits for the results, so a failed recording's
+        retry is made due at once rather than after asr.retry_delay_s.
         """
         if self.worker is None:
             return
-        self.worker.retry_at_once = True
         conn = open_db(self.settings.storage.db_path)
         try:
-            jobs.retry_now(conn)
+            while not self.stop_event.is_set() and self.worker.is_alive():
+                jobs.retry_now(conn)
+                counts = jobs.counts(conn)
+                if counts["pending"] + counts["running"] == 0:
+                    return
+                self.worker.wake()
+                time.sleep(_POLL_S)
         finally:
             conn.close()
-        while not self.stop_event.is_set() and self.backlog() > 0 and self.worker.is_alive():
-            self.worker.wake()
-            time.sleep(_POLL_S)
 
     def close(self) -> None:
         """Stop the worker after its current job."""

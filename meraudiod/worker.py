@@ -75,8 +75,6 @@ class Worker(StageThread):
         self.on_stored: list[Callable[[sqlite3.Connection, TranscribedRecording], None]] = []
         self.speakers: SpeakerStage | None = None  # diarization + identification, when enabled
         self.memory: MemoryAudio | None = None  # audio held while the disk is full
-        # Retry a failed recording without asr.retry_delay_s (the input ended: see drain).
-        self.retry_at_once = False
         self._wake = threading.Event()
         self.busy = False
         self.last_error: str | None = None
@@ -118,7 +116,7 @@ class Worker(StageThread):
                     job.id,
                     self.last_error,
                     self.settings.asr.max_attempts,
-                    0.0 if self.retry_at_once else self.settings.asr.retry_delay_s,
+                    self.settings.asr.retry_delay_s,
                 )
                 if final:
                     conn.execute(

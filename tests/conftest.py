@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,13 @@ def cli(
         timeout=timeout_s,
         check=False,
     )
+
+
+def db_rows(env: dict[str, str], sql: str) -> list[sqlite3.Row]:
+    """Rows from the database of the `env` fixture's data dir (what a daemon process wrote)."""
+    conn = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()

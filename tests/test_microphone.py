@@ -16,10 +16,9 @@ import soundfile
 
 from meraudiod.audio import decode_file
 
-from .conftest import DEMO, DEMO_TRUTH, cli
+from .conftest import DEMO, DEMO_TRUTH, cli, db_rows
+from .notify import NotifySocket
 from .room import Room
-from .test_pipeline import db_rows
-from .test_service import NotifySocket
 
 
 @pytest.fixture

@@ -14,16 +14,7 @@ import soundfile
 
 from meraudiod.audio import decode_file
 
-from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli
-
-
-def db_rows(env: dict[str, str], sql: str) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, db_rows
 
 
 def test_demo_gives_one_whole_recording_per_utterance(env: dict[str, str]) -> None:
