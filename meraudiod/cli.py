@@ -185,7 +185,7 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
             if as_json:
                 echo_json({"file": str(path), "error": error})
             continue
-        recs = [_analysis_record(conn, rec_id) for rec_id in rec_ids]
+        recs = [_analysis_record(conn, settings.storage.audio_dir, r) for r in rec_ids]
         if as_json:
             echo_json({"file": str(path), "duration_s": duration_s, "recordings": recs})
             continue
@@ -196,8 +196,8 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
         sys.exit(1)
 
 
-def _analysis_record(conn: sqlite3.Connection, rec_id: str) -> dict[str, Any]:
-    data = recording_details(conn, rec_id) or {}
+def _analysis_record(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> dict[str, Any]:
+    data = recording_details(conn, audio_dir, rec_id) or {}
     offset = data.get("start_s", 0.0)
     return {
         "id": rec_id,

@@ -67,7 +67,7 @@ def recordings_list(
 def recordings_show(config_path: Path | None, as_json: bool, rec_id: str) -> None:
     """Show one recording with its segments and their times."""
     settings = settings_from(config_path)
-    data = recording_details(open_store(settings), rec_id)
+    data = recording_details(open_store(settings), settings.storage.audio_dir, rec_id)
     if data is None:
         raise click.ClickException(f"no recording {rec_id}")
     if as_json:
@@ -120,7 +120,7 @@ def recordings_export(config_path: Path | None, rec_ids: tuple[str, ...], out_di
     conn = open_store(settings)
     for rec_id in rec_ids:
         try:
-            for path in export_recording(conn, rec_id, out_dir):
+            for path in export_recording(conn, settings.storage.audio_dir, rec_id, out_dir):
                 click.echo(str(path))
         except KeyError as exc:
             raise click.ClickException(f"no recording {rec_id}") from exc

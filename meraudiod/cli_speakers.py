@@ -165,7 +165,8 @@ def speakers_delete(config_path: Path | None, name: str, with_recordings: bool) 
 
     settings = settings_from(config_path)
     conn = open_store(settings)
-    done = _profiles_call(lambda: delete(conn, name, with_recordings))
+    audio_dir = settings.storage.audio_dir
+    done = _profiles_call(lambda: delete(conn, audio_dir, name, with_recordings))
     click.echo(
         f"deleted {name}: {done.embeddings} embeddings"
         + (f", {done.recordings} recordings" if with_recordings else "")

@@ -210,14 +210,14 @@ def _recordings_list(ctx: CommandContext, args: ListArgs) -> Any:
 
 
 def _recordings_get(ctx: CommandContext, args: IdArgs) -> Any:
-    data = recording_details(ctx.conn, args.id)
+    data = recording_details(ctx.conn, ctx.settings.storage.audio_dir, args.id)
     if data is None:
         raise CommandError(f"no recording {args.id}")
     return data
 
 
 def _recordings_delete(ctx: CommandContext, args: IdsArgs) -> Any:
-    deleted = delete_recordings(ctx.conn, args.ids)
+    deleted = delete_recordings(ctx.conn, ctx.settings.storage.audio_dir, args.ids).recordings
     return {"deleted": deleted, "missing": len(args.ids) - deleted}
 
 
@@ -238,7 +238,12 @@ def _purge(ctx: CommandContext, args: PurgeArgs) -> Any:
     if before is None and after is None and speaker is None:
         raise CommandError("purge needs older_than_days, start/end or speaker")
     result = purge(
-        ctx.conn, before=before, after=after, speaker_id=speaker, audio_only=args.audio_only
+        ctx.conn,
+        ctx.settings.storage.audio_dir,
+        before=before,
+        after=after,
+        speaker_id=speaker,
+        audio_only=args.audio_only,
     )
     return {
         "recordings_deleted": result.recordings_deleted,
@@ -324,7 +329,8 @@ def _speakers_merge(ctx: CommandContext, args: MergeArgs) -> Any:
 def _speakers_delete(ctx: CommandContext, args: DeleteSpeakerArgs) -> Any:
     from .profiles import delete
 
-    deleted = _profiles(lambda: delete(ctx.conn, args.name, args.recordings))
+    audio_dir = ctx.settings.storage.audio_dir
+    deleted = _profiles(lambda: delete(ctx.conn, audio_dir, args.name, args.recordings))
     return {"name": args.name, **asdict(deleted)}
 
 

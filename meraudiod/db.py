@@ -135,6 +135,22 @@ _MIGRATIONS: Final[Sequence[str]] = (
     DROP INDEX outbox_unsent;
     ALTER TABLE outbox DROP COLUMN sent_at;
     """,
+    # 6: audio paths relative to the audio directory, so moving, restoring or symlinking the
+    # data directory keeps every recording's audio: <dir>/YYYY/MM/DD/<ULID>.<ext> keeps its tail
+    """
+    UPDATE recordings SET audio_path = substr(audio_path, -42)
+    WHERE substr(audio_path, -43) GLOB '/[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]/*'
+    AND substr(audio_path, -32) = '/' || id || '.flac';
+    UPDATE recordings SET audio_path = substr(audio_path, -41)
+    WHERE substr(audio_path, -42) GLOB '/[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]/*'
+    AND substr(audio_path, -31) = '/' || id || '.wav';
+    """,
+    # 7: every delete path has an index: deleting a recording scanned these tables
+    """
+    CREATE INDEX jobs_recording ON jobs(recording_id);
+    CREATE INDEX speaker_embeddings_recording ON speaker_embeddings(recording_id);
+    CREATE INDEX outbox_recording ON outbox(recording_id);
+    """,
 )
 
 

@@ -14,7 +14,7 @@ from .asr import Transcriber
 from .config import Settings
 from .db import open_db
 from .listener import Listener
-from .recordings import MemoryAudio, Recording, remove_orphans
+from .recordings import MemoryAudio, Recording, remove_crashed_writes
 from .sources import AudioSource
 from .vad import SileroVad
 from .worker import TranscribedRecording, Worker
@@ -48,7 +48,7 @@ class Pipeline:
             requeued = jobs.requeue_stale(conn)
             if requeued:
                 _LOGGER.warning("requeued %d jobs left running by a stopped process", requeued)
-            remove_orphans(conn, storage.audio_dir)
+            remove_crashed_writes(conn, storage.audio_dir)
         finally:
             conn.close()
         self.vad = SileroVad(models.vad_file(self.settings), threads=self.settings.vad.threads)

@@ -21,7 +21,7 @@ from . import models
 from .audio import AudioDecodeError, decode_file, to_float32
 from .config import Settings
 from .db import Transaction, now
-from .recordings import delete_recordings
+from .recordings import audio_file, delete_recordings
 from .speakers import SpeakerStage, add_embedding
 from .voiceprints import model_id
 
@@ -71,7 +71,7 @@ def _row(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
     return row  # type: ignore[no-any-return]
 
 
-def _load(conn: sqlite3.Connection, source: str) -> tuple[str, Path]:
+def _load(conn: sqlite3.Connection, audio_dir: Path, source: str) -> tuple[str, Path]:
     """(label, audio path) of a file or of a stored recording given by its id."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -79,9 +79,10 @@ def _load(conn: sqlite3.Connection, source: str) -> tuple[str, Path]:
     row = conn.execute("SELECT id, audio_path FROM recordings WHERE id=?", (source,)).fetchone()
     if row is None:
         raise ProfileError(f"{source}: no such file or recording")
-    if not row["audio_path"] or not Path(row["audio_path"]).is_file():
+    stored = audio_file(audio_dir, row["audio_path"]) if row["audio_path"] else None
+    if stored is None or not stored.is_file():
         raise ProfileError(f"recording {source} has no audio any more")
-    return f"recording {source}", Path(row["audio_path"])
+    return f"recording {source}", stored
 
 
 def enroll(
@@ -100,7 +101,7 @@ def enroll(
         raise ProfileError("a speaker needs a name")
     found, results = [], []
     for source in sources:
-        label, path = _load(conn, source)
+        label, path = _load(conn, stage.settings.storage.audio_dir, source)
         try:
             audio = to_float32(decode_file(path))
         except AudioDecodeError as exc:
@@ -219,7 +220,9 @@ class Deleted:
     recordings: int
 
 
-def delete(conn: sqlite3.Connection, name: str, with_recordings: bool = False) -> Deleted:
+def delete(
+    conn: sqlite3.Connection, audio_dir: Path, name: str, with_recordings: bool = False
+) -> Deleted:
     """Remove a profile and its embeddings; with_recordings also every recording it spoke in."""
     speaker_id = str(_row(conn, name)["id"])
     recordings = 0
@@ -232,7 +235,7 @@ def delete(conn: sqlite3.Connection, name: str, with_recordings: bool = False) -
                 (speaker_id, speaker_id),
             )
         ]
-        recordings = delete_recordings(conn, ids) if ids else 0
+        recordings = delete_recordings(conn, audio_dir, ids).recordings if ids else 0
     with Transaction(conn):
         (embeddings,) = conn.execute(
             "SELECT COUNT(*) FROM speaker_embeddings WHERE speaker_id=?", (speaker_id,)

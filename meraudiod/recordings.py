@@ -1,5 +1,11 @@
 """Finished utterances: audio written atomically, then the recording row and its job in one
-transaction. What is on disk without a row (a crash between the two) is removed at start-up."""
+transaction.
+
+A recording's audio path is stored relative to the audio directory, so the data directory can
+be moved, restored elsewhere or reached through a symlink. Start-up recovery deletes only the
+`.part` file of a write whose process died, and never one of a recording the database knows:
+a whole audio file that no row names (a crash between the write and the insert, or a restored
+older database) is kept."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import re
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +30,10 @@ from .db import Transaction, now
 
 _LOGGER = logging.getLogger(__name__)
 _TMP_SUFFIX = ".part"
+_DELETE_BATCH: Final = 100  # recordings per delete transaction: the write lock is held briefly
+# A half-written file older than this, from a version that did not put its pid in the name,
+# was left by a crash: no write takes that long.
+_LEGACY_PART_AGE_S: Final = 600.0
 
 
 @dataclass(frozen=True)
@@ -41,10 +52,16 @@ class Recording:
     closed_at: float
 
 
+def audio_file(audio_dir: Path, stored: str) -> Path:
+    """The file a stored audio path names (relative to the audio directory; a path stored
+    absolute by an older version stays as it is)."""
+    return audio_dir / stored
+
+
 def write_audio_atomically(path: Path, samples: Int16Array, audio_format: str) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory."""
+    """Temp file (named with our pid) in the same directory, fsync, rename, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{_TMP_SUFFIX}")
     with open(tmp, "wb") as handle:
         soundfile.write(
             handle, samples, SAMPLE_RATE_HZ, format=audio_format.upper(), subtype="PCM_16"
@@ -146,7 +163,7 @@ class RecordingStore:
                         start_s,
                         recording.end_s,
                         duration_s,
-                        str(path) if path else None,
+                        path.relative_to(self.audio_dir).as_posix() if path else None,
                         recording.rms_dbfs,
                         recording.closed_at,
                         "pending" if transcribe else "done",
@@ -174,65 +191,95 @@ class RecordingStore:
 
 
 def _day_parts(wall_s: float) -> tuple[str, str, str]:
-    import time
-
     t = time.localtime(wall_s)
     return f"{t.tm_year:04d}", f"{t.tm_mon:02d}", f"{t.tm_mday:02d}"
 
 
-# Only what this module writes: <audio_dir>/YYYY/MM/DD/<ULID>.<flac|wav>[.part]. Nothing else
-# under audio_dir is ever touched, whatever directory it is configured to be.
-_OWN_FILE: Final = re.compile(r"\d{4}/\d{2}/\d{2}/[0-9A-HJKMNP-TV-Z]{26}\.(flac|wav)(\.part)?")
+# Only what this module writes: <audio_dir>/YYYY/MM/DD/<ULID>.<flac|wav>[.<pid>].part. Nothing
+# else under audio_dir is ever touched, whatever directory it is configured to be.
+_PART_FILE: Final = re.compile(
+    r"\d{4}/\d{2}/\d{2}/(?P<id>[0-9A-HJKMNP-TV-Z]{26})\.(flac|wav)(\.(?P<pid>\d+))?\.part"
+)
 
 
-def remove_orphans(conn: sqlite3.Connection, audio_dir: Path) -> int:
-    """Delete our half-written files and our audio that no recording row points to."""
+def remove_crashed_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
+    """Delete the half-written audio files of writes whose process died.
+
+    Only our own `.part` files, only when the process that wrote one is gone, and only when
+    the database has no recording of that id: whatever else is under audio_dir is kept.
+    """
     if not audio_dir.is_dir():
         return 0
-    known = {
-        str(row[0])
-        for row in conn.execute("SELECT audio_path FROM recordings WHERE audio_path IS NOT NULL")
-    }
     removed = 0
-    for path in audio_dir.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]/*"):
-        relative = path.relative_to(audio_dir).as_posix()
-        ours = path.is_file() and _OWN_FILE.fullmatch(relative) is not None
-        if ours and (path.name.endswith(_TMP_SUFFIX) or str(path) not in known):
-            path.unlink(missing_ok=True)
-            removed += 1
-    for day in sorted(audio_dir.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]"), reverse=True):
-        for folder in (day, day.parent, day.parent.parent):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+    for path in audio_dir.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]/*" + _TMP_SUFFIX):
+        match = _PART_FILE.fullmatch(path.relative_to(audio_dir).as_posix())
+        if match is None or not path.is_file():
+            continue
+        pid = match.group("pid")
+        if pid is not None and int(pid) != os.getpid() and jobs.pid_alive(int(pid)):
+            continue  # still being written
+        if pid is None and time.time() - path.stat().st_mtime < _LEGACY_PART_AGE_S:
+            continue
+        known = conn.execute("SELECT 1 FROM recordings WHERE id=?", (match.group("id"),))
+        if known.fetchone() is not None:
+            continue
+        path.unlink(missing_ok=True)
+        removed += 1
     if removed:
-        _LOGGER.warning("removed %d orphaned audio files from %s", removed, audio_dir)
+        _LOGGER.warning("removed %d half-written audio files from %s", removed, audio_dir)
     return removed
 
 
-def delete_recordings(conn: sqlite3.Connection, rec_ids: list[str]) -> int:
+@dataclass(frozen=True)
+class Deleted:
+    """What a delete removed: recordings that existed, audio files that were there."""
+
+    recordings: int = 0
+    audio_files: int = 0
+
+
+def delete_recordings(conn: sqlite3.Connection, audio_dir: Path, rec_ids: list[str]) -> Deleted:
     """Delete recordings with their audio, text, index rows, jobs, undelivered events and
-    the voice embeddings taken from them. Returns how many existed."""
-    paths = []
-    with Transaction(conn):
-        for rec_id in rec_ids:
-            row = conn.execute("SELECT audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
-            if row is None:
-                continue
-            paths.append(row["audio_path"])
-            conn.execute("DELETE FROM outbox WHERE recording_id=?", (rec_id,))
-            conn.execute("DELETE FROM speaker_embeddings WHERE recording_id=?", (rec_id,))
-            conn.execute("DELETE FROM recordings WHERE id=?", (rec_id,))
-    for path in paths:
-        if path:
-            Path(path).unlink(missing_ok=True)
-    if paths:
+    the voice embeddings taken from them.
+
+    In transactions of _DELETE_BATCH recordings, so a listener waiting to save speech never
+    waits long for the write lock; the full-text index is optimised and the log
+    checkpointed once at the end.
+    """
+    deleted = files = 0
+    for first in range(0, len(rec_ids), _DELETE_BATCH):
+        paths = []
+        with Transaction(conn):
+            for rec_id in rec_ids[first : first + _DELETE_BATCH]:
+                row = conn.execute(
+                    "SELECT audio_path FROM recordings WHERE id=?", (rec_id,)
+                ).fetchone()
+                if row is None:
+                    continue
+                deleted += 1
+                if row["audio_path"]:
+                    paths.append(audio_file(audio_dir, row["audio_path"]))
+                conn.execute("DELETE FROM outbox WHERE recording_id=?", (rec_id,))
+                conn.execute("DELETE FROM speaker_embeddings WHERE recording_id=?", (rec_id,))
+                conn.execute("DELETE FROM recordings WHERE id=?", (rec_id,))
+        files += sum(remove_file(path) for path in paths)
+    if deleted:
         forget_deleted_text(conn)
-    return len(paths)
+    return Deleted(deleted, files)
 
 
-def delete_recording(conn: sqlite3.Connection, rec_id: str) -> bool:
+def delete_recording(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> bool:
     """Delete one recording (see delete_recordings). True if it existed."""
-    return delete_recordings(conn, [rec_id]) == 1
+    return delete_recordings(conn, audio_dir, [rec_id]).recordings == 1
+
+
+def remove_file(path: Path) -> bool:
+    """Delete a file; True if it was there."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def forget_deleted_text(conn: sqlite3.Connection) -> None:
@@ -245,11 +292,13 @@ def forget_deleted_text(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-def export_recording(conn: sqlite3.Connection, rec_id: str, out_dir: Path) -> list[Path]:
+def export_recording(
+    conn: sqlite3.Connection, audio_dir: Path, rec_id: str, out_dir: Path
+) -> list[Path]:
     """Copy the audio and write the recording with its segments as JSON into out_dir."""
     import json
 
-    data = recording_details(conn, rec_id)
+    data = recording_details(conn, audio_dir, rec_id)
     if data is None:
         raise KeyError(rec_id)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,14 +313,19 @@ def export_recording(conn: sqlite3.Connection, rec_id: str, out_dir: Path) -> li
     return written
 
 
-def recording_details(conn: sqlite3.Connection, rec_id: str) -> dict[str, Any] | None:
-    """The recording row with its segments (times relative to the recording)."""
+def recording_details(
+    conn: sqlite3.Connection, audio_dir: Path, rec_id: str
+) -> dict[str, Any] | None:
+    """The recording row (its audio as a full path) with its segments (times relative to the
+    recording)."""
     import json
 
     row = conn.execute("SELECT * FROM recordings WHERE id=?", (rec_id,)).fetchone()
     if row is None:
         return None
     data = dict(zip(row.keys(), tuple(row), strict=True))
+    if data["audio_path"]:
+        data["audio_path"] = str(audio_file(audio_dir, data["audio_path"]))
     data["segments"] = [
         {
             "start_s": s["start_s"],

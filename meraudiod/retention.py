@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import Settings
 from .db import Transaction, now, open_db
-from .recordings import delete_recordings
+from .recordings import audio_file, delete_recordings, remove_file
 from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class PurgeResult:
 
 def purge(
     conn: sqlite3.Connection,
+    audio_dir: Path,
     *,
     before: float | None = None,
     after: float | None = None,
@@ -62,20 +63,18 @@ def purge(
         args,
     ).fetchall()
     if audio_only:
-        dropped = drop_audio(conn, [(r["id"], r["audio_path"]) for r in rows])
+        dropped = drop_audio(conn, audio_dir, [(r["id"], r["audio_path"]) for r in rows])
         return PurgeResult(audio_files_deleted=dropped)
-    deleted = delete_recordings(conn, [str(r["id"]) for r in rows])
-    return PurgeResult(recordings_deleted=deleted, audio_files_deleted=deleted)
+    deleted = delete_recordings(conn, audio_dir, [str(r["id"]) for r in rows])
+    return PurgeResult(deleted.recordings, deleted.audio_files)
 
 
-def drop_audio(conn: sqlite3.Connection, rows: list[tuple[str, str]]) -> int:
-    """Delete audio files but keep their transcripts."""
+def drop_audio(conn: sqlite3.Connection, audio_dir: Path, rows: list[tuple[str, str]]) -> int:
+    """Delete audio files but keep their transcripts; returns how many files were there."""
     with Transaction(conn):
         for rec_id, _ in rows:
             conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (rec_id,))
-    for _, path in rows:
-        Path(path).unlink(missing_ok=True)
-    return len(rows)
+    return sum(remove_file(audio_file(audio_dir, path)) for _, path in rows)
 
 
 def sweep(conn: sqlite3.Connection, settings: Settings) -> PurgeResult:
@@ -86,14 +85,16 @@ def sweep(conn: sqlite3.Connection, settings: Settings) -> PurgeResult:
     r = settings.retention
     total = PurgeResult()
     if r.text_days is not None:
-        total = purge(conn, before=now() - r.text_days * _DAY_S)
+        total = purge(conn, settings.storage.audio_dir, before=now() - r.text_days * _DAY_S)
     if r.audio_days is not None:
         rows = conn.execute(
             "SELECT id, audio_path FROM recordings WHERE audio_path IS NOT NULL"
             " AND started_at < ? AND status != 'pending'",
             (now() - r.audio_days * _DAY_S,),
         ).fetchall()
-        dropped = drop_audio(conn, [(row["id"], row["audio_path"]) for row in rows])
+        dropped = drop_audio(
+            conn, settings.storage.audio_dir, [(row["id"], row["audio_path"]) for row in rows]
+        )
         total = PurgeResult(total.recordings_deleted, total.audio_files_deleted + dropped)
     if total.recordings_deleted or total.audio_files_deleted:
         _LOGGER.info(

@@ -20,7 +20,7 @@ from .asr import Transcriber, Transcript
 from .audio import to_float32
 from .config import Settings
 from .db import Transaction, now, open_db
-from .recordings import MemoryAudio, delete_recording
+from .recordings import MemoryAudio, audio_file, delete_recording, remove_file
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
 
@@ -135,8 +135,9 @@ class Worker(StageThread):
             with Transaction(conn):  # deleted meanwhile: nothing to do
                 jobs.complete(conn, job.id)
             return None
+        audio_dir = self.settings.storage.audio_dir
         if row["audio_path"]:
-            audio, _ = soundfile.read(Path(row["audio_path"]), dtype="float32")
+            audio, _ = soundfile.read(audio_file(audio_dir, row["audio_path"]), dtype="float32")
         else:  # written to memory only, because the disk was too full
             held = self.memory.pop(job.recording_id) if self.memory is not None else None
             if held is None:
@@ -179,11 +180,11 @@ class Worker(StageThread):
                 hook(conn, result)
             jobs.complete(conn, job.id)
         if result.opt_out:  # this person asked not to be kept: audio and text go
-            delete_recording(conn, job.recording_id)
+            delete_recording(conn, audio_dir, job.recording_id)
             _LOGGER.info("recording %s deleted: a do-not-keep voice", job.recording_id)
             return result
         if self.settings.retention.keep_audio is False and row["audio_path"]:
-            _drop_audio(conn, job.recording_id, Path(row["audio_path"]))
+            _drop_audio(conn, job.recording_id, audio_file(audio_dir, row["audio_path"]))
         _LOGGER.info(
             "transcript %s (%.2f s, rtf %.2f, latency %.0f ms)%s: %s",
             job.recording_id,
@@ -237,4 +238,4 @@ def store_transcript(
 def _drop_audio(conn: sqlite3.Connection, recording_id: str, path: Path) -> None:
     with Transaction(conn):
         conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (recording_id,))
-    path.unlink(missing_ok=True)
+    remove_file(path)

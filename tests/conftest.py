@@ -88,3 +88,8 @@ def db_rows(env: dict[str, str], sql: str) -> list[sqlite3.Row]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+def stored_audio(env: dict[str, str], stored: str) -> Path:
+    """The audio file a recording row names (stored relative to the data dir's audio/)."""
+    return Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio" / stored

@@ -11,7 +11,7 @@ import soundfile
 
 from meraudiod.cli import main
 
-from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli
+from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, stored_audio
 
 
 def all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -99,7 +99,7 @@ def test_failed_job_is_reported_and_the_worker_goes_on(env: dict[str, str]) -> N
     conn = sqlite3.connect(db)
     first, second = (r[0] for r in conn.execute("SELECT id FROM recordings ORDER BY id LIMIT 2"))
     path = conn.execute("SELECT audio_path FROM recordings WHERE id=?", (first,)).fetchone()[0]
-    Path(path).write_bytes(b"corrupted on disk")
+    stored_audio(env, path).write_bytes(b"corrupted on disk")
     conn.execute("UPDATE jobs SET state='pending', attempts=0")
     conn.commit()
     conn.close()

@@ -14,7 +14,7 @@ import soundfile
 
 from meraudiod.audio import decode_file
 
-from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, db_rows
+from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, db_rows, stored_audio
 
 
 def test_demo_gives_one_whole_recording_per_utterance(env: dict[str, str]) -> None:
@@ -25,7 +25,7 @@ def test_demo_gives_one_whole_recording_per_utterance(env: dict[str, str]) -> No
     for row, truth in zip(rows, DEMO_TRUTH, strict=True):
         assert row["start_s"] <= truth["start_s"] and row["end_s"] >= truth["end_s"], truth
         assert row["status"] == "done"
-        audio, rate = soundfile.read(row["audio_path"])
+        audio, rate = soundfile.read(stored_audio(env, row["audio_path"]))
         assert rate == 16000 and abs(audio.size / 16000 - row["duration_s"]) < 1e-6
     # the printed transcripts are the stored ones, in order
     lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
@@ -101,7 +101,7 @@ def test_sigterm_stops_cleanly_and_keeps_what_was_said(env: dict[str, str]) -> N
     data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
     assert not list(data_dir.rglob("*.part"))
     for row in rows:
-        assert soundfile.info(row["audio_path"]).frames > 0
+        assert soundfile.info(stored_audio(env, row["audio_path"])).frames > 0
 
 
 def test_sigkill_mid_backlog_loses_nothing_and_duplicates_nothing(env: dict[str, str]) -> None:
@@ -127,7 +127,7 @@ def test_sigkill_mid_backlog_loses_nothing_and_duplicates_nothing(env: dict[str,
         proc.kill()  # SIGKILL while a job is being transcribed
         proc.wait(timeout=10)
     before = db_rows(env, "SELECT id, audio_path FROM recordings")
-    assert before and all(Path(r["audio_path"]).is_file() for r in before)
+    assert before and all(stored_audio(env, r["audio_path"]).is_file() for r in before)
     assert db_rows(env, "SELECT COUNT(*) AS n FROM jobs WHERE state='running'")[0]["n"] == 1
 
     silence = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).parent / "silence.wav"

@@ -11,7 +11,7 @@ from meraudiod.config import Settings
 from meraudiod.db import open_db
 from meraudiod.retention import purge, sweep
 
-from .conftest import DEMO, DEMO_TRUTH, cli
+from .conftest import DEMO, DEMO_TRUTH, cli, stored_audio
 
 
 def analyzed(env: dict[str, str]) -> sqlite3.Connection:
@@ -42,7 +42,7 @@ def test_sweep_drops_old_audio_then_old_text(env: dict[str, str], settings: Sett
     rows = {r["id"]: r for r in conn.execute("SELECT id, audio_path, text FROM recordings")}
     assert set(rows) == set(ids[2:])
     assert rows[ids[2]]["audio_path"] is None and rows[ids[2]]["text"]  # text kept, audio gone
-    assert all(Path(rows[i]["audio_path"]).is_file() for i in ids[3:])
+    assert all(stored_audio(env, rows[i]["audio_path"]).is_file() for i in ids[3:])
     assert len(list(settings.storage.audio_dir.rglob("*.flac"))) == len(DEMO_TRUTH) - 3
 
 
@@ -59,7 +59,7 @@ def test_purge_by_time_range_deletes_text_from_the_database_file(
     age_conn.close()
     db = open_db(settings.storage.db_path)
     now = time.time()
-    result = purge(db, after=now - 3 * 86400, before=now - 86400)
+    result = purge(db, settings.storage.audio_dir, after=now - 3 * 86400, before=now - 86400)
     assert result.recordings_deleted == 1
     assert db.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == len(DEMO_TRUTH) - 1
     db.close()

@@ -1,0 +1,152 @@
+"""The daemon never destroys its own data: a moved, symlinked or restored data directory
+keeps every audio file; start-up recovery deletes only half-written files of dead writers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from meraudiod.audio import decode_file
+from meraudiod.config import Settings
+from meraudiod.db import _MIGRATIONS, open_db
+from meraudiod.recordings import RecordingStore, remove_crashed_writes
+
+from .conftest import TEST_DATA, cli, db_rows
+
+SPEECH = decode_file(TEST_DATA / "librivox_0880.wav")
+SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real start-up of the daemon
+
+
+def saved(data_dir: Path, n: int, first_s: float = 1000.0) -> list[Path]:
+    """n recordings written as the listener writes them; their audio files."""
+    audio_dir = data_dir / "audio"
+    store = RecordingStore(open_db(data_dir / "meraudiod.db"), audio_dir, "flac")
+    files = []
+    for i in range(n):
+        rec = store.save(SPEECH, source="x", start_s=float(i), started_at=first_s + i)
+        assert rec is not None and rec.audio_path is not None
+        files.append(rec.audio_path)
+    store.conn.close()
+    return files
+
+
+def start_daemon(env: dict[str, str], data_dir: Path) -> None:
+    """A real `run` on a short file with this data directory: start-up recovery included."""
+    result = cli("run", "--source", f"file:{SHORT}", env={**env, **_data(data_dir)})
+    assert result.returncode == 0, result.stderr
+
+
+def _data(data_dir: Path) -> dict[str, str]:
+    return {"MERAUDIOD_STORAGE__DATA_DIR": str(data_dir)}
+
+
+def plays_back(env: dict[str, str], data_dir: Path, rec_id: str) -> bool:
+    """`recordings export` finds the audio and it decodes to what was said."""
+    out = data_dir.parent / f"export-{rec_id}"
+    result = cli("recordings", "export", rec_id, "--out", str(out), env={**env, **_data(data_dir)})
+    assert result.returncode == 0, result.stderr
+    audio, rate = soundfile.read(out / f"{rec_id}.flac", dtype="int16")
+    return rate == 16000 and np.array_equal(audio, SPEECH)
+
+
+def test_moving_the_data_directory_loses_nothing(env: dict[str, str], tmp_path: Path) -> None:
+    a, b = tmp_path / "A", tmp_path / "B"
+    files = saved(a, 3)
+    shutil.move(str(a), str(b))  # `mv A B`
+    start_daemon(env, b)
+    moved = [b / f.relative_to(a) for f in files]
+    assert all(f.is_file() for f in moved)
+    rows = db_rows({**env, **_data(b)}, "SELECT id FROM recordings ORDER BY id")
+    assert len(rows) == 4  # the three moved ones and the file just played
+    assert all(plays_back(env, b, f.name.removesuffix(".flac")) for f in moved)
+
+
+def test_a_symlinked_data_directory_used_by_its_real_path_loses_nothing(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    files = saved(link, 2)  # recorded through the link
+    result = cli("analyze", str(SHORT), env={**env, **_data(real)})  # analysed by the real path
+    assert result.returncode == 0, result.stderr
+    assert all((real / f.relative_to(link)).is_file() for f in files)
+    start_daemon(env, real)
+    assert all((real / f.relative_to(link)).is_file() for f in files)
+
+
+def test_a_restored_older_database_keeps_the_newer_audio(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    older = saved(data, 2)
+    backup = tmp_path / "backup.db"
+    conn = sqlite3.connect(data / "meraudiod.db")
+    conn.execute("VACUUM INTO ?", (str(backup),))
+    conn.close()
+    newer = saved(data, 2, first_s=2000.0)
+    for suffix in ("", "-wal", "-shm"):
+        (data / f"meraudiod.db{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(backup, data / "meraudiod.db")  # the backup restored
+    start_daemon(env, data)
+    assert all(f.is_file() for f in older + newer)  # no row names the newer two: still kept
+
+
+def test_migration_makes_stored_paths_relative(settings: Settings, tmp_path: Path) -> None:
+    """A database written by a version that stored absolute paths, moved since."""
+    path = settings.storage.db_path
+    path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    for script in _MIGRATIONS[:5]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version=5")
+    rec_id = "01M89AY2FTNHNGP6MBNKJA4H0J"
+    for rid, stored in (
+        (rec_id, f"/old/place/audio/2026/11/25/{rec_id}.flac"),
+        ("01M89AY2HYHZ863J8AWD7NPJEM", "/old/audio/2026/11/25/01M89AY2HYHZ863J8AWD7NPJEM.wav"),
+        ("01M89AY2HYHZ863J8AWD7NPJEN", "/somewhere/odd.flac"),  # not ours: left as it was
+    ):
+        conn.execute(
+            "INSERT INTO recordings (id, source, started_at, ended_at, start_s, end_s,"
+            " duration_s, audio_path, rms_dbfs, closed_at) VALUES (?, 'x', 0, 1, 0, 1, 1, ?, 0, 0)",
+            (rid, stored),
+        )
+    conn.close()
+    migrated = open_db(path)
+    paths = [r[0] for r in migrated.execute("SELECT audio_path FROM recordings ORDER BY id")]
+    assert paths == [
+        f"2026/11/25/{rec_id}.flac",
+        "2026/11/25/01M89AY2HYHZ863J8AWD7NPJEM.wav",
+        "/somewhere/odd.flac",
+    ]
+
+
+def test_recovery_deletes_only_half_written_files_of_dead_writers(settings: Settings) -> None:
+    (kept,) = saved(settings.storage.data_dir, 1)
+    day = kept.parent
+    unnamed = day / "01M89AY2FTNHNGP6MBNKJA4H0J.flac"  # whole, but no row names it: kept
+    unnamed.write_bytes(kept.read_bytes())
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    crashed = day / f"01M89AY2HYHZ863J8AWD7NPJEM.flac.{dead_pid}.part"
+    crashed.write_bytes(b"half")
+    live = day / f"01M89AY2HYHZ863J8AWD7NPJEN.flac.{os.getppid()}.part"  # a live writer's
+    live.write_bytes(b"half")
+    known = day / f"{kept.name}.{dead_pid}.part"  # the database has this recording
+    known.write_bytes(b"half")
+    conn = open_db(settings.storage.db_path)
+    assert remove_crashed_writes(conn, settings.storage.audio_dir) == 1
+    assert not crashed.exists()
+    assert kept.is_file() and unnamed.is_file() and live.is_file() and known.is_file()
