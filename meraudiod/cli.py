@@ -108,7 +108,7 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
     if daemon.listener is not None and daemon.listener.error:
         raise click.ClickException(daemon.listener.error)
     if print_:
-        n = len(daemon.listener.recordings) if daemon.listener else 0
+        n = daemon.listener.recordings_saved if daemon.listener else 0
         click.echo(f"{n} recordings, {count[0]} transcribed, in {time.monotonic() - t0:.1f} s")
     sys.exit(code)
 
@@ -153,7 +153,7 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
     settings = settings_from(config_path)
     stop = threading.Event()
     _install_signal_handlers(stop)
-    pipeline = Pipeline(settings, stop)
+    pipeline = Pipeline(settings, stop, serves_store=False)  # a live daemon's store is its own
     try:
         pipeline.open()
     except Exception as exc:  # a missing model or a bad config: say why
@@ -167,11 +167,11 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
         except SourceError as exc:
             results.append((path, 0.0, [], str(exc)))
             continue
-        listener = pipeline.listener(source)
+        listener = pipeline.listener(source, keep_ids=True)
         listener.finished.wait()
         source.stop()
         duration_s = round(listener.frames_read * 512 / 16000, 3)
-        results.append((path, duration_s, [r.id for r in listener.recordings], listener.error))
+        results.append((path, duration_s, listener.recording_ids or [], listener.error))
         if stop.is_set():
             break
     pipeline.drain()
@@ -453,10 +453,12 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
 @main.command()
 @config_option
 @click.option("--older-than", "older_than_days", type=float, help="Days: older recordings.")
-@click.option("--start", help="ISO date/time: from.")
-@click.option("--end", help="ISO date/time: until.")
+@click.option("--start", help="ISO date/time: from (with --end).")
+@click.option("--end", help="ISO date/time, or 'now': until (with --start).")
 @click.option("--speaker", help="Everything this speaker said.")
 @click.option("--audio-only", is_flag=True, help="Delete the audio, keep the text.")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask (needed when not on a terminal).")
 def purge(
     config_path: Path | None,
     older_than_days: float | None,
@@ -464,16 +466,25 @@ def purge(
     end: str | None,
     speaker: str | None,
     audio_only: bool,
+    dry_run: bool,
+    yes: bool,
 ) -> None:
     """Delete recordings by age, time range or speaker: audio, text, index and embeddings.
+
+    Says what it would delete and asks first (--yes for scripts, --dry-run to only look).
 
     \b
     Examples:
       meraudiod purge --older-than 30
-      meraudiod purge --start 2026-11-24T09:00 --end 2026-11-24T12:00
+      meraudiod purge --start 2026-11-24T09:00 --end 2026-11-24T12:00 --dry-run
+      meraudiod purge --start 2026-11-24T09:00 --end now --yes
       meraudiod purge --speaker "Guest 3"
     """
+    from datetime import datetime
+
     settings = settings_from(config_path)
+    if end is not None and end.strip().lower() == "now":  # one "now" for the count and the act
+        end = datetime.now().isoformat()
     args = {
         "older_than_days": older_than_days,
         "start": start,
@@ -481,6 +492,17 @@ def purge(
         "speaker": speaker,
         "audio_only": audio_only,
     }
+    found = run_command(settings, "purge", {**args, "dry_run": True})
+    what = (
+        f"{found['recordings_deleted']} recordings and {found['audio_files_deleted']} audio files"
+    )
+    if dry_run or not (found["recordings_deleted"] or found["audio_files_deleted"]):
+        click.echo(f"would delete {what}" if dry_run else "nothing to delete")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.ClickException(f"would delete {what}: add --yes to do it without asking")
+        click.confirm(f"Delete {what}?", abort=True)
     result = run_command(settings, "purge", args)
     click.echo(
         f"deleted {result['recordings_deleted']} recordings"

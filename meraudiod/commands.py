@@ -94,6 +94,7 @@ class PurgeArgs(Args):
     end: str | None = Field(None, description="ISO date/time: until")
     speaker: str | None = Field(None, description="Everything this speaker said")
     audio_only: bool = Field(False, description="Delete the audio, keep the text")
+    dry_run: bool = Field(False, description="Count what would be deleted, delete nothing")
 
 
 class NameArgs(Args):
@@ -230,8 +231,11 @@ def _speaker_id(conn: sqlite3.Connection, name: str) -> str:
 
 def _purge(ctx: CommandContext, args: PurgeArgs) -> Any:
     before = now() - args.older_than_days * 86400 if args.older_than_days else None
+    if (args.start is None) != (args.end is None):
+        # "--start T" alone once deleted everything after T: a range is given whole.
+        raise CommandError("a time range needs both start and end (end may be 'now')")
     if args.end:
-        end = parse_since(args.end)
+        end = now() if args.end.strip().lower() == "now" else parse_since(args.end)
         before = min(before, end) if before is not None else end
     after = parse_since(args.start) if args.start else None
     speaker = _speaker_id(ctx.conn, args.speaker) if args.speaker else None
@@ -244,6 +248,7 @@ def _purge(ctx: CommandContext, args: PurgeArgs) -> Any:
         after=after,
         speaker_id=speaker,
         audio_only=args.audio_only,
+        dry_run=args.dry_run,
     )
     return {
         "recordings_deleted": result.recordings_deleted,
@@ -264,8 +269,12 @@ def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
             row = ctx.conn.execute(
                 "SELECT audio_path FROM recordings WHERE id=?", (rec_id,)
             ).fetchone()
-            if row is None or not row["audio_path"]:
-                continue  # without audio there is nothing to transcribe again
+            if row is None:  # nothing queued: the transaction is rolled back
+                raise CommandError(f"no recording {rec_id}")
+            if not row["audio_path"]:
+                if rec_id in args.ids:
+                    raise CommandError(f"recording {rec_id} has no audio to transcribe again")
+                continue  # a failed one among --failed whose audio is gone
             ctx.conn.execute(
                 "DELETE FROM jobs WHERE recording_id=? AND state != 'running'", (rec_id,)
             )

@@ -333,7 +333,7 @@ class Daemon:
         low = disk_low(self.settings)
         if low == (self.disk_problem is not None):
             return
-        free_mb = disk_free_mb(self.settings.storage.data_dir)
+        free_mb = disk_free_mb(self.settings.storage.audio_dir)  # where audio is written
         if low:
             self.disk_problem = f"disk almost full ({free_mb:.0f} MB free): audio not written"
             _LOGGER.error("%s", self.disk_problem)

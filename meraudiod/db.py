@@ -151,6 +151,13 @@ _MIGRATIONS: Final[Sequence[str]] = (
     CREATE INDEX speaker_embeddings_recording ON speaker_embeddings(recording_id);
     CREATE INDEX outbox_recording ON outbox(recording_id);
     """,
+    # 8: a job belongs to the process that queued it (`analyze` never takes the daemon's, nor
+    # the daemon an analysis in progress); the process dying during a job is counted apart
+    # from the job failing, and `attempts` counts failures only
+    """
+    ALTER TABLE jobs ADD COLUMN origin TEXT;  -- host:pid that queued it; NULL: the daemon's
+    ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 

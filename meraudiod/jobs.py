@@ -2,6 +2,12 @@
 
 Functions that change a job take the connection and run inside the caller's transaction, so
 a job is completed in the same transaction that stores its results.
+
+A job's `origin` is the process that queued it: NULL for the daemon's own (kept across its
+restarts), `host:pid` for a one-off process such as `analyze`, which claims and waits for
+only its own jobs. `attempts` counts failed attempts; `crashes` counts the times the process
+died while it held the job, so a recording that kills the transcriber is given up on, and
+crashes never use up the attempts of a genuine failure.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ class Job:
     id: int
     recording_id: str
     kind: str
-    attempts: int
+    attempts: int  # this is the job's n-th try (failed ones before it + 1)
 
 
 def owner_id() -> str:
@@ -30,31 +36,52 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def enqueue(conn: sqlite3.Connection, recording_id: str, kind: str = "transcribe") -> int:
-    """Add a pending job (call inside the transaction that inserts the recording)."""
+def enqueue(
+    conn: sqlite3.Connection,
+    recording_id: str,
+    kind: str = "transcribe",
+    origin: str | None = None,
+) -> int:
+    """Add a pending job (call inside the transaction that inserts the recording); `origin`
+    None makes it the daemon's."""
     t = now()
     cur = conn.execute(
-        "INSERT INTO jobs (recording_id, kind, state, created_at, updated_at)"
-        " VALUES (?, ?, 'pending', ?, ?)",
-        (recording_id, kind, t, t),
+        "INSERT INTO jobs (recording_id, kind, state, origin, created_at, updated_at)"
+        " VALUES (?, ?, 'pending', ?, ?, ?)",
+        (recording_id, kind, origin, t, t),
     )
     return int(cur.lastrowid or 0)
 
 
-def claim(conn: sqlite3.Connection, lease_s: float, owner: str | None = None) -> Job | None:
-    """Take the oldest pending job that is due, leased to this process for `lease_s` seconds."""
+def _mine(origin: str | None) -> tuple[str, tuple[str, ...]]:
+    """SQL condition (and its parameters) for the jobs a process works on: its own when it
+    has an origin, else the daemon's."""
+    return ("origin = ?", (origin,)) if origin is not None else ("origin IS NULL", ())
+
+
+def claim(
+    conn: sqlite3.Connection,
+    lease_s: float,
+    owner: str | None = None,
+    origin: str | None = None,
+) -> Job | None:
+    """Take the oldest pending job that is due, leased to this process for `lease_s` seconds.
+
+    Only jobs of `origin` (None: the daemon's) are taken.
+    """
     t = now()
+    mine, args = _mine(origin)
     with Transaction(conn):
         row = conn.execute(
-            "UPDATE jobs SET state='running', attempts=attempts+1, lease_until=?, owner=?,"
+            "UPDATE jobs SET state='running', lease_until=?, owner=?,"
             " updated_at=? WHERE id = (SELECT id FROM jobs WHERE state='pending'"
-            " AND (not_before IS NULL OR not_before <= ?) ORDER BY id LIMIT 1)"
+            f" AND {mine} AND (not_before IS NULL OR not_before <= ?) ORDER BY id LIMIT 1)"
             " RETURNING id, recording_id, kind, attempts",
-            (t + lease_s, owner or owner_id(), t, t),
+            (t + lease_s, owner or owner_id(), t, *args, t),
         ).fetchone()
     if row is None:
         return None
-    return Job(int(row["id"]), str(row["recording_id"]), str(row["kind"]), int(row["attempts"]))
+    return Job(int(row["id"]), str(row["recording_id"]), str(row["kind"]), int(row["attempts"]) + 1)
 
 
 def complete(conn: sqlite3.Connection, job_id: int) -> None:
@@ -75,13 +102,15 @@ def fail(
     jobs behind it go on. Returns True when the job is now failed for good.
     """
     row = conn.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
-    attempts = int(row["attempts"]) if row is not None else max_attempts
+    attempts = int(row["attempts"]) + 1 if row is not None else max_attempts
     final = attempts >= max_attempts
     t = now()
     conn.execute(
-        "UPDATE jobs SET state=?, lease_until=NULL, error=?, not_before=?, updated_at=? WHERE id=?",
+        "UPDATE jobs SET state=?, attempts=?, lease_until=NULL, error=?, not_before=?,"
+        " updated_at=? WHERE id=?",
         (
             "failed" if final else "pending",
+            attempts,
             error[:2000],
             None if final else t + retry_delay_s * 2 ** (attempts - 1),
             t,
@@ -91,24 +120,69 @@ def fail(
     return final
 
 
-def requeue_stale(conn: sqlite3.Connection) -> int:
-    """Running jobs whose lease expired, or whose owner on this host is dead, go back to pending."""
+def fail_for_good(conn: sqlite3.Connection, job_id: int, error: str) -> None:
+    """No retry can help (the audio is gone): failed at once (inside the caller's transaction)."""
+    conn.execute(
+        "UPDATE jobs SET state='failed', attempts=attempts+1, lease_until=NULL, error=?,"
+        " not_before=NULL, updated_at=? WHERE id=?",
+        (error[:2000], now(), job_id),
+    )
+
+
+def requeue_stale(conn: sqlite3.Connection, max_crashes: int = 3) -> int:
+    """Recover what dead processes left; returns how many running jobs went back to pending.
+
+    A running job whose lease expired, or whose owner on this host is dead, goes back to
+    pending with one more crash counted; at `max_crashes` it is failed for good with the
+    reason stored, so a recording that kills the process cannot make a crash loop. Jobs
+    queued by a dead one-off process (an interrupted `analyze`) become the daemon's.
+    """
     t = now()
-    host = socket.gethostname()
-    stale = []
-    for row in conn.execute("SELECT id, owner, lease_until FROM jobs WHERE state='running'"):
-        owner_host, _, pid = str(row["owner"] or "").rpartition(":")
-        owner_dead = owner_host == host and not (pid.isdigit() and pid_alive(int(pid)))
-        if (row["lease_until"] or 0) < t or owner_dead:
-            stale.append(int(row["id"]))
+    requeued: list[int] = []
+    given_up: list[int] = []
+    for row in conn.execute(
+        "SELECT id, owner, lease_until, crashes FROM jobs WHERE state='running'"
+    ):
+        if (row["lease_until"] or 0) < t or _dead(row["owner"]):
+            crashed = int(row["crashes"]) + 1
+            (given_up if crashed >= max_crashes else requeued).append(int(row["id"]))
+    orphaned = [
+        int(row["id"])
+        for row in conn.execute(
+            "SELECT id, origin FROM jobs"
+            " WHERE origin IS NOT NULL AND state IN ('pending', 'running')"
+        )
+        if _dead(row["origin"])
+    ]
     with Transaction(conn):
-        for job_id in stale:
+        for job_id in requeued:
             conn.execute(
-                "UPDATE jobs SET state='pending', lease_until=NULL, owner=NULL, updated_at=?"
-                " WHERE id=? AND state='running'",
+                "UPDATE jobs SET state='pending', crashes=crashes+1, lease_until=NULL,"
+                " owner=NULL, updated_at=? WHERE id=? AND state='running'",
                 (t, job_id),
             )
-    return len(stale)
+        for job_id in given_up:
+            conn.execute(
+                "UPDATE jobs SET state='failed', crashes=crashes+1, lease_until=NULL,"
+                " error='the process died ' || (crashes+1) || ' times while working on this"
+                " recording: given up (meraudiod jobs --retry-failed tries again)',"
+                " updated_at=? WHERE id=? AND state='running'",
+                (t, job_id),
+            )
+            conn.execute(
+                "UPDATE recordings SET status='failed' WHERE id ="
+                " (SELECT recording_id FROM jobs WHERE id=?)",
+                (job_id,),
+            )
+        for job_id in orphaned:
+            conn.execute("UPDATE jobs SET origin=NULL WHERE id=?", (job_id,))
+    return len(requeued)
+
+
+def _dead(process: str | None) -> bool:
+    """Is this host:pid a process of this host that is no longer running?"""
+    host, _, pid = str(process or "").rpartition(":")
+    return host == socket.gethostname() and not (pid.isdigit() and pid_alive(int(pid)))
 
 
 def pid_alive(pid: int) -> bool:
@@ -126,20 +200,32 @@ def retry_failed(conn: sqlite3.Connection) -> int:
     """Give every failed job a fresh set of attempts."""
     with Transaction(conn):
         cur = conn.execute(
-            "UPDATE jobs SET state='pending', attempts=0, not_before=NULL, updated_at=?"
-            " WHERE state='failed'",
+            "UPDATE jobs SET state='pending', attempts=0, crashes=0, not_before=NULL,"
+            " updated_at=? WHERE state='failed'",
             (now(),),
         )
     return cur.rowcount
 
 
-def retry_now(conn: sqlite3.Connection) -> int:
-    """Pending jobs waiting for their retry time become due now."""
+def retry_now(conn: sqlite3.Connection, origin: str | None = None) -> int:
+    """Pending jobs (of `origin`) waiting for their retry time become due now."""
+    mine, args = _mine(origin)
     with Transaction(conn):
         cur = conn.execute(
             "UPDATE jobs SET not_before=NULL WHERE state='pending' AND not_before IS NOT NULL"
+            f" AND {mine}",
+            args,
         )
     return cur.rowcount
+
+
+def unfinished(conn: sqlite3.Connection, origin: str | None = None) -> int:
+    """Pending and running jobs of `origin` (None: the daemon's)."""
+    mine, args = _mine(origin)
+    row = conn.execute(
+        f"SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'running') AND {mine}", args
+    ).fetchone()
+    return int(row[0])
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:

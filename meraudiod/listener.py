@@ -7,10 +7,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from typing import Final
 
 import numpy as np
 
-from .audio import FRAME_S, Int16Array, rms_dbfs, to_float32
+from .audio import FRAME_S, SAMPLE_RATE_HZ, Int16Array, rms_dbfs, to_float32
 from .config import Settings
 from .db import open_db
 from .recordings import MemoryAudio, Recording, RecordingStore
@@ -21,7 +22,11 @@ from .stage import StageThread
 from .vad import SileroVad
 
 _LOGGER = logging.getLogger(__name__)
+_BUSY_ERRORS: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"})
 _READ_TIMEOUT_S = 0.5
+_SAVE_RETRY_S: Final = 1.0  # first wait before saving again into a busy database; doubles
+_SAVE_RETRY_MAX_S: Final = 30.0
+_SAVE_TRIES_WHEN_STOPPING: Final = 3  # on the way out, a locked database is not waited for long
 
 
 class FrameBuffer:
@@ -61,6 +66,8 @@ class Listener(StageThread):
         on_recording: Callable[[Recording], None] | None = None,
         on_speech_start: Callable[[sqlite3.Connection, float], None] | None = None,
         on_speech_end: Callable[[sqlite3.Connection, Recording], None] | None = None,
+        keep_ids: bool = False,
+        job_origin: str | None = None,
     ) -> None:
         self.settings = settings
         self.source = source
@@ -72,7 +79,11 @@ class Listener(StageThread):
         self.params = SegmenterParams.from_settings(settings.vad, settings.recorder)
         self.finished = threading.Event()
         self.error: str | None = None
-        self.recordings: list[Recording] = []
+        self.job_origin = job_origin  # the jobs it queues belong to this process (None: daemon)
+        self.recordings_saved = 0
+        # Ids of what was saved, for a caller that reports per file (analyze); a microphone's
+        # listener runs for months, so it keeps only the count.
+        self.recording_ids: list[str] | None = [] if keep_ids else None
         self.frames_read = 0
         self.last_frame_at = 0.0  # time.monotonic() of the last frame
         self.last_prob = 0.0
@@ -104,7 +115,10 @@ class Listener(StageThread):
     def _run(self) -> None:
         conn = open_db(self.settings.storage.db_path)
         store = RecordingStore(
-            conn, self.settings.storage.audio_dir, self.settings.recorder.audio_format
+            conn,
+            self.settings.storage.audio_dir,
+            self.settings.recorder.audio_format,
+            job_origin=self.job_origin,
         )
         segmenter = self._segmenter = Segmenter(self.params)
         buffer = FrameBuffer()
@@ -143,6 +157,39 @@ class Listener(StageThread):
             conn.close()
             self.finished.set()
 
+    def _save(
+        self, store: RecordingStore, samples: Int16Array, start_s: float, started_at: float
+    ) -> Recording | None:
+        """Store an utterance; while the database is busy (a long purge, another process
+        holding the write lock past the busy timeout) the audio is kept and the save retried."""
+        delay_s, tries = _SAVE_RETRY_S, 0
+        while True:
+            tries += 1
+            try:
+                return store.save(
+                    samples,
+                    source=self.source.name,
+                    start_s=start_s,
+                    started_at=started_at,
+                    transcribe=self.settings.asr.enabled,
+                    in_transaction=self.on_speech_end,
+                    memory=self.memory if disk_low(self.settings) else None,
+                )
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorname not in _BUSY_ERRORS:
+                    raise
+                if self.stop_event.is_set() and tries >= _SAVE_TRIES_WHEN_STOPPING:
+                    raise
+                _LOGGER.warning(
+                    "database busy (%s): recording of %.1f s kept in memory, saving again in"
+                    " %.0f s",
+                    exc,
+                    samples.size / SAMPLE_RATE_HZ,
+                    delay_s,
+                )
+                time.sleep(delay_s)
+                delay_s = min(_SAVE_RETRY_MAX_S, delay_s * 2)
+
     def _handle(
         self,
         event: SpeechStarted | Utterance,
@@ -157,17 +204,13 @@ class Listener(StageThread):
             return
         self.speaking = False
         start_s = event.start_frame * FRAME_S
-        recording = store.save(
-            buffer.slice(event.start_frame, event.end_frame),
-            source=self.source.name,
-            start_s=start_s,
-            started_at=stream_t0 + start_s,
-            transcribe=self.settings.asr.enabled,
-            in_transaction=self.on_speech_end,
-            memory=self.memory if disk_low(self.settings) else None,
+        recording = self._save(
+            store, buffer.slice(event.start_frame, event.end_frame), start_s, stream_t0 + start_s
         )
         if recording is None:
             return  # the disk and the memory for it are full: reported by the daemon
-        self.recordings.append(recording)
+        self.recordings_saved += 1
+        if self.recording_ids is not None:
+            self.recording_ids.append(recording.id)
         if self.on_recording is not None:
             self.on_recording(recording)

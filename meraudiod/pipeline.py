@@ -1,5 +1,9 @@
 """What `run` and `analyze` share: start-up recovery of the store, the models, the worker
-that drains the jobs table, and listeners that feed it from a source."""
+that drains the jobs table, and listeners that feed it from a source.
+
+The daemon (`run`) serves the store: it recovers what dead processes left and works on the
+daemon's jobs. `analyze` may run beside a live daemon on the same data directory, so it
+recovers nothing and queues, claims and waits for only jobs of its own."""
 
 from __future__ import annotations
 
@@ -31,12 +35,16 @@ class Pipeline:
         settings: Settings,
         stop: threading.Event,
         on_transcribed: Callable[[TranscribedRecording], None] | None = None,
+        serves_store: bool = True,
     ) -> None:
         self.settings = settings
         self.stop_event = stop
         self.on_transcribed = on_transcribed
+        self.serves_store = serves_store
+        # Whose jobs this process queues and works on: None is the daemon's (kept across its
+        # restarts); a one-off process (analyze) has its own.
+        self.job_origin = None if serves_store else jobs.owner_id()
         self.worker: Worker | None = None
-        self.vad: SileroVad | None = None
         self.memory = MemoryAudio()  # recordings waiting in RAM while the disk is full
 
     def open(self) -> None:
@@ -45,19 +53,21 @@ class Pipeline:
         storage.audio_dir.mkdir(parents=True, exist_ok=True)
         conn = open_db(storage.db_path)
         try:
-            requeued = jobs.requeue_stale(conn)
-            if requeued:
-                _LOGGER.warning("requeued %d jobs left running by a stopped process", requeued)
-            remove_crashed_writes(conn, storage.audio_dir)
+            if self.serves_store:
+                requeued = jobs.requeue_stale(conn, max_crashes=self.settings.asr.max_attempts)
+                if requeued:
+                    _LOGGER.warning("requeued %d jobs left running by a stopped process", requeued)
+                remove_crashed_writes(conn, storage.audio_dir)
         finally:
             conn.close()
-        self.vad = SileroVad(models.vad_file(self.settings), threads=self.settings.vad.threads)
+        self._new_vad()  # a missing or broken VAD model fails here, before anything runs
         if self.settings.asr.enabled:
             asr = self.settings.asr
             path = models.resolve(asr.model, storage.resolved_models_dir, asr.allow_download)
             transcriber = Transcriber(path, asr, model_name=asr.model)
             self.worker = Worker(self.settings, transcriber, self.stop_event, self.on_transcribed)
             self.worker.memory = self.memory
+            self.worker.job_origin = self.job_origin
             if self.settings.speakers.enabled or self.settings.diarization.enabled:
                 from .speakers import SpeakerStage  # fails fast when a model is missing
 
@@ -68,21 +78,32 @@ class Pipeline:
         if self.worker is not None:
             self.worker.start()
 
-    def listener(self, source: AudioSource, **hooks: Any) -> Listener:
-        """A started listener on an already started source."""
-        assert self.vad is not None, "open() first"
+    def _new_vad(self) -> SileroVad:
+        return SileroVad(models.vad_file(self.settings), threads=self.settings.vad.threads)
+
+    def listener(self, source: AudioSource, keep_ids: bool = False, **hooks: Any) -> Listener:
+        """A started listener on an already started source, with a VAD of its own (the
+        model carries state from frame to frame, so two listeners never share one)."""
 
         def on_recording(recording: Recording) -> None:
             if self.worker is not None:
                 self.worker.wake()
 
-        listener = Listener(self.settings, source, self.vad, on_recording=on_recording, **hooks)
+        listener = Listener(
+            self.settings,
+            source,
+            self._new_vad(),
+            on_recording=on_recording,
+            keep_ids=keep_ids,
+            job_origin=self.job_origin,
+            **hooks,
+        )
         listener.memory = self.memory
         listener.start()
         return listener
 
     def drain(self) -> None:
-        """Wait until every job is done or failed (or stop is set).
+        """Wait until every job of this process is done or failed (or stop is set).
 
         The input has ended and somebody waits for the results, so a failed recording's
         retry is made due at once rather than after asr.retry_delay_s.
@@ -92,9 +113,8 @@ class Pipeline:
         conn = open_db(self.settings.storage.db_path)
         try:
             while not self.stop_event.is_set() and self.worker.is_alive():
-                jobs.retry_now(conn)
-                counts = jobs.counts(conn)
-                if counts["pending"] + counts["running"] == 0:
+                jobs.retry_now(conn, self.job_origin)
+                if jobs.unfinished(conn, self.job_origin) == 0:
                     return
                 self.worker.wake()
                 time.sleep(_POLL_S)

@@ -94,8 +94,13 @@ class MemoryAudio:
             self._items[rec_id] = samples
             return True
 
+    def get(self, rec_id: str) -> Int16Array | None:
+        """A recording's audio, left in place (a failed transcription is retried from it)."""
+        with self._lock:
+            return self._items.get(rec_id)
+
     def pop(self, rec_id: str) -> Int16Array | None:
-        """Take a recording's audio out (once transcribed it is not kept)."""
+        """Take a recording's audio out (once its transcript is stored it is not kept)."""
         with self._lock:
             return self._items.pop(rec_id, None)
 
@@ -106,10 +111,17 @@ class MemoryAudio:
 class RecordingStore:
     """Writes recordings under `audio_dir` and registers them with a pending job."""
 
-    def __init__(self, conn: sqlite3.Connection, audio_dir: Path, audio_format: str) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        audio_dir: Path,
+        audio_format: str,
+        job_origin: str | None = None,
+    ) -> None:
         self.conn = conn
         self.audio_dir = audio_dir
         self.audio_format = audio_format
+        self.job_origin = job_origin  # whose jobs these are (None: the daemon's)
 
     def save(
         self,
@@ -170,7 +182,7 @@ class RecordingStore:
                     ),
                 )
                 if transcribe:
-                    jobs.enqueue(self.conn, rec_id)
+                    jobs.enqueue(self.conn, rec_id, origin=self.job_origin)
                 if in_transaction is not None:
                     in_transaction(self.conn, recording)
         except BaseException:

@@ -34,11 +34,14 @@ def purge(
     after: float | None = None,
     speaker_id: str | None = None,
     audio_only: bool = False,
+    dry_run: bool = False,
 ) -> PurgeResult:
     """Delete recordings started in [after, before) and/or attributed to a speaker.
 
     With audio_only the text stays and only the audio files go. At least one criterion is
-    required, so a purge never deletes everything by accident.
+    required, so a purge never deletes everything by accident. The counts are of what
+    really was there (an audio file already gone is not counted); with dry_run nothing is
+    deleted and the counts say what would be.
     """
     if before is None and after is None and speaker_id is None:
         raise ValueError("purge needs an age, a time range or a speaker")
@@ -62,6 +65,11 @@ def purge(
         f"SELECT r.id, r.audio_path FROM recordings r WHERE {' AND '.join(where)}",
         args,
     ).fetchall()
+    if dry_run:
+        files = sum(
+            1 for r in rows if r["audio_path"] and audio_file(audio_dir, r["audio_path"]).is_file()
+        )
+        return PurgeResult(0 if audio_only else len(rows), files)
     if audio_only:
         dropped = drop_audio(conn, audio_dir, [(r["id"], r["audio_path"]) for r in rows])
         return PurgeResult(audio_files_deleted=dropped)
@@ -114,8 +122,9 @@ def disk_free_mb(path: Path) -> float:
 
 
 def disk_low(settings: Settings) -> bool:
-    """Below the free-disk threshold: stop writing audio."""
-    return disk_free_mb(settings.storage.data_dir) < settings.retention.min_free_disk_mb
+    """Below the free-disk threshold where the audio is written (tmp_audio_dir, when set, is
+    not the data directory's disk): stop writing audio."""
+    return disk_free_mb(settings.storage.audio_dir) < settings.retention.min_free_disk_mb
 
 
 class Retention(StageThread):

@@ -75,6 +75,7 @@ class Worker(StageThread):
         self.on_stored: list[Callable[[sqlite3.Connection, TranscribedRecording], None]] = []
         self.speakers: SpeakerStage | None = None  # diarization + identification, when enabled
         self.memory: MemoryAudio | None = None  # audio held while the disk is full
+        self.job_origin: str | None = None  # whose jobs it works on (None: the daemon's)
         self._wake = threading.Event()
         self.busy = False
         self.last_error: str | None = None
@@ -95,12 +96,22 @@ class Worker(StageThread):
 
     def process_next(self, conn: sqlite3.Connection) -> bool:
         """Claim and process one job; False when there was none."""
-        job = jobs.claim(conn, self.settings.asr.job_lease_s)
+        job = jobs.claim(conn, self.settings.asr.job_lease_s, origin=self.job_origin)
         if job is None:
             return False
         self.busy = True
         try:
             result = self._transcribe(conn, job)
+        except AudioLostError as exc:  # no retry can bring it back: one line, failed for good
+            self.last_error = f"audio lost: {exc}"
+            _LOGGER.error("job %d (recording %s) failed: %s", job.id, job.recording_id, exc)
+            with Transaction(conn):
+                jobs.fail_for_good(conn, job.id, self.last_error)
+                conn.execute(
+                    "UPDATE recordings SET status='failed' WHERE id=?", (job.recording_id,)
+                )
+            self._forget_held(job.recording_id)
+            return True
         except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             _LOGGER.error(
@@ -122,6 +133,8 @@ class Worker(StageThread):
                     conn.execute(
                         "UPDATE recordings SET status='failed' WHERE id=?", (job.recording_id,)
                     )
+            if final:
+                self._forget_held(job.recording_id)
             return True
         finally:
             self.busy = False
@@ -134,12 +147,17 @@ class Worker(StageThread):
         if row is None:
             with Transaction(conn):  # deleted meanwhile: nothing to do
                 jobs.complete(conn, job.id)
+            self._forget_held(job.recording_id)
             return None
         audio_dir = self.settings.storage.audio_dir
         if row["audio_path"]:
-            audio, _ = soundfile.read(audio_file(audio_dir, row["audio_path"]), dtype="float32")
+            path = audio_file(audio_dir, row["audio_path"])
+            if not path.is_file():
+                raise AudioLostError(f"its audio file {path} is missing")
+            audio, _ = soundfile.read(path, dtype="float32")
         else:  # written to memory only, because the disk was too full
-            held = self.memory.pop(job.recording_id) if self.memory is not None else None
+            # Kept (not taken) until the transcript is stored: a failed try can be retried.
+            held = self.memory.get(job.recording_id) if self.memory is not None else None
             if held is None:
                 raise AudioLostError("its audio was never written (disk full) and is gone")
             audio = to_float32(held)
@@ -179,6 +197,7 @@ class Worker(StageThread):
             for hook in self.on_stored:  # e.g. the MQTT outbox: same transaction as the data
                 hook(conn, result)
             jobs.complete(conn, job.id)
+        self._forget_held(job.recording_id)  # stored: the audio held in memory can go
         if result.opt_out:  # this person asked not to be kept: audio and text go
             delete_recording(conn, audio_dir, job.recording_id)
             _LOGGER.info("recording %s deleted: a do-not-keep voice", job.recording_id)
@@ -195,6 +214,11 @@ class Worker(StageThread):
             transcript.text,
         )
         return result
+
+    def _forget_held(self, recording_id: str) -> None:
+        """Drop audio held in memory for a recording that needs it no more."""
+        if self.memory is not None:
+            self.memory.pop(recording_id)
 
 
 def store_transcript(

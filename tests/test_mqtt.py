@@ -201,7 +201,9 @@ def test_admin_commands_when_allowed(env: dict[str, str], broker: Broker) -> Non
         again = request(sub, "reprocess", json.dumps({"ids": ids[2:3]}))
         assert again["data"] == {"queued": 1}
         sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH) + 1, 30)
-        purged = request(sub, "purge", json.dumps({"start": "2000-01-01T00:00"}))
+        purged = request(
+            sub, "purge", json.dumps({"start": "2000-01-01T00:00", "end": "2100-01-01T00:00"})
+        )
         assert purged["data"]["recordings_deleted"] == len(DEMO_TRUTH) - 2
         assert request(sub, "recordings/list", "{}")["data"] == []
     finally:

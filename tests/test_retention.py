@@ -71,13 +71,36 @@ def test_purge_cli_needs_a_criterion_and_reports(env: dict[str, str]) -> None:
     analyzed(env).close()
     refused = cli("purge", env=env)
     assert refused.returncode != 0 and "needs" in refused.stderr
-    done = cli("purge", "--start", "2000-01-01", "--audio-only", env=env)
+    done = cli(
+        "purge", "--start", "2000-01-01", "--end", "2100-01-01", "--audio-only", "-y", env=env
+    )
     assert done.returncode == 0 and f"{len(DEMO_TRUTH)} audio files" in done.stdout
     listed = json.loads(cli("recordings", "list", "--json", env=env).stdout)
     assert len(listed) == len(DEMO_TRUTH) and all(r["text"] for r in listed)
-    gone = cli("purge", "--start", "2000-01-01", env=env)
-    assert f"deleted {len(DEMO_TRUTH)} recordings" in gone.stdout
+    gone = cli("purge", "--start", "2000-01-01", "--end", "2100-01-01", "--yes", env=env)
+    assert f"deleted {len(DEMO_TRUTH)} recordings and 0 audio files" in gone.stdout
     assert json.loads(cli("recordings", "list", "--json", env=env).stdout) == []
+
+
+def test_purge_wants_a_whole_range_asks_first_and_counts_truly(env: dict[str, str]) -> None:
+    conn = analyzed(env)
+    total = len(DEMO_TRUTH)
+    half_open = cli("purge", "--start", "2000-01-01", env=env)
+    assert half_open.returncode != 0 and "both start and end" in half_open.stderr
+    until_now = cli("purge", "--start", "2000-01-01", "--end", "now", "--dry-run", env=env)
+    assert until_now.returncode == 0 and "would delete" in until_now.stdout
+    dry = cli("purge", "--start", "2000-01-01", "--end", "2100-01-01", "--dry-run", env=env)
+    assert dry.returncode == 0 and f"would delete {total} recordings" in dry.stdout
+    unasked = cli(
+        "purge", "--start", "2000-01-01", "--end", "2100-01-01", env=env
+    )  # not a terminal
+    assert unasked.returncode != 0 and "--yes" in unasked.stderr
+    assert conn.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == total
+    (gone_already,) = conn.execute("SELECT audio_path FROM recordings LIMIT 1").fetchone()
+    stored_audio(env, gone_already).unlink()
+    done = cli("purge", "--start", "2000-01-01", "--end", "2100-01-01", "--yes", env=env)
+    assert f"deleted {total} recordings and {total - 1} audio files" in done.stdout
+    assert conn.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == 0
 
 
 def test_keep_no_audio_once_transcribed(env: dict[str, str]) -> None:

@@ -1,0 +1,147 @@
+"""The worker never loses audio it holds, never retries a lost file forever, and gives up on
+a recording that keeps killing the process (real SIGKILLs)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from meraudiod import jobs, models
+from meraudiod.asr import Transcriber
+from meraudiod.audio import decode_file
+from meraudiod.config import Settings
+from meraudiod.db import Transaction, open_db
+from meraudiod.recordings import MemoryAudio, RecordingStore
+from meraudiod.worker import TranscribedRecording, Worker
+
+from .conftest import TEST_DATA, cli, db_rows, stored_audio
+
+SPEECH = decode_file(TEST_DATA / "librivox_0880.wav")
+SHORT = TEST_DATA / "ls_103_0000.flac"
+
+
+def silence(env: dict[str, str]) -> Path:
+    """A file with nothing to record: a run that only works on the backlog."""
+    path = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).parent / "silence.wav"
+    soundfile.write(path, np.zeros(16000, dtype=np.int16), 16000)
+    return path
+
+
+def test_audio_held_in_memory_survives_a_failed_attempt(settings: Settings) -> None:
+    """Disk full: the audio is only in memory. The first attempt fails while storing; the
+    retry still has the audio, and it is let go once the transcript is stored."""
+    conn = open_db(settings.storage.db_path)
+    memory = MemoryAudio()
+    store = RecordingStore(conn, settings.storage.audio_dir, "flac")
+    rec = store.save(SPEECH, source="x", start_s=0.0, started_at=1000.0, memory=memory)
+    assert rec is not None and rec.audio_path is None and len(memory) == 1
+    asr = settings.asr
+    asr.retry_delay_s = 0.0
+    path = models.resolve(asr.model, settings.storage.resolved_models_dir, False)
+    worker = Worker(settings, Transcriber(path, asr, asr.model), threading.Event())
+    worker.memory = memory
+    failures = []
+
+    def outbox_fails_once(conn: sqlite3.Connection, result: TranscribedRecording) -> None:
+        if not failures:
+            failures.append(result.recording_id)
+            raise sqlite3.OperationalError("disk I/O error")  # e.g. the outbox insert
+
+    worker.on_stored.append(outbox_fails_once)
+    assert worker.process_next(conn)  # fails, to be retried
+    assert failures == [rec.id] and len(memory) == 1
+    assert worker.process_next(conn)
+    row = conn.execute("SELECT status, text FROM recordings WHERE id=?", (rec.id,)).fetchone()
+    assert row["status"] == "done" and "young man" in row["text"].lower()
+    assert len(memory) == 0  # stored: no longer held
+
+
+def test_a_missing_audio_file_fails_the_job_at_once_in_one_line(env: dict[str, str]) -> None:
+    conn = open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    store = RecordingStore(conn, Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio", "flac")
+    rec = store.save(SPEECH, source="x", start_s=0.0, started_at=1000.0)
+    assert rec is not None and rec.audio_path is not None
+    rec.audio_path.unlink()  # gone behind the daemon's back
+    conn.close()
+    result = cli("run", "--source", f"file:{silence(env)}", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if rec.id in line]
+    assert len(lines) == 1 and "missing" in lines[0], result.stderr
+    report = json.loads(cli("jobs", "--json", env=env).stdout)
+    (job,) = report["jobs"]
+    assert job["state"] == "failed" and job["attempts"] == 1 and "missing" in job["error"]
+
+
+def test_reprocess_of_an_unknown_id_is_an_error_naming_it(env: dict[str, str]) -> None:
+    result = cli("reprocess", "01NOSUCHRECORDING000000000", env=env)
+    assert result.returncode != 0
+    assert "01NOSUCHRECORDING000000000" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_crashes_do_not_use_up_the_attempts_of_a_genuine_failure(settings: Settings) -> None:
+    conn = open_db(settings.storage.db_path)
+    RecordingStore(conn, settings.storage.audio_dir, "flac").save(
+        SPEECH, source="x", start_s=0.0, started_at=1000.0
+    )
+    dead = f"{jobs.owner_id().rpartition(':')[0]}:999999999"
+    for _ in range(2):  # the process died twice while holding the job
+        assert jobs.claim(conn, lease_s=600, owner=dead) is not None
+        assert jobs.requeue_stale(conn, max_crashes=3) == 1
+    job = jobs.claim(conn, lease_s=600)
+    assert job is not None and job.attempts == 1
+    with Transaction(conn):  # one genuine failure: retried, not final
+        assert jobs.fail(conn, job.id, "boom", max_attempts=3, retry_delay_s=0) is False
+    (row,) = jobs.backlog(conn)
+    assert row["state"] == "pending" and row["attempts"] == 1
+
+
+def _kill_while_running(env: dict[str, str], source: Path) -> None:
+    """Start a real daemon and SIGKILL it while it transcribes a recording."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{source}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            try:
+                rows = db_rows(
+                    env,
+                    "SELECT COUNT(*) AS n FROM jobs WHERE state='running'"
+                    f" AND owner LIKE '%:{proc.pid}'",  # this process's claim, not a stale one
+                )
+            except sqlite3.OperationalError:
+                rows = []  # not created yet
+            if rows and rows[0]["n"]:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("no job was ever running")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def test_a_recording_that_keeps_killing_the_process_is_given_up(env: dict[str, str]) -> None:
+    _kill_while_running(env, SHORT)  # the recording is made, and the process dies on it
+    quiet = silence(env)
+    _kill_while_running(env, quiet)  # and again, and again
+    _kill_while_running(env, quiet)
+    result = cli("run", "--source", f"file:{quiet}", env=env)
+    assert result.returncode == 0, result.stderr
+    (job,) = json.loads(cli("jobs", "--json", env=env).stdout)["jobs"]
+    assert job["state"] == "failed" and "died 3 times" in job["error"]
+    (rec,) = db_rows(env, "SELECT status, audio_path FROM recordings")
+    assert rec["status"] == "failed" and stored_audio(env, rec["audio_path"]).is_file()
