@@ -241,6 +241,13 @@ class Daemon:
         if listener is not None:
             listener.stop(timeout_s=5.0)
         self.source.stop()
+        if listener is not None and listener.is_alive():
+            # Stuck in the driver: a second listener beside it would save the same audio
+            # twice; the next try comes after the backoff.
+            _LOGGER.error("the listener of %s does not stop; not reopening yet", self.source.name)
+            self._next_mic_retry = t + self._mic_retry_s
+            self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
+            return
         try:
             self.source.start()
             self._start_listener()
