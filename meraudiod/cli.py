@@ -27,6 +27,7 @@ from .cli_common import (
 )
 from .cli_recordings import recordings
 from .cli_speakers import speakers_group
+from .machine import summary_line
 from .recordings import recording_details
 from .sources import SourceError, input_devices, open_source
 
@@ -461,6 +462,7 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
             f"{data['disk_used_mb']:.0f} MB used in {data['data_dir']}, {disk_free}",
         ),
         ("version", data["version"]),
+        ("platform", summary_line(data["platform"])),
     ]
     for label, value in rows:
         click.echo(f"{label:<16} {value}")

@@ -6,6 +6,7 @@ the inference libraries' versions and the CPU features their fast paths use.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import platform
 import sqlite3
@@ -43,6 +44,7 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
+@functools.cache  # read once per process: status() asks on every state update
 def describe() -> dict[str, str]:
     """Architecture, Python, SQLite, onnxruntime, CTranslate2 and CPU features, as text."""
     return {
@@ -55,9 +57,9 @@ def describe() -> dict[str, str]:
     }
 
 
-def summary() -> str:
-    """describe() on one line."""
-    info = describe()
+def summary_line(info: dict[str, str] | None = None) -> str:
+    """describe() (or what it returned elsewhere) on one line."""
+    info = info or describe()
     return (
         f"{info['architecture']}, Python {info['python']}, SQLite {info['sqlite']},"
         f" onnxruntime {info['onnxruntime']}, CTranslate2 {info['ctranslate2']},"
@@ -66,4 +68,4 @@ def summary() -> str:
 
 
 if __name__ == "__main__":
-    print(summary())
+    print(summary_line())
