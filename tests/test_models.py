@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import shutil
 import tarfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ def without_tar_filters(monkeypatch: pytest.MonkeyPatch) -> None:
                    numeric_owner: bool = False, **unknown: Any) -> None:  # fmt: skip
         if unknown:  # what 3.11.2 says to filter="data"
             raise TypeError(f"unexpected keyword argument {next(iter(unknown))!r}")
-        original(self, path, members, numeric_owner=numeric_owner)
+        with warnings.catch_warnings():  # 3.12+ warns about extracting without a filter
+            warnings.simplefilter("ignore", DeprecationWarning)
+            original(self, path, members, numeric_owner=numeric_owner)
 
     monkeypatch.delattr(tarfile, "data_filter", raising=False)
     monkeypatch.setattr(tarfile.TarFile, "extractall", extractall)
