@@ -28,6 +28,7 @@ from .asr import Transcriber
 from .audio import FRAME_S, FRAME_SAMPLES, SAMPLE_RATE_HZ, decode_file, to_float32
 from .config import Settings
 from .db import open_db
+from .machine import describe as describe_machine
 from .sources import demo_path
 from .vad import SileroVad
 
@@ -229,6 +230,8 @@ def run_bench(
         "version": __version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "processor": _cpu_model(),
+        **{k: v for k, v in describe_machine().items() if k != "architecture"},
+        "timings_note": "every time below was measured on this machine and holds for it only",
     }
     started = time.monotonic()
     progress("VAD")

@@ -27,6 +27,7 @@ from .cli_common import (
 )
 from .cli_recordings import recordings
 from .cli_speakers import speakers_group
+from .machine import summary_line
 from .recordings import recording_details
 from .sources import SourceError, input_devices, open_source
 
@@ -289,13 +290,29 @@ def models_list(config_path: Path | None, as_json: bool) -> None:
 @config_option
 @click.argument("names", nargs=-1)
 @click.option("--default", "defaults", is_flag=True, help="The models the configuration uses.")
-def models_install(config_path: Path | None, names: tuple[str, ...], defaults: bool) -> None:
-    """Install models into the models directory and check their checksums."""
+@click.option(
+    "--from",
+    "from_file",
+    type=click.Path(path_type=Path),
+    help="Install the one named model from this file (e.g. an ONNX exported on another machine).",
+)
+def models_install(
+    config_path: Path | None, names: tuple[str, ...], defaults: bool, from_file: Path | None
+) -> None:
+    """Install models into the models directory and check their checksums (or parity).
+
+    \b
+    Examples:
+      meraudiod models install --default
+      meraudiod models install ecapa-voxceleb --from /media/usb/ecapa-voxceleb.onnx
+    """
     settings = settings_from(config_path)
+    if from_file is not None and (len(names) != 1 or defaults):
+        raise click.UsageError("--from installs exactly one named model")
     wanted = list(names) + (modelstore.configured(settings) if defaults or not names else [])
     for name in dict.fromkeys(wanted):
         try:
-            path = modelstore.install(name, settings.storage.resolved_models_dir)
+            path = modelstore.install(name, settings.storage.resolved_models_dir, from_file)
         except modelstore.ModelError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"{name}: {path}")
@@ -445,6 +462,7 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
             f"{data['disk_used_mb']:.0f} MB used in {data['data_dir']}, {disk_free}",
         ),
         ("version", data["version"]),
+        ("platform", summary_line(data["platform"])),
     ]
     for label, value in rows:
         click.echo(f"{label:<16} {value}")

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import re
 import socket
-import tomllib
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .compat import tomllib
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/meraudiod/config.toml")
 ENV_CONFIG: Final = "MERAUDIOD_CONFIG"

