@@ -85,6 +85,8 @@ class Daemon:
         self._started_at = time.monotonic()
         self._mic_retry_s = 1.0
         self._next_mic_retry = 0.0
+        self._mic_opened_at = 0.0
+        self._mic_ever_opened = False
         # The microphone is not there at all (reopening it fails): waiting for it, degraded,
         # is healthy. One that opens but delivers nothing is a stall, for systemd to restart.
         self._mic_gone = False
@@ -109,8 +111,10 @@ class Daemon:
             self._start_mqtt()
         self.pipeline.start_worker()
         self.retention.start()
-        if self.listening:
-            self.source.start()  # a missing microphone fails here, before READY
+        if self.listening and isinstance(self.source, MicSource):
+            self._open_microphone(time.monotonic())  # a missing one is waited for
+        elif self.listening:
+            self.source.start()  # a missing file fails here, before READY
             self._start_listener()
         self._publish_listening()
         self._heartbeat()
@@ -224,7 +228,7 @@ class Daemon:
             listener is None
             or not listener.is_alive()
             or (listener.frames_read > 0 and t - listener.last_frame_at > _AUDIO_STALL_S)
-            or (listener.frames_read == 0 and t - self._started_at > _AUDIO_STALL_S)
+            or (listener.frames_read == 0 and t - self._mic_opened_at > _AUDIO_STALL_S)
         )
         if not stalled:
             if self.mic_problem:
@@ -235,23 +239,37 @@ class Daemon:
             return
         if t < self._next_mic_retry:
             return
-        self.mic_problem = "microphone lost: retrying"
-        self.notifier.status(self._status_line())
+        if not self._mic_gone:
+            self.mic_problem = "microphone lost: retrying"
+            self.notifier.status(self._status_line())
         _LOGGER.warning("no audio from %s; reopening it", self.source.name)
         if listener is not None:
             listener.stop(timeout_s=5.0)
         self.source.stop()
+        self._open_microphone(t)
+
+    def _open_microphone(self, t: float) -> None:
+        """Open the microphone and its listener. One that is not there (unplugged, a USB
+        device that enumerates after boot) is waited for, degraded, and retried with
+        backoff by _check_audio; never a failed start."""
         try:
             self.source.start()
             self._start_listener()
-            self._started_at = t
-            self._mic_gone = False
         except SourceError as exc:
-            self.mic_problem = f"microphone lost: {exc}"
+            self.source.stop()
+            lost = "microphone lost" if self._mic_ever_opened else "waiting for the microphone"
+            self.mic_problem = f"{lost}: {exc}"
             self._mic_gone = True
-            _LOGGER.error("%s", exc)
-        self._next_mic_retry = t + self._mic_retry_s
-        self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
+            _LOGGER.error("%s; retrying in %.0f s", exc, self._mic_retry_s)
+            self._next_mic_retry = t + self._mic_retry_s
+            self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
+        else:
+            self._mic_opened_at = t
+            self._mic_gone = False
+            self._mic_ever_opened = True
+            self._next_mic_retry = t + self._mic_retry_s
+            self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
+        self.notifier.status(self._status_line())
 
     def _handle_inbound(self, item: Any) -> None:
         assert self.conn is not None
@@ -309,12 +327,15 @@ class Daemon:
                 if self.listener is not None:  # a file or a pipe: keep reading, record nothing
                     self.listener.muted = not on
             elif on:
-                self.source.start()
-                self._start_listener()
-            else:  # muted means the microphone is closed
+                self._mic_retry_s = 1.0
+                self._open_microphone(time.monotonic())  # a missing one is waited for
+            else:  # muted means the microphone is closed, and no longer waited for
                 if self.listener is not None:
                     self.listener.stop()
+                    self.listener = None
                 self.source.stop()
+                self.mic_problem = None
+                self._mic_gone = False
             _LOGGER.info("listening %s", "ON" if on else "OFF")
             self.notifier.status(self._status_line())
             self._heartbeat()

@@ -1,0 +1,140 @@
+"""Start-up never loops: a microphone that is not there yet is waited for, degraded, with the
+watchdog fed and READY sent; switched ON while it is gone, the same. Real processes under a
+simulated systemd (tests/notify.py) and a real broker."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from meraudiod.db import open_db, set_kv
+
+from .broker import Broker, Subscriber
+from .conftest import cli
+from .notify import NotifySocket
+
+MISSING_MIC = "USB PnP"  # no such input device on a test machine
+NODE = "bootnode"
+BASE = f"meraudiod/{NODE}"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def service_env(env: dict[str, str], notify: NotifySocket, **extra: str) -> dict[str, str]:
+    """The environment systemd gives the unit: a notify socket and a 2 s watchdog."""
+    return {
+        **env,
+        "NOTIFY_SOCKET": str(notify.path),
+        "WATCHDOG_USEC": "2000000",
+        "MERAUDIOD_AUDIO__DEVICE": MISSING_MIC,
+        **extra,
+    }
+
+
+def run_mic(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "mic"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr
+
+
+def last_state(sub: Subscriber) -> dict:
+    return sub.on(f"{BASE}/state")[-1].json()  # type: ignore[no-any-return]
+
+
+def assert_waiting_with_a_fed_watchdog(
+    proc: subprocess.Popen[str], notify: NotifySocket, env: dict[str, str]
+) -> None:
+    """Degraded, saying why, still running and still feeding the watchdog."""
+    waiting_since = time.monotonic()
+    time.sleep(6.0)
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    assert len([t for t in notify.times("WATCHDOG=1") if t > waiting_since]) >= 3
+    assert any("STATUS=" in m and MISSING_MIC in m for _, m in notify.messages), notify.messages
+    up = json.loads(cli("status", "--json", env=env).stdout)
+    assert up["running"] and MISSING_MIC in (up["degraded"] or ""), up
+
+
+def test_microphone_missing_at_start_is_waited_for(env: dict[str, str], tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    senv = service_env(env, notify)
+    proc = run_mic(senv)
+    try:
+        wait_for(lambda: notify.times("READY=1") or proc.poll() is not None, 90, "READY=1")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        ready = next(m for _, m in notify.messages if "READY=1" in m)
+        assert "waiting for the microphone" in ready and MISSING_MIC in ready
+        assert_waiting_with_a_fed_watchdog(proc, notify, senv)
+    finally:
+        code, stderr = stop(proc)
+        notify.close()
+    assert code == 0, stderr
+    assert stderr.count(f"No input device matching '{MISSING_MIC}'") >= 2  # retried
+
+
+def test_listening_on_while_the_microphone_is_gone(
+    env: dict[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    conn = open_db(data_dir / "meraudiod.db")
+    set_kv(conn, "listening", "OFF")  # muted before this start: the microphone stays closed
+    conn.close()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    senv = service_env(
+        env,
+        notify,
+        MERAUDIOD_MQTT__ENABLED="true",
+        MERAUDIOD_MQTT__HOST="127.0.0.1",
+        MERAUDIOD_MQTT__PORT=str(broker.port),
+        MERAUDIOD_MQTT__NODE_ID=NODE,
+    )
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    proc = run_mic(senv)
+    try:
+        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 90)
+        sub.wait_for(lambda: sub.on("/listening/state"), 10)
+        assert sub.on("/listening/state")[-1].payload == b"OFF"
+        sub.publish(f"{BASE}/listening/set", "ON")
+        sub.wait_for(lambda: sub.on("/listening/state")[-1].payload == b"ON", 10)
+        sub.wait_for(lambda: MISSING_MIC in (last_state(sub)["degraded"] or ""), 10)
+        assert_waiting_with_a_fed_watchdog(proc, notify, senv)
+        # Muting again stops the waiting: no longer degraded.
+        sub.publish(f"{BASE}/listening/set", "OFF")
+        sub.wait_for(lambda: last_state(sub)["degraded"] is None, 10)
+    finally:
+        code, stderr = stop(proc)
+        sub.close()
+        notify.close()
+    assert code == 0, stderr
