@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sqlite3
 import sys
 import threading
@@ -15,6 +14,7 @@ import click
 
 from . import jobs as jobqueue
 from . import models as modelstore
+from .checks import StartError
 from .cli_common import (
     config_option,
     echo_json,
@@ -28,6 +28,8 @@ from .cli_common import (
 from .cli_recordings import recordings
 from .cli_speakers import speakers_group
 from .recordings import recording_details
+from .signals import install as install_signal_handlers
+from .signals import run_handlers
 from .sources import SourceError, input_devices, open_source
 
 
@@ -67,6 +69,7 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
       meraudiod run --source mic
       arecord -f S16_LE -r 16000 -c 1 | meraudiod run --source stdin
     """
+    stop, reload = run_handlers()  # before the slow imports below (a no-op when done early)
     from .daemon import Daemon
 
     settings = settings_from(config_path)
@@ -74,7 +77,6 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
         settings.audio.source = _checked_source(source)
     if realtime is not None:
         settings.audio.realtime = realtime
-    stop = threading.Event()
     count = [0]
 
     def printer(result: Any) -> None:
@@ -88,17 +90,17 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
         stop,
         on_transcribed=printer if print_ else None,
     )
+    daemon.reload_requested = reload
     daemon.config_path = str(config_path) if config_path else None
     if source is not None:
         daemon.cli_overrides[("audio", "source")] = settings.audio.source
     if realtime is not None:
         daemon.cli_overrides[("audio", "realtime")] = realtime
-    _install_signal_handlers(stop, daemon.reload_requested)
     t0 = time.monotonic()
     try:
         daemon.start()
         code = daemon.run()
-    except (SourceError, modelstore.ModelError) as exc:
+    except (SourceError, modelstore.ModelError, StartError) as exc:
         daemon.stop()
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:  # a failed start must say why and exit non-zero
@@ -122,16 +124,6 @@ def _checked_source(spec: str) -> str:
         raise click.BadParameter(f"{spec!r}: use mic, file:PATH, stdin or demo") from exc
 
 
-def _install_signal_handlers(stop: threading.Event, reload: threading.Event | None = None) -> None:
-    def handler(signum: int, frame: object) -> None:
-        stop.set()  # signal handlers only set a flag
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    if reload is not None:
-        signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
-
-
 # --- analyze -------------------------------------------------------------------------------
 
 
@@ -152,7 +144,7 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
 
     settings = settings_from(config_path)
     stop = threading.Event()
-    _install_signal_handlers(stop)
+    install_signal_handlers(stop)
     pipeline = Pipeline(settings, stop)
     try:
         pipeline.open()

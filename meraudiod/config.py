@@ -99,11 +99,19 @@ class VadSettings(Section):
 class RecorderSettings(Section):
     """Segmenter timing: how speech probabilities become recordings."""
 
-    min_speech_ms: int = Field(250, ge=0, description="Shorter bursts of speech are ignored")
-    hangover_ms: int = Field(
-        700, ge=32, description="Silence that ends an utterance (end-of-speech hang-over)"
+    # Upper bounds too: a typo such as 1e9 would otherwise be taken, at start and on SIGHUP.
+    min_speech_ms: int = Field(
+        250, ge=0, le=10_000, description="Shorter bursts of speech are ignored"
     )
-    pre_roll_ms: int = Field(300, ge=0, description="Audio kept before the detected start")
+    hangover_ms: int = Field(
+        700,
+        ge=32,
+        le=10_000,
+        description="Silence that ends an utterance (end-of-speech hang-over)",
+    )
+    pre_roll_ms: int = Field(
+        300, ge=0, le=5_000, description="Audio kept before the detected start"
+    )
     post_roll_ms: int = Field(200, ge=0, description="Audio kept after the last speech frame")
     max_utterance_s: float = Field(
         28.0, ge=2.0, le=300.0, description="Longer speech is split cleanly at the quietest frame"

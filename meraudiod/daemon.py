@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import __version__, events
+from .checks import check_writable
 from .commands import CommandContext, dispatch
 from .config import ConfigError, Settings, apply_live, load_settings
 from .db import Transaction, get_kv, open_db, set_kv
@@ -102,6 +103,7 @@ class Daemon:
 
     def start(self) -> None:
         """Store and models, then the sinks (MQTT, worker, retention), then the microphone."""
+        check_writable(self.settings)  # one line naming the directory, not a traceback
         heartbeat_path(self.settings).parent.mkdir(parents=True, exist_ok=True)
         self.pipeline.open()
         self.conn = open_db(self.settings.storage.db_path)
@@ -403,8 +405,11 @@ class Daemon:
             "version": __version__,
         }
 
-    def _heartbeat(self) -> None:
-        write_heartbeat(self.settings, self._snapshot())
+    def _heartbeat(self, stopped: bool = False) -> None:
+        try:
+            write_heartbeat(self.settings, {**self._snapshot(), **({"at": 0.0} if stopped else {})})
+        except OSError as exc:  # `status` goes stale; the daemon itself carries on
+            _LOGGER.error("cannot write the heartbeat for `status`: %s", exc)
 
     def _state(self) -> State:
         assert self.conn is not None
@@ -501,6 +506,7 @@ class Daemon:
         self._mqtt_stop.set()
         if self.mqtt is not None:
             self.mqtt.join()
-        write_heartbeat(self.settings, {**self._snapshot(), "at": 0.0})  # stopped
+        if self.conn is not None:  # it started, and wrote a heartbeat
+            self._heartbeat(stopped=True)
         if self.conn is not None:
             self.conn.close()

@@ -5,6 +5,7 @@ simulated systemd (tests/notify.py) and a real broker."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -138,3 +139,96 @@ def test_listening_on_while_the_microphone_is_gone(
         sub.close()
         notify.close()
     assert code == 0, stderr
+
+
+def _caught_signals(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_sighup_during_start_is_a_reload_and_reloads_keep_the_bounds(
+    env: dict[str, str],
+) -> None:
+    config = Path(env["MERAUDIOD_CONFIG"])
+    config.write_text("[recorder]\nhangover_ms = 700\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    hup = 1 << (signal.SIGHUP - 1)
+    early = False  # seen catching SIGHUP while numpy (the first slow import) is not yet loaded
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            caught = _caught_signals(proc.pid) & hup  # first the handler, then the imports
+            loading = "numpy" in _maps(proc.pid)
+            early = early or bool(caught and not loading)
+            if loading:
+                break
+        # A `systemctl reload` while it loads: the default action would kill it (rc 129).
+        proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: (
+                json.loads(cli("status", "--json", env=env).stdout)["running"]
+                or proc.poll() is not None
+            ),
+            90,
+            "the daemon to start",
+        )
+        assert proc.poll() is None, f"killed by SIGHUP during start: rc {proc.returncode}"
+        config.write_text("[recorder]\nhangover_ms = 1e9\n")  # a typo for 1e3
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2.0)
+        assert proc.poll() is None
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    log = proc.stderr.read()
+    assert proc.returncode == 0, log
+    assert early, "the SIGHUP handler came after the slow imports"
+    assert "reloaded configuration" in log  # the early SIGHUP, acted on once running
+    assert "reload refused" in log and "recorder.hangover_ms" in log, log
+    # The same bound at start: one line naming the key.
+    result = cli("config", "check", env=env)
+    assert result.returncode != 0 and "recorder.hangover_ms" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# Tests run as root, whom permissions do not stop: the daemon under test runs without the
+# capabilities that override them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), as the service's
+# unprivileged user would.
+AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.parametrize("owner", ["read-only", "foreign-owned"])
+def test_unwritable_data_dir_is_one_line(env: dict[str, str], owner: str) -> None:
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    data_dir.mkdir()
+    if owner == "read-only":
+        data_dir.chmod(0o555)
+    else:
+        os.chown(data_dir, 65534, 65534)
+        data_dir.chmod(0o700)
+    result = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--source", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "heartbeat" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"storage.data_dir: {data_dir} is not writable" in last, result.stderr
+    assert "Permission denied" in last
