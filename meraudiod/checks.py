@@ -59,7 +59,8 @@ def unwritable_dirs(settings: Settings) -> list[str]:
         "storage.tmp_audio_dir" if storage.tmp_audio_dir else "audio directory": storage.audio_dir,
         "storage.run_dir": storage.run_dir,
     }
-    problems, failed = [], []
+    problems: list[str] = []
+    failed: list[Path] = []
     for key, path in dirs.items():
         if path is None or any(path.is_relative_to(bad) for bad in failed):
             continue  # inside one already reported
