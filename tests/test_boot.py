@@ -18,7 +18,7 @@ import pytest
 from meraudiod.db import open_db, set_kv
 
 from .broker import Broker, Subscriber
-from .conftest import cli
+from .conftest import REPO, cli
 from .notify import NotifySocket
 
 MISSING_MIC = "USB PnP"  # no such input device on a test machine
@@ -232,3 +232,54 @@ def test_unwritable_data_dir_is_one_line(env: dict[str, str], owner: str) -> Non
     last = result.stderr.strip().splitlines()[-1]
     assert f"storage.data_dir: {data_dir} is not writable" in last, result.stderr
     assert "Permission denied" in last
+
+
+def test_the_config_file_is_the_one_source_of_truth(tmp_path: Path) -> None:
+    """The unit sets no MERAUDIOD_* variable that would beat the admin's config.toml."""
+    from meraudiod.config import load_settings
+
+    unit = (REPO / "systemd" / "meraudiod.service").read_text()
+    unit_env = dict(
+        line.removeprefix("Environment=").split("=", 1)
+        for line in unit.splitlines()
+        if line.startswith("Environment=")
+    )
+    config = tmp_path / "config.toml"
+    config.write_text('[storage]\ndata_dir = "/mnt/ssd/meraudiod"\n')  # moved to a USB SSD
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [k for k in os.environ if k.startswith("MERAUDIOD_")]:
+            patch.delenv(key)
+        for key, value in unit_env.items():
+            patch.setenv(key, value)
+        assert load_settings(config).storage.data_dir == Path("/mnt/ssd/meraudiod")
+
+
+@pytest.mark.parametrize(
+    ("toml", "keys"),
+    [
+        ("[emotion]\nenabled = false\n", ["emotion: unknown key"]),
+        (
+            "[asr]\nenabled = false\n[speakers]\nenabled = true\n",
+            ["speakers.enabled", "asr.enabled"],
+        ),
+        (
+            "[asr]\nenabled = false\n[diarization]\nenabled = true\n",
+            ["diarization.enabled", "asr.enabled"],
+        ),
+        (
+            "[mqtt]\npassword = 'a'\npassword_file = '/etc/pw'\n",
+            ["mqtt.password ", "mqtt.password_file"],
+        ),
+        ("[mqtt]\ntls_ca_file = '/etc/ca.pem'\n", ["mqtt.tls_ca_file", "mqtt.tls "]),
+        ("[mqtt]\ntls_cert_file = '/etc/c.pem'\n", ["mqtt.tls_cert_file", "mqtt.tls "]),
+    ],
+)
+def test_settings_that_would_silently_do_nothing_are_errors(
+    env: dict[str, str], toml: str, keys: list[str]
+) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    result = cli("config", "check", env=env)
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr
+    for key in keys:
+        assert key in result.stderr, result.stderr
