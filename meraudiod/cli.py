@@ -14,7 +14,7 @@ import click
 
 from . import jobs as jobqueue
 from . import models as modelstore
-from .checks import StartError
+from .checks import StartError, unreadable_files
 from .cli_common import (
     config_option,
     echo_json,
@@ -323,8 +323,12 @@ def config_group() -> None:
 @config_option
 @json_option
 def config_check(config_path: Path | None, as_json: bool) -> None:
-    """Validate the configuration (file and environment) and say what is wrong."""
+    """Validate the configuration (file and environment), check that every file it names is
+    readable by this user, and say what is wrong."""
     settings = settings_from(config_path)
+    problems = unreadable_files(settings)
+    if problems:
+        raise click.ClickException("; ".join(problems))
     if as_json:
         echo_json(settings.model_dump(mode="json", exclude={"mqtt": {"password"}}))
         return
@@ -503,6 +507,10 @@ def mqtt_test(config_path: Path | None) -> None:
     from .mqtt import check_connection
 
     settings = settings_from(config_path)
+    problems = unreadable_files(settings, "mqtt.")
+    if problems:
+        click.echo(f"{'files':<10} FAIL {'; '.join(problems)}")
+        raise click.ClickException("MQTT check failed at step files")
     steps = check_connection(settings)
     for name, ok, detail in steps:
         click.echo(f"{name:<10} {'ok  ' if ok else 'FAIL'} {detail}")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import __version__, events
-from .checks import check_writable
+from .checks import check_writable, unreadable_files
 from .commands import CommandContext, dispatch
 from .config import ConfigError, Settings, apply_live, load_settings
 from .db import Transaction, get_kv, open_db, set_kv
@@ -73,6 +73,7 @@ class Daemon:
         self.listening = True
         self.mic_problem: str | None = None
         self.disk_problem: str | None = None
+        self.mqtt_problem: str | None = None
         self.config_path: str | None = None  # what SIGHUP reloads
         self.cli_overrides: dict[tuple[str, str], Any] = {}  # command-line options win on reload
         self.reload_requested = threading.Event()
@@ -110,6 +111,8 @@ class Daemon:
         # A muted microphone stays muted across restarts; a file or stdin always plays.
         self.listening = self.finite or get_kv(self.conn, _LISTENING_KEY, "ON") == "ON"
         if self.settings.mqtt.enabled:
+            if self.pipeline.worker is not None:  # into the outbox even while MQTT is off
+                self.pipeline.worker.on_stored.append(self._transcript_event)
             self._start_mqtt()
         self.pipeline.start_worker()
         self.retention.start()
@@ -124,21 +127,31 @@ class Daemon:
         _LOGGER.info("ready: %s", self._status_line())
 
     def _start_mqtt(self) -> None:
+        """The MQTT thread; while a file it needs cannot be read (a root-only secret under
+        User=meraudiod), MQTT stays off and degraded, tried again every heartbeat."""
         from .homeassistant import discovery_message
         from .mqtt import MqttLink
 
+        problems = unreadable_files(self.settings, "mqtt.")
+        if problems:
+            if self.mqtt_problem is None:
+                _LOGGER.error("MQTT off until it can read its files: %s", "; ".join(problems))
+            self.mqtt_problem = "MQTT off: " + "; ".join(problems)
+            self.notifier.status(self._status_line())
+            return
+        if self.mqtt_problem is not None:
+            _LOGGER.info("MQTT files readable: connecting")
+            self.mqtt_problem = None
+            self.notifier.status(self._status_line())
         discovery = (
             discovery_message(self.settings) if self.settings.homeassistant.discovery else None
         )
         self.mqtt = MqttLink(self.settings, self._mqtt_stop, self.inbound, discovery)
-        assert self.pipeline.worker is not None or not self.settings.asr.enabled
-        if self.pipeline.worker is not None:
-            self.pipeline.worker.on_stored.append(self._transcript_event)
         self.mqtt.start()
 
     def _start_listener(self) -> None:
         hooks: dict[str, Any] = {}
-        if self.mqtt is not None:
+        if self.settings.mqtt.enabled:
             hooks = {"on_speech_start": self._speech_start, "on_speech_end": self._speech_end}
         self.listener = self.pipeline.listener(self.source, **hooks)
 
@@ -146,15 +159,18 @@ class Daemon:
 
     def _speech_start(self, conn: sqlite3.Connection, ts: float) -> None:
         events.speech_start(conn, self.settings.mqtt, ts)
-        self.mqtt.wake()
+        if self.mqtt is not None:
+            self.mqtt.wake()
 
     def _speech_end(self, conn: sqlite3.Connection, recording: Recording) -> None:
         events.speech_end(conn, self.settings.mqtt, recording)
-        self.mqtt.wake()
+        if self.mqtt is not None:
+            self.mqtt.wake()
 
     def _transcript_event(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
         if events.transcribed(conn, self.settings.mqtt, result):
-            self.mqtt.wake()
+            if self.mqtt is not None:
+                self.mqtt.wake()
             self._state_dirty = True  # "last transcript" changed
 
     # --- main loop -------------------------------------------------------------------------
@@ -176,6 +192,8 @@ class Daemon:
                 self.reload_requested.clear()
                 self.reload()
             if t >= next_heartbeat:
+                if self.mqtt_problem is not None:
+                    self._start_mqtt()
                 self._check_disk()
                 self._heartbeat()
                 next_heartbeat = t + _HEARTBEAT_EVERY_S
@@ -349,7 +367,8 @@ class Daemon:
     @property
     def degraded(self) -> str | None:
         """What is wrong, in a few words (None when all is well)."""
-        return "; ".join(p for p in (self.mic_problem, self.disk_problem) if p) or None
+        problems = (self.mic_problem, self.disk_problem, self.mqtt_problem)
+        return "; ".join(p for p in problems if p) or None
 
     def _check_disk(self) -> None:
         """Below the free-space threshold, audio stays in memory; say so everywhere."""

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -283,3 +284,107 @@ def test_settings_that_would_silently_do_nothing_are_errors(
     assert "Traceback" not in result.stderr
     for key in keys:
         assert key in result.stderr, result.stderr
+
+
+def test_unreadable_secret_files_are_named_not_tracebacks(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    secret = tmp_path / "mqtt-password"
+    files = {
+        **env,
+        "MERAUDIOD_MQTT__ENABLED": "true",
+        "MERAUDIOD_MQTT__HOST": "127.0.0.1",
+        "MERAUDIOD_MQTT__USERNAME": "meraudiod",
+        "MERAUDIOD_MQTT__PASSWORD_FILE": str(secret),
+    }
+    missing = cli("config", "check", env=files)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert f"mqtt.password_file: cannot read {secret}" in missing.stderr, missing.stderr
+    test = cli("mqtt", "test", env=files)
+    assert test.returncode != 0 and "Traceback" not in test.stderr + test.stdout
+    assert "step files" in test.stderr and str(secret) in test.stdout, test.stdout
+
+    secret.write_text("pw\n")
+    secret.chmod(0o600)
+    os.chown(secret, 65534, 65534)  # a root-only secret, seen by the service's user
+    cmd = [*AS_A_USER, sys.executable, "-m", "meraudiod", "config", "check"]
+    result = subprocess.run(cmd, env=files, capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert str(secret) in result.stderr and "Permission denied" in result.stderr
+
+    tls = {**env, "MERAUDIOD_MQTT__TLS": "true", "MERAUDIOD_MQTT__TLS_CA_FILE": "/nonexistent/ca"}
+    result = cli("config", "check", env=tls)
+    assert result.returncode != 0 and "mqtt.tls_ca_file: cannot read /nonexistent/ca" in (
+        result.stderr
+    )
+
+
+def test_daemon_with_an_unreadable_secret_stays_up_degraded_for_mqtt(
+    env: dict[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    secret = tmp_path / "mqtt-password"
+    notify = NotifySocket(tmp_path / "notify.sock")
+    senv = {
+        **env,
+        "NOTIFY_SOCKET": str(notify.path),
+        "WATCHDOG_USEC": "2000000",
+        "MERAUDIOD_MQTT__ENABLED": "true",
+        "MERAUDIOD_MQTT__HOST": "127.0.0.1",
+        "MERAUDIOD_MQTT__PORT": str(broker.port),
+        "MERAUDIOD_MQTT__NODE_ID": NODE,
+        "MERAUDIOD_MQTT__USERNAME": "meraudiod",
+        "MERAUDIOD_MQTT__PASSWORD_FILE": str(secret),
+    }
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=senv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    feeding = threading.Event()
+    feeding.set()
+
+    def feed() -> None:  # real-time silence, as a microphone would deliver it
+        assert proc.stdin is not None
+        silence = "\0" * 1024
+        while feeding.is_set() and proc.poll() is None:
+            try:
+                proc.stdin.write(silence)
+                proc.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                return
+            time.sleep(0.032)
+
+    threading.Thread(target=feed, daemon=True).start()
+    try:
+        wait_for(lambda: notify.times("READY=1") or proc.poll() is not None, 90, "READY=1")
+        assert proc.poll() is None
+        started = time.monotonic()
+        time.sleep(6.0)
+        assert proc.poll() is None
+        assert len([t for t in notify.times("WATCHDOG=1") if t > started]) >= 3
+        assert any(
+            f"MQTT off: mqtt.password_file: cannot read {secret}" in m for _, m in notify.messages
+        )
+        up = json.loads(cli("status", "--json", env=senv).stdout)
+        assert str(secret) in (up["degraded"] or ""), up
+        secret.write_text("anything\n")  # the secret arrives: MQTT comes up by itself
+        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 30)
+        wait_for(
+            lambda: (
+                "MQTT off"
+                not in (json.loads(cli("status", "--json", env=senv).stdout)["degraded"] or "")
+            ),
+            30,
+            "the MQTT problem to clear",
+        )
+    finally:
+        feeding.clear()
+        code, stderr = stop(proc)
+        sub.close()
+        notify.close()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
