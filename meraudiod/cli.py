@@ -27,6 +27,7 @@ from .cli_common import (
 )
 from .cli_recordings import recordings
 from .cli_speakers import speakers_group
+from .db import DatabaseError
 from .recordings import recording_details
 from .signals import install as install_signal_handlers
 from .signals import run_handlers
@@ -100,13 +101,15 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
     try:
         daemon.start()
         code = daemon.run()
-    except (SourceError, modelstore.ModelError, StartError) as exc:
+    except (SourceError, modelstore.ModelError, StartError, DatabaseError) as exc:
         daemon.stop()
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:  # a failed start must say why and exit non-zero
         daemon.stop()
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     daemon.stop()
+    if daemon.stage_problem:
+        raise click.ClickException(daemon.stage_problem)
     if daemon.listener is not None and daemon.listener.error:
         raise click.ClickException(daemon.listener.error)
     if print_:
@@ -386,7 +389,8 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
         (
             "daemon",
             mark(data["running"], "running" if data["running"] else "not running")
-            + (f" (pid {data['pid']}, up {data['uptime_s']:.0f} s)" if data["running"] else ""),
+            + (f" (pid {data['pid']}, up {data['uptime_s']:.0f} s)" if data["running"] else "")
+            + (f" ({data['stopped_because']})" if data.get("stopped_because") else ""),
         ),
         (
             "listening",

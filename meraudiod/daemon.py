@@ -74,6 +74,7 @@ class Daemon:
         self.mic_problem: str | None = None
         self.disk_problem: str | None = None
         self.mqtt_problem: str | None = None
+        self.stage_problem: str | None = None  # a stage thread died: the daemon stops
         self.config_path: str | None = None  # what SIGHUP reloads
         self.cli_overrides: dict[tuple[str, str], Any] = {}  # command-line options win on reload
         self.reload_requested = threading.Event()
@@ -187,6 +188,8 @@ class Daemon:
             if item is not None:
                 self._handle_inbound(item)
             t = time.monotonic()
+            if self._check_stages():
+                break
             self._check_audio(t)
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
@@ -206,7 +209,37 @@ class Daemon:
                 next_state = t + _STATE_EVERY_S
             if self._finished():
                 break
+        self._check_stages()  # a file run that ended because a stage died never exits 0
         return 1 if self.error else 0
+
+    def _check_stages(self) -> bool:
+        """A stage thread that died is reported (log, STATUS=, status, event/error) and the
+        daemon stops with a non-zero exit, for systemd to restart it: never a dead stage
+        behind a fed watchdog. True once one has died."""
+        if self.stage_problem is not None:
+            return True
+        listener = self.listener
+        for stage in (self.pipeline.worker, self.retention, self.mqtt, listener):
+            if stage is None or not stage.started:
+                continue
+            # A listener ends with its stream or its microphone; the others only on stop().
+            ended = stage is not listener and not stage.is_alive()
+            if stage.died or ended:
+                self._stage_died(stage.thread_name, stage.died or "its thread ended")
+                return True
+        return False
+
+    def _stage_died(self, name: str, why: str) -> None:
+        self.stage_problem = self.error = f"the {name} stage died: {why}"
+        _LOGGER.error("%s; stopping (systemd restarts the service)", self.error)
+        self.notifier.status(self.error)
+        self._heartbeat()
+        m = self.settings.mqtt
+        event = ErrorEvent(node_id=m.node_id, area=m.area, component=name, error=self.error)
+        try:
+            self._publish_event(event)  # delivered by MQTT on its way out
+        except sqlite3.Error as exc:  # the store may be what failed
+            _LOGGER.error("cannot queue the error event: %s", exc)
 
     def _finished(self) -> bool:
         """A file or stdin has played, and its recordings are transcribed."""
@@ -241,7 +274,10 @@ class Daemon:
 
     def _check_audio(self, t: float) -> None:
         """A microphone that stopped delivering is reopened with backoff, not a crash loop."""
-        if not isinstance(self.source, MicSource) or not self.listening:
+        if not isinstance(self.source, MicSource):
+            self._check_stream(t)
+            return
+        if not self.listening:
             return
         listener = self.listener
         stalled = (
@@ -267,6 +303,22 @@ class Daemon:
             listener.stop(timeout_s=5.0)
         self.source.stop()
         self._open_microphone(t)
+
+    def _check_stream(self, t: float) -> None:
+        """stdin (or a file paced at real time) that stops delivering is said once: log,
+        STATUS=, status. The watchdog is no longer fed, so systemd restarts the service."""
+        listener = self.listener
+        if listener is None or listener.finished.is_set():
+            return
+        stalled = t - (listener.last_frame_at or self._started_at) > _AUDIO_STALL_S
+        if stalled and self.mic_problem is None:
+            self.mic_problem = f"no audio from {self.source.name} for {_AUDIO_STALL_S:.0f} s"
+            _LOGGER.warning("%s", self.mic_problem)
+            self.notifier.status(self._status_line())
+        elif not stalled and self.mic_problem is not None:
+            _LOGGER.info("audio from %s is back", self.source.name)
+            self.mic_problem = None
+            self.notifier.status(self._status_line())
 
     def _open_microphone(self, t: float) -> None:
         """Open the microphone and its listener. One that is not there (unplugged, a USB
@@ -367,7 +419,7 @@ class Daemon:
     @property
     def degraded(self) -> str | None:
         """What is wrong, in a few words (None when all is well)."""
-        problems = (self.mic_problem, self.disk_problem, self.mqtt_problem)
+        problems = (self.stage_problem, self.mic_problem, self.disk_problem, self.mqtt_problem)
         return "; ".join(p for p in problems if p) or None
 
     def _check_disk(self) -> None:
@@ -407,6 +459,7 @@ class Daemon:
             "at": time.time(),
             "listening": self.listening,
             "degraded": self.degraded,
+            "stopped_because": self.stage_problem,  # what `status` says once it has exited
             "microphone": self.source.name,
             "audio_level_dbfs": (
                 round(listener.level_dbfs, 1)

@@ -12,7 +12,7 @@ from typing import Any, Final
 from . import jobs, models
 from .asr import Transcriber
 from .config import Settings
-from .db import open_db
+from .db import check_integrity, open_db
 from .listener import Listener
 from .recordings import MemoryAudio, Recording, remove_orphans
 from .sources import AudioSource
@@ -45,6 +45,7 @@ class Pipeline:
         storage.audio_dir.mkdir(parents=True, exist_ok=True)
         conn = open_db(storage.db_path)
         try:
+            check_integrity(conn, storage.db_path)
             requeued = jobs.requeue_stale(conn)
             if requeued:
                 _LOGGER.warning("requeued %d jobs left running by a stopped process", requeued)
