@@ -1,5 +1,5 @@
 """python -m meraudiod."""
 
-from .cli import main
+from .signals import main
 
 main()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sqlite3
 import sys
 import threading
@@ -15,6 +14,7 @@ import click
 
 from . import jobs as jobqueue
 from . import models as modelstore
+from .checks import StartError, unreadable_files
 from .cli_common import (
     config_option,
     echo_json,
@@ -27,8 +27,11 @@ from .cli_common import (
 )
 from .cli_recordings import recordings
 from .cli_speakers import speakers_group
+from .db import DatabaseError
 from .machine import summary_line
 from .recordings import recording_details
+from .signals import install as install_signal_handlers
+from .signals import run_handlers
 from .sources import SourceError, input_devices, open_source
 
 
@@ -68,6 +71,7 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
       meraudiod run --source mic
       arecord -f S16_LE -r 16000 -c 1 | meraudiod run --source stdin
     """
+    stop, reload = run_handlers()  # before the slow imports below (a no-op when done early)
     from .daemon import Daemon
 
     settings = settings_from(config_path)
@@ -75,7 +79,6 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
         settings.audio.source = _checked_source(source)
     if realtime is not None:
         settings.audio.realtime = realtime
-    stop = threading.Event()
     count = [0]
 
     def printer(result: Any) -> None:
@@ -89,23 +92,25 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
         stop,
         on_transcribed=printer if print_ else None,
     )
+    daemon.reload_requested = reload
     daemon.config_path = str(config_path) if config_path else None
     if source is not None:
         daemon.cli_overrides[("audio", "source")] = settings.audio.source
     if realtime is not None:
         daemon.cli_overrides[("audio", "realtime")] = realtime
-    _install_signal_handlers(stop, daemon.reload_requested)
     t0 = time.monotonic()
     try:
         daemon.start()
         code = daemon.run()
-    except (SourceError, modelstore.ModelError) as exc:
+    except (SourceError, modelstore.ModelError, StartError, DatabaseError) as exc:
         daemon.stop()
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:  # a failed start must say why and exit non-zero
         daemon.stop()
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     daemon.stop()
+    if daemon.stage_problem:
+        raise click.ClickException(daemon.stage_problem)
     if daemon.listener is not None and daemon.listener.error:
         raise click.ClickException(daemon.listener.error)
     if print_:
@@ -121,16 +126,6 @@ def _checked_source(spec: str) -> str:
         return AudioSettings(source=spec).source
     except Exception as exc:
         raise click.BadParameter(f"{spec!r}: use mic, file:PATH, stdin or demo") from exc
-
-
-def _install_signal_handlers(stop: threading.Event, reload: threading.Event | None = None) -> None:
-    def handler(signum: int, frame: object) -> None:
-        stop.set()  # signal handlers only set a flag
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    if reload is not None:
-        signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
 
 
 # --- analyze -------------------------------------------------------------------------------
@@ -153,7 +148,7 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
 
     settings = settings_from(config_path)
     stop = threading.Event()
-    _install_signal_handlers(stop)
+    install_signal_handlers(stop)
     pipeline = Pipeline(settings, stop, serves_store=False)  # a live daemon's store is its own
     try:
         pipeline.open()
@@ -348,8 +343,12 @@ def config_group() -> None:
 @config_option
 @json_option
 def config_check(config_path: Path | None, as_json: bool) -> None:
-    """Validate the configuration (file and environment) and say what is wrong."""
+    """Validate the configuration (file and environment), check that every file it names is
+    readable by this user, and say what is wrong."""
     settings = settings_from(config_path)
+    problems = unreadable_files(settings)
+    if problems:
+        raise click.ClickException("; ".join(problems))
     if as_json:
         echo_json(settings.model_dump(mode="json", exclude={"mqtt": {"password"}}))
         return
@@ -407,7 +406,8 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
         (
             "daemon",
             mark(data["running"], "running" if data["running"] else "not running")
-            + (f" (pid {data['pid']}, up {data['uptime_s']:.0f} s)" if data["running"] else ""),
+            + (f" (pid {data['pid']}, up {data['uptime_s']:.0f} s)" if data["running"] else "")
+            + (f" ({data['stopped_because']})" if data.get("stopped_because") else ""),
         ),
         (
             "listening",
@@ -551,6 +551,10 @@ def mqtt_test(config_path: Path | None) -> None:
     from .mqtt import check_connection
 
     settings = settings_from(config_path)
+    problems = unreadable_files(settings, "mqtt.")
+    if problems:
+        click.echo(f"{'files':<10} FAIL {'; '.join(problems)}")
+        raise click.ClickException("MQTT check failed at step files")
     steps = check_connection(settings)
     for name, ok, detail in steps:
         click.echo(f"{name:<10} {'ok  ' if ok else 'FAIL'} {detail}")

@@ -17,7 +17,7 @@ import click
 
 from .commands import CommandContext, CommandError, execute
 from .config import ConfigError, Settings, load_settings
-from .db import open_db
+from .db import DatabaseError, open_db
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,8 +59,11 @@ def setup_logging(level: str) -> None:
 
 
 def open_store(settings: Settings) -> sqlite3.Connection:
-    """The database (created and migrated if needed)."""
-    return open_db(settings.storage.db_path)
+    """The database (created and migrated if needed), or one line saying why not."""
+    try:
+        return open_db(settings.storage.db_path)
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def echo_json(data: Any) -> None:

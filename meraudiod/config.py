@@ -100,11 +100,19 @@ class VadSettings(Section):
 class RecorderSettings(Section):
     """Segmenter timing: how speech probabilities become recordings."""
 
-    min_speech_ms: int = Field(250, ge=0, description="Shorter bursts of speech are ignored")
-    hangover_ms: int = Field(
-        700, ge=32, description="Silence that ends an utterance (end-of-speech hang-over)"
+    # Upper bounds too: a typo such as 1e9 would otherwise be taken, at start and on SIGHUP.
+    min_speech_ms: int = Field(
+        250, ge=0, le=10_000, description="Shorter bursts of speech are ignored"
     )
-    pre_roll_ms: int = Field(300, ge=0, description="Audio kept before the detected start")
+    hangover_ms: int = Field(
+        700,
+        ge=32,
+        le=10_000,
+        description="Silence that ends an utterance (end-of-speech hang-over)",
+    )
+    pre_roll_ms: int = Field(
+        300, ge=0, le=5_000, description="Audio kept before the detected start"
+    )
     post_roll_ms: int = Field(200, ge=0, description="Audio kept after the last speech frame")
     max_utterance_s: float = Field(
         28.0, ge=2.0, le=300.0, description="Longer speech is split cleanly at the quietest frame"
@@ -188,13 +196,6 @@ class DiarizationSettings(Section):
     )
 
 
-class EmotionSettings(Section):
-    """Optional emotion classifier (user-supplied ONNX)."""
-
-    enabled: bool = Field(False, description="Classify emotion per segment")
-    model_path: Path | None = Field(None, description="Path of the ONNX classifier")
-
-
 class StorageSettings(Section):
     """Where the database, audio and models live."""
 
@@ -273,6 +274,17 @@ class MqttSettings(Section):
     def _sanitize(cls, value: str) -> str:
         return sanitize_node_id(value)
 
+    @model_validator(mode="after")
+    def _one_password_and_tls_files_need_tls(self) -> MqttSettings:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("mqtt.password and mqtt.password_file are both set: keep one of them")
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            if getattr(self, key) is not None and not self.tls:
+                raise ValueError(
+                    f"mqtt.{key} is set but mqtt.tls is false: set mqtt.tls = true or remove it"
+                )
+        return self
+
 
 class HomeAssistantSettings(Section):
     """Home Assistant MQTT discovery."""
@@ -300,12 +312,24 @@ class Settings(BaseSettings):
     asr: AsrSettings = Field(default_factory=AsrSettings)
     speakers: SpeakersSettings = Field(default_factory=SpeakersSettings)
     diarization: DiarizationSettings = Field(default_factory=DiarizationSettings)
-    emotion: EmotionSettings = Field(default_factory=EmotionSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _speakers_need_asr(self) -> Settings:
+        # Speakers and diarization run in the transcription worker: without it they would
+        # be silently off.
+        for section in ("speakers", "diarization"):
+            if getattr(self, section).enabled and not self.asr.enabled:
+                raise ValueError(
+                    f"{section}.enabled = true needs asr.enabled = true (they run on"
+                    " transcribed recordings): enable asr or disable"
+                    f" {section}"
+                )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -333,11 +357,12 @@ def resolve_config_path(explicit: str | Path | None) -> tuple[Path | None, bool]
 def _format_error(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"]
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{key}: {message}")
+        # A cross-field rule names its keys itself.
+        lines.append(f"{key}: {message}" if key and f"{key}." not in message else message)
     return f"invalid configuration ({source}): " + "; ".join(lines)
 
 

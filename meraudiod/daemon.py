@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import __version__, events
+from .checks import check_writable, unreadable_files
 from .commands import CommandContext, dispatch
 from .config import ConfigError, Settings, apply_live, load_settings
 from .db import Transaction, get_kv, open_db, set_kv
@@ -72,6 +73,8 @@ class Daemon:
         self.listening = True
         self.mic_problem: str | None = None
         self.disk_problem: str | None = None
+        self.mqtt_problem: str | None = None
+        self.stage_problem: str | None = None  # a stage thread died: the daemon stops
         self.config_path: str | None = None  # what SIGHUP reloads
         self.cli_overrides: dict[tuple[str, str], Any] = {}  # command-line options win on reload
         self.reload_requested = threading.Event()
@@ -85,6 +88,8 @@ class Daemon:
         self._started_at = time.monotonic()
         self._mic_retry_s = 1.0
         self._next_mic_retry = 0.0
+        self._mic_opened_at = 0.0
+        self._mic_ever_opened = False
         # The microphone is not there at all (reopening it fails): waiting for it, degraded,
         # is healthy. One that opens but delivers nothing is a stall, for systemd to restart.
         self._mic_gone = False
@@ -100,17 +105,22 @@ class Daemon:
 
     def start(self) -> None:
         """Store and models, then the sinks (MQTT, worker, retention), then the microphone."""
+        check_writable(self.settings)  # one line naming the directory, not a traceback
         heartbeat_path(self.settings).parent.mkdir(parents=True, exist_ok=True)
         self.pipeline.open()
         self.conn = open_db(self.settings.storage.db_path)
         # A muted microphone stays muted across restarts; a file or stdin always plays.
         self.listening = self.finite or get_kv(self.conn, _LISTENING_KEY, "ON") == "ON"
         if self.settings.mqtt.enabled:
+            if self.pipeline.worker is not None:  # into the outbox even while MQTT is off
+                self.pipeline.worker.on_stored.append(self._transcript_event)
             self._start_mqtt()
         self.pipeline.start_worker()
         self.retention.start()
-        if self.listening:
-            self.source.start()  # a missing microphone fails here, before READY
+        if self.listening and isinstance(self.source, MicSource):
+            self._open_microphone(time.monotonic())  # a missing one is waited for
+        elif self.listening:
+            self.source.start()  # a missing file fails here, before READY
             self._start_listener()
         self._publish_listening()
         self._heartbeat()
@@ -118,21 +128,31 @@ class Daemon:
         _LOGGER.info("ready: %s", self._status_line())
 
     def _start_mqtt(self) -> None:
+        """The MQTT thread; while a file it needs cannot be read (a root-only secret under
+        User=meraudiod), MQTT stays off and degraded, tried again every heartbeat."""
         from .homeassistant import discovery_message
         from .mqtt import MqttLink
 
+        problems = unreadable_files(self.settings, "mqtt.")
+        if problems:
+            if self.mqtt_problem is None:
+                _LOGGER.error("MQTT off until it can read its files: %s", "; ".join(problems))
+            self.mqtt_problem = "MQTT off: " + "; ".join(problems)
+            self.notifier.status(self._status_line())
+            return
+        if self.mqtt_problem is not None:
+            _LOGGER.info("MQTT files readable: connecting")
+            self.mqtt_problem = None
+            self.notifier.status(self._status_line())
         discovery = (
             discovery_message(self.settings) if self.settings.homeassistant.discovery else None
         )
         self.mqtt = MqttLink(self.settings, self._mqtt_stop, self.inbound, discovery)
-        assert self.pipeline.worker is not None or not self.settings.asr.enabled
-        if self.pipeline.worker is not None:
-            self.pipeline.worker.on_stored.append(self._transcript_event)
         self.mqtt.start()
 
     def _start_listener(self) -> None:
         hooks: dict[str, Any] = {}
-        if self.mqtt is not None:
+        if self.settings.mqtt.enabled:
             hooks = {"on_speech_start": self._speech_start, "on_speech_end": self._speech_end}
         self.listener = self.pipeline.listener(self.source, **hooks)
 
@@ -140,15 +160,18 @@ class Daemon:
 
     def _speech_start(self, conn: sqlite3.Connection, ts: float) -> None:
         events.speech_start(conn, self.settings.mqtt, ts)
-        self.mqtt.wake()
+        if self.mqtt is not None:
+            self.mqtt.wake()
 
     def _speech_end(self, conn: sqlite3.Connection, recording: Recording) -> None:
         events.speech_end(conn, self.settings.mqtt, recording)
-        self.mqtt.wake()
+        if self.mqtt is not None:
+            self.mqtt.wake()
 
     def _transcript_event(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
         if events.transcribed(conn, self.settings.mqtt, result):
-            self.mqtt.wake()
+            if self.mqtt is not None:
+                self.mqtt.wake()
             self._state_dirty = True  # "last transcript" changed
 
     # --- main loop -------------------------------------------------------------------------
@@ -165,11 +188,15 @@ class Daemon:
             if item is not None:
                 self._handle_inbound(item)
             t = time.monotonic()
+            if self._check_stages():
+                break
             self._check_audio(t)
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
             if t >= next_heartbeat:
+                if self.mqtt_problem is not None:
+                    self._start_mqtt()
                 self._check_disk()
                 self._heartbeat()
                 next_heartbeat = t + _HEARTBEAT_EVERY_S
@@ -182,7 +209,37 @@ class Daemon:
                 next_state = t + _STATE_EVERY_S
             if self._finished():
                 break
+        self._check_stages()  # a file run that ended because a stage died never exits 0
         return 1 if self.error else 0
+
+    def _check_stages(self) -> bool:
+        """A stage thread that died is reported (log, STATUS=, status, event/error) and the
+        daemon stops with a non-zero exit, for systemd to restart it: never a dead stage
+        behind a fed watchdog. True once one has died."""
+        if self.stage_problem is not None:
+            return True
+        listener = self.listener
+        for stage in (self.pipeline.worker, self.retention, self.mqtt, listener):
+            if stage is None or not stage.started:
+                continue
+            # A listener ends with its stream or its microphone; the others only on stop().
+            ended = stage is not listener and not stage.is_alive()
+            if stage.died or ended:
+                self._stage_died(stage.thread_name, stage.died or "its thread ended")
+                return True
+        return False
+
+    def _stage_died(self, name: str, why: str) -> None:
+        self.stage_problem = self.error = f"the {name} stage died: {why}"
+        _LOGGER.error("%s; stopping (systemd restarts the service)", self.error)
+        self.notifier.status(self.error)
+        self._heartbeat()
+        m = self.settings.mqtt
+        event = ErrorEvent(node_id=m.node_id, area=m.area, component=name, error=self.error)
+        try:
+            self._publish_event(event)  # delivered by MQTT on its way out
+        except sqlite3.Error as exc:  # the store may be what failed
+            _LOGGER.error("cannot queue the error event: %s", exc)
 
     def _finished(self) -> bool:
         """A file or stdin has played, and its recordings are transcribed."""
@@ -217,14 +274,17 @@ class Daemon:
 
     def _check_audio(self, t: float) -> None:
         """A microphone that stopped delivering is reopened with backoff, not a crash loop."""
-        if not isinstance(self.source, MicSource) or not self.listening:
+        if not isinstance(self.source, MicSource):
+            self._check_stream(t)
+            return
+        if not self.listening:
             return
         listener = self.listener
         stalled = (
             listener is None
             or not listener.is_alive()
             or (listener.frames_read > 0 and t - listener.last_frame_at > _AUDIO_STALL_S)
-            or (listener.frames_read == 0 and t - self._started_at > _AUDIO_STALL_S)
+            or (listener.frames_read == 0 and t - self._mic_opened_at > _AUDIO_STALL_S)
         )
         if not stalled:
             if self.mic_problem:
@@ -235,8 +295,9 @@ class Daemon:
             return
         if t < self._next_mic_retry:
             return
-        self.mic_problem = "microphone lost: retrying"
-        self.notifier.status(self._status_line())
+        if not self._mic_gone:
+            self.mic_problem = "microphone lost: retrying"
+            self.notifier.status(self._status_line())
         _LOGGER.warning("no audio from %s; reopening it", self.source.name)
         if listener is not None:
             listener.stop(timeout_s=5.0)
@@ -248,17 +309,46 @@ class Daemon:
             self._next_mic_retry = t + self._mic_retry_s
             self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
             return
+        self._open_microphone(t)
+
+    def _check_stream(self, t: float) -> None:
+        """stdin (or a file paced at real time) that stops delivering is said once: log,
+        STATUS=, status. The watchdog is no longer fed, so systemd restarts the service."""
+        listener = self.listener
+        if listener is None or listener.finished.is_set():
+            return
+        stalled = t - (listener.last_frame_at or self._started_at) > _AUDIO_STALL_S
+        if stalled and self.mic_problem is None:
+            self.mic_problem = f"no audio from {self.source.name} for {_AUDIO_STALL_S:.0f} s"
+            _LOGGER.warning("%s", self.mic_problem)
+            self.notifier.status(self._status_line())
+        elif not stalled and self.mic_problem is not None:
+            _LOGGER.info("audio from %s is back", self.source.name)
+            self.mic_problem = None
+            self.notifier.status(self._status_line())
+
+    def _open_microphone(self, t: float) -> None:
+        """Open the microphone and its listener. One that is not there (unplugged, a USB
+        device that enumerates after boot) is waited for, degraded, and retried with
+        backoff by _check_audio; never a failed start."""
         try:
             self.source.start()
             self._start_listener()
-            self._started_at = t
-            self._mic_gone = False
         except SourceError as exc:
-            self.mic_problem = f"microphone lost: {exc}"
+            self.source.stop()
+            lost = "microphone lost" if self._mic_ever_opened else "waiting for the microphone"
+            self.mic_problem = f"{lost}: {exc}"
             self._mic_gone = True
-            _LOGGER.error("%s", exc)
-        self._next_mic_retry = t + self._mic_retry_s
-        self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
+            _LOGGER.error("%s; retrying in %.0f s", exc, self._mic_retry_s)
+            self._next_mic_retry = t + self._mic_retry_s
+            self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
+        else:
+            self._mic_opened_at = t
+            self._mic_gone = False
+            self._mic_ever_opened = True
+            self._next_mic_retry = t + self._mic_retry_s
+            self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
+        self.notifier.status(self._status_line())
 
     def _handle_inbound(self, item: Any) -> None:
         assert self.conn is not None
@@ -316,12 +406,15 @@ class Daemon:
                 if self.listener is not None:  # a file or a pipe: keep reading, record nothing
                     self.listener.muted = not on
             elif on:
-                self.source.start()
-                self._start_listener()
-            else:  # muted means the microphone is closed
+                self._mic_retry_s = 1.0
+                self._open_microphone(time.monotonic())  # a missing one is waited for
+            else:  # muted means the microphone is closed, and no longer waited for
                 if self.listener is not None:
                     self.listener.stop()
+                    self.listener = None
                 self.source.stop()
+                self.mic_problem = None
+                self._mic_gone = False
             _LOGGER.info("listening %s", "ON" if on else "OFF")
             self.notifier.status(self._status_line())
             self._heartbeat()
@@ -333,7 +426,8 @@ class Daemon:
     @property
     def degraded(self) -> str | None:
         """What is wrong, in a few words (None when all is well)."""
-        return "; ".join(p for p in (self.mic_problem, self.disk_problem) if p) or None
+        problems = (self.stage_problem, self.mic_problem, self.disk_problem, self.mqtt_problem)
+        return "; ".join(p for p in problems if p) or None
 
     def _check_disk(self) -> None:
         """Below the free-space threshold, audio stays in memory; say so everywhere."""
@@ -372,6 +466,7 @@ class Daemon:
             "at": time.time(),
             "listening": self.listening,
             "degraded": self.degraded,
+            "stopped_because": self.stage_problem,  # what `status` says once it has exited
             "microphone": self.source.name,
             "audio_level_dbfs": (
                 round(listener.level_dbfs, 1)
@@ -389,8 +484,11 @@ class Daemon:
             "version": __version__,
         }
 
-    def _heartbeat(self) -> None:
-        write_heartbeat(self.settings, self._snapshot())
+    def _heartbeat(self, stopped: bool = False) -> None:
+        try:
+            write_heartbeat(self.settings, {**self._snapshot(), **({"at": 0.0} if stopped else {})})
+        except OSError as exc:  # `status` goes stale; the daemon itself carries on
+            _LOGGER.error("cannot write the heartbeat for `status`: %s", exc)
 
     def _state(self) -> State:
         assert self.conn is not None
@@ -487,6 +585,7 @@ class Daemon:
         self._mqtt_stop.set()
         if self.mqtt is not None:
             self.mqtt.join()
-        write_heartbeat(self.settings, {**self._snapshot(), "at": 0.0})  # stopped
+        if self.conn is not None:  # it started, and wrote a heartbeat
+            self._heartbeat(stopped=True)
         if self.conn is not None:
             self.conn.close()

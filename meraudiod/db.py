@@ -161,8 +161,39 @@ _MIGRATIONS: Final[Sequence[str]] = (
 )
 
 
+# RETURNING (jobs.claim) and ALTER TABLE ... DROP COLUMN (migration 5) need SQLite 3.35;
+# Ubuntu 20.04 (JetPack 5) ships 3.31.
+MIN_SQLITE: Final = (3, 35, 0)
+
+
+class DatabaseError(Exception):
+    """The database cannot be used as it is; the message names the file and what to do."""
+
+
+def check_sqlite_version(version: str = sqlite3.sqlite_version) -> None:
+    """DatabaseError when the SQLite library is older than the features used need."""
+    found = tuple(int(part) for part in version.split(".")[:3])
+    if found < MIN_SQLITE:
+        raise DatabaseError(
+            f"SQLite {version} is too old: meraudiod needs {'.'.join(map(str, MIN_SQLITE))}"
+            " or later (RETURNING, DROP COLUMN); use a Python built with a newer SQLite"
+        )
+
+
+def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
+    """DatabaseError when PRAGMA quick_check finds damage (checked once, at start-up)."""
+    found = [str(row[0]) for row in conn.execute("PRAGMA quick_check(5)")]
+    if found != ["ok"]:
+        detail = "; ".join(" ".join(line.split()) for line in found)
+        raise DatabaseError(
+            f"database {path} is damaged (PRAGMA quick_check: {detail}): restore it from a"
+            " backup, or move it away to start with an empty one"
+        )
+
+
 def open_db(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) and migrate the database; one connection per thread."""
+    check_sqlite_version()
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=True)
     conn.row_factory = sqlite3.Row
@@ -173,6 +204,14 @@ def open_db(path: Path) -> sqlite3.Connection:
     # Deleted text is overwritten, not left in free pages.
     conn.execute("PRAGMA secure_delete=ON")
     conn.execute("PRAGMA busy_timeout=30000")
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > len(_MIGRATIONS):
+        conn.close()
+        raise DatabaseError(
+            f"database {path} has schema version {version}, newer than this meraudiod's"
+            f" {len(_MIGRATIONS)}: it was written by a newer meraudiod; upgrade meraudiod,"
+            " or move the database away to start with an empty one"
+        )
     migrate(conn)
     return conn
 

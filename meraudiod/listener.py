@@ -150,8 +150,9 @@ class Listener(StageThread):
         except SourceError as exc:
             self.error = str(exc)
             _LOGGER.error("%s", exc)
-        except Exception as exc:
-            self.error = f"listener failed: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # not the source: the stage itself (a full disk, the store)
+            self.died = f"{type(exc).__name__}: {exc}"
+            self.error = f"listener failed: {self.died}"
             _LOGGER.exception("listener failed")
         finally:
             conn.close()

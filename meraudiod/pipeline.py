@@ -16,7 +16,7 @@ from typing import Any, Final
 from . import jobs, models
 from .asr import Transcriber
 from .config import Settings
-from .db import open_db
+from .db import check_integrity, open_db
 from .listener import Listener
 from .recordings import MemoryAudio, Recording, remove_crashed_writes
 from .sources import AudioSource
@@ -53,6 +53,7 @@ class Pipeline:
         storage.audio_dir.mkdir(parents=True, exist_ok=True)
         conn = open_db(storage.db_path)
         try:
+            check_integrity(conn, storage.db_path)
             if self.serves_store:
                 requeued = jobs.requeue_stale(conn, max_crashes=self.settings.asr.max_attempts)
                 if requeued:

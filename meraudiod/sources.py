@@ -233,7 +233,15 @@ class MicSource:
         """Open the device; SourceError with the device name when it cannot."""
         sd = _import_sounddevice()
         try:
-            info = sd.query_devices(self.device, "input")
+            try:
+                info = sd.query_devices(self.device, "input")
+            except ValueError:
+                # PortAudio lists the devices once, when it starts: a USB microphone plugged
+                # in (or enumerated) later is only seen after it starts again. No stream is
+                # open here, so restarting it is safe.
+                sd._terminate()
+                sd._initialize()
+                info = sd.query_devices(self.device, "input")
             rate = int(self._rate_hz or info["default_samplerate"])
             channels = 1
             self._stream = sd.InputStream(

@@ -89,6 +89,7 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         "listening": heartbeat.get("listening") if running else None,
         "muted": (not heartbeat.get("listening")) if running else None,
         "degraded": heartbeat.get("degraded") if running else None,
+        "stopped_because": heartbeat.get("stopped_because") if not running else None,
         "microphone": heartbeat.get("microphone") if running else None,
         "audio_level_dbfs": heartbeat.get("audio_level_dbfs") if running else None,
         "dropped_frames": heartbeat.get("dropped_frames") if running else None,

@@ -1,0 +1,92 @@
+"""What only a person can fix, found before anything starts: every file the configuration
+names is readable by this user, every directory the daemon writes is writable. `config
+check`, `mqtt test` and the daemon's start use these; each problem is one line naming the
+key or directory, the path and the reason."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import tempfile
+from pathlib import Path
+
+from .config import Settings
+
+
+class StartError(Exception):
+    """Something only a person can fix stops the start; the message says what and where."""
+
+
+def user_name() -> str:
+    """Who this process runs as (the service runs as `meraudiod`)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def named_files(settings: Settings) -> dict[str, Path]:
+    """The files the configuration names, by key."""
+    m = settings.mqtt
+    files = {
+        "mqtt.password_file": m.password_file,
+        "mqtt.tls_ca_file": m.tls_ca_file,
+        "mqtt.tls_cert_file": m.tls_cert_file,
+        "mqtt.tls_key_file": m.tls_key_file,
+    }
+    return {key: path for key, path in files.items() if path is not None}
+
+
+def unreadable_files(settings: Settings, prefix: str = "") -> list[str]:
+    """One line per named file this user cannot read (those starting with `prefix`)."""
+    problems = []
+    for key, path in named_files(settings).items():
+        if not key.startswith(prefix):
+            continue
+        try:
+            with path.open("rb") as file:
+                file.read(1)
+        except OSError as exc:
+            problems.append(f"{key}: cannot read {path} as user {user_name()}: {exc.strerror}")
+    return problems
+
+
+def unwritable_dirs(settings: Settings) -> list[str]:
+    """One line per directory the daemon writes that this user cannot create or write."""
+    storage = settings.storage
+    dirs = {
+        "storage.data_dir": storage.data_dir,
+        "storage.tmp_audio_dir" if storage.tmp_audio_dir else "audio directory": storage.audio_dir,
+        "storage.run_dir": storage.run_dir,
+    }
+    problems: list[str] = []
+    failed: list[Path] = []
+    for key, path in dirs.items():
+        if path is None or any(path.is_relative_to(bad) for bad in failed):
+            continue  # inside one already reported
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            problems.append(f"{key}: {path} is not writable by user {user_name()}: {exc.strerror}")
+    if problems:
+        return problems
+    db = storage.db_path
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if path.exists():
+            try:
+                with path.open("r+b"):
+                    pass
+            except OSError as exc:
+                problems.append(
+                    f"database {path} is not writable by user {user_name()}: {exc.strerror}"
+                )
+    return problems
+
+
+def check_writable(settings: Settings) -> None:
+    """StartError naming every directory or database file that cannot be written."""
+    problems = unwritable_dirs(settings)
+    if problems:
+        raise StartError("; ".join(problems))

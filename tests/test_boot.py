@@ -1,0 +1,390 @@
+"""Start-up never loops: a microphone that is not there yet is waited for, degraded, with the
+watchdog fed and READY sent; switched ON while it is gone, the same. Real processes under a
+simulated systemd (tests/notify.py) and a real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from meraudiod.db import open_db, set_kv
+
+from .broker import Broker, Subscriber
+from .conftest import REPO, cli
+from .notify import NotifySocket
+
+MISSING_MIC = "USB PnP"  # no such input device on a test machine
+NODE = "bootnode"
+BASE = f"meraudiod/{NODE}"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def service_env(env: dict[str, str], notify: NotifySocket, **extra: str) -> dict[str, str]:
+    """The environment systemd gives the unit: a notify socket and a 2 s watchdog."""
+    return {
+        **env,
+        "NOTIFY_SOCKET": str(notify.path),
+        "WATCHDOG_USEC": "2000000",
+        "MERAUDIOD_AUDIO__DEVICE": MISSING_MIC,
+        **extra,
+    }
+
+
+def run_mic(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "mic"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr
+
+
+def last_state(sub: Subscriber) -> dict:
+    return sub.on(f"{BASE}/state")[-1].json()  # type: ignore[no-any-return]
+
+
+def assert_waiting_with_a_fed_watchdog(
+    proc: subprocess.Popen[str], notify: NotifySocket, env: dict[str, str]
+) -> None:
+    """Degraded, saying why, still running and still feeding the watchdog."""
+    waiting_since = time.monotonic()
+    time.sleep(6.0)
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    assert len([t for t in notify.times("WATCHDOG=1") if t > waiting_since]) >= 3
+    assert any("STATUS=" in m and MISSING_MIC in m for _, m in notify.messages), notify.messages
+    up = json.loads(cli("status", "--json", env=env).stdout)
+    assert up["running"] and MISSING_MIC in (up["degraded"] or ""), up
+
+
+def test_microphone_missing_at_start_is_waited_for(env: dict[str, str], tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    senv = service_env(env, notify)
+    proc = run_mic(senv)
+    try:
+        wait_for(lambda: notify.times("READY=1") or proc.poll() is not None, 90, "READY=1")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        ready = next(m for _, m in notify.messages if "READY=1" in m)
+        assert "waiting for the microphone" in ready and MISSING_MIC in ready
+        assert_waiting_with_a_fed_watchdog(proc, notify, senv)
+    finally:
+        code, stderr = stop(proc)
+        notify.close()
+    assert code == 0, stderr
+    assert stderr.count(f"No input device matching '{MISSING_MIC}'") >= 2  # retried
+
+
+def test_listening_on_while_the_microphone_is_gone(
+    env: dict[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    conn = open_db(data_dir / "meraudiod.db")
+    set_kv(conn, "listening", "OFF")  # muted before this start: the microphone stays closed
+    conn.close()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    senv = service_env(
+        env,
+        notify,
+        MERAUDIOD_MQTT__ENABLED="true",
+        MERAUDIOD_MQTT__HOST="127.0.0.1",
+        MERAUDIOD_MQTT__PORT=str(broker.port),
+        MERAUDIOD_MQTT__NODE_ID=NODE,
+    )
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    proc = run_mic(senv)
+    try:
+        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 90)
+        sub.wait_for(lambda: sub.on("/listening/state"), 10)
+        assert sub.on("/listening/state")[-1].payload == b"OFF"
+        sub.publish(f"{BASE}/listening/set", "ON")
+        sub.wait_for(lambda: sub.on("/listening/state")[-1].payload == b"ON", 10)
+        sub.wait_for(lambda: MISSING_MIC in (last_state(sub)["degraded"] or ""), 10)
+        assert_waiting_with_a_fed_watchdog(proc, notify, senv)
+        # Muting again stops the waiting: no longer degraded.
+        sub.publish(f"{BASE}/listening/set", "OFF")
+        sub.wait_for(lambda: last_state(sub)["degraded"] is None, 10)
+    finally:
+        code, stderr = stop(proc)
+        sub.close()
+        notify.close()
+    assert code == 0, stderr
+
+
+def _caught_signals(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_sighup_during_start_is_a_reload_and_reloads_keep_the_bounds(
+    env: dict[str, str],
+) -> None:
+    config = Path(env["MERAUDIOD_CONFIG"])
+    config.write_text("[recorder]\nhangover_ms = 700\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    hup = 1 << (signal.SIGHUP - 1)
+    early = False  # seen catching SIGHUP while numpy (the first slow import) is not yet loaded
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            caught = _caught_signals(proc.pid) & hup  # first the handler, then the imports
+            loading = "numpy" in _maps(proc.pid)
+            early = early or bool(caught and not loading)
+            if loading:
+                break
+        # A `systemctl reload` while it loads: the default action would kill it (rc 129).
+        proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: (
+                json.loads(cli("status", "--json", env=env).stdout)["running"]
+                or proc.poll() is not None
+            ),
+            90,
+            "the daemon to start",
+        )
+        assert proc.poll() is None, f"killed by SIGHUP during start: rc {proc.returncode}"
+        config.write_text("[recorder]\nhangover_ms = 1e9\n")  # a typo for 1e3
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2.0)
+        assert proc.poll() is None
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    log = proc.stderr.read()
+    assert proc.returncode == 0, log
+    assert early, "the SIGHUP handler came after the slow imports"
+    assert "reloaded configuration" in log  # the early SIGHUP, acted on once running
+    assert "reload refused" in log and "recorder.hangover_ms" in log, log
+    # The same bound at start: one line naming the key.
+    result = cli("config", "check", env=env)
+    assert result.returncode != 0 and "recorder.hangover_ms" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# Tests run as root, whom permissions do not stop: the daemon under test runs without the
+# capabilities that override them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), as the service's
+# unprivileged user would.
+AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.parametrize("owner", ["read-only", "foreign-owned"])
+def test_unwritable_data_dir_is_one_line(env: dict[str, str], owner: str) -> None:
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    data_dir.mkdir()
+    if owner == "read-only":
+        data_dir.chmod(0o555)
+    else:
+        os.chown(data_dir, 65534, 65534)
+        data_dir.chmod(0o700)
+    result = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--source", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "heartbeat" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"storage.data_dir: {data_dir} is not writable" in last, result.stderr
+    assert "Permission denied" in last
+
+
+def test_the_config_file_is_the_one_source_of_truth(tmp_path: Path) -> None:
+    """The unit sets no MERAUDIOD_* variable that would beat the admin's config.toml."""
+    from meraudiod.config import load_settings
+
+    unit = (REPO / "systemd" / "meraudiod.service").read_text()
+    unit_env = dict(
+        line.removeprefix("Environment=").split("=", 1)
+        for line in unit.splitlines()
+        if line.startswith("Environment=")
+    )
+    config = tmp_path / "config.toml"
+    config.write_text('[storage]\ndata_dir = "/mnt/ssd/meraudiod"\n')  # moved to a USB SSD
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [k for k in os.environ if k.startswith("MERAUDIOD_")]:
+            patch.delenv(key)
+        for key, value in unit_env.items():
+            patch.setenv(key, value)
+        assert load_settings(config).storage.data_dir == Path("/mnt/ssd/meraudiod")
+
+
+@pytest.mark.parametrize(
+    ("toml", "keys"),
+    [
+        ("[emotion]\nenabled = false\n", ["emotion: unknown key"]),
+        (
+            "[asr]\nenabled = false\n[speakers]\nenabled = true\n",
+            ["speakers.enabled", "asr.enabled"],
+        ),
+        (
+            "[asr]\nenabled = false\n[diarization]\nenabled = true\n",
+            ["diarization.enabled", "asr.enabled"],
+        ),
+        (
+            "[mqtt]\npassword = 'a'\npassword_file = '/etc/pw'\n",
+            ["mqtt.password ", "mqtt.password_file"],
+        ),
+        ("[mqtt]\ntls_ca_file = '/etc/ca.pem'\n", ["mqtt.tls_ca_file", "mqtt.tls "]),
+        ("[mqtt]\ntls_cert_file = '/etc/c.pem'\n", ["mqtt.tls_cert_file", "mqtt.tls "]),
+    ],
+)
+def test_settings_that_would_silently_do_nothing_are_errors(
+    env: dict[str, str], toml: str, keys: list[str]
+) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    result = cli("config", "check", env=env)
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr
+    for key in keys:
+        assert key in result.stderr, result.stderr
+
+
+def test_unreadable_secret_files_are_named_not_tracebacks(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    secret = tmp_path / "mqtt-password"
+    files = {
+        **env,
+        "MERAUDIOD_MQTT__ENABLED": "true",
+        "MERAUDIOD_MQTT__HOST": "127.0.0.1",
+        "MERAUDIOD_MQTT__USERNAME": "meraudiod",
+        "MERAUDIOD_MQTT__PASSWORD_FILE": str(secret),
+    }
+    missing = cli("config", "check", env=files)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert f"mqtt.password_file: cannot read {secret}" in missing.stderr, missing.stderr
+    test = cli("mqtt", "test", env=files)
+    assert test.returncode != 0 and "Traceback" not in test.stderr + test.stdout
+    assert "step files" in test.stderr and str(secret) in test.stdout, test.stdout
+
+    secret.write_text("pw\n")
+    secret.chmod(0o600)
+    os.chown(secret, 65534, 65534)  # a root-only secret, seen by the service's user
+    cmd = [*AS_A_USER, sys.executable, "-m", "meraudiod", "config", "check"]
+    result = subprocess.run(cmd, env=files, capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert str(secret) in result.stderr and "Permission denied" in result.stderr
+
+    tls = {**env, "MERAUDIOD_MQTT__TLS": "true", "MERAUDIOD_MQTT__TLS_CA_FILE": "/nonexistent/ca"}
+    result = cli("config", "check", env=tls)
+    assert result.returncode != 0 and "mqtt.tls_ca_file: cannot read /nonexistent/ca" in (
+        result.stderr
+    )
+
+
+def test_daemon_with_an_unreadable_secret_stays_up_degraded_for_mqtt(
+    env: dict[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    secret = tmp_path / "mqtt-password"
+    notify = NotifySocket(tmp_path / "notify.sock")
+    senv = {
+        **env,
+        "NOTIFY_SOCKET": str(notify.path),
+        "WATCHDOG_USEC": "2000000",
+        "MERAUDIOD_MQTT__ENABLED": "true",
+        "MERAUDIOD_MQTT__HOST": "127.0.0.1",
+        "MERAUDIOD_MQTT__PORT": str(broker.port),
+        "MERAUDIOD_MQTT__NODE_ID": NODE,
+        "MERAUDIOD_MQTT__USERNAME": "meraudiod",
+        "MERAUDIOD_MQTT__PASSWORD_FILE": str(secret),
+    }
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=senv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    feeding = threading.Event()
+    feeding.set()
+
+    def feed() -> None:  # real-time silence, as a microphone would deliver it
+        assert proc.stdin is not None
+        silence = "\0" * 1024
+        while feeding.is_set() and proc.poll() is None:
+            try:
+                proc.stdin.write(silence)
+                proc.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                return
+            time.sleep(0.032)
+
+    threading.Thread(target=feed, daemon=True).start()
+    try:
+        wait_for(lambda: notify.times("READY=1") or proc.poll() is not None, 90, "READY=1")
+        assert proc.poll() is None
+        started = time.monotonic()
+        time.sleep(6.0)
+        assert proc.poll() is None
+        assert len([t for t in notify.times("WATCHDOG=1") if t > started]) >= 3
+        assert any(
+            f"MQTT off: mqtt.password_file: cannot read {secret}" in m for _, m in notify.messages
+        )
+        up = json.loads(cli("status", "--json", env=senv).stdout)
+        assert str(secret) in (up["degraded"] or ""), up
+        secret.write_text("anything\n")  # the secret arrives: MQTT comes up by itself
+        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 30)
+        wait_for(
+            lambda: (
+                "MQTT off"
+                not in (json.loads(cli("status", "--json", env=senv).stdout)["degraded"] or "")
+            ),
+            30,
+            "the MQTT problem to clear",
+        )
+    finally:
+        feeding.clear()
+        code, stderr = stop(proc)
+        sub.close()
+        notify.close()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr

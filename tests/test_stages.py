@@ -1,0 +1,196 @@
+"""A stage never dies unseen: a thread that dies is reported (log, STATUS=, status,
+event/error) and the run exits non-zero; a database the daemon cannot use is refused at
+start with one line. Real processes, real (damaged, read-only, newer) SQLite files, a real
+full disk (a tiny tmpfs) and a real broker."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meraudiod.audio import decode_file
+from meraudiod.db import _MIGRATIONS, DatabaseError, check_sqlite_version, open_db
+
+from .broker import Broker, Subscriber
+from .conftest import DEMO, cli
+from .notify import NotifySocket
+
+NODE = "stagenode"
+AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]  # see test_boot.py
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+def db_path(env: dict[str, str]) -> Path:
+    return Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+
+
+def last_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    return stderr.strip().splitlines()[-1]
+
+
+def test_a_worker_that_dies_fails_the_run_and_says_so_everywhere(
+    env: dict[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    conn = open_db(db_path(env))  # a column renamed by hand: the worker's first claim fails
+    conn.execute("ALTER TABLE jobs RENAME COLUMN not_before TO not_after")
+    conn.close()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    senv = {
+        **env,
+        "NOTIFY_SOCKET": str(notify.path),
+        "MERAUDIOD_MQTT__ENABLED": "true",
+        "MERAUDIOD_MQTT__HOST": "127.0.0.1",
+        "MERAUDIOD_MQTT__PORT": str(broker.port),
+        "MERAUDIOD_MQTT__NODE_ID": NODE,
+    }
+    sub = Subscriber(broker.port, [f"meraudiod/{NODE}/event/error"])
+    try:
+        result = cli("run", "--source", "demo", env=senv)
+        assert result.returncode != 0, result.stderr  # was 0: the file "played" fine
+        assert (
+            "the worker stage died: OperationalError: no such column: not_before"
+            in (result.stderr.strip().splitlines()[-1])
+        ), result.stderr
+        assert any("STATUS=the worker stage died" in m for _, m in notify.messages)
+        sub.wait_for(lambda: sub.on("/event/error"), 20)
+        event = sub.on("/event/error")[-1].json()
+        assert event["component"] == "worker" and "not_before" in event["error"]
+    finally:
+        sub.close()
+        notify.close()
+    after = json.loads(cli("status", "--json", env=senv).stdout)
+    assert after["running"] is False and "worker stage died" in after["stopped_because"]
+    assert "worker stage died" in cli("status", env=senv).stdout
+
+
+def test_a_newer_schema_is_refused_naming_both_versions(env: dict[str, str]) -> None:
+    conn = open_db(db_path(env))
+    conn.execute("PRAGMA user_version=99")
+    conn.close()
+    for args in (["run", "--source", "demo"], ["status"]):
+        result = cli(*args, env=env)
+        assert result.returncode != 0, args
+        line = last_line(result.stderr)
+        assert f"{db_path(env)} has schema version 99" in line, line
+        assert f"this meraudiod's {len(_MIGRATIONS)}" in line
+
+
+def test_a_damaged_database_is_reported_at_start(env: dict[str, str]) -> None:
+    path = db_path(env)
+    conn = open_db(path)
+    with conn:
+        for i in range(300):
+            conn.execute("INSERT INTO kv VALUES (?, ?)", (f"k{i}", "x" * 200))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = bytearray(path.read_bytes())
+    middle = len(data) - 3 * 4096 + 100  # inside a b-tree page of kv, not the header
+    data[middle : middle + 300] = b"\x55" * 300
+    path.write_bytes(bytes(data))
+    result = cli("run", "--source", "demo", env=env)
+    assert result.returncode != 0
+    line = last_line(result.stderr)
+    assert f"database {path} is damaged (PRAGMA quick_check:" in line, line
+
+
+def test_a_read_only_database_file_is_one_line(env: dict[str, str]) -> None:
+    path = db_path(env)
+    open_db(path).close()
+    path.chmod(0o444)
+    result = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--source", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    line = last_line(result.stderr)
+    assert f"database {path} is not writable" in line and "Permission denied" in line, line
+
+
+def test_a_listener_that_dies_on_a_full_disk_is_reported(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The guard off (min_free_disk_mb = 0) and the audio on a 16 KB tmpfs: the first
+    recording fills it."""
+    full = tmp_path / "full"
+    full.mkdir()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    senv = {
+        **env,
+        "NOTIFY_SOCKET": str(notify.path),
+        "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "0",
+        "MERAUDIOD_STORAGE__TMP_AUDIO_DIR": str(full),
+    }
+    command = shlex.join([sys.executable, "-m", "meraudiod", "run", "--source", "stdin"])
+    mount = f"mount -t tmpfs -o size=16k tmpfs {shlex.quote(str(full))}"
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"{mount} && exec {command}"],
+        env=senv,
+        input=decode_file(DEMO).astype("<i2").tobytes(),
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+    notify.close()
+    stderr = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "the listener stage died" in stderr.strip().splitlines()[-1], stderr
+    assert "No space left on device" in stderr
+    assert any("STATUS=the listener stage died" in m for _, m in notify.messages), stderr
+
+
+def test_a_stalled_stream_is_said(env: dict[str, str], tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env={**env, "NOTIFY_SOCKET": str(notify.path)},
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        deadline = time.monotonic() + 90
+        while not notify.times("READY=1") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert notify.times("READY=1")
+        proc.stdin.write("\0" * 1024 * 20)  # a little audio, then nothing
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+            "no audio from stdin" in m for _, m in notify.messages
+        ):
+            time.sleep(0.2)
+        assert any("STATUS=no audio from stdin" in m for _, m in notify.messages)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        notify.close()
+    assert proc.returncode == 0
+    assert "no audio from stdin for 5 s" in proc.stderr.read()
+
+
+def test_sqlite_too_old_is_named() -> None:
+    with pytest.raises(DatabaseError, match=r"SQLite 3\.31\.1 is too old: .* 3\.35\.0 or later"):
+        check_sqlite_version("3.31.1")  # Ubuntu 20.04, JetPack 5
+    check_sqlite_version("3.35.0")
+    check_sqlite_version(sqlite3.sqlite_version)
