@@ -177,7 +177,7 @@ class Listener(StageThread):
                     memory=self.memory if disk_low(self.settings) else None,
                 )
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorname not in _BUSY_ERRORS:
+                if not _is_busy(exc):
                     raise
                 if self.stop_event.is_set() and tries >= _SAVE_TRIES_WHEN_STOPPING:
                     raise
@@ -215,3 +215,12 @@ class Listener(StageThread):
             self.recording_ids.append(recording.id)
         if self.on_recording is not None:
             self.on_recording(recording)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED (the error name exists from Python 3.11; before it, the
+    message says so)."""
+    name = getattr(exc, "sqlite_errorname", None)
+    if name is not None:
+        return name in _BUSY_ERRORS
+    return "locked" in str(exc) or "busy" in str(exc)
