@@ -138,8 +138,9 @@ def test_commands_listening_and_bad_payloads(env: dict[str, str], broker: Broker
         searched = request(sub, "recordings/list", json.dumps({"search": "amiable"}))
         assert len(searched["data"]) == 2
         assert request(sub, "speakers/list", "{}")["data"] == []
-        config = request(sub, "config/get", "")
-        assert config["status"] == "ok" and "password" not in config["data"]["mqtt"]
+        config = request(sub, "config/get", "")  # broker host, user, paths: admin only
+        assert config["status"] == "error" and "allow_admin_commands" in config["error"]
+        assert config["data"] is None
 
         for command, payload, message in [
             ("status", b"{not json", "not valid JSON"),
@@ -196,6 +197,9 @@ def test_admin_commands_when_allowed(env: dict[str, str], broker: Broker) -> Non
         proc.stdin.flush()
         sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH), 60)
         ids = [r["id"] for r in request(sub, "recordings/list", "{}")["data"]]
+        config = request(sub, "config/get", "")
+        assert config["status"] == "ok" and config["data"]["mqtt"]["host"] == "127.0.0.1"
+        assert "password" not in config["data"]["mqtt"]
         deleted = request(sub, "recordings/delete", json.dumps({"ids": ids[:2]}))
         assert deleted["data"] == {"deleted": 2, "missing": 0}
         again = request(sub, "reprocess", json.dumps({"ids": ids[2:3]}))
