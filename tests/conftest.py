@@ -7,12 +7,15 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from meraudiod import models
 from meraudiod.config import Settings, load_settings
+
+from .broker import Broker
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
@@ -88,3 +91,12 @@ def db_rows(env: dict[str, str], sql: str) -> list[sqlite3.Row]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A real Mosquitto on free loopback ports, stopped after the test."""
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
