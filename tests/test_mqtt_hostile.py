@@ -32,12 +32,15 @@ def daemon(
     sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 60)
     try:
         yield proc, sub
-        if proc.poll() is None:
-            finish(proc)
     finally:
-        if proc.poll() is None:  # a daemon that did not stop must not outlive the test
-            proc.kill()
-            proc.wait(timeout=30)
+        if proc.poll() is None:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:  # a daemon that did not stop must not outlive us
+                proc.kill()
+                proc.wait(timeout=30)
         sub.close()
 
 
