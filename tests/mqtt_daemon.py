@@ -56,3 +56,17 @@ def request(sub: Subscriber, command: str, payload: bytes | str, timeout_s: floa
     sub.publish(f"{BASE}/request/{command}", payload)
     sub.wait_for(lambda: len(sub.on(f"/response/{command}")) > before, timeout_s)
     return sub.on(f"/response/{command}")[-1].json()
+
+
+def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
+    """Teardown after a failure: end of input, then a kill if it does not stop (a daemon that
+    ignores its end must not outlive the test, nor make the test wait forever)."""
+    if proc.poll() is not None:
+        return
+    assert proc.stdin is not None
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)

@@ -14,7 +14,16 @@ from meraudiod.messages import SpeechEvent, TranscriptEvent, enqueue
 
 from .broker import Broker, Subscriber
 from .conftest import DEMO_TRUTH, TEST_DATA, cli, db_rows
-from .mqtt_daemon import BASE, DEMO_PCM, NODE, finish, mqtt_env, request, start_daemon
+from .mqtt_daemon import (
+    BASE,
+    DEMO_PCM,
+    NODE,
+    finish,
+    mqtt_env,
+    request,
+    start_daemon,
+    stop_daemon,
+)
 
 DISCOVERY = f"homeassistant/device/meraudiod_{NODE}/config"
 STRANGER = TEST_DATA / "ls_1034_0000.flac"  # a voice nobody enrolled
@@ -62,9 +71,7 @@ def test_reprocess_does_not_fire_a_transcript_automation(
         sub.wait_for(lambda: len(by_type(sub, "retranscribed")) == 2, 90)
         finish(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        stop_daemon(proc)
     # An automation keyed on event_type "transcript" fired once per utterance, never again.
     assert len(by_type(sub, "transcript")) == len(DEMO_TRUTH)
     for again in by_type(sub, "retranscribed"):
@@ -111,9 +118,7 @@ def test_outage_replays_no_stale_state_and_no_speech_and_keeps_transcripts(
         late.wait_for(lambda: late.on(f"{BASE}/state"), 30)
         finish(proc)  # the last state, then offline
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        stop_daemon(proc)
     late.wait_for(lambda: late.on(f"{BASE}/status")[-1].payload == b"offline", 10)
     transcripts = [m.json() for m in late.on("/event/transcript")]
     assert all(t["replayed"] for t in transcripts)  # none dropped, in order, marked late
@@ -162,8 +167,9 @@ def test_home_assistant_discovery_qos_and_unknown_before_first_transcript(
         state = sub.on(f"{BASE}/state")[-1].json()
         assert state["last_transcript"] is None and state["last_speaker"] is None  # "unknown"
         assert state["last_transcript_full"] is None
-    finally:
         finish(proc)
+    finally:
+        stop_daemon(proc)
         sub.close()
 
 

@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from .broker import Broker, Subscriber
 from .conftest import DEMO_TRUTH, cli, db_rows
-from .mqtt_daemon import BASE, DEMO_PCM, finish, mqtt_env, request, start_daemon
+from .mqtt_daemon import BASE, DEMO_PCM, finish, mqtt_env, request, start_daemon, stop_daemon
 
 
 @pytest.fixture
@@ -33,14 +33,7 @@ def daemon(
     try:
         yield proc, sub
     finally:
-        if proc.poll() is None:
-            assert proc.stdin is not None
-            proc.stdin.close()
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:  # a daemon that did not stop must not outlive us
-                proc.kill()
-                proc.wait(timeout=30)
+        stop_daemon(proc)
         sub.close()
 
 
@@ -188,10 +181,13 @@ def test_request_flood_never_delays_transcript_events(env: dict[str, str], broke
         assert busy and all("busy" in r["error"] and r["transaction"] == "flood" for r in busy)
         answered = [r for r in replies if r["status"] == "ok"]
         assert answered and answered[-1]["data"]["disk_used_mb"] is None  # counters, no walk
-    finally:
         flooding.clear()
         flooder.join(10)
         finish(proc)
+    finally:
+        flooding.clear()
+        flooder.join(10)
+        stop_daemon(proc)
         sub.close()
 
 
@@ -232,8 +228,6 @@ def test_broker_that_never_answers_connect_is_reported(env: dict[str, str]) -> N
             time.sleep(1)
         assert "connecting to 127.0.0.1" in mqtt["error"] and mqtt["connected"] is False
     finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=60)
+        stop_daemon(proc)
         reader.join(5)
         silent.close()
