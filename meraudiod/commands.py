@@ -13,9 +13,9 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,12 +23,12 @@ from . import jobs
 from .config import Settings
 from .db import Transaction, now
 from .messages import Response
+from .payloads import PayloadError, decode_request
 from .recordings import delete_recordings, recording_details
 from .retention import purge
 from .status import status
 
 _LOGGER = logging.getLogger(__name__)
-MAX_PAYLOAD_BYTES: Final = 16 * 1024
 
 
 class CommandError(Exception):
@@ -53,12 +53,14 @@ class CommandContext:
     settings: Settings
     admin: bool = True
     runtime: Runtime | None = None
+    # Over MQTT a request must be cheap: `status` then reads counters, never the disk tree.
+    remote: bool = False
 
 
 class Args(BaseModel):
     """Base of command arguments: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=True)  # "5" is not a number
 
 
 class NoArgs(Args):
@@ -203,7 +205,7 @@ def list_recordings(conn: sqlite3.Connection, args: ListArgs) -> list[dict[str, 
 
 
 def _status(ctx: CommandContext, args: NoArgs) -> Any:
-    return status(ctx.conn, ctx.settings)
+    return status(ctx.conn, ctx.settings, disk_use=not ctx.remote)
 
 
 def _recordings_list(ctx: CommandContext, args: ListArgs) -> Any:
@@ -278,8 +280,9 @@ def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
             ctx.conn.execute(
                 "DELETE FROM jobs WHERE recording_id=? AND state != 'running'", (rec_id,)
             )
-            ctx.conn.execute("UPDATE recordings SET status='pending' WHERE id=?", (rec_id,))
-            jobs.enqueue(ctx.conn, rec_id)
+            # The old transcript stays (and stays the state's last transcript) until the new
+            # one replaces it; the job's kind makes its event `retranscribed`.
+            jobs.enqueue(ctx.conn, rec_id, kind=jobs.REPROCESS_KIND)
             queued += 1
     return {"queued": queued}
 
@@ -368,45 +371,12 @@ COMMANDS: dict[str, Command] = {
     ),
     "purge": Command(_purge, PurgeArgs, admin=True, help="Delete by age, time range, speaker"),
     "reprocess": Command(_reprocess, ReprocessArgs, help="Transcribe recordings again"),
-    "config/get": Command(_config_get, help="The effective configuration, without secrets"),
+    "config/get": Command(
+        _config_get,
+        admin=True,  # broker host, user name and paths are for an admin only
+        help="The effective configuration, without secrets",
+    ),
 }
-
-
-@dataclass
-class Request:
-    """A decoded request, before validation of its arguments."""
-
-    command: str
-    transaction: str | int | None = None
-    args: dict[str, Any] = field(default_factory=dict)
-
-
-def decode_request(command: str, payload: bytes) -> Request:
-    """Parse a request payload; CommandError says what is wrong with it."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise CommandError(f"payload too large ({len(payload)} bytes, at most {MAX_PAYLOAD_BYTES})")
-    if not payload.strip():
-        return Request(command)
-    try:
-        body = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CommandError(f"payload is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise CommandError("payload must be a JSON object")
-    transaction = body.pop("transaction", None)
-    if transaction is not None and not isinstance(transaction, str | int):
-        raise CommandError("transaction must be a string or a number")
-    return Request(command, transaction, body)
-
-
-def _transaction_of(payload: bytes) -> str | int | None:
-    """Best effort: echo the caller's transaction even when the rest is invalid."""
-    try:
-        body = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    value = body.get("transaction") if isinstance(body, dict) else None
-    return value if isinstance(value, str | int) and not isinstance(value, bool) else None
 
 
 def execute(ctx: CommandContext, name: str, args: dict[str, Any]) -> Any:
@@ -427,14 +397,16 @@ def execute(ctx: CommandContext, name: str, args: dict[str, Any]) -> Any:
 
 
 def dispatch(ctx: CommandContext, name: str, payload: bytes) -> Response:
-    """Run a request that came over MQTT and build its response; never raises."""
-    transaction = _transaction_of(payload) if len(payload) <= MAX_PAYLOAD_BYTES else None
+    """Run a request that came over MQTT and build its response; never raises: everything
+    about the message, its parsing included, is inside the error handling."""
+    transaction: str | int | None = None
     try:
         request = decode_request(name, payload)
+        transaction = request.transaction
         data = execute(ctx, request.command, request.args)
         json.dumps(data, default=str)  # fail here, not on the way out
-        return Response(name, "ok", data=data, transaction=request.transaction)
-    except CommandError as exc:
+        return Response(name, "ok", data=data, transaction=transaction)
+    except (CommandError, PayloadError) as exc:
         return Response(name, "error", error=str(exc), transaction=transaction)
     except Exception as exc:  # a bug must still answer the caller and leave the daemon up
         _LOGGER.exception("command %s failed", name)

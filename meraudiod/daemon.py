@@ -1,8 +1,8 @@
 """Builds the stages, starts them (sinks first, the microphone last), runs the main loop,
 and stops them in reverse.
 
-The main thread owns signals (they only set the stop event), commands from MQTT (through a
-queue), the listening switch, the heartbeat that `meraudiod status` reads, the retained
+The main thread owns signals (they only set the stop event), the listening switch (through
+a queue from MQTT), the heartbeat that `meraudiod status` reads, the retained
 state, and the systemd watchdog, which is fed only while audio frames arrive and every
 thread is alive.
 """
@@ -21,13 +21,13 @@ from typing import Any, Final
 
 from . import __version__, events
 from .checks import check_writable, unreadable_files
-from .commands import CommandContext, dispatch
 from .config import ConfigError, Settings, apply_live, load_settings
 from .db import Transaction, get_kv, open_db, set_kv
 from .listener import Listener
 from .messages import (
     ErrorEvent,
     Event,
+    Response,
     SpeakerEvent,
     State,
     enqueue,
@@ -50,6 +50,7 @@ _AUDIO_STALL_S: Final = 5.0  # no frame for this long while listening: the micro
 _MIC_RETRY_MAX_S: Final = 60.0
 _LISTENING_KEY: Final = "listening"
 _SPEAKER_EVENTS: Final = {"speakers/enroll": "enrolled", "speakers/delete": "deleted"}
+_COMMAND_STOP_S: Final = 5.0  # a long request (an enrolment) is not waited for longer
 
 
 class Daemon:
@@ -82,6 +83,7 @@ class Daemon:
         self.notifier = Notifier()
         self.inbound: queue.Queue[Any] = queue.Queue(maxsize=100)
         self.mqtt: Any = None  # MqttLink when enabled
+        self.commands: Any = None  # CommandRunner (MQTT requests) when MQTT is enabled
         self.retention = Retention(settings, self._worker_stop)
         self.conn: sqlite3.Connection | None = None
         self.recordings_made = 0
@@ -128,8 +130,10 @@ class Daemon:
         _LOGGER.info("ready: %s", self._status_line())
 
     def _start_mqtt(self) -> None:
-        """The MQTT thread; while a file it needs cannot be read (a root-only secret under
-        User=meraudiod), MQTT stays off and degraded, tried again every heartbeat."""
+        """The MQTT thread and the thread its requests run on; while a file it needs cannot be
+        read (a root-only secret under User=meraudiod), MQTT stays off and degraded, tried again
+        every heartbeat."""
+        from .command_runner import CommandRunner
         from .homeassistant import discovery_message
         from .mqtt import MqttLink
 
@@ -147,7 +151,14 @@ class Daemon:
         discovery = (
             discovery_message(self.settings) if self.settings.homeassistant.discovery else None
         )
-        self.mqtt = MqttLink(self.settings, self._mqtt_stop, self.inbound, discovery)
+        # Requests run on their own thread, so that none delays the watchdog or an event.
+        self.commands = CommandRunner(
+            self.settings, self.stop_event, self._reply, runtime=self, after=self._after_command
+        )
+        self.mqtt = MqttLink(
+            self.settings, self._mqtt_stop, self.inbound, discovery, self.commands.submit
+        )
+        self.commands.start()
         self.mqtt.start()
 
     def _start_listener(self) -> None:
@@ -158,21 +169,44 @@ class Daemon:
 
     # --- events into the outbox (called on the listener and worker threads) -----------------
 
+    # Speech start/end is live-only: not queued while offline (it would be news of the past).
+
     def _speech_start(self, conn: sqlite3.Connection, ts: float) -> None:
-        events.speech_start(conn, self.settings.mqtt, ts)
-        if self.mqtt is not None:
+        if self.mqtt is not None and self.mqtt.online:
+            events.speech_start(conn, self.settings.mqtt, ts)
             self.mqtt.wake()
 
     def _speech_end(self, conn: sqlite3.Connection, recording: Recording) -> None:
-        events.speech_end(conn, self.settings.mqtt, recording)
-        if self.mqtt is not None:
+        if self.mqtt is not None and self.mqtt.online:
+            events.speech_end(conn, self.settings.mqtt, recording)
             self.mqtt.wake()
 
     def _transcript_event(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
         if events.transcribed(conn, self.settings.mqtt, result):
             if self.mqtt is not None:
                 self.mqtt.wake()
-            self._state_dirty = True  # "last transcript" changed
+            if not result.reprocessed:  # reprocess leaves the last transcript alone
+                self._state_dirty = True
+
+    # --- commands (called on the command runner's thread) ----------------------------------
+
+    def _reply(self, response: Response) -> None:
+        from .mqtt import Outgoing
+
+        self.mqtt.send(Outgoing(response.topic, json.dumps(response.to_payload(), default=str)))
+
+    def _after_command(self, conn: sqlite3.Connection, response: Response) -> None:
+        """A speaker event after an enrolment or a delete; the state is republished."""
+        kind = _SPEAKER_EVENTS.get(response.command)
+        if kind is not None:
+            m = self.settings.mqtt
+            event = SpeakerEvent(
+                node_id=m.node_id, area=m.area, event_type=kind, name=response.data["name"]
+            )
+            with Transaction(conn):
+                enqueue(conn, event, max_rows=m.outbox_max_rows)
+            self.mqtt.wake()
+        self._state_dirty = True
 
     # --- main loop -------------------------------------------------------------------------
 
@@ -261,7 +295,7 @@ class Daemon:
             self.pipeline.worker is None or self.pipeline.worker.is_alive()
         )
         if self.mqtt is not None:
-            threads_ok = threads_ok and self.mqtt.is_alive()
+            threads_ok = threads_ok and self.mqtt.is_alive() and self.commands.is_alive()
         if not self.listening:
             return threads_ok
         listener = self.listener
@@ -351,45 +385,20 @@ class Daemon:
         self.notifier.status(self._status_line())
 
     def _handle_inbound(self, item: Any) -> None:
-        assert self.conn is not None
-        if item.kind == "listening":
-            value = item.payload.decode("utf-8", "replace").strip().upper()
-            if value in ("ON", "OFF"):
-                self.set_listening(value == "ON")
-            else:
-                _LOGGER.warning("listening/set wants ON or OFF, got %r", value[:20])
-                self._publish_listening()
-            return
-        context = CommandContext(
-            self.conn,
-            self.settings,
-            admin=self.settings.mqtt.allow_admin_commands,
-            runtime=self,
-        )
-        response = dispatch(context, item.name, item.payload)
-        kind = _SPEAKER_EVENTS.get(item.name)
-        if response.status == "ok" and kind is not None:
-            m = self.settings.mqtt
-            self._publish_event(
-                SpeakerEvent(
-                    node_id=m.node_id,
-                    area=m.area,
-                    event_type=kind,
-                    name=response.data["name"],
-                )
-            )
-        if self.mqtt is not None:
-            from .mqtt import Outgoing
-
-            self.mqtt.send(Outgoing(response.topic, json.dumps(response.to_payload(), default=str)))
-        self._publish_state()
+        """The listening switch (requests go to the command runner, not here)."""
+        value = item.payload.decode("utf-8", "replace").strip().upper()
+        if value in ("ON", "OFF"):
+            self.set_listening(value == "ON")
+        else:
+            _LOGGER.warning("listening/set wants ON or OFF, got %r", value[:20])
+            self._publish_listening()
 
     def _publish_event(self, event: Event) -> None:
         """An event of the main thread's own (not part of a recording's transaction)."""
         if self.mqtt is None or self.conn is None:
             return
         with Transaction(self.conn):
-            enqueue(self.conn, event)
+            enqueue(self.conn, event, max_rows=self.settings.mqtt.outbox_max_rows)
         self.mqtt.wake()
 
     def speaker_stage(self) -> Any:
@@ -495,6 +504,7 @@ class Daemon:
         info = status(self.conn, self.settings, disk_use=False)
         snap = self._snapshot()
         last = info["last_transcript"] or {}
+        text = last.get("text")
         return State(
             listening=self.listening,
             recording=snap["recording"],
@@ -507,10 +517,11 @@ class Daemon:
             uptime_s=snap["uptime_s"],
             microphone=snap["microphone"],
             audio_level_dbfs=snap["audio_level_dbfs"],
-            last_transcript=truncate_state(last.get("text") or ""),
-            last_transcript_full=last.get("text") or "",
+            last_transcript=truncate_state(text) if text is not None else None,
+            last_transcript_full=text,
             last_transcript_at=last.get("started_at"),
-            last_speaker=info["last_speaker"] or "",
+            last_speaker=info["last_speaker"],
+            last_speaker_provisional=info["last_speaker_provisional"],
             disk_free_mb=round(disk_free_mb(self.settings.storage.data_dir), 1),
             degraded=self.degraded,
         )
@@ -580,6 +591,8 @@ class Daemon:
         self._worker_stop.set()
         self.pipeline.close()
         self.retention.join()
+        if self.commands is not None:  # stops after the request it is running
+            self.commands.join(timeout_s=_COMMAND_STOP_S)
         if self.conn is not None:
             self._publish_state()  # the last word before `offline`
         self._mqtt_stop.set()

@@ -1,5 +1,11 @@
 """The events a recording and its transcript put in the MQTT outbox, in the same
-transaction that stores them (called on the listener and worker threads)."""
+transaction that stores them (called on the listener and worker threads).
+
+One rule for voices: a named person is `identified` with their name; a voice grouped into a
+provisional profile is `unknown` with that profile's label (`unknown-1`) as `name` and
+`provisional: true`, in speaker events, transcript segments and the state's last speaker
+alike; a voice with no profile at all has no name.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ def _round(value: float | None) -> float | None:
 
 def speech_start(conn: sqlite3.Connection, m: MqttSettings, ts: float) -> None:
     """Someone started speaking."""
-    enqueue(conn, SpeechEvent(node_id=m.node_id, area=m.area, ts=ts, type="start"))
+    event = SpeechEvent(node_id=m.node_id, area=m.area, ts=ts, type="start")
+    enqueue(conn, event, max_rows=m.outbox_max_rows)
 
 
 def speech_end(conn: sqlite3.Connection, m: MqttSettings, recording: Recording) -> None:
@@ -31,12 +38,16 @@ def speech_end(conn: sqlite3.Connection, m: MqttSettings, recording: Recording) 
         recording_id=recording.id,
         rms_dbfs=round(recording.rms_dbfs, 1),
     )
-    enqueue(conn, event)
+    enqueue(conn, event, max_rows=m.outbox_max_rows)
 
 
 def transcribed(conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRecording) -> bool:
     """The transcript event and one speaker event per voice heard; False when nothing may
-    be published (not speech, or a voice that asked not to be kept)."""
+    be published (not speech, or a voice that asked not to be kept).
+
+    A recording transcribed again (`reprocess`) gives a `retranscribed` event, with its
+    original times and no speaker events: an automation keyed on `transcript` or on a
+    speaker does not act a second time on something said long ago."""
     if result.suspect or result.opt_out:
         return False
     row = conn.execute(
@@ -49,8 +60,13 @@ def transcribed(conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRe
             round(seg.end_s, 3),
             seg.text,
             speaker=(
-                {"id": seg.speaker_id, "name": seg.speaker_name, "score": _round(seg.score)}
-                if seg.known
+                {
+                    "id": seg.speaker_id,
+                    "name": seg.speaker_name,
+                    "score": _round(seg.score),
+                    "provisional": not seg.known,
+                }
+                if seg.speaker_id is not None
                 else None
             ),
         )
@@ -60,6 +76,7 @@ def transcribed(conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRe
     event = TranscriptEvent(
         node_id=m.node_id,
         area=m.area,
+        event_type="retranscribed" if result.reprocessed else "transcript",
         recording_id=result.recording_id,
         started_at=row["started_at"],
         ended_at=row["ended_at"],
@@ -72,7 +89,9 @@ def transcribed(conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRe
         latency_ms=round(result.latency_ms, 1),
         rms_dbfs=round(row["rms_dbfs"], 1),
     )
-    enqueue(conn, event)
+    enqueue(conn, event, max_rows=m.outbox_max_rows)
+    if result.reprocessed:
+        return True
     heard: dict[str, Any] = {}
     for seg in result.segments:
         if seg.label is not None and not seg.suspect and seg.label not in heard:
@@ -84,10 +103,12 @@ def transcribed(conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRe
                 node_id=m.node_id,
                 area=m.area,
                 event_type="identified" if seg.known else "unknown",
-                speaker_id=seg.speaker_id if seg.known else None,
-                name=seg.speaker_name if seg.known else None,
+                speaker_id=seg.speaker_id,
+                name=seg.speaker_name,
+                provisional=seg.speaker_id is not None and not seg.known,
                 score=_round(seg.score),
                 recording_id=result.recording_id,
             ),
+            max_rows=m.outbox_max_rows,
         )
     return True

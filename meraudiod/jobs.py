@@ -16,9 +16,11 @@ import os
 import socket
 import sqlite3
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from .db import Transaction, now
+
+REPROCESS_KIND: Final = "retranscribe"  # a recording transcribed again on request
 
 
 @dataclass(frozen=True)

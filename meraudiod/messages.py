@@ -1,10 +1,13 @@
 """One frozen dataclass per MQTT message: its topic (relative to the base topic), QoS,
 retain flag and payload. Events go through the SQLite outbox, written in the same
-transaction as the data they describe, and reach the broker in order."""
+transaction as the data they describe, and reach the broker in order. The outbox is bounded
+at every insert; over the bound the oldest live-only and error events go first, transcripts
+and speaker events last."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,9 +15,16 @@ from typing import Any, ClassVar, Final
 
 from ulid import ULID
 
-from .db import now
+from .db import get_kv, now
 
+_LOGGER = logging.getLogger(__name__)
 SCHEMA_VERSION: Final = 1
+# Worth nothing once late: not queued while offline, dropped rather than replayed.
+LIVE_ONLY_TOPICS: Final = frozenset({"event/speech"})
+# What an automation acts on: dropped last when the outbox is over its bound.
+DROPPED_LAST_TOPICS: Final = ("event/transcript", "event/speaker")
+_DROP_WARN_EVERY_S: Final = 60.0
+_last_drop_warning = 0.0
 MAX_STATE_CHARS: Final = 250  # Home Assistant refuses sensor states of 255 characters or more
 
 
@@ -61,7 +71,9 @@ class TranscriptEvent(Event):
     """One per recording, once it is transcribed."""
 
     topic: ClassVar[str] = "event/transcript"
-    event_type: str = "transcript"  # what Home Assistant's event entity keys on
+    # What Home Assistant's event entity keys on: "transcript" for what was just said,
+    # "retranscribed" for a recording transcribed again (reprocess), said at started_at.
+    event_type: str = "transcript"
     recording_id: str = ""
     started_at: float = 0.0
     ended_at: float = 0.0
@@ -82,7 +94,8 @@ class SpeakerEvent(Event):
     topic: ClassVar[str] = "event/speaker"
     event_type: str = "identified"  # identified | unknown | enrolled | deleted
     speaker_id: str | None = None
-    name: str | None = None
+    name: str | None = None  # a provisional voice's label ("unknown-1") for provisional ones
+    provisional: bool = False  # an unknown voice grouped automatically, not a named person
     score: float | None = None
     recording_id: str | None = None
 
@@ -97,8 +110,14 @@ class ErrorEvent(Event):
     context: dict[str, Any] = field(default_factory=dict)
 
 
-def enqueue(conn: sqlite3.Connection, event: Event, recording_id: str | None = None) -> int:
-    """Put an event in the outbox (inside the caller's transaction)."""
+def enqueue(
+    conn: sqlite3.Connection,
+    event: Event,
+    recording_id: str | None = None,
+    max_rows: int | None = None,
+) -> int:
+    """Put an event in the outbox (inside the caller's transaction), keeping at most
+    max_rows undelivered events."""
     cur = conn.execute(
         "INSERT INTO outbox (topic, payload, qos, retain, created_at, recording_id)"
         " VALUES (?, ?, ?, 0, ?, ?)",
@@ -110,7 +129,40 @@ def enqueue(conn: sqlite3.Connection, event: Event, recording_id: str | None = N
             recording_id or getattr(event, "recording_id", None),
         ),
     )
+    if max_rows is not None:
+        drop_over_count(conn, max_rows)
     return int(cur.lastrowid or 0)
+
+
+def drop_over_count(conn: sqlite3.Connection, max_rows: int) -> int:
+    """Delete undelivered events over max_rows: live-only and error events before transcripts
+    and speaker events, oldest first (inside the caller's transaction)."""
+    over = int(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]) - max_rows
+    if over <= 0:
+        return 0
+    dropped = conn.execute(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
+        f" ORDER BY topic IN ({', '.join('?' * len(DROPPED_LAST_TOPICS))}), id LIMIT ?)",
+        (*DROPPED_LAST_TOPICS, over),
+    ).rowcount
+    note_dropped(conn, dropped)
+    return int(dropped)
+
+
+def note_dropped(conn: sqlite3.Connection, dropped: int) -> None:
+    """Count undelivered events that had to go (shown in status and state); warn now and then."""
+    global _last_drop_warning
+    if dropped <= 0:
+        return
+    total = int(get_kv(conn, "outbox_dropped", "0")) + dropped
+    conn.execute(  # not set_kv: this runs inside the caller's transaction
+        "INSERT INTO kv (key, value) VALUES ('outbox_dropped', ?)"
+        " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+        (str(total),),
+    )
+    if time.monotonic() - _last_drop_warning >= _DROP_WARN_EVERY_S:
+        _last_drop_warning = time.monotonic()
+        _LOGGER.warning("MQTT outbox over its limits: %d undelivered events dropped so far", total)
 
 
 @dataclass(frozen=True)
@@ -129,10 +181,11 @@ class State:
     uptime_s: float
     microphone: str
     audio_level_dbfs: float | None
-    last_transcript: str
-    last_transcript_full: str
+    last_transcript: str | None  # None before the first transcript (Home Assistant: unknown)
+    last_transcript_full: str | None
     last_transcript_at: float | None
-    last_speaker: str
+    last_speaker: str | None  # a provisional voice's label ("unknown-1") when it was one
+    last_speaker_provisional: bool | None
     disk_free_mb: float
     degraded: str | None = None
 

@@ -1,11 +1,14 @@
 """The MQTT link: one named thread runs paho's network loop, the reconnect loop with
 jittered exponential backoff (the first connect at boot included), and the outbox drain.
 
-paho callbacks run on this thread and only decode and enqueue: commands go to the main
-thread's queue; `online` is published once the subscriptions are acknowledged and the
-retained state and discovery are republished. Outbox rows are sent one at a time, in order,
-and deleted only after the broker acknowledged them (QoS 1), so a broker outage or a crash
-loses nothing; what is sent late carries `"replayed": true`.
+paho callbacks run on this thread and only decode and enqueue, never blocking: requests go
+to the command runner (which answers "busy" when its queue is full), the listening switch to
+the main thread's queue; `online` is published once the subscriptions are acknowledged and
+the retained state and discovery are republished. Retained messages are never queued: only
+the latest of each topic goes out. Outbox rows are sent one at a time, in order, and deleted
+only after the broker acknowledged them (QoS 1), so a broker outage or a crash loses nothing;
+what is sent late carries `"replayed": true`. One message that cannot be published is
+logged and dropped; it never takes the link down.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sqlite3
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -26,7 +30,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from .config import Settings
-from .db import Transaction, get_kv, now, open_db, set_kv
+from .db import Transaction, now, open_db
+from .messages import LIVE_ONLY_TOPICS, drop_over_count, note_dropped
 from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
@@ -37,13 +42,15 @@ _REPLAYED_AFTER_S: Final = 10.0
 _BOUND_EVERY_S: Final = 60.0
 _SESSION_EXPIRY_S: Final = 24 * 3600
 _GOODBYE_S: Final = 5.0
+_CONNACK_WAIT_S: Final = 5.0  # a broker that accepted TCP but says nothing: say so, retry
+MAX_TOPIC_BYTES: Final = 65535  # MQTT's limit on a topic name (UTF-8)
 
 
 @dataclass(frozen=True)
 class Inbound:
-    """A message from the broker for the main thread: a command or a listening switch."""
+    """A message from the broker for the main thread: the listening switch."""
 
-    kind: str  # "command" | "listening"
+    kind: str  # "listening"
     name: str
     payload: bytes
 
@@ -122,17 +129,21 @@ class MqttLink(StageThread):
         stop: threading.Event,
         inbound: queue.Queue[Inbound],
         discovery: Outgoing | None,
+        on_request: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.settings = settings
         self.stop_event = stop
         self.inbound = inbound
+        self.on_request = on_request  # the command runner's submit: never blocks
         self.discovery = discovery
         self.base = base_topic(settings)
         self.connected = False
         self.online = False
         self.last_error: str | None = None
         self._outgoing: queue.Queue[Outgoing] = queue.Queue(maxsize=1000)
-        self._retained: dict[str, Outgoing] = {}  # republished on every connect
+        self._retained: dict[str, Outgoing] = {}  # the latest of each; republished on connect
+        self._retained_due: set[str] = set()  # changed since last sent
+        self._retained_lock = threading.Lock()
         self._wake = threading.Event()
         self._client: paho.Client | None = None
         self._connected_at = 0.0
@@ -153,9 +164,14 @@ class MqttLink(StageThread):
         self._wake.set()
 
     def send(self, message: Outgoing) -> None:
-        """Publish directly; retained messages are also republished on every connect."""
+        """Publish directly. A retained message is never queued: only the latest of its topic
+        goes out (now, or on the next connect), so a reconnect never replays old state."""
         if message.retain:
-            self._retained[message.topic] = message
+            with self._retained_lock:
+                self._retained[message.topic] = message
+                self._retained_due.add(message.topic)
+            self._wake.set()
+            return
         try:
             self._outgoing.put_nowait(message)
         except queue.Full:
@@ -176,22 +192,27 @@ class MqttLink(StageThread):
         next_bound = 0.0
         try:
             while not self.stop_event.is_set():
-                due = not self.connected and time.monotonic() >= next_attempt
-                if due and not self._connect(client):
-                    next_attempt = time.monotonic() + self._next_backoff()
-                if self.connected:
-                    rc = client.loop(timeout=_LOOP_S)
-                    if rc != paho.MQTT_ERR_SUCCESS and self.connected:
-                        self._lost(f"network loop: {paho.error_string(rc)}")
+                try:
+                    due = not self.connected and time.monotonic() >= next_attempt
+                    if due and not self._connect(client):
                         next_attempt = time.monotonic() + self._next_backoff()
-                        continue
-                    self._deliver(conn, client)
-                else:
+                    if self.connected:
+                        rc = client.loop(timeout=_LOOP_S)
+                        if rc != paho.MQTT_ERR_SUCCESS and self.connected:
+                            self._lost(f"network loop: {paho.error_string(rc)}")
+                            next_attempt = time.monotonic() + self._next_backoff()
+                            continue
+                        self._deliver(conn, client)
+                    else:
+                        self._wake.wait(_LOOP_S)
+                        self._wake.clear()
+                    if time.monotonic() >= next_bound:
+                        bound_outbox(conn, self.settings)
+                        next_bound = time.monotonic() + _BOUND_EVERY_S
+                except Exception as exc:  # a bug in one message or callback: log, go on
+                    _LOGGER.exception("MQTT link: %s", exc)
+                    self.last_error = f"internal error: {exc}"
                     self._wake.wait(_LOOP_S)
-                    self._wake.clear()
-                if time.monotonic() >= next_bound:
-                    bound_outbox(conn, self.settings)
-                    next_bound = time.monotonic() + _BOUND_EVERY_S
             self._say_goodbye(conn, client)
         finally:
             conn.close()
@@ -209,8 +230,11 @@ class MqttLink(StageThread):
             _LOGGER.warning("MQTT %s", self.last_error)
             self._offline_since = self._offline_since or now()
             return False
-        # CONNACK arrives through the loop; on_connect decides.
-        deadline = time.monotonic() + 10.0
+        # CONNACK arrives through the loop; on_connect decides. Until then status says so,
+        # rather than showing an older error.
+        self.last_error = f"connecting to {m.host}:{m.port} (waiting for CONNACK)"
+        started = time.monotonic()
+        deadline = started + _CONNACK_WAIT_S
         while not self.connected and time.monotonic() < deadline and not self.stop_event.is_set():
             if client.loop(timeout=_LOOP_S) != paho.MQTT_ERR_SUCCESS:
                 break
@@ -218,6 +242,12 @@ class MqttLink(StageThread):
                 break  # the broker said no: wait for the backoff
         if not self.connected:
             self._offline_since = self._offline_since or now()
+            if not (self.last_error or "").startswith("refused"):
+                waited_s = time.monotonic() - started
+                self.last_error = (
+                    f"connecting to {m.host}:{m.port} (no CONNACK after {waited_s:.0f} s)"
+                )
+                _LOGGER.warning("MQTT %s; retrying", self.last_error)
         return self.connected
 
     def _next_backoff(self) -> float:
@@ -240,7 +270,8 @@ class MqttLink(StageThread):
             client.loop(timeout=_LOOP_S)
             self._deliver(conn, client)
             unsent = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
-            if self._inflight is None and not unsent[0] and self._outgoing.empty():
+            idle = self._inflight is None and self._outgoing.empty() and not self._retained_due
+            if idle and not unsent[0]:
                 break
         info = client.publish(f"{self.base}/status", "offline", qos=1, retain=True)
         while not info.is_published() and time.monotonic() < deadline + 2.0:
@@ -283,7 +314,10 @@ class MqttLink(StageThread):
             return
         # Subscribed: republish retained state and discovery, then announce ourselves.
         self._publish_discovery(client)
-        for message in list(self._retained.values()):
+        with self._retained_lock:
+            latest = list(self._retained.values())
+            self._retained_due.clear()
+        for message in latest:
             self._publish(client, message)
         client.publish(f"{self.base}/status", "online", qos=1, retain=True)
         self.online = True
@@ -297,10 +331,21 @@ class MqttLink(StageThread):
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         topic = msg.topic
         if topic == f"{self.base}/listening/set":
-            self.inbound.put(Inbound("listening", "listening/set", bytes(msg.payload)))
+            try:
+                self.inbound.put_nowait(Inbound("listening", "listening/set", bytes(msg.payload)))
+            except queue.Full:
+                _LOGGER.warning("listening/set: too many switches waiting; one dropped")
         elif topic.startswith(f"{self.base}/request/"):
             name = topic.removeprefix(f"{self.base}/request/")
-            self.inbound.put(Inbound("command", name, bytes(msg.payload)))
+            response_topic = f"{self.base}/response/{name}"
+            if len(response_topic.encode("utf-8")) > MAX_TOPIC_BYTES:
+                _LOGGER.warning(
+                    "request ignored: its response topic would be longer than MQTT allows"
+                    " (%d bytes)",
+                    MAX_TOPIC_BYTES,
+                )
+            elif self.on_request is not None:
+                self.on_request(name, bytes(msg.payload))
         elif topic.endswith("/status") and msg.payload == b"online":
             self._republish_discovery = True  # Home Assistant restarted
 
@@ -314,7 +359,10 @@ class MqttLink(StageThread):
 
     def _publish(self, client: paho.Client, message: Outgoing) -> None:
         topic = message.topic if message.absolute else f"{self.base}/{message.topic}"
-        client.publish(topic, message.payload, qos=message.qos, retain=message.retain)
+        try:
+            client.publish(topic, message.payload, qos=message.qos, retain=message.retain)
+        except ValueError as exc:  # e.g. a topic over MQTT's limit: this message only
+            _LOGGER.warning("MQTT message to %.80s not sent: %s", topic, exc)
 
     def _publish_discovery(self, client: paho.Client) -> None:
         if self.discovery is not None:
@@ -326,6 +374,11 @@ class MqttLink(StageThread):
         if self._republish_discovery:
             self._republish_discovery = False
             self._publish_discovery(client)
+        with self._retained_lock:
+            due = [self._retained[topic] for topic in sorted(self._retained_due)]
+            self._retained_due.clear()
+        for message in due:
+            self._publish(client, message)
         while True:
             try:
                 self._publish(client, self._outgoing.get_nowait())
@@ -344,8 +397,12 @@ class MqttLink(StageThread):
         ).fetchone()
         if row is None:
             return
-        payload = json.loads(row["payload"])
         created_at = float(row["created_at"])
+        if row["topic"] in LIVE_ONLY_TOPICS and created_at < self._replay_before:
+            with Transaction(conn):  # "someone is speaking" an outage ago is not news
+                conn.execute("DELETE FROM outbox WHERE id=?", (row["id"],))
+            return
+        payload = json.loads(row["payload"])
         if created_at < self._replay_before or now() - created_at > _REPLAYED_AFTER_S:
             payload["replayed"] = True
         info = client.publish(
@@ -357,21 +414,15 @@ class MqttLink(StageThread):
 
 
 def bound_outbox(conn: sqlite3.Connection, settings: Settings) -> int:
-    """Drop undelivered events past the age and count limits; count what was dropped."""
+    """Drop undelivered events past the age limit (the count limit holds at every insert,
+    and is checked here too after a reload lowered it); count what was dropped."""
     m = settings.mqtt
     with Transaction(conn):
         by_age = conn.execute(
             "DELETE FROM outbox WHERE created_at < ?", (now() - m.outbox_max_age_days * 86400,)
         ).rowcount
-        by_count = conn.execute(
-            "DELETE FROM outbox WHERE id NOT IN (SELECT id FROM outbox ORDER BY id DESC LIMIT ?)",
-            (m.outbox_max_rows,),
-        ).rowcount
-    dropped = by_age + by_count
-    if dropped:
-        total = int(get_kv(conn, "outbox_dropped", "0")) + dropped
-        set_kv(conn, "outbox_dropped", str(total))
-        _LOGGER.warning("MQTT outbox over its limits: dropped %d undelivered events", dropped)
+        note_dropped(conn, by_age)
+        dropped = by_age + drop_over_count(conn, m.outbox_max_rows)
     return dropped
 
 

@@ -66,7 +66,7 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         "SELECT id, started_at, text FROM recordings WHERE status='done' ORDER BY id DESC LIMIT 1"
     ).fetchone()
     last_speaker = conn.execute(
-        "SELECT p.name FROM segments s JOIN speakers p ON p.id = s.speaker_id"
+        "SELECT p.name, p.provisional FROM segments s JOIN speakers p ON p.id = s.speaker_id"
         " ORDER BY s.id DESC LIMIT 1"
     ).fetchone()
     midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
@@ -100,6 +100,7 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         "oldest_pending_at": oldest,
         "last_transcript": dict(zip(last.keys(), tuple(last), strict=True)) if last else None,
         "last_speaker": last_speaker[0] if last_speaker else None,
+        "last_speaker_provisional": bool(last_speaker[1]) if last_speaker else None,
         "recordings_today": int(today[0] or 0),
         "transcripts_today": int(today[1] or 0),
         "outbox_pending": int(outbox),

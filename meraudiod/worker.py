@@ -52,6 +52,8 @@ class TranscribedRecording:
     segments: tuple[SegmentSpeaker, ...] = ()
     # A "do not keep" voice was heard: the recording is deleted right after this transaction.
     opt_out: bool = False
+    # Transcribed again on request (`reprocess`), not something just said.
+    reprocessed: bool = False
 
 
 class Worker(StageThread):
@@ -193,6 +195,7 @@ class Worker(StageThread):
                 latency_ms=latency_ms,
                 segments=speakers.segments if speakers else plain_segments(transcript),
                 opt_out=speakers.opt_out if speakers else False,
+                reprocessed=job.kind == jobs.REPROCESS_KIND,
             )
             for hook in self.on_stored:  # e.g. the MQTT outbox: same transaction as the data
                 hook(conn, result)

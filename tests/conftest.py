@@ -7,12 +7,15 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from meraudiod import models
 from meraudiod.config import Settings, load_settings
+
+from .broker import Broker
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
@@ -93,3 +96,12 @@ def db_rows(env: dict[str, str], sql: str) -> list[sqlite3.Row]:
 def stored_audio(env: dict[str, str], stored: str) -> Path:
     """The audio file a recording row names (stored relative to the data dir's audio/)."""
     return Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio" / stored
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A real Mosquitto on free loopback ports, stopped after the test."""
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()

@@ -6,7 +6,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,60 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meraudiod.audio import decode_file
-
 from .broker import PASSWORD, USER, Broker, Subscriber
 from .conftest import DEMO, DEMO_TRUTH, cli
+from .mqtt_daemon import BASE, DEMO_PCM, NODE, finish, mqtt_env, request, start_daemon
 
-NODE = "testnode"
-BASE = f"meraudiod/{NODE}"
 DISCOVERY = f"homeassistant/device/meraudiod_{NODE}/config"
-DEMO_PCM = decode_file(DEMO).astype("<i2").tobytes()
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
-
-
-def mqtt_env(env: dict[str, str], broker: Broker, **extra: str) -> dict[str, str]:
-    values = {
-        "MERAUDIOD_MQTT__ENABLED": "true",
-        "MERAUDIOD_MQTT__HOST": "127.0.0.1",
-        "MERAUDIOD_MQTT__PORT": str(broker.port),
-        "MERAUDIOD_MQTT__NODE_ID": NODE,
-        "MERAUDIOD_MQTT__AREA": "kitchen",
-    }
-    return {**env, **values, **extra}
-
-
-def start_daemon(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin", *args],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
-def finish(proc: subprocess.Popen[bytes]) -> str:
-    assert proc.stdin is not None
-    proc.stdin.close()
-    stderr = proc.stderr.read() if proc.stderr else b""
-    proc.wait(timeout=120)
-    assert proc.returncode == 0, stderr.decode()
-    return stderr.decode()
-
-
-def request(sub: Subscriber, command: str, payload: bytes | str, timeout_s: float = 10) -> dict:
-    before = len(sub.on(f"/response/{command}"))
-    sub.publish(f"{BASE}/request/{command}", payload)
-    sub.wait_for(lambda: len(sub.on(f"/response/{command}")) > before, timeout_s)
-    return sub.on(f"/response/{command}")[-1].json()
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
@@ -138,8 +88,9 @@ def test_commands_listening_and_bad_payloads(env: dict[str, str], broker: Broker
         searched = request(sub, "recordings/list", json.dumps({"search": "amiable"}))
         assert len(searched["data"]) == 2
         assert request(sub, "speakers/list", "{}")["data"] == []
-        config = request(sub, "config/get", "")
-        assert config["status"] == "ok" and "password" not in config["data"]["mqtt"]
+        config = request(sub, "config/get", "")  # broker host, user, paths: admin only
+        assert config["status"] == "error" and "allow_admin_commands" in config["error"]
+        assert config["data"] is None
 
         for command, payload, message in [
             ("status", b"{not json", "not valid JSON"),
@@ -196,6 +147,9 @@ def test_admin_commands_when_allowed(env: dict[str, str], broker: Broker) -> Non
         proc.stdin.flush()
         sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH), 60)
         ids = [r["id"] for r in request(sub, "recordings/list", "{}")["data"]]
+        config = request(sub, "config/get", "")
+        assert config["status"] == "ok" and config["data"]["mqtt"]["host"] == "127.0.0.1"
+        assert "password" not in config["data"]["mqtt"]
         deleted = request(sub, "recordings/delete", json.dumps({"ids": ids[:2]}))
         assert deleted["data"] == {"deleted": 2, "missing": 0}
         again = request(sub, "reprocess", json.dumps({"ids": ids[2:3]}))

@@ -1,0 +1,90 @@
+"""MQTT requests run here, on their own named thread: never on the main thread that feeds the
+watchdog, never on the MQTT thread that delivers events. The queue is bounded; a request that
+finds it full is answered "busy" at once and never waits."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Final
+
+from .commands import CommandContext, Runtime, dispatch
+from .config import Settings
+from .db import open_db
+from .messages import Response
+from .payloads import PayloadError, decode_request
+from .stage import StageThread
+
+_LOGGER = logging.getLogger(__name__)
+QUEUE_SIZE: Final = 32
+_POLL_S: Final = 0.5
+
+
+def refusal(name: str, payload: bytes, error: str) -> Response:
+    """An error response that echoes the caller's transaction when the payload has one."""
+    try:
+        transaction = decode_request(name, payload).transaction
+    except PayloadError:
+        transaction = None
+    return Response(name, "error", error=error, transaction=transaction)
+
+
+class CommandRunner(StageThread):
+    """Runs requests in order on the `commands` thread, with a connection of its own."""
+
+    thread_name = "commands"
+
+    def __init__(
+        self,
+        settings: Settings,
+        stop: threading.Event,
+        reply: Callable[[Response], None],
+        runtime: Runtime | None = None,
+        after: Callable[[sqlite3.Connection, Response], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stop_event = stop
+        self.reply = reply  # sends the response (the MQTT link's send queue: never blocks)
+        self.runtime = runtime
+        self.after = after  # e.g. a speaker event after an enrolment, on this thread
+        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=QUEUE_SIZE)
+
+    def submit(self, name: str, payload: bytes) -> None:
+        """Queue a request (called on the MQTT thread): answered "busy" when the queue is full."""
+        if self.stop_event.is_set():
+            self.reply(refusal(name, payload, "stopping: the daemon is shutting down"))
+            return
+        try:
+            self._queue.put_nowait((name, payload))
+        except queue.Full:
+            self.reply(
+                refusal(name, payload, f"busy: {QUEUE_SIZE} requests are waiting; try again later")
+            )
+
+    def _run(self) -> None:
+        conn = open_db(self.settings.storage.db_path)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    name, payload = self._queue.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                context = CommandContext(
+                    conn,
+                    self.settings,
+                    admin=self.settings.mqtt.allow_admin_commands,  # live: SIGHUP may change it
+                    runtime=self.runtime,
+                    remote=True,
+                )
+                response = dispatch(context, name, payload)  # never raises
+                if self.after is not None and response.status == "ok":
+                    try:
+                        self.after(conn, response)
+                    except Exception:  # an event that could not be queued: the reply still goes
+                        _LOGGER.exception("after command %s", name)
+                self.reply(response)
+        finally:
+            conn.close()

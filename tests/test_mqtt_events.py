@@ -1,0 +1,199 @@
+"""Events an automation can trust (issue 12): a reprocessed recording is not news, an outage
+replays no stale state, the outbox drops transcripts last, and Home Assistant sees one rule
+for voices. A real Mosquitto, the daemon as a real process, real SQLite files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from meraudiod.db import get_kv, open_db
+from meraudiod.messages import SpeechEvent, TranscriptEvent, enqueue
+
+from .broker import Broker, Subscriber
+from .conftest import DEMO_TRUTH, TEST_DATA, cli, db_rows
+from .mqtt_daemon import (
+    BASE,
+    DEMO_PCM,
+    NODE,
+    finish,
+    mqtt_env,
+    request,
+    start_daemon,
+    stop_daemon,
+)
+
+DISCOVERY = f"homeassistant/device/meraudiod_{NODE}/config"
+STRANGER = TEST_DATA / "ls_1034_0000.flac"  # a voice nobody enrolled
+
+
+def online(sub: Subscriber) -> bool:
+    statuses = sub.on(f"{BASE}/status")
+    return bool(statuses) and statuses[-1].payload == b"online"
+
+
+def feed_demo(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(DEMO_PCM)
+    proc.stdin.flush()
+
+
+def by_type(sub: Subscriber, event_type: str) -> list[dict[str, object]]:
+    events = [m.json() for m in sub.on("/event/transcript")]
+    return [e for e in events if e["event_type"] == event_type]
+
+
+def test_reprocess_does_not_fire_a_transcript_automation(
+    env: dict[str, str], broker: Broker
+) -> None:
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    proc = start_daemon(mqtt_env(env, broker, MERAUDIOD_MQTT__ALLOW_ADMIN_COMMANDS="true"))
+    try:
+        sub.wait_for(lambda: online(sub), 60)
+        feed_demo(proc)
+        sub.wait_for(lambda: len(by_type(sub, "transcript")) == len(DEMO_TRUTH), 90)
+        originals = {e["recording_id"]: e for e in by_type(sub, "transcript")}
+        newest = max(originals)
+        sub.wait_for(
+            lambda: (
+                sub.on(f"{BASE}/state")[-1].json()["last_transcript_at"]
+                == originals[newest]["started_at"]
+            ),
+            40,
+        )
+        states_before = len(sub.on(f"{BASE}/state"))
+        last = sub.on(f"{BASE}/state")[-1].json()
+        oldest = min(originals)
+        queued = request(sub, "reprocess", json.dumps({"ids": [oldest, newest]}))
+        assert queued["data"] == {"queued": 2}
+        sub.wait_for(lambda: len(by_type(sub, "retranscribed")) == 2, 90)
+        finish(proc)
+    finally:
+        stop_daemon(proc)
+    # An automation keyed on event_type "transcript" fired once per utterance, never again.
+    assert len(by_type(sub, "transcript")) == len(DEMO_TRUTH)
+    for again in by_type(sub, "retranscribed"):
+        first = originals[str(again["recording_id"])]
+        assert again["started_at"] == first["started_at"]  # the original time
+        assert again["ended_at"] == first["ended_at"] and again["text"]
+    # ... and the state's last transcript stayed what it was, while waiting and after.
+    for message in sub.on(f"{BASE}/state")[states_before:]:
+        state = message.json()
+        assert state["last_transcript"] == last["last_transcript"]
+        assert state["last_transcript_at"] == last["last_transcript_at"]
+    sub.close()
+
+
+def test_outage_replays_no_stale_state_and_no_speech_and_keeps_transcripts(
+    env: dict[str, str], broker: Broker
+) -> None:
+    conf = mqtt_env(env, broker, MERAUDIOD_MQTT__OUTBOX_MAX_ROWS="10")
+    sub = Subscriber(broker.port, [f"{BASE}/status"])
+    proc = start_daemon(conf)
+    try:
+        sub.wait_for(lambda: online(sub), 60)
+        sub.close()
+        broker.stop()
+        deadline = time.monotonic() + 30  # the daemon has noticed (its heartbeat says so)
+        while time.monotonic() < deadline:
+            shown = json.loads(cli("status", "--json", env=conf).stdout)
+            if shown["mqtt"] and not shown["mqtt"]["connected"]:
+                break
+            time.sleep(0.5)
+        feed_demo(proc)
+        most_rows = 0
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the bound holds at every moment, not every minute
+            most_rows = max(most_rows, db_rows(env, "SELECT COUNT(*) AS n FROM outbox")[0]["n"])
+            done = db_rows(env, "SELECT COUNT(*) AS n FROM recordings WHERE status='done'")
+            if done[0]["n"] == len(DEMO_TRUTH):
+                break
+            time.sleep(0.1)
+        assert 0 < most_rows <= 10
+        broker.start()
+        late = Subscriber(broker.port, [f"{BASE}/#"])
+        late.wait_for(lambda: len(late.on("/event/transcript")) == len(DEMO_TRUTH), 120)
+        late.wait_for(lambda: late.on(f"{BASE}/state"), 30)
+        finish(proc)  # the last state, then offline
+    finally:
+        stop_daemon(proc)
+    late.wait_for(lambda: late.on(f"{BASE}/status")[-1].payload == b"offline", 10)
+    transcripts = [m.json() for m in late.on("/event/transcript")]
+    assert all(t["replayed"] for t in transcripts)  # none dropped, in order, marked late
+    assert [t["recording_id"] for t in transcripts] == sorted(
+        t["recording_id"] for t in transcripts
+    )
+    assert not late.on("/event/speech")  # "someone is speaking", an outage ago: not news
+    newest = max(transcripts, key=lambda t: str(t["recording_id"]))
+    for message in late.on(f"{BASE}/state"):  # only the latest state, never a snapshot of the past
+        assert message.json()["last_transcript_at"] == newest["started_at"]
+    late.close()
+
+
+def test_outbox_drops_speech_before_transcripts_at_every_insert(tmp_path: Path) -> None:
+    conn = open_db(tmp_path / "outbox.db")
+    try:
+        for i in range(5):
+            conn.execute("BEGIN IMMEDIATE")
+            enqueue(conn, TranscriptEvent(node_id="n", area="", text=f"t{i}"), max_rows=10)
+            conn.execute("COMMIT")
+            for kind in ("start", "end", "start", "end"):
+                conn.execute("BEGIN IMMEDIATE")
+                enqueue(conn, SpeechEvent(node_id="n", area="", type=kind), max_rows=10)
+                conn.execute("COMMIT")
+                assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] <= 10
+        rows = conn.execute("SELECT topic, payload FROM outbox ORDER BY id").fetchall()
+        texts = [json.loads(r["payload"])["text"] for r in rows if r["topic"] == "event/transcript"]
+        assert texts == [f"t{i}" for i in range(5)]  # every transcript kept, in order
+        assert len(rows) == 10 and get_kv(conn, "outbox_dropped", "0") == "15"
+    finally:
+        conn.close()
+
+
+def test_home_assistant_discovery_qos_and_unknown_before_first_transcript(
+    env: dict[str, str], broker: Broker
+) -> None:
+    sub = Subscriber(broker.port, [f"{BASE}/#", DISCOVERY])
+    proc = start_daemon(mqtt_env(env, broker))
+    try:
+        sub.wait_for(lambda: online(sub) and sub.on(f"{BASE}/state"), 60)
+        (discovery,) = sub.on(DISCOVERY)
+        components = discovery.json()["cmps"]
+        # HA <= 2026.5 ignores the device-level qos: each component carries its own.
+        assert components and all(c.get("qos") == 1 for c in components.values())
+        assert "retranscribed" in components["transcript"]["evt_typ"]
+        state = sub.on(f"{BASE}/state")[-1].json()
+        assert state["last_transcript"] is None and state["last_speaker"] is None  # "unknown"
+        assert state["last_transcript_full"] is None
+        finish(proc)
+    finally:
+        stop_daemon(proc)
+        sub.close()
+
+
+def test_a_provisional_voice_has_one_name_everywhere(
+    env: dict[str, str], broker: Broker, speaker_models: Path
+) -> None:
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    conf = mqtt_env(env, broker, MERAUDIOD_SPEAKERS__ENABLED="true")
+    result = cli("run", "--source", f"file:{STRANGER}", env=conf, timeout_s=300)
+    assert result.returncode == 0, result.stderr
+    sub.wait_for(lambda: sub.on(f"{BASE}/status")[-1].payload == b"offline", 30)
+    (profile,) = db_rows(env, "SELECT name, provisional FROM speakers")
+    assert profile["provisional"] and profile["name"].startswith("unknown-")
+    speakers = [m.json() for m in sub.on("/event/speaker")]
+    grouped = [e for e in speakers if e["speaker_id"] is not None]
+    assert grouped and all(e["event_type"] == "unknown" for e in speakers)
+    for event in grouped:  # the label the Last speaker sensor shows, not null
+        assert event["name"] == profile["name"] and event["provisional"] is True
+    for event in speakers:  # too little speech to group: no profile, no name
+        if event["speaker_id"] is None:
+            assert event["name"] is None and event["provisional"] is False
+    segments = [s for m in sub.on("/event/transcript") for s in m.json()["segments"]]
+    voiced = [s["speaker"] for s in segments if s["speaker"] is not None]
+    assert voiced and all(v["name"] == profile["name"] and v["provisional"] is True for v in voiced)
+    state = sub.on(f"{BASE}/state")[-1].json()
+    assert state["last_speaker"] == profile["name"] and state["last_speaker_provisional"] is True
+    sub.close()

@@ -1,0 +1,233 @@
+"""Messages and brokers that once stopped the daemon (issue 11), and events that made
+automations act on the past (issue 12): a real Mosquitto, the daemon as a real process, and
+paho as the hostile client."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .broker import Broker, Subscriber
+from .conftest import DEMO_TRUTH, cli, db_rows
+from .mqtt_daemon import BASE, DEMO_PCM, finish, mqtt_env, request, start_daemon, stop_daemon
+
+
+@pytest.fixture
+def daemon(
+    env: dict[str, str], broker: Broker
+) -> Iterator[tuple[subprocess.Popen[bytes], Subscriber]]:
+    """A running daemon (stdin source) online, and a subscriber to everything it says."""
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    proc = start_daemon(mqtt_env(env, broker))
+    sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 60)
+    try:
+        yield proc, sub
+    finally:
+        stop_daemon(proc)
+        sub.close()
+
+
+def hostile_client(broker: Broker) -> paho.Client:
+    """A plain paho client, connected, with its network loop running."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="hostile")
+    client.connect("127.0.0.1", broker.port, 30)
+    client.loop_start()
+    return client
+
+
+def feed_demo(proc: subprocess.Popen[bytes]) -> None:
+    """The five demo utterances into the daemon's stdin."""
+    assert proc.stdin is not None
+    proc.stdin.write(DEMO_PCM)
+    proc.stdin.flush()
+
+
+# --- issue 11 item 1 and the strict-types papercut ------------------------------------------
+
+
+def test_crafted_payloads_get_clear_errors_and_the_daemon_stays(
+    daemon: tuple[subprocess.Popen[bytes], Subscriber],
+) -> None:
+    proc, sub = daemon
+    for command, payload, message in [
+        ("status", b"[" * 5000 + b"]" * 5000, "nested deeper"),
+        ("status", b'{"a": ' * 2000 + b"1" + b"}" * 2000, "nested deeper"),
+        ("status", b'{"transaction": ' + b"1" * 5000 + b"}", "number over"),
+        ("recordings/list", json.dumps({"limit": 10**40}), "number over"),
+        ("status", b'{"x": NaN}', "not a number"),
+        ("status", json.dumps({"transaction": True}), "transaction"),
+        ("recordings/list", json.dumps({"limit": "5", "transaction": "s"}), "limit"),
+        ("recordings/list", json.dumps({"limit": 5.0}), "limit"),
+        ("recordings/get", json.dumps({"id": ["01M89D7G25TVATVQW1DF088EWQ"]}), "id"),
+        ("purge", json.dumps({"older_than_days": "1"}), "allow_admin_commands"),
+    ]:
+        reply = request(sub, command, payload)
+        assert reply["status"] == "error" and message in reply["error"], (command, reply)
+        assert proc.poll() is None, (command, payload[:40])
+    # a transaction is echoed when the rest of the request is wrong
+    assert (
+        request(sub, "recordings/list", json.dumps({"limit": "5", "transaction": "s"}))[
+            "transaction"
+        ]
+        == "s"
+    )
+    ok = request(sub, "recordings/list", json.dumps({"limit": 5, "transaction": 12345}))
+    assert ok["status"] == "ok" and ok["transaction"] == 12345
+
+
+# --- issue 11 item 2 ------------------------------------------------------------------------
+
+
+def test_request_topic_at_the_mqtt_limit_does_not_take_the_link_down(
+    daemon: tuple[subprocess.Popen[bytes], Subscriber], broker: Broker
+) -> None:
+    proc, sub = daemon
+    prefix = f"{BASE}/request/"
+    topic = prefix + "x" * (65535 - len(prefix))  # MQTT's limit; its response topic: 1 byte over
+    client = hostile_client(broker)
+    try:
+        client.publish(topic, b"{}", qos=1).wait_for_publish(10)
+        client.publish(prefix + "y" * 60000, b"{}", qos=1).wait_for_publish(10)  # fits: answered
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    sub.wait_for(lambda: sub.on("y" * 60000), 20)
+    assert sub.on("y" * 60000)[-1].json()["status"] == "error"
+    # the link is still up: requests answered, events delivered
+    assert request(sub, "status", "{}")["status"] == "ok"
+    feed_demo(proc)
+    sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH), 90)
+    stderr = finish(proc)
+    assert "longer than MQTT allows" in stderr and "Traceback" not in stderr
+
+
+# --- issue 11 item 3 ------------------------------------------------------------------------
+
+
+def test_sigterm_with_400_queued_requests_stops_promptly_and_says_offline(
+    env: dict[str, str], daemon: tuple[subprocess.Popen[bytes], Subscriber], broker: Broker
+) -> None:
+    proc, sub = daemon
+    feed_demo(proc)
+    sub.wait_for(lambda: len(sub.on("/event/transcript")) >= 2, 90)  # the pipeline is busy
+    client = hostile_client(broker)
+    try:
+        infos = [client.publish(f"{BASE}/request/status", b"{}", qos=1) for _ in range(400)]
+        for info in infos:
+            info.wait_for_publish(30)
+        proc.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        proc.wait(timeout=60)  # the old daemon blocked here forever (killed by the fixture)
+        # The issue asks for 10 s; a little room for a machine shared by many test runs.
+        assert time.monotonic() - stopped_at < 15
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
+    sub.wait_for(lambda: sub.on("/status")[-1].payload == b"offline", 10)
+    replies = [m.json() for m in sub.on("/response/status")]
+    assert any("busy" in (r["error"] or "") for r in replies)  # answered at once, not queued
+    # the outbox was flushed on the way out: every transcript stored was delivered
+    assert db_rows(env, "SELECT COUNT(*) AS n FROM outbox")[0]["n"] == 0
+    done = db_rows(env, "SELECT COUNT(*) AS n FROM recordings WHERE status='done'")[0]["n"]
+    assert len(sub.on("/event/transcript")) == done
+
+
+# --- issue 11 item 4 ------------------------------------------------------------------------
+
+
+def test_request_flood_never_delays_transcript_events(env: dict[str, str], broker: Broker) -> None:
+    # A year of files in the data directory: a `status` that walked it took a long time.
+    clutter = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "clutter"
+    clutter.mkdir(parents=True)
+    for i in range(20000):
+        (clutter / f"{i}.bin").write_bytes(b"x")
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    proc = start_daemon(mqtt_env(env, broker))
+    flooding = threading.Event()
+    flooding.set()
+
+    def flood() -> None:
+        client = hostile_client(broker)
+        try:
+            while flooding.is_set():
+                for _ in range(20):
+                    client.publish(f"{BASE}/request/status", b'{"transaction": "flood"}', qos=0)
+                time.sleep(0.05)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    flooder = threading.Thread(target=flood, name="flood", daemon=True)
+    try:
+        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 60)
+        flooder.start()
+        sub.wait_for(lambda: len(sub.on("/response/status")) > 50, 60)
+        feed_demo(proc)
+        # every transcript arrives while the flood goes on (the old daemon: none did)
+        sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH), 120)
+        replies = [m.json() for m in sub.on("/response/status")]
+        busy = [r for r in replies if r["status"] == "error"]
+        assert busy and all("busy" in r["error"] and r["transaction"] == "flood" for r in busy)
+        answered = [r for r in replies if r["status"] == "ok"]
+        assert answered and answered[-1]["data"]["disk_used_mb"] is None  # counters, no walk
+        flooding.clear()
+        flooder.join(10)
+        finish(proc)
+    finally:
+        flooding.clear()
+        flooder.join(10)
+        stop_daemon(proc)
+        sub.close()
+
+
+# --- issue 11 item 12 -----------------------------------------------------------------------
+
+
+def test_broker_that_never_answers_connect_is_reported(env: dict[str, str]) -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts TCP (the kernel does), never says a word
+    port = silent.getsockname()[1]
+    conf = {
+        **env,
+        "MERAUDIOD_MQTT__ENABLED": "true",
+        "MERAUDIOD_MQTT__HOST": "127.0.0.1",
+        "MERAUDIOD_MQTT__PORT": str(port),
+    }
+    proc = start_daemon(conf)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            lines.append(raw.decode(errors="replace"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("no CONNACK" in line for line in lines):
+            time.sleep(0.2)
+        assert any("no CONNACK after" in line for line in lines), lines
+        while time.monotonic() < deadline:  # the heartbeat, every 5 s, says the same
+            shown = cli("status", "--json", env=conf)
+            mqtt = json.loads(shown.stdout).get("mqtt") or {}
+            if "connecting" in (mqtt.get("error") or ""):
+                break
+            time.sleep(1)
+        assert "connecting to 127.0.0.1" in mqtt["error"] and mqtt["connected"] is False
+    finally:
+        stop_daemon(proc)
+        reader.join(5)
+        silent.close()
