@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sqlite3
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import click
 
@@ -24,11 +25,14 @@ from .cli_common import (
     open_store,
     run_command,
     settings_from,
+    verbose_option,
 )
 from .cli_recordings import recordings
 from .cli_speakers import speakers_group
 from .recordings import recording_details
 from .sources import SourceError, input_devices, open_source
+
+_UMASK: Final = 0o027  # group may read (an admin in the service's group), others nothing
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,6 +47,9 @@ def main() -> None:
       meraudiod analyze a.mp3 b.flac --json # transcribe files, one JSON line per file
       meraudiod recordings list --search kitchen
     """
+    # Whatever starts us (a shell with umask 022, cron, a container), what we write (database,
+    # audio, heartbeat, exports) is not readable by other users.
+    os.umask(_UMASK)
 
 
 main.add_command(recordings)
@@ -59,17 +66,29 @@ main.add_command(speakers_group)
 )
 @click.option("--realtime/--fast", default=None, help="Pace file replay at real time.")
 @click.option("--print", "print_", is_flag=True, help="Print each transcript on stdout.")
-def run(config_path: Path | None, source: str | None, realtime: bool | None, print_: bool) -> None:
+@verbose_option
+def run(
+    config_path: Path | None,
+    source: str | None,
+    realtime: bool | None,
+    print_: bool,
+    verbosity: int,
+) -> None:
     """Run the daemon (systemd runs this). With a file it exits once the file is transcribed.
+
+    \b
+    Logs at logging.level under systemd or into a pipe; on a terminal only warnings (-v: more).
 
     \b
     Examples:
       meraudiod run --source mic
       arecord -f S16_LE -r 16000 -c 1 | meraudiod run --source stdin
+      meraudiod run --source demo --print -v
     """
     from .daemon import Daemon
 
-    settings = settings_from(config_path)
+    on_terminal = sys.stderr.isatty() and "INVOCATION_ID" not in os.environ  # not systemd's
+    settings = settings_from(config_path, verbosity, daemon=not on_terminal)
     if source is not None:
         settings.audio.source = _checked_source(source)
     if realtime is not None:
@@ -98,7 +117,7 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
     try:
         daemon.start()
         code = daemon.run()
-    except (SourceError, modelstore.ModelError) as exc:
+    except (SourceError, modelstore.ModelError, *_load_errors()) as exc:
         daemon.stop()
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:  # a failed start must say why and exit non-zero
@@ -111,6 +130,16 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
         n = len(daemon.listener.recordings) if daemon.listener else 0
         click.echo(f"{n} recordings, {count[0]} transcribed, in {time.monotonic() - t0:.1f} s")
     sys.exit(code)
+
+
+def _load_errors() -> tuple[type[Exception], ...]:
+    """Model wrappers' load errors: their message is the whole story (file, reason, fix)."""
+    from .asr import AsrError
+    from .diarization import DiarizationError
+    from .vad import VadError
+    from .voiceprints import SpeakerError
+
+    return AsrError, DiarizationError, VadError, SpeakerError
 
 
 def _checked_source(spec: str) -> str:
@@ -138,8 +167,11 @@ def _install_signal_handlers(stop: threading.Event, reload: threading.Event | No
 @main.command()
 @config_option
 @json_option
+@verbose_option
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) -> None:
+def analyze(
+    config_path: Path | None, as_json: bool, verbosity: int, files: tuple[Path, ...]
+) -> None:
     """Run files through the daemon's pipeline, store the results and print them.
 
     \b
@@ -150,7 +182,7 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
     from .pipeline import Pipeline
     from .sources import FileSource
 
-    settings = settings_from(config_path)
+    settings = settings_from(config_path, verbosity)
     stop = threading.Event()
     _install_signal_handlers(stop)
     pipeline = Pipeline(settings, stop)
@@ -176,7 +208,7 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
             break
     pipeline.drain()
     pipeline.close()
-    conn = open_store(settings)
+    conn = open_store(settings, create=True)
     failed = False
     for path, duration_s, rec_ids, error in results:
         if error:
@@ -204,7 +236,7 @@ def _analysis_record(conn: sqlite3.Connection, rec_id: str) -> dict[str, Any]:
         "start_s": round(data.get("start_s", 0.0), 3),
         "end_s": round(data.get("end_s", 0.0), 3),
         "text": data.get("text"),
-        "state": data.get("status"),
+        "state": data.get("state"),
         "segments": [
             {
                 "start_s": round(offset + s["start_s"], 3),
@@ -401,13 +433,7 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
             ),
         ),
         ("degraded", mark(False, data["degraded"]) if data["degraded"] else "no"),
-        (
-            "microphone",
-            f"{data['microphone']}  level {data['audio_level_dbfs']} dBFS,"
-            f" dropped frames {data['dropped_frames']}"
-            if data["running"]
-            else "-",
-        ),
+        ("microphone", _microphone_line(data)),
         (
             "backlog",
             mark(data["backlog"] < 10, str(data["backlog"]))
@@ -448,6 +474,17 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
     ]
     for label, value in rows:
         click.echo(f"{label:<16} {value}")
+
+
+def _microphone_line(data: dict[str, Any]) -> str:
+    if not data["running"]:
+        return "-"
+    level_dbfs = data["audio_level_dbfs"]
+    if level_dbfs is not None:
+        level = f"level {level_dbfs} dBFS"
+    else:  # no level while muted (the microphone is closed) or before the first frame
+        level = "muted, no level" if data["muted"] else "no level yet"
+    return f"{data['microphone']}  {level}, dropped frames {data['dropped_frames']}"
 
 
 @main.command()

@@ -73,7 +73,7 @@ def recordings_show(config_path: Path | None, as_json: bool, rec_id: str) -> Non
     if as_json:
         echo_json(data)
         return
-    click.echo(f"recording {data['id']}  {data['status']}")
+    click.echo(f"recording {data['id']}  {data['state']}")
     click.echo(f"  started  {fmt_time(data['started_at'])}  ({data['duration_s']:.2f} s)")
     click.echo(f"  source   {data['source']} at {data['start_s']:.2f} s")
     click.echo(f"  audio    {data['audio_path'] or '(deleted)'}  {data['rms_dbfs']:.1f} dBFS")
@@ -124,3 +124,9 @@ def recordings_export(config_path: Path | None, rec_ids: tuple[str, ...], out_di
                 click.echo(str(path))
         except KeyError as exc:
             raise click.ClickException(f"no recording {rec_id}") from exc
+        except OSError as exc:  # --out is a file, read-only, /proc, a full disk ...
+            where = exc.filename or out_dir
+            raise click.ClickException(
+                f"cannot export to {where}: {exc.strerror or exc}"
+                " (--out must be a directory you can write to)"
+            ) from exc

@@ -98,7 +98,7 @@ def speakers_enroll(
         stage = SpeakerStage(settings)
     except SpeakerError as exc:
         raise click.ClickException(str(exc)) from exc
-    conn = open_store(settings)
+    conn = open_store(settings, create=True)
     results = _profiles_call(lambda: enroll(conn, stage, name, sources, do_not_keep))
     for r in results:
         state = "ok" if r.stored else f"skipped: {r.reason}"

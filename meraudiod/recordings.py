@@ -209,12 +209,17 @@ def remove_orphans(conn: sqlite3.Connection, audio_dir: Path) -> int:
     return removed
 
 
+def normalise_id(rec_id: str) -> str:
+    """A recording id as stored: ULIDs are case-insensitive, and stored in upper case."""
+    return rec_id.strip().upper()
+
+
 def delete_recordings(conn: sqlite3.Connection, rec_ids: list[str]) -> int:
     """Delete recordings with their audio, text, index rows, jobs, undelivered events and
     the voice embeddings taken from them. Returns how many existed."""
     paths = []
     with Transaction(conn):
-        for rec_id in rec_ids:
+        for rec_id in dict.fromkeys(normalise_id(r) for r in rec_ids):
             row = conn.execute("SELECT audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
             if row is None:
                 continue
@@ -252,6 +257,7 @@ def export_recording(conn: sqlite3.Connection, rec_id: str, out_dir: Path) -> li
     data = recording_details(conn, rec_id)
     if data is None:
         raise KeyError(rec_id)
+    rec_id = data["id"]
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if data["audio_path"] and Path(data["audio_path"]).is_file():
@@ -265,13 +271,20 @@ def export_recording(conn: sqlite3.Connection, rec_id: str, out_dir: Path) -> li
 
 
 def recording_details(conn: sqlite3.Connection, rec_id: str) -> dict[str, Any] | None:
-    """The recording row with its segments (times relative to the recording)."""
+    """The recording row with its segments (times relative to the recording); its `state`
+    is what `recordings list` calls it (`running` while a worker has its job)."""
     import json
 
-    row = conn.execute("SELECT * FROM recordings WHERE id=?", (rec_id,)).fetchone()
+    row = conn.execute(
+        "SELECT r.*, CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.recording_id = r.id"
+        " AND j.state = 'running') THEN 'running' ELSE r.status END AS state"
+        " FROM recordings r WHERE r.id=?",
+        (normalise_id(rec_id),),
+    ).fetchone()
     if row is None:
         return None
     data = dict(zip(row.keys(), tuple(row), strict=True))
+    del data["status"]  # one name for it everywhere: `state`
     data["segments"] = [
         {
             "start_s": s["start_s"],

@@ -79,8 +79,9 @@ def test_ready_watchdog_and_stopping_under_simulated_systemd(
 def test_status_with_daemon_up_and_down(env: dict[str, str], tmp_path: Path) -> None:
     # The heartbeat in its own directory (a tmpfs under systemd): status must find it there.
     env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(tmp_path / "run")}
-    down = json.loads(cli("status", "--json", env=env).stdout)
-    assert down["running"] is False and down["backlog"] == 0 and down["version"]
+    # Before the daemon ever ran there is no database, and status does not make one.
+    never = cli("status", "--json", env=env)
+    assert never.returncode == 1 and "no database at" in never.stderr
     proc = subprocess.Popen(
         [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
         env=env,
