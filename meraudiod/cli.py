@@ -117,7 +117,7 @@ def run(
     try:
         daemon.start()
         code = daemon.run()
-    except (SourceError, modelstore.ModelError, *_load_errors()) as exc:
+    except _clear_errors() as exc:
         daemon.stop()
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:  # a failed start must say why and exit non-zero
@@ -132,14 +132,14 @@ def run(
     sys.exit(code)
 
 
-def _load_errors() -> tuple[type[Exception], ...]:
-    """Model wrappers' load errors: their message is the whole story (file, reason, fix)."""
+def _clear_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is the whole story (the file, the reason, the fix)."""
     from .asr import AsrError
     from .diarization import DiarizationError
     from .vad import VadError
     from .voiceprints import SpeakerError
 
-    return AsrError, DiarizationError, VadError, SpeakerError
+    return SourceError, modelstore.ModelError, AsrError, DiarizationError, VadError, SpeakerError
 
 
 def _checked_source(spec: str) -> str:
