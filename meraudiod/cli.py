@@ -258,7 +258,13 @@ def _analysis_record(conn: sqlite3.Connection, rec_id: str) -> dict[str, Any]:
 @json_option
 @click.option("--retry-failed", is_flag=True, help="Give failed jobs a fresh set of attempts.")
 def jobs_cmd(config_path: Path | None, as_json: bool, retry_failed: bool) -> None:
-    """The processing backlog: pending, running and failed jobs with their errors."""
+    """The processing backlog: pending, running and failed jobs with their errors.
+
+    \b
+    Examples:
+      meraudiod jobs
+      meraudiod jobs --retry-failed
+    """
     settings = settings_from(config_path)
     conn = open_store(settings)
     if retry_failed:
@@ -285,14 +291,26 @@ def jobs_cmd(config_path: Path | None, as_json: bool, retry_failed: bool) -> Non
 
 @main.group("models")
 def models_group() -> None:
-    """Model files: list, install, verify against the manifest's checksums."""
+    """Model files: list, install, verify against the manifest's checksums.
+
+    \b
+    Examples:
+      meraudiod models list
+      meraudiod models install --default
+    """
 
 
 @models_group.command("list")
 @config_option
 @json_option
 def models_list(config_path: Path | None, as_json: bool) -> None:
-    """Supported models and whether each is installed."""
+    """Supported models, whether each is installed, and the sha256 of each of its files.
+
+    \b
+    Examples:
+      meraudiod models list                # * marks the models the configuration uses
+      meraudiod models list --json | jq '.[] | select(.installed) | .files'
+    """
     settings = settings_from(config_path)
     models_dir = settings.storage.resolved_models_dir
     used = set(modelstore.configured(settings))
@@ -305,6 +323,7 @@ def models_list(config_path: Path | None, as_json: bool) -> None:
             "installed": modelstore.is_installed(m.name, models_dir),
             "configured": m.name in used,
             "description": m.description,
+            "files": m.files,  # file name -> sha256, as the manifest has it
         }
         for m in modelstore.manifest().values()
     ]
@@ -315,6 +334,10 @@ def models_list(config_path: Path | None, as_json: bool) -> None:
         mark = "installed" if r["installed"] else "-"
         used_mark = "*" if r["configured"] else " "
         click.echo(f"{used_mark} {r['name']:<18} {r['role']:<8} {mark:<10} {r['description']}")
+        for file_name, sha256 in r["files"].items():
+            click.echo(f"    sha256 {sha256}  {file_name}")
+        if not r["files"]:
+            click.echo("    (no checksums: recorded when installed from the hub)")
 
 
 @models_group.command("install")
@@ -322,7 +345,13 @@ def models_list(config_path: Path | None, as_json: bool) -> None:
 @click.argument("names", nargs=-1)
 @click.option("--default", "defaults", is_flag=True, help="The models the configuration uses.")
 def models_install(config_path: Path | None, names: tuple[str, ...], defaults: bool) -> None:
-    """Install models into the models directory and check their checksums."""
+    """Install models into the models directory and check their checksums.
+
+    \b
+    Examples:
+      meraudiod models install --default   # what the configuration uses
+      meraudiod models install base.en
+    """
     settings = settings_from(config_path)
     wanted = list(names) + (modelstore.configured(settings) if defaults or not names else [])
     for name in dict.fromkeys(wanted):
@@ -337,7 +366,13 @@ def models_install(config_path: Path | None, names: tuple[str, ...], defaults: b
 @config_option
 @click.argument("names", nargs=-1)
 def models_verify(config_path: Path | None, names: tuple[str, ...]) -> None:
-    """Check installed models against the manifest (default: the configured ones)."""
+    """Check installed models against the manifest (default: the configured ones).
+
+    \b
+    Examples:
+      meraudiod models verify
+      meraudiod models verify ecapa-voxceleb
+    """
     settings = settings_from(config_path)
     problems = []
     for name in names or modelstore.configured(settings):
@@ -356,14 +391,25 @@ def models_verify(config_path: Path | None, names: tuple[str, ...]) -> None:
 
 @main.group("config")
 def config_group() -> None:
-    """Configuration."""
+    """Configuration.
+
+    \b
+    Example:
+      meraudiod config check --config /etc/meraudiod/config.toml
+    """
 
 
 @config_group.command("check")
 @config_option
 @json_option
 def config_check(config_path: Path | None, as_json: bool) -> None:
-    """Validate the configuration (file and environment) and say what is wrong."""
+    """Validate the configuration (file and environment) and say what is wrong.
+
+    \b
+    Examples:
+      meraudiod config check --config /etc/meraudiod/config.toml
+      MERAUDIOD_ASR__BEAM_SIZE=2 meraudiod config check --json
+    """
     settings = settings_from(config_path)
     if as_json:
         echo_json(settings.model_dump(mode="json", exclude={"mqtt": {"password"}}))
@@ -375,7 +421,13 @@ def config_check(config_path: Path | None, as_json: bool) -> None:
 @json_option
 @click.option("--check", is_flag=True, help="Exit 1 when there is no input device.")
 def devices(as_json: bool, check: bool) -> None:
-    """List microphones (input devices)."""
+    """List microphones (input devices).
+
+    \b
+    Examples:
+      meraudiod devices
+      meraudiod devices --check || echo "no microphone"
+    """
     found = input_devices()
     if as_json:
         echo_json(found)
@@ -530,7 +582,13 @@ def purge(
 @click.argument("rec_ids", nargs=-1)
 @click.option("--failed", is_flag=True, help="Every recording whose transcription failed.")
 def reprocess(config_path: Path | None, rec_ids: tuple[str, ...], failed: bool) -> None:
-    """Queue recordings to be transcribed again (by the running daemon or the next run)."""
+    """Queue recordings to be transcribed again (by the running daemon or the next run).
+
+    \b
+    Examples:
+      meraudiod reprocess 01JD2X9K8M7Q6R5S4T3V2W1X0Y
+      meraudiod reprocess --failed
+    """
     settings = settings_from(config_path)
     result = run_command(settings, "reprocess", {"ids": list(rec_ids), "failed": failed})
     click.echo(f"queued {result['queued']} recordings")
@@ -538,13 +596,23 @@ def reprocess(config_path: Path | None, rec_ids: tuple[str, ...], failed: bool) 
 
 @main.group("mqtt")
 def mqtt_group() -> None:
-    """The MQTT connection."""
+    """The MQTT connection.
+
+    \b
+    Example:
+      meraudiod mqtt test
+    """
 
 
 @mqtt_group.command("test")
 @config_option
 def mqtt_test(config_path: Path | None) -> None:
-    """Check DNS, TCP, TLS, CONNECT and a publish/subscribe round trip; say which step failed."""
+    """Check DNS, TCP, TLS, CONNECT and a publish/subscribe round trip; say which step failed.
+
+    \b
+    Example:
+      MERAUDIOD_MQTT__ENABLED=true MERAUDIOD_MQTT__HOST=broker.lan meraudiod mqtt test
+    """
     from .mqtt import check_connection
 
     settings = settings_from(config_path)
@@ -564,6 +632,11 @@ def bench(config_path: Path | None, as_json: bool) -> None:
     VAD cost and listening CPU, ASR real-time factor and latency (each against the bare
     library), speaker-embedding cost, the daemon's peak memory, disk writes per recorded hour,
     and whether it keeps up with continuous speech.
+
+    \b
+    Examples:
+      meraudiod bench
+      MERAUDIOD_ASR__CPU_THREADS=1 meraudiod bench --json
     """
     from .bench import run_bench
 

@@ -20,7 +20,13 @@ from .cli_common import (
 
 @click.group("speakers")
 def speakers_group() -> None:
-    """Voice profiles: enrol people, name or merge unknown voices, delete, opt out."""
+    """Voice profiles: enrol people, name or merge unknown voices, delete, opt out.
+
+    \b
+    Examples:
+      meraudiod speakers enroll Alice alice1.wav alice2.m4a alice3.flac
+      meraudiod speakers rename unknown-3 Carol
+    """
 
 
 def _profiles_call(func: Callable[[], Any]) -> Any:

@@ -17,6 +17,7 @@ import pytest
 from ulid import ULID
 
 from meraudiod.db import Transaction, open_db, set_kv
+from meraudiod.models import manifest
 from meraudiod.profiles import delete, rename
 from meraudiod.speakers import next_unknown_name
 
@@ -265,3 +266,16 @@ def test_enrolling_with_an_unreadable_clip_enrols_nothing(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(bad) in lines[0] and "nothing enrolled" in lines[0]
     assert json.loads(cli("speakers", "list", "--json", env=env).stdout) == []
+
+
+def test_models_list_shows_each_files_checksum(env: dict[str, str]) -> None:
+    """The README's "model files and their checksums": the manifest's sha256 of every file."""
+    text = cli("models", "list", env=env)
+    listed = json.loads(cli("models", "list", "--json", env=env).stdout)
+    assert text.returncode == 0, text.stderr
+    for spec in manifest().values():
+        (row,) = [r for r in listed if r["name"] == spec.name]
+        assert row["files"] == spec.files
+        for file_name, sha256 in spec.files.items():
+            assert f"sha256 {sha256}  {file_name}" in text.stdout
+    assert sum(len(s.files) for s in manifest().values()) >= 5
