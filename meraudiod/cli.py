@@ -314,7 +314,7 @@ def models_list(config_path: Path | None, as_json: bool) -> None:
     settings = settings_from(config_path)
     models_dir = settings.storage.resolved_models_dir
     used = set(modelstore.configured(settings))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": m.name,
             "role": m.role,
