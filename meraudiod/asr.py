@@ -12,6 +12,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE_HZ, Float32Array
 from .config import AsrSettings
+from .onnx import load_error
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class Transcriber:
                 num_workers=1,
             )
         except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError on bad files
-            raise AsrError(f"cannot load ASR model {model_path}: {exc}") from exc
+            raise AsrError(load_error("ASR model", model_path, exc)) from exc
         self.settings = settings
         self.model_name = model_name
         # Fallback re-decodes low-confidence audio at up to five higher temperatures: on noise

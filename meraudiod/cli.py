@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import click
 
@@ -24,6 +25,7 @@ from .cli_common import (
     open_store,
     run_command,
     settings_from,
+    verbose_option,
 )
 from .cli_recordings import recordings
 from .cli_speakers import speakers_group
@@ -33,6 +35,8 @@ from .recordings import recording_details
 from .signals import install as install_signal_handlers
 from .signals import run_handlers
 from .sources import SourceError, input_devices, open_source
+
+_UMASK: Final = 0o027  # group may read (an admin in the service's group), others nothing
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +51,9 @@ def main() -> None:
       meraudiod analyze a.mp3 b.flac --json # transcribe files, one JSON line per file
       meraudiod recordings list --search kitchen
     """
+    # Whatever starts us (a shell with umask 022, cron, a container), what we write (database,
+    # audio, heartbeat, exports) is not readable by other users.
+    os.umask(_UMASK)
 
 
 main.add_command(recordings)
@@ -63,18 +70,30 @@ main.add_command(speakers_group)
 )
 @click.option("--realtime/--fast", default=None, help="Pace file replay at real time.")
 @click.option("--print", "print_", is_flag=True, help="Print each transcript on stdout.")
-def run(config_path: Path | None, source: str | None, realtime: bool | None, print_: bool) -> None:
+@verbose_option
+def run(
+    config_path: Path | None,
+    source: str | None,
+    realtime: bool | None,
+    print_: bool,
+    verbosity: int,
+) -> None:
     """Run the daemon (systemd runs this). With a file it exits once the file is transcribed.
+
+    \b
+    Logs at logging.level under systemd or into a pipe; on a terminal only warnings (-v: more).
 
     \b
     Examples:
       meraudiod run --source mic
       arecord -f S16_LE -r 16000 -c 1 | meraudiod run --source stdin
+      meraudiod run --source demo --print -v
     """
     stop, reload = run_handlers()  # before the slow imports below (a no-op when done early)
     from .daemon import Daemon
 
-    settings = settings_from(config_path)
+    on_terminal = sys.stderr.isatty() and "INVOCATION_ID" not in os.environ  # not systemd's
+    settings = settings_from(config_path, verbosity, daemon=not on_terminal)
     if source is not None:
         settings.audio.source = _checked_source(source)
     if realtime is not None:
@@ -102,7 +121,7 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
     try:
         daemon.start()
         code = daemon.run()
-    except (SourceError, modelstore.ModelError, StartError, DatabaseError) as exc:
+    except _clear_errors() as exc:
         daemon.stop()
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:  # a failed start must say why and exit non-zero
@@ -117,6 +136,25 @@ def run(config_path: Path | None, source: str | None, realtime: bool | None, pri
         n = daemon.listener.recordings_saved if daemon.listener else 0
         click.echo(f"{n} recordings, {count[0]} transcribed, in {time.monotonic() - t0:.1f} s")
     sys.exit(code)
+
+
+def _clear_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is the whole story (the file, the reason, the fix)."""
+    from .asr import AsrError
+    from .diarization import DiarizationError
+    from .vad import VadError
+    from .voiceprints import SpeakerError
+
+    return (
+        SourceError,
+        modelstore.ModelError,
+        AsrError,
+        DiarizationError,
+        VadError,
+        SpeakerError,
+        StartError,
+        DatabaseError,
+    )
 
 
 def _checked_source(spec: str) -> str:
@@ -134,8 +172,11 @@ def _checked_source(spec: str) -> str:
 @main.command()
 @config_option
 @json_option
+@verbose_option
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) -> None:
+def analyze(
+    config_path: Path | None, as_json: bool, verbosity: int, files: tuple[Path, ...]
+) -> None:
     """Run files through the daemon's pipeline, store the results and print them.
 
     \b
@@ -146,7 +187,7 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
     from .pipeline import Pipeline
     from .sources import FileSource
 
-    settings = settings_from(config_path)
+    settings = settings_from(config_path, verbosity)
     stop = threading.Event()
     install_signal_handlers(stop)
     pipeline = Pipeline(settings, stop, serves_store=False)  # a live daemon's store is its own
@@ -172,7 +213,7 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
             break
     pipeline.drain()
     pipeline.close()
-    conn = open_store(settings)
+    conn = open_store(settings, create=True)
     failed = False
     for path, duration_s, rec_ids, error in results:
         if error:
@@ -200,7 +241,7 @@ def _analysis_record(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> 
         "start_s": round(data.get("start_s", 0.0), 3),
         "end_s": round(data.get("end_s", 0.0), 3),
         "text": data.get("text"),
-        "state": data.get("status"),
+        "state": data.get("state"),
         "segments": [
             {
                 "start_s": round(offset + s["start_s"], 3),
@@ -222,7 +263,13 @@ def _analysis_record(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> 
 @json_option
 @click.option("--retry-failed", is_flag=True, help="Give failed jobs a fresh set of attempts.")
 def jobs_cmd(config_path: Path | None, as_json: bool, retry_failed: bool) -> None:
-    """The processing backlog: pending, running and failed jobs with their errors."""
+    """The processing backlog: pending, running and failed jobs with their errors.
+
+    \b
+    Examples:
+      meraudiod jobs
+      meraudiod jobs --retry-failed
+    """
     settings = settings_from(config_path)
     conn = open_store(settings)
     if retry_failed:
@@ -249,18 +296,30 @@ def jobs_cmd(config_path: Path | None, as_json: bool, retry_failed: bool) -> Non
 
 @main.group("models")
 def models_group() -> None:
-    """Model files: list, install, verify against the manifest's checksums."""
+    """Model files: list, install, verify against the manifest's checksums.
+
+    \b
+    Examples:
+      meraudiod models list
+      meraudiod models install --default
+    """
 
 
 @models_group.command("list")
 @config_option
 @json_option
 def models_list(config_path: Path | None, as_json: bool) -> None:
-    """Supported models and whether each is installed."""
+    """Supported models, whether each is installed, and the sha256 of each of its files.
+
+    \b
+    Examples:
+      meraudiod models list                # * marks the models the configuration uses
+      meraudiod models list --json | jq '.[] | select(.installed) | .files'
+    """
     settings = settings_from(config_path)
     models_dir = settings.storage.resolved_models_dir
     used = set(modelstore.configured(settings))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": m.name,
             "role": m.role,
@@ -269,6 +328,7 @@ def models_list(config_path: Path | None, as_json: bool) -> None:
             "installed": modelstore.is_installed(m.name, models_dir),
             "configured": m.name in used,
             "description": m.description,
+            "files": m.files,  # file name -> sha256, as the manifest has it
         }
         for m in modelstore.manifest().values()
     ]
@@ -279,6 +339,10 @@ def models_list(config_path: Path | None, as_json: bool) -> None:
         mark = "installed" if r["installed"] else "-"
         used_mark = "*" if r["configured"] else " "
         click.echo(f"{used_mark} {r['name']:<18} {r['role']:<8} {mark:<10} {r['description']}")
+        for file_name, sha256 in r["files"].items():
+            click.echo(f"    sha256 {sha256}  {file_name}")
+        if not r["files"]:
+            click.echo("    (no checksums: recorded when installed from the hub)")
 
 
 @models_group.command("install")
@@ -317,7 +381,13 @@ def models_install(
 @config_option
 @click.argument("names", nargs=-1)
 def models_verify(config_path: Path | None, names: tuple[str, ...]) -> None:
-    """Check installed models against the manifest (default: the configured ones)."""
+    """Check installed models against the manifest (default: the configured ones).
+
+    \b
+    Examples:
+      meraudiod models verify
+      meraudiod models verify ecapa-voxceleb
+    """
     settings = settings_from(config_path)
     problems = []
     for name in names or modelstore.configured(settings):
@@ -336,7 +406,12 @@ def models_verify(config_path: Path | None, names: tuple[str, ...]) -> None:
 
 @main.group("config")
 def config_group() -> None:
-    """Configuration."""
+    """Configuration.
+
+    \b
+    Example:
+      meraudiod config check --config /etc/meraudiod/config.toml
+    """
 
 
 @config_group.command("check")
@@ -344,7 +419,13 @@ def config_group() -> None:
 @json_option
 def config_check(config_path: Path | None, as_json: bool) -> None:
     """Validate the configuration (file and environment), check that every file it names is
-    readable by this user, and say what is wrong."""
+    readable by this user, and say what is wrong.
+
+    \b
+    Examples:
+      meraudiod config check --config /etc/meraudiod/config.toml
+      MERAUDIOD_ASR__BEAM_SIZE=2 meraudiod config check --json
+    """
     settings = settings_from(config_path)
     problems = unreadable_files(settings)
     if problems:
@@ -359,7 +440,13 @@ def config_check(config_path: Path | None, as_json: bool) -> None:
 @json_option
 @click.option("--check", is_flag=True, help="Exit 1 when there is no input device.")
 def devices(as_json: bool, check: bool) -> None:
-    """List microphones (input devices)."""
+    """List microphones (input devices).
+
+    \b
+    Examples:
+      meraudiod devices
+      meraudiod devices --check || echo "no microphone"
+    """
     found = input_devices()
     if as_json:
         echo_json(found)
@@ -418,13 +505,7 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
             ),
         ),
         ("degraded", mark(False, data["degraded"]) if data["degraded"] else "no"),
-        (
-            "microphone",
-            f"{data['microphone']}  level {data['audio_level_dbfs']} dBFS,"
-            f" dropped frames {data['dropped_frames']}"
-            if data["running"]
-            else "-",
-        ),
+        ("microphone", _microphone_line(data)),
         (
             "backlog",
             mark(data["backlog"] < 10, str(data["backlog"]))
@@ -466,6 +547,17 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
     ]
     for label, value in rows:
         click.echo(f"{label:<16} {value}")
+
+
+def _microphone_line(data: dict[str, Any]) -> str:
+    if not data["running"]:
+        return "-"
+    level_dbfs = data["audio_level_dbfs"]
+    if level_dbfs is not None:
+        level = f"level {level_dbfs} dBFS"
+    else:  # no level while muted (the microphone is closed) or before the first frame
+        level = "muted, no level" if data["muted"] else "no level yet"
+    return f"{data['microphone']}  {level}, dropped frames {data['dropped_frames']}"
 
 
 @main.command()
@@ -533,7 +625,13 @@ def purge(
 @click.argument("rec_ids", nargs=-1)
 @click.option("--failed", is_flag=True, help="Every recording whose transcription failed.")
 def reprocess(config_path: Path | None, rec_ids: tuple[str, ...], failed: bool) -> None:
-    """Queue recordings to be transcribed again (by the running daemon or the next run)."""
+    """Queue recordings to be transcribed again (by the running daemon or the next run).
+
+    \b
+    Examples:
+      meraudiod reprocess 01JD2X9K8M7Q6R5S4T3V2W1X0Y
+      meraudiod reprocess --failed
+    """
     settings = settings_from(config_path)
     result = run_command(settings, "reprocess", {"ids": list(rec_ids), "failed": failed})
     click.echo(f"queued {result['queued']} recordings")
@@ -541,13 +639,23 @@ def reprocess(config_path: Path | None, rec_ids: tuple[str, ...], failed: bool) 
 
 @main.group("mqtt")
 def mqtt_group() -> None:
-    """The MQTT connection."""
+    """The MQTT connection.
+
+    \b
+    Example:
+      meraudiod mqtt test
+    """
 
 
 @mqtt_group.command("test")
 @config_option
 def mqtt_test(config_path: Path | None) -> None:
-    """Check DNS, TCP, TLS, CONNECT and a publish/subscribe round trip; say which step failed."""
+    """Check DNS, TCP, TLS, CONNECT and a publish/subscribe round trip; say which step failed.
+
+    \b
+    Example:
+      MERAUDIOD_MQTT__ENABLED=true MERAUDIOD_MQTT__HOST=broker.lan meraudiod mqtt test
+    """
     from .mqtt import check_connection
 
     settings = settings_from(config_path)
@@ -571,6 +679,11 @@ def bench(config_path: Path | None, as_json: bool) -> None:
     VAD cost and listening CPU, ASR real-time factor and latency (each against the bare
     library), speaker-embedding cost, the daemon's peak memory, disk writes per recorded hour,
     and whether it keeps up with continuous speech.
+
+    \b
+    Examples:
+      meraudiod bench
+      MERAUDIOD_ASR__CPU_THREADS=1 meraudiod bench --json
     """
     from .bench import run_bench
 

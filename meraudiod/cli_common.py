@@ -38,13 +38,32 @@ def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(func)
 
 
-def settings_from(config_path: Path | None) -> Settings:
-    """The configuration, or a clear error; logging set up as it says."""
+def verbose_option(func: F) -> F:
+    """-v: log more on stderr (the interactive commands log only warnings by default)."""
+    return click.option(
+        "-v",
+        "--verbose",
+        "verbosity",
+        count=True,
+        help="Log more on stderr: -v progress (INFO), -vv everything (DEBUG).",
+    )(func)
+
+
+def settings_from(config_path: Path | None, verbosity: int = 0, daemon: bool = False) -> Settings:
+    """The configuration, or a clear error; logging set up for this command.
+
+    The daemon logs at `logging.level`; a command a person types logs only warnings unless
+    given -v, so that its own output is not buried in progress lines."""
     try:
         settings = load_settings(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    setup_logging(settings.logging.level)
+    level = settings.logging.level if daemon else "WARNING"
+    if verbosity >= 2:
+        level = "DEBUG"
+    elif verbosity == 1 and logging.getLevelName(level) > logging.INFO:
+        level = "INFO"
+    setup_logging(level)
     return settings
 
 
@@ -58,10 +77,17 @@ def setup_logging(level: str) -> None:
     logging.getLogger("faster_whisper").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-def open_store(settings: Settings) -> sqlite3.Connection:
-    """The database (created and migrated if needed), or one line saying why not."""
+def open_store(settings: Settings, create: bool = False) -> sqlite3.Connection:
+    """The database, migrated. Only commands that record (`analyze`, `speakers enroll`) create
+    it: for the others a missing database is a mistyped data directory, not an empty one."""
+    path = settings.storage.db_path
+    if not create and not path.is_file():
+        raise click.ClickException(
+            f"no database at {path}: check storage.data_dir (--config, MERAUDIOD_CONFIG or"
+            " MERAUDIOD_STORAGE__DATA_DIR), or the daemon has not run yet"
+        )
     try:
-        return open_db(settings.storage.db_path)
+        return open_db(path)
     except DatabaseError as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -21,7 +21,13 @@ from .recordings import export_recording, recording_details
 
 @click.group()
 def recordings() -> None:
-    """Browse, search, export and delete recordings."""
+    """Browse, search, export and delete recordings.
+
+    \b
+    Examples:
+      meraudiod recordings list --since 2h
+      meraudiod recordings show 01JD2X9K8M7Q6R5S4T3V2W1X0Y
+    """
 
 
 @recordings.command("list")
@@ -65,7 +71,13 @@ def recordings_list(
 @json_option
 @click.argument("rec_id")
 def recordings_show(config_path: Path | None, as_json: bool, rec_id: str) -> None:
-    """Show one recording with its segments and their times."""
+    """Show one recording with its segments and their times (the id in either case).
+
+    \b
+    Examples:
+      meraudiod recordings show 01JD2X9K8M7Q6R5S4T3V2W1X0Y
+      meraudiod recordings show 01jd2x9k8m7q6r5s4t3v2w1x0y --json | jq .segments
+    """
     settings = settings_from(config_path)
     data = recording_details(open_store(settings), settings.storage.audio_dir, rec_id)
     if data is None:
@@ -73,7 +85,7 @@ def recordings_show(config_path: Path | None, as_json: bool, rec_id: str) -> Non
     if as_json:
         echo_json(data)
         return
-    click.echo(f"recording {data['id']}  {data['status']}")
+    click.echo(f"recording {data['id']}  {data['state']}")
     click.echo(f"  started  {fmt_time(data['started_at'])}  ({data['duration_s']:.2f} s)")
     click.echo(f"  source   {data['source']} at {data['start_s']:.2f} s")
     click.echo(f"  audio    {data['audio_path'] or '(deleted)'}  {data['rms_dbfs']:.1f} dBFS")
@@ -102,7 +114,12 @@ def recordings_show(config_path: Path | None, as_json: bool, rec_id: str) -> Non
 @config_option
 @click.argument("rec_ids", nargs=-1, required=True)
 def recordings_delete(config_path: Path | None, rec_ids: tuple[str, ...]) -> None:
-    """Delete recordings: audio, text and search index alike."""
+    """Delete recordings: audio, text and search index alike.
+
+    \b
+    Example:
+      meraudiod recordings delete 01JD2X9K8M7Q6R5S4T3V2W1X0Y 01JD2XA0B1C2D3E4F5G6H7J8K9
+    """
     settings = settings_from(config_path)
     result = run_command(settings, "recordings/delete", {"ids": list(rec_ids)})
     click.echo(f"deleted {result['deleted']} recordings")
@@ -115,7 +132,13 @@ def recordings_delete(config_path: Path | None, rec_ids: tuple[str, ...]) -> Non
 @click.argument("rec_ids", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 def recordings_export(config_path: Path | None, rec_ids: tuple[str, ...], out_dir: Path) -> None:
-    """Write each recording's audio and a JSON file with its transcript into --out."""
+    """Write each recording's audio and a JSON file with its transcript into --out (a
+    directory, made if missing).
+
+    \b
+    Example:
+      meraudiod recordings export 01JD2X9K8M7Q6R5S4T3V2W1X0Y --out ~/exports
+    """
     settings = settings_from(config_path)
     conn = open_store(settings)
     for rec_id in rec_ids:
@@ -124,3 +147,9 @@ def recordings_export(config_path: Path | None, rec_ids: tuple[str, ...], out_di
                 click.echo(str(path))
         except KeyError as exc:
             raise click.ClickException(f"no recording {rec_id}") from exc
+        except OSError as exc:  # --out is a file, read-only, /proc, a full disk ...
+            where = exc.filename or out_dir
+            raise click.ClickException(
+                f"cannot export to {where}: {exc.strerror or exc}"
+                " (--out must be a directory you can write to)"
+            ) from exc

@@ -20,7 +20,13 @@ from .cli_common import (
 
 @click.group("speakers")
 def speakers_group() -> None:
-    """Voice profiles: enrol people, name or merge unknown voices, delete, opt out."""
+    """Voice profiles: enrol people, name or merge unknown voices, delete, opt out.
+
+    \b
+    Examples:
+      meraudiod speakers enroll Alice alice1.wav alice2.m4a alice3.flac
+      meraudiod speakers rename unknown-3 Carol
+    """
 
 
 def _profiles_call(func: Callable[[], Any]) -> Any:
@@ -98,7 +104,7 @@ def speakers_enroll(
         stage = SpeakerStage(settings)
     except SpeakerError as exc:
         raise click.ClickException(str(exc)) from exc
-    conn = open_store(settings)
+    conn = open_store(settings, create=True)
     results = _profiles_call(lambda: enroll(conn, stage, name, sources, do_not_keep))
     for r in results:
         state = "ok" if r.stored else f"skipped: {r.reason}"

@@ -15,16 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from . import jobs
 from .config import Settings
 from .db import Transaction, now
 from .messages import Response
 from .payloads import PayloadError, decode_request
-from .recordings import delete_recordings, recording_details
+from .recordings import delete_recordings, normalise_id, recording_details
 from .retention import purge
 from .status import status
 
@@ -57,6 +57,10 @@ class CommandContext:
     remote: bool = False
 
 
+# A ULID in any case ("01jd2x..." too), as stored: upper case.
+RecordingId = Annotated[str, AfterValidator(normalise_id)]
+
+
 class Args(BaseModel):
     """Base of command arguments: unknown keys are errors."""
 
@@ -79,13 +83,13 @@ class ListArgs(Args):
 class IdArgs(Args):
     """One recording."""
 
-    id: str = Field(min_length=26, max_length=26, description="Recording ULID")
+    id: RecordingId = Field(min_length=26, max_length=26, description="Recording ULID")
 
 
 class IdsArgs(Args):
     """Several recordings."""
 
-    ids: list[str] = Field(min_length=1, max_length=1000, description="Recording ULIDs")
+    ids: list[RecordingId] = Field(min_length=1, max_length=1000, description="Recording ULIDs")
 
 
 class PurgeArgs(Args):
@@ -109,7 +113,7 @@ class EnrollArgs(Args):
     """Enrol a person from stored recordings."""
 
     name: str = Field(min_length=1, max_length=100)
-    recording_ids: list[str] = Field(min_length=1, max_length=20)
+    recording_ids: list[RecordingId] = Field(min_length=1, max_length=20)
     do_not_keep: bool = Field(False, description="Recognise this person only to delete them")
 
 
@@ -137,7 +141,7 @@ class DeleteSpeakerArgs(Args):
 class ReprocessArgs(Args):
     """Transcribe again: given recordings, or every failed one."""
 
-    ids: list[str] = Field(default_factory=list, max_length=1000)
+    ids: list[RecordingId] = Field(default_factory=list, max_length=1000)
     failed: bool = False
 
 
@@ -192,7 +196,8 @@ def list_recordings(conn: sqlite3.Connection, args: ListArgs) -> list[dict[str, 
         )
         params.append(args.speaker)
     rows = conn.execute(
-        "SELECT r.id, r.start_s, r.end_s, r.duration_s, r.started_at, r.text,"
+        "SELECT r.id, ROUND(r.start_s, 3) AS start_s, ROUND(r.end_s, 3) AS end_s,"
+        " ROUND(r.duration_s, 3) AS duration_s, ROUND(r.started_at, 3) AS started_at, r.text,"
         " CASE WHEN j.state = 'running' THEN 'running' ELSE r.status END AS state"
         " FROM recordings r LEFT JOIN jobs j ON j.recording_id = r.id AND j.state = 'running'"
         f" WHERE {' AND '.join(where)} ORDER BY r.id DESC LIMIT ?",

@@ -296,7 +296,10 @@ class HomeAssistantSettings(Section):
 class LoggingSettings(Section):
     """Log output."""
 
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO",
+        description="Log level; INFO logs ids and timings, DEBUG also each transcript's words",
+    )
 
 
 class Settings(BaseSettings):

@@ -38,7 +38,7 @@ from .recordings import Recording
 from .retention import Retention, disk_free_mb, disk_low
 from .segmenter import SegmenterParams
 from .sources import AudioSource, FileSource, MicSource, SourceError, StdinSource
-from .status import heartbeat_path, status, write_heartbeat
+from .status import configured_models, heartbeat_path, status, write_heartbeat
 from .systemd import Notifier
 from .worker import TranscribedRecording
 
@@ -64,6 +64,8 @@ class Daemon:
         on_transcribed: Callable[[TranscribedRecording], None] | None = None,
     ) -> None:
         self.settings = settings
+        # What this process loads; a reload does not change models, so `status` shows these.
+        self._models = configured_models(settings)
         self.source = source
         self.stop_event = stop
         # The worker has its own stop so that, on the way out, it ends after the listener.
@@ -490,6 +492,7 @@ class Daemon:
                 if self.mqtt is not None
                 else None
             ),
+            "models": self._models,
             "version": __version__,
         }
 

@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+# What to do about a model file that will not load: the manifest knows its checksum.
+REPAIR_HINT: Final = (
+    "check it with `meraudiod models verify` and reinstall it with"
+    " `meraudiod models install --default` (or the model's name)"
+)
+
+
+def load_error(what: str, model_path: Path, exc: BaseException) -> str:
+    """One line for a model that will not load: which file, the runtime's reason, the fix."""
+    reason = " ".join(str(exc).split())  # the runtimes' messages span lines
+    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", reason)
+    reason = reason.replace(f"Load model from {model_path} failed:", "")
+    return (
+        f"cannot load {what} {model_path} (damaged or incomplete?): {reason[:200]}; {REPAIR_HINT}"
+    )
 
 
 class OnnxLoadError(Exception):
@@ -27,4 +44,4 @@ def cpu_session(model_path: Path, threads: int = 1, what: str = "model") -> Any:
             str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise OnnxLoadError(f"cannot load {what} {model_path}: {exc}") from exc
+        raise OnnxLoadError(load_error(what, model_path, exc)) from exc

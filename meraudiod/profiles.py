@@ -21,8 +21,8 @@ from . import models
 from .audio import AudioDecodeError, decode_file, to_float32
 from .config import Settings
 from .db import Transaction, now
-from .recordings import audio_file, delete_recordings
-from .speakers import SpeakerStage, add_embedding
+from .recordings import audio_file, delete_recordings, normalise_id
+from .speakers import SpeakerStage, add_embedding, is_provisional_name
 from .voiceprints import model_id
 
 
@@ -71,18 +71,29 @@ def _row(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
     return row  # type: ignore[no-any-return]
 
 
+def _check_name(name: str) -> None:
+    """A person's name: not empty, and not of the form the device gives unknown voices."""
+    if not name.strip():
+        raise ProfileError("a speaker needs a name")
+    if is_provisional_name(name):
+        raise ProfileError(
+            f"{name!r} has the form of a provisional voice (unknown-N): choose another name"
+        )
+
+
 def _load(conn: sqlite3.Connection, audio_dir: Path, source: str) -> tuple[str, Path]:
     """(label, audio path) of a file or of a stored recording given by its id."""
     path = Path(source).expanduser()
     if path.is_file():
         return str(path), path
-    row = conn.execute("SELECT id, audio_path FROM recordings WHERE id=?", (source,)).fetchone()
+    rec_id = normalise_id(source)
+    row = conn.execute("SELECT id, audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
     if row is None:
         raise ProfileError(f"{source}: no such file or recording")
     stored = audio_file(audio_dir, row["audio_path"]) if row["audio_path"] else None
     if stored is None or not stored.is_file():
-        raise ProfileError(f"recording {source} has no audio any more")
-    return f"recording {source}", stored
+        raise ProfileError(f"recording {rec_id} has no audio any more")
+    return f"recording {rec_id}", stored
 
 
 def enroll(
@@ -94,19 +105,20 @@ def enroll(
 ) -> list[EnrolResult]:
     """Add one embedding per source (file or recording id) to the named profile.
 
-    Sources with too little speech are reported and skipped; nothing is stored unless at
-    least one source gives an embedding.
+    Every source is read before anything is stored: one that is missing or unreadable is an
+    error naming it, and nothing is enrolled. Sources with too little speech are reported and
+    skipped; nothing is stored unless at least one source gives an embedding.
     """
-    if not name.strip():
-        raise ProfileError("a speaker needs a name")
-    found, results = [], []
+    _check_name(name)
+    clips = []
     for source in sources:
         label, path = _load(conn, stage.settings.storage.audio_dir, source)
         try:
-            audio = to_float32(decode_file(path))
+            clips.append((label, to_float32(decode_file(path))))
         except AudioDecodeError as exc:
-            results.append(EnrolResult(label, 0.0, False, str(exc)))
-            continue
+            raise ProfileError(f"{exc}; nothing enrolled") from exc
+    found, results = [], []
+    for label, audio in clips:
         vector, speech_s = stage.voiceprint(audio)
         if vector is None:
             need = stage.settings.speakers.min_speech_s
@@ -176,8 +188,7 @@ def list_profiles(conn: sqlite3.Connection, model: str) -> list[ProfileInfo]:
 
 def rename(conn: sqlite3.Connection, old: str, new: str) -> None:
     """Give a profile a new name; a provisional one becomes a named person."""
-    if not new.strip():
-        raise ProfileError("a speaker needs a name")
+    _check_name(new)
     with Transaction(conn):
         speaker = _row(conn, old)
         if conn.execute("SELECT 1 FROM speakers WHERE name=?", (new,)).fetchone():

@@ -242,6 +242,11 @@ def remove_crashed_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
     return removed
 
 
+def normalise_id(rec_id: str) -> str:
+    """A recording id as stored: ULIDs are case-insensitive, and stored in upper case."""
+    return rec_id.strip().upper()
+
+
 @dataclass(frozen=True)
 class Deleted:
     """What a delete removed: recordings that existed, audio files that were there."""
@@ -259,10 +264,11 @@ def delete_recordings(conn: sqlite3.Connection, audio_dir: Path, rec_ids: list[s
     checkpointed once at the end.
     """
     deleted = files = 0
-    for first in range(0, len(rec_ids), _DELETE_BATCH):
+    wanted = list(dict.fromkeys(normalise_id(r) for r in rec_ids))
+    for first in range(0, len(wanted), _DELETE_BATCH):
         paths = []
         with Transaction(conn):
-            for rec_id in rec_ids[first : first + _DELETE_BATCH]:
+            for rec_id in wanted[first : first + _DELETE_BATCH]:
                 row = conn.execute(
                     "SELECT audio_path FROM recordings WHERE id=?", (rec_id,)
                 ).fetchone()
@@ -313,6 +319,7 @@ def export_recording(
     data = recording_details(conn, audio_dir, rec_id)
     if data is None:
         raise KeyError(rec_id)
+    rec_id = data["id"]
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if data["audio_path"] and Path(data["audio_path"]).is_file():
@@ -329,13 +336,20 @@ def recording_details(
     conn: sqlite3.Connection, audio_dir: Path, rec_id: str
 ) -> dict[str, Any] | None:
     """The recording row (its audio as a full path) with its segments (times relative to the
-    recording)."""
+    recording); its `state` is what `recordings list` calls it (`running` while a worker has
+    its job)."""
     import json
 
-    row = conn.execute("SELECT * FROM recordings WHERE id=?", (rec_id,)).fetchone()
+    row = conn.execute(
+        "SELECT r.*, CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.recording_id = r.id"
+        " AND j.state = 'running') THEN 'running' ELSE r.status END AS state"
+        " FROM recordings r WHERE r.id=?",
+        (normalise_id(rec_id),),
+    ).fetchone()
     if row is None:
         return None
     data = dict(zip(row.keys(), tuple(row), strict=True))
+    del data["status"]  # one name for it everywhere: `state`
     if data["audio_path"]:
         data["audio_path"] = str(audio_file(audio_dir, data["audio_path"]))
     data["segments"] = [

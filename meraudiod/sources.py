@@ -231,7 +231,10 @@ class MicSource:
 
     def start(self) -> None:
         """Open the device; SourceError with the device name when it cannot."""
-        sd = _import_sounddevice()
+        try:
+            sd = _import_sounddevice()
+        except SourceError as exc:  # no PortAudio: still say which device was wanted
+            raise SourceError(f"cannot open microphone {self.device or 'default'}: {exc}") from exc
         try:
             try:
                 info = sd.query_devices(self.device, "input")

@@ -18,6 +18,7 @@ writes) inside it.
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from . import models
 from .asr import Transcript
 from .audio import Float32Array
 from .config import Settings, SpeakersSettings
-from .db import now
+from .db import get_kv, now
 from .diarization import (
     Diarization,
     Diarizer,
@@ -52,6 +53,7 @@ from .voiceprints import (
 
 _LOGGER = logging.getLogger(__name__)
 UNKNOWN_PREFIX: Final = "unknown-"
+_LAST_UNKNOWN_KEY: Final = "last_unknown_number"  # in kv: the highest N ever given
 
 
 @dataclass(frozen=True)
@@ -259,14 +261,26 @@ class SpeakerStage:
         return StoredSpeakers(tuple(out), matches, opt_out)
 
 
+def is_provisional_name(name: str) -> bool:
+    """True for names of the form the device gives voices it grouped itself ("unknown-3")."""
+    return re.fullmatch(rf"{UNKNOWN_PREFIX}\d+", name.strip(), re.IGNORECASE) is not None
+
+
 def next_unknown_name(conn: sqlite3.Connection) -> str:
-    """The next free "unknown-N" name."""
-    numbers = [0]
+    """The next "unknown-N" name. Numbers are never reused: after unknown-1 is renamed or
+    deleted, a new voice is unknown-2, so an old log line or event never names a new voice.
+    Call inside the transaction that inserts the profile."""
+    numbers = [int(get_kv(conn, _LAST_UNKNOWN_KEY, "0"))]
     for (name,) in conn.execute("SELECT name FROM speakers WHERE name LIKE 'unknown-%'"):
         suffix = str(name)[len(UNKNOWN_PREFIX) :]
         if suffix.isdigit():
             numbers.append(int(suffix))
-    return f"{UNKNOWN_PREFIX}{max(numbers) + 1}"
+    number = max(numbers) + 1
+    conn.execute(
+        "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=?",
+        (_LAST_UNKNOWN_KEY, str(number), str(number)),
+    )
+    return f"{UNKNOWN_PREFIX}{number}"
 
 
 def _new_provisional(

@@ -47,6 +47,15 @@ def write_heartbeat(settings: Settings, heartbeat: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def configured_models(settings: Settings) -> dict[str, str | None]:
+    """The models these settings load, by role (None: that stage is off)."""
+    return {
+        "vad": settings.vad.model,
+        "asr": settings.asr.model,
+        "speakers": settings.speakers.model if settings.speakers.enabled else None,
+    }
+
+
 def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) -> dict[str, Any]:
     """Everything an admin wants at a glance, from the database and the daemon's heartbeat.
 
@@ -105,11 +114,11 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         "transcripts_today": int(today[1] or 0),
         "outbox_pending": int(outbox),
         "outbox_dropped": int(get_kv(conn, "outbox_dropped", "0")),
-        "models": {
-            "vad": settings.vad.model,
-            "asr": settings.asr.model,
-            "speakers": settings.speakers.model if settings.speakers.enabled else None,
-        },
+        # What the running daemon loaded (its config may differ from the one `status` read);
+        # with the daemon down, what the configuration would load.
+        "models": heartbeat["models"]
+        if running and isinstance(heartbeat.get("models"), dict)
+        else configured_models(settings),
         "data_dir": str(data_dir),
         "disk_used_mb": round(used_mb, 1) if used_mb is not None else None,
         "disk_free_mb": round(disk_free_mb(data_dir), 1),

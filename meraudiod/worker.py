@@ -207,15 +207,18 @@ class Worker(StageThread):
             return result
         if self.settings.retention.keep_audio is False and row["audio_path"]:
             _drop_audio(conn, job.recording_id, audio_file(audio_dir, row["audio_path"]))
+        # Ids and timings only: words in the journal would outlive a delete, a purge or an
+        # opt-out. logging.level = "DEBUG" adds them (the config docs say so).
         _LOGGER.info(
-            "transcript %s (%.2f s, rtf %.2f, latency %.0f ms)%s: %s",
+            "transcript %s (%.2f s, %d segments, rtf %.2f, latency %.0f ms)%s",
             job.recording_id,
             row["duration_s"],
+            len(transcript.segments),
             rtf,
             latency_ms,
             " [suspect]" if transcript.suspect else "",
-            transcript.text,
         )
+        _LOGGER.debug("transcript %s text: %s", job.recording_id, transcript.text)
         return result
 
     def _forget_held(self, recording_id: str) -> None:

@@ -7,8 +7,10 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,3 +107,15 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.start()
     yield b
     b.stop()
+def status_json(env: dict[str, str], timeout_s: float = 120) -> dict[str, Any]:
+    """`meraudiod status --json` for the `env` fixture's data dir, once a daemon has made its
+    database (status never creates one: before that it is an error)."""
+    db = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+    deadline = time.monotonic() + timeout_s
+    while not db.is_file():
+        assert time.monotonic() < deadline, f"no database appeared at {db}"
+        time.sleep(0.1)
+    result = cli("status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data

@@ -4,7 +4,6 @@ the card unplugged and plugged back in while the daemon runs."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import soundfile
 
 from meraudiod.audio import decode_file
 
-from .conftest import DEMO, DEMO_TRUTH, cli, db_rows
+from .conftest import DEMO, DEMO_TRUTH, db_rows, status_json
 from .notify import NotifySocket
 from .room import Room
 
@@ -69,7 +68,7 @@ def test_microphone_records_survives_an_unplug_and_carries_on(
     )
 
     def status() -> dict:
-        return json.loads(cli("status", "--json", env=mic_env).stdout)
+        return status_json(mic_env)
 
     def done() -> int:
         return len(db_rows(env, "SELECT id FROM recordings WHERE status='done'"))

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .broker import PASSWORD, USER, Broker, Subscriber
-from .conftest import DEMO, DEMO_TRUTH, cli
+from .conftest import DEMO, DEMO_TRUTH, cli, status_json
 from .mqtt_daemon import BASE, DEMO_PCM, NODE, finish, mqtt_env, request, start_daemon
 
 DISCOVERY = f"homeassistant/device/meraudiod_{NODE}/config"
@@ -219,12 +219,19 @@ def test_killed_daemon_leaves_its_last_will(env: dict[str, str], broker: Broker)
 
 
 def test_broker_outage_loses_nothing_and_keeps_order(env: dict[str, str], broker: Broker) -> None:
-    sub = Subscriber(broker.port, [f"{BASE}/event/transcript"])
+    sub = Subscriber(broker.port, [f"{BASE}/event/transcript", f"{BASE}/status"])
     proc = start_daemon(mqtt_env(env, broker))
     try:
-        time.sleep(0.5)
+        # Connected first, so that this is an outage and not a broker that was never there.
+        sub.wait_for(lambda: any(m.payload == b"online" for m in sub.on("/status")), 120)
         broker.stop()  # down before anyone speaks
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while True:  # the daemon has noticed (its heartbeat says so)
+            state = status_json(env)
+            if state["mqtt"] and state["mqtt"]["connected"] is False:
+                break
+            assert time.monotonic() < deadline, f"the outage went unnoticed: {state['mqtt']}"
+            time.sleep(0.5)
         assert proc.stdin is not None
         proc.stdin.write(DEMO_PCM)
         proc.stdin.flush()
@@ -240,6 +247,8 @@ def test_broker_outage_loses_nothing_and_keeps_order(env: dict[str, str], broker
             if done == str(len(DEMO_TRUTH)):
                 break
             time.sleep(0.2)
+        else:
+            raise AssertionError(f"only {done} recordings transcribed during the outage")
         broker.start()
         sub.wait_for(lambda: len(sub.on("/event/transcript")) >= len(DEMO_TRUTH), 90)
         time.sleep(1.0)

@@ -19,7 +19,7 @@ import pytest
 from meraudiod.audio import decode_file
 from meraudiod.config import load_settings
 
-from .conftest import DEMO, DEMO_TRUTH, REPO, cli
+from .conftest import DEMO, DEMO_TRUTH, REPO, cli, status_json
 from .notify import NotifySocket
 
 FRAME = np.zeros(512, dtype="<i2").tobytes()
@@ -79,8 +79,9 @@ def test_ready_watchdog_and_stopping_under_simulated_systemd(
 def test_status_with_daemon_up_and_down(env: dict[str, str], tmp_path: Path) -> None:
     # The heartbeat in its own directory (a tmpfs under systemd): status must find it there.
     env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(tmp_path / "run")}
-    down = json.loads(cli("status", "--json", env=env).stdout)
-    assert down["running"] is False and down["backlog"] == 0 and down["version"]
+    # Before the daemon ever ran there is no database, and status does not make one.
+    never = cli("status", "--json", env=env)
+    assert never.returncode == 1 and "no database at" in never.stderr
     proc = subprocess.Popen(
         [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
         env=env,
@@ -94,7 +95,7 @@ def test_status_with_daemon_up_and_down(env: dict[str, str], tmp_path: Path) -> 
         deadline = time.monotonic() + 60
         up: dict = {}
         while time.monotonic() < deadline:
-            up = json.loads(cli("status", "--json", env=env).stdout)
+            up = status_json(env)
             if up["running"] and up["transcripts_today"] == len(DEMO_TRUTH):
                 break
             time.sleep(0.5)
@@ -126,12 +127,9 @@ def test_sighup_applies_what_it_can_and_names_the_rest(env: dict[str, str], tmp_
     )
     assert proc.stdin is not None and proc.stderr is not None
     try:
-        time.sleep(1.0)
         deadline = time.monotonic() + 60
-        while (
-            time.monotonic() < deadline
-            and not json.loads(cli("status", "--json", env=env).stdout)["running"]
-        ):
+        while not status_json(env)["running"]:  # models loaded, heartbeat written
+            assert time.monotonic() < deadline, "the daemon never came up"
             time.sleep(0.3)
         config.write_text("[recorder]\nhangover_ms = 500\n[asr]\nbeam_size = 2\n")
         proc.send_signal(signal.SIGHUP)
@@ -229,9 +227,7 @@ def test_backlog_built_faster_than_real_time_drains_in_order(env: dict[str, str]
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
         peak_rss_mb = max(peak_rss_mb, watched.memory_info().rss / 1e6)
-        backlog_peak = max(
-            backlog_peak, json.loads(cli("status", "--json", env=env).stdout)["backlog"]
-        )
+        backlog_peak = max(backlog_peak, status_json(env)["backlog"])
         time.sleep(0.5)
     writer.join()
     assert proc.wait(timeout=30) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,9 @@ def test_file_source_yields_whole_frames_then_ends() -> None:
     source = FileSource(SPEECH)
     source.start()
     frames = []
+    deadline = time.monotonic() + 60
     with pytest.raises(EndOfStream):
-        while True:
+        while time.monotonic() < deadline:
             frame = source.read(0.5)
             assert frame is not None
             frames.append(frame)
@@ -109,7 +111,8 @@ def test_missing_file_names_the_file(tmp_path: Path) -> None:
 
 def test_missing_microphone_names_the_device() -> None:
     source = MicSource("no-such-device-xyz", None, 16)
-    with pytest.raises(SourceError, match=r"no-such-device-xyz|microphone"):
+    # With or without PortAudio installed, the one line names the device asked for.
+    with pytest.raises(SourceError, match=r"^cannot open microphone no-such-device-xyz: \S"):
         source.start()
 
 
@@ -118,8 +121,9 @@ def test_stdin_source_frames_raw_pcm() -> None:
     source = StdinSource(io.BytesIO(pcm.astype("<i2").tobytes()))
     source.start()
     frames = []
+    deadline = time.monotonic() + 60
     with pytest.raises(EndOfStream):
-        while True:
+        while time.monotonic() < deadline:  # EndOfStream ends it; the deadline is a failure
             frame = source.read(2.0)
             if frame is not None:
                 frames.append(frame)

@@ -149,7 +149,8 @@ def test_worker_names_voices_groups_strangers_and_forgets_opted_out(
 ) -> None:
     env = {**env, "MERAUDIOD_SPEAKERS__ENABLED": "true"}
     for name, clips in (("Alice", ALICE), ("Bob", BOB)):
-        assert cli("speakers", "enroll", name, *(str(TEST_DATA / c) for c in clips), env=env)
+        enrolled = cli("speakers", "enroll", name, *(str(TEST_DATA / c) for c in clips), env=env)
+        assert enrolled.returncode == 0 and "2 embeddings added" in enrolled.stdout, enrolled.stderr
     out = analyze(env, TEST_DATA / ALICE_TEST[0], TEST_DATA / BOB_TEST[0], TEST_DATA / STRANGERS[0])
     names = []
     for item in out:  # a clip may come out as one or more recordings: one voice in all

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import soundfile
 from meraudiod import jobs
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings
-from meraudiod.db import Transaction, open_db
+from meraudiod.db import _MIGRATIONS, Transaction, get_kv, migrate, open_db, set_kv
 from meraudiod.recordings import RecordingStore, delete_recording, remove_crashed_writes
 
 from .conftest import TEST_DATA
@@ -26,15 +27,29 @@ def store(settings: Settings) -> RecordingStore:
     return RecordingStore(conn, settings.storage.audio_dir, "flac")
 
 
-def test_database_is_wal_and_migrated(settings: Settings) -> None:
+def test_database_is_wal_and_migrated(settings: Settings, tmp_path: Path) -> None:
     conn = open_db(settings.storage.db_path)
+    latest = migrate(conn)  # the number of migrations the code has
+    assert latest >= 5
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == latest
+    set_kv(conn, "kept", "yes")
     again = open_db(settings.storage.db_path)  # a second open migrates nothing twice
-    assert (
-        again.execute("PRAGMA user_version").fetchone()[0]
-        == conn.execute("PRAGMA user_version").fetchone()[0]
+    assert again.execute("PRAGMA user_version").fetchone()[0] == latest
+    assert get_kv(again, "kept", "lost") == "yes"
+
+    # A database made by the first release is brought up to date, its rows kept.
+    old = sqlite3.connect(tmp_path / "v1.db", isolation_level=None)
+    old.executescript(_MIGRATIONS[0] + "\nPRAGMA user_version=1;")
+    old.execute(
+        "INSERT INTO recordings (id, source, started_at, ended_at, start_s, end_s, duration_s,"
+        " rms_dbfs, closed_at) VALUES ('01JD2X9K8M7Q6R5S4T3V2W1X0Y', 'mic', 1, 2, 0, 1, 1, -20, 2)"
     )
+    old.close()
+    upgraded = open_db(tmp_path / "v1.db")
+    assert upgraded.execute("PRAGMA user_version").fetchone()[0] == latest
+    assert upgraded.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == 1
+    assert upgraded.execute("SELECT COUNT(*) FROM kv").fetchone()[0] == 0  # a later table
 
 
 def test_save_writes_audio_and_rows_together(settings: Settings) -> None:
@@ -158,8 +173,12 @@ def test_sigkill_during_writes_leaves_only_whole_recordings(
         [sys.executable, "-c", WRITER], env=env, stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None
-    while int(proc.stdout.readline() or 0) < 5:
-        pass
+    deadline = time.monotonic() + 120
+    saved = 0
+    while saved < 5:  # killed mid-write once a few recordings are in
+        line = proc.stdout.readline()  # "" once the writer has died
+        assert line and time.monotonic() < deadline, f"the writer stopped after {saved}"
+        saved = int(line)
     proc.kill()
     proc.wait(timeout=10)
     conn = open_db(settings.storage.db_path)

@@ -1,0 +1,281 @@
+"""What a new user hit on the command line: one clear line instead of a traceback, output
+that means what it says, and commands that do not touch what they only read."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ulid import ULID
+
+from meraudiod.db import Transaction, open_db, set_kv
+from meraudiod.models import manifest
+from meraudiod.profiles import delete, rename
+from meraudiod.speakers import next_unknown_name
+
+from .conftest import REPO, TEST_DATA, cli
+
+SHORT = TEST_DATA / "librivox_0880.wav"  # one utterance: "He was not an ill-disposed young man"
+
+
+def _log_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if " INFO " in f" {line}"]
+
+
+def test_interactive_commands_log_only_warnings_unless_verbose(env: dict[str, str]) -> None:
+    quiet = cli("analyze", str(SHORT), env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "young man" in quiet.stdout.lower()
+    assert _log_lines(quiet.stderr) == [], quiet.stderr
+    verbose = cli("analyze", "-v", str(SHORT), env=env)
+    assert verbose.returncode == 0, verbose.stderr
+    assert any("transcript" in line for line in _log_lines(verbose.stderr)), verbose.stderr
+
+
+def test_run_on_a_terminal_is_quiet_and_into_a_pipe_logs_info(env: dict[str, str]) -> None:
+    """A person watching `run --print` sees transcripts; the daemon's log keeps INFO."""
+    piped = cli("run", "--source", f"file:{SHORT}", "--print", env=env)
+    assert piped.returncode == 0, piped.stderr
+    assert _log_lines(piped.stderr), piped.stderr
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{SHORT}", "--print"],
+            env={k: v for k, v in env.items() if k != "INVOCATION_ID"},
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+        )
+        os.close(terminal)
+        terminal = -1
+        stdout, _ = proc.communicate(timeout=120)
+        chunks = []
+        while True:  # what reached the terminal; EOF (or EIO) once the process has gone
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, shown
+    assert "young man" in stdout.lower()
+    assert _log_lines(shown) == [], shown
+
+
+def test_read_commands_never_create_a_database(env: dict[str, str], tmp_path: Path) -> None:
+    typo = tmp_path / "dta"  # a mistyped data directory
+    env = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(typo)}
+    for args in (
+        ("status",),
+        ("status", "--json"),
+        ("recordings", "list"),
+        ("recordings", "show", "01JD2X9K8M7Q6R5S4T3V2W1X0Y"),
+        ("jobs",),
+        ("speakers", "list"),
+        ("reprocess", "--failed"),
+    ):
+        result = cli(*args, env=env)
+        assert result.returncode == 1, (args, result.stdout)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(typo / "meraudiod.db") in lines[0], (args, result.stderr)
+        assert "data_dir" in lines[0]
+    assert not typo.exists()
+
+
+def test_recordings_output_is_consistent_and_errors_are_one_line(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    assert cli("analyze", str(SHORT), env=env).returncode == 0
+    listed = cli("recordings", "list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    for key in ("start_s", "end_s", "duration_s", "started_at"):
+        assert row[key] == round(row[key], 3), (key, row[key])
+        assert len(repr(row[key]).split(".")[-1]) <= 3, (key, row[key])
+    rec_id = row["id"]
+
+    # `show` calls it what `list` calls it, and a lowercase ULID is the same recording.
+    shown = cli("recordings", "show", rec_id.lower(), "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    details = json.loads(shown.stdout)
+    assert details["id"] == rec_id and details["state"] == row["state"] == "done"
+    assert "status" not in details
+
+    # Export onto a file, or somewhere nothing can be written: one line, no traceback.
+    existing = tmp_path / "taken.txt"
+    existing.write_text("mine")
+    for out in (existing, Path("/proc/meraudiod-export")):
+        result = cli("recordings", "export", rec_id, "--out", str(out), env=env)
+        assert result.returncode == 1, result.stdout
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert str(out) in lines[0] and "--out" in lines[0]
+    assert existing.read_text() == "mine"
+
+    exported = cli("recordings", "export", rec_id.lower(), "--out", str(tmp_path / "x"), env=env)
+    assert exported.returncode == 0, exported.stderr
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [
+        f"{rec_id}.flac",
+        f"{rec_id}.json",
+    ]
+
+    deleted = cli("recordings", "delete", rec_id.lower(), env=env)
+    assert deleted.returncode == 0 and "deleted 1" in deleted.stdout, deleted.stderr
+
+
+def test_status_while_muted_and_with_another_config(env: dict[str, str], tmp_path: Path) -> None:
+    """`status` shows the running daemon's models and no "level None" while it is muted."""
+    run_dir = tmp_path / "run"
+    env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir)}
+    conn = open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    set_kv(conn, "listening", "OFF")  # muted over MQTT before: the microphone stays closed
+    conn.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "mic"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # The admin's shell has another configuration: other models than the daemon loaded.
+    admin = {**env, "MERAUDIOD_ASR__MODEL": "base.en", "MERAUDIOD_SPEAKERS__ENABLED": "true"}
+    try:
+        deadline = time.monotonic() + 120
+        data: dict = {}
+        while time.monotonic() < deadline:  # the daemon up: models loaded, heartbeat written
+            result = cli("status", "--json", env=admin)
+            if result.returncode == 0:
+                data = json.loads(result.stdout)
+                if data["running"]:
+                    break
+            assert proc.poll() is None, "the daemon exited"
+            time.sleep(0.5)
+        assert data.get("running"), data
+        assert data["muted"] is True and data["audio_level_dbfs"] is None
+        assert data["models"]["asr"] == "tiny.en" and data["models"]["speakers"] is None
+        table = cli("status", env=admin).stdout
+        (mic_line,) = [line for line in table.splitlines() if line.startswith("microphone")]
+        assert "None" not in mic_line and "muted" in mic_line, mic_line
+        (models_line,) = [line for line in table.splitlines() if line.startswith("models")]
+        assert "asr tiny.en" in models_line and "speakers" not in models_line, models_line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    stopped = json.loads(cli("status", "--json", env=admin).stdout)
+    assert stopped["running"] is False and stopped["models"]["asr"] == "base.en"
+
+
+def test_a_damaged_model_names_the_file_and_the_fix(
+    env: dict[str, str], models_dir: Path, tmp_path: Path
+) -> None:
+    damaged = tmp_path / "models"
+    damaged.mkdir()
+    (damaged / "tiny.en").symlink_to(models_dir / "tiny.en")
+    shutil.copytree(models_dir / "silero-vad-v6", damaged / "silero-vad-v6")
+    (onnx,) = (damaged / "silero-vad-v6").glob("*.onnx")
+    onnx.write_bytes(onnx.read_bytes()[:100_000])  # a download cut short
+    env = {**env, "MERAUDIOD_STORAGE__MODELS_DIR": str(damaged)}
+    for args in (("run", "--source", "demo"), ("analyze", str(SHORT))):
+        result = cli(*args, env=env)
+        assert result.returncode == 1, result.stdout
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert str(onnx) in lines[0] and "meraudiod models install --default" in lines[0]
+
+
+def test_the_demo_never_writes_to_the_real_database(
+    env: dict[str, str], models_dir: Path, tmp_path: Path
+) -> None:
+    """`scripts/run` on a machine without a microphone replays the demo into a throwaway store."""
+    real = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    assert cli("analyze", str(SHORT), env=env).returncode == 0  # the owner's own recording
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    result = subprocess.run(
+        [str(REPO / "scripts" / "run")],
+        env={**env, "TMPDIR": str(tmp), "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "5 recordings, 5 transcribed" in result.stdout
+    with sqlite3.connect(real / "meraudiod.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == 1
+    assert list(tmp.iterdir()) == []  # the throwaway store is gone
+
+
+@pytest.mark.parametrize("name", ["unknown-7", "Unknown-12"])
+def test_a_person_cannot_take_a_provisional_name(env: dict[str, str], name: str) -> None:
+    conn = open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    conn.execute(
+        "INSERT INTO speakers (id, name, provisional, opt_out, created_at, updated_at)"
+        " VALUES ('01JD2X9K8M7Q6R5S4T3V2W1X0Y', 'Carol', 0, 0, 0, 0)"
+    )
+    conn.close()
+    result = cli("speakers", "rename", "Carol", name, env=env)
+    assert result.returncode == 1 and "unknown-N" in result.stderr, result.stderr
+    listed = json.loads(cli("speakers", "list", "--json", env=env).stdout)
+    assert [p["name"] for p in listed] == ["Carol"]
+
+
+def test_provisional_numbers_are_never_reused(tmp_path: Path) -> None:
+    conn = open_db(tmp_path / "meraudiod.db")
+
+    def new_voice() -> str:  # as the worker files a voice nobody enrolled
+        with Transaction(conn):
+            name = next_unknown_name(conn)
+            conn.execute(
+                "INSERT INTO speakers (id, name, provisional, opt_out, created_at, updated_at)"
+                " VALUES (?, ?, 1, 0, 0, 0)",
+                (str(ULID()), name),
+            )
+        return name
+
+    assert new_voice() == "unknown-1"
+    rename(conn, "unknown-1", "Carol")
+    assert new_voice() == "unknown-2"  # not unknown-1 again: old events named that voice
+    delete(conn, "unknown-2", False)
+    assert new_voice() == "unknown-3"
+    names = [row["name"] for row in conn.execute("SELECT name FROM speakers ORDER BY name")]
+    assert names == ["Carol", "unknown-3"]
+
+
+def test_enrolling_with_an_unreadable_clip_enrols_nothing(
+    env: dict[str, str], speaker_models: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "clip2.wav"
+    bad.write_bytes(b"RIFF" + bytes(60))
+    good = [TEST_DATA / "ls_3080_0000.flac", TEST_DATA / "ls_3080_0003.flac"]
+    result = cli("speakers", "enroll", "Alice", str(good[0]), str(bad), str(good[1]), env=env)
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "nothing enrolled" in lines[0]
+    assert json.loads(cli("speakers", "list", "--json", env=env).stdout) == []
+
+
+def test_models_list_shows_each_files_checksum(env: dict[str, str]) -> None:
+    """The README's "model files and their checksums": the manifest's sha256 of every file."""
+    text = cli("models", "list", env=env)
+    listed = json.loads(cli("models", "list", "--json", env=env).stdout)
+    assert text.returncode == 0, text.stderr
+    for spec in manifest().values():
+        (row,) = [r for r in listed if r["name"] == spec.name]
+        assert row["files"] == spec.files
+        for file_name, sha256 in spec.files.items():
+            assert f"sha256 {sha256}  {file_name}" in text.stdout
+    assert sum(len(s.files) for s in manifest().values()) >= 5
