@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import jobs, models
-from .asr import Transcriber
+from .asr import SpeechToText, Transcriber
 from .config import Settings
 from .db import open_db
 from .listener import Listener
@@ -53,15 +53,31 @@ class Pipeline:
             conn.close()
         self.vad = SileroVad(models.vad_file(self.settings), threads=self.settings.vad.threads)
         if self.settings.asr.enabled:
-            asr = self.settings.asr
-            path = models.resolve(asr.model, storage.resolved_models_dir, asr.allow_download)
-            transcriber = Transcriber(path, asr, model_name=asr.model)
+            transcriber = self._speech_to_text()
             self.worker = Worker(self.settings, transcriber, self.stop_event, self.on_transcribed)
             self.worker.memory = self.memory
             if self.settings.speakers.enabled or self.settings.diarization.enabled:
                 from .speakers import SpeakerStage  # fails fast when a model is missing
 
                 self.worker.speakers = SpeakerStage(self.settings)
+
+    def _speech_to_text(self) -> SpeechToText:
+        """The local model, or the Wyoming servers (with the local model as the fallback
+        only when asr.fallback = local: with wait, Whisper is never loaded)."""
+        asr = self.settings.asr
+        local = None
+        if asr.backend == "local" or asr.fallback == "local":
+            models_dir = self.settings.storage.resolved_models_dir
+            path = models.resolve(asr.model, models_dir, asr.allow_download)
+            local = Transcriber(path, asr, model_name=asr.model)
+        if asr.backend == "local":
+            assert local is not None
+            return local
+        from .asr_wyoming import WyomingTranscriber
+
+        # Its own VAD: the Silero state is per stream, and the listener has the other one.
+        vad = SileroVad(models.vad_file(self.settings), threads=self.settings.vad.threads)
+        return WyomingTranscriber(self.settings, vad, self.stop_event, local)
 
     def start_worker(self) -> None:
         """Start transcribing the backlog."""
