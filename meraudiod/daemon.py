@@ -359,7 +359,7 @@ class Daemon:
         return f"listening on {self.source.name}" if self.listening else "muted"
 
     def _snapshot(self) -> dict[str, Any]:
-        listener = self.listener
+        listener, worker = self.listener, self.pipeline.worker
         return {
             "pid": os.getpid(),
             "at": time.time(),
@@ -380,6 +380,7 @@ class Daemon:
                 else None
             ),
             "version": __version__,
+            "asr": worker.transcriber.describe() if worker is not None else None,
         }
 
     def _heartbeat(self) -> None:

@@ -75,6 +75,13 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         (midnight,),
     ).fetchone()
     outbox = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    # The ASR model is the server's when transcribing on Wyoming servers (as the daemon saw it).
+    asr: dict[str, Any] = (heartbeat.get("asr") if running else None) or {}
+    if settings.asr.backend == "local":
+        asr_model = settings.asr.model
+    else:
+        asr_model = asr.get("model") or "wyoming"
+    up = [s["uri"] for s in asr.get("servers", ()) if s.get("up")]
     data_dir = settings.storage.data_dir
     used_mb = (
         sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file()) / 1e6
@@ -100,11 +107,13 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         "last_speaker": last_speaker[0] if last_speaker else None,
         "recordings_today": int(today[0] or 0),
         "transcripts_today": int(today[1] or 0),
+        "asr_servers": asr.get("servers") if settings.asr.backend == "wyoming" else None,
         "outbox_pending": int(outbox),
         "outbox_dropped": int(get_kv(conn, "outbox_dropped", "0")),
         "models": {
             "vad": settings.vad.model,
-            "asr": settings.asr.model,
+            "asr": asr_model,
+            "asr_server": up[0] if up else None,
             "speakers": settings.speakers.model if settings.speakers.enabled else None,
         },
         "data_dir": str(data_dir),
