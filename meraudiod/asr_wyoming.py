@@ -122,6 +122,17 @@ async def _within(work: Coroutine[Any, Any, _T], deadline_s: float, stop: thread
             raise WyomingError(why)
 
 
+def _say(exc: BaseException) -> str:
+    """A short reason for the log, `status` and the job's error."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | EOFError):
+        return "connection closed"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
+
+
 def _model_names(info: Info) -> str:
     """The installed ASR models a server's Info names."""
     names = [m.name for program in info.asr for m in program.models if m.installed is not False]
@@ -302,7 +313,7 @@ class WyomingTranscriber:
         was_up = server.up
         with self._lock:
             server.up = False
-            server.error = str(exc) or type(exc).__name__
+            server.error = _say(exc)
             server.next_try = time.monotonic() + server.retry_s
             server.retry_s = min(2 * server.retry_s, self.settings.asr.wyoming.retry_max_s)
         if was_up is not False:

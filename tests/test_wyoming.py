@@ -220,15 +220,13 @@ def test_hung_server_hits_the_deadline_and_the_daemon_stays_responsive(
         proc.stdin.flush()
         rows = lambda: db_rows(run_env, "SELECT error FROM jobs WHERE error IS NOT NULL")  # noqa: E731
         wait_for(lambda: any("no answer in" in r["error"] for r in rows()), 120, "the deadline")
-        stuck_at = time.monotonic()
-        info = status(run_env)  # the main loop still writes its heartbeat
+        # The main loop goes on writing its heartbeat, which shows the server down.
+        wait_for(lambda: status(run_env)["asr_servers"][0]["up"] is False, 20, "server down")
+        info = status(run_env)
         assert info["running"] and info["heartbeat_age_s"] < 10 and info["backlog"] > 0
-        assert info["asr_servers"][0]["up"] is False
-        wait_for(lambda: status(run_env)["heartbeat_age_s"] < 6, 20, "a fresh heartbeat")
-        assert time.monotonic() - stuck_at < 30
+        assert proc.poll() is None
         server.resume()
-        proc.stdin.close()
-        _, stderr = proc.communicate(timeout=240)
+        _, stderr = proc.communicate(timeout=240)  # closes stdin: the input has ended
         assert proc.returncode == 0, stderr.decode()
     finally:
         proc.kill()
