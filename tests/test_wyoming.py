@@ -214,7 +214,7 @@ def test_hung_server_hits_the_deadline_and_the_daemon_stays_responsive(
     )
     assert proc.stdin is not None
     try:
-        wait_for(lambda: (status(run_env)["models"]["asr_server"] == server.uri), 120, "server up")
+        wait_for(lambda: status(run_env)["models"]["asr_server"] == server.uri, 120, "server up")
         server.pause()  # SIGSTOP: connections are accepted, nothing is answered
         proc.stdin.write(decode_file(DEMO).astype("<i2").tobytes())
         proc.stdin.flush()
@@ -295,3 +295,22 @@ def test_server_settings_are_checked(env: dict[str, str], tmp_path: Path) -> Non
     path.write_text('[asr]\nbackend = "wyoming"\n[asr.wyoming]\nservers = ["gpu-box:10300"]\n')
     with pytest.raises(ConfigError, match=r"asr.wyoming.servers.*'gpu-box:10300'"):
         load_settings(path)
+
+
+# --- bench ---------------------------------------------------------------------------------
+
+
+def test_bench_in_wyoming_mode(env: dict[str, str], start_server: StartServer) -> None:
+    """Without a local Whisper the daemon fits a 512 MB device, and transcription costs the
+    device a small share of what it costs locally (CPU time, not wall clock)."""
+    server = start_server()
+    run_env = wyoming_env(env, [server.uri], fallback="local")  # bench runs it with wait
+    result = cli("bench", "--json", env=run_env, timeout_s=400)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["asr_backend"] == "wyoming" and "asr_passage_rtf" not in figures
+    assert figures["pipeline_recordings"] == 3
+    assert figures["pipeline_asr_model"] == str(server.model_dir)
+    assert figures["daemon_peak_rss_mb"] < 150 < figures["local_daemon_peak_rss_mb"]
+    assert 0 < figures["transcription_cpu_ratio_vs_local"] < 0.25
+    assert figures["device_cpu_ratio_vs_local"] < 1
