@@ -192,9 +192,9 @@ class Daemon:
         if listener.error:
             self.error = listener.error
             return not isinstance(self.source, MicSource)  # a microphone is retried
-        if not self.finite:
+        if not self.finite or self.stop_event.is_set():  # asked to stop: the backlog waits
             return False
-        self.pipeline.drain()
+        self.pipeline.drain(self.stop_event)  # a SIGTERM meanwhile ends the wait
         return True
 
     def _healthy(self) -> bool:

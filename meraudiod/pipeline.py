@@ -97,8 +97,8 @@ class Pipeline:
         listener.start()
         return listener
 
-    def drain(self) -> None:
-        """Wait until every job is done or failed (or stop is set).
+    def drain(self, stop: threading.Event | None = None) -> None:
+        """Wait until every job is done or failed (or stop, or the worker's stop, is set).
 
         The input has ended and somebody waits for the results, so a failed recording's
         retry is made due at once rather than after asr.retry_delay_s.
@@ -107,7 +107,8 @@ class Pipeline:
             return
         conn = open_db(self.settings.storage.db_path)
         try:
-            while not self.stop_event.is_set() and self.worker.is_alive():
+            stopped = self.stop_event.is_set
+            while not (stopped() or (stop and stop.is_set())) and self.worker.is_alive():
                 jobs.retry_now(conn)
                 counts = jobs.counts(conn)
                 if counts["pending"] + counts["running"] == 0:

@@ -77,10 +77,8 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
     outbox = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
     # The ASR model is the server's when transcribing on Wyoming servers (as the daemon saw it).
     asr: dict[str, Any] = (heartbeat.get("asr") if running else None) or {}
-    if settings.asr.backend == "local":
-        asr_model = settings.asr.model
-    else:
-        asr_model = asr.get("model") or "wyoming"
+    backend = asr.get("backend") or settings.asr.backend
+    asr_model = asr.get("model") or (settings.asr.model if backend == "local" else "wyoming")
     up = [s["uri"] for s in asr.get("servers", ()) if s.get("up")]
     data_dir = settings.storage.data_dir
     used_mb = (
@@ -107,7 +105,7 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         "last_speaker": last_speaker[0] if last_speaker else None,
         "recordings_today": int(today[0] or 0),
         "transcripts_today": int(today[1] or 0),
-        "asr_servers": asr.get("servers") if settings.asr.backend == "wyoming" else None,
+        "asr_servers": asr.get("servers") if backend == "wyoming" else None,
         "outbox_pending": int(outbox),
         "outbox_dropped": int(get_kv(conn, "outbox_dropped", "0")),
         "models": {

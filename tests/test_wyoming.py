@@ -5,6 +5,7 @@ stays the record."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -232,6 +233,57 @@ def test_hung_server_hits_the_deadline_and_the_daemon_stays_responsive(
         proc.kill()
     done = recordings(run_env)
     assert len(done) == len(DEMO_TRUTH) and all(r["status"] == "done" for r in done)
+
+
+def test_stop_abandons_a_request_to_a_hung_server(
+    env: dict[str, str], start_server: StartServer
+) -> None:
+    """SIGTERM while the worker waits on a stopped server: the daemon exits long before the
+    request's deadline, and the job is left pending for the next start."""
+    server = start_server()
+    run_env = wyoming_env(env, [server.uri], MERAUDIOD_ASR__WYOMING__DEADLINE_BASE_S="120")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=run_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    try:
+        wait_for(lambda: status(run_env)["models"]["asr_server"] == server.uri, 120, "server up")
+        server.pause()
+        proc.stdin.write(decode_file(DEMO).astype("<i2").tobytes())
+        proc.stdin.flush()
+        running = "SELECT id FROM jobs WHERE state='running'"
+        wait_for(lambda: db_rows(run_env, running), 120, "a request in flight")
+        time.sleep(1.0)  # well inside the request, far from its 120 s deadline
+        asked_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert time.monotonic() - asked_at < 30 and proc.returncode == 0
+    finally:
+        proc.kill()
+    states = {r["state"] for r in db_rows(run_env, "SELECT state FROM jobs")}
+    assert states == {"pending"}  # nothing lost, nothing half done
+
+
+def test_stop_while_a_played_file_waits_for_a_server(env: dict[str, str]) -> None:
+    """The input has ended and the backlog waits for a server that is down: SIGTERM ends
+    the wait at once, and the recordings stay pending for the next start."""
+    run_env = wyoming_env(env, [f"tcp://127.0.0.1:{free_port()}"])
+    proc = run_demo(run_env)
+    try:
+        pending = "SELECT id FROM jobs WHERE state='pending'"
+        wait_for(lambda: status(run_env)["backlog"] == len(DEMO_TRUTH), 120, "the backlog")
+        time.sleep(1.0)  # the demo has played: the daemon waits for its jobs
+        asked_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert time.monotonic() - asked_at < 30 and proc.returncode == 0
+    finally:
+        proc.kill()
+    assert len(db_rows(run_env, pending)) == len(DEMO_TRUTH)
 
 
 def test_two_servers_one_killed_all_jobs_complete(
