@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,15 @@ import pytest
 from meraudiod import models
 from meraudiod.config import Settings, load_settings
 
+from .wyoming_server import WyomingServer
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEMO = REPO / "meraudiod" / "assets" / "demo.flac"
 DEMO_TRUTH = json.loads((REPO / "meraudiod" / "assets" / "demo.json").read_text())["utterances"]
+
+StartWyoming = Callable[..., WyomingServer]
 
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason="../shared/data is not next to this checkout"
@@ -88,3 +93,21 @@ def db_rows(env: dict[str, str], sql: str) -> list[sqlite3.Row]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+@pytest.fixture
+def start_wyoming(models_dir: Path, tmp_path: Path) -> Iterator[StartWyoming]:
+    """Start wyoming-faster-whisper servers (tests/wyoming_server.py) on free ports (or a
+    given one); every one is killed at the end."""
+    started: list[WyomingServer] = []
+
+    def start(port: int | None = None) -> WyomingServer:
+        server = WyomingServer(models_dir / "tiny.en", tmp_path / "wyoming", port).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc is not None:
+            server.resume()  # a stopped process would not die of SIGKILL until continued
+        server.kill()

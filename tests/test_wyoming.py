@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,28 +23,9 @@ from meraudiod.config import ConfigError, Settings, load_settings
 from meraudiod.vad import SileroVad
 
 from .broker import Broker, Subscriber, free_port
-from .conftest import DEMO, DEMO_TRUTH, cli, db_rows
-from .wyoming_server import WyomingServer
+from .conftest import DEMO, DEMO_TRUTH, StartWyoming, cli, db_rows
 
 NODE = "wyo"
-StartServer = Callable[..., WyomingServer]
-
-
-@pytest.fixture
-def start_server(models_dir: Path, tmp_path: Path) -> Iterator[StartServer]:
-    """Start servers on free ports (or a given one); every one is killed at the end."""
-    started: list[WyomingServer] = []
-
-    def start(port: int | None = None) -> WyomingServer:
-        server = WyomingServer(models_dir / "tiny.en", tmp_path / "wyoming", port).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        if server.proc is not None:
-            server.resume()  # a stopped process would not die of SIGKILL until continued
-        server.kill()
 
 
 def wyoming_env(
@@ -112,9 +93,9 @@ def attempts(env: dict[str, str]) -> list[int]:
 
 
 def test_local_and_wyoming_give_the_same_text_on_the_demo(
-    env: dict[str, str], start_server: StartServer, tmp_path: Path
+    env: dict[str, str], start_wyoming: StartWyoming, tmp_path: Path
 ) -> None:
-    server = start_server()
+    server = start_wyoming()
     local_env = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "local")}
     remote_env = wyoming_env(
         {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "remote")}, [server.uri]
@@ -137,13 +118,13 @@ def test_local_and_wyoming_give_the_same_text_on_the_demo(
 
 
 def test_server_killed_mid_request_and_restarted_gives_one_transcript_each(
-    env: dict[str, str], start_server: StartServer, tmp_path: Path
+    env: dict[str, str], start_wyoming: StartWyoming, tmp_path: Path
 ) -> None:
     broker = Broker(tmp_path / "broker")
     broker.start()
     try:
         sub = Subscriber(broker.port, [f"meraudiod/{NODE}/event/transcript"])
-        server = start_server()
+        server = start_wyoming()
         run_env = wyoming_env(
             env,
             [server.uri],
@@ -157,7 +138,7 @@ def test_server_killed_mid_request_and_restarted_gives_one_transcript_each(
         wait_for(lambda: server.requests_in() >= 2, 120, "the second request")
         server.kill()
         time.sleep(2.0)  # the daemon meets a dead server (and its retry waits)
-        start_server(server.port)
+        start_wyoming(server.port)
         log = finished(proc)
         assert "is down" in log and "is up" in log
         done = recordings(run_env)
@@ -174,7 +155,7 @@ def test_server_killed_mid_request_and_restarted_gives_one_transcript_each(
 
 
 def test_server_down_at_start_keeps_a_backlog_that_drains_when_it_comes(
-    env: dict[str, str], start_server: StartServer
+    env: dict[str, str], start_wyoming: StartWyoming
 ) -> None:
     port = free_port()
     run_env = wyoming_env(env, [f"tcp://127.0.0.1:{port}"])
@@ -191,7 +172,7 @@ def test_server_down_at_start_keeps_a_backlog_that_drains_when_it_comes(
         (server_info,) = info["asr_servers"]
         assert server_info["up"] is False and "refused" in server_info["error"].lower()
         assert info["models"]["asr"] == "wyoming" and info["models"]["asr_server"] is None
-        server = start_server(port)
+        server = start_wyoming(port)
         finished(proc)
     finally:
         proc.kill()
@@ -202,9 +183,9 @@ def test_server_down_at_start_keeps_a_backlog_that_drains_when_it_comes(
 
 
 def test_hung_server_hits_the_deadline_and_the_daemon_stays_responsive(
-    env: dict[str, str], start_server: StartServer
+    env: dict[str, str], start_wyoming: StartWyoming
 ) -> None:
-    server = start_server()
+    server = start_wyoming()
     run_env = wyoming_env(env, [server.uri])
     proc = subprocess.Popen(
         [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
@@ -236,11 +217,11 @@ def test_hung_server_hits_the_deadline_and_the_daemon_stays_responsive(
 
 
 def test_stop_abandons_a_request_to_a_hung_server(
-    env: dict[str, str], start_server: StartServer
+    env: dict[str, str], start_wyoming: StartWyoming
 ) -> None:
     """SIGTERM while the worker waits on a stopped server: the daemon exits long before the
     request's deadline, and the job is left pending for the next start."""
-    server = start_server()
+    server = start_wyoming()
     run_env = wyoming_env(env, [server.uri], MERAUDIOD_ASR__WYOMING__DEADLINE_BASE_S="120")
     proc = subprocess.Popen(
         [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
@@ -287,9 +268,9 @@ def test_stop_while_a_played_file_waits_for_a_server(env: dict[str, str]) -> Non
 
 
 def test_two_servers_one_killed_all_jobs_complete(
-    env: dict[str, str], start_server: StartServer
+    env: dict[str, str], start_wyoming: StartWyoming
 ) -> None:
-    first, second = start_server(), start_server()
+    first, second = start_wyoming(), start_wyoming()
     run_env = wyoming_env(env, [first.uri, second.uri])
     proc = run_demo(run_env)
     wait_for(lambda: first.requests_in() >= 1, 120, "the first request")
@@ -352,10 +333,10 @@ def test_server_settings_are_checked(env: dict[str, str], tmp_path: Path) -> Non
 # --- bench ---------------------------------------------------------------------------------
 
 
-def test_bench_in_wyoming_mode(env: dict[str, str], start_server: StartServer) -> None:
+def test_bench_in_wyoming_mode(env: dict[str, str], start_wyoming: StartWyoming) -> None:
     """Without a local Whisper the daemon fits a 512 MB device, and transcription costs the
     device a small share of what it costs locally (CPU time, not wall clock)."""
-    server = start_server()
+    server = start_wyoming()
     run_env = wyoming_env(env, [server.uri], fallback="local")  # bench runs it with wait
     result = cli("bench", "--json", env=run_env, timeout_s=400)
     assert result.returncode == 0, result.stderr
