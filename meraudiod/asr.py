@@ -1,12 +1,17 @@
-"""faster-whisper wrapper: 16 kHz float32 audio in, our Transcript out; a hallucination guard."""
+"""faster-whisper wrapper: 16 kHz float32 audio in, our Transcript out; a hallucination guard.
+
+`SpeechToText` is the one interface the worker uses: `Transcriber` here, or the Wyoming
+servers' client in asr_wyoming.py.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
@@ -38,8 +43,8 @@ _PHANTOM_PHRASES: Final = (
 
 
 _MAX_COMPRESSION_RATIO: Final = 2.4
-_LEAD_IN_S: Final = 0.25
-_LEAD_IN_SAMPLES: Final = int(_LEAD_IN_S * SAMPLE_RATE_HZ)
+LEAD_IN_S: Final = 0.25
+LEAD_IN_SAMPLES: Final = int(LEAD_IN_S * SAMPLE_RATE_HZ)
 _FALLBACK_TEMPERATURES: Final = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 # Whisper writes these for sounds that are not speech.
 _SOUND_LABELS: Final = frozenset(
@@ -71,13 +76,14 @@ class Word:
 
 @dataclass(frozen=True)
 class Segment:
-    """One Whisper segment with the scores the guard looks at."""
+    """One Whisper segment with the scores the guard looks at (None: not known, because a
+    Wyoming server returns text only)."""
 
     start_s: float
     end_s: float
     text: str
-    avg_logprob: float
-    no_speech_prob: float
+    avg_logprob: float | None
+    no_speech_prob: float | None
     compression_ratio: float
     words: tuple[Word, ...] = ()
     suspect: str | None = None  # why it is not trusted as speech
@@ -102,25 +108,55 @@ class Transcript:
         return all(s.suspect for s in self.segments)
 
 
+class SpeechToText(Protocol):
+    """What the worker transcribes with: Whisper on this device, or Wyoming servers."""
+
+    @property
+    def model_name(self) -> str:
+        """The model that made the last transcript (stored with it, named in events)."""
+        ...
+
+    def transcribe(self, audio: Float32Array) -> Transcript:
+        """Transcribe one recording of 16 kHz float32 audio; raises AsrError."""
+        ...
+
+    def ready(self) -> bool:
+        """Whether a job may be claimed now (False: every server is down, and we wait)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Backend, model and servers, for `status` and `state`."""
+        ...
+
+
 def _normalise(text: str) -> str:
     return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).strip()
+
+
+def compression_ratio(text: str) -> float:
+    """Whisper's repetition measure: the text's length over its zlib-compressed length."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 def judge(segment: Segment, settings: AsrSettings) -> str | None:
     """Why a segment should not be trusted as speech, or None."""
     if not segment.text.strip():
         return "empty"
-    no_speech = segment.no_speech_prob > settings.no_speech_threshold
-    low_logprob = segment.avg_logprob < settings.logprob_threshold
+    logprob, no_speech_prob = segment.avg_logprob, segment.no_speech_prob
+    # Without scores (a Wyoming server), nothing can vouch for a phantom phrase.
+    unscored = logprob is None or no_speech_prob is None
+    no_speech = no_speech_prob is not None and no_speech_prob > settings.no_speech_threshold
+    low_logprob = logprob is not None and logprob < settings.logprob_threshold
     if no_speech and low_logprob:  # Whisper's own rule for "nothing was said"
         return "no_speech"
     words = " ".join(_normalise(segment.text).split())
     if set(words.split()) <= _SOUND_LABELS:  # "Music", "Mmm...", "(beep beep)", "..."
         return "sound_label"
-    if segment.avg_logprob < settings.logprob_threshold - _VERY_LOW_MARGIN:
+    if logprob is not None and logprob < settings.logprob_threshold - _VERY_LOW_MARGIN:
         return "low_confidence"
     phantom = words in _PHANTOM_PHRASES or any(p in words for p in _PHANTOM_PHRASES if len(p) > 8)
-    if phantom and (no_speech or low_logprob):
+    if phantom and (no_speech or low_logprob or unscored):
         return "phantom_phrase"
     if segment.compression_ratio > _MAX_COMPRESSION_RATIO:  # loops like "the the the the"
         return "repetitive"
@@ -144,10 +180,23 @@ class Transcriber:
         except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError on bad files
             raise AsrError(load_error("ASR model", model_path, exc)) from exc
         self.settings = settings
-        self.model_name = model_name
+        self._model_name = model_name
         # Fallback re-decodes low-confidence audio at up to five higher temperatures: on noise
         # that multiplies the cost, and short recordings rarely fall into the loops it fixes.
         self._temperatures = _FALLBACK_TEMPERATURES if settings.temperature_fallback else [0.0]
+
+    @property
+    def model_name(self) -> str:
+        """The configured model's name."""
+        return self._model_name
+
+    def ready(self) -> bool:
+        """The model is loaded: always ready."""
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        """The local backend and its model."""
+        return {"backend": "local", "model": self._model_name}
 
     def transcribe(self, audio: Float32Array) -> Transcript:
         """Transcribe one recording; the lazy segment generator is consumed here."""
@@ -155,7 +204,7 @@ class Transcriber:
         duration_s = audio.size / SAMPLE_RATE_HZ
         # A short lead-in of silence: Whisper misreads a word that starts at sample 0
         # ("erase" -> "but race"); times are shifted back below.
-        padded = np.concatenate([np.zeros(_LEAD_IN_SAMPLES, dtype=np.float32), audio])
+        padded = np.concatenate([np.zeros(LEAD_IN_SAMPLES, dtype=np.float32), audio])
 
         def run(language: str | None) -> tuple[Any, Any]:
             return self._model.transcribe(  # type: ignore[no-any-return]
@@ -182,7 +231,7 @@ class Transcriber:
 
     def _convert(self, seg: Any, duration_s: float) -> Segment:
         def shift(t: float) -> float:
-            return round(min(max(0.0, float(t) - _LEAD_IN_S), duration_s), 3)
+            return round(min(max(0.0, float(t) - LEAD_IN_S), duration_s), 3)
 
         words = tuple(
             Word(shift(w.start), shift(w.end), str(w.word), float(w.probability))

@@ -30,10 +30,12 @@ from .config import Settings
 from .db import open_db
 from .machine import describe as describe_machine
 from .sources import demo_path
+from .status import HEARTBEAT_FILE
 from .vad import SileroVad
 
 _LISTEN_S: Final = 10.0
 _PASSAGE_S: Final = 30.0
+_PIPELINE_TIMEOUT_S: Final = 300.0  # a daemon waiting for a server that never comes
 
 
 def _cpu_s() -> float:
@@ -143,10 +145,16 @@ def bench_speakers(settings: Settings, audio: np.ndarray) -> dict[str, Any]:
     return {"speaker_embedding_ms_per_audio_s": round(elapsed / seconds * 1000.0, 1)}
 
 
-def bench_pipeline(settings: Settings, config_path: str | None, clip: Path) -> dict[str, Any]:
+def bench_pipeline(
+    settings: Settings,
+    config_path: str | None,
+    clip: Path,
+    overrides: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """The daemon itself, as a child process on a scratch data dir, fed the clip at real
     time: latency from end of speech to transcript stored, real-time factor, peak memory,
-    and disk writes per recorded hour (the kernel's count of bytes the process wrote)."""
+    CPU per second of speech once it is ready (models loaded), and disk writes per recorded
+    hour (the kernel's count of bytes the process wrote). `overrides`: environment keys."""
     # On the data directory's own disk (the one the writes wear), not a tmpfs /tmp.
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=settings.storage.data_dir))
@@ -164,6 +172,8 @@ def bench_pipeline(settings: Settings, config_path: str | None, clip: Path) -> d
     if config_path:
         env["MERAUDIOD_CONFIG"] = config_path
     env.pop("NOTIFY_SOCKET", None)
+    env |= overrides or {}
+    give_up_at = time.monotonic() + _PIPELINE_TIMEOUT_S
     try:
         # A device that has been running already has its database: creating and migrating
         # it is a one-off, and would be counted 180 times over in a 20 s clip's hourly rate.
@@ -178,20 +188,29 @@ def bench_pipeline(settings: Settings, config_path: str | None, clip: Path) -> d
             stderr=subprocess.DEVNULL,
         )
         peak_kb = 0
+        ready_cpu_s: float | None = None
         while child.poll() is None:
             # The child's own high-water mark (ru_maxrss of children would include this
             # process's memory, which a forked child inherits before exec).
             peak_kb = max(peak_kb, _peak_rss_kb(child.pid))
+            if ready_cpu_s is None and (run_dir / HEARTBEAT_FILE).exists():  # READY
+                ready_cpu_s = _proc_cpu_s(child.pid)
+            if time.monotonic() > give_up_at:
+                child.kill()
+                child.wait()
+                raise RuntimeError("the daemon did not finish the bench clip (no ASR server?)")
             time.sleep(0.2)
         if child.returncode != 0:
             raise RuntimeError(f"the daemon failed on the bench clip (exit {child.returncode})")
         wall_s = time.monotonic() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         conn = sqlite3.connect(scratch / "meraudiod.db")
-        rows = conn.execute("SELECT duration_s, rtf, latency_ms FROM recordings").fetchall()
+        rows = conn.execute("SELECT duration_s, rtf, latency_ms, model FROM recordings").fetchall()
         conn.close()
         speech_s = sum(r[0] for r in rows)
         latencies = sorted(r[2] for r in rows if r[2] is not None)
+        rtfs = [r[1] for r in rows if r[1] is not None]  # none when asr is off
         per_hour = 3600.0 / speech_s if speech_s else 0.0
         audio_bytes = sum(p.stat().st_size for p in (scratch / "audio").rglob("*") if p.is_file())
         written_bytes = (after.ru_oublock - before.ru_oublock) * 512  # Linux: 512-byte units
@@ -199,16 +218,52 @@ def bench_pipeline(settings: Settings, config_path: str | None, clip: Path) -> d
             "pipeline_recordings": len(rows),
             "pipeline_speech_s": round(speech_s, 1),
             "pipeline_wall_s": round(wall_s, 1),
-            "pipeline_rtf_mean": round(float(np.mean([r[1] for r in rows])), 3) if rows else None,
+            "pipeline_rtf_mean": round(float(np.mean(rtfs)), 3) if rtfs else None,
             "latency_ms_median": round(float(np.median(latencies)), 0) if latencies else None,
             "latency_ms_max": round(latencies[-1], 0) if latencies else None,
             "daemon_peak_rss_mb": round(peak_kb / 1024, 0),
+            "device_cpu_s_per_speech_s": (
+                round((cpu_s - (ready_cpu_s or 0.0)) / speech_s, 4) if speech_s else None
+            ),
+            "pipeline_asr_model": ", ".join(sorted({str(r[3]) for r in rows})),
             "disk_write_mb_per_recorded_hour": round(written_bytes / 1e6 * per_hour, 1),
             "audio_mb_per_recorded_hour": round(audio_bytes / 1e6 * per_hour, 1),
         }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def bench_wyoming(settings: Settings, config_path: str | None, clip: Path) -> dict[str, Any]:
+    """The daemon on the configured Wyoming servers without a local Whisper model (fallback
+    wait), and the same daemon transcribing locally when the local model is installed."""
+    remote = bench_pipeline(settings, config_path, clip, {"MERAUDIOD_ASR__FALLBACK": "wait"})
+    figures: dict[str, Any] = {
+        "asr_backend": "wyoming",
+        "asr_servers": ", ".join(settings.asr.wyoming.servers),
+        **remote,
+    }
+    asr = settings.asr
+    try:
+        models.resolve(asr.model, settings.storage.resolved_models_dir, asr.allow_download)
+    except models.ModelError:
+        figures["local_note"] = f"no local {asr.model} on this device to compare with"
+        return figures
+    local = bench_pipeline(settings, config_path, clip, {"MERAUDIOD_ASR__BACKEND": "local"})
+    # What both pay alike (VAD on every frame, FLAC, SQLite): the daemon recording only.
+    base = bench_pipeline(settings, config_path, clip, {"MERAUDIOD_ASR__ENABLED": "false"})
+    cpu = "device_cpu_s_per_speech_s"
+    if not (remote[cpu] and local[cpu] and base[cpu]):
+        raise RuntimeError("the bench clip gave no speech to measure")
+    figures["local_device_cpu_s_per_speech_s"] = local[cpu]
+    figures["local_daemon_peak_rss_mb"] = local["daemon_peak_rss_mb"]
+    figures["device_cpu_ratio_vs_local"] = round(remote[cpu] / local[cpu], 3)
+    figures["recording_only_cpu_s_per_speech_s"] = base[cpu]
+    remote_asr, local_asr = remote[cpu] - base[cpu], local[cpu] - base[cpu]
+    figures["transcription_cpu_s_per_speech_s"] = round(remote_asr, 4)
+    figures["local_transcription_cpu_s_per_speech_s"] = round(local_asr, 4)
+    figures["transcription_cpu_ratio_vs_local"] = round(remote_asr / local_asr, 3)
+    return figures
 
 
 def run_bench(
@@ -236,18 +291,29 @@ def run_bench(
     started = time.monotonic()
     progress("VAD")
     figures |= bench_vad(settings, audio)
-    progress("ASR")
-    figures |= bench_asr(settings, command, passage)
+    wyoming = settings.asr.backend == "wyoming"
+    if not wyoming:  # the servers transcribe: no local model to time
+        progress("ASR")
+        figures |= bench_asr(settings, command, passage)
     progress("speaker embeddings")
     figures |= bench_speakers(settings, passage)
     progress("pipeline at real time")
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "bench.flac"
         soundfile.write(clip, pcm[: int(20 * SAMPLE_RATE_HZ)], SAMPLE_RATE_HZ)
-        figures |= bench_pipeline(settings, config_path, clip)
+        if wyoming:
+            figures |= bench_wyoming(settings, config_path, clip)
+        else:
+            figures |= bench_pipeline(settings, config_path, clip)
     # Continuous speech arrives as utterances of a few seconds up to max_utterance_s: the
     # measured per-recording cost is the honest figure (each pays a whole encoder pass).
-    per_speech_s = max(figures["asr_passage_rtf"], figures["pipeline_rtf_mean"] or 0.0) + (
+    # On Wyoming servers, what the device itself spends per second of speech.
+    asr_cost_s = (
+        figures["device_cpu_s_per_speech_s"] or 0.0
+        if wyoming
+        else max(figures["asr_passage_rtf"], figures["pipeline_rtf_mean"] or 0.0)
+    )
+    per_speech_s = asr_cost_s + (
         (figures["speaker_embedding_ms_per_audio_s"] or 0.0) / 1000.0
         if settings.speakers.enabled
         else 0.0
@@ -255,7 +321,10 @@ def run_bench(
     figures["speech_cost_per_audio_s"] = round(per_speech_s, 3)
     figures["keeps_up"] = per_speech_s < 1.0
     figures["verdict"] = (
-        f"keeps up with continuous speech: {per_speech_s:.2f} s of work per second of speech"
+        f"the device spends {per_speech_s:.3f} s of CPU per second of speech; the Wyoming"
+        " servers transcribe"
+        if wyoming
+        else f"keeps up with continuous speech: {per_speech_s:.2f} s of work per second of speech"
         if per_speech_s < 1.0
         else f"falls behind on continuous speech ({per_speech_s:.2f} s of work per second);"
         " the backlog grows on disk and drains in pauses"
@@ -273,6 +342,15 @@ def _peak_rss_kb(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a running process has used so far (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_model() -> str:

@@ -526,6 +526,15 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
             f"{data['recordings_today']} recordings, {data['transcripts_today']} transcribed",
         ),
         ("models", ", ".join(f"{k} {v}" for k, v in data["models"].items() if v)),
+        *(
+            (
+                "asr server",
+                mark(bool(srv["up"]), f"{srv['uri']}  {'up' if srv['up'] else 'down'}")
+                + f"  {srv['model'] or ''}"
+                + (f"  ({srv['error']})" if srv["error"] and not srv["up"] else ""),
+            )
+            for srv in data["asr_servers"] or ()
+        ),
         (
             "mqtt",
             "disabled"

@@ -126,10 +126,53 @@ class RecorderSettings(Section):
         return self
 
 
+_WYOMING_URI: Final = re.compile(r"^tcp://[^\s:/]+:\d{1,5}$")
+
+
+class WyomingSettings(Section):
+    """Remote speech-to-text servers that speak the Wyoming protocol (asr.backend = wyoming)."""
+
+    servers: list[str] = Field(
+        default_factory=list, description="tcp://host:port of each server, tried in order"
+    )
+    connect_timeout_s: float = Field(
+        3.0, gt=0, description="Connecting, and a server's answer to Describe, within this"
+    )
+    deadline_base_s: float = Field(
+        10.0, gt=0, description="A request's deadline: this plus deadline_per_audio_s per second"
+    )
+    deadline_per_audio_s: float = Field(
+        3.0, ge=0, description="Seconds added to a request's deadline per second of its audio"
+    )
+    split_silence_ms: int = Field(
+        400, ge=100, description="A pause this long splits a recording into separate requests"
+    )
+    retry_max_s: float = Field(
+        30.0, gt=0, description="A server that failed is asked again after 1 s, doubling to this"
+    )
+
+    @field_validator("servers")
+    @classmethod
+    def _check_servers(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            if not _WYOMING_URI.match(uri) or not 0 < int(uri.rsplit(":", 1)[1]) < 65536:
+                raise ValueError(f"{uri!r} is not tcp://host:port")
+        return value
+
+
 class AsrSettings(Section):
-    """faster-whisper transcription and the job queue that feeds it."""
+    """Transcription (faster-whisper here, or Wyoming servers) and the job queue that feeds it."""
 
     enabled: bool = Field(True, description="Transcribe recordings (false: record only)")
+    backend: Literal["local", "wyoming"] = Field(
+        "local", description="local: faster-whisper on this device; wyoming: asr.wyoming.servers"
+    )
+    fallback: Literal["local", "wait"] = Field(
+        "local",
+        description="With wyoming, when every server is down: transcribe here (local) or keep"
+        " the recordings waiting (wait: the local model is never loaded)",
+    )
+    wyoming: WyomingSettings = Field(default_factory=WyomingSettings)
     model: str = Field(
         "tiny.en", description="Manifest name, faster-whisper model name, or CTranslate2 dir"
     )
@@ -160,6 +203,12 @@ class AsrSettings(Section):
         30.0, ge=0, description="Wait before the second try; doubles for each later one"
     )
     job_lease_s: float = Field(600.0, gt=0, description="How long a claimed job stays claimed")
+
+    @model_validator(mode="after")
+    def _servers_named(self) -> AsrSettings:
+        if self.backend == "wyoming" and not self.wyoming.servers:
+            raise ValueError("asr.backend = wyoming needs asr.wyoming.servers")
+        return self
 
 
 class SpeakersSettings(Section):

@@ -285,9 +285,9 @@ class Daemon:
         if listener.error:
             self.error = listener.error
             return not isinstance(self.source, MicSource)  # a microphone is retried
-        if not self.finite:
+        if not self.finite or self.stop_event.is_set():  # asked to stop: the backlog waits
             return False
-        self.pipeline.drain()
+        self.pipeline.drain(self.stop_event)  # a SIGTERM meanwhile ends the wait
         return True
 
     def _healthy(self) -> bool:
@@ -471,7 +471,7 @@ class Daemon:
         return f"listening on {self.source.name}" if self.listening else "muted"
 
     def _snapshot(self) -> dict[str, Any]:
-        listener = self.listener
+        listener, worker = self.listener, self.pipeline.worker
         return {
             "pid": os.getpid(),
             "at": time.time(),
@@ -494,6 +494,7 @@ class Daemon:
             ),
             "models": self._models,
             "version": __version__,
+            "asr": worker.transcriber.describe() if worker is not None else None,
         }
 
     def _heartbeat(self, stopped: bool = False) -> None:

@@ -259,8 +259,9 @@ def resolve(name_or_path: str, models_dir: Path, allow_download: bool = False) -
 def configured(settings: Settings) -> list[str]:
     """Manifest names of the models this configuration uses."""
     names = [settings.vad.model]
-    if settings.asr.enabled:
-        names.append(settings.asr.model)
+    asr = settings.asr
+    if asr.enabled and (asr.backend == "local" or asr.fallback == "local"):  # else never loaded
+        names.append(asr.model)
     if settings.speakers.enabled or settings.diarization.enabled:
         names += [settings.speakers.model, settings.diarization.model]
     return [n for n in names if n in manifest()]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import jobs, models
-from .asr import Transcriber
+from .asr import SpeechToText, Transcriber
 from .config import Settings
 from .db import check_integrity, open_db
 from .listener import Listener
@@ -63,9 +63,7 @@ class Pipeline:
             conn.close()
         self._new_vad()  # a missing or broken VAD model fails here, before anything runs
         if self.settings.asr.enabled:
-            asr = self.settings.asr
-            path = models.resolve(asr.model, storage.resolved_models_dir, asr.allow_download)
-            transcriber = Transcriber(path, asr, model_name=asr.model)
+            transcriber = self._speech_to_text()
             self.worker = Worker(self.settings, transcriber, self.stop_event, self.on_transcribed)
             self.worker.memory = self.memory
             self.worker.job_origin = self.job_origin
@@ -73,6 +71,24 @@ class Pipeline:
                 from .speakers import SpeakerStage  # fails fast when a model is missing
 
                 self.worker.speakers = SpeakerStage(self.settings)
+
+    def _speech_to_text(self) -> SpeechToText:
+        """The local model, or the Wyoming servers (with the local model as the fallback
+        only when asr.fallback = local: with wait, Whisper is never loaded)."""
+        asr = self.settings.asr
+        local = None
+        if asr.backend == "local" or asr.fallback == "local":
+            models_dir = self.settings.storage.resolved_models_dir
+            path = models.resolve(asr.model, models_dir, asr.allow_download)
+            local = Transcriber(path, asr, model_name=asr.model)
+        if asr.backend == "local":
+            assert local is not None
+            return local
+        from .asr_wyoming import WyomingTranscriber
+
+        # Its own VAD: the Silero state is per stream, and the listener has the other one.
+        vad = SileroVad(models.vad_file(self.settings), threads=self.settings.vad.threads)
+        return WyomingTranscriber(self.settings, vad, self.stop_event, local)
 
     def start_worker(self) -> None:
         """Start transcribing the backlog."""
@@ -103,8 +119,9 @@ class Pipeline:
         listener.start()
         return listener
 
-    def drain(self) -> None:
-        """Wait until every job of this process is done or failed (or stop is set).
+    def drain(self, stop: threading.Event | None = None) -> None:
+        """Wait until every job of this process is done or failed (or stop, or the worker's
+        stop, is set).
 
         The input has ended and somebody waits for the results, so a failed recording's
         retry is made due at once rather than after asr.retry_delay_s.
@@ -113,7 +130,8 @@ class Pipeline:
             return
         conn = open_db(self.settings.storage.db_path)
         try:
-            while not self.stop_event.is_set() and self.worker.is_alive():
+            stopped = self.stop_event.is_set
+            while not (stopped() or (stop and stop.is_set())) and self.worker.is_alive():
                 jobs.retry_now(conn, self.job_origin)
                 if jobs.unfinished(conn, self.job_origin) == 0:
                     return

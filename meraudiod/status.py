@@ -85,6 +85,11 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         (midnight,),
     ).fetchone()
     outbox = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    # The ASR model is the server's when transcribing on Wyoming servers (as the daemon saw it).
+    asr: dict[str, Any] = (heartbeat.get("asr") if running else None) or {}
+    backend = asr.get("backend") or settings.asr.backend
+    asr_model = asr.get("model") or (settings.asr.model if backend == "local" else "wyoming")
+    up = [s["uri"] for s in asr.get("servers", ()) if s.get("up")]
     data_dir = settings.storage.data_dir
     used_mb = (
         sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file()) / 1e6
@@ -112,13 +117,21 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         "last_speaker_provisional": bool(last_speaker[1]) if last_speaker else None,
         "recordings_today": int(today[0] or 0),
         "transcripts_today": int(today[1] or 0),
+        "asr_servers": asr.get("servers") if backend == "wyoming" else None,
         "outbox_pending": int(outbox),
         "outbox_dropped": int(get_kv(conn, "outbox_dropped", "0")),
         # What the running daemon loaded (its config may differ from the one `status` read);
-        # with the daemon down, what the configuration would load.
-        "models": heartbeat["models"]
-        if running and isinstance(heartbeat.get("models"), dict)
-        else configured_models(settings),
+        # with the daemon down, what the configuration would load. On Wyoming servers the ASR
+        # model is the server's, as the daemon saw it.
+        "models": {
+            **(
+                heartbeat["models"]
+                if running and isinstance(heartbeat.get("models"), dict)
+                else configured_models(settings)
+            ),
+            "asr": asr_model,
+            "asr_server": up[0] if up else None,
+        },
         "data_dir": str(data_dir),
         "disk_used_mb": round(used_mb, 1) if used_mb is not None else None,
         "disk_free_mb": round(disk_free_mb(data_dir), 1),

@@ -16,7 +16,7 @@ import numpy as np
 import soundfile
 
 from . import jobs
-from .asr import Transcriber, Transcript
+from .asr import SpeechToText, Transcript
 from .audio import to_float32
 from .config import Settings
 from .db import Transaction, now, open_db
@@ -64,7 +64,7 @@ class Worker(StageThread):
     def __init__(
         self,
         settings: Settings,
-        transcriber: Transcriber,
+        transcriber: SpeechToText,
         stop: threading.Event,
         on_transcribed: Callable[[TranscribedRecording], None] | None = None,
     ) -> None:
@@ -98,6 +98,8 @@ class Worker(StageThread):
 
     def process_next(self, conn: sqlite3.Connection) -> bool:
         """Claim and process one job; False when there was none."""
+        if not self.transcriber.ready():  # every ASR server is down: the jobs wait pending
+            return False
         job = jobs.claim(conn, self.settings.asr.job_lease_s, origin=self.job_origin)
         if job is None:
             return False

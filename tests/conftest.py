@@ -8,7 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,15 @@ from meraudiod import models
 from meraudiod.config import Settings, load_settings
 
 from .broker import Broker
+from .wyoming_server import WyomingServer
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEMO = REPO / "meraudiod" / "assets" / "demo.flac"
 DEMO_TRUTH = json.loads((REPO / "meraudiod" / "assets" / "demo.json").read_text())["utterances"]
+
+StartWyoming = Callable[..., WyomingServer]
 
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason="../shared/data is not next to this checkout"
@@ -107,6 +110,8 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.start()
     yield b
     b.stop()
+
+
 def status_json(env: dict[str, str], timeout_s: float = 120) -> dict[str, Any]:
     """`meraudiod status --json` for the `env` fixture's data dir, once a daemon has made its
     database (status never creates one: before that it is an error)."""
@@ -119,3 +124,21 @@ def status_json(env: dict[str, str], timeout_s: float = 120) -> dict[str, Any]:
     assert result.returncode == 0, result.stderr
     data: dict[str, Any] = json.loads(result.stdout)
     return data
+
+
+@pytest.fixture
+def start_wyoming(models_dir: Path, tmp_path: Path) -> Iterator[StartWyoming]:
+    """Start wyoming-faster-whisper servers (tests/wyoming_server.py) on free ports (or a
+    given one); every one is killed at the end."""
+    started: list[WyomingServer] = []
+
+    def start(port: int | None = None) -> WyomingServer:
+        server = WyomingServer(models_dir / "tiny.en", tmp_path / "wyoming", port).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc is not None:
+            server.resume()  # a stopped process would not die of SIGKILL until continued
+        server.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from meraudiod.compat import tomllib
 from meraudiod.config import ConfigError, Settings, load_settings
@@ -19,10 +20,13 @@ def test_example_parses_and_documents_every_key(env: dict[str, str]) -> None:
     assert settings.mqtt.enabled is False and settings.speakers.enabled is False
     text = example.read_text()
     blocks = {b.split("]", 1)[0]: b for b in text.split("\n[")[1:]}
-    for section, model in Settings.model_fields.items():
+    sections = [(name, f.annotation) for name, f in Settings.model_fields.items()]
+    for section, model in sections:
         block = blocks[section]
-        for key in model.annotation.model_fields:  # type: ignore[union-attr]
+        for key, field in model.model_fields.items():  # type: ignore[union-attr]
             assert f"\n{key} =" in block or f"\n# {key} =" in block, f"{section}.{key}"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                sections.append((f"{section}.{key}", field.annotation))  # [asr.wyoming]
     # every key that is set in the example has the default's value
     defaults = Settings().model_dump()
     for section, values in tomllib.loads(text).items():

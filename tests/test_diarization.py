@@ -73,9 +73,15 @@ def test_diarizer_finds_two_people_taking_turns(
     assert len(result.speakers) == 2
 
 
+@pytest.mark.parametrize("backend", ["local", "wyoming"])
 def test_turns_are_named_in_one_recording(
-    env: dict[str, str], conversation: tuple[Path, list[tuple[str, float, float]]]
+    env: dict[str, str],
+    conversation: tuple[Path, list[tuple[str, float, float]]],
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """Also on a Wyoming server, which returns text only: the recording goes in parts cut at
+    pauses, and each part keeps its time and so its speaker."""
     path, truth = conversation
     env = {
         **env,
@@ -84,6 +90,15 @@ def test_turns_are_named_in_one_recording(
         # Pauses inside the clips must not end the recording either: one recording, 4 turns.
         "MERAUDIOD_RECORDER__HANGOVER_MS": "2000",
     }
+    if backend == "wyoming":
+        server = request.getfixturevalue("start_wyoming")()
+        env |= {
+            "MERAUDIOD_ASR__BACKEND": "wyoming",
+            "MERAUDIOD_ASR__FALLBACK": "wait",
+            "MERAUDIOD_ASR__WYOMING__SERVERS": json.dumps([server.uri]),
+            # The turns are 0.4 s apart, the default cut: make sure every turn is cut.
+            "MERAUDIOD_ASR__WYOMING__SPLIT_SILENCE_MS": "300",
+        }
     for name, clips in (
         ("Alice", ["ls_3080_0000.flac", "ls_3080_0003.flac"]),
         ("Bob", ["ls_2609_0000.flac", "ls_2609_0003.flac"]),

@@ -1,0 +1,320 @@
+"""Transcription on Wyoming speech-to-text servers (wyoming-faster-whisper, Home Assistant's
+Whisper add-on): the device keeps its queue, VAD and speaker analysis; the servers only turn
+audio into text.
+
+A server returns text only, so a recording is cut at pauses into parts (Silero VAD, as the
+listener does) and each part is one request: segments keep their times, and so their
+speakers. Each request has a deadline from its length, and a server that is stopped, gone or
+hung costs one deadline, never a stuck worker. Servers are tried in order; one that fails is
+asked again with `Describe` after 1 s, doubling to `retry_max_s`, and takes requests again
+once it answers. The daemon's threads are not asyncio: each request runs its own short event
+loop on the worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import asdict, dataclass
+from typing import Any, Final, TypeVar
+
+import numpy as np
+from wyoming.asr import Transcribe
+from wyoming.asr import Transcript as WyomingTranscript
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.event import Event
+from wyoming.info import Describe, Info
+
+from .asr import (
+    LEAD_IN_SAMPLES,
+    AsrError,
+    Segment,
+    Transcriber,
+    Transcript,
+    compression_ratio,
+    judge,
+)
+from .audio import FRAME_S, FRAME_SAMPLES, SAMPLE_RATE_HZ, Float32Array
+from .config import Settings
+from .segmenter import Segmenter, SegmenterParams, Utterance
+from .vad import SileroVad
+
+_LOGGER = logging.getLogger(__name__)
+
+_SAMPLE_WIDTH: Final = 2  # int16
+_CHUNK_SAMPLES: Final = SAMPLE_RATE_HZ  # one second of audio per AudioChunk
+_STOP_POLL_S: Final = 0.2  # how soon a request notices that the daemon stops
+_FIRST_RETRY_S: Final = 1.0
+_T = TypeVar("_T")
+
+
+class WyomingError(AsrError):
+    """A server refused, closed the connection, answered nonsense or missed its deadline."""
+
+
+@dataclass
+class ServerState:
+    """What the device knows about one server."""
+
+    uri: str
+    up: bool | None = None  # None: not asked yet
+    model: str | None = None  # from its Info
+    error: str | None = None
+    retry_s: float = _FIRST_RETRY_S
+    next_try: float = 0.0  # time.monotonic() of the next Describe while down
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Host and port of tcp://host:port."""
+        host, port = self.uri.removeprefix("tcp://").rsplit(":", 1)
+        return host, int(port)
+
+
+class _Client(AsyncTcpClient):
+    """AsyncTcpClient that can drop its connection at once (a hung server never answers the
+    polite close)."""
+
+    def abort(self) -> None:
+        """Reset the connection without waiting for anything."""
+        if self._writer is not None:
+            self._writer.transport.abort()
+            self._writer = None
+
+
+async def _exchange(
+    server: ServerState, events: list[Event], want: str, connect_timeout_s: float
+) -> Event:
+    """Send events on a fresh connection and wait for the first event of type `want`."""
+    host, port = server.address
+    client = _Client(host, port, connect_timeout=connect_timeout_s)
+    try:
+        await client.connect()
+        for event in events:
+            await client.write_event(event)
+        while True:
+            answer = await client.read_event()
+            if answer is None:
+                raise WyomingError(f"{server.uri} closed the connection")
+            if answer.type == want:
+                return answer
+    finally:
+        client.abort()
+
+
+async def _within(work: Coroutine[Any, Any, _T], deadline_s: float, stop: threading.Event) -> _T:
+    """The work's result, unless the deadline passes or the daemon stops first."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        remaining = end - loop.time()
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, min(_STOP_POLL_S, remaining)))
+        if done:
+            return task.result()
+        if stop.is_set() or loop.time() >= end:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # the connection is aborted
+            why = "the daemon is stopping" if stop.is_set() else f"no answer in {deadline_s:.1f} s"
+            raise WyomingError(why)
+
+
+def _say(exc: BaseException) -> str:
+    """A short reason for the log, `status` and the job's error."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | EOFError):
+        return "connection closed"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
+
+
+def _model_names(info: Info) -> str:
+    """The installed ASR models a server's Info names."""
+    names = [m.name for program in info.asr for m in program.models if m.installed is not False]
+    return ", ".join(names) or "unknown"
+
+
+def speech_spans(
+    audio: Float32Array, vad: SileroVad, settings: Settings
+) -> list[tuple[float, float]]:
+    """The recording's parts between pauses of asr.wyoming.split_silence_ms, in seconds
+    (the whole recording when the VAD finds no part)."""
+    frames_per_s = 1.0 / FRAME_S
+    hangover = max(1, round(settings.asr.wyoming.split_silence_ms / 1000.0 * frames_per_s))
+    recorder = settings.recorder
+    params = SegmenterParams(
+        start_threshold=settings.vad.start_threshold,
+        end_threshold=settings.vad.end_threshold,
+        min_speech_frames=max(1, round(recorder.min_speech_ms / 1000.0 * frames_per_s)),
+        hangover_frames=hangover,
+        pre_roll_frames=round(recorder.pre_roll_ms / 1000.0 * frames_per_s),
+        post_roll_frames=min(hangover, round(recorder.post_roll_ms / 1000.0 * frames_per_s)),
+        max_frames=audio.size // FRAME_SAMPLES + 2,  # never split for length here
+    )
+    segmenter = Segmenter(params)
+    vad.reset()
+    events = []
+    for i in range(audio.size // FRAME_SAMPLES):
+        events += segmenter.push(vad(audio[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]))
+    events += segmenter.flush()
+    duration_s = audio.size / SAMPLE_RATE_HZ
+    spans = [
+        (e.start_frame * FRAME_S, min(duration_s, e.end_frame * FRAME_S))
+        for e in events
+        if isinstance(e, Utterance)
+    ]
+    if spans and audio.size - (spans[-1][1] * SAMPLE_RATE_HZ) < FRAME_SAMPLES:
+        spans[-1] = (spans[-1][0], duration_s)  # the last partial frame belongs to the speech
+    return spans or [(0.0, duration_s)]
+
+
+class WyomingTranscriber:
+    """Transcripts from the first Wyoming server that answers, else the local fallback."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        vad: SileroVad,
+        stop: threading.Event,
+        local: Transcriber | None = None,
+    ) -> None:
+        self.settings = settings
+        self._vad = vad  # the worker's own: its state is not shared with the listener
+        self._stop = stop
+        self._local = local  # asr.fallback = local; None with fallback = wait
+        self._servers = [ServerState(uri) for uri in settings.asr.wyoming.servers]
+        self._lock = threading.Lock()  # describe() reads from another thread
+        self._last_model: str | None = None
+
+    # --- SpeechToText ---------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        """The model that made the last transcript (a server's, or the local fallback's)."""
+        known = next((s.model for s in self._servers if s.model), None)
+        return self._last_model or known or "wyoming"
+
+    def ready(self) -> bool:
+        """Ask the servers that are due (Describe), and say whether a job can be done now."""
+        now = time.monotonic()
+        for server in self._servers:
+            if server.up is not True and now >= server.next_try:
+                self._probe(server)
+        return self._local is not None or any(s.up for s in self._servers)
+
+    def describe(self) -> dict[str, Any]:
+        """Backend, fallback, the model in use and every server's state."""
+        with self._lock:
+            servers = [
+                {k: v for k, v in asdict(s).items() if k in ("uri", "up", "model", "error")}
+                for s in self._servers
+            ]
+        return {
+            "backend": "wyoming",
+            "fallback": self.settings.asr.fallback,
+            "model": self.model_name,
+            "servers": servers,
+        }
+
+    def transcribe(self, audio: Float32Array) -> Transcript:
+        """One request per part of the recording; all of it locally when no server answers
+        and the fallback is local, else WyomingError (the job's retry path)."""
+        try:
+            return self._remote(audio)
+        except WyomingError as exc:
+            if self._local is None:
+                raise
+            _LOGGER.warning("no Wyoming server answered (%s): transcribing locally", exc)
+            self._last_model = self._local.model_name
+            return self._local.transcribe(audio)
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _remote(self, audio: Float32Array) -> Transcript:
+        asr = self.settings.asr
+        duration_s = audio.size / SAMPLE_RATE_HZ
+        segments: list[Segment] = []
+        language = asr.language or ""
+        for start_s, end_s in speech_spans(audio, self._vad, self.settings):
+            part = audio[round(start_s * SAMPLE_RATE_HZ) : round(end_s * SAMPLE_RATE_HZ)]
+            text, said_language, model = self._request(part)
+            language = said_language or language
+            self._last_model = model
+            text = " ".join(text.split())
+            if not text:
+                continue
+            segment = Segment(
+                start_s=round(start_s, 3),
+                end_s=round(end_s, 3),
+                text=text,
+                avg_logprob=None,  # a Wyoming transcript has no scores
+                no_speech_prob=None,
+                compression_ratio=round(compression_ratio(text), 3),
+            )
+            reason = judge(segment, asr)
+            segments.append(
+                segment if reason is None else Segment(**{**asdict(segment), "suspect": reason})
+            )
+        return Transcript(language=language, duration_s=duration_s, segments=tuple(segments))
+
+    def _request(self, part: Float32Array) -> tuple[str, str | None, str]:
+        """Text, language and model of one part, from the first server that answers."""
+        w = self.settings.asr.wyoming
+        # The same lead-in of silence as the local model gets (a word at sample 0 is misheard).
+        padded = np.concatenate([np.zeros(LEAD_IN_SAMPLES, dtype=np.float32), part])
+        pcm = (np.clip(padded, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
+        fmt = {"rate": SAMPLE_RATE_HZ, "width": _SAMPLE_WIDTH, "channels": 1}
+        step = _CHUNK_SAMPLES * _SAMPLE_WIDTH
+        events = [
+            Transcribe(language=self.settings.asr.language).event(),
+            AudioStart(**fmt).event(),
+            *(AudioChunk(audio=pcm[i : i + step], **fmt).event() for i in range(0, len(pcm), step)),
+            AudioStop().event(),
+        ]
+        deadline_s = w.deadline_base_s + w.deadline_per_audio_s * padded.size / SAMPLE_RATE_HZ
+        errors = []
+        for server in self._servers:
+            if not server.up:
+                continue  # down (or never answered): ready() asks it again in time
+            work = _exchange(server, events, "transcript", w.connect_timeout_s)
+            try:
+                event = asyncio.run(_within(work, deadline_s, self._stop))
+                said = WyomingTranscript.from_event(event)
+            except (OSError, EOFError, TimeoutError, ValueError, KeyError, WyomingError) as exc:
+                self._down(server, exc)
+                errors.append(f"{server.uri}: {server.error}")
+                if self._stop.is_set():
+                    break
+                continue
+            return said.text or "", said.language, server.model or server.uri
+        raise WyomingError("; ".join(errors) or "every Wyoming server is down")
+
+    def _probe(self, server: ServerState) -> None:
+        """Describe: is the server there, and which model does it run?"""
+        timeout_s = self.settings.asr.wyoming.connect_timeout_s
+        work = _exchange(server, [Describe().event()], "info", timeout_s)
+        try:
+            info = Info.from_event(asyncio.run(_within(work, 2 * timeout_s, self._stop)))
+        except (OSError, EOFError, TimeoutError, ValueError, KeyError, WyomingError) as exc:
+            self._down(server, exc)
+            return
+        with self._lock:
+            server.up, server.error = True, None
+            server.model = _model_names(info)
+            server.retry_s = _FIRST_RETRY_S
+        _LOGGER.info("Wyoming server %s is up: model %s", server.uri, server.model)
+
+    def _down(self, server: ServerState, exc: BaseException) -> None:
+        was_up = server.up
+        with self._lock:
+            server.up = False
+            server.error = _say(exc)
+            server.next_try = time.monotonic() + server.retry_s
+            server.retry_s = min(2 * server.retry_s, self.settings.asr.wyoming.retry_max_s)
+        if was_up is not False:
+            _LOGGER.warning("Wyoming server %s is down: %s", server.uri, server.error)

@@ -1,0 +1,349 @@
+"""asr.backend = "wyoming" against a real wyoming-faster-whisper server (tests/wyoming_server.py),
+started, killed, stopped with SIGSTOP and restarted by the tests; the device's jobs table
+stays the record."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meraudiod import models
+from meraudiod.asr import Segment, judge
+from meraudiod.asr_wyoming import speech_spans
+from meraudiod.audio import SAMPLE_RATE_HZ, decode_file, to_float32
+from meraudiod.config import ConfigError, Settings, load_settings
+from meraudiod.vad import SileroVad
+
+from .broker import Broker, Subscriber, free_port
+from .conftest import DEMO, DEMO_TRUTH, StartWyoming, cli, db_rows
+
+NODE = "wyo"
+
+
+def wyoming_env(
+    env: dict[str, str], servers: list[str], fallback: str = "wait", **extra: str
+) -> dict[str, str]:
+    """The daemon on Wyoming servers with short deadlines; with `wait` the local model is a
+    name that does not exist, so loading it would fail the run."""
+    values = {
+        "MERAUDIOD_ASR__BACKEND": "wyoming",
+        "MERAUDIOD_ASR__FALLBACK": fallback,
+        "MERAUDIOD_ASR__WYOMING__SERVERS": json.dumps(servers),
+        "MERAUDIOD_ASR__WYOMING__DEADLINE_BASE_S": "3",
+        "MERAUDIOD_ASR__WYOMING__DEADLINE_PER_AUDIO_S": "1",
+        "MERAUDIOD_ASR__WYOMING__RETRY_MAX_S": "2",
+        "MERAUDIOD_ASR__MAX_ATTEMPTS": "10",
+    }
+    if fallback == "wait":
+        values["MERAUDIOD_ASR__MODEL"] = "no-such-local-model"
+    return {**env, **values, **extra}
+
+
+def run_demo(env: dict[str, str]) -> subprocess.Popen[str]:
+    """`meraudiod run --source demo` in the background: it exits once every job is done."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "demo"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finished(proc: subprocess.Popen[str], timeout_s: float = 240) -> str:
+    """The daemon's log, once it has exited 0."""
+    _, stderr = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == 0, stderr
+    return stderr
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def status(env: dict[str, str]) -> dict:
+    result = cli("status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def recordings(env: dict[str, str]) -> list[dict]:
+    rows = db_rows(env, "SELECT id, status, text, model FROM recordings ORDER BY id")
+    return [dict(row) for row in rows]
+
+
+def attempts(env: dict[str, str]) -> list[int]:
+    return [int(r["attempts"]) for r in db_rows(env, "SELECT attempts FROM jobs ORDER BY id")]
+
+
+# --- the same text -------------------------------------------------------------------------
+
+
+def test_local_and_wyoming_give_the_same_text_on_the_demo(
+    env: dict[str, str], start_wyoming: StartWyoming, tmp_path: Path
+) -> None:
+    server = start_wyoming()
+    local_env = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "local")}
+    remote_env = wyoming_env(
+        {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "remote")}, [server.uri]
+    )
+    texts = []
+    for run_env in (local_env, remote_env):
+        result = cli("analyze", str(DEMO), "--json", env=run_env, timeout_s=240)
+        assert result.returncode == 0, result.stderr
+        found = json.loads(result.stdout.splitlines()[-1])["recordings"]
+        texts.append([r["text"] for r in found])
+        assert all(r["state"] == "done" and r["segments"] for r in found)
+    assert len(texts[0]) == len(DEMO_TRUTH) and texts[0] == texts[1]
+    # The server's model is named with every transcript, and the local one was never loaded
+    # (its name does not exist).
+    assert {r["model"] for r in recordings(remote_env)} == {str(server.model_dir)}
+    assert server.requests_in() >= len(DEMO_TRUTH)
+
+
+# --- failures ------------------------------------------------------------------------------
+
+
+def test_server_killed_mid_request_and_restarted_gives_one_transcript_each(
+    env: dict[str, str], start_wyoming: StartWyoming, tmp_path: Path
+) -> None:
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    try:
+        sub = Subscriber(broker.port, [f"meraudiod/{NODE}/event/transcript"])
+        server = start_wyoming()
+        run_env = wyoming_env(
+            env,
+            [server.uri],
+            MERAUDIOD_MQTT__ENABLED="true",
+            MERAUDIOD_MQTT__HOST="127.0.0.1",
+            MERAUDIOD_MQTT__PORT=str(broker.port),
+            MERAUDIOD_MQTT__NODE_ID=NODE,
+        )
+        proc = run_demo(run_env)
+        # The second request's audio is in and the server is transcribing it: kill it.
+        wait_for(lambda: server.requests_in() >= 2, 120, "the second request")
+        server.kill()
+        time.sleep(2.0)  # the daemon meets a dead server (and its retry waits)
+        start_wyoming(server.port)
+        log = finished(proc)
+        assert "is down" in log and "is up" in log
+        done = recordings(run_env)
+        assert len(done) == len(DEMO_TRUTH) and all(r["status"] == "done" for r in done)
+        assert max(attempts(run_env)) >= 2  # the killed request went the retry path
+        sub.wait_for(lambda: len(sub.on("/event/transcript")) >= len(DEMO_TRUTH), 30)
+        time.sleep(1.0)  # a duplicate would arrive by now
+        events = [m.json() for m in sub.on("/event/transcript")]
+        assert sorted(e["recording_id"] for e in events) == [r["id"] for r in done]
+        assert {e["model"] for e in events} == {str(server.model_dir)}
+        sub.close()
+    finally:
+        broker.stop()
+
+
+def test_server_down_at_start_keeps_a_backlog_that_drains_when_it_comes(
+    env: dict[str, str], start_wyoming: StartWyoming
+) -> None:
+    port = free_port()
+    run_env = wyoming_env(env, [f"tcp://127.0.0.1:{port}"])
+    proc = run_demo(run_env)
+    try:
+
+        def backlog_shown() -> bool:
+            info = status(run_env)
+            return bool(info["running"] and info["backlog"] == len(DEMO_TRUTH))
+
+        wait_for(backlog_shown, 120, "the backlog in status")
+        info = status(run_env)
+        assert info["jobs"]["pending"] == len(DEMO_TRUTH)
+        (server_info,) = info["asr_servers"]
+        assert server_info["up"] is False and "refused" in server_info["error"].lower()
+        assert info["models"]["asr"] == "wyoming" and info["models"]["asr_server"] is None
+        server = start_wyoming(port)
+        finished(proc)
+    finally:
+        proc.kill()
+    done = recordings(run_env)
+    assert len(done) == len(DEMO_TRUTH) and all(r["status"] == "done" for r in done)
+    assert attempts(run_env) == [1] * len(DEMO_TRUTH)  # waiting used no attempt
+    assert server.requests_in() >= len(DEMO_TRUTH)
+
+
+def test_hung_server_hits_the_deadline_and_the_daemon_stays_responsive(
+    env: dict[str, str], start_wyoming: StartWyoming
+) -> None:
+    server = start_wyoming()
+    run_env = wyoming_env(env, [server.uri])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=run_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    try:
+        wait_for(lambda: status(run_env)["models"]["asr_server"] == server.uri, 120, "server up")
+        server.pause()  # SIGSTOP: connections are accepted, nothing is answered
+        proc.stdin.write(decode_file(DEMO).astype("<i2").tobytes())
+        proc.stdin.flush()
+        rows = lambda: db_rows(run_env, "SELECT error FROM jobs WHERE error IS NOT NULL")  # noqa: E731
+        wait_for(lambda: any("no answer in" in r["error"] for r in rows()), 120, "the deadline")
+        # The main loop goes on writing its heartbeat, which shows the server down.
+        wait_for(lambda: status(run_env)["asr_servers"][0]["up"] is False, 20, "server down")
+        info = status(run_env)
+        assert info["running"] and info["heartbeat_age_s"] < 10 and info["backlog"] > 0
+        assert proc.poll() is None
+        server.resume()
+        _, stderr = proc.communicate(timeout=240)  # closes stdin: the input has ended
+        assert proc.returncode == 0, stderr.decode()
+    finally:
+        proc.kill()
+    done = recordings(run_env)
+    assert len(done) == len(DEMO_TRUTH) and all(r["status"] == "done" for r in done)
+
+
+def test_stop_abandons_a_request_to_a_hung_server(
+    env: dict[str, str], start_wyoming: StartWyoming
+) -> None:
+    """SIGTERM while the worker waits on a stopped server: the daemon exits long before the
+    request's deadline, and the job is left pending for the next start."""
+    server = start_wyoming()
+    run_env = wyoming_env(env, [server.uri], MERAUDIOD_ASR__WYOMING__DEADLINE_BASE_S="120")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=run_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    try:
+        wait_for(lambda: status(run_env)["models"]["asr_server"] == server.uri, 120, "server up")
+        server.pause()
+        proc.stdin.write(decode_file(DEMO).astype("<i2").tobytes())
+        proc.stdin.flush()
+        running = "SELECT id FROM jobs WHERE state='running'"
+        wait_for(lambda: db_rows(run_env, running), 120, "a request in flight")
+        time.sleep(1.0)  # well inside the request, far from its 120 s deadline
+        asked_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert time.monotonic() - asked_at < 30 and proc.returncode == 0
+    finally:
+        proc.kill()
+    states = {r["state"] for r in db_rows(run_env, "SELECT state FROM jobs")}
+    assert states == {"pending"}  # nothing lost, nothing half done
+
+
+def test_stop_while_a_played_file_waits_for_a_server(env: dict[str, str]) -> None:
+    """The input has ended and the backlog waits for a server that is down: SIGTERM ends
+    the wait at once, and the recordings stay pending for the next start."""
+    run_env = wyoming_env(env, [f"tcp://127.0.0.1:{free_port()}"])
+    proc = run_demo(run_env)
+    try:
+        pending = "SELECT id FROM jobs WHERE state='pending'"
+        wait_for(lambda: status(run_env)["backlog"] == len(DEMO_TRUTH), 120, "the backlog")
+        time.sleep(1.0)  # the demo has played: the daemon waits for its jobs
+        asked_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert time.monotonic() - asked_at < 30 and proc.returncode == 0
+    finally:
+        proc.kill()
+    assert len(db_rows(run_env, pending)) == len(DEMO_TRUTH)
+
+
+def test_two_servers_one_killed_all_jobs_complete(
+    env: dict[str, str], start_wyoming: StartWyoming
+) -> None:
+    first, second = start_wyoming(), start_wyoming()
+    run_env = wyoming_env(env, [first.uri, second.uri])
+    proc = run_demo(run_env)
+    wait_for(lambda: first.requests_in() >= 1, 120, "the first request")
+    first.kill()
+    finished(proc)
+    done = recordings(run_env)
+    assert len(done) == len(DEMO_TRUTH) and all(r["status"] == "done" for r in done)
+    assert second.requests_in() >= len(DEMO_TRUTH) - 1  # the rest went to the second
+
+
+def test_fallback_to_local_when_every_server_is_down(env: dict[str, str]) -> None:
+    run_env = wyoming_env(env, [f"tcp://127.0.0.1:{free_port()}"], fallback="local")
+    log = finished(run_demo(run_env))
+    assert "transcribing locally" in log
+    done = recordings(run_env)
+    assert len(done) == len(DEMO_TRUTH) and all(r["status"] == "done" for r in done)
+    assert {r["model"] for r in done} == {"tiny.en"}
+
+
+# --- pieces --------------------------------------------------------------------------------
+
+
+def test_recordings_are_cut_at_pauses(settings: Settings) -> None:
+    """The demo's five utterances, 2 s apart, as one recording: five requests, at the right
+    times."""
+    audio = to_float32(decode_file(DEMO))
+    vad = SileroVad(models.vad_file(settings))
+    spans = speech_spans(audio, vad, settings)
+    assert len(spans) == len(DEMO_TRUTH)
+    for (start_s, end_s), truth in zip(spans, DEMO_TRUTH, strict=True):
+        assert abs(start_s - truth["start_s"]) < 0.5 and abs(end_s - truth["end_s"]) < 0.5
+    silence = np.zeros(2 * SAMPLE_RATE_HZ, dtype=np.float32)
+    assert speech_spans(silence, vad, settings) == [(0.0, 2.0)]  # nothing found: all of it
+
+
+def test_guard_without_scores(settings: Settings) -> None:
+    """A server gives text only: phantom phrases cannot be vouched for, sound labels and
+    loops are still caught, and ordinary speech passes."""
+
+    def unscored(text: str) -> Segment:
+        return Segment(0.0, 1.0, text, None, None, compression_ratio=1.0)
+
+    assert judge(unscored("Thank you."), settings.asr) == "phantom_phrase"
+    assert judge(unscored("(music)"), settings.asr) == "sound_label"
+    assert judge(unscored("Turn off the kitchen lights."), settings.asr) is None
+    loop = Segment(0.0, 1.0, "the " * 40, None, None, compression_ratio=5.0)
+    assert judge(loop, settings.asr) == "repetitive"
+
+
+def test_server_settings_are_checked(env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[asr]\nbackend = "wyoming"\n')
+    with pytest.raises(ConfigError, match=r"asr.wyoming.servers"):
+        load_settings(path)
+    path.write_text('[asr]\nbackend = "wyoming"\n[asr.wyoming]\nservers = ["gpu-box:10300"]\n')
+    with pytest.raises(ConfigError, match=r"asr.wyoming.servers.*'gpu-box:10300'"):
+        load_settings(path)
+
+
+# --- bench ---------------------------------------------------------------------------------
+
+
+def test_bench_in_wyoming_mode(env: dict[str, str], start_wyoming: StartWyoming) -> None:
+    """Without a local Whisper the daemon fits a 512 MB device, and transcription costs the
+    device a small share of what it costs locally (CPU time, not wall clock)."""
+    server = start_wyoming()
+    run_env = wyoming_env(env, [server.uri], fallback="local")  # bench runs it with wait
+    result = cli("bench", "--json", env=run_env, timeout_s=400)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["asr_backend"] == "wyoming" and "asr_passage_rtf" not in figures
+    assert figures["pipeline_recordings"] == 3
+    assert figures["pipeline_asr_model"] == str(server.model_dir)
+    assert figures["daemon_peak_rss_mb"] < 150 < figures["local_daemon_peak_rss_mb"]
+    assert 0 < figures["transcription_cpu_ratio_vs_local"] < 0.25
+    assert figures["device_cpu_ratio_vs_local"] < 1
