@@ -154,9 +154,9 @@ class SpeakerStage:
         With `conn`, the enrolled people guide diarization (see Diarizer); it is only read.
         """
         t0 = time.perf_counter()
-        if transcript.suspect:  # nothing trusted as speech: no voice to learn or name
-            diarization = Diarization((), ())
-        elif self.settings.diarization.enabled:
+        # Whatever Whisper made of the words (a language it does not know comes out
+        # "suspect"), who speaks is a fact about the voice: the segmentation decides.
+        if self.settings.diarization.enabled:
             diarization = self.diarizer(audio, self._recogniser(conn))
         else:
             diarization = self.diarizer.speech(audio)

@@ -199,6 +199,25 @@ def test_worker_names_voices_groups_strangers_and_forgets_opted_out(
         assert not list(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).rglob(f"{rec['id']}.*"))
 
 
+def test_a_suspect_transcript_still_gets_its_speaker(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    """Who spoke does not depend on Whisper's verdict on the words (issue 14).
+
+    An asr.logprob_threshold no segment can reach makes the hallucination guard flag every
+    segment, as it does with a language tiny.en does not know.
+    """
+    env = {**env, "MERAUDIOD_SPEAKERS__ENABLED": "true"}
+    assert cli("speakers", "enroll", "Alice", *(str(TEST_DATA / c) for c in ALICE), env=env)
+    env["MERAUDIOD_ASR__LOGPROB_THRESHOLD"] = "5"
+    (item,) = analyze(env, TEST_DATA / ALICE_TEST[0])
+    recordings = item["recordings"]
+    assert recordings and all(r["state"] == "suspect" for r in recordings), recordings
+    segments = [s for r in recordings for s in r["segments"]]
+    assert segments and all(s["suspect"] for s in segments)
+    assert {s["speaker"]["name"] for s in segments} == {"Alice"}, segments
+
+
 def test_enabled_without_the_model_fails_fast(env: dict[str, str], tmp_path: Path) -> None:
     env = {
         **env,
