@@ -27,7 +27,7 @@ from .cli_common import (
 )
 from .cli_recordings import recordings
 from .cli_speakers import speakers_group
-from .recordings import recording_details
+from .recordings import recording_details, speaker_payload
 from .sources import SourceError, input_devices, open_source
 
 
@@ -214,6 +214,23 @@ def _analysis_record(conn: sqlite3.Connection, rec_id: str) -> dict[str, Any]:
                 "speaker": s["speaker"],
             }
             for s in data.get("segments", [])
+        ],
+        # Every voice analysed in the recording, even one whose words Whisper distrusted.
+        "speakers": [
+            {
+                **(
+                    speaker_payload(
+                        m["label"],
+                        m["speaker_id"],
+                        m["name"],
+                        m["score"],
+                        bool(m["speaker_id"] and m["name"] and not m["provisional"]),
+                    )
+                    or {}
+                ),
+                "speech_s": round(m["speech_s"], 2),
+            }
+            for m in data.get("speakers", [])
         ],
     }
 

@@ -264,6 +264,19 @@ def export_recording(conn: sqlite3.Connection, rec_id: str, out_dir: Path) -> li
     return written
 
 
+def speaker_payload(
+    label: str | None, speaker_id: str | None, name: str | None, score: float | None, known: bool
+) -> dict[str, Any] | None:
+    """A segment's speaker as JSON shows it: the local label ("S1") whenever the recording was
+    analysed, with id, name and score when it is a named person (null otherwise); None when
+    speaker analysis did not run."""
+    if label is None and not known:
+        return None
+    if not known:
+        speaker_id = name = score = None
+    return {"label": label, "id": speaker_id, "name": name, "score": score}
+
+
 def recording_details(conn: sqlite3.Connection, rec_id: str) -> dict[str, Any] | None:
     """The recording row with its segments (times relative to the recording)."""
     import json
@@ -282,10 +295,13 @@ def recording_details(conn: sqlite3.Connection, rec_id: str) -> dict[str, Any] |
             "compression_ratio": s["compression_ratio"],
             "suspect": s["suspect"],
             "words": json.loads(s["words"]) if s["words"] else [],
-            # A named person, or None for an unknown voice (also one grouped provisionally).
-            "speaker": {"id": s["speaker_id"], "name": s["p_name"], "score": s["speaker_score"]}
-            if s["speaker_id"] and s["p_name"] and not s["p_provisional"]
-            else None,
+            "speaker": speaker_payload(
+                s["speaker_label"],
+                s["speaker_id"],
+                s["p_name"],
+                s["speaker_score"],
+                bool(s["speaker_id"] and s["p_name"] and not s["p_provisional"]),
+            ),
             "speaker_label": s["speaker_label"],  # the local speaker inside the recording
             "speaker_score": s["speaker_score"],  # best score, kept for unknown voices too
         }

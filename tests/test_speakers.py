@@ -158,7 +158,8 @@ def test_worker_names_voices_groups_strangers_and_forgets_opted_out(
         names.append(segments[0]["speaker"])
     assert names[0]["name"] == "Alice" and names[0]["score"] >= 0.4
     assert names[1]["name"] == "Bob"
-    assert names[2] is None  # a stranger is unknown ...
+    assert names[0]["label"] == "S1"
+    assert names[2] == {"label": "S1", "id": None, "name": None, "score": None}  # unknown ...
     rows = speakers_json(env)
     (unknown,) = [n for n in rows if n.startswith("unknown-")]  # ... grouped provisionally
     assert rows[unknown]["provisional"]
@@ -216,6 +217,34 @@ def test_a_suspect_transcript_still_gets_its_speaker(
     segments = [s for r in recordings for s in r["segments"]]
     assert segments and all(s["suspect"] for s in segments)
     assert {s["speaker"]["name"] for s in segments} == {"Alice"}, segments
+
+
+PHONECALL = SHARED_DATA / "diarization" / "pyannote_sample_2spk_phonecall" / "sample.wav"
+
+
+@needs_shared
+def test_two_voices_get_local_labels_with_nobody_enrolled(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    """A two-person call (internal data, read in place), nobody enrolled: S1 and S2 show."""
+    env = {
+        **env,
+        "MERAUDIOD_SPEAKERS__ENABLED": "true",
+        "MERAUDIOD_DIARIZATION__ENABLED": "true",
+    }
+    (item,) = analyze(env, PHONECALL)
+    labels: set[str] = set()
+    for rec in item["recordings"]:  # type: ignore[attr-defined]
+        for seg in rec["segments"]:
+            speaker = seg["speaker"]
+            assert speaker is not None, seg  # analysed: the label is always there
+            assert speaker["name"] is None and speaker["id"] is None and speaker["score"] is None
+            labels.add(speaker["label"])
+        assert {v["label"] for v in rec["speakers"]} >= {
+            s["speaker"]["label"] for s in rec["segments"]
+        }
+        assert all(v["name"] is None and v["speech_s"] > 0 for v in rec["speakers"])
+    assert {"S1", "S2"} <= labels, item
 
 
 def test_enabled_without_the_model_fails_fast(env: dict[str, str], tmp_path: Path) -> None:
