@@ -14,7 +14,7 @@ from meraudiod.speakers import SpeakerStage
 from .conftest import REPO, TEST_DATA
 
 sys.path.insert(0, str(REPO / "scripts"))
-from speaker_sets import BANDS, cuts, halves  # noqa: E402
+from speaker_sets import BANDS, cuts, halves
 
 
 @pytest.fixture(scope="module")
