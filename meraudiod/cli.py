@@ -31,7 +31,7 @@ from .cli_recordings import recordings
 from .cli_speakers import speakers_group
 from .db import DatabaseError
 from .machine import summary_line
-from .recordings import recording_details
+from .recordings import recording_details, speaker_payload
 from .signals import install as install_signal_handlers
 from .signals import run_handlers
 from .sources import SourceError, input_devices, open_source
@@ -251,6 +251,23 @@ def _analysis_record(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> 
                 "speaker": s["speaker"],
             }
             for s in data.get("segments", [])
+        ],
+        # Every voice analysed in the recording, even one whose words Whisper distrusted.
+        "speakers": [
+            {
+                **(
+                    speaker_payload(
+                        m["label"],
+                        m["speaker_id"],
+                        m["name"],
+                        m["score"],
+                        bool(m["speaker_id"] and m["name"] and not m["provisional"]),
+                    )
+                    or {}
+                ),
+                "speech_s": round(m["speech_s"], 2),
+            }
+            for m in data.get("speakers", [])
         ],
     }
 

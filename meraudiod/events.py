@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import MqttSettings
 from .messages import SegmentPayload, SpeakerEvent, SpeechEvent, TranscriptEvent, enqueue
-from .recordings import Recording
+from .recordings import Recording, speaker_payload
 from .worker import TranscribedRecording
 
 
@@ -59,15 +59,8 @@ def transcribed(conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRe
             round(seg.start_s, 3),
             round(seg.end_s, 3),
             seg.text,
-            speaker=(
-                {
-                    "id": seg.speaker_id,
-                    "name": seg.speaker_name,
-                    "score": _round(seg.score),
-                    "provisional": not seg.known,
-                }
-                if seg.speaker_id is not None
-                else None
+            speaker=speaker_payload(
+                seg.label, seg.speaker_id, seg.speaker_name, _round(seg.score), seg.known
             ),
         )
         for seg in result.segments

@@ -62,7 +62,7 @@ class SegmentPayload:
     start_s: float
     end_s: float
     text: str
-    speaker: dict[str, Any] | None = None  # {"id", "name", "score"} or null when unknown
+    speaker: dict[str, Any] | None = None  # {"label", "id", "name", "score"}, see README
     emotion: str | None = None
 
 

@@ -332,6 +332,27 @@ def export_recording(
     return written
 
 
+def speaker_payload(
+    label: str | None, speaker_id: str | None, name: str | None, score: float | None, known: bool
+) -> dict[str, Any] | None:
+    """A segment's speaker as JSON shows it, the same in the CLI, over MQTT and HTTP: the
+    local label ("S1") whenever the recording was analysed; the profile's id, name and score
+    when the voice has one, with `provisional` true for a voice grouped automatically
+    (`unknown-N`, what Home Assistant's Last speaker shows too); id, name and score null when
+    it has none; None when speaker analysis did not run."""
+    if label is None and speaker_id is None:
+        return None
+    if speaker_id is None:
+        name = score = None
+    return {
+        "label": label,
+        "id": speaker_id,
+        "name": name,
+        "score": score,
+        "provisional": speaker_id is not None and not known,
+    }
+
+
 def recording_details(
     conn: sqlite3.Connection, audio_dir: Path, rec_id: str
 ) -> dict[str, Any] | None:
@@ -362,17 +383,20 @@ def recording_details(
             "compression_ratio": s["compression_ratio"],
             "suspect": s["suspect"],
             "words": json.loads(s["words"]) if s["words"] else [],
-            # A named person, or None for an unknown voice (also one grouped provisionally).
-            "speaker": {"id": s["speaker_id"], "name": s["p_name"], "score": s["speaker_score"]}
-            if s["speaker_id"] and s["p_name"] and not s["p_provisional"]
-            else None,
+            "speaker": speaker_payload(
+                s["speaker_label"],
+                s["speaker_id"],
+                s["p_name"],
+                s["speaker_score"],
+                bool(s["speaker_id"] and s["p_name"] and not s["p_provisional"]),
+            ),
             "speaker_label": s["speaker_label"],  # the local speaker inside the recording
             "speaker_score": s["speaker_score"],  # best score, kept for unknown voices too
         }
         for s in conn.execute(
             "SELECT s.*, p.name AS p_name, p.provisional AS p_provisional FROM segments s"
             " LEFT JOIN speakers p ON p.id = s.speaker_id WHERE s.recording_id=? ORDER BY s.idx",
-            (rec_id,),
+            (data["id"],),
         )
     ]
     # Who the local speakers were matched to, with score and margin over the runner-up.

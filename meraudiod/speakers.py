@@ -148,6 +148,11 @@ class SpeakerStage:
         clip = gather(audio, voice.spans, self.settings.speakers.max_embedding_s)
         return self.embedder(clip), voice.speech_s
 
+    def identify(self, profiles: list[Profile], vector: Float32Array, speech_s: float) -> Match:
+        """Who an embedding of that much speech is, as the daemon decides it."""
+        spk = self.settings.speakers
+        return identify(profiles, vector, spk.threshold, spk.margin)
+
     def analyze(
         self, audio: Float32Array, transcript: Transcript, conn: sqlite3.Connection | None = None
     ) -> SpeakerAnalysis:
@@ -156,9 +161,9 @@ class SpeakerStage:
         With `conn`, the enrolled people guide diarization (see Diarizer); it is only read.
         """
         t0 = time.perf_counter()
-        if transcript.suspect:  # nothing trusted as speech: no voice to learn or name
-            diarization = Diarization((), ())
-        elif self.settings.diarization.enabled:
+        # Whatever Whisper made of the words (a language it does not know comes out
+        # "suspect"), who speaks is a fact about the voice: the segmentation decides.
+        if self.settings.diarization.enabled:
             diarization = self.diarizer(audio, self._recogniser(conn))
         else:
             diarization = self.diarizer.speech(audio)
@@ -194,7 +199,7 @@ class SpeakerStage:
         def recognise(vector: Float32Array, speech_s: float) -> str | None:
             if speech_s < spk.min_speech_s:
                 return None
-            return identify(known, vector, spk.threshold, spk.margin).speaker_id
+            return self.identify(known, vector, speech_s).speaker_id
 
         return recognise
 
@@ -212,7 +217,7 @@ class SpeakerStage:
         for voice in analysis.voices:
             match = UNKNOWN
             if voice.embedding is not None:
-                match = identify(profiles, voice.embedding, spk.threshold, spk.margin)
+                match = self.identify(profiles, voice.embedding, voice.speech_s)
                 # Nobody close at all: a new voice. (Close to two people at once is only
                 # ambiguous, not new: it stays unknown without a profile.)
                 nobody = match.score is None or match.score < spk.threshold
