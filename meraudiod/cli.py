@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from .cli_common import (
 )
 from .cli_recordings import recordings
 from .cli_speakers import speakers_group
-from .recordings import recording_details
+from .recordings import analysis_record
 from .sources import SourceError, input_devices, open_source
 
 
@@ -185,7 +184,7 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
             if as_json:
                 echo_json({"file": str(path), "error": error})
             continue
-        recs = [_analysis_record(conn, rec_id) for rec_id in rec_ids]
+        recs = [analysis_record(conn, rec_id) for rec_id in rec_ids]
         if as_json:
             echo_json({"file": str(path), "duration_s": duration_s, "recordings": recs})
             continue
@@ -194,28 +193,6 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
             click.echo(f"  {fmt_span(rec['start_s'], rec['end_s'])} {rec['text'] or ''}")
     if failed:
         sys.exit(1)
-
-
-def _analysis_record(conn: sqlite3.Connection, rec_id: str) -> dict[str, Any]:
-    data = recording_details(conn, rec_id) or {}
-    offset = data.get("start_s", 0.0)
-    return {
-        "id": rec_id,
-        "start_s": round(data.get("start_s", 0.0), 3),
-        "end_s": round(data.get("end_s", 0.0), 3),
-        "text": data.get("text"),
-        "state": data.get("status"),
-        "segments": [
-            {
-                "start_s": round(offset + s["start_s"], 3),
-                "end_s": round(offset + s["end_s"], 3),
-                "text": s["text"],
-                "suspect": s["suspect"],
-                "speaker": s["speaker"],
-            }
-            for s in data.get("segments", [])
-        ],
-    }
 
 
 # --- jobs ----------------------------------------------------------------------------------

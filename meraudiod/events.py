@@ -1,5 +1,6 @@
 """The events a recording and its transcript put in the MQTT outbox, in the same
-transaction that stores them (called on the listener and worker threads)."""
+transaction that stores them (called on the listener and worker threads); the HTTP event
+stream sends the same events."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sqlite3
 from typing import Any
 
 from .config import MqttSettings
-from .messages import SegmentPayload, SpeakerEvent, SpeechEvent, TranscriptEvent, enqueue
+from .messages import Event, SegmentPayload, SpeakerEvent, SpeechEvent, TranscriptEvent, enqueue
 from .recordings import Recording
 from .worker import TranscribedRecording
 
@@ -18,12 +19,22 @@ def _round(value: float | None) -> float | None:
 
 def speech_start(conn: sqlite3.Connection, m: MqttSettings, ts: float) -> None:
     """Someone started speaking."""
-    enqueue(conn, SpeechEvent(node_id=m.node_id, area=m.area, ts=ts, type="start"))
+    enqueue(conn, speech_start_event(m, ts))
 
 
 def speech_end(conn: sqlite3.Connection, m: MqttSettings, recording: Recording) -> None:
     """The utterance ended and its recording is saved."""
-    event = SpeechEvent(
+    enqueue(conn, speech_end_event(m, recording))
+
+
+def speech_start_event(m: MqttSettings, ts: float) -> SpeechEvent:
+    """The event of someone starting to speak."""
+    return SpeechEvent(node_id=m.node_id, area=m.area, ts=ts, type="start")
+
+
+def speech_end_event(m: MqttSettings, recording: Recording) -> SpeechEvent:
+    """The event of an utterance that ended and was saved."""
+    return SpeechEvent(
         node_id=m.node_id,
         area=m.area,
         ts=recording.ended_at,
@@ -31,14 +42,24 @@ def speech_end(conn: sqlite3.Connection, m: MqttSettings, recording: Recording) 
         recording_id=recording.id,
         rms_dbfs=round(recording.rms_dbfs, 1),
     )
-    enqueue(conn, event)
 
 
 def transcribed(conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRecording) -> bool:
-    """The transcript event and one speaker event per voice heard; False when nothing may
-    be published (not speech, or a voice that asked not to be kept)."""
+    """The transcript event and one speaker event per voice heard into the outbox; False
+    when nothing may be published (not speech, or a voice that asked not to be kept)."""
+    found = transcript_events(conn, m, result)
+    for event in found:
+        enqueue(conn, event)
+    return bool(found)
+
+
+def transcript_events(
+    conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRecording
+) -> list[Event]:
+    """The transcript event and one speaker event per voice heard (none when nothing may be
+    published): what MQTT and the HTTP event stream both send."""
     if result.suspect or result.opt_out:
-        return False
+        return []
     row = conn.execute(
         "SELECT started_at, ended_at, duration_s, rms_dbfs, model FROM recordings WHERE id=?",
         (result.recording_id,),
@@ -72,14 +93,13 @@ def transcribed(conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRe
         latency_ms=round(result.latency_ms, 1),
         rms_dbfs=round(row["rms_dbfs"], 1),
     )
-    enqueue(conn, event)
+    found: list[Event] = [event]
     heard: dict[str, Any] = {}
     for seg in result.segments:
         if seg.label is not None and not seg.suspect and seg.label not in heard:
             heard[seg.label] = seg
     for seg in heard.values():
-        enqueue(
-            conn,
+        found.append(
             SpeakerEvent(
                 node_id=m.node_id,
                 area=m.area,
@@ -90,4 +110,4 @@ def transcribed(conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRe
                 recording_id=result.recording_id,
             ),
         )
-    return True
+    return found

@@ -68,15 +68,18 @@ class Pipeline:
         if self.worker is not None:
             self.worker.start()
 
-    def listener(self, source: AudioSource, **hooks: Any) -> Listener:
-        """A started listener on an already started source."""
+    def listener(self, source: AudioSource, vad: SileroVad | None = None, **hooks: Any) -> Listener:
+        """A started listener on an already started source; a second source at the same
+        time (a live socket) brings its own VAD, whose state is per stream."""
         assert self.vad is not None, "open() first"
 
         def on_recording(recording: Recording) -> None:
             if self.worker is not None:
                 self.worker.wake()
 
-        listener = Listener(self.settings, source, self.vad, on_recording=on_recording, **hooks)
+        listener = Listener(
+            self.settings, source, vad or self.vad, on_recording=on_recording, **hooks
+        )
         listener.memory = self.memory
         listener.start()
         return listener

@@ -306,3 +306,26 @@ def recording_details(conn: sqlite3.Connection, rec_id: str) -> dict[str, Any] |
         )
     ]
     return data
+
+
+def analysis_record(conn: sqlite3.Connection, rec_id: str) -> dict[str, Any]:
+    """One recording as `analyze --json` prints it (segment times are offsets into the file)."""
+    data = recording_details(conn, rec_id) or {}
+    offset = data.get("start_s", 0.0)
+    return {
+        "id": rec_id,
+        "start_s": round(data.get("start_s", 0.0), 3),
+        "end_s": round(data.get("end_s", 0.0), 3),
+        "text": data.get("text"),
+        "state": data.get("status"),
+        "segments": [
+            {
+                "start_s": round(offset + s["start_s"], 3),
+                "end_s": round(offset + s["end_s"], 3),
+                "text": s["text"],
+                "suspect": s["suspect"],
+                "speaker": s["speaker"],
+            }
+            for s in data.get("segments", [])
+        ],
+    }
