@@ -1,0 +1,383 @@
+"""The HTTP stage for real: the daemon as a process serving on a free loopback port, httpx
+and websockets clients, real speech, a real restart in the middle of an upload's task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+
+from meraudiod.audio import decode_file
+from tests.conftest import DEMO, TEST_DATA
+from tests.httpd import TOKEN, HttpDaemon, wait_task
+
+SPEAKERS_CONFIG = """
+[speakers]
+enabled = true
+"""
+
+
+def _env(folder: Path, models_dir: Path) -> dict[str, str]:
+    """The environment of a daemon with its own data directory (a module's daemon cannot use
+    the function-scoped `env` fixture)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "config.toml"
+    config.write_text("")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MERAUDIOD_")}
+    return {
+        **base,
+        "MERAUDIOD_CONFIG": str(config),
+        "MERAUDIOD_STORAGE__DATA_DIR": str(folder / "data"),
+        "MERAUDIOD_STORAGE__MODELS_DIR": str(models_dir),
+    }
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, speaker_models: Path) -> Iterator[HttpDaemon]:
+    """One daemon for the module: a token, admin allowed, speakers on, a 5 MB upload limit."""
+    env = _env(tmp_path_factory.mktemp("httpd"), speaker_models)
+    config = "max_upload_mb = 5\n" + SPEAKERS_CONFIG
+    server = HttpDaemon(env, config=config).start()
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+def _error(response: httpx.Response, status: int, code: str) -> str:
+    """The one error shape; returns its message."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message", "request_id"}, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
+    return str(body["error"]["message"])
+
+
+def test_upload_is_a_task_that_completes_with_what_analyze_prints(daemon: HttpDaemon) -> None:
+    with daemon.client() as client:
+        response = client.post(
+            "/api/v1/analysis/upload", files={"file": ("talk.flac", DEMO.read_bytes())}
+        )
+        assert response.status_code == 202, response.text
+        task_id = response.json()["task_id"]
+        assert response.json()["status"] == "pending"
+        body = wait_task(client, task_id, "completed")
+    assert body["status"] == "completed", body
+    assert body["progress"] == 1.0
+    result = body["result"]
+    assert set(result) == {"file", "duration_s", "recordings"}  # analyze --json's object
+    assert result["file"] == "talk.flac"
+    assert result["duration_s"] == pytest.approx(35.7, abs=0.1)
+    (recording,) = result["recordings"]
+    assert set(recording) == {"id", "start_s", "end_s", "text", "state", "segments"}
+    assert "Dashwood" in recording["text"] and "amiable himself" in recording["text"]
+    assert recording["state"] == "done"
+    assert len(recording["segments"]) >= 3
+    assert {"start_s", "end_s", "text", "suspect", "speaker"} == set(recording["segments"][0])
+
+
+def test_recordings_search_page_play_and_delete(daemon: HttpDaemon) -> None:
+    with daemon.client() as client:
+        ids = []
+        for clip in ("ls_2609_0000.flac", "ls_3080_0000.flac"):
+            response = client.post(
+                "/api/v1/vad/upload_recording",
+                files={"file": (clip, (TEST_DATA / clip).read_bytes())},
+            )
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["recording_id"])
+        for rec_id in ids:
+            assert wait_task(client, rec_id, "completed")["status"] == "completed"
+        first = client.get("/api/v1/recordings", params={"limit": 1}).json()
+        assert [r["id"] for r in first["recordings"]] == [ids[1]]  # newest first
+        second = client.get(
+            "/api/v1/recordings", params={"limit": 1, "cursor": first["next_cursor"]}
+        ).json()
+        assert [r["id"] for r in second["recordings"]] == [ids[0]]
+        words = second["recordings"][0]["text"].split()
+        found = client.get("/api/v1/recordings", params={"search": words[-1]}).json()
+        assert ids[0] in [r["id"] for r in found["recordings"]]
+
+        details = client.get(f"/api/v1/recordings/{ids[0]}").json()
+        assert details["segments"] and "audio_path" not in details
+        assert details["audio_url"] == f"/api/v1/recordings/{ids[0]}/audio"
+        whole = client.get(details["audio_url"])
+        assert whole.status_code == 200 and whole.headers["content-type"] == "audio/flac"
+        part = client.get(details["audio_url"], headers={"Range": "bytes=100-199"})
+        assert part.status_code == 206
+        assert part.headers["content-range"] == f"bytes 100-199/{len(whole.content)}"
+        assert part.content == whole.content[100:200]
+
+        assert client.delete(f"/api/v1/recordings/{ids[0]}").json()["deleted"] == 1
+        _error(client.get(f"/api/v1/recordings/{ids[0]}"), 404, "not_found")
+        _error(client.get(details["audio_url"]), 404, "not_found")
+        _error(client.delete(f"/api/v1/recordings/{ids[0]}"), 404, "not_found")
+
+
+def test_every_failure_is_one_json_error_with_the_request_id(daemon: HttpDaemon) -> None:
+    with daemon.client() as client:
+        given = client.get("/api/v1/recordings/nope", headers={"X-Request-ID": "abc-123"})
+        assert _error(given, 404, "not_found")
+        assert given.headers["x-request-id"] == "abc-123"  # a client's id is kept
+        _error(client.get("/api/v1/recordings/..%2F..%2Fetc%2Fpasswd"), 404, "not_found")
+        _error(client.get("/api/v1/recordings/..%2F..%2Fetc%2Fpasswd/audio"), 404, "not_found")
+        _error(client.get("/api/v1/tasks/..%2Fmeraudiod.db"), 404, "not_found")
+        _error(client.get("/no/such/route"), 404, "not_found")
+        _error(client.get("/api/v1/recordings", params={"limit": 0}), 422, "invalid_request")
+        _error(
+            client.post("/api/v1/persistent-speakers", json={"nme": "x"}), 422, "invalid_request"
+        )
+        message = _error(
+            client.post(
+                "/api/v1/analysis/upload",
+                files={"file": ("speech.wav", b"RIFF not really a wave file" * 100)},
+            ),
+            415,
+            "unsupported_media",
+        )
+        assert "speech.wav" in message
+        _error(
+            client.post(
+                "/api/v1/persistent-speakers/rename", json={"name": "Nobody", "new_name": "X"}
+            ),
+            404,
+            "not_found",
+        )
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        response = httpx.get(f"{daemon.url}/api/v1/recordings", headers=headers)
+        _error(response, 401, "unauthorized")
+    assert httpx.get(f"{daemon.url}/health").status_code == 200  # liveness needs no token
+    with daemon.client() as client:  # the daemon logged the work under the request's id
+        client.get(
+            "/api/v1/recordings/01M89AY2FTNHNGP6MBNKJA4H0J", headers={"X-Request-ID": "req-77"}
+        )
+    assert "[request req-77]" in daemon.log()
+
+
+def _raw_request(port: int, head: str, body_chunks: Iterator[bytes]) -> tuple[bytes, int]:
+    """Send a request over a plain socket; returns the response and the body bytes sent
+    before the server answered or closed."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head.encode())
+        sock.setblocking(False)
+        response = b""
+        for chunk in body_chunks:
+            with contextlib.suppress(BlockingIOError):
+                response += sock.recv(65536)
+            if response:
+                break
+            try:
+                sock.setblocking(True)
+                sock.sendall(chunk)
+                sock.setblocking(False)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        sock.setblocking(True)
+        sock.settimeout(30)
+        try:
+            while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                response += data
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return response, sent
+
+
+def test_a_2_gb_upload_is_refused_before_it_is_stored(daemon: HttpDaemon) -> None:
+    uploads = Path(daemon.env["MERAUDIOD_STORAGE__DATA_DIR"])
+    boundary = "b0undary"
+    prefix = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.wav"'
+        "\r\nContent-Type: audio/wav\r\n\r\n"
+    ).encode()
+    two_gb = 2 * 1024**3
+    chunk = b"\0" * (1 << 20)
+
+    def body() -> Iterator[bytes]:
+        yield prefix
+        for _ in range(two_gb // len(chunk)):
+            yield chunk
+
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+    declared = (
+        f"POST /api/v1/analysis/upload HTTP/1.1\r\nHost: x\r\n{auth}"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {two_gb + len(prefix)}\r\n\r\n"
+    )
+    response, sent = _raw_request(daemon.port, declared, body())
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert b'"code":"too_large"' in response and b"http.max_upload_mb" in response
+    assert sent < 64 << 20  # refused from its declared length, not after reading it
+
+    chunked = (
+        f"POST /api/v1/analysis/upload HTTP/1.1\r\nHost: x\r\n{auth}"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    framed = (b"%x\r\n%s\r\n" % (len(c), c) for c in body())
+    response, sent = _raw_request(daemon.port, chunked, framed)
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert sent < 64 << 20  # refused once past the limit
+    big = [p for p in uploads.rglob("*") if p.is_file() and p.stat().st_size > 5e6]
+    assert not big, big  # nothing near the upload's size was stored
+
+
+def test_listening_switch_status_metrics_and_docs(daemon: HttpDaemon) -> None:
+    with daemon.client() as client:
+        assert client.post("/api/v1/vad/stop").json() == {"listening": False}
+        status = client.get("/api/v1/status").json()
+        assert status["listening"] is False and status["backlog"] >= 0
+        assert client.post("/api/v1/vad/start").json() == {"listening": True}
+        metrics = client.get("/metrics")
+        assert metrics.headers["content-type"].startswith("text/plain")
+        values = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in metrics.text.splitlines()
+            if line and not line.startswith("#")
+        }
+        for name in (
+            "meraudiod_frames_total",
+            "meraudiod_recordings",
+            "meraudiod_backlog_jobs",
+            "meraudiod_job_latency_ms",
+            "meraudiod_rtf",
+            "meraudiod_outbox_depth",
+            "meraudiod_dropped_frames_total",
+            "meraudiod_failed_jobs",
+        ):
+            assert name in values, metrics.text
+        assert values["meraudiod_recordings"] >= 1
+        ready = client.get("/health/ready").json()
+        assert ready["status"] == "ready"
+        assert {"models", "database", "microphone"} <= set(ready["checks"])
+        schema = client.get("/api/openapi.json").json()
+        docs = client.get("/api/docs").text
+        redoc = client.get("/api/redoc").text
+    operations = {(m.upper(), p) for p, item in schema["paths"].items() for m in item}
+    for expected in (
+        ("GET", "/api/v1/recordings"),
+        ("GET", "/api/v1/recordings/{rec_id}/audio"),
+        ("POST", "/api/v1/analysis/upload"),
+        ("GET", "/api/v1/tasks/{task_id}"),
+        ("POST", "/api/v1/persistent-speakers/upload"),
+        ("POST", "/api/v1/vad/start"),
+        ("GET", "/health/ready"),
+    ):
+        assert expected in operations
+    for page in (docs, redoc):  # served from the device: no other host is named
+        assert "/api/static-docs/" in page and "cdn" not in page.lower()
+        assert "http://" not in page and "https://" not in page
+
+
+def test_ws_audio_returns_transcripts_of_streamed_speech_and_ws_events_sees_them(
+    daemon: HttpDaemon,
+) -> None:
+    import websockets
+
+    samples = decode_file(DEMO)[: 16000 * 14]  # the first two utterances
+    ws_url = daemon.url.replace("http://", "ws://")
+
+    async def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with websockets.connect(f"{ws_url}/ws/events", additional_headers=headers) as feed:
+            async with websockets.connect(
+                f"{ws_url}/ws/audio", additional_headers=headers
+            ) as audio:
+                for start in range(0, samples.size, 1600):  # 100 ms messages
+                    await audio.send(samples[start : start + 1600].astype("<i2").tobytes())
+                await audio.send("end")
+                got = []
+                while True:
+                    message = json.loads(await asyncio.wait_for(audio.recv(), 300))
+                    got.append(message)
+                    if message.get("type") == "done":
+                        break
+            seen = []
+            while not any(e.get("event_type") == "transcript" for e in seen):
+                seen.append(json.loads(await asyncio.wait_for(feed.recv(), 60)))
+        return got, seen
+
+    got, seen = asyncio.run(run())
+    speech = [e["type"] for e in got if e.get("topic") == "event/speech"]
+    assert speech[:2] == ["start", "end"] and speech.count("end") == 2, got
+    transcripts = [e for e in got if e.get("event_type") == "transcript"]
+    assert len(transcripts) == 2, got
+    assert "Dashwood" in transcripts[0]["text"]
+    assert got[-1]["recording_ids"] == [t["recording_id"] for t in transcripts]
+    assert all(e["source"].startswith("ws:") for e in got[:-1])
+    assert transcripts[0]["recording_id"] in [e.get("recording_id") for e in seen]
+
+
+def test_bad_tokens_and_a_token_kept_in_a_cookie(daemon: HttpDaemon) -> None:
+    login = httpx.get(f"{daemon.url}/", params={"token": TOKEN})
+    assert login.status_code == 303 and login.headers["location"] == "/"
+    cookie = login.cookies["meraudiod_token"]
+    assert "httponly" in login.headers["set-cookie"].lower()
+    with httpx.Client(base_url=daemon.url, cookies={"meraudiod_token": cookie}) as browser:
+        assert browser.get("/api/v1/recordings").status_code == 200
+    assert httpx.get(f"{daemon.url}/", params={"token": "wrong"}).status_code == 401
+    with httpx.Client(base_url=daemon.url, cookies={"meraudiod_token": "wrong"}) as browser:
+        _error(browser.get("/api/v1/recordings"), 401, "unauthorized")
+
+
+def test_off_loopback_without_a_token_refuses_to_start(env: dict[str, str], tmp_path: Path) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text('[http]\nenabled = true\nhost = "0.0.0.0"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=env,
+        input=b"",
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    err = result.stderr.decode()
+    assert "Traceback" not in err
+    assert "http.host 0.0.0.0 is reachable from other machines" in err
+    assert "http.token" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_restart_in_the_middle_of_an_upload_task_loses_nothing(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    demo = decode_file(DEMO)
+    long_file = tmp_path / "long.wav"
+    soundfile.write(long_file, np.concatenate([demo] * 4), 16000)  # 143 s of speech
+    server = HttpDaemon(env, token=None).start()
+    try:
+        with server.client() as client:
+            response = client.post(
+                "/api/v1/analysis/upload", files={"file": ("long.wav", long_file.read_bytes())}
+            )
+            task_id = response.json()["task_id"]
+            assert wait_task(client, task_id, "running")["status"] == "running"
+    finally:
+        server.stop(signal.SIGKILL)  # no chance to finish or to clean up
+    server = HttpDaemon(env, token=None).start()
+    try:
+        with server.client() as client:
+            body = wait_task(client, task_id, "completed")
+    finally:
+        assert server.stop() == 0
+    assert body["status"] == "completed", body
+    assert body["attempts"] == 2  # the first attempt died with the process
+    (recording,) = body["result"]["recordings"]
+    assert recording["text"].count("Dashwood") == 4
+    assert "requeued 1 jobs" in server.log()
