@@ -23,7 +23,7 @@ from .common import ApiError, HttpContext, check_id
 from .recordings import context
 
 _LOGGER = logging.getLogger(__name__)
-router = APIRouter(prefix="/api/v1", tags=["analysis"])
+router = APIRouter(prefix="/api/v1")
 _TASK_STATES: Final = {"pending": "pending", "running": "running", "done": "completed"}
 _SWITCH_WAIT_S: Final = 10.0
 
@@ -59,7 +59,7 @@ def store_upload(ctx: HttpContext, upload: UploadFile, kind: str) -> str:
     return recording.id
 
 
-@router.post("/analysis/upload", status_code=202)
+@router.post("/analysis/upload", status_code=202, tags=["analysis"])
 def analysis_upload(
     file: UploadFile = File(..., description="Audio in any common format"),
     ctx: HttpContext = Depends(context),
@@ -79,7 +79,7 @@ def upload_recording(
     return {"recording_id": rec_id, "task_id": rec_id, "status_url": f"/api/v1/tasks/{rec_id}"}
 
 
-@router.get("/tasks/{task_id}")
+@router.get("/tasks/{task_id}", tags=["analysis"])
 def task(task_id: str, ctx: HttpContext = Depends(context)) -> dict[str, Any]:
     """pending, running, completed or failed; completed carries what `analyze --json` prints."""
     check_id(task_id, "task")
