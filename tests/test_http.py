@@ -381,3 +381,82 @@ def test_a_restart_in_the_middle_of_an_upload_task_loses_nothing(
     (recording,) = body["result"]["recordings"]
     assert recording["text"].count("Dashwood") == 4
     assert "requeued 1 jobs" in server.log()
+
+
+def _upload_recording(client: httpx.Client, clip: str) -> str:
+    response = client.post(
+        "/api/v1/vad/upload_recording", files={"file": (clip, (TEST_DATA / clip).read_bytes())}
+    )
+    assert response.status_code == 202, response.text
+    rec_id = str(response.json()["recording_id"])
+    assert wait_task(client, rec_id, "completed")["status"] == "completed"
+    return rec_id
+
+
+def test_speakers_enrol_identify_review_merge_opt_out_and_delete(daemon: HttpDaemon) -> None:
+    base = "/api/v1/persistent-speakers"
+    with daemon.client() as client:
+        clips = ("ls_2609_0000.flac", "ls_2609_0001.flac")
+        files = [("files", (n, (TEST_DATA / n).read_bytes())) for n in clips]
+        enrolled = client.post(f"{base}/upload", data={"name": "Bob"}, files=files)
+        assert enrolled.status_code == 201, enrolled.text
+        assert [(s["source"], s["stored"]) for s in enrolled.json()["sources"]] == [
+            (clips[0], True),
+            (clips[1], True),
+        ]
+        bad = client.post(
+            f"{base}/upload", data={"name": "Eve"}, files=[("files", ("notes.txt", b"hi" * 500))]
+        )
+        message = _error(bad, 400, "bad_request")
+        assert "notes.txt" in message and "uploads" not in message  # no path of ours leaks
+
+        bob_again = _upload_recording(client, "ls_2609_0003.flac")
+        segments = client.get(f"/api/v1/recordings/{bob_again}").json()["segments"]
+        assert any(s["speaker"] and s["speaker"]["name"] == "Bob" for s in segments), segments
+
+        stranger = _upload_recording(client, "ls_3080_0004.flac")
+        unknown = [p["name"] for p in client.get(base).json() if p["provisional"]]
+        heard = {n: client.get(f"{base}/{n}/clips").json() for n in unknown}
+        (name,) = [n for n, rows in heard.items() if stranger in [r["recording_id"] for r in rows]]
+        clip = next(r for r in heard[name] if r["recording_id"] == stranger)
+        assert 0 <= clip["start_s"] < clip["end_s"] and clip["text"]
+        assert client.get(clip["audio_url"]).status_code == 200
+
+        carol_rec = _upload_recording(client, "ls_3080_0001.flac")
+        carol = client.post(base, json={"name": "Carol", "recording_ids": [carol_rec]})
+        assert carol.status_code == 201, carol.text
+        merged = client.post(f"{base}/merge", json={"source": name, "target": "Carol"}).json()
+        assert merged["embeddings_moved"] >= 1
+        names = {p["name"]: p for p in client.get(base).json()}
+        assert name not in names and not names["Carol"]["provisional"]
+
+        assert client.post(f"{base}/opt-out", json={"name": "Carol"}).json()["opt_out"] is True
+        assert {p["name"]: p["opt_out"] for p in client.get(base).json()}["Carol"] is True
+        client.post(f"{base}/opt-out", json={"name": "Carol", "opt_out": False})
+        assert {p["name"]: p["opt_out"] for p in client.get(base).json()}["Carol"] is False
+
+        deleted = client.delete(f"{base}/Bob", params={"recordings": "true"}).json()
+        assert deleted["name"] == "Bob" and deleted["recordings"] >= 1
+        _error(client.get(f"/api/v1/recordings/{bob_again}"), 404, "not_found")
+        _error(client.delete(f"{base}/Bob"), 404, "not_found")
+
+
+def test_admin_operations_need_http_allow_admin_commands(settings: Any) -> None:
+    """The gate, on the application itself (no daemon): reads pass, destructive ones 403."""
+    from fastapi.testclient import TestClient
+
+    from meraudiod.http.app import create_app
+    from meraudiod.http.common import HttpContext
+
+    app = create_app(HttpContext(settings), token=None)
+    with TestClient(app) as client:
+        assert client.get("/api/v1/recordings").status_code == 200
+        for method, path, body in (
+            ("DELETE", "/api/v1/recordings/01M89AY2FTNHNGP6MBNKJA4H0J", None),
+            ("POST", "/api/v1/persistent-speakers/rename", {"name": "a", "new_name": "b"}),
+            ("POST", "/api/v1/persistent-speakers/merge", {"source": "a", "target": "b"}),
+            ("POST", "/api/v1/persistent-speakers/opt-out", {"name": "a"}),
+            ("DELETE", "/api/v1/persistent-speakers/a", None),
+        ):
+            message = _error(client.request(method, path, json=body), 403, "forbidden")
+            assert "http.allow_admin_commands" in message

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
 from ..commands import EnrollArgs, MergeArgs, OptOutArgs, RenameArgs
-from .common import HttpContext, run_command
+from .common import ApiError, HttpContext, run_command
 from .recordings import context
 
 router = APIRouter(prefix="/api/v1/persistent-speakers", tags=["speakers"])
@@ -40,16 +40,22 @@ def enroll_upload(
     uploads = ctx.settings.storage.data_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=uploads) as tmp:
-        paths = []
+        paths: list[str] = []
         for i, upload in enumerate(files[:20]):
-            path = Path(tmp) / f"clip{i}{Path(upload.filename or '').suffix[:8]}"
-            with path.open("wb") as out:
+            clip = Path(tmp) / f"clip{i}{Path(upload.filename or '').suffix[:8]}"
+            with clip.open("wb") as out:
                 shutil.copyfileobj(upload.file, out)
-            paths.append(str(path))
+            paths.append(str(clip))
+        names = [upload.filename or f"clip {i + 1}" for i, upload in enumerate(files[:20])]
         args = {"name": name, "recording_ids": paths, "do_not_keep": do_not_keep}
-        data = run_command(ctx, "speakers/enroll", args)
-    for i, source in enumerate(data["sources"]):  # the client's names, not our temp paths
-        source["source"] = files[i].filename or f"clip {i + 1}"
+        try:
+            data = run_command(ctx, "speakers/enroll", args)
+        except ApiError as exc:  # the client's names, not our temporary paths
+            for tmp_path, client_name in zip(paths, names, strict=True):
+                exc.message = exc.message.replace(tmp_path, client_name)
+            raise
+    for source, client_name in zip(data["sources"], names, strict=True):
+        source["source"] = client_name
     return data
 
 
