@@ -69,7 +69,9 @@ def _error(response: httpx.Response, status: int, code: str) -> str:
 def test_upload_is_a_task_that_completes_with_what_analyze_prints(daemon: HttpDaemon) -> None:
     with daemon.client() as client:
         response = client.post(
-            "/api/v1/analysis/upload", files={"file": ("talk.flac", DEMO.read_bytes())}
+            "/api/v1/analysis/upload",
+            files={"file": ("talk.flac", DEMO.read_bytes())},
+            headers={"X-Request-ID": "upload-1"},
         )
         assert response.status_code == 202, response.text
         task_id = response.json()["task_id"]
@@ -87,6 +89,10 @@ def test_upload_is_a_task_that_completes_with_what_analyze_prints(daemon: HttpDa
     assert recording["state"] == "done"
     assert len(recording["segments"]) >= 3
     assert {"start_s", "end_s", "text", "suspect", "speaker"} == set(recording["segments"][0])
+    # the work the request caused is logged under its id
+    assert f"recording {task_id}: 35.73 s from upload:talk.flac" in daemon.log()
+    line = next(x for x in daemon.log().splitlines() if f"recording {task_id}:" in x)
+    assert line.endswith("[request upload-1]"), line
 
 
 def test_recordings_search_page_play_and_delete(daemon: HttpDaemon) -> None:
@@ -460,3 +466,23 @@ def test_admin_operations_need_http_allow_admin_commands(settings: Any) -> None:
         ):
             message = _error(client.request(method, path, json=body), 403, "forbidden")
             assert "http.allow_admin_commands" in message
+
+
+def test_a_port_in_use_fails_the_start_with_one_line(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        Path(env["MERAUDIOD_CONFIG"]).write_text(f"[http]\nenabled = true\nport = {port}\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+            env=env,
+            input=b"",
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode != 0
+    err = result.stderr.decode()
+    assert "Traceback" not in err
+    assert f"http: cannot listen on 127.0.0.1:{port}" in err.splitlines()[-1], err

@@ -65,13 +65,12 @@ class Guard:
             await self._guarded(scope, receive, send_with_id, headers)
         finally:
             if scope["type"] == "http":
-                _LOGGER.info(
-                    "%s %s %d %.0f ms [request %s]",
+                _LOGGER.info(  # the filter on the handlers adds the request id
+                    "%s %s %d %.0f ms",
                     scope["method"],
                     scope["path"],
                     status[0],
                     (time.perf_counter() - t0) * 1000,
-                    request_id,
                 )
 
     async def _guarded(

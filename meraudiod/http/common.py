@@ -38,11 +38,16 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds `request_id` to every log record, so the work a request causes can be found."""
+    """Ends every line logged while a request is handled (the request's own line and the
+    work it causes, such as the recording an upload stored) with `[request <id>]`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Always keep the record."""
-        record.request_id = REQUEST_ID.get()
+        request_id = REQUEST_ID.get()
+        record.request_id = request_id
+        if request_id != "-" and not getattr(record, "_request_tagged", False):
+            record.msg = f"{record.msg} [request {request_id}]"
+            record._request_tagged = True  # several handlers share the record
         return True
 
 
