@@ -486,3 +486,12 @@ def test_a_port_in_use_fails_the_start_with_one_line(env: dict[str, str]) -> Non
     err = result.stderr.decode()
     assert "Traceback" not in err
     assert f"http: cannot listen on 127.0.0.1:{port}" in err.splitlines()[-1], err
+
+
+def test_bench_measures_what_the_http_stage_costs(settings: Any) -> None:
+    from meraudiod.bench_http import bench_http
+
+    figures = bench_http(settings, None)
+    # The budget: at most 15 MB more resident memory once it has served requests.
+    assert 0 < figures["http_rss_added_mb"] <= 15, figures
+    assert figures["idle_cpu_pct_http_on"] < 5, figures  # idle: a small fraction of a core
