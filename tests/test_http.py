@@ -376,6 +376,8 @@ def test_a_restart_in_the_middle_of_an_upload_task_loses_nothing(
             assert wait_task(client, task_id, "running")["status"] == "running"
     finally:
         server.stop(signal.SIGKILL)  # no chance to finish or to clean up
+    uploads = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "uploads"
+    (uploads / "tmpk1ll3d.part").write_bytes(b"\0" * 1000)  # as if killed while receiving
     server = HttpDaemon(env, token=None).start()
     try:
         with server.client() as client:
@@ -387,6 +389,7 @@ def test_a_restart_in_the_middle_of_an_upload_task_loses_nothing(
     (recording,) = body["result"]["recordings"]
     assert recording["text"].count("Dashwood") == 4
     assert "requeued 1 jobs" in server.log()
+    assert uploads.is_dir() and not any(uploads.iterdir())
 
 
 def _upload_recording(client: httpx.Client, clip: str) -> str:
@@ -495,3 +498,27 @@ def test_bench_measures_what_the_http_stage_costs(settings: Any) -> None:
     # The budget: at most 15 MB more resident memory once it has served requests.
     assert 0 < figures["http_rss_added_mb"] <= 15, figures
     assert figures["idle_cpu_pct_http_on"] < 5, figures  # idle: a small fraction of a core
+
+
+def test_cross_origin_requests_only_from_configured_origins(settings: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from meraudiod.http.app import create_app
+    from meraudiod.http.common import HttpContext
+
+    preflight = {
+        "Origin": "http://ha.local:8123",
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    with TestClient(create_app(HttpContext(settings), token=None)) as client:
+        response = client.get("/api/v1/recordings", headers={"Origin": "http://ha.local:8123"})
+        assert "access-control-allow-origin" not in response.headers
+    settings.http.cors_origins = ["http://ha.local:8123"]
+    with TestClient(create_app(HttpContext(settings), token="t")) as client:
+        response = client.options("/api/v1/recordings", headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "http://ha.local:8123"
+        other = client.options(
+            "/api/v1/recordings", headers={**preflight, "Origin": "http://evil.example"}
+        )
+        assert "access-control-allow-origin" not in other.headers

@@ -159,7 +159,7 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
     from fastapi_offline import FastAPIOffline
 
     from . import live, recordings, speakers, uploads
-    from .metrics import metrics_response
+    from .metrics import metrics_registry, metrics_response
 
     app = FastAPIOffline(
         title="meraudiod",
@@ -171,6 +171,10 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
         static_url="/api/static-docs",
     )
     app.state.ctx = ctx
+    app.add_middleware(
+        Guard, token=token, max_body_bytes=int(ctx.settings.http.max_upload_mb * 1e6)
+    )
+    # Outside the guard: a browser's preflight carries no token.
     cors = ctx.settings.http.cors_origins
     if cors:
         from fastapi.middleware.cors import CORSMiddleware
@@ -180,10 +184,8 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
             allow_origins=cors,
             allow_methods=["*"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
         )
-    app.add_middleware(
-        Guard, token=token, max_body_bytes=int(ctx.settings.http.max_upload_mb * 1e6)
-    )
     _error_handlers(app)
     for module in (recordings, speakers, uploads, live):
         app.include_router(module.router)
@@ -204,10 +206,12 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
             {"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503
         )
 
+    registry = metrics_registry(ctx)
+
     @app.get("/metrics", tags=["health"], response_class=Response)
     def metrics() -> Response:
         """Prometheus text format: frames, recordings, backlog, latency, RTF, outbox."""
-        return metrics_response(ctx)
+        return metrics_response(registry)
 
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:

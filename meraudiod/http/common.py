@@ -10,7 +10,7 @@ import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from ..commands import COMMANDS, CommandContext, dispatch
@@ -58,7 +58,6 @@ class HttpContext:
     settings: Settings
     daemon: Any = None  # the running Daemon (None when the app is served alone)
     hub: Any = None  # live.EventHub
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:

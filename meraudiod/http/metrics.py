@@ -111,12 +111,18 @@ class _Collector:
         )
 
 
-def metrics_response(ctx: HttpContext) -> Response:
-    """The text format Prometheus scrapes."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+def metrics_registry(ctx: HttpContext) -> Any:
+    """A registry of its own (not the process-wide default) whose one collector reads the
+    database and the stages at each scrape."""
+    from prometheus_client import CollectorRegistry
 
-    registry = ctx.extras.get("registry")
-    if registry is None:
-        registry = ctx.extras["registry"] = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(ctx))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(ctx))
+    return registry
+
+
+def metrics_response(registry: Any) -> Response:
+    """The text format Prometheus scrapes."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import threading
+from pathlib import Path
 from typing import Any, Final
 
 from ..config import ConfigError, Settings, is_loopback
@@ -64,6 +66,7 @@ class HttpStage(StageThread):
             raise HttpError(f"http: cannot listen on {http.host}:{http.port}: {exc}") from exc
         sock.listen(64)
         self._socket = sock
+        _clear_uploads(self.settings.storage.data_dir / "uploads")
         for handler in logging.getLogger().handlers:
             handler.addFilter(RequestIdFilter())
         config = uvicorn.Config(
@@ -94,3 +97,15 @@ class HttpStage(StageThread):
         self.join(_STOP_TIMEOUT_S)
         if self._socket is not None:
             self._socket.close()
+
+
+def _clear_uploads(folder: Path) -> None:
+    """Uploads being received when the process died (every file in this folder is ours and
+    temporary: a finished upload is a recording in the audio directory)."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
