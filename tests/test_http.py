@@ -522,3 +522,40 @@ def test_cross_origin_requests_only_from_configured_origins(settings: Any) -> No
             "/api/v1/recordings", headers={**preflight, "Origin": "http://evil.example"}
         )
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_ws_audio_at_a_declared_rate_and_sockets_without_the_token(daemon: HttpDaemon) -> None:
+    import websockets
+    from scipy.signal import resample_poly
+
+    first = decode_file(DEMO)[: 16000 * 9].astype(np.float32)  # the first utterance
+    at_8k = np.clip(resample_poly(first, 1, 2), -32768, 32767).astype("<i2")
+    ws_url = daemon.url.replace("http://", "ws://")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def run() -> list[dict[str, Any]]:
+        async with websockets.connect(
+            f"{ws_url}/ws/audio?rate_hz=8000", additional_headers=headers
+        ) as audio:
+            for start in range(0, at_8k.size, 800):
+                await audio.send(at_8k[start : start + 800].tobytes())
+            await audio.send("end")
+            got = []
+            while not got or got[-1].get("type") != "done":
+                got.append(json.loads(await asyncio.wait_for(audio.recv(), 300)))
+            return got
+
+    got = asyncio.run(run())
+    (transcript,) = [e for e in got if e.get("event_type") == "transcript"]
+    assert "Dashwood" in transcript["text"], transcript
+
+    async def refused(path: str, token: str) -> int:
+        with pytest.raises(websockets.exceptions.InvalidStatus) as info:
+            async with websockets.connect(
+                f"{ws_url}{path}", additional_headers={"Authorization": f"Bearer {token}"}
+            ):
+                pass
+        return int(info.value.response.status_code)
+
+    assert asyncio.run(refused("/ws/audio", "wrong")) == 403
+    assert asyncio.run(refused("/ws/events", "")) == 403
