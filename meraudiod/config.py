@@ -340,6 +340,9 @@ class LoggingSettings(Section):
     """Log output."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
+    format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one object per line (ts, level, logger, message)"
+    )
 
 
 class Settings(BaseSettings):

@@ -559,3 +559,22 @@ def test_ws_audio_at_a_declared_rate_and_sockets_without_the_token(daemon: HttpD
 
     assert asyncio.run(refused("/ws/audio", "wrong")) == 403
     assert asyncio.run(refused("/ws/events", "")) == 403
+
+
+def test_json_log_lines_carry_the_request_id(env: dict[str, str]) -> None:
+    server = HttpDaemon(env, config='[logging]\nformat = "json"\n', token=None).start()
+    try:
+        with server.client() as client:
+            clip = TEST_DATA / "ls_103_0000.flac"
+            client.post(
+                "/api/v1/vad/upload_recording",
+                files={"file": (clip.name, clip.read_bytes())},
+                headers={"X-Request-ID": "json-req-1"},
+            )
+    finally:
+        assert server.stop() == 0
+    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert entries and all({"ts", "level", "logger", "message"} <= set(e) for e in entries)
+    mine = [e for e in entries if e.get("request_id") == "json-req-1"]
+    assert {e["logger"] for e in mine} >= {"meraudiod.recordings", "meraudiod.http.app"}, mine
+    assert any(e["message"].startswith("POST /api/v1/vad/upload_recording 202") for e in mine)

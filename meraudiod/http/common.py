@@ -38,16 +38,13 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 
 
 class RequestIdFilter(logging.Filter):
-    """Ends every line logged while a request is handled (the request's own line and the
-    work it causes, such as the recording an upload stored) with `[request <id>]`."""
+    """Gives every record the id of the request being handled ("-" outside one), which the
+    daemon's formatters print: the request's own line and the work it causes (the
+    recording an upload stored) can be found by it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Always keep the record."""
-        request_id = REQUEST_ID.get()
-        record.request_id = request_id
-        if request_id != "-" and not getattr(record, "_request_tagged", False):
-            record.msg = f"{record.msg} [request {request_id}]"
-            record._request_tagged = True  # several handlers share the record
+        record.request_id = REQUEST_ID.get()
         return True
 
 
