@@ -341,6 +341,11 @@ def test_bad_tokens_and_a_token_kept_in_a_cookie(daemon: HttpDaemon) -> None:
     assert httpx.get(f"{daemon.url}/", params={"token": "wrong"}).status_code == 401
     with httpx.Client(base_url=daemon.url, cookies={"meraudiod_token": "wrong"}) as browser:
         _error(browser.get("/api/v1/recordings"), 401, "unauthorized")
+    for cookie in ('meraudiod_token="unterminated', "meraudiod_token=\u00e9t\u00e9"):
+        response = httpx.get(f"{daemon.url}/api/v1/recordings", headers={"Cookie": cookie.encode()})
+        _error(response, 401, "unauthorized")
+    login = httpx.get(f"{daemon.url}/", params={"token": "\u00e9t\u00e9"})
+    assert login.status_code == 401  # a non-ASCII guess is a wrong token, not a crash
 
 
 def test_off_loopback_without_a_token_refuses_to_start(env: dict[str, str], tmp_path: Path) -> None:

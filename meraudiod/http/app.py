@@ -3,11 +3,12 @@ docs served from the device, health, metrics and the review page."""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import re
 import time
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from typing import Final
 from urllib.parse import parse_qs
@@ -83,8 +84,8 @@ class Guard:
                 return
             if path == "/" and scope["method"] == "GET":
                 token = parse_qs(scope["query_string"].decode()).get("token", [""])[0]
-                if token and hmac.compare_digest(token, self.token):
-                    await _respond(scope, receive, send, _login(token, scope))
+                if token and _same(token, self.token):
+                    await _respond(scope, receive, send, _login(token))
                     return
                 await _respond(scope, receive, send, HTMLResponse(_LOGIN_PAGE, 401))
                 return
@@ -105,10 +106,11 @@ class Guard:
         auth = headers.get("authorization", "")
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         if not given and "cookie" in headers:
-            cookie = SimpleCookie()
-            cookie.load(headers["cookie"])
+            cookie: SimpleCookie = SimpleCookie()
+            with contextlib.suppress(CookieError):  # a malformed cookie is no token
+                cookie.load(headers["cookie"])
             given = cookie[COOKIE].value if COOKIE in cookie else ""
-        return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
+        return bool(given) and _same(given, self.token)
 
     def _counting(self, receive: Receive) -> Receive:
         seen = [0]
@@ -128,6 +130,11 @@ class Guard:
         return _error(413, "too_large", too_large_message(self.max_body_bytes))
 
 
+def _same(given: str, token: str) -> bool:
+    """Constant-time comparison (of any characters)."""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
 def too_large_message(limit_bytes: int) -> str:
     """What a refused upload is told."""
     return f"request body over the limit of {limit_bytes / 1e6:g} MB (http.max_upload_mb)"
@@ -141,7 +148,7 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=status)
 
 
-def _login(token: str, scope: Scope) -> Response:
+def _login(token: str) -> Response:
     """The page got its token once (`/?token=...`): keep it in a cookie, drop it from the URL."""
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=365 * 86400)
