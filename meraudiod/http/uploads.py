@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, File, UploadFile
 from ..audio import AudioDecodeError, decode_file
 from ..db import now
 from ..recordings import RecordingStore, analysis_record
-from .common import ApiError, HttpContext, check_id
+from .common import ApiError, HttpContext, check_id, run_command
 from .recordings import context
 
 _LOGGER = logging.getLogger(__name__)
@@ -144,8 +144,6 @@ def vad_stop(ctx: HttpContext = Depends(context)) -> dict[str, Any]:
 @router.get("/status", tags=["listening"])
 def status(ctx: HttpContext = Depends(context)) -> Any:
     """Listening, backlog, disk, MQTT (the `status` command)."""
-    from .common import run_command
-
     data = run_command(ctx, "status", {})
     if ctx.daemon is not None:  # the heartbeat is up to 5 s old; the switch is live
         data["listening"] = ctx.daemon.listening
