@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -583,3 +584,45 @@ def test_json_log_lines_carry_the_request_id(env: dict[str, str]) -> None:
     mine = [e for e in entries if e.get("request_id") == "json-req-1"]
     assert {e["logger"] for e in mine} >= {"meraudiod.recordings", "meraudiod.http.app"}, mine
     assert any(e["message"].startswith("POST /api/v1/vad/upload_recording 202") for e in mine)
+
+
+def test_live_audio_streams_are_limited(daemon: HttpDaemon) -> None:
+    import websockets
+
+    from meraudiod.http.live import MAX_LIVE_STREAMS
+
+    ws_url = daemon.url.replace("http://", "ws://") + "/ws/audio"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def run() -> int:
+        open_ones = [
+            await websockets.connect(ws_url, additional_headers=headers)
+            for _ in range(MAX_LIVE_STREAMS)
+        ]
+        try:
+            async with websockets.connect(ws_url, additional_headers=headers) as extra:
+                with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                    await asyncio.wait_for(extra.recv(), 60)
+                assert info.value.rcvd is not None
+                return int(info.value.rcvd.code)
+        finally:
+            for ws in open_ones:
+                await ws.close()
+
+    assert asyncio.run(run()) == 1013
+    with daemon.client() as client:  # the closed streams gave their slots back
+        assert client.get("/health/ready").status_code == 200
+
+    async def again() -> dict[str, Any]:
+        deadline = time.monotonic() + 60  # the closed streams' handlers end, then free a slot
+        while True:
+            try:
+                async with websockets.connect(ws_url, additional_headers=headers) as ws:
+                    await ws.send("end")
+                    return dict(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+            except websockets.exceptions.ConnectionClosed as exc:
+                if exc.rcvd is None or exc.rcvd.code != 1013 or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    assert asyncio.run(again()) == {"type": "done", "recording_ids": []}

@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import logging
 import re
+import threading
 import time
 from http.cookies import CookieError, SimpleCookie
 from importlib import resources
@@ -178,6 +179,7 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
         static_url="/api/static-docs",
     )
     app.state.ctx = ctx
+    app.state.live_streams = threading.BoundedSemaphore(live.MAX_LIVE_STREAMS)
     app.add_middleware(
         Guard, token=token, max_body_bytes=int(ctx.settings.http.max_upload_mb * 1e6)
     )

@@ -24,6 +24,7 @@ router = APIRouter(tags=["live"])
 _SUBSCRIBER_QUEUE: Final = 500  # events a slow socket may fall behind before losing some
 _STREAM_QUEUE: Final = 256  # audio messages buffered between the socket and the listener
 _FINISH_TIMEOUT_S: Final = 300.0
+MAX_LIVE_STREAMS: Final = 4
 
 
 class EventHub:
@@ -116,16 +117,28 @@ async def ws_audio(websocket: WebSocket, rate_hz: int = SAMPLE_RATE_HZ) -> None:
     """Stream 16 kHz (or `?rate_hz=`) mono s16le as binary messages; speech start/end and
     transcript events come back as JSON. Send the text `end` to finish: the transcripts of
     what was said are sent, then `{"type": "done"}`, and the socket closes."""
-    from .. import models
-    from ..sources import StdinSource
-    from ..vad import SileroVad
-
     ctx: HttpContext = websocket.app.state.ctx
+    slots: threading.BoundedSemaphore = websocket.app.state.live_streams
     await websocket.accept()
     daemon = ctx.daemon
     if daemon is None or not 8000 <= rate_hz <= 192000:
         await websocket.close(1011 if daemon is None else 1003, "cannot stream here")
         return
+    if not slots.acquire(blocking=False):  # each stream costs a VAD and a listener thread
+        await websocket.close(1013, f"at most {MAX_LIVE_STREAMS} live audio streams at once")
+        return
+    try:
+        await _stream(websocket, ctx, daemon, rate_hz)
+    finally:
+        slots.release()
+
+
+async def _stream(websocket: WebSocket, ctx: HttpContext, daemon: Any, rate_hz: int) -> None:
+    """One live audio stream through its own listener into the daemon's store and worker."""
+    from .. import models
+    from ..sources import StdinSource
+    from ..vad import SileroVad
+
     stream = SocketStream(rate_hz)
     source = StdinSource(stream)
     source.name = f"ws:{ULID()}"
