@@ -167,6 +167,7 @@ def bench_pipeline(
         "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir),
         "MERAUDIOD_STORAGE__MODELS_DIR": str(settings.storage.resolved_models_dir),
         "MERAUDIOD_MQTT__ENABLED": "false",
+        "MERAUDIOD_HTTP__ENABLED": "false",  # the running service may hold its port
     }
     env.pop("MERAUDIOD_STORAGE__TMP_AUDIO_DIR", None)  # the scratch dir holds everything
     if config_path:
@@ -305,6 +306,11 @@ def run_bench(
             figures |= bench_wyoming(settings, config_path, clip)
         else:
             figures |= bench_pipeline(settings, config_path, clip)
+    if settings.http.enabled:
+        from .bench_http import bench_http
+
+        progress("HTTP stage")
+        figures |= bench_http(settings, config_path)
     # Continuous speech arrives as utterances of a few seconds up to max_utterance_s: the
     # measured per-recording cost is the honest figure (each pays a whole encoder pass).
     # On Wyoming servers, what the device itself spends per second of speech.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import sys
 import threading
 import time
@@ -31,7 +30,7 @@ from .cli_recordings import recordings
 from .cli_speakers import speakers_group
 from .db import DatabaseError
 from .machine import summary_line
-from .recordings import recording_details, speaker_payload
+from .recordings import analysis_record
 from .signals import install as install_signal_handlers
 from .signals import run_handlers
 from .sources import SourceError, input_devices, open_source
@@ -222,7 +221,7 @@ def analyze(
             if as_json:
                 echo_json({"file": str(path), "error": error})
             continue
-        recs = [_analysis_record(conn, settings.storage.audio_dir, r) for r in rec_ids]
+        recs = [analysis_record(conn, settings.storage.audio_dir, r) for r in rec_ids]
         if as_json:
             echo_json({"file": str(path), "duration_s": duration_s, "recordings": recs})
             continue
@@ -231,45 +230,6 @@ def analyze(
             click.echo(f"  {fmt_span(rec['start_s'], rec['end_s'])} {rec['text'] or ''}")
     if failed:
         sys.exit(1)
-
-
-def _analysis_record(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> dict[str, Any]:
-    data = recording_details(conn, audio_dir, rec_id) or {}
-    offset = data.get("start_s", 0.0)
-    return {
-        "id": rec_id,
-        "start_s": round(data.get("start_s", 0.0), 3),
-        "end_s": round(data.get("end_s", 0.0), 3),
-        "text": data.get("text"),
-        "state": data.get("state"),
-        "segments": [
-            {
-                "start_s": round(offset + s["start_s"], 3),
-                "end_s": round(offset + s["end_s"], 3),
-                "text": s["text"],
-                "suspect": s["suspect"],
-                "speaker": s["speaker"],
-            }
-            for s in data.get("segments", [])
-        ],
-        # Every voice analysed in the recording, even one whose words Whisper distrusted.
-        "speakers": [
-            {
-                **(
-                    speaker_payload(
-                        m["label"],
-                        m["speaker_id"],
-                        m["name"],
-                        m["score"],
-                        bool(m["speaker_id"] and m["name"] and not m["provisional"]),
-                    )
-                    or {}
-                ),
-                "speech_s": round(m["speech_s"], 2),
-            }
-            for m in data.get("speakers", [])
-        ],
-    }
 
 
 # --- jobs ----------------------------------------------------------------------------------

@@ -63,17 +63,23 @@ def settings_from(config_path: Path | None, verbosity: int = 0, daemon: bool = F
         level = "DEBUG"
     elif verbosity == 1 and logging.getLevelName(level) > logging.INFO:
         level = "INFO"
-    setup_logging(level)
+    setup_logging(level, settings.logging.format)
     return settings
 
 
-def setup_logging(level: str) -> None:
-    """Log to stderr (no timestamps under journald, which adds its own)."""
-    # journald stamps lines itself; elsewhere a timestamp helps.
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+def setup_logging(level: str, style: str = "text") -> None:
+    """Log to stderr (no timestamps under journald, which adds its own); `json` writes one
+    object per line. A line logged while an HTTP request is handled names the request."""
+    handler = logging.StreamHandler(sys.stderr)
+    if style == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        # journald stamps lines itself; elsewhere a timestamp helps.
+        fmt = "%(levelname)s %(name)s: %(message)s"
+        if not os.environ.get("JOURNAL_STREAM"):
+            fmt = "%(asctime)s " + fmt
+        handler.setFormatter(TextFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("faster_whisper").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
@@ -90,6 +96,41 @@ def open_store(settings: Settings, create: bool = False) -> sqlite3.Connection:
         return open_db(path)
     except DatabaseError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+class TextFormatter(logging.Formatter):
+    """The plain format, with `[request <id>]` on lines logged while a request is handled."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """One line."""
+        line = super().format(record)
+        request_id = getattr(record, "request_id", "-")
+        return line if request_id == "-" else f"{line} [request {request_id}]"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, request_id (when handling a
+    request) and the traceback (when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """One line."""
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", "-")
+        if request_id != "-":
+            entry["request_id"] = request_id
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def open_store(settings: Settings) -> sqlite3.Connection:
+    """The database (created and migrated if needed)."""
+    return open_db(settings.storage.db_path)
 
 
 def echo_json(data: Any) -> None:

@@ -78,6 +78,9 @@ class ListArgs(Args):
     since: str | None = Field(None, description="2h, 3d, 45m or an ISO date/time")
     speaker: str | None = Field(None, max_length=100, description="Speaker name")
     limit: int = Field(20, ge=1, le=1000, description="Most rows returned")
+    cursor: str | None = Field(
+        None, max_length=26, description="Only recordings older than this id (the next page)"
+    )
 
 
 class IdArgs(Args):
@@ -138,6 +141,13 @@ class DeleteSpeakerArgs(Args):
     recordings: bool = False
 
 
+class OptOutArgs(Args):
+    """Mark a profile "do not keep" (what it says is deleted), or undo that."""
+
+    name: str = Field(min_length=1, max_length=100)
+    opt_out: bool = Field(True, description="false undoes it")
+
+
 class ReprocessArgs(Args):
     """Transcribe again: given recordings, or every failed one."""
 
@@ -189,6 +199,9 @@ def list_recordings(conn: sqlite3.Connection, args: ListArgs) -> list[dict[str, 
             " ON f.rowid = s.id WHERE segments_fts MATCH ?)"
         )
         params.append(_fts_query(args.search))
+    if args.cursor:
+        where.append("r.id < ?")
+        params.append(args.cursor)
     if args.speaker:
         where.append(
             "r.id IN (SELECT s.recording_id FROM segments s JOIN speakers p"
@@ -351,6 +364,19 @@ def _speakers_delete(ctx: CommandContext, args: DeleteSpeakerArgs) -> Any:
     return {"name": args.name, **asdict(deleted)}
 
 
+def _speakers_opt_out(ctx: CommandContext, args: OptOutArgs) -> Any:
+    from .profiles import set_opt_out
+
+    _profiles(lambda: set_opt_out(ctx.conn, args.name, args.opt_out))
+    return {"name": args.name, "opt_out": args.opt_out}
+
+
+def _speakers_clips(ctx: CommandContext, args: NameArgs) -> Any:
+    from .profiles import voice_clips
+
+    return _profiles(lambda: voice_clips(ctx.conn, args.name))
+
+
 def _config_get(ctx: CommandContext, args: NoArgs) -> Any:
     return ctx.settings.model_dump(mode="json", exclude={"mqtt": {"password"}})
 
@@ -373,6 +399,12 @@ COMMANDS: dict[str, Command] = {
         DeleteSpeakerArgs,
         admin=True,
         help="Delete a profile's voice (and, asked, its recordings)",
+    ),
+    "speakers/opt-out": Command(
+        _speakers_opt_out, OptOutArgs, admin=True, help="Do not keep a voice (or undo that)"
+    ),
+    "speakers/clips": Command(
+        _speakers_clips, NameArgs, help="Where a voice was heard: recordings and times"
     ),
     "purge": Command(_purge, PurgeArgs, admin=True, help="Delete by age, time range, speaker"),
     "reprocess": Command(_reprocess, ReprocessArgs, help="Transcribe recordings again"),

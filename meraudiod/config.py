@@ -7,6 +7,7 @@ Unknown keys and a named file that does not exist are errors that say which key 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -43,6 +44,16 @@ def sanitize_node_id(raw: str) -> str:
     """Lower-case and replace anything outside [a-z0-9_-] so the id is safe in MQTT topics."""
     cleaned = re.sub(r"[^a-z0-9_-]+", "_", raw.lower()).strip("_")
     return cleaned or "meraudiod"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to bind is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: assume it is reachable from elsewhere
 
 
 class Section(BaseModel):
@@ -335,6 +346,51 @@ class MqttSettings(Section):
         return self
 
 
+class HttpSettings(Section):
+    """The HTTP API, the live sockets and the review page (needs the `http` extra)."""
+
+    enabled: bool = Field(False, description="Serve the HTTP API and the review page")
+    host: str = Field(
+        "127.0.0.1", description="Address to bind; anything not loopback needs a token"
+    )
+    port: int = Field(8080, ge=1, le=65535, description="TCP port")
+    token: str | None = Field(None, description="Bearer token (prefer the environment)")
+    token_file: Path | None = Field(None, description="File holding the bearer token")
+    allow_admin_commands: bool = Field(
+        False, description="Allow destructive operations (delete, merge, enrol, ...) over HTTP"
+    )
+    max_upload_mb: float = Field(100.0, gt=0, description="Largest upload accepted")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed cross-origin requests (empty = none)"
+    )
+
+    @field_validator("token_file", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> HttpSettings:
+        if self.enabled and not is_loopback(self.host) and not (self.token or self.token_file):
+            raise ValueError(
+                f"http.host {self.host} is reachable from other machines:"
+                " set http.token or http.token_file (or bind 127.0.0.1)"
+            )
+        return self
+
+    def resolved_token(self) -> str | None:
+        """The token from `token` or `token_file` (None when neither is set)."""
+        if self.token:
+            return self.token
+        if self.token_file is not None:
+            try:
+                text = self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"http.token_file: cannot read {self.token_file}: {exc}") from exc
+            return text or None
+        return None
+
+
 class HomeAssistantSettings(Section):
     """Home Assistant MQTT discovery."""
 
@@ -348,6 +404,9 @@ class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO",
         description="Log level; INFO logs ids and timings, DEBUG also each transcript's words",
+    )
+    format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one object per line (ts, level, logger, message)"
     )
 
 
@@ -368,6 +427,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")

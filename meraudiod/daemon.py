@@ -86,6 +86,7 @@ class Daemon:
         self.inbound: queue.Queue[Any] = queue.Queue(maxsize=100)
         self.mqtt: Any = None  # MqttLink when enabled
         self.commands: Any = None  # CommandRunner (MQTT requests) when MQTT is enabled
+        self.http: Any = None  # HttpStage when enabled
         self.retention = Retention(settings, self._worker_stop)
         self.conn: sqlite3.Connection | None = None
         self.recordings_made = 0
@@ -108,7 +109,8 @@ class Daemon:
     # --- start -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Store and models, then the sinks (MQTT, worker, retention), then the microphone."""
+        """Store and models, then the sinks (MQTT, worker, retention, HTTP), then the
+        microphone."""
         check_writable(self.settings)  # one line naming the directory, not a traceback
         heartbeat_path(self.settings).parent.mkdir(parents=True, exist_ok=True)
         self.pipeline.open()
@@ -121,6 +123,8 @@ class Daemon:
             self._start_mqtt()
         self.pipeline.start_worker()
         self.retention.start()
+        if self.settings.http.enabled:
+            self._start_http()
         if self.listening and isinstance(self.source, MicSource):
             self._open_microphone(time.monotonic())  # a missing one is waited for
         elif self.listening:
@@ -163,25 +167,42 @@ class Daemon:
         self.commands.start()
         self.mqtt.start()
 
+    def _start_http(self) -> None:
+        from .http.stage import HttpStage
+
+        self.http = HttpStage(self.settings, self)
+        if self.pipeline.worker is not None:
+            self.pipeline.worker.on_stored.append(self._transcript_live)
+        self.http.start()  # a port in use or a missing token fails here, before READY
+
     def _start_listener(self) -> None:
-        hooks: dict[str, Any] = {}
-        if self.settings.mqtt.enabled:
-            hooks = {"on_speech_start": self._speech_start, "on_speech_end": self._speech_end}
-        self.listener = self.pipeline.listener(self.source, **hooks)
+        self.listener = self.pipeline.listener(self.source, **self.speech_hooks(self.source.name))
 
-    # --- events into the outbox (called on the listener and worker threads) -----------------
+    # --- events into the outbox and to the HTTP event stream (listener and worker threads) --
 
-    # Speech start/end is live-only: not queued while offline (it would be news of the past).
+    def speech_hooks(self, source: str) -> dict[str, Any]:
+        """A listener's speech start and end events: into the MQTT outbox (live only: not
+        queued while offline, it would be news of the past), and to the sockets of the HTTP
+        stage (also for a live audio socket's own listener)."""
+        if not self.settings.mqtt.enabled and self.http is None:
+            return {}
+        m = self.settings.mqtt
 
-    def _speech_start(self, conn: sqlite3.Connection, ts: float) -> None:
-        if self.mqtt is not None and self.mqtt.online:
-            events.speech_start(conn, self.settings.mqtt, ts)
-            self.mqtt.wake()
+        def on_speech_start(conn: sqlite3.Connection, ts: float) -> None:
+            if self.mqtt is not None and self.mqtt.online:
+                events.speech_start(conn, m, ts)
+                self.mqtt.wake()
+            if self.http is not None:
+                self.http.hub.publish(events.speech_start_event(m, ts), source)
 
-    def _speech_end(self, conn: sqlite3.Connection, recording: Recording) -> None:
-        if self.mqtt is not None and self.mqtt.online:
-            events.speech_end(conn, self.settings.mqtt, recording)
-            self.mqtt.wake()
+        def on_speech_end(conn: sqlite3.Connection, recording: Recording) -> None:
+            if self.mqtt is not None and self.mqtt.online:
+                events.speech_end(conn, m, recording)
+                self.mqtt.wake()
+            if self.http is not None:
+                self.http.hub.publish(events.speech_end_event(m, recording), source)
+
+        return {"on_speech_start": on_speech_start, "on_speech_end": on_speech_end}
 
     def _transcript_event(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
         if events.transcribed(conn, self.settings.mqtt, result):
@@ -209,6 +230,10 @@ class Daemon:
                 enqueue(conn, event, max_rows=m.outbox_max_rows)
             self.mqtt.wake()
         self._state_dirty = True
+
+    def _transcript_live(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
+        for event in events.transcript_events(conn, self.settings.mqtt, result):
+            self.http.hub.publish(event, result.source)
 
     # --- main loop -------------------------------------------------------------------------
 
@@ -298,6 +323,8 @@ class Daemon:
         )
         if self.mqtt is not None:
             threads_ok = threads_ok and self.mqtt.is_alive() and self.commands.is_alive()
+        if self.http is not None:
+            threads_ok = threads_ok and self.http.is_alive()
         if not self.listening:
             return threads_ok
         listener = self.listener
@@ -585,13 +612,16 @@ class Daemon:
     # --- stop ------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Reverse order: the microphone and listener (saving what was being said), then the
-        worker after its current job, then retention, then MQTT (which says `offline`)."""
+        """Reverse order: the microphone and listener (saving what was being said), HTTP,
+        then the worker after its current job, then retention, then MQTT (which says
+        `offline`)."""
         self.notifier.stopping()
         self.stop_event.set()
         if self.listener is not None:
             self.listener.stop()
         self.source.stop()
+        if self.http is not None:  # its live sockets' listeners save what they heard
+            self.http.stop()
         self._worker_stop.set()
         self.pipeline.close()
         self.retention.join()

@@ -1,5 +1,6 @@
 """The events a recording and its transcript put in the MQTT outbox, in the same
-transaction that stores them (called on the listener and worker threads).
+transaction that stores them (called on the listener and worker threads); the HTTP event
+stream sends the same events.
 
 One rule for voices: a named person is `identified` with their name; a voice grouped into a
 provisional profile is `unknown` with that profile's label (`unknown-1`) as `name` and
@@ -13,7 +14,7 @@ import sqlite3
 from typing import Any
 
 from .config import MqttSettings
-from .messages import SegmentPayload, SpeakerEvent, SpeechEvent, TranscriptEvent, enqueue
+from .messages import Event, SegmentPayload, SpeakerEvent, SpeechEvent, TranscriptEvent, enqueue
 from .recordings import Recording, speaker_payload
 from .worker import TranscribedRecording
 
@@ -24,13 +25,22 @@ def _round(value: float | None) -> float | None:
 
 def speech_start(conn: sqlite3.Connection, m: MqttSettings, ts: float) -> None:
     """Someone started speaking."""
-    event = SpeechEvent(node_id=m.node_id, area=m.area, ts=ts, type="start")
-    enqueue(conn, event, max_rows=m.outbox_max_rows)
+    enqueue(conn, speech_start_event(m, ts), max_rows=m.outbox_max_rows)
 
 
 def speech_end(conn: sqlite3.Connection, m: MqttSettings, recording: Recording) -> None:
     """The utterance ended and its recording is saved."""
-    event = SpeechEvent(
+    enqueue(conn, speech_end_event(m, recording), max_rows=m.outbox_max_rows)
+
+
+def speech_start_event(m: MqttSettings, ts: float) -> SpeechEvent:
+    """The event of someone starting to speak."""
+    return SpeechEvent(node_id=m.node_id, area=m.area, ts=ts, type="start")
+
+
+def speech_end_event(m: MqttSettings, recording: Recording) -> SpeechEvent:
+    """The event of an utterance that ended and was saved."""
+    return SpeechEvent(
         node_id=m.node_id,
         area=m.area,
         ts=recording.ended_at,
@@ -38,18 +48,28 @@ def speech_end(conn: sqlite3.Connection, m: MqttSettings, recording: Recording) 
         recording_id=recording.id,
         rms_dbfs=round(recording.rms_dbfs, 1),
     )
-    enqueue(conn, event, max_rows=m.outbox_max_rows)
 
 
 def transcribed(conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRecording) -> bool:
-    """The transcript event and one speaker event per voice heard; False when nothing may
-    be published (not speech, or a voice that asked not to be kept).
+    """The transcript event and one speaker event per voice heard into the outbox; False
+    when nothing may be published (not speech, or a voice that asked not to be kept)."""
+    found = transcript_events(conn, m, result)
+    for event in found:
+        enqueue(conn, event, max_rows=m.outbox_max_rows)
+    return bool(found)
+
+
+def transcript_events(
+    conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRecording
+) -> list[Event]:
+    """The transcript event and one speaker event per voice heard (none when nothing may be
+    published): what MQTT and the HTTP event stream both send.
 
     A recording transcribed again (`reprocess`) gives a `retranscribed` event, with its
     original times and no speaker events: an automation keyed on `transcript` or on a
     speaker does not act a second time on something said long ago."""
     if result.suspect or result.opt_out:
-        return False
+        return []
     row = conn.execute(
         "SELECT started_at, ended_at, duration_s, rms_dbfs, model FROM recordings WHERE id=?",
         (result.recording_id,),
@@ -82,16 +102,15 @@ def transcribed(conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRe
         latency_ms=round(result.latency_ms, 1),
         rms_dbfs=round(row["rms_dbfs"], 1),
     )
-    enqueue(conn, event, max_rows=m.outbox_max_rows)
+    found: list[Event] = [event]
     if result.reprocessed:
-        return True
+        return found
     heard: dict[str, Any] = {}
     for seg in result.segments:
         if seg.label is not None and not seg.suspect and seg.label not in heard:
             heard[seg.label] = seg
     for seg in heard.values():
-        enqueue(
-            conn,
+        found.append(
             SpeakerEvent(
                 node_id=m.node_id,
                 area=m.area,
@@ -101,7 +120,6 @@ def transcribed(conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRe
                 provisional=seg.speaker_id is not None and not seg.known,
                 score=_round(seg.score),
                 recording_id=result.recording_id,
-            ),
-            max_rows=m.outbox_max_rows,
+            )
         )
-    return True
+    return found

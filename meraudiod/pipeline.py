@@ -46,6 +46,7 @@ class Pipeline:
         self.job_origin = None if serves_store else jobs.owner_id()
         self.worker: Worker | None = None
         self.memory = MemoryAudio()  # recordings waiting in RAM while the disk is full
+        self.opened = False  # store recovered and models loaded
 
     def open(self) -> None:
         """Recover the store, load the models, start the worker. Fails fast with a message."""
@@ -71,6 +72,7 @@ class Pipeline:
                 from .speakers import SpeakerStage  # fails fast when a model is missing
 
                 self.worker.speakers = SpeakerStage(self.settings)
+        self.opened = True
 
     def _speech_to_text(self) -> SpeechToText:
         """The local model, or the Wyoming servers (with the local model as the fallback
@@ -100,7 +102,8 @@ class Pipeline:
 
     def listener(self, source: AudioSource, keep_ids: bool = False, **hooks: Any) -> Listener:
         """A started listener on an already started source, with a VAD of its own (the
-        model carries state from frame to frame, so two listeners never share one)."""
+        model carries state from frame to frame, so two listeners, such as the microphone's
+        and a live audio socket's, never share one)."""
 
         def on_recording(recording: Recording) -> None:
             if self.worker is not None:

@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ulid import ULID
 
@@ -264,3 +265,17 @@ def set_opt_out(conn: sqlite3.Connection, name: str, opt_out: bool) -> None:
             "UPDATE speakers SET opt_out=?, updated_at=? WHERE id=?",
             (int(opt_out), now(), speaker["id"]),
         )
+
+
+def voice_clips(conn: sqlite3.Connection, name: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest segments this voice said that still have audio, newest first (times
+    relative to the recording): what a reviewer listens to before naming a voice."""
+    speaker = _row(conn, name)
+    rows = conn.execute(
+        "SELECT s.recording_id, s.start_s, s.end_s, s.text FROM segments s"
+        " JOIN recordings r ON r.id = s.recording_id"
+        " WHERE s.speaker_id=? AND r.audio_path IS NOT NULL"
+        " ORDER BY s.recording_id DESC, s.idx LIMIT ?",
+        (speaker["id"], limit),
+    )
+    return [dict(zip(row.keys(), tuple(row), strict=True)) for row in rows]

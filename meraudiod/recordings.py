@@ -410,3 +410,46 @@ def recording_details(
         )
     ]
     return data
+
+
+def analysis_record(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> dict[str, Any]:
+    """One recording as `analyze --json` prints it (segment times are offsets into the file),
+    with every voice analysed in it, even one whose words Whisper distrusted."""
+    data = recording_details(conn, audio_dir, rec_id) or {}
+    offset = data.get("start_s", 0.0)
+    return {
+        "id": data.get("id", rec_id),
+        "start_s": round(data.get("start_s", 0.0), 3),
+        "end_s": round(data.get("end_s", 0.0), 3),
+        "text": data.get("text"),
+        "state": data.get("state"),
+        "segments": [
+            {
+                "start_s": round(offset + s["start_s"], 3),
+                "end_s": round(offset + s["end_s"], 3),
+                "text": s["text"],
+                "suspect": s["suspect"],
+                "speaker": s["speaker"],
+            }
+            for s in data.get("segments", [])
+        ],
+        "speakers": [
+            {
+                **(
+                    speaker_payload(
+                        m["label"],
+                        m["speaker_id"],
+                        m["name"],
+                        m["score"],
+                        bool(m["speaker_id"] and m["name"] and not m["provisional"]),
+                    )
+                    or {}
+                ),
+                "speech_s": round(m["speech_s"], 2),
+            }
+            for m in data.get("speakers", [])
+        ],
+    }
+            for s in data.get("segments", [])
+        ],
+    }

@@ -1,0 +1,263 @@
+"""The FastAPI application: request ids, tokens, the upload limit, one error shape, the
+docs served from the device, health, metrics and the review page."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import re
+import threading
+import time
+from http.cookies import CookieError, SimpleCookie
+from importlib import resources
+from typing import Final
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from ulid import ULID
+
+from .. import __version__
+from .common import REQUEST_ID, ApiError, HttpContext, error_body
+
+_LOGGER = logging.getLogger(__name__)
+COOKIE: Final = "meraudiod_token"
+_REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# Without a token: liveness, and the page's shell that asks for one.
+_OPEN_PATHS: Final = frozenset({"/health", "/favicon.ico"})
+
+
+class Guard:
+    """ASGI middleware in front of every request and socket: request id, token, body size.
+
+    An upload larger than the limit is refused from its Content-Length before a byte is
+    read, and a chunked one as soon as it passes the limit, so it is never stored whole.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.token = token
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        given = headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID_RE.fullmatch(given) else str(ULID())
+        REQUEST_ID.set(request_id)
+        t0 = time.perf_counter()
+        status = [0]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_with_id, headers)
+        finally:
+            if scope["type"] == "http":
+                _LOGGER.info(  # the filter on the handlers adds the request id
+                    "%s %s %d %.0f ms",
+                    scope["method"],
+                    scope["path"],
+                    status[0],
+                    (time.perf_counter() - t0) * 1000,
+                )
+
+    async def _guarded(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
+    ) -> None:
+        path = scope["path"]
+        if self.token is not None and path not in _OPEN_PATHS and not self._authorized(headers):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 4401, "reason": "bad token"})
+                return
+            if path == "/" and scope["method"] == "GET":
+                token = parse_qs(scope["query_string"].decode()).get("token", [""])[0]
+                if token and _same(token, self.token):
+                    await _respond(scope, receive, send, _login(token))
+                    return
+                await _respond(scope, receive, send, HTMLResponse(_LOGIN_PAGE, 401))
+                return
+            await _respond(
+                scope, receive, send, _error(401, "unauthorized", "missing or wrong bearer token")
+            )
+            return
+        if scope["type"] == "http":
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                await _respond(scope, receive, send, self._too_large())
+                return
+            receive = self._counting(receive)
+        await self.app(scope, receive, send)
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        assert self.token is not None
+        auth = headers.get("authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not given and "cookie" in headers:
+            cookie: SimpleCookie = SimpleCookie()
+            with contextlib.suppress(CookieError):  # a malformed cookie is no token
+                cookie.load(headers["cookie"])
+            given = cookie[COOKIE].value if COOKIE in cookie else ""
+        return bool(given) and _same(given, self.token)
+
+    def _counting(self, receive: Receive) -> Receive:
+        seen = [0]
+        limit = self.max_body_bytes
+
+        async def counted() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > limit:  # an HTTPException passes FastAPI's body parsing
+                    raise HTTPException(413, too_large_message(limit))
+            return message
+
+        return counted
+
+    def _too_large(self) -> JSONResponse:
+        return _error(413, "too_large", too_large_message(self.max_body_bytes))
+
+
+def _same(given: str, token: str) -> bool:
+    """Constant-time comparison (of any characters)."""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def too_large_message(limit_bytes: int) -> str:
+    """What a refused upload is told."""
+    return f"request body over the limit of {limit_bytes / 1e6:g} MB (http.max_upload_mb)"
+
+
+async def _respond(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
+    await response(scope, receive, send)
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status)
+
+
+def _login(token: str) -> Response:
+    """The page got its token once (`/?token=...`): keep it in a cookie, drop it from the URL."""
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=365 * 86400)
+    return response
+
+
+_LOGIN_PAGE: Final = """<!doctype html><meta name="viewport" content="width=device-width">
+<title>meraudiod</title><form method="get" action="/"><p>This device needs its token
+(<code>http.token</code>).</p><input name="token" type="password" autofocus>
+<button>Open</button></form>"""
+
+
+def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
+    """The application, with every route, bound to a context."""
+    from fastapi_offline import FastAPIOffline
+
+    from . import live, recordings, speakers, uploads
+    from .metrics import metrics_registry, metrics_response
+
+    app = FastAPIOffline(
+        title="meraudiod",
+        version=__version__,
+        description="Recordings, transcripts, voices and live audio of this device.",
+        docs_url="/api/docs",
+        redoc_url="/api/redoc",
+        openapi_url="/api/openapi.json",
+        static_url="/api/static-docs",
+    )
+    app.state.ctx = ctx
+    app.state.live_streams = threading.BoundedSemaphore(live.MAX_LIVE_STREAMS)
+    app.add_middleware(
+        Guard, token=token, max_body_bytes=int(ctx.settings.http.max_upload_mb * 1e6)
+    )
+    # Outside the guard: a browser's preflight carries no token.
+    cors = ctx.settings.http.cors_origins
+    if cors:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
+    _error_handlers(app)
+    for module in (recordings, speakers, uploads, live):
+        app.include_router(module.router)
+
+    @app.get("/health", tags=["health"])
+    def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/health/ready", tags=["health"])
+    def ready() -> JSONResponse:
+        """Readiness: models loaded, database writable, microphone, MQTT."""
+        from .metrics import readiness
+
+        checks = readiness(ctx)
+        ok = all(c["ok"] for c in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503
+        )
+
+    registry = metrics_registry(ctx)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus text format: frames, recordings, backlog, latency, RTF, outbox."""
+        return metrics_response(registry)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(_asset("index.html"))
+
+    @app.get("/page/{name}", include_in_schema=False)
+    def page_asset(name: str) -> Response:
+        types = {"app.js": "text/javascript", "style.css": "text/css"}
+        if name not in types:
+            raise ApiError(404, "not_found", f"no page asset {name[:40]!r}")
+        return Response(_asset(name), media_type=types[name])
+
+    return app
+
+
+def _asset(name: str) -> str:
+    return (resources.files("meraudiod.http") / "page" / name).read_text(encoding="utf-8")
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return _error(422, "invalid_request", problems)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        _LOGGER.error("request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        return _error(500, "internal", f"internal error: {type(exc).__name__}")

@@ -1,0 +1,207 @@
+"""The live sockets: `/ws/events` (what MQTT publishes, as JSON) and `/ws/audio` (a client's
+speech through the same listener, segmenter and worker as the microphone)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from typing import Any, Final
+
+import numpy as np
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from ulid import ULID
+
+from ..audio import SAMPLE_RATE_HZ, Resampler
+from ..messages import Event
+from .common import HttpContext
+
+_LOGGER = logging.getLogger(__name__)
+router = APIRouter(tags=["live"])
+_SUBSCRIBER_QUEUE: Final = 500  # events a slow socket may fall behind before losing some
+_STREAM_QUEUE: Final = 256  # audio messages buffered between the socket and the listener
+_FINISH_TIMEOUT_S: Final = 300.0
+MAX_LIVE_STREAMS: Final = 4
+
+
+class EventHub:
+    """Fans events out from the listener and worker threads to the sockets' event loops."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = []
+        self.dropped = 0
+
+    def subscribe(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[Any]:
+        """A queue that receives every event from now on."""
+        events: asyncio.Queue[Any] = asyncio.Queue(maxsize=_SUBSCRIBER_QUEUE)
+        with self._lock:
+            self._subscribers.append((loop, events))
+        return events
+
+    def unsubscribe(self, events: asyncio.Queue[Any]) -> None:
+        """Stop delivering to this queue."""
+        with self._lock:
+            self._subscribers = [s for s in self._subscribers if s[1] is not events]
+
+    def publish(self, event: Event, source: str) -> None:
+        """Send an event to every socket (callable from any thread; never blocks)."""
+        payload = {"topic": event.topic, **event.to_payload(), "source": source}
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for loop, events in subscribers:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(self._put, events, payload)
+
+    def _put(self, events: asyncio.Queue[Any], payload: dict[str, Any]) -> None:
+        try:
+            events.put_nowait(payload)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+
+@router.websocket("/ws/events")
+async def ws_events(websocket: WebSocket) -> None:
+    """Every speech, transcript and speaker event as JSON, as MQTT publishes them."""
+    ctx: HttpContext = websocket.app.state.ctx
+    await websocket.accept()
+    events = ctx.hub.subscribe(asyncio.get_running_loop())
+    receiver = asyncio.create_task(_until_closed(websocket))
+    try:
+        while not receiver.done():
+            getter = asyncio.create_task(events.get())
+            await asyncio.wait({getter, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            await websocket.send_json(getter.result())
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        receiver.cancel()
+        ctx.hub.unsubscribe(events)
+
+
+async def _until_closed(websocket: WebSocket) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while True:
+            await websocket.receive()
+
+
+class SocketStream:
+    """Audio messages from a socket as the byte stream a StdinSource reads (s16le mono,
+    resampled to 16 kHz when the client declared another rate)."""
+
+    def __init__(self, rate_hz: int) -> None:
+        self._chunks: queue.Queue[bytes] = queue.Queue(maxsize=_STREAM_QUEUE)
+        self._resampler = Resampler(rate_hz, 1) if rate_hz != SAMPLE_RATE_HZ else None
+
+    def push(self, data: bytes) -> None:
+        """One message of audio (b"" ends the stream)."""
+        if data and self._resampler is not None:
+            usable = len(data) - len(data) % 2
+            block = np.frombuffer(data[:usable], dtype="<i2").astype(np.float32) / 32768.0
+            data = self._resampler.process(block.reshape(-1, 1)).astype("<i2").tobytes()
+        self._chunks.put(data, timeout=30)
+
+    def read(self, size: int) -> bytes:
+        """The next message (the reader thread blocks here)."""
+        return self._chunks.get()
+
+
+@router.websocket("/ws/audio")
+async def ws_audio(websocket: WebSocket, rate_hz: int = SAMPLE_RATE_HZ) -> None:
+    """Stream 16 kHz (or `?rate_hz=`) mono s16le as binary messages; speech start/end and
+    transcript events come back as JSON. Send the text `end` to finish: the transcripts of
+    what was said are sent, then `{"type": "done"}`, and the socket closes."""
+    ctx: HttpContext = websocket.app.state.ctx
+    slots: threading.BoundedSemaphore = websocket.app.state.live_streams
+    await websocket.accept()
+    daemon = ctx.daemon
+    if daemon is None or not 8000 <= rate_hz <= 192000:
+        await websocket.close(1011 if daemon is None else 1003, "cannot stream here")
+        return
+    if not slots.acquire(blocking=False):  # each stream costs a VAD and a listener thread
+        await websocket.close(1013, f"at most {MAX_LIVE_STREAMS} live audio streams at once")
+        return
+    try:
+        await _stream(websocket, ctx, daemon, rate_hz)
+    finally:
+        slots.release()
+
+
+async def _stream(websocket: WebSocket, ctx: HttpContext, daemon: Any, rate_hz: int) -> None:
+    """One live audio stream through its own listener into the daemon's store and worker."""
+    from ..sources import StdinSource
+
+    stream = SocketStream(rate_hz)
+    source = StdinSource(stream)
+    source.name = f"ws:{ULID()}"
+    settings = ctx.settings
+    events = ctx.hub.subscribe(asyncio.get_running_loop())
+    source.start()
+    # Its own listener with its own VAD (loading it is slow: off the event loop).
+    listener = await asyncio.to_thread(
+        daemon.pipeline.listener, source, **daemon.speech_hooks(source.name)
+    )
+    _LOGGER.info("live audio %s at %d Hz", source.name, rate_hz)
+    sender = asyncio.create_task(_send_own(websocket, events, source.name))
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            if message.get("bytes"):
+                await asyncio.to_thread(stream.push, message["bytes"])
+            elif (message.get("text") or "").strip() == "end":
+                await asyncio.to_thread(stream.push, b"")
+                await asyncio.to_thread(listener.finished.wait, _FINISH_TIMEOUT_S)
+                ids = [r.id for r in listener.recordings]
+                await asyncio.to_thread(_wait_jobs, ctx, ids)
+                await asyncio.sleep(0.2)  # events published with the last commit arrive
+                sender.cancel()
+                while not events.empty():
+                    await _send_if_own(websocket, events.get_nowait(), source.name)
+                await websocket.send_json({"type": "done", "recording_ids": ids})
+                await websocket.close()
+                break
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        sender.cancel()
+        ctx.hub.unsubscribe(events)
+        await asyncio.to_thread(stream.push, b"")  # the listener saves what it heard and ends
+        await asyncio.to_thread(listener.stop, 30.0)
+
+
+async def _send_own(websocket: WebSocket, events: asyncio.Queue[Any], source: str) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while True:
+            await _send_if_own(websocket, await events.get(), source)
+
+
+async def _send_if_own(websocket: WebSocket, event: dict[str, Any], source: str) -> None:
+    if event.get("source") == source:
+        await websocket.send_json(event)
+
+
+def _wait_jobs(ctx: HttpContext, rec_ids: list[str]) -> None:
+    """Until the recordings' jobs are done or failed (or the timeout)."""
+    if not rec_ids:
+        return
+    marks = ",".join("?" * len(rec_ids))
+    deadline = time.monotonic() + _FINISH_TIMEOUT_S
+    with ctx.connect() as conn:
+        while time.monotonic() < deadline:
+            open_jobs = conn.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE recording_id IN ({marks})"
+                " AND state IN ('pending', 'running')",
+                rec_ids,
+            ).fetchone()[0]
+            if not open_jobs:
+                return
+            ctx.wake_worker()
+            time.sleep(0.2)

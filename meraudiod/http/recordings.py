@@ -1,0 +1,77 @@
+"""/api/v1/recordings: search, details, playback (with range requests) and delete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse
+
+from .common import ApiError, HttpContext, check_id, run_command
+
+router = APIRouter(prefix="/api/v1/recordings", tags=["recordings"])
+_MEDIA_TYPES = {".flac": "audio/flac", ".wav": "audio/wav"}
+
+
+def context(request: Request) -> HttpContext:
+    """The stage's context, for the routes."""
+    ctx: HttpContext = request.app.state.ctx
+    return ctx
+
+
+@router.get("")
+def list_recordings(
+    ctx: HttpContext = Depends(context),
+    search: str | None = Query(None, max_length=200, description="Full-text search"),
+    since: str | None = Query(None, description="2h, 3d, 45m or an ISO date/time"),
+    speaker: str | None = Query(None, max_length=100, description="Speaker name"),
+    limit: int = Query(20, ge=1, le=1000, description="Most rows returned"),
+    cursor: str | None = Query(None, description="`next_cursor` of the previous page"),
+) -> dict[str, Any]:
+    """Recordings, newest first (the `recordings/list` command)."""
+    rows = run_command(
+        ctx,
+        "recordings/list",
+        {"search": search, "since": since, "speaker": speaker, "limit": limit, "cursor": cursor},
+    )
+    next_cursor = rows[-1]["id"] if len(rows) == limit else None
+    return {"recordings": rows, "next_cursor": next_cursor}
+
+
+@router.get("/{rec_id}")
+def get_recording(rec_id: str, ctx: HttpContext = Depends(context)) -> Any:
+    """One recording with its segments and speakers (the `recordings/get` command)."""
+    data = run_command(ctx, "recordings/get", {"id": check_id(rec_id)})
+    data.pop("audio_path", None)  # where the file lives is the device's business
+    data["audio_url"] = f"/api/v1/recordings/{rec_id}/audio"
+    return data
+
+
+@router.get("/{rec_id}/audio", response_class=FileResponse)
+def get_audio(rec_id: str, ctx: HttpContext = Depends(context)) -> FileResponse:
+    """The recording's audio; HTTP range requests let a player seek."""
+    check_id(rec_id)
+    with ctx.connect() as conn:
+        row = conn.execute("SELECT audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
+    if row is None:
+        raise ApiError(404, "not_found", f"no recording {rec_id}")
+    path = Path(row["audio_path"]) if row["audio_path"] else None
+    if path is None or not path.is_file():
+        raise ApiError(410, "gone", f"recording {rec_id} has no audio any more")
+    media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+    return FileResponse(
+        path,
+        media_type=media_type,
+        filename=f"{rec_id}{path.suffix}",
+        content_disposition_type="inline",  # played in the page, not downloaded
+    )
+
+
+@router.delete("/{rec_id}")
+def delete_recording(rec_id: str, ctx: HttpContext = Depends(context)) -> Any:
+    """Audio, text, index rows and embeddings (the `recordings/delete` command)."""
+    data = run_command(ctx, "recordings/delete", {"ids": [check_id(rec_id)]})
+    if not data["deleted"]:
+        raise ApiError(404, "not_found", f"no recording {rec_id}")
+    return data

@@ -1,0 +1,111 @@
+"""The HTTP stage: uvicorn serving the API on a named thread inside the daemon."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Final
+
+from ..config import ConfigError, Settings, is_loopback
+from ..stage import StageThread
+from .common import HttpContext, RequestIdFilter
+from .live import EventHub
+
+_LOGGER = logging.getLogger(__name__)
+_STOP_TIMEOUT_S: Final = 10.0
+
+
+class HttpError(Exception):
+    """The HTTP stage cannot start; the message says why and what to do."""
+
+
+class HttpStage(StageThread):
+    """Binds its socket in start() (a port in use fails the start, before READY), then
+    serves on the `http` thread until stop()."""
+
+    thread_name = "http"
+
+    def __init__(self, settings: Settings, daemon: Any = None) -> None:
+        self.settings = settings
+        self.hub = EventHub()
+        self.context = HttpContext(settings, daemon, self.hub)
+        self._server: Any = None
+        self._socket: socket.socket | None = None
+        self.started = threading.Event()
+
+    def start(self) -> None:
+        """Check the token, build the app, bind, and serve on the stage's thread."""
+        http = self.settings.http
+        try:
+            import uvicorn
+
+            from .app import create_app
+        except ImportError as exc:
+            raise HttpError(
+                f"http.enabled needs the http extra: pip install 'meraudiod[http]' ({exc})"
+            ) from exc
+        try:
+            token = http.resolved_token()
+        except ConfigError as exc:
+            raise HttpError(str(exc)) from exc
+        if token is None and not is_loopback(http.host):
+            raise HttpError(
+                f"http.host {http.host} is reachable from other machines:"
+                " set http.token or http.token_file (or bind 127.0.0.1)"
+            )
+        family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((http.host, http.port))
+        except OSError as exc:
+            sock.close()
+            raise HttpError(f"http: cannot listen on {http.host}:{http.port}: {exc}") from exc
+        sock.listen(64)
+        self._socket = sock
+        _clear_uploads(self.settings.storage.data_dir / "uploads")
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(RequestIdFilter())
+        config = uvicorn.Config(
+            create_app(self.context, token),
+            log_config=None,  # the daemon's logging, not uvicorn's
+            access_log=False,  # the app logs one line per request, with its id
+            lifespan="off",
+            ws="websockets-sansio",
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=5,
+        )
+        self._server = uvicorn.Server(config)
+        super().start()
+        _LOGGER.info("http: serving on http://%s:%d", http.host, http.port)
+
+    def _run(self) -> None:
+        assert self._server is not None and self._socket is not None
+        try:
+            self._server.run(sockets=[self._socket])
+        except BaseException:  # uvicorn exits with SystemExit on a failed start-up
+            _LOGGER.exception("http server failed")
+            raise
+
+    def stop(self) -> None:
+        """Finish the requests under way (up to a few seconds) and close the socket."""
+        if self._server is not None:
+            self._server.should_exit = True
+        self.join(_STOP_TIMEOUT_S)
+        if self._socket is not None:
+            self._socket.close()
+
+
+def _clear_uploads(folder: Path) -> None:
+    """Uploads being received when the process died (every file in this folder is ours and
+    temporary: a finished upload is a recording in the audio directory)."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)

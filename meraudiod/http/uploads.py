@@ -1,0 +1,151 @@
+"""Uploads and their tasks, and the listening switch.
+
+An uploaded file becomes a recording of its own (source `upload:<name>`, or `client:<name>`
+for a client's own recording) with a transcription job: the task is that durable job, so a
+restart loses none, and its id is the recording's.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from fastapi import APIRouter, Depends, File, UploadFile
+
+from ..audio import AudioDecodeError, decode_file
+from ..db import now
+from ..recordings import RecordingStore, analysis_record
+from .common import ApiError, HttpContext, check_id, run_command
+from .recordings import context
+
+_LOGGER = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1")
+_TASK_STATES: Final = {"pending": "pending", "running": "running", "done": "completed"}
+_SWITCH_WAIT_S: Final = 10.0
+
+
+def store_upload(ctx: HttpContext, upload: UploadFile, kind: str) -> str:
+    """Decode an uploaded file (the format is judged by decoding it, not by its name) and
+    store it as a recording with a transcription job; returns the recording id."""
+    name = Path(upload.filename or "upload").name[:100] or "upload"
+    uploads = ctx.settings.storage.data_dir / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=uploads, suffix=".part") as tmp:
+        shutil.copyfileobj(upload.file, tmp)
+        tmp.flush()
+        try:
+            samples = decode_file(Path(tmp.name))
+        except AudioDecodeError as exc:
+            raise ApiError(
+                415, "unsupported_media", f"{name}: not an audio file this device can decode"
+            ) from exc
+    if samples.size == 0:
+        raise ApiError(422, "no_audio", f"{name}: the file holds no audio")
+    storage, recorder = ctx.settings.storage, ctx.settings.recorder
+    with ctx.connect() as conn:
+        recording = RecordingStore(conn, storage.audio_dir, recorder.audio_format).save(
+            samples,
+            source=f"{kind}:{name}",
+            start_s=0.0,
+            started_at=now(),
+            transcribe=ctx.settings.asr.enabled,
+        )
+    assert recording is not None  # written to disk, not to the memory of a full disk
+    ctx.wake_worker()
+    return recording.id
+
+
+@router.post("/analysis/upload", status_code=202, tags=["analysis"])
+def analysis_upload(
+    file: UploadFile = File(..., description="Audio in any common format"),
+    ctx: HttpContext = Depends(context),
+) -> dict[str, Any]:
+    """Transcribe a file: poll `/api/v1/tasks/{task_id}` for the result."""
+    task_id = store_upload(ctx, file, "upload")
+    return {"task_id": task_id, "status": "pending", "status_url": f"/api/v1/tasks/{task_id}"}
+
+
+@router.post("/vad/upload_recording", status_code=202, tags=["listening"])
+def upload_recording(
+    file: UploadFile = File(..., description="A client's own recording of speech"),
+    ctx: HttpContext = Depends(context),
+) -> dict[str, Any]:
+    """A client's own recording into the queue, transcribed like the microphone's."""
+    rec_id = store_upload(ctx, file, "client")
+    return {"recording_id": rec_id, "task_id": rec_id, "status_url": f"/api/v1/tasks/{rec_id}"}
+
+
+@router.get("/tasks/{task_id}", tags=["analysis"])
+def task(task_id: str, ctx: HttpContext = Depends(context)) -> dict[str, Any]:
+    """pending, running, completed or failed; completed carries what `analyze --json` prints."""
+    check_id(task_id, "task")
+    with ctx.connect() as conn:
+        row = conn.execute(
+            "SELECT source, duration_s FROM recordings WHERE id=?"
+            " AND (source LIKE 'upload:%' OR source LIKE 'client:%')",
+            (task_id,),
+        ).fetchone()
+        if row is None:
+            raise ApiError(404, "not_found", f"no task {task_id}")
+        job = conn.execute(
+            "SELECT state, attempts, error FROM jobs WHERE recording_id=? ORDER BY id DESC LIMIT 1",
+            (task_id,),
+        ).fetchone()
+        state = _TASK_STATES.get(job["state"], "failed") if job is not None else "completed"
+        result = None
+        if state == "completed":
+            result = {
+                "file": str(row["source"]).split(":", 1)[1],
+                "duration_s": round(float(row["duration_s"]), 3),
+                "recordings": [analysis_record(conn, ctx.settings.storage.audio_dir, task_id)],
+            }
+    return {
+        "task_id": task_id,
+        "status": state,
+        "progress": {"pending": 0.0, "completed": 1.0}.get(state),
+        "attempts": job["attempts"] if job is not None else 0,
+        "error": job["error"] if job is not None and state == "failed" else None,
+        "result": result,
+    }
+
+
+def _switch(ctx: HttpContext, on: bool) -> dict[str, Any]:
+    """The listening switch runs on the daemon's main thread, as MQTT's does."""
+    from ..mqtt import Inbound
+
+    daemon = ctx.daemon
+    if daemon is None:
+        raise ApiError(503, "unavailable", "no daemon to switch")
+    daemon.inbound.put(Inbound("listening", "listening/set", b"ON" if on else b"OFF"), timeout=5)
+    deadline = time.monotonic() + _SWITCH_WAIT_S
+    while daemon.listening != on and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if daemon.listening != on:
+        raise ApiError(503, "unavailable", "the daemon did not switch in time")
+    return {"listening": daemon.listening}
+
+
+@router.post("/vad/start", tags=["listening"])
+def vad_start(ctx: HttpContext = Depends(context)) -> dict[str, Any]:
+    """Listen (open the microphone); persisted across restarts."""
+    return _switch(ctx, True)
+
+
+@router.post("/vad/stop", tags=["listening"])
+def vad_stop(ctx: HttpContext = Depends(context)) -> dict[str, Any]:
+    """Stop listening (close the microphone); persisted across restarts."""
+    return _switch(ctx, False)
+
+
+@router.get("/status", tags=["listening"])
+def status(ctx: HttpContext = Depends(context)) -> Any:
+    """Listening, backlog, disk, MQTT (the `status` command)."""
+    data = run_command(ctx, "status", {})
+    if ctx.daemon is not None:  # the heartbeat is up to 5 s old; the switch is live
+        data["listening"] = ctx.daemon.listening
+        data["muted"] = not ctx.daemon.listening
+    return data
