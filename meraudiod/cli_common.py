@@ -128,11 +128,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def open_store(settings: Settings) -> sqlite3.Connection:
-    """The database (created and migrated if needed)."""
-    return open_db(settings.storage.db_path)
-
-
 def echo_json(data: Any) -> None:
     """One JSON document on stdout."""
     click.echo(json.dumps(data, ensure_ascii=False, default=str))

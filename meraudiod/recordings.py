@@ -406,7 +406,7 @@ def recording_details(
             "SELECT m.label, m.speaker_id, p.name, p.provisional, m.score, m.margin, m.speech_s"
             " FROM speaker_mappings m LEFT JOIN speakers p ON p.id = m.speaker_id"
             " WHERE m.recording_id=? ORDER BY m.label",
-            (rec_id,),
+            (data["id"],),
         )
     ]
     return data
@@ -448,8 +448,5 @@ def analysis_record(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> d
                 "speech_s": round(m["speech_s"], 2),
             }
             for m in data.get("speakers", [])
-        ],
-    }
-            for s in data.get("segments", [])
         ],
     }

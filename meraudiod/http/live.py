@@ -140,7 +140,6 @@ async def _stream(websocket: WebSocket, ctx: HttpContext, daemon: Any, rate_hz: 
     stream = SocketStream(rate_hz)
     source = StdinSource(stream)
     source.name = f"ws:{ULID()}"
-    settings = ctx.settings
     events = ctx.hub.subscribe(asyncio.get_running_loop())
     source.start()
     # Its own listener with its own VAD (loading it is slow: off the event loop).

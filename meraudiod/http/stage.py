@@ -34,7 +34,6 @@ class HttpStage(StageThread):
         self.context = HttpContext(settings, daemon, self.hub)
         self._server: Any = None
         self._socket: socket.socket | None = None
-        self.started = threading.Event()
 
     def start(self) -> None:
         """Check the token, build the app, bind, and serve on the stage's thread."""
