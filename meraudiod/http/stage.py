@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
-import threading
 from pathlib import Path
 from typing import Any, Final
 
