@@ -33,11 +33,12 @@ from .messages import (
     enqueue,
     truncate_state,
 )
+from .microphone import AudioSupervisor
 from .pipeline import Pipeline
 from .recordings import Recording
 from .retention import Retention, disk_free_mb, disk_low
 from .segmenter import SegmenterParams
-from .sources import AudioSource, FileSource, MicSource, SourceError, StdinSource
+from .sources import AudioSource, FileSource, MicSource, StdinSource
 from .status import heartbeat_path, status, write_heartbeat
 from .systemd import Notifier
 from .worker import TranscribedRecording
@@ -46,8 +47,6 @@ _LOGGER = logging.getLogger(__name__)
 _POLL_S: Final = 0.2
 _HEARTBEAT_EVERY_S: Final = 5.0
 _STATE_EVERY_S: Final = 30.0
-_AUDIO_STALL_S: Final = 5.0  # no frame for this long while listening: the microphone is gone
-_MIC_RETRY_MAX_S: Final = 60.0
 _LISTENING_KEY: Final = "listening"
 _SPEAKER_EVENTS: Final = {"speakers/enroll": "enrolled", "speakers/delete": "deleted"}
 
@@ -69,9 +68,7 @@ class Daemon:
         self._worker_stop = threading.Event()
         self._mqtt_stop = threading.Event()  # last: it delivers the final events and state
         self.pipeline = Pipeline(settings, self._worker_stop, on_transcribed)
-        self.listener: Listener | None = None
         self.listening = True
-        self.mic_problem: str | None = None
         self.disk_problem: str | None = None
         self.mqtt_problem: str | None = None
         self.stage_problem: str | None = None  # a stage thread died: the daemon stops
@@ -86,13 +83,7 @@ class Daemon:
         self.conn: sqlite3.Connection | None = None
         self.recordings_made = 0
         self._started_at = time.monotonic()
-        self._mic_retry_s = 1.0
-        self._next_mic_retry = 0.0
-        self._mic_opened_at = 0.0
-        self._mic_ever_opened = False
-        # The microphone is not there at all (reopening it fails): waiting for it, degraded,
-        # is healthy. One that opens but delivers nothing is a stall, for systemd to restart.
-        self._mic_gone = False
+        self.audio = AudioSupervisor(source, self._start_listener, self._announce)
         self._last_state: dict[str, Any] | None = None
         self._state_dirty = False
 
@@ -117,11 +108,8 @@ class Daemon:
             self._start_mqtt()
         self.pipeline.start_worker()
         self.retention.start()
-        if self.listening and isinstance(self.source, MicSource):
-            self._open_microphone(time.monotonic())  # a missing one is waited for
-        elif self.listening:
-            self.source.start()  # a missing file fails here, before READY
-            self._start_listener()
+        if self.listening:  # a missing file fails here, before READY; a microphone is waited for
+            self.audio.open(time.monotonic())
         self._publish_listening()
         self._heartbeat()
         self.notifier.ready(self._status_line())
@@ -150,11 +138,16 @@ class Daemon:
         self.mqtt = MqttLink(self.settings, self._mqtt_stop, self.inbound, discovery)
         self.mqtt.start()
 
-    def _start_listener(self) -> None:
+    @property
+    def listener(self) -> Listener | None:
+        """The listener on the source (None until one was started)."""
+        return self.audio.listener
+
+    def _start_listener(self) -> Listener:
         hooks: dict[str, Any] = {}
         if self.settings.mqtt.enabled:
             hooks = {"on_speech_start": self._speech_start, "on_speech_end": self._speech_end}
-        self.listener = self.pipeline.listener(self.source, **hooks)
+        return self.pipeline.listener(self.source, **hooks)
 
     # --- events into the outbox (called on the listener and worker threads) -----------------
 
@@ -190,7 +183,8 @@ class Daemon:
             t = time.monotonic()
             if self._check_stages():
                 break
-            self._check_audio(t)
+            if self.listening:
+                self.audio.check(t)
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
@@ -264,84 +258,7 @@ class Daemon:
             threads_ok = threads_ok and self.mqtt.is_alive()
         if not self.listening:
             return threads_ok
-        listener = self.listener
-        audio_ok = self._mic_gone or (
-            listener is not None
-            and listener.is_alive()
-            and time.monotonic() - listener.last_frame_at < _AUDIO_STALL_S
-        )
-        return threads_ok and audio_ok
-
-    def _check_audio(self, t: float) -> None:
-        """A microphone that stopped delivering is reopened with backoff, not a crash loop."""
-        if not isinstance(self.source, MicSource):
-            self._check_stream(t)
-            return
-        if not self.listening:
-            return
-        listener = self.listener
-        stalled = (
-            listener is None
-            or not listener.is_alive()
-            or (listener.frames_read > 0 and t - listener.last_frame_at > _AUDIO_STALL_S)
-            or (listener.frames_read == 0 and t - self._mic_opened_at > _AUDIO_STALL_S)
-        )
-        if not stalled:
-            if self.mic_problem:
-                _LOGGER.info("microphone is back")
-                self.mic_problem = None
-                self.notifier.status(self._status_line())
-            self._mic_retry_s = 1.0
-            return
-        if t < self._next_mic_retry:
-            return
-        if not self._mic_gone:
-            self.mic_problem = "microphone lost: retrying"
-            self.notifier.status(self._status_line())
-        _LOGGER.warning("no audio from %s; reopening it", self.source.name)
-        if listener is not None:
-            listener.stop(timeout_s=5.0)
-        self.source.stop()
-        self._open_microphone(t)
-
-    def _check_stream(self, t: float) -> None:
-        """stdin (or a file paced at real time) that stops delivering is said once: log,
-        STATUS=, status. The watchdog is no longer fed, so systemd restarts the service."""
-        listener = self.listener
-        if listener is None or listener.finished.is_set():
-            return
-        stalled = t - (listener.last_frame_at or self._started_at) > _AUDIO_STALL_S
-        if stalled and self.mic_problem is None:
-            self.mic_problem = f"no audio from {self.source.name} for {_AUDIO_STALL_S:.0f} s"
-            _LOGGER.warning("%s", self.mic_problem)
-            self.notifier.status(self._status_line())
-        elif not stalled and self.mic_problem is not None:
-            _LOGGER.info("audio from %s is back", self.source.name)
-            self.mic_problem = None
-            self.notifier.status(self._status_line())
-
-    def _open_microphone(self, t: float) -> None:
-        """Open the microphone and its listener. One that is not there (unplugged, a USB
-        device that enumerates after boot) is waited for, degraded, and retried with
-        backoff by _check_audio; never a failed start."""
-        try:
-            self.source.start()
-            self._start_listener()
-        except SourceError as exc:
-            self.source.stop()
-            lost = "microphone lost" if self._mic_ever_opened else "waiting for the microphone"
-            self.mic_problem = f"{lost}: {exc}"
-            self._mic_gone = True
-            _LOGGER.error("%s; retrying in %.0f s", exc, self._mic_retry_s)
-            self._next_mic_retry = t + self._mic_retry_s
-            self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
-        else:
-            self._mic_opened_at = t
-            self._mic_gone = False
-            self._mic_ever_opened = True
-            self._next_mic_retry = t + self._mic_retry_s
-            self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
-        self.notifier.status(self._status_line())
+        return threads_ok and self.audio.healthy(time.monotonic())
 
     def _handle_inbound(self, item: Any) -> None:
         assert self.conn is not None
@@ -399,15 +316,9 @@ class Daemon:
                 if self.listener is not None:  # a file or a pipe: keep reading, record nothing
                     self.listener.muted = not on
             elif on:
-                self._mic_retry_s = 1.0
-                self._open_microphone(time.monotonic())  # a missing one is waited for
+                self.audio.open(time.monotonic())  # a missing microphone is waited for
             else:  # muted means the microphone is closed, and no longer waited for
-                if self.listener is not None:
-                    self.listener.stop()
-                    self.listener = None
-                self.source.stop()
-                self.mic_problem = None
-                self._mic_gone = False
+                self.audio.close()
             _LOGGER.info("listening %s", "ON" if on else "OFF")
             self.notifier.status(self._status_line())
             self._heartbeat()
@@ -419,7 +330,7 @@ class Daemon:
     @property
     def degraded(self) -> str | None:
         """What is wrong, in a few words (None when all is well)."""
-        problems = (self.stage_problem, self.mic_problem, self.disk_problem, self.mqtt_problem)
+        problems = (self.stage_problem, self.audio.problem, self.disk_problem, self.mqtt_problem)
         return "; ".join(p for p in problems if p) or None
 
     def _check_disk(self) -> None:
@@ -476,6 +387,10 @@ class Daemon:
             ),
             "version": __version__,
         }
+
+    def _announce(self) -> None:
+        """The audio's state changed: say so in `systemctl status`."""
+        self.notifier.status(self._status_line())
 
     def _heartbeat(self, stopped: bool = False) -> None:
         try:
@@ -567,9 +482,7 @@ class Daemon:
         worker after its current job, then retention, then MQTT (which says `offline`)."""
         self.notifier.stopping()
         self.stop_event.set()
-        if self.listener is not None:
-            self.listener.stop()
-        self.source.stop()
+        self.audio.close()
         self._worker_stop.set()
         self.pipeline.close()
         self.retention.join()
