@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import __version__, events
-from .checks import check_writable, unreadable_files
+from .checks import check_writable, mqtt_file_problems
 from .commands import CommandContext, dispatch
 from .config import ConfigError, Settings, apply_live, load_settings
 from .db import Transaction, get_kv, open_db, set_kv
@@ -116,20 +116,21 @@ class Daemon:
         _LOGGER.info("ready: %s", self._status_line())
 
     def _start_mqtt(self) -> None:
-        """The MQTT thread; while a file it needs cannot be read (a root-only secret under
-        User=meraudiod), MQTT stays off and degraded, tried again every heartbeat."""
+        """The MQTT thread; while a file it needs cannot be read or loaded (a root-only
+        secret under User=meraudiod, a bad certificate), MQTT stays off and degraded,
+        tried again every heartbeat."""
         from .homeassistant import discovery_message
         from .mqtt import MqttLink
 
-        problems = unreadable_files(self.settings, "mqtt.")
+        problems = mqtt_file_problems(self.settings)
         if problems:
             if self.mqtt_problem is None:
-                _LOGGER.error("MQTT off until it can read its files: %s", "; ".join(problems))
+                _LOGGER.error("MQTT off until it can use its files: %s", "; ".join(problems))
             self.mqtt_problem = "MQTT off: " + "; ".join(problems)
             self.notifier.status(self._status_line())
             return
         if self.mqtt_problem is not None:
-            _LOGGER.info("MQTT files readable: connecting")
+            _LOGGER.info("MQTT files usable: connecting")
             self.mqtt_problem = None
             self.notifier.status(self._status_line())
         discovery = (

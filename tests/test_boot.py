@@ -18,7 +18,7 @@ import pytest
 
 from meraudiod.db import open_db, set_kv
 
-from .broker import Broker, Subscriber
+from .broker import PASSWORD, USER, Broker, Subscriber
 from .conftest import REPO, cli
 from .notify import NotifySocket
 
@@ -317,12 +317,18 @@ def test_unreadable_secret_files_are_named_not_tracebacks(
     assert result.returncode != 0 and "mqtt.tls_ca_file: cannot read /nonexistent/ca" in (
         result.stderr
     )
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    result = cli("config", "check", env={**tls, "MERAUDIOD_MQTT__TLS_CA_FILE": str(garbage)})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"cannot load the TLS files (mqtt.tls_ca_file {garbage})" in result.stderr
 
 
-def test_daemon_with_an_unreadable_secret_stays_up_degraded_for_mqtt(
-    env: dict[str, str], broker: Broker, tmp_path: Path
+@pytest.mark.parametrize("bad", ["missing secret", "not a certificate"])
+def test_daemon_with_an_unusable_mqtt_file_stays_up_degraded_for_mqtt(
+    env: dict[str, str], broker: Broker, tmp_path: Path, bad: str
 ) -> None:
-    secret = tmp_path / "mqtt-password"
+    secret = tmp_path / "mqtt-file"
     notify = NotifySocket(tmp_path / "notify.sock")
     senv = {
         **env,
@@ -332,9 +338,21 @@ def test_daemon_with_an_unreadable_secret_stays_up_degraded_for_mqtt(
         "MERAUDIOD_MQTT__HOST": "127.0.0.1",
         "MERAUDIOD_MQTT__PORT": str(broker.port),
         "MERAUDIOD_MQTT__NODE_ID": NODE,
-        "MERAUDIOD_MQTT__USERNAME": "meraudiod",
+        "MERAUDIOD_MQTT__USERNAME": USER,
         "MERAUDIOD_MQTT__PASSWORD_FILE": str(secret),
     }
+    expected = f"MQTT off: mqtt.password_file: cannot read {secret}"
+    if bad == "not a certificate":
+        secret.write_text("not a certificate\n")
+        del senv["MERAUDIOD_MQTT__PASSWORD_FILE"]
+        senv |= {
+            "MERAUDIOD_MQTT__HOST": "localhost",
+            "MERAUDIOD_MQTT__PORT": str(broker.tls_port),
+            "MERAUDIOD_MQTT__TLS": "true",
+            "MERAUDIOD_MQTT__TLS_CA_FILE": str(secret),
+            "MERAUDIOD_MQTT__PASSWORD": PASSWORD,
+        }
+        expected = f"MQTT off: cannot load the TLS files (mqtt.tls_ca_file {secret})"
     sub = Subscriber(broker.port, [f"{BASE}/#"])
     proc = subprocess.Popen(
         [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
@@ -366,12 +384,14 @@ def test_daemon_with_an_unreadable_secret_stays_up_degraded_for_mqtt(
         time.sleep(6.0)
         assert proc.poll() is None
         assert len([t for t in notify.times("WATCHDOG=1") if t > started]) >= 3
-        assert any(
-            f"MQTT off: mqtt.password_file: cannot read {secret}" in m for _, m in notify.messages
-        )
+        assert any(expected in m for _, m in notify.messages), notify.messages
         up = json.loads(cli("status", "--json", env=senv).stdout)
         assert str(secret) in (up["degraded"] or ""), up
-        secret.write_text("anything\n")  # the secret arrives: MQTT comes up by itself
+        # The file is fixed: MQTT comes up by itself.
+        if bad == "missing secret":
+            secret.write_text(PASSWORD + "\n")
+        else:
+            secret.write_text((broker.folder / "ca.crt").read_text())
         sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 30)
         wait_for(
             lambda: (
