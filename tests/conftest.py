@@ -88,3 +88,11 @@ def db_rows(env: dict[str, str], sql: str) -> list[sqlite3.Row]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+# The tests run as root, whom file permissions do not stop: a process that must meet them
+# runs without the capabilities that override them, as the service's own user would.
+AS_A_USER = (
+    ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mount)")

@@ -20,11 +20,10 @@ from meraudiod.audio import decode_file
 from meraudiod.db import _MIGRATIONS, DatabaseError, check_sqlite_version, open_db
 
 from .broker import Broker, Subscriber
-from .conftest import DEMO, cli
+from .conftest import AS_A_USER, DEMO, cli, needs_root
 from .notify import NotifySocket
 
 NODE = "stagenode"
-AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]  # see test_boot.py
 
 
 @pytest.fixture
@@ -126,6 +125,7 @@ def test_a_read_only_database_file_is_one_line(env: dict[str, str]) -> None:
     assert f"database {path} is not writable" in line and "Permission denied" in line, line
 
 
+@needs_root  # the tmpfs is mounted in a private mount namespace
 def test_a_listener_that_dies_on_a_full_disk_is_reported(
     env: dict[str, str], tmp_path: Path
 ) -> None:
