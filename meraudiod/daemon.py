@@ -39,6 +39,7 @@ from .recordings import Recording
 from .retention import Retention, disk_free_mb, disk_low
 from .segmenter import SegmenterParams
 from .sources import AudioSource, FileSource, MicSource, StdinSource
+from .stage import StageThread
 from .status import heartbeat_path, status, write_heartbeat
 from .systemd import Notifier
 from .worker import TranscribedRecording
@@ -214,15 +215,17 @@ class Daemon:
         if self.stage_problem is not None:
             return True
         listener = self.listener
-        for stage in (self.pipeline.worker, self.retention, self.mqtt, listener):
-            if stage is None or not stage.started:
-                continue
+        for stage in self._stages():
             # A listener ends with its stream or its microphone; the others only on stop().
             ended = stage is not listener and not stage.is_alive()
             if stage.died or ended:
                 self._stage_died(stage.thread_name, stage.died or "its thread ended")
                 return True
         return False
+
+    def _stages(self) -> list[StageThread]:
+        stages = (self.pipeline.worker, self.retention, self.mqtt, self.listener)
+        return [stage for stage in stages if stage is not None and stage.started]
 
     def _stage_died(self, name: str, why: str) -> None:
         self.stage_problem = self.error = f"the {name} stage died: {why}"
@@ -492,7 +495,11 @@ class Daemon:
         self._mqtt_stop.set()
         if self.mqtt is not None:
             self.mqtt.join()
+        died = [stage for stage in self._stages() if stage.died]
+        if died and self.stage_problem is None:  # on the way out: the run still fails
+            self.stage_problem = self.error = (
+                f"the {died[0].thread_name} stage died: {died[0].died}"
+            )
         if self.conn is not None:  # it started, and wrote a heartbeat
             self._heartbeat(stopped=True)
-        if self.conn is not None:
             self.conn.close()
