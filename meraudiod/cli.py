@@ -29,7 +29,7 @@ from .cli_recordings import recordings
 from .cli_speakers import speakers_group
 from .db import DatabaseError
 from .recordings import recording_details
-from .signals import install as install_signal_handlers
+from .signals import install as _install_signal_handlers
 from .signals import run_handlers
 from .sources import SourceError, input_devices, open_source
 
@@ -147,7 +147,7 @@ def analyze(config_path: Path | None, as_json: bool, files: tuple[Path, ...]) ->
 
     settings = settings_from(config_path)
     stop = threading.Event()
-    install_signal_handlers(stop)
+    _install_signal_handlers(stop)
     pipeline = Pipeline(settings, stop)
     try:
         pipeline.open()

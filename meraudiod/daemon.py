@@ -145,6 +145,11 @@ class Daemon:
         """The listener on the source (None until one was started)."""
         return self.audio.listener
 
+    @property
+    def mic_problem(self) -> str | None:
+        """What is wrong with the audio input (None when all is well)."""
+        return self.audio.problem
+
     def _start_listener(self) -> Listener:
         hooks: dict[str, Any] = {}
         if self.settings.mqtt.enabled:
@@ -334,7 +339,7 @@ class Daemon:
     @property
     def degraded(self) -> str | None:
         """What is wrong, in a few words (None when all is well)."""
-        problems = (self.stage_problem, self.audio.problem, self.disk_problem, self.mqtt_problem)
+        problems = (self.stage_problem, self.mic_problem, self.disk_problem, self.mqtt_problem)
         return "; ".join(p for p in problems if p) or None
 
     def _check_disk(self) -> None:
