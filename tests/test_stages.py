@@ -194,3 +194,22 @@ def test_sqlite_too_old_is_named() -> None:
         check_sqlite_version("3.31.1")  # Ubuntu 20.04, JetPack 5
     check_sqlite_version("3.35.0")
     check_sqlite_version(sqlite3.sqlite_version)
+
+
+def test_admin_command_on_an_unreachable_database_is_one_line(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o000)
+    result = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "status"],
+        env={**env, "MERAUDIOD_STORAGE__DATA_DIR": str(locked / "data")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    line = last_line(result.stderr)
+    assert f"cannot open database {locked}/data/meraudiod.db" in line, line
+    assert "Permission denied" in line
