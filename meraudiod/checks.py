@@ -88,6 +88,7 @@ def unwritable_dirs(settings: Settings) -> list[str]:
             with tempfile.TemporaryFile(dir=path):
                 pass
         except OSError as exc:
+            failed.append(path)
             problems.append(f"{key}: {path} is not writable by user {user_name()}: {exc.strerror}")
     if problems:
         return problems
