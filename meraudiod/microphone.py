@@ -66,7 +66,7 @@ class AudioSupervisor:
             self.listener.stop()
         self.source.stop()
         self._gone = False
-        self._set_problem(None)
+        self.problem = None  # the caller says muted or stopping
 
     def healthy(self, t: float) -> bool:
         """Audio arriving, or the microphone gone and waited for."""
