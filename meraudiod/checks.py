@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import ssl
 import tempfile
 from pathlib import Path
 
@@ -51,6 +52,24 @@ def unreadable_files(settings: Settings, prefix: str = "") -> list[str]:
     return problems
 
 
+def mqtt_file_problems(settings: Settings) -> list[str]:
+    """The MQTT files this user cannot read, or TLS files that do not load (not PEM, a key
+    that does not match its certificate): what would stop the MQTT thread."""
+    problems = unreadable_files(settings, "mqtt.")
+    m = settings.mqtt
+    if problems or not m.tls:
+        return problems
+    try:
+        context = ssl.create_default_context(cafile=str(m.tls_ca_file) if m.tls_ca_file else None)
+        if m.tls_cert_file:
+            keyfile = str(m.tls_key_file) if m.tls_key_file else None
+            context.load_cert_chain(str(m.tls_cert_file), keyfile)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        named = ", ".join(f"{key} {path}" for key, path in named_files(settings).items())
+        problems.append(f"cannot load the TLS files ({named}): {exc}")
+    return problems
+
+
 def unwritable_dirs(settings: Settings) -> list[str]:
     """One line per directory the daemon writes that this user cannot create or write."""
     storage = settings.storage
@@ -69,6 +88,7 @@ def unwritable_dirs(settings: Settings) -> list[str]:
             with tempfile.TemporaryFile(dir=path):
                 pass
         except OSError as exc:
+            failed.append(path)
             problems.append(f"{key}: {path} is not writable by user {user_name()}: {exc.strerror}")
     if problems:
         return problems

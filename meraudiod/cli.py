@@ -14,7 +14,7 @@ import click
 
 from . import jobs as jobqueue
 from . import models as modelstore
-from .checks import StartError, unreadable_files
+from .checks import StartError, mqtt_file_problems, unreadable_files
 from .cli_common import (
     config_option,
     echo_json,
@@ -404,7 +404,7 @@ def config_check(config_path: Path | None, as_json: bool) -> None:
       MERAUDIOD_ASR__BEAM_SIZE=2 meraudiod config check --json
     """
     settings = settings_from(config_path)
-    problems = unreadable_files(settings)
+    problems = unreadable_files(settings) or mqtt_file_problems(settings)
     if problems:
         raise click.ClickException("; ".join(problems))
     if as_json:
@@ -645,7 +645,7 @@ def mqtt_test(config_path: Path | None) -> None:
     from .mqtt import check_connection
 
     settings = settings_from(config_path)
-    problems = unreadable_files(settings, "mqtt.")
+    problems = mqtt_file_problems(settings)
     if problems:
         click.echo(f"{'files':<10} FAIL {'; '.join(problems)}")
         raise click.ClickException("MQTT check failed at step files")

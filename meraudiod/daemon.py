@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import __version__, events
-from .checks import check_writable, unreadable_files
+from .checks import check_writable, mqtt_file_problems
 from .config import ConfigError, Settings, apply_live, load_settings
 from .db import Transaction, get_kv, open_db, set_kv
 from .listener import Listener
@@ -33,11 +33,13 @@ from .messages import (
     enqueue,
     truncate_state,
 )
+from .microphone import AudioSupervisor
 from .pipeline import Pipeline
 from .recordings import Recording
 from .retention import Retention, disk_free_mb, disk_low
 from .segmenter import SegmenterParams
-from .sources import AudioSource, FileSource, MicSource, SourceError, StdinSource
+from .sources import AudioSource, FileSource, MicSource, StdinSource
+from .stage import StageThread
 from .status import configured_models, heartbeat_path, status, write_heartbeat
 from .systemd import Notifier
 from .worker import TranscribedRecording
@@ -46,8 +48,6 @@ _LOGGER = logging.getLogger(__name__)
 _POLL_S: Final = 0.2
 _HEARTBEAT_EVERY_S: Final = 5.0
 _STATE_EVERY_S: Final = 30.0
-_AUDIO_STALL_S: Final = 5.0  # no frame for this long while listening: the microphone is gone
-_MIC_RETRY_MAX_S: Final = 60.0
 _LISTENING_KEY: Final = "listening"
 _SPEAKER_EVENTS: Final = {"speakers/enroll": "enrolled", "speakers/delete": "deleted"}
 _COMMAND_STOP_S: Final = 5.0  # a long request (an enrolment) is not waited for longer
@@ -72,9 +72,7 @@ class Daemon:
         self._worker_stop = threading.Event()
         self._mqtt_stop = threading.Event()  # last: it delivers the final events and state
         self.pipeline = Pipeline(settings, self._worker_stop, on_transcribed)
-        self.listener: Listener | None = None
         self.listening = True
-        self.mic_problem: str | None = None
         self.disk_problem: str | None = None
         self.mqtt_problem: str | None = None
         self.stage_problem: str | None = None  # a stage thread died: the daemon stops
@@ -91,13 +89,7 @@ class Daemon:
         self.conn: sqlite3.Connection | None = None
         self.recordings_made = 0
         self._started_at = time.monotonic()
-        self._mic_retry_s = 1.0
-        self._next_mic_retry = 0.0
-        self._mic_opened_at = 0.0
-        self._mic_ever_opened = False
-        # The microphone is not there at all (reopening it fails): waiting for it, degraded,
-        # is healthy. One that opens but delivers nothing is a stall, for systemd to restart.
-        self._mic_gone = False
+        self.audio = AudioSupervisor(source, self._start_listener, self._announce)
         self._last_state: dict[str, Any] | None = None
         self._state_dirty = False
 
@@ -125,11 +117,8 @@ class Daemon:
         self.retention.start()
         if self.settings.http.enabled:
             self._start_http()
-        if self.listening and isinstance(self.source, MicSource):
-            self._open_microphone(time.monotonic())  # a missing one is waited for
-        elif self.listening:
-            self.source.start()  # a missing file fails here, before READY
-            self._start_listener()
+        if self.listening:  # a missing file fails here, before READY; a microphone is waited for
+            self.audio.open(time.monotonic())
         self._publish_listening()
         self._heartbeat()
         self.notifier.ready(self._status_line())
@@ -137,21 +126,21 @@ class Daemon:
 
     def _start_mqtt(self) -> None:
         """The MQTT thread and the thread its requests run on; while a file it needs cannot be
-        read (a root-only secret under User=meraudiod), MQTT stays off and degraded, tried again
-        every heartbeat."""
+        read or loaded (a root-only secret under User=meraudiod, a bad certificate), MQTT
+        stays off and degraded, tried again every heartbeat."""
         from .command_runner import CommandRunner
         from .homeassistant import discovery_message
         from .mqtt import MqttLink
 
-        problems = unreadable_files(self.settings, "mqtt.")
+        problems = mqtt_file_problems(self.settings)
         if problems:
             if self.mqtt_problem is None:
-                _LOGGER.error("MQTT off until it can read its files: %s", "; ".join(problems))
+                _LOGGER.error("MQTT off until it can use its files: %s", "; ".join(problems))
             self.mqtt_problem = "MQTT off: " + "; ".join(problems)
             self.notifier.status(self._status_line())
             return
         if self.mqtt_problem is not None:
-            _LOGGER.info("MQTT files readable: connecting")
+            _LOGGER.info("MQTT files usable: connecting")
             self.mqtt_problem = None
             self.notifier.status(self._status_line())
         discovery = (
@@ -175,8 +164,18 @@ class Daemon:
             self.pipeline.worker.on_stored.append(self._transcript_live)
         self.http.start()  # a port in use or a missing token fails here, before READY
 
-    def _start_listener(self) -> None:
-        self.listener = self.pipeline.listener(self.source, **self.speech_hooks(self.source.name))
+    @property
+    def listener(self) -> Listener | None:
+        """The listener on the source (None until one was started)."""
+        return self.audio.listener
+
+    @property
+    def mic_problem(self) -> str | None:
+        """What is wrong with the audio input (None when all is well)."""
+        return self.audio.problem
+
+    def _start_listener(self) -> Listener:
+        return self.pipeline.listener(self.source, **self.speech_hooks(self.source.name))
 
     # --- events into the outbox and to the HTTP event stream (listener and worker threads) --
 
@@ -251,7 +250,8 @@ class Daemon:
             t = time.monotonic()
             if self._check_stages():
                 break
-            self._check_audio(t)
+            if self.listening:
+                self.audio.check(t)
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
@@ -280,15 +280,24 @@ class Daemon:
         if self.stage_problem is not None:
             return True
         listener = self.listener
-        for stage in (self.pipeline.worker, self.retention, self.mqtt, listener):
-            if stage is None or not stage.started:
-                continue
+        for stage in self._stages():
             # A listener ends with its stream or its microphone; the others only on stop().
             ended = stage is not listener and not stage.is_alive()
             if stage.died or ended:
                 self._stage_died(stage.thread_name, stage.died or "its thread ended")
                 return True
         return False
+
+    def _stages(self) -> list[StageThread]:
+        stages = (
+            self.pipeline.worker,
+            self.retention,
+            self.mqtt,
+            self.commands,
+            self.http,
+            self.listener,
+        )
+        return [stage for stage in stages if stage is not None and stage.started]
 
     def _stage_died(self, name: str, why: str) -> None:
         self.stage_problem = self.error = f"the {name} stage died: {why}"
@@ -327,91 +336,7 @@ class Daemon:
             threads_ok = threads_ok and self.http.is_alive()
         if not self.listening:
             return threads_ok
-        listener = self.listener
-        audio_ok = self._mic_gone or (
-            listener is not None
-            and listener.is_alive()
-            and time.monotonic() - listener.last_frame_at < _AUDIO_STALL_S
-        )
-        return threads_ok and audio_ok
-
-    def _check_audio(self, t: float) -> None:
-        """A microphone that stopped delivering is reopened with backoff, not a crash loop."""
-        if not isinstance(self.source, MicSource):
-            self._check_stream(t)
-            return
-        if not self.listening:
-            return
-        listener = self.listener
-        stalled = (
-            listener is None
-            or not listener.is_alive()
-            or (listener.frames_read > 0 and t - listener.last_frame_at > _AUDIO_STALL_S)
-            or (listener.frames_read == 0 and t - self._mic_opened_at > _AUDIO_STALL_S)
-        )
-        if not stalled:
-            if self.mic_problem:
-                _LOGGER.info("microphone is back")
-                self.mic_problem = None
-                self.notifier.status(self._status_line())
-            self._mic_retry_s = 1.0
-            return
-        if t < self._next_mic_retry:
-            return
-        if not self._mic_gone:
-            self.mic_problem = "microphone lost: retrying"
-            self.notifier.status(self._status_line())
-        _LOGGER.warning("no audio from %s; reopening it", self.source.name)
-        if listener is not None:
-            listener.stop(timeout_s=5.0)
-        self.source.stop()
-        if listener is not None and listener.is_alive():
-            # Stuck in the driver: a second listener beside it would save the same audio
-            # twice; the next try comes after the backoff.
-            _LOGGER.error("the listener of %s does not stop; not reopening yet", self.source.name)
-            self._next_mic_retry = t + self._mic_retry_s
-            self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
-            return
-        self._open_microphone(t)
-
-    def _check_stream(self, t: float) -> None:
-        """stdin (or a file paced at real time) that stops delivering is said once: log,
-        STATUS=, status. The watchdog is no longer fed, so systemd restarts the service."""
-        listener = self.listener
-        if listener is None or listener.finished.is_set():
-            return
-        stalled = t - (listener.last_frame_at or self._started_at) > _AUDIO_STALL_S
-        if stalled and self.mic_problem is None:
-            self.mic_problem = f"no audio from {self.source.name} for {_AUDIO_STALL_S:.0f} s"
-            _LOGGER.warning("%s", self.mic_problem)
-            self.notifier.status(self._status_line())
-        elif not stalled and self.mic_problem is not None:
-            _LOGGER.info("audio from %s is back", self.source.name)
-            self.mic_problem = None
-            self.notifier.status(self._status_line())
-
-    def _open_microphone(self, t: float) -> None:
-        """Open the microphone and its listener. One that is not there (unplugged, a USB
-        device that enumerates after boot) is waited for, degraded, and retried with
-        backoff by _check_audio; never a failed start."""
-        try:
-            self.source.start()
-            self._start_listener()
-        except SourceError as exc:
-            self.source.stop()
-            lost = "microphone lost" if self._mic_ever_opened else "waiting for the microphone"
-            self.mic_problem = f"{lost}: {exc}"
-            self._mic_gone = True
-            _LOGGER.error("%s; retrying in %.0f s", exc, self._mic_retry_s)
-            self._next_mic_retry = t + self._mic_retry_s
-            self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
-        else:
-            self._mic_opened_at = t
-            self._mic_gone = False
-            self._mic_ever_opened = True
-            self._next_mic_retry = t + self._mic_retry_s
-            self._mic_retry_s = min(_MIC_RETRY_MAX_S, self._mic_retry_s * 2)
-        self.notifier.status(self._status_line())
+        return threads_ok and self.audio.healthy(time.monotonic())
 
     def _handle_inbound(self, item: Any) -> None:
         """The listening switch (requests go to the command runner, not here)."""
@@ -444,15 +369,9 @@ class Daemon:
                 if self.listener is not None:  # a file or a pipe: keep reading, record nothing
                     self.listener.muted = not on
             elif on:
-                self._mic_retry_s = 1.0
-                self._open_microphone(time.monotonic())  # a missing one is waited for
+                self.audio.open(time.monotonic())  # a missing microphone is waited for
             else:  # muted means the microphone is closed, and no longer waited for
-                if self.listener is not None:
-                    self.listener.stop()
-                    self.listener = None
-                self.source.stop()
-                self.mic_problem = None
-                self._mic_gone = False
+                self.audio.close()
             _LOGGER.info("listening %s", "ON" if on else "OFF")
             self.notifier.status(self._status_line())
             self._heartbeat()
@@ -523,6 +442,10 @@ class Daemon:
             "version": __version__,
             "asr": worker.transcriber.describe() if worker is not None else None,
         }
+
+    def _announce(self) -> None:
+        """The audio's state changed: say so in `systemctl status`."""
+        self.notifier.status(self._status_line())
 
     def _heartbeat(self, stopped: bool = False) -> None:
         try:
@@ -617,9 +540,7 @@ class Daemon:
         `offline`)."""
         self.notifier.stopping()
         self.stop_event.set()
-        if self.listener is not None:
-            self.listener.stop()
-        self.source.stop()
+        self.audio.close()
         if self.http is not None:  # its live sockets' listeners save what they heard
             self.http.stop()
         self._worker_stop.set()
@@ -632,7 +553,11 @@ class Daemon:
         self._mqtt_stop.set()
         if self.mqtt is not None:
             self.mqtt.join()
+        died = [stage for stage in self._stages() if stage.died]
+        if died and self.stage_problem is None:  # on the way out: the run still fails
+            self.stage_problem = self.error = (
+                f"the {died[0].thread_name} stage died: {died[0].died}"
+            )
         if self.conn is not None:  # it started, and wrote a heartbeat
             self._heartbeat(stopped=True)
-        if self.conn is not None:
             self.conn.close()

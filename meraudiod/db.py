@@ -194,25 +194,34 @@ def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
 def open_db(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) and migrate the database; one connection per thread."""
     check_sqlite_version()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=True)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    # FULL: a commit survives a power cut, which is the promise for finished recordings.
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    # Deleted text is overwritten, not left in free pages.
-    conn.execute("PRAGMA secure_delete=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version > len(_MIGRATIONS):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=True)
+    except (OSError, sqlite3.Error) as exc:  # one line naming the file, not a traceback
+        raise DatabaseError(f"cannot open database {path}: {exc}") from exc
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit survives a power cut, which is the promise for finished recordings.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        # Deleted text is overwritten, not left in free pages.
+        conn.execute("PRAGMA secure_delete=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(_MIGRATIONS):
+            raise DatabaseError(
+                f"database {path} has schema version {version}, newer than this meraudiod's"
+                f" {len(_MIGRATIONS)}: it was written by a newer meraudiod; upgrade meraudiod,"
+                " or move the database away to start with an empty one"
+            )
+        migrate(conn)
+    except sqlite3.Error as exc:
         conn.close()
-        raise DatabaseError(
-            f"database {path} has schema version {version}, newer than this meraudiod's"
-            f" {len(_MIGRATIONS)}: it was written by a newer meraudiod; upgrade meraudiod,"
-            " or move the database away to start with an empty one"
-        )
-    migrate(conn)
+        raise DatabaseError(f"cannot open database {path}: {exc}") from exc
+    except DatabaseError:
+        conn.close()
+        raise
     return conn
 
 

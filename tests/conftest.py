@@ -142,3 +142,11 @@ def start_wyoming(models_dir: Path, tmp_path: Path) -> Iterator[StartWyoming]:
         if server.proc is not None:
             server.resume()  # a stopped process would not die of SIGKILL until continued
         server.kill()
+
+
+# The tests run as root, whom file permissions do not stop: a process that must meet them
+# runs without the capabilities that override them, as the service's own user would.
+AS_A_USER = (
+    ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mount)")

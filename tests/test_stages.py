@@ -20,11 +20,10 @@ from meraudiod.audio import decode_file
 from meraudiod.db import _MIGRATIONS, DatabaseError, check_sqlite_version, open_db
 
 from .broker import Broker, Subscriber
-from .conftest import DEMO, cli
+from .conftest import AS_A_USER, DEMO, cli, needs_root
 from .notify import NotifySocket
 
 NODE = "stagenode"
-AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]  # see test_boot.py
 
 
 @pytest.fixture
@@ -126,6 +125,7 @@ def test_a_read_only_database_file_is_one_line(env: dict[str, str]) -> None:
     assert f"database {path} is not writable" in line and "Permission denied" in line, line
 
 
+@needs_root  # the tmpfs is mounted in a private mount namespace
 def test_a_listener_that_dies_on_a_full_disk_is_reported(
     env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -142,6 +142,9 @@ def test_a_listener_that_dies_on_a_full_disk_is_reported(
     }
     command = shlex.join([sys.executable, "-m", "meraudiod", "run", "--source", "stdin"])
     mount = f"mount -t tmpfs -o size=16k tmpfs {shlex.quote(str(full))}"
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", mount], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
     proc = subprocess.run(
         ["unshare", "--mount", "sh", "-c", f"{mount} && exec {command}"],
         env=senv,
@@ -194,3 +197,22 @@ def test_sqlite_too_old_is_named() -> None:
         check_sqlite_version("3.31.1")  # Ubuntu 20.04, JetPack 5
     check_sqlite_version("3.35.0")
     check_sqlite_version(sqlite3.sqlite_version)
+
+
+def test_admin_command_on_an_unreachable_database_is_one_line(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o000)
+    result = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "status"],
+        env={**env, "MERAUDIOD_STORAGE__DATA_DIR": str(locked / "data")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    line = last_line(result.stderr)
+    assert f"cannot open database {locked}/data/meraudiod.db" in line, line
+    assert "Permission denied" in line

@@ -1,0 +1,143 @@
+"""Audio supervision: the source and its listener opened, watched, and reopened.
+
+A microphone that is not there (at start, after an unplug, on `listening/set ON`) is waited
+for with backoff and shown as degraded, never a failed start: waiting is healthy, so the
+watchdog stays fed. One that opens but delivers nothing is a stall: reopened, and unhealthy.
+stdin that stops delivering is said once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from .listener import Listener
+from .sources import AudioSource, MicSource, SourceError
+
+_LOGGER = logging.getLogger(__name__)
+AUDIO_STALL_S: Final = 5.0  # no frame for this long while listening: the audio is gone
+_RETRY_MAX_S: Final = 60.0
+
+
+class AudioSupervisor:
+    """Opens the source and its listener, watches that frames arrive, reopens a microphone
+    that stops delivering (1 s doubling to 60 s), and says what is wrong in `problem`."""
+
+    def __init__(
+        self,
+        source: AudioSource,
+        start_listener: Callable[[], Listener],
+        on_change: Callable[[], None],
+    ) -> None:
+        self.source = source
+        self.listener: Listener | None = None
+        self.problem: str | None = None
+        self._start_listener = start_listener
+        self._on_change = on_change  # `problem` changed: the daemon updates STATUS=
+        # The microphone is not there at all (opening it fails): waiting for it, degraded,
+        # is healthy. One that opens but delivers nothing is a stall, for systemd to restart.
+        self._gone = False
+        self._ever_opened = False
+        self._retry_s = 1.0
+        self._next_retry = 0.0
+        self._opened_at = 0.0
+
+    @property
+    def is_mic(self) -> bool:
+        """A microphone is waited for and reopened; a file or a pipe is not."""
+        return isinstance(self.source, MicSource)
+
+    def open(self, t: float) -> None:
+        """Start listening. A file or pipe that cannot be opened raises SourceError; a
+        microphone that is not there is waited for."""
+        if not self.is_mic:
+            self.source.start()
+            self.listener = self._start_listener()
+            self._opened_at = t
+            return
+        self._retry_s = 1.0
+        self._open_mic(t)
+
+    def close(self) -> None:
+        """Stop listening (the listener saves what was being said) and close the device; a
+        missing microphone is no longer waited for."""
+        if self.listener is not None:
+            self.listener.stop()
+        self.source.stop()
+        self._gone = False
+        self.problem = None  # the caller says muted or stopping
+
+    def healthy(self, t: float) -> bool:
+        """Audio arriving, or the microphone gone and waited for."""
+        listener = self.listener
+        return self._gone or (
+            listener is not None
+            and listener.is_alive()
+            and t - listener.last_frame_at < AUDIO_STALL_S
+        )
+
+    def check(self, t: float) -> None:
+        """Called from the main loop while listening: reopen a microphone that stopped
+        delivering, when its backoff is due; say when stdin stopped."""
+        if not self.is_mic:
+            self._check_stream(t)
+            return
+        listener = self.listener
+        stalled = (
+            listener is None
+            or not listener.is_alive()
+            or (listener.frames_read > 0 and t - listener.last_frame_at > AUDIO_STALL_S)
+            or (listener.frames_read == 0 and t - self._opened_at > AUDIO_STALL_S)
+        )
+        if not stalled:
+            if self.problem:
+                _LOGGER.info("microphone is back")
+                self._set_problem(None)
+            self._retry_s = 1.0
+            return
+        if t < self._next_retry:
+            return
+        if not self._gone:
+            self._set_problem("microphone lost: retrying")
+        _LOGGER.warning("no audio from %s; reopening it", self.source.name)
+        if listener is not None:
+            listener.stop(timeout_s=5.0)
+        self.source.stop()
+        self._open_mic(t)
+
+    def _open_mic(self, t: float) -> None:
+        try:
+            self.source.start()
+            self.listener = self._start_listener()
+        except SourceError as exc:
+            self.source.stop()
+            lost = "microphone lost" if self._ever_opened else "waiting for the microphone"
+            self._gone = True
+            _LOGGER.error("%s; retrying in %.0f s", exc, self._retry_s)
+            self._set_problem(f"{lost}: {exc}")
+        else:
+            self._opened_at = t
+            self._gone = False
+            self._ever_opened = True
+        self._next_retry = t + self._retry_s
+        self._retry_s = min(_RETRY_MAX_S, self._retry_s * 2)
+
+    def _check_stream(self, t: float) -> None:
+        """stdin (or a file paced at real time) that stops delivering is said once; the
+        watchdog is no longer fed, so systemd restarts the service."""
+        listener = self.listener
+        if listener is None or listener.finished.is_set():
+            return
+        stalled = t - (listener.last_frame_at or self._opened_at) > AUDIO_STALL_S
+        if stalled and self.problem is None:
+            _LOGGER.warning("no audio from %s for %.0f s", self.source.name, AUDIO_STALL_S)
+            self._set_problem(f"no audio from {self.source.name} for {AUDIO_STALL_S:.0f} s")
+        elif not stalled and self.problem is not None:
+            _LOGGER.info("audio from %s is back", self.source.name)
+            self._set_problem(None)
+
+    def _set_problem(self, problem: str | None) -> None:
+        if problem != self.problem:
+            self.problem = problem
+            self._on_change()
