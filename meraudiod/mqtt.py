@@ -235,8 +235,10 @@ class MqttLink(StageThread):
         self.last_error = f"connecting to {m.host}:{m.port} (waiting for CONNACK)"
         started = time.monotonic()
         deadline = started + _CONNACK_WAIT_S
+        closed = False
         while not self.connected and time.monotonic() < deadline and not self.stop_event.is_set():
             if client.loop(timeout=_LOOP_S) != paho.MQTT_ERR_SUCCESS:
+                closed = True
                 break
             if self.last_error and self.last_error.startswith("refused"):
                 break  # the broker said no: wait for the backoff
@@ -244,9 +246,8 @@ class MqttLink(StageThread):
             self._offline_since = self._offline_since or now()
             if not (self.last_error or "").startswith("refused"):
                 waited_s = time.monotonic() - started
-                self.last_error = (
-                    f"connecting to {m.host}:{m.port} (no CONNACK after {waited_s:.0f} s)"
-                )
+                why = "closed before CONNACK" if closed else f"no CONNACK after {waited_s:.0f} s"
+                self.last_error = f"connecting to {m.host}:{m.port} ({why})"
                 _LOGGER.warning("MQTT %s; retrying", self.last_error)
         return self.connected
 
