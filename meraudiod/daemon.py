@@ -49,6 +49,9 @@ _AUDIO_STALL_S: Final = 5.0  # no frame for this long while listening: the micro
 _MIC_RETRY_MAX_S: Final = 60.0
 _LISTENING_KEY: Final = "listening"
 _SPEAKER_EVENTS: Final = {"speakers/enroll": "enrolled", "speakers/delete": "deleted"}
+_READ_ONLY_COMMANDS: Final = frozenset(
+    {"status", "recordings/list", "recordings/get", "speakers/list", "config/get"}
+)
 _COMMAND_STOP_S: Final = 5.0  # a long request (an enrolment) is not waited for longer
 
 
@@ -174,7 +177,8 @@ class Daemon:
         self.mqtt.send(Outgoing(response.topic, json.dumps(response.to_payload(), default=str)))
 
     def _after_command(self, conn: sqlite3.Connection, response: Response) -> None:
-        """A speaker event after an enrolment or a delete; the state is republished."""
+        """A speaker event after an enrolment or a delete; the state is republished after a
+        command that changed something."""
         kind = _SPEAKER_EVENTS.get(response.command)
         if kind is not None:
             m = self.settings.mqtt
@@ -184,7 +188,8 @@ class Daemon:
             with Transaction(conn):
                 enqueue(conn, event, max_rows=m.outbox_max_rows)
             self.mqtt.wake()
-        self._state_dirty = True
+        if response.command not in _READ_ONLY_COMMANDS:  # e.g. the backlog or a speaker changed
+            self._state_dirty = True
 
     # --- main loop -------------------------------------------------------------------------
 
