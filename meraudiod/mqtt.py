@@ -406,9 +406,15 @@ class MqttLink(StageThread):
         payload = json.loads(row["payload"])
         if created_at < self._replay_before or now() - created_at > _REPLAYED_AFTER_S:
             payload["replayed"] = True
-        info = client.publish(
-            f"{self.base}/{row['topic']}", json.dumps(payload, ensure_ascii=False), qos=row["qos"]
-        )
+        topic = f"{self.base}/{row['topic']}"
+        try:
+            info = client.publish(topic, json.dumps(payload, ensure_ascii=False), qos=row["qos"])
+        except ValueError as exc:  # it can never be sent: drop it rather than retry forever
+            _LOGGER.error("MQTT event %d to %.80s dropped: %s", row["id"], topic, exc)
+            with Transaction(conn):
+                conn.execute("DELETE FROM outbox WHERE id=?", (row["id"],))
+                note_dropped(conn, 1)
+            return
         if info.rc != paho.MQTT_ERR_SUCCESS:
             return  # not connected after all: the row stays and goes out later
         self._inflight = (info.mid, int(row["id"]))
