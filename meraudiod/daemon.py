@@ -151,15 +151,16 @@ class Daemon:
 
     # --- events into the outbox (called on the listener and worker threads) -----------------
 
-    # Speech start/end is live-only: not queued while offline (it would be news of the past).
+    # Speech start/end is live-only: not queued while the broker is out of reach (it would
+    # be news of the past by the time it arrived).
 
     def _speech_start(self, conn: sqlite3.Connection, ts: float) -> None:
-        if self.mqtt.online:
+        if not self.mqtt.cut_off:
             events.speech_start(conn, self.settings.mqtt, ts)
             self.mqtt.wake()
 
     def _speech_end(self, conn: sqlite3.Connection, recording: Recording) -> None:
-        if self.mqtt.online:
+        if not self.mqtt.cut_off:
             events.speech_end(conn, self.settings.mqtt, recording)
             self.mqtt.wake()
 

@@ -159,6 +159,12 @@ class MqttLink(StageThread):
 
     # --- called from other threads ---------------------------------------------------------
 
+    @property
+    def cut_off(self) -> bool:
+        """The broker is known to be unreachable (an outage, or no broker at boot); False
+        while the first connection is still being made."""
+        return self._offline_since is not None
+
     def wake(self) -> None:
         """New rows in the outbox."""
         self._wake.set()
