@@ -83,6 +83,10 @@ def test_crafted_payloads_get_clear_errors_and_the_daemon_stays(
     )
     ok = request(sub, "recordings/list", json.dumps({"limit": 5, "transaction": 12345}))
     assert ok["status"] == "ok" and ok["transaction"] == 12345
+    # brackets and digits inside strings are text, not nesting or numbers
+    text = '\\"[{' * 40 + "1" * 100
+    ok = request(sub, "recordings/list", json.dumps({"search": text[:200], "transaction": "q"}))
+    assert ok["status"] == "ok" and ok["transaction"] == "q", ok
 
 
 # --- issue 11 item 2 ------------------------------------------------------------------------
