@@ -50,6 +50,9 @@ _HEARTBEAT_EVERY_S: Final = 5.0
 _STATE_EVERY_S: Final = 30.0
 _LISTENING_KEY: Final = "listening"
 _SPEAKER_EVENTS: Final = {"speakers/enroll": "enrolled", "speakers/delete": "deleted"}
+_READ_ONLY_COMMANDS: Final = frozenset(
+    {"status", "recordings/list", "recordings/get", "speakers/list", "config/get"}
+)
 _COMMAND_STOP_S: Final = 5.0  # a long request (an enrolment) is not waited for longer
 
 
@@ -188,14 +191,14 @@ class Daemon:
         m = self.settings.mqtt
 
         def on_speech_start(conn: sqlite3.Connection, ts: float) -> None:
-            if self.mqtt is not None and self.mqtt.online:
+            if self.mqtt is not None and not self.mqtt.cut_off:
                 events.speech_start(conn, m, ts)
                 self.mqtt.wake()
             if self.http is not None:
                 self.http.hub.publish(events.speech_start_event(m, ts), source)
 
         def on_speech_end(conn: sqlite3.Connection, recording: Recording) -> None:
-            if self.mqtt is not None and self.mqtt.online:
+            if self.mqtt is not None and not self.mqtt.cut_off:
                 events.speech_end(conn, m, recording)
                 self.mqtt.wake()
             if self.http is not None:
@@ -218,7 +221,8 @@ class Daemon:
         self.mqtt.send(Outgoing(response.topic, json.dumps(response.to_payload(), default=str)))
 
     def _after_command(self, conn: sqlite3.Connection, response: Response) -> None:
-        """A speaker event after an enrolment or a delete; the state is republished."""
+        """A speaker event after an enrolment or a delete; the state is republished after a
+        command that changed something."""
         kind = _SPEAKER_EVENTS.get(response.command)
         if kind is not None:
             m = self.settings.mqtt
@@ -228,7 +232,8 @@ class Daemon:
             with Transaction(conn):
                 enqueue(conn, event, max_rows=m.outbox_max_rows)
             self.mqtt.wake()
-        self._state_dirty = True
+        if response.command not in _READ_ONLY_COMMANDS:  # e.g. the backlog or a speaker changed
+            self._state_dirty = True
 
     def _transcript_live(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
         for event in events.transcript_events(conn, self.settings.mqtt, result):

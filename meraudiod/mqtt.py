@@ -159,6 +159,12 @@ class MqttLink(StageThread):
 
     # --- called from other threads ---------------------------------------------------------
 
+    @property
+    def cut_off(self) -> bool:
+        """The broker is known to be unreachable (an outage, or no broker at boot); False
+        while the first connection is still being made."""
+        return self._offline_since is not None
+
     def wake(self) -> None:
         """New rows in the outbox."""
         self._wake.set()
@@ -235,8 +241,10 @@ class MqttLink(StageThread):
         self.last_error = f"connecting to {m.host}:{m.port} (waiting for CONNACK)"
         started = time.monotonic()
         deadline = started + _CONNACK_WAIT_S
+        closed = False
         while not self.connected and time.monotonic() < deadline and not self.stop_event.is_set():
             if client.loop(timeout=_LOOP_S) != paho.MQTT_ERR_SUCCESS:
+                closed = True
                 break
             if self.last_error and self.last_error.startswith("refused"):
                 break  # the broker said no: wait for the backoff
@@ -244,9 +252,8 @@ class MqttLink(StageThread):
             self._offline_since = self._offline_since or now()
             if not (self.last_error or "").startswith("refused"):
                 waited_s = time.monotonic() - started
-                self.last_error = (
-                    f"connecting to {m.host}:{m.port} (no CONNACK after {waited_s:.0f} s)"
-                )
+                why = "closed before CONNACK" if closed else f"no CONNACK after {waited_s:.0f} s"
+                self.last_error = f"connecting to {m.host}:{m.port} ({why})"
                 _LOGGER.warning("MQTT %s; retrying", self.last_error)
         return self.connected
 
@@ -405,9 +412,15 @@ class MqttLink(StageThread):
         payload = json.loads(row["payload"])
         if created_at < self._replay_before or now() - created_at > _REPLAYED_AFTER_S:
             payload["replayed"] = True
-        info = client.publish(
-            f"{self.base}/{row['topic']}", json.dumps(payload, ensure_ascii=False), qos=row["qos"]
-        )
+        topic = f"{self.base}/{row['topic']}"
+        try:
+            info = client.publish(topic, json.dumps(payload, ensure_ascii=False), qos=row["qos"])
+        except ValueError as exc:  # it can never be sent: drop it rather than retry forever
+            _LOGGER.error("MQTT event %d to %.80s dropped: %s", row["id"], topic, exc)
+            with Transaction(conn):
+                conn.execute("DELETE FROM outbox WHERE id=?", (row["id"],))
+                note_dropped(conn, 1)
+            return
         if info.rc != paho.MQTT_ERR_SUCCESS:
             return  # not connected after all: the row stays and goes out later
         self._inflight = (info.mid, int(row["id"]))
