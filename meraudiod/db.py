@@ -286,10 +286,15 @@ def get_kv(conn: sqlite3.Connection, key: str, default: str) -> str:
     return str(row["value"]) if row else default
 
 
+def put_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
+    """Write a small value inside the caller's transaction."""
+    conn.execute(
+        "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=?",
+        (key, value, value),
+    )
+
+
 def set_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
-    """Persist a small value."""
+    """Persist a small value (its own transaction)."""
     with Transaction(conn):
-        conn.execute(
-            "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=?",
-            (key, value, value),
-        )
+        put_kv(conn, key, value)

@@ -28,7 +28,7 @@ from . import models
 from .asr import Transcript
 from .audio import Float32Array
 from .config import Settings, SpeakersSettings
-from .db import get_kv, now
+from .db import get_kv, now, put_kv
 from .diarization import (
     Diarization,
     Diarizer,
@@ -281,10 +281,7 @@ def next_unknown_name(conn: sqlite3.Connection) -> str:
         if suffix.isdigit():
             numbers.append(int(suffix))
     number = max(numbers) + 1
-    conn.execute(
-        "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=?",
-        (_LAST_UNKNOWN_KEY, str(number), str(number)),
-    )
+    put_kv(conn, _LAST_UNKNOWN_KEY, str(number))
     return f"{UNKNOWN_PREFIX}{number}"
 
 
