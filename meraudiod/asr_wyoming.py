@@ -221,6 +221,13 @@ class WyomingTranscriber:
             "servers": servers,
         }
 
+    def problem(self) -> str | None:
+        """Every server is down (and what happens meanwhile)."""
+        if not all(s.up is False for s in self._servers):
+            return None
+        meanwhile = "transcribing locally" if self._local is not None else "recordings wait"
+        return f"no Wyoming server answers: {meanwhile}"
+
     def transcribe(self, audio: Float32Array) -> Transcript:
         """One request per part of the recording; all of it locally when no server answers
         and the fallback is local, else WyomingError (the job's retry path)."""

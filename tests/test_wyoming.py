@@ -172,6 +172,7 @@ def test_server_down_at_start_keeps_a_backlog_that_drains_when_it_comes(
         (server_info,) = info["asr_servers"]
         assert server_info["up"] is False and "refused" in server_info["error"].lower()
         assert info["models"]["asr"] == "wyoming" and info["models"]["asr_server"] is None
+        assert info["degraded"] == "no Wyoming server answers: recordings wait"
         server = start_wyoming(port)
         finished(proc)
     finally:
