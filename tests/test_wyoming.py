@@ -173,6 +173,8 @@ def test_server_down_at_start_keeps_a_backlog_that_drains_when_it_comes(
         assert server_info["up"] is False and "refused" in server_info["error"].lower()
         assert info["models"]["asr"] == "wyoming" and info["models"]["asr_server"] is None
         assert info["degraded"] == "no Wyoming server answers: recordings wait"
+        shown = cli("status", env=run_env).stdout
+        assert f"asr server       tcp://127.0.0.1:{port}  down" in shown, shown
         server = start_wyoming(port)
         finished(proc)
     finally:
