@@ -123,7 +123,9 @@ def test_server_killed_mid_request_and_restarted_gives_one_transcript_each(
     broker = Broker(tmp_path / "broker")
     broker.start()
     try:
-        sub = Subscriber(broker.port, [f"meraudiod/{NODE}/event/transcript"])
+        sub = Subscriber(
+            broker.port, [f"meraudiod/{NODE}/event/transcript", f"meraudiod/{NODE}/state"]
+        )
         server = start_wyoming()
         run_env = wyoming_env(
             env,
@@ -149,6 +151,8 @@ def test_server_killed_mid_request_and_restarted_gives_one_transcript_each(
         events = [m.json() for m in sub.on("/event/transcript")]
         assert sorted(e["recording_id"] for e in events) == [r["id"] for r in done]
         assert {e["model"] for e in events} == {str(server.model_dir)}
+        models = sub.on("/state")[-1].json()["models"]  # the retained state names the server's
+        assert models["asr"] == str(server.model_dir) and models["asr_server"] == server.uri
         sub.close()
     finally:
         broker.stop()
