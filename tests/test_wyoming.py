@@ -352,5 +352,5 @@ def test_bench_in_wyoming_mode(env: dict[str, str], start_wyoming: StartWyoming)
     assert figures["pipeline_recordings"] == 3
     assert figures["pipeline_asr_model"] == str(server.model_dir)
     assert figures["daemon_peak_rss_mb"] < 150 < figures["local_daemon_peak_rss_mb"]
-    assert 0 < figures["transcription_cpu_ratio_vs_local"] < 0.25
+    assert 0 <= figures["transcription_cpu_ratio_vs_local"] < 0.25
     assert figures["device_cpu_ratio_vs_local"] < 1
