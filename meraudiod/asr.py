@@ -128,6 +128,10 @@ class SpeechToText(Protocol):
         """Backend, model and servers, for `status` and `state`."""
         ...
 
+    def problem(self) -> str | None:
+        """What is wrong, for `degraded` (None when all is well)."""
+        ...
+
 
 def _normalise(text: str) -> str:
     return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).strip()
@@ -197,6 +201,10 @@ class Transcriber:
     def describe(self) -> dict[str, Any]:
         """The local backend and its model."""
         return {"backend": "local", "model": self._model_name}
+
+    def problem(self) -> str | None:
+        """A loaded model has none."""
+        return None
 
     def transcribe(self, audio: Float32Array) -> Transcript:
         """Transcribe one recording; the lazy segment generator is consumed here."""

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Final, TypeVar
 
 import numpy as np
@@ -221,13 +221,20 @@ class WyomingTranscriber:
             "servers": servers,
         }
 
+    def problem(self) -> str | None:
+        """Every server is down (and what happens meanwhile)."""
+        if not all(s.up is False for s in self._servers):
+            return None
+        meanwhile = "transcribing locally" if self._local is not None else "recordings wait"
+        return f"no Wyoming server answers: {meanwhile}"
+
     def transcribe(self, audio: Float32Array) -> Transcript:
         """One request per part of the recording; all of it locally when no server answers
         and the fallback is local, else WyomingError (the job's retry path)."""
         try:
             return self._remote(audio)
         except WyomingError as exc:
-            if self._local is None:
+            if self._local is None or self._stop.is_set():  # stopping: no local work now
                 raise
             _LOGGER.warning("no Wyoming server answered (%s): transcribing locally", exc)
             self._last_model = self._local.model_name
@@ -257,9 +264,7 @@ class WyomingTranscriber:
                 compression_ratio=round(compression_ratio(text), 3),
             )
             reason = judge(segment, asr)
-            segments.append(
-                segment if reason is None else Segment(**{**asdict(segment), "suspect": reason})
-            )
+            segments.append(segment if reason is None else replace(segment, suspect=reason))
         return Transcript(language=language, duration_s=duration_s, segments=tuple(segments))
 
     def _request(self, part: Float32Array) -> tuple[str, str | None, str]:

@@ -260,7 +260,8 @@ def bench_wyoming(settings: Settings, config_path: str | None, clip: Path) -> di
     figures["local_daemon_peak_rss_mb"] = local["daemon_peak_rss_mb"]
     figures["device_cpu_ratio_vs_local"] = round(remote[cpu] / local[cpu], 3)
     figures["recording_only_cpu_s_per_speech_s"] = base[cpu]
-    remote_asr, local_asr = remote[cpu] - base[cpu], local[cpu] - base[cpu]
+    # A difference of two measurements: run-to-run noise could take it below zero.
+    remote_asr, local_asr = max(0.0, remote[cpu] - base[cpu]), local[cpu] - base[cpu]
     figures["transcription_cpu_s_per_speech_s"] = round(remote_asr, 4)
     figures["local_transcription_cpu_s_per_speech_s"] = round(local_asr, 4)
     figures["transcription_cpu_ratio_vs_local"] = round(remote_asr / local_asr, 3)

@@ -79,6 +79,7 @@ class Daemon:
         self.disk_problem: str | None = None
         self.mqtt_problem: str | None = None
         self.stage_problem: str | None = None  # a stage thread died: the daemon stops
+        self.asr_problem: str | None = None  # every Wyoming server down
         self.config_path: str | None = None  # what SIGHUP reloads
         self.cli_overrides: dict[tuple[str, str], Any] = {}  # command-line options win on reload
         self.reload_requested = threading.Event()
@@ -264,6 +265,7 @@ class Daemon:
                 if self.mqtt_problem is not None:
                     self._start_mqtt()
                 self._check_disk()
+                self._check_asr()
                 self._heartbeat()
                 next_heartbeat = t + _HEARTBEAT_EVERY_S
             if self.notifier.watchdog_interval_s and t >= next_watchdog:
@@ -388,7 +390,13 @@ class Daemon:
     @property
     def degraded(self) -> str | None:
         """What is wrong, in a few words (None when all is well)."""
-        problems = (self.stage_problem, self.mic_problem, self.disk_problem, self.mqtt_problem)
+        problems = (
+            self.stage_problem,
+            self.mic_problem,
+            self.disk_problem,
+            self.mqtt_problem,
+            self.asr_problem,
+        )
         return "; ".join(p for p in problems if p) or None
 
     def _check_disk(self) -> None:
@@ -415,6 +423,16 @@ class Daemon:
             self.disk_problem = None
         self.notifier.status(self._status_line())
         self._publish_state()
+
+    def _check_asr(self) -> None:
+        """Degraded while the ASR backend says so (every Wyoming server down)."""
+        worker = self.pipeline.worker
+        problem = worker.transcriber.problem() if worker is not None else None
+        if problem != self.asr_problem:
+            self.asr_problem = problem
+            _LOGGER.log(logging.WARNING if problem else logging.INFO, "%s", problem or "ASR ok")
+            self.notifier.status(self._status_line())
+            self._publish_state()
 
     def _status_line(self) -> str:
         if self.degraded:

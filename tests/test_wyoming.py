@@ -123,7 +123,9 @@ def test_server_killed_mid_request_and_restarted_gives_one_transcript_each(
     broker = Broker(tmp_path / "broker")
     broker.start()
     try:
-        sub = Subscriber(broker.port, [f"meraudiod/{NODE}/event/transcript"])
+        sub = Subscriber(
+            broker.port, [f"meraudiod/{NODE}/event/transcript", f"meraudiod/{NODE}/state"]
+        )
         server = start_wyoming()
         run_env = wyoming_env(
             env,
@@ -149,6 +151,8 @@ def test_server_killed_mid_request_and_restarted_gives_one_transcript_each(
         events = [m.json() for m in sub.on("/event/transcript")]
         assert sorted(e["recording_id"] for e in events) == [r["id"] for r in done]
         assert {e["model"] for e in events} == {str(server.model_dir)}
+        models = sub.on("/state")[-1].json()["models"]  # the retained state names the server's
+        assert models["asr"] == str(server.model_dir) and models["asr_server"] == server.uri
         sub.close()
     finally:
         broker.stop()
@@ -172,6 +176,9 @@ def test_server_down_at_start_keeps_a_backlog_that_drains_when_it_comes(
         (server_info,) = info["asr_servers"]
         assert server_info["up"] is False and "refused" in server_info["error"].lower()
         assert info["models"]["asr"] == "wyoming" and info["models"]["asr_server"] is None
+        assert info["degraded"] == "no Wyoming server answers: recordings wait"
+        shown = cli("status", env=run_env).stdout
+        assert f"asr server       tcp://127.0.0.1:{port}  down" in shown, shown
         server = start_wyoming(port)
         finished(proc)
     finally:
@@ -345,5 +352,5 @@ def test_bench_in_wyoming_mode(env: dict[str, str], start_wyoming: StartWyoming)
     assert figures["pipeline_recordings"] == 3
     assert figures["pipeline_asr_model"] == str(server.model_dir)
     assert figures["daemon_peak_rss_mb"] < 150 < figures["local_daemon_peak_rss_mb"]
-    assert 0 < figures["transcription_cpu_ratio_vs_local"] < 0.25
+    assert 0 <= figures["transcription_cpu_ratio_vs_local"] < 0.25
     assert figures["device_cpu_ratio_vs_local"] < 1
