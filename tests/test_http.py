@@ -278,6 +278,7 @@ def test_listening_switch_status_metrics_and_docs(daemon: HttpDaemon) -> None:
         docs = client.get("/api/docs").text
         redoc = client.get("/api/redoc").text
     operations = {(m.upper(), p) for p, item in schema["paths"].items() for m in item}
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     for expected in (
         ("GET", "/api/v1/recordings"),
         ("GET", "/api/v1/recordings/{rec_id}/audio"),
