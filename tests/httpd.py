@@ -3,6 +3,7 @@ tests: started with stdin as its audio source (kept open, so it runs until stopp
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,10 @@ import httpx
 from tests.broker import free_port
 
 TOKEN = "test-token-5f2a"
+SPEAKERS_CONFIG = """
+[speakers]
+enabled = true
+"""
 
 
 class HttpDaemon:
@@ -92,3 +97,29 @@ def wait_task(client: httpx.Client, task_id: str, want: str, timeout_s: float = 
             return body
         time.sleep(0.1)
     raise AssertionError(f"task {task_id} not {want} in {timeout_s} s: {body}")
+
+
+def daemon_env(folder: Path, models_dir: Path) -> dict[str, str]:
+    """The environment of a daemon with its own data directory (a module's daemon cannot use
+    the function-scoped `env` fixture)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "config.toml"
+    config.write_text("")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MERAUDIOD_")}
+    return {
+        **base,
+        "MERAUDIOD_CONFIG": str(config),
+        "MERAUDIOD_STORAGE__DATA_DIR": str(folder / "data"),
+        "MERAUDIOD_STORAGE__MODELS_DIR": str(models_dir),
+    }
+
+
+def json_error(response: httpx.Response, status: int, code: str) -> str:
+    """The one error shape; returns its message."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message", "request_id"}, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
+    return str(body["error"]["message"])

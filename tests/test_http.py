@@ -1,70 +1,34 @@
-"""The HTTP stage for real: the daemon as a process serving on a free loopback port, httpx
-and websockets clients, real speech, a real restart in the middle of an upload's task."""
+"""The HTTP API for real: the daemon as a process serving on a free loopback port, httpx
+clients, real speech; uploads and their tasks, recordings, speakers, tokens and errors."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-import soundfile
 
-from meraudiod.audio import decode_file
 from tests.conftest import DEMO, TEST_DATA
-from tests.httpd import TOKEN, HttpDaemon, wait_task
-
-SPEAKERS_CONFIG = """
-[speakers]
-enabled = true
-"""
-
-
-def _env(folder: Path, models_dir: Path) -> dict[str, str]:
-    """The environment of a daemon with its own data directory (a module's daemon cannot use
-    the function-scoped `env` fixture)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "config.toml"
-    config.write_text("")
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MERAUDIOD_")}
-    return {
-        **base,
-        "MERAUDIOD_CONFIG": str(config),
-        "MERAUDIOD_STORAGE__DATA_DIR": str(folder / "data"),
-        "MERAUDIOD_STORAGE__MODELS_DIR": str(models_dir),
-    }
+from tests.httpd import (
+    SPEAKERS_CONFIG,
+    TOKEN,
+    HttpDaemon,
+    daemon_env,
+    json_error,
+    wait_task,
+)
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, speaker_models: Path) -> Iterator[HttpDaemon]:
     """One daemon for the module: a token, admin allowed, speakers on, a 5 MB upload limit."""
-    env = _env(tmp_path_factory.mktemp("httpd"), speaker_models)
-    config = "max_upload_mb = 5\n" + SPEAKERS_CONFIG
-    server = HttpDaemon(env, config=config).start()
+    env = daemon_env(tmp_path_factory.mktemp("httpd"), speaker_models)
+    server = HttpDaemon(env, config="max_upload_mb = 5\n" + SPEAKERS_CONFIG).start()
     yield server
     assert server.stop() == 0, server.log()
-
-
-def _error(response: httpx.Response, status: int, code: str) -> str:
-    """The one error shape; returns its message."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "message", "request_id"}, body
-    assert body["error"]["code"] == code, body
-    assert body["error"]["request_id"] == response.headers["x-request-id"]
-    return str(body["error"]["message"])
 
 
 def test_upload_is_a_task_that_completes_with_what_analyze_prints(daemon: HttpDaemon) -> None:
@@ -129,25 +93,25 @@ def test_recordings_search_page_play_and_delete(daemon: HttpDaemon) -> None:
         assert part.content == whole.content[100:200]
 
         assert client.delete(f"/api/v1/recordings/{ids[0]}").json()["deleted"] == 1
-        _error(client.get(f"/api/v1/recordings/{ids[0]}"), 404, "not_found")
-        _error(client.get(details["audio_url"]), 404, "not_found")
-        _error(client.delete(f"/api/v1/recordings/{ids[0]}"), 404, "not_found")
+        json_error(client.get(f"/api/v1/recordings/{ids[0]}"), 404, "not_found")
+        json_error(client.get(details["audio_url"]), 404, "not_found")
+        json_error(client.delete(f"/api/v1/recordings/{ids[0]}"), 404, "not_found")
 
 
 def test_every_failure_is_one_json_error_with_the_request_id(daemon: HttpDaemon) -> None:
     with daemon.client() as client:
         given = client.get("/api/v1/recordings/nope", headers={"X-Request-ID": "abc-123"})
-        assert _error(given, 404, "not_found")
+        assert json_error(given, 404, "not_found")
         assert given.headers["x-request-id"] == "abc-123"  # a client's id is kept
-        _error(client.get("/api/v1/recordings/..%2F..%2Fetc%2Fpasswd"), 404, "not_found")
-        _error(client.get("/api/v1/recordings/..%2F..%2Fetc%2Fpasswd/audio"), 404, "not_found")
-        _error(client.get("/api/v1/tasks/..%2Fmeraudiod.db"), 404, "not_found")
-        _error(client.get("/no/such/route"), 404, "not_found")
-        _error(client.get("/api/v1/recordings", params={"limit": 0}), 422, "invalid_request")
-        _error(
+        json_error(client.get("/api/v1/recordings/..%2F..%2Fetc%2Fpasswd"), 404, "not_found")
+        json_error(client.get("/api/v1/recordings/..%2F..%2Fetc%2Fpasswd/audio"), 404, "not_found")
+        json_error(client.get("/api/v1/tasks/..%2Fmeraudiod.db"), 404, "not_found")
+        json_error(client.get("/no/such/route"), 404, "not_found")
+        json_error(client.get("/api/v1/recordings", params={"limit": 0}), 422, "invalid_request")
+        json_error(
             client.post("/api/v1/persistent-speakers", json={"nme": "x"}), 422, "invalid_request"
         )
-        message = _error(
+        message = json_error(
             client.post(
                 "/api/v1/analysis/upload",
                 files={"file": ("speech.wav", b"RIFF not really a wave file" * 100)},
@@ -156,7 +120,7 @@ def test_every_failure_is_one_json_error_with_the_request_id(daemon: HttpDaemon)
             "unsupported_media",
         )
         assert "speech.wav" in message
-        _error(
+        json_error(
             client.post(
                 "/api/v1/persistent-speakers/rename", json={"name": "Nobody", "new_name": "X"}
             ),
@@ -165,7 +129,7 @@ def test_every_failure_is_one_json_error_with_the_request_id(daemon: HttpDaemon)
         )
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
         response = httpx.get(f"{daemon.url}/api/v1/recordings", headers=headers)
-        _error(response, 401, "unauthorized")
+        json_error(response, 401, "unauthorized")
     assert httpx.get(f"{daemon.url}/health").status_code == 200  # liveness needs no token
     with daemon.client() as client:  # the daemon logged the work under the request's id
         client.get(
@@ -278,6 +242,7 @@ def test_listening_switch_status_metrics_and_docs(daemon: HttpDaemon) -> None:
         docs = client.get("/api/docs").text
         redoc = client.get("/api/redoc").text
     operations = {(m.upper(), p) for p, item in schema["paths"].items() for m in item}
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     for expected in (
         ("GET", "/api/v1/recordings"),
         ("GET", "/api/v1/recordings/{rec_id}/audio"),
@@ -293,45 +258,6 @@ def test_listening_switch_status_metrics_and_docs(daemon: HttpDaemon) -> None:
         assert "http://" not in page and "https://" not in page
 
 
-def test_ws_audio_returns_transcripts_of_streamed_speech_and_ws_events_sees_them(
-    daemon: HttpDaemon,
-) -> None:
-    import websockets
-
-    samples = decode_file(DEMO)[: 16000 * 14]  # the first two utterances
-    ws_url = daemon.url.replace("http://", "ws://")
-
-    async def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        async with websockets.connect(f"{ws_url}/ws/events", additional_headers=headers) as feed:
-            async with websockets.connect(
-                f"{ws_url}/ws/audio", additional_headers=headers
-            ) as audio:
-                for start in range(0, samples.size, 1600):  # 100 ms messages
-                    await audio.send(samples[start : start + 1600].astype("<i2").tobytes())
-                await audio.send("end")
-                got = []
-                while True:
-                    message = json.loads(await asyncio.wait_for(audio.recv(), 300))
-                    got.append(message)
-                    if message.get("type") == "done":
-                        break
-            seen = []
-            while not any(e.get("event_type") == "transcript" for e in seen):
-                seen.append(json.loads(await asyncio.wait_for(feed.recv(), 60)))
-        return got, seen
-
-    got, seen = asyncio.run(run())
-    speech = [e["type"] for e in got if e.get("topic") == "event/speech"]
-    assert speech[:2] == ["start", "end"] and speech.count("end") == 2, got
-    transcripts = [e for e in got if e.get("event_type") == "transcript"]
-    assert len(transcripts) == 2, got
-    assert "Dashwood" in transcripts[0]["text"]
-    assert got[-1]["recording_ids"] == [t["recording_id"] for t in transcripts]
-    assert all(e["source"].startswith("ws:") for e in got[:-1])
-    assert transcripts[0]["recording_id"] in [e.get("recording_id") for e in seen]
-
-
 def test_bad_tokens_and_a_token_kept_in_a_cookie(daemon: HttpDaemon) -> None:
     login = httpx.get(f"{daemon.url}/", params={"token": TOKEN})
     assert login.status_code == 303 and login.headers["location"] == "/"
@@ -341,61 +267,12 @@ def test_bad_tokens_and_a_token_kept_in_a_cookie(daemon: HttpDaemon) -> None:
         assert browser.get("/api/v1/recordings").status_code == 200
     assert httpx.get(f"{daemon.url}/", params={"token": "wrong"}).status_code == 401
     with httpx.Client(base_url=daemon.url, cookies={"meraudiod_token": "wrong"}) as browser:
-        _error(browser.get("/api/v1/recordings"), 401, "unauthorized")
+        json_error(browser.get("/api/v1/recordings"), 401, "unauthorized")
     for cookie in ('meraudiod_token="unterminated', "meraudiod_token=\u00e9t\u00e9"):
         response = httpx.get(f"{daemon.url}/api/v1/recordings", headers={"Cookie": cookie.encode()})
-        _error(response, 401, "unauthorized")
+        json_error(response, 401, "unauthorized")
     login = httpx.get(f"{daemon.url}/", params={"token": "\u00e9t\u00e9"})
     assert login.status_code == 401  # a non-ASCII guess is a wrong token, not a crash
-
-
-def test_off_loopback_without_a_token_refuses_to_start(env: dict[str, str], tmp_path: Path) -> None:
-    Path(env["MERAUDIOD_CONFIG"]).write_text('[http]\nenabled = true\nhost = "0.0.0.0"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-        env=env,
-        input=b"",
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode != 0
-    err = result.stderr.decode()
-    assert "Traceback" not in err
-    assert "http.host 0.0.0.0 is reachable from other machines" in err
-    assert "http.token" in err and len(err.strip().splitlines()) == 1, err
-
-
-def test_a_restart_in_the_middle_of_an_upload_task_loses_nothing(
-    env: dict[str, str], tmp_path: Path
-) -> None:
-    demo = decode_file(DEMO)
-    long_file = tmp_path / "long.wav"
-    soundfile.write(long_file, np.concatenate([demo] * 4), 16000)  # 143 s of speech
-    server = HttpDaemon(env, token=None).start()
-    try:
-        with server.client() as client:
-            response = client.post(
-                "/api/v1/analysis/upload", files={"file": ("long.wav", long_file.read_bytes())}
-            )
-            task_id = response.json()["task_id"]
-            assert wait_task(client, task_id, "running")["status"] == "running"
-    finally:
-        server.stop(signal.SIGKILL)  # no chance to finish or to clean up
-    uploads = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "uploads"
-    (uploads / "tmpk1ll3d.part").write_bytes(b"\0" * 1000)  # as if killed while receiving
-    server = HttpDaemon(env, token=None).start()
-    try:
-        with server.client() as client:
-            body = wait_task(client, task_id, "completed")
-    finally:
-        assert server.stop() == 0
-    assert body["status"] == "completed", body
-    assert body["attempts"] == 2  # the first attempt died with the process
-    (recording,) = body["result"]["recordings"]
-    assert recording["text"].count("Dashwood") == 4
-    assert "requeued 1 jobs" in server.log()
-    assert uploads.is_dir() and not any(uploads.iterdir())
 
 
 def _upload_recording(client: httpx.Client, clip: str) -> str:
@@ -422,7 +299,7 @@ def test_speakers_enrol_identify_review_merge_opt_out_and_delete(daemon: HttpDae
         bad = client.post(
             f"{base}/upload", data={"name": "Eve"}, files=[("files", ("notes.txt", b"hi" * 500))]
         )
-        message = _error(bad, 400, "bad_request")
+        message = json_error(bad, 400, "bad_request")
         assert "notes.txt" in message and "uploads" not in message  # no path of ours leaks
 
         bob_again = _upload_recording(client, "ls_2609_0003.flac")
@@ -452,177 +329,5 @@ def test_speakers_enrol_identify_review_merge_opt_out_and_delete(daemon: HttpDae
 
         deleted = client.delete(f"{base}/Bob", params={"recordings": "true"}).json()
         assert deleted["name"] == "Bob" and deleted["recordings"] >= 1
-        _error(client.get(f"/api/v1/recordings/{bob_again}"), 404, "not_found")
-        _error(client.delete(f"{base}/Bob"), 404, "not_found")
-
-
-def test_admin_operations_need_http_allow_admin_commands(settings: Any) -> None:
-    """The gate, on the application itself (no daemon): reads pass, destructive ones 403."""
-    from fastapi.testclient import TestClient
-
-    from meraudiod.http.app import create_app
-    from meraudiod.http.common import HttpContext
-
-    app = create_app(HttpContext(settings), token=None)
-    with TestClient(app) as client:
-        assert client.get("/api/v1/recordings").status_code == 200
-        for method, path, body in (
-            ("DELETE", "/api/v1/recordings/01M89AY2FTNHNGP6MBNKJA4H0J", None),
-            ("POST", "/api/v1/persistent-speakers/rename", {"name": "a", "new_name": "b"}),
-            ("POST", "/api/v1/persistent-speakers/merge", {"source": "a", "target": "b"}),
-            ("POST", "/api/v1/persistent-speakers/opt-out", {"name": "a"}),
-            ("DELETE", "/api/v1/persistent-speakers/a", None),
-        ):
-            message = _error(client.request(method, path, json=body), 403, "forbidden")
-            assert "http.allow_admin_commands" in message
-
-
-def test_a_port_in_use_fails_the_start_with_one_line(env: dict[str, str]) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        Path(env["MERAUDIOD_CONFIG"]).write_text(f"[http]\nenabled = true\nport = {port}\n")
-        result = subprocess.run(
-            [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-            env=env,
-            input=b"",
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-    assert result.returncode != 0
-    err = result.stderr.decode()
-    assert "Traceback" not in err
-    assert f"http: cannot listen on 127.0.0.1:{port}" in err.splitlines()[-1], err
-
-
-def test_bench_measures_what_the_http_stage_costs(settings: Any) -> None:
-    from meraudiod.bench_http import bench_http
-
-    figures = bench_http(settings, None)
-    # The issue's budget: at most 15 MB more resident memory once it has served requests.
-    assert 0 < figures["http_rss_added_mb"] <= 15, figures
-    assert figures["idle_cpu_pct_http_on"] < 5, figures  # idle: a small fraction of a core
-
-
-def test_cross_origin_requests_only_from_configured_origins(settings: Any) -> None:
-    from fastapi.testclient import TestClient
-
-    from meraudiod.http.app import create_app
-    from meraudiod.http.common import HttpContext
-
-    preflight = {
-        "Origin": "http://ha.local:8123",
-        "Access-Control-Request-Method": "GET",
-        "Access-Control-Request-Headers": "authorization",
-    }
-    with TestClient(create_app(HttpContext(settings), token=None)) as client:
-        response = client.get("/api/v1/recordings", headers={"Origin": "http://ha.local:8123"})
-        assert "access-control-allow-origin" not in response.headers
-    settings.http.cors_origins = ["http://ha.local:8123"]
-    with TestClient(create_app(HttpContext(settings), token="t")) as client:
-        response = client.options("/api/v1/recordings", headers=preflight)
-        assert response.headers["access-control-allow-origin"] == "http://ha.local:8123"
-        other = client.options(
-            "/api/v1/recordings", headers={**preflight, "Origin": "http://evil.example"}
-        )
-        assert "access-control-allow-origin" not in other.headers
-
-
-def test_ws_audio_at_a_declared_rate_and_sockets_without_the_token(daemon: HttpDaemon) -> None:
-    import websockets
-    from scipy.signal import resample_poly
-
-    first = decode_file(DEMO)[: 16000 * 9].astype(np.float32)  # the first utterance
-    at_8k = np.clip(resample_poly(first, 1, 2), -32768, 32767).astype("<i2")
-    ws_url = daemon.url.replace("http://", "ws://")
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-
-    async def run() -> list[dict[str, Any]]:
-        async with websockets.connect(
-            f"{ws_url}/ws/audio?rate_hz=8000", additional_headers=headers
-        ) as audio:
-            for start in range(0, at_8k.size, 800):
-                await audio.send(at_8k[start : start + 800].tobytes())
-            await audio.send("end")
-            got = []
-            while not got or got[-1].get("type") != "done":
-                got.append(json.loads(await asyncio.wait_for(audio.recv(), 300)))
-            return got
-
-    got = asyncio.run(run())
-    (transcript,) = [e for e in got if e.get("event_type") == "transcript"]
-    assert "Dashwood" in transcript["text"], transcript
-
-    async def refused(path: str, token: str) -> int:
-        with pytest.raises(websockets.exceptions.InvalidStatus) as info:
-            async with websockets.connect(
-                f"{ws_url}{path}", additional_headers={"Authorization": f"Bearer {token}"}
-            ):
-                pass
-        return int(info.value.response.status_code)
-
-    assert asyncio.run(refused("/ws/audio", "wrong")) == 403
-    assert asyncio.run(refused("/ws/events", "")) == 403
-
-
-def test_json_log_lines_carry_the_request_id(env: dict[str, str]) -> None:
-    server = HttpDaemon(env, config='[logging]\nformat = "json"\n', token=None).start()
-    try:
-        with server.client() as client:
-            clip = TEST_DATA / "ls_103_0000.flac"
-            client.post(
-                "/api/v1/vad/upload_recording",
-                files={"file": (clip.name, clip.read_bytes())},
-                headers={"X-Request-ID": "json-req-1"},
-            )
-    finally:
-        assert server.stop() == 0
-    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-    assert entries and all({"ts", "level", "logger", "message"} <= set(e) for e in entries)
-    mine = [e for e in entries if e.get("request_id") == "json-req-1"]
-    assert {e["logger"] for e in mine} >= {"meraudiod.recordings", "meraudiod.http.app"}, mine
-    assert any(e["message"].startswith("POST /api/v1/vad/upload_recording 202") for e in mine)
-
-
-def test_live_audio_streams_are_limited(daemon: HttpDaemon) -> None:
-    import websockets
-
-    from meraudiod.http.live import MAX_LIVE_STREAMS
-
-    ws_url = daemon.url.replace("http://", "ws://") + "/ws/audio"
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-
-    async def run() -> int:
-        open_ones = [
-            await websockets.connect(ws_url, additional_headers=headers)
-            for _ in range(MAX_LIVE_STREAMS)
-        ]
-        try:
-            async with websockets.connect(ws_url, additional_headers=headers) as extra:
-                with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
-                    await asyncio.wait_for(extra.recv(), 60)
-                assert info.value.rcvd is not None
-                return int(info.value.rcvd.code)
-        finally:
-            for ws in open_ones:
-                await ws.close()
-
-    assert asyncio.run(run()) == 1013
-    with daemon.client() as client:  # the closed streams gave their slots back
-        assert client.get("/health/ready").status_code == 200
-
-    async def again() -> dict[str, Any]:
-        deadline = time.monotonic() + 60  # the closed streams' handlers end, then free a slot
-        while True:
-            try:
-                async with websockets.connect(ws_url, additional_headers=headers) as ws:
-                    await ws.send("end")
-                    return dict(json.loads(await asyncio.wait_for(ws.recv(), 60)))
-            except websockets.exceptions.ConnectionClosed as exc:
-                if exc.rcvd is None or exc.rcvd.code != 1013 or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-
-    assert asyncio.run(again()) == {"type": "done", "recording_ids": []}
+        json_error(client.get(f"/api/v1/recordings/{bob_again}"), 404, "not_found")
+        json_error(client.delete(f"{base}/Bob"), 404, "not_found")

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TEST_DATA
-from tests.httpd import TOKEN, HttpDaemon, wait_task
-from tests.test_http import SPEAKERS_CONFIG, _env
+from tests.httpd import SPEAKERS_CONFIG, TOKEN, HttpDaemon, daemon_env, wait_task
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="apt-get install chromium")
@@ -36,7 +35,7 @@ _ARGS = [
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, speaker_models: Path) -> Iterator[HttpDaemon]:
     """A daemon with a token, admin allowed and speakers on."""
-    env = _env(tmp_path_factory.mktemp("httpd-page"), speaker_models)
+    env = daemon_env(tmp_path_factory.mktemp("httpd-page"), speaker_models)
     server = HttpDaemon(env, config=SPEAKERS_CONFIG).start()
     yield server
     assert server.stop() == 0, server.log()

@@ -14,9 +14,10 @@ from importlib import resources
 from typing import Final
 from urllib.parse import parse_qs
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ulid import ULID
@@ -196,8 +197,10 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
             expose_headers=["X-Request-ID"],
         )
     _error_handlers(app)
+    # The guard checks the token; this only tells the docs (and their Authorize button).
+    bearer = [Depends(HTTPBearer(auto_error=False, description="http.token"))] if token else []
     for module in (recordings, speakers, uploads, live):
-        app.include_router(module.router)
+        app.include_router(module.router, dependencies=bearer)
 
     @app.get("/health", tags=["health"])
     def health() -> dict[str, str]:

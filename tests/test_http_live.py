@@ -1,0 +1,149 @@
+"""The live sockets for real: speech streamed to /ws/audio comes back as events and
+transcripts, /ws/events sees them, the number of streams is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from meraudiod.audio import decode_file
+from tests.conftest import DEMO
+from tests.httpd import (
+    TOKEN,
+    HttpDaemon,
+    daemon_env,
+)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[HttpDaemon]:
+    """One daemon for the module, with a token."""
+    env = daemon_env(tmp_path_factory.mktemp("httpd"), models_dir)
+    server = HttpDaemon(env, config="").start()
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+def test_ws_audio_returns_transcripts_of_streamed_speech_and_ws_events_sees_them(
+    daemon: HttpDaemon,
+) -> None:
+    import websockets
+
+    samples = decode_file(DEMO)[: 16000 * 14]  # the first two utterances
+    ws_url = daemon.url.replace("http://", "ws://")
+
+    async def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with websockets.connect(f"{ws_url}/ws/events", additional_headers=headers) as feed:
+            async with websockets.connect(
+                f"{ws_url}/ws/audio", additional_headers=headers
+            ) as audio:
+                for start in range(0, samples.size, 1600):  # 100 ms messages
+                    await audio.send(samples[start : start + 1600].astype("<i2").tobytes())
+                await audio.send("end")
+                got = []
+                while True:
+                    message = json.loads(await asyncio.wait_for(audio.recv(), 300))
+                    got.append(message)
+                    if message.get("type") == "done":
+                        break
+            seen = []
+            while not any(e.get("event_type") == "transcript" for e in seen):
+                seen.append(json.loads(await asyncio.wait_for(feed.recv(), 60)))
+        return got, seen
+
+    got, seen = asyncio.run(run())
+    speech = [e["type"] for e in got if e.get("topic") == "event/speech"]
+    assert speech[:2] == ["start", "end"] and speech.count("end") == 2, got
+    transcripts = [e for e in got if e.get("event_type") == "transcript"]
+    assert len(transcripts) == 2, got
+    assert "Dashwood" in transcripts[0]["text"]
+    assert got[-1]["recording_ids"] == [t["recording_id"] for t in transcripts]
+    assert all(e["source"].startswith("ws:") for e in got[:-1])
+    assert transcripts[0]["recording_id"] in [e.get("recording_id") for e in seen]
+
+
+def test_ws_audio_at_a_declared_rate_and_sockets_without_the_token(daemon: HttpDaemon) -> None:
+    import websockets
+    from scipy.signal import resample_poly
+
+    first = decode_file(DEMO)[: 16000 * 9].astype(np.float32)  # the first utterance
+    at_8k = np.clip(resample_poly(first, 1, 2), -32768, 32767).astype("<i2")
+    ws_url = daemon.url.replace("http://", "ws://")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def run() -> list[dict[str, Any]]:
+        async with websockets.connect(
+            f"{ws_url}/ws/audio?rate_hz=8000", additional_headers=headers
+        ) as audio:
+            for start in range(0, at_8k.size, 800):
+                await audio.send(at_8k[start : start + 800].tobytes())
+            await audio.send("end")
+            got = []
+            while not got or got[-1].get("type") != "done":
+                got.append(json.loads(await asyncio.wait_for(audio.recv(), 300)))
+            return got
+
+    got = asyncio.run(run())
+    (transcript,) = [e for e in got if e.get("event_type") == "transcript"]
+    assert "Dashwood" in transcript["text"], transcript
+
+    async def refused(path: str, token: str) -> int:
+        with pytest.raises(websockets.exceptions.InvalidStatus) as info:
+            async with websockets.connect(
+                f"{ws_url}{path}", additional_headers={"Authorization": f"Bearer {token}"}
+            ):
+                pass
+        return int(info.value.response.status_code)
+
+    assert asyncio.run(refused("/ws/audio", "wrong")) == 403
+    assert asyncio.run(refused("/ws/events", "")) == 403
+
+
+def test_live_audio_streams_are_limited(daemon: HttpDaemon) -> None:
+    import websockets
+
+    from meraudiod.http.live import MAX_LIVE_STREAMS
+
+    ws_url = daemon.url.replace("http://", "ws://") + "/ws/audio"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def run() -> int:
+        open_ones = [
+            await websockets.connect(ws_url, additional_headers=headers)
+            for _ in range(MAX_LIVE_STREAMS)
+        ]
+        try:
+            async with websockets.connect(ws_url, additional_headers=headers) as extra:
+                with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                    await asyncio.wait_for(extra.recv(), 60)
+                assert info.value.rcvd is not None
+                return int(info.value.rcvd.code)
+        finally:
+            for ws in open_ones:
+                await ws.close()
+
+    assert asyncio.run(run()) == 1013
+    with daemon.client() as client:  # the closed streams gave their slots back
+        assert client.get("/health/ready").status_code == 200
+
+    async def again() -> dict[str, Any]:
+        deadline = time.monotonic() + 60  # the closed streams' handlers end, then free a slot
+        while True:
+            try:
+                async with websockets.connect(ws_url, additional_headers=headers) as ws:
+                    await ws.send("end")
+                    return dict(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+            except websockets.exceptions.ConnectionClosed as exc:
+                if exc.rcvd is None or exc.rcvd.code != 1013 or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    assert asyncio.run(again()) == {"type": "done", "recording_ids": []}

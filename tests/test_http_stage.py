@@ -1,0 +1,166 @@
+"""The HTTP stage inside the daemon: refusing to start (off loopback without a token, a port
+in use), a SIGKILL in the middle of an upload's task, the admin gate and CORS on the
+application, JSON logs, and what the stage costs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+
+from meraudiod.audio import decode_file
+from tests.conftest import DEMO, TEST_DATA
+from tests.httpd import (
+    HttpDaemon,
+    json_error,
+    wait_task,
+)
+
+
+def test_off_loopback_without_a_token_refuses_to_start(env: dict[str, str], tmp_path: Path) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text('[http]\nenabled = true\nhost = "0.0.0.0"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=env,
+        input=b"",
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    err = result.stderr.decode()
+    assert "Traceback" not in err
+    assert "http.host 0.0.0.0 is reachable from other machines" in err
+    assert "http.token" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_port_in_use_fails_the_start_with_one_line(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        Path(env["MERAUDIOD_CONFIG"]).write_text(f"[http]\nenabled = true\nport = {port}\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+            env=env,
+            input=b"",
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode != 0
+    err = result.stderr.decode()
+    assert "Traceback" not in err
+    assert f"http: cannot listen on 127.0.0.1:{port}" in err.splitlines()[-1], err
+
+
+def test_a_restart_in_the_middle_of_an_upload_task_loses_nothing(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    demo = decode_file(DEMO)
+    long_file = tmp_path / "long.wav"
+    soundfile.write(long_file, np.concatenate([demo] * 4), 16000)  # 143 s of speech
+    server = HttpDaemon(env, token=None).start()
+    try:
+        with server.client() as client:
+            response = client.post(
+                "/api/v1/analysis/upload", files={"file": ("long.wav", long_file.read_bytes())}
+            )
+            task_id = response.json()["task_id"]
+            assert wait_task(client, task_id, "running")["status"] == "running"
+    finally:
+        server.stop(signal.SIGKILL)  # no chance to finish or to clean up
+    uploads = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "uploads"
+    (uploads / "tmpk1ll3d.part").write_bytes(b"\0" * 1000)  # as if killed while receiving
+    server = HttpDaemon(env, token=None).start()
+    try:
+        with server.client() as client:
+            body = wait_task(client, task_id, "completed")
+    finally:
+        assert server.stop() == 0
+    assert body["status"] == "completed", body
+    assert body["attempts"] == 2  # the first attempt died with the process
+    (recording,) = body["result"]["recordings"]
+    assert recording["text"].count("Dashwood") == 4
+    assert "requeued 1 jobs" in server.log()
+    assert uploads.is_dir() and not any(uploads.iterdir())
+
+
+def test_admin_operations_need_http_allow_admin_commands(settings: Any) -> None:
+    """The gate, on the application itself (no daemon): reads pass, destructive ones 403."""
+    from fastapi.testclient import TestClient
+
+    from meraudiod.http.app import create_app
+    from meraudiod.http.common import HttpContext
+
+    app = create_app(HttpContext(settings), token=None)
+    with TestClient(app) as client:
+        assert client.get("/api/v1/recordings").status_code == 200
+        for method, path, body in (
+            ("DELETE", "/api/v1/recordings/01M89AY2FTNHNGP6MBNKJA4H0J", None),
+            ("POST", "/api/v1/persistent-speakers/rename", {"name": "a", "new_name": "b"}),
+            ("POST", "/api/v1/persistent-speakers/merge", {"source": "a", "target": "b"}),
+            ("POST", "/api/v1/persistent-speakers/opt-out", {"name": "a"}),
+            ("DELETE", "/api/v1/persistent-speakers/a", None),
+        ):
+            message = json_error(client.request(method, path, json=body), 403, "forbidden")
+            assert "http.allow_admin_commands" in message
+
+
+def test_cross_origin_requests_only_from_configured_origins(settings: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from meraudiod.http.app import create_app
+    from meraudiod.http.common import HttpContext
+
+    preflight = {
+        "Origin": "http://ha.local:8123",
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    with TestClient(create_app(HttpContext(settings), token=None)) as client:
+        response = client.get("/api/v1/recordings", headers={"Origin": "http://ha.local:8123"})
+        assert "access-control-allow-origin" not in response.headers
+    settings.http.cors_origins = ["http://ha.local:8123"]
+    with TestClient(create_app(HttpContext(settings), token="t")) as client:
+        response = client.options("/api/v1/recordings", headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "http://ha.local:8123"
+        other = client.options(
+            "/api/v1/recordings", headers={**preflight, "Origin": "http://evil.example"}
+        )
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_json_log_lines_carry_the_request_id(env: dict[str, str]) -> None:
+    server = HttpDaemon(env, config='[logging]\nformat = "json"\n', token=None).start()
+    try:
+        with server.client() as client:
+            clip = TEST_DATA / "ls_103_0000.flac"
+            client.post(
+                "/api/v1/vad/upload_recording",
+                files={"file": (clip.name, clip.read_bytes())},
+                headers={"X-Request-ID": "json-req-1"},
+            )
+    finally:
+        assert server.stop() == 0
+    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert entries and all({"ts", "level", "logger", "message"} <= set(e) for e in entries)
+    mine = [e for e in entries if e.get("request_id") == "json-req-1"]
+    assert {e["logger"] for e in mine} >= {"meraudiod.recordings", "meraudiod.http.app"}, mine
+    assert any(e["message"].startswith("POST /api/v1/vad/upload_recording 202") for e in mine)
+
+
+def test_bench_measures_what_the_http_stage_costs(settings: Any) -> None:
+    from meraudiod.bench_http import bench_http
+
+    figures = bench_http(settings, None)
+    # The issue's budget: at most 15 MB more resident memory once it has served requests.
+    assert 0 < figures["http_rss_added_mb"] <= 15, figures
+    assert figures["idle_cpu_pct_http_on"] < 5, figures  # idle: a small fraction of a core
