@@ -17,8 +17,21 @@ Int16Array = npt.NDArray[np.int16]
 Float32Array = npt.NDArray[np.float32]
 
 
+# A header outside this range lies (a 32 KB file "at 1 Hz" would be 16,000 s of audio).
+_MIN_FILE_RATE_HZ: Final = 1000
+_MAX_FILE_RATE_HZ: Final = 768000
+# Decoded this much less than the header announces: the file is cut or damaged.
+_SHORTFALL_S: Final = 1.0
+_EXACT_LENGTH_FORMATS: Final = frozenset({"flac"})
+
+
 class AudioDecodeError(Exception):
     """A file could not be opened or decoded; the message names the file."""
+
+
+class AudioTruncatedError(AudioDecodeError):
+    """A file ends early or is damaged part of the way in; what came before was decoded and
+    used. The message names the file, where it was cut and why."""
 
 
 def to_float32(samples: Int16Array) -> Float32Array:
@@ -70,7 +83,12 @@ def _frames_to_int16(frames: Sequence[Any]) -> Int16Array:
 
 
 def iter_file_pcm(path: Path, block_s: float = 1.0) -> Iterator[Int16Array]:
-    """Decode any file PyAV/FFmpeg reads to 16 kHz mono int16, a block at a time."""
+    """Decode any file PyAV/FFmpeg reads to 16 kHz mono int16, a block at a time.
+
+    What can be decoded is yielded; a file that is cut or damaged part of the way in then
+    raises AudioTruncatedError saying where and why. A file with nothing decodable in it, or
+    a header that lies about its sample rate, raises AudioDecodeError before any audio.
+    """
     import av
 
     try:
@@ -81,10 +99,27 @@ def iter_file_pcm(path: Path, block_s: float = 1.0) -> Iterator[Int16Array]:
         if not container.streams.audio:
             raise AudioDecodeError(f"no audio stream in {path}")
         stream = container.streams.audio[0]
+        rate_hz = int(stream.codec_context.sample_rate or 0)
+        if rate_hz == 0:
+            raise AudioDecodeError(f"no audio could be decoded from {path} (empty, or not audio)")
+        if not _MIN_FILE_RATE_HZ <= rate_hz <= _MAX_FILE_RATE_HZ:
+            raise AudioDecodeError(
+                f"audio file {path} says its sample rate is {rate_hz} Hz: not a real recording"
+                " (a damaged header, or not audio)"
+            )
+        # Only a header that counts its samples (FLAC's) is trusted for the length; others'
+        # durations are estimates from the file size and bit rate.
+        duration_us = container.duration
+        announced_s = (
+            duration_us / 1e6
+            if duration_us and container.format.name in _EXACT_LENGTH_FORMATS
+            else None
+        )
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE_HZ)
         pending: list[Int16Array] = []
-        pending_samples = 0
+        pending_samples = decoded_samples = 0
         block_samples = int(block_s * SAMPLE_RATE_HZ)
+        cut: str | None = None
         try:
             for frame in container.decode(stream):
                 # Some containers reuse the frame layout guess; dropping pts avoids resampler
@@ -93,14 +128,31 @@ def iter_file_pcm(path: Path, block_s: float = 1.0) -> Iterator[Int16Array]:
                 out = _frames_to_int16(resampler.resample(frame))
                 pending.append(out)
                 pending_samples += out.size
+                decoded_samples += out.size
                 if pending_samples >= block_samples:
                     yield np.concatenate(pending)
                     pending, pending_samples = [], 0
-            pending.append(_frames_to_int16(resampler.resample(None)))
         except av.error.FFmpegError as exc:
-            raise AudioDecodeError(f"cannot decode audio file {path}: {_reason(exc)}") from exc
-        if pending:
-            yield np.concatenate(pending)
+            cut = _reason(exc)
+        pending.append(_frames_to_int16(resampler.resample(None)))
+        decoded_samples += pending[-1].size
+        if decoded_samples == 0:
+            raise AudioDecodeError(
+                f"no audio could be decoded from {path}"
+                + (f": {cut}" if cut else " (empty, or not audio)")
+            )
+        yield np.concatenate(pending)
+        decoded_s = decoded_samples / SAMPLE_RATE_HZ
+        if cut is not None:
+            raise AudioTruncatedError(
+                f"audio file {path} is cut at {decoded_s:.1f} s: {cut}"
+                " (the audio before it was used)"
+            )
+        if announced_s is not None and decoded_s < announced_s - _SHORTFALL_S:
+            raise AudioTruncatedError(
+                f"audio file {path} gave {decoded_s:.1f} s of the {announced_s:.1f} s its"
+                " header announces: cut or damaged (what could be decoded was used)"
+            )
 
 
 def decode_file(path: Path) -> Int16Array:

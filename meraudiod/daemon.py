@@ -191,10 +191,11 @@ class Daemon:
             return False
         if listener.error:
             self.error = listener.error
-            return not isinstance(self.source, MicSource)  # a microphone is retried
+            if isinstance(self.source, MicSource):
+                return False  # a microphone is retried
         if not self.finite:
             return False
-        self.pipeline.drain()
+        self.pipeline.drain()  # what was heard before an error is transcribed too
         return True
 
     def _healthy(self) -> bool:

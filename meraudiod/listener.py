@@ -130,6 +130,10 @@ class Listener(StageThread):
                     frame = self.source.read(_READ_TIMEOUT_S)
                 except EndOfStream:
                     break
+                except SourceError as exc:  # e.g. a file cut part of the way in
+                    self.error = str(exc)
+                    _LOGGER.error("%s", exc)
+                    break  # what was heard up to here is still saved
                 if frame is None:
                     continue
                 self.frames_read += 1
@@ -144,12 +148,9 @@ class Listener(StageThread):
                 for event in segmenter.push(self.last_prob):
                     self._handle(event, buffer, store, stream_t0)
                 buffer.trim(segmenter.oldest_needed_frame())
-            # End of stream or stop: what was being said is still saved whole.
+            # End of stream, an error or stop: what was being said is still saved whole.
             for event in segmenter.flush():
                 self._handle(event, buffer, store, stream_t0)
-        except SourceError as exc:
-            self.error = str(exc)
-            _LOGGER.error("%s", exc)
         except Exception as exc:
             self.error = f"listener failed: {type(exc).__name__}: {exc}"
             _LOGGER.exception("listener failed")

@@ -35,6 +35,7 @@ from .config import AudioSettings
 
 _LOGGER = logging.getLogger(__name__)
 _STDIN_READ_BYTES: Final = FRAME_SAMPLES * 2
+_WAV_HEADER_MAX_BYTES: Final = 65536  # a RIFF header's chunks before `data` fit in this
 
 
 class SourceError(Exception):
@@ -162,6 +163,7 @@ class StdinSource:
         self._stopped = threading.Event()
         self._ended = False
         self._framer = _Framer()
+        self._error: str | None = None  # why the stream cannot be used, told by read()
 
     def start(self) -> None:
         """Start the reader thread."""
@@ -169,8 +171,8 @@ class StdinSource:
         self._thread.start()
 
     def _run(self) -> None:
-        leftover = b""
-        while not self._stopped.is_set():
+        leftover = self._skip_wav_header()
+        while not self._stopped.is_set() and self._error is None:
             chunk = self._read(_STDIN_READ_BYTES)
             if not chunk:
                 break
@@ -179,6 +181,44 @@ class StdinSource:
             leftover = data[usable:]
             self._put(np.frombuffer(data[:usable], dtype="<i2").astype(np.int16))
         self._put(None)
+
+    def _skip_wav_header(self) -> bytes:
+        """A WAV file piped in (not raw PCM): its header is skipped when the audio is 16 kHz
+        mono 16-bit, and otherwise the stream is refused saying why. Returns the bytes read
+        past the header."""
+        head = b""
+        while len(head) < 12:
+            chunk = self._read(_STDIN_READ_BYTES)
+            if not chunk:
+                return head
+            head += chunk
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return head  # raw PCM, as documented
+        fmt: tuple[int, int, int, int] | None = None
+        pos = 12
+        while len(head) < _WAV_HEADER_MAX_BYTES:
+            while len(head) >= pos + 8:
+                kind, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+                if kind == b"data":
+                    if fmt != (1, 1, SAMPLE_RATE_HZ, 16) and fmt != (0xFFFE, 1, SAMPLE_RATE_HZ, 16):
+                        self._error = _wav_refusal(fmt)
+                    return head[pos + 8 :]
+                if kind == b"fmt " and len(head) >= pos + 24:
+                    fmt = (
+                        int.from_bytes(head[pos + 8 : pos + 10], "little"),
+                        int.from_bytes(head[pos + 10 : pos + 12], "little"),
+                        int.from_bytes(head[pos + 12 : pos + 16], "little"),
+                        int.from_bytes(head[pos + 22 : pos + 24], "little"),
+                    )
+                elif kind == b"fmt ":
+                    break  # the rest of fmt is still to come
+                pos += 8 + size + size % 2
+            chunk = self._read(_STDIN_READ_BYTES)
+            if not chunk:
+                break
+            head += chunk
+        self._error = "stdin is a WAV file whose header could not be read: " + _RAW_HINT
+        return b""
 
     def _put(self, block: Int16Array | None) -> None:
         while not self._stopped.is_set():
@@ -206,12 +246,31 @@ class StdinSource:
                 return None
             if block is None:
                 self._ended = True
+                if self._error is not None:
+                    raise SourceError(self._error)
             else:
                 framer.add(block)
 
     def stop(self) -> None:
         """Stop reading (the reader thread ends at the next read or EOF)."""
         self._stopped.set()
+
+
+_RAW_HINT: Final = (
+    "--source stdin takes raw 16 kHz mono s16le (ffmpeg -i IN -f s16le -ac 1 -ar 16000 -),"
+    " or use --source file:PATH"
+)
+
+
+def _wav_refusal(fmt: tuple[int, int, int, int] | None) -> str:
+    """Why a WAV file on stdin cannot be used as it is."""
+    if fmt is None:
+        return "stdin is a WAV file without a format chunk: " + _RAW_HINT
+    codec, channels, rate_hz, bits = fmt
+    return (
+        f"stdin is a WAV file of {rate_hz} Hz, {channels} channel(s), {bits}-bit"
+        f" (format {codec}), not 16 kHz mono 16-bit: " + _RAW_HINT
+    )
 
 
 class MicSource:
