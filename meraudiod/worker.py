@@ -32,6 +32,9 @@ class AudioLostError(Exception):
 
 
 _IDLE_WAIT_S = 0.5
+# How often the daemon's worker takes over the jobs of one-off processes that died (an
+# `analyze` killed half way), so their recordings are transcribed without a restart.
+_ADOPT_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,14 @@ class Worker(StageThread):
 
     def _run(self) -> None:
         conn = open_db(self.settings.storage.db_path)
+        next_adopt = time.monotonic() + _ADOPT_EVERY_S  # start-up recovery has just run
         try:
             while not self.stop_event.is_set():
                 self._wake.clear()
+                if self.job_origin is None and time.monotonic() >= next_adopt:
+                    # Not leases: a long job of this very process must not be taken back.
+                    jobs.requeue_stale(conn, self.settings.asr.max_attempts, expired_leases=False)
+                    next_adopt = time.monotonic() + _ADOPT_EVERY_S
                 if not self.process_next(conn):
                     self._wake.wait(_IDLE_WAIT_S)
         finally:
