@@ -25,17 +25,20 @@ from .audio import (
     FRAME_S,
     FRAME_SAMPLES,
     SAMPLE_RATE_HZ,
+    WAV_HEADER_MAX_BYTES,
     AudioDecodeError,
     Float32Array,
     Int16Array,
     Resampler,
+    WavHeader,
+    is_wav,
     iter_file_pcm,
+    parse_wav_header,
 )
 from .config import AudioSettings
 
 _LOGGER = logging.getLogger(__name__)
 _STDIN_READ_BYTES: Final = FRAME_SAMPLES * 2
-_WAV_HEADER_MAX_BYTES: Final = 65536  # a RIFF header's chunks before `data` fit in this
 
 
 class SourceError(Exception):
@@ -192,27 +195,15 @@ class StdinSource:
             if not chunk:
                 return head
             head += chunk
-        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        if not is_wav(head):
             return head  # raw PCM, as documented
-        fmt: tuple[int, int, int, int] | None = None
-        pos = 12
-        while len(head) < _WAV_HEADER_MAX_BYTES:
-            while len(head) >= pos + 8:
-                kind, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
-                if kind == b"data":
-                    if fmt != (1, 1, SAMPLE_RATE_HZ, 16) and fmt != (0xFFFE, 1, SAMPLE_RATE_HZ, 16):
-                        self._error = _wav_refusal(fmt)
-                    return head[pos + 8 :]
-                if kind == b"fmt " and len(head) >= pos + 24:
-                    fmt = (
-                        int.from_bytes(head[pos + 8 : pos + 10], "little"),
-                        int.from_bytes(head[pos + 10 : pos + 12], "little"),
-                        int.from_bytes(head[pos + 12 : pos + 16], "little"),
-                        int.from_bytes(head[pos + 22 : pos + 24], "little"),
-                    )
-                elif kind == b"fmt ":
-                    break  # the rest of fmt is still to come
-                pos += 8 + size + size % 2
+        while len(head) < WAV_HEADER_MAX_BYTES:
+            header = parse_wav_header(head)
+            if header is not None:
+                pcm = header.codec in (1, 0xFFFE) and header.bits == 16
+                if not (pcm and header.channels == 1 and header.rate_hz == SAMPLE_RATE_HZ):
+                    self._error = _wav_refusal(header)
+                return head[header.data_offset :]
             chunk = self._read(_STDIN_READ_BYTES)
             if not chunk:
                 break
@@ -262,14 +253,13 @@ _RAW_HINT: Final = (
 )
 
 
-def _wav_refusal(fmt: tuple[int, int, int, int] | None) -> str:
+def _wav_refusal(header: WavHeader) -> str:
     """Why a WAV file on stdin cannot be used as it is."""
-    if fmt is None:
+    if header.codec == 0:
         return "stdin is a WAV file without a format chunk: " + _RAW_HINT
-    codec, channels, rate_hz, bits = fmt
     return (
-        f"stdin is a WAV file of {rate_hz} Hz, {channels} channel(s), {bits}-bit"
-        f" (format {codec}), not 16 kHz mono 16-bit: " + _RAW_HINT
+        f"stdin is a WAV file of {header.rate_hz} Hz, {header.channels} channel(s),"
+        f" {header.bits}-bit (format {header.codec}), not 16 kHz mono 16-bit: " + _RAW_HINT
     )
 
 

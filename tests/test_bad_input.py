@@ -24,6 +24,7 @@ from .conftest import DEMO, TEST_DATA, cli, db_rows
 def bad(tmp_path: Path) -> dict[str, Path]:
     """Damaged copies of real recordings, and files that lie."""
     data = DEMO.read_bytes()
+    wav = (TEST_DATA / "librivox_0880.wav").read_bytes()
     flipped = bytearray(data)
     rng = random.Random(1)
     for _ in range(200):
@@ -40,6 +41,7 @@ def bad(tmp_path: Path) -> dict[str, Path]:
     )
     files = {
         "cut.flac": data[: len(data) // 2],
+        "cut.wav": wav[: len(wav) // 2],
         "flipped.flac": bytes(flipped),
         "random.flac": rng.randbytes(50_000),
         "empty.flac": b"",
@@ -65,10 +67,11 @@ def test_analyze_of_a_cut_file_prints_its_recordings_and_where_it_was_cut(
 def test_a_damaged_file_gives_what_it_can_and_says_so(
     env: dict[str, str], bad: dict[str, Path]
 ) -> None:
-    result = cli("analyze", "--json", str(bad["flipped.flac"]), env=env)
+    result = cli("analyze", "--json", str(bad["flipped.flac"]), str(bad["cut.wav"]), env=env)
     assert result.returncode == 1
-    (found,) = [json.loads(line) for line in result.stdout.splitlines()]
-    assert found["recordings"] and "of the 35.7 s its header announces" in found["error"]
+    flipped, cut = [json.loads(line) for line in result.stdout.splitlines()]
+    assert flipped["recordings"] and "of the 35.7 s its header announces" in flipped["error"]
+    assert "gave 1.5 s of the 3.0 s its header announces" in cut["error"]
 
 
 def test_run_on_a_cut_file_transcribes_what_came_before_and_leaves_no_job_pending(
