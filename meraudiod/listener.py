@@ -201,7 +201,13 @@ class Listener(StageThread):
         if isinstance(event, SpeechStarted):
             self.speaking = True
             if self.on_speech_start is not None:
-                self.on_speech_start(store.conn, stream_t0 + event.start_frame * FRAME_S)
+                try:
+                    self.on_speech_start(store.conn, stream_t0 + event.start_frame * FRAME_S)
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorname not in _BUSY_ERRORS:
+                        raise
+                    # A live-only notice: dropped, so that the speech itself is kept.
+                    _LOGGER.warning("database busy (%s): speech-start event not sent", exc)
             return
         self.speaking = False
         start_s = event.start_frame * FRAME_S

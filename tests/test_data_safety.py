@@ -11,12 +11,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import soundfile
 
-from meraudiod import models
+from meraudiod import events, models
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import _MIGRATIONS, Transaction, open_db
@@ -185,11 +185,11 @@ def _big_store(conn: sqlite3.Connection, n: int) -> None:
         )
 
 
-def listener_on(settings: Settings, path: Path) -> Listener:
+def listener_on(settings: Settings, path: Path, **hooks: Any) -> Listener:
     source = FileSource(path)
     source.start()
     vad = SileroVad(models.vad_file(settings))
-    return Listener(settings, source, vad, keep_ids=True)
+    return Listener(settings, source, vad, keep_ids=True, **hooks)
 
 
 def test_every_delete_path_has_an_index(settings: Settings) -> None:
@@ -226,7 +226,11 @@ def test_the_listener_keeps_speech_while_the_database_is_locked(settings: Settin
     open_db(path).close()
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # e.g. a long purge by an older version
-    listener = listener_on(settings, SHORT)
+
+    def speech_start(conn: sqlite3.Connection, ts: float) -> None:  # as the daemon's, to MQTT
+        events.speech_start(conn, settings.mqtt, ts)
+
+    listener = listener_on(settings, SHORT, on_speech_start=speech_start)
     listener.start()
     time.sleep(33)  # longer than the listener's 30 s busy timeout: its first save fails
     holder.execute("ROLLBACK")
