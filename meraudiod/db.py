@@ -245,3 +245,11 @@ def set_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
             "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=?",
             (key, value, value),
         )
+
+
+_BUSY_ERRORS: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"})
+
+
+def is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Another connection held the write lock past the busy timeout: worth trying again."""
+    return getattr(exc, "sqlite_errorname", None) in _BUSY_ERRORS

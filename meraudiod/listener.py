@@ -13,7 +13,7 @@ import numpy as np
 
 from .audio import FRAME_S, SAMPLE_RATE_HZ, Int16Array, rms_dbfs, to_float32
 from .config import Settings
-from .db import open_db
+from .db import is_busy, open_db
 from .recordings import MemoryAudio, Recording, RecordingStore
 from .retention import disk_low
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
@@ -22,7 +22,6 @@ from .stage import StageThread
 from .vad import SileroVad
 
 _LOGGER = logging.getLogger(__name__)
-_BUSY_ERRORS: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"})
 _READ_TIMEOUT_S = 0.5
 _SAVE_RETRY_S: Final = 1.0  # first wait before saving again into a busy database; doubles
 _SAVE_RETRY_MAX_S: Final = 30.0
@@ -177,7 +176,7 @@ class Listener(StageThread):
                     memory=self.memory if disk_low(self.settings) else None,
                 )
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorname not in _BUSY_ERRORS:
+                if not is_busy(exc):
                     raise
                 if self.stop_event.is_set() and tries >= _SAVE_TRIES_WHEN_STOPPING:
                     raise
@@ -204,7 +203,7 @@ class Listener(StageThread):
                 try:
                     self.on_speech_start(store.conn, stream_t0 + event.start_frame * FRAME_S)
                 except sqlite3.OperationalError as exc:
-                    if exc.sqlite_errorname not in _BUSY_ERRORS:
+                    if not is_busy(exc):
                         raise
                     # A live-only notice: dropped, so that the speech itself is kept.
                     _LOGGER.warning("database busy (%s): speech-start event not sent", exc)

@@ -19,7 +19,7 @@ from . import jobs
 from .asr import Transcriber, Transcript
 from .audio import to_float32
 from .config import Settings
-from .db import Transaction, now, open_db
+from .db import Transaction, is_busy, now, open_db
 from .recordings import MemoryAudio, audio_file, delete_recording, remove_file
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
@@ -97,7 +97,14 @@ class Worker(StageThread):
                     # Not leases: a long job of this very process must not be taken back.
                     jobs.requeue_stale(conn, self.settings.asr.max_attempts, expired_leases=False)
                     next_adopt = time.monotonic() + _ADOPT_EVERY_S
-                if not self.process_next(conn):
+                try:
+                    found = self.process_next(conn)
+                except sqlite3.OperationalError as exc:
+                    if not is_busy(exc):
+                        raise
+                    _LOGGER.warning("database busy (%s): the worker tries again", exc)
+                    found = False
+                if not found:
                     self._wake.wait(_IDLE_WAIT_S)
         finally:
             conn.close()
