@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -17,8 +18,69 @@ Int16Array = npt.NDArray[np.int16]
 Float32Array = npt.NDArray[np.float32]
 
 
+# A header outside this range lies (a 32 KB file "at 1 Hz" would be 16,000 s of audio).
+_MIN_FILE_RATE_HZ: Final = 1000
+_MAX_FILE_RATE_HZ: Final = 768000
+# Decoded this much less than the header announces: the file is cut or damaged.
+_SHORTFALL_S: Final = 1.0
+_EXACT_LENGTH_FORMATS: Final = frozenset({"flac"})
+WAV_HEADER_MAX_BYTES: Final = 65536  # a RIFF header's chunks before `data` fit in this
+_WAV_UNKNOWN_SIZES: Final = frozenset({0, 0xFFFFFFFF})  # written to a pipe: length unknown
+
+
 class AudioDecodeError(Exception):
     """A file could not be opened or decoded; the message names the file."""
+
+
+class AudioTruncatedError(AudioDecodeError):
+    """A file ends early or is damaged part of the way in; what came before was decoded and
+    used. The message names the file, where it was cut and why."""
+
+
+@dataclass(frozen=True)
+class WavHeader:
+    """What a RIFF/WAVE header says about the audio after it."""
+
+    codec: int  # 1 PCM, 3 float, 0xFFFE extensible; 0 when there is no fmt chunk
+    channels: int
+    rate_hz: int
+    bits: int
+    data_offset: int  # where the samples start
+    data_bytes: int  # as announced
+
+    @property
+    def announced_s(self) -> float | None:
+        """The length the header announces (None when it does not know)."""
+        frame_bytes = self.channels * self.bits // 8
+        if self.data_bytes in _WAV_UNKNOWN_SIZES or not frame_bytes or not self.rate_hz:
+            return None
+        return self.data_bytes / frame_bytes / self.rate_hz
+
+
+def is_wav(head: bytes) -> bool:
+    """Do these first bytes start a WAV file (a RIFF/WAVE header)?"""
+    return head[:4] == b"RIFF" and head[8:12] == b"WAVE"
+
+
+def parse_wav_header(head: bytes) -> WavHeader | None:
+    """The header at the start of `head` (is_wav), or None while more bytes are needed."""
+    fmt = (0, 0, 0, 0)
+    pos = 12
+    while len(head) >= pos + 8:
+        kind, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+        if kind == b"data":
+            return WavHeader(*fmt, data_offset=pos + 8, data_bytes=size)
+        if kind == b"fmt ":
+            if len(head) < pos + 24:
+                return None
+            fmt = (
+                int.from_bytes(head[pos + 8 : pos + 10], "little"),
+                int.from_bytes(head[pos + 10 : pos + 12], "little"),
+                int.from_bytes(head[pos + 12 : pos + 16], "little"),
+                int.from_bytes(head[pos + 22 : pos + 24], "little"),
+            )
+        pos += 8 + size + size % 2
+    return None
 
 
 def to_float32(samples: Int16Array) -> Float32Array:
@@ -70,7 +132,12 @@ def _frames_to_int16(frames: Sequence[Any]) -> Int16Array:
 
 
 def iter_file_pcm(path: Path, block_s: float = 1.0) -> Iterator[Int16Array]:
-    """Decode any file PyAV/FFmpeg reads to 16 kHz mono int16, a block at a time."""
+    """Decode any file PyAV/FFmpeg reads to 16 kHz mono int16, a block at a time.
+
+    What can be decoded is yielded; a file that is cut or damaged part of the way in then
+    raises AudioTruncatedError saying where and why. A file with nothing decodable in it, or
+    a header that lies about its sample rate, raises AudioDecodeError before any audio.
+    """
     import av
 
     try:
@@ -81,10 +148,20 @@ def iter_file_pcm(path: Path, block_s: float = 1.0) -> Iterator[Int16Array]:
         if not container.streams.audio:
             raise AudioDecodeError(f"no audio stream in {path}")
         stream = container.streams.audio[0]
+        rate_hz = int(stream.codec_context.sample_rate or 0)
+        if rate_hz == 0:
+            raise AudioDecodeError(f"no audio could be decoded from {path} (empty, or not audio)")
+        if not _MIN_FILE_RATE_HZ <= rate_hz <= _MAX_FILE_RATE_HZ:
+            raise AudioDecodeError(
+                f"audio file {path} says its sample rate is {rate_hz} Hz: not a real recording"
+                " (a damaged header, or not audio)"
+            )
+        announced_s = _announced_s(path, container.format.name, container.duration)
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE_HZ)
         pending: list[Int16Array] = []
-        pending_samples = 0
+        pending_samples = decoded_samples = 0
         block_samples = int(block_s * SAMPLE_RATE_HZ)
+        cut: str | None = None
         try:
             for frame in container.decode(stream):
                 # Some containers reuse the frame layout guess; dropping pts avoids resampler
@@ -93,14 +170,44 @@ def iter_file_pcm(path: Path, block_s: float = 1.0) -> Iterator[Int16Array]:
                 out = _frames_to_int16(resampler.resample(frame))
                 pending.append(out)
                 pending_samples += out.size
+                decoded_samples += out.size
                 if pending_samples >= block_samples:
                     yield np.concatenate(pending)
                     pending, pending_samples = [], 0
-            pending.append(_frames_to_int16(resampler.resample(None)))
         except av.error.FFmpegError as exc:
-            raise AudioDecodeError(f"cannot decode audio file {path}: {_reason(exc)}") from exc
-        if pending:
-            yield np.concatenate(pending)
+            cut = _reason(exc)
+        pending.append(_frames_to_int16(resampler.resample(None)))
+        decoded_samples += pending[-1].size
+        if decoded_samples == 0:
+            raise AudioDecodeError(
+                f"no audio could be decoded from {path}"
+                + (f": {cut}" if cut else " (empty, or not audio)")
+            )
+        yield np.concatenate(pending)
+        decoded_s = decoded_samples / SAMPLE_RATE_HZ
+        if cut is not None:
+            raise AudioTruncatedError(
+                f"audio file {path} is cut at {decoded_s:.1f} s: {cut}"
+                " (the audio before it was used)"
+            )
+        if announced_s is not None and decoded_s < announced_s - _SHORTFALL_S:
+            raise AudioTruncatedError(
+                f"audio file {path} gave {decoded_s:.1f} s of the {announced_s:.1f} s its"
+                " header announces: cut or damaged (what could be decoded was used)"
+            )
+
+
+def _announced_s(path: Path, format_name: str, duration_us: int | None) -> float | None:
+    """The length a file's header announces, where it counts its samples (FLAC's does, a
+    WAV's data size does; other formats' durations are estimates from size and bit rate)."""
+    if format_name in _EXACT_LENGTH_FORMATS and duration_us:
+        return duration_us / 1e6
+    if format_name == "wav":
+        with open(path, "rb") as handle:
+            head = handle.read(WAV_HEADER_MAX_BYTES)
+        header = parse_wav_header(head) if is_wav(head) else None
+        return header.announced_s if header is not None else None
+    return None
 
 
 def decode_file(path: Path) -> Int16Array:

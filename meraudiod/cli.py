@@ -215,19 +215,18 @@ def analyze(
     conn = open_store(settings, create=True)
     failed = False
     for path, duration_s, rec_ids, error in results:
+        # A file cut part of the way in has recordings from before the cut and an error.
+        recs = [analysis_record(conn, settings.storage.audio_dir, r) for r in rec_ids]
+        if as_json:
+            found = {"file": str(path), "duration_s": duration_s, "recordings": recs}
+            echo_json({**found, "error": error} if error else found)
+        elif duration_s or not error:
+            click.echo(f"{path} ({duration_s:.1f} s, {len(recs)} recordings)")
+            for rec in recs:
+                click.echo(f"  {fmt_span(rec['start_s'], rec['end_s'])} {rec['text'] or ''}")
         if error:
             failed = True
             click.echo(f"error: {error}", err=True)
-            if as_json:
-                echo_json({"file": str(path), "error": error})
-            continue
-        recs = [analysis_record(conn, settings.storage.audio_dir, r) for r in rec_ids]
-        if as_json:
-            echo_json({"file": str(path), "duration_s": duration_s, "recordings": recs})
-            continue
-        click.echo(f"{path} ({duration_s:.1f} s, {len(recs)} recordings)")
-        for rec in recs:
-            click.echo(f"  {fmt_span(rec['start_s'], rec['end_s'])} {rec['text'] or ''}")
     if failed:
         sys.exit(1)
 

@@ -209,7 +209,12 @@ class AsrSettings(Section):
     logprob_threshold: float = Field(
         -1.0, description="Segments below this average log-probability are low-confidence"
     )
-    max_attempts: int = Field(3, ge=1, description="Tries before a job is left failed")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Failed tries (and, counted apart, process deaths during it) before a job"
+        " is left failed",
+    )
     retry_delay_s: float = Field(
         30.0, ge=0, description="Wait before the second try; doubles for each later one"
     )

@@ -325,10 +325,12 @@ class Daemon:
             return False
         if listener.error:
             self.error = listener.error
-            return not isinstance(self.source, MicSource)  # a microphone is retried
+            if isinstance(self.source, MicSource):
+                return False  # a microphone is retried
         if not self.finite or self.stop_event.is_set():  # asked to stop: the backlog waits
             return False
-        self.pipeline.drain(self.stop_event)  # a SIGTERM meanwhile ends the wait
+        # What was heard before an error is transcribed too; a SIGTERM meanwhile ends the wait.
+        self.pipeline.drain(self.stop_event)
         return True
 
     def _healthy(self) -> bool:

@@ -298,3 +298,15 @@ def set_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
     """Persist a small value (its own transaction)."""
     with Transaction(conn):
         put_kv(conn, key, value)
+
+
+_BUSY_ERRORS: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"})
+
+
+def is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Another connection held the write lock past the busy timeout: worth trying again.
+    (The error name exists from Python 3.11; before it, the message says so.)"""
+    name = getattr(exc, "sqlite_errorname", None)
+    if name is not None:
+        return name in _BUSY_ERRORS
+    return "locked" in str(exc) or "busy" in str(exc)

@@ -131,13 +131,16 @@ def fail_for_good(conn: sqlite3.Connection, job_id: int, error: str) -> None:
     )
 
 
-def requeue_stale(conn: sqlite3.Connection, max_crashes: int = 3) -> int:
+def requeue_stale(
+    conn: sqlite3.Connection, max_crashes: int = 3, expired_leases: bool = True
+) -> int:
     """Recover what dead processes left; returns how many running jobs went back to pending.
 
-    A running job whose lease expired, or whose owner on this host is dead, goes back to
-    pending with one more crash counted; at `max_crashes` it is failed for good with the
-    reason stored, so a recording that kills the process cannot make a crash loop. Jobs
-    queued by a dead one-off process (an interrupted `analyze`) become the daemon's.
+    A running job whose owner on this host is dead (or, with expired_leases, whose lease
+    expired) goes back to pending with one more crash counted; at `max_crashes` it is failed
+    for good with the reason stored, so a recording that kills the process cannot make a
+    crash loop. Jobs queued by a dead one-off process (an interrupted `analyze`) become the
+    daemon's.
     """
     t = now()
     requeued: list[int] = []
@@ -145,7 +148,7 @@ def requeue_stale(conn: sqlite3.Connection, max_crashes: int = 3) -> int:
     for row in conn.execute(
         "SELECT id, owner, lease_until, crashes FROM jobs WHERE state='running'"
     ):
-        if (row["lease_until"] or 0) < t or _dead(row["owner"]):
+        if (expired_leases and (row["lease_until"] or 0) < t) or _dead(row["owner"]):
             crashed = int(row["crashes"]) + 1
             (given_up if crashed >= max_crashes else requeued).append(int(row["id"]))
     orphaned = [

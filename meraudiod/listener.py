@@ -13,7 +13,7 @@ import numpy as np
 
 from .audio import FRAME_S, SAMPLE_RATE_HZ, Int16Array, rms_dbfs, to_float32
 from .config import Settings
-from .db import open_db
+from .db import is_busy, open_db
 from .recordings import MemoryAudio, Recording, RecordingStore
 from .retention import disk_low
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
@@ -22,7 +22,6 @@ from .stage import StageThread
 from .vad import SileroVad
 
 _LOGGER = logging.getLogger(__name__)
-_BUSY_ERRORS: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"})
 _READ_TIMEOUT_S = 0.5
 _SAVE_RETRY_S: Final = 1.0  # first wait before saving again into a busy database; doubles
 _SAVE_RETRY_MAX_S: Final = 30.0
@@ -130,6 +129,10 @@ class Listener(StageThread):
                     frame = self.source.read(_READ_TIMEOUT_S)
                 except EndOfStream:
                     break
+                except SourceError as exc:  # e.g. a file cut part of the way in
+                    self.error = str(exc)
+                    _LOGGER.error("%s", exc)
+                    break  # what was heard up to here is still saved
                 if frame is None:
                     continue
                 self.frames_read += 1
@@ -144,7 +147,7 @@ class Listener(StageThread):
                 for event in segmenter.push(self.last_prob):
                     self._handle(event, buffer, store, stream_t0)
                 buffer.trim(segmenter.oldest_needed_frame())
-            # End of stream or stop: what was being said is still saved whole.
+            # End of stream, an error or stop: what was being said is still saved whole.
             for event in segmenter.flush():
                 self._handle(event, buffer, store, stream_t0)
         except SourceError as exc:
@@ -177,7 +180,7 @@ class Listener(StageThread):
                     memory=self.memory if disk_low(self.settings) else None,
                 )
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc):
+                if not is_busy(exc):
                     raise
                 if self.stop_event.is_set() and tries >= _SAVE_TRIES_WHEN_STOPPING:
                     raise
@@ -201,7 +204,13 @@ class Listener(StageThread):
         if isinstance(event, SpeechStarted):
             self.speaking = True
             if self.on_speech_start is not None:
-                self.on_speech_start(store.conn, stream_t0 + event.start_frame * FRAME_S)
+                try:
+                    self.on_speech_start(store.conn, stream_t0 + event.start_frame * FRAME_S)
+                except sqlite3.OperationalError as exc:
+                    if not is_busy(exc):
+                        raise
+                    # A live-only notice: dropped, so that the speech itself is kept.
+                    _LOGGER.warning("database busy (%s): speech-start event not sent", exc)
             return
         self.speaking = False
         start_s = event.start_frame * FRAME_S
@@ -215,12 +224,3 @@ class Listener(StageThread):
             self.recording_ids.append(recording.id)
         if self.on_recording is not None:
             self.on_recording(recording)
-
-
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    """SQLITE_BUSY or SQLITE_LOCKED (the error name exists from Python 3.11; before it, the
-    message says so)."""
-    name = getattr(exc, "sqlite_errorname", None)
-    if name is not None:
-        return name in _BUSY_ERRORS
-    return "locked" in str(exc) or "busy" in str(exc)

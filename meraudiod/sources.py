@@ -25,11 +25,15 @@ from .audio import (
     FRAME_S,
     FRAME_SAMPLES,
     SAMPLE_RATE_HZ,
+    WAV_HEADER_MAX_BYTES,
     AudioDecodeError,
     Float32Array,
     Int16Array,
     Resampler,
+    WavHeader,
+    is_wav,
     iter_file_pcm,
+    parse_wav_header,
 )
 from .config import AudioSettings
 
@@ -162,6 +166,7 @@ class StdinSource:
         self._stopped = threading.Event()
         self._ended = False
         self._framer = _Framer()
+        self._error: str | None = None  # why the stream cannot be used, told by read()
 
     def start(self) -> None:
         """Start the reader thread."""
@@ -169,8 +174,8 @@ class StdinSource:
         self._thread.start()
 
     def _run(self) -> None:
-        leftover = b""
-        while not self._stopped.is_set():
+        leftover = self._skip_wav_header()
+        while not self._stopped.is_set() and self._error is None:
             chunk = self._read(_STDIN_READ_BYTES)
             if not chunk:
                 break
@@ -179,6 +184,32 @@ class StdinSource:
             leftover = data[usable:]
             self._put(np.frombuffer(data[:usable], dtype="<i2").astype(np.int16))
         self._put(None)
+
+    def _skip_wav_header(self) -> bytes:
+        """A WAV file piped in (not raw PCM): its header is skipped when the audio is 16 kHz
+        mono 16-bit, and otherwise the stream is refused saying why. Returns the bytes read
+        past the header."""
+        head = b""
+        while len(head) < 12:
+            chunk = self._read(_STDIN_READ_BYTES)
+            if not chunk:
+                return head
+            head += chunk
+        if not is_wav(head):
+            return head  # raw PCM, as documented
+        while len(head) < WAV_HEADER_MAX_BYTES:
+            header = parse_wav_header(head)
+            if header is not None:
+                pcm = header.codec in (1, 0xFFFE) and header.bits == 16
+                if not (pcm and header.channels == 1 and header.rate_hz == SAMPLE_RATE_HZ):
+                    self._error = _wav_refusal(header)
+                return head[header.data_offset :]
+            chunk = self._read(_STDIN_READ_BYTES)
+            if not chunk:
+                break
+            head += chunk
+        self._error = "stdin is a WAV file whose header could not be read: " + _RAW_HINT
+        return b""
 
     def _put(self, block: Int16Array | None) -> None:
         while not self._stopped.is_set():
@@ -206,12 +237,30 @@ class StdinSource:
                 return None
             if block is None:
                 self._ended = True
+                if self._error is not None:
+                    raise SourceError(self._error)
             else:
                 framer.add(block)
 
     def stop(self) -> None:
         """Stop reading (the reader thread ends at the next read or EOF)."""
         self._stopped.set()
+
+
+_RAW_HINT: Final = (
+    "--source stdin takes raw 16 kHz mono s16le (ffmpeg -i IN -f s16le -ac 1 -ar 16000 -),"
+    " or use --source file:PATH"
+)
+
+
+def _wav_refusal(header: WavHeader) -> str:
+    """Why a WAV file on stdin cannot be used as it is."""
+    if header.codec == 0:
+        return "stdin is a WAV file without a format chunk: " + _RAW_HINT
+    return (
+        f"stdin is a WAV file of {header.rate_hz} Hz, {header.channels} channel(s),"
+        f" {header.bits}-bit (format {header.codec}), not 16 kHz mono 16-bit: " + _RAW_HINT
+    )
 
 
 class MicSource:

@@ -19,7 +19,7 @@ from . import jobs
 from .asr import SpeechToText, Transcript
 from .audio import to_float32
 from .config import Settings
-from .db import Transaction, now, open_db
+from .db import Transaction, is_busy, now, open_db
 from .recordings import MemoryAudio, audio_file, delete_recording, remove_file
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
@@ -32,6 +32,9 @@ class AudioLostError(Exception):
 
 
 _IDLE_WAIT_S = 0.5
+# How often the daemon's worker takes over the jobs of one-off processes that died (an
+# `analyze` killed half way), so their recordings are transcribed without a restart.
+_ADOPT_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,22 @@ class Worker(StageThread):
 
     def _run(self) -> None:
         conn = open_db(self.settings.storage.db_path)
+        next_adopt = time.monotonic() + _ADOPT_EVERY_S  # start-up recovery has just run
         try:
             while not self.stop_event.is_set():
                 self._wake.clear()
-                if not self.process_next(conn):
+                if self.job_origin is None and time.monotonic() >= next_adopt:
+                    # Not leases: a long job of this very process must not be taken back.
+                    jobs.requeue_stale(conn, self.settings.asr.max_attempts, expired_leases=False)
+                    next_adopt = time.monotonic() + _ADOPT_EVERY_S
+                try:
+                    found = self.process_next(conn)
+                except sqlite3.OperationalError as exc:
+                    if not is_busy(exc):
+                        raise
+                    _LOGGER.warning("database busy (%s): the worker tries again", exc)
+                    found = False
+                if not found:
                     self._wake.wait(_IDLE_WAIT_S)
         finally:
             conn.close()

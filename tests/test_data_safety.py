@@ -11,12 +11,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import soundfile
 
-from meraudiod import models
+from meraudiod import events, models
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import _MIGRATIONS, Transaction, open_db
@@ -185,11 +185,11 @@ def _big_store(conn: sqlite3.Connection, n: int) -> None:
         )
 
 
-def listener_on(settings: Settings, path: Path) -> Listener:
+def listener_on(settings: Settings, path: Path, **hooks: Any) -> Listener:
     source = FileSource(path)
     source.start()
     vad = SileroVad(models.vad_file(settings))
-    return Listener(settings, source, vad, keep_ids=True)
+    return Listener(settings, source, vad, keep_ids=True, **hooks)
 
 
 def test_every_delete_path_has_an_index(settings: Settings) -> None:
@@ -226,7 +226,11 @@ def test_the_listener_keeps_speech_while_the_database_is_locked(settings: Settin
     open_db(path).close()
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # e.g. a long purge by an older version
-    listener = listener_on(settings, SHORT)
+
+    def speech_start(conn: sqlite3.Connection, ts: float) -> None:  # as the daemon's, to MQTT
+        events.speech_start(conn, settings.mqtt, ts)
+
+    listener = listener_on(settings, SHORT, on_speech_start=speech_start)
     listener.start()
     time.sleep(33)  # longer than the listener's 30 s busy timeout: its first save fails
     holder.execute("ROLLBACK")
@@ -300,3 +304,51 @@ def test_analyze_15_times_beside_a_live_daemon_takes_nothing_of_its(env: dict[st
     assert {r["owner"].rpartition(":")[2] for r in mine} == {str(daemon.pid)}
     assert all(r["origin"] is None and r["status"] == "done" for r in mine)
     assert all(r["owner"] == r["origin"] and r["status"] == "done" for r in theirs)
+
+
+def test_the_daemon_takes_over_the_recordings_of_a_killed_analyze(env: dict[str, str]) -> None:
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=env,
+        stdin=subprocess.PIPE,  # open and silent: the daemon runs on, hearing nothing
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    analyze = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "analyze", str(DEMO)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    query = f"SELECT COUNT(*) AS n FROM jobs WHERE origin LIKE '%:{analyze.pid}'"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if db_rows(env, query)[0]["n"]:
+                    break
+            except sqlite3.OperationalError:
+                pass  # not created yet
+            time.sleep(0.01)
+        else:
+            raise AssertionError("analyze never queued a job")
+        analyze.kill()  # SIGKILL half way through the file
+        analyze.wait(timeout=10)
+        left = db_rows(env, "SELECT id FROM recordings")
+        assert left
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done = db_rows(env, "SELECT COUNT(*) AS n FROM recordings WHERE status='done'")
+            if done[0]["n"] == len(left):
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError("the daemon never transcribed what analyze left")
+        owners = db_rows(env, "SELECT DISTINCT owner FROM jobs")
+        assert any(r["owner"].endswith(f":{daemon.pid}") for r in owners)
+    finally:
+        analyze.kill()
+        assert daemon.stdin is not None
+        daemon.stdin.close()
+        daemon.wait(timeout=60)
+    assert daemon.returncode == 0

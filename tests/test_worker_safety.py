@@ -4,15 +4,19 @@ a recording that keeps killing the process (real SIGKILLs)."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 
 from meraudiod import jobs, models
@@ -21,6 +25,7 @@ from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import Transaction, open_db
 from meraudiod.recordings import MemoryAudio, RecordingStore
+from meraudiod.retention import disk_free_mb, disk_low
 from meraudiod.worker import TranscribedRecording, Worker
 
 from .conftest import TEST_DATA, cli, db_rows, stored_audio
@@ -145,3 +150,59 @@ def test_a_recording_that_keeps_killing_the_process_is_given_up(env: dict[str, s
     assert job["state"] == "failed" and "died 3 times" in job["error"]
     (rec,) = db_rows(env, "SELECT status, audio_path FROM recordings")
     assert rec["status"] == "failed" and stored_audio(env, rec["audio_path"]).is_file()
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """A directory on another filesystem (a tmpfs), as tmp_audio_dir is when installed."""
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    made = Path(tempfile.mkdtemp(prefix="meraudiod-test-", dir="/dev/shm"))
+    yield made
+    shutil.rmtree(made)  # the directory this fixture made, nothing else
+
+
+def test_the_disk_guard_watches_the_disk_the_audio_is_written_to(
+    settings: Settings, shm_dir: Path
+) -> None:
+    settings.storage.data_dir.mkdir(parents=True)
+    audio_free_mb = disk_free_mb(shm_dir)
+    data_free_mb = disk_free_mb(settings.storage.data_dir)
+    if abs(audio_free_mb - data_free_mb) < 200:
+        pytest.skip("the tmpfs and the data directory have the same free space")
+    settings.storage.tmp_audio_dir = shm_dir
+    settings.retention.min_free_disk_mb = round((audio_free_mb + data_free_mb) / 2)
+    assert disk_low(settings) == (audio_free_mb < data_free_mb)
+
+
+def test_the_worker_outlives_a_database_locked_past_its_busy_timeout(settings: Settings) -> None:
+    asr = settings.asr
+    path = models.resolve(asr.model, settings.storage.resolved_models_dir, False)
+    open_db(settings.storage.db_path).close()
+    stop = threading.Event()
+    worker = Worker(settings, Transcriber(path, asr, asr.model), stop)
+    worker.start()
+    holder = sqlite3.connect(settings.storage.db_path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        time.sleep(33)  # past the worker's 30 s busy timeout: its claim fails
+        holder.execute("ROLLBACK")
+        assert worker.is_alive()
+        conn = open_db(settings.storage.db_path)
+        rec = RecordingStore(conn, settings.storage.audio_dir, "flac").save(
+            SPEECH, source="x", start_s=0.0, started_at=1000.0
+        )
+        assert rec is not None
+        worker.wake()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT status FROM recordings WHERE id=?", (rec.id,)).fetchone()
+            if row["status"] == "done":
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the worker never transcribed the recording")
+    finally:
+        holder.close()
+        stop.set()
+        worker.join(30)

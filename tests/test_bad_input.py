@@ -1,0 +1,128 @@
+"""Truncated and lying input: what can be decoded is used, the error says where and why, a
+finished run leaves no job pending, and every input gets the same error contract."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from meraudiod.audio import decode_file
+
+from .conftest import DEMO, TEST_DATA, cli, db_rows
+
+
+@pytest.fixture
+def bad(tmp_path: Path) -> dict[str, Path]:
+    """Damaged copies of real recordings, and files that lie."""
+    data = DEMO.read_bytes()
+    wav = (TEST_DATA / "librivox_0880.wav").read_bytes()
+    flipped = bytearray(data)
+    rng = random.Random(1)
+    for _ in range(200):
+        flipped[rng.randrange(2000, len(flipped))] ^= 0xFF
+    pcm = (np.random.default_rng(0).standard_normal(16000) * 3000).astype(np.int16).tobytes()
+    one_hz = (  # 32 KB of samples whose header says 1 Hz: "16,000 s of audio"
+        b"RIFF"
+        + struct.pack("<I", 36 + len(pcm))
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, 1, 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", len(pcm))
+        + pcm
+    )
+    files = {
+        "cut.flac": data[: len(data) // 2],
+        "cut.wav": wav[: len(wav) // 2],
+        "flipped.flac": bytes(flipped),
+        "random.flac": rng.randbytes(50_000),
+        "empty.flac": b"",
+        "one_hz.wav": one_hz,
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    return {name: tmp_path / name for name in files}
+
+
+def test_analyze_of_a_cut_file_prints_its_recordings_and_where_it_was_cut(
+    env: dict[str, str], bad: dict[str, Path]
+) -> None:
+    result = cli("analyze", str(bad["cut.flac"]), env=env)
+    assert result.returncode == 1
+    assert "cut.flac is cut at 17.4 s" in result.stderr and "Traceback" not in result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("  [")]
+    assert len(lines) >= 2 and "dashwood" in result.stdout.lower()
+    stored = db_rows(env, "SELECT status FROM recordings")
+    assert len(stored) == len(lines) and all(r["status"] == "done" for r in stored)
+
+
+def test_a_damaged_file_gives_what_it_can_and_says_so(
+    env: dict[str, str], bad: dict[str, Path]
+) -> None:
+    result = cli("analyze", "--json", str(bad["flipped.flac"]), str(bad["cut.wav"]), env=env)
+    assert result.returncode == 1
+    flipped, cut = [json.loads(line) for line in result.stdout.splitlines()]
+    assert flipped["recordings"] and "of the 35.7 s its header announces" in flipped["error"]
+    assert "gave 1.5 s of the 3.0 s its header announces" in cut["error"]
+
+
+def test_run_on_a_cut_file_transcribes_what_came_before_and_leaves_no_job_pending(
+    env: dict[str, str], bad: dict[str, Path]
+) -> None:
+    result = cli("run", "--source", f"file:{bad['cut.flac']}", env=env)
+    assert result.returncode == 1 and "cut at 17.4 s" in result.stderr
+    jobs = db_rows(env, "SELECT state FROM jobs")
+    assert jobs and all(j["state"] == "done" for j in jobs)
+
+
+@pytest.mark.parametrize("name", ["random.flac", "empty.flac", "one_hz.wav"])
+def test_files_with_no_real_audio_are_errors_naming_them(
+    env: dict[str, str], bad: dict[str, Path], name: str
+) -> None:
+    analyzed = cli("analyze", str(bad[name]), env=env)
+    assert analyzed.returncode == 1 and name in analyzed.stderr
+    assert "Traceback" not in analyzed.stderr
+    run = cli("run", "--source", f"file:{bad[name]}", env=env)
+    assert run.returncode == 1 and name in run.stderr and "Traceback" not in run.stderr
+    if name == "one_hz.wav":
+        assert "1 Hz" in analyzed.stderr
+    assert db_rows(env, "SELECT id FROM recordings") == []
+
+
+def wav_bytes(samples: np.ndarray, rate_hz: int) -> bytes:
+    out = io.BytesIO()
+    soundfile.write(out, samples, rate_hz, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def run_stdin(env: dict[str, str], data: bytes) -> subprocess.CompletedProcess[bytes]:
+    """`meraudiod run --source stdin` with these bytes piped in, unchanged."""
+    return subprocess.run(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=env,
+        input=data,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_a_wav_file_on_stdin_is_told_apart_from_raw_pcm(env: dict[str, str]) -> None:
+    speech = decode_file(TEST_DATA / "librivox_0880.wav")
+    wrong_rate = np.repeat(speech, 3)  # 48 kHz
+    refused = run_stdin(env, wav_bytes(wrong_rate, 48000))
+    assert refused.returncode == 1
+    assert b"WAV file of 48000 Hz" in refused.stderr and b"Traceback" not in refused.stderr
+    assert db_rows(env, "SELECT id FROM recordings") == []
+    fitting = run_stdin(env, wav_bytes(speech, 16000))
+    assert fitting.returncode == 0, fitting.stderr.decode()
+    (rec,) = db_rows(env, "SELECT text FROM recordings")
+    assert "young man" in rec["text"].lower()
