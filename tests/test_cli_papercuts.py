@@ -249,7 +249,7 @@ def test_provisional_numbers_are_never_reused(tmp_path: Path) -> None:
     assert new_voice() == "unknown-1"
     rename(conn, "unknown-1", "Carol")
     assert new_voice() == "unknown-2"  # not unknown-1 again: old events named that voice
-    delete(conn, "unknown-2", False)
+    delete(conn, tmp_path / "audio", "unknown-2", False)
     assert new_voice() == "unknown-3"
     names = [row["name"] for row in conn.execute("SELECT name FROM speakers ORDER BY name")]
     assert names == ["Carol", "unknown-3"]

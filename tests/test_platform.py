@@ -7,6 +7,7 @@ import platform
 import sqlite3
 from pathlib import Path
 
+from meraudiod.db import open_db
 from meraudiod.machine import cpu_features, describe
 
 from .conftest import cli
@@ -38,6 +39,9 @@ def test_cpu_features_name_what_the_kernels_use(tmp_path: Path) -> None:
 
 
 def test_status_reports_architecture_python_sqlite_and_libraries(env: dict[str, str]) -> None:
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    data_dir.mkdir(parents=True)
+    open_db(data_dir / "meraudiod.db").close()  # status reads a store, never creates one
     done = cli("status", "--json", env=env)
     assert done.returncode == 0, done.stderr
     reported = json.loads(done.stdout)["platform"]

@@ -87,7 +87,10 @@ def test_a_missing_audio_file_fails_the_job_at_once_in_one_line(env: dict[str, s
     assert job["state"] == "failed" and job["attempts"] == 1 and "missing" in job["error"]
 
 
-def test_reprocess_of_an_unknown_id_is_an_error_naming_it(env: dict[str, str]) -> None:
+def test_reprocess_of_an_unknown_id_is_an_error_naming_it(
+    env: dict[str, str], settings: Settings
+) -> None:
+    open_db(settings.storage.db_path).close()  # a store without that recording
     result = cli("reprocess", "01NOSUCHRECORDING000000000", env=env)
     assert result.returncode != 0
     assert "01NOSUCHRECORDING000000000" in result.stderr and "Traceback" not in result.stderr

@@ -23,7 +23,7 @@ from meraudiod.config import ConfigError, Settings, load_settings
 from meraudiod.vad import SileroVad
 
 from .broker import Broker, Subscriber, free_port
-from .conftest import DEMO, DEMO_TRUTH, StartWyoming, cli, db_rows
+from .conftest import DEMO, DEMO_TRUTH, StartWyoming, cli, db_rows, status_json
 
 NODE = "wyo"
 
@@ -75,9 +75,7 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> No
 
 
 def status(env: dict[str, str]) -> dict:
-    result = cli("status", "--json", env=env)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
+    return status_json(env)  # once the daemon has made its database
 
 
 def recordings(env: dict[str, str]) -> list[dict]:
