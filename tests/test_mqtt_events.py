@@ -192,8 +192,11 @@ def test_a_provisional_voice_has_one_name_everywhere(
         if event["speaker_id"] is None:
             assert event["name"] is None and event["provisional"] is False
     segments = [s for m in sub.on("/event/transcript") for s in m.json()["segments"]]
-    voiced = [s["speaker"] for s in segments if s["speaker"] is not None]
+    speakers_of = [s["speaker"] for s in segments if s["speaker"] is not None]
+    voiced = [v for v in speakers_of if v["id"] is not None]
     assert voiced and all(v["name"] == profile["name"] and v["provisional"] is True for v in voiced)
+    for v in speakers_of:  # a local label with no profile: no name, not provisional
+        assert v["label"] and (v["id"] is not None or (v["name"] is None and not v["provisional"]))
     state = sub.on(f"{BASE}/state")[-1].json()
     assert state["last_speaker"] == profile["name"] and state["last_speaker_provisional"] is True
     sub.close()
