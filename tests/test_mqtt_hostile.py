@@ -17,6 +17,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from meraudiod.command_runner import QUEUE_SIZE
+
 from .broker import Broker, Received, Subscriber
 from .conftest import DEMO_TRUTH, cli, db_rows
 from .mqtt_daemon import BASE, DEMO_PCM, finish, mqtt_env, request, start_daemon, stop_daemon
@@ -166,12 +168,15 @@ def test_request_flood_never_delays_transcript_events(env: dict[str, str], broke
     flooding.set()
 
     def flood() -> None:
+        # Bursts far over the command queue (about 400 requests a second, as before): a
+        # steady trickle could be answered as fast as it came on a loaded machine, so no
+        # request met a full queue and the "busy" path went untested.
         client = hostile_client(broker)
         try:
             while flooding.is_set():
-                for _ in range(20):
+                for _ in range(4 * QUEUE_SIZE):
                     client.publish(f"{BASE}/request/status", b'{"transaction": "flood"}', qos=0)
-                time.sleep(0.05)
+                time.sleep(0.3)
         finally:
             client.disconnect()
             client.loop_stop()
