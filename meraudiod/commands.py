@@ -116,7 +116,11 @@ class EnrollArgs(Args):
     """Enrol a person from stored recordings."""
 
     name: str = Field(min_length=1, max_length=100)
-    recording_ids: list[RecordingId] = Field(min_length=1, max_length=20)
+    # Not RecordingId: a file path (the HTTP upload's clips) must keep its case; profiles
+    # normalises what is not a file as an id.
+    recording_ids: list[str] = Field(
+        min_length=1, max_length=20, description="Recording ULIDs (any case) or audio files"
+    )
     do_not_keep: bool = Field(False, description="Recognise this person only to delete them")
 
 

@@ -1,12 +1,15 @@
 """The daemon as a real process with its HTTP stage on a free loopback port, for the HTTP
-tests: started with stdin as its audio source (kept open, so it runs until stopped)."""
+tests: started with stdin as its audio source, fed silence at real time (a quiet room: a
+stream that stops delivering is a problem readiness reports), so it runs until stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -37,6 +40,8 @@ class HttpDaemon:
         self.log_path = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).parent / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._stop_feeding = threading.Event()
+        self._feeder: threading.Thread | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -58,6 +63,11 @@ class HttpDaemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        self._stop_feeding.clear()
+        self._feeder = threading.Thread(
+            target=self._feed_silence, name="stdin-silence", daemon=True
+        )
+        self._feeder.start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -76,11 +86,26 @@ class HttpDaemon:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         code = self.proc.wait(timeout_s)
+        self._stop_feeding.set()
+        if self._feeder is not None:
+            self._feeder.join()
         if self.proc.stdin is not None:
-            self.proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError):  # silence it could not take
+                self.proc.stdin.close()
         if self._log is not None:
             self._log.close()
         return code
+
+    def _feed_silence(self) -> None:
+        """100 ms of 16 kHz s16le silence every 100 ms until stopped or the process ends."""
+        assert self.proc is not None and self.proc.stdin is not None
+        block = b"\0" * 3200
+        while not self._stop_feeding.wait(0.1):
+            try:
+                self.proc.stdin.write(block)
+                self.proc.stdin.flush()
+            except (BrokenPipeError, ValueError):  # the process ended (or stdin was closed)
+                return
 
     def log(self) -> str:
         """What the daemon logged so far."""

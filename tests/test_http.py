@@ -49,11 +49,16 @@ def test_upload_is_a_task_that_completes_with_what_analyze_prints(daemon: HttpDa
     assert result["file"] == "talk.flac"
     assert result["duration_s"] == pytest.approx(35.7, abs=0.1)
     (recording,) = result["recordings"]
-    assert set(recording) == {"id", "start_s", "end_s", "text", "state", "segments"}
+    assert set(recording) == {"id", "start_s", "end_s", "text", "state", "segments", "speakers"}
     assert "Dashwood" in recording["text"] and "amiable himself" in recording["text"]
     assert recording["state"] == "done"
     assert len(recording["segments"]) >= 3
     assert {"start_s", "end_s", "text", "suspect", "speaker"} == set(recording["segments"][0])
+    # speakers are on: every voice heard, each segment's among them
+    assert {v["label"] for v in recording["speakers"]} >= {
+        s["speaker"]["label"] for s in recording["segments"]
+    }
+    assert recording["speakers"] and all(v["speech_s"] > 0 for v in recording["speakers"])
     # the work the request caused is logged under its id
     assert f"recording {task_id}: 35.73 s from upload:talk.flac" in daemon.log()
     line = next(x for x in daemon.log().splitlines() if f"recording {task_id}:" in x)

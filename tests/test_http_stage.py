@@ -86,7 +86,8 @@ def test_a_restart_in_the_middle_of_an_upload_task_loses_nothing(
     finally:
         assert server.stop() == 0
     assert body["status"] == "completed", body
-    assert body["attempts"] == 2  # the first attempt died with the process
+    # the first try died with the process: a crash, not a failed attempt
+    assert (body["attempts"], body["crashes"]) == (0, 1), body
     (recording,) = body["result"]["recordings"]
     assert recording["text"].count("Dashwood") == 4
     assert "requeued 1 jobs" in server.log()

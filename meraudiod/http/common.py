@@ -81,7 +81,9 @@ def check_id(rec_id: str, what: str = "recording") -> str:
 
 def _status_of(message: str) -> tuple[int, str]:
     """The HTTP status of a command's error message."""
-    if message.startswith("no ") or " no such " in message:
+    # What is missing is a recording or a speaker ("no audio stream in clip.txt" is a bad
+    # file, not a missing one).
+    if message.startswith(("no recording ", "no speaker ")) or " no such " in message:
         return 404, "not_found"
     if message.startswith("invalid arguments"):
         return 422, "invalid_request"

@@ -98,6 +98,7 @@ class SocketStream:
     def __init__(self, rate_hz: int) -> None:
         self._chunks: queue.Queue[bytes] = queue.Queue(maxsize=_STREAM_QUEUE)
         self._resampler = Resampler(rate_hz, 1) if rate_hz != SAMPLE_RATE_HZ else None
+        self._ended = False
 
     def push(self, data: bytes) -> None:
         """One message of audio (b"" ends the stream)."""
@@ -108,8 +109,14 @@ class SocketStream:
         self._chunks.put(data, timeout=30)
 
     def read(self, size: int) -> bytes:
-        """The next message (the reader thread blocks here)."""
-        return self._chunks.get()
+        """The next message (the reader thread blocks here); b"" for good once the stream
+        ended, as a file at its end (the reader may ask again, e.g. while it looks for a WAV
+        header in a stream that ended before 12 bytes)."""
+        if self._ended:
+            return b""
+        data = self._chunks.get()
+        self._ended = not data
+        return data
 
 
 @router.websocket("/ws/audio")
@@ -142,9 +149,10 @@ async def _stream(websocket: WebSocket, ctx: HttpContext, daemon: Any, rate_hz: 
     source.name = f"ws:{ULID()}"
     events = ctx.hub.subscribe(asyncio.get_running_loop())
     source.start()
-    # Its own listener with its own VAD (loading it is slow: off the event loop).
+    # Its own listener with its own VAD (loading it is slow: off the event loop), keeping
+    # the ids of what it saves (the ids of one stream: a bounded list).
     listener = await asyncio.to_thread(
-        daemon.pipeline.listener, source, **daemon.speech_hooks(source.name)
+        daemon.pipeline.listener, source, keep_ids=True, **daemon.speech_hooks(source.name)
     )
     _LOGGER.info("live audio %s at %d Hz", source.name, rate_hz)
     sender = asyncio.create_task(_send_own(websocket, events, source.name))
@@ -158,7 +166,7 @@ async def _stream(websocket: WebSocket, ctx: HttpContext, daemon: Any, rate_hz: 
             elif (message.get("text") or "").strip() == "end":
                 await asyncio.to_thread(stream.push, b"")
                 await asyncio.to_thread(listener.finished.wait, _FINISH_TIMEOUT_S)
-                ids = [r.id for r in listener.recordings]
+                ids = list(listener.recording_ids or [])
                 await asyncio.to_thread(_wait_jobs, ctx, ids)
                 await asyncio.sleep(0.2)  # events published with the last commit arrive
                 sender.cancel()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 
+from ..recordings import audio_file
 from .common import ApiError, HttpContext, check_id, run_command
 
 router = APIRouter(prefix="/api/v1/recordings", tags=["recordings"])
@@ -56,7 +56,9 @@ def get_audio(rec_id: str, ctx: HttpContext = Depends(context)) -> FileResponse:
         row = conn.execute("SELECT audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
     if row is None:
         raise ApiError(404, "not_found", f"no recording {rec_id}")
-    path = Path(row["audio_path"]) if row["audio_path"] else None
+    path = (
+        audio_file(ctx.settings.storage.audio_dir, row["audio_path"]) if row["audio_path"] else None
+    )
     if path is None or not path.is_file():
         raise ApiError(410, "gone", f"recording {rec_id} has no audio any more")
     media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")

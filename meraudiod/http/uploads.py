@@ -81,7 +81,8 @@ def upload_recording(
 
 @router.get("/tasks/{task_id}", tags=["analysis"])
 def task(task_id: str, ctx: HttpContext = Depends(context)) -> dict[str, Any]:
-    """pending, running, completed or failed; completed carries what `analyze --json` prints."""
+    """pending, running, completed or failed; completed carries what `analyze --json` prints.
+    `attempts` counts failed tries, `crashes` the tries the process died in (a restart)."""
     check_id(task_id, "task")
     with ctx.connect() as conn:
         row = conn.execute(
@@ -92,7 +93,8 @@ def task(task_id: str, ctx: HttpContext = Depends(context)) -> dict[str, Any]:
         if row is None:
             raise ApiError(404, "not_found", f"no task {task_id}")
         job = conn.execute(
-            "SELECT state, attempts, error FROM jobs WHERE recording_id=? ORDER BY id DESC LIMIT 1",
+            "SELECT state, attempts, crashes, error FROM jobs WHERE recording_id=?"
+            " ORDER BY id DESC LIMIT 1",
             (task_id,),
         ).fetchone()
         state = _TASK_STATES.get(job["state"], "failed") if job is not None else "completed"
@@ -107,7 +109,8 @@ def task(task_id: str, ctx: HttpContext = Depends(context)) -> dict[str, Any]:
         "task_id": task_id,
         "status": state,
         "progress": {"pending": 0.0, "completed": 1.0}.get(state),
-        "attempts": job["attempts"] if job is not None else 0,
+        "attempts": job["attempts"] if job is not None else 0,  # failed tries
+        "crashes": job["crashes"] if job is not None else 0,  # tries the process died in
         "error": job["error"] if job is not None and state == "failed" else None,
         "result": result,
     }
