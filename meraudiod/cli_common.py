@@ -87,7 +87,11 @@ def open_store(settings: Settings, create: bool = False) -> sqlite3.Connection:
     """The database, migrated. Only commands that record (`analyze`, `speakers enroll`) create
     it: for the others a missing database is a mistyped data directory, not an empty one."""
     path = settings.storage.db_path
-    if not create and not path.is_file():
+    try:
+        missing = not create and not path.is_file()
+    except OSError as exc:  # e.g. a data directory this user may not enter: one line
+        raise click.ClickException(f"cannot open database {path}: {exc}") from exc
+    if missing:
         raise click.ClickException(
             f"no database at {path}: check storage.data_dir (--config, MERAUDIOD_CONFIG or"
             " MERAUDIOD_STORAGE__DATA_DIR), or the daemon has not run yet"
