@@ -104,6 +104,13 @@ class AudioSupervisor:
         if listener is not None:
             listener.stop(timeout_s=5.0)
         self.source.stop()
+        if listener is not None and listener.is_alive():
+            # Stuck in the driver: a second listener beside it would save the same audio
+            # twice; the next try comes after the backoff.
+            _LOGGER.error("the listener of %s does not stop; not reopening yet", self.source.name)
+            self._next_retry = t + self._retry_s
+            self._retry_s = min(_RETRY_MAX_S, self._retry_s * 2)
+            return
         self._open_mic(t)
 
     def _open_mic(self, t: float) -> None:

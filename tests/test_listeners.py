@@ -74,7 +74,7 @@ def test_a_reopen_never_starts_a_second_listener_beside_a_stuck_one(settings: Se
     try:
         assert mic.reading.wait(30), "the listener never read"
         assert daemon.listener is not None and daemon.listener.is_alive()
-        daemon._check_audio(time.monotonic() + 60)  # no frame for a minute: reopen
+        daemon.audio.check(time.monotonic() + 60)  # no frame for a minute: reopen
         listeners = [t for t in threading.enumerate() if t.name == "listener" and t.is_alive()]
         assert len(listeners) == 1
     finally:
