@@ -2,13 +2,15 @@
 profiles for unknown voices).
 
 Embeddings (voiceprints.py) are SpeechBrain's ECAPA-TDNN exported to ONNX (see features.py
-and scripts/export-models), L2-normalised, compared by cosine. A person keeps several embeddings
-(one per enrolment clip) and scores as their best one. A voice is named when that score
-reaches `speakers.threshold` *and* leads the runner-up by `speakers.margin`; otherwise it is
-unknown. The score is kept either way. Less than `speakers.min_speech_s` of speech gives no
-embedding at all: too short is "unknown", never a new person. Unknown voices with enough
-speech are grouped into provisional profiles ("unknown-3") that an admin can name or merge
-(profiles.py). Embeddings of another model are stale: ignored until re-enrolled.
+and scripts/export-models), L2-normalised. A person keeps several embeddings (one per
+enrolment clip) and scores as their best one, S-normalised and turned into a confidence
+that means the same at every length of speech (scoring.py). A voice is named when that
+confidence reaches `speakers.threshold` *and* leads the runner-up by `speakers.margin`;
+otherwise it is unknown. The score is kept either way. Less than `speakers.min_speech_s` of
+speech gives no embedding at all: too short is "unknown", never a new person. Unknown voices
+with MIN_NEW_VOICE_S of speech are grouped into provisional profiles ("unknown-3") that an
+admin can name or merge (profiles.py). Embeddings of another model are stale: ignored until
+re-enrolled. Speaker analysis runs whatever Whisper made of the words.
 
 The worker calls `SpeakerStage.analyze` (heavy: segmentation, embeddings, clustering) outside
 its transaction and `SpeakerStage.store` (identification against the stored profiles and all
@@ -54,7 +56,7 @@ from .voiceprints import (
 _LOGGER = logging.getLogger(__name__)
 UNKNOWN_PREFIX: Final = "unknown-"
 # A short command is named when it clears its bar, but a new provisional voice is only
-# founded on this much speech: a second of someone is too little to group later ones on.
+# founded on this much speech: under a second of someone is too little to group others on.
 MIN_NEW_VOICE_S: Final = 1.5
 
 
