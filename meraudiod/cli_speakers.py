@@ -52,9 +52,12 @@ def speakers_list(config_path: Path | None, as_json: bool) -> None:
     from dataclasses import asdict
 
     from .profiles import current_model, list_profiles
+    from .scoring import calibration_for, uncalibrated
 
     settings = settings_from(config_path)
-    rows = list_profiles(open_store(settings), current_model(settings))
+    model = current_model(settings)
+    calibration = calibration_for(model) or uncalibrated(model)
+    rows = list_profiles(open_store(settings), model, calibration)
     if as_json:
         echo_json([asdict(r) for r in rows])
         return
@@ -65,11 +68,16 @@ def speakers_list(config_path: Path | None, as_json: bool) -> None:
                 "provisional" if r.provisional else "",
                 "do not keep" if r.opt_out else "",
                 f"{r.stale} stale (re-enrol)" if r.stale else "",
+                "one clip unlike the others (re-enrol it)"
+                if r.consistency is not None and r.consistency < settings.speakers.threshold
+                else "",
             )
             if f
         )
         click.echo(
-            f"{r.name:<20} {r.embeddings:3d} embeddings {r.speech_s:6.1f} s  heard in"
+            f"{r.name:<20} {r.embeddings:3d} embeddings {r.speech_s:6.1f} s"
+            + (f"  consistency {r.consistency:.2f}" if r.consistency is not None else "")
+            + "  heard in"
             f" {r.recordings:4d} recordings, last {fmt_time(r.last_heard_at)}"
             + (f"  [{flags}]" if flags else "")
         )
@@ -87,8 +95,9 @@ def speakers_enroll(
 ) -> None:
     """Enrol NAME from audio files or stored recordings (one embedding each).
 
-    Each source needs at least speakers.min_speech_s of speech; three clips of a few
-    seconds each, in different sessions, work well.
+    Each source needs at least 1.5 s of speech; three clips of 3-8 s each, in different
+    sessions, work well. A clip that is short, clipped, noisy, holds two voices or does not
+    sound like the others is stored with a warning.
 
     \b
     Examples:
@@ -109,12 +118,56 @@ def speakers_enroll(
     for r in results:
         state = "ok" if r.stored else f"skipped: {r.reason}"
         click.echo(f"{r.source}: {r.speech_s:.1f} s of speech, {state}")
+        for warning in r.warnings:
+            click.echo(f"  warning: {warning}")
     stored = sum(r.stored for r in results)
     if not stored:
         raise click.ClickException(f"nothing enrolled for {name}")
     click.echo(f"{name}: {stored} embeddings added")
     if not settings.speakers.enabled:
         click.echo("note: identification is off; set speakers.enabled = true to use it", err=True)
+
+
+@speakers_group.command("test")
+@config_option
+@json_option
+@click.argument("name")
+@click.argument("sources", nargs=-1, required=True)
+def speakers_test(
+    config_path: Path | None, as_json: bool, name: str, sources: tuple[str, ...]
+) -> None:
+    """Score audio files or stored recordings against everyone, as identification would:
+    why NAME is (not) recognised in them. Nothing is stored.
+
+    \b
+    Examples:
+      meraudiod speakers test Alice kitchen-command.wav
+      meraudiod speakers test Alice 01JD2X9K8M7Q6R5S4T3V2W1X0Y --json
+    """
+    from dataclasses import asdict
+
+    from .profiles import test_clips
+    from .speakers import SpeakerStage
+    from .voiceprints import SpeakerError
+
+    settings = settings_from(config_path)
+    try:
+        stage = SpeakerStage(settings)
+    except SpeakerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    conn = open_store(settings)
+    results = _profiles_call(lambda: test_clips(conn, stage, name, sources))
+    if as_json:
+        echo_json([asdict(r) for r in results])
+        return
+    for r in results:
+        if r.reason:
+            click.echo(f"{r.source}: {r.speech_s:.1f} s of speech, no score: {r.reason}")
+            continue
+        verdict = "named " + r.named if r.named else "unknown"
+        mark = "ok" if r.named == name else f"not {name}"
+        scores = ", ".join(f"{who} {score:.2f}" for who, score in r.scores)
+        click.echo(f"{r.source}: {r.speech_s:.1f} s of speech, {verdict} ({mark}); {scores}")
 
 
 @speakers_group.command("rename")

@@ -232,9 +232,20 @@ class SpeakersSettings(Section):
 
     enabled: bool = Field(False, description="Identify enrolled speakers")
     model: str = Field("ecapa-voxceleb", description="Speaker-embedding model")
-    threshold: float = Field(0.40, ge=-1, le=1, description="Cosine score needed to name someone")
-    margin: float = Field(0.05, ge=0, le=2, description="Lead needed over the runner-up")
-    min_speech_s: float = Field(1.5, ge=0, description="Less speech than this stays unknown")
+    threshold: float = Field(
+        0.5,
+        ge=-1,
+        le=1,
+        description="Confidence needed to name someone (0.5: the calibrated bar for that"
+        " length of speech)",
+    )
+    margin: float = Field(
+        0.5,
+        ge=0,
+        le=5,
+        description="Lead needed over the runner-up, in the calibration's spread",
+    )
+    min_speech_s: float = Field(0.5, ge=0, description="Less speech than this stays unknown")
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for embeddings")
     max_embedding_s: float = Field(
         20.0, ge=2.0, description="Most speech per speaker that is embedded (bounds the cost)"

@@ -112,13 +112,21 @@ class SegmentationModel:
         except OnnxLoadError as exc:
             raise DiarizationError(str(exc)) from exc
 
-    def window(self, audio: Float32Array) -> npt.NDArray[np.int8]:
-        """Active local speakers per frame [frames, 3] for up to 10 s of audio."""
+    def window(self, audio: Float32Array, lenient: bool = False) -> npt.NDArray[np.int8]:
+        """Active local speakers per frame [frames, 3] for up to 10 s of audio.
+
+        lenient: a frame is speech when "nobody" has under half the probability, even
+        where it wins the argmax (the speaker classes together hold more).
+        """
         chunk = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
         chunk[: audio.size] = audio[:WINDOW_SAMPLES]
         log_probs = self._session.run(None, {"input": chunk.reshape(1, 1, -1)})[0][0]
         frames = n_frames(min(audio.size, WINDOW_SAMPLES))
-        classes = np.argmax(np.asarray(log_probs)[:frames], axis=1)
+        probs = np.exp(np.asarray(log_probs)[:frames])
+        classes = np.argmax(probs, axis=1)
+        if lenient:  # diarization: missed speech was most of its error on AMI
+            speech = probs[:, 0] < 0.5
+            classes[speech] = 1 + np.argmax(probs[speech, 1:], axis=1)
         return np.asarray(_POWERSET[classes], dtype=np.int8)
 
 
@@ -207,7 +215,9 @@ class Diarizer:
         self.max_speakers = max_speakers
         self.max_embedding_s = max_embedding_s
 
-    def _windows(self, audio: Float32Array) -> list[tuple[int, npt.NDArray[np.int8]]]:
+    def _windows(
+        self, audio: Float32Array, lenient: bool = False
+    ) -> list[tuple[int, npt.NDArray[np.int8]]]:
         """(first global frame, activity [frames, 3]) per window."""
         total = n_frames(audio.size)
         per_window = n_frames(WINDOW_SAMPLES)
@@ -217,7 +227,7 @@ class Diarizer:
         windows = []
         for first in starts:
             offset = first * FRAME_STEP_SAMPLES
-            activity = self.segmentation.window(audio[offset : offset + WINDOW_SAMPLES])
+            activity = self.segmentation.window(audio[offset : offset + WINDOW_SAMPLES], lenient)
             windows.append((first, activity[: total - first]))
         return windows
 
@@ -242,7 +252,7 @@ class Diarizer:
         joined, and pieces of the same enrolled person always are: voices the device knows
         guide the clustering of similar-sounding ones.
         """
-        windows = self._windows(audio)
+        windows = self._windows(audio, lenient=True)
         pieces: list[_Piece] = []
         frame_s = FRAME_STEP_SAMPLES / SAMPLE_RATE_HZ
         for w, (first, activity) in enumerate(windows):
@@ -353,7 +363,11 @@ class Diarizer:
                 on = np.flatnonzero(activity[:, k])
                 score[column[on], first + on] += 1
         cover = np.maximum(cover, 1)
-        speakers_per_frame = np.minimum(np.rint(count / cover), self.max_speakers).astype(int)
+        # Half up: where one of two windows hears someone, count them (np.rint would round
+        # 0.5 to 0, and missed speech was most of the error on AMI).
+        speakers_per_frame = np.minimum(np.floor(count / cover + 0.5), self.max_speakers).astype(
+            int
+        )
         order = np.argsort(-score, axis=0, kind="stable")
         active = np.zeros((n_clusters, total), dtype=bool)
         for rank in range(min(n_clusters, self.max_speakers)):

@@ -12,19 +12,25 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+import numpy as np
 from ulid import ULID
 
 from . import models
-from .audio import AudioDecodeError, decode_file, to_float32
+from .audio import SAMPLE_RATE_HZ, AudioDecodeError, Float32Array, decode_file, to_float32
 from .config import Settings
 from .db import Transaction, now
 from .recordings import audio_file, delete_recordings, normalise_id
+from .scoring import Calibration
 from .speakers import SpeakerStage, add_embedding, is_provisional_name
-from .voiceprints import model_id
+from .voiceprints import Profile, load_profiles, model_id, score_profiles
+
+# An enrolment clip is what every later voice is compared with: it needs more speech than
+# a command that is only to be named.
+MIN_ENROL_SPEECH_S: Final = 1.5
 
 
 class ProfileError(Exception):
@@ -47,6 +53,52 @@ class EnrolResult:
     speech_s: float
     stored: bool
     reason: str | None = None  # why not
+    warnings: tuple[str, ...] = ()  # stored, but it may recognise the person badly
+
+
+# What makes an enrolment clip a poor reference (it is still stored: the owner decides).
+GOOD_ENROL_SPEECH_S: Final = 3.0
+_FULL_SCALE: Final = 0.99
+_MAX_CLIPPED_FRACTION: Final = 0.001
+_MIN_SNR_DB: Final = 15.0
+
+
+def clip_warnings(stage: SpeakerStage, audio: Float32Array, speech_s: float) -> list[str]:
+    """Why a clip may be a poor reference: short, clipped, noisy, or two voices in it."""
+    warnings = []
+    if speech_s < GOOD_ENROL_SPEECH_S:
+        warnings.append(
+            f"short: {speech_s:.1f} s of speech ({GOOD_ENROL_SPEECH_S:.0f}-8 s recognise better)"
+        )
+    clipped = float(np.mean(np.abs(audio) >= _FULL_SCALE)) if audio.size else 0.0
+    if clipped > _MAX_CLIPPED_FRACTION:
+        warnings.append(f"clipped: {clipped:.1%} of samples at full scale (speak further away)")
+    found = stage.diarizer.speech(audio).speakers
+    if found:
+        mask = np.zeros(audio.size, dtype=bool)
+        for a, b in found[0].spans:
+            mask[a:b] = True
+        if 0 < mask.sum() < mask.size - SAMPLE_RATE_HZ // 4:  # a quarter second of pause
+            speech_db = 10 * np.log10(float(np.mean(audio[mask] ** 2)) + 1e-12)
+            noise_db = 10 * np.log10(float(np.mean(audio[~mask] ** 2)) + 1e-12)
+            if speech_db - noise_db < _MIN_SNR_DB:
+                warnings.append(f"noisy: speech only {speech_db - noise_db:.0f} dB over the pauses")
+    if len(stage.diarizer(audio).speakers) > 1:
+        warnings.append("holds more than one voice (diarization found several)")
+    return warnings
+
+
+def _odd_ones(stage: SpeakerStage, found: list[tuple[str, Float32Array, float]]) -> set[str]:
+    """Clips that do not sound like the others (below the bar against all of them)."""
+    odd = set()
+    for i, (label, vector, speech_s) in enumerate(found):
+        others = [v for j, (_, v, _) in enumerate(found) if j != i]
+        if others:
+            person = Profile("", "", False, False, np.stack(others))
+            score = stage.identify([person], vector, speech_s).score or 0.0
+            if score < stage.settings.speakers.threshold:
+                odd.add(label)
+    return odd if len(odd) < len(found) else set()  # all apart: nothing to single out
 
 
 @dataclass(frozen=True)
@@ -63,6 +115,9 @@ class ProfileInfo:
     recordings: int
     last_heard_at: float | None
     created_at: float
+    # How alike its embeddings are: the lowest confidence of one against the others (None
+    # with a single embedding). Low means one clip is unlike the rest: re-enrol it.
+    consistency: float | None = None
 
 
 def _row(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
@@ -118,18 +173,29 @@ def enroll(
             clips.append((label, to_float32(decode_file(path))))
         except AudioDecodeError as exc:
             raise ProfileError(f"{exc}; nothing enrolled") from exc
-    found, results = [], []
+    found: list[tuple[str, Float32Array, float]] = []
+    results = []
     for label, audio in clips:
-        vector, speech_s = stage.voiceprint(audio)
+        vector, speech_s = stage.voiceprint(audio, MIN_ENROL_SPEECH_S)
         if vector is None:
-            need = stage.settings.speakers.min_speech_s
+            need = MIN_ENROL_SPEECH_S
             reason = f"only {speech_s:.1f} s of speech (at least {need:.1f} s needed)"
             results.append(EnrolResult(label, speech_s, False, reason))
             continue
         found.append((label, vector, speech_s))
-        results.append(EnrolResult(label, speech_s, True))
+        warnings = tuple(clip_warnings(stage, audio, speech_s))
+        results.append(EnrolResult(label, speech_s, True, None, warnings))
     if not found:
         return results
+    known = [p for p in load_profiles(conn, stage.model) if p.name == name]
+    earlier = [(f"earlier {i}", v, 10.0) for p in known for i, v in enumerate(p.vectors)]
+    odd = _odd_ones(stage, found + earlier) & {label for label, _, _ in found}
+    results = [
+        replace(r, warnings=(*r.warnings, f"does not sound like the other clips of {name}"))
+        if r.source in odd
+        else r
+        for r in results
+    ]
     with Transaction(conn):
         row = conn.execute("SELECT id FROM speakers WHERE name=?", (name,)).fetchone()
         t = now()
@@ -153,8 +219,24 @@ def enroll(
     return results
 
 
-def list_profiles(conn: sqlite3.Connection, model: str) -> list[ProfileInfo]:
-    """Every profile, named ones first, with embedding counts and when it was last heard."""
+def consistency(vectors: Float32Array, calibration: Calibration) -> float | None:
+    """The lowest confidence of any one embedding against the others (enrolment length)."""
+    if len(vectors) < 2:
+        return None
+    scores = []
+    for i in range(len(vectors)):
+        others = np.delete(vectors, i, axis=0)
+        best = calibration.normalise(others, vectors[i])
+        scores.append(calibration.confidence(best, GOOD_ENROL_SPEECH_S))
+    return round(min(scores), 3)
+
+
+def list_profiles(
+    conn: sqlite3.Connection, model: str, calibration: Calibration | None = None
+) -> list[ProfileInfo]:
+    """Every profile, named ones first, with embedding counts and when it was last heard
+    (and, with the calibration, how consistent its embeddings are)."""
+    vectors = {p.id: p.vectors for p in load_profiles(conn, model)}
     rows = conn.execute(
         "SELECT p.*,"
         " (SELECT COUNT(*) FROM speaker_embeddings e WHERE e.speaker_id=p.id AND e.model=?)"
@@ -182,6 +264,11 @@ def list_profiles(conn: sqlite3.Connection, model: str) -> list[ProfileInfo]:
             recordings=int(r["recordings"]),
             last_heard_at=r["last_heard_at"],
             created_at=float(r["created_at"]),
+            consistency=(
+                consistency(vectors[r["id"]], calibration)
+                if calibration is not None and r["id"] in vectors
+                else None
+            ),
         )
         for r in rows
     ]
@@ -279,3 +366,40 @@ def voice_clips(conn: sqlite3.Connection, name: str, limit: int = 20) -> list[di
         (speaker["id"], limit),
     )
     return [dict(zip(row.keys(), tuple(row), strict=True)) for row in rows]
+@dataclass(frozen=True)
+class ClipTest:
+    """What identification makes of one clip: every profile's confidence and the verdict."""
+
+    source: str
+    speech_s: float
+    scores: tuple[tuple[str, float], ...]  # (name, confidence), best first
+    named: str | None  # who it would be named as (None: unknown)
+    reason: str | None = None  # why there is no score
+
+
+def test_clips(
+    conn: sqlite3.Connection, stage: SpeakerStage, name: str, sources: Sequence[str]
+) -> list[ClipTest]:
+    """Score each clip against everyone, as the worker would, for `speakers test`."""
+    _row(conn, name)  # the person must exist
+    profiles = load_profiles(conn, stage.model)
+    out = []
+    for source in sources:
+        label, path = _load(conn, stage.settings.storage.audio_dir, source)
+        try:
+            audio = to_float32(decode_file(path))
+        except AudioDecodeError as exc:
+            out.append(ClipTest(label, 0.0, (), None, str(exc)))
+            continue
+        vector, speech_s = stage.voiceprint(audio)
+        if vector is None:
+            out.append(ClipTest(label, speech_s, (), None, "too little speech"))
+            continue
+        scores = tuple(
+            (p.name, round(stage.calibration.confidence(s, speech_s), 3))
+            for s, p in score_profiles(profiles, vector, stage.calibration)
+        )
+        out.append(
+            ClipTest(label, speech_s, scores, stage.identify(profiles, vector, speech_s).name)
+        )
+    return out

@@ -2,13 +2,15 @@
 profiles for unknown voices).
 
 Embeddings (voiceprints.py) are SpeechBrain's ECAPA-TDNN exported to ONNX (see features.py
-and scripts/export-models), L2-normalised, compared by cosine. A person keeps several embeddings
-(one per enrolment clip) and scores as their best one. A voice is named when that score
-reaches `speakers.threshold` *and* leads the runner-up by `speakers.margin`; otherwise it is
-unknown. The score is kept either way. Less than `speakers.min_speech_s` of speech gives no
-embedding at all: too short is "unknown", never a new person. Unknown voices with enough
-speech are grouped into provisional profiles ("unknown-3") that an admin can name or merge
-(profiles.py). Embeddings of another model are stale: ignored until re-enrolled.
+and scripts/export-models), L2-normalised. A person keeps several embeddings (one per
+enrolment clip) and scores as their best one, S-normalised and turned into a confidence
+that means the same at every length of speech (scoring.py). A voice is named when that
+confidence reaches `speakers.threshold` *and* leads the runner-up by `speakers.margin`;
+otherwise it is unknown. The score is kept either way. Less than `speakers.min_speech_s` of
+speech gives no embedding at all: too short is "unknown", never a new person. Unknown voices
+with MIN_NEW_VOICE_S of speech are grouped into provisional profiles ("unknown-3") that an
+admin can name or merge (profiles.py). Embeddings of another model are stale: ignored until
+re-enrolled. Speaker analysis runs whatever Whisper made of the words.
 
 The worker calls `SpeakerStage.analyze` (heavy: segmentation, embeddings, clustering) outside
 its transaction and `SpeakerStage.store` (identification against the stored profiles and all
@@ -38,6 +40,7 @@ from .diarization import (
     attribute,
     gather,
 )
+from .scoring import calibration_for, uncalibrated
 from .voiceprints import (
     UNKNOWN,
     Match,
@@ -54,6 +57,9 @@ from .voiceprints import (
 _LOGGER = logging.getLogger(__name__)
 UNKNOWN_PREFIX: Final = "unknown-"
 _LAST_UNKNOWN_KEY: Final = "last_unknown_number"  # in kv: the highest N ever given
+# A short command is named when it clears its bar, but a new provisional voice is only
+# founded on this much speech: under a second of someone is too little to group others on.
+MIN_NEW_VOICE_S: Final = 1.5
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,12 @@ class SpeakerStage:
             ) from exc
         self.settings = settings
         self.embedder = SpeakerEmbedder(emb_path, model_id(spk.model, emb_path), spk.threads)
+        # The bars per length of speech (scoring.py), made for the shipped model.
+        calibration = calibration_for(self.embedder.model)
+        if calibration is None:
+            _LOGGER.warning("no score calibration for %s: one cosine bar for all", self.model)
+            calibration = uncalibrated(self.embedder.model)
+        self.calibration = calibration
         self.diarizer = Diarizer(
             SegmentationModel(seg_path, spk.threads),
             self.embedder,
@@ -137,13 +149,17 @@ class SpeakerStage:
         """The embedding model's id, as stored with embeddings."""
         return self.embedder.model
 
-    def voiceprint(self, audio: Float32Array) -> tuple[Float32Array | None, float]:
-        """One embedding of all the speech in the audio, and how much speech there was."""
+    def voiceprint(
+        self, audio: Float32Array, min_speech_s: float | None = None
+    ) -> tuple[Float32Array | None, float]:
+        """One embedding of all the speech in the audio, and how much speech there was
+        (None below min_speech_s, by default speakers.min_speech_s)."""
         diarization = self.diarizer.speech(audio)
         if not diarization.speakers:
             return None, 0.0
         voice = diarization.speakers[0]
-        if voice.speech_s < self.settings.speakers.min_speech_s:
+        need = self.settings.speakers.min_speech_s if min_speech_s is None else min_speech_s
+        if voice.speech_s < need:
             return None, voice.speech_s
         clip = gather(audio, voice.spans, self.settings.speakers.max_embedding_s)
         return self.embedder(clip), voice.speech_s
@@ -151,7 +167,7 @@ class SpeakerStage:
     def identify(self, profiles: list[Profile], vector: Float32Array, speech_s: float) -> Match:
         """Who an embedding of that much speech is, as the daemon decides it."""
         spk = self.settings.speakers
-        return identify(profiles, vector, spk.threshold, spk.margin)
+        return identify(profiles, vector, spk.threshold, spk.margin, speech_s, self.calibration)
 
     def analyze(
         self, audio: Float32Array, transcript: Transcript, conn: sqlite3.Connection | None = None
@@ -221,7 +237,8 @@ class SpeakerStage:
                 # Nobody close at all: a new voice. (Close to two people at once is only
                 # ambiguous, not new: it stays unknown without a profile.)
                 nobody = match.score is None or match.score < spk.threshold
-                if match.speaker_id is None and spk.group_unknown and nobody:
+                enough = voice.speech_s >= MIN_NEW_VOICE_S
+                if match.speaker_id is None and spk.group_unknown and nobody and enough:
                     profile = _new_provisional(conn, voice, recording_id, self.model)
                     profiles.append(profile)
                     match = Match(profile.id, profile.name, match.score, match.margin, True)

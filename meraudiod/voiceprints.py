@@ -15,6 +15,7 @@ from . import models
 from .audio import Float32Array
 from .features import MIN_SAMPLES, fbank
 from .onnx import OnnxLoadError, cpu_session
+from .scoring import Calibration
 
 EMBEDDING_DIM: Final = 192
 
@@ -119,24 +120,42 @@ class Match:
 UNKNOWN: Final = Match(None, None, None, None)
 
 
-def score_profiles(profiles: list[Profile], vector: Float32Array) -> list[tuple[float, Profile]]:
-    """Each profile's score for the vector (its best embedding), best first."""
-    scored = [(float(np.max(p.vectors @ vector)), p) for p in profiles]
+def score_profiles(
+    profiles: list[Profile], vector: Float32Array, calibration: Calibration | None = None
+) -> list[tuple[float, Profile]]:
+    """Each profile's score for the vector, best first: its best embedding's cosine, or
+    S-normalised against the calibration's cohort (scoring.py)."""
+    if calibration is None:
+        scored = [(float(np.max(p.vectors @ vector)), p) for p in profiles]
+    else:
+        scored = [(calibration.normalise(p.vectors, vector), p) for p in profiles]
     return sorted(scored, key=lambda s: -s[0])
 
 
 def identify(
-    profiles: list[Profile], vector: Float32Array, threshold: float, margin: float
+    profiles: list[Profile],
+    vector: Float32Array,
+    threshold: float,
+    margin: float,
+    speech_s: float = 0.0,
+    calibration: Calibration | None = None,
 ) -> Match:
-    """The profile the voice belongs to, when it clears the threshold and the margin."""
-    scored = score_profiles(profiles, vector)
+    """The profile the voice belongs to, when it clears the threshold and the margin.
+
+    With a calibration the score is the confidence (0.5 at the bar for `speech_s` of
+    speech) and the margin is in the calibration's spread; without, both are cosines.
+    """
+    scored = score_profiles(profiles, vector, calibration)
     if not scored:
         return UNKNOWN
     best, profile = scored[0]
     lead = best - max(scored[1][0] if len(scored) > 1 else 0.0, 0.0)
-    if best >= threshold and lead >= margin:
-        return Match(profile.id, profile.name, best, lead, profile.provisional, profile.opt_out)
-    return Match(None, None, best, lead)
+    shown = best
+    if calibration is not None:
+        shown, lead = calibration.confidence(best, speech_s), lead / calibration.spread
+    if shown >= threshold and lead >= margin:
+        return Match(profile.id, profile.name, shown, lead, profile.provisional, profile.opt_out)
+    return Match(None, None, shown, lead)
 
 
 def onnx_file(path: Path) -> Path:

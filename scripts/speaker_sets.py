@@ -23,6 +23,7 @@ from meraudiod.voiceprints import Profile
 
 # Speech-length bands (s): (label, low, high, clip length cut for it, clips per utterance).
 BANDS = [
+    ("0.5-1", 0.5, 1.0, 0.75, 3),
     ("1-1.5", 1.0, 1.5, 1.25, 3),
     ("1.5-2", 1.5, 2.0, 1.75, 3),
     ("2-3", 2.0, 3.0, 2.5, 3),

@@ -144,7 +144,9 @@ def test_segments_split_where_the_speaker_changes() -> None:
 
 @needs_shared
 def test_der_on_reliable_ami_excerpts(stage: SpeakerStage) -> None:
-    """Two AMI excerpts (2 speakers each): diarization error rate well under chance."""
+    """Two AMI excerpts (2 speakers each): diarization error rate well under chance, and
+    trn03's two people almost exactly (4.5 % before frames that one of two windows hears,
+    or where "nobody" lacks half the probability, counted as speech)."""
     from pyannote.core import Annotation, Timeline
     from pyannote.core import Segment as Span
     from pyannote.metrics.diarization import DiarizationErrorRate
@@ -163,5 +165,7 @@ def test_der_on_reliable_ami_excerpts(stage: SpeakerStage) -> None:
             stage.diarizer(to_float32(decode_file(folder / f"{name}.wav"))).turns
         ):
             hyp[Span(turn.start_s, turn.end_s), i] = turn.label
-        metric(ref, hyp, uem=Timeline([Span(0, 30)]))
+        error = metric(ref, hyp, uem=Timeline([Span(0, 30)]))
+        if name == "trn03":
+            assert error < 0.02
     assert abs(metric) < 0.4
