@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,14 +26,6 @@ from .notify import NotifySocket
 MISSING_MIC = "USB PnP"  # no such input device on a test machine
 NODE = "bootnode"
 BASE = f"meraudiod/{NODE}"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
 
 
 def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> None:
