@@ -26,6 +26,9 @@ def test_bench_reports_figures_with_ratios_against_the_bare_library(env: dict[st
     ):
         assert isinstance(figures[key], int | float) and figures[key] > 0, key
     assert "speaker_embedding_ms_per_audio_s" in figures
+    assert figures["python"] and figures["sqlite"] and figures["onnxruntime"][0].isdigit()
+    assert "ctranslate2" in figures and "cpu_features" in figures
+    assert "this machine" in figures["timings_note"]
     assert figures["pipeline_recordings"] == 3  # the first 20 s of the sample: three utterances
     assert isinstance(figures["keeps_up"], bool) and figures["verdict"]
     assert figures["bench_s"] < 120

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sqlite3
+import subprocess
 from pathlib import Path
 
 from meraudiod.db import open_db
 from meraudiod.machine import cpu_features, describe
 
-from .conftest import cli
+from .conftest import REPO, cli
 
 # A Raspberry Pi 5 (Cortex-A76) and a Pi 4 (Cortex-A72), as their kernels print them.
 PI5 = """processor\t: 0
@@ -54,3 +56,19 @@ def test_status_reports_architecture_python_sqlite_and_libraries(env: dict[str, 
     assert text.returncode == 0, text.stderr
     line = next(x for x in text.stdout.splitlines() if x.startswith("platform"))
     assert f"Python {platform.python_version()}" in line and "CPU features:" in line
+
+
+def test_check_platform_refuses_a_cache_inside_the_repository(tmp_path: Path) -> None:
+    """Its roots and venvs are deleted and rebuilt: they must never be able to reach the tree."""
+    inside = REPO / "not-a-cache"
+    done = subprocess.run(
+        [str(REPO / "scripts" / "check-platform"), "py3.10"],
+        env={**os.environ, "MERAUDIOD_CACHE_DIR": str(inside)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "inside the repository" in done.stderr
+    assert not inside.exists()
