@@ -83,7 +83,8 @@ def make_certificates(folder: Path) -> None:
 class Broker:
     """mosquitto with an anonymous plain listener and a password + TLS listener."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, persistent: bool = False) -> None:
+        """persistent: sessions and queued messages survive a restart (saved on stop)."""
         self.folder = folder
         self.port = free_port()
         self.tls_port = free_port()
@@ -93,10 +94,15 @@ class Broker:
         passwd = folder / "passwd"
         passwd.write_text("")
         subprocess.run(["mosquitto_passwd", "-b", str(passwd), USER, PASSWORD], check=True)
+        persistence = (
+            f"persistence true\npersistence_location {folder}/\n"
+            if persistent
+            else "persistence false\n"
+        )
         (folder / "mosquitto.conf").write_text(
             f"user {getpass.getuser()}\n"  # as root it would drop to a user who cannot read tmp
             "per_listener_settings true\n"
-            "persistence false\n"
+            f"{persistence}"
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             f"listener {self.tls_port} 127.0.0.1\n"
@@ -143,10 +149,16 @@ class Received:
 class Subscriber:
     """A separate paho client that records every message under the given filters."""
 
-    def __init__(self, port: int, filters: list[str]) -> None:
+    def __init__(self, port: int, filters: list[str], persistent: bool = False) -> None:
+        """persistent: a session the broker keeps (with what it queued) while this client is
+        away, also across a restart of a persistent Broker."""
         self.messages: list[Received] = []
         self.lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sub-{free_port()}")
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"test-sub-{free_port()}",
+            clean_session=not persistent,
+        )
         self.filters = filters
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message

@@ -251,8 +251,11 @@ def test_the_listener_keeps_speech_while_the_database_is_locked(settings: Settin
 # --- analyze beside a live daemon -----------------------------------------------------------
 
 
-def feed_realtime(stdin: IO[bytes], stop: threading.Event) -> None:
-    """The demo's speech as 16 kHz s16le on a pipe, at real time, over and over until stop."""
+def feed_realtime(
+    stdin: IO[bytes], stop: threading.Event, played_once: threading.Event | None = None
+) -> None:
+    """The demo's speech as 16 kHz s16le on a pipe, at real time, over and over until stop;
+    `played_once` is set when the whole demo has gone through once."""
     pcm = decode_file(DEMO).tobytes()
     chunk = 16000  # 0.5 s
     try:
@@ -263,6 +266,9 @@ def feed_realtime(stdin: IO[bytes], stop: threading.Event) -> None:
                 stdin.write(pcm[first : first + chunk])
                 stdin.flush()
                 time.sleep(0.5)
+            else:
+                if played_once is not None:
+                    played_once.set()
     finally:
         stdin.close()
 
@@ -277,14 +283,18 @@ def test_analyze_15_times_beside_a_live_daemon_takes_nothing_of_its(env: dict[st
         text=False,
     )
     assert daemon.stdin is not None
-    stop = threading.Event()
-    feeder = threading.Thread(target=feed_realtime, args=(daemon.stdin, stop), daemon=True)
+    stop, played_once = threading.Event(), threading.Event()
+    feeder = threading.Thread(
+        target=feed_realtime, args=(daemon.stdin, stop, played_once), daemon=True
+    )
     feeder.start()
     try:
         for _ in range(15):
             result = cli("analyze", str(SHORT), env=env)
             assert result.returncode == 0, result.stderr
             assert daemon.poll() is None, "the daemon stopped"
+        # The daemon hears the whole demo at least once, however fast the analyze runs were.
+        assert played_once.wait(120), "the demo was never played through"
         stop.set()
         _, stderr = daemon.communicate(timeout=180)
     finally:

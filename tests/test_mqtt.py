@@ -218,8 +218,12 @@ def test_killed_daemon_leaves_its_last_will(env: dict[str, str], broker: Broker)
     late.close()
 
 
-def test_broker_outage_loses_nothing_and_keeps_order(env: dict[str, str], broker: Broker) -> None:
-    sub = Subscriber(broker.port, [f"{BASE}/event/transcript", f"{BASE}/status"])
+def test_broker_outage_loses_nothing_and_keeps_order(env: dict[str, str], tmp_path: Path) -> None:
+    # The subscriber's session outlives the broker's restart, as a real consumer's does:
+    # whichever of it and the daemon reconnects first, nothing published is missed by it.
+    broker = Broker(tmp_path / "persistent-broker", persistent=True)
+    broker.start()
+    sub = Subscriber(broker.port, [f"{BASE}/event/transcript", f"{BASE}/status"], persistent=True)
     proc = start_daemon(mqtt_env(env, broker))
     try:
         # Connected first, so that this is an outage and not a broker that was never there.
@@ -254,6 +258,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(env: dict[str, str], broker
         time.sleep(1.0)
     finally:
         finish(proc)
+        broker.stop()
     events = [m.json() for m in sub.on("/event/transcript")]
     assert len(events) == len(DEMO_TRUTH)
     assert [e["recording_id"] for e in events] == sorted(e["recording_id"] for e in events)
