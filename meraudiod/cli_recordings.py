@@ -1,7 +1,8 @@
-"""`meraudiod recordings`: list, show, delete and export what was recorded."""
+"""`meraudiod recordings` (list, show, delete, export what was recorded) and `meraudiod purge`."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -153,3 +154,63 @@ def recordings_export(config_path: Path | None, rec_ids: tuple[str, ...], out_di
                 f"cannot export to {where}: {exc.strerror or exc}"
                 " (--out must be a directory you can write to)"
             ) from exc
+
+
+@click.command()
+@config_option
+@click.option("--older-than", "older_than_days", type=float, help="Days: older recordings.")
+@click.option("--start", help="ISO date/time: from (with --end).")
+@click.option("--end", help="ISO date/time, or 'now': until (with --start).")
+@click.option("--speaker", help="Everything this speaker said.")
+@click.option("--audio-only", is_flag=True, help="Delete the audio, keep the text.")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask (needed when not on a terminal).")
+def purge(
+    config_path: Path | None,
+    older_than_days: float | None,
+    start: str | None,
+    end: str | None,
+    speaker: str | None,
+    audio_only: bool,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Delete recordings by age, time range or speaker: audio, text, index and embeddings.
+
+    Says what it would delete and asks first (--yes for scripts, --dry-run to only look).
+
+    \b
+    Examples:
+      meraudiod purge --older-than 30
+      meraudiod purge --start 2026-11-24T09:00 --end 2026-11-24T12:00 --dry-run
+      meraudiod purge --start 2026-11-24T09:00 --end now --yes
+      meraudiod purge --speaker "Guest 3"
+    """
+    from datetime import datetime
+
+    settings = settings_from(config_path)
+    if end is not None and end.strip().lower() == "now":  # one "now" for the count and the act
+        end = datetime.now().isoformat()
+    args = {
+        "older_than_days": older_than_days,
+        "start": start,
+        "end": end,
+        "speaker": speaker,
+        "audio_only": audio_only,
+    }
+    found = run_command(settings, "purge", {**args, "dry_run": True})
+    what = (
+        f"{found['recordings_deleted']} recordings and {found['audio_files_deleted']} audio files"
+    )
+    if dry_run or not (found["recordings_deleted"] or found["audio_files_deleted"]):
+        click.echo(f"would delete {what}" if dry_run else "nothing to delete")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.ClickException(f"would delete {what}: add --yes to do it without asking")
+        click.confirm(f"Delete {what}?", abort=True)
+    result = run_command(settings, "purge", args)
+    click.echo(
+        f"deleted {result['recordings_deleted']} recordings"
+        f" and {result['audio_files_deleted']} audio files"
+    )

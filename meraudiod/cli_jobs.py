@@ -1,0 +1,68 @@
+"""`meraudiod jobs` and `meraudiod reprocess`: the processing backlog."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import jobs as jobqueue
+from .cli_common import (
+    config_option,
+    echo_json,
+    fmt_time,
+    json_option,
+    open_store,
+    run_command,
+    settings_from,
+)
+
+
+@click.command("jobs")
+@config_option
+@json_option
+@click.option("--retry-failed", is_flag=True, help="Give failed jobs a fresh set of attempts.")
+def jobs_cmd(config_path: Path | None, as_json: bool, retry_failed: bool) -> None:
+    """The processing backlog: pending, running and failed jobs with their errors.
+
+    \b
+    Examples:
+      meraudiod jobs
+      meraudiod jobs --retry-failed
+    """
+    settings = settings_from(config_path)
+    conn = open_store(settings)
+    if retry_failed:
+        click.echo(f"requeued {jobqueue.retry_failed(conn)} failed jobs", err=True)
+    counts = jobqueue.counts(conn)
+    backlog = jobqueue.backlog(conn)
+    if as_json:
+        echo_json({"counts": counts, "jobs": backlog})
+        return
+    click.echo(" ".join(f"{k}={v}" for k, v in counts.items()))
+    for job in backlog:
+        error = f"  {job['error']}" if job["error"] else ""
+        due = ""
+        if job["state"] == "pending" and job["not_before"]:
+            due = f" retry={fmt_time(job['not_before'])}"
+        click.echo(
+            f"{job['id']:6d} {job['state']:<8} {job['recording_id']} "
+            f"attempts={job['attempts']}{due}{error}"
+        )
+
+
+@click.command()
+@config_option
+@click.argument("rec_ids", nargs=-1)
+@click.option("--failed", is_flag=True, help="Every recording whose transcription failed.")
+def reprocess(config_path: Path | None, rec_ids: tuple[str, ...], failed: bool) -> None:
+    """Queue recordings to be transcribed again (by the running daemon or the next run).
+
+    \b
+    Examples:
+      meraudiod reprocess 01JD2X9K8M7Q6R5S4T3V2W1X0Y
+      meraudiod reprocess --failed
+    """
+    settings = settings_from(config_path)
+    result = run_command(settings, "reprocess", {"ids": list(rec_ids), "failed": failed})
+    click.echo(f"queued {result['queued']} recordings")

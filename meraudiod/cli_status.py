@@ -1,0 +1,119 @@
+"""`meraudiod status`: is the daemon running, listening, keeping up?"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli_common import config_option, echo_json, fmt_time, json_option, run_command, settings_from
+from .machine import summary_line
+
+
+@click.command("status")
+@config_option
+@json_option
+def status_cmd(config_path: Path | None, as_json: bool) -> None:
+    """Is the daemon running, listening, keeping up? Reads the database and its heartbeat.
+
+    \b
+    Examples:
+      meraudiod status
+      meraudiod status --json | jq .backlog
+    """
+    settings = settings_from(config_path)
+    data = run_command(settings, "status", {})
+    if as_json:
+        echo_json(data)
+        return
+    colour = sys.stdout.isatty()
+
+    def mark(ok: bool | None, text: str) -> str:
+        if not colour or ok is None:
+            return text
+        return click.style(text, fg="green" if ok else "red")
+
+    last = data["last_transcript"] or {}
+    mqtt = data["mqtt"] or {}
+    free_ok = data["disk_free_mb"] > settings.retention.min_free_disk_mb
+    disk_free = mark(free_ok, f"{data['disk_free_mb']:.0f} MB free")
+    rows = [
+        (
+            "daemon",
+            mark(data["running"], "running" if data["running"] else "not running")
+            + (f" (pid {data['pid']}, up {data['uptime_s']:.0f} s)" if data["running"] else "")
+            + (f" ({data['stopped_because']})" if data.get("stopped_because") else ""),
+        ),
+        (
+            "listening",
+            "-"
+            if data["listening"] is None
+            else mark(
+                data["listening"], "yes" if data["listening"] else "muted (microphone closed)"
+            ),
+        ),
+        ("degraded", mark(False, data["degraded"]) if data["degraded"] else "no"),
+        ("microphone", _microphone_line(data)),
+        (
+            "backlog",
+            mark(data["backlog"] < 10, str(data["backlog"]))
+            + (
+                f" (oldest from {fmt_time(data['oldest_pending_at'])})"
+                if data["oldest_pending_at"]
+                else ""
+            )
+            + (f", {data['jobs']['failed']} failed" if data["jobs"]["failed"] else ""),
+        ),
+        (
+            "last transcript",
+            f"{fmt_time(last.get('started_at'))}  {(last.get('text') or '')[:60]}",
+        ),
+        ("last speaker", data["last_speaker"] or "-"),
+        (
+            "today",
+            f"{data['recordings_today']} recordings, {data['transcripts_today']} transcribed",
+        ),
+        ("models", ", ".join(f"{k} {v}" for k, v in data["models"].items() if v)),
+        *(
+            (
+                "asr server",
+                mark(bool(srv["up"]), f"{srv['uri']}  {'up' if srv['up'] else 'down'}")
+                + f"  {srv['model'] or ''}"
+                + (f"  ({srv['error']})" if srv["error"] and not srv["up"] else ""),
+            )
+            for srv in data["asr_servers"] or ()
+        ),
+        (
+            "mqtt",
+            "disabled"
+            if not settings.mqtt.enabled
+            else mark(
+                mqtt.get("connected"),
+                "connected"
+                if mqtt.get("connected")
+                else f"not connected ({mqtt.get('error') or 'daemon not running'})",
+            )
+            + f", outbox {data['outbox_pending']}, dropped {data['outbox_dropped']}",
+        ),
+        (
+            "disk",
+            f"{data['disk_used_mb']:.0f} MB used in {data['data_dir']}, {disk_free}",
+        ),
+        ("version", data["version"]),
+        ("platform", summary_line(data["platform"])),
+    ]
+    for label, value in rows:
+        click.echo(f"{label:<16} {value}")
+
+
+def _microphone_line(data: dict[str, Any]) -> str:
+    if not data["running"]:
+        return "-"
+    level_dbfs = data["audio_level_dbfs"]
+    if level_dbfs is not None:
+        level = f"level {level_dbfs} dBFS"
+    else:  # no level while muted (the microphone is closed) or before the first frame
+        level = "muted, no level" if data["muted"] else "no level yet"
+    return f"{data['microphone']}  {level}, dropped frames {data['dropped_frames']}"
