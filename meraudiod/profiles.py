@@ -366,6 +366,8 @@ def voice_clips(conn: sqlite3.Connection, name: str, limit: int = 20) -> list[di
         (speaker["id"], limit),
     )
     return [dict(zip(row.keys(), tuple(row), strict=True)) for row in rows]
+
+
 @dataclass(frozen=True)
 class ClipTest:
     """What identification makes of one clip: every profile's confidence and the verdict."""
