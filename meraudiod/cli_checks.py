@@ -86,7 +86,7 @@ def mqtt_test(config_path: Path | None) -> None:
     Example:
       MERAUDIOD_MQTT__ENABLED=true MERAUDIOD_MQTT__HOST=broker.lan meraudiod mqtt test
     """
-    from .mqtt import check_connection
+    from .mqtt_check import check_connection
 
     settings = settings_from(config_path)
     problems = mqtt_file_problems(settings)

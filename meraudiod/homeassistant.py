@@ -12,7 +12,8 @@ from typing import Any, Final
 
 from . import __version__
 from .config import Settings
-from .mqtt import Outgoing, base_topic
+from .mqtt import Outgoing
+from .mqtt_client import base_topic
 
 QOS: Final = 1
 

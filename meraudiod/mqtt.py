@@ -17,7 +17,6 @@ import json
 import logging
 import queue
 import random
-import socket
 import sqlite3
 import ssl
 import threading
@@ -27,11 +26,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from .config import Settings
 from .db import Transaction, now, open_db
 from .messages import LIVE_ONLY_TOPICS, drop_over_count, note_dropped
+from .mqtt_client import base_topic, connect, make_client
 from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
@@ -40,7 +39,6 @@ _BACKOFF_MIN_S: Final = 1.0
 _BACKOFF_MAX_S: Final = 60.0
 _REPLAYED_AFTER_S: Final = 10.0
 _BOUND_EVERY_S: Final = 60.0
-_SESSION_EXPIRY_S: Final = 24 * 3600
 _GOODBYE_S: Final = 5.0
 _CONNACK_WAIT_S: Final = 5.0  # a broker that accepted TCP but says nothing: say so, retry
 MAX_TOPIC_BYTES: Final = 65535  # MQTT's limit on a topic name (UTF-8)
@@ -64,58 +62,6 @@ class Outgoing:
     qos: int = 1
     retain: bool = False
     absolute: bool = False
-
-
-def base_topic(settings: Settings) -> str:
-    """<base_topic>/<node_id>."""
-    return f"{settings.mqtt.base_topic.rstrip('/')}/{settings.mqtt.node_id}"
-
-
-def read_password(settings: Settings) -> str | None:
-    """The broker password, from the environment/config or its file (never logged)."""
-    m = settings.mqtt
-    if m.password_file is not None:
-        return m.password_file.read_text(encoding="utf-8").strip()
-    return m.password
-
-
-def make_client(settings: Settings, client_id: str | None = None) -> paho.Client:
-    """A paho client with our protocol, credentials, TLS and will."""
-    m = settings.mqtt
-    v5 = m.protocol == "5"
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id or f"meraudiod-{m.node_id}",
-        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-        clean_session=None if v5 else False,  # a persistent session keeps QoS 1 state
-    )
-    if m.username:
-        client.username_pw_set(m.username, read_password(settings))
-    if m.tls:
-        client.tls_set(
-            ca_certs=str(m.tls_ca_file) if m.tls_ca_file else None,
-            certfile=str(m.tls_cert_file) if m.tls_cert_file else None,
-            keyfile=str(m.tls_key_file) if m.tls_key_file else None,
-            cert_reqs=ssl.CERT_NONE if m.tls_insecure and not m.tls_ca_file else ssl.CERT_REQUIRED,
-        )
-        client.tls_insecure_set(m.tls_insecure)
-    client.will_set(f"{base_topic(settings)}/status", "offline", qos=1, retain=True)
-    return client
-
-
-def connect(client: paho.Client, settings: Settings) -> None:
-    """The first CONNECT; MQTT 5 keeps the session across reconnects, as 3.1.1 does with
-    clean_session=False."""
-    m = settings.mqtt
-    if m.protocol != "5":
-        client.connect(m.host, m.port, m.keepalive_s)
-        return
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = _SESSION_EXPIRY_S
-    client.connect(m.host, m.port, m.keepalive_s, clean_start=False, properties=props)
 
 
 class MqttLink(StageThread):
@@ -437,76 +383,3 @@ def bound_outbox(conn: sqlite3.Connection, settings: Settings) -> int:
         note_dropped(conn, by_age)
         dropped = by_age + drop_over_count(conn, m.outbox_max_rows)
     return dropped
-
-
-def check_connection(settings: Settings, timeout_s: float = 10.0) -> list[tuple[str, bool, str]]:
-    """`meraudiod mqtt test`: DNS, TCP, TLS, CONNECT, and a publish/subscribe round trip."""
-    m = settings.mqtt
-    steps: list[tuple[str, bool, str]] = []
-    try:
-        infos = socket.getaddrinfo(m.host, m.port, type=socket.SOCK_STREAM)
-        steps.append(("dns", True, f"{m.host} -> {infos[0][4][0]}"))
-    except OSError as exc:
-        return [("dns", False, f"cannot resolve {m.host}: {exc}")]
-    try:
-        sock = socket.create_connection((m.host, m.port), timeout=timeout_s)
-        steps.append(("tcp", True, f"connected to port {m.port}"))
-    except OSError as exc:
-        return [*steps, ("tcp", False, f"cannot connect to {m.host}:{m.port}: {exc}")]
-    if m.tls:
-        try:
-            cafile = str(m.tls_ca_file) if m.tls_ca_file else None
-            context = ssl.create_default_context(cafile=cafile)
-            if m.tls_insecure:
-                context.check_hostname = False
-                if not m.tls_ca_file:
-                    context.verify_mode = ssl.CERT_NONE
-            if m.tls_cert_file:
-                keyfile = str(m.tls_key_file) if m.tls_key_file else None
-                context.load_cert_chain(str(m.tls_cert_file), keyfile)
-            with context.wrap_socket(sock, server_hostname=m.host) as tls_sock:
-                steps.append(("tls", True, f"{tls_sock.version()}"))
-        except (ssl.SSLError, OSError) as exc:
-            return [*steps, ("tls", False, f"TLS handshake failed: {exc}")]
-    else:
-        sock.close()
-    result: dict[str, Any] = {}
-    got = threading.Event()
-    probe_id = f"meraudiod-test-{m.node_id}-{random.randrange(1 << 30)}"
-    client = make_client(settings, client_id=probe_id)
-    client.will_clear()  # a probe must not mark the device offline
-
-    def on_connect(c: paho.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
-        result["connect"] = reason
-
-    def on_message(c: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
-        result["message"] = msg.payload
-        got.set()
-
-    client.on_connect = on_connect
-    client.on_message = on_message
-    try:
-        client.connect(m.host, m.port, m.keepalive_s)
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        return [*steps, ("connect", False, f"{exc}")]
-    client.loop_start()
-    try:
-        deadline = time.monotonic() + timeout_s
-        while "connect" not in result and time.monotonic() < deadline:
-            time.sleep(0.05)
-        reason = result.get("connect")
-        if reason is None or reason.is_failure:
-            return [*steps, ("connect", False, f"refused: {reason or 'no answer'}")]
-        steps.append(("connect", True, "accepted"))
-        topic = f"{base_topic(settings)}/test/{random.randrange(1 << 30)}"
-        client.subscribe(topic, qos=1)
-        time.sleep(0.2)
-        client.publish(topic, b"ping", qos=1)
-        if got.wait(timeout_s) and result.get("message") == b"ping":
-            steps.append(("roundtrip", True, "published and received"))
-        else:
-            steps.append(("roundtrip", False, "published but nothing came back (ACLs?)"))
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return steps
