@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -19,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from . import __version__, events
+from . import events
 from .checks import check_writable, mqtt_file_problems
 from .config import ConfigError, Settings, apply_live, load_settings
 from .db import Transaction, get_kv, open_db, set_kv
@@ -29,9 +28,7 @@ from .messages import (
     Event,
     Response,
     SpeakerEvent,
-    State,
     enqueue,
-    truncate_state,
 )
 from .microphone import AudioSupervisor
 from .pipeline import Pipeline
@@ -40,7 +37,13 @@ from .retention import Retention, disk_free_mb, disk_low
 from .segmenter import SegmenterParams
 from .sources import AudioSource, FileSource, MicSource, StdinSource
 from .stage import StageThread
-from .status import configured_models, heartbeat_path, status, write_heartbeat
+from .status import (
+    configured_models,
+    daemon_snapshot,
+    heartbeat_path,
+    retained_state,
+    write_heartbeat,
+)
 from .systemd import Notifier
 from .worker import TranscribedRecording
 
@@ -68,7 +71,7 @@ class Daemon:
     ) -> None:
         self.settings = settings
         # What this process loads; a reload does not change models, so `status` shows these.
-        self._models = configured_models(settings)
+        self.models = configured_models(settings)
         self.source = source
         self.stop_event = stop
         # The worker has its own stop so that, on the way out, it ends after the listener.
@@ -92,7 +95,7 @@ class Daemon:
         self.retention = Retention(settings, self._worker_stop)
         self.conn: sqlite3.Connection | None = None
         self.recordings_made = 0
-        self._started_at = time.monotonic()
+        self.started_at = time.monotonic()
         self.audio = AudioSupervisor(source, self._start_listener, self._announce)
         self._last_state: dict[str, Any] | None = None
         self._state_dirty = False
@@ -441,69 +444,17 @@ class Daemon:
             return self.degraded
         return f"listening on {self.source.name}" if self.listening else "muted"
 
-    def _snapshot(self) -> dict[str, Any]:
-        listener, worker = self.listener, self.pipeline.worker
-        return {
-            "pid": os.getpid(),
-            "at": time.time(),
-            "listening": self.listening,
-            "degraded": self.degraded,
-            "stopped_because": self.stage_problem,  # what `status` says once it has exited
-            "microphone": self.source.name,
-            "audio_level_dbfs": (
-                round(listener.level_dbfs, 1)
-                if listener is not None and listener.level_dbfs is not None and self.listening
-                else None
-            ),
-            "recording": bool(listener is not None and listener.speaking),
-            "dropped_frames": self.source.dropped_frames,
-            "uptime_s": round(time.monotonic() - self._started_at, 1),
-            "mqtt": (
-                {"connected": bool(self.mqtt.online), "error": self.mqtt.last_error}
-                if self.mqtt is not None
-                else None
-            ),
-            "models": self._models,
-            "version": __version__,
-            "asr": worker.transcriber.describe() if worker is not None else None,
-        }
-
     def _announce(self) -> None:
         """The audio's state changed: say so in `systemctl status`."""
         self.notifier.status(self._status_line())
 
     def _heartbeat(self, stopped: bool = False) -> None:
         try:
-            write_heartbeat(self.settings, {**self._snapshot(), **({"at": 0.0} if stopped else {})})
+            write_heartbeat(
+                self.settings, {**daemon_snapshot(self), **({"at": 0.0} if stopped else {})}
+            )
         except OSError as exc:  # `status` goes stale; the daemon itself carries on
             _LOGGER.error("cannot write the heartbeat for `status`: %s", exc)
-
-    def _state(self) -> State:
-        assert self.conn is not None
-        info = status(self.conn, self.settings, disk_use=False)
-        snap = self._snapshot()
-        last = info["last_transcript"] or {}
-        text = last.get("text")
-        return State(
-            listening=self.listening,
-            recording=snap["recording"],
-            queue_depth=info["backlog"],
-            failed_jobs=info["jobs"]["failed"],
-            outbox_depth=info["outbox_pending"],
-            outbox_dropped=info["outbox_dropped"],
-            models={k: v for k, v in info["models"].items() if v},
-            version=__version__,
-            uptime_s=snap["uptime_s"],
-            microphone=snap["microphone"],
-            audio_level_dbfs=snap["audio_level_dbfs"],
-            last_transcript=truncate_state(text) if text is not None else None,
-            last_transcript_full=text,
-            last_transcript_at=last.get("started_at"),
-            last_speaker=info["last_speaker"],
-            last_speaker_provisional=info["last_speaker_provisional"],
-            disk_free_mb=round(disk_free_mb(self.settings.storage.data_dir), 1),
-            degraded=self.degraded,
-        )
 
     def _state_changed(self) -> bool:
         if self._state_dirty:
@@ -518,7 +469,8 @@ class Daemon:
             return
         from .mqtt import Outgoing
 
-        payload = self._state().to_payload()
+        assert self.conn is not None
+        payload = retained_state(self.conn, self).to_payload()
         self._last_state = payload
         self.mqtt.send(Outgoing("state", json.dumps(payload), qos=1, retain=True))
 

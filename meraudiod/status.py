@@ -1,21 +1,27 @@
 """What `meraudiod status` and the `status` command report: the database, and the heartbeat
 file the running daemon rewrites every few seconds (so it works with the daemon up or down
-and never starts the daemon's threads)."""
+and never starts the daemon's threads). Also what the running daemon says about itself: the
+heartbeat's snapshot and its retained MQTT state."""
 
 from __future__ import annotations
 
 import json
 import os
 import sqlite3
+import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import __version__, jobs
 from .config import Settings
 from .db import get_kv, now
 from .machine import describe as describe_machine
+from .messages import State, truncate_state
 from .retention import disk_free_mb
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
 
 HEARTBEAT_FILE: Final = "heartbeat.json"
 HEARTBEAT_STALE_S: Final = 20.0
@@ -138,3 +144,60 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         "version": __version__,
         "platform": dict(describe_machine()),
     }
+
+
+def daemon_snapshot(daemon: Daemon) -> dict[str, Any]:
+    """What the running daemon says about itself in the heartbeat (and in its MQTT state)."""
+    listener, worker = daemon.listener, daemon.pipeline.worker
+    return {
+        "pid": os.getpid(),
+        "at": time.time(),
+        "listening": daemon.listening,
+        "degraded": daemon.degraded,
+        "stopped_because": daemon.stage_problem,  # what `status` says once it has exited
+        "microphone": daemon.source.name,
+        "audio_level_dbfs": (
+            round(listener.level_dbfs, 1)
+            if listener is not None and listener.level_dbfs is not None and daemon.listening
+            else None
+        ),
+        "recording": bool(listener is not None and listener.speaking),
+        "dropped_frames": daemon.source.dropped_frames,
+        "uptime_s": round(time.monotonic() - daemon.started_at, 1),
+        "mqtt": (
+            {"connected": bool(daemon.mqtt.online), "error": daemon.mqtt.last_error}
+            if daemon.mqtt is not None
+            else None
+        ),
+        "models": daemon.models,
+        "version": __version__,
+        "asr": worker.transcriber.describe() if worker is not None else None,
+    }
+
+
+def retained_state(conn: sqlite3.Connection, daemon: Daemon) -> State:
+    """The daemon's retained MQTT state: the database's figures and its own snapshot."""
+    info = status(conn, daemon.settings, disk_use=False)
+    snap = daemon_snapshot(daemon)
+    last = info["last_transcript"] or {}
+    text = last.get("text")
+    return State(
+        listening=daemon.listening,
+        recording=snap["recording"],
+        queue_depth=info["backlog"],
+        failed_jobs=info["jobs"]["failed"],
+        outbox_depth=info["outbox_pending"],
+        outbox_dropped=info["outbox_dropped"],
+        models={k: v for k, v in info["models"].items() if v},
+        version=__version__,
+        uptime_s=snap["uptime_s"],
+        microphone=snap["microphone"],
+        audio_level_dbfs=snap["audio_level_dbfs"],
+        last_transcript=truncate_state(text) if text is not None else None,
+        last_transcript_full=text,
+        last_transcript_at=last.get("started_at"),
+        last_speaker=info["last_speaker"],
+        last_speaker_provisional=info["last_speaker_provisional"],
+        disk_free_mb=round(disk_free_mb(daemon.settings.storage.data_dir), 1),
+        degraded=daemon.degraded,
+    )
