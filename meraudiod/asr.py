@@ -16,7 +16,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 
 from .audio import SAMPLE_RATE_HZ, Float32Array
-from .config import AsrSettings
+from .config_sections import AsrSettings
 from .onnx import load_error
 
 _LOGGER = logging.getLogger(__name__)

@@ -168,7 +168,7 @@ def _clear_errors() -> tuple[type[Exception], ...]:
 
 
 def _checked_source(spec: str) -> str:
-    from .config import AudioSettings
+    from .config_sections import AudioSettings
 
     try:
         return AudioSettings(source=spec).source

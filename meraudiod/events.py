@@ -13,7 +13,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from .config import MqttSettings
+from .config_sections import MqttSettings
 from .messages import Event, SegmentPayload, SpeakerEvent, SpeechEvent, TranscriptEvent, enqueue
 from .recordings import Recording, speaker_payload
 from .worker import TranscribedRecording

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .audio import FRAME_S
-from .config import RecorderSettings, VadSettings
+from .config_sections import RecorderSettings, VadSettings
 
 
 @dataclass(frozen=True)

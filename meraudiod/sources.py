@@ -35,7 +35,7 @@ from .audio import (
     iter_file_pcm,
     parse_wav_header,
 )
-from .config import AudioSettings
+from .config_sections import AudioSettings
 
 _LOGGER = logging.getLogger(__name__)
 _STDIN_READ_BYTES: Final = FRAME_SAMPLES * 2

@@ -29,7 +29,8 @@ from typing import Final
 from . import models
 from .asr import Transcript
 from .audio import Float32Array
-from .config import Settings, SpeakersSettings
+from .config import Settings
+from .config_sections import SpeakersSettings
 from .db import get_kv, now, put_kv
 from .diarization import (
     Diarization,

@@ -10,7 +10,8 @@ import pytest
 from meraudiod import models
 from meraudiod.asr import Segment, Transcriber, judge
 from meraudiod.audio import decode_file, to_float32
-from meraudiod.config import AsrSettings, Settings
+from meraudiod.config import Settings
+from meraudiod.config_sections import AsrSettings
 
 from .conftest import SHARED_DATA, TEST_DATA, needs_shared
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meraudiod.config import RecorderSettings, VadSettings
+from meraudiod.config_sections import RecorderSettings, VadSettings
 from meraudiod.segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 
 PARAMS = SegmenterParams(

@@ -12,7 +12,7 @@ import soundfile
 from scipy.signal import resample_poly
 
 from meraudiod.audio import FRAME_SAMPLES, decode_file
-from meraudiod.config import AudioSettings
+from meraudiod.config_sections import AudioSettings
 from meraudiod.sources import (
     EndOfStream,
     FileSource,

@@ -8,7 +8,8 @@ import socket
 from pathlib import Path
 from typing import Any, Final
 
-from ..config import ConfigError, Settings, is_loopback
+from ..config import ConfigError, Settings
+from ..config_sections import is_loopback
 from ..stage import StageThread
 from .common import HttpContext, RequestIdFilter
 from .live import EventHub

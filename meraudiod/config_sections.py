@@ -1,0 +1,417 @@
+"""The configuration's sections: one pydantic model each, unknown keys are errors, every
+field with a default, a description and its unit in its name (`config.py` puts them together
+into `Settings` and loads them)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """The configuration file or environment is invalid; the message says where."""
+
+
+def _default_data_dir() -> Path:
+    """systemd's StateDirectory, else the XDG data directory."""
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0])
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "meraudiod"
+
+
+def _default_node_id() -> str:
+    return sanitize_node_id(socket.gethostname())
+
+
+def sanitize_node_id(raw: str) -> str:
+    """Lower-case and replace anything outside [a-z0-9_-] so the id is safe in MQTT topics."""
+    cleaned = re.sub(r"[^a-z0-9_-]+", "_", raw.lower()).strip("_")
+    return cleaned or "meraudiod"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to bind is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: assume it is reachable from elsewhere
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AudioSettings(Section):
+    """Where audio comes from."""
+
+    source: str = Field(
+        "mic", description="mic, file:PATH, stdin (raw 16 kHz mono s16le) or demo (bundled sample)"
+    )
+    device: str | int | None = Field(
+        None, description="Input device name (substring) or index; None = system default"
+    )
+    device_rate_hz: int | None = Field(
+        None, description="Rate to open the device at; None = its native default rate"
+    )
+    queue_frames: int = Field(
+        256, ge=16, description="Frames buffered between the capture callback and the listener"
+    )
+    realtime: bool = Field(
+        False, description="Pace file replay at real time instead of as fast as possible"
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if value in ("mic", "stdin", "demo") or (value.startswith("file:") and len(value) > 5):
+            return value
+        raise ValueError("must be mic, stdin, demo or file:PATH")
+
+
+class VadSettings(Section):
+    """Silero VAD on onnxruntime."""
+
+    model: str = Field("silero-vad-v6", description="Manifest name or path of the VAD ONNX file")
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads (1 keeps idle CPU low)")
+    start_threshold: float = Field(
+        0.5, gt=0, lt=1, description="Speech probability that opens an utterance"
+    )
+    end_threshold: float = Field(
+        0.35, gt=0, lt=1, description="Probability below which a frame counts as silence"
+    )
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> VadSettings:
+        if self.end_threshold > self.start_threshold:
+            raise ValueError("vad.end_threshold must not exceed vad.start_threshold")
+        return self
+
+
+class RecorderSettings(Section):
+    """Segmenter timing: how speech probabilities become recordings."""
+
+    # Upper bounds too: a typo such as 1e9 would otherwise be taken, at start and on SIGHUP.
+    min_speech_ms: int = Field(
+        250, ge=0, le=10_000, description="Shorter bursts of speech are ignored"
+    )
+    hangover_ms: int = Field(
+        700,
+        ge=32,
+        le=10_000,
+        description="Silence that ends an utterance (end-of-speech hang-over)",
+    )
+    pre_roll_ms: int = Field(
+        300, ge=0, le=5_000, description="Audio kept before the detected start"
+    )
+    post_roll_ms: int = Field(200, ge=0, description="Audio kept after the last speech frame")
+    max_utterance_s: float = Field(
+        28.0, ge=2.0, le=300.0, description="Longer speech is split cleanly at the quietest frame"
+    )
+    audio_format: Literal["flac", "wav"] = Field("flac", description="File format of recordings")
+
+    @model_validator(mode="after")
+    def _post_roll_fits(self) -> RecorderSettings:
+        if self.post_roll_ms > self.hangover_ms:
+            raise ValueError("recorder.post_roll_ms must not exceed recorder.hangover_ms")
+        return self
+
+
+_WYOMING_URI: Final = re.compile(r"^tcp://[^\s:/]+:\d{1,5}$")
+
+
+class WyomingSettings(Section):
+    """Remote speech-to-text servers that speak the Wyoming protocol (asr.backend = wyoming)."""
+
+    servers: list[str] = Field(
+        default_factory=list, description="tcp://host:port of each server, tried in order"
+    )
+    connect_timeout_s: float = Field(
+        3.0, gt=0, description="Connecting, and a server's answer to Describe, within this"
+    )
+    deadline_base_s: float = Field(
+        10.0, gt=0, description="A request's deadline: this plus deadline_per_audio_s per second"
+    )
+    deadline_per_audio_s: float = Field(
+        3.0, ge=0, description="Seconds added to a request's deadline per second of its audio"
+    )
+    split_silence_ms: int = Field(
+        400, ge=100, description="A pause this long splits a recording into separate requests"
+    )
+    retry_max_s: float = Field(
+        30.0, gt=0, description="A server that failed is asked again after 1 s, doubling to this"
+    )
+
+    @field_validator("servers")
+    @classmethod
+    def _check_servers(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            if not _WYOMING_URI.match(uri) or not 0 < int(uri.rsplit(":", 1)[1]) < 65536:
+                raise ValueError(f"{uri!r} is not tcp://host:port")
+        return value
+
+
+class AsrSettings(Section):
+    """Transcription (faster-whisper here, or Wyoming servers) and the job queue that feeds it."""
+
+    enabled: bool = Field(True, description="Transcribe recordings (false: record only)")
+    backend: Literal["local", "wyoming"] = Field(
+        "local", description="local: faster-whisper on this device; wyoming: asr.wyoming.servers"
+    )
+    fallback: Literal["local", "wait"] = Field(
+        "local",
+        description="With wyoming, when every server is down: transcribe here (local) or keep"
+        " the recordings waiting (wait: the local model is never loaded)",
+    )
+    wyoming: WyomingSettings = Field(default_factory=WyomingSettings)
+    model: str = Field(
+        "tiny.en", description="Manifest name, faster-whisper model name, or CTranslate2 dir"
+    )
+    compute_type: str = Field("int8", description="CTranslate2 compute type (int8 = quantized)")
+    beam_size: int = Field(1, ge=1, le=10, description="Beam width (1 = greedy)")
+    cpu_threads: int = Field(
+        2, ge=0, description="CTranslate2 threads (0 = library default); 2 measured fastest"
+    )
+    language: str | None = Field("en", description="Fixed language; None = detect")
+    languages: list[str] = Field(
+        default_factory=list, description="With detection, the languages allowed (empty = any)"
+    )
+    word_timestamps: bool = Field(True, description="Store per-word times")
+    temperature_fallback: bool = Field(
+        False, description="Re-decode low-confidence audio at higher temperatures (slower)"
+    )
+    allow_download: bool = Field(
+        False, description="Fetch a named faster-whisper model from the hub when not installed"
+    )
+    no_speech_threshold: float = Field(
+        0.6, ge=0, le=1, description="Segments above this no-speech probability are suspect"
+    )
+    logprob_threshold: float = Field(
+        -1.0, description="Segments below this average log-probability are low-confidence"
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Failed tries (and, counted apart, process deaths during it) before a job"
+        " is left failed",
+    )
+    retry_delay_s: float = Field(
+        30.0, ge=0, description="Wait before the second try; doubles for each later one"
+    )
+    job_lease_s: float = Field(600.0, gt=0, description="How long a claimed job stays claimed")
+
+    @model_validator(mode="after")
+    def _servers_named(self) -> AsrSettings:
+        if self.backend == "wyoming" and not self.wyoming.servers:
+            raise ValueError("asr.backend = wyoming needs asr.wyoming.servers")
+        return self
+
+
+class SpeakersSettings(Section):
+    """Speaker identification."""
+
+    enabled: bool = Field(False, description="Identify enrolled speakers")
+    model: str = Field("ecapa-voxceleb", description="Speaker-embedding model")
+    threshold: float = Field(
+        0.5,
+        ge=-1,
+        le=1,
+        description="Confidence needed to name someone (0.5: the calibrated bar for that"
+        " length of speech)",
+    )
+    margin: float = Field(
+        0.5,
+        ge=0,
+        le=5,
+        description="Lead needed over the runner-up, in the calibration's spread",
+    )
+    min_speech_s: float = Field(0.5, ge=0, description="Less speech than this stays unknown")
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for embeddings")
+    max_embedding_s: float = Field(
+        20.0, ge=2.0, description="Most speech per speaker that is embedded (bounds the cost)"
+    )
+    group_unknown: bool = Field(
+        True, description="Group unknown voices into provisional profiles an admin can name"
+    )
+    max_unknown_embeddings: int = Field(
+        5, ge=1, description="Embeddings kept per provisional profile"
+    )
+
+
+class DiarizationSettings(Section):
+    """Who spoke when, inside one recording."""
+
+    enabled: bool = Field(False, description="Split recordings by speaker turn")
+    max_speakers: int = Field(4, ge=1, le=10, description="Most speakers expected in a recording")
+    model: str = Field(
+        "pyannote-segmentation-3.0",
+        description="Segmentation model (also finds the speech that identification embeds)",
+    )
+    cluster_threshold: float = Field(
+        0.4, ge=-1, le=1, description="Cosine similarity at which two local speakers are one"
+    )
+
+
+class StorageSettings(Section):
+    """Where the database, audio and models live."""
+
+    @field_validator("data_dir", "models_dir", "tmp_audio_dir", "run_dir", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: object) -> object:
+        # "" would become Path("."): the current directory, never what anyone meant.
+        if value == "":
+            return None
+        return value
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Database and audio")
+    models_dir: Path | None = Field(None, description="Installed models; None = data_dir/models")
+    tmp_audio_dir: Path | None = Field(
+        None,
+        description="Write recordings' audio here instead (a tmpfs, with retention.keep_audio"
+        " = false: no audio ever reaches the SD card); None = data_dir/audio",
+    )
+    run_dir: Path | None = Field(
+        None,
+        description="The daemon's heartbeat, rewritten every 5 s, which `status` reads: a tmpfs"
+        " such as /run/meraudiod spares the SD card; None = data_dir",
+    )
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite database file."""
+        return self.data_dir / "meraudiod.db"
+
+    @property
+    def audio_dir(self) -> Path:
+        """Where recordings' audio is written."""
+        return self.tmp_audio_dir or self.data_dir / "audio"
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        """Installed models."""
+        return self.models_dir or self.data_dir / "models"
+
+
+class RetentionSettings(Section):
+    """How long things are kept."""
+
+    audio_days: float | None = Field(None, gt=0, description="Delete audio older than this")
+    text_days: float | None = Field(None, gt=0, description="Delete transcripts older than this")
+    keep_audio: bool = Field(True, description="false: delete audio once it is transcribed")
+    min_free_disk_mb: int = Field(500, ge=0, description="Below this, stop writing audio")
+    sweep_interval_s: float = Field(3600.0, gt=0, description="How often retention runs")
+
+
+class MqttSettings(Section):
+    """The MQTT connection."""
+
+    enabled: bool = Field(False, description="Publish events and accept commands over MQTT")
+    host: str = Field("localhost", description="Broker host")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port")
+    node_id: str = Field(default_factory=_default_node_id, description="This device's id")
+    area: str = Field("", description="Room name carried in events")
+    base_topic: str = Field("meraudiod", description="Topic prefix; topics are base/node_id/...")
+    protocol: Literal["3.1.1", "5"] = Field("5", description="MQTT protocol version")
+    username: str | None = Field(None, description="Broker user")
+    password: str | None = Field(None, description="Broker password (prefer the environment)")
+    password_file: Path | None = Field(None, description="File holding the broker password")
+    tls: bool = Field(False, description="Connect with TLS")
+    tls_ca_file: Path | None = Field(None, description="CA certificate for the broker")
+    tls_cert_file: Path | None = Field(None, description="Client certificate")
+    tls_key_file: Path | None = Field(None, description="Client key")
+    tls_insecure: bool = Field(False, description="Skip hostname checks (self-signed setups)")
+    keepalive_s: int = Field(60, ge=5, description="MQTT keep-alive")
+    allow_admin_commands: bool = Field(False, description="Allow destructive commands over MQTT")
+    outbox_max_age_days: float = Field(7.0, gt=0, description="Undelivered events kept this long")
+    outbox_max_rows: int = Field(10000, ge=10, description="Most undelivered events kept")
+
+    @field_validator("node_id")
+    @classmethod
+    def _sanitize(cls, value: str) -> str:
+        return sanitize_node_id(value)
+
+    @model_validator(mode="after")
+    def _one_password_and_tls_files_need_tls(self) -> MqttSettings:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("mqtt.password and mqtt.password_file are both set: keep one of them")
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            if getattr(self, key) is not None and not self.tls:
+                raise ValueError(
+                    f"mqtt.{key} is set but mqtt.tls is false: set mqtt.tls = true or remove it"
+                )
+        return self
+
+
+class HttpSettings(Section):
+    """The HTTP API, the live sockets and the review page (needs the `http` extra)."""
+
+    enabled: bool = Field(False, description="Serve the HTTP API and the review page")
+    host: str = Field(
+        "127.0.0.1", description="Address to bind; anything not loopback needs a token"
+    )
+    port: int = Field(8080, ge=1, le=65535, description="TCP port")
+    token: str | None = Field(None, description="Bearer token (prefer the environment)")
+    token_file: Path | None = Field(None, description="File holding the bearer token")
+    allow_admin_commands: bool = Field(
+        False, description="Allow destructive operations (delete, merge, enrol, ...) over HTTP"
+    )
+    max_upload_mb: float = Field(100.0, gt=0, description="Largest upload accepted")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed cross-origin requests (empty = none)"
+    )
+
+    @field_validator("token_file", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> HttpSettings:
+        if self.enabled and not is_loopback(self.host) and not (self.token or self.token_file):
+            raise ValueError(
+                f"http.host {self.host} is reachable from other machines:"
+                " set http.token or http.token_file (or bind 127.0.0.1)"
+            )
+        return self
+
+    def resolved_token(self) -> str | None:
+        """The token from `token` or `token_file` (None when neither is set)."""
+        if self.token:
+            return self.token
+        if self.token_file is not None:
+            try:
+                text = self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"http.token_file: cannot read {self.token_file}: {exc}") from exc
+            return text or None
+        return None
+
+
+class HomeAssistantSettings(Section):
+    """Home Assistant MQTT discovery."""
+
+    discovery: bool = Field(True, description="Publish device discovery when MQTT is enabled")
+    discovery_prefix: str = Field("homeassistant", description="Discovery topic prefix")
+
+
+class LoggingSettings(Section):
+    """Log output."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO",
+        description="Log level; INFO logs ids and timings, DEBUG also each transcript's words",
+    )
+    format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one object per line (ts, level, logger, message)"
+    )
