@@ -291,8 +291,10 @@ class Daemon:
             return True
         listener = self.listener
         for stage in self._stages():
-            # A listener ends with its stream or its microphone; the others only on stop().
-            ended = stage is not listener and not stage.is_alive()
+            # A listener ends with its stream or its microphone; the others only on stop()
+            # (the command runner follows the daemon's own stop event: ended then is no death).
+            stopping = self.stop_event.is_set()
+            ended = stage is not listener and not stage.is_alive() and not stopping
             if stage.died or ended:
                 self._stage_died(stage.thread_name, stage.died or "its thread ended")
                 return True
