@@ -341,13 +341,8 @@ class Daemon:
     def _healthy(self) -> bool:
         """Every thread alive, and audio arriving (or muted, or the microphone gone and
         waited for)."""
-        threads_ok = self.retention.is_alive() and (
-            self.pipeline.worker is None or self.pipeline.worker.is_alive()
-        )
-        if self.mqtt is not None:
-            threads_ok = threads_ok and self.mqtt.is_alive() and self.commands.is_alive()
-        if self.http is not None:
-            threads_ok = threads_ok and self.http.is_alive()
+        listener = self.listener  # its health is the audio's, below
+        threads_ok = all(stage.is_alive() for stage in self._stages() if stage is not listener)
         if not self.listening:
             return threads_ok
         return threads_ok and self.audio.healthy(time.monotonic())

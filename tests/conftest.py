@@ -150,3 +150,15 @@ AS_A_USER = (
     ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
 )
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mount)")
+
+
+def wait_for(
+    condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.2
+) -> None:
+    """Poll until condition() is true; fail naming what was awaited."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,21 +19,12 @@ from meraudiod.checks import user_name
 from meraudiod.db import open_db, set_kv
 
 from .broker import PASSWORD, USER, Broker, Subscriber
-from .conftest import AS_A_USER, REPO, cli, needs_root
+from .conftest import AS_A_USER, REPO, cli, needs_root, wait_for
 from .notify import NotifySocket
 
 MISSING_MIC = "USB PnP"  # no such input device on a test machine
 NODE = "bootnode"
 BASE = f"meraudiod/{NODE}"
-
-
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def service_env(env: dict[str, str], notify: NotifySocket, **extra: str) -> dict[str, str]:

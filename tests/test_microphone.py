@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ import soundfile
 
 from meraudiod.audio import decode_file
 
-from .conftest import DEMO, DEMO_TRUTH, db_rows, status_json
+from .conftest import DEMO, DEMO_TRUTH, db_rows, status_json, wait_for
 from .notify import NotifySocket
 from .room import Room
 
@@ -36,15 +36,6 @@ def clip(tmp_path: Path, name: str, first: int, last: int) -> Path:
     path = tmp_path / name
     soundfile.write(path, pcm[int(start_s * 16000) : int(end_s * 16000)], 16000)
     return path
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_microphone_records_survives_an_unplug_and_carries_on(
@@ -74,11 +65,11 @@ def test_microphone_records_survives_an_unplug_and_carries_on(
         return len(db_rows(env, "SELECT id FROM recordings WHERE status='done'"))
 
     try:
-        wait_for(lambda: status()["running"], 60, "the daemon to start")
+        wait_for(lambda: status()["running"], 60, "the daemon to start", poll_s=0.5)
         up = status()
         assert up["microphone"] == "mic:pulse" and not up["degraded"]
         room.play(first).wait(timeout=60)
-        wait_for(lambda: done() == 2, 60, "two recordings from the microphone")
+        wait_for(lambda: done() == 2, 60, "two recordings from the microphone", poll_s=0.5)
 
         room.unplug()
         wait_for(lambda: bool(status()["degraded"]), 30, "status to say degraded")
@@ -94,7 +85,7 @@ def test_microphone_records_survives_an_unplug_and_carries_on(
         room.plug_in()
         wait_for(lambda: not status()["degraded"], 90, "the microphone to be reopened")
         room.play(second).wait(timeout=60)
-        wait_for(lambda: done() == 4, 60, "two more recordings after the replug")
+        wait_for(lambda: done() == 4, 60, "two more recordings after the replug", poll_s=0.5)
     finally:
         proc.terminate()
         _, stderr = proc.communicate(timeout=60)

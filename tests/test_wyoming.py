@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from meraudiod.config import ConfigError, Settings, load_settings
 from meraudiod.vad import SileroVad
 
 from .broker import Broker, Subscriber, free_port
-from .conftest import DEMO, DEMO_TRUTH, StartWyoming, cli, db_rows, status_json
+from .conftest import DEMO, DEMO_TRUTH, StartWyoming, cli, db_rows, status_json, wait_for
 
 NODE = "wyo"
 
@@ -63,15 +62,6 @@ def finished(proc: subprocess.Popen[str], timeout_s: float = 240) -> str:
     _, stderr = proc.communicate(timeout=timeout_s)
     assert proc.returncode == 0, stderr
     return stderr
-
-
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def status(env: dict[str, str]) -> dict:
