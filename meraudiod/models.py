@@ -33,7 +33,7 @@ class ModelSpec:
     description: str
     source: str
     files: dict[str, str] = field(default_factory=dict)
-    parity: str = ""  # reference embeddings that accept a file whose bytes differ (tests/data)
+    parity: str = ""  # reference embeddings that accept a file whose bytes differ (assets/parity)
 
 
 def manifest() -> dict[str, ModelSpec]:

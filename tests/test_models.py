@@ -135,3 +135,38 @@ def test_install_from_a_file_that_computes_something_else_is_refused(
     assert missing.returncode == 1 and "nope.onnx is not a file" in missing.stderr
     two = cli("models", "install", ECAPA, SEGMENTATION, "--from", str(wrong), env=env)
     assert two.returncode == 2 and "exactly one named model" in two.stderr
+
+
+def test_an_installed_tree_carries_the_parity_reference(
+    speaker_models: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    """`--from` works in /opt/meraudiod too: the package has its own clips and embeddings,
+    the same rows as the checkout's full reference."""
+    import subprocess
+
+    import numpy as np
+
+    from meraudiod.parity import parity_problem
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "root"
+    done = subprocess.run(
+        [str(repo / "scripts" / "install"), "--root", str(root), "--no-venv"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    installed = root / "opt/meraudiod/meraudiod/assets/parity"
+    package = np.load(installed / "ecapa_reference.npz")
+    full = np.load(repo / "tests/data/ecapa_reference.npz")
+    rows = {str(name): emb for name, emb in zip(full["files"], full["embeddings"], strict=True)}
+    assert len(package["files"]) == 3
+    for name, emb in zip(package["files"], package["embeddings"], strict=True):
+        assert np.array_equal(emb, rows[str(name)])
+    spec = models.spec(ECAPA)
+    assert spec.parity
+    exported = speaker_models / ECAPA / f"{ECAPA}.onnx"
+    assert parity_problem(exported, spec.parity, installed) == ""
+    wrong = models_dir / "silero-vad-v6" / "silero_vad_v6.onnx"
+    assert parity_problem(wrong, spec.parity, installed).startswith("parity check failed")
