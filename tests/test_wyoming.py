@@ -281,6 +281,32 @@ def test_two_servers_one_killed_all_jobs_complete(
     assert second.requests_in() >= len(DEMO_TRUTH) - 1  # the rest went to the second
 
 
+def test_without_a_local_whisper_none_of_it_is_imported(
+    env: dict[str, str], start_wyoming: StartWyoming
+) -> None:
+    """backend wyoming + fallback wait: the daemon transcribes the demo on the server and
+    never imports faster-whisper, CTranslate2 or its tokenizer (Python's own import log)."""
+    server = start_wyoming()
+    run_env = wyoming_env(env, [server.uri])
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "meraudiod", "run", "--source", "demo"],
+        env=run_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = finished(proc)
+    done = recordings(run_env)
+    assert len(done) == len(DEMO_TRUTH) and all(r["status"] == "done" for r in done)
+    imported = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in log.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert {"meraudiod", "onnxruntime", "wyoming"} <= imported  # the log is complete
+    assert not imported & {"faster_whisper", "ctranslate2", "tokenizers", "huggingface_hub"}
+
+
 def test_fallback_to_local_when_every_server_is_down(env: dict[str, str]) -> None:
     run_env = wyoming_env(env, [f"tcp://127.0.0.1:{free_port()}"], fallback="local")
     log = finished(run_demo(run_env))
