@@ -5,9 +5,10 @@ audio into text.
 A server returns text only, so a recording is cut at pauses into parts (Silero VAD, as the
 listener does) and each part is one request: segments keep their times, and so their
 speakers. Each request has a deadline from its length, and a server that is stopped, gone or
-hung costs one deadline, never a stuck worker. Servers are tried in order; one that fails is
-asked again with `Describe` after 1 s, doubling to `retry_max_s`, and takes requests again
-once it answers. The daemon's threads are not asyncio: each request runs its own short event
+hung costs one deadline, never a stuck worker. Servers are tried in order, or, with
+strategy = spread, each request starts one server further along; one that fails is asked
+again with `Describe` after 1 s, doubling to `retry_max_s`, and takes requests again once
+it answers. The daemon's threads are not asyncio: each request runs its own short event
 loop on the worker thread.
 """
 
@@ -174,7 +175,8 @@ def speech_spans(
 
 
 class WyomingTranscriber:
-    """Transcripts from the first Wyoming server that answers, else the local fallback."""
+    """Transcripts from the Wyoming servers (the first that answers, or each in turn), else
+    the local fallback."""
 
     def __init__(
         self,
@@ -190,6 +192,7 @@ class WyomingTranscriber:
         self._servers = [ServerState(uri) for uri in settings.asr.wyoming.servers]
         self._lock = threading.Lock()  # describe() reads from another thread
         self._last_model: str | None = None
+        self._turn = 0  # strategy = spread: which of the servers that are up goes first
 
     # --- SpeechToText ---------------------------------------------------------------------
 
@@ -283,9 +286,7 @@ class WyomingTranscriber:
         ]
         deadline_s = w.deadline_base_s + w.deadline_per_audio_s * padded.size / SAMPLE_RATE_HZ
         errors = []
-        for server in self._servers:
-            if not server.up:
-                continue  # down (or never answered): ready() asks it again in time
+        for server in self._in_turn():
             work = _exchange(server, events, "transcript", w.connect_timeout_s)
             try:
                 event = asyncio.run(_within(work, deadline_s, self._stop))
@@ -298,6 +299,16 @@ class WyomingTranscriber:
                 continue
             return said.text or "", said.language, server.model or server.uri
         raise WyomingError("; ".join(errors) or "every Wyoming server is down")
+
+    def _in_turn(self) -> list[ServerState]:
+        """The servers that are up, in the order the next request tries them (one that is
+        down, or never answered, is left to ready(), which asks it again in time)."""
+        up = [s for s in self._servers if s.up]
+        if self.settings.asr.wyoming.strategy == "spread" and up:
+            first = self._turn % len(up)
+            self._turn += 1
+            up = up[first:] + up[:first]
+        return up
 
     def _probe(self, server: ServerState) -> None:
         """Describe: is the server there, and which model does it run?"""

@@ -281,6 +281,48 @@ def test_two_servers_one_killed_all_jobs_complete(
     assert second.requests_in() >= len(DEMO_TRUTH) - 1  # the rest went to the second
 
 
+def test_spread_gives_both_servers_requests_and_survives_one_killed(
+    env: dict[str, str], start_wyoming: StartWyoming
+) -> None:
+    """strategy = spread: the first three utterances go to both servers in turn; then one is
+    killed, and the last two go to the other, without a failed try."""
+    first, second = start_wyoming(), start_wyoming()
+    run_env = wyoming_env(env, [first.uri, second.uri], MERAUDIOD_ASR__WYOMING__STRATEGY="spread")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=run_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    pcm = decode_file(DEMO).astype("<i2").tobytes()
+    # Mid-way through the pause after the third utterance (the demo's pauses are 2 s).
+    cut_s = (DEMO_TRUTH[2]["end_s"] + DEMO_TRUTH[3]["start_s"]) / 2
+    cut = int(cut_s * SAMPLE_RATE_HZ) * 2
+    done = "SELECT id FROM recordings WHERE status='done'"
+    try:
+        both_up = lambda: all(s["up"] for s in status(run_env)["asr_servers"])  # noqa: E731
+        wait_for(both_up, 120, "both servers up")
+        proc.stdin.write(pcm[:cut])
+        proc.stdin.flush()
+        wait_for(lambda: len(db_rows(run_env, done)) == 3, 120, "three transcripts")
+        assert first.requests_in() >= 1 and second.requests_in() >= 1
+        assert first.requests_in() + second.requests_in() == 3  # one request each
+        second_before = second.requests_in()
+        first.kill()
+        proc.stdin.write(pcm[cut:])
+        proc.stdin.flush()
+        _, stderr = proc.communicate(timeout=240)  # closes stdin: the input has ended
+        assert proc.returncode == 0, stderr.decode()
+    finally:
+        proc.kill()
+    rows = recordings(run_env)
+    assert len(rows) == len(DEMO_TRUTH) and all(r["status"] == "done" for r in rows)
+    assert second.requests_in() == second_before + 2  # the survivor took the rest
+    assert attempts(run_env) == [0] * len(DEMO_TRUTH)  # the dead server cost no try
+
+
 def test_without_a_local_whisper_none_of_it_is_imported(
     env: dict[str, str], start_wyoming: StartWyoming
 ) -> None:
