@@ -141,10 +141,19 @@ def _model_names(info: Info) -> str:
 
 
 def speech_spans(
-    audio: Float32Array, vad: SileroVad, settings: Settings
+    audio: Float32Array, vad: SileroVad, settings: Settings, trace: Float32Array | None = None
 ) -> list[tuple[float, float]]:
     """The recording's parts between pauses of asr.wyoming.split_silence_ms, in seconds
-    (the whole recording when the VAD finds no part)."""
+    (the whole recording when the VAD finds no part). `trace`: the listener's speech
+    probability per frame of this audio; without one (or one that does not fit), the VAD
+    runs over the audio here."""
+    frames = audio.size // FRAME_SAMPLES
+    if trace is None or trace.size != frames:
+        vad.reset()
+        trace = np.array(
+            [vad(audio[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]) for i in range(frames)],
+            dtype=np.float32,
+        )
     frames_per_s = 1.0 / FRAME_S
     hangover = max(1, round(settings.asr.wyoming.split_silence_ms / 1000.0 * frames_per_s))
     recorder = settings.recorder
@@ -155,13 +164,12 @@ def speech_spans(
         hangover_frames=hangover,
         pre_roll_frames=round(recorder.pre_roll_ms / 1000.0 * frames_per_s),
         post_roll_frames=min(hangover, round(recorder.post_roll_ms / 1000.0 * frames_per_s)),
-        max_frames=audio.size // FRAME_SAMPLES + 2,  # never split for length here
+        max_frames=frames + 2,  # never split for length here
     )
     segmenter = Segmenter(params)
-    vad.reset()
     events = []
-    for i in range(audio.size // FRAME_SAMPLES):
-        events += segmenter.push(vad(audio[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]))
+    for prob in trace:
+        events += segmenter.push(float(prob))
     events += segmenter.flush()
     duration_s = audio.size / SAMPLE_RATE_HZ
     spans = [
@@ -231,11 +239,12 @@ class WyomingTranscriber:
         meanwhile = "transcribing locally" if self._local is not None else "recordings wait"
         return f"no Wyoming server answers: {meanwhile}"
 
-    def transcribe(self, audio: Float32Array) -> Transcript:
-        """One request per part of the recording; all of it locally when no server answers
-        and the fallback is local, else WyomingError (the job's retry path)."""
+    def transcribe(self, audio: Float32Array, vad_trace: Float32Array | None = None) -> Transcript:
+        """One request per part of the recording (cut where the listener's `vad_trace`, or
+        the VAD run here, finds pauses); all of it locally when no server answers and the
+        fallback is local, else WyomingError (the job's retry path)."""
         try:
-            return self._remote(audio)
+            return self._remote(audio, vad_trace)
         except WyomingError as exc:
             if self._local is None or self._stop.is_set():  # stopping: no local work now
                 raise
@@ -245,12 +254,12 @@ class WyomingTranscriber:
 
     # --- requests -------------------------------------------------------------------------
 
-    def _remote(self, audio: Float32Array) -> Transcript:
+    def _remote(self, audio: Float32Array, vad_trace: Float32Array | None) -> Transcript:
         asr = self.settings.asr
         duration_s = audio.size / SAMPLE_RATE_HZ
         segments: list[Segment] = []
         language = asr.language or ""
-        for start_s, end_s in speech_spans(audio, self._vad, self.settings):
+        for start_s, end_s in speech_spans(audio, self._vad, self.settings, vad_trace):
             part = audio[round(start_s * SAMPLE_RATE_HZ) : round(end_s * SAMPLE_RATE_HZ)]
             text, said_language, model = self._request(part)
             language = said_language or language

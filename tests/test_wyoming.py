@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,8 +18,10 @@ import pytest
 from meraudiod import models
 from meraudiod.asr import Segment, judge
 from meraudiod.asr_wyoming import speech_spans
-from meraudiod.audio import SAMPLE_RATE_HZ, decode_file, to_float32
+from meraudiod.audio import FRAME_SAMPLES, SAMPLE_RATE_HZ, decode_file, to_float32
 from meraudiod.config import ConfigError, Settings, load_settings
+from meraudiod.pipeline import Pipeline
+from meraudiod.sources import FileSource
 from meraudiod.vad import SileroVad
 
 from .broker import Broker, Subscriber, free_port
@@ -372,6 +375,43 @@ def test_recordings_are_cut_at_pauses(settings: Settings) -> None:
         assert abs(start_s - truth["start_s"]) < 0.5 and abs(end_s - truth["end_s"]) < 0.5
     silence = np.zeros(2 * SAMPLE_RATE_HZ, dtype=np.float32)
     assert speech_spans(silence, vad, settings) == [(0.0, 2.0)]  # nothing found: all of it
+
+
+def test_the_listeners_vad_trace_cuts_a_recording_as_the_vad_does(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Wyoming client cuts a recording with the speech probabilities the listener kept
+    for it (no second VAD pass): the same five parts as the VAD run over it again. A 3 s
+    hangover makes the demo's five utterances, 2 s apart, one recording."""
+    for key, value in wyoming_env({}, ["tcp://127.0.0.1:1"]).items():
+        monkeypatch.setenv(key, value)  # what the pipeline keeps traces for
+    monkeypatch.setenv("MERAUDIOD_ASR__ENABLED", "false")  # the listener only: no server
+    monkeypatch.setenv("MERAUDIOD_RECORDER__HANGOVER_MS", "3000")
+    settings = load_settings()
+    pipeline = Pipeline(settings, threading.Event())
+    pipeline.open()
+    source = FileSource(DEMO)
+    source.start()
+    listener = pipeline.listener(source, keep_ids=True)
+    assert listener.finished.wait(120) and listener.recording_ids is not None
+    assert pipeline.vad_traces is not None
+    vad = SileroVad(models.vad_file(settings))
+    rows = db_rows(env, "SELECT id, audio_path FROM recordings ORDER BY start_s")
+    assert [r["id"] for r in rows] == listener.recording_ids
+    parts = []
+    for row in rows:  # (the 28 s length limit cuts the demo in two)
+        audio = to_float32(decode_file(settings.storage.audio_dir / row["audio_path"]))
+        trace = pipeline.vad_traces.get(row["id"])
+        assert trace is not None and trace.size == audio.size // FRAME_SAMPLES
+        from_trace = speech_spans(audio, vad, settings, trace)
+        again = speech_spans(audio, vad, settings)
+        assert len(from_trace) == len(again)
+        for (start_s, end_s), (start2_s, end2_s) in zip(from_trace, again, strict=True):
+            assert abs(start_s - start2_s) <= 0.1 and abs(end_s - end2_s) <= 0.1
+        # A trace that does not fit the audio is not used: the VAD runs again.
+        assert speech_spans(audio, vad, settings, trace[:-1]) == again
+        parts.append(len(from_trace))
+    assert sum(parts) == len(DEMO_TRUTH) and max(parts) >= 2
 
 
 def test_guard_without_scores(settings: Settings) -> None:
