@@ -25,7 +25,7 @@ from meraudiod.sources import FileSource
 from meraudiod.vad import SileroVad
 
 from .broker import Broker, Subscriber, free_port
-from .conftest import DEMO, DEMO_TRUTH, StartWyoming, cli, db_rows, status_json, wait_for
+from .conftest import DEMO, DEMO_TRUTH, REPO, StartWyoming, cli, db_rows, status_json, wait_for
 
 NODE = "wyo"
 
@@ -436,6 +436,24 @@ def test_server_settings_are_checked(env: dict[str, str], tmp_path: Path) -> Non
     path.write_text('[asr]\nbackend = "wyoming"\n[asr.wyoming]\nservers = ["gpu-box:10300"]\n')
     with pytest.raises(ConfigError, match=r"asr.wyoming.servers.*'gpu-box:10300'"):
         load_settings(path)
+
+
+def test_the_readmes_set_up_commands_configure_a_wyoming_server(tmp_path: Path) -> None:
+    """The README's sed line, run on the installed configuration (config.example.toml),
+    gives a configuration that loads with the Home Assistant add-on as the server."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Transcribing on another machine (Wyoming)") :]
+    start = section.index("```sh\n") + 6
+    block = section[start : section.index("\n```", start)]
+    command = block.split("\nsudo systemctl")[0].replace("\\\n", " ")
+    assert command.startswith("sudo sed -i ")
+    config = tmp_path / "config.toml"
+    config.write_text((REPO / "config.example.toml").read_text(encoding="utf-8"))
+    command = command.removeprefix("sudo ").replace("/etc/meraudiod/config.toml", str(config))
+    subprocess.run(["bash", "-c", command], check=True, timeout=30)
+    asr = load_settings(config).asr
+    assert (asr.backend, asr.fallback) == ("wyoming", "wait")
+    assert asr.wyoming.servers == ["tcp://homeassistant.local:10300"]
 
 
 # --- bench ---------------------------------------------------------------------------------
