@@ -2,8 +2,9 @@
 Whisper add-on): the device keeps its queue, VAD and speaker analysis; the servers only turn
 audio into text.
 
-A server returns text only, so a recording is cut at pauses into parts (Silero VAD, as the
-listener does) and each part is one request: segments keep their times, and so their
+A server returns text only, so a recording is cut at pauses into parts (with the speech
+probabilities the listener's Silero VAD gave its frames, or the VAD run again when they are
+gone) and each part is one request: segments keep their times, and so their
 speakers. Each request has a deadline from its length, and a server that is stopped, gone or
 hung costs one deadline, never a stuck worker. Servers are tried in order, or, with
 strategy = spread, each request starts one server further along; one that fails is asked
