@@ -116,8 +116,9 @@ class SpeechToText(Protocol):
         """The model that made the last transcript (stored with it, named in events)."""
         ...
 
-    def transcribe(self, audio: Float32Array) -> Transcript:
-        """Transcribe one recording of 16 kHz float32 audio; raises AsrError."""
+    def transcribe(self, audio: Float32Array, vad_trace: Float32Array | None = None) -> Transcript:
+        """Transcribe one recording of 16 kHz float32 audio; raises AsrError. `vad_trace`:
+        the listener's speech probability for each of its frames, when known."""
         ...
 
     def ready(self) -> bool:
@@ -206,8 +207,9 @@ class Transcriber:
         """A loaded model has none."""
         return None
 
-    def transcribe(self, audio: Float32Array) -> Transcript:
-        """Transcribe one recording; the lazy segment generator is consumed here."""
+    def transcribe(self, audio: Float32Array, vad_trace: Float32Array | None = None) -> Transcript:
+        """Transcribe one recording (whole: the VAD trace is not needed); the lazy segment
+        generator is consumed here."""
         s = self.settings
         duration_s = audio.size / SAMPLE_RATE_HZ
         # A short lead-in of silence: Whisper misreads a word that starts at sample 0

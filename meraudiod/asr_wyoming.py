@@ -2,12 +2,14 @@
 Whisper add-on): the device keeps its queue, VAD and speaker analysis; the servers only turn
 audio into text.
 
-A server returns text only, so a recording is cut at pauses into parts (Silero VAD, as the
-listener does) and each part is one request: segments keep their times, and so their
+A server returns text only, so a recording is cut at pauses into parts (with the speech
+probabilities the listener's Silero VAD gave its frames, or the VAD run again when they are
+gone) and each part is one request: segments keep their times, and so their
 speakers. Each request has a deadline from its length, and a server that is stopped, gone or
-hung costs one deadline, never a stuck worker. Servers are tried in order; one that fails is
-asked again with `Describe` after 1 s, doubling to `retry_max_s`, and takes requests again
-once it answers. The daemon's threads are not asyncio: each request runs its own short event
+hung costs one deadline, never a stuck worker. Servers are tried in order, or, with
+strategy = spread, each request starts one server further along; one that fails is asked
+again with `Describe` after 1 s, doubling to `retry_max_s`, and takes requests again once
+it answers. The daemon's threads are not asyncio: each request runs its own short event
 loop on the worker thread.
 """
 
@@ -140,10 +142,19 @@ def _model_names(info: Info) -> str:
 
 
 def speech_spans(
-    audio: Float32Array, vad: SileroVad, settings: Settings
+    audio: Float32Array, vad: SileroVad, settings: Settings, trace: Float32Array | None = None
 ) -> list[tuple[float, float]]:
     """The recording's parts between pauses of asr.wyoming.split_silence_ms, in seconds
-    (the whole recording when the VAD finds no part)."""
+    (the whole recording when the VAD finds no part). `trace`: the listener's speech
+    probability per frame of this audio; without one (or one that does not fit), the VAD
+    runs over the audio here."""
+    frames = audio.size // FRAME_SAMPLES
+    if trace is None or trace.size != frames:
+        vad.reset()
+        trace = np.array(
+            [vad(audio[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]) for i in range(frames)],
+            dtype=np.float32,
+        )
     frames_per_s = 1.0 / FRAME_S
     hangover = max(1, round(settings.asr.wyoming.split_silence_ms / 1000.0 * frames_per_s))
     recorder = settings.recorder
@@ -154,13 +165,12 @@ def speech_spans(
         hangover_frames=hangover,
         pre_roll_frames=round(recorder.pre_roll_ms / 1000.0 * frames_per_s),
         post_roll_frames=min(hangover, round(recorder.post_roll_ms / 1000.0 * frames_per_s)),
-        max_frames=audio.size // FRAME_SAMPLES + 2,  # never split for length here
+        max_frames=frames + 2,  # never split for length here
     )
     segmenter = Segmenter(params)
-    vad.reset()
     events = []
-    for i in range(audio.size // FRAME_SAMPLES):
-        events += segmenter.push(vad(audio[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]))
+    for prob in trace:
+        events += segmenter.push(float(prob))
     events += segmenter.flush()
     duration_s = audio.size / SAMPLE_RATE_HZ
     spans = [
@@ -174,7 +184,8 @@ def speech_spans(
 
 
 class WyomingTranscriber:
-    """Transcripts from the first Wyoming server that answers, else the local fallback."""
+    """Transcripts from the Wyoming servers (the first that answers, or each in turn), else
+    the local fallback."""
 
     def __init__(
         self,
@@ -190,6 +201,7 @@ class WyomingTranscriber:
         self._servers = [ServerState(uri) for uri in settings.asr.wyoming.servers]
         self._lock = threading.Lock()  # describe() reads from another thread
         self._last_model: str | None = None
+        self._turn = 0  # strategy = spread: which of the servers that are up goes first
 
     # --- SpeechToText ---------------------------------------------------------------------
 
@@ -228,11 +240,12 @@ class WyomingTranscriber:
         meanwhile = "transcribing locally" if self._local is not None else "recordings wait"
         return f"no Wyoming server answers: {meanwhile}"
 
-    def transcribe(self, audio: Float32Array) -> Transcript:
-        """One request per part of the recording; all of it locally when no server answers
-        and the fallback is local, else WyomingError (the job's retry path)."""
+    def transcribe(self, audio: Float32Array, vad_trace: Float32Array | None = None) -> Transcript:
+        """One request per part of the recording (cut where the listener's `vad_trace`, or
+        the VAD run here, finds pauses); all of it locally when no server answers and the
+        fallback is local, else WyomingError (the job's retry path)."""
         try:
-            return self._remote(audio)
+            return self._remote(audio, vad_trace)
         except WyomingError as exc:
             if self._local is None or self._stop.is_set():  # stopping: no local work now
                 raise
@@ -242,12 +255,12 @@ class WyomingTranscriber:
 
     # --- requests -------------------------------------------------------------------------
 
-    def _remote(self, audio: Float32Array) -> Transcript:
+    def _remote(self, audio: Float32Array, vad_trace: Float32Array | None) -> Transcript:
         asr = self.settings.asr
         duration_s = audio.size / SAMPLE_RATE_HZ
         segments: list[Segment] = []
         language = asr.language or ""
-        for start_s, end_s in speech_spans(audio, self._vad, self.settings):
+        for start_s, end_s in speech_spans(audio, self._vad, self.settings, vad_trace):
             part = audio[round(start_s * SAMPLE_RATE_HZ) : round(end_s * SAMPLE_RATE_HZ)]
             text, said_language, model = self._request(part)
             language = said_language or language
@@ -283,9 +296,7 @@ class WyomingTranscriber:
         ]
         deadline_s = w.deadline_base_s + w.deadline_per_audio_s * padded.size / SAMPLE_RATE_HZ
         errors = []
-        for server in self._servers:
-            if not server.up:
-                continue  # down (or never answered): ready() asks it again in time
+        for server in self._in_turn():
             work = _exchange(server, events, "transcript", w.connect_timeout_s)
             try:
                 event = asyncio.run(_within(work, deadline_s, self._stop))
@@ -298,6 +309,16 @@ class WyomingTranscriber:
                 continue
             return said.text or "", said.language, server.model or server.uri
         raise WyomingError("; ".join(errors) or "every Wyoming server is down")
+
+    def _in_turn(self) -> list[ServerState]:
+        """The servers that are up, in the order the next request tries them (one that is
+        down, or never answered, is left to ready(), which asks it again in time)."""
+        up = [s for s in self._servers if s.up]
+        if self.settings.asr.wyoming.strategy == "spread" and up:
+            first = self._turn % len(up)
+            self._turn += 1
+            up = up[first:] + up[:first]
+        return up
 
     def _probe(self, server: ServerState) -> None:
         """Describe: is the server there, and which model does it run?"""

@@ -235,39 +235,6 @@ def bench_pipeline(
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def bench_wyoming(settings: Settings, config_path: str | None, clip: Path) -> dict[str, Any]:
-    """The daemon on the configured Wyoming servers without a local Whisper model (fallback
-    wait), and the same daemon transcribing locally when the local model is installed."""
-    remote = bench_pipeline(settings, config_path, clip, {"MERAUDIOD_ASR__FALLBACK": "wait"})
-    figures: dict[str, Any] = {
-        "asr_backend": "wyoming",
-        "asr_servers": ", ".join(settings.asr.wyoming.servers),
-        **remote,
-    }
-    asr = settings.asr
-    try:
-        models.resolve(asr.model, settings.storage.resolved_models_dir, asr.allow_download)
-    except models.ModelError:
-        figures["local_note"] = f"no local {asr.model} on this device to compare with"
-        return figures
-    local = bench_pipeline(settings, config_path, clip, {"MERAUDIOD_ASR__BACKEND": "local"})
-    # What both pay alike (VAD on every frame, FLAC, SQLite): the daemon recording only.
-    base = bench_pipeline(settings, config_path, clip, {"MERAUDIOD_ASR__ENABLED": "false"})
-    cpu = "device_cpu_s_per_speech_s"
-    if not (remote[cpu] and local[cpu] and base[cpu]):
-        raise RuntimeError("the bench clip gave no speech to measure")
-    figures["local_device_cpu_s_per_speech_s"] = local[cpu]
-    figures["local_daemon_peak_rss_mb"] = local["daemon_peak_rss_mb"]
-    figures["device_cpu_ratio_vs_local"] = round(remote[cpu] / local[cpu], 3)
-    figures["recording_only_cpu_s_per_speech_s"] = base[cpu]
-    # A difference of two measurements: run-to-run noise could take it below zero.
-    remote_asr, local_asr = max(0.0, remote[cpu] - base[cpu]), local[cpu] - base[cpu]
-    figures["transcription_cpu_s_per_speech_s"] = round(remote_asr, 4)
-    figures["local_transcription_cpu_s_per_speech_s"] = round(local_asr, 4)
-    figures["transcription_cpu_ratio_vs_local"] = round(remote_asr / local_asr, 3)
-    return figures
-
-
 def run_bench(
     settings: Settings, config_path: str | None, progress: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -304,6 +271,8 @@ def run_bench(
         clip = Path(tmp) / "bench.flac"
         soundfile.write(clip, pcm[: int(20 * SAMPLE_RATE_HZ)], SAMPLE_RATE_HZ)
         if wyoming:
+            from .bench_wyoming import bench_wyoming
+
             figures |= bench_wyoming(settings, config_path, clip)
         else:
             figures |= bench_pipeline(settings, config_path, clip)

@@ -135,7 +135,12 @@ class WyomingSettings(Section):
     """Remote speech-to-text servers that speak the Wyoming protocol (asr.backend = wyoming)."""
 
     servers: list[str] = Field(
-        default_factory=list, description="tcp://host:port of each server, tried in order"
+        default_factory=list, description="tcp://host:port of each server (see strategy)"
+    )
+    strategy: Literal["ordered", "spread"] = Field(
+        "ordered",
+        description="ordered: the first server that is up takes every request, the rest stand"
+        " by; spread: each request goes to the next server that is up, in turn",
     )
     connect_timeout_s: float = Field(
         3.0, gt=0, description="Connecting, and a server's answer to Describe, within this"

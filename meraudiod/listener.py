@@ -11,7 +11,7 @@ from typing import Final
 
 import numpy as np
 
-from .audio import FRAME_S, SAMPLE_RATE_HZ, Int16Array, rms_dbfs, to_float32
+from .audio import FRAME_S, SAMPLE_RATE_HZ, Float32Array, Int16Array, rms_dbfs, to_float32
 from .config import Settings
 from .db import is_busy, open_db
 from .recordings import MemoryAudio, Recording, RecordingStore
@@ -19,7 +19,7 @@ from .retention import disk_low
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 from .sources import AudioSource, EndOfStream, SourceError
 from .stage import StageThread
-from .vad import SileroVad
+from .vad import SileroVad, VadTraces
 
 _LOGGER = logging.getLogger(__name__)
 _READ_TIMEOUT_S = 0.5
@@ -29,27 +29,35 @@ _SAVE_TRIES_WHEN_STOPPING: Final = 3  # on the way out, a locked database is not
 
 
 class FrameBuffer:
-    """The frames a pending utterance may still need, addressed by stream frame index."""
+    """The frames a pending utterance may still need, and their speech probabilities,
+    addressed by stream frame index."""
 
     def __init__(self) -> None:
         self._frames: list[Int16Array] = []
+        self._probs: list[float] = []
         self._first = 0  # stream index of _frames[0]
 
-    def append(self, frame: Int16Array) -> None:
-        """Add the next frame of the stream."""
+    def append(self, frame: Int16Array, prob: float) -> None:
+        """Add the next frame of the stream and the VAD's probability for it."""
         self._frames.append(frame)
+        self._probs.append(prob)
 
     def trim(self, oldest_needed: int) -> None:
         """Forget frames before `oldest_needed`."""
         drop = oldest_needed - self._first
         if drop > 0:
             del self._frames[:drop]
+            del self._probs[:drop]
             self._first += drop
 
     def slice(self, start: int, end: int) -> Int16Array:
         """Samples of frames [start, end)."""
         chunk = self._frames[max(0, start - self._first) : end - self._first]
         return np.concatenate(chunk) if chunk else np.zeros(0, dtype=np.int16)
+
+    def probs(self, start: int, end: int) -> Float32Array:
+        """Speech probabilities of frames [start, end)."""
+        return np.array(self._probs[max(0, start - self._first) : end - self._first], np.float32)
 
 
 class Listener(StageThread):
@@ -91,6 +99,7 @@ class Listener(StageThread):
         # silence, so nothing more is recorded and the stream's timeline stays intact.
         self.muted = False
         self.memory: MemoryAudio | None = None  # where audio goes while the disk is full
+        self.vad_traces: VadTraces | None = None  # for the Wyoming client (asr_wyoming.py)
         self._last_frame: Int16Array | None = None  # for the level, measured when asked
         self._segmenter: Segmenter | None = None
 
@@ -143,7 +152,7 @@ class Listener(StageThread):
                 else:
                     self.last_prob = self.vad(to_float32(frame))
                     self._last_frame = frame
-                buffer.append(frame)
+                buffer.append(frame, self.last_prob)
                 for event in segmenter.push(self.last_prob):
                     self._handle(event, buffer, store, stream_t0)
                 buffer.trim(segmenter.oldest_needed_frame())
@@ -220,6 +229,8 @@ class Listener(StageThread):
         if recording is None:
             return  # the disk and the memory for it are full: reported by the daemon
         self.recordings_saved += 1
+        if self.vad_traces is not None:
+            self.vad_traces.put(recording.id, buffer.probs(event.start_frame, event.end_frame))
         if self.recording_ids is not None:
             self.recording_ids.append(recording.id)
         if self.on_recording is not None:

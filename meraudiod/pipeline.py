@@ -20,7 +20,7 @@ from .db import check_integrity, open_db
 from .listener import Listener
 from .recordings import MemoryAudio, Recording, remove_crashed_writes
 from .sources import AudioSource
-from .vad import SileroVad
+from .vad import SileroVad, VadTraces
 from .worker import TranscribedRecording, Worker
 
 _LOGGER = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class Pipeline:
         self.job_origin = None if serves_store else jobs.owner_id()
         self.worker: Worker | None = None
         self.memory = MemoryAudio()  # recordings waiting in RAM while the disk is full
+        # The listeners' VAD per frame, which the Wyoming client cuts recordings with.
+        self.vad_traces = VadTraces() if settings.asr.backend == "wyoming" else None
         self.opened = False  # store recovered and models loaded
 
     def open(self) -> None:
@@ -67,6 +69,7 @@ class Pipeline:
             transcriber = self._speech_to_text()
             self.worker = Worker(self.settings, transcriber, self.stop_event, self.on_transcribed)
             self.worker.memory = self.memory
+            self.worker.vad_traces = self.vad_traces
             self.worker.job_origin = self.job_origin
             if self.settings.speakers.enabled or self.settings.diarization.enabled:
                 from .speakers import SpeakerStage  # fails fast when a model is missing
@@ -119,6 +122,7 @@ class Pipeline:
             **hooks,
         )
         listener.memory = self.memory
+        listener.vad_traces = self.vad_traces
         listener.start()
         return listener
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Final
 
@@ -44,3 +45,28 @@ class SileroVad:
         )
         self._context = frame[-_CONTEXT_SAMPLES:]
         return float(prob.reshape(-1)[0])
+
+
+class VadTraces:
+    """The listener's speech probability for every frame of its latest recordings, kept so
+    that the Wyoming client cuts them at pauses without running the VAD over them again.
+
+    Bounded (the oldest goes first) and only a saving: a recording without one (a backlog
+    from before a restart, a reprocess) has the VAD run over it as before."""
+
+    def __init__(self, max_recordings: int = 64) -> None:
+        self.max_recordings = max_recordings
+        self._items: dict[str, Float32Array] = {}
+        self._lock = threading.Lock()  # the listener puts, the worker gets
+
+    def put(self, rec_id: str, probs: Float32Array) -> None:
+        """Keep one recording's trace, forgetting the oldest when full."""
+        with self._lock:
+            while len(self._items) >= self.max_recordings:
+                del self._items[next(iter(self._items))]
+            self._items[rec_id] = probs
+
+    def get(self, rec_id: str) -> Float32Array | None:
+        """A recording's trace, left in place (a failed request is retried with it)."""
+        with self._lock:
+            return self._items.get(rec_id)

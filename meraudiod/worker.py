@@ -23,6 +23,7 @@ from .db import Transaction, is_busy, now, open_db
 from .recordings import MemoryAudio, audio_file, delete_recording, remove_file
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
+from .vad import VadTraces
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Worker(StageThread):
         self.on_stored: list[Callable[[sqlite3.Connection, TranscribedRecording], None]] = []
         self.speakers: SpeakerStage | None = None  # diarization + identification, when enabled
         self.memory: MemoryAudio | None = None  # audio held while the disk is full
+        self.vad_traces: VadTraces | None = None  # the listeners' VAD, for the Wyoming client
         self.job_origin: str | None = None  # whose jobs it works on (None: the daemon's)
         self._wake = threading.Event()
         self.busy = False
@@ -182,7 +184,8 @@ class Worker(StageThread):
             audio = to_float32(held)
         t0 = time.perf_counter()
         audio = np.ascontiguousarray(audio, dtype=np.float32)
-        transcript = self.transcriber.transcribe(audio)
+        trace = self.vad_traces.get(job.recording_id) if self.vad_traces is not None else None
+        transcript = self.transcriber.transcribe(audio, trace)
         asr_s = time.perf_counter() - t0
         rtf = asr_s / max(float(row["duration_s"]), 1e-6)
         analysis = None

@@ -11,15 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-
-from meraudiod import models
-from meraudiod.asr import Segment, judge
-from meraudiod.asr_wyoming import speech_spans
-from meraudiod.audio import SAMPLE_RATE_HZ, decode_file, to_float32
-from meraudiod.config import ConfigError, Settings, load_settings
-from meraudiod.vad import SileroVad
+from meraudiod.audio import SAMPLE_RATE_HZ, decode_file
 
 from .broker import Broker, Subscriber, free_port
 from .conftest import DEMO, DEMO_TRUTH, StartWyoming, cli, db_rows, status_json, wait_for
@@ -281,6 +273,73 @@ def test_two_servers_one_killed_all_jobs_complete(
     assert second.requests_in() >= len(DEMO_TRUTH) - 1  # the rest went to the second
 
 
+def test_spread_gives_both_servers_requests_and_survives_one_killed(
+    env: dict[str, str], start_wyoming: StartWyoming
+) -> None:
+    """strategy = spread: the first three utterances go to both servers in turn; then one is
+    killed, and the last two go to the other, without a failed try."""
+    first, second = start_wyoming(), start_wyoming()
+    run_env = wyoming_env(env, [first.uri, second.uri], MERAUDIOD_ASR__WYOMING__STRATEGY="spread")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=run_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    pcm = decode_file(DEMO).astype("<i2").tobytes()
+    # Mid-way through the pause after the third utterance (the demo's pauses are 2 s).
+    cut_s = (DEMO_TRUTH[2]["end_s"] + DEMO_TRUTH[3]["start_s"]) / 2
+    cut = int(cut_s * SAMPLE_RATE_HZ) * 2
+    done = "SELECT id FROM recordings WHERE status='done'"
+    try:
+        both_up = lambda: all(s["up"] for s in status(run_env)["asr_servers"])  # noqa: E731
+        wait_for(both_up, 120, "both servers up")
+        proc.stdin.write(pcm[:cut])
+        proc.stdin.flush()
+        wait_for(lambda: len(db_rows(run_env, done)) == 3, 120, "three transcripts")
+        assert first.requests_in() >= 1 and second.requests_in() >= 1  # both had a turn
+        second_before = second.requests_in()
+        first.kill()
+        proc.stdin.write(pcm[cut:])
+        proc.stdin.flush()
+        _, stderr = proc.communicate(timeout=240)  # closes stdin: the input has ended
+        assert proc.returncode == 0, stderr.decode()
+    finally:
+        proc.kill()
+    rows = recordings(run_env)
+    assert len(rows) == len(DEMO_TRUTH) and all(r["status"] == "done" for r in rows)
+    assert second.requests_in() >= second_before + 2  # the survivor took the rest
+    assert attempts(run_env) == [0] * len(DEMO_TRUTH)  # the dead server cost no try
+
+
+def test_without_a_local_whisper_none_of_it_is_imported(
+    env: dict[str, str], start_wyoming: StartWyoming
+) -> None:
+    """backend wyoming + fallback wait: the daemon transcribes the demo on the server and
+    never imports faster-whisper, CTranslate2 or its tokenizer (Python's own import log)."""
+    server = start_wyoming()
+    run_env = wyoming_env(env, [server.uri])
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "meraudiod", "run", "--source", "demo"],
+        env=run_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = finished(proc)
+    done = recordings(run_env)
+    assert len(done) == len(DEMO_TRUTH) and all(r["status"] == "done" for r in done)
+    imported = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in log.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert {"meraudiod", "onnxruntime", "wyoming"} <= imported  # the log is complete
+    assert not imported & {"faster_whisper", "ctranslate2", "tokenizers", "huggingface_hub"}
+
+
 def test_fallback_to_local_when_every_server_is_down(env: dict[str, str]) -> None:
     run_env = wyoming_env(env, [f"tcp://127.0.0.1:{free_port()}"], fallback="local")
     log = finished(run_demo(run_env))
@@ -288,46 +347,6 @@ def test_fallback_to_local_when_every_server_is_down(env: dict[str, str]) -> Non
     done = recordings(run_env)
     assert len(done) == len(DEMO_TRUTH) and all(r["status"] == "done" for r in done)
     assert {r["model"] for r in done} == {"tiny.en"}
-
-
-# --- pieces --------------------------------------------------------------------------------
-
-
-def test_recordings_are_cut_at_pauses(settings: Settings) -> None:
-    """The demo's five utterances, 2 s apart, as one recording: five requests, at the right
-    times."""
-    audio = to_float32(decode_file(DEMO))
-    vad = SileroVad(models.vad_file(settings))
-    spans = speech_spans(audio, vad, settings)
-    assert len(spans) == len(DEMO_TRUTH)
-    for (start_s, end_s), truth in zip(spans, DEMO_TRUTH, strict=True):
-        assert abs(start_s - truth["start_s"]) < 0.5 and abs(end_s - truth["end_s"]) < 0.5
-    silence = np.zeros(2 * SAMPLE_RATE_HZ, dtype=np.float32)
-    assert speech_spans(silence, vad, settings) == [(0.0, 2.0)]  # nothing found: all of it
-
-
-def test_guard_without_scores(settings: Settings) -> None:
-    """A server gives text only: phantom phrases cannot be vouched for, sound labels and
-    loops are still caught, and ordinary speech passes."""
-
-    def unscored(text: str) -> Segment:
-        return Segment(0.0, 1.0, text, None, None, compression_ratio=1.0)
-
-    assert judge(unscored("Thank you."), settings.asr) == "phantom_phrase"
-    assert judge(unscored("(music)"), settings.asr) == "sound_label"
-    assert judge(unscored("Turn off the kitchen lights."), settings.asr) is None
-    loop = Segment(0.0, 1.0, "the " * 40, None, None, compression_ratio=5.0)
-    assert judge(loop, settings.asr) == "repetitive"
-
-
-def test_server_settings_are_checked(env: dict[str, str], tmp_path: Path) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text('[asr]\nbackend = "wyoming"\n')
-    with pytest.raises(ConfigError, match=r"asr.wyoming.servers"):
-        load_settings(path)
-    path.write_text('[asr]\nbackend = "wyoming"\n[asr.wyoming]\nservers = ["gpu-box:10300"]\n')
-    with pytest.raises(ConfigError, match=r"asr.wyoming.servers.*'gpu-box:10300'"):
-        load_settings(path)
 
 
 # --- bench ---------------------------------------------------------------------------------
