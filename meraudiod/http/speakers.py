@@ -25,7 +25,7 @@ def list_speakers(ctx: HttpContext = Depends(context)) -> Any:
 
 @router.post("", status_code=201)
 def enroll(args: EnrollArgs, ctx: HttpContext = Depends(context)) -> Any:
-    """Enrol a person from stored recordings."""
+    """Enrol a person from stored recordings (ids only: a file is uploaded to `/upload`)."""
     return run_command(ctx, "speakers/enroll", args.model_dump())
 
 
@@ -49,7 +49,7 @@ def enroll_upload(
         names = [upload.filename or f"clip {i + 1}" for i, upload in enumerate(files[:20])]
         args = {"name": name, "recording_ids": paths, "do_not_keep": do_not_keep}
         try:
-            data = run_command(ctx, "speakers/enroll", args)
+            data = run_command(ctx, "speakers/enroll", args, uploaded=tuple(paths))
         except ApiError as exc:  # the client's names, not our temporary paths
             for tmp_path, client_name in zip(paths, names, strict=True):
                 exc.message = exc.message.replace(tmp_path, client_name)
