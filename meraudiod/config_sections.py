@@ -367,6 +367,12 @@ class HttpSettings(Section):
         False, description="Allow destructive operations (delete, merge, enrol, ...) over HTTP"
     )
     max_upload_mb: float = Field(100.0, gt=0, description="Largest upload accepted")
+    max_upload_audio_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Longest audio one upload holds (an enrolment: its clips together);"
+        " a few MB of compressed silence can last hours, and what is kept is held in memory",
+    )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed cross-origin requests (empty = none)"
     )
