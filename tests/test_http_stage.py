@@ -26,8 +26,10 @@ from tests.httpd import (
 )
 
 
-def test_off_loopback_without_a_token_refuses_to_start(env: dict[str, str], tmp_path: Path) -> None:
-    Path(env["MERAUDIOD_CONFIG"]).write_text('[http]\nenabled = true\nhost = "0.0.0.0"\n')
+def _refused_start(env: dict[str, str], config: str) -> str:
+    """Start the daemon with this configuration: it must fail with one line, never a
+    traceback; returns what it printed."""
+    Path(env["MERAUDIOD_CONFIG"]).write_text(config)
     result = subprocess.run(
         [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
         env=env,
@@ -38,7 +40,12 @@ def test_off_loopback_without_a_token_refuses_to_start(env: dict[str, str], tmp_
     )
     assert result.returncode != 0
     err = result.stderr.decode()
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
+    return err
+
+
+def test_off_loopback_without_a_token_refuses_to_start(env: dict[str, str]) -> None:
+    err = _refused_start(env, '[http]\nenabled = true\nhost = "0.0.0.0"\n')
     assert "http.host 0.0.0.0 is reachable from other machines" in err
     assert "http.token" in err and len(err.strip().splitlines()) == 1, err
 
@@ -48,18 +55,7 @@ def test_a_port_in_use_fails_the_start_with_one_line(env: dict[str, str]) -> Non
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        Path(env["MERAUDIOD_CONFIG"]).write_text(f"[http]\nenabled = true\nport = {port}\n")
-        result = subprocess.run(
-            [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-            env=env,
-            input=b"",
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-    assert result.returncode != 0
-    err = result.stderr.decode()
-    assert "Traceback" not in err
+        err = _refused_start(env, f"[http]\nenabled = true\nport = {port}\n")
     assert f"http: cannot listen on 127.0.0.1:{port}" in err.splitlines()[-1], err
 
 
