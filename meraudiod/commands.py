@@ -15,11 +15,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Final, Protocol
+from typing import Annotated, Any, Protocol
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from . import jobs
+from .command_errors import (
+    INTERNAL_CODE,
+    CommandError,
+    Conflict,
+    Forbidden,
+    InvalidArguments,
+    NotFound,
+)
 from .config import Settings
 from .db import Transaction, now
 from .messages import Event, Response, SpeakerEvent, enqueue
@@ -29,40 +37,7 @@ from .retention import purge
 from .status import status
 
 _LOGGER = logging.getLogger(__name__)
-INTERNAL_CODE: Final = "internal"  # a bug: the caller is answered, the daemon stays up
-
-
-class CommandError(Exception):
-    """A request that cannot be carried out; the message goes back to the caller.
-
-    Each kind has its `code`, which every surface maps to its own answer (an MQTT response's
-    `code`, an HTTP status): never the wording of the message."""
-
-    code: ClassVar[str] = "bad_request"
-
-
-class InvalidArguments(CommandError):
-    """The arguments do not fit the command's schema, or the command is unknown."""
-
-    code: ClassVar[str] = "invalid_request"
-
-
-class NotFound(CommandError):
-    """What the request names (a recording, a speaker) does not exist."""
-
-    code: ClassVar[str] = "not_found"
-
-
-class Forbidden(CommandError):
-    """An admin command from a caller not allowed admin commands."""
-
-    code: ClassVar[str] = "forbidden"
-
-
-class Conflict(CommandError):
-    """The change clashes with what exists (a name taken)."""
-
-    code: ClassVar[str] = "conflict"
+__all__ = ["CommandError", "Conflict", "Forbidden", "InvalidArguments", "NotFound"]
 
 
 class Runtime(Protocol):
