@@ -1,9 +1,12 @@
 """What the HTTP stage costs (part of `meraudiod bench` when `http.enabled`): the daemon's
 resident memory and idle CPU with the stage off and on, each in a child process on a
-scratch data directory, listening to an open but silent stdin."""
+scratch data directory, listening to an open but silent stdin; and how long an upload's task
+takes against `meraudiod analyze` on the same file. scripts/bench writes these figures into
+docs/benchmarks.md (its HTTP section)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -15,56 +18,84 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+import soundfile
+
+from .audio import SAMPLE_RATE_HZ
 from .config import Settings
 from .db import open_db
+from .sources import demo_path
 from .status import HEARTBEAT_FILE
 
 _READY_TIMEOUT_S: Final = 120.0
 _IDLE_S: Final = 5.0
+_TASK_TIMEOUT_S: Final = 300.0
 # What a page and a scraper ask for: the API, the page, the docs, metrics, readiness.
 _PATHS: Final = ("/api/v1/recordings", "/", "/api/docs", "/metrics", "/health/ready")
 
 
 def bench_http(settings: Settings, config_path: str | None) -> dict[str, Any]:
-    """RSS added by the HTTP stage after serving requests, and idle CPU with it off and on."""
+    """RSS added by the HTTP stage after serving requests, idle CPU with it off and on, and
+    an upload's task against `analyze` on the same file (the bundled demo)."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         return {"http_rss_added_mb": None, "http_note": "the http extra is not installed"}
-    off_rss_kb, off_cpu_pct = _idle_daemon(settings, config_path, port=None)
+    off_rss_kb, off_cpu_pct, _ = _idle_daemon(settings, config_path, port=None)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
-    on_rss_kb, on_cpu_pct = _idle_daemon(settings, config_path, port=port)
+    on_rss_kb, on_cpu_pct, upload_s = _idle_daemon(settings, config_path, port=port)
+    analyze_s = _analyze_work_s(settings, config_path)
     return {
         "http_rss_added_mb": round((on_rss_kb - off_rss_kb) / 1024, 1),
-        "idle_cpu_pct_http_off": round(off_cpu_pct, 2),
-        "idle_cpu_pct_http_on": round(on_cpu_pct, 2),
+        "http_idle_cpu_pct_off": round(off_cpu_pct, 2),
+        "http_idle_cpu_pct_on": round(on_cpu_pct, 2),
+        "http_upload_task_s": round(upload_s, 2),
+        "http_analyze_s": round(analyze_s, 2),
+        "http_upload_vs_analyze": round(upload_s / analyze_s, 2) if analyze_s > 0 else None,
+        "http_note": (
+            f"{demo_path().name}: upload_task_s from the POST to the task completed (models"
+            " loaded); analyze_s the same file through `meraudiod analyze` less its start-up"
+            " (analyze of 1 s of silence)"
+        ),
     }
 
 
-def _idle_daemon(
-    settings: Settings, config_path: str | None, port: int | None
-) -> tuple[int, float]:
-    """(VmRSS in kB after start-up and, with HTTP, after serving requests; CPU % of one
-    core while idle) of `meraudiod run --source stdin`."""
-    scratch = Path(tempfile.mkdtemp(prefix="bench-http-"))
+def _scratch_env(settings: Settings, config_path: str | None, scratch: Path) -> dict[str, str]:
+    """The environment of a child on a scratch data directory, MQTT off."""
     env = {
         **os.environ,
         "MERAUDIOD_STORAGE__DATA_DIR": str(scratch),
         "MERAUDIOD_STORAGE__RUN_DIR": str(scratch),
         "MERAUDIOD_STORAGE__MODELS_DIR": str(settings.storage.resolved_models_dir),
         "MERAUDIOD_MQTT__ENABLED": "false",
-        "MERAUDIOD_HTTP__ENABLED": "true" if port else "false",
-        "MERAUDIOD_HTTP__HOST": "127.0.0.1",
-        "MERAUDIOD_HTTP__PORT": str(port or 8080),
+        "MERAUDIOD_HTTP__ENABLED": "false",
     }
     for key in ("MERAUDIOD_STORAGE__TMP_AUDIO_DIR", "MERAUDIOD_HTTP__TOKEN", "NOTIFY_SOCKET"):
         env.pop(key, None)
     if config_path:
         env["MERAUDIOD_CONFIG"] = config_path
+    return env
+
+
+def _idle_daemon(
+    settings: Settings, config_path: str | None, port: int | None
+) -> tuple[int, float, float]:
+    """(VmRSS in kB after start-up and, with HTTP, after serving requests; CPU % of one
+    core while idle; with HTTP, the seconds an upload's task took) of `meraudiod run
+    --source stdin`."""
+    scratch = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    env = _scratch_env(settings, config_path, scratch)
+    if port:
+        env |= {
+            "MERAUDIOD_HTTP__ENABLED": "true",
+            "MERAUDIOD_HTTP__HOST": "127.0.0.1",
+            "MERAUDIOD_HTTP__PORT": str(port),
+        }
     child: subprocess.Popen[bytes] | None = None
+    headers = {"Authorization": f"Bearer {settings.http.resolved_token() or ''}"}
     try:
         open_db(scratch / "meraudiod.db").close()
         child = subprocess.Popen(
@@ -76,7 +107,6 @@ def _idle_daemon(
         )
         _wait_ready(child, scratch, port)
         if port:
-            headers = {"Authorization": f"Bearer {settings.http.resolved_token() or ''}"}
             for _ in range(4):
                 for path in _PATHS:
                     request = urllib.request.Request(
@@ -89,13 +119,75 @@ def _idle_daemon(
         cpu0, t0 = _cpu_ticks(child.pid), time.monotonic()
         time.sleep(_IDLE_S)
         cpu_pct = (_cpu_ticks(child.pid) - cpu0) / os.sysconf("SC_CLK_TCK")
-        return rss_kb, 100.0 * cpu_pct / (time.monotonic() - t0)
+        cpu_pct = 100.0 * cpu_pct / (time.monotonic() - t0)
+        upload_s = _upload_task_s(f"http://127.0.0.1:{port}", headers) if port else 0.0
+        return rss_kb, cpu_pct, upload_s
     finally:
         if child is not None:
             child.terminate()
             child.wait(60)
             if child.stdin is not None:
                 child.stdin.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _upload_task_s(base_url: str, headers: dict[str, str]) -> float:
+    """Seconds from posting the demo to `/api/v1/analysis/upload` to its task completed."""
+    demo = demo_path()
+    boundary = "bench-upload-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{demo.name}"'
+            "\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + demo.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    t0 = time.monotonic()
+    request = urllib.request.Request(
+        f"{base_url}/api/v1/analysis/upload",
+        data=body,
+        headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        task_id = json.loads(response.read())["task_id"]
+    deadline = t0 + _TASK_TIMEOUT_S
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(f"{base_url}/api/v1/tasks/{task_id}", headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            state = json.loads(response.read())["status"]
+        if state == "completed":
+            return time.monotonic() - t0
+        if state == "failed":
+            raise RuntimeError(f"the bench upload's task failed ({task_id})")
+        time.sleep(0.05)
+    raise RuntimeError("the bench upload's task did not complete in time")
+
+
+def _analyze_work_s(settings: Settings, config_path: str | None) -> float:
+    """`meraudiod analyze` of the demo, less its start-up and model loading (the same
+    command on one second of silence), in seconds."""
+    scratch = Path(tempfile.mkdtemp(prefix="bench-analyze-"))
+    try:
+        silence = scratch / "silence.wav"
+        soundfile.write(silence, np.zeros(SAMPLE_RATE_HZ, dtype=np.int16), SAMPLE_RATE_HZ)
+        env = _scratch_env(settings, config_path, scratch)
+        runs: dict[Path, float] = {}
+        # Each the best of two, alternating: the first run of all reads the models from a
+        # cold disk cache, which is no part of either.
+        for clip in (silence, demo_path()) * 2:
+            t0 = time.monotonic()
+            subprocess.run(
+                [sys.executable, "-m", "meraudiod", "analyze", str(clip)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=_TASK_TIMEOUT_S,
+                check=True,
+            )
+            runs[clip] = min(runs.get(clip, float("inf")), time.monotonic() - t0)
+        return max(0.0, runs[demo_path()] - runs[silence])
+    finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 

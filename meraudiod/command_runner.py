@@ -23,13 +23,13 @@ QUEUE_SIZE: Final = 32
 _POLL_S: Final = 0.5
 
 
-def refusal(name: str, payload: bytes, error: str) -> Response:
+def refusal(name: str, payload: bytes, code: str, error: str) -> Response:
     """An error response that echoes the caller's transaction when the payload has one."""
     try:
         transaction = decode_request(name, payload).transaction
     except PayloadError:
         transaction = None
-    return Response(name, "error", error=error, transaction=transaction)
+    return Response(name, "error", error=error, transaction=transaction, code=code)
 
 
 class CommandRunner(StageThread):
@@ -55,13 +55,18 @@ class CommandRunner(StageThread):
     def submit(self, name: str, payload: bytes) -> None:
         """Queue a request (called on the MQTT thread): answered "busy" when the queue is full."""
         if self.stop_event.is_set():
-            self.reply(refusal(name, payload, "stopping: the daemon is shutting down"))
+            self.reply(refusal(name, payload, "stopping", "stopping: the daemon is shutting down"))
             return
         try:
             self._queue.put_nowait((name, payload))
         except queue.Full:
             self.reply(
-                refusal(name, payload, f"busy: {QUEUE_SIZE} requests are waiting; try again later")
+                refusal(
+                    name,
+                    payload,
+                    "busy",
+                    f"busy: {QUEUE_SIZE} requests are waiting; try again later",
+                )
             )
 
     def _run(self) -> None:

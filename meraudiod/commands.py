@@ -20,19 +20,24 @@ from typing import Annotated, Any, Protocol
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from . import jobs
+from .command_errors import (
+    INTERNAL_CODE,
+    CommandError,
+    Conflict,
+    Forbidden,
+    InvalidArguments,
+    NotFound,
+)
 from .config import Settings
 from .db import Transaction, now
-from .messages import Response
+from .messages import Event, Response, SpeakerEvent, enqueue
 from .payloads import PayloadError, decode_request
 from .recordings import delete_recordings, normalise_id, recording_details
 from .retention import purge
 from .status import status
 
 _LOGGER = logging.getLogger(__name__)
-
-
-class CommandError(Exception):
-    """A request that cannot be carried out; the message goes back to the caller."""
+__all__ = ["CommandError", "Conflict", "Forbidden", "InvalidArguments", "NotFound"]
 
 
 class Runtime(Protocol):
@@ -43,6 +48,9 @@ class Runtime(Protocol):
 
     def speaker_stage(self) -> Any:
         """The loaded speaker models (a SpeakerStage), or None."""
+
+    def published(self, event: Event) -> None:
+        """A command queued an event in the outbox: deliver it now, and to the live sockets."""
 
 
 @dataclass
@@ -55,6 +63,10 @@ class CommandContext:
     runtime: Runtime | None = None
     # Over MQTT a request must be cheap: `status` then reads counters, never the disk tree.
     remote: bool = False
+    # Files a command may read (enrolment clips). None: any path (the CLI, run on the device
+    # by its admin). A remote surface gives only the files it received itself (an HTTP
+    # upload's clips), so no client can make the daemon read a path of its choosing.
+    readable_files: tuple[str, ...] | None = ()
 
 
 # A ULID in any case ("01jd2x..." too), as stored: upper case.
@@ -117,9 +129,12 @@ class EnrollArgs(Args):
 
     name: str = Field(min_length=1, max_length=100)
     # Not RecordingId: a file path (the HTTP upload's clips) must keep its case; profiles
-    # normalises what is not a file as an id.
+    # normalises what is not a file as an id. Files only from the caller's own upload or the
+    # CLI (CommandContext.readable_files).
     recording_ids: list[str] = Field(
-        min_length=1, max_length=20, description="Recording ULIDs (any case) or audio files"
+        min_length=1,
+        max_length=20,
+        description="Recording ULIDs (any case); audio files only from the CLI on the device",
     )
     do_not_keep: bool = Field(False, description="Recognise this person only to delete them")
 
@@ -181,7 +196,9 @@ def parse_since(value: str) -> float:
     try:
         return datetime.fromisoformat(value).timestamp()
     except ValueError as exc:
-        raise CommandError(f"{value!r} is not a time: use e.g. 2h, 3d or 2026-11-25T08:00") from exc
+        raise InvalidArguments(
+            f"{value!r} is not a time: use e.g. 2h, 3d or 2026-11-25T08:00"
+        ) from exc
 
 
 def _fts_query(text: str) -> str:
@@ -237,7 +254,7 @@ def _recordings_list(ctx: CommandContext, args: ListArgs) -> Any:
 def _recordings_get(ctx: CommandContext, args: IdArgs) -> Any:
     data = recording_details(ctx.conn, ctx.settings.storage.audio_dir, args.id)
     if data is None:
-        raise CommandError(f"no recording {args.id}")
+        raise NotFound(f"no recording {args.id}")
     return data
 
 
@@ -249,7 +266,7 @@ def _recordings_delete(ctx: CommandContext, args: IdsArgs) -> Any:
 def _speaker_id(conn: sqlite3.Connection, name: str) -> str:
     row = conn.execute("SELECT id FROM speakers WHERE name=?", (name,)).fetchone()
     if row is None:
-        raise CommandError(f"no speaker named {name!r}")
+        raise NotFound(f"no speaker named {name!r}")
     return str(row["id"])
 
 
@@ -257,14 +274,14 @@ def _purge(ctx: CommandContext, args: PurgeArgs) -> Any:
     before = now() - args.older_than_days * 86400 if args.older_than_days else None
     if (args.start is None) != (args.end is None):
         # "--start T" alone once deleted everything after T: a range is given whole.
-        raise CommandError("a time range needs both start and end (end may be 'now')")
+        raise InvalidArguments("a time range needs both start and end (end may be 'now')")
     if args.end:
         end = now() if args.end.strip().lower() == "now" else parse_since(args.end)
         before = min(before, end) if before is not None else end
     after = parse_since(args.start) if args.start else None
     speaker = _speaker_id(ctx.conn, args.speaker) if args.speaker else None
     if before is None and after is None and speaker is None:
-        raise CommandError("purge needs older_than_days, start/end or speaker")
+        raise InvalidArguments("purge needs older_than_days, start/end or speaker")
     result = purge(
         ctx.conn,
         ctx.settings.storage.audio_dir,
@@ -294,7 +311,7 @@ def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
                 "SELECT audio_path FROM recordings WHERE id=?", (rec_id,)
             ).fetchone()
             if row is None:  # nothing queued: the transaction is rolled back
-                raise CommandError(f"no recording {rec_id}")
+                raise NotFound(f"no recording {rec_id}")
             if not row["audio_path"]:
                 if rec_id in args.ids:
                     raise CommandError(f"recording {rec_id} has no audio to transcribe again")
@@ -310,12 +327,28 @@ def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
 
 
 def _profiles(func: Callable[[], Any]) -> Any:
-    from .profiles import ProfileError
+    from .profiles import Missing, NameTaken, ProfileError
 
     try:
         return func()
+    except Missing as exc:
+        raise NotFound(str(exc)) from exc
+    except NameTaken as exc:
+        raise Conflict(str(exc)) from exc
     except ProfileError as exc:
         raise CommandError(str(exc)) from exc
+
+
+def _speaker_event(ctx: CommandContext, kind: str, name: str) -> None:
+    """`enrolled` or `deleted` on event/speaker, whichever surface ran the command: queued in
+    the MQTT outbox (delivered by the daemon) and handed to the running daemon, if any."""
+    m = ctx.settings.mqtt
+    event = SpeakerEvent(node_id=m.node_id, area=m.area, event_type=kind, name=name)
+    if m.enabled:
+        with Transaction(ctx.conn):
+            enqueue(ctx.conn, event, max_rows=m.outbox_max_rows)
+    if ctx.runtime is not None:
+        ctx.runtime.published(event)
 
 
 def _speakers_list(ctx: CommandContext, args: NoArgs) -> Any:
@@ -336,13 +369,21 @@ def _speakers_enroll(ctx: CommandContext, args: EnrollArgs) -> Any:
         except SpeakerError as exc:
             raise CommandError(str(exc)) from exc
     results = _profiles(
-        lambda: enroll(ctx.conn, stage, args.name, args.recording_ids, args.do_not_keep)
+        lambda: enroll(
+            ctx.conn,
+            stage,
+            args.name,
+            args.recording_ids,
+            args.do_not_keep,
+            files=ctx.readable_files,
+        )
     )
     if not any(r.stored for r in results):
         raise CommandError(
             f"nothing enrolled for {args.name}: "
             + "; ".join(f"{r.source}: {r.reason}" for r in results)
         )
+    _speaker_event(ctx, "enrolled", args.name)
     return {"name": args.name, "sources": [asdict(r) for r in results]}
 
 
@@ -365,6 +406,7 @@ def _speakers_delete(ctx: CommandContext, args: DeleteSpeakerArgs) -> Any:
 
     audio_dir = ctx.settings.storage.audio_dir
     deleted = _profiles(lambda: delete(ctx.conn, audio_dir, args.name, args.recordings))
+    _speaker_event(ctx, "deleted", args.name)
     return {"name": args.name, **asdict(deleted)}
 
 
@@ -424,16 +466,16 @@ def execute(ctx: CommandContext, name: str, args: dict[str, Any]) -> Any:
     """Validate and run one command; raises CommandError."""
     command = COMMANDS.get(name)
     if command is None:
-        raise CommandError(f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
+        raise InvalidArguments(f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
     if command.admin and not ctx.admin:
-        raise CommandError(f"{name} changes or deletes data: set mqtt.allow_admin_commands")
+        raise Forbidden(f"{name} changes or deletes data: set mqtt.allow_admin_commands")
     try:
         parsed = command.args.model_validate(args)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in exc.errors()
         )
-        raise CommandError(f"invalid arguments: {problems}") from exc
+        raise InvalidArguments(f"invalid arguments: {problems}") from exc
     return command.handler(ctx, parsed)
 
 
@@ -447,8 +489,18 @@ def dispatch(ctx: CommandContext, name: str, payload: bytes) -> Response:
         data = execute(ctx, request.command, request.args)
         json.dumps(data, default=str)  # fail here, not on the way out
         return Response(name, "ok", data=data, transaction=transaction)
-    except (CommandError, PayloadError) as exc:
-        return Response(name, "error", error=str(exc), transaction=transaction)
+    except CommandError as exc:
+        return Response(name, "error", error=str(exc), transaction=transaction, code=exc.code)
+    except PayloadError as exc:
+        return Response(
+            name, "error", error=str(exc), transaction=transaction, code=InvalidArguments.code
+        )
     except Exception as exc:  # a bug must still answer the caller and leave the daemon up
         _LOGGER.exception("command %s failed", name)
-        return Response(name, "error", error=f"internal error: {exc}", transaction=transaction)
+        return Response(
+            name,
+            "error",
+            error=f"internal error: {exc}",
+            transaction=transaction,
+            code=INTERNAL_CODE,
+        )

@@ -372,8 +372,29 @@ class HttpSettings(Section):
         False, description="Allow destructive operations (delete, merge, enrol, ...) over HTTP"
     )
     max_upload_mb: float = Field(100.0, gt=0, description="Largest upload accepted")
+    max_upload_audio_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Longest audio one upload holds (an enrolment: its clips together);"
+        " a few MB of compressed silence can last hours, and what is kept is held in memory",
+    )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed cross-origin requests (empty = none)"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time a client has to send a request's line and headers"
+    )
+    body_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Time a client has to send a request's body, however slowly (an upload"
+        " of max_upload_mb needs max_upload_mb / body_timeout_s MB/s); then 408",
+    )
+    max_connections: int = Field(
+        64,
+        ge=1,
+        description="Connections and requests served at once (uvicorn's limit_concurrency);"
+        " a request beyond gets 503, so a flood cannot take the daemon's file descriptors",
     )
 
     @field_validator("token_file", mode="before")

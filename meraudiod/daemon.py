@@ -27,7 +27,6 @@ from .messages import (
     ErrorEvent,
     Event,
     Response,
-    SpeakerEvent,
     enqueue,
 )
 from .microphone import AudioSupervisor
@@ -52,7 +51,6 @@ _POLL_S: Final = 0.2
 _HEARTBEAT_EVERY_S: Final = 5.0
 _STATE_EVERY_S: Final = 30.0
 _LISTENING_KEY: Final = "listening"
-_SPEAKER_EVENTS: Final = {"speakers/enroll": "enrolled", "speakers/delete": "deleted"}
 _READ_ONLY_COMMANDS: Final = frozenset(
     {"status", "recordings/list", "recordings/get", "speakers/list", "config/get"}
 )
@@ -225,19 +223,17 @@ class Daemon:
         self.mqtt.send(Outgoing(response.topic, json.dumps(response.to_payload(), default=str)))
 
     def _after_command(self, conn: sqlite3.Connection, response: Response) -> None:
-        """A speaker event after an enrolment or a delete; the state is republished after a
-        command that changed something."""
-        kind = _SPEAKER_EVENTS.get(response.command)
-        if kind is not None:
-            m = self.settings.mqtt
-            event = SpeakerEvent(
-                node_id=m.node_id, area=m.area, event_type=kind, name=response.data["name"]
-            )
-            with Transaction(conn):
-                enqueue(conn, event, max_rows=m.outbox_max_rows)
-            self.mqtt.wake()
+        """The state is republished after a command that changed something."""
         if response.command not in _READ_ONLY_COMMANDS:  # e.g. the backlog or a speaker changed
             self._state_dirty = True
+
+    def published(self, event: Event) -> None:
+        """A command (over MQTT or HTTP) queued an event, e.g. a speaker enrolled: MQTT
+        delivers it now, and the live sockets get it too."""
+        if self.mqtt is not None:
+            self.mqtt.wake()
+        if self.http is not None:
+            self.http.hub.publish(event, "commands")
 
     def _transcript_live(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
         for event in events.transcript_events(conn, self.settings.mqtt, result):

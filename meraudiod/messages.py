@@ -208,6 +208,9 @@ class Response:
     data: Any = None
     error: str | None = None
     transaction: str | int | None = None
+    # What kind of error (not_found, invalid_request, forbidden, conflict, bad_request,
+    # busy, stopping, internal): a client branches on this, never on the wording.
+    code: str | None = None
 
     @property
     def topic(self) -> str:
@@ -220,6 +223,7 @@ class Response:
             "status": self.status,
             "data": self.data,
             "error": self.error,
+            "code": self.code,
             "transaction": self.transaction,
         }
 

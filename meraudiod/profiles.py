@@ -11,7 +11,7 @@ that recordings matched to it are deleted once processed (worker.py).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
@@ -35,6 +35,14 @@ MIN_ENROL_SPEECH_S: Final = 1.5
 
 class ProfileError(Exception):
     """A profile operation is not possible; the message says why."""
+
+
+class Missing(ProfileError):
+    """The profile, file or recording named does not exist."""
+
+
+class NameTaken(ProfileError):
+    """Another profile has that name already."""
 
 
 def current_model(settings: Settings) -> str:
@@ -123,7 +131,7 @@ class ProfileInfo:
 def _row(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
     row = conn.execute("SELECT * FROM speakers WHERE name=?", (name,)).fetchone()
     if row is None:
-        raise ProfileError(f"no speaker named {name!r} (see `meraudiod speakers list`)")
+        raise Missing(f"no speaker named {name!r} (see `meraudiod speakers list`)")
     return row  # type: ignore[no-any-return]
 
 
@@ -137,15 +145,19 @@ def _check_name(name: str) -> None:
         )
 
 
-def _load(conn: sqlite3.Connection, audio_dir: Path, source: str) -> tuple[str, Path]:
-    """(label, audio path) of a file or of a stored recording given by its id."""
+def _load(
+    conn: sqlite3.Connection, audio_dir: Path, source: str, files: Collection[str] | None
+) -> tuple[str, Path]:
+    """(label, audio path) of a file or of a stored recording given by its id; only the
+    `files` named may be read (None: any)."""
     path = Path(source).expanduser()
-    if path.is_file():
+    if (files is None or source in files) and path.is_file():
         return str(path), path
     rec_id = normalise_id(source)
     row = conn.execute("SELECT id, audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
     if row is None:
-        raise ProfileError(f"{source}: no such file or recording")
+        what = "file or recording" if files is None else "recording (no file can be named here)"
+        raise Missing(f"{source}: no such {what}")
     stored = audio_file(audio_dir, row["audio_path"]) if row["audio_path"] else None
     if stored is None or not stored.is_file():
         raise ProfileError(f"recording {rec_id} has no audio any more")
@@ -158,8 +170,10 @@ def enroll(
     name: str,
     sources: Sequence[str],
     opt_out: bool = False,
+    files: Collection[str] | None = None,
 ) -> list[EnrolResult]:
-    """Add one embedding per source (file or recording id) to the named profile.
+    """Add one embedding per source (file or recording id) to the named profile; a source
+    that is a file is read only if `files` is None (the CLI) or names it (an upload).
 
     Every source is read before anything is stored: one that is missing or unreadable is an
     error naming it, and nothing is enrolled. Sources with too little speech are reported and
@@ -168,7 +182,7 @@ def enroll(
     _check_name(name)
     clips = []
     for source in sources:
-        label, path = _load(conn, stage.settings.storage.audio_dir, source)
+        label, path = _load(conn, stage.settings.storage.audio_dir, source, files)
         try:
             clips.append((label, to_float32(decode_file(path))))
         except AudioDecodeError as exc:
@@ -280,7 +294,7 @@ def rename(conn: sqlite3.Connection, old: str, new: str) -> None:
     with Transaction(conn):
         speaker = _row(conn, old)
         if conn.execute("SELECT 1 FROM speakers WHERE name=?", (new,)).fetchone():
-            raise ProfileError(f"{new!r} exists already: use `meraudiod speakers merge`")
+            raise NameTaken(f"{new!r} exists already: use `meraudiod speakers merge`")
         conn.execute(
             "UPDATE speakers SET name=?, provisional=0, updated_at=? WHERE id=?",
             (new, now(), speaker["id"]),
@@ -387,7 +401,7 @@ def test_clips(
     profiles = load_profiles(conn, stage.model)
     out = []
     for source in sources:
-        label, path = _load(conn, stage.settings.storage.audio_dir, source)
+        label, path = _load(conn, stage.settings.storage.audio_dir, source, None)  # the CLI only
         try:
             audio = to_float32(decode_file(path))
         except AudioDecodeError as exc:

@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import soundfile
 
 from tests.conftest import DEMO, TEST_DATA
 from tests.httpd import (
@@ -24,9 +26,11 @@ from tests.httpd import (
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, speaker_models: Path) -> Iterator[HttpDaemon]:
-    """One daemon for the module: a token, admin allowed, speakers on, a 5 MB upload limit."""
+    """One daemon for the module: a token, admin allowed, speakers on, a 5 MB and 10 minute
+    upload limit."""
     env = daemon_env(tmp_path_factory.mktemp("httpd"), speaker_models)
-    server = HttpDaemon(env, config="max_upload_mb = 5\n" + SPEAKERS_CONFIG).start()
+    limits = "max_upload_mb = 5\nmax_upload_audio_s = 600\n"
+    server = HttpDaemon(env, config=limits + SPEAKERS_CONFIG).start()
     yield server
     assert server.stop() == 0, server.log()
 
@@ -215,6 +219,41 @@ def test_a_2_gb_upload_is_refused_before_it_is_stored(daemon: HttpDaemon) -> Non
     assert not big, big  # nothing near the upload's size was stored
 
 
+def test_hours_of_compressed_silence_are_refused_by_their_length(
+    daemon: HttpDaemon, tmp_path: Path
+) -> None:
+    hours = tmp_path / "hours.flac"
+    with soundfile.SoundFile(hours, "w", 8000, 1, "PCM_16", format="FLAC") as out:
+        minute = np.zeros(8000 * 60, dtype=np.int16)
+        for _ in range(180):  # three hours, a quarter of a megabyte
+            out.write(minute)
+    data = hours.read_bytes()
+    assert len(data) < 1e6  # far under the 5 MB limit: only its length gives it away
+    clip = ("files", ("bob.flac", (TEST_DATA / "ls_2609_0000.flac").read_bytes()))
+    with daemon.client() as client:
+        listed = {"limit": 1000}
+        before = [
+            r["id"] for r in client.get("/api/v1/recordings", params=listed).json()["recordings"]
+        ]
+        for path in ("/api/v1/analysis/upload", "/api/v1/vad/upload_recording"):
+            response = client.post(path, files={"file": ("hours.flac", data)})
+            message = json_error(response, 413, "too_large")
+            assert "hours.flac" in message and "600 s (http.max_upload_audio_s)" in message
+        # an enrolment's clips count together; the refusal names the clip that passed it
+        response = client.post(
+            "/api/v1/persistent-speakers/upload",
+            data={"name": "Zoe"},
+            files=[clip, ("files", ("hours.flac", data))],
+        )
+        assert "hours.flac" in json_error(response, 413, "too_large")
+        assert "Zoe" not in [p["name"] for p in client.get("/api/v1/persistent-speakers").json()]
+        after = client.get("/api/v1/recordings", params=listed).json()["recordings"]
+        assert [r["id"] for r in after] == before  # nothing stored
+        assert client.get("/health/ready").status_code == 200  # the daemon is fine
+    uploads = Path(daemon.env["MERAUDIOD_STORAGE__DATA_DIR"]) / "uploads"
+    assert not [p for p in uploads.rglob("*") if p.is_file()]  # no temporary file left
+
+
 def test_listening_switch_status_metrics_and_docs(daemon: HttpDaemon) -> None:
     with daemon.client() as client:
         assert client.post("/api/v1/vad/stop").json() == {"listening": False}
@@ -304,7 +343,7 @@ def test_speakers_enrol_identify_review_merge_opt_out_and_delete(daemon: HttpDae
         bad = client.post(
             f"{base}/upload", data={"name": "Eve"}, files=[("files", ("notes.txt", b"hi" * 500))]
         )
-        message = json_error(bad, 400, "bad_request")
+        message = json_error(bad, 415, "unsupported_media")  # as an upload to transcribe
         assert "notes.txt" in message and "uploads" not in message  # no path of ours leaks
 
         bob_again = _upload_recording(client, "ls_2609_0003.flac")

@@ -5,10 +5,12 @@ application, JSON logs, and what the stage costs."""
 from __future__ import annotations
 
 import json
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,10 @@ from tests.httpd import (
 )
 
 
-def test_off_loopback_without_a_token_refuses_to_start(env: dict[str, str], tmp_path: Path) -> None:
-    Path(env["MERAUDIOD_CONFIG"]).write_text('[http]\nenabled = true\nhost = "0.0.0.0"\n')
+def _refused_start(env: dict[str, str], config: str) -> str:
+    """Start the daemon with this configuration: it must fail with one line, never a
+    traceback; returns what it printed."""
+    Path(env["MERAUDIOD_CONFIG"]).write_text(config)
     result = subprocess.run(
         [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
         env=env,
@@ -36,7 +40,12 @@ def test_off_loopback_without_a_token_refuses_to_start(env: dict[str, str], tmp_
     )
     assert result.returncode != 0
     err = result.stderr.decode()
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
+    return err
+
+
+def test_off_loopback_without_a_token_refuses_to_start(env: dict[str, str]) -> None:
+    err = _refused_start(env, '[http]\nenabled = true\nhost = "0.0.0.0"\n')
     assert "http.host 0.0.0.0 is reachable from other machines" in err
     assert "http.token" in err and len(err.strip().splitlines()) == 1, err
 
@@ -46,18 +55,7 @@ def test_a_port_in_use_fails_the_start_with_one_line(env: dict[str, str]) -> Non
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        Path(env["MERAUDIOD_CONFIG"]).write_text(f"[http]\nenabled = true\nport = {port}\n")
-        result = subprocess.run(
-            [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-            env=env,
-            input=b"",
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-    assert result.returncode != 0
-    err = result.stderr.decode()
-    assert "Traceback" not in err
+        err = _refused_start(env, f"[http]\nenabled = true\nport = {port}\n")
     assert f"http: cannot listen on 127.0.0.1:{port}" in err.splitlines()[-1], err
 
 
@@ -164,4 +162,88 @@ def test_bench_measures_what_the_http_stage_costs(settings: Any) -> None:
     figures = bench_http(settings, None)
     # The issue's budget: at most 15 MB more resident memory once it has served requests.
     assert 0 < figures["http_rss_added_mb"] <= 15, figures
-    assert figures["idle_cpu_pct_http_on"] < 5, figures  # idle: a small fraction of a core
+    assert figures["http_idle_cpu_pct_on"] < 5, figures  # idle: a small fraction of a core
+    # the figures the README cites from docs/benchmarks.md: both sides of the comparison
+    assert figures["http_upload_task_s"] > 0 and figures["http_analyze_s"] > 0, figures
+    ratio = figures["http_upload_task_s"] / figures["http_analyze_s"]
+    assert figures["http_upload_vs_analyze"] == round(ratio, 2), figures
+
+
+class _Trickler:
+    """A client on a raw socket that sends its request a byte at a time (slowloris), and
+    notes when the server answers and closes the connection."""
+
+    def __init__(self, port: int, request: bytes) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setblocking(False)
+        self.request = request
+        self.sent = 0
+        self.answer = b""
+        self.closed_after_s: float | None = None
+        self.t0 = time.monotonic()
+
+    def step(self) -> None:
+        """Read what the server said; send one more byte while the connection is open."""
+        if self.closed_after_s is not None:
+            return
+        try:
+            while select.select([self.sock], [], [], 0)[0]:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionResetError
+                self.answer += data
+            if self.sent < len(self.request):
+                self.sock.send(self.request[self.sent : self.sent + 1])
+                self.sent += 1
+        except (ConnectionResetError, BrokenPipeError):
+            self.closed_after_s = time.monotonic() - self.t0
+            self.sock.close()
+
+
+def test_slow_clients_are_cut_off_while_others_are_served(env: dict[str, str]) -> None:
+    """Headers trickled, or a body sent a byte at a time, hold a connection no longer than
+    http.header_timeout_s / http.body_timeout_s (each long before the trickle would end)."""
+    server = HttpDaemon(env, config="header_timeout_s = 2\nbody_timeout_s = 3\n", token=None)
+    server.start()
+    head = b"GET /api/v1/recordings HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+    form = (
+        b'--b0\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        + b"\0" * 300
+        + b"\r\n--b0--\r\n"
+    )
+    upload = (
+        b"POST /api/v1/analysis/upload HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: %d\r\nContent-Type: multipart/form-data; boundary=b0\r\n\r\n%s"
+        % (len(form), form)
+    )
+    try:
+        silent = _Trickler(server.port, b"")  # connects and sends nothing at all
+        headers = _Trickler(server.port, head)
+        body = _Trickler(server.port, upload)
+        body.sock.setblocking(True)
+        body.sock.sendall(upload[: -len(form)])  # the headers whole, then the body byte by byte
+        body.sock.setblocking(False)
+        body.sent = len(upload) - len(form)
+        served = 0
+        deadline = time.monotonic() + 60  # a byte every 0.2 s: each trickle would take > 40 s
+        with server.client() as client:
+            while time.monotonic() < deadline and None in (
+                silent.closed_after_s,
+                headers.closed_after_s,
+                body.closed_after_s,
+            ):
+                for trickler in (silent, headers, body):
+                    trickler.step()
+                assert client.get("/api/v1/recordings").status_code == 200  # others are served
+                served += 1
+                time.sleep(0.2)
+    finally:
+        assert server.stop() == 0
+    assert served > 5
+    for trickler, bound_s in ((silent, 2), (headers, 2), (body, 3)):
+        assert trickler.closed_after_s is not None, (trickler.sent, trickler.answer)
+        assert trickler.closed_after_s < bound_s + 15, trickler.closed_after_s  # generous
+    assert headers.sent < len(head) and body.sent < len(upload)  # cut off, not finished
+    assert body.answer.startswith(b"HTTP/1.1 408"), body.answer
+    assert b'"code":"timeout"' in body.answer and b"http.body_timeout_s" in body.answer
+    assert "no complete request headers within 2 s (http.header_timeout_s)" in server.log()

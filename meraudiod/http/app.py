@@ -3,6 +3,7 @@ docs served from the device, health, metrics and the review page."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -39,10 +40,13 @@ class Guard:
     read, and a chunked one as soon as it passes the limit, so it is never stored whole.
     """
 
-    def __init__(self, app: ASGIApp, token: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, token: str | None, max_body_bytes: int, body_timeout_s: float
+    ) -> None:
         self.app = app
         self.token = token
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -115,15 +119,34 @@ class Guard:
         return bool(given) and _same(given, self.token)
 
     def _counting(self, receive: Receive) -> Receive:
+        """The body, counted against the size limit and timed against its deadline: a body
+        trickled a byte a second gets 408 and the connection is closed."""
         seen = [0]
         limit = self.max_body_bytes
+        deadline = time.monotonic() + self.body_timeout_s
+        complete = [False]
 
         async def counted() -> Message:
-            message = await receive()
+            if complete[0]:  # after the body: e.g. a response waiting for a disconnect
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            # asyncio's own TimeoutError until 3.11; an HTTPException passes FastAPI's body
+            # parsing.
+            except asyncio.TimeoutError:
+                raise HTTPException(
+                    408,
+                    f"request body not received within {self.body_timeout_s:g} s"
+                    " (http.body_timeout_s)",
+                    headers={"Connection": "close"},
+                ) from None
             if message["type"] == "http.request":
                 seen[0] += len(message.get("body", b""))
-                if seen[0] > limit:  # an HTTPException passes FastAPI's body parsing
+                complete[0] = not message.get("more_body", False)
+                if seen[0] > limit:
                     raise HTTPException(413, too_large_message(limit))
+            else:
+                complete[0] = True
             return message
 
         return counted
@@ -182,7 +205,10 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
     app.state.ctx = ctx
     app.state.live_streams = threading.BoundedSemaphore(live.MAX_LIVE_STREAMS)
     app.add_middleware(
-        Guard, token=token, max_body_bytes=int(ctx.settings.http.max_upload_mb * 1e6)
+        Guard,
+        token=token,
+        max_body_bytes=int(ctx.settings.http.max_upload_mb * 1e6),
+        body_timeout_s=ctx.settings.http.body_timeout_s,
     )
     # Outside the guard: a browser's preflight carries no token.
     cors = ctx.settings.http.cors_origins
@@ -250,8 +276,12 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-        return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+        codes = {404: "not_found", 405: "method_not_allowed", 408: "timeout", 413: "too_large"}
+        response = _error(
+            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+        )
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

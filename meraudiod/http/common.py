@@ -4,7 +4,6 @@ and running a command of the shared table."""
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import re
 import sqlite3
@@ -13,7 +12,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ..commands import COMMANDS, CommandContext, dispatch
+from ..commands import (
+    COMMANDS,
+    CommandContext,
+    CommandError,
+    Conflict,
+    Forbidden,
+    InvalidArguments,
+    NotFound,
+    execute,
+)
 from ..config import Settings
 from ..db import open_db
 
@@ -79,30 +87,32 @@ def check_id(rec_id: str, what: str = "recording") -> str:
     return rec_id
 
 
-def _status_of(message: str) -> tuple[int, str]:
-    """The HTTP status of a command's error message."""
-    # What is missing is a recording or a speaker ("no audio stream in clip.txt" is a bad
-    # file, not a missing one).
-    if message.startswith(("no recording ", "no speaker ")) or " no such " in message:
-        return 404, "not_found"
-    if message.startswith("invalid arguments"):
-        return 422, "invalid_request"
-    if message.startswith("internal error"):
-        return 500, "internal"
-    return 400, "bad_request"
+# The HTTP status of each kind of command error (commands.CommandError.code).
+_STATUS_OF: Final = {
+    NotFound.code: 404,
+    InvalidArguments.code: 422,
+    Forbidden.code: 403,
+    Conflict.code: 409,
+    CommandError.code: 400,
+}
 
 
-def run_command(ctx: HttpContext, name: str, args: dict[str, Any]) -> Any:
-    """One operation of the shared command table; its error becomes an ApiError."""
+def run_command(
+    ctx: HttpContext, name: str, args: dict[str, Any], uploaded: tuple[str, ...] = ()
+) -> Any:
+    """One operation of the shared command table; its typed error becomes an ApiError.
+    `uploaded`: the files this request itself received, which the command may read (a
+    client can name no other file on the device)."""
     command = COMMANDS[name]
     if command.admin and not ctx.settings.http.allow_admin_commands:
         raise ApiError(
             403, "forbidden", f"{name} changes or deletes data: set http.allow_admin_commands"
         )
-    payload = json.dumps({k: v for k, v in args.items() if v is not None}).encode()
     with ctx.connect() as conn:
-        response = dispatch(CommandContext(conn, ctx.settings, admin=True), name, payload)
-    if response.status != "ok":
-        status, code = _status_of(response.error or "")
-        raise ApiError(status, code, response.error or "failed")
-    return response.data
+        context = CommandContext(
+            conn, ctx.settings, admin=True, runtime=ctx.daemon, readable_files=uploaded
+        )
+        try:
+            return execute(context, name, {k: v for k, v in args.items() if v is not None})
+        except CommandError as exc:
+            raise ApiError(_STATUS_OF.get(exc.code, 400), exc.code, str(exc)) from exc

@@ -10,9 +10,11 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
+from ..audio import SAMPLE_RATE_HZ
 from ..commands import EnrollArgs, MergeArgs, OptOutArgs, RenameArgs
 from .common import ApiError, HttpContext, run_command
 from .recordings import context
+from .uploads import upload_blocks
 
 router = APIRouter(prefix="/api/v1/persistent-speakers", tags=["speakers"])
 
@@ -25,7 +27,7 @@ def list_speakers(ctx: HttpContext = Depends(context)) -> Any:
 
 @router.post("", status_code=201)
 def enroll(args: EnrollArgs, ctx: HttpContext = Depends(context)) -> Any:
-    """Enrol a person from stored recordings."""
+    """Enrol a person from stored recordings (ids only: a file is uploaded to `/upload`)."""
     return run_command(ctx, "speakers/enroll", args.model_dump())
 
 
@@ -41,15 +43,19 @@ def enroll_upload(
     uploads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=uploads) as tmp:
         paths: list[str] = []
+        names = [upload.filename or f"clip {i + 1}" for i, upload in enumerate(files[:20])]
+        heard_s = 0.0  # the clips together are held to the upload's audio limit
         for i, upload in enumerate(files[:20]):
             clip = Path(tmp) / f"clip{i}{Path(upload.filename or '').suffix[:8]}"
             with clip.open("wb") as out:
                 shutil.copyfileobj(upload.file, out)
+            limit_s = ctx.settings.http.max_upload_audio_s
+            for block in upload_blocks(clip, names[i], limit_s, heard_s):  # counted, not kept
+                heard_s += block.size / SAMPLE_RATE_HZ
             paths.append(str(clip))
-        names = [upload.filename or f"clip {i + 1}" for i, upload in enumerate(files[:20])]
         args = {"name": name, "recording_ids": paths, "do_not_keep": do_not_keep}
         try:
-            data = run_command(ctx, "speakers/enroll", args)
+            data = run_command(ctx, "speakers/enroll", args, uploaded=tuple(paths))
         except ApiError as exc:  # the client's names, not our temporary paths
             for tmp_path, client_name in zip(paths, names, strict=True):
                 exc.message = exc.message.replace(tmp_path, client_name)

@@ -42,6 +42,7 @@ class HttpStage(StageThread):
             import uvicorn
 
             from .app import create_app
+            from .timeouts import with_header_deadline
         except ImportError as exc:
             raise HttpError(
                 f"http.enabled needs the http extra: pip install 'meraudiod[http]' ({exc})"
@@ -74,7 +75,11 @@ class HttpStage(StageThread):
             access_log=False,  # the app logs one line per request, with its id
             lifespan="off",
             ws="websockets-sansio",
-            timeout_keep_alive=5,
+            # h11 (not httptools) with a deadline for each request's headers; h11 keeps
+            # its 16 KiB limit on them. The body's deadline is the app's Guard.
+            http=with_header_deadline(http.header_timeout_s),
+            timeout_keep_alive=5,  # an idle connection between requests
+            limit_concurrency=http.max_connections,
             timeout_graceful_shutdown=5,
         )
         self._server = uvicorn.Server(config)

@@ -11,12 +11,14 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
 from fastapi import APIRouter, Depends, File, UploadFile
 
-from ..audio import AudioDecodeError, decode_file
+from ..audio import SAMPLE_RATE_HZ, AudioDecodeError, Int16Array, iter_file_pcm
 from ..db import now
 from ..recordings import RecordingStore, analysis_record
 from .common import ApiError, HttpContext, check_id, run_command
@@ -28,21 +30,43 @@ _TASK_STATES: Final = {"pending": "pending", "running": "running", "done": "comp
 _SWITCH_WAIT_S: Final = 10.0
 
 
+def upload_blocks(
+    path: Path, name: str, limit_s: float, before_s: float = 0.0
+) -> Iterator[Int16Array]:
+    """An uploaded file's audio, a block at a time (the format is judged by decoding it, not
+    by its name): 415 when it is not audio, 413 as soon as it (after `before_s` of earlier
+    clips of the same request) passes `limit_s`, so nothing beyond the limit is decoded."""
+    limit_samples = int(limit_s * SAMPLE_RATE_HZ)
+    seen = int(before_s * SAMPLE_RATE_HZ)
+    try:
+        for block in iter_file_pcm(path):
+            seen += block.size
+            if seen > limit_samples:
+                raise ApiError(
+                    413,
+                    "too_large",
+                    f"{name}: the audio lasts over the limit of {limit_s:g} s"
+                    " (http.max_upload_audio_s)",
+                )
+            yield block
+    except AudioDecodeError as exc:
+        raise ApiError(
+            415, "unsupported_media", f"{name}: not an audio file this device can decode"
+        ) from exc
+
+
 def store_upload(ctx: HttpContext, upload: UploadFile, kind: str) -> str:
-    """Decode an uploaded file (the format is judged by decoding it, not by its name) and
-    store it as a recording with a transcription job; returns the recording id."""
+    """Decode an uploaded file and store it as a recording with a transcription job; returns
+    the recording id."""
     name = Path(upload.filename or "upload").name[:100] or "upload"
     uploads = ctx.settings.storage.data_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=uploads, suffix=".part") as tmp:
         shutil.copyfileobj(upload.file, tmp)
         tmp.flush()
-        try:
-            samples = decode_file(Path(tmp.name))
-        except AudioDecodeError as exc:
-            raise ApiError(
-                415, "unsupported_media", f"{name}: not an audio file this device can decode"
-            ) from exc
+        blocks = list(upload_blocks(Path(tmp.name), name, ctx.settings.http.max_upload_audio_s))
+    samples = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int16)
+    del blocks  # the one copy of the audio is `samples`
     if samples.size == 0:
         raise ApiError(422, "no_audio", f"{name}: the file holds no audio")
     storage, recorder = ctx.settings.storage, ctx.settings.recorder
