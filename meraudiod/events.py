@@ -11,11 +11,11 @@ alike; a voice with no profile at all has no name.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
 
 from .config_sections import MqttSettings
 from .messages import Event, SegmentPayload, SpeakerEvent, SpeechEvent, TranscriptEvent, enqueue
 from .recordings import Recording, speaker_payload
+from .speakers import SegmentSpeaker
 from .worker import TranscribedRecording
 
 
@@ -65,11 +65,43 @@ def transcript_events(
     """The transcript event and one speaker event per voice heard (none when nothing may be
     published): what MQTT and the HTTP event stream both send.
 
+    Who spoke is a fact about the voice, what was said a fact about the words: a recording
+    Whisper distrusted (`suspect`: noise, or a language it does not know) gives no transcript
+    event, but still a speaker event for each voice the segmentation heard. A voice that
+    asked not to be kept (`opt_out`) gives nothing: the recording is deleted.
+
     A recording transcribed again (`reprocess`) gives a `retranscribed` event, with its
     original times and no speaker events: an automation keyed on `transcript` or on a
     speaker does not act a second time on something said long ago."""
-    if result.suspect or result.opt_out:
+    if result.opt_out:
         return []
+    found: list[Event] = [] if result.suspect else [_transcript_event(conn, m, result)]
+    if result.reprocessed:
+        return found
+    heard: dict[str, SegmentSpeaker] = {}
+    for seg in result.segments:  # suspect segments too: the label is the segmentation's
+        if seg.label is not None and seg.label not in heard:
+            heard[seg.label] = seg
+    for seg in heard.values():
+        found.append(
+            SpeakerEvent(
+                node_id=m.node_id,
+                area=m.area,
+                event_type="identified" if seg.known else "unknown",
+                speaker_id=seg.speaker_id,
+                name=seg.speaker_name,
+                provisional=seg.speaker_id is not None and not seg.known,
+                score=_round(seg.score),
+                recording_id=result.recording_id,
+            )
+        )
+    return found
+
+
+def _transcript_event(
+    conn: sqlite3.Connection, m: MqttSettings, result: TranscribedRecording
+) -> TranscriptEvent:
+    """The transcript event of a recording, its trusted segments only."""
     row = conn.execute(
         "SELECT started_at, ended_at, duration_s, rms_dbfs, model FROM recordings WHERE id=?",
         (result.recording_id,),
@@ -86,7 +118,7 @@ def transcript_events(
         for seg in result.segments
         if not seg.suspect
     )
-    event = TranscriptEvent(
+    return TranscriptEvent(
         node_id=m.node_id,
         area=m.area,
         event_type="retranscribed" if result.reprocessed else "transcript",
@@ -102,24 +134,3 @@ def transcript_events(
         latency_ms=round(result.latency_ms, 1),
         rms_dbfs=round(row["rms_dbfs"], 1),
     )
-    found: list[Event] = [event]
-    if result.reprocessed:
-        return found
-    heard: dict[str, Any] = {}
-    for seg in result.segments:
-        if seg.label is not None and not seg.suspect and seg.label not in heard:
-            heard[seg.label] = seg
-    for seg in heard.values():
-        found.append(
-            SpeakerEvent(
-                node_id=m.node_id,
-                area=m.area,
-                event_type="identified" if seg.known else "unknown",
-                speaker_id=seg.speaker_id,
-                name=seg.speaker_name,
-                provisional=seg.speaker_id is not None and not seg.known,
-                score=_round(seg.score),
-                recording_id=result.recording_id,
-            )
-        )
-    return found

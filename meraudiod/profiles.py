@@ -97,7 +97,7 @@ def clip_warnings(stage: SpeakerStage, audio: Float32Array, speech_s: float) -> 
 
 
 def _odd_ones(stage: SpeakerStage, found: list[tuple[str, Float32Array, float]]) -> set[str]:
-    """Clips that do not sound like the others (below the bar against all of them)."""
+    """Clips that do not sound like the others (below the bar against the mean of the others)."""
     odd = set()
     for i, (label, vector, speech_s) in enumerate(found):
         others = [v for j, (_, v, _) in enumerate(found) if j != i]
@@ -240,8 +240,8 @@ def consistency(vectors: Float32Array, calibration: Calibration) -> float | None
     scores = []
     for i in range(len(vectors)):
         others = np.delete(vectors, i, axis=0)
-        best = calibration.normalise(others, vectors[i])
-        scores.append(calibration.confidence(best, GOOD_ENROL_SPEECH_S))
+        score = calibration.normalise(others, vectors[i])
+        scores.append(calibration.confidence(score, GOOD_ENROL_SPEECH_S))
     return round(min(scores), 3)
 
 

@@ -5,8 +5,9 @@ scores lower against everyone, impostors and its own speaker alike. Two steps ma
 comparable across lengths:
 
 1. Adaptive S-norm against a cohort of public speakers (never the enrolled people, never
-   the speakers measured on): ((c - mu_e) / sd_e + (c - mu_x) / sd_x) / 2, with mu and sd
-   of each side's `top_k` closest cohort scores, so a voice that resembles many people
+   the speakers measured on): ((c - mu_e) / sd_e + (c - mu_x) / sd_x) / 2, with c the
+   cosine between the voice and the mean of the person's embeddings (`centroid`) and mu
+   and sd each side's `top_k` closest cohort scores, so a voice that resembles many people
    gains nothing from that.
 2. A bar per band of speech length, calibrated from data (scripts/calibrate-speakers, on
    speakers kept apart from those the accuracy is measured on): the impostors' mean score
@@ -83,13 +84,14 @@ class Calibration:
         return top.mean(axis=1), np.maximum(top.std(axis=1), 1e-3)
 
     def normalise(self, enrolled: Float32Array, vector: Float32Array) -> float:
-        """The score of a voice against a person's embeddings (their best one)."""
-        cosine = enrolled @ vector
+        """The score of a voice against a person: against the mean of their embeddings."""
+        person = centroid(enrolled)
+        cosine = float(person @ vector)
         if self.method == "cosine":
-            return float(np.max(cosine))
-        mu_e, sd_e = self._stats(enrolled)
+            return cosine
+        mu_e, sd_e = self._stats(person[None])
         mu_x, sd_x = self._stats(vector[None])
-        return float(np.max(((cosine - mu_e) / sd_e + (cosine - mu_x[0]) / sd_x[0]) / 2))
+        return float(((cosine - mu_e[0]) / sd_e[0] + (cosine - mu_x[0]) / sd_x[0]) / 2)
 
     def bar(self, speech_s: float) -> float:
         """The normalised score a voice with this much speech must reach."""
@@ -99,6 +101,17 @@ class Calibration:
     def confidence(self, normalised: float, speech_s: float) -> float:
         """0-1, 0.5 exactly at the bar for this length of speech."""
         return 1.0 / (1.0 + math.exp(-(normalised - self.bar(speech_s)) / self.spread))
+
+
+def centroid(vectors: Float32Array) -> Float32Array:
+    """A person's voice: the unit mean of their [n, dim] unit embeddings.
+
+    Not the best of them: with a maximum, every further enrolment clip is one more chance
+    for a stranger to score high, so a bar calibrated on three clips would not hold for six;
+    the mean also evens out what one short or noisy clip got wrong."""
+    mean = np.asarray(vectors, dtype=np.float32).mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    return np.asarray(mean / norm if norm > 0 else mean, dtype=np.float32)
 
 
 def uncalibrated(model: str) -> Calibration:

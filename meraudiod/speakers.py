@@ -3,7 +3,7 @@ profiles for unknown voices).
 
 Embeddings (voiceprints.py) are SpeechBrain's ECAPA-TDNN exported to ONNX (see features.py
 and scripts/export-models), L2-normalised. A person keeps several embeddings (one per
-enrolment clip) and scores as their best one, S-normalised and turned into a confidence
+enrolment clip) and scores against their mean, S-normalised and turned into a confidence
 that means the same at every length of speech (scoring.py). A voice is named when that
 confidence reaches `speakers.threshold` *and* leads the runner-up by `speakers.margin`;
 otherwise it is unknown. The score is kept either way. Less than `speakers.min_speech_s` of

@@ -15,7 +15,7 @@ from . import models
 from .audio import Float32Array
 from .features import MIN_SAMPLES, fbank
 from .onnx import OnnxLoadError, cpu_session
-from .scoring import Calibration
+from .scoring import Calibration, centroid
 
 EMBEDDING_DIM: Final = 192
 
@@ -123,10 +123,10 @@ UNKNOWN: Final = Match(None, None, None, None)
 def score_profiles(
     profiles: list[Profile], vector: Float32Array, calibration: Calibration | None = None
 ) -> list[tuple[float, Profile]]:
-    """Each profile's score for the vector, best first: its best embedding's cosine, or
-    S-normalised against the calibration's cohort (scoring.py)."""
+    """Each profile's score for the vector, best first: the cosine with the mean of its
+    embeddings, or that S-normalised against the calibration's cohort (scoring.py)."""
     if calibration is None:
-        scored = [(float(np.max(p.vectors @ vector)), p) for p in profiles]
+        scored = [(float(centroid(p.vectors) @ vector), p) for p in profiles]
     else:
         scored = [(calibration.normalise(p.vectors, vector), p) for p in profiles]
     return sorted(scored, key=lambda s: -s[0])

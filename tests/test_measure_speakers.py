@@ -42,3 +42,31 @@ def test_calibration_and_test_speakers_never_mix() -> None:
     names = [str(n) for n in range(11)]
     calibration, test = halves(names)
     assert not set(calibration) & set(test) and set(calibration) | set(test) == set(names)
+
+
+def test_the_readme_band_table_is_the_scripts_output(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's table by length of speech is pasted from scripts/measure-speakers: its
+    header and each of its rows are in the form the script prints."""
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader(
+        "measure_speakers", str(REPO / "scripts" / "measure-speakers")
+    )
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[loader.name] = module
+    loader.exec_module(module)
+    row = {"targets": 3, "impostors": 0, "accuracy": 2 / 3}
+    row |= {"false_reject": 1 / 3, "misnamed": 0.0, "false_accept": 0.0}
+    report = {"readers": ["1"], "impostor_readers": ["2"], "librispeech": {}, "an4": {">5": row}}
+    module.print_bands(report)
+    printed = capsys.readouterr().out.splitlines()
+    readme = (REPO / "README.md").read_text().splitlines()
+    header = next(line for line in printed if line.startswith("| set | speech |"))
+    assert header in readme
+    assert "| AN4 | over 5 s | 3 | 66.7% | 33.3% | 0% | 0 |  |" in printed
+    table = readme[readme.index(header) + 2 :]
+    rows = table[: next(i for i, line in enumerate(table) if not line.startswith("|"))]
+    assert len(rows) >= 12 and all(r.startswith(("| LibriSpeech | ", "| AN4 | ")) for r in rows)
