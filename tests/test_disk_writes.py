@@ -1,0 +1,123 @@
+"""Fewer writes to the SD card, and the promises kept: a saved recording survives a SIGKILL
+right after its save (and its save is fsynced, for a power cut); what is committed without
+an fsync of its own never leaves the connection relaxed for the next commit."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from meraudiod import jobs
+from meraudiod.audio import decode_file
+from meraudiod.config import Settings
+from meraudiod.db import PAGE_BYTES, Transaction, open_db
+from meraudiod.recordings import Recording, RecordingStore
+
+from .conftest import TEST_DATA, cli, db_rows, stored_audio
+
+SHORT = TEST_DATA / "ls_103_0000.flac"
+_FULL, _NORMAL = 2, 1  # PRAGMA synchronous
+
+
+def test_a_new_database_has_small_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    new = open_db(tmp_path / "new.db")
+    assert new.execute("PRAGMA page_size").fetchone()[0] == PAGE_BYTES == 1024
+    new.close()
+    old_path = tmp_path / "old.db"
+    old = sqlite3.connect(old_path)
+    old.execute("PRAGMA page_size=4096")
+    old.execute("PRAGMA journal_mode=WAL")
+    old.execute("CREATE TABLE before_us (x)")
+    old.close()
+    kept = open_db(old_path)  # migrated in place, nothing rewritten
+    assert kept.execute("PRAGMA page_size").fetchone()[0] == 4096
+    assert kept.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == 0
+    kept.close()
+
+
+def test_the_save_is_fsynced_and_the_claim_leaves_the_connection_durable(
+    settings: Settings,
+) -> None:
+    """The save commits at synchronous=FULL (a power cut cannot take it back); the claim
+    commits at NORMAL, and the connection is FULL again after it, also after a claim that
+    could not take the write lock."""
+    conn = open_db(settings.storage.db_path)
+    store = RecordingStore(conn, settings.storage.audio_dir, "flac")
+    seen: list[int] = []
+
+    def inside(c: sqlite3.Connection, recording: Recording) -> None:
+        seen.append(int(c.execute("PRAGMA synchronous").fetchone()[0]))
+
+    samples = decode_file(SHORT)
+    store.save(samples, "test", 0.0, time.time(), in_transaction=inside)
+    store.save(samples, "test", 9.0, time.time(), in_transaction=inside)
+    assert seen == [_FULL, _FULL]
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    assert jobs.claim(conn, lease_s=60) is not None
+    conn.set_trace_callback(None)
+    assert statements[0] == "PRAGMA synchronous=NORMAL" and statements[1] == "BEGIN IMMEDIATE"
+    assert statements[-1] == "PRAGMA synchronous=FULL"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == _FULL
+
+    holder = sqlite3.connect(settings.storage.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    conn.execute("PRAGMA busy_timeout=50")
+    try:
+        jobs.claim(conn, lease_s=60)
+    except sqlite3.OperationalError as exc:
+        assert "locked" in str(exc)
+    else:
+        raise AssertionError("the claim took a lock another connection held")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == _FULL
+    with Transaction(conn, durable=False):
+        pass
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == _FULL
+    conn.close()
+
+
+def test_a_recording_survives_a_sigkill_right_after_its_save(env: dict[str, str]) -> None:
+    """The daemon is killed the moment the recording's row is visible: the row, its job and
+    its whole audio file are there, and the next start transcribes it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{SHORT}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if db_rows(env, "SELECT id FROM recordings"):
+                    break
+            except sqlite3.OperationalError:
+                pass  # not created yet
+            time.sleep(0.005)
+        else:
+            raise AssertionError("no recording was ever saved")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    (rec,) = db_rows(env, "SELECT id, audio_path, duration_s, status FROM recordings")
+    (job,) = db_rows(env, f"SELECT state FROM jobs WHERE recording_id='{rec['id']}'")
+    assert job["state"] in ("pending", "running") and rec["status"] == "pending"
+    audio, rate = soundfile.read(stored_audio(env, rec["audio_path"]), dtype="int16")
+    assert rate == 16000 and abs(audio.size / rate - rec["duration_s"]) < 0.01
+
+    quiet = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).parent / "silence.wav"
+    soundfile.write(quiet, np.zeros(16000, dtype=np.int16), 16000)
+    result = cli("run", "--source", f"file:{quiet}", env=env)
+    assert result.returncode == 0, result.stderr
+    (done,) = db_rows(env, "SELECT status, text FROM recordings")
+    assert done["status"] == "done" and done["text"]
