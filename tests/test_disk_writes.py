@@ -20,7 +20,9 @@ from meraudiod.config import Settings
 from meraudiod.db import PAGE_BYTES, Transaction, open_db
 from meraudiod.recordings import Recording, RecordingStore
 
+from .broker import Broker, Subscriber
 from .conftest import TEST_DATA, cli, db_rows, stored_audio
+from .mqtt_daemon import BASE, mqtt_env, start_daemon
 
 SHORT = TEST_DATA / "ls_103_0000.flac"
 _FULL, _NORMAL = 2, 1  # PRAGMA synchronous
@@ -121,3 +123,36 @@ def test_a_recording_survives_a_sigkill_right_after_its_save(env: dict[str, str]
     assert result.returncode == 0, result.stderr
     (done,) = db_rows(env, "SELECT status, text FROM recordings")
     assert done["status"] == "done" and done["text"]
+
+
+def test_a_delivered_event_not_yet_deleted_at_a_crash_is_sent_again_with_its_event_id(
+    env: dict[str, str], broker: Broker
+) -> None:
+    """Delivered events are deleted in batches: killed before its batch, the daemon sends
+    the transcript again at the next start, with the same event_id (never lost, and a
+    consumer can tell it is the same event); a clean exit deletes what was delivered."""
+    sub = Subscriber(broker.port, [f"{BASE}/event/transcript"])
+    daemon_env = mqtt_env(env, broker)
+    proc = start_daemon(daemon_env)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(decode_file(SHORT).astype("<i2").tobytes())
+        proc.stdin.write(np.zeros(16000, dtype="<i2").tobytes())  # the end of the utterance
+        proc.stdin.flush()  # and stdin stays open: the daemon is still listening
+        sub.wait_for(lambda: sub.on("/event/transcript"), 120)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    first = sub.on("/event/transcript")[0].json()
+    assert db_rows(env, "SELECT id FROM outbox WHERE topic='event/transcript'")
+
+    quiet = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).parent / "silence.wav"
+    soundfile.write(quiet, np.zeros(16000, dtype=np.int16), 16000)
+    result = cli("run", "--source", f"file:{quiet}", env=daemon_env)
+    assert result.returncode == 0, result.stderr
+    sub.wait_for(lambda: len(sub.on("/event/transcript")) == 2, 30)
+    again = sub.on("/event/transcript")[1].json()
+    assert again["event_id"] == first["event_id"]
+    assert again["recording_id"] == first["recording_id"] and again["text"] == first["text"]
+    assert not db_rows(env, "SELECT id FROM outbox")  # the clean exit deleted them
+    sub.close()
