@@ -7,6 +7,7 @@ are seconds from the start of the source stream.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -167,6 +168,7 @@ _MIGRATIONS: Final[Sequence[str]] = (
 # per recorded hour fell from 78 MB to 43 MB (2 KiB pages: 48 MB). Rows are small; the few
 # that are not (a long segment's word timings) spill into overflow pages.
 PAGE_BYTES: Final = 1024
+_CHECKPOINT_PAGES: Final = 4000
 
 # RETURNING (jobs.claim) and ALTER TABLE ... DROP COLUMN (migration 5) need SQLite 3.35;
 # Ubuntu 20.04 (JetPack 5) ships 3.31.
@@ -216,6 +218,11 @@ def open_db(path: Path) -> sqlite3.Connection:
         # FULL: a commit survives a power cut, which is the promise for saved recordings; a
         # Transaction(durable=False) relaxes this for one commit that may be lost.
         conn.execute("PRAGMA synchronous=FULL")
+        # In pages: a log of about 4 MB before it is copied into the database, as with 4 KiB
+        # pages; a hot page (a table's last leaf) is copied once per checkpoint, so fewer
+        # checkpoints write less: 400 recordings through save, claim and transcript wrote
+        # 38.3 KiB of database per recording at SQLite's default of 1000, 35.5 at 4000.
+        conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
         conn.execute("PRAGMA foreign_keys=ON")
         # Deleted text is overwritten, not left in free pages.
         conn.execute("PRAGMA secure_delete=ON")
@@ -301,6 +308,20 @@ class Transaction:
     def _restore(self) -> None:
         if not self.durable:
             self.conn.execute("PRAGMA synchronous=FULL")
+
+
+def sync_log(conn: sqlite3.Connection) -> None:
+    """Put every commit made so far on the card, also those made without an fsync of their
+    own (`Transaction(durable=False)`): fsync the write-ahead log, as a durable commit does."""
+    main = next(row for row in conn.execute("PRAGMA database_list") if row[1] == "main")
+    try:
+        fd = os.open(f"{main[2]}-wal", os.O_RDONLY)
+    except FileNotFoundError:
+        return  # no log: every commit is in the database file, synced by the checkpoint
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def now() -> float:

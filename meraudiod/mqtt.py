@@ -28,7 +28,7 @@ from typing import Any, Final
 import paho.mqtt.client as paho
 
 from .config import Settings
-from .db import Transaction, now, open_db
+from .db import Transaction, now, open_db, sync_log
 from .messages import LIVE_ONLY_TOPICS, drop_over_count, note_dropped
 from .mqtt_client import base_topic, connect, make_client
 from .stage import StageThread
@@ -103,6 +103,7 @@ class MqttLink(StageThread):
         self._acked_mids: set[int] = set()
         # Outbox rows up to this id are delivered (or skipped) and wait to be deleted.
         self._delivered_up_to = 0
+        self._durable_up_to = 0  # outbox rows up to this id are known to be on the card
         self._undeleted = 0
         self._undeleted_since = 0.0  # time.monotonic() of the oldest
         self._republish_discovery = False
@@ -370,6 +371,12 @@ class MqttLink(StageThread):
         if row["topic"] in LIVE_ONLY_TOPICS and created_at < self._replay_before:
             self._delivered(int(row["id"]))  # "someone is speaking" an outage ago is not news
             return
+        if row["topic"] not in LIVE_ONLY_TOPICS and int(row["id"]) > self._durable_up_to:
+            # A transcript commits without an fsync of its own; once published, a power cut
+            # must not take it back (it would be made again, with another event_id).
+            top = conn.execute("SELECT MAX(id) FROM outbox").fetchone()[0]
+            sync_log(conn)
+            self._durable_up_to = int(top or 0)
         payload = json.loads(row["payload"])
         if created_at < self._replay_before or now() - created_at > _REPLAYED_AFTER_S:
             payload["replayed"] = True

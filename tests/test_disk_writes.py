@@ -4,6 +4,7 @@ an fsync of its own never leaves the connection relaxed for the next commit."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 
 from meraudiod import jobs
@@ -156,3 +158,65 @@ def test_a_delivered_event_not_yet_deleted_at_a_crash_is_sent_again_with_its_eve
     assert again["recording_id"] == first["recording_id"] and again["text"] == first["text"]
     assert not db_rows(env, "SELECT id FROM outbox")  # the clean exit deleted them
     sub.close()
+
+
+def _traced_run(env: dict[str, str], tmp_path: Path, source: Path) -> list[str]:
+    """`meraudiod run` on a file under strace: its writes, syncs, sends and unlinks, each
+    with the file or socket named."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    log = tmp_path / "strace.log"
+    calls = "pwrite64,write,sendto,fsync,fdatasync,unlink,unlinkat"
+    strace = ["strace", "-f", "-y", "-s", "120", "-e", f"trace={calls}", "-o", str(log)]
+    result = subprocess.run(
+        [*strace, sys.executable, "-m", "meraudiod", "run", "--source", f"file:{source}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if "ptrace" in result.stderr and result.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {result.stderr.strip()[:200]}")
+    assert result.returncode == 0, result.stderr
+    return log.read_text().splitlines()
+
+
+def _log_synced_since_last_write(lines: list[str]) -> bool:
+    """Did the SQLite log get an fsync after the last write to it in these lines?"""
+    for line in reversed(lines):
+        if "-wal>" not in line:
+            continue
+        return " fsync(" in line or " fdatasync(" in line
+    return True
+
+
+def test_a_transcript_is_on_the_card_before_its_event_is_published(
+    env: dict[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    """The transcript commits without an fsync of its own; the MQTT link fsyncs the log
+    before it publishes the transcript event, so a power cut cannot take back a transcript
+    a consumer has seen (and then send another with another event_id)."""
+    sub = Subscriber(broker.port, [f"{BASE}/event/transcript"])
+    lines = _traced_run(mqtt_env(env, broker), tmp_path, SHORT)
+    sub.wait_for(lambda: sub.on("/event/transcript"), 30)
+    published = [i for i, line in enumerate(lines) if "event/transcript" in line]
+    assert published, "the trace shows no transcript sent to the broker"
+    for i in published:
+        assert _log_synced_since_last_write(lines[:i]), lines[max(0, i - 20) : i + 1]
+    sub.close()
+
+
+def test_with_keep_audio_off_the_transcript_is_on_the_card_before_the_audio_goes(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """retention.keep_audio = false deletes the audio once transcribed: not before the
+    transcript, committed without an fsync of its own, is on the card."""
+    lines = _traced_run({**env, "MERAUDIOD_RETENTION__KEEP_AUDIO": "false"}, tmp_path, SHORT)
+    (rec,) = db_rows(env, "SELECT status, audio_path, text FROM recordings")
+    assert rec["status"] == "done" and rec["text"] and rec["audio_path"] is None
+    removed = [i for i, line in enumerate(lines) if "unlink" in line and ".flac" in line]
+    removed = [i for i in removed if ".part" not in lines[i]]
+    assert removed, "the trace shows no audio file deleted"
+    for i in removed:
+        assert _log_synced_since_last_write(lines[:i]), lines[max(0, i - 20) : i + 1]
