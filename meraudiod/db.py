@@ -290,8 +290,8 @@ class Transaction:
         self.durable = durable
 
     def __enter__(self) -> sqlite3.Connection:
-        if not self.durable:
-            self.conn.execute("PRAGMA synchronous=NORMAL")
+        # Set every time (it costs no I/O): a durable commit is FULL whatever came before.
+        self.conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except BaseException:
@@ -306,7 +306,10 @@ class Transaction:
             self._restore()
 
     def _restore(self) -> None:
-        if not self.durable:
+        """FULL again for whatever commits next outside a Transaction (the setting cannot
+        change while a failed COMMIT left the transaction open: then the next
+        Transaction sets it)."""
+        if not self.durable and not self.conn.in_transaction:
             self.conn.execute("PRAGMA synchronous=FULL")
 
 

@@ -87,6 +87,9 @@ def test_the_save_is_fsynced_and_the_claim_leaves_the_connection_durable(
     with Transaction(conn, durable=False):
         pass
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == _FULL
+    conn.execute("PRAGMA synchronous=NORMAL")  # whatever came before, a durable commit is FULL
+    with Transaction(conn) as inside_durable:
+        assert inside_durable.execute("PRAGMA synchronous").fetchone()[0] == _FULL
     conn.close()
 
 
