@@ -280,9 +280,10 @@ class Transaction:
 
     A durable commit (the default) is on the card before COMMIT returns: it survives a power
     cut. `durable=False` is for what a power cut may undo but a crash of the process may not
-    (a job's lease, the deletion of delivered events): the commit is in the log and seen by
-    every connection at once, and reaches the card with the next durable commit or
-    checkpoint, without an fsync of its own (synchronous=NORMAL, for this commit only).
+    (a job's lease; a transcript, made again from its saved audio; the deletion of delivered
+    events): the commit is in the log and seen by every connection at once, and reaches the
+    card with the next durable commit, checkpoint or `sync_log`, without an fsync of its own
+    (synchronous=NORMAL, for this commit only).
     """
 
     def __init__(self, conn: sqlite3.Connection, durable: bool = True) -> None:
