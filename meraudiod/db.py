@@ -159,6 +159,13 @@ _MIGRATIONS: Final[Sequence[str]] = (
     ALTER TABLE jobs ADD COLUMN origin TEXT;  -- host:pid that queued it; NULL: the daemon's
     ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
     """,
+    # 9: speech-start and error events name no recording: the index that deleting a
+    # recording's events uses leaves them out, so their insert and their delete (once
+    # delivered) do not rewrite its pages
+    """
+    DROP INDEX outbox_recording;
+    CREATE INDEX outbox_recording ON outbox(recording_id) WHERE recording_id IS NOT NULL;
+    """,
 )
 
 

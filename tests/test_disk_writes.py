@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from meraudiod import jobs
+from meraudiod import events, jobs
 from meraudiod.audio import decode_file
+from meraudiod.bench_disk import WalMeter
 from meraudiod.config import Settings
 from meraudiod.db import PAGE_BYTES, Transaction, open_db
 from meraudiod.recordings import Recording, RecordingStore
@@ -223,3 +224,25 @@ def test_with_keep_audio_off_the_transcript_is_on_the_card_before_the_audio_goes
     assert removed, "the trace shows no audio file deleted"
     for i in removed:
         assert _log_synced_since_last_write(lines[:i]), lines[max(0, i - 20) : i + 1]
+
+
+def test_an_event_without_a_recording_leaves_the_recording_index_alone(
+    settings: Settings,
+) -> None:
+    """A speech-start event (no recording) is one table row: its insert appends the outbox
+    page and the id counter to the log, not a page of the index by recording as well; the
+    delete path by recording still has its index."""
+    conn = open_db(settings.storage.db_path)
+    keep_log = open_db(settings.storage.db_path)  # the log stays while this is open
+    meter = WalMeter(settings.storage.db_path)
+    for ts in (1.0, 2.0):  # the first insert of a connection may touch more (the schema)
+        meter.poll()
+        before = meter.bytes_written
+        events.speech_start(conn, settings.mqtt, ts)
+        meter.poll()
+    frames = (meter.bytes_written - before) // (PAGE_BYTES + 24)
+    assert frames == 2, frames  # outbox and sqlite_sequence
+    plan = conn.execute("EXPLAIN QUERY PLAN DELETE FROM outbox WHERE recording_id='x'")
+    assert "USING INDEX outbox_recording" in " ".join(str(row[3]) for row in plan)
+    conn.close()
+    keep_log.close()
