@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 
 from .config_sections import MqttSettings
+from .db import Transaction
 from .messages import Event, SegmentPayload, SpeakerEvent, SpeechEvent, TranscriptEvent, enqueue
 from .recordings import Recording, speaker_payload
 from .speakers import SegmentSpeaker
@@ -24,8 +25,10 @@ def _round(value: float | None) -> float | None:
 
 
 def speech_start(conn: sqlite3.Connection, m: MqttSettings, ts: float) -> None:
-    """Someone started speaking."""
-    enqueue(conn, speech_start_event(m, ts), max_rows=m.outbox_max_rows)
+    """Someone started speaking (its own transaction: a live-only notice, which a power cut
+    may take back, so it costs no fsync)."""
+    with Transaction(conn, durable=False):
+        enqueue(conn, speech_start_event(m, ts), max_rows=m.outbox_max_rows)
 
 
 def speech_end(conn: sqlite3.Connection, m: MqttSettings, recording: Recording) -> None:

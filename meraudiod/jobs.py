@@ -69,11 +69,13 @@ def claim(
 ) -> Job | None:
     """Take the oldest pending job that is due, leased to this process for `lease_s` seconds.
 
-    Only jobs of `origin` (None: the daemon's) are taken.
+    Only jobs of `origin` (None: the daemon's) are taken. The lease is there to tell, after
+    the process died, that it died on this job; a power cut is no such death, so the claim
+    needs no fsync of its own (a power cut may undo it: the job is then simply pending).
     """
     t = now()
     mine, args = _mine(origin)
-    with Transaction(conn):
+    with Transaction(conn, durable=False):
         row = conn.execute(
             "UPDATE jobs SET state='running', lease_until=?, owner=?,"
             " updated_at=? WHERE id = (SELECT id FROM jobs WHERE state='pending'"

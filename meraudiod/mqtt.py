@@ -28,7 +28,7 @@ from typing import Any, Final
 import paho.mqtt.client as paho
 
 from .config import Settings
-from .db import Transaction, now, open_db
+from .db import Transaction, now, open_db, sync_log
 from .messages import LIVE_ONLY_TOPICS, drop_over_count, note_dropped
 from .mqtt_client import base_topic, connect, make_client
 from .stage import StageThread
@@ -40,6 +40,11 @@ _BACKOFF_MAX_S: Final = 60.0
 _REPLAYED_AFTER_S: Final = 10.0
 _BOUND_EVERY_S: Final = 60.0
 _GOODBYE_S: Final = 5.0
+# Delivered events are deleted together, not one transaction each: after this many, or once
+# the oldest has waited this long, and on the way out. A crash before that sends them again,
+# with the same event_id (consumers deduplicate on it).
+_DELETE_BATCH: Final = 100
+_DELETE_AFTER_S: Final = 10.0
 _CONNACK_WAIT_S: Final = 5.0  # a broker that accepted TCP but says nothing: say so, retry
 MAX_TOPIC_BYTES: Final = 65535  # MQTT's limit on a topic name (UTF-8)
 
@@ -96,6 +101,11 @@ class MqttLink(StageThread):
         self._pending_subs: set[int] = set()
         self._inflight: tuple[int, int] | None = None  # (mid, outbox id)
         self._acked_mids: set[int] = set()
+        # Outbox rows up to this id are delivered (or skipped) and wait to be deleted.
+        self._delivered_up_to = 0
+        self._durable_up_to = 0  # outbox rows up to this id are known to be on the card
+        self._undeleted = 0
+        self._undeleted_since = 0.0  # time.monotonic() of the oldest
         self._republish_discovery = False
         self._backoff_s = _BACKOFF_MIN_S
         self._ever_tried = False
@@ -161,13 +171,17 @@ class MqttLink(StageThread):
                     if time.monotonic() >= next_bound:
                         bound_outbox(conn, self.settings)
                         next_bound = time.monotonic() + _BOUND_EVERY_S
+                    self._delete_delivered(conn)
                 except Exception as exc:  # a bug in one message or callback: log, go on
                     _LOGGER.exception("MQTT link: %s", exc)
                     self.last_error = f"internal error: {exc}"
                     self._wake.wait(_LOOP_S)
             self._say_goodbye(conn, client)
         finally:
-            conn.close()
+            try:
+                self._delete_delivered(conn, force=True)
+            finally:
+                conn.close()
 
     def _connect(self, client: paho.Client) -> bool:
         m = self.settings.mqtt
@@ -222,7 +236,9 @@ class MqttLink(StageThread):
         while self.connected and time.monotonic() < deadline:
             client.loop(timeout=_LOOP_S)
             self._deliver(conn, client)
-            unsent = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            unsent = conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE id > ?", (self._delivered_up_to,)
+            ).fetchone()
             idle = self._inflight is None and self._outgoing.empty() and not self._retained_due
             if idle and not unsent[0]:
                 break
@@ -341,20 +357,26 @@ class MqttLink(StageThread):
             mid, row_id = self._inflight
             if mid not in self._acked_mids:
                 return  # strictly one event in flight: order is kept across any outage
-            with Transaction(conn):
-                conn.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+            self._delivered(row_id)
             self._inflight = None
         self._acked_mids.clear()
         row = conn.execute(
-            "SELECT id, topic, payload, qos, created_at FROM outbox ORDER BY id LIMIT 1"
+            "SELECT id, topic, payload, qos, created_at FROM outbox WHERE id > ?"
+            " ORDER BY id LIMIT 1",
+            (self._delivered_up_to,),
         ).fetchone()
         if row is None:
             return
         created_at = float(row["created_at"])
         if row["topic"] in LIVE_ONLY_TOPICS and created_at < self._replay_before:
-            with Transaction(conn):  # "someone is speaking" an outage ago is not news
-                conn.execute("DELETE FROM outbox WHERE id=?", (row["id"],))
+            self._delivered(int(row["id"]))  # "someone is speaking" an outage ago is not news
             return
+        if row["topic"] not in LIVE_ONLY_TOPICS and int(row["id"]) > self._durable_up_to:
+            # A transcript commits without an fsync of its own; once published, a power cut
+            # must not take it back (it would be made again, with another event_id).
+            top = conn.execute("SELECT MAX(id) FROM outbox").fetchone()[0]
+            sync_log(conn)
+            self._durable_up_to = int(top or 0)
         payload = json.loads(row["payload"])
         if created_at < self._replay_before or now() - created_at > _REPLAYED_AFTER_S:
             payload["replayed"] = True
@@ -370,6 +392,25 @@ class MqttLink(StageThread):
         if info.rc != paho.MQTT_ERR_SUCCESS:
             return  # not connected after all: the row stays and goes out later
         self._inflight = (info.mid, int(row["id"]))
+
+    def _delivered(self, row_id: int) -> None:
+        """This outbox row (and every one before it) is done with: deleted with the next batch."""
+        if not self._undeleted:
+            self._undeleted_since = time.monotonic()
+        self._delivered_up_to = row_id
+        self._undeleted += 1
+
+    def _delete_delivered(self, conn: sqlite3.Connection, force: bool = False) -> None:
+        """Delete the delivered rows when a batch is due (or `force`), in one transaction
+        without an fsync of its own: a power cut that undoes it only sends them again."""
+        if not self._undeleted:
+            return
+        due = self._undeleted >= _DELETE_BATCH
+        if not (force or due or time.monotonic() - self._undeleted_since >= _DELETE_AFTER_S):
+            return
+        with Transaction(conn, durable=False):
+            conn.execute("DELETE FROM outbox WHERE id <= ?", (self._delivered_up_to,))
+        self._undeleted = 0
 
 
 def bound_outbox(conn: sqlite3.Connection, settings: Settings) -> int:

@@ -34,6 +34,7 @@ _DELETE_BATCH: Final = 100  # recordings per delete transaction: the write lock 
 # A half-written file older than this, from a version that did not put its pid in the name,
 # was left by a crash: no write takes that long.
 _LEGACY_PART_AGE_S: Final = 600.0
+_FLAC_LEVEL: Final = 1.0  # soundfile's scale: 0.0 is FLAC level 0, 1.0 is level 8
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,17 @@ def write_audio_atomically(path: Path, samples: Int16Array, audio_format: str) -
     """Temp file (named with our pid) in the same directory, fsync, rename, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    # FLAC at its highest level: 2 % smaller than the default for 2.4x the encoding time,
+    # which is 0.7 ms per second of speech here (bytes on the card are what wears it).
+    level = {"compression_level": _FLAC_LEVEL} if audio_format.lower() == "flac" else {}
     with open(tmp, "wb") as handle:
         soundfile.write(
-            handle, samples, SAMPLE_RATE_HZ, format=audio_format.upper(), subtype="PCM_16"
+            handle,
+            samples,
+            SAMPLE_RATE_HZ,
+            format=audio_format.upper(),
+            subtype="PCM_16",
+            **level,
         )
         handle.flush()
         os.fsync(handle.fileno())

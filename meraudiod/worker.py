@@ -192,7 +192,10 @@ class Worker(StageThread):
         if self.speakers is not None:  # the heavy part, outside the transaction
             analysis = self.speakers.analyze(audio, transcript, conn)
             transcript = analysis.transcript  # segments split at speaker changes
-        with Transaction(conn):
+        # Without an fsync of its own: a power cut may take back the last transcripts, whose
+        # recordings are then transcribed again at the next start (their save was durable).
+        # Before an event of it is published, the MQTT link puts it on the card.
+        with Transaction(conn, durable=False):
             stored_at = now()
             latency_ms = (stored_at - float(row["closed_at"])) * 1000.0
             store_transcript(conn, job.recording_id, transcript, self.transcriber.model_name)
@@ -286,6 +289,8 @@ def store_transcript(
 
 
 def _drop_audio(conn: sqlite3.Connection, recording_id: str, path: Path) -> None:
+    # Durable: its fsync also puts the transcript (committed without one) on the card before
+    # the only other copy of the words, the audio, is deleted.
     with Transaction(conn):
         conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (recording_id,))
     remove_file(path)
