@@ -1,9 +1,9 @@
 """Listening cost: the daemon process itself, fed digital silence at real time, beside a bare
-Silero ONNX loop reading frames at real time. Both are child processes measured the same way
+Silero ONNX loop reading frames at real time. All are child processes measured the same way
 over the same window: CPU time from /proc/<pid>/stat (every thread) and wakeups from the
 context switches of each of its threads.
 
-`python -m meraudiod.bench_listening MODEL THREADS SECONDS` runs the bare loop.
+`python -m meraudiod.bench_listening MODEL THREADS SECONDS BLOCK_FRAMES` runs a bare loop.
 """
 
 from __future__ import annotations
@@ -102,29 +102,36 @@ def bench_listening(
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
             )
-        model = models.vad_file(settings)
-        bare = subprocess.Popen(
-            [*_BARE_LOOP, str(model), str(settings.vad.threads), str(seconds)],
-            stdout=subprocess.DEVNULL,
-        )
+        model = [*_BARE_LOOP, str(models.vad_file(settings)), str(settings.vad.threads)]
+        block_frames = settings.audio.block_ms * SAMPLE_RATE_HZ // 1000 // FRAME_SAMPLES
+        children = [daemon]
         try:
+            # One frame per wakeup (the reference), and a block per wakeup as the daemon takes
+            # them (what the daemon adds over the VAD alone).
+            for frames in (1, block_frames):
+                loop = [*model, str(seconds), str(frames)]
+                children.append(subprocess.Popen(loop, stdout=subprocess.DEVNULL))
             _await_ready(daemon, run_dir / HEARTBEAT_FILE, log)
             time.sleep(_SETTLE_S)
-            before = sample(daemon.pid), sample(bare.pid)
+            before = [sample(child.pid) for child in children]
             time.sleep(window_s)
-            after = sample(daemon.pid), sample(bare.pid)
-            for child, what in ((daemon, "the daemon"), (bare, "the bare VAD loop")):
-                if child.poll() is not None:
-                    raise RuntimeError(f"{what} ended during the listening window")
+            after = [sample(child.pid) for child in children]
+            if any(child.poll() is not None for child in children):
+                raise RuntimeError("the daemon or a bare VAD loop ended during the window")
         finally:
-            _end(daemon, bare)
-    ours, theirs = (_rates(b, a) for b, a in zip(before, after, strict=True))
+            _end(*children)
+    (ours, ours_wakeups), (bare, bare_wakeups), (blocks, _) = (
+        _rates(b, a) for b, a in zip(before, after, strict=True)
+    )
     return {
-        "listening_cpu_pct_of_one_core": round(ours[0], 2),
-        "listening_bare_vad_cpu_pct": round(theirs[0], 2),
-        "listening_ratio_vs_bare": round(ours[0] / theirs[0], 2) if theirs[0] else None,
-        "listening_wakeups_per_s": round(ours[1], 1),
-        "listening_bare_wakeups_per_s": round(theirs[1], 1),
+        "listening_cpu_pct_of_one_core": round(ours, 2),
+        "listening_bare_vad_cpu_pct": round(bare, 2),
+        "listening_ratio_vs_bare": round(ours / bare, 2) if bare else None,
+        "listening_wakeups_per_s": round(ours_wakeups, 1),
+        "listening_bare_wakeups_per_s": round(bare_wakeups, 1),
+        "listening_block_ms": settings.audio.block_ms,
+        "listening_bare_vad_same_blocks_cpu_pct": round(blocks, 2),
+        "listening_ratio_vs_bare_same_blocks": round(ours / blocks, 2) if blocks else None,
         "listening_measured_s": round(after[0].at - before[0].at, 1),
     }
 
@@ -202,9 +209,9 @@ def daemon_env(
     return env
 
 
-def bare_vad_loop(model: Path, threads: int, seconds: float) -> None:
-    """Silero on onnxruntime and nothing else: one frame of digital silence every 32 ms, the
-    model's state carried, paced by sleeping until each frame is due."""
+def bare_vad_loop(model: Path, threads: int, seconds: float, block_frames: int = 1) -> None:
+    """Silero on onnxruntime and nothing else: frames of digital silence, the model's state
+    carried, paced by sleeping until each block of `block_frames` 32 ms frames is due."""
     from .onnx import cpu_session
 
     session = cpu_session(model, threads, "VAD model")
@@ -213,10 +220,11 @@ def bare_vad_loop(model: Path, threads: int, seconds: float) -> None:
     t0 = time.monotonic()
     for i in range(int(seconds / FRAME_S)):
         _, h, c = session.run(None, {"input": window, "h": h, "c": c})
-        wait = t0 + (i + 1) * FRAME_S - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
+        if (i + 1) % block_frames == 0:
+            wait = t0 + (i + 1) * FRAME_S - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
 
 
 if __name__ == "__main__":
-    bare_vad_loop(Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]))
+    bare_vad_loop(Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))
