@@ -238,6 +238,8 @@ class Daemon:
             self.mqtt.wake()
         if response.command not in _READ_ONLY_COMMANDS:  # e.g. the backlog or a speaker changed
             self._state_dirty = True
+            if self.pipeline.worker is not None:  # `reprocess` queued jobs: look now
+                self.pipeline.worker.wake()
 
     def _transcript_live(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
         for event in events.transcript_events(conn, self.settings.mqtt, result):
