@@ -44,10 +44,12 @@ class SileroVad:
             raise ValueError(f"VAD frames must be {FRAME_SAMPLES} samples, got {frame.shape}")
         window = self._window
         window[0, :_CONTEXT_SAMPLES] = window[0, -_CONTEXT_SAMPLES:]
+        samples = window[0, _CONTEXT_SAMPLES:]
+        samples[...] = frame
         if frame.dtype == np.int16:
-            np.multiply(frame, _INT16_SCALE, out=window[0, _CONTEXT_SAMPLES:])
-        else:
-            window[0, _CONTEXT_SAMPLES:] = frame
+            # Two simple loops: np.multiply(frame, scale, out=...) mixes types and goes
+            # through numpy's buffered casting, about 6x slower per frame.
+            samples *= _INT16_SCALE
         prob, self._h, self._c = self._session.run(
             None, {"input": window, "h": self._h, "c": self._c}
         )
