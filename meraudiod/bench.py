@@ -25,8 +25,9 @@ import soundfile
 
 from . import __version__, models
 from .asr import Transcriber
-from .audio import FRAME_S, FRAME_SAMPLES, SAMPLE_RATE_HZ, decode_file, to_float32
+from .audio import FRAME_SAMPLES, SAMPLE_RATE_HZ, decode_file, to_float32
 from .bench_disk import WalMeter, written_bytes
+from .bench_listening import bench_listening, proc_cpu_s
 from .config import Settings
 from .db import open_db
 from .machine import describe as describe_machine
@@ -34,7 +35,6 @@ from .sources import demo_path
 from .status import HEARTBEAT_FILE
 from .vad import SileroVad
 
-_LISTEN_S: Final = 10.0
 _PASSAGE_S: Final = 30.0
 _PIPELINE_TIMEOUT_S: Final = 300.0  # a daemon waiting for a server that never comes
 
@@ -55,8 +55,7 @@ def _best_of(runs: int, func: Callable[[], object]) -> float:
 
 
 def bench_vad(settings: Settings, audio: np.ndarray) -> dict[str, Any]:
-    """Cost per frame back to back, ours (streaming) against faster-whisper's batch VAD, and
-    the CPU used listening to silence paced at real time."""
+    """Cost per frame back to back, ours (streaming) against faster-whisper's batch VAD."""
     from faster_whisper.vad import SileroVADModel
 
     path = models.vad_file(settings)
@@ -73,22 +72,10 @@ def bench_vad(settings: Settings, audio: np.ndarray) -> dict[str, Any]:
     bare = SileroVADModel(str(path))
     bare_s = _best_of(3, lambda: bare(audio[: n * FRAME_SAMPLES]))
 
-    silence = np.zeros(FRAME_SAMPLES, dtype=np.float32)
-    vad.reset()
-    frames_paced = int(_LISTEN_S / FRAME_S)
-    cpu0, wall0 = _cpu_s(), time.monotonic()
-    for i in range(frames_paced):
-        vad(silence)
-        wait = wall0 + (i + 1) * FRAME_S - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-    listen_cpu_pct = 100.0 * (_cpu_s() - cpu0) / (time.monotonic() - wall0)
     return {
         "vad_us_per_frame": round(ours_s / n * 1e6, 1),
         "vad_bare_batch_us_per_frame": round(bare_s / n * 1e6, 1),
         "vad_ratio_vs_bare": round(ours_s / bare_s, 2),
-        "listening_cpu_pct_of_one_core": round(listen_cpu_pct, 2),
-        "listening_measured_s": _LISTEN_S,
     }
 
 
@@ -201,7 +188,7 @@ def bench_pipeline(
             peak_kb = max(peak_kb, _peak_rss_kb(child.pid))
             wal.poll()
             if ready_cpu_s is None and (run_dir / HEARTBEAT_FILE).exists():  # READY
-                ready_cpu_s = _proc_cpu_s(child.pid)
+                ready_cpu_s = proc_cpu_s(child.pid)
                 startup_bytes = written_bytes(child.pid) or 0
                 wal_at_ready = wal.bytes_written
             if time.monotonic() > give_up_at:
@@ -280,6 +267,8 @@ def run_bench(
     started = time.monotonic()
     progress("VAD")
     figures |= bench_vad(settings, audio)
+    progress("listening to silence at real time, beside a bare VAD loop")
+    figures |= bench_listening(settings, config_path)
     wyoming = settings.asr.backend == "wyoming"
     if not wyoming:  # the servers transcribe: no local model to time
         progress("ASR")
@@ -338,15 +327,6 @@ def _peak_rss_kb(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def _proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds a running process has used so far (Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_model() -> str:

@@ -71,6 +71,15 @@ class AudioSettings(Section):
     realtime: bool = Field(
         False, description="Pace file replay at real time instead of as fast as possible"
     )
+    block_ms: int = Field(
+        128,
+        ge=32,
+        le=1024,
+        multiple_of=32,
+        description="Audio the listener wakes up for, from the sound card (and a real-time file)"
+        ": 32 ms frames taken a few at a time cost less CPU than one per wakeup, and speech"
+        " is noticed up to block_ms - 32 ms later",
+    )
 
     @field_validator("source")
     @classmethod

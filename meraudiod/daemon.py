@@ -226,6 +226,8 @@ class Daemon:
         """The state is republished after a command that changed something."""
         if response.command not in _READ_ONLY_COMMANDS:  # e.g. the backlog or a speaker changed
             self._state_dirty = True
+            if self.pipeline.worker is not None:  # `reprocess` queued jobs: look now
+                self.pipeline.worker.wake()
 
     def published(self, event: Event) -> None:
         """A command (over MQTT or HTTP) queued an event, e.g. a speaker enrolled: MQTT

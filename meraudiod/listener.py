@@ -11,7 +11,7 @@ from typing import Final
 
 import numpy as np
 
-from .audio import FRAME_S, SAMPLE_RATE_HZ, Float32Array, Int16Array, rms_dbfs, to_float32
+from .audio import FRAME_S, SAMPLE_RATE_HZ, Float32Array, Int16Array, rms_dbfs
 from .config import Settings
 from .db import is_busy, open_db
 from .recordings import MemoryAudio, Recording, RecordingStore
@@ -150,7 +150,7 @@ class Listener(StageThread):
                     frame = np.zeros_like(frame)
                     self.last_prob, self._last_frame = 0.0, None
                 else:
-                    self.last_prob = self.vad(to_float32(frame))
+                    self.last_prob = self.vad(frame)
                     self._last_frame = frame
                 buffer.append(frame, self.last_prob)
                 for event in segmenter.push(self.last_prob):

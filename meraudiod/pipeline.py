@@ -151,4 +151,5 @@ class Pipeline:
         """Stop the worker after its current job."""
         self.stop_event.set()
         if self.worker is not None:
+            self.worker.wake()  # an idle worker sleeps until woken (or for seconds)
             self.worker.join()

@@ -98,10 +98,12 @@ def demo_path() -> Path:
 class FileSource:
     """Replays a file of any common format, as fast as possible or at real time."""
 
-    def __init__(self, path: Path, realtime: bool = False) -> None:
+    def __init__(self, path: Path, realtime: bool = False, block_frames: int = 1) -> None:
         self.path = path
         self.name = f"file:{path}"
         self.realtime = realtime
+        # With realtime, frames come a block at a time, as from a sound card.
+        self.block_frames = block_frames
         self.dropped_frames = 0
         self._blocks: Iterator[Int16Array] | None = None
         self._framer = _Framer()
@@ -136,8 +138,9 @@ class FileSource:
             frame = self._framer.take_last()
             if frame is None:
                 raise EndOfStream(self.name)
-        if self.realtime:  # frames are due one every 32 ms, so this wait is short
-            wait = self._t0 + self._frames_read * FRAME_S - time.monotonic()
+        if self.realtime:  # a block is due every block_frames * 32 ms: this wait is short
+            block_start = self._frames_read - self._frames_read % self.block_frames
+            wait = self._t0 + block_start * FRAME_S - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
         self._frames_read += 1
@@ -266,8 +269,15 @@ def _wav_refusal(header: WavHeader) -> str:
 class MicSource:
     """A sound card through PortAudio. The callback only copies and enqueues."""
 
-    def __init__(self, device: str | int | None, rate_hz: int | None, queue_frames: int) -> None:
+    def __init__(
+        self,
+        device: str | int | None,
+        rate_hz: int | None,
+        queue_frames: int,
+        block_frames: int = 1,
+    ) -> None:
         self.device = device
+        self.block_frames = block_frames  # frames per callback: fewer wakeups
         self.name = f"mic:{device if device is not None else 'default'}"
         self.dropped_frames = 0
         self.overflows = 0
@@ -301,7 +311,7 @@ class MicSource:
                 samplerate=rate,
                 channels=channels,
                 dtype="float32",
-                blocksize=int(rate * FRAME_S),
+                blocksize=int(rate * FRAME_S * self.block_frames),
                 callback=self._callback,
             )
             self._stream.start()
@@ -367,12 +377,15 @@ def input_devices() -> list[dict[str, Any]]:
 
 def open_source(spec: str, settings: AudioSettings) -> AudioSource:
     """Build (not yet start) the source named by `mic`, `file:PATH`, `stdin` or `demo`."""
+    block_frames = settings.block_ms * SAMPLE_RATE_HZ // 1000 // FRAME_SAMPLES
     if spec == "mic":
-        return MicSource(settings.device, settings.device_rate_hz, settings.queue_frames)
+        return MicSource(
+            settings.device, settings.device_rate_hz, settings.queue_frames, block_frames
+        )
     if spec == "stdin":
         return StdinSource(queue_frames=settings.queue_frames)
     if spec == "demo":
-        return FileSource(demo_path(), realtime=settings.realtime)
+        return FileSource(demo_path(), settings.realtime, block_frames)
     if spec.startswith("file:"):
-        return FileSource(Path(spec[5:]).expanduser(), realtime=settings.realtime)
+        return FileSource(Path(spec[5:]).expanduser(), settings.realtime, block_frames)
     raise SourceError(f"unknown audio source {spec!r}: use mic, file:PATH, stdin or demo")

@@ -8,11 +8,12 @@ from typing import Final
 
 import numpy as np
 
-from .audio import FRAME_SAMPLES, Float32Array
+from .audio import FRAME_SAMPLES, Float32Array, Int16Array
 from .onnx import OnnxLoadError, cpu_session
 
 _CONTEXT_SAMPLES: Final = 64  # the v6 model sees the tail of the previous frame
 _STATE_SHAPE: Final = (1, 1, 128)
+_INT16_SCALE: Final = np.float32(1.0 / 32768.0)  # exact (a power of two): as to_float32
 
 
 class VadError(Exception):
@@ -33,17 +34,26 @@ class SileroVad:
         """Forget everything heard so far (a new stream)."""
         self._h = np.zeros(_STATE_SHAPE, dtype=np.float32)
         self._c = np.zeros(_STATE_SHAPE, dtype=np.float32)
-        self._context = np.zeros(_CONTEXT_SAMPLES, dtype=np.float32)
+        # The model's input, reused frame after frame (no allocation per frame): the tail of
+        # the previous frame, then the frame itself.
+        self._window = np.zeros((1, _CONTEXT_SAMPLES + FRAME_SAMPLES), dtype=np.float32)
 
-    def __call__(self, frame: Float32Array) -> float:
-        """Speech probability of one frame of 512 float32 samples at 16 kHz."""
+    def __call__(self, frame: Float32Array | Int16Array) -> float:
+        """Speech probability of one frame of 512 samples at 16 kHz: float32 in [-1, 1), or
+        int16 PCM as a source delivers it (scaled straight into the model's input)."""
         if frame.shape != (FRAME_SAMPLES,):
             raise ValueError(f"VAD frames must be {FRAME_SAMPLES} samples, got {frame.shape}")
-        window = np.concatenate([self._context, frame]).reshape(1, -1)
+        window = self._window
+        window[0, :_CONTEXT_SAMPLES] = window[0, -_CONTEXT_SAMPLES:]
+        samples = window[0, _CONTEXT_SAMPLES:]
+        samples[...] = frame
+        if frame.dtype == np.int16:
+            # Two simple loops: np.multiply(frame, scale, out=...) mixes types and goes
+            # through numpy's buffered casting, about 6x slower per frame.
+            samples *= _INT16_SCALE
         prob, self._h, self._c = self._session.run(
             None, {"input": window, "h": self._h, "c": self._c}
         )
-        self._context = frame[-_CONTEXT_SAMPLES:]
         return float(prob.reshape(-1)[0])
 
 

@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import soundfile
@@ -32,7 +33,10 @@ class AudioLostError(Exception):
     """A recording's audio is not on disk and not in memory."""
 
 
-_IDLE_WAIT_S = 0.5
+# Idle, the worker sleeps until wake() (a job saved or queued by this process), or this long:
+# how soon it sees a job queued by another process (`meraudiod reprocess`), a retry come due
+# or an ASR server come back. A shorter poll costs wakeups on a device that is mostly idle.
+_IDLE_WAIT_S: Final = 2.0
 # How often the daemon's worker takes over the jobs of one-off processes that died (an
 # `analyze` killed half way), so their recordings are transcribed without a restart.
 _ADOPT_EVERY_S = 30.0

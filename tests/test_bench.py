@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from meraudiod.bench_listening import bench_listening
+from meraudiod.config import Settings
+
 from .conftest import cli
 
 
@@ -15,6 +20,10 @@ def test_bench_reports_figures_with_ratios_against_the_bare_library(env: dict[st
         "vad_us_per_frame",
         "vad_ratio_vs_bare",
         "listening_cpu_pct_of_one_core",
+        "listening_bare_vad_cpu_pct",
+        "listening_ratio_vs_bare",
+        "listening_wakeups_per_s",
+        "listening_bare_wakeups_per_s",
         "asr_command_rtf",
         "asr_command_ratio_vs_bare",
         "asr_passage_rtf",
@@ -31,6 +40,7 @@ def test_bench_reports_figures_with_ratios_against_the_bare_library(env: dict[st
     assert "speaker_embedding_ms_per_audio_s" in figures
     assert figures["python"] and figures["sqlite"] and figures["onnxruntime"][0].isdigit()
     assert "ctranslate2" in figures and "cpu_features" in figures
+    assert figures["listening_measured_s"] >= 29  # the daemon itself, over the whole window
     assert "this machine" in figures["timings_note"]
     assert figures["pipeline_recordings"] == 3  # the first 20 s of the sample: three utterances
     # The writes split: the log is part of the database's, which with the audio is the whole.
@@ -40,3 +50,24 @@ def test_bench_reports_figures_with_ratios_against_the_bare_library(env: dict[st
     assert abs(whole - figures["disk_write_mb_per_recorded_hour"]) <= 0.2
     assert isinstance(figures["keeps_up"], bool) and figures["verdict"]
     assert figures["bench_s"] < 120
+
+
+def test_listening_cost_is_the_daemon_process_beside_a_bare_vad_loop(settings: Settings) -> None:
+    """Both children measured over the same window after READY; the ratio is of the two."""
+    figures = bench_listening(settings, None, window_s=8.0)
+    assert 7.9 <= figures["listening_measured_s"] < 15
+    ours, bare = figures["listening_cpu_pct_of_one_core"], figures["listening_bare_vad_cpu_pct"]
+    # 250 VAD runs of the daemon and of the loop: a CPU tick or more each, never a whole core.
+    assert 0 < ours < 100 and 0 < bare < 100
+    assert figures["listening_ratio_vs_bare"] == pytest.approx(ours / bare, rel=0.05, abs=0.02)
+    # The bare loop taking frames a block at a time, as the daemon does: its own overhead.
+    blocks = figures["listening_bare_vad_same_blocks_cpu_pct"]
+    assert figures["listening_block_ms"] == settings.audio.block_ms and 0 < blocks < 100
+    assert figures["listening_ratio_vs_bare_same_blocks"] == pytest.approx(
+        ours / blocks, rel=0.05, abs=0.02
+    )
+    # Read from every thread: at least one wakeup per block in the daemon (its listener alone),
+    # one per 32 ms frame in the bare loop.
+    assert figures["listening_wakeups_per_s"] >= 0.9 * 1000 / settings.audio.block_ms
+    assert figures["listening_bare_wakeups_per_s"] >= 0.9 * 1000 / 32
+    assert settings.storage.data_dir.is_dir() and not list(settings.storage.data_dir.iterdir())

@@ -134,3 +134,26 @@ def test_stdin_source_frames_raw_pcm() -> None:
 def test_open_source_rejects_unknown_specs() -> None:
     with pytest.raises(SourceError, match=r"unknown audio source"):
         open_source("camera", AudioSettings())
+
+
+def _voluntary_switches() -> int:
+    """How often this thread has gone to sleep so far (Linux)."""
+    status = Path("/proc/thread-self/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+@pytest.mark.parametrize(("block_frames", "sleeps"), [(1, 32), (4, 8)])
+def test_realtime_file_source_gives_a_block_per_wakeup(block_frames: int, sleeps: int) -> None:
+    """At real time, frames come block_frames at a time, as from a sound card with that
+    block size: one sleep per block, not per frame, and never ahead of real time."""
+    source = FileSource(SPEECH, realtime=True, block_frames=block_frames)
+    source.start()
+    source.read(0.5)  # the first block is due at once; its decoding is not counted
+    t0, before = time.monotonic(), _voluntary_switches()
+    frames = [source.read(0.5) for _ in range(32)]
+    slept, took_s = _voluntary_switches() - before, time.monotonic() - t0
+    source.stop()
+    assert all(f is not None and f.shape == (FRAME_SAMPLES,) for f in frames)
+    # The 33rd frame opens block 33 // block_frames, due that many blocks after the start.
+    assert took_s >= (32 // block_frames) * block_frames * 0.032 - 0.005
+    assert sleeps - 2 <= slept <= sleeps + 3  # a page fault or a decode may add a switch

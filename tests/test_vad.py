@@ -16,9 +16,13 @@ from .conftest import DEMO, DEMO_TRUTH, TEST_DATA
 
 
 def probabilities(vad: SileroVad, path: Path) -> np.ndarray:
-    audio = to_float32(decode_file(path))
-    n = audio.size // FRAME_SAMPLES
+    return probabilities_of(vad, to_float32(decode_file(path)))
+
+
+def probabilities_of(vad: SileroVad, audio: np.ndarray) -> np.ndarray:
+    """A new stream: the probability of each whole frame."""
     vad.reset()
+    n = audio.size // FRAME_SAMPLES
     return np.array([vad(audio[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]) for i in range(n)])
 
 
@@ -57,3 +61,16 @@ def test_state_is_carried_and_reset(settings: Settings) -> None:
     assert np.mean(np.abs(streamed - np.array(fresh))) > 0.2
     again = probabilities(vad, path)
     assert np.allclose(streamed, again)  # reset() makes a new stream start from scratch
+
+
+def test_int16_frames_as_a_source_delivers_them_give_the_same_probabilities(
+    settings: Settings,
+) -> None:
+    """The listener hands the VAD its int16 frames (scaled into the model's input, no copy
+    per frame): exactly what the same frames as float32 give, context and state carried."""
+    vad = SileroVad(models.vad_file(settings))
+    pcm = decode_file(DEMO)[: 20 * 16000]
+    as_float = probabilities_of(vad, to_float32(pcm))
+    as_int16 = probabilities_of(vad, pcm)
+    assert np.mean(as_float > 0.5) > 0.3  # real speech in it
+    assert np.array_equal(as_int16, as_float)

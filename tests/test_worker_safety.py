@@ -20,15 +20,18 @@ import pytest
 import soundfile
 
 from meraudiod import jobs, models
+from meraudiod import worker as worker_module
 from meraudiod.asr import Transcriber
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import Transaction, open_db
+from meraudiod.pipeline import Pipeline
 from meraudiod.recordings import MemoryAudio, RecordingStore
 from meraudiod.retention import disk_free_mb, disk_low
+from meraudiod.sources import FileSource
 from meraudiod.worker import TranscribedRecording, Worker
 
-from .conftest import TEST_DATA, cli, db_rows, stored_audio
+from .conftest import DEMO, TEST_DATA, cli, db_rows, stored_audio, wait_for
 
 SPEECH = decode_file(TEST_DATA / "librivox_0880.wav")
 SHORT = TEST_DATA / "ls_103_0000.flac"
@@ -209,3 +212,34 @@ def test_the_worker_outlives_a_database_locked_past_its_busy_timeout(settings: S
         holder.close()
         stop.set()
         worker.join(30)
+
+
+def test_each_saved_recording_wakes_the_worker_and_none_saved_while_it_is_busy_is_missed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The worker does not poll for the listener's recordings: each save wakes it. With its
+    idle wait made longer than this test's patience, only the wake can find them: at real
+    time it is idle when each utterance is saved; replayed fast, the later ones are saved
+    while it transcribes the first."""
+    monkeypatch.setattr(worker_module, "_IDLE_WAIT_S", 600.0)
+    clip = tmp_path / "three.flac"  # the demo's first 20 s: three utterances, 2 s apart
+    soundfile.write(clip, decode_file(DEMO)[: 20 * 16000], 16000)
+    pipeline = Pipeline(settings, threading.Event())
+    pipeline.open()
+    pipeline.start_worker()
+    conn = open_db(settings.storage.db_path)
+
+    def done() -> int:
+        return len(conn.execute("SELECT id FROM recordings WHERE status='done'").fetchall())
+
+    try:
+        for realtime, total in ((True, 3), (False, 6)):
+            source = FileSource(clip, realtime=realtime)
+            source.start()
+            listener = pipeline.listener(source)
+            assert listener.finished.wait(120), "the listener never finished the clip"
+            assert listener.recordings_saved == 3, (listener.recordings_saved, listener.error)
+            wait_for(lambda: done() == total, 120, f"{total} recordings transcribed")  # noqa: B023
+    finally:
+        pipeline.close()
+        conn.close()
