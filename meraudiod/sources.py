@@ -282,7 +282,8 @@ class MicSource:
         self.dropped_frames = 0
         self.overflows = 0
         self._rate_hz = rate_hz
-        self._queue: queue.Queue[Float32Array] = queue.Queue(queue_frames)
+        # A callback delivers a block of frames: the queue holds `queue_frames` frames' worth.
+        self._queue: queue.Queue[Float32Array] = queue.Queue(max(1, queue_frames // block_frames))
         self._stream: Any = None
         self._resampler: Resampler | None = None
         self._framer = _Framer()
@@ -328,7 +329,7 @@ class MicSource:
         try:
             self._queue.put_nowait(indata.copy())  # PortAudio reuses its buffer
         except queue.Full:
-            self.dropped_frames += 1
+            self.dropped_frames += self.block_frames
 
     def read(self, timeout_s: float) -> Int16Array | None:
         """The next 16 kHz frame."""

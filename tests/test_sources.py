@@ -157,3 +157,18 @@ def test_realtime_file_source_gives_a_block_per_wakeup(block_frames: int, sleeps
     # The 33rd frame opens block 33 // block_frames, due that many blocks after the start.
     assert took_s >= (32 // block_frames) * block_frames * 0.032 - 0.005
     assert sleeps - 2 <= slept <= sleeps + 3  # a page fault or a decode may add a switch
+
+
+def test_the_microphone_queue_holds_queue_frames_whatever_the_block() -> None:
+    """audio.queue_frames counts 32 ms frames: with 4-frame blocks the capture queue holds
+    a quarter as many callbacks, and a full queue counts every frame it drops."""
+    from types import SimpleNamespace
+
+    mic = MicSource(None, None, queue_frames=8, block_frames=4)
+    block = np.zeros((4 * FRAME_SAMPLES, 1), dtype=np.float32)
+    ok = SimpleNamespace(input_overflow=False)
+    for _ in range(3):  # room for two blocks of four frames: the third is dropped whole
+        mic._callback(block, block.shape[0], None, ok)
+    assert mic.dropped_frames == 4
+    frames = [mic.read(0.01) for _ in range(9)]
+    assert sum(f is not None for f in frames) == 8 and frames[-1] is None
