@@ -3,10 +3,13 @@
 A fresh Python process (`python -m meraudiod.bench_memory`) takes one step at a time:
 the interpreter, numpy, onnxruntime, faster-whisper (with CTranslate2 and what it imports),
 meraudiod's own modules with the bundled sample decoded, then each model loaded and run once
-on the sample (VAD, Whisper, segmentation, speaker embedder: a model's first run allocates
-its working memory too). After each step it prints one JSON line with its RSS; the cost of a
-step is the growth of RSS over the step before. A model that is not installed is skipped
-with a note. This module imports nothing heavy at the top: the child counts every import.
+(VAD, Whisper and segmentation on 10 s of the sample, the speaker embedder on the longest
+stretch the daemon embeds, `speakers.max_embedding_s`), every model kept loaded as in the
+daemon. After each step it prints one JSON line with its RSS and high-water mark; the cost
+of a step is the growth of RSS over the step before, and `memory_peak_rss_mb` the
+high-water mark of it all (the embedder's working memory on its longest input). malloc is
+tuned as in the daemon (memory.py). A model that is not installed is skipped with a note.
+This module imports nothing heavy at the top: the child counts every import.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def bench_memory(config_path: str | None, env: dict[str, str] | None = None) -> 
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"the memory bench failed (exit {result.returncode}): {tail}")
     figures: dict[str, Any] = {}
-    previous_kb = 0
+    previous_kb = peak_kb = 0
     for line in result.stdout.splitlines():
         step = json.loads(line)
         name = step["step"]
@@ -65,8 +68,9 @@ def bench_memory(config_path: str | None, env: dict[str, str] | None = None) -> 
             figures[f"memory_{name}_note"] = step["note"]
             continue
         figures[f"memory_{name}_mb"] = round((step["rss_kb"] - previous_kb) / 1024, 1)
-        previous_kb = step["rss_kb"]
+        previous_kb, peak_kb = step["rss_kb"], step["peak_kb"]
     figures["memory_all_loaded_rss_mb"] = round(previous_kb / 1024, 1)
+    figures["memory_peak_rss_mb"] = round(peak_kb / 1024, 1)
     return figures
 
 
@@ -134,7 +138,8 @@ def _child() -> None:
     from .voiceprints import SpeakerEmbedder, onnx_file
 
     settings = load_settings()
-    audio = to_float32(decode_file(demo_path()))[: int(_SAMPLE_S * SAMPLE_RATE_HZ)]
+    demo = to_float32(decode_file(demo_path()))
+    audio = demo[: int(_SAMPLE_S * SAMPLE_RATE_HZ)]
     _report("meraudiod")
     models_dir = settings.storage.resolved_models_dir
 
@@ -159,7 +164,7 @@ def _child() -> None:
         spk = settings.speakers
         path = onnx_file(models.resolve(spk.model, models_dir))
         kept.append(SpeakerEmbedder(path, spk.model, spk.threads))
-        kept[-1](audio)
+        kept[-1](demo[: int(spk.max_embedding_s * SAMPLE_RATE_HZ)])  # the longest it embeds
 
     kept: list[Any] = []  # every model stays loaded, as in the daemon
     steps: list[tuple[str, Callable[[], None]]] = [

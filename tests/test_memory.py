@@ -50,9 +50,7 @@ def test_speaker_models_load_only_when_on_and_are_freed_when_a_reload_turns_them
         config.write_text("[speakers]\nenabled = false\n[diarization]\nenabled = false\n")
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: speakers_model() is None, 60, "the speaker models to be freed")
-        wait_for(
-            lambda: _rss_mb(proc.pid) < on_mb - _ECAPA_MB, 30, "their memory to be given back"
-        )
+        wait_for(lambda: _rss_mb(proc.pid) < on_mb - _ECAPA_MB, 30, "their memory to be given back")
         assert proc.poll() is None
     finally:
         proc.stdin.close()
