@@ -17,6 +17,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE_HZ, Float32Array
 from .config_sections import AsrSettings
+from .memory import transcription_heap
 from .onnx import load_error
 
 _LOGGER = logging.getLogger(__name__)
@@ -229,12 +230,13 @@ class Transcriber:
             )
 
         try:
-            segments, info = run(s.language)
-            if s.language is None and s.languages and info.language not in s.languages:
-                # Detection picked a language we do not allow: take the likeliest allowed one.
-                probs = dict(info.all_language_probs or [])
-                segments, info = run(max(s.languages, key=lambda lang: probs.get(lang, 0.0)))
-            result = tuple(self._convert(seg, duration_s) for seg in segments)
+            with transcription_heap():  # memory.py: CTranslate2's buffers
+                segments, info = run(s.language)
+                if s.language is None and s.languages and info.language not in s.languages:
+                    # Detection picked a language we do not allow: take the likeliest allowed one.
+                    probs = dict(info.all_language_probs or [])
+                    segments, info = run(max(s.languages, key=lambda lang: probs.get(lang, 0.0)))
+                result = tuple(self._convert(seg, duration_s) for seg in segments)
         except Exception as exc:  # decoding failures surface while iterating
             raise AsrError(f"transcription failed: {exc}") from exc
         return Transcript(language=str(info.language), duration_s=duration_s, segments=result)

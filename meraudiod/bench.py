@@ -28,6 +28,7 @@ from .asr import Transcriber
 from .audio import FRAME_SAMPLES, SAMPLE_RATE_HZ, decode_file, to_float32
 from .bench_disk import WalMeter, written_bytes
 from .bench_listening import bench_listening, proc_cpu_s
+from .bench_memory import bench_memory, bench_peak_rss
 from .config import Settings
 from .db import open_db
 from .machine import describe as describe_machine
@@ -285,6 +286,10 @@ def run_bench(
             figures |= bench_wyoming(settings, config_path, clip)
         else:
             figures |= bench_pipeline(settings, config_path, clip)
+            progress("peak memory with speakers on and off")
+            figures |= bench_peak_rss(settings, config_path, clip, figures)
+    progress("memory per library and model")
+    figures |= bench_memory(config_path)
     if settings.http.enabled:
         from .bench_http import bench_http
 

@@ -135,8 +135,10 @@ _LIVE_KEYS: Final = frozenset(
         "asr.logprob_threshold",
         "asr.max_attempts",
         "asr.retry_delay_s",
+        "speakers.enabled",  # the daemon loads or frees the speaker models (pipeline.py)
         "speakers.threshold",
         "speakers.margin",
+        "diarization.enabled",
         "mqtt.allow_admin_commands",
         "mqtt.outbox_max_age_days",
         "mqtt.outbox_max_rows",

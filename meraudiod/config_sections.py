@@ -66,7 +66,9 @@ class AudioSettings(Section):
         None, description="Rate to open the device at; None = its native default rate"
     )
     queue_frames: int = Field(
-        256, ge=16, description="Frames (32 ms) buffered between the capture callback and the listener"
+        256,
+        ge=16,
+        description="Frames (32 ms) buffered between the capture callback and the listener",
     )
     realtime: bool = Field(
         False, description="Pace file replay at real time instead of as fast as possible"

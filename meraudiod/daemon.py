@@ -22,6 +22,7 @@ from . import events
 from .checks import check_writable, mqtt_file_problems
 from .config import ConfigError, Settings, apply_live, load_settings
 from .db import Transaction, get_kv, open_db, set_kv
+from .diarization import DiarizationError
 from .listener import Listener
 from .messages import (
     ErrorEvent,
@@ -44,6 +45,7 @@ from .status import (
     write_heartbeat,
 )
 from .systemd import Notifier
+from .voiceprints import SpeakerError
 from .worker import TranscribedRecording
 
 _LOGGER = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class Daemon:
         on_transcribed: Callable[[TranscribedRecording], None] | None = None,
     ) -> None:
         self.settings = settings
-        # What this process loads; a reload does not change models, so `status` shows these.
+        # What this process loads (a reload may load or free the speaker models).
         self.models = configured_models(settings)
         self.source = source
         self.stop_event = stop
@@ -490,6 +492,7 @@ class Daemon:
         for (section, key), value in self.cli_overrides.items():
             object.__setattr__(getattr(fresh, section), key, value)
         applied, needs_restart = apply_live(self.settings, fresh)
+        self._update_speakers()
         if applied:
             logging.getLogger().setLevel(self.settings.logging.level)
             if self.listener is not None:
@@ -503,6 +506,20 @@ class Daemon:
             self._status_line()
             + (f"; restart needed for {', '.join(needs_restart)}" if needs_restart else "")
         )
+
+    def _update_speakers(self) -> None:
+        """Load or free the speaker models as speakers/diarization were turned on or off; a
+        model that will not load leaves them off, said in the log."""
+        try:
+            changed = self.pipeline.update_speakers()
+        except (SpeakerError, DiarizationError) as exc:
+            _LOGGER.error("speakers and diarization stay off: %s", exc)
+            for section in (self.settings.speakers, self.settings.diarization):
+                object.__setattr__(section, "enabled", False)
+            changed = None
+        if changed:
+            _LOGGER.info("%s", changed)
+        self.models = configured_models(self.settings)
 
     # --- stop ------------------------------------------------------------------------------
 

@@ -27,9 +27,14 @@ class OnnxLoadError(Exception):
     """The model file could not be loaded."""
 
 
-def cpu_session(model_path: Path, threads: int = 1, what: str = "model") -> Any:
+def cpu_session(
+    model_path: Path, threads: int = 1, what: str = "model", memory_pattern: bool = True
+) -> Any:
     """An onnxruntime session with `threads` intra-op threads and thread spinning off (with
-    spinning on, a real-time loop burns most of a core between frames)."""
+    spinning on, a real-time loop burns most of a core between frames), and no memory arena
+    (it would keep the largest input's activations for good). memory_pattern=False: each
+    activation is allocated when needed and freed when done, rather than all in one block
+    planned for the input's size (less memory for long inputs, a little slower)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -38,6 +43,7 @@ def cpu_session(model_path: Path, threads: int = 1, what: str = "model") -> Any:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = memory_pattern
     options.log_severity_level = 3
     try:
         return onnxruntime.InferenceSession(

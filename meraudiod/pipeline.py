@@ -18,6 +18,7 @@ from .asr import SpeechToText, Transcriber
 from .config import Settings
 from .db import check_integrity, open_db
 from .listener import Listener
+from .memory import release_memory
 from .recordings import MemoryAudio, Recording, remove_crashed_writes
 from .sources import AudioSource
 from .vad import SileroVad, VadTraces
@@ -64,18 +65,37 @@ class Pipeline:
                 remove_crashed_writes(conn, storage.audio_dir)
         finally:
             conn.close()
-        self._new_vad()  # a missing or broken VAD model fails here, before anything runs
-        if self.settings.asr.enabled:
-            transcriber = self._speech_to_text()
+        transcriber = self._speech_to_text() if self.settings.asr.enabled else None
+        # After Whisper: its load needs twice its resident size for a moment, and the peak is
+        # lower with onnxruntime not yet in memory. A missing or broken VAD model still fails
+        # here, before anything runs.
+        self._new_vad()
+        if transcriber is not None:
             self.worker = Worker(self.settings, transcriber, self.stop_event, self.on_transcribed)
             self.worker.memory = self.memory
             self.worker.vad_traces = self.vad_traces
             self.worker.job_origin = self.job_origin
-            if self.settings.speakers.enabled or self.settings.diarization.enabled:
-                from .speakers import SpeakerStage  # fails fast when a model is missing
-
-                self.worker.speakers = SpeakerStage(self.settings)
+            self.update_speakers()  # fails fast when a model is missing
         self.opened = True
+
+    def update_speakers(self) -> str | None:
+        """Load the speaker models when speakers or diarization are on and they are not
+        loaded; free them when both are off (at start, and after a reload turned them on or
+        off). Returns what changed, or None."""
+        worker = self.worker
+        if worker is None:
+            return None
+        wanted = self.settings.speakers.enabled or self.settings.diarization.enabled
+        if wanted and worker.speakers is None:
+            from .speakers import SpeakerStage
+
+            worker.speakers = SpeakerStage(self.settings)
+            return "speaker models loaded"
+        if not wanted and worker.speakers is not None:
+            worker.speakers = None  # the job in hand keeps its own reference until it ends
+            release_memory()
+            return "speaker models freed"
+        return None
 
     def _speech_to_text(self) -> SpeechToText:
         """The local model, or the Wyoming servers (with the local model as the fallback

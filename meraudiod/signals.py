@@ -38,6 +38,10 @@ def main() -> None:
     """The `meraudiod` command: `run` gets its handlers before anything slow is imported."""
     if sys.argv[1:2] == ["run"]:
         run_handlers()
+    if sys.argv[1:2] in (["run"], ["analyze"]):
+        from .memory import tune_malloc
+
+        tune_malloc()  # before any model allocates
     from .cli import main as cli_main
 
     cli_main()

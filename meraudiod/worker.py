@@ -193,8 +193,9 @@ class Worker(StageThread):
         asr_s = time.perf_counter() - t0
         rtf = asr_s / max(float(row["duration_s"]), 1e-6)
         analysis = None
-        if self.speakers is not None:  # the heavy part, outside the transaction
-            analysis = self.speakers.analyze(audio, transcript, conn)
+        stage = self.speakers  # one stage for the whole job: a reload may free it meanwhile
+        if stage is not None:  # the heavy part, outside the transaction
+            analysis = stage.analyze(audio, transcript, conn)
             transcript = analysis.transcript  # segments split at speaker changes
         # Without an fsync of its own: a power cut may take back the last transcripts, whose
         # recordings are then transcribed again at the next start (their save was durable).
@@ -204,8 +205,8 @@ class Worker(StageThread):
             latency_ms = (stored_at - float(row["closed_at"])) * 1000.0
             store_transcript(conn, job.recording_id, transcript, self.transcriber.model_name)
             speakers = None
-            if self.speakers is not None and analysis is not None:
-                speakers = self.speakers.store(conn, job.recording_id, analysis)
+            if stage is not None and analysis is not None:
+                speakers = stage.store(conn, job.recording_id, analysis)
             conn.execute(
                 "UPDATE recordings SET rtf=?, latency_ms=?, transcribed_at=? WHERE id=?",
                 (rtf, latency_ms, stored_at, job.recording_id),

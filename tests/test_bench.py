@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,8 +12,15 @@ from meraudiod.config import Settings
 
 from .conftest import cli
 
+_MEMORY_STEPS = (
+    *("python", "numpy", "onnxruntime", "faster_whisper", "meraudiod"),
+    *("vad", "whisper", "segmentation", "speaker_embedder"),
+)
 
-def test_bench_reports_figures_with_ratios_against_the_bare_library(env: dict[str, str]) -> None:
+
+def test_bench_reports_figures_with_ratios_against_the_bare_library(
+    env: dict[str, str], speaker_models: Path
+) -> None:
     result = cli("bench", "--json", env=env, timeout_s=300)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
@@ -38,6 +46,16 @@ def test_bench_reports_figures_with_ratios_against_the_bare_library(env: dict[st
     ):
         assert isinstance(figures[key], int | float) and figures[key] > 0, key
     assert "speaker_embedding_ms_per_audio_s" in figures
+    # Peak memory of the daemon both ways, in one run; with glibc's default heap the first
+    # was 460-490 MB here (the issue measured 511-593).
+    on, off = figures["daemon_peak_rss_mb_speakers_on"], figures["daemon_peak_rss_mb_speakers_off"]
+    assert 100 < off < on < 440, (on, off)
+    # What each library and model costs, loaded one after another in a fresh process.
+    for step in _MEMORY_STEPS:
+        assert 0 < figures[f"memory_{step}_mb"] < 300, step
+    assert figures["memory_whisper_mb"] > 20 and figures["memory_speaker_embedder_mb"] > 40
+    steps_mb = sum(figures[f"memory_{step}_mb"] for step in _MEMORY_STEPS)
+    assert abs(figures["memory_all_loaded_rss_mb"] - steps_mb) < 1.0  # rounding only
     assert figures["python"] and figures["sqlite"] and figures["onnxruntime"][0].isdigit()
     assert "ctranslate2" in figures and "cpu_features" in figures
     assert figures["listening_measured_s"] >= 29  # the daemon itself, over the whole window

@@ -1,0 +1,81 @@
+"""The C heap: how glibc's malloc is tuned for the daemon, and giving freed memory back.
+
+With glibc's defaults the daemon's peak RSS was far above what its models and libraries
+hold (`meraudiod bench`: 476-492 MB with speakers on, of which the loaded models and
+libraries are about 280): glibc raises its mmap threshold (up to 32 MiB) each time a large
+block is freed, after which the large, short-lived buffers of model loading and of every
+inference (onnxruntime activations, CTranslate2 tensors) come from heaps that fragment and
+are not given back. A fixed threshold keeps them mmapped, returned to the system the moment
+they are freed. A limit on malloc arenas (MALLOC_ARENA_MAX) was measured too and changed
+nothing beyond noise. Other C libraries (musl) are left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from typing import Final
+
+_LOGGER = logging.getLogger(__name__)
+
+_M_MMAP_THRESHOLD: Final = -3  # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD_BYTES: Final = 128 * 1024  # glibc's own starting value, kept fixed
+# While CTranslate2 transcribes, its mid-sized buffers come from the heap, where they are
+# reused from one decoding step to the next (mmapped each time, they cost it about 25 % more
+# CPU); its large ones (the encoder's 54 MB attention scores) are still mmapped. Measured on
+# the bench clip: peak RSS 262 / 266 / 278 MB and CPU 0.167 / 0.157 / 0.131 s per second of
+# speech at 128 KiB / 4 MiB / 32 MiB (speakers off).
+_TRANSCRIPTION_THRESHOLD_BYTES: Final = 4 * 1024 * 1024
+_tuned = False  # tune_malloc() was applied in this process
+
+
+@cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, when this process runs on it."""
+    try:
+        libc = ctypes.CDLL(None)  # the symbols this process already has
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def tune_malloc() -> bool:
+    """Fix glibc's mmap threshold (see the module docstring); call first thing, before the
+    models load. True when it was applied."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    global _tuned
+    _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    if not _tuned:
+        _LOGGER.debug("mallopt(M_MMAP_THRESHOLD) was refused")
+    return _tuned
+
+
+@contextmanager
+def transcription_heap() -> Iterator[None]:
+    """Around a CTranslate2 transcription in a tuned process: large buffers from the heap,
+    then what the heap holds free given back and the fixed threshold restored."""
+    libc = _glibc() if _tuned else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _TRANSCRIPTION_THRESHOLD_BYTES)
+    try:
+        yield
+    finally:
+        libc.malloc_trim(0)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def release_memory() -> None:
+    """Give the memory of freed objects (such as unloaded models) back to the system."""
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
