@@ -156,7 +156,7 @@ def _count_per_10ms(turns: list[tuple[float, float]], seconds: float) -> np.ndar
     """How many turns are under way in each 10 ms."""
     count = np.zeros(int(seconds * 100), dtype=int)
     for start_s, end_s in turns:
-        count[int(round(start_s * 100)) : int(round(end_s * 100))] += 1
+        count[round(start_s * 100) : round(end_s * 100)] += 1
     return count
 
 
