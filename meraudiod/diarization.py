@@ -2,10 +2,12 @@
 
 1. pyannote segmentation-3.0 (ONNX) runs on 10 s windows and gives, every 16.875 ms, one of
    seven powerset classes: nobody, one of three window-local speakers, or two of them at once.
-2. Each window-local speaker with enough speech of its own (no overlap) gets an embedding.
+2. Each window-local speaker with enough speech of its own (no overlap) gets an embedding;
+   one heard only over someone else gets one of its speech with the overlap.
 3. Agglomerative clustering (average linkage, cosine) joins window-local speakers across
    windows; two speakers of one window are never joined. Local speakers with too little
-   speech for a reliable embedding join the nearest cluster, or are dropped.
+   speech for a reliable embedding (or only overlap) join the nearest cluster their window's
+   other speakers do not hold.
 4. The windows' frames are added up per cluster; at every frame the number of speakers the
    windows agree on (rounded mean) are taken, the most active first. Runs of frames are turns.
 
