@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Final
 
@@ -31,6 +32,7 @@ import numpy.typing as npt
 from .asr import Segment, Transcript, Word
 from .audio import SAMPLE_RATE_HZ, Float32Array
 from .onnx import OnnxLoadError, cpu_session
+from .speaker_change import CHANGE_THRESHOLD, ChangeFinder
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -186,6 +188,15 @@ def _runs(mask: Mask, max_gap_frames: int = 2) -> list[tuple[int, int]]:
     return runs
 
 
+def _split(run: tuple[int, int], first: int, changes: ChangeFinder) -> list[tuple[int, int]]:
+    """A window's run of frames (the window starting at global frame `first`) cut where
+    the voice changes."""
+    start, end = ((first + f) * FRAME_STEP_SAMPLES for f in run)
+    cuts = [sample // FRAME_STEP_SAMPLES - first for sample in changes.changes(start, end)]
+    edges = [run[0], *cuts, run[1]]
+    return list(pairwise(edges))
+
+
 @dataclass
 class _Piece:
     """Speech of one window-local speaker (one long run, or all its short runs) to cluster."""
@@ -210,12 +221,14 @@ class Diarizer:
         threshold: float,
         max_speakers: int,
         max_embedding_s: float = 20.0,
+        change_threshold: float | None = CHANGE_THRESHOLD,
     ) -> None:
         self.segmentation = segmentation
         self.embed = embed
         self.threshold = threshold
         self.max_speakers = max_speakers
         self.max_embedding_s = max_embedding_s
+        self.change_threshold = change_threshold  # None: no change detection inside runs
 
     def _windows(
         self, audio: Float32Array, lenient: bool = False
@@ -255,6 +268,11 @@ class Diarizer:
         guide the clustering of similar-sounding ones.
         """
         windows = self._windows(audio, lenient=True)
+        changes = (
+            ChangeFinder(audio, self.embed, self.change_threshold)
+            if self.change_threshold is not None
+            else None
+        )
         pieces: list[_Piece] = []
         frame_s = FRAME_STEP_SAMPLES / SAMPLE_RATE_HZ
         for w, (first, activity) in enumerate(windows):
@@ -268,6 +286,8 @@ class Diarizer:
                 long = [
                     r for r, sec in zip(runs, seconds, strict=True) if sec >= _MIN_CLUSTER_SPEECH_S
                 ]
+                if changes is not None:  # two voices with no pause between them
+                    long = [p for r in long for p in _split(r, first, changes)]
                 groups = [[r] for r in long] if long else [runs]
                 overheard = sum(seconds) < _MIN_ASSIGN_SPEECH_S
                 if overheard:

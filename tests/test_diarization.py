@@ -73,6 +73,27 @@ def test_diarizer_finds_two_people_taking_turns(
     assert len(result.speakers) == 2
 
 
+@pytest.mark.parametrize("first, second", [("1034", "2609"), ("2609", "1034")])
+def test_two_voices_back_to_back_without_a_pause_are_two_speakers(
+    stage: SpeakerStage, first: str, second: str
+) -> None:
+    """Two men reading (LibriSpeech 1034, then 2609, or the other way round), the second
+    starting the moment the first stops: the segmentation gives both one local label, and
+    only the change detection inside that run tells them apart."""
+    a = speech_only(stage, f"ls_{first}_0000.flac")
+    b = speech_only(stage, f"ls_{second}_0000.flac")
+    silence = np.zeros(8000, dtype=np.float32)
+    result = stage.diarizer(np.concatenate([silence, a, b, silence]))
+    change_s = 0.5 + a.size / 16000
+    assert len(result.speakers) == 2, result.turns
+    before = result.label_at(0.5, change_s - 0.5)
+    after = result.label_at(change_s + 0.5, change_s + b.size / 16000)
+    assert before is not None and after is not None and before != after, result.turns
+    # Where the first speaker's last turn ends is where the voice changed.
+    end_s = max(t.end_s for t in result.turns if t.label == before and t.start_s < change_s)
+    assert abs(end_s - change_s) <= 0.5, (change_s, result.turns)
+
+
 @pytest.mark.parametrize("backend", ["local", "wyoming"])
 def test_turns_are_named_in_one_recording(
     env: dict[str, str],
