@@ -229,6 +229,7 @@ class Diarizer:
         self.max_speakers = max_speakers
         self.max_embedding_s = max_embedding_s
         self.change_threshold = change_threshold  # None: no change detection inside runs
+        self.change_embedded_s = 0.0  # audio embedded by change detection so far (its cost)
 
     def _windows(
         self, audio: Float32Array, lenient: bool = False
@@ -310,6 +311,8 @@ class Diarizer:
                         recognise(embedding, speech_s) if recognise and not overheard else None
                     )
                     pieces.append(_Piece(w, k, group, speech_s, embedding, bool(long), identity))
+        if changes is not None:
+            self.change_embedded_s += changes.embedded_s
         self._cluster(pieces)
         return self._reconstruct(audio.size, windows, pieces)
 
