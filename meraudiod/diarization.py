@@ -2,7 +2,8 @@
 
 1. pyannote segmentation-3.0 (ONNX) runs on 10 s windows and gives, every 16.875 ms, one of
    seven powerset classes: nobody, one of three window-local speakers, or two of them at once.
-2. Each window-local speaker with enough speech of its own (no overlap) gets an embedding;
+2. Each window-local speaker with enough speech of its own (no overlap) gets an embedding
+   per long run, a run first cut where the voice changes inside it (speaker_change.py);
    one heard only over someone else gets one of its speech with the overlap.
 3. Agglomerative clustering (average linkage, cosine) joins window-local speakers across
    windows; two speakers of one window are never joined. Local speakers with too little
