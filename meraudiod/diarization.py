@@ -2,10 +2,13 @@
 
 1. pyannote segmentation-3.0 (ONNX) runs on 10 s windows and gives, every 16.875 ms, one of
    seven powerset classes: nobody, one of three window-local speakers, or two of them at once.
-2. Each window-local speaker with enough speech of its own (no overlap) gets an embedding.
+2. Each window-local speaker with enough speech of its own (no overlap) gets an embedding
+   per long run, a run first cut where the voice changes inside it (speaker_change.py);
+   one heard only over someone else gets one of its speech with the overlap.
 3. Agglomerative clustering (average linkage, cosine) joins window-local speakers across
    windows; two speakers of one window are never joined. Local speakers with too little
-   speech for a reliable embedding join the nearest cluster, or are dropped.
+   speech for a reliable embedding (or only overlap) join the nearest cluster their window's
+   other speakers do not hold.
 4. The windows' frames are added up per cluster; at every frame the number of speakers the
    windows agree on (rounded mean) are taken, the most active first. Runs of frames are turns.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Final
 
@@ -29,6 +33,7 @@ import numpy.typing as npt
 from .asr import Segment, Transcript, Word
 from .audio import SAMPLE_RATE_HZ, Float32Array
 from .onnx import OnnxLoadError, cpu_session
+from .speaker_change import CHANGE_THRESHOLD, ChangeFinder
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -184,6 +189,15 @@ def _runs(mask: Mask, max_gap_frames: int = 2) -> list[tuple[int, int]]:
     return runs
 
 
+def _split(run: tuple[int, int], first: int, changes: ChangeFinder) -> list[tuple[int, int]]:
+    """A window's run of frames (the window starting at global frame `first`) cut where
+    the voice changes."""
+    start, end = ((first + f) * FRAME_STEP_SAMPLES for f in run)
+    cuts = [sample // FRAME_STEP_SAMPLES - first for sample in changes.changes(start, end)]
+    edges = [run[0], *cuts, run[1]]
+    return list(pairwise(edges))
+
+
 @dataclass
 class _Piece:
     """Speech of one window-local speaker (one long run, or all its short runs) to cluster."""
@@ -208,12 +222,15 @@ class Diarizer:
         threshold: float,
         max_speakers: int,
         max_embedding_s: float = 20.0,
+        change_threshold: float | None = CHANGE_THRESHOLD,
     ) -> None:
         self.segmentation = segmentation
         self.embed = embed
         self.threshold = threshold
         self.max_speakers = max_speakers
         self.max_embedding_s = max_embedding_s
+        self.change_threshold = change_threshold  # None: no change detection inside runs
+        self.change_embedded_s = 0.0  # audio embedded by change detection so far (its cost)
 
     def _windows(
         self, audio: Float32Array, lenient: bool = False
@@ -253,21 +270,35 @@ class Diarizer:
         guide the clustering of similar-sounding ones.
         """
         windows = self._windows(audio, lenient=True)
+        changes = (
+            ChangeFinder(audio, self.embed, self.change_threshold)
+            if self.change_threshold is not None
+            else None
+        )
         pieces: list[_Piece] = []
         frame_s = FRAME_STEP_SAMPLES / SAMPLE_RATE_HZ
         for w, (first, activity) in enumerate(windows):
             alone = activity.sum(axis=1) == 1
             for k in range(activity.shape[1]):
-                runs = _runs((activity[:, k] == 1) & alone)
+                active = activity[:, k] == 1
+                runs = _runs(active & alone)
                 seconds = [(b - a) * frame_s for a, b in runs]
-                if sum(seconds) < _MIN_ASSIGN_SPEECH_S:
-                    continue
                 # The segmentation sometimes gives two people who take turns one local
                 # label: each long run is embedded on its own, so clustering can split them.
                 long = [
                     r for r, sec in zip(runs, seconds, strict=True) if sec >= _MIN_CLUSTER_SPEECH_S
                 ]
+                if changes is not None:  # two voices with no pause between them
+                    long = [p for r in long for p in _split(r, first, changes)]
                 groups = [[r] for r in long] if long else [runs]
+                overheard = sum(seconds) < _MIN_ASSIGN_SPEECH_S
+                if overheard:
+                    # Heard (almost) only over someone else: embedded with the overlap, it
+                    # can only join the nearest cluster the window's others do not hold
+                    # (as in pyannote). Dropped, it was most of the missed speech on AMI.
+                    if active.sum() * frame_s < _MIN_TURN_S:
+                        continue
+                    groups = [_runs(active)]
                 for group in groups:
                     spans = [
                         ((first + a) * FRAME_STEP_SAMPLES, (first + b) * FRAME_STEP_SAMPLES)
@@ -276,8 +307,13 @@ class Diarizer:
                     clip = gather(audio, spans, self.max_embedding_s)
                     speech_s = sum(b - a for a, b in group) * frame_s
                     embedding = _unit(self.embed(clip))
-                    identity = recognise(embedding, speech_s) if recognise else None
+                    # Another voice in the clip: too unsure to name anybody.
+                    identity = (
+                        recognise(embedding, speech_s) if recognise and not overheard else None
+                    )
                     pieces.append(_Piece(w, k, group, speech_s, embedding, bool(long), identity))
+        if changes is not None:
+            self.change_embedded_s += changes.embedded_s
         self._cluster(pieces)
         return self._reconstruct(audio.size, windows, pieces)
 

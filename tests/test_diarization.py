@@ -73,6 +73,27 @@ def test_diarizer_finds_two_people_taking_turns(
     assert len(result.speakers) == 2
 
 
+@pytest.mark.parametrize("first, second", [("1034", "2609"), ("2609", "1034")])
+def test_two_voices_back_to_back_without_a_pause_are_two_speakers(
+    stage: SpeakerStage, first: str, second: str
+) -> None:
+    """Two men reading (LibriSpeech 1034, then 2609, or the other way round), the second
+    starting the moment the first stops: the segmentation gives both one local label, and
+    only the change detection inside that run tells them apart."""
+    a = speech_only(stage, f"ls_{first}_0000.flac")
+    b = speech_only(stage, f"ls_{second}_0000.flac")
+    silence = np.zeros(8000, dtype=np.float32)
+    result = stage.diarizer(np.concatenate([silence, a, b, silence]))
+    change_s = 0.5 + a.size / 16000
+    assert len(result.speakers) == 2, result.turns
+    before = result.label_at(0.5, change_s - 0.5)
+    after = result.label_at(change_s + 0.5, change_s + b.size / 16000)
+    assert before is not None and after is not None and before != after, result.turns
+    # Where the first speaker's last turn ends is where the voice changed.
+    end_s = max(t.end_s for t in result.turns if t.label == before and t.start_s < change_s)
+    assert abs(end_s - change_s) <= 0.5, (change_s, result.turns)
+
+
 @pytest.mark.parametrize("backend", ["local", "wyoming"])
 def test_turns_are_named_in_one_recording(
     env: dict[str, str],
@@ -140,6 +161,43 @@ def test_segments_split_where_the_speaker_changes() -> None:
     ]
     assert parts[0].segment.start_s == 0.0 and parts[1].segment.end_s == 2.5
     assert parts[0].segment.end_s == 0.9 and parts[1].segment.start_s == 1.4
+
+
+def _reference(name: str) -> list[tuple[float, float, str]]:
+    """(start_s, end_s, speaker) of each turn of an AMI excerpt's RTTM."""
+    rttm = SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts" / "rttm_per_file"
+    turns = []
+    for line in (rttm / f"{name}.rttm").read_text().splitlines():
+        p = line.split()
+        turns.append((float(p[3]), float(p[3]) + float(p[4]), p[7]))
+    return turns
+
+
+def _count_per_10ms(turns: list[tuple[float, float]], seconds: float) -> np.ndarray:
+    """How many turns are under way in each 10 ms."""
+    count = np.zeros(int(seconds * 100), dtype=int)
+    for start_s, end_s in turns:
+        count[round(start_s * 100) : round(end_s * 100)] += 1
+    return count
+
+
+@needs_shared
+def test_voices_heard_over_another_come_out_as_overlapping_turns(stage: SpeakerStage) -> None:
+    """AMI trn09: 13 of its 30 s have two or three people talking at once. A window-local
+    speaker heard only over someone else used to be dropped (no solo speech to embed), so
+    2.2 s of that came out as two turns at once; it now joins the cluster its window's
+    other speaker does not hold (7.3 s)."""
+    name = "trn09"
+    audio = to_float32(
+        decode_file(SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts" / f"{name}.wav")
+    )
+    result = stage.diarizer(audio)
+    ref = _count_per_10ms([(a, b) for a, b, _ in _reference(name)], 30.0)
+    hyp = _count_per_10ms([(t.start_s, t.end_s) for t in result.turns], 30.0)
+    both_s = float(np.sum((ref >= 2) & (hyp >= 2))) / 100
+    assert both_s > 5.0, result.turns
+    # The second voice is right where people overlap, not sprinkled anywhere.
+    assert float(np.sum((ref < 2) & (hyp >= 2))) / 100 < 1.0, result.turns
 
 
 @needs_shared
