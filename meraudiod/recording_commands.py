@@ -202,6 +202,7 @@ def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
     return {"queued": queued}
 
 
+# The recordings part of the table (commands.COMMANDS).
 RECORDING_COMMANDS: dict[str, Command] = {
     "recordings/list": Command(_recordings_list, ListArgs, help="Search recordings"),
     "recordings/get": Command(_recordings_get, IdArgs, help="One recording with segments"),

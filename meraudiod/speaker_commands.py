@@ -161,6 +161,7 @@ def _speakers_clips(ctx: CommandContext, args: NameArgs) -> Any:
     return _profiles(lambda: voice_clips(ctx.conn, args.name))
 
 
+# The voice-profile part of the table (commands.COMMANDS).
 SPEAKER_COMMANDS: dict[str, Command] = {
     "speakers/list": Command(_speakers_list, help="Voice profiles"),
     "speakers/enroll": Command(
