@@ -189,6 +189,11 @@ class Subscriber:
             f"timed out after {timeout_s} s; got {[m.topic for m in self.messages]}"
         )
 
+    def wait_online(self, timeout_s: float) -> None:
+        """Wait until the daemon has said `online` on its status topic (the subscriber must
+        see <base>/status)."""
+        self.wait_for(lambda: any(m.payload == b"online" for m in self.on("/status")), timeout_s)
+
     def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
 

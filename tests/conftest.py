@@ -7,14 +7,16 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
 from meraudiod import models
+from meraudiod.audio import SAMPLE_RATE_HZ
 from meraudiod.config import Settings, load_settings
 
 from .broker import Broker
@@ -88,6 +90,57 @@ def cli(
     )
 
 
+def run_daemon(
+    env: dict[str, str],
+    *args: str,
+    source: str = "stdin",
+    stdout: int | IO[bytes] = subprocess.DEVNULL,
+    stderr: int | IO[bytes] = subprocess.PIPE,
+) -> subprocess.Popen[bytes]:
+    """`meraudiod run --source SOURCE ARGS` as a real process: its stdin a pipe (the audio of
+    `--source stdin`), its stderr a pipe to read unless told otherwise."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", source, *args],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+class SilenceFeeder:
+    """Silence on a daemon's stdin at real time, as a quiet room's microphone delivers it, on a
+    named thread until stopped or the process ends."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], block_s: float = 0.032) -> None:
+        self.proc = proc
+        self.block_s = block_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stdin-silence", daemon=True)
+
+    def start(self) -> SilenceFeeder:
+        """Start feeding; returns self."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop feeding (the microphone stalls) and wait for the thread."""
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        assert self.proc.stdin is not None
+        block = bytes(2 * round(SAMPLE_RATE_HZ * self.block_s))  # s16le
+        while not self._stop.is_set():
+            try:
+                self.proc.stdin.write(block)
+                self.proc.stdin.flush()
+            except (BrokenPipeError, ValueError):  # the process ended (or stdin was closed)
+                return
+            self._stop.wait(self.block_s)
+
+
 def db_rows(env: dict[str, str], sql: str) -> list[sqlite3.Row]:
     """Rows from the database of the `env` fixture's data dir (what a daemon process wrote)."""
     conn = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
@@ -124,6 +177,21 @@ def status_json(env: dict[str, str], timeout_s: float = 120) -> dict[str, Any]:
     assert result.returncode == 0, result.stderr
     data: dict[str, Any] = json.loads(result.stdout)
     return data
+
+
+def wait_running(
+    env: dict[str, str], proc: subprocess.Popen[bytes], timeout_s: float = 120
+) -> dict[str, Any]:
+    """Wait until `status` says the daemon runs (models loaded, heartbeat written), failing at
+    once if the process ends first; the status then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"the daemon exited {proc.returncode} before running"
+        data = status_json(env, timeout_s)
+        if data["running"]:
+            return data
+        assert time.monotonic() < deadline, f"the daemon never came up: {data}"
+        time.sleep(0.3)
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -17,6 +15,7 @@ from typing import IO, Any
 import httpx
 
 from tests.broker import free_port
+from tests.conftest import SilenceFeeder, run_daemon
 
 TOKEN = "test-token-5f2a"
 SPEAKERS_CONFIG = """
@@ -40,8 +39,7 @@ class HttpDaemon:
         self.log_path = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).parent / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
-        self._stop_feeding = threading.Event()
-        self._feeder: threading.Thread | None = None
+        self._feeder: SilenceFeeder | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -56,18 +54,8 @@ class HttpDaemon:
         """Start and wait until /health/ready answers 200 (models loaded)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-            env=self.env,
-            stdin=subprocess.PIPE,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self._stop_feeding.clear()
-        self._feeder = threading.Thread(
-            target=self._feed_silence, name="stdin-silence", daemon=True
-        )
-        self._feeder.start()
+        self.proc = run_daemon(self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        self._feeder = SilenceFeeder(self.proc, block_s=0.1).start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -86,26 +74,14 @@ class HttpDaemon:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         code = self.proc.wait(timeout_s)
-        self._stop_feeding.set()
         if self._feeder is not None:
-            self._feeder.join()
+            self._feeder.stop()
         if self.proc.stdin is not None:
             with contextlib.suppress(BrokenPipeError):  # silence it could not take
                 self.proc.stdin.close()
         if self._log is not None:
             self._log.close()
         return code
-
-    def _feed_silence(self) -> None:
-        """100 ms of 16 kHz s16le silence every 100 ms until stopped or the process ends."""
-        assert self.proc is not None and self.proc.stdin is not None
-        block = b"\0" * 3200
-        while not self._stop_feeding.wait(0.1):
-            try:
-                self.proc.stdin.write(block)
-                self.proc.stdin.flush()
-            except (BrokenPipeError, ValueError):  # the process ended (or stdin was closed)
-                return
 
     def log(self) -> str:
         """What the daemon logged so far."""

@@ -4,13 +4,12 @@ over the broker, for the MQTT tests."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from typing import Any
 
 from meraudiod.audio import decode_file
 
 from .broker import Broker, Subscriber
-from .conftest import DEMO
+from .conftest import DEMO, run_daemon
 
 NODE = "testnode"
 BASE = f"meraudiod/{NODE}"
@@ -31,13 +30,7 @@ def mqtt_env(env: dict[str, str], broker: Broker, **extra: str) -> dict[str, str
 
 def start_daemon(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     """`meraudiod run --source stdin` as a process; feed it PCM on stdin."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin", *args],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    return run_daemon(env, *args, stdout=subprocess.PIPE)
 
 
 def finish(proc: subprocess.Popen[bytes]) -> str:

@@ -1,12 +1,22 @@
-"""The receiving end of sd_notify, as systemd holds it: a datagram socket that records
-every message with the time it arrived, for the watchdog tests."""
+"""systemd's side of the service, for the watchdog tests: the receiving end of sd_notify (a
+datagram socket that records every message with the time it arrived) and the environment
+the unit gives the daemon."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+from .conftest import wait_for
+
+
+def service_env(env: dict[str, str], notify: NotifySocket, **extra: str) -> dict[str, str]:
+    """The environment systemd gives the unit: the notify socket and a 2 s watchdog."""
+    return {**env, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000", **extra}
 
 
 class NotifySocket:
@@ -32,6 +42,14 @@ class NotifySocket:
 
     def times(self, word: str) -> list[float]:
         return [t for t, m in self.messages if word in m]
+
+    def wait_ready(self, proc: subprocess.Popen[Any], timeout_s: float = 90) -> str:
+        """Wait for READY=1 from a daemon that must stay up; the READY message."""
+        wait_for(lambda: self.times("READY=1") or proc.poll() is not None, timeout_s, "READY=1")
+        if proc.poll() is not None:
+            _, stderr = proc.communicate(timeout=10)
+            raise AssertionError(f"the daemon exited {proc.returncode} before READY=1: {stderr}")
+        return next(m for _, m in self.messages if "READY=1" in m)
 
     def close(self) -> None:
         self._stop.set()

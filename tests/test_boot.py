@@ -19,40 +19,24 @@ from meraudiod.checks import user_name
 from meraudiod.db import open_db, set_kv
 
 from .broker import PASSWORD, USER, Broker, Subscriber
-from .conftest import AS_A_USER, REPO, cli, needs_root, wait_for
-from .notify import NotifySocket
+from .conftest import AS_A_USER, REPO, SilenceFeeder, cli, needs_root, run_daemon, wait_for
+from .mqtt_daemon import BASE, mqtt_env
+from .notify import NotifySocket, service_env
 
 MISSING_MIC = "USB PnP"  # no such input device on a test machine
-NODE = "bootnode"
-BASE = f"meraudiod/{NODE}"
 
 
-def service_env(env: dict[str, str], notify: NotifySocket, **extra: str) -> dict[str, str]:
-    """The environment systemd gives the unit: a notify socket and a 2 s watchdog."""
-    return {
-        **env,
-        "NOTIFY_SOCKET": str(notify.path),
-        "WATCHDOG_USEC": "2000000",
-        "MERAUDIOD_AUDIO__DEVICE": MISSING_MIC,
-        **extra,
-    }
+def run_mic(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The daemon on a microphone that is not there."""
+    return run_daemon({**env, "MERAUDIOD_AUDIO__DEVICE": MISSING_MIC}, source="mic")
 
 
-def run_mic(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "mic"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+def stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    """SIGTERM (unless it has ended) and wait: the exit code and stderr."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
-    return proc.returncode, stderr
+    return proc.returncode, stderr.decode()
 
 
 def last_state(sub: Subscriber) -> dict:
@@ -62,12 +46,12 @@ def last_state(sub: Subscriber) -> dict:
 
 
 def assert_waiting_with_a_fed_watchdog(
-    proc: subprocess.Popen[str], notify: NotifySocket, env: dict[str, str]
+    proc: subprocess.Popen[bytes], notify: NotifySocket, env: dict[str, str]
 ) -> None:
     """Degraded, saying why, still running and still feeding the watchdog."""
     waiting_since = time.monotonic()
     time.sleep(6.0)
-    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
     assert len([t for t in notify.times("WATCHDOG=1") if t > waiting_since]) >= 3
     assert any("STATUS=" in m and MISSING_MIC in m for _, m in notify.messages), notify.messages
     up = json.loads(cli("status", "--json", env=env).stdout)
@@ -79,9 +63,7 @@ def test_microphone_missing_at_start_is_waited_for(env: dict[str, str], tmp_path
     senv = service_env(env, notify)
     proc = run_mic(senv)
     try:
-        wait_for(lambda: notify.times("READY=1") or proc.poll() is not None, 90, "READY=1")
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        ready = next(m for _, m in notify.messages if "READY=1" in m)
+        ready = notify.wait_ready(proc)
         assert "waiting for the microphone" in ready and MISSING_MIC in ready
         assert_waiting_with_a_fed_watchdog(proc, notify, senv)
     finally:
@@ -99,18 +81,11 @@ def test_listening_on_while_the_microphone_is_gone(
     set_kv(conn, "listening", "OFF")  # muted before this start: the microphone stays closed
     conn.close()
     notify = NotifySocket(tmp_path / "notify.sock")
-    senv = service_env(
-        env,
-        notify,
-        MERAUDIOD_MQTT__ENABLED="true",
-        MERAUDIOD_MQTT__HOST="127.0.0.1",
-        MERAUDIOD_MQTT__PORT=str(broker.port),
-        MERAUDIOD_MQTT__NODE_ID=NODE,
-    )
+    senv = service_env(mqtt_env(env, broker), notify)
     sub = Subscriber(broker.port, [f"{BASE}/#"])
     proc = run_mic(senv)
     try:
-        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 90)
+        sub.wait_online(90)
         sub.wait_for(lambda: sub.on("/listening/state"), 10)
         assert sub.on("/listening/state")[-1].payload == b"OFF"
         sub.publish(f"{BASE}/listening/set", "ON")
@@ -136,14 +111,9 @@ def test_sighup_during_start_is_a_reload_and_reloads_keep_the_bounds(
 ) -> None:
     config = Path(env["MERAUDIOD_CONFIG"])
     config.write_text("[recorder]\nhangover_ms = 700\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-        env=env,
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = run_daemon(env)
     assert proc.stdin is not None and proc.stderr is not None
+    stderr = proc.stderr
     try:
         # The moment numpy (the first slow import) is mapped, the process is still loading:
         # a `systemctl reload` now used to kill it (SIGHUP's default action, rc 129).
@@ -152,7 +122,9 @@ def test_sighup_during_start_is_a_reload_and_reloads_keep_the_bounds(
             pass
         proc.send_signal(signal.SIGHUP)
         lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader = threading.Thread(
+            target=lambda: lines.extend(x.decode() for x in stderr), daemon=True
+        )
         reader.start()
         wait_for(
             lambda: any("reloaded configuration" in x for x in lines) or proc.poll() is not None,
@@ -298,17 +270,12 @@ def test_daemon_with_an_unusable_mqtt_file_stays_up_degraded_for_mqtt(
 ) -> None:
     secret = tmp_path / "mqtt-file"
     notify = NotifySocket(tmp_path / "notify.sock")
-    senv = {
-        **env,
-        "NOTIFY_SOCKET": str(notify.path),
-        "WATCHDOG_USEC": "2000000",
-        "MERAUDIOD_MQTT__ENABLED": "true",
-        "MERAUDIOD_MQTT__HOST": "127.0.0.1",
-        "MERAUDIOD_MQTT__PORT": str(broker.port),
-        "MERAUDIOD_MQTT__NODE_ID": NODE,
-        "MERAUDIOD_MQTT__USERNAME": USER,
-        "MERAUDIOD_MQTT__PASSWORD_FILE": str(secret),
-    }
+    senv = service_env(
+        mqtt_env(env, broker),
+        notify,
+        MERAUDIOD_MQTT__USERNAME=USER,
+        MERAUDIOD_MQTT__PASSWORD_FILE=str(secret),
+    )
     expected = f"MQTT off: mqtt.password_file: cannot read {secret}"
     if bad == "not a certificate":
         secret.write_text("not a certificate\n")
@@ -322,32 +289,10 @@ def test_daemon_with_an_unusable_mqtt_file_stays_up_degraded_for_mqtt(
         }
         expected = f"MQTT off: cannot load the TLS files (mqtt.tls_ca_file {secret})"
     sub = Subscriber(broker.port, [f"{BASE}/#"])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-        env=senv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    feeding = threading.Event()
-    feeding.set()
-
-    def feed() -> None:  # real-time silence, as a microphone would deliver it
-        assert proc.stdin is not None
-        silence = "\0" * 1024
-        while feeding.is_set() and proc.poll() is None:
-            try:
-                proc.stdin.write(silence)
-                proc.stdin.flush()
-            except (BrokenPipeError, ValueError):
-                return
-            time.sleep(0.032)
-
-    threading.Thread(target=feed, daemon=True).start()
+    proc = run_daemon(senv)
+    feeder = SilenceFeeder(proc).start()
     try:
-        wait_for(lambda: notify.times("READY=1") or proc.poll() is not None, 90, "READY=1")
-        assert proc.poll() is None
+        notify.wait_ready(proc)
         started = time.monotonic()
         time.sleep(6.0)
         assert proc.poll() is None
@@ -360,7 +305,7 @@ def test_daemon_with_an_unusable_mqtt_file_stays_up_degraded_for_mqtt(
             secret.write_text(PASSWORD + "\n")
         else:
             secret.write_text((broker.folder / "ca.crt").read_text())
-        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 30)
+        sub.wait_online(30)
         wait_for(
             lambda: (
                 "MQTT off"
@@ -370,7 +315,7 @@ def test_daemon_with_an_unusable_mqtt_file_stays_up_degraded_for_mqtt(
             "the MQTT problem to clear",
         )
     finally:
-        feeding.clear()
+        feeder.stop()
         code, stderr = stop(proc)
         sub.close()
         notify.close()

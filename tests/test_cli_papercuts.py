@@ -10,7 +10,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from meraudiod.models import manifest
 from meraudiod.profiles import delete, rename
 from meraudiod.speakers import next_unknown_name
 
-from .conftest import REPO, TEST_DATA, cli
+from .conftest import REPO, TEST_DATA, cli, run_daemon, wait_running
 
 SHORT = TEST_DATA / "librivox_0880.wav"  # one utterance: "He was not an ill-disposed young man"
 
@@ -144,26 +143,11 @@ def test_status_while_muted_and_with_another_config(env: dict[str, str], tmp_pat
     conn = open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
     set_kv(conn, "listening", "OFF")  # muted over MQTT before: the microphone stays closed
     conn.close()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "mic"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = run_daemon(env, source="mic", stderr=subprocess.DEVNULL)
     # The admin's shell has another configuration: other models than the daemon loaded.
     admin = {**env, "MERAUDIOD_ASR__MODEL": "base.en", "MERAUDIOD_SPEAKERS__ENABLED": "true"}
     try:
-        deadline = time.monotonic() + 120
-        data: dict = {}
-        while time.monotonic() < deadline:  # the daemon up: models loaded, heartbeat written
-            result = cli("status", "--json", env=admin)
-            if result.returncode == 0:
-                data = json.loads(result.stdout)
-                if data["running"]:
-                    break
-            assert proc.poll() is None, "the daemon exited"
-            time.sleep(0.5)
-        assert data.get("running"), data
+        data = wait_running(admin, proc)
         assert data["muted"] is True and data["audio_level_dbfs"] is None
         assert data["models"]["asr"] == "tiny.en" and data["models"]["speakers"] is None
         table = cli("status", env=admin).stdout

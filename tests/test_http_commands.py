@@ -30,7 +30,7 @@ def both(
     sub = Subscriber(broker.port, [f"{BASE}/#"])
     conf = mqtt_env(env, broker, MERAUDIOD_MQTT__ALLOW_ADMIN_COMMANDS="true")
     server = HttpDaemon(conf, config=SPEAKERS_CONFIG).start()
-    sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 60)
+    sub.wait_online(60)
     yield server, sub
     assert server.stop() == 0, server.log()
     sub.close()

@@ -70,7 +70,7 @@ def test_commands_listening_and_bad_payloads(env: dict[str, str], broker: Broker
     sub = Subscriber(broker.port, [f"{BASE}/#"])
     proc = start_daemon(mqtt_env(env, broker))
     try:
-        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 60)
+        sub.wait_online(60)
         assert proc.stdin is not None
         proc.stdin.write(DEMO_PCM)
         proc.stdin.flush()
@@ -141,7 +141,7 @@ def test_admin_commands_when_allowed(env: dict[str, str], broker: Broker) -> Non
     sub = Subscriber(broker.port, [f"{BASE}/#"])
     proc = start_daemon(mqtt_env(env, broker, MERAUDIOD_MQTT__ALLOW_ADMIN_COMMANDS="true"))
     try:
-        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 60)
+        sub.wait_online(60)
         assert proc.stdin is not None
         proc.stdin.write(DEMO_PCM)
         proc.stdin.flush()
@@ -171,7 +171,7 @@ def running_daemon(
 ) -> Iterator[tuple[subprocess.Popen[bytes], Subscriber]]:
     sub = Subscriber(broker.port, [f"{BASE}/response/#", f"{BASE}/status"])
     proc = start_daemon(mqtt_env(env, broker))
-    sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 60)
+    sub.wait_online(60)
     yield proc, sub
     finish(proc)
     sub.close()
@@ -227,7 +227,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(env: dict[str, str], tmp_pa
     proc = start_daemon(mqtt_env(env, broker))
     try:
         # Connected first, so that this is an outage and not a broker that was never there.
-        sub.wait_for(lambda: any(m.payload == b"online" for m in sub.on("/status")), 120)
+        sub.wait_online(120)
         broker.stop()  # down before anyone speaks
         deadline = time.monotonic() + 60
         while True:  # the daemon has noticed (its heartbeat says so)
@@ -274,7 +274,7 @@ def test_broker_absent_at_start(env: dict[str, str], broker: Broker) -> None:
         assert proc.poll() is None  # no broker is not a reason to die
         broker.start()
         sub = Subscriber(broker.port, [f"{BASE}/status"])
-        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 90)
+        sub.wait_online(90)
         sub.close()
     finally:
         finish(proc)

@@ -31,7 +31,7 @@ def daemon(
     """A running daemon (stdin source) online, and a subscriber to everything it says."""
     sub = Subscriber(broker.port, [f"{BASE}/#"])
     proc = start_daemon(mqtt_env(env, broker))
-    sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 60)
+    sub.wait_online(60)
     try:
         yield proc, sub
     finally:
@@ -183,7 +183,7 @@ def test_request_flood_never_delays_transcript_events(env: dict[str, str], broke
 
     flooder = threading.Thread(target=flood, name="flood", daemon=True)
     try:
-        sub.wait_for(lambda: [m for m in sub.on("/status") if m.payload == b"online"], 60)
+        sub.wait_online(60)
         flooder.start()
         sub.wait_for(lambda: len(sub.on("/response/status")) > 50, 60)
         feed_demo(proc)

@@ -14,7 +14,7 @@ import soundfile
 
 from meraudiod.audio import decode_file
 
-from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, db_rows, stored_audio
+from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, db_rows, run_daemon, stored_audio
 
 
 def _recordings(env: dict[str, str]) -> int:
@@ -92,14 +92,7 @@ def test_sigterm_stops_cleanly_and_keeps_what_was_said(env: dict[str, str]) -> N
     second = DEMO_TRUTH[1]
     cut_s = (second["start_s"] + second["end_s"]) / 2
     pcm = decode_file(DEMO)[: int(cut_s * 16000)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=False,
-    )
+    proc = run_daemon(env, stdout=subprocess.PIPE)
     assert proc.stdin is not None
     proc.stdin.write(pcm.astype("<i2").tobytes())
     proc.stdin.flush()

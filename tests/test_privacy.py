@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import DEMO_TRUTH
+from .conftest import DEMO_TRUTH, cli
 
 
 def _words(text: str) -> set[str]:
@@ -55,13 +55,6 @@ def test_default_log_has_ids_and_timings_but_no_words_and_files_are_private(
 def test_debug_level_logs_the_words(env: dict[str, str]) -> None:
     """The opt-in the config docs describe: DEBUG also logs what was said."""
     env = {**env, "MERAUDIOD_LOGGING__LEVEL": "DEBUG"}
-    result = subprocess.run(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "demo"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = cli("run", "--source", "demo", env=env, timeout_s=300)
     assert result.returncode == 0, result.stderr
     assert "dashwood" in _words(result.stderr)

@@ -19,46 +19,32 @@ import pytest
 from meraudiod.audio import decode_file
 from meraudiod.config import load_settings
 
-from .conftest import DEMO, DEMO_TRUTH, REPO, cli, status_json
-from .notify import NotifySocket
-
-FRAME = np.zeros(512, dtype="<i2").tobytes()
+from .conftest import (
+    DEMO,
+    DEMO_TRUTH,
+    REPO,
+    SilenceFeeder,
+    cli,
+    run_daemon,
+    status_json,
+    wait_running,
+)
+from .notify import NotifySocket, service_env
 
 
 def test_ready_watchdog_and_stopping_under_simulated_systemd(
     env: dict[str, str], tmp_path: Path
 ) -> None:
     notify = NotifySocket(tmp_path / "notify.sock")
-    service_env = {**env, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-        env=service_env,
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdin is not None
-    feeding = threading.Event()
-    feeding.set()
-
-    def feed() -> None:  # real-time silence, as a microphone would deliver it
-        while feeding.is_set():
-            proc.stdin.write(FRAME)  # type: ignore[union-attr]
-            proc.stdin.flush()  # type: ignore[union-attr]
-            time.sleep(0.032)
-
-    feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
+    proc = run_daemon(service_env(env, notify))
+    feeder = SilenceFeeder(proc).start()
     try:
-        deadline = time.monotonic() + 60
-        while not notify.times("READY=1") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert notify.times("READY=1"), notify.messages
+        notify.wait_ready(proc, timeout_s=60)
         time.sleep(5.0)
         pets = [t for t in notify.times("WATCHDOG=1") if t > notify.times("READY=1")[0]]
         assert len(pets) >= 3  # every second while audio flows
 
-        feeding.clear()  # the microphone stalls
-        feeder.join()
+        feeder.stop()  # the microphone stalls
         stalled_at = time.monotonic()
         time.sleep(10.0)
         late = [t for t in notify.times("WATCHDOG=1") if t > stalled_at + 7.0]
@@ -70,7 +56,7 @@ def test_ready_watchdog_and_stopping_under_simulated_systemd(
         assert notify.times("STOPPING=1")
         assert any("STATUS=" in m for _, m in notify.messages)
     finally:
-        feeding.clear()
+        feeder.stop()
         if proc.poll() is None:
             proc.kill()
         notify.close()
@@ -82,12 +68,7 @@ def test_status_with_daemon_up_and_down(env: dict[str, str], tmp_path: Path) -> 
     # Before the daemon ever ran there is no database, and status does not make one.
     never = cli("status", "--json", env=env)
     assert never.returncode == 1 and "no database at" in never.stderr
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-        env=env,
-        stdin=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = run_daemon(env, stderr=subprocess.DEVNULL)
     assert proc.stdin is not None
     try:
         proc.stdin.write(decode_file(DEMO).astype("<i2").tobytes())
@@ -118,19 +99,10 @@ def test_status_with_daemon_up_and_down(env: dict[str, str], tmp_path: Path) -> 
 def test_sighup_applies_what_it_can_and_names_the_rest(env: dict[str, str], tmp_path: Path) -> None:
     config = Path(env["MERAUDIOD_CONFIG"])
     config.write_text("[recorder]\nhangover_ms = 700\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-        env=env,
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = run_daemon(env)
     assert proc.stdin is not None and proc.stderr is not None
     try:
-        deadline = time.monotonic() + 60
-        while not status_json(env)["running"]:  # models loaded, heartbeat written
-            assert time.monotonic() < deadline, "the daemon never came up"
-            time.sleep(0.3)
+        wait_running(env, proc, timeout_s=60)
         config.write_text("[recorder]\nhangover_ms = 500\n[asr]\nbeam_size = 2\n")
         proc.send_signal(signal.SIGHUP)
         time.sleep(2.0)
@@ -141,7 +113,7 @@ def test_sighup_applies_what_it_can_and_names_the_rest(env: dict[str, str], tmp_
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)
-    log = proc.stderr.read()
+    log = proc.stderr.read().decode()
     assert "applied recorder.hangover_ms" in log
     assert "need a restart: asr.beam_size" in log, log
     assert "reload refused" in log and "recorder.hangover_ms" in log
@@ -212,12 +184,7 @@ def test_backlog_built_faster_than_real_time_drains_in_order(env: dict[str, str]
     """About 6 minutes of speech pushed in seconds: recordings wait on disk, memory stays
     bounded, and the backlog drains oldest first."""
     pcm = decode_file(DEMO).astype("<i2").tobytes() * 10
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-        env=env,
-        stdin=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = run_daemon(env, stderr=subprocess.DEVNULL)
     assert proc.stdin is not None
     watched = psutil.Process(proc.pid)
     peak_rss_mb = 0.0

@@ -14,7 +14,16 @@ from pathlib import Path
 from meraudiod.audio import SAMPLE_RATE_HZ, decode_file
 
 from .broker import Broker, Subscriber, free_port
-from .conftest import DEMO, DEMO_TRUTH, StartWyoming, cli, db_rows, status_json, wait_for
+from .conftest import (
+    DEMO,
+    DEMO_TRUTH,
+    StartWyoming,
+    cli,
+    db_rows,
+    run_daemon,
+    status_json,
+    wait_for,
+)
 
 NODE = "wyo"
 
@@ -179,13 +188,7 @@ def test_hung_server_hits_the_deadline_and_the_daemon_stays_responsive(
 ) -> None:
     server = start_wyoming()
     run_env = wyoming_env(env, [server.uri])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-        env=run_env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = run_daemon(run_env)
     assert proc.stdin is not None
     try:
         wait_for(lambda: status(run_env)["models"]["asr_server"] == server.uri, 120, "server up")
@@ -215,13 +218,7 @@ def test_stop_abandons_a_request_to_a_hung_server(
     request's deadline, and the job is left pending for the next start."""
     server = start_wyoming()
     run_env = wyoming_env(env, [server.uri], MERAUDIOD_ASR__WYOMING__DEADLINE_BASE_S="120")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-        env=run_env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = run_daemon(run_env)
     assert proc.stdin is not None
     try:
         wait_for(lambda: status(run_env)["models"]["asr_server"] == server.uri, 120, "server up")
@@ -280,13 +277,7 @@ def test_spread_gives_both_servers_requests_and_survives_one_killed(
     killed, and the last two go to the other, without a failed try."""
     first, second = start_wyoming(), start_wyoming()
     run_env = wyoming_env(env, [first.uri, second.uri], MERAUDIOD_ASR__WYOMING__STRATEGY="spread")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-        env=run_env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = run_daemon(run_env)
     assert proc.stdin is not None
     pcm = decode_file(DEMO).astype("<i2").tobytes()
     # Mid-way through the pause after the third utterance (the demo's pauses are 2 s).

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
 from ..audio import SAMPLE_RATE_HZ
-from ..commands import EnrollArgs, MergeArgs, OptOutArgs, RenameArgs
+from ..speaker_commands import EnrollArgs, MergeArgs, OptOutArgs, RenameArgs
 from .common import ApiError, HttpContext, run_command
 from .recordings import context
 from .uploads import upload_blocks

@@ -1,0 +1,184 @@
+"""The commands on voice profiles (`speakers/...`): list, enrol, rename, merge, delete,
+opt out and clips, with their argument schemas; a change is announced on event/speaker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from pydantic import Field
+
+from .command_context import Args, Command, CommandContext, NoArgs
+from .command_errors import CommandError, Conflict, NotFound
+from .db import Transaction
+from .messages import SpeakerEvent, enqueue
+
+
+class NameArgs(Args):
+    """One voice profile."""
+
+    name: str = Field(min_length=1, max_length=100)
+
+
+class EnrollArgs(Args):
+    """Enrol a person from stored recordings."""
+
+    name: str = Field(min_length=1, max_length=100)
+    # Not RecordingId: a file path (the HTTP upload's clips) must keep its case; profiles
+    # normalises what is not a file as an id. Files only from the caller's own upload or the
+    # CLI (CommandContext.readable_files).
+    recording_ids: list[str] = Field(
+        min_length=1,
+        max_length=20,
+        description="Recording ULIDs (any case); audio files only from the CLI on the device",
+    )
+    do_not_keep: bool = Field(False, description="Recognise this person only to delete them")
+
+
+class RenameArgs(Args):
+    """Give a profile (e.g. a provisional "unknown-3") a name."""
+
+    name: str = Field(min_length=1, max_length=100)
+    new_name: str = Field(min_length=1, max_length=100)
+
+
+class MergeArgs(Args):
+    """Move one profile's voice into another."""
+
+    source: str = Field(min_length=1, max_length=100)
+    target: str = Field(min_length=1, max_length=100)
+
+
+class DeleteSpeakerArgs(Args):
+    """Delete a profile's embeddings, and with recordings=true what they said."""
+
+    name: str = Field(min_length=1, max_length=100)
+    recordings: bool = False
+
+
+class OptOutArgs(Args):
+    """Mark a profile "do not keep" (what it says is deleted), or undo that."""
+
+    name: str = Field(min_length=1, max_length=100)
+    opt_out: bool = Field(True, description="false undoes it")
+
+
+def _profiles(func: Callable[[], Any]) -> Any:
+    from .profiles import Missing, NameTaken, ProfileError
+
+    try:
+        return func()
+    except Missing as exc:
+        raise NotFound(str(exc)) from exc
+    except NameTaken as exc:
+        raise Conflict(str(exc)) from exc
+    except ProfileError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _speaker_event(ctx: CommandContext, kind: str, name: str) -> None:
+    """`enrolled` or `deleted` on event/speaker, whichever surface ran the command: queued in
+    the MQTT outbox (delivered by the daemon) and handed to the running daemon, if any."""
+    m = ctx.settings.mqtt
+    event = SpeakerEvent(node_id=m.node_id, area=m.area, event_type=kind, name=name)
+    if m.enabled:
+        with Transaction(ctx.conn):
+            enqueue(ctx.conn, event, max_rows=m.outbox_max_rows)
+    if ctx.runtime is not None:
+        ctx.runtime.published(event)
+
+
+def _speakers_list(ctx: CommandContext, args: NoArgs) -> Any:
+    from .profiles import current_model, list_profiles
+
+    return [asdict(p) for p in list_profiles(ctx.conn, current_model(ctx.settings))]
+
+
+def _speakers_enroll(ctx: CommandContext, args: EnrollArgs) -> Any:
+    from .profiles import enroll
+    from .speakers import SpeakerStage
+    from .voiceprints import SpeakerError
+
+    stage = ctx.runtime.speaker_stage() if ctx.runtime is not None else None
+    if stage is None:
+        try:
+            stage = SpeakerStage(ctx.settings)
+        except SpeakerError as exc:
+            raise CommandError(str(exc)) from exc
+    results = _profiles(
+        lambda: enroll(
+            ctx.conn,
+            stage,
+            args.name,
+            args.recording_ids,
+            args.do_not_keep,
+            files=ctx.readable_files,
+        )
+    )
+    if not any(r.stored for r in results):
+        raise CommandError(
+            f"nothing enrolled for {args.name}: "
+            + "; ".join(f"{r.source}: {r.reason}" for r in results)
+        )
+    _speaker_event(ctx, "enrolled", args.name)
+    return {"name": args.name, "sources": [asdict(r) for r in results]}
+
+
+def _speakers_rename(ctx: CommandContext, args: RenameArgs) -> Any:
+    from .profiles import rename
+
+    _profiles(lambda: rename(ctx.conn, args.name, args.new_name))
+    return {"name": args.new_name}
+
+
+def _speakers_merge(ctx: CommandContext, args: MergeArgs) -> Any:
+    from .profiles import merge
+
+    moved = _profiles(lambda: merge(ctx.conn, args.source, args.target))
+    return {"target": args.target, "embeddings_moved": moved}
+
+
+def _speakers_delete(ctx: CommandContext, args: DeleteSpeakerArgs) -> Any:
+    from .profiles import delete
+
+    audio_dir = ctx.settings.storage.audio_dir
+    deleted = _profiles(lambda: delete(ctx.conn, audio_dir, args.name, args.recordings))
+    _speaker_event(ctx, "deleted", args.name)
+    return {"name": args.name, **asdict(deleted)}
+
+
+def _speakers_opt_out(ctx: CommandContext, args: OptOutArgs) -> Any:
+    from .profiles import set_opt_out
+
+    _profiles(lambda: set_opt_out(ctx.conn, args.name, args.opt_out))
+    return {"name": args.name, "opt_out": args.opt_out}
+
+
+def _speakers_clips(ctx: CommandContext, args: NameArgs) -> Any:
+    from .profiles import voice_clips
+
+    return _profiles(lambda: voice_clips(ctx.conn, args.name))
+
+
+# The voice-profile part of the table (commands.COMMANDS).
+SPEAKER_COMMANDS: dict[str, Command] = {
+    "speakers/list": Command(_speakers_list, help="Voice profiles"),
+    "speakers/enroll": Command(
+        _speakers_enroll, EnrollArgs, admin=True, help="Enrol a person from stored recordings"
+    ),
+    "speakers/rename": Command(_speakers_rename, RenameArgs, admin=True, help="Rename a profile"),
+    "speakers/merge": Command(_speakers_merge, MergeArgs, admin=True, help="Merge two profiles"),
+    "speakers/delete": Command(
+        _speakers_delete,
+        DeleteSpeakerArgs,
+        admin=True,
+        help="Delete a profile's voice (and, asked, its recordings)",
+    ),
+    "speakers/opt-out": Command(
+        _speakers_opt_out, OptOutArgs, admin=True, help="Do not keep a voice (or undo that)"
+    ),
+    "speakers/clips": Command(
+        _speakers_clips, NameArgs, help="Where a voice was heard: recordings and times"
+    ),
+}
