@@ -76,13 +76,12 @@ def settings(env: dict[str, str]) -> Settings:
 
 
 def cli(
-    *args: str, env: dict[str, str], timeout_s: float = 120, stdin: bytes | None = None
+    *args: str, env: dict[str, str], timeout_s: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Run `meraudiod ARGS` as a real process."""
     return subprocess.run(
         [sys.executable, "-m", "meraudiod", *args],
         env=env,
-        input=stdin.decode("latin-1") if stdin is not None else None,
         capture_output=True,
         text=True,
         timeout=timeout_s,
