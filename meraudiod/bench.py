@@ -10,7 +10,9 @@ import json
 import os
 import platform
 import resource
+import select
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -33,7 +35,6 @@ from .config import Settings
 from .db import open_db
 from .machine import describe as describe_machine
 from .sources import demo_path
-from .status import HEARTBEAT_FILE
 from .vad import SileroVad
 
 _PASSAGE_S: Final = 30.0
@@ -142,7 +143,9 @@ def bench_pipeline(
 ) -> dict[str, Any]:
     """The daemon itself, as a child process on a scratch data dir, fed the clip at real
     time: latency from end of speech to transcript stored, real-time factor, peak memory,
-    CPU per second of speech once it is ready (models loaded), and disk writes per recorded
+    CPU per second of speech while it runs (from READY=1, models loaded, to STOPPING=1, as
+    its sd_notify says them: start-up and shut-down are once per boot, reported apart as
+    `daemon_startup_cpu_s` and `daemon_stop_cpu_s`), and disk writes per recorded
     hour from READY to exit (the kernel's count of bytes the process wrote), split into the
     audio files, the SQLite log and the rest of the database (checkpoints, blocks rounded);
     start-up writes are a one-off per boot, reported apart. `overrides`: environment keys."""
@@ -163,7 +166,12 @@ def bench_pipeline(
     env.pop("MERAUDIOD_STORAGE__TMP_AUDIO_DIR", None)  # the scratch dir holds everything
     if config_path:
         env["MERAUDIOD_CONFIG"] = config_path
-    env.pop("NOTIFY_SOCKET", None)
+    # READY=1 and STOPPING=1 arrive as systemd would receive them.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(run_dir / "notify"))
+    notify.setblocking(False)
+    env["NOTIFY_SOCKET"] = str(run_dir / "notify")
+    env.pop("WATCHDOG_USEC", None)
     env |= overrides or {}
     give_up_at = time.monotonic() + _PIPELINE_TIMEOUT_S
     try:
@@ -181,6 +189,7 @@ def bench_pipeline(
         )
         peak_kb = 0
         ready_cpu_s: float | None = None
+        stopping_cpu_s: float | None = None
         startup_bytes = wal_at_ready = 0
         wal = WalMeter(scratch / "meraudiod.db")
         while child.poll() is None:
@@ -188,20 +197,24 @@ def bench_pipeline(
             # process's memory, which a forked child inherits before exec).
             peak_kb = max(peak_kb, _peak_rss_kb(child.pid))
             wal.poll()
-            if ready_cpu_s is None and (run_dir / HEARTBEAT_FILE).exists():  # READY
-                ready_cpu_s = proc_cpu_s(child.pid)
-                startup_bytes = written_bytes(child.pid) or 0
-                wal_at_ready = wal.bytes_written
+            for message in _notifications(notify, wait_s=0.2):
+                if ready_cpu_s is None and "READY=1" in message:
+                    ready_cpu_s = proc_cpu_s(child.pid)
+                    startup_bytes = written_bytes(child.pid) or 0
+                    wal_at_ready = wal.bytes_written
+                if stopping_cpu_s is None and "STOPPING=1" in message:
+                    stopping_cpu_s = proc_cpu_s(child.pid)
             if time.monotonic() > give_up_at:
                 child.kill()
                 child.wait()
                 raise RuntimeError("the daemon did not finish the bench clip (no ASR server?)")
-            time.sleep(0.2)
         if child.returncode != 0:
             raise RuntimeError(f"the daemon failed on the bench clip (exit {child.returncode})")
         wall_s = time.monotonic() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        if ready_cpu_s is None or stopping_cpu_s is None:
+            raise RuntimeError("the daemon said no READY=1 or no STOPPING=1 on the bench clip")
         conn = sqlite3.connect(scratch / "meraudiod.db")
         rows = conn.execute("SELECT duration_s, rtf, latency_ms, model FROM recordings").fetchall()
         conn.close()
@@ -226,8 +239,10 @@ def bench_pipeline(
             "latency_ms_max": round(latencies[-1], 0) if latencies else None,
             "daemon_peak_rss_mb": round(peak_kb / 1024, 0),
             "device_cpu_s_per_speech_s": (
-                round((cpu_s - (ready_cpu_s or 0.0)) / speech_s, 4) if speech_s else None
+                round((stopping_cpu_s - ready_cpu_s) / speech_s, 4) if speech_s else None
             ),
+            "daemon_startup_cpu_s": round(ready_cpu_s, 2),
+            "daemon_stop_cpu_s": round(cpu_s - stopping_cpu_s, 2),
             "pipeline_asr_model": ", ".join(sorted({str(r[3]) for r in rows})),
             "disk_write_mb_per_recorded_hour": mb_per_hour(run_bytes),
             "audio_mb_per_recorded_hour": mb_per_hour(audio_bytes),
@@ -239,8 +254,21 @@ def bench_pipeline(
             "disk_write_startup_kb": round(startup_bytes / 1e3),
         }
     finally:
+        notify.close()
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _notifications(sock: socket.socket, wait_s: float) -> list[str]:
+    """The sd_notify messages that arrive within `wait_s` (returning at the first)."""
+    messages: list[str] = []
+    if select.select([sock], [], [], wait_s)[0]:
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode(errors="replace"))
+            except BlockingIOError:
+                return messages
+    return messages
 
 
 def run_bench(

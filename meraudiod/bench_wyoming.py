@@ -2,10 +2,10 @@
 against the same daemon transcribing locally and recording only.
 
 What `device_cpu_s_per_speech_s` counts, in all three runs alike: every thread of the whole
-daemon process (listening, VAD, FLAC, SQLite, transcription or the Wyoming client, shutdown)
-from READY (models loaded, database migrated) to its exit, divided by the seconds of speech it
-recorded from the bench clip; the same configuration file each time, only the ASR settings
-named here differ.
+daemon process (listening, VAD, FLAC, SQLite, transcription or the Wyoming client) from its
+READY=1 (models loaded, database migrated) to its STOPPING=1, divided by the seconds of speech
+it recorded from the bench clip; start-up and shut-down, once per boot, are reported apart.
+The same configuration file each time, only the ASR settings named here differ.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from .config import Settings
 
 CPU_NOTE: Final = (
     "device_cpu_s_per_speech_s: CPU seconds of the whole daemon process (every thread:"
-    " listening, VAD, FLAC, SQLite, transcription or Wyoming client, shutdown) from READY to"
-    " exit, per second of speech recorded; same configuration in every run, only the ASR"
-    " backend differs; recording_only is the same daemon with asr.enabled = false"
+    " listening, VAD, FLAC, SQLite, transcription or Wyoming client) from READY=1 to"
+    " STOPPING=1, per second of speech recorded; start-up and shut-down, once per boot, are"
+    " daemon_startup_cpu_s and daemon_stop_cpu_s; same configuration in every run, only the"
+    " ASR backend differs; recording_only is the same daemon with asr.enabled = false"
 )
 
 
