@@ -214,7 +214,8 @@ class Listener(StageThread):
             self.speaking = True
             if self.on_speech_start is not None:
                 try:
-                    self.on_speech_start(store.conn, stream_t0 + event.start_frame * FRAME_S)
+                    heard_at = min(stream_t0 + event.start_frame * FRAME_S, time.time())
+                    self.on_speech_start(store.conn, heard_at)
                 except sqlite3.OperationalError as exc:
                     if not is_busy(exc):
                         raise
@@ -223,9 +224,10 @@ class Listener(StageThread):
             return
         self.speaking = False
         start_s = event.start_frame * FRAME_S
-        recording = self._save(
-            store, buffer.slice(event.start_frame, event.end_frame), start_s, stream_t0 + start_s
-        )
+        samples = buffer.slice(event.start_frame, event.end_frame)
+        # A file read faster than real time is ahead of the clock: never a time to come.
+        started_at = min(stream_t0 + start_s, time.time() - samples.size / SAMPLE_RATE_HZ)
+        recording = self._save(store, samples, start_s, started_at)
         if recording is None:
             return  # the disk and the memory for it are full: reported by the daemon
         self.recordings_saved += 1

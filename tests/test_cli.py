@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import click
@@ -59,8 +60,12 @@ def test_analyze_json_one_object_per_file_and_bad_files_named(
 
 def test_recordings_browse_search_export_delete(env: dict[str, str], tmp_path: Path) -> None:
     assert cli("analyze", str(DEMO), env=env).returncode == 0
+    analyzed_by = time.time()
     listed = json.loads(cli("recordings", "list", "--json", env=env).stdout)
     assert len(listed) == 5
+    # A file read faster than real time: no recording ends after it was read (the last one
+    # was dated 28 s ahead when the file's offsets were added to the time reading began).
+    assert all(r["started_at"] + r["duration_s"] <= analyzed_by for r in listed), listed
     assert set(listed[0]) == {"id", "start_s", "end_s", "duration_s", "started_at", "text", "state"}
     assert all(r["state"] == "done" for r in listed)
 
