@@ -17,7 +17,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE_HZ, Float32Array
 from .config_sections import AsrSettings
-from .memory import transcription_heap
+from .memory import defer_pyav, transcription_heap
 from .onnx import load_error
 
 _LOGGER = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ class Transcriber:
 
     def __init__(self, model_path: Path, settings: AsrSettings, model_name: str) -> None:
         try:
+            defer_pyav()
             from faster_whisper import WhisperModel
 
             self._model = WhisperModel(

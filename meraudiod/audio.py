@@ -24,6 +24,7 @@ _MAX_FILE_RATE_HZ: Final = 768000
 # Decoded this much less than the header announces: the file is cut or damaged.
 _SHORTFALL_S: Final = 1.0
 _EXACT_LENGTH_FORMATS: Final = frozenset({"flac"})
+_MAX_FLAC_FRAMES: Final = 2**36  # FLAC counts samples in 36 bits
 WAV_HEADER_MAX_BYTES: Final = 65536  # a RIFF header's chunks before `data` fit in this
 _WAV_UNKNOWN_SIZES: Final = frozenset({0, 0xFFFFFFFF})  # written to a pipe: length unknown
 
@@ -137,7 +138,53 @@ def iter_file_pcm(path: Path, block_s: float = 1.0) -> Iterator[Int16Array]:
     What can be decoded is yielded; a file that is cut or damaged part of the way in then
     raises AudioTruncatedError saying where and why. A file with nothing decodable in it, or
     a header that lies about its sample rate, raises AudioDecodeError before any audio.
+    A 16 kHz mono FLAC file (what the daemon records) is read with libsndfile instead:
+    PyAV's FFmpeg libraries cost the daemon 16 MB once loaded.
     """
+    frames = _flac_16k_mono_frames(path)
+    if frames is not None:
+        return _iter_flac_pcm(path, frames, block_s)
+    return _iter_av_pcm(path, block_s)
+
+
+def _flac_16k_mono_frames(path: Path) -> int | None:
+    """The samples a 16 kHz mono FLAC file's header counts, None for any other file."""
+    import soundfile
+
+    try:
+        info = soundfile.info(str(path))
+    except (soundfile.LibsndfileError, RuntimeError, OSError):  # a format it cannot read
+        return None
+    native = info.format == "FLAC" and info.samplerate == SAMPLE_RATE_HZ and info.channels == 1
+    return int(info.frames) if native and 0 < info.frames < _MAX_FLAC_FRAMES else None
+
+
+def _iter_flac_pcm(path: Path, frames: int, block_s: float) -> Iterator[Int16Array]:
+    """A 16 kHz mono FLAC file with libsndfile. At the first sign of damage (an error, or
+    fewer samples than its header counts) PyAV takes over where libsndfile stopped (both
+    decode FLAC losslessly, to the same samples): a damaged file gives what FFmpeg recovers
+    of it, and FFmpeg's account of where and why."""
+    import soundfile
+
+    decoded_samples = 0
+    try:
+        with soundfile.SoundFile(str(path)) as handle:
+            for block in handle.blocks(blocksize=int(block_s * SAMPLE_RATE_HZ), dtype="int16"):
+                decoded_samples += block.size
+                yield block
+    except (soundfile.LibsndfileError, RuntimeError):
+        pass
+    if decoded_samples >= frames:
+        return
+    skip = decoded_samples
+    for block in _iter_av_pcm(path, block_s):
+        if skip < block.size:
+            yield block[skip:]
+        skip = max(0, skip - block.size)
+
+
+def _iter_av_pcm(path: Path, block_s: float) -> Iterator[Int16Array]:
+    """iter_file_pcm with PyAV: any format FFmpeg reads, at any rate."""
     import av
 
     try:

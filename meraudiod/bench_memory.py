@@ -115,9 +115,10 @@ def _report(step: str, note: str | None = None) -> None:
 
 def _child() -> None:
     """The steps, in order, in this fresh process, with malloc tuned as the daemon's."""
-    from .memory import tune_malloc
+    from .memory import defer_pyav, tune_malloc
 
     tune_malloc()
+    defer_pyav()  # as the daemon does
     _report("python")
     import numpy  # noqa: F401 - imported to be counted
 

@@ -7,18 +7,23 @@ block is freed, after which the large, short-lived buffers of model loading and 
 inference (onnxruntime activations, CTranslate2 tensors) come from heaps that fragment and
 are not given back. A fixed threshold keeps them mmapped, returned to the system the moment
 they are freed. A limit on malloc arenas (MALLOC_ARENA_MAX) was measured too and changed
-nothing beyond noise. Other C libraries (musl) are left alone.
+nothing beyond noise. Other C libraries (musl) are left alone. Also here: PyAV's FFmpeg
+libraries, which faster-whisper imports and we seldom need, loaded only when first used.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
+import importlib.util
 import logging
+import sys
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Final
+from typing import Any, Final
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -79,3 +84,22 @@ def release_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+class _DeferredPyAv(types.ModuleType):
+    """Stands in for PyAV in sys.modules until an attribute of it is first used; then the
+    real module is imported, takes its place, and answers."""
+
+    def __getattr__(self, name: str) -> Any:
+        if sys.modules.get("av") is self:
+            del sys.modules["av"]
+        return getattr(importlib.import_module("av"), name)
+
+
+def defer_pyav() -> None:
+    """Call before importing faster-whisper: it imports PyAV (16 MB of FFmpeg libraries) for
+    its decode_audio only, which we never call. PyAV then loads at its first use (audio.py:
+    a microphone or file not at 16 kHz, a file not FLAC), so a daemon on a 16 kHz microphone
+    or FLAC file never loads it."""
+    if "av" not in sys.modules and importlib.util.find_spec("av") is not None:
+        sys.modules["av"] = _DeferredPyAv("av")

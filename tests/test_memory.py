@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import soundfile
+
 from meraudiod.bench_memory import rss_kb
 
-from .conftest import status_json, wait_for
+from .conftest import DEMO, status_json, wait_for
 
 _ECAPA_MB = 60  # the speaker models hold about 90 MB; any sign of them is far above noise
 
@@ -58,3 +60,55 @@ def test_speaker_models_load_only_when_on_and_are_freed_when_a_reload_turns_them
     log = proc.stderr.read()
     assert "speaker models loaded" in log and "speaker models freed" in log, log
     assert proc.returncode == 0, log
+
+
+_NO_PYAV_CHILD = """
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from meraudiod.asr import Transcriber
+from meraudiod.audio import decode_file, to_float32
+from meraudiod.config import load_settings
+from meraudiod.sources import FileSource
+
+def ffmpeg_loaded() -> bool:
+    return "libavcodec" in Path("/proc/self/maps").read_text()
+
+clip, other = Path(sys.argv[1]), Path(sys.argv[2])
+asr = load_settings().asr
+model = Transcriber(Path(sys.argv[3]), asr, asr.model)
+source = FileSource(clip)
+source.start()
+frames = []
+while (frame := source.read(1.0)) is not None and len(frames) < 150:
+    frames.append(frame)
+text = model.transcribe(to_float32(np.concatenate(frames))).text
+print(ffmpeg_loaded(), text)
+resampled = decode_file(other)  # not 16 kHz: PyAV loads at its first use
+print(ffmpeg_loaded(), resampled.size)
+"""
+
+
+def test_whisper_and_a_16k_flac_file_do_not_load_ffmpeg_and_other_files_still_decode(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """PyAV's FFmpeg libraries (16 MB) load only when a file or microphone needs them."""
+    demo, rate_hz = soundfile.read(DEMO, dtype="int16")
+    clip, other = tmp_path / "clip.flac", tmp_path / "other.flac"
+    soundfile.write(clip, demo[: 5 * rate_hz], rate_hz)
+    soundfile.write(other, demo[: 2 * rate_hz], 22050)  # played back at another rate
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_PYAV_CHILD, str(clip), str(other), str(models_dir / "tiny.en")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert first.startswith("False ") and "dashwood" in first.lower(), first
+    loaded, samples = second.split()
+    assert loaded == "True" and abs(int(samples) - 2 * rate_hz * 16000 / 22050) < 800, second
