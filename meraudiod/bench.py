@@ -145,10 +145,12 @@ def bench_pipeline(
     time: latency from end of speech to transcript stored, real-time factor, peak memory,
     CPU per second of speech while it runs (from READY=1, models loaded, to STOPPING=1, as
     its sd_notify says them: start-up and shut-down are once per boot, reported apart as
-    `daemon_startup_cpu_s` and `daemon_stop_cpu_s`), and disk writes per recorded
-    hour from READY to exit (the kernel's count of bytes the process wrote), split into the
-    audio files, the SQLite log and the rest of the database (checkpoints, blocks rounded);
-    start-up writes are a one-off per boot, reported apart. `overrides`: environment keys."""
+    `daemon_startup_cpu_s` and `daemon_stop_cpu_s`), and disk writes per recorded hour over
+    the same span (the kernel's count of bytes the process wrote), split into the audio
+    files, the SQLite log and the rest of the database (pages written back, blocks rounded).
+    Start-up writes and the shut-down's (its final checkpoint) are once per boot, reported
+    apart: a 20 s clip's would be counted 240 times over in an hourly rate. `overrides`:
+    environment keys."""
     # On the data directory's own disk (the one the writes wear), not a tmpfs /tmp.
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=settings.storage.data_dir))
@@ -190,7 +192,7 @@ def bench_pipeline(
         peak_kb = 0
         ready_cpu_s: float | None = None
         stopping_cpu_s: float | None = None
-        startup_bytes = wal_at_ready = 0
+        startup_bytes = wal_at_ready = stopping_bytes = wal_at_stopping = 0
         wal = WalMeter(scratch / "meraudiod.db")
         while child.poll() is None:
             # The child's own high-water mark (ru_maxrss of children would include this
@@ -204,6 +206,8 @@ def bench_pipeline(
                     wal_at_ready = wal.bytes_written
                 if stopping_cpu_s is None and "STOPPING=1" in message:
                     stopping_cpu_s = proc_cpu_s(child.pid)
+                    stopping_bytes = written_bytes(child.pid) or 0
+                    wal_at_stopping = wal.bytes_written
             if time.monotonic() > give_up_at:
                 child.kill()
                 child.wait()
@@ -224,8 +228,9 @@ def bench_pipeline(
         per_hour = 3600.0 / speech_s if speech_s else 0.0
         audio_bytes = sum(p.stat().st_size for p in (scratch / "audio").rglob("*") if p.is_file())
         # Linux: 512-byte units, counted as pages are dirtied (what reaches the card)
-        run_bytes = (after.ru_oublock - before.ru_oublock) * 512 - startup_bytes
-        wal_bytes = wal.bytes_written - wal_at_ready
+        stop_bytes = (after.ru_oublock - before.ru_oublock) * 512 - stopping_bytes
+        run_bytes = stopping_bytes - startup_bytes
+        wal_bytes = wal_at_stopping - wal_at_ready
 
         def mb_per_hour(n_bytes: float) -> float:
             return round(n_bytes / 1e6 * per_hour, 1)
@@ -252,6 +257,7 @@ def bench_pipeline(
                 run_bytes - audio_bytes - wal_bytes
             ),
             "disk_write_startup_kb": round(startup_bytes / 1e3),
+            "disk_write_stop_kb": round(stop_bytes / 1e3),
         }
     finally:
         notify.close()
