@@ -11,7 +11,6 @@ import os
 import platform
 import resource
 import select
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -29,10 +28,9 @@ from . import __version__, models
 from .asr import Transcriber
 from .audio import FRAME_SAMPLES, SAMPLE_RATE_HZ, decode_file, to_float32
 from .bench_disk import WalMeter, written_bytes
-from .bench_listening import bench_listening, proc_cpu_s
+from .bench_listening import bench_listening, daemon_dirs, daemon_env, proc_cpu_s, proc_value
 from .bench_memory import bench_memory, bench_peak_rss
 from .config import Settings
-from .db import open_db
 from .machine import describe as describe_machine
 from .sources import demo_path
 from .vad import SileroVad
@@ -151,118 +149,101 @@ def bench_pipeline(
     Start-up writes and the shut-down's (its final checkpoint) are once per boot, reported
     apart: a 20 s clip's would be counted 240 times over in an hourly rate. `overrides`:
     environment keys."""
-    # On the data directory's own disk (the one the writes wear), not a tmpfs /tmp.
-    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=settings.storage.data_dir))
-    # As installed, the heartbeat goes to a tmpfs (the service's RuntimeDirectory).
-    shm = Path("/dev/shm")
-    run_dir = Path(tempfile.mkdtemp(prefix="meraudiod-bench-", dir=shm if shm.is_dir() else None))
-    env = {
-        **os.environ,
-        "MERAUDIOD_STORAGE__DATA_DIR": str(scratch),
-        "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir),
-        "MERAUDIOD_STORAGE__MODELS_DIR": str(settings.storage.resolved_models_dir),
-        "MERAUDIOD_MQTT__ENABLED": "false",
-        "MERAUDIOD_HTTP__ENABLED": "false",  # the running service may hold its port
-    }
-    env.pop("MERAUDIOD_STORAGE__TMP_AUDIO_DIR", None)  # the scratch dir holds everything
-    if config_path:
-        env["MERAUDIOD_CONFIG"] = config_path
-    # READY=1 and STOPPING=1 arrive as systemd would receive them.
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(run_dir / "notify"))
-    notify.setblocking(False)
-    env["NOTIFY_SOCKET"] = str(run_dir / "notify")
-    env.pop("WATCHDOG_USEC", None)
-    env |= overrides or {}
+    with daemon_dirs(settings) as (scratch, run_dir):
+        env = daemon_env(settings, config_path, scratch, run_dir)
+        # READY=1 and STOPPING=1 arrive as systemd would receive them.
+        env["NOTIFY_SOCKET"] = str(run_dir / "notify")
+        env.pop("WATCHDOG_USEC", None)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(env["NOTIFY_SOCKET"])
+            notify.setblocking(False)
+            return _run_daemon_on(clip, scratch, env | (overrides or {}), notify)
+
+
+def _run_daemon_on(
+    clip: Path, scratch: Path, env: dict[str, str], notify: socket.socket
+) -> dict[str, Any]:
+    """bench_pipeline's measurement, in its scratch data dir with its environment."""
     give_up_at = time.monotonic() + _PIPELINE_TIMEOUT_S
-    try:
-        # A device that has been running already has its database: creating and migrating
-        # it is a one-off, and would be counted 180 times over in a 20 s clip's hourly rate.
-        open_db(scratch / "meraudiod.db").close()
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.monotonic()
-        child = subprocess.Popen(
-            [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{clip}", "--realtime"],
-            env=env,
-            cwd=scratch,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        peak_kb = 0
-        ready_cpu_s: float | None = None
-        stopping_cpu_s: float | None = None
-        startup_bytes = wal_at_ready = stopping_bytes = wal_at_stopping = 0
-        wal = WalMeter(scratch / "meraudiod.db")
-        while child.poll() is None:
-            # The child's own high-water mark (ru_maxrss of children would include this
-            # process's memory, which a forked child inherits before exec).
-            peak_kb = max(peak_kb, _peak_rss_kb(child.pid))
-            wal.poll()
-            for message in _notifications(notify, wait_s=0.2):
-                if ready_cpu_s is None and "READY=1" in message:
-                    ready_cpu_s = proc_cpu_s(child.pid)
-                    startup_bytes = written_bytes(child.pid) or 0
-                    wal_at_ready = wal.bytes_written
-                if stopping_cpu_s is None and "STOPPING=1" in message:
-                    stopping_cpu_s = proc_cpu_s(child.pid)
-                    stopping_bytes = written_bytes(child.pid) or 0
-                    wal_at_stopping = wal.bytes_written
-            if time.monotonic() > give_up_at:
-                child.kill()
-                child.wait()
-                raise RuntimeError("the daemon did not finish the bench clip (no ASR server?)")
-        if child.returncode != 0:
-            raise RuntimeError(f"the daemon failed on the bench clip (exit {child.returncode})")
-        wall_s = time.monotonic() - t0
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        if ready_cpu_s is None or stopping_cpu_s is None:
-            raise RuntimeError("the daemon said no READY=1 or no STOPPING=1 on the bench clip")
-        conn = sqlite3.connect(scratch / "meraudiod.db")
-        rows = conn.execute("SELECT duration_s, rtf, latency_ms, model FROM recordings").fetchall()
-        conn.close()
-        speech_s = sum(r[0] for r in rows)
-        latencies = sorted(r[2] for r in rows if r[2] is not None)
-        rtfs = [r[1] for r in rows if r[1] is not None]  # none when asr is off
-        per_hour = 3600.0 / speech_s if speech_s else 0.0
-        audio_bytes = sum(p.stat().st_size for p in (scratch / "audio").rglob("*") if p.is_file())
-        # Linux: 512-byte units, counted as pages are dirtied (what reaches the card)
-        stop_bytes = (after.ru_oublock - before.ru_oublock) * 512 - stopping_bytes
-        run_bytes = stopping_bytes - startup_bytes
-        wal_bytes = wal_at_stopping - wal_at_ready
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{clip}", "--realtime"],
+        env=env,
+        cwd=scratch,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    peak_kb = 0
+    ready_cpu_s: float | None = None
+    stopping_cpu_s: float | None = None
+    startup_bytes = wal_at_ready = stopping_bytes = wal_at_stopping = 0
+    wal = WalMeter(scratch / "meraudiod.db")
+    while child.poll() is None:
+        # The child's own high-water mark (ru_maxrss of children would include this
+        # process's memory, which a forked child inherits before exec).
+        peak_kb = max(peak_kb, proc_value(child.pid, "status", "VmHWM"))
+        wal.poll()
+        for message in _notifications(notify, wait_s=0.2):
+            if ready_cpu_s is None and "READY=1" in message:
+                ready_cpu_s = proc_cpu_s(child.pid)
+                startup_bytes = written_bytes(child.pid)
+                wal_at_ready = wal.bytes_written
+            if stopping_cpu_s is None and "STOPPING=1" in message:
+                stopping_cpu_s = proc_cpu_s(child.pid)
+                stopping_bytes = written_bytes(child.pid)
+                wal_at_stopping = wal.bytes_written
+        if time.monotonic() > give_up_at:
+            child.kill()
+            child.wait()
+            raise RuntimeError("the daemon did not finish the bench clip (no ASR server?)")
+    if child.returncode != 0:
+        raise RuntimeError(f"the daemon failed on the bench clip (exit {child.returncode})")
+    wall_s = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    if ready_cpu_s is None or stopping_cpu_s is None:
+        raise RuntimeError("the daemon said no READY=1 or no STOPPING=1 on the bench clip")
+    conn = sqlite3.connect(scratch / "meraudiod.db")
+    rows = conn.execute("SELECT duration_s, rtf, latency_ms, model FROM recordings").fetchall()
+    conn.close()
+    speech_s = sum(r[0] for r in rows)
+    latencies = sorted(r[2] for r in rows if r[2] is not None)
+    rtfs = [r[1] for r in rows if r[1] is not None]  # none when asr is off
+    per_hour = 3600.0 / speech_s if speech_s else 0.0
+    audio_bytes = sum(p.stat().st_size for p in (scratch / "audio").rglob("*") if p.is_file())
+    # Linux: 512-byte units, counted as pages are dirtied (what reaches the card)
+    stop_bytes = (after.ru_oublock - before.ru_oublock) * 512 - stopping_bytes
+    run_bytes = stopping_bytes - startup_bytes
+    wal_bytes = wal_at_stopping - wal_at_ready
 
-        def mb_per_hour(n_bytes: float) -> float:
-            return round(n_bytes / 1e6 * per_hour, 1)
+    def mb_per_hour(n_bytes: float) -> float:
+        return round(n_bytes / 1e6 * per_hour, 1)
 
-        return {
-            "pipeline_recordings": len(rows),
-            "pipeline_speech_s": round(speech_s, 1),
-            "pipeline_wall_s": round(wall_s, 1),
-            "pipeline_rtf_mean": round(float(np.mean(rtfs)), 3) if rtfs else None,
-            "latency_ms_median": round(float(np.median(latencies)), 0) if latencies else None,
-            "latency_ms_max": round(latencies[-1], 0) if latencies else None,
-            "daemon_peak_rss_mb": round(peak_kb / 1024, 0),
-            "device_cpu_s_per_speech_s": (
-                round((stopping_cpu_s - ready_cpu_s) / speech_s, 4) if speech_s else None
-            ),
-            "daemon_startup_cpu_s": round(ready_cpu_s, 2),
-            "daemon_stop_cpu_s": round(cpu_s - stopping_cpu_s, 2),
-            "pipeline_asr_model": ", ".join(sorted({str(r[3]) for r in rows})),
-            "disk_write_mb_per_recorded_hour": mb_per_hour(run_bytes),
-            "audio_mb_per_recorded_hour": mb_per_hour(audio_bytes),
-            "database_mb_per_recorded_hour": mb_per_hour(run_bytes - audio_bytes),
-            "database_wal_mb_per_recorded_hour": mb_per_hour(wal_bytes),
-            "database_checkpoint_and_blocks_mb_per_recorded_hour": mb_per_hour(
-                run_bytes - audio_bytes - wal_bytes
-            ),
-            "disk_write_startup_kb": round(startup_bytes / 1e3),
-            "disk_write_stop_kb": round(stop_bytes / 1e3),
-        }
-    finally:
-        notify.close()
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
+    return {
+        "pipeline_recordings": len(rows),
+        "pipeline_speech_s": round(speech_s, 1),
+        "pipeline_wall_s": round(wall_s, 1),
+        "pipeline_rtf_mean": round(float(np.mean(rtfs)), 3) if rtfs else None,
+        "latency_ms_median": round(float(np.median(latencies)), 0) if latencies else None,
+        "latency_ms_max": round(latencies[-1], 0) if latencies else None,
+        "daemon_peak_rss_mb": round(peak_kb / 1024, 0),
+        "device_cpu_s_per_speech_s": (
+            round((stopping_cpu_s - ready_cpu_s) / speech_s, 4) if speech_s else None
+        ),
+        "daemon_startup_cpu_s": round(ready_cpu_s, 2),
+        "daemon_stop_cpu_s": round(cpu_s - stopping_cpu_s, 2),
+        "pipeline_asr_model": ", ".join(sorted({str(r[3]) for r in rows})),
+        "disk_write_mb_per_recorded_hour": mb_per_hour(run_bytes),
+        "audio_mb_per_recorded_hour": mb_per_hour(audio_bytes),
+        "database_mb_per_recorded_hour": mb_per_hour(run_bytes - audio_bytes),
+        "database_wal_mb_per_recorded_hour": mb_per_hour(wal_bytes),
+        "database_checkpoint_and_blocks_mb_per_recorded_hour": mb_per_hour(
+            run_bytes - audio_bytes - wal_bytes
+        ),
+        "disk_write_startup_kb": round(startup_bytes / 1e3),
+        "disk_write_stop_kb": round(stop_bytes / 1e3),
+    }
 
 
 def _notifications(sock: socket.socket, wait_s: float) -> list[str]:
@@ -355,17 +336,6 @@ def run_bench(
     )
     figures["bench_s"] = round(time.monotonic() - started, 1)
     return figures
-
-
-def _peak_rss_kb(pid: int) -> int:
-    """VmHWM of a running process (Linux), 0 when it cannot be read."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 def _cpu_model() -> str:

@@ -15,6 +15,8 @@ import struct
 from pathlib import Path
 from typing import Final
 
+from .bench_listening import proc_value
+
 _WAL_HEADER_BYTES: Final = 32
 _FRAME_HEADER_BYTES: Final = 24
 # The wal-index header (native byte order): szPage at 14, mxFrame at 16, the salts at 32.
@@ -22,16 +24,10 @@ _FRAME_HEADER_BYTES: Final = 24
 _INDEX_HEADER: Final = struct.Struct("=14xHI12x8s8x")
 
 
-def written_bytes(pid: int) -> int | None:
+def written_bytes(pid: int) -> int:
     """Bytes a running process has caused to be written to storage so far (Linux
-    /proc/<pid>/io write_bytes), None when it cannot be read."""
-    try:
-        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-            if line.startswith("write_bytes:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+    /proc/<pid>/io write_bytes), 0 when it cannot be read."""
+    return proc_value(pid, "io", "write_bytes")
 
 
 class WalMeter:

@@ -63,6 +63,18 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_value(pid: int, name: str, key: str) -> int:
+    """The number after `key:` in /proc/<pid>/<name> of a running process (Linux), 0 when it
+    cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def thread_switches(pid: int) -> dict[int, tuple[str, int]]:
     """Per thread id: its name (comm) and its voluntary + involuntary context switches, each
     one a wakeup of that thread."""
