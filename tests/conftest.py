@@ -89,6 +89,17 @@ def cli(
     )
 
 
+def install_into(root: Path) -> None:
+    """`scripts/install --root ROOT --no-venv`: the files as a package would lay them out."""
+    done = subprocess.run(
+        [str(REPO / "scripts" / "install"), "--root", str(root), "--no-venv"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def run_daemon(
     env: dict[str, str],
     *args: str,

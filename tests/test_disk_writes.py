@@ -26,7 +26,7 @@ from meraudiod.db import PAGE_BYTES, Transaction, open_db
 from meraudiod.recordings import Recording, RecordingStore
 
 from .broker import Broker, Subscriber
-from .conftest import TEST_DATA, cli, db_rows, stored_audio
+from .conftest import TEST_DATA, cli, db_rows, run_daemon, stored_audio, wait_for
 from .mqtt_daemon import BASE, mqtt_env, start_daemon
 
 SHORT = TEST_DATA / "ls_103_0000.flac"
@@ -99,23 +99,16 @@ def test_the_save_is_fsynced_and_the_claim_leaves_the_connection_durable(
 def test_a_recording_survives_a_sigkill_right_after_its_save(env: dict[str, str]) -> None:
     """The daemon is killed the moment the recording's row is visible: the row, its job and
     its whole audio file are there, and the next start transcribes it."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{SHORT}"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
+
+    def saved() -> bool:
+        try:
+            return bool(db_rows(env, "SELECT id FROM recordings"))
+        except sqlite3.OperationalError:
+            return False  # not created yet
+
+    proc = run_daemon(env, source=f"file:{SHORT}", stderr=subprocess.DEVNULL)
     try:
-        while time.monotonic() < deadline:
-            try:
-                if db_rows(env, "SELECT id FROM recordings"):
-                    break
-            except sqlite3.OperationalError:
-                pass  # not created yet
-            time.sleep(0.005)
-        else:
-            raise AssertionError("no recording was ever saved")
+        wait_for(saved, 120, "a saved recording", poll_s=0.005)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)

@@ -15,7 +15,7 @@ import pytest
 
 from meraudiod import models
 
-from .conftest import cli
+from .conftest import TEST_DATA, cli, install_into
 
 SEGMENTATION = "pyannote-segmentation-3.0"
 ECAPA = "ecapa-voxceleb"
@@ -142,24 +142,15 @@ def test_an_installed_tree_carries_the_parity_reference(
 ) -> None:
     """`--from` works in /opt/meraudiod too: the package has its own clips and embeddings,
     the same rows as the checkout's full reference."""
-    import subprocess
-
     import numpy as np
 
     from meraudiod.parity import parity_problem
 
-    repo = Path(__file__).resolve().parents[1]
     root = tmp_path / "root"
-    done = subprocess.run(
-        [str(repo / "scripts" / "install"), "--root", str(root), "--no-venv"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    install_into(root)
     installed = root / "opt/meraudiod/meraudiod/assets/parity"
     package = np.load(installed / "ecapa_reference.npz")
-    full = np.load(repo / "tests/data/ecapa_reference.npz")
+    full = np.load(TEST_DATA / "ecapa_reference.npz")
     rows = {str(name): emb for name, emb in zip(full["files"], full["embeddings"], strict=True)}
     assert len(package["files"]) == 3
     for name, emb in zip(package["files"], package["embeddings"], strict=True):

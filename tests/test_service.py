@@ -25,6 +25,7 @@ from .conftest import (
     REPO,
     SilenceFeeder,
     cli,
+    install_into,
     run_daemon,
     status_json,
     wait_running,
@@ -157,13 +158,7 @@ def test_unit_file_is_hardened_and_valid(tmp_path: Path) -> None:
 def test_install_into_a_temporary_root_twice(tmp_path: Path) -> None:
     root = tmp_path / "root"
     for _ in range(2):
-        result = subprocess.run(
-            [str(REPO / "scripts" / "install"), "--root", str(root), "--no-venv"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
+        install_into(root)
         (root / "etc/meraudiod/config.toml").write_text(
             (root / "etc/meraudiod/config.toml").read_text() + "# edited by the admin\n"
         )
