@@ -30,6 +30,7 @@ from .audio import FRAME_SAMPLES, SAMPLE_RATE_HZ, decode_file, to_float32
 from .bench_disk import WalMeter, written_bytes
 from .bench_listening import bench_listening, daemon_dirs, daemon_env, proc_cpu_s, proc_value
 from .bench_memory import bench_memory, bench_peak_rss
+from .bench_mqtt import MOSQUITTO_MISSING, EventCounter, local_broker, mqtt_overrides
 from .config import Settings
 from .machine import describe as describe_machine
 from .sources import demo_path
@@ -246,6 +247,28 @@ def _run_daemon_on(
     }
 
 
+def bench_pipeline_mqtt(
+    settings: Settings, config_path: str | None, clip: Path, port: int
+) -> dict[str, Any]:
+    """bench_pipeline with MQTT on to the broker on `port`: the disk writes and CPU as most
+    devices run (`mqtt_*`), and how many events reached a separate subscriber."""
+    counter = EventCounter(settings, port)
+    try:
+        figures = bench_pipeline(settings, config_path, clip, mqtt_overrides(port))
+    finally:
+        counter.close()
+    kept = (
+        "disk_write_mb_per_recorded_hour",
+        "audio_mb_per_recorded_hour",
+        "database_mb_per_recorded_hour",
+        "database_wal_mb_per_recorded_hour",
+        "database_checkpoint_and_blocks_mb_per_recorded_hour",
+        "disk_write_stop_kb",
+        "device_cpu_s_per_speech_s",
+    )
+    return {f"mqtt_{key}": figures[key] for key in kept} | {"mqtt_events_received": counter.count}
+
+
 def _notifications(sock: socket.socket, wait_s: float) -> list[str]:
     """The sd_notify messages that arrive within `wait_s` (returning at the first)."""
     messages: list[str] = []
@@ -262,17 +285,7 @@ def run_bench(
     settings: Settings, config_path: str | None, progress: Callable[[str], None]
 ) -> dict[str, Any]:
     """Every figure, in under two minutes on a Raspberry-Pi-class device."""
-    sample = demo_path()
-    pcm = decode_file(sample)
-    audio = to_float32(pcm)
-    truth = json.loads((sample.parent / "demo.json").read_text())["utterances"]
-    short = truth[1]  # "he was not an ill disposed young man": a command-length utterance
-    command = audio[
-        int((short["start_s"] - 0.3) * SAMPLE_RATE_HZ) : int(
-            (short["end_s"] + 0.3) * SAMPLE_RATE_HZ
-        )
-    ]
-    passage = audio[: int(_PASSAGE_S * SAMPLE_RATE_HZ)]
+    pcm = decode_file(demo_path())
     figures: dict[str, Any] = {
         "version": __version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
@@ -281,10 +294,37 @@ def run_bench(
         "timings_note": "every time below was measured on this machine and holds for it only",
     }
     started = time.monotonic()
+    with local_broker() as broker_port:  # None without mosquitto: MQTT-off figures only
+        if broker_port is None:
+            progress(MOSQUITTO_MISSING)
+            figures["mqtt_note"] = MOSQUITTO_MISSING
+        figures |= _bench_device(settings, config_path, pcm, broker_port, progress)
+    figures["bench_s"] = round(time.monotonic() - started, 1)
+    return figures
+
+
+def _bench_device(
+    settings: Settings,
+    config_path: str | None,
+    pcm: np.ndarray,
+    broker_port: int | None,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """run_bench's figures of this device; with MQTT on too when a broker is given."""
+    audio = to_float32(pcm)
+    truth = json.loads((demo_path().parent / "demo.json").read_text())["utterances"]
+    short = truth[1]  # "he was not an ill disposed young man": a command-length utterance
+    command = audio[
+        int((short["start_s"] - 0.3) * SAMPLE_RATE_HZ) : int(
+            (short["end_s"] + 0.3) * SAMPLE_RATE_HZ
+        )
+    ]
+    passage = audio[: int(_PASSAGE_S * SAMPLE_RATE_HZ)]
+    mqtt = None if broker_port is None else mqtt_overrides(broker_port)
     progress("VAD")
-    figures |= bench_vad(settings, audio)
+    figures = bench_vad(settings, audio)
     progress("listening to silence at real time, beside a bare VAD loop")
-    figures |= bench_listening(settings, config_path)
+    figures |= bench_listening(settings, config_path, mqtt=mqtt)
     wyoming = settings.asr.backend == "wyoming"
     if not wyoming:  # the servers transcribe: no local model to time
         progress("ASR")
@@ -301,6 +341,9 @@ def run_bench(
             figures |= bench_wyoming(settings, config_path, clip)
         else:
             figures |= bench_pipeline(settings, config_path, clip)
+            if broker_port is not None:
+                progress("pipeline at real time with MQTT on (a local mosquitto)")
+                figures |= bench_pipeline_mqtt(settings, config_path, clip, broker_port)
             progress("peak memory with speakers on and off")
             figures |= bench_peak_rss(settings, config_path, clip, figures)
     progress("memory per library and model")
@@ -334,7 +377,6 @@ def run_bench(
         else f"falls behind on continuous speech ({per_speech_s:.2f} s of work per second);"
         " the backlog grows on disk and drains in pauses"
     )
-    figures["bench_s"] = round(time.monotonic() - started, 1)
     return figures
 
 

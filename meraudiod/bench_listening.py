@@ -96,46 +96,48 @@ def _switches(pid: int) -> int:
 
 
 def bench_listening(
-    settings: Settings, config_path: str | None, window_s: float = LISTEN_WINDOW_S
+    settings: Settings,
+    config_path: str | None,
+    window_s: float = LISTEN_WINDOW_S,
+    mqtt: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The daemon (MQTT and HTTP off) listening to digital silence at real time, and a bare
-    Silero loop at real time, measured over the same window after the daemon is ready."""
-    with daemon_dirs(settings) as (scratch, run_dir):
+    Silero loop at real time, measured over the same window after the daemon is ready.
+    `mqtt`: the environment of a broker; a second daemon with MQTT on to it is measured in
+    the same window (`listening_mqtt_*`), as most devices run."""
+    with contextlib.ExitStack() as stack:
+        scratch, run_dir = stack.enter_context(daemon_dirs(settings))
         silence = scratch / "silence.flac"
         # Long enough to outlast loading the models and the window: the file must not end.
         seconds = int(_READY_TIMEOUT_S + _SETTLE_S + window_s + 60)
         soundfile.write(silence, np.zeros(seconds * SAMPLE_RATE_HZ, np.int16), SAMPLE_RATE_HZ)
-        log = scratch / "daemon.log"
-        with log.open("wb") as log_file:
-            daemon = subprocess.Popen(
-                [*_MERAUDIOD, "run", "--source", f"file:{silence}", "--realtime"],
-                env=daemon_env(settings, config_path, scratch, run_dir),
-                cwd=scratch,
-                stdout=subprocess.DEVNULL,
-                stderr=log_file,
-            )
+        daemons = [_start_daemon(settings, config_path, silence, scratch, run_dir)]
+        if mqtt is not None:
+            dirs = stack.enter_context(daemon_dirs(settings))
+            daemons.append(_start_daemon(settings, config_path, silence, *dirs, mqtt))
         model = [*_BARE_LOOP, str(models.vad_file(settings)), str(settings.vad.threads)]
         block_frames = settings.audio.block_ms * SAMPLE_RATE_HZ // 1000 // FRAME_SAMPLES
-        children = [daemon]
+        children = [daemon.process for daemon in daemons]
         try:
             # One frame per wakeup (the reference), and a block per wakeup as the daemon takes
             # them (what the daemon adds over the VAD alone).
             for frames in (1, block_frames):
                 loop = [*model, str(seconds), str(frames)]
                 children.append(subprocess.Popen(loop, stdout=subprocess.DEVNULL))
-            _await_ready(daemon, run_dir / HEARTBEAT_FILE, log)
+            for daemon in daemons:
+                _await_ready(daemon.process, daemon.heartbeat, daemon.log)
             time.sleep(_SETTLE_S)
             before = [sample(child.pid) for child in children]
             time.sleep(window_s)
             after = [sample(child.pid) for child in children]
             if any(child.poll() is not None for child in children):
-                raise RuntimeError("the daemon or a bare VAD loop ended during the window")
+                raise RuntimeError("a daemon or a bare VAD loop ended during the window")
         finally:
             _end(*children)
-    (ours, ours_wakeups), (bare, bare_wakeups), (blocks, _) = (
-        _rates(b, a) for b, a in zip(before, after, strict=True)
-    )
-    return {
+    rates = [_rates(b, a) for b, a in zip(before, after, strict=True)]
+    (bare, bare_wakeups), (blocks, _) = rates[-2:]
+    ours, ours_wakeups = rates[0]
+    figures: dict[str, Any] = {
         "listening_cpu_pct_of_one_core": round(ours, 2),
         "listening_bare_vad_cpu_pct": round(bare, 2),
         "listening_ratio_vs_bare": round(ours / bare, 2) if bare else None,
@@ -146,6 +148,46 @@ def bench_listening(
         "listening_ratio_vs_bare_same_blocks": round(ours / blocks, 2) if blocks else None,
         "listening_measured_s": round(after[0].at - before[0].at, 1),
     }
+    if mqtt is not None:
+        on, on_wakeups = rates[1]
+        figures |= {
+            "listening_mqtt_cpu_pct_of_one_core": round(on, 2),
+            "listening_mqtt_ratio_vs_bare": round(on / bare, 2) if bare else None,
+            "listening_mqtt_ratio_vs_mqtt_off": round(on / ours, 2) if ours else None,
+            "listening_mqtt_wakeups_per_s": round(on_wakeups, 1),
+        }
+    return figures
+
+
+@dataclass(frozen=True)
+class _Daemon:
+    """A bench daemon started: its process, heartbeat file (written at READY) and log."""
+
+    process: subprocess.Popen[bytes]
+    heartbeat: Path
+    log: Path
+
+
+def _start_daemon(
+    settings: Settings,
+    config_path: str | None,
+    silence: Path,
+    scratch: Path,
+    run_dir: Path,
+    overrides: dict[str, str] | None = None,
+) -> _Daemon:
+    """`run` on the silent file at real time in its scratch dirs, `overrides` in its env."""
+    log = scratch / "daemon.log"
+    env = daemon_env(settings, config_path, scratch, run_dir) | (overrides or {})
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [*_MERAUDIOD, "run", "--source", f"file:{silence}", "--realtime"],
+            env=env,
+            cwd=scratch,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    return _Daemon(process, run_dir / HEARTBEAT_FILE, log)
 
 
 def _rates(before: ProcessSample, after: ProcessSample) -> tuple[float, float]:
