@@ -28,6 +28,7 @@ from .messages import (
     ErrorEvent,
     Event,
     Response,
+    SpeechEvent,
     enqueue,
 )
 from .microphone import AudioSupervisor
@@ -187,26 +188,27 @@ class Daemon:
     # --- events into the outbox and to the HTTP event stream (listener and worker threads) --
 
     def speech_hooks(self, source: str) -> dict[str, Any]:
-        """A listener's speech start and end events: into the MQTT outbox (live only: not
-        queued while offline, it would be news of the past), and to the sockets of the HTTP
-        stage (also for a live audio socket's own listener)."""
+        """A listener's speech start and end events: straight to the MQTT link (live only:
+        not sent while the broker is known to be away, nor after an outage, since it would be
+        news of the past; so never a row of the outbox), and to the sockets of the HTTP stage
+        (also for a live audio socket's own listener)."""
         if not self.settings.mqtt.enabled and self.http is None:
             return {}
         m = self.settings.mqtt
 
-        def on_speech_start(conn: sqlite3.Connection, ts: float) -> None:
-            if self.mqtt is not None and not self.mqtt.cut_off:
-                events.speech_start(conn, m, ts)
-                self.mqtt.wake()
-            if self.http is not None:
-                self.http.hub.publish(events.speech_start_event(m, ts), source)
+        def send(event: SpeechEvent) -> None:
+            from .mqtt import Outgoing
 
-        def on_speech_end(conn: sqlite3.Connection, recording: Recording) -> None:
             if self.mqtt is not None and not self.mqtt.cut_off:
-                events.speech_end(conn, m, recording)
-                self.mqtt.wake()
+                self.mqtt.send(Outgoing.live(event))
             if self.http is not None:
-                self.http.hub.publish(events.speech_end_event(m, recording), source)
+                self.http.hub.publish(event, source)
+
+        def on_speech_start(ts: float) -> None:
+            send(events.speech_start_event(m, ts))
+
+        def on_speech_end(recording: Recording) -> None:
+            send(events.speech_end_event(m, recording))
 
         return {"on_speech_start": on_speech_start, "on_speech_end": on_speech_end}
 

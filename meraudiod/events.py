@@ -1,6 +1,7 @@
-"""The events a recording and its transcript put in the MQTT outbox, in the same
-transaction that stores them (called on the listener and worker threads); the HTTP event
-stream sends the same events.
+"""The events of a recording and its transcript: the transcript and speaker events go into
+the MQTT outbox in the same transaction that stores the transcript (on the worker thread);
+the live-only speech events are built here and sent straight to the link (on the listener
+thread); the HTTP event stream sends the same events.
 
 One rule for voices: a named person is `identified` with their name; a voice grouped into a
 provisional profile is `unknown` with that profile's label (`unknown-1`) as `name` and
@@ -13,7 +14,6 @@ from __future__ import annotations
 import sqlite3
 
 from .config_sections import MqttSettings
-from .db import Transaction
 from .messages import Event, SegmentPayload, SpeakerEvent, SpeechEvent, TranscriptEvent, enqueue
 from .recordings import Recording, speaker_payload
 from .speakers import SegmentSpeaker
@@ -22,18 +22,6 @@ from .worker import TranscribedRecording
 
 def _round(value: float | None) -> float | None:
     return round(value, 3) if value is not None else None
-
-
-def speech_start(conn: sqlite3.Connection, m: MqttSettings, ts: float) -> None:
-    """Someone started speaking (its own transaction: a live-only notice, which a power cut
-    may take back, so it costs no fsync)."""
-    with Transaction(conn, durable=False):
-        enqueue(conn, speech_start_event(m, ts), max_rows=m.outbox_max_rows)
-
-
-def speech_end(conn: sqlite3.Connection, m: MqttSettings, recording: Recording) -> None:
-    """The utterance ended and its recording is saved."""
-    enqueue(conn, speech_end_event(m, recording), max_rows=m.outbox_max_rows)
 
 
 def speech_start_event(m: MqttSettings, ts: float) -> SpeechEvent:

@@ -71,8 +71,8 @@ class Listener(StageThread):
         source: AudioSource,
         vad: SileroVad,
         on_recording: Callable[[Recording], None] | None = None,
-        on_speech_start: Callable[[sqlite3.Connection, float], None] | None = None,
-        on_speech_end: Callable[[sqlite3.Connection, Recording], None] | None = None,
+        on_speech_start: Callable[[float], None] | None = None,
+        on_speech_end: Callable[[Recording], None] | None = None,
         keep_ids: bool = False,
         job_origin: str | None = None,
     ) -> None:
@@ -81,8 +81,8 @@ class Listener(StageThread):
         self.vad = vad
         self.stop_event = threading.Event()  # set to stop this listener (and save what it heard)
         self.on_recording = on_recording
-        self.on_speech_start = on_speech_start  # called with the listener's connection
-        self.on_speech_end = on_speech_end  # inside the transaction that stores the recording
+        self.on_speech_start = on_speech_start  # with the wall-clock time speech was heard
+        self.on_speech_end = on_speech_end  # once the recording is saved
         self.params = SegmenterParams.from_settings(settings.vad, settings.recorder)
         self.finished = threading.Event()
         self.error: str | None = None
@@ -185,7 +185,6 @@ class Listener(StageThread):
                     start_s=start_s,
                     started_at=started_at,
                     transcribe=self.settings.asr.enabled,
-                    in_transaction=self.on_speech_end,
                     memory=self.memory if disk_low(self.settings) else None,
                 )
             except sqlite3.OperationalError as exc:
@@ -213,14 +212,7 @@ class Listener(StageThread):
         if isinstance(event, SpeechStarted):
             self.speaking = True
             if self.on_speech_start is not None:
-                try:
-                    heard_at = min(stream_t0 + event.start_frame * FRAME_S, time.time())
-                    self.on_speech_start(store.conn, heard_at)
-                except sqlite3.OperationalError as exc:
-                    if not is_busy(exc):
-                        raise
-                    # A live-only notice: dropped, so that the speech itself is kept.
-                    _LOGGER.warning("database busy (%s): speech-start event not sent", exc)
+                self.on_speech_start(min(stream_t0 + event.start_frame * FRAME_S, time.time()))
             return
         self.speaking = False
         start_s = event.start_frame * FRAME_S
@@ -231,6 +223,8 @@ class Listener(StageThread):
         if recording is None:
             return  # the disk and the memory for it are full: reported by the daemon
         self.recordings_saved += 1
+        if self.on_speech_end is not None:
+            self.on_speech_end(recording)
         if self.vad_traces is not None:
             self.vad_traces.put(recording.id, buffer.probs(event.start_frame, event.end_frame))
         if self.recording_ids is not None:

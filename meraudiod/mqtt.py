@@ -29,7 +29,7 @@ import paho.mqtt.client as paho
 
 from .config import Settings
 from .db import Transaction, now, open_db, sync_log
-from .messages import LIVE_ONLY_TOPICS, drop_over_count, note_dropped
+from .messages import LIVE_ONLY_TOPICS, Event, drop_over_count, note_dropped
 from .mqtt_client import base_topic, connect, make_client
 from .stage import StageThread
 
@@ -60,13 +60,23 @@ class Inbound:
 
 @dataclass(frozen=True)
 class Outgoing:
-    """A message sent directly (state, responses), not through the outbox."""
+    """A message sent directly (state, responses, live-only events), not through the outbox."""
 
     topic: str  # relative to the base topic, or absolute when absolute=True
     payload: str
     qos: int = 1
     retain: bool = False
     absolute: bool = False
+    # A live-only event (event/speech) made at this wall-clock time: news only while the
+    # connection it was meant for lasts, dropped rather than sent after an outage.
+    live_at: float | None = None
+
+    @classmethod
+    def live(cls, event: Event) -> Outgoing:
+        """A live-only event, sent straight to the broker: it is not worth a row of the
+        outbox, written to the card and deleted again, since it is never replayed."""
+        payload = json.dumps(event.to_payload(), ensure_ascii=False)
+        return cls(event.topic, payload, qos=event.qos, live_at=now())
 
 
 class MqttLink(StageThread):
@@ -350,9 +360,11 @@ class MqttLink(StageThread):
             self._publish(client, message)
         while True:
             try:
-                self._publish(client, self._outgoing.get_nowait())
+                message = self._outgoing.get_nowait()
             except queue.Empty:
                 break
+            if message.live_at is None or message.live_at >= self._replay_before:
+                self._publish(client, message)  # else made before an outage: not news
         if self._inflight is not None:
             mid, row_id = self._inflight
             if mid not in self._acked_mids:
@@ -369,6 +381,7 @@ class MqttLink(StageThread):
             return
         created_at = float(row["created_at"])
         if row["topic"] in LIVE_ONLY_TOPICS and created_at < self._replay_before:
+            # (a speech event queued by a version that still put them in the outbox)
             self._delivered(int(row["id"]))  # "someone is speaking" an outage ago is not news
             return
         if row["topic"] not in LIVE_ONLY_TOPICS and int(row["id"]) > self._durable_up_to:

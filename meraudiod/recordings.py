@@ -144,8 +144,8 @@ class RecordingStore:
     ) -> Recording | None:
         """Store one utterance; once this returns, a crash cannot lose it.
 
-        `in_transaction` runs inside the transaction that inserts the rows (e.g. the
-        speech-end event for the outbox), so both are stored or neither. With `memory`
+        `in_transaction` runs inside the transaction that inserts the rows, so what it
+        writes is stored with them or not at all. With `memory`
         (the disk is too full) the audio is kept in RAM for the worker instead of written;
         None is returned when that memory is full too.
         """

@@ -16,7 +16,7 @@ from typing import IO, Any
 import numpy as np
 import soundfile
 
-from meraudiod import events, models
+from meraudiod import models
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import _MIGRATIONS, Transaction, open_db
@@ -226,11 +226,7 @@ def test_the_listener_keeps_speech_while_the_database_is_locked(settings: Settin
     open_db(path).close()
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # e.g. a long purge by an older version
-
-    def speech_start(conn: sqlite3.Connection, ts: float) -> None:  # as the daemon's, to MQTT
-        events.speech_start(conn, settings.mqtt, ts)
-
-    listener = listener_on(settings, SHORT, on_speech_start=speech_start)
+    listener = listener_on(settings, SHORT)
     listener.start()
     time.sleep(33)  # longer than the listener's 30 s busy timeout: its first save fails
     holder.execute("ROLLBACK")

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import soundfile
 
-from meraudiod import events, jobs
+from meraudiod import jobs
 from meraudiod.audio import decode_file
 from meraudiod.bench_disk import WalMeter
 from meraudiod.config import Settings
 from meraudiod.db import PAGE_BYTES, Transaction, open_db
+from meraudiod.messages import ErrorEvent, enqueue
 from meraudiod.recordings import Recording, RecordingStore
 
 from .broker import Broker, Subscriber
@@ -159,6 +160,35 @@ def test_a_delivered_event_not_yet_deleted_at_a_crash_is_sent_again_with_its_eve
     sub.close()
 
 
+def test_speech_events_go_straight_to_the_broker_never_through_the_outbox(
+    env: dict[str, str], broker: Broker
+) -> None:
+    """event/speech is live-only (QoS 0, never replayed after an outage): it goes to the
+    link directly, not into the outbox, where each cost an insert and a delete on the card
+    for nothing. It still arrives, start then end, before its recording's transcript; the
+    transcript and speaker events still go through the outbox."""
+    db = open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    db.executescript(
+        "CREATE TABLE outbox_seen (topic TEXT);"
+        "CREATE TRIGGER outbox_seen AFTER INSERT ON outbox"
+        " BEGIN INSERT INTO outbox_seen VALUES (new.topic); END;"
+    )
+    db.close()
+    sub = Subscriber(broker.port, [f"{BASE}/event/#"])
+    result = cli("run", "--source", f"file:{SHORT}", env=mqtt_env(env, broker))
+    assert result.returncode == 0, result.stderr
+    sub.wait_for(lambda: sub.on("/event/transcript"), 30)
+    topics = [m.topic.removeprefix(f"{BASE}/") for m in sub.messages]
+    (start, end) = [m.json() for m in sub.on("/event/speech")]
+    (transcript,) = [m.json() for m in sub.on("/event/transcript")]
+    assert start["type"] == "start" and end["type"] == "end"
+    assert end["recording_id"] == transcript["recording_id"]
+    assert topics.index("event/transcript") > topics.index("event/speech") + 1, topics
+    written = {row["topic"] for row in db_rows(env, "SELECT topic FROM outbox_seen")}
+    assert "event/transcript" in written and "event/speech" not in written, written
+    sub.close()
+
+
 def _traced_run(env: dict[str, str], tmp_path: Path, source: Path) -> list[str]:
     """`meraudiod run` on a file under strace: its writes, syncs, sends and unlinks, each
     with the file or socket named."""
@@ -224,16 +254,17 @@ def test_with_keep_audio_off_the_transcript_is_on_the_card_before_the_audio_goes
 def test_an_event_without_a_recording_leaves_the_recording_index_alone(
     settings: Settings,
 ) -> None:
-    """A speech-start event (no recording) is one table row: its insert appends the outbox
-    page and the id counter to the log, not a page of the index by recording as well; the
-    delete path by recording still has its index."""
+    """An error event (no recording) is one table row: its insert appends the outbox page
+    and the id counter to the log, not a page of the index by recording as well; the delete
+    path by recording still has its index."""
     conn = open_db(settings.storage.db_path)
     keep_log = open_db(settings.storage.db_path)  # the log stays while this is open
     meter = WalMeter(settings.storage.db_path)
     for ts in (1.0, 2.0):  # the first insert of a connection may touch more (the schema)
         meter.poll()
         before = meter.bytes_written
-        events.speech_start(conn, settings.mqtt, ts)
+        with Transaction(conn, durable=False):
+            enqueue(conn, ErrorEvent(node_id="n", area="", ts=ts, component="test", error="x"))
         meter.poll()
     frames = (meter.bytes_written - before) // (PAGE_BYTES + 24)
     assert frames == 2, frames  # outbox and sqlite_sequence
