@@ -30,11 +30,14 @@ import paho.mqtt.client as paho
 from .config import Settings
 from .db import Transaction, now, open_db, sync_log
 from .messages import LIVE_ONLY_TOPICS, Event, drop_over_count, note_dropped
-from .mqtt_client import base_topic, connect, make_client
+from .mqtt_client import Waker, base_topic, connect, make_client, network_step
 from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
-_LOOP_S: Final = 0.1
+_LOOP_S: Final = 0.1  # one step while connecting or saying goodbye
+# An idle link sleeps until the broker's socket or another thread wakes it; at the latest
+# after this long (or half the keep-alive), for paho's keep-alive ping.
+_IDLE_WAIT_S: Final = 5.0
 _BACKOFF_MIN_S: Final = 1.0
 _BACKOFF_MAX_S: Final = 60.0
 _REPLAYED_AFTER_S: Final = 10.0
@@ -105,7 +108,7 @@ class MqttLink(StageThread):
         self._retained: dict[str, Outgoing] = {}  # the latest of each; republished on connect
         self._retained_due: set[str] = set()  # changed since last sent
         self._retained_lock = threading.Lock()
-        self._wake = threading.Event()
+        self._waker = Waker()
         self._client: paho.Client | None = None
         self._connected_at = 0.0
         self._pending_subs: set[int] = set()
@@ -133,7 +136,7 @@ class MqttLink(StageThread):
 
     def wake(self) -> None:
         """New rows in the outbox."""
-        self._wake.set()
+        self._waker.set()
 
     def send(self, message: Outgoing) -> None:
         """Publish directly. A retained message is never queued: only the latest of its topic
@@ -142,13 +145,13 @@ class MqttLink(StageThread):
             with self._retained_lock:
                 self._retained[message.topic] = message
                 self._retained_due.add(message.topic)
-            self._wake.set()
+            self._waker.set()
             return
         try:
             self._outgoing.put_nowait(message)
         except queue.Full:
             _LOGGER.warning("MQTT send queue full; dropped %s", message.topic)
-        self._wake.set()
+        self._waker.set()
 
     # --- the thread ------------------------------------------------------------------------
 
@@ -169,15 +172,15 @@ class MqttLink(StageThread):
                     if due and not self._connect(client):
                         next_attempt = time.monotonic() + self._next_backoff()
                     if self.connected:
-                        rc = client.loop(timeout=_LOOP_S)
+                        wait_s = self._idle_s(next_bound)
+                        rc = network_step(client, self._waker, wait_s)
                         if rc != paho.MQTT_ERR_SUCCESS and self.connected:
                             self._lost(f"network loop: {paho.error_string(rc)}")
                             next_attempt = time.monotonic() + self._next_backoff()
                             continue
                         self._deliver(conn, client)
                     else:
-                        self._wake.wait(_LOOP_S)
-                        self._wake.clear()
+                        self._waker.wait(self._idle_s(min(next_bound, next_attempt)))
                     if time.monotonic() >= next_bound:
                         bound_outbox(conn, self.settings)
                         next_bound = time.monotonic() + _BOUND_EVERY_S
@@ -185,13 +188,29 @@ class MqttLink(StageThread):
                 except Exception as exc:  # a bug in one message or callback: log, go on
                     _LOGGER.exception("MQTT link: %s", exc)
                     self.last_error = f"internal error: {exc}"
-                    self._wake.wait(_LOOP_S)
+                    self._waker.wait(_LOOP_S)
             self._say_goodbye(conn, client)
         finally:
             try:
                 self._delete_delivered(conn, force=True)
             finally:
                 conn.close()
+                self._waker.close()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wake the thread (its stop event is set) and wait for it to end."""
+        self._waker.set()
+        super().join(timeout_s)
+
+    def _idle_s(self, next_due: float) -> float:
+        """How long the thread may sleep: until `next_due` (time.monotonic()), a batch of
+        delivered events to delete, or the next look at the keep-alive, whichever is first."""
+        until = min(
+            next_due, time.monotonic() + min(_IDLE_WAIT_S, self.settings.mqtt.keepalive_s / 2)
+        )
+        if self._undeleted:
+            until = min(until, self._undeleted_since + _DELETE_AFTER_S)
+        return max(0.0, until - time.monotonic())
 
     def _connect(self, client: paho.Client) -> bool:
         m = self.settings.mqtt
@@ -213,7 +232,7 @@ class MqttLink(StageThread):
         deadline = started + _CONNACK_WAIT_S
         closed = False
         while not self.connected and time.monotonic() < deadline and not self.stop_event.is_set():
-            if client.loop(timeout=_LOOP_S) != paho.MQTT_ERR_SUCCESS:
+            if network_step(client, self._waker, _LOOP_S) != paho.MQTT_ERR_SUCCESS:
                 closed = True
                 break
             if self.last_error and self.last_error.startswith("refused"):
@@ -244,7 +263,7 @@ class MqttLink(StageThread):
             return
         deadline = time.monotonic() + _GOODBYE_S
         while self.connected and time.monotonic() < deadline:
-            client.loop(timeout=_LOOP_S)
+            network_step(client, self._waker, _LOOP_S)
             self._deliver(conn, client)
             unsent = conn.execute(
                 "SELECT COUNT(*) FROM outbox WHERE id > ?", (self._delivered_up_to,)
@@ -254,10 +273,10 @@ class MqttLink(StageThread):
                 break
         info = client.publish(f"{self.base}/status", "offline", qos=1, retain=True)
         while not info.is_published() and time.monotonic() < deadline + 2.0:
-            client.loop(timeout=_LOOP_S)
+            network_step(client, self._waker, _LOOP_S)
         self.connected = self.online = False  # a goodbye, not a lost connection
         client.disconnect()
-        client.loop(timeout=_LOOP_S)
+        network_step(client, self._waker, _LOOP_S)
 
     # --- paho callbacks (this thread): decode, set flags, enqueue --------------------------
 
@@ -383,6 +402,7 @@ class MqttLink(StageThread):
         if row["topic"] in LIVE_ONLY_TOPICS and created_at < self._replay_before:
             # (a speech event queued by a version that still put them in the outbox)
             self._delivered(int(row["id"]))  # "someone is speaking" an outage ago is not news
+            self._waker.set()  # the next row at once, not after the idle wait
             return
         if row["topic"] not in LIVE_ONLY_TOPICS and int(row["id"]) > self._durable_up_to:
             # A transcript commits without an fsync of its own; once published, a power cut
@@ -401,10 +421,13 @@ class MqttLink(StageThread):
             with Transaction(conn):
                 conn.execute("DELETE FROM outbox WHERE id=?", (row["id"],))
                 note_dropped(conn, 1)
+            self._waker.set()
             return
         if info.rc != paho.MQTT_ERR_SUCCESS:
             return  # not connected after all: the row stays and goes out later
         self._inflight = (info.mid, int(row["id"]))
+        if info.mid in self._acked_mids:  # QoS 0, written at once: no PUBACK will wake us
+            self._waker.set()
 
     def _delivered(self, row_id: int) -> None:
         """This outbox row (and every one before it) is done with: deleted with the next batch."""

@@ -1,13 +1,17 @@
-"""The paho client as meraudiod builds it: base topic, credentials, TLS, last will, and the
-first CONNECT (with a persistent session)."""
+"""The paho client as meraudiod builds it: base topic, credentials, TLS, last will, the
+first CONNECT (with a persistent session), and one step of the network loop that waits on
+the broker's socket and a waker instead of polling."""
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
 import ssl
 from typing import Final
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .config import Settings
 
@@ -64,3 +68,68 @@ def connect(client: paho.Client, settings: Settings) -> None:
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = _SESSION_EXPIRY_S
     client.connect(m.host, m.port, m.keepalive_s, clean_start=False, properties=props)
+
+
+class Waker:
+    """Wakes the MQTT thread out of its wait on the broker's socket: other threads `set()` it
+    (a byte on a socket pair), the thread selects on it beside the broker's socket."""
+
+    def __init__(self) -> None:
+        self._read, self._write = socket.socketpair()
+        self._read.setblocking(False)
+        self._write.setblocking(False)
+
+    def fileno(self) -> int:
+        """What select() waits on."""
+        return self._read.fileno()
+
+    def set(self) -> None:
+        """Wake the thread (from any thread; a wake-up already pending is enough, and after
+        close() there is no thread to wake)."""
+        with contextlib.suppress(OSError):
+            self._write.send(b"\0")
+
+    def clear(self) -> None:
+        """Forget the wake-ups so far (the thread is awake and looks at everything)."""
+        with contextlib.suppress(BlockingIOError):
+            while self._read.recv(4096):
+                pass
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep until set() or the timeout (no broker connection to watch meanwhile)."""
+        select.select([self], [], [], max(0.0, timeout_s))
+        self.clear()
+
+    def close(self) -> None:
+        """Close both ends."""
+        self._read.close()
+        self._write.close()
+
+
+def network_step(client: paho.Client, waker: Waker, timeout_s: float) -> MQTTErrorCode:
+    """Wait up to `timeout_s` for the broker's socket or the waker, then let paho read,
+    write and keep the connection alive: paho's API for an application's own select loop
+    (`loop_read`, `loop_write`, `loop_misc`), so an idle link sleeps instead of polling."""
+    sock = client.socket()
+    if sock is None:
+        return paho.MQTT_ERR_NO_CONN
+    # Bytes TLS already decrypted are not seen by select(): read them without waiting.
+    buffered = bool(getattr(sock, "pending", lambda: 0)())
+    try:
+        fd = sock.fileno()
+        writes = [fd] if client.want_write() else []
+        wait_s = 0.0 if buffered else timeout_s
+        readable, _, _ = select.select([fd, waker.fileno()], writes, [], wait_s)
+    except (OSError, ValueError):  # the socket was closed under us: the connection is gone
+        return paho.MQTT_ERR_CONN_LOST
+    if waker.fileno() in readable:
+        waker.clear()
+    if buffered or fd in readable:
+        rc = client.loop_read()
+        if rc != paho.MQTT_ERR_SUCCESS:
+            return rc
+    if client.want_write():  # also what a callback published during the read
+        rc = client.loop_write()
+        if rc != paho.MQTT_ERR_SUCCESS:
+            return rc
+    return client.loop_misc()

@@ -14,9 +14,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meraudiod.bench_listening import sample
+
 from .broker import PASSWORD, USER, Broker, Subscriber
-from .conftest import DEMO, DEMO_TRUTH, cli, status_json
-from .mqtt_daemon import BASE, DEMO_PCM, NODE, finish, mqtt_env, request, start_daemon
+from .conftest import DEMO, DEMO_TRUTH, cli, run_daemon, status_json, wait_running
+from .mqtt_daemon import (
+    BASE,
+    DEMO_PCM,
+    NODE,
+    finish,
+    mqtt_env,
+    request,
+    start_daemon,
+    stop_daemon,
+)
 
 DISCOVERY = f"homeassistant/device/meraudiod_{NODE}/config"
 
@@ -325,3 +336,32 @@ def test_password_and_tls(env: dict[str, str], broker: Broker, tmp_path: Path) -
     sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH), 20)
     assert PASSWORD not in result.stderr
     sub.close()
+
+
+def test_an_idle_link_wakes_the_daemon_no_more_than_no_link(
+    env: dict[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    """The MQTT thread waits on the broker's socket and its own wake-up, never a 0.1 s poll:
+    a daemon idling with MQTT on wakes (context switches of all its threads, read from /proc
+    as `bench` does) hardly more often than the same daemon with MQTT off beside it."""
+    off_env = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "mqtt-off")}
+    on_env = mqtt_env(env, broker)
+    sub = Subscriber(broker.port, [f"{BASE}/status"])
+    off = run_daemon(off_env, stderr=subprocess.DEVNULL)
+    on = run_daemon(on_env, stderr=subprocess.DEVNULL)
+    try:
+        wait_running(off_env, off)
+        wait_running(on_env, on)
+        sub.wait_online(60)
+        time.sleep(2)  # the retained state and discovery have gone out
+        before = [sample(proc.pid) for proc in (off, on)]
+        time.sleep(8)
+        after = [sample(proc.pid) for proc in (off, on)]
+    finally:
+        stop_daemon(off)
+        stop_daemon(on)
+        sub.close()
+    off_rate, on_rate = (
+        (a.switches - b.switches) / (a.at - b.at) for b, a in zip(before, after, strict=True)
+    )
+    assert off_rate > 0 and on_rate - off_rate < 3, (off_rate, on_rate)
