@@ -295,8 +295,7 @@ def run_bench(
     }
     started = time.monotonic()
     with local_broker() as broker_port:  # None without mosquitto: MQTT-off figures only
-        if broker_port is None:
-            progress(MOSQUITTO_MISSING)
+        if broker_port is None:  # said in one line of the output
             figures["mqtt_note"] = MOSQUITTO_MISSING
         figures |= _bench_device(settings, config_path, pcm, broker_port, progress)
     figures["bench_s"] = round(time.monotonic() - started, 1)

@@ -20,6 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
 from .config import Settings
 from .mqtt_client import base_topic
 
@@ -32,17 +35,20 @@ MOSQUITTO_MISSING: Final = (
 )
 
 
-def mosquitto_path() -> str | None:
-    """The mosquitto program, also from /usr/sbin when PATH leaves it out; None if absent."""
-    path = os.environ.get("PATH", "")
-    return shutil.which("mosquitto", path=os.pathsep.join([path, *_SBIN_DIRS]))
+def mosquitto_path(search_path: str | None = None) -> str | None:
+    """The mosquitto program on `search_path` (PATH, and /usr/sbin which a user's PATH often
+    leaves out); None if it is not installed."""
+    if search_path is None:
+        search_path = os.pathsep.join([os.environ.get("PATH", ""), *_SBIN_DIRS])
+    return shutil.which("mosquitto", path=search_path)
 
 
 @contextlib.contextmanager
-def local_broker() -> Iterator[int | None]:
+def local_broker(search_path: str | None = None) -> Iterator[int | None]:
     """A throwaway Mosquitto (anonymous, no persistence) on 127.0.0.1 and a free port; its
-    port, or None when mosquitto is not installed. Stopped and its folder removed after."""
-    program = mosquitto_path()
+    port, or None when mosquitto is not installed (on `search_path`, see mosquitto_path).
+    Stopped and its folder removed after."""
+    program = mosquitto_path(search_path)
     if program is None:
         yield None
         return
@@ -99,9 +105,6 @@ class EventCounter:
     """A separate paho client counting the events the broker passes on from the daemon."""
 
     def __init__(self, settings: Settings, port: int) -> None:
-        import paho.mqtt.client as paho
-        from paho.mqtt.enums import CallbackAPIVersion
-
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.count = 0
@@ -116,7 +119,7 @@ class EventCounter:
             self.close()
             raise RuntimeError("the bench's MQTT subscriber could not subscribe")
 
-    def _on_connect(self, client: Any, *_: Any) -> None:
+    def _on_connect(self, client: paho.Client, *_: Any) -> None:
         client.subscribe(self._filter, qos=1)
 
     def _on_message(self, *_: Any) -> None:

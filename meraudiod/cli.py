@@ -249,7 +249,8 @@ def bench(config_path: Path | None, as_json: bool) -> None:
     """Measure this device with the configured models on the bundled sample (under 2 minutes):
     VAD cost and listening CPU, ASR real-time factor and latency (each against the bare
     library), speaker-embedding cost, the daemon's peak memory, disk writes per recorded hour,
-    and whether it keeps up with continuous speech.
+    and whether it keeps up with continuous speech. Listening CPU and disk writes are also
+    measured with MQTT on, against a throwaway local mosquitto (when it is installed).
 
     \b
     Examples:

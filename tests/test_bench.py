@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 
 from meraudiod.bench_listening import bench_listening
+from meraudiod.bench_mqtt import MOSQUITTO_MISSING, local_broker, mqtt_overrides
 from meraudiod.config import Settings
 
 from .conftest import cli
@@ -74,18 +76,55 @@ def test_bench_reports_figures_with_ratios_against_the_bare_library(
     whole = figures["audio_mb_per_recorded_hour"] + database  # each rounded to 0.1
     assert figures["database_wal_mb_per_recorded_hour"] <= database
     assert abs(whole - figures["disk_write_mb_per_recorded_hour"]) <= 0.2
+    # With MQTT on, against a throwaway local mosquitto, as most devices run: a second daemon
+    # listening in the same window, and the pipeline again, whose events really arrived.
+    assert "mqtt_note" not in figures  # the tests' machine has mosquitto
+    for key in (
+        "listening_mqtt_cpu_pct_of_one_core",
+        "listening_mqtt_ratio_vs_bare",
+        "listening_mqtt_ratio_vs_mqtt_off",
+        "listening_mqtt_wakeups_per_s",
+        "mqtt_disk_write_mb_per_recorded_hour",
+        "mqtt_database_wal_mb_per_recorded_hour",
+        "mqtt_device_cpu_s_per_speech_s",
+    ):
+        assert isinstance(figures[key], int | float) and figures[key] > 0, key
+    assert figures["mqtt_audio_mb_per_recorded_hour"] == figures["audio_mb_per_recorded_hour"]
+    # Three recordings: a start and an end of speech and a transcript each, at least.
+    assert figures["mqtt_events_received"] >= 9
     assert isinstance(figures["keeps_up"], bool) and figures["verdict"]
     assert figures["bench_s"] > 0  # how long is a figure of this machine, not a test
 
 
+def test_without_mosquitto_the_bench_says_so_and_measures_mqtt_off_only(tmp_path: Path) -> None:
+    """A fresh machine without mosquitto: no broker, and the one line the bench prints; with
+    it, a real broker that accepts connections while the bench runs and is gone after."""
+    with local_broker(search_path=str(tmp_path)) as port:
+        assert port is None
+    assert "mosquitto is not installed" in MOSQUITTO_MISSING and "\n" not in MOSQUITTO_MISSING
+    with local_broker() as port:
+        assert port is not None
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
 def test_listening_cost_is_the_daemon_process_beside_a_bare_vad_loop(settings: Settings) -> None:
-    """Both children measured over the same window after READY; the ratio is of the two."""
-    figures = bench_listening(settings, None, window_s=8.0)
+    """The children measured over the same window after READY; the ratio is of the two. A
+    second daemon with MQTT on to a real broker in the same window."""
+    with local_broker() as port:
+        assert port is not None
+        figures = bench_listening(settings, None, window_s=8.0, mqtt=mqtt_overrides(port))
     assert 7.9 <= figures["listening_measured_s"] < 15
     ours, bare = figures["listening_cpu_pct_of_one_core"], figures["listening_bare_vad_cpu_pct"]
     # 250 VAD runs of the daemon and of the loop: a CPU tick or more each, never a whole core.
     assert 0 < ours < 100 and 0 < bare < 100
     assert figures["listening_ratio_vs_bare"] == pytest.approx(ours / bare, rel=0.05, abs=0.02)
+    on = figures["listening_mqtt_cpu_pct_of_one_core"]
+    assert 0 < on < 100 and figures["listening_mqtt_wakeups_per_s"] > 0
+    assert figures["listening_mqtt_ratio_vs_mqtt_off"] == pytest.approx(
+        on / ours, rel=0.05, abs=0.02
+    )
     # The bare loop taking frames a block at a time, as the daemon does: its own overhead.
     blocks = figures["listening_bare_vad_same_blocks_cpu_pct"]
     assert figures["listening_block_ms"] == settings.audio.block_ms and 0 < blocks < 100
