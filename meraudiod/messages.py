@@ -10,6 +10,7 @@ import json
 import logging
 import sqlite3
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Final
 
@@ -123,7 +124,7 @@ def enqueue(
         " VALUES (?, ?, ?, 0, ?, ?)",
         (
             event.topic,
-            json.dumps(event.to_payload(), ensure_ascii=False),
+            pack_payload(event.to_payload()),
             event.qos,
             now(),
             recording_id or getattr(event, "recording_id", None),
@@ -132,6 +133,20 @@ def enqueue(
     if max_rows is not None:
         drop_over_count(conn, max_rows)
     return int(cur.lastrowid or 0)
+
+
+def pack_payload(payload: dict[str, Any]) -> bytes:
+    """An event's JSON as the outbox stores it: deflated. A transcript's JSON (its text
+    twice, whole and by segment) is about a 1 KiB page; deflated, it and its speaker events
+    share one, and every page an insert or a delete touches is appended to the log whole."""
+    return zlib.compress(json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+
+
+def unpack_payload(stored: str | bytes) -> dict[str, Any]:
+    """The JSON object of an outbox row (text: a row an older version stored)."""
+    text = zlib.decompress(stored).decode("utf-8") if isinstance(stored, bytes) else stored
+    found: dict[str, Any] = json.loads(text)
+    return found
 
 
 def drop_over_count(conn: sqlite3.Connection, max_rows: int) -> int:

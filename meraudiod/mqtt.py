@@ -29,7 +29,7 @@ import paho.mqtt.client as paho
 
 from .config import Settings
 from .db import Transaction, now, open_db, sync_log
-from .messages import LIVE_ONLY_TOPICS, Event, drop_over_count, note_dropped
+from .messages import LIVE_ONLY_TOPICS, Event, drop_over_count, note_dropped, unpack_payload
 from .mqtt_client import Waker, base_topic, connect, make_client, network_step
 from .stage import StageThread
 
@@ -410,7 +410,7 @@ class MqttLink(StageThread):
             top = conn.execute("SELECT MAX(id) FROM outbox").fetchone()[0]
             sync_log(conn)
             self._durable_up_to = int(top or 0)
-        payload = json.loads(row["payload"])
+        payload = unpack_payload(row["payload"])
         if created_at < self._replay_before or now() - created_at > _REPLAYED_AFTER_S:
             payload["replayed"] = True
         topic = f"{self.base}/{row['topic']}"

@@ -6,6 +6,7 @@ in batches, are sent again after a crash with the same event_id, never lost."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import sqlite3
@@ -23,7 +24,13 @@ from meraudiod.audio import decode_file
 from meraudiod.bench_disk import WalMeter
 from meraudiod.config import Settings
 from meraudiod.db import PAGE_BYTES, Transaction, open_db
-from meraudiod.messages import ErrorEvent, enqueue
+from meraudiod.messages import (
+    ErrorEvent,
+    SegmentPayload,
+    SpeakerEvent,
+    TranscriptEvent,
+    enqueue,
+)
 from meraudiod.recordings import Recording, RecordingStore
 
 from .broker import Broker, Subscriber
@@ -31,6 +38,11 @@ from .conftest import TEST_DATA, cli, db_rows, run_daemon, stored_audio, wait_fo
 from .mqtt_daemon import BASE, mqtt_env, start_daemon
 
 SHORT = TEST_DATA / "ls_103_0000.flac"
+SENTENCE = (
+    "and mister john dashwood had then leisure to consider how much there might be"
+    " prudently in his power to do for them while the family of dashwood had long been"
+    " settled in sussex"
+)
 _FULL = 2  # PRAGMA synchronous
 
 
@@ -249,6 +261,52 @@ def test_with_keep_audio_off_the_transcript_is_on_the_card_before_the_audio_goes
     assert removed, "the trace shows no audio file deleted"
     for i in removed:
         assert _log_synced_since_last_write(lines[:i]), lines[max(0, i - 20) : i + 1]
+
+
+def test_a_transcript_and_its_speaker_event_share_a_page_of_the_outbox(
+    settings: Settings,
+) -> None:
+    """A transcript event (its text twice: whole and by segment) is about 900 bytes of JSON;
+    stored as it is, it and its speaker event took a 1 KiB page each, written whole to the
+    log at the insert and again at the delete. Stored deflated they share one: fewer pages
+    appended to the log per recording, and the same events delivered (tests/test_mqtt.py)."""
+    conn = open_db(settings.storage.db_path)
+    keep_log = open_db(settings.storage.db_path)  # the log stays while this is open
+    meter = WalMeter(settings.storage.db_path)
+    words = SENTENCE.split()
+    frames, recordings = 0, 40
+    for n in range(recordings):
+        texts = [" ".join(words[(n + i) % 7 :] + words[: (n + i) % 7]) for i in range(2)]
+        segments = tuple(
+            SegmentPayload(3.0 * i, 3.0 * i + 2.9, text, {"label": "S1", "id": None})
+            for i, text in enumerate(texts)
+        )
+        transcript = TranscriptEvent(
+            node_id="kitchen",
+            area="Kitchen",
+            recording_id=f"{n:026d}",
+            text=" ".join(texts),
+            segments=segments,
+            model="tiny.en",
+        )
+        speaker = SpeakerEvent(
+            node_id="kitchen", area="Kitchen", event_type="unknown", recording_id=f"{n:026d}"
+        )
+        assert len(json.dumps(transcript.to_payload())) > 800
+        meter.poll()
+        before = meter.bytes_written
+        with Transaction(conn, durable=False):
+            enqueue(conn, transcript)
+            enqueue(conn, speaker)
+        meter.poll()
+        frames += (meter.bytes_written - before) // (PAGE_BYTES + 24)
+        if n % 4 == 3:  # delivered and deleted in batches, as the link does
+            with Transaction(conn, durable=False):
+                conn.execute("DELETE FROM outbox")
+    # Stored as text: 6.7 pages per recording; deflated: 5.2.
+    assert frames / recordings < 5.7, frames / recordings
+    conn.close()
+    keep_log.close()
 
 
 def test_an_event_without_a_recording_leaves_the_recording_index_alone(

@@ -9,8 +9,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
+import soundfile
+
 from meraudiod.db import get_kv, open_db
-from meraudiod.messages import SpeechEvent, TranscriptEvent, enqueue
+from meraudiod.messages import SpeechEvent, TranscriptEvent, enqueue, unpack_payload
 
 from .broker import Broker, Subscriber
 from .conftest import DEMO_TRUTH, TEST_DATA, cli, db_rows
@@ -154,7 +157,9 @@ def test_outbox_drops_speech_before_transcripts_at_every_insert(tmp_path: Path) 
                 conn.execute("COMMIT")
                 assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] <= 10
         rows = conn.execute("SELECT topic, payload FROM outbox ORDER BY id").fetchall()
-        texts = [json.loads(r["payload"])["text"] for r in rows if r["topic"] == "event/transcript"]
+        texts = [
+            unpack_payload(r["payload"])["text"] for r in rows if r["topic"] == "event/transcript"
+        ]
         assert texts == [f"t{i}" for i in range(5)]  # every transcript kept, in order
         assert len(rows) == 10 and get_kv(conn, "outbox_dropped", "0") == "15"
     finally:
@@ -208,4 +213,32 @@ def test_a_provisional_voice_has_one_name_everywhere(
         assert v["label"] and (v["id"] is not None or (v["name"] is None and not v["provisional"]))
     state = sub.on(f"{BASE}/state")[-1].json()
     assert state["last_speaker"] == profile["name"] and state["last_speaker_provisional"] is True
+    sub.close()
+
+
+def test_an_event_an_older_version_stored_as_text_is_still_delivered(
+    env: dict[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    """Events are stored deflated now; a row an older version left in the outbox as JSON
+    text goes out as it was, beside a new one."""
+    old = TranscriptEvent(node_id=NODE, area="kitchen", text="said before the upgrade")
+    conn = open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    conn.execute(
+        "INSERT INTO outbox (topic, payload, qos, created_at) VALUES (?, ?, 1, ?)",
+        (old.topic, json.dumps(old.to_payload()), time.time()),
+    )
+    conn.execute("BEGIN IMMEDIATE")
+    enqueue(conn, TranscriptEvent(node_id=NODE, area="kitchen", text="said after it"))
+    conn.execute("COMMIT")
+    conn.close()
+    sub = Subscriber(broker.port, [f"{BASE}/event/transcript"])
+    quiet = tmp_path / "silence.wav"
+    soundfile.write(quiet, np.zeros(16000, dtype=np.int16), 16000)
+    result = cli("run", "--source", f"file:{quiet}", env=mqtt_env(env, broker))
+    assert result.returncode == 0, result.stderr
+    sub.wait_for(lambda: len(sub.on("/event/transcript")) == 2, 30)
+    got = [m.json() for m in sub.on("/event/transcript")]
+    assert [e["text"] for e in got] == ["said before the upgrade", "said after it"]
+    assert got[0]["event_id"] == old.event_id
+    assert not db_rows(env, "SELECT id FROM outbox")
     sub.close()
