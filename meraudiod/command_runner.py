@@ -4,6 +4,7 @@ finds it full is answered "busy" at once and never waits."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -20,7 +21,9 @@ from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
 QUEUE_SIZE: Final = 32
-_POLL_S: Final = 0.5
+# Idle, the thread sleeps until a request comes or join() wakes it to stop; at the latest
+# after this long, for a stop event set without join().
+_IDLE_WAIT_S: Final = 5.0
 
 
 def refusal(name: str, payload: bytes, code: str, error: str) -> Response:
@@ -50,7 +53,8 @@ class CommandRunner(StageThread):
         self.reply = reply  # sends the response (the MQTT link's send queue: never blocks)
         self.runtime = runtime
         self.after = after  # e.g. a speaker event after an enrolment, on this thread
-        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=QUEUE_SIZE)
+        # None is join()'s wake-up, not a request.
+        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=QUEUE_SIZE)
 
     def submit(self, name: str, payload: bytes) -> None:
         """Queue a request (called on the MQTT thread): answered "busy" when the queue is full."""
@@ -69,14 +73,25 @@ class CommandRunner(StageThread):
                 )
             )
 
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wake the thread (its stop event is set) and wait for it to end, after the request
+        it is running."""
+        # Full: busy with requests, it looks at the stop event before the next one.
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+        super().join(timeout_s)
+
     def _run(self) -> None:
         conn = open_db(self.settings.storage.db_path)
         try:
             while not self.stop_event.is_set():
                 try:
-                    name, payload = self._queue.get(timeout=_POLL_S)
+                    request = self._queue.get(timeout=_IDLE_WAIT_S)
                 except queue.Empty:
                     continue
+                if request is None:
+                    continue  # woken to look at the stop event
+                name, payload = request
                 context = CommandContext(
                     conn,
                     self.settings,
