@@ -108,7 +108,8 @@ class EventCounter:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.count = 0
-        self._filter = f"{base_topic(settings)}/event/#"
+        # Every event of the daemon (<base>/event/...), none of its state or replies.
+        self._filter = "/".join((base_topic(settings), "event", "#"))
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{port}")
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = lambda *_: self._subscribed.set()
