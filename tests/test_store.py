@@ -15,6 +15,7 @@ from meraudiod import jobs
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import _MIGRATIONS, Transaction, get_kv, migrate, open_db, set_kv
+from meraudiod.messages import TranscriptEvent, enqueue, unpack_payload
 from meraudiod.recordings import RecordingStore, delete_recording, remove_crashed_writes
 
 from .conftest import TEST_DATA
@@ -145,6 +146,29 @@ def test_delete_removes_audio_rows_and_index(settings: Settings) -> None:
     assert s.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
     s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert b"marmalade" not in Path(settings.storage.db_path).read_bytes()
+
+
+def test_deleting_a_recording_overwrites_its_undelivered_events(settings: Settings) -> None:
+    """Events are stored deflated, where a grep for a word finds nothing either way: the
+    deflated bytes themselves must be gone from the database files, not only the row."""
+    s = store(settings)
+    rec = s.save(SPEECH, source="x", start_s=0, started_at=1000.0)
+    with Transaction(s.conn):
+        enqueue(
+            s.conn,
+            TranscriptEvent(node_id="n", area="", recording_id=rec.id, text="the word: quince"),
+        )
+    (stored,) = s.conn.execute("SELECT payload FROM outbox").fetchone()
+    assert unpack_payload(stored)["text"] == "the word: quince"
+    s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db = Path(settings.storage.db_path)
+    assert bytes(stored) in db.read_bytes()  # what is looked for is findable
+    assert delete_recording(s.conn, settings.storage.audio_dir, rec.id)
+    assert s.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+    s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    raw = b"".join(p.read_bytes() for p in db.parent.glob("meraudiod.db*"))
+    pieces = [bytes(stored)[i : i + 12] for i in range(0, len(stored) - 12, 6)]
+    assert not [piece for piece in pieces if piece in raw]
 
 
 WRITER = """
