@@ -27,6 +27,7 @@ from .listener import Listener
 from .messages import (
     ErrorEvent,
     Event,
+    Outgoing,
     Response,
     SpeechEvent,
     enqueue,
@@ -197,8 +198,6 @@ class Daemon:
         m = self.settings.mqtt
 
         def send(event: SpeechEvent) -> None:
-            from .mqtt import Outgoing
-
             if self.mqtt is not None and not self.mqtt.cut_off:
                 self.mqtt.send(Outgoing.live(event))
             if self.http is not None:
@@ -222,8 +221,6 @@ class Daemon:
     # --- commands (called on the command runner's thread) ----------------------------------
 
     def _reply(self, response: Response) -> None:
-        from .mqtt import Outgoing
-
         self.mqtt.send(Outgoing(response.topic, json.dumps(response.to_payload(), default=str)))
 
     def _after_command(self, conn: sqlite3.Connection, response: Response) -> None:
@@ -466,8 +463,6 @@ class Daemon:
     def _publish_state(self) -> None:
         if self.mqtt is None:
             return
-        from .mqtt import Outgoing
-
         assert self.conn is not None
         payload = retained_state(self.conn, self).to_payload()
         self._last_state = payload
@@ -476,8 +471,6 @@ class Daemon:
     def _publish_listening(self) -> None:
         if self.mqtt is None:
             return
-        from .mqtt import Outgoing
-
         value = "ON" if self.listening else "OFF"
         self.mqtt.send(Outgoing("listening/state", value, qos=1, retain=True))
 

@@ -1,8 +1,9 @@
 """One frozen dataclass per MQTT message: its topic (relative to the base topic), QoS,
-retain flag and payload. Events go through the SQLite outbox, written in the same
-transaction as the data they describe, and reach the broker in order. The outbox is bounded
-at every insert; over the bound the oldest live-only and error events go first, transcripts
-and speaker events last."""
+retain flag and payload; and what the MQTT link takes from other threads (`Outgoing`) and
+gives to the main one (`Inbound`). Events but the live-only ones go through the SQLite
+outbox, written in the same transaction as the data they describe, and reach the broker in
+order. The outbox is bounded at every insert; over the bound the oldest live-only and error
+events go first, transcripts and speaker events last."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any, ClassVar, Final
 
 from ulid import ULID
 
-from .db import get_kv, now
+from .config_sections import MqttSettings
+from .db import Transaction, get_kv, now
 
 _LOGGER = logging.getLogger(__name__)
 SCHEMA_VERSION: Final = 1
@@ -180,6 +182,18 @@ def note_dropped(conn: sqlite3.Connection, dropped: int) -> None:
         _LOGGER.warning("MQTT outbox over its limits: %d undelivered events dropped so far", total)
 
 
+def bound_outbox(conn: sqlite3.Connection, m: MqttSettings) -> int:
+    """Drop undelivered events past the age limit (the count limit holds at every insert,
+    and is checked here too after a reload lowered it); count what was dropped."""
+    with Transaction(conn):
+        by_age = conn.execute(
+            "DELETE FROM outbox WHERE created_at < ?", (now() - m.outbox_max_age_days * 86400,)
+        ).rowcount
+        note_dropped(conn, by_age)
+        dropped = by_age + drop_over_count(conn, m.outbox_max_rows)
+    return dropped
+
+
 @dataclass(frozen=True)
 class State:
     """The retained device state."""
@@ -246,3 +260,33 @@ class Response:
 def truncate_state(text: str) -> str:
     """A sensor state Home Assistant accepts (the full text goes in attributes)."""
     return text if len(text) <= MAX_STATE_CHARS else text[: MAX_STATE_CHARS - 1] + "…"
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A message from the broker for the main thread: the listening switch."""
+
+    kind: str  # "listening"
+    name: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message sent directly (state, responses, live-only events), not through the outbox."""
+
+    topic: str  # relative to the base topic, or absolute when absolute=True
+    payload: str
+    qos: int = 1
+    retain: bool = False
+    absolute: bool = False
+    # A live-only event (event/speech) made at this wall-clock time: news only while the
+    # connection it was meant for lasts, dropped rather than sent after an outage.
+    live_at: float | None = None
+
+    @classmethod
+    def live(cls, event: Event) -> Outgoing:
+        """A live-only event, sent straight to the broker: it is not worth a row of the
+        outbox, written to the card and deleted again, since it is never replayed."""
+        payload = json.dumps(event.to_payload(), ensure_ascii=False)
+        return cls(event.topic, payload, qos=event.qos, live_at=now())

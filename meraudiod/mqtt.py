@@ -22,14 +22,20 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final
 
 import paho.mqtt.client as paho
 
 from .config import Settings
 from .db import Transaction, now, open_db, sync_log
-from .messages import LIVE_ONLY_TOPICS, Event, drop_over_count, note_dropped, unpack_payload
+from .messages import (
+    LIVE_ONLY_TOPICS,
+    bound_outbox,
+    note_dropped,
+    unpack_payload,
+)
+from .messages import Inbound as Inbound  # the link's types, where its callers find them
+from .messages import Outgoing as Outgoing
 from .mqtt_client import Waker, base_topic, connect, make_client, network_step
 from .stage import StageThread
 
@@ -50,36 +56,6 @@ _DELETE_BATCH: Final = 100
 _DELETE_AFTER_S: Final = 10.0
 _CONNACK_WAIT_S: Final = 5.0  # a broker that accepted TCP but says nothing: say so, retry
 MAX_TOPIC_BYTES: Final = 65535  # MQTT's limit on a topic name (UTF-8)
-
-
-@dataclass(frozen=True)
-class Inbound:
-    """A message from the broker for the main thread: the listening switch."""
-
-    kind: str  # "listening"
-    name: str
-    payload: bytes
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message sent directly (state, responses, live-only events), not through the outbox."""
-
-    topic: str  # relative to the base topic, or absolute when absolute=True
-    payload: str
-    qos: int = 1
-    retain: bool = False
-    absolute: bool = False
-    # A live-only event (event/speech) made at this wall-clock time: news only while the
-    # connection it was meant for lasts, dropped rather than sent after an outage.
-    live_at: float | None = None
-
-    @classmethod
-    def live(cls, event: Event) -> Outgoing:
-        """A live-only event, sent straight to the broker: it is not worth a row of the
-        outbox, written to the card and deleted again, since it is never replayed."""
-        payload = json.dumps(event.to_payload(), ensure_ascii=False)
-        return cls(event.topic, payload, qos=event.qos, live_at=now())
 
 
 class MqttLink(StageThread):
@@ -182,7 +158,7 @@ class MqttLink(StageThread):
                     else:
                         self._waker.wait(self._idle_s(min(next_bound, next_attempt)))
                     if time.monotonic() >= next_bound:
-                        bound_outbox(conn, self.settings)
+                        bound_outbox(conn, self.settings.mqtt)
                         next_bound = time.monotonic() + _BOUND_EVERY_S
                     self._delete_delivered(conn)
                 except Exception as exc:  # a bug in one message or callback: log, go on
@@ -447,16 +423,3 @@ class MqttLink(StageThread):
         with Transaction(conn, durable=False):
             conn.execute("DELETE FROM outbox WHERE id <= ?", (self._delivered_up_to,))
         self._undeleted = 0
-
-
-def bound_outbox(conn: sqlite3.Connection, settings: Settings) -> int:
-    """Drop undelivered events past the age limit (the count limit holds at every insert,
-    and is checked here too after a reload lowered it); count what was dropped."""
-    m = settings.mqtt
-    with Transaction(conn):
-        by_age = conn.execute(
-            "DELETE FROM outbox WHERE created_at < ?", (now() - m.outbox_max_age_days * 86400,)
-        ).rowcount
-        note_dropped(conn, by_age)
-        dropped = by_age + drop_over_count(conn, m.outbox_max_rows)
-    return dropped
