@@ -184,16 +184,8 @@ with TestClient(create_app(HttpContext(Settings()), token=None)) as client:
     assert client.get("/api/v1/nothing").status_code == 404
 print(sorted(m for m, mod in sys.modules.items() if m.startswith("pydantic.v1") and mod))
 """
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]", result.stdout
+    loaded = subprocess.check_output([sys.executable, "-c", script], env=env, timeout=120)
+    assert loaded.decode().strip() == "[]", loaded
 
 
 class _Trickler:

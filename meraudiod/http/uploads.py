@@ -11,9 +11,9 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
@@ -29,6 +29,7 @@ _LOGGER = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1")
 _TASK_STATES: Final = {"pending": "pending", "running": "running", "done": "completed"}
 _SWITCH_WAIT_S: Final = 10.0
+_Route = TypeVar("_Route", bound=Callable[..., Awaitable[dict[str, Any]]])
 
 
 def upload_blocks(
@@ -82,36 +83,26 @@ def _store(ctx: HttpContext, received: ReceivedFile, kind: str) -> str:
     return recording.id
 
 
-def _upload_form(description: str) -> dict[str, Any]:
-    """The OpenAPI body of an upload route (which reads its form itself, as it arrives)."""
+def _upload_route(path: str, tag: str, description: str) -> Callable[[_Route], _Route]:
+    """POST `path`, answering 202, with its form in the OpenAPI schema: the route reads the
+    form itself, as it arrives, so FastAPI does not know it."""
     schema = {
         "type": "object",
         "required": [FIELD],
         "properties": {FIELD: {"type": "string", "format": "binary", "description": description}},
     }
-    return {
-        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
-    }
+    body = {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+    return router.post(path, status_code=202, tags=[tag], openapi_extra={"requestBody": body})
 
 
-@router.post(
-    "/analysis/upload",
-    status_code=202,
-    tags=["analysis"],
-    openapi_extra=_upload_form("Audio in any common format"),
-)
+@_upload_route("/analysis/upload", "analysis", "Audio in any common format")
 async def analysis_upload(request: Request, ctx: HttpContext = Depends(context)) -> dict[str, Any]:
     """Transcribe a file: poll `/api/v1/tasks/{task_id}` for the result."""
     task_id = await store_upload(request, ctx, "upload")
     return {"task_id": task_id, "status": "pending", "status_url": f"/api/v1/tasks/{task_id}"}
 
 
-@router.post(
-    "/vad/upload_recording",
-    status_code=202,
-    tags=["listening"],
-    openapi_extra=_upload_form("A client's own recording of speech"),
-)
+@_upload_route("/vad/upload_recording", "listening", "A client's own recording of speech")
 async def upload_recording(request: Request, ctx: HttpContext = Depends(context)) -> dict[str, Any]:
     """A client's own recording into the queue, transcribed like the microphone's."""
     rec_id = await store_upload(request, ctx, "client")
