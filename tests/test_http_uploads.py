@@ -113,6 +113,24 @@ def test_an_oversized_upload_gets_413_and_leaves_no_file(daemon: HttpDaemon) -> 
     assert _files(audio) == audio_before
 
 
+def test_a_form_without_its_file_is_one_json_error_and_leaves_no_file(
+    daemon: HttpDaemon,
+) -> None:
+    uploads = _data(daemon) / "uploads"
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        no_file = client.post("/api/v1/analysis/upload", data={"name": "x"}, files={"f": b"1"})
+        assert "body.file" in json_error(no_file, 422, "invalid_request")
+        not_a_form = client.post("/api/v1/vad/upload_recording", json={"file": "x"})
+        assert "multipart" in json_error(not_a_form, 422, "invalid_request")
+        unended = client.post(  # the file part's closing boundary never comes
+            "/api/v1/analysis/upload",
+            content=_PART + b"\1" * 1000,
+            headers={"Content-Type": f"multipart/form-data; boundary={_BOUNDARY}"},
+        )
+        assert "body.file" in json_error(unended, 422, "invalid_request")
+    assert not _files(uploads)
+
+
 def test_a_long_upload_round_trips_without_growing_the_daemon(
     daemon: HttpDaemon, tmp_path: Path
 ) -> None:
