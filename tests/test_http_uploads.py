@@ -52,25 +52,32 @@ def _vm_hwm_kb(daemon: HttpDaemon) -> int:
     raise AssertionError("no VmHWM")
 
 
-def _head(length: int | None) -> bytes:
-    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+def _part(field: str = "file") -> bytes:
+    """The head of a form's file part."""
     return (
-        "POST /api/v1/analysis/upload HTTP/1.1\r\nHost: x\r\n"
-        f"Content-Type: multipart/form-data; boundary={_BOUNDARY}\r\n{framing}\r\n\r\n"
+        f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="cut.wav"'
+        "\r\nContent-Type: audio/wav\r\n\r\n"
     ).encode()
 
 
-_PART = (
-    f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="cut.wav"'
-    "\r\nContent-Type: audio/wav\r\n\r\n"
-).encode()
+_PART = _part()
 
 
-def test_a_client_gone_mid_upload_leaves_no_file_and_no_row(daemon: HttpDaemon) -> None:
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [("/api/v1/analysis/upload", "file"), ("/api/v1/persistent-speakers/upload", "files")],
+)
+def test_a_client_gone_mid_upload_leaves_no_file_and_no_row(
+    daemon: HttpDaemon, path: str, field: str
+) -> None:
     uploads, audio = _data(daemon) / "uploads", _data(daemon) / "audio"
     before, audio_before = _recordings(daemon), _files(audio)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {10 << 20}\r\n"
+        f"Content-Type: multipart/form-data; boundary={_BOUNDARY}\r\n\r\n"
+    )
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
-        sock.sendall(_head(10 << 20) + _PART)
+        sock.sendall(head.encode() + _part(field))
         sent = 0
         while sent < 2 << 20:  # 2 of the 10 MB it announced
             sock.sendall(b"\1" * 65536)
@@ -87,6 +94,7 @@ def test_a_client_gone_mid_upload_leaves_no_file_and_no_row(daemon: HttpDaemon) 
     assert "client closed the connection" in daemon.log()
     with httpx.Client(base_url=daemon.url, timeout=60) as client:
         assert client.get("/health/ready").status_code == 200  # the daemon is fine
+        assert client.get("/api/v1/persistent-speakers").json() == []  # nobody enrolled
 
 
 def test_an_oversized_upload_gets_413_and_leaves_no_file(daemon: HttpDaemon) -> None:

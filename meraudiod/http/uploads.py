@@ -22,13 +22,14 @@ from ..audio import SAMPLE_RATE_HZ, AudioDecodeError, Int16Array, iter_file_pcm
 from ..db import now
 from ..recordings import RecordingStore, analysis_record
 from .common import ApiError, HttpContext, check_id, run_command
-from .receive import FIELD, ReceivedFile, received_file
+from .receive import BINARY, ReceivedFile, openapi_form, received_form
 from .recordings import context
 
 _LOGGER = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1")
 _TASK_STATES: Final = {"pending": "pending", "running": "running", "done": "completed"}
 _SWITCH_WAIT_S: Final = 10.0
+FIELD: Final = "file"  # the form field that carries an upload
 _Route = TypeVar("_Route", bound=Callable[..., Awaitable[dict[str, Any]]])
 
 
@@ -60,8 +61,8 @@ def upload_blocks(
 async def store_upload(request: Request, ctx: HttpContext, kind: str) -> str:
     """Receive an uploaded file into the data directory, then store its audio, decoded and
     written a block at a time, as a recording with a transcription job; returns its id."""
-    async with received_file(request, ctx.settings.storage.data_dir / "uploads") as received:
-        return await run_in_threadpool(_store, ctx, received, kind)
+    async with received_form(request, ctx.settings.storage.data_dir / "uploads", FIELD) as form:
+        return await run_in_threadpool(_store, ctx, form.files[0], kind)
 
 
 def _store(ctx: HttpContext, received: ReceivedFile, kind: str) -> str:
@@ -84,15 +85,9 @@ def _store(ctx: HttpContext, received: ReceivedFile, kind: str) -> str:
 
 
 def _upload_route(path: str, tag: str, description: str) -> Callable[[_Route], _Route]:
-    """POST `path`, answering 202, with its form in the OpenAPI schema: the route reads the
-    form itself, as it arrives, so FastAPI does not know it."""
-    schema = {
-        "type": "object",
-        "required": [FIELD],
-        "properties": {FIELD: {"type": "string", "format": "binary", "description": description}},
-    }
-    body = {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
-    return router.post(path, status_code=202, tags=[tag], openapi_extra={"requestBody": body})
+    """POST `path`, answering 202, its form (one file) in the API's documentation."""
+    form = openapi_form({FIELD: {**BINARY, "description": description}}, [FIELD])
+    return router.post(path, status_code=202, tags=[tag], openapi_extra=form)
 
 
 @_upload_route("/analysis/upload", "analysis", "Audio in any common format")
