@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ..audio import SAMPLE_RATE_HZ, AudioDecodeError, Int16Array, iter_file_pcm
 from ..db import now
-from ..recordings import RecordingStore, analysis_record
+from ..recording_views import analysis_record
+from ..recordings import RecordingStore
 from .common import ApiError, HttpContext, check_id, run_command
 from .receive import BINARY, ReceivedFile, openapi_form, received_form
 from .recordings import context
