@@ -232,6 +232,7 @@ class Diarizer:
         max_speakers: int,
         max_embedding_s: float = 20.0,
         change_threshold: float | None = CHANGE_THRESHOLD,
+        overlap_probability: float | None = OVERLAP_PROBABILITY,
     ) -> None:
         self.segmentation = segmentation
         self.embed = embed
@@ -239,6 +240,7 @@ class Diarizer:
         self.max_speakers = max_speakers
         self.max_embedding_s = max_embedding_s
         self.change_threshold = change_threshold  # None: no change detection inside runs
+        self.overlap_probability = overlap_probability  # None: the argmax alone
         self.change_embedded_s = 0.0  # audio embedded by change detection so far (its cost)
 
     def _windows(self, audio: Float32Array) -> list[tuple[int, Float32Array]]:
@@ -279,10 +281,11 @@ class Diarizer:
         """
         probabilities = self._windows(audio)
         # Who speaks alone (the runs embedded) by the argmax; who is heard (the output) also
-        # where the overlap classes hold more than OVERLAP_PROBABILITY.
+        # where the overlap classes hold more than overlap_probability.
         windows = [(first, activity(probs, lenient=True)) for first, probs in probabilities]
         heard = [
-            (first, activity(probs, True, OVERLAP_PROBABILITY)) for first, probs in probabilities
+            (first, activity(probs, True, self.overlap_probability))
+            for first, probs in probabilities
         ]
         changes = (
             ChangeFinder(audio, self.embed, self.change_threshold)
