@@ -91,10 +91,27 @@ def to_float32(samples: Int16Array) -> Float32Array:
 
 def rms_dbfs(samples: Int16Array) -> float:
     """Loudness of int16 PCM in dB relative to full scale (-120 for digital silence)."""
-    if samples.size == 0:
-        return -120.0
-    mean_square = float(np.mean(np.square(samples.astype(np.float64) / 32768.0)))
-    return max(-120.0, 10.0 * np.log10(mean_square)) if mean_square > 0 else -120.0
+    return Loudness().add(samples).dbfs
+
+
+class Loudness:
+    """rms_dbfs of audio that comes a block at a time (never held whole)."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self._square_sum = 0.0
+
+    def add(self, block: Int16Array) -> Loudness:
+        """Count one more block."""
+        self.samples += block.size
+        self._square_sum += float(np.sum(np.square(block.astype(np.float64) / 32768.0)))
+        return self
+
+    @property
+    def dbfs(self) -> float:
+        """dB relative to full scale of everything added (-120 for digital silence)."""
+        mean_square = self._square_sum / self.samples if self.samples else 0.0
+        return max(-120.0, 10.0 * np.log10(mean_square)) if mean_square > 0 else -120.0
 
 
 class Resampler:

@@ -30,7 +30,7 @@ from .cli_recordings import purge, recordings
 from .cli_speakers import speakers_group
 from .cli_status import status_cmd
 from .db import DatabaseError
-from .recordings import analysis_record
+from .recording_views import analysis_record
 from .signals import install as install_signal_handlers
 from .signals import run_handlers
 from .sources import SourceError, open_source

@@ -17,7 +17,7 @@ from .cli_common import (
     run_command,
     settings_from,
 )
-from .recordings import export_recording, recording_details
+from .recording_views import export_recording, recording_details
 
 
 @click.group()

@@ -1,14 +1,17 @@
 """Who spoke when inside one recording: pyannote segmentation + ECAPA embeddings + clustering.
 
-1. pyannote segmentation-3.0 (ONNX) runs on 10 s windows and gives, every 16.875 ms, one of
-   seven powerset classes: nobody, one of three window-local speakers, or two of them at once.
+1. pyannote segmentation-3.0 (ONNX) runs on 10 s windows and gives, every 16.875 ms, the
+   probabilities of seven powerset classes: nobody, one of three window-local speakers, or
+   two of them at once. The likeliest class says who speaks alone (what gets embedded); the
+   output also hears two wherever the pairs together hold more than OVERLAP_PROBABILITY.
 2. Each window-local speaker with enough speech of its own (no overlap) gets an embedding
    per long run, a run first cut where the voice changes inside it (speaker_change.py);
    one heard only over someone else gets one of its speech with the overlap.
-3. Agglomerative clustering (average linkage, cosine) joins window-local speakers across
-   windows; two speakers of one window are never joined. Local speakers with too little
-   speech for a reliable embedding (or only overlap) join the nearest cluster their window's
-   other speakers do not hold.
+3. Agglomerative clustering (clustering.py: average linkage, cosine) joins window-local
+   speakers across windows; two speakers of one window are never joined. Local speakers with
+   too little speech for a reliable embedding (or only overlap) join the nearest cluster
+   their window's other speakers do not hold. Each frame of a long run then goes to the
+   cluster its change-detection sub-windows sound most like (a change that detection missed).
 4. The windows' frames are added up per cluster; at every frame the number of speakers the
    windows agree on (rounded mean) are taken, the most active first. Runs of frames are turns.
 
@@ -32,8 +35,9 @@ import numpy.typing as npt
 
 from .asr import Segment, Transcript, Word
 from .audio import SAMPLE_RATE_HZ, Float32Array
+from .clustering import Piece, cluster, relabel
 from .onnx import OnnxLoadError, cpu_session
-from .speaker_change import CHANGE_THRESHOLD, ChangeFinder
+from .speaker_change import CHANGE_THRESHOLD, SUB_WINDOW_S, ChangeFinder
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -50,6 +54,11 @@ _POWERSET: Final = np.array(
 # for clustering; its frames join the nearest cluster if it has at least the second figure.
 _MIN_CLUSTER_SPEECH_S: Final = 1.0
 _MIN_ASSIGN_SPEECH_S: Final = 0.3
+# Where the overlap classes together hold more than this, the output has two speakers,
+# though one alone wins the argmax (chosen on the trn AMI excerpts only, see the README).
+OVERLAP_PROBABILITY: Final = 0.3
+# Runs at least this long (the change detection's sub-windows cover them) are relabelled.
+_MIN_RELABEL_FRAMES: Final = int(2 * SUB_WINDOW_S * SAMPLE_RATE_HZ) // FRAME_STEP_SAMPLES
 _MIN_TURN_S: Final = 0.1  # shorter runs of frames are noise
 _MAX_GAP_S: Final = 0.2  # a speaker's turns closer than this are joined
 
@@ -117,22 +126,36 @@ class SegmentationModel:
         except OnnxLoadError as exc:
             raise DiarizationError(str(exc)) from exc
 
-    def window(self, audio: Float32Array, lenient: bool = False) -> npt.NDArray[np.int8]:
-        """Active local speakers per frame [frames, 3] for up to 10 s of audio.
-
-        lenient: a frame is speech when "nobody" has under half the probability, even
-        where it wins the argmax (the speaker classes together hold more).
-        """
+    def probabilities(self, audio: Float32Array) -> Float32Array:
+        """The seven powerset classes' probabilities per frame [frames, 7] for up to 10 s."""
         chunk = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
         chunk[: audio.size] = audio[:WINDOW_SAMPLES]
         log_probs = self._session.run(None, {"input": chunk.reshape(1, 1, -1)})[0][0]
         frames = n_frames(min(audio.size, WINDOW_SAMPLES))
-        probs = np.exp(np.asarray(log_probs)[:frames])
-        classes = np.argmax(probs, axis=1)
-        if lenient:  # diarization: missed speech was most of its error on AMI
-            speech = probs[:, 0] < 0.5
-            classes[speech] = 1 + np.argmax(probs[speech, 1:], axis=1)
-        return np.asarray(_POWERSET[classes], dtype=np.int8)
+        return np.exp(np.asarray(log_probs, dtype=np.float32)[:frames])
+
+    def window(self, audio: Float32Array, lenient: bool = False) -> npt.NDArray[np.int8]:
+        """Active local speakers per frame [frames, 3] for up to 10 s of audio (`activity`)."""
+        return activity(self.probabilities(audio), lenient)
+
+
+def activity(
+    probs: Float32Array, lenient: bool = False, overlap_probability: float | None = None
+) -> npt.NDArray[np.int8]:
+    """Active local speakers per frame [frames, 3] from the powerset probabilities.
+
+    The most probable class, except: lenient, a frame is speech when "nobody" has under half
+    the probability (the speaker classes together hold more); with overlap_probability, a
+    frame has two speakers (the likeliest pair) when the pairs together hold more than that.
+    """
+    classes = np.argmax(probs, axis=1)
+    if lenient:  # diarization: missed speech was most of its error on AMI
+        speech = probs[:, 0] < 0.5
+        classes[speech] = 1 + np.argmax(probs[speech, 1:], axis=1)
+    if overlap_probability is not None:
+        pair = probs[:, 4:].sum(axis=1) > overlap_probability
+        classes[pair] = 4 + np.argmax(probs[pair, 4:], axis=1)
+    return np.asarray(_POWERSET[classes], dtype=np.int8)
 
 
 def n_frames(samples: int) -> int:
@@ -198,20 +221,6 @@ def _split(run: tuple[int, int], first: int, changes: ChangeFinder) -> list[tupl
     return list(pairwise(edges))
 
 
-@dataclass
-class _Piece:
-    """Speech of one window-local speaker (one long run, or all its short runs) to cluster."""
-
-    window: int
-    index: int
-    runs: list[tuple[int, int]]  # frame ranges inside the window
-    speech_s: float
-    embedding: Float32Array
-    core: bool  # long enough to found or join clusters by itself
-    identity: str | None = None  # an enrolled person it was recognised as
-    cluster: int = -1
-
-
 class Diarizer:
     """Segmentation + embeddings + clustering for one recording at a time."""
 
@@ -223,6 +232,7 @@ class Diarizer:
         max_speakers: int,
         max_embedding_s: float = 20.0,
         change_threshold: float | None = CHANGE_THRESHOLD,
+        overlap_probability: float | None = OVERLAP_PROBABILITY,
     ) -> None:
         self.segmentation = segmentation
         self.embed = embed
@@ -230,12 +240,11 @@ class Diarizer:
         self.max_speakers = max_speakers
         self.max_embedding_s = max_embedding_s
         self.change_threshold = change_threshold  # None: no change detection inside runs
+        self.overlap_probability = overlap_probability  # None: the argmax alone
         self.change_embedded_s = 0.0  # audio embedded by change detection so far (its cost)
 
-    def _windows(
-        self, audio: Float32Array, lenient: bool = False
-    ) -> list[tuple[int, npt.NDArray[np.int8]]]:
-        """(first global frame, activity [frames, 3]) per window."""
+    def _windows(self, audio: Float32Array) -> list[tuple[int, Float32Array]]:
+        """(first global frame, powerset probabilities [frames, 7]) per window."""
         total = n_frames(audio.size)
         per_window = n_frames(WINDOW_SAMPLES)
         starts = list(range(0, max(1, total - per_window + 1), _WINDOW_STEP_FRAMES))
@@ -244,8 +253,8 @@ class Diarizer:
         windows = []
         for first in starts:
             offset = first * FRAME_STEP_SAMPLES
-            activity = self.segmentation.window(audio[offset : offset + WINDOW_SAMPLES], lenient)
-            windows.append((first, activity[: total - first]))
+            probs = self.segmentation.probabilities(audio[offset : offset + WINDOW_SAMPLES])
+            windows.append((first, probs[: total - first]))
         return windows
 
     def speech(self, audio: Float32Array) -> Diarization:
@@ -253,9 +262,10 @@ class Diarizer:
         total = n_frames(audio.size)
         votes = np.zeros(total)
         cover = np.zeros(total)
-        for first, activity in self._windows(audio):
-            votes[first : first + len(activity)] += activity.any(axis=1)
-            cover[first : first + len(activity)] += 1
+        for first, probs in self._windows(audio):
+            active = activity(probs).any(axis=1)
+            votes[first : first + active.size] += active
+            cover[first : first + active.size] += 1
         mask = votes > 0.5 * np.maximum(cover, 1)
         spans = _spans(mask, audio.size)
         speech_s = sum(b - a for a, b in spans) / SAMPLE_RATE_HZ
@@ -269,18 +279,25 @@ class Diarizer:
         joined, and pieces of the same enrolled person always are: voices the device knows
         guide the clustering of similar-sounding ones.
         """
-        windows = self._windows(audio, lenient=True)
+        probabilities = self._windows(audio)
+        # Who speaks alone (the runs embedded) by the argmax; who is heard (the output) also
+        # where the overlap classes hold more than overlap_probability.
+        windows = [(first, activity(probs, lenient=True)) for first, probs in probabilities]
+        heard = [
+            (first, activity(probs, True, self.overlap_probability))
+            for first, probs in probabilities
+        ]
         changes = (
             ChangeFinder(audio, self.embed, self.change_threshold)
             if self.change_threshold is not None
             else None
         )
-        pieces: list[_Piece] = []
+        pieces: list[Piece] = []
         frame_s = FRAME_STEP_SAMPLES / SAMPLE_RATE_HZ
-        for w, (first, activity) in enumerate(windows):
-            alone = activity.sum(axis=1) == 1
-            for k in range(activity.shape[1]):
-                active = activity[:, k] == 1
+        for w, (first, solo) in enumerate(windows):
+            alone = solo.sum(axis=1) == 1
+            for k in range(solo.shape[1]):
+                active = solo[:, k] == 1
                 runs = _runs(active & alone)
                 seconds = [(b - a) * frame_s for a, b in runs]
                 # The segmentation sometimes gives two people who take turns one local
@@ -311,66 +328,19 @@ class Diarizer:
                     identity = (
                         recognise(embedding, speech_s) if recognise and not overheard else None
                     )
-                    pieces.append(_Piece(w, k, group, speech_s, embedding, bool(long), identity))
+                    pieces.append(Piece(w, k, group, speech_s, embedding, bool(long), identity))
         if changes is not None:
             self.change_embedded_s += changes.embedded_s
-        self._cluster(pieces)
-        return self._reconstruct(audio.size, windows, pieces)
-
-    def _cluster(self, items: list[_Piece]) -> None:
-        """Average-linkage clustering of the long pieces; the short ones join the nearest."""
-        core = [x for x in items if x.core]
-        if not core and items:  # nothing long enough: the longest one stands for all
-            core = [max(items, key=lambda x: x.speech_s)]
-        clusters: list[list[_Piece]] = [[x] for x in core]
-        vectors = np.stack([x.embedding for x in core]) if core else np.zeros((0, 1))
-        sims = vectors @ vectors.T
-        index = {id(x): i for i, x in enumerate(core)}
-
-        def linkage(a: list[_Piece], b: list[_Piece]) -> float:
-            # Two speakers of one window are two people; pieces of one window-local
-            # speaker may still be split (see __call__).
-            if any(x.window == y.window and x.index != y.index for x in a for y in b):
-                return -np.inf
-            known_a = {x.identity for x in a if x.identity}
-            known_b = {y.identity for y in b if y.identity}
-            if known_a and known_b and not known_a & known_b:
-                return -np.inf  # two different enrolled people
-            mean = float(np.mean([[sims[index[id(x)], index[id(y)]] for y in b] for x in a]))
-            return max(mean, self.threshold) if known_a & known_b else mean
-
-        while len(clusters) > 1:
-            pairs = [
-                (linkage(clusters[i], clusters[j]), i, j)
-                for i in range(len(clusters))
-                for j in range(i + 1, len(clusters))
-            ]
-            best, i, j = max(pairs)
-            too_many = len(clusters) > self.max_speakers
-            if best == -np.inf or (best < self.threshold and not too_many):
-                break
-            clusters[i] += clusters.pop(j)
-        centroids = []
-        for c, members in enumerate(clusters):
-            for x in members:
-                x.cluster = c
-            weights = np.array([x.speech_s for x in members])
-            stacked = np.stack([x.embedding for x in members])
-            centroids.append(_unit(np.average(stacked, axis=0, weights=weights)))
-        for x in items:
-            if x.cluster < 0 and centroids:
-                # Join the nearest cluster that has no other speaker of the same window.
-                taken = {y.cluster for y in items if y.window == x.window and y.index != x.index}
-                scores = [
-                    (float(centroid @ x.embedding), c)
-                    for c, centroid in enumerate(centroids)
-                    if c not in taken
-                ]
-                if scores:
-                    x.cluster = max(scores)[1]
+        centroids = cluster(pieces, self.threshold, self.max_speakers)
+        return self._reconstruct(audio.size, heard, pieces, centroids, changes)
 
     def _reconstruct(
-        self, samples: int, windows: list[tuple[int, npt.NDArray[np.int8]]], items: list[_Piece]
+        self,
+        samples: int,
+        windows: list[tuple[int, npt.NDArray[np.int8]]],
+        items: list[Piece],
+        centroids: Float32Array,
+        changes: ChangeFinder | None,
     ) -> Diarization:
         """Frame-level speakers from the windows' votes; then turns and local speakers."""
         total = n_frames(samples)
@@ -378,25 +348,18 @@ class Diarizer:
         score = np.zeros((n_clusters, total))
         count = np.zeros(total)
         cover = np.zeros(total)
-        for w, (first, activity) in enumerate(windows):
-            span = slice(first, first + activity.shape[0])
+        for w, (first, voiced) in enumerate(windows):
+            span = slice(first, first + voiced.shape[0])
             cover[span] += 1
-            count[span] += activity.sum(axis=1)
-            for k in range(activity.shape[1]):
+            count[span] += voiced.sum(axis=1)
+            for k in range(voiced.shape[1]):
                 mine = [x for x in items if x.window == w and x.index == k and x.cluster >= 0]
                 if not mine:
                     continue
-                # Frames of this local speaker outside its embedded runs (short runs,
-                # overlap) go to the cluster that got most of its speech.
-                weight: dict[int, float] = {}
-                for x in mine:
-                    weight[x.cluster] = weight.get(x.cluster, 0.0) + x.speech_s
-                rest = max(weight, key=weight.__getitem__)
-                column = np.full(activity.shape[0], rest)
-                for x in mine:
-                    for a, b in x.runs:
-                        column[a:b] = x.cluster
-                on = np.flatnonzero(activity[:, k])
+                taken = {x.cluster for x in items if x.window == w and x.index != k}
+                allowed = np.array([c not in taken for c in range(n_clusters)])
+                column = _column(voiced.shape[0], first, mine, centroids, allowed, changes)
+                on = np.flatnonzero(voiced[:, k])
                 score[column[on], first + on] += 1
         cover = np.maximum(cover, 1)
         # Half up: where one of two windows hears someone, count them (np.rint would round
@@ -421,6 +384,38 @@ class Diarizer:
             speech_s = sum(b - a for a, b in spans) / SAMPLE_RATE_HZ
             speakers.append(LocalSpeaker(label, speech_s, spans))
         return Diarization(_turns(masks, samples), tuple(speakers))
+
+
+def _column(
+    frames: int,
+    first: int,
+    mine: list[Piece],
+    centroids: Float32Array,
+    allowed: npt.NDArray[np.bool_],
+    changes: ChangeFinder | None,
+) -> npt.NDArray[np.int64]:
+    """The cluster of each frame of one window-local speaker (the window starts at global
+    frame `first`): its pieces' clusters over their runs, long runs relabelled where their
+    sub-windows sound like another cluster (clustering.relabel)."""
+    # Frames outside its embedded runs (short runs, overlap) go to the cluster that got
+    # most of its speech.
+    weight: dict[int, float] = {}
+    for x in mine:
+        weight[x.cluster] = weight.get(x.cluster, 0.0) + x.speech_s
+    column = np.full(frames, max(weight, key=weight.__getitem__), dtype=np.int64)
+    for x in mine:
+        for a, b in x.runs:
+            column[a:b] = x.cluster
+            if changes is None or not x.core or (b - a) < _MIN_RELABEL_FRAMES:
+                continue
+            start, end = ((first + f) * FRAME_STEP_SAMPLES for f in (a, b))
+            centres, sub_windows = changes.sub_windows(start, end)
+            frame_centres = np.arange(first + a, first + b) * FRAME_STEP_SAMPLES
+            frame_centres += _FRAME_CENTRE_SAMPLES
+            column[a:b] = relabel(
+                frame_centres, x.cluster, allowed, centres, sub_windows, centroids
+            )
+    return column
 
 
 def _turns(masks: dict[str, Mask], samples: int) -> tuple[Turn, ...]:

@@ -15,7 +15,8 @@ import sqlite3
 
 from .config_sections import MqttSettings
 from .messages import Event, SegmentPayload, SpeakerEvent, SpeechEvent, TranscriptEvent, enqueue
-from .recordings import Recording, speaker_payload
+from .recording_views import speaker_payload
+from .recordings import Recording
 from .speakers import SegmentSpeaker
 from .worker import TranscribedRecording
 

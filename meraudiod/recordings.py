@@ -12,20 +12,20 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import soundfile
 from ulid import ULID
 
 from . import jobs
-from .audio import SAMPLE_RATE_HZ, Int16Array, rms_dbfs
+from .audio import SAMPLE_RATE_HZ, Int16Array, Loudness, rms_dbfs
 from .db import Transaction, now
 
 _LOGGER = logging.getLogger(__name__)
@@ -52,6 +52,31 @@ class Recording:
     rms_dbfs: float
     closed_at: float
 
+    @classmethod
+    def new(
+        cls,
+        rec_id: str,
+        source: str,
+        started_at: float,
+        start_s: float,
+        duration_s: float,
+        audio_path: Path | None,
+        loudness_dbfs: float,
+    ) -> Recording:
+        """A recording closed now."""
+        return cls(
+            id=rec_id,
+            source=source,
+            started_at=started_at,
+            ended_at=started_at + duration_s,
+            start_s=start_s,
+            end_s=start_s + duration_s,
+            duration_s=duration_s,
+            audio_path=audio_path,
+            rms_dbfs=loudness_dbfs,
+            closed_at=now(),
+        )
+
 
 def audio_file(audio_dir: Path, stored: str) -> Path:
     """The file a stored audio path names (relative to the audio directory; a path stored
@@ -61,22 +86,37 @@ def audio_file(audio_dir: Path, stored: str) -> Path:
 
 def write_audio_atomically(path: Path, samples: Int16Array, audio_format: str) -> None:
     """Temp file (named with our pid) in the same directory, fsync, rename, fsync the directory."""
+    with atomic_audio_file(path, audio_format) as out:
+        out.write(samples)
+
+
+@contextmanager
+def atomic_audio_file(path: Path, audio_format: str) -> Iterator[soundfile.SoundFile]:
+    """A 16 kHz mono file to write a block at a time: a temp file (named with our pid) in the
+    same directory, fsynced and renamed to `path` when the block ends (the directory fsynced
+    too), removed if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}{_TMP_SUFFIX}")
     # FLAC at its highest level: 2 % smaller than the default for 2.4x the encoding time,
     # which is 0.7 ms per second of speech here (bytes on the card are what wears it).
     level = {"compression_level": _FLAC_LEVEL} if audio_format.lower() == "flac" else {}
-    with open(tmp, "wb") as handle:
-        soundfile.write(
-            handle,
-            samples,
-            SAMPLE_RATE_HZ,
-            format=audio_format.upper(),
-            subtype="PCM_16",
-            **level,
-        )
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, "wb") as handle:
+            with soundfile.SoundFile(
+                handle,
+                "w",
+                SAMPLE_RATE_HZ,
+                1,
+                "PCM_16",
+                format=audio_format.upper(),
+                **level,
+            ) as out:
+                yield out
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -153,23 +193,49 @@ class RecordingStore:
         duration_s = samples.size / SAMPLE_RATE_HZ
         path: Path | None = None
         if memory is None:
-            path = self.audio_dir / Path(*_day_parts(started_at)) / f"{rec_id}.{self.audio_format}"
+            path = self._path(rec_id, started_at)
             write_audio_atomically(path, samples, self.audio_format)
         elif not memory.put(rec_id, samples):
             _LOGGER.error("disk full and memory full: recording of %.1f s dropped", duration_s)
             return None
-        recording = Recording(
-            id=rec_id,
-            source=source,
-            started_at=started_at,
-            ended_at=started_at + duration_s,
-            start_s=start_s,
-            end_s=start_s + duration_s,
-            duration_s=duration_s,
-            audio_path=path,
-            rms_dbfs=rms_dbfs(samples),
-            closed_at=now(),
+        recording = Recording.new(
+            rec_id, source, started_at, start_s, duration_s, path, rms_dbfs(samples)
         )
+        try:
+            return self._register(recording, transcribe, in_transaction)
+        except BaseException:
+            if memory is not None:
+                memory.pop(rec_id)
+            raise
+
+    def save_blocks(
+        self, blocks: Iterable[Int16Array], source: str, started_at: float, transcribe: bool
+    ) -> Recording:
+        """Store a recording that comes a block at a time (an upload), each block written as
+        it comes: never held whole. If the blocks raise, nothing is stored."""
+        rec_id = str(ULID())
+        path = self._path(rec_id, started_at)
+        loudness = Loudness()
+        with atomic_audio_file(path, self.audio_format) as out:
+            for block in blocks:
+                out.write(block)
+                loudness.add(block)
+        duration_s = loudness.samples / SAMPLE_RATE_HZ
+        recording = Recording.new(rec_id, source, started_at, 0.0, duration_s, path, loudness.dbfs)
+        return self._register(recording, transcribe, None)
+
+    def _path(self, rec_id: str, started_at: float) -> Path:
+        return self.audio_dir / Path(*_day_parts(started_at)) / f"{rec_id}.{self.audio_format}"
+
+    def _register(
+        self,
+        recording: Recording,
+        transcribe: bool,
+        in_transaction: Callable[[sqlite3.Connection, Recording], None] | None,
+    ) -> Recording:
+        """The recording's row and job, in one transaction; its audio file is removed if
+        that fails."""
+        path = recording.audio_path
         try:
             with Transaction(self.conn):
                 self.conn.execute(
@@ -177,13 +243,13 @@ class RecordingStore:
                     " duration_s, audio_path, rms_dbfs, closed_at, status)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        rec_id,
-                        source,
+                        recording.id,
+                        recording.source,
                         recording.started_at,
                         recording.ended_at,
-                        start_s,
+                        recording.start_s,
                         recording.end_s,
-                        duration_s,
+                        recording.duration_s,
                         path.relative_to(self.audio_dir).as_posix() if path else None,
                         recording.rms_dbfs,
                         recording.closed_at,
@@ -191,21 +257,19 @@ class RecordingStore:
                     ),
                 )
                 if transcribe:
-                    jobs.enqueue(self.conn, rec_id, origin=self.job_origin)
+                    jobs.enqueue(self.conn, recording.id, origin=self.job_origin)
                 if in_transaction is not None:
                     in_transaction(self.conn, recording)
         except BaseException:
             if path is not None:
                 path.unlink(missing_ok=True)
-            elif memory is not None:
-                memory.pop(rec_id)
             raise
         _LOGGER.info(
             "recording %s: %.2f s from %s at %.2f s, %.1f dBFS",
-            rec_id,
-            duration_s,
-            source,
-            start_s,
+            recording.id,
+            recording.duration_s,
+            recording.source,
+            recording.start_s,
             recording.rms_dbfs,
         )
         return recording
@@ -317,145 +381,3 @@ def forget_deleted_text(conn: sqlite3.Connection) -> None:
     """
     conn.execute("INSERT INTO segments_fts(segments_fts) VALUES ('optimize')")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-
-def export_recording(
-    conn: sqlite3.Connection, audio_dir: Path, rec_id: str, out_dir: Path
-) -> list[Path]:
-    """Copy the audio and write the recording with its segments as JSON into out_dir."""
-    import json
-
-    data = recording_details(conn, audio_dir, rec_id)
-    if data is None:
-        raise KeyError(rec_id)
-    rec_id = data["id"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    if data["audio_path"] and Path(data["audio_path"]).is_file():
-        audio_out = out_dir / Path(data["audio_path"]).name
-        shutil.copyfile(data["audio_path"], audio_out)
-        written.append(audio_out)
-    json_out = out_dir / f"{rec_id}.json"
-    json_out.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    written.append(json_out)
-    return written
-
-
-def speaker_payload(
-    label: str | None, speaker_id: str | None, name: str | None, score: float | None, known: bool
-) -> dict[str, Any] | None:
-    """A segment's speaker as JSON shows it, the same in the CLI, over MQTT and HTTP: the
-    local label ("S1") whenever the recording was analysed; the profile's id, name and score
-    when the voice has one, with `provisional` true for a voice grouped automatically
-    (`unknown-N`, what Home Assistant's Last speaker shows too); id, name and score null when
-    it has none; None when speaker analysis did not run."""
-    if label is None and speaker_id is None:
-        return None
-    if speaker_id is None:
-        name = score = None
-    return {
-        "label": label,
-        "id": speaker_id,
-        "name": name,
-        "score": score,
-        "provisional": speaker_id is not None and not known,
-    }
-
-
-def recording_details(
-    conn: sqlite3.Connection, audio_dir: Path, rec_id: str
-) -> dict[str, Any] | None:
-    """The recording row (its audio as a full path) with its segments (times relative to the
-    recording); its `state` is what `recordings list` calls it (`running` while a worker has
-    its job)."""
-    import json
-
-    row = conn.execute(
-        "SELECT r.*, CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.recording_id = r.id"
-        " AND j.state = 'running') THEN 'running' ELSE r.status END AS state"
-        " FROM recordings r WHERE r.id=?",
-        (normalise_id(rec_id),),
-    ).fetchone()
-    if row is None:
-        return None
-    data = dict(zip(row.keys(), tuple(row), strict=True))
-    del data["status"]  # one name for it everywhere: `state`
-    if data["audio_path"]:
-        data["audio_path"] = str(audio_file(audio_dir, data["audio_path"]))
-    data["segments"] = [
-        {
-            "start_s": s["start_s"],
-            "end_s": s["end_s"],
-            "text": s["text"],
-            "avg_logprob": s["avg_logprob"],
-            "no_speech_prob": s["no_speech_prob"],
-            "compression_ratio": s["compression_ratio"],
-            "suspect": s["suspect"],
-            "words": json.loads(s["words"]) if s["words"] else [],
-            "speaker": speaker_payload(
-                s["speaker_label"],
-                s["speaker_id"],
-                s["p_name"],
-                s["speaker_score"],
-                bool(s["speaker_id"] and s["p_name"] and not s["p_provisional"]),
-            ),
-            "speaker_label": s["speaker_label"],  # the local speaker inside the recording
-            "speaker_score": s["speaker_score"],  # best score, kept for unknown voices too
-        }
-        for s in conn.execute(
-            "SELECT s.*, p.name AS p_name, p.provisional AS p_provisional FROM segments s"
-            " LEFT JOIN speakers p ON p.id = s.speaker_id WHERE s.recording_id=? ORDER BY s.idx",
-            (data["id"],),
-        )
-    ]
-    # Who the local speakers were matched to, with score and margin over the runner-up.
-    data["speakers"] = [
-        dict(zip(m.keys(), tuple(m), strict=True))
-        for m in conn.execute(
-            "SELECT m.label, m.speaker_id, p.name, p.provisional, m.score, m.margin, m.speech_s"
-            " FROM speaker_mappings m LEFT JOIN speakers p ON p.id = m.speaker_id"
-            " WHERE m.recording_id=? ORDER BY m.label",
-            (data["id"],),
-        )
-    ]
-    return data
-
-
-def analysis_record(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> dict[str, Any]:
-    """One recording as `analyze --json` prints it (segment times are offsets into the file),
-    with every voice analysed in it, even one whose words Whisper distrusted."""
-    data = recording_details(conn, audio_dir, rec_id) or {}
-    offset = data.get("start_s", 0.0)
-    return {
-        "id": data.get("id", rec_id),
-        "start_s": round(data.get("start_s", 0.0), 3),
-        "end_s": round(data.get("end_s", 0.0), 3),
-        "text": data.get("text"),
-        "state": data.get("state"),
-        "segments": [
-            {
-                "start_s": round(offset + s["start_s"], 3),
-                "end_s": round(offset + s["end_s"], 3),
-                "text": s["text"],
-                "suspect": s["suspect"],
-                "speaker": s["speaker"],
-            }
-            for s in data.get("segments", [])
-        ],
-        "speakers": [
-            {
-                **(
-                    speaker_payload(
-                        m["label"],
-                        m["speaker_id"],
-                        m["name"],
-                        m["score"],
-                        bool(m["speaker_id"] and m["name"] and not m["provisional"]),
-                    )
-                    or {}
-                ),
-                "speech_s": round(m["speech_s"], 2),
-            }
-            for m in data.get("speakers", [])
-        ],
-    }

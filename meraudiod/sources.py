@@ -95,6 +95,15 @@ def demo_path() -> Path:
     return Path(str(resources.files("meraudiod") / "assets" / "demo.flac"))
 
 
+def _not_a_file(path: Path) -> str:
+    """Why a path given as an audio file cannot be read as one."""
+    if path.is_dir():
+        return "is a directory, not an audio file"
+    if path.exists():  # a FIFO, a device: reading it could block or never end
+        return "is not a regular file (a pipe or a device); give an audio file"
+    return "audio file not found"
+
+
 class FileSource:
     """Replays a file of any common format, as fast as possible or at real time."""
 
@@ -114,7 +123,7 @@ class FileSource:
     def start(self) -> None:
         """Open the file and decode its first block, so a bad file fails here."""
         if not self.path.is_file():
-            raise SourceError(f"audio file not found: {self.path}")
+            raise SourceError(f"{self.path}: {_not_a_file(self.path)}")
         self._blocks = iter_file_pcm(self.path)
         self._fill()
         self._t0 = time.monotonic()

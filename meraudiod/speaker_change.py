@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from .audio import SAMPLE_RATE_HZ, Float32Array
 
@@ -60,14 +61,23 @@ class ChangeFinder:
             self._cache[index] = _unit(vector)
         return self._cache[index]
 
+    def sub_windows(self, start: int, end: int) -> tuple[npt.NDArray[np.int64], Float32Array]:
+        """Centre samples and unit embeddings [n, dim] of the grid's sub-windows inside the
+        samples [start, end): the ones the change detection embedded (at no extra cost)."""
+        indices = _grid(start, end)
+        if not indices:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 1), dtype=np.float32)
+        centres = np.array([i * _HOP_SAMPLES + _SUB_WINDOW_SAMPLES // 2 for i in indices])
+        return centres, np.stack([self._sub_window(i) for i in indices])
+
     def similarities(self, start: int, end: int) -> list[tuple[int, float]]:
         """(sample, cosine between the voice before and after it) at each grid point inside
         the samples [start, end) with a whole sub-window of the stretch on both sides.
 
         Each side is the mean of the sub-windows within CONTEXT_S of the point (inside the
         stretch): steadier than one sub-window each, at no extra embedding."""
-        first = math.ceil(start / _HOP_SAMPLES)  # first sub-window inside the stretch
-        last = (end - _SUB_WINDOW_SAMPLES) // _HOP_SAMPLES  # last sub-window that fits
+        grid = _grid(start, end)
+        first, last = grid.start, grid.stop - 1
         out = []
         for point in range(first + _SPAN_HOPS, last + 1):
             before = range(max(first, point - _CONTEXT_HOPS), point - _SPAN_HOPS + 1)
@@ -82,6 +92,11 @@ class ChangeFinder:
         if end - start < 2 * _SUB_WINDOW_SAMPLES:
             return []
         return pick_changes(self.similarities(start, end), self.threshold)
+
+
+def _grid(start: int, end: int) -> range:
+    """Grid indices of the sub-windows that fit inside the samples [start, end)."""
+    return range(math.ceil(start / _HOP_SAMPLES), (end - _SUB_WINDOW_SAMPLES) // _HOP_SAMPLES + 1)
 
 
 def _unit(vector: Float32Array) -> Float32Array:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -159,6 +160,32 @@ def db_rows(env: dict[str, str], sql: str) -> list[sqlite3.Row]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+def sigkill_when(
+    env: dict[str, str], args: Sequence[str], count_sql: str, what: str, timeout_s: float = 120
+) -> None:
+    """Start `meraudiod ARGS` as a real process and SIGKILL it as soon as `count_sql` (its
+    `{pid}` the process's pid) counts a row in the `env` fixture's database; fail naming
+    `what` if that never happens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def counted() -> bool:
+        try:
+            return bool(db_rows(env, count_sql.format(pid=proc.pid))[0][0])
+        except sqlite3.OperationalError:
+            return False  # no database (or table) yet
+
+    try:
+        wait_for(counted, timeout_s, what, poll_s=0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no chance to finish or to clean up
+        proc.wait(timeout=10)
 
 
 def stored_audio(env: dict[str, str], stored: str) -> Path:

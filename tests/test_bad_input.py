@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import struct
 import subprocess
@@ -95,6 +96,34 @@ def test_files_with_no_real_audio_are_errors_naming_them(
     if name == "one_hz.wav":
         assert "1 Hz" in analyzed.stderr
     assert db_rows(env, "SELECT id FROM recordings") == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "said"),
+    [
+        ("missing", "audio file not found"),
+        ("directory", "is a directory"),
+        ("fifo", "is not a regular file"),
+        ("device", "is not a regular file"),
+    ],
+)
+def test_a_path_that_is_not_an_audio_file_says_what_it_is(
+    env: dict[str, str], tmp_path: Path, kind: str, said: str
+) -> None:
+    """A directory, a pipe (reading it would block) or /dev/zero (it never ends) given as the
+    file: one line saying what the path is, before anything is read from it."""
+    path = {
+        "missing": tmp_path / "absent.flac",
+        "directory": tmp_path,
+        "device": Path("/dev/zero"),
+    }.get(kind, tmp_path / "pipe")
+    if kind == "fifo":
+        os.mkfifo(path)
+    for args in (["analyze", str(path)], ["run", "--source", f"file:{path}"]):
+        result = cli(*args, env=env)
+        assert result.returncode == 1, result.stderr
+        assert said in result.stderr and str(path) in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def wav_bytes(samples: np.ndarray, rate_hz: int) -> bytes:

@@ -26,7 +26,7 @@ from meraudiod.retention import purge
 from meraudiod.sources import FileSource
 from meraudiod.vad import SileroVad
 
-from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, db_rows
+from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, db_rows, sigkill_when, wait_for
 
 SPEECH = decode_file(TEST_DATA / "librivox_0880.wav")
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real start-up of the daemon
@@ -320,40 +320,25 @@ def test_the_daemon_takes_over_the_recordings_of_a_killed_analyze(env: dict[str,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    analyze = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "analyze", str(DEMO)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    query = f"SELECT COUNT(*) AS n FROM jobs WHERE origin LIKE '%:{analyze.pid}'"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if db_rows(env, query)[0]["n"]:
-                    break
-            except sqlite3.OperationalError:
-                pass  # not created yet
-            time.sleep(0.01)
-        else:
-            raise AssertionError("analyze never queued a job")
-        analyze.kill()  # SIGKILL half way through the file
-        analyze.wait(timeout=10)
+        sigkill_when(  # half way through the file
+            env,
+            ["analyze", str(DEMO)],
+            "SELECT COUNT(*) FROM jobs WHERE origin LIKE '%:{pid}'",
+            "analyze to queue a job",
+        )
         left = db_rows(env, "SELECT id FROM recordings")
         assert left
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            done = db_rows(env, "SELECT COUNT(*) AS n FROM recordings WHERE status='done'")
-            if done[0]["n"] == len(left):
-                break
-            time.sleep(1)
-        else:
-            raise AssertionError("the daemon never transcribed what analyze left")
+        done = "SELECT COUNT(*) AS n FROM recordings WHERE status='done'"
+        wait_for(
+            lambda: db_rows(env, done)[0]["n"] == len(left),
+            120,
+            "the daemon to transcribe what analyze left",
+            poll_s=1,
+        )
         owners = db_rows(env, "SELECT DISTINCT owner FROM jobs")
         assert any(r["owner"].endswith(f":{daemon.pid}") for r in owners)
     finally:
-        analyze.kill()
         assert daemon.stdin is not None
         daemon.stdin.close()
         daemon.wait(timeout=60)

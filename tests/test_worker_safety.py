@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,7 +28,7 @@ from meraudiod.retention import disk_free_mb, disk_low
 from meraudiod.sources import FileSource
 from meraudiod.worker import TranscribedRecording, Worker
 
-from .conftest import DEMO, TEST_DATA, cli, db_rows, stored_audio, wait_for
+from .conftest import DEMO, TEST_DATA, cli, db_rows, sigkill_when, stored_audio, wait_for
 
 SPEECH = decode_file(TEST_DATA / "librivox_0880.wav")
 SHORT = TEST_DATA / "ls_103_0000.flac"
@@ -118,31 +115,13 @@ def test_crashes_do_not_use_up_the_attempts_of_a_genuine_failure(settings: Setti
 
 def _kill_while_running(env: dict[str, str], source: Path) -> None:
     """Start a real daemon and SIGKILL it while it transcribes a recording."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{source}"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    sigkill_when(
+        env,
+        ["run", "--source", f"file:{source}"],
+        # this process's claim, not a stale one
+        "SELECT COUNT(*) FROM jobs WHERE state='running' AND owner LIKE '%:{pid}'",
+        "a job running",
     )
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            try:
-                rows = db_rows(
-                    env,
-                    "SELECT COUNT(*) AS n FROM jobs WHERE state='running'"
-                    f" AND owner LIKE '%:{proc.pid}'",  # this process's claim, not a stale one
-                )
-            except sqlite3.OperationalError:
-                rows = []  # not created yet
-            if rows and rows[0]["n"]:
-                break
-            time.sleep(0.01)
-        else:
-            raise AssertionError("no job was ever running")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 def test_a_recording_that_keeps_killing_the_process_is_given_up(env: dict[str, str]) -> None:

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from meraudiod.audio import SAMPLE_RATE_HZ, decode_file
@@ -24,6 +26,7 @@ from .conftest import (
     status_json,
     wait_for,
 )
+from .wyoming_server import WyomingServer
 
 NODE = "wyo"
 
@@ -183,18 +186,31 @@ def test_server_down_at_start_keeps_a_backlog_that_drains_when_it_comes(
     assert server.requests_in() >= len(DEMO_TRUTH)
 
 
-def test_hung_server_hits_the_deadline_and_the_daemon_stays_responsive(
-    env: dict[str, str], start_wyoming: StartWyoming
-) -> None:
+@contextmanager
+def hung_server_daemon(
+    env: dict[str, str], start_wyoming: StartWyoming, **extra: str
+) -> Iterator[tuple[WyomingServer, dict[str, str], subprocess.Popen[bytes]]]:
+    """A daemon on one server that stops answering (SIGSTOP: connections are accepted,
+    nothing is answered) once it is up, then given the demo's speech on stdin; yields the
+    server, the daemon's environment and the daemon, which is killed at the end."""
     server = start_wyoming()
-    run_env = wyoming_env(env, [server.uri])
+    run_env = wyoming_env(env, [server.uri], **extra)
     proc = run_daemon(run_env)
     assert proc.stdin is not None
     try:
         wait_for(lambda: status(run_env)["models"]["asr_server"] == server.uri, 120, "server up")
-        server.pause()  # SIGSTOP: connections are accepted, nothing is answered
+        server.pause()
         proc.stdin.write(decode_file(DEMO).astype("<i2").tobytes())
         proc.stdin.flush()
+        yield server, run_env, proc
+    finally:
+        proc.kill()
+
+
+def test_hung_server_hits_the_deadline_and_the_daemon_stays_responsive(
+    env: dict[str, str], start_wyoming: StartWyoming
+) -> None:
+    with hung_server_daemon(env, start_wyoming) as (server, run_env, proc):
         rows = lambda: db_rows(run_env, "SELECT error FROM jobs WHERE error IS NOT NULL")  # noqa: E731
         wait_for(lambda: any("no answer in" in r["error"] for r in rows()), 120, "the deadline")
         # The main loop goes on writing its heartbeat, which shows the server down.
@@ -205,8 +221,6 @@ def test_hung_server_hits_the_deadline_and_the_daemon_stays_responsive(
         server.resume()
         _, stderr = proc.communicate(timeout=240)  # closes stdin: the input has ended
         assert proc.returncode == 0, stderr.decode()
-    finally:
-        proc.kill()
     done = recordings(run_env)
     assert len(done) == len(DEMO_TRUTH) and all(r["status"] == "done" for r in done)
 
@@ -216,15 +230,8 @@ def test_stop_abandons_a_request_to_a_hung_server(
 ) -> None:
     """SIGTERM while the worker waits on a stopped server: the daemon exits long before the
     request's deadline, and the job is left pending for the next start."""
-    server = start_wyoming()
-    run_env = wyoming_env(env, [server.uri], MERAUDIOD_ASR__WYOMING__DEADLINE_BASE_S="120")
-    proc = run_daemon(run_env)
-    assert proc.stdin is not None
-    try:
-        wait_for(lambda: status(run_env)["models"]["asr_server"] == server.uri, 120, "server up")
-        server.pause()
-        proc.stdin.write(decode_file(DEMO).astype("<i2").tobytes())
-        proc.stdin.flush()
+    slow = {"MERAUDIOD_ASR__WYOMING__DEADLINE_BASE_S": "120"}
+    with hung_server_daemon(env, start_wyoming, **slow) as (_, run_env, proc):
         running = "SELECT id FROM jobs WHERE state='running'"
         wait_for(lambda: db_rows(run_env, running), 120, "a request in flight")
         time.sleep(1.0)  # well inside the request, far from its 120 s deadline
@@ -232,8 +239,6 @@ def test_stop_abandons_a_request_to_a_hung_server(
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
         assert time.monotonic() - asked_at < 30 and proc.returncode == 0
-    finally:
-        proc.kill()
     states = {r["state"] for r in db_rows(run_env, "SELECT state FROM jobs")}
     assert states == {"pending"}  # nothing lost, nothing half done
 

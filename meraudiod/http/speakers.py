@@ -3,20 +3,23 @@ body is the schema of the command it runs."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from ..audio import SAMPLE_RATE_HZ
 from ..speaker_commands import EnrollArgs, MergeArgs, OptOutArgs, RenameArgs
 from .common import ApiError, HttpContext, run_command
+from .receive import BINARY, ReceivedForm, openapi_form, received_form
 from .recordings import context
 from .uploads import upload_blocks
 
 router = APIRouter(prefix="/api/v1/persistent-speakers", tags=["speakers"])
+_MAX_CLIPS: Final = 20  # clips of one enrolment; more are not read
+_FLAG: Final = TypeAdapter(bool)  # a form's true/false, on/off, 1/0, yes/no
 
 
 @router.get("")
@@ -31,35 +34,49 @@ def enroll(args: EnrollArgs, ctx: HttpContext = Depends(context)) -> Any:
     return run_command(ctx, "speakers/enroll", args.model_dump())
 
 
-@router.post("/upload", status_code=201)
-def enroll_upload(
-    name: str = Form(..., min_length=1, max_length=100),
-    files: list[UploadFile] = File(..., description="Clips of this person speaking"),
-    do_not_keep: bool = Form(False),
-    ctx: HttpContext = Depends(context),
-) -> Any:
+_CLIPS_FORM: Final = openapi_form(
+    {
+        "name": {"type": "string", "minLength": 1, "maxLength": 100},
+        "files": {
+            "type": "array",
+            "items": {**BINARY, "description": "Clips of this person speaking"},
+        },
+        "do_not_keep": {"type": "boolean", "default": False},
+    },
+    ["name", "files"],
+)
+
+
+@router.post("/upload", status_code=201, openapi_extra=_CLIPS_FORM)
+async def enroll_upload(request: Request, ctx: HttpContext = Depends(context)) -> Any:
     """Enrol a person from uploaded clips (any common audio format)."""
     uploads = ctx.settings.storage.data_dir / "uploads"
-    uploads.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=uploads) as tmp:
-        paths: list[str] = []
-        names = [upload.filename or f"clip {i + 1}" for i, upload in enumerate(files[:20])]
-        heard_s = 0.0  # the clips together are held to the upload's audio limit
-        for i, upload in enumerate(files[:20]):
-            clip = Path(tmp) / f"clip{i}{Path(upload.filename or '').suffix[:8]}"
-            with clip.open("wb") as out:
-                shutil.copyfileobj(upload.file, out)
-            limit_s = ctx.settings.http.max_upload_audio_s
-            for block in upload_blocks(clip, names[i], limit_s, heard_s):  # counted, not kept
-                heard_s += block.size / SAMPLE_RATE_HZ
-            paths.append(str(clip))
-        args = {"name": name, "recording_ids": paths, "do_not_keep": do_not_keep}
-        try:
-            data = run_command(ctx, "speakers/enroll", args, uploaded=tuple(paths))
-        except ApiError as exc:  # the client's names, not our temporary paths
-            for tmp_path, client_name in zip(paths, names, strict=True):
-                exc.message = exc.message.replace(tmp_path, client_name)
-            raise
+    async with received_form(request, uploads, "files", max_files=_MAX_CLIPS) as form:
+        return await run_in_threadpool(_enroll_clips, ctx, form)
+
+
+def _enroll_clips(ctx: HttpContext, form: ReceivedForm) -> Any:
+    name = form.fields.get("name", "")
+    if not 1 <= len(name) <= 100:
+        raise ApiError(422, "invalid_request", "body.name: from 1 to 100 characters")
+    try:
+        do_not_keep = _FLAG.validate_python(form.fields.get("do_not_keep", "false"))
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", "body.do_not_keep: a boolean") from exc
+    paths = [str(clip.path) for clip in form.files]
+    names = [clip.name or f"clip {i + 1}" for i, clip in enumerate(form.files)]
+    heard_s = 0.0  # the clips together are held to the upload's audio limit
+    limit_s = ctx.settings.http.max_upload_audio_s
+    for path, client_name in zip(paths, names, strict=True):
+        for block in upload_blocks(Path(path), client_name, limit_s, heard_s):  # counted only
+            heard_s += block.size / SAMPLE_RATE_HZ
+    args = {"name": name, "recording_ids": paths, "do_not_keep": do_not_keep}
+    try:
+        data = run_command(ctx, "speakers/enroll", args, uploaded=tuple(paths))
+    except ApiError as exc:  # the client's names, not our temporary paths
+        for tmp_path, client_name in zip(paths, names, strict=True):
+            exc.message = exc.message.replace(tmp_path, client_name)
+        raise
     for source, client_name in zip(data["sources"], names, strict=True):
         source["source"] = client_name
     return data

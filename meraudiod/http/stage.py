@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
 from pathlib import Path
 from typing import Any, Final
@@ -104,12 +103,8 @@ class HttpStage(StageThread):
 
 
 def _clear_uploads(folder: Path) -> None:
-    """Uploads being received when the process died (every file in this folder is ours and
-    temporary: a finished upload is a recording in the audio directory)."""
-    if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
+    """Uploads being received when the process died: only the `.part` files this stage
+    writes there (a finished upload is a recording in the audio directory)."""
+    for entry in folder.glob("*.part"):
+        if entry.is_file():
             entry.unlink(missing_ok=True)

@@ -7,32 +7,36 @@ restart loses none, and its id is the recording's.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-import numpy as np
-from fastapi import APIRouter, Depends, File, UploadFile
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from ..audio import SAMPLE_RATE_HZ, AudioDecodeError, Int16Array, iter_file_pcm
 from ..db import now
-from ..recordings import RecordingStore, analysis_record
+from ..recording_views import analysis_record
+from ..recordings import RecordingStore
 from .common import ApiError, HttpContext, check_id, run_command
+from .receive import BINARY, ReceivedFile, openapi_form, received_form
 from .recordings import context
 
 _LOGGER = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1")
 _TASK_STATES: Final = {"pending": "pending", "running": "running", "done": "completed"}
 _SWITCH_WAIT_S: Final = 10.0
+FIELD: Final = "file"  # the form field that carries an upload
+_Route = TypeVar("_Route", bound=Callable[..., Awaitable[dict[str, Any]]])
 
 
 def upload_blocks(
     path: Path, name: str, limit_s: float, before_s: float = 0.0
-) -> Iterator[Int16Array]:
+) -> Generator[Int16Array, None, None]:
     """An uploaded file's audio, a block at a time (the format is judged by decoding it, not
     by its name): 415 when it is not audio, 413 as soon as it (after `before_s` of earlier
     clips of the same request) passes `limit_s`, so nothing beyond the limit is decoded."""
@@ -55,51 +59,49 @@ def upload_blocks(
         ) from exc
 
 
-def store_upload(ctx: HttpContext, upload: UploadFile, kind: str) -> str:
-    """Decode an uploaded file and store it as a recording with a transcription job; returns
-    the recording id."""
-    name = Path(upload.filename or "upload").name[:100] or "upload"
-    uploads = ctx.settings.storage.data_dir / "uploads"
-    uploads.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=uploads, suffix=".part") as tmp:
-        shutil.copyfileobj(upload.file, tmp)
-        tmp.flush()
-        blocks = list(upload_blocks(Path(tmp.name), name, ctx.settings.http.max_upload_audio_s))
-    samples = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int16)
-    del blocks  # the one copy of the audio is `samples`
-    if samples.size == 0:
-        raise ApiError(422, "no_audio", f"{name}: the file holds no audio")
-    storage, recorder = ctx.settings.storage, ctx.settings.recorder
-    with ctx.connect() as conn:
-        recording = RecordingStore(conn, storage.audio_dir, recorder.audio_format).save(
-            samples,
-            source=f"{kind}:{name}",
-            start_s=0.0,
-            started_at=now(),
-            transcribe=ctx.settings.asr.enabled,
-        )
-    assert recording is not None  # written to disk, not to the memory of a full disk
+async def store_upload(request: Request, ctx: HttpContext, kind: str) -> str:
+    """Receive an uploaded file into the data directory, then store its audio, decoded and
+    written a block at a time, as a recording with a transcription job; returns its id."""
+    async with received_form(request, ctx.settings.storage.data_dir / "uploads", FIELD) as form:
+        return await run_in_threadpool(_store, ctx, form.files[0], kind)
+
+
+def _store(ctx: HttpContext, received: ReceivedFile, kind: str) -> str:
+    name = Path(received.name or "upload").name[:100] or "upload"
+    limit_s = ctx.settings.http.max_upload_audio_s
+    with contextlib.closing(upload_blocks(received.path, name, limit_s)) as blocks:
+        first = next(blocks, None)
+        if first is None:
+            raise ApiError(422, "no_audio", f"{name}: the file holds no audio")
+        storage, recorder = ctx.settings.storage, ctx.settings.recorder
+        with ctx.connect() as conn:
+            recording = RecordingStore(conn, storage.audio_dir, recorder.audio_format).save_blocks(
+                itertools.chain([first], blocks),
+                source=f"{kind}:{name}",
+                started_at=now(),
+                transcribe=ctx.settings.asr.enabled,
+            )
     ctx.wake_worker()
     return recording.id
 
 
-@router.post("/analysis/upload", status_code=202, tags=["analysis"])
-def analysis_upload(
-    file: UploadFile = File(..., description="Audio in any common format"),
-    ctx: HttpContext = Depends(context),
-) -> dict[str, Any]:
+def _upload_route(path: str, tag: str, description: str) -> Callable[[_Route], _Route]:
+    """POST `path`, answering 202, its form (one file) in the API's documentation."""
+    form = openapi_form({FIELD: {**BINARY, "description": description}}, [FIELD])
+    return router.post(path, status_code=202, tags=[tag], openapi_extra=form)
+
+
+@_upload_route("/analysis/upload", "analysis", "Audio in any common format")
+async def analysis_upload(request: Request, ctx: HttpContext = Depends(context)) -> dict[str, Any]:
     """Transcribe a file: poll `/api/v1/tasks/{task_id}` for the result."""
-    task_id = store_upload(ctx, file, "upload")
+    task_id = await store_upload(request, ctx, "upload")
     return {"task_id": task_id, "status": "pending", "status_url": f"/api/v1/tasks/{task_id}"}
 
 
-@router.post("/vad/upload_recording", status_code=202, tags=["listening"])
-def upload_recording(
-    file: UploadFile = File(..., description="A client's own recording of speech"),
-    ctx: HttpContext = Depends(context),
-) -> dict[str, Any]:
+@_upload_route("/vad/upload_recording", "listening", "A client's own recording of speech")
+async def upload_recording(request: Request, ctx: HttpContext = Depends(context)) -> dict[str, Any]:
     """A client's own recording into the queue, transcribed like the microphone's."""
-    rec_id = store_upload(ctx, file, "client")
+    rec_id = await store_upload(request, ctx, "client")
     return {"recording_id": rec_id, "task_id": rec_id, "status_url": f"/api/v1/tasks/{rec_id}"}
 
 

@@ -1,0 +1,150 @@
+"""What a stored recording looks like to whoever reads it: its details with segments and
+speakers (CLI, MQTT, HTTP), one `analyze --json` record, and an export to a folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from .recordings import audio_file, normalise_id
+
+
+def export_recording(
+    conn: sqlite3.Connection, audio_dir: Path, rec_id: str, out_dir: Path
+) -> list[Path]:
+    """Copy the audio and write the recording with its segments as JSON into out_dir."""
+    data = recording_details(conn, audio_dir, rec_id)
+    if data is None:
+        raise KeyError(rec_id)
+    rec_id = data["id"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if data["audio_path"] and Path(data["audio_path"]).is_file():
+        audio_out = out_dir / Path(data["audio_path"]).name
+        shutil.copyfile(data["audio_path"], audio_out)
+        written.append(audio_out)
+    json_out = out_dir / f"{rec_id}.json"
+    json_out.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    written.append(json_out)
+    return written
+
+
+def speaker_payload(
+    label: str | None, speaker_id: str | None, name: str | None, score: float | None, known: bool
+) -> dict[str, Any] | None:
+    """A segment's speaker as JSON shows it, the same in the CLI, over MQTT and HTTP: the
+    local label ("S1") whenever the recording was analysed; the profile's id, name and score
+    when the voice has one, with `provisional` true for a voice grouped automatically
+    (`unknown-N`, what Home Assistant's Last speaker shows too); id, name and score null when
+    it has none; None when speaker analysis did not run."""
+    if label is None and speaker_id is None:
+        return None
+    if speaker_id is None:
+        name = score = None
+    return {
+        "label": label,
+        "id": speaker_id,
+        "name": name,
+        "score": score,
+        "provisional": speaker_id is not None and not known,
+    }
+
+
+def recording_details(
+    conn: sqlite3.Connection, audio_dir: Path, rec_id: str
+) -> dict[str, Any] | None:
+    """The recording row (its audio as a full path) with its segments (times relative to the
+    recording); its `state` is what `recordings list` calls it (`running` while a worker has
+    its job)."""
+    row = conn.execute(
+        "SELECT r.*, CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.recording_id = r.id"
+        " AND j.state = 'running') THEN 'running' ELSE r.status END AS state"
+        " FROM recordings r WHERE r.id=?",
+        (normalise_id(rec_id),),
+    ).fetchone()
+    if row is None:
+        return None
+    data = dict(zip(row.keys(), tuple(row), strict=True))
+    del data["status"]  # one name for it everywhere: `state`
+    if data["audio_path"]:
+        data["audio_path"] = str(audio_file(audio_dir, data["audio_path"]))
+    data["segments"] = [
+        {
+            "start_s": s["start_s"],
+            "end_s": s["end_s"],
+            "text": s["text"],
+            "avg_logprob": s["avg_logprob"],
+            "no_speech_prob": s["no_speech_prob"],
+            "compression_ratio": s["compression_ratio"],
+            "suspect": s["suspect"],
+            "words": json.loads(s["words"]) if s["words"] else [],
+            "speaker": speaker_payload(
+                s["speaker_label"],
+                s["speaker_id"],
+                s["p_name"],
+                s["speaker_score"],
+                bool(s["speaker_id"] and s["p_name"] and not s["p_provisional"]),
+            ),
+            "speaker_label": s["speaker_label"],  # the local speaker inside the recording
+            "speaker_score": s["speaker_score"],  # best score, kept for unknown voices too
+        }
+        for s in conn.execute(
+            "SELECT s.*, p.name AS p_name, p.provisional AS p_provisional FROM segments s"
+            " LEFT JOIN speakers p ON p.id = s.speaker_id WHERE s.recording_id=? ORDER BY s.idx",
+            (data["id"],),
+        )
+    ]
+    # Who the local speakers were matched to, with score and margin over the runner-up.
+    data["speakers"] = [
+        dict(zip(m.keys(), tuple(m), strict=True))
+        for m in conn.execute(
+            "SELECT m.label, m.speaker_id, p.name, p.provisional, m.score, m.margin, m.speech_s"
+            " FROM speaker_mappings m LEFT JOIN speakers p ON p.id = m.speaker_id"
+            " WHERE m.recording_id=? ORDER BY m.label",
+            (data["id"],),
+        )
+    ]
+    return data
+
+
+def analysis_record(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> dict[str, Any]:
+    """One recording as `analyze --json` prints it (segment times are offsets into the file),
+    with every voice analysed in it, even one whose words Whisper distrusted."""
+    data = recording_details(conn, audio_dir, rec_id) or {}
+    offset = data.get("start_s", 0.0)
+    return {
+        "id": data.get("id", rec_id),
+        "start_s": round(data.get("start_s", 0.0), 3),
+        "end_s": round(data.get("end_s", 0.0), 3),
+        "text": data.get("text"),
+        "state": data.get("state"),
+        "segments": [
+            {
+                "start_s": round(offset + s["start_s"], 3),
+                "end_s": round(offset + s["end_s"], 3),
+                "text": s["text"],
+                "suspect": s["suspect"],
+                "speaker": s["speaker"],
+            }
+            for s in data.get("segments", [])
+        ],
+        "speakers": [
+            {
+                **(
+                    speaker_payload(
+                        m["label"],
+                        m["speaker_id"],
+                        m["name"],
+                        m["score"],
+                        bool(m["speaker_id"] and m["name"] and not m["provisional"]),
+                    )
+                    or {}
+                ),
+                "speech_s": round(m["speech_s"], 2),
+            }
+            for m in data.get("speakers", [])
+        ],
+    }
