@@ -111,14 +111,17 @@ def bench_listening(
         # Long enough to outlast loading the models and the window: the file must not end.
         seconds = int(_READY_TIMEOUT_S + _SETTLE_S + window_s + 60)
         soundfile.write(silence, np.zeros(seconds * SAMPLE_RATE_HZ, np.int16), SAMPLE_RATE_HZ)
-        daemons = [_start_daemon(settings, config_path, silence, scratch, run_dir)]
-        if mqtt is not None:
-            dirs = stack.enter_context(daemon_dirs(settings))
-            daemons.append(_start_daemon(settings, config_path, silence, *dirs, mqtt))
         model = [*_BARE_LOOP, str(models.vad_file(settings)), str(settings.vad.threads)]
         block_frames = settings.audio.block_ms * SAMPLE_RATE_HZ // 1000 // FRAME_SAMPLES
-        children = [daemon.process for daemon in daemons]
+        daemons: list[_Daemon] = []
+        children: list[subprocess.Popen[bytes]] = []
         try:
+            daemons.append(_start_daemon(settings, config_path, silence, scratch, run_dir))
+            children.append(daemons[-1].process)
+            if mqtt is not None:
+                dirs = stack.enter_context(daemon_dirs(settings))
+                daemons.append(_start_daemon(settings, config_path, silence, *dirs, mqtt))
+                children.append(daemons[-1].process)
             # One frame per wakeup (the reference), and a block per wakeup as the daemon takes
             # them (what the daemon adds over the VAD alone).
             for frames in (1, block_frames):
