@@ -5,18 +5,22 @@ for voices. A real Mosquitto, the daemon as a real process, real SQLite files.""
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile
 
+from meraudiod.config import Settings
 from meraudiod.db import get_kv, open_db
-from meraudiod.messages import SpeechEvent, TranscriptEvent, enqueue, unpack_payload
+from meraudiod.messages import Outgoing, SpeechEvent, TranscriptEvent, enqueue, unpack_payload
+from meraudiod.mqtt import MqttLink
 
 from .broker import Broker, Subscriber
-from .conftest import DEMO_TRUTH, TEST_DATA, cli, db_rows
+from .conftest import DEMO_TRUTH, TEST_DATA, cli, db_rows, wait_for
 from .mqtt_daemon import (
     BASE,
     DEMO_PCM,
@@ -242,3 +246,40 @@ def test_an_event_an_older_version_stored_as_text_is_still_delivered(
     assert got[0]["event_id"] == old.event_id
     assert not db_rows(env, "SELECT id FROM outbox")
     sub.close()
+
+
+def test_a_speech_event_made_before_an_outage_is_not_sent_after_it(
+    settings: Settings, broker: Broker
+) -> None:
+    """`event/speech` goes straight to the link, not through the outbox: one made before an
+    outage and still waiting when the broker comes back is dropped (news of the past), one
+    made after goes out. The link runs on its own thread against a real broker."""
+    settings.mqtt.enabled, settings.mqtt.host, settings.mqtt.port = True, "127.0.0.1", broker.port
+    settings.mqtt.node_id = NODE
+    first = Subscriber(broker.port, [f"{BASE}/event/speech"])
+    stop = threading.Event()
+    link = MqttLink(settings, stop, queue.Queue(), None)
+    link.start()
+    try:
+        wait_for(lambda: link.online, 30, "the link online")
+        link.send(Outgoing.live(SpeechEvent(node_id=NODE, area="", type="start")))
+        first.wait_for(lambda: first.on("/event/speech"), 10)  # while connected: sent at once
+        first.close()
+        broker.stop()
+        wait_for(lambda: link.cut_off, 30, "the link to notice the outage")
+        link.send(Outgoing.live(SpeechEvent(node_id=NODE, area="", type="end")))
+        time.sleep(4)  # failed attempts: the link's backoff grows past a second
+        broker.start()
+        sub = Subscriber(broker.port, [f"{BASE}/event/speech"])
+        time.sleep(0.3)  # its subscription is in place
+        # Otherwise the link could have sent the stale event before anyone listened.
+        assert not link.online, "the link came back before the subscriber: run again"
+        wait_for(lambda: link.online, 60, "the link back online")
+        link.send(Outgoing.live(SpeechEvent(node_id=NODE, area="", type="start")))
+        sub.wait_for(lambda: sub.on("/event/speech"), 30)
+        time.sleep(1)  # anything else the link would send has arrived by now
+    finally:
+        stop.set()
+        link.join(30)
+    sub.close()
+    assert [m.json()["type"] for m in sub.on("/event/speech")] == ["start"]
