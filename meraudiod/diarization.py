@@ -6,6 +6,7 @@
    output also hears two wherever the pairs together hold more than OVERLAP_PROBABILITY.
 2. Each window-local speaker with enough speech of its own (no overlap) gets an embedding
    per long run, a run first cut where the voice changes inside it (speaker_change.py);
+   its pieces that sound alike (the change detection's cosine) are embedded together;
    one heard only over someone else gets one of its speech with the overlap.
 3. Agglomerative clustering (clustering.py: average linkage, cosine) joins window-local
    speakers across windows; two speakers of one window are never joined. Local speakers with
@@ -35,7 +36,7 @@ import numpy.typing as npt
 
 from .asr import Segment, Transcript, Word
 from .audio import SAMPLE_RATE_HZ, Float32Array
-from .clustering import Piece, cluster, relabel
+from .clustering import Piece, cluster, join_alike, relabel
 from .onnx import OnnxLoadError, cpu_session
 from .speaker_change import CHANGE_THRESHOLD, SUB_WINDOW_S, ChangeFinder
 
@@ -316,14 +317,18 @@ class Diarizer:
                     if active.sum() * frame_s < _MIN_TURN_S:
                         continue
                     groups = [_runs(active)]
-                for group in groups:
-                    spans = [
-                        ((first + a) * FRAME_STEP_SAMPLES, (first + b) * FRAME_STEP_SAMPLES)
-                        for a, b in group
+                embeddings = [self._embed_runs(audio, first, group) for group in groups]
+                if long and self.change_threshold is not None:
+                    # Its pieces that sound alike by the change detection's own measure
+                    # are one voice: embedded together, a steadier print to cluster.
+                    joined = join_alike(embeddings, self.change_threshold)
+                    groups = [sorted(r for i in ix for r in groups[i]) for ix in joined]
+                    embeddings = [
+                        embeddings[ix[0]] if len(ix) == 1 else self._embed_runs(audio, first, g)
+                        for ix, g in zip(joined, groups, strict=True)
                     ]
-                    clip = gather(audio, spans, self.max_embedding_s)
+                for group, embedding in zip(groups, embeddings, strict=True):
                     speech_s = sum(b - a for a, b in group) * frame_s
-                    embedding = _unit(self.embed(clip))
                     # Another voice in the clip: too unsure to name anybody.
                     identity = (
                         recognise(embedding, speech_s) if recognise and not overheard else None
@@ -333,6 +338,16 @@ class Diarizer:
             self.change_embedded_s += changes.embedded_s
         centroids = cluster(pieces, self.threshold, self.max_speakers)
         return self._reconstruct(audio.size, heard, pieces, centroids, changes)
+
+    def _embed_runs(
+        self, audio: Float32Array, first: int, runs: list[tuple[int, int]]
+    ) -> Float32Array:
+        """The unit embedding of a window's runs of frames (the window starts at global
+        frame `first`), at most max_embedding_s of them."""
+        spans = [
+            ((first + a) * FRAME_STEP_SAMPLES, (first + b) * FRAME_STEP_SAMPLES) for a, b in runs
+        ]
+        return _unit(self.embed(gather(audio, spans, self.max_embedding_s)))
 
     def _reconstruct(
         self,
