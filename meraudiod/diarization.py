@@ -62,8 +62,9 @@ _MIN_ASSIGN_SPEECH_S: Final = 0.3
 # Where the overlap classes together hold more than this, the output has two speakers,
 # though one alone wins the argmax (chosen on the trn AMI excerpts only, see the README).
 OVERLAP_PROBABILITY: Final = 0.3
-# Runs at least this long (the change detection's sub-windows cover them) are relabelled.
-_MIN_RELABEL_FRAMES: Final = int(2 * SUB_WINDOW_S * SAMPLE_RATE_HZ) // FRAME_STEP_SAMPLES
+# Runs a sub-window fits in are relabelled (the shortest its sub-windows can speak for; the
+# change detection needs one each side of a point, 3 s).
+_MIN_RELABEL_FRAMES: Final = int(SUB_WINDOW_S * SAMPLE_RATE_HZ) // FRAME_STEP_SAMPLES
 _MIN_TURN_S: Final = 0.1  # shorter runs of frames are noise
 _MAX_GAP_S: Final = 0.2  # a speaker's turns closer than this are joined
 
