@@ -95,6 +95,26 @@ def cluster(items: list[Piece], threshold: float, max_speakers: int) -> Float32A
     return np.stack(centroids) if centroids else np.zeros((0, 1), dtype=np.float32)
 
 
+def join_alike(vectors: list[Float32Array], threshold: float) -> list[list[int]]:
+    """Indices of unit vectors grouped by average linkage: the two most alike groups join
+    while their mean cosine is at least threshold. Groups and their indices in order."""
+    groups = [[i] for i in range(len(vectors))]
+    while len(groups) > 1:
+        best, i, j = max(
+            (
+                float(np.mean([[vectors[a] @ vectors[b] for b in groups[j]] for a in groups[i]])),
+                i,
+                j,
+            )
+            for i in range(len(groups))
+            for j in range(i + 1, len(groups))
+        )
+        if best < threshold:
+            break
+        groups[i] += groups.pop(j)
+    return sorted(sorted(group) for group in groups)
+
+
 def relabel(
     frame_centres: npt.NDArray[np.int64],
     own: int,

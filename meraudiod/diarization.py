@@ -6,6 +6,7 @@
    output also hears two wherever the pairs together hold more than OVERLAP_PROBABILITY.
 2. Each window-local speaker with enough speech of its own (no overlap) gets an embedding
    per long run, a run first cut where the voice changes inside it (speaker_change.py);
+   its pieces that sound alike (the change detection's cosine) are embedded together;
    one heard only over someone else gets one of its speech with the overlap.
 3. Agglomerative clustering (clustering.py: average linkage, cosine) joins window-local
    speakers across windows; two speakers of one window are never joined. Local speakers with
@@ -24,10 +25,9 @@ splits Whisper segments where the speaker changes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
-from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -35,21 +35,26 @@ import numpy.typing as npt
 
 from .asr import Segment, Transcript, Word
 from .audio import SAMPLE_RATE_HZ, Float32Array
-from .clustering import Piece, cluster, relabel
-from .onnx import OnnxLoadError, cpu_session
+from .clustering import Piece, cluster, join_alike, relabel
+from .segmentation import (
+    FRAME_CENTRE_SAMPLES,
+    FRAME_STEP_SAMPLES,
+    WINDOW_SAMPLES,
+    Mask,
+    mask_runs,
+    mask_spans,
+    n_frames,
+)
+from .segmentation import DiarizationError as DiarizationError
+from .segmentation import SegmentationModel as SegmentationModel
+from .segmentation import activity as activity
+from .segmentation import gather as gather
 from .speaker_change import CHANGE_THRESHOLD, SUB_WINDOW_S, ChangeFinder
 
 _LOGGER = logging.getLogger(__name__)
 
-WINDOW_SAMPLES: Final = 10 * SAMPLE_RATE_HZ
-FRAME_STEP_SAMPLES: Final = 270  # 16.875 ms per output frame
-_FRAME_CENTRE_SAMPLES: Final = 495  # half the model's receptive field
 # The windows overlap by half, so that every turn is seen away from a window's edge once.
 _WINDOW_STEP_FRAMES: Final = 296  # 296 * 270 samples = 4.995 s
-# Powerset class -> which of the window's three speakers are active.
-_POWERSET: Final = np.array(
-    [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=np.int8
-)
 # Below this much speech of its own, a window-local speaker gets no embedding of its own
 # for clustering; its frames join the nearest cluster if it has at least the second figure.
 _MIN_CLUSTER_SPEECH_S: Final = 1.0
@@ -57,19 +62,15 @@ _MIN_ASSIGN_SPEECH_S: Final = 0.3
 # Where the overlap classes together hold more than this, the output has two speakers,
 # though one alone wins the argmax (chosen on the trn AMI excerpts only, see the README).
 OVERLAP_PROBABILITY: Final = 0.3
-# Runs at least this long (the change detection's sub-windows cover them) are relabelled.
-_MIN_RELABEL_FRAMES: Final = int(2 * SUB_WINDOW_S * SAMPLE_RATE_HZ) // FRAME_STEP_SAMPLES
+# Runs a sub-window fits in are relabelled (the shortest its sub-windows can speak for; the
+# change detection needs one each side of a point, 3 s).
+_MIN_RELABEL_FRAMES: Final = int(SUB_WINDOW_S * SAMPLE_RATE_HZ) // FRAME_STEP_SAMPLES
 _MIN_TURN_S: Final = 0.1  # shorter runs of frames are noise
 _MAX_GAP_S: Final = 0.2  # a speaker's turns closer than this are joined
 
 Embed = Callable[[Float32Array], Float32Array]
 # Who an embedding (of that much speech) surely is, among enrolled people, or None.
 Recognise = Callable[[Float32Array, float], str | None]
-Mask = npt.NDArray[np.bool_]
-
-
-class DiarizationError(Exception):
-    """The segmentation model could not be loaded or run."""
 
 
 @dataclass(frozen=True)
@@ -117,99 +118,9 @@ class Diarization:
         return label
 
 
-class SegmentationModel:
-    """pyannote segmentation-3.0 on onnxruntime: 10 s of audio -> powerset classes per frame."""
-
-    def __init__(self, model_path: Path, threads: int = 1) -> None:
-        try:
-            self._session = cpu_session(model_path, threads, "segmentation model")
-        except OnnxLoadError as exc:
-            raise DiarizationError(str(exc)) from exc
-
-    def probabilities(self, audio: Float32Array) -> Float32Array:
-        """The seven powerset classes' probabilities per frame [frames, 7] for up to 10 s."""
-        chunk = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
-        chunk[: audio.size] = audio[:WINDOW_SAMPLES]
-        log_probs = self._session.run(None, {"input": chunk.reshape(1, 1, -1)})[0][0]
-        frames = n_frames(min(audio.size, WINDOW_SAMPLES))
-        return np.exp(np.asarray(log_probs, dtype=np.float32)[:frames])
-
-    def window(self, audio: Float32Array, lenient: bool = False) -> npt.NDArray[np.int8]:
-        """Active local speakers per frame [frames, 3] for up to 10 s of audio (`activity`)."""
-        return activity(self.probabilities(audio), lenient)
-
-
-def activity(
-    probs: Float32Array, lenient: bool = False, overlap_probability: float | None = None
-) -> npt.NDArray[np.int8]:
-    """Active local speakers per frame [frames, 3] from the powerset probabilities.
-
-    The most probable class, except: lenient, a frame is speech when "nobody" has under half
-    the probability (the speaker classes together hold more); with overlap_probability, a
-    frame has two speakers (the likeliest pair) when the pairs together hold more than that.
-    """
-    classes = np.argmax(probs, axis=1)
-    if lenient:  # diarization: missed speech was most of its error on AMI
-        speech = probs[:, 0] < 0.5
-        classes[speech] = 1 + np.argmax(probs[speech, 1:], axis=1)
-    if overlap_probability is not None:
-        pair = probs[:, 4:].sum(axis=1) > overlap_probability
-        classes[pair] = 4 + np.argmax(probs[pair, 4:], axis=1)
-    return np.asarray(_POWERSET[classes], dtype=np.int8)
-
-
-def n_frames(samples: int) -> int:
-    """Output frames whose centre lies inside `samples` samples."""
-    return max(0, (samples - _FRAME_CENTRE_SAMPLES) // FRAME_STEP_SAMPLES + 1)
-
-
-def _frame_sample(frame: int) -> int:
-    """First sample a frame stands for (frames tile the audio around their centres)."""
-    return max(0, frame * FRAME_STEP_SAMPLES + _FRAME_CENTRE_SAMPLES - FRAME_STEP_SAMPLES // 2)
-
-
-def _spans(mask: Mask, total_samples: int) -> tuple[tuple[int, int], ...]:
-    """Sample ranges of the runs of True frames."""
-    spans: list[tuple[int, int]] = []
-    padded = np.concatenate([[False], mask, [False]])
-    edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
-    for start, end in zip(edges[::2], edges[1::2], strict=True):
-        a = _frame_sample(int(start))
-        b = total_samples if end >= mask.size else _frame_sample(int(end))
-        if b > a:
-            spans.append((a, b))
-    return tuple(spans)
-
-
-def gather(audio: Float32Array, spans: Sequence[tuple[int, int]], max_s: float) -> Float32Array:
-    """The audio of the spans, joined, at most max_s seconds (the longest spans first)."""
-    budget = int(max_s * SAMPLE_RATE_HZ)
-    chosen: list[tuple[int, int]] = []
-    for start, end in sorted(spans, key=lambda s: s[0] - s[1]):
-        if budget <= 0:
-            break
-        chosen.append((start, min(end, start + budget)))
-        budget -= chosen[-1][1] - start
-    pieces = [audio[a:b] for a, b in sorted(chosen)]
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-
-
 def _unit(vector: Float32Array) -> Float32Array:
     norm = float(np.linalg.norm(vector))
     return (vector / norm).astype(np.float32) if norm > 0 else vector
-
-
-def _runs(mask: Mask, max_gap_frames: int = 2) -> list[tuple[int, int]]:
-    """Frame ranges [start, end) of the runs of True, gaps up to max_gap_frames closed."""
-    padded = np.concatenate([[False], mask, [False]])
-    edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
-    runs: list[tuple[int, int]] = []
-    for start, end in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
-        if runs and start - runs[-1][1] <= max_gap_frames:
-            runs[-1] = (runs[-1][0], end)
-        else:
-            runs.append((start, end))
-    return runs
 
 
 def _split(run: tuple[int, int], first: int, changes: ChangeFinder) -> list[tuple[int, int]]:
@@ -267,7 +178,7 @@ class Diarizer:
             votes[first : first + active.size] += active
             cover[first : first + active.size] += 1
         mask = votes > 0.5 * np.maximum(cover, 1)
-        spans = _spans(mask, audio.size)
+        spans = mask_spans(mask, audio.size)
         speech_s = sum(b - a for a, b in spans) / SAMPLE_RATE_HZ
         speaker = LocalSpeaker("S1", speech_s, spans)
         return Diarization(_turns({"S1": mask}, audio.size), (speaker,) if spans else ())
@@ -298,7 +209,7 @@ class Diarizer:
             alone = solo.sum(axis=1) == 1
             for k in range(solo.shape[1]):
                 active = solo[:, k] == 1
-                runs = _runs(active & alone)
+                runs = mask_runs(active & alone)
                 seconds = [(b - a) * frame_s for a, b in runs]
                 # The segmentation sometimes gives two people who take turns one local
                 # label: each long run is embedded on its own, so clustering can split them.
@@ -315,15 +226,19 @@ class Diarizer:
                     # (as in pyannote). Dropped, it was most of the missed speech on AMI.
                     if active.sum() * frame_s < _MIN_TURN_S:
                         continue
-                    groups = [_runs(active)]
-                for group in groups:
-                    spans = [
-                        ((first + a) * FRAME_STEP_SAMPLES, (first + b) * FRAME_STEP_SAMPLES)
-                        for a, b in group
+                    groups = [mask_runs(active)]
+                embeddings = [self._embed_runs(audio, first, group) for group in groups]
+                if long and self.change_threshold is not None:
+                    # Its pieces that sound alike by the change detection's own measure
+                    # are one voice: embedded together, a steadier print to cluster.
+                    joined = join_alike(embeddings, self.change_threshold)
+                    groups = [sorted(r for i in ix for r in groups[i]) for ix in joined]
+                    embeddings = [
+                        embeddings[ix[0]] if len(ix) == 1 else self._embed_runs(audio, first, g)
+                        for ix, g in zip(joined, groups, strict=True)
                     ]
-                    clip = gather(audio, spans, self.max_embedding_s)
+                for group, embedding in zip(groups, embeddings, strict=True):
                     speech_s = sum(b - a for a, b in group) * frame_s
-                    embedding = _unit(self.embed(clip))
                     # Another voice in the clip: too unsure to name anybody.
                     identity = (
                         recognise(embedding, speech_s) if recognise and not overheard else None
@@ -333,6 +248,16 @@ class Diarizer:
             self.change_embedded_s += changes.embedded_s
         centroids = cluster(pieces, self.threshold, self.max_speakers)
         return self._reconstruct(audio.size, heard, pieces, centroids, changes)
+
+    def _embed_runs(
+        self, audio: Float32Array, first: int, runs: list[tuple[int, int]]
+    ) -> Float32Array:
+        """The unit embedding of a window's runs of frames (the window starts at global
+        frame `first`), at most max_embedding_s of them."""
+        spans = [
+            ((first + a) * FRAME_STEP_SAMPLES, (first + b) * FRAME_STEP_SAMPLES) for a, b in runs
+        ]
+        return _unit(self.embed(gather(audio, spans, self.max_embedding_s)))
 
     def _reconstruct(
         self,
@@ -380,7 +305,7 @@ class Diarizer:
         alone = active.sum(axis=0) == 1
         speakers = []
         for label, mask in masks.items():
-            spans = _spans(mask & alone, samples)
+            spans = mask_spans(mask & alone, samples)
             speech_s = sum(b - a for a, b in spans) / SAMPLE_RATE_HZ
             speakers.append(LocalSpeaker(label, speech_s, spans))
         return Diarization(_turns(masks, samples), tuple(speakers))
@@ -411,7 +336,7 @@ def _column(
             start, end = ((first + f) * FRAME_STEP_SAMPLES for f in (a, b))
             centres, sub_windows = changes.sub_windows(start, end)
             frame_centres = np.arange(first + a, first + b) * FRAME_STEP_SAMPLES
-            frame_centres += _FRAME_CENTRE_SAMPLES
+            frame_centres += FRAME_CENTRE_SAMPLES
             column[a:b] = relabel(
                 frame_centres, x.cluster, allowed, centres, sub_windows, centroids
             )
@@ -423,7 +348,7 @@ def _turns(masks: dict[str, Mask], samples: int) -> tuple[Turn, ...]:
     turns: list[Turn] = []
     for label, mask in masks.items():
         merged: list[list[float]] = []
-        for a, b in _spans(mask, samples):
+        for a, b in mask_spans(mask, samples):
             start_s, end_s = a / SAMPLE_RATE_HZ, b / SAMPLE_RATE_HZ
             if merged and start_s - merged[-1][1] < _MAX_GAP_S:
                 merged[-1][1] = end_s

@@ -11,7 +11,7 @@ import soundfile
 
 from meraudiod.asr import Segment, Transcript, Word
 from meraudiod.audio import decode_file, to_float32
-from meraudiod.clustering import relabel
+from meraudiod.clustering import join_alike, relabel
 from meraudiod.config import Settings
 from meraudiod.diarization import OVERLAP_PROBABILITY, Diarization, Turn, activity, attribute
 from meraudiod.speakers import SpeakerStage
@@ -303,3 +303,42 @@ def test_a_voice_change_the_change_detection_missed_is_relabelled(stage: Speaker
     for i, turn in enumerate(stage.diarizer(audio).turns):
         hyp[Span(turn.start_s, turn.end_s), i] = turn.label
     assert DiarizationErrorRate()(ref, hyp, uem=Timeline([Span(0, 30)])) < 0.40
+
+
+def test_pieces_that_sound_alike_are_joined_most_alike_first() -> None:
+    """Average linkage: the two closest vectors join first; a vector then goes with the
+    group it is most alike on average, while that reaches the threshold."""
+    vectors = [np.array(v, dtype=np.float32) for v in ([1, 0], [0.96, 0.28], [0, 1], [0.6, 0.8])]
+    assert join_alike(vectors, 0.9) == [[0, 1], [2], [3]]
+    assert join_alike(vectors, 0.7) == [[0, 1], [2, 3]]  # 3: 0.80 to 2, 0.70 to 0+1
+    assert join_alike(vectors, -1.0) == [[0, 1, 2, 3]]
+
+
+@needs_shared
+def test_one_local_speakers_pieces_that_sound_alike_are_one_voice(stage: SpeakerStage) -> None:
+    """AMI trn05 (a trn excerpt): FEE078 opens (0-1.5 s, FEE081 straight after her under
+    the same local label) and then talks from 8 s to the end. The opening, embedded on its
+    own, founded a cluster of its own; joined with the other pieces of its local speaker
+    that sound alike (the change detection's cosine), it is hers."""
+    name = "trn05"
+    audio = to_float32(
+        decode_file(SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts" / f"{name}.wav")
+    )
+    result = stage.diarizer(audio)
+    assert result.label_at(0.2, 1.4) == result.label_at(10.0, 29.0) is not None, result.turns
+
+
+@needs_shared
+def test_a_short_run_joined_with_another_voice_is_relabelled(stage: SpeakerStage) -> None:
+    """AMI dev00 (held out): one local label holds MEE012 (15.0-16.9 s) and then MEE009
+    (18.1 s on); the two pieces sound alike enough to be embedded together and go to
+    MEE009's cluster. The 1.9 s run is too short for the change detection (3 s), but its
+    sub-windows sound like MEE012's cluster: relabelled, it is hers again."""
+    name = "dev00"
+    audio = to_float32(
+        decode_file(SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts" / f"{name}.wav")
+    )
+    result = stage.diarizer(audio)
+    her = result.label_at(13.5, 14.1)  # MEE012
+    assert her is not None and her != result.label_at(3.0, 12.0), result.turns
+    assert result.label_at(15.3, 16.7) == her, result.turns
