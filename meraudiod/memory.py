@@ -34,7 +34,7 @@ MMAP_THRESHOLD_BYTES: Final = 128 * 1024  # glibc's own starting value, kept fix
 # CPU); its large ones (the encoder's 54 MB attention scores) are still mmapped. Measured on
 # the bench clip: peak RSS 262 / 266 / 278 MB and CPU 0.167 / 0.157 / 0.131 s per second of
 # speech at 128 KiB / 4 MiB / 32 MiB (speakers off).
-_TRANSCRIPTION_THRESHOLD_BYTES: Final = 4 * 1024 * 1024
+_TRANSCRIPTION_THRESHOLD_BYTES: Final = 2 * 1024 * 1024
 _tuned = False  # tune_malloc() was applied in this process
 
 
