@@ -13,6 +13,7 @@ stand-in for `tokenizers` in sys.modules before faster-whisper is imported.
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import importlib.util
 import itertools
@@ -143,7 +144,13 @@ class WhisperTokenizer:
             data = bytes(_byte_of_char()[c] for c in token)
         except KeyError:
             return None
-        return next((i for i in range(len(self._ends)) if self._piece(i) == data), None)
+        at = self._blob.find(data)
+        while data and at >= 0:  # where a piece starts with it: is that piece all of it?
+            index = bisect.bisect_right(self._ends, at)
+            if self._piece(index) == data:
+                return index
+            at = self._blob.find(data, at + 1)
+        return None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> Any:
         """The ids of `text` (an Encoding with `.ids`), added tokens matched whole."""
