@@ -249,7 +249,7 @@ class Transcriber:
                 condition_on_previous_text=False,
                 no_speech_threshold=None,  # keep every segment; judge() flags, never drops
                 temperature=self._temperatures,
-                suppress_tokens=self._suppress_tokens,
+                suppress_tokens=list(self._suppress_tokens),  # faster-whisper extends it
             )
 
         try:
