@@ -33,7 +33,10 @@ MMAP_THRESHOLD_BYTES: Final = 128 * 1024  # glibc's own starting value, kept fix
 # reused from one decoding step to the next (mmapped each time, they cost it about 25 % more
 # CPU); its large ones (the encoder's 54 MB attention scores) are still mmapped. Measured on
 # the bench clip: peak RSS 262 / 266 / 278 MB and CPU 0.167 / 0.157 / 0.131 s per second of
-# speech at 128 KiB / 4 MiB / 32 MiB (speakers off).
+# speech at 128 KiB / 4 MiB / 32 MiB (speakers off). 2 MiB, just under the encoder's 2.3 MB
+# hidden states (1500 x 384 floats): at 4 MiB those came from the heap and left it
+# fragmented, a second transcription in one process peaking at 248-252 MB against 235 at
+# 2 MiB (or 128 KiB), at the same CPU within 2 % (three clips, eight rounds each).
 _TRANSCRIPTION_THRESHOLD_BYTES: Final = 2 * 1024 * 1024
 _tuned = False  # tune_malloc() was applied in this process
 
