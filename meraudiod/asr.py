@@ -17,7 +17,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE_HZ, Float32Array
 from .config_sections import AsrSettings
-from .memory import defer_pyav, release_memory, transcription_heap
+from .memory import defer_pyav, encoder_heap, release_memory, transcription_heap
 from .onnx import load_error
 from .whisper_tokenizer import WhisperTokenizer
 from .whisper_tokenizer import install as install_tokenizer
@@ -171,6 +171,18 @@ def judge(segment: Segment, settings: AsrSettings) -> str | None:
     return None
 
 
+def _whisper_model_class() -> Any:
+    """faster-whisper's WhisperModel with its encoder's buffers mmapped (memory.py)."""
+    from faster_whisper import WhisperModel
+
+    class _WhisperModel(WhisperModel):  # type: ignore[misc]
+        def encode(self, features: Any) -> Any:
+            with encoder_heap():
+                return super().encode(features)
+
+    return _WhisperModel
+
+
 class Transcriber:
     """A faster-whisper model loaded once, with our settings."""
 
@@ -178,9 +190,7 @@ class Transcriber:
         try:
             defer_pyav()
             install_tokenizer()  # whisper_tokenizer.py: 20 MB less than `tokenizers`
-            from faster_whisper import WhisperModel
-
-            self._model = WhisperModel(
+            self._model = _whisper_model_class()(
                 str(model_path),
                 device="cpu",
                 compute_type=settings.compute_type,
