@@ -52,7 +52,7 @@ def test_bench_reports_figures_with_ratios_against_the_bare_library(
     assert figures["daemon_stop_cpu_s"] >= 0 and figures["disk_write_stop_kb"] >= 0
     assert figures["daemon_startup_cpu_s"] > figures["device_cpu_s_per_speech_s"]
     assert "speaker_embedding_ms_per_audio_s" in figures
-    # Peak memory of the daemon both ways, in one run: 268-269 and 356 MB in a venv whose
+    # Peak memory of the daemon both ways, in one run: 260-274 and 355-362 MB in a venv whose
     # files are all in the page cache as just written (a fresh clone's), where the kernel maps
     # more pages of each library (RssFile, here about 85 MB of it); less in an older one.
     on, off = figures["daemon_peak_rss_mb_speakers_on"], figures["daemon_peak_rss_mb_speakers_off"]
