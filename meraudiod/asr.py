@@ -17,8 +17,10 @@ import numpy as np
 
 from .audio import SAMPLE_RATE_HZ, Float32Array
 from .config_sections import AsrSettings
-from .memory import defer_pyav, transcription_heap
+from .memory import defer_pyav, encoder_heap, release_memory, transcription_heap
 from .onnx import load_error
+from .whisper_tokenizer import WhisperTokenizer
+from .whisper_tokenizer import install as install_tokenizer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -169,21 +171,33 @@ def judge(segment: Segment, settings: AsrSettings) -> str | None:
     return None
 
 
+def _whisper_model_class() -> Any:
+    """faster-whisper's WhisperModel with its encoder's buffers mmapped (memory.py)."""
+    from faster_whisper import WhisperModel
+
+    class _WhisperModel(WhisperModel):  # type: ignore[misc]
+        def encode(self, features: Any) -> Any:
+            with encoder_heap():
+                return super().encode(features)
+
+    return _WhisperModel
+
+
 class Transcriber:
     """A faster-whisper model loaded once, with our settings."""
 
     def __init__(self, model_path: Path, settings: AsrSettings, model_name: str) -> None:
         try:
             defer_pyav()
-            from faster_whisper import WhisperModel
-
-            self._model = WhisperModel(
+            install_tokenizer()  # whisper_tokenizer.py: 20 MB less than `tokenizers`
+            self._model = _whisper_model_class()(
                 str(model_path),
                 device="cpu",
                 compute_type=settings.compute_type,
                 cpu_threads=settings.cpu_threads,
                 num_workers=1,
             )
+            self._suppress_tokens = self._non_speech_tokens()
         except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError on bad files
             raise AsrError(load_error("ASR model", model_path, exc)) from exc
         self.settings = settings
@@ -191,6 +205,23 @@ class Transcriber:
         # Fallback re-decodes low-confidence audio at up to five higher temperatures: on noise
         # that multiplies the cost, and short recordings rarely fall into the loops it fixes.
         self._temperatures = _FALLBACK_TEMPERATURES if settings.temperature_fallback else [0.0]
+
+    def _non_speech_tokens(self) -> list[int]:
+        """What faster-whisper suppresses by default (its `suppress_tokens=[-1]`), worked out
+        once: it would encode these symbols again for every recording, and the tokenizer's
+        encoder tables (10 MB) are then dropped."""
+        from faster_whisper.tokenizer import Tokenizer
+
+        hf_tokenizer = self._model.hf_tokenizer
+        multilingual = self._model.model.is_multilingual
+        language = "en" if multilingual else None  # the symbols' ids do not depend on it
+        tokens = list(
+            Tokenizer(hf_tokenizer, multilingual, "transcribe", language).non_speech_tokens
+        )
+        if isinstance(hf_tokenizer, WhisperTokenizer):
+            hf_tokenizer.forget_encoder()
+            release_memory()
+        return tokens
 
     @property
     def model_name(self) -> str:
@@ -228,6 +259,7 @@ class Transcriber:
                 condition_on_previous_text=False,
                 no_speech_threshold=None,  # keep every segment; judge() flags, never drops
                 temperature=self._temperatures,
+                suppress_tokens=list(self._suppress_tokens),  # faster-whisper extends it
             )
 
         try:

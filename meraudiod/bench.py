@@ -175,7 +175,7 @@ def _run_daemon_on(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    peak_kb = 0
+    peak_kb = file_kb = 0
     ready_cpu_s: float | None = None
     stopping_cpu_s: float | None = None
     startup_bytes = wal_at_ready = stopping_bytes = wal_at_stopping = 0
@@ -184,6 +184,9 @@ def _run_daemon_on(
         # The child's own high-water mark (ru_maxrss of children would include this
         # process's memory, which a forked child inherits before exec).
         peak_kb = max(peak_kb, proc_value(child.pid, "status", "VmHWM"))
+        # Of which the libraries' pages (shared, from the page cache): more of them are mapped
+        # where the files were just written, as on a fresh install (README, Performance).
+        file_kb = max(file_kb, proc_value(child.pid, "status", "RssFile"))
         wal.poll()
         for message in _notifications(notify, wait_s=0.2):
             if ready_cpu_s is None and "READY=1" in message:
@@ -229,6 +232,7 @@ def _run_daemon_on(
         "latency_ms_median": round(float(np.median(latencies)), 0) if latencies else None,
         "latency_ms_max": round(latencies[-1], 0) if latencies else None,
         "daemon_peak_rss_mb": round(peak_kb / 1024, 0),
+        "daemon_file_rss_mb": round(file_kb / 1024, 0),
         "device_cpu_s_per_speech_s": (
             round((stopping_cpu_s - ready_cpu_s) / speech_s, 4) if speech_s else None
         ),

@@ -116,9 +116,11 @@ def _report(step: str, note: str | None = None) -> None:
 def _child() -> None:
     """The steps, in order, in this fresh process, with malloc tuned as the daemon's."""
     from .memory import defer_pyav, tune_malloc
+    from .whisper_tokenizer import install
 
     tune_malloc()
     defer_pyav()  # as the daemon does
+    install()
     _report("python")
     import numpy  # noqa: F401 - imported to be counted
 

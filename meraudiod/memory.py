@@ -33,7 +33,11 @@ MMAP_THRESHOLD_BYTES: Final = 128 * 1024  # glibc's own starting value, kept fix
 # reused from one decoding step to the next (mmapped each time, they cost it about 25 % more
 # CPU); its large ones (the encoder's 54 MB attention scores) are still mmapped. Measured on
 # the bench clip: peak RSS 262 / 266 / 278 MB and CPU 0.167 / 0.157 / 0.131 s per second of
-# speech at 128 KiB / 4 MiB / 32 MiB (speakers off).
+# speech at 128 KiB / 4 MiB / 32 MiB (speakers off). Not for its encoder, which runs once
+# per recording (`encoder_heap`): from the heap, its 2.3 MB hidden states (1500 x 384 floats)
+# left it fragmented, a second transcription in one process peaking at 248-252 MB against
+# 235 with them mmapped, at the same CPU within noise; a 2 MiB threshold throughout did as
+# much for memory but cost 30 % more CPU (24 LJSpeech clips, fresh processes, twice each).
 _TRANSCRIPTION_THRESHOLD_BYTES: Final = 4 * 1024 * 1024
 _tuned = False  # tune_malloc() was applied in this process
 
@@ -76,6 +80,21 @@ def transcription_heap() -> Iterator[None]:
     finally:
         libc.malloc_trim(0)
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+@contextmanager
+def encoder_heap() -> Iterator[None]:
+    """Inside transcription_heap(), around Whisper's encoder: every buffer over 128 KiB
+    mmapped again (see _TRANSCRIPTION_THRESHOLD_BYTES)."""
+    libc = _glibc() if _tuned else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _TRANSCRIPTION_THRESHOLD_BYTES)
 
 
 def release_memory() -> None:
