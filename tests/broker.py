@@ -83,8 +83,9 @@ def make_certificates(folder: Path) -> None:
 class Broker:
     """mosquitto with an anonymous plain listener and a password + TLS listener."""
 
-    def __init__(self, folder: Path, persistent: bool = False) -> None:
-        """persistent: sessions and queued messages survive a restart (saved on stop)."""
+    def __init__(self, folder: Path, persistent: bool = False, queue_qos0: bool = False) -> None:
+        """persistent: sessions and queued messages survive a restart (saved on stop).
+        queue_qos0: a persistent session away also gets the QoS 0 messages sent meanwhile."""
         self.folder = folder
         self.port = free_port()
         self.tls_port = free_port()
@@ -98,7 +99,7 @@ class Broker:
             f"persistence true\npersistence_location {folder}/\n"
             if persistent
             else "persistence false\n"
-        )
+        ) + ("queue_qos0_messages true\n" if queue_qos0 else "")
         (folder / "mosquitto.conf").write_text(
             f"user {getpass.getuser()}\n"  # as root it would drop to a user who cannot read tmp
             "per_listener_settings true\n"
