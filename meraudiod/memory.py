@@ -70,31 +70,33 @@ def tune_malloc() -> bool:
 def transcription_heap() -> Iterator[None]:
     """Around a CTranslate2 transcription in a tuned process: large buffers from the heap,
     then what the heap holds free given back and the fixed threshold restored."""
-    libc = _glibc() if _tuned else None
-    if libc is None:
+    with _mmap_threshold(_TRANSCRIPTION_THRESHOLD_BYTES, MMAP_THRESHOLD_BYTES, trim=True):
         yield
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, _TRANSCRIPTION_THRESHOLD_BYTES)
-    try:
-        yield
-    finally:
-        libc.malloc_trim(0)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 @contextmanager
 def encoder_heap() -> Iterator[None]:
     """Inside transcription_heap(), around Whisper's encoder: every buffer over 128 KiB
     mmapped again (see _TRANSCRIPTION_THRESHOLD_BYTES)."""
+    with _mmap_threshold(MMAP_THRESHOLD_BYTES, _TRANSCRIPTION_THRESHOLD_BYTES, trim=False):
+        yield
+
+
+@contextmanager
+def _mmap_threshold(inside_bytes: int, after_bytes: int, trim: bool) -> Iterator[None]:
+    """glibc's mmap threshold at `inside_bytes` for the block, then `after_bytes` (the heap
+    trimmed first with `trim`); nothing in a process that was not tuned."""
     libc = _glibc() if _tuned else None
     if libc is None:
         yield
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    libc.mallopt(_M_MMAP_THRESHOLD, inside_bytes)
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _TRANSCRIPTION_THRESHOLD_BYTES)
+        if trim:
+            libc.malloc_trim(0)
+        libc.mallopt(_M_MMAP_THRESHOLD, after_bytes)
 
 
 def release_memory() -> None:

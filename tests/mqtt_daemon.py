@@ -13,6 +13,7 @@ from .conftest import DEMO, run_daemon
 
 NODE = "testnode"
 BASE = f"meraudiod/{NODE}"
+DISCOVERY = f"homeassistant/device/meraudiod_{NODE}/config"
 DEMO_PCM = decode_file(DEMO).astype("<i2").tobytes()
 
 

@@ -164,14 +164,22 @@ def test_segments_split_where_the_speaker_changes() -> None:
     assert parts[0].segment.end_s == 0.9 and parts[1].segment.start_s == 1.4
 
 
+_AMI = SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts"
+
+
 def _reference(name: str) -> list[tuple[float, float, str]]:
     """(start_s, end_s, speaker) of each turn of an AMI excerpt's RTTM."""
-    rttm = SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts" / "rttm_per_file"
+    rttm = _AMI / "rttm_per_file"
     turns = []
     for line in (rttm / f"{name}.rttm").read_text().splitlines():
         p = line.split()
         turns.append((float(p[3]), float(p[3]) + float(p[4]), p[7]))
     return turns
+
+
+def _ami_audio(name: str) -> np.ndarray:
+    """An AMI excerpt of ../shared/data as float32 samples."""
+    return to_float32(decode_file(_AMI / f"{name}.wav"))
 
 
 def _count_per_10ms(turns: list[tuple[float, float]], seconds: float) -> np.ndarray:
@@ -189,9 +197,7 @@ def test_voices_heard_over_another_come_out_as_overlapping_turns(stage: SpeakerS
     2.2 s of that came out as two turns at once; it now joins the cluster its window's
     other speaker does not hold (7.3 s)."""
     name = "trn09"
-    audio = to_float32(
-        decode_file(SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts" / f"{name}.wav")
-    )
+    audio = _ami_audio(name)
     result = stage.diarizer(audio)
     ref = _count_per_10ms([(a, b) for a, b, _ in _reference(name)], 30.0)
     hyp = _count_per_10ms([(t.start_s, t.end_s) for t in result.turns], 30.0)
@@ -273,9 +279,7 @@ def test_overlap_the_segmentation_half_believes_comes_out_as_two_turns(
     people at once. The argmax of the powerset gave one speaker on half of it (1.75 s found);
     with the pairs' probability summed, 3.4 s, and nowhere the reference has one voice."""
     name = "trn06"
-    audio = to_float32(
-        decode_file(SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts" / f"{name}.wav")
-    )
+    audio = _ami_audio(name)
     result = stage.diarizer(audio)
     ref = _count_per_10ms([(a, b) for a, b, _ in _reference(name)], 30.0)
     hyp = _count_per_10ms([(t.start_s, t.end_s) for t in result.turns], 30.0)
@@ -294,9 +298,7 @@ def test_a_voice_change_the_change_detection_missed_is_relabelled(stage: Speaker
     from pyannote.metrics.diarization import DiarizationErrorRate
 
     name = "dev01"
-    audio = to_float32(
-        decode_file(SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts" / f"{name}.wav")
-    )
+    audio = _ami_audio(name)
     ref, hyp = Annotation(uri=name), Annotation(uri=name)
     for i, (start_s, end_s, who) in enumerate(_reference(name)):
         ref[Span(start_s, end_s), i] = who
@@ -321,9 +323,7 @@ def test_one_local_speakers_pieces_that_sound_alike_are_one_voice(stage: Speaker
     own, founded a cluster of its own; joined with the other pieces of its local speaker
     that sound alike (the change detection's cosine), it is hers."""
     name = "trn05"
-    audio = to_float32(
-        decode_file(SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts" / f"{name}.wav")
-    )
+    audio = _ami_audio(name)
     result = stage.diarizer(audio)
     assert result.label_at(0.2, 1.4) == result.label_at(10.0, 29.0) is not None, result.turns
 
@@ -335,9 +335,7 @@ def test_a_short_run_joined_with_another_voice_is_relabelled(stage: SpeakerStage
     MEE009's cluster. The 1.9 s run is too short for the change detection (3 s), but its
     sub-windows sound like MEE012's cluster: relabelled, it is hers again."""
     name = "dev00"
-    audio = to_float32(
-        decode_file(SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts" / f"{name}.wav")
-    )
+    audio = _ami_audio(name)
     result = stage.diarizer(audio)
     her = result.label_at(13.5, 14.1)  # MEE012
     assert her is not None and her != result.label_at(3.0, 12.0), result.turns

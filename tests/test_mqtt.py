@@ -21,6 +21,7 @@ from .conftest import DEMO, DEMO_TRUTH, cli, run_daemon, status_json, wait_runni
 from .mqtt_daemon import (
     BASE,
     DEMO_PCM,
+    DISCOVERY,
     NODE,
     finish,
     mqtt_env,
@@ -28,8 +29,6 @@ from .mqtt_daemon import (
     start_daemon,
     stop_daemon,
 )
-
-DISCOVERY = f"homeassistant/device/meraudiod_{NODE}/config"
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

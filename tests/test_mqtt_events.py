@@ -24,6 +24,7 @@ from .conftest import DEMO_TRUTH, TEST_DATA, cli, db_rows, wait_for
 from .mqtt_daemon import (
     BASE,
     DEMO_PCM,
+    DISCOVERY,
     NODE,
     finish,
     mqtt_env,
@@ -32,7 +33,6 @@ from .mqtt_daemon import (
     stop_daemon,
 )
 
-DISCOVERY = f"homeassistant/device/meraudiod_{NODE}/config"
 STRANGER = TEST_DATA / "ls_1034_0000.flac"  # a voice nobody enrolled
 
 
