@@ -1,0 +1,157 @@
+"""The daemon's health: what is wrong with it, in a few words, and who hears of it.
+
+A stage thread that died stops the daemon (systemd restarts it); a full disk, an unusable
+MQTT file, a missing microphone or every Wyoming server down only make it degraded, said
+in `systemctl status` (STATUS=), in the heartbeat `meraudiod status` reads, and in the
+retained state. The watchdog is fed only while every thread is alive and audio arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from typing import TYPE_CHECKING
+
+from .messages import ErrorEvent
+from .retention import disk_free_mb, disk_low
+from .status import daemon_snapshot, write_heartbeat
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class Health:
+    """The problems of one daemon, its status line and heartbeat, and its watchdog check."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.settings = daemon.settings
+        self.disk_problem: str | None = None
+        self.stage_problem: str | None = None  # a stage thread died: the daemon stops
+        self.asr_problem: str | None = None  # every Wyoming server down
+
+    @property
+    def degraded(self) -> str | None:
+        """What is wrong, in a few words (None when all is well)."""
+        problems = (
+            self.stage_problem,
+            self.daemon.mic_problem,
+            self.disk_problem,
+            self.daemon.surfaces.mqtt_problem,
+            self.asr_problem,
+        )
+        return "; ".join(p for p in problems if p) or None
+
+    # --- stage threads ---------------------------------------------------------------------
+
+    def check_stages(self) -> bool:
+        """A stage thread that died is reported (log, STATUS=, status, event/error) and the
+        daemon stops with a non-zero exit, for systemd to restart it: never a dead stage
+        behind a fed watchdog. True once one has died."""
+        if self.stage_problem is not None:
+            return True
+        daemon = self.daemon
+        listener = daemon.listener
+        for stage in daemon.stages():
+            # A listener ends with its stream or its microphone; the others only on stop()
+            # (the command runner follows the daemon's own stop event: ended then is no death).
+            stopping = daemon.stop_event.is_set()
+            ended = stage is not listener and not stage.is_alive() and not stopping
+            if stage.died or ended:
+                self._stage_died(stage.thread_name, stage.died or "its thread ended")
+                return True
+        return False
+
+    def _stage_died(self, name: str, why: str) -> None:
+        daemon = self.daemon
+        self.stage_problem = daemon.error = f"the {name} stage died: {why}"
+        _LOGGER.error("%s; stopping (systemd restarts the service)", daemon.error)
+        daemon.notifier.status(daemon.error)
+        self.heartbeat()
+        m = self.settings.mqtt
+        event = ErrorEvent(node_id=m.node_id, area=m.area, component=name, error=daemon.error)
+        try:
+            daemon.surfaces.publish_event(event)  # delivered by MQTT on its way out
+        except sqlite3.Error as exc:  # the store may be what failed
+            _LOGGER.error("cannot queue the error event: %s", exc)
+
+    def check_stopped(self) -> None:
+        """A stage that died on the way out still fails the run."""
+        died = [stage for stage in self.daemon.stages() if stage.died]
+        if died and self.stage_problem is None:
+            self.stage_problem = self.daemon.error = (
+                f"the {died[0].thread_name} stage died: {died[0].died}"
+            )
+
+    def healthy(self) -> bool:
+        """Every thread alive, and audio arriving (or muted, or the microphone gone and
+        waited for): the watchdog may be fed."""
+        daemon = self.daemon
+        listener = daemon.listener  # its health is the audio's, below
+        threads_ok = all(stage.is_alive() for stage in daemon.stages() if stage is not listener)
+        if not daemon.listening:
+            return threads_ok
+        return threads_ok and daemon.audio.healthy(time.monotonic())
+
+    # --- degraded, but running -------------------------------------------------------------
+
+    def check_disk(self) -> None:
+        """Below the free-space threshold, audio stays in memory; say so everywhere."""
+        low = disk_low(self.settings)
+        if low == (self.disk_problem is not None):
+            return
+        free_mb = disk_free_mb(self.settings.storage.audio_dir)  # where audio is written
+        if low:
+            self.disk_problem = f"disk almost full ({free_mb:.0f} MB free): audio not written"
+            _LOGGER.error("%s", self.disk_problem)
+            m = self.settings.mqtt
+            self.daemon.surfaces.publish_event(
+                ErrorEvent(
+                    node_id=m.node_id,
+                    area=m.area,
+                    component="storage",
+                    error=self.disk_problem,
+                    context={"free_mb": round(free_mb)},
+                )
+            )
+        else:
+            _LOGGER.info("disk space is back (%.0f MB free)", free_mb)
+            self.disk_problem = None
+        self.announce()
+        self.daemon.surfaces.publish_state()
+
+    def check_asr(self) -> None:
+        """Degraded while the ASR backend says so (every Wyoming server down)."""
+        worker = self.daemon.pipeline.worker
+        problem = worker.transcriber.problem() if worker is not None else None
+        if problem != self.asr_problem:
+            self.asr_problem = problem
+            _LOGGER.log(logging.WARNING if problem else logging.INFO, "%s", problem or "ASR ok")
+            self.announce()
+            self.daemon.surfaces.publish_state()
+
+    # --- what is said ----------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        """What is wrong, or what the daemon listens to (`systemctl status`)."""
+        if self.degraded:
+            return self.degraded
+        daemon = self.daemon
+        return f"listening on {daemon.source.name}" if daemon.listening else "muted"
+
+    def announce(self) -> None:
+        """The state changed (the audio's, a problem's): say so in `systemctl status`."""
+        self.daemon.notifier.status(self.status_line())
+
+    def heartbeat(self, stopped: bool = False) -> None:
+        """The file `meraudiod status` reads (`at` 0 once stopped)."""
+        try:
+            write_heartbeat(
+                self.settings,
+                {**daemon_snapshot(self.daemon), **({"at": 0.0} if stopped else {})},
+            )
+        except OSError as exc:  # `status` goes stale; the daemon itself carries on
+            _LOGGER.error("cannot write the heartbeat for `status`: %s", exc)

@@ -1,0 +1,69 @@
+"""SIGHUP's reload of a running daemon: the configuration file is read again, what can change
+live is applied (the log level, the VAD and recorder parameters, speakers and diarization on
+or off), and what needs a restart is said. A file that does not load changes nothing."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .config import ConfigError, apply_live, load_settings
+from .diarization import DiarizationError
+from .segmenter import SegmenterParams
+from .status import configured_models
+from .voiceprints import SpeakerError
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class Reloader:
+    """Applies a fresh read of the daemon's configuration file to the running daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def reload(self) -> None:
+        """Re-read the configuration: apply what can change live, report what cannot."""
+        daemon = self.daemon
+        try:
+            fresh = load_settings(daemon.config_path)
+        except ConfigError as exc:
+            _LOGGER.error("reload refused, keeping the running configuration: %s", exc)
+            daemon.notifier.status(f"reload failed: {exc}")
+            return
+        for (section, key), value in daemon.cli_overrides.items():
+            object.__setattr__(getattr(fresh, section), key, value)
+        settings = daemon.settings
+        applied, needs_restart = apply_live(settings, fresh)
+        self._update_speakers()
+        if applied:
+            logging.getLogger().setLevel(settings.logging.level)
+            if daemon.listener is not None:
+                daemon.listener.update_params(
+                    SegmenterParams.from_settings(settings.vad, settings.recorder)
+                )
+        _LOGGER.info("reloaded configuration: applied %s", ", ".join(applied) or "nothing")
+        if needs_restart:
+            _LOGGER.warning("these settings need a restart: %s", ", ".join(needs_restart))
+        daemon.notifier.status(
+            daemon.health.status_line()
+            + (f"; restart needed for {', '.join(needs_restart)}" if needs_restart else "")
+        )
+
+    def _update_speakers(self) -> None:
+        """Load or free the speaker models as speakers/diarization were turned on or off; a
+        model that will not load leaves them off, said in the log."""
+        daemon = self.daemon
+        try:
+            changed = daemon.pipeline.update_speakers()
+        except (SpeakerError, DiarizationError) as exc:
+            _LOGGER.error("speakers and diarization stay off: %s", exc)
+            for section in (daemon.settings.speakers, daemon.settings.diarization):
+                object.__setattr__(section, "enabled", False)
+            changed = None
+        if changed:
+            _LOGGER.info("%s", changed)
+        daemon.models = configured_models(daemon.settings)
