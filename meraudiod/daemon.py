@@ -69,7 +69,6 @@ class Daemon:
         self.inbound: queue.Queue[Any] = queue.Queue(maxsize=100)
         self.retention = Retention(settings, self._worker_stop)
         self.conn: sqlite3.Connection | None = None
-        self.recordings_made = 0
         self.started_at = time.monotonic()
         self.surfaces = Surfaces(self)  # MQTT, its command runner, HTTP
         self.health = Health(self)
