@@ -31,6 +31,14 @@ def _default_node_id() -> str:
     return sanitize_node_id(socket.gethostname())
 
 
+def _plain_topic(value: str) -> str:
+    """A topic prefix to publish under: no wildcard (a broker closes the connection of a
+    client whose last will names one, so the link would never come up)."""
+    if "+" in value or "#" in value:
+        raise ValueError(f"{value!r} holds an MQTT wildcard (+ or #): use plain topic levels")
+    return value
+
+
 def sanitize_node_id(raw: str) -> str:
     """Lower-case and replace anything outside [a-z0-9_-] so the id is safe in MQTT topics."""
     cleaned = re.sub(r"[^a-z0-9_-]+", "_", raw.lower()).strip("_")
@@ -357,6 +365,11 @@ class MqttSettings(Section):
     def _sanitize(cls, value: str) -> str:
         return sanitize_node_id(value)
 
+    @field_validator("base_topic")
+    @classmethod
+    def _plain_base(cls, value: str) -> str:
+        return _plain_topic(value)
+
     @model_validator(mode="after")
     def _one_password_and_tls_files_need_tls(self) -> MqttSettings:
         if self.password is not None and self.password_file is not None:
@@ -440,6 +453,11 @@ class HomeAssistantSettings(Section):
 
     discovery: bool = Field(True, description="Publish device discovery when MQTT is enabled")
     discovery_prefix: str = Field("homeassistant", description="Discovery topic prefix")
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str) -> str:
+        return _plain_topic(value)
 
 
 class LoggingSettings(Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,25 @@ def test_bad_value_is_named(tmp_path: Path, env: dict[str, str]) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[vad]\nstart_threshold = 0.2\nend_threshold = 0.4\n")
     with pytest.raises(ConfigError, match=r"end_threshold"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('[mqtt]\nbase_topic = "home/#"\n', "mqtt.base_topic"),
+        ('[mqtt]\nbase_topic = "home/+/audio"\n', "mqtt.base_topic"),
+        ('[homeassistant]\ndiscovery_prefix = "ha/#"\n', "homeassistant.discovery_prefix"),
+    ],
+)
+def test_a_topic_prefix_with_a_wildcard_is_named(
+    tmp_path: Path, env: dict[str, str], toml: str, key: str
+) -> None:
+    # A wildcard is no topic to publish to: the broker closed every connection (the last
+    # will's topic), and the log said only "closed before CONNACK; retrying", for ever.
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=re.escape(key) + ".*wildcard"):
         load_settings(path)
 
 
