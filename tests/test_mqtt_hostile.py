@@ -76,6 +76,15 @@ def test_crafted_payloads_get_clear_errors_and_the_daemon_stays(
         reply = request(sub, command, payload)
         assert reply["status"] == "error" and message in reply["error"], (command, reply)
         assert proc.poll() is None, (command, payload[:40])
+    # A lone surrogate escape is valid JSON but no text: a bad request, where it was an
+    # "internal" error with a traceback in the log once it reached SQLite.
+    for command, payload in [
+        ("reprocess", b'{"ids": ["\\ud800"], "transaction": "u"}'),
+        ("recordings/list", b'{"search": "ok", "speaker": "a\\udfff", "transaction": "u"}'),
+    ]:
+        reply = request(sub, command, payload)
+        assert reply["code"] == "invalid_request" and "UTF-8" in reply["error"], reply
+        assert reply["transaction"] == "u"
     # a transaction is echoed when the rest of the request is wrong
     assert (
         request(sub, "recordings/list", json.dumps({"limit": "5", "transaction": "s"}))[
