@@ -321,3 +321,30 @@ def test_daemon_with_an_unusable_mqtt_file_stays_up_degraded_for_mqtt(
         notify.close()
     assert code == 0, stderr
     assert "Traceback" not in stderr
+
+
+def _no_restart_statuses() -> set[int]:
+    """The exit statuses the installed unit does not restart on."""
+    unit = (REPO / "systemd" / "meraudiod.service").read_text()
+    lines = [line for line in unit.splitlines() if line.startswith("RestartPreventExitStatus=")]
+    return {int(word) for line in lines for word in line.split("=", 1)[1].split()}
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "named"),
+    [
+        ("MERAUDIOD_AUDIO__SORCE", "mic", "audio.sorce: unknown key"),
+        ("MERAUDIOD_ASR__MODEL", "nope", "model 'nope'"),
+        ("MERAUDIOD_STORAGE__DATA_DIR", "/etc/hostname", "storage.data_dir"),
+    ],
+)
+def test_a_mistake_only_a_person_can_fix_is_not_restarted_for_ever(
+    env: dict[str, str], setting: str, value: str, named: str
+) -> None:
+    # Restart=on-failure with RestartSec=5 restarted a daemon that exits 1 on a bad key every
+    # 5 s, for ever (too slowly for systemd's start limit): a crash loop filling the journal.
+    # What only a person can fix exits with a status the unit does not restart on.
+    result = cli("run", "--source", "demo", env={**env, setting: value})
+    assert named in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode in _no_restart_statuses(), (result.returncode, result.stderr)
+    assert 1 not in _no_restart_statuses()  # a dead stage (exit 1) is still restarted
