@@ -126,7 +126,10 @@ def run(
     def printer(result: Any) -> None:
         count[0] += 1
         flag = "  (suspect: not speech)" if result.suspect else ""
-        click.echo(f"{fmt_span(result.start_s, result.end_s)} {result.text}{flag}")
+        try:
+            click.echo(f"{fmt_span(result.start_s, result.end_s)} {result.text}{flag}")
+        except BrokenPipeError:  # `run --print | head -1`: not a reason for the worker to die
+            _discard_stdout()
 
     daemon = Daemon(
         settings,
@@ -162,6 +165,14 @@ def run(
         n = daemon.listener.recordings_saved if daemon.listener else 0
         click.echo(f"{n} recordings, {count[0]} transcribed, in {time.monotonic() - t0:.1f} s")
     sys.exit(code)
+
+
+def _discard_stdout() -> None:
+    """The reader of stdout went away: what is printed from now on goes nowhere, quietly
+    (Python's documented remedy for a broken pipe), and the run goes on to its end."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _needs_a_person() -> tuple[type[Exception], ...]:

@@ -20,7 +20,7 @@ from meraudiod.models import manifest
 from meraudiod.profiles import delete, rename
 from meraudiod.speakers import next_unknown_name
 
-from .conftest import REPO, TEST_DATA, cli, run_daemon, wait_running
+from .conftest import DEMO, REPO, TEST_DATA, cli, db_rows, run_daemon, wait_running
 
 SHORT = TEST_DATA / "librivox_0880.wav"  # one utterance: "He was not an ill-disposed young man"
 
@@ -134,6 +134,27 @@ def test_recordings_output_is_consistent_and_errors_are_one_line(
 
     deleted = cli("recordings", "delete", rec_id.lower(), env=env)
     assert deleted.returncode == 0 and "deleted 1" in deleted.stdout, deleted.stderr
+
+
+def test_run_print_into_a_reader_that_went_away_is_no_dead_stage(
+    env: dict[str, str],
+) -> None:
+    """`run --print | head -1`: the reader closes the pipe. The worker printed from its own
+    thread, died of the BrokenPipeError with a traceback, and the run failed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{DEMO}", "--print"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the first transcript
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "died" not in stderr, stderr
+    states = [row["status"] for row in db_rows(env, "SELECT status FROM recordings")]
+    assert len(states) == 5 and set(states) == {"done"}, states  # every recording still transcribed
 
 
 def test_status_while_muted_and_with_another_config(env: dict[str, str], tmp_path: Path) -> None:
