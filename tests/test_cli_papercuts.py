@@ -157,6 +157,41 @@ def test_run_print_into_a_reader_that_went_away_is_no_dead_stage(
     assert len(states) == 5 and set(states) == {"done"}, states  # every recording still transcribed
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["recordings", "show", b"\xff"],
+        ["recordings", "delete", b"01M8\xff"],
+        ["speakers", "rename", b"Jos\xe9", "Jose"],
+        ["speakers", "delete", b"Jos\xe9"],
+        ["speakers", "opt-out", b"Jos\xe9"],
+        ["speakers", "merge", "Jose", b"Jos\xe9"],
+    ],
+)
+def test_a_name_typed_in_a_terminal_that_is_not_utf8_is_one_line(
+    env: dict[str, str], args: list[str | bytes]
+) -> None:
+    """A Latin-1 terminal sends "Jos\xe9": Python hands it over as a lone surrogate, which
+    reached SQLite and ended in a UnicodeEncodeError traceback."""
+    open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db").close()
+    result = subprocess.run(
+        [
+            sys.executable.encode(),
+            b"-m",
+            b"meraudiod",
+            *(a if isinstance(a, bytes) else a.encode() for a in args),
+        ],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode != 0 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]  # click's usage lines come before it
+    assert last.startswith("Error:") and "not valid UTF-8 text" in last, stderr
+
+
 def test_status_while_muted_and_with_another_config(env: dict[str, str], tmp_path: Path) -> None:
     """`status` shows the running daemon's models and no "level None" while it is muted."""
     run_dir = tmp_path / "run"
