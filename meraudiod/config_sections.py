@@ -9,7 +9,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -56,9 +56,22 @@ def is_loopback(host: str) -> bool:
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors."""
+    """Base of every section: unknown keys are errors, and text must be UTF-8."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*")
+    @classmethod
+    def _utf8_text(cls, value: Any) -> Any:
+        # A byte that is not UTF-8 in the environment (a Latin-1 "K\xfcche" in the unit's
+        # EnvironmentFile) arrives as a lone surrogate: no event, topic or login can carry it.
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{text!r} is not valid UTF-8 text") from None
+        return value
 
 
 class AudioSettings(Section):

@@ -113,3 +113,24 @@ def test_unknown_environment_key_is_named(
     monkeypatch.setenv("MERAUDIOD_ASR__BEEM_SIZE", "4")
     with pytest.raises(ConfigError, match=r"asr\.beem_size: unknown key"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "key"),
+    [
+        ("MERAUDIOD_MQTT__AREA", "mqtt.area"),
+        ("MERAUDIOD_MQTT__USERNAME", "mqtt.username"),
+        ("MERAUDIOD_MQTT__BASE_TOPIC", "mqtt.base_topic"),
+        ("MERAUDIOD_ASR__LANGUAGE", "asr.language"),
+    ],
+)
+def test_a_setting_that_is_not_utf8_text_is_named(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, variable: str, key: str
+) -> None:
+    # "K\xfcche" written in Latin-1 into /etc/meraudiod/environment: systemd passes the byte
+    # on, Python makes it a lone surrogate. As mqtt.area it failed every transcript (the event
+    # could not be encoded) until each recording was left failed; as mqtt.username or
+    # base_topic the MQTT stage died at connect, and the service restarted for ever.
+    monkeypatch.setenv(variable, "K\udcfcche")
+    with pytest.raises(ConfigError, match=re.escape(key) + ".*not valid UTF-8"):
+        load_settings()
