@@ -11,7 +11,14 @@ import socket
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(Exception):
@@ -62,9 +69,12 @@ class Section(BaseModel):
 
     @field_validator("*")
     @classmethod
-    def _utf8_text(cls, value: Any) -> Any:
+    def _utf8_text(cls, value: Any, info: ValidationInfo) -> Any:
         # A byte that is not UTF-8 in the environment (a Latin-1 "K\xfcche" in the unit's
         # EnvironmentFile) arrives as a lone surrogate: no event, topic or login can carry it.
+        # A path may hold any bytes (audio.source's file:PATH; the others are Paths).
+        if info.field_name == "source":
+            return value
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str):
                 try:

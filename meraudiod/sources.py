@@ -109,7 +109,9 @@ class FileSource:
 
     def __init__(self, path: Path, realtime: bool = False, block_frames: int = 1) -> None:
         self.path = path
-        self.name = f"file:{path}"
+        # As stored and published: a name's bytes that are not UTF-8 (a file named in
+        # Latin-1) shown as \\xfc escapes; the file itself is read by its real name.
+        self.name = f"file:{os.fsencode(path).decode('utf-8', 'backslashreplace')}"
         self.realtime = realtime
         # With realtime, frames come a block at a time, as from a sound card.
         self.block_frames = block_frames
