@@ -100,6 +100,38 @@ def test_crafted_payloads_get_clear_errors_and_the_daemon_stays(
     assert ok["status"] == "ok" and ok["transaction"] == "q", ok
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_100_mb_request_does_not_reach_the_daemon(
+    daemon: tuple[subprocess.Popen[bytes], Subscriber], broker: Broker
+) -> None:
+    # Each oversized request was received whole by paho, copied, queued and only then
+    # refused: 100 MB messages took the daemon's peak memory up by about 380 MB, enough to
+    # get a Pi's daemon killed. MQTT 5 lets the daemon tell the broker the largest packet it
+    # takes; the broker drops bigger ones for it.
+    proc, sub = daemon
+    before_mb = peak_rss_mb(proc.pid)
+    client = hostile_client(broker)
+    try:
+        for _ in range(3):
+            client.publish(f"{BASE}/request/status", b" " * (100 << 20), qos=1).wait_for_publish(60)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert request(sub, "status", "{}", timeout_s=30)["status"] == "ok"  # still answering
+    assert proc.poll() is None
+    assert peak_rss_mb(proc.pid) - before_mb < 50, (before_mb, peak_rss_mb(proc.pid))
+    # over 16 KiB but within the packet limit: still answered, with the reason
+    reply = request(sub, "status", b" " * (20 << 10))
+    assert reply["status"] == "error" and "payload too large" in reply["error"], reply
+
+
 # --- issue 11 item 2 ------------------------------------------------------------------------
 
 
