@@ -46,7 +46,9 @@ def config_option(func: F) -> F:
     return click.option(
         "--config",
         "config_path",
-        type=click.Path(dir_okay=False, path_type=Path),
+        # Checked by load_settings, not click: a usage error (exit 2) would be restarted by
+        # the unit for ever, and its wording names no user.
+        type=click.Path(path_type=Path, readable=False),
         default=None,
         help="Config file (default: $MERAUDIOD_CONFIG, then /etc/meraudiod/config.toml).",
     )(func)

@@ -348,3 +348,27 @@ def test_a_mistake_only_a_person_can_fix_is_not_restarted_for_ever(
     assert named in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.returncode in _no_restart_statuses(), (result.returncode, result.stderr)
     assert 1 not in _no_restart_statuses()  # a dead stage (exit 1) is still restarted
+
+
+@pytest.mark.parametrize("kind", ["unreadable", "a directory"])
+def test_a_config_file_the_service_cannot_read_is_not_restarted_for_ever(
+    env: dict[str, str], tmp_path: Path, kind: str
+) -> None:
+    # The unit passes --config; click checked that path itself and exited 2 (a usage error),
+    # which Restart=on-failure restarted every 5 s: a root-only config.toml was a crash loop.
+    path = tmp_path / "meraudiod.toml"
+    if kind == "a directory":
+        path.mkdir()
+    else:
+        path.write_text("")
+        path.chmod(0o000)
+    result = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--config", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert str(path) in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode in _no_restart_statuses(), (result.returncode, result.stderr)
