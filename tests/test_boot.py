@@ -372,3 +372,23 @@ def test_a_config_file_the_service_cannot_read_is_not_restarted_for_ever(
     )
     assert str(path) in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.returncode in _no_restart_statuses(), (result.returncode, result.stderr)
+
+
+def test_an_http_token_file_the_service_cannot_read_is_not_restarted_for_ever(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    token = tmp_path / "http-token"
+    token.write_text("a-token-of-twenty-chars\n")
+    token.chmod(0o000)
+    http = {"MERAUDIOD_HTTP__ENABLED": "true", "MERAUDIOD_HTTP__TOKEN_FILE": str(token)}
+    result = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--source", "demo"],
+        env={**env, **http},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: http.token_file: cannot read {token}"), result.stderr
+    assert result.returncode in _no_restart_statuses(), (result.returncode, result.stderr)
