@@ -392,3 +392,15 @@ def test_an_http_token_file_the_service_cannot_read_is_not_restarted_for_ever(
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"Error: http.token_file: cannot read {token}"), result.stderr
     assert result.returncode in _no_restart_statuses(), (result.returncode, result.stderr)
+    # and `config check` names it too (it said "configuration ok")
+    check = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "config", "check"],
+        env={**env, **http},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode != 0 and f"http.token_file: cannot read {token}" in check.stderr, (
+        check.stdout + check.stderr
+    )
