@@ -94,7 +94,10 @@ class AudioSettings(Section):
         None, description="Input device name (substring) or index; None = system default"
     )
     device_rate_hz: int | None = Field(
-        None, description="Rate to open the device at; None = its native default rate"
+        None,
+        ge=8000,
+        le=384000,
+        description="Rate to open the device at (8000-384000); None = its native default rate",
     )
     queue_frames: int = Field(
         256,

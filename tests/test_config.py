@@ -75,6 +75,18 @@ def test_a_topic_prefix_with_a_wildcard_is_named(
         load_settings(path)
 
 
+@pytest.mark.parametrize("rate", ["-48000", "0", "5", "100000000"])
+def test_a_device_rate_no_sound_card_has_is_named(
+    tmp_path: Path, env: dict[str, str], rate: str
+) -> None:
+    # Accepted before: PortAudio then refused to open the card at that rate, and the daemon
+    # waited for "the microphone" for ever, as if it were unplugged (0 meant the native rate).
+    path = tmp_path / "c.toml"
+    path.write_text(f"[audio]\ndevice_rate_hz = {rate}\n")
+    with pytest.raises(ConfigError, match=r"audio\.device_rate_hz"):
+        load_settings(path)
+
+
 def test_missing_named_file_is_an_error(tmp_path: Path, env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match=r"not found: .*absent.toml"):
         load_settings(tmp_path / "absent.toml")
