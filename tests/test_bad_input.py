@@ -180,3 +180,18 @@ def test_a_file_named_in_latin1_is_transcribed(
     assert sources == {f"file:{tmp_path}/K\\xfcche{original.suffix}"}, sources
     states = {row["status"] for row in db_rows(env, "SELECT status FROM recordings")}
     assert states == {"done"}, states
+
+
+def test_run_on_a_closed_stdin_is_one_line(env: dict[str, str]) -> None:
+    # Started with standard input closed (a supervisor's `<&-`): the reader thread died of an
+    # AttributeError traceback and the daemon said "no audio from stdin for 5 s" for ever.
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$0" -m meraudiod run --source stdin 0<&-', sys.executable],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: cannot read stdin"), done.stderr
