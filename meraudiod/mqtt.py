@@ -304,7 +304,11 @@ class MqttLink(StageThread):
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         topic = msg.topic
-        if topic == f"{self.base}/listening/set":
+        if msg.retain and topic.startswith(f"{self.base}/") and msg.payload:
+            # Kept by the broker and handed over as we subscribe: a command from the past (a
+            # retained purge ran at every start, a retained OFF muted again after an ON).
+            _LOGGER.warning("retained %.80s ignored: publish commands without retain", topic)
+        elif topic == f"{self.base}/listening/set":
             try:
                 self.inbound.put_nowait(Inbound("listening", "listening/set", bytes(msg.payload)))
             except queue.Full:

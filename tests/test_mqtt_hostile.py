@@ -132,6 +132,36 @@ def test_a_100_mb_request_does_not_reach_the_daemon(
     assert reply["status"] == "error" and "payload too large" in reply["error"], reply
 
 
+def test_retained_requests_are_never_replayed(env: dict[str, str], broker: Broker) -> None:
+    # A request published with retain (mosquitto_pub -r, or Home Assistant's mqtt.publish
+    # with retain: true) was run again at every start and every reconnect: a retained purge
+    # deleted the newest recordings each time, and a retained OFF muted the device again
+    # after the owner had switched it back on.
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    stale = json.dumps({"transaction": "stale"})
+    sub.publish(f"{BASE}/request/recordings/list", stale, retain=True)
+    sub.publish(f"{BASE}/listening/set", "OFF", retain=True)
+    proc = start_daemon(mqtt_env(env, broker))
+    try:
+        sub.wait_online(60)
+        time.sleep(3)  # the retained messages reach the daemon as it subscribes
+        fresh = request(sub, "status", json.dumps({"transaction": "fresh"}))
+        assert fresh["data"]["listening"] is True, fresh  # the stale OFF was not obeyed
+        replies = [m.json() for m in sub.on("/response/recordings/list")]
+        assert not [r for r in replies if r["transaction"] == "stale"], replies
+        # published live, even with the retain flag, a request is still answered once
+        sub.publish(f"{BASE}/request/recordings/list", json.dumps({"transaction": "live"}), True)
+        sub.wait_for(lambda: len(sub.on("/response/recordings/list")) >= 1, 20)
+        replies = [m.json()["transaction"] for m in sub.on("/response/recordings/list")]
+        assert replies == ["live"], replies
+        finish(proc)
+    finally:
+        stop_daemon(proc)
+        sub.publish(f"{BASE}/request/recordings/list", "", retain=True)  # clear them
+        sub.publish(f"{BASE}/listening/set", "", retain=True)
+        sub.close()
+
+
 # --- issue 11 item 2 ------------------------------------------------------------------------
 
 
