@@ -162,6 +162,31 @@ def test_retained_requests_are_never_replayed(env: dict[str, str], broker: Broke
         sub.close()
 
 
+def test_the_last_listening_switch_of_a_flood_is_obeyed(
+    env: dict[str, str], broker: Broker
+) -> None:
+    # The switches wait in a bounded queue; a full one dropped the newest, so after a flood
+    # the owner's last word (OFF: stop listening) could be the one lost.
+    sub = Subscriber(broker.port, [f"{BASE}/response/#", f"{BASE}/status"])
+    proc = start_daemon(mqtt_env(env, broker))
+    client = hostile_client(broker)
+    try:
+        sub.wait_online(60)
+        for last in ("OFF", "ON", "OFF"):
+            for i in range(3000):
+                client.publish(f"{BASE}/listening/set", "OFF" if i % 2 else "ON", qos=0)
+            client.publish(f"{BASE}/listening/set", last, qos=1).wait_for_publish(30)
+            time.sleep(5)  # the queue drains (a switch takes a few ms)
+            state = request(sub, "status", "{}", timeout_s=60)["data"]
+            assert state["listening"] is (last == "ON"), (last, state["listening"])
+        finish(proc)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        stop_daemon(proc)
+        sub.close()
+
+
 # --- issue 11 item 2 ------------------------------------------------------------------------
 
 
