@@ -319,3 +319,18 @@ def test_models_list_shows_each_files_checksum(env: dict[str, str]) -> None:
         for file_name, sha256 in spec.files.items():
             assert f"sha256 {sha256}  {file_name}" in text.stdout
     assert sum(len(s.files) for s in manifest().values()) >= 5
+
+
+def test_the_same_clip_twice_is_enrolled_once(
+    env: dict[str, str], speaker_models: Path, tmp_path: Path
+) -> None:
+    # Twice the same clip (a path and the same path again, as a shell glob can give) stored
+    # two identical embeddings: the person's mean leaned on that clip, and "consistency"
+    # compared it with itself.
+    clip = TEST_DATA / "ls_3080_0000.flac"
+    again = tmp_path / "link.flac"
+    again.symlink_to(clip)
+    result = cli("speakers", "enroll", "Alice", str(clip), str(clip), str(again), env=env)
+    assert result.returncode == 0, result.stderr
+    (alice,) = json.loads(cli("speakers", "list", "--json", env=env).stdout)
+    assert alice["embeddings"] == 1, alice
