@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +170,7 @@ def _flac_16k_mono_frames(path: Path) -> int | None:
     import soundfile
 
     try:
-        info = soundfile.info(str(path))
+        info = soundfile.info(os.fsencode(path))
     except (soundfile.LibsndfileError, RuntimeError, OSError):  # a format it cannot read
         return None
     native = info.format == "FLAC" and info.samplerate == SAMPLE_RATE_HZ and info.channels == 1
@@ -185,7 +186,7 @@ def _iter_flac_pcm(path: Path, frames: int, block_s: float) -> Iterator[Int16Arr
 
     decoded_samples = 0
     try:
-        with soundfile.SoundFile(str(path)) as handle:
+        with soundfile.SoundFile(os.fsencode(path)) as handle:
             for block in handle.blocks(blocksize=int(block_s * SAMPLE_RATE_HZ), dtype="int16"):
                 decoded_samples += block.size
                 yield block

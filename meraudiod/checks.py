@@ -34,6 +34,7 @@ def named_files(settings: Settings) -> dict[str, Path]:
         "mqtt.tls_ca_file": m.tls_ca_file,
         "mqtt.tls_cert_file": m.tls_cert_file,
         "mqtt.tls_key_file": m.tls_key_file,
+        "http.token_file": settings.http.token_file,
     }
     return {key: path for key, path in files.items() if path is not None}
 
@@ -65,7 +66,9 @@ def mqtt_file_problems(settings: Settings) -> list[str]:
             keyfile = str(m.tls_key_file) if m.tls_key_file else None
             context.load_cert_chain(str(m.tls_cert_file), keyfile)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        named = ", ".join(f"{key} {path}" for key, path in named_files(settings).items())
+        named = ", ".join(
+            f"{key} {path}" for key, path in named_files(settings).items() if "tls" in key
+        )
         problems.append(f"cannot load the TLS files ({named}): {exc}")
     return problems
 

@@ -36,6 +36,16 @@ from .signals import run_handlers
 from .sources import SourceError, open_source
 
 _UMASK: Final = 0o027  # group may read (an admin in the service's group), others nothing
+# sysexits.h's EX_CONFIG. The unit does not restart on it (RestartPreventExitStatus=78): with
+# Restart=on-failure and RestartSec=5 a bad key was a start every 5 s for ever, too slow for
+# systemd's start limit to end it.
+EXIT_NEEDS_A_PERSON: Final = 78
+
+
+class NeedsAPerson(click.ClickException):
+    """A start refused on what only a person can fix: configuration, models, directories."""
+
+    exit_code = EXIT_NEEDS_A_PERSON
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -103,7 +113,10 @@ def run(
     from .daemon import Daemon
 
     on_terminal = sys.stderr.isatty() and "INVOCATION_ID" not in os.environ  # not systemd's
-    settings = settings_from(config_path, verbosity, daemon=not on_terminal)
+    try:
+        settings = settings_from(config_path, verbosity, daemon=not on_terminal)
+    except click.ClickException as exc:  # the configuration: unreadable, a bad key or value
+        raise NeedsAPerson(exc.message) from exc
     if source is not None:
         settings.audio.source = _checked_source(source)
     if realtime is not None:
@@ -113,7 +126,10 @@ def run(
     def printer(result: Any) -> None:
         count[0] += 1
         flag = "  (suspect: not speech)" if result.suspect else ""
-        click.echo(f"{fmt_span(result.start_s, result.end_s)} {result.text}{flag}")
+        try:
+            click.echo(f"{fmt_span(result.start_s, result.end_s)} {result.text}{flag}")
+        except BrokenPipeError:  # `run --print | head -1`: not a reason for the worker to die
+            _discard_stdout()
 
     daemon = Daemon(
         settings,
@@ -131,7 +147,10 @@ def run(
     try:
         daemon.start()
         code = daemon.run()
-    except _clear_errors() as exc:
+    except _needs_a_person() as exc:
+        daemon.stop()
+        raise NeedsAPerson(str(exc)) from exc
+    except (SourceError, DatabaseError) as exc:  # a file source; a database may be busy
         daemon.stop()
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:  # a failed start must say why and exit non-zero
@@ -148,22 +167,29 @@ def run(
     sys.exit(code)
 
 
-def _clear_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message is the whole story (the file, the reason, the fix)."""
+def _discard_stdout() -> None:
+    """The reader of stdout went away: what is printed from now on goes nowhere, quietly
+    (Python's documented remedy for a broken pipe), and the run goes on to its end."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _needs_a_person() -> tuple[type[Exception], ...]:
+    """Errors at start whose message is the whole story (the file, the reason, the fix) and
+    that no restart can cure: a model missing or damaged, a directory not writable."""
     from .asr import AsrError
     from .diarization import DiarizationError
     from .vad import VadError
     from .voiceprints import SpeakerError
 
     return (
-        SourceError,
         modelstore.ModelError,
         AsrError,
         DiarizationError,
         VadError,
         SpeakerError,
         StartError,
-        DatabaseError,
     )
 
 

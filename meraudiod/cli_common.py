@@ -22,12 +22,33 @@ from .db import DatabaseError, open_db
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _Utf8Text(click.ParamType[str]):
+    """A name or an id typed on the command line. A terminal whose locale is not UTF-8 sends
+    "Jos\\xe9"; Python hands the byte over as a lone surrogate, which SQLite cannot store."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            str(value).encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail(
+                f"{value!r} is not valid UTF-8 text (is the terminal's locale UTF-8?)", param, ctx
+            )
+        return str(value)
+
+
+TEXT = _Utf8Text()
+
+
 def config_option(func: F) -> F:
     """Every command takes --config."""
     return click.option(
         "--config",
         "config_path",
-        type=click.Path(dir_okay=False, path_type=Path),
+        # Checked by load_settings, not click: a usage error (exit 2) would be restarted by
+        # the unit for ever, and its wording names no user.
+        type=click.Path(path_type=Path, readable=False),
         default=None,
         help="Config file (default: $MERAUDIOD_CONFIG, then /etc/meraudiod/config.toml).",
     )(func)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .cli_common import (
+    TEXT,
     config_option,
     echo_json,
     fmt_span,
@@ -70,7 +71,7 @@ def recordings_list(
 @recordings.command("show")
 @config_option
 @json_option
-@click.argument("rec_id")
+@click.argument("rec_id", type=TEXT)
 def recordings_show(config_path: Path | None, as_json: bool, rec_id: str) -> None:
     """Show one recording with its segments and their times (the id in either case).
 
@@ -113,7 +114,7 @@ def recordings_show(config_path: Path | None, as_json: bool, rec_id: str) -> Non
 
 @recordings.command("delete")
 @config_option
-@click.argument("rec_ids", nargs=-1, required=True)
+@click.argument("rec_ids", nargs=-1, required=True, type=TEXT)
 def recordings_delete(config_path: Path | None, rec_ids: tuple[str, ...]) -> None:
     """Delete recordings: audio, text and search index alike.
 
@@ -130,7 +131,7 @@ def recordings_delete(config_path: Path | None, rec_ids: tuple[str, ...]) -> Non
 
 @recordings.command("export")
 @config_option
-@click.argument("rec_ids", nargs=-1, required=True)
+@click.argument("rec_ids", nargs=-1, required=True, type=TEXT)
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 def recordings_export(config_path: Path | None, rec_ids: tuple[str, ...], out_dir: Path) -> None:
     """Write each recording's audio and a JSON file with its transcript into --out (a

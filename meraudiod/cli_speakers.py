@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .cli_common import (
+    TEXT,
     config_option,
     echo_json,
     fmt_time,
@@ -87,7 +88,7 @@ def speakers_list(config_path: Path | None, as_json: bool) -> None:
 
 @speakers_group.command("enroll")
 @config_option
-@click.argument("name")
+@click.argument("name", type=TEXT)
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--do-not-keep", is_flag=True, help="Recognise this person only to delete them.")
 def speakers_enroll(
@@ -131,7 +132,7 @@ def speakers_enroll(
 @speakers_group.command("test")
 @config_option
 @json_option
-@click.argument("name")
+@click.argument("name", type=TEXT)
 @click.argument("sources", nargs=-1, required=True)
 def speakers_test(
     config_path: Path | None, as_json: bool, name: str, sources: tuple[str, ...]
@@ -172,8 +173,8 @@ def speakers_test(
 
 @speakers_group.command("rename")
 @config_option
-@click.argument("old")
-@click.argument("new")
+@click.argument("old", type=TEXT)
+@click.argument("new", type=TEXT)
 def speakers_rename(config_path: Path | None, old: str, new: str) -> None:
     """Rename a profile; naming a provisional "unknown-N" makes it a known person.
 
@@ -191,8 +192,8 @@ def speakers_rename(config_path: Path | None, old: str, new: str) -> None:
 
 @speakers_group.command("merge")
 @config_option
-@click.argument("source")
-@click.argument("target")
+@click.argument("source", type=TEXT)
+@click.argument("target", type=TEXT)
 def speakers_merge(config_path: Path | None, source: str, target: str) -> None:
     """Fold SOURCE into TARGET: embeddings and past attributions move, SOURCE goes.
 
@@ -210,7 +211,7 @@ def speakers_merge(config_path: Path | None, source: str, target: str) -> None:
 
 @speakers_group.command("delete")
 @config_option
-@click.argument("name")
+@click.argument("name", type=TEXT)
 @click.option("--recordings", "with_recordings", is_flag=True, help="Also every recording of them.")
 def speakers_delete(config_path: Path | None, name: str, with_recordings: bool) -> None:
     """Delete a profile and its embeddings (and, with --recordings, what they said).
@@ -234,7 +235,7 @@ def speakers_delete(config_path: Path | None, name: str, with_recordings: bool) 
 
 @speakers_group.command("opt-out")
 @config_option
-@click.argument("name")
+@click.argument("name", type=TEXT)
 @click.option("--undo", is_flag=True, help="Keep this person's recordings again.")
 def speakers_opt_out(config_path: Path | None, name: str, undo: bool) -> None:
     """Mark a person "do not keep": recordings matched to them are deleted once processed.

@@ -66,6 +66,25 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def _check_text(value: Any, where: str) -> None:
+    """InvalidArguments for a string UTF-8 cannot hold: a lone surrogate escape ("\\ud800")
+    is valid JSON, but SQLite and the events could not store it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArguments(
+                f"invalid arguments: {where}: not valid UTF-8 text (a lone surrogate escape)"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where)
+            _check_text(item, str(key) if where == "arguments" else where)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, where)
+
+
 def execute(ctx: CommandContext, name: str, args: dict[str, Any]) -> Any:
     """Validate and run one command; raises CommandError."""
     command = COMMANDS.get(name)
@@ -73,6 +92,7 @@ def execute(ctx: CommandContext, name: str, args: dict[str, Any]) -> Any:
         raise InvalidArguments(f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
     if command.admin and not ctx.admin:
         raise Forbidden(f"{name} changes or deletes data: set mqtt.allow_admin_commands")
+    _check_text(args, "arguments")
     try:
         parsed = command.args.model_validate(args)
     except ValidationError as exc:

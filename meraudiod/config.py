@@ -113,7 +113,8 @@ def load_settings(path: str | Path | None = None) -> Settings:
     source = "defaults and environment"
     if config_path is not None:
         if not config_path.is_file():
-            raise ConfigError(f"config file not found: {config_path}")
+            found = "is not a regular file" if config_path.exists() else "not found"
+            raise ConfigError(f"config file {found}: {config_path}")
         try:
             data = tomllib.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

@@ -9,9 +9,16 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(Exception):
@@ -31,6 +38,14 @@ def _default_node_id() -> str:
     return sanitize_node_id(socket.gethostname())
 
 
+def _plain_topic(value: str) -> str:
+    """A topic prefix to publish under: no wildcard (a broker closes the connection of a
+    client whose last will names one, so the link would never come up)."""
+    if "+" in value or "#" in value:
+        raise ValueError(f"{value!r} holds an MQTT wildcard (+ or #): use plain topic levels")
+    return value
+
+
 def sanitize_node_id(raw: str) -> str:
     """Lower-case and replace anything outside [a-z0-9_-] so the id is safe in MQTT topics."""
     cleaned = re.sub(r"[^a-z0-9_-]+", "_", raw.lower()).strip("_")
@@ -48,9 +63,25 @@ def is_loopback(host: str) -> bool:
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors."""
+    """Base of every section: unknown keys are errors, and text must be UTF-8."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*")
+    @classmethod
+    def _utf8_text(cls, value: Any, info: ValidationInfo) -> Any:
+        # A byte that is not UTF-8 in the environment (a Latin-1 "K\xfcche" in the unit's
+        # EnvironmentFile) arrives as a lone surrogate: no event, topic or login can carry it.
+        # A path may hold any bytes (audio.source's file:PATH; the others are Paths).
+        if info.field_name == "source":
+            return value
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{text!r} is not valid UTF-8 text") from None
+        return value
 
 
 class AudioSettings(Section):
@@ -63,7 +94,10 @@ class AudioSettings(Section):
         None, description="Input device name (substring) or index; None = system default"
     )
     device_rate_hz: int | None = Field(
-        None, description="Rate to open the device at; None = its native default rate"
+        None,
+        ge=8000,
+        le=384000,
+        description="Rate to open the device at (8000-384000); None = its native default rate",
     )
     queue_frames: int = Field(
         256,
@@ -357,6 +391,11 @@ class MqttSettings(Section):
     def _sanitize(cls, value: str) -> str:
         return sanitize_node_id(value)
 
+    @field_validator("base_topic")
+    @classmethod
+    def _plain_base(cls, value: str) -> str:
+        return _plain_topic(value)
+
     @model_validator(mode="after")
     def _one_password_and_tls_files_need_tls(self) -> MqttSettings:
         if self.password is not None and self.password_file is not None:
@@ -440,6 +479,11 @@ class HomeAssistantSettings(Section):
 
     discovery: bool = Field(True, description="Publish device discovery when MQTT is enabled")
     discovery_prefix: str = Field("homeassistant", description="Discovery topic prefix")
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str) -> str:
+        return _plain_topic(value)
 
 
 class LoggingSettings(Section):

@@ -13,6 +13,7 @@ logged and dropped; it never takes the link down.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -55,6 +56,7 @@ _GOODBYE_S: Final = 5.0
 _DELETE_BATCH: Final = 100
 _DELETE_AFTER_S: Final = 10.0
 _CONNACK_WAIT_S: Final = 5.0  # a broker that accepted TCP but says nothing: say so, retry
+_SAY_DROPS_EVERY_S: Final = 10.0  # a flood of switches is logged once a while, not per switch
 MAX_TOPIC_BYTES: Final = 65535  # MQTT's limit on a topic name (UTF-8)
 
 
@@ -98,6 +100,8 @@ class MqttLink(StageThread):
         self._republish_discovery = False
         self._backoff_s = _BACKOFF_MIN_S
         self._ever_tried = False
+        self._switches_dropped = 0
+        self._drops_said_at = -_SAY_DROPS_EVERY_S
         # Events created while there was no connection are sent late and say so.
         self._offline_since: float | None = None
         self._replay_before = 0.0
@@ -304,11 +308,12 @@ class MqttLink(StageThread):
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         topic = msg.topic
-        if topic == f"{self.base}/listening/set":
-            try:
-                self.inbound.put_nowait(Inbound("listening", "listening/set", bytes(msg.payload)))
-            except queue.Full:
-                _LOGGER.warning("listening/set: too many switches waiting; one dropped")
+        if msg.retain and topic.startswith(f"{self.base}/") and msg.payload:
+            # Kept by the broker and handed over as we subscribe: a command from the past (a
+            # retained purge ran at every start, a retained OFF muted again after an ON).
+            _LOGGER.warning("retained %.80s ignored: publish commands without retain", topic)
+        elif topic == f"{self.base}/listening/set":
+            self._switch(bytes(msg.payload))
         elif topic.startswith(f"{self.base}/request/"):
             name = topic.removeprefix(f"{self.base}/request/")
             response_topic = f"{self.base}/response/{name}"
@@ -322,6 +327,27 @@ class MqttLink(StageThread):
                 self.on_request(name, bytes(msg.payload))
         elif topic.endswith("/status") and msg.payload == b"online":
             self._republish_discovery = True  # Home Assistant restarted
+
+    def _switch(self, payload: bytes) -> None:
+        """Queue a listening switch for the main thread. Only the latest counts: a full queue
+        (a flood) loses its oldest switch, never the newest, which had lost the owner's last
+        OFF; the drops are logged once in a while, not once each."""
+        item = Inbound("listening", "listening/set", payload)
+        while True:
+            try:
+                self.inbound.put_nowait(item)
+                break
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self.inbound.get_nowait()
+                self._switches_dropped += 1
+        if self._switches_dropped and time.monotonic() - self._drops_said_at >= _SAY_DROPS_EVERY_S:
+            _LOGGER.warning(
+                "listening/set: a flood of switches; %d older ones dropped, the latest kept",
+                self._switches_dropped,
+            )
+            self._switches_dropped = 0
+            self._drops_said_at = time.monotonic()
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any

@@ -16,6 +16,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from .config import Settings
 
 _SESSION_EXPIRY_S: Final = 24 * 3600
+# The largest packet the broker may send us (MQTT 5; it drops bigger ones for this client):
+# a request's topic may be 65,535 bytes and its payload is refused over 16 KiB anyway, while
+# a 100 MB one was received whole, copied and queued first (hundreds of MB on a Pi).
+MAX_INBOUND_PACKET_BYTES: Final = 128 * 1024
 
 
 def base_topic(settings: Settings) -> str:
@@ -67,6 +71,7 @@ def connect(client: paho.Client, settings: Settings) -> None:
 
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = _SESSION_EXPIRY_S
+    props.MaximumPacketSize = MAX_INBOUND_PACKET_BYTES
     client.connect(m.host, m.port, m.keepalive_s, clean_start=False, properties=props)
 
 

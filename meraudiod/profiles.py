@@ -181,8 +181,12 @@ def enroll(
     """
     _check_name(name)
     clips = []
+    seen: set[Path] = set()
     for source in sources:
         label, path = _load(conn, stage.settings.storage.audio_dir, source, files)
+        if path.resolve() in seen:  # the same clip twice would weigh twice in the mean
+            continue
+        seen.add(path.resolve())
         try:
             clips.append((label, to_float32(decode_file(path))))
         except AudioDecodeError as exc:

@@ -8,13 +8,14 @@ stdin ends.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -109,7 +110,9 @@ class FileSource:
 
     def __init__(self, path: Path, realtime: bool = False, block_frames: int = 1) -> None:
         self.path = path
-        self.name = f"file:{path}"
+        # As stored and published: a name's bytes that are not UTF-8 (a file named in
+        # Latin-1) shown as \\xfc escapes; the file itself is read by its real name.
+        self.name = f"file:{os.fsencode(path).decode('utf-8', 'backslashreplace')}"
         self.realtime = realtime
         # With realtime, frames come a block at a time, as from a sound card.
         self.block_frames = block_frames
@@ -164,6 +167,19 @@ class FileSource:
         self._blocks = None
 
 
+def _stdin_reader() -> Callable[[int], bytes]:
+    """os.read on standard input's descriptor. With stdin closed at start (`<&-`), Python's
+    sys.stdin is None and descriptor 0 may be any file opened since: never read that."""
+    if sys.stdin is None:
+
+        def closed(_: int) -> bytes:
+            raise OSError(errno.EBADF, "standard input is closed")
+
+        return closed
+    fd = sys.stdin.fileno()
+    return lambda n: os.read(fd, n)
+
+
 class StdinSource:
     """Raw 16 kHz mono s16le on standard input (arecord, ffmpeg, a pipe from anywhere)."""
 
@@ -172,7 +188,7 @@ class StdinSource:
         self.dropped_frames = 0
         # The raw descriptor, not sys.stdin's buffered reader: a thread blocked in a buffered
         # read at interpreter exit aborts the process.
-        self._read = stream.read if stream is not None else lambda n: os.read(sys.stdin.fileno(), n)
+        self._read = stream.read if stream is not None else _stdin_reader()
         self._queue: queue.Queue[Int16Array | None] = queue.Queue(maxsize=queue_frames)
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -186,15 +202,18 @@ class StdinSource:
         self._thread.start()
 
     def _run(self) -> None:
-        leftover = self._skip_wav_header()
-        while not self._stopped.is_set() and self._error is None:
-            chunk = self._read(_STDIN_READ_BYTES)
-            if not chunk:
-                break
-            data = leftover + chunk
-            usable = len(data) - len(data) % 2
-            leftover = data[usable:]
-            self._put(np.frombuffer(data[:usable], dtype="<i2").astype(np.int16))
+        try:
+            leftover = self._skip_wav_header()
+            while not self._stopped.is_set() and self._error is None:
+                chunk = self._read(_STDIN_READ_BYTES)
+                if not chunk:
+                    break
+                data = leftover + chunk
+                usable = len(data) - len(data) % 2
+                leftover = data[usable:]
+                self._put(np.frombuffer(data[:usable], dtype="<i2").astype(np.int16))
+        except OSError as exc:  # e.g. started with stdin closed (`<&-`): said, not a dead thread
+            self._error = f"cannot read stdin: {exc.strerror or exc}"
         self._put(None)
 
     def _skip_wav_header(self) -> bytes:

@@ -155,3 +155,43 @@ def test_a_wav_file_on_stdin_is_told_apart_from_raw_pcm(env: dict[str, str]) -> 
     assert fitting.returncode == 0, fitting.stderr.decode()
     (rec,) = db_rows(env, "SELECT text FROM recordings")
     assert "young man" in rec["text"].lower()
+
+
+@pytest.mark.parametrize("original", [DEMO, TEST_DATA / "librivox_0880.wav"])
+def test_a_file_named_in_latin1_is_transcribed(
+    env: dict[str, str], tmp_path: Path, original: Path
+) -> None:
+    # "Küche.flac" copied from a Latin-1 system: libsndfile was handed the name as UTF-8
+    # (a UnicodeEncodeError traceback for analyze), and the recording's source, "file:"
+    # and the name, could not be stored (the listener failed, nothing was transcribed).
+    path = tmp_path / os.fsdecode(b"K\xfcche" + original.suffix.encode())
+    path.write_bytes(original.read_bytes())
+    python = os.fsencode(sys.executable)
+    for args in (
+        [b"analyze", b"--json", os.fsencode(path)],
+        [b"run", b"--source", b"file:" + os.fsencode(path)],
+    ):
+        done = subprocess.run(
+            [python, b"-m", b"meraudiod", *args], env=env, capture_output=True, timeout=180
+        )
+        stderr = done.stderr.decode(errors="replace")
+        assert done.returncode == 0 and "Traceback" not in stderr, stderr
+    sources = {row["source"] for row in db_rows(env, "SELECT source FROM recordings")}
+    assert sources == {f"file:{tmp_path}/K\\xfcche{original.suffix}"}, sources
+    states = {row["status"] for row in db_rows(env, "SELECT status FROM recordings")}
+    assert states == {"done"}, states
+
+
+def test_run_on_a_closed_stdin_is_one_line(env: dict[str, str]) -> None:
+    # Started with standard input closed (a supervisor's `<&-`): the reader thread died of an
+    # AttributeError traceback and the daemon said "no audio from stdin for 5 s" for ever.
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$0" -m meraudiod run --source stdin 0<&-', sys.executable],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: cannot read stdin"), done.stderr

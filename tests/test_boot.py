@@ -321,3 +321,86 @@ def test_daemon_with_an_unusable_mqtt_file_stays_up_degraded_for_mqtt(
         notify.close()
     assert code == 0, stderr
     assert "Traceback" not in stderr
+
+
+def _no_restart_statuses() -> set[int]:
+    """The exit statuses the installed unit does not restart on."""
+    unit = (REPO / "systemd" / "meraudiod.service").read_text()
+    lines = [line for line in unit.splitlines() if line.startswith("RestartPreventExitStatus=")]
+    return {int(word) for line in lines for word in line.split("=", 1)[1].split()}
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "named"),
+    [
+        ("MERAUDIOD_AUDIO__SORCE", "mic", "audio.sorce: unknown key"),
+        ("MERAUDIOD_ASR__MODEL", "nope", "model 'nope'"),
+        ("MERAUDIOD_STORAGE__DATA_DIR", "/etc/hostname", "storage.data_dir"),
+    ],
+)
+def test_a_mistake_only_a_person_can_fix_is_not_restarted_for_ever(
+    env: dict[str, str], setting: str, value: str, named: str
+) -> None:
+    # Restart=on-failure with RestartSec=5 restarted a daemon that exits 1 on a bad key every
+    # 5 s, for ever (too slowly for systemd's start limit): a crash loop filling the journal.
+    # What only a person can fix exits with a status the unit does not restart on.
+    result = cli("run", "--source", "demo", env={**env, setting: value})
+    assert named in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode in _no_restart_statuses(), (result.returncode, result.stderr)
+    assert 1 not in _no_restart_statuses()  # a dead stage (exit 1) is still restarted
+
+
+@pytest.mark.parametrize("kind", ["unreadable", "a directory"])
+def test_a_config_file_the_service_cannot_read_is_not_restarted_for_ever(
+    env: dict[str, str], tmp_path: Path, kind: str
+) -> None:
+    # The unit passes --config; click checked that path itself and exited 2 (a usage error),
+    # which Restart=on-failure restarted every 5 s: a root-only config.toml was a crash loop.
+    path = tmp_path / "meraudiod.toml"
+    if kind == "a directory":
+        path.mkdir()
+    else:
+        path.write_text("")
+        path.chmod(0o000)
+    result = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--config", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert str(path) in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode in _no_restart_statuses(), (result.returncode, result.stderr)
+
+
+def test_an_http_token_file_the_service_cannot_read_is_not_restarted_for_ever(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    token = tmp_path / "http-token"
+    token.write_text("a-token-of-twenty-chars\n")
+    token.chmod(0o000)
+    http = {"MERAUDIOD_HTTP__ENABLED": "true", "MERAUDIOD_HTTP__TOKEN_FILE": str(token)}
+    result = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--source", "demo"],
+        env={**env, **http},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: http.token_file: cannot read {token}"), result.stderr
+    assert result.returncode in _no_restart_statuses(), (result.returncode, result.stderr)
+    # and `config check` names it too (it said "configuration ok")
+    check = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "config", "check"],
+        env={**env, **http},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode != 0 and f"http.token_file: cannot read {token}" in check.stderr, (
+        check.stdout + check.stderr
+    )

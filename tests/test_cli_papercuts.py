@@ -20,7 +20,7 @@ from meraudiod.models import manifest
 from meraudiod.profiles import delete, rename
 from meraudiod.speakers import next_unknown_name
 
-from .conftest import REPO, TEST_DATA, cli, run_daemon, wait_running
+from .conftest import DEMO, REPO, TEST_DATA, cli, db_rows, run_daemon, wait_running
 
 SHORT = TEST_DATA / "librivox_0880.wav"  # one utterance: "He was not an ill-disposed young man"
 
@@ -136,6 +136,62 @@ def test_recordings_output_is_consistent_and_errors_are_one_line(
     assert deleted.returncode == 0 and "deleted 1" in deleted.stdout, deleted.stderr
 
 
+def test_run_print_into_a_reader_that_went_away_is_no_dead_stage(
+    env: dict[str, str],
+) -> None:
+    """`run --print | head -1`: the reader closes the pipe. The worker printed from its own
+    thread, died of the BrokenPipeError with a traceback, and the run failed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{DEMO}", "--print"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the first transcript
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "died" not in stderr, stderr
+    states = [row["status"] for row in db_rows(env, "SELECT status FROM recordings")]
+    assert len(states) == 5 and set(states) == {"done"}, states  # every recording still transcribed
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["recordings", "show", b"\xff"],
+        ["recordings", "delete", b"01M8\xff"],
+        ["speakers", "rename", b"Jos\xe9", "Jose"],
+        ["speakers", "delete", b"Jos\xe9"],
+        ["speakers", "opt-out", b"Jos\xe9"],
+        ["speakers", "merge", "Jose", b"Jos\xe9"],
+    ],
+)
+def test_a_name_typed_in_a_terminal_that_is_not_utf8_is_one_line(
+    env: dict[str, str], args: list[str | bytes]
+) -> None:
+    """A Latin-1 terminal sends "Jos\xe9": Python hands it over as a lone surrogate, which
+    reached SQLite and ended in a UnicodeEncodeError traceback."""
+    open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db").close()
+    result = subprocess.run(
+        [
+            sys.executable.encode(),
+            b"-m",
+            b"meraudiod",
+            *(a if isinstance(a, bytes) else a.encode() for a in args),
+        ],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode != 0 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]  # click's usage lines come before it
+    assert last.startswith("Error:") and "not valid UTF-8 text" in last, stderr
+
+
 def test_status_while_muted_and_with_another_config(env: dict[str, str], tmp_path: Path) -> None:
     """`status` shows the running daemon's models and no "level None" while it is muted."""
     run_dir = tmp_path / "run"
@@ -172,9 +228,9 @@ def test_a_damaged_model_names_the_file_and_the_fix(
     (onnx,) = (damaged / "silero-vad-v6").glob("*.onnx")
     onnx.write_bytes(onnx.read_bytes()[:100_000])  # a download cut short
     env = {**env, "MERAUDIOD_STORAGE__MODELS_DIR": str(damaged)}
-    for args in (("run", "--source", "demo"), ("analyze", str(SHORT))):
+    for args, status in ((("run", "--source", "demo"), 78), (("analyze", str(SHORT)), 1)):
         result = cli(*args, env=env)
-        assert result.returncode == 1, result.stdout
+        assert result.returncode == status, result.stdout  # 78: the unit does not restart
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert str(onnx) in lines[0] and "meraudiod models install --default" in lines[0]
@@ -263,3 +319,18 @@ def test_models_list_shows_each_files_checksum(env: dict[str, str]) -> None:
         for file_name, sha256 in spec.files.items():
             assert f"sha256 {sha256}  {file_name}" in text.stdout
     assert sum(len(s.files) for s in manifest().values()) >= 5
+
+
+def test_the_same_clip_twice_is_enrolled_once(
+    env: dict[str, str], speaker_models: Path, tmp_path: Path
+) -> None:
+    # Twice the same clip (a path and the same path again, as a shell glob can give) stored
+    # two identical embeddings: the person's mean leaned on that clip, and "consistency"
+    # compared it with itself.
+    clip = TEST_DATA / "ls_3080_0000.flac"
+    again = tmp_path / "link.flac"
+    again.symlink_to(clip)
+    result = cli("speakers", "enroll", "Alice", str(clip), str(clip), str(again), env=env)
+    assert result.returncode == 0, result.stderr
+    (alice,) = json.loads(cli("speakers", "list", "--json", env=env).stdout)
+    assert alice["embeddings"] == 1, alice

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,37 @@ def test_bad_value_is_named(tmp_path: Path, env: dict[str, str]) -> None:
         load_settings(path)
 
 
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('[mqtt]\nbase_topic = "home/#"\n', "mqtt.base_topic"),
+        ('[mqtt]\nbase_topic = "home/+/audio"\n', "mqtt.base_topic"),
+        ('[homeassistant]\ndiscovery_prefix = "ha/#"\n', "homeassistant.discovery_prefix"),
+    ],
+)
+def test_a_topic_prefix_with_a_wildcard_is_named(
+    tmp_path: Path, env: dict[str, str], toml: str, key: str
+) -> None:
+    # A wildcard is no topic to publish to: the broker closed every connection (the last
+    # will's topic), and the log said only "closed before CONNACK; retrying", for ever.
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=re.escape(key) + ".*wildcard"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize("rate", ["-48000", "0", "5", "100000000"])
+def test_a_device_rate_no_sound_card_has_is_named(
+    tmp_path: Path, env: dict[str, str], rate: str
+) -> None:
+    # Accepted before: PortAudio then refused to open the card at that rate, and the daemon
+    # waited for "the microphone" for ever, as if it were unplugged (0 meant the native rate).
+    path = tmp_path / "c.toml"
+    path.write_text(f"[audio]\ndevice_rate_hz = {rate}\n")
+    with pytest.raises(ConfigError, match=r"audio\.device_rate_hz"):
+        load_settings(path)
+
+
 def test_missing_named_file_is_an_error(tmp_path: Path, env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match=r"not found: .*absent.toml"):
         load_settings(tmp_path / "absent.toml")
@@ -92,4 +124,25 @@ def test_unknown_environment_key_is_named(
 ) -> None:
     monkeypatch.setenv("MERAUDIOD_ASR__BEEM_SIZE", "4")
     with pytest.raises(ConfigError, match=r"asr\.beem_size: unknown key"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "key"),
+    [
+        ("MERAUDIOD_MQTT__AREA", "mqtt.area"),
+        ("MERAUDIOD_MQTT__USERNAME", "mqtt.username"),
+        ("MERAUDIOD_MQTT__BASE_TOPIC", "mqtt.base_topic"),
+        ("MERAUDIOD_ASR__LANGUAGE", "asr.language"),
+    ],
+)
+def test_a_setting_that_is_not_utf8_text_is_named(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, variable: str, key: str
+) -> None:
+    # "K\xfcche" written in Latin-1 into /etc/meraudiod/environment: systemd passes the byte
+    # on, Python makes it a lone surrogate. As mqtt.area it failed every transcript (the event
+    # could not be encoded) until each recording was left failed; as mqtt.username or
+    # base_topic the MQTT stage died at connect, and the service restarted for ever.
+    monkeypatch.setenv(variable, "K\udcfcche")
+    with pytest.raises(ConfigError, match=re.escape(key) + ".*not valid UTF-8"):
         load_settings()

@@ -4,6 +4,7 @@ clients, real speech; uploads and their tasks, recordings, speakers, tokens and 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,6 +218,30 @@ def test_a_2_gb_upload_is_refused_before_it_is_stored(daemon: HttpDaemon) -> Non
     assert sent < 64 << 20  # refused once past the limit
     big = [p for p in uploads.rglob("*") if p.is_file() and p.stat().st_size > 5e6]
     assert not big, big  # nothing near the upload's size was stored
+
+
+def test_a_json_body_is_refused_past_a_megabyte(daemon: HttpDaemon) -> None:
+    # The upload limit (http.max_upload_mb, 100 MB by default) was every body's: a 95 MB JSON
+    # rename was read and parsed whole (the daemon's peak memory +190 MB) only to be told its
+    # name was over 100 characters. A request that is not an upload needs a few KB.
+    body = json.dumps({"name": "a" * 3_000_000, "new_name": "b"})  # under this daemon's 5 MB
+    with daemon.client() as client:
+        response = client.post(
+            "/api/v1/persistent-speakers/rename",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+    message = json_error(response, 413, "too_large")
+    assert "1 MB (only an upload may be larger)" in message, message
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+    chunked = (
+        f"POST /api/v1/persistent-speakers/rename HTTP/1.1\r\nHost: x\r\n{auth}"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    pieces = [body[i : i + 65536].encode() for i in range(0, len(body), 65536)]
+    framed = (b"%x\r\n%s\r\n" % (len(c), c) for c in pieces)
+    response_bytes, _ = _raw_request(daemon.port, chunked, framed)
+    assert response_bytes.startswith(b"HTTP/1.1 413"), response_bytes[:200]  # not parsed: 422
 
 
 def test_hours_of_compressed_silence_are_refused_by_their_length(

@@ -107,6 +107,25 @@ def test_ws_audio_at_a_declared_rate_and_sockets_without_the_token(daemon: HttpD
     assert asyncio.run(refused("/ws/events", "")) == 403
 
 
+def test_a_rate_the_stream_cannot_have_is_named(daemon: HttpDaemon) -> None:
+    import websockets
+
+    ws_url = daemon.url.replace("http://", "ws://") + "/ws/audio"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def closed(query: str) -> tuple[int, str]:
+        async with websockets.connect(ws_url + query, additional_headers=headers) as ws:
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 60)
+        assert info.value.rcvd is not None
+        return info.value.rcvd.code, info.value.rcvd.reason
+
+    # was "cannot stream here", the words for a daemon without a pipeline
+    for query in ("?rate_hz=1000000", "?rate_hz=44"):
+        code, reason = asyncio.run(closed(query))
+        assert code == 1003 and "rate_hz" in reason and "8000" in reason, (query, reason)
+
+
 def test_live_audio_streams_are_limited(daemon: HttpDaemon) -> None:
     import websockets
 

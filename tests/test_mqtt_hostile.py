@@ -76,6 +76,15 @@ def test_crafted_payloads_get_clear_errors_and_the_daemon_stays(
         reply = request(sub, command, payload)
         assert reply["status"] == "error" and message in reply["error"], (command, reply)
         assert proc.poll() is None, (command, payload[:40])
+    # A lone surrogate escape is valid JSON but no text: a bad request, where it was an
+    # "internal" error with a traceback in the log once it reached SQLite.
+    for command, payload in [
+        ("reprocess", b'{"ids": ["\\ud800"], "transaction": "u"}'),
+        ("recordings/list", b'{"search": "ok", "speaker": "a\\udfff", "transaction": "u"}'),
+    ]:
+        reply = request(sub, command, payload)
+        assert reply["code"] == "invalid_request" and "UTF-8" in reply["error"], reply
+        assert reply["transaction"] == "u"
     # a transaction is echoed when the rest of the request is wrong
     assert (
         request(sub, "recordings/list", json.dumps({"limit": "5", "transaction": "s"}))[
@@ -89,6 +98,93 @@ def test_crafted_payloads_get_clear_errors_and_the_daemon_stays(
     text = '\\"[{' * 40 + "1" * 100
     ok = request(sub, "recordings/list", json.dumps({"search": text[:200], "transaction": "q"}))
     assert ok["status"] == "ok" and ok["transaction"] == "q", ok
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_100_mb_request_does_not_reach_the_daemon(
+    daemon: tuple[subprocess.Popen[bytes], Subscriber], broker: Broker
+) -> None:
+    # Each oversized request was received whole by paho, copied, queued and only then
+    # refused: 100 MB messages took the daemon's peak memory up by about 380 MB, enough to
+    # get a Pi's daemon killed. MQTT 5 lets the daemon tell the broker the largest packet it
+    # takes; the broker drops bigger ones for it.
+    proc, sub = daemon
+    before_mb = peak_rss_mb(proc.pid)
+    client = hostile_client(broker)
+    try:
+        for _ in range(3):
+            client.publish(f"{BASE}/request/status", b" " * (100 << 20), qos=1).wait_for_publish(60)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert request(sub, "status", "{}", timeout_s=30)["status"] == "ok"  # still answering
+    assert proc.poll() is None
+    assert peak_rss_mb(proc.pid) - before_mb < 50, (before_mb, peak_rss_mb(proc.pid))
+    # over 16 KiB but within the packet limit: still answered, with the reason
+    reply = request(sub, "status", b" " * (20 << 10))
+    assert reply["status"] == "error" and "payload too large" in reply["error"], reply
+
+
+def test_retained_requests_are_never_replayed(env: dict[str, str], broker: Broker) -> None:
+    # A request published with retain (mosquitto_pub -r, or Home Assistant's mqtt.publish
+    # with retain: true) was run again at every start and every reconnect: a retained purge
+    # deleted the newest recordings each time, and a retained OFF muted the device again
+    # after the owner had switched it back on.
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    stale = json.dumps({"transaction": "stale"})
+    sub.publish(f"{BASE}/request/recordings/list", stale, retain=True)
+    sub.publish(f"{BASE}/listening/set", "OFF", retain=True)
+    proc = start_daemon(mqtt_env(env, broker))
+    try:
+        sub.wait_online(60)
+        time.sleep(3)  # the retained messages reach the daemon as it subscribes
+        fresh = request(sub, "status", json.dumps({"transaction": "fresh"}))
+        assert fresh["data"]["listening"] is True, fresh  # the stale OFF was not obeyed
+        replies = [m.json() for m in sub.on("/response/recordings/list")]
+        assert not [r for r in replies if r["transaction"] == "stale"], replies
+        # published live, even with the retain flag, a request is still answered once
+        sub.publish(f"{BASE}/request/recordings/list", json.dumps({"transaction": "live"}), True)
+        sub.wait_for(lambda: len(sub.on("/response/recordings/list")) >= 1, 20)
+        replies = [m.json()["transaction"] for m in sub.on("/response/recordings/list")]
+        assert replies == ["live"], replies
+        finish(proc)
+    finally:
+        stop_daemon(proc)
+        sub.publish(f"{BASE}/request/recordings/list", "", retain=True)  # clear them
+        sub.publish(f"{BASE}/listening/set", "", retain=True)
+        sub.close()
+
+
+def test_the_last_listening_switch_of_a_flood_is_obeyed(
+    env: dict[str, str], broker: Broker
+) -> None:
+    # The switches wait in a bounded queue; a full one dropped the newest, so after a flood
+    # the owner's last word (OFF: stop listening) could be the one lost.
+    sub = Subscriber(broker.port, [f"{BASE}/response/#", f"{BASE}/status"])
+    proc = start_daemon(mqtt_env(env, broker))
+    client = hostile_client(broker)
+    try:
+        sub.wait_online(60)
+        for last in ("OFF", "ON", "OFF"):
+            for i in range(3000):
+                client.publish(f"{BASE}/listening/set", "OFF" if i % 2 else "ON", qos=0)
+            client.publish(f"{BASE}/listening/set", last, qos=1).wait_for_publish(30)
+            time.sleep(5)  # the queue drains (a switch takes a few ms)
+            state = request(sub, "status", "{}", timeout_s=60)["data"]
+            assert state["listening"] is (last == "ON"), (last, state["listening"])
+        finish(proc)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        stop_daemon(proc)
+        sub.close()
 
 
 # --- issue 11 item 2 ------------------------------------------------------------------------

@@ -31,6 +31,9 @@ COOKIE: Final = "meraudiod_token"
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Without a token: liveness, and the page's shell that asks for one.
 _OPEN_PATHS: Final = frozenset({"/health", "/favicon.ico"})
+# A body that is not an upload (multipart/form-data): a JSON request needs a few KB, and a
+# 95 MB one, under the upload limit, was parsed whole (the daemon's peak memory +190 MB).
+MAX_OTHER_BODY_BYTES: Final = 1_000_000
 
 
 class Guard:
@@ -100,11 +103,16 @@ class Guard:
             )
             return
         if scope["type"] == "http":
+            limit, message = self.max_body_bytes, too_large_message(self.max_body_bytes)
+            upload = headers.get("content-type", "").lower().startswith("multipart/")
+            if not upload and limit > MAX_OTHER_BODY_BYTES:
+                limit = MAX_OTHER_BODY_BYTES
+                message = too_large_message(limit, "only an upload may be larger")
             length = headers.get("content-length", "")
-            if length.isdigit() and int(length) > self.max_body_bytes:
-                await _respond(scope, receive, send, self._too_large())
+            if length.isdigit() and int(length) > limit:
+                await _respond(scope, receive, send, _error(413, "too_large", message))
                 return
-            receive = self._counting(receive)
+            receive = self._counting(receive, limit, message)
         await self.app(scope, receive, send)
 
     def _authorized(self, headers: dict[str, str]) -> bool:
@@ -118,11 +126,10 @@ class Guard:
             given = cookie[COOKIE].value if COOKIE in cookie else ""
         return bool(given) and _same(given, self.token)
 
-    def _counting(self, receive: Receive) -> Receive:
+    def _counting(self, receive: Receive, limit: int, too_large: str) -> Receive:
         """The body, counted against the size limit and timed against its deadline: a body
         trickled a byte a second gets 408 and the connection is closed."""
         seen = [0]
-        limit = self.max_body_bytes
         deadline = time.monotonic() + self.body_timeout_s
         complete = [False]
 
@@ -144,15 +151,12 @@ class Guard:
                 seen[0] += len(message.get("body", b""))
                 complete[0] = not message.get("more_body", False)
                 if seen[0] > limit:
-                    raise HTTPException(413, too_large_message(limit))
+                    raise HTTPException(413, too_large)
             else:
                 complete[0] = True
             return message
 
         return counted
-
-    def _too_large(self) -> JSONResponse:
-        return _error(413, "too_large", too_large_message(self.max_body_bytes))
 
 
 def _same(given: str, token: str) -> bool:
@@ -160,9 +164,9 @@ def _same(given: str, token: str) -> bool:
     return hmac.compare_digest(given.encode(), token.encode())
 
 
-def too_large_message(limit_bytes: int) -> str:
-    """What a refused upload is told."""
-    return f"request body over the limit of {limit_bytes / 1e6:g} MB (http.max_upload_mb)"
+def too_large_message(limit_bytes: int, setting: str = "http.max_upload_mb") -> str:
+    """What a refused body is told: the limit, and what sets it."""
+    return f"request body over the limit of {limit_bytes / 1e6:g} MB ({setting})"
 
 
 async def _respond(scope: Scope, receive: Receive, send: Send, response: Response) -> None:

@@ -128,8 +128,11 @@ async def ws_audio(websocket: WebSocket, rate_hz: int = SAMPLE_RATE_HZ) -> None:
     slots: threading.BoundedSemaphore = websocket.app.state.live_streams
     await websocket.accept()
     daemon = ctx.daemon
-    if daemon is None or not 8000 <= rate_hz <= 192000:
-        await websocket.close(1011 if daemon is None else 1003, "cannot stream here")
+    if daemon is None:
+        await websocket.close(1011, "cannot stream here")
+        return
+    if not 8000 <= rate_hz <= 192000:
+        await websocket.close(1003, f"rate_hz must be 8000 to 192000, not {rate_hz}")
         return
     if not slots.acquire(blocking=False):  # each stream costs a VAD and a listener thread
         await websocket.close(1013, f"at most {MAX_LIVE_STREAMS} live audio streams at once")

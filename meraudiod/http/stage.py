@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any, Final
 
+from ..checks import StartError
 from ..config import ConfigError, Settings
 from ..config_sections import is_loopback
 from ..stage import StageThread
@@ -18,7 +19,8 @@ _STOP_TIMEOUT_S: Final = 10.0
 
 
 class HttpError(Exception):
-    """The HTTP stage cannot start; the message says why and what to do."""
+    """The HTTP stage cannot listen (its port may come free); the message says where.
+    What only a person can fix (the extra, the token) is a StartError."""
 
 
 class HttpStage(StageThread):
@@ -43,15 +45,15 @@ class HttpStage(StageThread):
             from .app import create_app
             from .timeouts import with_header_deadline
         except ImportError as exc:
-            raise HttpError(
+            raise StartError(
                 f"http.enabled needs the http extra: pip install 'meraudiod[http]' ({exc})"
             ) from exc
         try:
             token = http.resolved_token()
         except ConfigError as exc:
-            raise HttpError(str(exc)) from exc
+            raise StartError(str(exc)) from exc
         if token is None and not is_loopback(http.host):
-            raise HttpError(
+            raise StartError(
                 f"http.host {http.host} is reachable from other machines:"
                 " set http.token or http.token_file (or bind 127.0.0.1)"
             )
