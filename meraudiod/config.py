@@ -2,7 +2,7 @@
 
 Precedence: `MERAUDIOD_<SECTION>__<KEY>` environment variables, then the TOML file
 (`--config`, `$MERAUDIOD_CONFIG`, `/etc/meraudiod/config.toml`), then the defaults (the
-sections, in `config_sections.py`).
+sections, in `config_sections.py` and `config_network.py`).
 Unknown keys and a named file that does not exist are errors that say which key or file.
 """
 
@@ -16,14 +16,12 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .compat import tomllib
+from .config_network import HomeAssistantSettings, HttpSettings, MqttSettings
 from .config_sections import (
     AsrSettings,
     AudioSettings,
     DiarizationSettings,
-    HomeAssistantSettings,
-    HttpSettings,
     LoggingSettings,
-    MqttSettings,
     RecorderSettings,
     RetentionSettings,
     SpeakersSettings,

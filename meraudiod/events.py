@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from .config_sections import MqttSettings
+from .config_network import MqttSettings
 from .messages import Event, SegmentPayload, SpeakerEvent, SpeechEvent, TranscriptEvent, enqueue
 from .recording_views import speaker_payload
 from .recordings import Recording

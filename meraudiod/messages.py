@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Final
 
 from ulid import ULID
 
-from .config_sections import MqttSettings
+from .config_network import MqttSettings
 from .db import Transaction, get_kv, now
 
 _LOGGER = logging.getLogger(__name__)

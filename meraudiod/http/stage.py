@@ -9,7 +9,7 @@ from typing import Any, Final
 
 from ..checks import StartError
 from ..config import ConfigError, Settings
-from ..config_sections import is_loopback
+from ..config_network import is_loopback
 from ..stage import StageThread
 from .common import HttpContext, RequestIdFilter
 from .live import EventHub
