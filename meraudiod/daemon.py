@@ -89,6 +89,7 @@ class Daemon:
         heartbeat_path(self.settings).parent.mkdir(parents=True, exist_ok=True)
         self.pipeline.open()
         self.conn = open_db(self.settings.storage.db_path)
+        self.health.note_store()
         # A muted microphone stays muted across restarts; a file or stdin always plays.
         self.listening = self.finite or get_kv(self.conn, _LISTENING_KEY, "ON") == "ON"
         if self.settings.mqtt.enabled:
@@ -156,7 +157,7 @@ class Daemon:
             if item is not None:
                 surfaces.handle_inbound(item)
             t = time.monotonic()
-            if health.check_stages():
+            if health.check_stages() or health.check_store():
                 break
             if self.listening:
                 self.audio.check(t)

@@ -9,8 +9,10 @@ retained state. The watchdog is fed only while every thread is alive and audio a
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .messages import ErrorEvent
@@ -32,6 +34,7 @@ class Health:
         self.disk_problem: str | None = None
         self.stage_problem: str | None = None  # a stage thread died: the daemon stops
         self.asr_problem: str | None = None  # every Wyoming server down
+        self._store: tuple[tuple[int, int] | None, ...] = ()  # see note_store()
 
     @property
     def degraded(self) -> str | None:
@@ -66,17 +69,50 @@ class Health:
         return False
 
     def _stage_died(self, name: str, why: str) -> None:
+        self._stop_for(name, f"the {name} stage died: {why}")
+
+    def _stop_for(self, component: str, error: str) -> None:
+        """Said everywhere (log, STATUS=, status, event/error); the daemon then stops with a
+        non-zero exit."""
         daemon = self.daemon
-        self.stage_problem = daemon.error = f"the {name} stage died: {why}"
-        _LOGGER.error("%s; stopping (systemd restarts the service)", daemon.error)
-        daemon.notifier.status(daemon.error)
+        self.stage_problem = daemon.error = error
+        _LOGGER.error("%s; stopping (systemd restarts the service)", error)
+        daemon.notifier.status(error)
         self.heartbeat()
         m = self.settings.mqtt
-        event = ErrorEvent(node_id=m.node_id, area=m.area, component=name, error=daemon.error)
+        event = ErrorEvent(node_id=m.node_id, area=m.area, component=component, error=error)
         try:
             daemon.surfaces.publish_event(event)  # delivered by MQTT on its way out
         except sqlite3.Error as exc:  # the store may be what failed
             _LOGGER.error("cannot queue the error event: %s", exc)
+
+    # --- the data directory ----------------------------------------------------------------
+
+    def note_store(self) -> None:
+        """Which data directory and database file the daemon opened (at start)."""
+        self._store = self._store_identity()
+
+    def _store_identity(self) -> tuple[tuple[int, int] | None, ...]:
+        storage = self.settings.storage
+        return tuple(_identity(path) for path in (storage.data_dir, storage.db_path))
+
+    def check_store(self) -> bool:
+        """The data directory or its database moved, removed or replaced while the daemon
+        runs: its open database is wherever the file went, but the audio would go to a
+        directory made anew at the old path, and the recordings from then on would be rows
+        without audio. The daemon stops instead (systemd starts it again on what is at the
+        configured path). True once seen."""
+        if self.stage_problem is not None:
+            return True
+        if not self._store or self._store_identity() == self._store:
+            return False
+        data_dir = self.settings.storage.data_dir
+        self._stop_for(
+            "storage",
+            f"the data directory {data_dir} or its database was moved, removed or replaced"
+            " while running; set storage.data_dir to where it is now",
+        )
+        return True
 
     def check_stopped(self) -> None:
         """A stage that died on the way out still fails the run."""
@@ -155,3 +191,12 @@ class Health:
             )
         except OSError as exc:  # `status` goes stale; the daemon itself carries on
             _LOGGER.error("cannot write the heartbeat for `status`: %s", exc)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file or directory at `path` (device and inode; None when there is none)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)

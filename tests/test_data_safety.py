@@ -26,7 +26,17 @@ from meraudiod.retention import purge
 from meraudiod.sources import FileSource
 from meraudiod.vad import SileroVad
 
-from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, db_rows, sigkill_when, wait_for
+from .conftest import (
+    DEMO,
+    DEMO_TRUTH,
+    TEST_DATA,
+    cli,
+    db_rows,
+    run_daemon,
+    sigkill_when,
+    wait_for,
+    wait_running,
+)
 
 SPEECH = decode_file(TEST_DATA / "librivox_0880.wav")
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real start-up of the daemon
@@ -74,6 +84,37 @@ def test_moving_the_data_directory_loses_nothing(env: dict[str, str], tmp_path: 
     rows = db_rows({**env, **_data(b)}, "SELECT id FROM recordings ORDER BY id")
     assert len(rows) == 4  # the three moved ones and the file just played
     assert all(plays_back(env, b, f.name.removesuffix(".flac")) for f in moved)
+
+
+def test_a_data_directory_moved_under_a_running_daemon_stops_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found by hostile testing: `mv A B` under a running daemon, and the rows of the next
+    recordings went to the moved database (the daemon's open file) while their audio went to
+    a directory made anew at A: after pointing data_dir at B, recordings without audio. The
+    daemon now stops at once, with one line naming the data directory (systemd starts it
+    again on what is at the configured path), and B keeps every recording whole."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    run_env = {**env, **_data(a)}
+    proc = run_daemon(run_env)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        wait_running(run_env, proc)
+        silence = np.zeros(16000, dtype=np.int16)
+        proc.stdin.write(np.concatenate([SPEECH, silence]).astype("<i2").tobytes())
+        proc.stdin.flush()
+        done = "SELECT id FROM recordings WHERE status='done'"
+        wait_for(lambda: len(db_rows(run_env, done)) == 1, 120, "the first recording")
+        shutil.move(str(a), str(b))
+        proc.wait(timeout=30)  # before: it ran on, half in A and half in B
+    finally:
+        proc.kill()
+    stderr = proc.stderr.read().decode()
+    assert proc.returncode == 1, stderr
+    assert f"the data directory {a} or its database was moved" in stderr, stderr
+    rows = db_rows({**env, **_data(b)}, "SELECT id, audio_path FROM recordings")
+    assert len(rows) == 1 and all((b / row["audio_path"]).is_file() for row in rows), rows
+    assert not a.exists() or not list(a.rglob("*.flac"))
 
 
 def test_a_symlinked_data_directory_used_by_its_real_path_loses_nothing(
