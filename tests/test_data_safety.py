@@ -113,7 +113,7 @@ def test_a_data_directory_moved_under_a_running_daemon_stops_it(
     assert proc.returncode == 1, stderr
     assert f"the data directory {a} or its database was moved" in stderr, stderr
     rows = db_rows({**env, **_data(b)}, "SELECT id, audio_path FROM recordings")
-    assert len(rows) == 1 and all((b / row["audio_path"]).is_file() for row in rows), rows
+    assert len(rows) == 1 and all((b / "audio" / r["audio_path"]).is_file() for r in rows), rows
     assert not a.exists() or not list(a.rglob("*.flac"))
 
 
