@@ -37,7 +37,14 @@ from .messages import (
 )
 from .messages import Inbound as Inbound  # the link's types, where its callers find them
 from .messages import Outgoing as Outgoing
-from .mqtt_client import Waker, base_topic, connect, make_client, network_step
+from .mqtt_client import (
+    Waker,
+    base_topic,
+    connect,
+    daemon_client_id,
+    make_client,
+    network_step,
+)
 from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
@@ -57,6 +64,10 @@ _DELETE_BATCH: Final = 100
 _DELETE_AFTER_S: Final = 10.0
 _CONNACK_WAIT_S: Final = 5.0  # a broker that accepted TCP but says nothing: say so, retry
 _SAY_DROPS_EVERY_S: Final = 10.0  # a flood of switches is logged once a while, not per switch
+# Lost this soon after connecting this many times in a row: most likely another client with
+# our client id (a second device with the same node_id, from a cloned SD card) takes turns.
+_SHORT_LIVED_S: Final = 10.0
+_SHORT_LIVED_IN_A_ROW: Final = 3
 MAX_TOPIC_BYTES: Final = 65535  # MQTT's limit on a topic name (UTF-8)
 
 
@@ -101,6 +112,7 @@ class MqttLink(StageThread):
         self._backoff_s = _BACKOFF_MIN_S
         self._ever_tried = False
         self._switches_dropped = 0
+        self._short_lived = 0  # connections in a row lost within _SHORT_LIVED_S
         self._drops_said_at = -_SAY_DROPS_EVERY_S
         # Events created while there was no connection are sent late and say so.
         self._offline_since: float | None = None
@@ -232,8 +244,17 @@ class MqttLink(StageThread):
         return delay
 
     def _lost(self, reason: str) -> None:
-        self._offline_since = self._offline_since or now()
+        t = now()
+        self._offline_since = self._offline_since or t
         self.connected = self.online = False
+        self._short_lived = self._short_lived + 1 if t - self._connected_at < _SHORT_LIVED_S else 0
+        if self._short_lived >= _SHORT_LIVED_IN_A_ROW:
+            reason += (
+                f"; lost {self._short_lived} times in a row within {_SHORT_LIVED_S:.0f} s of"
+                " connecting: is another client using the client id"
+                f" {daemon_client_id(self.settings)} (a second"
+                " device with the same mqtt.node_id, e.g. from a cloned SD card)?"
+            )
         self.last_error = reason
         _LOGGER.warning("MQTT connection lost: %s", reason)
 

@@ -35,13 +35,18 @@ def read_password(settings: Settings) -> str | None:
     return m.password
 
 
+def daemon_client_id(settings: Settings) -> str:
+    """The client id the daemon connects with (unique per device through its node_id)."""
+    return f"meraudiod-{settings.mqtt.node_id}"
+
+
 def make_client(settings: Settings, client_id: str | None = None) -> paho.Client:
     """A paho client with our protocol, credentials, TLS and will."""
     m = settings.mqtt
     v5 = m.protocol == "5"
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
-        client_id=client_id or f"meraudiod-{m.node_id}",
+        client_id=client_id or daemon_client_id(settings),
         protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
         clean_session=None if v5 else False,  # a persistent session keeps QoS 1 state
     )

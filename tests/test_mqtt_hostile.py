@@ -340,3 +340,31 @@ def test_broker_that_never_answers_connect_is_reported(env: dict[str, str]) -> N
         stop_daemon(proc)
         reader.join(5)
         silent.close()
+
+
+def test_a_second_client_with_our_client_id_is_named(
+    daemon: tuple[subprocess.Popen[bytes], Subscriber], broker: Broker
+) -> None:
+    """Found by hostile testing: two devices with the same node_id (a cloned SD card) take
+    turns on the broker, each connect closing the other's connection, for ever; the log said
+    only 'disconnected: Unspecified error'. After a few connections in a row lost within
+    seconds it names the likely cause and the client id."""
+    proc, _ = daemon
+    twin = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id="meraudiod-testnode", protocol=paho.MQTTv5
+    )
+    connects: list[float] = []
+    twin.on_connect = lambda *_: connects.append(time.monotonic())
+    twin.reconnect_delay_set(min_delay=1, max_delay=1)
+    twin.connect("127.0.0.1", broker.port, 30)
+    twin.loop_start()
+    try:
+        deadline = time.monotonic() + 90
+        while len(connects) < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(connects) >= 6, connects  # they took turns
+    finally:
+        twin.loop_stop()
+        twin.disconnect()
+    stderr = finish(proc)
+    assert "is another client using the client id meraudiod-testnode" in stderr, stderr[-3000:]
