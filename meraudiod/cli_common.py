@@ -157,3 +157,5 @@ def run_command(settings: Settings, name: str, args: dict[str, Any]) -> Any:
         return execute(context, name, {k: v for k, v in args.items() if v is not None})
     except CommandError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # e.g. an audio file this user may not delete: one line naming it
+        raise click.ClickException(f"{exc.filename}: {exc.strerror or exc}") from exc

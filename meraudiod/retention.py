@@ -6,12 +6,13 @@ import logging
 import shutil
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
-from .db import Transaction, now, open_db
-from .recordings import audio_file, delete_recordings, remove_file
+from .db import now, open_db
+from .recordings import audio_file, delete_recordings, remove_audio_first
 from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
@@ -71,18 +72,20 @@ def purge(
         )
         return PurgeResult(0 if audio_only else len(rows), files)
     if audio_only:
-        dropped = drop_audio(conn, audio_dir, [(r["id"], r["audio_path"]) for r in rows])
+        dropped = drop_audio(conn, audio_dir, rows)
         return PurgeResult(audio_files_deleted=dropped)
     deleted = delete_recordings(conn, audio_dir, [str(r["id"]) for r in rows])
     return PurgeResult(deleted.recordings, deleted.audio_files)
 
 
-def drop_audio(conn: sqlite3.Connection, audio_dir: Path, rows: list[tuple[str, str]]) -> int:
-    """Delete audio files but keep their transcripts; returns how many files were there."""
-    with Transaction(conn):
-        for rec_id, _ in rows:
-            conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (rec_id,))
-    return sum(remove_file(audio_file(audio_dir, path)) for _, path in rows)
+def drop_audio(conn: sqlite3.Connection, audio_dir: Path, rows: Sequence[sqlite3.Row]) -> int:
+    """Delete audio files (rows of `id`, `audio_path`) but keep their transcripts; returns
+    how many files were there. The files go first (see remove_audio_first)."""
+    return remove_audio_first(conn, audio_dir, rows, _forget_audio)
+
+
+def _forget_audio(conn: sqlite3.Connection, rec_id: str) -> None:
+    conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (rec_id,))
 
 
 def sweep(conn: sqlite3.Connection, settings: Settings) -> PurgeResult:
@@ -100,9 +103,7 @@ def sweep(conn: sqlite3.Connection, settings: Settings) -> PurgeResult:
             " AND started_at < ? AND status != 'pending'",
             (now() - r.audio_days * _DAY_S,),
         ).fetchall()
-        dropped = drop_audio(
-            conn, settings.storage.audio_dir, [(row["id"], row["audio_path"]) for row in rows]
-        )
+        dropped = drop_audio(conn, settings.storage.audio_dir, rows)
         total = PurgeResult(total.recordings_deleted, total.audio_files_deleted + dropped)
     if total.recordings_deleted or total.audio_files_deleted:
         _LOGGER.info(

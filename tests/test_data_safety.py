@@ -26,7 +26,16 @@ from meraudiod.retention import purge
 from meraudiod.sources import FileSource
 from meraudiod.vad import SileroVad
 
-from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, db_rows, sigkill_when, wait_for
+from .conftest import (
+    AS_A_USER,
+    DEMO,
+    DEMO_TRUTH,
+    TEST_DATA,
+    cli,
+    db_rows,
+    sigkill_when,
+    wait_for,
+)
 
 SPEECH = decode_file(TEST_DATA / "librivox_0880.wav")
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real start-up of the daemon
@@ -343,3 +352,39 @@ def test_the_daemon_takes_over_the_recordings_of_a_killed_analyze(env: dict[str,
         daemon.stdin.close()
         daemon.wait(timeout=60)
     assert daemon.returncode == 0
+
+
+def test_a_delete_stopped_half_way_leaves_no_audio_without_its_row(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found by a purge run as a user who may not delete some audio files: the rows went
+    first, so the audio of 100 deleted recordings stayed on disk, found by nothing ever again
+    (and a traceback). The audio goes first; the same purge, run again, finishes."""
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    deletable = saved(data_dir, 50)
+    kept = saved(data_dir, 100, first_s=1000.0 + 3 * 86400)  # another day's directory
+    kept[0].parent.chmod(0o555)
+    try:
+        result = subprocess.run(
+            [*AS_A_USER, sys.executable, "-m", "meraudiod", "purge", "--older-than", "1", "--yes"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        kept[0].parent.chmod(0o755)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().endswith(": Permission denied"), result.stderr
+    assert str(kept[0].parent) in result.stderr
+    rows = db_rows(env, "SELECT audio_path FROM recordings")
+    on_disk = {
+        p.relative_to(data_dir / "audio").as_posix() for p in [*deletable, *kept] if p.exists()
+    }
+    assert {r["audio_path"] for r in rows} == on_disk  # no file without its row, nor the reverse
+    assert len(rows) == 100 and not any(p.exists() for p in deletable)
+    assert db_rows(env, "PRAGMA integrity_check")[0][0] == "ok"
+    again = cli("purge", "--older-than", "1", "--yes", env=env)
+    assert "deleted 100 recordings and 100 audio files" in again.stdout, again.stderr
+    assert not list((data_dir / "audio").rglob("*.flac"))
