@@ -17,6 +17,13 @@ from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
 _DAY_S = 86400.0
+# Not transcribed yet, or queued to be again (reprocess): retention keeps them whatever their
+# time stamp says (a clock that was wrong when they were recorded, a backlog older than the
+# limit), so none is lost untranscribed and no queued job finds its audio gone.
+_FINISHED = (
+    "r.status != 'pending' AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.recording_id = r.id"
+    " AND j.state IN ('pending', 'running'))"
+)
 
 
 @dataclass(frozen=True)
@@ -36,13 +43,15 @@ def purge(
     speaker_id: str | None = None,
     audio_only: bool = False,
     dry_run: bool = False,
+    finished_only: bool = False,
 ) -> PurgeResult:
     """Delete recordings started in [after, before) and/or attributed to a speaker.
 
     With audio_only the text stays and only the audio files go. At least one criterion is
     required, so a purge never deletes everything by accident. The counts are of what
     really was there (an audio file already gone is not counted); with dry_run nothing is
-    deleted and the counts say what would be.
+    deleted and the counts say what would be. With finished_only recordings not yet
+    transcribed are kept.
     """
     if before is None and after is None and speaker_id is None:
         raise ValueError("purge needs an age, a time range or a speaker")
@@ -62,6 +71,8 @@ def purge(
         args += [speaker_id, speaker_id]
     if audio_only:
         where.append("r.audio_path IS NOT NULL")
+    if finished_only:
+        where.append(_FINISHED)
     rows = conn.execute(
         f"SELECT r.id, r.audio_path FROM recordings r WHERE {' AND '.join(where)}",
         args,
@@ -91,16 +102,21 @@ def _forget_audio(conn: sqlite3.Connection, rec_id: str) -> None:
 def sweep(conn: sqlite3.Connection, settings: Settings) -> PurgeResult:
     """Apply the configured limits: audio older than audio_days, text older than text_days.
 
-    Recordings still waiting to be transcribed keep their audio.
+    Recordings not transcribed yet keep their text and audio.
     """
     r = settings.retention
     total = PurgeResult()
     if r.text_days is not None:
-        total = purge(conn, settings.storage.audio_dir, before=now() - r.text_days * _DAY_S)
+        total = purge(
+            conn,
+            settings.storage.audio_dir,
+            before=now() - r.text_days * _DAY_S,
+            finished_only=True,
+        )
     if r.audio_days is not None:
         rows = conn.execute(
-            "SELECT id, audio_path FROM recordings WHERE audio_path IS NOT NULL"
-            " AND started_at < ? AND status != 'pending'",
+            "SELECT r.id, r.audio_path FROM recordings r WHERE r.audio_path IS NOT NULL"
+            f" AND r.started_at < ? AND {_FINISHED}",
             (now() - r.audio_days * _DAY_S,),
         ).fetchall()
         dropped = drop_audio(conn, settings.storage.audio_dir, rows)

@@ -7,9 +7,11 @@ import sqlite3
 import time
 from pathlib import Path
 
+from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import open_db
-from meraudiod.retention import purge, sweep
+from meraudiod.recordings import RecordingStore
+from meraudiod.retention import PurgeResult, purge, sweep
 
 from .conftest import DEMO, DEMO_TRUTH, cli, stored_audio
 
@@ -123,3 +125,27 @@ def test_disk_guard_keeps_transcribing_from_memory(env: dict[str, str]) -> None:
     assert all(path is None and text and status == "done" for path, text, status in rows)
     audio_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio"
     assert list(audio_dir.rglob("*.flac")) == []
+
+
+def test_retention_keeps_what_is_not_transcribed_yet_whatever_its_clock_said(
+    env: dict[str, str], settings: Settings
+) -> None:
+    """Found by a daemon started with text_days on a backlog stamped 1970 (a Pi without a
+    real-time clock records before NTP sets the time): the sweep at start deleted the
+    recordings before the worker transcribed them ("its audio file ... is missing"). Not
+    transcribed yet, or queued to be again, a recording keeps its text and audio."""
+    conn = open_db(settings.storage.db_path)
+    store = RecordingStore(conn, settings.storage.audio_dir, "flac")
+    speech = decode_file(DEMO)[: 5 * 16000]
+    backlog = store.save(speech, source="mic", start_s=0.0, started_at=1000.0)
+    queued_again = store.save(speech, source="mic", start_s=0.0, started_at=1000.0)
+    assert backlog is not None and queued_again is not None
+    conn.execute("UPDATE recordings SET status='done' WHERE id=?", (queued_again.id,))
+    conn.commit()
+    limits = settings.retention.model_copy(update={"audio_days": 1.0, "text_days": 1.0})
+    assert sweep(conn, settings.model_copy(update={"retention": limits})) == PurgeResult()
+    assert backlog.audio_path is not None and backlog.audio_path.is_file()
+    result = cli("run", "--source", "demo", env={**env, "MERAUDIOD_RETENTION__TEXT_DAYS": "30"})
+    assert result.returncode == 0, result.stderr
+    row = conn.execute("SELECT status, text FROM recordings WHERE id=?", (backlog.id,)).fetchone()
+    assert row is not None and row["status"] == "done" and row["text"], result.stderr
