@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -20,7 +21,7 @@ from meraudiod.models import manifest
 from meraudiod.profiles import delete, rename
 from meraudiod.speakers import next_unknown_name
 
-from .conftest import REPO, TEST_DATA, cli, run_daemon, wait_running
+from .conftest import REPO, TEST_DATA, cli, needs_root, run_daemon, wait_running
 
 SHORT = TEST_DATA / "librivox_0880.wav"  # one utterance: "He was not an ill-disposed young man"
 
@@ -263,3 +264,42 @@ def test_models_list_shows_each_files_checksum(env: dict[str, str]) -> None:
         for file_name, sha256 in spec.files.items():
             assert f"sha256 {sha256}  {file_name}" in text.stdout
     assert sum(len(s.files) for s in manifest().values()) >= 5
+
+
+@needs_root  # the tmpfs is mounted in a private mount namespace
+def test_an_export_onto_a_full_disk_names_the_file_and_leaves_no_truncated_copy(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found by exporting onto a full tmpfs: the error named the recording's own audio file
+    in the data directory as where it could not export to, and an empty <id>.flac was left
+    in --out, looking like the export."""
+    assert cli("analyze", str(TEST_DATA / "ls_103_0000.flac"), env=env).returncode == 0
+    (rec_id,) = [r[0] for r in sqlite3.connect(_db(env)).execute("SELECT id FROM recordings")]
+    full = tmp_path / "full"
+    full.mkdir()
+    mount = f"mount -t tmpfs -o size=16k tmpfs {shlex.quote(str(full))}"
+    out = full / "out"
+    export = shlex.join(
+        [sys.executable, "-m", "meraudiod", "recordings", "export", rec_id, "--out", str(out)]
+    )
+    listing = shlex.join(["ls", "-A", str(out)])
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"{mount} && {export}; echo rc=$?; {listing}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if "rc=" not in result.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert "rc=1" in result.stdout and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == (
+        f"Error: cannot export to {out / rec_id}.flac: No space left on device"
+        " (--out must be a directory you can write to)"
+    )
+    assert result.stdout.split("rc=1")[1].split() == []  # nothing half-written left in --out
+
+
+def _db(env: dict[str, str]) -> Path:
+    return Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"

@@ -290,6 +290,7 @@ def test_spread_gives_both_servers_requests_and_survives_one_killed(
     cut = int(cut_s * SAMPLE_RATE_HZ) * 2
     done = "SELECT id FROM recordings WHERE status='done'"
     try:
+
         def both_up() -> bool:  # none listed in the heartbeat written before the worker runs
             servers = status(run_env)["asr_servers"] or []
             return len(servers) == 2 and all(s["up"] for s in servers)
