@@ -159,3 +159,5 @@ def run_command(settings: Settings, name: str, args: dict[str, Any]) -> Any:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:  # e.g. an audio file this user may not delete: one line naming it
         raise click.ClickException(f"{exc.filename}: {exc.strerror or exc}") from exc
+    except sqlite3.Error as exc:  # e.g. a database this user may read but not write
+        raise click.ClickException(f"database {settings.storage.db_path}: {exc}") from exc

@@ -38,8 +38,8 @@ def export_recording(
 
 def _write_whole(dest: Path, write: Callable[[Path], object]) -> None:
     """Write `dest` through a temporary file beside it, renamed once complete: a full disk
-    leaves no truncated file under its name. An OSError names `dest` (a full disk's names
-    the file copied from)."""
+    leaves no truncated file under its name. An error in the writing names `dest` (a full
+    disk's would name the file copied from)."""
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
         write(tmp)
@@ -47,6 +47,8 @@ def _write_whole(dest: Path, write: Callable[[Path], object]) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if str(tmp) not in (exc.filename, exc.filename2):
+            raise  # not the writing: e.g. the audio file may not be read
         raise OSError(exc.errno, exc.strerror, str(dest)) from exc
 
 

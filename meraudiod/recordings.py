@@ -365,26 +365,21 @@ def remove_audio_first(
     rows: Sequence[sqlite3.Row],
     forget: Callable[[sqlite3.Connection, str], None],
 ) -> int:
-    """Delete the audio files of `rows` (`id`, `audio_path`), then `forget` each row, in one
-    transaction; returns how many files were there.
+    """Delete the audio files of `rows` (`id`, `audio_path`) and `forget` each row, in one
+    transaction committed once every file is gone; returns how many files were there.
 
-    The files go first: a process killed half way leaves rows whose audio is gone, which the
-    same delete run again finishes, never an audio file whose row is gone, which nothing
-    would ever find again. A file that cannot be deleted (OSError) stops it, once the rows
-    of the files already deleted are forgotten.
+    Each row is forgotten before its file goes (a database that cannot be written stops it
+    before any file does), and the commit comes after the files: a process killed half way,
+    or a file that cannot be deleted (OSError, raised), leaves rows whose audio is gone,
+    which the same delete run again finishes, never an audio file whose row is gone, which
+    nothing would ever find again.
     """
     removed = 0
-    done: list[str] = []
-    try:
+    with Transaction(conn):
         for row in rows:
+            forget(conn, str(row["id"]))
             if row["audio_path"]:
                 removed += remove_file(audio_file(audio_dir, row["audio_path"]))
-            done.append(str(row["id"]))
-    finally:
-        if done:
-            with Transaction(conn):
-                for rec_id in done:
-                    forget(conn, rec_id)
     return removed
 
 
