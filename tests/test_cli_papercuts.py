@@ -21,7 +21,7 @@ from meraudiod.models import manifest
 from meraudiod.profiles import delete, rename
 from meraudiod.speakers import next_unknown_name
 
-from .conftest import REPO, TEST_DATA, cli, needs_root, run_daemon, wait_running
+from .conftest import AS_A_USER, REPO, TEST_DATA, cli, needs_root, run_daemon, wait_running
 
 SHORT = TEST_DATA / "librivox_0880.wav"  # one utterance: "He was not an ill-disposed young man"
 
@@ -303,3 +303,30 @@ def test_an_export_onto_a_full_disk_names_the_file_and_leaves_no_truncated_copy(
 
 def _db(env: dict[str, str]) -> Path:
     return Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+
+
+@needs_root  # the models directory belongs to another user
+def test_a_models_directory_this_user_may_not_read_is_one_line(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found by running the CLI as a user who may not enter storage.models_dir (it was
+    another user's home): `models verify`, `speakers test` and `speakers enroll` ended in a
+    PermissionError traceback."""
+    models_dir = tmp_path / "models"
+    models_dir.mkdir(mode=0o700)
+    os.chown(models_dir, 65534, 65534)
+    clip = str(TEST_DATA / "ls_103_0000.flac")
+    user_env = {**env, "MERAUDIOD_STORAGE__MODELS_DIR": str(models_dir)}
+    for args in (["models", "verify"], ["speakers", "test", "Bob", clip]):
+        result = subprocess.run(
+            [*AS_A_USER, sys.executable, "-m", "meraudiod", *args],
+            env=user_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert f"cannot read {models_dir}/" in line, line
+        assert f"Permission denied (storage.models_dir {models_dir})" in line, line
