@@ -4,6 +4,7 @@ keeps every audio file; start-up recovery deletes only half-written files of dea
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import pytest
 import soundfile
 
 from meraudiod import models
@@ -33,6 +35,7 @@ from .conftest import (
     TEST_DATA,
     cli,
     db_rows,
+    needs_root,
     sigkill_when,
     wait_for,
 )
@@ -415,3 +418,37 @@ def test_a_delete_on_a_database_it_may_not_write_deletes_nothing_in_one_line(
     assert result.returncode == 1, result.stdout
     assert result.stderr.strip() == f"Error: database {db}: attempt to write a readonly database"
     assert all(f.is_file() for f in files) and len(db_rows(env, "SELECT id FROM recordings")) == 3
+
+
+@needs_root  # the tmpfs is mounted in a private mount namespace
+def test_a_database_on_a_full_disk_is_said_to_be_on_a_full_disk(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found by filling the data directory's disk (a 30 MB tmpfs) under a daemon: it died,
+    and every start after it, and `status`, said only "cannot open database ...: disk I/O
+    error" (SQLite cannot grow its shared-memory file), sending the admin after a broken
+    card. The line now says the disk is full."""
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    saved(data_dir, 1)
+    full = tmp_path / "full"
+    full.mkdir()
+    status = shlex.join([sys.executable, "-m", "meraudiod", "status"])
+    script = (
+        f"mount -t tmpfs -o size=2m tmpfs {shlex.quote(str(full))} || exit 99;"
+        f" cp -a {shlex.quote(str(data_dir))}/. {shlex.quote(str(full))}/;"
+        f" dd if=/dev/zero of={shlex.quote(str(full / 'filler'))} bs=4k 2>/dev/null; {status}"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script],
+        env={**env, "MERAUDIOD_STORAGE__DATA_DIR": str(full)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"Error: cannot open database {full / 'meraudiod.db'}: "), line
+    assert line.endswith(f"(its disk is full: 0 KB free in {full})"), line
