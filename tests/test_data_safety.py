@@ -393,31 +393,48 @@ def test_a_delete_stopped_half_way_leaves_no_audio_without_its_row(
     assert not list((data_dir / "audio").rglob("*.flac"))
 
 
-def test_a_delete_on_a_database_it_may_not_write_deletes_nothing_in_one_line(
+def test_changes_to_a_database_it_may_not_write_are_one_line_and_delete_nothing(
     env: dict[str, str],
 ) -> None:
-    """Found by `recordings delete` run by a user who may read the database but not write
-    it: a traceback (attempt to write a readonly database). Now one line, and no audio file
-    goes before the database has agreed to forget its row."""
+    """Found by running the CLI as a user who may read the database but not write it:
+    `recordings delete`, `speakers rename|opt-out|delete` and `jobs --retry-failed` ended in
+    a traceback (attempt to write a readonly database). Now one line naming the database,
+    and no audio file goes before the database has agreed to forget its row."""
     data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
     files = saved(data_dir, 3)
     db = data_dir / "meraudiod.db"
+    conn = open_db(db)
+    conn.execute(
+        "INSERT INTO speakers (id, name, provisional, opt_out, created_at, updated_at)"
+        " VALUES ('S1', 'Carol', 0, 0, 0, 0)"
+    )
+    conn.close()
+    ids = [str(r["id"]) for r in db_rows(env, "SELECT id FROM recordings")]
     db.chmod(0o444)
     try:
-        ids = [str(r["id"]) for r in db_rows(env, "SELECT id FROM recordings")]
-        result = subprocess.run(
-            [*AS_A_USER, sys.executable, "-m", "meraudiod", "recordings", "delete", *ids],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        for args in (
+            ["recordings", "delete", *ids],
+            ["speakers", "rename", "Carol", "Erin"],
+            ["speakers", "opt-out", "Carol"],
+            ["speakers", "delete", "Carol"],
+            ["jobs", "--retry-failed"],
+        ):
+            result = subprocess.run(
+                [*AS_A_USER, sys.executable, "-m", "meraudiod", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert result.returncode == 1, (args, result.stdout)
+            assert result.stderr.strip() == (
+                f"Error: database {db}: attempt to write a readonly database"
+            ), (args, result.stderr)
     finally:
         db.chmod(0o640)
-    assert result.returncode == 1, result.stdout
-    assert result.stderr.strip() == f"Error: database {db}: attempt to write a readonly database"
     assert all(f.is_file() for f in files) and len(db_rows(env, "SELECT id FROM recordings")) == 3
+    assert [r[0] for r in db_rows(env, "SELECT name FROM speakers")] == ["Carol"]
 
 
 @needs_root  # the tmpfs is mounted in a private mount namespace
