@@ -179,7 +179,10 @@ class Worker(StageThread):
             path = audio_file(audio_dir, row["audio_path"])
             if not path.is_file():
                 raise AudioLostError(f"its audio file {path} is missing")
-            audio, _ = soundfile.read(path, dtype="float32")
+            # Opened here, not by libsndfile: a file this user may not read is then said to be
+            # so ("Permission denied: <file>"), not "Error opening <file>: System error".
+            with open(path, "rb") as handle:
+                audio, _ = soundfile.read(handle, dtype="float32")
         else:  # written to memory only, because the disk was too full
             # Kept (not taken) until the transcript is stored: a failed try can be retried.
             held = self.memory.get(job.recording_id) if self.memory is not None else None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -28,7 +30,16 @@ from meraudiod.retention import disk_free_mb, disk_low
 from meraudiod.sources import FileSource
 from meraudiod.worker import TranscribedRecording, Worker
 
-from .conftest import DEMO, TEST_DATA, cli, db_rows, sigkill_when, stored_audio, wait_for
+from .conftest import (
+    AS_A_USER,
+    DEMO,
+    TEST_DATA,
+    cli,
+    db_rows,
+    sigkill_when,
+    stored_audio,
+    wait_for,
+)
 
 SPEECH = decode_file(TEST_DATA / "librivox_0880.wav")
 SHORT = TEST_DATA / "ls_103_0000.flac"
@@ -85,6 +96,31 @@ def test_a_missing_audio_file_fails_the_job_at_once_in_one_line(env: dict[str, s
     report = json.loads(cli("jobs", "--json", env=env).stdout)
     (job,) = report["jobs"]
     assert job["state"] == "failed" and job["attempts"] == 1 and "missing" in job["error"]
+
+
+def test_an_audio_file_the_daemon_may_not_read_is_said_to_be_so(env: dict[str, str]) -> None:
+    """Found by making a pending recording's audio another user's (0600) under the daemon:
+    the job failed with "LibsndfileError: Error opening <file>: System error", which does
+    not say what is wrong or how to fix it."""
+    conn = open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    store = RecordingStore(conn, Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio", "flac")
+    rec = store.save(SPEECH, source="x", start_s=0.0, started_at=1000.0)
+    assert rec is not None and rec.audio_path is not None
+    conn.close()
+    rec.audio_path.chmod(0o000)
+    run = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--source", f"file:{silence(env)}"],
+        env={**env, "MERAUDIOD_ASR__MAX_ATTEMPTS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(cli("jobs", "--json", env=env).stdout)
+    (job,) = report["jobs"]
+    assert job["state"] == "failed", job
+    assert f"Permission denied: '{rec.audio_path}'" in job["error"], job
 
 
 def test_reprocess_of_an_unknown_id_is_an_error_naming_it(
