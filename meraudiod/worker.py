@@ -20,7 +20,7 @@ from . import jobs
 from .asr import SpeechToText, Transcript
 from .audio import to_float32
 from .config import Settings
-from .db import Transaction, is_busy, now, open_db
+from .db import Transaction, is_busy, now, open_db, sync_log
 from .recordings import MemoryAudio, audio_file, delete_recording, remove_file
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
@@ -297,8 +297,15 @@ def store_transcript(
 
 
 def _drop_audio(conn: sqlite3.Connection, recording_id: str, path: Path) -> None:
-    # Durable: its fsync also puts the transcript (committed without one) on the card before
-    # the only other copy of the words, the audio, is deleted.
-    with Transaction(conn):
+    # The transcript (committed without an fsync of its own) is put on the card before the
+    # only other copy of the words, the audio, is deleted. The file goes before its row
+    # forgets it: a crash, or a file that cannot be deleted, never leaves audio that no row
+    # names (a later purge or audio_days still finds it).
+    sync_log(conn)
+    try:
+        remove_file(path)
+    except OSError as exc:
+        _LOGGER.error("recording %s: keep_audio = false but its audio stays: %s", recording_id, exc)
+        return
+    with Transaction(conn, durable=False):  # if lost, the row names a file that is gone
         conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (recording_id,))
-    remove_file(path)
