@@ -204,6 +204,10 @@ class Worker(StageThread):
         # recordings are then transcribed again at the next start (their save was durable).
         # Before an event of it is published, the MQTT link puts it on the card.
         with Transaction(conn, durable=False):
+            if not _recording_exists(conn, job.recording_id):  # deleted while transcribed
+                _LOGGER.info("recording %s deleted while it was transcribed", job.recording_id)
+                self._forget_held(job.recording_id)
+                return None
             stored_at = now()
             latency_ms = (stored_at - float(row["closed_at"])) * 1000.0
             store_transcript(conn, job.recording_id, transcript, self.transcriber.model_name)
@@ -294,6 +298,11 @@ def store_transcript(
             recording_id,
         ),
     )
+
+
+def _recording_exists(conn: sqlite3.Connection, recording_id: str) -> bool:
+    found = conn.execute("SELECT 1 FROM recordings WHERE id=?", (recording_id,)).fetchone()
+    return found is not None
 
 
 def _drop_audio(conn: sqlite3.Connection, recording_id: str, path: Path) -> None:

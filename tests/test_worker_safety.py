@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import Transaction, open_db
 from meraudiod.pipeline import Pipeline
-from meraudiod.recordings import MemoryAudio, RecordingStore
+from meraudiod.recordings import MemoryAudio, RecordingStore, delete_recordings
 from meraudiod.retention import disk_free_mb, disk_low
 from meraudiod.sources import FileSource
 from meraudiod.worker import TranscribedRecording, Worker
@@ -121,6 +122,33 @@ def test_an_audio_file_the_daemon_may_not_read_is_said_to_be_so(env: dict[str, s
     (job,) = report["jobs"]
     assert job["state"] == "failed", job
     assert f"Permission denied: '{rec.audio_path}'" in job["error"], job
+
+
+def test_a_recording_deleted_while_it_is_transcribed_is_no_error(settings: Settings) -> None:
+    """Found by deleting recordings whose job was running under a real daemon: each ended in
+    "job N failed: IntegrityError: FOREIGN KEY constraint failed" with a traceback in the
+    log and as the worker's last error. A delete meanwhile (here from another connection
+    while Whisper runs) is what the admin asked for: nothing is stored, nothing failed."""
+    conn = open_db(settings.storage.db_path)
+    store = RecordingStore(conn, settings.storage.audio_dir, "flac")
+    rec = store.save(SPEECH, source="x", start_s=0.0, started_at=1000.0)
+    assert rec is not None
+    asr = settings.asr
+    path = models.resolve(asr.model, settings.storage.resolved_models_dir, False)
+
+    class DeletedMeanwhile(Transcriber):
+        def transcribe(self, *args: Any, **kwargs: Any) -> Any:
+            transcript = super().transcribe(*args, **kwargs)
+            other = open_db(settings.storage.db_path)  # the admin's `recordings delete`
+            assert delete_recordings(other, settings.storage.audio_dir, [rec.id]).recordings
+            other.close()
+            return transcript
+
+    worker = Worker(settings, DeletedMeanwhile(path, asr, asr.model), threading.Event())
+    assert worker.process_next(conn)
+    assert worker.last_error is None
+    assert conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0] == 0
+    assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
 
 
 def test_reprocess_of_an_unknown_id_is_an_error_naming_it(
