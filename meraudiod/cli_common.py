@@ -178,3 +178,18 @@ def run_command(settings: Settings, name: str, args: dict[str, Any]) -> Any:
         return execute(context, name, {k: v for k, v in args.items() if v is not None})
     except CommandError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise file_error(exc) from exc
+    except sqlite3.Error as exc:
+        raise database_error(context.conn, exc) from exc
+
+
+def file_error(exc: OSError) -> click.ClickException:
+    """One line naming the file (e.g. an audio file this user may not delete)."""
+    return click.ClickException(f"{exc.filename}: {exc.strerror or exc}")
+
+
+def database_error(conn: sqlite3.Connection, exc: sqlite3.Error) -> click.ClickException:
+    """One line naming the database (e.g. one this user may read but not write)."""
+    main = next(row for row in conn.execute("PRAGMA database_list") if row[1] == "main")
+    return click.ClickException(f"database {main[2]}: {exc}")

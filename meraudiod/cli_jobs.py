@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import click
@@ -9,6 +10,7 @@ import click
 from . import jobs as jobqueue
 from .cli_common import (
     config_option,
+    database_error,
     echo_json,
     fmt_time,
     json_option,
@@ -33,7 +35,11 @@ def jobs_cmd(config_path: Path | None, as_json: bool, retry_failed: bool) -> Non
     settings = settings_from(config_path)
     conn = open_store(settings)
     if retry_failed:
-        click.echo(f"requeued {jobqueue.retry_failed(conn)} failed jobs", err=True)
+        try:
+            requeued = jobqueue.retry_failed(conn)
+        except sqlite3.Error as exc:
+            raise database_error(conn, exc) from exc
+        click.echo(f"requeued {requeued} failed jobs", err=True)
     counts = jobqueue.counts(conn)
     backlog = jobqueue.backlog(conn)
     if as_json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ import click
 from .cli_common import (
     TEXT,
     config_option,
+    database_error,
     echo_json,
+    file_error,
     fmt_time,
     json_option,
     open_store,
@@ -30,13 +33,17 @@ def speakers_group() -> None:
     """
 
 
-def _profiles_call(func: Callable[[], Any]) -> Any:
+def _profiles_call(conn: sqlite3.Connection, func: Callable[[], Any]) -> Any:
     from .profiles import ProfileError
 
     try:
         return func()
     except ProfileError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise file_error(exc) from exc
+    except sqlite3.Error as exc:
+        raise database_error(conn, exc) from exc
 
 
 @speakers_group.command("list")
@@ -115,7 +122,7 @@ def speakers_enroll(
     except SpeakerError as exc:
         raise click.ClickException(str(exc)) from exc
     conn = open_store(settings, create=True)
-    results = _profiles_call(lambda: enroll(conn, stage, name, sources, do_not_keep))
+    results = _profiles_call(conn, lambda: enroll(conn, stage, name, sources, do_not_keep))
     for r in results:
         state = "ok" if r.stored else f"skipped: {r.reason}"
         click.echo(f"{r.source}: {r.speech_s:.1f} s of speech, {state}")
@@ -157,7 +164,7 @@ def speakers_test(
     except SpeakerError as exc:
         raise click.ClickException(str(exc)) from exc
     conn = open_store(settings)
-    results = _profiles_call(lambda: test_clips(conn, stage, name, sources))
+    results = _profiles_call(conn, lambda: test_clips(conn, stage, name, sources))
     if as_json:
         echo_json([asdict(r) for r in results])
         return
@@ -186,7 +193,7 @@ def speakers_rename(config_path: Path | None, old: str, new: str) -> None:
 
     settings = settings_from(config_path)
     conn = open_store(settings)
-    _profiles_call(lambda: rename(conn, old, new))
+    _profiles_call(conn, lambda: rename(conn, old, new))
     click.echo(f"{old} is now {new}")
 
 
@@ -205,7 +212,7 @@ def speakers_merge(config_path: Path | None, source: str, target: str) -> None:
 
     settings = settings_from(config_path)
     conn = open_store(settings)
-    moved = _profiles_call(lambda: merge(conn, source, target))
+    moved = _profiles_call(conn, lambda: merge(conn, source, target))
     click.echo(f"merged {source} into {target} ({moved} embeddings moved)")
 
 
@@ -226,7 +233,7 @@ def speakers_delete(config_path: Path | None, name: str, with_recordings: bool) 
     settings = settings_from(config_path)
     conn = open_store(settings)
     audio_dir = settings.storage.audio_dir
-    done = _profiles_call(lambda: delete(conn, audio_dir, name, with_recordings))
+    done = _profiles_call(conn, lambda: delete(conn, audio_dir, name, with_recordings))
     click.echo(
         f"deleted {name}: {done.embeddings} embeddings"
         + (f", {done.recordings} recordings" if with_recordings else "")
@@ -248,5 +255,5 @@ def speakers_opt_out(config_path: Path | None, name: str, undo: bool) -> None:
 
     settings = settings_from(config_path)
     conn = open_store(settings)
-    _profiles_call(lambda: set_opt_out(conn, name, not undo))
+    _profiles_call(conn, lambda: set_opt_out(conn, name, not undo))
     click.echo(f"{name}: {'kept again' if undo else 'do not keep'}")

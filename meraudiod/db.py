@@ -8,6 +8,7 @@ are seconds from the start of the source stream.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -176,6 +177,7 @@ _MIGRATIONS: Final[Sequence[str]] = (
 # that are not (a long segment's word timings) spill into overflow pages.
 PAGE_BYTES: Final = 1024
 _CHECKPOINT_PAGES: Final = 4000
+_FULL_DISK_BYTES: Final = 1024 * 1024  # below this, a failed open is blamed on the disk
 
 # RETURNING (jobs.claim) and ALTER TABLE ... DROP COLUMN (migration 5) need SQLite 3.35;
 # Ubuntu 20.04 (JetPack 5) ships 3.31.
@@ -244,11 +246,23 @@ def open_db(path: Path) -> sqlite3.Connection:
         migrate(conn)
     except sqlite3.Error as exc:
         conn.close()
-        raise DatabaseError(f"cannot open database {path}: {exc}") from exc
+        raise DatabaseError(f"cannot open database {path}: {exc}{_full_disk(path)}") from exc
     except DatabaseError:
         conn.close()
         raise
     return conn
+
+
+def _full_disk(path: Path) -> str:
+    """Why SQLite could not open it, when its disk is full (it says "disk I/O error" when
+    it cannot grow its shared-memory file)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return ""
+    if free >= _FULL_DISK_BYTES:
+        return ""
+    return f" (its disk is full: {free // 1024} KB free in {path.parent})"
 
 
 def migrate(conn: sqlite3.Connection) -> int:

@@ -74,7 +74,15 @@ def is_installed(name: str, models_dir: Path) -> bool:
 
 
 def verify(name: str, models_dir: Path) -> list[str]:
-    """Problems with an installed model (empty when it matches the manifest)."""
+    """Problems with an installed model (empty when it matches the manifest); ModelError
+    when its files cannot be read."""
+    try:
+        return _verify(name, models_dir)
+    except OSError as exc:
+        raise unreadable(exc, models_dir) from exc
+
+
+def _verify(name: str, models_dir: Path) -> list[str]:
     model = spec(name)
     target = installed_dir(name, models_dir)
     if not target.is_dir():
@@ -88,6 +96,14 @@ def verify(name: str, models_dir: Path) -> list[str]:
         elif (digest := sha256_file(path)) != expected and accepted.get(filename) != digest:
             problems.append(f"{name}: {filename} does not match its sha256")
     return problems
+
+
+def unreadable(exc: OSError, models_dir: Path) -> ModelError:
+    """A model file this user may not read (a models directory of another user), in one
+    line naming the file and the setting."""
+    return ModelError(
+        f"cannot read {exc.filename}: {exc.strerror} (storage.models_dir {models_dir})"
+    )
 
 
 _PARITY_RECORD = ".parity"  # "<sha256>  <file>" lines: files accepted by the parity check
@@ -241,6 +257,13 @@ def _check(model: ModelSpec, tmp: Path) -> None:
 
 def resolve(name_or_path: str, models_dir: Path, allow_download: bool = False) -> Path:
     """A model given by path, or by manifest name when installed (or installable)."""
+    try:
+        return _resolve(name_or_path, models_dir, allow_download)
+    except OSError as exc:
+        raise unreadable(exc, models_dir) from exc
+
+
+def _resolve(name_or_path: str, models_dir: Path, allow_download: bool) -> Path:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path

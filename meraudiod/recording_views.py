@@ -3,9 +3,12 @@ speakers (CLI, MQTT, HTTP), one `analyze --json` record, and an export to a fold
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +27,29 @@ def export_recording(
     written = []
     if data["audio_path"] and Path(data["audio_path"]).is_file():
         audio_out = out_dir / Path(data["audio_path"]).name
-        shutil.copyfile(data["audio_path"], audio_out)
+        _write_whole(audio_out, lambda tmp: shutil.copyfile(data["audio_path"], tmp))
         written.append(audio_out)
     json_out = out_dir / f"{rec_id}.json"
-    json_out.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    _write_whole(json_out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     written.append(json_out)
     return written
+
+
+def _write_whole(dest: Path, write: Callable[[Path], object]) -> None:
+    """Write `dest` through a temporary file beside it, renamed once complete: a full disk
+    leaves no truncated file under its name. An error in the writing names `dest` (a full
+    disk's would name the file copied from)."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if str(tmp) not in (exc.filename, exc.filename2):
+            raise  # not the writing: e.g. the audio file may not be read
+        raise OSError(exc.errno, exc.strerror, str(dest)) from exc
 
 
 def speaker_payload(

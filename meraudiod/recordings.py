@@ -15,7 +15,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,29 +334,53 @@ def delete_recordings(conn: sqlite3.Connection, audio_dir: Path, rec_ids: list[s
 
     In transactions of _DELETE_BATCH recordings, so a listener waiting to save speech never
     waits long for the write lock; the full-text index is optimised and the log
-    checkpointed once at the end.
+    checkpointed once at the end. Each batch's audio goes first (see remove_audio_first).
     """
     deleted = files = 0
     wanted = list(dict.fromkeys(normalise_id(r) for r in rec_ids))
-    for first in range(0, len(wanted), _DELETE_BATCH):
-        paths = []
-        with Transaction(conn):
-            for rec_id in wanted[first : first + _DELETE_BATCH]:
-                row = conn.execute(
-                    "SELECT audio_path FROM recordings WHERE id=?", (rec_id,)
-                ).fetchone()
-                if row is None:
-                    continue
-                deleted += 1
-                if row["audio_path"]:
-                    paths.append(audio_file(audio_dir, row["audio_path"]))
-                conn.execute("DELETE FROM outbox WHERE recording_id=?", (rec_id,))
-                conn.execute("DELETE FROM speaker_embeddings WHERE recording_id=?", (rec_id,))
-                conn.execute("DELETE FROM recordings WHERE id=?", (rec_id,))
-        files += sum(remove_file(path) for path in paths)
-    if deleted:
-        forget_deleted_text(conn)
+    try:
+        for first in range(0, len(wanted), _DELETE_BATCH):
+            batch = wanted[first : first + _DELETE_BATCH]
+            rows = conn.execute(
+                f"SELECT id, audio_path FROM recordings WHERE id IN ({','.join('?' * len(batch))})",
+                batch,
+            ).fetchall()
+            deleted += len(rows)
+            files += remove_audio_first(conn, audio_dir, rows, _forget_recording)
+    finally:
+        if deleted:
+            forget_deleted_text(conn)
     return Deleted(deleted, files)
+
+
+def _forget_recording(conn: sqlite3.Connection, rec_id: str) -> None:
+    conn.execute("DELETE FROM outbox WHERE recording_id=?", (rec_id,))
+    conn.execute("DELETE FROM speaker_embeddings WHERE recording_id=?", (rec_id,))
+    conn.execute("DELETE FROM recordings WHERE id=?", (rec_id,))
+
+
+def remove_audio_first(
+    conn: sqlite3.Connection,
+    audio_dir: Path,
+    rows: Sequence[sqlite3.Row],
+    forget: Callable[[sqlite3.Connection, str], None],
+) -> int:
+    """Delete the audio files of `rows` (`id`, `audio_path`) and `forget` each row, in one
+    transaction committed once every file is gone; returns how many files were there.
+
+    Each row is forgotten before its file goes (a database that cannot be written stops it
+    before any file does), and the commit comes after the files: a process killed half way,
+    or a file that cannot be deleted (OSError, raised), leaves rows whose audio is gone,
+    which the same delete run again finishes, never an audio file whose row is gone, which
+    nothing would ever find again.
+    """
+    removed = 0
+    with Transaction(conn):
+        for row in rows:
+            forget(conn, str(row["id"]))
+            if row["audio_path"]:
+                removed += remove_file(audio_file(audio_dir, row["audio_path"]))
+    return removed
 
 
 def delete_recording(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> bool:

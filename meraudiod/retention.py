@@ -6,16 +6,24 @@ import logging
 import shutil
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
-from .db import Transaction, now, open_db
-from .recordings import audio_file, delete_recordings, remove_file
+from .db import now, open_db
+from .recordings import audio_file, delete_recordings, remove_audio_first
 from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
 _DAY_S = 86400.0
+# Not transcribed yet, or queued to be again (reprocess): retention keeps them whatever their
+# time stamp says (a clock that was wrong when they were recorded, a backlog older than the
+# limit), so none is lost untranscribed and no queued job finds its audio gone.
+_FINISHED = (
+    "r.status != 'pending' AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.recording_id = r.id"
+    " AND j.state IN ('pending', 'running'))"
+)
 
 
 @dataclass(frozen=True)
@@ -35,13 +43,15 @@ def purge(
     speaker_id: str | None = None,
     audio_only: bool = False,
     dry_run: bool = False,
+    finished_only: bool = False,
 ) -> PurgeResult:
     """Delete recordings started in [after, before) and/or attributed to a speaker.
 
     With audio_only the text stays and only the audio files go. At least one criterion is
     required, so a purge never deletes everything by accident. The counts are of what
     really was there (an audio file already gone is not counted); with dry_run nothing is
-    deleted and the counts say what would be.
+    deleted and the counts say what would be. With finished_only recordings not yet
+    transcribed are kept.
     """
     if before is None and after is None and speaker_id is None:
         raise ValueError("purge needs an age, a time range or a speaker")
@@ -61,6 +71,8 @@ def purge(
         args += [speaker_id, speaker_id]
     if audio_only:
         where.append("r.audio_path IS NOT NULL")
+    if finished_only:
+        where.append(_FINISHED)
     rows = conn.execute(
         f"SELECT r.id, r.audio_path FROM recordings r WHERE {' AND '.join(where)}",
         args,
@@ -71,38 +83,43 @@ def purge(
         )
         return PurgeResult(0 if audio_only else len(rows), files)
     if audio_only:
-        dropped = drop_audio(conn, audio_dir, [(r["id"], r["audio_path"]) for r in rows])
+        dropped = drop_audio(conn, audio_dir, rows)
         return PurgeResult(audio_files_deleted=dropped)
     deleted = delete_recordings(conn, audio_dir, [str(r["id"]) for r in rows])
     return PurgeResult(deleted.recordings, deleted.audio_files)
 
 
-def drop_audio(conn: sqlite3.Connection, audio_dir: Path, rows: list[tuple[str, str]]) -> int:
-    """Delete audio files but keep their transcripts; returns how many files were there."""
-    with Transaction(conn):
-        for rec_id, _ in rows:
-            conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (rec_id,))
-    return sum(remove_file(audio_file(audio_dir, path)) for _, path in rows)
+def drop_audio(conn: sqlite3.Connection, audio_dir: Path, rows: Sequence[sqlite3.Row]) -> int:
+    """Delete audio files (rows of `id`, `audio_path`) but keep their transcripts; returns
+    how many files were there. The files go first (see remove_audio_first)."""
+    return remove_audio_first(conn, audio_dir, rows, _forget_audio)
+
+
+def _forget_audio(conn: sqlite3.Connection, rec_id: str) -> None:
+    conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (rec_id,))
 
 
 def sweep(conn: sqlite3.Connection, settings: Settings) -> PurgeResult:
     """Apply the configured limits: audio older than audio_days, text older than text_days.
 
-    Recordings still waiting to be transcribed keep their audio.
+    Recordings not transcribed yet keep their text and audio.
     """
     r = settings.retention
     total = PurgeResult()
     if r.text_days is not None:
-        total = purge(conn, settings.storage.audio_dir, before=now() - r.text_days * _DAY_S)
+        total = purge(
+            conn,
+            settings.storage.audio_dir,
+            before=now() - r.text_days * _DAY_S,
+            finished_only=True,
+        )
     if r.audio_days is not None:
         rows = conn.execute(
-            "SELECT id, audio_path FROM recordings WHERE audio_path IS NOT NULL"
-            " AND started_at < ? AND status != 'pending'",
+            "SELECT r.id, r.audio_path FROM recordings r WHERE r.audio_path IS NOT NULL"
+            f" AND r.started_at < ? AND {_FINISHED}",
             (now() - r.audio_days * _DAY_S,),
         ).fetchall()
-        dropped = drop_audio(
-            conn, settings.storage.audio_dir, [(row["id"], row["audio_path"]) for row in rows]
-        )
+        dropped = drop_audio(conn, settings.storage.audio_dir, rows)
         total = PurgeResult(total.recordings_deleted, total.audio_files_deleted + dropped)
     if total.recordings_deleted or total.audio_files_deleted:
         _LOGGER.info(

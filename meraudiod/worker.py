@@ -20,7 +20,7 @@ from . import jobs
 from .asr import SpeechToText, Transcript
 from .audio import to_float32
 from .config import Settings
-from .db import Transaction, is_busy, now, open_db
+from .db import Transaction, is_busy, now, open_db, sync_log
 from .recordings import MemoryAudio, audio_file, delete_recording, remove_file
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
@@ -179,7 +179,10 @@ class Worker(StageThread):
             path = audio_file(audio_dir, row["audio_path"])
             if not path.is_file():
                 raise AudioLostError(f"its audio file {path} is missing")
-            audio, _ = soundfile.read(path, dtype="float32")
+            # Opened here, not by libsndfile: a file this user may not read is then said to be
+            # so ("Permission denied: <file>"), not "Error opening <file>: System error".
+            with open(path, "rb") as handle:
+                audio, _ = soundfile.read(handle, dtype="float32")
         else:  # written to memory only, because the disk was too full
             # Kept (not taken) until the transcript is stored: a failed try can be retried.
             held = self.memory.get(job.recording_id) if self.memory is not None else None
@@ -201,6 +204,10 @@ class Worker(StageThread):
         # recordings are then transcribed again at the next start (their save was durable).
         # Before an event of it is published, the MQTT link puts it on the card.
         with Transaction(conn, durable=False):
+            if not _recording_exists(conn, job.recording_id):  # deleted while transcribed
+                _LOGGER.info("recording %s deleted while it was transcribed", job.recording_id)
+                self._forget_held(job.recording_id)
+                return None
             stored_at = now()
             latency_ms = (stored_at - float(row["closed_at"])) * 1000.0
             store_transcript(conn, job.recording_id, transcript, self.transcriber.model_name)
@@ -293,9 +300,21 @@ def store_transcript(
     )
 
 
+def _recording_exists(conn: sqlite3.Connection, recording_id: str) -> bool:
+    found = conn.execute("SELECT 1 FROM recordings WHERE id=?", (recording_id,)).fetchone()
+    return found is not None
+
+
 def _drop_audio(conn: sqlite3.Connection, recording_id: str, path: Path) -> None:
-    # Durable: its fsync also puts the transcript (committed without one) on the card before
-    # the only other copy of the words, the audio, is deleted.
-    with Transaction(conn):
+    # The transcript (committed without an fsync of its own) is put on the card before the
+    # only other copy of the words, the audio, is deleted. The file goes before its row
+    # forgets it: a crash, or a file that cannot be deleted, never leaves audio that no row
+    # names (a later purge or audio_days still finds it).
+    sync_log(conn)
+    try:
+        remove_file(path)
+    except OSError as exc:
+        _LOGGER.error("recording %s: keep_audio = false but its audio stays: %s", recording_id, exc)
+        return
+    with Transaction(conn, durable=False):  # if lost, the row names a file that is gone
         conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (recording_id,))
-    remove_file(path)

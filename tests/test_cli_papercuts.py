@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -20,7 +21,17 @@ from meraudiod.models import manifest
 from meraudiod.profiles import delete, rename
 from meraudiod.speakers import next_unknown_name
 
-from .conftest import DEMO, REPO, TEST_DATA, cli, db_rows, run_daemon, wait_running
+from .conftest import (
+    AS_A_USER,
+    DEMO,
+    REPO,
+    TEST_DATA,
+    cli,
+    db_rows,
+    needs_root,
+    run_daemon,
+    wait_running,
+)
 
 SHORT = TEST_DATA / "librivox_0880.wav"  # one utterance: "He was not an ill-disposed young man"
 
@@ -334,3 +345,69 @@ def test_the_same_clip_twice_is_enrolled_once(
     assert result.returncode == 0, result.stderr
     (alice,) = json.loads(cli("speakers", "list", "--json", env=env).stdout)
     assert alice["embeddings"] == 1, alice
+
+
+@needs_root  # the tmpfs is mounted in a private mount namespace
+def test_an_export_onto_a_full_disk_names_the_file_and_leaves_no_truncated_copy(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found by exporting onto a full tmpfs: the error named the recording's own audio file
+    in the data directory as where it could not export to, and an empty <id>.flac was left
+    in --out, looking like the export."""
+    assert cli("analyze", str(TEST_DATA / "ls_103_0000.flac"), env=env).returncode == 0
+    (rec_id,) = [r[0] for r in sqlite3.connect(_db(env)).execute("SELECT id FROM recordings")]
+    full = tmp_path / "full"
+    full.mkdir()
+    mount = f"mount -t tmpfs -o size=16k tmpfs {shlex.quote(str(full))}"
+    out = full / "out"
+    export = shlex.join(
+        [sys.executable, "-m", "meraudiod", "recordings", "export", rec_id, "--out", str(out)]
+    )
+    listing = shlex.join(["ls", "-A", str(out)])
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"{mount} && {export}; echo rc=$?; {listing}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if "rc=" not in result.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert "rc=1" in result.stdout and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == (
+        f"Error: cannot export to {out / rec_id}.flac: No space left on device"
+        " (--out must be a directory you can write to)"
+    )
+    assert result.stdout.split("rc=1")[1].split() == []  # nothing half-written left in --out
+
+
+def _db(env: dict[str, str]) -> Path:
+    return Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+
+
+@needs_root  # the models directory belongs to another user
+def test_a_models_directory_this_user_may_not_read_is_one_line(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found by running the CLI as a user who may not enter storage.models_dir (it was
+    another user's home): `models verify`, `speakers test` and `speakers enroll` ended in a
+    PermissionError traceback."""
+    models_dir = tmp_path / "models"
+    models_dir.mkdir(mode=0o700)
+    os.chown(models_dir, 65534, 65534)
+    clip = str(TEST_DATA / "ls_103_0000.flac")
+    user_env = {**env, "MERAUDIOD_STORAGE__MODELS_DIR": str(models_dir)}
+    for args in (["models", "verify"], ["speakers", "test", "Bob", clip]):
+        result = subprocess.run(
+            [*AS_A_USER, sys.executable, "-m", "meraudiod", *args],
+            env=user_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert f"cannot read {models_dir}/" in line, line
+        assert f"Permission denied (storage.models_dir {models_dir})" in line, line

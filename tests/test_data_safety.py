@@ -4,6 +4,7 @@ keeps every audio file; start-up recovery deletes only half-written files of dea
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import pytest
 import soundfile
 
 from meraudiod import models
@@ -27,11 +29,13 @@ from meraudiod.sources import FileSource
 from meraudiod.vad import SileroVad
 
 from .conftest import (
+    AS_A_USER,
     DEMO,
     DEMO_TRUTH,
     TEST_DATA,
     cli,
     db_rows,
+    needs_root,
     run_daemon,
     sigkill_when,
     wait_for,
@@ -384,3 +388,117 @@ def test_the_daemon_takes_over_the_recordings_of_a_killed_analyze(env: dict[str,
         daemon.stdin.close()
         daemon.wait(timeout=60)
     assert daemon.returncode == 0
+
+
+def test_a_delete_stopped_half_way_leaves_no_audio_without_its_row(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found by a purge run as a user who may not delete some audio files: the rows went
+    first, so the audio of 100 deleted recordings stayed on disk, found by nothing ever again
+    (and a traceback). The audio goes first; the same purge, run again, finishes."""
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    deletable = saved(data_dir, 50)
+    kept = saved(data_dir, 100, first_s=1000.0 + 3 * 86400)  # another day's directory
+    kept[0].parent.chmod(0o555)
+    try:
+        result = subprocess.run(
+            [*AS_A_USER, sys.executable, "-m", "meraudiod", "purge", "--older-than", "1", "--yes"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        kept[0].parent.chmod(0o755)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().endswith(": Permission denied"), result.stderr
+    assert str(kept[0].parent) in result.stderr
+    rows = db_rows(env, "SELECT audio_path FROM recordings")
+    on_disk = {
+        p.relative_to(data_dir / "audio").as_posix() for p in [*deletable, *kept] if p.exists()
+    }
+    assert on_disk <= {r["audio_path"] for r in rows}  # no audio file without its row
+    assert all(p.is_file() for p in kept)
+    assert db_rows(env, "PRAGMA integrity_check")[0][0] == "ok"
+    again = cli("purge", "--older-than", "1", "--yes", env=env)
+    assert "recordings and 100 audio files" in again.stdout, again.stderr
+    assert not list((data_dir / "audio").rglob("*.flac"))
+
+
+def test_changes_to_a_database_it_may_not_write_are_one_line_and_delete_nothing(
+    env: dict[str, str],
+) -> None:
+    """Found by running the CLI as a user who may read the database but not write it:
+    `recordings delete`, `speakers rename|opt-out|delete` and `jobs --retry-failed` ended in
+    a traceback (attempt to write a readonly database). Now one line naming the database,
+    and no audio file goes before the database has agreed to forget its row."""
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    files = saved(data_dir, 3)
+    db = data_dir / "meraudiod.db"
+    conn = open_db(db)
+    conn.execute(
+        "INSERT INTO speakers (id, name, provisional, opt_out, created_at, updated_at)"
+        " VALUES ('S1', 'Carol', 0, 0, 0, 0)"
+    )
+    conn.close()
+    ids = [str(r["id"]) for r in db_rows(env, "SELECT id FROM recordings")]
+    db.chmod(0o444)
+    try:
+        for args in (
+            ["recordings", "delete", *ids],
+            ["speakers", "rename", "Carol", "Erin"],
+            ["speakers", "opt-out", "Carol"],
+            ["speakers", "delete", "Carol"],
+            ["jobs", "--retry-failed"],
+        ):
+            result = subprocess.run(
+                [*AS_A_USER, sys.executable, "-m", "meraudiod", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert result.returncode == 1, (args, result.stdout)
+            assert result.stderr.strip() == (
+                f"Error: database {db}: attempt to write a readonly database"
+            ), (args, result.stderr)
+    finally:
+        db.chmod(0o640)
+    assert all(f.is_file() for f in files) and len(db_rows(env, "SELECT id FROM recordings")) == 3
+    assert [r[0] for r in db_rows(env, "SELECT name FROM speakers")] == ["Carol"]
+
+
+@needs_root  # the tmpfs is mounted in a private mount namespace
+def test_a_database_on_a_full_disk_is_said_to_be_on_a_full_disk(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found by filling the data directory's disk (a 30 MB tmpfs) under a daemon: it died,
+    and every start after it, and `status`, said only "cannot open database ...: disk I/O
+    error" (SQLite cannot grow its shared-memory file), sending the admin after a broken
+    card. The line now says the disk is full."""
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    saved(data_dir, 1)
+    full = tmp_path / "full"
+    full.mkdir()
+    status = shlex.join([sys.executable, "-m", "meraudiod", "status"])
+    script = (
+        f"mount -t tmpfs -o size=2m tmpfs {shlex.quote(str(full))} || exit 99;"
+        f" cp -a {shlex.quote(str(data_dir))}/. {shlex.quote(str(full))}/;"
+        f" dd if=/dev/zero of={shlex.quote(str(full / 'filler'))} bs=4k 2>/dev/null; {status}"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script],
+        env={**env, "MERAUDIOD_STORAGE__DATA_DIR": str(full)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"Error: cannot open database {full / 'meraudiod.db'}: "), line
+    assert line.endswith(f"(its disk is full: 0 KB free in {full})"), line

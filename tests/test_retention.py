@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import open_db
-from meraudiod.retention import purge, sweep
+from meraudiod.recordings import RecordingStore
+from meraudiod.retention import PurgeResult, purge, sweep
 
-from .conftest import DEMO, DEMO_TRUTH, cli, stored_audio
+from .conftest import AS_A_USER, DEMO, DEMO_TRUTH, TEST_DATA, cli, stored_audio
+
+SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real run of the daemon
 
 
 def analyzed(env: dict[str, str]) -> sqlite3.Connection:
@@ -123,3 +129,64 @@ def test_disk_guard_keeps_transcribing_from_memory(env: dict[str, str]) -> None:
     assert all(path is None and text and status == "done" for path, text, status in rows)
     audio_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio"
     assert list(audio_dir.rglob("*.flac")) == []
+
+
+def test_retention_keeps_what_is_not_transcribed_yet_whatever_its_clock_said(
+    env: dict[str, str], settings: Settings
+) -> None:
+    """Found by a daemon started with text_days on a backlog stamped 1970 (a Pi without a
+    real-time clock records before NTP sets the time): the sweep at start deleted the
+    recordings before the worker transcribed them ("its audio file ... is missing"). Not
+    transcribed yet, or queued to be again, a recording keeps its text and audio."""
+    conn = open_db(settings.storage.db_path)
+    store = RecordingStore(conn, settings.storage.audio_dir, "flac")
+    speech = decode_file(DEMO)[: 5 * 16000]
+    backlog = store.save(speech, source="mic", start_s=0.0, started_at=1000.0)
+    queued_again = store.save(speech, source="mic", start_s=0.0, started_at=1000.0)
+    assert backlog is not None and queued_again is not None
+    conn.execute("UPDATE recordings SET status='done' WHERE id=?", (queued_again.id,))
+    conn.commit()
+    limits = settings.retention.model_copy(update={"audio_days": 1.0, "text_days": 1.0})
+    assert sweep(conn, settings.model_copy(update={"retention": limits})) == PurgeResult()
+    assert backlog.audio_path is not None and backlog.audio_path.is_file()
+    result = cli("run", "--source", "demo", env={**env, "MERAUDIOD_RETENTION__TEXT_DAYS": "30"})
+    assert result.returncode == 0, result.stderr
+    row = conn.execute("SELECT status, text FROM recordings WHERE id=?", (backlog.id,)).fetchone()
+    assert row is not None and row["status"] == "done" and row["text"], result.stderr
+
+
+def test_keep_no_audio_with_a_file_it_may_not_delete_keeps_the_transcript_and_the_row(
+    env: dict[str, str], settings: Settings
+) -> None:
+    """Found with keep_audio = false and a recording's day directory the daemon may not
+    write: the transcript was stored and the row's audio path cleared, then the unlink
+    failed, so the job was retried, failed ("its audio was never written (disk full)") and
+    the audio file stayed on disk with no row naming it, for ever. Now the file goes before
+    its row forgets it: the recording is done, and its audio, still named, can be purged."""
+    conn = open_db(settings.storage.db_path)
+    store = RecordingStore(conn, settings.storage.audio_dir, "flac")
+    rec = store.save(decode_file(DEMO)[: 8 * 16000], source="mic", start_s=0.0, started_at=1e9)
+    assert rec is not None and rec.audio_path is not None
+    rec.audio_path.parent.chmod(0o555)
+    try:
+        result = subprocess.run(
+            [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--source", f"file:{SHORT}"],
+            env={**env, "MERAUDIOD_RETENTION__KEEP_AUDIO": "false"},
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+    finally:
+        rec.audio_path.parent.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert f"recording {rec.id}: keep_audio = false but its audio stays" in result.stderr
+    row = conn.execute("SELECT status, text, audio_path FROM recordings WHERE id=?", (rec.id,))
+    status, text, audio_path = row.fetchone()
+    assert status == "done" and text, result.stderr
+    assert audio_path is not None and (settings.storage.audio_dir / audio_path).is_file()
+    purged = cli(
+        "purge", "--start", "2000-01-01", "--end", "2002-01-01", "--audio-only", "--yes", env=env
+    )
+    assert "1 audio files" in purged.stdout, purged.stderr
+    assert not rec.audio_path.exists()

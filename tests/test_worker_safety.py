@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,12 +26,21 @@ from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import Transaction, open_db
 from meraudiod.pipeline import Pipeline
-from meraudiod.recordings import MemoryAudio, RecordingStore
+from meraudiod.recordings import MemoryAudio, RecordingStore, delete_recordings
 from meraudiod.retention import disk_free_mb, disk_low
 from meraudiod.sources import FileSource
 from meraudiod.worker import TranscribedRecording, Worker
 
-from .conftest import DEMO, TEST_DATA, cli, db_rows, sigkill_when, stored_audio, wait_for
+from .conftest import (
+    AS_A_USER,
+    DEMO,
+    TEST_DATA,
+    cli,
+    db_rows,
+    sigkill_when,
+    stored_audio,
+    wait_for,
+)
 
 SPEECH = decode_file(TEST_DATA / "librivox_0880.wav")
 SHORT = TEST_DATA / "ls_103_0000.flac"
@@ -85,6 +97,58 @@ def test_a_missing_audio_file_fails_the_job_at_once_in_one_line(env: dict[str, s
     report = json.loads(cli("jobs", "--json", env=env).stdout)
     (job,) = report["jobs"]
     assert job["state"] == "failed" and job["attempts"] == 1 and "missing" in job["error"]
+
+
+def test_an_audio_file_the_daemon_may_not_read_is_said_to_be_so(env: dict[str, str]) -> None:
+    """Found by making a pending recording's audio another user's (0600) under the daemon:
+    the job failed with "LibsndfileError: Error opening <file>: System error", which does
+    not say what is wrong or how to fix it."""
+    conn = open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    store = RecordingStore(conn, Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio", "flac")
+    rec = store.save(SPEECH, source="x", start_s=0.0, started_at=1000.0)
+    assert rec is not None and rec.audio_path is not None
+    conn.close()
+    rec.audio_path.chmod(0o000)
+    run = subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--source", f"file:{silence(env)}"],
+        env={**env, "MERAUDIOD_ASR__MAX_ATTEMPTS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(cli("jobs", "--json", env=env).stdout)
+    (job,) = report["jobs"]
+    assert job["state"] == "failed", job
+    assert f"Permission denied: '{rec.audio_path}'" in job["error"], job
+
+
+def test_a_recording_deleted_while_it_is_transcribed_is_no_error(settings: Settings) -> None:
+    """Found by deleting recordings whose job was running under a real daemon: each ended in
+    "job N failed: IntegrityError: FOREIGN KEY constraint failed" with a traceback in the
+    log and as the worker's last error. A delete meanwhile (here from another connection
+    while Whisper runs) is what the admin asked for: nothing is stored, nothing failed."""
+    conn = open_db(settings.storage.db_path)
+    store = RecordingStore(conn, settings.storage.audio_dir, "flac")
+    rec = store.save(SPEECH, source="x", start_s=0.0, started_at=1000.0)
+    assert rec is not None
+    asr = settings.asr
+    path = models.resolve(asr.model, settings.storage.resolved_models_dir, False)
+
+    class DeletedMeanwhile(Transcriber):
+        def transcribe(self, *args: Any, **kwargs: Any) -> Any:
+            transcript = super().transcribe(*args, **kwargs)
+            other = open_db(settings.storage.db_path)  # the admin's `recordings delete`
+            assert delete_recordings(other, settings.storage.audio_dir, [rec.id]).recordings
+            other.close()
+            return transcript
+
+    worker = Worker(settings, DeletedMeanwhile(path, asr, asr.model), threading.Event())
+    assert worker.process_next(conn)
+    assert worker.last_error is None
+    assert conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0] == 0
+    assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
 
 
 def test_reprocess_of_an_unknown_id_is_an_error_naming_it(
