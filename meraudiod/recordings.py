@@ -346,14 +346,16 @@ def delete_recordings(conn: sqlite3.Connection, audio_dir: Path, rec_ids: list[s
                 batch,
             ).fetchall()
             deleted += len(rows)
-            files += remove_audio_first(conn, audio_dir, rows, _forget_recording)
+            files += remove_audio_first(conn, audio_dir, rows, forget_recording)
     finally:
         if deleted:
             forget_deleted_text(conn)
     return Deleted(deleted, files)
 
 
-def _forget_recording(conn: sqlite3.Connection, rec_id: str) -> None:
+def forget_recording(conn: sqlite3.Connection, rec_id: str) -> None:
+    """A recording's rows (inside the caller's transaction): text, index rows, jobs,
+    undelivered events and the embeddings taken from it."""
     conn.execute("DELETE FROM outbox WHERE recording_id=?", (rec_id,))
     conn.execute("DELETE FROM speaker_embeddings WHERE recording_id=?", (rec_id,))
     conn.execute("DELETE FROM recordings WHERE id=?", (rec_id,))
@@ -374,13 +376,20 @@ def remove_audio_first(
     which the same delete run again finishes, never an audio file whose row is gone, which
     nothing would ever find again.
     """
-    removed = 0
     with Transaction(conn):
-        for row in rows:
-            forget(conn, str(row["id"]))
-            if row["audio_path"]:
-                removed += remove_file(audio_file(audio_dir, row["audio_path"]))
-    return removed
+        return sum(forget_with_audio(conn, audio_dir, row, forget) for row in rows)
+
+
+def forget_with_audio(
+    conn: sqlite3.Connection,
+    audio_dir: Path,
+    row: sqlite3.Row,
+    forget: Callable[[sqlite3.Connection, str], None],
+) -> int:
+    """`forget` the row, then delete its audio file (inside the caller's transaction, which
+    must commit only after this: see remove_audio_first); 1 if the file was there."""
+    forget(conn, str(row["id"]))
+    return remove_file(audio_file(audio_dir, row["audio_path"])) if row["audio_path"] else 0
 
 
 def delete_recording(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> bool:

@@ -21,7 +21,14 @@ from .asr import SpeechToText, Transcript
 from .audio import to_float32
 from .config import Settings
 from .db import Transaction, is_busy, now, open_db, sync_log
-from .recordings import MemoryAudio, audio_file, delete_recording, remove_file
+from .recordings import (
+    MemoryAudio,
+    audio_file,
+    forget_deleted_text,
+    forget_recording,
+    forget_with_audio,
+    remove_file,
+)
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
 from .vad import VadTraces
@@ -235,9 +242,13 @@ class Worker(StageThread):
             for hook in self.on_stored:  # e.g. the MQTT outbox: same transaction as the data
                 hook(conn, result)
             jobs.complete(conn, job.id)
+            if result.opt_out:  # this person asked not to be kept: audio and text go
+                # In this very transaction, the audio first: no commit ever holds their
+                # words (a kill, or a file that cannot be deleted, undoes the transcript).
+                forget_with_audio(conn, audio_dir, row, forget_recording)
         self._forget_held(job.recording_id)  # stored: the audio held in memory can go
-        if result.opt_out:  # this person asked not to be kept: audio and text go
-            delete_recording(conn, audio_dir, job.recording_id)
+        if result.opt_out:
+            forget_deleted_text(conn)
             _LOGGER.info("recording %s deleted: a do-not-keep voice", job.recording_id)
             return result
         if self.settings.retention.keep_audio is False and row["audio_path"]:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import DEMO_TRUTH, cli
+from .conftest import AS_A_USER, DEMO_TRUTH, TEST_DATA, cli, db_rows, needs_root
 
 
 def _words(text: str) -> set[str]:
@@ -58,3 +58,44 @@ def test_debug_level_logs_the_words(env: dict[str, str]) -> None:
     result = cli("run", "--source", "demo", env=env, timeout_s=300)
     assert result.returncode == 0, result.stderr
     assert "dashwood" in _words(result.stderr)
+
+
+@needs_root  # the worker runs without root's right to write anywhere (setpriv)
+def test_a_do_not_keep_voice_whose_audio_cannot_go_keeps_no_words(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    """Found by hostile testing: a do-not-keep voice's transcript was committed, and only
+    then was the recording deleted, in a second step; an audio file that could not be
+    deleted (or a kill in between) kept that person's words in the database. Now the
+    recording goes in the transaction that would have stored them, its audio first."""
+    on = {**env, "MERAUDIOD_SPEAKERS__ENABLED": "true"}
+    clips = [str(TEST_DATA / c) for c in ("ls_2609_0000.flac", "ls_2609_0003.flac")]
+    assert cli("speakers", "enroll", "Bob", *clips, env=on).returncode == 0
+    assert cli("speakers", "opt-out", "Bob", env=on).returncode == 0
+    # Recorded without transcription, then queued for it: the audio is on disk first.
+    bob = f"file:{TEST_DATA / 'ls_2609_0001.flac'}"
+    recorded = cli("run", "--source", bob, env={**env, "MERAUDIOD_ASR__ENABLED": "false"})
+    assert recorded.returncode == 0, recorded.stderr
+    rows = db_rows(env, "SELECT id, audio_path FROM recordings")
+    assert rows and cli("reprocess", *(r["id"] for r in rows), env=on).returncode == 0
+    audio_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio"
+    days = {(audio_dir / r["audio_path"]).parent for r in rows}
+    for day in days:
+        day.chmod(0o555)  # its files can be read, not deleted
+    try:
+        worker = subprocess.run(
+            [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--source", bob],
+            env={**on, "MERAUDIOD_ASR__MAX_ATTEMPTS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        for day in days:
+            day.chmod(0o750)
+    assert "Permission denied" in worker.stderr, worker.stderr[-2000:]
+    ids = ", ".join(f"'{r['id']}'" for r in rows)  # ULIDs: letters and digits only
+    texts = db_rows(env, f"SELECT text FROM recordings WHERE id IN ({ids}) AND text != ''")
+    texts += db_rows(env, f"SELECT text FROM segments WHERE recording_id IN ({ids})")
+    assert not texts, [t["text"] for t in texts]
