@@ -18,6 +18,10 @@ from pydantic import (
     model_validator,
 )
 
+# More threads than any board has cores only makes them fight (5000 CTranslate2 threads ran
+# twenty times slower than real time).
+MAX_THREADS: Final = 64
+
 
 class ConfigError(Exception):
     """The configuration file or environment is invalid; the message says where."""
@@ -99,7 +103,9 @@ class VadSettings(Section):
     """Silero VAD on onnxruntime."""
 
     model: str = Field("silero-vad-v6", description="Manifest name or path of the VAD ONNX file")
-    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads (1 keeps idle CPU low)")
+    threads: int = Field(
+        1, ge=1, le=MAX_THREADS, description="onnxruntime intra-op threads (1 keeps idle CPU low)"
+    )
     start_threshold: float = Field(
         0.5, gt=0, lt=1, description="Speech probability that opens an utterance"
     )
@@ -201,7 +207,10 @@ class AsrSettings(Section):
     compute_type: str = Field("int8", description="CTranslate2 compute type (int8 = quantized)")
     beam_size: int = Field(1, ge=1, le=10, description="Beam width (1 = greedy)")
     cpu_threads: int = Field(
-        2, ge=0, description="CTranslate2 threads (0 = library default); 2 measured fastest"
+        2,
+        ge=0,
+        le=MAX_THREADS,
+        description="CTranslate2 threads (0 = library default); 2 measured fastest",
     )
     language: str | None = Field("en", description="Fixed language; None = detect")
     languages: list[str] = Field(
@@ -257,7 +266,9 @@ class SpeakersSettings(Section):
         description="Lead needed over the runner-up, in the calibration's spread",
     )
     min_speech_s: float = Field(0.5, ge=0, description="Less speech than this stays unknown")
-    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for embeddings")
+    threads: int = Field(
+        1, ge=1, le=MAX_THREADS, description="onnxruntime intra-op threads for embeddings"
+    )
     max_embedding_s: float = Field(
         20.0, ge=2.0, description="Most speech per speaker that is embedded (bounds the cost)"
     )

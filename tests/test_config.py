@@ -87,6 +87,20 @@ def test_a_device_rate_no_sound_card_has_is_named(
         load_settings(path)
 
 
+@pytest.mark.parametrize(
+    ("section", "key"), [("asr", "cpu_threads"), ("vad", "threads"), ("speakers", "threads")]
+)
+def test_thousands_of_threads_are_named(
+    tmp_path: Path, env: dict[str, str], section: str, key: str
+) -> None:
+    # Found by hostile testing: asr.cpu_threads = 5000 was accepted and transcription ran about
+    # twenty times slower than real time (threads fighting over a Pi's four cores).
+    path = tmp_path / "c.toml"
+    path.write_text(f"[{section}]\n{key} = 5000\n")
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+        load_settings(path)
+
+
 def test_missing_named_file_is_an_error(tmp_path: Path, env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match=r"not found: .*absent.toml"):
         load_settings(tmp_path / "absent.toml")
