@@ -366,9 +366,11 @@ def remove_audio_first(
     audio_dir: Path,
     rows: Sequence[sqlite3.Row],
     forget: Callable[[sqlite3.Connection, str], None],
+    durable: bool = True,
 ) -> int:
     """Delete the audio files of `rows` (`id`, `audio_path`) and `forget` each row, in one
-    transaction committed once every file is gone; returns how many files were there.
+    transaction (`durable`: see Transaction) committed once every file is gone; returns how
+    many files were there.
 
     Each row is forgotten before its file goes (a database that cannot be written stops it
     before any file does), and the commit comes after the files: a process killed half way,
@@ -376,7 +378,7 @@ def remove_audio_first(
     which the same delete run again finishes, never an audio file whose row is gone, which
     nothing would ever find again.
     """
-    with Transaction(conn):
+    with Transaction(conn, durable=durable):
         return sum(forget_with_audio(conn, audio_dir, row, forget) for row in rows)
 
 

@@ -89,10 +89,12 @@ def purge(
     return PurgeResult(deleted.recordings, deleted.audio_files)
 
 
-def drop_audio(conn: sqlite3.Connection, audio_dir: Path, rows: Sequence[sqlite3.Row]) -> int:
+def drop_audio(
+    conn: sqlite3.Connection, audio_dir: Path, rows: Sequence[sqlite3.Row], durable: bool = True
+) -> int:
     """Delete audio files (rows of `id`, `audio_path`) but keep their transcripts; returns
     how many files were there. The files go first (see remove_audio_first)."""
-    return remove_audio_first(conn, audio_dir, rows, _forget_audio)
+    return remove_audio_first(conn, audio_dir, rows, _forget_audio, durable)
 
 
 def _forget_audio(conn: sqlite3.Connection, rec_id: str) -> None:

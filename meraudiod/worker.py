@@ -10,7 +10,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -27,8 +26,8 @@ from .recordings import (
     forget_deleted_text,
     forget_recording,
     forget_with_audio,
-    remove_file,
 )
+from .retention import drop_audio
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
 from .vad import VadTraces
@@ -252,7 +251,7 @@ class Worker(StageThread):
             _LOGGER.info("recording %s deleted: a do-not-keep voice", job.recording_id)
             return result
         if self.settings.retention.keep_audio is False and row["audio_path"]:
-            _drop_audio(conn, job.recording_id, audio_file(audio_dir, row["audio_path"]))
+            self._drop_audio(conn, row)
         # Ids and timings only: words in the journal would outlive a delete, a purge or an
         # opt-out. logging.level = "DEBUG" adds them (the config docs say so).
         _LOGGER.info(
@@ -266,6 +265,19 @@ class Worker(StageThread):
         )
         _LOGGER.debug("transcript %s text: %s", job.recording_id, transcript.text)
         return result
+
+    def _drop_audio(self, conn: sqlite3.Connection, row: sqlite3.Row) -> None:
+        """keep_audio = false: the transcript (committed without an fsync of its own) is put
+        on the card before the only other copy of the words, the audio, is deleted; the file
+        goes before its row forgets it (drop_audio), so a crash, or a file that cannot be
+        deleted, never leaves audio that no row names (a later purge or audio_days finds it)."""
+        sync_log(conn)
+        try:  # if this commit is lost, the row names a file that is gone
+            drop_audio(conn, self.settings.storage.audio_dir, [row], durable=False)
+        except OSError as exc:
+            _LOGGER.error(
+                "recording %s: keep_audio = false but its audio stays: %s", row["id"], exc
+            )
 
     def _forget_held(self, recording_id: str) -> None:
         """Drop audio held in memory for a recording that needs it no more."""
@@ -314,18 +326,3 @@ def store_transcript(
 def _recording_exists(conn: sqlite3.Connection, recording_id: str) -> bool:
     found = conn.execute("SELECT 1 FROM recordings WHERE id=?", (recording_id,)).fetchone()
     return found is not None
-
-
-def _drop_audio(conn: sqlite3.Connection, recording_id: str, path: Path) -> None:
-    # The transcript (committed without an fsync of its own) is put on the card before the
-    # only other copy of the words, the audio, is deleted. The file goes before its row
-    # forgets it: a crash, or a file that cannot be deleted, never leaves audio that no row
-    # names (a later purge or audio_days still finds it).
-    sync_log(conn)
-    try:
-        remove_file(path)
-    except OSError as exc:
-        _LOGGER.error("recording %s: keep_audio = false but its audio stays: %s", recording_id, exc)
-        return
-    with Transaction(conn, durable=False):  # if lost, the row names a file that is gone
-        conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (recording_id,))

@@ -77,11 +77,12 @@ def settings(env: dict[str, str]) -> Settings:
 
 
 def cli(
-    *args: str, env: dict[str, str], timeout_s: float = 120
+    *args: str, env: dict[str, str], timeout_s: float = 120, as_user: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    """Run `meraudiod ARGS` as a real process."""
+    """Run `meraudiod ARGS` as a real process; `as_user`: without root's right to read and
+    write anything (AS_A_USER), as the service's own user would."""
     return subprocess.run(
-        [sys.executable, "-m", "meraudiod", *args],
+        [*(AS_A_USER if as_user else []), sys.executable, "-m", "meraudiod", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -22,7 +22,6 @@ from meraudiod.profiles import delete, rename
 from meraudiod.speakers import next_unknown_name
 
 from .conftest import (
-    AS_A_USER,
     DEMO,
     REPO,
     TEST_DATA,
@@ -399,14 +398,7 @@ def test_a_models_directory_this_user_may_not_read_is_one_line(
     clip = str(TEST_DATA / "ls_103_0000.flac")
     user_env = {**env, "MERAUDIOD_STORAGE__MODELS_DIR": str(models_dir)}
     for args in (["models", "verify"], ["speakers", "test", "Bob", clip]):
-        result = subprocess.run(
-            [*AS_A_USER, sys.executable, "-m", "meraudiod", *args],
-            env=user_env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = cli(*args, env=user_env, as_user=True)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         line = result.stderr.strip().splitlines()[-1]
         assert f"cannot read {models_dir}/" in line, line

@@ -29,7 +29,6 @@ from meraudiod.sources import FileSource
 from meraudiod.vad import SileroVad
 
 from .conftest import (
-    AS_A_USER,
     DEMO,
     DEMO_TRUTH,
     TEST_DATA,
@@ -401,14 +400,7 @@ def test_a_delete_stopped_half_way_leaves_no_audio_without_its_row(
     kept = saved(data_dir, 100, first_s=1000.0 + 3 * 86400)  # another day's directory
     kept[0].parent.chmod(0o555)
     try:
-        result = subprocess.run(
-            [*AS_A_USER, sys.executable, "-m", "meraudiod", "purge", "--older-than", "1", "--yes"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = cli("purge", "--older-than", "1", "--yes", env=env, as_user=True)
     finally:
         kept[0].parent.chmod(0o755)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
@@ -452,14 +444,7 @@ def test_changes_to_a_database_it_may_not_write_are_one_line_and_delete_nothing(
             ["speakers", "delete", "Carol"],
             ["jobs", "--retry-failed"],
         ):
-            result = subprocess.run(
-                [*AS_A_USER, sys.executable, "-m", "meraudiod", *args],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
+            result = cli(*args, env=env, as_user=True)
             assert result.returncode == 1, (args, result.stdout)
             assert result.stderr.strip() == (
                 f"Error: database {db}: attempt to write a readonly database"

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import AS_A_USER, DEMO_TRUTH, TEST_DATA, cli, db_rows, needs_root
+from .conftest import DEMO_TRUTH, TEST_DATA, cli, db_rows, needs_root
 
 
 def _words(text: str) -> set[str]:
@@ -83,13 +83,13 @@ def test_a_do_not_keep_voice_whose_audio_cannot_go_keeps_no_words(
     for day in days:
         day.chmod(0o555)  # its files can be read, not deleted
     try:
-        worker = subprocess.run(
-            [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--source", bob],
+        worker = cli(
+            "run",
+            "--source",
+            bob,
             env={**on, "MERAUDIOD_ASR__MAX_ATTEMPTS": "1"},
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
+            timeout_s=300,
+            as_user=True,
         )
     finally:
         for day in days:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from meraudiod.db import open_db
 from meraudiod.recordings import RecordingStore
 from meraudiod.retention import PurgeResult, purge, sweep
 
-from .conftest import AS_A_USER, DEMO, DEMO_TRUTH, TEST_DATA, cli, stored_audio
+from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, stored_audio
 
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real run of the daemon
 
@@ -169,13 +167,13 @@ def test_keep_no_audio_with_a_file_it_may_not_delete_keeps_the_transcript_and_th
     assert rec is not None and rec.audio_path is not None
     rec.audio_path.parent.chmod(0o555)
     try:
-        result = subprocess.run(
-            [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--source", f"file:{SHORT}"],
+        result = cli(
+            "run",
+            "--source",
+            f"file:{SHORT}",
             env={**env, "MERAUDIOD_RETENTION__KEEP_AUDIO": "false"},
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
+            timeout_s=180,
+            as_user=True,
         )
     finally:
         rec.audio_path.parent.chmod(0o755)

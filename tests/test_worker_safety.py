@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,7 +30,6 @@ from meraudiod.sources import FileSource
 from meraudiod.worker import TranscribedRecording, Worker
 
 from .conftest import (
-    AS_A_USER,
     DEMO,
     TEST_DATA,
     cli,
@@ -109,13 +106,13 @@ def test_an_audio_file_the_daemon_may_not_read_is_said_to_be_so(env: dict[str, s
     assert rec is not None and rec.audio_path is not None
     conn.close()
     rec.audio_path.chmod(0o000)
-    run = subprocess.run(
-        [*AS_A_USER, sys.executable, "-m", "meraudiod", "run", "--source", f"file:{silence(env)}"],
+    run = cli(
+        "run",
+        "--source",
+        f"file:{silence(env)}",
         env={**env, "MERAUDIOD_ASR__MAX_ATTEMPTS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
+        timeout_s=180,
+        as_user=True,
     )
     assert run.returncode == 0, run.stderr
     report = json.loads(cli("jobs", "--json", env=env).stdout)
