@@ -8,7 +8,8 @@ inference (onnxruntime activations, CTranslate2 tensors) come from heaps that fr
 are not given back. A fixed threshold keeps them mmapped, returned to the system the moment
 they are freed. A limit on malloc arenas (MALLOC_ARENA_MAX) was measured too and changed
 nothing beyond noise. Other C libraries (musl) are left alone. Also here: PyAV's FFmpeg
-libraries, which faster-whisper imports and we seldom need, loaded only when first used.
+libraries, which faster-whisper imports and we seldom need, loaded only when first used; and
+the library pages that loading the models touched, unmapped once they are loaded.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import gc
 import importlib
 import importlib.util
 import logging
+import re
 import sys
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
+from pathlib import Path
 from typing import Any, Final
 
 _LOGGER = logging.getLogger(__name__)
@@ -40,6 +43,12 @@ MMAP_THRESHOLD_BYTES: Final = 128 * 1024  # glibc's own starting value, kept fix
 # much for memory but cost 30 % more CPU (24 LJSpeech clips, fresh processes, twice each).
 _TRANSCRIPTION_THRESHOLD_BYTES: Final = 4 * 1024 * 1024
 _tuned = False  # tune_malloc() was applied in this process
+_MADV_DONTNEED: Final = 4  # madvise's advice number (Linux, asm-generic/mman-common.h)
+# A read-only private mapping of a file (a library's code or constants, a model file), then
+# its smaps fields, one "Name: value kB" line each.
+_READ_ONLY_FILE_MAPPING: Final = re.compile(
+    r"^([0-9a-f]+)-([0-9a-f]+) r-[-x]p \S+ \S+ [1-9]\d* +(/.*)\n((?:\w+: .*\n)*)", re.MULTILINE
+)
 
 
 @cache
@@ -105,6 +114,34 @@ def release_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def unmap_loaded_library_pages() -> int:
+    """Unmap the pages of libraries (and of read-only mapped files) that this process has
+    mapped and never written; returns how many kB that was. Call once the models are loaded:
+    loading runs code and reads constants it will not use again (CTranslate2's and
+    onnxruntime's among them, 50-56 MB), which stay mapped, counted in the RSS, until the
+    kernel reclaims them. What the daemon uses again comes back from the page cache at its
+    first touch. Only mappings without a private (copied-on-write) page are touched, so no
+    written byte is lost: a library's relocated data is never one of them. Linux only; 0
+    elsewhere. Not thread-safe against a library loading at the same moment: call it before
+    the stages start."""
+    try:
+        smaps = Path("/proc/self/smaps").read_text(encoding="utf-8", errors="replace")
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    unmapped_kb = 0
+    for start, end, path, fields in _READ_ONLY_FILE_MAPPING.findall(smaps):
+        kb = {name: value.split()[0] for name, value in re.findall(r"(\w+): +(.*)", fields)}
+        clean = kb.get("Anonymous") == "0" and kb.get("Swap", "0") == "0"
+        if path.endswith(" (deleted)") or not clean or kb.get("Rss", "0") == "0":
+            continue
+        address = int(start, 16)
+        if libc.madvise(address, int(end, 16) - address, _MADV_DONTNEED) == 0:
+            unmapped_kb += int(kb["Rss"])
+    return unmapped_kb
 
 
 class _DeferredPyAv(types.ModuleType):

@@ -18,7 +18,7 @@ from .asr import SpeechToText, Transcriber
 from .config import Settings
 from .db import check_integrity, open_db
 from .listener import Listener
-from .memory import release_memory
+from .memory import release_memory, unmap_loaded_library_pages
 from .recordings import MemoryAudio, Recording, remove_crashed_writes
 from .sources import AudioSource
 from .vad import SileroVad, VadTraces
@@ -76,6 +76,8 @@ class Pipeline:
             self.worker.vad_traces = self.vad_traces
             self.worker.job_origin = self.job_origin
             self.update_speakers()  # fails fast when a model is missing
+        # Before any stage runs (memory.py): what loading touched and will not touch again.
+        _LOGGER.debug("unmapped %d kB of library pages", unmap_loaded_library_pages())
         self.opened = True
 
     def update_speakers(self) -> str | None:
