@@ -14,7 +14,15 @@ from __future__ import annotations
 import sqlite3
 
 from .config_network import MqttSettings
-from .messages import Event, SegmentPayload, SpeakerEvent, SpeechEvent, TranscriptEvent, enqueue
+from .messages import (
+    Event,
+    SegmentPayload,
+    SpeakerEvent,
+    SpeechEvent,
+    TranscriptEvent,
+    enqueue,
+    job_event_id,
+)
 from .recording_views import speaker_payload
 from .recordings import Recording
 from .speakers import SegmentSpeaker
@@ -74,11 +82,12 @@ def transcript_events(
     for seg in result.segments:  # suspect segments too: the label is the segmentation's
         if seg.label is not None and seg.label not in heard:
             heard[seg.label] = seg
-    for seg in heard.values():
+    for label, seg in heard.items():
         found.append(
             SpeakerEvent(
                 node_id=m.node_id,
                 area=m.area,
+                event_id=job_event_id(result.recording_id, result.job_id, f"speaker/{label}"),
                 event_type="identified" if seg.known else "unknown",
                 speaker_id=seg.speaker_id,
                 name=seg.speaker_name,
@@ -113,6 +122,7 @@ def _transcript_event(
     return TranscriptEvent(
         node_id=m.node_id,
         area=m.area,
+        event_id=job_event_id(result.recording_id, result.job_id, "transcript"),
         event_type="retranscribed" if result.reprocessed else "transcript",
         recording_id=result.recording_id,
         started_at=row["started_at"],

@@ -7,6 +7,7 @@ events go first, transcripts and speaker events last."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
@@ -29,6 +30,19 @@ DROPPED_LAST_TOPICS: Final = ("event/transcript", "event/speaker")
 _DROP_WARN_EVERY_S: Final = 60.0
 _last_drop_warning = 0.0
 MAX_STATE_CHARS: Final = 250  # Home Assistant refuses sensor states of 255 characters or more
+
+
+def job_event_id(recording_id: str, job_id: int, part: str) -> str:
+    """The event_id of an event a job makes of a recording (`part`: "transcript",
+    "speaker/S1", ...): a ULID with the recording's time and 80 bits of a hash of the three,
+    so that the job, run again after a power cut took back its transcript (committed without
+    an fsync of its own), makes the same events with the same ids (consumers deduplicate)."""
+    try:
+        moment = ULID.from_str(recording_id).bytes[:6]
+    except ValueError:  # not one of ours: the hash alone
+        moment = b""
+    digest = hashlib.sha256(f"{recording_id}/{job_id}/{part}".encode()).digest()
+    return str(ULID.from_bytes(moment + digest[: 16 - len(moment)]))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any, Final
 import paho.mqtt.client as paho
 
 from .config import Settings
-from .db import Transaction, now, open_db, sync_log
+from .db import Transaction, now, open_db
 from .messages import (
     LIVE_ONLY_TOPICS,
     bound_outbox,
@@ -105,7 +105,6 @@ class MqttLink(StageThread):
         self._acked_mids: set[int] = set()
         # Outbox rows up to this id are delivered (or skipped) and wait to be deleted.
         self._delivered_up_to = 0
-        self._durable_up_to = 0  # outbox rows up to this id are known to be on the card
         self._undeleted = 0
         self._undeleted_since = 0.0  # time.monotonic() of the oldest
         self._republish_discovery = False
@@ -427,12 +426,6 @@ class MqttLink(StageThread):
             self._delivered(int(row["id"]))  # "someone is speaking" an outage ago is not news
             self._waker.set()  # the next row at once, not after the idle wait
             return
-        if row["topic"] not in LIVE_ONLY_TOPICS and int(row["id"]) > self._durable_up_to:
-            # A transcript commits without an fsync of its own; once published, a power cut
-            # must not take it back (it would be made again, with another event_id).
-            top = conn.execute("SELECT MAX(id) FROM outbox").fetchone()[0]
-            sync_log(conn)
-            self._durable_up_to = int(top or 0)
         payload = unpack_payload(row["payload"])
         if created_at < self._replay_before or now() - created_at > _REPLAYED_AFTER_S:
             payload["replayed"] = True

@@ -68,6 +68,7 @@ class TranscribedRecording:
     opt_out: bool = False
     # Transcribed again on request (`reprocess`), not something just said.
     reprocessed: bool = False
+    job_id: int = 0  # the job that made it: its events' ids come from it (job_event_id)
 
 
 class Worker(StageThread):
@@ -207,8 +208,8 @@ class Worker(StageThread):
             analysis = stage.analyze(audio, transcript, conn)
             transcript = analysis.transcript  # segments split at speaker changes
         # Without an fsync of its own: a power cut may take back the last transcripts, whose
-        # recordings are then transcribed again at the next start (their save was durable).
-        # Before an event of it is published, the MQTT link puts it on the card.
+        # recordings are then transcribed again at the next start (their save was durable),
+        # making their events again with the same event_ids (messages.job_event_id).
         with Transaction(conn, durable=False):
             if not _recording_exists(conn, job.recording_id):  # deleted while transcribed
                 _LOGGER.info("recording %s deleted while it was transcribed", job.recording_id)
@@ -237,6 +238,7 @@ class Worker(StageThread):
                 segments=speakers.segments if speakers else plain_segments(transcript),
                 opt_out=speakers.opt_out if speakers else False,
                 reprocessed=job.kind == jobs.REPROCESS_KIND,
+                job_id=job.id,
             )
             for hook in self.on_stored:  # e.g. the MQTT outbox: same transaction as the data
                 hook(conn, result)
