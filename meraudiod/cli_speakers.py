@@ -112,7 +112,7 @@ def speakers_enroll(
       meraudiod speakers enroll Alice alice1.wav alice2.m4a alice3.flac
       meraudiod speakers enroll Bob 01JD2X9K8M7Q6R5S4T3V2W1X0Y   # a stored recording
     """
-    from .profiles import enroll
+    from .enrolment import enroll
     from .speakers import SpeakerStage
     from .voiceprints import SpeakerError
 
@@ -154,7 +154,7 @@ def speakers_test(
     """
     from dataclasses import asdict
 
-    from .profiles import test_clips
+    from .enrolment import test_clips
     from .speakers import SpeakerStage
     from .voiceprints import SpeakerError
 

@@ -96,7 +96,7 @@ def _speakers_list(ctx: CommandContext, args: NoArgs) -> Any:
 
 
 def _speakers_enroll(ctx: CommandContext, args: EnrollArgs) -> Any:
-    from .profiles import enroll
+    from .enrolment import enroll
     from .speakers import SpeakerStage
     from .voiceprints import SpeakerError
 

@@ -1,0 +1,211 @@
+"""Enrolment: a person's clips (files or stored recordings) become embeddings of their
+profile, each clip checked first (short, clipped, noisy, another voice, unlike the others); and
+`speakers test`, what identification makes of a clip against everyone."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+from ulid import ULID
+
+from .audio import SAMPLE_RATE_HZ, AudioDecodeError, Float32Array, decode_file, to_float32
+from .db import Transaction, now
+from .profiles import GOOD_ENROL_SPEECH_S, Missing, ProfileError, check_name, profile_row
+from .recordings import audio_file, normalise_id
+from .speakers import SpeakerStage, add_embedding
+from .voiceprints import Profile, load_profiles, score_profiles
+
+# An enrolment clip is what every later voice is compared with: it needs more speech than
+# a command that is only to be named.
+MIN_ENROL_SPEECH_S: Final = 1.5
+
+
+@dataclass(frozen=True)
+class EnrolResult:
+    """One enrolment source: how much speech it had and whether an embedding was kept."""
+
+    source: str
+    speech_s: float
+    stored: bool
+    reason: str | None = None  # why not
+    warnings: tuple[str, ...] = ()  # stored, but it may recognise the person badly
+
+
+# What makes an enrolment clip a poor reference (it is still stored: the owner decides).
+_FULL_SCALE: Final = 0.99
+_MAX_CLIPPED_FRACTION: Final = 0.001
+_MIN_SNR_DB: Final = 15.0
+
+
+def clip_warnings(stage: SpeakerStage, audio: Float32Array, speech_s: float) -> list[str]:
+    """Why a clip may be a poor reference: short, clipped, noisy, or two voices in it."""
+    warnings = []
+    if speech_s < GOOD_ENROL_SPEECH_S:
+        warnings.append(
+            f"short: {speech_s:.1f} s of speech ({GOOD_ENROL_SPEECH_S:.0f}-8 s recognise better)"
+        )
+    clipped = float(np.mean(np.abs(audio) >= _FULL_SCALE)) if audio.size else 0.0
+    if clipped > _MAX_CLIPPED_FRACTION:
+        warnings.append(f"clipped: {clipped:.1%} of samples at full scale (speak further away)")
+    found = stage.diarizer.speech(audio).speakers
+    if found:
+        mask = np.zeros(audio.size, dtype=bool)
+        for a, b in found[0].spans:
+            mask[a:b] = True
+        if 0 < mask.sum() < mask.size - SAMPLE_RATE_HZ // 4:  # a quarter second of pause
+            speech_db = 10 * np.log10(float(np.mean(audio[mask] ** 2)) + 1e-12)
+            noise_db = 10 * np.log10(float(np.mean(audio[~mask] ** 2)) + 1e-12)
+            if speech_db - noise_db < _MIN_SNR_DB:
+                warnings.append(f"noisy: speech only {speech_db - noise_db:.0f} dB over the pauses")
+    if len(stage.diarizer(audio).speakers) > 1:
+        warnings.append("holds more than one voice (diarization found several)")
+    return warnings
+
+
+def _odd_ones(stage: SpeakerStage, found: list[tuple[str, Float32Array, float]]) -> set[str]:
+    """Clips that do not sound like the others (below the bar against the mean of the others)."""
+    odd = set()
+    for i, (label, vector, speech_s) in enumerate(found):
+        others = [v for j, (_, v, _) in enumerate(found) if j != i]
+        if others:
+            person = Profile("", "", False, False, np.stack(others))
+            score = stage.identify([person], vector, speech_s).score or 0.0
+            if score < stage.settings.speakers.threshold:
+                odd.add(label)
+    return odd if len(odd) < len(found) else set()  # all apart: nothing to single out
+
+
+def _load(
+    conn: sqlite3.Connection, audio_dir: Path, source: str, files: Collection[str] | None
+) -> tuple[str, Path]:
+    """(label, audio path) of a file or of a stored recording given by its id; only the
+    `files` named may be read (None: any)."""
+    path = Path(source).expanduser()
+    if (files is None or source in files) and path.is_file():
+        return str(path), path
+    rec_id = normalise_id(source)
+    row = conn.execute("SELECT id, audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
+    if row is None:
+        what = "file or recording" if files is None else "recording (no file can be named here)"
+        raise Missing(f"{source}: no such {what}")
+    stored = audio_file(audio_dir, row["audio_path"]) if row["audio_path"] else None
+    if stored is None or not stored.is_file():
+        raise ProfileError(f"recording {rec_id} has no audio any more")
+    return f"recording {rec_id}", stored
+
+
+def enroll(
+    conn: sqlite3.Connection,
+    stage: SpeakerStage,
+    name: str,
+    sources: Sequence[str],
+    opt_out: bool = False,
+    files: Collection[str] | None = None,
+) -> list[EnrolResult]:
+    """Add one embedding per source (file or recording id) to the named profile; a source
+    that is a file is read only if `files` is None (the CLI) or names it (an upload).
+
+    Every source is read before anything is stored: one that is missing or unreadable is an
+    error naming it, and nothing is enrolled. Sources with too little speech are reported and
+    skipped; nothing is stored unless at least one source gives an embedding.
+    """
+    check_name(name)
+    clips = []
+    seen: set[Path] = set()
+    for source in sources:
+        label, path = _load(conn, stage.settings.storage.audio_dir, source, files)
+        if path.resolve() in seen:  # the same clip twice would weigh twice in the mean
+            continue
+        seen.add(path.resolve())
+        try:
+            clips.append((label, to_float32(decode_file(path))))
+        except AudioDecodeError as exc:
+            raise ProfileError(f"{exc}; nothing enrolled") from exc
+    found: list[tuple[str, Float32Array, float]] = []
+    results = []
+    for label, audio in clips:
+        vector, speech_s = stage.voiceprint(audio, MIN_ENROL_SPEECH_S)
+        if vector is None:
+            need = MIN_ENROL_SPEECH_S
+            reason = f"only {speech_s:.1f} s of speech (at least {need:.1f} s needed)"
+            results.append(EnrolResult(label, speech_s, False, reason))
+            continue
+        found.append((label, vector, speech_s))
+        warnings = tuple(clip_warnings(stage, audio, speech_s))
+        results.append(EnrolResult(label, speech_s, True, None, warnings))
+    if not found:
+        return results
+    known = [p for p in load_profiles(conn, stage.model) if p.name == name]
+    earlier = [(f"earlier {i}", v, 10.0) for p in known for i, v in enumerate(p.vectors)]
+    odd = _odd_ones(stage, found + earlier) & {label for label, _, _ in found}
+    results = [
+        replace(r, warnings=(*r.warnings, f"does not sound like the other clips of {name}"))
+        if r.source in odd
+        else r
+        for r in results
+    ]
+    with Transaction(conn):
+        row = conn.execute("SELECT id FROM speakers WHERE name=?", (name,)).fetchone()
+        t = now()
+        if row is None:
+            speaker_id = str(ULID())
+            conn.execute(
+                "INSERT INTO speakers (id, name, provisional, opt_out, created_at, updated_at)"
+                " VALUES (?, ?, 0, ?, ?, ?)",
+                (speaker_id, name, int(opt_out), t, t),
+            )
+        else:  # more clips for someone known; a provisional profile becomes a person
+            speaker_id = str(row["id"])
+            conn.execute(
+                "UPDATE speakers SET provisional=0, opt_out=MAX(opt_out, ?), updated_at=?"
+                " WHERE id=?",
+                (int(opt_out), t, speaker_id),
+            )
+        for label, vector, speech_s in found:
+            # No recording_id: deleting that recording later must not unlearn the person.
+            add_embedding(conn, speaker_id, stage.model, vector, speech_s, None, label)
+    return results
+
+
+@dataclass(frozen=True)
+class ClipTest:
+    """What identification makes of one clip: every profile's confidence and the verdict."""
+
+    source: str
+    speech_s: float
+    scores: tuple[tuple[str, float], ...]  # (name, confidence), best first
+    named: str | None  # who it would be named as (None: unknown)
+    reason: str | None = None  # why there is no score
+
+
+def test_clips(
+    conn: sqlite3.Connection, stage: SpeakerStage, name: str, sources: Sequence[str]
+) -> list[ClipTest]:
+    """Score each clip against everyone, as the worker would, for `speakers test`."""
+    profile_row(conn, name)  # the person must exist
+    profiles = load_profiles(conn, stage.model)
+    out = []
+    for source in sources:
+        label, path = _load(conn, stage.settings.storage.audio_dir, source, None)  # the CLI only
+        try:
+            audio = to_float32(decode_file(path))
+        except AudioDecodeError as exc:
+            out.append(ClipTest(label, 0.0, (), None, str(exc)))
+            continue
+        vector, speech_s = stage.voiceprint(audio)
+        if vector is None:
+            out.append(ClipTest(label, speech_s, (), None, "too little speech"))
+            continue
+        scores = tuple(
+            (p.name, round(stage.calibration.confidence(s, speech_s), 3))
+            for s, p in score_profiles(profiles, vector, stage.calibration)
+        )
+        out.append(
+            ClipTest(label, speech_s, scores, stage.identify(profiles, vector, speech_s).name)
+        )
+    return out
