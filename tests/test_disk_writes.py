@@ -264,6 +264,25 @@ def test_a_transcript_a_power_cut_took_back_is_made_again_with_the_same_event_id
     assert sent[0] == sent[1] and "rachel" in str(sent[0]).lower(), sent
 
 
+def test_a_transcript_whose_audio_is_only_in_memory_is_on_the_card_before_its_event(
+    env: dict[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    """Below min_free_disk_mb the audio is kept in memory only, and dropped once the
+    transcript is stored: a power cut after that could not make the transcript again (no
+    audio), so it commits with an fsync of its own, before its event is published."""
+    sub = Subscriber(broker.port, [f"{BASE}/event/transcript"])
+    full = mqtt_env(env, broker, MERAUDIOD_RETENTION__MIN_FREE_DISK_MB=str(10**12))
+    lines = _traced_run(full, tmp_path, SHORT)
+    sub.wait_for(lambda: sub.on("/event/transcript"), 30)
+    sub.close()
+    (rec,) = db_rows(env, "SELECT audio_path, text FROM recordings")
+    assert rec["audio_path"] is None and "rachel" in rec["text"].lower(), rec
+    published = [i for i, line in enumerate(lines) if "event/transcript" in line]
+    assert published, "the trace shows no transcript sent to the broker"
+    for i in published:
+        assert _log_synced_since_last_write(lines[:i]), lines[max(0, i - 20) : i + 1]
+
+
 def _events_of_a_run(env: dict[str, str], broker: Broker, source: Path) -> list[Any]:
     """(topic, event_id, text) of each transcript and speaker event of `run` on `source`."""
     sub = Subscriber(broker.port, [f"{BASE}/event/transcript", f"{BASE}/event/speaker"])
