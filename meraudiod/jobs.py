@@ -138,19 +138,21 @@ def requeue_stale(
 ) -> int:
     """Recover what dead processes left; returns how many running jobs went back to pending.
 
-    A running job whose owner on this host is dead (or, with expired_leases, whose lease
-    expired) goes back to pending with one more crash counted; at `max_crashes` it is failed
-    for good with the reason stored, so a recording that kills the process cannot make a
-    crash loop. Jobs queued by a dead one-off process (an interrupted `analyze`) become the
-    daemon's.
+    A running job whose owner on this host is dead (or, with expired_leases, at start,
+    whose lease expired, or which was claimed before this machine booted: after a power cut
+    its pid may be another process's, or this one's, its lease still running) goes back to
+    pending with one more crash counted; at `max_crashes` it is failed for good with the
+    reason stored, so a recording that kills the process cannot make a crash loop. Jobs queued
+    by a dead one-off process (an interrupted `analyze`) become the daemon's.
     """
     t = now()
     requeued: list[int] = []
     given_up: list[int] = []
     for row in conn.execute(
-        "SELECT id, owner, lease_until, crashes FROM jobs WHERE state='running'"
+        "SELECT id, owner, lease_until, crashes, updated_at FROM jobs WHERE state='running'"
     ):
-        if (expired_leases and (row["lease_until"] or 0) < t) or _dead(row["owner"]):
+        lapsed = (row["lease_until"] or 0) < t or _before_boot(row["owner"], row["updated_at"])
+        if (expired_leases and lapsed) or _dead(row["owner"]):
             crashed = int(row["crashes"]) + 1
             (given_up if crashed >= max_crashes else requeued).append(int(row["id"]))
     orphaned = [
@@ -190,6 +192,24 @@ def _dead(process: str | None) -> bool:
     """Is this host:pid a process of this host that is no longer running?"""
     host, _, pid = str(process or "").rpartition(":")
     return host == socket.gethostname() and not (pid.isdigit() and pid_alive(int(pid)))
+
+
+def _before_boot(process: str | None, claimed_at: float) -> bool:
+    """Was this claim of a process of this host made before this machine booted?"""
+    host = str(process or "").rpartition(":")[0]
+    return host == socket.gethostname() and claimed_at < boot_time()
+
+
+def boot_time() -> float:
+    """When this machine booted, on the wall clock (/proc/stat's btime); 0.0 when unknown."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            for line in stat:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 def pid_alive(pid: int) -> bool:

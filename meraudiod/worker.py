@@ -209,8 +209,9 @@ class Worker(StageThread):
             transcript = analysis.transcript  # segments split at speaker changes
         # Without an fsync of its own: a power cut may take back the last transcripts, whose
         # recordings are then transcribed again at the next start (their save was durable),
-        # making their events again with the same event_ids (messages.job_event_id).
-        with Transaction(conn, durable=False):
+        # making their events again with the same event_ids (messages.job_event_id). Not one
+        # whose audio is only in memory (disk full), dropped below: nothing could make it again.
+        with Transaction(conn, durable=not row["audio_path"]):
             if not _recording_exists(conn, job.recording_id):  # deleted while transcribed
                 _LOGGER.info("recording %s deleted while it was transcribed", job.recording_id)
                 self._forget_held(job.recording_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -262,6 +263,48 @@ def test_a_transcript_a_power_cut_took_back_is_made_again_with_the_same_event_id
         shutil.rmtree(data)
         shutil.copytree(saved_only, data)  # what the power cut leaves
     assert sent[0] == sent[1] and "rachel" in str(sent[0]).lower(), sent
+
+
+def test_a_job_claimed_before_a_power_cut_is_done_again_whoever_has_its_pid_now(
+    env: dict[str, str],
+) -> None:
+    """A later save may have put a job's claim on the card without its transcript, which
+    may have been published. After the reboot another process (or the daemon itself) may
+    have the pid that claimed it, whose lease has not run out: claimed before this boot, the
+    job is still taken back at the next start and its recording transcribed again."""
+    data = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    conn = open_db(data / "meraudiod.db")
+    store = RecordingStore(conn, data / "audio", "flac")
+    assert store.save(decode_file(SHORT), source="x", start_s=0.0, started_at=1000.0)
+    with Transaction(conn):
+        conn.execute(  # pid 1 is always alive; the lease has nine minutes to go
+            "UPDATE jobs SET state='running', owner=?, lease_until=?, updated_at=?",
+            (f"{socket.gethostname()}:1", time.time() + 540, jobs.boot_time() - 60),
+        )
+    conn.close()
+    result = cli("run", "--source", f"file:{_silence(data.parent)}", env=env, timeout_s=60)
+    assert result.returncode == 0, result.stderr
+    (rec,) = db_rows(env, "SELECT status, text FROM recordings")
+    assert rec["status"] == "done" and "rachel" in rec["text"].lower(), dict(rec)
+
+
+def test_a_transcript_whose_audio_is_only_in_memory_is_on_the_card_before_its_event(
+    env: dict[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    """Below min_free_disk_mb the audio is kept in memory only, and dropped once the
+    transcript is stored: a power cut after that could not make the transcript again (no
+    audio), so it commits with an fsync of its own, before its event is published."""
+    sub = Subscriber(broker.port, [f"{BASE}/event/transcript"])
+    full = mqtt_env(env, broker, MERAUDIOD_RETENTION__MIN_FREE_DISK_MB=str(10**12))
+    lines = _traced_run(full, tmp_path, SHORT)
+    sub.wait_for(lambda: sub.on("/event/transcript"), 30)
+    sub.close()
+    (rec,) = db_rows(env, "SELECT audio_path, text FROM recordings")
+    assert rec["audio_path"] is None and "rachel" in rec["text"].lower(), rec
+    published = [i for i, line in enumerate(lines) if "event/transcript" in line]
+    assert published, "the trace shows no transcript sent to the broker"
+    for i in published:
+        assert _log_synced_since_last_write(lines[:i]), lines[max(0, i - 20) : i + 1]
 
 
 def _events_of_a_run(env: dict[str, str], broker: Broker, source: Path) -> list[Any]:
