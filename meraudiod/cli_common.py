@@ -17,7 +17,7 @@ import click
 
 from .commands import CommandContext, CommandError, execute
 from .config import ConfigError, Settings, load_settings
-from .db import DatabaseError, open_db
+from .db import DatabaseError, database_file, open_db
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -191,5 +191,4 @@ def file_error(exc: OSError) -> click.ClickException:
 
 def database_error(conn: sqlite3.Connection, exc: sqlite3.Error) -> click.ClickException:
     """One line naming the database (e.g. one this user may read but not write)."""
-    main = next(row for row in conn.execute("PRAGMA database_list") if row[1] == "main")
-    return click.ClickException(f"database {main[2]}: {exc}")
+    return click.ClickException(f"database {database_file(conn)}: {exc}")

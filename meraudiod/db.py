@@ -335,12 +335,16 @@ class Transaction:
             self.conn.execute("PRAGMA synchronous=FULL")
 
 
+def database_file(conn: sqlite3.Connection) -> str:
+    """The file of this connection's main database."""
+    return str(next(row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"))
+
+
 def sync_log(conn: sqlite3.Connection) -> None:
     """Put every commit made so far on the card, also those made without an fsync of their
     own (`Transaction(durable=False)`): fsync the write-ahead log, as a durable commit does."""
-    main = next(row for row in conn.execute("PRAGMA database_list") if row[1] == "main")
     try:
-        fd = os.open(f"{main[2]}-wal", os.O_RDONLY)
+        fd = os.open(f"{database_file(conn)}-wal", os.O_RDONLY)
     except FileNotFoundError:
         return  # no log: every commit is in the database file, synced by the checkpoint
     try:

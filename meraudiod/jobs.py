@@ -146,12 +146,15 @@ def requeue_stale(
     by a dead one-off process (an interrupted `analyze`) become the daemon's.
     """
     t = now()
+    booted_at = boot_time()
     requeued: list[int] = []
     given_up: list[int] = []
     for row in conn.execute(
         "SELECT id, owner, lease_until, crashes, updated_at FROM jobs WHERE state='running'"
     ):
-        lapsed = (row["lease_until"] or 0) < t or _before_boot(row["owner"], row["updated_at"])
+        # Claimed on this host before it booted: after a power cut its pid may be alive again.
+        before_boot = _of_this_host(row["owner"]) and row["updated_at"] < booted_at
+        lapsed = (row["lease_until"] or 0) < t or before_boot
         if (expired_leases and lapsed) or _dead(row["owner"]):
             crashed = int(row["crashes"]) + 1
             (given_up if crashed >= max_crashes else requeued).append(int(row["id"]))
@@ -188,16 +191,15 @@ def requeue_stale(
     return len(requeued)
 
 
+def _of_this_host(process: str | None) -> bool:
+    """Is this host:pid (an owner_id) a process of this host?"""
+    return str(process or "").rpartition(":")[0] == socket.gethostname()
+
+
 def _dead(process: str | None) -> bool:
     """Is this host:pid a process of this host that is no longer running?"""
-    host, _, pid = str(process or "").rpartition(":")
-    return host == socket.gethostname() and not (pid.isdigit() and pid_alive(int(pid)))
-
-
-def _before_boot(process: str | None, claimed_at: float) -> bool:
-    """Was this claim of a process of this host made before this machine booted?"""
-    host = str(process or "").rpartition(":")[0]
-    return host == socket.gethostname() and claimed_at < boot_time()
+    pid = str(process or "").rpartition(":")[2]
+    return _of_this_host(process) and not (pid.isdigit() and pid_alive(int(pid)))
 
 
 def boot_time() -> float:
