@@ -70,6 +70,19 @@ def test_speaker_models_load_only_when_on_and_are_freed_when_a_reload_turns_them
     assert proc.returncode == 0, log
 
 
+def _child(script: str, *args: Path) -> list[str]:
+    """The lines a fresh Python process running `script` prints (it must succeed)."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
 _NO_PYAV_CHILD = """
 import sys
 from pathlib import Path
@@ -108,15 +121,7 @@ def test_whisper_and_a_16k_flac_file_do_not_load_ffmpeg_and_other_files_still_de
     clip, other = tmp_path / "clip.flac", tmp_path / "other.flac"
     soundfile.write(clip, demo[: 5 * rate_hz], rate_hz)
     soundfile.write(other, demo[: 2 * rate_hz], 22050)  # played back at another rate
-    result = subprocess.run(
-        [sys.executable, "-c", _NO_PYAV_CHILD, str(clip), str(other), str(models_dir / "tiny.en")],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    first, second = result.stdout.splitlines()
+    first, second = _child(_NO_PYAV_CHILD, clip, other, models_dir / "tiny.en")
     assert first.startswith("False ") and "dashwood" in first.lower(), first
     loaded, samples = second.split()
     assert loaded == "True" and abs(int(samples) - 2 * rate_hz * 16000 / 22050) < 800, second
@@ -153,15 +158,7 @@ def test_unmapping_library_pages_keeps_every_page_this_process_wrote(tmp_path: P
     keeps what was written."""
     mapped = tmp_path / "mapped.bin"
     mapped.write_bytes(b"A" * 65536)
-    result = subprocess.run(
-        [sys.executable, "-c", _UNMAP_CHILD, str(mapped)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    counts, pages = result.stdout.splitlines()
+    counts, pages = _child(_UNMAP_CHILD, mapped)
     before_kb, unmapped_kb, after_kb = map(int, counts.split())
     assert unmapped_kb > 1024 and after_kb < before_kb - 1024, counts  # numpy's and libpython's
     assert pages == "b'WROTEA' b'AAAAAA' True 5.0", pages
