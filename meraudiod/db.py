@@ -177,6 +177,7 @@ _MIGRATIONS: Final[Sequence[str]] = (
 # that are not (a long segment's word timings) spill into overflow pages.
 PAGE_BYTES: Final = 1024
 _CHECKPOINT_PAGES: Final = 4000
+_BUSY_TIMEOUT_S: Final = 30.0  # how long a statement waits for another connection's lock
 _FULL_DISK_BYTES: Final = 1024 * 1024  # below this, a failed open is blamed on the disk
 
 # RETURNING (jobs.claim) and ALTER TABLE ... DROP COLUMN (migration 5) need SQLite 3.35;
@@ -214,7 +215,9 @@ def open_db(path: Path) -> sqlite3.Connection:
     check_sqlite_version()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=True)
+        conn = sqlite3.connect(
+            path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=True
+        )
     except (OSError, sqlite3.Error) as exc:  # one line naming the file, not a traceback
         raise DatabaseError(f"cannot open database {path}: {exc}") from exc
     try:
@@ -223,7 +226,7 @@ def open_db(path: Path) -> sqlite3.Connection:
             # A new database: small pages, since every commit appends each page it touched to
             # the log (see PAGE_BYTES). An existing one keeps its size (VACUUM changes it).
             conn.execute(f"PRAGMA page_size={PAGE_BYTES}")
-        conn.execute("PRAGMA journal_mode=WAL")
+        _use_wal(conn)
         # FULL: a commit survives a power cut, which is the promise for saved recordings; a
         # Transaction(durable=False) relaxes this for one commit that may be lost.
         conn.execute("PRAGMA synchronous=FULL")
@@ -235,7 +238,6 @@ def open_db(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys=ON")
         # Deleted text is overwritten, not left in free pages.
         conn.execute("PRAGMA secure_delete=ON")
-        conn.execute("PRAGMA busy_timeout=30000")
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > len(_MIGRATIONS):
             raise DatabaseError(
@@ -251,6 +253,23 @@ def open_db(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Turn the database to WAL (a no-op once it is). Turning a new database takes its write
+    lock from the read lock it holds, and SQLite does not wait for that lock (two waiting
+    readers would deadlock): another process creating the database at the same moment (the
+    daemon and an `analyze` started with it) makes it fail at once. So wait here, as long
+    as the busy timeout."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
 
 
 def _full_disk(path: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,16 @@ import soundfile
 from meraudiod import jobs
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings
-from meraudiod.db import _MIGRATIONS, Transaction, get_kv, migrate, open_db, set_kv
+from meraudiod.db import (
+    _MIGRATIONS,
+    PAGE_BYTES,
+    DatabaseError,
+    Transaction,
+    get_kv,
+    migrate,
+    open_db,
+    set_kv,
+)
 from meraudiod.messages import TranscriptEvent, enqueue, unpack_payload
 from meraudiod.recordings import RecordingStore, delete_recording, remove_crashed_writes
 
@@ -51,6 +61,34 @@ def test_database_is_wal_and_migrated(settings: Settings, tmp_path: Path) -> Non
     assert upgraded.execute("PRAGMA user_version").fetchone()[0] == latest
     assert upgraded.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == 1
     assert upgraded.execute("SELECT COUNT(*) FROM kv").fetchone()[0] == 0  # a later table
+
+
+def test_processes_creating_the_database_at_one_moment_all_open_it(tmp_path: Path) -> None:
+    """The daemon and an `analyze` started with it both create the database: turning a new
+    database to WAL takes its write lock from a read lock, which SQLite does not wait for,
+    so one of them failed with "database is locked" (found by CI, 1 run in about 20).
+    Connections in threads contend for SQLite's file locks as processes do, and start faster."""
+    openers, failed = 6, []
+    for attempt in range(200):
+        path = tmp_path / str(attempt) / "meraudiod.db"
+        together = threading.Barrier(openers)
+
+        def open_it(path: Path = path, together: threading.Barrier = together) -> None:
+            together.wait()
+            try:
+                open_db(path).close()
+            except DatabaseError as exc:
+                failed.append(str(exc))
+
+        threads = [threading.Thread(target=open_it) for _ in range(openers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failed == []
+    conn = open_db(tmp_path / "0" / "meraudiod.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_BYTES
 
 
 def test_save_writes_audio_and_rows_together(settings: Settings) -> None:
