@@ -4,6 +4,7 @@ while the daemon starts would otherwise end it (exit 129) and systemd would rest
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -34,8 +35,24 @@ def install(stop: threading.Event, reload: threading.Event | None = None) -> Non
         signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
 
 
+def open_closed_streams() -> None:
+    """A standard stream the command was started without (`2>&-`) is opened on /dev/null:
+    Python leaves sys.stderr None then, and the next file opened (a recording's audio)
+    would take the number 2 and get whatever a library prints to stderr."""
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:  # closed: the lowest free number is this one
+            null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
+
+
 def main() -> None:
     """The `meraudiod` command: `run` gets its handlers before anything slow is imported."""
+    open_closed_streams()
     if sys.argv[1:2] == ["run"]:
         run_handlers()
     if sys.argv[1:2] in (["run"], ["analyze"]):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import soundfile
 from ulid import ULID
 
 from meraudiod.db import Transaction, open_db, set_kv
@@ -29,6 +30,7 @@ from .conftest import (
     db_rows,
     needs_root,
     run_daemon,
+    stored_audio,
     wait_running,
 )
 
@@ -165,6 +167,37 @@ def test_run_print_into_a_reader_that_went_away_is_no_dead_stage(
     assert "Traceback" not in stderr and "died" not in stderr, stderr
     states = [row["status"] for row in db_rows(env, "SELECT status FROM recordings")]
     assert len(states) == 5 and set(states) == {"done"}, states  # every recording still transcribed
+
+
+_MERAUDIOD_RUN_DEMO = ("-m", "meraudiod", "run", "--source", "demo", "--print")
+
+
+@pytest.mark.parametrize(
+    ("closed", "prints"), [("2>&-", True), (">&- 2>&-", False), ("<&- >&- 2>&-", False)]
+)
+def test_run_started_with_its_standard_streams_closed_does_its_job(
+    env: dict[str, str], closed: str, prints: bool
+) -> None:
+    """A supervisor that starts the daemon with stderr closed: `run` died at once with an
+    AttributeError nobody could see (exit 1). Such a stream is now /dev/null, so no file the
+    daemon opens (a recording's audio) takes its number and gets what libraries print."""
+    result = subprocess.run(
+        ["sh", "-c", f'exec "$0" "$@" {closed}', sys.executable, *_MERAUDIOD_RUN_DEMO],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, closed
+    rows = db_rows(env, "SELECT status, text, audio_path FROM recordings ORDER BY start_s")
+    assert [row["status"] for row in rows] == ["done"] * 5
+    for row in rows:
+        audio, rate = soundfile.read(stored_audio(env, row["audio_path"]))
+        assert rate == 16000 and audio.size > rate
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    printed = [line.split("] ", 1)[1] for line in lines]
+    assert printed == ([row["text"] for row in rows] if prints else [])
 
 
 @pytest.mark.parametrize(
