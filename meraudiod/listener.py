@@ -20,6 +20,7 @@ from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 from .sources import AudioSource, EndOfStream, SourceError
 from .stage import StageThread
 from .vad import SileroVad, VadTraces
+from .wall_clock import StreamClock
 
 _LOGGER = logging.getLogger(__name__)
 _READ_TIMEOUT_S = 0.5
@@ -130,7 +131,7 @@ class Listener(StageThread):
         )
         segmenter = self._segmenter = Segmenter(self.params)
         buffer = FrameBuffer()
-        stream_t0 = time.time()
+        clock = StreamClock()
         self.vad.reset()
         try:
             while not self.stop_event.is_set():
@@ -142,6 +143,7 @@ class Listener(StageThread):
                     self.error = str(exc)
                     _LOGGER.error("%s", exc)
                     break  # what was heard up to here is still saved
+                clock.check(conn)  # NTP setting the clock moves the stamps too
                 if frame is None:
                     continue
                 self.frames_read += 1
@@ -154,11 +156,11 @@ class Listener(StageThread):
                     self._last_frame = frame
                 buffer.append(frame, self.last_prob)
                 for event in segmenter.push(self.last_prob):
-                    self._handle(event, buffer, store, stream_t0)
+                    self._handle(event, buffer, store, clock)
                 buffer.trim(segmenter.oldest_needed_frame())
             # End of stream, an error or stop: what was being said is still saved whole.
             for event in segmenter.flush():
-                self._handle(event, buffer, store, stream_t0)
+                self._handle(event, buffer, store, clock)
         except SourceError as exc:
             self.error = str(exc)
             _LOGGER.error("%s", exc)
@@ -207,21 +209,22 @@ class Listener(StageThread):
         event: SpeechStarted | Utterance,
         buffer: FrameBuffer,
         store: RecordingStore,
-        stream_t0: float,
+        clock: StreamClock,
     ) -> None:
         if isinstance(event, SpeechStarted):
             self.speaking = True
             if self.on_speech_start is not None:
-                self.on_speech_start(min(stream_t0 + event.start_frame * FRAME_S, time.time()))
+                self.on_speech_start(min(clock.at(event.start_frame * FRAME_S), time.time()))
             return
         self.speaking = False
         start_s = event.start_frame * FRAME_S
         samples = buffer.slice(event.start_frame, event.end_frame)
         # A file read faster than real time is ahead of the clock: never a time to come.
-        started_at = min(stream_t0 + start_s, time.time() - samples.size / SAMPLE_RATE_HZ)
+        started_at = min(clock.at(start_s), time.time() - samples.size / SAMPLE_RATE_HZ)
         recording = self._save(store, samples, start_s, started_at)
         if recording is None:
             return  # the disk and the memory for it are full: reported by the daemon
+        clock.stamped(recording.id)
         self.recordings_saved += 1
         if self.on_speech_end is not None:
             self.on_speech_end(recording)
