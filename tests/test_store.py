@@ -24,8 +24,9 @@ from meraudiod.db import (
     open_db,
     set_kv,
 )
+from meraudiod.deletion import delete_recording
 from meraudiod.messages import TranscriptEvent, enqueue, unpack_payload
-from meraudiod.recordings import RecordingStore, delete_recording, remove_crashed_writes
+from meraudiod.recordings import RecordingStore, remove_crashed_writes
 from meraudiod.schema import MIGRATIONS
 
 from .conftest import TEST_DATA
