@@ -9,7 +9,7 @@ import click
 
 from .checks import mqtt_file_problems, unreadable_files
 from .cli_common import config_option, echo_json, json_option, settings_from
-from .sources import input_devices
+from .mic_source import input_devices
 
 
 @click.group("config")

@@ -24,11 +24,12 @@ from .db import get_kv, open_db, set_kv
 from .health import Health
 from .listener import Listener
 from .messages import Event
+from .mic_source import MicSource
 from .microphone import AudioSupervisor
 from .pipeline import Pipeline
 from .reloader import Reloader
 from .retention import Retention
-from .sources import AudioSource, FileSource, MicSource, StdinSource
+from .sources import AudioSource, FileSource, StdinSource
 from .stage import StageThread
 from .status import configured_models, heartbeat_path
 from .surfaces import Surfaces

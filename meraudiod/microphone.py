@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import Final
 
 from .listener import Listener
-from .sources import AudioSource, MicSource, SourceError
+from .mic_source import MicSource
+from .sources import AudioSource, SourceError
 
 _LOGGER = logging.getLogger(__name__)
 AUDIO_STALL_S: Final = 5.0  # no frame for this long while listening: the audio is gone

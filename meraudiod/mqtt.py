@@ -7,14 +7,13 @@ the main thread's queue; `online` is published once the subscriptions are acknow
 the retained state and discovery are republished. Retained messages are never queued: only
 the latest of each topic goes out. Outbox rows are sent one at a time, in order, and deleted
 only after the broker acknowledged them (QoS 1), so a broker outage or a crash loses nothing;
-what is sent late carries `"replayed": true`. One message that cannot be published is
-logged and dropped; it never takes the link down.
+what is sent late carries `"replayed": true` (mqtt_delivery.py). One message that cannot be
+published is logged and dropped; it never takes the link down.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import random
@@ -28,15 +27,10 @@ from typing import Any, Final
 import paho.mqtt.client as paho
 
 from .config import Settings
-from .db import Transaction, now, open_db
-from .messages import (
-    LIVE_ONLY_TOPICS,
-    bound_outbox,
-    note_dropped,
-    unpack_payload,
-)
+from .db import now, open_db
 from .messages import Inbound as Inbound  # the link's types, where its callers find them
 from .messages import Outgoing as Outgoing
+from .messages import bound_outbox
 from .mqtt_client import (
     Waker,
     base_topic,
@@ -45,6 +39,7 @@ from .mqtt_client import (
     make_client,
     network_step,
 )
+from .mqtt_delivery import OutboxDelivery
 from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)
@@ -54,14 +49,8 @@ _LOOP_S: Final = 0.1  # one step while connecting or saying goodbye
 _IDLE_WAIT_S: Final = 5.0
 _BACKOFF_MIN_S: Final = 1.0
 _BACKOFF_MAX_S: Final = 60.0
-_REPLAYED_AFTER_S: Final = 10.0
 _BOUND_EVERY_S: Final = 60.0
 _GOODBYE_S: Final = 5.0
-# Delivered events are deleted together, not one transaction each: after this many, or once
-# the oldest has waited this long, and on the way out. A crash before that sends them again,
-# with the same event_id (consumers deduplicate on it).
-_DELETE_BATCH: Final = 100
-_DELETE_AFTER_S: Final = 10.0
 _CONNACK_WAIT_S: Final = 5.0  # a broker that accepted TCP but says nothing: say so, retry
 _SAY_DROPS_EVERY_S: Final = 10.0  # a flood of switches is logged once a while, not per switch
 # Lost this soon after connecting this many times in a row: most likely another client with
@@ -101,12 +90,7 @@ class MqttLink(StageThread):
         self._client: paho.Client | None = None
         self._connected_at = 0.0
         self._pending_subs: set[int] = set()
-        self._inflight: tuple[int, int] | None = None  # (mid, outbox id)
-        self._acked_mids: set[int] = set()
-        # Outbox rows up to this id are delivered (or skipped) and wait to be deleted.
-        self._delivered_up_to = 0
-        self._undeleted = 0
-        self._undeleted_since = 0.0  # time.monotonic() of the oldest
+        self._delivery = OutboxDelivery(self.base, self._waker)
         self._republish_discovery = False
         self._backoff_s = _BACKOFF_MIN_S
         self._ever_tried = False
@@ -175,7 +159,7 @@ class MqttLink(StageThread):
                     if time.monotonic() >= next_bound:
                         bound_outbox(conn, self.settings.mqtt)
                         next_bound = time.monotonic() + _BOUND_EVERY_S
-                    self._delete_delivered(conn)
+                    self._delivery.delete_delivered(conn)
                 except Exception as exc:  # a bug in one message or callback: log, go on
                     _LOGGER.exception("MQTT link: %s", exc)
                     self.last_error = f"internal error: {exc}"
@@ -183,7 +167,7 @@ class MqttLink(StageThread):
             self._say_goodbye(conn, client)
         finally:
             try:
-                self._delete_delivered(conn, force=True)
+                self._delivery.delete_delivered(conn, force=True)
             finally:
                 conn.close()
                 self._waker.close()
@@ -199,8 +183,9 @@ class MqttLink(StageThread):
         until = min(
             next_due, time.monotonic() + min(_IDLE_WAIT_S, self.settings.mqtt.keepalive_s / 2)
         )
-        if self._undeleted:
-            until = min(until, self._undeleted_since + _DELETE_AFTER_S)
+        delete_at = self._delivery.delete_due_at()
+        if delete_at is not None:
+            until = min(until, delete_at)
         return max(0.0, until - time.monotonic())
 
     def _connect(self, client: paho.Client) -> bool:
@@ -265,11 +250,11 @@ class MqttLink(StageThread):
         while self.connected and time.monotonic() < deadline:
             network_step(client, self._waker, _LOOP_S)
             self._deliver(conn, client)
-            unsent = conn.execute(
-                "SELECT COUNT(*) FROM outbox WHERE id > ?", (self._delivered_up_to,)
-            ).fetchone()
-            idle = self._inflight is None and self._outgoing.empty() and not self._retained_due
-            if idle and not unsent[0]:
+            unsent = self._delivery.unsent(conn)
+            idle = (
+                not self._delivery.in_flight and self._outgoing.empty() and not self._retained_due
+            )
+            if idle and not unsent:
                 break
         info = client.publish(f"{self.base}/status", "offline", qos=1, retain=True)
         while not info.is_published() and time.monotonic() < deadline + 2.0:
@@ -373,7 +358,7 @@ class MqttLink(StageThread):
         self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any
     ) -> None:
         # paho may call this inside publish() itself (QoS 0 written at once), so only note it.
-        self._acked_mids.add(mid)
+        self._delivery.acked(mid)
 
     # --- publishing ------------------------------------------------------------------------
 
@@ -406,60 +391,4 @@ class MqttLink(StageThread):
                 break
             if message.live_at is None or message.live_at >= self._replay_before:
                 self._publish(client, message)  # else made before an outage: not news
-        if self._inflight is not None:
-            mid, row_id = self._inflight
-            if mid not in self._acked_mids:
-                return  # strictly one event in flight: order is kept across any outage
-            self._delivered(row_id)
-            self._inflight = None
-        self._acked_mids.clear()
-        row = conn.execute(
-            "SELECT id, topic, payload, qos, created_at FROM outbox WHERE id > ?"
-            " ORDER BY id LIMIT 1",
-            (self._delivered_up_to,),
-        ).fetchone()
-        if row is None:
-            return
-        created_at = float(row["created_at"])
-        if row["topic"] in LIVE_ONLY_TOPICS and created_at < self._replay_before:
-            # (a speech event queued by a version that still put them in the outbox)
-            self._delivered(int(row["id"]))  # "someone is speaking" an outage ago is not news
-            self._waker.set()  # the next row at once, not after the idle wait
-            return
-        payload = unpack_payload(row["payload"])
-        if created_at < self._replay_before or now() - created_at > _REPLAYED_AFTER_S:
-            payload["replayed"] = True
-        topic = f"{self.base}/{row['topic']}"
-        try:
-            info = client.publish(topic, json.dumps(payload, ensure_ascii=False), qos=row["qos"])
-        except ValueError as exc:  # it can never be sent: drop it rather than retry forever
-            _LOGGER.error("MQTT event %d to %.80s dropped: %s", row["id"], topic, exc)
-            with Transaction(conn):
-                conn.execute("DELETE FROM outbox WHERE id=?", (row["id"],))
-                note_dropped(conn, 1)
-            self._waker.set()
-            return
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            return  # not connected after all: the row stays and goes out later
-        self._inflight = (info.mid, int(row["id"]))
-        if info.mid in self._acked_mids:  # QoS 0, written at once: no PUBACK will wake us
-            self._waker.set()
-
-    def _delivered(self, row_id: int) -> None:
-        """This outbox row (and every one before it) is done with: deleted with the next batch."""
-        if not self._undeleted:
-            self._undeleted_since = time.monotonic()
-        self._delivered_up_to = row_id
-        self._undeleted += 1
-
-    def _delete_delivered(self, conn: sqlite3.Connection, force: bool = False) -> None:
-        """Delete the delivered rows when a batch is due (or `force`), in one transaction
-        without an fsync of its own: a power cut that undoes it only sends them again."""
-        if not self._undeleted:
-            return
-        due = self._undeleted >= _DELETE_BATCH
-        if not (force or due or time.monotonic() - self._undeleted_since >= _DELETE_AFTER_S):
-            return
-        with Transaction(conn, durable=False):
-            conn.execute("DELETE FROM outbox WHERE id <= ?", (self._delivered_up_to,))
-        self._undeleted = 0
+        self._delivery.send_next(conn, client, self._replay_before)

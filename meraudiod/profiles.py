@@ -22,7 +22,7 @@ from . import models
 from .audio import Float32Array
 from .config import Settings
 from .db import Transaction, now
-from .recordings import delete_recordings
+from .deletion import delete_recordings
 from .scoring import Calibration
 from .speakers import is_provisional_name
 from .voiceprints import load_profiles, model_id

@@ -15,8 +15,9 @@ from . import jobs
 from .command_context import Args, Command, CommandContext
 from .command_errors import CommandError, InvalidArguments, NotFound
 from .db import Transaction, now
+from .deletion import delete_recordings
 from .recording_views import recording_details
-from .recordings import delete_recordings, normalise_id
+from .recordings import normalise_id
 from .retention import purge
 
 # A ULID in any case ("01jd2x..." too), as stored: upper case.

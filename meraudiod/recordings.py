@@ -15,7 +15,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,6 @@ from .db import Transaction, now
 
 _LOGGER = logging.getLogger(__name__)
 _TMP_SUFFIX = ".part"
-_DELETE_BATCH: Final = 100  # recordings per delete transaction: the write lock is held briefly
 # A half-written file older than this, from a version that did not put its pid in the name,
 # was left by a crash: no write takes that long.
 _LEGACY_PART_AGE_S: Final = 600.0
@@ -318,101 +317,3 @@ def remove_crashed_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
 def normalise_id(rec_id: str) -> str:
     """A recording id as stored: ULIDs are case-insensitive, and stored in upper case."""
     return rec_id.strip().upper()
-
-
-@dataclass(frozen=True)
-class Deleted:
-    """What a delete removed: recordings that existed, audio files that were there."""
-
-    recordings: int = 0
-    audio_files: int = 0
-
-
-def delete_recordings(conn: sqlite3.Connection, audio_dir: Path, rec_ids: list[str]) -> Deleted:
-    """Delete recordings with their audio, text, index rows, jobs, undelivered events and
-    the voice embeddings taken from them.
-
-    In transactions of _DELETE_BATCH recordings, so a listener waiting to save speech never
-    waits long for the write lock; the full-text index is optimised and the log
-    checkpointed once at the end. Each batch's audio goes first (see remove_audio_first).
-    """
-    deleted = files = 0
-    wanted = list(dict.fromkeys(normalise_id(r) for r in rec_ids))
-    try:
-        for first in range(0, len(wanted), _DELETE_BATCH):
-            batch = wanted[first : first + _DELETE_BATCH]
-            rows = conn.execute(
-                f"SELECT id, audio_path FROM recordings WHERE id IN ({','.join('?' * len(batch))})",
-                batch,
-            ).fetchall()
-            deleted += len(rows)
-            files += remove_audio_first(conn, audio_dir, rows, forget_recording)
-    finally:
-        if deleted:
-            forget_deleted_text(conn)
-    return Deleted(deleted, files)
-
-
-def forget_recording(conn: sqlite3.Connection, rec_id: str) -> None:
-    """A recording's rows (inside the caller's transaction): text, index rows, jobs,
-    undelivered events and the embeddings taken from it."""
-    conn.execute("DELETE FROM outbox WHERE recording_id=?", (rec_id,))
-    conn.execute("DELETE FROM speaker_embeddings WHERE recording_id=?", (rec_id,))
-    conn.execute("DELETE FROM recordings WHERE id=?", (rec_id,))
-
-
-def remove_audio_first(
-    conn: sqlite3.Connection,
-    audio_dir: Path,
-    rows: Sequence[sqlite3.Row],
-    forget: Callable[[sqlite3.Connection, str], None],
-    durable: bool = True,
-) -> int:
-    """Delete the audio files of `rows` (`id`, `audio_path`) and `forget` each row, in one
-    transaction (`durable`: see Transaction) committed once every file is gone; returns how
-    many files were there.
-
-    Each row is forgotten before its file goes (a database that cannot be written stops it
-    before any file does), and the commit comes after the files: a process killed half way,
-    or a file that cannot be deleted (OSError, raised), leaves rows whose audio is gone,
-    which the same delete run again finishes, never an audio file whose row is gone, which
-    nothing would ever find again.
-    """
-    with Transaction(conn, durable=durable):
-        return sum(forget_with_audio(conn, audio_dir, row, forget) for row in rows)
-
-
-def forget_with_audio(
-    conn: sqlite3.Connection,
-    audio_dir: Path,
-    row: sqlite3.Row,
-    forget: Callable[[sqlite3.Connection, str], None],
-) -> int:
-    """`forget` the row, then delete its audio file (inside the caller's transaction, which
-    must commit only after this: see remove_audio_first); 1 if the file was there."""
-    forget(conn, str(row["id"]))
-    return remove_file(audio_file(audio_dir, row["audio_path"])) if row["audio_path"] else 0
-
-
-def delete_recording(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> bool:
-    """Delete one recording (see delete_recordings). True if it existed."""
-    return delete_recordings(conn, audio_dir, [rec_id]).recordings == 1
-
-
-def remove_file(path: Path) -> bool:
-    """Delete a file; True if it was there."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def forget_deleted_text(conn: sqlite3.Connection) -> None:
-    """Make deleted text unrecoverable from the database file.
-
-    secure_delete zeroes freed pages, but the full-text index keeps deleted words in its
-    segments until they are merged, and the WAL keeps old pages until a checkpoint.
-    """
-    conn.execute("INSERT INTO segments_fts(segments_fts) VALUES ('optimize')")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

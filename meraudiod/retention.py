@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .config import Settings
 from .db import now, open_db
-from .recordings import audio_file, delete_recordings, remove_audio_first
+from .deletion import delete_recordings, remove_audio_first
+from .recordings import audio_file
 from .stage import StageThread
 
 _LOGGER = logging.getLogger(__name__)

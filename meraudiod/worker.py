@@ -20,13 +20,8 @@ from .asr import SpeechToText, Transcript
 from .audio import to_float32
 from .config import Settings
 from .db import Transaction, is_busy, now, open_db, sync_log
-from .recordings import (
-    MemoryAudio,
-    audio_file,
-    forget_deleted_text,
-    forget_recording,
-    forget_with_audio,
-)
+from .deletion import forget_deleted_text, forget_recording, forget_with_audio
+from .recordings import MemoryAudio, audio_file
 from .retention import drop_audio
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread

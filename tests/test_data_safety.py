@@ -21,10 +21,11 @@ import soundfile
 from meraudiod import models
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings
-from meraudiod.db import _MIGRATIONS, Transaction, open_db
+from meraudiod.db import Transaction, open_db
 from meraudiod.listener import Listener
 from meraudiod.recordings import RecordingStore, remove_crashed_writes
 from meraudiod.retention import purge
+from meraudiod.schema import MIGRATIONS
 from meraudiod.sources import FileSource
 from meraudiod.vad import SileroVad
 
@@ -156,7 +157,7 @@ def test_migration_makes_stored_paths_relative(settings: Settings, tmp_path: Pat
     path = settings.storage.db_path
     path.parent.mkdir(parents=True)
     conn = sqlite3.connect(path, isolation_level=None)
-    for script in _MIGRATIONS[:5]:
+    for script in MIGRATIONS[:5]:
         conn.executescript(script)
     conn.execute("PRAGMA user_version=5")
     rec_id = "01M89AY2FTNHNGP6MBNKJA4H0J"

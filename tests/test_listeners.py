@@ -9,8 +9,9 @@ import time
 from meraudiod.config import Settings
 from meraudiod.daemon import Daemon
 from meraudiod.db import open_db
+from meraudiod.mic_source import MicSource
 from meraudiod.pipeline import Pipeline
-from meraudiod.sources import FileSource, MicSource
+from meraudiod.sources import FileSource
 
 from .conftest import DEMO, DEMO_TRUTH
 

@@ -207,7 +207,7 @@ def test_backlog_built_faster_than_real_time_drains_in_order(env: dict[str, str]
 
 def test_audio_callback_only_copies_and_counts_drops() -> None:
     """The PortAudio callback never blocks: with the queue full it counts and returns."""
-    from meraudiod.sources import MicSource
+    from meraudiod.mic_source import MicSource
 
     mic = MicSource(None, None, queue_frames=16)
     block = np.ones((512, 1), dtype=np.float32)

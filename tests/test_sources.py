@@ -13,10 +13,10 @@ from scipy.signal import resample_poly
 
 from meraudiod.audio import FRAME_SAMPLES, decode_file
 from meraudiod.config_sections import AudioSettings
+from meraudiod.mic_source import MicSource
 from meraudiod.sources import (
     EndOfStream,
     FileSource,
-    MicSource,
     SourceError,
     StdinSource,
     open_source,

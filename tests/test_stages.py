@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from meraudiod.audio import decode_file
-from meraudiod.db import _MIGRATIONS, DatabaseError, check_sqlite_version, open_db
+from meraudiod.db import DatabaseError, check_sqlite_version, open_db
+from meraudiod.schema import MIGRATIONS
 
 from .broker import Broker, Subscriber
 from .conftest import AS_A_USER, DEMO, cli, needs_root
@@ -78,7 +79,7 @@ def test_a_newer_schema_is_refused_naming_both_versions(env: dict[str, str]) -> 
         assert result.returncode != 0, args
         line = last_line(result.stderr)
         assert f"{db_path(env)} has schema version 99" in line, line
-        assert f"this meraudiod's {len(_MIGRATIONS)}" in line
+        assert f"this meraudiod's {len(MIGRATIONS)}" in line
 
 
 def test_a_damaged_database_is_reported_at_start(env: dict[str, str]) -> None:

@@ -16,7 +16,6 @@ from meraudiod import jobs
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import (
-    _MIGRATIONS,
     PAGE_BYTES,
     DatabaseError,
     Transaction,
@@ -25,8 +24,10 @@ from meraudiod.db import (
     open_db,
     set_kv,
 )
+from meraudiod.deletion import delete_recording
 from meraudiod.messages import TranscriptEvent, enqueue, unpack_payload
-from meraudiod.recordings import RecordingStore, delete_recording, remove_crashed_writes
+from meraudiod.recordings import RecordingStore, remove_crashed_writes
+from meraudiod.schema import MIGRATIONS
 
 from .conftest import TEST_DATA
 
@@ -51,7 +52,7 @@ def test_database_is_wal_and_migrated(settings: Settings, tmp_path: Path) -> Non
 
     # A database made by the first release is brought up to date, its rows kept.
     old = sqlite3.connect(tmp_path / "v1.db", isolation_level=None)
-    old.executescript(_MIGRATIONS[0] + "\nPRAGMA user_version=1;")
+    old.executescript(MIGRATIONS[0] + "\nPRAGMA user_version=1;")
     old.execute(
         "INSERT INTO recordings (id, source, started_at, ended_at, start_s, end_s, duration_s,"
         " rms_dbfs, closed_at) VALUES ('01JD2X9K8M7Q6R5S4T3V2W1X0Y', 'mic', 1, 2, 0, 1, 1, -20, 2)"

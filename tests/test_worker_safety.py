@@ -23,8 +23,9 @@ from meraudiod.asr import Transcriber
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import Transaction, open_db
+from meraudiod.deletion import delete_recordings
 from meraudiod.pipeline import Pipeline
-from meraudiod.recordings import MemoryAudio, RecordingStore, delete_recordings
+from meraudiod.recordings import MemoryAudio, RecordingStore
 from meraudiod.retention import disk_free_mb, disk_low
 from meraudiod.sources import FileSource
 from meraudiod.worker import TranscribedRecording, Worker
