@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Final
 
@@ -286,9 +286,14 @@ def _notifications(sock: socket.socket, wait_s: float) -> list[str]:
 
 
 def run_bench(
-    settings: Settings, config_path: str | None, progress: Callable[[str], None]
+    settings: Settings,
+    config_path: str | None,
+    progress: Callable[[str], None],
+    only: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Every figure, in under two minutes on a Raspberry-Pi-class device."""
+    """Every figure, in under two minutes on a Raspberry-Pi-class device; or those of the
+    sections in `only` (`bench --only`: vad, listening, asr, speakers, pipeline, memory,
+    http), without the verdict."""
     pcm = decode_file(demo_path())
     figures: dict[str, Any] = {
         "version": __version__,
@@ -301,7 +306,7 @@ def run_bench(
     with local_broker() as broker_port:  # None without mosquitto: MQTT-off figures only
         if broker_port is None:  # said in one line of the output
             figures["mqtt_note"] = MOSQUITTO_MISSING
-        figures |= _bench_device(settings, config_path, pcm, broker_port, progress)
+        figures |= _bench_device(settings, config_path, pcm, broker_port, progress, only)
     figures["bench_s"] = round(time.monotonic() - started, 1)
     return figures
 
@@ -312,8 +317,13 @@ def _bench_device(
     pcm: np.ndarray,
     broker_port: int | None,
     progress: Callable[[str], None],
+    only: Collection[str] | None,
 ) -> dict[str, Any]:
     """run_bench's figures of this device; with MQTT on too when a broker is given."""
+
+    def wanted(section: str) -> bool:
+        return only is None or section in only
+
     audio = to_float32(pcm)
     truth = json.loads((demo_path().parent / "demo.json").read_text())["utterances"]
     short = truth[1]  # "he was not an ill disposed young man": a command-length utterance
@@ -324,38 +334,68 @@ def _bench_device(
     ]
     passage = audio[: int(_PASSAGE_S * SAMPLE_RATE_HZ)]
     mqtt = None if broker_port is None else mqtt_overrides(broker_port)
-    progress("VAD")
-    figures = bench_vad(settings, audio)
-    progress("listening to silence at real time, beside a bare VAD loop")
-    figures |= bench_listening(settings, config_path, mqtt=mqtt)
+    figures: dict[str, Any] = {}
+    if wanted("vad"):
+        progress("VAD")
+        figures |= bench_vad(settings, audio)
+    if wanted("listening"):
+        progress("listening to silence at real time, beside a bare VAD loop")
+        figures |= bench_listening(settings, config_path, mqtt=mqtt)
     wyoming = settings.asr.backend == "wyoming"
-    if not wyoming:  # the servers transcribe: no local model to time
+    if not wyoming and wanted("asr"):  # the servers transcribe: no local model to time
         progress("ASR")
         figures |= bench_asr(settings, command, passage)
-    progress("speaker embeddings")
-    figures |= bench_speakers(settings, passage)
-    progress("pipeline at real time")
+    if wanted("speakers"):
+        progress("speaker embeddings")
+        figures |= bench_speakers(settings, passage)
+    if wanted("pipeline"):
+        progress("pipeline at real time")
+        figures |= _bench_pipelines(settings, config_path, pcm, broker_port, progress, figures)
+    if wanted("memory"):
+        progress("memory per library and model")
+        figures |= bench_memory(config_path)
+    if settings.http.enabled and wanted("http"):
+        from .bench_http import bench_http
+
+        progress("HTTP stage")
+        figures |= bench_http(settings, config_path)
+    if only is None:
+        figures |= _verdict(settings, figures)
+    return figures
+
+
+def _bench_pipelines(
+    settings: Settings,
+    config_path: str | None,
+    pcm: np.ndarray,
+    broker_port: int | None,
+    progress: Callable[[str], None],
+    figures: dict[str, Any],
+) -> dict[str, Any]:
+    """The daemon on the first 20 s of the sample at real time: local (with MQTT on too,
+    and its peak memory with speakers on and off) or on the Wyoming servers."""
+    wyoming = settings.asr.backend == "wyoming"
+    out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "bench.flac"
         soundfile.write(clip, pcm[: int(20 * SAMPLE_RATE_HZ)], SAMPLE_RATE_HZ)
         if wyoming:
             from .bench_wyoming import bench_wyoming
 
-            figures |= bench_wyoming(settings, config_path, clip)
-        else:
-            figures |= bench_pipeline(settings, config_path, clip)
-            if broker_port is not None:
-                progress("pipeline at real time with MQTT on (a local mosquitto)")
-                figures |= bench_pipeline_mqtt(settings, config_path, clip, broker_port)
-            progress("peak memory with speakers on and off")
-            figures |= bench_peak_rss(settings, config_path, clip, figures)
-    progress("memory per library and model")
-    figures |= bench_memory(config_path)
-    if settings.http.enabled:
-        from .bench_http import bench_http
+            return bench_wyoming(settings, config_path, clip)
+        out |= bench_pipeline(settings, config_path, clip)
+        if broker_port is not None:
+            progress("pipeline at real time with MQTT on (a local mosquitto)")
+            out |= bench_pipeline_mqtt(settings, config_path, clip, broker_port)
+        progress("peak memory with speakers on and off")
+        out |= bench_peak_rss(settings, config_path, clip, figures | out)
+    return out
 
-        progress("HTTP stage")
-        figures |= bench_http(settings, config_path)
+
+def _verdict(settings: Settings, figures: dict[str, Any]) -> dict[str, Any]:
+    """Whether the device keeps up with continuous speech, from the ASR, speaker and
+    pipeline figures."""
+    wyoming = settings.asr.backend == "wyoming"
     # Continuous speech arrives as utterances of a few seconds up to max_utterance_s: the
     # measured per-recording cost is the honest figure (each pays a whole encoder pass).
     # On Wyoming servers, what the device itself spends per second of speech.
@@ -369,9 +409,7 @@ def _bench_device(
         if settings.speakers.enabled
         else 0.0
     )
-    figures["speech_cost_per_audio_s"] = round(per_speech_s, 3)
-    figures["keeps_up"] = per_speech_s < 1.0
-    figures["verdict"] = (
+    verdict = (
         f"the device spends {per_speech_s:.3f} s of CPU per second of speech; the Wyoming"
         " servers transcribe"
         if wyoming
@@ -380,7 +418,11 @@ def _bench_device(
         else f"falls behind on continuous speech ({per_speech_s:.2f} s of work per second);"
         " the backlog grows on disk and drains in pauses"
     )
-    return figures
+    return {
+        "speech_cost_per_audio_s": round(per_speech_s, 3),
+        "keeps_up": per_speech_s < 1.0,
+        "verdict": verdict,
+    }
 
 
 def _cpu_model() -> str:

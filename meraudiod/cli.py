@@ -35,6 +35,8 @@ from .signals import install as install_signal_handlers
 from .signals import run_handlers
 from .sources import SourceError, open_source
 
+# What `bench --only` can pick (bench.py's sections, in the order they run).
+BENCH_SECTIONS: Final = ("vad", "listening", "asr", "speakers", "pipeline", "memory", "http")
 _UMASK: Final = 0o027  # group may read (an admin in the service's group), others nothing
 # sysexits.h's EX_CONFIG. The unit does not restart on it (RestartPreventExitStatus=78): with
 # Restart=on-failure and RestartSec=5 a bad key was a start every 5 s for ever, too slow for
@@ -271,7 +273,14 @@ def analyze(
 @main.command()
 @config_option
 @json_option
-def bench(config_path: Path | None, as_json: bool) -> None:
+@click.option(
+    "--only",
+    "sections",
+    multiple=True,
+    type=click.Choice(BENCH_SECTIONS),
+    help="Measure this part only (repeatable); without the verdict, which needs them all.",
+)
+def bench(config_path: Path | None, as_json: bool, sections: tuple[str, ...]) -> None:
     """Measure this device with the configured models on the bundled sample (under 2 minutes):
     VAD cost and listening CPU, ASR real-time factor and latency (each against the bare
     library), speaker-embedding cost, the daemon's peak memory, disk writes per recorded hour,
@@ -282,6 +291,7 @@ def bench(config_path: Path | None, as_json: bool) -> None:
     Examples:
       meraudiod bench
       MERAUDIOD_ASR__CPU_THREADS=1 meraudiod bench --json
+      meraudiod bench --only pipeline --only memory
     """
     from .bench import run_bench
 
@@ -291,6 +301,7 @@ def bench(config_path: Path | None, as_json: bool) -> None:
         settings,
         str(config_path) if config_path else None,
         lambda stage: click.echo(f"measuring {stage} ...", err=True),
+        only=sections or None,
     )
     if as_json:
         echo_json(figures)

@@ -20,6 +20,17 @@ _MEMORY_STEPS = (
 )
 
 
+def test_bench_only_measures_the_sections_asked_for(env: dict[str, str]) -> None:
+    result = cli("bench", "--json", "--only", "vad", env=env)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["vad_us_per_frame"] > 0 and figures["python"]
+    measured = {key.split("_")[0] for key in figures} & {"listening", "asr", "pipeline", "memory"}
+    assert not measured and "verdict" not in figures, sorted(figures)
+    wrong = cli("bench", "--only", "everything", env=env)
+    assert wrong.returncode == 2 and "'everything' is not one of 'vad'" in wrong.stderr
+
+
 def test_bench_reports_figures_with_ratios_against_the_bare_library(
     env: dict[str, str], speaker_models: Path
 ) -> None:

@@ -357,7 +357,7 @@ def test_bench_in_wyoming_mode(env: dict[str, str], start_wyoming: StartWyoming)
     device a small share of what it costs locally (CPU time, not wall clock)."""
     server = start_wyoming()
     run_env = wyoming_env(env, [server.uri], fallback="local")  # bench runs it with wait
-    result = cli("bench", "--json", env=run_env, timeout_s=400)
+    result = cli("bench", "--json", "--only", "pipeline", env=run_env, timeout_s=400)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
     assert figures["asr_backend"] == "wyoming" and "asr_passage_rtf" not in figures
