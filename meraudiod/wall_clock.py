@@ -39,7 +39,10 @@ class StreamClock:
     def __init__(self) -> None:
         self._offset = _offset_s()
         self._start_boot_s = time.clock_gettime(time.CLOCK_BOOTTIME)
+        # Every recording of the stream: a step moves them all, also those an earlier step
+        # moved (their stamps are by the clock that was just found wrong too).
         self._stamped: deque[str] = deque(maxlen=_MAX_RESTAMPED)
+        self._owed: dict[str, float] = {}  # seconds a recording is still to be moved by
 
     def at(self, stream_s: float) -> float:
         """The wall-clock time of a stream position (seconds from the stream's start), by the
@@ -51,38 +54,48 @@ class StreamClock:
         self._stamped.append(rec_id)
 
     def check(self, conn: sqlite3.Connection) -> float:
-        """When the wall clock was stepped since the last check, restamp every recording
-        stamped before (in one transaction) and stamp by the new clock from now on; the
-        step in seconds, 0.0 if none."""
+        """When the wall clock was stepped since the last check, stamp by the new clock from
+        now on and restamp every recording stamped before (in one transaction; while the
+        database is busy, at a later check). The step in seconds, 0.0 if none."""
         step_s = _offset_s() - self._offset
         if abs(step_s) < _STEP_S:
-            return 0.0
-        ids = list(self._stamped)
+            step_s = 0.0
+        else:
+            self._offset += step_s
+            for rec_id in self._stamped:
+                self._owed[rec_id] = self._owed.get(rec_id, 0.0) + step_s
+            _LOGGER.warning(
+                "the wall clock was stepped by %+.1f s (set by NTP?): %d recordings saved"
+                " before it restamped",
+                step_s,
+                len(self._stamped),
+            )
+        if self._owed:
+            self._restamp_owed(conn)
+        return step_s
+
+    def _restamp_owed(self, conn: sqlite3.Connection) -> None:
+        by_shift: dict[float, list[str]] = {}
+        for rec_id, shift_s in self._owed.items():
+            by_shift.setdefault(shift_s, []).append(rec_id)
         try:
-            _restamp(conn, ids, step_s)
+            with Transaction(conn):
+                for shift_s, ids in by_shift.items():
+                    _restamp(conn, ids, shift_s)
         except sqlite3.OperationalError as exc:
             if not is_busy(exc):
                 raise
-            _LOGGER.warning("database busy (%s): the clock's step is applied later", exc)
-            return 0.0  # stamps stay by the old clock until then, so all move alike
-        self._offset += step_s
-        self._stamped.clear()
-        _LOGGER.warning(
-            "the wall clock was stepped by %+.1f s (set by NTP?): %d recordings saved before"
-            " it restamped",
-            step_s,
-            len(ids),
-        )
-        return step_s
+            _LOGGER.warning("database busy (%s): recordings restamped later", exc)
+            return
+        self._owed.clear()
 
 
 def _restamp(conn: sqlite3.Connection, ids: list[str], step_s: float) -> None:
-    """Move the recordings' wall-clock times by step_s, in one transaction."""
-    with Transaction(conn):
-        for first in range(0, len(ids), _BATCH):
-            batch = ids[first : first + _BATCH]
-            conn.execute(
-                "UPDATE recordings SET started_at = started_at + ?, ended_at = ended_at + ?,"
-                f" closed_at = closed_at + ? WHERE id IN ({','.join('?' * len(batch))})",
-                (step_s, step_s, step_s, *batch),
-            )
+    """Move the recordings' wall-clock times by step_s (inside the caller's transaction)."""
+    for first in range(0, len(ids), _BATCH):
+        batch = ids[first : first + _BATCH]
+        conn.execute(
+            "UPDATE recordings SET started_at = started_at + ?, ended_at = ended_at + ?,"
+            f" closed_at = closed_at + ? WHERE id IN ({','.join('?' * len(batch))})",
+            (step_s, step_s, step_s, *batch),
+        )

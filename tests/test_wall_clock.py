@@ -52,29 +52,52 @@ def _play(stdin: IO[bytes], pcm: bytes) -> None:
         time.sleep(0.5)
 
 
+def _shifted(env: dict[str, str], tmp_path: Path, shift_s: float) -> tuple[dict[str, str], Path]:
+    """The environment of a daemon whose wall clock is shifted by the seconds in the file
+    returned (shift_s to begin with)."""
+    shift = tmp_path / "clock-shift-s"
+    shift.write_text(str(shift_s))
+    (tmp_path / "shift").mkdir()
+    (tmp_path / "shift" / "sitecustomize.py").write_text(_SHIFT)
+    return env | {
+        "PYTHONPATH": str(tmp_path / "shift"),
+        "MERAUDIOD_TEST_CLOCK_SHIFT_FILE": str(shift),
+    }, shift
+
+
+def _play_first_utterance(env: dict[str, str], stdin: IO[bytes], pcm: bytes) -> None:
+    """The demo's first 9 s (one utterance), until the daemon saved it."""
+    _play(stdin, pcm[: 9 * _BYTES_PER_S])
+    deadline = time.monotonic() + 60
+    while not db_rows(env, "SELECT id FROM recordings"):
+        assert time.monotonic() < deadline, "the first utterance was never saved"
+        time.sleep(0.2)
+
+
+def _assert_stamped_in(env: dict[str, str], heard_from: float, count: int) -> None:
+    """`count` recordings, each stamped between heard_from and now by the true clock."""
+    rows = db_rows(
+        env, "SELECT started_at, ended_at, closed_at, duration_s FROM recordings ORDER BY start_s"
+    )
+    assert len(rows) == count
+    for row in rows:
+        assert heard_from - 5 < row["started_at"] < row["ended_at"] <= row["closed_at"], dict(row)
+        assert row["closed_at"] <= time.time(), dict(row)
+        assert abs(row["ended_at"] - row["started_at"] - row["duration_s"]) < 0.01, dict(row)
+
+
 def test_recordings_follow_a_step_of_the_wall_clock(env: dict[str, str], tmp_path: Path) -> None:
     """Before: every recording of the run kept the clock it started with, 10 days in the past
     (so `retention.audio_days = 7` deleted speech heard minutes ago), also those made after
     NTP set the clock."""
-    shift = tmp_path / "clock-shift-s"
-    shift.write_text(str(-_DAYS_BEHIND * 86400))
-    (tmp_path / "shift").mkdir()
-    (tmp_path / "shift" / "sitecustomize.py").write_text(_SHIFT)
-    run_env = env | {
-        "PYTHONPATH": str(tmp_path / "shift"),
-        "MERAUDIOD_TEST_CLOCK_SHIFT_FILE": str(shift),
-    }
+    run_env, shift = _shifted(env, tmp_path, -_DAYS_BEHIND * 86400)
     pcm = decode_file(DEMO).tobytes()
     daemon = run_daemon(run_env)
     assert daemon.stdin is not None
     try:
         wait_running(run_env, daemon)
         heard_from = time.time()
-        _play(daemon.stdin, pcm[: 9 * _BYTES_PER_S])  # the first utterance
-        deadline = time.monotonic() + 60
-        while not db_rows(env, "SELECT id FROM recordings"):
-            assert time.monotonic() < deadline, "the first utterance was never saved"
-            time.sleep(0.2)
+        _play_first_utterance(env, daemon.stdin, pcm)
         (first,) = db_rows(env, "SELECT started_at FROM recordings")
         behind_s = heard_from - first["started_at"]
         assert abs(behind_s - _DAYS_BEHIND * 86400) < 60, behind_s  # the shift took effect
@@ -85,9 +108,31 @@ def test_recordings_follow_a_step_of_the_wall_clock(env: dict[str, str], tmp_pat
     finally:
         daemon.kill()
     assert daemon.returncode == 0, stderr.decode()
-    rows = db_rows(env, "SELECT started_at, ended_at, closed_at FROM recordings ORDER BY start_s")
-    assert len(rows) == 3
-    for row in rows:
-        assert heard_from - 5 < row["started_at"] < row["ended_at"] <= row["closed_at"], dict(row)
-        assert row["closed_at"] <= time.time()
+    _assert_stamped_in(env, heard_from, 3)
     assert f"stepped by +{_DAYS_BEHIND * 86400}" in stderr.decode()
+
+
+def test_recordings_follow_several_steps_of_the_wall_clock(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A clock 12 years ahead (a bad RTC), set back to 3 days ahead, then to the true time:
+    each step moves every recording of the run. Before: a step moved only the recordings
+    saved since the step before, so the first stayed 3 days in the future."""
+    run_env, shift = _shifted(env, tmp_path, 12 * 365 * 86400)
+    pcm = decode_file(DEMO).tobytes()
+    daemon = run_daemon(run_env)
+    assert daemon.stdin is not None
+    try:
+        wait_running(run_env, daemon)
+        heard_from = time.time()
+        _play_first_utterance(env, daemon.stdin, pcm)
+        shift.write_text(str(3 * 86400))  # back by 12 years less 3 days
+        _play(daemon.stdin, pcm[9 * _BYTES_PER_S : 10 * _BYTES_PER_S])
+        shift.write_text("0")  # back by 3 days
+        _play(daemon.stdin, pcm[10 * _BYTES_PER_S : 21 * _BYTES_PER_S])  # two more
+        _, stderr = daemon.communicate(timeout=180)
+    finally:
+        daemon.kill()
+    assert daemon.returncode == 0, stderr.decode()
+    _assert_stamped_in(env, heard_from, 3)
+    assert "stepped by -259200.0 s (set by NTP?): 1 recordings" in stderr.decode()
