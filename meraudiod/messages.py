@@ -20,6 +20,7 @@ from ulid import ULID
 
 from .config_network import MqttSettings
 from .db import Transaction, get_kv, now
+from .wall_clock import this_run_age_cutoff
 
 _LOGGER = logging.getLogger(__name__)
 SCHEMA_VERSION: Final = 1
@@ -199,9 +200,12 @@ def note_dropped(conn: sqlite3.Connection, dropped: int) -> None:
 def bound_outbox(conn: sqlite3.Connection, m: MqttSettings) -> int:
     """Drop undelivered events past the age limit (the count limit holds at every insert,
     and is checked here too after a reload lowered it); count what was dropped."""
+    cutoff = now() - m.outbox_max_age_days * 86400
+    run_started_at, run_cutoff = this_run_age_cutoff(cutoff)  # the clock may have been set
     with Transaction(conn):
         by_age = conn.execute(
-            "DELETE FROM outbox WHERE created_at < ?", (now() - m.outbox_max_age_days * 86400,)
+            "DELETE FROM outbox WHERE created_at < ? AND (created_at < ? OR created_at < ?)",
+            (cutoff, run_started_at, run_cutoff),
         ).rowcount
         note_dropped(conn, by_age)
         dropped = by_age + drop_over_count(conn, m.outbox_max_rows)

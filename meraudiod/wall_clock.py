@@ -33,6 +33,20 @@ def _offset_s() -> float:
     return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
+# This process's start by the wall clock then, and the wall clock's offset then.
+_RUN_STARTED_AT: Final = time.time()
+_RUN_OFFSET_S: Final = _offset_s()
+
+
+def this_run_age_cutoff(cutoff: float) -> tuple[float, float]:
+    """For deleting by age what was stamped with `now()` before `cutoff`: (this process's
+    start, the cutoff for what it stamped itself). After the wall clock was stepped forward,
+    what this run stamped before the step looks older than it is by the step, so its cutoff
+    is earlier by that much; what earlier runs stamped keeps `cutoff`."""
+    forward_s = _offset_s() - _RUN_OFFSET_S
+    return _RUN_STARTED_AT, cutoff - forward_s if forward_s >= _STEP_S else cutoff
+
+
 class StreamClock:
     """Wall-clock times of one stream's positions, and the recordings stamped with them."""
 

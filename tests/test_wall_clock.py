@@ -15,6 +15,7 @@ from typing import IO
 
 from meraudiod.audio import SAMPLE_RATE_HZ, decode_file
 
+from .broker import free_port
 from .conftest import DEMO, db_rows, run_daemon, wait_running
 
 _SHIFT = """
@@ -136,3 +137,39 @@ def test_recordings_follow_several_steps_of_the_wall_clock(
     assert daemon.returncode == 0, stderr.decode()
     _assert_stamped_in(env, heard_from, 3)
     assert "stepped by -259200.0 s (set by NTP?): 1 recordings" in stderr.decode()
+
+
+def test_undelivered_events_survive_a_step_of_the_wall_clock(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The network (so the broker and NTP) comes up 10 days after the clock the daemon started
+    with: the events queued meanwhile are kept for the broker. Before: they were 10 days old
+    by the new clock, and the next outbox bound (`outbox_max_age_days = 7`) dropped them."""
+    run_env, shift = _shifted(env, tmp_path, -_DAYS_BEHIND * 86400)
+    run_env |= {
+        "MERAUDIOD_MQTT__ENABLED": "true",
+        "MERAUDIOD_MQTT__HOST": "127.0.0.1",
+        "MERAUDIOD_MQTT__PORT": str(free_port()),  # no broker there yet
+    }
+    pcm = decode_file(DEMO).tobytes()
+    daemon = run_daemon(run_env)
+    assert daemon.stdin is not None
+    try:
+        started = time.monotonic()  # the outbox is bounded at start and every minute
+        wait_running(run_env, daemon)
+        _play_first_utterance(env, daemon.stdin, pcm)
+        deadline = time.monotonic() + 60
+        while not (queued := db_rows(env, "SELECT id FROM outbox")):
+            assert time.monotonic() < deadline, "no event was queued"
+            time.sleep(0.2)
+        shift.write_text("0")  # NTP sets the clock
+        while time.monotonic() < started + 75:  # the next bound runs on the new clock
+            assert daemon.poll() is None
+            time.sleep(1)
+        _, stderr = daemon.communicate(timeout=120)  # stdin closed: the end of the stream
+    finally:
+        daemon.kill()
+    assert daemon.returncode == 0, stderr.decode()
+    kept = {row["id"] for row in db_rows(env, "SELECT id FROM outbox")}
+    assert {row["id"] for row in queued} <= kept, stderr.decode()
+    assert not db_rows(env, "SELECT value FROM kv WHERE key = 'outbox_dropped' AND value != '0'")
