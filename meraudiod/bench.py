@@ -285,6 +285,17 @@ def _notifications(sock: socket.socket, wait_s: float) -> list[str]:
     return messages
 
 
+def unmeasurable(settings: Settings, only: Collection[str]) -> list[str]:
+    """The sections of `bench --only` these settings leave nothing to measure for, with why
+    (the full bench skips them)."""
+    off = []
+    if "asr" in only and settings.asr.backend == "wyoming":
+        off.append('asr (asr.backend = "wyoming": the servers transcribe)')
+    if "http" in only and not settings.http.enabled:
+        off.append("http (http.enabled = false)")
+    return off
+
+
 def run_bench(
     settings: Settings,
     config_path: str | None,

@@ -293,9 +293,11 @@ def bench(config_path: Path | None, as_json: bool, sections: tuple[str, ...]) ->
       MERAUDIOD_ASR__CPU_THREADS=1 meraudiod bench --json
       meraudiod bench --only pipeline --only memory
     """
-    from .bench import run_bench
+    from .bench import run_bench, unmeasurable
 
     settings = settings_from(config_path)
+    if off := unmeasurable(settings, sections):
+        raise click.ClickException(f"bench --only: nothing to measure for {', '.join(off)}")
     logging.getLogger().setLevel(logging.WARNING)
     figures = run_bench(
         settings,

@@ -31,6 +31,22 @@ def test_bench_only_measures_the_sections_asked_for(env: dict[str, str]) -> None
     assert wrong.returncode == 2 and "'everything' is not one of 'vad'" in wrong.stderr
 
 
+def test_bench_only_refuses_a_section_these_settings_have_nothing_to_measure_for(
+    env: dict[str, str],
+) -> None:
+    """Before: `--only http` with the HTTP stage off printed the machine's description under
+    'every time below was measured', no time at all, and exited 0."""
+    result = cli("bench", "--only", "vad", "--only", "http", env=env)
+    assert result.returncode == 1 and not result.stdout, result.stdout
+    assert "nothing to measure for http (http.enabled = false)" in result.stderr
+    wyoming = env | {
+        "MERAUDIOD_ASR__BACKEND": "wyoming",
+        "MERAUDIOD_ASR__WYOMING__SERVERS": '["tcp://127.0.0.1:1"]',
+    }
+    result = cli("bench", "--only", "asr", env=wyoming)
+    assert result.returncode == 1 and 'asr (asr.backend = "wyoming"' in result.stderr
+
+
 def test_bench_reports_figures_with_ratios_against_the_bare_library(
     env: dict[str, str], speaker_models: Path
 ) -> None:
