@@ -15,6 +15,7 @@ from .db import now, open_db
 from .deletion import delete_recordings, remove_audio_first
 from .recordings import audio_file
 from .stage import StageThread
+from .wall_clock import follow_step
 
 _LOGGER = logging.getLogger(__name__)
 _DAY_S = 86400.0
@@ -162,7 +163,9 @@ class Retention(StageThread):
         try:
             while not self.stop_event.is_set():
                 try:
-                    self.last_result = sweep(conn, self.settings)
+                    # The recordings stamped before a step of the clock are moved first.
+                    if follow_step(conn):
+                        self.last_result = sweep(conn, self.settings)
                 except Exception:  # one failed sweep must not end the daemon
                     _LOGGER.exception("retention sweep failed")
                 self.stop_event.wait(self.settings.retention.sweep_interval_s)

@@ -4,16 +4,18 @@ A device without a clock battery (a Raspberry Pi) boots with the time it last sa
 weeks behind when it was off that long, and NTP steps the clock once the network is up, often
 after the daemon started listening. The listener's stamps follow the clock as it is (each is
 the stream position on the boot clock, plus the wall clock's offset from it), and the
-recordings saved before a step are restamped by it: they would otherwise keep a time in the
-past, and `retention.audio_days` would delete a recording made minutes ago.
+recordings the process saved before a step are restamped by it: they would otherwise keep a
+time in the past, and `retention.audio_days` would delete a recording made minutes ago. The
+listener checks at every frame, and the retention sweep before it deletes anything.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
-from collections import deque
+from collections import OrderedDict
 from typing import Final
 
 from .db import Transaction, is_busy
@@ -26,6 +28,10 @@ _STEP_S: Final = 2.0
 # Recordings saved since the last step that a step restamps: days of a busy room.
 _MAX_RESTAMPED: Final = 10_000
 _BATCH: Final = 500  # ids per UPDATE
+# How long a restamp waits for another connection's write lock before it is tried again at a
+# later check: the listener checks every frame, and must not stop listening for it.
+_RESTAMP_WAIT_MS: Final = 200
+_RESTAMP_RETRY_S: Final = 1.0
 
 
 def _offset_s() -> float:
@@ -47,69 +53,109 @@ def this_run_age_cutoff(cutoff: float) -> tuple[float, float]:
     return _RUN_STARTED_AT, cutoff - forward_s if forward_s >= _STEP_S else cutoff
 
 
-class StreamClock:
-    """Wall-clock times of one stream's positions, and the recordings stamped with them."""
+class _StepFollower:
+    """The process's wall-clock offset as its stamps know it, and the recordings it stamped
+    (whichever listener saved them: one stops with an unplugged microphone, and the clock may
+    be stepped before the next starts), each with the offset it was stamped by."""
 
     def __init__(self) -> None:
-        self._offset = _offset_s()
+        self.offset = _RUN_OFFSET_S
+        self._lock = threading.Lock()
+        self._stamped: OrderedDict[str, float] = OrderedDict()  # id -> offset stamped by
+        self._behind = False  # some recording is stamped by an offset that is not the clock's
+        self._retry_at = 0.0  # (time.monotonic()) after a busy database
+        self._busy_said = False
+
+    def stamped(self, rec_id: str, offset: float) -> None:
+        with self._lock:
+            self._stamped[rec_id] = offset
+            self._behind = self._behind or offset != self.offset
+            if len(self._stamped) > _MAX_RESTAMPED:
+                self._stamped.popitem(last=False)
+
+    def check(self, conn: sqlite3.Connection) -> bool:
+        """Follow a step of the wall clock since the last check, and move every recording
+        stamped by an offset that is not the clock's any more; True when none is left."""
+        with self._lock:
+            step_s = _offset_s() - self.offset
+            if abs(step_s) >= _STEP_S:
+                self.offset += step_s
+                self._behind = bool(self._stamped)
+                _LOGGER.warning(
+                    "the wall clock was stepped by %+.1f s (set by NTP?): %d recordings saved"
+                    " before it restamped",
+                    step_s,
+                    len(self._stamped),
+                )
+            if not self._behind:
+                return True
+            if time.monotonic() < self._retry_at:
+                return False
+            owed = {i: self.offset - at for i, at in self._stamped.items() if at != self.offset}
+            try:
+                _restamp(conn, owed)
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise
+                if not self._busy_said:
+                    _LOGGER.warning("database busy (%s): recordings restamped later", exc)
+                self._busy_said, self._retry_at = True, time.monotonic() + _RESTAMP_RETRY_S
+                return False
+            self._busy_said = self._behind = False
+            for rec_id in owed:
+                self._stamped[rec_id] = self.offset
+            return True
+
+
+_FOLLOWER: Final = _StepFollower()
+
+
+def follow_step(conn: sqlite3.Connection) -> bool:
+    """Move the recordings this process stamped when the wall clock was stepped (see
+    StreamClock); True when all are by the clock as it is (False: the database was busy)."""
+    return _FOLLOWER.check(conn)
+
+
+class StreamClock:
+    """Wall-clock times of one stream's positions, by the process's clock (_StepFollower)."""
+
+    def __init__(self) -> None:
         self._start_boot_s = time.clock_gettime(time.CLOCK_BOOTTIME)
-        # Every recording of the stream: a step moves them all, also those an earlier step
-        # moved (their stamps are by the clock that was just found wrong too).
-        self._stamped: deque[str] = deque(maxlen=_MAX_RESTAMPED)
-        self._owed: dict[str, float] = {}  # seconds a recording is still to be moved by
+        self._offset = _FOLLOWER.offset  # the one of the last `at`
 
     def at(self, stream_s: float) -> float:
         """The wall-clock time of a stream position (seconds from the stream's start), by the
         clock as it was at the last `check`."""
+        self._offset = _FOLLOWER.offset
         return self._offset + self._start_boot_s + stream_s
 
     def stamped(self, rec_id: str) -> None:
-        """A recording was saved with times from `at`."""
-        self._stamped.append(rec_id)
+        """A recording was saved with times from the last `at`."""
+        _FOLLOWER.stamped(rec_id, self._offset)
 
-    def check(self, conn: sqlite3.Connection) -> float:
-        """When the wall clock was stepped since the last check, stamp by the new clock from
-        now on and restamp every recording stamped before (in one transaction; while the
-        database is busy, at a later check). The step in seconds, 0.0 if none."""
-        step_s = _offset_s() - self._offset
-        if abs(step_s) < _STEP_S:
-            step_s = 0.0
-        else:
-            self._offset += step_s
-            for rec_id in self._stamped:
-                self._owed[rec_id] = self._owed.get(rec_id, 0.0) + step_s
-            _LOGGER.warning(
-                "the wall clock was stepped by %+.1f s (set by NTP?): %d recordings saved"
-                " before it restamped",
-                step_s,
-                len(self._stamped),
-            )
-        if self._owed:
-            self._restamp_owed(conn)
-        return step_s
-
-    def _restamp_owed(self, conn: sqlite3.Connection) -> None:
-        by_shift: dict[float, list[str]] = {}
-        for rec_id, shift_s in self._owed.items():
-            by_shift.setdefault(shift_s, []).append(rec_id)
-        try:
-            with Transaction(conn):
-                for shift_s, ids in by_shift.items():
-                    _restamp(conn, ids, shift_s)
-        except sqlite3.OperationalError as exc:
-            if not is_busy(exc):
-                raise
-            _LOGGER.warning("database busy (%s): recordings restamped later", exc)
-            return
-        self._owed.clear()
+    def check(self, conn: sqlite3.Connection) -> None:
+        """Follow a step of the wall clock (see follow_step)."""
+        follow_step(conn)
 
 
-def _restamp(conn: sqlite3.Connection, ids: list[str], step_s: float) -> None:
-    """Move the recordings' wall-clock times by step_s (inside the caller's transaction)."""
-    for first in range(0, len(ids), _BATCH):
-        batch = ids[first : first + _BATCH]
-        conn.execute(
-            "UPDATE recordings SET started_at = started_at + ?, ended_at = ended_at + ?,"
-            f" closed_at = closed_at + ? WHERE id IN ({','.join('?' * len(batch))})",
-            (step_s, step_s, step_s, *batch),
-        )
+def _restamp(conn: sqlite3.Connection, owed: dict[str, float]) -> None:
+    """Move each recording's wall-clock times by the seconds it is owed, in one transaction
+    that waits only briefly for the write lock."""
+    by_shift: dict[float, list[str]] = {}
+    for rec_id, shift_s in owed.items():
+        by_shift.setdefault(shift_s, []).append(rec_id)
+    (wait_ms,) = conn.execute("PRAGMA busy_timeout").fetchone()
+    conn.execute(f"PRAGMA busy_timeout = {_RESTAMP_WAIT_MS}")
+    try:
+        with Transaction(conn):
+            for shift_s, ids in by_shift.items():
+                for first in range(0, len(ids), _BATCH):
+                    batch = ids[first : first + _BATCH]
+                    conn.execute(
+                        "UPDATE recordings SET started_at = started_at + ?,"
+                        " ended_at = ended_at + ?, closed_at = closed_at + ?"
+                        f" WHERE id IN ({','.join('?' * len(batch))})",
+                        (shift_s, shift_s, shift_s, *batch),
+                    )
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")

@@ -18,6 +18,7 @@ from meraudiod.audio import decode_file
 from .conftest import DEMO, DEMO_TRUTH, db_rows, status_json, wait_for
 from .notify import NotifySocket
 from .room import Room
+from .test_wall_clock import shifted_clock
 
 
 @pytest.fixture
@@ -98,3 +99,46 @@ def test_microphone_records_survives_an_unplug_and_carries_on(
         words = set(truth["text"].lower().replace(",", "").replace(".", "").split())
         heard = set(text.replace(",", "").replace(".", "").split())
         assert len(words & heard) >= 0.6 * len(words), (text, truth["text"])
+
+
+def test_recordings_before_an_unplug_follow_a_step_of_the_wall_clock(
+    env: dict[str, str], room: Room, tmp_path: Path
+) -> None:
+    """NTP steps the clock (10 days on) while the microphone is unplugged. Before: the
+    listener that saved the first recordings had stopped with the microphone, and the next
+    one knew only its own, so the first two kept their time 10 days in the past."""
+    first, second = clip(tmp_path, "a.wav", 0, 1), clip(tmp_path, "b.wav", 3, 4)
+    shifted_env, shift = shifted_clock(env, tmp_path, -10 * 86400)
+    mic_env = {**room.env, **shifted_env, "HOME": room.env["HOME"]}
+    mic_env["MERAUDIOD_AUDIO__DEVICE"] = "pulse"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "mic"],
+        env=mic_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    def saved() -> int:
+        return len(db_rows(env, "SELECT id FROM recordings"))
+
+    try:
+        wait_for(lambda: status_json(mic_env)["running"], 60, "the daemon to start", poll_s=0.5)
+        heard_from = time.time()
+        room.play(first).wait(timeout=60)
+        wait_for(lambda: saved() == 2, 60, "two recordings from the microphone", poll_s=0.5)
+        room.unplug()
+        wait_for(lambda: bool(status_json(mic_env)["degraded"]), 30, "the microphone lost")
+        shift.write_text("0")  # NTP sets the clock
+        time.sleep(2.0)
+        room.plug_in()
+        wait_for(lambda: not status_json(mic_env)["degraded"], 90, "the microphone reopened")
+        room.play(second).wait(timeout=60)
+        wait_for(lambda: saved() == 4, 60, "two more recordings after the replug", poll_s=0.5)
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr.decode()
+    rows = db_rows(env, "SELECT started_at, ended_at FROM recordings ORDER BY id")
+    assert len(rows) == 4
+    for row in rows:
+        assert heard_from - 5 < row["started_at"] < row["ended_at"] <= time.time(), dict(row)

@@ -9,6 +9,8 @@ leaves it.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import IO
@@ -53,7 +55,9 @@ def _play(stdin: IO[bytes], pcm: bytes) -> None:
         time.sleep(0.5)
 
 
-def _shifted(env: dict[str, str], tmp_path: Path, shift_s: float) -> tuple[dict[str, str], Path]:
+def shifted_clock(
+    env: dict[str, str], tmp_path: Path, shift_s: float
+) -> tuple[dict[str, str], Path]:
     """The environment of a daemon whose wall clock is shifted by the seconds in the file
     returned (shift_s to begin with)."""
     shift = tmp_path / "clock-shift-s"
@@ -91,7 +95,7 @@ def test_recordings_follow_a_step_of_the_wall_clock(env: dict[str, str], tmp_pat
     """Before: every recording of the run kept the clock it started with, 10 days in the past
     (so `retention.audio_days = 7` deleted speech heard minutes ago), also those made after
     NTP set the clock."""
-    run_env, shift = _shifted(env, tmp_path, -_DAYS_BEHIND * 86400)
+    run_env, shift = shifted_clock(env, tmp_path, -_DAYS_BEHIND * 86400)
     pcm = decode_file(DEMO).tobytes()
     daemon = run_daemon(run_env)
     assert daemon.stdin is not None
@@ -119,7 +123,7 @@ def test_recordings_follow_several_steps_of_the_wall_clock(
     """A clock 12 years ahead (a bad RTC), set back to 3 days ahead, then to the true time:
     each step moves every recording of the run. Before: a step moved only the recordings
     saved since the step before, so the first stayed 3 days in the future."""
-    run_env, shift = _shifted(env, tmp_path, 12 * 365 * 86400)
+    run_env, shift = shifted_clock(env, tmp_path, 12 * 365 * 86400)
     pcm = decode_file(DEMO).tobytes()
     daemon = run_daemon(run_env)
     assert daemon.stdin is not None
@@ -145,7 +149,7 @@ def test_undelivered_events_survive_a_step_of_the_wall_clock(
     """The network (so the broker and NTP) comes up 10 days after the clock the daemon started
     with: the events queued meanwhile are kept for the broker. Before: they were 10 days old
     by the new clock, and the next outbox bound (`outbox_max_age_days = 7`) dropped them."""
-    run_env, shift = _shifted(env, tmp_path, -_DAYS_BEHIND * 86400)
+    run_env, shift = shifted_clock(env, tmp_path, -_DAYS_BEHIND * 86400)
     run_env |= {
         "MERAUDIOD_MQTT__ENABLED": "true",
         "MERAUDIOD_MQTT__HOST": "127.0.0.1",
@@ -173,3 +177,45 @@ def test_undelivered_events_survive_a_step_of_the_wall_clock(
     kept = {row["id"] for row in db_rows(env, "SELECT id FROM outbox")}
     assert {row["id"] for row in queued} <= kept, stderr.decode()
     assert not db_rows(env, "SELECT value FROM kv WHERE key = 'outbox_dropped' AND value != '0'")
+
+
+_HOLD_WRITE_LOCK = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+def test_listening_goes_on_while_a_step_waits_for_a_busy_database(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """NTP steps the clock while another process holds the database's write lock for 12 s.
+    Before: the listener waited for the lock (up to the 30 s busy timeout) at every frame to
+    restamp, heard nothing meanwhile, and the daemon said `no audio from stdin`."""
+    run_env, shift = shifted_clock(env, tmp_path, -_DAYS_BEHIND * 86400)
+    pcm = decode_file(DEMO).tobytes()
+    daemon = run_daemon(run_env)
+    assert daemon.stdin is not None
+    try:
+        wait_running(run_env, daemon)
+        heard_from = time.time()
+        _play_first_utterance(env, daemon.stdin, pcm)
+        db = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_WRITE_LOCK, str(db), "12"], stdout=subprocess.PIPE
+        )
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        shift.write_text("0")  # NTP sets the clock
+        _play(daemon.stdin, bytes(10 * _BYTES_PER_S))  # silence at real time, while locked
+        assert holder.wait(timeout=60) == 0
+        _play(daemon.stdin, pcm[9 * _BYTES_PER_S : 21 * _BYTES_PER_S])  # two more
+        _, stderr = daemon.communicate(timeout=180)  # stdin closed: the end of the stream
+    finally:
+        daemon.kill()
+    assert daemon.returncode == 0, stderr.decode()
+    assert "no audio from" not in stderr.decode(), stderr.decode()
+    assert "restamped later" in stderr.decode()
+    _assert_stamped_in(env, heard_from, 3)
