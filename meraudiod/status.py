@@ -68,9 +68,11 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
     disk_use=False skips walking the data directory (the daemon's frequent state updates).
     """
     heartbeat = read_heartbeat(settings) or {}
+    # abs: a heartbeat from the future was written before the clock was set back, and not
+    # since (a running daemon writes one every few seconds).
     age_s = now() - float(heartbeat.get("at", 0))
     running = (
-        bool(heartbeat) and age_s < HEARTBEAT_STALE_S and jobs.pid_alive(int(heartbeat["pid"]))
+        bool(heartbeat) and abs(age_s) < HEARTBEAT_STALE_S and jobs.pid_alive(int(heartbeat["pid"]))
     )
     counts = jobs.counts(conn)
     oldest = conn.execute(

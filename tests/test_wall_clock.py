@@ -9,6 +9,7 @@ leaves it.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import IO
 
 from meraudiod.audio import SAMPLE_RATE_HZ, decode_file
+from meraudiod.db import open_db
 
 from .broker import free_port
-from .conftest import DEMO, db_rows, run_daemon, wait_running
+from .conftest import DEMO, db_rows, run_daemon, status_json, wait_running
 
 _SHIFT = """
 import os, time
@@ -219,3 +221,25 @@ def test_listening_goes_on_while_a_step_waits_for_a_busy_database(
     assert "no audio from" not in stderr.decode(), stderr.decode()
     assert "restamped later" in stderr.decode()
     _assert_stamped_in(env, heard_from, 3)
+
+
+def test_status_does_not_trust_a_heartbeat_from_before_a_backward_step(
+    env: dict[str, str],
+) -> None:
+    """A daemon (its process still there, hung) last wrote its heartbeat before the clock was
+    set back 12 years. Before: the heartbeat's age was negative, under the 20 s limit, so
+    `status` said it was running, and would have for 12 years."""
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    data_dir.mkdir()
+    open_db(data_dir / "meraudiod.db").close()
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        heartbeat = {"pid": hung.pid, "at": time.time() + 12 * 365 * 86400, "listening": True}
+        (data_dir / "heartbeat.json").write_text(json.dumps(heartbeat))
+        assert not status_json(env)["running"]
+        heartbeat["at"] = time.time()  # one written after the step: running
+        (data_dir / "heartbeat.json").write_text(json.dumps(heartbeat))
+        assert status_json(env)["running"]
+    finally:
+        hung.kill()
+        hung.wait()
