@@ -38,8 +38,9 @@ def install(stop: threading.Event, reload: threading.Event | None = None) -> Non
 def open_closed_streams() -> None:
     """A standard stream the command was started without (`2>&-`) is opened on /dev/null:
     Python leaves sys.stderr None then, and the next file opened (a recording's audio)
-    would take the number 2 and get whatever a library prints to stderr."""
-    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+    would take the number 2 and get whatever a library prints to stderr. sys.stdin stays
+    None, so `run --source stdin` still says its input is closed."""
+    for fd in (0, 1, 2):
         try:
             os.fstat(fd)
         except OSError:  # closed: the lowest free number is this one
@@ -47,7 +48,8 @@ def open_closed_streams() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
-            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
+            if fd:
+                setattr(sys, ("stdout", "stderr")[fd - 1], open(fd, "w", closefd=False))  # noqa: SIM115
 
 
 def main() -> None:
