@@ -304,7 +304,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Every figure, in under two minutes on a Raspberry-Pi-class device; or those of the
     sections in `only` (`bench --only`: vad, listening, asr, speakers, pipeline, memory,
-    http), without the verdict."""
+    http), with the verdict when they include what it is made of."""
     pcm = decode_file(demo_path())
     figures: dict[str, Any] = {
         "version": __version__,
@@ -370,7 +370,7 @@ def _bench_device(
 
         progress("HTTP stage")
         figures |= bench_http(settings, config_path)
-    if only is None:
+    if wanted("speakers") and wanted("pipeline") and (wyoming or wanted("asr")):
         figures |= _verdict(settings, figures)
     return figures
 

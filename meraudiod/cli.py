@@ -278,7 +278,7 @@ def analyze(
     "sections",
     multiple=True,
     type=click.Choice(BENCH_SECTIONS),
-    help="Measure this part only (repeatable); without the verdict, which needs them all.",
+    help="Measure this part only (repeatable); the verdict needs asr, speakers and pipeline.",
 )
 def bench(config_path: Path | None, as_json: bool, sections: tuple[str, ...]) -> None:
     """Measure this device with the configured models on the bundled sample (under 2 minutes):
