@@ -21,6 +21,8 @@ from typing import Any, Final
 from .db import Transaction, now
 
 REPROCESS_KIND: Final = "retranscribe"  # a recording transcribed again on request
+# Updated further ahead of the clock than this: before the clock was set back.
+_FROM_THE_FUTURE_S: Final = 60.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,9 @@ def claim(
 ) -> Job | None:
     """Take the oldest pending job that is due, leased to this process for `lease_s` seconds.
 
-    Only jobs of `origin` (None: the daemon's) are taken. The lease is there to tell, after
+    Only jobs of `origin` (None: the daemon's) are taken. A job last updated "in the
+    future" was failed before the clock was set back (a bad RTC, then NTP): its retry time
+    is as far off as the step, so it is due now. The lease is there to tell, after
     the process died, that it died on this job; a power cut is no such death, so the claim
     needs no fsync of its own (a power cut may undo it: the job is then simply pending).
     """
@@ -79,9 +83,9 @@ def claim(
         row = conn.execute(
             "UPDATE jobs SET state='running', lease_until=?, owner=?,"
             " updated_at=? WHERE id = (SELECT id FROM jobs WHERE state='pending'"
-            f" AND {mine} AND (not_before IS NULL OR not_before <= ?) ORDER BY id LIMIT 1)"
-            " RETURNING id, recording_id, kind, attempts",
-            (t + lease_s, owner or owner_id(), t, *args, t),
+            f" AND {mine} AND (not_before IS NULL OR not_before <= ? OR updated_at > ?)"
+            " ORDER BY id LIMIT 1) RETURNING id, recording_id, kind, attempts",
+            (t + lease_s, owner or owner_id(), t, *args, t, t + _FROM_THE_FUTURE_S),
         ).fetchone()
     if row is None:
         return None

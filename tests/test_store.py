@@ -154,6 +154,25 @@ def test_a_failed_job_waits_before_its_retry_and_the_rest_go_on(settings: Settin
     assert 60 <= waiting["not_before"] - before < 62
 
 
+def test_a_retry_waits_no_longer_after_the_clock_was_set_back(settings: Settings) -> None:
+    """A job failed while the clock was 10 years ahead (a bad RTC), then NTP set it back:
+    its retry time is 10 years away. Before: it waited that long (found by a reviewer)."""
+    s = store(settings)
+    rec_id = s.save(SPEECH, source="x", start_s=0, started_at=1000.0).id
+    job = jobs.claim(s.conn, lease_s=60)
+    assert job is not None
+    with Transaction(s.conn):
+        jobs.fail(s.conn, job.id, "boom", max_attempts=3, retry_delay_s=3600)
+    assert jobs.claim(s.conn, lease_s=60) is None  # an hour's wait, as told
+    ten_years_s = 10 * 365 * 86400  # what the clock said then: all its times that far ahead
+    s.conn.execute(
+        "UPDATE jobs SET updated_at = updated_at + ?, not_before = not_before + ?",
+        (ten_years_s, ten_years_s),
+    )
+    again = jobs.claim(s.conn, lease_s=60)
+    assert again is not None and again.recording_id == rec_id and again.attempts == 2
+
+
 def test_expired_and_orphaned_leases_are_requeued(settings: Settings) -> None:
     s = store(settings)
     for i in range(3):
