@@ -13,6 +13,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -50,6 +53,7 @@ time.time_ns = lambda: _time_ns() + int(_shift_s() * 1e9)
 """
 _DAYS_BEHIND = 10
 _BYTES_PER_S = SAMPLE_RATE_HZ * 2
+_PCM = decode_file(DEMO).tobytes()  # 16 kHz s16le
 
 
 def _play(stdin: IO[bytes], pcm: bytes) -> None:
@@ -76,13 +80,33 @@ def shifted_clock(
     }, shift
 
 
-def _play_first_utterance(env: dict[str, str], stdin: IO[bytes], pcm: bytes) -> None:
-    """The demo's first 9 s (one utterance), until the daemon saved it."""
-    _play(stdin, pcm[: 9 * _BYTES_PER_S])
-    deadline = time.monotonic() + 60
-    while not db_rows(env, "SELECT id FROM recordings"):
-        assert time.monotonic() < deadline, "the first utterance was never saved"
-        time.sleep(0.2)
+@dataclass
+class _Behind:
+    """A daemon on stdin whose wall clock is 10 days behind; the demo's first utterance
+    (its first 9 s) played and saved."""
+
+    daemon: subprocess.Popen[bytes]
+    stdin: IO[bytes]
+    shift: Path  # write the clock's shift in seconds here
+    heard_from: float  # the true time just before it was played
+
+
+@contextmanager
+def _daemon_days_behind(env: dict[str, str], tmp_path: Path) -> Iterator[_Behind]:
+    run_env, shift = shifted_clock(env, tmp_path, -_DAYS_BEHIND * 86400)
+    daemon = run_daemon(run_env)
+    assert daemon.stdin is not None
+    try:
+        wait_running(run_env, daemon)
+        heard_from = time.time()
+        _play(daemon.stdin, _PCM[: 9 * _BYTES_PER_S])
+        deadline = time.monotonic() + 60
+        while not db_rows(env, "SELECT id FROM recordings"):
+            assert time.monotonic() < deadline, "the first utterance was never saved"
+            time.sleep(0.2)
+        yield _Behind(daemon, daemon.stdin, shift, heard_from)
+    finally:
+        daemon.kill()
 
 
 def _assert_stamped_in(env: dict[str, str], heard_from: float, count: int) -> None:
@@ -103,27 +127,18 @@ def test_recordings_follow_steps_of_the_wall_clock(env: dict[str, str], tmp_path
     the clock the run started with, 10 days in the past (so `retention.audio_days = 7`
     deleted speech heard minutes ago), also those made after NTP set the clock; and then a
     step moved only the recordings saved since the step before."""
-    run_env, shift = shifted_clock(env, tmp_path, -_DAYS_BEHIND * 86400)
-    pcm = decode_file(DEMO).tobytes()
-    daemon = run_daemon(run_env)
-    assert daemon.stdin is not None
-    try:
-        wait_running(run_env, daemon)
-        heard_from = time.time()
-        _play_first_utterance(env, daemon.stdin, pcm)
+    with _daemon_days_behind(env, tmp_path) as behind:
         (first,) = db_rows(env, "SELECT started_at FROM recordings")
-        behind_s = heard_from - first["started_at"]
+        behind_s = behind.heard_from - first["started_at"]
         assert abs(behind_s - _DAYS_BEHIND * 86400) < 60, behind_s  # the shift took effect
 
-        shift.write_text(str(3 * 86400))  # forward by 13 days
-        _play(daemon.stdin, pcm[9 * _BYTES_PER_S : 10 * _BYTES_PER_S])
-        shift.write_text("0")  # back by 3 days
-        _play(daemon.stdin, pcm[10 * _BYTES_PER_S : 21 * _BYTES_PER_S])  # two more
-        _, stderr = daemon.communicate(timeout=180)  # stdin closed: the end of the stream
-    finally:
-        daemon.kill()
-    assert daemon.returncode == 0, stderr.decode()
-    _assert_stamped_in(env, heard_from, 3)
+        behind.shift.write_text(str(3 * 86400))  # forward by 13 days
+        _play(behind.stdin, _PCM[9 * _BYTES_PER_S : 10 * _BYTES_PER_S])
+        behind.shift.write_text("0")  # back by 3 days
+        _play(behind.stdin, _PCM[10 * _BYTES_PER_S : 21 * _BYTES_PER_S])  # two more
+        _, stderr = behind.daemon.communicate(timeout=180)  # stdin closed: end of the stream
+    assert behind.daemon.returncode == 0, stderr.decode()
+    _assert_stamped_in(env, behind.heard_from, 3)
     assert f"stepped by +{(_DAYS_BEHIND + 3) * 86400}.0 s" in stderr.decode()
     assert "stepped by -259200.0 s (set by NTP?): 1 recordings" in stderr.decode()
 
@@ -174,30 +189,21 @@ def test_listening_goes_on_while_a_step_waits_for_a_busy_database(
     """NTP steps the clock while another process holds the database's write lock for 8 s.
     Before: the listener waited for the lock (up to the 30 s busy timeout) at every frame to
     restamp, heard nothing meanwhile, and the daemon said `no audio from stdin`."""
-    run_env, shift = shifted_clock(env, tmp_path, -_DAYS_BEHIND * 86400)
-    pcm = decode_file(DEMO).tobytes()
-    daemon = run_daemon(run_env)
-    assert daemon.stdin is not None
-    try:
-        wait_running(run_env, daemon)
-        heard_from = time.time()
-        _play_first_utterance(env, daemon.stdin, pcm)
+    with _daemon_days_behind(env, tmp_path) as behind:
         db = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
         holder = subprocess.Popen(
             [sys.executable, "-c", _HOLD_WRITE_LOCK, str(db), "8"], stdout=subprocess.PIPE
         )
         assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
-        shift.write_text("0")  # NTP sets the clock
-        _play(daemon.stdin, bytes(9 * _BYTES_PER_S))  # silence at real time, while locked
+        behind.shift.write_text("0")  # NTP sets the clock
+        _play(behind.stdin, bytes(9 * _BYTES_PER_S))  # silence at real time, while locked
         assert holder.wait(timeout=60) == 0
-        _play(daemon.stdin, pcm[9 * _BYTES_PER_S : 14 * _BYTES_PER_S])  # one more
-        _, stderr = daemon.communicate(timeout=180)  # stdin closed: the end of the stream
-    finally:
-        daemon.kill()
-    assert daemon.returncode == 0, stderr.decode()
+        _play(behind.stdin, _PCM[9 * _BYTES_PER_S : 14 * _BYTES_PER_S])  # one more
+        _, stderr = behind.daemon.communicate(timeout=180)  # stdin closed: end of the stream
+    assert behind.daemon.returncode == 0, stderr.decode()
     assert "no audio from" not in stderr.decode(), stderr.decode()
     assert "restamped later" in stderr.decode()
-    _assert_stamped_in(env, heard_from, 2)
+    _assert_stamped_in(env, behind.heard_from, 2)
 
 
 def test_status_does_not_trust_a_heartbeat_from_before_a_backward_step(
