@@ -20,7 +20,7 @@ from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 from .sources import AudioSource, EndOfStream, SourceError
 from .stage import StageThread
 from .vad import SileroVad, VadTraces
-from .wall_clock import StreamClock
+from .wall_clock import StreamClock, follow_step
 
 _LOGGER = logging.getLogger(__name__)
 _READ_TIMEOUT_S = 0.5
@@ -143,7 +143,7 @@ class Listener(StageThread):
                     self.error = str(exc)
                     _LOGGER.error("%s", exc)
                     break  # what was heard up to here is still saved
-                clock.check(conn)  # NTP setting the clock moves the stamps too
+                follow_step(conn)  # NTP setting the clock moves the stamps too
                 if frame is None:
                     continue
                 self.frames_read += 1

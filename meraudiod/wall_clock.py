@@ -125,17 +125,13 @@ class StreamClock:
 
     def at(self, stream_s: float) -> float:
         """The wall-clock time of a stream position (seconds from the stream's start), by the
-        clock as it was at the last `check`."""
+        clock as it was at the last `follow_step`."""
         self._offset = _FOLLOWER.offset
         return self._offset + self._start_boot_s + stream_s
 
     def stamped(self, rec_id: str) -> None:
         """A recording was saved with times from the last `at`."""
         _FOLLOWER.stamped(rec_id, self._offset)
-
-    def check(self, conn: sqlite3.Connection) -> None:
-        """Follow a step of the wall clock (see follow_step)."""
-        follow_step(conn)
 
 
 def _restamp(conn: sqlite3.Connection, owed: dict[str, float]) -> None:
