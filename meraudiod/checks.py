@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from .config import Settings
+from .mounts import storage_dirs
 
 
 class StartError(Exception):
@@ -75,16 +76,10 @@ def mqtt_file_problems(settings: Settings) -> list[str]:
 
 def unwritable_dirs(settings: Settings) -> list[str]:
     """One line per directory the daemon writes that this user cannot create or write."""
-    storage = settings.storage
-    dirs = {
-        "storage.data_dir": storage.data_dir,
-        "storage.tmp_audio_dir" if storage.tmp_audio_dir else "audio directory": storage.audio_dir,
-        "storage.run_dir": storage.run_dir,
-    }
     problems: list[str] = []
     failed: list[Path] = []
-    for key, path in dirs.items():
-        if path is None or any(path.is_relative_to(bad) for bad in failed):
+    for key, path in storage_dirs(settings).items():
+        if any(path.is_relative_to(bad) for bad in failed):
             continue  # inside one already reported
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -95,7 +90,7 @@ def unwritable_dirs(settings: Settings) -> list[str]:
             problems.append(f"{key}: {path} is not writable by user {user_name()}: {exc.strerror}")
     if problems:
         return problems
-    db = storage.db_path
+    db = settings.storage.db_path
     for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         if path.exists():
             try:

@@ -21,6 +21,7 @@ from .cli_common import (
     fmt_span,
     json_option,
     open_store,
+    refuse_unmounted,
     settings_from,
     verbose_option,
 )
@@ -30,6 +31,7 @@ from .cli_recordings import purge, recordings
 from .cli_speakers import speakers_group
 from .cli_status import status_cmd
 from .db import DatabaseError
+from .mounts import NotMounted
 from .recording_views import analysis_record
 from .signals import install as install_signal_handlers
 from .signals import run_handlers
@@ -147,12 +149,11 @@ def run(
         daemon.cli_overrides[("audio", "realtime")] = realtime
     t0 = time.monotonic()
     try:
-        daemon.start()
-        code = daemon.run()
+        code = daemon.run() if daemon.start() else 0
     except _needs_a_person() as exc:
         daemon.stop()
         raise NeedsAPerson(str(exc)) from exc
-    except (SourceError, DatabaseError) as exc:  # a file source; a database may be busy
+    except (SourceError, DatabaseError, NotMounted) as exc:  # may pass: exit 1, restarted
         daemon.stop()
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:  # a failed start must say why and exit non-zero
@@ -226,6 +227,7 @@ def analyze(
     from .sources import FileSource
 
     settings = settings_from(config_path, verbosity)
+    refuse_unmounted(settings)
     stop = threading.Event()
     install_signal_handlers(stop)
     pipeline = Pipeline(settings, stop, serves_store=False)  # a live daemon's store is its own

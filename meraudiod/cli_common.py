@@ -18,6 +18,7 @@ import click
 from .commands import CommandContext, CommandError, execute
 from .config import ConfigError, Settings, load_settings
 from .db import DatabaseError, database_file, open_db
+from .mounts import unmounted
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -104,10 +105,19 @@ def setup_logging(level: str, style: str = "text") -> None:
     logging.getLogger("faster_whisper").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+def refuse_unmounted(settings: Settings) -> None:
+    """One line, exit 1, when a storage directory's disk is not mounted: nothing is ever
+    written beneath a mount point."""
+    problem = unmounted(settings)
+    if problem:
+        raise click.ClickException(problem)
+
+
 def open_store(settings: Settings, create: bool = False) -> sqlite3.Connection:
     """The database, migrated. Only commands that record (`analyze`, `speakers enroll`) create
     it: for the others a missing database is a mistyped data directory, not an empty one."""
     path = settings.storage.db_path
+    refuse_unmounted(settings)
     try:
         missing = not create and not path.is_file()
     except OSError as exc:  # e.g. a data directory this user may not enter: one line

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from . import models as modelstore
-from .cli_common import config_option, echo_json, json_option, settings_from
+from .cli_common import config_option, echo_json, json_option, refuse_unmounted, settings_from
 
 
 @click.group("models")
@@ -83,6 +83,7 @@ def models_install(
       meraudiod models install ecapa-voxceleb --from /media/usb/ecapa-voxceleb.onnx
     """
     settings = settings_from(config_path)
+    refuse_unmounted(settings)  # not beneath the models' mount point
     if from_file is not None and (len(names) != 1 or defaults):
         raise click.UsageError("--from installs exactly one named model")
     wanted = list(names) + (modelstore.configured(settings) if defaults or not names else [])

@@ -26,6 +26,7 @@ from .listener import Listener
 from .messages import Event
 from .mic_source import MicSource
 from .microphone import AudioSupervisor
+from .mounts import wait_for_mounts
 from .pipeline import Pipeline
 from .reloader import Reloader
 from .retention import Retention
@@ -83,9 +84,11 @@ class Daemon:
 
     # --- start -----------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self) -> bool:
         """Store and models, then the sinks (MQTT, worker, retention, HTTP), then the
-        microphone."""
+        microphone. False when stopped while waiting for the storage's disk to be mounted."""
+        if not wait_for_mounts(self.settings, self.stop_event, self._waiting):
+            return False
         check_writable(self.settings)  # one line naming the directory, not a traceback
         heartbeat_path(self.settings).parent.mkdir(parents=True, exist_ok=True)
         self.pipeline.open()
@@ -105,6 +108,12 @@ class Daemon:
         self.health.heartbeat()
         self.notifier.ready(self.health.status_line())
         _LOGGER.info("ready: %s", self.health.status_line())
+        return True
+
+    def _waiting(self, what: str) -> None:
+        """Said before READY: in the log and in `systemctl status`."""
+        _LOGGER.warning("%s", what)
+        self.notifier.status(what)
 
     @property
     def listener(self) -> Listener | None:

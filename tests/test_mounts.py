@@ -1,0 +1,177 @@
+"""A data directory on a disk that /etc/fstab lists but that is not mounted (yet): nothing is
+written beneath the mount point. The daemon waits for the mount, a command refuses at once.
+The end-to-end test runs the real daemon in a mount namespace of its own, with its own
+/etc/fstab bound over the real one and a real tmpfs mounted as "the disk"."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from meraudiod.config import Settings
+from meraudiod.mounts import (
+    NotMounted,
+    listed_mount_points,
+    missing_mount,
+    mounted_points,
+    unmounted,
+    wait_for_mounts,
+)
+
+from .conftest import DEMO, needs_root
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_fstab_and_mountinfo_are_read_as_the_kernel_writes_them(tmp_path: Path) -> None:
+    fstab = write(
+        tmp_path / "fstab",
+        "# /etc/fstab\n"
+        "UUID=1 / ext4 defaults 0 1\n"
+        "\n"
+        "UUID=2 none swap sw 0 0\n"
+        "LABEL=usb /mnt/usb\\040disk ext4 defaults,nofail 0 2\n"
+        "server:/x /srv/nfs nfs defaults 0 0\n"
+        "   # an indented comment\n",
+    )
+    assert listed_mount_points(fstab) == [Path("/mnt/usb disk"), Path("/srv/nfs")]
+    assert listed_mount_points(tmp_path / "no-such-fstab") == []
+    mountinfo = write(
+        tmp_path / "mountinfo",
+        "22 1 8:2 / / rw,relatime shared:1 - ext4 /dev/sda2 rw\n"
+        "66 22 8:17 / /mnt/usb\\040disk rw,relatime shared:40 - ext4 /dev/sdb1 rw\n",
+    )
+    assert mounted_points(mountinfo) == {Path("/"), Path("/mnt/usb disk")}
+
+
+def test_the_deepest_listed_mount_point_above_a_directory_decides(tmp_path: Path) -> None:
+    fstab = write(tmp_path / "fstab", "a /mnt ext4 defaults 0 2\nb /mnt/usb ext4 defaults 0 2\n")
+    nothing = write(tmp_path / "mountinfo", "22 1 8:2 / / rw - ext4 /dev/sda2 rw\n")
+    usb = write(
+        tmp_path / "mountinfo-usb",
+        "22 1 8:2 / / rw - ext4 /dev/sda2 rw\n23 22 8:17 / /mnt/usb rw - ext4 /dev/sdb1 rw\n",
+    )
+    data = Path("/mnt/usb/meraudiod")
+    assert missing_mount(data, fstab, nothing) == Path("/mnt/usb")
+    assert missing_mount(data, fstab, usb) is None  # /mnt itself not mounted: not its disk
+    assert missing_mount(Path("/mnt/other"), fstab, usb) == Path("/mnt")
+    assert missing_mount(Path("/var/lib/meraudiod"), fstab, nothing) is None
+    assert missing_mount(Path("/mnt/usbstick/x"), fstab, usb) == Path("/mnt")  # not a prefix
+    # A symlink into the unmounted disk is followed.
+    link = tmp_path / "link"
+    link.symlink_to("/mnt/usb/meraudiod")
+    assert missing_mount(link, fstab, nothing) == Path("/mnt/usb")
+
+
+def test_each_storage_directory_is_named_by_its_key(tmp_path: Path, settings: Settings) -> None:
+    point = tmp_path / "disk"
+    fstab = write(tmp_path / "fstab", f"LABEL=x {point} ext4 defaults 0 2\n")
+    mountinfo = write(tmp_path / "mountinfo", "22 1 8:2 / / rw - ext4 /dev/sda2 rw\n")
+    assert unmounted(settings, fstab, mountinfo) is None  # data_dir is elsewhere
+    settings.storage.tmp_audio_dir = point / "audio"
+    assert unmounted(settings, fstab, mountinfo) == (
+        f"storage.tmp_audio_dir: {point / 'audio'} is on {point}, which {fstab} lists but"
+        " nothing is mounted on"
+    )
+
+
+def test_the_wait_ends_when_mounted_when_stopped_or_after_its_time(
+    tmp_path: Path, settings: Settings
+) -> None:
+    point = tmp_path / "disk"
+    settings.storage.data_dir = point / "meraudiod"
+    fstab = write(tmp_path / "fstab", f"LABEL=x {point} ext4 defaults 0 2\n")
+    mountinfo = write(tmp_path / "mountinfo", "22 1 8:2 / / rw - ext4 /dev/sda2 rw\n")
+    said: list[str] = []
+    stop = threading.Event()
+    t0 = time.monotonic()
+    with pytest.raises(NotMounted, match=r"storage.data_dir: .* \(waited 1 s; mount it"):
+        wait_for_mounts(settings, stop, said.append, 1.0, fstab, mountinfo)
+    assert time.monotonic() - t0 >= 1.0
+    assert said == [f"waiting up to 1 s for the mount: {unmounted(settings, fstab, mountinfo)}"]
+
+    threading.Timer(0.3, stop.set).start()
+    assert wait_for_mounts(settings, stop, said.append, 30.0, fstab, mountinfo) is False
+
+    def mount() -> None:
+        mountinfo.write_text(mountinfo.read_text() + f"23 22 8:17 / {point} rw - ext4 x rw\n")
+
+    threading.Timer(0.3, mount).start()
+    assert wait_for_mounts(settings, threading.Event(), said.append, 30.0, fstab, mountinfo)
+
+
+SCENE = r"""
+set -u
+mount --make-rprivate /
+mount --bind "$FSTAB" /etc/fstab
+"$PY" -m meraudiod analyze "$DEMO" > /dev/null 2> "$OUT/analyze.err"; echo "analyze rc=$?"
+"$PY" -m meraudiod run --source demo 2> "$OUT/stopped.err" &
+pid=$!
+for i in $(seq 600); do grep -q "waiting up to" "$OUT/stopped.err" && break; sleep 0.1; done
+kill -TERM $pid; wait $pid; echo "stopped rc=$?"
+"$PY" -m meraudiod run --source demo 2> "$OUT/run.err" &
+pid=$!
+for i in $(seq 600); do grep -q "waiting up to" "$OUT/run.err" && break; sleep 0.1; done
+sleep 1
+mount -t tmpfs -o size=512m tmpfs "$POINT"
+wait $pid; echo "run rc=$?"
+echo "audio files: $(find "$POINT/meraudiod/audio" -name '*.flac' | wc -l)"
+"$PY" -m meraudiod recordings list > "$OUT/list.out" 2>&1; echo "list rc=$?"
+umount "$POINT"
+echo "beneath: $(ls -A "$POINT" | wc -l)"
+"""
+
+
+@needs_root
+def test_a_disk_not_mounted_yet_is_waited_for_and_nothing_lands_beneath(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    point = tmp_path / "usb disk"  # a space: fstab writes it \040
+    point.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    escaped = str(point).replace(" ", "\\040")
+    fstab = write(tmp_path / "fstab", f"LABEL=NOSUCH {escaped} ext4 defaults,nofail 0 2\n")
+    scene_env = {
+        **env,
+        "MERAUDIOD_STORAGE__DATA_DIR": str(point / "meraudiod"),
+        "PY": sys.executable,
+        "DEMO": str(DEMO),
+        "FSTAB": str(fstab),
+        "POINT": str(point),
+        "OUT": str(out),
+    }
+    done = subprocess.run(
+        ["unshare", "--mount", "bash", "-c", SCENE],
+        env=scene_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    lines = done.stdout.splitlines()
+    not_mounted = (
+        f"storage.data_dir: {point / 'meraudiod'} is on {point}, which /etc/fstab lists but"
+        " nothing is mounted on"
+    )
+    # A command refuses at once, in one line, and creates nothing.
+    assert "analyze rc=1" in lines, done.stdout + done.stderr
+    assert (out / "analyze.err").read_text() == f"Error: {not_mounted}\n"
+    # The daemon waits, saying why; stopped while waiting, it ends cleanly.
+    assert "stopped rc=0" in lines, (out / "stopped.err").read_text()
+    assert f"waiting up to 60 s for the mount: {not_mounted}" in (out / "stopped.err").read_text()
+    # Mounted while it waits, it goes on and records onto the disk.
+    assert "run rc=0" in lines, (out / "run.err").read_text()
+    assert "audio files: 5" in lines, done.stdout
+    assert "list rc=0" in lines and (out / "list.out").read_text().count("\n") >= 5
+    # Beneath the mount point nothing was ever written.
+    assert "beneath: 0" in lines, done.stdout
+    assert not any(point.iterdir())
