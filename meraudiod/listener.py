@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 import threading
@@ -24,6 +25,7 @@ from .wall_clock import StreamClock, follow_step
 
 _LOGGER = logging.getLogger(__name__)
 _READ_TIMEOUT_S = 0.5
+_DISK_FULL: Final = (errno.ENOSPC, errno.EDQUOT)
 _SAVE_RETRY_S: Final = 1.0  # first wait before saving again into a busy database; doubles
 _SAVE_RETRY_MAX_S: Final = 30.0
 _SAVE_TRIES_WHEN_STOPPING: Final = 3  # on the way out, a locked database is not waited for long
@@ -178,6 +180,7 @@ class Listener(StageThread):
         """Store an utterance; while the database is busy (a long purge, another process
         holding the write lock past the busy timeout) the audio is kept and the save retried."""
         delay_s, tries = _SAVE_RETRY_S, 0
+        memory = self.memory if disk_low(self.settings) else None
         while True:
             tries += 1
             try:
@@ -187,8 +190,18 @@ class Listener(StageThread):
                     start_s=start_s,
                     started_at=started_at,
                     transcribe=self.settings.asr.enabled,
-                    memory=self.memory if disk_low(self.settings) else None,
+                    memory=memory,
                 )
+            except OSError as exc:  # the disk filled since the guard looked (or it is off)
+                if memory is not None or exc.errno not in _DISK_FULL or self.memory is None:
+                    raise
+                _LOGGER.error(
+                    "disk full writing a recording of %.1f s (%s): kept in memory until"
+                    " transcribed",
+                    samples.size / SAMPLE_RATE_HZ,
+                    exc.strerror,
+                )
+                memory = self.memory
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise
