@@ -179,10 +179,10 @@ class Listener(StageThread):
     ) -> Recording | None:
         """Store an utterance; while the database is busy (a long purge, another process
         holding the write lock past the busy timeout) the audio is kept and the save retried."""
-        delay_s, tries = _SAVE_RETRY_S, 0
-        memory = self.memory if disk_low(self.settings) else None
+        delay_s, tries, disk_full = _SAVE_RETRY_S, 0, False
         while True:
             tries += 1
+            memory = self.memory if disk_full or disk_low(self.settings) else None
             try:
                 return store.save(
                     samples,
@@ -201,7 +201,7 @@ class Listener(StageThread):
                     samples.size / SAMPLE_RATE_HZ,
                     exc.strerror,
                 )
-                memory = self.memory
+                disk_full = True
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise
