@@ -10,6 +10,7 @@ import click
 from .checks import mqtt_file_problems, unreadable_files
 from .cli_common import config_option, echo_json, json_option, settings_from
 from .mic_source import input_devices
+from .mounts import unmounted
 
 
 @click.group("config")
@@ -27,7 +28,8 @@ def config_group() -> None:
 @json_option
 def config_check(config_path: Path | None, as_json: bool) -> None:
     """Validate the configuration (file and environment), check that every file it names is
-    readable by this user, and say what is wrong.
+    readable by this user and that no storage directory is on a disk fstab lists but nothing
+    is mounted on, and say what is wrong.
 
     \b
     Examples:
@@ -36,6 +38,9 @@ def config_check(config_path: Path | None, as_json: bool) -> None:
     """
     settings = settings_from(config_path)
     problems = unreadable_files(settings) or mqtt_file_problems(settings)
+    not_mounted = unmounted(settings)
+    if not_mounted:
+        problems.append(not_mounted)
     if problems:
         raise click.ClickException("; ".join(problems))
     if as_json:

@@ -175,3 +175,26 @@ def test_a_disk_not_mounted_yet_is_waited_for_and_nothing_lands_beneath(
     # Beneath the mount point nothing was ever written.
     assert "beneath: 0" in lines, done.stdout
     assert not any(point.iterdir())
+
+
+@needs_root
+def test_config_check_says_the_disk_is_not_mounted(tmp_path: Path, env: dict[str, str]) -> None:
+    point = tmp_path / "usb"
+    point.mkdir()
+    fstab = write(tmp_path / "fstab", f"LABEL=NOSUCH {point} ext4 defaults,nofail 0 2\n")
+    script = 'mount --make-rprivate / && mount --bind "$FSTAB" /etc/fstab && exec "$@"'
+    command = [sys.executable, "-m", "meraudiod", "config", "check"]
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", *command],
+        env={**env, "MERAUDIOD_STORAGE__DATA_DIR": str(point / "m"), "FSTAB": str(fstab)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr == (
+        f"Error: storage.data_dir: {point / 'm'} is on {point}, which /etc/fstab lists but"
+        " nothing is mounted on\n"
+    )
+    assert not any(point.iterdir())
