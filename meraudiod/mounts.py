@@ -63,13 +63,15 @@ def mounted_points(mountinfo: Path = MOUNTINFO) -> set[Path]:
 
 def missing_mount(path: Path, fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) -> Path | None:
     """The mount point that should hold `path` but has nothing mounted on it: the deepest
-    one /etc/fstab lists above it (symlinks followed), when that is not mounted."""
+    one /etc/fstab lists above it (symlinks followed, the listed point's too: the kernel
+    mounts on, and mountinfo names, its target), when that is not mounted. Named as listed."""
     real = path.expanduser().resolve()
-    holders = [p for p in listed_mount_points(fstab) if real.is_relative_to(p)]
+    targets = {point: point.resolve() for point in listed_mount_points(fstab)}
+    holders = [point for point, target in targets.items() if real.is_relative_to(target)]
     if not holders:
         return None
-    deepest = max(holders, key=lambda p: len(p.parts))
-    return None if deepest in mounted_points(mountinfo) else deepest
+    deepest = max(holders, key=lambda point: len(targets[point].parts))
+    return None if targets[deepest] in mounted_points(mountinfo) else deepest
 
 
 def storage_dirs(settings: Settings) -> dict[str, Path]:

@@ -175,3 +175,60 @@ def test_a_disk_not_mounted_yet_is_waited_for_and_nothing_lands_beneath(
     # Beneath the mount point nothing was ever written.
     assert "beneath: 0" in lines, done.stdout
     assert not any(point.iterdir())
+
+
+def in_a_mount_namespace(
+    script: str, env: dict[str, str], fstab: Path, **values: Path
+) -> list[str]:
+    """Run a bash script in a mount namespace of its own with `fstab` as /etc/fstab; $PY is
+    this Python, $DEMO the demo recording, and each of `values` a variable. Its output lines."""
+    preamble = 'set -u\nmount --make-rprivate /\nmount --bind "$FSTAB" /etc/fstab\n'
+    done = subprocess.run(
+        ["unshare", "--mount", "bash", "-c", preamble + script],
+        env={
+            **env,
+            "PY": sys.executable,
+            "DEMO": str(DEMO),
+            "FSTAB": str(fstab),
+            **{k: str(v) for k, v in values.items()},
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert not done.stderr.strip() or "rc=" in done.stdout, done.stderr
+    return done.stdout.splitlines()
+
+
+@needs_root
+def test_a_mount_point_fstab_names_through_a_symlink_is_checked(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """/media/usb -> /mnt/usb in fstab: the kernel mounts on (and mountinfo names) /mnt/usb.
+    Before, a data directory under it was not checked: analyze wrote beneath the mount
+    point."""
+    target = tmp_path / "mnt" / "usb"
+    target.mkdir(parents=True)
+    link = tmp_path / "media-usb"
+    link.symlink_to(target)
+    fstab = write(tmp_path / "fstab", f"LABEL=usb {link}/ ext4 defaults,nofail 0 2\n")
+    script = (
+        '"$PY" -m meraudiod analyze "$DEMO" > /dev/null 2> "$ERR"; echo "unmounted rc=$?"\n'
+        'echo "beneath: $(ls -A "$TARGET" | wc -l)"\n'
+        'mount -t tmpfs -o size=64m tmpfs "$LINK"\n'
+        '"$PY" -m meraudiod analyze "$DEMO" > /dev/null 2>&1; echo "mounted rc=$?"\n'
+        'echo "on the disk: $(ls "$TARGET/meraudiod")"\n'
+    )
+    err = tmp_path / "analyze.err"
+    env = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(target / "meraudiod")}
+    lines = in_a_mount_namespace(script, env, fstab, TARGET=target, LINK=link, ERR=err)
+    assert "unmounted rc=1" in lines, err.read_text()
+    assert err.read_text() == (
+        f"Error: storage.data_dir: {target / 'meraudiod'} is on {link}, which /etc/fstab"
+        " lists but nothing is mounted on\n"
+    )
+    assert "beneath: 0" in lines
+    assert "mounted rc=0" in lines
+    assert "on the disk: audio meraudiod.db" in " ".join(lines), lines
+    assert not any(target.iterdir())  # the tmpfs is gone with the namespace
