@@ -232,3 +232,25 @@ def test_a_mount_point_fstab_names_through_a_symlink_is_checked(
     assert "mounted rc=0" in lines
     assert "on the disk: audio meraudiod.db" in " ".join(lines), lines
     assert not any(target.iterdir())  # the tmpfs is gone with the namespace
+
+
+@needs_root
+def test_bench_refuses_a_data_directory_whose_disk_is_not_mounted(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """bench runs its daemons in scratch directories inside the data directory. Before, it
+    made them beneath the mount point and its daemons waited 60 s each: a traceback after a
+    minute, and the data directory left on the SD card."""
+    point = tmp_path / "usb"
+    point.mkdir()
+    fstab = write(tmp_path / "fstab", f"LABEL=usb {point} ext4 defaults,nofail 0 2\n")
+    err = tmp_path / "bench.err"
+    script = '"$PY" -m meraudiod bench --only listening > /dev/null 2> "$ERR"; echo "rc=$?"\n'
+    env = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(point / "meraudiod")}
+    lines = in_a_mount_namespace(script, env, fstab, ERR=err)
+    assert "rc=1" in lines
+    assert err.read_text() == (
+        f"Error: storage.data_dir: {point / 'meraudiod'} is on {point}, which /etc/fstab lists"
+        " but nothing is mounted on\n"
+    )
+    assert not any(point.iterdir())
