@@ -65,7 +65,7 @@ def missing_mount(path: Path, fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) 
     """The mount point that should hold `path` but has nothing mounted on it: the deepest
     one /etc/fstab lists above it (symlinks followed, the listed point's too: the kernel
     mounts on, and mountinfo names, its target), when that is not mounted. Named as listed."""
-    real = path.expanduser().resolve()
+    real = path.resolve()
     targets = {point: point.resolve() for point in listed_mount_points(fstab)}
     holders = [point for point, target in targets.items() if real.is_relative_to(target)]
     if not holders:

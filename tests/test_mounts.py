@@ -254,3 +254,27 @@ def test_bench_refuses_a_data_directory_whose_disk_is_not_mounted(
         " but nothing is mounted on\n"
     )
     assert not any(point.iterdir())
+
+
+def test_a_storage_directory_under_home_is_where_the_mount_check_looks(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """data_dir = "~/usb/meraudiod": the mount check looked at $HOME/usb, but analyze and
+    the daemon wrote to a directory named "~" in the current directory (under systemd, /~),
+    on the SD card, with the disk mounted at $HOME/usb unused."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    env = {**env, "HOME": str(home), "MERAUDIOD_STORAGE__DATA_DIR": "~/usb/meraudiod"}
+    done = subprocess.run(
+        [sys.executable, "-m", "meraudiod", "analyze", str(DEMO)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (home / "usb" / "meraudiod" / "meraudiod.db").is_file()
+    assert not any(cwd.iterdir())
