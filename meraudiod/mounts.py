@@ -61,12 +61,20 @@ def mounted_points(mountinfo: Path = MOUNTINFO) -> set[Path]:
     return {Path(_unescape(line.split()[4])) for line in lines if len(line.split()) > 4}
 
 
+def _real(path: Path) -> Path:
+    """The path with symlinks followed; as it is when they loop (nothing can be there)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # RuntimeError: Python 3.11's symlink loop
+        return path.absolute()
+
+
 def missing_mount(path: Path, fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) -> Path | None:
     """The mount point that should hold `path` but has nothing mounted on it: the deepest
     one /etc/fstab lists above it (symlinks followed, the listed point's too: the kernel
     mounts on, and mountinfo names, its target), when that is not mounted. Named as listed."""
-    real = path.resolve()
-    targets = {point: point.resolve() for point in listed_mount_points(fstab)}
+    real = _real(path)
+    targets = {point: _real(point) for point in listed_mount_points(fstab)}
     holders = [point for point, target in targets.items() if real.is_relative_to(target)]
     if not holders:
         return None

@@ -278,3 +278,15 @@ def test_a_storage_directory_under_home_is_where_the_mount_check_looks(
     assert done.returncode == 0, done.stderr
     assert (home / "usb" / "meraudiod" / "meraudiod.db").is_file()
     assert not any(cwd.iterdir())
+
+
+def test_a_symlink_loop_in_fstab_is_no_traceback(tmp_path: Path, env: dict[str, str]) -> None:
+    """An fstab entry whose mount point is a symlink loop (a broken entry for another disk)
+    must not break every command: it is taken as listed, and cannot hold the data."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "back")
+    (tmp_path / "back").symlink_to(loop)
+    fstab = write(tmp_path / "fstab", f"LABEL=old {loop}/usb ext4 noauto 0 0\n")
+    mountinfo = write(tmp_path / "mountinfo", "22 1 8:2 / / rw - ext4 /dev/sda2 rw\n")
+    assert missing_mount(Path("/var/lib/meraudiod"), fstab, mountinfo) is None
+    assert missing_mount(loop / "usb" / "meraudiod", fstab, mountinfo) == loop / "usb"
