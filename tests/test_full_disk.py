@@ -1,0 +1,131 @@
+"""A full disk under the daemon's data directory: a real tmpfs mounted in a mount namespace
+of the daemon's own (unshare), filled and freed from outside through /proc/<pid>/root."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.broker import free_port
+from tests.conftest import DEMO, SilenceFeeder, needs_root, wait_for
+
+_READY_S = 180.0
+
+
+class FullDiskDaemon:
+    """`meraudiod run --source stdin` with HTTP on, its data directory on a tmpfs of `size`
+    that only it sees; `disk` is that tmpfs as seen from here."""
+
+    def __init__(self, env: dict[str, str], tmp_path: Path, size: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.point = tmp_path / "disk"
+        self.point.mkdir()
+        self.log_path = tmp_path / "daemon.log"
+        command = shlex.join([sys.executable, "-m", "meraudiod", "run", "--source", "stdin"])
+        mount = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(self.point))}"
+        self.env = {
+            **env,
+            "MERAUDIOD_STORAGE__DATA_DIR": str(self.point / "meraudiod"),
+            "MERAUDIOD_HTTP__ENABLED": "true",
+            "MERAUDIOD_HTTP__PORT": str(self.port),
+        }
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                ["unshare", "--mount", "sh", "-c", f"{mount} && exec {command}"],
+                env=self.env,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.feeder = SilenceFeeder(self.proc, block_s=0.1).start()
+        self.disk = Path(f"/proc/{self.proc.pid}/root") / str(self.point).lstrip("/")
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            assert self.proc.poll() is None, self.log()
+            try:
+                return httpx.get(f"{self.url}/health/ready").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, _READY_S, "the daemon ready")
+
+    def fill(self) -> Path:
+        """Fill the tmpfs to its last byte; the filler file, to remove to free it."""
+        filler = self.disk / "filler"
+        with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
+            while out.write(bytes(4096)):
+                pass
+        return filler
+
+    def grow(self, size: str) -> None:
+        """Make the tmpfs bigger: space freed."""
+        mount = ["mount", "-o", f"remount,size={size}", str(self.point)]
+        subprocess.run(["nsenter", "-t", str(self.proc.pid), "-m", *mount], check=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        self.feeder.stop()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(60)
+
+
+@contextmanager
+def full_disk_daemon(env: dict[str, str], tmp_path: Path, size: str) -> Iterator[FullDiskDaemon]:
+    daemon = FullDiskDaemon(env, tmp_path, size)
+    try:
+        daemon.wait_ready()
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def _files(folder: Path) -> list[str]:
+    """The files stored (the heartbeat, rewritten every 5 s, left out)."""
+    return sorted(p.name for p in folder.rglob("*") if p.is_file() and "heartbeat" not in p.name)
+
+
+@needs_root
+@pytest.mark.parametrize("fits", [True, False], ids=["upload-fits", "nothing-fits"])
+def test_an_upload_onto_a_full_disk_is_a_clear_error_and_stores_nothing(
+    env: dict[str, str], tmp_path: Path, fits: bool
+) -> None:
+    """The upload itself fits and its recording's audio does not (600 KB for a 431 KB file
+    twice), or nothing fits at all. Before: 500 'internal error: OSError' and a traceback in
+    the log. Now: 507 naming the full disk, nothing half-stored, the daemon alive; once space
+    is freed the same upload is stored."""
+    env = {**env, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "0"}
+    with full_disk_daemon(env, tmp_path, "600k") as daemon:
+        if not fits:
+            daemon.fill()
+        data = daemon.disk / "meraudiod"
+        before = _files(data)
+        with httpx.Client(base_url=daemon.url, timeout=60) as client:
+            for path in ("/api/v1/analysis/upload", "/api/v1/vad/upload_recording"):
+                answer = client.post(path, files={"file": ("demo.flac", DEMO.read_bytes())})
+                assert answer.status_code == 507, answer.text
+                error = answer.json()["error"]
+                assert error["code"] == "insufficient_storage"
+                assert error["message"].startswith("disk full: No space left on device"), error
+            assert client.get("/health/ready").status_code == 200
+            assert _files(data) == before  # no part file, no audio, no temp file left
+            assert client.get("/api/v1/recordings").json()["recordings"] == []
+            daemon.grow("8m")  # space freed
+            answer = client.post(
+                "/api/v1/analysis/upload", files={"file": ("demo.flac", DEMO.read_bytes())}
+            )
+            assert answer.status_code == 202, answer.text
+        assert "Traceback" not in daemon.log()
+        assert daemon.stop() == 0, daemon.log()
