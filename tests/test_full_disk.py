@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,17 +15,21 @@ from pathlib import Path
 import httpx
 import pytest
 
+from meraudiod.audio import decode_file
 from tests.broker import free_port
-from tests.conftest import DEMO, SilenceFeeder, needs_root, wait_for
+from tests.conftest import DEMO, SilenceFeeder, db_rows, needs_root, wait_for
 
 _READY_S = 180.0
 
 
 class FullDiskDaemon:
     """`meraudiod run --source stdin` with HTTP on, its data directory on a tmpfs of `size`
-    that only it sees; `disk` is that tmpfs as seen from here."""
+    that only it sees (the directory `key` of [storage] names); `disk` is that tmpfs as seen
+    from here."""
 
-    def __init__(self, env: dict[str, str], tmp_path: Path, size: str) -> None:
+    def __init__(
+        self, env: dict[str, str], tmp_path: Path, size: str, key: str = "DATA_DIR"
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.point = tmp_path / "disk"
@@ -34,7 +39,7 @@ class FullDiskDaemon:
         mount = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(self.point))}"
         self.env = {
             **env,
-            "MERAUDIOD_STORAGE__DATA_DIR": str(self.point / "meraudiod"),
+            f"MERAUDIOD_STORAGE__{key}": str(self.point / "meraudiod"),
             "MERAUDIOD_HTTP__ENABLED": "true",
             "MERAUDIOD_HTTP__PORT": str(self.port),
         }
@@ -67,6 +72,14 @@ class FullDiskDaemon:
                 pass
         return filler
 
+    def say(self, speech: bytes) -> None:
+        """Speech on the microphone (stdin) between the silence."""
+        self.feeder.stop()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(speech + bytes(32000))
+        self.proc.stdin.flush()
+        self.feeder = SilenceFeeder(self.proc, block_s=0.1).start()
+
     def grow(self, size: str) -> None:
         """Make the tmpfs bigger: space freed."""
         mount = ["mount", "-o", f"remount,size={size}", str(self.point)]
@@ -83,8 +96,10 @@ class FullDiskDaemon:
 
 
 @contextmanager
-def full_disk_daemon(env: dict[str, str], tmp_path: Path, size: str) -> Iterator[FullDiskDaemon]:
-    daemon = FullDiskDaemon(env, tmp_path, size)
+def full_disk_daemon(
+    env: dict[str, str], tmp_path: Path, size: str, key: str = "DATA_DIR"
+) -> Iterator[FullDiskDaemon]:
+    daemon = FullDiskDaemon(env, tmp_path, size, key)
     try:
         daemon.wait_ready()
         yield daemon
@@ -128,4 +143,47 @@ def test_an_upload_onto_a_full_disk_is_a_clear_error_and_stores_nothing(
             )
             assert answer.status_code == 202, answer.text
         assert "Traceback" not in daemon.log()
+        assert daemon.stop() == 0, daemon.log()
+
+
+def _recordings(daemon: FullDiskDaemon, count: int) -> list[sqlite3.Row]:
+    """All recordings, oldest first, once there are `count` and all are transcribed."""
+    rows: list[sqlite3.Row] = []
+    sql = "SELECT status, audio_path, text FROM recordings ORDER BY id"  # ULIDs: as saved
+
+    def transcribed() -> bool:
+        nonlocal rows
+        rows = db_rows(daemon.env, sql)
+        return len(rows) == count and all(r["status"] == "done" for r in rows)
+
+    wait_for(transcribed, _READY_S, f"{count} recordings transcribed")
+    return rows
+
+
+@needs_root
+@pytest.mark.parametrize("keep_audio", [True, False], ids=["keep-audio", "no-audio-kept"])
+def test_audio_is_written_again_once_the_full_disk_has_room(
+    env: dict[str, str], tmp_path: Path, keep_audio: bool
+) -> None:
+    """The guard off and tmp_audio_dir's tmpfs full: the demo's five recordings wait in
+    memory and are transcribed; the disk grown, the next five are written to it (and with
+    keep_audio = false deleted once transcribed), the daemon alive throughout."""
+    env = {
+        **env,
+        "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "0",
+        "MERAUDIOD_RETENTION__KEEP_AUDIO": str(keep_audio).lower(),
+    }
+    speech = decode_file(DEMO).astype("<i2").tobytes()
+    with full_disk_daemon(env, tmp_path, "600k", "TMP_AUDIO_DIR") as daemon:
+        daemon.fill()
+        daemon.say(speech)
+        full = _recordings(daemon, 5)
+        assert all(r["audio_path"] is None and r["text"] for r in full)
+        daemon.grow("16m")
+        daemon.say(speech)
+        freed = _recordings(daemon, 10)[5:]
+        audio = sorted((daemon.disk / "meraudiod").rglob("*.flac"))
+        assert all((r["audio_path"] is not None) is keep_audio and r["text"] for r in freed)
+        assert len(audio) == (5 if keep_audio else 0)
+        assert daemon.log().count("disk full writing a recording") == 5, daemon.log()
         assert daemon.stop() == 0, daemon.log()
