@@ -8,6 +8,7 @@ import shlex
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -186,4 +187,24 @@ def test_audio_is_written_again_once_the_full_disk_has_room(
         assert all((r["audio_path"] is not None) is keep_audio and r["text"] for r in freed)
         assert len(audio) == (5 if keep_audio else 0)
         assert daemon.log().count("disk full writing a recording") == 5, daemon.log()
+        assert daemon.stop() == 0, daemon.log()
+
+
+@needs_root
+def test_a_heartbeat_the_full_disk_refuses_is_said_once(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A quiet room, the data directory's disk full to the last byte: the heartbeat cannot be
+    rewritten. Before, an error line every 5 s for as long as it lasted (into a journal on
+    the same SD card); now one, and one more when it is written again."""
+    with full_disk_daemon(env, tmp_path, "600k") as daemon:
+        heartbeat = daemon.disk / "meraudiod" / "heartbeat.json"
+        daemon.fill()
+        wait_for(lambda: "cannot write the heartbeat" in daemon.log(), 30, "a failed heartbeat")
+        time.sleep(12)  # two more heartbeats, at least
+        assert daemon.log().count("cannot write the heartbeat") == 1, daemon.log()
+        daemon.grow("8m")
+        written = heartbeat.stat().st_mtime
+        wait_for(lambda: heartbeat.stat().st_mtime > written, 30, "the heartbeat written again")
+        wait_for(lambda: "heartbeat written again" in daemon.log(), 30, "it said so")
         assert daemon.stop() == 0, daemon.log()
