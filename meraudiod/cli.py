@@ -298,6 +298,7 @@ def bench(config_path: Path | None, as_json: bool, sections: tuple[str, ...]) ->
     from .bench import run_bench, unmeasurable
 
     settings = settings_from(config_path)
+    refuse_unmounted(settings)  # its daemons' scratch directories are in the data directory
     if off := unmeasurable(settings, sections):
         raise click.ClickException(f"bench --only: nothing to measure for {', '.join(off)}")
     logging.getLogger().setLevel(logging.WARNING)

@@ -300,10 +300,11 @@ class StorageSettings(Section):
     @field_validator("data_dir", "models_dir", "tmp_audio_dir", "run_dir", mode="before")
     @classmethod
     def _no_empty_path(cls, value: object) -> object:
-        # "" would become Path("."): the current directory, never what anyone meant.
+        # "" would become Path("."): the current directory, never what anyone meant; "~/x"
+        # a directory named "~" in it.
         if value == "":
             return None
-        return value
+        return Path(value).expanduser() if isinstance(value, str | Path) else value
 
     data_dir: Path = Field(default_factory=_default_data_dir, description="Database and audio")
     models_dir: Path | None = Field(None, description="Installed models; None = data_dir/models")

@@ -35,6 +35,7 @@ class Health:
         self.stage_problem: str | None = None  # a stage thread died: the daemon stops
         self.asr_problem: str | None = None  # every Wyoming server down
         self._store: tuple[tuple[int, int] | None, ...] = ()  # see note_store()
+        self._heartbeat_failing = False
 
     @property
     def degraded(self) -> str | None:
@@ -190,7 +191,13 @@ class Health:
                 {**daemon_snapshot(self.daemon), **({"at": 0.0} if stopped else {})},
             )
         except OSError as exc:  # `status` goes stale; the daemon itself carries on
-            _LOGGER.error("cannot write the heartbeat for `status`: %s", exc)
+            if not self._heartbeat_failing:  # said once, not every 5 s (a full disk)
+                _LOGGER.error("cannot write the heartbeat for `status`: %s", exc)
+            self._heartbeat_failing = True
+            return
+        if self._heartbeat_failing:
+            _LOGGER.info("heartbeat written again")
+            self._heartbeat_failing = False
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import sqlite3
 import threading
@@ -16,7 +15,7 @@ from .audio import FRAME_S, SAMPLE_RATE_HZ, Float32Array, Int16Array, rms_dbfs
 from .config import Settings
 from .db import is_busy, open_db
 from .recordings import MemoryAudio, Recording, RecordingStore
-from .retention import disk_low
+from .retention import disk_full, disk_low
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 from .sources import AudioSource, EndOfStream, SourceError
 from .stage import StageThread
@@ -25,7 +24,6 @@ from .wall_clock import StreamClock, follow_step
 
 _LOGGER = logging.getLogger(__name__)
 _READ_TIMEOUT_S = 0.5
-_DISK_FULL: Final = (errno.ENOSPC, errno.EDQUOT)
 _SAVE_RETRY_S: Final = 1.0  # first wait before saving again into a busy database; doubles
 _SAVE_RETRY_MAX_S: Final = 30.0
 _SAVE_TRIES_WHEN_STOPPING: Final = 3  # on the way out, a locked database is not waited for long
@@ -179,10 +177,10 @@ class Listener(StageThread):
     ) -> Recording | None:
         """Store an utterance; while the database is busy (a long purge, another process
         holding the write lock past the busy timeout) the audio is kept and the save retried."""
-        delay_s, tries, disk_full = _SAVE_RETRY_S, 0, False
+        delay_s, tries, no_room = _SAVE_RETRY_S, 0, False
         while True:
             tries += 1
-            memory = self.memory if disk_full or disk_low(self.settings) else None
+            memory = self.memory if no_room or disk_low(self.settings) else None
             try:
                 return store.save(
                     samples,
@@ -193,7 +191,7 @@ class Listener(StageThread):
                     memory=memory,
                 )
             except OSError as exc:  # the disk filled since the guard looked (or it is off)
-                if memory is not None or exc.errno not in _DISK_FULL or self.memory is None:
+                if memory is not None or not disk_full(exc) or self.memory is None:
                     raise
                 _LOGGER.error(
                     "disk full writing a recording of %.1f s (%s): kept in memory until"
@@ -201,7 +199,7 @@ class Listener(StageThread):
                     samples.size / SAMPLE_RATE_HZ,
                     exc.strerror,
                 )
-                disk_full = True
+                no_room = True
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise

@@ -61,15 +61,25 @@ def mounted_points(mountinfo: Path = MOUNTINFO) -> set[Path]:
     return {Path(_unescape(line.split()[4])) for line in lines if len(line.split()) > 4}
 
 
+def _real(path: Path) -> Path:
+    """The path with symlinks followed; as it is when they loop (nothing can be there)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # RuntimeError: Python 3.11's symlink loop
+        return path.absolute()
+
+
 def missing_mount(path: Path, fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) -> Path | None:
     """The mount point that should hold `path` but has nothing mounted on it: the deepest
-    one /etc/fstab lists above it (symlinks followed), when that is not mounted."""
-    real = path.expanduser().resolve()
-    holders = [p for p in listed_mount_points(fstab) if real.is_relative_to(p)]
+    one /etc/fstab lists above it (symlinks followed, the listed point's too: the kernel
+    mounts on, and mountinfo names, its target), when that is not mounted. Named as listed."""
+    real = _real(path)
+    targets = {point: _real(point) for point in listed_mount_points(fstab)}
+    holders = [point for point, target in targets.items() if real.is_relative_to(target)]
     if not holders:
         return None
-    deepest = max(holders, key=lambda p: len(p.parts))
-    return None if deepest in mounted_points(mountinfo) else deepest
+    deepest = max(holders, key=lambda point: len(targets[point].parts))
+    return None if targets[deepest] in mounted_points(mountinfo) else deepest
 
 
 def storage_dirs(settings: Settings) -> dict[str, Path]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 import soundfile
 from ulid import ULID
@@ -101,8 +101,9 @@ def atomic_audio_file(path: Path, audio_format: str) -> Iterator[soundfile.Sound
     level = {"compression_level": _FLAC_LEVEL} if audio_format.lower() == "flac" else {}
     try:
         with open(tmp, "wb") as handle:
+            sink = _KeptError(handle)
             with soundfile.SoundFile(
-                handle,
+                sink,
                 "w",
                 SAMPLE_RATE_HZ,
                 1,
@@ -111,6 +112,8 @@ def atomic_audio_file(path: Path, audio_format: str) -> Iterator[soundfile.Sound
                 **level,
             ) as out:
                 yield out
+            if sink.error is not None:
+                raise sink.error
             handle.flush()
             os.fsync(handle.fileno())
     except BaseException:
@@ -122,6 +125,36 @@ def atomic_audio_file(path: Path, audio_format: str) -> Iterator[soundfile.Sound
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class _KeptError:
+    """The file libsndfile writes through. An OSError raised in its callback (a full disk)
+    would be printed as a traceback by cffi and the write go on; it is kept instead, the
+    write reported as failed, and raised once libsndfile is done."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        return self._kept(self.handle.write, data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._kept(self.handle.seek, offset, whence)  # flushes what is buffered
+
+    def tell(self) -> int:
+        return self.handle.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        return b""  # written, never read back
+
+    def _kept(self, call: Callable[..., int], *args: int | bytes) -> int:
+        if self.error is None:
+            try:
+                return call(*args)
+            except OSError as exc:
+                self.error = exc
+        return 0
 
 
 class MemoryAudio:

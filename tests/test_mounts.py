@@ -198,3 +198,118 @@ def test_config_check_says_the_disk_is_not_mounted(tmp_path: Path, env: dict[str
         " nothing is mounted on\n"
     )
     assert not any(point.iterdir())
+
+
+def in_a_mount_namespace(
+    script: str, env: dict[str, str], fstab: Path, **values: Path
+) -> list[str]:
+    """Run a bash script in a mount namespace of its own with `fstab` as /etc/fstab; $PY is
+    this Python, $DEMO the demo recording, and each of `values` a variable. Its output lines."""
+    preamble = 'set -u\nmount --make-rprivate /\nmount --bind "$FSTAB" /etc/fstab\n'
+    done = subprocess.run(
+        ["unshare", "--mount", "bash", "-c", preamble + script],
+        env={
+            **env,
+            "PY": sys.executable,
+            "DEMO": str(DEMO),
+            "FSTAB": str(fstab),
+            **{k: str(v) for k, v in values.items()},
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert not done.stderr.strip() or "rc=" in done.stdout, done.stderr
+    return done.stdout.splitlines()
+
+
+@needs_root
+def test_a_mount_point_fstab_names_through_a_symlink_is_checked(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """/media/usb -> /mnt/usb in fstab: the kernel mounts on (and mountinfo names) /mnt/usb.
+    Before, a data directory under it was not checked: analyze wrote beneath the mount
+    point."""
+    target = tmp_path / "mnt" / "usb"
+    target.mkdir(parents=True)
+    link = tmp_path / "media-usb"
+    link.symlink_to(target)
+    fstab = write(tmp_path / "fstab", f"LABEL=usb {link}/ ext4 defaults,nofail 0 2\n")
+    script = (
+        '"$PY" -m meraudiod analyze "$DEMO" > /dev/null 2> "$ERR"; echo "unmounted rc=$?"\n'
+        'echo "beneath: $(ls -A "$TARGET" | wc -l)"\n'
+        'mount -t tmpfs -o size=64m tmpfs "$LINK"\n'
+        '"$PY" -m meraudiod analyze "$DEMO" > /dev/null 2>&1; echo "mounted rc=$?"\n'
+        'echo "on the disk: $(ls "$TARGET/meraudiod")"\n'
+    )
+    err = tmp_path / "analyze.err"
+    env = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(target / "meraudiod")}
+    lines = in_a_mount_namespace(script, env, fstab, TARGET=target, LINK=link, ERR=err)
+    assert "unmounted rc=1" in lines, err.read_text()
+    assert err.read_text() == (
+        f"Error: storage.data_dir: {target / 'meraudiod'} is on {link}, which /etc/fstab"
+        " lists but nothing is mounted on\n"
+    )
+    assert "beneath: 0" in lines
+    assert "mounted rc=0" in lines
+    assert "on the disk: audio meraudiod.db" in " ".join(lines), lines
+    assert not any(target.iterdir())  # the tmpfs is gone with the namespace
+
+
+@needs_root
+def test_bench_refuses_a_data_directory_whose_disk_is_not_mounted(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """bench runs its daemons in scratch directories inside the data directory. Before, it
+    made them beneath the mount point and its daemons waited 60 s each: a traceback after a
+    minute, and the data directory left on the SD card."""
+    point = tmp_path / "usb"
+    point.mkdir()
+    fstab = write(tmp_path / "fstab", f"LABEL=usb {point} ext4 defaults,nofail 0 2\n")
+    err = tmp_path / "bench.err"
+    script = '"$PY" -m meraudiod bench --only listening > /dev/null 2> "$ERR"; echo "rc=$?"\n'
+    env = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(point / "meraudiod")}
+    lines = in_a_mount_namespace(script, env, fstab, ERR=err)
+    assert "rc=1" in lines
+    assert err.read_text() == (
+        f"Error: storage.data_dir: {point / 'meraudiod'} is on {point}, which /etc/fstab lists"
+        " but nothing is mounted on\n"
+    )
+    assert not any(point.iterdir())
+
+
+def test_a_storage_directory_under_home_is_where_the_mount_check_looks(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """data_dir = "~/usb/meraudiod": the mount check looked at $HOME/usb, but analyze and
+    the daemon wrote to a directory named "~" in the current directory (under systemd, /~),
+    on the SD card, with the disk mounted at $HOME/usb unused."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    env = {**env, "HOME": str(home), "MERAUDIOD_STORAGE__DATA_DIR": "~/usb/meraudiod"}
+    done = subprocess.run(
+        [sys.executable, "-m", "meraudiod", "analyze", str(DEMO)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (home / "usb" / "meraudiod" / "meraudiod.db").is_file()
+    assert not any(cwd.iterdir())
+
+
+def test_a_symlink_loop_in_fstab_is_no_traceback(tmp_path: Path, env: dict[str, str]) -> None:
+    """An fstab entry whose mount point is a symlink loop (a broken entry for another disk)
+    must not break every command: it is taken as listed, and cannot hold the data."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "back")
+    (tmp_path / "back").symlink_to(loop)
+    fstab = write(tmp_path / "fstab", f"LABEL=old {loop}/usb ext4 noauto 0 0\n")
+    mountinfo = write(tmp_path / "mountinfo", "22 1 8:2 / / rw - ext4 /dev/sda2 rw\n")
+    assert missing_mount(Path("/var/lib/meraudiod"), fstab, mountinfo) is None
+    assert missing_mount(loop / "usb" / "meraudiod", fstab, mountinfo) == loop / "usb"

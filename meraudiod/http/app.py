@@ -8,6 +8,7 @@ import contextlib
 import hmac
 import logging
 import re
+import sqlite3
 import threading
 import time
 from http.cookies import CookieError, SimpleCookie
@@ -24,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ulid import ULID
 
 from .. import __version__
+from ..retention import disk_full
 from .common import REQUEST_ID, ApiError, HttpContext, error_body
 
 _LOGGER = logging.getLogger(__name__)
@@ -298,3 +300,12 @@ def _error_handlers(app: FastAPI) -> None:
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         _LOGGER.error("request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
         return _error(500, "internal", f"internal error: {type(exc).__name__}")
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def storage_error(request: Request, exc: Exception) -> JSONResponse:
+        if not disk_full(exc):
+            return await internal(request, exc)
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        _LOGGER.error("request failed, nothing stored: disk full (%s)", exc)
+        return _error(507, "insufficient_storage", f"disk full: {why}; nothing was stored")

@@ -1,0 +1,210 @@
+"""A full disk under the daemon's data directory: a real tmpfs mounted in a mount namespace
+of the daemon's own (unshare), filled and freed from outside through /proc/<pid>/root."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from meraudiod.audio import decode_file
+from tests.broker import free_port
+from tests.conftest import DEMO, SilenceFeeder, db_rows, needs_root, wait_for
+
+_READY_S = 180.0
+
+
+class FullDiskDaemon:
+    """`meraudiod run --source stdin` with HTTP on, its data directory on a tmpfs of `size`
+    that only it sees (the directory `key` of [storage] names); `disk` is that tmpfs as seen
+    from here."""
+
+    def __init__(
+        self, env: dict[str, str], tmp_path: Path, size: str, key: str = "DATA_DIR"
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.point = tmp_path / "disk"
+        self.point.mkdir()
+        self.log_path = tmp_path / "daemon.log"
+        command = shlex.join([sys.executable, "-m", "meraudiod", "run", "--source", "stdin"])
+        mount = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(self.point))}"
+        self.env = {
+            **env,
+            f"MERAUDIOD_STORAGE__{key}": str(self.point / "meraudiod"),
+            "MERAUDIOD_HTTP__ENABLED": "true",
+            "MERAUDIOD_HTTP__PORT": str(self.port),
+        }
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                ["unshare", "--mount", "sh", "-c", f"{mount} && exec {command}"],
+                env=self.env,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.feeder = SilenceFeeder(self.proc, block_s=0.1).start()
+        self.disk = Path(f"/proc/{self.proc.pid}/root") / str(self.point).lstrip("/")
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            assert self.proc.poll() is None, self.log()
+            try:
+                return httpx.get(f"{self.url}/health/ready").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, _READY_S, "the daemon ready")
+
+    def fill(self) -> Path:
+        """Fill the tmpfs to its last byte; the filler file, to remove to free it."""
+        filler = self.disk / "filler"
+        with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
+            while out.write(bytes(4096)):
+                pass
+        return filler
+
+    def say(self, speech: bytes) -> None:
+        """Speech on the microphone (stdin) between the silence."""
+        self.feeder.stop()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(speech + bytes(32000))
+        self.proc.stdin.flush()
+        self.feeder = SilenceFeeder(self.proc, block_s=0.1).start()
+
+    def grow(self, size: str) -> None:
+        """Make the tmpfs bigger: space freed."""
+        mount = ["mount", "-o", f"remount,size={size}", str(self.point)]
+        subprocess.run(["nsenter", "-t", str(self.proc.pid), "-m", *mount], check=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        self.feeder.stop()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(60)
+
+
+@contextmanager
+def full_disk_daemon(
+    env: dict[str, str], tmp_path: Path, size: str, key: str = "DATA_DIR"
+) -> Iterator[FullDiskDaemon]:
+    daemon = FullDiskDaemon(env, tmp_path, size, key)
+    try:
+        daemon.wait_ready()
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def _files(folder: Path) -> list[str]:
+    """The files stored (the heartbeat, rewritten every 5 s, left out)."""
+    return sorted(p.name for p in folder.rglob("*") if p.is_file() and "heartbeat" not in p.name)
+
+
+@needs_root
+@pytest.mark.parametrize("fits", [True, False], ids=["upload-fits", "nothing-fits"])
+def test_an_upload_onto_a_full_disk_is_a_clear_error_and_stores_nothing(
+    env: dict[str, str], tmp_path: Path, fits: bool
+) -> None:
+    """The upload itself fits and its recording's audio does not (600 KB for a 431 KB file
+    twice), or nothing fits at all. Before: 500 'internal error: OSError' and a traceback in
+    the log. Now: 507 naming the full disk, nothing half-stored, the daemon alive; once space
+    is freed the same upload is stored."""
+    env = {**env, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "0"}
+    with full_disk_daemon(env, tmp_path, "600k") as daemon:
+        if not fits:
+            daemon.fill()
+        data = daemon.disk / "meraudiod"
+        before = _files(data)
+        with httpx.Client(base_url=daemon.url, timeout=60) as client:
+            for path in ("/api/v1/analysis/upload", "/api/v1/vad/upload_recording"):
+                answer = client.post(path, files={"file": ("demo.flac", DEMO.read_bytes())})
+                assert answer.status_code == 507, answer.text
+                error = answer.json()["error"]
+                assert error["code"] == "insufficient_storage"
+                assert error["message"].startswith("disk full: No space left on device"), error
+            assert client.get("/health/ready").status_code == 200
+            assert _files(data) == before  # no part file, no audio, no temp file left
+            assert client.get("/api/v1/recordings").json()["recordings"] == []
+            daemon.grow("8m")  # space freed
+            answer = client.post(
+                "/api/v1/analysis/upload", files={"file": ("demo.flac", DEMO.read_bytes())}
+            )
+            assert answer.status_code == 202, answer.text
+        assert "Traceback" not in daemon.log()
+        assert daemon.stop() == 0, daemon.log()
+
+
+def _recordings(daemon: FullDiskDaemon, count: int) -> list[sqlite3.Row]:
+    """All recordings, oldest first, once there are `count` and all are transcribed."""
+    rows: list[sqlite3.Row] = []
+    sql = "SELECT status, audio_path, text FROM recordings ORDER BY id"  # ULIDs: as saved
+
+    def transcribed() -> bool:
+        nonlocal rows
+        rows = db_rows(daemon.env, sql)
+        return len(rows) == count and all(r["status"] == "done" for r in rows)
+
+    wait_for(transcribed, _READY_S, f"{count} recordings transcribed")
+    return rows
+
+
+@needs_root
+@pytest.mark.parametrize("keep_audio", [True, False], ids=["keep-audio", "no-audio-kept"])
+def test_audio_is_written_again_once_the_full_disk_has_room(
+    env: dict[str, str], tmp_path: Path, keep_audio: bool
+) -> None:
+    """The guard off and tmp_audio_dir's tmpfs full: the demo's five recordings wait in
+    memory and are transcribed; the disk grown, the next five are written to it (and with
+    keep_audio = false deleted once transcribed), the daemon alive throughout."""
+    env = {
+        **env,
+        "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "0",
+        "MERAUDIOD_RETENTION__KEEP_AUDIO": str(keep_audio).lower(),
+    }
+    speech = decode_file(DEMO).astype("<i2").tobytes()
+    with full_disk_daemon(env, tmp_path, "600k", "TMP_AUDIO_DIR") as daemon:
+        daemon.fill()
+        daemon.say(speech)
+        full = _recordings(daemon, 5)
+        assert all(r["audio_path"] is None and r["text"] for r in full)
+        daemon.grow("16m")
+        daemon.say(speech)
+        freed = _recordings(daemon, 10)[5:]
+        audio = sorted((daemon.disk / "meraudiod").rglob("*.flac"))
+        assert all((r["audio_path"] is not None) is keep_audio and r["text"] for r in freed)
+        assert len(audio) == (5 if keep_audio else 0)
+        assert daemon.log().count("disk full writing a recording") == 5, daemon.log()
+        assert daemon.stop() == 0, daemon.log()
+
+
+@needs_root
+def test_a_heartbeat_the_full_disk_refuses_is_said_once(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A quiet room, the data directory's disk full to the last byte: the heartbeat cannot be
+    rewritten. Before, an error line every 5 s for as long as it lasted (into a journal on
+    the same SD card); now one, and one more when it is written again."""
+    with full_disk_daemon(env, tmp_path, "600k") as daemon:
+        heartbeat = daemon.disk / "meraudiod" / "heartbeat.json"
+        daemon.fill()
+        wait_for(lambda: "cannot write the heartbeat" in daemon.log(), 30, "a failed heartbeat")
+        time.sleep(12)  # two more heartbeats, at least
+        assert daemon.log().count("cannot write the heartbeat") == 1, daemon.log()
+        daemon.grow("8m")
+        written = heartbeat.stat().st_mtime
+        wait_for(lambda: heartbeat.stat().st_mtime > written, 30, "the heartbeat written again")
+        wait_for(lambda: "heartbeat written again" in daemon.log(), 30, "it said so")
+        assert daemon.stop() == 0, daemon.log()
