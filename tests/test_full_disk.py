@@ -208,3 +208,26 @@ def test_a_heartbeat_the_full_disk_refuses_is_said_once(
         wait_for(lambda: heartbeat.stat().st_mtime > written, 30, "the heartbeat written again")
         wait_for(lambda: "heartbeat written again" in daemon.log(), 30, "it said so")
         assert daemon.stop() == 0, daemon.log()
+
+
+@needs_root
+def test_an_upload_below_the_free_disk_guard_is_refused(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Below retention.min_free_disk_mb no audio is written (the microphone's waits in
+    memory). Before, an upload was stored all the same, and could fill the disk to its last
+    byte, where the database cannot be written and the daemon stops."""
+    env = {**env, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "100"}
+    with (
+        full_disk_daemon(env, tmp_path, "8m") as daemon,
+        httpx.Client(base_url=daemon.url, timeout=60) as client,
+    ):
+        answer = client.post(
+            "/api/v1/analysis/upload", files={"file": ("demo.flac", DEMO.read_bytes())}
+        )
+        assert answer.status_code == 507, answer.text
+        message = answer.json()["error"]["message"]
+        assert message.startswith("disk almost full: 8 MB free in "), message
+        assert message.endswith("under retention.min_free_disk_mb (100); nothing was stored")
+        assert client.get("/api/v1/recordings").json()["recordings"] == []
+        assert _files(daemon.disk / "meraudiod" / "uploads") == []
