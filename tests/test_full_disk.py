@@ -4,6 +4,7 @@ of the daemon's own (unshare), filled and freed from outside through /proc/<pid>
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 import sqlite3
 import subprocess
@@ -231,3 +232,33 @@ def test_an_upload_below_the_free_disk_guard_is_refused(
         assert message.endswith("under retention.min_free_disk_mb (100); nothing was stored")
         assert client.get("/api/v1/recordings").json()["recordings"] == []
         assert _files(daemon.disk / "meraudiod" / "uploads") == []
+
+
+@needs_root
+@pytest.mark.parametrize("size", ["200k", "300k"])
+def test_analyze_says_when_the_database_fills_while_it_transcribes(
+    env: dict[str, str], tmp_path: Path, size: str
+) -> None:
+    """A disk of a few hundred KB: the recordings are saved (their audio kept in memory),
+    then the database fills as their transcripts are stored. Before, analyze printed the
+    recordings without their text and exited 0 (the worker died: 300 KB), or a traceback
+    (waiting for the jobs: 200 KB)."""
+    point = tmp_path / "disk"
+    point.mkdir()
+    command = shlex.join([sys.executable, "-m", "meraudiod", "analyze", str(DEMO)])
+    mount = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(point))}"
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"{mount} && exec {command}"],
+        env={
+            **env,
+            "MERAUDIOD_STORAGE__DATA_DIR": str(point / "meraudiod"),
+            "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    error = done.stderr.splitlines()[-1]
+    assert re.fullmatch(r"error: .*: OperationalError: database or disk is full", error), error
