@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -251,7 +252,11 @@ def analyze(
         results.append((path, duration_s, listener.recording_ids or [], listener.error))
         if stop.is_set():
             break
-    pipeline.drain()
+    try:
+        pipeline.drain()
+        stopped = pipeline.worker.died if pipeline.worker is not None else None
+    except sqlite3.Error as exc:  # its disk full: the transcripts left are not waited for
+        stopped = f"{type(exc).__name__}: {exc}"
     pipeline.close()
     conn = open_store(settings, create=True)
     failed = False
@@ -268,6 +273,9 @@ def analyze(
         if error:
             failed = True
             click.echo(f"error: {error}", err=True)
+    if stopped:  # the transcripts not stored (a full disk): printed without their text
+        failed = True
+        click.echo(f"error: transcription stopped: {stopped}", err=True)
     if failed:
         sys.exit(1)
 

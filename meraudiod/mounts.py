@@ -74,12 +74,15 @@ def missing_mount(path: Path, fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) 
     one /etc/fstab lists above it (symlinks followed, the listed point's too: the kernel
     mounts on, and mountinfo names, its target), when that is not mounted. Named as listed."""
     real = _real(path)
-    targets = {point: _real(point) for point in listed_mount_points(fstab)}
+    mounted = mounted_points(mountinfo)
+    # A mounted point is as mountinfo names it, symlinks followed already; it is not looked
+    # at (a hung network mount would hang every command).
+    targets = {p: p if p in mounted else _real(p) for p in listed_mount_points(fstab)}
     holders = [point for point, target in targets.items() if real.is_relative_to(target)]
     if not holders:
         return None
     deepest = max(holders, key=lambda point: len(targets[point].parts))
-    return None if targets[deepest] in mounted_points(mountinfo) else deepest
+    return None if targets[deepest] in mounted else deepest
 
 
 def storage_dirs(settings: Settings) -> dict[str, Path]:

@@ -4,6 +4,7 @@ of the daemon's own (unshare), filled and freed from outside through /proc/<pid>
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 import sqlite3
 import subprocess
@@ -208,3 +209,56 @@ def test_a_heartbeat_the_full_disk_refuses_is_said_once(
         wait_for(lambda: heartbeat.stat().st_mtime > written, 30, "the heartbeat written again")
         wait_for(lambda: "heartbeat written again" in daemon.log(), 30, "it said so")
         assert daemon.stop() == 0, daemon.log()
+
+
+@needs_root
+def test_an_upload_below_the_free_disk_guard_is_refused(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Below retention.min_free_disk_mb no audio is written (the microphone's waits in
+    memory). Before, an upload was stored all the same, and could fill the disk to its last
+    byte, where the database cannot be written and the daemon stops."""
+    env = {**env, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "100"}
+    with (
+        full_disk_daemon(env, tmp_path, "8m") as daemon,
+        httpx.Client(base_url=daemon.url, timeout=60) as client,
+    ):
+        answer = client.post(
+            "/api/v1/analysis/upload", files={"file": ("demo.flac", DEMO.read_bytes())}
+        )
+        assert answer.status_code == 507, answer.text
+        message = answer.json()["error"]["message"]
+        assert message.startswith("disk almost full: 8 MB free in "), message
+        assert message.endswith("under retention.min_free_disk_mb (100); nothing was stored")
+        assert client.get("/api/v1/recordings").json()["recordings"] == []
+        assert _files(daemon.disk / "meraudiod" / "uploads") == []
+
+
+@needs_root
+@pytest.mark.parametrize("size", ["200k", "300k"])
+def test_analyze_says_when_the_database_fills_while_it_transcribes(
+    env: dict[str, str], tmp_path: Path, size: str
+) -> None:
+    """A disk of a few hundred KB: the recordings are saved (their audio kept in memory),
+    then the database fills as their transcripts are stored. Before, analyze printed the
+    recordings without their text and exited 0 (the worker died: 300 KB), or a traceback
+    (waiting for the jobs: 200 KB)."""
+    point = tmp_path / "disk"
+    point.mkdir()
+    command = shlex.join([sys.executable, "-m", "meraudiod", "analyze", str(DEMO)])
+    mount = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(point))}"
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"{mount} && exec {command}"],
+        env={
+            **env,
+            "MERAUDIOD_STORAGE__DATA_DIR": str(point / "meraudiod"),
+            "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    error = done.stderr.splitlines()[-1]
+    assert re.fullmatch(r"error: .*: OperationalError: database or disk is full", error), error

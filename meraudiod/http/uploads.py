@@ -19,9 +19,11 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..audio import SAMPLE_RATE_HZ, AudioDecodeError, Int16Array, iter_file_pcm
+from ..config import Settings
 from ..db import now
 from ..recording_views import analysis_record
 from ..recordings import RecordingStore
+from ..retention import disk_free_mb
 from .common import ApiError, HttpContext, check_id, run_command
 from .receive import BINARY, ReceivedFile, openapi_form, received_form
 from .recordings import context
@@ -59,9 +61,25 @@ def upload_blocks(
         ) from exc
 
 
+def refuse_below_the_guard(settings: Settings) -> None:
+    """507 below retention.min_free_disk_mb, where no audio is written: an upload could fill
+    the disk to its last byte, where the database cannot be written either."""
+    least_mb = settings.retention.min_free_disk_mb
+    for path in (settings.storage.data_dir, settings.storage.audio_dir):
+        free_mb = disk_free_mb(path)
+        if free_mb < least_mb:
+            raise ApiError(
+                507,
+                "insufficient_storage",
+                f"disk almost full: {free_mb:.0f} MB free in {path}, under"
+                f" retention.min_free_disk_mb ({least_mb:g}); nothing was stored",
+            )
+
+
 async def store_upload(request: Request, ctx: HttpContext, kind: str) -> str:
     """Receive an uploaded file into the data directory, then store its audio, decoded and
     written a block at a time, as a recording with a transcription job; returns its id."""
+    refuse_below_the_guard(ctx.settings)
     async with received_form(request, ctx.settings.storage.data_dir / "uploads", FIELD) as form:
         return await run_in_threadpool(_store, ctx, form.files[0], kind)
 
