@@ -19,6 +19,7 @@ import pytest
 import soundfile
 
 from meraudiod import models
+from meraudiod.asr import Transcriber
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import Transaction, open_db
@@ -28,6 +29,7 @@ from meraudiod.retention import purge
 from meraudiod.schema import MIGRATIONS
 from meraudiod.sources import FileSource
 from meraudiod.vad import SileroVad
+from meraudiod.worker import Worker
 
 from .conftest import (
     DEMO,
@@ -264,29 +266,47 @@ def test_a_big_purge_beside_a_listener_loses_no_speech(settings: Settings) -> No
     assert purge_s < 3.0  # generous: 0.3 s measured here, 6.3 s without the indexes
 
 
-def test_the_listener_keeps_speech_while_the_database_is_locked(settings: Settings) -> None:
-    """Another process holds the write lock past the 30 s busy timeout: the utterance is
-    kept and saved once the lock is gone, and the listener lives on."""
+def test_the_listener_and_the_worker_outlive_a_database_locked_past_its_busy_timeout(
+    settings: Settings,
+) -> None:
+    """Another process holds the write lock past the 30 s busy timeout (one hold for both
+    stages, the slow part of the test): the utterance is kept and saved once the lock is
+    gone, the listener lives on, and the worker, whose claims failed meanwhile, transcribes
+    it."""
     path = settings.storage.db_path
     open_db(path).close()
+    asr = settings.asr
+    model = models.resolve(asr.model, settings.storage.resolved_models_dir, False)
+    stop = threading.Event()
+    worker = Worker(settings, Transcriber(model, asr, asr.model), stop)
     holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")  # e.g. a long purge by an older version
-    listener = listener_on(settings, SHORT)
-    listener.start()
-    time.sleep(33)  # longer than the listener's 30 s busy timeout: its first save fails
-    holder.execute("ROLLBACK")
-    holder.close()
-    assert listener.finished.wait(60), "the listener never finished the file"
-    assert listener.error is None
-    assert (
-        len(
-            db_rows(
-                {"MERAUDIOD_STORAGE__DATA_DIR": str(settings.storage.data_dir)},
-                "SELECT id FROM recordings",
-            )
-        )
-        == 1
-    )
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # e.g. a long purge by an older version
+        worker.start()
+        listener = listener_on(settings, SHORT)
+        listener.start()
+        time.sleep(33)  # longer than the 30 s busy timeout: the first save and claim fail
+        holder.execute("ROLLBACK")
+        assert listener.finished.wait(60), "the listener never finished the file"
+        assert listener.error is None and worker.is_alive()
+        assert listener.recording_ids is not None and len(listener.recording_ids) == 1
+        worker.wake()
+        conn = open_db(path)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT status FROM recordings WHERE id=?", (listener.recording_ids[0],)
+            ).fetchone()
+            if row["status"] == "done":
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the worker never transcribed the recording")
+        conn.close()
+    finally:
+        holder.close()
+        stop.set()
+        worker.join(30)
 
 
 # --- analyze beside a live daemon -----------------------------------------------------------

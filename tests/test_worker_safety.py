@@ -8,7 +8,6 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,39 +219,6 @@ def test_the_disk_guard_watches_the_disk_the_audio_is_written_to(
     settings.storage.tmp_audio_dir = shm_dir
     settings.retention.min_free_disk_mb = round((audio_free_mb + data_free_mb) / 2)
     assert disk_low(settings) == (audio_free_mb < data_free_mb)
-
-
-def test_the_worker_outlives_a_database_locked_past_its_busy_timeout(settings: Settings) -> None:
-    asr = settings.asr
-    path = models.resolve(asr.model, settings.storage.resolved_models_dir, False)
-    open_db(settings.storage.db_path).close()
-    stop = threading.Event()
-    worker = Worker(settings, Transcriber(path, asr, asr.model), stop)
-    worker.start()
-    holder = sqlite3.connect(settings.storage.db_path, isolation_level=None)
-    try:
-        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-        time.sleep(33)  # past the worker's 30 s busy timeout: its claim fails
-        holder.execute("ROLLBACK")
-        assert worker.is_alive()
-        conn = open_db(settings.storage.db_path)
-        rec = RecordingStore(conn, settings.storage.audio_dir, "flac").save(
-            SPEECH, source="x", start_s=0.0, started_at=1000.0
-        )
-        assert rec is not None
-        worker.wake()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            row = conn.execute("SELECT status FROM recordings WHERE id=?", (rec.id,)).fetchone()
-            if row["status"] == "done":
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the worker never transcribed the recording")
-    finally:
-        holder.close()
-        stop.set()
-        worker.join(30)
 
 
 def test_each_saved_recording_wakes_the_worker_and_none_saved_while_it_is_busy_is_missed(
