@@ -69,20 +69,31 @@ def _real(path: Path) -> Path:
         return path.absolute()
 
 
+class MountTable:
+    """fstab's mount points and what is mounted, read once for the paths looked up."""
+
+    def __init__(self, fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) -> None:
+        self.mounted = mounted_points(mountinfo)
+        # A mounted point is as mountinfo names it, symlinks followed already; it is not
+        # looked at (a hung network mount would hang every command).
+        self.targets = {p: p if p in self.mounted else _real(p) for p in listed_mount_points(fstab)}
+
+    def missing(self, path: Path) -> Path | None:
+        """The mount point that should hold `path` but has nothing mounted on it: the
+        deepest one fstab lists above it (symlinks followed, the listed point's too: the
+        kernel mounts on, and mountinfo names, its target), when that is not mounted. Named
+        as listed."""
+        real = _real(path)
+        holders = [p for p, target in self.targets.items() if real.is_relative_to(target)]
+        if not holders:
+            return None
+        deepest = max(holders, key=lambda p: len(self.targets[p].parts))
+        return None if self.targets[deepest] in self.mounted else deepest
+
+
 def missing_mount(path: Path, fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) -> Path | None:
-    """The mount point that should hold `path` but has nothing mounted on it: the deepest
-    one /etc/fstab lists above it (symlinks followed, the listed point's too: the kernel
-    mounts on, and mountinfo names, its target), when that is not mounted. Named as listed."""
-    real = _real(path)
-    mounted = mounted_points(mountinfo)
-    # A mounted point is as mountinfo names it, symlinks followed already; it is not looked
-    # at (a hung network mount would hang every command).
-    targets = {p: p if p in mounted else _real(p) for p in listed_mount_points(fstab)}
-    holders = [point for point, target in targets.items() if real.is_relative_to(target)]
-    if not holders:
-        return None
-    deepest = max(holders, key=lambda point: len(targets[point].parts))
-    return None if targets[deepest] in mounted else deepest
+    """MountTable(fstab, mountinfo).missing(path): for one path."""
+    return MountTable(fstab, mountinfo).missing(path)
 
 
 def storage_dirs(settings: Settings) -> dict[str, Path]:
@@ -103,8 +114,9 @@ def unmounted(settings: Settings, fstab: Path = FSTAB, mountinfo: Path = MOUNTIN
     problems = []
     said: set[Path] = set()  # the audio directory inside the data directory: said once
     models = {"storage.models_dir": settings.storage.resolved_models_dir}  # read, not written
+    table = MountTable(fstab, mountinfo)  # each file read once for all the directories
     for key, path in (storage_dirs(settings) | models).items():
-        point = missing_mount(path, fstab, mountinfo)
+        point = table.missing(path)
         if point is not None and point not in said:
             said.add(point)
             problems.append(
