@@ -7,6 +7,7 @@ are seconds from the start of the source stream.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sqlite3
@@ -258,3 +259,14 @@ def is_busy(exc: sqlite3.OperationalError) -> bool:
     if name is not None:
         return name in _BUSY_ERRORS
     return "locked" in str(exc) or "busy" in str(exc)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write that failed for want of space: ENOSPC or EDQUOT, or SQLite's SQLITE_FULL.
+    (The error name exists from Python 3.11; before it, the message says so.)"""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    name = getattr(exc, "sqlite_errorname", None)
+    return name == "SQLITE_FULL" if name is not None else "disk is full" in str(exc)

@@ -13,9 +13,9 @@ import numpy as np
 
 from .audio import FRAME_S, SAMPLE_RATE_HZ, Float32Array, Int16Array, rms_dbfs
 from .config import Settings
-from .db import is_busy, open_db
+from .db import disk_full, is_busy, open_db
 from .recordings import MemoryAudio, Recording, RecordingStore
-from .retention import disk_full, disk_low
+from .retention import disk_low
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 from .sources import AudioSource, EndOfStream, SourceError
 from .stage import StageThread

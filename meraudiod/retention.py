@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import shutil
 import sqlite3
@@ -10,7 +9,6 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 from .config import Settings
 from .db import now, open_db
@@ -20,7 +18,6 @@ from .stage import StageThread
 from .wall_clock import follow_step
 
 _LOGGER = logging.getLogger(__name__)
-_SQLITE_FULL: Final = 13  # sqlite3.SQLITE_FULL from Python 3.11
 _DAY_S = 86400.0
 # Not transcribed yet, or queued to be again (reprocess): retention keeps them whatever their
 # time stamp says (a clock that was wrong when they were recorded, a backlog older than the
@@ -135,16 +132,6 @@ def sweep(conn: sqlite3.Connection, settings: Settings) -> PurgeResult:
             total.audio_files_deleted,
         )
     return total
-
-
-def disk_full(exc: BaseException) -> bool:
-    """A write that failed for want of space: ENOSPC or EDQUOT, or SQLite's SQLITE_FULL."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    if not isinstance(exc, sqlite3.Error):
-        return False
-    # The error code exists from Python 3.11; before it, the message says so.
-    return getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "disk is full" in str(exc)
 
 
 def disk_free_mb(path: Path) -> float:

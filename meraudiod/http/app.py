@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ulid import ULID
 
 from .. import __version__
-from ..retention import disk_full
+from ..db import disk_full
 from .common import REQUEST_ID, ApiError, HttpContext, error_body
 
 _LOGGER = logging.getLogger(__name__)
