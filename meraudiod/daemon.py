@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from .checks import check_writable
 from .config import Settings
-from .db import get_kv, open_db, set_kv
+from .db import DiskFullError, get_kv, open_db, set_kv
 from .health import Health
 from .listener import Listener
 from .messages import Event
@@ -42,6 +42,10 @@ _POLL_S: Final = 0.2
 _HEARTBEAT_EVERY_S: Final = 5.0
 _STATE_EVERY_S: Final = 30.0
 _LISTENING_KEY: Final = "listening"
+# A database whose disk is full at start is waited for this long (within the unit's
+# TimeoutStartSec=180), tried again this often.
+_ROOM_WAIT_S: Final = 120.0
+_ROOM_POLL_S: Final = 2.0
 
 
 class Daemon:
@@ -91,8 +95,11 @@ class Daemon:
             return False
         check_writable(self.settings)  # one line naming the directory, not a traceback
         heartbeat_path(self.settings).parent.mkdir(parents=True, exist_ok=True)
+        conn = self._open_store()
+        if conn is None:
+            return False
+        self.conn = conn
         self.pipeline.open()
-        self.conn = open_db(self.settings.storage.db_path)
         self.health.note_store()
         # A muted microphone stays muted across restarts; a file or stdin always plays.
         self.listening = self.finite or get_kv(self.conn, _LISTENING_KEY, "ON") == "ON"
@@ -109,6 +116,28 @@ class Daemon:
         self.notifier.ready(self.health.status_line())
         _LOGGER.info("ready: %s", self.health.status_line())
         return True
+
+    def _open_store(self) -> sqlite3.Connection | None:
+        """The database. On a disk full to the last byte SQLite cannot even open it: room is
+        waited for, up to _ROOM_WAIT_S and said once, rather than a restart every 5 s (then
+        DiskFullError: exit 1, restarted). None when stopped while waiting."""
+        deadline = time.monotonic() + _ROOM_WAIT_S
+        waited = False
+        while True:
+            try:
+                conn = open_db(self.settings.storage.db_path)
+            except DiskFullError as exc:
+                if time.monotonic() >= deadline:
+                    raise DiskFullError(f"{exc}; waited {_ROOM_WAIT_S:.0f} s") from exc
+                if not waited:
+                    self._waiting(f"waiting up to {_ROOM_WAIT_S:.0f} s for room: {exc}")
+                    waited = True
+                if self.stop_event.wait(_ROOM_POLL_S):
+                    return None
+                continue
+            if waited:
+                _LOGGER.info("the database's disk has room again")
+            return conn
 
     def _waiting(self, what: str) -> None:
         """Said before READY: in the log and in `systemctl status`."""

@@ -36,6 +36,10 @@ class DatabaseError(Exception):
     """The database cannot be used as it is; the message names the file and what to do."""
 
 
+class DiskFullError(DatabaseError):
+    """The database cannot be opened: its disk is full to the last byte."""
+
+
 def check_sqlite_version(version: str = sqlite3.sqlite_version) -> None:
     """DatabaseError when the SQLite library is older than the features used need."""
     found = tuple(int(part) for part in version.split(".")[:3])
@@ -95,7 +99,9 @@ def open_db(path: Path) -> sqlite3.Connection:
         migrate(conn)
     except sqlite3.Error as exc:
         conn.close()
-        raise DatabaseError(f"cannot open database {path}: {exc}{_full_disk(path)}") from exc
+        full = _full_disk(path)
+        error = DiskFullError if full else DatabaseError
+        raise error(f"cannot open database {path}: {exc}{full}") from exc
     except DatabaseError:
         conn.close()
         raise

@@ -128,6 +128,17 @@ def fail(
     return final
 
 
+def release(conn: sqlite3.Connection, job_id: int) -> None:
+    """Give a claimed job back as it was, no attempt counted (its transcript found no room
+    in the database: not the recording's fault)."""
+    with Transaction(conn, durable=False):
+        conn.execute(
+            "UPDATE jobs SET state='pending', lease_until=NULL, owner=NULL, updated_at=?"
+            " WHERE id=? AND state='running'",
+            (now(), job_id),
+        )
+
+
 def fail_for_good(conn: sqlite3.Connection, job_id: int, error: str) -> None:
     """No retry can help (the audio is gone): failed at once (inside the caller's transaction)."""
     conn.execute(

@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -27,6 +28,20 @@ _READ_TIMEOUT_S = 0.5
 _SAVE_RETRY_S: Final = 1.0  # first wait before saving again into a busy database; doubles
 _SAVE_RETRY_MAX_S: Final = 30.0
 _SAVE_TRIES_WHEN_STOPPING: Final = 3  # on the way out, a locked database is not waited for long
+# While the database's disk is full, utterances wait in memory (at most this many, as many as
+# the memory keeps for a full audio disk) and are saved again every so often.
+_MAX_WAITING: Final = 32
+_FULL_RETRY_S: Final = 5.0
+
+
+@dataclass(frozen=True)
+class _Heard:
+    """An utterance not yet saved: the database's disk was full."""
+
+    samples: Int16Array
+    start_s: float
+    started_at: float
+    probs: Float32Array  # the VAD's, for the Wyoming client
 
 
 class FrameBuffer:
@@ -103,6 +118,8 @@ class Listener(StageThread):
         self.vad_traces: VadTraces | None = None  # for the Wyoming client (asr_wyoming.py)
         self._last_frame: Int16Array | None = None  # for the level, measured when asked
         self._segmenter: Segmenter | None = None
+        self._waiting: list[_Heard] = []  # oldest first, while the database's disk is full
+        self._retry_at_s = 0.0  # time.monotonic() of the next try to save them
 
     @property
     def level_dbfs(self) -> float | None:
@@ -144,6 +161,8 @@ class Listener(StageThread):
                     _LOGGER.error("%s", exc)
                     break  # what was heard up to here is still saved
                 follow_step(conn)  # NTP setting the clock moves the stamps too
+                if self._waiting and time.monotonic() >= self._retry_at_s:
+                    self._save_waiting(store, clock)
                 if frame is None:
                     continue
                 self.frames_read += 1
@@ -161,6 +180,13 @@ class Listener(StageThread):
             # End of stream, an error or stop: what was being said is still saved whole.
             for event in segmenter.flush():
                 self._handle(event, buffer, store, clock)
+            if self._waiting:
+                self._save_waiting(store, clock)
+            for heard in self._waiting:  # the disk is still full: nowhere to keep them
+                _LOGGER.error(
+                    "database disk full: recording of %.1f s lost on stopping",
+                    heard.samples.size / SAMPLE_RATE_HZ,
+                )
         except SourceError as exc:
             self.error = str(exc)
             _LOGGER.error("%s", exc)
@@ -232,15 +258,50 @@ class Listener(StageThread):
         samples = buffer.slice(event.start_frame, event.end_frame)
         # A file read faster than real time is ahead of the clock: never a time to come.
         started_at = min(clock.at(start_s), time.time() - samples.size / SAMPLE_RATE_HZ)
-        recording = self._save(store, samples, start_s, started_at)
-        if recording is None:
-            return  # the disk and the memory for it are full: reported by the daemon
+        probs = buffer.probs(event.start_frame, event.end_frame)
+        if len(self._waiting) >= _MAX_WAITING:
+            _LOGGER.error(
+                "database disk full and %d recordings waiting: recording of %.1f s dropped",
+                len(self._waiting),
+                samples.size / SAMPLE_RATE_HZ,
+            )
+            return
+        self._waiting.append(_Heard(samples, start_s, started_at, probs))
+        self._save_waiting(store, clock)
+
+    def _save_waiting(self, store: RecordingStore, clock: StreamClock) -> None:
+        """Save what waits, oldest first; while the database's disk is full it waits on in
+        memory (said once), and is tried again every _FULL_RETRY_S."""
+        while self._waiting:
+            heard = self._waiting[0]
+            try:
+                recording = self._save(store, heard.samples, heard.start_s, heard.started_at)
+            except sqlite3.OperationalError as exc:
+                if not disk_full(exc) or self.job_origin is not None:
+                    raise  # a one-off process (analyze) stops: nobody frees room meanwhile
+                if self._retry_at_s == 0.0:
+                    _LOGGER.error(
+                        "database disk full (%s): recordings wait in memory (at most %d) until"
+                        " there is room",
+                        exc,
+                        _MAX_WAITING,
+                    )
+                self._retry_at_s = time.monotonic() + _FULL_RETRY_S
+                return
+            del self._waiting[0]
+            if self._retry_at_s != 0.0 and not self._waiting:
+                _LOGGER.info("database written again: the recordings that waited are saved")
+                self._retry_at_s = 0.0
+            if recording is not None:  # None: the disk and the memory for its audio are full
+                self._saved(recording, heard.probs, clock)
+
+    def _saved(self, recording: Recording, probs: Float32Array, clock: StreamClock) -> None:
         clock.stamped(recording.id)
         self.recordings_saved += 1
         if self.on_speech_end is not None:
             self.on_speech_end(recording)
         if self.vad_traces is not None:
-            self.vad_traces.put(recording.id, buffer.probs(event.start_frame, event.end_frame))
+            self.vad_traces.put(recording.id, probs)
         if self.recording_ids is not None:
             self.recording_ids.append(recording.id)
         if self.on_recording is not None:

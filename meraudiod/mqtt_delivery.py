@@ -15,7 +15,7 @@ from typing import Final
 
 import paho.mqtt.client as paho
 
-from .db import Transaction, now
+from .db import Transaction, disk_full, now
 from .messages import LIVE_ONLY_TOPICS, note_dropped, unpack_payload
 from .mqtt_client import Waker
 
@@ -122,6 +122,19 @@ class OutboxDelivery:
         due = self._undeleted >= _DELETE_BATCH
         if not (force or due or time.monotonic() - self._undeleted_since >= _DELETE_AFTER_S):
             return
-        with Transaction(conn, durable=False):
-            conn.execute("DELETE FROM outbox WHERE id <= ?", (self._delivered_up_to,))
+        try:
+            with Transaction(conn, durable=False):
+                conn.execute("DELETE FROM outbox WHERE id <= ?", (self._delivered_up_to,))
+        except sqlite3.OperationalError as exc:
+            if not disk_full(exc):
+                raise
+            # Even a delete needs room in the log. Deleted with a later batch; on the way
+            # out, left to be sent again at the next start (as after a power cut).
+            if force:
+                _LOGGER.warning(
+                    "%d delivered events stay in the outbox (database disk full): sent again"
+                    " at the next start",
+                    self._undeleted,
+                )
+            return
         self._undeleted = 0

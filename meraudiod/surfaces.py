@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import events
 from .checks import mqtt_file_problems
-from .db import Transaction
+from .db import Transaction, disk_full
 from .messages import Event, Outgoing, Response, SpeechEvent, enqueue
 from .recordings import Recording
 from .status import retained_state
@@ -184,12 +184,20 @@ class Surfaces:
             self.publish_listening()
 
     def publish_event(self, event: Event) -> None:
-        """An event of the main thread's own (not part of a recording's transaction)."""
+        """An event of the main thread's own (not part of a recording's transaction). One the
+        full disk of the database leaves no room for in the outbox is sent as it is (lost if
+        the broker is away)."""
         conn = self.daemon.conn
         if self.mqtt is None or conn is None:
             return
-        with Transaction(conn):
-            enqueue(conn, event, max_rows=self.settings.mqtt.outbox_max_rows)
+        try:
+            with Transaction(conn):
+                enqueue(conn, event, max_rows=self.settings.mqtt.outbox_max_rows)
+        except sqlite3.OperationalError as exc:
+            if not disk_full(exc):
+                raise
+            self.mqtt.send(Outgoing(event.topic, json.dumps(event.to_payload()), qos=event.qos))
+            return
         self.mqtt.wake()
 
     def state_changed(self) -> bool:

@@ -19,7 +19,7 @@ from . import jobs
 from .asr import SpeechToText, Transcript
 from .audio import to_float32
 from .config import Settings
-from .db import Transaction, is_busy, now, open_db, sync_log
+from .db import Transaction, disk_full, is_busy, now, open_db, sync_log
 from .deletion import forget_deleted_text, forget_recording, forget_with_audio
 from .recordings import MemoryAudio, audio_file
 from .retention import drop_audio
@@ -92,6 +92,8 @@ class Worker(StageThread):
         self._wake = threading.Event()
         self.busy = False
         self.last_error: str | None = None
+        self._no_room = False  # the database's disk was full at the last try
+        self._given_back: int | None = None  # a claimed job the full disk kept from storing
 
     def wake(self) -> None:
         """A new job is waiting: look now rather than at the next poll."""
@@ -108,11 +110,27 @@ class Worker(StageThread):
                     jobs.requeue_stale(conn, self.settings.asr.max_attempts, expired_leases=False)
                     next_adopt = time.monotonic() + _ADOPT_EVERY_S
                 try:
+                    if self._given_back is not None:
+                        jobs.release(conn, self._given_back)
+                        self._given_back = None
                     found = self.process_next(conn)
+                    if found and self._no_room:
+                        _LOGGER.info("database written again: transcription goes on")
+                        self._no_room = False
                 except sqlite3.OperationalError as exc:
-                    if not is_busy(exc):
+                    if is_busy(exc):
+                        _LOGGER.warning("database busy (%s): the worker tries again", exc)
+                    elif disk_full(exc) and self.job_origin is None:
+                        # The daemon waits for room; a one-off process (analyze) stops:
+                        # nobody frees it while it waits.
+                        if not self._no_room:
+                            _LOGGER.error(
+                                "database disk full (%s): transcription waits until there is room",
+                                exc,
+                            )
+                        self._no_room = True
+                    else:
                         raise
-                    _LOGGER.warning("database busy (%s): the worker tries again", exc)
                     found = False
                 if not found:
                     self._wake.wait(_IDLE_WAIT_S)
@@ -140,6 +158,9 @@ class Worker(StageThread):
             self._forget_held(job.recording_id)
             return True
         except Exception as exc:
+            if disk_full(exc):  # no room for its transcript: given back, no attempt counted
+                self._given_back = job.id
+                raise
             self.last_error = f"{type(exc).__name__}: {exc}"
             _LOGGER.error(
                 "job %d (recording %s) failed: %s\n%s",

@@ -4,9 +4,9 @@ of the daemon's own (unshare), filled and freed from outside through /proc/<pid>
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shlex
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,19 +18,25 @@ import httpx
 import pytest
 
 from meraudiod.audio import decode_file
-from tests.broker import free_port
-from tests.conftest import DEMO, SilenceFeeder, db_rows, needs_root, wait_for
+from tests.broker import Broker, Subscriber, free_port
+from tests.conftest import DEMO, SilenceFeeder, needs_root, wait_for
+from tests.mqtt_daemon import BASE, mqtt_env
 
 _READY_S = 180.0
 
 
 class FullDiskDaemon:
     """`meraudiod run --source stdin` with HTTP on, its data directory on a tmpfs of `size`
-    that only it sees (the directory `key` of [storage] names); `disk` is that tmpfs as seen
-    from here."""
+    that only it sees (the directory `key` of [storage] names), after the shell commands
+    `before` (ending in `;`); `disk` is that tmpfs as seen from here."""
 
     def __init__(
-        self, env: dict[str, str], tmp_path: Path, size: str, key: str = "DATA_DIR"
+        self,
+        env: dict[str, str],
+        tmp_path: Path,
+        size: str,
+        key: str = "DATA_DIR",
+        before: str = "",
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -47,7 +53,7 @@ class FullDiskDaemon:
         }
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                ["unshare", "--mount", "sh", "-c", f"{mount} && exec {command}"],
+                ["unshare", "--mount", "sh", "-c", f"{mount} && {before} exec {command}"],
                 env=self.env,
                 stdin=subprocess.PIPE,
                 stdout=log,
@@ -55,6 +61,11 @@ class FullDiskDaemon:
             )
         self.feeder = SilenceFeeder(self.proc, block_s=0.1).start()
         self.disk = Path(f"/proc/{self.proc.pid}/root") / str(self.point).lstrip("/")
+        # The daemon's database as seen from here.
+        data_dir = (
+            self.disk / "meraudiod" if key == "DATA_DIR" else env["MERAUDIOD_STORAGE__DATA_DIR"]
+        )
+        self.env_here = {**self.env, "MERAUDIOD_STORAGE__DATA_DIR": str(data_dir)}
 
     def wait_ready(self) -> None:
         def ready() -> bool:
@@ -89,6 +100,20 @@ class FullDiskDaemon:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def rows(self, sql: str) -> list[dict[str, object]]:
+        """Rows of the daemon's database, read inside its mount namespace (SQLite resolves
+        the /proc/<pid>/root link, which would take it out of the namespace)."""
+        script = (
+            "import json, sqlite3, sys; c = sqlite3.connect(sys.argv[1]);"
+            " c.row_factory = sqlite3.Row;"
+            " print(json.dumps([dict(r) for r in c.execute(sys.argv[2])]))"
+        )
+        database = Path(self.env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+        nsenter = ["nsenter", "-t", str(self.proc.pid), "-m", sys.executable, "-c", script]
+        out = subprocess.run([*nsenter, str(database), sql], capture_output=True, check=True)
+        rows: list[dict[str, object]] = json.loads(out.stdout)
+        return rows
 
     def stop(self) -> int:
         self.feeder.stop()
@@ -148,14 +173,14 @@ def test_an_upload_onto_a_full_disk_is_a_clear_error_and_stores_nothing(
         assert daemon.stop() == 0, daemon.log()
 
 
-def _recordings(daemon: FullDiskDaemon, count: int) -> list[sqlite3.Row]:
+def _recordings(daemon: FullDiskDaemon, count: int) -> list[dict[str, object]]:
     """All recordings, oldest first, once there are `count` and all are transcribed."""
-    rows: list[sqlite3.Row] = []
+    rows: list[dict[str, object]] = []
     sql = "SELECT status, audio_path, text FROM recordings ORDER BY id"  # ULIDs: as saved
 
     def transcribed() -> bool:
         nonlocal rows
-        rows = db_rows(daemon.env, sql)
+        rows = daemon.rows(sql)
         return len(rows) == count and all(r["status"] == "done" for r in rows)
 
     wait_for(transcribed, _READY_S, f"{count} recordings transcribed")
@@ -262,3 +287,125 @@ def test_analyze_says_when_the_database_fills_while_it_transcribes(
     assert done.returncode == 1, done.stdout + done.stderr
     error = done.stderr.splitlines()[-1]
     assert re.fullmatch(r"error: .*: OperationalError: database or disk is full", error), error
+
+
+@needs_root
+def test_a_database_whose_disk_is_full_loses_no_recording(
+    env: dict[str, str], tmp_path: Path, broker: Broker
+) -> None:
+    """The data directory's disk full to the last byte (another program filled it).
+
+    The demo's five utterances spoken: the database cannot take their rows, nor the outbox
+    the disk's error event. Before, the listener stage died on the first one (SQLITE_FULL),
+    the daemon exited 1, and every start after it failed until space was freed, losing what
+    was said. Now they wait in memory, the daemon stays up and says so once; with room again
+    all five are stored, transcribed and published.
+
+    Then the disk fills while the worker transcribes five more: before, the worker stage
+    died (the daemon exited 1); now their jobs wait, untried (no attempt counted, which
+    would fail a recording for good after three), and are done once there is room."""
+    speech = decode_file(DEMO).astype("<i2").tobytes()
+    sub = Subscriber(broker.port, [f"{BASE}/event/#"])
+    with full_disk_daemon(mqtt_env(env, broker), tmp_path, "600k") as daemon:
+        daemon.fill()
+        daemon.say(speech)
+        wait_for(lambda: "recordings wait in memory" in daemon.log(), 120, "the full database")
+        sub.wait_for(lambda: sub.on("/event/error"), 30)  # sent as it is, not from the outbox
+        time.sleep(6)  # one more try to save them, at least
+        assert daemon.proc.poll() is None, daemon.log()
+        daemon.grow("16m")
+        assert all(r["text"] for r in _recordings(daemon, 5))
+        sub.wait_for(lambda: len(sub.on("/event/transcript")) == 5, 60)
+
+        daemon.say(speech)
+        transcripts = "meraudiod.worker: transcript"
+        wait_for(lambda: daemon.log().count(transcripts) == 6, 120, "a transcript", poll_s=0.01)
+        filler = daemon.fill()
+        wait_for(lambda: "transcription waits" in daemon.log(), 60, "the worker waiting")
+        time.sleep(5)  # more tries
+        assert daemon.proc.poll() is None, daemon.log()
+        filler.unlink()
+        assert all(r["text"] for r in _recordings(daemon, 10))
+        assert daemon.rows("SELECT attempts FROM jobs") == [{"attempts": 0}] * 10
+        sub.wait_for(lambda: len(sub.on("/event/transcript")) == 10, 60)
+        log = daemon.log()
+        assert log.count("recordings wait in memory") == 1, log
+        assert log.count("transcription waits") == 1, log
+        assert "Traceback" not in log
+        assert daemon.stop() == 0, log
+
+
+@needs_root
+def test_the_daemon_waits_for_room_when_its_database_disk_is_full_at_start(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Started on a disk full to the last byte (say, a reboot while it was full), SQLite
+    cannot even open the database. Before, the daemon exited 1 at once, and systemd started
+    it again every 5 s, a line each time. Now it waits (up to 120 s, said once); given room,
+    it goes on and records."""
+    speech = decode_file(DEMO).astype("<i2").tobytes()
+    first = shlex.join([sys.executable, "-m", "meraudiod", "run", "--source", "stdin"])
+    filler = shlex.quote(str(tmp_path / "disk" / "filler"))
+    before = f"{first} < /dev/null && (dd if=/dev/zero of={filler} bs=4k 2>/dev/null;"
+    daemon = FullDiskDaemon(env, tmp_path, "600k", before=before + " true) &&")
+    try:
+        waiting = "waiting up to 120 s for room: cannot open database"
+        wait_for(lambda: waiting in daemon.log(), _READY_S, "the daemon waiting for room")
+        time.sleep(5)  # two more tries, at least
+        assert daemon.proc.poll() is None, daemon.log()
+        assert daemon.log().count("waiting up to") == 1, daemon.log()
+        (daemon.disk / "filler").unlink()
+        daemon.wait_ready()
+        daemon.say(speech)
+        assert all(r["text"] for r in _recordings(daemon, 5))
+        assert "Traceback" not in daemon.log()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+_DELETE_DELIVERED = """
+import contextlib, os, sys
+from pathlib import Path
+from meraudiod.db import open_db
+from meraudiod.messages import ErrorEvent, enqueue
+from meraudiod.mqtt_client import Waker
+from meraudiod.mqtt_delivery import OutboxDelivery
+
+disk = Path(sys.argv[1])
+conn = open_db(disk / "meraudiod.db")
+delivery = OutboxDelivery("meraudiod/n", Waker())
+with conn:  # a delete of many pages: more than the log's last page has room for
+    for _ in range(200):
+        event = ErrorEvent(node_id="n", area="a", error=os.urandom(500).hex())
+        delivery._delivered(enqueue(conn, event))
+with (disk / "filler").open("wb", buffering=0) as out, contextlib.suppress(OSError):
+    while out.write(bytes(4096)):
+        pass
+delivery.delete_delivered(conn, force=True)  # on the way out, the disk full
+print(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+(disk / "filler").unlink()
+delivery.delete_delivered(conn, force=True)
+print(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+"""
+
+
+@needs_root
+def test_delivered_events_a_full_database_cannot_delete_are_sent_again(tmp_path: Path) -> None:
+    """Delivered events are deleted from the outbox in batches; even a delete needs room in
+    the database's log. Before, on a disk full to the last byte, that was an exception: every
+    loop of the MQTT link logged a traceback, and the daemon's stop failed (the MQTT stage
+    died on its way out, exit 1). Now the rows wait for a later batch (on the way out, for
+    the next start, which sends them again as after a power cut)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = f"mount -t tmpfs -o size=2m tmpfs {shlex.quote(str(disk))}"
+    script = shlex.join([sys.executable, "-c", _DELETE_DELIVERED, str(disk)])
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"{mount} && exec {script}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["200", "0"], done.stdout
+    assert "sent again at the next start" in done.stderr, done.stderr
