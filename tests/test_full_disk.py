@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -57,14 +58,19 @@ class FullDiskDaemon:
         self.disk = Path(f"/proc/{self.proc.pid}/root") / str(self.point).lstrip("/")
 
     def wait_ready(self) -> None:
-        def ready() -> bool:
+        def ready() -> bool:  # models loaded (a full disk is not ready, but is started)
             assert self.proc.poll() is None, self.log()
             try:
-                return httpx.get(f"{self.url}/health/ready").status_code == 200
+                return bool(self.readiness()["models"]["ok"])
             except httpx.TransportError:
                 return False
 
         wait_for(ready, _READY_S, "the daemon ready")
+
+    def readiness(self) -> dict[str, dict[str, Any]]:
+        """/health/ready's checks."""
+        checks: dict[str, dict[str, Any]] = httpx.get(f"{self.url}/health/ready").json()["checks"]
+        return checks
 
     def fill(self) -> Path:
         """Fill the tmpfs to its last byte; the filler file, to remove to free it."""
@@ -136,7 +142,8 @@ def test_an_upload_onto_a_full_disk_is_a_clear_error_and_stores_nothing(
                 error = answer.json()["error"]
                 assert error["code"] == "insufficient_storage"
                 assert error["message"].startswith("disk full: No space left on device"), error
-            assert client.get("/health/ready").status_code == 200
+            checks = daemon.readiness()  # alive and well but for the disk
+            assert all(c["ok"] for name, c in checks.items() if name != "disk"), checks
             assert _files(data) == before  # no part file, no audio, no temp file left
             assert client.get("/api/v1/recordings").json()["recordings"] == []
             daemon.grow("8m")  # space freed
@@ -262,3 +269,37 @@ def test_analyze_says_when_the_database_fills_while_it_transcribes(
     assert done.returncode == 1, done.stdout + done.stderr
     error = done.stderr.splitlines()[-1]
     assert re.fullmatch(r"error: .*: OperationalError: database or disk is full", error), error
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("key", "least_mb"), [("TMP_AUDIO_DIR", 0), ("DATA_DIR", 100)], ids=["full", "under-guard"]
+)
+def test_readiness_says_which_disk_is_full(
+    env: dict[str, str], tmp_path: Path, key: str, least_mb: int
+) -> None:
+    """The audio directory's disk full to the last byte (the guard off), or the data
+    directory's under retention.min_free_disk_mb: not ready, naming the directory and its
+    free MB; ready again once there is room. Before, 200 "database writable" throughout (the
+    write lock is taken on a full disk as well)."""
+    env = {**env, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": str(least_mb)}
+    with full_disk_daemon(env, tmp_path, "8m", key) as daemon:
+        where = daemon.point / "meraudiod"
+        if least_mb == 0:
+            answer = httpx.get(f"{daemon.url}/health/ready")
+            assert answer.status_code == 200, answer.text
+            assert f"MB free in {where}" in answer.json()["checks"]["disk"]["detail"]
+            daemon.fill()
+        answer = httpx.get(f"{daemon.url}/health/ready")
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["status"] == "not_ready"
+        assert answer.json()["checks"]["disk"] == {
+            "ok": False,
+            "detail": f"disk full: 0 MB free in {where}"
+            if least_mb == 0
+            else f"disk almost full: 8 MB free in {where}, under retention.min_free_disk_mb (100)",
+        }
+        daemon.grow("256m")
+        answer = httpx.get(f"{daemon.url}/health/ready")
+        assert answer.status_code == 200, answer.text
+        assert daemon.stop() == 0, daemon.log()
