@@ -8,7 +8,7 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +18,7 @@ import click
 from .commands import CommandContext, CommandError, execute
 from .config import ConfigError, Settings, load_settings
 from .db import DatabaseError, database_file, open_db
-from .mounts import unmounted
+from .mounts import store_dirs, unmounted_paths
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,10 +105,10 @@ def setup_logging(level: str, style: str = "text") -> None:
     logging.getLogger("faster_whisper").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-def refuse_unmounted(settings: Settings) -> None:
-    """One line, exit 1, when a storage directory's disk is not mounted: nothing is ever
-    written beneath a mount point."""
-    problem = unmounted(settings)
+def refuse_unmounted(paths: Mapping[str, Path]) -> None:
+    """One line, exit 1, when the disk of one of `paths` (what the command reads or writes,
+    by key) is not mounted: nothing is ever written beneath a mount point, nor read from it."""
+    problem = unmounted_paths(paths)
     if problem:
         raise click.ClickException(problem)
 
@@ -117,7 +117,7 @@ def open_store(settings: Settings, create: bool = False) -> sqlite3.Connection:
     """The database, migrated. Only commands that record (`analyze`, `speakers enroll`) create
     it: for the others a missing database is a mistyped data directory, not an empty one."""
     path = settings.storage.db_path
-    refuse_unmounted(settings)
+    refuse_unmounted(store_dirs(settings))  # not the models' or the heartbeat's disk
     try:
         missing = not create and not path.is_file()
     except OSError as exc:  # e.g. a data directory this user may not enter: one line

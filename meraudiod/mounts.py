@@ -99,15 +99,22 @@ def missing_mount(path: Path, fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) 
     return MountTable(fstab, mountinfo).missing(path)
 
 
-def storage_dirs(settings: Settings) -> dict[str, Path]:
-    """The directories the daemon writes, by the key that sets them."""
+def store_dirs(settings: Settings) -> dict[str, Path]:
+    """The database's and the audio's directories, by the key that sets them: what a
+    command on the stored recordings reads and writes (a delete removes audio files)."""
     storage = settings.storage
-    dirs = {
+    return {
         "storage.data_dir": storage.data_dir,
         "storage.tmp_audio_dir" if storage.tmp_audio_dir else "audio directory": storage.audio_dir,
     }
-    if storage.run_dir is not None:
-        dirs["storage.run_dir"] = storage.run_dir
+
+
+def storage_dirs(settings: Settings) -> dict[str, Path]:
+    """The directories the daemon writes, by the key that sets them: the store's and the
+    heartbeat's."""
+    dirs = store_dirs(settings)
+    if settings.storage.run_dir is not None:
+        dirs["storage.run_dir"] = settings.storage.run_dir
     return dirs
 
 
@@ -132,11 +139,6 @@ def unmounted_paths(
                 f"{key}: {path} is on {point}, which {fstab} lists but nothing is mounted on"
             )
     return "; ".join(problems) or None
-
-
-def unmounted(settings: Settings, fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) -> str | None:
-    """unmounted_paths for every storage directory, the models' too."""
-    return unmounted_paths(storage_dirs(settings) | models_dir(settings), fstab, mountinfo)
 
 
 def wait_for_mounts(

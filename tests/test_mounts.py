@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from meraudiod.config import Settings
+from meraudiod.db import open_db
 from meraudiod.mounts import (
     NotMounted,
     listed_mount_points,
     missing_mount,
     mounted_points,
     storage_dirs,
-    unmounted,
+    unmounted_paths,
     wait_for_mounts,
 )
 
@@ -77,9 +78,9 @@ def test_each_storage_directory_is_named_by_its_key(tmp_path: Path, settings: Se
     point = tmp_path / "disk"
     fstab = write(tmp_path / "fstab", f"LABEL=x {point} ext4 defaults 0 2\n")
     mountinfo = write(tmp_path / "mountinfo", "22 1 8:2 / / rw - ext4 /dev/sda2 rw\n")
-    assert unmounted(settings, fstab, mountinfo) is None  # data_dir is elsewhere
+    assert unmounted_paths(storage_dirs(settings), fstab, mountinfo) is None  # elsewhere
     settings.storage.tmp_audio_dir = point / "audio"
-    assert unmounted(settings, fstab, mountinfo) == (
+    assert unmounted_paths(storage_dirs(settings), fstab, mountinfo) == (
         f"storage.tmp_audio_dir: {point / 'audio'} is on {point}, which {fstab} lists but"
         " nothing is mounted on"
     )
@@ -99,7 +100,7 @@ def test_the_wait_ends_when_mounted_when_stopped_or_after_its_time(
     with pytest.raises(NotMounted, match=r"storage.data_dir: .* \(waited 1 s; mount it"):
         wait_for_mounts(dirs, stop, said.append, 1.0, fstab, mountinfo)
     assert time.monotonic() - t0 >= 1.0
-    assert said == [f"waiting up to 1 s for the mount: {unmounted(settings, fstab, mountinfo)}"]
+    assert said == [f"waiting up to 1 s for the mount: {unmounted_paths(dirs, fstab, mountinfo)}"]
 
     threading.Timer(0.3, stop.set).start()
     assert wait_for_mounts(dirs, stop, said.append, 30.0, fstab, mountinfo) is False
@@ -368,3 +369,40 @@ def test_a_token_file_on_a_disk_not_mounted_yet_is_waited_for(
     assert f"waiting up to 60 s for the mount: {token}\n" in run, run
     assert "http: serving on" in run, run
     assert not any(point.iterdir())  # nothing was written beneath
+
+
+@needs_root
+def test_a_command_checks_the_disks_it_uses_only(tmp_path: Path, env: dict[str, str]) -> None:
+    """`models install` writes only the models directory, `recordings list` reads only the
+    database. Before, each refused while any storage directory's disk was not mounted:
+    models install while only the data directory's was, recordings list while only the
+    models'. A command still refuses for a disk it writes (recordings delete, the audio's)."""
+    point = tmp_path / "usb"
+    point.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    fstab = write(tmp_path / "fstab", f"LABEL=usb {point} ext4 defaults,nofail 0 2\n")
+    open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db").close()
+    rec_id = "01M8MR3XAKN63F9GEACZWP64Z0"
+    script = (
+        'MERAUDIOD_STORAGE__DATA_DIR="$POINT/m" "$PY" -m meraudiod models install'
+        ' silero-vad-v6 > "$OUT/install.out" 2>&1; echo "install rc=$?"\n'
+        'MERAUDIOD_STORAGE__MODELS_DIR="$POINT/models" "$PY" -m meraudiod recordings list'
+        ' > "$OUT/list.out" 2>&1; echo "list rc=$?"\n'
+        'MERAUDIOD_STORAGE__MODELS_DIR="$POINT/models" "$PY" -m meraudiod models install'
+        ' silero-vad-v6 2> "$OUT/models.err"; echo "models rc=$?"\n'
+        'MERAUDIOD_STORAGE__TMP_AUDIO_DIR="$POINT/audio" "$PY" -m meraudiod recordings delete'
+        f' {rec_id} 2> "$OUT/delete.err"; echo "delete rc=$?"\n'
+    )
+    lines = in_a_mount_namespace(script, env, fstab, POINT=point, OUT=out)
+    assert "install rc=0" in lines, (out / "install.out").read_text()
+    assert (out / "install.out").read_text().startswith("silero-vad-v6: ")
+    assert "list rc=0" in lines, (out / "list.out").read_text()
+    not_mounted = f"is on {point}, which /etc/fstab lists but nothing is mounted on"
+    assert "models rc=1" in lines
+    models = f"storage.models_dir: {point / 'models'} {not_mounted}"
+    assert (out / "models.err").read_text() == f"Error: {models}\n"
+    assert "delete rc=1" in lines
+    audio = f"storage.tmp_audio_dir: {point / 'audio'} {not_mounted}"
+    assert (out / "delete.err").read_text() == f"Error: {audio}\n"
+    assert not any(point.iterdir())
