@@ -4,6 +4,7 @@ of the daemon's own (unshare), filled and freed from outside through /proc/<pid>
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shlex
 import sqlite3
@@ -303,3 +304,84 @@ def test_readiness_says_which_disk_is_full(
         answer = httpx.get(f"{daemon.url}/health/ready")
         assert answer.status_code == 200, answer.text
         assert daemon.stop() == 0, daemon.log()
+
+
+FREE = r"""
+set -u
+mount --make-rprivate /
+mount -t tmpfs -o size=8m tmpfs "$POINT"
+MERAUDIOD_RETENTION__KEEP_AUDIO=$KEEP "$PY" -m meraudiod analyze "$DEMO" > /dev/null 2>&1
+echo "analyze rc=$?"
+ids=$("$PY" -m meraudiod recordings list --json | "$PY" -c \
+  'import json, sys; print(" ".join(r["id"] for r in json.load(sys.stdin)))')
+"$PY" -c 'import contextlib, sys
+with open(sys.argv[1], "wb", buffering=0) as out, contextlib.suppress(OSError):
+    while out.write(bytes(4096)): pass' "$POINT/filler"
+echo "free before: $(df -B1 --output=avail "$POINT" | tail -1 | tr -d ' ')"
+if [ "$COMMAND" != delete ]; then
+  "$PY" -m meraudiod purge --start 2000-01-01T00:00 --end now --yes > "$OUT/out" 2> "$OUT/err"
+else
+  "$PY" -m meraudiod recordings delete $ids > "$OUT/out" 2> "$OUT/err"
+fi
+echo "rc=$?"
+echo "audio files: $(find "$POINT/m/audio" -type f | wc -l)"
+"$PY" -m meraudiod recordings list --json > "$OUT/list" 2>&1; echo "list rc=$?"
+rm "$POINT/filler"
+"$PY" -m meraudiod recordings list --json > "$OUT/after" 2>&1; echo "after rc=$?"
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("command", ["purge", "delete", "purge-no-audio"])
+def test_purge_frees_a_disk_full_to_the_last_byte(
+    env: dict[str, str], tmp_path: Path, command: str
+) -> None:
+    """The database's disk full to the last byte, nothing holding the database open (a full
+    disk stops the daemon): SQLite cannot make the shared-memory file of its log, so purge
+    and recordings delete could not even open it ("disk I/O error"), and the admin had to
+    delete files by hand. Now they open it alone, the log's index in memory; the audio
+    files go before the commit, which then has room: rows and files gone alike, and the
+    database usable again. Recordings without audio free nothing first: one line says to
+    make room, and nothing is deleted."""
+    point = tmp_path / "disk"
+    point.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run(
+        ["unshare", "--mount", "bash", "-c", FREE],
+        env={
+            **env,
+            "MERAUDIOD_STORAGE__DATA_DIR": str(point / "m"),
+            "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "0",
+            "PY": sys.executable,
+            "DEMO": str(DEMO),
+            "POINT": str(point),
+            "OUT": str(out),
+            "COMMAND": command,
+            "KEEP": "false" if command == "purge-no-audio" else "true",
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    lines = done.stdout.splitlines()
+    assert "analyze rc=0" in lines, done.stdout + done.stderr
+    assert "free before: 0" in lines, lines
+    assert "audio files: 0" in lines
+    if command == "purge-no-audio":
+        db = point / "m" / "meraudiod.db"
+        assert "rc=1" in lines
+        assert (out / "err").read_text() == (
+            f"Error: database {db}: database or disk is full (its disk is full, and this frees"
+            f" no audio file first): make room on the disk of {db.parent}, a few MB, then run"
+            " this again\n"
+        )
+        assert "after rc=0" in lines, (out / "after").read_text()
+        assert len(json.loads((out / "after").read_text())) == 5  # nothing deleted
+        return
+    assert "rc=0" in lines, (out / "err").read_text()
+    said = "deleted 5 recordings" + (" and 5 audio files" if command == "purge" else "")
+    assert (out / "out").read_text() == said + "\n"
+    assert "list rc=0" in lines, (out / "list").read_text()
+    assert (out / "list").read_text().strip() == "[]"
