@@ -40,6 +40,20 @@ def named_files(settings: Settings) -> dict[str, Path]:
     return {key: path for key, path in files.items() if path is not None}
 
 
+def files_in_use(settings: Settings) -> dict[str, Path]:
+    """The named files the daemon reads, by key: MQTT's while MQTT is on (the password file
+    with a user name), the token file while HTTP is on without http.token."""
+    m = settings.mqtt
+    used = {
+        "mqtt.password_file": m.enabled and m.username is not None,
+        "mqtt.tls_ca_file": m.enabled,
+        "mqtt.tls_cert_file": m.enabled,
+        "mqtt.tls_key_file": m.enabled,
+        "http.token_file": settings.http.enabled and not settings.http.token,
+    }
+    return {key: path for key, path in named_files(settings).items() if used[key]}
+
+
 def unreadable_files(settings: Settings, prefix: str = "") -> list[str]:
     """One line per named file this user cannot read (those starting with `prefix`)."""
     problems = []

@@ -14,7 +14,7 @@ from typing import Any, Final
 import click
 
 from . import models as modelstore
-from .checks import StartError
+from .checks import StartError, files_in_use
 from .cli_checks import config_group, devices, mqtt_group
 from .cli_common import (
     config_option,
@@ -32,7 +32,7 @@ from .cli_recordings import purge, recordings
 from .cli_speakers import speakers_group
 from .cli_status import status_cmd
 from .db import DatabaseError
-from .mounts import NotMounted
+from .mounts import NotMounted, models_dir, store_dirs
 from .recording_views import analysis_record
 from .signals import install as install_signal_handlers
 from .signals import run_handlers
@@ -228,7 +228,7 @@ def analyze(
     from .sources import FileSource
 
     settings = settings_from(config_path, verbosity)
-    refuse_unmounted(settings)
+    refuse_unmounted(store_dirs(settings) | models_dir(settings))  # no heartbeat written
     stop = threading.Event()
     install_signal_handlers(stop)
     pipeline = Pipeline(settings, stop, serves_store=False)  # a live daemon's store is its own
@@ -306,7 +306,12 @@ def bench(config_path: Path | None, as_json: bool, sections: tuple[str, ...]) ->
     from .bench import run_bench, unmeasurable
 
     settings = settings_from(config_path)
-    refuse_unmounted(settings)  # its daemons' scratch directories are in the data directory
+    # Its daemons' scratch directories are in the data directory (their audio and heartbeat
+    # too); they load the configured models, and its HTTP stage the token file.
+    http_files = {k: v for k, v in files_in_use(settings).items() if k.startswith("http.")}
+    refuse_unmounted(
+        {"storage.data_dir": settings.storage.data_dir} | models_dir(settings) | http_files
+    )
     if off := unmeasurable(settings, sections):
         raise click.ClickException(f"bench --only: nothing to measure for {', '.join(off)}")
     logging.getLogger().setLevel(logging.WARNING)

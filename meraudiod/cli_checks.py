@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from .checks import mqtt_file_problems, unreadable_files
+from .checks import mqtt_file_problems, named_files, unreadable_files
 from .cli_common import config_option, echo_json, json_option, settings_from
 from .mic_source import input_devices
-from .mounts import unmounted
+from .mounts import models_dir, storage_dirs, unmounted_paths
 
 
 @click.group("config")
@@ -37,10 +37,11 @@ def config_check(config_path: Path | None, as_json: bool) -> None:
       MERAUDIOD_ASR__BEAM_SIZE=2 meraudiod config check --json
     """
     settings = settings_from(config_path)
+    everything = storage_dirs(settings) | models_dir(settings) | named_files(settings)
+    not_mounted = unmounted_paths(everything)
+    if not_mounted:  # a file beneath the mount point is missing, or a stale copy
+        raise click.ClickException(not_mounted)
     problems = unreadable_files(settings) or mqtt_file_problems(settings)
-    not_mounted = unmounted(settings)
-    if not_mounted:
-        problems.append(not_mounted)
     if problems:
         raise click.ClickException("; ".join(problems))
     if as_json:
@@ -94,6 +95,10 @@ def mqtt_test(config_path: Path | None) -> None:
     from .mqtt_check import check_connection
 
     settings = settings_from(config_path)
+    mqtt_files = {k: v for k, v in named_files(settings).items() if k.startswith("mqtt.")}
+    not_mounted = unmounted_paths(mqtt_files)
+    if not_mounted:
+        raise click.ClickException(not_mounted)
     problems = mqtt_file_problems(settings)
     if problems:
         click.echo(f"{'files':<10} FAIL {'; '.join(problems)}")

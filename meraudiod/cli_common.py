@@ -8,7 +8,7 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,8 +17,8 @@ import click
 
 from .commands import CommandContext, CommandError, execute
 from .config import ConfigError, Settings, load_settings
-from .db import DatabaseError, database_file, open_db
-from .mounts import unmounted
+from .db import DatabaseError, database_file, disk_full, open_db
+from .mounts import store_dirs, unmounted_paths
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,19 +105,22 @@ def setup_logging(level: str, style: str = "text") -> None:
     logging.getLogger("faster_whisper").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-def refuse_unmounted(settings: Settings) -> None:
-    """One line, exit 1, when a storage directory's disk is not mounted: nothing is ever
-    written beneath a mount point."""
-    problem = unmounted(settings)
+def refuse_unmounted(paths: Mapping[str, Path]) -> None:
+    """One line, exit 1, when the disk of one of `paths` (what the command reads or writes,
+    by key) is not mounted: nothing is ever written beneath a mount point, nor read from it."""
+    problem = unmounted_paths(paths)
     if problem:
         raise click.ClickException(problem)
 
 
-def open_store(settings: Settings, create: bool = False) -> sqlite3.Connection:
+def open_store(
+    settings: Settings, create: bool = False, freeing: bool = False
+) -> sqlite3.Connection:
     """The database, migrated. Only commands that record (`analyze`, `speakers enroll`) create
-    it: for the others a missing database is a mistyped data directory, not an empty one."""
+    it: for the others a missing database is a mistyped data directory, not an empty one.
+    A command `freeing` space (purge, delete) opens it on a full disk too (see open_db)."""
     path = settings.storage.db_path
-    refuse_unmounted(settings)
+    refuse_unmounted(store_dirs(settings))  # not the models' or the heartbeat's disk
     try:
         missing = not create and not path.is_file()
     except OSError as exc:  # e.g. a data directory this user may not enter: one line
@@ -128,7 +131,7 @@ def open_store(settings: Settings, create: bool = False) -> sqlite3.Connection:
             " MERAUDIOD_STORAGE__DATA_DIR), or the daemon has not run yet"
         )
     try:
-        return open_db(path)
+        return open_db(path, alone_when_full=freeing)
     except DatabaseError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -180,10 +183,12 @@ def fmt_span(start_s: float, end_s: float) -> str:
     return f"[{start_s:7.2f} - {end_s:7.2f}]"
 
 
-def run_command(settings: Settings, name: str, args: dict[str, Any]) -> Any:
-    """Run an entry of the command table, as MQTT does, with the admin's rights."""
+def run_command(settings: Settings, name: str, args: dict[str, Any], freeing: bool = False) -> Any:
+    """Run an entry of the command table, as MQTT does, with the admin's rights (`freeing`:
+    see open_store)."""
     # On the device, by its admin: a command may read any file named.
-    context = CommandContext(open_store(settings), settings, admin=True, readable_files=None)
+    conn = open_store(settings, freeing=freeing)
+    context = CommandContext(conn, settings, admin=True, readable_files=None)
     try:
         return execute(context, name, {k: v for k, v in args.items() if v is not None})
     except CommandError as exc:
@@ -191,7 +196,9 @@ def run_command(settings: Settings, name: str, args: dict[str, Any]) -> Any:
     except OSError as exc:
         raise file_error(exc) from exc
     except sqlite3.Error as exc:
-        raise database_error(context.conn, exc) from exc
+        raise database_error(conn, exc) from exc
+    finally:
+        conn.close()  # opened alone (a full disk), it would keep the next one out
 
 
 def file_error(exc: OSError) -> click.ClickException:
@@ -200,5 +207,12 @@ def file_error(exc: OSError) -> click.ClickException:
 
 
 def database_error(conn: sqlite3.Connection, exc: sqlite3.Error) -> click.ClickException:
-    """One line naming the database (e.g. one this user may read but not write)."""
-    return click.ClickException(f"database {database_file(conn)}: {exc}")
+    """One line naming the database (e.g. one this user may read but not write), and what to
+    do when its disk is full (a purge of recordings without audio frees nothing first)."""
+    path = Path(database_file(conn))
+    if disk_full(exc):
+        return click.ClickException(
+            f"database {path}: {exc} (its disk is full, and this frees no audio file first):"
+            f" make room on the disk of {path.parent}, a few MB, then run this again"
+        )
+    return click.ClickException(f"database {path}: {exc}")

@@ -9,6 +9,7 @@ import click
 
 from . import models as modelstore
 from .cli_common import config_option, echo_json, json_option, refuse_unmounted, settings_from
+from .mounts import models_dir
 
 
 @click.group("models")
@@ -83,7 +84,7 @@ def models_install(
       meraudiod models install ecapa-voxceleb --from /media/usb/ecapa-voxceleb.onnx
     """
     settings = settings_from(config_path)
-    refuse_unmounted(settings)  # not beneath the models' mount point
+    refuse_unmounted(models_dir(settings))  # what it writes; not the data's disk
     if from_file is not None and (len(names) != 1 or defaults):
         raise click.UsageError("--from installs exactly one named model")
     wanted = list(names) + (modelstore.configured(settings) if defaults or not names else [])

@@ -18,8 +18,10 @@ from .cli_common import (
     fmt_time,
     json_option,
     open_store,
+    refuse_unmounted,
     settings_from,
 )
+from .mounts import models_dir
 
 
 @click.group("speakers")
@@ -117,6 +119,7 @@ def speakers_enroll(
     from .voiceprints import SpeakerError
 
     settings = settings_from(config_path)
+    refuse_unmounted(models_dir(settings))  # its model, read before the store is opened
     try:
         stage = SpeakerStage(settings)
     except SpeakerError as exc:
@@ -159,6 +162,7 @@ def speakers_test(
     from .voiceprints import SpeakerError
 
     settings = settings_from(config_path)
+    refuse_unmounted(models_dir(settings))  # its model, read before the store is opened
     try:
         stage = SpeakerStage(settings)
     except SpeakerError as exc:

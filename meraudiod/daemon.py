@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from .checks import check_writable
+from .checks import check_writable, files_in_use
 from .config import Settings
 from .db import DiskFullError, get_kv, open_db, set_kv
 from .health import Health
@@ -26,7 +26,7 @@ from .listener import Listener
 from .messages import Event
 from .mic_source import MicSource
 from .microphone import AudioSupervisor
-from .mounts import wait_for_mounts
+from .mounts import models_dir, storage_dirs, wait_for_mounts
 from .pipeline import Pipeline
 from .reloader import Reloader
 from .retention import Retention
@@ -90,8 +90,11 @@ class Daemon:
 
     def start(self) -> bool:
         """Store and models, then the sinks (MQTT, worker, retention, HTTP), then the
-        microphone. False when stopped while waiting for the storage's disk to be mounted."""
-        if not wait_for_mounts(self.settings, self.stop_event, self._waiting):
+        microphone. False when stopped while waiting for the storage's disk to be mounted
+        (or a password or token file's: read before the mount, it would be missing)."""
+        settings = self.settings
+        needed = storage_dirs(settings) | models_dir(settings) | files_in_use(settings)
+        if not wait_for_mounts(needed, self.stop_event, self._waiting):
             return False
         check_writable(self.settings)  # one line naming the directory, not a traceback
         heartbeat_path(self.settings).parent.mkdir(parents=True, exist_ok=True)

@@ -61,8 +61,23 @@ def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
         )
 
 
-def open_db(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) and migrate the database; one connection per thread."""
+def open_db(path: Path, alone_when_full: bool = False) -> sqlite3.Connection:
+    """Open (creating if needed) and migrate the database; one connection per thread.
+
+    `alone_when_full` is for a command that frees space (purge, delete). Opened while no
+    other process has it open (a full disk stops the daemon), SQLite makes its shared-memory
+    file, the log's index, which a disk full to the last byte refuses ("disk I/O error").
+    Then the database is opened again with that index in this process's memory (EXCLUSIVE
+    locking mode): no other process can use it until this connection is closed."""
+    try:
+        return _open(path)
+    except DiskFullError:
+        if not alone_when_full:
+            raise
+    return _open(path, exclusive=True)
+
+
+def _open(path: Path, exclusive: bool = False) -> sqlite3.Connection:
     check_sqlite_version()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +87,8 @@ def open_db(path: Path) -> sqlite3.Connection:
     except (OSError, sqlite3.Error) as exc:  # one line naming the file, not a traceback
         raise DatabaseError(f"cannot open database {path}: {exc}") from exc
     try:
+        if exclusive:  # before the first read: no shared-memory file is ever made
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
         conn.row_factory = sqlite3.Row
         if int(conn.execute("PRAGMA page_count").fetchone()[0]) == 0:
             # A new database: small pages, since every commit appends each page it touched to

@@ -1,8 +1,10 @@
-"""A storage directory under a mount point that /etc/fstab lists but nothing is mounted on.
+"""A storage directory (or a file the configuration names) under a mount point that
+/etc/fstab lists but nothing is mounted on.
 
 Writing there would go to the filesystem beneath (the SD card) and vanish from view once
-the disk is mounted over it. The daemon waits a while for the mount (a device that boots
-before its USB disk); a command refuses at once.
+the disk is mounted over it; a password read from there is none, or a stale copy. The
+daemon waits a while for the mount (a device that boots before its USB disk); a command
+refuses at once.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -26,7 +28,8 @@ _OCTAL: Final = re.compile(r"\\([0-7]{3})")
 
 
 class NotMounted(Exception):
-    """A storage directory's disk is not mounted; the message names the key and the mount."""
+    """A storage directory's (or a named file's) disk is not mounted; the message names the
+    key and the mount."""
 
 
 def _unescape(field: str) -> str:
@@ -96,26 +99,39 @@ def missing_mount(path: Path, fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) 
     return MountTable(fstab, mountinfo).missing(path)
 
 
-def storage_dirs(settings: Settings) -> dict[str, Path]:
-    """The directories the daemon writes, by the key that sets them."""
+def store_dirs(settings: Settings) -> dict[str, Path]:
+    """The database's and the audio's directories, by the key that sets them: what a
+    command on the stored recordings reads and writes (a delete removes audio files)."""
     storage = settings.storage
-    dirs = {
+    return {
         "storage.data_dir": storage.data_dir,
         "storage.tmp_audio_dir" if storage.tmp_audio_dir else "audio directory": storage.audio_dir,
     }
-    if storage.run_dir is not None:
-        dirs["storage.run_dir"] = storage.run_dir
+
+
+def storage_dirs(settings: Settings) -> dict[str, Path]:
+    """The directories the daemon writes, by the key that sets them: the store's and the
+    heartbeat's."""
+    dirs = store_dirs(settings)
+    if settings.storage.run_dir is not None:
+        dirs["storage.run_dir"] = settings.storage.run_dir
     return dirs
 
 
-def unmounted(settings: Settings, fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) -> str | None:
-    """One line naming each storage directory (the models' too) whose disk is not mounted
-    (None: all are)."""
+def models_dir(settings: Settings) -> dict[str, Path]:
+    """The models' directory (read by the daemon, written by `models install`), by its key."""
+    return {"storage.models_dir": settings.storage.resolved_models_dir}
+
+
+def unmounted_paths(
+    paths: Mapping[str, Path], fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO
+) -> str | None:
+    """One line naming each of `paths` (a directory or a file, by the key that sets it)
+    whose disk is not mounted (None: all are)."""
     problems = []
     said: set[Path] = set()  # the audio directory inside the data directory: said once
-    models = {"storage.models_dir": settings.storage.resolved_models_dir}  # read, not written
-    table = MountTable(fstab, mountinfo)  # each file read once for all the directories
-    for key, path in (storage_dirs(settings) | models).items():
+    table = MountTable(fstab, mountinfo)  # each file read once for all the paths
+    for key, path in paths.items():
         point = table.missing(path)
         if point is not None and point not in said:
             said.add(point)
@@ -126,16 +142,17 @@ def unmounted(settings: Settings, fstab: Path = FSTAB, mountinfo: Path = MOUNTIN
 
 
 def wait_for_mounts(
-    settings: Settings,
+    paths: Mapping[str, Path],
     stop: threading.Event,
     say: Callable[[str], None],
     wait_s: float = WAIT_S,
     fstab: Path = FSTAB,
     mountinfo: Path = MOUNTINFO,
 ) -> bool:
-    """Wait up to wait_s for the storage directories' disks to be mounted, saying once what
-    is waited for. True when all are; False when stopped first; NotMounted after wait_s."""
-    problem = unmounted(settings, fstab, mountinfo)
+    """Wait up to wait_s for the disks of `paths` (the storage directories, the files the
+    daemon reads) to be mounted, saying once what is waited for. True when all are; False
+    when stopped first; NotMounted after wait_s."""
+    problem = unmounted_paths(paths, fstab, mountinfo)
     if problem is None:
         return True
     say(f"waiting up to {wait_s:.0f} s for the mount: {problem}")
@@ -145,6 +162,6 @@ def wait_for_mounts(
             return False
         if time.monotonic() >= deadline:
             raise NotMounted(f"{problem} (waited {wait_s:.0f} s; mount it and start again)")
-        problem = unmounted(settings, fstab, mountinfo)
-    _LOGGER.info("mounted: the storage directories are on their disks now")
+        problem = unmounted_paths(paths, fstab, mountinfo)
+    _LOGGER.info("mounted: what the daemon needs is on its disks now")
     return True

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -61,21 +62,21 @@ class FullDiskDaemon:
             )
         self.feeder = SilenceFeeder(self.proc, block_s=0.1).start()
         self.disk = Path(f"/proc/{self.proc.pid}/root") / str(self.point).lstrip("/")
-        # The daemon's database as seen from here.
-        data_dir = (
-            self.disk / "meraudiod" if key == "DATA_DIR" else env["MERAUDIOD_STORAGE__DATA_DIR"]
-        )
-        self.env_here = {**self.env, "MERAUDIOD_STORAGE__DATA_DIR": str(data_dir)}
 
     def wait_ready(self) -> None:
-        def ready() -> bool:
+        def ready() -> bool:  # models loaded (a full disk is not ready, but is started)
             assert self.proc.poll() is None, self.log()
             try:
-                return httpx.get(f"{self.url}/health/ready").status_code == 200
+                return bool(self.readiness()["models"]["ok"])
             except httpx.TransportError:
                 return False
 
         wait_for(ready, _READY_S, "the daemon ready")
+
+    def readiness(self) -> dict[str, dict[str, Any]]:
+        """/health/ready's checks."""
+        checks: dict[str, dict[str, Any]] = httpx.get(f"{self.url}/health/ready").json()["checks"]
+        return checks
 
     def fill(self) -> Path:
         """Fill the tmpfs to its last byte; the filler file, to remove to free it."""
@@ -161,7 +162,8 @@ def test_an_upload_onto_a_full_disk_is_a_clear_error_and_stores_nothing(
                 error = answer.json()["error"]
                 assert error["code"] == "insufficient_storage"
                 assert error["message"].startswith("disk full: No space left on device"), error
-            assert client.get("/health/ready").status_code == 200
+            checks = daemon.readiness()  # alive and well but for the disk
+            assert all(c["ok"] for name, c in checks.items() if name != "disk"), checks
             assert _files(data) == before  # no part file, no audio, no temp file left
             assert client.get("/api/v1/recordings").json()["recordings"] == []
             daemon.grow("8m")  # space freed
@@ -409,3 +411,118 @@ def test_delivered_events_a_full_database_cannot_delete_are_sent_again(tmp_path:
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["200", "0"], done.stdout
     assert "sent again at the next start" in done.stderr, done.stderr
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("key", "least_mb"), [("TMP_AUDIO_DIR", 0), ("DATA_DIR", 100)], ids=["full", "under-guard"]
+)
+def test_readiness_says_which_disk_is_full(
+    env: dict[str, str], tmp_path: Path, key: str, least_mb: int
+) -> None:
+    """The audio directory's disk full to the last byte (the guard off), or the data
+    directory's under retention.min_free_disk_mb: not ready, naming the directory and its
+    free MB; ready again once there is room. Before, 200 "database writable" throughout (the
+    write lock is taken on a full disk as well)."""
+    env = {**env, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": str(least_mb)}
+    with full_disk_daemon(env, tmp_path, "8m", key) as daemon:
+        where = daemon.point / "meraudiod"
+        if least_mb == 0:
+            answer = httpx.get(f"{daemon.url}/health/ready")
+            assert answer.status_code == 200, answer.text
+            assert f"MB free in {where}" in answer.json()["checks"]["disk"]["detail"]
+            daemon.fill()
+        answer = httpx.get(f"{daemon.url}/health/ready")
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["status"] == "not_ready"
+        assert answer.json()["checks"]["disk"] == {
+            "ok": False,
+            "detail": f"disk full: 0 MB free in {where}"
+            if least_mb == 0
+            else f"disk almost full: 8 MB free in {where}, under retention.min_free_disk_mb (100)",
+        }
+        daemon.grow("256m")
+        answer = httpx.get(f"{daemon.url}/health/ready")
+        assert answer.status_code == 200, answer.text
+        assert daemon.stop() == 0, daemon.log()
+
+
+FREE = r"""
+set -u
+mount --make-rprivate /
+mount -t tmpfs -o size=8m tmpfs "$POINT"
+MERAUDIOD_RETENTION__KEEP_AUDIO=$KEEP "$PY" -m meraudiod analyze "$DEMO" > /dev/null 2>&1
+echo "analyze rc=$?"
+ids=$("$PY" -m meraudiod recordings list --json | "$PY" -c \
+  'import json, sys; print(" ".join(r["id"] for r in json.load(sys.stdin)))')
+"$PY" -c 'import contextlib, sys
+with open(sys.argv[1], "wb", buffering=0) as out, contextlib.suppress(OSError):
+    while out.write(bytes(4096)): pass' "$POINT/filler"
+echo "free before: $(df -B1 --output=avail "$POINT" | tail -1 | tr -d ' ')"
+if [ "$COMMAND" != delete ]; then
+  "$PY" -m meraudiod purge --start 2000-01-01T00:00 --end now --yes > "$OUT/out" 2> "$OUT/err"
+else
+  "$PY" -m meraudiod recordings delete $ids > "$OUT/out" 2> "$OUT/err"
+fi
+echo "rc=$?"
+echo "audio files: $(find "$POINT/m/audio" -type f | wc -l)"
+"$PY" -m meraudiod recordings list --json > "$OUT/list" 2>&1; echo "list rc=$?"
+rm "$POINT/filler"
+"$PY" -m meraudiod recordings list --json > "$OUT/after" 2>&1; echo "after rc=$?"
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("command", ["purge", "delete", "purge-no-audio"])
+def test_purge_frees_a_disk_full_to_the_last_byte(
+    env: dict[str, str], tmp_path: Path, command: str
+) -> None:
+    """The database's disk full to the last byte, nothing holding the database open (a full
+    disk stops the daemon): SQLite cannot make the shared-memory file of its log, so purge
+    and recordings delete could not even open it ("disk I/O error"), and the admin had to
+    delete files by hand. Now they open it alone, the log's index in memory; the audio
+    files go before the commit, which then has room: rows and files gone alike, and the
+    database usable again. Recordings without audio free nothing first: one line says to
+    make room, and nothing is deleted."""
+    point = tmp_path / "disk"
+    point.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run(
+        ["unshare", "--mount", "bash", "-c", FREE],
+        env={
+            **env,
+            "MERAUDIOD_STORAGE__DATA_DIR": str(point / "m"),
+            "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "0",
+            "PY": sys.executable,
+            "DEMO": str(DEMO),
+            "POINT": str(point),
+            "OUT": str(out),
+            "COMMAND": command,
+            "KEEP": "false" if command == "purge-no-audio" else "true",
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    lines = done.stdout.splitlines()
+    assert "analyze rc=0" in lines, done.stdout + done.stderr
+    assert "free before: 0" in lines, lines
+    assert "audio files: 0" in lines
+    if command == "purge-no-audio":
+        db = point / "m" / "meraudiod.db"
+        assert "rc=1" in lines
+        assert (out / "err").read_text() == (
+            f"Error: database {db}: database or disk is full (its disk is full, and this frees"
+            f" no audio file first): make room on the disk of {db.parent}, a few MB, then run"
+            " this again\n"
+        )
+        assert "after rc=0" in lines, (out / "after").read_text()
+        assert len(json.loads((out / "after").read_text())) == 5  # nothing deleted
+        return
+    assert "rc=0" in lines, (out / "err").read_text()
+    said = "deleted 5 recordings" + (" and 5 audio files" if command == "purge" else "")
+    assert (out / "out").read_text() == said + "\n"
+    assert "list rc=0" in lines, (out / "list").read_text()
+    assert (out / "list").read_text().strip() == "[]"

@@ -14,15 +14,18 @@ from pathlib import Path
 import pytest
 
 from meraudiod.config import Settings
+from meraudiod.db import open_db
 from meraudiod.mounts import (
     NotMounted,
     listed_mount_points,
     missing_mount,
     mounted_points,
-    unmounted,
+    storage_dirs,
+    unmounted_paths,
     wait_for_mounts,
 )
 
+from .broker import free_port
 from .conftest import DEMO, needs_root
 
 
@@ -75,9 +78,9 @@ def test_each_storage_directory_is_named_by_its_key(tmp_path: Path, settings: Se
     point = tmp_path / "disk"
     fstab = write(tmp_path / "fstab", f"LABEL=x {point} ext4 defaults 0 2\n")
     mountinfo = write(tmp_path / "mountinfo", "22 1 8:2 / / rw - ext4 /dev/sda2 rw\n")
-    assert unmounted(settings, fstab, mountinfo) is None  # data_dir is elsewhere
+    assert unmounted_paths(storage_dirs(settings), fstab, mountinfo) is None  # elsewhere
     settings.storage.tmp_audio_dir = point / "audio"
-    assert unmounted(settings, fstab, mountinfo) == (
+    assert unmounted_paths(storage_dirs(settings), fstab, mountinfo) == (
         f"storage.tmp_audio_dir: {point / 'audio'} is on {point}, which {fstab} lists but"
         " nothing is mounted on"
     )
@@ -90,22 +93,23 @@ def test_the_wait_ends_when_mounted_when_stopped_or_after_its_time(
     settings.storage.data_dir = point / "meraudiod"
     fstab = write(tmp_path / "fstab", f"LABEL=x {point} ext4 defaults 0 2\n")
     mountinfo = write(tmp_path / "mountinfo", "22 1 8:2 / / rw - ext4 /dev/sda2 rw\n")
+    dirs = storage_dirs(settings)
     said: list[str] = []
     stop = threading.Event()
     t0 = time.monotonic()
     with pytest.raises(NotMounted, match=r"storage.data_dir: .* \(waited 1 s; mount it"):
-        wait_for_mounts(settings, stop, said.append, 1.0, fstab, mountinfo)
+        wait_for_mounts(dirs, stop, said.append, 1.0, fstab, mountinfo)
     assert time.monotonic() - t0 >= 1.0
-    assert said == [f"waiting up to 1 s for the mount: {unmounted(settings, fstab, mountinfo)}"]
+    assert said == [f"waiting up to 1 s for the mount: {unmounted_paths(dirs, fstab, mountinfo)}"]
 
     threading.Timer(0.3, stop.set).start()
-    assert wait_for_mounts(settings, stop, said.append, 30.0, fstab, mountinfo) is False
+    assert wait_for_mounts(dirs, stop, said.append, 30.0, fstab, mountinfo) is False
 
     def mount() -> None:
         mountinfo.write_text(mountinfo.read_text() + f"23 22 8:17 / {point} rw - ext4 x rw\n")
 
     threading.Timer(0.3, mount).start()
-    assert wait_for_mounts(settings, threading.Event(), said.append, 30.0, fstab, mountinfo)
+    assert wait_for_mounts(dirs, threading.Event(), said.append, 30.0, fstab, mountinfo)
 
 
 SCENE = r"""
@@ -313,3 +317,92 @@ def test_a_symlink_loop_in_fstab_is_no_traceback(tmp_path: Path, env: dict[str, 
     mountinfo = write(tmp_path / "mountinfo", "22 1 8:2 / / rw - ext4 /dev/sda2 rw\n")
     assert missing_mount(Path("/var/lib/meraudiod"), fstab, mountinfo) is None
     assert missing_mount(loop / "usb" / "meraudiod", fstab, mountinfo) == loop / "usb"
+
+
+@needs_root
+def test_a_token_file_on_a_disk_not_mounted_yet_is_waited_for(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """http.token_file and mqtt.password_file on a disk fstab lists, not mounted yet. Before,
+    the daemon read the token at once and exited 78, a configuration error systemd does not
+    restart, though the disk was coming; `mqtt test` said it could not read the password.
+    Now the daemon waits for that disk as for the storage's (not for MQTT's file: MQTT is
+    off) and reads the token once it is mounted; the commands that read the files refuse,
+    naming the mount."""
+    point, stage = tmp_path / "keys", tmp_path / "stage"
+    point.mkdir()
+    stage.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    fstab = write(tmp_path / "fstab", f"LABEL=keys {point} ext4 defaults,nofail 0 2\n")
+    script = (
+        '"$PY" -m meraudiod mqtt test > /dev/null 2> "$OUT/mqtt.err"; echo "mqtt rc=$?"\n'
+        '"$PY" -m meraudiod config check > /dev/null 2> "$OUT/check.err"; echo "check rc=$?"\n'
+        '"$PY" -m meraudiod run --source demo 2> "$OUT/run.err" &\n'
+        "pid=$!\n"
+        "for i in $(seq 600); do\n"
+        '  grep -q "waiting up to" "$OUT/run.err" && break; kill -0 $pid || break; sleep 0.1\n'
+        "done\n"
+        # The disk comes with the token on it (prepared aside: no half-written token is read).
+        'mount -t tmpfs -o size=1m tmpfs "$STAGE" && echo secret > "$STAGE/token"\n'
+        'mount --move "$STAGE" "$POINT"\n'
+        'wait $pid; echo "run rc=$?"\n'
+    )
+    env = {
+        **env,
+        "MERAUDIOD_HTTP__ENABLED": "true",
+        "MERAUDIOD_HTTP__PORT": str(free_port()),
+        "MERAUDIOD_HTTP__TOKEN_FILE": str(point / "token"),
+        "MERAUDIOD_MQTT__USERNAME": "meraudiod",
+        "MERAUDIOD_MQTT__PASSWORD_FILE": str(point / "password"),
+    }
+    lines = in_a_mount_namespace(script, env, fstab, OUT=out, POINT=point, STAGE=stage)
+    not_mounted = "is on {point}, which /etc/fstab lists but nothing is mounted on".format
+    password = f"mqtt.password_file: {point / 'password'} {not_mounted(point=point)}"
+    assert "mqtt rc=1" in lines, lines
+    assert (out / "mqtt.err").read_text() == f"Error: {password}\n"
+    assert "check rc=1" in lines
+    assert (out / "check.err").read_text() == f"Error: {password}\n"
+    run = (out / "run.err").read_text()
+    assert "run rc=0" in lines, run
+    token = f"http.token_file: {point / 'token'} {not_mounted(point=point)}"
+    assert f"waiting up to 60 s for the mount: {token}\n" in run, run
+    assert "http: serving on" in run, run
+    assert not any(point.iterdir())  # nothing was written beneath
+
+
+@needs_root
+def test_a_command_checks_the_disks_it_uses_only(tmp_path: Path, env: dict[str, str]) -> None:
+    """`models install` writes only the models directory, `recordings list` reads only the
+    database. Before, each refused while any storage directory's disk was not mounted:
+    models install while only the data directory's was, recordings list while only the
+    models'. A command still refuses for a disk it writes (recordings delete, the audio's)."""
+    point = tmp_path / "usb"
+    point.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    fstab = write(tmp_path / "fstab", f"LABEL=usb {point} ext4 defaults,nofail 0 2\n")
+    open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db").close()
+    rec_id = "01M8MR3XAKN63F9GEACZWP64Z0"
+    script = (
+        'MERAUDIOD_STORAGE__DATA_DIR="$POINT/m" "$PY" -m meraudiod models install'
+        ' silero-vad-v6 > "$OUT/install.out" 2>&1; echo "install rc=$?"\n'
+        'MERAUDIOD_STORAGE__MODELS_DIR="$POINT/models" "$PY" -m meraudiod recordings list'
+        ' > "$OUT/list.out" 2>&1; echo "list rc=$?"\n'
+        'MERAUDIOD_STORAGE__MODELS_DIR="$POINT/models" "$PY" -m meraudiod models install'
+        ' silero-vad-v6 2> "$OUT/models.err"; echo "models rc=$?"\n'
+        'MERAUDIOD_STORAGE__TMP_AUDIO_DIR="$POINT/audio" "$PY" -m meraudiod recordings delete'
+        f' {rec_id} 2> "$OUT/delete.err"; echo "delete rc=$?"\n'
+    )
+    lines = in_a_mount_namespace(script, env, fstab, POINT=point, OUT=out)
+    assert "install rc=0" in lines, (out / "install.out").read_text()
+    assert (out / "install.out").read_text().startswith("silero-vad-v6: ")
+    assert "list rc=0" in lines, (out / "list.out").read_text()
+    not_mounted = f"is on {point}, which /etc/fstab lists but nothing is mounted on"
+    assert "models rc=1" in lines
+    models = f"storage.models_dir: {point / 'models'} {not_mounted}"
+    assert (out / "models.err").read_text() == f"Error: {models}\n"
+    assert "delete rc=1" in lines
+    audio = f"storage.tmp_audio_dir: {point / 'audio'} {not_mounted}"
+    assert (out / "delete.err").read_text() == f"Error: {audio}\n"
+    assert not any(point.iterdir())

@@ -8,13 +8,36 @@ from typing import Any
 
 from fastapi.responses import Response
 
-from ..db import open_db
+from ..config import Settings
+from ..db import DatabaseError, open_db
+from ..retention import disk_free_mb
 from ..status import status
 from .common import HttpContext
 
 
+def disk_room(settings: Settings) -> dict[str, Any]:
+    """The data and audio directories' free space: not ok below retention.min_free_disk_mb
+    (no audio is written, uploads are refused) or with nothing free at all (the guard off),
+    where the database cannot grow. One statvfs each: cheap enough to poll."""
+    least_mb = settings.retention.min_free_disk_mb
+    said = []
+    for path in dict.fromkeys((settings.storage.data_dir, settings.storage.audio_dir)):
+        free_mb = disk_free_mb(path)
+        if free_mb <= 0:
+            return {"ok": False, "detail": f"disk full: 0 MB free in {path}"}
+        if free_mb < least_mb:
+            return {
+                "ok": False,
+                "detail": f"disk almost full: {free_mb:.0f} MB free in {path}, under"
+                f" retention.min_free_disk_mb ({least_mb:g})",
+            }
+        said.append(f"{free_mb:.0f} MB free in {path}")
+    return {"ok": True, "detail": "; ".join(said)}
+
+
 def readiness(ctx: HttpContext) -> dict[str, dict[str, Any]]:
-    """Models loaded, database writable, microphone, MQTT: each ok or not, with a detail."""
+    """Models loaded, database writable, room on its and the audio's disk, microphone, MQTT:
+    each ok or not, with a detail."""
     daemon = ctx.daemon
     checks: dict[str, dict[str, Any]] = {}
     if daemon is not None:
@@ -29,8 +52,9 @@ def readiness(ctx: HttpContext) -> dict[str, dict[str, Any]]:
         finally:
             conn.close()
         checks["database"] = {"ok": True, "detail": "writable"}
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, DatabaseError) as exc:
         checks["database"] = {"ok": False, "detail": str(exc)}
+    checks["disk"] = disk_room(ctx.settings)
     if daemon is not None:
         problem = daemon.mic_problem
         detail = problem or (daemon.source.name if daemon.listening else "muted")
