@@ -22,7 +22,7 @@ from .config import Settings
 from .db import Transaction, disk_full, is_busy, now, open_db, sync_log
 from .deletion import forget_deleted_text, forget_recording, forget_with_audio
 from .recordings import MemoryAudio, audio_file
-from .retention import drop_audio
+from .retention import disk_free_mb, drop_audio
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
 from .vad import VadTraces
@@ -41,6 +41,9 @@ _IDLE_WAIT_S: Final = 2.0
 # How often the daemon's worker takes over the jobs of one-off processes that died (an
 # `analyze` killed half way), so their recordings are transcribed without a restart.
 _ADOPT_EVERY_S = 30.0
+# After a transcript found the database's disk full, the next job is not transcribed (only to
+# be thrown away) until it has at least this much free.
+_ROOM_MB: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,16 @@ class Worker(StageThread):
         try:
             while not self.stop_event.is_set():
                 self._wake.clear()
-                if self.job_origin is None and time.monotonic() >= next_adopt:
-                    # Not leases: a long job of this very process must not be taken back.
-                    jobs.requeue_stale(conn, self.settings.asr.max_attempts, expired_leases=False)
-                    next_adopt = time.monotonic() + _ADOPT_EVERY_S
+                if self._no_room and disk_free_mb(self.settings.storage.data_dir) < _ROOM_MB:
+                    self._wake.wait(_IDLE_WAIT_S)
+                    continue
                 try:
+                    if self.job_origin is None and time.monotonic() >= next_adopt:
+                        # Not leases: a long job of this very process must not be taken back.
+                        next_adopt = time.monotonic() + _ADOPT_EVERY_S
+                        jobs.requeue_stale(
+                            conn, self.settings.asr.max_attempts, expired_leases=False
+                        )
                     if self._given_back is not None:
                         jobs.release(conn, self._given_back)
                         self._given_back = None
