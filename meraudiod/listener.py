@@ -296,6 +296,7 @@ class Listener(StageThread):
                 self._saved(recording, heard.probs, clock)
 
     def _saved(self, recording: Recording, probs: Float32Array, clock: StreamClock) -> None:
+        """A recording is stored: its stamp noted (clock steps), counted, told to the rest."""
         clock.stamped(recording.id)
         self.recordings_saved += 1
         if self.on_speech_end is not None:
