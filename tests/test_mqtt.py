@@ -149,7 +149,16 @@ def test_commands_listening_and_bad_payloads(env: dict[str, str], broker: Broker
 
 def test_admin_commands_when_allowed(env: dict[str, str], broker: Broker) -> None:
     sub = Subscriber(broker.port, [f"{BASE}/#"])
-    proc = start_daemon(mqtt_env(env, broker, MERAUDIOD_MQTT__ALLOW_ADMIN_COMMANDS="true"))
+    # The HTTP token is set (the stage off): a secret config/get must leave out, as it does
+    # the broker's password. It was sent, on a topic every subscriber of the broker can read.
+    proc = start_daemon(
+        mqtt_env(
+            env,
+            broker,
+            MERAUDIOD_MQTT__ALLOW_ADMIN_COMMANDS="true",
+            MERAUDIOD_HTTP__TOKEN="http-token-never-published",
+        )
+    )
     try:
         sub.wait_online(60)
         assert proc.stdin is not None
@@ -160,6 +169,8 @@ def test_admin_commands_when_allowed(env: dict[str, str], broker: Broker) -> Non
         config = request(sub, "config/get", "")
         assert config["status"] == "ok" and config["data"]["mqtt"]["host"] == "127.0.0.1"
         assert "password" not in config["data"]["mqtt"]
+        assert "token" not in config["data"]["http"]
+        assert b"http-token-never-published" not in sub.on("/response/config/get")[-1].payload
         deleted = request(sub, "recordings/delete", json.dumps({"ids": ids[:2]}))
         assert deleted["data"] == {"deleted": 2, "missing": 0}
         again = request(sub, "reprocess", json.dumps({"ids": ids[2:3]}))
