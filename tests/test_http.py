@@ -88,6 +88,14 @@ def test_recordings_search_page_play_and_delete(daemon: HttpDaemon) -> None:
             "/api/v1/recordings", params={"limit": 1, "cursor": first["next_cursor"]}
         ).json()
         assert [r["id"] for r in second["recordings"]] == [ids[0]]
+        # A cursor is an id, in any case as ids are everywhere; one that is no id is refused:
+        # compared as text, "zzz" or a lower-case id started again from the newest, and a
+        # client paging through them read its first page for ever.
+        lower = {"limit": 1, "cursor": first["next_cursor"].lower()}
+        assert client.get("/api/v1/recordings", params=lower).json() == second
+        for cursor in ("zzz", "01M8Q1NG88XKZ5ZN52JCX3T4B!"):
+            refused = client.get("/api/v1/recordings", params={"cursor": cursor})
+            assert "cursor" in json_error(refused, 422, "invalid_request")
         words = second["recordings"][0]["text"].split()
         found = client.get("/api/v1/recordings", params={"search": words[-1]}).json()
         assert ids[0] in [r["id"] for r in found["recordings"]]

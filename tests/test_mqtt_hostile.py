@@ -71,6 +71,7 @@ def test_crafted_payloads_get_clear_errors_and_the_daemon_stays(
         ("recordings/list", json.dumps({"limit": "5", "transaction": "s"}), "limit"),
         ("recordings/list", json.dumps({"limit": 5.0}), "limit"),
         ("recordings/get", json.dumps({"id": ["01M89D7G25TVATVQW1DF088EWQ"]}), "id"),
+        ("recordings/list", json.dumps({"cursor": "zzz"}), "cursor"),
         ("purge", json.dumps({"older_than_days": "1"}), "allow_admin_commands"),
     ]:
         reply = request(sub, command, payload)

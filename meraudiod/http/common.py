@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,9 +23,9 @@ from ..commands import (
 )
 from ..config import Settings
 from ..db import open_db
+from ..recordings import ULID_RE
 
 _LOGGER = logging.getLogger(__name__)
-ULID_RE: Final = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
