@@ -120,8 +120,16 @@ def test_a_rate_the_stream_cannot_have_is_named(daemon: HttpDaemon) -> None:
         assert info.value.rcvd is not None
         return info.value.rcvd.code, info.value.rcvd.reason
 
-    # was "cannot stream here", the words for a daemon without a pipeline
-    for query in ("?rate_hz=1000000", "?rate_hz=44"):
+    # was "cannot stream here", the words for a daemon without a pipeline; a rate that is no
+    # whole number was refused before the handshake with a bare 403, read as a wrong token
+    for query in (
+        "?rate_hz=1000000",
+        "?rate_hz=44",
+        "?rate_hz=abc",
+        "?rate_hz=16000.5",
+        "?rate_hz=%C2%B2",
+        "?rate_hz=" + "9" * 5000,
+    ):
         code, reason = asyncio.run(closed(query))
         assert code == 1003 and "rate_hz" in reason and "8000" in reason, (query, reason)
 
