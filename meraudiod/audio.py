@@ -36,7 +36,12 @@ class AudioDecodeError(Exception):
 
 class AudioTruncatedError(AudioDecodeError):
     """A file ends early or is damaged part of the way in; what came before was decoded and
-    used. The message names the file, where it was cut and why."""
+    used. The message names the file, where it was cut and why; `where` says the last two
+    without the file's path (for a caller that names the file otherwise)."""
+
+    def __init__(self, message: str, where: str) -> None:
+        super().__init__(message)
+        self.where = where
 
 
 @dataclass(frozen=True)
@@ -251,14 +256,15 @@ def _iter_av_pcm(path: Path, block_s: float) -> Iterator[Int16Array]:
         yield np.concatenate(pending)
         decoded_s = decoded_samples / SAMPLE_RATE_HZ
         if cut is not None:
+            where = f"cut at {decoded_s:.1f} s: {cut}"
             raise AudioTruncatedError(
-                f"audio file {path} is cut at {decoded_s:.1f} s: {cut}"
-                " (the audio before it was used)"
+                f"audio file {path} is {where} (the audio before it was used)", where
             )
         if announced_s is not None and decoded_s < announced_s - _SHORTFALL_S:
+            where = f"{decoded_s:.1f} s of the {announced_s:.1f} s its header announces"
             raise AudioTruncatedError(
-                f"audio file {path} gave {decoded_s:.1f} s of the {announced_s:.1f} s its"
-                " header announces: cut or damaged (what could be decoded was used)"
+                f"audio file {path} gave {where}: cut or damaged (what could be decoded was used)",
+                where,
             )
 
 

@@ -4,6 +4,7 @@ clients, real speech; uploads and their tasks, recordings, speakers, tokens and 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from meraudiod.audio import decode_file
 from tests.conftest import DEMO, TEST_DATA
 from tests.httpd import (
     SPEAKERS_CONFIG,
@@ -226,6 +228,34 @@ def test_a_2_gb_upload_is_refused_before_it_is_stored(daemon: HttpDaemon) -> Non
     assert sent < 64 << 20  # refused once past the limit
     big = [p for p in uploads.rglob("*") if p.is_file() and p.stat().st_size > 5e6]
     assert not big, big  # nothing near the upload's size was stored
+
+
+def test_audio_cut_short_or_longer_by_its_header_is_refused_saying_so(daemon: HttpDaemon) -> None:
+    # Real speech whose file ends early, or whose WAV header announces hours its data does not
+    # hold, was told "not an audio file this device can decode" (415): the decoder's account
+    # of where it was cut was dropped.
+    speech = decode_file(DEMO)[: 5 * 16000]
+    wav = io.BytesIO()
+    soundfile.write(wav, speech, 16000, subtype="PCM_16", format="WAV")
+    whole = wav.getvalue()
+    data_at = whole.index(b"data") + 4
+    hours = whole[:data_at] + (10 * 3600 * 32000).to_bytes(4, "little") + whole[data_at + 4 :]
+    files = {
+        "cut.wav": whole[: len(whole) // 2],
+        "hours.wav": hours,
+        "cut.flac": DEMO.read_bytes()[: DEMO.stat().st_size // 2],
+    }
+    with daemon.client() as client:
+        listed = {"limit": 1000}
+        before = client.get("/api/v1/recordings", params=listed).json()["recordings"]
+        for name, data in files.items():
+            response = client.post("/api/v1/analysis/upload", files={"file": (name, data)})
+            message = json_error(response, 422, "damaged_audio")
+            assert message.startswith(f"{name}: cut or damaged"), message
+            assert "nothing was stored" in message and ".part" not in message, message
+        assert client.get("/api/v1/recordings", params=listed).json()["recordings"] == before
+    uploads = Path(daemon.env["MERAUDIOD_STORAGE__DATA_DIR"]) / "uploads"
+    assert not [p for p in uploads.rglob("*") if p.is_file()]  # no temporary file left
 
 
 def test_a_json_body_is_refused_past_a_megabyte(daemon: HttpDaemon) -> None:
