@@ -170,3 +170,31 @@ def test_a_long_upload_round_trips_without_growing_the_daemon(
     stored, rate = soundfile.read(io.BytesIO(played.content), dtype="int16")
     assert rate == 16000 and np.array_equal(stored, speech)
     assert not _files(_data(daemon) / "uploads")  # the received file went with the request
+
+
+def test_a_file_name_cannot_forge_a_log_line(daemon: HttpDaemon) -> None:
+    # The client's file name is logged with the recording it stored ("... from client:NAME")
+    # and kept as its source: a line feed in it wrote a line of the client's own into the
+    # daemon's log (a NUL, a binary journal entry).
+    speech = io.BytesIO()
+    soundfile.write(speech, decode_file(DEMO)[: 2 * 16000], 16000, format="WAV")
+    name = b"a\nFAKE ERROR forged line\x00.wav"
+    body = (
+        _PART.replace(b'filename="cut.wav"', b'filename="' + name + b'"')
+        + speech.getvalue()
+        + f"\r\n--{_BOUNDARY}--\r\n".encode()
+    )
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        response = client.post(
+            "/api/v1/vad/upload_recording",
+            content=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={_BOUNDARY}"},
+        )
+    assert response.status_code == 202, response.text
+    rec_id = response.json()["recording_id"]
+    source = db_rows(daemon.env, f"SELECT source FROM recordings WHERE id = '{rec_id}'")[0][0]
+    assert source.startswith("client:a") and "FAKE ERROR forged line" in source, source
+    assert not any(ord(c) < 32 or ord(c) == 127 for c in source), repr(source)
+    lines = daemon.log().splitlines()
+    assert [line for line in lines if rec_id in line and "client:a" in line]  # logged
+    assert not [line for line in lines if line.startswith("FAKE")]

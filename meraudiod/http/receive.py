@@ -41,7 +41,7 @@ class ReceivedFile:
     """An uploaded file on disk, and what the client called it."""
 
     path: Path
-    name: str
+    name: str  # printable: control characters are spaces
 
 
 @dataclass
@@ -113,7 +113,7 @@ class _FormParts:
             self._part = name
         elif name == self._file_field and len(self.form.files) < self._max_files:
             received = ReceivedFile(
-                self._folder / f"{ULID()}.part", options[b"filename"].decode("utf-8", "replace")
+                self._folder / f"{ULID()}.part", _printable(options[b"filename"])
             )
             self.form.files.append(received)
             self.pending.append((received.path, b""))  # an empty file is a file too
@@ -133,6 +133,12 @@ class _FormParts:
         elif self._part is not None:
             self.form.fields[self._part] = self._text.decode("utf-8", "replace")
         self._part = None
+
+
+def _printable(name: bytes) -> str:
+    """A client's file name as text with no control characters (each one a space): it is
+    logged and shown, and a line feed in it wrote a log line of the client's choosing."""
+    return "".join(c if c.isprintable() else " " for c in name.decode("utf-8", "replace"))
 
 
 BINARY: Final = {"type": "string", "format": "binary"}  # a file field's OpenAPI schema
