@@ -5,7 +5,10 @@ the daemon's memory growing with it, and what is stored is what was sent."""
 from __future__ import annotations
 
 import io
+import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -198,3 +201,31 @@ def test_a_file_name_cannot_forge_a_log_line(daemon: HttpDaemon) -> None:
     lines = daemon.log().splitlines()
     assert [line for line in lines if rec_id in line and "client:a" in line]  # logged
     assert not [line for line in lines if line.startswith("FAKE")]
+
+
+def test_status_counts_the_data_directory_while_files_come_and_go(daemon: HttpDaemon) -> None:
+    # /api/v1/status sums the sizes of the files in the data directory; an upload's partial
+    # file (or a recording's, renamed when done) that went between the listing and its stat
+    # made it a 500 with a traceback (2 in 1,400 under a flood of uploads). Here another
+    # process renames files back and forth in a tight loop, as under that flood.
+    churn = _data(daemon) / "uploads" / "churn"
+    churn.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):
+        (churn / f"{i}.a").write_bytes(b"x")
+    loop = (
+        "import os, sys\n"
+        "os.chdir(sys.argv[1])\n"
+        "while True:\n"
+        "    for i in range(1000): os.rename(f'{i}.a', f'{i}.b')\n"
+        "    for i in range(1000): os.rename(f'{i}.b', f'{i}.a')\n"
+    )
+    renamer = subprocess.Popen([sys.executable, "-c", loop, str(churn)])
+    try:
+        with httpx.Client(base_url=daemon.url, timeout=60) as client:
+            codes = [client.get("/api/v1/status").status_code for _ in range(60)]
+    finally:
+        renamer.kill()
+        renamer.wait(10)
+        shutil.rmtree(churn)
+    assert codes == [200] * len(codes), codes
+    assert "FileNotFoundError" not in daemon.log()
