@@ -165,10 +165,14 @@ async def received_form(
         raise ApiError(
             422, "invalid_request", f"body: a multipart form with a `{file_field}` field"
         )
-    folder.mkdir(parents=True, exist_ok=True)
     parts = _FormParts(folder, file_field, max_files)
+    try:  # the parser refuses a boundary over 256 bytes as it is made
+        parser = MultipartParser(params[b"boundary"], parts.callbacks())
+    except FormParserError as exc:
+        raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        await _receive(request, MultipartParser(params[b"boundary"], parts.callbacks()), parts)
+        await _receive(request, parser, parts)
         if not parts.form.files or parts.complete < len(parts.form.files):
             raise ApiError(422, "invalid_request", f"body.{file_field}: Field required")
         yield parts.form
