@@ -111,6 +111,16 @@ def test_recordings_search_page_play_and_delete(daemon: HttpDaemon) -> None:
         assert part.status_code == 206
         assert part.headers["content-range"] == f"bytes 100-199/{len(whole.content)}"
         assert part.content == whole.content[100:200]
+        # A Range the file cannot serve was starlette's own answer: plain text, or no body
+        for bad, status, code in [
+            ("bytes=abc", 400, "bad_request"),
+            ("items=0-5", 400, "bad_request"),
+            ("bytes=5-1", 400, "bad_request"),
+            (f"bytes={len(whole.content)}-", 416, "range_not_satisfiable"),
+        ]:
+            refused = client.get(details["audio_url"], headers={"Range": bad})
+            assert "Range" in json_error(refused, status, code), bad
+        assert refused.headers["content-range"] == f"bytes */{len(whole.content)}"
 
         assert client.delete(f"/api/v1/recordings/{ids[0]}").json()["deleted"] == 1
         json_error(client.get(f"/api/v1/recordings/{ids[0]}"), 404, "not_found")
