@@ -141,6 +141,19 @@ def test_every_failure_is_one_json_error_with_the_request_id(daemon: HttpDaemon)
         json_error(
             client.post("/api/v1/persistent-speakers", json={"nme": "x"}), 422, "invalid_request"
         )
+        # A body that is not JSON, or JSON Python will not read (nested 100,000 deep, a
+        # 5,000-digit number): "There was an error parsing the body", code http_error, or
+        # "body.1: JSON decode error"; now what is wrong with it, and where
+        json_body = {"Content-Type": "application/json"}
+        rename = "/api/v1/persistent-speakers/rename"
+        for body, says in [
+            ("{", "at character 1"),
+            ("[" * 100_000, "recursion"),
+            ('{"name": ' + "9" * 5000 + "}", "digits"),
+        ]:
+            refused = client.post(rename, content=body, headers=json_body)
+            message = json_error(refused, 422, "invalid_request")
+            assert message.startswith("body: not valid JSON") and says in message, message
         message = json_error(
             client.post(
                 "/api/v1/analysis/upload",
