@@ -415,6 +415,24 @@ def _upload_recording(client: httpx.Client, clip: str) -> str:
     return rec_id
 
 
+def test_a_speaker_named_with_a_slash_can_be_listened_to_and_deleted(daemon: HttpDaemon) -> None:
+    # A name is any text up to 100 characters; one with a "/" (AC/DC) could be enrolled over
+    # HTTP but its clips and its deletion were a 404 from the router ("Not Found"): the
+    # client's %2F is a "/" in the path the routes match.
+    clip = ("files", ("acdc.flac", (TEST_DATA / "ls_2609_0000.flac").read_bytes()))
+    with daemon.client() as client:
+        enrolled = client.post(
+            "/api/v1/persistent-speakers/upload", data={"name": "AC/DC"}, files=[clip]
+        )
+        assert enrolled.status_code == 201, enrolled.text
+        clips = client.get("/api/v1/persistent-speakers/AC%2FDC/clips")
+        assert clips.status_code == 200 and clips.json() == [], clips.text
+        deleted = client.delete("/api/v1/persistent-speakers/AC%2FDC")
+        assert deleted.status_code == 200 and deleted.json()["name"] == "AC/DC", deleted.text
+        names = [p["name"] for p in client.get("/api/v1/persistent-speakers").json()]
+        assert "AC/DC" not in names
+
+
 def test_speakers_enrol_identify_review_merge_opt_out_and_delete(daemon: HttpDaemon) -> None:
     base = "/api/v1/persistent-speakers"
     with daemon.client() as client:
