@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -279,6 +280,27 @@ def test_audio_cut_short_or_longer_by_its_header_is_refused_saying_so(daemon: Ht
         assert client.get("/api/v1/recordings", params=listed).json()["recordings"] == before
     uploads = Path(daemon.env["MERAUDIOD_STORAGE__DATA_DIR"]) / "uploads"
     assert not [p for p in uploads.rglob("*") if p.is_file()]  # no temporary file left
+
+
+def _wav(channels: int, bits: int, data: bytes) -> bytes:
+    """A PCM WAV file's bytes with the header's channels and bits as given (maybe lies)."""
+    block = channels * bits // 8
+    fmt = struct.pack("<HHIIHH", 1, channels, 16000, 16000 * block, block, bits)
+    body = b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def test_wav_headers_no_decoder_can_follow_are_not_audio(daemon: HttpDaemon) -> None:
+    # 64 channels, or 0 bits a sample: FFmpeg opens the file but has no decoder for it (no
+    # codec context), or its resampler fails as it is flushed, outside the decoder's error
+    # handling: 500 internal, two tracebacks, and the connection closed under the client.
+    speech = decode_file(DEMO)[: 3 * 16000].astype("<i2").tobytes()
+    with daemon.client() as client:
+        for name, data in [("64.wav", _wav(64, 16, speech)), ("0bits.wav", _wav(1, 0, speech))]:
+            response = client.post("/api/v1/analysis/upload", files={"file": (name, data)})
+            assert name in json_error(response, 415, "unsupported_media")
+    assert "Traceback" not in daemon.log()
 
 
 def test_a_json_body_is_refused_past_a_megabyte(daemon: HttpDaemon) -> None:
