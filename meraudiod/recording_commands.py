@@ -142,6 +142,8 @@ def _recordings_get(ctx: CommandContext, args: IdArgs) -> Any:
     data = recording_details(ctx.conn, ctx.settings.storage.audio_dir, args.id)
     if data is None:
         raise NotFound(f"no recording {args.id}")
+    if ctx.remote:  # where the file lives is the device's business (paths: admin only)
+        data.pop("audio_path", None)
     return data
 
 

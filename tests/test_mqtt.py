@@ -95,6 +95,8 @@ def test_commands_listening_and_bad_payloads(env: dict[str, str], broker: Broker
         rec_id = listed["data"][0]["id"]
         got = request(sub, "recordings/get", json.dumps({"id": rec_id}))
         assert got["data"]["id"] == rec_id and got["data"]["segments"]
+        # where the file lives is the device's business, as over HTTP (paths: admin only)
+        assert "audio_path" not in got["data"] and b"/audio/" not in sub.on("/get")[-1].payload
         searched = request(sub, "recordings/list", json.dumps({"search": "amiable"}))
         assert len(searched["data"]) == 2
         assert request(sub, "speakers/list", "{}")["data"] == []
