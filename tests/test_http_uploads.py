@@ -238,3 +238,29 @@ def test_status_counts_the_data_directory_while_files_come_and_go(daemon: HttpDa
         shutil.rmtree(churn)
     assert codes == [200] * len(codes), codes
     assert "FileNotFoundError" not in daemon.log()
+
+
+def test_the_file_part_without_a_file_name_is_the_file(daemon: HttpDaemon) -> None:
+    # A form's `file` part sent without a filename (a client that does not name it, or
+    # names it only in RFC 5987's filename*) was read as a text field and refused with
+    # "body.file: over 4 KiB", which says nothing of what was wrong.
+    speech = io.BytesIO()
+    soundfile.write(speech, decode_file(DEMO)[: 2 * 16000], 16000, format="WAV")
+    for disposition in (
+        b'form-data; name="file"',
+        b"form-data; name=\"file\"; filename*=UTF-8''%E2%82%AC.wav",
+    ):
+        body = (
+            f"--{_BOUNDARY}\r\nContent-Disposition: ".encode()
+            + disposition
+            + b"\r\n\r\n"
+            + speech.getvalue()
+            + f"\r\n--{_BOUNDARY}--\r\n".encode()
+        )
+        with httpx.Client(base_url=daemon.url, timeout=60) as client:
+            response = client.post(
+                "/api/v1/analysis/upload",
+                content=body,
+                headers={"Content-Type": f"multipart/form-data; boundary={_BOUNDARY}"},
+            )
+        assert response.status_code == 202, (disposition, response.text)

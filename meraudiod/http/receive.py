@@ -107,13 +107,15 @@ class _FormParts:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        if b"filename" not in options:
+        # The file field's part is a file with or without a filename (a client may not name
+        # it): read as a text field, it was refused as "over 4 KiB".
+        if b"filename" not in options and name != self._file_field:
             if len(self.form.fields) >= _MAX_FIELDS:
                 raise ApiError(400, "bad_request", f"more than {_MAX_FIELDS} form fields")
             self._part = name
         elif name == self._file_field and len(self.form.files) < self._max_files:
             received = ReceivedFile(
-                self._folder / f"{ULID()}.part", _printable(options[b"filename"])
+                self._folder / f"{ULID()}.part", _printable(options.get(b"filename", b""))
             )
             self.form.files.append(received)
             self.pending.append((received.path, b""))  # an empty file is a file too
