@@ -36,7 +36,12 @@ class AudioDecodeError(Exception):
 
 class AudioTruncatedError(AudioDecodeError):
     """A file ends early or is damaged part of the way in; what came before was decoded and
-    used. The message names the file, where it was cut and why."""
+    used. The message names the file, where it was cut and why; `where` says the last two
+    without the file's path (for a caller that names the file otherwise)."""
+
+    def __init__(self, message: str, where: str) -> None:
+        super().__init__(message)
+        self.where = where
 
 
 @dataclass(frozen=True)
@@ -213,7 +218,8 @@ def _iter_av_pcm(path: Path, block_s: float) -> Iterator[Int16Array]:
         if not container.streams.audio:
             raise AudioDecodeError(f"no audio stream in {path}")
         stream = container.streams.audio[0]
-        rate_hz = int(stream.codec_context.sample_rate or 0)
+        # No codec context: FFmpeg has no decoder for what the header says (0 bits a sample).
+        rate_hz = int(getattr(stream.codec_context, "sample_rate", 0) or 0)
         if rate_hz == 0:
             raise AudioDecodeError(f"no audio could be decoded from {path} (empty, or not audio)")
         if not _MIN_FILE_RATE_HZ <= rate_hz <= _MAX_FILE_RATE_HZ:
@@ -241,24 +247,29 @@ def _iter_av_pcm(path: Path, block_s: float) -> Iterator[Int16Array]:
                     pending, pending_samples = [], 0
         except av.error.FFmpegError as exc:
             cut = _reason(exc)
-        pending.append(_frames_to_int16(resampler.resample(None)))
-        decoded_samples += pending[-1].size
+        try:  # the flush can fail too (a 64-channel layout the resampler refuses)
+            pending.append(_frames_to_int16(resampler.resample(None)))
+            decoded_samples += pending[-1].size
+        except av.error.FFmpegError as exc:
+            cut = cut or _reason(exc)
         if decoded_samples == 0:
             raise AudioDecodeError(
                 f"no audio could be decoded from {path}"
                 + (f": {cut}" if cut else " (empty, or not audio)")
             )
-        yield np.concatenate(pending)
+        if pending:
+            yield np.concatenate(pending)
         decoded_s = decoded_samples / SAMPLE_RATE_HZ
         if cut is not None:
+            where = f"cut at {decoded_s:.1f} s: {cut}"
             raise AudioTruncatedError(
-                f"audio file {path} is cut at {decoded_s:.1f} s: {cut}"
-                " (the audio before it was used)"
+                f"audio file {path} is {where} (the audio before it was used)", where
             )
         if announced_s is not None and decoded_s < announced_s - _SHORTFALL_S:
+            where = f"{decoded_s:.1f} s of the {announced_s:.1f} s its header announces"
             raise AudioTruncatedError(
-                f"audio file {path} gave {decoded_s:.1f} s of the {announced_s:.1f} s its"
-                " header announces: cut or damaged (what could be decoded was used)"
+                f"audio file {path} gave {where}: cut or damaged (what could be decoded was used)",
+                where,
             )
 
 

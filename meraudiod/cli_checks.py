@@ -45,7 +45,7 @@ def config_check(config_path: Path | None, as_json: bool) -> None:
     if problems:
         raise click.ClickException("; ".join(problems))
     if as_json:
-        echo_json(settings.model_dump(mode="json", exclude={"mqtt": {"password"}}))
+        echo_json(settings.without_secrets())
         return
     click.echo(f"configuration ok (data in {settings.storage.data_dir})")
 

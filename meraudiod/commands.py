@@ -51,7 +51,7 @@ def _status(ctx: CommandContext, args: NoArgs) -> Any:
 
 
 def _config_get(ctx: CommandContext, args: NoArgs) -> Any:
-    return ctx.settings.model_dump(mode="json", exclude={"mqtt": {"password"}})
+    return ctx.settings.without_secrets()
 
 
 COMMANDS: dict[str, Command] = {

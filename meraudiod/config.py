@@ -36,6 +36,10 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/meraudiod/config.toml")
 ENV_CONFIG: Final = "MERAUDIOD_CONFIG"
 
 
+# Keys no output shows: a `config/get` reply goes to every subscriber of the broker.
+_SECRETS: Final = {"mqtt": {"password"}, "http": {"token"}}
+
+
 class Settings(BaseSettings):
     """All settings; the environment overrides the file."""
 
@@ -68,6 +72,11 @@ class Settings(BaseSettings):
                     f" {section}"
                 )
         return self
+
+    def without_secrets(self) -> dict[str, Any]:
+        """The settings as JSON-ready data, less the secrets (the broker's password, the HTTP
+        token): what `config/get` answers on the broker and `config check --json` prints."""
+        return self.model_dump(mode="json", exclude=_SECRETS)
 
     @classmethod
     def settings_customise_sources(

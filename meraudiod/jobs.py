@@ -63,13 +63,22 @@ def _mine(origin: str | None) -> tuple[str, tuple[str, ...]]:
     return ("origin = ?", (origin,)) if origin is not None else ("origin IS NULL", ())
 
 
+# Sorts a job false (0) for the device's own audio, true (1) for an upload's (http/uploads.py).
+_UPLOADED_LAST: Final = (
+    "(SELECT source LIKE 'upload:%' OR source LIKE 'client:%' FROM recordings"
+    " WHERE recordings.id = jobs.recording_id)"
+)
+
+
 def claim(
     conn: sqlite3.Connection,
     lease_s: float,
     owner: str | None = None,
     origin: str | None = None,
 ) -> Job | None:
-    """Take the oldest pending job that is due, leased to this process for `lease_s` seconds.
+    """Take the oldest pending job that is due, leased to this process for `lease_s` seconds;
+    the device's own audio (microphone, live streams) before files uploaded over HTTP, so a
+    flood of uploads never holds up the room's transcripts.
 
     Only jobs of `origin` (None: the daemon's) are taken. A job last updated "in the
     future" was failed before the clock was set back (a bad RTC, then NTP): its retry time
@@ -84,7 +93,7 @@ def claim(
             "UPDATE jobs SET state='running', lease_until=?, owner=?,"
             " updated_at=? WHERE id = (SELECT id FROM jobs WHERE state='pending'"
             f" AND {mine} AND (not_before IS NULL OR not_before <= ? OR updated_at > ?)"
-            " ORDER BY id LIMIT 1) RETURNING id, recording_id, kind, attempts",
+            f" ORDER BY {_UPLOADED_LAST}, id LIMIT 1) RETURNING id, recording_id, kind, attempts",
             (t + lease_s, owner or owner_id(), t, *args, t, t + _FROM_THE_FUTURE_S),
         ).fetchone()
     if row is None:

@@ -52,7 +52,7 @@ _BACKOFF_MAX_S: Final = 60.0
 _BOUND_EVERY_S: Final = 60.0
 _GOODBYE_S: Final = 5.0
 _CONNACK_WAIT_S: Final = 5.0  # a broker that accepted TCP but says nothing: say so, retry
-_SAY_DROPS_EVERY_S: Final = 10.0  # a flood of switches is logged once a while, not per switch
+_SAY_DROPS_EVERY_S: Final = 10.0  # a flood of switches is logged once a while, not each
 # Lost this soon after connecting this many times in a row: most likely another client with
 # our client id (a second device with the same node_id, from a cloned SD card) takes turns.
 _SHORT_LIVED_S: Final = 10.0
@@ -95,6 +95,7 @@ class MqttLink(StageThread):
         self._backoff_s = _BACKOFF_MIN_S
         self._ever_tried = False
         self._switches_dropped = 0
+        self._refused_switch = ("", 0)  # neither ON nor OFF: the last one, and how many
         self._short_lived = 0  # connections in a row lost within _SHORT_LIVED_S
         self._drops_said_at = -_SAY_DROPS_EVERY_S
         # Events created while there was no connection are sent late and say so.
@@ -336,22 +337,40 @@ class MqttLink(StageThread):
     def _switch(self, payload: bytes) -> None:
         """Queue a listening switch for the main thread. Only the latest counts: a full queue
         (a flood) loses its oldest switch, never the newest, which had lost the owner's last
-        OFF; the drops are logged once in a while, not once each."""
-        item = Inbound("listening", "listening/set", payload)
-        while True:
-            try:
-                self.inbound.put_nowait(item)
-                break
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self.inbound.get_nowait()
-                self._switches_dropped += 1
-        if self._switches_dropped and time.monotonic() - self._drops_said_at >= _SAY_DROPS_EVERY_S:
+        OFF. A payload that is neither ON nor OFF is refused here, never queued (a flood of
+        them pushed the owner's OFF out), and the true state sent again. Drops and refusals
+        are logged once in a while, not once each."""
+        value = payload.decode("utf-8", "replace").strip().upper()
+        if value in ("ON", "OFF"):
+            item = Inbound("listening", "listening/set", value.encode())
+            while True:
+                try:
+                    self.inbound.put_nowait(item)
+                    break
+                except queue.Full:
+                    with contextlib.suppress(queue.Empty):
+                        self.inbound.get_nowait()
+                    self._switches_dropped += 1
+        else:
+            self._refused_switch = (value[:20], self._refused_switch[1] + 1)
+            with self._retained_lock:  # a UI that showed the bad value shows the truth
+                if "listening/state" in self._retained:
+                    self._retained_due.add("listening/state")
+        if time.monotonic() - self._drops_said_at < _SAY_DROPS_EVERY_S:
+            return
+        if self._switches_dropped:
             _LOGGER.warning(
                 "listening/set: a flood of switches; %d older ones dropped, the latest kept",
                 self._switches_dropped,
             )
-            self._switches_dropped = 0
+        if self._refused_switch[1]:
+            _LOGGER.warning(
+                "listening/set wants ON or OFF, got %r; %d such refused (said once in %.0f s)",
+                *self._refused_switch,
+                _SAY_DROPS_EVERY_S,
+            )
+        if self._switches_dropped or self._refused_switch[1]:
+            self._switches_dropped, self._refused_switch = 0, ("", 0)
             self._drops_said_at = time.monotonic()
 
     def _on_publish(

@@ -17,11 +17,20 @@ from .command_errors import CommandError, InvalidArguments, NotFound
 from .db import Transaction, now
 from .deletion import delete_recordings
 from .recording_views import recording_details
-from .recordings import normalise_id
+from .recordings import ULID_RE, normalise_id
 from .retention import purge
 
 # A ULID in any case ("01jd2x..." too), as stored: upper case.
 RecordingId = Annotated[str, AfterValidator(normalise_id)]
+
+
+def _ulid(value: str) -> str:
+    """A recording id that must be one (a cursor is compared, not looked up: "zzz" or a
+    lower-case id compared as text would start again from the newest)."""
+    rec_id = normalise_id(value)
+    if not ULID_RE.fullmatch(rec_id):
+        raise ValueError("not a recording id (a 26-character ULID)")
+    return rec_id
 
 
 class ListArgs(Args):
@@ -31,7 +40,7 @@ class ListArgs(Args):
     since: str | None = Field(None, description="2h, 3d, 45m or an ISO date/time")
     speaker: str | None = Field(None, max_length=100, description="Speaker name")
     limit: int = Field(20, ge=1, le=1000, description="Most rows returned")
-    cursor: str | None = Field(
+    cursor: Annotated[str, AfterValidator(_ulid)] | None = Field(
         None, max_length=26, description="Only recordings older than this id (the next page)"
     )
 
@@ -133,6 +142,8 @@ def _recordings_get(ctx: CommandContext, args: IdArgs) -> Any:
     data = recording_details(ctx.conn, ctx.settings.storage.audio_dir, args.id)
     if data is None:
         raise NotFound(f"no recording {args.id}")
+    if ctx.remote:  # where the file lives is the device's business (paths: admin only)
+        data.pop("audio_path", None)
     return data
 
 

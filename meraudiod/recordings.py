@@ -347,6 +347,10 @@ def remove_crashed_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
     return removed
 
 
+# A recording's id as stored: a ULID, in Crockford's base 32, upper case.
+ULID_RE: Final = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+
+
 def normalise_id(rec_id: str) -> str:
     """A recording id as stored: ULIDs are case-insensitive, and stored in upper case."""
     return rec_id.strip().upper()

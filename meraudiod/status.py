@@ -5,9 +5,11 @@ heartbeat's snapshot and its retained MQTT state."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
+import stat
 import time
 from datetime import datetime
 from pathlib import Path
@@ -62,6 +64,19 @@ def configured_models(settings: Settings) -> dict[str, str | None]:
     }
 
 
+def _files_bytes(folder: Path) -> int:
+    """The size of the files under `folder`. A file that goes while it is counted (an
+    upload's partial file, a recording's renamed when written) is gone, not an error: it
+    made a status request fail under a flood of uploads."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                info = os.stat(os.path.join(root, name))
+                total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+    return total
+
+
 def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) -> dict[str, Any]:
     """Everything an admin wants at a glance, from the database and the daemon's heartbeat.
 
@@ -99,11 +114,7 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
     asr_model = asr.get("model") or (settings.asr.model if backend == "local" else "wyoming")
     up = [s["uri"] for s in asr.get("servers", ()) if s.get("up")]
     data_dir = settings.storage.data_dir
-    used_mb = (
-        sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file()) / 1e6
-        if disk_use
-        else None
-    )
+    used_mb = _files_bytes(data_dir) / 1e6 if disk_use else None
     return {
         "running": running,
         "pid": heartbeat.get("pid") if running else None,

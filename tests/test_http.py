@@ -4,8 +4,10 @@ clients, real speech; uploads and their tasks, recordings, speakers, tokens and 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from meraudiod.audio import decode_file
 from tests.conftest import DEMO, TEST_DATA
 from tests.httpd import (
     SPEAKERS_CONFIG,
@@ -88,6 +91,14 @@ def test_recordings_search_page_play_and_delete(daemon: HttpDaemon) -> None:
             "/api/v1/recordings", params={"limit": 1, "cursor": first["next_cursor"]}
         ).json()
         assert [r["id"] for r in second["recordings"]] == [ids[0]]
+        # A cursor is an id, in any case as ids are everywhere; one that is no id is refused:
+        # compared as text, "zzz" or a lower-case id started again from the newest, and a
+        # client paging through them read its first page for ever.
+        lower = {"limit": 1, "cursor": first["next_cursor"].lower()}
+        assert client.get("/api/v1/recordings", params=lower).json() == second
+        for cursor in ("zzz", "01M8Q1NG88XKZ5ZN52JCX3T4B!"):
+            refused = client.get("/api/v1/recordings", params={"cursor": cursor})
+            assert "cursor" in json_error(refused, 422, "invalid_request")
         words = second["recordings"][0]["text"].split()
         found = client.get("/api/v1/recordings", params={"search": words[-1]}).json()
         assert ids[0] in [r["id"] for r in found["recordings"]]
@@ -101,6 +112,16 @@ def test_recordings_search_page_play_and_delete(daemon: HttpDaemon) -> None:
         assert part.status_code == 206
         assert part.headers["content-range"] == f"bytes 100-199/{len(whole.content)}"
         assert part.content == whole.content[100:200]
+        # A Range the file cannot serve was starlette's own answer: plain text, or no body
+        for bad, status, code in [
+            ("bytes=abc", 400, "bad_request"),
+            ("items=0-5", 400, "bad_request"),
+            ("bytes=5-1", 400, "bad_request"),
+            (f"bytes={len(whole.content)}-", 416, "range_not_satisfiable"),
+        ]:
+            refused = client.get(details["audio_url"], headers={"Range": bad})
+            assert "Range" in json_error(refused, status, code), bad
+        assert refused.headers["content-range"] == f"bytes */{len(whole.content)}"
 
         assert client.delete(f"/api/v1/recordings/{ids[0]}").json()["deleted"] == 1
         json_error(client.get(f"/api/v1/recordings/{ids[0]}"), 404, "not_found")
@@ -121,6 +142,19 @@ def test_every_failure_is_one_json_error_with_the_request_id(daemon: HttpDaemon)
         json_error(
             client.post("/api/v1/persistent-speakers", json={"nme": "x"}), 422, "invalid_request"
         )
+        # A body that is not JSON, or JSON Python will not read (nested 100,000 deep, a
+        # 5,000-digit number): "There was an error parsing the body", code http_error, or
+        # "body.1: JSON decode error"; now what is wrong with it, and where
+        json_body = {"Content-Type": "application/json"}
+        rename = "/api/v1/persistent-speakers/rename"
+        for body, says in [
+            ("{", "at character 1"),
+            ("[" * 100_000, "recursion"),
+            ('{"name": ' + "9" * 5000 + "}", "digits"),
+        ]:
+            refused = client.post(rename, content=body, headers=json_body)
+            message = json_error(refused, 422, "invalid_request")
+            assert message.startswith("body: not valid JSON") and says in message, message
         message = json_error(
             client.post(
                 "/api/v1/analysis/upload",
@@ -218,6 +252,55 @@ def test_a_2_gb_upload_is_refused_before_it_is_stored(daemon: HttpDaemon) -> Non
     assert sent < 64 << 20  # refused once past the limit
     big = [p for p in uploads.rglob("*") if p.is_file() and p.stat().st_size > 5e6]
     assert not big, big  # nothing near the upload's size was stored
+
+
+def test_audio_cut_short_or_longer_by_its_header_is_refused_saying_so(daemon: HttpDaemon) -> None:
+    # Real speech whose file ends early, or whose WAV header announces hours its data does not
+    # hold, was told "not an audio file this device can decode" (415): the decoder's account
+    # of where it was cut was dropped.
+    speech = decode_file(DEMO)[: 5 * 16000]
+    wav = io.BytesIO()
+    soundfile.write(wav, speech, 16000, subtype="PCM_16", format="WAV")
+    whole = wav.getvalue()
+    data_at = whole.index(b"data") + 4
+    hours = whole[:data_at] + (10 * 3600 * 32000).to_bytes(4, "little") + whole[data_at + 4 :]
+    files = {
+        "cut.wav": whole[: len(whole) // 2],
+        "hours.wav": hours,
+        "cut.flac": DEMO.read_bytes()[: DEMO.stat().st_size // 2],
+    }
+    with daemon.client() as client:
+        listed = {"limit": 1000}
+        before = client.get("/api/v1/recordings", params=listed).json()["recordings"]
+        for name, data in files.items():
+            response = client.post("/api/v1/analysis/upload", files={"file": (name, data)})
+            message = json_error(response, 422, "damaged_audio")
+            assert message.startswith(f"{name}: cut or damaged"), message
+            assert "nothing was stored" in message and ".part" not in message, message
+        assert client.get("/api/v1/recordings", params=listed).json()["recordings"] == before
+    uploads = Path(daemon.env["MERAUDIOD_STORAGE__DATA_DIR"]) / "uploads"
+    assert not [p for p in uploads.rglob("*") if p.is_file()]  # no temporary file left
+
+
+def _wav(channels: int, bits: int, data: bytes) -> bytes:
+    """A PCM WAV file's bytes with the header's channels and bits as given (maybe lies)."""
+    block = channels * bits // 8
+    fmt = struct.pack("<HHIIHH", 1, channels, 16000, 16000 * block, block, bits)
+    body = b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def test_wav_headers_no_decoder_can_follow_are_not_audio(daemon: HttpDaemon) -> None:
+    # 64 channels, or 0 bits a sample: FFmpeg opens the file but has no decoder for it (no
+    # codec context), or its resampler fails as it is flushed, outside the decoder's error
+    # handling: 500 internal, two tracebacks, and the connection closed under the client.
+    speech = decode_file(DEMO)[: 3 * 16000].astype("<i2").tobytes()
+    with daemon.client() as client:
+        for name, data in [("64.wav", _wav(64, 16, speech)), ("0bits.wav", _wav(1, 0, speech))]:
+            response = client.post("/api/v1/analysis/upload", files={"file": (name, data)})
+            assert name in json_error(response, 415, "unsupported_media")
+    assert "Traceback" not in daemon.log()
 
 
 def test_a_json_body_is_refused_past_a_megabyte(daemon: HttpDaemon) -> None:
@@ -352,6 +435,24 @@ def _upload_recording(client: httpx.Client, clip: str) -> str:
     rec_id = str(response.json()["recording_id"])
     assert wait_task(client, rec_id, "completed")["status"] == "completed"
     return rec_id
+
+
+def test_a_speaker_named_with_a_slash_can_be_listened_to_and_deleted(daemon: HttpDaemon) -> None:
+    # A name is any text up to 100 characters; one with a "/" (AC/DC) could be enrolled over
+    # HTTP but its clips and its deletion were a 404 from the router ("Not Found"): the
+    # client's %2F is a "/" in the path the routes match.
+    clip = ("files", ("acdc.flac", (TEST_DATA / "ls_2609_0000.flac").read_bytes()))
+    with daemon.client() as client:
+        enrolled = client.post(
+            "/api/v1/persistent-speakers/upload", data={"name": "AC/DC"}, files=[clip]
+        )
+        assert enrolled.status_code == 201, enrolled.text
+        clips = client.get("/api/v1/persistent-speakers/AC%2FDC/clips")
+        assert clips.status_code == 200 and clips.json() == [], clips.text
+        deleted = client.delete("/api/v1/persistent-speakers/AC%2FDC")
+        assert deleted.status_code == 200 and deleted.json()["name"] == "AC/DC", deleted.text
+        names = [p["name"] for p in client.get("/api/v1/persistent-speakers").json()]
+        assert "AC/DC" not in names
 
 
 def test_speakers_enrol_identify_review_merge_opt_out_and_delete(daemon: HttpDaemon) -> None:

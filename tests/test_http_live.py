@@ -4,7 +4,10 @@ transcripts, /ws/events sees them, the number of streams is bounded."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,8 +123,16 @@ def test_a_rate_the_stream_cannot_have_is_named(daemon: HttpDaemon) -> None:
         assert info.value.rcvd is not None
         return info.value.rcvd.code, info.value.rcvd.reason
 
-    # was "cannot stream here", the words for a daemon without a pipeline
-    for query in ("?rate_hz=1000000", "?rate_hz=44"):
+    # was "cannot stream here", the words for a daemon without a pipeline; a rate that is no
+    # whole number was refused before the handshake with a bare 403, read as a wrong token
+    for query in (
+        "?rate_hz=1000000",
+        "?rate_hz=44",
+        "?rate_hz=abc",
+        "?rate_hz=16000.5",
+        "?rate_hz=%C2%B2",
+        "?rate_hz=" + "9" * 5000,
+    ):
         code, reason = asyncio.run(closed(query))
         assert code == 1003 and "rate_hz" in reason and "8000" in reason, (query, reason)
 
@@ -166,3 +177,29 @@ def test_live_audio_streams_are_limited(daemon: HttpDaemon) -> None:
                 await asyncio.sleep(0.2)
 
     assert asyncio.run(again()) == {"type": "done", "recording_ids": []}
+
+
+def test_a_text_message_that_is_not_utf8_is_refused_in_one_line(daemon: HttpDaemon) -> None:
+    # A WebSocket text frame must be UTF-8; one that is not was closed with 1007 as it should,
+    # but uvicorn logged a traceback for it (logger.exception) in the daemon's log.
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            f"GET /ws/events HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade"
+            f"\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13"
+            f"\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+        )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        mask = os.urandom(4)
+        text = bytes(c ^ mask[i % 4] for i, c in enumerate(b"\xff\xfe"))
+        sock.sendall(bytes([0x81, 0x80 | len(text)]) + mask + text)  # FIN, text, masked
+        closing = sock.recv(4096)
+    assert closing[:1] == b"\x88" and closing[2:4] == (1007).to_bytes(2, "big"), closing
+    deadline = time.monotonic() + 10
+    while "Invalid UTF-8" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = daemon.log().splitlines()
+    said = [i for i, line in enumerate(lines) if "Invalid UTF-8" in line]
+    assert said, "the refusal is logged"
+    after = lines[said[-1] + 1 : said[-1] + 2]
+    assert not [line for line in after if line.startswith("Traceback")], after

@@ -95,6 +95,8 @@ def test_commands_listening_and_bad_payloads(env: dict[str, str], broker: Broker
         rec_id = listed["data"][0]["id"]
         got = request(sub, "recordings/get", json.dumps({"id": rec_id}))
         assert got["data"]["id"] == rec_id and got["data"]["segments"]
+        # where the file lives is the device's business, as over HTTP (paths: admin only)
+        assert "audio_path" not in got["data"] and b"/audio/" not in sub.on("/get")[-1].payload
         searched = request(sub, "recordings/list", json.dumps({"search": "amiable"}))
         assert len(searched["data"]) == 2
         assert request(sub, "speakers/list", "{}")["data"] == []
@@ -149,7 +151,16 @@ def test_commands_listening_and_bad_payloads(env: dict[str, str], broker: Broker
 
 def test_admin_commands_when_allowed(env: dict[str, str], broker: Broker) -> None:
     sub = Subscriber(broker.port, [f"{BASE}/#"])
-    proc = start_daemon(mqtt_env(env, broker, MERAUDIOD_MQTT__ALLOW_ADMIN_COMMANDS="true"))
+    # The HTTP token is set (the stage off): a secret config/get must leave out, as it does
+    # the broker's password. It was sent, on a topic every subscriber of the broker can read.
+    proc = start_daemon(
+        mqtt_env(
+            env,
+            broker,
+            MERAUDIOD_MQTT__ALLOW_ADMIN_COMMANDS="true",
+            MERAUDIOD_HTTP__TOKEN="http-token-never-published",
+        )
+    )
     try:
         sub.wait_online(60)
         assert proc.stdin is not None
@@ -160,6 +171,8 @@ def test_admin_commands_when_allowed(env: dict[str, str], broker: Broker) -> Non
         config = request(sub, "config/get", "")
         assert config["status"] == "ok" and config["data"]["mqtt"]["host"] == "127.0.0.1"
         assert "password" not in config["data"]["mqtt"]
+        assert "token" not in config["data"]["http"]
+        assert b"http-token-never-published" not in sub.on("/response/config/get")[-1].payload
         deleted = request(sub, "recordings/delete", json.dumps({"ids": ids[:2]}))
         assert deleted["data"] == {"deleted": 2, "missing": 0}
         again = request(sub, "reprocess", json.dumps({"ids": ids[2:3]}))

@@ -71,6 +71,7 @@ def test_crafted_payloads_get_clear_errors_and_the_daemon_stays(
         ("recordings/list", json.dumps({"limit": "5", "transaction": "s"}), "limit"),
         ("recordings/list", json.dumps({"limit": 5.0}), "limit"),
         ("recordings/get", json.dumps({"id": ["01M89D7G25TVATVQW1DF088EWQ"]}), "id"),
+        ("recordings/list", json.dumps({"cursor": "zzz"}), "cursor"),
         ("purge", json.dumps({"older_than_days": "1"}), "allow_admin_commands"),
     ]:
         reply = request(sub, command, payload)
@@ -185,6 +186,29 @@ def test_the_last_listening_switch_of_a_flood_is_obeyed(
         client.loop_stop()
         stop_daemon(proc)
         sub.close()
+
+
+def test_a_flood_of_switches_that_are_neither_on_nor_off_loses_no_real_one(
+    daemon: tuple[subprocess.Popen[bytes], Subscriber], broker: Broker
+) -> None:
+    # Payloads that are no switch ("bogus") were queued for the main thread like real ones:
+    # a flood of them pushed the owner's OFF out of the bounded queue (the oldest go), then
+    # each was refused with a warning of its own (hundreds of log lines a second).
+    proc, sub = daemon
+    client = hostile_client(broker)
+    try:
+        for i in range(3000):
+            client.publish(f"{BASE}/listening/set", f"bogus{i}" if i != 2000 else "OFF", qos=0)
+        client.publish(f"{BASE}/listening/set", "bogus-last", qos=1).wait_for_publish(30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    sub.wait_for(lambda: sub.on("/listening/state")[-1].payload == b"OFF", 30)
+    time.sleep(2)  # what is still queued is handled
+    assert request(sub, "status", "{}", timeout_s=60)["data"]["listening"] is False
+    stderr = finish(proc)
+    warnings = [line for line in stderr.splitlines() if "listening/set wants ON or OFF" in line]
+    assert 1 <= len(warnings) <= 3, warnings[:5]
 
 
 # --- issue 11 item 2 ------------------------------------------------------------------------

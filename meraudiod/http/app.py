@@ -13,7 +13,7 @@ import threading
 import time
 from http.cookies import CookieError, SimpleCookie
 from importlib import resources
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -271,6 +271,19 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
     return app
 
 
+_UNPARSED: Final = "There was an error parsing the body"  # FastAPI's HTTPException detail
+
+
+def _problem(error: Any) -> str:
+    """One validation error: where, and what is wrong (for a body that is not JSON, the
+    parser's reason and its position, where FastAPI says `body.<position>: JSON decode
+    error`)."""
+    if error["type"] == "json_invalid":
+        where = error["loc"][-1]
+        return f"body: not valid JSON at character {where}: {error['ctx']['error']}"
+    return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+
+
 def _asset(name: str) -> str:
     return (resources.files("meraudiod.http") / "page" / name).read_text(encoding="utf-8")
 
@@ -278,11 +291,24 @@ def _asset(name: str) -> str:
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message)
+        response = _error(exc.status, exc.code, exc.message)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 408: "timeout", 413: "too_large"}
+        if exc.status_code == 400 and exc.detail == _UNPARSED and exc.__cause__ is not None:
+            # FastAPI's words for JSON Python will not read (nested too deep, a number of
+            # thousands of digits), which hide why
+            why = str(exc.__cause__).split(";")[0]  # not Python's advice on its own limits
+            return _error(422, "invalid_request", f"body: not valid JSON: {why}")
+        codes = {
+            400: "bad_request",
+            404: "not_found",
+            405: "method_not_allowed",
+            408: "timeout",
+            413: "too_large",
+        }
         response = _error(
             exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
         )
@@ -291,9 +317,7 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(_problem(e) for e in exc.errors())
         return _error(422, "invalid_request", problems)
 
     @app.exception_handler(Exception)

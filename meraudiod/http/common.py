@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,20 +23,23 @@ from ..commands import (
 )
 from ..config import Settings
 from ..db import open_db
+from ..recordings import ULID_RE
 
 _LOGGER = logging.getLogger(__name__)
-ULID_RE: Final = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
 class ApiError(Exception):
     """A failure answered as `{"error": {"code", "message", "request_id"}}`."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or {}
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:

@@ -120,7 +120,7 @@ class SocketStream:
 
 
 @router.websocket("/ws/audio")
-async def ws_audio(websocket: WebSocket, rate_hz: int = SAMPLE_RATE_HZ) -> None:
+async def ws_audio(websocket: WebSocket, rate_hz: str = str(SAMPLE_RATE_HZ)) -> None:
     """Stream 16 kHz (or `?rate_hz=`) mono s16le as binary messages; speech start/end and
     transcript events come back as JSON. Send the text `end` to finish: the transcripts of
     what was said are sent, then `{"type": "done"}`, and the socket closes."""
@@ -131,14 +131,17 @@ async def ws_audio(websocket: WebSocket, rate_hz: int = SAMPLE_RATE_HZ) -> None:
     if daemon is None:
         await websocket.close(1011, "cannot stream here")
         return
-    if not 8000 <= rate_hz <= 192000:
-        await websocket.close(1003, f"rate_hz must be 8000 to 192000, not {rate_hz}")
+    # Read here, not by FastAPI: its refusal of a rate that is no number came before the
+    # handshake, a bare 403 a client takes for a wrong token.
+    rate = int(rate_hz) if rate_hz.isdecimal() and len(rate_hz) <= 6 else 0
+    if not 8000 <= rate <= 192000:
+        await websocket.close(1003, f"rate_hz must be 8000 to 192000, not {rate_hz[:20]}")
         return
     if not slots.acquire(blocking=False):  # each stream costs a VAD and a listener thread
         await websocket.close(1013, f"at most {MAX_LIVE_STREAMS} live audio streams at once")
         return
     try:
-        await _stream(websocket, ctx, daemon, rate_hz)
+        await _stream(websocket, ctx, daemon, rate)
     finally:
         slots.release()
 

@@ -41,7 +41,7 @@ class ReceivedFile:
     """An uploaded file on disk, and what the client called it."""
 
     path: Path
-    name: str
+    name: str  # printable: control characters are spaces
 
 
 @dataclass
@@ -107,13 +107,15 @@ class _FormParts:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        if b"filename" not in options:
+        # The file field's part is a file with or without a filename (a client may not name
+        # it): read as a text field, it was refused as "over 4 KiB".
+        if b"filename" not in options and name != self._file_field:
             if len(self.form.fields) >= _MAX_FIELDS:
                 raise ApiError(400, "bad_request", f"more than {_MAX_FIELDS} form fields")
             self._part = name
         elif name == self._file_field and len(self.form.files) < self._max_files:
             received = ReceivedFile(
-                self._folder / f"{ULID()}.part", options[b"filename"].decode("utf-8", "replace")
+                self._folder / f"{ULID()}.part", _printable(options.get(b"filename", b""))
             )
             self.form.files.append(received)
             self.pending.append((received.path, b""))  # an empty file is a file too
@@ -133,6 +135,12 @@ class _FormParts:
         elif self._part is not None:
             self.form.fields[self._part] = self._text.decode("utf-8", "replace")
         self._part = None
+
+
+def _printable(name: bytes) -> str:
+    """A client's file name as text with no control characters (each one a space): it is
+    logged and shown, and a line feed in it wrote a log line of the client's choosing."""
+    return "".join(c if c.isprintable() else " " for c in name.decode("utf-8", "replace"))
 
 
 BINARY: Final = {"type": "string", "format": "binary"}  # a file field's OpenAPI schema
@@ -159,10 +167,14 @@ async def received_form(
         raise ApiError(
             422, "invalid_request", f"body: a multipart form with a `{file_field}` field"
         )
-    folder.mkdir(parents=True, exist_ok=True)
     parts = _FormParts(folder, file_field, max_files)
+    try:  # the parser refuses a boundary over 256 bytes as it is made
+        parser = MultipartParser(params[b"boundary"], parts.callbacks())
+    except FormParserError as exc:
+        raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        await _receive(request, MultipartParser(params[b"boundary"], parts.callbacks()), parts)
+        await _receive(request, parser, parts)
         if not parts.form.files or parts.complete < len(parts.form.files):
             raise ApiError(422, "invalid_request", f"body.{file_field}: Field required")
         yield parts.form

@@ -6,12 +6,34 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from ..recordings import audio_file
 from .common import ApiError, HttpContext, check_id, run_command
 
 router = APIRouter(prefix="/api/v1/recordings", tags=["recordings"])
 _MEDIA_TYPES = {".flac": "audio/flac", ".wav": "audio/wav"}
+
+
+class AudioResponse(FileResponse):
+    """A file with range requests whose refusals have the API's one error shape: starlette
+    answers a Range it cannot serve itself, in plain text (400) or with no body (416)."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        # Raised before a byte is sent: the route's error handlers answer it.
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader as exc:
+            why = exc.content.removeprefix("Range header: ")
+            raise ApiError(400, "bad_request", f"Range {http_range[:40]!r}: {why}") from exc
+        except RangeNotSatisfiable as exc:
+            raise ApiError(
+                416,
+                "range_not_satisfiable",
+                f"Range {http_range[:40]!r}: the audio has {exc.max_size} bytes",
+                headers={"Content-Range": f"bytes */{exc.max_size}"},
+            ) from exc
 
 
 def context(request: Request) -> HttpContext:
@@ -49,7 +71,7 @@ def get_recording(rec_id: str, ctx: HttpContext = Depends(context)) -> Any:
 
 
 @router.get("/{rec_id}/audio", response_class=FileResponse)
-def get_audio(rec_id: str, ctx: HttpContext = Depends(context)) -> FileResponse:
+def get_audio(rec_id: str, ctx: HttpContext = Depends(context)) -> AudioResponse:
     """The recording's audio; HTTP range requests let a player seek."""
     check_id(rec_id)
     with ctx.connect() as conn:
@@ -62,7 +84,7 @@ def get_audio(rec_id: str, ctx: HttpContext = Depends(context)) -> FileResponse:
     if path is None or not path.is_file():
         raise ApiError(410, "gone", f"recording {rec_id} has no audio any more")
     media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
-    return FileResponse(
+    return AudioResponse(
         path,
         media_type=media_type,
         filename=f"{rec_id}{path.suffix}",

@@ -100,7 +100,8 @@ def opt_out(args: OptOutArgs, ctx: HttpContext = Depends(context)) -> Any:
     return run_command(ctx, "speakers/opt-out", args.model_dump())
 
 
-@router.delete("/{name}")
+# `:path`: a name may hold a "/" (AC/DC), which the client's %2F is in the path matched.
+@router.delete("/{name:path}")
 def delete(
     name: str,
     recordings: bool = Query(False, description="Also delete what they said"),
@@ -110,7 +111,7 @@ def delete(
     return run_command(ctx, "speakers/delete", {"name": name, "recordings": recordings})
 
 
-@router.get("/{name}/clips")
+@router.get("/{name:path}/clips")
 def clips(name: str, ctx: HttpContext = Depends(context)) -> Any:
     """Where this voice was heard, newest first: play `audio_url` from `start_s` to `end_s`."""
     rows = run_command(ctx, "speakers/clips", {"name": name})

@@ -70,6 +70,7 @@ class HttpStage(StageThread):
         _clear_uploads(self.settings.storage.data_dir / "uploads")
         for handler in logging.getLogger().handlers:
             handler.addFilter(RequestIdFilter())
+        logging.getLogger("uvicorn.error").addFilter(_client_errors_in_one_line)
         config = uvicorn.Config(
             create_app(self.context, token),
             log_config=None,  # the daemon's logging, not uvicorn's
@@ -110,3 +111,17 @@ def _clear_uploads(folder: Path) -> None:
     for entry in folder.glob("*.part"):
         if entry.is_file():
             entry.unlink(missing_ok=True)
+
+
+# What uvicorn logs with a traceback though the fault is the client's, not the daemon's.
+_CLIENT_FAULTS: Final = ("Invalid UTF-8 sequence received from client.",)
+
+
+def _client_errors_in_one_line(record: logging.LogRecord) -> bool:
+    """A client's malformed message (a WebSocket text frame that is not UTF-8, closed with
+    1007) is one warning line: uvicorn logged it with a traceback, as if the daemon had
+    failed."""
+    if record.msg in _CLIENT_FAULTS:
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True

@@ -18,7 +18,13 @@ from typing import Any, Final, TypeVar
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..audio import SAMPLE_RATE_HZ, AudioDecodeError, Int16Array, iter_file_pcm
+from ..audio import (
+    SAMPLE_RATE_HZ,
+    AudioDecodeError,
+    AudioTruncatedError,
+    Int16Array,
+    iter_file_pcm,
+)
 from ..config import Settings
 from ..db import now
 from ..recording_views import analysis_record
@@ -41,7 +47,8 @@ def upload_blocks(
 ) -> Generator[Int16Array, None, None]:
     """An uploaded file's audio, a block at a time (the format is judged by decoding it, not
     by its name): 415 when it is not audio, 413 as soon as it (after `before_s` of earlier
-    clips of the same request) passes `limit_s`, so nothing beyond the limit is decoded."""
+    clips of the same request) passes `limit_s`, so nothing beyond the limit is decoded; 422
+    when it is cut short (or its header announces more than it holds)."""
     limit_samples = int(limit_s * SAMPLE_RATE_HZ)
     seen = int(before_s * SAMPLE_RATE_HZ)
     try:
@@ -55,6 +62,10 @@ def upload_blocks(
                     " (http.max_upload_audio_s)",
                 )
             yield block
+    except AudioTruncatedError as exc:  # audio, but not all of it: stored, it would lie
+        raise ApiError(
+            422, "damaged_audio", f"{name}: cut or damaged ({exc.where}); nothing was stored"
+        ) from exc
     except AudioDecodeError as exc:
         raise ApiError(
             415, "unsupported_media", f"{name}: not an audio file this device can decode"
