@@ -290,7 +290,16 @@ def analyze(
     type=click.Choice(BENCH_SECTIONS),
     help="Measure this part only (repeatable); the verdict needs asr, speakers and pipeline.",
 )
-def bench(config_path: Path | None, as_json: bool, sections: tuple[str, ...]) -> None:
+@click.option(
+    "--clip-s",
+    type=click.FloatRange(5.0, 35.0),
+    default=20.0,
+    show_default=True,
+    help="Seconds of the sample the daemon runs on at real time (pipeline): shorter is quicker.",
+)
+def bench(
+    config_path: Path | None, as_json: bool, sections: tuple[str, ...], clip_s: float
+) -> None:
     """Measure this device with the configured models on the bundled sample (under 2 minutes):
     VAD cost and listening CPU, ASR real-time factor and latency (each against the bare
     library), speaker-embedding cost, the daemon's peak memory, disk writes per recorded hour,
@@ -320,6 +329,7 @@ def bench(config_path: Path | None, as_json: bool, sections: tuple[str, ...]) ->
         str(config_path) if config_path else None,
         lambda stage: click.echo(f"measuring {stage} ...", err=True),
         only=sections or None,
+        clip_s=clip_s,
     )
     if as_json:
         echo_json(figures)

@@ -53,7 +53,9 @@ def test_bench_reports_figures_with_ratios_against_the_bare_library(
     # All but listening at real time, which takes half a minute here and is measured by
     # the next test on a shorter window, through the same function.
     sections = ("vad", "asr", "speakers", "pipeline", "memory")
-    result = cli("bench", "--json", *(f"--only={s}" for s in sections), env=env, timeout_s=300)
+    # The daemon on the sample's first 10 s (one utterance) instead of 20: 30 s less.
+    only = [f"--only={s}" for s in sections]
+    result = cli("bench", "--json", *only, "--clip-s", "10", env=env, timeout_s=300)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
     for key in (
@@ -95,7 +97,7 @@ def test_bench_reports_figures_with_ratios_against_the_bare_library(
     assert "ctranslate2" in figures and "cpu_features" in figures
     assert not [key for key in figures if key.startswith("listening")]
     assert "this machine" in figures["timings_note"]
-    assert figures["pipeline_recordings"] == 3  # the first 20 s of the sample: three utterances
+    assert figures["pipeline_recordings"] == 1  # the first 10 s of the sample: one utterance
     # The writes split: the log is part of the database's, which with the audio is the whole.
     database = figures["database_mb_per_recorded_hour"]
     whole = figures["audio_mb_per_recorded_hour"] + database  # each rounded to 0.1
@@ -111,8 +113,8 @@ def test_bench_reports_figures_with_ratios_against_the_bare_library(
     ):
         assert isinstance(figures[key], int | float) and figures[key] > 0, key
     assert figures["mqtt_audio_mb_per_recorded_hour"] == figures["audio_mb_per_recorded_hour"]
-    # Three recordings: a start and an end of speech and a transcript each, at least.
-    assert figures["mqtt_events_received"] >= 9
+    # One recording: a start and an end of speech and a transcript, at least.
+    assert figures["mqtt_events_received"] >= 3
     assert isinstance(figures["keeps_up"], bool) and figures["verdict"]
     assert figures["bench_s"] > 0  # how long is a figure of this machine, not a test
 
