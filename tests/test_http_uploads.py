@@ -184,24 +184,34 @@ def test_a_long_upload_round_trips_without_growing_the_daemon(
     assert not _files(_data(daemon) / "uploads")  # the received file went with the request
 
 
+def _two_seconds_wav() -> bytes:
+    """The demo's first 2 s as a WAV file."""
+    speech = io.BytesIO()
+    soundfile.write(speech, decode_file(DEMO)[: 2 * 16000], 16000, format="WAV")
+    return speech.getvalue()
+
+
+def _post_form(daemon: HttpDaemon, path: str, body: bytes) -> httpx.Response:
+    """A multipart body made by hand (what httpx would not send) posted to `path`."""
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        return client.post(
+            path,
+            content=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={_BOUNDARY}"},
+        )
+
+
 def test_a_file_name_cannot_forge_a_log_line(daemon: HttpDaemon) -> None:
     # The client's file name is logged with the recording it stored ("... from client:NAME")
     # and kept as its source: a line feed in it wrote a line of the client's own into the
     # daemon's log (a NUL, a binary journal entry).
-    speech = io.BytesIO()
-    soundfile.write(speech, decode_file(DEMO)[: 2 * 16000], 16000, format="WAV")
     name = b"a\nFAKE ERROR forged line\x00.wav"
     body = (
         _PART.replace(b'filename="cut.wav"', b'filename="' + name + b'"')
-        + speech.getvalue()
+        + _two_seconds_wav()
         + f"\r\n--{_BOUNDARY}--\r\n".encode()
     )
-    with httpx.Client(base_url=daemon.url, timeout=60) as client:
-        response = client.post(
-            "/api/v1/vad/upload_recording",
-            content=body,
-            headers={"Content-Type": f"multipart/form-data; boundary={_BOUNDARY}"},
-        )
+    response = _post_form(daemon, "/api/v1/vad/upload_recording", body)
     assert response.status_code == 202, response.text
     rec_id = response.json()["recording_id"]
     source = db_rows(daemon.env, f"SELECT source FROM recordings WHERE id = '{rec_id}'")[0][0]
@@ -244,8 +254,7 @@ def test_the_file_part_without_a_file_name_is_the_file(daemon: HttpDaemon) -> No
     # A form's `file` part sent without a filename (a client that does not name it, or
     # names it only in RFC 5987's filename*) was read as a text field and refused with
     # "body.file: over 4 KiB", which says nothing of what was wrong.
-    speech = io.BytesIO()
-    soundfile.write(speech, decode_file(DEMO)[: 2 * 16000], 16000, format="WAV")
+    speech = _two_seconds_wav()
     for disposition in (
         b'form-data; name="file"',
         b"form-data; name=\"file\"; filename*=UTF-8''%E2%82%AC.wav",
@@ -254,13 +263,8 @@ def test_the_file_part_without_a_file_name_is_the_file(daemon: HttpDaemon) -> No
             f"--{_BOUNDARY}\r\nContent-Disposition: ".encode()
             + disposition
             + b"\r\n\r\n"
-            + speech.getvalue()
+            + speech
             + f"\r\n--{_BOUNDARY}--\r\n".encode()
         )
-        with httpx.Client(base_url=daemon.url, timeout=60) as client:
-            response = client.post(
-                "/api/v1/analysis/upload",
-                content=body,
-                headers={"Content-Type": f"multipart/form-data; boundary={_BOUNDARY}"},
-            )
+        response = _post_form(daemon, "/api/v1/analysis/upload", body)
         assert response.status_code == 202, (disposition, response.text)
