@@ -135,7 +135,7 @@ def enroll(
     error naming it, and nothing is enrolled. Sources with too little speech are reported and
     skipped; nothing is stored unless at least one source gives an embedding.
     """
-    check_name(name)
+    name = check_name(name)
     found: list[tuple[str, Float32Array, float]] = []
     results = []
     seen: set[Path] = set()

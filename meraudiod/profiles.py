@@ -12,6 +12,7 @@ that recordings matched to it are deleted once processed (worker.py).
 from __future__ import annotations
 
 import sqlite3
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -73,21 +74,31 @@ class ProfileInfo:
 
 
 def profile_row(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
-    """The named profile's row; Missing names the command that lists them."""
-    row = conn.execute("SELECT * FROM speakers WHERE name=?", (name,)).fetchone()
+    """The named profile's row (the name as typed, or without its surrounding spaces);
+    Missing names the command that lists them."""
+    row = conn.execute(
+        "SELECT * FROM speakers WHERE name IN (?, ?) ORDER BY name=? DESC",
+        (name, name.strip(), name),
+    ).fetchone()
     if row is None:
         raise Missing(f"no speaker named {name!r} (see `meraudiod speakers list`)")
     return row  # type: ignore[no-any-return]
 
 
-def check_name(name: str) -> None:
-    """A person's name: not empty, and not of the form the device gives unknown voices."""
-    if not name.strip():
+def check_name(name: str) -> str:
+    """A person's name as stored, without surrounding spaces (" Alice" is Alice, not a
+    second person): not empty, no control characters (a new line would forge a line of a
+    log or a table), and not of the form the device gives unknown voices."""
+    name = name.strip()
+    if not name:
         raise ProfileError("a speaker needs a name")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise ProfileError(f"{name!r}: a speaker's name cannot hold control characters")
     if is_provisional_name(name):
         raise ProfileError(
             f"{name!r} has the form of a provisional voice (unknown-N): choose another name"
         )
+    return name
 
 
 def consistency(vectors: Float32Array, calibration: Calibration) -> float | None:
@@ -147,7 +158,7 @@ def list_profiles(
 
 def rename(conn: sqlite3.Connection, old: str, new: str) -> None:
     """Give a profile a new name; a provisional one becomes a named person."""
-    check_name(new)
+    new = check_name(new)
     with Transaction(conn):
         speaker = profile_row(conn, old)
         if conn.execute("SELECT 1 FROM speakers WHERE name=?", (new,)).fetchone():

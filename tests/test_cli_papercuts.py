@@ -436,3 +436,23 @@ def test_a_models_directory_this_user_may_not_read_is_one_line(
         line = result.stderr.strip().splitlines()[-1]
         assert f"cannot read {models_dir}/" in line, line
         assert f"Permission denied (storage.models_dir {models_dir})" in line, line
+
+
+def test_a_name_with_spaces_around_it_is_the_same_person(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    # " Alice" (pasted, or quoted with a space) was a second person beside "Alice".
+    first, second = (str(TEST_DATA / f"ls_3080_000{i}.flac") for i in (0, 3))
+    assert cli("speakers", "enroll", "Alice", first, env=env).returncode == 0
+    result = cli("speakers", "enroll", " Alice ", second, env=env)
+    assert result.returncode == 0, result.stderr
+    (alice,) = json.loads(cli("speakers", "list", "--json", env=env).stdout)
+    assert alice["name"] == "Alice" and alice["embeddings"] == 2, alice
+    assert cli("speakers", "rename", "Alice ", "  Bob", env=env).returncode == 0
+    assert [p["name"] for p in json.loads(cli("speakers", "list", "--json", env=env).stdout)] == [
+        "Bob"
+    ]
+    # A new line in a name would forge a line of the log or of `speakers list`.
+    result = cli("speakers", "rename", "Bob", "Bob\nCarol", env=env)
+    assert result.returncode == 1 and "control characters" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
