@@ -113,12 +113,11 @@ def refuse_unmounted(paths: Mapping[str, Path]) -> None:
         raise click.ClickException(problem)
 
 
-def open_store(
-    settings: Settings, create: bool = False, freeing: bool = False
-) -> sqlite3.Connection:
+def open_store(settings: Settings, create: bool = False) -> sqlite3.Connection:
     """The database, migrated. Only commands that record (`analyze`, `speakers enroll`) create
     it: for the others a missing database is a mistyped data directory, not an empty one.
-    A command `freeing` space (purge, delete) opens it on a full disk too (see open_db)."""
+    The others open it on a disk full to the last byte too (see open_db): `status` says so,
+    `purge` and `delete` free it; one that records could store nothing there anyway."""
     path = settings.storage.db_path
     refuse_unmounted(store_dirs(settings))  # not the models' or the heartbeat's disk
     try:
@@ -131,7 +130,7 @@ def open_store(
             " MERAUDIOD_STORAGE__DATA_DIR), or the daemon has not run yet"
         )
     try:
-        return open_db(path, alone_when_full=freeing)
+        return open_db(path, alone_when_full=not create)
     except DatabaseError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -183,11 +182,10 @@ def fmt_span(start_s: float, end_s: float) -> str:
     return f"[{start_s:7.2f} - {end_s:7.2f}]"
 
 
-def run_command(settings: Settings, name: str, args: dict[str, Any], freeing: bool = False) -> Any:
-    """Run an entry of the command table, as MQTT does, with the admin's rights (`freeing`:
-    see open_store)."""
+def run_command(settings: Settings, name: str, args: dict[str, Any]) -> Any:
+    """Run an entry of the command table, as MQTT does, with the admin's rights."""
     # On the device, by its admin: a command may read any file named.
-    conn = open_store(settings, freeing=freeing)
+    conn = open_store(settings)
     context = CommandContext(conn, settings, admin=True, readable_files=None)
     try:
         return execute(context, name, {k: v for k, v in args.items() if v is not None})

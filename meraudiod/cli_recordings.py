@@ -123,7 +123,7 @@ def recordings_delete(config_path: Path | None, rec_ids: tuple[str, ...]) -> Non
       meraudiod recordings delete 01JD2X9K8M7Q6R5S4T3V2W1X0Y 01JD2XA0B1C2D3E4F5G6H7J8K9
     """
     settings = settings_from(config_path)
-    result = run_command(settings, "recordings/delete", {"ids": list(rec_ids)}, freeing=True)
+    result = run_command(settings, "recordings/delete", {"ids": list(rec_ids)})
     click.echo(f"deleted {result['deleted']} recordings")
     if result["missing"]:
         raise click.ClickException(f"{result['missing']} of them did not exist")
@@ -199,7 +199,7 @@ def purge(
         "speaker": speaker,
         "audio_only": audio_only,
     }
-    found = run_command(settings, "purge", {**args, "dry_run": True}, freeing=True)
+    found = run_command(settings, "purge", {**args, "dry_run": True})
     what = (
         f"{found['recordings_deleted']} recordings and {found['audio_files_deleted']} audio files"
     )
@@ -210,7 +210,7 @@ def purge(
         if not sys.stdin.isatty():
             raise click.ClickException(f"would delete {what}: add --yes to do it without asking")
         click.confirm(f"Delete {what}?", abort=True)
-    result = run_command(settings, "purge", args, freeing=True)
+    result = run_command(settings, "purge", args)
     click.echo(
         f"deleted {result['recordings_deleted']} recordings"
         f" and {result['audio_files_deleted']} audio files"

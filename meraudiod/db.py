@@ -64,11 +64,12 @@ def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
 def open_db(path: Path, alone_when_full: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) and migrate the database; one connection per thread.
 
-    `alone_when_full` is for a command that frees space (purge, delete). Opened while no
-    other process has it open (a full disk stops the daemon), SQLite makes its shared-memory
-    file, the log's index, which a disk full to the last byte refuses ("disk I/O error").
-    Then the database is opened again with that index in this process's memory (EXCLUSIVE
-    locking mode): no other process can use it until this connection is closed."""
+    `alone_when_full` is for the CLI's commands that record nothing (status, purge, delete).
+    Opened while no other process has it open (a full disk stops the daemon), SQLite makes
+    its shared-memory file, the log's index, which a disk full to the last byte refuses
+    ("disk I/O error"). Then the database is opened again with that index in this process's
+    memory (EXCLUSIVE locking mode): no other process can use it until this connection is
+    closed."""
     try:
         return _open(path)
     except DiskFullError:

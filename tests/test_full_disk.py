@@ -459,6 +459,7 @@ ids=$("$PY" -m meraudiod recordings list --json | "$PY" -c \
 with open(sys.argv[1], "wb", buffering=0) as out, contextlib.suppress(OSError):
     while out.write(bytes(4096)): pass' "$POINT/filler"
 echo "free before: $(df -B1 --output=avail "$POINT" | tail -1 | tr -d ' ')"
+"$PY" -m meraudiod status --json > "$OUT/status" 2>&1; echo "status rc=$?"
 if [ "$COMMAND" != delete ]; then
   "$PY" -m meraudiod purge --start 2000-01-01T00:00 --end now --yes > "$OUT/out" 2> "$OUT/err"
 else
@@ -479,11 +480,12 @@ def test_purge_frees_a_disk_full_to_the_last_byte(
 ) -> None:
     """The database's disk full to the last byte, nothing holding the database open (a full
     disk stops the daemon): SQLite cannot make the shared-memory file of its log, so purge
-    and recordings delete could not even open it ("disk I/O error"), and the admin had to
-    delete files by hand. Now they open it alone, the log's index in memory; the audio
-    files go before the commit, which then has room: rows and files gone alike, and the
-    database usable again. Recordings without audio free nothing first: one line says to
-    make room, and nothing is deleted."""
+    and recordings delete could not even open it ("disk I/O error"): the admin had to
+    delete files by hand, and `status` only said that it could not open the database. Now
+    they open it alone, the log's index in memory; the audio files go before the commit,
+    which then has room: rows and files gone alike, and the database usable again.
+    Recordings without audio free nothing first: one line says to make room, and nothing
+    is deleted."""
     point = tmp_path / "disk"
     point.mkdir()
     out = tmp_path / "out"
@@ -509,6 +511,10 @@ def test_purge_frees_a_disk_full_to_the_last_byte(
     lines = done.stdout.splitlines()
     assert "analyze rc=0" in lines, done.stdout + done.stderr
     assert "free before: 0" in lines, lines
+    # What an admin runs first: it says the disk is full instead of failing to open.
+    assert "status rc=0" in lines, (out / "status").read_text()
+    status = json.loads((out / "status").read_text())
+    assert status["disk_free_mb"] < 1 and not status["running"], status
     assert "audio files: 0" in lines
     if command == "purge-no-audio":
         db = point / "m" / "meraudiod.db"
