@@ -34,6 +34,8 @@ from .config_sections import (
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/meraudiod/config.toml")
 ENV_CONFIG: Final = "MERAUDIOD_CONFIG"
+_ENV_PREFIX: Final = "MERAUDIOD_"  # MERAUDIOD_<SECTION>__<KEY>
+_ENV_DELIMITER: Final = "__"
 
 
 # Keys no output shows: a `config/get` reply goes to every subscriber of the broker.
@@ -44,7 +46,7 @@ class Settings(BaseSettings):
     """All settings; the environment overrides the file."""
 
     model_config = SettingsConfigDict(
-        env_prefix="MERAUDIOD_", env_nested_delimiter="__", extra="forbid"
+        env_prefix=_ENV_PREFIX, env_nested_delimiter=_ENV_DELIMITER, extra="forbid"
     )
 
     audio: AudioSettings = Field(default_factory=AudioSettings)
@@ -101,15 +103,54 @@ def resolve_config_path(explicit: str | Path | None) -> tuple[Path | None, bool]
     return (DEFAULT_CONFIG_PATH, False) if DEFAULT_CONFIG_PATH.exists() else (None, False)
 
 
+def _environment_names() -> dict[str, str]:
+    """The variables that may hold settings, by their name in upper case (pydantic-settings
+    reads them in any case)."""
+    return {name.upper(): name for name in os.environ if name.upper().startswith(_ENV_PREFIX)}
+
+
+def _variable_for(loc: tuple[int | str, ...], names: dict[str, str]) -> str | None:
+    """The environment variable a value at `loc` came from, if any (the environment wins over
+    the file, so a bad value found there is the variable's)."""
+    for end in range(len(loc), 0, -1):
+        if all(isinstance(part, str) for part in loc[:end]):
+            name = _ENV_PREFIX + _ENV_DELIMITER.join(str(p) for p in loc[:end]).upper()
+            if name in names:
+                return names[name]
+    return None
+
+
+def _misnamed_variables() -> list[str]:
+    """Variables meant as settings that no setting reads, which pydantic-settings skips
+    without a word: an unknown section (MERAUDIOD_AUDOI__SOURCE), or one underscore where
+    two belong (MERAUDIOD_MQTT_PASSWORD: the password silently not used)."""
+    errors = []
+    for upper, name in sorted(_environment_names().items()):
+        rest = upper.removeprefix(_ENV_PREFIX)
+        section = rest.split(_ENV_DELIMITER, 1)[0].lower()
+        if _ENV_DELIMITER in rest:
+            if section not in Settings.model_fields:
+                errors.append(f"{section}: unknown key (from {name})")
+            continue
+        for known in Settings.model_fields:
+            if section.startswith(f"{known}_"):
+                meant = f"{_ENV_PREFIX}{known.upper()}{_ENV_DELIMITER}{rest[len(known) + 1 :]}"
+                errors.append(f"{name}: unknown key (a key is set as {meant})")
+    return errors
+
+
 def _format_error(error: ValidationError, source: str) -> str:
     lines = []
+    names = _environment_names()
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         # A cross-field rule names its keys itself.
-        lines.append(f"{key}: {message}" if key and f"{key}." not in message else message)
+        line = f"{key}: {message}" if key and f"{key}." not in message else message
+        variable = _variable_for(tuple(item["loc"]), names)
+        lines.append(f"{line} (from {variable})" if variable else line)
     return f"invalid configuration ({source}): " + "; ".join(lines)
 
 
@@ -127,6 +168,9 @@ def load_settings(path: str | Path | None = None) -> Settings:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_path}: {exc}") from exc
         source = str(config_path)
+    misnamed = _misnamed_variables()
+    if misnamed:
+        raise ConfigError(f"invalid configuration ({source}): " + "; ".join(misnamed))
     try:
         return Settings(**data)
     except ValidationError as exc:

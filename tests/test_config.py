@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from meraudiod.compat import tomllib
 from meraudiod.config import ConfigError, Settings, load_settings
 
-from .conftest import REPO
+from .conftest import REPO, cli
 
 
 def test_example_parses_and_documents_every_key(env: dict[str, str]) -> None:
@@ -139,6 +139,36 @@ def test_unknown_environment_key_is_named(
     monkeypatch.setenv("MERAUDIOD_ASR__BEEM_SIZE", "4")
     with pytest.raises(ConfigError, match=r"asr\.beem_size: unknown key"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        # A mistyped section, or one underscore for two: pydantic-settings skipped them, so
+        # the secret or the setting was silently not used.
+        ("MERAUDIOD_AUDOI__SOURCE", "stdin", "audoi: unknown key (from MERAUDIOD_AUDOI__SOURCE)"),
+        (
+            "MERAUDIOD_MQTT_PASSWORD",
+            "secret",
+            "MERAUDIOD_MQTT_PASSWORD: unknown key (a key is set as MERAUDIOD_MQTT__PASSWORD)",
+        ),
+        # A bad value from the environment was blamed on the file, which holds another one.
+        (
+            "MERAUDIOD_ASR__BEAM_SIZE",
+            "two",
+            "asr.beam_size: Input should be a valid integer, unable to parse string as an"
+            " integer (from MERAUDIOD_ASR__BEAM_SIZE)",
+        ),
+    ],
+)
+def test_a_mistyped_or_bad_environment_variable_is_named(
+    env: dict[str, str], variable: str, value: str, line: str
+) -> None:
+    config = env["MERAUDIOD_CONFIG"]
+    Path(config).write_text("[asr]\nbeam_size = 2\n")
+    result = cli("config", "check", env={**env, variable: value})
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.strip() == f"Error: invalid configuration ({config}): {line}"
 
 
 @pytest.mark.parametrize(
