@@ -69,6 +69,8 @@ def reprocess(config_path: Path | None, rec_ids: tuple[str, ...], failed: bool) 
       meraudiod reprocess 01JD2X9K8M7Q6R5S4T3V2W1X0Y
       meraudiod reprocess --failed
     """
+    if not rec_ids and not failed:  # it queued nothing and said so, exit 0
+        raise click.UsageError("reprocess needs recording ids (ID...) or --failed")
     settings = settings_from(config_path)
     result = run_command(settings, "reprocess", {"ids": list(rec_ids), "failed": failed})
     click.echo(f"queued {result['queued']} recordings")

@@ -159,7 +159,12 @@ def recordings_export(config_path: Path | None, rec_ids: tuple[str, ...], out_di
 
 @click.command()
 @config_option
-@click.option("--older-than", "older_than_days", type=float, help="Days: older recordings.")
+@click.option(
+    "--older-than",
+    "older_than_days",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Days: older recordings.",
+)
 @click.option("--start", help="ISO date/time: from (with --end).")
 @click.option("--end", help="ISO date/time, or 'now': until (with --start).")
 @click.option("--speaker", help="Everything this speaker said.")
@@ -189,6 +194,11 @@ def purge(
     """
     from datetime import datetime
 
+    # Said here in the options typed: the command table speaks of its MQTT arguments.
+    if older_than_days is None and start is None and end is None and speaker is None:
+        raise click.UsageError("purge needs --older-than DAYS, --start and --end, or --speaker")
+    if (start is None) != (end is None):
+        raise click.UsageError("a time range needs both --start and --end (--end may be 'now')")
     settings = settings_from(config_path)
     if end is not None and end.strip().lower() == "now":  # one "now" for the count and the act
         end = datetime.now().isoformat()

@@ -149,7 +149,9 @@ def _recordings_get(ctx: CommandContext, args: IdArgs) -> Any:
 
 def _recordings_delete(ctx: CommandContext, args: IdsArgs) -> Any:
     deleted = delete_recordings(ctx.conn, ctx.settings.storage.audio_dir, args.ids).recordings
-    return {"deleted": deleted, "missing": len(args.ids) - deleted}
+    # An id named twice (in either case: the ids are normalised) is one recording, deleted
+    # once, not one missing.
+    return {"deleted": deleted, "missing": len(set(args.ids)) - deleted}
 
 
 def _speaker_id(conn: sqlite3.Connection, name: str) -> str:

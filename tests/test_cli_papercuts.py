@@ -456,3 +456,28 @@ def test_a_name_with_spaces_around_it_is_the_same_person(
     result = cli("speakers", "rename", "Bob", "Bob\nCarol", env=env)
     assert result.returncode == 1 and "control characters" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_admin_commands_speak_of_their_own_options(env: dict[str, str]) -> None:
+    """Found by following the README: a recording named twice (in either case) was deleted
+    and then reported missing, exit 1; purge's errors named the MQTT arguments
+    (older_than_days, start/end) instead of the options typed; a bare `reprocess` queued
+    nothing and exited 0."""
+    assert cli("analyze", str(SHORT), env=env).returncode == 0
+    (rec_id,) = (row["id"] for row in db_rows(env, "SELECT id FROM recordings"))
+    reprocess = cli("reprocess", env=env)
+    assert reprocess.returncode == 2, reprocess.stdout
+    assert "needs recording ids (ID...) or --failed" in reprocess.stderr
+    for args, says in (
+        ((), "purge needs --older-than DAYS, --start and --end, or --speaker"),
+        (("--older-than", "0"), "Invalid value for '--older-than': 0.0 is not in the range x>0"),
+        (("--start", "2h"), "a time range needs both --start and --end (--end may be 'now')"),
+        (("--end", "now"), "a time range needs both --start and --end (--end may be 'now')"),
+    ):
+        result = cli("purge", "--dry-run", *args, env=env)
+        assert result.returncode == 2 and says in result.stderr, (args, result.stderr)
+    deleted = cli("recordings", "delete", rec_id, rec_id.lower(), env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.strip() == "deleted 1 recordings"
+    missing = cli("recordings", "delete", rec_id, env=env)
+    assert missing.returncode == 1 and missing.stderr.strip() == "Error: 1 of them did not exist"

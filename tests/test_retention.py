@@ -90,7 +90,7 @@ def test_purge_wants_a_whole_range_asks_first_and_counts_truly(env: dict[str, st
     conn = analyzed(env)
     total = len(DEMO_TRUTH)
     half_open = cli("purge", "--start", "2000-01-01", env=env)
-    assert half_open.returncode != 0 and "both start and end" in half_open.stderr
+    assert half_open.returncode != 0 and "both --start and --end" in half_open.stderr
     until_now = cli("purge", "--start", "2000-01-01", "--end", "now", "--dry-run", env=env)
     assert until_now.returncode == 0 and "would delete" in until_now.stdout
     dry = cli("purge", "--start", "2000-01-01", "--end", "2100-01-01", "--dry-run", env=env)
