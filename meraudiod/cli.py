@@ -136,9 +136,13 @@ def run(
         except BrokenPipeError:  # `run --print | head -1`: not a reason for the worker to die
             _discard_stdout()
 
+    try:
+        audio_source = open_source(settings.audio.source, settings.audio)
+    except SourceError as exc:  # standard input closed: one line, exit 1
+        raise click.ClickException(str(exc)) from exc
     daemon = Daemon(
         settings,
-        open_source(settings.audio.source, settings.audio),
+        audio_source,
         stop,
         on_transcribed=printer if print_ else None,
     )

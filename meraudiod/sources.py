@@ -302,6 +302,8 @@ def open_source(spec: str, settings: AudioSettings) -> AudioSource:
             settings.device, settings.device_rate_hz, settings.queue_frames, block_frames
         )
     if spec == "stdin":
+        if sys.stdin is None:  # started with `<&-`: said once here, before anything starts
+            raise SourceError("cannot read stdin: standard input is closed")
         return StdinSource(queue_frames=settings.queue_frames)
     if spec == "demo":
         return FileSource(demo_path(), settings.realtime, block_frames)
