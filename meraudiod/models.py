@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -224,10 +225,13 @@ def _fetch(model: ModelSpec, tmp: Path, from_file: Path | None) -> None:
         from faster_whisper.utils import download_model
 
         try:
-            download_model(model.source.removeprefix("hub:"), output_dir=str(tmp))
+            with warnings.catch_warnings():  # an argument faster-whisper passes, deprecated
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
+                download_model(model.source.removeprefix("hub:"), output_dir=str(tmp))
         except Exception as exc:  # network errors come in many types
+            reason = " ".join(str(exc).split())  # the hub's messages span lines: one here
             raise ModelError(
-                f"{model.name}: download failed ({exc}); install it from a path"
+                f"{model.name}: download failed ({reason}); install it from a path"
             ) from exc
         (tmp / ".installed").write_text(
             "".join(f"{sha256_file(p)}  {p.name}\n" for p in sorted(tmp.iterdir()) if p.is_file())

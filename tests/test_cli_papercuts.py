@@ -8,6 +8,7 @@ import os
 import pty
 import shlex
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -481,3 +482,22 @@ def test_admin_commands_speak_of_their_own_options(env: dict[str, str]) -> None:
     assert deleted.stdout.strip() == "deleted 1 recordings"
     missing = cli("recordings", "delete", rec_id, env=env)
     assert missing.returncode == 1 and missing.stderr.strip() == "Error: 1 of them did not exist"
+
+
+def test_a_download_that_fails_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    """`models install base.en` without the network printed huggingface_hub's warning about
+    an argument faster-whisper passes, and the hub's error over two lines."""
+    with socket.socket() as closed:  # a loopback port nothing listens on: refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    offline = {
+        **env,
+        "MERAUDIOD_STORAGE__MODELS_DIR": str(tmp_path / "models"),
+        "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+    }
+    result = cli("models", "install", "base.en", env=offline)
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: base.en: download failed ("), lines
+    assert lines[0].endswith("); install it from a path"), lines
+    assert not (tmp_path / "models" / "base.en").exists()
