@@ -117,9 +117,9 @@ def list_recordings(conn: sqlite3.Connection, args: ListArgs) -> list[dict[str, 
     if args.speaker:
         where.append(
             "r.id IN (SELECT s.recording_id FROM segments s JOIN speakers p"
-            " ON p.id = s.speaker_id WHERE p.name = ?)"
+            " ON p.id = s.speaker_id WHERE p.name IN (?, ?))"
         )
-        params.append(args.speaker)
+        params += [args.speaker, args.speaker.strip()]  # " Alice" is Alice
     rows = conn.execute(
         "SELECT r.id, ROUND(r.start_s, 3) AS start_s, ROUND(r.end_s, 3) AS end_s,"
         " ROUND(r.duration_s, 3) AS duration_s, ROUND(r.started_at, 3) AS started_at, r.text,"
@@ -155,10 +155,12 @@ def _recordings_delete(ctx: CommandContext, args: IdsArgs) -> Any:
 
 
 def _speaker_id(conn: sqlite3.Connection, name: str) -> str:
-    row = conn.execute("SELECT id FROM speakers WHERE name=?", (name,)).fetchone()
-    if row is None:
-        raise NotFound(f"no speaker named {name!r}")
-    return str(row["id"])
+    from .profiles import Missing, profile_row
+
+    try:
+        return str(profile_row(conn, name)["id"])  # " Alice" is Alice
+    except Missing as exc:
+        raise NotFound(str(exc)) from exc
 
 
 def _purge(ctx: CommandContext, args: PurgeArgs) -> Any:

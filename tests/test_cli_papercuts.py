@@ -501,3 +501,23 @@ def test_a_download_that_fails_is_one_line(env: dict[str, str], tmp_path: Path) 
     assert len(lines) == 1 and lines[0].startswith("Error: base.en: download failed ("), lines
     assert lines[0].endswith("); install it from a path"), lines
     assert not (tmp_path / "models" / "base.en").exists()
+
+
+def test_a_name_with_spaces_around_it_finds_the_person_everywhere(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    # Found following the README (" Alice" is Alice): enroll and rename took it, but
+    # `speakers test` said "named Alice (not  Alice)", `recordings list --speaker` listed
+    # nothing and `purge --speaker` said there was no such speaker.
+    clips = [str(TEST_DATA / f"ls_3080_000{i}.flac") for i in (0, 1, 3)]
+    assert cli("speakers", "enroll", "Alice", *clips, env=env).returncode == 0
+    heard = str(TEST_DATA / "ls_3080_0004.flac")
+    on = {**env, "MERAUDIOD_SPEAKERS__ENABLED": "true"}
+    assert cli("analyze", heard, env=on).returncode == 0
+    tested = cli("speakers", "test", " Alice", heard, env=env)
+    assert tested.returncode == 0 and "named Alice (ok)" in tested.stdout, tested.stdout
+    for name in ("Alice", " Alice "):
+        listed = cli("recordings", "list", "--speaker", name, "--json", env=env)
+        assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 1, (name, listed)
+        purged = cli("purge", "--speaker", name, "--dry-run", env=env)
+        assert purged.stdout.strip() == "would delete 1 recordings and 1 audio files", purged
