@@ -187,7 +187,7 @@ def install(name: str, models_dir: Path, from_file: Path | None = None) -> Path:
     try:
         tmp.mkdir(parents=True)
         _fetch(model, tmp, from_file)
-        _check(model, tmp)
+        _check(model, tmp, from_file)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     except OSError as exc:
@@ -240,8 +240,9 @@ def _fetch(model: ModelSpec, tmp: Path, from_file: Path | None) -> None:
         raise ModelError(f"{model.name}: unsupported source {model.source!r}")
 
 
-def _check(model: ModelSpec, tmp: Path) -> None:
-    """Every file matches the manifest's sha256, or (where the model has one) its parity check."""
+def _check(model: ModelSpec, tmp: Path, from_file: Path | None = None) -> None:
+    """Every file matches the manifest's sha256, or (where the model has one) its parity check;
+    a failure names `from_file` when the file came from there (tmp is our own copy)."""
     accepted = []
     for filename, expected in model.files.items():
         digest = sha256_file(tmp / filename)
@@ -252,7 +253,8 @@ def _check(model: ModelSpec, tmp: Path) -> None:
             problem = parity_problem(tmp / filename, model.parity)
         if problem:
             raise ModelError(
-                f"{model.name}: {filename} does not match the manifest's sha256 ({problem})"
+                f"{model.name}: {from_file or filename} does not match the manifest's sha256"
+                f" ({problem})"
             )
         accepted.append(f"{digest}  {filename}\n")
     if accepted:

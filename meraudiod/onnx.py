@@ -13,18 +13,21 @@ REPAIR_HINT: Final = (
 )
 
 
-def load_error(what: str, model_path: Path, exc: BaseException) -> str:
-    """One line for a model that will not load: which file, the runtime's reason, the fix."""
+def load_reason(model_path: Path, exc: BaseException) -> str:
+    """The runtime's reason a model will not load, in one line."""
     reason = " ".join(str(exc).split())  # the runtimes' messages span lines
     reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", reason)
-    reason = reason.replace(f"Load model from {model_path} failed:", "")
-    return (
-        f"cannot load {what} {model_path} (damaged or incomplete?): {reason[:200]}; {REPAIR_HINT}"
-    )
+    return reason.replace(f"Load model from {model_path} failed:", "")[:200]
+
+
+def load_error(what: str, model_path: Path, exc: BaseException) -> str:
+    """One line for a model that will not load: which file, the runtime's reason, the fix."""
+    reason = load_reason(model_path, exc)
+    return f"cannot load {what} {model_path} (damaged or incomplete?): {reason}; {REPAIR_HINT}"
 
 
 class OnnxLoadError(Exception):
-    """The model file could not be loaded."""
+    """The model file could not be loaded (its cause is the runtime's error)."""
 
 
 def cpu_session(

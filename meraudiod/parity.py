@@ -23,7 +23,7 @@ def parity_problem(onnx_path: Path, reference: str, reference_dir: Path = REFERE
     """Why the file fails the parity check against `reference` (empty when it passes)."""
     from .audio import AudioDecodeError, decode_file, to_float32
     from .features import fbank
-    from .onnx import OnnxLoadError, cpu_session
+    from .onnx import OnnxLoadError, cpu_session, load_reason
 
     path = reference_dir / reference
     if not path.is_file():
@@ -37,7 +37,9 @@ def parity_problem(onnx_path: Path, reference: str, reference_dir: Path = REFERE
             cosine = float(ours @ expected / (np.linalg.norm(ours) * np.linalg.norm(expected)))
             if not cosine >= MIN_COSINE:
                 return f"{name}: cosine {cosine:.6f} with speechbrain's embedding < {MIN_COSINE}"
-    except (OnnxLoadError, AudioDecodeError, OSError, ValueError, KeyError) as exc:
+    except OnnxLoadError as exc:  # no model at all: the runtime's reason, not a repair hint
+        return f"it does not load as an ONNX model: {load_reason(onnx_path, exc.__cause__ or exc)}"
+    except (AudioDecodeError, OSError, ValueError, KeyError) as exc:
         return f"parity check failed: {exc}"
     except Exception as exc:  # onnxruntime raises its own untyped errors from run()
         return f"parity check failed: {type(exc).__name__}: {str(exc)[:300]}"

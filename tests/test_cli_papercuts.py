@@ -521,3 +521,27 @@ def test_a_name_with_spaces_around_it_finds_the_person_everywhere(
         assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 1, (name, listed)
         purged = cli("purge", "--speaker", name, "--dry-run", env=env)
         assert purged.stdout.strip() == "would delete 1 recordings and 1 audio files", purged
+
+
+def test_installing_a_file_that_is_no_model_names_that_file(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    # It named the temporary copy (.../ecapa-voxceleb.part/ecapa-voxceleb.onnx) and advised
+    # `models install --default`, which does not install this model from a file.
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("not a model\n")
+    models_dir = tmp_path / "models"
+    result = cli(
+        "models",
+        "install",
+        "ecapa-voxceleb",
+        "--from",
+        str(notes),
+        env={**env, "MERAUDIOD_STORAGE__MODELS_DIR": str(models_dir)},
+    )
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.strip() == (
+        f"Error: ecapa-voxceleb: {notes} does not match the manifest's sha256 (it does not"
+        " load as an ONNX model: INVALID_PROTOBUF : Protobuf parsing failed.)"
+    )
+    assert not models_dir.exists() or list(models_dir.iterdir()) == []
