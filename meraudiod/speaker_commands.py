@@ -77,11 +77,23 @@ def _profiles(func: Callable[[], Any]) -> Any:
         raise CommandError(str(exc)) from exc
 
 
-def _speaker_event(ctx: CommandContext, kind: str, name: str) -> None:
-    """`enrolled` or `deleted` on event/speaker, whichever surface ran the command: queued in
-    the MQTT outbox (delivered by the daemon) and handed to the running daemon, if any."""
+def _profile(ctx: CommandContext, name: str) -> tuple[str, str]:
+    """The named profile's id and stored name (" Alice " is Alice)."""
+    from .profiles import profile_row
+
+    row = _profiles(lambda: profile_row(ctx.conn, name))
+    return str(row["id"]), str(row["name"])
+
+
+def _speaker_event(ctx: CommandContext, kind: str, profile: tuple[str, str]) -> None:
+    """`enrolled` or `deleted` on event/speaker (with the profile's id and name), whichever
+    surface ran the command: queued in the MQTT outbox (delivered by the daemon) and handed
+    to the running daemon, if any."""
     m = ctx.settings.mqtt
-    event = SpeakerEvent(node_id=m.node_id, area=m.area, event_type=kind, name=name)
+    speaker_id, name = profile
+    event = SpeakerEvent(
+        node_id=m.node_id, area=m.area, event_type=kind, speaker_id=speaker_id, name=name
+    )
     if m.enabled:
         with Transaction(ctx.conn):
             enqueue(ctx.conn, event, max_rows=m.outbox_max_rows)
@@ -121,7 +133,7 @@ def _speakers_enroll(ctx: CommandContext, args: EnrollArgs) -> Any:
             f"nothing enrolled for {args.name}: "
             + "; ".join(f"{r.source}: {r.reason}" for r in results)
         )
-    _speaker_event(ctx, "enrolled", args.name)
+    _speaker_event(ctx, "enrolled", _profile(ctx, args.name))
     return {"name": args.name, "sources": [asdict(r) for r in results]}
 
 
@@ -143,8 +155,9 @@ def _speakers_delete(ctx: CommandContext, args: DeleteSpeakerArgs) -> Any:
     from .profiles import delete
 
     audio_dir = ctx.settings.storage.audio_dir
+    profile = _profile(ctx, args.name)  # its id, before it is gone
     deleted = _profiles(lambda: delete(ctx.conn, audio_dir, args.name, args.recordings))
-    _speaker_event(ctx, "deleted", args.name)
+    _speaker_event(ctx, "deleted", profile)
     return {"name": args.name, **asdict(deleted)}
 
 

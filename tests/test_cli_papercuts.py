@@ -545,3 +545,33 @@ def test_installing_a_file_that_is_no_model_names_that_file(
         " load as an ONNX model: INVALID_PROTOBUF : Protobuf parsing failed.)"
     )
     assert not models_dir.exists() or list(models_dir.iterdir()) == []
+
+
+def test_enrolled_and_deleted_events_name_the_profile(
+    env: dict[str, str], speaker_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found following the README's MQTT section: `enrolled` and `deleted` (the command table,
+    # whichever surface ran it) came with speaker_id null, though the profile has one, and
+    # with the name as typed (" Alice ") rather than the person's.
+    from meraudiod.command_context import CommandContext
+    from meraudiod.commands import execute
+    from meraudiod.config import load_settings
+    from meraudiod.messages import unpack_payload
+
+    monkeypatch.setenv("MERAUDIOD_MQTT__ENABLED", "true")  # no broker: the events wait, stored
+    settings = load_settings()
+    conn = open_db(settings.storage.db_path)
+    try:
+        context = CommandContext(conn, settings, admin=True, readable_files=None)
+        clip = str(TEST_DATA / "ls_3080_0000.flac")
+        execute(context, "speakers/enroll", {"name": " Alice ", "recording_ids": [clip]})
+        (alice,) = execute(context, "speakers/list", {})
+        execute(context, "speakers/delete", {"name": "Alice "})
+        rows = conn.execute("SELECT payload FROM outbox WHERE topic='event/speaker'").fetchall()
+    finally:
+        conn.close()
+    events = [unpack_payload(row[0]) for row in rows]
+    assert [(e["event_type"], e["speaker_id"], e["name"]) for e in events] == [
+        ("enrolled", alice["id"], "Alice"),
+        ("deleted", alice["id"], "Alice"),
+    ]
