@@ -67,6 +67,11 @@ class AsrError(Exception):
     """The model could not be loaded or the audio could not be transcribed."""
 
 
+class ServerError(AsrError):
+    """A transcription server failed; the message says which and how, so a traceback (of the
+    daemon's own code) would add nothing to the log."""
+
+
 @dataclass(frozen=True)
 class Word:
     """One word with its time (seconds from the start of the audio)."""

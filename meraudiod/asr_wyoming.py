@@ -10,13 +10,15 @@ hung costs one deadline, never a stuck worker. Servers are tried in order, or, w
 strategy = spread, each request starts one server further along; one that fails is asked
 again with `Describe` after 1 s, doubling to `retry_max_s`, and takes requests again once
 it answers. The daemon's threads are not asyncio: each request runs its own short event
-loop on the worker thread.
+loop on the worker thread. Replies are read with bounds (`wyoming_wire`), and a transcript or
+an Info with fields of the wrong type is refused like a closed connection: the server is down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections.abc import Coroutine
@@ -25,7 +27,6 @@ from typing import Any, Final, TypeVar
 
 import numpy as np
 from wyoming.asr import Transcribe
-from wyoming.asr import Transcript as WyomingTranscript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
@@ -33,7 +34,6 @@ from wyoming.info import Describe, Info
 
 from .asr import (
     LEAD_IN_SAMPLES,
-    AsrError,
     Segment,
     Transcriber,
     Transcript,
@@ -44,6 +44,7 @@ from .audio import FRAME_S, FRAME_SAMPLES, SAMPLE_RATE_HZ, Float32Array
 from .config import Settings
 from .segmenter import Segmenter, SegmenterParams, Utterance
 from .vad import SileroVad
+from .wyoming_wire import MAX_LINE_BYTES, WyomingError, read_event
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -53,9 +54,8 @@ _STOP_POLL_S: Final = 0.2  # how soon a request notices that the daemon stops
 _FIRST_RETRY_S: Final = 1.0
 _T = TypeVar("_T")
 
-
-class WyomingError(AsrError):
-    """A server refused, closed the connection, answered nonsense or missed its deadline."""
+_MODEL_CHARS: Final = 120  # a server names its model; more is not a name
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass
@@ -77,8 +77,18 @@ class ServerState:
 
 
 class _Client(AsyncTcpClient):
-    """AsyncTcpClient that can drop its connection at once (a hung server never answers the
-    polite close)."""
+    """AsyncTcpClient that reads with bounds and can drop its connection at once (a hung
+    server never answers the polite close)."""
+
+    async def connect(self) -> None:
+        """Connect with the reader's line limit set to the longest header allowed."""
+        connect = asyncio.open_connection(self.host, self.port, limit=MAX_LINE_BYTES)
+        self._reader, self._writer = await asyncio.wait_for(connect, self.connect_timeout)
+
+    async def read_event(self) -> Event | None:
+        """The next event, within bounds (wyoming_wire.read_event)."""
+        assert self._reader is not None
+        return await read_event(self._reader)
 
     def abort(self) -> None:
         """Reset the connection without waiting for anything."""
@@ -100,7 +110,7 @@ async def _exchange(
         while True:
             answer = await client.read_event()
             if answer is None:
-                raise WyomingError(f"{server.uri} closed the connection")
+                raise WyomingError("closed the connection")
             if answer.type == want:
                 return answer
     finally:
@@ -128,6 +138,8 @@ def _say(exc: BaseException) -> str:
     """A short reason for the log, `status` and the job's error."""
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "closed the connection in the middle of a reply"
     if isinstance(exc, ConnectionResetError | BrokenPipeError | EOFError):
         return "connection closed"
     if isinstance(exc, TimeoutError):
@@ -135,10 +147,31 @@ def _say(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _model_names(info: Info) -> str:
-    """The installed ASR models a server's Info names."""
-    names = [m.name for program in info.asr for m in program.models if m.installed is not False]
-    return ", ".join(names) or "unknown"
+def _model_names(event: Event) -> str:
+    """The installed ASR models a server's Info names (on one line, at most 120 characters)."""
+    try:
+        info = Info.from_event(event)
+        names = [
+            str(m.name) for program in info.asr for m in program.models if m.installed is not False
+        ]
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:  # fields of the wrong type
+        raise WyomingError(f"answered Describe with an info that is not one ({exc})") from exc
+    said = _CONTROL.sub(" ", ", ".join(names)).strip()
+    if len(said) > _MODEL_CHARS:
+        said = said[:_MODEL_CHARS] + "..."
+    return said or "unknown"
+
+
+def _text_and_language(event: Event) -> tuple[str, str | None]:
+    """A transcript event's text and language, which must be text (or no language)."""
+    text, language = event.data.get("text"), event.data.get("language")
+    if not isinstance(text, str):
+        raise WyomingError(f"sent a transcript whose text is {type(text).__name__}, not text")
+    if language is not None and not isinstance(language, str):
+        raise WyomingError(
+            f"sent a transcript whose language is {type(language).__name__}, not text"
+        )
+    return text, language
 
 
 def speech_spans(
@@ -300,14 +333,14 @@ class WyomingTranscriber:
             work = _exchange(server, events, "transcript", w.connect_timeout_s)
             try:
                 event = asyncio.run(_within(work, deadline_s, self._stop))
-                said = WyomingTranscript.from_event(event)
+                text, language = _text_and_language(event)
             except (OSError, EOFError, TimeoutError, ValueError, KeyError, WyomingError) as exc:
                 self._down(server, exc)
                 errors.append(f"{server.uri}: {server.error}")
                 if self._stop.is_set():
                     break
                 continue
-            return said.text or "", said.language, server.model or server.uri
+            return text, language, server.model or server.uri
         raise WyomingError("; ".join(errors) or "every Wyoming server is down")
 
     def _in_turn(self) -> list[ServerState]:
@@ -325,13 +358,13 @@ class WyomingTranscriber:
         timeout_s = self.settings.asr.wyoming.connect_timeout_s
         work = _exchange(server, [Describe().event()], "info", timeout_s)
         try:
-            info = Info.from_event(asyncio.run(_within(work, 2 * timeout_s, self._stop)))
+            model = _model_names(asyncio.run(_within(work, 2 * timeout_s, self._stop)))
         except (OSError, EOFError, TimeoutError, ValueError, KeyError, WyomingError) as exc:
             self._down(server, exc)
             return
         with self._lock:
             server.up, server.error = True, None
-            server.model = _model_names(info)
+            server.model = model
             server.retry_s = _FIRST_RETRY_S
         _LOGGER.info("Wyoming server %s is up: model %s", server.uri, server.model)
 

@@ -16,7 +16,7 @@ import numpy as np
 import soundfile
 
 from . import jobs
-from .asr import SpeechToText, Transcript
+from .asr import ServerError, SpeechToText, Transcript
 from .audio import to_float32
 from .config import Settings
 from .db import Transaction, disk_full, is_busy, now, open_db, sync_log
@@ -171,11 +171,11 @@ class Worker(StageThread):
                 raise
             self.last_error = f"{type(exc).__name__}: {exc}"
             _LOGGER.error(
-                "job %d (recording %s) failed: %s\n%s",
+                "job %d (recording %s) failed: %s%s",
                 job.id,
                 job.recording_id,
                 self.last_error,
-                traceback.format_exc(),
+                "" if isinstance(exc, ServerError) else "\n" + traceback.format_exc(),
             )
             with Transaction(conn):
                 final = jobs.fail(
