@@ -83,9 +83,10 @@ def test_bench_reports_figures_with_ratios_against_the_bare_library(
     assert "speaker_embedding_ms_per_audio_s" in figures
     # Peak memory of the daemon both ways, in one run: 244-252 and 334-341 MB in a venv whose
     # files are all in the page cache as just written (a fresh clone's), where the kernel maps
-    # more pages of each library (RssFile, here about 60 MB of it); 227 and 312 after a boot.
+    # more pages of each library (RssFile, here about 60 MB of it); 227 and 312 after a boot;
+    # 265 and 354 in a clean clone on a machine just set up (no library code changed).
     on, off = figures["daemon_peak_rss_mb_speakers_on"], figures["daemon_peak_rss_mb_speakers_off"]
-    assert 100 < off < 265 and off < on < 360, (on, off)
+    assert 100 < off < 280 and off < on < 370, (on, off)
     assert 10 < figures["daemon_file_rss_mb"] < figures["daemon_peak_rss_mb"]
     # What each library and model costs, loaded one after another in a fresh process.
     for step in _MEMORY_STEPS:
