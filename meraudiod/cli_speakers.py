@@ -168,10 +168,7 @@ def speakers_test(
     except SpeakerError as exc:
         raise click.ClickException(str(exc)) from exc
     conn = open_store(settings)
-    from .profiles import profile_row
-
-    results = _profiles_call(conn, lambda: test_clips(conn, stage, name, sources))
-    name = str(profile_row(conn, name)["name"])  # " Alice" is Alice: compared as stored
+    name, results = _profiles_call(conn, lambda: test_clips(conn, stage, name, sources))
     if as_json:
         echo_json([asdict(r) for r in results])
         return

@@ -204,9 +204,10 @@ class ClipTest:
 
 def test_clips(
     conn: sqlite3.Connection, stage: SpeakerStage, name: str, sources: Sequence[str]
-) -> list[ClipTest]:
-    """Score each clip against everyone, as the worker would, for `speakers test`."""
-    profile_row(conn, name)  # the person must exist
+) -> tuple[str, list[ClipTest]]:
+    """The person's name as stored (" Alice" is Alice), and each clip scored against
+    everyone, as the worker would, for `speakers test`."""
+    stored = str(profile_row(conn, name)["name"])  # the person must exist
     profiles = load_profiles(conn, stage.model)
     out = []
     for source in sources:
@@ -227,4 +228,4 @@ def test_clips(
         out.append(
             ClipTest(label, speech_s, scores, stage.identify(profiles, vector, speech_s).name)
         )
-    return out
+    return stored, out

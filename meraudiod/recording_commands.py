@@ -115,11 +115,12 @@ def list_recordings(conn: sqlite3.Connection, args: ListArgs) -> list[dict[str, 
         where.append("r.id < ?")
         params.append(args.cursor)
     if args.speaker:
-        where.append(
-            "r.id IN (SELECT s.recording_id FROM segments s JOIN speakers p"
-            " ON p.id = s.speaker_id WHERE p.name IN (?, ?))"
-        )
-        params += [args.speaker, args.speaker.strip()]  # " Alice" is Alice
+        try:
+            speaker_id = _speaker_id(conn, args.speaker)
+        except NotFound:
+            return []  # nobody of that name: no recording of theirs
+        where.append("r.id IN (SELECT recording_id FROM segments WHERE speaker_id = ?)")
+        params.append(speaker_id)
     rows = conn.execute(
         "SELECT r.id, ROUND(r.start_s, 3) AS start_s, ROUND(r.end_s, 3) AS end_s,"
         " ROUND(r.duration_s, 3) AS duration_s, ROUND(r.started_at, 3) AS started_at, r.text,"
