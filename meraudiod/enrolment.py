@@ -31,6 +31,8 @@ from .voiceprints import Profile, load_profiles, score_profiles
 # a command that is only to be named.
 MIN_ENROL_SPEECH_S: Final = 1.5
 MAX_CLIP_S: Final = 30.0  # the audio of each clip an enrolment reads (its start)
+# Two clips this alike are the same audio (two clips of one voice: 0.6-0.9).
+SAME_AUDIO_COSINE: Final = 0.999
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,10 @@ def enroll(
     found: list[tuple[str, Float32Array, float]] = []
     results = []
     seen: set[Path] = set()
+    known = [p for p in load_profiles(conn, stage.model) if p.name == name]
+    # Identical audio (this clip enrolled in an earlier call, or a copy of it under another
+    # name) gives the very same vector; stored again it would weigh twice in the mean.
+    stored_vectors = [v for p in known for v in p.vectors]
     for source in sources:  # one clip's audio at a time
         label, path = _load(conn, stage.settings.storage.audio_dir, source, files)
         if path.resolve() in seen:  # the same clip twice would weigh twice in the mean
@@ -154,12 +160,16 @@ def enroll(
             reason = f"only {speech_s:.1f} s of speech (at least {need:.1f} s needed)"
             results.append(EnrolResult(label, speech_s, False, reason))
             continue
+        if any(float(vector @ v) > SAME_AUDIO_COSINE for v in stored_vectors):
+            reason = "already enrolled (the same audio as an earlier clip)"
+            results.append(EnrolResult(label, speech_s, False, reason))
+            continue
+        stored_vectors.append(vector)
         found.append((label, vector, speech_s))
         warnings = tuple(clip_warnings(stage, audio, speech_s))
         results.append(EnrolResult(label, speech_s, True, None, warnings))
     if not found:
         return results
-    known = [p for p in load_profiles(conn, stage.model) if p.name == name]
     earlier = [(f"earlier {i}", v, 10.0) for p in known for i, v in enumerate(p.vectors)]
     odd = _odd_ones(stage, found + earlier) & {label for label, _, _ in found}
     results = [

@@ -256,8 +256,7 @@ class Listener(StageThread):
         self.speaking = False
         start_s = event.start_frame * FRAME_S
         samples = buffer.slice(event.start_frame, event.end_frame)
-        # A file read faster than real time is ahead of the clock: never a time to come.
-        started_at = min(clock.at(start_s), time.time() - samples.size / SAMPLE_RATE_HZ)
+        started_at = clock.started_at(start_s, samples.size / SAMPLE_RATE_HZ)
         probs = buffer.probs(event.start_frame, event.end_frame)
         if len(self._waiting) >= _MAX_WAITING:
             _LOGGER.error(

@@ -114,13 +114,9 @@ def list_recordings(conn: sqlite3.Connection, args: ListArgs) -> list[dict[str, 
     if args.cursor:
         where.append("r.id < ?")
         params.append(args.cursor)
-    if args.speaker:
-        try:
-            speaker_id = _speaker_id(conn, args.speaker)
-        except NotFound:
-            return []  # nobody of that name: no recording of theirs
+    if args.speaker:  # a mistyped name is an error, not "they never said anything"
         where.append("r.id IN (SELECT recording_id FROM segments WHERE speaker_id = ?)")
-        params.append(speaker_id)
+        params.append(_speaker_id(conn, args.speaker))
     rows = conn.execute(
         "SELECT r.id, ROUND(r.start_s, 3) AS start_s, ROUND(r.end_s, 3) AS end_s,"
         " ROUND(r.duration_s, 3) AS duration_s, ROUND(r.started_at, 3) AS started_at, r.text,"

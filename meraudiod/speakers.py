@@ -225,11 +225,11 @@ class SpeakerStage:
     ) -> StoredSpeakers:
         """Identify each local speaker against the stored profiles and write it all.
 
-        Runs inside the caller's transaction, after the segments are stored (same order).
+        Runs inside the caller's transaction, after the segments are stored (same order;
+        storing them cleared the recording's old mappings).
         """
         spk = self.settings.speakers
         profiles = load_profiles(conn, self.model)
-        conn.execute("DELETE FROM speaker_mappings WHERE recording_id=?", (recording_id,))
         matches: dict[str, Match] = {}
         for voice in analysis.voices:
             match = UNKNOWN

@@ -122,12 +122,21 @@ class StreamClock:
     def __init__(self) -> None:
         self._start_boot_s = time.clock_gettime(time.CLOCK_BOOTTIME)
         self._offset = _FOLLOWER.offset  # the one of the last `at`
+        self._last_start_boot_s = 0.0  # (boot time: a step does not move it) of the last start
 
     def at(self, stream_s: float) -> float:
         """The wall-clock time of a stream position (seconds from the stream's start), by the
         clock as it was at the last `follow_step`."""
         self._offset = _FOLLOWER.offset
         return self._offset + self._start_boot_s + stream_s
+
+    def started_at(self, stream_s: float, length_s: float) -> float:
+        """When a recording at that stream position, that long, began. A file read faster
+        than real time is ahead of the clock: never a time to come, and never before the
+        recording stamped before it (a long one saved after a short one would be)."""
+        at = min(self.at(stream_s), time.time() - length_s)
+        self._last_start_boot_s = max(at - self._offset, self._last_start_boot_s)
+        return self._offset + self._last_start_boot_s
 
     def stamped(self, rec_id: str) -> None:
         """A recording was saved with times from the last `at`."""

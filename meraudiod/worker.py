@@ -315,8 +315,11 @@ class Worker(StageThread):
 def store_transcript(
     conn: sqlite3.Connection, recording_id: str, transcript: Transcript, model_name: str
 ) -> None:
-    """Replace the recording's segments (so a retried job never duplicates them)."""
+    """Replace the recording's segments (so a retried job never duplicates them), and forget
+    who its local speakers were: a new analysis stores them again, none (speakers turned off
+    before a `reprocess`) leaves no S1 = Alice behind segments that no longer name her."""
     conn.execute("DELETE FROM segments WHERE recording_id=?", (recording_id,))
+    conn.execute("DELETE FROM speaker_mappings WHERE recording_id=?", (recording_id,))
     for idx, seg in enumerate(transcript.segments):
         conn.execute(
             "INSERT INTO segments (recording_id, idx, start_s, end_s, text, language,"

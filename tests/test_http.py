@@ -368,6 +368,8 @@ def test_listening_switch_status_metrics_and_docs(daemon: HttpDaemon) -> None:
         status = client.get("/api/v1/status").json()
         assert status["listening"] is False and status["backlog"] >= 0
         assert client.post("/api/v1/vad/start").json() == {"listening": True}
+        _upload_recording(client, "ls_103_0000.flac")  # not left to the tests before it
+        stored = client.get("/api/v1/recordings", params={"limit": 1000}).json()["recordings"]
         metrics = client.get("/metrics")
         assert metrics.headers["content-type"].startswith("text/plain")
         values = {
@@ -386,7 +388,7 @@ def test_listening_switch_status_metrics_and_docs(daemon: HttpDaemon) -> None:
             "meraudiod_failed_jobs",
         ):
             assert name in values, metrics.text
-        assert values["meraudiod_recordings"] >= 1
+        assert values["meraudiod_recordings"] == len(stored) >= 1
         ready = client.get("/health/ready").json()
         assert ready["status"] == "ready"
         assert {"models", "database", "microphone"} <= set(ready["checks"])

@@ -40,6 +40,10 @@ def test_demo_gives_one_whole_recording_per_utterance(env: dict[str, str]) -> No
     lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
     assert [line.split("] ", 1)[1] for line in lines] == [row["text"] for row in rows]
     assert "dashwood" in rows[0]["text"].lower()
+    # Read faster than real time, each recording is stamped at most "now minus its length":
+    # a long one saved after a short one came out earlier, and `recordings list` out of order.
+    started = [row["started_at"] for row in rows]
+    assert started == sorted(started), started
 
 
 def test_tones_and_music_give_no_recording(env: dict[str, str], tmp_path: Path) -> None:

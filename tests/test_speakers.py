@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from meraudiod import models
+from meraudiod.asr import Transcriber
 from meraudiod.audio import decode_file, to_float32
 from meraudiod.config import Settings
+from meraudiod.db import open_db
 from meraudiod.features import fbank
+from meraudiod.recordings import RecordingStore
 from meraudiod.scoring import Calibration, calibration_for
 from meraudiod.speakers import SpeakerStage
 from meraudiod.voiceprints import Profile
+from meraudiod.worker import Worker
 
 from .conftest import SHARED_DATA, TEST_DATA, cli, needs_shared
 
@@ -234,9 +240,10 @@ def test_worker_names_voices_groups_strangers_and_forgets_opted_out(
     shown = cli("recordings", "show", carl[0], env=env)
     assert "Carl (" in shown.stdout and "S1 = Carl" in shown.stdout
 
-    # Enrolment from a stored recording adds to a profile.
+    # Enrolment from one of the recordings the voice was grouped by adds nothing: that very
+    # audio is in the profile already, and twice it would weigh twice.
     result = cli("speakers", "enroll", "Carl", carl[0], env=env)
-    assert result.returncode == 0 and "1 embeddings added" in result.stdout, result.stderr
+    assert result.returncode == 1 and "already enrolled" in result.stdout, result.stdout
 
     # Deleting a person with --recordings takes everything they said.
     result = cli("speakers", "delete", "Carl", "--recordings", env=env)
@@ -272,6 +279,68 @@ def test_a_suspect_transcript_still_gets_its_speaker(
     segments = [s for r in recordings for s in r["segments"]]
     assert segments and all(s["suspect"] for s in segments)
     assert {s["speaker"]["name"] for s in segments} == {"Alice"}, segments
+
+
+def test_reprocess_with_speakers_off_forgets_who_the_speakers_were(
+    env: dict[str, str], settings: Settings, speaker_models: Path
+) -> None:
+    """A recording named Alice, transcribed again after speakers were turned off: its
+    segments lose her, and so does its S1 = Alice (it was left behind: `recordings show`
+    said Alice while `recordings list --speaker Alice` found nothing)."""
+    env = {**env, "MERAUDIOD_SPEAKERS__ENABLED": "true"}
+    assert cli("speakers", "enroll", "Alice", *(str(TEST_DATA / c) for c in ALICE), env=env)
+    settings.speakers.enabled = True
+    conn = open_db(settings.storage.db_path)
+    store = RecordingStore(conn, settings.storage.audio_dir, "flac")
+    clip = decode_file(TEST_DATA / ALICE_TEST[0])
+    rec = store.save(clip, source="x", start_s=0.0, started_at=1000.0)
+    assert rec is not None
+    asr = settings.asr
+    path = models.resolve(asr.model, settings.storage.resolved_models_dir, False)
+    worker = Worker(settings, Transcriber(path, asr, asr.model), threading.Event())
+    worker.speakers = SpeakerStage(settings)
+    assert worker.process_next(conn)
+    assert "S1 = Alice" in cli("recordings", "show", rec.id, env=env).stdout
+
+    assert cli("reprocess", rec.id, env=env).returncode == 0
+    worker.speakers = None  # speakers.enabled = false since
+    assert worker.process_next(conn)
+    shown = cli("recordings", "show", rec.id, env=env)
+    assert shown.returncode == 0 and "Alice" not in shown.stdout, shown.stdout
+    assert not conn.execute("SELECT * FROM speaker_mappings").fetchall()
+    listed = cli("recordings", "list", "--speaker", "Alice", "--json", env=env)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+
+
+def test_the_same_clip_enrolled_again_is_not_stored_twice(
+    env: dict[str, str], speaker_models: Path, tmp_path: Path
+) -> None:
+    """One clip enrolled in two calls (or a copy of it under another name) would weigh twice
+    in the person's voiceprint: it is reported as already enrolled and stored once."""
+    env = {**env, "MERAUDIOD_SPEAKERS__ENABLED": "true"}
+    first = cli("speakers", "enroll", "Alice", str(TEST_DATA / ALICE[0]), env=env)
+    assert first.returncode == 0 and "1 embeddings added" in first.stdout, first.stderr
+    copy = tmp_path / "copy.flac"
+    copy.write_bytes((TEST_DATA / ALICE[0]).read_bytes())
+    again = cli("speakers", "enroll", "Alice", str(TEST_DATA / ALICE[0]), str(copy), env=env)
+    assert again.returncode != 0, again.stdout  # nothing new: as with too little speech
+    assert "already enrolled" in again.stdout + again.stderr, (again.stdout, again.stderr)
+    assert speakers_json(env)["Alice"]["embeddings"] == 1
+    more = cli("speakers", "enroll", "Alice", str(copy), str(TEST_DATA / ALICE[1]), env=env)
+    assert more.returncode == 0 and "1 embeddings added" in more.stdout, more.stderr
+    assert speakers_json(env)["Alice"]["embeddings"] == 2
+
+
+def test_recordings_of_a_mistyped_speaker_are_an_error(
+    env: dict[str, str], settings: Settings
+) -> None:
+    """`recordings list --speaker Alcie` said nothing at all, as if Alice had never spoken
+    (purge --speaker Alcie said there was no such speaker)."""
+    open_db(settings.storage.db_path).close()
+    listed = cli("recordings", "list", "--speaker", "Alcie", env=env)
+    assert listed.returncode == 1 and not listed.stdout, listed.stdout
+    assert "no speaker named 'Alcie'" in listed.stderr, listed.stderr
+    assert "Traceback" not in listed.stderr
 
 
 PHONECALL = SHARED_DATA / "diarization" / "pyannote_sample_2spk_phonecall" / "sample.wav"
