@@ -300,3 +300,65 @@ def test_speakers_delete_with_recordings_killed_anywhere_is_finished_by_running_
         assert not rows(env, "SELECT 1 FROM speakers WHERE name='unknown-1'"), name
         holds(env)
         forgotten(env, gone_words, name)
+
+
+def aged(env: Env, rec_ids: list[str], days: float) -> None:
+    conn = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    with conn:
+        for rec_id in rec_ids:
+            conn.execute(
+                "UPDATE recordings SET started_at = started_at - ? WHERE id=?",
+                (days * 86400, rec_id),
+            )
+    conn.close()
+
+
+def old_demo(env: Env) -> list[str]:
+    rec_ids = demo_ids(env)
+    aged(env, rec_ids, 40)
+    return rec_ids
+
+
+def test_purge_killed_anywhere_is_finished_by_running_it_again(fresh: Callable[[], Env]) -> None:
+    for args, ids_of in (
+        (["purge", "--older-than", "30", "--yes"], old_demo),
+        (["purge", "--speaker", "unknown-3", "--yes"], lambda env: speaker_ids(env, "unknown-3")),
+    ):
+        for name, env, rec_ids, gone_words in killed_deletes(
+            fresh,
+            ids_of,
+            lambda _, a=args: a,
+            moments=DELETE_MOMENTS[:3],
+        ):
+            again = cli(*args, env=env)
+            assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+            assert not _audio_rows(env, rec_ids), (args, name)
+            holds(env)
+            forgotten(env, gone_words, name)
+
+
+def test_purge_of_audio_killed_when_its_files_are_gone_is_finished_by_running_it_again(
+    fresh: Callable[[], Env],
+) -> None:
+    args = ["purge", "--older-than", "30", "--audio-only", "--yes"]
+    for name in ("all the audio files gone", "half the audio files gone", "0.4 s"):
+        env = fresh()
+        rec_ids = old_demo(env)
+        texts = {r["id"]: r["text"] for r in _texts(env, rec_ids)}
+        when = (
+            files_gone(env, rec_ids, len(rec_ids))
+            if name.startswith("all")
+            else moment(env, rec_ids, name)
+        )
+        killed(env, args, when, name)
+        holds(env, allow_missing_audio=set(rec_ids))
+        again = cli(*args, env=env)
+        assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+        holds(env)  # no row names audio that is gone
+        assert not [r for r in _audio_rows(env, rec_ids) if r["audio_path"]], name
+        assert {r["id"]: r["text"] for r in _texts(env, rec_ids)} == texts  # the text stays
+
+
+def _texts(env: Env, rec_ids: list[str]) -> list[sqlite3.Row]:
+    marks = ",".join("?" * len(rec_ids))
+    return rows(env, f"SELECT id, text FROM recordings WHERE id IN ({marks})", tuple(rec_ids))
