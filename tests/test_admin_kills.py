@@ -5,6 +5,7 @@ of the daemon), as the README promises."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -362,3 +363,138 @@ def test_purge_of_audio_killed_when_its_files_are_gone_is_finished_by_running_it
 def _texts(env: Env, rec_ids: list[str]) -> list[sqlite3.Row]:
     marks = ",".join("?" * len(rec_ids))
     return rows(env, f"SELECT id, text FROM recordings WHERE id IN ({marks})", tuple(rec_ids))
+
+
+def profiles(env: Env) -> dict[str, tuple[str, int, int]]:
+    """name: (id, embeddings, recordings mapped to it)."""
+    return {
+        r["name"]: (r["id"], r["embeddings"], r["mapped"])
+        for r in rows(
+            env,
+            "SELECT p.id, p.name,"
+            " (SELECT COUNT(*) FROM speaker_embeddings e WHERE e.speaker_id = p.id) AS embeddings,"
+            " (SELECT COUNT(*) FROM speaker_mappings m WHERE m.speaker_id = p.id) AS mapped"
+            " FROM speakers p",
+        )
+    }
+
+
+def test_speakers_merge_killed_anywhere_is_whole_or_not_done(fresh: Callable[[], Env]) -> None:
+    args = ["speakers", "merge", "unknown-2", "unknown-3"]
+    for name in ("0.3 s", "0.4 s", "0.5 s", "the source gone"):
+        env = fresh()
+        before = profiles(env)
+        (_, src_embeddings, src_mapped) = before["unknown-2"]
+        (dst_id, dst_embeddings, dst_mapped) = before["unknown-3"]
+        src_gone = count_is(
+            env, "SELECT COUNT(*) FROM speakers WHERE name='unknown-2'", lambda n: n == 0
+        )
+        killed(
+            env,
+            args,
+            src_gone if name == "the source gone" else after(float(name.split()[0])),
+            name,
+        )
+        holds(env)
+        now = profiles(env)
+        merged = {
+            **before,
+            "unknown-3": (dst_id, src_embeddings + dst_embeddings, src_mapped + dst_mapped),
+        }
+        del merged["unknown-2"]
+        assert now in (before, merged), name  # whole or not at all
+        if now == before:
+            assert cli(*args, env=env).returncode == 0
+        assert profiles(env) == merged, name
+        holds(env)
+
+
+def test_speakers_rename_killed_anywhere_is_whole_or_not_done(fresh: Callable[[], Env]) -> None:
+    args = ["speakers", "rename", "unknown-3", "Carol"]
+    for name in ("0.3 s", "0.4 s", "0.5 s"):
+        env = fresh()
+        before = profiles(env)
+        killed(env, args, after(float(name.split()[0])), name)
+        holds(env)
+        renamed = {("Carol" if k == "unknown-3" else k): v for k, v in before.items()}
+        assert profiles(env) in (before, renamed), name
+        if profiles(env) == before:
+            assert cli(*args, env=env).returncode == 0
+        assert profiles(env) == renamed
+        assert rows(env, "SELECT provisional FROM speakers WHERE name='Carol'")[0][0] == 0
+
+
+def test_export_killed_anywhere_leaves_no_partial_file_under_its_name(
+    fresh: Callable[[], Env], tmp_path: Path
+) -> None:
+    for name in ("the first file written", "0.35 s", "0.45 s"):
+        env = fresh()
+        out = tmp_path / f"out-{name}"
+        rec_ids = demo_ids(env)
+        sources = {
+            Path(r["audio_path"]).name: (audio_dir(env) / r["audio_path"]).read_bytes()
+            for r in _audio_rows(env, rec_ids)
+        }
+        args = ["recordings", "export", *rec_ids, "--out", str(out)]
+        first = written(out) if name.startswith("the") else after(float(name.split()[0]))
+        killed(env, args, first, name)
+        complete(out, sources)
+        assert cli(*args, env=env).returncode == 0
+        complete(out, sources)
+        assert {p.name for p in out.glob("*.flac")} == set(sources)
+        assert {p.stem for p in out.glob("*.json")} == set(rec_ids)
+        holds(env)
+
+
+def written(out: Path) -> Callable[[], bool]:
+    return lambda: out.is_dir() and any(out.iterdir())
+
+
+def complete(out: Path, sources: dict[str, bytes]) -> None:
+    """Every file under its final name is whole: the audio byte for byte, the JSON parses."""
+    if not out.is_dir():
+        return
+    for path in out.iterdir():
+        if path.name.startswith("."):
+            continue  # a temporary file of a killed export, never under a final name
+        if path.suffix == ".flac":
+            assert path.read_bytes() == sources[path.name], path
+        else:
+            assert json.loads(path.read_text())["id"] == path.stem, path
+
+
+def running_for(env: Env, delay_s: float) -> Callable[[], bool]:
+    """True once a reprocess job has been running for delay_s."""
+    running = count_is(
+        env, "SELECT COUNT(*) FROM jobs WHERE state='running' AND kind='retranscribe'", bool
+    )
+    since: list[float] = []
+
+    def check() -> bool:
+        if not since and running():
+            since.append(time.monotonic())
+        return bool(since) and time.monotonic() - since[0] >= delay_s
+
+    return check
+
+
+def test_a_daemon_killed_while_it_transcribes_again_loses_nothing(fresh: Callable[[], Env]) -> None:
+    for delay_s in (0.0, 0.4):
+        env = fresh()
+        rec_id = demo_ids(env)[0]
+        text_sql = f"SELECT text FROM segments WHERE recording_id='{rec_id}' ORDER BY idx"
+        said = [r[0] for r in rows(env, text_sql)]
+        assert cli("reprocess", rec_id, env=env).returncode == 0
+        mid_way = running_for(env, delay_s)
+        assert (
+            killed(env, ["run", "--source", f"file:{SHORT}"], mid_way, "a reprocess running")
+            is None
+        )
+        holds(env)
+        assert [r[0] for r in rows(env, text_sql)] == said  # the old transcript stays meanwhile
+        started = cli("run", "--source", f"file:{SHORT}", env=env)
+        assert started.returncode == 0, started.stderr
+        (job,) = rows(env, f"SELECT state, crashes FROM jobs WHERE recording_id='{rec_id}'")
+        assert (job["state"], job["crashes"]) == ("done", 1)
+        assert [r[0] for r in rows(env, text_sql)] == said
+        holds(env)
