@@ -258,7 +258,7 @@ def test_a_delete_killed_before_its_words_left_the_index_is_finished_by_the_next
     fresh: Callable[[], Env],
 ) -> None:
     """Found by killing `recordings delete` once its rows were committed: the full-text index
-    is merged after the commit, so a kill in between (0.1 s with a year of transcripts) left
+    is merged after the commit, so a kill in between (0.06 s with 60,000 segments) left
     the deleted words in the database file for good, since the same delete run again found
     no row and merged nothing. A mark committed with the rows now says the merge is due; the
     next delete, or the next start of the daemon, does it."""
