@@ -497,3 +497,27 @@ def test_a_daemon_killed_while_it_transcribes_again_loses_nothing(fresh: Callabl
         assert (job["state"], job["crashes"]) == ("done", 1 if ended is None else 0)
         assert [r[0] for r in rows(env, text_sql)] == said
         holds(env)
+
+
+def test_a_do_not_keep_voice_transcribed_again_by_a_killed_daemon_is_deleted_whole(
+    fresh: Callable[[], Env],
+) -> None:
+    """A voice marked "do not keep" after it was transcribed, its recording reprocessed: the
+    daemon killed while transcribing, or once the recording's rows are committed gone (its
+    words not yet merged out of the index), and started again, has deleted it whole."""
+    for name in ("a reprocess running", "the rows gone"):
+        env = fresh()
+        rec_id = speaker_ids(env, "unknown-3")[0]
+        gone_words = spoken(env, [rec_id])
+        assert gone_words
+        assert cli("speakers", "opt-out", "unknown-3", env=env).returncode == 0
+        assert cli("reprocess", rec_id, env=env).returncode == 0
+        when = running_for(env, 0.0) if name.startswith("a ") else moment(env, [rec_id], name)
+        ended = killed(env, ["run", "--source", f"file:{SHORT}"], when, name)
+        assert ended is None, name
+        holds(env, allow_missing_audio={rec_id})
+        started = cli("run", "--source", f"file:{SHORT}", env=env)
+        assert started.returncode == 0, started.stderr
+        assert not _audio_rows(env, [rec_id]), name
+        holds(env)
+        forgotten(env, gone_words, name)
