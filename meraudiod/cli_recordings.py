@@ -213,8 +213,15 @@ def purge(
     what = (
         f"{found['recordings_deleted']} recordings and {found['audio_files_deleted']} audio files"
     )
-    if dry_run or not (found["recordings_deleted"] or found["audio_files_deleted"]):
-        click.echo(f"would delete {what}" if dry_run else "nothing to delete")
+    if dry_run:
+        click.echo(f"would delete {what}")
+        return
+    if not (found["recordings_deleted"] or found["audio_files_deleted"]):
+        # Run all the same: it deletes nothing that is there, and finishes what a purge
+        # killed half way left (rows naming audio files it had deleted, deleted words not
+        # yet merged out of the index).
+        run_command(settings, "purge", args)
+        click.echo("nothing to delete")
         return
     if not yes:
         if not sys.stdin.isatty():

@@ -4,7 +4,9 @@ embeddings taken from them) and their audio, leaving nothing behind.
 A batch's rows are forgotten before their audio files go and committed once the files are
 gone: a delete killed half way, or stopped by a file it may not delete, leaves no audio file
 whose recording is gone, and run again it finishes. Deleted text is then made unrecoverable
-from the database file (secure_delete, the full-text index merged, the log checkpointed)."""
+from the database file (secure_delete, the full-text index merged, the log checkpointed); a
+mark committed with the rows says when that is still to do (a kill between the two), and the
+next delete or start of the daemon does it."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from .db import Transaction
+from .db import Transaction, put_kv
 from .recordings import audio_file, normalise_id
 
 _DELETE_BATCH: Final = 100  # recordings per delete transaction: the write lock is held briefly
+# In kv while deleted words may still be in the full-text index (see forget_deleted_text).
+_UNFORGOTTEN_KEY: Final = "deleted_text_unforgotten"
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,9 @@ def delete_recordings(conn: sqlite3.Connection, audio_dir: Path, rec_ids: list[s
 
     In transactions of _DELETE_BATCH recordings, so a listener waiting to save speech never
     waits long for the write lock; the full-text index is optimised and the log
-    checkpointed once at the end. Each batch's audio goes first (see remove_audio_first).
+    checkpointed once at the end, also when an earlier delete was killed before that (the
+    same delete run again deletes no row). Each batch's audio goes first (see
+    remove_audio_first).
     """
     deleted = files = 0
     wanted = list(dict.fromkeys(normalise_id(r) for r in rec_ids))
@@ -50,12 +56,16 @@ def delete_recordings(conn: sqlite3.Connection, audio_dir: Path, rec_ids: list[s
     finally:
         if deleted:
             forget_deleted_text(conn)
+        else:
+            finish_forgetting(conn)
     return Deleted(deleted, files)
 
 
 def forget_recording(conn: sqlite3.Connection, rec_id: str) -> None:
     """A recording's rows (inside the caller's transaction): text, index rows, jobs,
-    undelivered events and the embeddings taken from it."""
+    undelivered events and the embeddings taken from it. Marks its text as still to be
+    forgotten (forget_deleted_text), in the same commit."""
+    put_kv(conn, _UNFORGOTTEN_KEY, "1")
     conn.execute("DELETE FROM outbox WHERE recording_id=?", (rec_id,))
     conn.execute("DELETE FROM speaker_embeddings WHERE recording_id=?", (rec_id,))
     conn.execute("DELETE FROM recordings WHERE id=?", (rec_id,))
@@ -112,7 +122,19 @@ def forget_deleted_text(conn: sqlite3.Connection) -> None:
     """Make deleted text unrecoverable from the database file.
 
     secure_delete zeroes freed pages, but the full-text index keeps deleted words in its
-    segments until they are merged, and the WAL keeps old pages until a checkpoint.
+    segments until they are merged, and the WAL keeps old pages until a checkpoint. The mark
+    forget_recording set goes with the merge.
     """
-    conn.execute("INSERT INTO segments_fts(segments_fts) VALUES ('optimize')")
+    with Transaction(conn):
+        conn.execute("INSERT INTO segments_fts(segments_fts) VALUES ('optimize')")
+        conn.execute("DELETE FROM kv WHERE key=?", (_UNFORGOTTEN_KEY,))
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def finish_forgetting(conn: sqlite3.Connection) -> bool:
+    """forget_deleted_text if a delete committed its rows and was killed before it; True if
+    it had to."""
+    if conn.execute("SELECT 1 FROM kv WHERE key=?", (_UNFORGOTTEN_KEY,)).fetchone() is None:
+        return False
+    forget_deleted_text(conn)
+    return True

@@ -17,6 +17,7 @@ from . import jobs, models
 from .asr import SpeechToText, Transcriber
 from .config import Settings
 from .db import check_integrity, open_db
+from .deletion import finish_forgetting
 from .listener import Listener
 from .memory import release_memory, unmap_loaded_library_pages
 from .recordings import MemoryAudio, Recording, remove_crashed_writes
@@ -63,6 +64,8 @@ class Pipeline:
                 if requeued:
                     _LOGGER.warning("requeued %d jobs left running by a stopped process", requeued)
                 remove_crashed_writes(conn, storage.audio_dir)
+                if finish_forgetting(conn):
+                    _LOGGER.warning("merged deleted text out of the index (a delete was killed)")
         finally:
             conn.close()
         transcriber = self._speech_to_text() if self.settings.asr.enabled else None

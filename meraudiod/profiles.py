@@ -216,7 +216,8 @@ def delete(
                 (speaker_id, speaker_id),
             )
         ]
-        recordings = delete_recordings(conn, audio_dir, ids).recordings if ids else 0
+        # Called with none left too: a delete killed before the index was merged is finished.
+        recordings = delete_recordings(conn, audio_dir, ids).recordings
     with Transaction(conn):
         (embeddings,) = conn.execute(
             "SELECT COUNT(*) FROM speaker_embeddings WHERE speaker_id=?", (speaker_id,)
