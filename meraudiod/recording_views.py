@@ -4,6 +4,7 @@ speakers (CLI, MQTT, HTTP), one `analyze --json` record, and an export to a fold
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ def _write_whole(dest: Path, write: Callable[[Path], object]) -> None:
     """Write `dest` through a temporary file beside it, renamed once complete: a full disk
     leaves no truncated file under its name. An error in the writing names `dest` (a full
     disk's would name the file copied from)."""
+    _remove_killed_writes(dest)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
         write(tmp)
@@ -50,6 +52,27 @@ def _write_whole(dest: Path, write: Callable[[Path], object]) -> None:
         if str(tmp) not in (exc.filename, exc.filename2):
             raise  # not the writing: e.g. the audio file may not be read
         raise OSError(exc.errno, exc.strerror, str(dest)) from exc
+
+
+def _remove_killed_writes(dest: Path) -> None:
+    """The temporary files of `dest` whose process is gone (an export killed mid-copy); one
+    of a process still running is its export in progress."""
+    prefix = f".{dest.name}."
+    for part in dest.parent.glob(f"{glob.escape(prefix)}*.part"):
+        pid = part.name[len(prefix) : -len(".part")]
+        if pid.isdigit() and not _running(int(pid)):
+            with contextlib.suppress(OSError):
+                part.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def speaker_payload(

@@ -446,6 +446,33 @@ def test_export_killed_anywhere_leaves_no_partial_file_under_its_name(
         holds(env)
 
 
+def test_an_export_removes_the_temporary_files_of_a_killed_one(
+    fresh: Callable[[], Env], tmp_path: Path
+) -> None:
+    """An export killed while it copied left `.ID.flac.PID.part` in the folder for good (too
+    quick to kill reliably here: the file of a process that is gone stands for it). The next
+    export of that recording removes it, and leaves a live export's alone."""
+    env = fresh()
+    rec_id = demo_ids(env)[0]
+    (row,) = _audio_rows(env, [rec_id])
+    name = Path(row["audio_path"]).name
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    killed_part = out / f".{name}.{int(gone.stdout)}.part"
+    live_part = out / f".{name}.{os.getpid()}.part"  # this process is alive
+    for part in (killed_part, live_part):
+        part.write_bytes(b"half a file")
+    assert cli("recordings", "export", rec_id, "--out", str(out), env=env).returncode == 0
+    assert not killed_part.exists() and live_part.exists()
+    assert (out / name).read_bytes() == (audio_dir(env) / row["audio_path"]).read_bytes()
+
+
 def written(out: Path) -> Callable[[], bool]:
     return lambda: out.is_dir() and any(out.iterdir())
 
