@@ -167,6 +167,10 @@ def load_settings(path: str | Path | None = None) -> Settings:
             data = tomllib.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_path}: {exc}") from exc
+        except RecursionError as exc:  # the parser recurses per nested array or table
+            raise ConfigError(
+                f"cannot read config file {config_path}: arrays or tables nested too deeply"
+            ) from exc
         source = str(config_path)
     misnamed = _misnamed_variables()
     if misnamed:

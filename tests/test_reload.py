@@ -1,0 +1,111 @@
+"""SIGHUP on a running daemon with a hostile configuration file: a bad reload never stops the
+daemon, says what is wrong in one line naming the file or key, and what is recorded after it
+is still saved and transcribed. Real processes, real speech."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from meraudiod.audio import decode_file
+
+from .conftest import TEST_DATA, db_rows, run_daemon, status_json, wait_for, wait_running
+
+SPEECH = decode_file(TEST_DATA / "ls_2609_0000.flac")
+DONE_SQL = "SELECT id, text FROM recordings WHERE status='done'"
+
+
+class Daemon:
+    """A daemon on stdin whose log is read on a thread, line by line."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.proc: subprocess.Popen[bytes] = run_daemon(env)
+        self.lines: list[str] = []
+        stderr = self.proc.stderr
+        assert stderr is not None
+        self._reader = threading.Thread(
+            target=lambda: self.lines.extend(x.decode(errors="replace") for x in stderr),
+            daemon=True,
+        )
+        self._reader.start()
+
+    def reload(self, what: str) -> list[str]:
+        """SIGHUP, wait for the reload's outcome in the log; the lines it logged."""
+        before = len(self.lines)
+        self.proc.send_signal(signal.SIGHUP)
+
+        def answered() -> bool:
+            assert self.proc.poll() is None, (
+                f"{what}: the daemon exited {self.proc.returncode}:"
+                + ("".join(self.lines[before:]))
+            )
+            return any(
+                "reload refused" in x or "reloaded configuration" in x for x in self.lines[before:]
+            )
+
+        wait_for(answered, 30, f"the reload of {what} to be answered")
+        new = self.lines[before:]
+        assert not any("Traceback" in x for x in new), f"{what}: {''.join(new)}"
+        # `status` reads the configuration too (for the data directory): a good copy here.
+        good = Path(self.env["MERAUDIOD_CONFIG"]).with_name("status.toml")
+        good.write_text("")
+        assert status_json({**self.env, "MERAUDIOD_CONFIG": str(good)})["running"], what
+        return new
+
+    def speak(self) -> None:
+        """One utterance, then silence to end it."""
+        assert self.proc.stdin is not None
+        silence = np.zeros(16000, dtype=np.int16)
+        self.proc.stdin.write(np.concatenate([SPEECH, silence]).astype("<i2").tobytes())
+        self.proc.stdin.flush()
+
+    def close(self) -> int:
+        """End stdin (the daemon drains and exits); its exit code."""
+        assert self.proc.stdin is not None
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+        rc = self.proc.wait(timeout=60)
+        self._reader.join(10)
+        return rc
+
+
+def test_a_broken_config_file_on_sighup_is_one_line_and_the_daemon_records_on(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    config = Path(env["MERAUDIOD_CONFIG"])
+    config.write_text("[recorder]\nhangover_ms = 700\n")
+    daemon = Daemon(env)
+    try:
+        wait_running(env, daemon.proc, timeout_s=60)
+        attacks: list[tuple[str, str]] = [
+            ("deeply nested TOML", "a = " + "[" * 100_000 + "]" * 100_000 + "\n"),
+            ("binary garbage", ""),
+            ("invalid TOML", "[recorder\nhangover_ms = \n"),
+            ("wrong type", "[recorder]\nhangover_ms = 'soon'\n"),
+            ("out of range", "[retention]\naudio_days = -5\n"),
+            ("unknown key", "[recorder]\nhangover_mss = 700\n"),
+        ]
+        for what, text in attacks:
+            if what == "binary garbage":
+                config.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8)))
+            else:
+                config.write_text(text)
+            lines = daemon.reload(what)
+            refused = [x for x in lines if "reload refused" in x]
+            assert len(refused) == 1 and str(config) in refused[0], (what, lines)
+        config.unlink()
+        assert "not found" in "".join(daemon.reload("a deleted file"))
+        config.mkdir()
+        assert "not a regular file" in "".join(daemon.reload("a directory"))
+        config.rmdir()
+        daemon.speak()
+        wait_for(lambda: len(db_rows(env, DONE_SQL)) == 1, 60, "the recording after the reloads")
+    finally:
+        rc = daemon.close()
+    assert rc == 0, "".join(daemon.lines)
+    assert db_rows(env, DONE_SQL)[0]["text"].strip()  # transcribed
