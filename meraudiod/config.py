@@ -160,10 +160,11 @@ def load_settings(path: str | Path | None = None) -> Settings:
     data: dict[str, Any] = {}
     source = "defaults and environment"
     if config_path is not None:
-        if not config_path.is_file():
-            found = "is not a regular file" if config_path.exists() else "not found"
-            raise ConfigError(f"config file {found}: {config_path}")
         try:
+            # is_file() raises, rather than say False, when a directory on the way is unreadable.
+            if not config_path.is_file():
+                found = "is not a regular file" if config_path.exists() else "not found"
+                raise ConfigError(f"config file {found}: {config_path}")
             data = tomllib.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_path}: {exc}") from exc

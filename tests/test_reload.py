@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from meraudiod.audio import decode_file
 
-from .conftest import TEST_DATA, db_rows, run_daemon, status_json, wait_for, wait_running
+from .conftest import AS_A_USER, TEST_DATA, db_rows, status_json, wait_for, wait_running
 
 SPEECH = decode_file(TEST_DATA / "ls_2609_0000.flac")
 DONE_SQL = "SELECT id, text FROM recordings WHERE status='done'"
@@ -22,9 +23,16 @@ DONE_SQL = "SELECT id, text FROM recordings WHERE status='done'"
 class Daemon:
     """A daemon on stdin whose log is read on a thread, line by line."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], as_user: bool = False) -> None:
         self.env = env
-        self.proc: subprocess.Popen[bytes] = run_daemon(env)
+        command = [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"]
+        self.proc: subprocess.Popen[bytes] = subprocess.Popen(
+            [*(AS_A_USER if as_user else []), *command],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self.lines: list[str] = []
         stderr = self.proc.stderr
         assert stderr is not None
@@ -109,3 +117,32 @@ def test_a_broken_config_file_on_sighup_is_one_line_and_the_daemon_records_on(
         rc = daemon.close()
     assert rc == 0, "".join(daemon.lines)
     assert db_rows(env, DONE_SQL)[0]["text"].strip()  # transcribed
+
+
+def test_an_unreadable_config_file_or_directory_on_sighup_is_one_line(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """As the service's user (root reads anything): the file, then its directory, made
+    unreadable. Before, the directory's PermissionError from `is_file()` stopped the daemon."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    config = etc / "config.toml"
+    config.write_text("[recorder]\nhangover_ms = 700\n")
+    env = {**env, "MERAUDIOD_CONFIG": str(config)}
+    daemon = Daemon(env, as_user=True)
+    try:
+        wait_running(env, daemon.proc, timeout_s=60)
+        config.chmod(0)
+        refused = "".join(daemon.reload("an unreadable file"))
+        assert f"cannot read config file {config}" in refused and "Permission denied" in refused
+        config.chmod(0o644)
+        etc.chmod(0)
+        refused = "".join(daemon.reload("an unreadable directory"))
+        assert str(config) in refused and "Permission denied" in refused, refused
+        etc.chmod(0o755)
+        daemon.speak()
+        wait_for(lambda: len(db_rows(env, DONE_SQL)) == 1, 60, "the recording after the reloads")
+    finally:
+        etc.chmod(0o755)
+        rc = daemon.close()
+    assert rc == 0, "".join(daemon.lines)
