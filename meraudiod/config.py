@@ -36,6 +36,11 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/meraudiod/config.toml")
 ENV_CONFIG: Final = "MERAUDIOD_CONFIG"
 _ENV_PREFIX: Final = "MERAUDIOD_"  # MERAUDIOD_<SECTION>__<KEY>
 _ENV_DELIMITER: Final = "__"
+# The example configuration is 10 kB. A bigger file is a mistake (a log or a recording saved
+# over it): parsed, 50 MB held a reload's main loop for a minute, past systemd's watchdog.
+_MAX_FILE_BYTES: Final = 1_000_000
+# An error names this many problems, then counts the rest: one readable line.
+_MAX_ERRORS_SHOWN: Final = 20
 
 
 # Keys no output shows: a `config/get` reply goes to every subscriber of the broker.
@@ -151,7 +156,9 @@ def _format_error(error: ValidationError, source: str) -> str:
         line = f"{key}: {message}" if key and f"{key}." not in message else message
         variable = _variable_for(tuple(item["loc"]), names)
         lines.append(f"{line} (from {variable})" if variable else line)
-    return f"invalid configuration ({source}): " + "; ".join(lines)
+    more = len(lines) - _MAX_ERRORS_SHOWN
+    shown = lines[:_MAX_ERRORS_SHOWN] + ([f"and {more} more"] if more > 0 else [])
+    return f"invalid configuration ({source}): " + "; ".join(shown)
 
 
 def load_settings(path: str | Path | None = None) -> Settings:
@@ -165,6 +172,12 @@ def load_settings(path: str | Path | None = None) -> Settings:
             if not config_path.is_file():
                 found = "is not a regular file" if config_path.exists() else "not found"
                 raise ConfigError(f"config file {found}: {config_path}")
+            size_bytes = config_path.stat().st_size
+            if size_bytes > _MAX_FILE_BYTES:
+                raise ConfigError(
+                    f"config file {config_path} is {size_bytes / 1e6:.1f} MB: not a"
+                    f" configuration (at most {_MAX_FILE_BYTES / 1e6:.0f} MB are read)"
+                )
             data = tomllib.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_path}: {exc}") from exc

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,7 @@ def test_a_broken_config_file_on_sighup_is_one_line_and_the_daemon_records_on(
             ("wrong type", "[recorder]\nhangover_ms = 'soon'\n"),
             ("out of range", "[retention]\naudio_days = -5\n"),
             ("unknown key", "[recorder]\nhangover_mss = 700\n"),
+            ("5,000 unknown keys", "".join(f"k{i} = 1\n" for i in range(5000))),
         ]
         for what, text in attacks:
             if what == "binary garbage":
@@ -106,6 +108,7 @@ def test_a_broken_config_file_on_sighup_is_one_line_and_the_daemon_records_on(
             lines = daemon.reload(what)
             refused = [x for x in lines if "reload refused" in x]
             assert len(refused) == 1 and str(config) in refused[0], (what, lines)
+            assert len(refused[0]) < 2000, (what, refused[0][:2000])  # a line, not a page
         config.unlink()
         assert "not found" in "".join(daemon.reload("a deleted file"))
         config.mkdir()
@@ -146,3 +149,27 @@ def test_an_unreadable_config_file_or_directory_on_sighup_is_one_line(
         etc.chmod(0o755)
         rc = daemon.close()
     assert rc == 0, "".join(daemon.lines)
+
+
+def test_a_50_mb_config_file_on_sighup_is_refused_at_once(env: dict[str, str]) -> None:
+    """50 MB of keys: parsed, it held the main loop for about a minute (status said the
+    daemon was not running after 20 s; systemd's 30 s watchdog would have killed it) and
+    logged every key in one line of 100 MB."""
+    config = Path(env["MERAUDIOD_CONFIG"])
+    daemon = Daemon(env)
+    try:
+        wait_running(env, daemon.proc, timeout_s=60)
+        with config.open("w") as out:
+            out.writelines(f"k{i:09d} = 1\n" for i in range(50_000_010 // 15))
+        assert config.stat().st_size >= 50_000_000
+        started = time.monotonic()
+        refused = "".join(daemon.reload("a 50 MB file"))
+        assert time.monotonic() - started < 5, refused
+        assert f"config file {config} is 50.0 MB" in refused, refused[:500]
+        assert len(refused) < 1000, refused[:500]
+        config.write_text("")
+        daemon.speak()
+        wait_for(lambda: len(db_rows(env, DONE_SQL)) == 1, 60, "the recording after the reload")
+    finally:
+        rc = daemon.close()
+    assert rc == 0, "".join(daemon.lines)[:2000]
