@@ -39,6 +39,8 @@ class Reloader:
         settings = daemon.settings
         applied, needs_restart = apply_live(settings, fresh)
         self._update_speakers()
+        if any(name.startswith("retention.") for name in applied):
+            daemon.retention.sweep_now()
         if applied:
             logging.getLogger().setLevel(settings.logging.level)
             if daemon.listener is not None:

@@ -157,6 +157,18 @@ class Retention(StageThread):
         self.settings = settings
         self.stop_event = stop
         self.last_result = PurgeResult()
+        # Set by a reload that changed the limits, and on the way out: the sweep does not
+        # wait out the interval in hand (an hour, by default) to follow them.
+        self._wake = threading.Event()
+
+    def sweep_now(self) -> None:
+        """Sweep at once with the settings as they are now (a reload changed them)."""
+        self._wake.set()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wake the thread (its stop event is set) and wait for it to end."""
+        self._wake.set()
+        super().join(timeout_s)
 
     def _run(self) -> None:
         conn = open_db(self.settings.storage.db_path)
@@ -168,6 +180,7 @@ class Retention(StageThread):
                         self.last_result = sweep(conn, self.settings)
                 except Exception:  # one failed sweep must not end the daemon
                     _LOGGER.exception("retention sweep failed")
-                self.stop_event.wait(self.settings.retention.sweep_interval_s)
+                self._wake.wait(self.settings.retention.sweep_interval_s)
+                self._wake.clear()
         finally:
             conn.close()

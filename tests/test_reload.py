@@ -173,3 +173,34 @@ def test_a_50_mb_config_file_on_sighup_is_refused_at_once(env: dict[str, str]) -
     finally:
         rc = daemon.close()
     assert rc == 0, "".join(daemon.lines)[:2000]
+
+
+def test_reloads_touching_live_parts(env: dict[str, str]) -> None:
+    """Speakers on without their models, the log level, MQTT on (a restart), and retention
+    making everything due at once: before, the sweep with the new limits waited out the
+    interval in hand (an hour by default), though the log said they were applied."""
+    config = Path(env["MERAUDIOD_CONFIG"])
+    daemon = Daemon(env)
+    try:
+        wait_running(env, daemon.proc, timeout_s=60)
+        daemon.speak()
+        wait_for(lambda: len(db_rows(env, DONE_SQL)) == 1, 60, "the first recording")
+        config.write_text("[speakers]\nenabled = true\n")  # their models are not installed
+        lines = "".join(daemon.reload("speakers without their models"))
+        assert "speakers and diarization stay off" in lines and "ecapa" in lines, lines
+        config.write_text("[logging]\nlevel = 'DEBUG'\n")
+        assert "applied logging.level" in "".join(daemon.reload("the log level"))
+        config.write_text("[mqtt]\nenabled = true\nport = 1\n")
+        lines = "".join(daemon.reload("MQTT on"))
+        assert "need a restart: mqtt.enabled, mqtt.port" in lines, lines
+        config.write_text("[retention]\ntext_days = 0.00001\n")  # everything due
+        lines = "".join(daemon.reload("retention"))
+        assert "applied retention.text_days" in lines, lines
+        wait_for(lambda: not db_rows(env, "SELECT id FROM recordings"), 10, "the sweep")
+        config.write_text("")
+        daemon.reload("the defaults again")
+        daemon.speak()
+        wait_for(lambda: len(db_rows(env, DONE_SQL)) == 1, 60, "the recording after")
+    finally:
+        rc = daemon.close()
+    assert rc == 0, "".join(daemon.lines)
