@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,6 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
         return click.style(text, fg="green" if ok else "red")
 
     last = data["last_transcript"] or {}
-    mqtt = data["mqtt"] or {}
     free_ok = data["disk_free_mb"] > settings.retention.min_free_disk_mb
     disk_free = mark(free_ok, f"{data['disk_free_mb']:.0f} MB free")
     rows = [
@@ -55,6 +55,16 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
             ),
         ),
         ("degraded", mark(False, data["degraded"]) if data["degraded"] else "no"),
+        *(
+            [("restart needed", mark(False, ", ".join(data["restart_needed"])))]
+            if data.get("restart_needed")
+            else []
+        ),
+        *(
+            [("reload refused", mark(False, data["reload_error"]))]
+            if data.get("reload_error")
+            else []
+        ),
         ("microphone", _microphone_line(data)),
         (
             "backlog",
@@ -85,18 +95,7 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
             )
             for srv in data["asr_servers"] or ()
         ),
-        (
-            "mqtt",
-            "disabled"
-            if not settings.mqtt.enabled
-            else mark(
-                mqtt.get("connected"),
-                "connected"
-                if mqtt.get("connected")
-                else f"not connected ({mqtt.get('error') or 'daemon not running'})",
-            )
-            + f", outbox {data['outbox_pending']}, dropped {data['outbox_dropped']}",
-        ),
+        ("mqtt", _mqtt_line(data, settings.mqtt.enabled, mark)),
         (
             "disk",
             f"{data['disk_used_mb']:.0f} MB used in {data['data_dir']}, {disk_free}",
@@ -106,6 +105,22 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
     ]
     for label, value in rows:
         click.echo(f"{label:<16} {value}")
+
+
+def _mqtt_line(data: dict[str, Any], enabled: bool, mark: Callable[[bool | None, str], str]) -> str:
+    """The running daemon's MQTT link: a reload does not start or stop it, so the file's
+    `mqtt.enabled` speaks only for a daemon that is not running."""
+    mqtt = data["mqtt"] or {}
+    if data["running"] and not data["mqtt"]:
+        return "disabled" + (" (enabled in the configuration: restart needed)" if enabled else "")
+    if not data["running"] and not enabled:
+        return "disabled"
+    connected = mqtt.get("connected")
+    error = mqtt.get("error") or "daemon not running"
+    return (
+        mark(connected, "connected" if connected else f"not connected ({error})")
+        + f", outbox {data['outbox_pending']}, dropped {data['outbox_dropped']}"
+    )
 
 
 def _microphone_line(data: dict[str, Any]) -> str:

@@ -70,6 +70,8 @@ class Daemon:
         self.config_path: str | None = None  # what SIGHUP reloads
         self.cli_overrides: dict[tuple[str, str], Any] = {}  # command-line options win on reload
         self.reload_requested = threading.Event()
+        self.restart_needed: list[str] = []  # changed keys the last reload could not apply
+        self.reload_error: str | None = None  # why the last reload was refused
         self.error: str | None = None
         self.notifier = Notifier()
         self.inbound: queue.Queue[Any] = queue.Queue(maxsize=100)

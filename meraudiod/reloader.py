@@ -31,8 +31,10 @@ class Reloader:
         try:
             fresh = load_settings(daemon.config_path)
         except ConfigError as exc:
-            _LOGGER.error("reload refused, keeping the running configuration: %s", exc)
+            daemon.reload_error = str(exc)
+            daemon.health.heartbeat()  # `status` says so now, not in up to 5 s
             daemon.notifier.status(f"reload failed: {exc}")
+            _LOGGER.error("reload refused, keeping the running configuration: %s", exc)
             return
         for (section, key), value in daemon.cli_overrides.items():
             object.__setattr__(getattr(fresh, section), key, value)
@@ -47,13 +49,16 @@ class Reloader:
                 daemon.listener.update_params(
                     SegmenterParams.from_settings(settings.vad, settings.recorder)
                 )
-        _LOGGER.info("reloaded configuration: applied %s", ", ".join(applied) or "nothing")
-        if needs_restart:
-            _LOGGER.warning("these settings need a restart: %s", ", ".join(needs_restart))
+        daemon.reload_error, daemon.restart_needed = None, needs_restart
+        daemon.health.heartbeat()
         daemon.notifier.status(
             daemon.health.status_line()
             + (f"; restart needed for {', '.join(needs_restart)}" if needs_restart else "")
         )
+        if needs_restart:
+            _LOGGER.warning("these settings need a restart: %s", ", ".join(needs_restart))
+        # Said last: once it is in the log, `status` shows this reload.
+        _LOGGER.info("reloaded configuration: applied %s", ", ".join(applied) or "nothing")
 
     def _update_speakers(self) -> None:
         """Load or free the speaker models as speakers/diarization were turned on or off; a

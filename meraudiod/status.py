@@ -128,6 +128,9 @@ def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) 
         "dropped_frames": heartbeat.get("dropped_frames") if running else None,
         "uptime_s": heartbeat.get("uptime_s") if running else None,
         "mqtt": heartbeat.get("mqtt") if running else None,
+        # What the last SIGHUP could not apply, or why it was refused.
+        "restart_needed": heartbeat.get("restart_needed") if running else None,
+        "reload_error": heartbeat.get("reload_error") if running else None,
         "backlog": counts["pending"] + counts["running"],
         "jobs": counts,
         "oldest_pending_at": oldest,
@@ -183,6 +186,8 @@ def daemon_snapshot(daemon: Daemon) -> dict[str, Any]:
             else None
         ),
         "models": daemon.models,
+        "restart_needed": daemon.restart_needed,
+        "reload_error": daemon.reload_error,
         "version": __version__,
         "asr": worker.transcriber.describe() if worker is not None else None,
     }

@@ -4,6 +4,7 @@ is still saved and transcribed. Real processes, real speech."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import numpy as np
 
 from meraudiod.audio import decode_file
 
-from .conftest import AS_A_USER, TEST_DATA, db_rows, status_json, wait_for, wait_running
+from .broker import Broker
+from .conftest import AS_A_USER, TEST_DATA, cli, db_rows, status_json, wait_for, wait_running
 
 SPEECH = decode_file(TEST_DATA / "ls_2609_0000.flac")
 DONE_SQL = "SELECT id, text FROM recordings WHERE status='done'"
@@ -201,6 +203,69 @@ def test_reloads_touching_live_parts(env: dict[str, str]) -> None:
         daemon.reload("the defaults again")
         daemon.speak()
         wait_for(lambda: len(db_rows(env, DONE_SQL)) == 1, 60, "the recording after")
+    finally:
+        rc = daemon.close()
+    assert rc == 0, "".join(daemon.lines)
+
+
+def test_200_sighups_in_a_second_while_speech_is_recorded_lose_nothing(
+    env: dict[str, str],
+) -> None:
+    config = Path(env["MERAUDIOD_CONFIG"])
+    daemon = Daemon(env)
+    try:
+        wait_running(env, daemon.proc, timeout_s=60)
+        feeder = threading.Thread(target=lambda: [daemon.speak() for _ in range(3)])
+        feeder.start()
+        for i in range(200):
+            # Each a change (the log level), so reloads apply something, not nothing.
+            config.write_text(f"[logging]\nlevel = '{('INFO', 'DEBUG')[i % 2]}'\n")
+            daemon.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.005)
+        feeder.join(30)
+        lines = daemon.reload("the last SIGHUP")
+        assert not any("Traceback" in x for x in daemon.lines), "".join(daemon.lines)
+        wait_for(lambda: len(db_rows(env, DONE_SQL)) == 3, 60, "the three recordings")
+    finally:
+        rc = daemon.close()
+    assert rc == 0, "".join(daemon.lines)
+    assert lines
+    assert len(db_rows(env, "SELECT id FROM recordings")) == 3
+
+
+def test_status_says_what_a_reload_could_not_apply(env: dict[str, str], broker: Broker) -> None:
+    """Before, `status` showed nothing of it (only `systemctl status`, until the next state
+    change), and its mqtt line followed the file, not the daemon: `disabled` for a daemon
+    connected to its broker once the file said `enabled = false`."""
+    config = Path(env["MERAUDIOD_CONFIG"])
+    mqtt = f"[mqtt]\nhost = '127.0.0.1'\nport = {broker.port}\nnode_id = 'kitchen'\n"
+    config.write_text(mqtt + "enabled = true\n")
+    daemon = Daemon(env)
+    try:
+        wait_running(env, daemon.proc, timeout_s=60)
+        wait_for(lambda: (status_json(env)["mqtt"] or {}).get("connected"), 20, "MQTT up")
+        config.write_text(mqtt + "enabled = true\npassword = 'changed'\n")
+        daemon.reload("the broker's password")
+        data = status_json(env)
+        assert data["restart_needed"] == ["mqtt.password"] and data["mqtt"]["connected"], data
+        config.write_text(mqtt + "enabled = false\n")
+        daemon.reload("MQTT off")
+        assert status_json(env)["restart_needed"] == ["mqtt.enabled"]
+        text = cli("status", env=env).stdout
+        assert re.search(r"restart needed +mqtt.enabled\n", text), text
+        assert re.search(r"mqtt +connected, outbox", text), text  # the daemon's, not the file's
+        config.write_text(mqtt + "enabled = true\n[recorder]\nhangover_ms = 'soon'\n")
+        daemon.reload("a wrong type")
+        good = config.with_name("status.toml")
+        data = status_json({**env, "MERAUDIOD_CONFIG": str(good)})
+        assert "recorder.hangover_ms" in data["reload_error"], data
+        assert data["restart_needed"] == ["mqtt.enabled"]  # still what the last good one said
+        config.write_text(mqtt + "enabled = true\n")
+        daemon.reload("the running configuration again")
+        data = status_json(env)
+        assert data["restart_needed"] == [] and data["reload_error"] is None, data
+        daemon.speak()
+        wait_for(lambda: len(db_rows(env, DONE_SQL)) == 1, 60, "the recording after the reloads")
     finally:
         rc = daemon.close()
     assert rc == 0, "".join(daemon.lines)
