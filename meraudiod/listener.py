@@ -204,6 +204,8 @@ class Listener(StageThread):
         """Store an utterance; while the database is busy (a long purge, another process
         holding the write lock past the busy timeout) the audio is kept and the save retried."""
         delay_s, tries, no_room = _SAVE_RETRY_S, 0, False
+        # A reload may have changed the format; set here, on the one thread that saves.
+        store.audio_format = self.settings.recorder.audio_format
         while True:
             tries += 1
             memory = self.memory if no_room or disk_low(self.settings) else None

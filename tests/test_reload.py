@@ -13,11 +13,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soundfile
 
 from meraudiod.audio import decode_file
 
 from .broker import Broker
-from .conftest import AS_A_USER, TEST_DATA, cli, db_rows, status_json, wait_for, wait_running
+from .conftest import (
+    AS_A_USER,
+    TEST_DATA,
+    cli,
+    db_rows,
+    status_json,
+    stored_audio,
+    wait_for,
+    wait_running,
+)
 
 SPEECH = decode_file(TEST_DATA / "ls_2609_0000.flac")
 DONE_SQL = "SELECT id, text FROM recordings WHERE status='done'"
@@ -178,9 +188,10 @@ def test_a_50_mb_config_file_on_sighup_is_refused_at_once(env: dict[str, str]) -
 
 
 def test_reloads_touching_live_parts(env: dict[str, str]) -> None:
-    """Speakers on without their models, the log level, MQTT on (a restart), and retention
-    making everything due at once: before, the sweep with the new limits waited out the
-    interval in hand (an hour by default), though the log said they were applied."""
+    """Speakers on without their models, the log level, MQTT on (a restart), retention
+    making everything due at once, WAV for FLAC. Before, the sweep with the new limits waited
+    out the interval in hand (an hour by default), and recordings stayed FLAC, though the
+    log said both were applied."""
     config = Path(env["MERAUDIOD_CONFIG"])
     daemon = Daemon(env)
     try:
@@ -199,10 +210,13 @@ def test_reloads_touching_live_parts(env: dict[str, str]) -> None:
         lines = "".join(daemon.reload("retention"))
         assert "applied retention.text_days" in lines, lines
         wait_for(lambda: not db_rows(env, "SELECT id FROM recordings"), 10, "the sweep")
-        config.write_text("")
-        daemon.reload("the defaults again")
+        config.write_text("[recorder]\naudio_format = 'wav'\n")  # was logged applied, not used
+        assert "applied recorder.audio_format" in "".join(daemon.reload("WAV"))
         daemon.speak()
         wait_for(lambda: len(db_rows(env, DONE_SQL)) == 1, 60, "the recording after")
+        (stored,) = db_rows(env, "SELECT audio_path FROM recordings")
+        assert stored["audio_path"].endswith(".wav"), stored["audio_path"]
+        assert soundfile.info(stored_audio(env, stored["audio_path"])).format == "WAV"
     finally:
         rc = daemon.close()
     assert rc == 0, "".join(daemon.lines)
