@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from .cli_common import setup_logging
 from .config import ConfigError, apply_live, load_settings
 from .diarization import DiarizationError
 from .segmenter import SegmenterParams
@@ -43,12 +44,12 @@ class Reloader:
         self._update_speakers()
         if any(name.startswith("retention.") for name in applied):
             daemon.retention.sweep_now()
-        if applied:
-            logging.getLogger().setLevel(settings.logging.level)
-            if daemon.listener is not None:
-                daemon.listener.update_params(
-                    SegmenterParams.from_settings(settings.vad, settings.recorder)
-                )
+        if any(name.startswith("logging.") for name in applied):
+            setup_logging(settings.logging.level, settings.logging.format)
+        if applied and daemon.listener is not None:
+            daemon.listener.update_params(
+                SegmenterParams.from_settings(settings.vad, settings.recorder)
+            )
         daemon.reload_error, daemon.restart_needed = None, needs_restart
         daemon.health.heartbeat()
         daemon.notifier.status(

@@ -4,6 +4,7 @@ is still saved and transcribed. Real processes, real speech."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -189,9 +190,9 @@ def test_a_50_mb_config_file_on_sighup_is_refused_at_once(env: dict[str, str]) -
 
 def test_reloads_touching_live_parts(env: dict[str, str]) -> None:
     """Speakers on without their models, the log level, MQTT on (a restart), retention
-    making everything due at once, WAV for FLAC. Before, the sweep with the new limits waited
-    out the interval in hand (an hour by default), and recordings stayed FLAC, though the
-    log said both were applied."""
+    making everything due at once, WAV for FLAC, JSON logs. Before, the sweep with the new
+    limits waited out the interval in hand (an hour by default), recordings stayed FLAC and
+    the log text, though the log said all three were applied."""
     config = Path(env["MERAUDIOD_CONFIG"])
     daemon = Daemon(env)
     try:
@@ -203,6 +204,9 @@ def test_reloads_touching_live_parts(env: dict[str, str]) -> None:
         assert "speakers and diarization stay off" in lines and "ecapa" in lines, lines
         config.write_text("[logging]\nlevel = 'DEBUG'\n")
         assert "applied logging.level" in "".join(daemon.reload("the log level"))
+        config.write_text("[logging]\nformat = 'json'\n")  # was logged applied, not used
+        (done,) = [x for x in daemon.reload("JSON logs") if "reloaded configuration" in x]
+        assert json.loads(done)["message"].startswith("reloaded configuration"), done
         config.write_text("[mqtt]\nenabled = true\nport = 1\n")
         lines = "".join(daemon.reload("MQTT on"))
         assert "need a restart: mqtt.enabled, mqtt.port" in lines, lines
