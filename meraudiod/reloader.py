@@ -4,11 +4,13 @@ or off), and what needs a restart is said. A file that does not load changes not
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 from .cli_common import setup_logging
-from .config import ConfigError, apply_live, load_settings
+from .config import ConfigError, Settings, apply_live, load_settings
 from .diarization import DiarizationError
 from .segmenter import SegmenterParams
 from .status import configured_models
@@ -18,6 +20,28 @@ if TYPE_CHECKING:
     from .daemon import Daemon
 
 _LOGGER = logging.getLogger(__name__)
+# Read once, at start (the broker's password, the HTTP token): a new secret written into the
+# same file changes no key, yet needs a restart to be used.
+_SECRET_FILES: Final = (("mqtt", "password_file"), ("http", "token_file"))
+
+
+def _digest(path: Path | None) -> str | None:
+    """What the file holds, as a digest (the secret itself is not kept); None if unreadable."""
+    if path is None:
+        return None
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _secret_digests(settings: Settings) -> dict[str, str | None]:
+    """The digests of the secret files of the sections that are on, by key."""
+    return {
+        f"{section}.{key}": _digest(getattr(getattr(settings, section), key))
+        for section, key in _SECRET_FILES
+        if getattr(settings, section).enabled
+    }
 
 
 class Reloader:
@@ -25,6 +49,7 @@ class Reloader:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self._secrets_at_start = _secret_digests(daemon.settings)
 
     def reload(self) -> None:
         """Re-read the configuration: apply what can change live, report what cannot."""
@@ -41,6 +66,9 @@ class Reloader:
             object.__setattr__(getattr(fresh, section), key, value)
         settings = daemon.settings
         applied, needs_restart = apply_live(settings, fresh)
+        for name, digest in _secret_digests(settings).items():
+            if name not in needs_restart and digest != self._secrets_at_start.get(name):
+                needs_restart.append(f"{name} (its contents)")
         self._update_speakers()
         if any(name.startswith("retention.") for name in applied):
             daemon.retention.sweep_now()

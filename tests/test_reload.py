@@ -18,7 +18,7 @@ import soundfile
 
 from meraudiod.audio import decode_file
 
-from .broker import Broker
+from .broker import Broker, free_port
 from .conftest import (
     AS_A_USER,
     TEST_DATA,
@@ -284,6 +284,31 @@ def test_status_says_what_a_reload_could_not_apply(env: dict[str, str], broker: 
         assert data["restart_needed"] == [] and data["reload_error"] is None, data
         daemon.speak()
         wait_for(lambda: len(db_rows(env, DONE_SQL)) == 1, 60, "the recording after the reloads")
+    finally:
+        rc = daemon.close()
+    assert rc == 0, "".join(daemon.lines)
+
+
+def test_a_new_token_in_the_same_file_is_named_as_needing_a_restart(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The HTTP token is read from its file once, at start: before, a reload after the admin
+    wrote a new token into it said `applied nothing` and nothing needed a restart, while the
+    old token went on opening the API."""
+    token = tmp_path / "token"
+    token.write_text("old-token\n")
+    config = Path(env["MERAUDIOD_CONFIG"])
+    config.write_text(f"[http]\nenabled = true\nport = {free_port()}\ntoken_file = '{token}'\n")
+    daemon = Daemon(env)
+    try:
+        wait_running(env, daemon.proc, timeout_s=60)
+        token.write_text("new-token\n")
+        lines = "".join(daemon.reload("a new token"))
+        assert "need a restart: http.token_file (its contents)" in lines, lines
+        assert status_json(env)["restart_needed"] == ["http.token_file (its contents)"]
+        token.write_text("old-token\n")  # back as it was: nothing to restart for
+        daemon.reload("the old token")
+        assert status_json(env)["restart_needed"] == []
     finally:
         rc = daemon.close()
     assert rc == 0, "".join(daemon.lines)
