@@ -114,6 +114,7 @@ class Daemon:
         self.retention.start()
         if self.settings.http.enabled:
             self.surfaces.start_http()
+        self.reloader.note_secrets()  # read by MQTT and HTTP, just now
         if self.listening:  # a missing file fails here, before READY; a microphone is waited for
             self.audio.open(time.monotonic())
         self.surfaces.publish_listening()

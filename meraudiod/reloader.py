@@ -49,7 +49,12 @@ class Reloader:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self._secrets_at_start = _secret_digests(daemon.settings)
+        self._secrets_at_start: dict[str, str | None] = {}
+
+    def note_secrets(self) -> None:
+        """Digest the secret files as the daemon read them at start (once their disk is
+        mounted: read before, they would seem to change at the first reload)."""
+        self._secrets_at_start = _secret_digests(self.daemon.settings)
 
     def reload(self) -> None:
         """Re-read the configuration: apply what can change live, report what cannot."""
