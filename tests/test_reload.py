@@ -188,11 +188,18 @@ def test_a_50_mb_config_file_on_sighup_is_refused_at_once(env: dict[str, str]) -
     assert rc == 0, "".join(daemon.lines)[:2000]
 
 
-def test_reloads_touching_live_parts(env: dict[str, str]) -> None:
+def test_reloads_touching_live_parts(env: dict[str, str], models_dir: Path, tmp_path: Path) -> None:
     """Speakers on without their models, the log level, MQTT on (a restart), retention
     making everything due at once, WAV for FLAC, JSON logs. Before, the sweep with the new
     limits waited out the interval in hand (an hour by default), recordings stayed FLAC and
     the log text, though the log said all three were applied."""
+    # Only the default models: the session's models directory holds the speaker models too
+    # once a test before this one (in the same worker) has installed them.
+    defaults = tmp_path / "models"
+    defaults.mkdir()
+    for name in ("silero-vad-v6", "tiny.en"):
+        (defaults / name).symlink_to(models_dir / name)
+    env = {**env, "MERAUDIOD_STORAGE__MODELS_DIR": str(defaults)}
     config = Path(env["MERAUDIOD_CONFIG"])
     daemon = Daemon(env)
     try:
