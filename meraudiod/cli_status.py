@@ -57,14 +57,10 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
         ("degraded", mark(False, data["degraded"]) if data["degraded"] else "no"),
         *(
             [("restart needed", mark(False, ", ".join(data["restart_needed"])))]
-            if data.get("restart_needed")
+            if data["restart_needed"]
             else []
         ),
-        *(
-            [("reload refused", mark(False, data["reload_error"]))]
-            if data.get("reload_error")
-            else []
-        ),
+        *([("reload refused", mark(False, data["reload_error"]))] if data["reload_error"] else []),
         ("microphone", _microphone_line(data)),
         (
             "backlog",

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .jobs import pid_alive
 from .recordings import audio_file, normalise_id
 
 
@@ -60,19 +61,9 @@ def _remove_killed_writes(dest: Path) -> None:
     prefix = f".{dest.name}."
     for part in dest.parent.glob(f"{glob.escape(prefix)}*.part"):
         pid = part.name[len(prefix) : -len(".part")]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 part.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def speaker_payload(
