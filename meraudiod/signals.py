@@ -1,6 +1,12 @@
 """Signals only set a flag. For `run`, the handlers are installed first thing, before the
 slow imports and the model loading: SIGHUP's default action kills, so a `systemctl reload`
-while the daemon starts would otherwise end it (exit 129) and systemd would restart it."""
+while the daemon starts would otherwise end it (exit 129) and systemd would restart it.
+
+The flag is never set by the handler itself. Python runs a handler in the main thread between
+two bytecodes, possibly while that thread holds the lock an Event's set() takes (inside its
+own Event.wait or clear): setting the event there deadlocks the main loop for good (a flood
+of SIGHUPs did). The handlers do nothing; the interpreter's C handler writes each signal's
+number to a pipe (signal.set_wakeup_fd), and a thread named `signals` sets the events."""
 
 from __future__ import annotations
 
@@ -23,16 +29,41 @@ def run_handlers() -> tuple[threading.Event, threading.Event]:
     return _flags
 
 
+# Which event each signal sets: SIGTERM and SIGINT stop, SIGHUP reloads.
+_events: dict[int, threading.Event] = {}
+_watcher: threading.Thread | None = None
+
+
 def install(stop: threading.Event, reload: threading.Event | None = None) -> None:
-    """SIGTERM and SIGINT set `stop`; SIGHUP sets `reload` (when given)."""
-
-    def on_stop(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
+    """SIGTERM and SIGINT set `stop`; SIGHUP sets `reload` (when given). From the main thread."""
+    global _watcher
+    _events.clear()
+    _events.update({signal.SIGTERM: stop, signal.SIGINT: stop})
     if reload is not None:
-        signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
+        _events[signal.SIGHUP] = reload
+    if _watcher is None:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(write_fd, False)  # set_wakeup_fd's demand: a signal never blocks
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        _watcher = threading.Thread(target=_set_events, args=(read_fd,), name="signals")
+        _watcher.daemon = True  # blocked in read() for the life of the process
+        _watcher.start()
+    for signum in _events:
+        signal.signal(signum, _only_woken)
+
+
+def _only_woken(signum: int, frame: object) -> None:
+    """A Python handler must be there for the C one to write the pipe; the work is
+    _set_events'."""
+
+
+def _set_events(read_fd: int) -> None:
+    """The `signals` thread: each signal's number read from the pipe sets its event."""
+    while True:
+        for signum in os.read(read_fd, 512):
+            event = _events.get(signum)
+            if event is not None:
+                event.set()
 
 
 def open_closed_streams() -> None:

@@ -112,23 +112,26 @@ def test_the_wait_ends_when_mounted_when_stopped_or_after_its_time(
     assert wait_for_mounts(dirs, threading.Event(), said.append, 30.0, fstab, mountinfo)
 
 
+# Each step is killed after 120 s (exit 137): a hang says which step it was (CI once saw the
+# whole scene hang: a SIGTERM that deadlocked the daemon in its own signal handler).
 SCENE = r"""
 set -u
 mount --make-rprivate /
 mount --bind "$FSTAB" /etc/fstab
-"$PY" -m meraudiod analyze "$DEMO" > /dev/null 2> "$OUT/analyze.err"; echo "analyze rc=$?"
-"$PY" -m meraudiod run --source demo 2> "$OUT/stopped.err" &
+PY="timeout -s KILL 120 $PY"
+$PY -m meraudiod analyze "$DEMO" > /dev/null 2> "$OUT/analyze.err"; echo "analyze rc=$?"
+$PY -m meraudiod run --source demo 2> "$OUT/stopped.err" &
 pid=$!
 for i in $(seq 600); do grep -q "waiting up to" "$OUT/stopped.err" && break; sleep 0.1; done
 kill -TERM $pid; wait $pid; echo "stopped rc=$?"
-"$PY" -m meraudiod run --source demo 2> "$OUT/run.err" &
+$PY -m meraudiod run --source demo 2> "$OUT/run.err" &
 pid=$!
 for i in $(seq 600); do grep -q "waiting up to" "$OUT/run.err" && break; sleep 0.1; done
 sleep 1
 mount -t tmpfs -o size=512m tmpfs "$POINT"
 wait $pid; echo "run rc=$?"
 echo "audio files: $(find "$POINT/meraudiod/audio" -name '*.flac' | wc -l)"
-"$PY" -m meraudiod recordings list > "$OUT/list.out" 2>&1; echo "list rc=$?"
+$PY -m meraudiod recordings list > "$OUT/list.out" 2>&1; echo "list rc=$?"
 umount "$POINT"
 echo "beneath: $(ls -A "$POINT" | wc -l)"
 """
@@ -338,7 +341,7 @@ def test_a_token_file_on_a_disk_not_mounted_yet_is_waited_for(
     script = (
         '"$PY" -m meraudiod mqtt test > /dev/null 2> "$OUT/mqtt.err"; echo "mqtt rc=$?"\n'
         '"$PY" -m meraudiod config check > /dev/null 2> "$OUT/check.err"; echo "check rc=$?"\n'
-        '"$PY" -m meraudiod run --source demo 2> "$OUT/run.err" &\n'
+        '$PY -m meraudiod run --source demo 2> "$OUT/run.err" &\n'
         "pid=$!\n"
         "for i in $(seq 600); do\n"
         '  grep -q "waiting up to" "$OUT/run.err" && break; kill -0 $pid || break; sleep 0.1\n'
@@ -387,7 +390,7 @@ def test_a_command_checks_the_disks_it_uses_only(tmp_path: Path, env: dict[str, 
     script = (
         'MERAUDIOD_STORAGE__DATA_DIR="$POINT/m" "$PY" -m meraudiod models install'
         ' silero-vad-v6 > "$OUT/install.out" 2>&1; echo "install rc=$?"\n'
-        'MERAUDIOD_STORAGE__MODELS_DIR="$POINT/models" "$PY" -m meraudiod recordings list'
+        'MERAUDIOD_STORAGE__MODELS_DIR="$POINT/models" $PY -m meraudiod recordings list'
         ' > "$OUT/list.out" 2>&1; echo "list rc=$?"\n'
         'MERAUDIOD_STORAGE__MODELS_DIR="$POINT/models" "$PY" -m meraudiod models install'
         ' silero-vad-v6 2> "$OUT/models.err"; echo "models rc=$?"\n'
