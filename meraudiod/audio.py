@@ -286,6 +286,25 @@ def _announced_s(path: Path, format_name: str, duration_us: int | None) -> float
     return None
 
 
+def file_length_s(path: Path) -> float | None:
+    """How long a file plays by its header (libsndfile's count, else FFmpeg's estimate), None
+    when neither says. For stamping a replay only: a wrong header changes no audio."""
+    import soundfile
+
+    try:
+        info = soundfile.info(os.fsencode(path))
+        return float(info.frames) / info.samplerate if info.samplerate > 0 else None
+    except (soundfile.LibsndfileError, RuntimeError, OSError):  # a format it cannot read
+        pass
+    import av
+
+    try:
+        with av.open(str(path), mode="r") as container:
+            return container.duration / 1e6 if container.duration else None
+    except (av.error.FFmpegError, OSError):
+        return None
+
+
 def decode_file(path: Path) -> Int16Array:
     """The whole file as 16 kHz mono int16."""
     blocks = list(iter_file_pcm(path))

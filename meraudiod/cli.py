@@ -152,6 +152,10 @@ def run(
         daemon.cli_overrides[("audio", "source")] = settings.audio.source
     if realtime is not None:
         daemon.cli_overrides[("audio", "realtime")] = realtime
+    if verbosity:  # the level -v set outlives a reload of the logging too
+        level = logging.getLevelName(logging.getLogger().level)
+        settings.logging = settings.logging.model_copy(update={"level": level})
+        daemon.cli_overrides[("logging", "level")] = level
     t0 = time.monotonic()
     try:
         code = daemon.run() if daemon.start() else 0

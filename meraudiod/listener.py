@@ -148,7 +148,7 @@ class Listener(StageThread):
         )
         segmenter = self._segmenter = Segmenter(self.params)
         buffer = FrameBuffer()
-        clock = StreamClock()
+        clock = StreamClock(self.source.lead_s)
         self.vad.reset()
         try:
             while not self.stop_event.is_set():

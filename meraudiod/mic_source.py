@@ -32,6 +32,7 @@ class MicSource:
         self.block_frames = block_frames  # frames per callback: fewer wakeups
         self.name = f"mic:{device if device is not None else 'default'}"
         self.dropped_frames = 0
+        self.lead_s = 0.0
         self.overflows = 0
         self._rate_hz = rate_hz
         # A callback delivers a block of frames: the queue holds `queue_frames` frames' worth.

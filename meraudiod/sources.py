@@ -29,6 +29,7 @@ from .audio import (
     AudioDecodeError,
     Int16Array,
     WavHeader,
+    file_length_s,
     is_wav,
     iter_file_pcm,
     parse_wav_header,
@@ -51,6 +52,10 @@ class AudioSource(Protocol):
 
     name: str
     dropped_frames: int
+    # How long before it was opened the stream is stamped as beginning: a file read faster
+    # than real time runs ahead of the clock, so it is stamped as if heard live, ending as
+    # the replay began (its length); 0 for audio heard now.
+    lead_s: float
 
     def start(self) -> None:
         """Open the device or file."""
@@ -115,6 +120,7 @@ class FileSource:
         # With realtime, frames come a block at a time, as from a sound card.
         self.block_frames = block_frames
         self.dropped_frames = 0
+        self.lead_s = 0.0
         self._blocks: Iterator[Int16Array] | None = None
         self._framer = Framer()
         self._ended = False
@@ -127,6 +133,8 @@ class FileSource:
             raise SourceError(f"{self.path}: {_not_a_file(self.path)}")
         self._blocks = iter_file_pcm(self.path)
         self._fill()
+        if not self.realtime:
+            self.lead_s = file_length_s(self.path) or 0.0
         self._t0 = time.monotonic()
 
     def _fill(self) -> None:
@@ -184,6 +192,7 @@ class StdinSource:
     def __init__(self, stream: Any = None, queue_frames: int = 256) -> None:
         self.name = "stdin"
         self.dropped_frames = 0
+        self.lead_s = 0.0  # a pipe's length is not known: see StreamClock.started_at
         # The raw descriptor, not sys.stdin's buffered reader: a thread blocked in a buffered
         # read at interpreter exit aborts the process.
         self._read = stream.read if stream is not None else _stdin_reader()

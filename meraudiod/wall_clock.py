@@ -119,8 +119,9 @@ def follow_step(conn: sqlite3.Connection) -> bool:
 class StreamClock:
     """Wall-clock times of one stream's positions, by the process's clock (_StepFollower)."""
 
-    def __init__(self) -> None:
-        self._start_boot_s = time.clock_gettime(time.CLOCK_BOOTTIME)
+    def __init__(self, lead_s: float = 0.0) -> None:
+        # The stream's start: lead_s before now for a file read faster than real time.
+        self._start_boot_s = time.clock_gettime(time.CLOCK_BOOTTIME) - lead_s
         self._offset = _FOLLOWER.offset  # the one of the last `at`
         self._last_start_boot_s = 0.0  # (boot time: a step does not move it) of the last start
 
@@ -131,9 +132,10 @@ class StreamClock:
         return self._offset + self._start_boot_s + stream_s
 
     def started_at(self, stream_s: float, length_s: float) -> float:
-        """When a recording at that stream position, that long, began. A file read faster
-        than real time is ahead of the clock: never a time to come, and never before the
-        recording stamped before it (a long one saved after a short one would be)."""
+        """When a recording at that stream position, that long, began. A stream read faster
+        than real time whose length was not known beforehand (a pipe) runs ahead of the
+        clock: never a time to come, and never before the recording stamped before it (a long
+        one saved after a short one would be)."""
         at = min(self.at(stream_s), time.time() - length_s)
         self._last_start_boot_s = max(at - self._offset, self._last_start_boot_s)
         return self._offset + self._last_start_boot_s

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 
 from meraudiod.audio import decode_file
@@ -40,10 +41,15 @@ def test_demo_gives_one_whole_recording_per_utterance(env: dict[str, str]) -> No
     lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
     assert [line.split("] ", 1)[1] for line in lines] == [row["text"] for row in rows]
     assert "dashwood" in rows[0]["text"].lower()
-    # Read faster than real time, each recording is stamped at most "now minus its length":
-    # a long one saved after a short one came out earlier, and `recordings list` out of order.
-    started = [row["started_at"] for row in rows]
-    assert started == sorted(started), started
+    # Read faster than real time, the file is stamped as if heard live, ending as the replay
+    # began: each recording where it lies in the file, none at a time to come. Before, each
+    # was "now minus its length" (a long one after a short one came out earlier), then held
+    # in order by giving four of the five the same time, their ends seconds ahead of the clock.
+    origins = [row["started_at"] - row["start_s"] for row in rows]
+    assert max(origins) - min(origins) < 0.001, origins
+    for row in rows:
+        assert row["ended_at"] - row["started_at"] == pytest.approx(row["duration_s"], abs=1e-3)
+        assert row["ended_at"] <= row["closed_at"], dict(row)
 
 
 def test_tones_and_music_give_no_recording(env: dict[str, str], tmp_path: Path) -> None:

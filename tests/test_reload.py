@@ -37,9 +37,9 @@ DONE_SQL = "SELECT id, text FROM recordings WHERE status='done'"
 class Daemon:
     """A daemon on stdin whose log is read on a thread, line by line."""
 
-    def __init__(self, env: dict[str, str], as_user: bool = False) -> None:
+    def __init__(self, env: dict[str, str], as_user: bool = False, *args: str) -> None:
         self.env = env
-        command = [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"]
+        command = [sys.executable, "-m", "meraudiod", "run", "--source", "stdin", *args]
         self.proc: subprocess.Popen[bytes] = subprocess.Popen(
             [*(AS_A_USER if as_user else []), *command],
             env=env,
@@ -316,6 +316,29 @@ def test_a_new_token_in_the_same_file_is_named_as_needing_a_restart(
         token.write_text("old-token\n")  # back as it was: nothing to restart for
         daemon.reload("the old token")
         assert status_json(env)["restart_needed"] == []
+    finally:
+        rc = daemon.close()
+    assert rc == 0, "".join(daemon.lines)
+
+
+def test_a_reload_of_the_logging_keeps_the_command_lines_verbosity(env: dict[str, str]) -> None:
+    """`run -v` logs INFO whatever logging.level says; a reload that changed logging.* went
+    back to the file's level (WARNING here), and the daemon fell silent."""
+    config = Path(env["MERAUDIOD_CONFIG"])
+    config.write_text("[logging]\nlevel = 'WARNING'\n")
+    daemon = Daemon(env, False, "-v")
+    try:
+        wait_running(env, daemon.proc, timeout_s=60)
+        config.write_text("[logging]\nlevel = 'WARNING'\nformat = 'json'\n")
+        daemon.reload("a new log format")
+        before = len(daemon.lines)
+        daemon.speak()
+        wait_for(lambda: len(db_rows(env, DONE_SQL)) == 1, 60, "the recording after the reload")
+        wait_for(
+            lambda: any('"message": "transcript ' in x for x in daemon.lines[before:]),
+            10,
+            "the transcript's INFO line, in JSON",
+        )
     finally:
         rc = daemon.close()
     assert rc == 0, "".join(daemon.lines)
