@@ -39,6 +39,11 @@ from .config_sections import AudioSettings
 _STDIN_READ_BYTES: Final = FRAME_SAMPLES * 2
 
 
+# A replay's lead at most (see AudioSource.lead_s): a header that claims weeks would stamp
+# the recordings weeks back, where retention deletes them at once.
+MAX_LEAD_S: Final = 12 * 3600.0
+
+
 class SourceError(Exception):
     """A source could not be opened or read; the message names the device or file."""
 
@@ -134,7 +139,7 @@ class FileSource:
         self._blocks = iter_file_pcm(self.path)
         self._fill()
         if not self.realtime:
-            self.lead_s = file_length_s(self.path) or 0.0
+            self.lead_s = min(file_length_s(self.path) or 0.0, MAX_LEAD_S)
         self._t0 = time.monotonic()
 
     def _fill(self) -> None:

@@ -15,6 +15,7 @@ from meraudiod.audio import FRAME_SAMPLES, decode_file
 from meraudiod.config_sections import AudioSettings
 from meraudiod.mic_source import MicSource
 from meraudiod.sources import (
+    MAX_LEAD_S,
     EndOfStream,
     FileSource,
     SourceError,
@@ -22,7 +23,7 @@ from meraudiod.sources import (
     open_source,
 )
 
-from .conftest import TEST_DATA
+from .conftest import DEMO, TEST_DATA
 
 SPEECH = TEST_DATA / "librivox_0880.wav"
 
@@ -172,3 +173,24 @@ def test_the_microphone_queue_holds_queue_frames_whatever_the_block() -> None:
     assert mic.dropped_frames == 4
     frames = [mic.read(0.01) for _ in range(9)]
     assert sum(f is not None for f in frames) == 8 and frames[-1] is None
+
+
+def test_a_fast_replay_leads_by_the_files_length_and_a_lying_header_by_12_h_at_most(
+    tmp_path: Path,
+) -> None:
+    """A file read faster than real time is stamped as if heard live, ending as the replay
+    began: `lead_s` is its length. A FLAC header that claims 49 days (its 36-bit sample
+    count all ones) would have stamped its recordings 49 days back, where retention deletes
+    them at once."""
+    demo = FileSource(DEMO)
+    demo.start()
+    assert demo.lead_s == pytest.approx(decode_file(DEMO).size / 16000, abs=0.01)
+    assert FileSource(DEMO, realtime=True).lead_s == 0.0  # heard now: no lead
+    data = bytearray(DEMO.read_bytes())
+    data[21] |= 0x0F  # STREAMINFO's total samples: the low 4 bits of byte 21, bytes 22-25
+    data[22:26] = b"\xff\xff\xff\xff"
+    liar = tmp_path / "liar.flac"
+    liar.write_bytes(data)
+    lying = FileSource(liar)
+    lying.start()
+    assert lying.lead_s == MAX_LEAD_S == 12 * 3600
