@@ -12,6 +12,7 @@ listener checks at every frame, and the retention sweep before it deletes anythi
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -123,7 +124,9 @@ class StreamClock:
         # The stream's start: lead_s before now for a file read faster than real time.
         self._start_boot_s = time.clock_gettime(time.CLOCK_BOOTTIME) - lead_s
         self._offset = _FOLLOWER.offset  # the one of the last `at`
-        self._last_start_boot_s = 0.0  # (boot time: a step does not move it) of the last start
+        # Of the last start, in boot time (a step does not move it); a replay's lead may
+        # reach back before the boot.
+        self._last_start_boot_s = -math.inf
 
     def at(self, stream_s: float) -> float:
         """The wall-clock time of a stream position (seconds from the stream's start), by the

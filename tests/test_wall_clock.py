@@ -226,3 +226,15 @@ def test_status_does_not_trust_a_heartbeat_from_before_a_backward_step(
     finally:
         hung.kill()
         hung.wait()
+
+
+def test_a_replay_longer_than_the_machine_has_been_up_keeps_its_spacing() -> None:
+    """A file replayed fast leads the clock by its length, which may reach back before the
+    machine booted: its recordings keep their places in the file. Before, every stamp before
+    the boot was held at the boot, so they all had one time."""
+    up_s = time.clock_gettime(time.CLOCK_BOOTTIME)
+    clock = wall_clock.StreamClock(lead_s=up_s + 3600.0)
+    first = clock.started_at(0.0, 5.0)
+    second = clock.started_at(10.0, 5.0)
+    assert second - first == pytest.approx(10.0, abs=0.01)
+    assert first == pytest.approx(time.time() - up_s - 3600.0, abs=5.0)
