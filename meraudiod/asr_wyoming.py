@@ -66,6 +66,9 @@ class ServerState:
     up: bool | None = None  # None: not asked yet
     model: str | None = None  # from its Info
     error: str | None = None
+    # The last request's error, until a request succeeds: a server that answers Describe and
+    # fails every request is shown up with it, not as if nothing were wrong.
+    request_error: str | None = None
     retry_s: float = _FIRST_RETRY_S
     next_try: float = 0.0  # time.monotonic() of the next Describe while down
 
@@ -336,10 +339,13 @@ class WyomingTranscriber:
                 text, language = _text_and_language(event)
             except (OSError, EOFError, TimeoutError, ValueError, KeyError, WyomingError) as exc:
                 self._down(server, exc)
+                server.request_error = server.error
                 errors.append(f"{server.uri}: {server.error}")
                 if self._stop.is_set():
                     break
                 continue
+            with self._lock:
+                server.error = server.request_error = None
             return text, language, server.model or server.uri
         raise WyomingError("; ".join(errors) or "every Wyoming server is down")
 
@@ -363,7 +369,7 @@ class WyomingTranscriber:
             self._down(server, exc)
             return
         with self._lock:
-            server.up, server.error = True, None
+            server.up, server.error = True, server.request_error
             server.model = model
             server.retry_s = _FIRST_RETRY_S
         _LOGGER.info("Wyoming server %s is up: model %s", server.uri, server.model)

@@ -82,15 +82,7 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
             f"{data['recordings_today']} recordings, {data['transcripts_today']} transcribed",
         ),
         ("models", ", ".join(f"{k} {v}" for k, v in data["models"].items() if v)),
-        *(
-            (
-                "asr server",
-                mark(bool(srv["up"]), f"{srv['uri']}  {'up' if srv['up'] else 'down'}")
-                + f"  {srv['model'] or ''}"
-                + (f"  ({srv['error']})" if srv["error"] and not srv["up"] else ""),
-            )
-            for srv in data["asr_servers"] or ()
-        ),
+        *(("asr server", _server_line(srv, mark)) for srv in data["asr_servers"] or ()),
         ("mqtt", _mqtt_line(data, settings.mqtt.enabled, mark)),
         (
             "disk",
@@ -101,6 +93,16 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
     ]
     for label, value in rows:
         click.echo(f"{label:<16} {value}")
+
+
+def _server_line(srv: dict[str, Any], mark: Callable[[bool | None, str], str]) -> str:
+    """A Wyoming server: up or down, its model, and what went wrong (while up: the last
+    request's error, until a request succeeds)."""
+    line = mark(bool(srv["up"]), f"{srv['uri']}  {'up' if srv['up'] else 'down'}")
+    line += f"  {srv['model'] or ''}"
+    if srv["error"]:
+        line += f"  ({'last request: ' if srv['up'] else ''}{srv['error']})"
+    return line
 
 
 def _mqtt_line(data: dict[str, Any], enabled: bool, mark: Callable[[bool | None, str], str]) -> str:

@@ -77,12 +77,19 @@ def _files_bytes(folder: Path) -> int:
     return total
 
 
-def status(conn: sqlite3.Connection, settings: Settings, disk_use: bool = True) -> dict[str, Any]:
+def status(
+    conn: sqlite3.Connection,
+    settings: Settings,
+    disk_use: bool = True,
+    heartbeat: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Everything an admin wants at a glance, from the database and the daemon's heartbeat.
 
-    disk_use=False skips walking the data directory (the daemon's frequent state updates).
+    disk_use=False skips walking the data directory (the daemon's frequent state updates);
+    the daemon passes its own snapshot as `heartbeat` (the file may be up to 5 s old).
     """
-    heartbeat = read_heartbeat(settings) or {}
+    if heartbeat is None:
+        heartbeat = read_heartbeat(settings) or {}
     # abs: a heartbeat from the future was written before the clock was set back, and not
     # since (a running daemon writes one every few seconds).
     age_s = now() - float(heartbeat.get("at", 0))
@@ -195,8 +202,8 @@ def daemon_snapshot(daemon: Daemon) -> dict[str, Any]:
 
 def retained_state(conn: sqlite3.Connection, daemon: Daemon) -> State:
     """The daemon's retained MQTT state: the database's figures and its own snapshot."""
-    info = status(conn, daemon.settings, disk_use=False)
     snap = daemon_snapshot(daemon)
+    info = status(conn, daemon.settings, disk_use=False, heartbeat=snap)
     last = info["last_transcript"] or {}
     text = last.get("text")
     return State(

@@ -155,6 +155,39 @@ def test_server_killed_mid_request_and_restarted_gives_one_transcript_each(
         broker.stop()
 
 
+def test_the_retained_state_names_the_server_as_the_daemon_knows_it(
+    env: dict[str, str], start_wyoming: StartWyoming, tmp_path: Path
+) -> None:
+    """The MQTT state named the ASR model from the heartbeat file `status` reads, written
+    every 5 s: the last state before `offline` said `wyoming` and no server when the server
+    had come back after the last heartbeat (seen under load), and always where the heartbeat
+    cannot be written (its path a directory here). It is the daemon's own knowledge now."""
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    try:
+        sub = Subscriber(broker.port, [f"meraudiod/{NODE}/state"])
+        server = start_wyoming()
+        run_dir = tmp_path / "run"
+        (run_dir / "heartbeat.json").mkdir(parents=True)
+        run_env = wyoming_env(
+            env,
+            [server.uri],
+            MERAUDIOD_MQTT__ENABLED="true",
+            MERAUDIOD_MQTT__HOST="127.0.0.1",
+            MERAUDIOD_MQTT__PORT=str(broker.port),
+            MERAUDIOD_MQTT__NODE_ID=NODE,
+            MERAUDIOD_STORAGE__RUN_DIR=str(run_dir),
+        )
+        log = finished(run_demo(run_env))
+        assert "cannot write the heartbeat" in log
+        sub.wait_for(lambda: sub.on("/state"), 10)
+        models = sub.on("/state")[-1].json()["models"]
+        assert models["asr"] == str(server.model_dir) and models["asr_server"] == server.uri
+        sub.close()
+    finally:
+        broker.stop()
+
+
 def test_server_down_at_start_keeps_a_backlog_that_drains_when_it_comes(
     env: dict[str, str], start_wyoming: StartWyoming
 ) -> None:

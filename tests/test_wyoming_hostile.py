@@ -172,6 +172,32 @@ def test_a_wrong_answer_is_one_error_naming_it_at_once(
     assert shown["up"] is False and message in shown["error"]
 
 
+def test_a_server_up_again_keeps_its_last_requests_error_until_one_succeeds(
+    vad: SileroVad,
+) -> None:
+    """A server that answers Describe and fails every request: the next Describe cleared its
+    error, so `status` showed it up with nothing wrong half the time (and a CI run's status
+    caught it so). The error stays until a request succeeds."""
+    holder: dict[str, Callable[[Send], None]] = {}
+    server = HostileServer(answer=lambda send: holder["answer"](send))
+    try:
+        flood, message = ANSWERS["1 GiB of data, streamed"]
+        holder["answer"] = flood(server)
+        client = transcriber(server.uri, vad)
+        assert client.ready()
+        with pytest.raises(WyomingError):
+            client.transcribe(np.zeros(SAMPLE_RATE_HZ, dtype=np.float32))
+        wait_for(client.ready, 10, "the server asked again, and answering Describe")
+        (shown,) = client.describe()["servers"]
+        assert shown["up"] is True and message in shown["error"]
+        holder["answer"] = says(event_bytes("transcript", {"text": "hello"}))(server)
+        client.transcribe(np.zeros(SAMPLE_RATE_HZ, dtype=np.float32))
+        (shown,) = client.describe()["servers"]
+        assert shown["up"] is True and shown["error"] is None
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("case", list(INFOS))
 def test_a_wrong_info_leaves_the_server_down(
     case: str, vad: SileroVad, hostile: Callable[..., HostileServer]
@@ -234,11 +260,16 @@ def test_the_daemon_outlives_servers_that_speak_nonsense(
         proc.stdin.flush()
         tried = "SELECT error FROM jobs WHERE attempts >= 2"
         wait_for(lambda: db_rows(run_env, tried), 60, "two tries on the flooding server")
-        info = status_json(run_env)
-        assert info["running"] and proc.poll() is None
-        errors = {s["uri"]: s["error"] for s in info["asr_servers"]}
-        assert "answered Describe with an info that is not one" in errors[broken_info.uri]
-        assert "announced a data_length of 1073741824 bytes" in (errors[flood.uri] or "")
+
+        def errors() -> dict[str, str]:
+            info = status_json(run_env)
+            assert info["running"] and proc.poll() is None
+            return {s["uri"]: s["error"] or "" for s in info["asr_servers"]}
+
+        # The heartbeat `status` reads is up to 5 s old.
+        wait_for(lambda: all(errors().values()), 15, "both servers' errors in status")
+        assert "answered Describe with an info that is not one" in errors()[broken_info.uri]
+        assert "announced a data_length of 1073741824 bytes" in errors()[flood.uri]
         states = {r["state"] for r in db_rows(run_env, "SELECT state FROM jobs")}
         assert states <= {"pending", "running"}  # max_attempts is 10: nothing failed
         assert flood.sent_bytes < 16_000_000
