@@ -140,8 +140,8 @@ def _speakers_enroll(ctx: CommandContext, args: EnrollArgs) -> Any:
 def _speakers_rename(ctx: CommandContext, args: RenameArgs) -> Any:
     from .profiles import rename
 
-    _profiles(lambda: rename(ctx.conn, args.name, args.new_name))
-    return {"name": args.new_name}
+    _, new_name = _profiles(lambda: rename(ctx.conn, args.name, args.new_name))
+    return {"name": new_name}
 
 
 def _speakers_merge(ctx: CommandContext, args: MergeArgs) -> Any:

@@ -575,3 +575,51 @@ def test_enrolled_and_deleted_events_name_the_profile(
         ("enrolled", alice["id"], "Alice"),
         ("deleted", alice["id"], "Alice"),
     ]
+
+
+def test_status_of_a_stopped_daemon_gives_no_heartbeat_age(env: dict[str, str]) -> None:
+    # Found walking the README: a daemon stopped cleanly leaves its heartbeat with `at` 0, and
+    # `status --json` then said "heartbeat_age_s": 1796116324.6 (56 years) for a daemon that
+    # stopped seconds ago.
+    done = cli("run", "--source", f"file:{SHORT}", env=env)
+    assert done.returncode == 0, done.stderr
+    stopped = json.loads(cli("status", "--json", env=env).stdout)
+    assert stopped["running"] is False and stopped["heartbeat_age_s"] is None, stopped
+
+
+def test_a_renamed_speaker_is_shown_by_the_name_stored(env: dict[str, str]) -> None:
+    # Found walking the README: `speakers rename Carol " Dave "` stores Dave (a name loses the
+    # spaces around it) but said `Carol is now  Dave `, and MQTT's and HTTP's reply named
+    # " Dave " too.
+    from meraudiod.command_context import CommandContext
+    from meraudiod.commands import execute
+    from meraudiod.config import load_settings
+
+    settings = load_settings()
+    conn = open_db(settings.storage.db_path)
+    try:
+        with Transaction(conn):
+            for name in ("Carol", "Erin"):
+                conn.execute(
+                    "INSERT INTO speakers (id, name, provisional, opt_out, created_at, updated_at)"
+                    " VALUES (?, ?, 0, 0, 0, 0)",
+                    (str(ULID()), name),
+                )
+        context = CommandContext(conn, settings, admin=True, readable_files=None)
+        reply = execute(context, "speakers/rename", {"name": " Erin", "new_name": " Frank "})
+    finally:
+        conn.close()
+    assert reply == {"name": "Frank"}
+    renamed = cli("speakers", "rename", "Carol ", " Dave ", env=env)
+    assert renamed.returncode == 0, renamed.stderr
+    assert renamed.stdout == "Carol is now Dave\n"
+    names = [p["name"] for p in json.loads(cli("speakers", "list", "--json", env=env).stdout)]
+    assert sorted(names) == ["Dave", "Frank"]
+
+
+def test_an_enrolment_names_the_person_as_stored(env: dict[str, str], speaker_models: Path) -> None:
+    # Found walking the README: `speakers enroll " Eve " clip` stored Eve but said ` Eve : 1
+    # embeddings added`.
+    enrolled = cli("speakers", "enroll", " Eve ", str(TEST_DATA / "ls_3080_0000.flac"), env=env)
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert enrolled.stdout.splitlines()[-1] == "Eve: 1 embeddings added", enrolled.stdout
