@@ -253,7 +253,7 @@ def analyze(
         except SourceError as exc:
             results.append((path, 0.0, [], str(exc)))
             continue
-        listener = pipeline.listener(source, keep_ids=True)
+        listener = pipeline.listener(source, keep_ids=True, error_said_by_caller=True)
         listener.finished.wait()
         source.stop()
         duration_s = round(listener.frames_read * 512 / 16000, 3)
