@@ -623,3 +623,22 @@ def test_an_enrolment_names_the_person_as_stored(env: dict[str, str], speaker_mo
     enrolled = cli("speakers", "enroll", " Eve ", str(TEST_DATA / "ls_3080_0000.flac"), env=env)
     assert enrolled.returncode == 0, enrolled.stderr
     assert enrolled.stdout.splitlines()[-1] == "Eve: 1 embeddings added", enrolled.stdout
+
+
+def test_mp3_files_bring_no_decoder_chatter(env: dict[str, str], tmp_path: Path) -> None:
+    # Found walking the README (`analyze` prints "its output and warnings only"): a cut MP3
+    # and a text file named .mp3 gave libmpg123's own lines on stderr ("Warning: Xing stream
+    # size off by more than 1%, ...", "Note: Illegal Audio-MPEG-Header ..."), written when
+    # libsndfile was asked about files only FFmpeg reads here.
+    speech, rate = soundfile.read(SHORT, dtype="float32")
+    whole = tmp_path / "whole.mp3"
+    soundfile.write(whole, speech, rate, format="MP3", subtype="MPEG_LAYER_III")
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    notes = tmp_path / "notes.mp3"
+    notes.write_bytes(b"this is not audio at all" * 100)
+    result = cli("analyze", str(whole), str(cut), str(notes), env=env)
+    assert result.returncode == 1 and "young man" in result.stdout.lower(), result.stdout
+    assert result.stderr.splitlines() == [
+        f"error: cannot open audio file {notes}: Invalid data found when processing input"
+    ], result.stderr
