@@ -14,7 +14,7 @@ from typing import Any, Final
 import click
 
 from . import models as modelstore
-from .checks import StartError, files_in_use
+from .checks import MayPassError, StartError, files_in_use
 from .cli_checks import config_group, devices, mqtt_group
 from .cli_common import (
     config_option,
@@ -162,7 +162,7 @@ def run(
     except _needs_a_person() as exc:
         daemon.stop()
         raise NeedsAPerson(str(exc)) from exc
-    except (SourceError, DatabaseError, NotMounted) as exc:  # may pass: exit 1, restarted
+    except (SourceError, DatabaseError, NotMounted, MayPassError) as exc:  # exit 1, restarted
         daemon.stop()
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:  # a failed start must say why and exit non-zero
