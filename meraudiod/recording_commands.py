@@ -17,7 +17,7 @@ from .command_errors import CommandError, InvalidArguments, NotFound
 from .db import Transaction, now
 from .deletion import delete_recordings
 from .recording_views import recording_details
-from .recordings import ULID_RE, normalise_id
+from .recordings import ULID_RE, audio_file, normalise_id
 from .retention import purge
 
 # A ULID in any case ("01jd2x..." too), as stored: upper case.
@@ -202,9 +202,16 @@ def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
             ).fetchone()
             if row is None:  # nothing queued: the transaction is rolled back
                 raise NotFound(f"no recording {rec_id}")
-            if not row["audio_path"]:
+            missing = None
+            if row["audio_path"]:
+                path = audio_file(ctx.settings.storage.audio_dir, row["audio_path"])
+                # Queued, the job would fail at once and take a good transcript with it.
+                missing = None if path.is_file() else f" (its audio file {path} is missing)"
+            if not row["audio_path"] or missing:
                 if rec_id in args.ids:
-                    raise CommandError(f"recording {rec_id} has no audio to transcribe again")
+                    raise CommandError(
+                        f"recording {rec_id} has no audio to transcribe again{missing or ''}"
+                    )
                 continue  # a failed one among --failed whose audio is gone
             ctx.conn.execute(
                 "DELETE FROM jobs WHERE recording_id=? AND state != 'running'", (rec_id,)

@@ -642,3 +642,22 @@ def test_mp3_files_bring_no_decoder_chatter(env: dict[str, str], tmp_path: Path)
     assert result.stderr.splitlines() == [
         f"error: cannot open audio file {notes}: Invalid data found when processing input"
     ], result.stderr
+
+
+def test_reprocess_of_a_recording_whose_audio_file_is_gone_queues_nothing(
+    env: dict[str, str],
+) -> None:
+    # Found walking the README ("an id with no recording (or no audio) is an error naming
+    # it, and nothing is queued"): with its audio file gone (deleted by hand, a failing card)
+    # the recording was queued, and the daemon then failed it: a transcript that was `done`
+    # became `failed` for good.
+    assert cli("analyze", str(SHORT), env=env).returncode == 0
+    (row,) = db_rows(env, "SELECT id, audio_path FROM recordings")
+    stored_audio(env, row["audio_path"]).unlink()
+    result = cli("reprocess", row["id"], env=env)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith(f"Error: recording {row['id']} has no audio"), result.stderr
+    assert "is missing" in result.stderr, result.stderr
+    assert [r["state"] for r in db_rows(env, "SELECT state FROM jobs")] == ["done"]
+    listed = json.loads(cli("recordings", "list", "--json", env=env).stdout)
+    assert [r["state"] for r in listed] == ["done"]
