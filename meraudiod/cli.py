@@ -36,7 +36,7 @@ from .mounts import NotMounted, models_dir, store_dirs
 from .recording_views import analysis_record
 from .signals import install as install_signal_handlers
 from .signals import run_handlers
-from .sources import SourceError, open_source
+from .sources import SourceError, open_source, printable
 
 # What `bench --only` can pick (bench.py's sections, in the order they run).
 BENCH_SECTIONS: Final = ("vad", "listening", "asr", "speakers", "pipeline", "memory", "http")
@@ -272,10 +272,10 @@ def analyze(
         # A file cut part of the way in has recordings from before the cut and an error.
         recs = [analysis_record(conn, settings.storage.audio_dir, r) for r in rec_ids]
         if as_json:
-            found = {"file": str(path), "duration_s": duration_s, "recordings": recs}
+            found = {"file": printable(str(path)), "duration_s": duration_s, "recordings": recs}
             echo_json({**found, "error": error} if error else found)
         elif duration_s or not error:
-            click.echo(f"{path} ({duration_s:.1f} s, {len(recs)} recordings)")
+            click.echo(f"{printable(str(path))} ({duration_s:.1f} s, {len(recs)} recordings)")
             for rec in recs:
                 click.echo(f"  {fmt_span(rec['start_s'], rec['end_s'])} {rec['text'] or ''}")
         if error:

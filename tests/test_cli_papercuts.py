@@ -661,3 +661,27 @@ def test_reprocess_of_a_recording_whose_audio_file_is_gone_queues_nothing(
     assert [r["state"] for r in db_rows(env, "SELECT state FROM jobs")] == ["done"]
     listed = json.loads(cli("recordings", "list", "--json", env=env).stdout)
     assert [r["state"] for r in listed] == ["done"]
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_with_escapes(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    # Found walking the README ("shown with the odd bytes as escapes"): `analyze --json` wrote
+    # the name's raw Latin-1 byte into its JSON (not UTF-8: a consumer's decoder fails on the
+    # line), and a missing file's error said "K\udcfcche.wav", Python's escape, not "\xfc".
+    latin1 = os.fsdecode(b"K\xfcche.wav")
+    shutil.copy(SHORT, tmp_path / latin1)
+    result = subprocess.run(
+        [sys.executable, "-m", "meraudiod", "analyze", "--json", str(tmp_path / latin1)],
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.decode("utf-8").splitlines()  # valid UTF-8
+    assert json.loads(line)["file"] == f"{tmp_path}/K\\xfcche.wav"
+    missing = os.fsdecode(b"/nowhere/K\xfcche.wav")
+    for args in (("analyze", missing), ("run", "--source", f"file:{missing}")):
+        said = cli(*args, env=env)
+        assert said.returncode == 1, said.stderr
+        assert "/nowhere/K\\xfcche.wav: audio file not found" in said.stderr, said.stderr
