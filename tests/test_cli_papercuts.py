@@ -685,3 +685,24 @@ def test_a_file_name_that_is_not_utf8_is_shown_with_escapes(
         said = cli(*args, env=env)
         assert said.returncode == 1, said.stderr
         assert "/nowhere/K\\xfcche.wav: audio file not found" in said.stderr, said.stderr
+
+
+def test_a_refused_admin_command_does_not_say_it_changes_data_when_it_reads(
+    env: dict[str, str],
+) -> None:
+    # Found walking the README's MQTT table: config/get (admin: it shows the configuration)
+    # was refused with "config/get changes or deletes data", which it does not.
+    from meraudiod.command_context import CommandContext
+    from meraudiod.command_errors import Forbidden
+    from meraudiod.commands import execute
+    from meraudiod.config import load_settings
+
+    settings = load_settings()
+    conn = open_db(settings.storage.db_path)
+    try:
+        context = CommandContext(conn, settings, admin=False, readable_files=None)
+        with pytest.raises(Forbidden) as refused:
+            execute(context, "config/get", {})
+    finally:
+        conn.close()
+    assert str(refused.value) == "config/get is an admin command: set mqtt.allow_admin_commands"
