@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -706,3 +707,20 @@ def test_a_refused_admin_command_does_not_say_it_changes_data_when_it_reads(
     finally:
         conn.close()
     assert str(refused.value) == "config/get is an admin command: set mqtt.allow_admin_commands"
+
+
+def test_a_microphone_that_never_opened_is_not_said_to_have_stopped(env: dict[str, str]) -> None:
+    # Found walking the README: with no microphone at start, every retry logged "no audio
+    # from mic:...; reopening it" (as if one had delivered and stopped) before the retry's
+    # own "cannot open microphone ...; retrying in N s".
+    env = {**env, "MERAUDIOD_AUDIO__DEVICE": "no-such-device-xyz"}
+    proc = run_daemon(env, source="mic")
+    try:
+        wait_running(env, proc)
+        time.sleep(4)  # retries after 1 s and 2 s
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    said = err.decode()
+    assert said.count("cannot open microphone no-such-device-xyz") >= 2, said
+    assert "no audio from" not in said, said
