@@ -169,6 +169,8 @@ def _purge(ctx: CommandContext, args: PurgeArgs) -> Any:
         end = now() if args.end.strip().lower() == "now" else parse_since(args.end)
         before = min(before, end) if before is not None else end
     after = parse_since(args.start) if args.start else None
+    if after is not None and args.end and after >= end:  # swapped ends would purge nothing
+        raise InvalidArguments(f"the time range ends ({args.end}) before it starts ({args.start})")
     speaker = _speaker_id(ctx.conn, args.speaker) if args.speaker else None
     if before is None and after is None and speaker is None:
         raise InvalidArguments("purge needs older_than_days, start/end or speaker")

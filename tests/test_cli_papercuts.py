@@ -724,3 +724,15 @@ def test_a_microphone_that_never_opened_is_not_said_to_have_stopped(env: dict[st
     said = err.decode()
     assert said.count("cannot open microphone no-such-device-xyz") >= 2, said
     assert "no audio from" not in said, said
+
+
+def test_a_purge_range_that_ends_before_it_starts_is_refused(env: dict[str, str]) -> None:
+    # Found walking the README's purge: `--start 2026-12-01 --end 2026-11-01` (the ends
+    # swapped) said "would delete 0 recordings and 0 audio files", and with --yes it would
+    # have "deleted" nothing and exited 0: the mistake went unseen.
+    open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db").close()
+    result = cli("purge", "--start", "2026-12-01", "--end", "2026-11-01", "--dry-run", env=env)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.strip() == (
+        "Error: the time range ends (2026-11-01) before it starts (2026-12-01)"
+    ), result.stderr
