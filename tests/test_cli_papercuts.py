@@ -736,3 +736,20 @@ def test_a_purge_range_that_ends_before_it_starts_is_refused(env: dict[str, str]
     assert result.stderr.strip() == (
         "Error: the time range ends (2026-11-01) before it starts (2026-12-01)"
     ), result.stderr
+
+
+def test_enrolment_without_the_speaker_model_does_not_say_speakers_are_enabled(
+    env: dict[str, str], models_dir: Path, tmp_path: Path
+) -> None:
+    # Found walking the README ("Enrolment works either way"): `speakers enroll` with speakers
+    # off and the speaker model not installed said "speakers/diarization are enabled but a
+    # model is missing", which they were not.
+    defaults = tmp_path / "models"  # the session's may hold the speaker models by now
+    defaults.mkdir()
+    for name in ("silero-vad-v6", "tiny.en"):
+        (defaults / name).symlink_to(models_dir / name)
+    env = {**env, "MERAUDIOD_STORAGE__MODELS_DIR": str(defaults)}
+    result = cli("speakers", "enroll", "Alice", str(SHORT), env=env)
+    assert result.returncode == 1, result.stdout
+    (line,) = result.stderr.splitlines()
+    assert "enabled" not in line and "model ecapa-voxceleb is not installed" in line, line
