@@ -103,8 +103,11 @@ def _speaker_event(ctx: CommandContext, kind: str, profile: tuple[str, str]) -> 
 
 def _speakers_list(ctx: CommandContext, args: NoArgs) -> Any:
     from .profiles import current_model, list_profiles
+    from .scoring import calibration_for, uncalibrated
 
-    return [asdict(p) for p in list_profiles(ctx.conn, current_model(ctx.settings))]
+    model = current_model(ctx.settings)
+    calibration = calibration_for(model) or uncalibrated(model)  # for each one's consistency
+    return [asdict(p) for p in list_profiles(ctx.conn, model, calibration)]
 
 
 def _speakers_enroll(ctx: CommandContext, args: EnrollArgs) -> Any:

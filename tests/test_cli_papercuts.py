@@ -753,3 +753,27 @@ def test_enrolment_without_the_speaker_model_does_not_say_speakers_are_enabled(
     assert result.returncode == 1, result.stdout
     (line,) = result.stderr.splitlines()
     assert "enabled" not in line and "model ecapa-voxceleb is not installed" in line, line
+
+
+def test_the_speaker_list_over_mqtt_and_http_has_the_consistency_the_cli_shows(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    # Found walking the README: `speakers list` shows each person's consistency, but the same
+    # list from the command table (MQTT speakers/list, HTTP /api/v1/persistent-speakers) had
+    # "consistency": null for everyone.
+    from meraudiod.command_context import CommandContext
+    from meraudiod.commands import execute
+    from meraudiod.config import load_settings
+
+    clips = [str(TEST_DATA / f"ls_3080_000{i}.flac") for i in (0, 1)]
+    assert cli("speakers", "enroll", "Alice", *clips, env=env).returncode == 0
+    (shown,) = json.loads(cli("speakers", "list", "--json", env=env).stdout)
+    assert shown["consistency"] is not None
+    settings = load_settings()
+    conn = open_db(settings.storage.db_path)
+    try:
+        context = CommandContext(conn, settings, admin=False, readable_files=None)
+        (listed,) = execute(context, "speakers/list", {})
+    finally:
+        conn.close()
+    assert listed == shown
