@@ -777,3 +777,18 @@ def test_the_speaker_list_over_mqtt_and_http_has_the_consistency_the_cli_shows(
     finally:
         conn.close()
     assert listed == shown
+
+
+def test_models_list_keeps_its_columns(env: dict[str, str]) -> None:
+    # Found walking the README: "pyannote-segmentation-3.0" is longer than the name column
+    # was wide, so its role, state and description stood apart from every other row's.
+    text = cli("models", "list", env=env).stdout
+    rows = [line for line in text.splitlines() if not line.startswith("    ")]
+    assert len(rows) == len(manifest())
+    starts = {
+        line.index(" " + spec.role + " ")
+        for spec in manifest().values()
+        for line in rows
+        if line[2:].startswith(spec.name + " ")
+    }
+    assert len(starts) == 1, text
