@@ -792,3 +792,18 @@ def test_models_list_keeps_its_columns(env: dict[str, str]) -> None:
         if line[2:].startswith(spec.name + " ")
     }
     assert len(starts) == 1, text
+
+
+def test_mqtt_test_with_mqtt_off_says_so(env: dict[str, str]) -> None:
+    # Found walking the README: with MQTT off (the default) `mqtt test` tried localhost:1883
+    # and failed at `tcp` without a word that the daemon would not connect anyway.
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    result = cli("mqtt", "test", env={**env, "MERAUDIOD_MQTT__PORT": str(port)})
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.splitlines()[0] == (
+        "note: mqtt.enabled is false: the daemon does not connect; testing the configured"
+        f" broker (localhost:{port}) all the same"
+    ), result.stderr
