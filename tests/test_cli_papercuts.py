@@ -8,6 +8,7 @@ import os
 import pty
 import shlex
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -28,11 +29,13 @@ from .conftest import (
     DEMO,
     REPO,
     TEST_DATA,
+    SilenceFeeder,
     cli,
     db_rows,
     needs_root,
     run_daemon,
     stored_audio,
+    wait_for,
     wait_running,
 )
 
@@ -807,3 +810,28 @@ def test_mqtt_test_with_mqtt_off_says_so(env: dict[str, str]) -> None:
         "note: mqtt.enabled is false: the daemon does not connect; testing the configured"
         f" broker (localhost:{port}) all the same"
     ), result.stderr
+
+
+def test_status_says_reload_refused_while_the_file_is_broken(env: dict[str, str]) -> None:
+    # Found walking the README ("`status` says `reload refused` and why, until a reload
+    # succeeds"): `meraudiod status` read the same broken file and said only "Error: invalid
+    # configuration ...", so whether the daemon still ran, and on what, went unsaid.
+    config = Path(env["MERAUDIOD_CONFIG"])
+    proc = run_daemon(env, stderr=subprocess.DEVNULL)
+    feeder = SilenceFeeder(proc).start()
+    try:
+        wait_running(env, proc)
+        config.write_text("[recorder]\nhangover_ms = 1e9\n")  # a typo for 1e3
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in cli("status", env=env).stdout, 60, "the refusal")
+        shown = cli("status", env=env)
+        data = json.loads(cli("status", "--json", env=env).stdout)
+    finally:
+        feeder.stop()
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert shown.returncode == 1, shown.stderr
+    assert shown.stdout.splitlines()[0].split()[:2] == ["daemon", "running"], shown.stdout
+    assert shown.stderr.startswith(f"Error: invalid configuration ({config}): recorder.hangover")
+    assert data["running"] is True and "recorder.hangover_ms" in data["reload_error"]
