@@ -835,3 +835,19 @@ def test_status_says_reload_refused_while_the_file_is_broken(env: dict[str, str]
     assert shown.stdout.splitlines()[0].split()[:2] == ["daemon", "running"], shown.stdout
     assert shown.stderr.startswith(f"Error: invalid configuration ({config}): recorder.hangover")
     assert data["running"] is True and "recorder.hangover_ms" in data["reload_error"]
+
+
+def test_a_later_clip_unlike_the_earlier_ones_is_warned_about(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    # Found walking the README (enrolment "warns ... when a clip does not sound like the
+    # person's other clips, earlier ones included"): a machine voice added in a second call
+    # to two clips of a reader was stored without a word, though `speakers list` then flagged
+    # "one clip unlike the others": with the new clip in their mean, the earlier clips were
+    # judged odd too, and "all apart" singled out nobody.
+    reader = [str(TEST_DATA / f"ls_3080_000{i}.flac") for i in (0, 1)]
+    assert cli("speakers", "enroll", "Alice", *reader, env=env).returncode == 0
+    other = str(TEST_DATA / "ls_2609_0000.flac")
+    result = cli("speakers", "enroll", "Alice", other, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "warning: does not sound like the other clips of Alice" in result.stdout, result.stdout
