@@ -170,10 +170,24 @@ def iter_file_pcm(path: Path, block_s: float = 1.0) -> Iterator[Int16Array]:
     return _iter_av_pcm(path, block_s)
 
 
+def _starts_with(path: Path, magic: tuple[bytes, ...]) -> bool:
+    """Does the file begin with one of these 4-byte signatures? libsndfile is asked only
+    about FLAC and WAV: given an MP3 (or a file only named so), its libmpg123 writes its
+    own "Warning: Xing stream size off ..." and "Note: Illegal Audio-MPEG-Header ..." lines
+    to stderr, beside a command's output."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) in magic
+    except OSError:
+        return False
+
+
 def _flac_16k_mono_frames(path: Path) -> int | None:
     """The samples a 16 kHz mono FLAC file's header counts, None for any other file."""
     import soundfile
 
+    if not _starts_with(path, (b"fLaC",)):
+        return None
     try:
         info = soundfile.info(os.fsencode(path))
     except (soundfile.LibsndfileError, RuntimeError, OSError):  # a format it cannot read
@@ -287,15 +301,17 @@ def _announced_s(path: Path, format_name: str, duration_us: int | None) -> float
 
 
 def file_length_s(path: Path) -> float | None:
-    """How long a file plays by its header (libsndfile's count, else FFmpeg's estimate), None
-    when neither says. For stamping a replay only: a wrong header changes no audio."""
+    """How long a file plays by its header (libsndfile's count for FLAC and WAV, else
+    FFmpeg's estimate), None when neither says. For stamping a replay only: a wrong header
+    changes no audio."""
     import soundfile
 
-    try:
-        info = soundfile.info(os.fsencode(path))
-        return float(info.frames) / info.samplerate if info.samplerate > 0 else None
-    except (soundfile.LibsndfileError, RuntimeError, OSError):  # a format it cannot read
-        pass
+    if _starts_with(path, (b"fLaC", b"RIFF")):
+        try:
+            info = soundfile.info(os.fsencode(path))
+            return float(info.frames) / info.samplerate if info.samplerate > 0 else None
+        except (soundfile.LibsndfileError, RuntimeError, OSError):  # a format it cannot read
+            pass
     import av
 
     try:

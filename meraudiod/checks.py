@@ -19,6 +19,11 @@ class StartError(Exception):
     """Something only a person can fix stops the start; the message says what and where."""
 
 
+class MayPassError(Exception):
+    """Something that may pass by itself (a port in use) stops the start: exit 1, and
+    systemd starts the daemon again. The message is the whole story."""
+
+
 def user_name() -> str:
     """Who this process runs as (the service runs as `meraudiod`)."""
     try:

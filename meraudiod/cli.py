@@ -14,7 +14,7 @@ from typing import Any, Final
 import click
 
 from . import models as modelstore
-from .checks import StartError, files_in_use
+from .checks import MayPassError, StartError, files_in_use
 from .cli_checks import config_group, devices, mqtt_group
 from .cli_common import (
     config_option,
@@ -36,7 +36,7 @@ from .mounts import NotMounted, models_dir, store_dirs
 from .recording_views import analysis_record
 from .signals import install as install_signal_handlers
 from .signals import run_handlers
-from .sources import SourceError, open_source
+from .sources import SourceError, open_source, printable
 
 # What `bench --only` can pick (bench.py's sections, in the order they run).
 BENCH_SECTIONS: Final = ("vad", "listening", "asr", "speakers", "pipeline", "memory", "http")
@@ -162,7 +162,7 @@ def run(
     except _needs_a_person() as exc:
         daemon.stop()
         raise NeedsAPerson(str(exc)) from exc
-    except (SourceError, DatabaseError, NotMounted) as exc:  # may pass: exit 1, restarted
+    except (SourceError, DatabaseError, NotMounted, MayPassError) as exc:  # exit 1, restarted
         daemon.stop()
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:  # a failed start must say why and exit non-zero
@@ -253,7 +253,7 @@ def analyze(
         except SourceError as exc:
             results.append((path, 0.0, [], str(exc)))
             continue
-        listener = pipeline.listener(source, keep_ids=True)
+        listener = pipeline.listener(source, keep_ids=True, error_said_by_caller=True)
         listener.finished.wait()
         source.stop()
         duration_s = round(listener.frames_read * 512 / 16000, 3)
@@ -272,10 +272,10 @@ def analyze(
         # A file cut part of the way in has recordings from before the cut and an error.
         recs = [analysis_record(conn, settings.storage.audio_dir, r) for r in rec_ids]
         if as_json:
-            found = {"file": str(path), "duration_s": duration_s, "recordings": recs}
+            found = {"file": printable(str(path)), "duration_s": duration_s, "recordings": recs}
             echo_json({**found, "error": error} if error else found)
         elif duration_s or not error:
-            click.echo(f"{path} ({duration_s:.1f} s, {len(recs)} recordings)")
+            click.echo(f"{printable(str(path))} ({duration_s:.1f} s, {len(recs)} recordings)")
             for rec in recs:
                 click.echo(f"  {fmt_span(rec['start_s'], rec['end_s'])} {rec['text'] or ''}")
         if error:

@@ -95,6 +95,12 @@ def mqtt_test(config_path: Path | None) -> None:
     from .mqtt_check import check_connection
 
     settings = settings_from(config_path)
+    if not settings.mqtt.enabled:  # the default: a failure here may be no surprise
+        click.echo(
+            "note: mqtt.enabled is false: the daemon does not connect; testing the configured"
+            f" broker ({settings.mqtt.host}:{settings.mqtt.port}) all the same",
+            err=True,
+        )
     mqtt_files = {k: v for k, v in named_files(settings).items() if k.startswith("mqtt.")}
     not_mounted = unmounted_paths(mqtt_files)
     if not_mounted:

@@ -53,10 +53,15 @@ def models_list(config_path: Path | None, as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
+    name_w = max((len(r["name"]) for r in rows), default=0)  # columns fit the longest
+    role_w = max((len(r["role"]) for r in rows), default=0)
     for r in rows:
         mark = "installed" if r["installed"] else "-"
         used_mark = "*" if r["configured"] else " "
-        click.echo(f"{used_mark} {r['name']:<18} {r['role']:<8} {mark:<10} {r['description']}")
+        click.echo(
+            f"{used_mark} {r['name']:<{name_w}}  {r['role']:<{role_w}}  {mark:<10} "
+            f"{r['description']}"
+        )
         for file_name, sha256 in r["files"].items():
             click.echo(f"    sha256 {sha256}  {file_name}")
         if not r["files"]:

@@ -132,6 +132,7 @@ def speakers_enroll(
         for warning in r.warnings:
             click.echo(f"  warning: {warning}")
     stored = sum(r.stored for r in results)
+    name = name.strip()  # as enroll stored it (" Alice " is Alice)
     if not stored:
         raise click.ClickException(f"nothing enrolled for {name}")
     click.echo(f"{name}: {stored} embeddings added")
@@ -197,8 +198,8 @@ def speakers_rename(config_path: Path | None, old: str, new: str) -> None:
 
     settings = settings_from(config_path)
     conn = open_store(settings)
-    _profiles_call(conn, lambda: rename(conn, old, new))
-    click.echo(f"{old} is now {new}")
+    was, now_named = _profiles_call(conn, lambda: rename(conn, old, new))
+    click.echo(f"{was} is now {now_named}")
 
 
 @speakers_group.command("merge")

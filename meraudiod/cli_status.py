@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from .cli_common import config_option, echo_json, fmt_time, json_option, run_command, settings_from
+from .config import Settings, load_storage_settings
 from .machine import summary_line
 
 
@@ -24,11 +25,29 @@ def status_cmd(config_path: Path | None, as_json: bool) -> None:
       meraudiod status
       meraudiod status --json | jq .backlog
     """
-    settings = settings_from(config_path)
-    data = run_command(settings, "status", {})
+    try:
+        settings, broken = settings_from(config_path), None
+    except click.ClickException as exc:  # the file is broken: the daemon may run on its own
+        fallback = load_storage_settings(config_path)
+        if fallback is None:
+            raise
+        settings, broken = fallback, exc
+    try:
+        data = run_command(settings, "status", {})
+    except click.ClickException:
+        if broken is not None:  # no daemon's store found by the storage section alone
+            raise broken from None
+        raise
     if as_json:
         echo_json(data)
-        return
+    else:
+        _show(data, settings)
+    if broken is not None:
+        raise broken  # after the status: what is wrong in the file, and exit 1
+
+
+def _show(data: dict[str, Any], settings: Settings) -> None:
+    """The status as the README shows it, one line per topic."""
     colour = sys.stdout.isatty()
 
     def mark(ok: bool | None, text: str) -> str:

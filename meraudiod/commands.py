@@ -91,7 +91,7 @@ def execute(ctx: CommandContext, name: str, args: dict[str, Any]) -> Any:
     if command is None:
         raise InvalidArguments(f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
     if command.admin and not ctx.admin:
-        raise Forbidden(f"{name} changes or deletes data: set mqtt.allow_admin_commands")
+        raise Forbidden(f"{name} is an admin command: set mqtt.allow_admin_commands")
     _check_text(args, "arguments")
     try:
         parsed = command.args.model_validate(args)

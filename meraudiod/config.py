@@ -163,6 +163,30 @@ def _format_error(error: ValidationError, source: str) -> str:
 
 def load_settings(path: str | Path | None = None) -> Settings:
     """Read the TOML file (if any), apply the environment, validate everything."""
+    data, source = _read_file(path)
+    misnamed = _misnamed_variables()
+    if misnamed:
+        raise ConfigError(f"invalid configuration ({source}): " + "; ".join(misnamed))
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc
+
+
+def load_storage_settings(path: str | Path | None = None) -> Settings | None:
+    """Settings of the file's `storage` section alone (the rest defaults), for `status` to
+    find the daemon's database and heartbeat while another section is broken (the running
+    daemon refused it on SIGHUP and says why); None when that does not load either."""
+    try:
+        data, _ = _read_file(path)
+        storage = data.get("storage", {})
+        return Settings(storage=storage) if isinstance(storage, dict) else None
+    except (ConfigError, ValidationError):
+        return None
+
+
+def _read_file(path: str | Path | None) -> tuple[dict[str, Any], str]:
+    """The configuration file's tables (none without a file) and how to name their source."""
     config_path, _named = resolve_config_path(path)
     data: dict[str, Any] = {}
     source = "defaults and environment"
@@ -186,13 +210,7 @@ def load_settings(path: str | Path | None = None) -> Settings:
                 f"cannot read config file {config_path}: arrays or tables nested too deeply"
             ) from exc
         source = str(config_path)
-    misnamed = _misnamed_variables()
-    if misnamed:
-        raise ConfigError(f"invalid configuration ({source}): " + "; ".join(misnamed))
-    try:
-        return Settings(**data)
-    except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source)) from exc
+    return data, source
 
 
 # What SIGHUP can change while running; everything else is reported as needing a restart.

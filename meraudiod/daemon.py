@@ -176,7 +176,11 @@ class Daemon:
         return self.health.degraded
 
     def _start_listener(self) -> Listener:
-        return self.pipeline.listener(self.source, **self.speech_hooks(self.source.name))
+        return self.pipeline.listener(
+            self.source,
+            error_said_by_caller=self.finite,  # `run` ends with it (a microphone is retried)
+            **self.speech_hooks(self.source.name),
+        )
 
     def speech_hooks(self, source: str) -> dict[str, Any]:
         """A listener's speech start and end events, to MQTT and the HTTP stage's sockets."""

@@ -77,17 +77,23 @@ def clip_warnings(stage: SpeakerStage, audio: Float32Array, speech_s: float) -> 
     return warnings
 
 
-def _odd_ones(stage: SpeakerStage, found: list[tuple[str, Float32Array, float]]) -> set[str]:
-    """Clips that do not sound like the others (below the bar against the mean of the others)."""
+def _odd_ones(
+    stage: SpeakerStage, found: list[tuple[str, Float32Array, float]], judged: set[str]
+) -> set[str]:
+    """Of the `judged` clips, those that do not sound like the others (below the bar against
+    the mean of all the others). Clips enrolled earlier are the others, never judged: with a
+    new odd clip in their mean they could all look odd, and "all apart" would hide it."""
     odd = set()
     for i, (label, vector, speech_s) in enumerate(found):
+        if label not in judged:
+            continue
         others = [v for j, (_, v, _) in enumerate(found) if j != i]
         if others:
             person = Profile("", "", False, False, np.stack(others))
             score = stage.identify([person], vector, speech_s).score or 0.0
             if score < stage.settings.speakers.threshold:
                 odd.add(label)
-    return odd if len(odd) < len(found) else set()  # all apart: nothing to single out
+    return odd if len(odd) < len(found) else set()  # all apart (none earlier): none singled out
 
 
 def _load(
@@ -171,7 +177,7 @@ def enroll(
     if not found:
         return results
     earlier = [(f"earlier {i}", v, 10.0) for p in known for i, v in enumerate(p.vectors)]
-    odd = _odd_ones(stage, found + earlier) & {label for label, _, _ in found}
+    odd = _odd_ones(stage, found + earlier, {label for label, _, _ in found})
     results = [
         replace(r, warnings=(*r.warnings, f"does not sound like the other clips of {name}"))
         if r.source in odd

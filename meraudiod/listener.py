@@ -91,6 +91,7 @@ class Listener(StageThread):
         on_speech_end: Callable[[Recording], None] | None = None,
         keep_ids: bool = False,
         job_origin: str | None = None,
+        error_said_by_caller: bool = False,
     ) -> None:
         self.settings = settings
         self.source = source
@@ -102,6 +103,9 @@ class Listener(StageThread):
         self.params = SegmenterParams.from_settings(settings.vad, settings.recorder)
         self.finished = threading.Event()
         self.error: str | None = None
+        # The caller (`run` on a file or stdin, `analyze`) ends with `error` as its own error
+        # line: logged here too, a person would read it twice.
+        self._source_error_level = logging.DEBUG if error_said_by_caller else logging.ERROR
         self.job_origin = job_origin  # the jobs it queues belong to this process (None: daemon)
         self.recordings_saved = 0
         # Ids of what was saved, for a caller that reports per file (analyze); a microphone's
@@ -158,7 +162,7 @@ class Listener(StageThread):
                     break
                 except SourceError as exc:  # e.g. a file cut part of the way in
                     self.error = str(exc)
-                    _LOGGER.error("%s", exc)
+                    _LOGGER.log(self._source_error_level, "%s", exc)
                     break  # what was heard up to here is still saved
                 follow_step(conn)  # NTP setting the clock moves the stamps too
                 if self._waiting and time.monotonic() >= self._retry_at_s:
@@ -189,7 +193,7 @@ class Listener(StageThread):
                 )
         except SourceError as exc:
             self.error = str(exc)
-            _LOGGER.error("%s", exc)
+            _LOGGER.log(self._source_error_level, "%s", exc)
         except Exception as exc:  # not the source: the stage itself (a full disk, the store)
             self.died = f"{type(exc).__name__}: {exc}"
             self.error = f"listener failed: {self.died}"

@@ -99,9 +99,9 @@ class AudioSupervisor:
             return
         if t < self._next_retry:
             return
-        if not self._gone:
+        if not self._gone:  # it delivered, then stopped (one that never opened is no news)
             self._set_problem("microphone lost: retrying")
-        _LOGGER.warning("no audio from %s; reopening it", self.source.name)
+            _LOGGER.warning("no audio from %s; reopening it", self.source.name)
         if listener is not None:
             listener.stop(timeout_s=5.0)
         self.source.stop()

@@ -156,8 +156,9 @@ def list_profiles(
     ]
 
 
-def rename(conn: sqlite3.Connection, old: str, new: str) -> None:
-    """Give a profile a new name; a provisional one becomes a named person."""
+def rename(conn: sqlite3.Connection, old: str, new: str) -> tuple[str, str]:
+    """Give a profile a new name; a provisional one becomes a named person. Returns the old
+    and the new name as stored (without the spaces typed around them)."""
     new = check_name(new)
     with Transaction(conn):
         speaker = profile_row(conn, old)
@@ -167,6 +168,7 @@ def rename(conn: sqlite3.Connection, old: str, new: str) -> None:
             "UPDATE speakers SET name=?, provisional=0, updated_at=? WHERE id=?",
             (new, now(), speaker["id"]),
         )
+    return str(speaker["name"]), new
 
 
 def merge(conn: sqlite3.Connection, source: str, target: str) -> int:

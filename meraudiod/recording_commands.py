@@ -17,7 +17,7 @@ from .command_errors import CommandError, InvalidArguments, NotFound
 from .db import Transaction, now
 from .deletion import delete_recordings
 from .recording_views import recording_details
-from .recordings import ULID_RE, normalise_id
+from .recordings import ULID_RE, audio_file, normalise_id
 from .retention import purge
 
 # A ULID in any case ("01jd2x..." too), as stored: upper case.
@@ -169,6 +169,8 @@ def _purge(ctx: CommandContext, args: PurgeArgs) -> Any:
         end = now() if args.end.strip().lower() == "now" else parse_since(args.end)
         before = min(before, end) if before is not None else end
     after = parse_since(args.start) if args.start else None
+    if after is not None and args.end and after >= end:  # swapped ends would purge nothing
+        raise InvalidArguments(f"the time range ends ({args.end}) before it starts ({args.start})")
     speaker = _speaker_id(ctx.conn, args.speaker) if args.speaker else None
     if before is None and after is None and speaker is None:
         raise InvalidArguments("purge needs older_than_days, start/end or speaker")
@@ -202,9 +204,16 @@ def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
             ).fetchone()
             if row is None:  # nothing queued: the transaction is rolled back
                 raise NotFound(f"no recording {rec_id}")
-            if not row["audio_path"]:
+            missing = None
+            if row["audio_path"]:
+                path = audio_file(ctx.settings.storage.audio_dir, row["audio_path"])
+                # Queued, the job would fail at once and take a good transcript with it.
+                missing = None if path.is_file() else f" (its audio file {path} is missing)"
+            if not row["audio_path"] or missing:
                 if rec_id in args.ids:
-                    raise CommandError(f"recording {rec_id} has no audio to transcribe again")
+                    raise CommandError(
+                        f"recording {rec_id} has no audio to transcribe again{missing or ''}"
+                    )
                 continue  # a failed one among --failed whose audio is gone
             ctx.conn.execute(
                 "DELETE FROM jobs WHERE recording_id=? AND state != 'running'", (rec_id,)

@@ -104,6 +104,13 @@ def demo_path() -> Path:
     return Path(str(resources.files("meraudiod") / "assets" / "demo.flac"))
 
 
+def printable(text: str) -> str:
+    """Text as shown and stored: a file name's bytes that are not UTF-8 (a file named in
+    Latin-1, decoded by Python as lone surrogates) as \\xfc escapes, never raw bytes (which
+    make a JSON line or a log line not UTF-8) nor Python's \\udcfc."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _not_a_file(path: Path) -> str:
     """Why a path given as an audio file cannot be read as one."""
     if path.is_dir():
@@ -120,7 +127,7 @@ class FileSource:
         self.path = path
         # As stored and published: a name's bytes that are not UTF-8 (a file named in
         # Latin-1) shown as \\xfc escapes; the file itself is read by its real name.
-        self.name = f"file:{os.fsencode(path).decode('utf-8', 'backslashreplace')}"
+        self.name = f"file:{printable(str(path))}"
         self.realtime = realtime
         # With realtime, frames come a block at a time, as from a sound card.
         self.block_frames = block_frames
@@ -135,7 +142,7 @@ class FileSource:
     def start(self) -> None:
         """Open the file and decode its first block, so a bad file fails here."""
         if not self.path.is_file():
-            raise SourceError(f"{self.path}: {_not_a_file(self.path)}")
+            raise SourceError(f"{printable(str(self.path))}: {_not_a_file(self.path)}")
         self._blocks = iter_file_pcm(self.path)
         self._fill()
         if not self.realtime:
@@ -149,7 +156,7 @@ class FileSource:
         except StopIteration:
             self._ended = True
         except AudioDecodeError as exc:
-            raise SourceError(str(exc)) from exc
+            raise SourceError(printable(str(exc))) from exc
 
     def read(self, timeout_s: float) -> Int16Array | None:
         """The next frame; with realtime, not before its time."""

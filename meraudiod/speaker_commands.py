@@ -103,8 +103,11 @@ def _speaker_event(ctx: CommandContext, kind: str, profile: tuple[str, str]) -> 
 
 def _speakers_list(ctx: CommandContext, args: NoArgs) -> Any:
     from .profiles import current_model, list_profiles
+    from .scoring import calibration_for, uncalibrated
 
-    return [asdict(p) for p in list_profiles(ctx.conn, current_model(ctx.settings))]
+    model = current_model(ctx.settings)
+    calibration = calibration_for(model) or uncalibrated(model)  # for each one's consistency
+    return [asdict(p) for p in list_profiles(ctx.conn, model, calibration)]
 
 
 def _speakers_enroll(ctx: CommandContext, args: EnrollArgs) -> Any:
@@ -140,8 +143,8 @@ def _speakers_enroll(ctx: CommandContext, args: EnrollArgs) -> Any:
 def _speakers_rename(ctx: CommandContext, args: RenameArgs) -> Any:
     from .profiles import rename
 
-    _profiles(lambda: rename(ctx.conn, args.name, args.new_name))
-    return {"name": args.new_name}
+    _, new_name = _profiles(lambda: rename(ctx.conn, args.name, args.new_name))
+    return {"name": new_name}
 
 
 def _speakers_merge(ctx: CommandContext, args: MergeArgs) -> Any:

@@ -125,9 +125,8 @@ class SpeakerStage:
             emb_path = onnx_file(models.resolve(spk.model, models_dir))
             seg_path = onnx_file(models.resolve(dia.model, models_dir))
         except models.ModelError as exc:
-            raise SpeakerError(
-                f"speakers/diarization are enabled but a model is missing: {exc}"
-                " (scripts/setup exports and installs both)"
+            raise SpeakerError(  # enrolment and `speakers test` need them too, enabled or not
+                f"a speaker model is missing: {exc} (scripts/setup exports and installs both)"
             ) from exc
         self.settings = settings
         self.embedder = SpeakerEmbedder(emb_path, model_id(spk.model, emb_path), spk.threads)

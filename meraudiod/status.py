@@ -125,7 +125,8 @@ def status(
     return {
         "running": running,
         "pid": heartbeat.get("pid") if running else None,
-        "heartbeat_age_s": round(age_s, 1) if heartbeat else None,
+        # A daemon that stopped wrote `at` 0: it has no heartbeat to be of an age.
+        "heartbeat_age_s": round(age_s, 1) if heartbeat.get("at") else None,
         "listening": heartbeat.get("listening") if running else None,
         "muted": (not heartbeat.get("listening")) if running else None,
         "degraded": heartbeat.get("degraded") if running else None,

@@ -197,3 +197,14 @@ def test_run_on_a_closed_stdin_is_one_line(env: dict[str, str]) -> None:
     # One line, as the README says: it was the listener's ERROR, then "ready: listening on
     # stdin", then the same error again (two lines on a terminal too).
     assert done.stderr.strip() == "Error: cannot read stdin: standard input is closed", done.stderr
+
+
+def test_a_cut_file_is_said_once(env: dict[str, str], bad: dict[str, Path]) -> None:
+    # Found walking the README ("Errors are one line"): the listener logged the cut at ERROR
+    # and `analyze` or `run` then said it again as their error line, so a person saw it twice.
+    for args in (("analyze",), ("run", "--print", "--source")):
+        target = str(bad["cut.wav"]) if args[0] == "analyze" else f"file:{bad['cut.wav']}"
+        result = cli(*args, target, env=env)
+        assert result.returncode == 1, result.stderr
+        said = [line for line in result.stderr.splitlines() if "header announces" in line]
+        assert len(said) == 1 and said[0].lower().startswith("error: "), result.stderr

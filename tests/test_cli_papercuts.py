@@ -8,10 +8,12 @@ import os
 import pty
 import shlex
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,11 +29,13 @@ from .conftest import (
     DEMO,
     REPO,
     TEST_DATA,
+    SilenceFeeder,
     cli,
     db_rows,
     needs_root,
     run_daemon,
     stored_audio,
+    wait_for,
     wait_running,
 )
 
@@ -575,3 +579,275 @@ def test_enrolled_and_deleted_events_name_the_profile(
         ("enrolled", alice["id"], "Alice"),
         ("deleted", alice["id"], "Alice"),
     ]
+
+
+def test_status_of_a_stopped_daemon_gives_no_heartbeat_age(env: dict[str, str]) -> None:
+    # Found walking the README: a daemon stopped cleanly leaves its heartbeat with `at` 0, and
+    # `status --json` then said "heartbeat_age_s": 1796116324.6 (56 years) for a daemon that
+    # stopped seconds ago.
+    done = cli("run", "--source", f"file:{SHORT}", env=env)
+    assert done.returncode == 0, done.stderr
+    stopped = json.loads(cli("status", "--json", env=env).stdout)
+    assert stopped["running"] is False and stopped["heartbeat_age_s"] is None, stopped
+
+
+def test_a_renamed_speaker_is_shown_by_the_name_stored(env: dict[str, str]) -> None:
+    # Found walking the README: `speakers rename Carol " Dave "` stores Dave (a name loses the
+    # spaces around it) but said `Carol is now  Dave `, and MQTT's and HTTP's reply named
+    # " Dave " too.
+    from meraudiod.command_context import CommandContext
+    from meraudiod.commands import execute
+    from meraudiod.config import load_settings
+
+    settings = load_settings()
+    conn = open_db(settings.storage.db_path)
+    try:
+        with Transaction(conn):
+            for name in ("Carol", "Erin"):
+                conn.execute(
+                    "INSERT INTO speakers (id, name, provisional, opt_out, created_at, updated_at)"
+                    " VALUES (?, ?, 0, 0, 0, 0)",
+                    (str(ULID()), name),
+                )
+        context = CommandContext(conn, settings, admin=True, readable_files=None)
+        reply = execute(context, "speakers/rename", {"name": " Erin", "new_name": " Frank "})
+    finally:
+        conn.close()
+    assert reply == {"name": "Frank"}
+    renamed = cli("speakers", "rename", "Carol ", " Dave ", env=env)
+    assert renamed.returncode == 0, renamed.stderr
+    assert renamed.stdout == "Carol is now Dave\n"
+    names = [p["name"] for p in json.loads(cli("speakers", "list", "--json", env=env).stdout)]
+    assert sorted(names) == ["Dave", "Frank"]
+
+
+def test_an_enrolment_names_the_person_as_stored(env: dict[str, str], speaker_models: Path) -> None:
+    # Found walking the README: `speakers enroll " Eve " clip` stored Eve but said ` Eve : 1
+    # embeddings added`.
+    enrolled = cli("speakers", "enroll", " Eve ", str(TEST_DATA / "ls_3080_0000.flac"), env=env)
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert enrolled.stdout.splitlines()[-1] == "Eve: 1 embeddings added", enrolled.stdout
+
+
+def test_mp3_files_bring_no_decoder_chatter(env: dict[str, str], tmp_path: Path) -> None:
+    # Found walking the README (`analyze` prints "its output and warnings only"): a cut MP3
+    # and a text file named .mp3 gave libmpg123's own lines on stderr ("Warning: Xing stream
+    # size off by more than 1%, ...", "Note: Illegal Audio-MPEG-Header ..."), written when
+    # libsndfile was asked about files only FFmpeg reads here.
+    speech, rate = soundfile.read(SHORT, dtype="float32")
+    whole = tmp_path / "whole.mp3"
+    soundfile.write(whole, speech, rate, format="MP3", subtype="MPEG_LAYER_III")
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    notes = tmp_path / "notes.mp3"
+    notes.write_bytes(b"this is not audio at all" * 100)
+    result = cli("analyze", str(whole), str(cut), str(notes), env=env)
+    assert result.returncode == 1 and "young man" in result.stdout.lower(), result.stdout
+    assert result.stderr.splitlines() == [
+        f"error: cannot open audio file {notes}: Invalid data found when processing input"
+    ], result.stderr
+
+
+def test_reprocess_of_a_recording_whose_audio_file_is_gone_queues_nothing(
+    env: dict[str, str],
+) -> None:
+    # Found walking the README ("an id with no recording (or no audio) is an error naming
+    # it, and nothing is queued"): with its audio file gone (deleted by hand, a failing card)
+    # the recording was queued, and the daemon then failed it: a transcript that was `done`
+    # became `failed` for good.
+    assert cli("analyze", str(SHORT), env=env).returncode == 0
+    (row,) = db_rows(env, "SELECT id, audio_path FROM recordings")
+    stored_audio(env, row["audio_path"]).unlink()
+    result = cli("reprocess", row["id"], env=env)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith(f"Error: recording {row['id']} has no audio"), result.stderr
+    assert "is missing" in result.stderr, result.stderr
+    assert [r["state"] for r in db_rows(env, "SELECT state FROM jobs")] == ["done"]
+    listed = json.loads(cli("recordings", "list", "--json", env=env).stdout)
+    assert [r["state"] for r in listed] == ["done"]
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_with_escapes(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    # Found walking the README ("shown with the odd bytes as escapes"): `analyze --json` wrote
+    # the name's raw Latin-1 byte into its JSON (not UTF-8: a consumer's decoder fails on the
+    # line), and a missing file's error said "K\udcfcche.wav", Python's escape, not "\xfc".
+    latin1 = os.fsdecode(b"K\xfcche.wav")
+    shutil.copy(SHORT, tmp_path / latin1)
+    result = subprocess.run(
+        [sys.executable, "-m", "meraudiod", "analyze", "--json", str(tmp_path / latin1)],
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.decode("utf-8").splitlines()  # valid UTF-8
+    assert json.loads(line)["file"] == f"{tmp_path}/K\\xfcche.wav"
+    missing = os.fsdecode(b"/nowhere/K\xfcche.wav")
+    for args in (("analyze", missing), ("run", "--source", f"file:{missing}")):
+        said = cli(*args, env=env)
+        assert said.returncode == 1, said.stderr
+        assert "/nowhere/K\\xfcche.wav: audio file not found" in said.stderr, said.stderr
+
+
+def test_a_refused_admin_command_does_not_say_it_changes_data_when_it_reads(
+    env: dict[str, str],
+) -> None:
+    # Found walking the README's MQTT table: config/get (admin: it shows the configuration)
+    # was refused with "config/get changes or deletes data", which it does not.
+    from meraudiod.command_context import CommandContext
+    from meraudiod.command_errors import Forbidden
+    from meraudiod.commands import execute
+    from meraudiod.config import load_settings
+
+    settings = load_settings()
+    conn = open_db(settings.storage.db_path)
+    try:
+        context = CommandContext(conn, settings, admin=False, readable_files=None)
+        with pytest.raises(Forbidden) as refused:
+            execute(context, "config/get", {})
+    finally:
+        conn.close()
+    assert str(refused.value) == "config/get is an admin command: set mqtt.allow_admin_commands"
+
+
+def test_a_microphone_that_never_opened_is_not_said_to_have_stopped(env: dict[str, str]) -> None:
+    # Found walking the README: with no microphone at start, every retry logged "no audio
+    # from mic:...; reopening it" (as if one had delivered and stopped) before the retry's
+    # own "cannot open microphone ...; retrying in N s".
+    env = {**env, "MERAUDIOD_AUDIO__DEVICE": "no-such-device-xyz"}
+    proc = run_daemon(env, source="mic")
+    try:
+        wait_running(env, proc)
+        time.sleep(4)  # retries after 1 s and 2 s
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    said = err.decode()
+    assert said.count("cannot open microphone no-such-device-xyz") >= 2, said
+    assert "no audio from" not in said, said
+
+
+def test_a_purge_range_that_ends_before_it_starts_is_refused(env: dict[str, str]) -> None:
+    # Found walking the README's purge: `--start 2026-12-01 --end 2026-11-01` (the ends
+    # swapped) said "would delete 0 recordings and 0 audio files", and with --yes it would
+    # have "deleted" nothing and exited 0: the mistake went unseen.
+    open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db").close()
+    result = cli("purge", "--start", "2026-12-01", "--end", "2026-11-01", "--dry-run", env=env)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.strip() == (
+        "Error: the time range ends (2026-11-01) before it starts (2026-12-01)"
+    ), result.stderr
+
+
+def test_enrolment_without_the_speaker_model_does_not_say_speakers_are_enabled(
+    env: dict[str, str], models_dir: Path, tmp_path: Path
+) -> None:
+    # Found walking the README ("Enrolment works either way"): `speakers enroll` with speakers
+    # off and the speaker model not installed said "speakers/diarization are enabled but a
+    # model is missing", which they were not.
+    defaults = tmp_path / "models"  # the session's may hold the speaker models by now
+    defaults.mkdir()
+    for name in ("silero-vad-v6", "tiny.en"):
+        (defaults / name).symlink_to(models_dir / name)
+    env = {**env, "MERAUDIOD_STORAGE__MODELS_DIR": str(defaults)}
+    result = cli("speakers", "enroll", "Alice", str(SHORT), env=env)
+    assert result.returncode == 1, result.stdout
+    (line,) = result.stderr.splitlines()
+    assert "enabled" not in line and "model ecapa-voxceleb is not installed" in line, line
+
+
+def test_the_speaker_list_over_mqtt_and_http_has_the_consistency_the_cli_shows(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    # Found walking the README: `speakers list` shows each person's consistency, but the same
+    # list from the command table (MQTT speakers/list, HTTP /api/v1/persistent-speakers) had
+    # "consistency": null for everyone.
+    from meraudiod.command_context import CommandContext
+    from meraudiod.commands import execute
+    from meraudiod.config import load_settings
+
+    clips = [str(TEST_DATA / f"ls_3080_000{i}.flac") for i in (0, 1)]
+    assert cli("speakers", "enroll", "Alice", *clips, env=env).returncode == 0
+    (shown,) = json.loads(cli("speakers", "list", "--json", env=env).stdout)
+    assert shown["consistency"] is not None
+    settings = load_settings()
+    conn = open_db(settings.storage.db_path)
+    try:
+        context = CommandContext(conn, settings, admin=False, readable_files=None)
+        (listed,) = execute(context, "speakers/list", {})
+    finally:
+        conn.close()
+    assert listed == shown
+
+
+def test_models_list_keeps_its_columns(env: dict[str, str]) -> None:
+    # Found walking the README: "pyannote-segmentation-3.0" is longer than the name column
+    # was wide, so its role, state and description stood apart from every other row's.
+    text = cli("models", "list", env=env).stdout
+    rows = [line for line in text.splitlines() if not line.startswith("    ")]
+    assert len(rows) == len(manifest())
+    starts = {
+        line.index(" " + spec.role + " ")
+        for spec in manifest().values()
+        for line in rows
+        if line[2:].startswith(spec.name + " ")
+    }
+    assert len(starts) == 1, text
+
+
+def test_mqtt_test_with_mqtt_off_says_so(env: dict[str, str]) -> None:
+    # Found walking the README: with MQTT off (the default) `mqtt test` tried localhost:1883
+    # and failed at `tcp` without a word that the daemon would not connect anyway.
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    result = cli("mqtt", "test", env={**env, "MERAUDIOD_MQTT__PORT": str(port)})
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.splitlines()[0] == (
+        "note: mqtt.enabled is false: the daemon does not connect; testing the configured"
+        f" broker (localhost:{port}) all the same"
+    ), result.stderr
+
+
+def test_status_says_reload_refused_while_the_file_is_broken(env: dict[str, str]) -> None:
+    # Found walking the README ("`status` says `reload refused` and why, until a reload
+    # succeeds"): `meraudiod status` read the same broken file and said only "Error: invalid
+    # configuration ...", so whether the daemon still ran, and on what, went unsaid.
+    config = Path(env["MERAUDIOD_CONFIG"])
+    proc = run_daemon(env, stderr=subprocess.DEVNULL)
+    feeder = SilenceFeeder(proc).start()
+    try:
+        wait_running(env, proc)
+        config.write_text("[recorder]\nhangover_ms = 1e9\n")  # a typo for 1e3
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in cli("status", env=env).stdout, 60, "the refusal")
+        shown = cli("status", env=env)
+        data = json.loads(cli("status", "--json", env=env).stdout)
+    finally:
+        feeder.stop()
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert shown.returncode == 1, shown.stderr
+    assert shown.stdout.splitlines()[0].split()[:2] == ["daemon", "running"], shown.stdout
+    assert shown.stderr.startswith(f"Error: invalid configuration ({config}): recorder.hangover")
+    assert data["running"] is True and "recorder.hangover_ms" in data["reload_error"]
+
+
+def test_a_later_clip_unlike_the_earlier_ones_is_warned_about(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    # Found walking the README (enrolment "warns ... when a clip does not sound like the
+    # person's other clips, earlier ones included"): a machine voice added in a second call
+    # to two clips of a reader was stored without a word, though `speakers list` then flagged
+    # "one clip unlike the others": with the new clip in their mean, the earlier clips were
+    # judged odd too, and "all apart" singled out nobody.
+    reader = [str(TEST_DATA / f"ls_3080_000{i}.flac") for i in (0, 1)]
+    assert cli("speakers", "enroll", "Alice", *reader, env=env).returncode == 0
+    other = str(TEST_DATA / "ls_2609_0000.flac")
+    result = cli("speakers", "enroll", "Alice", other, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "warning: does not sound like the other clips of Alice" in result.stdout, result.stdout

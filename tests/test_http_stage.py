@@ -56,7 +56,9 @@ def test_a_port_in_use_fails_the_start_with_one_line(env: dict[str, str]) -> Non
         taken.listen(1)
         port = taken.getsockname()[1]
         err = _refused_start(env, f"[http]\nenabled = true\nport = {port}\n")
-    assert f"http: cannot listen on 127.0.0.1:{port}" in err.splitlines()[-1], err
+    # Not "Error: HttpError: http: cannot listen ..." (the exception's class; found walking
+    # the README).
+    assert err.splitlines()[-1].startswith(f"Error: http: cannot listen on 127.0.0.1:{port}: "), err
 
 
 def test_a_restart_in_the_middle_of_an_upload_task_loses_nothing(

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any, Final
 
-from ..checks import StartError
+from ..checks import MayPassError, StartError
 from ..config import ConfigError, Settings
 from ..config_network import is_loopback
 from ..stage import StageThread
@@ -18,7 +18,7 @@ _LOGGER = logging.getLogger(__name__)
 _STOP_TIMEOUT_S: Final = 10.0
 
 
-class HttpError(Exception):
+class HttpError(MayPassError):
     """The HTTP stage cannot listen (its port may come free); the message says where.
     What only a person can fix (the extra, the token) is a StartError."""
 
