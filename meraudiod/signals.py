@@ -16,6 +16,7 @@ import sys
 import threading
 
 _flags: tuple[threading.Event, threading.Event] | None = None
+_command_stop: threading.Event | None = None
 
 
 def run_handlers() -> tuple[threading.Event, threading.Event]:
@@ -27,6 +28,17 @@ def run_handlers() -> tuple[threading.Event, threading.Event]:
         install(stop, reload)
         _flags = (stop, reload)
     return _flags
+
+
+def command_handlers() -> threading.Event:
+    """The stop event of a one-off command (`analyze`), set by SIGTERM and SIGINT (SIGHUP
+    keeps its default: a terminal that hangs up ends it). Installed once per process, first
+    thing: before, a SIGTERM in the second of imports before them killed it without a word."""
+    global _command_stop
+    if _command_stop is None:
+        _command_stop = threading.Event()
+        install(_command_stop)
+    return _command_stop
 
 
 # Which event each signal sets: SIGTERM and SIGINT stop, SIGHUP reloads.
@@ -84,10 +96,13 @@ def open_closed_streams() -> None:
 
 
 def main() -> None:
-    """The `meraudiod` command: `run` gets its handlers before anything slow is imported."""
+    """The `meraudiod` command: `run` and `analyze` get their handlers before anything slow
+    is imported."""
     open_closed_streams()
     if sys.argv[1:2] == ["run"]:
         run_handlers()
+    elif sys.argv[1:2] == ["analyze"]:
+        command_handlers()
     if sys.argv[1:2] in (["run"], ["analyze"]):
         from .memory import tune_malloc
 
