@@ -368,3 +368,28 @@ def test_run_stopped_while_an_upload_stalls_mid_body(env: dict[str, str]) -> Non
     assert code == 0 and "Traceback" not in log, log
     assert "request cancelled on stopping" in log, log
     assert not assert_store_whole(env)  # nothing stored of half an upload
+
+
+def test_run_stopped_while_it_transcribes_a_long_upload(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A 10-minute upload takes the worker a minute here (a Pi's, ten): before, SIGTERM
+    waited for it whole, past the unit's TimeoutStopSec=30, so systemd SIGKILLed the daemon
+    and each such stop counted a crash against the recording (three: failed for good).
+    Audio longer than one Whisper window is now given back on a stop, no attempt counted."""
+    long = tmp_path / "ten-minutes.flac"
+    soundfile.write(long, np.tile(decode_file(DEMO), 17)[: 16000 * 600], 16000)
+    server = HttpDaemon(env).start()
+    with server.client() as client, long.open("rb") as audio:
+        answer = client.post("/api/v1/analysis/upload", files={"file": ("long.flac", audio)})
+    assert answer.status_code == 202, answer.text
+    running = "SELECT id FROM jobs WHERE state='running'"
+    wait_for(lambda: db_rows(env, running), 30, "the upload's job to be taken")
+    time.sleep(1.0)  # well into it
+    asked_at = time.monotonic()
+    code = server.stop(timeout_s=STOP_S)
+    assert time.monotonic() - asked_at < 15
+    assert code == 0 and "Traceback" not in server.log(), server.log()
+    assert_store_whole(env)
+    jobs = [dict(r) for r in db_rows(env, "SELECT state, attempts, crashes FROM jobs")]
+    assert jobs == [{"state": "pending", "attempts": 0, "crashes": 0}], jobs
