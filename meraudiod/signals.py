@@ -97,7 +97,7 @@ def open_closed_streams() -> None:
 
 def main() -> None:
     """The `meraudiod` command: `run` and `analyze` get their handlers before anything slow
-    is imported."""
+    is imported; any other command's Ctrl-C then is click's `Aborted!`, not a traceback."""
     open_closed_streams()
     if sys.argv[1:2] == ["run"]:
         run_handlers()
@@ -107,6 +107,10 @@ def main() -> None:
         from .memory import tune_malloc
 
         tune_malloc()  # before any model allocates
-    from .cli import main as cli_main
+    try:
+        from .cli import main as cli_main
+    except KeyboardInterrupt:  # Ctrl-C while the modules load, before click can say it
+        sys.stderr.write("\nAborted!\n")
+        sys.exit(1)
 
     cli_main()

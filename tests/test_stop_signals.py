@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -393,3 +394,30 @@ def test_run_stopped_while_it_transcribes_a_long_upload(
     assert_store_whole(env)
     jobs = [dict(r) for r in db_rows(env, "SELECT state, attempts, crashes FROM jobs")]
     assert jobs == [{"state": "pending", "attempts": 0, "crashes": 0}], jobs
+
+
+def _importing_numpy(pid: int) -> bool:
+    """numpy's core is mapped: the command's modules are loading (the process has ended:
+    nothing more to wait for)."""
+    try:
+        return "_multiarray_umath" in Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_ctrl_c_while_a_command_loads_is_one_line(env: dict[str, str]) -> None:
+    """Ctrl-C while an admin command's modules are still loading (half a second here, more
+    on a Pi). Before, a KeyboardInterrupt traceback through numpy's imports: click, which
+    says `Aborted!`, was not running yet."""
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meraudiod", "recordings", "list"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wait_for(partial(_importing_numpy, proc.pid), 30, "the import of numpy", poll_s=0.002)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=STOP_S)
+        assert proc.returncode == 1 and "Traceback" not in stderr.decode(), stderr.decode()
+        assert stderr.decode().strip() == "Aborted!", stderr.decode()
