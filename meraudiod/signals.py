@@ -10,6 +10,7 @@ number to a pipe (signal.set_wakeup_fd), and a thread named `signals` sets the e
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -54,6 +55,7 @@ def install(stop: threading.Event, reload: threading.Event | None = None) -> Non
     if reload is not None:
         _events[signal.SIGHUP] = reload
     if _watcher is None:
+        atexit.register(_ignore_on_exit)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(write_fd, False)  # set_wakeup_fd's demand: a signal never blocks
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
@@ -67,6 +69,14 @@ def install(stop: threading.Event, reload: threading.Event | None = None) -> Non
 def _only_woken(signum: int, frame: object) -> None:
     """A Python handler must be there for the C one to write the pipe; the work is
     _set_events'."""
+
+
+def _ignore_on_exit() -> None:
+    """Stopped and exiting: the interpreter is about to put back the default actions (which
+    kill) and then free the models, a fraction of a second in which a second SIGTERM, a
+    Ctrl-C or a SIGHUP ended a clean stop as killed (exit -15). Ignored ones it leaves be."""
+    for signum in _events:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _set_events(read_fd: int) -> None:

@@ -421,3 +421,23 @@ def test_ctrl_c_while_a_command_loads_is_one_line(env: dict[str, str]) -> None:
         _, stderr = proc.communicate(timeout=STOP_S)
         assert proc.returncode == 1 and "Traceback" not in stderr.decode(), stderr.decode()
         assert stderr.decode().strip() == "Aborted!", stderr.decode()
+
+
+def test_signals_until_it_exits_never_kill_it(env: dict[str, str]) -> None:
+    """SIGTERM, SIGINT and SIGHUP every 10 ms from the stop to the exit (an impatient admin,
+    a reload asked for meanwhile). Before, one that came once the daemon had stopped, while
+    the interpreter freed the models, met the default actions it had put back: killed, exit
+    -15 (-2, -1) instead of 0."""
+    storm = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for round_ in range(3):
+        daemon = Process(run_daemon(env))
+        daemon.wait_ready()
+        daemon.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_S
+        sent = 0
+        while daemon.proc.poll() is None and time.monotonic() < deadline:
+            daemon.proc.send_signal(storm[sent % 3])
+            sent += 1
+            time.sleep(0.01)
+        code, _ = daemon.stop()
+        assert code == 0, (round_, sent, daemon.stderr)
