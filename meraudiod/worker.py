@@ -16,7 +16,7 @@ import numpy as np
 import soundfile
 
 from . import jobs
-from .asr import ServerError, SpeechToText, Stopped, Transcript
+from .asr import WHISPER_WINDOW_S, ServerError, SpeechToText, Stopped, Transcript
 from .audio import to_float32
 from .config import Settings
 from .db import Transaction, disk_full, is_busy, now, open_db, sync_log
@@ -233,7 +233,9 @@ class Worker(StageThread):
         analysis = None
         stage = self.speakers  # one stage for the whole job: a reload may free it meanwhile
         if stage is not None:  # the heavy part, outside the transaction
-            analysis = stage.analyze(audio, transcript, conn)
+            # A long upload's takes minutes: given up on stopping, like its transcription.
+            long = float(row["duration_s"]) > WHISPER_WINDOW_S
+            analysis = stage.analyze(audio, transcript, conn, self.stop_event if long else None)
             transcript = analysis.transcript  # segments split at speaker changes
         # Without an fsync of its own: a power cut may take back the last transcripts, whose
         # recordings are then transcribed again at the next start (their save was durable),

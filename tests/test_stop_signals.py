@@ -89,6 +89,18 @@ class Process:
         return code, time.monotonic() - asked_at
 
 
+def stop_server(server: HttpDaemon) -> int:
+    """SIGTERM an HTTP daemon and wait STOP_S; one that does not stop is killed, and the
+    test fails."""
+    try:
+        return server.stop(timeout_s=STOP_S)
+    except subprocess.TimeoutExpired:
+        assert server.proc is not None
+        server.proc.kill()
+        server.stop()
+        raise AssertionError(f"not stopped in {STOP_S} s: {server.log()[-3000:]}") from None
+
+
 def assert_store_whole(env: dict[str, str]) -> list[dict[str, object]]:
     """Every recording has its audio (or was transcribed and let go), no job is left
     running, no half-written file is left; the recordings, in order."""
@@ -333,7 +345,7 @@ def test_run_stopped_while_a_live_audio_socket_speaks(env: dict[str, str]) -> No
     try:
         asyncio.run(speak_then_stop())
     finally:
-        code = server.stop(timeout_s=STOP_S)
+        code = stop_server(server)
     assert time.monotonic() - asked_at < 60
     assert code == 0 and "Traceback" not in server.log(), server.log()
     rows = [r for r in assert_store_whole(env) if str(r["source"]).startswith("ws:")]
@@ -363,7 +375,7 @@ def test_run_stopped_while_an_upload_stalls_mid_body(env: dict[str, str]) -> Non
         uploads = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "uploads"
         wait_for(lambda: list(uploads.glob("*.part")), 30, "the upload to be received")
         asked_at = time.monotonic()
-        code = server.stop(timeout_s=STOP_S)
+        code = stop_server(server)
     assert time.monotonic() - asked_at < 15
     log = server.log()
     assert code == 0 and "Traceback" not in log, log
@@ -388,7 +400,7 @@ def test_run_stopped_while_it_transcribes_a_long_upload(
     wait_for(lambda: db_rows(env, running), 30, "the upload's job to be taken")
     time.sleep(1.0)  # well into it
     asked_at = time.monotonic()
-    code = server.stop(timeout_s=STOP_S)
+    code = stop_server(server)
     assert time.monotonic() - asked_at < 15
     assert code == 0 and "Traceback" not in server.log(), server.log()
     assert_store_whole(env)
@@ -441,3 +453,32 @@ def test_signals_until_it_exits_never_kill_it(env: dict[str, str]) -> None:
             time.sleep(0.01)
         code, _ = daemon.stop()
         assert code == 0, (round_, sent, daemon.stderr)
+
+
+def test_run_stopped_while_it_finds_the_speakers_of_a_long_upload(
+    env: dict[str, str], speaker_models: Path, tmp_path: Path
+) -> None:
+    """With speakers and diarization on, the speaker analysis of a long upload takes three
+    times its transcription here (a 10-minute one: 196 s after 30 s): before, a SIGTERM
+    there waited it out, past TimeoutStopSec. It is given up too, its job given back."""
+    long = tmp_path / "three-minutes.flac"
+    soundfile.write(long, np.tile(decode_file(DEMO), 6)[: 16000 * 180], 16000)
+    env = {
+        **env,
+        "MERAUDIOD_SPEAKERS__ENABLED": "true",
+        "MERAUDIOD_DIARIZATION__ENABLED": "true",
+    }
+    server = HttpDaemon(env).start()
+    with server.client() as client, long.open("rb") as audio:
+        answer = client.post("/api/v1/analysis/upload", files={"file": ("long.flac", audio)})
+    assert answer.status_code == 202, answer.text
+    running = "SELECT id FROM jobs WHERE state='running'"
+    wait_for(lambda: db_rows(env, running), 30, "the upload's job to be taken")
+    time.sleep(15.0)  # its transcription done (9 s here), well into the speakers (60 s)
+    asked_at = time.monotonic()
+    code = stop_server(server)
+    assert time.monotonic() - asked_at < 15
+    assert code == 0 and "Traceback" not in server.log(), server.log()
+    assert "given back" in server.log(), server.log()
+    jobs = [dict(r) for r in db_rows(env, "SELECT state, attempts, crashes FROM jobs")]
+    assert jobs == [{"state": "pending", "attempts": 0, "crashes": 0}], jobs
