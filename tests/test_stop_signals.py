@@ -30,7 +30,7 @@ import soundfile
 from meraudiod.audio import decode_file
 
 from .broker import Broker, Subscriber, free_port
-from .conftest import DEMO, DEMO_TRUTH, db_rows, run_daemon, stored_audio, wait_for
+from .conftest import DEMO, DEMO_TRUTH, StartWyoming, db_rows, run_daemon, stored_audio, wait_for
 from .httpd import TOKEN, HttpDaemon
 
 PCM = decode_file(DEMO).astype("<i2").tobytes()  # 16 kHz s16le: 32,000 bytes a second
@@ -482,3 +482,23 @@ def test_run_stopped_while_it_finds_the_speakers_of_a_long_upload(
     assert "given back" in server.log(), server.log()
     jobs = [dict(r) for r in db_rows(env, "SELECT state, attempts, crashes FROM jobs")]
     assert jobs == [{"state": "pending", "attempts": 0, "crashes": 0}], jobs
+
+
+def test_a_stop_during_a_wyoming_request_uses_up_no_attempt(
+    env: dict[str, str], start_wyoming: StartWyoming
+) -> None:
+    """SIGTERM while the worker waits on a Wyoming server (stopped with SIGSTOP): the
+    request is abandoned at once, as before, but it counted a failed attempt against the
+    recording, so three restarts during requests left it `failed` for good."""
+    from .test_wyoming import hung_server_daemon
+
+    slow = {"MERAUDIOD_ASR__WYOMING__DEADLINE_BASE_S": "120"}
+    with hung_server_daemon(env, start_wyoming, **slow) as (_, run_env, proc):
+        running = "SELECT id FROM jobs WHERE state='running'"
+        wait_for(lambda: db_rows(run_env, running), 120, "a request in flight")
+        time.sleep(1.0)  # well inside the request, far from its deadline
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=STOP_S)
+        assert proc.returncode == 0 and b"Traceback" not in stderr, stderr.decode()
+    jobs = [dict(r) for r in db_rows(run_env, "SELECT state, attempts, error FROM jobs")]
+    assert jobs and all(j["state"] == "pending" and j["attempts"] == 0 for j in jobs), jobs
