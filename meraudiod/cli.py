@@ -267,6 +267,7 @@ def analyze(
         stopped = pipeline.worker.died if pipeline.worker is not None else None
     except sqlite3.Error as exc:  # its disk full: the transcripts left are not waited for
         stopped = f"{type(exc).__name__}: {exc}"
+    interrupted = stop.is_set()  # by a signal (closing the pipeline sets it too)
     pipeline.close()
     conn = open_store(settings, create=True)
     failed = False
@@ -288,7 +289,7 @@ def analyze(
     if stopped:  # the transcripts not stored (a full disk): printed without their text
         failed = True
         click.echo(f"error: transcription stopped: {stopped}", err=True)
-    elif stop.is_set():  # SIGTERM or Ctrl-C: what it left undone, in one line
+    elif interrupted:  # SIGTERM or Ctrl-C: what it left undone, in one line
         undone = [cut] if cut else []
         if len(files) > len(results):
             undone.append(f"{len(files) - len(results)} of {len(files)} files not read")
