@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,11 @@ _MAX_COMPRESSION_RATIO: Final = 2.4
 LEAD_IN_S: Final = 0.25
 LEAD_IN_SAMPLES: Final = int(LEAD_IN_S * SAMPLE_RATE_HZ)
 _FALLBACK_TEMPERATURES: Final = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+# Whisper decodes 30 s at a time. Audio longer than that (an upload: the listener's recordings
+# end by 28 s) is given up between segments when the daemon stops: finished, a 30-minute
+# upload held the stop for minutes, past the unit's TimeoutStopSec, and systemd's SIGKILL
+# counted a crash against it each time.
+WHISPER_WINDOW_S: Final = 30.0
 # Whisper writes these for sounds that are not speech.
 _SOUND_LABELS: Final = frozenset(
     {
@@ -65,6 +71,11 @@ _VERY_LOW_MARGIN: Final = 0.5
 
 class AsrError(Exception):
     """The model could not be loaded or the audio could not be transcribed."""
+
+
+class Stopped(AsrError):
+    """The daemon stops: a long recording's transcription was given up part way (its job
+    goes back as it was, no attempt counted)."""
 
 
 class ServerError(AsrError):
@@ -191,7 +202,14 @@ def _whisper_model_class() -> Any:
 class Transcriber:
     """A faster-whisper model loaded once, with our settings."""
 
-    def __init__(self, model_path: Path, settings: AsrSettings, model_name: str) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        settings: AsrSettings,
+        model_name: str,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self._stop = stop  # the worker's: a long recording is given up when it is set
         try:
             defer_pyav()
             install_tokenizer()  # whisper_tokenizer.py: 20 MB less than `tokenizers`
@@ -274,10 +292,18 @@ class Transcriber:
                     # Detection picked a language we do not allow: take the likeliest allowed one.
                     probs = dict(info.all_language_probs or [])
                     segments, info = run(max(s.languages, key=lambda lang: probs.get(lang, 0.0)))
-                result = tuple(self._convert(seg, duration_s) for seg in segments)
+                result = []
+                for seg in segments:
+                    result.append(self._convert(seg, duration_s))
+                    if duration_s > WHISPER_WINDOW_S and self._stop and self._stop.is_set():
+                        raise Stopped(f"given up {seg.end:.0f} s into {duration_s:.0f} s")
+        except Stopped:
+            raise
         except Exception as exc:  # decoding failures surface while iterating
             raise AsrError(f"transcription failed: {exc}") from exc
-        return Transcript(language=str(info.language), duration_s=duration_s, segments=result)
+        return Transcript(
+            language=str(info.language), duration_s=duration_s, segments=tuple(result)
+        )
 
     def _convert(self, seg: Any, duration_s: float) -> Segment:
         def shift(t: float) -> float:

@@ -35,6 +35,7 @@ from wyoming.info import Describe, Info
 from .asr import (
     LEAD_IN_SAMPLES,
     Segment,
+    Stopped,
     Transcriber,
     Transcript,
     compression_ratio,
@@ -338,11 +339,11 @@ class WyomingTranscriber:
                 event = asyncio.run(_within(work, deadline_s, self._stop))
                 text, language = _text_and_language(event)
             except (OSError, EOFError, TimeoutError, ValueError, KeyError, WyomingError) as exc:
+                if self._stop.is_set():  # abandoned: neither the server's fault nor the audio's
+                    raise Stopped(f"{server.uri}: request abandoned on stopping") from exc
                 self._down(server, exc)
                 server.request_error = server.error
                 errors.append(f"{server.uri}: {server.error}")
-                if self._stop.is_set():
-                    break
                 continue
             with self._lock:
                 server.error = server.request_error = None

@@ -6,7 +6,6 @@ import logging
 import os
 import sqlite3
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -34,8 +33,7 @@ from .cli_status import status_cmd
 from .db import DatabaseError
 from .mounts import NotMounted, models_dir, store_dirs
 from .recording_views import analysis_record
-from .signals import install as install_signal_handlers
-from .signals import run_handlers
+from .signals import command_handlers, run_handlers
 from .sources import SourceError, open_source, printable
 
 # What `bench --only` can pick (bench.py's sections, in the order they run).
@@ -45,6 +43,7 @@ _UMASK: Final = 0o027  # group may read (an admin in the service's group), other
 # Restart=on-failure and RestartSec=5 a bad key was a start every 5 s for ever, too slow for
 # systemd's start limit to end it.
 EXIT_NEEDS_A_PERSON: Final = 78
+_STOP_POLL_S: Final = 0.2  # how soon `analyze` sees a stop while a file is read
 
 
 class NeedsAPerson(click.ClickException):
@@ -232,13 +231,12 @@ def analyze(
       meraudiod analyze meeting.mp3
       meraudiod analyze *.wav --json | jq .recordings[].text
     """
+    stop = command_handlers()  # SIGTERM, Ctrl-C (installed before the imports: signals.py)
     from .pipeline import Pipeline
     from .sources import FileSource
 
     settings = settings_from(config_path, verbosity)
     refuse_unmounted(store_dirs(settings) | models_dir(settings))  # no heartbeat written
-    stop = threading.Event()
-    install_signal_handlers(stop)
     pipeline = Pipeline(settings, stop, serves_store=False)  # a live daemon's store is its own
     try:
         pipeline.open()
@@ -246,7 +244,10 @@ def analyze(
         raise click.ClickException(str(exc)) from exc
     pipeline.start_worker()
     results: list[tuple[Path, float, list[str], str | None]] = []
+    cut: str | None = None  # where a stop left a file read in part
     for path in files:
+        if stop.is_set():
+            break
         source = FileSource(path)
         try:
             source.start()
@@ -254,23 +255,28 @@ def analyze(
             results.append((path, 0.0, [], str(exc)))
             continue
         listener = pipeline.listener(source, keep_ids=True, error_said_by_caller=True)
-        listener.finished.wait()
+        while not listener.finished.wait(_STOP_POLL_S):
+            if stop.is_set():  # what is being said is saved; the rest is not read
+                listener.stop()
+                read_s = listener.frames_read * 512 / 16000
+                cut = f"{printable(str(path))} read to {read_s:.1f} s only"
         source.stop()
         duration_s = round(listener.frames_read * 512 / 16000, 3)
         results.append((path, duration_s, listener.recording_ids or [], listener.error))
-        if stop.is_set():
-            break
     try:
         pipeline.drain()
         stopped = pipeline.worker.died if pipeline.worker is not None else None
     except sqlite3.Error as exc:  # its disk full: the transcripts left are not waited for
         stopped = f"{type(exc).__name__}: {exc}"
+    interrupted = stop.is_set()  # by a signal (closing the pipeline sets it too)
     pipeline.close()
     conn = open_store(settings, create=True)
     failed = False
+    pending = 0  # recordings not transcribed (a stop)
     for path, duration_s, rec_ids, error in results:
         # A file cut part of the way in has recordings from before the cut and an error.
         recs = [analysis_record(conn, settings.storage.audio_dir, r) for r in rec_ids]
+        pending += sum(rec["state"] == "pending" for rec in recs)
         if as_json:
             found = {"file": printable(str(path)), "duration_s": duration_s, "recordings": recs}
             echo_json({**found, "error": error} if error else found)
@@ -284,6 +290,15 @@ def analyze(
     if stopped:  # the transcripts not stored (a full disk): printed without their text
         failed = True
         click.echo(f"error: transcription stopped: {stopped}", err=True)
+    elif interrupted:  # SIGTERM or Ctrl-C: what it left undone, in one line
+        undone = [cut] if cut else []
+        if len(files) > len(results):
+            undone.append(f"{len(files) - len(results)} of {len(files)} files not read")
+        if pending:  # whole and pending: a daemon on this data directory takes them over
+            undone.append(f"{pending} recordings not transcribed (left for the daemon)")
+        if undone:
+            failed = True
+            click.echo(f"error: interrupted: {', '.join(undone)}", err=True)
     if failed:
         sys.exit(1)
 

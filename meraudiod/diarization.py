@@ -25,6 +25,7 @@ splits Whisper segments where the speaker changes.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -33,7 +34,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from .asr import Segment, Transcript, Word
+from .asr import Segment, Stopped, Transcript, Word
 from .audio import SAMPLE_RATE_HZ, Float32Array
 from .clustering import Piece, cluster, join_alike, relabel
 from .segmentation import (
@@ -132,6 +133,15 @@ def _split(run: tuple[int, int], first: int, changes: ChangeFinder) -> list[tupl
     return list(pairwise(edges))
 
 
+def _check_stop(stop: threading.Event | None, at_sample: int, audio: Float32Array) -> None:
+    """The worker stops: a long upload's analysis (minutes) is given up between windows."""
+    if stop is not None and stop.is_set():
+        raise Stopped(
+            f"speaker analysis given up {at_sample / SAMPLE_RATE_HZ:.0f} s"
+            f" into {audio.size / SAMPLE_RATE_HZ:.0f} s"
+        )
+
+
 class Diarizer:
     """Segmentation + embeddings + clustering for one recording at a time."""
 
@@ -154,7 +164,9 @@ class Diarizer:
         self.overlap_probability = overlap_probability  # None: the argmax alone
         self.change_embedded_s = 0.0  # audio embedded by change detection so far (its cost)
 
-    def _windows(self, audio: Float32Array) -> list[tuple[int, Float32Array]]:
+    def _windows(
+        self, audio: Float32Array, stop: threading.Event | None = None
+    ) -> list[tuple[int, Float32Array]]:
         """(first global frame, powerset probabilities [frames, 7]) per window."""
         total = n_frames(audio.size)
         per_window = n_frames(WINDOW_SAMPLES)
@@ -164,16 +176,17 @@ class Diarizer:
         windows = []
         for first in starts:
             offset = first * FRAME_STEP_SAMPLES
+            _check_stop(stop, offset, audio)
             probs = self.segmentation.probabilities(audio[offset : offset + WINDOW_SAMPLES])
             windows.append((first, probs[: total - first]))
         return windows
 
-    def speech(self, audio: Float32Array) -> Diarization:
+    def speech(self, audio: Float32Array, stop: threading.Event | None = None) -> Diarization:
         """One speaker: where anybody speaks (diarization off, identification on)."""
         total = n_frames(audio.size)
         votes = np.zeros(total)
         cover = np.zeros(total)
-        for first, probs in self._windows(audio):
+        for first, probs in self._windows(audio, stop):
             active = activity(probs).any(axis=1)
             votes[first : first + active.size] += active
             cover[first : first + active.size] += 1
@@ -183,14 +196,19 @@ class Diarizer:
         speaker = LocalSpeaker("S1", speech_s, spans)
         return Diarization(_turns({"S1": mask}, audio.size), (speaker,) if spans else ())
 
-    def __call__(self, audio: Float32Array, recognise: Recognise | None = None) -> Diarization:
+    def __call__(
+        self,
+        audio: Float32Array,
+        recognise: Recognise | None = None,
+        stop: threading.Event | None = None,
+    ) -> Diarization:
         """Turns and local speakers of one recording.
 
         With `recognise`, pieces that surely are two different enrolled people are never
         joined, and pieces of the same enrolled person always are: voices the device knows
-        guide the clustering of similar-sounding ones.
+        guide the clustering of similar-sounding ones. `stop` set gives it up (Stopped).
         """
-        probabilities = self._windows(audio)
+        probabilities = self._windows(audio, stop)
         # Who speaks alone (the runs embedded) by the argmax; who is heard (the output) also
         # where the overlap classes hold more than overlap_probability.
         windows = [(first, activity(probs, lenient=True)) for first, probs in probabilities]
@@ -206,6 +224,7 @@ class Diarizer:
         pieces: list[Piece] = []
         frame_s = FRAME_STEP_SAMPLES / SAMPLE_RATE_HZ
         for w, (first, solo) in enumerate(windows):
+            _check_stop(stop, first * FRAME_STEP_SAMPLES, audio)
             alone = solo.sum(axis=1) == 1
             for k in range(solo.shape[1]):
                 active = solo[:, k] == 1

@@ -110,7 +110,7 @@ class Pipeline:
         if asr.backend == "local" or asr.fallback == "local":
             models_dir = self.settings.storage.resolved_models_dir
             path = models.resolve(asr.model, models_dir, asr.allow_download)
-            local = Transcriber(path, asr, model_name=asr.model)
+            local = Transcriber(path, asr, model_name=asr.model, stop=self.stop_event)
         if asr.backend == "local":
             assert local is not None
             return local

@@ -10,12 +10,14 @@ number to a pipe (signal.set_wakeup_fd), and a thread named `signals` sets the e
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
 import threading
 
 _flags: tuple[threading.Event, threading.Event] | None = None
+_command_stop: threading.Event | None = None
 
 
 def run_handlers() -> tuple[threading.Event, threading.Event]:
@@ -27,6 +29,17 @@ def run_handlers() -> tuple[threading.Event, threading.Event]:
         install(stop, reload)
         _flags = (stop, reload)
     return _flags
+
+
+def command_handlers() -> threading.Event:
+    """The stop event of a one-off command (`analyze`), set by SIGTERM and SIGINT (SIGHUP
+    keeps its default: a terminal that hangs up ends it). Installed once per process, first
+    thing: before, a SIGTERM in the second of imports before them killed it without a word."""
+    global _command_stop
+    if _command_stop is None:
+        _command_stop = threading.Event()
+        install(_command_stop)
+    return _command_stop
 
 
 # Which event each signal sets: SIGTERM and SIGINT stop, SIGHUP reloads.
@@ -42,6 +55,7 @@ def install(stop: threading.Event, reload: threading.Event | None = None) -> Non
     if reload is not None:
         _events[signal.SIGHUP] = reload
     if _watcher is None:
+        atexit.register(_ignore_on_exit)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(write_fd, False)  # set_wakeup_fd's demand: a signal never blocks
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
@@ -55,6 +69,14 @@ def install(stop: threading.Event, reload: threading.Event | None = None) -> Non
 def _only_woken(signum: int, frame: object) -> None:
     """A Python handler must be there for the C one to write the pipe; the work is
     _set_events'."""
+
+
+def _ignore_on_exit() -> None:
+    """Stopped and exiting: the interpreter is about to put back the default actions (which
+    kill) and then free the models, a fraction of a second in which a second SIGTERM, a
+    Ctrl-C or a SIGHUP ended a clean stop as killed (exit -15). Ignored ones it leaves be."""
+    for signum in _events:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _set_events(read_fd: int) -> None:
@@ -84,14 +106,21 @@ def open_closed_streams() -> None:
 
 
 def main() -> None:
-    """The `meraudiod` command: `run` gets its handlers before anything slow is imported."""
+    """The `meraudiod` command: `run` and `analyze` get their handlers before anything slow
+    is imported; any other command's Ctrl-C then is click's `Aborted!`, not a traceback."""
     open_closed_streams()
     if sys.argv[1:2] == ["run"]:
         run_handlers()
+    elif sys.argv[1:2] == ["analyze"]:
+        command_handlers()
     if sys.argv[1:2] in (["run"], ["analyze"]):
         from .memory import tune_malloc
 
         tune_malloc()  # before any model allocates
-    from .cli import main as cli_main
+    try:
+        from .cli import main as cli_main
+    except KeyboardInterrupt:  # Ctrl-C while the modules load, before click can say it
+        sys.stderr.write("\nAborted!\n")
+        sys.exit(1)
 
     cli_main()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Final
@@ -170,19 +171,24 @@ class SpeakerStage:
         return identify(profiles, vector, spk.threshold, spk.margin, speech_s, self.calibration)
 
     def analyze(
-        self, audio: Float32Array, transcript: Transcript, conn: sqlite3.Connection | None = None
+        self,
+        audio: Float32Array,
+        transcript: Transcript,
+        conn: sqlite3.Connection | None = None,
+        stop: threading.Event | None = None,
     ) -> SpeakerAnalysis:
         """Turns, local speakers and their embeddings (the heavy part, outside transactions).
 
         With `conn`, the enrolled people guide diarization (see Diarizer); it is only read.
+        `stop` set gives it up between windows (asr.Stopped).
         """
         t0 = time.perf_counter()
         # Whatever Whisper made of the words (a language it does not know comes out
         # "suspect"), who speaks is a fact about the voice: the segmentation decides.
         if self.settings.diarization.enabled:
-            diarization = self.diarizer(audio, self._recogniser(conn))
+            diarization = self.diarizer(audio, self._recogniser(conn), stop)
         else:
-            diarization = self.diarizer.speech(audio)
+            diarization = self.diarizer.speech(audio, stop)
         segments = attribute(transcript, diarization)
         voices = []
         for local in diarization.speakers:

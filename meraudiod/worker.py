@@ -16,7 +16,7 @@ import numpy as np
 import soundfile
 
 from . import jobs
-from .asr import ServerError, SpeechToText, Transcript
+from .asr import WHISPER_WINDOW_S, ServerError, SpeechToText, Stopped, Transcript
 from .audio import to_float32
 from .config import Settings
 from .db import Transaction, disk_full, is_busy, now, open_db, sync_log
@@ -155,6 +155,10 @@ class Worker(StageThread):
         self.busy = True
         try:
             result = self._transcribe(conn, job)
+        except Stopped as exc:  # a long upload, on stopping: done again at the next start
+            _LOGGER.info("job %d (recording %s) given back: %s", job.id, job.recording_id, exc)
+            jobs.release(conn, job.id)
+            return True
         except AudioLostError as exc:  # no retry can bring it back: one line, failed for good
             self.last_error = f"audio lost: {exc}"
             _LOGGER.error("job %d (recording %s) failed: %s", job.id, job.recording_id, exc)
@@ -229,7 +233,9 @@ class Worker(StageThread):
         analysis = None
         stage = self.speakers  # one stage for the whole job: a reload may free it meanwhile
         if stage is not None:  # the heavy part, outside the transaction
-            analysis = stage.analyze(audio, transcript, conn)
+            # A long upload's takes minutes: given up on stopping, like its transcription.
+            long = float(row["duration_s"]) > WHISPER_WINDOW_S
+            analysis = stage.analyze(audio, transcript, conn, self.stop_event if long else None)
             transcript = analysis.transcript  # segments split at speaker changes
         # Without an fsync of its own: a power cut may take back the last transcripts, whose
         # recordings are then transcribed again at the next start (their save was durable),

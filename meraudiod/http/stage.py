@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from pathlib import Path
@@ -16,6 +17,7 @@ from .live import EventHub
 
 _LOGGER = logging.getLogger(__name__)
 _STOP_TIMEOUT_S: Final = 10.0
+_GRACE_S: Final = 5  # on stopping, what requests under way are given (then cancelled)
 
 
 class HttpError(MayPassError):
@@ -82,7 +84,7 @@ class HttpStage(StageThread):
             http=with_header_deadline(http.header_timeout_s),
             timeout_keep_alive=5,  # an idle connection between requests
             limit_concurrency=http.max_connections,
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=_GRACE_S,
         )
         self._server = uvicorn.Server(config)
         super().start()
@@ -115,13 +117,20 @@ def _clear_uploads(folder: Path) -> None:
 
 # What uvicorn logs with a traceback though the fault is the client's, not the daemon's.
 _CLIENT_FAULTS: Final = ("Invalid UTF-8 sequence received from client.",)
+_APP_FAILED: Final = "Exception in ASGI application\n"  # what uvicorn says of an exception
 
 
 def _client_errors_in_one_line(record: logging.LogRecord) -> bool:
     """A client's malformed message (a WebSocket text frame that is not UTF-8, closed with
-    1007) is one warning line: uvicorn logged it with a traceback, as if the daemon had
-    failed."""
-    if record.msg in _CLIENT_FAULTS:
+    1007), or a request still under way when the stop's grace ran out (an upload whose client
+    stalled; uvicorn cancels it), is one warning line: uvicorn logged it with a traceback, as
+    if the daemon had failed."""
+    cancelled = record.exc_info is not None and isinstance(
+        record.exc_info[1], asyncio.CancelledError
+    )
+    if record.msg in _CLIENT_FAULTS or (record.msg == _APP_FAILED and cancelled):
+        if cancelled:
+            record.msg = f"request cancelled on stopping: not done within {_GRACE_S} s"
         record.exc_info, record.exc_text = None, None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
     return True
