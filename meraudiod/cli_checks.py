@@ -95,12 +95,6 @@ def mqtt_test(config_path: Path | None) -> None:
     from .mqtt_check import check_connection
 
     settings = settings_from(config_path)
-    if not settings.mqtt.enabled:  # the default: a failure here may be no surprise
-        click.echo(
-            "note: mqtt.enabled is false: the daemon does not connect; testing the configured"
-            f" broker ({settings.mqtt.host}:{settings.mqtt.port}) all the same",
-            err=True,
-        )
     mqtt_files = {k: v for k, v in named_files(settings).items() if k.startswith("mqtt.")}
     not_mounted = unmounted_paths(mqtt_files)
     if not_mounted:
@@ -109,6 +103,12 @@ def mqtt_test(config_path: Path | None) -> None:
     if problems:
         click.echo(f"{'files':<10} FAIL {'; '.join(problems)}")
         raise click.ClickException("MQTT check failed at step files")
+    if not settings.mqtt.enabled:  # the default: a failure below may be no surprise
+        click.echo(
+            "note: mqtt.enabled is false: the daemon does not connect; testing the configured"
+            f" broker ({settings.mqtt.host}:{settings.mqtt.port}) all the same",
+            err=True,
+        )
     steps = check_connection(settings)
     for name, ok, detail in steps:
         click.echo(f"{name:<10} {'ok  ' if ok else 'FAIL'} {detail}")

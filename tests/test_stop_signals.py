@@ -383,6 +383,17 @@ def test_run_stopped_while_an_upload_stalls_mid_body(env: dict[str, str]) -> Non
     assert not assert_store_whole(env)  # nothing stored of half an upload
 
 
+def _upload_until_taken(env: dict[str, str], long: Path) -> HttpDaemon:
+    """A daemon serving HTTP, given `long` as an upload, once the worker has taken its job."""
+    server = HttpDaemon(env).start()
+    with server.client() as client, long.open("rb") as audio:
+        answer = client.post("/api/v1/analysis/upload", files={"file": ("long.flac", audio)})
+    assert answer.status_code == 202, answer.text
+    running = "SELECT id FROM jobs WHERE state='running'"
+    wait_for(lambda: db_rows(env, running), 30, "the upload's job to be taken")
+    return server
+
+
 def test_run_stopped_while_it_transcribes_a_long_upload(
     env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -392,12 +403,7 @@ def test_run_stopped_while_it_transcribes_a_long_upload(
     Audio longer than one Whisper window is now given back on a stop, no attempt counted."""
     long = tmp_path / "ten-minutes.flac"
     soundfile.write(long, np.tile(decode_file(DEMO), 17)[: 16000 * 600], 16000)
-    server = HttpDaemon(env).start()
-    with server.client() as client, long.open("rb") as audio:
-        answer = client.post("/api/v1/analysis/upload", files={"file": ("long.flac", audio)})
-    assert answer.status_code == 202, answer.text
-    running = "SELECT id FROM jobs WHERE state='running'"
-    wait_for(lambda: db_rows(env, running), 30, "the upload's job to be taken")
+    server = _upload_until_taken(env, long)
     time.sleep(1.0)  # well into it
     asked_at = time.monotonic()
     code = stop_server(server)
@@ -468,12 +474,7 @@ def test_run_stopped_while_it_finds_the_speakers_of_a_long_upload(
         "MERAUDIOD_SPEAKERS__ENABLED": "true",
         "MERAUDIOD_DIARIZATION__ENABLED": "true",
     }
-    server = HttpDaemon(env).start()
-    with server.client() as client, long.open("rb") as audio:
-        answer = client.post("/api/v1/analysis/upload", files={"file": ("long.flac", audio)})
-    assert answer.status_code == 202, answer.text
-    running = "SELECT id FROM jobs WHERE state='running'"
-    wait_for(lambda: db_rows(env, running), 30, "the upload's job to be taken")
+    server = _upload_until_taken(env, long)
     time.sleep(15.0)  # its transcription done (9 s here), well into the speakers (60 s)
     asked_at = time.monotonic()
     code = stop_server(server)

@@ -50,6 +50,16 @@ def wyoming_env(
     return {**env, **values, **extra}
 
 
+def mqtt_to(broker: Broker) -> dict[str, str]:
+    """The environment that turns MQTT on, to `broker`, as node NODE."""
+    return {
+        "MERAUDIOD_MQTT__ENABLED": "true",
+        "MERAUDIOD_MQTT__HOST": "127.0.0.1",
+        "MERAUDIOD_MQTT__PORT": str(broker.port),
+        "MERAUDIOD_MQTT__NODE_ID": NODE,
+    }
+
+
 def run_demo(env: dict[str, str]) -> subprocess.Popen[str]:
     """`meraudiod run --source demo` in the background: it exits once every job is done."""
     return subprocess.Popen(
@@ -122,14 +132,7 @@ def test_server_killed_mid_request_and_restarted_gives_one_transcript_each(
             broker.port, [f"meraudiod/{NODE}/event/transcript", f"meraudiod/{NODE}/state"]
         )
         server = start_wyoming()
-        run_env = wyoming_env(
-            env,
-            [server.uri],
-            MERAUDIOD_MQTT__ENABLED="true",
-            MERAUDIOD_MQTT__HOST="127.0.0.1",
-            MERAUDIOD_MQTT__PORT=str(broker.port),
-            MERAUDIOD_MQTT__NODE_ID=NODE,
-        )
+        run_env = wyoming_env(env, [server.uri], **mqtt_to(broker))
         proc = run_demo(run_env)
         # The second request's audio is in and the server is transcribing it: kill it.
         wait_for(lambda: server.requests_in() >= 2, 120, "the second request")
@@ -170,13 +173,7 @@ def test_the_retained_state_names_the_server_as_the_daemon_knows_it(
         run_dir = tmp_path / "run"
         (run_dir / "heartbeat.json").mkdir(parents=True)
         run_env = wyoming_env(
-            env,
-            [server.uri],
-            MERAUDIOD_MQTT__ENABLED="true",
-            MERAUDIOD_MQTT__HOST="127.0.0.1",
-            MERAUDIOD_MQTT__PORT=str(broker.port),
-            MERAUDIOD_MQTT__NODE_ID=NODE,
-            MERAUDIOD_STORAGE__RUN_DIR=str(run_dir),
+            env, [server.uri], MERAUDIOD_STORAGE__RUN_DIR=str(run_dir), **mqtt_to(broker)
         )
         log = finished(run_demo(run_env))
         assert "cannot write the heartbeat" in log
