@@ -341,8 +341,7 @@ class WyomingTranscriber:
             except (OSError, EOFError, TimeoutError, ValueError, KeyError, WyomingError) as exc:
                 if self._stop.is_set():  # abandoned: neither the server's fault nor the audio's
                     raise Stopped(f"{server.uri}: request abandoned on stopping") from exc
-                self._down(server, exc)
-                server.request_error = server.error
+                self._down(server, exc, request=True)
                 errors.append(f"{server.uri}: {server.error}")
                 continue
             with self._lock:
@@ -375,11 +374,14 @@ class WyomingTranscriber:
             server.retry_s = _FIRST_RETRY_S
         _LOGGER.info("Wyoming server %s is up: model %s", server.uri, server.model)
 
-    def _down(self, server: ServerState, exc: BaseException) -> None:
+    def _down(self, server: ServerState, exc: BaseException, request: bool = False) -> None:
+        """The server failed (a request's failure, `request`, is kept until one succeeds)."""
         was_up = server.up
         with self._lock:
             server.up = False
             server.error = _say(exc)
+            if request:
+                server.request_error = server.error
             server.next_try = time.monotonic() + server.retry_s
             server.retry_s = min(2 * server.retry_s, self.settings.asr.wyoming.retry_max_s)
         if was_up is not False:

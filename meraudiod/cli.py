@@ -13,6 +13,7 @@ from typing import Any, Final
 import click
 
 from . import models as modelstore
+from .audio import FRAME_S
 from .checks import MayPassError, StartError, files_in_use
 from .cli_checks import config_group, devices, mqtt_group
 from .cli_common import (
@@ -255,13 +256,15 @@ def analyze(
             results.append((path, 0.0, [], str(exc)))
             continue
         listener = pipeline.listener(source, keep_ids=True, error_said_by_caller=True)
+        stopped_in_file = False
         while not listener.finished.wait(_STOP_POLL_S):
             if stop.is_set():  # what is being said is saved; the rest is not read
                 listener.stop()
-                read_s = listener.frames_read * 512 / 16000
-                cut = f"{printable(str(path))} read to {read_s:.1f} s only"
+                stopped_in_file = True
         source.stop()
-        duration_s = round(listener.frames_read * 512 / 16000, 3)
+        duration_s = round(listener.frames_read * FRAME_S, 3)
+        if stopped_in_file:
+            cut = f"{printable(str(path))} read to {duration_s:.1f} s only"
         results.append((path, duration_s, listener.recording_ids or [], listener.error))
     try:
         pipeline.drain()
