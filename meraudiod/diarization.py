@@ -45,6 +45,7 @@ from .segmentation import (
     mask_runs,
     mask_spans,
     n_frames,
+    speaker_count,
 )
 from .segmentation import DiarizationError as DiarizationError
 from .segmentation import SegmentationModel as SegmentationModel
@@ -62,7 +63,7 @@ _MIN_CLUSTER_SPEECH_S: Final = 1.0
 _MIN_ASSIGN_SPEECH_S: Final = 0.3
 # Where the overlap classes together hold more than this, the output has two speakers,
 # though one alone wins the argmax (chosen on the trn AMI excerpts only, see the README).
-OVERLAP_PROBABILITY: Final = 0.3
+OVERLAP_PROBABILITY: Final = 0.2
 # Runs a sub-window fits in are relabelled (the shortest its sub-windows can speak for; the
 # change detection needs one each side of a point, 3 s).
 _MIN_RELABEL_FRAMES: Final = int(SUB_WINDOW_S * SAMPLE_RATE_HZ) // FRAME_STEP_SAMPLES
@@ -266,7 +267,8 @@ class Diarizer:
         if changes is not None:
             self.change_embedded_s += changes.embedded_s
         centroids = cluster(pieces, self.threshold, self.max_speakers)
-        return self._reconstruct(audio.size, heard, pieces, centroids, changes)
+        count = speaker_count(probabilities, n_frames(audio.size), self.overlap_probability)
+        return self._reconstruct(audio.size, heard, count, pieces, centroids, changes)
 
     def _embed_runs(
         self, audio: Float32Array, first: int, runs: list[tuple[int, int]]
@@ -282,20 +284,17 @@ class Diarizer:
         self,
         samples: int,
         windows: list[tuple[int, npt.NDArray[np.int8]]],
+        count: npt.NDArray[np.int64],
         items: list[Piece],
         centroids: Float32Array,
         changes: ChangeFinder | None,
     ) -> Diarization:
-        """Frame-level speakers from the windows' votes; then turns and local speakers."""
+        """Frame-level speakers: as many as `count` says (speaker_count), the clusters the
+        windows vote for most; then turns and local speakers."""
         total = n_frames(samples)
         n_clusters = 1 + max((x.cluster for x in items), default=-1)
         score = np.zeros((n_clusters, total))
-        count = np.zeros(total)
-        cover = np.zeros(total)
         for w, (first, voiced) in enumerate(windows):
-            span = slice(first, first + voiced.shape[0])
-            cover[span] += 1
-            count[span] += voiced.sum(axis=1)
             for k in range(voiced.shape[1]):
                 mine = [x for x in items if x.window == w and x.index == k and x.cluster >= 0]
                 if not mine:
@@ -305,12 +304,7 @@ class Diarizer:
                 column = _column(voiced.shape[0], first, mine, centroids, allowed, changes)
                 on = np.flatnonzero(voiced[:, k])
                 score[column[on], first + on] += 1
-        cover = np.maximum(cover, 1)
-        # Half up: where one of two windows hears someone, count them (np.rint would round
-        # 0.5 to 0, and missed speech was most of the error on AMI).
-        speakers_per_frame = np.minimum(np.floor(count / cover + 0.5), self.max_speakers).astype(
-            int
-        )
+        speakers_per_frame = np.minimum(count, self.max_speakers)
         order = np.argsort(-score, axis=0, kind="stable")
         active = np.zeros((n_clusters, total), dtype=bool)
         for rank in range(min(n_clusters, self.max_speakers)):

@@ -72,6 +72,37 @@ def activity(
     return np.asarray(_POWERSET[classes], dtype=np.int8)
 
 
+def speaker_count(
+    windows: Sequence[tuple[int, Float32Array]],
+    total_frames: int,
+    overlap_probability: float | None = None,
+) -> npt.NDArray[np.int64]:
+    """How many people speak at each frame, from the windows' powerset probabilities averaged
+    over the windows that see the frame ((first frame, probabilities) per window).
+
+    Someone where "nobody" holds under half; two where the pairs together hold more than
+    overlap_probability (None: more than the single speakers together). The classes' local
+    speakers differ from window to window, but "nobody", "one" and "two" do not, so their
+    probabilities can be averaged: a window that half hears a second voice no longer
+    outvotes one that clearly hears one (rounding each window's own count did).
+    """
+    nobody = np.zeros(total_frames)
+    singles = np.zeros(total_frames)
+    pairs = np.zeros(total_frames)
+    cover = np.zeros(total_frames)
+    for first, probs in windows:
+        span = slice(first, first + probs.shape[0])
+        nobody[span] += probs[:, 0]
+        singles[span] += probs[:, 1:4].sum(axis=1)
+        pairs[span] += probs[:, 4:].sum(axis=1)
+        cover[span] += 1
+    cover = np.maximum(cover, 1)
+    speech = nobody / cover < 0.5
+    threshold = singles / cover if overlap_probability is None else overlap_probability
+    two = pairs / cover > threshold
+    return speech.astype(np.int64) + (speech & two)
+
+
 def n_frames(samples: int) -> int:
     """Output frames whose centre lies inside `samples` samples."""
     return max(0, (samples - FRAME_CENTRE_SAMPLES) // FRAME_STEP_SAMPLES + 1)

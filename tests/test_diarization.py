@@ -14,6 +14,7 @@ from meraudiod.audio import decode_file, to_float32
 from meraudiod.clustering import join_alike, relabel
 from meraudiod.config import Settings
 from meraudiod.diarization import OVERLAP_PROBABILITY, Diarization, Turn, activity, attribute
+from meraudiod.segmentation import speaker_count
 from meraudiod.speakers import SpeakerStage
 
 from .conftest import SHARED_DATA, TEST_DATA, cli, needs_shared
@@ -242,17 +243,46 @@ def test_frames_where_the_pairs_hold_enough_have_two_speakers() -> None:
     probs = np.array(
         [
             [0.05, 0.55, 0.0, 0.0, 0.25, 0.15, 0.0],  # pairs 0.40: speakers 1 and 2
-            [0.05, 0.75, 0.0, 0.0, 0.20, 0.0, 0.0],  # pairs 0.20: speaker 1 alone
+            [0.05, 0.80, 0.0, 0.0, 0.15, 0.0, 0.0],  # pairs 0.15: speaker 1 alone
             [0.45, 0.20, 0.20, 0.15, 0.0, 0.0, 0.0],  # "nobody" under half: speech
         ],
         dtype=np.float32,
     )
-    assert OVERLAP_PROBABILITY == 0.3
+    assert OVERLAP_PROBABILITY == 0.2
     heard = activity(probs, lenient=True, overlap_probability=OVERLAP_PROBABILITY)
     assert heard.tolist() == [[1, 1, 0], [1, 0, 0], [1, 0, 0]]
     # The runs that get embedded still take the likeliest class.
     assert activity(probs, lenient=True).tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0]]
     assert activity(probs).tolist() == [[1, 0, 0], [1, 0, 0], [0, 0, 0]]
+
+
+def test_the_number_of_speakers_is_the_windows_probabilities_averaged() -> None:
+    """Two windows over the same three frames: their powerset probabilities are averaged
+    before counting, so one window that half hears a second voice (or someone at all) does
+    not outvote one that clearly hears one voice (or nobody)."""
+    first = np.array(
+        [
+            [0.0, 0.60, 0.0, 0.0, 0.40, 0.0, 0.0],  # pairs 0.40
+            [0.0, 0.30, 0.0, 0.0, 0.0, 0.70, 0.0],  # pairs 0.70
+            [0.40, 0.60, 0.0, 0.0, 0.0, 0.0, 0.0],  # nobody 0.40
+        ],
+        dtype=np.float32,
+    )
+    second = np.array(
+        [
+            [0.0, 0.0, 0.98, 0.0, 0.02, 0.0, 0.0],  # pairs 0.02: mean 0.21 > 0.2
+            [0.0, 0.0, 0.0, 0.98, 0.0, 0.0, 0.02],  # pairs 0.02: mean 0.36
+            [0.90, 0.10, 0.0, 0.0, 0.0, 0.0, 0.0],  # nobody 0.90: mean 0.65
+        ],
+        dtype=np.float32,
+    )
+    windows = [(0, first), (0, second)]
+    assert speaker_count(windows, 3, 0.2).tolist() == [2, 2, 0]
+    assert speaker_count(windows, 3, 0.3).tolist() == [1, 2, 0]
+    # A frame only one window sees counts on that window alone.
+    assert speaker_count([(0, first), (1, second[:2])], 3, 0.3).tolist() == [2, 2, 1]
+    # No threshold: two where the pairs hold more than the single speakers.
+    assert speaker_count(windows, 3).tolist() == [1, 1, 0]
 
 
 def test_a_run_is_relabelled_where_its_sub_windows_sound_like_another_cluster() -> None:
