@@ -2,8 +2,8 @@
 
 1. pyannote segmentation-3.0 (ONNX) runs on 10 s windows and gives, every 16.875 ms, the
    probabilities of seven powerset classes: nobody, one of three window-local speakers, or
-   two of them at once. The likeliest class says who speaks alone (what gets embedded); the
-   output also hears two wherever the pairs together hold more than OVERLAP_PROBABILITY.
+   two of them at once. The likeliest class says who speaks alone (what gets embedded); a
+   window also hears two wherever the pairs together hold more than OVERLAP_PROBABILITY.
 2. Each window-local speaker with enough speech of its own (no overlap) gets an embedding
    per long run, a run first cut where the voice changes inside it (speaker_change.py);
    its pieces that sound alike (the change detection's cosine) are embedded together;
@@ -13,8 +13,9 @@
    too little speech for a reliable embedding (or only overlap) join the nearest cluster
    their window's other speakers do not hold. Each frame of a long run then goes to the
    cluster its change-detection sub-windows sound most like (a change that detection missed).
-4. The windows' frames are added up per cluster; at every frame the number of speakers the
-   windows agree on (rounded mean) are taken, the most active first. Runs of frames are turns.
+4. The windows' votes are added up per cluster; at every frame as many clusters as speak
+   there (speaker_count: the windows' probabilities averaged) are taken, the most voted
+   first. Runs of frames are turns.
 
 With diarization off, the same segmentation still says where the speech is, so speaker
 identification embeds only speech and can tell how much of it there was.
