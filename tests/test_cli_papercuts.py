@@ -735,7 +735,11 @@ def test_a_microphone_that_never_opened_is_not_said_to_have_stopped(env: dict[st
     # Found walking the README: with no microphone at start, every retry logged "no audio
     # from mic:...; reopening it" (as if one had delivered and stopped) before the retry's
     # own "cannot open microphone ...; retrying in N s".
-    env = {**env, "MERAUDIOD_AUDIO__DEVICE": "no-such-device-xyz"}
+    env = {
+        **env,
+        "MERAUDIOD_AUDIO__DEVICE": "no-such-device-xyz",
+        "MERAUDIOD_LOGGING__LEVEL": "DEBUG",  # the retries are DEBUG lines
+    }
     proc = run_daemon(env, source="mic")
     try:
         wait_running(env, proc)
