@@ -6,6 +6,7 @@ the same run, and the ratio is reported. Nothing here is a pass/fail test: it pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -38,6 +39,7 @@ from .vad import SileroVad
 
 _PASSAGE_S: Final = 30.0
 _PIPELINE_TIMEOUT_S: Final = 300.0  # a daemon waiting for a server that never comes
+_STOP_TIMEOUT_S: Final = 10.0  # a daemon told to stop that has not: killed
 
 
 def _cpu_s() -> float:
@@ -168,39 +170,41 @@ def _run_daemon_on(
     give_up_at = time.monotonic() + _PIPELINE_TIMEOUT_S
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{clip}", "--realtime"],
-        env=env,
-        cwd=scratch,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    peak_kb = file_kb = 0
-    ready_cpu_s: float | None = None
-    stopping_cpu_s: float | None = None
-    startup_bytes = wal_at_ready = stopping_bytes = wal_at_stopping = 0
-    wal = WalMeter(scratch / "meraudiod.db")
-    while child.poll() is None:
-        # The child's own high-water mark (ru_maxrss of children would include this
-        # process's memory, which a forked child inherits before exec).
-        peak_kb = max(peak_kb, proc_value(child.pid, "status", "VmHWM"))
-        # Of which the libraries' pages (shared, from the page cache): more of them are mapped
-        # where the files were just written, as on a fresh install (README, Performance).
-        file_kb = max(file_kb, proc_value(child.pid, "status", "RssFile"))
-        wal.poll()
-        for message in _notifications(notify, wait_s=0.2):
-            if ready_cpu_s is None and "READY=1" in message:
-                ready_cpu_s = proc_cpu_s(child.pid)
-                startup_bytes = written_bytes(child.pid)
-                wal_at_ready = wal.bytes_written
-            if stopping_cpu_s is None and "STOPPING=1" in message:
-                stopping_cpu_s = proc_cpu_s(child.pid)
-                stopping_bytes = written_bytes(child.pid)
-                wal_at_stopping = wal.bytes_written
-        if time.monotonic() > give_up_at:
-            child.kill()
-            child.wait()
-            raise RuntimeError("the daemon did not finish the bench clip (no ASR server?)")
+    with _ended(
+        subprocess.Popen(
+            [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{clip}", "--realtime"],
+            env=env,
+            cwd=scratch,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ) as child:
+        peak_kb = file_kb = 0
+        ready_cpu_s: float | None = None
+        stopping_cpu_s: float | None = None
+        startup_bytes = wal_at_ready = stopping_bytes = wal_at_stopping = 0
+        wal = WalMeter(scratch / "meraudiod.db")
+        while child.poll() is None:
+            # The child's own high-water mark (ru_maxrss of children would include this
+            # process's memory, which a forked child inherits before exec).
+            peak_kb = max(peak_kb, proc_value(child.pid, "status", "VmHWM"))
+            # Of which the libraries' pages (shared, from the page cache): more of them are mapped
+            # where the files were just written, as on a fresh install (README, Performance).
+            file_kb = max(file_kb, proc_value(child.pid, "status", "RssFile"))
+            wal.poll()
+            for message in _notifications(notify, wait_s=0.2):
+                if ready_cpu_s is None and "READY=1" in message:
+                    ready_cpu_s = proc_cpu_s(child.pid)
+                    startup_bytes = written_bytes(child.pid)
+                    wal_at_ready = wal.bytes_written
+                if stopping_cpu_s is None and "STOPPING=1" in message:
+                    stopping_cpu_s = proc_cpu_s(child.pid)
+                    stopping_bytes = written_bytes(child.pid)
+                    wal_at_stopping = wal.bytes_written
+            if time.monotonic() > give_up_at:
+                child.kill()
+                child.wait()
+                raise RuntimeError("the daemon did not finish the bench clip (no ASR server?)")
     if child.returncode != 0:
         raise RuntimeError(f"the daemon failed on the bench clip (exit {child.returncode})")
     wall_s = time.monotonic() - t0
@@ -271,6 +275,22 @@ def bench_pipeline_mqtt(
         "device_cpu_s_per_speech_s",
     )
     return {f"mqtt_{key}": figures[key] for key in kept} | {"mqtt_events_received": counter.count}
+
+
+@contextlib.contextmanager
+def _ended(child: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """The child, stopped on the way out if it still runs (a measurement that raised, or a
+    signal that unwound the bench: signals.Stopped): no daemon outlives the bench."""
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 def _notifications(sock: socket.socket, wait_s: float) -> list[str]:

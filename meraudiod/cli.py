@@ -34,7 +34,7 @@ from .cli_status import status_cmd
 from .db import DatabaseError
 from .mounts import NotMounted, models_dir, store_dirs
 from .recording_views import analysis_record
-from .signals import command_handlers, run_handlers
+from .signals import Stopped, command_handlers, run_handlers
 from .sources import SourceError, open_source, printable
 
 # What `bench --only` can pick (bench.py's sections, in the order they run).
@@ -350,13 +350,21 @@ def bench(
     if off := unmeasurable(settings, sections):
         raise click.ClickException(f"bench --only: nothing to measure for {', '.join(off)}")
     logging.getLogger().setLevel(logging.WARNING)
-    figures = run_bench(
-        settings,
-        str(config_path) if config_path else None,
-        lambda stage: click.echo(f"measuring {stage} ...", err=True),
-        only=sections or None,
-        clip_s=clip_s,
-    )
+    try:
+        figures = run_bench(
+            settings,
+            str(config_path) if config_path else None,
+            lambda stage: click.echo(f"measuring {stage} ...", err=True),
+            only=sections or None,
+            clip_s=clip_s,
+        )
+    except Stopped as exc:  # SIGTERM or Ctrl-C: unwound through every cleanup (signals.py)
+        click.echo(
+            f"error: bench stopped by {exc.signal_name}: nothing measured, its scratch files"
+            " and processes removed",
+            err=True,
+        )
+        sys.exit(1)
     if as_json:
         echo_json(figures)
         return

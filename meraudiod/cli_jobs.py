@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .cli_common import (
     run_command,
     settings_from,
 )
+from .recordings import why_no_audio
 
 
 @click.command("jobs")
@@ -36,10 +38,14 @@ def jobs_cmd(config_path: Path | None, as_json: bool, retry_failed: bool) -> Non
     conn = open_store(settings)
     if retry_failed:
         try:
-            requeued = jobqueue.retry_failed(conn)
+            retried = jobqueue.retry_failed(
+                conn, functools.partial(why_no_audio, settings.storage.audio_dir)
+            )
         except sqlite3.Error as exc:
             raise database_error(conn, exc) from exc
-        click.echo(f"requeued {requeued} failed jobs", err=True)
+        for rec_id, reason in retried.skipped.items():
+            click.echo(f"skipped {rec_id}: {reason}", err=True)
+        click.echo(f"requeued {retried.requeued} failed jobs", err=True)
     counts = jobqueue.counts(conn)
     backlog = jobqueue.backlog(conn)
     if as_json:
@@ -73,4 +79,6 @@ def reprocess(config_path: Path | None, rec_ids: tuple[str, ...], failed: bool) 
         raise click.UsageError("reprocess needs recording ids (ID...) or --failed")
     settings = settings_from(config_path)
     result = run_command(settings, "reprocess", {"ids": list(rec_ids), "failed": failed})
+    for skipped in result["skipped"]:
+        click.echo(f"skipped {skipped['id']}: {skipped['reason']}", err=True)
     click.echo(f"queued {result['queued']} recordings")

@@ -18,7 +18,7 @@ from .cli_common import (
     run_command,
     settings_from,
 )
-from .recording_views import export_recording, recording_details
+from .recording_views import export_recording, recording_details, voice_matches
 
 
 @click.group()
@@ -81,7 +81,8 @@ def recordings_show(config_path: Path | None, as_json: bool, rec_id: str) -> Non
       meraudiod recordings show 01jd2x9k8m7q6r5s4t3v2w1x0y --json | jq .segments
     """
     settings = settings_from(config_path)
-    data = recording_details(open_store(settings), settings.storage.audio_dir, rec_id)
+    conn = open_store(settings)
+    data = recording_details(conn, settings.storage.audio_dir, rec_id)
     if data is None:
         raise click.ClickException(f"no recording {rec_id}")
     if as_json:
@@ -94,8 +95,11 @@ def recordings_show(config_path: Path | None, as_json: bool, rec_id: str) -> Non
     if data["model"]:
         rtf, latency_ms = data["rtf"], data["latency_ms"]
         click.echo(f"  model    {data['model']}  rtf {rtf:.2f}  latency {latency_ms:.0f} ms")
-    names = {m["label"]: m["name"] or "unknown" for m in data.get("speakers", [])}
-    for m in data.get("speakers", []):
+    # As stored: an unknown voice's best score and margin are shown too (not in the JSON).
+    matches = voice_matches(conn, data["id"])
+    names = {m["label"]: m["name"] or "unknown" for m in matches}
+    scores = {m["label"]: m["score"] for m in matches}
+    for m in matches:
         score = "-" if m["score"] is None else f"{m['score']:.2f}"
         margin = "-" if m["margin"] is None else f"{m['margin']:.2f}"
         click.echo(
@@ -105,10 +109,11 @@ def recordings_show(config_path: Path | None, as_json: bool, rec_id: str) -> Non
     for seg in data["segments"]:
         flag = f"  (suspect: {seg['suspect']})" if seg["suspect"] else ""
         who = ""
-        if seg.get("speaker_label"):
-            score = seg.get("speaker_score")
-            who = names.get(seg["speaker_label"], "unknown")
-            who = f"{who} ({score:.2f}): " if score is not None else f"{who}: "
+        label = seg["speaker"]["label"] if seg["speaker"] else None
+        if label:
+            voice_score = scores.get(label)
+            who = names.get(label, "unknown")
+            who = f"{who} ({voice_score:.2f}): " if voice_score is not None else f"{who}: "
         click.echo(f"  {fmt_span(seg['start_s'], seg['end_s'])} {who}{seg['text']}{flag}")
 
 

@@ -36,10 +36,13 @@ def speakers_group() -> None:
 
 
 def _profiles_call(conn: sqlite3.Connection, func: Callable[[], Any]) -> Any:
-    from .profiles import ProfileError
+    from .profiles import NameTaken, ProfileError
+    from .speaker_commands import name_taken
 
     try:
         return func()
+    except NameTaken as exc:
+        raise click.ClickException(name_taken(exc, "cli")) from exc
     except ProfileError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:

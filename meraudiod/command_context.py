@@ -7,12 +7,16 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 from .config import Settings
 from .messages import Event
+
+# Where a request came from: what an error tells its sender to do is said in that surface's
+# words (its own endpoint or topic, not another's command).
+Surface = Literal["cli", "mqtt", "http"]
 
 
 class Runtime(Protocol):
@@ -42,6 +46,7 @@ class CommandContext:
     # by its admin). A remote surface gives only the files it received itself (an HTTP
     # upload's clips), so no client can make the daemon read a path of its choosing.
     readable_files: tuple[str, ...] | None = ()
+    surface: Surface = "cli"
 
 
 class Args(BaseModel):

@@ -98,6 +98,7 @@ class CommandRunner(StageThread):
                     admin=self.settings.mqtt.allow_admin_commands,  # live: SIGHUP may change it
                     runtime=self.runtime,
                     remote=True,
+                    surface="mqtt",
                 )
                 response = dispatch(context, name, payload)  # never raises
                 if self.after is not None and response.status == "ok":

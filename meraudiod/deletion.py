@@ -11,6 +11,7 @@ next delete or start of the daemon does it."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Final
 from .db import Transaction, put_kv
 from .recordings import audio_file, normalise_id
 
-_DELETE_BATCH: Final = 100  # recordings per delete transaction: the write lock is held briefly
+DELETE_BATCH: Final = 100  # recordings per delete transaction: the write lock is held briefly
 # In kv while deleted words may still be in the full-text index (see forget_deleted_text).
 _UNFORGOTTEN_KEY: Final = "deleted_text_unforgotten"
 
@@ -32,21 +33,29 @@ class Deleted:
     audio_files: int = 0
 
 
-def delete_recordings(conn: sqlite3.Connection, audio_dir: Path, rec_ids: list[str]) -> Deleted:
+def delete_recordings(
+    conn: sqlite3.Connection,
+    audio_dir: Path,
+    rec_ids: list[str],
+    stop: threading.Event | None = None,
+) -> Deleted:
     """Delete recordings with their audio, text, index rows, jobs, undelivered events and
     the voice embeddings taken from them.
 
-    In transactions of _DELETE_BATCH recordings, so a listener waiting to save speech never
+    In transactions of DELETE_BATCH recordings, so a listener waiting to save speech never
     waits long for the write lock; the full-text index is optimised and the log
     checkpointed once at the end, also when an earlier delete was killed before that (the
     same delete run again deletes no row). Each batch's audio goes first (see
-    remove_audio_first).
+    remove_audio_first). Once `stop` is set no further batch starts: what is left stays
+    whole, rows and files, for the next time.
     """
     deleted = files = 0
     wanted = list(dict.fromkeys(normalise_id(r) for r in rec_ids))
     try:
-        for first in range(0, len(wanted), _DELETE_BATCH):
-            batch = wanted[first : first + _DELETE_BATCH]
+        for first in range(0, len(wanted), DELETE_BATCH):
+            if stop is not None and stop.is_set():
+                break
+            batch = wanted[first : first + DELETE_BATCH]
             rows = conn.execute(
                 f"SELECT id, audio_path FROM recordings WHERE id IN ({','.join('?' * len(batch))})",
                 batch,

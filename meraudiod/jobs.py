@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -249,15 +250,40 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def retry_failed(conn: sqlite3.Connection) -> int:
-    """Give every failed job a fresh set of attempts."""
+@dataclass(frozen=True)
+class Retried:
+    """What `retry_failed` did: jobs queued again, and recordings left failed with why."""
+
+    requeued: int
+    skipped: dict[str, str]  # recording id -> why it was not queued again
+
+
+def retry_failed(
+    conn: sqlite3.Connection, why_not: Callable[[str | None], str | None] | None = None
+) -> Retried:
+    """Give every failed job a fresh set of attempts, except those whose recording's stored
+    audio path `why_not` gives a reason for (its audio gone: queued, the job would only fail
+    again at once)."""
+    skipped: dict[str, str] = {}
+    requeued = 0
     with Transaction(conn):
-        cur = conn.execute(
-            "UPDATE jobs SET state='pending', attempts=0, crashes=0, not_before=NULL,"
-            " updated_at=? WHERE state='failed'",
-            (now(),),
-        )
-    return cur.rowcount
+        rows = conn.execute(
+            "SELECT j.id, j.recording_id, r.audio_path FROM jobs j"
+            " LEFT JOIN recordings r ON r.id = j.recording_id WHERE j.state='failed'"
+            " ORDER BY j.id"
+        ).fetchall()
+        for job_id, rec_id, audio_path in rows:
+            reason = why_not(audio_path) if why_not is not None else None
+            if reason is not None:
+                skipped[str(rec_id)] = reason
+                continue
+            conn.execute(
+                "UPDATE jobs SET state='pending', attempts=0, crashes=0, not_before=NULL,"
+                " updated_at=? WHERE id=?",
+                (now(), job_id),
+            )
+            requeued += 1
+    return Retried(requeued, skipped)
 
 
 def retry_now(conn: sqlite3.Connection, origin: str | None = None) -> int:

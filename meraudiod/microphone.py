@@ -19,6 +19,10 @@ from .sources import AudioSource, SourceError
 _LOGGER = logging.getLogger(__name__)
 AUDIO_STALL_S: Final = 5.0  # no frame for this long while listening: the audio is gone
 _RETRY_MAX_S: Final = 60.0
+# While a microphone stays missing its retries are DEBUG: one ERROR when it goes, then a
+# WARNING reminder after 1 min, 2, 4 ... at most hourly (an ERROR a minute buried the journal).
+_REMIND_FIRST_S: Final = 60.0
+_REMIND_MAX_S: Final = 3600.0
 
 
 class AudioSupervisor:
@@ -43,6 +47,9 @@ class AudioSupervisor:
         self._retry_s = 1.0
         self._next_retry = 0.0
         self._opened_at = 0.0
+        self._missing_since = 0.0  # when opening it first failed, this time
+        self._remind_gap_s = _REMIND_FIRST_S
+        self._remind_at = 0.0
 
     @property
     def is_mic(self) -> bool:
@@ -93,7 +100,7 @@ class AudioSupervisor:
         )
         if not stalled:
             if self.problem:
-                _LOGGER.info("microphone is back")
+                _LOGGER.info("microphone %s is back", self.source.name)
                 self._set_problem(None)
             self._retry_s = 1.0
             return
@@ -121,8 +128,8 @@ class AudioSupervisor:
         except SourceError as exc:
             self.source.stop()
             lost = "microphone lost" if self._ever_opened else "waiting for the microphone"
+            self._say_missing(t, exc)
             self._gone = True
-            _LOGGER.error("%s; retrying in %.0f s", exc, self._retry_s)
             self._set_problem(f"{lost}: {exc}")
         else:
             self._opened_at = t
@@ -130,6 +137,22 @@ class AudioSupervisor:
             self._ever_opened = True
         self._next_retry = t + self._retry_s
         self._retry_s = min(_RETRY_MAX_S, self._retry_s * 2)
+
+    def _say_missing(self, t: float, exc: SourceError) -> None:
+        """Once at ERROR when it goes (the error names the device), each retry after that at
+        DEBUG, with a WARNING reminder now and then: status shows it missing all along."""
+        if not self._gone:
+            _LOGGER.error("%s; waiting for it (retries at DEBUG, reminders spaced out)", exc)
+            self._missing_since = t
+            self._remind_gap_s = _REMIND_FIRST_S
+            self._remind_at = t + self._remind_gap_s
+        elif t >= self._remind_at:
+            missing_min = (t - self._missing_since) / 60
+            _LOGGER.warning("still no microphone after %.0f min: %s; retrying", missing_min, exc)
+            self._remind_gap_s = min(_REMIND_MAX_S, self._remind_gap_s * 2)
+            self._remind_at = t + self._remind_gap_s
+        else:
+            _LOGGER.debug("%s; retrying in %.0f s", exc, self._retry_s)
 
     def _check_stream(self, t: float) -> None:
         """stdin (or a file paced at real time) that stops delivering is said once; the

@@ -38,7 +38,13 @@ class Missing(ProfileError):
 
 
 class NameTaken(ProfileError):
-    """Another profile has that name already."""
+    """Another profile has that name already: merging the two is the way, which each surface
+    words as its own (speaker_commands.name_taken)."""
+
+    def __init__(self, source: str, target: str) -> None:
+        super().__init__(f"{target!r} exists already")
+        self.source = source  # the profile renamed, as stored
+        self.target = target
 
 
 def current_model(settings: Settings) -> str:
@@ -163,7 +169,7 @@ def rename(conn: sqlite3.Connection, old: str, new: str) -> tuple[str, str]:
     with Transaction(conn):
         speaker = profile_row(conn, old)
         if conn.execute("SELECT 1 FROM speakers WHERE name=?", (new,)).fetchone():
-            raise NameTaken(f"{new!r} exists already: use `meraudiod speakers merge`")
+            raise NameTaken(str(speaker["name"]), new)
         conn.execute(
             "UPDATE speakers SET name=?, provisional=0, updated_at=? WHERE id=?",
             (new, now(), speaker["id"]),

@@ -17,7 +17,7 @@ from .command_errors import CommandError, InvalidArguments, NotFound
 from .db import Transaction, now
 from .deletion import delete_recordings
 from .recording_views import recording_details
-from .recordings import ULID_RE, audio_file, normalise_id
+from .recordings import ULID_RE, normalise_id, why_no_audio
 from .retention import purge
 
 # A ULID in any case ("01jd2x..." too), as stored: upper case.
@@ -197,6 +197,7 @@ def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
             for r in ctx.conn.execute("SELECT recording_id FROM jobs WHERE state='failed'")
         ]
     queued = 0
+    skipped: list[dict[str, str]] = []
     with Transaction(ctx.conn):
         for rec_id in dict.fromkeys(ids):
             row = ctx.conn.execute(
@@ -204,17 +205,17 @@ def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
             ).fetchone()
             if row is None:  # nothing queued: the transaction is rolled back
                 raise NotFound(f"no recording {rec_id}")
-            missing = None
-            if row["audio_path"]:
-                path = audio_file(ctx.settings.storage.audio_dir, row["audio_path"])
-                # Queued, the job would fail at once and take a good transcript with it.
-                missing = None if path.is_file() else f" (its audio file {path} is missing)"
-            if not row["audio_path"] or missing:
+            # Queued without its audio, the job would fail at once and take a good transcript
+            # with it.
+            missing = why_no_audio(ctx.settings.storage.audio_dir, row["audio_path"])
+            if missing is not None:
                 if rec_id in args.ids:
                     raise CommandError(
-                        f"recording {rec_id} has no audio to transcribe again{missing or ''}"
+                        f"recording {rec_id} has no audio to transcribe again ({missing})"
                     )
-                continue  # a failed one among --failed whose audio is gone
+                # A failed one among --failed whose audio is gone: it stays failed, said.
+                skipped.append({"id": rec_id, "reason": missing})
+                continue
             ctx.conn.execute(
                 "DELETE FROM jobs WHERE recording_id=? AND state != 'running'", (rec_id,)
             )
@@ -222,7 +223,7 @@ def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
             # one replaces it; the job's kind makes its event `retranscribed`.
             jobs.enqueue(ctx.conn, rec_id, kind=jobs.REPROCESS_KIND)
             queued += 1
-    return {"queued": queued}
+    return {"queued": queued, "skipped": skipped}
 
 
 # The recordings part of the table (commands.COMMANDS).

@@ -122,8 +122,6 @@ def recording_details(
                 s["speaker_score"],
                 bool(s["speaker_id"] and s["p_name"] and not s["p_provisional"]),
             ),
-            "speaker_label": s["speaker_label"],  # the local speaker inside the recording
-            "speaker_score": s["speaker_score"],  # best score, kept for unknown voices too
         }
         for s in conn.execute(
             "SELECT s.*, p.name AS p_name, p.provisional AS p_provisional FROM segments s"
@@ -131,17 +129,38 @@ def recording_details(
             (data["id"],),
         )
     ]
-    # Who the local speakers were matched to, with score and margin over the runner-up.
+    # Every voice analysed in it, as `analyze --json` gives them (voice_matches: as stored).
     data["speakers"] = [
+        {
+            **(
+                speaker_payload(
+                    m["label"],
+                    m["speaker_id"],
+                    m["name"],
+                    m["score"],
+                    bool(m["speaker_id"] and m["name"] and not m["provisional"]),
+                )
+                or {}
+            ),
+            "speech_s": round(m["speech_s"], 2),
+        }
+        for m in voice_matches(conn, data["id"])
+    ]
+    return data
+
+
+def voice_matches(conn: sqlite3.Connection, rec_id: str) -> list[dict[str, Any]]:
+    """Who each local speaker of a recording was matched to, as stored: the score and the
+    margin over the runner-up kept for an unknown voice too (`recordings show` prints them)."""
+    return [
         dict(zip(m.keys(), tuple(m), strict=True))
         for m in conn.execute(
             "SELECT m.label, m.speaker_id, p.name, p.provisional, m.score, m.margin, m.speech_s"
             " FROM speaker_mappings m LEFT JOIN speakers p ON p.id = m.speaker_id"
             " WHERE m.recording_id=? ORDER BY m.label",
-            (data["id"],),
+            (rec_id,),
         )
     ]
-    return data
 
 
 def analysis_record(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> dict[str, Any]:
@@ -165,20 +184,5 @@ def analysis_record(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> d
             }
             for s in data.get("segments", [])
         ],
-        "speakers": [
-            {
-                **(
-                    speaker_payload(
-                        m["label"],
-                        m["speaker_id"],
-                        m["name"],
-                        m["score"],
-                        bool(m["speaker_id"] and m["name"] and not m["provisional"]),
-                    )
-                    or {}
-                ),
-                "speech_s": round(m["speech_s"], 2),
-            }
-            for m in data.get("speakers", [])
-        ],
+        "speakers": data.get("speakers", []),
     }

@@ -83,6 +83,15 @@ def audio_file(audio_dir: Path, stored: str) -> Path:
     return audio_dir / stored
 
 
+def why_no_audio(audio_dir: Path, stored: str | None) -> str | None:
+    """Why a recording has no audio to transcribe (None: its file is there), for the commands
+    that queue recordings again: queued without it, a job fails at once."""
+    if not stored:
+        return "its audio was not kept"
+    path = audio_file(audio_dir, stored)
+    return None if path.is_file() else f"its audio file {path} is missing"
+
+
 def write_audio_atomically(path: Path, samples: Int16Array, audio_format: str) -> None:
     """Temp file (named with our pid) in the same directory, fsync, rename, fsync the directory."""
     with atomic_audio_file(path, audio_format) as out:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import Settings
 from .db import now, open_db
-from .deletion import delete_recordings, remove_audio_first
+from .deletion import DELETE_BATCH, delete_recordings, remove_audio_first
 from .recordings import audio_file
 from .stage import StageThread
 from .wall_clock import follow_step
@@ -46,6 +46,7 @@ def purge(
     audio_only: bool = False,
     dry_run: bool = False,
     finished_only: bool = False,
+    stop: threading.Event | None = None,
 ) -> PurgeResult:
     """Delete recordings started in [after, before) and/or attributed to a speaker.
 
@@ -53,7 +54,8 @@ def purge(
     required, so a purge never deletes everything by accident. The counts are of what
     really was there (an audio file already gone is not counted); with dry_run nothing is
     deleted and the counts say what would be. With finished_only recordings not yet
-    transcribed are kept.
+    transcribed are kept. Once `stop` is set no further batch of DELETE_BATCH starts (the
+    sweep of a daemon that is stopping): the rest stays whole for the next time.
     """
     if before is None and after is None and speaker_id is None:
         raise ValueError("purge needs an age, a time range or a speaker")
@@ -85,28 +87,44 @@ def purge(
         )
         return PurgeResult(0 if audio_only else len(rows), files)
     if audio_only:
-        dropped = drop_audio(conn, audio_dir, rows)
+        dropped = drop_audio(conn, audio_dir, rows, stop=stop)
         return PurgeResult(audio_files_deleted=dropped)
-    deleted = delete_recordings(conn, audio_dir, [str(r["id"]) for r in rows])
+    deleted = delete_recordings(conn, audio_dir, [str(r["id"]) for r in rows], stop)
     return PurgeResult(deleted.recordings, deleted.audio_files)
 
 
 def drop_audio(
-    conn: sqlite3.Connection, audio_dir: Path, rows: Sequence[sqlite3.Row], durable: bool = True
+    conn: sqlite3.Connection,
+    audio_dir: Path,
+    rows: Sequence[sqlite3.Row],
+    durable: bool = True,
+    stop: threading.Event | None = None,
 ) -> int:
     """Delete audio files (rows of `id`, `audio_path`) but keep their transcripts; returns
-    how many files were there. The files go first (see remove_audio_first)."""
-    return remove_audio_first(conn, audio_dir, rows, _forget_audio, durable)
+    how many files were there. The files go first (see remove_audio_first), in transactions
+    of DELETE_BATCH (a year of audio in one held the write lock for seconds); once `stop` is
+    set no further one starts."""
+    dropped = 0
+    for first in range(0, len(rows), DELETE_BATCH):
+        if stop is not None and stop.is_set():
+            break
+        batch = rows[first : first + DELETE_BATCH]
+        dropped += remove_audio_first(conn, audio_dir, batch, _forget_audio, durable)
+    return dropped
 
 
 def _forget_audio(conn: sqlite3.Connection, rec_id: str) -> None:
     conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (rec_id,))
 
 
-def sweep(conn: sqlite3.Connection, settings: Settings) -> PurgeResult:
+def sweep(
+    conn: sqlite3.Connection, settings: Settings, stop: threading.Event | None = None
+) -> PurgeResult:
     """Apply the configured limits: audio older than audio_days, text older than text_days.
 
-    Recordings not transcribed yet keep their text and audio.
+    Recordings not transcribed yet keep their text and audio. A `stop` set meanwhile (the
+    daemon stopping) ends it between two batches of deletes: the rest, whole, is the next
+    sweep's.
     """
     r = settings.retention
     total = PurgeResult()
@@ -116,20 +134,22 @@ def sweep(conn: sqlite3.Connection, settings: Settings) -> PurgeResult:
             settings.storage.audio_dir,
             before=now() - r.text_days * _DAY_S,
             finished_only=True,
+            stop=stop,
         )
-    if r.audio_days is not None:
+    if r.audio_days is not None and not (stop is not None and stop.is_set()):
         rows = conn.execute(
             "SELECT r.id, r.audio_path FROM recordings r WHERE r.audio_path IS NOT NULL"
             f" AND r.started_at < ? AND {_FINISHED}",
             (now() - r.audio_days * _DAY_S,),
         ).fetchall()
-        dropped = drop_audio(conn, settings.storage.audio_dir, rows)
+        dropped = drop_audio(conn, settings.storage.audio_dir, rows, stop=stop)
         total = PurgeResult(total.recordings_deleted, total.audio_files_deleted + dropped)
     if total.recordings_deleted or total.audio_files_deleted:
         _LOGGER.info(
-            "retention: deleted %d recordings and %d audio files",
+            "retention: deleted %d recordings and %d audio files%s",
             total.recordings_deleted,
             total.audio_files_deleted,
+            "; stopping, the rest at the next sweep" if stop is not None and stop.is_set() else "",
         )
     return total
 
@@ -177,7 +197,7 @@ class Retention(StageThread):
                 try:
                     # The recordings stamped before a step of the clock are moved first.
                     if follow_step(conn):
-                        self.last_result = sweep(conn, self.settings)
+                        self.last_result = sweep(conn, self.settings, self.stop_event)
                 except Exception:  # one failed sweep must not end the daemon
                     _LOGGER.exception("retention sweep failed")
                 self._wake.wait(self.settings.retention.sweep_interval_s)

@@ -42,6 +42,31 @@ def command_handlers() -> threading.Event:
     return _command_stop
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT in a command that has no stop event for its loops to check (`bench`,
+    whose measurements wait in sleeps and child processes): raised in the main thread like
+    Ctrl-C's KeyboardInterrupt, so every `with` and `finally` on the way out stops the
+    processes it started and removes the directories it made."""
+
+    def __init__(self, signum: int) -> None:
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(self.signal_name)
+
+
+def unwinding_handlers() -> None:
+    """SIGTERM and SIGINT raise Stopped (once: the cleanup it sets off is not cut short by a
+    second one). For a one-off command's main thread, installed first thing."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _unwind)
+
+
+def _unwind(signum: int, frame: object) -> None:
+    """Raises Stopped where the main thread is; from now on both signals are ignored."""
+    for other in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
 # Which event each signal sets: SIGTERM and SIGINT stop, SIGHUP reloads.
 _events: dict[int, threading.Event] = {}
 _watcher: threading.Thread | None = None
@@ -106,13 +131,16 @@ def open_closed_streams() -> None:
 
 
 def main() -> None:
-    """The `meraudiod` command: `run` and `analyze` get their handlers before anything slow
-    is imported; any other command's Ctrl-C then is click's `Aborted!`, not a traceback."""
+    """The `meraudiod` command: `run`, `analyze` and `bench` get their handlers before
+    anything slow is imported; any other command's Ctrl-C then is click's `Aborted!`, not a
+    traceback."""
     open_closed_streams()
     if sys.argv[1:2] == ["run"]:
         run_handlers()
     elif sys.argv[1:2] == ["analyze"]:
         command_handlers()
+    elif sys.argv[1:2] == ["bench"]:
+        unwinding_handlers()
     if sys.argv[1:2] in (["run"], ["analyze"]):
         from .memory import tune_malloc
 

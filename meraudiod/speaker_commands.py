@@ -3,16 +3,25 @@ opt out and clips, with their argument schemas; a change is announced on event/s
 
 from __future__ import annotations
 
+import json
+import shlex
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from .command_context import Args, Command, CommandContext, NoArgs
+from .command_context import Args, Command, CommandContext, NoArgs, Surface
 from .command_errors import CommandError, Conflict, NotFound
+from .config import Settings
 from .db import Transaction
 from .messages import SpeakerEvent, enqueue
+
+if TYPE_CHECKING:
+    from .profiles import NameTaken
+
+# Where the HTTP API's profile routes are (http/speakers.py's router prefix).
+_HTTP_SPEAKERS = "/api/v1/persistent-speakers"
 
 
 class NameArgs(Args):
@@ -64,7 +73,23 @@ class OptOutArgs(Args):
     opt_out: bool = Field(True, description="false undoes it")
 
 
-def _profiles(func: Callable[[], Any]) -> Any:
+def name_taken(exc: NameTaken, surface: Surface, settings: Settings | None = None) -> str:
+    """A rename to a name taken, with the way to merge the two in the asking surface's own
+    words: a client of the HTTP API or of MQTT may have no shell on the device."""
+    merge_args = json.dumps({"source": exc.source, "target": exc.target})
+    if surface == "http":
+        way = f"POST {merge_args} to {_HTTP_SPEAKERS}/merge"
+    elif surface == "mqtt":
+        from .mqtt_client import base_topic  # paho: only where MQTT runs
+
+        base = base_topic(settings) if settings is not None else "<base>"
+        way = f"publish {merge_args} to {base}/request/speakers/merge"
+    else:
+        way = f"run `meraudiod speakers merge {shlex.join([exc.source, exc.target])}`"
+    return f"{exc}: to make them one voice, {way}"
+
+
+def _profiles(func: Callable[[], Any], ctx: CommandContext | None = None) -> Any:
     from .profiles import Missing, NameTaken, ProfileError
 
     try:
@@ -72,7 +97,8 @@ def _profiles(func: Callable[[], Any]) -> Any:
     except Missing as exc:
         raise NotFound(str(exc)) from exc
     except NameTaken as exc:
-        raise Conflict(str(exc)) from exc
+        said = name_taken(exc, ctx.surface, ctx.settings) if ctx is not None else str(exc)
+        raise Conflict(said) from exc
     except ProfileError as exc:
         raise CommandError(str(exc)) from exc
 
@@ -143,7 +169,7 @@ def _speakers_enroll(ctx: CommandContext, args: EnrollArgs) -> Any:
 def _speakers_rename(ctx: CommandContext, args: RenameArgs) -> Any:
     from .profiles import rename
 
-    _, new_name = _profiles(lambda: rename(ctx.conn, args.name, args.new_name))
+    _, new_name = _profiles(lambda: rename(ctx.conn, args.name, args.new_name), ctx)
     return {"name": new_name}
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from meraudiod.bench_listening import bench_listening
 from meraudiod.bench_mqtt import MOSQUITTO_MISSING, local_broker, mqtt_overrides
 from meraudiod.config import Settings
 
-from .conftest import cli
+from .conftest import cli, wait_for
 
 _MEMORY_STEPS = (
     *("python", "numpy", "onnxruntime", "faster_whisper", "meraudiod"),
@@ -161,3 +164,82 @@ def test_listening_cost_is_the_daemon_process_beside_a_bare_vad_loop(settings: S
     assert figures["listening_wakeups_per_s"] >= 0.9 * 1000 / settings.audio.block_ms
     assert figures["listening_bare_wakeups_per_s"] >= 0.9 * 1000 / 32
     assert settings.storage.data_dir.is_dir() and not list(settings.storage.data_dir.iterdir())
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every process below `pid`, with its command line."""
+    found: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:  # ended meanwhile
+                continue
+            for child in map(int, children):
+                try:
+                    cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                found[child] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+                todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its parent."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_bench_stopped_by_a_signal_removes_what_it_made_and_says_so(
+    env: dict[str, str], tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Found by stopping a bench: SIGTERM killed it where it stood, its daemon, its bare
+    loops and its mosquitto left running and its scratch directories on the data disk; a
+    Ctrl-C (SIGINT to it alone) left the daemon measured running. Now it stops them, removes
+    every directory it made, and says so in one line, exit 1."""
+    scratch_tmp = tmp_path / "tmp"  # where its broker's folder and the clip go
+    scratch_tmp.mkdir()
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    shm = Path("/dev/shm")
+    shm_before = set(shm.glob("meraudiod-bench-*"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meraudiod", "bench", "--only", "pipeline", "--clip-s", "5"],
+        env={**env, "TMPDIR": str(scratch_tmp)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def measuring() -> bool:
+            """Its daemon runs on the clip, in its scratch data directory."""
+            daemons = [c for c in _descendants(proc.pid).values() if "--realtime" in c]
+            return bool(daemons) and bool(list(data_dir.glob("bench-*/meraudiod.db")))
+
+        wait_for(measuring, 60, "the bench's daemon to run")
+        children = _descendants(proc.pid)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err
+    stopped = [line for line in err.splitlines() if "stopped" in line]
+    assert stopped == [
+        f"error: bench stopped by {signum.name}: nothing measured, its scratch files and"
+        " processes removed"
+    ], err
+    assert "Traceback" not in err and not out, err
+    left = [pid for pid, cmd in children.items() if _running(pid)]
+    assert not left, [children[pid] for pid in left]
+    assert not list(data_dir.glob("bench-*"))
+    assert set(shm.glob("meraudiod-bench-*")) == shm_before
+    assert not list(scratch_tmp.iterdir())

@@ -5,6 +5,7 @@ simulated systemd (tests/notify.py) and a real broker."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,10 +14,16 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from meraudiod.audio import FRAME_S, FRAME_SAMPLES, Int16Array
 from meraudiod.checks import user_name
+from meraudiod.config import Settings
 from meraudiod.db import open_db, set_kv
+from meraudiod.mic_source import MicSource
+from meraudiod.microphone import AudioSupervisor
+from meraudiod.pipeline import Pipeline
 
 from .broker import PASSWORD, USER, Broker, Subscriber
 from .conftest import AS_A_USER, REPO, SilenceFeeder, cli, needs_root, run_daemon, wait_for
@@ -60,7 +67,7 @@ def assert_waiting_with_a_fed_watchdog(
 
 def test_microphone_missing_at_start_is_waited_for(env: dict[str, str], tmp_path: Path) -> None:
     notify = NotifySocket(tmp_path / "notify.sock")
-    senv = service_env(env, notify)
+    senv = service_env({**env, "MERAUDIOD_LOGGING__LEVEL": "DEBUG"}, notify)
     proc = run_mic(senv)
     try:
         ready = notify.wait_ready(proc)
@@ -70,7 +77,79 @@ def test_microphone_missing_at_start_is_waited_for(env: dict[str, str], tmp_path
         code, stderr = stop(proc)
         notify.close()
     assert code == 0, stderr
-    assert stderr.count(f"No input device matching '{MISSING_MIC}'") >= 2  # retried
+    missing = [
+        line.split(" meraudiod.microphone: ")[0].split()[-1]  # its level
+        for line in stderr.splitlines()
+        if " meraudiod.microphone: " in line and f"matching '{MISSING_MIC}'" in line
+    ]
+    assert missing[:1] == ["ERROR"] and missing.count("ERROR") == 1, stderr  # said once
+    assert missing.count("DEBUG") >= 2, stderr  # retried, quietly
+
+
+class UsbMic(MicSource):
+    """A USB microphone that can be unplugged: out, opening it is PortAudio's own failure on
+    a device that is not there; in, it delivers silence at real time."""
+
+    def __init__(self) -> None:
+        super().__init__(device=MISSING_MIC, rate_hz=None, queue_frames=8)
+        self.plugged = threading.Event()
+
+    def start(self) -> None:
+        if not self.plugged.is_set():
+            super().start()  # raises SourceError: no input device matching it
+        self.name = f"mic:{MISSING_MIC}"
+
+    def read(self, timeout_s: float) -> Int16Array | None:
+        time.sleep(FRAME_S)
+        return np.zeros(FRAME_SAMPLES, dtype=np.int16)
+
+    def stop(self) -> None:
+        pass
+
+
+def test_a_missing_microphone_is_one_error_then_reminders_that_space_out(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by leaving a microphone unplugged: an ERROR every 60 s for ever (with its
+    retries before that) buried the journal. Now one ERROR naming it, each retry at DEBUG, a
+    WARNING reminder after 1 min, 2, 4 ... (at most one an hour), and one INFO when it is
+    back; shown missing (degraded) all the while. Three hours of retries are run on a clock
+    that ends now, so the microphone can come back in real time."""
+    settings.asr.enabled = False
+    pipeline = Pipeline(settings, threading.Event())
+    pipeline.open()
+    mic = UsbMic()
+    problems: list[str | None] = []
+    audio = AudioSupervisor(mic, lambda: pipeline.listener(mic), lambda: None)
+    caplog.set_level(logging.DEBUG, logger="meraudiod.microphone")
+    start = time.monotonic() - 3 * 3600
+    audio.open(start)
+    for second in range(1, 3 * 3600):
+        audio.check(start + second)
+        problems.append(audio.problem)
+    assert all(p and MISSING_MIC in p and "waiting for the microphone" in p for p in problems)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "meraudiod.microphone"]
+    errors = [m for level, m in said if level >= logging.ERROR]
+    assert len(errors) == 1 and MISSING_MIC in errors[0], errors
+    retries = [m for level, m in said if level == logging.DEBUG]
+    assert len(retries) > 150, len(retries)  # every 60 s at most: each asks PortAudio again
+    reminders = [m for level, m in said if level == logging.WARNING]
+    minutes = [int(m.split("after ")[1].split(" min")[0]) for m in reminders]
+    gaps = [b - a for a, b in zip([0, *minutes], minutes, strict=False)]
+    assert gaps == [1, 2, 4, 8, 16, 32, 60], minutes  # then one an hour
+    assert all(MISSING_MIC in m for m in reminders), reminders
+    caplog.clear()
+
+    mic.plugged.set()
+    wait_for(
+        lambda: audio.check(time.monotonic()) or audio.problem is None,
+        90,
+        "the microphone to be reopened",
+    )
+    back = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert back == [("INFO", f"microphone mic:{MISSING_MIC} is back")], back
+    audio.close()
+    pipeline.close()
 
 
 def test_listening_on_while_the_microphone_is_gone(

@@ -667,6 +667,25 @@ def test_reprocess_of_a_recording_whose_audio_file_is_gone_queues_nothing(
     assert [r["state"] for r in listed] == ["done"]
 
 
+def test_a_rename_to_a_name_taken_names_the_cli_merge_command(env: dict[str, str]) -> None:
+    # The name-taken hint is the surface's own (over HTTP and MQTT their merge, in
+    # test_http_commands.py); on the command line, the command to type, names quoted.
+    conn = open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    for i, name in enumerate(("Ann Lee", "Ben")):
+        conn.execute(
+            "INSERT INTO speakers (id, name, provisional, opt_out, created_at, updated_at)"
+            " VALUES (?, ?, 0, 0, 0, 0)",
+            (f"S{i}", name),
+        )
+    conn.close()
+    result = cli("speakers", "rename", "Ann Lee", "Ben", env=env)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.splitlines() == [
+        "Error: 'Ben' exists already: to make them one voice,"
+        " run `meraudiod speakers merge 'Ann Lee' Ben`"
+    ], result.stderr
+
+
 def test_a_file_name_that_is_not_utf8_is_shown_with_escapes(
     env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -716,7 +735,11 @@ def test_a_microphone_that_never_opened_is_not_said_to_have_stopped(env: dict[st
     # Found walking the README: with no microphone at start, every retry logged "no audio
     # from mic:...; reopening it" (as if one had delivered and stopped) before the retry's
     # own "cannot open microphone ...; retrying in N s".
-    env = {**env, "MERAUDIOD_AUDIO__DEVICE": "no-such-device-xyz"}
+    env = {
+        **env,
+        "MERAUDIOD_AUDIO__DEVICE": "no-such-device-xyz",
+        "MERAUDIOD_LOGGING__LEVEL": "DEBUG",  # the retries are DEBUG lines
+    }
     proc = run_daemon(env, source="mic")
     try:
         wait_running(env, proc)

@@ -440,6 +440,45 @@ def test_a_delete_stopped_half_way_leaves_no_audio_without_its_row(
     assert not list((data_dir / "audio").rglob("*.flac"))
 
 
+def test_retry_failed_skips_a_failed_recording_whose_audio_is_gone_as_reprocess_does(
+    env: dict[str, str],
+) -> None:
+    """Found comparing the two ways to queue failed recordings again: `reprocess --failed`
+    skipped one whose audio file is gone, `jobs --retry-failed` queued it, and the worker
+    failed it again at once. Both now leave it failed and say so, one line per recording."""
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    files = saved(data_dir, 3)
+    ids = [str(r["id"]) for r in db_rows(env, "SELECT id FROM recordings ORDER BY started_at")]
+    files[1].unlink()  # deleted by hand, a failing card
+    gone = ids[1]
+    conn = open_db(data_dir / "meraudiod.db")
+    fail_all = "UPDATE jobs SET state='failed', attempts=3, error='boom'"
+    conn.execute(fail_all)
+    conn.close()
+
+    def states() -> dict[str, str]:
+        rows = db_rows(env, "SELECT recording_id, state FROM jobs")
+        return {str(r["recording_id"]): str(r["state"]) for r in rows}
+
+    retried = cli("jobs", "--retry-failed", env=env)
+    assert retried.returncode == 0, retried.stderr
+    assert states() == {ids[0]: "pending", gone: "failed", ids[2]: "pending"}
+    said = retried.stderr.splitlines()
+    assert said[0] == f"skipped {gone}: its audio file {files[1]} is missing", said
+    assert said[1:] == ["requeued 2 failed jobs"], said
+
+    conn = open_db(data_dir / "meraudiod.db")
+    conn.execute(fail_all)
+    conn.close()
+    reprocessed = cli("reprocess", "--failed", env=env)
+    assert reprocessed.returncode == 0, reprocessed.stderr
+    assert states() == {ids[0]: "pending", gone: "failed", ids[2]: "pending"}
+    assert reprocessed.stderr.splitlines() == [
+        f"skipped {gone}: its audio file {files[1]} is missing"
+    ], reprocessed.stderr
+    assert reprocessed.stdout.splitlines() == ["queued 2 recordings"], reprocessed.stdout
+
+
 def test_changes_to_a_database_it_may_not_write_are_one_line_and_delete_nothing(
     env: dict[str, str],
 ) -> None:
@@ -455,6 +494,8 @@ def test_changes_to_a_database_it_may_not_write_are_one_line_and_delete_nothing(
         "INSERT INTO speakers (id, name, provisional, opt_out, created_at, updated_at)"
         " VALUES ('S1', 'Carol', 0, 0, 0, 0)"
     )
+    # A failed job for --retry-failed to change (with none it has nothing to write).
+    conn.execute("UPDATE jobs SET state='failed' WHERE id=(SELECT MIN(id) FROM jobs)")
     conn.close()
     ids = [str(r["id"]) for r in db_rows(env, "SELECT id FROM recordings")]
     db.chmod(0o444)

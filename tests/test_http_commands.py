@@ -109,9 +109,17 @@ def test_errors_are_typed_the_same_over_mqtt_and_http(
             enrolled = client.post(SPEAKERS, json={"name": name, "recording_ids": [rec]})
             assert enrolled.status_code == 201, enrolled.text
         taken = client.post(f"{SPEAKERS}/rename", json={"name": "Ann", "new_name": "Ben"})
-        assert "exists already" in json_error(taken, 409, "conflict")
-        assert mqtt_error("speakers/rename", {"name": "Ann", "new_name": "Ben"})["code"] == (
-            "conflict"
+        # The way to merge the two is the surface's own: the CLI's command was named to
+        # clients of the HTTP API and of MQTT, which may not be on the device at all.
+        merge = '{"source": "Ann", "target": "Ben"}'
+        assert json_error(taken, 409, "conflict") == (
+            f"'Ben' exists already: to make them one voice, POST {merge} to {SPEAKERS}/merge"
+        )
+        over_mqtt = mqtt_error("speakers/rename", {"name": "Ann", "new_name": "Ben"})
+        assert over_mqtt["code"] == "conflict"
+        assert over_mqtt["error"] == (
+            f"'Ben' exists already: to make them one voice, publish {merge}"
+            f" to {BASE}/request/speakers/merge"
         )
         # the code, not the wording: a name that reads like "not found" is still a conflict
         odd = "Ben no such"

@@ -176,7 +176,7 @@ def test_admin_commands_when_allowed(env: dict[str, str], broker: Broker) -> Non
         deleted = request(sub, "recordings/delete", json.dumps({"ids": ids[:2]}))
         assert deleted["data"] == {"deleted": 2, "missing": 0}
         again = request(sub, "reprocess", json.dumps({"ids": ids[2:3]}))
-        assert again["data"] == {"queued": 1}
+        assert again["data"] == {"queued": 1, "skipped": []}
         sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH) + 1, 30)
         purged = request(
             sub, "purge", json.dumps({"start": "2000-01-01T00:00", "end": "2100-01-01T00:00"})

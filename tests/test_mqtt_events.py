@@ -76,7 +76,7 @@ def test_reprocess_does_not_fire_a_transcript_automation(
         last = sub.on(f"{BASE}/state")[-1].json()
         oldest = min(originals)
         queued = request(sub, "reprocess", json.dumps({"ids": [oldest, newest]}))
-        assert queued["data"] == {"queued": 2}
+        assert queued["data"] == {"queued": 2, "skipped": []}
         sub.wait_for(lambda: len(by_type(sub, "retranscribed")) == 2, 90)
         finish(proc)
     finally:

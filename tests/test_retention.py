@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings
-from meraudiod.db import open_db
+from meraudiod.db import Transaction, open_db
 from meraudiod.recordings import RecordingStore
 from meraudiod.retention import PurgeResult, purge, sweep
 
@@ -188,3 +191,82 @@ def test_keep_no_audio_with_a_file_it_may_not_delete_keeps_the_transcript_and_th
     )
     assert "1 audio files" in purged.stdout, purged.stderr
     assert not rec.audio_path.exists()
+
+
+def _old_recordings(settings: Settings, n: int, age_days: float) -> list[str]:
+    """n transcribed recordings `age_days` old, each with a (stand-in) audio file."""
+    conn = open_db(settings.storage.db_path)
+    audio_dir = settings.storage.audio_dir
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    started_at = time.time() - age_days * 86400
+    ids = [f"01OLD{i:021d}" for i in range(n)]
+    for rec_id in ids:
+        (audio_dir / f"{rec_id}.flac").write_bytes(b"fLaC")
+    with Transaction(conn):
+        conn.executemany(
+            "INSERT INTO recordings (id, source, started_at, ended_at, start_s, end_s,"
+            " duration_s, rms_dbfs, closed_at, status, audio_path, text)"
+            " VALUES (?, 'old', ?, 0, 0, 1, 1, -30, 0, 'done', ?, 'words')",
+            [(rec_id, started_at + i, f"{rec_id}.flac") for i, rec_id in enumerate(ids)],
+        )
+        conn.executemany(
+            "INSERT INTO jobs (recording_id, state, created_at, updated_at)"
+            " VALUES (?, 'done', 0, 0)",
+            ((rec_id,) for rec_id in ids),
+        )
+    conn.close()
+    return ids
+
+
+@pytest.mark.parametrize("limit", ["text_days", "audio_days"])
+def test_a_sweep_stops_between_batches_and_leaves_the_rest_whole(
+    settings: Settings, limit: str
+) -> None:
+    """Found stopping a daemon during a big sweep: it did not look at the stop event (20,000
+    deletes, 3 s; the audio sweep in one transaction). Now it stops between batches of 100:
+    each recording's row and audio file went together or not at all, and the next sweep
+    does the rest."""
+    n = 3000
+    ids = _old_recordings(settings, n, age_days=40 if limit == "text_days" else 10)
+    settings.retention.text_days = 30
+    settings.retention.audio_days = 7
+    db = settings.storage.db_path
+    gone_sql = (
+        "SELECT COUNT(*) FROM recordings WHERE audio_path IS NOT NULL"
+        if limit == "audio_days"
+        else "SELECT COUNT(*) FROM recordings"
+    )
+    stop = threading.Event()
+    results: list[PurgeResult] = []
+    sweeping = threading.Thread(
+        target=lambda: results.append(sweep(open_db(db), settings, stop)), name="sweep"
+    )
+    watcher = sqlite3.connect(db)
+    sweeping.start()
+    try:
+        # The stop comes once the first batch is committed, as a SIGTERM would at any time.
+        while sweeping.is_alive() and watcher.execute(gone_sql).fetchone()[0] == n:
+            time.sleep(0.002)
+        stop.set()
+    finally:
+        sweeping.join(60)
+    assert not sweeping.is_alive()
+    (result,) = results
+    done = result.recordings_deleted if limit == "text_days" else result.audio_files_deleted
+    assert 0 < done < n and done % 100 == 0, result  # whole batches, and not all of them
+    rows = {r[0]: r[1] for r in watcher.execute("SELECT id, audio_path FROM recordings")}
+    files = {p.name for p in settings.storage.audio_dir.iterdir()}
+    with_audio = {f"{rec_id}.flac" for rec_id, path in rows.items() if path is not None}
+    assert files == with_audio  # no file without its row, no row naming a file gone
+    assert len(with_audio) == n - done
+    assert watcher.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    again = sweep(open_db(db), settings)  # the next sweep does the rest
+    assert not list(settings.storage.audio_dir.iterdir())
+    if limit == "text_days":
+        assert again.recordings_deleted == n - done
+        assert watcher.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == 0
+    else:
+        assert again.audio_files_deleted == n - done
+        assert set(rows) == set(ids)
+    watcher.close()

@@ -262,6 +262,35 @@ def test_worker_names_voices_groups_strangers_and_forgets_opted_out(
         assert not list(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).rglob(f"{rec['id']}.*"))
 
 
+def test_recordings_show_json_gives_speakers_as_analyze_json_does(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    """Found reading both outputs: `recordings show --json` (and MQTT/HTTP recordings/get)
+    gave each segment flat `speaker_label` / `speaker_score` beside its speaker object, and
+    its `speakers` as stored rows (`speaker_id`, `provisional` 0/1, speech_s unrounded),
+    where `analyze --json` gives speaker objects. Now both give the same objects; the text
+    view still shows every voice's score and margin."""
+    env = {**env, "MERAUDIOD_SPEAKERS__ENABLED": "true"}
+    enrolled = cli("speakers", "enroll", "Alice", *(str(TEST_DATA / c) for c in ALICE), env=env)
+    assert enrolled.returncode == 0, enrolled.stderr
+    analysed = analyze(env, TEST_DATA / ALICE_TEST[0], TEST_DATA / STRANGERS[0])
+    records = [rec for item in analysed for rec in item["recordings"]]  # type: ignore[attr-defined]
+    assert {rec["speakers"][0]["name"] for rec in records} >= {"Alice"}, records
+    for rec in records:
+        shown = cli("recordings", "show", rec["id"], "--json", env=env)
+        assert shown.returncode == 0, shown.stderr
+        details = json.loads(shown.stdout)
+        assert [s["speaker"] for s in details["segments"]] == [
+            s["speaker"] for s in rec["segments"]
+        ]
+        assert details["speakers"] == rec["speakers"], (details["speakers"], rec["speakers"])
+        assert all(
+            set(s) & {"speaker_label", "speaker_score"} == set() for s in details["segments"]
+        )
+        text = cli("recordings", "show", rec["id"], env=env).stdout
+        assert "score " in text and "margin " in text, text
+
+
 def test_a_suspect_transcript_still_gets_its_speaker(
     env: dict[str, str], speaker_models: Path
 ) -> None:

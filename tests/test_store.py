@@ -128,7 +128,7 @@ def test_fail_retries_then_gives_up(settings: Settings) -> None:
     assert jobs.claim(s.conn, lease_s=60) is None
     (failed,) = jobs.backlog(s.conn)
     assert failed["state"] == "failed" and failed["error"] == "boom 3"
-    assert jobs.retry_failed(s.conn) == 1
+    assert jobs.retry_failed(s.conn) == jobs.Retried(requeued=1, skipped={})
     assert jobs.claim(s.conn, lease_s=60) is not None
 
 

@@ -112,7 +112,12 @@ def run_command(
         )
     with ctx.connect() as conn:
         context = CommandContext(
-            conn, ctx.settings, admin=True, runtime=ctx.daemon, readable_files=uploaded
+            conn,
+            ctx.settings,
+            admin=True,
+            runtime=ctx.daemon,
+            readable_files=uploaded,
+            surface="http",
         )
         try:
             return execute(context, name, {k: v for k, v in args.items() if v is not None})
