@@ -175,15 +175,20 @@ def test_an_upload_onto_a_full_disk_is_a_clear_error_and_stores_nothing(
         assert daemon.stop() == 0, daemon.log()
 
 
-def _recordings(daemon: FullDiskDaemon, count: int) -> list[dict[str, object]]:
-    """All recordings, oldest first, once there are `count` and all are transcribed."""
+def _recordings(
+    daemon: FullDiskDaemon, count: int, audio_dropped: bool = False
+) -> list[dict[str, object]]:
+    """All recordings, oldest first, once there are `count` and all are transcribed (and,
+    audio_dropped, none names an audio file: keep_audio = false drops it in a transaction
+    of its own after the transcript's)."""
     rows: list[dict[str, object]] = []
     sql = "SELECT status, audio_path, text FROM recordings ORDER BY id"  # ULIDs: as saved
 
     def transcribed() -> bool:
         nonlocal rows
         rows = daemon.rows(sql)
-        return len(rows) == count and all(r["status"] == "done" for r in rows)
+        dropped = not audio_dropped or all(r["audio_path"] is None for r in rows)
+        return len(rows) == count and all(r["status"] == "done" for r in rows) and dropped
 
     wait_for(transcribed, _READY_S, f"{count} recordings transcribed")
     return rows
@@ -210,7 +215,7 @@ def test_audio_is_written_again_once_the_full_disk_has_room(
         assert all(r["audio_path"] is None and r["text"] for r in full)
         daemon.grow("16m")
         daemon.say(speech)
-        freed = _recordings(daemon, 10)[5:]
+        freed = _recordings(daemon, 10, audio_dropped=not keep_audio)[5:]
         audio = sorted((daemon.disk / "meraudiod").rglob("*.flac"))
         assert all((r["audio_path"] is not None) is keep_audio and r["text"] for r in freed)
         assert len(audio) == (5 if keep_audio else 0)

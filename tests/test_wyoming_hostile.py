@@ -272,7 +272,11 @@ def test_the_daemon_outlives_servers_that_speak_nonsense(
         assert "announced a data_length of 1073741824 bytes" in errors()[flood.uri]
         states = {r["state"] for r in db_rows(run_env, "SELECT state FROM jobs")}
         assert states <= {"pending", "running"}  # max_attempts is 10: nothing failed
-        assert flood.sent_bytes < 16_000_000
+        # Each request is cut at the header: what the server got out is what the sockets'
+        # buffers hold (a few MB on loopback), per request, however many retries a loaded
+        # machine fits in before this line.
+        assert flood.requests >= 2
+        assert flood.sent_bytes < 8_000_000 * flood.requests
         # The daemon's own peak: wait4's ru_maxrss starts from the forking test process's
         # (kept across exec), 1.2 GB late in the suite.
         peak_kb = _peak_rss_kb(proc.pid)
