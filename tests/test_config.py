@@ -190,3 +190,26 @@ def test_a_setting_that_is_not_utf8_text_is_named(
     monkeypatch.setenv(variable, "K\udcfcche")
     with pytest.raises(ConfigError, match=re.escape(key) + ".*not valid UTF-8"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[http]\nenabled = true\nmax_upload_mb = inf\n", "http.max_upload_mb"),
+        ("[retention]\nsweep_interval_s = inf\n", "retention.sweep_interval_s"),
+        ("[retention]\nsweep_interval_s = 1e300\n", "retention.sweep_interval_s"),
+    ],
+)
+def test_an_endless_number_is_named_not_a_crash(env: dict[str, str], toml: str, key: str) -> None:
+    # TOML has inf, and a bound "greater than 0" lets it (and 1e300) through: config check
+    # said "configuration ok", then the start died of it, exit 1, which systemd restarts
+    # every 5 s for ever ("Error: OverflowError: cannot convert float infinity to integer";
+    # the retention thread's traceback, "timestamp out of range for platform time_t").
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    check = cli("config", "check", env=env)
+    assert check.returncode != 0 and key in check.stderr, check.stderr + check.stdout
+    run = cli("run", "--source", "demo", env=env)
+    assert run.returncode == 78, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: invalid configuration") and key in last, run.stderr
