@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import soundfile
 
 from meraudiod.audio import decode_file
@@ -48,6 +49,38 @@ def test_off_loopback_without_a_token_refuses_to_start(env: dict[str, str]) -> N
     err = _refused_start(env, '[http]\nenabled = true\nhost = "0.0.0.0"\n')
     assert "http.host 0.0.0.0 is reachable from other machines" in err
     assert "http.token" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    ("token", "key", "why"),
+    [
+        ('token_file = "{empty}"', "http.token_file", "is empty"),
+        ('token = "   "', "http.token", "printable ASCII"),
+        ('token = "p\u00e4ssw\u00f6rd"', "http.token", "printable ASCII"),
+    ],
+)
+def test_a_token_no_client_can_send_is_named(
+    env: dict[str, str], tmp_path: Path, token: str, key: str, why: str
+) -> None:
+    # An empty token file passed `config check` ("configuration ok") and then stopped the
+    # start with "set http.token or http.token_file", which was set. A token of spaces, or
+    # one not in ASCII (a header is Latin-1, the file UTF-8), was taken: the daemon served
+    # 0.0.0.0 and answered every Authorization: Bearer 401, saying nothing of why.
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    config = f'[http]\nenabled = true\nhost = "0.0.0.0"\n{token.format(empty=empty)}\n'
+    Path(env["MERAUDIOD_CONFIG"]).write_text(config)
+    check = subprocess.run(
+        [sys.executable, "-m", "meraudiod", "config", "check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode != 0 and key in check.stderr and why in check.stderr, check
+    err = _refused_start(env, config)
+    assert len(err.strip().splitlines()) == 1 and key in err and why in err, err
 
 
 def test_a_port_in_use_fails_the_start_with_one_line(env: dict[str, str]) -> None:
