@@ -135,7 +135,7 @@ def test_admin_operations_need_http_allow_admin_commands(settings: Any) -> None:
     from meraudiod.http.common import HttpContext
 
     app = create_app(HttpContext(settings), token=None)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         assert client.get("/api/v1/recordings").status_code == 200
         for method, path, body in (
             ("DELETE", "/api/v1/recordings/01M89AY2FTNHNGP6MBNKJA4H0J", None),
@@ -170,6 +170,46 @@ def test_cross_origin_requests_only_from_configured_origins(settings: Any) -> No
             "/api/v1/recordings", headers={**preflight, "Origin": "http://evil.example"}
         )
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_another_site_cannot_use_a_daemon_without_a_token(env: dict[str, str]) -> None:
+    # Without a token the API is meant for this machine alone (loopback), but a browser
+    # here (or an admin's, through an SSH tunnel to it) also runs other sites' scripts: a
+    # WebSocket is not held back by the same-origin rule, so any page could read every
+    # transcript live from /ws/events; a form could switch listening off; and a name of the
+    # site's own resolving to 127.0.0.1 (DNS rebinding) read the whole API as its own.
+    import asyncio
+
+    import websockets
+    import websockets.exceptions
+
+    server = HttpDaemon(env, token=None).start()
+    port = server.port
+    evil = {"Origin": "http://evil.example"}
+
+    async def feed(origin: str) -> None:
+        async with websockets.connect(
+            f"ws://127.0.0.1:{port}/ws/events", additional_headers={"Origin": origin}
+        ) as ws:
+            await ws.ping()
+
+    try:
+        with server.client() as client:
+            json_error(client.post("/api/v1/vad/stop", headers=evil), 403, "forbidden")
+            json_error(client.get("/api/v1/recordings", headers=evil), 403, "forbidden")
+            rebound = client.get("/api/v1/recordings", headers={"Host": f"evil.example:{port}"})
+            assert "http.token" in json_error(rebound, 403, "forbidden")
+            assert client.get("/api/v1/status").json()["listening"] is True
+            with pytest.raises(websockets.exceptions.InvalidStatus):
+                asyncio.run(feed("http://evil.example"))
+            # the page itself, at any loopback name, still works
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+                origin = {"Origin": f"http://{host}", "Host": host}
+                assert client.post("/api/v1/vad/stop", headers=origin).status_code == 200
+                assert client.post("/api/v1/vad/start", headers=origin).status_code == 200
+            asyncio.run(feed(f"http://127.0.0.1:{port}"))
+    finally:
+        assert server.stop() == 0
 
 
 def test_json_log_lines_carry_the_request_id(env: dict[str, str]) -> None:
@@ -214,7 +254,8 @@ from fastapi.testclient import TestClient
 from meraudiod.config import Settings
 from meraudiod.http.app import create_app
 from meraudiod.http.common import HttpContext
-with TestClient(create_app(HttpContext(Settings()), token=None)) as client:
+app = create_app(HttpContext(Settings()), token=None)
+with TestClient(app, base_url="http://localhost") as client:
     assert client.get("/api/openapi.json").status_code == 200
     assert client.get("/api/v1/nothing").status_code == 404
 print(sorted(m for m, mod in sys.modules.items() if m.startswith("pydantic.v1") and mod))
@@ -259,14 +300,18 @@ def test_slow_clients_are_cut_off_while_others_are_served(env: dict[str, str]) -
     http.header_timeout_s / http.body_timeout_s (each long before the trickle would end)."""
     server = HttpDaemon(env, config="header_timeout_s = 2\nbody_timeout_s = 3\n", token=None)
     server.start()
-    head = b"GET /api/v1/recordings HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+    head = (
+        b"GET /api/v1/recordings HTTP/1.1\r\nHost: localhost\r\nX-Padding: "
+        + b"a" * 200
+        + b"\r\n\r\n"
+    )
     form = (
         b'--b0\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
         + b"\0" * 300
         + b"\r\n--b0--\r\n"
     )
     upload = (
-        b"POST /api/v1/analysis/upload HTTP/1.1\r\nHost: x\r\n"
+        b"POST /api/v1/analysis/upload HTTP/1.1\r\nHost: localhost\r\n"
         b"Content-Length: %d\r\nContent-Type: multipart/form-data; boundary=b0\r\n\r\n%s"
         % (len(form), form)
     )

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ulid import ULID
 
 from .. import __version__
+from ..config_network import is_loopback
 from ..db import disk_full
 from .common import REQUEST_ID, ApiError, HttpContext, error_body
 
@@ -46,10 +47,16 @@ class Guard:
     """
 
     def __init__(
-        self, app: ASGIApp, token: str | None, max_body_bytes: int, body_timeout_s: float
+        self,
+        app: ASGIApp,
+        token: str | None,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        cors_origins: list[str] | None = None,
     ) -> None:
         self.app = app
         self.token = token
+        self.cors_origins = frozenset(cors_origins or ())
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
 
@@ -89,6 +96,13 @@ class Guard:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
     ) -> None:
         path = scope["path"]
+        foreign = self._foreign(headers)
+        if foreign is not None:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 4403, "reason": "another site"})
+                return
+            await _respond(scope, receive, send, _error(403, "forbidden", foreign))
+            return
         if self.token is not None and path not in _OPEN_PATHS and not self._authorized(headers):
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 4401, "reason": "bad token"})
@@ -116,6 +130,23 @@ class Guard:
                 return
             receive = self._counting(receive, limit, message)
         await self.app(scope, receive, send)
+
+    def _foreign(self, headers: dict[str, str]) -> str | None:
+        """Why a browser's request on behalf of another site is refused (None: it is not).
+        A WebSocket or a form is sent cross-site whatever CORS says, and without a token a
+        site whose name resolves to 127.0.0.1 (DNS rebinding) is the same origin as this."""
+        host = headers.get("host", "").lower()
+        if self.token is None and host and not is_loopback(_host_name(host)):
+            return (
+                f"Host {host[:100]!r} is not this machine: without http.token the API answers"
+                " its loopback names only"
+            )
+        origin = headers.get("origin")
+        if origin is None or origin in self.cors_origins:
+            return None
+        if origin.lower().partition("://")[2] != host:
+            return f"Origin {origin[:100]!r} is another site (see http.cors_origins)"
+        return None
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         assert self.token is not None
@@ -159,6 +190,13 @@ class Guard:
             return message
 
         return counted
+
+
+def _host_name(host: str) -> str:
+    """A Host header without its port (and an IPv6 address without its brackets)."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
 def _same(given: str, token: str) -> bool:
@@ -215,6 +253,7 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
         token=token,
         max_body_bytes=int(ctx.settings.http.max_upload_mb * 1e6),
         body_timeout_s=ctx.settings.http.body_timeout_s,
+        cors_origins=ctx.settings.http.cors_origins,
     )
     # Outside the guard: a browser's preflight carries no token.
     cors = ctx.settings.http.cors_origins
