@@ -132,11 +132,15 @@ class Guard:
         await self.app(scope, receive, send)
 
     def _foreign(self, headers: dict[str, str]) -> str | None:
-        """Why a browser's request on behalf of another site is refused (None: it is not).
-        A WebSocket or a form is sent cross-site whatever CORS says, and without a token a
-        site whose name resolves to 127.0.0.1 (DNS rebinding) is the same origin as this."""
+        """Without a token, why a browser's request on behalf of another site is refused
+        (None: it is not). A WebSocket or a form is sent cross-site whatever CORS says, and a
+        site whose name resolves to 127.0.0.1 (DNS rebinding) is the same origin as this.
+        With a token they carry none (the page's cookie is SameSite=Strict), and a reverse
+        proxy may give another Host than the browser's Origin."""
+        if self.token is not None:
+            return None
         host = headers.get("host", "").lower()
-        if self.token is None and host and not is_loopback(_host_name(host)):
+        if host and not is_loopback(_host_name(host)):
             return (
                 f"Host {host[:100]!r} is not this machine: without http.token the API answers"
                 " its loopback names only"
