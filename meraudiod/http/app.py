@@ -37,6 +37,14 @@ _OPEN_PATHS: Final = frozenset({"/health", "/favicon.ico"})
 # A body that is not an upload (multipart/form-data): a JSON request needs a few KB, and a
 # 95 MB one, under the upload limit, was parsed whole (the daemon's peak memory +190 MB).
 MAX_OTHER_BODY_BYTES: Final = 1_000_000
+# The routes that take a file (by path: a body labelled multipart elsewhere is read whole).
+UPLOAD_PATHS: Final = frozenset(
+    {
+        "/api/v1/analysis/upload",
+        "/api/v1/vad/upload_recording",
+        "/api/v1/persistent-speakers/upload",
+    }
+)
 
 
 class Guard:
@@ -120,7 +128,7 @@ class Guard:
             return
         if scope["type"] == "http":
             limit, message = self.max_body_bytes, too_large_message(self.max_body_bytes)
-            upload = headers.get("content-type", "").lower().startswith("multipart/")
+            upload = path in UPLOAD_PATHS
             if not upload and limit > MAX_OTHER_BODY_BYTES:
                 limit = MAX_OTHER_BODY_BYTES
                 message = too_large_message(limit, "only an upload may be larger")
