@@ -212,6 +212,33 @@ def test_another_site_cannot_use_a_daemon_without_a_token(env: dict[str, str]) -
         assert server.stop() == 0
 
 
+def test_connections_beyond_the_limit_are_refused_not_those_before(env: dict[str, str]) -> None:
+    # uvicorn's limit_concurrency is checked at each request against every open connection:
+    # once more than http.max_connections were open, each request on any of them got 503,
+    # so a burst of 100 uploads (or idle connections) served none, not 64 of them.
+    server = HttpDaemon(env, config="max_connections = 4\n", token=None).start()
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+    def answer(sock: socket.socket) -> bytes:
+        sock.sendall(request)
+        return sock.recv(200).split(b"\r\n")[0]
+
+    try:
+        socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(7)]
+        time.sleep(0.5)  # all accepted
+        try:
+            assert [answer(s) for s in socks[:4]] == [b"HTTP/1.1 200 OK"] * 4
+            assert [answer(s) for s in socks[4:]] == [b"HTTP/1.1 503 Service Unavailable"] * 3
+        finally:
+            for sock in socks:
+                sock.close()
+        time.sleep(0.5)
+        with server.client() as client:
+            assert client.get("/health").status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
 def test_json_log_lines_carry_the_request_id(env: dict[str, str]) -> None:
     server = HttpDaemon(env, config='[logging]\nformat = "json"\n', token=None).start()
     try:
