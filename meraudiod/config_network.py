@@ -65,6 +65,11 @@ class MqttSettings(Section):
     outbox_max_age_days: float = Field(7.0, gt=0, description="Undelivered events kept this long")
     outbox_max_rows: int = Field(10000, ge=10, description="Most undelivered events kept")
 
+    @field_validator("password_file", "tls_ca_file", "tls_cert_file", "tls_key_file", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: object) -> object:
+        return None if value == "" else value  # not ".", the current directory
+
     @field_validator("node_id")
     @classmethod
     def _sanitize(cls, value: str) -> str:

@@ -213,3 +213,22 @@ def test_an_endless_number_is_named_not_a_crash(env: dict[str, str], toml: str, 
     assert "Traceback" not in run.stderr, run.stderr
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: invalid configuration") and key in last, run.stderr
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "MERAUDIOD_MQTT__PASSWORD_FILE",
+        "MERAUDIOD_MQTT__TLS_CA_FILE",
+        "MERAUDIOD_MQTT__TLS_CERT_FILE",
+        "MERAUDIOD_MQTT__TLS_KEY_FILE",
+    ],
+)
+def test_an_empty_mqtt_file_is_not_set(env: dict[str, str], variable: str) -> None:
+    # "An empty path means not set, never the current directory" held for the storage
+    # directories and http.token_file only: an empty MQTT file was "." ("mqtt.password_file:
+    # cannot read . as user root: Is a directory"; "mqtt.tls_ca_file is set but mqtt.tls is
+    # false"), and the daemon ran with MQTT off saying so.
+    result = cli("config", "check", env={**env, variable: ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("configuration ok"), result.stdout
