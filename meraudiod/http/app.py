@@ -120,7 +120,7 @@ class Guard:
                 if token and _same(token, self.token):
                     await _respond(scope, receive, send, _login(token))
                     return
-                await _respond(scope, receive, send, HTMLResponse(_LOGIN_PAGE, 401))
+                await _respond(scope, receive, send, HTMLResponse(_LOGIN_PAGE, 401, NO_FRAMES))
                 return
             await _respond(
                 scope, receive, send, _error(401, "unauthorized", "missing or wrong bearer token")
@@ -236,6 +236,10 @@ def _login(token: str) -> Response:
     return response
 
 
+# The page in another site's frame, invisible over that site's buttons, would take the
+# user's clicks (delete, opt out, the listening switch): clickjacking.
+NO_FRAMES: Final = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+
 _LOGIN_PAGE: Final = """<!doctype html><meta name="viewport" content="width=device-width">
 <title>meraudiod</title><form method="get" action="/"><p>This device needs its token
 (<code>http.token</code>).</p><input name="token" type="password" autofocus>
@@ -310,7 +314,7 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:
-        return HTMLResponse(_asset("index.html"))
+        return HTMLResponse(_asset("index.html"), headers=NO_FRAMES)
 
     @app.get("/page/{name}", include_in_schema=False)
     def page_asset(name: str) -> Response:
