@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -232,3 +233,12 @@ def test_an_empty_mqtt_file_is_not_set(env: dict[str, str], variable: str) -> No
     result = cli("config", "check", env={**env, variable: ""})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("configuration ok"), result.stdout
+
+
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(env: dict[str, str]) -> None:
+    # Notepad (and other Windows editors) save UTF-8 with a byte order mark, which no editor
+    # shows: the file was refused as "Invalid statement (at line 1, column 1)".
+    Path(env["MERAUDIOD_CONFIG"]).write_bytes(b"\xef\xbb\xbf[asr]\r\nbeam_size = 2\r\n")
+    result = cli("config", "check", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["asr"]["beam_size"] == 2
