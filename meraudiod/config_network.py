@@ -158,7 +158,7 @@ class HttpSettings(Section):
             return self.token
         if self.token_file is not None:
             try:
-                text = self.token_file.read_text(encoding="utf-8").strip()
+                text = self.token_file.read_text(encoding="utf-8-sig").strip()  # a BOM too
             except OSError as exc:
                 raise ConfigError(f"http.token_file: cannot read {self.token_file}: {exc}") from exc
             if not text:
