@@ -46,6 +46,9 @@ def hold_data_dir(settings: Settings) -> int | None:
             f"another meraudiod (pid {holder}) runs on {settings.storage.data_dir}: stop it"
             " first (systemctl stop meraudiod), or give this one another storage.data_dir"
         ) from None
+    except OSError:  # a file system without locks (some NFS, FUSE): run as before
+        os.close(fd)
+        return None
     with contextlib.suppress(OSError):  # the pid is for the message only
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
