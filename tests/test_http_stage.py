@@ -239,6 +239,22 @@ def test_connections_beyond_the_limit_are_refused_not_those_before(env: dict[str
         assert server.stop() == 0
 
 
+def test_cors_origins_star_lets_any_site_in_without_a_token(settings: Any) -> None:
+    """`cors_origins = ["*"]` is the admin's word for any site: the other-site check must not
+    refuse what CORS allows."""
+    from fastapi.testclient import TestClient
+
+    from meraudiod.http.app import create_app
+    from meraudiod.http.common import HttpContext
+
+    evil = {"Origin": "http://evil.example"}
+    with TestClient(create_app(HttpContext(settings), None), base_url="http://localhost") as c:
+        assert c.get("/api/v1/recordings", headers=evil).status_code == 403
+    settings.http.cors_origins = ["*"]
+    with TestClient(create_app(HttpContext(settings), None), base_url="http://localhost") as c:
+        assert c.get("/api/v1/recordings", headers=evil).status_code == 200
+
+
 def test_json_log_lines_carry_the_request_id(env: dict[str, str]) -> None:
     server = HttpDaemon(env, config='[logging]\nformat = "json"\n', token=None).start()
     try:
