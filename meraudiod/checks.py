@@ -5,6 +5,8 @@ key or directory, the path and the reason."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pwd
 import ssl
@@ -22,6 +24,35 @@ class StartError(Exception):
 class MayPassError(Exception):
     """Something that may pass by itself (a port in use) stops the start: exit 1, and
     systemd starts the daemon again. The message is the whole story."""
+
+
+def hold_data_dir(settings: Settings) -> int | None:
+    """Lock the data directory for this daemon's life (an flock, which ends with the
+    process, however it ends); MayPassError naming the daemon that holds it. Two daemons on
+    one directory shared its heartbeat and MQTT client id, and each start removed the other's
+    uploads under way. None when the lock file cannot be made (a full disk: the store's own
+    start-up says so)."""
+    path = settings.storage.data_dir / "daemon.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise MayPassError(
+            f"another meraudiod (pid {holder}) runs on {settings.storage.data_dir}: stop it"
+            " first (systemctl stop meraudiod), or give this one another storage.data_dir"
+        ) from None
+    except OSError:  # a file system without locks (some NFS, FUSE): run as before
+        os.close(fd)
+        return None
+    with contextlib.suppress(OSError):  # the pid is for the message only
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def user_name() -> str:

@@ -31,7 +31,7 @@ from .cli_models import models_group
 from .cli_recordings import purge, recordings
 from .cli_speakers import speakers_group
 from .cli_status import status_cmd
-from .db import DatabaseError
+from .db import DamagedDatabaseError, DatabaseError
 from .mounts import NotMounted, models_dir, store_dirs
 from .recording_views import analysis_record
 from .signals import Stopped, command_handlers, run_handlers
@@ -189,7 +189,8 @@ def _discard_stdout() -> None:
 
 def _needs_a_person() -> tuple[type[Exception], ...]:
     """Errors at start whose message is the whole story (the file, the reason, the fix) and
-    that no restart can cure: a model missing or damaged, a directory not writable."""
+    that no restart can cure: a model missing or damaged, a directory not writable, a
+    database damaged or from a newer meraudiod."""
     from .asr import AsrError
     from .diarization import DiarizationError
     from .vad import VadError
@@ -202,6 +203,7 @@ def _needs_a_person() -> tuple[type[Exception], ...]:
         VadError,
         SpeakerError,
         StartError,
+        DamagedDatabaseError,
     )
 
 

@@ -9,6 +9,7 @@ import click
 
 from .checks import mqtt_file_problems, named_files, unreadable_files
 from .cli_common import config_option, echo_json, json_option, settings_from
+from .config import ConfigError
 from .mic_source import input_devices
 from .mounts import models_dir, storage_dirs, unmounted_paths
 
@@ -44,6 +45,10 @@ def config_check(config_path: Path | None, as_json: bool) -> None:
     problems = unreadable_files(settings) or mqtt_file_problems(settings)
     if problems:
         raise click.ClickException("; ".join(problems))
+    try:
+        settings.http.resolved_token()  # an empty token file stops the start
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         echo_json(settings.without_secrets())
         return

@@ -202,7 +202,8 @@ def _read_file(path: str | Path | None) -> tuple[dict[str, Any], str]:
                     f"config file {config_path} is {size_bytes / 1e6:.1f} MB: not a"
                     f" configuration (at most {_MAX_FILE_BYTES / 1e6:.0f} MB are read)"
                 )
-            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+            # -sig: a byte order mark (Notepad's UTF-8) is no "invalid statement"
+            data = tomllib.loads(config_path.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_path}: {exc}") from exc
         except RecursionError as exc:  # the parser recurses per nested array or table

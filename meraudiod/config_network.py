@@ -65,6 +65,11 @@ class MqttSettings(Section):
     outbox_max_age_days: float = Field(7.0, gt=0, description="Undelivered events kept this long")
     outbox_max_rows: int = Field(10000, ge=10, description="Most undelivered events kept")
 
+    @field_validator("password_file", "tls_ca_file", "tls_cert_file", "tls_key_file", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: object) -> object:
+        return None if value == "" else value  # not ".", the current directory
+
     @field_validator("node_id")
     @classmethod
     def _sanitize(cls, value: str) -> str:
@@ -131,6 +136,13 @@ class HttpSettings(Section):
     def _no_empty_path(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("token")
+    @classmethod
+    def _sendable_token(cls, value: str | None) -> str | None:
+        if value:
+            _check_token(value)
+        return value
+
     @model_validator(mode="after")
     def _token_off_loopback(self) -> HttpSettings:
         if self.enabled and not is_loopback(self.host) and not (self.token or self.token_file):
@@ -146,11 +158,27 @@ class HttpSettings(Section):
             return self.token
         if self.token_file is not None:
             try:
-                text = self.token_file.read_text(encoding="utf-8").strip()
+                text = self.token_file.read_text(encoding="utf-8-sig").strip()  # a BOM too
             except OSError as exc:
                 raise ConfigError(f"http.token_file: cannot read {self.token_file}: {exc}") from exc
-            return text or None
+            if not text:
+                raise ConfigError(f"http.token_file: {self.token_file} is empty")
+            try:
+                _check_token(text)
+            except ValueError as exc:
+                raise ConfigError(f"http.token_file: {self.token_file}: {exc}") from None
+            return text
         return None
+
+
+def _check_token(token: str) -> None:
+    """A token a client can send: an Authorization header is Latin-1 and loses its ends'
+    spaces, so spaces alone or a letter outside ASCII would match no request at all."""
+    if not (token.isascii() and token.isprintable() and token.strip() == token):
+        raise ValueError(
+            "a bearer token is printable ASCII, without spaces at either end"
+            " (it is sent in an Authorization header)"
+        )
 
 
 class HomeAssistantSettings(Section):

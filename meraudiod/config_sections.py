@@ -21,6 +21,7 @@ from pydantic import (
 # More threads than any board has cores only makes them fight (5000 CTranslate2 threads ran
 # twenty times slower than real time).
 MAX_THREADS: Final = 64
+_YEAR_S: Final = 365 * 86400.0
 
 
 class ConfigError(Exception):
@@ -37,9 +38,10 @@ def _default_data_dir() -> Path:
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, and text must be UTF-8."""
+    """Base of every section: unknown keys are errors, text must be UTF-8, and numbers finite
+    (TOML has inf and nan: an endless limit or interval passed "gt=0" and killed the start)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*")
     @classmethod
@@ -342,7 +344,12 @@ class RetentionSettings(Section):
     text_days: float | None = Field(None, gt=0, description="Delete transcripts older than this")
     keep_audio: bool = Field(True, description="false: delete audio once it is transcribed")
     min_free_disk_mb: int = Field(500, ge=0, description="Below this, stop writing audio")
-    sweep_interval_s: float = Field(3600.0, gt=0, description="How often retention runs")
+    sweep_interval_s: float = Field(
+        3600.0,
+        gt=0,
+        le=_YEAR_S,  # the retention thread's wait takes no more (1e300: time_t overflows)
+        description="How often retention runs",
+    )
 
 
 class LoggingSettings(Section):

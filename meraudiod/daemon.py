@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from .checks import check_writable, files_in_use
+from .checks import check_writable, files_in_use, hold_data_dir
 from .config import Settings
 from .db import DiskFullError, get_kv, open_db, set_kv
 from .health import Health
@@ -72,6 +72,7 @@ class Daemon:
         self.reload_requested = threading.Event()
         self.restart_needed: list[str] = []  # changed keys the last reload could not apply
         self.reload_error: str | None = None  # why the last reload was refused
+        self._data_lock: int | None = None  # the flock on data_dir/daemon.lock, held for life
         self.error: str | None = None
         self.notifier = Notifier()
         self.inbound: queue.Queue[Any] = queue.Queue(maxsize=100)
@@ -99,6 +100,7 @@ class Daemon:
         if not wait_for_mounts(needed, self.stop_event, self._waiting):
             return False
         check_writable(self.settings)  # one line naming the directory, not a traceback
+        self._data_lock = hold_data_dir(self.settings)  # not a second daemon beside another
         heartbeat_path(self.settings).parent.mkdir(parents=True, exist_ok=True)
         conn = self._open_store()
         if conn is None:

@@ -36,6 +36,23 @@ class DatabaseError(Exception):
     """The database cannot be used as it is; the message names the file and what to do."""
 
 
+class DamagedDatabaseError(DatabaseError):
+    """The database is damaged, not a database, or from a newer meraudiod (or the SQLite is
+    too old): no restart mends it, only a person restoring or moving the file."""
+
+
+# SQLite's primary result codes for a file that is damaged or no database at all.
+_SQLITE_CORRUPT: Final = 11
+_SQLITE_NOTADB: Final = 26
+
+
+def _damaged(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11 and later
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    return any(words in str(exc) for words in ("malformed", "file is not a database"))
+
+
 class DiskFullError(DatabaseError):
     """The database cannot be opened: its disk is full to the last byte."""
 
@@ -44,7 +61,7 @@ def check_sqlite_version(version: str = sqlite3.sqlite_version) -> None:
     """DatabaseError when the SQLite library is older than the features used need."""
     found = tuple(int(part) for part in version.split(".")[:3])
     if found < MIN_SQLITE:
-        raise DatabaseError(
+        raise DamagedDatabaseError(
             f"SQLite {version} is too old: meraudiod needs {'.'.join(map(str, MIN_SQLITE))}"
             " or later (RETURNING, DROP COLUMN); use a Python built with a newer SQLite"
         )
@@ -55,7 +72,7 @@ def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
     found = [str(row[0]) for row in conn.execute("PRAGMA quick_check(5)")]
     if found != ["ok"]:
         detail = "; ".join(" ".join(line.split()) for line in found)
-        raise DatabaseError(
+        raise DamagedDatabaseError(
             f"database {path} is damaged (PRAGMA quick_check: {detail}): restore it from a"
             " backup, or move it away to start with an empty one"
         )
@@ -109,7 +126,7 @@ def _open(path: Path, exclusive: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA secure_delete=ON")
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > len(MIGRATIONS):
-            raise DatabaseError(
+            raise DamagedDatabaseError(
                 f"database {path} has schema version {version}, newer than this meraudiod's"
                 f" {len(MIGRATIONS)}: it was written by a newer meraudiod; upgrade meraudiod,"
                 " or move the database away to start with an empty one"
@@ -118,7 +135,7 @@ def _open(path: Path, exclusive: bool = False) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         conn.close()
         full = _full_disk(path)
-        error = DiskFullError if full else DatabaseError
+        error = DiskFullError if full else DamagedDatabaseError if _damaged(exc) else DatabaseError
         raise error(f"cannot open database {path}: {exc}{full}") from exc
     except DatabaseError:
         conn.close()

@@ -31,7 +31,7 @@ def read_password(settings: Settings) -> str | None:
     """The broker password, from the environment/config or its file (never logged)."""
     m = settings.mqtt
     if m.password_file is not None:
-        return m.password_file.read_text(encoding="utf-8").strip()
+        return m.password_file.read_text(encoding="utf-8-sig").strip()  # Notepad's BOM
     return m.password
 
 

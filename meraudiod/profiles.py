@@ -91,6 +91,16 @@ def profile_row(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
     return row  # type: ignore[no-any-return]
 
 
+# Inside a word, joiners are part of a name: an emoji sequence, a Persian or Indic name.
+_JOINERS: Final = frozenset("\u200c\u200d")
+
+
+def _unseen(char: str) -> bool:
+    """A format character (zero-width space, bidi override, BOM) or a line or paragraph
+    separator: "Alice\u200b" looks like Alice, "\u202eecilA" shows as Alice."""
+    return unicodedata.category(char) in ("Cf", "Zl", "Zp") and char not in _JOINERS
+
+
 def check_name(name: str) -> str:
     """A person's name as stored, without surrounding spaces (" Alice" is Alice, not a
     second person): not empty, no control characters (a new line would forge a line of a
@@ -100,6 +110,11 @@ def check_name(name: str) -> str:
         raise ProfileError("a speaker needs a name")
     if any(unicodedata.category(c) == "Cc" for c in name):
         raise ProfileError(f"{name!r}: a speaker's name cannot hold control characters")
+    if any(_unseen(c) for c in name):
+        raise ProfileError(
+            f"{name!r}: a speaker's name cannot hold invisible characters (a zero-width space,"
+            " a direction override, a line separator): it would look like another name"
+        )
     if is_provisional_name(name):
         raise ProfileError(
             f"{name!r} has the form of a provisional voice (unknown-N): choose another name"

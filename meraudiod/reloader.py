@@ -74,7 +74,9 @@ class Reloader:
         for name, digest in _secret_digests(settings).items():
             if name not in needs_restart and digest != self._secrets_at_start.get(name):
                 needs_restart.append(f"{name} (its contents)")
-        self._update_speakers()
+        kept_off = self._update_speakers()
+        if kept_off is not None:  # not applied: `status` says why, as for a refused file
+            applied = [n for n in applied if n not in ("speakers.enabled", "diarization.enabled")]
         if any(name.startswith("retention.") for name in applied):
             daemon.retention.sweep_now()
         if any(name.startswith("logging.") for name in applied):
@@ -83,7 +85,7 @@ class Reloader:
             daemon.listener.update_params(
                 SegmenterParams.from_settings(settings.vad, settings.recorder)
             )
-        daemon.reload_error, daemon.restart_needed = None, needs_restart
+        daemon.reload_error, daemon.restart_needed = kept_off, needs_restart
         daemon.health.heartbeat()
         daemon.notifier.status(
             daemon.health.status_line()
@@ -94,17 +96,20 @@ class Reloader:
         # Said last: once it is in the log, `status` shows this reload.
         _LOGGER.info("reloaded configuration: applied %s", ", ".join(applied) or "nothing")
 
-    def _update_speakers(self) -> None:
+    def _update_speakers(self) -> str | None:
         """Load or free the speaker models as speakers/diarization were turned on or off; a
-        model that will not load leaves them off, said in the log."""
+        model that will not load leaves them off, said in the log; returns why (None: done)."""
         daemon = self.daemon
+        kept_off = None
         try:
             changed = daemon.pipeline.update_speakers()
         except (SpeakerError, DiarizationError) as exc:
-            _LOGGER.error("speakers and diarization stay off: %s", exc)
+            kept_off = f"speakers and diarization stay off: {exc}"
+            _LOGGER.error("%s", kept_off)
             for section in (daemon.settings.speakers, daemon.settings.diarization):
                 object.__setattr__(section, "enabled", False)
             changed = None
         if changed:
             _LOGGER.info("%s", changed)
         daemon.models = configured_models(daemon.settings)
+        return kept_off

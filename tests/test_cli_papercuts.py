@@ -463,6 +463,29 @@ def test_a_name_with_spaces_around_it_is_the_same_person(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_name_with_invisible_or_reversing_characters_is_refused(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    # Only control characters were refused: "Alice" with a zero-width space pasted after it
+    # was a second person who looks the same everywhere, a right-to-left override made
+    # "\u202eecilA" show as "Alice" on the review page, and a line separator (U+2028) broke
+    # a name across lines.
+    clip = str(TEST_DATA / "ls_3080_0000.flac")
+    assert cli("speakers", "enroll", "Alice", clip, env=env).returncode == 0
+    for name in ("Alice\u200b", "\u202eecilA", "Bob\u2028Carol", "\ufeffAlice"):
+        result = cli("speakers", "enroll", name, clip, env=env)
+        assert result.returncode == 1, (name, result.stderr)
+        assert "invisible" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        result = cli("speakers", "rename", "Alice", name, env=env)
+        assert result.returncode == 1 and "invisible" in result.stderr, (name, result.stderr)
+    names = [p["name"] for p in json.loads(cli("speakers", "list", "--json", env=env).stdout)]
+    assert names == ["Alice"], names
+    # what scripts need stays a name: joiners inside an emoji or a Persian name
+    for name in ("\U0001f469\u200d\U0001f52c", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0645"):
+        assert cli("speakers", "rename", names[0], name, env=env).returncode == 0, name
+        names = [name]
+
+
 def test_admin_commands_speak_of_their_own_options(env: dict[str, str]) -> None:
     """Found by following the README: a recording named twice (in either case) was deleted
     and then reported missing, exit 1; purge's errors named the MQTT arguments

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -190,3 +191,54 @@ def test_a_setting_that_is_not_utf8_text_is_named(
     monkeypatch.setenv(variable, "K\udcfcche")
     with pytest.raises(ConfigError, match=re.escape(key) + ".*not valid UTF-8"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[http]\nenabled = true\nmax_upload_mb = inf\n", "http.max_upload_mb"),
+        ("[retention]\nsweep_interval_s = inf\n", "retention.sweep_interval_s"),
+        ("[retention]\nsweep_interval_s = 1e300\n", "retention.sweep_interval_s"),
+    ],
+)
+def test_an_endless_number_is_named_not_a_crash(env: dict[str, str], toml: str, key: str) -> None:
+    # TOML has inf, and a bound "greater than 0" lets it (and 1e300) through: config check
+    # said "configuration ok", then the start died of it, exit 1, which systemd restarts
+    # every 5 s for ever ("Error: OverflowError: cannot convert float infinity to integer";
+    # the retention thread's traceback, "timestamp out of range for platform time_t").
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    check = cli("config", "check", env=env)
+    assert check.returncode != 0 and key in check.stderr, check.stderr + check.stdout
+    run = cli("run", "--source", "demo", env=env)
+    assert run.returncode == 78, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: invalid configuration") and key in last, run.stderr
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "MERAUDIOD_MQTT__PASSWORD_FILE",
+        "MERAUDIOD_MQTT__TLS_CA_FILE",
+        "MERAUDIOD_MQTT__TLS_CERT_FILE",
+        "MERAUDIOD_MQTT__TLS_KEY_FILE",
+    ],
+)
+def test_an_empty_mqtt_file_is_not_set(env: dict[str, str], variable: str) -> None:
+    # "An empty path means not set, never the current directory" held for the storage
+    # directories and http.token_file only: an empty MQTT file was "." ("mqtt.password_file:
+    # cannot read . as user root: Is a directory"; "mqtt.tls_ca_file is set but mqtt.tls is
+    # false"), and the daemon ran with MQTT off saying so.
+    result = cli("config", "check", env={**env, variable: ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("configuration ok"), result.stdout
+
+
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(env: dict[str, str]) -> None:
+    # Notepad (and other Windows editors) save UTF-8 with a byte order mark, which no editor
+    # shows: the file was refused as "Invalid statement (at line 1, column 1)".
+    Path(env["MERAUDIOD_CONFIG"]).write_bytes(b"\xef\xbb\xbf[asr]\r\nbeam_size = 2\r\n")
+    result = cli("config", "check", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["asr"]["beam_size"] == 2

@@ -41,6 +41,7 @@ from .conftest import (
     needs_root,
     run_daemon,
     sigkill_when,
+    status_json,
     wait_for,
     wait_running,
 )
@@ -122,6 +123,27 @@ def test_a_data_directory_moved_under_a_running_daemon_stops_it(
     rows = db_rows({**env, **_data(b)}, "SELECT id, audio_path FROM recordings")
     assert len(rows) == 1 and all((b / "audio" / r["audio_path"]).is_file() for r in rows), rows
     assert not a.exists() or not list(a.rglob("*.flac"))
+
+
+def test_a_second_daemon_on_the_same_data_directory_is_refused(env: dict[str, str]) -> None:
+    """A second `meraudiod run` on the data directory of a running one (an admin trying the
+    service's configuration by hand) started beside it: two heartbeats in one file, so
+    `status` named whichever wrote last (and the second's stop wrote `not running` over the
+    first's), the same MQTT client id, each connection ending the other's, and each start
+    removing the other's uploads being received. It now stops in one line, exit 1."""
+    first = run_daemon(env)
+    try:
+        wait_running(env, first)
+        second = cli("run", "--source", "demo", env=env, timeout_s=60)
+        assert second.returncode == 1, second.stderr
+        line = second.stderr.strip().splitlines()[-1]
+        data_dir = env["MERAUDIOD_STORAGE__DATA_DIR"]
+        assert f"another meraudiod (pid {first.pid}) runs on {data_dir}" in line, line
+        assert status_json(env)["pid"] == first.pid
+        assert first.poll() is None
+    finally:
+        first.terminate()
+        assert first.wait(timeout=60) == 0
 
 
 def test_a_symlinked_data_directory_used_by_its_real_path_loses_nothing(

@@ -327,6 +327,23 @@ def test_a_json_body_is_refused_past_a_megabyte(daemon: HttpDaemon) -> None:
     assert response_bytes.startswith(b"HTTP/1.1 413"), response_bytes[:200]  # not parsed: 422
 
 
+def test_a_body_called_multipart_is_no_upload_outside_the_upload_routes(
+    daemon: HttpDaemon,
+) -> None:
+    # The 1 MB limit went by the Content-Type alone: the same 3 MB sent to rename labelled
+    # multipart/form-data had the upload limit and was read whole before being refused
+    # (422), so a few clients sending 90 MB each to rename or merge added some 65 MB each to
+    # the daemon's peak memory (four: +261 MB), token or not for the admin commands.
+    body = json.dumps({"name": "a" * 3_000_000, "new_name": "b"})
+    for path in ("/api/v1/persistent-speakers/rename", "/api/v1/recordings"):
+        with daemon.client() as client:
+            response = client.post(
+                path, content=body, headers={"Content-Type": "multipart/form-data; boundary=x"}
+            )
+        message = json_error(response, 413, "too_large")
+        assert "1 MB (only an upload may be larger)" in message, message
+
+
 def test_hours_of_compressed_silence_are_refused_by_their_length(
     daemon: HttpDaemon, tmp_path: Path
 ) -> None:

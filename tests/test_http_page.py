@@ -162,3 +162,15 @@ def test_api_docs_render_every_operation_with_the_network_cut(
     assert page.locator("h2", has_text="Task").count() >= 1
     # ReDoc's bundle asks for its vendor's logo (refused here); nothing it renders needs it.
     assert all("redoc" in url and url.endswith("logo-mini.svg") for url in outside), outside
+
+
+def test_the_page_cannot_be_framed_by_another_site(daemon: HttpDaemon) -> None:
+    # The page came with nothing to keep it out of another site's frame: without a token any
+    # page could show it in an invisible frame over its own buttons and have the user click
+    # delete, opt out or the listening switch through it (clickjacking).
+    import httpx
+
+    for headers in ({}, daemon.headers):  # the page asking for the token, and the page
+        response = httpx.get(f"{daemon.url}/", headers=headers)
+        assert response.headers.get("x-frame-options") == "DENY", response.headers
+        assert "frame-ancestors 'none'" in response.headers.get("content-security-policy", "")

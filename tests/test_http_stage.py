@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import soundfile
 
 from meraudiod.audio import decode_file
@@ -48,6 +49,38 @@ def test_off_loopback_without_a_token_refuses_to_start(env: dict[str, str]) -> N
     err = _refused_start(env, '[http]\nenabled = true\nhost = "0.0.0.0"\n')
     assert "http.host 0.0.0.0 is reachable from other machines" in err
     assert "http.token" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    ("token", "key", "why"),
+    [
+        ('token_file = "{empty}"', "http.token_file", "is empty"),
+        ('token = "   "', "http.token", "printable ASCII"),
+        ('token = "p\u00e4ssw\u00f6rd"', "http.token", "printable ASCII"),
+    ],
+)
+def test_a_token_no_client_can_send_is_named(
+    env: dict[str, str], tmp_path: Path, token: str, key: str, why: str
+) -> None:
+    # An empty token file passed `config check` ("configuration ok") and then stopped the
+    # start with "set http.token or http.token_file", which was set. A token of spaces, or
+    # one not in ASCII (a header is Latin-1, the file UTF-8), was taken: the daemon served
+    # 0.0.0.0 and answered every Authorization: Bearer 401, saying nothing of why.
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    config = f'[http]\nenabled = true\nhost = "0.0.0.0"\n{token.format(empty=empty)}\n'
+    Path(env["MERAUDIOD_CONFIG"]).write_text(config)
+    check = subprocess.run(
+        [sys.executable, "-m", "meraudiod", "config", "check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode != 0 and key in check.stderr and why in check.stderr, check
+    err = _refused_start(env, config)
+    assert len(err.strip().splitlines()) == 1 and key in err and why in err, err
 
 
 def test_a_port_in_use_fails_the_start_with_one_line(env: dict[str, str]) -> None:
@@ -102,7 +135,7 @@ def test_admin_operations_need_http_allow_admin_commands(settings: Any) -> None:
     from meraudiod.http.common import HttpContext
 
     app = create_app(HttpContext(settings), token=None)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         assert client.get("/api/v1/recordings").status_code == 200
         for method, path, body in (
             ("DELETE", "/api/v1/recordings/01M89AY2FTNHNGP6MBNKJA4H0J", None),
@@ -137,6 +170,89 @@ def test_cross_origin_requests_only_from_configured_origins(settings: Any) -> No
             "/api/v1/recordings", headers={**preflight, "Origin": "http://evil.example"}
         )
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_another_site_cannot_use_a_daemon_without_a_token(env: dict[str, str]) -> None:
+    # Without a token the API is meant for this machine alone (loopback), but a browser
+    # here (or an admin's, through an SSH tunnel to it) also runs other sites' scripts: a
+    # WebSocket is not held back by the same-origin rule, so any page could read every
+    # transcript live from /ws/events; a form could switch listening off; and a name of the
+    # site's own resolving to 127.0.0.1 (DNS rebinding) read the whole API as its own.
+    import asyncio
+
+    import websockets
+    import websockets.exceptions
+
+    server = HttpDaemon(env, token=None).start()
+    port = server.port
+    evil = {"Origin": "http://evil.example"}
+
+    async def feed(origin: str) -> None:
+        async with websockets.connect(
+            f"ws://127.0.0.1:{port}/ws/events", additional_headers={"Origin": origin}
+        ) as ws:
+            await ws.ping()
+
+    try:
+        with server.client() as client:
+            json_error(client.post("/api/v1/vad/stop", headers=evil), 403, "forbidden")
+            json_error(client.get("/api/v1/recordings", headers=evil), 403, "forbidden")
+            rebound = client.get("/api/v1/recordings", headers={"Host": f"evil.example:{port}"})
+            assert "http.token" in json_error(rebound, 403, "forbidden")
+            assert client.get("/api/v1/status").json()["listening"] is True
+            with pytest.raises(websockets.exceptions.InvalidStatus):
+                asyncio.run(feed("http://evil.example"))
+            # the page itself, at any loopback name, still works
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+                origin = {"Origin": f"http://{host}", "Host": host}
+                assert client.post("/api/v1/vad/stop", headers=origin).status_code == 200
+                assert client.post("/api/v1/vad/start", headers=origin).status_code == 200
+            asyncio.run(feed(f"http://127.0.0.1:{port}"))
+    finally:
+        assert server.stop() == 0
+
+
+def test_connections_beyond_the_limit_are_refused_not_those_before(env: dict[str, str]) -> None:
+    # uvicorn's limit_concurrency is checked at each request against every open connection:
+    # once more than http.max_connections were open, each request on any of them got 503,
+    # so a burst of 100 uploads (or idle connections) served none, not 64 of them.
+    server = HttpDaemon(env, config="max_connections = 4\n", token=None).start()
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+    def answer(sock: socket.socket) -> bytes:
+        sock.sendall(request)
+        return sock.recv(200).split(b"\r\n")[0]
+
+    try:
+        socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(7)]
+        time.sleep(0.5)  # all accepted
+        try:
+            assert [answer(s) for s in socks[:4]] == [b"HTTP/1.1 200 OK"] * 4
+            assert [answer(s) for s in socks[4:]] == [b"HTTP/1.1 503 Service Unavailable"] * 3
+        finally:
+            for sock in socks:
+                sock.close()
+        time.sleep(0.5)
+        with server.client() as client:
+            assert client.get("/health").status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_cors_origins_star_lets_any_site_in_without_a_token(settings: Any) -> None:
+    """`cors_origins = ["*"]` is the admin's word for any site: the other-site check must not
+    refuse what CORS allows."""
+    from fastapi.testclient import TestClient
+
+    from meraudiod.http.app import create_app
+    from meraudiod.http.common import HttpContext
+
+    evil = {"Origin": "http://evil.example"}
+    with TestClient(create_app(HttpContext(settings), None), base_url="http://localhost") as c:
+        assert c.get("/api/v1/recordings", headers=evil).status_code == 403
+    settings.http.cors_origins = ["*"]
+    with TestClient(create_app(HttpContext(settings), None), base_url="http://localhost") as c:
+        assert c.get("/api/v1/recordings", headers=evil).status_code == 200
 
 
 def test_json_log_lines_carry_the_request_id(env: dict[str, str]) -> None:
@@ -181,7 +297,8 @@ from fastapi.testclient import TestClient
 from meraudiod.config import Settings
 from meraudiod.http.app import create_app
 from meraudiod.http.common import HttpContext
-with TestClient(create_app(HttpContext(Settings()), token=None)) as client:
+app = create_app(HttpContext(Settings()), token=None)
+with TestClient(app, base_url="http://localhost") as client:
     assert client.get("/api/openapi.json").status_code == 200
     assert client.get("/api/v1/nothing").status_code == 404
 print(sorted(m for m, mod in sys.modules.items() if m.startswith("pydantic.v1") and mod))
@@ -226,14 +343,18 @@ def test_slow_clients_are_cut_off_while_others_are_served(env: dict[str, str]) -
     http.header_timeout_s / http.body_timeout_s (each long before the trickle would end)."""
     server = HttpDaemon(env, config="header_timeout_s = 2\nbody_timeout_s = 3\n", token=None)
     server.start()
-    head = b"GET /api/v1/recordings HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+    head = (
+        b"GET /api/v1/recordings HTTP/1.1\r\nHost: localhost\r\nX-Padding: "
+        + b"a" * 200
+        + b"\r\n\r\n"
+    )
     form = (
         b'--b0\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
         + b"\0" * 300
         + b"\r\n--b0--\r\n"
     )
     upload = (
-        b"POST /api/v1/analysis/upload HTTP/1.1\r\nHost: x\r\n"
+        b"POST /api/v1/analysis/upload HTTP/1.1\r\nHost: localhost\r\n"
         b"Content-Length: %d\r\nContent-Type: multipart/form-data; boundary=b0\r\n\r\n%s"
         % (len(form), form)
     )

@@ -76,7 +76,7 @@ def test_a_client_gone_mid_upload_leaves_no_file_and_no_row(
     uploads, audio = _data(daemon) / "uploads", _data(daemon) / "audio"
     before, audio_before = _recordings(daemon), _files(audio)
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {10 << 20}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {10 << 20}\r\n"
         f"Content-Type: multipart/form-data; boundary={_BOUNDARY}\r\n\r\n"
     )
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:

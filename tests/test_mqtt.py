@@ -350,6 +350,28 @@ def test_password_and_tls(env: dict[str, str], broker: Broker, tmp_path: Path) -
     sub.close()
 
 
+def test_secret_files_saved_with_a_byte_order_mark(
+    env: dict[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    # A password file saved by Notepad starts with a byte order mark, which no editor shows:
+    # it was sent as part of the password, and the broker said "not authorised" to the
+    # right password.
+    password_file = tmp_path / "pw"
+    password_file.write_bytes(b"\xef\xbb\xbf" + PASSWORD.encode() + b"\r\n")
+    secure = mqtt_env(
+        env,
+        broker,
+        MERAUDIOD_MQTT__PORT=str(broker.tls_port),
+        MERAUDIOD_MQTT__HOST="localhost",
+        MERAUDIOD_MQTT__TLS="true",
+        MERAUDIOD_MQTT__TLS_CA_FILE=str(broker.folder / "ca.crt"),
+        MERAUDIOD_MQTT__USERNAME=USER,
+        MERAUDIOD_MQTT__PASSWORD_FILE=str(password_file),
+    )
+    result = cli("mqtt", "test", env=secure, timeout_s=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def wakeups(pid: int) -> int:
     """The voluntary context switches of a process's threads so far: each a wait that ended."""
     return sum(

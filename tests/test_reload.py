@@ -342,3 +342,33 @@ def test_a_reload_of_the_logging_keeps_the_command_lines_verbosity(env: dict[str
     finally:
         rc = daemon.close()
     assert rc == 0, "".join(daemon.lines)
+
+
+def test_speakers_turned_on_without_their_model_is_said_by_status(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A SIGHUP turning speakers on where their model is not installed leaves them off, said
+    in one log line; but the next line said `applied speakers.enabled`, and `status` showed
+    nothing of it (no `reload refused`), so the admin saw speakers on in the file and none
+    in the events."""
+    models = tmp_path / "models"  # the default models only, whatever others the session has
+    models.mkdir()
+    for name in ("silero-vad-v6", "tiny.en"):
+        (models / name).symlink_to(Path(env["MERAUDIOD_STORAGE__MODELS_DIR"]) / name)
+    env = {**env, "MERAUDIOD_STORAGE__MODELS_DIR": str(models)}
+    config = Path(env["MERAUDIOD_CONFIG"])
+    daemon = Daemon(env)
+    try:
+        wait_running(env, daemon.proc, timeout_s=60)
+        config.write_text("[speakers]\nenabled = true\n")
+        lines = "".join(daemon.reload("speakers without their model"))
+        assert "ecapa-voxceleb is not installed" in lines, lines
+        assert "applied speakers.enabled" not in lines, lines
+        data = status_json(env)
+        assert "ecapa-voxceleb is not installed" in (data["reload_error"] or ""), data
+        config.write_text("")
+        daemon.reload("speakers off again")
+        assert status_json(env)["reload_error"] is None
+    finally:
+        rc = daemon.close()
+    assert rc == 0, "".join(daemon.lines)

@@ -100,6 +100,32 @@ def test_a_damaged_database_is_reported_at_start(env: dict[str, str]) -> None:
     assert f"database {path} is damaged (PRAGMA quick_check:" in line, line
 
 
+@pytest.mark.parametrize("harm", ["newer schema", "damaged page", "not a database"])
+def test_a_database_no_restart_can_mend_is_not_restarted(env: dict[str, str], harm: str) -> None:
+    # These exited 1, which the unit restarts (Restart=on-failure) every 5 s for ever, too
+    # slowly for systemd's start limit: only a person can restore or move the file, as for a
+    # damaged model (exit 78, RestartPreventExitStatus).
+    path = db_path(env)
+    conn = open_db(path)
+    with conn:
+        for i in range(300):
+            conn.execute("INSERT INTO kv VALUES (?, ?)", (f"k{i}", "x" * 200))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    if harm == "newer schema":
+        conn.execute("PRAGMA user_version=99")
+    conn.close()
+    data = bytearray(path.read_bytes())
+    if harm == "damaged page":
+        middle = len(data) - 3 * 4096 + 100  # inside a b-tree page of kv, not the header
+        data[middle : middle + 300] = b"\x55" * 300
+    elif harm == "not a database":  # a restore that copied something else
+        data[:100] = b"\x55" * 100
+    path.write_bytes(bytes(data))
+    result = cli("run", "--source", "demo", env=env)
+    assert result.returncode == 78, result.stderr
+    assert str(path) in last_line(result.stderr), result.stderr
+
+
 def test_a_read_only_database_file_is_one_line(env: dict[str, str]) -> None:
     path = db_path(env)
     open_db(path).close()

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ulid import ULID
 
 from .. import __version__
+from ..config_network import is_loopback
 from ..db import disk_full
 from .common import REQUEST_ID, ApiError, HttpContext, error_body
 
@@ -36,6 +37,14 @@ _OPEN_PATHS: Final = frozenset({"/health", "/favicon.ico"})
 # A body that is not an upload (multipart/form-data): a JSON request needs a few KB, and a
 # 95 MB one, under the upload limit, was parsed whole (the daemon's peak memory +190 MB).
 MAX_OTHER_BODY_BYTES: Final = 1_000_000
+# The routes that take a file (by path: a body labelled multipart elsewhere is read whole).
+UPLOAD_PATHS: Final = frozenset(
+    {
+        "/api/v1/analysis/upload",
+        "/api/v1/vad/upload_recording",
+        "/api/v1/persistent-speakers/upload",
+    }
+)
 
 
 class Guard:
@@ -46,10 +55,16 @@ class Guard:
     """
 
     def __init__(
-        self, app: ASGIApp, token: str | None, max_body_bytes: int, body_timeout_s: float
+        self,
+        app: ASGIApp,
+        token: str | None,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        cors_origins: list[str] | None = None,
     ) -> None:
         self.app = app
         self.token = token
+        self.cors_origins = frozenset(cors_origins or ())
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
 
@@ -89,6 +104,13 @@ class Guard:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
     ) -> None:
         path = scope["path"]
+        foreign = self._foreign(headers)
+        if foreign is not None:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 4403, "reason": "another site"})
+                return
+            await _respond(scope, receive, send, _error(403, "forbidden", foreign))
+            return
         if self.token is not None and path not in _OPEN_PATHS and not self._authorized(headers):
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 4401, "reason": "bad token"})
@@ -98,7 +120,7 @@ class Guard:
                 if token and _same(token, self.token):
                     await _respond(scope, receive, send, _login(token))
                     return
-                await _respond(scope, receive, send, HTMLResponse(_LOGIN_PAGE, 401))
+                await _respond(scope, receive, send, HTMLResponse(_LOGIN_PAGE, 401, NO_FRAMES))
                 return
             await _respond(
                 scope, receive, send, _error(401, "unauthorized", "missing or wrong bearer token")
@@ -106,7 +128,7 @@ class Guard:
             return
         if scope["type"] == "http":
             limit, message = self.max_body_bytes, too_large_message(self.max_body_bytes)
-            upload = headers.get("content-type", "").lower().startswith("multipart/")
+            upload = path in UPLOAD_PATHS
             if not upload and limit > MAX_OTHER_BODY_BYTES:
                 limit = MAX_OTHER_BODY_BYTES
                 message = too_large_message(limit, "only an upload may be larger")
@@ -116,6 +138,27 @@ class Guard:
                 return
             receive = self._counting(receive, limit, message)
         await self.app(scope, receive, send)
+
+    def _foreign(self, headers: dict[str, str]) -> str | None:
+        """Without a token, why a browser's request on behalf of another site is refused
+        (None: it is not). A WebSocket or a form is sent cross-site whatever CORS says, and a
+        site whose name resolves to 127.0.0.1 (DNS rebinding) is the same origin as this.
+        With a token they carry none (the page's cookie is SameSite=Strict), and a reverse
+        proxy may give another Host than the browser's Origin."""
+        if self.token is not None:
+            return None
+        host = headers.get("host", "").lower()
+        if host and not is_loopback(_host_name(host)):
+            return (
+                f"Host {host[:100]!r} is not this machine: without http.token the API answers"
+                " its loopback names only"
+            )
+        origin = headers.get("origin")
+        if origin is None or origin in self.cors_origins or "*" in self.cors_origins:
+            return None  # "*": any origin, as the admin configured CORS
+        if origin.lower().partition("://")[2] != host:
+            return f"Origin {origin[:100]!r} is another site (see http.cors_origins)"
+        return None
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         assert self.token is not None
@@ -161,6 +204,13 @@ class Guard:
         return counted
 
 
+def _host_name(host: str) -> str:
+    """A Host header without its port (and an IPv6 address without its brackets)."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
 def _same(given: str, token: str) -> bool:
     """Constant-time comparison (of any characters)."""
     return hmac.compare_digest(given.encode(), token.encode())
@@ -185,6 +235,10 @@ def _login(token: str) -> Response:
     response.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=365 * 86400)
     return response
 
+
+# The page in another site's frame, invisible over that site's buttons, would take the
+# user's clicks (delete, opt out, the listening switch): clickjacking.
+NO_FRAMES: Final = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
 
 _LOGIN_PAGE: Final = """<!doctype html><meta name="viewport" content="width=device-width">
 <title>meraudiod</title><form method="get" action="/"><p>This device needs its token
@@ -215,6 +269,7 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
         token=token,
         max_body_bytes=int(ctx.settings.http.max_upload_mb * 1e6),
         body_timeout_s=ctx.settings.http.body_timeout_s,
+        cors_origins=ctx.settings.http.cors_origins,
     )
     # Outside the guard: a browser's preflight carries no token.
     cors = ctx.settings.http.cors_origins
@@ -259,7 +314,7 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:
-        return HTMLResponse(_asset("index.html"))
+        return HTMLResponse(_asset("index.html"), headers=NO_FRAMES)
 
     @app.get("/page/{name}", include_in_schema=False)
     def page_asset(name: str) -> Response:

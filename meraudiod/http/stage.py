@@ -81,7 +81,7 @@ class HttpStage(StageThread):
             ws="websockets-sansio",
             # h11 (not httptools) with a deadline for each request's headers; h11 keeps
             # its 16 KiB limit on them. The body's deadline is the app's Guard.
-            http=with_header_deadline(http.header_timeout_s),
+            http=with_header_deadline(http.header_timeout_s, http.max_connections),
             timeout_keep_alive=5,  # an idle connection between requests
             limit_concurrency=http.max_connections,
             timeout_graceful_shutdown=_GRACE_S,

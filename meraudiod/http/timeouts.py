@@ -1,4 +1,5 @@
-"""The deadline for a request's headers, which uvicorn lacks.
+"""The deadline for a request's headers, which uvicorn lacks (and its connection limit,
+held per connection).
 
 uvicorn's only timer on a connection is the keep-alive one, started after a response and
 reset by every byte received: a client that connects and sends nothing, or trickles its
@@ -23,14 +24,21 @@ class HeaderDeadline(H11Protocol):
     """uvicorn's h11 protocol, closing a connection whose request headers are late."""
 
     header_timeout_s = 10.0  # set per server by with_header_deadline()
+    max_connections: int | None = None  # likewise
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """A new connection waits for its first request's headers."""
+        """A new connection waits for its first request's headers; one beyond
+        `max_connections` is answered 503 at its first request. (uvicorn checks its
+        limit_concurrency at each request against every open connection: once more were
+        open, every request on any of them got 503, and a burst of 100 served none.)"""
         super().connection_made(transport)
+        if self.max_connections is not None:
+            beyond = len(self.connections) > self.max_connections
+            self.limit_concurrency = 0 if beyond else None
         self._watch_headers()
 
     def data_received(self, data: bytes) -> None:
@@ -72,6 +80,12 @@ class HeaderDeadline(H11Protocol):
             self.transport.close()
 
 
-def with_header_deadline(header_timeout_s: float) -> type[HeaderDeadline]:
-    """The protocol class for uvicorn's `http=`, with this deadline."""
-    return type("HeaderDeadline", (HeaderDeadline,), {"header_timeout_s": header_timeout_s})
+def with_header_deadline(
+    header_timeout_s: float, max_connections: int | None = None
+) -> type[HeaderDeadline]:
+    """The protocol class for uvicorn's `http=`, with this deadline and connection limit."""
+    return type(
+        "HeaderDeadline",
+        (HeaderDeadline,),
+        {"header_timeout_s": header_timeout_s, "max_connections": max_connections},
+    )
