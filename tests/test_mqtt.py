@@ -303,8 +303,10 @@ def test_broker_absent_at_start(env: dict[str, str], broker: Broker) -> None:
         finish(proc)
 
 
-def test_password_and_tls(env: dict[str, str], broker: Broker, tmp_path: Path) -> None:
-    secure = mqtt_env(
+def tls_env(env: dict[str, str], broker: Broker, **secret: str) -> dict[str, str]:
+    """The daemon's environment for the broker's TLS port as USER, with `secret` (the
+    password or its file)."""
+    return mqtt_env(
         env,
         broker,
         MERAUDIOD_MQTT__PORT=str(broker.tls_port),
@@ -312,8 +314,12 @@ def test_password_and_tls(env: dict[str, str], broker: Broker, tmp_path: Path) -
         MERAUDIOD_MQTT__TLS="true",
         MERAUDIOD_MQTT__TLS_CA_FILE=str(broker.folder / "ca.crt"),
         MERAUDIOD_MQTT__USERNAME=USER,
-        MERAUDIOD_MQTT__PASSWORD=PASSWORD,
+        **secret,
     )
+
+
+def test_password_and_tls(env: dict[str, str], broker: Broker, tmp_path: Path) -> None:
+    secure = tls_env(env, broker, MERAUDIOD_MQTT__PASSWORD=PASSWORD)
     good = cli("mqtt", "test", env=secure, timeout_s=60)
     assert good.returncode == 0, good.stdout + good.stderr
     for step in ("dns", "tcp", "tls", "connect", "roundtrip"):
@@ -358,16 +364,7 @@ def test_secret_files_saved_with_a_byte_order_mark(
     # right password.
     password_file = tmp_path / "pw"
     password_file.write_bytes(b"\xef\xbb\xbf" + PASSWORD.encode() + b"\r\n")
-    secure = mqtt_env(
-        env,
-        broker,
-        MERAUDIOD_MQTT__PORT=str(broker.tls_port),
-        MERAUDIOD_MQTT__HOST="localhost",
-        MERAUDIOD_MQTT__TLS="true",
-        MERAUDIOD_MQTT__TLS_CA_FILE=str(broker.folder / "ca.crt"),
-        MERAUDIOD_MQTT__USERNAME=USER,
-        MERAUDIOD_MQTT__PASSWORD_FILE=str(password_file),
-    )
+    secure = tls_env(env, broker, MERAUDIOD_MQTT__PASSWORD_FILE=str(password_file))
     result = cli("mqtt", "test", env=secure, timeout_s=60)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -82,13 +82,19 @@ def test_a_newer_schema_is_refused_naming_both_versions(env: dict[str, str]) -> 
         assert f"this meraudiod's {len(MIGRATIONS)}" in line
 
 
-def test_a_damaged_database_is_reported_at_start(env: dict[str, str]) -> None:
-    path = db_path(env)
+def _filled_db(path: Path) -> sqlite3.Connection:
+    """A database with some pages of rows, all in the main file (checkpointed), still open."""
     conn = open_db(path)
     with conn:
         for i in range(300):
             conn.execute("INSERT INTO kv VALUES (?, ?)", (f"k{i}", "x" * 200))
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return conn
+
+
+def test_a_damaged_database_is_reported_at_start(env: dict[str, str]) -> None:
+    path = db_path(env)
+    conn = _filled_db(path)
     conn.close()
     data = bytearray(path.read_bytes())
     middle = len(data) - 3 * 4096 + 100  # inside a b-tree page of kv, not the header
@@ -106,11 +112,7 @@ def test_a_database_no_restart_can_mend_is_not_restarted(env: dict[str, str], ha
     # slowly for systemd's start limit: only a person can restore or move the file, as for a
     # damaged model (exit 78, RestartPreventExitStatus).
     path = db_path(env)
-    conn = open_db(path)
-    with conn:
-        for i in range(300):
-            conn.execute("INSERT INTO kv VALUES (?, ?)", (f"k{i}", "x" * 200))
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn = _filled_db(path)
     if harm == "newer schema":
         conn.execute("PRAGMA user_version=99")
     conn.close()
