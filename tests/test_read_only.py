@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -176,3 +177,59 @@ def test_the_errors_of_a_file_system_the_kernel_made_read_only_are_classified(
         "new SQLITE_READONLY True",
         f"file {errno.EROFS} True",
     ], shlex.join(said) + done.stderr
+
+
+@needs_root
+def test_a_card_the_kernel_made_read_only_keeps_the_daemon_up(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The data directory on an ext4 mounted errors=remount-ro, which then meets an error:
+    the audio and the database (through the connections already open: SQLITE_IOERR_WRITE)
+    are refused. Before, the listener died on the next utterance, the daemon exited 1 and its
+    restart refused (exit 78), what was said lost. Now the utterances wait in memory, said
+    once; the daemon stays up, not ready, naming the database; stopped, it says what it could
+    not keep. (This kernel's ext4 stays read-only until a fsck: nothing to wait for here.)"""
+    if not Path("/dev/loop-control").exists():
+        pytest.skip("no loop devices")
+    path = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
+    image = tmp_path / "card.img"
+    with image.open("wb") as out:
+        out.truncate(64 * 1024 * 1024)
+    mkfs = shutil.which("mkfs.ext4", path=path) or "mkfs.ext4"
+    subprocess.run([mkfs, "-q", "-O", "^has_journal", str(image)], check=True)
+    card = tmp_path / "disk" / "meraudiod"
+    mount = shlex.join(["mount", "-o", "loop,errors=remount-ro", str(image), str(card)])
+    before = f"mkdir {shlex.quote(str(card))} && {mount} &&"
+    env = {**env, "PATH": path, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "10"}
+    speech = decode_file(DEMO).astype("<i2").tobytes()
+    daemon = FullDiskDaemon(env, tmp_path, "1m", before=before)
+    try:
+        daemon.wait_ready()
+        source = ["nsenter", "-t", str(daemon.proc.pid), "-m", "findmnt", "-no", "SOURCE"]
+        device = subprocess.run([*source, str(card)], capture_output=True, text=True, check=True)
+        trigger = Path("/sys/fs/ext4") / Path(device.stdout.strip()).name / "trigger_fs_error"
+        trigger.write_text("1")
+        daemon.say(speech)
+        waiting = "recordings wait in memory (at most 32) until it can be written"
+        wait_for(lambda: waiting in daemon.log(), 60, "the recordings waiting")
+        time.sleep(6)  # one more try to save them, at least
+        assert daemon.proc.poll() is None, daemon.log()
+        answer = httpx.get(f"{daemon.url}/health/ready")
+        assert answer.status_code == 503, answer.text
+        disk = answer.json()["checks"]["disk"]
+        assert f"cannot write the database {card / 'meraudiod.db'}" in disk["detail"], disk
+        answer = httpx.post(
+            f"{daemon.url}/api/v1/analysis/upload",
+            files={"file": ("demo.flac", DEMO.read_bytes())},
+            timeout=60,
+        )
+        assert answer.status_code == 507, answer.text
+        message = answer.json()["error"]["message"]
+        assert message == f"cannot write {card}: Read-only file system; nothing was stored"
+    finally:
+        code = daemon.stop()
+    log = daemon.log()
+    assert code == 0, log
+    assert log.count(waiting) == 1, log
+    assert log.count("lost on stopping") == 5, log
+    assert "Traceback" not in log, log
