@@ -18,7 +18,7 @@ from .audio import FRAME_S, SAMPLE_RATE_HZ, Float32Array, Int16Array, rms_dbfs
 from .config import Settings
 from .db import cannot_write, is_busy, open_db
 from .recordings import MemoryAudio, Recording, RecordingStore
-from .retention import disk_low
+from .retention import disk_free_mb, disk_low
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 from .sources import AudioSource, EndOfStream, SourceError
 from .stage import StageThread
@@ -35,6 +35,9 @@ _SAVE_TRIES_WHEN_STOPPING: Final = 3  # on the way out, a locked database is not
 # written) and are saved again every so often.
 _MAX_WAITING: Final = 32
 _FULL_RETRY_S: Final = 5.0
+# An audio directory whose disk was full is taken to have room again with this much free (a
+# file without data, as a read-only one is probed with, may fit where audio does not).
+_ROOM_MB: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ class Listener(StageThread):
                 follow_step(conn)  # NTP setting the clock moves the stamps too
                 if self._waiting and time.monotonic() >= self._retry_at_s:
                     self._save_waiting(store, clock)
-                if self._audio_read_only and time.monotonic() >= self._probe_at_s:
+                if self.audio_problem is not None and time.monotonic() >= self._probe_at_s:
                     self._probe_audio_dir(store)
                 if frame is None:
                     continue
@@ -273,13 +276,16 @@ class Listener(StageThread):
             return recording
 
     def _probe_audio_dir(self, store: RecordingStore) -> None:
-        """A read-only audio directory remounted read-write is seen within _FULL_RETRY_S,
-        not at the next utterance (a file made and gone, only while it was read-only).
-        A full one is not probed: a file without data may fit where audio does not."""
+        """An audio directory remounted read-write (a file made and gone, only while it was
+        read-only), or given room, is seen within _FULL_RETRY_S, not at the next utterance."""
         self._probe_at_s = time.monotonic() + _FULL_RETRY_S
         try:
-            with tempfile.TemporaryFile(dir=store.audio_dir):
-                pass
+            if not self._audio_read_only:
+                if disk_free_mb(store.audio_dir) < _ROOM_MB:
+                    return
+            else:
+                with tempfile.TemporaryFile(dir=store.audio_dir):
+                    pass
         except OSError:
             return
         self._audio_writable(store)

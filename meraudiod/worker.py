@@ -125,7 +125,9 @@ class Worker(StageThread):
                         jobs.release(conn, self._given_back)
                         self._given_back = None
                     found = self.process_next(conn)
-                    if found and self.storage_problem is not None:
+                    # Its claim (a write) or its transcript stored: writable again, even with
+                    # no job to do (a read-only database refused the claim of none as well).
+                    if self.storage_problem is not None:
                         _LOGGER.info("database written again: transcription goes on")
                         self.storage_problem, self._no_room = None, False
                 except sqlite3.OperationalError as exc:
