@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from .audio import FRAME_S, SAMPLE_RATE_HZ, Float32Array, Int16Array, rms_dbfs
 from .config import Settings
 from .db import cannot_write, is_busy, open_db
 from .recordings import MemoryAudio, Recording, RecordingStore
-from .retention import disk_free_mb, disk_low
+from .retention import disk_free_mb, disk_low, writable
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 from .sources import AudioSource, EndOfStream, SourceError
 from .stage import StageThread
@@ -279,14 +278,10 @@ class Listener(StageThread):
         """An audio directory remounted read-write (a file made and gone, only while it was
         read-only), or given room, is seen within _FULL_RETRY_S, not at the next utterance."""
         self._probe_at_s = time.monotonic() + _FULL_RETRY_S
-        try:
-            if not self._audio_read_only:
-                if disk_free_mb(store.audio_dir) < _ROOM_MB:
-                    return
-            else:
-                with tempfile.TemporaryFile(dir=store.audio_dir):
-                    pass
-        except OSError:
+        if self._audio_read_only:
+            if not writable(store.audio_dir):
+                return
+        elif disk_free_mb(store.audio_dir) < _ROOM_MB:
             return
         self._audio_writable(store)
 

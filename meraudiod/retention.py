@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -165,6 +166,16 @@ def _existing(path: Path) -> Path:
 def disk_free_mb(path: Path) -> float:
     """Free space where the data lives."""
     return shutil.disk_usage(_existing(path)).free / 1e6
+
+
+def writable(path: Path) -> bool:
+    """A file can be made in directory `path` (made and gone at once: for a look now and
+    then while it could not be written, not a poll)."""
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
 
 
 def read_only_dirs(settings: Settings) -> list[Path]:

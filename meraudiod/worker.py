@@ -22,7 +22,7 @@ from .config import Settings
 from .db import Transaction, cannot_write, is_busy, no_room, now, open_db, sync_log
 from .deletion import forget_deleted_text, forget_recording, forget_with_audio
 from .recordings import MemoryAudio, audio_file
-from .retention import disk_free_mb, drop_audio
+from .retention import disk_free_mb, drop_audio, writable
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
 from .vad import VadTraces
@@ -180,7 +180,12 @@ class Worker(StageThread):
             self._forget_held(job.recording_id)
             return True
         except Exception as exc:
-            if cannot_write(exc):  # its transcript refused: given back, no attempt counted
+            # Its transcript refused for want of room, or by a file system that refuses writes
+            # (read-only): given back, no attempt counted. An I/O error on a writable one (a
+            # failing card) counts, as any error: given back, it would be transcribed again
+            # and again.
+            data_dir = self.settings.storage.data_dir
+            if cannot_write(exc) and (no_room(exc) or not writable(data_dir)):
                 self._given_back = job.id
                 raise
             self.last_error = f"{type(exc).__name__}: {exc}"
