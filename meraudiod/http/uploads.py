@@ -76,9 +76,12 @@ def refuse_unwritable_storage(settings: Settings) -> None:
     """507 on a read-only file system, where nothing can be stored, and below
     retention.min_free_disk_mb, where no audio is written: an upload could fill the disk to
     its last byte, where the database cannot be written either."""
-    for path in read_only_dirs(settings):
+    read_only = read_only_dirs(settings)
+    if read_only:
         raise ApiError(
-            507, "insufficient_storage", f"read-only file system: {path}; nothing was stored"
+            507,
+            "insufficient_storage",
+            f"read-only file system: {read_only[0]}; nothing was stored",
         )
     least_mb = settings.retention.min_free_disk_mb
     for path in (settings.storage.data_dir, settings.storage.audio_dir):
