@@ -17,7 +17,7 @@ import click
 
 from .commands import CommandContext, CommandError, execute
 from .config import ConfigError, Settings, load_settings
-from .db import DatabaseError, database_file, disk_full, open_db
+from .db import DatabaseError, database_file, no_room, open_db
 from .mounts import store_dirs, unmounted_paths
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -208,7 +208,7 @@ def database_error(conn: sqlite3.Connection, exc: sqlite3.Error) -> click.ClickE
     """One line naming the database (e.g. one this user may read but not write), and what to
     do when its disk is full (a purge of recordings without audio frees nothing first)."""
     path = Path(database_file(conn))
-    if disk_full(exc):
+    if no_room(exc):
         return click.ClickException(
             f"database {path}: {exc} (its disk is full, and this frees no audio file first):"
             f" make room on the disk of {path.parent}, a few MB, then run this again"

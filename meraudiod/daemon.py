@@ -219,6 +219,7 @@ class Daemon:
                 if surfaces.mqtt_problem is not None:
                     surfaces.connect_mqtt()
                 health.check_disk()
+                health.check_storage()
                 health.check_asr()
                 health.heartbeat()
                 next_heartbeat = t + _HEARTBEAT_EVERY_S

@@ -302,12 +302,40 @@ def is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-def disk_full(exc: BaseException) -> bool:
-    """A write that failed for want of space: ENOSPC or EDQUOT, or SQLite's SQLITE_FULL.
-    (The error name exists from Python 3.11; before it, the message says so.)"""
+# SQLite's primary result codes of a write the storage refused: no room, a file opened
+# read-only (the file system already read-only when it was opened), or an I/O error (a write
+# through a file opened before the kernel remounted the file system read-only).
+_SQLITE_READONLY: Final = 8
+_SQLITE_IOERR: Final = 10
+_SQLITE_FULL: Final = 13
+# Extended codes that are not a refused write: the database moved under the process
+# (health.check_store stops the daemon), a read that failed.
+_NOT_REFUSED_WRITES: Final = frozenset({1032, 266, 522})  # READONLY_DBMOVED, IOERR_(SHORT_)READ
+
+
+def cannot_write(exc: BaseException) -> bool:
+    """A write the storage refused, which waiting may mend (room made, the file system
+    remounted read-write): ENOSPC, EDQUOT or EROFS; SQLite's SQLITE_FULL, SQLITE_READONLY
+    or a write's SQLITE_IOERR. (The error code exists from Python 3.11; before it, the
+    message says so.)"""
     if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
     if not isinstance(exc, sqlite3.Error):
         return False
-    name = getattr(exc, "sqlite_errorname", None)
-    return name == "SQLITE_FULL" if name is not None else "disk is full" in str(exc)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        words = ("disk is full", "readonly database", "disk I/O error")
+        return any(said in str(exc) for said in words)
+    if code in _NOT_REFUSED_WRITES:
+        return False
+    return code & 0xFF in (_SQLITE_FULL, _SQLITE_READONLY, _SQLITE_IOERR)
+
+
+def no_room(exc: BaseException) -> bool:
+    """Of the writes refused (cannot_write), one for want of space."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return "disk is full" in str(exc)
+    return isinstance(code, int) and code & 0xFF == _SQLITE_FULL

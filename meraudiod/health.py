@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .messages import ErrorEvent
-from .retention import disk_free_mb, disk_low
+from .retention import disk_free_mb, disk_low, read_only_dirs
 from .status import daemon_snapshot, write_heartbeat
 
 if TYPE_CHECKING:
@@ -32,6 +32,9 @@ class Health:
         self.daemon = daemon
         self.settings = daemon.settings
         self.disk_problem: str | None = None
+        # A directory or the database that cannot be written (its disk full, or read-only),
+        # as the stages met it or the mount says.
+        self.storage_problem: str | None = None
         self.stage_problem: str | None = None  # a stage thread died: the daemon stops
         self.asr_problem: str | None = None  # every Wyoming server down
         self._store: tuple[tuple[int, int] | None, ...] = ()  # see note_store()
@@ -44,6 +47,7 @@ class Health:
             self.stage_problem,
             self.daemon.mic_problem,
             self.disk_problem,
+            self.storage_problem,
             self.daemon.surfaces.mqtt_problem,
             self.asr_problem,
         )
@@ -157,6 +161,31 @@ class Health:
         else:
             _LOGGER.info("disk space is back (%.0f MB free)", free_mb)
             self.disk_problem = None
+        self.announce()
+        self.daemon.surfaces.publish_state()
+
+    def check_storage(self) -> None:
+        """What the listener or the worker could not write (the audio directory, the
+        database), or a directory whose file system is mounted read-only: recordings wait in
+        memory meanwhile. Shown as degraded and sent as an event/error; the log has it from
+        the stage that met it (once), and the line that says it is written again."""
+        daemon = self.daemon
+        said = [
+            stage.storage_problem
+            for stage in (daemon.listener, daemon.pipeline.worker)
+            if stage is not None and stage.storage_problem is not None
+        ]
+        for path in read_only_dirs(self.settings):
+            if not any(f"{path} (" in problem for problem in said):
+                said.append(f"read-only file system: {path}")
+        problem = "; ".join(said) or None
+        if problem == self.storage_problem:
+            return
+        self.storage_problem = problem
+        if problem is not None:
+            m = self.settings.mqtt
+            event = ErrorEvent(node_id=m.node_id, area=m.area, component="storage", error=problem)
+            self.daemon.surfaces.publish_event(event)
         self.announce()
         self.daemon.surfaces.publish_state()
 

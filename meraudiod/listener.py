@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 import threading
@@ -14,9 +15,9 @@ import numpy as np
 
 from .audio import FRAME_S, SAMPLE_RATE_HZ, Float32Array, Int16Array, rms_dbfs
 from .config import Settings
-from .db import disk_full, is_busy, open_db
+from .db import cannot_write, is_busy, open_db
 from .recordings import MemoryAudio, Recording, RecordingStore
-from .retention import disk_low
+from .retention import disk_free_mb, disk_low, writable
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 from .sources import AudioSource, EndOfStream, SourceError
 from .stage import StageThread
@@ -28,15 +29,19 @@ _READ_TIMEOUT_S = 0.5
 _SAVE_RETRY_S: Final = 1.0  # first wait before saving again into a busy database; doubles
 _SAVE_RETRY_MAX_S: Final = 30.0
 _SAVE_TRIES_WHEN_STOPPING: Final = 3  # on the way out, a locked database is not waited for long
-# While the database's disk is full, utterances wait in memory (at most this many, as many as
-# the memory keeps for a full audio disk) and are saved again every so often.
+# While the database cannot be written (its disk full, or read-only), utterances wait in memory
+# (at most this many, as many as the memory keeps for an audio directory that cannot be
+# written) and are saved again every so often.
 _MAX_WAITING: Final = 32
 _FULL_RETRY_S: Final = 5.0
+# An audio directory whose disk was full is taken to have room again with this much free (a
+# file without data, as a read-only one is probed with, may fit where audio does not).
+_ROOM_MB: Final = 1.0
 
 
 @dataclass(frozen=True)
 class _Heard:
-    """An utterance not yet saved: the database's disk was full."""
+    """An utterance not yet saved: the database could not be written."""
 
     samples: Int16Array
     start_s: float
@@ -122,8 +127,18 @@ class Listener(StageThread):
         self.vad_traces: VadTraces | None = None  # for the Wyoming client (asr_wyoming.py)
         self._last_frame: Int16Array | None = None  # for the level, measured when asked
         self._segmenter: Segmenter | None = None
-        self._waiting: list[_Heard] = []  # oldest first, while the database's disk is full
+        self._waiting: list[_Heard] = []  # oldest first, while the database cannot be written
         self._retry_at_s = 0.0  # time.monotonic() of the next try to save them
+        # What cannot be written, and why (said once; None again once written).
+        self.audio_problem: str | None = None
+        self.database_problem: str | None = None
+        self._audio_read_only = False  # the audio problem is a read-only file system
+        self._probe_at_s = 0.0  # time.monotonic() of the next look whether it is writable
+
+    @property
+    def storage_problem(self) -> str | None:
+        """The audio directory or the database this listener cannot write, and why."""
+        return "; ".join(p for p in (self.audio_problem, self.database_problem) if p) or None
 
     @property
     def level_dbfs(self) -> float | None:
@@ -167,6 +182,8 @@ class Listener(StageThread):
                 follow_step(conn)  # NTP setting the clock moves the stamps too
                 if self._waiting and time.monotonic() >= self._retry_at_s:
                     self._save_waiting(store, clock)
+                if self.audio_problem is not None and time.monotonic() >= self._probe_at_s:
+                    self._probe_audio_dir(store)
                 if frame is None:
                     continue
                 self.frames_read += 1
@@ -186,15 +203,15 @@ class Listener(StageThread):
                 self._handle(event, buffer, store, clock)
             if self._waiting:
                 self._save_waiting(store, clock)
-            for heard in self._waiting:  # the disk is still full: nowhere to keep them
+            for heard in self._waiting:  # still not writable: nowhere to keep them
                 _LOGGER.error(
-                    "database disk full: recording of %.1f s lost on stopping",
+                    "database cannot be written: recording of %.1f s lost on stopping",
                     heard.samples.size / SAMPLE_RATE_HZ,
                 )
         except SourceError as exc:
             self.error = str(exc)
             _LOGGER.log(self._source_error_level, "%s", exc)
-        except Exception as exc:  # not the source: the stage itself (a full disk, the store)
+        except Exception as exc:  # not the source: the stage itself (the store)
             self.died = f"{type(exc).__name__}: {exc}"
             self.error = f"listener failed: {self.died}"
             _LOGGER.exception("listener failed")
@@ -206,7 +223,9 @@ class Listener(StageThread):
         self, store: RecordingStore, samples: Int16Array, start_s: float, started_at: float
     ) -> Recording | None:
         """Store an utterance; while the database is busy (a long purge, another process
-        holding the write lock past the busy timeout) the audio is kept and the save retried."""
+        holding the write lock past the busy timeout) the audio is kept and the save retried.
+        Audio the audio directory cannot take (its disk full, or read-only) is kept in memory
+        until transcribed, said once, and written again as soon as it can be."""
         delay_s, tries, no_room = _SAVE_RETRY_S, 0, False
         # A reload may have changed the format; set here, on the one thread that saves.
         store.audio_format = self.settings.recorder.audio_format
@@ -214,7 +233,7 @@ class Listener(StageThread):
             tries += 1
             memory = self.memory if no_room or disk_low(self.settings) else None
             try:
-                return store.save(
+                recording = store.save(
                     samples,
                     source=self.source.name,
                     start_s=start_s,
@@ -222,16 +241,20 @@ class Listener(StageThread):
                     transcribe=self.settings.asr.enabled,
                     memory=memory,
                 )
-            except OSError as exc:  # the disk filled since the guard looked (or it is off)
-                if memory is not None or not disk_full(exc) or self.memory is None:
+            except OSError as exc:  # full since the guard looked (or it is off), or read-only
+                if memory is not None or not cannot_write(exc) or self.memory is None:
                     raise
-                _LOGGER.error(
-                    "disk full writing a recording of %.1f s (%s): kept in memory until"
-                    " transcribed",
-                    samples.size / SAMPLE_RATE_HZ,
-                    exc.strerror,
-                )
+                if self.audio_problem is None:
+                    self.audio_problem = f"cannot write audio to {store.audio_dir} ({exc.strerror})"
+                    self._audio_read_only = exc.errno == errno.EROFS
+                    self._probe_at_s = time.monotonic() + _FULL_RETRY_S
+                    _LOGGER.error(
+                        "%s: recordings' audio kept in memory (at most %d) until transcribed",
+                        self.audio_problem,
+                        self.memory.max_recordings,
+                    )
                 no_room = True
+                continue
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise
@@ -246,6 +269,25 @@ class Listener(StageThread):
                 )
                 time.sleep(delay_s)
                 delay_s = min(_SAVE_RETRY_MAX_S, delay_s * 2)
+                continue
+            if memory is None and self.audio_problem is not None:  # a file written
+                self._audio_writable(store)
+            return recording
+
+    def _probe_audio_dir(self, store: RecordingStore) -> None:
+        """An audio directory remounted read-write (a file made and gone, only while it was
+        read-only), or given room, is seen within _FULL_RETRY_S, not at the next utterance."""
+        self._probe_at_s = time.monotonic() + _FULL_RETRY_S
+        if self._audio_read_only:
+            if not writable(store.audio_dir):
+                return
+        elif disk_free_mb(store.audio_dir) < _ROOM_MB:
+            return
+        self._audio_writable(store)
+
+    def _audio_writable(self, store: RecordingStore) -> None:
+        _LOGGER.info("can write audio to %s again", store.audio_dir)
+        self.audio_problem, self._audio_read_only = None, False
 
     def _handle(
         self,
@@ -266,7 +308,7 @@ class Listener(StageThread):
         probs = buffer.probs(event.start_frame, event.end_frame)
         if len(self._waiting) >= _MAX_WAITING:
             _LOGGER.error(
-                "database disk full and %d recordings waiting: recording of %.1f s dropped",
+                "database cannot be written and %d recordings waiting: recording of %.1f s dropped",
                 len(self._waiting),
                 samples.size / SAMPLE_RATE_HZ,
             )
@@ -275,29 +317,33 @@ class Listener(StageThread):
         self._save_waiting(store, clock)
 
     def _save_waiting(self, store: RecordingStore, clock: StreamClock) -> None:
-        """Save what waits, oldest first; while the database's disk is full it waits on in
-        memory (said once), and is tried again every _FULL_RETRY_S."""
+        """Save what waits, oldest first; while the database cannot be written (its disk
+        full, or read-only) it waits on in memory (said once), and is tried again every
+        _FULL_RETRY_S."""
         while self._waiting:
             heard = self._waiting[0]
             try:
                 recording = self._save(store, heard.samples, heard.start_s, heard.started_at)
             except sqlite3.OperationalError as exc:
-                if not disk_full(exc) or self.job_origin is not None:
+                if not cannot_write(exc) or self.job_origin is not None:
                     raise  # a one-off process (analyze) stops: nobody frees room meanwhile
-                if self._retry_at_s == 0.0:
+                if self.database_problem is None:
+                    self.database_problem = (
+                        f"cannot write the database {self.settings.storage.db_path} ({exc})"
+                    )
                     _LOGGER.error(
-                        "database disk full (%s): recordings wait in memory (at most %d) until"
-                        " there is room",
-                        exc,
+                        "%s: recordings wait in memory (at most %d) until it can be written",
+                        self.database_problem,
                         _MAX_WAITING,
                     )
                 self._retry_at_s = time.monotonic() + _FULL_RETRY_S
                 return
             del self._waiting[0]
-            if self._retry_at_s != 0.0 and not self._waiting:
+            if self.database_problem is not None and not self._waiting:
                 _LOGGER.info("database written again: the recordings that waited are saved")
+                self.database_problem = None
                 self._retry_at_s = 0.0
-            if recording is not None:  # None: the disk and the memory for its audio are full
+            if recording is not None:  # None: no disk and no memory for its audio
                 self._saved(recording, heard.probs, clock)
 
     def _saved(self, recording: Recording, probs: Float32Array, clock: StreamClock) -> None:

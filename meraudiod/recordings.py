@@ -9,6 +9,7 @@ older database) is kept."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -47,7 +48,7 @@ class Recording:
     start_s: float
     end_s: float
     duration_s: float
-    audio_path: Path | None  # None: kept in memory because the disk is too full
+    audio_path: Path | None  # None: kept in memory, the audio directory cannot be written
     rms_dbfs: float
     closed_at: float
 
@@ -126,7 +127,10 @@ def atomic_audio_file(path: Path, audio_format: str) -> Iterator[soundfile.Sound
             handle.flush()
             os.fsync(handle.fileno())
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        # On a read-only file system this fails too: the error to tell is the write's (a
+        # .part left there is removed at the next start, its process gone).
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -167,7 +171,8 @@ class _KeptError:
 
 
 class MemoryAudio:
-    """Recordings held in RAM while the disk is too full to write them; bounded."""
+    """Recordings held in RAM while the audio directory cannot be written (too full, or
+    read-only); bounded."""
 
     def __init__(self, max_recordings: int = 32) -> None:
         self.max_recordings = max_recordings
@@ -237,7 +242,10 @@ class RecordingStore:
             path = self._path(rec_id, started_at)
             write_audio_atomically(path, samples, self.audio_format)
         elif not memory.put(rec_id, samples):
-            _LOGGER.error("disk full and memory full: recording of %.1f s dropped", duration_s)
+            _LOGGER.error(
+                "audio cannot be written and memory is full: recording of %.1f s dropped",
+                duration_s,
+            )
             return None
         recording = Recording.new(
             rec_id, source, started_at, start_s, duration_s, path, rms_dbfs(samples)
@@ -302,8 +310,9 @@ class RecordingStore:
                 if in_transaction is not None:
                     in_transaction(self.conn, recording)
         except BaseException:
-            if path is not None:
-                path.unlink(missing_ok=True)
+            if path is not None:  # not on a read-only file system: then the file stays
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
             raise
         _LOGGER.info(
             "recording %s: %.2f s from %s at %.2f s, %.1f dBFS",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,12 +156,35 @@ def sweep(
     return total
 
 
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (a directory not made yet is on its disk)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def disk_free_mb(path: Path) -> float:
     """Free space where the data lives."""
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free / 1e6
+    return shutil.disk_usage(_existing(path)).free / 1e6
+
+
+def writable(path: Path) -> bool:
+    """A file can be made in directory `path` (made and gone at once: for a look now and
+    then while it could not be written, not a poll)."""
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
+
+
+def read_only_dirs(settings: Settings) -> list[Path]:
+    """The data and audio directories whose file system is mounted read-only (an SD card
+    the kernel remounted read-only after errors, a bind mount made read-only): one statvfs
+    each, cheap to poll. (A file system the kernel stops after an error without marking the
+    mount read-only, as ext4 on Linux 6.x does, only shows in the writes it refuses.)"""
+    dirs = dict.fromkeys((settings.storage.data_dir, settings.storage.audio_dir))
+    return [path for path in dirs if os.statvfs(_existing(path)).f_flag & os.ST_RDONLY]
 
 
 def disk_low(settings: Settings) -> bool:

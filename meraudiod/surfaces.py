@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import events
 from .checks import mqtt_file_problems
-from .db import Transaction, disk_full
+from .db import Transaction, cannot_write
 from .messages import Event, Outgoing, Response, SpeechEvent, enqueue
 from .recordings import Recording
 from .status import retained_state
@@ -185,8 +185,8 @@ class Surfaces:
 
     def publish_event(self, event: Event) -> None:
         """An event of the main thread's own (not part of a recording's transaction). One the
-        full disk of the database leaves no room for in the outbox is sent as it is (lost if
-        the broker is away)."""
+        database cannot take in the outbox (its disk full, or read-only) is sent as it is
+        (lost if the broker is away)."""
         conn = self.daemon.conn
         if self.mqtt is None or conn is None:
             return
@@ -194,7 +194,7 @@ class Surfaces:
             with Transaction(conn):
                 enqueue(conn, event, max_rows=self.settings.mqtt.outbox_max_rows)
         except sqlite3.OperationalError as exc:
-            if not disk_full(exc):
+            if not cannot_write(exc):
                 raise
             self.mqtt.send(Outgoing(event.topic, json.dumps(event.to_payload()), qos=event.qos))
             return

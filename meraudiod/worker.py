@@ -19,10 +19,10 @@ from . import jobs
 from .asr import WHISPER_WINDOW_S, ServerError, SpeechToText, Stopped, Transcript
 from .audio import to_float32
 from .config import Settings
-from .db import Transaction, disk_full, is_busy, now, open_db, sync_log
+from .db import Transaction, cannot_write, is_busy, no_room, now, open_db, sync_log
 from .deletion import forget_deleted_text, forget_recording, forget_with_audio
 from .recordings import MemoryAudio, audio_file
-from .retention import disk_free_mb, drop_audio
+from .retention import disk_free_mb, drop_audio, writable
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
 from .vad import VadTraces
@@ -96,7 +96,10 @@ class Worker(StageThread):
         self.busy = False
         self.last_error: str | None = None
         self._no_room = False  # the database's disk was full at the last try
-        self._given_back: int | None = None  # a claimed job the full disk kept from storing
+        # The database could not be written at the last try (its disk full, or read-only),
+        # and why: said once, shown as degraded.
+        self.storage_problem: str | None = None
+        self._given_back: int | None = None  # a claimed job the storage kept from storing
 
     def wake(self) -> None:
         """A new job is waiting: look now rather than at the next poll."""
@@ -122,21 +125,28 @@ class Worker(StageThread):
                         jobs.release(conn, self._given_back)
                         self._given_back = None
                     found = self.process_next(conn)
-                    if found and self._no_room:
+                    # Its claim (a write) or its transcript stored: writable again, even with
+                    # no job to do (a read-only database refused the claim of none as well).
+                    if self.storage_problem is not None:
                         _LOGGER.info("database written again: transcription goes on")
-                        self._no_room = False
+                        self.storage_problem, self._no_room = None, False
                 except sqlite3.OperationalError as exc:
                     if is_busy(exc):
                         _LOGGER.warning("database busy (%s): the worker tries again", exc)
-                    elif disk_full(exc) and self.job_origin is None:
-                        # The daemon waits for room; a one-off process (analyze) stops:
-                        # nobody frees it while it waits.
-                        if not self._no_room:
-                            _LOGGER.error(
-                                "database disk full (%s): transcription waits until there is room",
-                                exc,
+                    elif cannot_write(exc) and self.job_origin is None:
+                        # The daemon waits for room or a read-write file system; a one-off
+                        # process (analyze) stops: nobody mends it while it waits.
+                        if self.storage_problem is None:
+                            self.storage_problem = (
+                                f"cannot write the database {self.settings.storage.db_path} ({exc})"
                             )
-                        self._no_room = True
+                            _LOGGER.error(
+                                "%s: transcription waits until it can be written",
+                                self.storage_problem,
+                            )
+                        # Only room is worth waiting for before a transcription: a read-only
+                        # database refuses the job's claim, before any is done.
+                        self._no_room = no_room(exc)
                     else:
                         raise
                     found = False
@@ -170,7 +180,12 @@ class Worker(StageThread):
             self._forget_held(job.recording_id)
             return True
         except Exception as exc:
-            if disk_full(exc):  # no room for its transcript: given back, no attempt counted
+            # Its transcript refused for want of room, or by a file system that refuses writes
+            # (read-only): given back, no attempt counted. An I/O error on a writable one (a
+            # failing card) counts, as any error: given back, it would be transcribed again
+            # and again.
+            data_dir = self.settings.storage.data_dir
+            if cannot_write(exc) and (no_room(exc) or not writable(data_dir)):
                 self._given_back = job.id
                 raise
             self.last_error = f"{type(exc).__name__}: {exc}"

@@ -13,6 +13,7 @@ import threading
 import time
 from http.cookies import CookieError, SimpleCookie
 from importlib import resources
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs
 
@@ -26,7 +27,7 @@ from ulid import ULID
 
 from .. import __version__
 from ..config_network import is_loopback
-from ..db import disk_full
+from ..db import cannot_write, no_room
 from .common import REQUEST_ID, ApiError, HttpContext, error_body
 
 _LOGGER = logging.getLogger(__name__)
@@ -383,8 +384,14 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OSError)
     @app.exception_handler(sqlite3.Error)
     async def storage_error(request: Request, exc: Exception) -> JSONResponse:
-        if not disk_full(exc):
+        if not cannot_write(exc):  # the storage refused it: room or a remount mends that
             return await internal(request, exc)
         why = exc.strerror if isinstance(exc, OSError) else str(exc)
-        _LOGGER.error("request failed, nothing stored: disk full (%s)", exc)
-        return _error(507, "insufficient_storage", f"disk full: {why}; nothing was stored")
+        if no_room(exc):
+            said = f"disk full: {why}"
+        elif isinstance(exc, OSError) and exc.filename is not None:
+            said = f"cannot write {Path(str(exc.filename)).parent}: {why}"
+        else:
+            said = f"cannot write the database: {why}"
+        _LOGGER.error("request failed, nothing stored: %s", said)  # one line, no traceback
+        return _error(507, "insufficient_storage", f"{said}; nothing was stored")

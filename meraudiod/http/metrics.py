@@ -10,15 +10,22 @@ from fastapi.responses import Response
 
 from ..config import Settings
 from ..db import DatabaseError, open_db
-from ..retention import disk_free_mb
+from ..retention import disk_free_mb, read_only_dirs
 from ..status import status
 from .common import HttpContext
 
 
-def disk_room(settings: Settings) -> dict[str, Any]:
-    """The data and audio directories' free space: not ok below retention.min_free_disk_mb
-    (no audio is written, uploads are refused) or with nothing free at all (the guard off),
-    where the database cannot grow. One statvfs each: cheap enough to poll."""
+def disk_room(settings: Settings, unwritable: str | None = None) -> dict[str, Any]:
+    """The data and audio directories' free space: not ok on a read-only file system or
+    below retention.min_free_disk_mb (no audio is written, uploads are refused), or with
+    nothing free at all (the guard off), where the database cannot grow; nor while the
+    daemon's stages cannot write (`unwritable`, as they met it). One statvfs each: cheap
+    enough to poll."""
+    read_only = read_only_dirs(settings)
+    if read_only:
+        return {"ok": False, "detail": f"read-only file system: {read_only[0]}"}
+    if unwritable is not None:
+        return {"ok": False, "detail": unwritable}
     least_mb = settings.retention.min_free_disk_mb
     said = []
     for path in dict.fromkeys((settings.storage.data_dir, settings.storage.audio_dir)):
@@ -54,7 +61,9 @@ def readiness(ctx: HttpContext) -> dict[str, dict[str, Any]]:
         checks["database"] = {"ok": True, "detail": "writable"}
     except (sqlite3.Error, DatabaseError) as exc:
         checks["database"] = {"ok": False, "detail": str(exc)}
-    checks["disk"] = disk_room(ctx.settings)
+    checks["disk"] = disk_room(
+        ctx.settings, daemon.health.storage_problem if daemon is not None else None
+    )
     if daemon is not None:
         problem = daemon.mic_problem
         detail = problem or (daemon.source.name if daemon.listening else "muted")

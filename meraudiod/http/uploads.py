@@ -29,7 +29,7 @@ from ..config import Settings
 from ..db import now
 from ..recording_views import analysis_record
 from ..recordings import RecordingStore
-from ..retention import disk_free_mb
+from ..retention import disk_free_mb, read_only_dirs
 from .common import ApiError, HttpContext, check_id, run_command
 from .receive import BINARY, ReceivedFile, openapi_form, received_form
 from .recordings import context
@@ -72,9 +72,17 @@ def upload_blocks(
         ) from exc
 
 
-def refuse_below_the_guard(settings: Settings) -> None:
-    """507 below retention.min_free_disk_mb, where no audio is written: an upload could fill
-    the disk to its last byte, where the database cannot be written either."""
+def refuse_unwritable_storage(settings: Settings) -> None:
+    """507 on a read-only file system, where nothing can be stored, and below
+    retention.min_free_disk_mb, where no audio is written: an upload could fill the disk to
+    its last byte, where the database cannot be written either."""
+    read_only = read_only_dirs(settings)
+    if read_only:
+        raise ApiError(
+            507,
+            "insufficient_storage",
+            f"read-only file system: {read_only[0]}; nothing was stored",
+        )
     least_mb = settings.retention.min_free_disk_mb
     for path in (settings.storage.data_dir, settings.storage.audio_dir):
         free_mb = disk_free_mb(path)
@@ -90,7 +98,7 @@ def refuse_below_the_guard(settings: Settings) -> None:
 async def store_upload(request: Request, ctx: HttpContext, kind: str) -> str:
     """Receive an uploaded file into the data directory, then store its audio, decoded and
     written a block at a time, as a recording with a transcription job; returns its id."""
-    refuse_below_the_guard(ctx.settings)
+    refuse_unwritable_storage(ctx.settings)  # before a byte is received
     async with received_form(request, ctx.settings.storage.data_dir / "uploads", FIELD) as form:
         return await run_in_threadpool(_store, ctx, form.files[0], kind)
 
