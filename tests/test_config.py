@@ -242,3 +242,58 @@ def test_a_config_file_saved_with_a_byte_order_mark_is_read(env: dict[str, str])
     result = cli("config", "check", "--json", env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["asr"]["beam_size"] == 2
+
+
+@pytest.mark.parametrize(
+    ("toml", "keys"),
+    [
+        # "cannot load ASR model . (damaged or incomplete?)", exit 78: no key named.
+        ('[asr]\nmodel = ""\n', ["asr.model"]),
+        ('[asr]\nmodel = "  "\n', ["asr.model"]),
+        # Accepted: faster-whisper then warned at every transcript and transcribed in English.
+        ('[asr]\nlanguage = "de"\n', ["asr.language", "asr.model", "tiny.en"]),
+        (
+            '[asr]\nlanguage = "fr"\nmodel = "base.en"\nbackend = "wyoming"\n'
+            '[asr.wyoming]\nservers = ["tcp://127.0.0.1:1"]\n',
+            ["asr.language", "asr.model", "base.en"],
+        ),
+        ('[asr]\nlanguage = "auto"\nlanguages = ["de"]\n', ["asr.languages", "asr.model"]),
+    ],
+)
+def test_an_asr_model_that_cannot_serve_the_config_is_named(
+    env: dict[str, str], toml: str, keys: list[str]
+) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    check = cli("config", "check", env=env)
+    assert check.returncode != 0, check.stdout
+    assert all(key in check.stderr for key in keys), check.stderr
+    run = cli("run", "--source", "demo", env=env)
+    assert run.returncode == 78, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: invalid configuration"), run.stderr
+    assert all(key in last for key in keys), run.stderr
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        '[asr]\nlanguage = "auto"\n',  # detection: English-only models take English
+        '[asr]\nlanguage = ""\n',
+        '[asr]\nlanguage = "en"\nmodel = "tiny.en"\n',
+        '[asr]\nlanguage = "de"\nmodel = "tiny"\n',
+        # the local model is never loaded: the servers take the language
+        '[asr]\nlanguage = "de"\nbackend = "wyoming"\nfallback = "wait"\n'
+        '[asr.wyoming]\nservers = ["tcp://127.0.0.1:1"]\n',
+        '[asr]\nlanguage = "de"\nenabled = false\n',
+    ],
+)
+def test_an_asr_language_the_model_can_serve_is_taken(env: dict[str, str], toml: str) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    check = cli("config", "check", "--json", env=env)
+    assert check.returncode == 0, check.stderr
+    language = json.loads(check.stdout)["asr"]["language"]
+    # "auto" (or "") is detection: before, the file had no way to ask for it ("comment out
+    # to detect it" gave the default, "en"), and "auto" failed every transcript.
+    assert language == (
+        "de" if '"de"' in toml else None if "auto" in toml or '""' in toml else "en"
+    )
