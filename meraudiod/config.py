@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .compat import tomllib
@@ -161,10 +161,44 @@ def _format_error(error: ValidationError, source: str) -> str:
     return f"invalid configuration ({source}): " + "; ".join(shown)
 
 
+# What strict validation refuses that lax validation takes: "yes" for a boolean, true for a
+# number, "700" for a number of milliseconds.
+_STRICT_TYPES: Final = frozenset({"bool_type", "int_type", "float_type", "string_type"})
+
+
+def _as_toml(value: object) -> str:
+    """A value as the file wrote it, with its TOML type."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _wrong_types(data: dict[str, Any]) -> list[str]:
+    """The file's values of the wrong type. TOML has booleans and numbers, so the file's
+    values are validated strictly; the environment's, always text, stay lax."""
+    errors = []
+    for section, values in data.items():
+        field = Settings.model_fields.get(section)
+        if field is None or not isinstance(values, dict):
+            continue  # an unknown section or a value for a table: the validation names it
+        model = field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        try:
+            model.model_validate(values, strict=True)
+        except ValidationError as exc:
+            for item in exc.errors():
+                if item["type"] in _STRICT_TYPES:
+                    key = ".".join(str(part) for part in (section, *item["loc"]))
+                    errors.append(f"{key}: {item['msg']}, not {_as_toml(item['input'])}")
+    return errors
+
+
 def load_settings(path: str | Path | None = None) -> Settings:
     """Read the TOML file (if any), apply the environment, validate everything."""
     data, source = _read_file(path)
-    misnamed = _misnamed_variables()
+    misnamed = _misnamed_variables() + _wrong_types(data)
     if misnamed:
         raise ConfigError(f"invalid configuration ({source}): " + "; ".join(misnamed))
     try:

@@ -297,3 +297,46 @@ def test_an_asr_language_the_model_can_serve_is_taken(env: dict[str, str], toml:
     assert language == (
         "de" if '"de"' in toml else None if "auto" in toml or '""' in toml else "en"
     )
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        # Found by fault injection: taken silently ("yes" as true, true as 1 ms).
+        ('[asr]\nenabled = "yes"\n', "asr.enabled"),
+        ("[recorder]\nmin_speech_ms = true\n", "recorder.min_speech_ms"),
+        ('[recorder]\nhangover_ms = "700"\n', "recorder.hangover_ms"),
+        ('[retention]\nkeep_audio = "false"\n', "retention.keep_audio"),
+        ("[vad]\nstart_threshold = true\n", "vad.start_threshold"),
+        ('[asr.wyoming]\nconnect_timeout_s = "3"\n', "asr.wyoming.connect_timeout_s"),
+    ],
+)
+def test_a_value_of_the_wrong_type_in_the_file_is_named(
+    env: dict[str, str], toml: str, key: str
+) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    check = cli("config", "check", env=env)
+    assert check.returncode != 0 and key in check.stderr, check.stderr + check.stdout
+    run = cli("run", "--source", "demo", env=env)
+    assert run.returncode == 78, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: invalid configuration") and key in last, run.stderr
+
+
+def test_the_environment_stays_text_and_paths_in_the_file_are_text(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Environment variables are always text: "false" and "800" are still a boolean and a
+    # number; a path in the file is text, and a whole number of seconds a float.
+    path = Path(env["MERAUDIOD_CONFIG"])
+    path.write_text(
+        "[mqtt]\npassword_file = '/etc/meraudiod/pw'\n[http]\ntoken_file = '/etc/t'\n"
+        "[recorder]\nmin_speech_ms = 100\nmax_utterance_s = 20\n"
+    )
+    monkeypatch.setenv("MERAUDIOD_RETENTION__KEEP_AUDIO", "false")
+    monkeypatch.setenv("MERAUDIOD_RECORDER__HANGOVER_MS", "800")
+    settings = load_settings(path)
+    assert settings.retention.keep_audio is False and settings.recorder.hangover_ms == 800
+    assert settings.recorder.max_utterance_s == 20.0
+    assert settings.mqtt.password_file == Path("/etc/meraudiod/pw")
+    assert settings.http.token_file == Path("/etc/t")
