@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -175,9 +175,27 @@ def _as_toml(value: object) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+def _relative_paths(section: str, model: type[BaseModel], values: dict[str, Any]) -> list[str]:
+    """The file's paths that are relative: taken from the working directory (/ under
+    systemd), never from the file's folder, they were not what the admin meant."""
+    errors = []
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        if field is None or not isinstance(value, str) or not value:
+            continue
+        is_path = Path in (field.annotation, *get_args(field.annotation))
+        if is_path and not Path(value).expanduser().is_absolute():
+            errors.append(
+                f"{section}.{key}: {value!r} must be an absolute path (a relative one would"
+                " be taken from the working directory, / under systemd)"
+            )
+    return errors
+
+
 def _wrong_types(data: dict[str, Any]) -> list[str]:
-    """The file's values of the wrong type. TOML has booleans and numbers, so the file's
-    values are validated strictly; the environment's, always text, stay lax."""
+    """The file's values of the wrong type, and its relative paths. TOML has booleans and
+    numbers, so the file's values are validated strictly; the environment's, always text,
+    stay lax (and a relative path there is the shell's directory, as given)."""
     errors = []
     for section, values in data.items():
         field = Settings.model_fields.get(section)
@@ -185,6 +203,7 @@ def _wrong_types(data: dict[str, Any]) -> list[str]:
             continue  # an unknown section or a value for a table: the validation names it
         model = field.annotation
         assert isinstance(model, type) and issubclass(model, BaseModel)
+        errors += _relative_paths(section, model, values)
         try:
             model.model_validate(values, strict=True)
         except ValidationError as exc:

@@ -340,3 +340,33 @@ def test_the_environment_stays_text_and_paths_in_the_file_are_text(
     assert settings.recorder.max_utterance_s == 20.0
     assert settings.mqtt.password_file == Path("/etc/meraudiod/pw")
     assert settings.http.token_file == Path("/etc/t")
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        # Found by fault injection: taken from the working directory, / under systemd.
+        ('[storage]\ndata_dir = "data"\n', "storage.data_dir"),
+        ('[storage]\nrun_dir = "./run"\n', "storage.run_dir"),
+        ('[mqtt]\npassword_file = "secrets/pw"\n', "mqtt.password_file"),
+        ('[http]\ntoken_file = "token"\n', "http.token_file"),
+    ],
+)
+def test_a_relative_path_in_the_file_is_named(
+    env: dict[str, str], tmp_path: Path, toml: str, key: str
+) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    elsewhere = {**env}
+    elsewhere.pop("MERAUDIOD_STORAGE__DATA_DIR")
+    check = cli("config", "check", env=elsewhere)
+    assert check.returncode != 0, check.stdout
+    assert f"{key}: " in check.stderr and "absolute" in check.stderr, check.stderr
+    run = cli("run", "--source", "demo", env=elsewhere)
+    assert run.returncode == 78, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: invalid configuration") and key in last, run.stderr
+    # An absolute path or one from the home directory is taken; the environment's as given.
+    Path(env["MERAUDIOD_CONFIG"]).write_text(f'[storage]\ndata_dir = "{tmp_path}/d"\n')
+    assert cli("config", "check", env=elsewhere).returncode == 0
+    Path(env["MERAUDIOD_CONFIG"]).write_text('[storage]\nmodels_dir = "~/models"\n')
+    assert cli("config", "check", env=env).returncode == 0
