@@ -13,7 +13,7 @@ import ssl
 import tempfile
 from pathlib import Path
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .mounts import storage_dirs
 
 
@@ -90,10 +90,12 @@ def files_in_use(settings: Settings) -> dict[str, Path]:
     return {key: path for key, path in named_files(settings).items() if used[key]}
 
 
-def unreadable_files(settings: Settings, prefix: str = "") -> list[str]:
-    """One line per named file this user cannot read (those starting with `prefix`)."""
+def unreadable_files(settings: Settings, prefix: str = "", in_use_only: bool = False) -> list[str]:
+    """One line per named file this user cannot read (those starting with `prefix`; only
+    those the daemon reads with `in_use_only`)."""
     problems = []
-    for key, path in named_files(settings).items():
+    files = files_in_use(settings) if in_use_only else named_files(settings)
+    for key, path in files.items():
         if not key.startswith(prefix):
             continue
         try:
@@ -158,3 +160,15 @@ def check_writable(settings: Settings) -> None:
     problems = unwritable_dirs(settings)
     if problems:
         raise StartError("; ".join(problems))
+
+
+def reload_file_problems(settings: Settings) -> list[str]:
+    """The files in use that the running daemon read at start but a restart could not: a token
+    file removed, unreadable or emptied under it (the start would fail), MQTT's files."""
+    problems = unreadable_files(settings, in_use_only=True)
+    if not problems and settings.http.enabled:
+        try:
+            settings.http.resolved_token()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems

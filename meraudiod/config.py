@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, get_args
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .compat import tomllib
@@ -161,10 +161,63 @@ def _format_error(error: ValidationError, source: str) -> str:
     return f"invalid configuration ({source}): " + "; ".join(shown)
 
 
+# What strict validation refuses that lax validation takes: "yes" for a boolean, true for a
+# number, "700" for a number of milliseconds.
+_STRICT_TYPES: Final = frozenset({"bool_type", "int_type", "float_type", "string_type"})
+
+
+def _as_toml(value: object) -> str:
+    """A value as the file wrote it, with its TOML type."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _relative_paths(section: str, model: type[BaseModel], values: dict[str, Any]) -> list[str]:
+    """The file's paths that are relative: taken from the working directory (/ under
+    systemd), never from the file's folder, they were not what the admin meant."""
+    errors = []
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        if field is None or not isinstance(value, str) or not value:
+            continue
+        is_path = Path in (field.annotation, *get_args(field.annotation))
+        if is_path and not Path(value).expanduser().is_absolute():
+            errors.append(
+                f"{section}.{key}: {value!r} must be an absolute path (a relative one would"
+                " be taken from the working directory, / under systemd)"
+            )
+    return errors
+
+
+def _wrong_types(data: dict[str, Any]) -> list[str]:
+    """The file's values of the wrong type, and its relative paths. TOML has booleans and
+    numbers, so the file's values are validated strictly; the environment's, always text,
+    stay lax (and a relative path there is the shell's directory, as given)."""
+    errors = []
+    for section, values in data.items():
+        field = Settings.model_fields.get(section)
+        if field is None or not isinstance(values, dict):
+            continue  # an unknown section or a value for a table: the validation names it
+        model = field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        errors += _relative_paths(section, model, values)
+        try:
+            model.model_validate(values, strict=True)
+        except ValidationError as exc:
+            for item in exc.errors():
+                if item["type"] in _STRICT_TYPES:
+                    key = ".".join(str(part) for part in (section, *item["loc"]))
+                    errors.append(f"{key}: {item['msg']}, not {_as_toml(item['input'])}")
+    return errors
+
+
 def load_settings(path: str | Path | None = None) -> Settings:
     """Read the TOML file (if any), apply the environment, validate everything."""
     data, source = _read_file(path)
-    misnamed = _misnamed_variables()
+    misnamed = _misnamed_variables() + _wrong_types(data)
     if misnamed:
         raise ConfigError(f"invalid configuration ({source}): " + "; ".join(misnamed))
     try:

@@ -68,7 +68,9 @@ class MqttSettings(Section):
     @field_validator("password_file", "tls_ca_file", "tls_cert_file", "tls_key_file", mode="before")
     @classmethod
     def _no_empty_path(cls, value: object) -> object:
-        return None if value == "" else value  # not ".", the current directory
+        if value == "":
+            return None  # not ".", the current directory
+        return Path(value) if isinstance(value, str) else value  # a Path: the file's is strict
 
     @field_validator("node_id")
     @classmethod
@@ -134,7 +136,9 @@ class HttpSettings(Section):
     @field_validator("token_file", mode="before")
     @classmethod
     def _no_empty_path(cls, value: object) -> object:
-        return None if value == "" else value
+        if value == "":
+            return None
+        return Path(value) if isinstance(value, str) else value  # a Path: the file's is strict
 
     @field_validator("token")
     @classmethod

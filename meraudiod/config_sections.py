@@ -214,7 +214,9 @@ class AsrSettings(Section):
         le=MAX_THREADS,
         description="CTranslate2 threads (0 = library default); 2 measured fastest",
     )
-    language: str | None = Field("en", description="Fixed language; None = detect")
+    language: str | None = Field(
+        "en", description='Fixed language; "auto" (or "") = detect, within `languages`'
+    )
     languages: list[str] = Field(
         default_factory=list, description="With detection, the languages allowed (empty = any)"
     )
@@ -242,10 +244,49 @@ class AsrSettings(Section):
     )
     job_lease_s: float = Field(600.0, gt=0, description="How long a claimed job stays claimed")
 
+    @field_validator("model")
+    @classmethod
+    def _model_named(cls, value: str) -> str:
+        # "" was taken as the current directory: "cannot load ASR model ." named no key.
+        if not value.strip():
+            raise ValueError(
+                "names no model (a manifest name such as tiny.en, a faster-whisper model"
+                " name or a CTranslate2 directory)"
+            )
+        return value
+
+    @field_validator("language")
+    @classmethod
+    def _auto_is_detection(cls, value: str | None) -> str | None:
+        # A TOML file cannot say None: "auto" (or "") asks for detection.
+        return None if value is not None and value.strip().lower() in ("", "auto") else value
+
     @model_validator(mode="after")
     def _servers_named(self) -> AsrSettings:
         if self.backend == "wyoming" and not self.wyoming.servers:
             raise ValueError("asr.backend = wyoming needs asr.wyoming.servers")
+        return self
+
+    @model_validator(mode="after")
+    def _model_knows_the_language(self) -> AsrSettings:
+        # An English-only model (tiny.en) transcribes anything as English: faster-whisper
+        # only warned at every transcript. Refused where the local model is loaded.
+        local = self.backend == "local" or self.fallback == "local"
+        if not (self.enabled and local and self.model.rstrip("/").endswith(".en")):
+            return self
+        if self.language not in (None, "en"):
+            raise ValueError(
+                f"asr.language = {self.language!r} needs a multilingual asr.model, not the"
+                f" English-only {self.model!r}: set asr.model to one without .en (such as"
+                ' tiny or base) or asr.language = "en"'
+            )
+        others = [lang for lang in self.languages if lang != "en"]
+        if self.language is None and others:
+            raise ValueError(
+                f"asr.languages = {self.languages!r} needs a multilingual asr.model, not the"
+                f" English-only {self.model!r}: set asr.model to one without .en (such as"
+                " tiny or base) or leave asr.languages empty"
+            )
         return self
 
 

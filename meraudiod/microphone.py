@@ -19,10 +19,43 @@ from .sources import AudioSource, SourceError
 _LOGGER = logging.getLogger(__name__)
 AUDIO_STALL_S: Final = 5.0  # no frame for this long while listening: the audio is gone
 _RETRY_MAX_S: Final = 60.0
-# While a microphone stays missing its retries are DEBUG: one ERROR when it goes, then a
-# WARNING reminder after 1 min, 2, 4 ... at most hourly (an ERROR a minute buried the journal).
+# While a microphone stays missing (or its listener stuck) its retries are DEBUG: one ERROR
+# when it begins, then a WARNING reminder after 1 min, 2, 4 ... at most hourly (an ERROR a
+# minute buried the journal).
 _REMIND_FIRST_S: Final = 60.0
 _REMIND_MAX_S: Final = 3600.0
+_FIRST_STOP_S: Final = 5.0  # a listener is given this long to stop, once
+
+
+class _Lasting:
+    """A fault that lasts while it is retried: which level each retry is said at (ERROR when
+    it begins, DEBUG after, WARNING now and then as a reminder)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # when it began; None: not now
+        self._remind_gap_s = _REMIND_FIRST_S
+        self._remind_at = 0.0
+
+    def level(self, t: float) -> int:
+        """The level to say this retry at (it begins with the first call after `over`)."""
+        if self.since is None:
+            self.since = t
+            self._remind_gap_s = _REMIND_FIRST_S
+            self._remind_at = t + self._remind_gap_s
+            return logging.ERROR
+        if t >= self._remind_at:
+            self._remind_gap_s = min(_REMIND_MAX_S, self._remind_gap_s * 2)
+            self._remind_at = t + self._remind_gap_s
+            return logging.WARNING
+        return logging.DEBUG
+
+    def minutes(self, t: float) -> float:
+        """How long it has lasted."""
+        return 0.0 if self.since is None else (t - self.since) / 60
+
+    def over(self) -> None:
+        """It ended: the next one is said at ERROR again."""
+        self.since = None
 
 
 class AudioSupervisor:
@@ -47,9 +80,8 @@ class AudioSupervisor:
         self._retry_s = 1.0
         self._next_retry = 0.0
         self._opened_at = 0.0
-        self._missing_since = 0.0  # when opening it first failed, this time
-        self._remind_gap_s = _REMIND_FIRST_S
-        self._remind_at = 0.0
+        self._missing = _Lasting()  # opening the microphone fails
+        self._stuck = _Lasting()  # its listener does not stop (hung in the driver)
 
     @property
     def is_mic(self) -> bool:
@@ -74,6 +106,8 @@ class AudioSupervisor:
             self.listener.stop()
         self.source.stop()
         self._gone = False
+        self._missing.over()
+        self._stuck.over()
         self.problem = None  # the caller says muted or stopping
 
     def healthy(self, t: float) -> bool:
@@ -106,19 +140,29 @@ class AudioSupervisor:
             return
         if t < self._next_retry:
             return
-        if not self._gone:  # it delivered, then stopped (one that never opened is no news)
+        stuck = self._stuck.since is not None
+        if not self._gone and not stuck:  # it delivered, then stopped (one that never opened
+            # is no news; one whose listener is stuck was said)
             self._set_problem("microphone lost: retrying")
             _LOGGER.warning("no audio from %s; reopening it", self.source.name)
         if listener is not None:
-            listener.stop(timeout_s=5.0)
+            # Waited for once: each later retry holding the main loop 5 s would gain nothing.
+            listener.stop(timeout_s=0.0 if stuck else _FIRST_STOP_S)
         self.source.stop()
         if listener is not None and listener.is_alive():
             # Stuck in the driver: a second listener beside it would save the same audio
             # twice; the next try comes after the backoff.
-            _LOGGER.error("the listener of %s does not stop; not reopening yet", self.source.name)
+            self._say_stuck(t)
             self._next_retry = t + self._retry_s
             self._retry_s = min(_RETRY_MAX_S, self._retry_s * 2)
             return
+        if stuck:
+            _LOGGER.info(
+                "the listener of %s stopped after %.0f min; reopening it",
+                self.source.name,
+                self._stuck.minutes(t),
+            )
+            self._stuck.over()
         self._open_mic(t)
 
     def _open_mic(self, t: float) -> None:
@@ -134,6 +178,7 @@ class AudioSupervisor:
         else:
             self._opened_at = t
             self._gone = False
+            self._missing.over()
             self._ever_opened = True
         self._next_retry = t + self._retry_s
         self._retry_s = min(_RETRY_MAX_S, self._retry_s * 2)
@@ -141,18 +186,35 @@ class AudioSupervisor:
     def _say_missing(self, t: float, exc: SourceError) -> None:
         """Once at ERROR when it goes (the error names the device), each retry after that at
         DEBUG, with a WARNING reminder now and then: status shows it missing all along."""
-        if not self._gone:
+        level = self._missing.level(t)
+        if level == logging.ERROR:
             _LOGGER.error("%s; waiting for it (retries at DEBUG, reminders spaced out)", exc)
-            self._missing_since = t
-            self._remind_gap_s = _REMIND_FIRST_S
-            self._remind_at = t + self._remind_gap_s
-        elif t >= self._remind_at:
-            missing_min = (t - self._missing_since) / 60
+        elif level == logging.WARNING:
+            missing_min = self._missing.minutes(t)
             _LOGGER.warning("still no microphone after %.0f min: %s; retrying", missing_min, exc)
-            self._remind_gap_s = min(_REMIND_MAX_S, self._remind_gap_s * 2)
-            self._remind_at = t + self._remind_gap_s
         else:
             _LOGGER.debug("%s; retrying in %.0f s", exc, self._retry_s)
+
+    def _say_stuck(self, t: float) -> None:
+        """As a missing microphone: once at ERROR, retries at DEBUG, reminders spaced out."""
+        name = self.source.name
+        level = self._stuck.level(t)
+        if level == logging.ERROR:
+            _LOGGER.error(
+                "the listener of %s does not stop; not reopening yet (retries at DEBUG,"
+                " reminders spaced out)",
+                name,
+            )
+        elif level == logging.WARNING:
+            _LOGGER.warning(
+                "the listener of %s still does not stop after %.0f min; not reopening yet",
+                name,
+                self._stuck.minutes(t),
+            )
+        else:
+            _LOGGER.debug(
+                "the listener of %s does not stop; retrying in %.0f s", name, self._retry_s
+            )
 
     def _check_stream(self, t: float) -> None:
         """stdin (or a file paced at real time) that stops delivering is said once; the

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from .checks import reload_file_problems
 from .cli_common import setup_logging
 from .config import ConfigError, Settings, apply_live, load_settings
 from .diarization import DiarizationError
@@ -61,6 +62,15 @@ class Reloader:
         daemon = self.daemon
         try:
             fresh = load_settings(daemon.config_path)
+            # A file read at start that is gone now: the daemon runs on what it read, but a
+            # restart would fail ("restart needed: its contents" hid that). Fix it first.
+            problems = reload_file_problems(fresh)
+            if problems:
+                raise ConfigError(
+                    "; ".join(problems)
+                    + " (the running daemon keeps what it read at start; a restart would"
+                    " not: fix it first)"
+                )
         except ConfigError as exc:
             daemon.reload_error = str(exc)
             daemon.health.heartbeat()  # `status` says so now, not in up to 5 s

@@ -107,8 +107,11 @@ def demo_path() -> Path:
 def printable(text: str) -> str:
     """Text as shown and stored: a file name's bytes that are not UTF-8 (a file named in
     Latin-1, decoded by Python as lone surrogates) as \\xfc escapes, never raw bytes (which
-    make a JSON line or a log line not UTF-8) nor Python's \\udcfc."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    make a JSON line or a log line not UTF-8) nor Python's \\udcfc; and what is not printable
+    as its escape (\\n, \\u202e, \\u2028): a line feed or line separator in a name wrote a
+    line of its own, a bidi override showed the rest of the line backwards."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _not_a_file(path: Path) -> str:

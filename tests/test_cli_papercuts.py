@@ -733,6 +733,23 @@ def test_a_file_name_that_is_not_utf8_is_shown_with_escapes(
         assert "/nowhere/K\\xfcche.wav: audio file not found" in said.stderr, said.stderr
 
 
+def test_a_file_name_cannot_break_or_reorder_a_line(env: dict[str, str], tmp_path: Path) -> None:
+    # Found by fault injection: a file name's line feed, line separator or bidi override
+    # ("\u202e" shows the rest of the line backwards) went as they were into analyze's output,
+    # the recording's source and the log ("from file:..."): a line of the name's choosing.
+    name = "K\u202eche\nFAKE ERROR\u2028\x85.wav"
+    shown = f"{tmp_path}/K\\u202eche\\nFAKE ERROR\\u2028\\x85.wav"
+    shutil.copy(SHORT, tmp_path / name)
+    said = cli("analyze", str(tmp_path / name), env={**env, "MERAUDIOD_LOGGING__LEVEL": "INFO"})
+    assert said.returncode == 0, said.stderr
+    assert said.stdout.startswith(shown + " ("), said.stdout
+    for text in (said.stdout, said.stderr):
+        assert not any(c in text for c in "\u202e\u2028\x85"), repr(text)
+        assert not any(line.startswith("FAKE") for line in text.split("\n")), text
+    sources = {row["source"] for row in db_rows(env, "SELECT source FROM recordings")}
+    assert sources == {f"file:{shown}"}, sources
+
+
 def test_a_refused_admin_command_does_not_say_it_changes_data_when_it_reads(
     env: dict[str, str],
 ) -> None:

@@ -242,3 +242,131 @@ def test_a_config_file_saved_with_a_byte_order_mark_is_read(env: dict[str, str])
     result = cli("config", "check", "--json", env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["asr"]["beam_size"] == 2
+
+
+@pytest.mark.parametrize(
+    ("toml", "keys"),
+    [
+        # "cannot load ASR model . (damaged or incomplete?)", exit 78: no key named.
+        ('[asr]\nmodel = ""\n', ["asr.model"]),
+        ('[asr]\nmodel = "  "\n', ["asr.model"]),
+        # Accepted: faster-whisper then warned at every transcript and transcribed in English.
+        ('[asr]\nlanguage = "de"\n', ["asr.language", "asr.model", "tiny.en"]),
+        (
+            '[asr]\nlanguage = "fr"\nmodel = "base.en"\nbackend = "wyoming"\n'
+            '[asr.wyoming]\nservers = ["tcp://127.0.0.1:1"]\n',
+            ["asr.language", "asr.model", "base.en"],
+        ),
+        ('[asr]\nlanguage = "auto"\nlanguages = ["de"]\n', ["asr.languages", "asr.model"]),
+    ],
+)
+def test_an_asr_model_that_cannot_serve_the_config_is_named(
+    env: dict[str, str], toml: str, keys: list[str]
+) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    check = cli("config", "check", env=env)
+    assert check.returncode != 0, check.stdout
+    assert all(key in check.stderr for key in keys), check.stderr
+    run = cli("run", "--source", "demo", env=env)
+    assert run.returncode == 78, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: invalid configuration"), run.stderr
+    assert all(key in last for key in keys), run.stderr
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        '[asr]\nlanguage = "auto"\n',  # detection: English-only models take English
+        '[asr]\nlanguage = ""\n',
+        '[asr]\nlanguage = "en"\nmodel = "tiny.en"\n',
+        '[asr]\nlanguage = "de"\nmodel = "tiny"\n',
+        # the local model is never loaded: the servers take the language
+        '[asr]\nlanguage = "de"\nbackend = "wyoming"\nfallback = "wait"\n'
+        '[asr.wyoming]\nservers = ["tcp://127.0.0.1:1"]\n',
+        '[asr]\nlanguage = "de"\nenabled = false\n',
+    ],
+)
+def test_an_asr_language_the_model_can_serve_is_taken(env: dict[str, str], toml: str) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    check = cli("config", "check", "--json", env=env)
+    assert check.returncode == 0, check.stderr
+    language = json.loads(check.stdout)["asr"]["language"]
+    # "auto" (or "") is detection: before, the file had no way to ask for it ("comment out
+    # to detect it" gave the default, "en"), and "auto" failed every transcript.
+    assert language == (
+        "de" if '"de"' in toml else None if "auto" in toml or '""' in toml else "en"
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        # Found by fault injection: taken silently ("yes" as true, true as 1 ms).
+        ('[asr]\nenabled = "yes"\n', "asr.enabled"),
+        ("[recorder]\nmin_speech_ms = true\n", "recorder.min_speech_ms"),
+        ('[recorder]\nhangover_ms = "700"\n', "recorder.hangover_ms"),
+        ('[retention]\nkeep_audio = "false"\n', "retention.keep_audio"),
+        ("[vad]\nstart_threshold = true\n", "vad.start_threshold"),
+        ('[asr.wyoming]\nconnect_timeout_s = "3"\n', "asr.wyoming.connect_timeout_s"),
+    ],
+)
+def test_a_value_of_the_wrong_type_in_the_file_is_named(
+    env: dict[str, str], toml: str, key: str
+) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    check = cli("config", "check", env=env)
+    assert check.returncode != 0 and key in check.stderr, check.stderr + check.stdout
+    run = cli("run", "--source", "demo", env=env)
+    assert run.returncode == 78, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: invalid configuration") and key in last, run.stderr
+
+
+def test_the_environment_stays_text_and_paths_in_the_file_are_text(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Environment variables are always text: "false" and "800" are still a boolean and a
+    # number; a path in the file is text, and a whole number of seconds a float.
+    path = Path(env["MERAUDIOD_CONFIG"])
+    path.write_text(
+        "[mqtt]\npassword_file = '/etc/meraudiod/pw'\n[http]\ntoken_file = '/etc/t'\n"
+        "[recorder]\nmin_speech_ms = 100\nmax_utterance_s = 20\n"
+    )
+    monkeypatch.setenv("MERAUDIOD_RETENTION__KEEP_AUDIO", "false")
+    monkeypatch.setenv("MERAUDIOD_RECORDER__HANGOVER_MS", "800")
+    settings = load_settings(path)
+    assert settings.retention.keep_audio is False and settings.recorder.hangover_ms == 800
+    assert settings.recorder.max_utterance_s == 20.0
+    assert settings.mqtt.password_file == Path("/etc/meraudiod/pw")
+    assert settings.http.token_file == Path("/etc/t")
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        # Found by fault injection: taken from the working directory, / under systemd.
+        ('[storage]\ndata_dir = "data"\n', "storage.data_dir"),
+        ('[storage]\nrun_dir = "./run"\n', "storage.run_dir"),
+        ('[mqtt]\npassword_file = "secrets/pw"\n', "mqtt.password_file"),
+        ('[http]\ntoken_file = "token"\n', "http.token_file"),
+    ],
+)
+def test_a_relative_path_in_the_file_is_named(
+    env: dict[str, str], tmp_path: Path, toml: str, key: str
+) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    elsewhere = {**env}
+    elsewhere.pop("MERAUDIOD_STORAGE__DATA_DIR")
+    check = cli("config", "check", env=elsewhere)
+    assert check.returncode != 0, check.stdout
+    assert f"{key}: " in check.stderr and "absolute" in check.stderr, check.stderr
+    run = cli("run", "--source", "demo", env=elsewhere)
+    assert run.returncode == 78, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: invalid configuration") and key in last, run.stderr
+    # An absolute path or one from the home directory is taken; the environment's as given.
+    Path(env["MERAUDIOD_CONFIG"]).write_text(f'[storage]\ndata_dir = "{tmp_path}/d"\n')
+    assert cli("config", "check", env=elsewhere).returncode == 0
+    Path(env["MERAUDIOD_CONFIG"]).write_text('[storage]\nmodels_dir = "~/models"\n')
+    assert cli("config", "check", env=env).returncode == 0

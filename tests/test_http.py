@@ -17,7 +17,7 @@ import pytest
 import soundfile
 
 from meraudiod.audio import decode_file
-from tests.conftest import DEMO, TEST_DATA
+from tests.conftest import DEMO, TEST_DATA, db_rows
 from tests.httpd import (
     SPEAKERS_CONFIG,
     TOKEN,
@@ -520,3 +520,31 @@ def test_speakers_enrol_identify_review_merge_opt_out_and_delete(daemon: HttpDae
         assert deleted["name"] == "Bob" and deleted["recordings"] >= 1
         json_error(client.get(f"/api/v1/recordings/{bob_again}"), 404, "not_found")
         json_error(client.delete(f"{base}/Bob"), 404, "not_found")
+
+
+def test_audio_served_is_only_a_file_inside_the_audio_directory(
+    daemon: HttpDaemon, tmp_path: Path
+) -> None:
+    """Found by fault injection: a symlink put in place of a recording's file was followed,
+    so anyone who can write to the audio directory could have the API serve any file the
+    daemon can read. Now only a regular file whose real path is inside it is served."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not audio\n")
+    audio_dir = Path(daemon.env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio"
+    with daemon.client() as client:
+        rec_id = _upload_recording(client, "ls_2609_0000.flac")
+        stored = db_rows(daemon.env, f"SELECT audio_path FROM recordings WHERE id='{rec_id}'")
+        path = audio_dir / stored[0]["audio_path"]
+        assert client.get(f"/api/v1/recordings/{rec_id}/audio").status_code == 200
+        kept = path.with_name("kept.flac")
+        path.rename(kept)
+        path.symlink_to(secret)
+        refused = client.get(f"/api/v1/recordings/{rec_id}/audio")
+        assert "not audio" not in refused.text
+        json_error(refused, 404, "not_found")
+        # A link that stays inside the directory is still the recording's audio.
+        path.unlink()
+        path.symlink_to(kept)
+        assert client.get(f"/api/v1/recordings/{rec_id}/audio").status_code == 200
+        path.unlink()
+        kept.rename(path)

@@ -222,6 +222,27 @@ def test_a_file_name_cannot_forge_a_log_line(daemon: HttpDaemon) -> None:
     assert not [line for line in lines if line.startswith("FAKE")]
 
 
+def test_a_file_name_cannot_reorder_or_break_a_log_line(daemon: HttpDaemon) -> None:
+    # Found by fault injection: control characters were replaced, but not a bidi override
+    # (U+202E shows the rest of the line backwards: "evil\u202egnp.wav" reads "evilvaw.png"),
+    # an isolate, a line or paragraph separator (a new line to some log viewers), nor NEL.
+    unseen = "\u202e\u2066\u2028\u2029\u0085\u200b"
+    name = f"evil{unseen}gnp.wav".encode()
+    body = (
+        _PART.replace(b'filename="cut.wav"', b'filename="' + name + b'"')
+        + _two_seconds_wav()
+        + f"\r\n--{_BOUNDARY}--\r\n".encode()
+    )
+    response = _post_form(daemon, "/api/v1/vad/upload_recording", body)
+    assert response.status_code == 202, response.text
+    rec_id = response.json()["recording_id"]
+    source = db_rows(daemon.env, f"SELECT source FROM recordings WHERE id = '{rec_id}'")[0][0]
+    assert source.startswith("client:evil") and source.endswith("gnp.wav"), repr(source)
+    assert not any(c in source for c in unseen), repr(source)
+    logged = [line for line in daemon.log().splitlines() if rec_id in line and "evil" in line]
+    assert logged and not any(c in line for line in logged for c in unseen), logged
+
+
 def test_status_counts_the_data_directory_while_files_come_and_go(daemon: HttpDaemon) -> None:
     # /api/v1/status sums the sizes of the files in the data directory; an upload's partial
     # file (or a recording's, renamed when done) that went between the listing and its stat

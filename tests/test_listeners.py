@@ -3,17 +3,21 @@ a stuck one, and a listener keeps no list that grows for the life of the daemon.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+
+import pytest
 
 from meraudiod.config import Settings
 from meraudiod.daemon import Daemon
 from meraudiod.db import open_db
 from meraudiod.mic_source import MicSource
+from meraudiod.microphone import AudioSupervisor
 from meraudiod.pipeline import Pipeline
 from meraudiod.sources import FileSource
 
-from .conftest import DEMO, DEMO_TRUTH
+from .conftest import DEMO, DEMO_TRUTH, wait_for
 
 
 def spans(settings: Settings, rec_ids: list[str]) -> list[tuple[float, float]]:
@@ -81,3 +85,57 @@ def test_a_reopen_never_starts_a_second_listener_beside_a_stuck_one(settings: Se
     finally:
         mic.released.set()
         daemon.stop()
+
+
+def test_a_wedged_listener_is_one_error_then_reminders_that_space_out(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by fault injection: a driver that hangs in read() logged "the listener of ...
+    does not stop; not reopening yet" at ERROR (and "no audio ...; reopening it" at WARNING)
+    at every backoff, every 60 s for as long as it hung. Now as a missing microphone: one
+    ERROR, each retry at DEBUG, a WARNING reminder after 1 min, 2, 4 ... (at most hourly),
+    one INFO when it lets go. Three hours of retries on a clock that ends now."""
+    settings.asr.enabled = False
+    pipeline = Pipeline(settings, threading.Event())
+    pipeline.open()
+    mic = WedgedMic()
+    audio = AudioSupervisor(mic, lambda: pipeline.listener(mic), lambda: None)
+    caplog.set_level(logging.DEBUG, logger="meraudiod.microphone")
+    start = time.monotonic() - 3 * 3600
+    audio.open(start)
+    assert mic.reading.wait(30), "the listener never read"
+    began = time.monotonic()
+    for second in range(1, 3 * 3600):
+        audio.check(start + second)
+        # The main loop is not held 5 s at each retry (it was: 15 min for this loop).
+        assert time.monotonic() - began < 30, f"held: {second} s in"
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "meraudiod.microphone"]
+    errors = [m for level, m in said if level >= logging.ERROR]
+    assert len(errors) == 1 and "mic:wedged does not stop" in errors[0], errors
+    retries = [m for level, m in said if level == logging.DEBUG]
+    assert len(retries) > 150, len(retries)
+    reminders = [m for level, m in said if level == logging.WARNING and "after" in m]
+    assert len([m for level, m in said if level == logging.WARNING]) == len(reminders) + 1, said
+    minutes = [int(m.split("after ")[1].split(" min")[0]) for m in reminders]
+    gaps = [b - a for a, b in zip([0, *minutes], minutes, strict=False)]
+    assert gaps == [1, 2, 4, 8, 16, 32, 60], minutes  # then one an hour
+    assert all("mic:wedged still does not stop" in m for m in reminders), reminders
+    caplog.clear()
+
+    mic.released.set()  # the driver lets go: the listener ends, a new one is started
+    wait_for(
+        lambda: (
+            audio.check(time.monotonic())
+            or (
+                audio.listener is not None
+                and audio.listener.is_alive()
+                and "stopped" in caplog.text
+            )
+        ),
+        30,
+        "the listener to be replaced",
+    )
+    back = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert back[0][0] == "INFO" and "mic:wedged stopped" in back[0][1], back
+    audio.close()
+    pipeline.close()

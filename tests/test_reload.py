@@ -321,6 +321,37 @@ def test_a_new_token_in_the_same_file_is_named_as_needing_a_restart(
     assert rc == 0, "".join(daemon.lines)
 
 
+def test_a_token_file_gone_under_the_daemon_is_said_at_the_reload(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found by fault injection: with the token file removed, SIGHUP said only "restart
+    needed: http.token_file (its contents)", though that restart would then fail. Now the
+    reload is refused naming the file and why, in the log and in `status`."""
+    token = tmp_path / "token"
+    token.write_text("the-token\n")
+    config = Path(env["MERAUDIOD_CONFIG"])
+    config.write_text(f"[http]\nenabled = true\nport = {free_port()}\ntoken_file = '{token}'\n")
+    daemon = Daemon(env)
+    try:
+        wait_running(env, daemon.proc, timeout_s=60)
+        token.unlink()
+        lines = "".join(daemon.reload("a token file gone"))
+        assert "reload refused" in lines and f"http.token_file: cannot read {token}" in lines, lines
+        assert "No such file or directory" in lines, lines
+        data = status_json(env)
+        assert f"http.token_file: cannot read {token}" in (data["reload_error"] or ""), data
+        assert data["restart_needed"] == [], data
+        text = cli("status", env=env).stdout
+        assert re.search(r"reload refused .*http.token_file: cannot read", text), text
+        token.write_text("the-token\n")
+        daemon.reload("the token file back")
+        data = status_json(env)
+        assert data["reload_error"] is None and data["restart_needed"] == [], data
+    finally:
+        rc = daemon.close()
+    assert rc == 0, "".join(daemon.lines)
+
+
 def test_a_reload_of_the_logging_keeps_the_command_lines_verbosity(env: dict[str, str]) -> None:
     """`run -v` logs INFO whatever logging.level says; a reload that changed logging.* went
     back to the file's level (WARNING here), and the daemon fell silent."""

@@ -78,11 +78,15 @@ def get_audio(rec_id: str, ctx: HttpContext = Depends(context)) -> AudioResponse
         row = conn.execute("SELECT audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
     if row is None:
         raise ApiError(404, "not_found", f"no recording {rec_id}")
-    path = (
-        audio_file(ctx.settings.storage.audio_dir, row["audio_path"]) if row["audio_path"] else None
-    )
-    if path is None or not path.is_file():
+    audio_dir = ctx.settings.storage.audio_dir
+    path = audio_file(audio_dir, row["audio_path"]) if row["audio_path"] else None
+    if path is None or not (path.exists() or path.is_symlink()):
         raise ApiError(410, "gone", f"recording {rec_id} has no audio any more")
+    # A link put in the audio directory would have the API serve whatever it points at (any
+    # file the daemon can read): only a regular file whose real path is inside it is served.
+    path = path.resolve()
+    if not path.is_file() or not path.is_relative_to(audio_dir.resolve()):
+        raise ApiError(404, "not_found", f"recording {rec_id} has no audio file here")
     media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
     return AudioResponse(
         path,
