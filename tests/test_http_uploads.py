@@ -201,11 +201,9 @@ def _post_form(daemon: HttpDaemon, path: str, body: bytes) -> httpx.Response:
         )
 
 
-def test_a_file_name_cannot_forge_a_log_line(daemon: HttpDaemon) -> None:
-    # The client's file name is logged with the recording it stored ("... from client:NAME")
-    # and kept as its source: a line feed in it wrote a line of the client's own into the
-    # daemon's log (a NUL, a binary journal entry).
-    name = b"a\nFAKE ERROR forged line\x00.wav"
+def _upload_named(daemon: HttpDaemon, name: bytes) -> tuple[str, str]:
+    """Two seconds of speech uploaded under the file name `name` (raw bytes): the
+    recording's id and its stored source."""
     body = (
         _PART.replace(b'filename="cut.wav"', b'filename="' + name + b'"')
         + _two_seconds_wav()
@@ -213,8 +211,16 @@ def test_a_file_name_cannot_forge_a_log_line(daemon: HttpDaemon) -> None:
     )
     response = _post_form(daemon, "/api/v1/vad/upload_recording", body)
     assert response.status_code == 202, response.text
-    rec_id = response.json()["recording_id"]
+    rec_id = str(response.json()["recording_id"])
     source = db_rows(daemon.env, f"SELECT source FROM recordings WHERE id = '{rec_id}'")[0][0]
+    return rec_id, str(source)
+
+
+def test_a_file_name_cannot_forge_a_log_line(daemon: HttpDaemon) -> None:
+    # The client's file name is logged with the recording it stored ("... from client:NAME")
+    # and kept as its source: a line feed in it wrote a line of the client's own into the
+    # daemon's log (a NUL, a binary journal entry).
+    rec_id, source = _upload_named(daemon, b"a\nFAKE ERROR forged line\x00.wav")
     assert source.startswith("client:a") and "FAKE ERROR forged line" in source, source
     assert not any(ord(c) < 32 or ord(c) == 127 for c in source), repr(source)
     lines = daemon.log().splitlines()
@@ -227,16 +233,7 @@ def test_a_file_name_cannot_reorder_or_break_a_log_line(daemon: HttpDaemon) -> N
     # (U+202E shows the rest of the line backwards: "evil\u202egnp.wav" reads "evilvaw.png"),
     # an isolate, a line or paragraph separator (a new line to some log viewers), nor NEL.
     unseen = "\u202e\u2066\u2028\u2029\u0085\u200b"
-    name = f"evil{unseen}gnp.wav".encode()
-    body = (
-        _PART.replace(b'filename="cut.wav"', b'filename="' + name + b'"')
-        + _two_seconds_wav()
-        + f"\r\n--{_BOUNDARY}--\r\n".encode()
-    )
-    response = _post_form(daemon, "/api/v1/vad/upload_recording", body)
-    assert response.status_code == 202, response.text
-    rec_id = response.json()["recording_id"]
-    source = db_rows(daemon.env, f"SELECT source FROM recordings WHERE id = '{rec_id}'")[0][0]
+    rec_id, source = _upload_named(daemon, f"evil{unseen}gnp.wav".encode())
     assert source.startswith("client:evil") and source.endswith("gnp.wav"), repr(source)
     assert not any(c in source for c in unseen), repr(source)
     logged = [line for line in daemon.log().splitlines() if rec_id in line and "evil" in line]
