@@ -217,9 +217,9 @@ def _wrong_types(data: dict[str, Any]) -> list[str]:
 def load_settings(path: str | Path | None = None) -> Settings:
     """Read the TOML file (if any), apply the environment, validate everything."""
     data, source = _read_file(path)
-    misnamed = _misnamed_variables() + _wrong_types(data)
-    if misnamed:
-        raise ConfigError(f"invalid configuration ({source}): " + "; ".join(misnamed))
+    refused = _misnamed_variables() + _wrong_types(data)
+    if refused:
+        raise ConfigError(f"invalid configuration ({source}): " + "; ".join(refused))
     try:
         return Settings(**data)
     except ValidationError as exc:
