@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from .db import Transaction, put_kv
 from .recordings import audio_file, normalise_id
 
 DELETE_BATCH: Final = 100  # recordings per delete transaction: the write lock is held briefly
+_Item = TypeVar("_Item")
 # In kv while deleted words may still be in the full-text index (see forget_deleted_text).
 _UNFORGOTTEN_KEY: Final = "deleted_text_unforgotten"
 
@@ -52,10 +53,7 @@ def delete_recordings(
     deleted = files = 0
     wanted = list(dict.fromkeys(normalise_id(r) for r in rec_ids))
     try:
-        for first in range(0, len(wanted), DELETE_BATCH):
-            if stop is not None and stop.is_set():
-                break
-            batch = wanted[first : first + DELETE_BATCH]
+        for batch in batches(wanted, stop):
             rows = conn.execute(
                 f"SELECT id, audio_path FROM recordings WHERE id IN ({','.join('?' * len(batch))})",
                 batch,
@@ -68,6 +66,14 @@ def delete_recordings(
         else:
             finish_forgetting(conn)
     return Deleted(deleted, files)
+
+
+def batches(items: Sequence[_Item], stop: threading.Event | None) -> Iterator[Sequence[_Item]]:
+    """`items` DELETE_BATCH at a time, one transaction each; none more once `stop` is set."""
+    for first in range(0, len(items), DELETE_BATCH):
+        if stop is not None and stop.is_set():
+            return
+        yield items[first : first + DELETE_BATCH]
 
 
 def forget_recording(conn: sqlite3.Connection, rec_id: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import Settings
 from .db import now, open_db
-from .deletion import DELETE_BATCH, delete_recordings, remove_audio_first
+from .deletion import batches, delete_recordings, remove_audio_first
 from .recordings import audio_file
 from .stage import StageThread
 from .wall_clock import follow_step
@@ -106,13 +106,10 @@ def drop_audio(
     how many files were there. The files go first (see remove_audio_first), in transactions
     of DELETE_BATCH (a year of audio in one held the write lock for seconds); once `stop` is
     set no further one starts."""
-    dropped = 0
-    for first in range(0, len(rows), DELETE_BATCH):
-        if stop is not None and stop.is_set():
-            break
-        batch = rows[first : first + DELETE_BATCH]
-        dropped += remove_audio_first(conn, audio_dir, batch, _forget_audio, durable)
-    return dropped
+    return sum(
+        remove_audio_first(conn, audio_dir, batch, _forget_audio, durable)
+        for batch in batches(rows, stop)
+    )
 
 
 def _forget_audio(conn: sqlite3.Connection, rec_id: str) -> None:
