@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -111,22 +112,29 @@ def spoken(env: Env, rec_ids: list[str]) -> set[str]:
 
 
 def killed(env: Env, args: list[str], when: Callable[[], bool], what: str) -> int | None:
-    """Run `meraudiod ARGS` and SIGKILL it once `when()` holds; its exit code if it ended
-    first (the moment came too late), None if it was killed."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(lambda: proc.poll() is not None or when(), 60, what, poll_s=0.002)
-        if proc.poll() is not None:
-            return proc.returncode
-    finally:
-        proc.send_signal(signal.SIGKILL)  # no chance to finish or to clean up
-        proc.wait(timeout=10)
-    return None
+    """Run `meraudiod ARGS` and SIGKILL it once `when()` holds; 0 if it ended first (the
+    moment came too late), None if it was killed. Ended first with another code, it fails
+    with what the command said (its stderr goes to a file: a pipe nobody reads while it
+    runs could fill and stall it)."""
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meraudiod", *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            wait_for(lambda: proc.poll() is not None or when(), 60, what, poll_s=0.002)
+            code = proc.poll()
+        finally:
+            proc.send_signal(signal.SIGKILL)  # no chance to finish or to clean up
+            proc.wait(timeout=10)
+        if code is None:
+            return None
+        stderr.seek(0)
+        said = stderr.read().decode(errors="replace")
+    assert code == 0, f"`meraudiod {' '.join(args)}` exited with {code} before {what}: {said}"
+    return code
 
 
 def after(delay_s: float) -> Callable[[], bool]:
