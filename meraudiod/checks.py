@@ -144,14 +144,19 @@ def unwritable_dirs(settings: Settings) -> list[str]:
         return problems
     db = settings.storage.db_path
     for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-        if path.exists():
-            try:
-                with path.open("r+b"):
-                    pass
-            except OSError as exc:
-                problems.append(
-                    f"database {path} is not writable by user {user_name()}: {exc.strerror}"
-                )
+        try:
+            with path.open("r+b"):
+                pass
+        except FileNotFoundError:
+            # None yet, or gone since it was seen: SQLite makes it in the directory found
+            # writable above. A reader of the database makes the log and its index and
+            # removes them when it closes, the last one: between an exists() and the open,
+            # a sound database was refused (exit 78) while another process read it.
+            continue
+        except OSError as exc:
+            problems.append(
+                f"database {path} is not writable by user {user_name()}: {exc.strerror}"
+            )
     return problems
 
 

@@ -6,12 +6,14 @@ full disk (a tiny tmpfs) and a real broker."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Final
 
 import pytest
 
@@ -20,10 +22,11 @@ from meraudiod.db import DatabaseError, check_sqlite_version, open_db
 from meraudiod.schema import MIGRATIONS
 
 from .broker import Broker, Subscriber
-from .conftest import AS_A_USER, DEMO, cli, db_rows, needs_root
+from .conftest import AS_A_USER, DEMO, TEST_DATA, cli, db_rows, needs_root
 from .notify import NotifySocket
 
 NODE = "stagenode"
+SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real run of the daemon
 
 
 def db_path(env: dict[str, str]) -> Path:
@@ -143,6 +146,82 @@ def test_a_read_only_database_file_is_one_line(env: dict[str, str]) -> None:
     assert result.returncode != 0
     line = last_line(result.stderr)
     assert f"database {path} is not writable" in line and "Permission denied" in line, line
+
+
+# The daemon, with its first open of the database's log (the start's check that the files
+# are writable) made to wait until the reader on FD (its stdin) has closed the database.
+_DAEMON_WHOSE_CHECK_A_READER_OUTRUNS: Final = """
+import os, runpy, sys, time
+wal, fd = sys.argv[1], int(sys.argv[2])
+told = []
+
+def hook(event, args):
+    if event == "open" and args and str(args[0]) == wal and not told:
+        told.append(True)
+        os.write(fd, b"close\\n")
+        deadline = time.monotonic() + 10
+        while os.path.exists(wal) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+sys.addaudithook(hook)
+sys.argv = ["meraudiod", *sys.argv[3:]]
+runpy.run_module("meraudiod", run_name="__main__", alter_sys=True)
+"""
+_READER: Final = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+conn.execute("SELECT COUNT(*) FROM jobs").fetchall()
+print("open", flush=True)
+told = sys.stdin.readline().strip()  # "close", or nothing when the test ends first
+conn.close()
+print("closed on", told, flush=True)
+"""
+
+
+def test_a_database_another_process_stops_reading_at_start_is_not_refused(
+    env: dict[str, str],
+) -> None:
+    """Each reader of a WAL database that no one else has open makes the log and its index
+    (-wal, -shm), and removes them when it closes. The start's check that the database's
+    files are writable saw the log, then opened it after the reader had removed it:
+    "database ...-wal is not writable by user root: No such file or directory", exit 78
+    (needs a person) on a sound database. Seen once in a CI run: a test's query every 2 ms
+    while a daemon started; a reader polling every 2 ms beside the check made 53 such
+    refusals in 29,239 checks. Here the reader closes at that very moment, every time."""
+    path = db_path(env)
+    open_db(path).close()
+    wal = path.with_name(path.name + "-wal")
+    told, tell = os.pipe()  # the reader's stdin, written by the daemon's hook
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _READER, str(path)], stdin=told, stdout=subprocess.PIPE, text=True
+    )
+    os.close(told)
+    assert reader.stdout is not None
+    try:
+        assert reader.stdout.readline() == "open\n" and wal.exists()
+        daemon = subprocess.run(
+            [
+                *(sys.executable, "-c", _DAEMON_WHOSE_CHECK_A_READER_OUTRUNS, str(wal), str(tell)),
+                *("run", "--source", f"file:{SHORT}"),
+            ],
+            env=env,
+            pass_fds=(tell,),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        os.close(tell)
+        tell = -1
+        closed = reader.stdout.readline()
+    finally:
+        if tell != -1:
+            os.close(tell)
+        reader.kill()
+        reader.wait(timeout=10)
+    assert closed == "closed on close\n"  # told by the start's check of the log
+    assert daemon.returncode == 0, daemon.stderr
+    assert db_rows(env, "SELECT COUNT(*) FROM recordings")[0][0] == 1
 
 
 @needs_root  # the tmpfs is mounted in a private mount namespace
