@@ -1,7 +1,8 @@
 """Which window-local speakers of one recording are one person (diarization.py's step 3).
 
 Average-linkage clustering (cosine) of the pieces long enough to be embedded reliably; the
-short ones join the nearest cluster. Then `relabel` goes back over the long runs: the
+short ones join the nearest cluster their window's other speakers do not hold (a cluster
+of their own when those hold every one). Then `relabel` goes back over the long runs: the
 segmentation sometimes gives two voices one local label with no pause between them, and a
 change the change detection missed is still heard in its sub-windows, each closer to the
 other person's cluster than to its own.
@@ -92,6 +93,11 @@ def cluster(items: list[Piece], threshold: float, max_speakers: int) -> Float32A
             ]
             if scores:
                 x.cluster = max(scores)[1]
+            elif len(centroids) < max_speakers:
+                # Its window's others hold every cluster: a voice of its own (heard over
+                # them; dropped, its speech was missed).
+                x.cluster = len(centroids)
+                centroids.append(unit(x.embedding))
     return np.stack(centroids) if centroids else np.zeros((0, 1), dtype=np.float32)
 
 

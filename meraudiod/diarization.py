@@ -11,8 +11,9 @@
 3. Agglomerative clustering (clustering.py: average linkage, cosine) joins window-local
    speakers across windows; two speakers of one window are never joined. Local speakers with
    too little speech for a reliable embedding (or only overlap) join the nearest cluster
-   their window's other speakers do not hold. Each frame of a long run then goes to the
-   cluster its change-detection sub-windows sound most like (a change that detection missed).
+   their window's other speakers do not hold (one of their own if those hold every
+   cluster). Each frame of a long run then goes to the cluster its change-detection
+   sub-windows sound most like (a change that detection missed).
 4. The windows' votes are added up per cluster; at every frame as many clusters as speak
    there (speaker_count: the windows' probabilities averaged) are taken, the most voted
    first. Runs of frames are turns.

@@ -11,7 +11,7 @@ import soundfile
 
 from meraudiod.asr import Segment, Transcript, Word
 from meraudiod.audio import decode_file, to_float32
-from meraudiod.clustering import join_alike, relabel
+from meraudiod.clustering import Piece, cluster, join_alike, relabel
 from meraudiod.config import Settings
 from meraudiod.diarization import OVERLAP_PROBABILITY, Diarization, Turn, activity, attribute
 from meraudiod.segmentation import speaker_count
@@ -370,3 +370,32 @@ def test_a_short_run_joined_with_another_voice_is_relabelled(stage: SpeakerStage
     her = result.label_at(13.5, 14.1)  # MEE012
     assert her is not None and her != result.label_at(3.0, 12.0), result.turns
     assert result.label_at(15.3, 16.7) == her, result.turns
+
+
+def test_a_voice_heard_over_others_who_hold_every_cluster_founds_its_own() -> None:
+    """A short piece joins the nearest cluster its window's other speakers do not hold; when
+    they hold every cluster, it was left out (its speech missed): it founds one of its own,
+    while there are fewer than max_speakers."""
+    east, north = np.array([1, 0], dtype=np.float32), np.array([0, 1], dtype=np.float32)
+    core = Piece(0, 0, [(0, 100)], 1.7, east, core=True)
+    overheard = Piece(0, 1, [(10, 40)], 0.2, north, core=False)
+    centroids = cluster([core, overheard], 0.4, max_speakers=4)
+    assert (core.cluster, overheard.cluster) == (0, 1)
+    assert np.allclose(centroids, [east, north])
+    again = Piece(0, 1, [(10, 40)], 0.2, north, core=False)
+    cluster([Piece(0, 0, [(0, 100)], 1.7, east, core=True), again], 0.4, max_speakers=1)
+    assert again.cluster == -1  # never more than max_speakers
+
+
+@needs_shared
+def test_two_people_talking_at_once_in_the_first_window_are_heard(stage: SpeakerStage) -> None:
+    """AMI trn06 from 3.5 s: FEE083 and MEO082 talk over each other to 6.75 s, and FEE083
+    goes on to 8.9 s. The first window's two voices there are heard only over each other,
+    and its third local speaker (FEE083 later on) holds the only cluster: both were
+    dropped, and the output had nobody before 11.8 s."""
+    name, cut_s = "trn06", 3.5
+    result = stage.diarizer(_ami_audio(name)[int(cut_s * 16000) :])
+    hyp = _count_per_10ms([(cut_s + t.start_s, cut_s + t.end_s) for t in result.turns], 30.0)
+    ref = _count_per_10ms([(a, b) for a, b, _ in _reference(name)], 30.0)
+    opening = slice(round(cut_s * 100), 900)
+    assert float(np.sum(np.minimum(ref, hyp)[opening])) / 100 > 4.0, result.turns
