@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import ClassVar
 
@@ -45,6 +46,22 @@ class StageThread:
         """Wait for the thread to end."""
         if self._thread is not None:
             self._thread.join(timeout_s)
+
+    def stuck_in(self) -> str:
+        """The call `_run` is in now: for a thread that does not stop, where it hangs."""
+        thread = self._thread
+        frame = sys._current_frames().get(thread.ident or 0) if thread is not None else None
+        run_code = getattr(type(self)._run, "__code__", None)
+        inner = None
+        while frame is not None:  # innermost first, out to the thread's bootstrap
+            if frame.f_code is run_code:
+                if inner is None:
+                    return "_run"
+                owner = inner.f_locals.get("self")  # co_qualname is Python 3.11's
+                name = inner.f_code.co_name
+                return f"{type(owner).__name__}.{name}" if owner is not None else name
+            inner, frame = frame, frame.f_back
+        return "an unknown call"
 
     def _run(self) -> None:
         raise NotImplementedError
