@@ -375,7 +375,13 @@ class StorageSettings(Section):
         # a directory named "~" in it.
         if value == "":
             return None
-        return Path(value).expanduser() if isinstance(value, str | Path) else value
+        if not isinstance(value, str | Path):
+            return value
+        try:
+            return Path(value).expanduser()
+        except RuntimeError:  # ~name of no user: was a traceback
+            user = str(value)[1:].split("/")[0]
+            raise ValueError(f"{str(value)!r}: no home directory for ~{user}") from None
 
     data_dir: Path = Field(default_factory=_default_data_dir, description="Database and audio")
     models_dir: Path | None = Field(None, description="Installed models; None = data_dir/models")

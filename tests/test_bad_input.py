@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -124,6 +125,47 @@ def test_a_path_that_is_not_an_audio_file_says_what_it_is(
         assert result.returncode == 1, result.stderr
         assert said in result.stderr and str(path) in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_relative_file_source_is_the_current_directorys(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`--source file:sub/a.flac` is read from the directory the command runs in, as any
+    command's argument; the source is stored (and an error says it) by its whole path: the
+    stored `file:sub/a.flac` said nothing of where that was. In the file, where it would be
+    taken from / under systemd, it is refused as every relative path there is."""
+    (tmp_path / "sub").mkdir()
+    shutil.copy(TEST_DATA / "ls_103_0000.flac", tmp_path / "sub" / "a.flac")
+
+    def run(spec: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meraudiod", "run", "--source", spec],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    done = run("file:sub/a.flac")
+    assert done.returncode == 0, done.stderr
+    sources = {r["source"] for r in db_rows(env, "SELECT source FROM recordings")}
+    assert sources == {f"file:{tmp_path}/sub/a.flac"}, sources
+    for spec, said in (
+        ("file:sub/absent.flac", f"{tmp_path}/sub/absent.flac: audio file not found"),
+        ("file:sub", f"{tmp_path}/sub: is a directory"),
+        ("file:" + "a" * 300 + ".wav", f"{tmp_path}/{'a' * 300}.wav: file name too long"),
+        ("file:~nosuchuser/a.wav", "~nosuchuser/a.wav: no home directory for ~nosuchuser"),
+    ):
+        refused = run(spec)
+        assert refused.returncode == 1, refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Error: {said}"), refused.stderr
+    Path(env["MERAUDIOD_CONFIG"]).write_text('[audio]\nsource = "file:sub/a.flac"\n')
+    check = cli("config", "check", env=env)
+    assert check.returncode != 0 and "audio.source" in check.stderr, check.stderr
+    assert "must be an absolute path" in check.stderr, check.stderr
 
 
 def wav_bytes(samples: np.ndarray, rate_hz: int) -> bytes:

@@ -274,6 +274,18 @@ def test_an_asr_model_that_cannot_serve_the_config_is_named(
     assert all(key in last for key in keys), run.stderr
 
 
+def test_a_home_directory_of_no_user_is_named(env: dict[str, str]) -> None:
+    """`~nosuchuser/run` was a traceback (pathlib's RuntimeError) from `config check` and
+    the start."""
+    Path(env["MERAUDIOD_CONFIG"]).write_text('[storage]\nrun_dir = "~nosuchuser/run"\n')
+    for args, code in ((("config", "check"), 1), (("run", "--source", "demo"), 78)):
+        result = cli(*args, env=env)
+        assert result.returncode == code, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "storage.run_dir" in lines[0], result.stderr
+        assert "no home directory for ~nosuchuser" in lines[0], result.stderr
+
+
 @pytest.mark.parametrize(
     ("toml", "key", "value"),
     [
