@@ -85,6 +85,52 @@ def test_run_on_a_cut_file_transcribes_what_came_before_and_leaves_no_job_pendin
     assert jobs and all(j["state"] == "done" for j in jobs)
 
 
+def test_a_cut_mp3_or_ogg_is_said_naming_it(env: dict[str, str], tmp_path: Path) -> None:
+    """MP3, Ogg Vorbis and Opus files made by FFmpeg, then cut: FFmpeg decodes them to the
+    cut without a word, and `analyze` and `run` exited 0 with half the audio (one cut 1 s
+    in: 0 recordings, exit 0). The MP3's Xing header counts its frames, an Ogg stream ends
+    with an end-of-stream page: a cut is now one error line naming the file, what was
+    decoded still used; the whole files are not taken for cut ones."""
+    clip = tmp_path / "clip.wav"
+    soundfile.write(clip, decode_file(DEMO)[: 12 * 16000], 16000)
+    files = []
+    for ext, codec in (("mp3", "libmp3lame"), ("ogg", "libvorbis"), ("opus", "libopus")):
+        whole = tmp_path / f"whole.{ext}"
+        subprocess.run(
+            ["ffmpeg", "-loglevel", "error", "-i", str(clip), "-c:a", codec, str(whole)],
+            check=True,
+            timeout=60,
+        )
+        data = whole.read_bytes()
+        for name, size in ((f"half.{ext}", len(data) // 2), (f"head.{ext}", 3000)):
+            (tmp_path / name).write_bytes(data[:size])
+        files += [whole, tmp_path / f"half.{ext}", tmp_path / f"head.{ext}"]
+    paged = tmp_path / "paged.ogg"  # cut between two pages: every page whole, no end page
+    ogg = (tmp_path / "whole.ogg").read_bytes()
+    paged.write_bytes(ogg[: ogg.rindex(b"OggS")])
+    files.append(paged)
+    quick = {**env, "MERAUDIOD_ASR__ENABLED": "false"}  # the audio is what is judged
+    result = cli("analyze", "--json", *map(str, files), env=quick)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    found = {Path(r["file"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    for name, report in found.items():
+        if name.startswith("whole"):
+            assert "error" not in report and report["recordings"], report
+            continue
+        assert "cut" in report["error"], report
+        assert len([e for e in errors if name in e]) == 1, (name, result.stderr)
+        if name.startswith("half"):
+            assert report["recordings"] and 4 < report["duration_s"] < 8, report
+    assert "no end-of-stream page" in found["paged.ogg"]["error"], found["paged.ogg"]
+    assert len(errors) == 7, result.stderr
+    run = cli("run", "--source", f"file:{tmp_path / 'half.ogg'}", env=quick)
+    assert run.returncode == 1, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "half.ogg" in last and "cut" in last, run.stderr
+
+
 @pytest.mark.parametrize("name", ["random.flac", "empty.flac", "one_hz.wav"])
 def test_files_with_no_real_audio_are_errors_naming_them(
     env: dict[str, str], bad: dict[str, Path], name: str
