@@ -57,9 +57,10 @@ class StageThread:
             if frame.f_code is run_code:
                 if inner is None:
                     return "_run"
-                owner = inner.f_locals.get("self")  # co_qualname is Python 3.11's
-                name = inner.f_code.co_name
-                return f"{type(owner).__name__}.{name}" if owner is not None else name
+                # Python 3.11's co_qualname names the class too (3.10: the function alone);
+                # f_locals would copy the locals of a frame another thread runs.
+                code = inner.f_code
+                return str(getattr(code, "co_qualname", code.co_name))
             inner, frame = frame, frame.f_back
         return "an unknown call"
 
