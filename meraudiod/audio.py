@@ -11,6 +11,8 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from .file_ends import mp3_counts_frames, ogg_unfinished
+
 SAMPLE_RATE_HZ: Final = 16000
 FRAME_SAMPLES: Final = 512  # what Silero VAD takes at 16 kHz: 32 ms
 FRAME_S: Final = FRAME_SAMPLES / SAMPLE_RATE_HZ
@@ -274,6 +276,8 @@ def _iter_av_pcm(path: Path, block_s: float) -> Iterator[Int16Array]:
         if pending:
             yield np.concatenate(pending)
         decoded_s = decoded_samples / SAMPLE_RATE_HZ
+        if cut is None and container.format.name == "ogg":  # FFmpeg says nothing of a cut
+            cut = ogg_unfinished(path)
         if cut is not None:
             where = f"cut at {decoded_s:.1f} s: {cut}"
             raise AudioTruncatedError(
@@ -289,8 +293,11 @@ def _iter_av_pcm(path: Path, block_s: float) -> Iterator[Int16Array]:
 
 def _announced_s(path: Path, format_name: str, duration_us: int | None) -> float | None:
     """The length a file's header announces, where it counts its samples (FLAC's does, a
-    WAV's data size does; other formats' durations are estimates from size and bit rate)."""
+    WAV's data size does, an MP3's Xing header does; other formats' durations are estimates
+    from size and bit rate)."""
     if format_name in _EXACT_LENGTH_FORMATS and duration_us:
+        return duration_us / 1e6
+    if format_name == "mp3" and duration_us and mp3_counts_frames(path):
         return duration_us / 1e6
     if format_name == "wav":
         with open(path, "rb") as handle:

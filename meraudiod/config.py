@@ -184,7 +184,10 @@ def _relative_paths(section: str, model: type[BaseModel], values: dict[str, Any]
         if field is None or not isinstance(value, str) or not value:
             continue
         is_path = Path in (field.annotation, *get_args(field.annotation))
-        if is_path and not Path(value).expanduser().is_absolute():
+        path = value
+        if section == "audio" and key == "source" and value.startswith("file:"):
+            is_path, path = True, value[5:]  # file:PATH: on the command line, the shell's
+        if is_path and not path.startswith("~") and not Path(path).is_absolute():
             errors.append(
                 f"{section}.{key}: {value!r} must be an absolute path (a relative one would"
                 " be taken from the working directory, / under systemd)"

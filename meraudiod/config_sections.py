@@ -22,6 +22,27 @@ from pydantic import (
 # twenty times slower than real time).
 MAX_THREADS: Final = 64
 _YEAR_S: Final = 365 * 86400.0
+# The language codes Whisper's tokenizer takes (faster-whisper's list, held to it by a test;
+# importing it here would load CTranslate2 for `config check`). Anything else was accepted by
+# `config check` and the start, and then failed every transcript.
+_WHISPER_CODES: Final = (
+    "af am ar as az ba be bg bn bo br bs ca cs cy da de el en es et eu fa fi fo fr gl gu ha"
+    " haw he hi hr ht hu hy id is it ja jw ka kk km kn ko la lb ln lo lt lv mg mi mk ml mn mr"
+    " ms mt my ne nl nn no oc pa pl ps pt ro ru sa sd si sk sl sn so sq sr su sv sw ta te tg"
+    " th tk tl tr tt uk ur uz vi yi yo zh yue"
+)
+WHISPER_LANGUAGES: Final = frozenset(_WHISPER_CODES.split())
+
+
+def _whisper_language(value: str, detect_hint: str = "") -> str:
+    """A language code Whisper knows (case and spaces aside), else a ValueError naming it."""
+    code = value.strip().lower()
+    if code not in WHISPER_LANGUAGES:
+        raise ValueError(
+            f"{value!r} is not a language code Whisper knows (such as en, de, fr, es,"
+            f" zh{detect_hint})"
+        )
+    return code
 
 
 class ConfigError(Exception):
@@ -259,7 +280,14 @@ class AsrSettings(Section):
     @classmethod
     def _auto_is_detection(cls, value: str | None) -> str | None:
         # A TOML file cannot say None: "auto" (or "") asks for detection.
-        return None if value is not None and value.strip().lower() in ("", "auto") else value
+        if value is None or value.strip().lower() in ("", "auto"):
+            return None
+        return _whisper_language(value, '; "auto" or "" detects it')
+
+    @field_validator("languages")
+    @classmethod
+    def _languages_known(cls, value: list[str]) -> list[str]:
+        return [_whisper_language(lang) for lang in value]
 
     @model_validator(mode="after")
     def _servers_named(self) -> AsrSettings:
@@ -347,7 +375,13 @@ class StorageSettings(Section):
         # a directory named "~" in it.
         if value == "":
             return None
-        return Path(value).expanduser() if isinstance(value, str | Path) else value
+        if not isinstance(value, str | Path):
+            return value
+        try:
+            return Path(value).expanduser()
+        except RuntimeError:  # ~name of no user: was a traceback
+            user = str(value)[1:].split("/")[0]
+            raise ValueError(f"{str(value)!r}: no home directory for ~{user}") from None
 
     data_dir: Path = Field(default_factory=_default_data_dir, description="Database and audio")
     models_dir: Path | None = Field(None, description="Installed models; None = data_dir/models")

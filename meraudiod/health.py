@@ -35,6 +35,7 @@ class Health:
         # A directory or the database that cannot be written (its disk full, or read-only),
         # as the stages met it or the mount says.
         self.storage_problem: str | None = None
+        self._storage_said: set[str] = set()  # its parts, each sent as an event when it began
         self.stage_problem: str | None = None  # a stage thread died: the daemon stops
         self.asr_problem: str | None = None  # every Wyoming server down
         self._store: tuple[tuple[int, int] | None, ...] = ()  # see note_store()
@@ -178,13 +179,20 @@ class Health:
         for path in read_only_dirs(self.settings):
             if not any(f"{path} (" in problem for problem in said):
                 said.append(f"read-only file system: {path}")
-        problem = "; ".join(said) or None
+        # The listener and the worker meeting one full database say it in the same words:
+        # said once. An event/error is sent for each problem when it begins; one clearing
+        # (of several) is no error (the whole joined text was sent again as news).
+        problems = list(dict.fromkeys(said))
+        problem = "; ".join(problems) or None
         if problem == self.storage_problem:
             return
         self.storage_problem = problem
-        if problem is not None:
+        new = [p for p in problems if p not in self._storage_said]
+        self._storage_said = set(problems)
+        if new:
             m = self.settings.mqtt
-            event = ErrorEvent(node_id=m.node_id, area=m.area, component="storage", error=problem)
+            error = "; ".join(new)
+            event = ErrorEvent(node_id=m.node_id, area=m.area, component="storage", error=error)
             self.daemon.surfaces.publish_event(event)
         self.announce()
         self.daemon.surfaces.publish_state()

@@ -25,6 +25,10 @@ _RETRY_MAX_S: Final = 60.0
 _REMIND_FIRST_S: Final = 60.0
 _REMIND_MAX_S: Final = 3600.0
 _FIRST_STOP_S: Final = 5.0  # a listener is given this long to stop, once
+# On the way out a listener is given this long to save what it was hearing: one hung in the
+# driver held the daemon's stop for ever, until systemd's SIGKILL (TimeoutStopSec=30) lost
+# what the other stages had in memory too.
+_CLOSE_WAIT_S: Final = 5.0
 
 
 class _Lasting:
@@ -97,13 +101,30 @@ class AudioSupervisor:
             self._opened_at = t
             return
         self._retry_s = 1.0
+        listener = self.listener
+        if listener is not None and listener.is_alive():  # close() left it stuck (a mute)
+            # A second listener beside it would save the same audio twice: check() retries.
+            self._set_problem(f"the listener of {self.source.name} does not stop")
+            self._say_stuck(t)
+            self._next_retry = t + self._retry_s
+            return
         self._open_mic(t)
 
     def close(self) -> None:
         """Stop listening (the listener saves what was being said) and close the device; a
-        missing microphone is no longer waited for."""
-        if self.listener is not None:
-            self.listener.stop()
+        missing microphone is no longer waited for. A listener that does not stop in
+        _CLOSE_WAIT_S is said and left behind: the rest still closes."""
+        listener = self.listener
+        if listener is not None:
+            listener.stop(timeout_s=_CLOSE_WAIT_S)
+            if listener.is_alive():
+                _LOGGER.error(
+                    "the listener of %s did not stop within %.0f s (stuck in %s); closing the"
+                    " rest without it: what it was hearing is lost",
+                    self.source.name,
+                    _CLOSE_WAIT_S,
+                    listener.stuck_in(),
+                )
         self.source.stop()
         self._gone = False
         self._missing.over()

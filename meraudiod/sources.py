@@ -144,7 +144,12 @@ class FileSource:
 
     def start(self) -> None:
         """Open the file and decode its first block, so a bad file fails here."""
-        if not self.path.is_file():
+        try:
+            regular = self.path.is_file()
+        except OSError as exc:  # a name too long: was "Error: OSError: [Errno 36] ..."
+            why = (exc.strerror or str(exc)).lower()
+            raise SourceError(f"{printable(str(self.path))}: {why}") from exc
+        if not regular:
             raise SourceError(f"{printable(str(self.path))}: {_not_a_file(self.path)}")
         self._blocks = iter_file_pcm(self.path)
         self._fill()
@@ -316,6 +321,18 @@ def _wav_refusal(header: WavHeader) -> str:
     )
 
 
+def _file_path(given: str) -> Path:
+    """file:PATH's path, a relative one taken from the current directory and kept whole: the
+    stored source, `status` and an error then say which file it was."""
+    try:
+        return Path(given).expanduser().absolute()
+    except RuntimeError as exc:  # ~name of no user (or ~ without a home): was a traceback
+        user = given[1:].split("/")[0]
+        raise SourceError(f"{printable(given)}: no home directory for ~{printable(user)}") from exc
+    except OSError as exc:  # the current directory is gone
+        raise SourceError(f"{printable(given)}: {exc}") from exc
+
+
 def open_source(spec: str, settings: AudioSettings) -> AudioSource:
     """Build (not yet start) the source named by `mic`, `file:PATH`, `stdin` or `demo`."""
     block_frames = settings.block_ms * SAMPLE_RATE_HZ // 1000 // FRAME_SAMPLES
@@ -332,5 +349,5 @@ def open_source(spec: str, settings: AudioSettings) -> AudioSource:
     if spec == "demo":
         return FileSource(demo_path(), settings.realtime, block_frames)
     if spec.startswith("file:"):
-        return FileSource(Path(spec[5:]).expanduser(), settings.realtime, block_frames)
+        return FileSource(_file_path(spec[5:]), settings.realtime, block_frames)
     raise SourceError(f"unknown audio source {spec!r}: use mic, file:PATH, stdin or demo")

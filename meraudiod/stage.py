@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import ClassVar
 
@@ -45,6 +46,23 @@ class StageThread:
         """Wait for the thread to end."""
         if self._thread is not None:
             self._thread.join(timeout_s)
+
+    def stuck_in(self) -> str:
+        """The call `_run` is in now: for a thread that does not stop, where it hangs."""
+        thread = self._thread
+        frame = sys._current_frames().get(thread.ident or 0) if thread is not None else None
+        run_code = getattr(type(self)._run, "__code__", None)
+        inner = None
+        while frame is not None:  # innermost first, out to the thread's bootstrap
+            if frame.f_code is run_code:
+                if inner is None:
+                    return "_run"
+                # Python 3.11's co_qualname names the class too (3.10: the function alone);
+                # f_locals would copy the locals of a frame another thread runs.
+                code = inner.f_code
+                return str(getattr(code, "co_qualname", code.co_name))
+            inner, frame = frame, frame.f_back
+        return "an unknown call"
 
     def _run(self) -> None:
         raise NotImplementedError

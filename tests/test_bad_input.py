@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -84,6 +85,52 @@ def test_run_on_a_cut_file_transcribes_what_came_before_and_leaves_no_job_pendin
     assert jobs and all(j["state"] == "done" for j in jobs)
 
 
+def test_a_cut_mp3_or_ogg_is_said_naming_it(env: dict[str, str], tmp_path: Path) -> None:
+    """MP3, Ogg Vorbis and Opus files made by FFmpeg, then cut: FFmpeg decodes them to the
+    cut without a word, and `analyze` and `run` exited 0 with half the audio (one cut 1 s
+    in: 0 recordings, exit 0). The MP3's Xing header counts its frames, an Ogg stream ends
+    with an end-of-stream page: a cut is now one error line naming the file, what was
+    decoded still used; the whole files are not taken for cut ones."""
+    clip = tmp_path / "clip.wav"
+    soundfile.write(clip, decode_file(DEMO)[: 12 * 16000], 16000)
+    files = []
+    for ext, codec in (("mp3", "libmp3lame"), ("ogg", "libvorbis"), ("opus", "libopus")):
+        whole = tmp_path / f"whole.{ext}"
+        subprocess.run(
+            ["ffmpeg", "-loglevel", "error", "-i", str(clip), "-c:a", codec, str(whole)],
+            check=True,
+            timeout=60,
+        )
+        data = whole.read_bytes()
+        for name, size in ((f"half.{ext}", len(data) // 2), (f"head.{ext}", 3000)):
+            (tmp_path / name).write_bytes(data[:size])
+        files += [whole, tmp_path / f"half.{ext}", tmp_path / f"head.{ext}"]
+    paged = tmp_path / "paged.ogg"  # cut between two pages: every page whole, no end page
+    ogg = (tmp_path / "whole.ogg").read_bytes()
+    paged.write_bytes(ogg[: ogg.rindex(b"OggS")])
+    files.append(paged)
+    quick = {**env, "MERAUDIOD_ASR__ENABLED": "false"}  # the audio is what is judged
+    result = cli("analyze", "--json", *map(str, files), env=quick)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    found = {Path(r["file"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    for name, report in found.items():
+        if name.startswith("whole"):
+            assert "error" not in report and report["recordings"], report
+            continue
+        assert "cut" in report["error"], report
+        assert len([e for e in errors if name in e]) == 1, (name, result.stderr)
+        if name.startswith("half"):
+            assert report["recordings"] and 4 < report["duration_s"] < 8, report
+    assert "no end-of-stream page" in found["paged.ogg"]["error"], found["paged.ogg"]
+    assert len(errors) == 7, result.stderr
+    run = cli("run", "--source", f"file:{tmp_path / 'half.ogg'}", env=quick)
+    assert run.returncode == 1, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "half.ogg" in last and "cut" in last, run.stderr
+
+
 @pytest.mark.parametrize("name", ["random.flac", "empty.flac", "one_hz.wav"])
 def test_files_with_no_real_audio_are_errors_naming_them(
     env: dict[str, str], bad: dict[str, Path], name: str
@@ -124,6 +171,47 @@ def test_a_path_that_is_not_an_audio_file_says_what_it_is(
         assert result.returncode == 1, result.stderr
         assert said in result.stderr and str(path) in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_relative_file_source_is_the_current_directorys(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`--source file:sub/a.flac` is read from the directory the command runs in, as any
+    command's argument; the source is stored (and an error says it) by its whole path: the
+    stored `file:sub/a.flac` said nothing of where that was. In the file, where it would be
+    taken from / under systemd, it is refused as every relative path there is."""
+    (tmp_path / "sub").mkdir()
+    shutil.copy(TEST_DATA / "ls_103_0000.flac", tmp_path / "sub" / "a.flac")
+
+    def run(spec: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meraudiod", "run", "--source", spec],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    done = run("file:sub/a.flac")
+    assert done.returncode == 0, done.stderr
+    sources = {r["source"] for r in db_rows(env, "SELECT source FROM recordings")}
+    assert sources == {f"file:{tmp_path}/sub/a.flac"}, sources
+    for spec, said in (
+        ("file:sub/absent.flac", f"{tmp_path}/sub/absent.flac: audio file not found"),
+        ("file:sub", f"{tmp_path}/sub: is a directory"),
+        ("file:" + "a" * 300 + ".wav", f"{tmp_path}/{'a' * 300}.wav: file name too long"),
+        ("file:~nosuchuser/a.wav", "~nosuchuser/a.wav: no home directory for ~nosuchuser"),
+    ):
+        refused = run(spec)
+        assert refused.returncode == 1, refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Error: {said}"), refused.stderr
+    Path(env["MERAUDIOD_CONFIG"]).write_text('[audio]\nsource = "file:sub/a.flac"\n')
+    check = cli("config", "check", env=env)
+    assert check.returncode != 0 and "audio.source" in check.stderr, check.stderr
+    assert "must be an absolute path" in check.stderr, check.stderr
 
 
 def wav_bytes(samples: np.ndarray, rate_hz: int) -> bytes:

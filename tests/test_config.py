@@ -274,6 +274,62 @@ def test_an_asr_model_that_cannot_serve_the_config_is_named(
     assert all(key in last for key in keys), run.stderr
 
 
+def test_a_home_directory_of_no_user_is_named(env: dict[str, str]) -> None:
+    """`~nosuchuser/run` was a traceback (pathlib's RuntimeError) from `config check` and
+    the start."""
+    Path(env["MERAUDIOD_CONFIG"]).write_text('[storage]\nrun_dir = "~nosuchuser/run"\n')
+    for args, code in ((("config", "check"), 1), (("run", "--source", "demo"), 78)):
+        result = cli(*args, env=env)
+        assert result.returncode == code, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "storage.run_dir" in lines[0], result.stderr
+        assert "no home directory for ~nosuchuser" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "value"),
+    [
+        # Accepted by `config check` and the start; every transcript then failed (or, a
+        # server's, went out with a language no one knows).
+        ('[asr]\nmodel = "tiny"\nlanguage = "englsh"\n', "asr.language", "englsh"),
+        ('[asr]\nmodel = "tiny"\nlanguage = "xx"\n', "asr.language", "xx"),
+        (
+            '[asr]\nmodel = "tiny"\nlanguage = "auto"\nlanguages = ["de", "frnch"]\n',
+            "asr.languages",
+            "frnch",
+        ),
+        (
+            '[asr]\nlanguage = "xx"\nbackend = "wyoming"\nfallback = "wait"\n'
+            '[asr.wyoming]\nservers = ["tcp://127.0.0.1:1"]\n',
+            "asr.language",
+            "xx",
+        ),
+    ],
+)
+def test_an_asr_language_whisper_does_not_know_is_named(
+    env: dict[str, str], toml: str, key: str, value: str
+) -> None:
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    check = cli("config", "check", env=env)
+    assert check.returncode != 0, check.stdout
+    assert key in check.stderr and repr(value) in check.stderr, check.stderr
+    run = cli("run", "--source", "demo", env=env)
+    assert run.returncode == 78, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: invalid configuration"), run.stderr
+    assert key in lines[0] and repr(value) in lines[0], lines
+
+
+def test_the_languages_known_are_faster_whispers() -> None:
+    """The list the config checks against is the one the model's tokenizer takes."""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    from meraudiod.config_sections import WHISPER_LANGUAGES
+
+    assert set(WHISPER_LANGUAGES) == set(_LANGUAGE_CODES)
+
+
 @pytest.mark.parametrize(
     "toml",
     [
@@ -285,6 +341,7 @@ def test_an_asr_model_that_cannot_serve_the_config_is_named(
         '[asr]\nlanguage = "de"\nbackend = "wyoming"\nfallback = "wait"\n'
         '[asr.wyoming]\nservers = ["tcp://127.0.0.1:1"]\n',
         '[asr]\nlanguage = "de"\nenabled = false\n',
+        '[asr]\nlanguage = "auto"\nmodel = "tiny"\nlanguages = ["yue", "haw", "fr"]\n',
     ],
 )
 def test_an_asr_language_the_model_can_serve_is_taken(env: dict[str, str], toml: str) -> None:

@@ -346,6 +346,45 @@ def test_a_database_whose_disk_is_full_loses_no_recording(
 
 
 @needs_root
+def test_a_full_database_is_said_once_and_not_again_as_it_clears(
+    env: dict[str, str], tmp_path: Path, broker: Broker
+) -> None:
+    """The disk fills while the worker transcribes, then the listener meets it too: both say
+    they cannot write the database, in the same words. Before, `status` showed that problem
+    twice, and each change of the problems' joined text was another event/error, also as
+    they cleared (the listener saving again left the worker's text, sent again as news).
+    Now each problem is said once, and its clearing sends no error."""
+    speech = decode_file(DEMO).astype("<i2").tobytes()
+    sub = Subscriber(broker.port, [f"{BASE}/event/#"])
+    with full_disk_daemon(mqtt_env(env, broker), tmp_path, "600k") as daemon:
+        daemon.say(speech)
+        wait_for(lambda: "meraudiod.worker: transcript" in daemon.log(), 120, "a transcript")
+        daemon.fill()
+        wait_for(lambda: "transcription waits" in daemon.log(), 60, "the worker waiting")
+        daemon.say(speech[: 9 * 32000])
+        wait_for(lambda: "recordings wait in memory" in daemon.log(), 60, "the listener waiting")
+        cannot = f"cannot write the database {daemon.env['MERAUDIOD_STORAGE__DATA_DIR']}"
+
+        # The heartbeat file cannot be written: /health/ready says what the daemon knows.
+        def detail() -> str:
+            return str(daemon.readiness()["disk"]["detail"])
+
+        wait_for(lambda: cannot in detail(), 30, "the readiness to say it")
+        time.sleep(6)  # a heartbeat more: both stages' problems are in it
+        assert detail().count(cannot) == 1, detail()
+        daemon.grow("16m")  # room again (the worker waits for 1 MB free)
+        sql = "SELECT status FROM recordings"
+        done = ["done"] * 6
+        wait_for(lambda: [r["status"] for r in daemon.rows(sql)] == done, 120, "6 transcripts")
+        wait_for(lambda: cannot not in detail(), 30, "the readiness clear again")
+        time.sleep(2)  # an error sent as it cleared would have come by now
+        assert daemon.stop() == 0, daemon.log()
+    said = [m.json()["error"] for m in sub.on("/event/error")]
+    problems = [problem for error in said for problem in error.split("; ")]
+    assert problems and len(problems) == len(set(problems)), said
+
+
+@needs_root
 def test_the_daemon_waits_for_room_when_its_database_disk_is_full_at_start(
     env: dict[str, str], tmp_path: Path
 ) -> None:

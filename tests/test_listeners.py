@@ -12,12 +12,12 @@ import pytest
 from meraudiod.config import Settings
 from meraudiod.daemon import Daemon
 from meraudiod.db import open_db
-from meraudiod.mic_source import MicSource
 from meraudiod.microphone import AudioSupervisor
 from meraudiod.pipeline import Pipeline
 from meraudiod.sources import FileSource
 
 from .conftest import DEMO, DEMO_TRUTH, wait_for
+from .wedged_mic import WedgedMic
 
 
 def spans(settings: Settings, rec_ids: list[str]) -> list[tuple[float, float]]:
@@ -52,25 +52,6 @@ def test_two_listeners_at_once_hear_what_each_hears_alone(settings: Settings) ->
     assert mic_like.recording_ids is None and mic_like.recordings_saved == len(DEMO_TRUTH)
 
 
-class WedgedMic(MicSource):
-    """A sound card whose driver hangs: read() never returns, whatever the timeout."""
-
-    def __init__(self) -> None:
-        super().__init__(device=None, rate_hz=None, queue_frames=8)
-        self.released = threading.Event()
-        self.reading = threading.Event()  # the listener is inside read()
-
-    def start(self) -> None:
-        self.name = "mic:wedged"
-
-    def read(self, timeout_s: float) -> None:
-        self.reading.set()
-        self.released.wait()  # ignores timeout_s, as a hung driver call does
-
-    def stop(self) -> None:
-        pass
-
-
 def test_a_reopen_never_starts_a_second_listener_beside_a_stuck_one(settings: Settings) -> None:
     settings.asr.enabled = False
     mic = WedgedMic()
@@ -85,6 +66,39 @@ def test_a_reopen_never_starts_a_second_listener_beside_a_stuck_one(settings: Se
     finally:
         mic.released.set()
         daemon.stop()
+
+
+def test_a_mute_and_unmute_with_a_wedged_listener(settings: Settings) -> None:
+    """Muting closes the microphone: a listener hung in the driver held that close (the
+    main loop, and so the daemon) for ever. Now it is left behind after a bounded wait, and
+    the unmute starts no second listener beside it; once the driver lets go, one is."""
+    settings.asr.enabled = False
+    pipeline = Pipeline(settings, threading.Event())
+    pipeline.open()
+    mic = WedgedMic()
+    audio = AudioSupervisor(mic, lambda: pipeline.listener(mic), lambda: None)
+    audio.open(time.monotonic())
+    assert mic.reading.wait(30), "the listener never read"
+    closing = threading.Thread(target=audio.close, name="mute", daemon=True)
+    closing.start()
+    closing.join(20)
+    assert not closing.is_alive(), "the mute hangs on the wedged listener"
+    audio.open(time.monotonic())  # unmuted
+    listeners = [t for t in threading.enumerate() if t.name == "listener" and t.is_alive()]
+    assert len(listeners) == 1
+    assert audio.problem is not None and "does not stop" in audio.problem
+    mic.released.set()
+    wait_for(
+        lambda: (
+            audio.check(time.monotonic() + 60)
+            or (audio.listener is not None and audio.listener is not listeners[0])
+        ),
+        30,
+        "a new listener once the driver lets go",
+    )
+    mic.released.set()
+    audio.close()
+    pipeline.close()
 
 
 def test_a_wedged_listener_is_one_error_then_reminders_that_space_out(

@@ -13,6 +13,7 @@ is written. The moments tried start at 0.3 s."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import socket
@@ -222,6 +223,33 @@ def test_run_stopped_at_any_moment_of_its_start(env: dict[str, str]) -> None:
         assert code == 0, (delay_s, daemon.stderr)
         assert took_s < 15, (delay_s, took_s)
         assert_store_whole(env)
+
+
+def test_run_stopped_while_its_microphone_is_wedged(env: dict[str, str]) -> None:
+    """A driver hung in read(): the listener never sees its stop. Before, the stop waited
+    for it for ever (systemd SIGKILLs after TimeoutStopSec=30, losing what was in memory);
+    now it is given a bounded wait, said in one line naming it and where it is stuck, and
+    the rest closes as usual: the heartbeat says stopped, exit 0."""
+    daemon = Process(
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.wedged_mic", "run", "--source", "mic"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+    )
+    daemon.wait_ready()
+    code, took_s = daemon.stop(signal.SIGTERM)
+    assert code == 0, daemon.stderr
+    assert took_s < 20, took_s  # well within the unit's TimeoutStopSec=30
+    stuck = [line for line in daemon.lines if "did not stop" in line]
+    assert len(stuck) == 1, daemon.stderr
+    assert "listener of mic:wedged" in stuck[0] and "WedgedMic.read" in stuck[0], stuck
+    heartbeat = json.loads(
+        (Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "heartbeat.json").read_text()
+    )
+    assert heartbeat["at"] == 0.0, heartbeat  # the last write of the stop was made
 
 
 def _feed_live(proc: subprocess.Popen[bytes], written_s: list[float]) -> threading.Thread:

@@ -238,3 +238,52 @@ def test_a_replay_longer_than_the_machine_has_been_up_keeps_its_spacing() -> Non
     second = clock.started_at(10.0, 5.0)
     assert second - first == pytest.approx(10.0, abs=0.01)
     assert first == pytest.approx(time.time() - up_s - 3600.0, abs=5.0)
+
+
+def test_stdin_stamps_follow_its_samples_at_real_time_and_never_run_ahead(
+    env: dict[str, str],
+) -> None:
+    """As the README says of stdin: at real time (a live pipe) the stamps follow the audio's
+    own sample count from when the daemon began reading; fed faster, the stream runs ahead
+    of the clock and its spacing is lost (each recording starts its own length before it was
+    closed, or with the one closed before it), while `start_s` keeps its place in the
+    stream."""
+    live = run_daemon(env, "--print")
+    assert live.stdin is not None
+    wait_running(env, live)
+    _play(live.stdin, _PCM[: 16 * _BYTES_PER_S])  # the first three utterances
+    _, stderr = live.communicate(timeout=180)  # stdin closed: end of the stream
+    assert live.returncode == 0, stderr.decode()
+    rows = db_rows(env, "SELECT * FROM recordings ORDER BY start_s")
+    assert len(rows) >= 2, rows
+    origins = [r["started_at"] - r["start_s"] for r in rows]
+    assert max(origins) - min(origins) < 0.5, origins  # one start, the samples' spacing
+
+    for leftover in Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).glob("meraudiod.db*"):
+        leftover.unlink()
+    fed_at = time.time()
+    fast = subprocess.run(
+        [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+        env=env,
+        input=_PCM,
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+    assert fast.returncode == 0, fast.stderr.decode()
+    rows = db_rows(env, "SELECT * FROM recordings ORDER BY start_s")
+    assert len(rows) == 5, rows
+    starts = [r["started_at"] for r in rows]
+    assert starts == sorted(starts), starts
+    for before, row in zip([None, *rows], rows, strict=False):
+        assert fed_at - row["duration_s"] - 5 < row["started_at"], dict(row)
+        # Its own length before it was closed, or (a long one closed just after a short
+        # one, which may then end after it was closed) the start of the one before it.
+        moved_back = row["started_at"] <= row["closed_at"] - row["duration_s"] + 1e-3
+        kept_order = before is not None and row["started_at"] == pytest.approx(
+            before["started_at"], abs=1e-3
+        )
+        assert moved_back or kept_order, (dict(row), before and dict(before))
+    spans = [r["start_s"] for r in rows]
+    assert spans[-1] - spans[0] > 25, spans  # the stream's own positions are kept
+    assert starts[-1] - starts[0] < spans[-1] - spans[0] - 10, (starts, spans)  # not the stamps
