@@ -291,6 +291,24 @@ def set_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
 
 
 _BUSY_ERRORS: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"})
+_LOCK_PROBE_S: Final = 1.0  # how long locked_by_another waits for the write lock
+
+
+def locked_by_another(conn: sqlite3.Connection) -> bool:
+    """Whether another connection holds the write lock (an admin's sqlite3 shell left in a
+    transaction, a backup), asked with a short wait: the start says it waits rather than
+    wait out the busy timeout in silence on its first write."""
+    conn.execute(f"PRAGMA busy_timeout={int(_LOCK_PROBE_S * 1000)}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if not is_busy(exc):
+            raise
+        return True
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+    conn.execute("ROLLBACK")
+    return False
 
 
 def is_busy(exc: sqlite3.OperationalError) -> bool:
