@@ -18,7 +18,7 @@ import pytest
 from meraudiod import daemon as daemon_module
 from meraudiod.config import Settings
 from meraudiod.daemon import Daemon
-from meraudiod.db import DamagedDatabaseError, DatabaseError, open_db
+from meraudiod.db import DamagedDatabaseError, DatabaseError, Transaction, open_db
 from meraudiod.sources import open_source
 
 from .broker import Broker
@@ -166,3 +166,45 @@ def test_a_stop_while_another_process_holds_the_write_lock_is_prompt_and_says_wh
     assert len(rows) == 1  # the one committed before the lock
     assert (Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio" / rows[0]["audio_path"]).is_file()
     assert not list(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).rglob("*.part"))
+
+
+def test_a_stage_connection_waits_for_the_lock_while_running_and_briefly_once_stopping(
+    settings: Settings,
+) -> None:
+    """The slices a stage's connection waits in: while running it still waits for the lock
+    (not given up after one slice), a caller's shorter busy timeout (the clock's restamp)
+    still holds, and once stopping all its waits together last about 3 s."""
+    db = settings.storage.db_path
+    open_db(db).close()
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    stop = threading.Event()
+    conn = open_db(db, stop=stop)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        threading.Timer(2.0, lambda: holder.execute("ROLLBACK")).start()
+        t0 = time.monotonic()
+        with Transaction(conn):
+            pass
+        assert 1.8 < time.monotonic() - t0 < 5
+
+        holder.execute("BEGIN IMMEDIATE")
+        conn.execute("PRAGMA busy_timeout=300")
+        t0 = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError), Transaction(conn):
+            pass
+        assert time.monotonic() - t0 < 1.5
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 300
+        conn.execute("PRAGMA busy_timeout=30000")
+
+        threading.Timer(1.0, stop.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError), Transaction(conn):
+            pass
+        assert 3.5 < time.monotonic() - t0 < 6  # 1 s running, then 3 s stopping
+        t0 = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError), Transaction(conn):
+            pass
+        assert time.monotonic() - t0 < 1.0  # the stop's 3 s are used up
+    finally:
+        conn.close()
+        holder.close()
