@@ -82,7 +82,7 @@ class CommandRunner(StageThread):
         super().join(timeout_s)
 
     def _run(self) -> None:
-        conn = open_db(self.settings.storage.db_path)
+        conn = open_db(self.settings.storage.db_path, stop=self.stop_event)
         try:
             while not self.stop_event.is_set():
                 try:

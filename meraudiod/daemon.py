@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from .checks import check_writable, files_in_use, hold_data_dir
 from .config import Settings
-from .db import DiskFullError, get_kv, open_db, set_kv
+from .db import DatabaseError, DiskFullError, get_kv, locked_by_another, open_db, set_kv
 from .health import Health
 from .listener import Listener
 from .messages import Event
@@ -42,10 +42,10 @@ _POLL_S: Final = 0.2
 _HEARTBEAT_EVERY_S: Final = 5.0
 _STATE_EVERY_S: Final = 30.0
 _LISTENING_KEY: Final = "listening"
-# A database whose disk is full at start is waited for this long (within the unit's
-# TimeoutStartSec=180), tried again this often.
-_ROOM_WAIT_S: Final = 120.0
-_ROOM_POLL_S: Final = 2.0
+# A database whose disk is full, or whose write lock another process holds, at start is waited
+# for this long (within the unit's TimeoutStartSec=180), tried again this often.
+_STORE_WAIT_S: Final = 120.0
+_STORE_POLL_S: Final = 2.0
 
 
 class Daemon:
@@ -126,26 +126,41 @@ class Daemon:
         return True
 
     def _open_store(self) -> sqlite3.Connection | None:
-        """The database. On a disk full to the last byte SQLite cannot even open it: room is
-        waited for, up to _ROOM_WAIT_S and said once, rather than a restart every 5 s (then
-        DiskFullError: exit 1, restarted). None when stopped while waiting."""
-        deadline = time.monotonic() + _ROOM_WAIT_S
-        waited = False
+        """The database. On a disk full to the last byte SQLite cannot even open it; another
+        process may hold its write lock (an admin's sqlite3 shell left in a transaction, a
+        backup, a long purge), which the start's recovery would wait out for the busy timeout,
+        then fail. Either goes away by itself: it is waited for, up to _STORE_WAIT_S and said
+        once, rather than a restart every 5 s or a failure in silence (then DatabaseError: exit
+        1, restarted). None when stopped while waiting."""
+        path = self.settings.storage.db_path
+        deadline = time.monotonic() + _STORE_WAIT_S
+        waited: str | None = None  # once said: what to say when it is over
         while True:
             try:
-                conn = open_db(self.settings.storage.db_path)
+                conn = open_db(path)
             except DiskFullError as exc:
-                if time.monotonic() >= deadline:
-                    raise DiskFullError(f"{exc}; waited {_ROOM_WAIT_S:.0f} s") from exc
-                if not waited:
-                    self._waiting(f"waiting up to {_ROOM_WAIT_S:.0f} s for room: {exc}")
-                    waited = True
-                if self.stop_event.wait(_ROOM_POLL_S):
-                    return None
-                continue
-            if waited:
-                _LOGGER.info("the database's disk has room again")
-            return conn
+                error: DatabaseError = exc
+                waiting = f"waiting up to {_STORE_WAIT_S:.0f} s for room: {exc}"
+                over = "the database's disk has room again"
+            else:
+                if not locked_by_another(conn):
+                    if waited is not None:
+                        _LOGGER.info("%s", waited)
+                    return conn
+                conn.close()
+                error = DatabaseError(
+                    f"database {path} is locked by another process (a transaction left open:"
+                    " an sqlite3 shell, a backup, a purge): end that transaction or process"
+                )
+                waiting = f"{error}; waiting up to {_STORE_WAIT_S:.0f} s"
+                over = "the database's write lock is free again"
+            if time.monotonic() >= deadline:
+                raise type(error)(f"{error}; waited {_STORE_WAIT_S:.0f} s") from error
+            if waited != over:
+                self._waiting(waiting)
+                waited = over
+            if self.stop_event.wait(_STORE_POLL_S):
+                return None
 
     def _waiting(self, what: str) -> None:
         """Said before READY: in the log and in `systemctl status`."""

@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -25,6 +26,12 @@ from .schema import MIGRATIONS
 PAGE_BYTES: Final = 1024
 _CHECKPOINT_PAGES: Final = 4000
 _BUSY_TIMEOUT_S: Final = 30.0  # how long a statement waits for another connection's lock
+# A stage's connection (open_db with a stop event) waits for the write lock in slices this long,
+# looking at its stop between them; once stopping, all its waits together last at most
+# _STOPPING_LOCK_WAIT_S (SQLite's own wait cannot be interrupted: sqlite3_interrupt does not
+# end it, measured). The unit's TimeoutStopSec=30 SIGKILLs a stop that takes longer.
+_LOCK_SLICE_S: Final = 0.2
+_STOPPING_LOCK_WAIT_S: Final = 3.0
 _FULL_DISK_BYTES: Final = 1024 * 1024  # below this, a failed open is blamed on the disk
 
 # RETURNING (jobs.claim) and ALTER TABLE ... DROP COLUMN (migration 5) need SQLite 3.35;
@@ -78,7 +85,17 @@ def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
         )
 
 
-def open_db(path: Path, alone_when_full: bool = False) -> sqlite3.Connection:
+class StageConnection(sqlite3.Connection):
+    """A stage thread's connection: a Transaction's wait for the write lock ends soon after
+    `stop` is set (a stop must not wait out the busy timeout on another process's lock)."""
+
+    stop: threading.Event | None = None
+    stopping_until: float | None = None  # time.monotonic(): no lock wait lasts beyond it
+
+
+def open_db(
+    path: Path, alone_when_full: bool = False, stop: threading.Event | None = None
+) -> sqlite3.Connection:
     """Open (creating if needed) and migrate the database; one connection per thread.
 
     `alone_when_full` is for the CLI's commands that record nothing (status, purge, delete).
@@ -86,13 +103,19 @@ def open_db(path: Path, alone_when_full: bool = False) -> sqlite3.Connection:
     its shared-memory file, the log's index, which a disk full to the last byte refuses
     ("disk I/O error"). Then the database is opened again with that index in this process's
     memory (EXCLUSIVE locking mode): no other process can use it until this connection is
-    closed."""
+    closed.
+
+    `stop` is a stage thread's stop event: once it is set, the connection's waits for the
+    write lock end within _STOPPING_LOCK_WAIT_S (see StageConnection)."""
     try:
-        return _open(path)
+        conn = _open(path)
     except DiskFullError:
         if not alone_when_full:
             raise
-    return _open(path, exclusive=True)
+        conn = _open(path, exclusive=True)
+    if isinstance(conn, StageConnection):
+        conn.stop = stop
+    return conn
 
 
 def _open(path: Path, exclusive: bool = False) -> sqlite3.Connection:
@@ -100,7 +123,11 @@ def _open(path: Path, exclusive: bool = False) -> sqlite3.Connection:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
-            path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=True
+            path,
+            timeout=_BUSY_TIMEOUT_S,
+            isolation_level=None,
+            check_same_thread=True,
+            factory=StageConnection,
         )
     except (OSError, sqlite3.Error) as exc:  # one line naming the file, not a traceback
         raise DatabaseError(f"cannot open database {path}: {exc}") from exc
@@ -222,7 +249,7 @@ class Transaction:
         # Set every time (it costs no I/O): a durable commit is FULL whatever came before.
         self.conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
+            _begin(self.conn)
         except BaseException:
             self._restore()
             raise
@@ -240,6 +267,37 @@ class Transaction:
         Transaction sets it)."""
         if not self.durable and not self.conn.in_transaction:
             self.conn.execute("PRAGMA synchronous=FULL")
+
+
+def _begin(conn: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE, waiting for the write lock as long as the connection's busy timeout
+    says; on a stage's connection in slices, so that once it is stopping the wait ends within
+    _STOPPING_LOCK_WAIT_S (then SQLite's busy error, as after the busy timeout)."""
+    stop = conn.stop if isinstance(conn, StageConnection) else None
+    if stop is None:
+        conn.execute("BEGIN IMMEDIATE")
+        return
+    assert isinstance(conn, StageConnection)
+    (wait_ms,) = conn.execute("PRAGMA busy_timeout").fetchone()  # a caller may have set less
+    deadline = time.monotonic() + int(wait_ms) / 1000
+    conn.execute(f"PRAGMA busy_timeout={min(int(wait_ms), int(_LOCK_SLICE_S * 1000))}")
+    try:
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise
+                t = time.monotonic()
+                if stop.is_set():
+                    if conn.stopping_until is None:
+                        conn.stopping_until = t + _STOPPING_LOCK_WAIT_S
+                    deadline = min(deadline, conn.stopping_until)
+                if t >= deadline:
+                    raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
 
 
 def database_file(conn: sqlite3.Connection) -> str:
@@ -291,6 +349,24 @@ def set_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
 
 
 _BUSY_ERRORS: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"})
+_LOCK_PROBE_S: Final = 1.0  # how long locked_by_another waits for the write lock
+
+
+def locked_by_another(conn: sqlite3.Connection) -> bool:
+    """Whether another connection holds the write lock (an admin's sqlite3 shell left in a
+    transaction, a backup), asked with a short wait: the start says it waits rather than
+    wait out the busy timeout in silence on its first write."""
+    conn.execute(f"PRAGMA busy_timeout={int(_LOCK_PROBE_S * 1000)}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if not is_busy(exc):
+            raise
+        return True
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+    conn.execute("ROLLBACK")
+    return False
 
 
 def is_busy(exc: sqlite3.OperationalError) -> bool:

@@ -28,7 +28,6 @@ _LOGGER = logging.getLogger(__name__)
 _READ_TIMEOUT_S = 0.5
 _SAVE_RETRY_S: Final = 1.0  # first wait before saving again into a busy database; doubles
 _SAVE_RETRY_MAX_S: Final = 30.0
-_SAVE_TRIES_WHEN_STOPPING: Final = 3  # on the way out, a locked database is not waited for long
 # While the database cannot be written (its disk full, or read-only), utterances wait in memory
 # (at most this many, as many as the memory keeps for an audio directory that cannot be
 # written) and are saved again every so often.
@@ -158,7 +157,8 @@ class Listener(StageThread):
         self.join(timeout_s)
 
     def _run(self) -> None:
-        conn = open_db(self.settings.storage.db_path)
+        # Once stopping, a wait for another process's write lock ends within seconds.
+        conn = open_db(self.settings.storage.db_path, stop=self.stop_event)
         store = RecordingStore(
             conn,
             self.settings.storage.audio_dir,
@@ -203,9 +203,12 @@ class Listener(StageThread):
                 self._handle(event, buffer, store, clock)
             if self._waiting:
                 self._save_waiting(store, clock)
-            for heard in self._waiting:  # still not writable: nowhere to keep them
+            # Still not writable, or another process holds the write lock: nowhere to keep them.
+            why = "cannot be written" if self.database_problem else "locked by another process"
+            for heard in self._waiting:
                 _LOGGER.error(
-                    "database cannot be written: recording of %.1f s lost on stopping",
+                    "database %s: recording of %.1f s lost on stopping",
+                    why,
                     heard.samples.size / SAMPLE_RATE_HZ,
                 )
         except SourceError as exc:
@@ -226,11 +229,10 @@ class Listener(StageThread):
         holding the write lock past the busy timeout) the audio is kept and the save retried.
         Audio the audio directory cannot take (its disk full, or read-only) is kept in memory
         until transcribed, said once, and written again as soon as it can be."""
-        delay_s, tries, no_room = _SAVE_RETRY_S, 0, False
+        delay_s, no_room = _SAVE_RETRY_S, False
         # A reload may have changed the format; set here, on the one thread that saves.
         store.audio_format = self.settings.recorder.audio_format
         while True:
-            tries += 1
             memory = self.memory if no_room or disk_low(self.settings) else None
             try:
                 recording = store.save(
@@ -258,7 +260,7 @@ class Listener(StageThread):
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise
-                if self.stop_event.is_set() and tries >= _SAVE_TRIES_WHEN_STOPPING:
+                if self.stop_event.is_set():  # the lock was waited for as long as a stop may
                     raise
                 _LOGGER.warning(
                     "database busy (%s): recording of %.1f s kept in memory, saving again in"
@@ -267,7 +269,7 @@ class Listener(StageThread):
                     samples.size / SAMPLE_RATE_HZ,
                     delay_s,
                 )
-                time.sleep(delay_s)
+                self.stop_event.wait(delay_s)
                 delay_s = min(_SAVE_RETRY_MAX_S, delay_s * 2)
                 continue
             if memory is None and self.audio_problem is not None:  # a file written
@@ -325,6 +327,8 @@ class Listener(StageThread):
             try:
                 recording = self._save(store, heard.samples, heard.start_s, heard.started_at)
             except sqlite3.OperationalError as exc:
+                if is_busy(exc) and self.stop_event.is_set():
+                    return  # stopping: said lost at the end, with the rest that waits
                 if not cannot_write(exc) or self.job_origin is not None:
                     raise  # a one-off process (analyze) stops: nobody frees room meanwhile
                 if self.database_problem is None:

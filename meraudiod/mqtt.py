@@ -132,7 +132,7 @@ class MqttLink(StageThread):
     # --- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        conn = open_db(self.settings.storage.db_path)
+        conn = open_db(self.settings.storage.db_path, stop=self.stop_event)
         client = self._client = make_client(self.settings)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

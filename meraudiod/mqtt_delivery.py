@@ -15,7 +15,7 @@ from typing import Final
 
 import paho.mqtt.client as paho
 
-from .db import Transaction, cannot_write, now
+from .db import Transaction, cannot_write, is_busy, now
 from .messages import LIVE_ONLY_TOPICS, note_dropped, unpack_payload
 from .mqtt_client import Waker
 
@@ -126,11 +126,11 @@ class OutboxDelivery:
             with Transaction(conn, durable=False):
                 conn.execute("DELETE FROM outbox WHERE id <= ?", (self._delivered_up_to,))
         except sqlite3.OperationalError as exc:
-            if not cannot_write(exc):
+            if not (cannot_write(exc) or is_busy(exc)):
                 raise
-            # Even a delete needs room in the log (and a writable file system). Deleted with
-            # a later batch; on the way out, left to be sent again at the next start (as after
-            # a power cut).
+            # Even a delete needs room in the log (and a writable file system), and the write
+            # lock (another process may hold it). Deleted with a later batch; on the way out,
+            # left to be sent again at the next start (as after a power cut).
             if force:
                 _LOGGER.warning(
                     "%d delivered events stay in the outbox (the database cannot be written:"

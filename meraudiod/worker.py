@@ -106,7 +106,8 @@ class Worker(StageThread):
         self._wake.set()
 
     def _run(self) -> None:
-        conn = open_db(self.settings.storage.db_path)
+        # Once stopping, a wait for another process's write lock ends within seconds.
+        conn = open_db(self.settings.storage.db_path, stop=self.stop_event)
         next_adopt = time.monotonic() + _ADOPT_EVERY_S  # start-up recovery has just run
         try:
             while not self.stop_event.is_set():
@@ -132,7 +133,8 @@ class Worker(StageThread):
                         self.storage_problem, self._no_room = None, False
                 except sqlite3.OperationalError as exc:
                     if is_busy(exc):
-                        _LOGGER.warning("database busy (%s): the worker tries again", exc)
+                        if not self.stop_event.is_set():
+                            _LOGGER.warning("database busy (%s): the worker tries again", exc)
                     elif cannot_write(exc) and self.job_origin is None:
                         # The daemon waits for room or a read-write file system; a one-off
                         # process (analyze) stops: nobody mends it while it waits.
@@ -180,6 +182,20 @@ class Worker(StageThread):
             self._forget_held(job.recording_id)
             return True
         except Exception as exc:
+            if (
+                isinstance(exc, sqlite3.OperationalError)
+                and is_busy(exc)
+                and self.stop_event.is_set()
+            ):
+                # Not the recording's fault: its job stays claimed, and the next start gives
+                # it back and transcribes it again from its saved audio.
+                _LOGGER.warning(
+                    "job %d (recording %s): transcript not stored on stopping, database locked"
+                    " by another process: transcribed again at the next start",
+                    job.id,
+                    job.recording_id,
+                )
+                raise
             # Its transcript refused for want of room, or by a file system that refuses writes
             # (read-only): given back, no attempt counted. An I/O error on a writable one (a
             # failing card) counts, as any error: given back, it would be transcribed again

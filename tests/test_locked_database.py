@@ -1,0 +1,210 @@
+"""Another process holds SQLite's write lock on the daemon's database (an admin's `sqlite3`
+shell left in a transaction, a backup, a long purge) while the daemon starts or stops: real
+lock holders on the real file, real daemon processes, real signals."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import IO, Final
+
+import pytest
+
+from meraudiod import daemon as daemon_module
+from meraudiod.config import Settings
+from meraudiod.daemon import Daemon
+from meraudiod.db import DamagedDatabaseError, DatabaseError, Transaction, open_db
+from meraudiod.sources import open_source
+
+from .broker import Broker
+from .conftest import DEMO, TEST_DATA, db_rows, run_daemon, wait_for
+
+SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real start-up of the daemon
+# A stop must end well within systemd's TimeoutStopSec=30 (systemd/meraudiod.service), which
+# then SIGKILLs.
+STOP_S: Final = 20.0
+
+
+class Output:
+    """A daemon's stderr, read on a thread."""
+
+    def __init__(self, stream: IO[bytes] | None) -> None:
+        assert stream is not None
+        self.lines: list[str] = []
+        self._thread = threading.Thread(
+            target=lambda: self.lines.extend(x.decode(errors="replace") for x in stream),
+            name="stderr-reader",
+            daemon=True,
+        )
+        self._thread.start()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def join(self) -> None:
+        self._thread.join(10)
+
+
+def _db(env: dict[str, str]) -> Path:
+    return Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+
+
+def test_a_start_while_another_process_holds_the_write_lock_waits_and_says_so(
+    env: dict[str, str],
+) -> None:
+    """Before, the start waited out the 30 s busy timeout in silence, then exited 1 with
+    `Error: OperationalError: database is locked` (no file named, nothing to do said). Now it
+    says at once, in one line naming the file, that it waits, and goes on once the lock is
+    gone."""
+    db = _db(env)
+    open_db(db).close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # an admin's sqlite3 shell, left in a transaction
+    proc = run_daemon(env, source=f"file:{SHORT}")
+    out = Output(proc.stderr)
+    try:
+        said = f"database {db} is locked by another process"
+        wait_for(lambda: said in out.text, 20, "the daemon to say it waits for the lock")
+        time.sleep(3)  # it goes on waiting: two more looks at least
+        assert proc.poll() is None, out.text
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert proc.wait(timeout=120) == 0, out.text
+    out.join()
+    assert out.text.count("locked by another process") == 1, out.text
+    assert "Traceback" not in out.text
+    assert len(db_rows(env, "SELECT id FROM recordings")) == 1
+
+
+def test_a_lock_held_past_the_wait_ends_the_start_in_one_line_that_is_restarted(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held longer than the start waits (120 s; 2 s here), the start fails with one line
+    naming the file and what to do, a DatabaseError: exit 1, which systemd restarts (a lock
+    goes away by itself), not exit 78."""
+    monkeypatch.setattr(daemon_module, "_STORE_WAIT_S", 2.0, raising=False)
+    db = settings.storage.db_path
+    open_db(db).close()
+    settings.audio.source = f"file:{SHORT}"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    daemon = Daemon(settings, open_source(settings.audio.source, settings.audio), threading.Event())
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(DatabaseError) as raised:
+            daemon.start()
+    finally:
+        daemon.stop()
+        holder.close()
+    assert time.monotonic() - t0 < 10
+    assert not isinstance(raised.value, DamagedDatabaseError)
+    assert str(raised.value).startswith(f"database {db} is locked by another process (")
+    assert str(raised.value).endswith("waited 2 s")
+
+
+@pytest.mark.parametrize("mqtt", ["off", "broker"])
+def test_a_stop_while_another_process_holds_the_write_lock_is_prompt_and_says_what_it_loses(
+    env: dict[str, str], mqtt: str, request: pytest.FixtureRequest
+) -> None:
+    """SIGTERM while another process holds the write lock and an utterance waits to be saved.
+    Before, the stop took 120.7 s (the listener's three tries on the way out waited out the
+    30 s busy timeout each, then it died with a traceback, exit 1): systemd's
+    TimeoutStopSec=30 SIGKILLs it first. Now it ends within seconds, says in one line per
+    recording what it could not save, and loses nothing committed. With MQTT, the outbox's
+    delivered events it cannot delete stay, sent again at the next start."""
+    if mqtt == "broker":
+        broker: Broker = request.getfixturevalue("broker")
+        env = {
+            **env,
+            "MERAUDIOD_MQTT__ENABLED": "true",
+            "MERAUDIOD_MQTT__HOST": "127.0.0.1",
+            "MERAUDIOD_MQTT__PORT": str(broker.port),
+        }
+    proc = run_daemon(env, "--realtime", source=f"file:{DEMO}")
+    out = Output(proc.stderr)
+    holder: sqlite3.Connection | None = None
+    try:
+        wait_for(lambda: "ready:" in out.text, 120, "the daemon to be ready", poll_s=0.05)
+        ready = time.monotonic()
+        # The first utterance (1.2-7.8 s) saved, then the lock taken: the second (10.4-12.9 s)
+        # waits for it.
+        wait_for(lambda: db_rows(env, "SELECT id FROM recordings"), 30, "the first recording")
+        holder = sqlite3.connect(_db(env), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell
+        time.sleep(max(0.0, ready + 15.0 - time.monotonic()))
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"not stopped in {STOP_S} s: {out.text}") from None
+        stop_s = time.monotonic() - asked
+    finally:
+        if holder is not None:
+            holder.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out.join()
+    print(f"stopped in {stop_s:.1f} s")
+    assert code == 0, out.text
+    assert "Traceback" not in out.text
+    lost = re.findall(
+        r"database locked by another process: recording of [\d.]+ s lost on stopping", out.text
+    )
+    assert len(lost) == 1, out.text
+    rows = db_rows(env, "SELECT audio_path FROM recordings")
+    assert len(rows) == 1  # the one committed before the lock
+    assert (Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio" / rows[0]["audio_path"]).is_file()
+    assert not list(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).rglob("*.part"))
+
+
+def test_a_stage_connection_waits_for_the_lock_while_running_and_briefly_once_stopping(
+    settings: Settings,
+) -> None:
+    """The slices a stage's connection waits in: while running it still waits for the lock
+    (not given up after one slice), a caller's shorter busy timeout (the clock's restamp)
+    still holds, and once stopping all its waits together last about 3 s."""
+    db = settings.storage.db_path
+    open_db(db).close()
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    stop = threading.Event()
+    conn = open_db(db, stop=stop)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        threading.Timer(2.0, lambda: holder.execute("ROLLBACK")).start()
+        t0 = time.monotonic()
+        with Transaction(conn):
+            pass
+        assert 1.8 < time.monotonic() - t0 < 5
+
+        holder.execute("BEGIN IMMEDIATE")
+        conn.execute("PRAGMA busy_timeout=300")
+        t0 = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError), Transaction(conn):
+            pass
+        assert time.monotonic() - t0 < 1.5
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 300
+        conn.execute("PRAGMA busy_timeout=30000")
+
+        threading.Timer(1.0, stop.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError), Transaction(conn):
+            pass
+        assert 3.5 < time.monotonic() - t0 < 6  # 1 s running, then 3 s stopping
+        t0 = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError), Transaction(conn):
+            pass
+        assert time.monotonic() - t0 < 1.0  # the stop's 3 s are used up
+    finally:
+        conn.close()
+        holder.close()
