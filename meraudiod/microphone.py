@@ -9,6 +9,7 @@ stdin that stops delivering is said once.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Final
 
@@ -86,6 +87,7 @@ class AudioSupervisor:
         self._opened_at = 0.0
         self._missing = _Lasting()  # opening the microphone fails
         self._stuck = _Lasting()  # its listener does not stop (hung in the driver)
+        self._closing: threading.Thread | None = None  # the source's stop(), maybe hung
 
     @property
     def is_mic(self) -> bool:
@@ -108,6 +110,11 @@ class AudioSupervisor:
             self._say_stuck(t)
             self._next_retry = t + self._retry_s
             return
+        if self._still_closing():  # close() left its stop() hung (a mute)
+            # Opening the device while its stop() runs would race with it: check() retries.
+            self._set_problem(f"{self.source.name} does not close")
+            self._next_retry = t + self._retry_s
+            return
         self._open_mic(t)
 
     def close(self) -> None:
@@ -125,7 +132,13 @@ class AudioSupervisor:
                     _CLOSE_WAIT_S,
                     listener.stuck_in(),
                 )
-        self.source.stop()
+        if not self._stop_source(_CLOSE_WAIT_S):
+            _LOGGER.error(
+                "%s did not close within %.0f s (its stop() hangs in the driver); closing the"
+                " rest without it",
+                self.source.name,
+                _CLOSE_WAIT_S,
+            )
         self._gone = False
         self._missing.over()
         self._stuck.over()
@@ -159,7 +172,7 @@ class AudioSupervisor:
                 self._set_problem(None)
             self._retry_s = 1.0
             return
-        if t < self._next_retry:
+        if t < self._next_retry or self._still_closing():
             return
         stuck = self._stuck.since is not None
         if not self._gone and not stuck:  # it delivered, then stopped (one that never opened
@@ -169,7 +182,17 @@ class AudioSupervisor:
         if listener is not None:
             # Waited for once: each later retry holding the main loop 5 s would gain nothing.
             listener.stop(timeout_s=0.0 if stuck else _FIRST_STOP_S)
-        self.source.stop()
+        if not self._stop_source(_FIRST_STOP_S):
+            # Opening the device while its stop() runs would race with it: the next check
+            # after that stop() returns reopens it.
+            _LOGGER.error(
+                "%s did not close within %.0f s (its stop() hangs in the driver); not"
+                " reopening it until it does",
+                self.source.name,
+                _FIRST_STOP_S,
+            )
+            self._set_problem(f"{self.source.name} does not close")
+            return
         if listener is not None and listener.is_alive():
             # Stuck in the driver: a second listener beside it would save the same audio
             # twice; the next try comes after the backoff.
@@ -185,6 +208,23 @@ class AudioSupervisor:
             )
             self._stuck.over()
         self._open_mic(t)
+
+    def _stop_source(self, wait_s: float) -> bool:
+        """The source's stop() on a thread of its own, waited for `wait_s`: a driver hung in
+        it (PortAudio's stream stop) held the daemon's stop until systemd's SIGKILL. False:
+        it is still running, left behind."""
+        if self._still_closing():  # one before hangs: a second stop() would wait behind it
+            return False
+        closing = self._closing = threading.Thread(
+            target=self.source.stop, name="source-stop", daemon=True
+        )
+        closing.start()
+        closing.join(wait_s)
+        return not closing.is_alive()
+
+    def _still_closing(self) -> bool:
+        """A stop() left behind by close() has not returned yet."""
+        return self._closing is not None and self._closing.is_alive()
 
     def _open_mic(self, t: float) -> None:
         try:

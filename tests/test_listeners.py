@@ -17,7 +17,7 @@ from meraudiod.pipeline import Pipeline
 from meraudiod.sources import FileSource
 
 from .conftest import DEMO, DEMO_TRUTH, wait_for
-from .wedged_mic import WedgedMic
+from .wedged_mic import HungStopMic, WedgedMic
 
 
 def spans(settings: Settings, rec_ids: list[str]) -> list[tuple[float, float]]:
@@ -151,5 +151,39 @@ def test_a_wedged_listener_is_one_error_then_reminders_that_space_out(
     )
     back = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert back[0][0] == "INFO" and "mic:wedged stopped" in back[0][1], back
+    audio.close()
+    pipeline.close()
+
+
+def test_a_reopen_and_a_mute_with_a_stream_stop_that_hangs(settings: Settings) -> None:
+    """A driver hung in PortAudio's stream stop held the main loop for ever: in the reopen
+    after a stall and in a mute. Now each waits for it a bounded time, says it, and opens the
+    device again only once that stop() has returned."""
+    settings.asr.enabled = False
+    pipeline = Pipeline(settings, threading.Event())
+    pipeline.open()
+    mic = HungStopMic()
+    audio = AudioSupervisor(mic, lambda: pipeline.listener(mic), lambda: None)
+    audio.open(time.monotonic())
+    for step in ("reopen", "mute"):
+        if step == "reopen":  # no frame for a minute: closed and reopened
+            call = threading.Thread(
+                target=lambda: audio.check(time.monotonic() + 60), name=step, daemon=True
+            )
+        else:
+            call = threading.Thread(target=audio.close, name=step, daemon=True)
+        call.start()
+        call.join(20)
+        assert not call.is_alive(), f"the {step} hangs in the source's stop()"
+        assert mic.stopping.is_set()
+        assert mic.starts == 1, "opened again while its stop() still runs"
+    audio.open(time.monotonic())  # unmuted while the stop() still hangs: not opened
+    assert mic.starts == 1 and audio.problem == "mic:hung-stop does not close", audio.problem
+    mic.released.set()  # the driver lets go: the next check opens it
+    wait_for(
+        lambda: audio.check(time.monotonic() + 60) or mic.starts == 2,
+        30,
+        "the microphone opened again once its stop() returned",
+    )
     audio.close()
     pipeline.close()

@@ -252,6 +252,32 @@ def test_run_stopped_while_its_microphone_is_wedged(env: dict[str, str]) -> None
     assert heartbeat["at"] == 0.0, heartbeat  # the last write of the stop was made
 
 
+def test_run_stopped_while_its_microphone_hangs_in_its_stream_stop(env: dict[str, str]) -> None:
+    """A driver hung in PortAudio's stream stop: the listener stops, but the source's stop()
+    never returns. Before, the daemon's stop waited for it for ever (systemd SIGKILLs after
+    TimeoutStopSec=30); now it is given a bounded wait, said in one ERROR line naming the
+    source, and the rest closes as usual: the heartbeat says stopped, exit 0."""
+    daemon = Process(
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.wedged_mic", "run", "--source", "mic"],
+            env={**env, "MERAUDIOD_AUDIO__DEVICE": "hung-stop"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+    )
+    daemon.wait_ready()
+    code, took_s = daemon.stop(signal.SIGTERM)
+    assert code == 0, daemon.stderr
+    assert took_s < 20, took_s  # well within the unit's TimeoutStopSec=30
+    hung = [line for line in daemon.lines if "did not close" in line]
+    assert len(hung) == 1 and "ERROR" in hung[0] and "mic:hung-stop" in hung[0], daemon.stderr
+    heartbeat = json.loads(
+        (Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "heartbeat.json").read_text()
+    )
+    assert heartbeat["at"] == 0.0, heartbeat  # the last write of the stop was made
+
+
 def _feed_live(proc: subprocess.Popen[bytes], written_s: list[float]) -> threading.Thread:
     """The demo on the daemon's stdin at real time, as a microphone delivers it."""
 

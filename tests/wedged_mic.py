@@ -1,12 +1,17 @@
-"""A sound card whose driver hangs (read() never returns), in this process or as the
-microphone of a real `meraudiod run`: `python -m tests.wedged_mic ARGS` is `meraudiod ARGS`
-with every `mic` source this card."""
+"""Sound cards whose driver hangs, in this process or as the microphone of a real
+`meraudiod run`: `python -m tests.wedged_mic ARGS` is `meraudiod ARGS` with the `mic` source
+a card whose read() hangs or, with the device `hung-stop` (MERAUDIOD_AUDIO__DEVICE), one that
+delivers silence but whose stop() hangs (PortAudio stuck in its stream stop)."""
 
 from __future__ import annotations
 
 import threading
+import time
+
+import numpy as np
 
 from meraudiod import cli, signals
+from meraudiod.audio import FRAME_S, FRAME_SAMPLES, Int16Array
 from meraudiod.config_sections import AudioSettings
 from meraudiod.mic_source import MicSource
 from meraudiod.sources import AudioSource
@@ -31,8 +36,33 @@ class WedgedMic(MicSource):
         pass
 
 
+class HungStopMic(MicSource):
+    """A sound card that delivers silence at real time but whose stop() never returns (a
+    driver hung in PortAudio's stream stop) until `released` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(device=None, rate_hz=None, queue_frames=8)
+        self.released = threading.Event()
+        self.stopping = threading.Event()  # someone is inside stop()
+        self.starts = 0
+
+    def start(self) -> None:
+        self.name = "mic:hung-stop"
+        self.starts += 1
+
+    def read(self, timeout_s: float) -> Int16Array | None:
+        time.sleep(FRAME_S)
+        return np.zeros(FRAME_SAMPLES, dtype=np.int16)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.released.wait()
+
+
 def _open_source(spec: str, settings: AudioSettings) -> AudioSource:
-    return WedgedMic() if spec == "mic" else _real_open_source(spec, settings)
+    if spec == "mic":
+        return HungStopMic() if settings.device == "hung-stop" else WedgedMic()
+    return _real_open_source(spec, settings)
 
 
 _real_open_source = cli.open_source
