@@ -236,7 +236,7 @@ def analyze(
     """
     stop = command_handlers()  # SIGTERM, Ctrl-C (installed before the imports: signals.py)
     from .pipeline import Pipeline
-    from .sources import FileSource
+    from .sources import FileSource, file_path
 
     settings = settings_from(config_path, verbosity)
     refuse_unmounted(store_dirs(settings) | models_dir(settings))  # no heartbeat written
@@ -248,11 +248,15 @@ def analyze(
     pipeline.start_worker()
     results: list[tuple[Path, float, list[str], str | None]] = []
     cut: str | None = None  # where a stop left a file read in part
-    for path in files:
+    for given in files:
         if stop.is_set():
             break
-        source = FileSource(path)
+        path = given
         try:
+            # By its whole path, as `run --source file:` stores it: `sub/a.flac` said
+            # nothing of where it was.
+            path = file_path(str(given))
+            source = FileSource(path)
             source.start()
         except SourceError as exc:
             results.append((path, 0.0, [], str(exc)))

@@ -321,9 +321,10 @@ def _wav_refusal(header: WavHeader) -> str:
     )
 
 
-def _file_path(given: str) -> Path:
-    """file:PATH's path, a relative one taken from the current directory and kept whole: the
-    stored source, `status` and an error then say which file it was."""
+def file_path(given: str) -> Path:
+    """file:PATH's (and analyze's) path, a relative one taken from the current directory and
+    kept whole: the stored source, `status`, the output and an error then say which file it
+    was."""
     try:
         return Path(given).expanduser().absolute()
     except RuntimeError as exc:  # ~name of no user (or ~ without a home): was a traceback
@@ -349,5 +350,5 @@ def open_source(spec: str, settings: AudioSettings) -> AudioSource:
     if spec == "demo":
         return FileSource(demo_path(), settings.realtime, block_frames)
     if spec.startswith("file:"):
-        return FileSource(_file_path(spec[5:]), settings.realtime, block_frames)
+        return FileSource(file_path(spec[5:]), settings.realtime, block_frames)
     raise SourceError(f"unknown audio source {spec!r}: use mic, file:PATH, stdin or demo")

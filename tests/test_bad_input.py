@@ -208,6 +208,38 @@ def test_a_relative_file_source_is_the_current_directorys(
         assert refused.returncode == 1, refused.stderr
         lines = refused.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"Error: {said}"), refused.stderr
+    # analyze FILE...: the same file the same way, in its output and in the store (they
+    # said `sub/a.flac`, and the recording's source `file:sub/a.flac`).
+    for leftover in Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).glob("meraudiod.db*"):
+        leftover.unlink()
+    analyzed = subprocess.run(
+        [sys.executable, "-m", "meraudiod", "analyze", "--json", "sub/a.flac", "sub/absent.flac"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert analyzed.returncode == 1, analyzed.stderr
+    found = [json.loads(line) for line in analyzed.stdout.splitlines()]
+    assert [f["file"] for f in found] == [f"{tmp_path}/sub/a.flac", f"{tmp_path}/sub/absent.flac"]
+    assert found[0]["recordings"] and "error" not in found[0], found[0]
+    assert found[1]["error"] == f"{tmp_path}/sub/absent.flac: audio file not found", found[1]
+    assert analyzed.stderr.strip() == f"error: {found[1]['error']}", analyzed.stderr
+    sources = {r["source"] for r in db_rows(env, "SELECT source FROM recordings")}
+    assert sources == {f"file:{tmp_path}/sub/a.flac"}, sources
+    shown = subprocess.run(
+        [sys.executable, "-m", "meraudiod", "analyze", "sub/a.flac"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"{tmp_path}/sub/a.flac ("), shown.stdout
     Path(env["MERAUDIOD_CONFIG"]).write_text('[audio]\nsource = "file:sub/a.flac"\n')
     check = cli("config", "check", env=env)
     assert check.returncode != 0 and "audio.source" in check.stderr, check.stderr
