@@ -120,6 +120,13 @@ def _not_a_file(path: Path) -> str:
         return "is a directory, not an audio file"
     if path.exists():  # a FIFO, a device: reading it could block or never end
         return "is not a regular file (a pipe or a device); give an audio file"
+    try:  # is_file() and exists() say False for a link loop (ELOOP), as for no file at all
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return (
+                "is a symbolic link loop" if path.is_symlink() else "is under a symbolic link loop"
+            )
     return "audio file not found"
 
 

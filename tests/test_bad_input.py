@@ -328,3 +328,37 @@ def test_a_cut_file_is_said_once(env: dict[str, str], bad: dict[str, Path]) -> N
         assert result.returncode == 1, result.stderr
         said = [line for line in result.stderr.splitlines() if "header announces" in line]
         assert len(said) == 1 and said[0].lower().startswith("error: "), result.stderr
+
+
+def test_a_symbolic_link_loop_is_said_as_one(env: dict[str, str], tmp_path: Path) -> None:
+    """`ln -s a a` given as the audio file was "audio file not found" (pathlib's is_file()
+    swallows ELOOP): it is there, a link that never ends. Said so in one line naming its
+    whole path, for `run --source file:` and `analyze` alike, exit 1; a loop further up its
+    path says so too."""
+    (tmp_path / "a").symlink_to("a")
+    (tmp_path / "b").symlink_to("c")
+    (tmp_path / "c").symlink_to("b")
+
+    def meraudiod(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meraudiod", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    for name, said in (
+        ("a", "is a symbolic link loop"),
+        ("b", "is a symbolic link loop"),
+        ("b/x.wav", "is under a symbolic link loop"),
+    ):
+        line = f"{tmp_path}/{name}: {said}"
+        ran = meraudiod("run", "--source", f"file:{name}")
+        assert ran.returncode == 1, ran.stderr
+        assert ran.stderr.strip().splitlines() == [f"Error: {line}"], ran.stderr
+        analyzed = meraudiod("analyze", name)
+        assert analyzed.returncode == 1, analyzed.stderr
+        assert analyzed.stderr.strip().splitlines() == [f"error: {line}"], analyzed.stderr
