@@ -20,7 +20,15 @@ from typing import Any, Final
 
 from .checks import check_writable, files_in_use, hold_data_dir
 from .config import Settings
-from .db import DatabaseError, DiskFullError, get_kv, locked_by_another, open_db, set_kv
+from .db import (
+    DatabaseError,
+    DiskFullError,
+    LockedDatabaseError,
+    get_kv,
+    locked_by_another,
+    open_db,
+    set_kv,
+)
 from .health import Health
 from .listener import Listener
 from .messages import Event
@@ -128,32 +136,31 @@ class Daemon:
     def _open_store(self) -> sqlite3.Connection | None:
         """The database. On a disk full to the last byte SQLite cannot even open it; another
         process may hold its write lock (an admin's sqlite3 shell left in a transaction, a
-        backup, a long purge), which the start's recovery would wait out for the busy timeout,
-        then fail. Either goes away by itself: it is waited for, up to _STORE_WAIT_S and said
-        once, rather than a restart every 5 s or a failure in silence (then DatabaseError: exit
-        1, restarted). None when stopped while waiting."""
+        backup, a long purge), which the start's recovery (or a migration) would wait out for
+        the busy timeout, then fail. Either goes away by itself: it is waited for, up to
+        _STORE_WAIT_S and said once, rather than a restart every 5 s or a failure in silence
+        (then DatabaseError: exit 1, restarted). None when stopped while waiting."""
         path = self.settings.storage.db_path
         deadline = time.monotonic() + _STORE_WAIT_S
         waited: str | None = None  # once said: what to say when it is over
         while True:
             try:
-                conn = open_db(path)
+                conn = open_db(path)  # one that must be migrated says it is locked at once
+                if locked_by_another(conn):
+                    conn.close()
+                    raise LockedDatabaseError.at(path)
             except DiskFullError as exc:
                 error: DatabaseError = exc
                 waiting = f"waiting up to {_STORE_WAIT_S:.0f} s for room: {exc}"
                 over = "the database's disk has room again"
-            else:
-                if not locked_by_another(conn):
-                    if waited is not None:
-                        _LOGGER.info("%s", waited)
-                    return conn
-                conn.close()
-                error = DatabaseError(
-                    f"database {path} is locked by another process (a transaction left open:"
-                    " an sqlite3 shell, a backup, a purge): end that transaction or process"
-                )
+            except LockedDatabaseError as exc:
+                error = exc
                 waiting = f"{error}; waiting up to {_STORE_WAIT_S:.0f} s"
                 over = "the database's write lock is free again"
+            else:
+                if waited is not None:
+                    _LOGGER.info("%s", waited)
+                return conn
             if time.monotonic() >= deadline:
                 raise type(error)(f"{error}; waited {_STORE_WAIT_S:.0f} s") from error
             if waited != over:

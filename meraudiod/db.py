@@ -64,6 +64,19 @@ class DiskFullError(DatabaseError):
     """The database cannot be opened: its disk is full to the last byte."""
 
 
+class LockedDatabaseError(DatabaseError):
+    """Another process holds the database's write lock (an admin's sqlite3 shell left in a
+    transaction, a backup, a purge): it goes away by itself, or when that process ends."""
+
+    @classmethod
+    def at(cls, path: Path) -> LockedDatabaseError:
+        """The error for this database, saying what to do."""
+        return cls(
+            f"database {path} is locked by another process (a transaction left open: an"
+            " sqlite3 shell, a backup, a purge): end that transaction or process"
+        )
+
+
 def check_sqlite_version(version: str = sqlite3.sqlite_version) -> None:
     """DatabaseError when the SQLite library is older than the features used need."""
     found = tuple(int(part) for part in version.split(".")[:3])
@@ -158,6 +171,10 @@ def _open(path: Path, exclusive: bool = False) -> sqlite3.Connection:
                 f" {len(MIGRATIONS)}: it was written by a newer meraudiod; upgrade meraudiod,"
                 " or move the database away to start with an empty one"
             )
+        if version < len(MIGRATIONS) and locked_by_another(conn):
+            # Said at once: the migration would wait out the busy timeout in silence, then
+            # fail with "database is locked" (the daemon's start waits for it, saying so).
+            raise LockedDatabaseError.at(path)
         migrate(conn)
     except sqlite3.Error as exc:
         conn.close()

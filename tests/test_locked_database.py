@@ -19,10 +19,11 @@ from meraudiod import daemon as daemon_module
 from meraudiod.config import Settings
 from meraudiod.daemon import Daemon
 from meraudiod.db import DamagedDatabaseError, DatabaseError, Transaction, open_db
+from meraudiod.schema import MIGRATIONS
 from meraudiod.sources import open_source
 
 from .broker import Broker
-from .conftest import DEMO, TEST_DATA, db_rows, run_daemon, wait_for
+from .conftest import DEMO, TEST_DATA, cli, db_rows, run_daemon, wait_for
 
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real start-up of the daemon
 # A stop must end well within systemd's TimeoutStopSec=30 (systemd/meraudiod.service), which
@@ -80,6 +81,52 @@ def test_a_start_while_another_process_holds_the_write_lock_waits_and_says_so(
     out.join()
     assert out.text.count("locked by another process") == 1, out.text
     assert "Traceback" not in out.text
+    assert len(db_rows(env, "SELECT id FROM recordings")) == 1
+
+
+def test_a_start_that_must_migrate_while_another_process_holds_the_write_lock_says_it_waits(
+    env: dict[str, str],
+) -> None:
+    """A database of an older meraudiod (schema version 1, in WAL as it kept it), its write
+    lock held by another process. Before, the migration waited out the 30 s busy timeout in
+    silence, then the start exited 1 with `cannot open database ...: database is locked`.
+    Now it says at once, in one line naming the file and what to do, that it waits, as a
+    start on a current database does, and migrates once the lock is gone."""
+    db = _db(env)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    old = sqlite3.connect(db, isolation_level=None)
+    old.execute("PRAGMA journal_mode=WAL")
+    old.executescript(MIGRATIONS[0] + "\nPRAGMA user_version=1;")
+    old.close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell
+    said = f"database {db} is locked by another process"
+    try:
+        t0 = time.monotonic()
+        status = cli("status", env=env)  # a command: the same line, at once, exit 1
+        assert time.monotonic() - t0 < 15
+        assert status.returncode == 1, status.stderr
+        assert status.stderr.splitlines() == [
+            f"Error: {said} (a transaction left open: an sqlite3 shell, a backup, a purge):"
+            " end that transaction or process"
+        ], status.stderr
+    except BaseException:
+        holder.close()
+        raise
+    proc = run_daemon(env, source=f"file:{SHORT}")
+    out = Output(proc.stderr)
+    try:
+        wait_for(lambda: said in out.text, 20, "the daemon to say it waits for the lock")
+        assert proc.poll() is None, out.text
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert proc.wait(timeout=120) == 0, out.text
+    out.join()
+    assert out.text.count("locked by another process") == 1, out.text
+    assert "Traceback" not in out.text
+    version = db_rows(env, "PRAGMA user_version")[0][0]
+    assert version == len(MIGRATIONS)
     assert len(db_rows(env, "SELECT id FROM recordings")) == 1
 
 
