@@ -231,7 +231,7 @@ class AudioSupervisor:
             self.source.start()
             self.listener = self._start_listener()
         except SourceError as exc:
-            self.source.stop()
+            self._stop_source(_FIRST_STOP_S)  # hung: check() opens it once it returns
             lost = "microphone lost" if self._ever_opened else "waiting for the microphone"
             self._say_missing(t, exc)
             self._gone = True

@@ -17,7 +17,7 @@ from meraudiod.pipeline import Pipeline
 from meraudiod.sources import FileSource
 
 from .conftest import DEMO, DEMO_TRUTH, wait_for
-from .wedged_mic import HungStopMic, WedgedMic
+from .wedged_mic import FailingHungStopMic, HungStopMic, WedgedMic
 
 
 def spans(settings: Settings, rec_ids: list[str]) -> list[tuple[float, float]]:
@@ -151,6 +151,28 @@ def test_a_wedged_listener_is_one_error_then_reminders_that_space_out(
     )
     back = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert back[0][0] == "INFO" and "mic:wedged stopped" in back[0][1], back
+    audio.close()
+    pipeline.close()
+
+
+def test_a_microphone_that_fails_to_open_and_hangs_in_its_stop(settings: Settings) -> None:
+    """A device whose start fails (unplugged mid-open) and whose stop() then hangs in the
+    driver: the failed open's clean-up called stop() with no limit and held the main loop
+    (and so the daemon's stop) for ever. Now it is waited for a bounded time, like every
+    other stop(), and not opened again until it returns."""
+    settings.asr.enabled = False
+    pipeline = Pipeline(settings, threading.Event())
+    pipeline.open()
+    mic = FailingHungStopMic()
+    audio = AudioSupervisor(mic, lambda: pipeline.listener(mic), lambda: None)
+    call = threading.Thread(target=audio.open, args=(time.monotonic(),), name="open", daemon=True)
+    call.start()
+    call.join(20)
+    assert not call.is_alive(), "the failed open hangs in the source's stop()"
+    assert mic.stopping.is_set() and mic.starts == 1
+    audio.check(time.monotonic() + 60)  # its retry is due, but its stop() still hangs
+    assert mic.starts == 1, "opened again while its stop() still runs"
+    mic.released.set()
     audio.close()
     pipeline.close()
 

@@ -14,7 +14,7 @@ from meraudiod import cli, signals
 from meraudiod.audio import FRAME_S, FRAME_SAMPLES, Int16Array
 from meraudiod.config_sections import AudioSettings
 from meraudiod.mic_source import MicSource
-from meraudiod.sources import AudioSource
+from meraudiod.sources import AudioSource, SourceError
 
 
 class WedgedMic(MicSource):
@@ -57,6 +57,15 @@ class HungStopMic(MicSource):
     def stop(self) -> None:
         self.stopping.set()
         self.released.wait()
+
+
+class FailingHungStopMic(HungStopMic):
+    """A sound card that cannot be opened (unplugged while opening) and whose stop() then
+    hangs in the driver until `released` is set."""
+
+    def start(self) -> None:
+        super().start()
+        raise SourceError("mic:hung-stop: cannot open the device (unplugged)")
 
 
 def _open_source(spec: str, settings: AudioSettings) -> AudioSource:
