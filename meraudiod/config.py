@@ -8,6 +8,7 @@ Unknown keys and a named file that does not exist are errors that say which key 
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any, Final, get_args
@@ -241,6 +242,19 @@ def load_storage_settings(path: str | Path | None = None) -> Settings | None:
         return None
 
 
+def _not_a_file(path: Path) -> str:
+    """Why the configuration file cannot be read as one (is_file() and exists() say False
+    for a symbolic link loop, as for no file at all)."""
+    if path.exists():
+        return "is not a regular file"
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+    return "not found"
+
+
 def _read_file(path: str | Path | None) -> tuple[dict[str, Any], str]:
     """The configuration file's tables (none without a file) and how to name their source."""
     config_path, _named = resolve_config_path(path)
@@ -250,8 +264,7 @@ def _read_file(path: str | Path | None) -> tuple[dict[str, Any], str]:
         try:
             # is_file() raises, rather than say False, when a directory on the way is unreadable.
             if not config_path.is_file():
-                found = "is not a regular file" if config_path.exists() else "not found"
-                raise ConfigError(f"config file {found}: {config_path}")
+                raise ConfigError(f"config file {_not_a_file(config_path)}: {config_path}")
             size_bytes = config_path.stat().st_size
             if size_bytes > _MAX_FILE_BYTES:
                 raise ConfigError(

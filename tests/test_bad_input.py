@@ -362,3 +362,8 @@ def test_a_symbolic_link_loop_is_said_as_one(env: dict[str, str], tmp_path: Path
         analyzed = meraudiod("analyze", name)
         assert analyzed.returncode == 1, analyzed.stderr
         assert analyzed.stderr.strip().splitlines() == [f"error: {line}"], analyzed.stderr
+    # The configuration file too ("config file not found" before).
+    checked = meraudiod("config", "check", "--config", str(tmp_path / "a"))
+    assert checked.returncode == 1, checked.stderr
+    assert f"config file is a symbolic link loop: {tmp_path}/a" in checked.stderr, checked.stderr
+    assert "Traceback" not in checked.stderr
