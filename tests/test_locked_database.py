@@ -56,6 +56,26 @@ def _db(env: dict[str, str]) -> Path:
     return Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
 
 
+def start_waiting_for(
+    env: dict[str, str], holder: sqlite3.Connection, said: str, wait_more_s: float = 0.0
+) -> None:
+    """Start the daemon on a file while `holder` holds the write lock: it says `said` once
+    and waits (still so `wait_more_s` later); the lock released, it goes on and ends well."""
+    proc = run_daemon(env, source=f"file:{SHORT}")
+    out = Output(proc.stderr)
+    try:
+        wait_for(lambda: said in out.text, 20, "the daemon to say it waits for the lock")
+        time.sleep(wait_more_s)
+        assert proc.poll() is None, out.text
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert proc.wait(timeout=120) == 0, out.text
+    out.join()
+    assert out.text.count("locked by another process") == 1, out.text
+    assert "Traceback" not in out.text
+
+
 def test_a_start_while_another_process_holds_the_write_lock_waits_and_says_so(
     env: dict[str, str],
 ) -> None:
@@ -67,20 +87,8 @@ def test_a_start_while_another_process_holds_the_write_lock_waits_and_says_so(
     open_db(db).close()
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # an admin's sqlite3 shell, left in a transaction
-    proc = run_daemon(env, source=f"file:{SHORT}")
-    out = Output(proc.stderr)
-    try:
-        said = f"database {db} is locked by another process"
-        wait_for(lambda: said in out.text, 20, "the daemon to say it waits for the lock")
-        time.sleep(3)  # it goes on waiting: two more looks at least
-        assert proc.poll() is None, out.text
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-    assert proc.wait(timeout=120) == 0, out.text
-    out.join()
-    assert out.text.count("locked by another process") == 1, out.text
-    assert "Traceback" not in out.text
+    said = f"database {db} is locked by another process"
+    start_waiting_for(env, holder, said, wait_more_s=3)  # two more looks at least
     assert len(db_rows(env, "SELECT id FROM recordings")) == 1
 
 
@@ -113,18 +121,7 @@ def test_a_start_that_must_migrate_while_another_process_holds_the_write_lock_sa
     except BaseException:
         holder.close()
         raise
-    proc = run_daemon(env, source=f"file:{SHORT}")
-    out = Output(proc.stderr)
-    try:
-        wait_for(lambda: said in out.text, 20, "the daemon to say it waits for the lock")
-        assert proc.poll() is None, out.text
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-    assert proc.wait(timeout=120) == 0, out.text
-    out.join()
-    assert out.text.count("locked by another process") == 1, out.text
-    assert "Traceback" not in out.text
+    start_waiting_for(env, holder, said)
     version = db_rows(env, "PRAGMA user_version")[0][0]
     assert version == len(MIGRATIONS)
     assert len(db_rows(env, "SELECT id FROM recordings")) == 1
