@@ -225,15 +225,26 @@ def test_run_stopped_at_any_moment_of_its_start(env: dict[str, str]) -> None:
         assert_store_whole(env)
 
 
-def test_run_stopped_while_its_microphone_is_wedged(env: dict[str, str]) -> None:
-    """A driver hung in read(): the listener never sees its stop. Before, the stop waited
-    for it for ever (systemd SIGKILLs after TimeoutStopSec=30, losing what was in memory);
-    now it is given a bounded wait, said in one line naming it and where it is stuck, and
-    the rest closes as usual: the heartbeat says stopped, exit 0."""
+@pytest.mark.parametrize(
+    ("device", "said", "naming"),
+    [
+        ("", "did not stop", ("listener of mic:wedged", "WedgedMic.read")),
+        ("hung-stop", "did not close", ("ERROR", "mic:hung-stop")),
+    ],
+    ids=["read", "stream-stop"],
+)
+def test_run_stopped_while_its_microphone_hangs_in_the_driver(
+    env: dict[str, str], device: str, said: str, naming: tuple[str, ...]
+) -> None:
+    """A driver hung in read() (the listener never sees its stop), or in PortAudio's stream
+    stop (the listener stops, the device's stop() never returns). Before, the daemon's stop
+    waited for it for ever (systemd SIGKILLs after TimeoutStopSec=30, losing what was in
+    memory); now it is given a bounded wait, said in one line naming it (and where a
+    listener is stuck), and the rest closes as usual: the heartbeat says stopped, exit 0."""
     daemon = Process(
         subprocess.Popen(
             [sys.executable, "-m", "tests.wedged_mic", "run", "--source", "mic"],
-            env=env,
+            env={**env, "MERAUDIOD_AUDIO__DEVICE": device} if device else env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -243,35 +254,8 @@ def test_run_stopped_while_its_microphone_is_wedged(env: dict[str, str]) -> None
     code, took_s = daemon.stop(signal.SIGTERM)
     assert code == 0, daemon.stderr
     assert took_s < 20, took_s  # well within the unit's TimeoutStopSec=30
-    stuck = [line for line in daemon.lines if "did not stop" in line]
-    assert len(stuck) == 1, daemon.stderr
-    assert "listener of mic:wedged" in stuck[0] and "WedgedMic.read" in stuck[0], stuck
-    heartbeat = json.loads(
-        (Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "heartbeat.json").read_text()
-    )
-    assert heartbeat["at"] == 0.0, heartbeat  # the last write of the stop was made
-
-
-def test_run_stopped_while_its_microphone_hangs_in_its_stream_stop(env: dict[str, str]) -> None:
-    """A driver hung in PortAudio's stream stop: the listener stops, but the source's stop()
-    never returns. Before, the daemon's stop waited for it for ever (systemd SIGKILLs after
-    TimeoutStopSec=30); now it is given a bounded wait, said in one ERROR line naming the
-    source, and the rest closes as usual: the heartbeat says stopped, exit 0."""
-    daemon = Process(
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.wedged_mic", "run", "--source", "mic"],
-            env={**env, "MERAUDIOD_AUDIO__DEVICE": "hung-stop"},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-    )
-    daemon.wait_ready()
-    code, took_s = daemon.stop(signal.SIGTERM)
-    assert code == 0, daemon.stderr
-    assert took_s < 20, took_s  # well within the unit's TimeoutStopSec=30
-    hung = [line for line in daemon.lines if "did not close" in line]
-    assert len(hung) == 1 and "ERROR" in hung[0] and "mic:hung-stop" in hung[0], daemon.stderr
+    lines = [line for line in daemon.lines if said in line]
+    assert len(lines) == 1 and all(word in lines[0] for word in naming), daemon.stderr
     heartbeat = json.loads(
         (Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "heartbeat.json").read_text()
     )
