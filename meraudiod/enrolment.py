@@ -24,6 +24,7 @@ from .audio import (
 from .db import Transaction, now
 from .profiles import GOOD_ENROL_SPEECH_S, Missing, ProfileError, check_name, profile_row
 from .recordings import audio_file, normalise_id
+from .sources import SourceError, file_path, not_a_file
 from .speakers import SpeakerStage, add_embedding
 from .voiceprints import Profile, load_profiles, score_profiles
 
@@ -101,12 +102,19 @@ def _load(
 ) -> tuple[str, Path]:
     """(label, audio path) of a file or of a stored recording given by its id; only the
     `files` named may be read (None: any)."""
-    path = Path(source).expanduser()
-    if (files is None or source in files) and path.is_file():
-        return str(path), path
+    path = None
+    if files is None or source in files:
+        try:  # as `analyze` names it: ~name of no user was a traceback
+            path = file_path(source)
+        except SourceError as exc:
+            raise Missing(str(exc)) from None
+        if path.is_file():
+            return str(path), path
     rec_id = normalise_id(source)
     row = conn.execute("SELECT id, audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
     if row is None:
+        if path is not None and (path.exists() or path.is_symlink()):  # a directory, a loop
+            raise Missing(f"{path}: {not_a_file(path)}")
         what = "file or recording" if files is None else "recording (no file can be named here)"
         raise Missing(f"{source}: no such {what}")
     stored = audio_file(audio_dir, row["audio_path"]) if row["audio_path"] else None

@@ -114,7 +114,7 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _not_a_file(path: Path) -> str:
+def not_a_file(path: Path) -> str:
     """Why a path given as an audio file cannot be read as one."""
     if path.is_dir():
         return "is a directory, not an audio file"
@@ -157,7 +157,7 @@ class FileSource:
             why = (exc.strerror or str(exc)).lower()
             raise SourceError(f"{printable(str(self.path))}: {why}") from exc
         if not regular:
-            raise SourceError(f"{printable(str(self.path))}: {_not_a_file(self.path)}")
+            raise SourceError(f"{printable(str(self.path))}: {not_a_file(self.path)}")
         self._blocks = iter_file_pcm(self.path)
         self._fill()
         if not self.realtime:

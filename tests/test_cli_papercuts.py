@@ -356,6 +356,25 @@ def test_enrolling_with_an_unreadable_clip_enrols_nothing(
     assert json.loads(cli("speakers", "list", "--json", env=env).stdout) == []
 
 
+@pytest.mark.parametrize("command", ["enroll", "test"])
+def test_an_enrolment_clip_that_cannot_be_a_file_is_one_line(
+    env: dict[str, str], speaker_models: Path, tmp_path: Path, command: str
+) -> None:
+    """`speakers enroll/test NAME FILE`: ~name of no user was a traceback (pathlib's
+    RuntimeError), and a symbolic link loop "no such file or recording"."""
+    loop = tmp_path / "loop.wav"
+    loop.symlink_to(loop)
+    good = str(TEST_DATA / "ls_3080_0000.flac")
+    assert cli("speakers", "enroll", "Alice", good, env=env).returncode == 0
+    for clip, said in (
+        ("~nosuchuser/a.wav", "~nosuchuser/a.wav: no home directory for ~nosuchuser"),
+        (str(loop), f"{loop}: is a symbolic link loop"),
+    ):
+        result = cli("speakers", command, "Alice", clip, env=env)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip().splitlines() == [f"Error: {said}"], result.stderr
+
+
 def test_models_list_shows_each_files_checksum(env: dict[str, str]) -> None:
     """The README's "model files and their checksums": the manifest's sha256 of every file."""
     text = cli("models", "list", env=env)
