@@ -8,7 +8,6 @@ Unknown keys and a named file that does not exist are errors that say which key 
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Any, Final, get_args
@@ -32,6 +31,7 @@ from .config_sections import (
 from .config_sections import (
     ConfigError as ConfigError,  # raised by load_settings: importers take it from here
 )
+from .paths import link_loop
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/meraudiod/config.toml")
 ENV_CONFIG: Final = "MERAUDIOD_CONFIG"
@@ -243,16 +243,10 @@ def load_storage_settings(path: str | Path | None = None) -> Settings | None:
 
 
 def _not_a_file(path: Path) -> str:
-    """Why the configuration file cannot be read as one (is_file() and exists() say False
-    for a symbolic link loop, as for no file at all)."""
+    """Why the configuration file cannot be read as one."""
     if path.exists():
         return "is not a regular file"
-    try:
-        path.stat()
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "is a symbolic link loop"
-    return "not found"
+    return link_loop(path) or "not found"
 
 
 def _read_file(path: str | Path | None) -> tuple[dict[str, Any], str]:

@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from .paths import NoHomeError, expand_home
+
 # More threads than any board has cores only makes them fight (5000 CTranslate2 threads ran
 # twenty times slower than real time).
 MAX_THREADS: Final = 64
@@ -378,10 +380,9 @@ class StorageSettings(Section):
         if not isinstance(value, str | Path):
             return value
         try:
-            return Path(value).expanduser()
-        except RuntimeError:  # ~name of no user: was a traceback
-            user = str(value)[1:].split("/")[0]
-            raise ValueError(f"{str(value)!r}: no home directory for ~{user}") from None
+            return expand_home(value)
+        except NoHomeError as exc:
+            raise ValueError(f"{str(value)!r}: {exc}") from None
 
     data_dir: Path = Field(default_factory=_default_data_dir, description="Database and audio")
     models_dir: Path | None = Field(None, description="Installed models; None = data_dir/models")

@@ -132,13 +132,7 @@ class AudioSupervisor:
                     _CLOSE_WAIT_S,
                     listener.stuck_in(),
                 )
-        if not self._stop_source(_CLOSE_WAIT_S):
-            _LOGGER.error(
-                "%s did not close within %.0f s (its stop() hangs in the driver); closing the"
-                " rest without it",
-                self.source.name,
-                _CLOSE_WAIT_S,
-            )
+        self._stop_source(_CLOSE_WAIT_S, "closing the rest without it")
         self._gone = False
         self._missing.over()
         self._stuck.over()
@@ -182,15 +176,9 @@ class AudioSupervisor:
         if listener is not None:
             # Waited for once: each later retry holding the main loop 5 s would gain nothing.
             listener.stop(timeout_s=0.0 if stuck else _FIRST_STOP_S)
-        if not self._stop_source(_FIRST_STOP_S):
-            # Opening the device while its stop() runs would race with it: the next check
-            # after that stop() returns reopens it.
-            _LOGGER.error(
-                "%s did not close within %.0f s (its stop() hangs in the driver); not"
-                " reopening it until it does",
-                self.source.name,
-                _FIRST_STOP_S,
-            )
+        # Opening the device while its stop() runs would race with it: the next check after
+        # that stop() returns reopens it.
+        if not self._stop_source(_FIRST_STOP_S, "not reopening it until it does"):
             self._set_problem(f"{self.source.name} does not close")
             return
         if listener is not None and listener.is_alive():
@@ -209,17 +197,29 @@ class AudioSupervisor:
             self._stuck.over()
         self._open_mic(t)
 
-    def _stop_source(self, wait_s: float) -> bool:
+    def _stop_source(self, wait_s: float, meanwhile: str) -> bool:
         """The source's stop() on a thread of its own, waited for `wait_s`: a driver hung in
         it (PortAudio's stream stop) held the daemon's stop until systemd's SIGKILL. False:
-        it is still running, left behind."""
+        it is still running, left behind, said in one ERROR line ending with `meanwhile`."""
         if self._still_closing():  # one before hangs: a second stop() would wait behind it
+            _LOGGER.error(
+                "%s still does not close (its stop() hangs in the driver); %s",
+                self.source.name,
+                meanwhile,
+            )
             return False
         closing = self._closing = threading.Thread(
             target=self.source.stop, name="source-stop", daemon=True
         )
         closing.start()
         closing.join(wait_s)
+        if closing.is_alive():
+            _LOGGER.error(
+                "%s did not close within %.0f s (its stop() hangs in the driver); %s",
+                self.source.name,
+                wait_s,
+                meanwhile,
+            )
         return not closing.is_alive()
 
     def _still_closing(self) -> bool:
@@ -231,7 +231,7 @@ class AudioSupervisor:
             self.source.start()
             self.listener = self._start_listener()
         except SourceError as exc:
-            self._stop_source(_FIRST_STOP_S)  # hung: check() opens it once it returns
+            self._stop_source(_FIRST_STOP_S, "opening it again once it does")
             lost = "microphone lost" if self._ever_opened else "waiting for the microphone"
             self._say_missing(t, exc)
             self._gone = True

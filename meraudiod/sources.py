@@ -35,6 +35,7 @@ from .audio import (
     parse_wav_header,
 )
 from .config_sections import AudioSettings
+from .paths import NoHomeError, expand_home, link_loop
 
 _STDIN_READ_BYTES: Final = FRAME_SAMPLES * 2
 
@@ -120,14 +121,7 @@ def not_a_file(path: Path) -> str:
         return "is a directory, not an audio file"
     if path.exists():  # a FIFO, a device: reading it could block or never end
         return "is not a regular file (a pipe or a device); give an audio file"
-    try:  # is_file() and exists() say False for a link loop (ELOOP), as for no file at all
-        path.stat()
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return (
-                "is a symbolic link loop" if path.is_symlink() else "is under a symbolic link loop"
-            )
-    return "audio file not found"
+    return link_loop(path) or "audio file not found"
 
 
 class FileSource:
@@ -333,10 +327,9 @@ def file_path(given: str) -> Path:
     kept whole: the stored source, `status`, the output and an error then say which file it
     was."""
     try:
-        return Path(given).expanduser().absolute()
-    except RuntimeError as exc:  # ~name of no user (or ~ without a home): was a traceback
-        user = given[1:].split("/")[0]
-        raise SourceError(f"{printable(given)}: no home directory for ~{printable(user)}") from exc
+        return expand_home(given).absolute()
+    except NoHomeError as exc:
+        raise SourceError(f"{printable(given)}: {printable(str(exc))}") from exc
     except OSError as exc:  # the current directory is gone
         raise SourceError(f"{printable(given)}: {exc}") from exc
 

@@ -12,6 +12,7 @@ import pytest
 from meraudiod.config import Settings
 from meraudiod.daemon import Daemon
 from meraudiod.db import open_db
+from meraudiod.mic_source import MicSource
 from meraudiod.microphone import AudioSupervisor
 from meraudiod.pipeline import Pipeline
 from meraudiod.sources import FileSource
@@ -27,6 +28,14 @@ def spans(settings: Settings, rec_ids: list[str]) -> list[tuple[float, float]]:
         f"SELECT start_s, end_s FROM recordings WHERE id IN ({marks}) ORDER BY start_s", rec_ids
     )
     return [(round(r[0], 3), round(r[1], 3)) for r in rows]
+
+
+def supervised(settings: Settings, mic: MicSource) -> tuple[Pipeline, AudioSupervisor]:
+    """An open pipeline (listening only) and a supervisor of `mic` feeding its listener."""
+    settings.asr.enabled = False
+    pipeline = Pipeline(settings, threading.Event())
+    pipeline.open()
+    return pipeline, AudioSupervisor(mic, lambda: pipeline.listener(mic), lambda: None)
 
 
 def test_two_listeners_at_once_hear_what_each_hears_alone(settings: Settings) -> None:
@@ -72,11 +81,8 @@ def test_a_mute_and_unmute_with_a_wedged_listener(settings: Settings) -> None:
     """Muting closes the microphone: a listener hung in the driver held that close (the
     main loop, and so the daemon) for ever. Now it is left behind after a bounded wait, and
     the unmute starts no second listener beside it; once the driver lets go, one is."""
-    settings.asr.enabled = False
-    pipeline = Pipeline(settings, threading.Event())
-    pipeline.open()
     mic = WedgedMic()
-    audio = AudioSupervisor(mic, lambda: pipeline.listener(mic), lambda: None)
+    pipeline, audio = supervised(settings, mic)
     audio.open(time.monotonic())
     assert mic.reading.wait(30), "the listener never read"
     closing = threading.Thread(target=audio.close, name="mute", daemon=True)
@@ -109,11 +115,8 @@ def test_a_wedged_listener_is_one_error_then_reminders_that_space_out(
     at every backoff, every 60 s for as long as it hung. Now as a missing microphone: one
     ERROR, each retry at DEBUG, a WARNING reminder after 1 min, 2, 4 ... (at most hourly),
     one INFO when it lets go. Three hours of retries on a clock that ends now."""
-    settings.asr.enabled = False
-    pipeline = Pipeline(settings, threading.Event())
-    pipeline.open()
     mic = WedgedMic()
-    audio = AudioSupervisor(mic, lambda: pipeline.listener(mic), lambda: None)
+    pipeline, audio = supervised(settings, mic)
     caplog.set_level(logging.DEBUG, logger="meraudiod.microphone")
     start = time.monotonic() - 3 * 3600
     audio.open(start)
@@ -160,11 +163,8 @@ def test_a_microphone_that_fails_to_open_and_hangs_in_its_stop(settings: Setting
     driver: the failed open's clean-up called stop() with no limit and held the main loop
     (and so the daemon's stop) for ever. Now it is waited for a bounded time, like every
     other stop(), and not opened again until it returns."""
-    settings.asr.enabled = False
-    pipeline = Pipeline(settings, threading.Event())
-    pipeline.open()
     mic = FailingHungStopMic()
-    audio = AudioSupervisor(mic, lambda: pipeline.listener(mic), lambda: None)
+    pipeline, audio = supervised(settings, mic)
     call = threading.Thread(target=audio.open, args=(time.monotonic(),), name="open", daemon=True)
     call.start()
     call.join(20)
@@ -181,11 +181,8 @@ def test_a_reopen_and_a_mute_with_a_stream_stop_that_hangs(settings: Settings) -
     """A driver hung in PortAudio's stream stop held the main loop for ever: in the reopen
     after a stall and in a mute. Now each waits for it a bounded time, says it, and opens the
     device again only once that stop() has returned."""
-    settings.asr.enabled = False
-    pipeline = Pipeline(settings, threading.Event())
-    pipeline.open()
     mic = HungStopMic()
-    audio = AudioSupervisor(mic, lambda: pipeline.listener(mic), lambda: None)
+    pipeline, audio = supervised(settings, mic)
     audio.open(time.monotonic())
     for step in ("reopen", "mute"):
         if step == "reopen":  # no frame for a minute: closed and reopened
