@@ -37,7 +37,7 @@ class Health:
         self.storage_problem: str | None = None
         self._storage_said: set[str] = set()  # its parts, each sent as an event when it began
         self.stage_problem: str | None = None  # a stage thread died: the daemon stops
-        self.asr_problem: str | None = None  # every Wyoming server down
+        self.asr_problem: str | None = None  # every Wyoming server down, or failing
         self._store: tuple[tuple[int, int] | None, ...] = ()  # see note_store()
         self._heartbeat_failing = False
 
@@ -198,9 +198,14 @@ class Health:
         self.daemon.surfaces.publish_state()
 
     def check_asr(self) -> None:
-        """Degraded while the ASR backend says so (every Wyoming server down)."""
+        """Degraded while the ASR backend says so (every Wyoming server down), or its servers
+        fail every request (server_faults.py)."""
         worker = self.daemon.pipeline.worker
-        problem = worker.transcriber.problem() if worker is not None else None
+        problem = (
+            worker.server_faults.problem or worker.transcriber.problem()
+            if worker is not None
+            else None
+        )
         if problem != self.asr_problem:
             self.asr_problem = problem
             _LOGGER.log(logging.WARNING if problem else logging.INFO, "%s", problem or "ASR ok")

@@ -149,6 +149,17 @@ def release(conn: sqlite3.Connection, job_id: int) -> None:
         )
 
 
+def defer(conn: sqlite3.Connection, job_id: int, error: str, wait_s: float) -> None:
+    """Back to pending, due in wait_s, no attempt counted: the transcription servers failed
+    it, not the recording (server_faults.py); inside the caller's transaction."""
+    t = now()
+    conn.execute(
+        "UPDATE jobs SET state='pending', lease_until=NULL, owner=NULL, error=?, not_before=?,"
+        " updated_at=? WHERE id=? AND state='running'",
+        (error[:2000], t + wait_s, t, job_id),
+    )
+
+
 def fail_for_good(conn: sqlite3.Connection, job_id: int, error: str) -> None:
     """No retry can help (the audio is gone): failed at once (inside the caller's transaction)."""
     conn.execute(

@@ -23,6 +23,7 @@ from .db import Transaction, cannot_write, is_busy, no_room, now, open_db, sync_
 from .deletion import forget_deleted_text, forget_recording, forget_with_audio
 from .recordings import MemoryAudio, audio_file
 from .retention import disk_free_mb, drop_audio, writable
+from .server_faults import ServerFaults
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
 from .vad import VadTraces
@@ -100,6 +101,7 @@ class Worker(StageThread):
         # and why: said once, shown as degraded.
         self.storage_problem: str | None = None
         self._given_back: int | None = None  # a claimed job the storage kept from storing
+        self.server_faults = ServerFaults()  # whose fault a failed server request is
 
     def wake(self) -> None:
         """A new job is waiting: look now rather than at the next poll."""
@@ -205,6 +207,21 @@ class Worker(StageThread):
                 self._given_back = job.id
                 raise
             self.last_error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ServerError) and self.job_origin is None:
+                delay_s = self.settings.asr.retry_delay_s
+                wait_s = self.server_faults.wait_s(job.recording_id, str(exc), delay_s)
+                if wait_s is not None:  # the servers' fault until they transcribe again
+                    _LOGGER.warning(
+                        "job %d (recording %s) waits %.0f s, no attempt counted (no server"
+                        " has transcribed since it failed): %s",
+                        job.id,
+                        job.recording_id,
+                        wait_s,
+                        self.last_error,
+                    )
+                    with Transaction(conn):
+                        jobs.defer(conn, job.id, self.last_error, wait_s)
+                    return True
             _LOGGER.error(
                 "job %d (recording %s) failed: %s%s",
                 job.id,
@@ -226,6 +243,7 @@ class Worker(StageThread):
                     )
             if final:
                 self._forget_held(job.recording_id)
+                self.server_faults.forget(job.recording_id)
             return True
         finally:
             self.busy = False
@@ -259,6 +277,8 @@ class Worker(StageThread):
         audio = np.ascontiguousarray(audio, dtype=np.float32)
         trace = self.vad_traces.get(job.recording_id) if self.vad_traces is not None else None
         transcript = self.transcriber.transcribe(audio, trace)
+        if self.server_faults.transcribed(job.recording_id) and self.job_origin is None:
+            jobs.retry_now(conn)  # the jobs that waited on the servers go on now
         asr_s = time.perf_counter() - t0
         rtf = asr_s / max(float(row["duration_s"]), 1e-6)
         analysis = None

@@ -53,8 +53,9 @@ def event_bytes(kind: str, data: dict[str, Any] | None = None, payload: bytes = 
 GOOD_INFO = event_bytes("info", _GOOD_INFO)
 
 
-def read_request(rfile: Any) -> str | None:
-    """Read one of the client's events; its type, or None once it has closed."""
+def read_request(rfile: Any) -> tuple[str, int] | None:
+    """Read one of the client's events; its type and payload's length, or None once it has
+    closed."""
     line = rfile.readline()
     if not line:
         return None
@@ -62,12 +63,13 @@ def read_request(rfile: Any) -> str | None:
     for key in ("data_length", "payload_length"):
         if header.get(key):
             rfile.read(header[key])
-    return str(header["type"])
+    return str(header["type"]), int(header.get("payload_length") or 0)
 
 
 class HostileServer:
     """`answer(send)` writes what the server says to a request (after its AudioStop unless
-    `early`); `info(send)` what it says to Describe."""
+    `early`; `audio_bytes` is then that request's audio); `info(send)` what it says to
+    Describe."""
 
     def __init__(
         self,
@@ -78,6 +80,7 @@ class HostileServer:
         self.port = free_port()
         self.sent_bytes = 0
         self.requests = 0
+        self.audio_bytes = 0  # the last request's audio, in bytes
         self.stopping = threading.Event()
         outer = self
 
@@ -89,13 +92,15 @@ class HostileServer:
 
                 try:
                     first = read_request(self.rfile)
-                    if first == "describe":
+                    if first is not None and first[0] == "describe":
                         (info or (lambda s: s(GOOD_INFO)))(send)
                         return
                     outer.requests += 1
-                    if not early:
-                        while read_request(self.rfile) not in ("audio-stop", None):
-                            pass
+                    outer.audio_bytes = 0
+                    while not early and (event := read_request(self.rfile)) is not None:
+                        outer.audio_bytes += event[1]
+                        if event[0] == "audio-stop":
+                            break
                     answer(send)
                 except OSError:  # the client hung up: what it should do with nonsense
                     pass

@@ -1,0 +1,147 @@
+"""Whose fault a failed Wyoming request is (meraudiod/server_faults.py), with the real daemon
+and a real TCP server (tests/hostile_wyoming.py) that answers Describe properly: one that
+fails every request leaves the recordings waiting, not failed; one that fails a single
+recording and transcribes the others still uses up that recording's attempts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from meraudiod.audio import decode_file
+
+from .conftest import DEMO, db_rows, run_daemon, status_json, wait_for
+from .hostile_wyoming import HostileServer, Send, event_bytes
+from .test_wyoming import wyoming_env
+
+BROKEN = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+HELLO = event_bytes("transcript", {"text": "hello"})
+DEMO_PCM = decode_file(DEMO).astype("<i2").tobytes()
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[HostileServer, dict[str, Callable[[Send], None]]]]:
+    """A server and the holder of its answer, to change while the daemon runs."""
+    holder: dict[str, Callable[[Send], None]] = {}
+    made = HostileServer(answer=lambda send: holder["answer"](send))
+    yield made, holder
+    made.close()
+
+
+def daemon(
+    env: dict[str, str], uri: str, log: Path
+) -> tuple[dict[str, str], subprocess.Popen[bytes]]:
+    run_env = wyoming_env(
+        env,
+        [uri],
+        MERAUDIOD_ASR__MAX_ATTEMPTS="2",
+        MERAUDIOD_ASR__RETRY_DELAY_S="0.2",
+        MERAUDIOD_ASR__WYOMING__RETRY_MAX_S="1",
+    )
+    with log.open("wb") as log_file:
+        proc = run_daemon(run_env, stderr=log_file)
+    return run_env, proc
+
+
+def speak(proc: subprocess.Popen[bytes]) -> None:
+    """The demo's five utterances on the daemon's stdin (kept open: the daemon runs on)."""
+    assert proc.stdin is not None
+    proc.stdin.write(DEMO_PCM)
+    proc.stdin.flush()
+
+
+def jobs(env: dict[str, str]) -> list[dict[str, object]]:
+    rows = "SELECT j.state, j.attempts, r.status FROM jobs j JOIN recordings r"
+    return [dict(row) for row in db_rows(env, rows + " ON r.id = j.recording_id ORDER BY j.id")]
+
+
+def stop(proc: subprocess.Popen[bytes], log: Path) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, status = os.waitpid(proc.pid, 0)
+    text = log.read_text()
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "Traceback" not in text, text
+    return text
+
+
+def test_a_server_failing_every_request_leaves_the_recordings_waiting(
+    env: dict[str, str],
+    server: tuple[HostileServer, dict[str, Callable[[Send], None]]],
+    tmp_path: Path,
+) -> None:
+    """Its model broken, the server answers Describe and fails every request: each try used
+    one of the recording's attempts, and after max_attempts every recording of those hours
+    was `failed` for good. No server has transcribed anything since: the recordings wait,
+    uncounted, the daemon says why, and they are transcribed once the server is mended."""
+    wyoming, holder = server
+    holder["answer"] = lambda send: send(BROKEN)
+    log = tmp_path / "daemon.log"
+    run_env, proc = daemon(env, wyoming.uri, log)
+    try:
+        speak(proc)
+        # Two attempts each would fail all five after ten requests.
+        wait_for(lambda: wyoming.requests >= 14, 60, "every recording tried three times")
+        assert {(j["state"], j["attempts"]) for j in jobs(run_env)} <= {
+            ("pending", 0),
+            ("running", 0),
+        }
+        said = "transcription servers fail every request"
+        wait_for(lambda: said in (status_json(run_env)["degraded"] or ""), 15, "degraded")
+        assert "HTTP/1.1 500 Internal Server Error" in status_json(run_env)["degraded"]
+        holder["answer"] = lambda send: send(HELLO)  # mended
+        wait_for(
+            lambda: len(jobs(run_env)) == 5 and all(j["status"] == "done" for j in jobs(run_env)),
+            60,
+            "every recording transcribed once the server answers",
+        )
+        # (`degraded` also says that stdin has sent nothing for a while, as a microphone would.)
+        wait_for(lambda: said not in (status_json(run_env)["degraded"] or ""), 15, "mended")
+    finally:
+        text = stop(proc, log) if proc.poll() is None else log.read_text()
+        proc.kill()
+    assert "no attempt counted (no server has transcribed since it failed)" in text
+
+
+def test_a_recording_that_fails_where_others_are_transcribed_runs_out_of_attempts(
+    env: dict[str, str],
+    server: tuple[HostileServer, dict[str, Callable[[Send], None]]],
+    tmp_path: Path,
+) -> None:
+    """The server fails on one recording's audio (a file that crashes its decoder) and
+    transcribes the others: once it has transcribed another since that recording's failed
+    try, the try counts, so the recording still ends `failed`, not retried for ever."""
+    wyoming, holder = server
+    poison: list[int] = []
+
+    def answer(send: Send) -> None:
+        poison.append(poison[0] if poison else wyoming.audio_bytes)
+        send(BROKEN if wyoming.audio_bytes == poison[0] else HELLO)
+
+    holder["answer"] = answer
+    log = tmp_path / "daemon.log"
+    run_env, proc = daemon(env, wyoming.uri, log)
+    try:
+        speak(proc)
+        wait_for(
+            lambda: sum(j["status"] == "done" for j in jobs(run_env)) == 4,
+            60,
+            "the four other recordings transcribed",
+        )
+        speak(proc)  # more speech: more transcripts since its last try
+        wait_for(
+            lambda: jobs(run_env)[0]["status"] == "failed",
+            60,
+            "the recording the server fails on failed for good",
+        )
+        first = jobs(run_env)[0]
+        assert first["state"] == "failed" and first["attempts"] == 2
+        assert "transcription servers" not in (status_json(run_env)["degraded"] or "")
+    finally:
+        text = stop(proc, log) if proc.poll() is None else log.read_text()
+        proc.kill()
+    assert "failed: WyomingError" in text
