@@ -171,13 +171,14 @@ class Worker(StageThread):
         try:
             result = self._transcribe(conn, job)
         except Stopped as exc:  # a long upload, on stopping: done again at the next start
-            _LOGGER.info("job %d (recording %s) given back: %s", job.id, job.recording_id, exc)
             try:
                 jobs.release(conn, job.id)
             except sqlite3.OperationalError as busy:
                 if not (is_busy(busy) and self.stop_event.is_set()):
                     raise
-                self._give_back_unwritten(job, "not given back")
+                self._give_back_unwritten(job, f"{exc}, not given back")
+                return True
+            _LOGGER.info("job %d (recording %s) given back: %s", job.id, job.recording_id, exc)
             return True
         except AudioLostError as exc:  # no retry can bring it back: one line, failed for good
             self.last_error = f"audio lost: {exc}"
@@ -197,7 +198,7 @@ class Worker(StageThread):
             ):
                 # Not the recording's fault: the next start gives it back, no crash counted,
                 # and transcribes it again from its saved audio.
-                self._give_back_unwritten(job, "transcript not stored")
+                self._give_back_unwritten(job, "transcript not stored on stopping")
                 raise
             # Its transcript refused for want of room, or by a file system that refuses writes
             # (read-only): given back, no attempt counted. An I/O error on a writable one (a
@@ -246,8 +247,8 @@ class Worker(StageThread):
         except OSError as exc:
             counted = f" (counted as a crash of the job: cannot note it: {exc})"
         _LOGGER.warning(
-            "job %d (recording %s): %s on stopping, database locked by another process:"
-            " transcribed again at the next start%s",
+            "job %d (recording %s): %s, database locked by another process: transcribed"
+            " again at the next start%s",
             job.id,
             job.recording_id,
             what,

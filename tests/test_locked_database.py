@@ -26,7 +26,7 @@ from meraudiod.schema import MIGRATIONS
 from meraudiod.sources import open_source
 
 from .broker import Broker
-from .conftest import DEMO, TEST_DATA, cli, db_rows, run_daemon, wait_for
+from .conftest import DEMO, TEST_DATA, StartWyoming, cli, db_rows, run_daemon, wait_for
 
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real start-up of the daemon
 # A stop must end well within systemd's TimeoutStopSec=30 (systemd/meraudiod.service), which
@@ -458,3 +458,39 @@ def test_the_checkpoint_after_a_delete_waits_for_the_lock_briefly_once_stopping(
         conn.close()
         holder.close()
     assert 3.5 < took_s < 6, took_s  # 1 s running, then 3 s stopping
+
+
+def test_a_job_the_stop_cannot_give_back_while_another_process_holds_the_lock_is_no_crash(
+    env: dict[str, str], start_wyoming: StartWyoming
+) -> None:
+    """SIGTERM while the worker waits on a hung Wyoming server: the request is abandoned and
+    its job given back, a write, which another process's write lock keeps from it. Before,
+    the job stayed `running` unsaid and the next start counted a crash against it; now the
+    stop notes it and says so, and the next start gives it back with no crash counted."""
+    from .test_wyoming import hung_server_daemon
+
+    slow = {"MERAUDIOD_ASR__WYOMING__DEADLINE_BASE_S": "120"}
+    with hung_server_daemon(env, start_wyoming, **slow) as (_, run_env, proc):
+        running = "SELECT id FROM jobs WHERE state='running'"
+        wait_for(lambda: db_rows(run_env, running), 120, "a request in flight")
+        holder = sqlite3.connect(_db(env), isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell
+            (job_id,) = holder.execute(running).fetchone()
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=STOP_S)
+        finally:
+            holder.close()
+    said = stderr.decode()
+    assert proc.returncode == 0 and "Traceback" not in said, said
+    assert _job(env, job_id) == ("running", 0, 0)
+    again = run_daemon(env, source=f"file:{SHORT}")  # the local model this time
+    again_out = Output(again.stderr)
+    assert again.wait(timeout=120) == 0, again_out.text
+    again_out.join()
+    assert _job(env, job_id) == ("done", 0, 0), again_out.text
+    assert re.search(
+        rf"job {job_id} \(recording \w+\): tcp://[\d.:]+: request abandoned on stopping, not"
+        " given back, database locked by another process: transcribed again at the next start",
+        said,
+    ), said
