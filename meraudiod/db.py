@@ -396,7 +396,8 @@ def set_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
 
 
 _BUSY_ERRORS: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"})
-_LOCK_PROBE_S: Final = 1.0  # how long locked_by_another waits for the write lock
+# How long a look for the write lock waits (locked_by_another, lock_said_at_once).
+_LOCK_PROBE_S: Final = 1.0
 
 
 def locked_by_another(conn: sqlite3.Connection) -> bool:
