@@ -173,11 +173,10 @@ def _open(path: Path, exclusive: bool = False) -> sqlite3.Connection:
                 f" {len(MIGRATIONS)}: it was written by a newer meraudiod; upgrade meraudiod,"
                 " or move the database away to start with an empty one"
             )
-        if version < len(MIGRATIONS) and locked_by_another(conn):
-            # Said at once: the migration would wait out the busy timeout in silence, then
-            # fail with "database is locked" (the daemon's start waits for it, saying so).
-            raise LockedDatabaseError.at(path)
-        migrate(conn)
+        # Said at once: the migration would wait out the busy timeout in silence, then fail
+        # with "database is locked" (the daemon's start waits for it, saying so).
+        with lock_said_at_once(conn, path):
+            migrate(conn)
     except sqlite3.Error as exc:
         conn.close()
         full = _full_disk(path)
@@ -396,32 +395,16 @@ def set_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
 
 
 _BUSY_ERRORS: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"})
-# How long a look for the write lock waits (locked_by_another, lock_said_at_once).
+# How long a look for the write lock waits (lock_said_at_once).
 _LOCK_PROBE_S: Final = 1.0
-
-
-def locked_by_another(conn: sqlite3.Connection) -> bool:
-    """Whether another connection holds the write lock (an admin's sqlite3 shell left in a
-    transaction, a backup), asked with a short wait: the start says it waits rather than
-    wait out the busy timeout in silence on its first write."""
-    conn.execute(f"PRAGMA busy_timeout={int(_LOCK_PROBE_S * 1000)}")
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if not is_busy(exc):
-            raise
-        return True
-    finally:
-        conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
-    conn.execute("ROLLBACK")
-    return False
 
 
 @contextmanager
 def lock_said_at_once(conn: sqlite3.Connection, path: Path) -> Iterator[None]:
     """The block's writes wait for another process's write lock _LOCK_PROBE_S at most, then
-    LockedDatabaseError naming the file: the start's recovery says it waits (and waits, see
-    daemon._open_store) rather than wait out the busy timeout in silence, then fail."""
+    LockedDatabaseError naming the file: a migration, the start's recovery, say it at once
+    (the start then waits, see daemon._open_store) rather than wait out the busy timeout in
+    silence, then fail. The writes are the look: no lock taken after a look waits it out."""
     conn.execute(f"PRAGMA busy_timeout={int(_LOCK_PROBE_S * 1000)}")
     try:
         yield

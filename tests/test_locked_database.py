@@ -494,3 +494,74 @@ def test_a_job_the_stop_cannot_give_back_while_another_process_holds_the_lock_is
         " given back, database locked by another process: transcribed again at the next start",
         said,
     ), said
+
+
+# A command, with the other process's lock taken after its look for the lock, just before it
+# migrates (db.migrate): it tells the test on FD TELL and waits for a byte on FD TOLD.
+_COMMAND_WHOSE_MIGRATION_A_LOCK_OUTRUNS: Final = """
+import os, runpy, sys
+import meraudiod.db as db
+tell, told = int(sys.argv[1]), int(sys.argv[2])
+migrate = db.migrate
+
+def migrate_once_the_lock_is_taken(conn):
+    os.write(tell, b"take")
+    os.read(told, 1)
+    return migrate(conn)
+
+db.migrate = migrate_once_the_lock_is_taken
+sys.argv = ["meraudiod", *sys.argv[3:]]
+runpy.run_module("meraudiod", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_lock_taken_between_the_look_and_the_migration_is_said_at_once(
+    env: dict[str, str],
+) -> None:
+    """An older meraudiod's database, its write lock taken by another process after the
+    look for it, before the migration. Before, the migration waited out the 30 s busy
+    timeout in silence, then `cannot open database ...: database is locked`. Now it is the
+    look's own line, naming the file and what to do, at once (a start then waits for it)."""
+    db = _db(env)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    old = sqlite3.connect(db, isolation_level=None)
+    old.execute("PRAGMA journal_mode=WAL")
+    old.executescript(MIGRATIONS[0] + "\nPRAGMA user_version=1;")
+    old.close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    tell_r, tell_w = os.pipe()
+    told_r, told_w = os.pipe()
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-c", _COMMAND_WHOSE_MIGRATION_A_LOCK_OUTRUNS),
+            *(str(tell_w), str(told_r), "status"),
+        ],
+        env=env,
+        pass_fds=(tell_w, told_r),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(tell_w)
+    os.close(told_r)
+    try:
+        assert os.read(tell_r, 4) == b"take"  # after the look, before the migration
+        holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell
+        t0 = time.monotonic()
+        os.write(told_w, b"!")
+        _, stderr = proc.communicate(timeout=60)
+        took_s = time.monotonic() - t0
+    finally:
+        holder.close()
+        os.close(tell_r)
+        os.close(told_w)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, stderr
+    assert stderr.splitlines() == [
+        f"Error: database {db} is locked by another process (a transaction left open: an"
+        " sqlite3 shell, a backup, a purge): end that transaction or process"
+    ], stderr
+    assert took_s < 15, took_s
