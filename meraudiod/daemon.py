@@ -25,7 +25,7 @@ from .db import (
     DiskFullError,
     LockedDatabaseError,
     get_kv,
-    locked_by_another,
+    lock_said_at_once,
     open_db,
     set_kv,
 )
@@ -114,7 +114,7 @@ class Daemon:
         if conn is None:
             return False
         self.conn = conn
-        self.pipeline.open()
+        self.pipeline.open(recovered=True)
         self.health.note_store()
         # A muted microphone stays muted across restarts; a file or stdin always plays.
         self.listening = self.finite or get_kv(self.conn, _LISTENING_KEY, "ON") == "ON"
@@ -134,21 +134,27 @@ class Daemon:
         return True
 
     def _open_store(self) -> sqlite3.Connection | None:
-        """The database. On a disk full to the last byte SQLite cannot even open it; another
-        process may hold its write lock (an admin's sqlite3 shell left in a transaction, a
-        backup, a long purge), which the start's recovery (or a migration) would wait out for
-        the busy timeout, then fail. Either goes away by itself: it is waited for, up to
-        _STORE_WAIT_S and said once, rather than a restart every 5 s or a failure in silence
-        (then DatabaseError: exit 1, restarted). None when stopped while waiting."""
+        """The database, recovered (pipeline.recover). On a disk full to the last byte SQLite
+        cannot even open it; another process may hold its write lock (an admin's sqlite3
+        shell left in a transaction, a backup, a long purge), which the recovery's writes (or
+        a migration) would wait out for the busy timeout, then fail. Either goes away by
+        itself: it is waited for, up to _STORE_WAIT_S and said once, rather than a restart
+        every 5 s or a failure in silence (then DatabaseError: exit 1, restarted). None when
+        stopped while waiting."""
         path = self.settings.storage.db_path
         deadline = time.monotonic() + _STORE_WAIT_S
         waited: str | None = None  # once said: what to say when it is over
         while True:
             try:
                 conn = open_db(path)  # one that must be migrated says it is locked at once
-                if locked_by_another(conn):
+                try:
+                    # Its first write is the look for the lock: none taken between a look
+                    # and the writes waits out the busy timeout.
+                    with lock_said_at_once(conn, path):
+                        self.pipeline.recover(conn)
+                except BaseException:
                     conn.close()
-                    raise LockedDatabaseError.at(path)
+                    raise
             except DiskFullError as exc:
                 error: DatabaseError = exc
                 waiting = f"waiting up to {_STORE_WAIT_S:.0f} s for room: {exc}"

@@ -13,6 +13,8 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -171,11 +173,10 @@ def _open(path: Path, exclusive: bool = False) -> sqlite3.Connection:
                 f" {len(MIGRATIONS)}: it was written by a newer meraudiod; upgrade meraudiod,"
                 " or move the database away to start with an empty one"
             )
-        if version < len(MIGRATIONS) and locked_by_another(conn):
-            # Said at once: the migration would wait out the busy timeout in silence, then
-            # fail with "database is locked" (the daemon's start waits for it, saying so).
-            raise LockedDatabaseError.at(path)
-        migrate(conn)
+        # Said at once: the migration would wait out the busy timeout in silence, then fail
+        # with "database is locked" (the daemon's start waits for it, saying so).
+        with lock_said_at_once(conn, path):
+            migrate(conn)
     except sqlite3.Error as exc:
         conn.close()
         full = _full_disk(path)
@@ -290,29 +291,57 @@ def _begin(conn: sqlite3.Connection) -> None:
     """BEGIN IMMEDIATE, waiting for the write lock as long as the connection's busy timeout
     says; on a stage's connection in slices, so that once it is stopping the wait ends within
     _STOPPING_LOCK_WAIT_S (then SQLite's busy error, as after the busy timeout)."""
+
+    def begin() -> bool:
+        conn.execute("BEGIN IMMEDIATE")
+        return True
+
+    _in_slices(conn, begin)
+
+
+def checkpoint(conn: sqlite3.Connection) -> bool:
+    """Copy the log into the database and empty it (PRAGMA wal_checkpoint(TRUNCATE)). That
+    waits for every other connection's transaction (a backup's read, an admin's shell
+    holding the write lock), as long as the busy timeout says, holding the write lock
+    meanwhile; on a stage's connection in slices, as BEGIN does (_begin). False when it could
+    not finish: the log keeps those pages until the next checkpoint."""
+    return _in_slices(
+        conn, lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    )
+
+
+def _in_slices(conn: sqlite3.Connection, attempt: Callable[[], bool]) -> bool:
+    """`attempt()` until it is done (True), while another connection's lock keeps it from it
+    (False, or SQLite's busy error), as long as the busy timeout says; on a stage's
+    connection in slices of _LOCK_SLICE_S, looking at its stop between them: once stopping,
+    all its waits together last at most _STOPPING_LOCK_WAIT_S. At the end, the last busy
+    error is raised, or False returned."""
     stop = conn.stop if isinstance(conn, StageConnection) else None
     if stop is None:
-        conn.execute("BEGIN IMMEDIATE")
-        return
+        return attempt()
     assert isinstance(conn, StageConnection)
     (wait_ms,) = conn.execute("PRAGMA busy_timeout").fetchone()  # a caller may have set less
     deadline = time.monotonic() + int(wait_ms) / 1000
     conn.execute(f"PRAGMA busy_timeout={min(int(wait_ms), int(_LOCK_SLICE_S * 1000))}")
     try:
         while True:
+            busy: sqlite3.OperationalError | None = None
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
+                if attempt():
+                    return True
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise
-                t = time.monotonic()
-                if stop.is_set():
-                    if conn.stopping_until is None:
-                        conn.stopping_until = t + _STOPPING_LOCK_WAIT_S
-                    deadline = min(deadline, conn.stopping_until)
-                if t >= deadline:
-                    raise
+                busy = exc
+            t = time.monotonic()
+            if stop.is_set():
+                if conn.stopping_until is None:
+                    conn.stopping_until = t + _STOPPING_LOCK_WAIT_S
+                deadline = min(deadline, conn.stopping_until)
+            if t >= deadline:
+                if busy is not None:
+                    raise busy
+                return False
     finally:
         conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
 
@@ -366,24 +395,25 @@ def set_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
 
 
 _BUSY_ERRORS: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"})
-_LOCK_PROBE_S: Final = 1.0  # how long locked_by_another waits for the write lock
+# How long a look for the write lock waits (lock_said_at_once).
+_LOCK_PROBE_S: Final = 1.0
 
 
-def locked_by_another(conn: sqlite3.Connection) -> bool:
-    """Whether another connection holds the write lock (an admin's sqlite3 shell left in a
-    transaction, a backup), asked with a short wait: the start says it waits rather than
-    wait out the busy timeout in silence on its first write."""
+@contextmanager
+def lock_said_at_once(conn: sqlite3.Connection, path: Path) -> Iterator[None]:
+    """The block's writes wait for another process's write lock _LOCK_PROBE_S at most, then
+    LockedDatabaseError naming the file: a migration, the start's recovery, say it at once
+    (the start then waits, see daemon._open_store) rather than wait out the busy timeout in
+    silence, then fail. The writes are the look: no lock taken after a look waits it out."""
     conn.execute(f"PRAGMA busy_timeout={int(_LOCK_PROBE_S * 1000)}")
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        yield
     except sqlite3.OperationalError as exc:
         if not is_busy(exc):
             raise
-        return True
+        raise LockedDatabaseError.at(path) from exc
     finally:
         conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
-    conn.execute("ROLLBACK")
-    return False
 
 
 def is_busy(exc: sqlite3.OperationalError) -> bool:

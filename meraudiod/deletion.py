@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
-from .db import Transaction, put_kv
+from .db import Transaction, checkpoint, put_kv
 from .recordings import audio_file, normalise_id
 
 DELETE_BATCH: Final = 100  # recordings per delete transaction: the write lock is held briefly
@@ -143,7 +143,7 @@ def forget_deleted_text(conn: sqlite3.Connection) -> None:
     with Transaction(conn):
         conn.execute("INSERT INTO segments_fts(segments_fts) VALUES ('optimize')")
         conn.execute("DELETE FROM kv WHERE key=?", (_UNFORGOTTEN_KEY,))
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    checkpoint(conn)  # on a stage's connection, ended soon after its stop
 
 
 def finish_forgetting(conn: sqlite3.Connection) -> bool:

@@ -7,21 +7,26 @@ A job's `origin` is the process that queued it: NULL for the daemon's own (kept 
 restarts), `host:pid` for a one-off process such as `analyze`, which claims and waits for
 only its own jobs. `attempts` counts failed attempts; `crashes` counts the times the process
 died while it held the job, so a recording that kills the transcriber is given up on, and
-crashes never use up the attempts of a genuine failure.
+crashes never use up the attempts of a genuine failure. A stop that cannot give its job back
+(another process holds the database's write lock) notes it in a file beside the database
+(note_given_back): the next start gives it back with no crash counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from .db import Transaction, now
 
 REPROCESS_KIND: Final = "retranscribe"  # a recording transcribed again on request
+_GIVEN_BACK_SUFFIX: Final = ".given-back"  # data_dir/job-ID.given-back holds its owner
 # Updated further ahead of the clock than this: before the clock was set back.
 _FROM_THE_FUTURE_S: Final = 60.0
 
@@ -160,6 +165,29 @@ def defer(conn: sqlite3.Connection, job_id: int, error: str, wait_s: float) -> N
     )
 
 
+def note_given_back(data_dir: Path, job_id: int) -> None:
+    """Say, without the database, that this process gives a claimed job back: a stop that
+    cannot write it (another process holds the write lock) leaves it `running`, and the next
+    start, finding this file naming its owner, gives it back with no crash counted. Written
+    before the stop says so, so a SIGKILL after that finds it there (it is in the kernel's
+    cache); one killed before it counts a crash, as any death does. OSError when it cannot
+    be written."""
+    (data_dir / f"job-{job_id}{_GIVEN_BACK_SUFFIX}").write_text(owner_id(), encoding="utf-8")
+
+
+def _given_back(data_dir: Path | None) -> dict[Path, tuple[int, str]]:
+    """The notes of note_given_back: each file's job id and owner (empty when cut short)."""
+    notes: dict[Path, tuple[int, str]] = {}
+    for path in data_dir.glob(f"job-*{_GIVEN_BACK_SUFFIX}") if data_dir is not None else ():
+        number = path.name.removeprefix("job-").removesuffix(_GIVEN_BACK_SUFFIX)
+        try:
+            owner = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            owner = ""
+        notes[path] = (int(number) if number.isdigit() else 0, owner)
+    return notes
+
+
 def fail_for_good(conn: sqlite3.Connection, job_id: int, error: str) -> None:
     """No retry can help (the audio is gone): failed at once (inside the caller's transaction)."""
     conn.execute(
@@ -170,19 +198,26 @@ def fail_for_good(conn: sqlite3.Connection, job_id: int, error: str) -> None:
 
 
 def requeue_stale(
-    conn: sqlite3.Connection, max_crashes: int = 3, expired_leases: bool = True
+    conn: sqlite3.Connection,
+    max_crashes: int = 3,
+    expired_leases: bool = True,
+    data_dir: Path | None = None,
 ) -> int:
     """Recover what dead processes left; returns how many running jobs went back to pending.
 
     A running job whose owner on this host is dead (or, with expired_leases, at start,
     whose lease expired, or which was claimed before this machine booted: after a power cut
     its pid may be another process's, or this one's, its lease still running) goes back to
-    pending with one more crash counted; at `max_crashes` it is failed for good with the
-    reason stored, so a recording that kills the process cannot make a crash loop. Jobs queued
-    by a dead one-off process (an interrupted `analyze`) become the daemon's.
+    pending with one more crash counted, unless its owner noted in `data_dir` that it gave it
+    back (note_given_back); at `max_crashes` it is failed for good with the reason stored, so
+    a recording that kills the process cannot make a crash loop. Jobs queued by a dead
+    one-off process (an interrupted `analyze`) become the daemon's.
     """
     t = now()
     booted_at = boot_time()
+    notes = _given_back(data_dir)
+    given_back = {job_id: owner for job_id, owner in notes.values()}
+    released: list[int] = []
     requeued: list[int] = []
     given_up: list[int] = []
     for row in conn.execute(
@@ -192,6 +227,9 @@ def requeue_stale(
         before_boot = _of_this_host(row["owner"]) and row["updated_at"] < booted_at
         lapsed = (row["lease_until"] or 0) < t or before_boot
         if (expired_leases and lapsed) or _dead(row["owner"]):
+            if given_back.get(int(row["id"])) == row["owner"]:
+                released.append(int(row["id"]))
+                continue
             crashed = int(row["crashes"]) + 1
             (given_up if crashed >= max_crashes else requeued).append(int(row["id"]))
     orphaned = [
@@ -203,6 +241,12 @@ def requeue_stale(
         if _dead(row["origin"])
     ]
     with Transaction(conn):
+        for job_id in released:
+            conn.execute(
+                "UPDATE jobs SET state='pending', lease_until=NULL, owner=NULL, updated_at=?"
+                " WHERE id=? AND state='running'",
+                (t, job_id),
+            )
         for job_id in requeued:
             conn.execute(
                 "UPDATE jobs SET state='pending', crashes=crashes+1, lease_until=NULL,"
@@ -224,7 +268,11 @@ def requeue_stale(
             )
         for job_id in orphaned:
             conn.execute("UPDATE jobs SET origin=NULL WHERE id=?", (job_id,))
-    return len(requeued)
+    for path, (job_id, owner) in notes.items():  # used, or left by a process that is gone
+        if job_id in released or not _of_this_host(owner) or _dead(owner):
+            with contextlib.suppress(OSError):  # kept, it is harmless: its job is not running
+                path.unlink(missing_ok=True)
+    return len(requeued) + len(released)
 
 
 def _of_this_host(process: str | None) -> bool:

@@ -8,6 +8,7 @@ recovers nothing and queues, claims and waits for only jobs of its own."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -52,22 +53,17 @@ class Pipeline:
         self.vad_traces = VadTraces() if settings.asr.backend == "wyoming" else None
         self.opened = False  # store recovered and models loaded
 
-    def open(self) -> None:
-        """Recover the store, load the models, start the worker. Fails fast with a message."""
+    def open(self, recovered: bool = False) -> None:
+        """Recover the store (unless the caller has: `recover`), load the models, start the
+        worker. Fails fast with a message."""
         storage = self.settings.storage
         storage.audio_dir.mkdir(parents=True, exist_ok=True)
-        conn = open_db(storage.db_path)
-        try:
-            check_integrity(conn, storage.db_path)
-            if self.serves_store:
-                requeued = jobs.requeue_stale(conn, max_crashes=self.settings.asr.max_attempts)
-                if requeued:
-                    _LOGGER.warning("requeued %d jobs left running by a stopped process", requeued)
-                remove_crashed_writes(conn, storage.audio_dir)
-                if finish_forgetting(conn):
-                    _LOGGER.warning("merged deleted text out of the index (a delete was killed)")
-        finally:
-            conn.close()
+        if not recovered:
+            conn = open_db(storage.db_path)
+            try:
+                self.recover(conn)
+            finally:
+                conn.close()
         transcriber = self._speech_to_text() if self.settings.asr.enabled else None
         # After Whisper: its load needs twice its resident size for a moment, and the peak is
         # lower with onnxruntime not yet in memory. A missing or broken VAD model still fails
@@ -82,6 +78,23 @@ class Pipeline:
         # Before any stage runs (memory.py): what loading touched and will not touch again.
         _LOGGER.debug("unmapped %d kB of library pages", unmap_loaded_library_pages())
         self.opened = True
+
+    def recover(self, conn: sqlite3.Connection) -> None:
+        """Check the database, then (the daemon only) recover what dead processes left: jobs
+        left running, half-written audio, deleted text still in the index. Run again after
+        it was cut short (a lock, a kill), it finishes."""
+        storage = self.settings.storage
+        check_integrity(conn, storage.db_path)
+        if not self.serves_store:
+            return
+        requeued = jobs.requeue_stale(
+            conn, self.settings.asr.max_attempts, data_dir=storage.data_dir
+        )
+        if requeued:
+            _LOGGER.warning("requeued %d jobs left running by a stopped process", requeued)
+        remove_crashed_writes(conn, storage.audio_dir)
+        if finish_forgetting(conn):
+            _LOGGER.warning("merged deleted text out of the index (a delete was killed)")
 
     def update_speakers(self) -> str | None:
         """Load the speaker models when speakers or diarization are on and they are not

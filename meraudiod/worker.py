@@ -122,7 +122,10 @@ class Worker(StageThread):
                         # Not leases: a long job of this very process must not be taken back.
                         next_adopt = time.monotonic() + _ADOPT_EVERY_S
                         jobs.requeue_stale(
-                            conn, self.settings.asr.max_attempts, expired_leases=False
+                            conn,
+                            self.settings.asr.max_attempts,
+                            expired_leases=False,
+                            data_dir=self.settings.storage.data_dir,
                         )
                     if self._given_back is not None:
                         jobs.release(conn, self._given_back)
@@ -170,8 +173,14 @@ class Worker(StageThread):
         try:
             result = self._transcribe(conn, job)
         except Stopped as exc:  # a long upload, on stopping: done again at the next start
+            try:
+                jobs.release(conn, job.id)
+            except sqlite3.OperationalError as busy:
+                if not (is_busy(busy) and self.stop_event.is_set()):
+                    raise
+                self._give_back_unwritten(job, f"{exc}, not given back")
+                return True
             _LOGGER.info("job %d (recording %s) given back: %s", job.id, job.recording_id, exc)
-            jobs.release(conn, job.id)
             return True
         except AudioLostError as exc:  # no retry can bring it back: one line, failed for good
             self.last_error = f"audio lost: {exc}"
@@ -189,14 +198,9 @@ class Worker(StageThread):
                 and is_busy(exc)
                 and self.stop_event.is_set()
             ):
-                # Not the recording's fault: its job stays claimed, and the next start gives
-                # it back and transcribes it again from its saved audio.
-                _LOGGER.warning(
-                    "job %d (recording %s): transcript not stored on stopping, database locked"
-                    " by another process: transcribed again at the next start",
-                    job.id,
-                    job.recording_id,
-                )
+                # Not the recording's fault: the next start gives it back, no crash counted,
+                # and transcribes it again from its saved audio.
+                self._give_back_unwritten(job, "transcript not stored on stopping")
                 raise
             # Its transcript refused for want of room, or by a file system that refuses writes
             # (read-only): given back, no attempt counted. An I/O error on a writable one (a
@@ -250,6 +254,24 @@ class Worker(StageThread):
         if result is not None and self.on_transcribed is not None:
             self.on_transcribed(result)
         return True
+
+    def _give_back_unwritten(self, job: jobs.Job, what: str) -> None:
+        """On stopping, another process holds the write lock: the job stays `running` in the
+        database, and is noted as given back beside it (jobs.note_given_back), so that the
+        next start counts no crash against it (three would fail the recording for good)."""
+        try:
+            jobs.note_given_back(self.settings.storage.data_dir, job.id)
+            counted = ""
+        except OSError as exc:
+            counted = f" (counted as a crash of the job: cannot note it: {exc})"
+        _LOGGER.warning(
+            "job %d (recording %s): %s, database locked by another process: transcribed"
+            " again at the next start%s",
+            job.id,
+            job.recording_id,
+            what,
+            counted,
+        )
 
     def _transcribe(self, conn: sqlite3.Connection, job: jobs.Job) -> TranscribedRecording | None:
         row = conn.execute("SELECT * FROM recordings WHERE id=?", (job.recording_id,)).fetchone()

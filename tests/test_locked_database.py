@@ -4,10 +4,12 @@ lock holders on the real file, real daemon processes, real signals."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,11 +21,12 @@ from meraudiod import daemon as daemon_module
 from meraudiod.config import Settings
 from meraudiod.daemon import Daemon
 from meraudiod.db import DamagedDatabaseError, DatabaseError, Transaction, open_db
+from meraudiod.deletion import forget_deleted_text
 from meraudiod.schema import MIGRATIONS
 from meraudiod.sources import open_source
 
 from .broker import Broker
-from .conftest import DEMO, TEST_DATA, cli, db_rows, run_daemon, wait_for
+from .conftest import DEMO, TEST_DATA, StartWyoming, cli, db_rows, run_daemon, wait_for
 
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real start-up of the daemon
 # A stop must end well within systemd's TimeoutStopSec=30 (systemd/meraudiod.service), which
@@ -252,3 +255,313 @@ def test_a_stage_connection_waits_for_the_lock_while_running_and_briefly_once_st
     finally:
         conn.close()
         holder.close()
+
+
+def _job(env: dict[str, str], job_id: int) -> tuple[str, int, int]:
+    row = db_rows(env, f"SELECT state, attempts, crashes FROM jobs WHERE id={job_id}")[0]
+    return (str(row["state"]), int(row["attempts"]), int(row["crashes"]))
+
+
+@pytest.mark.parametrize("then", ["exits", "sigkilled"])
+def test_a_job_left_by_a_stop_while_another_process_holds_the_write_lock_is_no_crash(
+    env: dict[str, str], then: str
+) -> None:
+    """SIGTERM while another process holds the write lock and the worker waits for it to
+    store a transcript: the job stays `running` (the database cannot be written). Before, the
+    next start gave it back as a crash of that job, so three such stops in a row failed the
+    recording for good. Now the stop notes it outside the database and the next start gives
+    it back with no crash counted, also when the stopping process is SIGKILLed right after
+    it said so (systemd's TimeoutStopSec)."""
+    proc = run_daemon(env, "--realtime", source=f"file:{DEMO}")
+    out = Output(proc.stderr)
+    said = "transcript not stored on stopping, database locked by another process"
+    holder: sqlite3.Connection | None = None
+    try:
+        wait_for(lambda: "ready:" in out.text, 120, "the daemon to be ready", poll_s=0.05)
+        running = "SELECT id FROM jobs WHERE state='running'"
+        wait_for(lambda: db_rows(env, running), 120, "a job claimed", poll_s=0.01)
+        holder = sqlite3.connect(_db(env), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell
+        job_id, state = holder.execute("SELECT id, state FROM jobs ORDER BY id").fetchone()
+        assert state == "running"  # claimed, its transcript not stored: now it cannot be
+        time.sleep(3)  # transcribed meanwhile: the worker waits for the lock to store it
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: said in out.text, STOP_S, "the worker to say it gives the job up")
+        if then == "sigkilled":
+            proc.kill()
+        code = proc.wait(timeout=STOP_S)
+    finally:
+        if holder is not None:
+            holder.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out.join()
+    assert code == (0 if then == "exits" else -signal.SIGKILL), out.text
+    assert _job(env, job_id) == ("running", 0, 0)
+    again = run_daemon(env, source=f"file:{SHORT}")
+    again_out = Output(again.stderr)
+    assert again.wait(timeout=120) == 0, again_out.text
+    again_out.join()
+    assert _job(env, job_id) == ("done", 0, 0), again_out.text
+
+
+# The daemon, with the other process's lock taken at the start's recovery (after the start's
+# lock check, before its first write): its look at when the machine booted (jobs.boot_time)
+# tells the test on FD TELL, and waits for a byte on FD TOLD (the lock is held).
+_DAEMON_WHOSE_RECOVERY_A_LOCK_OUTRUNS: Final = """
+import os, runpy, sys
+import meraudiod.daemon
+tell, told = int(sys.argv[1]), int(sys.argv[2])
+meraudiod.daemon._STORE_WAIT_S = float(sys.argv[3])
+done = []
+
+def hook(event, args):
+    if event == "open" and args and args[0] == "/proc/stat" and not done:
+        done.append(True)
+        os.write(tell, b"take")
+        os.read(told, 1)
+
+sys.addaudithook(hook)
+sys.argv = ["meraudiod", *sys.argv[4:]]
+runpy.run_module("meraudiod", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("held", ["briefly", "past the wait"])
+def test_a_lock_taken_between_the_starts_check_and_its_recovery_is_waited_for_and_said(
+    env: dict[str, str], held: str
+) -> None:
+    """Another process takes the write lock after the start found it free, before the
+    start's recovery (jobs left running, deleted text) writes. Before, the recovery waited
+    out SQLite's 30 s busy timeout in silence, then the start exited 1 with `Error:
+    OperationalError: database is locked`, no file named. Now it is the start's own wait:
+    the line naming the file at once, the lock waited for (up to 120 s; 2 s here when held
+    past it), then exit 1 with that line, `waited 2 s`."""
+    db = _db(env)
+    open_db(db).close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    tell_r, tell_w = os.pipe()
+    told_r, told_w = os.pipe()
+    wait_s = "120" if held == "briefly" else "2"
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-c", _DAEMON_WHOSE_RECOVERY_A_LOCK_OUTRUNS),
+            *(str(tell_w), str(told_r), wait_s, "run", "--source", f"file:{SHORT}"),
+        ],
+        env=env,
+        pass_fds=(tell_w, told_r),
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    os.close(tell_w)
+    os.close(told_r)
+    out = Output(proc.stderr)
+    said = f"database {db} is locked by another process"
+    try:
+        assert os.read(tell_r, 4) == b"take", out.text  # at the recovery, after the check
+        holder.execute("BEGIN EXCLUSIVE")  # an admin's sqlite3 shell, left in a transaction
+        t0 = time.monotonic()
+        os.write(told_w, b"!")
+        if held == "briefly":
+            wait_for(lambda: said in out.text, 15, "the start to say it waits for the lock")
+            holder.execute("ROLLBACK")
+        code = proc.wait(timeout=120)
+        took_s = time.monotonic() - t0
+    finally:
+        holder.close()
+        os.close(tell_r)
+        os.close(told_w)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out.join()
+    assert "Traceback" not in out.text
+    assert out.text.count(said) == (1 if held == "briefly" else 2), out.text
+    if held == "briefly":
+        assert code == 0, out.text
+        assert len(db_rows(env, "SELECT id FROM recordings")) == 1
+    else:
+        assert code == 1, out.text
+        assert took_s < 15, out.text
+        last = out.text.splitlines()[-1]
+        assert last.startswith(f"Error: {said} (") and last.endswith("waited 2 s"), out.text
+
+
+def test_a_stop_during_the_checkpoint_after_a_delete_is_prompt(env: dict[str, str]) -> None:
+    """The log is checkpointed after a delete (the deleted words leave it), which waits for
+    every other process's transaction, holding the write lock meanwhile: here a backup's
+    read (an admin's shell holding the write lock is the same wait). Before, that wait was
+    SQLite's plain 30 s busy timeout, not the stages' slices: a SIGTERM during the
+    retention sweep's checkpoint took up to 30 s, and systemd SIGKILLs at 30 s. Now it ends
+    within seconds of the stop, the delete committed."""
+    first = run_daemon(env, source=f"file:{SHORT}")  # one recording, transcribed
+    first_out = Output(first.stderr)
+    assert first.wait(timeout=120) == 0, first_out.text
+    first_out.join()
+    db = _db(env)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE recordings SET started_at = started_at - 10 * 86400")
+    conn.close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN")  # a backup's read: its snapshot is older than the delete
+    holder.execute("SELECT COUNT(*) FROM recordings").fetchone()
+    proc = run_daemon({**env, "MERAUDIOD_RETENTION__TEXT_DAYS": "1"})  # stdin: runs on
+    out = Output(proc.stderr)
+    try:
+        wait_for(lambda: not db_rows(env, "SELECT id FROM recordings"), 60, "the sweep")
+        time.sleep(1)  # the sweep's checkpoint waits for the backup's read
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"not stopped in {STOP_S} s: {out.text}") from None
+        stop_s = time.monotonic() - asked
+    finally:
+        holder.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out.join()
+    print(f"stopped in {stop_s:.1f} s")
+    assert code == 0, out.text
+    assert "Traceback" not in out.text
+    assert stop_s < 10, out.text
+
+
+def test_the_checkpoint_after_a_delete_waits_for_the_lock_briefly_once_stopping(
+    settings: Settings,
+) -> None:
+    """The write lock taken by another process (an admin's shell) between a delete's commit
+    and its checkpoint, on a stage's connection (the retention sweep's, the command
+    runner's). Before, the checkpoint waited out SQLite's 30 s busy timeout whatever the
+    stop; now, as a stage's BEGIN, in slices: within about 3 s of the stop."""
+    db = settings.storage.db_path
+    open_db(db).close()
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    stop = threading.Event()
+    conn = open_db(db, stop=stop)
+
+    def at_statement(sql: str) -> None:  # SQLite's trace: before the statement runs
+        if "wal_checkpoint" in sql and not holder.in_transaction:
+            holder.execute("BEGIN IMMEDIATE")
+            threading.Timer(1.0, stop.set).start()
+
+    conn.set_trace_callback(at_statement)
+    try:
+        t0 = time.monotonic()
+        forget_deleted_text(conn)
+        took_s = time.monotonic() - t0
+        assert holder.in_transaction  # taken at the checkpoint, after the delete's commit
+    finally:
+        conn.close()
+        holder.close()
+    assert 3.5 < took_s < 6, took_s  # 1 s running, then 3 s stopping
+
+
+def test_a_job_the_stop_cannot_give_back_while_another_process_holds_the_lock_is_no_crash(
+    env: dict[str, str], start_wyoming: StartWyoming
+) -> None:
+    """SIGTERM while the worker waits on a hung Wyoming server: the request is abandoned and
+    its job given back, a write, which another process's write lock keeps from it. Before,
+    the job stayed `running` unsaid and the next start counted a crash against it; now the
+    stop notes it and says so, and the next start gives it back with no crash counted."""
+    from .test_wyoming import hung_server_daemon
+
+    slow = {"MERAUDIOD_ASR__WYOMING__DEADLINE_BASE_S": "120"}
+    with hung_server_daemon(env, start_wyoming, **slow) as (_, run_env, proc):
+        running = "SELECT id FROM jobs WHERE state='running'"
+        wait_for(lambda: db_rows(run_env, running), 120, "a request in flight")
+        holder = sqlite3.connect(_db(env), isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell
+            (job_id,) = holder.execute(running).fetchone()
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=STOP_S)
+        finally:
+            holder.close()
+    said = stderr.decode()
+    assert proc.returncode == 0 and "Traceback" not in said, said
+    assert _job(env, job_id) == ("running", 0, 0)
+    again = run_daemon(env, source=f"file:{SHORT}")  # the local model this time
+    again_out = Output(again.stderr)
+    assert again.wait(timeout=120) == 0, again_out.text
+    again_out.join()
+    assert _job(env, job_id) == ("done", 0, 0), again_out.text
+    assert re.search(
+        rf"job {job_id} \(recording \w+\): tcp://[\d.:]+: request abandoned on stopping, not"
+        " given back, database locked by another process: transcribed again at the next start",
+        said,
+    ), said
+
+
+# A command, with the other process's lock taken after its look for the lock, just before it
+# migrates (db.migrate): it tells the test on FD TELL and waits for a byte on FD TOLD.
+_COMMAND_WHOSE_MIGRATION_A_LOCK_OUTRUNS: Final = """
+import os, runpy, sys
+import meraudiod.db as db
+tell, told = int(sys.argv[1]), int(sys.argv[2])
+migrate = db.migrate
+
+def migrate_once_the_lock_is_taken(conn):
+    os.write(tell, b"take")
+    os.read(told, 1)
+    return migrate(conn)
+
+db.migrate = migrate_once_the_lock_is_taken
+sys.argv = ["meraudiod", *sys.argv[3:]]
+runpy.run_module("meraudiod", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_lock_taken_between_the_look_and_the_migration_is_said_at_once(
+    env: dict[str, str],
+) -> None:
+    """An older meraudiod's database, its write lock taken by another process after the
+    look for it, before the migration. Before, the migration waited out the 30 s busy
+    timeout in silence, then `cannot open database ...: database is locked`. Now it is the
+    look's own line, naming the file and what to do, at once (a start then waits for it)."""
+    db = _db(env)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    old = sqlite3.connect(db, isolation_level=None)
+    old.execute("PRAGMA journal_mode=WAL")
+    old.executescript(MIGRATIONS[0] + "\nPRAGMA user_version=1;")
+    old.close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    tell_r, tell_w = os.pipe()
+    told_r, told_w = os.pipe()
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-c", _COMMAND_WHOSE_MIGRATION_A_LOCK_OUTRUNS),
+            *(str(tell_w), str(told_r), "status"),
+        ],
+        env=env,
+        pass_fds=(tell_w, told_r),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(tell_w)
+    os.close(told_r)
+    try:
+        assert os.read(tell_r, 4) == b"take"  # after the look, before the migration
+        holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell
+        t0 = time.monotonic()
+        os.write(told_w, b"!")
+        _, stderr = proc.communicate(timeout=60)
+        took_s = time.monotonic() - t0
+    finally:
+        holder.close()
+        os.close(tell_r)
+        os.close(told_w)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, stderr
+    assert stderr.splitlines() == [
+        f"Error: database {db} is locked by another process (a transaction left open: an"
+        " sqlite3 shell, a backup, a purge): end that transaction or process"
+    ], stderr
+    assert took_s < 15, took_s
