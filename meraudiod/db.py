@@ -34,6 +34,8 @@ _BUSY_TIMEOUT_S: Final = 30.0  # how long a statement waits for another connecti
 # end it, measured). The unit's TimeoutStopSec=30 SIGKILLs a stop that takes longer.
 _LOCK_SLICE_S: Final = 0.2
 _STOPPING_LOCK_WAIT_S: Final = 3.0
+# A checkpoint holds off every writer while it waits for other connections (db.checkpoint).
+_CHECKPOINT_WAIT_S: Final = 2.0
 _FULL_DISK_BYTES: Final = 1024 * 1024  # below this, a failed open is blamed on the disk
 
 # RETURNING (jobs.claim) and ALTER TABLE ... DROP COLUMN (migration 5) need SQLite 3.35;
@@ -302,12 +304,17 @@ def _begin(conn: sqlite3.Connection) -> None:
 def checkpoint(conn: sqlite3.Connection) -> bool:
     """Copy the log into the database and empty it (PRAGMA wal_checkpoint(TRUNCATE)). That
     waits for every other connection's transaction (a backup's read, an admin's shell
-    holding the write lock), as long as the busy timeout says, holding the write lock
-    meanwhile; on a stage's connection in slices, as BEGIN does (_begin). False when it could
-    not finish: the log keeps those pages until the next checkpoint."""
-    return _in_slices(
-        conn, lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-    )
+    holding the write lock), holding off every writer meanwhile (the listener's saves), so
+    at most _CHECKPOINT_WAIT_S; on a stage's connection in slices, as BEGIN does (_begin).
+    False when it could not finish: the log keeps those pages until the next checkpoint."""
+    (wait_ms,) = conn.execute("PRAGMA busy_timeout").fetchone()
+    conn.execute(f"PRAGMA busy_timeout={min(int(wait_ms), int(_CHECKPOINT_WAIT_S * 1000))}")
+    try:
+        return _in_slices(
+            conn, lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        )
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
 
 
 def _in_slices(conn: sqlite3.Connection, attempt: Callable[[], bool]) -> bool:

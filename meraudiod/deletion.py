@@ -5,11 +5,13 @@ A batch's rows are forgotten before their audio files go and committed once the 
 gone: a delete killed half way, or stopped by a file it may not delete, leaves no audio file
 whose recording is gone, and run again it finishes. Deleted text is then made unrecoverable
 from the database file (secure_delete, the full-text index merged, the log checkpointed); a
-mark committed with the rows says when that is still to do (a kill between the two), and the
-next delete or start of the daemon does it."""
+mark committed with the rows says when that is still to do (a kill between the two, or a
+checkpoint another connection kept from finishing), and the next delete, retention sweep or
+start of the daemon does it."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -17,12 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
-from .db import Transaction, checkpoint, put_kv
+from .db import Transaction, checkpoint, database_file, put_kv
 from .recordings import audio_file, normalise_id
+
+_LOGGER = logging.getLogger(__name__)
 
 DELETE_BATCH: Final = 100  # recordings per delete transaction: the write lock is held briefly
 _Item = TypeVar("_Item")
-# In kv while deleted words may still be in the full-text index (see forget_deleted_text).
+# In kv while deleted words may still be in the full-text index or the database file's old
+# pages (see forget_deleted_text).
 _UNFORGOTTEN_KEY: Final = "deleted_text_unforgotten"
 
 
@@ -137,13 +142,22 @@ def forget_deleted_text(conn: sqlite3.Connection) -> None:
     """Make deleted text unrecoverable from the database file.
 
     secure_delete zeroes freed pages, but the full-text index keeps deleted words in its
-    segments until they are merged, and the WAL keeps old pages until a checkpoint. The mark
-    forget_recording set goes with the merge.
+    segments until they are merged, and the database file keeps the old pages until the log
+    is checkpointed. The mark forget_recording set goes once both are done; a checkpoint
+    that another connection kept from finishing (a backup's long read) leaves it, for the
+    next retention sweep or start (finish_forgetting).
     """
     with Transaction(conn):
         conn.execute("INSERT INTO segments_fts(segments_fts) VALUES ('optimize')")
-        conn.execute("DELETE FROM kv WHERE key=?", (_UNFORGOTTEN_KEY,))
-    checkpoint(conn)  # on a stage's connection, ended soon after its stop
+    if checkpoint(conn):  # on a stage's connection, ended soon after its stop
+        with Transaction(conn):
+            conn.execute("DELETE FROM kv WHERE key=?", (_UNFORGOTTEN_KEY,))
+    else:
+        _LOGGER.warning(
+            "deleted text stays in %s until its log can be checkpointed (another connection"
+            " reads or writes it: a backup?): tried again at the next retention sweep or start",
+            database_file(conn),
+        )
 
 
 def finish_forgetting(conn: sqlite3.Connection) -> bool:

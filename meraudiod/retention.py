@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import Settings
 from .db import now, open_db
-from .deletion import batches, delete_recordings, remove_audio_first
+from .deletion import batches, delete_recordings, finish_forgetting, remove_audio_first
 from .recordings import audio_file
 from .stage import StageThread
 from .wall_clock import follow_step
@@ -143,6 +143,8 @@ def sweep(
         ).fetchall()
         dropped = drop_audio(conn, settings.storage.audio_dir, rows, stop=stop)
         total = PurgeResult(total.recordings_deleted, total.audio_files_deleted + dropped)
+    if r.text_days is None and not (stop is not None and stop.is_set()):
+        finish_forgetting(conn)  # a delete's checkpoint a backup's read kept from finishing
     if total.recordings_deleted or total.audio_files_deleted:
         _LOGGER.info(
             "retention: deleted %d recordings and %d audio files%s",
