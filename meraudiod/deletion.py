@@ -114,9 +114,14 @@ def forget_with_audio(
     forget: Callable[[sqlite3.Connection, str], None],
 ) -> int:
     """`forget` the row, then delete its audio file (inside the caller's transaction, which
-    must commit only after this: see remove_audio_first); 1 if the file was there."""
-    forget(conn, str(row["id"]))
-    return remove_file(audio_file(audio_dir, row["audio_path"])) if row["audio_path"] else 0
+    must commit only after this: see remove_audio_first); 1 if the file was there. The audio
+    path is read again here, under the write lock: audio held in memory may have been written
+    and named since `row` was read (held_audio.py)."""
+    rec_id = str(row["id"])
+    now = conn.execute("SELECT audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
+    stored = now["audio_path"] if now is not None else row["audio_path"]
+    forget(conn, rec_id)
+    return remove_file(audio_file(audio_dir, stored)) if stored else 0
 
 
 def delete_recording(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> bool:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from .config import Settings
 from .db import now, open_db
@@ -163,6 +164,19 @@ def _existing(path: Path) -> Path:
 def disk_free_mb(path: Path) -> float:
     """Free space where the data lives."""
     return shutil.disk_usage(_existing(path)).free / 1e6
+
+
+# A disk that refused a write is taken to have room again with this much free, or this much
+# more than when it refused (a small disk, a few MB in all, may never have 1 MB free).
+_ROOM_MB: Final = 1.0
+_MORE_ROOM_MB: Final = 0.064
+
+
+def room_again(path: Path, free_when_refused_mb: float) -> bool:
+    """The disk of `path`, which refused a write for want of room with
+    `free_when_refused_mb` free, has room again: worth another try."""
+    free_mb = disk_free_mb(path)
+    return free_mb >= _ROOM_MB or free_mb >= free_when_refused_mb + _MORE_ROOM_MB
 
 
 def writable(path: Path) -> bool:
