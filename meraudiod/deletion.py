@@ -118,8 +118,8 @@ def forget_with_audio(
     path is read again here, under the write lock: audio held in memory may have been written
     and named since `row` was read (held_audio.py)."""
     rec_id = str(row["id"])
-    now = conn.execute("SELECT audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
-    stored = now["audio_path"] if now is not None else row["audio_path"]
+    current = conn.execute("SELECT audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
+    stored = current["audio_path"] if current is not None else row["audio_path"]
     forget(conn, rec_id)
     return remove_file(audio_file(audio_dir, stored)) if stored else 0
 

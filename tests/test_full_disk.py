@@ -414,7 +414,7 @@ def test_a_full_database_is_said_once_and_not_again_as_it_clears(
         wait_for(lambda: cannot in detail(), 30, "the readiness to say it")
         time.sleep(6)  # a heartbeat more: both stages' problems are in it
         assert detail().count(cannot) == 1, detail()
-        daemon.grow("16m")  # room again (the worker waits for 1 MB free)
+        daemon.grow("16m")  # room again
         sql = "SELECT status FROM recordings"
         done = ["done"] * 6
         wait_for(lambda: [r["status"] for r in daemon.rows(sql)] == done, 120, "6 transcripts")
