@@ -270,25 +270,31 @@ class RecordingStore:
         """
         rec_id = str(ULID())
         duration_s = samples.size / SAMPLE_RATE_HZ
-        path: Path | None = None
+        loudness_dbfs = rms_dbfs(samples)
         if memory is None:
             path = self._path(rec_id, started_at)
             write_audio_atomically(path, samples, self.audio_format)
-        elif not memory.put(rec_id, samples):
-            _LOGGER.error(
-                "audio cannot be written and memory is full: recording of %.1f s dropped",
-                duration_s,
+            recording = Recording.new(
+                rec_id, source, started_at, start_s, duration_s, path, loudness_dbfs
             )
-            return None
-        recording = Recording.new(
-            rec_id, source, started_at, start_s, duration_s, path, rms_dbfs(samples)
-        )
-        try:
             return self._register(recording, transcribe, in_transaction)
-        except BaseException:
-            if memory is not None:
+        # Held and registered under the lock that writing held audio takes: another
+        # listener never finds it held without its row (and takes it for deleted).
+        with memory.write_lock:
+            if not memory.put(rec_id, samples):
+                _LOGGER.error(
+                    "audio cannot be written and memory is full: recording of %.1f s dropped",
+                    duration_s,
+                )
+                return None
+            recording = Recording.new(
+                rec_id, source, started_at, start_s, duration_s, None, loudness_dbfs
+            )
+            try:
+                return self._register(recording, transcribe, in_transaction)
+            except BaseException:
                 memory.pop(rec_id)
-            raise
+                raise
 
     def save_blocks(
         self, blocks: Iterable[Int16Array], source: str, started_at: float, transcribe: bool
