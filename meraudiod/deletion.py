@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from .db import Transaction, put_kv
-from .recordings import audio_file, normalise_id
+from .recordings import HELD_MARK, audio_file, normalise_id
 
 DELETE_BATCH: Final = 100  # recordings per delete transaction: the write lock is held briefly
 _Item = TypeVar("_Item")
@@ -84,6 +84,7 @@ def forget_recording(conn: sqlite3.Connection, rec_id: str) -> None:
     conn.execute("DELETE FROM outbox WHERE recording_id=?", (rec_id,))
     conn.execute("DELETE FROM speaker_embeddings WHERE recording_id=?", (rec_id,))
     conn.execute("DELETE FROM recordings WHERE id=?", (rec_id,))
+    conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + rec_id,))  # held audio: never written
 
 
 def remove_audio_first(

@@ -24,7 +24,14 @@ from .config import Settings
 from .db import Transaction, put_kv
 from .deletion import remove_file
 from .jobs import pid_alive
-from .recordings import MemoryAudio, audio_file, audio_name, part_file, write_audio_atomically
+from .recordings import (
+    HELD_MARK,
+    MemoryAudio,
+    audio_file,
+    audio_name,
+    part_file,
+    write_audio_atomically,
+)
 
 _LOGGER = logging.getLogger(__name__)
 # kv key of a write under way: value "<pid> <audio path relative to the audio directory>".
@@ -46,12 +53,15 @@ def write_held(
     with Transaction(conn):
         row = conn.execute(
             "SELECT r.started_at, r.audio_path, r.status, EXISTS (SELECT 1 FROM jobs j WHERE"
-            " j.recording_id = r.id AND j.state IN ('pending', 'running')) AS queued"
+            " j.recording_id = r.id AND j.state IN ('pending', 'running')) AS queued,"
+            " EXISTS (SELECT 1 FROM kv WHERE kv.key = ?) AS marked"
             " FROM recordings r WHERE r.id=?",
-            (rec_id,),
+            (HELD_MARK + rec_id, rec_id),
         ).fetchone()
         why = _not_kept(row, settings)
-        if why is None:
+        if why is not None:
+            conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + rec_id,))
+        else:
             stored = audio_name(rec_id, float(row["started_at"]), settings.recorder.audio_format)
             put_kv(conn, key, f"{os.getpid()} {stored}")
     if why is not None:
@@ -63,16 +73,19 @@ def write_held(
     try:
         write_audio_atomically(path, samples, settings.recorder.audio_format)
         with Transaction(conn):
+            # Its mark gone meanwhile: the recording, or its audio, deleted (purge
+            # --audio-only) by another process.
             named = (
                 conn.execute(
-                    "UPDATE recordings SET audio_path=? WHERE id=? AND audio_path IS NULL",
-                    (stored, rec_id),
+                    "UPDATE recordings SET audio_path=? WHERE id=? AND audio_path IS NULL"
+                    " AND EXISTS (SELECT 1 FROM kv WHERE kv.key = ?)",
+                    (stored, rec_id, HELD_MARK + rec_id),
                 ).rowcount
                 == 1
             )
             if not named:  # deleted meanwhile (by another process): delete means delete
                 remove_file(path)
-            conn.execute("DELETE FROM kv WHERE key=?", (key,))
+            conn.execute("DELETE FROM kv WHERE key IN (?, ?)", (key, HELD_MARK + rec_id))
         committed = True
     except BaseException:
         if not committed:  # no row names it: it goes (if it cannot, the next start sees to it)
@@ -93,6 +106,8 @@ def _not_kept(row: sqlite3.Row | None, settings: Settings) -> str | None:
         return "the recording was deleted"
     if row["audio_path"] is not None:
         return "already written"
+    if not row["marked"]:
+        return "its audio was deleted"
     finished = row["status"] != "pending" and not row["queued"]
     retention = settings.retention
     if finished and row["status"] != "failed" and retention.keep_audio is False:
@@ -109,8 +124,8 @@ def _not_kept(row: sqlite3.Row | None, settings: Settings) -> str | None:
 def finish_held_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
     """At start-up: the writes of held audio whose process died half way. A whole file (the
     rename comes after its fsync) that its recording, still there, does not name yet is
-    named; a temp file, or a file of a recording deleted meanwhile, is removed. Returns how
-    many were named."""
+    named; a temp file, or a file of a recording (or audio) deleted meanwhile, is removed.
+    Returns how many were named."""
     named = 0
     rows = conn.execute(
         "SELECT key, value FROM kv WHERE key >= ? AND key < ?", (_WRITING, _WRITING + "\uffff")
@@ -125,14 +140,29 @@ def finish_held_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
         with Transaction(conn):
             part_file(path, pid).unlink(missing_ok=True)
             found = conn.execute(
-                "SELECT audio_path FROM recordings WHERE id=?", (rec_id,)
+                "SELECT audio_path, EXISTS (SELECT 1 FROM kv WHERE kv.key = ?) AS marked"
+                " FROM recordings WHERE id=?",
+                (HELD_MARK + rec_id, rec_id),
             ).fetchone()
-            if found is not None and found["audio_path"] is None and path.is_file():
+            if (
+                found is not None
+                and found["audio_path"] is None
+                and found["marked"]  # not deleted by purge --audio-only since
+                and path.is_file()
+            ):
                 conn.execute("UPDATE recordings SET audio_path=? WHERE id=?", (stored, rec_id))
                 named += 1
             elif found is None or found["audio_path"] != stored:
                 remove_file(path)
             conn.execute("DELETE FROM kv WHERE key=?", (row["key"],))
+    # The audio that stopped processes held is gone with them.
+    for row in conn.execute(
+        "SELECT key, value FROM kv WHERE key >= ? AND key < ?", (HELD_MARK, HELD_MARK + "\uffff")
+    ).fetchall():
+        pid = int(row["value"])
+        if pid == os.getpid() or not pid_alive(pid):
+            with Transaction(conn):
+                conn.execute("DELETE FROM kv WHERE key=?", (row["key"],))
     if named:
         _LOGGER.warning("named %d audio files written from memory by a stopped process", named)
     return named

@@ -27,7 +27,7 @@ from ulid import ULID
 
 from . import jobs
 from .audio import SAMPLE_RATE_HZ, Int16Array, Loudness, rms_dbfs
-from .db import Transaction, now
+from .db import Transaction, now, put_kv
 
 _LOGGER = logging.getLogger(__name__)
 _TMP_SUFFIX = ".part"
@@ -35,6 +35,10 @@ _TMP_SUFFIX = ".part"
 # was left by a crash: no write takes that long.
 _LEGACY_PART_AGE_S: Final = 600.0
 _FLAC_LEVEL: Final = 1.0  # soundfile's scale: 0.0 is FLAC level 0, 1.0 is level 8
+# kv mark of a recording whose audio is held in memory, committed with its row (value: the
+# pid that holds it). Deleting the recording, or only its audio (purge --audio-only), deletes
+# the mark: the audio is then never written (held_audio.py).
+HELD_MARK: Final = "held_audio:"
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ class MemoryAudio:
         # process would write the same temp file.
         self.write_lock = threading.Lock()
         self.dropped = 0
+        self._evicted: list[str] = []  # dropped to make room, their marks not yet deleted
 
     def put(self, rec_id: str, samples: Int16Array) -> bool:
         """Keep a recording's audio; False (and counted) when memory is full of audio still
@@ -202,6 +207,7 @@ class MemoryAudio:
                     return False
                 del self._items[oldest]
                 self._transcribed.discard(oldest)
+                self._evicted.append(oldest)
                 _LOGGER.warning(
                     "recording %s: its audio, held in memory, dropped to make room (its"
                     " transcript is kept)",
@@ -226,6 +232,12 @@ class MemoryAudio:
         with self._lock:
             if rec_id in self._items:
                 self._transcribed.add(rec_id)
+
+    def take_evicted(self) -> list[str]:
+        """The recordings whose audio was dropped to make room since the last call."""
+        with self._lock:
+            evicted, self._evicted = self._evicted, []
+            return evicted
 
     def ids(self) -> list[str]:
         """The recordings whose audio is held, oldest first."""
@@ -290,8 +302,17 @@ class RecordingStore:
             recording = Recording.new(
                 rec_id, source, started_at, start_s, duration_s, None, loudness_dbfs
             )
+            evicted = memory.take_evicted()
+
+            def held(conn: sqlite3.Connection, recording: Recording) -> None:
+                put_kv(conn, HELD_MARK + rec_id, str(os.getpid()))
+                for gone in evicted:  # their audio will never be written
+                    conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + gone,))
+                if in_transaction is not None:
+                    in_transaction(conn, recording)
+
             try:
-                return self._register(recording, transcribe, in_transaction)
+                return self._register(recording, transcribe, held)
             except BaseException:
                 memory.pop(rec_id)
                 raise

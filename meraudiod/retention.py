@@ -16,7 +16,7 @@ from typing import Final
 from .config import Settings
 from .db import now, open_db
 from .deletion import batches, delete_recordings, remove_audio_first
-from .recordings import audio_file
+from .recordings import HELD_MARK, audio_file
 from .stage import StageThread
 from .wall_clock import follow_step
 
@@ -76,8 +76,11 @@ def purge(
             " OR r.id IN (SELECT recording_id FROM speaker_mappings WHERE speaker_id = ?))"
         )
         args += [speaker_id, speaker_id]
-    if audio_only:
-        where.append("r.audio_path IS NOT NULL")
+    if audio_only:  # a file, or audio held in memory to be written (held_audio.py)
+        where.append(
+            "(r.audio_path IS NOT NULL OR EXISTS (SELECT 1 FROM kv WHERE kv.key = ? || r.id))"
+        )
+        args.append(HELD_MARK)
     if finished_only:
         where.append(_FINISHED)
     rows = conn.execute(
@@ -115,6 +118,7 @@ def drop_audio(
 
 def _forget_audio(conn: sqlite3.Connection, rec_id: str) -> None:
     conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (rec_id,))
+    conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + rec_id,))  # held: never written
 
 
 def sweep(

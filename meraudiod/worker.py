@@ -22,7 +22,7 @@ from .audio import Float32Array, to_float32
 from .config import Settings
 from .db import Transaction, cannot_write, is_busy, no_room, now, open_db, sync_log
 from .deletion import forget_deleted_text, forget_recording, forget_with_audio
-from .recordings import MemoryAudio, audio_file
+from .recordings import HELD_MARK, MemoryAudio, audio_file
 from .retention import disk_free_mb, drop_audio, room_again, writable
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
@@ -318,7 +318,7 @@ class Worker(StageThread):
             forget_deleted_text(conn)
             _LOGGER.info("recording %s deleted: a do-not-keep voice", job.recording_id)
             return result
-        self._transcribed_held(job.recording_id)
+        self._transcribed_held(conn, job.recording_id)
         if self.settings.retention.keep_audio is False:
             # Read again: audio held in memory may have been written to its file meanwhile.
             row = conn.execute(
@@ -368,13 +368,21 @@ class Worker(StageThread):
         if self.memory is not None:
             self.memory.pop(recording_id)
 
-    def _transcribed_held(self, recording_id: str) -> None:
+    def _transcribed_held(self, conn: sqlite3.Connection, recording_id: str) -> None:
         """A recording whose audio is held in memory is transcribed: the audio waits to be
         written to its file if it is to be kept (held_audio.py), first to go if a new
         recording needs the room; with keep_audio = false it goes."""
+        if self.memory is None:
+            return
         if self.settings.retention.keep_audio is False:
-            self._forget_held(recording_id)
-        elif self.memory is not None:
+            if self.memory.pop(recording_id) is not None:
+                try:  # never to be written; a mark left is deleted at the next start
+                    with Transaction(conn, durable=False):
+                        conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + recording_id,))
+                except sqlite3.OperationalError as exc:
+                    if not (cannot_write(exc) or is_busy(exc)):
+                        raise
+        else:
             self.memory.transcribed(recording_id)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from meraudiod.db import open_db
 from meraudiod.deletion import delete_recordings
 from meraudiod.held_audio import finish_held_writes, write_held
 from meraudiod.recordings import MemoryAudio, RecordingStore, remove_crashed_writes
+from meraudiod.retention import purge
 
 _AUDIO = (np.random.default_rng(0).standard_normal(16000 * 5) * 3000).astype(np.int16)
 
@@ -40,7 +42,7 @@ conn = open_db(s.storage.db_path)
 memory = MemoryAudio()
 audio = (np.random.default_rng(0).standard_normal(16000 * 5) * 3000).astype(np.int16)
 rec = RecordingStore(conn, s.storage.audio_dir, "flac").save(
-    audio, source="t", start_s=0.0, started_at=1.8e9, memory=memory
+    audio, source="t", start_s=0.0, started_at=1.7e9, memory=memory
 )
 print(rec.id, flush=True)
 moment = sys.argv[1]
@@ -55,15 +57,16 @@ held_audio.write_held(conn, s, memory, rec.id)
 """
 
 
-@pytest.mark.parametrize("deleted", [False, True], ids=["kept", "deleted-after"])
+@pytest.mark.parametrize("after", ["kept", "deleted", "audio-purged"])
 @pytest.mark.parametrize("moment", ["announced", "part-written", "renamed"])
 def test_a_write_of_held_audio_killed_at_any_moment_leaves_no_half_file(
-    settings: Settings, env: dict[str, str], moment: str, deleted: bool
+    settings: Settings, env: dict[str, str], moment: str, after: str
 ) -> None:
-    """SIGKILLed while writing held audio, then (deleted-after) the recording deleted by
-    another process before the next start. The start's recovery leaves no temp file, no
-    file no row names, and a row names only a whole file: a file renamed into place is
-    named by its recording (nothing lost), or removed with it (delete means delete)."""
+    """SIGKILLed while writing held audio, then the recording, or its audio, deleted by
+    another process before the next start (or not). The start's recovery leaves no temp
+    file, no file no row names, and a row names only a whole file: a file renamed into
+    place is named by its recording (nothing lost), or removed with it, or with its audio
+    (delete means delete)."""
     done = subprocess.run(
         [sys.executable, "-c", _WRITER, moment],
         env=env,
@@ -76,17 +79,19 @@ def test_a_write_of_held_audio_killed_at_any_moment_leaves_no_half_file(
     rec_id = done.stdout.strip()
     audio_dir = settings.storage.audio_dir
     conn = open_db(settings.storage.db_path)
-    if deleted:  # reads no audio path: the row names none yet
+    if after == "deleted":  # reads no audio path: the row names none yet
         assert delete_recordings(conn, audio_dir, [rec_id]).recordings == 1
+    if after == "audio-purged":
+        purge(conn, audio_dir, before=time.time(), audio_only=True)
     remove_crashed_writes(conn, audio_dir)
     finish_held_writes(conn, audio_dir)
 
     files = sorted(p for p in audio_dir.rglob("*") if p.is_file())
     named = [r["audio_path"] for r in conn.execute("SELECT audio_path FROM recordings")]
-    if deleted:
+    if after == "deleted":
         assert files == [] and named == []
         return
-    if moment == "renamed":  # whole and in place: its recording names it
+    if moment == "renamed" and after == "kept":  # whole and in place: its recording names it
         assert named == [files[0].relative_to(audio_dir).as_posix()], (named, files)
         assert np.array_equal(soundfile.read(files[0], dtype="int16")[0], _AUDIO)
     else:
@@ -96,7 +101,7 @@ def test_a_write_of_held_audio_killed_at_any_moment_leaves_no_half_file(
 
 def _held(settings: Settings, memory: MemoryAudio) -> tuple[RecordingStore, str]:
     store = RecordingStore(open_db(settings.storage.db_path), settings.storage.audio_dir, "flac")
-    rec = store.save(_AUDIO, source="t", start_s=0.0, started_at=1.8e9, memory=memory)
+    rec = store.save(_AUDIO, source="t", start_s=0.0, started_at=1.7e9, memory=memory)
     assert rec is not None and rec.audio_path is None
     return store, rec.id
 
@@ -164,3 +169,20 @@ def test_a_transcribed_recording_s_held_audio_follows_keep_audio(
     rows = dict(store.conn.execute("SELECT id, audio_path FROM recordings").fetchall())
     assert rows[done] is None and rows[pending] is not None
     assert len(memory) == 0
+
+
+def test_held_audio_deleted_by_an_audio_only_purge_is_never_written(settings: Settings) -> None:
+    """`purge --audio-only` over a recording whose audio is held in memory deletes that audio
+    too: it is never written (before a purge found no file and its audio came back)."""
+    memory = MemoryAudio()
+    store, purged = _held(settings, memory)
+    other = open_db(settings.storage.db_path)  # another process's purge
+    purge(other, settings.storage.audio_dir, before=time.time(), audio_only=True)
+    _, kept = _held(settings, memory)
+    assert not write_held(store.conn, settings, memory, purged)
+    assert write_held(store.conn, settings, memory, kept)
+    rows = dict(store.conn.execute("SELECT id, audio_path FROM recordings").fetchall())
+    assert rows[purged] is None and rows[kept] is not None
+    files = [p.name for p in settings.storage.audio_dir.rglob("*") if p.is_file()]
+    assert files == [f"{kept}.flac"]
+    assert store.conn.execute("SELECT COUNT(*) FROM kv WHERE key LIKE 'held%'").fetchone()[0] == 0
