@@ -247,6 +247,27 @@ def test_audio_is_written_again_once_the_full_disk_has_room(
 
 
 @needs_root
+def test_audio_held_below_the_free_disk_guard_is_written_once_above_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Below retention.min_free_disk_mb the demo's five recordings are kept in memory and
+    transcribed; the disk grown past the threshold, their audio is written to it (before,
+    it was dropped once transcribed)."""
+    env = {**env, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "12"}
+    speech = decode_file(DEMO).astype("<i2").tobytes()
+    with full_disk_daemon(env, tmp_path, "8m") as daemon:
+        daemon.say(speech)
+        assert all(r["audio_path"] is None and r["text"] for r in _recordings(daemon, 5))
+        assert list((daemon.disk / "meraudiod").rglob("*.flac")) == []
+        daemon.grow("32m")
+        rows = _recordings(daemon, 5, audio_written=True, timeout_s=30)
+        audio = sorted(p.name for p in (daemon.disk / "meraudiod").rglob("*.flac"))
+        assert audio == sorted(f"{r['id']}.flac" for r in rows)
+        assert daemon.log().count("its audio held in memory written to") == 5
+        assert daemon.stop() == 0, daemon.log()
+
+
+@needs_root
 def test_a_heartbeat_the_full_disk_refuses_is_said_once(
     env: dict[str, str], tmp_path: Path
 ) -> None:
