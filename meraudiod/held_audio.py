@@ -4,10 +4,12 @@ lost to a disk that filled for a while.
 
 A write is announced in `kv` (committed before the file appears), written atomically (a temp
 file, fsync, rename: write_audio_atomically), then named in the recording's row in the
-commit that removes the announcement. A recording deleted meanwhile gets no file (one
-written is removed before that commit), and a process killed at any moment leaves no file a
-row names that is not whole: the next start (finish_held_writes) names a whole file that its
-recording still lacks, and removes any other.
+commit that removes the announcement. Only audio whose mark (recordings.HELD_MARK, committed
+with the recording's row) is still there is written: a recording deleted meanwhile, or only
+its audio (purge --audio-only), gets no file (one written is removed before that commit).
+A process killed at any moment leaves no file a row names that is not whole: the next start
+(finish_held_writes) names a whole file that its recording still lacks, and removes any
+other.
 """
 
 from __future__ import annotations
