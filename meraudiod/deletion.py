@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from .db import Transaction, checkpoint, database_file, put_kv
-from .recordings import audio_file, normalise_id
+from .recordings import HELD_MARK, audio_file, normalise_id
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def forget_recording(conn: sqlite3.Connection, rec_id: str) -> None:
     conn.execute("DELETE FROM outbox WHERE recording_id=?", (rec_id,))
     conn.execute("DELETE FROM speaker_embeddings WHERE recording_id=?", (rec_id,))
     conn.execute("DELETE FROM recordings WHERE id=?", (rec_id,))
+    conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + rec_id,))  # held audio: never written
 
 
 def remove_audio_first(
@@ -119,9 +120,14 @@ def forget_with_audio(
     forget: Callable[[sqlite3.Connection, str], None],
 ) -> int:
     """`forget` the row, then delete its audio file (inside the caller's transaction, which
-    must commit only after this: see remove_audio_first); 1 if the file was there."""
-    forget(conn, str(row["id"]))
-    return remove_file(audio_file(audio_dir, row["audio_path"])) if row["audio_path"] else 0
+    must commit only after this: see remove_audio_first); 1 if the file was there. The audio
+    path is read again here, under the write lock: audio held in memory may have been written
+    and named since `row` was read (held_audio.py)."""
+    rec_id = str(row["id"])
+    current = conn.execute("SELECT audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
+    stored = current["audio_path"] if current is not None else row["audio_path"]
+    forget(conn, rec_id)
+    return remove_file(audio_file(audio_dir, stored)) if stored else 0
 
 
 def delete_recording(conn: sqlite3.Connection, audio_dir: Path, rec_id: str) -> bool:

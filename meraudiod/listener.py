@@ -16,8 +16,9 @@ import numpy as np
 from .audio import FRAME_S, SAMPLE_RATE_HZ, Float32Array, Int16Array, rms_dbfs
 from .config import Settings
 from .db import cannot_write, is_busy, open_db
+from .held_audio import write_held
 from .recordings import MemoryAudio, Recording, RecordingStore
-from .retention import disk_free_mb, disk_low, writable
+from .retention import disk_free_mb, disk_low, room_again, writable
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 from .sources import AudioSource, EndOfStream, SourceError
 from .stage import StageThread
@@ -33,9 +34,6 @@ _SAVE_RETRY_MAX_S: Final = 30.0
 # written) and are saved again every so often.
 _MAX_WAITING: Final = 32
 _FULL_RETRY_S: Final = 5.0
-# An audio directory whose disk was full is taken to have room again with this much free (a
-# file without data, as a read-only one is probed with, may fit where audio does not).
-_ROOM_MB: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -132,7 +130,11 @@ class Listener(StageThread):
         self.audio_problem: str | None = None
         self.database_problem: str | None = None
         self._audio_read_only = False  # the audio problem is a read-only file system
-        self._probe_at_s = 0.0  # time.monotonic() of the next look whether it is writable
+        # Free space (MB) when the audio directory's disk refused audio for want of room.
+        self._free_when_refused_mb = 0.0
+        # time.monotonic() of the next look whether it is writable, and of the next write of
+        # audio held in memory.
+        self._probe_at_s = 0.0
 
     @property
     def storage_problem(self) -> str | None:
@@ -182,8 +184,9 @@ class Listener(StageThread):
                 follow_step(conn)  # NTP setting the clock moves the stamps too
                 if self._waiting and time.monotonic() >= self._retry_at_s:
                     self._save_waiting(store, clock)
-                if self.audio_problem is not None and time.monotonic() >= self._probe_at_s:
-                    self._probe_audio_dir(store)
+                held = self.memory is not None and len(self.memory) > 0
+                if time.monotonic() >= self._probe_at_s and (self.audio_problem or held):
+                    self._probe_audio_dir(conn, store)
                 if frame is None:
                     continue
                 self.frames_read += 1
@@ -227,8 +230,8 @@ class Listener(StageThread):
     ) -> Recording | None:
         """Store an utterance; while the database is busy (a long purge, another process
         holding the write lock past the busy timeout) the audio is kept and the save retried.
-        Audio the audio directory cannot take (its disk full, or read-only) is kept in memory
-        until transcribed, said once, and written again as soon as it can be."""
+        Audio the audio directory cannot take (its disk full, or read-only) is kept in memory,
+        said once, and written to its file as soon as it can be (_probe_audio_dir)."""
         delay_s, no_room = _SAVE_RETRY_S, False
         # A reload may have changed the format; set here, on the one thread that saves.
         store.audio_format = self.settings.recorder.audio_format
@@ -246,15 +249,7 @@ class Listener(StageThread):
             except OSError as exc:  # full since the guard looked (or it is off), or read-only
                 if memory is not None or not cannot_write(exc) or self.memory is None:
                     raise
-                if self.audio_problem is None:
-                    self.audio_problem = f"cannot write audio to {store.audio_dir} ({exc.strerror})"
-                    self._audio_read_only = exc.errno == errno.EROFS
-                    self._probe_at_s = time.monotonic() + _FULL_RETRY_S
-                    _LOGGER.error(
-                        "%s: recordings' audio kept in memory (at most %d) until transcribed",
-                        self.audio_problem,
-                        self.memory.max_recordings,
-                    )
+                self._audio_refused(store, exc, self.memory)
                 no_room = True
                 continue
             except sqlite3.OperationalError as exc:
@@ -276,20 +271,59 @@ class Listener(StageThread):
                 self._audio_writable(store)
             return recording
 
-    def _probe_audio_dir(self, store: RecordingStore) -> None:
-        """An audio directory remounted read-write (a file made and gone, only while it was
-        read-only), or given room, is seen within _FULL_RETRY_S, not at the next utterance."""
+    def _audio_refused(self, store: RecordingStore, exc: OSError, memory: MemoryAudio) -> None:
+        """The audio directory refused a file: said once, looked at again in _FULL_RETRY_S."""
         self._probe_at_s = time.monotonic() + _FULL_RETRY_S
-        if self._audio_read_only:
-            if not writable(store.audio_dir):
-                return
-        elif disk_free_mb(store.audio_dir) < _ROOM_MB:
+        self._free_when_refused_mb = disk_free_mb(store.audio_dir)
+        if self.audio_problem is None:
+            self.audio_problem = f"cannot write audio to {store.audio_dir} ({exc.strerror})"
+            self._audio_read_only = exc.errno == errno.EROFS
+            _LOGGER.error(
+                "%s: recordings' audio kept in memory (at most %d) until it can be written",
+                self.audio_problem,
+                memory.max_recordings,
+            )
+
+    def _probe_audio_dir(self, conn: sqlite3.Connection, store: RecordingStore) -> None:
+        """An audio directory remounted read-write (a file made and gone, only while it was
+        read-only), or given room, is seen within _FULL_RETRY_S, not at the next utterance;
+        then the audio held in memory is written to its files, one a frame (each is a few
+        fsyncs: the source's frames are not kept waiting)."""
+        self._probe_at_s = time.monotonic() + _FULL_RETRY_S
+        if self.audio_problem is not None and not (
+            writable(store.audio_dir)
+            if self._audio_read_only
+            else room_again(store.audio_dir, self._free_when_refused_mb)
+        ):
             return
-        self._audio_writable(store)
+        if disk_low(self.settings):  # the guard: held audio waits in memory
+            return
+        memory = self.memory
+        held = memory.ids() if memory is not None else []
+        if memory is not None and held:
+            if not memory.write_lock.acquire(blocking=False):
+                return  # another listener is writing them
+            try:
+                write_held(conn, self.settings, memory, held[0])
+            except OSError as exc:
+                if not cannot_write(exc):
+                    raise
+                self._audio_refused(store, exc, memory)
+                return
+            except sqlite3.OperationalError as exc:
+                if not (is_busy(exc) or cannot_write(exc)):
+                    raise
+                return  # the database's own problem: said when a recording is saved
+            finally:
+                memory.write_lock.release()
+            self._probe_at_s = 0.0  # the next one at the next frame
+        if self.audio_problem is not None:
+            self._audio_writable(store)
 
     def _audio_writable(self, store: RecordingStore) -> None:
         _LOGGER.info("can write audio to %s again", store.audio_dir)
         self.audio_problem, self._audio_read_only = None, False
+        self._probe_at_s = 0.0  # what is held in memory is written from the next frame on
 
     def _handle(
         self,

@@ -27,7 +27,7 @@ from ulid import ULID
 
 from . import jobs
 from .audio import SAMPLE_RATE_HZ, Int16Array, Loudness, rms_dbfs
-from .db import Transaction, now
+from .db import Transaction, now, put_kv
 
 _LOGGER = logging.getLogger(__name__)
 _TMP_SUFFIX = ".part"
@@ -35,6 +35,10 @@ _TMP_SUFFIX = ".part"
 # was left by a crash: no write takes that long.
 _LEGACY_PART_AGE_S: Final = 600.0
 _FLAC_LEVEL: Final = 1.0  # soundfile's scale: 0.0 is FLAC level 0, 1.0 is level 8
+# kv mark of a recording whose audio is held in memory, committed with its row (value: the
+# pid that holds it). Deleting the recording, or only its audio (purge --audio-only), deletes
+# the mark: the audio is then never written (held_audio.py).
+HELD_MARK: Final = "held_audio:"
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def atomic_audio_file(path: Path, audio_format: str) -> Iterator[soundfile.Sound
     same directory, fsynced and renamed to `path` when the block ends (the directory fsynced
     too), removed if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    tmp = part_file(path, os.getpid())
     # FLAC at its highest level: 2 % smaller than the default for 2.4x the encoding time,
     # which is 0.7 ms per second of speech here (bytes on the card are what wears it).
     level = {"compression_level": _FLAC_LEVEL} if audio_format.lower() == "flac" else {}
@@ -140,6 +144,11 @@ def atomic_audio_file(path: Path, audio_format: str) -> Iterator[soundfile.Sound
         os.close(dir_fd)
 
 
+def part_file(path: Path, pid: int) -> Path:
+    """The temp file process `pid` writes `path` through."""
+    return path.with_name(f"{path.name}.{pid}{_TMP_SUFFIX}")
+
+
 class _KeptError:
     """The file libsndfile writes through. An OSError raised in its callback (a full disk)
     would be printed as a traceback by cffi and the write go on; it is kept instead, the
@@ -171,21 +180,39 @@ class _KeptError:
 
 
 class MemoryAudio:
-    """Recordings held in RAM while the audio directory cannot be written (too full, or
-    read-only); bounded."""
+    """Recordings' audio held in RAM while the audio directory cannot be written (too full,
+    or read-only), bounded, until it is written to its file (held_audio.py). Audio whose
+    recording is transcribed is only waiting to be kept: it is the first to go when a new
+    recording needs the room (its transcript stays)."""
 
     def __init__(self, max_recordings: int = 32) -> None:
         self.max_recordings = max_recordings
-        self._items: dict[str, Int16Array] = {}
+        self._items: dict[str, Int16Array] = {}  # oldest first
+        self._transcribed: set[str] = set()
         self._lock = threading.Lock()
+        # One write of held audio at a time (listeners share this memory): two threads of one
+        # process would write the same temp file.
+        self.write_lock = threading.Lock()
         self.dropped = 0
+        self._evicted: list[str] = []  # dropped to make room, their marks not yet deleted
 
     def put(self, rec_id: str, samples: Int16Array) -> bool:
-        """Keep a recording's audio; False (and counted) when memory is full."""
+        """Keep a recording's audio; False (and counted) when memory is full of audio still
+        to be transcribed."""
         with self._lock:
             if len(self._items) >= self.max_recordings:
-                self.dropped += 1
-                return False
+                oldest = next((i for i in self._items if i in self._transcribed), None)
+                if oldest is None:
+                    self.dropped += 1
+                    return False
+                del self._items[oldest]
+                self._transcribed.discard(oldest)
+                self._evicted.append(oldest)
+                _LOGGER.warning(
+                    "recording %s: its audio, held in memory, dropped to make room (its"
+                    " transcript is kept)",
+                    oldest,
+                )
             self._items[rec_id] = samples
             return True
 
@@ -195,9 +222,27 @@ class MemoryAudio:
             return self._items.get(rec_id)
 
     def pop(self, rec_id: str) -> Int16Array | None:
-        """Take a recording's audio out (once its transcript is stored it is not kept)."""
+        """Take a recording's audio out (written to its file, or not to be kept)."""
         with self._lock:
+            self._transcribed.discard(rec_id)
             return self._items.pop(rec_id, None)
+
+    def transcribed(self, rec_id: str) -> None:
+        """The recording's transcript is stored: its audio only waits to be written."""
+        with self._lock:
+            if rec_id in self._items:
+                self._transcribed.add(rec_id)
+
+    def take_evicted(self) -> list[str]:
+        """The recordings whose audio was dropped to make room since the last call."""
+        with self._lock:
+            evicted, self._evicted = self._evicted, []
+            return evicted
+
+    def ids(self) -> list[str]:
+        """The recordings whose audio is held, oldest first."""
+        with self._lock:
+            return list(self._items)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -237,25 +282,40 @@ class RecordingStore:
         """
         rec_id = str(ULID())
         duration_s = samples.size / SAMPLE_RATE_HZ
-        path: Path | None = None
+        loudness_dbfs = rms_dbfs(samples)
         if memory is None:
             path = self._path(rec_id, started_at)
             write_audio_atomically(path, samples, self.audio_format)
-        elif not memory.put(rec_id, samples):
-            _LOGGER.error(
-                "audio cannot be written and memory is full: recording of %.1f s dropped",
-                duration_s,
+            recording = Recording.new(
+                rec_id, source, started_at, start_s, duration_s, path, loudness_dbfs
             )
-            return None
-        recording = Recording.new(
-            rec_id, source, started_at, start_s, duration_s, path, rms_dbfs(samples)
-        )
-        try:
             return self._register(recording, transcribe, in_transaction)
-        except BaseException:
-            if memory is not None:
+        # Held and registered under the lock that writing held audio takes: another
+        # listener never finds it held without its row (and takes it for deleted).
+        with memory.write_lock:
+            if not memory.put(rec_id, samples):
+                _LOGGER.error(
+                    "audio cannot be written and memory is full: recording of %.1f s dropped",
+                    duration_s,
+                )
+                return None
+            recording = Recording.new(
+                rec_id, source, started_at, start_s, duration_s, None, loudness_dbfs
+            )
+            evicted = memory.take_evicted()
+
+            def held(conn: sqlite3.Connection, recording: Recording) -> None:
+                put_kv(conn, HELD_MARK + rec_id, str(os.getpid()))
+                for gone in evicted:  # their audio will never be written
+                    conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + gone,))
+                if in_transaction is not None:
+                    in_transaction(conn, recording)
+
+            try:
+                return self._register(recording, transcribe, held)
+            except BaseException:
                 memory.pop(rec_id)
-            raise
+                raise
 
     def save_blocks(
         self, blocks: Iterable[Int16Array], source: str, started_at: float, transcribe: bool
@@ -274,7 +334,7 @@ class RecordingStore:
         return self._register(recording, transcribe, None)
 
     def _path(self, rec_id: str, started_at: float) -> Path:
-        return self.audio_dir / Path(*_day_parts(started_at)) / f"{rec_id}.{self.audio_format}"
+        return self.audio_dir / audio_name(rec_id, started_at, self.audio_format)
 
     def _register(
         self,
@@ -323,6 +383,12 @@ class RecordingStore:
             recording.rms_dbfs,
         )
         return recording
+
+
+def audio_name(rec_id: str, started_at: float, audio_format: str) -> str:
+    """Where a recording's audio goes, relative to the audio directory, as stored in its row:
+    YYYY/MM/DD/<id>.<format>, the day it started on."""
+    return "/".join((*_day_parts(started_at), f"{rec_id}.{audio_format}"))
 
 
 def _day_parts(wall_s: float) -> tuple[str, str, str]:

@@ -11,11 +11,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from .config import Settings
 from .db import now, open_db
 from .deletion import batches, delete_recordings, finish_forgetting, remove_audio_first
-from .recordings import audio_file
+from .recordings import HELD_MARK, audio_file
 from .stage import StageThread
 from .wall_clock import follow_step
 
@@ -75,8 +76,11 @@ def purge(
             " OR r.id IN (SELECT recording_id FROM speaker_mappings WHERE speaker_id = ?))"
         )
         args += [speaker_id, speaker_id]
-    if audio_only:
-        where.append("r.audio_path IS NOT NULL")
+    if audio_only:  # a file, or audio held in memory to be written (held_audio.py)
+        where.append(
+            "(r.audio_path IS NOT NULL OR EXISTS (SELECT 1 FROM kv WHERE kv.key = ? || r.id))"
+        )
+        args.append(HELD_MARK)
     if finished_only:
         where.append(_FINISHED)
     rows = conn.execute(
@@ -114,6 +118,7 @@ def drop_audio(
 
 def _forget_audio(conn: sqlite3.Connection, rec_id: str) -> None:
     conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (rec_id,))
+    conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + rec_id,))  # held: never written
 
 
 def sweep(
@@ -165,6 +170,19 @@ def _existing(path: Path) -> Path:
 def disk_free_mb(path: Path) -> float:
     """Free space where the data lives."""
     return shutil.disk_usage(_existing(path)).free / 1e6
+
+
+# A disk that refused a write is taken to have room again with this much free, or this much
+# more than when it refused (a small disk, a few MB in all, may never have 1 MB free).
+_ROOM_MB: Final = 1.0
+_MORE_ROOM_MB: Final = 0.064
+
+
+def room_again(path: Path, free_when_refused_mb: float) -> bool:
+    """The disk of `path`, which refused a write for want of room with
+    `free_when_refused_mb` free, has room again: worth another try."""
+    free_mb = disk_free_mb(path)
+    return free_mb >= _ROOM_MB or free_mb >= free_when_refused_mb + _MORE_ROOM_MB
 
 
 def writable(path: Path) -> bool:

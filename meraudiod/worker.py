@@ -10,6 +10,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -17,12 +18,12 @@ import soundfile
 
 from . import jobs
 from .asr import WHISPER_WINDOW_S, ServerError, SpeechToText, Stopped, Transcript
-from .audio import to_float32
+from .audio import Float32Array, to_float32
 from .config import Settings
 from .db import Transaction, cannot_write, is_busy, no_room, now, open_db, sync_log
 from .deletion import forget_deleted_text, forget_recording, forget_with_audio
-from .recordings import MemoryAudio, audio_file
-from .retention import disk_free_mb, drop_audio, writable
+from .recordings import HELD_MARK, MemoryAudio, audio_file
+from .retention import disk_free_mb, drop_audio, room_again, writable
 from .server_faults import ServerFaults
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
 from .stage import StageThread
@@ -42,9 +43,6 @@ _IDLE_WAIT_S: Final = 2.0
 # How often the daemon's worker takes over the jobs of one-off processes that died (an
 # `analyze` killed half way), so their recordings are transcribed without a restart.
 _ADOPT_EVERY_S = 30.0
-# After a transcript found the database's disk full, the next job is not transcribed (only to
-# be thrown away) until it has at least this much free.
-_ROOM_MB: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,9 @@ class Worker(StageThread):
         self._wake = threading.Event()
         self.busy = False
         self.last_error: str | None = None
-        self._no_room = False  # the database's disk was full at the last try
+        # The database's disk was full at the last try, with this much free (MB); None: not
+        # full. The next job is not transcribed (only to be thrown away) until it has more.
+        self._free_when_refused_mb: float | None = None
         # The database could not be written at the last try (its disk full, or read-only),
         # and why: said once, shown as degraded.
         self.storage_problem: str | None = None
@@ -110,11 +110,13 @@ class Worker(StageThread):
     def _run(self) -> None:
         # Once stopping, a wait for another process's write lock ends within seconds.
         conn = open_db(self.settings.storage.db_path, stop=self.stop_event)
+        data_dir = self.settings.storage.data_dir
         next_adopt = time.monotonic() + _ADOPT_EVERY_S  # start-up recovery has just run
         try:
             while not self.stop_event.is_set():
                 self._wake.clear()
-                if self._no_room and disk_free_mb(self.settings.storage.data_dir) < _ROOM_MB:
+                refused_mb = self._free_when_refused_mb
+                if refused_mb is not None and not room_again(data_dir, refused_mb):
                     self._wake.wait(_IDLE_WAIT_S)
                     continue
                 try:
@@ -135,7 +137,7 @@ class Worker(StageThread):
                     # no job to do (a read-only database refused the claim of none as well).
                     if self.storage_problem is not None:
                         _LOGGER.info("database written again: transcription goes on")
-                        self.storage_problem, self._no_room = None, False
+                        self.storage_problem, self._free_when_refused_mb = None, None
                 except sqlite3.OperationalError as exc:
                     if is_busy(exc):
                         if not self.stop_event.is_set():
@@ -153,7 +155,9 @@ class Worker(StageThread):
                             )
                         # Only room is worth waiting for before a transcription: a read-only
                         # database refuses the job's claim, before any is done.
-                        self._no_room = no_room(exc)
+                        self._free_when_refused_mb = (
+                            disk_free_mb(data_dir) if no_room(exc) else None
+                        )
                     else:
                         raise
                     found = False
@@ -246,8 +250,9 @@ class Worker(StageThread):
                         "UPDATE recordings SET status='failed' WHERE id=?", (job.recording_id,)
                     )
             if final:
-                self._forget_held(job.recording_id)
                 self.server_faults.forget(job.recording_id)
+                if self.memory is not None:  # its audio is kept, as a file would be
+                    self.memory.transcribed(job.recording_id)
             return True
         finally:
             self.busy = False
@@ -282,19 +287,19 @@ class Worker(StageThread):
             return None
         audio_dir = self.settings.storage.audio_dir
         if row["audio_path"]:
-            path = audio_file(audio_dir, row["audio_path"])
-            if not path.is_file():
-                raise AudioLostError(f"its audio file {path} is missing")
-            # Opened here, not by libsndfile: a file this user may not read is then said to be
-            # so ("Permission denied: <file>"), not "Error opening <file>: System error".
-            with open(path, "rb") as handle:
-                audio, _ = soundfile.read(handle, dtype="float32")
+            audio = self._read_audio(audio_file(audio_dir, row["audio_path"]))
         else:  # written to memory only, because the disk was too full
             # Kept (not taken) until the transcript is stored: a failed try can be retried.
             held = self.memory.get(job.recording_id) if self.memory is not None else None
-            if held is None:
-                raise AudioLostError("its audio was never written (disk full) and is gone")
-            audio = to_float32(held)
+            if held is not None:
+                audio = to_float32(held)
+            else:  # written to its file since (held_audio.py), or gone
+                row = conn.execute(
+                    "SELECT * FROM recordings WHERE id=?", (job.recording_id,)
+                ).fetchone()
+                if row is None or not row["audio_path"]:
+                    raise AudioLostError("its audio was never written (disk full) and is gone")
+                audio = self._read_audio(audio_file(audio_dir, row["audio_path"]))
         t0 = time.perf_counter()
         audio = np.ascontiguousarray(audio, dtype=np.float32)
         trace = self.vad_traces.get(job.recording_id) if self.vad_traces is not None else None
@@ -351,13 +356,19 @@ class Worker(StageThread):
                 # In this very transaction, the audio first: no commit ever holds their
                 # words (a kill, or a file that cannot be deleted, undoes the transcript).
                 forget_with_audio(conn, audio_dir, row, forget_recording)
-        self._forget_held(job.recording_id)  # stored: the audio held in memory can go
         if result.opt_out:
+            self._forget_held(job.recording_id)
             forget_deleted_text(conn)
             _LOGGER.info("recording %s deleted: a do-not-keep voice", job.recording_id)
             return result
-        if self.settings.retention.keep_audio is False and row["audio_path"]:
-            self._drop_audio(conn, row)
+        self._transcribed_held(conn, job.recording_id)
+        if self.settings.retention.keep_audio is False:
+            # Read again: audio held in memory may have been written to its file meanwhile.
+            row = conn.execute(
+                "SELECT * FROM recordings WHERE id=?", (job.recording_id,)
+            ).fetchone()
+            if row is not None and row["audio_path"]:
+                self._drop_audio(conn, row)
         # Ids and timings only: words in the journal would outlive a delete, a purge or an
         # opt-out. logging.level = "DEBUG" adds them (the config docs say so).
         _LOGGER.info(
@@ -371,6 +382,16 @@ class Worker(StageThread):
         )
         _LOGGER.debug("transcript %s text: %s", job.recording_id, transcript.text)
         return result
+
+    @staticmethod
+    def _read_audio(path: Path) -> Float32Array:
+        if not path.is_file():
+            raise AudioLostError(f"its audio file {path} is missing")
+        # Opened here, not by libsndfile: a file this user may not read is then said to be
+        # so ("Permission denied: <file>"), not "Error opening <file>: System error".
+        with open(path, "rb") as handle:
+            audio, _ = soundfile.read(handle, dtype="float32")
+        return np.asarray(audio, dtype=np.float32)
 
     def _drop_audio(self, conn: sqlite3.Connection, row: sqlite3.Row) -> None:
         """keep_audio = false: the transcript (committed without an fsync of its own) is put
@@ -389,6 +410,23 @@ class Worker(StageThread):
         """Drop audio held in memory for a recording that needs it no more."""
         if self.memory is not None:
             self.memory.pop(recording_id)
+
+    def _transcribed_held(self, conn: sqlite3.Connection, recording_id: str) -> None:
+        """A recording whose audio is held in memory is transcribed: the audio waits to be
+        written to its file if it is to be kept (held_audio.py), first to go if a new
+        recording needs the room; with keep_audio = false it goes."""
+        if self.memory is None:
+            return
+        if self.settings.retention.keep_audio is False:
+            if self.memory.pop(recording_id) is not None:
+                try:  # never to be written; a mark left is deleted at the next start
+                    with Transaction(conn, durable=False):
+                        conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + recording_id,))
+                except sqlite3.OperationalError as exc:
+                    if not (cannot_write(exc) or is_busy(exc)):
+                        raise
+        else:
+            self.memory.transcribed(recording_id)
 
 
 def store_transcript(

@@ -291,9 +291,9 @@ def test_a_job_claimed_before_a_power_cut_is_done_again_whoever_has_its_pid_now(
 def test_a_transcript_whose_audio_is_only_in_memory_is_on_the_card_before_its_event(
     env: dict[str, str], broker: Broker, tmp_path: Path
 ) -> None:
-    """Below min_free_disk_mb the audio is kept in memory only, and dropped once the
-    transcript is stored: a power cut after that could not make the transcript again (no
-    audio), so it commits with an fsync of its own, before its event is published."""
+    """Below min_free_disk_mb the audio is kept in memory only, until it can be written: a
+    power cut meanwhile could not make the transcript again (no audio), so it commits with
+    an fsync of its own, before its event is published."""
     sub = Subscriber(broker.port, [f"{BASE}/event/transcript"])
     full = mqtt_env(env, broker, MERAUDIOD_RETENTION__MIN_FREE_DISK_MB=str(10**12))
     lines = _traced_run(full, tmp_path, SHORT)

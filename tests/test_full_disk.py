@@ -176,21 +176,27 @@ def test_an_upload_onto_a_full_disk_is_a_clear_error_and_stores_nothing(
 
 
 def _recordings(
-    daemon: FullDiskDaemon, count: int, audio_dropped: bool = False
+    daemon: FullDiskDaemon,
+    count: int,
+    audio_dropped: bool = False,
+    timeout_s: float = _READY_S,
+    audio_written: bool = False,
 ) -> list[dict[str, object]]:
     """All recordings, oldest first, once there are `count` and all are transcribed (and,
     audio_dropped, none names an audio file: keep_audio = false drops it in a transaction
-    of its own after the transcript's)."""
+    of its own after the transcript's; audio_written, every one names one)."""
     rows: list[dict[str, object]] = []
-    sql = "SELECT status, audio_path, text FROM recordings ORDER BY id"  # ULIDs: as saved
+    sql = "SELECT id, status, audio_path, text FROM recordings ORDER BY id"  # ULIDs: as saved
 
     def transcribed() -> bool:
         nonlocal rows
         rows = daemon.rows(sql)
         dropped = not audio_dropped or all(r["audio_path"] is None for r in rows)
-        return len(rows) == count and all(r["status"] == "done" for r in rows) and dropped
+        written = not audio_written or all(r["audio_path"] is not None for r in rows)
+        done = all(r["status"] == "done" for r in rows)
+        return len(rows) == count and done and dropped and written
 
-    wait_for(transcribed, _READY_S, f"{count} recordings transcribed")
+    wait_for(transcribed, timeout_s, f"{count} recordings transcribed")
     return rows
 
 
@@ -200,12 +206,15 @@ def test_audio_is_written_again_once_the_full_disk_has_room(
     env: dict[str, str], tmp_path: Path, keep_audio: bool
 ) -> None:
     """The guard off and tmp_audio_dir's tmpfs full: the demo's five recordings wait in
-    memory and are transcribed; the disk grown, the next five are written to it (and with
-    keep_audio = false deleted once transcribed), the daemon alive throughout."""
+    memory and are transcribed; the disk grown, their audio is written to it (before, it was
+    dropped once transcribed: they kept their transcripts, not their audio), and so is the
+    next five's; with keep_audio = false none is, the daemon alive throughout. One of the
+    five deleted while its audio is held never gets a file."""
     env = {
         **env,
         "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "0",
         "MERAUDIOD_RETENTION__KEEP_AUDIO": str(keep_audio).lower(),
+        "MERAUDIOD_HTTP__ALLOW_ADMIN_COMMANDS": "true",
     }
     speech = decode_file(DEMO).astype("<i2").tobytes()
     with full_disk_daemon(env, tmp_path, "600k", "TMP_AUDIO_DIR") as daemon:
@@ -213,16 +222,48 @@ def test_audio_is_written_again_once_the_full_disk_has_room(
         daemon.say(speech)
         full = _recordings(daemon, 5)
         assert all(r["audio_path"] is None and r["text"] for r in full)
+        deleted = str(full[0]["id"])
+        gone = httpx.delete(f"{daemon.url}/api/v1/recordings/{deleted}", timeout=30)
+        assert gone.status_code == 200, gone.text
         daemon.grow("16m")
+        if keep_audio:  # within 5 s, in the same form as any recording's
+            held = _recordings(daemon, 4, audio_written=True)
+            for row in held:
+                answer = httpx.get(f"{daemon.url}/api/v1/recordings/{row['id']}/audio")
+                assert answer.status_code == 200 and answer.content[:4] == b"fLaC", answer
         daemon.say(speech)
-        freed = _recordings(daemon, 10, audio_dropped=not keep_audio)[5:]
+        freed = _recordings(daemon, 9, audio_dropped=not keep_audio)[4:]
         audio = sorted((daemon.disk / "meraudiod").rglob("*.flac"))
         assert all((r["audio_path"] is not None) is keep_audio and r["text"] for r in freed)
-        assert len(audio) == (5 if keep_audio else 0)
+        assert len(audio) == (9 if keep_audio else 0)
+        assert not [path for path in audio if deleted in path.name]
+        assert _files(daemon.disk / "meraudiod") == sorted(path.name for path in audio)
         log = daemon.log()  # said once, not once per recording; and once more when written
         assert log.count("cannot write audio to") == 1, log
         assert log.count("(No space left on device): recordings' audio kept in memory") == 1
+        assert log.count("its audio held in memory written to") == (4 if keep_audio else 0)
         assert log.count("can write audio to") == 1, log
+        assert daemon.stop() == 0, daemon.log()
+
+
+@needs_root
+def test_audio_held_below_the_free_disk_guard_is_written_once_above_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Below retention.min_free_disk_mb the demo's five recordings are kept in memory and
+    transcribed; the disk grown past the threshold, their audio is written to it (before,
+    it was dropped once transcribed)."""
+    env = {**env, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "12"}
+    speech = decode_file(DEMO).astype("<i2").tobytes()
+    with full_disk_daemon(env, tmp_path, "8m") as daemon:
+        daemon.say(speech)
+        assert all(r["audio_path"] is None and r["text"] for r in _recordings(daemon, 5))
+        assert list((daemon.disk / "meraudiod").rglob("*.flac")) == []
+        daemon.grow("32m")
+        rows = _recordings(daemon, 5, audio_written=True, timeout_s=30)
+        audio = sorted(p.name for p in (daemon.disk / "meraudiod").rglob("*.flac"))
+        assert audio == sorted(f"{r['id']}.flac" for r in rows)
+        assert daemon.log().count("its audio held in memory written to") == 5
         assert daemon.stop() == 0, daemon.log()
 
 
@@ -346,6 +387,28 @@ def test_a_database_whose_disk_is_full_loses_no_recording(
 
 
 @needs_root
+def test_transcription_goes_on_once_a_small_disk_is_freed(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A disk of 600 KB filled while the worker transcribes, then the filler deleted: a few
+    hundred KB free, room enough for the transcripts. Before, the worker waited for 1 MB
+    free, which this disk never has: transcription stopped for good. Now it goes on once the
+    disk has more room than when its transcript was refused."""
+    speech = decode_file(DEMO).astype("<i2").tobytes()
+    with full_disk_daemon(env, tmp_path, "600k") as daemon:
+        daemon.say(speech)
+        wait_for(lambda: "meraudiod.worker: transcript" in daemon.log(), 120, "a transcript")
+        filler = daemon.fill()
+        wait_for(lambda: "transcription waits" in daemon.log(), 60, "the worker waiting")
+        time.sleep(3)  # a look at the free space, at least
+        filler.unlink()
+        assert all(r["text"] for r in _recordings(daemon, 5, timeout_s=60))
+        assert daemon.rows("SELECT attempts FROM jobs") == [{"attempts": 0}] * 5
+        assert "Traceback" not in daemon.log()
+        assert daemon.stop() == 0, daemon.log()
+
+
+@needs_root
 def test_a_full_database_is_said_once_and_not_again_as_it_clears(
     env: dict[str, str], tmp_path: Path, broker: Broker
 ) -> None:
@@ -372,7 +435,7 @@ def test_a_full_database_is_said_once_and_not_again_as_it_clears(
         wait_for(lambda: cannot in detail(), 30, "the readiness to say it")
         time.sleep(6)  # a heartbeat more: both stages' problems are in it
         assert detail().count(cannot) == 1, detail()
-        daemon.grow("16m")  # room again (the worker waits for 1 MB free)
+        daemon.grow("16m")  # room again
         sql = "SELECT status FROM recordings"
         done = ["done"] * 6
         wait_for(lambda: [r["status"] for r in daemon.rows(sql)] == done, 120, "6 transcripts")

@@ -46,8 +46,8 @@ def test_a_read_only_audio_directory_loses_no_recording(
     refused (exit 78); an upload got 500 'internal error: OSError'; /health/ready said ready.
     Now the utterances are stored, their audio in memory until transcribed, said once; the
     status and readiness name the directory; an upload is refused with 507 naming it; once
-    remounted read-write the audio is written again (said once more), the daemon alive
-    throughout."""
+    remounted read-write the audio is written again (said once more), the audio held in
+    memory too, the daemon alive throughout."""
     speech = decode_file(DEMO).astype("<i2").tobytes()
     env = {**env, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "10"}
     with full_disk_daemon(env, tmp_path, "64m") as daemon:
@@ -77,10 +77,14 @@ def test_a_read_only_audio_directory_loses_no_recording(
 
         _mount(daemon, "-o", "remount,bind,rw", str(audio))
         wait_for(lambda: httpx.get(f"{daemon.url}/health/ready").status_code == 200, 30, "ready")
+        # The five held in memory are written (before, they kept only their transcripts).
+        _recordings(daemon, 5, audio_written=True, timeout_s=30)
         daemon.say(speech)
-        written = _recordings(daemon, 10)[5:]
+        written = _recordings(daemon, 10)
         assert all(r["audio_path"] is not None and r["text"] for r in written), written
-        assert len(sorted((daemon.disk / "meraudiod" / "audio").rglob("*.flac"))) == 5
+        files = sorted((daemon.disk / "meraudiod" / "audio").rglob("*"))
+        names = sorted(p.name for p in files if p.is_file())
+        assert names == sorted(f"{r['id']}.flac" for r in written), names
         wait_for(lambda: _status(daemon)["degraded"] is None, 30, "the status clear again")
         log = daemon.log()
         assert log.count(f"cannot write audio to {audio} (Read-only file system)") == 1, log

@@ -253,7 +253,7 @@ def test_a_disk_that_fills_with_the_guard_off_loses_no_recording(
     assert proc.returncode == 0, stderr
     said = (
         f"cannot write audio to {full} (No space left on device): recordings' audio kept in"
-        " memory (at most 32) until transcribed"
+        " memory (at most 32) until it can be written"
     )
     assert stderr.count(said) == 1, stderr  # once, not once per recording
     assert "Traceback" not in stderr  # cffi's, from libsndfile's write callback

@@ -23,6 +23,7 @@ from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.db import Transaction, open_db
 from meraudiod.deletion import delete_recordings
+from meraudiod.held_audio import write_held
 from meraudiod.pipeline import Pipeline
 from meraudiod.recordings import MemoryAudio, RecordingStore
 from meraudiod.retention import disk_free_mb, disk_low
@@ -52,7 +53,8 @@ def silence(env: dict[str, str]) -> Path:
 
 def test_audio_held_in_memory_survives_a_failed_attempt(settings: Settings) -> None:
     """Disk full: the audio is only in memory. The first attempt fails while storing; the
-    retry still has the audio, and it is let go once the transcript is stored."""
+    retry still has the audio, which once the transcript is stored only waits to be
+    written."""
     conn = open_db(settings.storage.db_path)
     memory = MemoryAudio()
     store = RecordingStore(conn, settings.storage.audio_dir, "flac")
@@ -76,7 +78,45 @@ def test_audio_held_in_memory_survives_a_failed_attempt(settings: Settings) -> N
     assert worker.process_next(conn)
     row = conn.execute("SELECT status, text FROM recordings WHERE id=?", (rec.id,)).fetchone()
     assert row["status"] == "done" and "young man" in row["text"].lower()
-    assert len(memory) == 0  # stored: no longer held
+    # Stored: held on only to be written to its file once it can be (held_audio.py), and
+    # the first to go if a new recording needs the room.
+    memory.max_recordings = 1
+    assert memory.put("another", SPEECH) and memory.ids() == ["another"]
+
+
+def test_held_audio_written_as_the_worker_takes_it_is_read_from_its_file(
+    settings: Settings,
+) -> None:
+    """Audio held in memory written to its file (by a listener: the audio directory writable
+    again) between the worker's read of the recording's row and its look in memory:
+    transcribed from the file. Before, the job failed for good, 'its audio was never
+    written (disk full) and is gone'."""
+    conn = open_db(settings.storage.db_path)
+    listener_conn = open_db(settings.storage.db_path)
+
+    class WrittenMeanwhile(MemoryAudio):
+        writing = False
+
+        def get(self, rec_id: str) -> Any:
+            if not self.writing:  # the worker's look (write_held looks too)
+                self.writing = True
+                assert write_held(listener_conn, settings, self, rec_id)
+            return super().get(rec_id)
+
+    memory = WrittenMeanwhile()
+    store = RecordingStore(conn, settings.storage.audio_dir, "flac")
+    rec = store.save(SPEECH, source="x", start_s=0.0, started_at=1000.0, memory=memory)
+    assert rec is not None and rec.audio_path is None
+    asr = settings.asr
+    path = models.resolve(asr.model, settings.storage.resolved_models_dir, False)
+    worker = Worker(settings, Transcriber(path, asr, asr.model), threading.Event())
+    worker.memory = memory
+    assert worker.process_next(conn)
+    row = conn.execute(
+        "SELECT status, text, audio_path FROM recordings WHERE id=?", (rec.id,)
+    ).fetchone()
+    assert row["status"] == "done" and "young man" in row["text"].lower(), dict(row)
+    assert row["audio_path"] is not None and len(memory) == 0
 
 
 def test_a_missing_audio_file_fails_the_job_at_once_in_one_line(env: dict[str, str]) -> None:

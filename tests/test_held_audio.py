@@ -1,0 +1,188 @@
+"""Audio held in memory (the audio directory could not be written) written to its file once it
+can be: once, never for a recording deleted meanwhile, and a process killed at any moment of
+it (a real SIGKILL) leaves no file that a row names and that is not whole, and no file of a
+deleted recording."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from meraudiod.config import Settings
+from meraudiod.db import open_db
+from meraudiod.deletion import delete_recordings
+from meraudiod.held_audio import finish_held_writes, write_held
+from meraudiod.recordings import MemoryAudio, RecordingStore, remove_crashed_writes
+from meraudiod.retention import purge
+
+_AUDIO = (np.random.default_rng(0).standard_normal(16000 * 5) * 3000).astype(np.int16)
+
+# Saves one recording with its audio held in memory, prints its id, then writes it to its
+# file, killing itself (SIGKILL: no clean-up) at the moment named by argv[1].
+_WRITER = """
+import os, signal, sys
+import numpy as np
+from meraudiod import held_audio, recordings
+from meraudiod.config import load_settings
+from meraudiod.db import open_db
+from meraudiod.recordings import MemoryAudio, RecordingStore
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+s = load_settings()
+conn = open_db(s.storage.db_path)
+memory = MemoryAudio()
+audio = (np.random.default_rng(0).standard_normal(16000 * 5) * 3000).astype(np.int16)
+rec = RecordingStore(conn, s.storage.audio_dir, "flac").save(
+    audio, source="t", start_s=0.0, started_at=1.7e9, memory=memory
+)
+print(rec.id, flush=True)
+moment = sys.argv[1]
+if moment == "announced":  # its write announced, no file yet
+    held_audio.write_audio_atomically = die
+elif moment == "part-written":  # the temp file whole and fsynced, not renamed
+    recordings.os.replace = die
+elif moment == "renamed":  # the file in place, its row not yet naming it
+    write = held_audio.write_audio_atomically
+    held_audio.write_audio_atomically = lambda *a: (write(*a), die())
+held_audio.write_held(conn, s, memory, rec.id)
+"""
+
+
+@pytest.mark.parametrize("after", ["kept", "deleted", "audio-purged"])
+@pytest.mark.parametrize("moment", ["announced", "part-written", "renamed"])
+def test_a_write_of_held_audio_killed_at_any_moment_leaves_no_half_file(
+    settings: Settings, env: dict[str, str], moment: str, after: str
+) -> None:
+    """SIGKILLed while writing held audio, then the recording, or its audio, deleted by
+    another process before the next start (or not). The start's recovery leaves no temp
+    file, no file no row names, and a row names only a whole file: a file renamed into
+    place is named by its recording (nothing lost), or removed with it, or with its audio
+    (delete means delete)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITER, moment],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    rec_id = done.stdout.strip()
+    audio_dir = settings.storage.audio_dir
+    conn = open_db(settings.storage.db_path)
+    if after == "deleted":  # reads no audio path: the row names none yet
+        assert delete_recordings(conn, audio_dir, [rec_id]).recordings == 1
+    if after == "audio-purged":
+        purge(conn, audio_dir, before=time.time(), audio_only=True)
+    remove_crashed_writes(conn, audio_dir)
+    finish_held_writes(conn, audio_dir)
+
+    files = sorted(p for p in audio_dir.rglob("*") if p.is_file())
+    named = [r["audio_path"] for r in conn.execute("SELECT audio_path FROM recordings")]
+    if after == "deleted":
+        assert files == [] and named == []
+        return
+    if moment == "renamed" and after == "kept":  # whole and in place: its recording names it
+        assert named == [files[0].relative_to(audio_dir).as_posix()], (named, files)
+        assert np.array_equal(soundfile.read(files[0], dtype="int16")[0], _AUDIO)
+    else:
+        assert files == [] and named == [None]
+    assert conn.execute("SELECT COUNT(*) FROM kv WHERE key LIKE 'held_audio%'").fetchone()[0] == 0
+
+
+def _held(settings: Settings, memory: MemoryAudio) -> tuple[RecordingStore, str]:
+    store = RecordingStore(open_db(settings.storage.db_path), settings.storage.audio_dir, "flac")
+    rec = store.save(_AUDIO, source="t", start_s=0.0, started_at=1.7e9, memory=memory)
+    assert rec is not None and rec.audio_path is None
+    return store, rec.id
+
+
+def test_held_audio_is_written_once_as_any_recording_s(settings: Settings) -> None:
+    """Written to the file a recording's audio has, named in its row, taken out of memory;
+    held again (a second listener), it is not written twice."""
+    memory = MemoryAudio()
+    store, rec_id = _held(settings, memory)
+    assert write_held(store.conn, settings, memory, rec_id)
+    assert len(memory) == 0
+    (stored,) = store.conn.execute("SELECT audio_path FROM recordings").fetchone()
+    assert stored.endswith(f"/{rec_id}.flac")
+    path = settings.storage.audio_dir / stored
+    assert np.array_equal(soundfile.read(path, dtype="int16")[0], _AUDIO)
+    written = path.stat().st_mtime_ns
+    memory.put(rec_id, _AUDIO)
+    assert not write_held(store.conn, settings, memory, rec_id)
+    assert len(memory) == 0 and path.stat().st_mtime_ns == written
+    assert [p.name for p in settings.storage.audio_dir.rglob("*") if p.is_file()] == [path.name]
+
+
+def test_held_audio_of_a_recording_deleted_meanwhile_is_never_written(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleted by another process while its file is being written: the file goes before the
+    write is done with, and the row is not made again; deleted before, nothing is written."""
+    from meraudiod import held_audio
+
+    memory = MemoryAudio()
+    store, first = _held(settings, memory)
+    _, second = _held(settings, memory)
+    other = open_db(settings.storage.db_path)
+    write = held_audio.write_audio_atomically
+
+    def deleted_meanwhile(path: Path, samples: np.ndarray, audio_format: str) -> None:
+        write(path, samples, audio_format)
+        assert path.is_file()
+        delete_recordings(other, settings.storage.audio_dir, [first])
+
+    monkeypatch.setattr(held_audio, "write_audio_atomically", deleted_meanwhile)
+    assert not write_held(store.conn, settings, memory, first)
+    monkeypatch.undo()
+    delete_recordings(other, settings.storage.audio_dir, [second])
+    assert not write_held(store.conn, settings, memory, second)
+    assert len(memory) == 0
+    assert [p for p in settings.storage.audio_dir.rglob("*") if p.is_file()] == []
+    assert store.conn.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == 0
+
+
+def test_a_transcribed_recording_s_held_audio_follows_keep_audio(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """keep_audio = false: audio of a transcribed recording is not written (it would be
+    deleted at once); of one still to be transcribed it is, as any recording's is until its
+    transcript is stored."""
+    memory = MemoryAudio()
+    store, done = _held(settings, memory)
+    _, pending = _held(settings, memory)
+    store.conn.execute("UPDATE recordings SET status='done' WHERE id=?", (done,))
+    store.conn.execute("UPDATE jobs SET state='done' WHERE recording_id=?", (done,))
+    monkeypatch.setattr(settings.retention, "keep_audio", False)
+    assert not write_held(store.conn, settings, memory, done)
+    assert write_held(store.conn, settings, memory, pending)
+    rows = dict(store.conn.execute("SELECT id, audio_path FROM recordings").fetchall())
+    assert rows[done] is None and rows[pending] is not None
+    assert len(memory) == 0
+
+
+def test_held_audio_deleted_by_an_audio_only_purge_is_never_written(settings: Settings) -> None:
+    """`purge --audio-only` over a recording whose audio is held in memory deletes that audio
+    too: it is never written (before a purge found no file and its audio came back)."""
+    memory = MemoryAudio()
+    store, purged = _held(settings, memory)
+    other = open_db(settings.storage.db_path)  # another process's purge
+    purge(other, settings.storage.audio_dir, before=time.time(), audio_only=True)
+    _, kept = _held(settings, memory)
+    assert not write_held(store.conn, settings, memory, purged)
+    assert write_held(store.conn, settings, memory, kept)
+    rows = dict(store.conn.execute("SELECT id, audio_path FROM recordings").fetchall())
+    assert rows[purged] is None and rows[kept] is not None
+    files = [p.name for p in settings.storage.audio_dir.rglob("*") if p.is_file()]
+    assert files == [f"{kept}.flac"]
+    assert store.conn.execute("SELECT COUNT(*) FROM kv WHERE key LIKE 'held%'").fetchone()[0] == 0
