@@ -182,6 +182,19 @@ def test_every_failure_is_one_json_error_with_the_request_id(daemon: HttpDaemon)
     assert "[request req-77]" in daemon.log()
 
 
+def test_a_request_path_cannot_forge_a_log_line(daemon: HttpDaemon) -> None:
+    # Every request's access line named its path as decoded: %0A in it wrote a line of the
+    # client's own into the daemon's log (and %00 a NUL, a binary journal entry), with no
+    # token (a 401 is logged as well).
+    response = httpx.get(f"{daemon.url}/health%0AFAKE%20ERROR%20forged%00%1b[31m")
+    json_error(response, 401, "unauthorized")
+    lines = daemon.log().splitlines()
+    assert not [line for line in lines if line.startswith("FAKE")]
+    (line,) = [line for line in lines if "FAKE" in line]
+    assert "GET /health%0AFAKE%20ERROR%20forged%00%1B%5B31m 401" in line, line
+    assert not any(ord(c) < 32 for c in line), repr(line)
+
+
 def _raw_request(port: int, head: str, body_chunks: Iterator[bytes]) -> tuple[bytes, int]:
     """Send a request over a plain socket; returns the response and the body bytes sent
     before the server answered or closed."""

@@ -15,7 +15,7 @@ from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -93,10 +93,12 @@ class Guard:
             await self._guarded(scope, receive, send_with_id, headers)
         finally:
             if scope["type"] == "http":
-                _LOGGER.info(  # the filter on the handlers adds the request id
+                # The path as the client encoded it: decoded, a %0A in it wrote a log line of
+                # the client's own (no token needed); the filter adds the request id.
+                _LOGGER.info(
                     "%s %s %d %.0f ms",
                     scope["method"],
-                    scope["path"],
+                    quote(scope["path"]),
                     status[0],
                     (time.perf_counter() - t0) * 1000,
                 )
