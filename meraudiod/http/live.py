@@ -22,7 +22,13 @@ from .common import HttpContext
 _LOGGER = logging.getLogger(__name__)
 router = APIRouter(tags=["live"])
 _SUBSCRIBER_QUEUE: Final = 500  # events a slow socket may fall behind before losing some
-_STREAM_QUEUE: Final = 256  # audio messages buffered between the socket and the listener
+# A message of audio is at most 1 MiB (32 s at 16 kHz; uvicorn's default was 16 MiB), and
+# what waits between the socket and the listener is held in pieces to 2 MiB: 256 messages
+# of any size were buffered, and a client sending faster than the VAD hears had the daemon
+# hold up to 4 GiB a stream.
+MAX_MESSAGE_BYTES: Final = 1 << 20
+_PIECE_BYTES: Final = 32768
+_STREAM_PIECES: Final = 64
 _FINISH_TIMEOUT_S: Final = 300.0
 MAX_LIVE_STREAMS: Final = 4
 
@@ -96,17 +102,27 @@ class SocketStream:
     resampled to 16 kHz when the client declared another rate)."""
 
     def __init__(self, rate_hz: int) -> None:
-        self._chunks: queue.Queue[bytes] = queue.Queue(maxsize=_STREAM_QUEUE)
+        self._chunks: queue.Queue[bytes] = queue.Queue(maxsize=_STREAM_PIECES)
         self._resampler = Resampler(rate_hz, 1) if rate_hz != SAMPLE_RATE_HZ else None
         self._ended = False
+        self._odd_byte = b""  # a sample's first byte, its second in the next message
 
     def push(self, data: bytes) -> None:
         """One message of audio (b"" ends the stream)."""
-        if data and self._resampler is not None:
-            usable = len(data) - len(data) % 2
-            block = np.frombuffer(data[:usable], dtype="<i2").astype(np.float32) / 32768.0
+        if not data:
+            self._chunks.put(b"", timeout=30)
+            return
+        if self._resampler is not None:
+            # Whole samples only: a message may end inside one, whose other byte comes next.
+            data, self._odd_byte = self._odd_byte + data, b""
+            if len(data) % 2:
+                data, self._odd_byte = data[:-1], data[-1:]
+            if not data:  # less than a sample: nothing the resampler can take
+                return
+            block = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
             data = self._resampler.process(block.reshape(-1, 1)).astype("<i2").tobytes()
-        self._chunks.put(data, timeout=30)
+        for start in range(0, len(data), _PIECE_BYTES):  # waits while the listener is behind
+            self._chunks.put(data[start : start + _PIECE_BYTES], timeout=30)
 
     def read(self, size: int) -> bytes:
         """The next message (the reader thread blocks here); b"" for good once the stream
