@@ -91,6 +91,14 @@ class Guard:
 
         try:
             await self._guarded(scope, receive, send_with_id, headers)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still under way when the daemon stops, after its grace,
+            # and answered the client a plain-text 500 as if the request had failed here.
+            if scope["type"] == "http" and status[0] == 0:
+                stored = "; nothing was stored" if scope["path"] in UPLOAD_PATHS else ""
+                said = f"the daemon is stopping and did not finish this request{stored}"
+                await _respond(scope, receive, send_with_id, _error(503, "unavailable", said))
+            raise
         finally:
             if scope["type"] == "http":
                 # The path as the client encoded it: decoded, a %0A in it wrote a log line of
