@@ -38,14 +38,10 @@ _OPEN_PATHS: Final = frozenset({"/health", "/favicon.ico"})
 # A body that is not an upload (multipart/form-data): a JSON request needs a few KB, and a
 # 95 MB one, under the upload limit, was parsed whole (the daemon's peak memory +190 MB).
 MAX_OTHER_BODY_BYTES: Final = 1_000_000
+# The uploads stored as recordings (an enrolment's clips are not).
+RECORDING_UPLOADS: Final = frozenset({"/api/v1/analysis/upload", "/api/v1/vad/upload_recording"})
 # The routes that take a file (by path: a body labelled multipart elsewhere is read whole).
-UPLOAD_PATHS: Final = frozenset(
-    {
-        "/api/v1/analysis/upload",
-        "/api/v1/vad/upload_recording",
-        "/api/v1/persistent-speakers/upload",
-    }
-)
+UPLOAD_PATHS: Final = RECORDING_UPLOADS | {"/api/v1/persistent-speakers/upload"}
 
 
 class Guard:
@@ -95,7 +91,8 @@ class Guard:
             # uvicorn cancels what is still under way when the daemon stops, after its grace,
             # and answered the client a plain-text 500 as if the request had failed here.
             if scope["type"] == "http" and status[0] == 0:
-                stored = "; nothing was stored" if scope["path"] in UPLOAD_PATHS else ""
+                # An upload's store gives up with it (uploads.store_upload); nothing else does.
+                stored = "; nothing was stored" if scope["path"] in RECORDING_UPLOADS else ""
                 said = f"the daemon is stopping and did not finish this request{stored}"
                 await _respond(scope, receive, send_with_id, _error(503, "unavailable", said))
             raise
