@@ -272,6 +272,7 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
     )
     app.state.ctx = ctx
     app.state.live_streams = threading.BoundedSemaphore(live.MAX_LIVE_STREAMS)
+    app.state.decoding = asyncio.Semaphore(uploads.DECODING_AT_ONCE)
     app.add_middleware(
         Guard,
         token=token,

@@ -43,6 +43,11 @@ _TASK_STATES: Final = {"pending": "pending", "running": "running", "done": "comp
 _SWITCH_WAIT_S: Final = 10.0
 FIELD: Final = "file"  # the form field that carries an upload
 _Route = TypeVar("_Route", bound=Callable[..., Awaitable[dict[str, Any]]])
+# Uploads decoded and stored (or clips enrolled) at once; more wait for their turn without a
+# thread. Each held one of the 40 threads every route that is not async runs on: 40 at once
+# (a burst of uploads) left none for the others, and /health/ready, status or the listening
+# switch waited 10 s and more; on two cores more at once are not done sooner.
+DECODING_AT_ONCE: Final = 8
 
 
 def upload_blocks(
@@ -144,7 +149,8 @@ async def store_upload(request: Request, ctx: HttpContext, kind: str) -> str:
     async with received_form(request, ctx.settings.storage.data_dir / "uploads", FIELD) as form:
         claim = _Claim()
         try:
-            return await run_in_threadpool(_store, ctx, form.files[0], kind, claim)
+            async with request.app.state.decoding:
+                return await run_in_threadpool(_store, ctx, form.files[0], kind, claim)
         except asyncio.CancelledError:
             with claim.lock:  # waits only for a commit under way
                 claim.abandoned = claim.stored_id is None
