@@ -487,6 +487,26 @@ def test_a_speaker_named_with_a_slash_can_be_listened_to_and_deleted(daemon: Htt
         assert "AC/DC" not in names
 
 
+def test_a_speaker_cannot_be_named_what_a_url_path_cannot_hold(daemon: HttpDaemon) -> None:
+    # A name "." or ".." was taken, but a URL's path cannot name it: browsers (and the page)
+    # resolve /persistent-speakers/.. (and its %2E%2E) to /api/v1, so its clips and its
+    # deletion were a bare 404 "Not Found" from the router.
+    clip = ("files", ("dots.flac", (TEST_DATA / "ls_2609_0000.flac").read_bytes()))
+    with daemon.client() as client:
+        for name in (".", "..", " .. "):
+            refused = client.post(
+                "/api/v1/persistent-speakers/upload", data={"name": name}, files=[clip]
+            )
+            assert "URL" in json_error(refused, 400, "bad_request"), name
+        assert (
+            client.post(
+                "/api/v1/persistent-speakers/upload", data={"name": "..."}, files=[clip]
+            ).status_code
+            == 201
+        )  # three dots are no path segment of their own
+        assert client.delete("/api/v1/persistent-speakers/...").status_code == 200
+
+
 def test_speakers_enrol_identify_review_merge_opt_out_and_delete(daemon: HttpDaemon) -> None:
     base = "/api/v1/persistent-speakers"
     with daemon.client() as client:
