@@ -459,6 +459,34 @@ def test_bad_tokens_and_a_token_kept_in_a_cookie(daemon: HttpDaemon) -> None:
     assert login.status_code == 401  # a non-ASCII guess is a wrong token, not a crash
 
 
+def test_the_cookie_serves_its_own_page_only(daemon: HttpDaemon) -> None:
+    # A browser sends the SameSite=Strict cookie to the device from any page of the same
+    # site, another port of it too (tests/test_http_page.py has that page); told by
+    # Sec-Fetch-Site, or by an Origin that is not the Host where a browser sends no
+    # Sec-Fetch-Site. The bearer header (scripts) and a link to the page itself are not.
+    login = httpx.get(f"{daemon.url}/", params={"token": TOKEN})
+    cookies = {"meraudiod_token": login.cookies["meraudiod_token"]}
+    with httpx.Client(base_url=daemon.url, cookies=cookies) as browser:
+        for headers in (
+            {"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:1"},
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Origin": "http://127.0.0.1:1"},
+        ):
+            refused = browser.get("/api/v1/status", headers=headers)
+            assert "another page" in json_error(refused, 403, "forbidden"), headers
+        for headers in (
+            {"Sec-Fetch-Site": "same-origin", "Origin": daemon.url},
+            {"Sec-Fetch-Site": "none"},
+            {"Origin": daemon.url},
+            {},
+        ):
+            assert browser.get("/api/v1/status", headers=headers).status_code == 200, headers
+        linked = browser.get("/", headers={"Sec-Fetch-Site": "same-site"})
+        assert linked.status_code == 200 and "<html" in linked.text.lower()
+    bearer = {**daemon.headers, "Sec-Fetch-Site": "cross-site", "Origin": "http://x"}
+    assert httpx.get(f"{daemon.url}/api/v1/status", headers=bearer).status_code == 200
+
+
 def _upload_recording(client: httpx.Client, clip: str) -> str:
     response = client.post(
         "/api/v1/vad/upload_recording", files={"file": (clip, (TEST_DATA / clip).read_bytes())}

@@ -119,6 +119,15 @@ class Guard:
                 return
             await _respond(scope, receive, send, _error(403, "forbidden", foreign))
             return
+        # The page itself may be opened from a link anywhere (a dashboard on another port).
+        linked = path == "/" and scope.get("method") == "GET"
+        by_cookie = self.token is not None and path not in _OPEN_PATHS and self._by_cookie(headers)
+        if by_cookie and not linked and (sent_by := self._other_site(headers)) is not None:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 4403, "reason": "another site"})
+                return
+            await _respond(scope, receive, send, _error(403, "forbidden", sent_by))
+            return
         if self.token is not None and path not in _OPEN_PATHS and not self._authorized(headers):
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 4401, "reason": "bad token"})
@@ -168,15 +177,47 @@ class Guard:
             return f"Origin {origin[:100]!r} is another site (see http.cors_origins)"
         return None
 
+    def _other_site(self, headers: dict[str, str]) -> str | None:
+        """With a token, why a request the page's cookie alone authorises is refused (None:
+        it is not): a browser sent it for a page other than this one. SameSite=Strict keeps
+        the cookie from other sites only, and another port of the device is the same site:
+        a page there read /ws/events and switched listening off. Sec-Fetch-Site says it
+        whatever Host a reverse proxy passes on; from a browser without it, the Origin."""
+        origin = headers.get("origin")
+        if origin is not None and (origin in self.cors_origins or "*" in self.cors_origins):
+            return None
+        site = headers.get("sec-fetch-site")
+        if site is not None:
+            if site in ("same-origin", "none"):
+                return None
+        elif origin is None or origin.lower().partition("://")[2] == headers.get("host", ""):
+            return None
+        return (
+            f"Origin {(origin or '?')[:100]!r} is another page than this device's: its cookie"
+            " serves its own page only (send Authorization: Bearer <token>)"
+        )
+
+    def _bearer(self, headers: dict[str, str]) -> str:
+        auth = headers.get("authorization", "")
+        return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+    def _cookie(self, headers: dict[str, str]) -> str:
+        if "cookie" not in headers:
+            return ""
+        cookie: SimpleCookie = SimpleCookie()
+        with contextlib.suppress(CookieError):  # a malformed cookie is no token
+            cookie.load(headers["cookie"])
+        return cookie[COOKIE].value if COOKIE in cookie else ""
+
+    def _by_cookie(self, headers: dict[str, str]) -> bool:
+        """Authorised by the page's cookie alone (no bearer header)."""
+        assert self.token is not None
+        given = self._cookie(headers)
+        return not self._bearer(headers) and bool(given) and _same(given, self.token)
+
     def _authorized(self, headers: dict[str, str]) -> bool:
         assert self.token is not None
-        auth = headers.get("authorization", "")
-        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if not given and "cookie" in headers:
-            cookie: SimpleCookie = SimpleCookie()
-            with contextlib.suppress(CookieError):  # a malformed cookie is no token
-                cookie.load(headers["cookie"])
-            given = cookie[COOKIE].value if COOKIE in cookie else ""
+        given = self._bearer(headers) or self._cookie(headers)
         return bool(given) and _same(given, self.token)
 
     def _counting(self, receive: Receive, limit: int, too_large: str) -> Receive:
