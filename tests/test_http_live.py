@@ -30,7 +30,7 @@ from tests.httpd import (
 def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[HttpDaemon]:
     """One daemon for the module, with a token."""
     env = daemon_env(tmp_path_factory.mktemp("httpd"), models_dir)
-    server = HttpDaemon(env, config="").start()
+    server = HttpDaemon(env, config="body_timeout_s = 5\n").start()
     yield server
     assert server.stop() == 0, server.log()
 
@@ -262,7 +262,7 @@ def test_audio_sent_faster_than_it_is_heard_is_not_held_in_memory(daemon: HttpDa
     async def flood() -> tuple[int, int]:
         async with websockets.connect(ws_url, additional_headers=headers, max_size=None) as ws:
             await ws.send(noise[:16000].tobytes())  # the stream's listener is made
-            await asyncio.sleep(3)
+            await asyncio.sleep(2)
             before = _rss_kb(daemon)
             deadline = time.monotonic() + 10
             sent = 0
@@ -287,3 +287,27 @@ def test_audio_sent_faster_than_it_is_heard_is_not_held_in_memory(daemon: HttpDa
     assert asyncio.run(oversized()) == 1009  # message too big
     with daemon.client() as client:
         assert client.get("/health/ready").status_code == 200
+
+
+def test_a_stream_that_sends_nothing_gives_its_slot_back(daemon: HttpDaemon) -> None:
+    # A /ws/audio client that sent nothing held one of the four streams (a listener, a VAD)
+    # as long as it answered pings: four such clients and no one could stream. A stream's
+    # next message must come within http.body_timeout_s (5 s here), as a request's body.
+    import websockets
+
+    ws_url = daemon.url.replace("http://", "ws://") + "/ws/audio"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def idle() -> tuple[int, str, float]:
+        async with websockets.connect(ws_url, additional_headers=headers) as ws:
+            await ws.send(b"\0" * 3200)  # a message, then nothing
+            t0 = time.monotonic()
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 30)
+        assert info.value.rcvd is not None
+        return info.value.rcvd.code, info.value.rcvd.reason, time.monotonic() - t0
+
+    code, reason, after_s = asyncio.run(idle())
+    assert code == 1008 and "http.body_timeout_s" in reason, (code, reason)
+    assert 4.5 < after_s < 12, after_s

@@ -38,6 +38,9 @@ _OPEN_PATHS: Final = frozenset({"/health", "/favicon.ico"})
 # A body that is not an upload (multipart/form-data): a JSON request needs a few KB, and a
 # 95 MB one, under the upload limit, was parsed whole (the daemon's peak memory +190 MB).
 MAX_OTHER_BODY_BYTES: Final = 1_000_000
+# A request's headers. h11's 16 KiB holds only for headers that come in pieces: whole in
+# one read of the socket (up to 256 KiB on loopback) they were taken.
+MAX_HEADER_BYTES: Final = 16384
 # The uploads stored as recordings (an enrolment's clips are not).
 RECORDING_UPLOADS: Final = frozenset({"/api/v1/analysis/upload", "/api/v1/vad/upload_recording"})
 # The routes that take a file (by path: a body labelled multipart elsewhere is read whole).
@@ -112,6 +115,14 @@ class Guard:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
     ) -> None:
         path = scope["path"]
+        size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+        if size > MAX_HEADER_BYTES:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1009, "reason": "headers too large"})
+                return
+            said = f"request headers of {size} bytes, over the limit of 16 KiB"
+            await _respond(scope, receive, send, _error(431, "too_large", said))
+            return
         foreign = self._foreign(headers)
         if foreign is not None:
             if scope["type"] == "websocket":

@@ -178,9 +178,17 @@ async def _stream(websocket: WebSocket, ctx: HttpContext, daemon: Any, rate_hz: 
     )
     _LOGGER.info("live audio %s at %d Hz", source.name, rate_hz)
     sender = asyncio.create_task(_send_own(websocket, events, source.name))
+    # A client that sends nothing held a stream (a listener, a VAD) for as long as it
+    # answered pings: the next message comes within http.body_timeout_s, as a body would.
+    idle_s = ctx.settings.http.body_timeout_s
     try:
         while True:
-            message = await websocket.receive()
+            try:
+                message = await asyncio.wait_for(websocket.receive(), idle_s)
+            except asyncio.TimeoutError:
+                said = f"no message within {idle_s:g} s (http.body_timeout_s)"
+                await websocket.close(1008, said)
+                break
             if message["type"] == "websocket.disconnect":
                 break
             if message.get("bytes"):
