@@ -311,3 +311,37 @@ def test_a_stream_that_sends_nothing_gives_its_slot_back(daemon: HttpDaemon) -> 
     code, reason, after_s = asyncio.run(idle())
     assert code == 1008 and "http.body_timeout_s" in reason, (code, reason)
     assert 4.5 < after_s < 12, after_s
+
+
+def test_event_sockets_are_limited_and_leave_connections_for_requests(
+    daemon: HttpDaemon,
+) -> None:
+    # Only a WebSocket holds a connection for long (a request is done in seconds, an idle
+    # connection closed after 5), and /ws/events had no limit: 64 of them, the connection
+    # limit, and every other request, /health too, got 503.
+    import httpx
+    import websockets
+
+    from meraudiod.http.live import MAX_EVENT_SOCKETS
+
+    ws_url = daemon.url.replace("http://", "ws://") + "/ws/events"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def run() -> int:
+        open_ones = [
+            await websockets.connect(ws_url, additional_headers=headers)
+            for _ in range(MAX_EVENT_SOCKETS)
+        ]
+        try:
+            async with websockets.connect(ws_url, additional_headers=headers) as extra:
+                with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                    await asyncio.wait_for(extra.recv(), 30)
+            assert info.value.rcvd is not None
+            assert httpx.get(f"{daemon.url}/health").status_code == 200
+            return int(info.value.rcvd.code)
+        finally:
+            for ws in open_ones:
+                await ws.close()
+
+    assert MAX_EVENT_SOCKETS < 64
+    assert asyncio.run(run()) == 1013

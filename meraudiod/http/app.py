@@ -324,6 +324,7 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
     )
     app.state.ctx = ctx
     app.state.live_streams = threading.BoundedSemaphore(live.MAX_LIVE_STREAMS)
+    app.state.event_sockets = threading.BoundedSemaphore(live.MAX_EVENT_SOCKETS)
     app.state.decoding = asyncio.Semaphore(uploads.DECODING_AT_ONCE)
     app.add_middleware(
         Guard,

@@ -31,6 +31,9 @@ _PIECE_BYTES: Final = 32768
 _STREAM_PIECES: Final = 64
 _FINISH_TIMEOUT_S: Final = 300.0
 MAX_LIVE_STREAMS: Final = 4
+# A WebSocket is the one thing that holds a connection for long: 64 of /ws/events, the
+# connection limit (http.max_connections), and every other request got 503.
+MAX_EVENT_SOCKETS: Final = 16
 
 
 class EventHub:
@@ -73,7 +76,18 @@ class EventHub:
 async def ws_events(websocket: WebSocket) -> None:
     """Every speech, transcript and speaker event as JSON, as MQTT publishes them."""
     ctx: HttpContext = websocket.app.state.ctx
+    slots: threading.BoundedSemaphore = websocket.app.state.event_sockets
     await websocket.accept()
+    if not slots.acquire(blocking=False):
+        await websocket.close(1013, f"at most {MAX_EVENT_SOCKETS} event sockets at once")
+        return
+    try:
+        await _events(websocket, ctx)
+    finally:
+        slots.release()
+
+
+async def _events(websocket: WebSocket, ctx: HttpContext) -> None:
     events = ctx.hub.subscribe(asyncio.get_running_loop())
     receiver = asyncio.create_task(_until_closed(websocket))
     try:
