@@ -104,7 +104,7 @@ def _unseen(char: str) -> bool:
 def check_name(name: str) -> str:
     """A person's name as stored, without surrounding spaces (" Alice" is Alice, not a
     second person): not empty, no control characters (a new line would forge a line of a
-    log or a table), and not of the form the device gives unknown voices."""
+    log or a table), not of the form the device gives unknown voices, and not "." or ".."."""
     name = name.strip()
     if not name:
         raise ProfileError("a speaker needs a name")
@@ -119,6 +119,8 @@ def check_name(name: str) -> str:
         raise ProfileError(
             f"{name!r} has the form of a provisional voice (unknown-N): choose another name"
         )
+    if name in (".", ".."):  # a browser resolves /persistent-speakers/.. to /api/v1
+        raise ProfileError(f"{name!r}: a URL's path cannot name a speaker so: choose another name")
     return name
 
 

@@ -318,10 +318,16 @@ class RecordingStore:
                 raise
 
     def save_blocks(
-        self, blocks: Iterable[Int16Array], source: str, started_at: float, transcribe: bool
+        self,
+        blocks: Iterable[Int16Array],
+        source: str,
+        started_at: float,
+        transcribe: bool,
+        in_transaction: Callable[[sqlite3.Connection, Recording], None] | None = None,
     ) -> Recording:
         """Store a recording that comes a block at a time (an upload), each block written as
-        it comes: never held whole. If the blocks raise, nothing is stored."""
+        it comes: never held whole. If the blocks (or `in_transaction`) raise, nothing is
+        stored."""
         rec_id = str(ULID())
         path = self._path(rec_id, started_at)
         loudness = Loudness()
@@ -331,7 +337,7 @@ class RecordingStore:
                 loudness.add(block)
         duration_s = loudness.samples / SAMPLE_RATE_HZ
         recording = Recording.new(rec_id, source, started_at, 0.0, duration_s, path, loudness.dbfs)
-        return self._register(recording, transcribe, None)
+        return self._register(recording, transcribe, in_transaction)
 
     def _path(self, rec_id: str, started_at: float) -> Path:
         return self.audio_dir / audio_name(rec_id, started_at, self.audio_format)

@@ -3,6 +3,7 @@ daemon with its HTTP stage, real speech on its microphone (stdin) and over HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +107,67 @@ def test_an_enrolment_of_a_long_clip_reads_its_first_30_s(
         assert response.json()["sources"][0]["speech_s"] <= 30, response.text
     finally:
         daemon.stop()
+
+
+def test_a_burst_of_uploads_leaves_threads_for_the_other_routes(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    # Every route that is not async (readiness, status, the listening switch, tasks) runs on
+    # one pool of 40 threads, and each upload being decoded and stored held one: a burst of
+    # 45 uploads of 20 minutes left none, and /health/ready took 10 s to answer. Now a few
+    # are decoded at once and the others wait their turn without a thread.
+    import socket
+    import time
+
+    env = daemon_env(tmp_path / "burst", models_dir)
+    config = "max_upload_mb = 100\nmax_upload_audio_s = 3600\n[asr]\nenabled = false\n"
+    server = HttpDaemon(env, config=config, token=None).start()
+    silence = io.BytesIO()  # 20 minutes in 60 KB: quick to send, slow to decode and store
+    with soundfile.SoundFile(silence, "w", 16000, 1, "PCM_16", format="FLAC") as out:
+        for _ in range(20):
+            out.write(np.zeros(16000 * 60, dtype=np.int16))
+    body = (
+        b'--b0\r\nContent-Disposition: form-data; name="file"; filename="f.flac"\r\n\r\n'
+        + silence.getvalue()
+        + b"\r\n--b0--\r\n"
+    )
+    head = (
+        "POST /api/v1/analysis/upload HTTP/1.1\r\nHost: localhost\r\n"
+        f"Content-Type: multipart/form-data; boundary=b0\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sockets = []
+    try:
+        for _ in range(45):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=120)
+            sock.sendall(head + body)  # the whole body is taken (the event loop reads it)
+            sockets.append(sock)
+        received = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "uploads"
+        wait_for(
+            lambda: (
+                sum(p.stat().st_size for p in received.glob("*.part"))
+                >= 40 * len(silence.getvalue())
+            ),
+            60,
+            "the uploads received",
+        )
+        heads = [b""] * len(sockets)
+        for i, sock in enumerate(sockets):
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                heads[i] = sock.recv(12)
+            sock.setblocking(True)
+        answered = sum(map(bool, heads))
+        assert answered < 20, f"{answered} of 45 uploads were stored already: make them longer"
+        waits = []
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            for _ in range(3):
+                t0 = time.monotonic()
+                assert client.get("/health/ready").status_code == 200
+                waits.append(time.monotonic() - t0)
+        assert max(waits) < 2, waits  # 15 s before
+        for sock, start in zip(sockets, heads, strict=True):
+            assert start + sock.recv(12 - len(start)) == b"HTTP/1.1 202"
+    finally:
+        for sock in sockets:
+            sock.close()
+        assert server.stop() == 0, server.log()

@@ -182,6 +182,19 @@ def test_every_failure_is_one_json_error_with_the_request_id(daemon: HttpDaemon)
     assert "[request req-77]" in daemon.log()
 
 
+def test_a_request_path_cannot_forge_a_log_line(daemon: HttpDaemon) -> None:
+    # Every request's access line named its path as decoded: %0A in it wrote a line of the
+    # client's own into the daemon's log (and %00 a NUL, a binary journal entry), with no
+    # token (a 401 is logged as well).
+    response = httpx.get(f"{daemon.url}/health%0AFAKE%20ERROR%20forged%00%1b[31m")
+    json_error(response, 401, "unauthorized")
+    lines = daemon.log().splitlines()
+    assert not [line for line in lines if line.startswith("FAKE")]
+    (line,) = [line for line in lines if "FAKE" in line]
+    assert "GET /health%0AFAKE%20ERROR%20forged%00%1B%5B31m 401" in line, line
+    assert not any(ord(c) < 32 for c in line), repr(line)
+
+
 def _raw_request(port: int, head: str, body_chunks: Iterator[bytes]) -> tuple[bytes, int]:
     """Send a request over a plain socket; returns the response and the body bytes sent
     before the server answered or closed."""
@@ -213,6 +226,20 @@ def _raw_request(port: int, head: str, body_chunks: Iterator[bytes]) -> tuple[by
         except (ConnectionResetError, TimeoutError):
             pass
     return response, sent
+
+
+def test_request_headers_are_held_to_16_kib_however_they_come(daemon: HttpDaemon) -> None:
+    # h11 refuses headers over 16 KiB only while they are incomplete: 70 KB of them sent in
+    # one piece (one read of the socket) were taken whole, on any route, token or not.
+    for route in ("/health", "/api/v1/status"):
+        head = f"GET {route} HTTP/1.1\r\nHost: x\r\nX-Pad: {'a' * 70_000}\r\n\r\n"
+        response, _ = _raw_request(daemon.port, head, iter(()))
+        assert response.startswith(b"HTTP/1.1 431"), response[:100]
+        assert b'"code":"too_large"' in response and b"16 KiB" in response, response[-300:]
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+    head = f"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n{auth}X-Pad: {'a' * 8000}\r\n\r\n"
+    response, _ = _raw_request(daemon.port, head, iter(()))
+    assert response.startswith(b"HTTP/1.1 200"), response[:100]  # under the limit: served
 
 
 def test_a_2_gb_upload_is_refused_before_it_is_stored(daemon: HttpDaemon) -> None:
@@ -446,6 +473,34 @@ def test_bad_tokens_and_a_token_kept_in_a_cookie(daemon: HttpDaemon) -> None:
     assert login.status_code == 401  # a non-ASCII guess is a wrong token, not a crash
 
 
+def test_the_cookie_serves_its_own_page_only(daemon: HttpDaemon) -> None:
+    # A browser sends the SameSite=Strict cookie to the device from any page of the same
+    # site, another port of it too (tests/test_http_page.py has that page); told by
+    # Sec-Fetch-Site, or by an Origin that is not the Host where a browser sends no
+    # Sec-Fetch-Site. The bearer header (scripts) and a link to the page itself are not.
+    login = httpx.get(f"{daemon.url}/", params={"token": TOKEN})
+    cookies = {"meraudiod_token": login.cookies["meraudiod_token"]}
+    with httpx.Client(base_url=daemon.url, cookies=cookies) as browser:
+        for headers in (
+            {"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:1"},
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Origin": "http://127.0.0.1:1"},
+        ):
+            refused = browser.get("/api/v1/status", headers=headers)
+            assert "another page" in json_error(refused, 403, "forbidden"), headers
+        for headers in (
+            {"Sec-Fetch-Site": "same-origin", "Origin": daemon.url},
+            {"Sec-Fetch-Site": "none"},
+            {"Origin": daemon.url},
+            {},
+        ):
+            assert browser.get("/api/v1/status", headers=headers).status_code == 200, headers
+        linked = browser.get("/", headers={"Sec-Fetch-Site": "same-site"})
+        assert linked.status_code == 200 and "<html" in linked.text.lower()
+    bearer = {**daemon.headers, "Sec-Fetch-Site": "cross-site", "Origin": "http://x"}
+    assert httpx.get(f"{daemon.url}/api/v1/status", headers=bearer).status_code == 200
+
+
 def _upload_recording(client: httpx.Client, clip: str) -> str:
     response = client.post(
         "/api/v1/vad/upload_recording", files={"file": (clip, (TEST_DATA / clip).read_bytes())}
@@ -472,6 +527,26 @@ def test_a_speaker_named_with_a_slash_can_be_listened_to_and_deleted(daemon: Htt
         assert deleted.status_code == 200 and deleted.json()["name"] == "AC/DC", deleted.text
         names = [p["name"] for p in client.get("/api/v1/persistent-speakers").json()]
         assert "AC/DC" not in names
+
+
+def test_a_speaker_cannot_be_named_what_a_url_path_cannot_hold(daemon: HttpDaemon) -> None:
+    # A name "." or ".." was taken, but a URL's path cannot name it: browsers (and the page)
+    # resolve /persistent-speakers/.. (and its %2E%2E) to /api/v1, so its clips and its
+    # deletion were a bare 404 "Not Found" from the router.
+    clip = ("files", ("dots.flac", (TEST_DATA / "ls_2609_0000.flac").read_bytes()))
+    with daemon.client() as client:
+        for name in (".", "..", " .. "):
+            refused = client.post(
+                "/api/v1/persistent-speakers/upload", data={"name": name}, files=[clip]
+            )
+            assert "URL" in json_error(refused, 400, "bad_request"), name
+        assert (
+            client.post(
+                "/api/v1/persistent-speakers/upload", data={"name": "..."}, files=[clip]
+            ).status_code
+            == 201
+        )  # three dots are no path segment of their own
+        assert client.delete("/api/v1/persistent-speakers/...").status_code == 200
 
 
 def test_speakers_enrol_identify_review_merge_opt_out_and_delete(daemon: HttpDaemon) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -29,7 +30,7 @@ from tests.httpd import (
 def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[HttpDaemon]:
     """One daemon for the module, with a token."""
     env = daemon_env(tmp_path_factory.mktemp("httpd"), models_dir)
-    server = HttpDaemon(env, config="").start()
+    server = HttpDaemon(env, config="body_timeout_s = 5\n").start()
     yield server
     assert server.stop() == 0, server.log()
 
@@ -108,6 +109,38 @@ def test_ws_audio_at_a_declared_rate_and_sockets_without_the_token(daemon: HttpD
 
     assert asyncio.run(refused("/ws/audio", "wrong")) == 403
     assert asyncio.run(refused("/ws/events", "")) == 403
+
+
+def test_messages_cut_anywhere_at_a_declared_rate_are_heard(daemon: HttpDaemon) -> None:
+    # A client streaming bytes as they come (a pipe, a socket) cuts messages anywhere. At a
+    # declared rate each message was resampled alone: one byte (no whole sample) made the
+    # resampler fail (a traceback, the socket dropped with no close frame), and a sample cut
+    # between two messages lost its first byte, every later sample read byte-shifted (noise).
+    import websockets
+    from scipy.signal import resample_poly
+
+    first = decode_file(DEMO)[: 16000 * 9].astype(np.float32)  # the first utterance
+    at_8k = np.clip(resample_poly(first, 1, 2), -32768, 32767).astype("<i2").tobytes()
+    ws_url = daemon.url.replace("http://", "ws://")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def run() -> list[dict[str, Any]]:
+        async with websockets.connect(
+            f"{ws_url}/ws/audio?rate_hz=8000", additional_headers=headers
+        ) as audio:
+            await audio.send(at_8k[:1])
+            for start in range(1, len(at_8k), 1601):
+                await audio.send(at_8k[start : start + 1601])
+            await audio.send("end")
+            got = []
+            while not got or got[-1].get("type") != "done":
+                got.append(json.loads(await asyncio.wait_for(audio.recv(), 300)))
+            return got
+
+    got = asyncio.run(run())
+    (transcript,) = [e for e in got if e.get("event_type") == "transcript"]
+    assert "Dashwood" in transcript["text"], transcript
+    assert "Traceback" not in daemon.log()
 
 
 def test_a_rate_the_stream_cannot_have_is_named(daemon: HttpDaemon) -> None:
@@ -203,3 +236,112 @@ def test_a_text_message_that_is_not_utf8_is_refused_in_one_line(daemon: HttpDaem
     assert said, "the refusal is logged"
     after = lines[said[-1] + 1 : said[-1] + 2]
     assert not [line for line in after if line.startswith("Traceback")], after
+
+
+def _rss_kb(daemon: HttpDaemon) -> int:
+    assert daemon.proc is not None
+    for line in Path(f"/proc/{daemon.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_audio_sent_faster_than_it_is_heard_is_not_held_in_memory(daemon: HttpDaemon) -> None:
+    # /ws/audio buffered 256 messages between the socket and the listener, of any size up to
+    # uvicorn's 16 MiB: a client sending faster than the VAD hears had the daemon hold up to
+    # 4 GiB a stream (+760 MB in 48 s from one client of 16 MiB messages). A message is now
+    # at most 1 MiB (over it: 1009) and what waits is held to a few MiB.
+    import websockets
+
+    from meraudiod.http.live import MAX_MESSAGE_BYTES
+
+    ws_url = daemon.url.replace("http://", "ws://") + "/ws/audio"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    noise = np.random.default_rng(0).integers(-3000, 3000, MAX_MESSAGE_BYTES // 2, "<i2")
+
+    async def flood() -> tuple[int, int]:
+        async with websockets.connect(ws_url, additional_headers=headers, max_size=None) as ws:
+            await ws.send(noise[:16000].tobytes())  # the stream's listener is made
+            await asyncio.sleep(2)
+            before = _rss_kb(daemon)
+            deadline = time.monotonic() + 10
+            sent = 0
+            with contextlib.suppress(TimeoutError):
+                while time.monotonic() < deadline:
+                    await asyncio.wait_for(ws.send(noise.tobytes()), deadline - time.monotonic())
+                    sent += 1
+            grown = _rss_kb(daemon) - before
+        return grown, sent
+
+    grown_kb, sent = asyncio.run(flood())
+    assert grown_kb < 40 << 10, (grown_kb, sent)  # it grew by 61 MB in 8 s, 13 MB now
+
+    async def oversized() -> int:
+        async with websockets.connect(ws_url, additional_headers=headers, max_size=None) as ws:
+            await ws.send(b"\0" * (MAX_MESSAGE_BYTES + 2))
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 30)
+        assert info.value.rcvd is not None
+        return int(info.value.rcvd.code)
+
+    assert asyncio.run(oversized()) == 1009  # message too big
+    with daemon.client() as client:
+        assert client.get("/health/ready").status_code == 200
+
+
+def test_a_stream_that_sends_nothing_gives_its_slot_back(daemon: HttpDaemon) -> None:
+    # A /ws/audio client that sent nothing held one of the four streams (a listener, a VAD)
+    # as long as it answered pings: four such clients and no one could stream. A stream's
+    # next message must come within http.body_timeout_s (5 s here), as a request's body.
+    import websockets
+
+    ws_url = daemon.url.replace("http://", "ws://") + "/ws/audio"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def idle() -> tuple[int, str, float]:
+        async with websockets.connect(ws_url, additional_headers=headers) as ws:
+            await ws.send(b"\0" * 3200)  # a message, then nothing
+            t0 = time.monotonic()
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 30)
+        assert info.value.rcvd is not None
+        return info.value.rcvd.code, info.value.rcvd.reason, time.monotonic() - t0
+
+    code, reason, after_s = asyncio.run(idle())
+    assert code == 1008 and "http.body_timeout_s" in reason, (code, reason)
+    assert 4.5 < after_s < 12, after_s
+
+
+def test_event_sockets_are_limited_and_leave_connections_for_requests(
+    daemon: HttpDaemon,
+) -> None:
+    # Only a WebSocket holds a connection for long (a request is done in seconds, an idle
+    # connection closed after 5), and /ws/events had no limit: 64 of them, the connection
+    # limit, and every other request, /health too, got 503.
+    import httpx
+    import websockets
+
+    from meraudiod.http.live import MAX_EVENT_SOCKETS
+
+    ws_url = daemon.url.replace("http://", "ws://") + "/ws/events"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def run() -> int:
+        open_ones = [
+            await websockets.connect(ws_url, additional_headers=headers)
+            for _ in range(MAX_EVENT_SOCKETS)
+        ]
+        try:
+            async with websockets.connect(ws_url, additional_headers=headers) as extra:
+                with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                    await asyncio.wait_for(extra.recv(), 30)
+            assert info.value.rcvd is not None
+            assert httpx.get(f"{daemon.url}/health").status_code == 200
+            return int(info.value.rcvd.code)
+        finally:
+            for ws in open_ones:
+                await ws.close()
+
+    assert MAX_EVENT_SOCKETS < 64
+    assert asyncio.run(run()) == 1013

@@ -174,3 +174,58 @@ def test_the_page_cannot_be_framed_by_another_site(daemon: HttpDaemon) -> None:
         response = httpx.get(f"{daemon.url}/", headers=headers)
         assert response.headers.get("x-frame-options") == "DENY", response.headers
         assert "frame-ancestors 'none'" in response.headers.get("content-security-policy", "")
+
+
+def test_another_site_on_the_same_host_cannot_use_the_pages_cookie(daemon: HttpDaemon) -> None:
+    # SameSite=Strict keeps the cookie from other sites, but a page served from another port
+    # of the device (or a sibling name) is the same site: with the user logged in to the
+    # review page, it read every transcript from /ws/events and switched listening off with
+    # one POST. A request the cookie alone authorises must now come from the page itself.
+    import http.server
+    import threading
+
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    evil = f"""<!doctype html><a href="{daemon.url}/">the review page</a><script>
+    window.got = [];
+    const ws = new WebSocket("{daemon.url.replace("http", "ws")}/ws/events");
+    ws.onopen = () => window.got.push("open");
+    ws.onclose = () => window.got.push("closed");
+    fetch("{daemon.url}/api/v1/vad/stop", {{method: "POST", mode: "no-cors",
+      credentials: "include"}}).then(() => window.got.push("sent"));
+    </script>""".encode()
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(evil)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=server.serve_forever, name="evil-site", daemon=True).start()
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=_ARGS)
+            context = browser.new_context()
+            page = context.new_page()
+            page.goto(f"{daemon.url}/?token={TOKEN}")  # logged in: the cookie is set
+            page.wait_for_function(
+                "document.getElementById('live-state').textContent.startsWith('Live')"
+            )
+            other = context.new_page()
+            other.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+            other.wait_for_function("window.got.includes('sent') && window.got.length >= 2")
+            got = other.evaluate("window.got")
+            other.click("a")  # a link to the page from there opens it
+            other.wait_for_function("document.getElementById('st-disk').textContent.endsWith('MB')")
+            page.reload()  # the page itself still works with its cookie
+            page.wait_for_function("document.getElementById('st-disk').textContent.endsWith('MB')")
+            assert page.is_checked("#listening"), got
+            browser.close()
+    finally:
+        server.shutdown()
+    assert "open" not in got, got
+    status = httpx.get(f"{daemon.url}/api/v1/status", headers=daemon.headers).json()
+    assert status["listening"] is True

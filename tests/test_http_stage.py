@@ -10,16 +10,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import soundfile
 
 from meraudiod.audio import decode_file
-from tests.conftest import DEMO, TEST_DATA
+from tests.conftest import DEMO, TEST_DATA, db_rows
 from tests.httpd import (
     HttpDaemon,
     json_error,
@@ -125,6 +127,46 @@ def test_a_restart_in_the_middle_of_an_upload_task_loses_nothing(
     assert recording["text"].count("Dashwood") == 4
     assert "requeued 1 jobs" in server.log()
     assert uploads.is_dir() and not any(uploads.iterdir())
+
+
+def test_uploads_still_being_stored_when_the_daemon_stops_are_told_so(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    # SIGTERM with uploads whose audio was still being stored 5 s later (uvicorn's grace):
+    # each client got uvicorn's plain-text "500 Internal Server Error", and the thread
+    # storing the upload went on, so one that finished before the process ended was stored
+    # all the same, a recording its client was told had failed.
+    long_file = tmp_path / "long.flac"
+    soundfile.write(long_file, np.tile(decode_file(DEMO), 40), 16000)  # 24 minutes
+    data = long_file.read_bytes()
+    config = "max_upload_mb = 100\nmax_upload_audio_s = 3600\n[asr]\nenabled = false\n"
+    server = HttpDaemon(env, config=config, token=None).start()
+    answers: list[Any] = [None] * 16
+
+    def upload(i: int) -> None:
+        with server.client() as client:
+            try:
+                answers[i] = client.post("/api/v1/analysis/upload", files={"file": ("a", data)})
+            except httpx.TransportError as exc:
+                answers[i] = exc
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(len(answers))]
+    for thread in threads:
+        thread.start()
+    uploads = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "uploads"
+    deadline = time.monotonic() + 60
+    while len(list(uploads.glob("*.part"))) < len(answers) and time.monotonic() < deadline:
+        time.sleep(0.05)  # every upload is being received
+    assert server.stop() == 0, server.log()
+    for thread in threads:
+        thread.join(60)
+    stored = [a.json()["task_id"] for a in answers if a.status_code == 202]
+    told = [json_error(a, 503, "unavailable") for a in answers if a.status_code != 202]
+    assert told, "no upload was still being stored 5 s after SIGTERM: make them longer"
+    assert all("stopping" in m and "nothing was stored" in m for m in told), told
+    rows = db_rows(env, "SELECT id FROM recordings")
+    assert sorted(r["id"] for r in rows) == sorted(stored)  # none stored unbeknown to its client
+    assert not list(uploads.glob("*.part"))
 
 
 def test_admin_operations_need_http_allow_admin_commands(settings: Any) -> None:

@@ -15,7 +15,7 @@ from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,14 +38,13 @@ _OPEN_PATHS: Final = frozenset({"/health", "/favicon.ico"})
 # A body that is not an upload (multipart/form-data): a JSON request needs a few KB, and a
 # 95 MB one, under the upload limit, was parsed whole (the daemon's peak memory +190 MB).
 MAX_OTHER_BODY_BYTES: Final = 1_000_000
+# A request's headers. h11's 16 KiB holds only for headers that come in pieces: whole in
+# one read of the socket (up to 256 KiB on loopback) they were taken.
+MAX_HEADER_BYTES: Final = 16384
+# The uploads stored as recordings (an enrolment's clips are not).
+RECORDING_UPLOADS: Final = frozenset({"/api/v1/analysis/upload", "/api/v1/vad/upload_recording"})
 # The routes that take a file (by path: a body labelled multipart elsewhere is read whole).
-UPLOAD_PATHS: Final = frozenset(
-    {
-        "/api/v1/analysis/upload",
-        "/api/v1/vad/upload_recording",
-        "/api/v1/persistent-speakers/upload",
-    }
-)
+UPLOAD_PATHS: Final = RECORDING_UPLOADS | {"/api/v1/persistent-speakers/upload"}
 
 
 class Guard:
@@ -91,12 +90,23 @@ class Guard:
 
         try:
             await self._guarded(scope, receive, send_with_id, headers)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still under way when the daemon stops, after its grace,
+            # and answered the client a plain-text 500 as if the request had failed here.
+            if scope["type"] == "http" and status[0] == 0:
+                # An upload's store gives up with it (uploads.store_upload); nothing else does.
+                stored = "; nothing was stored" if scope["path"] in RECORDING_UPLOADS else ""
+                said = f"the daemon is stopping and did not finish this request{stored}"
+                await _respond(scope, receive, send_with_id, _error(503, "unavailable", said))
+            raise
         finally:
             if scope["type"] == "http":
-                _LOGGER.info(  # the filter on the handlers adds the request id
+                # The path as the client encoded it: decoded, a %0A in it wrote a log line of
+                # the client's own (no token needed); the filter adds the request id.
+                _LOGGER.info(
                     "%s %s %d %.0f ms",
                     scope["method"],
-                    scope["path"],
+                    quote(scope["path"]),
                     status[0],
                     (time.perf_counter() - t0) * 1000,
                 )
@@ -105,12 +115,29 @@ class Guard:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
     ) -> None:
         path = scope["path"]
+        size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+        if size > MAX_HEADER_BYTES:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1009, "reason": "headers too large"})
+                return
+            said = f"request headers of {size} bytes, over the limit of 16 KiB"
+            await _respond(scope, receive, send, _error(431, "too_large", said))
+            return
         foreign = self._foreign(headers)
         if foreign is not None:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 4403, "reason": "another site"})
                 return
             await _respond(scope, receive, send, _error(403, "forbidden", foreign))
+            return
+        # The page itself may be opened from a link anywhere (a dashboard on another port).
+        linked = path == "/" and scope.get("method") == "GET"
+        by_cookie = self.token is not None and path not in _OPEN_PATHS and self._by_cookie(headers)
+        if by_cookie and not linked and (sent_by := self._other_site(headers)) is not None:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 4403, "reason": "another site"})
+                return
+            await _respond(scope, receive, send, _error(403, "forbidden", sent_by))
             return
         if self.token is not None and path not in _OPEN_PATHS and not self._authorized(headers):
             if scope["type"] == "websocket":
@@ -161,15 +188,47 @@ class Guard:
             return f"Origin {origin[:100]!r} is another site (see http.cors_origins)"
         return None
 
+    def _other_site(self, headers: dict[str, str]) -> str | None:
+        """With a token, why a request the page's cookie alone authorises is refused (None:
+        it is not): a browser sent it for a page other than this one. SameSite=Strict keeps
+        the cookie from other sites only, and another port of the device is the same site:
+        a page there read /ws/events and switched listening off. Sec-Fetch-Site says it
+        whatever Host a reverse proxy passes on; from a browser without it, the Origin."""
+        origin = headers.get("origin")
+        if origin is not None and (origin in self.cors_origins or "*" in self.cors_origins):
+            return None
+        site = headers.get("sec-fetch-site")
+        if site is not None:
+            if site in ("same-origin", "none"):
+                return None
+        elif origin is None or origin.lower().partition("://")[2] == headers.get("host", ""):
+            return None
+        return (
+            f"Origin {(origin or '?')[:100]!r} is another page than this device's: its cookie"
+            " serves its own page only (send Authorization: Bearer <token>)"
+        )
+
+    def _bearer(self, headers: dict[str, str]) -> str:
+        auth = headers.get("authorization", "")
+        return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+    def _cookie(self, headers: dict[str, str]) -> str:
+        if "cookie" not in headers:
+            return ""
+        cookie: SimpleCookie = SimpleCookie()
+        with contextlib.suppress(CookieError):  # a malformed cookie is no token
+            cookie.load(headers["cookie"])
+        return cookie[COOKIE].value if COOKIE in cookie else ""
+
+    def _by_cookie(self, headers: dict[str, str]) -> bool:
+        """Authorised by the page's cookie alone (no bearer header)."""
+        assert self.token is not None
+        given = self._cookie(headers)
+        return not self._bearer(headers) and bool(given) and _same(given, self.token)
+
     def _authorized(self, headers: dict[str, str]) -> bool:
         assert self.token is not None
-        auth = headers.get("authorization", "")
-        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if not given and "cookie" in headers:
-            cookie: SimpleCookie = SimpleCookie()
-            with contextlib.suppress(CookieError):  # a malformed cookie is no token
-                cookie.load(headers["cookie"])
-            given = cookie[COOKIE].value if COOKIE in cookie else ""
+        given = self._bearer(headers) or self._cookie(headers)
         return bool(given) and _same(given, self.token)
 
     def _counting(self, receive: Receive, limit: int, too_large: str) -> Receive:
@@ -265,6 +324,8 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
     )
     app.state.ctx = ctx
     app.state.live_streams = threading.BoundedSemaphore(live.MAX_LIVE_STREAMS)
+    app.state.event_sockets = threading.BoundedSemaphore(live.MAX_EVENT_SOCKETS)
+    app.state.decoding = asyncio.Semaphore(uploads.DECODING_AT_ONCE)
     app.add_middleware(
         Guard,
         token=token,

@@ -22,9 +22,18 @@ from .common import HttpContext
 _LOGGER = logging.getLogger(__name__)
 router = APIRouter(tags=["live"])
 _SUBSCRIBER_QUEUE: Final = 500  # events a slow socket may fall behind before losing some
-_STREAM_QUEUE: Final = 256  # audio messages buffered between the socket and the listener
+# A message of audio is at most 1 MiB (32 s at 16 kHz; uvicorn's default was 16 MiB), and
+# what waits between the socket and the listener is held in pieces to 2 MiB: 256 messages
+# of any size were buffered, and a client sending faster than the VAD hears had the daemon
+# hold up to 4 GiB a stream.
+MAX_MESSAGE_BYTES: Final = 1 << 20
+_PIECE_BYTES: Final = 32768
+_STREAM_PIECES: Final = 64
 _FINISH_TIMEOUT_S: Final = 300.0
 MAX_LIVE_STREAMS: Final = 4
+# A WebSocket is the one thing that holds a connection for long: 64 of /ws/events, the
+# connection limit (http.max_connections), and every other request got 503.
+MAX_EVENT_SOCKETS: Final = 16
 
 
 class EventHub:
@@ -67,7 +76,18 @@ class EventHub:
 async def ws_events(websocket: WebSocket) -> None:
     """Every speech, transcript and speaker event as JSON, as MQTT publishes them."""
     ctx: HttpContext = websocket.app.state.ctx
+    slots: threading.BoundedSemaphore = websocket.app.state.event_sockets
     await websocket.accept()
+    if not slots.acquire(blocking=False):
+        await websocket.close(1013, f"at most {MAX_EVENT_SOCKETS} event sockets at once")
+        return
+    try:
+        await _events(websocket, ctx)
+    finally:
+        slots.release()
+
+
+async def _events(websocket: WebSocket, ctx: HttpContext) -> None:
     events = ctx.hub.subscribe(asyncio.get_running_loop())
     receiver = asyncio.create_task(_until_closed(websocket))
     try:
@@ -96,17 +116,27 @@ class SocketStream:
     resampled to 16 kHz when the client declared another rate)."""
 
     def __init__(self, rate_hz: int) -> None:
-        self._chunks: queue.Queue[bytes] = queue.Queue(maxsize=_STREAM_QUEUE)
+        self._chunks: queue.Queue[bytes] = queue.Queue(maxsize=_STREAM_PIECES)
         self._resampler = Resampler(rate_hz, 1) if rate_hz != SAMPLE_RATE_HZ else None
         self._ended = False
+        self._odd_byte = b""  # a sample's first byte, its second in the next message
 
     def push(self, data: bytes) -> None:
         """One message of audio (b"" ends the stream)."""
-        if data and self._resampler is not None:
-            usable = len(data) - len(data) % 2
-            block = np.frombuffer(data[:usable], dtype="<i2").astype(np.float32) / 32768.0
+        if not data:
+            self._chunks.put(b"", timeout=30)
+            return
+        if self._resampler is not None:
+            # Whole samples only: a message may end inside one, whose other byte comes next.
+            data, self._odd_byte = self._odd_byte + data, b""
+            if len(data) % 2:
+                data, self._odd_byte = data[:-1], data[-1:]
+            if not data:  # less than a sample: nothing the resampler can take
+                return
+            block = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
             data = self._resampler.process(block.reshape(-1, 1)).astype("<i2").tobytes()
-        self._chunks.put(data, timeout=30)
+        for start in range(0, len(data), _PIECE_BYTES):  # waits while the listener is behind
+            self._chunks.put(data[start : start + _PIECE_BYTES], timeout=30)
 
     def read(self, size: int) -> bytes:
         """The next message (the reader thread blocks here); b"" for good once the stream
@@ -162,9 +192,17 @@ async def _stream(websocket: WebSocket, ctx: HttpContext, daemon: Any, rate_hz: 
     )
     _LOGGER.info("live audio %s at %d Hz", source.name, rate_hz)
     sender = asyncio.create_task(_send_own(websocket, events, source.name))
+    # A client that sends nothing held a stream (a listener, a VAD) for as long as it
+    # answered pings: the next message comes within http.body_timeout_s, as a body would.
+    idle_s = ctx.settings.http.body_timeout_s
     try:
         while True:
-            message = await websocket.receive()
+            try:
+                message = await asyncio.wait_for(websocket.receive(), idle_s)
+            except asyncio.TimeoutError:
+                said = f"no message within {idle_s:g} s (http.body_timeout_s)"
+                await websocket.close(1008, said)
+                break
             if message["type"] == "websocket.disconnect":
                 break
             if message.get("bytes"):

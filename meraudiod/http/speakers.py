@@ -51,7 +51,10 @@ _CLIPS_FORM: Final = openapi_form(
 async def enroll_upload(request: Request, ctx: HttpContext = Depends(context)) -> Any:
     """Enrol a person from uploaded clips (any common audio format)."""
     uploads = ctx.settings.storage.data_dir / "uploads"
-    async with received_form(request, uploads, "files", max_files=_MAX_CLIPS) as form:
+    async with (
+        received_form(request, uploads, "files", max_files=_MAX_CLIPS) as form,
+        request.app.state.decoding,  # see uploads.DECODING_AT_ONCE
+    ):
         return await run_in_threadpool(_enroll_clips, ctx, form)
 
 

@@ -13,7 +13,7 @@ from ..config import ConfigError, Settings
 from ..config_network import is_loopback
 from ..stage import StageThread
 from .common import HttpContext, RequestIdFilter
-from .live import EventHub
+from .live import MAX_MESSAGE_BYTES, EventHub
 
 _LOGGER = logging.getLogger(__name__)
 _STOP_TIMEOUT_S: Final = 10.0
@@ -79,6 +79,7 @@ class HttpStage(StageThread):
             access_log=False,  # the app logs one line per request, with its id
             lifespan="off",
             ws="websockets-sansio",
+            ws_max_size=MAX_MESSAGE_BYTES,  # a larger message closes its socket with 1009
             # h11 (not httptools) with a deadline for each request's headers; h11 keeps
             # its 16 KiB limit on them. The body's deadline is the app's Guard.
             http=with_header_deadline(http.header_timeout_s, http.max_connections),

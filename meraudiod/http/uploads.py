@@ -7,11 +7,14 @@ restart loses none, and its id is the recording's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
+import sqlite3
+import threading
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -28,7 +31,7 @@ from ..audio import (
 from ..config import Settings
 from ..db import now
 from ..recording_views import analysis_record
-from ..recordings import RecordingStore
+from ..recordings import Recording, RecordingStore
 from ..retention import disk_free_mb, read_only_dirs
 from .common import ApiError, HttpContext, check_id, run_command
 from .receive import BINARY, ReceivedFile, openapi_form, received_form
@@ -40,6 +43,11 @@ _TASK_STATES: Final = {"pending": "pending", "running": "running", "done": "comp
 _SWITCH_WAIT_S: Final = 10.0
 FIELD: Final = "file"  # the form field that carries an upload
 _Route = TypeVar("_Route", bound=Callable[..., Awaitable[dict[str, Any]]])
+# Uploads decoded and stored (or clips enrolled) at once; more wait for their turn without a
+# thread. Each held one of the 40 threads every route that is not async runs on: 40 at once
+# (a burst of uploads) left none for the others, and /health/ready, status or the listening
+# switch waited 10 s and more; on two cores more at once are not done sooner.
+DECODING_AT_ONCE: Final = 8
 
 
 def upload_blocks(
@@ -95,15 +103,63 @@ def refuse_unwritable_storage(settings: Settings) -> None:
             )
 
 
+class _Abandoned(Exception):
+    """The request gave up on its upload (the daemon is stopping): store nothing more."""
+
+
+class _Claim:
+    """Whether an upload's request still waits for it. A request cancelled as the daemon
+    stops (after uvicorn's grace) gives up under the lock its thread holds while committing
+    the recording: its client is told "nothing was stored" only if nothing was, and gets
+    its 202 if the commit came first. (The thread went on alone: an upload stored after its
+    client was told 500 was a recording nobody knew of, sent again.)"""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.stored_id: str | None = None
+        self._holding = False
+
+    def blocks(self, blocks: Iterable[Int16Array]) -> Iterator[Int16Array]:
+        """The blocks, until the request gives up."""
+        for block in blocks:
+            if self.abandoned:
+                raise _Abandoned
+            yield block
+
+    def hold(self, conn: sqlite3.Connection, recording: Recording) -> None:
+        """In the recording's transaction: the lock, held until it commits (see release)."""
+        self.lock.acquire()
+        self._holding = True
+        if self.abandoned:
+            self.release()
+            raise _Abandoned
+
+    def release(self) -> None:
+        """After the commit (or its failure)."""
+        if self._holding:
+            self._holding = False
+            self.lock.release()
+
+
 async def store_upload(request: Request, ctx: HttpContext, kind: str) -> str:
     """Receive an uploaded file into the data directory, then store its audio, decoded and
     written a block at a time, as a recording with a transcription job; returns its id."""
     refuse_unwritable_storage(ctx.settings)  # before a byte is received
     async with received_form(request, ctx.settings.storage.data_dir / "uploads", FIELD) as form:
-        return await run_in_threadpool(_store, ctx, form.files[0], kind)
+        claim = _Claim()
+        try:
+            async with request.app.state.decoding:
+                return await run_in_threadpool(_store, ctx, form.files[0], kind, claim)
+        except asyncio.CancelledError:
+            with claim.lock:  # waits only for a commit under way
+                claim.abandoned = claim.stored_id is None
+            if claim.stored_id is None:
+                raise  # the Guard answers 503: nothing was stored
+            return claim.stored_id
 
 
-def _store(ctx: HttpContext, received: ReceivedFile, kind: str) -> str:
+def _store(ctx: HttpContext, received: ReceivedFile, kind: str, claim: _Claim) -> str:
     name = Path(received.name or "upload").name[:100] or "upload"
     limit_s = ctx.settings.http.max_upload_audio_s
     with contextlib.closing(upload_blocks(received.path, name, limit_s)) as blocks:
@@ -112,12 +168,18 @@ def _store(ctx: HttpContext, received: ReceivedFile, kind: str) -> str:
             raise ApiError(422, "no_audio", f"{name}: the file holds no audio")
         storage, recorder = ctx.settings.storage, ctx.settings.recorder
         with ctx.connect() as conn:
-            recording = RecordingStore(conn, storage.audio_dir, recorder.audio_format).save_blocks(
-                itertools.chain([first], blocks),
-                source=f"{kind}:{name}",
-                started_at=now(),
-                transcribe=ctx.settings.asr.enabled,
-            )
+            store = RecordingStore(conn, storage.audio_dir, recorder.audio_format)
+            try:
+                recording = store.save_blocks(
+                    claim.blocks(itertools.chain([first], blocks)),
+                    source=f"{kind}:{name}",
+                    started_at=now(),
+                    transcribe=ctx.settings.asr.enabled,
+                    in_transaction=claim.hold,
+                )
+                claim.stored_id = recording.id
+            finally:
+                claim.release()
     ctx.wake_worker()
     return recording.id
 
