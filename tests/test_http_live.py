@@ -10,7 +10,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,28 @@ def test_a_rate_the_stream_cannot_have_is_named(daemon: HttpDaemon) -> None:
         assert code == 1003 and "rate_hz" in reason and "8000" in reason, (query, reason)
 
 
+async def one_over_the_limit(
+    ws_url: str, limit: int, meanwhile: Callable[[], None] | None = None
+) -> int:
+    """The close code of one WebSocket more than `limit` open at once (`meanwhile` runs
+    while they are)."""
+    import websockets
+
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    open_ones = [await websockets.connect(ws_url, additional_headers=headers) for _ in range(limit)]
+    try:
+        async with websockets.connect(ws_url, additional_headers=headers) as extra:
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                await asyncio.wait_for(extra.recv(), 60)
+        assert info.value.rcvd is not None
+        if meanwhile is not None:
+            meanwhile()
+        return int(info.value.rcvd.code)
+    finally:
+        for ws in open_ones:
+            await ws.close()
+
+
 def test_live_audio_streams_are_limited(daemon: HttpDaemon) -> None:
     import websockets
 
@@ -177,23 +199,7 @@ def test_live_audio_streams_are_limited(daemon: HttpDaemon) -> None:
 
     ws_url = daemon.url.replace("http://", "ws://") + "/ws/audio"
     headers = {"Authorization": f"Bearer {TOKEN}"}
-
-    async def run() -> int:
-        open_ones = [
-            await websockets.connect(ws_url, additional_headers=headers)
-            for _ in range(MAX_LIVE_STREAMS)
-        ]
-        try:
-            async with websockets.connect(ws_url, additional_headers=headers) as extra:
-                with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
-                    await asyncio.wait_for(extra.recv(), 60)
-                assert info.value.rcvd is not None
-                return int(info.value.rcvd.code)
-        finally:
-            for ws in open_ones:
-                await ws.close()
-
-    assert asyncio.run(run()) == 1013
+    assert asyncio.run(one_over_the_limit(ws_url, MAX_LIVE_STREAMS)) == 1013
     with daemon.client() as client:  # the closed streams gave their slots back
         assert client.get("/health/ready").status_code == 200
 
@@ -320,28 +326,13 @@ def test_event_sockets_are_limited_and_leave_connections_for_requests(
     # connection closed after 5), and /ws/events had no limit: 64 of them, the connection
     # limit, and every other request, /health too, got 503.
     import httpx
-    import websockets
 
     from meraudiod.http.live import MAX_EVENT_SOCKETS
 
     ws_url = daemon.url.replace("http://", "ws://") + "/ws/events"
-    headers = {"Authorization": f"Bearer {TOKEN}"}
 
-    async def run() -> int:
-        open_ones = [
-            await websockets.connect(ws_url, additional_headers=headers)
-            for _ in range(MAX_EVENT_SOCKETS)
-        ]
-        try:
-            async with websockets.connect(ws_url, additional_headers=headers) as extra:
-                with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
-                    await asyncio.wait_for(extra.recv(), 30)
-            assert info.value.rcvd is not None
-            assert httpx.get(f"{daemon.url}/health").status_code == 200
-            return int(info.value.rcvd.code)
-        finally:
-            for ws in open_ones:
-                await ws.close()
+    def health() -> None:  # the open sockets leave connections for requests
+        assert httpx.get(f"{daemon.url}/health").status_code == 200
 
     assert MAX_EVENT_SOCKETS < 64
-    assert asyncio.run(run()) == 1013
+    assert asyncio.run(one_over_the_limit(ws_url, MAX_EVENT_SOCKETS, health)) == 1013
