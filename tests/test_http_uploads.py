@@ -287,3 +287,27 @@ def test_the_file_part_without_a_file_name_is_the_file(daemon: HttpDaemon) -> No
         )
         response = _post_form(daemon, "/api/v1/analysis/upload", body)
         assert response.status_code == 202, (disposition, response.text)
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "limit", "said"),
+    [
+        ("/api/v1/analysis/upload", "file", 1, "body.file: one file"),
+        ("/api/v1/persistent-speakers/upload", "files", 20, "body.files: at most 20 files"),
+    ],
+)
+def test_more_files_than_a_form_takes_are_refused_not_dropped(
+    daemon: HttpDaemon, path: str, field: str, limit: int, said: str
+) -> None:
+    """Files past the limit (one upload, 20 enrolment clips) were dropped unsaid: the
+    enrolment went on without them, and only its `sources` showed it."""
+    uploads = _data(daemon) / "uploads"
+    before = _recordings(daemon)
+    clip = (DEMO.name, DEMO.read_bytes(), "audio/flac")
+    with httpx.Client(base_url=daemon.url, timeout=120) as client:
+        answer = client.post(path, data={"name": "Crowd"}, files=[(field, clip)] * (limit + 1))
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["message"] == said, answer.text
+        assert client.get("/api/v1/persistent-speakers").json() == []
+    assert _recordings(daemon) == before
+    wait_for(lambda: not _files(uploads), 30, "the received files removed")

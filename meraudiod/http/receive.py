@@ -54,7 +54,7 @@ class ReceivedForm:
 
 class _FormParts:
     """python-multipart's callbacks: the bytes of each file of `file_field` queued for
-    writing (up to `max_files`; more are dropped as they pass), text fields kept (small)."""
+    writing (up to `max_files`; one more is refused), text fields kept (small)."""
 
     def __init__(self, folder: Path, file_field: str, max_files: int) -> None:
         self.form = ReceivedForm()
@@ -113,7 +113,10 @@ class _FormParts:
             if len(self.form.fields) >= _MAX_FIELDS:
                 raise ApiError(400, "bad_request", f"more than {_MAX_FIELDS} form fields")
             self._part = name
-        elif name == self._file_field and len(self.form.files) < self._max_files:
+        elif name == self._file_field:
+            if len(self.form.files) >= self._max_files:  # were dropped unsaid
+                many = "one file" if self._max_files == 1 else f"at most {self._max_files} files"
+                raise ApiError(422, "invalid_request", f"body.{name}: {many}")
             received = ReceivedFile(
                 self._folder / f"{ULID()}.part", _printable(options.get(b"filename", b""))
             )
