@@ -74,30 +74,44 @@ def test_ws_audio_returns_transcripts_of_streamed_speech_and_ws_events_sees_them
     assert transcripts[0]["recording_id"] in [e.get("recording_id") for e in seen]
 
 
-def test_ws_audio_at_a_declared_rate_and_sockets_without_the_token(daemon: HttpDaemon) -> None:
-    import websockets
+def first_utterance_at_8k() -> bytes:
+    """The demo's first utterance as 16-bit samples at 8 kHz."""
     from scipy.signal import resample_poly
 
-    first = decode_file(DEMO)[: 16000 * 9].astype(np.float32)  # the first utterance
-    at_8k = np.clip(resample_poly(first, 1, 2), -32768, 32767).astype("<i2")
+    first = decode_file(DEMO)[: 16000 * 9].astype(np.float32)
+    return np.clip(resample_poly(first, 1, 2), -32768, 32767).astype("<i2").tobytes()
+
+
+def heard_at_8k(daemon: HttpDaemon, messages: list[bytes]) -> str:
+    """The transcript of a /ws/audio stream at a declared 8 kHz sent as `messages`."""
+    import websockets
+
     ws_url = daemon.url.replace("http://", "ws://")
-    headers = {"Authorization": f"Bearer {TOKEN}"}
 
     async def run() -> list[dict[str, Any]]:
         async with websockets.connect(
-            f"{ws_url}/ws/audio?rate_hz=8000", additional_headers=headers
+            f"{ws_url}/ws/audio?rate_hz=8000",
+            additional_headers={"Authorization": f"Bearer {TOKEN}"},
         ) as audio:
-            for start in range(0, at_8k.size, 800):
-                await audio.send(at_8k[start : start + 800].tobytes())
+            for message in messages:
+                await audio.send(message)
             await audio.send("end")
             got = []
             while not got or got[-1].get("type") != "done":
                 got.append(json.loads(await asyncio.wait_for(audio.recv(), 300)))
             return got
 
-    got = asyncio.run(run())
-    (transcript,) = [e for e in got if e.get("event_type") == "transcript"]
-    assert "Dashwood" in transcript["text"], transcript
+    (transcript,) = [e for e in asyncio.run(run()) if e.get("event_type") == "transcript"]
+    return str(transcript["text"])
+
+
+def test_ws_audio_at_a_declared_rate_and_sockets_without_the_token(daemon: HttpDaemon) -> None:
+    import websockets
+
+    at_8k = first_utterance_at_8k()
+    messages = [at_8k[start : start + 1600] for start in range(0, len(at_8k), 1600)]
+    assert "Dashwood" in heard_at_8k(daemon, messages)
+    ws_url = daemon.url.replace("http://", "ws://")
 
     async def refused(path: str, token: str) -> int:
         with pytest.raises(websockets.exceptions.InvalidStatus) as info:
@@ -116,30 +130,9 @@ def test_messages_cut_anywhere_at_a_declared_rate_are_heard(daemon: HttpDaemon) 
     # declared rate each message was resampled alone: one byte (no whole sample) made the
     # resampler fail (a traceback, the socket dropped with no close frame), and a sample cut
     # between two messages lost its first byte, every later sample read byte-shifted (noise).
-    import websockets
-    from scipy.signal import resample_poly
-
-    first = decode_file(DEMO)[: 16000 * 9].astype(np.float32)  # the first utterance
-    at_8k = np.clip(resample_poly(first, 1, 2), -32768, 32767).astype("<i2").tobytes()
-    ws_url = daemon.url.replace("http://", "ws://")
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-
-    async def run() -> list[dict[str, Any]]:
-        async with websockets.connect(
-            f"{ws_url}/ws/audio?rate_hz=8000", additional_headers=headers
-        ) as audio:
-            await audio.send(at_8k[:1])
-            for start in range(1, len(at_8k), 1601):
-                await audio.send(at_8k[start : start + 1601])
-            await audio.send("end")
-            got = []
-            while not got or got[-1].get("type") != "done":
-                got.append(json.loads(await asyncio.wait_for(audio.recv(), 300)))
-            return got
-
-    got = asyncio.run(run())
-    (transcript,) = [e for e in got if e.get("event_type") == "transcript"]
-    assert "Dashwood" in transcript["text"], transcript
+    at_8k = first_utterance_at_8k()
+    messages = [at_8k[:1], *(at_8k[start : start + 1601] for start in range(1, len(at_8k), 1601))]
+    assert "Dashwood" in heard_at_8k(daemon, messages)
     assert "Traceback" not in daemon.log()
 
 
