@@ -307,12 +307,21 @@ def checkpoint(conn: sqlite3.Connection) -> bool:
     holding the write lock), holding off every writer meanwhile (the listener's saves), so
     at most _CHECKPOINT_WAIT_S; on a stage's connection in slices, as BEGIN does (_begin).
     False when it could not finish: the log keeps those pages until the next checkpoint."""
-    (wait_ms,) = conn.execute("PRAGMA busy_timeout").fetchone()
-    conn.execute(f"PRAGMA busy_timeout={min(int(wait_ms), int(_CHECKPOINT_WAIT_S * 1000))}")
-    try:
+    with waiting_at_most(conn, _CHECKPOINT_WAIT_S):
         return _in_slices(
             conn, lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
         )
+
+
+@contextmanager
+def waiting_at_most(conn: sqlite3.Connection, wait_s: float) -> Iterator[float]:
+    """In the block, SQLite's wait for another connection's lock (the busy timeout) is at
+    most wait_s (a caller may have set less); yields the wait it had, in seconds, restored
+    at the end."""
+    (wait_ms,) = conn.execute("PRAGMA busy_timeout").fetchone()
+    conn.execute(f"PRAGMA busy_timeout={min(int(wait_ms), int(wait_s * 1000))}")
+    try:
+        yield int(wait_ms) / 1000
     finally:
         conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
 
@@ -327,10 +336,8 @@ def _in_slices(conn: sqlite3.Connection, attempt: Callable[[], bool]) -> bool:
     if stop is None:
         return attempt()
     assert isinstance(conn, StageConnection)
-    (wait_ms,) = conn.execute("PRAGMA busy_timeout").fetchone()  # a caller may have set less
-    deadline = time.monotonic() + int(wait_ms) / 1000
-    conn.execute(f"PRAGMA busy_timeout={min(int(wait_ms), int(_LOCK_SLICE_S * 1000))}")
-    try:
+    with waiting_at_most(conn, _LOCK_SLICE_S) as wait_s:
+        deadline = time.monotonic() + wait_s
         while True:
             busy: sqlite3.OperationalError | None = None
             try:
@@ -349,8 +356,6 @@ def _in_slices(conn: sqlite3.Connection, attempt: Callable[[], bool]) -> bool:
                 if busy is not None:
                     raise busy
                 return False
-    finally:
-        conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
 
 
 def database_file(conn: sqlite3.Connection) -> str:
@@ -412,15 +417,13 @@ def lock_said_at_once(conn: sqlite3.Connection, path: Path) -> Iterator[None]:
     LockedDatabaseError naming the file: a migration, the start's recovery, say it at once
     (the start then waits, see daemon._open_store) rather than wait out the busy timeout in
     silence, then fail. The writes are the look: no lock taken after a look waits it out."""
-    conn.execute(f"PRAGMA busy_timeout={int(_LOCK_PROBE_S * 1000)}")
     try:
-        yield
+        with waiting_at_most(conn, _LOCK_PROBE_S):
+            yield
     except sqlite3.OperationalError as exc:
         if not is_busy(exc):
             raise
         raise LockedDatabaseError.at(path) from exc
-    finally:
-        conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
 
 
 def is_busy(exc: sqlite3.OperationalError) -> bool:

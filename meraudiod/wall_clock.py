@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from typing import Final
 
-from .db import Transaction, is_busy
+from .db import Transaction, is_busy, waiting_at_most
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -154,18 +154,13 @@ def _restamp(conn: sqlite3.Connection, owed: dict[str, float]) -> None:
     by_shift: dict[float, list[str]] = {}
     for rec_id, shift_s in owed.items():
         by_shift.setdefault(shift_s, []).append(rec_id)
-    (wait_ms,) = conn.execute("PRAGMA busy_timeout").fetchone()
-    conn.execute(f"PRAGMA busy_timeout = {_RESTAMP_WAIT_MS}")
-    try:
-        with Transaction(conn):
-            for shift_s, ids in by_shift.items():
-                for first in range(0, len(ids), _BATCH):
-                    batch = ids[first : first + _BATCH]
-                    conn.execute(
-                        "UPDATE recordings SET started_at = started_at + ?,"
-                        " ended_at = ended_at + ?, closed_at = closed_at + ?"
-                        f" WHERE id IN ({','.join('?' * len(batch))})",
-                        (shift_s, shift_s, shift_s, *batch),
-                    )
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
+    with waiting_at_most(conn, _RESTAMP_WAIT_MS / 1000), Transaction(conn):
+        for shift_s, ids in by_shift.items():
+            for first in range(0, len(ids), _BATCH):
+                batch = ids[first : first + _BATCH]
+                conn.execute(
+                    "UPDATE recordings SET started_at = started_at + ?,"
+                    " ended_at = ended_at + ?, closed_at = closed_at + ?"
+                    f" WHERE id IN ({','.join('?' * len(batch))})",
+                    (shift_s, shift_s, shift_s, *batch),
+                )

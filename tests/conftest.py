@@ -77,13 +77,19 @@ def settings(env: dict[str, str]) -> Settings:
 
 
 def cli(
-    *args: str, env: dict[str, str], timeout_s: float = 120, as_user: bool = False
+    *args: str,
+    env: dict[str, str],
+    timeout_s: float = 120,
+    as_user: bool = False,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `meraudiod ARGS` as a real process; `as_user`: without root's right to read and
-    write anything (AS_A_USER), as the service's own user would."""
+    """Run `meraudiod ARGS` as a real process (in the directory `cwd`: relative paths are
+    read from there); `as_user`: without root's right to read and write anything
+    (AS_A_USER), as the service's own user would."""
     return subprocess.run(
         [*(AS_A_USER if as_user else []), sys.executable, "-m", "meraudiod", *args],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout_s,

@@ -173,19 +173,6 @@ def test_a_path_that_is_not_an_audio_file_says_what_it_is(
         assert "Traceback" not in result.stderr
 
 
-def meraudiod_in(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """`meraudiod ARGS` run in the directory `cwd` (relative paths are read from there)."""
-    return subprocess.run(
-        [sys.executable, "-m", "meraudiod", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_a_relative_file_source_is_the_current_directorys(
     env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -197,7 +184,7 @@ def test_a_relative_file_source_is_the_current_directorys(
     shutil.copy(TEST_DATA / "ls_103_0000.flac", tmp_path / "sub" / "a.flac")
 
     def run(spec: str) -> subprocess.CompletedProcess[str]:
-        return meraudiod_in(tmp_path, env, "run", "--source", spec)
+        return cli("run", "--source", spec, env=env, cwd=tmp_path)
 
     done = run("file:sub/a.flac")
     assert done.returncode == 0, done.stderr
@@ -217,7 +204,7 @@ def test_a_relative_file_source_is_the_current_directorys(
     # said `sub/a.flac`, and the recording's source `file:sub/a.flac`).
     for leftover in Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).glob("meraudiod.db*"):
         leftover.unlink()
-    analyzed = meraudiod_in(tmp_path, env, "analyze", "--json", "sub/a.flac", "sub/absent.flac")
+    analyzed = cli("analyze", "--json", "sub/a.flac", "sub/absent.flac", env=env, cwd=tmp_path)
     assert analyzed.returncode == 1, analyzed.stderr
     found = [json.loads(line) for line in analyzed.stdout.splitlines()]
     assert [f["file"] for f in found] == [f"{tmp_path}/sub/a.flac", f"{tmp_path}/sub/absent.flac"]
@@ -226,7 +213,7 @@ def test_a_relative_file_source_is_the_current_directorys(
     assert analyzed.stderr.strip() == f"error: {found[1]['error']}", analyzed.stderr
     sources = {r["source"] for r in db_rows(env, "SELECT source FROM recordings")}
     assert sources == {f"file:{tmp_path}/sub/a.flac"}, sources
-    shown = meraudiod_in(tmp_path, env, "analyze", "sub/a.flac")
+    shown = cli("analyze", "sub/a.flac", env=env, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith(f"{tmp_path}/sub/a.flac ("), shown.stdout
     Path(env["MERAUDIOD_CONFIG"]).write_text('[audio]\nsource = "file:sub/a.flac"\n')
@@ -329,7 +316,7 @@ def test_a_symbolic_link_loop_is_said_as_one(env: dict[str, str], tmp_path: Path
     (tmp_path / "c").symlink_to("b")
 
     def meraudiod(*args: str) -> subprocess.CompletedProcess[str]:
-        return meraudiod_in(tmp_path, env, *args)
+        return cli(*args, env=env, cwd=tmp_path)
 
     for name, said in (
         ("a", "is a symbolic link loop"),

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Final
 
@@ -186,15 +188,7 @@ def test_a_stop_while_another_process_holds_the_write_lock_is_prompt_and_says_wh
         holder = sqlite3.connect(_db(env), isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell
         time.sleep(max(0.0, ready + 15.0 - time.monotonic()))
-        asked = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=STOP_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"not stopped in {STOP_S} s: {out.text}") from None
-        stop_s = time.monotonic() - asked
+        code, stop_s = stopped(proc, out)
     finally:
         if holder is not None:
             holder.close()
@@ -306,6 +300,53 @@ def test_a_job_left_by_a_stop_while_another_process_holds_the_write_lock_is_no_c
     assert _job(env, job_id) == ("done", 0, 0), again_out.text
 
 
+def stopped(proc: subprocess.Popen[bytes], out: Output) -> tuple[int, float]:
+    """SIGTERM: its exit code and how long it took to stop (at most STOP_S, or a failure
+    with what it said; the callers' `finally` kills it)."""
+    asked = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=STOP_S)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"not stopped in {STOP_S} s: {out.text}") from None
+    return code, time.monotonic() - asked
+
+
+@contextmanager
+def paused(
+    script: str, args: list[str], env: dict[str, str]
+) -> Iterator[tuple[subprocess.Popen[bytes], Callable[[], None]]]:
+    """`python -c SCRIPT TELL TOLD ARGS`: a meraudiod that stops at a point of its script's
+    choosing (it writes "take" on the fd TELL and waits for a byte on the fd TOLD). Yields it
+    once it is there (its stderr a pipe) and `go`, which lets it on; killed if still running
+    at the end."""
+    tell_r, tell_w = os.pipe()
+    told_r, told_w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tell_w), str(told_r), *args],
+        env=env,
+        pass_fds=(tell_w, told_r),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    os.close(tell_w)
+    os.close(told_r)
+
+    def go() -> None:
+        os.write(told_w, b"!")
+
+    try:
+        assert os.read(tell_r, 4) == b"take", "it ended before its pause"
+        yield proc, go
+    finally:
+        os.close(tell_r)
+        os.close(told_w)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # The daemon, with the other process's lock taken at the start's recovery (after the start's
 # lock check, before its first write): its look at when the machine booted (jobs.boot_time)
 # tells the test on FD TELL, and waits for a byte on FD TOLD (the lock is held).
@@ -341,40 +382,22 @@ def test_a_lock_taken_between_the_starts_check_and_its_recovery_is_waited_for_an
     db = _db(env)
     open_db(db).close()
     holder = sqlite3.connect(db, isolation_level=None)
-    tell_r, tell_w = os.pipe()
-    told_r, told_w = os.pipe()
     wait_s = "120" if held == "briefly" else "2"
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-c", _DAEMON_WHOSE_RECOVERY_A_LOCK_OUTRUNS),
-            *(str(tell_w), str(told_r), wait_s, "run", "--source", f"file:{SHORT}"),
-        ],
-        env=env,
-        pass_fds=(tell_w, told_r),
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    os.close(tell_w)
-    os.close(told_r)
-    out = Output(proc.stderr)
+    run = [wait_s, "run", "--source", f"file:{SHORT}"]
     said = f"database {db} is locked by another process"
-    try:
-        assert os.read(tell_r, 4) == b"take", out.text  # at the recovery, after the check
-        holder.execute("BEGIN EXCLUSIVE")  # an admin's sqlite3 shell, left in a transaction
-        t0 = time.monotonic()
-        os.write(told_w, b"!")
-        if held == "briefly":
-            wait_for(lambda: said in out.text, 15, "the start to say it waits for the lock")
-            holder.execute("ROLLBACK")
-        code = proc.wait(timeout=120)
-        took_s = time.monotonic() - t0
-    finally:
-        holder.close()
-        os.close(tell_r)
-        os.close(told_w)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with paused(_DAEMON_WHOSE_RECOVERY_A_LOCK_OUTRUNS, run, env) as (proc, go):
+        out = Output(proc.stderr)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")  # an admin's sqlite3 shell, left in a transaction
+            t0 = time.monotonic()
+            go()
+            if held == "briefly":
+                wait_for(lambda: said in out.text, 15, "the start to say it waits for the lock")
+                holder.execute("ROLLBACK")
+            code = proc.wait(timeout=120)
+            took_s = time.monotonic() - t0
+        finally:
+            holder.close()
     out.join()
     assert "Traceback" not in out.text
     assert out.text.count(said) == (1 if held == "briefly" else 2), out.text
@@ -411,13 +434,7 @@ def test_a_stop_during_the_checkpoint_after_a_delete_is_prompt(env: dict[str, st
     try:
         wait_for(lambda: not db_rows(env, "SELECT id FROM recordings"), 60, "the sweep")
         time.sleep(1)  # the sweep's checkpoint waits for the backup's read
-        asked = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=STOP_S)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"not stopped in {STOP_S} s: {out.text}") from None
-        stop_s = time.monotonic() - asked
+        code, stop_s = stopped(proc, out)
     finally:
         holder.close()
         if proc.poll() is None:
@@ -526,36 +543,16 @@ def test_a_lock_taken_between_the_look_and_the_migration_is_said_at_once(
     old.executescript(MIGRATIONS[0] + "\nPRAGMA user_version=1;")
     old.close()
     holder = sqlite3.connect(db, isolation_level=None)
-    tell_r, tell_w = os.pipe()
-    told_r, told_w = os.pipe()
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-c", _COMMAND_WHOSE_MIGRATION_A_LOCK_OUTRUNS),
-            *(str(tell_w), str(told_r), "status"),
-        ],
-        env=env,
-        pass_fds=(tell_w, told_r),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    os.close(tell_w)
-    os.close(told_r)
-    try:
-        assert os.read(tell_r, 4) == b"take"  # after the look, before the migration
-        holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell
-        t0 = time.monotonic()
-        os.write(told_w, b"!")
-        _, stderr = proc.communicate(timeout=60)
-        took_s = time.monotonic() - t0
-    finally:
-        holder.close()
-        os.close(tell_r)
-        os.close(told_w)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with paused(_COMMAND_WHOSE_MIGRATION_A_LOCK_OUTRUNS, ["status"], env) as (proc, go):
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell
+            t0 = time.monotonic()
+            go()
+            _, raw = proc.communicate(timeout=60)
+            took_s = time.monotonic() - t0
+        finally:
+            holder.close()
+    stderr = raw.decode()
     assert proc.returncode == 1, stderr
     assert stderr.splitlines() == [
         f"Error: database {db} is locked by another process (a transaction left open: an"

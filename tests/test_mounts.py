@@ -26,7 +26,7 @@ from meraudiod.mounts import (
 )
 
 from .broker import free_port
-from .conftest import DEMO, needs_root
+from .conftest import DEMO, cli, needs_root
 
 
 def write(path: Path, text: str) -> Path:
@@ -296,15 +296,7 @@ def test_a_storage_directory_under_home_is_where_the_mount_check_looks(
     home.mkdir()
     cwd.mkdir()
     env = {**env, "HOME": str(home), "MERAUDIOD_STORAGE__DATA_DIR": "~/usb/meraudiod"}
-    done = subprocess.run(
-        [sys.executable, "-m", "meraudiod", "analyze", str(DEMO)],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = cli("analyze", str(DEMO), env=env, timeout_s=300, cwd=cwd)
     assert done.returncode == 0, done.stderr
     assert (home / "usb" / "meraudiod" / "meraudiod.db").is_file()
     assert not any(cwd.iterdir())
