@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from .db import Transaction, checkpoint, database_file, put_kv
-from .recordings import HELD_MARK, audio_file, normalise_id
+from .recordings import audio_file, forget_held, normalise_id
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def forget_recording(conn: sqlite3.Connection, rec_id: str) -> None:
     conn.execute("DELETE FROM outbox WHERE recording_id=?", (rec_id,))
     conn.execute("DELETE FROM speaker_embeddings WHERE recording_id=?", (rec_id,))
     conn.execute("DELETE FROM recordings WHERE id=?", (rec_id,))
-    conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + rec_id,))  # held audio: never written
+    forget_held(conn, rec_id)  # held audio: never written
 
 
 def remove_audio_first(

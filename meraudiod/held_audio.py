@@ -10,6 +10,12 @@ its audio (purge --audio-only), gets no file (one written is removed before that
 A process killed at any moment leaves no file a row names that is not whole: the next start
 (finish_held_writes) names a whole file that its recording still lacks, and removes any
 other.
+
+Audio still held when the daemon stops is kept over the stop in the runtime directory (a tmpfs,
+another file system than the full one: spill_held), the same way: announced in `kv`
+(recordings.SPILLED), written atomically, kept only if its mark is still there, and taken back
+into memory at the next start (take_back_spilled). Deleting the recording, or its audio,
+removes that file too (recordings.forget_held).
 """
 
 from __future__ import annotations
@@ -22,15 +28,19 @@ import time
 from pathlib import Path
 from typing import Final
 
+import soundfile
+
 from .config import Settings
-from .db import Transaction, put_kv
+from .db import Transaction, open_db, put_kv
 from .deletion import remove_file
 from .jobs import pid_alive
 from .recordings import (
     HELD_MARK,
+    SPILLED,
     MemoryAudio,
     audio_file,
     audio_name,
+    forget_held,
     part_file,
     write_audio_atomically,
 )
@@ -53,16 +63,10 @@ def write_held(
         return False
     key = _WRITING + rec_id
     with Transaction(conn):
-        row = conn.execute(
-            "SELECT r.started_at, r.audio_path, r.status, EXISTS (SELECT 1 FROM jobs j WHERE"
-            " j.recording_id = r.id AND j.state IN ('pending', 'running')) AS queued,"
-            " EXISTS (SELECT 1 FROM kv WHERE kv.key = ?) AS marked"
-            " FROM recordings r WHERE r.id=?",
-            (HELD_MARK + rec_id, rec_id),
-        ).fetchone()
+        row = conn.execute(_HELD_ROW, (HELD_MARK + rec_id, rec_id)).fetchone()
         why = _not_kept(row, settings)
         if why is not None:
-            conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + rec_id,))
+            forget_held(conn, rec_id)
         else:
             stored = audio_name(rec_id, float(row["started_at"]), settings.recorder.audio_format)
             put_kv(conn, key, f"{os.getpid()} {stored}")
@@ -102,6 +106,18 @@ def write_held(
     return named
 
 
+# What decides whether a recording's held audio is kept: `transcribed` (a job done), not only
+# finished, as a recording never to be transcribed (asr.enabled = false) is finished when saved
+# and keep_audio = false deletes audio once transcribed, never audio that never will be.
+_HELD_ROW: Final = (
+    "SELECT r.started_at, r.audio_path, r.status, EXISTS (SELECT 1 FROM jobs j WHERE"
+    " j.recording_id = r.id AND j.state IN ('pending', 'running')) AS queued,"
+    " EXISTS (SELECT 1 FROM jobs j WHERE j.recording_id = r.id AND j.state = 'done')"
+    " AS transcribed, EXISTS (SELECT 1 FROM kv WHERE kv.key = ?) AS marked"
+    " FROM recordings r WHERE r.id=?"
+)
+
+
 def _not_kept(row: sqlite3.Row | None, settings: Settings) -> str | None:
     """Why a recording's held audio is not to be written (None: it is)."""
     if row is None:
@@ -112,7 +128,7 @@ def _not_kept(row: sqlite3.Row | None, settings: Settings) -> str | None:
         return "its audio was deleted"
     finished = row["status"] != "pending" and not row["queued"]
     retention = settings.retention
-    if finished and row["status"] != "failed" and retention.keep_audio is False:
+    if finished and row["transcribed"] and row["status"] != "failed" and not retention.keep_audio:
         return "retention.keep_audio = false"
     if (
         finished
@@ -157,14 +173,175 @@ def finish_held_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
             elif found is None or found["audio_path"] != stored:
                 remove_file(path)
             conn.execute("DELETE FROM kv WHERE key=?", (row["key"],))
-    # The audio that stopped processes held is gone with them.
+    # The audio that stopped processes held is gone with them, but for what one kept in the
+    # runtime directory over its stop, not yet taken back (take_back_spilled).
     for row in conn.execute(
         "SELECT key, value FROM kv WHERE key >= ? AND key < ?", (HELD_MARK, HELD_MARK + "\uffff")
     ).fetchall():
         pid = int(row["value"])
         if pid == os.getpid() or not pid_alive(pid):
             with Transaction(conn):
-                conn.execute("DELETE FROM kv WHERE key=?", (row["key"],))
+                conn.execute(
+                    "DELETE FROM kv WHERE key=? AND NOT EXISTS (SELECT 1 FROM kv s"
+                    " WHERE s.key = ? || substr(?, ?))",
+                    (row["key"], SPILLED, row["key"], len(HELD_MARK) + 1),
+                )
     if named:
         _LOGGER.warning("named %d audio files written from memory by a stopped process", named)
     return named
+
+
+def spill_dir() -> Path | None:
+    """Where audio still held at a stop is kept until the next start: the unit's
+    RuntimeDirectory ($RUNTIME_DIRECTORY), else $XDG_RUNTIME_DIR/meraudiod; both a tmpfs,
+    another file system than the full or read-only one. None: neither is set."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime and Path(runtime).is_absolute():
+        return Path(runtime) / _SPILL_FOLDER
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "meraudiod" / _SPILL_FOLDER
+    return None
+
+
+_SPILL_FOLDER: Final = "held-audio"
+
+
+def keep_held_on_stop(settings: Settings, memory: MemoryAudio) -> None:
+    """The daemon stops with audio held: each recording's is kept in spill_dir() until the
+    next start (what is not to be kept is dropped); what cannot be (no runtime directory,
+    it too cannot be written, the database cannot take the announcement) is lost, said in
+    one line."""
+    folder = spill_dir()
+    kept = 0
+    why = ""
+    if folder is not None:
+        try:
+            conn = open_db(settings.storage.db_path)
+            try:
+                for rec_id in memory.ids():
+                    kept += spill_held(conn, settings, memory, rec_id, folder)
+            finally:
+                conn.close()
+        except OSError as exc:
+            why = f", nor {folder} ({exc.strerror})"
+        except sqlite3.Error as exc:
+            why = f", nor the database ({exc})"
+    if kept:
+        _LOGGER.warning(
+            "audio of %d recordings held in memory kept in %s until the next start: the"
+            " audio directory could not be written",
+            kept,
+            folder,
+        )
+    if len(memory):  # nowhere else to keep it
+        _LOGGER.warning(
+            "audio of %d recordings held in memory lost on stopping: the audio directory"
+            " could not be written%s",
+            len(memory),
+            why,
+        )
+
+
+def spill_held(
+    conn: sqlite3.Connection,
+    settings: Settings,
+    memory: MemoryAudio,
+    rec_id: str,
+    folder: Path,
+) -> bool:
+    """Keep one recording's held audio in `folder` over a stop; True if kept. Announced in
+    kv before the file appears (a kill leaves nothing the next start does not find), kept
+    only if its mark is still there once the file is whole (a delete meanwhile, by another
+    process: the file goes). The folder refusing it (OSError) is raised, the audio still
+    held."""
+    samples = memory.get(rec_id)
+    if samples is None:
+        return False
+    path = folder / f"{rec_id}.{settings.recorder.audio_format}"
+    with Transaction(conn):
+        why = _not_kept(conn.execute(_HELD_ROW, (HELD_MARK + rec_id, rec_id)).fetchone(), settings)
+        if why is not None:
+            forget_held(conn, rec_id)
+        else:
+            put_kv(conn, SPILLED + rec_id, f"{os.getpid()} {path}")
+    if why is not None:
+        memory.pop(rec_id)
+        _LOGGER.info("recording %s: its audio held in memory is not kept (%s)", rec_id, why)
+        return False
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_audio_atomically(path, samples, settings.recorder.audio_format)
+        with Transaction(conn):
+            # Its mark gone meanwhile (the recording, or its audio, deleted by another
+            # process or thread, whose forget_held found no file yet): the file goes.
+            row = conn.execute(_HELD_ROW, (HELD_MARK + rec_id, rec_id)).fetchone()
+            kept = row is not None and row["marked"] and row["audio_path"] is None
+            if not kept:
+                remove_file(path)
+                conn.execute("DELETE FROM kv WHERE key=?", (SPILLED + rec_id,))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(sqlite3.Error), Transaction(conn):
+            conn.execute("DELETE FROM kv WHERE key=?", (SPILLED + rec_id,))
+        raise
+    memory.pop(rec_id)
+    return bool(kept)
+
+
+def take_back_spilled(conn: sqlite3.Connection, settings: Settings, memory: MemoryAudio) -> int:
+    """At start-up (after finish_held_writes, which leaves the marks of what was kept): the
+    audio a stopped daemon kept in the runtime directory goes back into memory, to be written
+    to its file once the audio directory can take it, and its file goes. A temp file, a file
+    of a recording (or audio) deleted meanwhile, is removed; one that is gone (the runtime
+    directory emptied by a reboot, or a kill before it was whole) is said. Returns how many
+    were taken back."""
+    taken = lost = 0
+    rows = conn.execute(
+        "SELECT key, value FROM kv WHERE key >= ? AND key < ?", (SPILLED, SPILLED + "\uffff")
+    ).fetchall()
+    for row in rows:
+        pid_text, _, spilled = str(row["value"]).partition(" ")
+        pid = int(pid_text)
+        if pid != os.getpid() and pid_alive(pid):
+            continue  # still being written
+        rec_id = str(row["key"])[len(SPILLED) :]
+        path = Path(spilled)
+        if rec_id in memory.ids():
+            continue  # taken back by a recovery cut short, run again
+        with contextlib.suppress(OSError):
+            part_file(path, pid).unlink(missing_ok=True)
+        found = conn.execute(_HELD_ROW, (HELD_MARK + rec_id, rec_id)).fetchone()
+        samples = None
+        if found is not None and found["marked"] and found["audio_path"] is None:
+            try:
+                samples, _ = soundfile.read(path, dtype="int16")
+            except (OSError, soundfile.LibsndfileError):
+                lost += 1
+        finished = found is not None and found["status"] != "pending" and not found["queued"]
+        if samples is not None and not memory.put(rec_id, samples, finished=finished):
+            continue  # memory full: it stays where it is, for the next start
+        try:
+            with Transaction(conn):
+                # The file first: one that cannot be removed keeps its announcement, and a
+                # later start (or a delete) tries again.
+                remove_file(path)
+                if samples is not None:
+                    put_kv(conn, HELD_MARK + rec_id, str(os.getpid()))
+                    taken += 1
+                else:
+                    conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + rec_id,))
+                conn.execute("DELETE FROM kv WHERE key=?", (row["key"],))
+        except OSError as exc:
+            memory.pop(rec_id)
+            _LOGGER.error("recording %s: cannot remove %s: %s", rec_id, path, exc)
+    if taken:
+        _LOGGER.warning("audio of %d recordings kept over the last stop taken back", taken)
+    if lost:
+        _LOGGER.warning(
+            "audio of %d recordings kept over the last stop is gone (the runtime directory"
+            " emptied by a reboot, or the stop killed before it was whole)",
+            lost,
+        )
+    return taken

@@ -19,7 +19,7 @@ from .asr import SpeechToText, Transcriber
 from .config import Settings
 from .db import check_integrity, open_db
 from .deletion import finish_forgetting
-from .held_audio import finish_held_writes
+from .held_audio import finish_held_writes, keep_held_on_stop, take_back_spilled
 from .listener import Listener
 from .memory import release_memory, unmap_loaded_library_pages
 from .recordings import MemoryAudio, Recording, remove_crashed_writes
@@ -95,6 +95,7 @@ class Pipeline:
             _LOGGER.warning("requeued %d jobs left running by a stopped process", requeued)
         remove_crashed_writes(conn, storage.audio_dir)
         finish_held_writes(conn, storage.audio_dir)
+        take_back_spilled(conn, self.settings, self.memory)
         if finish_forgetting(conn):
             _LOGGER.warning("merged deleted text out of the index (a delete was killed)")
 
@@ -193,7 +194,9 @@ class Pipeline:
         if self.worker is not None:
             self.worker.wake()  # an idle worker sleeps until woken (or for seconds)
             self.worker.join()
-        if len(self.memory):  # nowhere else to keep it
+        if len(self.memory) and self.serves_store:  # in the runtime directory, if it can be
+            keep_held_on_stop(self.settings, self.memory)
+        elif len(self.memory):  # nowhere else to keep it
             _LOGGER.warning(
                 "audio of %d recordings held in memory lost on stopping: the audio directory"
                 " could not be written",

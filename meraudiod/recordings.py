@@ -39,6 +39,28 @@ _FLAC_LEVEL: Final = 1.0  # soundfile's scale: 0.0 is FLAC level 0, 1.0 is level
 # pid that holds it). Deleting the recording, or only its audio (purge --audio-only), deletes
 # the mark: the audio is then never written (held_audio.py).
 HELD_MARK: Final = "held_audio:"
+# kv key of held audio kept in the runtime directory over a stop, to be taken back at the next
+# start (held_audio.py); value "<pid> <absolute path of the file>". Announced before the file
+# appears, ended only once the file is gone (or taken back).
+SPILLED: Final = "held_audio_spilled:"
+
+
+def forget_held(conn: sqlite3.Connection, rec_id: str) -> None:
+    """A recording's held audio is never to be written (the recording, or its audio, deleted;
+    or not kept), inside the caller's transaction: its mark goes, and the copy kept in the
+    runtime directory over a stop with it (delete means delete). The announcement of that
+    copy stays while the process writing it is alive: it removes a file renamed into place
+    after this (held_audio.spill_held), or the next start does."""
+    conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + rec_id,))
+    row = conn.execute("SELECT value FROM kv WHERE key=?", (SPILLED + rec_id,)).fetchone()
+    if row is None:
+        return
+    pid_text, _, spilled = str(row[0]).partition(" ")
+    path, pid = Path(spilled), int(pid_text)
+    path.unlink(missing_ok=True)
+    if not jobs.pid_alive(pid):  # nobody writes it: its temp file goes, and the announcement
+        part_file(path, pid).unlink(missing_ok=True)
+        conn.execute("DELETE FROM kv WHERE key=?", (SPILLED + rec_id,))
 
 
 @dataclass(frozen=True)
@@ -183,12 +205,13 @@ class MemoryAudio:
     """Recordings' audio held in RAM while the audio directory cannot be written (too full,
     or read-only), bounded, until it is written to its file (held_audio.py). Audio whose
     recording is transcribed is only waiting to be kept: it is the first to go when a new
-    recording needs the room (its transcript stays)."""
+    recording needs the room (its transcript stays), as is audio of a recording never to be
+    transcribed (asr.enabled = false: it is finished when saved)."""
 
     def __init__(self, max_recordings: int = 32) -> None:
         self.max_recordings = max_recordings
         self._items: dict[str, Int16Array] = {}  # oldest first
-        self._transcribed: set[str] = set()
+        self._transcribed: set[str] = set()  # finished: the audio only waits to be written
         self._lock = threading.Lock()
         # One write of held audio at a time (listeners share this memory): two threads of one
         # process would write the same temp file.
@@ -196,9 +219,10 @@ class MemoryAudio:
         self.dropped = 0
         self._evicted: list[str] = []  # dropped to make room, their marks not yet deleted
 
-    def put(self, rec_id: str, samples: Int16Array) -> bool:
-        """Keep a recording's audio; False (and counted) when memory is full of audio still
-        to be transcribed."""
+    def put(self, rec_id: str, samples: Int16Array, finished: bool = False) -> bool:
+        """Keep a recording's audio (`finished`: nothing but writing it is left to do, as for
+        a recording not to be transcribed); False (and counted) when memory is full of audio
+        still to be transcribed."""
         with self._lock:
             if len(self._items) >= self.max_recordings:
                 oldest = next((i for i in self._items if i in self._transcribed), None)
@@ -214,6 +238,8 @@ class MemoryAudio:
                     oldest,
                 )
             self._items[rec_id] = samples
+            if finished:
+                self._transcribed.add(rec_id)
             return True
 
     def get(self, rec_id: str) -> Int16Array | None:
@@ -293,7 +319,7 @@ class RecordingStore:
         # Held and registered under the lock that writing held audio takes: another
         # listener never finds it held without its row (and takes it for deleted).
         with memory.write_lock:
-            if not memory.put(rec_id, samples):
+            if not memory.put(rec_id, samples, finished=not transcribe):
                 _LOGGER.error(
                     "audio cannot be written and memory is full: recording of %.1f s dropped",
                     duration_s,
@@ -307,7 +333,7 @@ class RecordingStore:
             def held(conn: sqlite3.Connection, recording: Recording) -> None:
                 put_kv(conn, HELD_MARK + rec_id, str(os.getpid()))
                 for gone in evicted:  # their audio will never be written
-                    conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + gone,))
+                    forget_held(conn, gone)
                 if in_transaction is not None:
                     in_transaction(conn, recording)
 

@@ -16,7 +16,7 @@ from typing import Final
 from .config import Settings
 from .db import now, open_db
 from .deletion import batches, delete_recordings, finish_forgetting, remove_audio_first
-from .recordings import HELD_MARK, audio_file
+from .recordings import HELD_MARK, audio_file, forget_held
 from .stage import StageThread
 from .wall_clock import follow_step
 
@@ -118,7 +118,7 @@ def drop_audio(
 
 def _forget_audio(conn: sqlite3.Connection, rec_id: str) -> None:
     conn.execute("UPDATE recordings SET audio_path=NULL WHERE id=?", (rec_id,))
-    conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + rec_id,))  # held: never written
+    forget_held(conn, rec_id)  # held: never written
 
 
 def sweep(

@@ -22,7 +22,7 @@ from .audio import Float32Array, to_float32
 from .config import Settings
 from .db import Transaction, cannot_write, is_busy, no_room, now, open_db, sync_log
 from .deletion import forget_deleted_text, forget_recording, forget_with_audio
-from .recordings import HELD_MARK, MemoryAudio, audio_file
+from .recordings import MemoryAudio, audio_file, forget_held
 from .retention import disk_free_mb, drop_audio, room_again, writable
 from .server_faults import ServerFaults
 from .speakers import SegmentSpeaker, SpeakerStage, plain_segments
@@ -421,7 +421,7 @@ class Worker(StageThread):
             if self.memory.pop(recording_id) is not None:
                 try:  # never to be written; a mark left is deleted at the next start
                     with Transaction(conn, durable=False):
-                        conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + recording_id,))
+                        forget_held(conn, recording_id)
                 except sqlite3.OperationalError as exc:
                     if not (cannot_write(exc) or is_busy(exc)):
                         raise

@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import shlex
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from meraudiod.audio import decode_file
 from tests.broker import Broker, Subscriber, free_port
-from tests.conftest import DEMO, SilenceFeeder, needs_root, wait_for
+from tests.conftest import DEMO, SilenceFeeder, cli, needs_root, wait_for
 from tests.mqtt_daemon import BASE, mqtt_env
 
 _READY_S = 180.0
@@ -265,6 +267,65 @@ def test_audio_held_below_the_free_disk_guard_is_written_once_above_it(
         assert audio == sorted(f"{r['id']}.flac" for r in rows)
         assert daemon.log().count("its audio held in memory written to") == 5
         assert daemon.stop() == 0, daemon.log()
+
+
+@needs_root
+def test_audio_held_when_the_daemon_stops_is_kept_over_the_stop(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The audio directory on a full tmpfs, transcription off: the demo's five recordings are
+    held in memory when the daemon is stopped (SIGTERM). Before, their audio was lost, said in
+    one line. Now it is kept in the runtime directory (another file system: a tmpfs under
+    systemd) until the next start; a recording deleted meanwhile takes its kept audio with
+    it; the next start, with room, writes the other four to their files, as any recording's,
+    and leaves nothing in the runtime directory."""
+    runtime = tmp_path / "run"
+    env = {
+        **env,
+        "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "0",
+        "MERAUDIOD_ASR__ENABLED": "false",
+        "RUNTIME_DIRECTORY": str(runtime),
+    }
+    speech = decode_file(DEMO).astype("<i2").tobytes()
+    first = tmp_path / "first"
+    first.mkdir()
+    daemon = FullDiskDaemon(env, first, "600k", "TMP_AUDIO_DIR")
+    try:
+        daemon.wait_ready()
+        daemon.fill()
+        daemon.say(speech)
+        held = [str(r["id"]) for r in _recordings(daemon, 5)]
+        wait_for(lambda: "recordings' audio kept in memory" in daemon.log(), 30, "audio held")
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    kept_in = runtime / "held-audio"
+    assert f"audio of 5 recordings held in memory kept in {kept_in}" in daemon.log()
+    assert "lost on stopping" not in daemon.log()
+    assert sorted(p.name for p in kept_in.iterdir()) == sorted(f"{i}.flac" for i in held)
+    kept = {i: decode_file(kept_in / f"{i}.flac") for i in held}
+    assert all(samples.size > 16000 // 2 for samples in kept.values())
+
+    deleted = cli("recordings", "delete", held[0], env=env)  # while it is down
+    assert deleted.returncode == 0, deleted.stderr
+    assert not (kept_in / f"{held[0]}.flac").exists()
+
+    second = tmp_path / "second"
+    second.mkdir()
+    with full_disk_daemon(env, second, "16m", "TMP_AUDIO_DIR") as again:
+        rows = _recordings(again, 4, audio_written=True, timeout_s=30)
+        audio_dir = again.disk / "meraudiod"
+        assert _files(audio_dir) == sorted(f"{i}.flac" for i in held[1:])
+        for row in rows:
+            written = decode_file(audio_dir / str(row["audio_path"]))
+            assert np.array_equal(written, kept[str(row["id"])])
+        assert list(kept_in.iterdir()) == []
+        assert "audio of 4 recordings kept over the last stop taken back" in again.log()
+        assert again.log().count("its audio held in memory written to") == 4
+        assert again.stop() == 0, again.log()
+    database = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+    assert database.execute("SELECT COUNT(*) FROM kv WHERE key GLOB 'held_audio*'").fetchone() == (
+        0,
+    )
 
 
 @needs_root

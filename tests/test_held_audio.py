@@ -5,6 +5,7 @@ deleted recording."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,12 @@ import soundfile
 from meraudiod.config import Settings
 from meraudiod.db import open_db
 from meraudiod.deletion import delete_recordings
-from meraudiod.held_audio import finish_held_writes, write_held
+from meraudiod.held_audio import (
+    finish_held_writes,
+    keep_held_on_stop,
+    take_back_spilled,
+    write_held,
+)
 from meraudiod.recordings import MemoryAudio, RecordingStore, remove_crashed_writes
 from meraudiod.retention import purge
 
@@ -186,3 +192,167 @@ def test_held_audio_deleted_by_an_audio_only_purge_is_never_written(settings: Se
     files = [p.name for p in settings.storage.audio_dir.rglob("*") if p.is_file()]
     assert files == [f"{kept}.flac"]
     assert store.conn.execute("SELECT COUNT(*) FROM kv WHERE key LIKE 'held%'").fetchone()[0] == 0
+
+
+def test_held_audio_of_recordings_never_transcribed_makes_room_as_transcribed_audio_does(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asr.enabled = false: a recording is finished when saved, its held audio only waits to
+    be written, as a transcribed recording's does. Memory full of it, a new recording's audio
+    takes the oldest one's room (before, none was ever marked so: every new recording was
+    dropped whole); and keep_audio = false, which deletes audio once transcribed, does not
+    drop audio that never will be (before: never written, the recording left with nothing)."""
+    monkeypatch.setattr(settings.retention, "keep_audio", False)
+    memory = MemoryAudio(max_recordings=2)
+    store = RecordingStore(open_db(settings.storage.db_path), settings.storage.audio_dir, "flac")
+    saved = [
+        store.save(
+            _AUDIO, source="t", start_s=0.0, started_at=1.7e9, transcribe=False, memory=memory
+        )
+        for _ in range(3)
+    ]
+    assert all(rec is not None for rec in saved), memory.dropped
+    first, second, third = (rec.id for rec in saved if rec is not None)
+    assert memory.ids() == [second, third] and memory.dropped == 0
+    marks = store.conn.execute("SELECT key FROM kv WHERE key LIKE 'held_audio:%'").fetchall()
+    assert sorted(m[0] for m in marks) == sorted(f"held_audio:{i}" for i in (second, third))
+    assert write_held(store.conn, settings, memory, second)
+    assert write_held(store.conn, settings, memory, third)
+    rows = dict(store.conn.execute("SELECT id, audio_path FROM recordings").fetchall())
+    assert rows[first] is None and rows[second] and rows[third]
+
+
+# Saves one recording with its audio held in memory, prints its id, then keeps it in argv[2]
+# as a stopping daemon does, killing itself (SIGKILL) at the moment named by argv[1].
+_SPILLER = """
+import os, signal, sys
+from pathlib import Path
+import numpy as np
+from meraudiod import held_audio, recordings
+from meraudiod.config import load_settings
+from meraudiod.db import open_db
+from meraudiod.recordings import MemoryAudio, RecordingStore
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+s = load_settings()
+conn = open_db(s.storage.db_path)
+memory = MemoryAudio()
+audio = (np.random.default_rng(0).standard_normal(16000 * 5) * 3000).astype(np.int16)
+rec = RecordingStore(conn, s.storage.audio_dir, "flac").save(
+    audio, source="t", start_s=0.0, started_at=1.7e9, memory=memory
+)
+print(rec.id, flush=True)
+moment = sys.argv[1]
+if moment == "announced":
+    held_audio.write_audio_atomically = die
+elif moment == "part-written":
+    recordings.os.replace = die
+elif moment in ("renamed", "kept"):
+    write = held_audio.write_audio_atomically
+    held_audio.write_audio_atomically = lambda *a: (write(*a), moment == "renamed" and die())
+held_audio.spill_held(conn, s, memory, rec.id, Path(sys.argv[2]))
+die()
+"""
+
+
+@pytest.mark.parametrize(
+    ("moment", "after"),
+    [
+        *(
+            (m, a)
+            for a in ("kept", "deleted")
+            for m in ("announced", "part-written", "renamed", "kept")
+        ),
+        ("kept", "audio-purged"),
+        ("kept", "rebooted"),
+    ],
+)
+def test_audio_kept_over_a_stop_is_taken_back_whole_or_not_at_all(
+    settings: Settings,
+    env: dict[str, str],
+    tmp_path: Path,
+    moment: str,
+    after: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGKILLed while keeping held audio in the runtime directory (or once it is kept),
+    then the recording, or its audio, deleted by another process while it is down (or not).
+    The next start takes back into memory only a whole file of a recording that still wants
+    it, leaves no file in that directory, and nothing in kv but the mark of what it holds;
+    the delete itself removes a kept file (delete means delete). One a reboot took, or
+    the kill, is said gone."""
+    folder = tmp_path / "run" / "held-audio"
+    done = subprocess.run(
+        [sys.executable, "-c", _SPILLER, moment, str(folder)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    rec_id = done.stdout.strip()
+    audio_dir = settings.storage.audio_dir
+    conn = open_db(settings.storage.db_path)
+    if moment == "kept":
+        assert [p.name for p in folder.iterdir()] == [f"{rec_id}.flac"]
+    if after == "deleted":
+        assert delete_recordings(conn, audio_dir, [rec_id]).recordings == 1
+    if after == "audio-purged":
+        purge(conn, audio_dir, before=time.time(), audio_only=True)
+    if after == "rebooted":  # the tmpfs emptied
+        shutil.rmtree(folder)
+    if after != "kept":
+        assert not (folder / f"{rec_id}.flac").exists()
+    memory = MemoryAudio()
+    finish_held_writes(conn, audio_dir)
+    taken = take_back_spilled(conn, settings, memory)
+
+    assert not folder.exists() or list(folder.iterdir()) == []
+    kv = [r[0] for r in conn.execute("SELECT key FROM kv WHERE key LIKE 'held_audio%'")]
+    if moment in ("renamed", "kept") and after == "kept":  # whole: taken back
+        assert taken == 1 and memory.ids() == [rec_id]
+        assert np.array_equal(memory.get(rec_id), _AUDIO)
+        assert kv == [f"held_audio:{rec_id}"]
+        assert write_held(conn, settings, memory, rec_id)  # and written as any held audio
+        assert [p.name for p in audio_dir.rglob("*") if p.is_file()] == [f"{rec_id}.flac"]
+    else:
+        assert taken == 0 and memory.ids() == [] and kv == []
+    gone = "audio of 1 recordings kept over the last stop is gone"
+    said = after == "rebooted" or (after == "kept" and moment in ("announced", "part-written"))
+    assert (gone in caplog.text) is said, caplog.text
+
+
+def test_held_audio_that_cannot_be_kept_over_a_stop_is_said_lost_in_one_line(
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No runtime directory, or one that cannot be written: the one line of before, saying
+    why, and nothing left announced."""
+    memory = MemoryAudio()
+    store, _ = _held(settings, memory)
+    _held(settings, memory)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(blocked))
+    keep_held_on_stop(settings, memory)
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    keep_held_on_stop(settings, memory)
+    lines = [r.getMessage() for r in caplog.records if "lost on stopping" in r.message]
+    assert lines == [
+        "audio of 2 recordings held in memory lost on stopping: the audio directory could"
+        f" not be written, nor {blocked / 'held-audio'} (Not a directory)",
+        "audio of 2 recordings held in memory lost on stopping: the audio directory could"
+        " not be written",
+    ]
+    assert (
+        store.conn.execute(
+            "SELECT COUNT(*) FROM kv WHERE key GLOB 'held_audio_spilled:*'"
+        ).fetchone()[0]
+        == 0
+    )
