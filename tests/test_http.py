@@ -8,6 +8,7 @@ import io
 import json
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -623,3 +624,92 @@ def test_audio_served_is_only_a_file_inside_the_audio_directory(
         assert client.get(f"/api/v1/recordings/{rec_id}/audio").status_code == 200
         path.unlink()
         kept.rename(path)
+
+
+def test_a_download_stops_once_its_recording_is_deleted(daemon: HttpDaemon) -> None:
+    """A slow reader downloading a recording's audio (32 MB here) when the recording is
+    deleted. Before, the file already open was delivered whole after the delete (privacy:
+    delete means delete). Now the download stops within a fraction of a second: the
+    connection is reset, what the kernel still held to send dropped with it, and the client
+    has a response cut far short of its Content-Length; the daemon says so in one line."""
+    audio_dir = Path(daemon.env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio"
+    size = 32 * 1024 * 1024
+    with daemon.client() as client:
+        rec_id = _upload_recording(client, "ls_2609_0000.flac")
+        stored = db_rows(daemon.env, f"SELECT audio_path FROM recordings WHERE id='{rec_id}'")
+        path = audio_dir / stored[0]["audio_path"]
+        path.write_bytes(np.random.default_rng(0).bytes(size))  # a long recording's worth
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # a slow reader's
+            sock.settimeout(30)
+            sock.connect(("127.0.0.1", daemon.port))
+            sock.sendall(
+                f"GET /api/v1/recordings/{rec_id}/audio HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
+            )
+            received = sock.recv(4096)  # the head and the first bytes, then a pause
+            assert received.startswith(b"HTTP/1.1 200"), received[:200]
+            assert f"content-length: {size}".encode() in received.lower()
+            time.sleep(0.5)
+            assert client.delete(f"/api/v1/recordings/{rec_id}").status_code == 200
+            time.sleep(1)  # the download sees it
+            try:
+                while data := sock.recv(65536):
+                    received += data
+            except ConnectionResetError:
+                pass
+    assert len(received) < 4 * 1024 * 1024, f"{len(received)} of {size} bytes received"
+    assert f"recording {rec_id}: download of its audio stopped" in daemon.log()
+    assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status", "code"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: x\r\n\r\n", 400, "bad_request"),
+        (b"NOT A REQUEST LINE\r\n\r\n", 400, "bad_request"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n:\r\n\r\n", 400, "bad_request"),
+        (b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
+    ],
+    ids=["bad-header-name", "bad-request-line", "empty-header", "nul-in-target"],
+)
+def test_a_request_h11_cannot_parse_is_answered_in_the_json_shape(
+    daemon: HttpDaemon, request_line: bytes, status: int, code: str
+) -> None:
+    """A malformed request line or header, refused by h11 before the app sees a request:
+    uvicorn answered it in plain text (`Invalid HTTP request received.`), the one 400 not in
+    the API's error shape. Now it is that shape, with h11's reason and a request id."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+        sock.sendall(request_line)
+        response = b""
+        while data := sock.recv(65536):
+            response += data
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), response[:300]
+    fields = [line.decode().split(": ", 1) for line in head.split(b"\r\n")[1:]]
+    headers = {name.lower(): value for name, value in fields}
+    assert headers["content-type"] == "application/json", head
+    error = json.loads(body)["error"]
+    assert set(error) == {"code", "message", "request_id"} and error["code"] == code, error
+    assert error["message"].startswith("malformed HTTP request: "), error
+    assert error["request_id"] == headers["x-request-id"], (error, head)
+
+
+def test_headers_over_16_kib_in_pieces_are_431_in_the_json_shape(daemon: HttpDaemon) -> None:
+    """Headers that pass h11's 16 KiB before they are whole (sent in pieces): h11 says 431,
+    uvicorn answered a plain-text 400. Now 431 `too_large`, as headers sent in one piece get
+    from the app (test_request_headers_are_held_to_16_kib_however_they_come)."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        response = b""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(40):  # 40 KB, never ended
+                time.sleep(0.02)
+                sock.sendall(b"a" * 1024)
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                response += data
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), response[:300]
+    error = json.loads(body)["error"]
+    assert error["code"] == "too_large" and "16 KiB" in error["message"], error

@@ -45,7 +45,7 @@ class HttpStage(StageThread):
             import uvicorn
 
             from .app import create_app
-            from .timeouts import with_header_deadline
+            from .protocol import server_protocol
         except ImportError as exc:
             raise StartError(
                 f"http.enabled needs the http extra: pip install 'meraudiod[http]' ({exc})"
@@ -81,8 +81,9 @@ class HttpStage(StageThread):
             ws="websockets-sansio",
             ws_max_size=MAX_MESSAGE_BYTES,  # a larger message closes its socket with 1009
             # h11 (not httptools) with a deadline for each request's headers; h11 keeps
-            # its 16 KiB limit on them. The body's deadline is the app's Guard.
-            http=with_header_deadline(http.header_timeout_s, http.max_connections),
+            # its 16 KiB limit on them. The body's deadline is the app's Guard. A request
+            # h11 cannot parse is answered in JSON, and a response can reset its connection.
+            http=server_protocol(http.header_timeout_s, http.max_connections),
             timeout_keep_alive=5,  # an idle connection between requests
             limit_concurrency=http.max_connections,
             timeout_graceful_shutdown=_GRACE_S,

@@ -78,14 +78,3 @@ class HeaderDeadline(H11Protocol):
                 self.header_timeout_s,
             )
             self.transport.close()
-
-
-def with_header_deadline(
-    header_timeout_s: float, max_connections: int | None = None
-) -> type[HeaderDeadline]:
-    """The protocol class for uvicorn's `http=`, with this deadline and connection limit."""
-    return type(
-        "HeaderDeadline",
-        (HeaderDeadline,),
-        {"header_timeout_s": header_timeout_s, "max_connections": max_connections},
-    )
