@@ -658,7 +658,8 @@ def test_a_download_stops_once_its_recording_is_deleted(daemon: HttpDaemon) -> N
                     received += data
             except ConnectionResetError:
                 pass
-    assert len(received) < 4 * 1024 * 1024, f"{len(received)} of {size} bytes received"
+    # 129 KB here; closed without the reset, the kernel's send buffer still delivered 4.0 MB
+    assert len(received) < 1024 * 1024, f"{len(received)} of {size} bytes received"
     assert f"recording {rec_id}: download of its audio stopped" in daemon.log()
     assert "Traceback" not in daemon.log()
 
