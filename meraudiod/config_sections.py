@@ -393,14 +393,21 @@ class StorageSettings(Section):
     )
     run_dir: Path | None = Field(
         None,
-        description="The daemon's heartbeat, rewritten every 5 s, which `status` reads: a tmpfs"
-        " such as /run/meraudiod spares the SD card; None = data_dir",
+        description="The daemon's heartbeat, rewritten every 5 s, which `status` reads, and a"
+        " note per job it transcribes (a crash is told from a stop by it): a tmpfs such as"
+        " /run/meraudiod spares the SD card, and is written when the data disk cannot be"
+        " (full, read-only); None = data_dir",
     )
 
     @property
     def db_path(self) -> Path:
         """The SQLite database file."""
         return self.data_dir / "meraudiod.db"
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Where the running daemon's own files go: run_dir, or data_dir when none."""
+        return self.run_dir or self.data_dir
 
     @property
     def audio_dir(self) -> Path:

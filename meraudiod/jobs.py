@@ -6,10 +6,12 @@ a job is completed in the same transaction that stores its results.
 A job's `origin` is the process that queued it: NULL for the daemon's own (kept across its
 restarts), `host:pid` for a one-off process such as `analyze`, which claims and waits for
 only its own jobs. `attempts` counts failed attempts; `crashes` counts the times the process
-died while it held the job, so a recording that kills the transcriber is given up on, and
-crashes never use up the attempts of a genuine failure. A stop that cannot give its job back
-(another process holds the database's write lock) notes it in a file beside the database
-(note_given_back): the next start gives it back with no crash counted.
+died while it worked on the job, so a recording that kills the transcriber is given up on, and
+crashes never use up the attempts of a genuine failure. What the process is working on is
+noted in a file outside the database (note_working), removed when it is done with the job
+(done_working), whether or not the database could take the outcome (a full or read-only disk,
+another process's write lock on a stop): a job left `running` is then given back by the next
+start with no crash counted; only one whose note is still there died with its process.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Final
 from .db import Transaction, now
 
 REPROCESS_KIND: Final = "retranscribe"  # a recording transcribed again on request
-_GIVEN_BACK_SUFFIX: Final = ".given-back"  # data_dir/job-ID.given-back holds its owner
+_WORKING_SUFFIX: Final = ".working"  # notes_dir/job-ID.working holds its owner
 # Updated further ahead of the clock than this: before the clock was set back.
 _FROM_THE_FUTURE_S: Final = 60.0
 
@@ -81,6 +83,7 @@ def claim(
     lease_s: float,
     owner: str | None = None,
     origin: str | None = None,
+    before_commit: Callable[[int], None] | None = None,
 ) -> Job | None:
     """Take the oldest pending job that is due, leased to this process for `lease_s` seconds;
     the device's own audio (microphone, live streams) before files uploaded over HTTP, so a
@@ -88,9 +91,11 @@ def claim(
 
     Only jobs of `origin` (None: the daemon's) are taken. A job last updated "in the
     future" was failed before the clock was set back (a bad RTC, then NTP): its retry time
-    is as far off as the step, so it is due now. The lease is there to tell, after
-    the process died, that it died on this job; a power cut is no such death, so the claim
-    needs no fsync of its own (a power cut may undo it: the job is then simply pending).
+    is as far off as the step, so it is due now. `before_commit` gets the job's id before the
+    claim is committed (note_working: a death right after the claim is one during the job).
+    The lease is there to tell, after the process died, that it died on this job; a power
+    cut is no such death, so the claim needs no fsync of its own (a power cut may undo it:
+    the job is then simply pending).
     """
     t = now()
     mine, args = _mine(origin)
@@ -102,6 +107,8 @@ def claim(
             f" ORDER BY {_UPLOADED_LAST}, id LIMIT 1) RETURNING id, recording_id, kind, attempts",
             (t + lease_s, owner or owner_id(), t, *args, t, t + _FROM_THE_FUTURE_S),
         ).fetchone()
+        if row is not None and before_commit is not None:
+            before_commit(int(row["id"]))
     if row is None:
         return None
     return Job(int(row["id"]), str(row["recording_id"]), str(row["kind"]), int(row["attempts"]) + 1)
@@ -165,21 +172,28 @@ def defer(conn: sqlite3.Connection, job_id: int, error: str, wait_s: float) -> N
     )
 
 
-def note_given_back(data_dir: Path, job_id: int) -> None:
-    """Say, without the database, that this process gives a claimed job back: a stop that
-    cannot write it (another process holds the write lock) leaves it `running`, and the next
-    start, finding this file naming its owner, gives it back with no crash counted. Written
-    before the stop says so, so a SIGKILL after that finds it there (it is in the kernel's
-    cache); one killed before it counts a crash, as any death does. OSError when it cannot
-    be written."""
-    (data_dir / f"job-{job_id}{_GIVEN_BACK_SUFFIX}").write_text(owner_id(), encoding="utf-8")
+def note_working(notes_dir: Path, job_id: int, owner: str | None = None) -> None:
+    """Say, outside the database, that this process (or `owner`) works on a job: if it dies
+    meanwhile, the next start finds this file naming the job's owner and counts a crash. In
+    the runtime directory (storage.run_dir: a tmpfs under systemd), which a full or read-only
+    data disk leaves writable; no fsync: a power cut is no crash. OSError when it cannot be
+    written."""
+    path = notes_dir / f"job-{job_id}{_WORKING_SUFFIX}"
+    path.write_text(owner or owner_id(), encoding="utf-8")
 
 
-def _given_back(data_dir: Path | None) -> dict[Path, tuple[int, str]]:
-    """The notes of note_given_back: each file's job id and owner (empty when cut short)."""
+def done_working(notes_dir: Path, job_id: int) -> None:
+    """The process is done with a job, its outcome stored or not (a stop, a disk that refused
+    it): a job it leaves `running` is given back by the next start, no crash counted.
+    Removing a file works on a full disk too. OSError when it cannot be removed."""
+    (notes_dir / f"job-{job_id}{_WORKING_SUFFIX}").unlink(missing_ok=True)
+
+
+def _working(notes_dir: Path) -> dict[Path, tuple[int, str]]:
+    """The notes of note_working: each file's job id and owner (empty when cut short)."""
     notes: dict[Path, tuple[int, str]] = {}
-    for path in data_dir.glob(f"job-*{_GIVEN_BACK_SUFFIX}") if data_dir is not None else ():
-        number = path.name.removeprefix("job-").removesuffix(_GIVEN_BACK_SUFFIX)
+    for path in notes_dir.glob(f"job-*{_WORKING_SUFFIX}"):
+        number = path.name.removeprefix("job-").removesuffix(_WORKING_SUFFIX)
         try:
             owner = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
@@ -199,24 +213,24 @@ def fail_for_good(conn: sqlite3.Connection, job_id: int, error: str) -> None:
 
 def requeue_stale(
     conn: sqlite3.Connection,
+    notes_dir: Path,
     max_crashes: int = 3,
     expired_leases: bool = True,
-    data_dir: Path | None = None,
 ) -> int:
     """Recover what dead processes left; returns how many running jobs went back to pending.
 
     A running job whose owner on this host is dead (or, with expired_leases, at start,
     whose lease expired, or which was claimed before this machine booted: after a power cut
     its pid may be another process's, or this one's, its lease still running) goes back to
-    pending with one more crash counted, unless its owner noted in `data_dir` that it gave it
-    back (note_given_back); at `max_crashes` it is failed for good with the reason stored, so
-    a recording that kills the process cannot make a crash loop. Jobs queued by a dead
-    one-off process (an interrupted `analyze`) become the daemon's.
+    pending; with one more crash counted when its owner's note (note_working) is still in
+    `notes_dir`: it died working on it. At `max_crashes` it is failed for good with the
+    reason stored, so a recording that kills the process cannot make a crash loop. Jobs
+    queued by a dead one-off process (an interrupted `analyze`) become the daemon's.
     """
     t = now()
     booted_at = boot_time()
-    notes = _given_back(data_dir)
-    given_back = {job_id: owner for job_id, owner in notes.values()}
+    notes = _working(notes_dir)
+    working = {job_id: owner for job_id, owner in notes.values()}
     released: list[int] = []
     requeued: list[int] = []
     given_up: list[int] = []
@@ -227,7 +241,7 @@ def requeue_stale(
         before_boot = _of_this_host(row["owner"]) and row["updated_at"] < booted_at
         lapsed = (row["lease_until"] or 0) < t or before_boot
         if (expired_leases and lapsed) or _dead(row["owner"]):
-            if given_back.get(int(row["id"])) == row["owner"]:
+            if working.get(int(row["id"])) != row["owner"]:  # done with it: a stop
                 released.append(int(row["id"]))
                 continue
             crashed = int(row["crashes"]) + 1
@@ -268,8 +282,8 @@ def requeue_stale(
             )
         for job_id in orphaned:
             conn.execute("UPDATE jobs SET origin=NULL WHERE id=?", (job_id,))
-    for path, (job_id, owner) in notes.items():  # used, or left by a process that is gone
-        if job_id in released or not _of_this_host(owner) or _dead(owner):
+    for path, (_, owner) in notes.items():  # used, or left by a process that is gone
+        if not _of_this_host(owner) or _dead(owner):
             with contextlib.suppress(OSError):  # kept, it is harmless: its job is not running
                 path.unlink(missing_ok=True)
     return len(requeued) + len(released)

@@ -88,9 +88,7 @@ class Pipeline:
         check_integrity(conn, storage.db_path)
         if not self.serves_store:
             return
-        requeued = jobs.requeue_stale(
-            conn, self.settings.asr.max_attempts, data_dir=storage.data_dir
-        )
+        requeued = jobs.requeue_stale(conn, storage.runtime_dir, self.settings.asr.max_attempts)
         if requeued:
             _LOGGER.warning("requeued %d jobs left running by a stopped process", requeued)
         remove_crashed_writes(conn, storage.audio_dir)

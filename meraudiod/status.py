@@ -34,7 +34,7 @@ def heartbeat_path(settings: Settings) -> Path:
 
     From the configuration alone, so that `status` in an admin's shell finds what the
     service wrote."""
-    return (settings.storage.run_dir or settings.storage.data_dir) / HEARTBEAT_FILE
+    return settings.storage.runtime_dir / HEARTBEAT_FILE
 
 
 def read_heartbeat(settings: Settings) -> dict[str, Any] | None:

@@ -101,6 +101,7 @@ class Worker(StageThread):
         # and why: said once, shown as degraded.
         self.storage_problem: str | None = None
         self._given_back: int | None = None  # a claimed job the storage kept from storing
+        self._note_refused = False  # a job's note (jobs.note_working) could not be written
         self.server_faults = ServerFaults()  # whose fault a failed server request is
 
     def wake(self) -> None:
@@ -125,9 +126,9 @@ class Worker(StageThread):
                         next_adopt = time.monotonic() + _ADOPT_EVERY_S
                         jobs.requeue_stale(
                             conn,
+                            self.settings.storage.runtime_dir,
                             self.settings.asr.max_attempts,
                             expired_leases=False,
-                            data_dir=self.settings.storage.data_dir,
                         )
                     if self._given_back is not None:
                         jobs.release(conn, self._given_back)
@@ -170,7 +171,12 @@ class Worker(StageThread):
         """Claim and process one job; False when there was none."""
         if not self.transcriber.ready():  # every ASR server is down: the jobs wait pending
             return False
-        job = jobs.claim(conn, self.settings.asr.job_lease_s, origin=self.job_origin)
+        job = jobs.claim(
+            conn,
+            self.settings.asr.job_lease_s,
+            origin=self.job_origin,
+            before_commit=self._note_working,
+        )
         if job is None:
             return False
         self.busy = True
@@ -180,32 +186,31 @@ class Worker(StageThread):
             try:
                 jobs.release(conn, job.id)
             except sqlite3.OperationalError as busy:
-                if not (is_busy(busy) and self.stop_event.is_set()):
+                if not self._left_running(job, busy, f"{exc}, not given back"):
                     raise
-                self._give_back_unwritten(job, f"{exc}, not given back")
                 return True
             _LOGGER.info("job %d (recording %s) given back: %s", job.id, job.recording_id, exc)
             return True
         except AudioLostError as exc:  # no retry can bring it back: one line, failed for good
             self.last_error = f"audio lost: {exc}"
             _LOGGER.error("job %d (recording %s) failed: %s", job.id, job.recording_id, exc)
-            with Transaction(conn):
-                jobs.fail_for_good(conn, job.id, self.last_error)
-                conn.execute(
-                    "UPDATE recordings SET status='failed' WHERE id=?", (job.recording_id,)
-                )
+            try:
+                with Transaction(conn):
+                    jobs.fail_for_good(conn, job.id, self.last_error)
+                    conn.execute(
+                        "UPDATE recordings SET status='failed' WHERE id=?", (job.recording_id,)
+                    )
+            except sqlite3.OperationalError as busy:
+                if not self._left_running(job, busy, "its failure not stored on stopping"):
+                    raise
+                return True
             self._forget_held(job.recording_id)
             return True
         except Exception as exc:
-            if (
-                isinstance(exc, sqlite3.OperationalError)
-                and is_busy(exc)
-                and self.stop_event.is_set()
+            if isinstance(exc, sqlite3.OperationalError) and self._left_running(
+                job, exc, "transcript not stored on stopping"
             ):
-                # Not the recording's fault: the next start gives it back, no crash counted,
-                # and transcribes it again from its saved audio.
-                self._give_back_unwritten(job, "transcript not stored on stopping")
-                raise
+                return True
             # Its transcript refused for want of room, or by a file system that refuses writes
             # (read-only): given back, no attempt counted. An I/O error on a writable one (a
             # failing card) counts, as any error: given back, it would be transcribed again
@@ -227,8 +232,12 @@ class Worker(StageThread):
                         wait_s,
                         self.last_error,
                     )
-                    with Transaction(conn):
-                        jobs.defer(conn, job.id, self.last_error, wait_s)
+                    try:
+                        with Transaction(conn):
+                            jobs.defer(conn, job.id, self.last_error, wait_s)
+                    except sqlite3.OperationalError as busy:
+                        if not self._left_running(job, busy, "its wait not stored on stopping"):
+                            raise
                     return True
             _LOGGER.error(
                 "job %d (recording %s) failed: %s%s",
@@ -237,18 +246,24 @@ class Worker(StageThread):
                 self.last_error,
                 "" if isinstance(exc, ServerError) else "\n" + traceback.format_exc(),
             )
-            with Transaction(conn):
-                final = jobs.fail(
-                    conn,
-                    job.id,
-                    self.last_error,
-                    self.settings.asr.max_attempts,
-                    self.settings.asr.retry_delay_s,
-                )
-                if final:
-                    conn.execute(
-                        "UPDATE recordings SET status='failed' WHERE id=?", (job.recording_id,)
+            try:
+                with Transaction(conn):
+                    final = jobs.fail(
+                        conn,
+                        job.id,
+                        self.last_error,
+                        self.settings.asr.max_attempts,
+                        self.settings.asr.retry_delay_s,
                     )
+                    if final:
+                        conn.execute(
+                            "UPDATE recordings SET status='failed' WHERE id=?",
+                            (job.recording_id,),
+                        )
+            except sqlite3.OperationalError as busy:
+                if not self._left_running(job, busy, "its failure not stored on stopping"):
+                    raise
+                return True
             if final:
                 self.server_faults.forget(job.recording_id)
                 if self.memory is not None:  # its audio is kept, as a file would be
@@ -256,27 +271,54 @@ class Worker(StageThread):
             return True
         finally:
             self.busy = False
+            self._done_working(job)
         if result is not None and self.on_transcribed is not None:
             self.on_transcribed(result)
         return True
 
-    def _give_back_unwritten(self, job: jobs.Job, what: str) -> None:
-        """On stopping, another process holds the write lock: the job stays `running` in the
-        database, and is noted as given back beside it (jobs.note_given_back), so that the
-        next start counts no crash against it (three would fail the recording for good)."""
-        try:
-            jobs.note_given_back(self.settings.storage.data_dir, job.id)
-            counted = ""
-        except OSError as exc:
-            counted = f" (counted as a crash of the job: cannot note it: {exc})"
+    def _left_running(self, job: jobs.Job, exc: sqlite3.OperationalError, what: str) -> bool:
+        """True (and said) when `exc` is another process's write lock met on stopping: the
+        job stays `running` in the database, and the next start gives it back with no crash
+        counted (its note removed: _done_working); not the recording's fault."""
+        if not (is_busy(exc) and self.stop_event.is_set()):
+            return False
         _LOGGER.warning(
             "job %d (recording %s): %s, database locked by another process: transcribed"
-            " again at the next start%s",
+            " again at the next start",
             job.id,
             job.recording_id,
             what,
-            counted,
         )
+        return True
+
+    def _note_working(self, job_id: int) -> None:
+        """Before a claim is committed: a death of this process from now until _done_working
+        counts a crash against the job (jobs.note_working)."""
+        try:
+            jobs.note_working(self.settings.storage.runtime_dir, job_id)
+        except OSError as exc:
+            if not self._note_refused:
+                self._note_refused = True
+                _LOGGER.warning(
+                    "cannot note the job in hand (%s): a crash during one is not counted"
+                    " against its recording",
+                    exc,
+                )
+
+    def _done_working(self, job: jobs.Job) -> None:
+        """Done with the job, whether or not the database took its outcome (a full or
+        read-only disk, a stop under another process's lock): if it is left `running`, the
+        next start gives it back with no crash counted."""
+        try:
+            jobs.done_working(self.settings.storage.runtime_dir, job.id)
+        except OSError as exc:
+            _LOGGER.warning(
+                "job %d (recording %s): cannot remove its note (%s): if it is left running,"
+                " the next start counts a crash against it",
+                job.id,
+                job.recording_id,
+                exc,
+            )
 
     def _transcribe(self, conn: sqlite3.Connection, job: jobs.Job) -> TranscribedRecording | None:
         row = conn.execute("SELECT * FROM recordings WHERE id=?", (job.recording_id,)).fetchone()

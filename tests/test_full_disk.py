@@ -4,9 +4,12 @@ of the daemon's own (unshare), filled and freed from outside through /proc/<pid>
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import re
 import shlex
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -22,10 +25,12 @@ import pytest
 
 from meraudiod.audio import decode_file
 from tests.broker import Broker, Subscriber, free_port
-from tests.conftest import DEMO, SilenceFeeder, cli, needs_root, wait_for
+from tests.conftest import DEMO, TEST_DATA, SilenceFeeder, cli, needs_root, wait_for
 from tests.mqtt_daemon import BASE, mqtt_env
+from tests.test_locked_database import STOP_S, WORKER_PAUSED_ON_ITS_JOB, Output, paused
 
 _READY_S = 180.0
+SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance
 
 
 class FullDiskDaemon:
@@ -703,3 +708,131 @@ def test_purge_frees_a_disk_full_to_the_last_byte(
     assert (out / "out").read_text() == said + "\n"
     assert "list rc=0" in lines, (out / "list").read_text()
     assert (out / "list").read_text().strip() == "[]"
+
+
+class Card:
+    """An ext4 image (without a journal, so that it can be checked and mounted again after
+    an error) mounted errors=remount-ro at `point` in a mount namespace a sleeping process
+    holds: it outlives the daemons that enter it (`enter`, nsenter) one after another."""
+
+    def __init__(self, tmp_path: Path, size_mb: int = 16) -> None:
+        self.image = tmp_path / "card.img"
+        with self.image.open("wb") as out:
+            out.truncate(size_mb * 1024 * 1024)
+        subprocess.run(["mkfs.ext4", "-q", "-O", "^has_journal", str(self.image)], check=True)
+        self.point = tmp_path / "card"
+        self.point.mkdir()
+        hold = f"{self._mount()} && echo mounted && exec sleep 600"
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "sh", "-c", hold], stdout=subprocess.PIPE
+        )
+        assert self.holder.stdout is not None and self.holder.stdout.readline() == b"mounted\n"
+        self.enter = ["nsenter", "-t", str(self.holder.pid), "-m"]
+        self.disk = Path(f"/proc/{self.holder.pid}/root") / str(self.point).lstrip("/")
+
+    def _mount(self) -> str:
+        options = "loop,errors=remount-ro"
+        return shlex.join(["mount", "-o", options, str(self.image), str(self.point)])
+
+    def fill(self) -> None:
+        """Full to its last byte (another program filled it)."""
+        with (self.disk / "filler").open("wb", buffering=0) as out, contextlib.suppress(OSError):
+            while out.write(bytes(4096)):
+                pass
+
+    def free(self) -> None:
+        (self.disk / "filler").unlink()
+
+    def break_(self) -> None:
+        """An error the kernel meets (ext4's trigger_fs_error): read-only from now on, what
+        was written before on the image (synced)."""
+        os.sync()
+        source = [*self.enter, "findmnt", "-no", "SOURCE", str(self.point)]
+        device = subprocess.run(source, capture_output=True, text=True, check=True).stdout
+        (Path("/sys/fs/ext4") / Path(device.strip()).name / "trigger_fs_error").write_text("1")
+
+    def mend(self) -> None:
+        """Unmounted, checked and mounted again, as an admin mends a card."""
+        check = shlex.join(["e2fsck", "-fy", str(self.image)])
+        mend = f"umount {shlex.quote(str(self.point))}; {check} >&2; {self._mount()}"
+        subprocess.run([*self.enter, "sh", "-c", mend], capture_output=True, check=True)
+
+    def rows(self, database: Path, sql: str) -> list[dict[str, object]]:
+        """Rows of a database on the card, read inside its namespace."""
+        script = (
+            "import json, sqlite3, sys; c = sqlite3.connect(sys.argv[1]);"
+            " c.row_factory = sqlite3.Row;"
+            " print(json.dumps([dict(r) for r in c.execute(sys.argv[2])]))"
+        )
+        command = [*self.enter, sys.executable, "-c", script, str(database), sql]
+        rows: list[dict[str, object]] = json.loads(
+            subprocess.run(command, capture_output=True, check=True).stdout
+        )
+        return rows
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait()
+
+
+@needs_root
+@pytest.mark.parametrize("disk", ["full", "read-only"])
+def test_a_job_whose_transcript_the_disk_refused_is_no_crash_after_a_stop(
+    env: dict[str, str], tmp_path: Path, disk: str
+) -> None:
+    """The worker claims a job, then the database's disk fills to the last byte, or turns
+    read-only (with storage.run_dir on another disk, as the installed configuration has it):
+    its transcript is refused and the job held back, `running` in the database, which cannot
+    be written. Before, a stop (SIGTERM) left it so, unsaid, and the next start counted a
+    crash against it: three restarts during one full-disk spell failed the recording for
+    good. Now the next start gives it back with no crash counted."""
+    if not Path("/dev/loop-control").exists():
+        pytest.skip("no loop devices")
+    card = Card(tmp_path)
+    data = card.point / "meraudiod"
+    env = {
+        **env,
+        "PATH": f"{env.get('PATH', '')}:/usr/sbin:/sbin",
+        "MERAUDIOD_STORAGE__DATA_DIR": str(data),
+        "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "1",
+    }
+    if disk == "read-only":
+        env["MERAUDIOD_STORAGE__RUN_DIR"] = str(tmp_path / "run")
+    # One utterance on a microphone (stdin) that stays open, as the service's does.
+    microphone, speech = os.pipe()
+    said = decode_file(SHORT).astype("<i2").tobytes() + bytes(32000)
+    fcntl.fcntl(speech, fcntl.F_SETPIPE_SZ, len(said))
+    os.write(speech, said)
+    run = ["run", "--source", "stdin"]
+    try:
+        with paused(WORKER_PAUSED_ON_ITS_JOB, run, env, prefix=card.enter, stdin=microphone) as (
+            proc,
+            go,
+        ):
+            os.close(microphone)
+            out = Output(proc.stderr)
+            card.fill() if disk == "full" else card.break_()
+            go()
+            refused = "transcription waits until it can be written"
+            wait_for(lambda: refused in out.text, 60, "the transcript refused")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=STOP_S) == 0, out.text
+        out.join()
+        card.free() if disk == "full" else card.mend()
+        job = "SELECT id, state, attempts, crashes FROM jobs"
+        (held,) = card.rows(data / "meraudiod.db", job)
+        assert held["state"] == "running", out.text
+        again = subprocess.run(
+            [*card.enter, sys.executable, "-m", "meraudiod", "run", "--source", f"file:{SHORT}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert again.returncode == 0, again.stderr
+        first = card.rows(data / "meraudiod.db", f"{job} WHERE id={held['id']}")
+        assert first == [{**held, "state": "done", "crashes": 0}], again.stderr
+    finally:
+        os.close(speech)
+        card.close()

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Final
@@ -20,10 +20,12 @@ from typing import IO, Final
 import pytest
 
 from meraudiod import daemon as daemon_module
+from meraudiod.audio import decode_file
 from meraudiod.config import Settings
 from meraudiod.daemon import Daemon
 from meraudiod.db import DamagedDatabaseError, DatabaseError, Transaction, open_db
 from meraudiod.deletion import forget_deleted_text
+from meraudiod.recordings import RecordingStore
 from meraudiod.schema import MIGRATIONS
 from meraudiod.sources import open_source
 
@@ -263,9 +265,10 @@ def test_a_job_left_by_a_stop_while_another_process_holds_the_write_lock_is_no_c
     """SIGTERM while another process holds the write lock and the worker waits for it to
     store a transcript: the job stays `running` (the database cannot be written). Before, the
     next start gave it back as a crash of that job, so three such stops in a row failed the
-    recording for good. Now the stop notes it outside the database and the next start gives
-    it back with no crash counted, also when the stopping process is SIGKILLed right after
-    it said so (systemd's TimeoutStopSec)."""
+    recording for good. Now the worker's note of the job in hand (jobs.note_working) is
+    gone once it gives the job up, and the next start gives it back with no crash counted,
+    also when the stopping process is SIGKILLed right after it said so (systemd's
+    TimeoutStopSec)."""
     proc = run_daemon(env, "--realtime", source=f"file:{DEMO}")
     out = Output(proc.stderr)
     said = "transcript not stored on stopping, database locked by another process"
@@ -314,19 +317,23 @@ def stopped(proc: subprocess.Popen[bytes], out: Output) -> tuple[int, float]:
 
 @contextmanager
 def paused(
-    script: str, args: list[str], env: dict[str, str]
+    script: str,
+    args: list[str],
+    env: dict[str, str],
+    prefix: Sequence[str] = (),
+    stdin: int = subprocess.DEVNULL,
 ) -> Iterator[tuple[subprocess.Popen[bytes], Callable[[], None]]]:
-    """`python -c SCRIPT TELL TOLD ARGS`: a meraudiod that stops at a point of its script's
-    choosing (it writes "take" on the fd TELL and waits for a byte on the fd TOLD). Yields it
-    once it is there (its stderr a pipe) and `go`, which lets it on; killed if still running
-    at the end."""
+    """`PREFIX python -c SCRIPT TELL TOLD ARGS`: a meraudiod that stops at a point of its
+    script's choosing (it writes "take" on the fd TELL and waits for a byte on the fd TOLD).
+    Yields it once it is there (its stderr a pipe) and `go`, which lets it on; killed if
+    still running at the end. PREFIX is a command that execs the rest (nsenter)."""
     tell_r, tell_w = os.pipe()
     told_r, told_w = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(tell_w), str(told_r), *args],
+        [*prefix, sys.executable, "-c", script, str(tell_w), str(told_r), *args],
         env=env,
         pass_fds=(tell_w, told_r),
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -480,7 +487,7 @@ def test_a_job_the_stop_cannot_give_back_while_another_process_holds_the_lock_is
     """SIGTERM while the worker waits on a hung Wyoming server: the request is abandoned and
     its job given back, a write, which another process's write lock keeps from it. Before,
     the job stayed `running` unsaid and the next start counted a crash against it; now the
-    stop notes it and says so, and the next start gives it back with no crash counted."""
+    stop says so, and the next start gives it back with no crash counted."""
     from .test_wyoming import hung_server_daemon
 
     slow = {"MERAUDIOD_ASR__WYOMING__DEADLINE_BASE_S": "120"}
@@ -508,6 +515,73 @@ def test_a_job_the_stop_cannot_give_back_while_another_process_holds_the_lock_is
         " given back, database locked by another process: transcribed again at the next start",
         said,
     ), said
+
+
+# The daemon, its worker paused on the first job it claims, as it reads the job's audio: it
+# tells the test on FD TELL and waits for a byte on FD TOLD.
+WORKER_PAUSED_ON_ITS_JOB: Final = """
+import os, runpy, sys
+from meraudiod.worker import Worker
+tell, told = int(sys.argv[1]), int(sys.argv[2])
+read_audio = Worker._read_audio
+done = []
+
+def paused(path):
+    if not done:
+        done.append(True)
+        os.write(tell, b"take")
+        os.read(told, 1)
+    return read_audio(path)
+
+Worker._read_audio = staticmethod(paused)
+sys.argv = ["meraudiod", *sys.argv[3:]]
+runpy.run_module("meraudiod", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("audio", ["unreadable", "gone"])
+def test_a_failure_the_stop_cannot_store_while_another_process_holds_the_lock_is_no_crash(
+    settings: Settings, env: dict[str, str], audio: str
+) -> None:
+    """SIGTERM while another process holds the write lock and the worker fails a job: its
+    audio unreadable (jobs.fail) or gone (jobs.fail_for_good). Before, that write, refused
+    by the lock, left the job `running` unsaid, and the next start counted a crash against
+    it. Now the stop says so, and the next start gives it back with no crash counted (the
+    failure is then stored there, its attempts counted)."""
+    conn = open_db(settings.storage.db_path)
+    store = RecordingStore(conn, settings.storage.audio_dir, "flac")
+    assert store.save(decode_file(SHORT), source="x", start_s=0.0, started_at=1000.0)
+    (job_id, stored), *_ = conn.execute("SELECT j.id, r.audio_path FROM jobs j, recordings r")
+    conn.close()
+    if audio == "unreadable":
+        (settings.storage.audio_dir / stored).write_bytes(b"not a sound file")
+    else:
+        (settings.storage.audio_dir / stored).unlink()
+    holder = sqlite3.connect(_db(env), isolation_level=None)
+    run = ["run", "--source", "stdin"]
+    with paused(WORKER_PAUSED_ON_ITS_JOB, run, env) as (proc, go):
+        out = Output(proc.stderr)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell
+            proc.send_signal(signal.SIGTERM)
+            go()
+            code = proc.wait(timeout=STOP_S)
+        finally:
+            holder.close()
+    out.join()
+    assert code == 0, out.text  # (the failure itself is logged with its traceback)
+    assert _job(env, job_id) == ("running", 0, 0)
+    again = run_daemon(env, source=f"file:{SHORT}")
+    again_out = Output(again.stderr)
+    assert again.wait(timeout=120) == 0, again_out.text
+    again_out.join()
+    tries = 3 if audio == "unreadable" else 1  # asr.max_attempts; lost audio fails at once
+    assert _job(env, job_id) == ("failed", tries, 0), again_out.text
+    assert re.search(
+        rf"job {job_id} \(recording \w+\): .+ not stored on stopping, database locked by"
+        " another process: transcribed again at the next start",
+        out.text,
+    ), out.text
 
 
 # A command, with the other process's lock taken after its look for the lock, just before it

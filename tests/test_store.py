@@ -185,7 +185,7 @@ def test_expired_and_orphaned_leases_are_requeued(settings: Settings) -> None:
         "UPDATE jobs SET owner=? WHERE id=?",
         (f"{jobs.owner_id().split(':')[0]}:999999999", dead.id),
     )
-    assert jobs.requeue_stale(s.conn) == 2
+    assert jobs.requeue_stale(s.conn, settings.storage.runtime_dir) == 2
     assert jobs.counts(s.conn) == {"pending": 2, "running": 1, "done": 0, "failed": 0}
 
 

@@ -203,9 +203,15 @@ def test_crashes_do_not_use_up_the_attempts_of_a_genuine_failure(settings: Setti
         SPEECH, source="x", start_s=0.0, started_at=1000.0
     )
     dead = f"{jobs.owner_id().rpartition(':')[0]}:999999999"
-    for _ in range(2):  # the process died twice while holding the job
-        assert jobs.claim(conn, lease_s=600, owner=dead) is not None
-        assert jobs.requeue_stale(conn, max_crashes=3) == 1
+    notes = settings.storage.runtime_dir
+
+    def note(job_id: int) -> None:
+        jobs.note_working(notes, job_id, dead)
+
+    for _ in range(2):  # the process died twice while working on the job
+        assert jobs.claim(conn, lease_s=600, owner=dead, before_commit=note) is not None
+        assert jobs.requeue_stale(conn, notes, max_crashes=3) == 1
+    assert conn.execute("SELECT crashes FROM jobs").fetchone()[0] == 2
     job = jobs.claim(conn, lease_s=600)
     assert job is not None and job.attempts == 1
     with Transaction(conn):  # one genuine failure: retried, not final
