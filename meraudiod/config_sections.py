@@ -396,7 +396,9 @@ class StorageSettings(Section):
         description="The daemon's heartbeat, rewritten every 5 s, which `status` reads, and a"
         " note per job it transcribes (a crash is told from a stop by it): a tmpfs such as"
         " /run/meraudiod spares the SD card, and is written when the data disk cannot be"
-        " (full, read-only); None = data_dir",
+        " (full, read-only), and where audio held in memory at a stop is kept until the next"
+        " start (without run_dir: $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR/meraudiod);"
+        " None = data_dir",
     )
 
     @property

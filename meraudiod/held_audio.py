@@ -31,6 +31,7 @@ from typing import Final
 import soundfile
 
 from .config import Settings
+from .config_sections import StorageSettings
 from .db import Transaction, open_db, put_kv
 from .deletion import remove_file
 from .jobs import pid_alive
@@ -191,10 +192,13 @@ def finish_held_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
     return named
 
 
-def spill_dir() -> Path | None:
-    """Where audio still held at a stop is kept until the next start: the unit's
-    RuntimeDirectory ($RUNTIME_DIRECTORY), else $XDG_RUNTIME_DIR/meraudiod; both a tmpfs,
-    another file system than the full or read-only one. None: neither is set."""
+def spill_dir(storage: StorageSettings) -> Path | None:
+    """Where audio still held at a stop is kept until the next start: `storage.run_dir` (the
+    unit's /run/meraudiod as installed), else the RuntimeDirectory ($RUNTIME_DIRECTORY), else
+    $XDG_RUNTIME_DIR/meraudiod; each a tmpfs, another file system than the full or read-only
+    one. None: none is set."""
+    if storage.run_dir is not None:
+        return storage.run_dir / _SPILL_FOLDER
     runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if runtime and Path(runtime).is_absolute():
         return Path(runtime) / _SPILL_FOLDER
@@ -212,7 +216,7 @@ def keep_held_on_stop(settings: Settings, memory: MemoryAudio) -> None:
     next start (what is not to be kept is dropped); what cannot be (no runtime directory,
     it too cannot be written, the database cannot take the announcement) is lost, said in
     one line."""
-    folder = spill_dir()
+    folder = spill_dir(settings.storage)
     kept = 0
     why = ""
     if folder is not None:
