@@ -20,6 +20,7 @@ from .audio import SAMPLE_RATE_HZ, Float32Array
 from .config_sections import AsrSettings
 from .memory import defer_pyav, encoder_heap, release_memory, transcription_heap
 from .onnx import load_error
+from .whisper_features import chunked_feature_extractor
 from .whisper_tokenizer import WhisperTokenizer
 from .whisper_tokenizer import install as install_tokenizer
 
@@ -188,10 +189,15 @@ def judge(segment: Segment, settings: AsrSettings) -> str | None:
 
 
 def _whisper_model_class() -> Any:
-    """faster-whisper's WhisperModel with its encoder's buffers mmapped (memory.py)."""
+    """faster-whisper's WhisperModel with its encoder's buffers mmapped (memory.py) and its
+    features of long audio computed a block at a time (whisper_features.py)."""
     from faster_whisper import WhisperModel
 
     class _WhisperModel(WhisperModel):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.feature_extractor = chunked_feature_extractor(**self.feat_kwargs)
+
         def encode(self, features: Any) -> Any:
             with encoder_heap():
                 return super().encode(features)
