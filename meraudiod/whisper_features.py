@@ -24,8 +24,10 @@ BLOCK_FRAMES: Final = 1000
 _CLAMP_DB: Final = 8.0  # Whisper's dynamic range: features below the loudest minus 8 (log10)
 
 
-def chunked_feature_extractor(**kwargs: Any) -> Any:
-    """faster-whisper's FeatureExtractor (its arguments), computing long audio block by block."""
+def chunked_feature_extractor(lead_in_samples: int = 0, **kwargs: Any) -> Any:
+    """faster-whisper's FeatureExtractor (its arguments), computing long audio block by
+    block, of `lead_in_samples` of silence followed by the audio it is given: the lead-in is
+    not a copy of the whole recording made only to put 0.25 s of zeros in front of it."""
     from faster_whisper.feature_extractor import FeatureExtractor
 
     class _ChunkedFeatureExtractor(FeatureExtractor):  # type: ignore[misc]
@@ -36,20 +38,23 @@ def chunked_feature_extractor(**kwargs: Any) -> Any:
                 self.n_samples = chunk_length * self.sampling_rate
                 self.nb_max_frames = self.n_samples // self.hop_length
             wave = np.asarray(waveform, dtype=np.float32)
-            if wave.ndim != 1 or wave.size + padding <= BLOCK_FRAMES * self.hop_length:
-                return super().__call__(wave, padding=padding)
-            return log_mel(self, wave, padding)
+            total = lead_in_samples + wave.size + padding
+            if wave.ndim != 1 or total <= BLOCK_FRAMES * self.hop_length:
+                lead_in = np.zeros(lead_in_samples, dtype=np.float32)
+                return super().__call__(np.concatenate([lead_in, wave]), padding=padding)
+            return log_mel(self, wave, lead_in_samples, padding)
 
     return _ChunkedFeatureExtractor(**kwargs)
 
 
-def log_mel(extractor: Any, wave: Float32Array, padding: int) -> Float32Array:
-    """What `FeatureExtractor.__call__(wave, padding)` returns, BLOCK_FRAMES at a time:
-    `wave` followed by `padding` zeros, reflected by n_fft/2 at both ends, framed every hop,
-    Hann-windowed, |rfft|^2, Mel-filtered, log10, clamped and scaled; the last frame dropped
-    (as faster-whisper drops it)."""
+def log_mel(extractor: Any, wave: Float32Array, lead_in: int, padding: int) -> Float32Array:
+    """What `FeatureExtractor.__call__(signal, padding)` returns for `signal`, `lead_in`
+    zeros followed by `wave`, BLOCK_FRAMES at a time: the signal followed by `padding` zeros,
+    reflected by n_fft/2 at both ends, framed every hop, Hann-windowed, |rfft|^2,
+    Mel-filtered, log10, clamped and scaled; the last frame dropped (as faster-whisper
+    drops it)."""
     n_fft, hop = int(extractor.n_fft), int(extractor.hop_length)
-    total = wave.size + padding  # the padded signal's length
+    total = lead_in + wave.size + padding  # the padded signal's length
     kept = total // hop  # 1 + total // hop frames, less the last
     window = np.hanning(n_fft + 1)[:-1].astype(np.float32)
     filters = extractor.mel_filters
@@ -59,7 +64,8 @@ def log_mel(extractor: Any, wave: Float32Array, padding: int) -> Float32Array:
         # The block's samples in the padded signal's coordinates (its reflected half-window
         # before sample 0 counted negative).
         start = first * hop - n_fft // 2
-        signal = _padded_slice(wave, total, start, start + (frames - 1) * hop + n_fft)
+        stop = start + (frames - 1) * hop + n_fft
+        signal = _padded_slice(wave, lead_in, total, start, stop)
         spectrum = extractor.stft(
             signal, n_fft, hop, window=window, center=False, return_complex=True
         ).astype(np.complex64)
@@ -72,15 +78,17 @@ def log_mel(extractor: Any, wave: Float32Array, padding: int) -> Float32Array:
     return features
 
 
-def _padded_slice(wave: Float32Array, total: int, start: int, stop: int) -> Float32Array:
-    """Samples [start, stop) of `wave` followed by zeros up to `total` samples, reflected
-    (numpy's "reflect": the edge sample not repeated) beyond both ends."""
-    if start >= 0 and stop <= wave.size:
-        return wave[start:stop]
+def _padded_slice(
+    wave: Float32Array, lead_in: int, total: int, start: int, stop: int
+) -> Float32Array:
+    """Samples [start, stop) of `lead_in` zeros, `wave` and zeros up to `total` samples,
+    reflected (numpy's "reflect": the edge sample not repeated) beyond both ends."""
+    if start >= lead_in and stop <= lead_in + wave.size:
+        return wave[start - lead_in : stop - lead_in]
     index = np.arange(start, stop)
     index = np.abs(index)  # reflected before the start
-    index = np.where(index >= total, 2 * (total - 1) - index, index)  # and past the end
+    index = np.where(index >= total, 2 * (total - 1) - index, index) - lead_in  # past the end
     out = np.zeros(stop - start, dtype=np.float32)
-    inside = index < wave.size
+    inside = (index >= 0) & (index < wave.size)
     out[inside] = wave[index[inside]]
     return out
