@@ -119,9 +119,11 @@ def bench_long_uploads(
     config_path: str | None,
     upload_s: float = LONG_UPLOAD_S,
     uploads: int = LONG_UPLOADS,
+    clip: Path | None = None,
 ) -> dict[str, Any]:
     """What long uploads cost the daemon's memory: the same recording of `upload_s` (the
-    demo repeated) uploaded `uploads` times, one after another, each task waited for. The
+    demo repeated; or `clip`, a file of any length) uploaded `uploads` times, one after
+    another, each task waited for. The
     peak is the daemon's VmHWM over the uploads less its VmRSS before them (the high-water
     mark reset once it is ready: loading the models peaks higher than it then holds);
     `growth` is its VmRSS after the last task less after the first: what every upload after
@@ -134,9 +136,13 @@ def bench_long_uploads(
         tempfile.TemporaryDirectory(prefix="bench-long-") as folder,
         _daemon(settings, config_path, port) as child,
     ):
-        clip = Path(folder) / "long.flac"
-        demo = decode_file(demo_path())
-        soundfile.write(clip, np.resize(demo, int(upload_s * SAMPLE_RATE_HZ)), SAMPLE_RATE_HZ)
+        if clip is None:
+            clip = Path(folder) / "long.flac"
+            demo = decode_file(demo_path())
+            samples = np.resize(demo, int(upload_s * SAMPLE_RATE_HZ))
+            soundfile.write(clip, samples, SAMPLE_RATE_HZ)
+        else:
+            upload_s = round(soundfile.info(clip).duration, 1)
         _upload_task_s(base_url, headers)  # the first transcription's one-off allocations
         time.sleep(1.0)
         before_kb = _status_kb(child.pid, "VmRSS:")
