@@ -1,8 +1,9 @@
 """Whisper's log-Mel features of a long recording, computed 10 s at a time.
 
-faster-whisper computes them over the whole audio at once: the framed signal (400 float32 a
-frame), its spectrum in complex64 and complex128 and its magnitudes all exist together, about
-55 bytes of working memory per sample, over ten times the audio itself. A 24-minute upload
+faster-whisper computes them over the whole audio at once: the padded copies of the audio,
+the framed signal (400 float32 a frame), its spectrum (twice) and its magnitudes all exist
+together, about 64 bytes of working memory per sample (numpy's buffers traced: 308 MB for 5
+minutes), sixteen times the audio itself. A 24-minute upload
 took the daemon's peak RSS from 228 MB to 1.5 GB, on a device whose whole memory may be
 512 MB. Here each block of frames is framed, transformed and reduced to its 80 Mel bands
 before the next: the same features (the STFT frames do not depend on the blocks), and only
@@ -18,8 +19,8 @@ import numpy as np
 
 from .audio import Float32Array
 
-# Frames (10 ms each) transformed at once: 10 s. numpy's STFT of a block then peaks at some
-# 10 MB (29 MB for 30 s), whatever the recording's length.
+# Frames (10 ms each) transformed at once: 10 s. A block's working memory is then some 12 MB
+# whatever the recording's length (numpy's STFT of 30 s alone peaked at 29 MB).
 BLOCK_FRAMES: Final = 1000
 _CLAMP_DB: Final = 8.0  # Whisper's dynamic range: features below the loudest minus 8 (log10)
 

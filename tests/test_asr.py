@@ -91,10 +91,10 @@ def test_worker_settings_default_is_quantized(settings: Settings) -> None:
 def test_features_of_long_audio_are_the_same_without_its_working_memory(
     transcriber: Transcriber,
 ) -> None:
-    """faster-whisper's features of a whole recording at once took some 55 bytes of working
-    memory per sample (a 24-minute upload: the daemon's peak RSS 228 MB -> 1.5 GB), after a
-    copy of the recording made to put the lead-in of silence in front; block by block, the
-    features themselves and a block's few MB. numpy's buffers are traced."""
+    """faster-whisper's features of a whole recording at once took some 64 bytes of working
+    memory per sample (a 24-minute upload: the daemon's peak RSS 228 MB -> 1.5 GB); block by
+    block, the features themselves and a block's few MB. The lead-in of silence Whisper hears
+    first is in them (it was a copy of the recording). numpy's buffers are traced."""
     from faster_whisper.feature_extractor import FeatureExtractor
 
     demo = to_float32(decode_file(DEMO))
