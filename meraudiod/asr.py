@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-import numpy as np
-
 from .audio import SAMPLE_RATE_HZ, Float32Array
 from .config_sections import AsrSettings
 from .memory import defer_pyav, encoder_heap, release_memory, transcription_heap
 from .onnx import load_error
+from .whisper_features import chunked_feature_extractor
 from .whisper_tokenizer import WhisperTokenizer
 from .whisper_tokenizer import install as install_tokenizer
 
@@ -188,10 +187,15 @@ def judge(segment: Segment, settings: AsrSettings) -> str | None:
 
 
 def _whisper_model_class() -> Any:
-    """faster-whisper's WhisperModel with its encoder's buffers mmapped (memory.py)."""
+    """faster-whisper's WhisperModel with its encoder's buffers mmapped (memory.py) and its
+    features of long audio computed a block at a time (whisper_features.py)."""
     from faster_whisper import WhisperModel
 
     class _WhisperModel(WhisperModel):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.feature_extractor = chunked_feature_extractor(LEAD_IN_SAMPLES, **self.feat_kwargs)
+
         def encode(self, features: Any) -> Any:
             with encoder_heap():
                 return super().encode(features)
@@ -268,13 +272,13 @@ class Transcriber:
         generator is consumed here."""
         s = self.settings
         duration_s = audio.size / SAMPLE_RATE_HZ
-        # A short lead-in of silence: Whisper misreads a word that starts at sample 0
-        # ("erase" -> "but race"); times are shifted back below.
-        padded = np.concatenate([np.zeros(LEAD_IN_SAMPLES, dtype=np.float32), audio])
+        # Whisper hears a short lead-in of silence before the audio (the model's feature
+        # extractor puts it there): it misreads a word that starts at sample 0 ("erase" ->
+        # "but race"). Times are shifted back below.
 
         def run(language: str | None) -> tuple[Any, Any]:
             return self._model.transcribe(  # type: ignore[no-any-return]
-                padded,
+                audio,
                 language=language,
                 beam_size=s.beam_size,
                 word_timestamps=s.word_timestamps,

@@ -390,10 +390,12 @@ def _bench_device(
         progress("memory per library and model")
         figures |= bench_memory(config_path)
     if settings.http.enabled and wanted("http"):
-        from .bench_http import bench_http
+        from .bench_http import LONG_UPLOAD_S, LONG_UPLOADS, bench_http, bench_long_uploads
 
         progress("HTTP stage")
         figures |= bench_http(settings, config_path)
+        progress(f"{LONG_UPLOADS} uploads of {LONG_UPLOAD_S / 60:g} minutes")
+        figures |= bench_long_uploads(settings, config_path)
     if wanted("speakers") and wanted("pipeline") and (wyoming or wanted("asr")):
         figures |= _verdict(settings, figures)
     return figures

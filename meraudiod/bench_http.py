@@ -1,7 +1,8 @@
 """What the HTTP stage costs (part of `meraudiod bench` when `http.enabled`): the daemon's
 resident memory and idle CPU with the stage off and on, each in a child process on a
 scratch data directory, listening to an open but silent stdin; and how long an upload's task
-takes against `meraudiod analyze` on the same file. scripts/bench writes these figures into
+takes against `meraudiod analyze` on the same file; and what long uploads, one after another,
+cost its memory (bench_long_uploads). scripts/bench writes these figures into
 docs/benchmarks.md (its HTTP section)."""
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 import soundfile
 
-from .audio import SAMPLE_RATE_HZ
+from .audio import SAMPLE_RATE_HZ, decode_file
 from .config import Settings
 from .db import open_db
 from .sources import demo_path
@@ -32,6 +35,10 @@ _IDLE_S: Final = 5.0
 _TASK_TIMEOUT_S: Final = 300.0
 # What a page and a scraper ask for: the API, the page, the docs, metrics, readiness.
 _PATHS: Final = ("/api/v1/recordings", "/", "/api/docs", "/metrics", "/health/ready")
+# The long uploads: long enough that a transcription's working memory per second of audio
+# shows (whole-file features: +57 MB a minute), short enough for a bench on a Pi.
+LONG_UPLOAD_S: Final = 240.0
+LONG_UPLOADS: Final = 3
 
 
 def bench_http(settings: Settings, config_path: str | None) -> dict[str, Any]:
@@ -87,26 +94,8 @@ def _idle_daemon(
     """(VmRSS in kB after start-up and, with HTTP, after serving requests; CPU % of one
     core while idle; with HTTP, the seconds an upload's task took) of `meraudiod run
     --source stdin`."""
-    scratch = Path(tempfile.mkdtemp(prefix="bench-http-"))
-    env = _scratch_env(settings, config_path, scratch)
-    if port:
-        env |= {
-            "MERAUDIOD_HTTP__ENABLED": "true",
-            "MERAUDIOD_HTTP__HOST": "127.0.0.1",
-            "MERAUDIOD_HTTP__PORT": str(port),
-        }
-    child: subprocess.Popen[bytes] | None = None
-    headers = {"Authorization": f"Bearer {settings.http.resolved_token() or ''}"}
-    try:
-        open_db(scratch / "meraudiod.db").close()
-        child = subprocess.Popen(
-            [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _wait_ready(child, scratch, port)
+    headers = _headers(settings)
+    with _daemon(settings, config_path, port) as child:
         if port:
             for _ in range(4):
                 for path in _PATHS:
@@ -123,6 +112,88 @@ def _idle_daemon(
         cpu_pct = 100.0 * cpu_pct / (time.monotonic() - t0)
         upload_s = _upload_task_s(f"http://127.0.0.1:{port}", headers) if port else 0.0
         return rss_kb, cpu_pct, upload_s
+
+
+def bench_long_uploads(
+    settings: Settings,
+    config_path: str | None,
+    upload_s: float = LONG_UPLOAD_S,
+    uploads: int = LONG_UPLOADS,
+    clip: Path | None = None,
+) -> dict[str, Any]:
+    """What long uploads cost the daemon's memory: the same recording of `upload_s` (the
+    demo repeated; or `clip`, a file of any length) uploaded `uploads` times, one after
+    another, each task waited for. The
+    peak is the daemon's VmHWM over the uploads less its VmRSS before them (the high-water
+    mark reset once it is ready: loading the models peaks higher than it then holds);
+    `growth` is its VmRSS after the last task less after the first: what every upload after
+    the first left behind."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    headers, base_url = _headers(settings), f"http://127.0.0.1:{port}"
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-long-") as folder,
+        _daemon(settings, config_path, port) as child,
+    ):
+        if clip is None:
+            clip = Path(folder) / "long.flac"
+            demo = decode_file(demo_path())
+            samples = np.resize(demo, int(upload_s * SAMPLE_RATE_HZ))
+            soundfile.write(clip, samples, SAMPLE_RATE_HZ)
+        else:
+            upload_s = round(soundfile.info(clip).duration, 1)
+        _upload_task_s(base_url, headers)  # the first transcription's one-off allocations
+        time.sleep(1.0)
+        before_kb = _status_kb(child.pid, "VmRSS:")
+        Path(f"/proc/{child.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        after_kb: list[int] = []
+        for _ in range(uploads):
+            _upload_task_s(base_url, headers, clip, timeout_s=max(_TASK_TIMEOUT_S, 3 * upload_s))
+            time.sleep(1.0)  # the worker's last frees
+            after_kb.append(_status_kb(child.pid, "VmRSS:"))
+        peak_kb = _status_kb(child.pid, "VmHWM:")
+    return {
+        "http_long_upload_s": upload_s,
+        "http_long_uploads": uploads,
+        "http_long_upload_rss_before_mb": round(before_kb / 1024, 1),
+        "http_long_upload_peak_added_mb": round((peak_kb - before_kb) / 1024, 1),
+        "http_long_upload_rss_after_first_mb": round(after_kb[0] / 1024, 1),
+        "http_long_upload_rss_after_last_mb": round(after_kb[-1] / 1024, 1),
+        "http_long_uploads_rss_growth_mb": round((after_kb[-1] - after_kb[0]) / 1024, 1),
+    }
+
+
+def _headers(settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings.http.resolved_token() or ''}"}
+
+
+@contextmanager
+def _daemon(
+    settings: Settings, config_path: str | None, port: int | None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`meraudiod run --source stdin` on a scratch data directory, with the HTTP stage on
+    `port` (None: off), ready; stopped and its directory removed afterwards."""
+    scratch = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    env = _scratch_env(settings, config_path, scratch)
+    if port:
+        env |= {
+            "MERAUDIOD_HTTP__ENABLED": "true",
+            "MERAUDIOD_HTTP__HOST": "127.0.0.1",
+            "MERAUDIOD_HTTP__PORT": str(port),
+        }
+    child: subprocess.Popen[bytes] | None = None
+    try:
+        open_db(scratch / "meraudiod.db").close()
+        child = subprocess.Popen(
+            [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_ready(child, scratch, port)
+        yield child
     finally:
         if child is not None:
             child.terminate()
@@ -132,9 +203,15 @@ def _idle_daemon(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _upload_task_s(base_url: str, headers: dict[str, str]) -> float:
-    """Seconds from posting the demo to `/api/v1/analysis/upload` to its task completed."""
-    demo = demo_path()
+def _upload_task_s(
+    base_url: str,
+    headers: dict[str, str],
+    clip: Path | None = None,
+    timeout_s: float = _TASK_TIMEOUT_S,
+) -> float:
+    """Seconds from posting `clip` (the demo) to `/api/v1/analysis/upload` to its task
+    completed."""
+    demo = clip or demo_path()
     boundary = "bench-upload-boundary"
     body = (
         (
@@ -152,7 +229,7 @@ def _upload_task_s(base_url: str, headers: dict[str, str]) -> float:
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         task_id = json.loads(response.read())["task_id"]
-    deadline = t0 + _TASK_TIMEOUT_S
+    deadline = t0 + timeout_s
     while time.monotonic() < deadline:
         request = urllib.request.Request(f"{base_url}/api/v1/tasks/{task_id}", headers=headers)
         with urllib.request.urlopen(request, timeout=30) as response:

@@ -330,6 +330,22 @@ def test_bench_measures_what_the_http_stage_costs(settings: Any) -> None:
     assert figures["http_upload_vs_analyze"] == round(ratio, 2), figures
 
 
+def test_bench_measures_what_long_uploads_cost_the_daemons_memory(settings: Any) -> None:
+    """The bench's long uploads, shortened: the daemon's RSS once each task completed stays
+    where the first left it (three of 2 minutes: 0.2-0.3 MB apart)."""
+    from meraudiod.bench_http import bench_long_uploads
+
+    figures = bench_long_uploads(settings, None, upload_s=60.0, uploads=2)
+    assert figures["http_long_upload_s"] == 60.0 and figures["http_long_uploads"] == 2
+    assert figures["http_long_upload_peak_added_mb"] > 0, figures  # a transcription ran
+    assert abs(figures["http_long_uploads_rss_growth_mb"]) < 8, figures
+    growth = (
+        figures["http_long_upload_rss_after_last_mb"]
+        - figures["http_long_upload_rss_after_first_mb"]
+    )
+    assert figures["http_long_uploads_rss_growth_mb"] == pytest.approx(growth, abs=0.11), figures
+
+
 def test_the_http_stage_never_loads_pydantic_v1(env: dict[str, str]) -> None:
     """FastAPI imports pydantic.v1 (1.5 MB resident) only to ask whether a route's types are
     v1 models; the app is built, and serves, without it."""
