@@ -175,9 +175,17 @@ def _open(path: Path, exclusive: bool = False) -> sqlite3.Connection:
                 f" {len(MIGRATIONS)}: it was written by a newer meraudiod; upgrade meraudiod,"
                 " or move the database away to start with an empty one"
             )
-        # Said at once: the migration would wait out the busy timeout in silence, then fail
-        # with "database is locked" (the daemon's start waits for it, saying so).
-        with lock_said_at_once(conn, path):
+        try:
+            # Said at once: the migration would wait out the busy timeout in silence, then
+            # fail with "database is locked" (the daemon's start waits for it, saying so).
+            with lock_said_at_once(conn, path):
+                migrate(conn)
+        except LockedDatabaseError:
+            if version != 0:
+                raise
+            # A new database: another process is creating it at this moment (the daemon and
+            # an `analyze` started with it), for as long as its migration takes, seconds on
+            # a loaded device. Waited for as any writer is.
             migrate(conn)
     except sqlite3.Error as exc:
         conn.close()
