@@ -140,21 +140,29 @@ def _not_kept(row: sqlite3.Row | None, settings: Settings) -> str | None:
     return None
 
 
+def _left_by_the_stopped(conn: sqlite3.Connection, prefix: str) -> list[tuple[str, int, str]]:
+    """The writes announced under `prefix` (kv rows `prefix + recording id` = "PID path")
+    whose process has gone, or is this one: (recording id, pid, path). Another live
+    process's are still being written."""
+    rows = conn.execute(
+        "SELECT key, value FROM kv WHERE key >= ? AND key < ?", (prefix, prefix + "\uffff")
+    ).fetchall()
+    left = []
+    for row in rows:
+        pid_text, _, path = str(row["value"]).partition(" ")
+        pid = int(pid_text)
+        if pid == os.getpid() or not pid_alive(pid):
+            left.append((str(row["key"])[len(prefix) :], pid, path))
+    return left
+
+
 def finish_held_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
     """At start-up: the writes of held audio whose process died half way. A whole file (the
     rename comes after its fsync) that its recording, still there, does not name yet is
     named; a temp file, or a file of a recording (or audio) deleted meanwhile, is removed.
     Returns how many were named."""
     named = 0
-    rows = conn.execute(
-        "SELECT key, value FROM kv WHERE key >= ? AND key < ?", (_WRITING, _WRITING + "\uffff")
-    ).fetchall()
-    for row in rows:
-        pid_text, _, stored = str(row["value"]).partition(" ")
-        pid = int(pid_text)
-        if pid != os.getpid() and pid_alive(pid):
-            continue  # still being written
-        rec_id = str(row["key"])[len(_WRITING) :]
+    for rec_id, pid, stored in _left_by_the_stopped(conn, _WRITING):
         path = audio_file(audio_dir, stored)
         with Transaction(conn):
             part_file(path, pid).unlink(missing_ok=True)
@@ -173,7 +181,7 @@ def finish_held_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
                 named += 1
             elif found is None or found["audio_path"] != stored:
                 remove_file(path)
-            conn.execute("DELETE FROM kv WHERE key=?", (row["key"],))
+            conn.execute("DELETE FROM kv WHERE key=?", (_WRITING + rec_id,))
     # The audio that stopped processes held is gone with them, but for what one kept in the
     # runtime directory over its stop, not yet taken back (take_back_spilled).
     for row in conn.execute(
@@ -302,15 +310,7 @@ def take_back_spilled(conn: sqlite3.Connection, settings: Settings, memory: Memo
     directory emptied by a reboot, or a kill before it was whole) is said. Returns how many
     were taken back."""
     taken = lost = 0
-    rows = conn.execute(
-        "SELECT key, value FROM kv WHERE key >= ? AND key < ?", (SPILLED, SPILLED + "\uffff")
-    ).fetchall()
-    for row in rows:
-        pid_text, _, spilled = str(row["value"]).partition(" ")
-        pid = int(pid_text)
-        if pid != os.getpid() and pid_alive(pid):
-            continue  # still being written
-        rec_id = str(row["key"])[len(SPILLED) :]
+    for rec_id, pid, spilled in _left_by_the_stopped(conn, SPILLED):
         path = Path(spilled)
         if rec_id in memory.ids():
             continue  # taken back by a recovery cut short, run again
@@ -336,7 +336,7 @@ def take_back_spilled(conn: sqlite3.Connection, settings: Settings, memory: Memo
                     taken += 1
                 else:
                     conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + rec_id,))
-                conn.execute("DELETE FROM kv WHERE key=?", (row["key"],))
+                conn.execute("DELETE FROM kv WHERE key=?", (SPILLED + rec_id,))
         except OSError as exc:
             memory.pop(rec_id)
             _LOGGER.error("recording %s: cannot remove %s: %s", rec_id, path, exc)

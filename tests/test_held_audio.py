@@ -30,10 +30,11 @@ from meraudiod.retention import purge
 
 _AUDIO = (np.random.default_rng(0).standard_normal(16000 * 5) * 3000).astype(np.int16)
 
-# Saves one recording with its audio held in memory, prints its id, then writes it to its
-# file, killing itself (SIGKILL: no clean-up) at the moment named by argv[1].
-_WRITER = """
+# Saves one recording with its audio held in memory and prints its id; argv[1] names the
+# moment to die at (SIGKILL: no clean-up).
+_SAVED_HELD = """
 import os, signal, sys
+from pathlib import Path
 import numpy as np
 from meraudiod import held_audio, recordings
 from meraudiod.config import load_settings
@@ -52,6 +53,12 @@ rec = RecordingStore(conn, s.storage.audio_dir, "flac").save(
 )
 print(rec.id, flush=True)
 moment = sys.argv[1]
+"""
+
+# Then writes it to its file, killing itself at that moment.
+_WRITER = (
+    _SAVED_HELD
+    + """
 if moment == "announced":  # its write announced, no file yet
     held_audio.write_audio_atomically = die
 elif moment == "part-written":  # the temp file whole and fsynced, not renamed
@@ -61,6 +68,7 @@ elif moment == "renamed":  # the file in place, its row not yet naming it
     held_audio.write_audio_atomically = lambda *a: (write(*a), die())
 held_audio.write_held(conn, s, memory, rec.id)
 """
+)
 
 
 @pytest.mark.parametrize("after", ["kept", "deleted", "audio-purged"])
@@ -222,29 +230,10 @@ def test_held_audio_of_recordings_never_transcribed_makes_room_as_transcribed_au
     assert rows[first] is None and rows[second] and rows[third]
 
 
-# Saves one recording with its audio held in memory, prints its id, then keeps it in argv[2]
-# as a stopping daemon does, killing itself (SIGKILL) at the moment named by argv[1].
-_SPILLER = """
-import os, signal, sys
-from pathlib import Path
-import numpy as np
-from meraudiod import held_audio, recordings
-from meraudiod.config import load_settings
-from meraudiod.db import open_db
-from meraudiod.recordings import MemoryAudio, RecordingStore
-
-def die(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGKILL)
-
-s = load_settings()
-conn = open_db(s.storage.db_path)
-memory = MemoryAudio()
-audio = (np.random.default_rng(0).standard_normal(16000 * 5) * 3000).astype(np.int16)
-rec = RecordingStore(conn, s.storage.audio_dir, "flac").save(
-    audio, source="t", start_s=0.0, started_at=1.7e9, memory=memory
-)
-print(rec.id, flush=True)
-moment = sys.argv[1]
+# Then keeps it in argv[2] as a stopping daemon does, killing itself at that moment.
+_SPILLER = (
+    _SAVED_HELD
+    + """
 if moment == "announced":
     held_audio.write_audio_atomically = die
 elif moment == "part-written":
@@ -255,6 +244,7 @@ elif moment in ("renamed", "kept"):
 held_audio.spill_held(conn, s, memory, rec.id, Path(sys.argv[2]))
 die()
 """
+)
 
 
 @pytest.mark.parametrize(
