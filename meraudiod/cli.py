@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import click
 
+from . import jobs
 from . import models as modelstore
 from .audio import FRAME_S
 from .checks import MayPassError, StartError, files_in_use
@@ -282,10 +283,14 @@ def analyze(
     conn = open_store(settings, create=True)
     failed = False
     pending = 0  # recordings not transcribed (a stop)
+    given_up: list[str] = []  # recordings whose transcription failed for good
+    stored = 0
     for path, duration_s, rec_ids, error in results:
         # A file cut part of the way in has recordings from before the cut and an error.
         recs = [analysis_record(conn, settings.storage.audio_dir, r) for r in rec_ids]
         pending += sum(rec["state"] == "pending" for rec in recs)
+        given_up += [rec["id"] for rec in recs if rec["state"] == "failed"]
+        stored += len(recs)
         if as_json:
             found = {"file": printable(str(path)), "duration_s": duration_s, "recordings": recs}
             echo_json({**found, "error": error} if error else found)
@@ -296,6 +301,11 @@ def analyze(
         if error:
             failed = True
             click.echo(f"error: {error}", err=True)
+    if given_up:  # the worker logged each; a script reading the output must know too
+        failed = True
+        why = jobs.error_of(conn, given_up[0])
+        not_done = f"{len(given_up)} of {stored} recordings not transcribed"
+        click.echo(f"error: {not_done}: {why}", err=True)
     if stopped:  # the transcripts not stored (a full disk): printed without their text
         failed = True
         click.echo(f"error: transcription stopped: {stopped}", err=True)

@@ -202,6 +202,14 @@ def _working(notes_dir: Path) -> dict[Path, tuple[int, str]]:
     return notes
 
 
+def error_of(conn: sqlite3.Connection, recording_id: str) -> str:
+    """What the recording's last job failed with ('' when it did not)."""
+    row = conn.execute(
+        "SELECT error FROM jobs WHERE recording_id=? ORDER BY id DESC LIMIT 1", (recording_id,)
+    ).fetchone()
+    return str(row[0] or "") if row else ""
+
+
 def fail_for_good(conn: sqlite3.Connection, job_id: int, error: str) -> None:
     """No retry can help (the audio is gone): failed at once (inside the caller's transaction)."""
     conn.execute(

@@ -5,6 +5,7 @@ recording and transcribes the others still uses up that recording's attempts."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from meraudiod.audio import decode_file
 
-from .conftest import DEMO, db_rows, run_daemon, status_json, wait_for
+from .conftest import DEMO, cli, db_rows, run_daemon, status_json, wait_for
 from .hostile_wyoming import HostileServer, Send, event_bytes
 from .test_wyoming import wyoming_env
 
@@ -145,3 +146,33 @@ def test_a_recording_that_fails_where_others_are_transcribed_runs_out_of_attempt
         text = stop(proc, log) if proc.poll() is None else log.read_text()
         proc.kill()
     assert "failed: WyomingError" in text
+
+
+def test_analyze_whose_recordings_failed_to_be_transcribed_says_so_and_exits_1(
+    env: dict[str, str],
+    server: tuple[HostileServer, dict[str, Callable[[Send], None]]],
+) -> None:
+    """The server transcribes the demo's first utterance and fails every later request: with
+    one attempt each, four of the five recordings end `failed`. Before, `analyze --json`
+    printed them with `"state": "failed"` and no text, and exited 0 (found by CI, a Wyoming
+    server behind its deadline under load): a script piping it on could not tell."""
+    made, holder = server
+    answered: list[int] = []
+
+    def first_only(send: Send) -> None:
+        answered.append(1)
+        send(HELLO if len(answered) == 1 else BROKEN)
+
+    holder["answer"] = first_only
+    run_env = wyoming_env(
+        env, [made.uri], MERAUDIOD_ASR__MAX_ATTEMPTS="1", MERAUDIOD_ASR__WYOMING__RETRY_MAX_S="1"
+    )
+    result = cli("analyze", "--json", str(DEMO), env=run_env, timeout_s=300)
+    states = [rec["state"] for rec in json.loads(result.stdout)["recordings"]]
+    assert states == ["done"] + ["failed"] * 4, result.stdout
+    assert result.returncode == 1, result.stderr
+    said = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert said == [
+        "error: 4 of 5 recordings not transcribed: WyomingError: "
+        f"{made.uri}: not a Wyoming server: it sent 'HTTP/1.1 500 Internal Server Error'"
+    ], result.stderr
