@@ -55,6 +55,15 @@ SLOWEST_FILES_FIRST: Final = (
     "test_bad_input.py",  # 111 s
     "test_http_stage.py",  # 109 s
     "test_hostile_uploads.py",  # 98 s
+    "test_reload.py",  # 96 s
+    "test_mqtt_hostile.py",  # 96 s
+    "test_service.py",  # 96 s
+    "test_boot.py",  # 90 s
+    "test_wall_clock.py",  # 84 s
+    "test_retention.py",  # 76 s
+    "test_config.py",  # 67 s
+    "test_cli.py",  # 63 s
+    "test_microphone.py",  # 59 s
 )
 
 
