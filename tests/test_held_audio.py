@@ -55,6 +55,21 @@ print(rec.id, flush=True)
 moment = sys.argv[1]
 """
 
+
+def _killed(env: dict[str, str], script: str, *args: str) -> str:
+    """Runs one of the scripts below to its SIGKILL; the id of the recording it saved."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    return done.stdout.strip()
+
+
 # Then writes it to its file, killing itself at that moment.
 _WRITER = (
     _SAVED_HELD
@@ -81,16 +96,7 @@ def test_a_write_of_held_audio_killed_at_any_moment_leaves_no_half_file(
     file, no file no row names, and a row names only a whole file: a file renamed into
     place is named by its recording (nothing lost), or removed with it, or with its audio
     (delete means delete)."""
-    done = subprocess.run(
-        [sys.executable, "-c", _WRITER, moment],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == -signal.SIGKILL, done.stderr
-    rec_id = done.stdout.strip()
+    rec_id = _killed(env, _WRITER, moment)
     audio_dir = settings.storage.audio_dir
     conn = open_db(settings.storage.db_path)
     if after == "deleted":  # reads no audio path: the row names none yet
@@ -274,16 +280,7 @@ def test_audio_kept_over_a_stop_is_taken_back_whole_or_not_at_all(
     the delete itself removes a kept file (delete means delete). One a reboot took, or
     the kill, is said gone."""
     folder = tmp_path / "run" / "held-audio"
-    done = subprocess.run(
-        [sys.executable, "-c", _SPILLER, moment, str(folder)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == -signal.SIGKILL, done.stderr
-    rec_id = done.stdout.strip()
+    rec_id = _killed(env, _SPILLER, moment, str(folder))
     audio_dir = settings.storage.audio_dir
     conn = open_db(settings.storage.db_path)
     if moment == "kept":
