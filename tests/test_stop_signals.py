@@ -197,8 +197,13 @@ def test_analyze_stopped_mid_file_stops_at_once_and_says_what_it_left(
     assert took_s < 20.0, took_s  # the job in hand, then out (a loaded machine is slow)
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: interrupted: {long} read to "), run.stderr
-    assert "1 of 2 files not read" in last and "not transcribed (left for the daemon)" in last
+    assert "1 of 2 files not read" in last
     rows = assert_store_whole(env)
+    # Those not transcribed are counted (none when the job in hand was the only one saved,
+    # as on a loaded machine that read little before the signal).
+    pending = sum(row["status"] == "pending" for row in rows)
+    left = f"{pending} recordings not transcribed (left for the daemon)"
+    assert (left in last) if pending else ("not transcribed" not in last), (pending, last)
     assert len(rows) <= at_signal + 10, len(rows)  # read on for a moment (it was ~200)
     # What was stored is printed, each recording once.
     assert run.proc.stdout is not None
