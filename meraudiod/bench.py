@@ -6,7 +6,6 @@ the same run, and the ratio is reported. Nothing here is a pass/fail test: it pr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Final
 
@@ -34,12 +33,12 @@ from .bench_memory import bench_memory, bench_peak_rss
 from .bench_mqtt import MOSQUITTO_MISSING, EventCounter, local_broker, mqtt_overrides
 from .config import Settings
 from .machine import describe as describe_machine
+from .signals import child_process
 from .sources import demo_path
 from .vad import SileroVad
 
 _PASSAGE_S: Final = 30.0
 _PIPELINE_TIMEOUT_S: Final = 300.0  # a daemon waiting for a server that never comes
-_STOP_TIMEOUT_S: Final = 10.0  # a daemon told to stop that has not: killed
 
 
 def _cpu_s() -> float:
@@ -170,14 +169,12 @@ def _run_daemon_on(
     give_up_at = time.monotonic() + _PIPELINE_TIMEOUT_S
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    with _ended(
-        subprocess.Popen(
-            [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{clip}", "--realtime"],
-            env=env,
-            cwd=scratch,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+    with child_process(
+        [sys.executable, "-m", "meraudiod", "run", "--source", f"file:{clip}", "--realtime"],
+        env=env,
+        cwd=scratch,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     ) as child:
         peak_kb = file_kb = 0
         ready_cpu_s: float | None = None
@@ -275,22 +272,6 @@ def bench_pipeline_mqtt(
         "device_cpu_s_per_speech_s",
     )
     return {f"mqtt_{key}": figures[key] for key in kept} | {"mqtt_events_received": counter.count}
-
-
-@contextlib.contextmanager
-def _ended(child: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
-    """The child, stopped on the way out if it still runs (a measurement that raised, or a
-    signal that unwound the bench: signals.Stopped): no daemon outlives the bench."""
-    try:
-        yield child
-    finally:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
 
 
 def _notifications(sock: socket.socket, wait_s: float) -> list[str]:

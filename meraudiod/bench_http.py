@@ -27,6 +27,7 @@ import soundfile
 from .audio import SAMPLE_RATE_HZ, decode_file
 from .config import Settings
 from .db import open_db
+from .signals import child_process
 from .sources import demo_path
 from .status import HEARTBEAT_FILE
 
@@ -182,24 +183,18 @@ def _daemon(
             "MERAUDIOD_HTTP__HOST": "127.0.0.1",
             "MERAUDIOD_HTTP__PORT": str(port),
         }
-    child: subprocess.Popen[bytes] | None = None
     try:
         open_db(scratch / "meraudiod.db").close()
-        child = subprocess.Popen(
+        with child_process(
             [sys.executable, "-m", "meraudiod", "run", "--source", "stdin"],
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )
-        _wait_ready(child, scratch, port)
-        yield child
+        ) as child:
+            _wait_ready(child, scratch, port)
+            yield child
     finally:
-        if child is not None:
-            child.terminate()
-            child.wait(60)
-            if child.stdin is not None:
-                child.stdin.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 

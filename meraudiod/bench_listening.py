@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,12 +27,12 @@ from . import models
 from .audio import FRAME_S, FRAME_SAMPLES, SAMPLE_RATE_HZ
 from .config import Settings
 from .db import open_db
+from .signals import child_process
 from .status import HEARTBEAT_FILE
 
 LISTEN_WINDOW_S: Final = 30.0  # measured after READY; a minute halves the tick rounding
 _SETTLE_S: Final = 2.0  # after READY: the first frames pay one-off allocations
 _READY_TIMEOUT_S: Final = 120.0  # models loading on a slow device
-_STOP_TIMEOUT_S: Final = 30.0
 _CONTEXT_SAMPLES: Final = 64  # Silero v6 sees the tail of the previous frame
 _STATE_SHAPE: Final = (1, 1, 128)
 _MERAUDIOD: Final = (sys.executable, "-m", "meraudiod")
@@ -113,30 +112,25 @@ def bench_listening(
         soundfile.write(silence, np.zeros(seconds * SAMPLE_RATE_HZ, np.int16), SAMPLE_RATE_HZ)
         model = [*_BARE_LOOP, str(models.vad_file(settings)), str(settings.vad.threads)]
         block_frames = settings.audio.block_ms * SAMPLE_RATE_HZ // 1000 // FRAME_SAMPLES
-        daemons: list[_Daemon] = []
-        children: list[subprocess.Popen[bytes]] = []
-        try:
-            daemons.append(_start_daemon(settings, config_path, silence, scratch, run_dir))
-            children.append(daemons[-1].process)
-            if mqtt is not None:
-                dirs = stack.enter_context(daemon_dirs(settings))
-                daemons.append(_start_daemon(settings, config_path, silence, *dirs, mqtt))
-                children.append(daemons[-1].process)
-            # One frame per wakeup (the reference), and a block per wakeup as the daemon takes
-            # them (what the daemon adds over the VAD alone).
-            for frames in (1, block_frames):
-                loop = [*model, str(seconds), str(frames)]
-                children.append(subprocess.Popen(loop, stdout=subprocess.DEVNULL))
-            for daemon in daemons:
-                _await_ready(daemon.process, daemon.heartbeat, daemon.log)
-            time.sleep(_SETTLE_S)
-            before = [sample(child.pid) for child in children]
-            time.sleep(window_s)
-            after = [sample(child.pid) for child in children]
-            if any(child.poll() is not None for child in children):
-                raise RuntimeError("a daemon or a bare VAD loop ended during the window")
-        finally:
-            _end(*children)
+        # Each stopped on the way out (SIGTERM, then SIGKILL), the last started first.
+        daemons = [_start_daemon(stack, settings, config_path, silence, scratch, run_dir)]
+        if mqtt is not None:
+            dirs = stack.enter_context(daemon_dirs(settings))
+            daemons.append(_start_daemon(stack, settings, config_path, silence, *dirs, mqtt))
+        children = [daemon.process for daemon in daemons]
+        # One frame per wakeup (the reference), and a block per wakeup as the daemon takes
+        # them (what the daemon adds over the VAD alone).
+        for frames in (1, block_frames):
+            loop = [*model, str(seconds), str(frames)]
+            children.append(stack.enter_context(child_process(loop, stdout=subprocess.DEVNULL)))
+        for daemon in daemons:
+            _await_ready(daemon.process, daemon.heartbeat, daemon.log)
+        time.sleep(_SETTLE_S)
+        before = [sample(child.pid) for child in children]
+        time.sleep(window_s)
+        after = [sample(child.pid) for child in children]
+        if any(child.poll() is not None for child in children):
+            raise RuntimeError("a daemon or a bare VAD loop ended during the window")
     rates = [_rates(b, a) for b, a in zip(before, after, strict=True)]
     (bare, bare_wakeups), (blocks, _) = rates[-2:]
     ours, ours_wakeups = rates[0]
@@ -172,6 +166,7 @@ class _Daemon:
 
 
 def _start_daemon(
+    stack: contextlib.ExitStack,
     settings: Settings,
     config_path: str | None,
     silence: Path,
@@ -183,12 +178,14 @@ def _start_daemon(
     log = scratch / "daemon.log"
     env = daemon_env(settings, config_path, scratch, run_dir) | (overrides or {})
     with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [*_MERAUDIOD, "run", "--source", f"file:{silence}", "--realtime"],
-            env=env,
-            cwd=scratch,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
+        process = stack.enter_context(
+            child_process(
+                [*_MERAUDIOD, "run", "--source", f"file:{silence}", "--realtime"],
+                env=env,
+                cwd=scratch,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
         )
     return _Daemon(process, run_dir / HEARTBEAT_FILE, log)
 
@@ -212,19 +209,6 @@ def _await_ready(daemon: subprocess.Popen[bytes], heartbeat: Path, log: Path) ->
         if time.monotonic() > give_up_at:
             raise RuntimeError(f"the daemon was not ready after {_READY_TIMEOUT_S:.0f} s")
         time.sleep(0.1)
-
-
-def _end(*children: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL for whoever does not stop in time."""
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for child in children:
-        try:
-            child.wait(_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 @contextlib.contextmanager

@@ -25,9 +25,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from .config import Settings
 from .mqtt_client import base_topic
+from .signals import child_process
 
 _START_TIMEOUT_S: Final = 10.0
-_STOP_TIMEOUT_S: Final = 10.0
 # Debian and Ubuntu install the broker in /usr/sbin, which a user's PATH often leaves out.
 _SBIN_DIRS: Final = ("/usr/sbin", "/usr/local/sbin")
 MOSQUITTO_MISSING: Final = (
@@ -64,19 +64,11 @@ def local_broker(search_path: str | None = None) -> Iterator[int | None]:
             f"listener {port} 127.0.0.1\n"
             "allow_anonymous true\n"
         )
-        broker = subprocess.Popen(
+        with child_process(
             [program, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
+        ) as broker:
             _await_port(broker, port)
             yield port
-        finally:
-            broker.terminate()
-            try:
-                broker.wait(_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                broker.kill()
-                broker.wait()
 
 
 def _await_port(broker: subprocess.Popen[bytes], port: int) -> None:

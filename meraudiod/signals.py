@@ -11,13 +11,18 @@ number to a pipe (signal.set_wakeup_fd), and a thread named `signals` sets the e
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
+import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from typing import Any, Final
 
 _flags: tuple[threading.Event, threading.Event] | None = None
 _command_stop: threading.Event | None = None
+_CHILD_STOP_S: Final = 30.0  # a child told to stop that has not: killed
 
 
 def run_handlers() -> tuple[threading.Event, threading.Event]:
@@ -60,11 +65,50 @@ def unwinding_handlers() -> None:
         signal.signal(signum, _unwind)
 
 
+# While a child starts (child_process): the signal that came meanwhile, raised once it is started.
+_held: list[int] | None = None
+
+
 def _unwind(signum: int, frame: object) -> None:
     """Raises Stopped where the main thread is; from now on both signals are ignored."""
     for other in (signal.SIGTERM, signal.SIGINT):
         signal.signal(other, signal.SIG_IGN)
+    if _held is not None:
+        _held.append(signum)
+        return
     raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def child_process(args: list[str], **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """`subprocess.Popen(args, **popen)`, stopped on the way out if it still runs (SIGTERM,
+    then SIGKILL after _CHILD_STOP_S), its pipes closed: a measurement that raised, or the
+    Stopped of a signal, leaves no process behind. Stopped is held back while the child
+    starts: raised inside Popen, after the fork, it left a child nobody held (a bench's
+    daemon ran on)."""
+    global _held
+    child: subprocess.Popen[bytes] | None = None
+    try:
+        _held = []
+        try:
+            child = subprocess.Popen(args, **popen)
+        finally:
+            came, _held = _held, None
+            if came:
+                raise Stopped(came[0])
+        yield child
+    finally:
+        if child is not None:
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(_CHILD_STOP_S)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+            for stream in (child.stdin, child.stdout, child.stderr):
+                if stream is not None:
+                    stream.close()
 
 
 # Which event each signal sets: SIGTERM and SIGINT stop, SIGHUP reloads.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -243,3 +244,63 @@ def test_a_bench_stopped_by_a_signal_removes_what_it_made_and_says_so(
     assert not list(data_dir.glob("bench-*"))
     assert set(shm.glob("meraudiod-bench-*")) == shm_before
     assert not list(scratch_tmp.iterdir())
+
+
+# The bench, with SIGINT sent to itself right after it has started the first child whose
+# command line holds sys.argv[1]: the handler runs inside Popen, the child already running.
+_BENCH_INTERRUPTED_AS_A_CHILD_STARTS = """
+import os, runpy, signal, subprocess, sys
+marker = sys.argv[1]
+execute = subprocess.Popen._execute_child
+done = []
+
+def interrupted_once_started(self, args, *rest):
+    execute(self, args, *rest)
+    if not done and any(marker in str(arg) for arg in args):
+        done.append(True)
+        os.kill(os.getpid(), signal.SIGINT)
+
+subprocess.Popen._execute_child = interrupted_once_started
+sys.argv = ["meraudiod", *sys.argv[2:]]
+runpy.run_module("meraudiod", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("child", ["mosquitto", "--realtime"])
+def test_a_bench_stopped_as_it_starts_a_child_leaves_no_process(
+    env: dict[str, str], tmp_path: Path, child: str
+) -> None:
+    """Found from a CI run: a Ctrl-C in the moment a bench's child had started, inside
+    Popen, raised there: the child (its broker, its daemon) was nobody's to stop and ran on
+    after the bench had exited. Now the signal waits for Popen to return, and the child is
+    stopped with the rest."""
+    scratch_tmp = tmp_path / "tmp"  # the broker's folder and the clip: in its command line
+    scratch_tmp.mkdir()
+    run = ["bench", "--only", "pipeline", "--clip-s", "5"]
+    bench = subprocess.run(
+        [sys.executable, "-c", _BENCH_INTERRUPTED_AS_A_CHILD_STARTS, child, *run],
+        env={**env, "TMPDIR": str(scratch_tmp)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    left = _commands_holding(str(scratch_tmp))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert bench.returncode == 1, bench.stderr
+    assert bench.stderr.strip().splitlines()[-1].startswith("error: bench stopped by SIGINT")
+    assert not left, list(left.values())
+    assert not list(scratch_tmp.iterdir())
+
+
+def _commands_holding(text: str) -> dict[int, str]:
+    """Every running process whose command line holds `text`, with it."""
+    found: dict[int, str] = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if text in command and _running(int(cmdline.parent.name)):
+            found[int(cmdline.parent.name)] = command
+    return found
