@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import numpy as np
@@ -257,7 +258,9 @@ def test_another_site_cannot_use_a_daemon_without_a_token(env: dict[str, str]) -
 def test_connections_beyond_the_limit_are_refused_not_those_before(env: dict[str, str]) -> None:
     # uvicorn's limit_concurrency is checked at each request against every open connection:
     # once more than http.max_connections were open, each request on any of them got 503,
-    # so a burst of 100 uploads (or idle connections) served none, not 64 of them.
+    # so a burst of 100 uploads (or idle connections) served none, not 64 of them. And its
+    # 503 was plain text ("Service Unavailable"): now the API's JSON error, and the
+    # connection closed after it.
     server = HttpDaemon(env, config="max_connections = 4\n", token=None).start()
     request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
@@ -265,12 +268,32 @@ def test_connections_beyond_the_limit_are_refused_not_those_before(env: dict[str
         sock.sendall(request)
         return sock.recv(200).split(b"\r\n")[0]
 
+    def refused(sock: socket.socket) -> dict[str, Any]:
+        sock.sendall(request)
+        response = b""
+        while chunk := sock.recv(4096):  # to the end: the server closes the connection
+            response += chunk
+        head, body = response.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 503 Service Unavailable", response
+        headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+        assert headers["content-type"] == "application/json", headers
+        error: dict[str, Any] = json.loads(body)["error"]
+        assert error["request_id"] == headers["x-request-id"], (error, headers)
+        return error
+
     try:
         socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(7)]
         time.sleep(0.5)  # all accepted
         try:
             assert [answer(s) for s in socks[:4]] == [b"HTTP/1.1 200 OK"] * 4
-            assert [answer(s) for s in socks[4:]] == [b"HTTP/1.1 503 Service Unavailable"] * 3
+            said = "more than 4 connections open (http.max_connections): try again later"
+            for sock in socks[4:]:
+                assert refused(sock) == {
+                    "code": "unavailable",
+                    "message": said,
+                    "request_id": ANY,
+                }
         finally:
             for sock in socks:
                 sock.close()

@@ -28,7 +28,7 @@ from ulid import ULID
 from .. import __version__
 from ..config_network import is_loopback
 from ..db import cannot_write, no_room
-from .common import REQUEST_ID, ApiError, HttpContext, error_body
+from .common import BEYOND_LIMIT, REQUEST_ID, ApiError, HttpContext, error_body
 
 _LOGGER = logging.getLogger(__name__)
 COOKIE: Final = "meraudiod_token"
@@ -115,6 +115,13 @@ class Guard:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
     ) -> None:
         path = scope["path"]
+        limit = scope.get("extensions", {}).get(BEYOND_LIMIT)
+        if limit is not None:  # uvicorn's own answer was plain text
+            said = f"more than {limit} connections open (http.max_connections): try again later"
+            refused = _error(503, "unavailable", said)
+            refused.headers["connection"] = "close"
+            await _respond(scope, receive, send, refused)
+            return
         size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
         if size > MAX_HEADER_BYTES:
             if scope["type"] == "websocket":

@@ -27,6 +27,9 @@ from ..recordings import ULID_RE
 
 _LOGGER = logging.getLogger(__name__)
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# A request's scope["extensions"][BEYOND_LIMIT]: its connection came when http.max_connections
+# (the value) were open (protocol.py); it is answered 503.
+BEYOND_LIMIT: Final = "meraudiod.beyond_limit"
 
 
 class ApiError(Exception):

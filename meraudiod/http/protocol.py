@@ -1,6 +1,6 @@
-"""The HTTP stage's connection protocol: uvicorn's h11 one with the header deadline
-(timeouts.py), a malformed request answered in the API's one error shape, and a way for a
-response to cut its connection short.
+"""The HTTP stage's connection protocol: uvicorn's h11 one with the header deadline and
+connection limit (timeouts.py), a malformed request answered in the API's one error shape,
+and a way for a response to cut its connection short.
 
 uvicorn answers a request line or header h11 cannot parse itself, before the app sees a
 request, in plain text (`Invalid HTTP request received.`); here it is the JSON every other
@@ -24,7 +24,7 @@ from typing import Any, Final, cast
 import h11
 from ulid import ULID
 
-from .common import error_body
+from .common import BEYOND_LIMIT, error_body
 from .timeouts import HeaderDeadline
 
 ABORT: Final = "meraudiod.abort"  # scope["extensions"][ABORT]: reset this connection now
@@ -35,13 +35,17 @@ class ServerProtocol(HeaderDeadline):
     """uvicorn's h11 protocol with the header deadline, JSON 400s and the abort extension."""
 
     def handle_events(self) -> None:
-        """uvicorn's, then the request it started (if any) is given the abort extension (its
-        task has not run yet: it is only scheduled)."""
+        """uvicorn's, then the request it started (if any) is given the abort extension, and
+        on a connection beyond the limit the limit (its task has not run yet: it is only
+        scheduled; app.Guard answers it 503)."""
         cycle = self.cycle
         super().handle_events()
         if self.cycle is not None and self.cycle is not cycle:
             scope = cast(dict[str, Any], self.cycle.scope)
-            scope.setdefault("extensions", {})[ABORT] = self.abort
+            extensions = scope.setdefault("extensions", {})
+            extensions[ABORT] = self.abort
+            if self.beyond_limit:
+                extensions[BEYOND_LIMIT] = self.max_connections
 
     def abort(self) -> None:
         """Reset the connection: nothing more reaches the client, not even what the kernel

@@ -25,6 +25,7 @@ class HeaderDeadline(H11Protocol):
 
     header_timeout_s = 10.0  # set per server by with_header_deadline()
     max_connections: int | None = None  # likewise
+    beyond_limit = False  # this connection came when max_connections were open
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -32,13 +33,15 @@ class HeaderDeadline(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """A new connection waits for its first request's headers; one beyond
-        `max_connections` is answered 503 at its first request. (uvicorn checks its
-        limit_concurrency at each request against every open connection: once more were
-        open, every request on any of them got 503, and a burst of 100 served none.)"""
+        `max_connections` is marked so (`beyond_limit`): its requests are answered 503
+        (protocol.py). uvicorn's own limit_concurrency is off: checked at each request against
+        every open connection, once more were open every request on any of them got 503 (a
+        burst of 100 served none), in plain text."""
         super().connection_made(transport)
-        if self.max_connections is not None:
-            beyond = len(self.connections) > self.max_connections
-            self.limit_concurrency = 0 if beyond else None
+        self.limit_concurrency = None
+        self.beyond_limit = (
+            self.max_connections is not None and len(self.connections) > self.max_connections
+        )
         self._watch_headers()
 
     def data_received(self, data: bytes) -> None:
