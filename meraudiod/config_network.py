@@ -129,8 +129,8 @@ class HttpSettings(Section):
     max_connections: int = Field(
         64,
         ge=1,
-        description="Connections and requests served at once (uvicorn's limit_concurrency);"
-        " a request beyond gets 503, so a flood cannot take the daemon's file descriptors",
+        description="Connections served at once; a request on one beyond gets 503 and the"
+        " connection is closed, so a flood cannot take the daemon's file descriptors",
     )
 
     @field_validator("token_file", mode="before")

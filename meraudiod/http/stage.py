@@ -83,9 +83,9 @@ class HttpStage(StageThread):
             # h11 (not httptools) with a deadline for each request's headers; h11 keeps
             # its 16 KiB limit on them. The body's deadline is the app's Guard. A request
             # h11 cannot parse is answered in JSON, and a response can reset its connection.
+            # The connection limit is the protocol's (uvicorn's limit_concurrency stays off).
             http=server_protocol(http.header_timeout_s, http.max_connections),
             timeout_keep_alive=5,  # an idle connection between requests
-            limit_concurrency=http.max_connections,
             timeout_graceful_shutdown=_GRACE_S,
         )
         self._server = uvicorn.Server(config)

@@ -34,11 +34,10 @@ class HeaderDeadline(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """A new connection waits for its first request's headers; one beyond
         `max_connections` is marked so (`beyond_limit`): its requests are answered 503
-        (protocol.py). uvicorn's own limit_concurrency is off: checked at each request against
-        every open connection, once more were open every request on any of them got 503 (a
-        burst of 100 served none), in plain text."""
+        (protocol.py). uvicorn's own limit_concurrency is left off: checked at each request
+        against every open connection, once more were open every request on any of them got
+        503 (a burst of 100 served none), in plain text."""
         super().connection_made(transport)
-        self.limit_concurrency = None
         self.beyond_limit = (
             self.max_connections is not None and len(self.connections) > self.max_connections
         )
