@@ -17,7 +17,7 @@ from typing import Any, Final
 from . import jobs, models
 from .asr import SpeechToText, Transcriber
 from .config import Settings
-from .db import check_integrity, open_db
+from .db import cannot_write, check_integrity, open_db
 from .deletion import finish_forgetting
 from .held_audio import finish_held_writes, keep_held_on_stop, take_back_spilled
 from .listener import Listener
@@ -178,9 +178,15 @@ class Pipeline:
         try:
             stopped = self.stop_event.is_set
             while not (stopped() or (stop and stop.is_set())) and self.worker.is_alive():
-                jobs.retry_now(conn, self.job_origin)
                 if jobs.unfinished(conn, self.job_origin) == 0:
                     return
+                try:
+                    jobs.retry_now(conn, self.job_origin)
+                except sqlite3.OperationalError as exc:
+                    if not cannot_write(exc):
+                        raise
+                    # A full or read-only disk: the retries keep their times, and the worker
+                    # waits for the disk (said once, by the worker and the health check).
                 self.worker.wake()
                 time.sleep(_POLL_S)
         finally:

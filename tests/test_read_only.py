@@ -237,3 +237,32 @@ def test_a_card_the_kernel_made_read_only_keeps_the_daemon_up(
     assert log.count(waiting) == 1, log
     assert log.count("lost on stopping") == 5, log
     assert "Traceback" not in log, log
+
+
+@needs_root
+def test_a_stdin_run_that_ends_on_a_read_only_disk_ends_as_any(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The data directory remounted read-only under `run --source stdin` once every
+    recording was transcribed, then the input ends. Before, the run's last look for failed
+    recordings to retry at once wrote to the database though none was waiting, and the run
+    exited 1 with `Error: OperationalError: attempt to write a readonly database`, naming
+    nothing (`run --source file:` too). Now a write the disk refuses there is no error: the
+    run ends as any does, exit 0 (a recording still to transcribe waits for the disk, as the
+    worker does)."""
+    speech = decode_file(DEMO).astype("<i2").tobytes()
+    env = {**env, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "10"}
+    with full_disk_daemon(env, tmp_path, "64m") as daemon:
+        daemon.say(speech)
+        done = "SELECT id FROM recordings WHERE status='done'"
+        wait_for(lambda: len(daemon.rows(done)) == 5, 120, "the demo's five transcribed")
+        data = daemon.point / "meraudiod"
+        _mount(daemon, "--bind", str(data), str(data))
+        _mount(daemon, "-o", "remount,bind,ro", str(data))
+        daemon.feeder.stop()
+        assert daemon.proc.stdin is not None
+        daemon.proc.stdin.close()  # the end of the input
+        code = daemon.proc.wait(120)
+    log = daemon.log()
+    assert code == 0, log
+    assert "Traceback" not in log and not [x for x in log.splitlines() if x.startswith("Error")]
