@@ -287,10 +287,10 @@ def test_a_job_left_by_a_stop_while_another_process_holds_the_write_lock_is_no_c
     also when the stopping process is SIGKILLed right after (systemd's TimeoutStopSec: here
     the process kills itself as its worker lets the job go; a test's kill once came after
     the process had exited)."""
-    run = ["run", "--source", f"file:{DEMO}", "--realtime"]
     if then == "exits":
         proc = run_daemon(env, "--realtime", source=f"file:{DEMO}")
     else:  # its first job is the one held under the lock: it cannot be done before
+        run = ["run", "--source", f"file:{DEMO}", "--realtime"]
         proc = subprocess.Popen(
             [sys.executable, "-c", _DAEMON_KILLED_ONCE_DONE_WITH_A_JOB, *run],
             env=env,
