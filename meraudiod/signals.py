@@ -14,11 +14,13 @@ import atexit
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:  # imported when a child is started: this module is the first of `run`'s
+    import subprocess
 
 _flags: tuple[threading.Event, threading.Event] | None = None
 _command_stop: threading.Event | None = None
@@ -86,6 +88,8 @@ def child_process(args: list[str], **popen: Any) -> Iterator[subprocess.Popen[by
     Stopped of a signal, leaves no process behind. Stopped is held back while the child
     starts: raised inside Popen, after the fork, it left a child nobody held (a bench's
     daemon ran on)."""
+    import subprocess
+
     global _held
     child: subprocess.Popen[bytes] | None = None
     try:
