@@ -33,6 +33,7 @@ from meraudiod.audio import decode_file
 from .broker import Broker, Subscriber, free_port
 from .conftest import DEMO, DEMO_TRUTH, StartWyoming, db_rows, run_daemon, stored_audio, wait_for
 from .httpd import TOKEN, HttpDaemon
+from .test_locked_database import WORKER_PAUSED_ON_ITS_JOB, Output, paused
 
 PCM = decode_file(DEMO).astype("<i2").tobytes()  # 16 kHz s16le: 32,000 bytes a second
 STOP_S = 30.0  # a stop must end the process within this (systemd waits 90 s, then SIGKILLs)
@@ -209,6 +210,34 @@ def test_analyze_stopped_mid_file_stops_at_once_and_says_what_it_left(
     assert run.proc.stdout is not None
     printed = run.proc.stdout.read().decode().splitlines()
     assert printed[0].startswith(f"{long} (") and len(printed) == 1 + len(rows), printed
+
+
+def test_analyze_stopped_while_it_transcribes_leaves_the_rest_to_the_daemon(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Ctrl-C with the worker on the first recording and more saved behind it (the worker
+    held on its job until the signal, so the count is certain): that job is finished, the
+    others stay `pending` for a daemon on this data directory, and the last line counts
+    them."""
+    long = tmp_path / "long.wav"
+    soundfile.write(long, np.tile(decode_file(DEMO), 4), 16000)  # 2.4 minutes, 20 utterances
+    count = "SELECT COUNT(*) AS n FROM recordings"
+    with paused(WORKER_PAUSED_ON_ITS_JOB, ["analyze", str(long)], env) as (proc, go):
+        out = Output(proc.stderr)
+        wait_for(lambda: int(db_rows(env, count)[0]["n"]) >= 3, 120, "three recordings saved")
+        proc.send_signal(signal.SIGINT)
+        go()
+        code = proc.wait(timeout=60)
+    out.join()
+    assert code == 1, out.text
+    rows = assert_store_whole(env)
+    pending = sum(row["status"] == "pending" for row in rows)
+    assert rows[0]["status"] == "done" and pending == len(rows) - 1 >= 2, rows
+    last = out.text.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted: "), out.text
+    assert last.endswith(f", {pending} recordings not transcribed (left for the daemon)") or (
+        last == f"error: interrupted: {pending} recordings not transcribed (left for the daemon)"
+    ), out.text
 
 
 def test_analyze_stopped_at_any_moment(env: dict[str, str]) -> None:
