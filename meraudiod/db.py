@@ -175,18 +175,7 @@ def _open(path: Path, exclusive: bool = False) -> sqlite3.Connection:
                 f" {len(MIGRATIONS)}: it was written by a newer meraudiod; upgrade meraudiod,"
                 " or move the database away to start with an empty one"
             )
-        try:
-            # Said at once: the migration would wait out the busy timeout in silence, then
-            # fail with "database is locked" (the daemon's start waits for it, saying so).
-            with lock_said_at_once(conn, path):
-                migrate(conn)
-        except LockedDatabaseError:
-            if version != 0:
-                raise
-            # A new database: another process is creating it at this moment (the daemon and
-            # an `analyze` started with it), for as long as its migration takes, seconds on
-            # a loaded device. Waited for as any writer is.
-            migrate(conn)
+        _migrate_beside_others(conn, path, version)
     except sqlite3.Error as exc:
         conn.close()
         full = _full_disk(path)
@@ -225,6 +214,29 @@ def _full_disk(path: Path) -> str:
     if free >= _FULL_DISK_BYTES:
         return ""
     return f" (its disk is full: {free // 1024} KB free in {path.parent})"
+
+
+def _migrate_beside_others(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """Migrate, another process's lock said at once (LockedDatabaseError: the migration would
+    wait out the busy timeout in silence, then fail with "database is locked"; the daemon's
+    start waits for it, saying so), unless that process is itself creating or migrating the
+    database (the daemon and an `analyze` or `status` started with it): seconds on a loaded
+    device, one commit per migration. That is waited for, as any writer is: a new database
+    (version 0) until its first migration is committed, one half migrated while its version
+    moves on."""
+    while True:
+        try:
+            with lock_said_at_once(conn, path):
+                migrate(conn)
+            return
+        except LockedDatabaseError:
+            now = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if now == version == 0:
+                migrate(conn)
+                return
+            if now == version:  # no migration going on: a transaction left open
+                raise
+            version = now
 
 
 def migrate(conn: sqlite3.Connection) -> int:

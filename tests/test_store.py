@@ -20,6 +20,7 @@ from meraudiod.db import (
     PAGE_BYTES,
     DatabaseError,
     Transaction,
+    _split_sql,
     get_kv,
     migrate,
     open_db,
@@ -117,6 +118,44 @@ def test_a_database_another_process_is_still_creating_is_waited_for(tmp_path: Pa
     creator.close()
     opener.join(timeout=30)
     assert versions == [len(MIGRATIONS)]
+
+
+def test_a_database_another_process_is_migrating_step_by_step_is_waited_for(
+    tmp_path: Path,
+) -> None:
+    """Found by `status` run as the daemon first started, under load: the daemon had
+    committed some of its migrations and held the lock for the next, one after another,
+    longer than the 1 s look; the version read was no longer 0, so `status` failed with
+    "locked by another process (a transaction left open ...)". A database whose version
+    moves on while its lock is looked for is being migrated, and is waited for."""
+    path = tmp_path / "meraudiod.db"
+    migrator = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    migrator.execute("PRAGMA journal_mode=WAL")
+    migrator.execute("BEGIN IMMEDIATE")
+    for statement in _split_sql(MIGRATIONS[0]):
+        migrator.execute(statement)
+    migrator.execute("PRAGMA user_version=1")
+    migrator.execute("COMMIT")
+    step_s = 0.4  # each migration holds the lock this long: all of them 3.2 s, over the look
+
+    def migrate_slowly() -> None:
+        for number, script in enumerate(MIGRATIONS[1:], start=2):
+            migrator.execute("BEGIN IMMEDIATE")
+            for statement in _split_sql(script):
+                migrator.execute(statement)
+            migrator.execute(f"PRAGMA user_version={number}")
+            time.sleep(step_s)
+            migrator.execute("COMMIT")
+
+    steps = threading.Thread(target=migrate_slowly)
+    steps.start()
+    try:
+        time.sleep(0.1)  # the second migration under way
+        with contextlib.closing(open_db(path)) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    finally:
+        steps.join(timeout=30)
+        migrator.close()
 
 
 def test_save_writes_audio_and_rows_together(settings: Settings) -> None:
