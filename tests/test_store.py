@@ -138,9 +138,12 @@ def test_a_database_another_process_is_migrating_step_by_step_is_waited_for(
     migrator.execute("COMMIT")
     step_s = 0.4  # each migration holds the lock this long: all of them 3.2 s, over the look
 
+    under_way = threading.Event()
+
     def migrate_slowly() -> None:
         for number, script in enumerate(MIGRATIONS[1:], start=2):
             migrator.execute("BEGIN IMMEDIATE")
+            under_way.set()
             for statement in _split_sql(script):
                 migrator.execute(statement)
             migrator.execute(f"PRAGMA user_version={number}")
@@ -150,7 +153,7 @@ def test_a_database_another_process_is_migrating_step_by_step_is_waited_for(
     steps = threading.Thread(target=migrate_slowly)
     steps.start()
     try:
-        time.sleep(0.1)  # the second migration under way
+        assert under_way.wait(10)  # the second migration holds the lock: open_db cannot do it
         with contextlib.closing(open_db(path)) as conn:
             assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     finally:
