@@ -18,7 +18,7 @@ import pytest
 import soundfile
 
 from meraudiod.audio import decode_file
-from tests.conftest import DEMO, TEST_DATA, db_rows
+from tests.conftest import DEMO, TEST_DATA, db_rows, wait_for
 from tests.httpd import (
     SPEAKERS_CONFIG,
     TOKEN,
@@ -180,7 +180,7 @@ def test_every_failure_is_one_json_error_with_the_request_id(daemon: HttpDaemon)
         client.get(
             "/api/v1/recordings/01M89AY2FTNHNGP6MBNKJA4H0J", headers={"X-Request-ID": "req-77"}
         )
-    assert "[request req-77]" in daemon.log()
+    wait_for(lambda: "[request req-77]" in daemon.log(), 30, "the request's id in the log")
 
 
 def test_a_request_path_cannot_forge_a_log_line(daemon: HttpDaemon) -> None:
@@ -189,6 +189,8 @@ def test_a_request_path_cannot_forge_a_log_line(daemon: HttpDaemon) -> None:
     # token (a 401 is logged as well).
     response = httpx.get(f"{daemon.url}/health%0AFAKE%20ERROR%20forged%00%1b[31m")
     json_error(response, 401, "unauthorized")
+    # the access line is written once the response is sent, so it may come after the client
+    wait_for(lambda: "FAKE" in daemon.log(), 30, "the request's access line")
     lines = daemon.log().splitlines()
     assert not [line for line in lines if line.startswith("FAKE")]
     (line,) = [line for line in lines if "FAKE" in line]
