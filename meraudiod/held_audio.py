@@ -200,23 +200,26 @@ def finish_held_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
     return named
 
 
-def spill_dir(storage: StorageSettings) -> Path | None:
-    """Where audio still held at a stop is kept until the next start: `storage.run_dir` (the
+def runtime_dir(storage: StorageSettings) -> Path | None:
+    """Where what a stop must not lose is kept until the next start: `storage.run_dir` (the
     unit's /run/meraudiod as installed), else the RuntimeDirectory ($RUNTIME_DIRECTORY), else
     $XDG_RUNTIME_DIR/meraudiod; each a tmpfs, another file system than the full or read-only
     one. None: none is set."""
     if storage.run_dir is not None:
-        return storage.run_dir / _SPILL_FOLDER
+        return storage.run_dir
     runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if runtime and Path(runtime).is_absolute():
-        return Path(runtime) / _SPILL_FOLDER
+        return Path(runtime)
     xdg = os.environ.get("XDG_RUNTIME_DIR", "")
     if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "meraudiod" / _SPILL_FOLDER
+        return Path(xdg) / "meraudiod"
     return None
 
 
-_SPILL_FOLDER: Final = "held-audio"
+def spill_dir(storage: StorageSettings) -> Path | None:
+    """Where audio still held at a stop is kept until the next start (runtime_dir)."""
+    runtime = runtime_dir(storage)
+    return runtime / "held-audio" if runtime is not None else None
 
 
 def keep_held_on_stop(settings: Settings, memory: MemoryAudio) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -22,6 +22,15 @@ from .retention import disk_free_mb, disk_low, room_again, writable
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
 from .sources import AudioSource, EndOfStream, SourceError
 from .stage import StageThread
+from .unsaved import (
+    Purged,
+    Unsaved,
+    forget_kept,
+    keep_unsaved,
+    marking_saved,
+    take_back_unsaved,
+    unsaved_dir,
+)
 from .vad import SileroVad, VadTraces
 from .wall_clock import StreamClock, follow_step
 
@@ -34,16 +43,6 @@ _SAVE_RETRY_MAX_S: Final = 30.0
 # written) and are saved again every so often.
 _MAX_WAITING: Final = 32
 _FULL_RETRY_S: Final = 5.0
-
-
-@dataclass(frozen=True)
-class _Heard:
-    """An utterance not yet saved: the database could not be written."""
-
-    samples: Int16Array
-    start_s: float
-    started_at: float
-    probs: Float32Array  # the VAD's, for the Wyoming client
 
 
 class FrameBuffer:
@@ -124,7 +123,7 @@ class Listener(StageThread):
         self.vad_traces: VadTraces | None = None  # for the Wyoming client (asr_wyoming.py)
         self._last_frame: Int16Array | None = None  # for the level, measured when asked
         self._segmenter: Segmenter | None = None
-        self._waiting: list[_Heard] = []  # oldest first, while the database cannot be written
+        self._waiting: list[Unsaved] = []  # oldest first, while the database cannot be written
         self._retry_at_s = 0.0  # time.monotonic() of the next try to save them
         # What cannot be written, and why (said once; None again once written).
         self.audio_problem: str | None = None
@@ -171,6 +170,8 @@ class Listener(StageThread):
         buffer = FrameBuffer()
         clock = StreamClock(self.source.lead_s)
         self.vad.reset()
+        if self.job_origin is None:  # the daemon: what the last one's database did not take
+            self._take_back_waiting(conn)
         try:
             while not self.stop_event.is_set():
                 try:
@@ -206,14 +207,8 @@ class Listener(StageThread):
                 self._handle(event, buffer, store, clock)
             if self._waiting:
                 self._save_waiting(store, clock)
-            # Still not writable, or another process holds the write lock: nowhere to keep them.
-            why = "cannot be written" if self.database_problem else "locked by another process"
-            for heard in self._waiting:
-                _LOGGER.error(
-                    "database %s: recording of %.1f s lost on stopping",
-                    why,
-                    heard.samples.size / SAMPLE_RATE_HZ,
-                )
+            if self._waiting:  # still not writable, or another process holds the write lock
+                self._keep_waiting()
         except SourceError as exc:
             self.error = str(exc)
             _LOGGER.log(self._source_error_level, "%s", exc)
@@ -225,8 +220,46 @@ class Listener(StageThread):
             conn.close()
             self.finished.set()
 
+    def _take_back_waiting(self, conn: sqlite3.Connection) -> None:
+        folder = unsaved_dir(self.settings.storage)
+        if folder is None:
+            return
+        try:
+            self._waiting = take_back_unsaved(conn, folder)
+        except (OSError, sqlite3.Error) as exc:
+            _LOGGER.error("cannot take back the recordings kept in %s: %s", folder, exc)
+
+    def _keep_waiting(self) -> None:
+        """Stopping with recordings the database did not take: the daemon keeps them in the
+        runtime directory for its next start; what cannot be kept is lost, a line each."""
+        why = "cannot be written" if self.database_problem else "locked by another process"
+        folder = unsaved_dir(self.settings.storage) if self.job_origin is None else None
+        kept = 0
+        if folder is not None:
+            try:
+                for heard in self._waiting:
+                    keep_unsaved(folder, heard)
+                    kept += 1
+            except OSError as exc:
+                _LOGGER.error("cannot keep recordings in %s: %s", folder, exc.strerror or exc)
+        if kept:
+            _LOGGER.warning(
+                "database %s: %d recordings (%.1f s) kept in %s until the next start",
+                why,
+                kept,
+                sum(heard.duration_s for heard in self._waiting[:kept]),
+                folder,
+            )
+        for heard in self._waiting[kept:]:
+            _LOGGER.error(
+                "database %s: recording of %.1f s lost on stopping", why, heard.duration_s
+            )
+
     def _save(
-        self, store: RecordingStore, samples: Int16Array, start_s: float, started_at: float
+        self,
+        store: RecordingStore,
+        heard: Unsaved,
+        in_transaction: Callable[[sqlite3.Connection, Recording], None] | None = None,
     ) -> Recording | None:
         """Store an utterance; while the database is busy (a long purge, another process
         holding the write lock past the busy timeout) the audio is kept and the save retried.
@@ -239,11 +272,12 @@ class Listener(StageThread):
             memory = self.memory if no_room or disk_low(self.settings) else None
             try:
                 recording = store.save(
-                    samples,
-                    source=self.source.name,
-                    start_s=start_s,
-                    started_at=started_at,
+                    heard.samples,
+                    source=heard.source,
+                    start_s=heard.start_s,
+                    started_at=heard.started_at,
                     transcribe=self.settings.asr.enabled,
+                    in_transaction=in_transaction,
                     memory=memory,
                 )
             except OSError as exc:  # full since the guard looked (or it is off), or read-only
@@ -261,7 +295,7 @@ class Listener(StageThread):
                     "database busy (%s): recording of %.1f s kept in memory, saving again in"
                     " %.0f s",
                     exc,
-                    samples.size / SAMPLE_RATE_HZ,
+                    heard.duration_s,
                     delay_s,
                 )
                 self.stop_event.wait(delay_s)
@@ -349,7 +383,7 @@ class Listener(StageThread):
                 samples.size / SAMPLE_RATE_HZ,
             )
             return
-        self._waiting.append(_Heard(samples, start_s, started_at, probs))
+        self._waiting.append(Unsaved(samples, start_s, started_at, probs, self.source.name))
         self._save_waiting(store, clock)
 
     def _save_waiting(self, store: RecordingStore, clock: StreamClock) -> None:
@@ -359,7 +393,13 @@ class Listener(StageThread):
         while self._waiting:
             heard = self._waiting[0]
             try:
-                recording = self._save(store, heard.samples, heard.start_s, heard.started_at)
+                kept = heard.kept_in
+                marking = marking_saved(kept) if kept is not None else None
+                recording = self._save(store, heard, marking)
+            except Purged:
+                _LOGGER.info("a recording kept over the last stop was purged: not saved")
+                del self._waiting[0]
+                continue
             except sqlite3.OperationalError as exc:
                 if is_busy(exc) and self.stop_event.is_set():
                     return  # stopping: said lost at the end, with the rest that waits
@@ -377,6 +417,9 @@ class Listener(StageThread):
                 self._retry_at_s = time.monotonic() + _FULL_RETRY_S
                 return
             del self._waiting[0]
+            if kept is not None:
+                with contextlib.suppress(OSError, sqlite3.Error):  # else the next start does
+                    forget_kept(store.conn, kept)
             if self.database_problem is not None and not self._waiting:
                 _LOGGER.info("database written again: the recordings that waited are saved")
                 self.database_problem = None

@@ -19,6 +19,7 @@ from .deletion import delete_recordings
 from .recording_views import recording_details
 from .recordings import ULID_RE, normalise_id, why_no_audio
 from .retention import purge
+from .unsaved import purge_unsaved
 
 # A ULID in any case ("01jd2x..." too), as stored: upper case.
 RecordingId = Annotated[str, AfterValidator(normalise_id)]
@@ -183,9 +184,12 @@ def _purge(ctx: CommandContext, args: PurgeArgs) -> Any:
         audio_only=args.audio_only,
         dry_run=args.dry_run,
     )
+    # Recordings a stopped daemon kept for its database to take (unsaved.py): no speaker
+    # is known of them, and deleting their audio leaves nothing.
+    kept = 0 if speaker else purge_unsaved(ctx.settings.storage, before, after, args.dry_run)
     return {
-        "recordings_deleted": result.recordings_deleted,
-        "audio_files_deleted": result.audio_files_deleted,
+        "recordings_deleted": result.recordings_deleted + (0 if args.audio_only else kept),
+        "audio_files_deleted": result.audio_files_deleted + kept,
     }
 
 

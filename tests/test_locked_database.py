@@ -211,6 +211,57 @@ def test_a_stop_while_another_process_holds_the_write_lock_is_prompt_and_says_wh
     assert not list(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).rglob("*.part"))
 
 
+def test_a_recording_the_locked_database_did_not_take_is_kept_over_the_stop_and_saved(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """As above, with a runtime directory (the unit's /run/meraudiod, storage.run_dir): the
+    utterance the database did not take is kept there over the stop, and the next start
+    saves and transcribes it, with its own time stamp. Before, it was lost on stopping."""
+    run_dir = tmp_path / "run"
+    env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir)}
+    proc = run_daemon(env, "--realtime", source=f"file:{DEMO}")
+    out = Output(proc.stderr)
+    holder: sqlite3.Connection | None = None
+    try:
+        wait_for(lambda: "ready:" in out.text, 120, "the daemon to be ready", poll_s=0.05)
+        ready, ready_at = time.monotonic(), time.time()
+        wait_for(lambda: db_rows(env, "SELECT id FROM recordings"), 30, "the first recording")
+        holder = sqlite3.connect(_db(env), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        time.sleep(max(0.0, ready + 15.0 - time.monotonic()))  # the second one heard
+        code, _ = stopped(proc, out)
+    finally:
+        if holder is not None:
+            holder.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out.join()
+    assert code == 0 and "Traceback" not in out.text, out.text
+    assert "lost on stopping" not in out.text, out.text
+    kept = re.findall(
+        r"database locked by another process: 1 recordings \(([\d.]+) s\) kept in (\S+) until"
+        r" the next start",
+        out.text,
+    )
+    assert kept and kept[0][1] == str(run_dir / "unsaved"), out.text
+    (file,) = (run_dir / "unsaved").iterdir()
+    assert len(db_rows(env, "SELECT id FROM recordings")) == 1
+
+    again = run_daemon(env)  # no audio: it only takes back what was kept and transcribes it
+    _, err = again.communicate(timeout=300)
+    log = err.decode()
+    assert again.returncode == 0 and "Traceback" not in log, log
+    assert "1 recordings the database could not take at the last stop taken back" in log, log
+    rows = db_rows(env, "SELECT started_at, duration_s, status FROM recordings ORDER BY 1")
+    assert [r["status"] for r in rows] == ["done", "done"], rows
+    assert rows[1]["duration_s"] == pytest.approx(float(kept[0][0]), abs=0.05)
+    # The demo's second utterance starts 10.4 s in: its time stamp is the first run's.
+    assert ready_at + 5 < rows[1]["started_at"] < ready_at + 15, (ready_at, rows)
+    assert not file.exists() and not list((run_dir / "unsaved").iterdir())
+    assert not db_rows(env, "SELECT key FROM kv WHERE key LIKE 'unsaved%'")
+
+
 def test_a_stage_connection_waits_for_the_lock_while_running_and_briefly_once_stopping(
     settings: Settings,
 ) -> None:

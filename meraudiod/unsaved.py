@@ -1,0 +1,176 @@
+"""Recordings the database could not take when the daemon stopped (its disk full or
+read-only, or another process holding its write lock): each is kept over the stop in the
+runtime directory and saved at the next start, as soon as the database takes it.
+
+Each is one file, `<started_at in µs>.npz` in runtime_dir()/unsaved (its samples, the VAD's
+probabilities, its source and times), written whole or not at all (a temp file, fsync,
+rename). Saved at the next start, its recording's rows are committed with a kv mark naming
+the file, and the file goes after that commit, then the mark: a kill between the two leaves
+a file its mark says was saved, which the start after removes; none is saved twice. A purge
+of a time range (purge_unsaved) removes the ones that started in it: they are recordings
+still to be saved, and delete means delete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from .audio import SAMPLE_RATE_HZ, Float32Array, Int16Array
+from .config_sections import StorageSettings
+from .db import Transaction, put_kv
+from .deletion import remove_file
+from .held_audio import runtime_dir
+from .recordings import Recording
+
+_LOGGER = logging.getLogger(__name__)
+_FOLDER: Final = "unsaved"
+# kv key of a kept recording saved again whose file is still to be removed: "<prefix><name>".
+_SAVED: Final = "unsaved_saved:"
+_PART: Final = ".part"
+
+
+@dataclass(frozen=True)
+class Unsaved:
+    """An utterance the database has not taken yet."""
+
+    samples: Int16Array
+    start_s: float
+    started_at: float
+    probs: Float32Array  # the VAD's, for the Wyoming client
+    source: str
+    kept_in: Path | None = None  # its file, when it was kept over a stop
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples.size / SAMPLE_RATE_HZ
+
+
+def unsaved_dir(storage: StorageSettings) -> Path | None:
+    """Where unsaved recordings are kept over a stop; None: no runtime directory is set."""
+    runtime = runtime_dir(storage)
+    return runtime / _FOLDER if runtime is not None else None
+
+
+def keep_unsaved(folder: Path, heard: Unsaved) -> None:
+    """Keep one recording in `folder` (one taken back from there is already); the folder
+    refusing it raises OSError."""
+    if heard.kept_in is None or not heard.kept_in.is_file():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write(folder / f"{round(heard.started_at * 1e6)}.npz", heard)
+
+
+def _write(path: Path, heard: Unsaved) -> None:
+    """The recording in `path`, whole or not at all."""
+    meta = {"source": heard.source, "start_s": heard.start_s, "started_at": heard.started_at}
+    tmp = path.with_name(path.name + _PART)
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, samples=heard.samples, probs=heard.probs, meta=json.dumps(meta))
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.rename(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def take_back_unsaved(conn: sqlite3.Connection, folder: Path) -> list[Unsaved]:
+    """The recordings kept over the last stop, oldest first, each still in its file until
+    it is saved (forget_kept). A temp file (a kill while it was written) goes, and so does a
+    file already saved (a kill after that commit) when the database can say so."""
+    if not folder.is_dir():
+        return []
+    for part in folder.glob("*" + _PART):
+        remove_file(part)
+    taken = []
+    for path in sorted(folder.glob("*.npz")):
+        if conn.execute("SELECT 1 FROM kv WHERE key=?", (_SAVED + path.name,)).fetchone():
+            with contextlib.suppress(OSError, sqlite3.Error):
+                forget_kept(conn, path)
+            continue
+        try:
+            taken.append(_read(path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _LOGGER.error("cannot read %s (%s): removed", path, exc)
+            remove_file(path)
+    if taken:
+        _LOGGER.warning(
+            "%d recordings the database could not take at the last stop taken back (%.1f s):"
+            " saved as soon as it takes them",
+            len(taken),
+            sum(heard.duration_s for heard in taken),
+        )
+    return taken
+
+
+def _read(path: Path) -> Unsaved:
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        samples, probs = data["samples"], data["probs"]
+    if samples.dtype != np.int16 or samples.ndim != 1 or probs.dtype != np.float32:
+        raise ValueError("not a recording")
+    return Unsaved(
+        samples,
+        float(meta["start_s"]),
+        float(meta["started_at"]),
+        probs,
+        str(meta["source"]),
+        kept_in=path,
+    )
+
+
+class Purged(Exception):
+    """A kept recording was purged before the database took it."""
+
+
+def marking_saved(path: Path) -> Callable[[sqlite3.Connection, Recording], None]:
+    """What the transaction that saves the recording kept in `path` does too: it marks it
+    saved, or rolls back (Purged) if a purge removed its file meanwhile."""
+
+    def mark(conn: sqlite3.Connection, recording: Recording) -> None:
+        if not path.is_file():
+            raise Purged(path)
+        put_kv(conn, _SAVED + path.name, recording.id)
+
+    return mark
+
+
+def forget_kept(conn: sqlite3.Connection, path: Path) -> None:
+    """A kept recording is saved: its file goes, then its mark."""
+    remove_file(path)
+    with Transaction(conn):
+        conn.execute("DELETE FROM kv WHERE key=?", (_SAVED + path.name,))
+
+
+def purge_unsaved(
+    storage: StorageSettings, before: float | None, after: float | None, dry_run: bool
+) -> int:
+    """Remove the kept recordings that started in [after, before); returns how many."""
+    folder = unsaved_dir(storage)
+    if folder is None or not folder.is_dir() or (before is None and after is None):
+        return 0
+    found = 0
+    for path in folder.glob("*.npz"):
+        try:
+            started_at = int(path.stem) / 1e6
+        except ValueError:
+            continue
+        if (before is None or started_at < before) and (after is None or started_at >= after):
+            found += 1 if dry_run else remove_file(path)
+    return found

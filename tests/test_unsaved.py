@@ -1,0 +1,128 @@
+"""Recordings the database could not take at a stop, kept in the runtime directory for the
+next start (meraudiod/unsaved.py): a kill at the worst moment saves none twice, a temp file
+of a kill goes, and a purge of their time deletes them. Real daemons, real files, real
+SQLite; the stop itself is in tests/test_locked_database.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import pytest
+
+from meraudiod.audio import decode_file
+from meraudiod.db import open_db
+from meraudiod.recordings import RecordingStore
+from meraudiod.unsaved import Purged, Unsaved, keep_unsaved, marking_saved
+
+from .conftest import TEST_DATA, cli, db_rows
+
+SHORT = TEST_DATA / "ls_103_0000.flac"
+
+# The daemon, SIGKILLed by itself once it has saved a kept recording and before its file
+# goes: the commit done, the clean-up not.
+_KILLED_ONCE_SAVED: Final = """
+import os, runpy, signal, sys
+from meraudiod import listener
+
+def killed(conn, path):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+listener.forget_kept = killed
+sys.argv = ["meraudiod", *sys.argv[1:]]
+runpy.run_module("meraudiod", run_name="__main__", alter_sys=True)
+"""
+
+
+def _kept(folder: Path, started_at: float) -> Path:
+    samples = decode_file(SHORT)
+    probs = np.full(samples.size // 512, 0.9, dtype=np.float32)
+    keep_unsaved(folder, Unsaved(samples, 10.0, started_at, probs, "mic:USB"))
+    (path,) = [p for p in folder.iterdir() if p.name == f"{round(started_at * 1e6)}.npz"]
+    return path
+
+
+def _run(env: dict[str, str], *python: str) -> subprocess.CompletedProcess[str]:
+    """`meraudiod run --source stdin` with no audio (started by `python`: `-m meraudiod`, or
+    a wrapper): it takes back what was kept, transcribes it and ends."""
+    return subprocess.run(
+        [sys.executable, *python, "run", "--source", "stdin"],
+        env=env,
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_a_kept_recording_is_saved_once_whatever_moment_a_kill_comes(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir)}
+    folder = run_dir / "unsaved"
+    started_at = time.time() - 60
+    path = _kept(folder, started_at)
+    (folder / f"{path.name}.part").write_bytes(b"half a file")  # a kill while it was kept
+
+    killed = _run(env, "-c", _KILLED_ONCE_SAVED)
+    assert killed.returncode == -9, killed.stderr
+    rows = db_rows(env, "SELECT source, started_at, start_s, duration_s FROM recordings")
+    assert [(r["source"], r["start_s"]) for r in rows] == [("mic:USB", 10.0)]
+    assert rows[0]["started_at"] == started_at
+    assert rows[0]["duration_s"] == decode_file(SHORT).size / 16000
+    assert path.is_file()  # saved, and its file still there
+    assert not (folder / f"{path.name}.part").exists()
+
+    done = _run(env, "-m", "meraudiod")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "taken back" not in done.stderr, done.stderr  # it was saved already
+    assert len(db_rows(env, "SELECT id FROM recordings")) == 1  # not twice
+    assert not path.exists()
+    assert not db_rows(env, "SELECT key FROM kv WHERE key LIKE 'unsaved%'")
+    transcribed = db_rows(env, "SELECT status FROM recordings")
+    assert [r["status"] for r in transcribed] == ["done"]
+
+
+def test_a_purge_of_their_time_deletes_kept_recordings(env: dict[str, str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir)}
+    folder = run_dir / "unsaved"
+    open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db").close()  # as it ran
+    hour_ago = time.time() - 3600
+    inside, outside = _kept(folder, hour_ago), _kept(folder, hour_ago - 86400)
+    start = datetime.fromtimestamp(hour_ago - 60).isoformat(timespec="seconds")
+    looked = cli("purge", "--start", start, "--end", "now", "--dry-run", env=env)
+    assert looked.stdout.strip() == "would delete 1 recordings and 1 audio files", looked
+    assert inside.exists()
+    done = cli("purge", "--start", start, "--end", "now", "--yes", env=env)
+    assert done.stdout.strip() == "deleted 1 recordings and 1 audio files", done
+    assert not inside.exists() and outside.exists()
+    audio_only = cli("purge", "--older-than", "0.5", "--audio-only", "--yes", env=env)
+    assert audio_only.stdout.strip() == "deleted 0 recordings and 1 audio files", audio_only
+    assert not outside.exists()
+    # The next start finds nothing to take back: deleted means deleted.
+    taken = _run(env, "-m", "meraudiod")
+    assert taken.returncode == 0, taken.stderr
+    assert not db_rows(env, "SELECT id FROM recordings")
+
+
+def test_a_kept_recording_purged_while_the_daemon_holds_it_is_not_saved(tmp_path: Path) -> None:
+    """The daemon took it back and waits for the database; a purge removes its file
+    meanwhile. The save, under the write lock, finds the file gone and stores nothing."""
+    folder = tmp_path / "run" / "unsaved"
+    path = _kept(folder, time.time() - 60)
+    conn = open_db(tmp_path / "meraudiod.db")
+    store = RecordingStore(conn, tmp_path / "audio", "flac")
+    samples = decode_file(SHORT)
+    path.unlink()  # purge_unsaved
+    with pytest.raises(Purged):
+        store.save(samples, "mic:USB", 10.0, time.time() - 60, in_transaction=marking_saved(path))
+    assert conn.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == 0
+    assert not list((tmp_path / "audio").rglob("*.*"))  # its audio file removed with it
