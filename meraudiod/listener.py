@@ -231,7 +231,8 @@ class Listener(StageThread):
 
     def _keep_waiting(self) -> None:
         """Stopping with recordings the database did not take: the daemon keeps them in the
-        runtime directory for its next start; what cannot be kept is lost, a line each."""
+        runtime directory for its next listener (after a restart, or a microphone reopened);
+        what cannot be kept is lost, a line each."""
         why = "cannot be written" if self.database_problem else "locked by another process"
         folder = unsaved_dir(self.settings.storage) if self.job_origin is None else None
         kept = 0
@@ -244,7 +245,7 @@ class Listener(StageThread):
                 _LOGGER.error("cannot keep recordings in %s: %s", folder, exc.strerror or exc)
         if kept:
             _LOGGER.warning(
-                "database %s: %d recordings (%.1f s) kept in %s until the next start",
+                "database %s: %d recordings (%.1f s) kept in %s until the daemon listens again",
                 why,
                 kept,
                 sum(heard.duration_s for heard in self._waiting[:kept]),
@@ -402,7 +403,7 @@ class Listener(StageThread):
                 continue
             except sqlite3.OperationalError as exc:
                 if is_busy(exc) and self.stop_event.is_set():
-                    return  # stopping: said lost at the end, with the rest that waits
+                    return  # stopping: kept (or said lost) at the end, with the rest
                 if not cannot_write(exc) or self.job_origin is not None:
                     raise  # a one-off process (analyze) stops: nobody frees room meanwhile
                 if self.database_problem is None:

@@ -1,6 +1,7 @@
 """Recordings the database could not take when the daemon stopped (its disk full or
 read-only, or another process holding its write lock): each is kept over the stop in the
-runtime directory and saved at the next start, as soon as the database takes it.
+runtime directory and saved at the next start (or by the listener of a microphone
+reopened), as soon as the database takes it.
 
 Each is one file, `<started_at in µs>.npz` in runtime_dir()/unsaved (its samples, the VAD's
 probabilities, its source and times), written whole or not at all (a temp file, fsync,
@@ -111,9 +112,10 @@ def take_back_unsaved(conn: sqlite3.Connection, folder: Path) -> list[Unsaved]:
             remove_file(path)
     if taken:
         _LOGGER.warning(
-            "%d recordings the database could not take at the last stop taken back (%.1f s):"
-            " saved as soon as it takes them",
+            "%d recordings the database did not take taken back from %s (%.1f s): saved as"
+            " soon as it takes them",
             len(taken),
+            folder,
             sum(heard.duration_s for heard in taken),
         )
     return taken

@@ -241,7 +241,7 @@ def test_a_recording_the_locked_database_did_not_take_is_kept_over_the_stop_and_
     assert "lost on stopping" not in out.text, out.text
     kept = re.findall(
         r"database locked by another process: 1 recordings \(([\d.]+) s\) kept in (\S+) until"
-        r" the next start",
+        r" the daemon listens again",
         out.text,
     )
     assert kept and kept[0][1] == str(run_dir / "unsaved"), out.text
@@ -252,7 +252,7 @@ def test_a_recording_the_locked_database_did_not_take_is_kept_over_the_stop_and_
     _, err = again.communicate(timeout=300)
     log = err.decode()
     assert again.returncode == 0 and "Traceback" not in log, log
-    assert "1 recordings the database could not take at the last stop taken back" in log, log
+    assert f"1 recordings the database did not take taken back from {run_dir}/unsaved" in log
     rows = db_rows(env, "SELECT started_at, duration_s, status FROM recordings ORDER BY 1")
     assert [r["status"] for r in rows] == ["done", "done"], rows
     assert rows[1]["duration_s"] == pytest.approx(float(kept[0][0]), abs=0.05)
