@@ -3,7 +3,7 @@ read-only, or another process holding its write lock): each is kept over the sto
 runtime directory and saved at the next start (or by the listener of a microphone
 reopened), as soon as the database takes it.
 
-Each is one file, `<started_at in µs>.npz` in runtime_dir()/unsaved (its samples, the VAD's
+Each is one file, `<started_at in µs>-<n>.npz` in runtime_dir()/unsaved (its samples, the VAD's
 probabilities, its source and times), written whole or not at all (a temp file, fsync,
 rename). Saved at the next start, its recording's rows are committed with a kv mark naming
 the file, and the file goes after that commit, then the mark: a kill between the two leaves
@@ -64,10 +64,16 @@ def unsaved_dir(storage: StorageSettings) -> Path | None:
 
 def keep_unsaved(folder: Path, heard: Unsaved) -> None:
     """Keep one recording in `folder` (one taken back from there is already); the folder
-    refusing it raises OSError."""
-    if heard.kept_in is None or not heard.kept_in.is_file():
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write(folder / f"{round(heard.started_at * 1e6)}.npz", heard)
+    refusing it raises OSError. Named by its time stamp in µs, then a number: utterances
+    read from a pipe faster than real time share a stamp, and the names sort as they were
+    heard."""
+    if heard.kept_in is not None and heard.kept_in.is_file():
+        return
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    number = 0
+    while (path := folder / f"{round(heard.started_at * 1e6):016d}-{number:03d}.npz").exists():
+        number += 1
+    _write(path, heard)
 
 
 def _write(path: Path, heard: Unsaved) -> None:
@@ -170,7 +176,7 @@ def purge_unsaved(
     found = 0
     for path in folder.glob("*.npz"):
         try:
-            started_at = int(path.stem) / 1e6
+            started_at = int(path.stem.split("-")[0]) / 1e6
         except ValueError:
             continue
         if (before is None or started_at < before) and (after is None or started_at >= after):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shlex
 import shutil
 import sqlite3
@@ -184,15 +185,21 @@ def test_the_errors_of_a_file_system_the_kernel_made_read_only_are_classified(
 
 
 @needs_root
+@pytest.mark.parametrize("runtime_dir", ["none", "tmpfs"])
 def test_a_card_the_kernel_made_read_only_keeps_the_daemon_up(
-    env: dict[str, str], tmp_path: Path
+    env: dict[str, str], tmp_path: Path, runtime_dir: str
 ) -> None:
     """The data directory on an ext4 mounted errors=remount-ro, which then meets an error:
     the audio and the database (through the connections already open: SQLITE_IOERR_WRITE)
     are refused. Before, the listener died on the next utterance, the daemon exited 1 and its
     restart refused (exit 78), what was said lost. Now the utterances wait in memory, said
     once; the daemon stays up, not ready, naming the database; stopped, it says what it could
-    not keep. (This kernel's ext4 stays read-only until a fsck: nothing to wait for here.)"""
+    not keep. (This kernel's ext4 stays read-only until a fsck: nothing to wait for here.)
+
+    With a runtime directory (storage.run_dir, another file system, as installed) the
+    utterances the database did not take are kept there over the stop; before, they were
+    lost as without one. The card mounted again (a fsck, a reboot that keeps /run), the
+    next start stores and transcribes them."""
     if not Path("/dev/loop-control").exists():
         pytest.skip("no loop devices")
     path = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
@@ -205,6 +212,9 @@ def test_a_card_the_kernel_made_read_only_keeps_the_daemon_up(
     mount = shlex.join(["mount", "-o", "loop,errors=remount-ro", str(image), str(card)])
     before = f"mkdir {shlex.quote(str(card))} && {mount} &&"
     env = {**env, "PATH": path, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "10"}
+    run_dir = tmp_path / "run"
+    if runtime_dir == "tmpfs":
+        env["MERAUDIOD_STORAGE__RUN_DIR"] = str(run_dir)
     speech = decode_file(DEMO).astype("<i2").tobytes()
     daemon = FullDiskDaemon(env, tmp_path, "1m", before=before)
     try:
@@ -235,8 +245,27 @@ def test_a_card_the_kernel_made_read_only_keeps_the_daemon_up(
     log = daemon.log()
     assert code == 0, log
     assert log.count(waiting) == 1, log
-    assert log.count("lost on stopping") == 5, log
     assert "Traceback" not in log, log
+    if runtime_dir == "none":
+        assert log.count("lost on stopping") == 5, log
+        return
+    assert "lost on stopping" not in log, log
+    kept = rf"database cannot be written: 5 recordings \([\d.]+ s\) kept in {run_dir}/unsaved"
+    assert re.search(kept, log), log
+    assert len(list((run_dir / "unsaved").iterdir())) == 5
+    again_at = tmp_path / "again"
+    again_at.mkdir()
+    card = again_at / "disk" / "meraudiod"
+    mount = shlex.join(["mount", "-o", "loop,errors=remount-ro", str(image), str(card)])
+    before = f"mkdir {shlex.quote(str(card))} && {mount} &&"
+    again = FullDiskDaemon(env, again_at, "1m", before=before)
+    try:
+        again.wait_ready()
+        rows = _recordings(again, 5, timeout_s=120)
+        assert "Dashwood" in str(rows[0]["text"]), rows
+        assert list((run_dir / "unsaved").iterdir()) == []
+    finally:
+        assert again.stop() == 0, again.log()
 
 
 @needs_root

@@ -43,7 +43,7 @@ def _kept(folder: Path, started_at: float) -> Path:
     samples = decode_file(SHORT)
     probs = np.full(samples.size // 512, 0.9, dtype=np.float32)
     keep_unsaved(folder, Unsaved(samples, 10.0, started_at, probs, "mic:USB"))
-    (path,) = [p for p in folder.iterdir() if p.name == f"{round(started_at * 1e6)}.npz"]
+    (path,) = [p for p in folder.iterdir() if p.name.startswith(f"{round(started_at * 1e6)}-")]
     return path
 
 
