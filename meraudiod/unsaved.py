@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sqlite3
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,8 +114,10 @@ def take_back_unsaved(conn: sqlite3.Connection, folder: Path) -> list[Unsaved]:
             continue
         try:
             taken.append(_read(path))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            _LOGGER.error("cannot read %s (%s): removed", path, exc)
+        except OSError as exc:  # left where it is, for the next start
+            _LOGGER.error("cannot read %s: %s", path, exc)
+        except (ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            _LOGGER.error("%s is no recording kept by meraudiod (%s): removed", path, exc)
             remove_file(path)
     if taken:
         _LOGGER.warning(

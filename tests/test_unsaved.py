@@ -18,7 +18,7 @@ import pytest
 from meraudiod.audio import decode_file
 from meraudiod.db import open_db
 from meraudiod.recordings import RecordingStore
-from meraudiod.unsaved import Purged, Unsaved, keep_unsaved, marking_saved
+from meraudiod.unsaved import Purged, Unsaved, keep_unsaved, marking_saved, take_back_unsaved
 
 from .conftest import TEST_DATA, cli, db_rows
 
@@ -126,3 +126,20 @@ def test_a_kept_recording_purged_while_the_daemon_holds_it_is_not_saved(tmp_path
         store.save(samples, "mic:USB", 10.0, time.time() - 60, in_transaction=marking_saved(path))
     assert conn.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == 0
     assert not list((tmp_path / "audio").rglob("*.*"))  # its audio file removed with it
+
+
+def test_a_damaged_kept_file_is_said_and_removed_and_the_others_taken_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "unsaved"
+    good = _kept(folder, time.time() - 60)
+    damaged = folder / "0000000000000001-000.npz"
+    damaged.write_bytes(b"not a recording")
+    taken = take_back_unsaved(open_db(tmp_path / "meraudiod.db"), folder)
+    assert [heard.kept_in for heard in taken] == [good]
+    assert np.array_equal(taken[0].samples, decode_file(SHORT))
+    assert not damaged.exists()
+    (line,) = [r.getMessage() for r in caplog.records if "no recording kept" in r.getMessage()]
+    assert line.startswith(f"{damaged} is no recording kept by meraudiod (") and line.endswith(
+        "): removed"
+    )
