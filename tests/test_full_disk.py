@@ -270,6 +270,12 @@ def test_audio_held_below_the_free_disk_guard_is_written_once_above_it(
         rows = _recordings(daemon, 5, audio_written=True, timeout_s=30)
         audio = sorted(p.name for p in (daemon.disk / "meraudiod").rglob("*.flac"))
         assert audio == sorted(f"{r['id']}.flac" for r in rows)
+        # each said once its row names the file: the last one's line may come after the rows
+        wait_for(
+            lambda: daemon.log().count("its audio held in memory written to") >= 5,
+            30,
+            "the five written said",
+        )
         assert daemon.log().count("its audio held in memory written to") == 5
         assert daemon.stop() == 0, daemon.log()
 
@@ -325,6 +331,11 @@ def test_audio_held_when_the_daemon_stops_is_kept_over_the_stop(
             assert np.array_equal(written, kept[str(row["id"])])
         assert list(kept_in.iterdir()) == []
         assert "audio of 4 recordings kept over the last stop taken back" in again.log()
+        wait_for(
+            lambda: again.log().count("its audio held in memory written to") >= 4,
+            30,
+            "the four written said",
+        )
         assert again.log().count("its audio held in memory written to") == 4
         assert again.stop() == 0, again.log()
     database = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
