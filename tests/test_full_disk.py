@@ -446,8 +446,17 @@ def test_a_database_whose_disk_is_full_loses_no_recording(
         sub.wait_for(lambda: len(sub.on("/event/transcript")) == 5, 60)
 
         daemon.say(speech)
-        transcripts = "meraudiod.worker: transcript"
-        wait_for(lambda: daemon.log().count(transcripts) == 6, 120, "a transcript", poll_s=0.01)
+        # The five saved (the listener is done: only the worker meets the disk), not all of
+        # them transcribed. (Waiting for the 6th transcript missed it when the listener was
+        # slower than the worker's first transcript: say() returned after the 7th.)
+        saved, transcribed = "meraudiod.recordings: recording ", "meraudiod.worker: transcript "
+
+        def five_more_saved() -> bool:
+            log = daemon.log()
+            assert log.count(transcribed) < 10, "all ten transcribed before the disk filled"
+            return log.count(saved) == 10
+
+        wait_for(five_more_saved, 120, "five more recordings saved", poll_s=0.01)
         filler = daemon.fill()
         wait_for(lambda: "transcription waits" in daemon.log(), 60, "the worker waiting")
         time.sleep(5)  # more tries
