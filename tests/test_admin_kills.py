@@ -524,12 +524,17 @@ def test_a_daemon_killed_while_it_transcribes_again_loses_nothing(fresh: Callabl
         # None: killed; 0: the job was done before the moment came (a fast machine)
         ended = killed(env, ["run", "--source", f"file:{SHORT}"], mid_way, "a reprocess running")
         assert ended in (None, 0), ended
+        # Killed while the job ran, it is a crash; done in the moment between the look and
+        # the kill (the test's process not run then, on a loaded machine), it is none.
+        (at_kill,) = rows(env, f"SELECT state FROM jobs WHERE recording_id='{rec_id}'")
+        assert at_kill["state"] in ("running", "done"), at_kill["state"]
         holds(env)
         assert [r[0] for r in rows(env, text_sql)] == said  # the old transcript stays meanwhile
         started = cli("run", "--source", f"file:{SHORT}", env=env)
         assert started.returncode == 0, started.stderr
         (job,) = rows(env, f"SELECT state, crashes FROM jobs WHERE recording_id='{rec_id}'")
-        assert (job["state"], job["crashes"]) == ("done", 1 if ended is None else 0)
+        crashes = 1 if at_kill["state"] == "running" else 0
+        assert (job["state"], job["crashes"]) == ("done", crashes)
         assert [r[0] for r in rows(env, text_sql)] == said
         holds(env)
 

@@ -213,7 +213,12 @@ def test_sighup_during_start_is_a_reload_and_reloads_keep_the_bounds(
         assert proc.poll() is None, f"killed by SIGHUP during start: rc {proc.returncode}"
         config.write_text("[recorder]\nhangover_ms = 1e9\n")  # a typo for 1e3
         proc.send_signal(signal.SIGHUP)
-        time.sleep(2.0)
+        # answered before the input ends: a reload acted on after that is never made
+        wait_for(
+            lambda: any("reload refused" in x for x in lines) or proc.poll() is not None,
+            30,
+            "the second SIGHUP to be answered",
+        )
         assert proc.poll() is None
     finally:
         proc.stdin.close()

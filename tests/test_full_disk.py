@@ -270,6 +270,12 @@ def test_audio_held_below_the_free_disk_guard_is_written_once_above_it(
         rows = _recordings(daemon, 5, audio_written=True, timeout_s=30)
         audio = sorted(p.name for p in (daemon.disk / "meraudiod").rglob("*.flac"))
         assert audio == sorted(f"{r['id']}.flac" for r in rows)
+        # each said once its row names the file: the last one's line may come after the rows
+        wait_for(
+            lambda: daemon.log().count("its audio held in memory written to") >= 5,
+            30,
+            "the five written said",
+        )
         assert daemon.log().count("its audio held in memory written to") == 5
         assert daemon.stop() == 0, daemon.log()
 
@@ -325,6 +331,11 @@ def test_audio_held_when_the_daemon_stops_is_kept_over_the_stop(
             assert np.array_equal(written, kept[str(row["id"])])
         assert list(kept_in.iterdir()) == []
         assert "audio of 4 recordings kept over the last stop taken back" in again.log()
+        wait_for(
+            lambda: again.log().count("its audio held in memory written to") >= 4,
+            30,
+            "the four written said",
+        )
         assert again.log().count("its audio held in memory written to") == 4
         assert again.stop() == 0, again.log()
     database = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
@@ -435,8 +446,17 @@ def test_a_database_whose_disk_is_full_loses_no_recording(
         sub.wait_for(lambda: len(sub.on("/event/transcript")) == 5, 60)
 
         daemon.say(speech)
-        transcripts = "meraudiod.worker: transcript"
-        wait_for(lambda: daemon.log().count(transcripts) == 6, 120, "a transcript", poll_s=0.01)
+        # The five saved (the listener is done: only the worker meets the disk), not all of
+        # them transcribed. (Waiting for the 6th transcript missed it when the listener was
+        # slower than the worker's first transcript: say() returned after the 7th.)
+        saved, transcribed = "meraudiod.recordings: recording ", "meraudiod.worker: transcript "
+
+        def five_more_saved() -> bool:
+            log = daemon.log()
+            assert log.count(transcribed) < 10, "all ten transcribed before the disk filled"
+            return log.count(saved) == 10
+
+        wait_for(five_more_saved, 120, "five more recordings saved", poll_s=0.01)
         filler = daemon.fill()
         wait_for(lambda: "transcription waits" in daemon.log(), 60, "the worker waiting")
         time.sleep(5)  # more tries

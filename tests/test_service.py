@@ -28,6 +28,7 @@ from .conftest import (
     install_into,
     run_daemon,
     status_json,
+    wait_for,
     wait_running,
 )
 from .notify import NotifySocket, service_env
@@ -106,10 +107,16 @@ def test_sighup_applies_what_it_can_and_names_the_rest(env: dict[str, str], tmp_
         wait_running(env, proc, timeout_s=60)
         config.write_text("[recorder]\nhangover_ms = 500\n[asr]\nbeam_size = 2\n")
         proc.send_signal(signal.SIGHUP)
-        time.sleep(2.0)
+        # Each reload answered (status shows it) before the file changes again: a reload
+        # acted on late would read the next file instead.
+        # (`status` reads the configuration too: a good copy for it.)
+        good = config.with_name("status.toml")
+        good.write_text("")
+        shown = {**env, "MERAUDIOD_CONFIG": str(good)}
+        wait_for(lambda: status_json(shown)["restart_needed"], 30, "the first reload")
         config.write_text("[recorder]\nhangover_ms = 'soon'\n")
         proc.send_signal(signal.SIGHUP)
-        time.sleep(2.0)
+        wait_for(lambda: status_json(shown)["reload_error"], 30, "the second reload")
         assert proc.poll() is None  # a bad reload never stops the daemon
     finally:
         proc.stdin.close()

@@ -420,7 +420,13 @@ def test_run_stopped_while_a_live_audio_socket_speaks(env: dict[str, str]) -> No
             for start in range(0, samples.size, 3200):  # 0.2 s messages, at 4x real time
                 await audio.send(samples[start : start + 3200].astype("<i2").tobytes())
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(1.0)  # read and heard
+            # Heard: the second utterance's start comes back (a listener behind the client,
+            # as on a loaded machine, has not heard it yet a second after the last message).
+            starts = 0
+            while starts < 2:
+                event = json.loads(await asyncio.wait_for(audio.recv(), STOP_S))
+                if event.get("topic") == "event/speech" and event["type"] == "start":
+                    starts += 1
             assert server.proc is not None
             server.proc.send_signal(signal.SIGTERM)
             try:

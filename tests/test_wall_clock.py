@@ -27,7 +27,7 @@ from meraudiod.config import Settings
 from meraudiod.db import open_db
 from meraudiod.messages import bound_outbox
 
-from .conftest import DEMO, db_rows, run_daemon, status_json, wait_running
+from .conftest import DEMO, db_rows, run_daemon, status_json, wait_for, wait_running
 
 _SHIFT = """
 import os, time
@@ -134,6 +134,13 @@ def test_recordings_follow_steps_of_the_wall_clock(env: dict[str, str], tmp_path
 
         behind.shift.write_text(str(3 * 86400))  # forward by 13 days
         _play(behind.stdin, _PCM[9 * _BYTES_PER_S : 10 * _BYTES_PER_S])
+        # Followed (the first recording moved) before the next step: a listener not run in
+        # that second (a loaded machine) saw one step of +10 days instead of two.
+        forward_s = (_DAYS_BEHIND + 3) * 86400
+        moved = (
+            f"SELECT id FROM recordings WHERE started_at > {first['started_at'] + forward_s - 60}"
+        )
+        wait_for(lambda: db_rows(env, moved), 30, "the step forward followed")
         behind.shift.write_text("0")  # back by 3 days
         _play(behind.stdin, _PCM[10 * _BYTES_PER_S : 21 * _BYTES_PER_S])  # two more
         _, stderr = behind.daemon.communicate(timeout=180)  # stdin closed: end of the stream
