@@ -160,6 +160,32 @@ def test_a_lock_held_past_the_wait_ends_the_start_in_one_line_that_is_restarted(
     assert str(raised.value).endswith("waited 2 s")
 
 
+def _stopped_under_the_write_lock(env: dict[str, str]) -> tuple[int, float, Output, float]:
+    """The demo played at real time: its first utterance (1.2-7.8 s) saved, then another
+    process takes the write lock (a backup, an admin's sqlite3 shell), so the second
+    (10.4-12.9 s) waits for it; SIGTERM 15 s in. The exit code, how long the stop took,
+    what the daemon said, and the wall clock when it was ready."""
+    proc = run_daemon(env, "--realtime", source=f"file:{DEMO}")
+    out = Output(proc.stderr)
+    holder: sqlite3.Connection | None = None
+    try:
+        wait_for(lambda: "ready:" in out.text, 120, "the daemon to be ready", poll_s=0.05)
+        ready, ready_at = time.monotonic(), time.time()
+        wait_for(lambda: db_rows(env, "SELECT id FROM recordings"), 30, "the first recording")
+        holder = sqlite3.connect(_db(env), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        time.sleep(max(0.0, ready + 15.0 - time.monotonic()))
+        code, stop_s = stopped(proc, out)
+    finally:
+        if holder is not None:
+            holder.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out.join()
+    return code, stop_s, out, ready_at
+
+
 @pytest.mark.parametrize("mqtt", ["off", "broker"])
 def test_a_stop_while_another_process_holds_the_write_lock_is_prompt_and_says_what_it_loses(
     env: dict[str, str], mqtt: str, request: pytest.FixtureRequest
@@ -178,26 +204,7 @@ def test_a_stop_while_another_process_holds_the_write_lock_is_prompt_and_says_wh
             "MERAUDIOD_MQTT__HOST": "127.0.0.1",
             "MERAUDIOD_MQTT__PORT": str(broker.port),
         }
-    proc = run_daemon(env, "--realtime", source=f"file:{DEMO}")
-    out = Output(proc.stderr)
-    holder: sqlite3.Connection | None = None
-    try:
-        wait_for(lambda: "ready:" in out.text, 120, "the daemon to be ready", poll_s=0.05)
-        ready = time.monotonic()
-        # The first utterance (1.2-7.8 s) saved, then the lock taken: the second (10.4-12.9 s)
-        # waits for it.
-        wait_for(lambda: db_rows(env, "SELECT id FROM recordings"), 30, "the first recording")
-        holder = sqlite3.connect(_db(env), isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell
-        time.sleep(max(0.0, ready + 15.0 - time.monotonic()))
-        code, stop_s = stopped(proc, out)
-    finally:
-        if holder is not None:
-            holder.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out.join()
+    code, stop_s, out, _ = _stopped_under_the_write_lock(env)
     print(f"stopped in {stop_s:.1f} s")
     assert code == 0, out.text
     assert "Traceback" not in out.text
@@ -219,24 +226,7 @@ def test_a_recording_the_locked_database_did_not_take_is_kept_over_the_stop_and_
     saves and transcribes it, with its own time stamp. Before, it was lost on stopping."""
     run_dir = tmp_path / "run"
     env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir)}
-    proc = run_daemon(env, "--realtime", source=f"file:{DEMO}")
-    out = Output(proc.stderr)
-    holder: sqlite3.Connection | None = None
-    try:
-        wait_for(lambda: "ready:" in out.text, 120, "the daemon to be ready", poll_s=0.05)
-        ready, ready_at = time.monotonic(), time.time()
-        wait_for(lambda: db_rows(env, "SELECT id FROM recordings"), 30, "the first recording")
-        holder = sqlite3.connect(_db(env), isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        time.sleep(max(0.0, ready + 15.0 - time.monotonic()))  # the second one heard
-        code, _ = stopped(proc, out)
-    finally:
-        if holder is not None:
-            holder.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out.join()
+    code, _, out, ready_at = _stopped_under_the_write_lock(env)
     assert code == 0 and "Traceback" not in out.text, out.text
     assert "lost on stopping" not in out.text, out.text
     kept = re.findall(
