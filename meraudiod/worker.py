@@ -355,6 +355,7 @@ class Worker(StageThread):
         if stage is not None:  # the heavy part, outside the transaction
             # A long upload's takes minutes: given up on stopping, like its transcription.
             long = float(row["duration_s"]) > WHISPER_WINDOW_S
+            _LOGGER.debug("job %d: transcribed in %.1f s, its speakers next", job.id, asr_s)
             analysis = stage.analyze(audio, transcript, conn, self.stop_event if long else None)
             transcript = analysis.transcript  # segments split at speaker changes
         # Without an fsync of its own: a power cut may take back the last transcripts, whose

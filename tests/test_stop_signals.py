@@ -477,9 +477,9 @@ def test_run_stopped_while_an_upload_stalls_mid_body(env: dict[str, str]) -> Non
     assert not assert_store_whole(env)  # nothing stored of half an upload
 
 
-def _upload_until_taken(env: dict[str, str], long: Path) -> HttpDaemon:
+def _upload_until_taken(env: dict[str, str], long: Path, config: str = "") -> HttpDaemon:
     """A daemon serving HTTP, given `long` as an upload, once the worker has taken its job."""
-    server = HttpDaemon(env).start()
+    server = HttpDaemon(env, config).start()
     with server.client() as client, long.open("rb") as audio:
         answer = client.post("/api/v1/analysis/upload", files={"file": ("long.flac", audio)})
     assert answer.status_code == 202, answer.text
@@ -568,13 +568,16 @@ def test_run_stopped_while_it_finds_the_speakers_of_a_long_upload(
         "MERAUDIOD_SPEAKERS__ENABLED": "true",
         "MERAUDIOD_DIARIZATION__ENABLED": "true",
     }
-    server = _upload_until_taken(env, long)
-    time.sleep(15.0)  # its transcription done (9 s here), well into the speakers (60 s)
+    server = _upload_until_taken(env, long, '[logging]\nlevel = "DEBUG"\n')
+    # Its transcription done (9 s here), the speakers begun (60 s): a fixed wait once
+    # stopped it while a loaded machine still transcribed, and tested that instead.
+    wait_for(lambda: "its speakers next" in server.log(), 120, "the speaker analysis")
+    time.sleep(1.0)
     asked_at = time.monotonic()
     code = stop_server(server)
     assert time.monotonic() - asked_at < 15
     assert code == 0 and "Traceback" not in server.log(), server.log()
-    assert "given back" in server.log(), server.log()
+    assert "given back: speaker analysis given up" in server.log(), server.log()
     jobs = [dict(r) for r in db_rows(env, "SELECT state, attempts, crashes FROM jobs")]
     assert jobs == [{"state": "pending", "attempts": 0, "crashes": 0}], jobs
 
