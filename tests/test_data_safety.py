@@ -290,7 +290,7 @@ def test_a_big_purge_beside_a_listener_loses_no_speech(settings: Settings) -> No
 
 
 def test_the_listener_and_the_worker_outlive_a_database_locked_past_its_busy_timeout(
-    settings: Settings,
+    settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Another process holds the write lock past the 30 s busy timeout (one hold for both
     stages, the slow part of the test): the utterance is kept and saved once the lock is
@@ -308,7 +308,14 @@ def test_the_listener_and_the_worker_outlive_a_database_locked_past_its_busy_tim
         worker.start()
         listener = listener_on(settings, SHORT)
         listener.start()
-        time.sleep(33)  # longer than the 30 s busy timeout: the first save and claim fail
+        # Held past the 30 s busy timeout of both: the first save and claim fail (a fixed
+        # 33 s once let a save begun late outlast the hold, and the test passed untried).
+        said = {"database busy (database is locked): recording of", "the worker tries again"}
+        wait_for(
+            lambda: all(any(s in r.getMessage() for r in caplog.records) for s in said),
+            120,
+            "the save and the claim to give up waiting",
+        )
         holder.execute("ROLLBACK")
         assert listener.finished.wait(60), "the listener never finished the file"
         assert listener.error is None and worker.is_alive()
