@@ -161,16 +161,23 @@ class Subscriber:
             clean_session=not persistent,
         )
         self.filters = filters
+        self.subscribed = 0  # filters the broker has acknowledged (at each connect)
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.2, 1)
         self.client.connect("127.0.0.1", port, 30)
         self.client.loop_start()
-        self.wait_for(lambda: self.client.is_connected(), 10)
+        # Subscribed, not only connected: what is published next is seen.
+        self.wait_for(lambda: self.client.is_connected() and self.subscribed >= len(filters), 10)
 
     def _on_connect(self, client: paho.Client, *args: Any) -> None:
         for f in self.filters:
             client.subscribe(f, qos=1)
+
+    def _on_subscribe(self, client: paho.Client, *args: Any) -> None:
+        with self.lock:
+            self.subscribed += 1
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         with self.lock:
