@@ -108,12 +108,12 @@ def test_outage_replays_no_stale_state_and_no_speech_and_keeps_transcripts(
     try:
         late.wait_for(lambda: online(late), 60)
         broker.stop()
-        deadline = time.monotonic() + 30  # the daemon has noticed (its heartbeat says so)
-        while time.monotonic() < deadline:
+
+        def noticed() -> bool:  # the daemon has noticed (its heartbeat says so)
             shown = json.loads(cli("status", "--json", env=conf).stdout)
-            if shown["mqtt"] and not shown["mqtt"]["connected"]:
-                break
-            time.sleep(0.5)
+            return bool(shown["mqtt"]) and not shown["mqtt"]["connected"]
+
+        wait_for(noticed, 30, "the daemon to see the broker gone", poll_s=0.5)
         feed_demo(proc)
         most_rows = 0
         deadline = time.monotonic() + 120
