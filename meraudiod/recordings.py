@@ -30,7 +30,7 @@ from .audio import SAMPLE_RATE_HZ, Int16Array, Loudness, rms_dbfs
 from .db import Transaction, now, put_kv
 
 _LOGGER = logging.getLogger(__name__)
-_TMP_SUFFIX = ".part"
+TMP_SUFFIX: Final = ".part"  # a temp file: written whole, then renamed
 # A half-written file older than this, from a version that did not put its pid in the name,
 # was left by a crash: no write takes that long.
 _LEGACY_PART_AGE_S: Final = 600.0
@@ -127,29 +127,30 @@ def write_audio_atomically(path: Path, samples: Int16Array, audio_format: str) -
 
 @contextmanager
 def atomic_audio_file(path: Path, audio_format: str) -> Iterator[soundfile.SoundFile]:
-    """A 16 kHz mono file to write a block at a time: a temp file (named with our pid) in the
-    same directory, fsynced and renamed to `path` when the block ends (the directory fsynced
-    too), removed if it fails."""
+    """A 16 kHz mono file to write a block at a time, whole or not at all (atomic_file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = part_file(path, os.getpid())
     # FLAC at its highest level: 2 % smaller than the default for 2.4x the encoding time,
     # which is 0.7 ms per second of speech here (bytes on the card are what wears it).
     level = {"compression_level": _FLAC_LEVEL} if audio_format.lower() == "flac" else {}
+    with atomic_file(path) as handle:
+        sink = _KeptError(handle)
+        with soundfile.SoundFile(
+            sink, "w", SAMPLE_RATE_HZ, 1, "PCM_16", format=audio_format.upper(), **level
+        ) as out:
+            yield out
+        if sink.error is not None:
+            raise sink.error
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file to write whole or not at all: a temp file (named with our pid) in the same
+    directory, fsynced and renamed to `path` when the block ends (the directory fsynced
+    too), removed if it fails."""
+    tmp = part_file(path, os.getpid())
     try:
         with open(tmp, "wb") as handle:
-            sink = _KeptError(handle)
-            with soundfile.SoundFile(
-                sink,
-                "w",
-                SAMPLE_RATE_HZ,
-                1,
-                "PCM_16",
-                format=audio_format.upper(),
-                **level,
-            ) as out:
-                yield out
-            if sink.error is not None:
-                raise sink.error
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
     except BaseException:
@@ -168,7 +169,7 @@ def atomic_audio_file(path: Path, audio_format: str) -> Iterator[soundfile.Sound
 
 def part_file(path: Path, pid: int) -> Path:
     """The temp file process `pid` writes `path` through."""
-    return path.with_name(f"{path.name}.{pid}{_TMP_SUFFIX}")
+    return path.with_name(f"{path.name}.{pid}{TMP_SUFFIX}")
 
 
 class _KeptError:
@@ -444,7 +445,7 @@ def remove_crashed_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
     if not audio_dir.is_dir():
         return 0
     removed = 0
-    for path in audio_dir.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]/*" + _TMP_SUFFIX):
+    for path in audio_dir.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]/*" + TMP_SUFFIX):
         match = _PART_FILE.fullmatch(path.relative_to(audio_dir).as_posix())
         if match is None or not path.is_file():
             continue

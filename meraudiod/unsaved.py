@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sqlite3
 import zipfile
 from collections.abc import Callable
@@ -32,13 +31,12 @@ from .config_sections import StorageSettings
 from .db import Transaction, put_kv
 from .deletion import remove_file
 from .held_audio import runtime_dir
-from .recordings import Recording
+from .recordings import TMP_SUFFIX, Recording, atomic_file
 
 _LOGGER = logging.getLogger(__name__)
 _FOLDER: Final = "unsaved"
 # kv key of a kept recording saved again whose file is still to be removed: "<prefix><name>".
 _SAVED: Final = "unsaved_saved:"
-_PART: Final = ".part"
 
 
 @dataclass(frozen=True)
@@ -80,22 +78,8 @@ def keep_unsaved(folder: Path, heard: Unsaved) -> None:
 def _write(path: Path, heard: Unsaved) -> None:
     """The recording in `path`, whole or not at all."""
     meta = {"source": heard.source, "start_s": heard.start_s, "started_at": heard.started_at}
-    tmp = path.with_name(path.name + _PART)
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, samples=heard.samples, probs=heard.probs, meta=json.dumps(meta))
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.rename(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    with atomic_file(path) as handle:
+        np.savez(handle, samples=heard.samples, probs=heard.probs, meta=json.dumps(meta))
 
 
 def take_back_unsaved(conn: sqlite3.Connection, folder: Path) -> list[Unsaved]:
@@ -104,7 +88,7 @@ def take_back_unsaved(conn: sqlite3.Connection, folder: Path) -> list[Unsaved]:
     file already saved (a kill after that commit) when the database can say so."""
     if not folder.is_dir():
         return []
-    for part in folder.glob("*" + _PART):
+    for part in folder.glob("*" + TMP_SUFFIX):
         remove_file(part)
     taken = []
     for path in sorted(folder.glob("*.npz")):
