@@ -1,7 +1,7 @@
 """Recordings the database could not take at a stop, kept in the runtime directory for the
 next start (meraudiod/unsaved.py): a kill at the worst moment saves none twice, a temp file
 of a kill goes, and a purge of their time deletes them. Real daemons, real files, real
-SQLite; the stop itself is in tests/test_locked_database.py."""
+SQLite; the stops themselves are in tests/test_locked_database.py and test_read_only.py."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _run(env: dict[str, str], *python: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_kept_recording_is_saved_once_whatever_moment_a_kill_comes(
+def test_a_kept_recording_is_saved_once_by_a_daemon_killed_before_its_file_went(
     env: dict[str, str], tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
