@@ -170,9 +170,9 @@ class Listener(StageThread):
         buffer = FrameBuffer()
         clock = StreamClock(self.source.lead_s)
         self.vad.reset()
-        if self.job_origin is None:  # the daemon: what the last one's database did not take
-            self._take_back_waiting(conn)
         try:
+            if self.job_origin is None:  # the daemon: what the last one's database did not take
+                self._take_back_waiting(conn)
             while not self.stop_event.is_set():
                 try:
                     frame = self.source.read(_READ_TIMEOUT_S)
