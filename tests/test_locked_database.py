@@ -177,11 +177,7 @@ def _stopped_under_the_write_lock(env: dict[str, str]) -> tuple[int, float, Outp
         time.sleep(max(0.0, ready + 15.0 - time.monotonic()))
         code, stop_s = stopped(proc, out)
     finally:
-        if holder is not None:
-            holder.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _let_go(holder, proc)
     out.join()
     return code, stop_s, out, ready_at
 
@@ -354,11 +350,7 @@ def test_a_job_left_by_a_stop_while_another_process_holds_the_write_lock_is_no_c
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=STOP_S)
     finally:
-        if holder is not None:
-            holder.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _let_go(holder, proc)
     out.join()
     assert code == (0 if then == "exits" else -signal.SIGKILL), out.text
     assert said in out.text
@@ -368,6 +360,15 @@ def test_a_job_left_by_a_stop_while_another_process_holds_the_write_lock_is_no_c
     assert again.wait(timeout=120) == 0, again_out.text
     again_out.join()
     assert _job(env, job_id) == ("done", 0, 0), again_out.text
+
+
+def _let_go(holder: sqlite3.Connection | None, proc: subprocess.Popen[bytes]) -> None:
+    """A test's way out: the lock holder closed, the daemon killed if still running."""
+    if holder is not None:
+        holder.close()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def stopped(proc: subprocess.Popen[bytes], out: Output) -> tuple[int, float]:
@@ -510,10 +511,7 @@ def test_a_stop_during_the_checkpoint_after_a_delete_is_prompt(env: dict[str, st
         time.sleep(1)  # the sweep's checkpoint waits for the backup's read
         code, stop_s = stopped(proc, out)
     finally:
-        holder.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _let_go(holder, proc)
     out.join()
     print(f"stopped in {stop_s:.1f} s")
     assert code == 0, out.text
