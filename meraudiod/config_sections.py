@@ -397,7 +397,8 @@ class StorageSettings(Section):
         " note per job it transcribes (a crash is told from a stop by it): a tmpfs such as"
         " /run/meraudiod spares the SD card, and is written when the data disk cannot be"
         " (full, read-only), and where audio held in memory at a stop is kept until the next"
-        " start (without run_dir: $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR/meraudiod);"
+        " start (without run_dir: $RUNTIME_DIRECTORY, else a folder per data_dir in"
+        " $XDG_RUNTIME_DIR/meraudiod);"
         " None = data_dir",
     )
 

@@ -21,6 +21,7 @@ removes that file too (recordings.forget_held).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sqlite3
@@ -203,8 +204,11 @@ def finish_held_writes(conn: sqlite3.Connection, audio_dir: Path) -> int:
 def runtime_dir(storage: StorageSettings) -> Path | None:
     """Where what a stop must not lose is kept until the next start: `storage.run_dir` (the
     unit's /run/meraudiod as installed), else the RuntimeDirectory ($RUNTIME_DIRECTORY), else
-    $XDG_RUNTIME_DIR/meraudiod; each a tmpfs, another file system than the full or read-only
-    one. None: none is set."""
+    $XDG_RUNTIME_DIR/meraudiod/<data directory's key>; each a tmpfs, another file system than
+    the full or read-only one. None: none is set.
+
+    The user's $XDG_RUNTIME_DIR is shared by every daemon that user runs (two rooms, two
+    data directories): each keeps its own there, under a key of its data directory."""
     if storage.run_dir is not None:
         return storage.run_dir
     runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
@@ -212,7 +216,8 @@ def runtime_dir(storage: StorageSettings) -> Path | None:
         return Path(runtime)
     xdg = os.environ.get("XDG_RUNTIME_DIR", "")
     if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "meraudiod"
+        data_dir = str(storage.data_dir.resolve()).encode()
+        return Path(xdg) / "meraudiod" / hashlib.sha256(data_dir).hexdigest()[:16]
     return None
 
 

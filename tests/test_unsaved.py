@@ -16,9 +16,17 @@ import numpy as np
 import pytest
 
 from meraudiod.audio import decode_file
+from meraudiod.config import load_settings
 from meraudiod.db import open_db
 from meraudiod.recordings import RecordingStore
-from meraudiod.unsaved import Purged, Unsaved, keep_unsaved, marking_saved, take_back_unsaved
+from meraudiod.unsaved import (
+    Purged,
+    Unsaved,
+    keep_unsaved,
+    marking_saved,
+    take_back_unsaved,
+    unsaved_dir,
+)
 
 from .conftest import TEST_DATA, cli, db_rows
 
@@ -143,3 +151,35 @@ def test_a_damaged_kept_file_is_said_and_removed_and_the_others_taken_back(
     assert line.startswith(f"{damaged} is no recording kept by meraudiod (") and line.endswith(
         "): removed"
     )
+
+
+def test_two_daemons_of_one_user_keep_their_recordings_apart(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Without `run_dir`, two daemons of one user (two rooms, two data directories) share
+    $XDG_RUNTIME_DIR: each takes back and purges only its own kept recordings."""
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    env = {k: v for k, v in env.items() if k != "RUNTIME_DIRECTORY"}
+    first = {**env, "XDG_RUNTIME_DIR": str(runtime)}
+    second = {**first, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "other")}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_RUNTIME_DIR", str(runtime))
+        patch.delenv("RUNTIME_DIRECTORY", raising=False)
+        patch.setenv("MERAUDIOD_STORAGE__DATA_DIR", first["MERAUDIOD_STORAGE__DATA_DIR"])
+        folder = unsaved_dir(load_settings().storage)
+    assert folder is not None and folder.is_relative_to(runtime)
+    path = _kept(folder, time.time() - 3600)
+
+    other = _run(second, "-m", "meraudiod")
+    assert other.returncode == 0, other.stderr
+    assert not db_rows(second, "SELECT id FROM recordings")
+    start = datetime.fromtimestamp(time.time() - 7200).isoformat(timespec="seconds")
+    purged = cli("purge", "--start", start, "--end", "now", "--yes", env=second)
+    assert purged.stdout.strip() == "nothing to delete", purged
+    assert path.is_file()
+
+    own = _run(first, "-m", "meraudiod")
+    assert own.returncode == 0, own.stderr
+    assert [r["source"] for r in db_rows(first, "SELECT source FROM recordings")] == ["mic:USB"]
+    assert not path.exists()
