@@ -56,6 +56,7 @@ def _show(data: dict[str, Any], settings: Settings) -> None:
         return click.style(text, fg="green" if ok else "red")
 
     last = data["last_transcript"] or {}
+    unsaved = _unsaved_line(data["unsaved"])
     free_ok = data["disk_free_mb"] > settings.retention.min_free_disk_mb
     disk_free = mark(free_ok, f"{data['disk_free_mb']:.0f} MB free")
     rows = [
@@ -91,6 +92,7 @@ def _show(data: dict[str, Any], settings: Settings) -> None:
             )
             + (f", {data['jobs']['failed']} failed" if data["jobs"]["failed"] else ""),
         ),
+        *([("unsaved", mark(False, unsaved))] if unsaved else []),
         (
             "last transcript",
             f"{fmt_time(last.get('started_at'))}  {(last.get('text') or '')[:60]}",
@@ -112,6 +114,20 @@ def _show(data: dict[str, Any], settings: Settings) -> None:
     ]
     for label, value in rows:
         click.echo(f"{label:<16} {value}")
+
+
+def _unsaved_line(unsaved: dict[str, Any]) -> str:
+    """What waits for a writable disk (or the database's lock), and where; "" for nothing."""
+    parts = [f"{unsaved['recordings']} recordings"] if unsaved["recordings"] else []
+    parts += [f"audio of {unsaved['audio']} recordings"] if unsaved["audio"] else []
+    if not parts:
+        return ""
+    where = (
+        f"kept in {unsaved['kept_in']} until the next start"
+        if unsaved["kept_in"]
+        else "waiting in memory to be saved"
+    )
+    return f"{' and '.join(parts)} {where}"
 
 
 def _server_line(srv: dict[str, Any], mark: Callable[[bool | None, str], str]) -> str:

@@ -146,6 +146,11 @@ class Listener(StageThread):
         frame = self._last_frame
         return rms_dbfs(frame) if frame is not None else None
 
+    @property
+    def waiting_to_save(self) -> int:
+        """Recordings heard that the database has not taken yet (held in memory)."""
+        return len(self._waiting)
+
     def update_params(self, params: SegmenterParams) -> None:
         """New thresholds and timings (SIGHUP), from the next frame on."""
         self.params = params

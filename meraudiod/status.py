@@ -18,9 +18,12 @@ from typing import TYPE_CHECKING, Any, Final
 from . import __version__, jobs
 from .config import Settings
 from .db import get_kv, now
+from .held_audio import runtime_dir, spill_dir
 from .machine import describe as describe_machine
 from .messages import State, truncate_state
+from .recordings import TMP_SUFFIX
 from .retention import disk_free_mb
+from .unsaved import unsaved_dir
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -75,6 +78,32 @@ def _files_bytes(folder: Path) -> int:
                 info = os.stat(os.path.join(root, name))
                 total += info.st_size if stat.S_ISREG(info.st_mode) else 0
     return total
+
+
+def _kept_files(folder: Path | None) -> int:
+    """Files kept over a stop in `folder` (a temp file of a kill is no file kept)."""
+    if folder is None or not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir() if p.is_file() and not p.name.endswith(TMP_SUFFIX))
+
+
+def _unsaved(settings: Settings, heartbeat: dict[str, Any] | None) -> dict[str, Any]:
+    """What is not in the database or the audio directory yet, for want of a writable disk
+    (or the database's write lock): recordings, and recordings' audio. The running daemon
+    holds them in memory (its heartbeat counts them); a stopped one kept them in the
+    runtime directory (unsaved.py, held_audio.py), for the next start."""
+    if heartbeat is not None:
+        return {
+            "recordings": int(heartbeat.get("unsaved_recordings") or 0),
+            "audio": int(heartbeat.get("held_audio") or 0),
+            "kept_in": None,
+        }
+    runtime = runtime_dir(settings.storage)
+    return {
+        "recordings": _kept_files(unsaved_dir(settings.storage)),
+        "audio": _kept_files(spill_dir(settings.storage)),
+        "kept_in": str(runtime) if runtime is not None else None,
+    }
 
 
 def status(
@@ -148,6 +177,7 @@ def status(
         "recordings_today": int(today[0] or 0),
         "transcripts_today": int(today[1] or 0),
         "asr_servers": asr.get("servers") if backend == "wyoming" else None,
+        "unsaved": _unsaved(settings, heartbeat if running else None),
         "outbox_pending": int(outbox),
         "outbox_dropped": int(get_kv(conn, "outbox_dropped", "0")),
         # What the running daemon loaded (its config may differ from the one `status` read);
@@ -186,6 +216,8 @@ def daemon_snapshot(daemon: Daemon) -> dict[str, Any]:
             else None
         ),
         "recording": bool(listener is not None and listener.speaking),
+        "unsaved_recordings": listener.waiting_to_save if listener is not None else 0,
+        "held_audio": len(daemon.pipeline.memory),
         "dropped_frames": daemon.source.dropped_frames,
         "uptime_s": round(time.monotonic() - daemon.started_at, 1),
         "mqtt": (

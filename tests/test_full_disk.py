@@ -280,6 +280,10 @@ def test_audio_held_below_the_free_disk_guard_is_written_once_above_it(
         assert daemon.stop() == 0, daemon.log()
 
 
+def _unsaved(env: dict[str, str]) -> object:
+    return json.loads(cli("status", "--json", env=env).stdout)["unsaved"]
+
+
 @needs_root
 def test_audio_held_when_the_daemon_stops_is_kept_over_the_stop(
     env: dict[str, str], tmp_path: Path
@@ -307,8 +311,16 @@ def test_audio_held_when_the_daemon_stops_is_kept_over_the_stop(
         daemon.say(speech)
         held = [str(r["id"]) for r in _recordings(daemon, 5)]
         wait_for(lambda: "recordings' audio kept in memory" in daemon.log(), 30, "audio held")
+        wait_for(
+            lambda: _unsaved(env) == {"recordings": 0, "audio": 5, "kept_in": None},
+            15,
+            "status to count the audio held (the heartbeat is rewritten every 5 s)",
+        )
+        said = cli("status", env=env).stdout
+        assert "unsaved          audio of 5 recordings waiting in memory to be saved\n" in said
     finally:
         assert daemon.stop() == 0, daemon.log()
+    assert _unsaved(env) == {"recordings": 0, "audio": 5, "kept_in": str(runtime)}
     kept_in = runtime / "held-audio"
     assert f"audio of 5 recordings held in memory kept in {kept_in}" in daemon.log()
     assert "lost on stopping" not in daemon.log()
@@ -319,6 +331,8 @@ def test_audio_held_when_the_daemon_stops_is_kept_over_the_stop(
     deleted = cli("recordings", "delete", held[0], env=env)  # while it is down
     assert deleted.returncode == 0, deleted.stderr
     assert not (kept_in / f"{held[0]}.flac").exists()
+    said = cli("status", env=env).stdout
+    assert f"unsaved          audio of 4 recordings kept in {runtime} until the next start" in said
 
     second = tmp_path / "second"
     second.mkdir()
