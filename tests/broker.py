@@ -4,7 +4,9 @@ arrives, for the MQTT tests."""
 from __future__ import annotations
 
 import getpass
+import itertools
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -12,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -21,10 +23,27 @@ USER = "meraudiod"
 PASSWORD = "s3cret-pw"
 
 
+# Ports handed out for servers the tests start: below the kernel's ephemeral range (32768 on,
+# where clients' own ports come from), a block per pytest-xdist worker, so that no other
+# worker's server or connection can take one between its hand-out and its server's bind.
+_PORTS_FROM: Final = 20000
+_PORTS_PER_WORKER: Final = 1000
+_handed_out = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, that no other test worker hands out."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = _PORTS_FROM + int(worker or 0) * _PORTS_PER_WORKER
+    for _ in range(_PORTS_PER_WORKER):
+        port = first + next(_handed_out) % _PORTS_PER_WORKER
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use, or still in TIME_WAIT: the next one
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + _PORTS_PER_WORKER - 1}")
 
 
 def make_certificates(folder: Path) -> None:

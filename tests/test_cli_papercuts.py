@@ -9,7 +9,6 @@ import pty
 import shlex
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from meraudiod.models import manifest
 from meraudiod.profiles import delete, rename
 from meraudiod.speakers import next_unknown_name
 
+from .broker import free_port
 from .conftest import (
     DEMO,
     REPO,
@@ -533,9 +533,7 @@ def test_admin_commands_speak_of_their_own_options(env: dict[str, str]) -> None:
 def test_a_download_that_fails_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
     """`models install base.en` without the network printed huggingface_hub's warning about
     an argument faster-whisper passes, and the hub's error over two lines."""
-    with socket.socket() as closed:  # a loopback port nothing listens on: refused at once
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
+    port = free_port()  # a loopback port nothing listens on: refused at once
     offline = {
         **env,
         "MERAUDIOD_STORAGE__MODELS_DIR": str(tmp_path / "models"),
@@ -884,10 +882,7 @@ def test_models_list_keeps_its_columns(env: dict[str, str]) -> None:
 def test_mqtt_test_with_mqtt_off_says_so(env: dict[str, str]) -> None:
     # Found walking the README: with MQTT off (the default) `mqtt test` tried localhost:1883
     # and failed at `tcp` without a word that the daemon would not connect anyway.
-    free = socket.socket()
-    free.bind(("127.0.0.1", 0))
-    port = free.getsockname()[1]
-    free.close()
+    port = free_port()
     result = cli("mqtt", "test", env={**env, "MERAUDIOD_MQTT__PORT": str(port)})
     assert result.returncode == 1, result.stdout
     assert result.stderr.splitlines()[0] == (
