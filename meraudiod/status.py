@@ -80,11 +80,16 @@ def _files_bytes(folder: Path) -> int:
     return total
 
 
-def _kept_files(folder: Path | None) -> int:
-    """Files kept over a stop in `folder` (a temp file of a kill is no file kept)."""
-    if folder is None or not folder.is_dir():
+def _kept_files(folder: Path | None) -> int | None:
+    """Files kept over a stop in `folder` (a temp file of a kill is no file kept); None when
+    this user may not read it (the service's, 0700)."""
+    try:
+        names = os.listdir(folder) if folder is not None else []
+    except (FileNotFoundError, NotADirectoryError):  # none kept, or taken back meanwhile
         return 0
-    return sum(1 for p in folder.iterdir() if p.is_file() and not p.name.endswith(TMP_SUFFIX))
+    except OSError:
+        return None
+    return sum(1 for name in names if not name.endswith(TMP_SUFFIX))
 
 
 def _unsaved(settings: Settings, heartbeat: dict[str, Any] | None) -> dict[str, Any]:

@@ -15,10 +15,12 @@ from typing import Final
 import numpy as np
 import pytest
 
+from meraudiod import status as status_module
 from meraudiod.audio import decode_file
-from meraudiod.config import load_settings
+from meraudiod.config import Settings, load_settings
 from meraudiod.db import open_db
 from meraudiod.recordings import RecordingStore
+from meraudiod.status import status
 from meraudiod.unsaved import (
     Purged,
     Unsaved,
@@ -183,3 +185,27 @@ def test_two_daemons_of_one_user_keep_their_recordings_apart(
     assert own.returncode == 0, own.stderr
     assert [r["source"] for r in db_rows(first, "SELECT source FROM recordings")] == ["mic:USB"]
     assert not path.exists()
+
+
+def test_status_counts_kept_recordings_it_may_read(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status` with the daemon down counts the kept recordings (a temp file of a kill is
+    none); an admin who may not read the service's folder (0700) gets null, not an error."""
+    storage = settings.storage.model_copy(update={"run_dir": tmp_path / "run"})
+    settings = settings.model_copy(update={"storage": storage})
+    conn = open_db(storage.db_path)
+    assert status(conn, settings)["unsaved"] == {
+        "recordings": 0,
+        "audio": 0,
+        "kept_in": str(tmp_path / "run"),
+    }
+    path = _kept(tmp_path / "run" / "unsaved", time.time() - 60)
+    (path.parent / f"{path.name}.part").write_bytes(b"half a file")
+    assert status(conn, settings)["unsaved"]["recordings"] == 1
+
+    def refused(folder: Path) -> list[str]:
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(status_module.os, "listdir", refused)
+    assert status(conn, settings)["unsaved"]["recordings"] is None
