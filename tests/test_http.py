@@ -433,8 +433,11 @@ def test_listening_switch_status_metrics_and_docs(daemon: HttpDaemon) -> None:
             "meraudiod_outbox_depth",
             "meraudiod_dropped_frames_total",
             "meraudiod_failed_jobs",
+            "meraudiod_unsaved_recordings",
+            "meraudiod_unsaved_audio",
         ):
             assert name in values, metrics.text
+        assert values["meraudiod_unsaved_recordings"] == values["meraudiod_unsaved_audio"] == 0
         assert values["meraudiod_recordings"] == len(stored) >= 1
         ready = client.get("/health/ready").json()
         assert ready["status"] == "ready"

@@ -140,6 +140,17 @@ class _Collector:
         yield GaugeMetricFamily(
             "meraudiod_disk_free_mb", "Free space on the data disk", value=info["disk_free_mb"]
         )
+        unsaved = info["unsaved"]  # the running daemon's, from its heartbeat (status.py)
+        yield GaugeMetricFamily(
+            "meraudiod_unsaved_recordings",
+            "Recordings the database has not taken yet (its disk full or read-only, or locked)",
+            value=unsaved["recordings"] or 0,
+        )
+        yield GaugeMetricFamily(
+            "meraudiod_unsaved_audio",
+            "Recordings whose audio waits in memory for the audio directory's disk",
+            value=unsaved["audio"] or 0,
+        )
 
 
 def metrics_registry(ctx: HttpContext) -> Any:
