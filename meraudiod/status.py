@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Final
 from . import __version__, jobs
 from .config import Settings
 from .db import get_kv, now
-from .held_audio import runtime_dir, spill_dir
+from .held_audio import runtime_dir
 from .machine import describe as describe_machine
 from .messages import State, truncate_state
-from .recordings import TMP_SUFFIX
+from .recordings import SPILLED, TMP_SUFFIX
 from .retention import disk_free_mb
 from .unsaved import unsaved_dir
 
@@ -92,11 +92,15 @@ def _kept_files(folder: Path | None) -> int | None:
     return sum(1 for name in names if not name.endswith(TMP_SUFFIX))
 
 
-def _unsaved(settings: Settings, heartbeat: dict[str, Any] | None) -> dict[str, Any]:
+def _unsaved(
+    conn: sqlite3.Connection, settings: Settings, heartbeat: dict[str, Any] | None
+) -> dict[str, Any]:
     """What is not in the database or the audio directory yet, for want of a writable disk
     (or the database's write lock): recordings, and recordings' audio. The running daemon
     holds them in memory (its heartbeat counts them); a stopped one kept them in the
-    runtime directory (unsaved.py, held_audio.py), for the next start."""
+    runtime directory for the next start: the recordings in its folder (unsaved.py), and
+    the audio its database's rows name (held_audio.py: another data directory's daemon
+    may keep its own in the same runtime directory)."""
     if heartbeat is not None:
         return {
             "recordings": int(heartbeat.get("unsaved_recordings") or 0),
@@ -104,9 +108,10 @@ def _unsaved(settings: Settings, heartbeat: dict[str, Any] | None) -> dict[str, 
             "kept_in": None,
         }
     runtime = runtime_dir(settings.storage)
+    spilled = conn.execute("SELECT COUNT(*) FROM kv WHERE key GLOB ?", (SPILLED + "*",))
     return {
         "recordings": _kept_files(unsaved_dir(settings.storage)),
-        "audio": _kept_files(spill_dir(settings.storage)),
+        "audio": int(spilled.fetchone()[0]),
         "kept_in": str(runtime) if runtime is not None else None,
     }
 
@@ -182,7 +187,7 @@ def status(
         "recordings_today": int(today[0] or 0),
         "transcripts_today": int(today[1] or 0),
         "asr_servers": asr.get("servers") if backend == "wyoming" else None,
-        "unsaved": _unsaved(settings, heartbeat if running else None),
+        "unsaved": _unsaved(conn, settings, heartbeat if running else None),
         "outbox_pending": int(outbox),
         "outbox_dropped": int(get_kv(conn, "outbox_dropped", "0")),
         # What the running daemon loaded (its config may differ from the one `status` read);

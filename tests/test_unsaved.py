@@ -18,8 +18,8 @@ import pytest
 from meraudiod import status as status_module
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings, load_settings
-from meraudiod.db import open_db
-from meraudiod.recordings import RecordingStore
+from meraudiod.db import Transaction, open_db, put_kv
+from meraudiod.recordings import SPILLED, RecordingStore
 from meraudiod.status import status
 from meraudiod.unsaved import (
     Purged,
@@ -203,6 +203,14 @@ def test_status_counts_kept_recordings_it_may_read(
     path = _kept(tmp_path / "run" / "unsaved", time.time() - 60)
     (path.parent / f"{path.name}.part").write_bytes(b"half a file")
     assert status(conn, settings)["unsaved"]["recordings"] == 1
+    # Held audio kept over a stop is this database's when one of its rows names it: another
+    # data directory's daemon, given the same run_dir, keeps its own beside it.
+    (tmp_path / "run" / "held-audio").mkdir()
+    (tmp_path / "run" / "held-audio" / "01KBXY0000000000000000000A.flac").write_bytes(b"x")
+    assert status(conn, settings)["unsaved"]["audio"] == 0
+    with Transaction(conn):
+        put_kv(conn, SPILLED + "01KBXY0000000000000000000B", "4121 /run/x.flac")
+    assert status(conn, settings)["unsaved"]["audio"] == 1
 
     def refused(folder: Path) -> list[str]:
         raise PermissionError(13, "Permission denied", str(folder))
