@@ -11,6 +11,7 @@ import os
 import pwd
 import ssl
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ConfigError, Settings
@@ -32,7 +33,38 @@ def hold_data_dir(settings: Settings) -> int | None:
     one directory shared its heartbeat and MQTT client id, and each start removed the other's
     uploads under way. None when the lock file cannot be made (a full disk: the store's own
     start-up says so)."""
-    path = settings.storage.data_dir / "daemon.lock"
+    data_dir = settings.storage.data_dir
+    return _hold(
+        data_dir / "daemon.lock",
+        lambda holder: (
+            f"another meraudiod (pid {holder}) runs on {data_dir}: stop it first"
+            " (systemctl stop meraudiod), or give this one another storage.data_dir"
+        ),
+    )
+
+
+def hold_run_dir(settings: Settings) -> int | None:
+    """Lock storage.run_dir (when set, and not the data directory) for this daemon's life,
+    as hold_data_dir: two daemons of two data directories given one run_dir (a copy of the
+    installed configuration for a second room) wrote one heartbeat, so `status` named
+    whichever wrote last, removed each other's notes of the job in hand (job numbers are
+    each database's own), and took back each other's recordings kept over a stop."""
+    storage = settings.storage
+    run_dir = storage.run_dir
+    if run_dir is None or run_dir.resolve() == storage.data_dir.resolve():
+        return None
+    return _hold(
+        run_dir / "daemon.lock",
+        lambda holder: (
+            f"another meraudiod (pid {holder}) uses storage.run_dir {run_dir}:"
+            f" give this one (on {storage.data_dir}) a run_dir of its own"
+        ),
+    )
+
+
+def _hold(path: Path, refusal: Callable[[str], str]) -> int | None:
+    """An flock on `path`, held until the process ends; MayPassError(refusal(holder's pid))
+    when another process holds it; None when it cannot be made or locked."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
     except OSError:
@@ -42,10 +74,7 @@ def hold_data_dir(settings: Settings) -> int | None:
     except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise MayPassError(
-            f"another meraudiod (pid {holder}) runs on {settings.storage.data_dir}: stop it"
-            " first (systemctl stop meraudiod), or give this one another storage.data_dir"
-        ) from None
+        raise MayPassError(refusal(holder)) from None
     except OSError:  # a file system without locks (some NFS, FUSE): run as before
         os.close(fd)
         return None

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from .checks import check_writable, files_in_use, hold_data_dir
+from .checks import check_writable, files_in_use, hold_data_dir, hold_run_dir
 from .config import Settings
 from .db import (
     DatabaseError,
@@ -81,6 +81,7 @@ class Daemon:
         self.restart_needed: list[str] = []  # changed keys the last reload could not apply
         self.reload_error: str | None = None  # why the last reload was refused
         self._data_lock: int | None = None  # the flock on data_dir/daemon.lock, held for life
+        self._run_lock: int | None = None  # and on run_dir/daemon.lock
         self.error: str | None = None
         self.notifier = Notifier()
         self.inbound: queue.Queue[Any] = queue.Queue(maxsize=100)
@@ -110,6 +111,7 @@ class Daemon:
         check_writable(self.settings)  # one line naming the directory, not a traceback
         self._data_lock = hold_data_dir(self.settings)  # not a second daemon beside another
         heartbeat_path(self.settings).parent.mkdir(parents=True, exist_ok=True)
+        self._run_lock = hold_run_dir(self.settings)  # nor one of another data directory
         conn = self._open_store()
         if conn is None:
             return False

@@ -146,6 +146,37 @@ def test_a_second_daemon_on_the_same_data_directory_is_refused(env: dict[str, st
         assert first.wait(timeout=60) == 0
 
 
+def test_a_daemon_of_another_data_directory_given_the_same_run_dir_is_refused(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """An admin copies the installed configuration for a second room and changes only
+    data_dir: both daemons wrote one heartbeat in run_dir (`status` named whichever wrote
+    last), removed each other's notes of the job in hand, and took back each other's
+    recordings kept over a stop. The second now stops in one line, exit 1, before it writes
+    anything there."""
+    run_dir = tmp_path / "run"
+    env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir)}
+    second_room = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "room2")}
+    first = run_daemon(env)
+    try:
+        wait_running(env, first)
+        second = cli("run", "--source", "demo", env=second_room, timeout_s=60)
+        assert second.returncode == 1, second.stderr
+        line = second.stderr.strip().splitlines()[-1]
+        assert line.endswith(
+            f"another meraudiod (pid {first.pid}) uses storage.run_dir {run_dir}: give this"
+            f" one (on {tmp_path / 'room2'}) a run_dir of its own"
+        ), line
+        assert "Traceback" not in second.stderr
+        assert status_json(env)["pid"] == first.pid
+        assert first.poll() is None
+    finally:
+        first.terminate()
+        assert first.wait(timeout=60) == 0
+    alone = cli("run", "--source", f"file:{SHORT}", env=second_room, timeout_s=120)
+    assert alone.returncode == 0, alone.stderr  # the first one stopped: its turn
+
+
 def test_a_symlinked_data_directory_used_by_its_real_path_loses_nothing(
     env: dict[str, str], tmp_path: Path
 ) -> None:
