@@ -131,19 +131,27 @@ def test_a_second_daemon_on_the_same_data_directory_is_refused(env: dict[str, st
     `status` named whichever wrote last (and the second's stop wrote `not running` over the
     first's), the same MQTT client id, each connection ending the other's, and each start
     removing the other's uploads being received. It now stops in one line, exit 1."""
+    pid, line = _refused_beside(env, env)
+    data_dir = env["MERAUDIOD_STORAGE__DATA_DIR"]
+    assert f"another meraudiod (pid {pid}) runs on {data_dir}" in line, line
+
+
+def _refused_beside(env: dict[str, str], second_env: dict[str, str]) -> tuple[int, str]:
+    """A daemon runs on `env`; `meraudiod run` on `second_env` beside it must stop at once,
+    exit 1, no traceback, leaving the first running and named by `status`. The first's pid
+    and the second's last line; the first is stopped (exit 0) before this returns."""
     first = run_daemon(env)
     try:
         wait_running(env, first)
-        second = cli("run", "--source", "demo", env=env, timeout_s=60)
+        second = cli("run", "--source", "demo", env=second_env, timeout_s=60)
         assert second.returncode == 1, second.stderr
-        line = second.stderr.strip().splitlines()[-1]
-        data_dir = env["MERAUDIOD_STORAGE__DATA_DIR"]
-        assert f"another meraudiod (pid {first.pid}) runs on {data_dir}" in line, line
+        assert "Traceback" not in second.stderr
         assert status_json(env)["pid"] == first.pid
         assert first.poll() is None
     finally:
         first.terminate()
         assert first.wait(timeout=60) == 0
+    return first.pid, second.stderr.strip().splitlines()[-1]
 
 
 def test_a_daemon_of_another_data_directory_given_the_same_run_dir_is_refused(
@@ -157,22 +165,11 @@ def test_a_daemon_of_another_data_directory_given_the_same_run_dir_is_refused(
     run_dir = tmp_path / "run"
     env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir)}
     second_room = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "room2")}
-    first = run_daemon(env)
-    try:
-        wait_running(env, first)
-        second = cli("run", "--source", "demo", env=second_room, timeout_s=60)
-        assert second.returncode == 1, second.stderr
-        line = second.stderr.strip().splitlines()[-1]
-        assert line.endswith(
-            f"another meraudiod (pid {first.pid}) uses storage.run_dir {run_dir}: give this"
-            f" one (on {tmp_path / 'room2'}) a run_dir of its own"
-        ), line
-        assert "Traceback" not in second.stderr
-        assert status_json(env)["pid"] == first.pid
-        assert first.poll() is None
-    finally:
-        first.terminate()
-        assert first.wait(timeout=60) == 0
+    pid, line = _refused_beside(env, second_room)
+    assert line.endswith(
+        f"another meraudiod (pid {pid}) uses storage.run_dir {run_dir}: give this"
+        f" one (on {tmp_path / 'room2'}) a run_dir of its own"
+    ), line
     alone = cli("run", "--source", f"file:{SHORT}", env=second_room, timeout_s=120)
     assert alone.returncode == 0, alone.stderr  # the first one stopped: its turn
 

@@ -25,7 +25,7 @@ import pytest
 
 from meraudiod.audio import decode_file
 from tests.broker import Broker, Subscriber, free_port
-from tests.conftest import DEMO, TEST_DATA, SilenceFeeder, cli, needs_root, wait_for
+from tests.conftest import DEMO, TEST_DATA, SilenceFeeder, cli, needs_root, status_json, wait_for
 from tests.mqtt_daemon import BASE, mqtt_env
 from tests.test_locked_database import STOP_S, WORKER_PAUSED_ON_ITS_JOB, Output, paused
 
@@ -280,10 +280,6 @@ def test_audio_held_below_the_free_disk_guard_is_written_once_above_it(
         assert daemon.stop() == 0, daemon.log()
 
 
-def _unsaved(env: dict[str, str]) -> object:
-    return json.loads(cli("status", "--json", env=env).stdout)["unsaved"]
-
-
 @needs_root
 def test_audio_held_when_the_daemon_stops_is_kept_over_the_stop(
     env: dict[str, str], tmp_path: Path
@@ -312,7 +308,7 @@ def test_audio_held_when_the_daemon_stops_is_kept_over_the_stop(
         held = [str(r["id"]) for r in _recordings(daemon, 5)]
         wait_for(lambda: "recordings' audio kept in memory" in daemon.log(), 30, "audio held")
         wait_for(
-            lambda: _unsaved(env) == {"recordings": 0, "audio": 5, "kept_in": None},
+            lambda: status_json(env)["unsaved"] == {"recordings": 0, "audio": 5, "kept_in": None},
             15,
             "status to count the audio held (the heartbeat is rewritten every 5 s)",
         )
@@ -320,7 +316,7 @@ def test_audio_held_when_the_daemon_stops_is_kept_over_the_stop(
         assert "unsaved          audio of 5 recordings waiting in memory to be saved\n" in said
     finally:
         assert daemon.stop() == 0, daemon.log()
-    assert _unsaved(env) == {"recordings": 0, "audio": 5, "kept_in": str(runtime)}
+    assert status_json(env)["unsaved"] == {"recordings": 0, "audio": 5, "kept_in": str(runtime)}
     kept_in = runtime / "held-audio"
     assert f"audio of 5 recordings held in memory kept in {kept_in}" in daemon.log()
     assert "lost on stopping" not in daemon.log()

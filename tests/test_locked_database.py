@@ -4,7 +4,6 @@ lock holders on the real file, real daemon processes, real signals."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -31,7 +30,16 @@ from meraudiod.schema import MIGRATIONS
 from meraudiod.sources import open_source
 
 from .broker import Broker
-from .conftest import DEMO, TEST_DATA, StartWyoming, cli, db_rows, run_daemon, wait_for
+from .conftest import (
+    DEMO,
+    TEST_DATA,
+    StartWyoming,
+    cli,
+    db_rows,
+    run_daemon,
+    status_json,
+    wait_for,
+)
 
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real start-up of the daemon
 # A stop must end well within systemd's TimeoutStopSec=30 (systemd/meraudiod.service), which
@@ -161,10 +169,6 @@ def test_a_lock_held_past_the_wait_ends_the_start_in_one_line_that_is_restarted(
     assert str(raised.value).endswith("waited 2 s")
 
 
-def _unsaved(env: dict[str, str]) -> object:
-    return json.loads(cli("status", "--json", env=env).stdout)["unsaved"]
-
-
 def _stopped_under_the_write_lock(env: dict[str, str]) -> tuple[int, float, Output, float]:
     """The demo played at real time: its first utterance (1.2-7.8 s) saved, then another
     process takes the write lock (a backup, an admin's sqlite3 shell), so the second
@@ -182,7 +186,7 @@ def _stopped_under_the_write_lock(env: dict[str, str]) -> tuple[int, float, Outp
         time.sleep(max(0.0, ready + 15.0 - time.monotonic()))
         # `status` tells what waits: read from the heartbeat (the database is read as usual).
         wait_for(
-            lambda: _unsaved(env) == {"recordings": 1, "audio": 0, "kept_in": None},
+            lambda: status_json(env)["unsaved"] == {"recordings": 1, "audio": 0, "kept_in": None},
             20,
             "status to count the recording waiting in memory",
         )
@@ -244,7 +248,7 @@ def test_a_recording_the_locked_database_did_not_take_is_kept_over_the_stop_and_
     assert kept and kept[0][1] == str(run_dir / "unsaved"), out.text
     (file,) = (run_dir / "unsaved").iterdir()
     assert len(db_rows(env, "SELECT id FROM recordings")) == 1
-    assert _unsaved(env) == {"recordings": 1, "audio": 0, "kept_in": str(run_dir)}
+    assert status_json(env)["unsaved"] == {"recordings": 1, "audio": 0, "kept_in": str(run_dir)}
     said = cli("status", env=env).stdout
     assert f"unsaved          1 recordings kept in {run_dir} until the next start\n" in said
 
@@ -259,7 +263,7 @@ def test_a_recording_the_locked_database_did_not_take_is_kept_over_the_stop_and_
     # The demo's second utterance starts 10.4 s in: its time stamp is the first run's.
     assert ready_at + 5 < rows[1]["started_at"] < ready_at + 15, (ready_at, rows)
     assert not file.exists() and not list((run_dir / "unsaved").iterdir())
-    assert _unsaved(env) == {"recordings": 0, "audio": 0, "kept_in": str(run_dir)}
+    assert status_json(env)["unsaved"] == {"recordings": 0, "audio": 0, "kept_in": str(run_dir)}
     assert "unsaved" not in cli("status", env=env).stdout
     assert not db_rows(env, "SELECT key FROM kv WHERE key LIKE 'unsaved%'")
 
