@@ -204,13 +204,18 @@ class Diarizer:
         audio: Float32Array,
         recognise: Recognise | None = None,
         stop: threading.Event | None = None,
+        find_changes: bool = True,
     ) -> Diarization:
         """Turns and local speakers of one recording.
 
         With `recognise`, pieces that surely are two different enrolled people are never
         joined, and pieces of the same enrolled person always are: voices the device knows
         guide the clustering of similar-sounding ones. `stop` set gives it up (Stopped).
+        `find_changes=False`: no speaker-change detection inside runs (most of the cost on
+        long single-speaker speech), for a clean close clip whose voices the segmentation
+        tells apart by itself.
         """
+        threshold = self.change_threshold if find_changes else None
         probabilities = self._windows(audio, stop)
         # Who speaks alone (the runs embedded) by the argmax; who is heard (the output) also
         # where the overlap classes hold more than overlap_probability.
@@ -219,11 +224,7 @@ class Diarizer:
             (first, activity(probs, True, self.overlap_probability))
             for first, probs in probabilities
         ]
-        changes = (
-            ChangeFinder(audio, self.embed, self.change_threshold)
-            if self.change_threshold is not None
-            else None
-        )
+        changes = ChangeFinder(audio, self.embed, threshold) if threshold is not None else None
         pieces: list[Piece] = []
         frame_s = FRAME_STEP_SAMPLES / SAMPLE_RATE_HZ
         for w, (first, solo) in enumerate(windows):
@@ -250,10 +251,10 @@ class Diarizer:
                         continue
                     groups = [mask_runs(active)]
                 embeddings = [self._embed_runs(audio, first, group) for group in groups]
-                if long and self.change_threshold is not None:
+                if long and threshold is not None:
                     # Its pieces that sound alike by the change detection's own measure
                     # are one voice: embedded together, a steadier print to cluster.
-                    joined = join_alike(embeddings, self.change_threshold)
+                    joined = join_alike(embeddings, threshold)
                     groups = [sorted(r for i in ix for r in groups[i]) for ix in joined]
                     embeddings = [
                         embeddings[ix[0]] if len(ix) == 1 else self._embed_runs(audio, first, g)

@@ -415,16 +415,20 @@ def test_enrolment_warns_and_clips_can_be_tested(
     soundfile.write(clipped, np.clip(audio(ALICE[0]) * 30, -1, 1), 16000)
     short = tmp_path / "short.wav"
     soundfile.write(short, first_speech_plain(audio(ALICE_TEST[1]), 2.0), 16000)
+    two = tmp_path / "two.wav"  # Alice, then a stranger with no pause between them
+    soundfile.write(two, np.concatenate([audio(ALICE_TEST[0]), audio(STRANGERS[0])]), 16000)
     result = cli("speakers", "enroll", "Alice", *(str(TEST_DATA / c) for c in ALICE), env=env)
     assert result.returncode == 0 and "warning" not in result.stdout, result.stdout
     assert speakers_json(env)["Alice"]["consistency"] >= 0.5
     result = cli(
-        "speakers", "enroll", "Alice", str(clipped), str(short), str(TEST_DATA / BOB[0]), env=env
+        "speakers", "enroll", "Alice", *map(str, (clipped, short, TEST_DATA / BOB[0], two)), env=env
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert any("clipped:" in line for line in lines), result.stdout
     assert any("short:" in line for line in lines), result.stdout
+    warned = [line for line in lines if "holds more than one voice" in line]
+    assert len(warned) == 1 and "two.wav" in lines[lines.index(warned[0]) - 1], result.stdout
     bob = lines.index(next(x for x in lines if BOB[0] in x))
     assert "does not sound like the other clips of Alice" in lines[bob + 1], result.stdout
     assert speakers_json(env)["Alice"]["consistency"] < 0.5  # Bob's clip is unlike the rest
