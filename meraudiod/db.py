@@ -412,6 +412,11 @@ def get_kv(conn: sqlite3.Connection, key: str, default: str) -> str:
     return str(row["value"]) if row else default
 
 
+def database_id(conn: sqlite3.Connection) -> str:
+    """The database's own random name (16 hex digits; a copy of the file has it too)."""
+    return get_kv(conn, "database_id", "")
+
+
 def put_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
     """Write a small value inside the caller's transaction."""
     conn.execute(

@@ -15,7 +15,7 @@ import numpy as np
 
 from .audio import FRAME_S, SAMPLE_RATE_HZ, Float32Array, Int16Array, rms_dbfs
 from .config import Settings
-from .db import cannot_write, is_busy, open_db
+from .db import cannot_write, database_id, is_busy, open_db
 from .held_audio import write_held
 from .recordings import MemoryAudio, Recording, RecordingStore
 from .retention import disk_free_mb, disk_low, room_again, writable
@@ -124,6 +124,7 @@ class Listener(StageThread):
         self._last_frame: Int16Array | None = None  # for the level, measured when asked
         self._segmenter: Segmenter | None = None
         self._waiting: list[Unsaved] = []  # oldest first, while the database cannot be written
+        self._database_id = ""  # what a stop keeps of them is named for it (unsaved.py)
         self._retry_at_s = 0.0  # time.monotonic() of the next try to save them
         # What cannot be written, and why (said once; None again once written).
         self.audio_problem: str | None = None
@@ -230,6 +231,7 @@ class Listener(StageThread):
         if folder is None:
             return
         try:
+            self._database_id = database_id(conn)
             self._waiting = take_back_unsaved(conn, folder)
         except (OSError, sqlite3.Error) as exc:
             _LOGGER.error("cannot take back the recordings kept in %s: %s", folder, exc)
@@ -244,7 +246,7 @@ class Listener(StageThread):
         if folder is not None:
             try:
                 for heard in self._waiting:
-                    keep_unsaved(folder, heard)
+                    keep_unsaved(folder, heard, self._database_id)
                     kept += 1
             except OSError as exc:
                 _LOGGER.error("cannot keep recordings in %s: %s", folder, exc.strerror or exc)

@@ -186,7 +186,9 @@ def _purge(ctx: CommandContext, args: PurgeArgs) -> Any:
     )
     # Recordings a stopped daemon kept for its database to take (unsaved.py): no speaker
     # is known of them, and deleting their audio leaves nothing.
-    kept = 0 if speaker else purge_unsaved(ctx.settings.storage, before, after, args.dry_run)
+    kept = (
+        0 if speaker else purge_unsaved(ctx.conn, ctx.settings.storage, before, after, args.dry_run)
+    )
     return {
         "recordings_deleted": result.recordings_deleted + (0 if args.audio_only else kept),
         "audio_files_deleted": result.audio_files_deleted + kept,

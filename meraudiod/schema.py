@@ -160,4 +160,9 @@ MIGRATIONS: Final[Sequence[str]] = (
     DROP INDEX outbox_recording;
     CREATE INDEX outbox_recording ON outbox(recording_id) WHERE recording_id IS NOT NULL;
     """,
+    # 10: the database's own name, random: what a stopped daemon keeps for its database in a
+    # runtime directory that another data directory's daemon may use after it is its own
+    """
+    INSERT OR IGNORE INTO kv (key, value) VALUES ('database_id', lower(hex(randomblob(8))));
+    """,
 )

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import __version__, jobs
 from .config import Settings
-from .db import get_kv, now
+from .db import database_id, get_kv, now
 from .held_audio import runtime_dir
 from .machine import describe as describe_machine
 from .messages import State, truncate_state
-from .recordings import SPILLED, TMP_SUFFIX
+from .recordings import SPILLED
 from .retention import disk_free_mb
-from .unsaved import unsaved_dir
+from .unsaved import kept_for, unsaved_dir
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -80,16 +80,16 @@ def _files_bytes(folder: Path) -> int:
     return total
 
 
-def _kept_files(folder: Path | None) -> int | None:
-    """Files kept over a stop in `folder` (a temp file of a kill is no file kept); None when
-    this user may not read it (the service's, 0700)."""
+def _kept_files(folder: Path | None, owner: str) -> int | None:
+    """Recordings kept over a stop in `folder` for the database `owner` names (a temp file of
+    a kill is none); None when this user may not read it (the service's, 0700)."""
     try:
         names = os.listdir(folder) if folder is not None else []
     except (FileNotFoundError, NotADirectoryError):  # none kept, or taken back meanwhile
         return 0
     except OSError:
         return None
-    return sum(1 for name in names if not name.endswith(TMP_SUFFIX))
+    return sum(1 for name in names if kept_for(name, owner))
 
 
 def _unsaved(
@@ -110,7 +110,7 @@ def _unsaved(
     runtime = runtime_dir(settings.storage)
     spilled = conn.execute("SELECT COUNT(*) FROM kv WHERE key GLOB ?", (SPILLED + "*",))
     return {
-        "recordings": _kept_files(unsaved_dir(settings.storage)),
+        "recordings": _kept_files(unsaved_dir(settings.storage), database_id(conn)),
         "audio": int(spilled.fetchone()[0]),
         "kept_in": str(runtime) if runtime is not None else None,
     }

@@ -3,9 +3,12 @@ read-only, or another process holding its write lock): each is kept over the sto
 runtime directory and saved at the next start (or by the listener of a microphone
 reopened), as soon as the database takes it.
 
-Each is one file, `<started_at in µs>-<n>.npz` in runtime_dir()/unsaved (its samples, the VAD's
-probabilities, its source and times), written whole or not at all (a temp file, fsync,
-rename). Saved at the next start, its recording's rows are committed with a kv mark naming
+Each is one file, `<started_at in µs>-<n>.<database id>.npz` in runtime_dir()/unsaved (its
+samples, the VAD's probabilities, its source and times), written whole or not at all (a temp
+file, fsync, rename). The database id (db.database_id) keeps them for their own database: a
+daemon of another data directory given the same runtime directory later neither takes them
+nor purges them nor counts them (a file named without one, of an earlier version, is
+anybody's). Saved at the next start, its recording's rows are committed with a kv mark naming
 the file, and the file goes after that commit, then the mark: a kill between the two leaves
 a file its mark says was saved, which the start after removes; none is saved twice. A purge
 of a time range (purge_unsaved) removes the ones that started in it: they are recordings
@@ -28,7 +31,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE_HZ, Float32Array, Int16Array
 from .config_sections import StorageSettings
-from .db import Transaction, put_kv
+from .db import Transaction, database_id, put_kv
 from .deletion import remove_file
 from .held_audio import runtime_dir
 from .recordings import TMP_SUFFIX, Recording, atomic_file
@@ -61,18 +64,25 @@ def unsaved_dir(storage: StorageSettings) -> Path | None:
     return runtime / _FOLDER if runtime is not None else None
 
 
-def keep_unsaved(folder: Path, heard: Unsaved) -> None:
-    """Keep one recording in `folder` (one taken back from there is already); the folder
-    refusing it raises OSError. Named by its time stamp in µs, then a number: utterances
-    read from a pipe faster than real time share a stamp, and the names sort as they were
-    heard."""
+def keep_unsaved(folder: Path, heard: Unsaved, owner: str) -> None:
+    """Keep one recording in `folder` for the database `owner` names (one taken back from
+    there is already); the folder refusing it raises OSError. Named by its time stamp in µs,
+    then a number: utterances read from a pipe faster than real time share a stamp, and the
+    names sort as they were heard."""
     if heard.kept_in is not None and heard.kept_in.is_file():
         return
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stamp, tail = f"{round(heard.started_at * 1e6):016d}", f".{owner}.npz" if owner else ".npz"
     number = 0
-    while (path := folder / f"{round(heard.started_at * 1e6):016d}-{number:03d}.npz").exists():
+    while (path := folder / f"{stamp}-{number:03d}{tail}").exists():
         number += 1
     _write(path, heard)
+
+
+def kept_for(name: str, owner: str) -> bool:
+    """Is the file `name` a recording kept for the database `owner` names (or for anybody)?"""
+    _, dot, rest = name.removesuffix(".npz").partition(".")
+    return name.endswith(".npz") and (not dot or rest in ("", owner))
 
 
 def _write(path: Path, heard: Unsaved) -> None:
@@ -83,15 +93,26 @@ def _write(path: Path, heard: Unsaved) -> None:
 
 
 def take_back_unsaved(conn: sqlite3.Connection, folder: Path) -> list[Unsaved]:
-    """The recordings kept over the last stop, oldest first, each still in its file until
-    it is saved (forget_kept). A temp file (a kill while it was written) goes, and so does a
-    file already saved (a kill after that commit) when the database can say so."""
+    """The recordings kept over the last stop for this database, oldest first, each still in
+    its file until it is saved (forget_kept). A temp file (a kill while it was written) goes,
+    and so does a file already saved (a kill after that commit) when the database can say
+    so; another database's are left where they are."""
     if not folder.is_dir():
         return []
     for part in folder.glob("*" + TMP_SUFFIX):
         remove_file(part)
+    owner = database_id(conn)
+    files = sorted(folder.glob("*.npz"))
+    others = [path for path in files if not kept_for(path.name, owner)]
+    if others:
+        _LOGGER.warning(
+            "%d recordings kept in %s for another database (another data directory's daemon"
+            " used this runtime directory): left there for it",
+            len(others),
+            folder,
+        )
     taken = []
-    for path in sorted(folder.glob("*.npz")):
+    for path in (path for path in files if kept_for(path.name, owner)):
         if conn.execute("SELECT 1 FROM kv WHERE key=?", (_SAVED + path.name,)).fetchone():
             with contextlib.suppress(OSError, sqlite3.Error):
                 forget_kept(conn, path)
@@ -154,14 +175,20 @@ def forget_kept(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def purge_unsaved(
-    storage: StorageSettings, before: float | None, after: float | None, dry_run: bool
+    conn: sqlite3.Connection,
+    storage: StorageSettings,
+    before: float | None,
+    after: float | None,
+    dry_run: bool,
 ) -> int:
-    """Remove the kept recordings that started in [after, before); returns how many."""
+    """Remove the recordings kept for this database that started in [after, before);
+    returns how many."""
     folder = unsaved_dir(storage)
     if folder is None or not folder.is_dir() or (before is None and after is None):
         return 0
+    owner = database_id(conn)
     found = 0
-    for path in folder.glob("*.npz"):
+    for path in (path for path in folder.glob("*.npz") if kept_for(path.name, owner)):
         try:
             started_at = int(path.stem.split("-")[0]) / 1e6
         except ValueError:

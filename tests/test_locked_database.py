@@ -247,6 +247,8 @@ def test_a_recording_the_locked_database_did_not_take_is_kept_over_the_stop_and_
     )
     assert kept and kept[0][1] == str(run_dir / "unsaved"), out.text
     (file,) = (run_dir / "unsaved").iterdir()
+    (owner,) = db_rows(env, "SELECT value FROM kv WHERE key='database_id'")
+    assert file.name.endswith(f".{owner['value']}.npz"), file  # kept for this database
     assert len(db_rows(env, "SELECT id FROM recordings")) == 1
     assert status_json(env)["unsaved"] == {"recordings": 1, "audio": 0, "kept_in": str(run_dir)}
     said = cli("status", env=env).stdout

@@ -21,6 +21,7 @@ from meraudiod.db import (
     DatabaseError,
     Transaction,
     _split_sql,
+    database_id,
     get_kv,
     migrate,
     open_db,
@@ -63,7 +64,9 @@ def test_database_is_wal_and_migrated(settings: Settings, tmp_path: Path) -> Non
     upgraded = open_db(tmp_path / "v1.db")
     assert upgraded.execute("PRAGMA user_version").fetchone()[0] == latest
     assert upgraded.execute("SELECT COUNT(*) FROM recordings").fetchone()[0] == 1
-    assert upgraded.execute("SELECT COUNT(*) FROM kv").fetchone()[0] == 0  # a later table
+    (key,) = upgraded.execute("SELECT key FROM kv").fetchall()  # a later table
+    assert key[0] == "database_id" and len(database_id(upgraded)) == 16  # made by a migration
+    assert database_id(upgraded) != database_id(conn)  # each database its own
 
 
 def test_processes_creating_the_database_at_one_moment_all_open_it(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 from meraudiod import status as status_module
 from meraudiod.audio import decode_file
 from meraudiod.config import Settings, load_settings
-from meraudiod.db import Transaction, open_db, put_kv
+from meraudiod.db import Transaction, database_id, open_db, put_kv
 from meraudiod.recordings import SPILLED, RecordingStore
 from meraudiod.status import status
 from meraudiod.unsaved import (
@@ -30,7 +30,7 @@ from meraudiod.unsaved import (
     unsaved_dir,
 )
 
-from .conftest import TEST_DATA, cli, db_rows
+from .conftest import TEST_DATA, cli, db_rows, status_json
 
 SHORT = TEST_DATA / "ls_103_0000.flac"
 
@@ -49,10 +49,12 @@ runpy.run_module("meraudiod", run_name="__main__", alter_sys=True)
 """
 
 
-def _kept(folder: Path, started_at: float) -> Path:
+def _kept(folder: Path, started_at: float, owner: str = "") -> Path:
+    """A recording kept as a stopping daemon keeps it, for the database `owner` names (""
+    as an earlier version kept it, for anybody)."""
     samples = decode_file(SHORT)
     probs = np.full(samples.size // 512, 0.9, dtype=np.float32)
-    keep_unsaved(folder, Unsaved(samples, 10.0, started_at, probs, "mic:USB"))
+    keep_unsaved(folder, Unsaved(samples, 10.0, started_at, probs, "mic:USB"), owner)
     (path,) = [p for p in folder.iterdir() if p.name.startswith(f"{round(started_at * 1e6)}-")]
     return path
 
@@ -184,6 +186,37 @@ def test_two_daemons_of_one_user_keep_their_recordings_apart(
     own = _run(first, "-m", "meraudiod")
     assert own.returncode == 0, own.stderr
     assert [r["source"] for r in db_rows(first, "SELECT source FROM recordings")] == ["mic:USB"]
+    assert not path.exists()
+
+
+def test_a_daemon_of_another_database_given_the_same_run_dir_leaves_its_kept_recordings(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A second room's daemon given the first's `run_dir` (one after the other: never both
+    at once) took back, stored and transcribed the first one's kept recordings in its own
+    database, and its purge deleted them. Each is kept for its database's id now."""
+    env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(tmp_path / "run")}
+    second = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "kitchen")}
+    conn = open_db(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")  # as it ran
+    owner = database_id(conn)
+    conn.close()
+    assert len(owner) == 16
+    path = _kept(tmp_path / "run" / "unsaved", time.time() - 3600, owner)
+
+    other = _run(second, "-m", "meraudiod")
+    assert other.returncode == 0, other.stderr
+    assert "1 recordings kept in" in other.stderr and "for another database" in other.stderr
+    assert not db_rows(second, "SELECT id FROM recordings")
+    assert status_json(second)["unsaved"]["recordings"] == 0
+    start = datetime.fromtimestamp(time.time() - 7200).isoformat(timespec="seconds")
+    purged = cli("purge", "--start", start, "--end", "now", "--yes", env=second)
+    assert purged.stdout.strip() == "nothing to delete", purged
+    assert path.is_file()
+
+    assert status_json(env)["unsaved"]["recordings"] == 1
+    own = _run(env, "-m", "meraudiod")
+    assert own.returncode == 0, own.stderr
+    assert [r["source"] for r in db_rows(env, "SELECT source FROM recordings")] == ["mic:USB"]
     assert not path.exists()
 
 
