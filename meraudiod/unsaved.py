@@ -103,16 +103,16 @@ def take_back_unsaved(conn: sqlite3.Connection, folder: Path) -> list[Unsaved]:
         remove_file(part)
     owner = database_id(conn)
     files = sorted(folder.glob("*.npz"))
-    others = [path for path in files if not kept_for(path.name, owner)]
-    if others:
+    mine = [path for path in files if kept_for(path.name, owner)]
+    if len(mine) < len(files):
         _LOGGER.warning(
             "%d recordings kept in %s for another database (another data directory's daemon"
             " used this runtime directory): left there for it",
-            len(others),
+            len(files) - len(mine),
             folder,
         )
     taken = []
-    for path in (path for path in files if kept_for(path.name, owner)):
+    for path in mine:
         if conn.execute("SELECT 1 FROM kv WHERE key=?", (_SAVED + path.name,)).fetchone():
             with contextlib.suppress(OSError, sqlite3.Error):
                 forget_kept(conn, path)
