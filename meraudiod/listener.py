@@ -124,7 +124,9 @@ class Listener(StageThread):
         self._last_frame: Int16Array | None = None  # for the level, measured when asked
         self._segmenter: Segmenter | None = None
         self._waiting: list[Unsaved] = []  # oldest first, while the database cannot be written
-        self._database_id = ""  # what a stop keeps of them is named for it (unsaved.py)
+        # What a stop keeps of them is named for it (unsaved.py); read at the start, as at the
+        # stop the database may not answer (a failing card).
+        self._database_id = ""
         self._retry_at_s = 0.0  # time.monotonic() of the next try to save them
         # What cannot be written, and why (said once; None again once written).
         self.audio_problem: str | None = None

@@ -81,8 +81,8 @@ def keep_unsaved(folder: Path, heard: Unsaved, owner: str) -> None:
 
 def kept_for(name: str, owner: str) -> bool:
     """Is the file `name` a recording kept for the database `owner` names (or for anybody)?"""
-    _, dot, rest = name.removesuffix(".npz").partition(".")
-    return name.endswith(".npz") and (not dot or rest in ("", owner))
+    named_for = name.removesuffix(".npz").partition(".")[2]  # "" in an earlier version's
+    return name.endswith(".npz") and named_for in ("", owner)
 
 
 def _write(path: Path, heard: Unsaved) -> None:

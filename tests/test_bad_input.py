@@ -88,8 +88,8 @@ def test_run_on_a_cut_file_transcribes_what_came_before_and_leaves_no_job_pendin
 
 def encode(pcm: np.ndarray, path: Path, codec: str) -> None:
     """16 kHz int16 audio encoded by FFmpeg's libraries as PyAV ships them (the ones the
-    daemon decodes with; no ffmpeg program needed). FFmpeg's own Vorbis encoder takes two
-    channels only: the mono audio twice."""
+    daemon decodes with; no ffmpeg program needed). FFmpeg's own Vorbis encoder (PyAV has no
+    libvorbis) is marked experimental and takes two channels only: the mono audio twice."""
     layout = "stereo" if codec == "vorbis" else "mono"
     samples = np.repeat(pcm[:, None], 2, axis=1) if layout == "stereo" else pcm[:, None]
     with av.open(str(path), "w") as out:
