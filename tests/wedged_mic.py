@@ -5,8 +5,10 @@ delivers silence but whose stop() hangs (PortAudio stuck in its stream stop)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from typing import Final
 
 import numpy as np
 
@@ -15,6 +17,8 @@ from meraudiod.audio import FRAME_S, FRAME_SAMPLES, Int16Array
 from meraudiod.config_sections import AudioSettings
 from meraudiod.mic_source import MicSource
 from meraudiod.sources import AudioSource, SourceError
+
+IN_READ: Final = "tests.wedged_mic: the listener is in a read() that hangs"
 
 
 class WedgedMic(MicSource):
@@ -29,6 +33,8 @@ class WedgedMic(MicSource):
         self.name = "mic:wedged"
 
     def read(self, timeout_s: float) -> None:
+        if not self.reading.is_set():  # for a test to stop the daemon only once it hangs
+            print(IN_READ, file=sys.stderr, flush=True)
         self.reading.set()
         self.released.wait()  # ignores timeout_s, as a hung driver call does
 
