@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile
 from ulid import ULID
@@ -174,20 +175,23 @@ def test_run_print_into_a_reader_that_went_away_is_no_dead_stage(
     assert len(states) == 5 and set(states) == {"done"}, states  # every recording still transcribed
 
 
-_MERAUDIOD_RUN_DEMO = ("-m", "meraudiod", "run", "--source", "demo", "--print")
-
-
 @pytest.mark.parametrize(
     ("closed", "prints"), [("2>&-", True), (">&- 2>&-", False), ("<&- >&- 2>&-", False)]
 )
 def test_run_started_with_its_standard_streams_closed_does_its_job(
-    env: dict[str, str], closed: str, prints: bool
+    env: dict[str, str], tmp_path: Path, closed: str, prints: bool
 ) -> None:
     """A supervisor that starts the daemon with stderr closed: `run` died at once with an
     AttributeError nobody could see (exit 1). Such a stream is now /dev/null, so no file the
-    daemon opens (a recording's audio) takes its number and gets what libraries print."""
+    daemon opens (a recording's audio) takes its number and gets what libraries print. Two
+    recordings (one utterance twice): the files of both are whole."""
+    twice = tmp_path / "twice.wav"
+    audio, rate = soundfile.read(SHORT, dtype="int16")
+    pause = np.zeros(2 * rate, np.int16)
+    soundfile.write(twice, np.concatenate([pause, audio, pause, audio, pause]), rate)
+    run = ("-m", "meraudiod", "run", "--source", f"file:{twice}", "--print")
     result = subprocess.run(
-        ["sh", "-c", f'exec "$0" "$@" {closed}', sys.executable, *_MERAUDIOD_RUN_DEMO],
+        ["sh", "-c", f'exec "$0" "$@" {closed}', sys.executable, *run],
         env=env,
         capture_output=True,
         text=True,
@@ -196,7 +200,7 @@ def test_run_started_with_its_standard_streams_closed_does_its_job(
     )
     assert result.returncode == 0, closed
     rows = db_rows(env, "SELECT status, text, audio_path FROM recordings ORDER BY start_s")
-    assert [row["status"] for row in rows] == ["done"] * 5
+    assert [row["status"] for row in rows] == ["done"] * 2
     for row in rows:
         audio, rate = soundfile.read(stored_audio(env, row["audio_path"]))
         assert rate == 16000 and audio.size > rate
