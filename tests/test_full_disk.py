@@ -31,6 +31,9 @@ from tests.test_locked_database import STOP_S, WORKER_PAUSED_ON_ITS_JOB, Output,
 
 _READY_S = 180.0
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance
+# The demo's first three utterances (s16le), to 21.4 s: between the third's end and the
+# fourth's start. Where three recordings show what five did, for less transcription.
+FIRST_THREE = decode_file(DEMO)[: round(21.4 * 16000)].astype("<i2").tobytes()
 
 
 class FullDiskDaemon:
@@ -212,43 +215,43 @@ def _recordings(
 def test_audio_is_written_again_once_the_full_disk_has_room(
     env: dict[str, str], tmp_path: Path, keep_audio: bool
 ) -> None:
-    """The guard off and tmp_audio_dir's tmpfs full: the demo's five recordings wait in
-    memory and are transcribed; the disk grown, their audio is written to it (before, it was
+    """The guard off and tmp_audio_dir's tmpfs full: the demo's first three recordings wait
+    in memory and are transcribed; the disk grown, their audio is written to it (before, it was
     dropped once transcribed: they kept their transcripts, not their audio), and so is the
-    next five's; with keep_audio = false none is, the daemon alive throughout. One of the
-    five deleted while its audio is held never gets a file."""
+    next three's; with keep_audio = false none is, the daemon alive throughout. One of the
+    three deleted while its audio is held never gets a file."""
     env = {
         **env,
         "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "0",
         "MERAUDIOD_RETENTION__KEEP_AUDIO": str(keep_audio).lower(),
         "MERAUDIOD_HTTP__ALLOW_ADMIN_COMMANDS": "true",
     }
-    speech = decode_file(DEMO).astype("<i2").tobytes()
+    speech = FIRST_THREE
     with full_disk_daemon(env, tmp_path, "600k", "TMP_AUDIO_DIR") as daemon:
         daemon.fill()
         daemon.say(speech)
-        full = _recordings(daemon, 5)
+        full = _recordings(daemon, 3)
         assert all(r["audio_path"] is None and r["text"] for r in full)
         deleted = str(full[0]["id"])
         gone = httpx.delete(f"{daemon.url}/api/v1/recordings/{deleted}", timeout=30)
         assert gone.status_code == 200, gone.text
         daemon.grow("16m")
         if keep_audio:  # within 5 s, in the same form as any recording's
-            held = _recordings(daemon, 4, audio_written=True)
+            held = _recordings(daemon, 2, audio_written=True)
             for row in held:
                 answer = httpx.get(f"{daemon.url}/api/v1/recordings/{row['id']}/audio")
                 assert answer.status_code == 200 and answer.content[:4] == b"fLaC", answer
         daemon.say(speech)
-        freed = _recordings(daemon, 9, audio_dropped=not keep_audio)[4:]
+        freed = _recordings(daemon, 5, audio_dropped=not keep_audio)[2:]
         audio = sorted((daemon.disk / "meraudiod").rglob("*.flac"))
         assert all((r["audio_path"] is not None) is keep_audio and r["text"] for r in freed)
-        assert len(audio) == (9 if keep_audio else 0)
+        assert len(audio) == (5 if keep_audio else 0)
         assert not [path for path in audio if deleted in path.name]
         assert _files(daemon.disk / "meraudiod") == sorted(path.name for path in audio)
         log = daemon.log()  # said once, not once per recording; and once more when written
         assert log.count("cannot write audio to") == 1, log
         assert log.count("(No space left on device): recordings' audio kept in memory") == 1
-        assert log.count("its audio held in memory written to") == (4 if keep_audio else 0)
+        assert log.count("its audio held in memory written to") == (2 if keep_audio else 0)
         assert log.count("can write audio to") == 1, log
         assert daemon.stop() == 0, daemon.log()
 
@@ -257,26 +260,26 @@ def test_audio_is_written_again_once_the_full_disk_has_room(
 def test_audio_held_below_the_free_disk_guard_is_written_once_above_it(
     env: dict[str, str], tmp_path: Path
 ) -> None:
-    """Below retention.min_free_disk_mb the demo's five recordings are kept in memory and
-    transcribed; the disk grown past the threshold, their audio is written to it (before,
+    """Below retention.min_free_disk_mb the demo's first three recordings are kept in memory
+    and transcribed; the disk grown past the threshold, their audio is written to it (before,
     it was dropped once transcribed)."""
     env = {**env, "MERAUDIOD_RETENTION__MIN_FREE_DISK_MB": "12"}
-    speech = decode_file(DEMO).astype("<i2").tobytes()
+    speech = FIRST_THREE
     with full_disk_daemon(env, tmp_path, "8m") as daemon:
         daemon.say(speech)
-        assert all(r["audio_path"] is None and r["text"] for r in _recordings(daemon, 5))
+        assert all(r["audio_path"] is None and r["text"] for r in _recordings(daemon, 3))
         assert list((daemon.disk / "meraudiod").rglob("*.flac")) == []
         daemon.grow("32m")
-        rows = _recordings(daemon, 5, audio_written=True, timeout_s=30)
+        rows = _recordings(daemon, 3, audio_written=True, timeout_s=30)
         audio = sorted(p.name for p in (daemon.disk / "meraudiod").rglob("*.flac"))
         assert audio == sorted(f"{r['id']}.flac" for r in rows)
         # each said once its row names the file: the last one's line may come after the rows
         wait_for(
-            lambda: daemon.log().count("its audio held in memory written to") >= 5,
+            lambda: daemon.log().count("its audio held in memory written to") >= 3,
             30,
-            "the five written said",
+            "the three written said",
         )
-        assert daemon.log().count("its audio held in memory written to") == 5
+        assert daemon.log().count("its audio held in memory written to") == 3
         assert daemon.stop() == 0, daemon.log()
 
 
@@ -551,7 +554,6 @@ def test_the_daemon_waits_for_room_when_its_database_disk_is_full_at_start(
     cannot even open the database. Before, the daemon exited 1 at once, and systemd started
     it again every 5 s, a line each time. Now it waits (up to 120 s, said once); given room,
     it goes on and records."""
-    speech = decode_file(DEMO).astype("<i2").tobytes()
     first = shlex.join([sys.executable, "-m", "meraudiod", "run", "--source", "stdin"])
     filler = shlex.quote(str(tmp_path / "disk" / "filler"))
     before = f"{first} < /dev/null && (dd if=/dev/zero of={filler} bs=4k 2>/dev/null;"
@@ -564,8 +566,8 @@ def test_the_daemon_waits_for_room_when_its_database_disk_is_full_at_start(
         assert daemon.log().count("waiting up to") == 1, daemon.log()
         (daemon.disk / "filler").unlink()
         daemon.wait_ready()
-        daemon.say(speech)
-        assert all(r["text"] for r in _recordings(daemon, 5))
+        daemon.say(FIRST_THREE)
+        assert all(r["text"] for r in _recordings(daemon, 3))
         assert "Traceback" not in daemon.log()
     finally:
         assert daemon.stop() == 0, daemon.log()
