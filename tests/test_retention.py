@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -21,9 +23,30 @@ from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, stored_audio
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real run of the daemon
 
 
-def analyzed(env: dict[str, str]) -> sqlite3.Connection:
-    assert cli("analyze", str(DEMO), env=env).returncode == 0
-    conn = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+@pytest.fixture(scope="module")
+def analyzed_demo(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
+    """A data directory with the demo analysed in it, once for the module (five
+    transcriptions each time were most of the module's CPU): each test gets a copy."""
+    root = tmp_path_factory.mktemp("analyzed-demo")
+    (root / "config.toml").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERAUDIOD_")}
+    env["MERAUDIOD_CONFIG"] = str(root / "config.toml")
+    env["MERAUDIOD_STORAGE__DATA_DIR"] = str(root / "data")
+    env["MERAUDIOD_STORAGE__MODELS_DIR"] = str(models_dir)
+    env["MERAUDIOD_ASR__CPU_THREADS"] = "1"
+    done = cli("analyze", str(DEMO), env=env)
+    assert done.returncode == 0, done.stderr
+    return root / "data"
+
+
+def analyzed(env: dict[str, str], demo: Path | None = None) -> sqlite3.Connection:
+    """The demo analysed into `env`'s data directory (a copy of `demo`'s when given)."""
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    if demo is None:
+        assert cli("analyze", str(DEMO), env=env).returncode == 0
+    else:
+        shutil.copytree(demo, data_dir)
+    conn = sqlite3.connect(data_dir / "meraudiod.db")
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -36,8 +59,10 @@ def age(conn: sqlite3.Connection, rec_ids: list[str], days: float) -> None:
     conn.commit()
 
 
-def test_sweep_drops_old_audio_then_old_text(env: dict[str, str], settings: Settings) -> None:
-    conn = analyzed(env)
+def test_sweep_drops_old_audio_then_old_text(
+    env: dict[str, str], settings: Settings, analyzed_demo: Path
+) -> None:
+    conn = analyzed(env, analyzed_demo)
     ids = [r["id"] for r in conn.execute("SELECT id FROM recordings ORDER BY id")]
     age(conn, ids[:2], 40)  # older than both limits
     age(conn, ids[2:3], 10)  # older than the audio limit only
@@ -54,9 +79,9 @@ def test_sweep_drops_old_audio_then_old_text(env: dict[str, str], settings: Sett
 
 
 def test_purge_by_time_range_deletes_text_from_the_database_file(
-    env: dict[str, str], settings: Settings
+    env: dict[str, str], settings: Settings, analyzed_demo: Path
 ) -> None:
-    conn = analyzed(env)
+    conn = analyzed(env, analyzed_demo)
     ids = [r["id"] for r in conn.execute("SELECT id FROM recordings ORDER BY id")]
     secret = conn.execute("SELECT text FROM recordings WHERE id=?", (ids[0],)).fetchone()[0]
     word = max(secret.split(), key=len).strip(".,").lower()  # e.g. "prudently"
@@ -75,7 +100,7 @@ def test_purge_by_time_range_deletes_text_from_the_database_file(
 
 
 def test_a_delete_while_a_backup_reads_holds_off_writers_briefly_and_forgets_later(
-    env: dict[str, str], settings: Settings
+    env: dict[str, str], settings: Settings, analyzed_demo: Path
 ) -> None:
     """A backup's read open, its snapshot older than the delete: the checkpoint after the
     delete waits for it, holding off every writer meanwhile (the listener's saves), and did
@@ -83,7 +108,7 @@ def test_a_delete_while_a_backup_reads_holds_off_writers_briefly_and_forgets_lat
     gone: the deleted words stayed in the database file until some later checkpoint. Now it
     waits 2 s, says so, keeps the mark, and the next sweep (no limits configured) finishes
     once the read is over."""
-    conn = analyzed(env)
+    conn = analyzed(env, analyzed_demo)
     ids = [r["id"] for r in conn.execute("SELECT id FROM recordings ORDER BY id")]
     secret = conn.execute("SELECT text FROM recordings WHERE id=?", (ids[0],)).fetchone()[0]
     word = max(secret.split(), key=len).strip(".,").lower().encode()
@@ -114,8 +139,8 @@ def test_a_delete_while_a_backup_reads_holds_off_writers_briefly_and_forgets_lat
     assert word not in stored()
 
 
-def test_purge_cli_needs_a_criterion_and_reports(env: dict[str, str]) -> None:
-    analyzed(env).close()
+def test_purge_cli_needs_a_criterion_and_reports(env: dict[str, str], analyzed_demo: Path) -> None:
+    analyzed(env, analyzed_demo).close()
     refused = cli("purge", env=env)
     assert refused.returncode != 0 and "needs" in refused.stderr
     done = cli(
@@ -129,8 +154,10 @@ def test_purge_cli_needs_a_criterion_and_reports(env: dict[str, str]) -> None:
     assert json.loads(cli("recordings", "list", "--json", env=env).stdout) == []
 
 
-def test_purge_wants_a_whole_range_asks_first_and_counts_truly(env: dict[str, str]) -> None:
-    conn = analyzed(env)
+def test_purge_wants_a_whole_range_asks_first_and_counts_truly(
+    env: dict[str, str], analyzed_demo: Path
+) -> None:
+    conn = analyzed(env, analyzed_demo)
     total = len(DEMO_TRUTH)
     half_open = cli("purge", "--start", "2000-01-01", env=env)
     assert half_open.returncode != 0 and "both --start and --end" in half_open.stderr
