@@ -220,6 +220,24 @@ def _checked_source(spec: str) -> str:
 # --- analyze -------------------------------------------------------------------------------
 
 
+def _readable(given: Path) -> tuple[Path, str | None]:
+    """The file's whole path (as `run --source file:` stores it: `sub/a.flac` said nothing of
+    where it was) and why it cannot be read, or None: its first block decoded."""
+    from .sources import FileSource, file_path
+
+    try:
+        path = file_path(str(given))
+    except SourceError as exc:
+        return given, str(exc)
+    probe = FileSource(path)
+    try:
+        probe.start()
+    except SourceError as exc:
+        return path, str(exc)
+    probe.stop()
+    return path, None
+
+
 @main.command()
 @config_option
 @json_option
@@ -237,10 +255,18 @@ def analyze(
     """
     stop = command_handlers()  # SIGTERM, Ctrl-C (installed before the imports: signals.py)
     from .pipeline import Pipeline
-    from .sources import FileSource, file_path
+    from .sources import FileSource
 
     settings = settings_from(config_path, verbosity)
     refuse_unmounted(store_dirs(settings) | models_dir(settings))  # no heartbeat written
+    checked = [_readable(given) for given in files]
+    if all(error for _, error in checked):  # said at once, no model loaded for nothing
+        for path, error in checked:
+            if as_json:
+                found = {"file": printable(str(path)), "duration_s": 0.0, "recordings": []}
+                echo_json({**found, "error": error})
+            click.echo(f"error: {error}", err=True)
+        sys.exit(1)
     pipeline = Pipeline(settings, stop, serves_store=False)  # a live daemon's store is its own
     try:
         pipeline.open()
@@ -249,17 +275,16 @@ def analyze(
     pipeline.start_worker()
     results: list[tuple[Path, float, list[str], str | None]] = []
     cut: str | None = None  # where a stop left a file read in part
-    for given in files:
+    for path, refused in checked:
         if stop.is_set():
             break
-        path = given
+        if refused:
+            results.append((path, 0.0, [], refused))
+            continue
+        source = FileSource(path)
         try:
-            # By its whole path, as `run --source file:` stores it: `sub/a.flac` said
-            # nothing of where it was.
-            path = file_path(str(given))
-            source = FileSource(path)
             source.start()
-        except SourceError as exc:
+        except SourceError as exc:  # gone or changed since it was checked
             results.append((path, 0.0, [], str(exc)))
             continue
         listener = pipeline.listener(source, keep_ids=True, error_said_by_caller=True)

@@ -186,6 +186,31 @@ def test_a_path_that_is_not_an_audio_file_says_what_it_is(
         assert "Traceback" not in result.stderr
 
 
+def test_analyze_of_files_none_of_which_can_be_read_says_so_before_loading_a_model(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A mistyped name: `analyze` made the data directory and loaded the models (a second
+    and more of CPU on a small board) before it said the file was not there. Now the files
+    are checked first: none readable, each is said at once and nothing is loaded or made;
+    one readable among them, the rest are said in their turn as before."""
+    absent, folder = tmp_path / "absent.flac", tmp_path
+    done = cli("analyze", "--json", str(absent), str(folder), env=env)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: {absent}: audio file not found",
+        f"error: {folder}: is a directory, not an audio file",
+    ]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(x["file"], x["recordings"], x["error"]) for x in lines] == [
+        (str(absent), [], f"{absent}: audio file not found"),
+        (str(folder), [], f"{folder}: is a directory, not an audio file"),
+    ]
+    assert not Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).exists()  # nothing made either
+    mixed = cli("analyze", str(absent), str(TEST_DATA / "librivox_0880.wav"), env=env)
+    assert mixed.returncode == 1 and "young man" in mixed.stdout.lower(), mixed.stderr
+    assert mixed.stderr.splitlines()[-1] == f"error: {absent}: audio file not found"
+
+
 def test_a_relative_file_source_is_the_current_directorys(
     env: dict[str, str], tmp_path: Path
 ) -> None:
