@@ -73,6 +73,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+# The suite runs more processes than the machine has CPUs: one CTranslate2 thread each
+# spends less CPU in all than the default two (the demo analysed beside a loaded machine:
+# 10.7-12.0 CPU-s against 12.3-12.5, and sooner). The README's figures are the default's,
+# from scripts/bench.
+SUITE_SETTINGS: Final = {"MERAUDIOD_ASR__CPU_THREADS": "1"}
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default models, installed (and checked) once for the whole session."""
@@ -99,11 +106,7 @@ def env(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> di
         "MERAUDIOD_CONFIG": str(config),
         "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "data"),
         "MERAUDIOD_STORAGE__MODELS_DIR": str(models_dir),
-        # The suite runs more processes than the machine has CPUs: one CTranslate2 thread
-        # each spends less CPU in all than the default two (the demo analysed beside a
-        # loaded machine: 10.7-12.0 CPU-s against 12.3-12.5, and sooner). The README's
-        # figures are the default's, from scripts/bench.
-        "MERAUDIOD_ASR__CPU_THREADS": "1",
+        **SUITE_SETTINGS,
     }
     for key in [k for k in os.environ if k.startswith("MERAUDIOD_")]:
         monkeypatch.delenv(key)

@@ -15,7 +15,7 @@ from typing import IO, Any
 import httpx
 
 from tests.broker import free_port
-from tests.conftest import SilenceFeeder, run_daemon
+from tests.conftest import SUITE_SETTINGS, SilenceFeeder, run_daemon
 
 TOKEN = "test-token-5f2a"
 SPEAKERS_CONFIG = """
@@ -112,6 +112,7 @@ def daemon_env(folder: Path, models_dir: Path) -> dict[str, str]:
         "MERAUDIOD_CONFIG": str(config),
         "MERAUDIOD_STORAGE__DATA_DIR": str(folder / "data"),
         "MERAUDIOD_STORAGE__MODELS_DIR": str(models_dir),
+        **SUITE_SETTINGS,
     }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DEMO, TEST_DATA, cli, wait_for
+from .conftest import DEMO, SUITE_SETTINGS, TEST_DATA, cli, wait_for
 
 CLIPS = [DEMO, *(TEST_DATA / f"ls_{n}.flac" for n in ("3080_0000", "2609_0000", "2609_0001"))]
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real start of the daemon
@@ -42,6 +42,7 @@ def _env(data_dir: Path, models_dir: Path) -> Env:
         "MERAUDIOD_STORAGE__DATA_DIR": str(data_dir),
         "MERAUDIOD_STORAGE__MODELS_DIR": str(models_dir),
         "MERAUDIOD_SPEAKERS__ENABLED": "true",
+        **SUITE_SETTINGS,
     }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import threading
@@ -19,6 +18,7 @@ from meraudiod.recordings import RecordingStore
 from meraudiod.retention import PurgeResult, purge, sweep
 
 from .conftest import DEMO, DEMO_TRUTH, TEST_DATA, cli, stored_audio
+from .httpd import daemon_env
 
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance: a quick real run of the daemon
 
@@ -28,12 +28,7 @@ def analyzed_demo(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) ->
     """A data directory with the demo analysed in it, once for the module (five
     transcriptions each time were most of the module's CPU): each test gets a copy."""
     root = tmp_path_factory.mktemp("analyzed-demo")
-    (root / "config.toml").write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MERAUDIOD_")}
-    env["MERAUDIOD_CONFIG"] = str(root / "config.toml")
-    env["MERAUDIOD_STORAGE__DATA_DIR"] = str(root / "data")
-    env["MERAUDIOD_STORAGE__MODELS_DIR"] = str(models_dir)
-    env["MERAUDIOD_ASR__CPU_THREADS"] = "1"
+    env = daemon_env(root, models_dir)
     done = cli("analyze", str(DEMO), env=env)
     assert done.returncode == 0, done.stderr
     return root / "data"
