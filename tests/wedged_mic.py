@@ -34,7 +34,8 @@ class WedgedMic(MicSource):
 
     def read(self, timeout_s: float) -> None:
         if not self.reading.is_set():  # for a test to stop the daemon only once it hangs
-            print(IN_READ, file=sys.stderr, flush=True)
+            sys.stderr.write(IN_READ + "\n")  # one write: no log line of another thread inside
+            sys.stderr.flush()
         self.reading.set()
         self.released.wait()  # ignores timeout_s, as a hung driver call does
 
