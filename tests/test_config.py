@@ -12,10 +12,14 @@ from pydantic import BaseModel
 from meraudiod.compat import tomllib
 from meraudiod.config import ConfigError, Settings, load_settings
 
-from .conftest import REPO, cli
+from .conftest import REPO, SUITE_SETTINGS, cli
 
 
-def test_example_parses_and_documents_every_key(env: dict[str, str]) -> None:
+def test_example_parses_and_documents_every_key(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in SUITE_SETTINGS:  # the file's values, not the suite's environment
+        monkeypatch.delenv(key)
     example = REPO / "config.example.toml"
     settings = load_settings(example)
     assert settings.asr.model == "tiny.en"
@@ -92,10 +96,12 @@ def test_a_device_rate_no_sound_card_has_is_named(
     ("section", "key"), [("asr", "cpu_threads"), ("vad", "threads"), ("speakers", "threads")]
 )
 def test_thousands_of_threads_are_named(
-    tmp_path: Path, env: dict[str, str], section: str, key: str
+    tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, section: str, key: str
 ) -> None:
     # Found by hostile testing: asr.cpu_threads = 5000 was accepted and transcription ran about
     # twenty times slower than real time (threads fighting over a Pi's four cores).
+    for name in SUITE_SETTINGS:  # the file's values, not the suite's environment
+        monkeypatch.delenv(name)
     path = tmp_path / "c.toml"
     path.write_text(f"[{section}]\n{key} = 5000\n")
     with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
