@@ -15,11 +15,15 @@ from meraudiod.config import ConfigError, Settings, load_settings
 from .conftest import REPO, SUITE_SETTINGS, cli
 
 
-def test_example_parses_and_documents_every_key(
-    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for key in SUITE_SETTINGS:  # the file's values, not the suite's environment
+@pytest.fixture
+def file_values(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `env` fixture's environment less the suite's own settings (SUITE_SETTINGS), for
+    tests of the values a configuration file gives."""
+    for key in SUITE_SETTINGS:
         monkeypatch.delenv(key)
+
+
+def test_example_parses_and_documents_every_key(file_values: None) -> None:
     example = REPO / "config.example.toml"
     settings = load_settings(example)
     assert settings.asr.model == "tiny.en"
@@ -96,12 +100,10 @@ def test_a_device_rate_no_sound_card_has_is_named(
     ("section", "key"), [("asr", "cpu_threads"), ("vad", "threads"), ("speakers", "threads")]
 )
 def test_thousands_of_threads_are_named(
-    tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, section: str, key: str
+    tmp_path: Path, file_values: None, section: str, key: str
 ) -> None:
     # Found by hostile testing: asr.cpu_threads = 5000 was accepted and transcription ran about
     # twenty times slower than real time (threads fighting over a Pi's four cores).
-    for name in SUITE_SETTINGS:  # the file's values, not the suite's environment
-        monkeypatch.delenv(name)
     path = tmp_path / "c.toml"
     path.write_text(f"[{section}]\n{key} = 5000\n")
     with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
