@@ -31,6 +31,9 @@ class Runtime(Protocol):
     def published(self, event: Event) -> None:
         """A command queued an event in the outbox: deliver it now, and to the live sockets."""
 
+    def snapshot(self) -> dict[str, Any]:
+        """What the daemon says about itself now, as in its heartbeat file."""
+
 
 @dataclass
 class CommandContext:

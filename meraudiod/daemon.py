@@ -40,7 +40,7 @@ from .reloader import Reloader
 from .retention import Retention
 from .sources import AudioSource, FileSource, StdinSource
 from .stage import StageThread
-from .status import configured_models, heartbeat_path
+from .status import configured_models, daemon_snapshot, heartbeat_path
 from .surfaces import Surfaces
 from .systemd import Notifier
 from .worker import TranscribedRecording
@@ -291,6 +291,11 @@ class Daemon:
         # What was heard before an error is transcribed too; a SIGTERM meanwhile ends the wait.
         self.pipeline.drain(self.stop_event)
         return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """What it says about itself now (the heartbeat file may be 5 s old, or not written
+        at all when its disk is full): for `status` and the metrics it serves itself."""
+        return daemon_snapshot(self)
 
     def speaker_stage(self) -> Any:
         """The worker's loaded speaker models, for enrolment over MQTT (None when off)."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .messages import ErrorEvent
 from .retention import disk_free_mb, disk_low, read_only_dirs
-from .status import daemon_snapshot, write_heartbeat
+from .status import write_heartbeat
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -230,7 +230,7 @@ class Health:
         try:
             write_heartbeat(
                 self.settings,
-                {**daemon_snapshot(self.daemon), **({"at": 0.0} if stopped else {})},
+                {**self.daemon.snapshot(), **({"at": 0.0} if stopped else {})},
             )
         except OSError as exc:  # `status` goes stale; the daemon itself carries on
             if not self._heartbeat_failing:  # said once, not every 5 s (a full disk)

@@ -88,6 +88,18 @@ class FullDiskDaemon:
         checks: dict[str, dict[str, Any]] = httpx.get(f"{self.url}/health/ready").json()["checks"]
         return checks
 
+    def unsaved(self) -> tuple[int, int]:
+        """The recordings not in the database yet, by /metrics and by /api/v1/status."""
+        metrics = httpx.get(f"{self.url}/metrics").text
+        line = re.search(r"^meraudiod_unsaved_recordings (\S+)$", metrics, re.MULTILINE)
+        assert line is not None, metrics
+        said = httpx.get(f"{self.url}/api/v1/status").json()["unsaved"]["recordings"]
+        return round(float(line[1])), int(said)
+
+    def running(self) -> bool:
+        """Whether /api/v1/status says the daemon (which answers it) is running."""
+        return bool(httpx.get(f"{self.url}/api/v1/status").json()["running"])
+
     def fill(self) -> Path:
         """Fill the tmpfs to its last byte; the filler file, to remove to free it."""
         filler = self.disk / "filler"
@@ -452,8 +464,12 @@ def test_a_database_whose_disk_is_full_loses_no_recording(
         daemon.say(speech)
         wait_for(lambda: "recordings wait in memory" in daemon.log(), 120, "the full database")
         sub.wait_for(lambda: sub.on("/event/error"), 30)  # sent as it is, not from the outbox
+        # What waits is counted where an admin looks, though the heartbeat file, on the same
+        # full disk, cannot be written: before, both read that file and said nothing waited.
+        wait_for(lambda: daemon.unsaved() == (5, 5), 30, "metrics and status to count them")
         time.sleep(6)  # one more try to save them, at least
         assert daemon.proc.poll() is None, daemon.log()
+        assert daemon.unsaved() == (5, 5) and daemon.running()
         daemon.grow("16m")
         assert all(r["text"] for r in _recordings(daemon, 5))
         sub.wait_for(lambda: len(sub.on("/event/transcript")) == 5, 60)

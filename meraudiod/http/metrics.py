@@ -89,14 +89,15 @@ class _Collector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         ctx = self.ctx
+        daemon = ctx.daemon
+        heartbeat = daemon.snapshot() if daemon is not None else None
         with ctx.connect() as conn:
-            info = status(conn, ctx.settings, disk_use=False)
+            info = status(conn, ctx.settings, disk_use=False, heartbeat=heartbeat)
             recent = conn.execute(
                 "SELECT AVG(latency_ms), AVG(rtf), COUNT(*) FROM (SELECT latency_ms, rtf"
                 " FROM recordings WHERE transcribed_at IS NOT NULL ORDER BY id DESC LIMIT 100)"
             ).fetchone()
             total = conn.execute("SELECT COUNT(*) FROM recordings").fetchone()[0]
-        daemon = ctx.daemon
         listener = daemon.listener if daemon is not None else None
         frames = CounterMetricFamily("meraudiod_frames", "Audio frames read by the listener")
         frames.add_metric([], listener.frames_read if listener is not None else 0)
