@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from meraudiod import db as db_module
 from meraudiod import models
 from meraudiod.asr import Transcriber
 from meraudiod.audio import decode_file
@@ -318,12 +319,15 @@ def test_a_big_purge_beside_a_listener_loses_no_speech(settings: Settings) -> No
 
 
 def test_the_listener_and_the_worker_outlive_a_database_locked_past_its_busy_timeout(
-    settings: Settings, caplog: pytest.LogCaptureFixture
+    settings: Settings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another process holds the write lock past the 30 s busy timeout (one hold for both
-    stages, the slow part of the test): the utterance is kept and saved once the lock is
-    gone, the listener lives on, and the worker, whose claims failed meanwhile, transcribes
-    it."""
+    """Another process holds the write lock past the busy timeout (one hold for both
+    stages): the utterance is kept and saved once the lock is gone, the listener lives on,
+    and the worker, whose claims failed meanwhile, transcribes it. The busy timeout is 30 s
+    (db._BUSY_TIMEOUT_S); 2 s here, so that a hold past it takes seconds, not half a
+    minute: the stages run in this process and open their connections after it is set
+    (db._open reads it then), so they wait it out and give up as the daemon's do."""
+    monkeypatch.setattr(db_module, "_BUSY_TIMEOUT_S", 2.0)
     path = settings.storage.db_path
     open_db(path).close()
     asr = settings.asr
@@ -333,17 +337,19 @@ def test_the_listener_and_the_worker_outlive_a_database_locked_past_its_busy_tim
     holder = sqlite3.connect(path, isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")  # e.g. a long purge by an older version
+        held_at = time.monotonic()
         worker.start()
         listener = listener_on(settings, SHORT)
         listener.start()
-        # Held past the 30 s busy timeout of both: the first save and claim fail (a fixed
-        # 33 s once let a save begun late outlast the hold, and the test passed untried).
+        # Held past the busy timeout of both: the first save and claim fail (a fixed hold
+        # once let a save begun late outlast it, and the test passed untried).
         said = {"database busy (database is locked): recording of", "the worker tries again"}
         wait_for(
             lambda: all(any(s in r.getMessage() for r in caplog.records) for s in said),
             120,
             "the save and the claim to give up waiting",
         )
+        assert time.monotonic() - held_at >= db_module._BUSY_TIMEOUT_S  # held past it
         holder.execute("ROLLBACK")
         assert listener.finished.wait(60), "the listener never finished the file"
         assert listener.error is None and worker.is_alive()

@@ -17,10 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Final
 
+import numpy as np
 import pytest
+import soundfile
 
 from meraudiod import daemon as daemon_module
-from meraudiod.audio import decode_file
+from meraudiod.audio import SAMPLE_RATE_HZ, Int16Array, decode_file
 from meraudiod.config import Settings
 from meraudiod.daemon import Daemon
 from meraudiod.db import DamagedDatabaseError, DatabaseError, Transaction, open_db
@@ -32,6 +34,7 @@ from meraudiod.sources import open_source
 from .broker import Broker
 from .conftest import (
     DEMO,
+    DEMO_TRUTH,
     TEST_DATA,
     StartWyoming,
     cli,
@@ -169,21 +172,37 @@ def test_a_lock_held_past_the_wait_ends_the_start_in_one_line_that_is_restarted(
     assert str(raised.value).endswith("waited 2 s")
 
 
-def _stopped_under_the_write_lock(env: dict[str, str]) -> tuple[int, float, Output, float]:
-    """The demo played at real time: its first utterance (1.2-7.8 s) saved, then another
-    process takes the write lock (a backup, an admin's sqlite3 shell), so the second
-    (10.4-12.9 s) waits for it; SIGTERM 15 s in. The exit code, how long the stop took,
-    what the daemon said, and the wall clock when it was ready."""
-    proc = run_daemon(env, "--realtime", source=f"file:{DEMO}")
+def two_utterances(folder: Path) -> Path:
+    """A file of two short utterances of the demo, its second (10.4-12.9 s) and its fifth
+    (30.7-33.5 s), with the silence around them, played from 0.8-3.3 s and 5.1-7.9 s (the
+    demo's first two end at 12.9 s), then 25 s of silence: the stream goes on past a stop."""
+    demo = decode_file(DEMO)
+
+    def at(first_s: float, last_s: float) -> Int16Array:
+        return demo[int(first_s * SAMPLE_RATE_HZ) : int(last_s * SAMPLE_RATE_HZ)]
+
+    silence = np.zeros(25 * SAMPLE_RATE_HZ, dtype=np.int16)
+    path = folder / "two-utterances.flac"
+    soundfile.write(path, np.concatenate([at(9.6, 14.0), at(30.0, 34.5), silence]), SAMPLE_RATE_HZ)
+    return path
+
+
+def _stopped_under_the_write_lock(
+    env: dict[str, str], folder: Path
+) -> tuple[int, float, Output, float]:
+    """Two utterances played at real time (two_utterances): the first (0.8-3.3 s) saved,
+    then another process takes the write lock (a backup, an admin's sqlite3 shell), so the
+    second (5.1-7.9 s) waits for it; SIGTERM once `status` counts it waiting. The exit code,
+    how long the stop took, what the daemon said, and the wall clock when it was ready."""
+    proc = run_daemon(env, "--realtime", source=f"file:{two_utterances(folder)}")
     out = Output(proc.stderr)
     holder: sqlite3.Connection | None = None
     try:
         wait_for(lambda: "ready:" in out.text, 120, "the daemon to be ready", poll_s=0.05)
-        ready, ready_at = time.monotonic(), time.time()
+        ready_at = time.time()
         wait_for(lambda: db_rows(env, "SELECT id FROM recordings"), 30, "the first recording")
         holder = sqlite3.connect(_db(env), isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
-        time.sleep(max(0.0, ready + 15.0 - time.monotonic()))
         # `status` tells what waits: read from the heartbeat (the database is read as usual).
         wait_for(
             lambda: status_json(env)["unsaved"] == {"recordings": 1, "audio": 0, "kept_in": None},
@@ -199,7 +218,7 @@ def _stopped_under_the_write_lock(env: dict[str, str]) -> tuple[int, float, Outp
 
 @pytest.mark.parametrize("mqtt", ["off", "broker"])
 def test_a_stop_while_another_process_holds_the_write_lock_is_prompt_and_says_what_it_loses(
-    env: dict[str, str], mqtt: str, request: pytest.FixtureRequest
+    env: dict[str, str], mqtt: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """SIGTERM while another process holds the write lock and an utterance waits to be saved.
     Before, the stop took 120.7 s (the listener's three tries on the way out waited out the
@@ -215,7 +234,7 @@ def test_a_stop_while_another_process_holds_the_write_lock_is_prompt_and_says_wh
             "MERAUDIOD_MQTT__HOST": "127.0.0.1",
             "MERAUDIOD_MQTT__PORT": str(broker.port),
         }
-    code, stop_s, out, _ = _stopped_under_the_write_lock(env)
+    code, stop_s, out, _ = _stopped_under_the_write_lock(env, tmp_path)
     print(f"stopped in {stop_s:.1f} s")
     assert code == 0, out.text
     assert "Traceback" not in out.text
@@ -237,7 +256,7 @@ def test_a_recording_the_locked_database_did_not_take_is_kept_over_the_stop_and_
     saves and transcribes it, with its own time stamp. Before, it was lost on stopping."""
     run_dir = tmp_path / "run"
     env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir)}
-    code, _, out, ready_at = _stopped_under_the_write_lock(env)
+    code, _, out, ready_at = _stopped_under_the_write_lock(env, tmp_path)
     assert code == 0 and "Traceback" not in out.text, out.text
     assert "lost on stopping" not in out.text, out.text
     kept = re.findall(
@@ -262,8 +281,9 @@ def test_a_recording_the_locked_database_did_not_take_is_kept_over_the_stop_and_
     rows = db_rows(env, "SELECT started_at, duration_s, status FROM recordings ORDER BY 1")
     assert [r["status"] for r in rows] == ["done", "done"], rows
     assert rows[1]["duration_s"] == pytest.approx(float(kept[0][0]), abs=0.05)
-    # The demo's second utterance starts 10.4 s in: its time stamp is the first run's.
-    assert ready_at + 5 < rows[1]["started_at"] < ready_at + 15, (ready_at, rows)
+    # The file's second utterance starts 5.1 s in (4.8 s with its pre-roll), before the stop
+    # (once it was closed, 8.6 s in, and counted): its time stamp is the first run's.
+    assert ready_at + 2 < rows[1]["started_at"] < ready_at + 8, (ready_at, rows)
     assert not file.exists() and not list((run_dir / "unsaved").iterdir())
     assert status_json(env)["unsaved"] == {"recordings": 0, "audio": 0, "kept_in": str(run_dir)}
     assert "unsaved" not in cli("status", env=env).stdout
@@ -336,7 +356,7 @@ runpy.run_module("meraudiod", run_name="__main__", alter_sys=True)
 
 @pytest.mark.parametrize("then", ["exits", "sigkilled"])
 def test_a_job_left_by_a_stop_while_another_process_holds_the_write_lock_is_no_crash(
-    env: dict[str, str], then: str
+    env: dict[str, str], then: str, tmp_path: Path
 ) -> None:
     """SIGTERM while another process holds the write lock and the worker waits for it to
     store a transcript: the job stays `running` (the database cannot be written). Before, the
@@ -346,10 +366,11 @@ def test_a_job_left_by_a_stop_while_another_process_holds_the_write_lock_is_no_c
     also when the stopping process is SIGKILLed right after (systemd's TimeoutStopSec: here
     the process kills itself as its worker lets the job go; a test's kill once came after
     the process had exited)."""
+    played = two_utterances(tmp_path)  # at real time: its first recording closed 4 s in
     if then == "exits":
-        proc = run_daemon(env, "--realtime", source=f"file:{DEMO}")
+        proc = run_daemon(env, "--realtime", source=f"file:{played}")
     else:  # its first job is the one held under the lock: it cannot be done before
-        run = ["run", "--source", f"file:{DEMO}", "--realtime"]
+        run = ["run", "--source", f"file:{played}", "--realtime"]
         proc = subprocess.Popen(
             [sys.executable, "-c", _DAEMON_KILLED_ONCE_DONE_WITH_A_JOB, *run],
             env=env,
@@ -581,6 +602,10 @@ def test_a_job_the_stop_cannot_give_back_while_another_process_holds_the_lock_is
     with hung_server_daemon(env, start_wyoming, **slow) as (_, run_env, proc):
         running = "SELECT id FROM jobs WHERE state='running'"
         wait_for(lambda: db_rows(run_env, running), 120, "a request in flight")
+        # The demo's utterances all saved first: the lock then keeps the stop from the job's
+        # give-back alone (an utterance still being saved would wait for it another 3 s).
+        heard = "SELECT id FROM recordings"
+        wait_for(lambda: len(db_rows(run_env, heard)) == len(DEMO_TRUTH), 60, "the demo saved")
         holder = sqlite3.connect(_db(env), isolation_level=None)
         try:
             holder.execute("BEGIN IMMEDIATE")  # a backup, an admin's sqlite3 shell

@@ -56,6 +56,17 @@ _BYTES_PER_S = SAMPLE_RATE_HZ * 2
 _PCM = decode_file(DEMO).tobytes()  # 16 kHz s16le
 
 
+def _span(first_s: float, last_s: float) -> bytes:
+    """The demo's audio from first_s to last_s."""
+    return _PCM[int(first_s * SAMPLE_RATE_HZ) * 2 : int(last_s * SAMPLE_RATE_HZ) * 2]
+
+
+# Two of the demo's shorter utterances, each with the silence around it (played at real time,
+# the tests' wait is their length): its second (10.4-12.9 s) and its fifth (30.7-33.5 s).
+_SECOND = _span(9.6, 14.0)
+_FIFTH = _span(30.2, 34.7)
+
+
 def _play(stdin: IO[bytes], pcm: bytes) -> None:
     """16 kHz s16le at real time, in half-second pieces, as a microphone delivers it."""
     piece = _BYTES_PER_S // 2
@@ -82,8 +93,8 @@ def shifted_clock(
 
 @dataclass
 class _Behind:
-    """A daemon on stdin whose wall clock is 10 days behind; the demo's first utterance
-    (its first 9 s) played and saved."""
+    """A daemon on stdin whose wall clock is 10 days behind; the demo's fifth utterance
+    (_FIFTH) played and saved."""
 
     daemon: subprocess.Popen[bytes]
     stdin: IO[bytes]
@@ -99,7 +110,7 @@ def _daemon_days_behind(env: dict[str, str], tmp_path: Path) -> Iterator[_Behind
     try:
         wait_running(run_env, daemon)
         heard_from = time.time()
-        _play(daemon.stdin, _PCM[: 9 * _BYTES_PER_S])
+        _play(daemon.stdin, _FIFTH)
         deadline = time.monotonic() + 60
         while not db_rows(env, "SELECT id FROM recordings"):
             assert time.monotonic() < deadline, "the first utterance was never saved"
@@ -133,7 +144,7 @@ def test_recordings_follow_steps_of_the_wall_clock(env: dict[str, str], tmp_path
         assert abs(behind_s - _DAYS_BEHIND * 86400) < 60, behind_s  # the shift took effect
 
         behind.shift.write_text(str(3 * 86400))  # forward by 13 days
-        _play(behind.stdin, _PCM[9 * _BYTES_PER_S : 10 * _BYTES_PER_S])
+        _play(behind.stdin, _span(14.0, 15.0))  # a second of the silence between two
         # Followed (the first recording moved) before the next step: a listener not run in
         # that second (a loaded machine) saw one step of +10 days instead of two.
         forward_s = (_DAYS_BEHIND + 3) * 86400
@@ -142,7 +153,7 @@ def test_recordings_follow_steps_of_the_wall_clock(env: dict[str, str], tmp_path
         )
         wait_for(lambda: db_rows(env, moved), 30, "the step forward followed")
         behind.shift.write_text("0")  # back by 3 days
-        _play(behind.stdin, _PCM[10 * _BYTES_PER_S : 21 * _BYTES_PER_S])  # two more
+        _play(behind.stdin, _SECOND + _FIFTH)  # two more
         _, stderr = behind.daemon.communicate(timeout=180)  # stdin closed: end of the stream
     assert behind.daemon.returncode == 0, stderr.decode()
     _assert_stamped_in(env, behind.heard_from, 3)
@@ -205,7 +216,7 @@ def test_listening_goes_on_while_a_step_waits_for_a_busy_database(
         behind.shift.write_text("0")  # NTP sets the clock
         _play(behind.stdin, bytes(9 * _BYTES_PER_S))  # silence at real time, while locked
         assert holder.wait(timeout=60) == 0
-        _play(behind.stdin, _PCM[9 * _BYTES_PER_S : 14 * _BYTES_PER_S])  # one more
+        _play(behind.stdin, _SECOND)  # one more
         _, stderr = behind.daemon.communicate(timeout=180)  # stdin closed: end of the stream
     assert behind.daemon.returncode == 0, stderr.decode()
     assert "no audio from" not in stderr.decode(), stderr.decode()
@@ -258,7 +269,7 @@ def test_stdin_stamps_follow_its_samples_at_real_time_and_never_run_ahead(
     live = run_daemon(env, "--print")
     assert live.stdin is not None
     wait_running(env, live)
-    _play(live.stdin, _PCM[: 16 * _BYTES_PER_S])  # the first three utterances
+    _play(live.stdin, _SECOND + _FIFTH)  # two utterances
     _, stderr = live.communicate(timeout=180)  # stdin closed: end of the stream
     assert live.returncode == 0, stderr.decode()
     rows = db_rows(env, "SELECT * FROM recordings ORDER BY start_s")
