@@ -43,6 +43,25 @@ def hold_data_dir(settings: Settings) -> int | None:
     )
 
 
+def data_dir_holder(settings: Settings) -> str | None:
+    """The pid of the process that holds the data directory's lock (hold_data_dir): a
+    daemon running there, whether or not it writes its heartbeat ("?" when it could not
+    write its pid); None when none holds it, or the lock cannot be read."""
+    try:
+        fd = os.open(settings.storage.data_dir / "daemon.lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # a shared lock taken goes with it
+    return None
+
+
 def hold_run_dir(settings: Settings) -> int | None:
     """Lock storage.run_dir (when set, and not the data directory) for this daemon's life,
     as hold_data_dir: two daemons of two data directories given one run_dir (a copy of the

@@ -12,6 +12,7 @@ import click
 from .cli_common import config_option, echo_json, fmt_time, json_option, run_command, settings_from
 from .config import Settings, load_storage_settings
 from .machine import summary_line
+from .status import heartbeat_path
 
 
 @click.command("status")
@@ -62,9 +63,7 @@ def _show(data: dict[str, Any], settings: Settings) -> None:
     rows = [
         (
             "daemon",
-            mark(data["running"], "running" if data["running"] else "not running")
-            + (f" (pid {data['pid']}, up {data['uptime_s']:.0f} s)" if data["running"] else "")
-            + (f" ({data['stopped_because']})" if data.get("stopped_because") else ""),
+            _daemon_line(data, settings, mark),
         ),
         (
             "listening",
@@ -114,6 +113,24 @@ def _show(data: dict[str, Any], settings: Settings) -> None:
     ]
     for label, value in rows:
         click.echo(f"{label:<16} {value}")
+
+
+def _daemon_line(data: dict[str, Any], settings: Settings, mark: Callable[..., str]) -> str:
+    """Running (pid, uptime), not running (why it stopped), or not answering: a process
+    holds the data directory but its heartbeat is stale or missing."""
+    if data["running"]:
+        return mark(True, "running") + f" (pid {data['pid']}, up {data['uptime_s']:.0f} s)"
+    holder = data.get("data_dir_held_by")
+    if holder is not None:
+        age_s = data["heartbeat_age_s"]
+        written = f"last written {age_s:.0f} s ago" if age_s is not None else "never written"
+        return mark(
+            False,
+            f"not answering: pid {holder} holds {settings.storage.data_dir}, but its heartbeat"
+            f" ({heartbeat_path(settings)}) was {written}; see its log",
+        )
+    stopped = data.get("stopped_because")
+    return mark(False, "not running") + (f" ({stopped})" if stopped else "")
 
 
 def _unsaved_line(unsaved: dict[str, Any]) -> str:

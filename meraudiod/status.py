@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from . import __version__, jobs
+from .checks import data_dir_holder
 from .config import Settings
 from .db import database_id, get_kv, now
 from .held_audio import runtime_dir
@@ -166,6 +167,9 @@ def status(
         "pid": heartbeat.get("pid") if running else None,
         # A daemon that stopped wrote `at` 0: it has no heartbeat to be of an age.
         "heartbeat_age_s": round(age_s, 1) if heartbeat.get("at") else None,
+        # Not running by its heartbeat, yet a process holds the data directory: a daemon that
+        # cannot write its heartbeat (its disk full) or is wedged.
+        "data_dir_held_by": None if running else data_dir_holder(settings),
         "listening": heartbeat.get("listening") if running else None,
         "muted": (not heartbeat.get("listening")) if running else None,
         "degraded": heartbeat.get("degraded") if running else None,

@@ -635,6 +635,40 @@ def test_status_of_a_stopped_daemon_gives_no_heartbeat_age(env: dict[str, str]) 
     assert stopped["running"] is False and stopped["heartbeat_age_s"] is None, stopped
 
 
+def test_status_of_a_daemon_that_holds_its_data_dir_but_writes_no_heartbeat(
+    env: dict[str, str],
+) -> None:
+    """A daemon whose heartbeat cannot be written (its data directory's disk full, with no
+    run_dir) or is stale (a wedged process) still holds the data directory's lock. Before,
+    `status` said `not running`, and an admin would start another; now it names the process
+    that holds the directory. Here this test holds it, through the daemon's own lock."""
+    from meraudiod.checks import hold_data_dir
+    from meraudiod.config import load_settings
+    from meraudiod.status import write_heartbeat
+
+    settings = load_settings()
+    open_db(settings.storage.db_path).close()  # what the daemon makes first
+    fd = hold_data_dir(settings)
+    assert fd is not None
+    try:
+        never = cli("status", env=env).stdout
+        data_dir = env["MERAUDIOD_STORAGE__DATA_DIR"]
+        heartbeat = Path(data_dir) / "heartbeat.json"
+        assert (
+            f"daemon           not answering: pid {os.getpid()} holds {data_dir}, but its"
+            f" heartbeat ({heartbeat}) was never written; see its log\n"
+        ) in never, never
+        write_heartbeat(settings, {"pid": os.getpid(), "at": time.time() - 60})
+        stale = json.loads(cli("status", "--json", env=env).stdout)
+        assert stale["running"] is False and stale["data_dir_held_by"] == str(os.getpid())
+        assert "was last written 60 s ago; see its log" in cli("status", env=env).stdout
+    finally:
+        os.close(fd)
+    gone = cli("status", env=env)
+    assert "daemon           not running\n" in gone.stdout, gone.stdout
+    assert json.loads(cli("status", "--json", env=env).stdout)["data_dir_held_by"] is None
+
+
 def test_a_renamed_speaker_is_shown_by_the_name_stored(env: dict[str, str]) -> None:
     # Found walking the README: `speakers rename Carol " Dave "` stores Dave (a name loses the
     # spaces around it) but said `Carol is now  Dave `, and MQTT's and HTTP's reply named
