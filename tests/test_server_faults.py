@@ -16,7 +16,7 @@ import pytest
 
 from meraudiod.audio import decode_file
 
-from .conftest import DEMO, cli, db_rows, run_daemon, status_json, wait_for
+from .conftest import DEMO, DEMO_TRUTH, cli, db_rows, run_daemon, status_json, wait_for
 from .hostile_wyoming import HostileServer, Send, event_bytes
 from .test_wyoming import wyoming_env
 
@@ -34,14 +34,22 @@ def server() -> Iterator[tuple[HostileServer, dict[str, Callable[[Send], None]]]
     made.close()
 
 
+# Each recording's attempts (asr.max_attempts): were every failed request counted, the
+# demo's five recordings would all be `failed` after MAX_ATTEMPTS * 5 of them.
+MAX_ATTEMPTS = 2
+
+
 def daemon(
-    env: dict[str, str], uri: str, log: Path
+    env: dict[str, str], uri: str, log: Path, retry_delay_s: float
 ) -> tuple[dict[str, str], subprocess.Popen[bytes]]:
+    """The daemon on the server at `uri`, its log in `log`, failed jobs retried after
+    `retry_delay_s` (asr.retry_delay_s, doubling; a job waiting on the servers waits at least
+    1 s)."""
     run_env = wyoming_env(
         env,
         [uri],
-        MERAUDIOD_ASR__MAX_ATTEMPTS="2",
-        MERAUDIOD_ASR__RETRY_DELAY_S="0.2",
+        MERAUDIOD_ASR__MAX_ATTEMPTS=str(MAX_ATTEMPTS),
+        MERAUDIOD_ASR__RETRY_DELAY_S=str(retry_delay_s),
         MERAUDIOD_ASR__WYOMING__RETRY_MAX_S="1",
     )
     with log.open("wb") as log_file:
@@ -82,11 +90,18 @@ def test_a_server_failing_every_request_leaves_the_recordings_waiting(
     wyoming, holder = server
     holder["answer"] = lambda send: send(BROKEN)
     log = tmp_path / "daemon.log"
-    run_env, proc = daemon(env, wyoming.uri, log)
+    run_env, proc = daemon(env, wyoming.uri, log, retry_delay_s=0.2)
     try:
         speak(proc)
-        # Two attempts each would fail all five after ten requests.
-        wait_for(lambda: wyoming.requests >= 14, 60, "every recording tried three times")
+        # Were every failure counted, two attempts each would leave all five `failed` after
+        # ten requests, and no request would follow. (A failed request marks the server
+        # down, so the worker makes one every 2 s, its idle poll: each costs that here.)
+        failing_all = MAX_ATTEMPTS * len(DEMO_TRUTH)
+        wait_for(
+            lambda: wyoming.requests > failing_all,
+            60,
+            f"more than {failing_all} failed requests",
+        )
         assert {(j["state"], j["attempts"]) for j in jobs(run_env)} <= {
             ("pending", 0),
             ("running", 0),
@@ -125,7 +140,9 @@ def test_a_recording_that_fails_where_others_are_transcribed_runs_out_of_attempt
 
     holder["answer"] = answer
     log = tmp_path / "daemon.log"
-    run_env, proc = daemon(env, wyoming.uri, log)
+    # Its uncounted wait (3 s) outlasts the worker's 2 s poll while the server is down, so
+    # the other recordings are transcribed between its tries, not behind its backoff.
+    run_env, proc = daemon(env, wyoming.uri, log, retry_delay_s=3.0)
     try:
         speak(proc)
         wait_for(

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -337,25 +338,40 @@ def _feed_live(proc: subprocess.Popen[bytes], written_s: list[float]) -> threadi
     return thread
 
 
-def test_run_stopped_mid_speech_keeps_what_was_heard(env: dict[str, str]) -> None:
+def test_run_stopped_mid_speech_keeps_what_was_heard(env: dict[str, str], tmp_path: Path) -> None:
     """Speech arriving live, stopped at random moments (mid-utterance or between), by
     SIGTERM, SIGINT or both: every utterance heard before the signal is stored with its
-    audio, the one under way from its start."""
-    for i, delay_s in enumerate(moments(3, 2.0, 12.0, "speech")):
-        for leftover in Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).glob("meraudiod.db*"):
-            leftover.unlink()  # each round on a fresh store, so each is judged alone
-        daemon = Process(run_daemon(env))
-        daemon.wait_ready()
-        written_s = [0.0]
-        feeder = _feed_live(daemon.proc, written_s)
-        time.sleep(delay_s)
-        heard_s = written_s[0]
-        signals = [(signal.SIGTERM,), (signal.SIGINT,), (signal.SIGTERM, signal.SIGTERM)][i % 3]
-        code, took_s = daemon.stop(*signals, between_s=0.2)
-        feeder.join(10)
+    audio, the one under way from its start. The rounds run side by side (each is mostly
+    speech played at real time up to its moment), each a daemon of its own on a fresh data
+    directory, so each is judged alone."""
+
+    def stopped_at(i: int, delay_s: float) -> None:
+        round_env = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / f"round-{i}")}
+        daemon = Process(run_daemon(round_env))
+        try:
+            daemon.wait_ready()
+            written_s = [0.0]
+            feeder = _feed_live(daemon.proc, written_s)
+            time.sleep(delay_s)
+            heard_s = written_s[0]
+            signals = [(signal.SIGTERM,), (signal.SIGINT,), (signal.SIGTERM, signal.SIGTERM)]
+            code, took_s = daemon.stop(*signals[i % 3], between_s=0.2)
+            feeder.join(10)
+        finally:
+            if daemon.proc.poll() is None:  # failed before its stop: not left running
+                daemon.proc.kill()
+                daemon.proc.wait()
         assert code == 0, daemon.stderr
         assert took_s < 15, took_s
-        assert_heard_kept(assert_store_whole(env), heard_s)
+        assert_heard_kept(assert_store_whole(round_env), heard_s)
+
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="stop-round") as pool:
+        rounds = [
+            pool.submit(stopped_at, i, delay_s)
+            for i, delay_s in enumerate(moments(3, 2.0, 12.0, "speech"))
+        ]
+    for done in rounds:
+        done.result()  # a round's failure, raised here
 
 
 def _last_status(watcher: Subscriber) -> bytes | None:

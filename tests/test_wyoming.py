@@ -241,7 +241,10 @@ def hung_server_daemon(
 def test_hung_server_hits_the_deadline_and_the_daemon_stays_responsive(
     env: dict[str, str], start_wyoming: StartWyoming
 ) -> None:
-    with hung_server_daemon(env, start_wyoming) as (server, run_env, proc):
+    # Every request's deadline 3 s, whatever its audio (with 1 s per second of it, the hung
+    # first recording's was 10.3 s); resumed, the server answers each in 0.4-0.8 s here.
+    flat = {"MERAUDIOD_ASR__WYOMING__DEADLINE_PER_AUDIO_S": "0"}
+    with hung_server_daemon(env, start_wyoming, **flat) as (server, run_env, proc):
         rows = lambda: db_rows(run_env, "SELECT error FROM jobs WHERE error IS NOT NULL")  # noqa: E731
         wait_for(lambda: any("no answer in" in r["error"] for r in rows()), 120, "the deadline")
         # The main loop goes on writing its heartbeat, which shows the server down.
@@ -388,9 +391,11 @@ def test_bench_in_wyoming_mode(env: dict[str, str], start_wyoming: StartWyoming)
     device a small share of what it costs locally (CPU time, not wall clock)."""
     server = start_wyoming()
     run_env = wyoming_env(env, [server.uri], fallback="local")  # bench runs it with wait
-    # The sample's first 15 s (two utterances) instead of 20: 15 s less over three daemons.
+    # The sample's first 13.5 s instead of 20, 19.5 s less over three daemons at real time:
+    # its first two utterances, the same two recordings as in a longer clip (the second ends
+    # at 13.09 s, and the end of the clip closes it where the pause after it would).
     result = cli(
-        "bench", "--json", "--only", "pipeline", "--clip-s", "15", env=run_env, timeout_s=400
+        "bench", "--json", "--only", "pipeline", "--clip-s", "13.5", env=run_env, timeout_s=400
     )
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
