@@ -249,7 +249,7 @@ def daemon_snapshot(daemon: Daemon) -> dict[str, Any]:
 
 def retained_state(conn: sqlite3.Connection, daemon: Daemon) -> State:
     """The daemon's retained MQTT state: the database's figures and its own snapshot."""
-    snap = daemon_snapshot(daemon)
+    snap = daemon.snapshot()
     info = status(conn, daemon.settings, disk_use=False, heartbeat=snap)
     last = info["last_transcript"] or {}
     text = last.get("text")
