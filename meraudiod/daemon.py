@@ -108,6 +108,8 @@ class Daemon:
         needed = storage_dirs(settings) | models_dir(settings) | files_in_use(settings)
         if not wait_for_mounts(needed, self.stop_event, self._waiting):
             return False
+        if isinstance(self.source, FileSource):  # a mistyped name: said before any model loads
+            self.source.check()
         check_writable(self.settings)  # one line naming the directory, not a traceback
         self._data_lock = hold_data_dir(self.settings)  # not a second daemon beside another
         heartbeat_path(self.settings).parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +129,7 @@ class Daemon:
         if self.settings.http.enabled:
             self.surfaces.start_http()
         self.reloader.note_secrets()  # read by MQTT and HTTP, just now
-        if self.listening:  # a missing file fails here, before READY; a microphone is waited for
+        if self.listening:  # a file not decodable fails here; a microphone is waited for
             self.audio.open(time.monotonic())
         self.surfaces.publish_listening()
         self.health.heartbeat()

@@ -143,8 +143,8 @@ class FileSource:
         self._frames_read = 0
         self._t0 = 0.0
 
-    def start(self) -> None:
-        """Open the file and decode its first block, so a bad file fails here."""
+    def check(self) -> None:
+        """Raise SourceError when the path is not a regular file (nothing is read)."""
         try:
             regular = self.path.is_file()
         except OSError as exc:  # a name too long: was "Error: OSError: [Errno 36] ..."
@@ -152,6 +152,10 @@ class FileSource:
             raise SourceError(f"{printable(str(self.path))}: {why}") from exc
         if not regular:
             raise SourceError(f"{printable(str(self.path))}: {not_a_file(self.path)}")
+
+    def start(self) -> None:
+        """Open the file and decode its first block, so a bad file fails here."""
+        self.check()
         self._blocks = iter_file_pcm(self.path)
         self._fill()
         if not self.realtime:

@@ -211,6 +211,20 @@ def test_analyze_of_files_none_of_which_can_be_read_says_so_before_loading_a_mod
     assert mixed.stderr.splitlines()[-1] == f"error: {absent}: audio file not found"
 
 
+def test_run_on_a_file_that_is_not_there_says_so_before_loading_a_model(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`run --source file:` with a mistyped name loaded Whisper, the VAD and made the data
+    directory (two seconds of CPU on a small board) before it said the file was not there; with
+    a model missing too it named only the model. Now the path is checked first."""
+    absent = tmp_path / "absent.flac"
+    no_model = {**env, "MERAUDIOD_ASR__MODEL": str(tmp_path / "no-such-model")}
+    said = cli("run", "--source", f"file:{absent}", env=no_model)
+    assert said.returncode == 1, said.stderr
+    assert said.stderr.splitlines() == [f"Error: {absent}: audio file not found"], said.stderr
+    assert not Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).exists()  # nothing made either
+
+
 def test_a_relative_file_source_is_the_current_directorys(
     env: dict[str, str], tmp_path: Path
 ) -> None:
