@@ -41,29 +41,29 @@ needs_shared = pytest.mark.skipif(
 # first; taken last, one of them kept a worker busy after the others had finished. Order
 # only: a file missing from this list runs after them, as collected.
 SLOWEST_FILES_FIRST: Final = (
-    "test_full_disk.py",  # 230 s
-    "test_cli_papercuts.py",  # 212 s
-    "test_locked_database.py",  # 184 s
-    "test_wyoming.py",  # 180 s
-    "test_admin_kills.py",  # 171 s
-    "test_stop_signals.py",  # 171 s
-    "test_data_safety.py",  # 162 s
-    "test_speakers.py",  # 161 s
-    "test_diarization.py",  # 152 s
-    "test_bench.py",  # 113 s
-    "test_mqtt.py",  # 111 s
-    "test_bad_input.py",  # 111 s
-    "test_http_stage.py",  # 109 s
-    "test_hostile_uploads.py",  # 98 s
-    "test_reload.py",  # 96 s
-    "test_mqtt_hostile.py",  # 96 s
-    "test_service.py",  # 96 s
-    "test_boot.py",  # 90 s
-    "test_wall_clock.py",  # 84 s
-    "test_retention.py",  # 76 s
-    "test_config.py",  # 67 s
-    "test_cli.py",  # 63 s
-    "test_microphone.py",  # 59 s
+    "test_full_disk.py",  # 160 s
+    "test_locked_database.py",  # 157 s
+    "test_wyoming.py",  # 115 s
+    "test_diarization.py",  # 102 s
+    "test_speakers.py",  # 101 s
+    "test_cli_papercuts.py",  # 101 s
+    "test_data_safety.py",  # 99 s
+    "test_stop_signals.py",  # 99 s
+    "test_admin_kills.py",  # 85 s
+    "test_mqtt.py",  # 78 s
+    "test_http_stage.py",  # 74 s
+    "test_bench.py",  # 70 s
+    "test_mqtt_hostile.py",  # 68 s
+    "test_bad_input.py",  # 60 s
+    "test_boot.py",  # 59 s
+    "test_hostile_uploads.py",  # 52 s
+    "test_wall_clock.py",  # 51 s
+    "test_reload.py",  # 51 s
+    "test_read_only.py",  # 47 s
+    "test_microphone.py",  # 44 s
+    "test_service.py",  # 41 s
+    "test_server_faults.py",  # 40 s
+    "test_worker_safety.py",  # 32 s
 )
 
 
