@@ -15,12 +15,12 @@ import numpy as np
 
 from .audio import FRAME_S, SAMPLE_RATE_HZ, Float32Array, Int16Array, rms_dbfs
 from .config import Settings
-from .db import cannot_write, database_id, is_busy, open_db
+from .db import cannot_write, database_id, is_busy, open_db, waiting_at_most
 from .held_audio import write_held
 from .recordings import MemoryAudio, Recording, RecordingStore
 from .retention import disk_free_mb, disk_low, room_again, writable
 from .segmenter import Segmenter, SegmenterParams, SpeechStarted, Utterance
-from .sources import AudioSource, EndOfStream, SourceError
+from .sources import AudioSource, EndOfStream, FileSource, SourceError
 from .stage import StageThread
 from .unsaved import (
     Purged,
@@ -38,6 +38,10 @@ _LOGGER = logging.getLogger(__name__)
 _READ_TIMEOUT_S = 0.5
 _SAVE_RETRY_S: Final = 1.0  # first wait before saving again into a busy database; doubles
 _SAVE_RETRY_MAX_S: Final = 30.0
+# How long a live source's listener (a microphone, stdin) waits for another process's write
+# lock when it saves; then the recording waits in memory and the frames go on being read (the
+# source's queue holds 8 s of them). A file's listener waits as long as it takes.
+_LIVE_LOCK_WAIT_S: Final = 1.0
 # While the database cannot be written (its disk full, or read-only), utterances wait in memory
 # (at most this many, as many as the memory keeps for an audio directory that cannot be
 # written) and are saved again every so often.
@@ -128,6 +132,10 @@ class Listener(StageThread):
         # stop the database may not answer (a failing card).
         self._database_id = ""
         self._retry_at_s = 0.0  # time.monotonic() of the next try to save them
+        # A live source's frames cannot wait while the database is locked (_LIVE_LOCK_WAIT_S).
+        self._live = not isinstance(source, FileSource)
+        self._busy_retry_s = _SAVE_RETRY_S  # the next wait before saving into a locked database
+        self._locked_said = False  # the lock said once, until the recordings are saved
         # What cannot be written, and why (said once; None again once written).
         self.audio_problem: str | None = None
         self.database_problem: str | None = None
@@ -280,16 +288,22 @@ class Listener(StageThread):
         store.audio_format = self.settings.recorder.audio_format
         while True:
             memory = self.memory if no_room or disk_low(self.settings) else None
+            lock_wait = (
+                waiting_at_most(store.conn, _LIVE_LOCK_WAIT_S)
+                if self._live
+                else contextlib.nullcontext()
+            )
             try:
-                recording = store.save(
-                    heard.samples,
-                    source=heard.source,
-                    start_s=heard.start_s,
-                    started_at=heard.started_at,
-                    transcribe=self.settings.asr.enabled,
-                    in_transaction=in_transaction,
-                    memory=memory,
-                )
+                with lock_wait:
+                    recording = store.save(
+                        heard.samples,
+                        source=heard.source,
+                        start_s=heard.start_s,
+                        started_at=heard.started_at,
+                        transcribe=self.settings.asr.enabled,
+                        in_transaction=in_transaction,
+                        memory=memory,
+                    )
             except OSError as exc:  # full since the guard looked (or it is off), or read-only
                 if memory is not None or not cannot_write(exc) or self.memory is None:
                     raise
@@ -299,7 +313,9 @@ class Listener(StageThread):
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise
-                if self.stop_event.is_set():  # the lock was waited for as long as a stop may
+                # Stopping, the lock was waited for as long as a stop may; a live source's
+                # frames go on being read while the recording waits (_save_waiting).
+                if self.stop_event.is_set() or self._live:
                     raise
                 _LOGGER.warning(
                     "database busy (%s): recording of %.1f s kept in memory, saving again in"
@@ -413,6 +429,9 @@ class Listener(StageThread):
             except sqlite3.OperationalError as exc:
                 if is_busy(exc) and self.stop_event.is_set():
                     return  # stopping: kept (or said lost) at the end, with the rest
+                if is_busy(exc):  # a live source: tried again later, the frames read meanwhile
+                    self._locked(exc)
+                    return
                 if not cannot_write(exc) or self.job_origin is not None:
                     raise  # a one-off process (analyze) stops: nobody frees room meanwhile
                 if self.database_problem is None:
@@ -427,15 +446,30 @@ class Listener(StageThread):
                 self._retry_at_s = time.monotonic() + _FULL_RETRY_S
                 return
             del self._waiting[0]
+            self._busy_retry_s = _SAVE_RETRY_S
             if kept is not None:
                 with contextlib.suppress(OSError, sqlite3.Error):  # else the next start does
                     forget_kept(store.conn, kept)
-            if self.database_problem is not None and not self._waiting:
+            if (self.database_problem is not None or self._locked_said) and not self._waiting:
                 _LOGGER.info("database written again: the recordings that waited are saved")
-                self.database_problem = None
+                self.database_problem, self._locked_said = None, False
                 self._retry_at_s = 0.0
             if recording is not None:  # None: no disk and no memory for its audio
                 self._saved(recording, heard.probs, clock)
+
+    def _locked(self, exc: sqlite3.OperationalError) -> None:
+        """Another process holds the database's write lock: the recordings wait in memory,
+        tried again after 1 s, then 2, 4 ... 30 s; said once."""
+        if not self._locked_said:
+            self._locked_said = True
+            _LOGGER.warning(
+                "database %s busy (%s): recordings wait in memory (at most %d) until it is free",
+                self.settings.storage.db_path,
+                exc,
+                _MAX_WAITING,
+            )
+        self._retry_at_s = time.monotonic() + self._busy_retry_s
+        self._busy_retry_s = min(_SAVE_RETRY_MAX_S, self._busy_retry_s * 2)
 
     def _saved(self, recording: Recording, probs: Float32Array, clock: StreamClock) -> None:
         """A recording is stored: its stamp noted (clock steps), counted, told to the rest."""

@@ -4,6 +4,7 @@ the card unplugged and plugged back in while the daemon runs."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,9 +16,10 @@ import soundfile
 
 from meraudiod.audio import decode_file
 
-from .conftest import DEMO, DEMO_TRUTH, db_rows, status_json, wait_for
+from .conftest import DEMO, DEMO_TRUTH, db_rows, run_daemon, status_json, wait_for
 from .notify import NotifySocket
 from .room import Room
+from .test_locked_database import Output
 from .test_wall_clock import shifted_clock
 
 
@@ -124,3 +126,70 @@ def test_microphone_records_survives_an_unplug_and_carries_on(
         words = set(truth["text"].lower().replace(",", "").replace(".", "").split())
         heard = set(text.replace(",", "").replace(".", "").split())
         assert len(words & heard) >= 0.6 * len(words), (text, truth["text"])
+
+
+def test_recordings_the_locked_database_did_not_take_are_kept_over_an_unplug(
+    env: dict[str, str], room: Room, tmp_path: Path
+) -> None:
+    """Another process holds the database's write lock (an admin's sqlite3 shell) while
+    people speak, and the microphone is unplugged and plugged in again meanwhile: the
+    listener that stops with the card keeps what the database has not taken in the runtime
+    directory, the next one takes it back and goes on recording, and once the lock is free
+    all four utterances are saved and transcribed, in the order they were said."""
+    first, second = clip(tmp_path, "a.wav", 0, 1), clip(tmp_path, "b.wav", 3, 4)
+    run_dir = tmp_path / "run"
+    mic_env = {
+        **room.env,
+        **env,
+        "HOME": room.env["HOME"],
+        "MERAUDIOD_AUDIO__DEVICE": "pulse",
+        "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir),
+    }
+    proc = run_daemon(mic_env, source="mic")
+    out = Output(proc.stderr)
+
+    def waiting() -> int:
+        return int(status_json(mic_env)["unsaved"]["recordings"])
+
+    holder: sqlite3.Connection | None = None
+    try:
+        wait_for(lambda: status_json(mic_env)["running"], 60, "the daemon to start", poll_s=0.5)
+        wait_for(lambda: not status_json(mic_env)["degraded"], 30, "the microphone to open")
+        holder = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+        holder.isolation_level = None
+        holder.execute("BEGIN IMMEDIATE")
+        room.play(first).wait(timeout=60)
+        wait_for(lambda: waiting() == 2, 30, "two recordings waiting for the lock", poll_s=0.5)
+        # Both heard whole: the listener went on reading the microphone while they waited
+        # (before, it waited for the lock, the card's queue overflowed and the microphone was
+        # taken for stalled and reopened every few seconds, the second utterance lost).
+        assert status_json(mic_env)["dropped_frames"] == 0, out.text
+
+        room.unplug()
+        wait_for(lambda: "until the daemon listens again" in out.text, 30, "them kept", 0.5)
+        assert len(list((run_dir / "unsaved").iterdir())) == 2, out.text
+        room.plug_in()
+        wait_for(lambda: "taken back" in out.text, 90, "them taken back after the replug", 0.5)
+        wait_for(lambda: not status_json(mic_env)["degraded"], 30, "the microphone reopened")
+        room.play(second).wait(timeout=60)
+        wait_for(lambda: waiting() == 4, 30, "four recordings waiting for the lock", 0.5)
+        assert proc.poll() is None, out.text
+    finally:
+        if holder is not None:
+            holder.execute("ROLLBACK")
+            holder.close()
+    try:
+        done = "SELECT id FROM recordings WHERE status='done'"
+        wait_for(lambda: len(db_rows(env, done)) == 4, 120, "all four transcribed", 0.5)
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=60)
+        out.join()
+    assert code == 0 and "Traceback" not in out.text, out.text
+    assert "lost" not in out.text and out.text.count("reopening it") == 1, out.text
+    assert not list((run_dir / "unsaved").iterdir())
+    rows = db_rows(env, "SELECT text FROM recordings ORDER BY started_at")
+    for row, truth in zip(rows, [DEMO_TRUTH[i] for i in (0, 1, 3, 4)], strict=True):
+        words = set(truth["text"].lower().replace(",", "").replace(".", "").split())
+        heard = set(row["text"].lower().replace(",", "").replace(".", "").split())
+        assert len(words & heard) >= 0.6 * len(words), (row["text"], truth["text"])
