@@ -43,22 +43,23 @@ def hold_data_dir(settings: Settings) -> int | None:
     )
 
 
-def data_dir_holder(settings: Settings) -> str | None:
+def data_dir_holder(settings: Settings) -> int | None:
     """The pid of the process that holds the data directory's lock (hold_data_dir): a
-    daemon running there, whether or not it writes its heartbeat ("?" when it could not
-    write its pid); None when none holds it, or the lock cannot be read."""
+    daemon running there, whether or not it writes its heartbeat; None when none holds it,
+    or the kernel's table of locks cannot be read. Read from /proc/locks, not by taking the
+    lock to look: a shared lock held for that moment made a daemon starting then refuse to
+    start, as if another ran there (`status` is polled most while a daemon restarts)."""
     try:
-        fd = os.open(settings.storage.data_dir / "daemon.lock", os.O_RDONLY)
+        lock = os.stat(settings.storage.data_dir / "daemon.lock")
+        table = Path("/proc/locks").read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.read(fd, 32).decode(errors="replace").strip() or "?"
-    except OSError:
-        return None
-    finally:
-        os.close(fd)  # a shared lock taken goes with it
+    # "1: FLOCK  ADVISORY  WRITE 4121 fe:00:2146524 0 EOF" (device major:minor in hex)
+    file_id = f"{os.major(lock.st_dev):02x}:{os.minor(lock.st_dev):02x}:{lock.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()  # a process waiting for the lock has "->" after the number
+        if fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and fields[5:6] == [file_id]:
+            return int(fields[4]) if fields[4].isdigit() else None
     return None
 
 

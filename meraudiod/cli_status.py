@@ -116,19 +116,21 @@ def _show(data: dict[str, Any], settings: Settings) -> None:
 
 
 def _daemon_line(data: dict[str, Any], settings: Settings, mark: Callable[..., str]) -> str:
-    """Running (pid, uptime), not running (why it stopped), or not answering: a process
-    holds the data directory but its heartbeat is stale or missing."""
+    """Running (pid, uptime), not running (why it stopped), or a process that holds the data
+    directory while its heartbeat does not say it runs: starting, stopping, not answering."""
     if data["running"]:
         return mark(True, "running") + f" (pid {data['pid']}, up {data['uptime_s']:.0f} s)"
     holder = data.get("data_dir_held_by")
     if holder is not None:
-        age_s = data["heartbeat_age_s"]
-        written = f"last written {age_s:.0f} s ago" if age_s is not None else "never written"
-        return mark(
-            False,
-            f"not answering: pid {holder} holds {settings.storage.data_dir}, but its heartbeat"
-            f" ({heartbeat_path(settings)}) was {written}; see its log",
-        )
+        state, heartbeat = data["data_dir_holder_state"], heartbeat_path(settings)
+        said = f"pid {holder} holds {settings.storage.data_dir}"
+        if state == "starting":
+            said += f", no heartbeat ({heartbeat}) yet; if this lasts, see its log"
+        elif state == "not answering":
+            age_s = data["heartbeat_age_s"]
+            said += f", but its heartbeat ({heartbeat}) was last written {age_s:.0f} s ago"
+            said += "; see its log"
+        return mark(False, f"{state}: {said}")
     stopped = data.get("stopped_because")
     return mark(False, "not running") + (f" ({stopped})" if stopped else "")
 

@@ -117,6 +117,18 @@ def _unsaved(
     }
 
 
+def _holder_state(holder: int | None, heartbeat: dict[str, Any]) -> str | None:
+    """What the process that holds the data directory does while its heartbeat does not say
+    it runs: `starting` (no heartbeat of its own yet: the store, the models, a mount waited
+    for; or it cannot write one), `stopping` (its last one says so), `not answering` (its
+    heartbeat stale: a wedged daemon, or one whose heartbeat's disk is full)."""
+    if holder is None:
+        return None
+    if heartbeat.get("pid") != holder:
+        return "starting"
+    return "not answering" if heartbeat.get("at") else "stopping"
+
+
 def status(
     conn: sqlite3.Connection,
     settings: Settings,
@@ -162,14 +174,16 @@ def status(
     up = [s["uri"] for s in asr.get("servers", ()) if s.get("up")]
     data_dir = settings.storage.data_dir
     used_mb = _files_bytes(data_dir) / 1e6 if disk_use else None
+    holder = None if running else data_dir_holder(settings)
     return {
         "running": running,
         "pid": heartbeat.get("pid") if running else None,
         # A daemon that stopped wrote `at` 0: it has no heartbeat to be of an age.
         "heartbeat_age_s": round(age_s, 1) if heartbeat.get("at") else None,
-        # Not running by its heartbeat, yet a process holds the data directory: a daemon that
-        # cannot write its heartbeat (its disk full) or is wedged.
-        "data_dir_held_by": None if running else data_dir_holder(settings),
+        # Not running by its heartbeat, yet a process holds the data directory: a daemon
+        # starting or stopping, one that cannot write its heartbeat (its disk full), or wedged.
+        "data_dir_held_by": holder,
+        "data_dir_holder_state": _holder_state(holder, heartbeat),
         "listening": heartbeat.get("listening") if running else None,
         "muted": (not heartbeat.get("listening")) if running else None,
         "degraded": heartbeat.get("degraded") if running else None,

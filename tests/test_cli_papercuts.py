@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import shlex
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pytest
 import soundfile
 from ulid import ULID
 
+from meraudiod.config import Settings
 from meraudiod.db import Transaction, open_db, set_kv
 from meraudiod.models import manifest
 from meraudiod.profiles import delete, rename
@@ -641,32 +644,70 @@ def test_status_of_a_daemon_that_holds_its_data_dir_but_writes_no_heartbeat(
     """A daemon whose heartbeat cannot be written (its data directory's disk full, with no
     run_dir) or is stale (a wedged process) still holds the data directory's lock. Before,
     `status` said `not running`, and an admin would start another; now it names the process
-    that holds the directory. Here this test holds it, through the daemon's own lock."""
+    that holds the directory, and says whether it is starting (no heartbeat of its own yet:
+    said `not answering ... never written` while a daemon loaded its models), stopping, or
+    not answering. Here this test holds it, through the daemon's own lock."""
     from meraudiod.checks import hold_data_dir
     from meraudiod.config import load_settings
     from meraudiod.status import write_heartbeat
 
     settings = load_settings()
     open_db(settings.storage.db_path).close()  # what the daemon makes first
+    data_dir = env["MERAUDIOD_STORAGE__DATA_DIR"]
+    heartbeat = Path(data_dir) / "heartbeat.json"
+    write_heartbeat(settings, {"pid": 1, "at": 0.0})  # the last daemon's, stopped
     fd = hold_data_dir(settings)
     assert fd is not None
     try:
-        never = cli("status", env=env).stdout
-        data_dir = env["MERAUDIOD_STORAGE__DATA_DIR"]
-        heartbeat = Path(data_dir) / "heartbeat.json"
+        starting = cli("status", env=env).stdout
         assert (
-            f"daemon           not answering: pid {os.getpid()} holds {data_dir}, but its"
-            f" heartbeat ({heartbeat}) was never written; see its log\n"
-        ) in never, never
+            f"daemon           starting: pid {os.getpid()} holds {data_dir}, no heartbeat"
+            f" ({heartbeat}) yet; if this lasts, see its log\n"
+        ) in starting, starting
         write_heartbeat(settings, {"pid": os.getpid(), "at": time.time() - 60})
         stale = json.loads(cli("status", "--json", env=env).stdout)
-        assert stale["running"] is False and stale["data_dir_held_by"] == str(os.getpid())
-        assert "was last written 60 s ago; see its log" in cli("status", env=env).stdout
+        assert stale["running"] is False and stale["data_dir_held_by"] == os.getpid()
+        assert stale["data_dir_holder_state"] == "not answering"
+        said = cli("status", env=env).stdout
+        assert re.search(r"not answering: .*was last written 6\d s ago; see its log\n", said)
+        write_heartbeat(settings, {"pid": os.getpid(), "at": 0.0})  # its own, stopping
+        stopping = cli("status", env=env).stdout
+        assert f"daemon           stopping: pid {os.getpid()} holds {data_dir}\n" in stopping
     finally:
         os.close(fd)
     gone = cli("status", env=env)
     assert "daemon           not running\n" in gone.stdout, gone.stdout
     assert json.loads(cli("status", "--json", env=env).stdout)["data_dir_held_by"] is None
+
+
+def test_looking_who_holds_the_data_dir_never_keeps_a_daemon_from_starting(
+    settings: Settings,
+) -> None:
+    """`status` looked who held the data directory by taking its lock (a shared one) for a
+    moment: a daemon starting at that moment found it taken and refused to start, `another
+    meraudiod (pid N) runs`, with the pid of the daemon before it (544 times in 2000 in a
+    loop). Now it reads the kernel's table of locks and takes none."""
+    from meraudiod.checks import data_dir_holder, hold_data_dir
+
+    settings.storage.data_dir.mkdir(parents=True)
+    stop = threading.Event()
+
+    def look() -> None:
+        while not stop.is_set():
+            data_dir_holder(settings)
+
+    looker = threading.Thread(target=look, name="status-looker")
+    looker.start()
+    try:
+        for _ in range(500):
+            fd = hold_data_dir(settings)  # MayPassError when it found the lock taken
+            assert fd is not None
+            assert data_dir_holder(settings) == os.getpid()
+            os.close(fd)
+    finally:
+        stop.set()
+        looker.join()
+    assert data_dir_holder(settings) is None
 
 
 def test_a_renamed_speaker_is_shown_by_the_name_stored(env: dict[str, str]) -> None:
