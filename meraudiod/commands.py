@@ -47,8 +47,8 @@ __all__ = [
 
 
 def _status(ctx: CommandContext, args: NoArgs) -> Any:
-    heartbeat = ctx.runtime.snapshot() if ctx.runtime is not None else None
-    return status(ctx.conn, ctx.settings, disk_use=not ctx.remote, heartbeat=heartbeat)
+    snapshot = ctx.runtime.snapshot() if ctx.runtime is not None else None
+    return status(ctx.conn, ctx.settings, disk_use=not ctx.remote, heartbeat=snapshot)
 
 
 def _config_get(ctx: CommandContext, args: NoArgs) -> Any:

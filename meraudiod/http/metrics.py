@@ -90,9 +90,9 @@ class _Collector:
 
         ctx = self.ctx
         daemon = ctx.daemon
-        heartbeat = daemon.snapshot() if daemon is not None else None
+        snapshot = daemon.snapshot() if daemon is not None else None
         with ctx.connect() as conn:
-            info = status(conn, ctx.settings, disk_use=False, heartbeat=heartbeat)
+            info = status(conn, ctx.settings, disk_use=False, heartbeat=snapshot)
             recent = conn.execute(
                 "SELECT AVG(latency_ms), AVG(rtf), COUNT(*) FROM (SELECT latency_ms, rtf"
                 " FROM recordings WHERE transcribed_at IS NOT NULL ORDER BY id DESC LIMIT 100)"
@@ -141,7 +141,7 @@ class _Collector:
         yield GaugeMetricFamily(
             "meraudiod_disk_free_mb", "Free space on the data disk", value=info["disk_free_mb"]
         )
-        unsaved = info["unsaved"]  # the running daemon's, from its heartbeat (status.py)
+        unsaved = info["unsaved"]  # the running daemon's, from its snapshot (status.py)
         yield GaugeMetricFamily(
             "meraudiod_unsaved_recordings",
             "Recordings the database has not taken yet (its disk full or read-only, or locked)",
