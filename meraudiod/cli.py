@@ -127,11 +127,15 @@ def run(
         settings.audio.source = _checked_source(source)
     if realtime is not None:
         settings.audio.realtime = realtime
-    count = [0]
+    count = [0, 0]  # transcripts of this source, and of recordings an earlier run left
 
     def printer(result: Any) -> None:
-        count[0] += 1
+        # The backlog an earlier run left (an `analyze` stopped half way, a `reprocess`) is
+        # transcribed too: named by its source, not taken for this one's.
+        ours = result.source == audio_source.name
+        count[0 if ours else 1] += 1
         flag = "  (suspect: not speech)" if result.suspect else ""
+        flag += "" if ours else f"  ({result.source}, left by an earlier run)"
         try:
             click.echo(f"{fmt_span(result.start_s, result.end_s)} {result.text}{flag}")
         except BrokenPipeError:  # `run --print | head -1`: not a reason for the worker to die
@@ -176,7 +180,9 @@ def run(
         raise click.ClickException(daemon.listener.error)
     if print_:
         n = daemon.listener.recordings_saved if daemon.listener else 0
-        click.echo(f"{n} recordings, {count[0]} transcribed, in {time.monotonic() - t0:.1f} s")
+        earlier = f", and {count[1]} left by an earlier run" if count[1] else ""
+        took_s = time.monotonic() - t0
+        click.echo(f"{n} recordings, {count[0]} transcribed{earlier}, in {took_s:.1f} s")
     sys.exit(code)
 
 

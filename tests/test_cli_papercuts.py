@@ -60,6 +60,28 @@ def test_interactive_commands_log_only_warnings_unless_verbose(env: dict[str, st
     assert any("transcript" in line for line in _log_lines(verbose.stderr)), verbose.stderr
 
 
+def test_run_print_names_the_transcripts_an_earlier_run_left(env: dict[str, str]) -> None:
+    """`run --source file:X --print` also transcribes the backlog an earlier run left (an
+    `analyze` stopped half way, a `reprocess`), and printed it as X's, with nothing to tell
+    them apart: `1 recordings, 2 transcribed`. Now each is named by its own source."""
+    other = TEST_DATA / "ls_103_0000.flac"
+    assert cli("analyze", str(other), env=env).returncode == 0
+    (left,) = db_rows(env, "SELECT id FROM recordings")
+    assert cli("reprocess", left["id"], env=env).returncode == 0
+    printed = cli("run", "--source", f"file:{SHORT}", "--print", env=env)
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.splitlines()
+    assert len(lines) == 3, printed.stdout
+    ours = [line for line in lines if "young man" in line.lower()]
+    theirs = [line for line in lines if line not in ours and line.startswith("[")]
+    assert len(ours) == 1 and "left by an earlier run" not in ours[0], printed.stdout
+    assert len(theirs) == 1, printed.stdout
+    assert theirs[0].endswith(f"  (file:{other}, left by an earlier run)"), printed.stdout
+    assert re.fullmatch(
+        r"1 recordings, 1 transcribed, and 1 left by an earlier run, in [\d.]+ s", lines[-1]
+    ), printed.stdout
+
+
 def test_run_on_a_terminal_is_quiet_and_into_a_pipe_logs_info(env: dict[str, str]) -> None:
     """A person watching `run --print` sees transcripts; the daemon's log keeps INFO."""
     piped = cli("run", "--source", f"file:{SHORT}", "--print", env=env)
