@@ -131,7 +131,7 @@ def recordings_delete(config_path: Path | None, rec_ids: tuple[str, ...]) -> Non
     result = run_command(settings, "recordings/delete", {"ids": list(rec_ids)})
     click.echo(f"deleted {result['deleted']} recordings")
     if result["missing"]:
-        raise click.ClickException(f"{result['missing']} of them did not exist")
+        raise click.ClickException(f"no such recording: {', '.join(result['missing_ids'])}")
 
 
 @recordings.command("export")

@@ -555,8 +555,12 @@ def test_admin_commands_speak_of_their_own_options(env: dict[str, str]) -> None:
     deleted = cli("recordings", "delete", rec_id, rec_id.lower(), env=env)
     assert deleted.returncode == 0, deleted.stderr
     assert deleted.stdout.strip() == "deleted 1 recordings"
-    missing = cli("recordings", "delete", rec_id, env=env)
-    assert missing.returncode == 1 and missing.stderr.strip() == "Error: 1 of them did not exist"
+    # Which ids did not exist is said (it said `1 of them did not exist`), in the order given.
+    missing = cli("recordings", "delete", rec_id, "01ZZZZZZZZZZZZZZZZZZZZZZZZ", env=env)
+    assert missing.returncode == 1, missing.stderr
+    assert (
+        missing.stderr.strip() == f"Error: no such recording: {rec_id}, 01ZZZZZZZZZZZZZZZZZZZZZZZZ"
+    )
 
 
 def test_a_download_that_fails_is_one_line(env: dict[str, str], tmp_path: Path) -> None:

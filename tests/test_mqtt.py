@@ -175,7 +175,7 @@ def test_admin_commands_when_allowed(env: dict[str, str], broker: Broker) -> Non
         assert "token" not in config["data"]["http"]
         assert b"http-token-never-published" not in sub.on("/response/config/get")[-1].payload
         deleted = request(sub, "recordings/delete", json.dumps({"ids": ids[:2]}))
-        assert deleted["data"] == {"deleted": 2, "missing": 0}
+        assert deleted["data"] == {"deleted": 2, "missing": 0, "missing_ids": []}
         again = request(sub, "reprocess", json.dumps({"ids": ids[2:3]}))
         assert again["data"] == {"queued": 1, "skipped": []}
         sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH) + 1, 30)
