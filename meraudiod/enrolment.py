@@ -87,7 +87,7 @@ def _odd_ones(
 ) -> set[str]:
     """Of the `judged` clips, those that do not sound like the others (below the bar against
     the mean of all the others). Clips enrolled earlier are the others, never judged: with a
-    new odd clip in their mean they could all look odd, and "all apart" would hide it."""
+    new odd clip in their mean they could all look odd, and blame would fall on none."""
     odd = set()
     for i, (label, vector, speech_s) in enumerate(found):
         if label not in judged:
@@ -98,7 +98,7 @@ def _odd_ones(
             score = stage.identify([person], vector, speech_s).score or 0.0
             if score < stage.settings.speakers.threshold:
                 odd.add(label)
-    return odd if len(odd) < len(found) else set()  # all apart (none earlier): none singled out
+    return odd
 
 
 def _load(
@@ -190,11 +190,15 @@ def enroll(
         return results
     earlier = [(f"earlier {i}", v, 10.0) for p in known for i, v in enumerate(p.vectors)]
     odd = _odd_ones(stage, found + earlier, {label for label, _, _ in found})
+    # Every clip unlike every other (none earlier): none can be singled out, but they are not
+    # one voice (it said nothing: two clips of two people were stored without a word).
+    unlike = (
+        f"sounds like none of the other clips of {name}: are they all {name}'s?"
+        if len(odd) == len(found) + len(earlier)
+        else f"does not sound like the other clips of {name}"
+    )
     results = [
-        replace(r, warnings=(*r.warnings, f"does not sound like the other clips of {name}"))
-        if r.source in odd
-        else r
-        for r in results
+        replace(r, warnings=(*r.warnings, unlike)) if r.source in odd else r for r in results
     ]
     with Transaction(conn):
         row = conn.execute("SELECT id FROM speakers WHERE name=?", (name,)).fetchone()

@@ -1021,6 +1021,19 @@ def test_status_says_reload_refused_while_the_file_is_broken(env: dict[str, str]
     assert data["running"] is True and "recorder.hangover_ms" in data["reload_error"]
 
 
+def test_clips_of_different_people_enrolled_as_one_are_warned_about(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    """Two readers' clips enrolled as one person in one call: each clip was unlike the
+    others, so none was singled out and all were stored without a word (found by a new user;
+    only `speakers list` then flagged the person). Now each clip is warned about."""
+    clips = [str(TEST_DATA / name) for name in ("ls_3080_0000.flac", "ls_2609_0000.flac")]
+    result = cli("speakers", "enroll", "Mixed", *clips, env=env)
+    assert result.returncode == 0, result.stderr
+    said = "warning: sounds like none of the other clips of Mixed: are they all Mixed's?"
+    assert result.stdout.count(said) == 2, result.stdout
+
+
 def test_a_later_clip_unlike_the_earlier_ones_is_warned_about(
     env: dict[str, str], speaker_models: Path
 ) -> None:
