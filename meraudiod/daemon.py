@@ -137,6 +137,21 @@ class Daemon:
         _LOGGER.info("ready: %s", self.health.status_line())
         return True
 
+    def _say_what_is_left(self) -> None:
+        """Stopped with recordings of its own not transcribed (a replay stopped half way, a
+        backlog): said, where a stop said nothing of them."""
+        assert self.conn is not None
+        try:
+            (left,) = self.conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'running') AND origin IS NULL"
+            ).fetchone()
+        except sqlite3.Error:  # a damaged or vanished database: said where it failed
+            return
+        if left:
+            _LOGGER.warning(
+                "stopped with %d recordings not transcribed: transcribed at the next start", left
+            )
+
     def _open_store(self) -> sqlite3.Connection | None:
         """The database, recovered (pipeline.recover). On a disk full to the last byte SQLite
         cannot even open it; another process may hold its write lock (an admin's sqlite3
@@ -339,4 +354,5 @@ class Daemon:
         self.health.check_stopped()  # on the way out: the run still fails
         if self.conn is not None:  # it started, and wrote a heartbeat
             self.health.heartbeat(stopped=True)
+            self._say_what_is_left()
             self.conn.close()

@@ -413,6 +413,11 @@ def test_run_stopped_in_its_backlog_or_drain(
             assert took_s < 15, took_s
             rows = assert_store_whole(env)
             assert {r["status"] for r in rows} <= {"done", "pending", "suspect"}, rows
+            # What is left is said (a stop said nothing of it; `run` on a terminal showed
+            # `4 recordings, 1 transcribed` and no more).
+            left = sum(r["status"] == "pending" for r in rows)
+            said = f"stopped with {left} recordings not transcribed: transcribed at the next start"
+            assert (said in daemon.stderr) == (left > 0), (left, daemon.stderr)
             if watcher is not None:
                 watcher.wait_for(lambda: _last_status(watcher) == b"offline", 10)
         if watcher is not None:
