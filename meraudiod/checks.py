@@ -209,6 +209,28 @@ def unwritable_dirs(settings: Settings) -> list[str]:
     return problems
 
 
+def unmakeable_dirs(settings: Settings) -> list[str]:
+    """One line per directory the daemon writes that this user could not make or write,
+    judged without making anything (`config check`): the nearest part of its path that
+    exists must be a directory this user may write, or be the directory and writable."""
+    problems: list[str] = []
+    failed: list[Path] = []
+    for key, path in storage_dirs(settings).items():
+        if any(path.is_relative_to(bad) for bad in failed):
+            continue  # inside one already said
+        there = path
+        while not there.exists() and there != there.parent:
+            there = there.parent
+        if not there.is_dir():
+            problems.append(f"{key}: {path} cannot be made: {there} is not a directory")
+        elif not os.access(there, os.W_OK | os.X_OK):
+            problems.append(f"{key}: {path} is not writable by user {user_name()}")
+        else:
+            continue
+        failed.append(path)
+    return problems
+
+
 def check_writable(settings: Settings) -> None:
     """StartError naming every directory or database file that cannot be written."""
     problems = unwritable_dirs(settings)

@@ -15,7 +15,7 @@ import click
 from . import jobs
 from . import models as modelstore
 from .audio import FRAME_S
-from .checks import MayPassError, StartError, files_in_use
+from .checks import MayPassError, StartError, check_writable, files_in_use
 from .cli_checks import config_group, devices, mqtt_group
 from .cli_common import (
     config_option,
@@ -275,6 +275,7 @@ def analyze(
         sys.exit(1)
     pipeline = Pipeline(settings, stop, serves_store=False)  # a live daemon's store is its own
     try:
+        check_writable(settings)  # naming the key: it said `[Errno 20] Not a directory: ...`
         pipeline.open()
     except Exception as exc:  # a missing model or a bad config: say why
         raise click.ClickException(str(exc)) from exc

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .checks import mqtt_file_problems, named_files, unreadable_files
+from .checks import mqtt_file_problems, named_files, unmakeable_dirs, unreadable_files
 from .cli_common import config_option, echo_json, json_option, settings_from
 from .config import ConfigError
 from .mic_source import input_devices
@@ -29,8 +29,8 @@ def config_group() -> None:
 @json_option
 def config_check(config_path: Path | None, as_json: bool) -> None:
     """Validate the configuration (file and environment), check that every file it names is
-    readable by this user and that no storage directory is on a disk fstab lists but nothing
-    is mounted on, and say what is wrong.
+    readable by this user, that this user can make and write every storage directory, and
+    that none is on a disk fstab lists but nothing is mounted on, and say what is wrong.
 
     \b
     Examples:
@@ -42,7 +42,9 @@ def config_check(config_path: Path | None, as_json: bool) -> None:
     not_mounted = unmounted_paths(everything)
     if not_mounted:  # a file beneath the mount point is missing, or a stale copy
         raise click.ClickException(not_mounted)
-    problems = unreadable_files(settings) or mqtt_file_problems(settings)
+    problems = unmakeable_dirs(settings) + (
+        unreadable_files(settings) or mqtt_file_problems(settings)
+    )
     if problems:
         raise click.ClickException("; ".join(problems))
     try:

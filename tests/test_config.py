@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import re
 from pathlib import Path
@@ -12,7 +13,7 @@ from pydantic import BaseModel
 from meraudiod.compat import tomllib
 from meraudiod.config import ConfigError, Settings, load_settings
 
-from .conftest import REPO, SUITE_SETTINGS, cli
+from .conftest import REPO, SUITE_SETTINGS, TEST_DATA, cli
 
 
 @pytest.fixture
@@ -121,6 +122,31 @@ def test_named_by_environment_must_exist(
     monkeypatch.setenv("MERAUDIOD_CONFIG", str(tmp_path / "gone.toml"))
     with pytest.raises(ConfigError, match=r"gone.toml"):
         load_settings()
+
+
+def test_a_data_dir_that_cannot_be_made_is_named_by_config_check_and_analyze(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """`storage.data_dir` under a regular file (a typo, a file where a mount point was
+    meant): `config check` said `configuration ok`, and `analyze` failed with `[Errno 20]
+    Not a directory: '.../data/audio'`, naming no key. Now both name it; `config check`
+    makes nothing to find out."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a directory")
+    bad = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(notes / "data")}
+    checked = cli("config", "check", env=bad)
+    assert checked.returncode == 1, checked.stdout
+    assert checked.stderr.strip() == (
+        f"Error: storage.data_dir: {notes}/data cannot be made: {notes} is not a directory"
+    )
+    analyzed = cli("analyze", str(TEST_DATA / "ls_103_0000.flac"), env=bad)
+    assert analyzed.returncode == 1, analyzed.stdout
+    assert analyzed.stderr.strip() == (
+        f"Error: storage.data_dir: {notes}/data is not writable by user"
+        f" {getpass.getuser()}: Not a directory"
+    ), analyzed.stderr
+    fine = cli("config", "check", env=env)  # nothing made by looking
+    assert fine.returncode == 0 and not Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).exists()
 
 
 def test_broken_toml_names_the_file(tmp_path: Path, env: dict[str, str]) -> None:
