@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -147,7 +149,7 @@ def _open(path: Path, exclusive: bool = False) -> sqlite3.Connection:
             factory=StageConnection,
         )
     except (OSError, sqlite3.Error) as exc:  # one line naming the file, not a traceback
-        raise DatabaseError(f"cannot open database {path}: {exc}") from exc
+        raise DatabaseError(f"cannot open database {path}: {exc}{_unwritable(path)}") from exc
     try:
         if exclusive:  # before the first read: no shared-memory file is ever made
             conn.execute("PRAGMA locking_mode=EXCLUSIVE")
@@ -180,7 +182,8 @@ def _open(path: Path, exclusive: bool = False) -> sqlite3.Connection:
         conn.close()
         full = _full_disk(path)
         error = DiskFullError if full else DamagedDatabaseError if _damaged(exc) else DatabaseError
-        raise error(f"cannot open database {path}: {exc}{full}") from exc
+        why = full or ("" if error is DamagedDatabaseError else _unwritable(path))
+        raise error(f"cannot open database {path}: {exc}{why}") from exc
     except DatabaseError:
         conn.close()
         raise
@@ -202,6 +205,31 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             if not is_busy(exc) or time.monotonic() > deadline:
                 raise
         time.sleep(0.01)
+
+
+def _unwritable(path: Path) -> str:
+    """Why SQLite could not open it, when this user cannot write its directory: SQLite keeps
+    the log's index there (meraudiod.db-shm) to read too, so a command that only reads,
+    run as another user than the daemon's (or on a card remounted read-only), said no
+    more than `attempt to write a readonly database` or `unable to open database file`."""
+    folder = path.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return ""
+    except FileNotFoundError:
+        return ""  # said by SQLite itself
+    except OSError as exc:
+        log = "SQLite keeps the database's log there, also to read it"
+        if exc.errno == errno.EROFS:
+            return f" ({folder} is on a read-only file system; {log})"
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            user = f"uid {os.geteuid()}"
+        return (
+            f" ({folder} is not writable by user {user}: {exc.strerror}; {log}: run this as"
+            " the daemon's user, e.g. sudo -u meraudiod)"
+        )
 
 
 def _full_disk(path: Path) -> str:

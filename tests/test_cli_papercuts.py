@@ -467,6 +467,37 @@ def test_an_export_onto_a_full_disk_names_the_file_and_leaves_no_truncated_copy(
     assert result.stdout.split("rc=1")[1].split() == []  # nothing half-written left in --out
 
 
+@needs_root  # the bind mount is made in a private mount namespace
+def test_reading_a_database_on_a_read_only_file_system_says_why_it_cannot_be_opened(
+    env: dict[str, str],
+) -> None:
+    """The data directory read-only (a card the kernel remounted so; or, for another user
+    than the daemon's, a directory it may not write): `recordings list`, which only reads,
+    said `cannot open database ...: unable to open database file` and no more. SQLite keeps
+    the log's index beside the database even to read it: that is said now."""
+    assert cli("analyze", str(TEST_DATA / "ls_103_0000.flac"), env=env).returncode == 0
+    data = shlex.quote(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    mount = f"mount --bind {data} {data} && mount -o remount,bind,ro {data}"
+    listing = shlex.join([sys.executable, "-m", "meraudiod", "recordings", "list"])
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"{mount} && {listing}; echo rc=$?"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if "rc=" not in result.stdout:
+        pytest.skip(f"cannot bind-mount here: {result.stderr.strip()}")
+    assert "rc=1" in result.stdout, result.stdout
+    data_dir = env["MERAUDIOD_STORAGE__DATA_DIR"]
+    assert result.stderr.strip() == (
+        f"Error: cannot open database {data_dir}/meraudiod.db: unable to open database file"
+        f" ({data_dir} is on a read-only file system; SQLite keeps the database's log there,"
+        " also to read it)"
+    ), result.stderr
+
+
 def _db(env: dict[str, str]) -> Path:
     return Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
 
