@@ -38,7 +38,9 @@ def recordings() -> None:
 @click.option("--search", help="Full-text search in transcripts.")
 @click.option("--since", help="Only newer than this: 2h, 3d, or an ISO date/time.")
 @click.option("--speaker", help="Only recordings where this speaker talks.")
-@click.option("--limit", default=100, show_default=True, help="Most rows shown.")
+@click.option(
+    "--limit", default=100, show_default=True, type=click.IntRange(1, 1000), help="Most rows shown."
+)
 def recordings_list(
     config_path: Path | None,
     as_json: bool,

@@ -583,6 +583,10 @@ def test_admin_commands_speak_of_their_own_options(env: dict[str, str]) -> None:
     ):
         result = cli("purge", "--dry-run", *args, env=env)
         assert result.returncode == 2 and says in result.stderr, (args, result.stderr)
+    # It said `invalid arguments: limit: Input should be greater than or equal to 1`.
+    listed = cli("recordings", "list", "--limit", "0", env=env)
+    assert listed.returncode == 2, listed.stderr
+    assert "Invalid value for '--limit': 0 is not in the range 1<=x<=1000" in listed.stderr
     deleted = cli("recordings", "delete", rec_id, rec_id.lower(), env=env)
     assert deleted.returncode == 0, deleted.stderr
     assert deleted.stdout.strip() == "deleted 1 recordings"
