@@ -186,7 +186,9 @@ def test_recordings_the_locked_database_did_not_take_are_kept_over_an_unplug(
         code = proc.wait(timeout=60)
         out.join()
     assert code == 0 and "Traceback" not in out.text, out.text
-    assert "lost" not in out.text and out.text.count("reopening it") == 1, out.text
+    # Reopened for the unplug (once, or twice should a try find the card half gone), never
+    # every few seconds as while the listener waited for the lock.
+    assert "lost" not in out.text and out.text.count("reopening it") <= 2, out.text
     assert not list((run_dir / "unsaved").iterdir())
     rows = db_rows(env, "SELECT text FROM recordings ORDER BY started_at")
     for row, truth in zip(rows, [DEMO_TRUTH[i] for i in (0, 1, 3, 4)], strict=True):
