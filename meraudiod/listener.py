@@ -218,7 +218,10 @@ class Listener(StageThread):
                 for event in segmenter.push(self.last_prob):
                     self._handle(event, buffer, store, clock)
                 buffer.trim(segmenter.oldest_needed_frame())
-            # End of stream, an error or stop: what was being said is still saved whole.
+            # End of stream, an error or stop: what was being said is still saved whole. No
+            # frame is left to read: the end of a pipe waits for another process's lock as a
+            # file does (a stop still ends the wait within seconds).
+            self._live = False
             for event in segmenter.flush():
                 self._handle(event, buffer, store, clock)
             if self._waiting:

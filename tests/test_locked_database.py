@@ -290,6 +290,36 @@ def test_a_recording_the_locked_database_did_not_take_is_kept_over_the_stop_and_
     assert not db_rows(env, "SELECT key FROM kv WHERE key LIKE 'unsaved%'")
 
 
+def test_the_end_of_a_pipe_waits_for_the_lock_and_loses_nothing(env: dict[str, str]) -> None:
+    """stdin ends while another process holds the write lock. A live source's listener
+    waits 1 s at most for the lock while frames come (the utterance then waits in memory);
+    at the end of the pipe no frame is left to read, so it waits as a file's does and saves
+    it once the lock is free. (Not waiting there, the utterance was `lost on stopping`
+    without a runtime directory, though nothing was stopping.)"""
+    db = _db(env)
+    proc = run_daemon(env)  # --source stdin
+    out = Output(proc.stderr)
+    try:
+        wait_for(lambda: "ready:" in out.text, 120, "the daemon to be ready")
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        silence = np.zeros(2 * SAMPLE_RATE_HZ, np.int16)
+        assert proc.stdin is not None
+        proc.stdin.write(np.concatenate([decode_file(SHORT), silence]).tobytes())
+        proc.stdin.close()  # the end of the pipe, the utterance not yet taken
+        wait_for(lambda: "recordings wait in memory" in out.text, 30, "it to wait in memory")
+        time.sleep(2)  # the pipe has ended meanwhile
+        holder.execute("ROLLBACK")
+        holder.close()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out.join()
+    assert code == 0 and "lost" not in out.text and "Traceback" not in out.text, out.text
+    assert [r["status"] for r in db_rows(env, "SELECT status FROM recordings")] == ["done"]
+
+
 def test_a_stage_connection_waits_for_the_lock_while_running_and_briefly_once_stopping(
     settings: Settings,
 ) -> None:
