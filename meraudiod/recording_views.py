@@ -103,12 +103,14 @@ def recording_details(
         return None
     data = dict(zip(row.keys(), tuple(row), strict=True))
     del data["status"]  # one name for it everywhere: `state`
+    for key in ("start_s", "end_s", "duration_s"):  # to the ms, as `recordings list` gives them
+        data[key] = round(data[key], 3)
     if data["audio_path"]:
         data["audio_path"] = str(audio_file(audio_dir, data["audio_path"]))
     data["segments"] = [
         {
-            "start_s": s["start_s"],
-            "end_s": s["end_s"],
+            "start_s": round(s["start_s"], 3),  # was 30.432000000000002
+            "end_s": round(s["end_s"], 3),
             "text": s["text"],
             "avg_logprob": s["avg_logprob"],
             "no_speech_prob": s["no_speech_prob"],

@@ -29,6 +29,7 @@ from meraudiod.db import (
 )
 from meraudiod.deletion import delete_recording
 from meraudiod.messages import TranscriptEvent, enqueue, unpack_payload
+from meraudiod.recording_views import recording_details
 from meraudiod.recordings import RecordingStore, remove_crashed_writes
 from meraudiod.schema import MIGRATIONS
 
@@ -167,6 +168,22 @@ def test_a_database_another_process_is_migrating_step_by_step_is_waited_for(
     finally:
         steps.join(timeout=30)
         migrator.close()
+
+
+def test_a_recordings_details_give_its_times_to_the_ms(settings: Settings) -> None:
+    """A recording 951 frames into its stream: `recordings show --json` said `"start_s":
+    30.432000000000002` (the frame count times 0.032 s, as stored); `recordings list` gave
+    30.432. Now both do, and its segments' times too."""
+    s = store(settings)
+    rec = s.save(SPEECH, source="file:x", start_s=951 * 0.032, started_at=1000.0)
+    s.conn.execute(
+        "INSERT INTO segments (recording_id, idx, start_s, end_s, text) VALUES (?, 0, ?, ?, 'a')",
+        (rec.id, 3 * 0.1, 7 * 0.1),
+    )
+    shown = recording_details(s.conn, settings.storage.audio_dir, rec.id)
+    assert shown is not None
+    assert (shown["start_s"], shown["duration_s"]) == (30.432, round(SPEECH.size / 16000, 3))
+    assert [(x["start_s"], x["end_s"]) for x in shown["segments"]] == [(0.3, 0.7)]
 
 
 def test_save_writes_audio_and_rows_together(settings: Settings) -> None:
