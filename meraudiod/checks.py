@@ -11,11 +11,17 @@ import os
 import pwd
 import ssl
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 from .config import ConfigError, Settings
 from .mounts import storage_dirs
+
+# A lock another process holds is tried again for a second before a start is refused.
+_LOCK_TRIES: Final = 20
+_LOCK_TRY_GAP_S: Final = 0.05
 
 
 class StartError(Exception):
@@ -45,22 +51,30 @@ def hold_data_dir(settings: Settings) -> int | None:
 
 def data_dir_holder(settings: Settings) -> int | None:
     """The pid of the process that holds the data directory's lock (hold_data_dir): a
-    daemon running there, whether or not it writes its heartbeat; None when none holds it,
-    or the kernel's table of locks cannot be read. Read from /proc/locks, not by taking the
-    lock to look: a shared lock held for that moment made a daemon starting then refuse to
-    start, as if another ran there (`status` is polled most while a daemon restarts)."""
+    daemon running there, whether or not it writes its heartbeat (0 when it could not write
+    its pid); None when none holds it, or the lock cannot be read. To look it takes the lock,
+    shared, for a moment (the kernel's table, /proc/locks, misses a lock on btrfs, on
+    overlayfs or from another pid namespace); a daemon starting at that moment tries again
+    (_hold)."""
     try:
-        lock = os.stat(settings.storage.data_dir / "daemon.lock")
-        table = Path("/proc/locks").read_text(encoding="ascii", errors="replace")
+        fd = os.open(settings.storage.data_dir / "daemon.lock", os.O_RDONLY)
     except OSError:
         return None
-    # "1: FLOCK  ADVISORY  WRITE 4121 fe:00:2146524 0 EOF" (device major:minor in hex)
-    file_id = f"{os.major(lock.st_dev):02x}:{os.minor(lock.st_dev):02x}:{lock.st_ino}"
-    for line in table.splitlines():
-        fields = line.split()  # a process waiting for the lock has "->" after the number
-        if fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and fields[5:6] == [file_id]:
-            return int(fields[4]) if fields[4].isdigit() else None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _pid_in(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # a shared lock taken goes with it
     return None
+
+
+def _pid_in(fd: int) -> int:
+    """The pid a lock file holds (0: none written, or not yet)."""
+    text = os.read(fd, 32).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else 0
 
 
 def hold_run_dir(settings: Settings) -> int | None:
@@ -84,20 +98,27 @@ def hold_run_dir(settings: Settings) -> int | None:
 
 def _hold(path: Path, refusal: Callable[[str], str]) -> int | None:
     """An flock on `path`, held until the process ends; MayPassError(refusal(holder's pid))
-    when another process holds it; None when it cannot be made or locked."""
+    when another process holds it for _LOCK_TRIES * _LOCK_TRY_GAP_S (a `status` looking who
+    holds it takes it for a moment: a start then refused, as if another daemon ran there);
+    None when it cannot be made or locked."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
     except OSError:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise MayPassError(refusal(holder)) from None
-    except OSError:  # a file system without locks (some NFS, FUSE): run as before
-        os.close(fd)
-        return None
+    for attempt in range(_LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt + 1 < _LOCK_TRIES:
+                time.sleep(_LOCK_TRY_GAP_S)
+                continue
+            holder = _pid_in(fd)
+            os.close(fd)
+            raise MayPassError(refusal(str(holder or "?"))) from None
+        except OSError:  # a file system without locks (some NFS, FUSE): run as before
+            os.close(fd)
+            return None
     with contextlib.suppress(OSError):  # the pid is for the message only
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -210,24 +231,23 @@ def unwritable_dirs(settings: Settings) -> list[str]:
 
 
 def unmakeable_dirs(settings: Settings) -> list[str]:
-    """One line per directory the daemon writes that this user could not make or write,
-    judged without making anything (`config check`): the nearest part of its path that
-    exists must be a directory this user may write, or be the directory and writable."""
+    """One line per directory the daemon writes that cannot be made at all, whoever runs it:
+    a part of its path is not a directory (a data_dir under a file). Judged without making
+    anything (`config check`, which an admin runs as themselves: who may write is the
+    start's to say, as the service's user)."""
     problems: list[str] = []
-    failed: list[Path] = []
+    said: set[Path] = set()  # the audio directory inside the data directory: said once
     for key, path in storage_dirs(settings).items():
-        if any(path.is_relative_to(bad) for bad in failed):
-            continue  # inside one already said
         there = path
-        while not there.exists() and there != there.parent:
-            there = there.parent
-        if not there.is_dir():
-            problems.append(f"{key}: {path} cannot be made: {there} is not a directory")
-        elif not os.access(there, os.W_OK | os.X_OK):
-            problems.append(f"{key}: {path} is not writable by user {user_name()}")
-        else:
+        try:
+            while not there.exists() and there != there.parent:
+                there = there.parent
+            is_dir = there.is_dir()
+        except OSError:  # a part of it this user may not look into: the start will say
             continue
-        failed.append(path)
+        if not is_dir and there not in said:
+            said.add(there)
+            problems.append(f"{key}: {path} cannot be made: {there} is not a directory")
     return problems
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import click
+from ulid import ULID
 
 from . import jobs
 from . import models as modelstore
@@ -127,15 +128,21 @@ def run(
         settings.audio.source = _checked_source(source)
     if realtime is not None:
         settings.audio.realtime = realtime
-    count = [0, 0]  # transcripts of this source, and of recordings an earlier run left
+    count = [0, 0]  # transcripts of this run's recordings, and of those an earlier run left
+    # A recording's id holds when it was made (a ULID): this run's are from after this.
+    run_started_ms = int(time.time() * 1000)
 
     def printer(result: Any) -> None:
         # The backlog an earlier run left (an `analyze` stopped half way, a `reprocess`) is
-        # transcribed too: named by its source, not taken for this one's.
-        ours = result.source == audio_source.name
-        count[0 if ours else 1] += 1
+        # transcribed too: named by its source, not taken for this one's; so is what this run
+        # heard from elsewhere (an upload, a live socket).
+        earlier = ULID.from_str(result.recording_id).milliseconds < run_started_ms
+        count[1 if earlier else 0] += 1
         flag = "  (suspect: not speech)" if result.suspect else ""
-        flag += "" if ours else f"  ({result.source}, left by an earlier run)"
+        if earlier:
+            flag += f"  ({result.source}, left by an earlier run)"
+        elif result.source != audio_source.name:
+            flag += f"  ({result.source})"
         try:
             click.echo(f"{fmt_span(result.start_s, result.end_s)} {result.text}{flag}")
         except BrokenPipeError:  # `run --print | head -1`: not a reason for the worker to die

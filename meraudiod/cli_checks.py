@@ -29,8 +29,9 @@ def config_group() -> None:
 @json_option
 def config_check(config_path: Path | None, as_json: bool) -> None:
     """Validate the configuration (file and environment), check that every file it names is
-    readable by this user, that this user can make and write every storage directory, and
-    that none is on a disk fstab lists but nothing is mounted on, and say what is wrong.
+    readable by this user, that every storage directory can be made (no part of its path is a
+    file) and that none is on a disk fstab lists but nothing is mounted on, and say what is
+    wrong.
 
     \b
     Examples:

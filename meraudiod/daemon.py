@@ -138,18 +138,19 @@ class Daemon:
         return True
 
     def _say_what_is_left(self) -> None:
-        """Stopped with recordings of its own not transcribed (a replay stopped half way, a
-        backlog): said, where a stop said nothing of them."""
+        """Stopped with recordings of its own left to transcribe (a replay stopped half way, a
+        backlog, a `reprocess`): said, where a stop said nothing of them."""
         assert self.conn is not None
         try:
             (left,) = self.conn.execute(
-                "SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'running') AND origin IS NULL"
+                "SELECT COUNT(DISTINCT recording_id) FROM jobs"
+                " WHERE state IN ('pending', 'running') AND origin IS NULL"
             ).fetchone()
         except sqlite3.Error:  # a damaged or vanished database: said where it failed
             return
         if left:
             _LOGGER.warning(
-                "stopped with %d recordings not transcribed: transcribed at the next start", left
+                "stopped with %d recordings left to transcribe: transcribed at the next start", left
             )
 
     def _open_store(self) -> sqlite3.Connection | None:

@@ -216,9 +216,9 @@ def _unwritable(path: Path) -> str:
     try:
         with tempfile.TemporaryFile(dir=folder):
             return ""
-    except FileNotFoundError:
-        return ""  # said by SQLite itself
     except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return ""  # gone (said by SQLite itself), or full: not who may write there
         log = "SQLite keeps the database's log there, also to read it"
         if exc.errno == errno.EROFS:
             return f" ({folder} is on a read-only file system; {log})"

@@ -190,10 +190,10 @@ def enroll(
         return results
     earlier = [(f"earlier {i}", v, 10.0) for p in known for i, v in enumerate(p.vectors)]
     odd = _odd_ones(stage, found + earlier, {label for label, _, _ in found})
-    # Every clip unlike every other (none earlier): none can be singled out, but they are not
-    # one voice (it said nothing: two clips of two people were stored without a word).
+    # Every clip unlike the others' mean (none earlier): none can be singled out, but they are
+    # not one voice (it said nothing: two clips of two people were stored without a word).
     unlike = (
-        f"sounds like none of the other clips of {name}: are they all {name}'s?"
+        f"unlike the other clips of {name}, as each of them is: are they all {name}'s?"
         if len(odd) == len(found) + len(earlier)
         else f"does not sound like the other clips of {name}"
     )

@@ -291,13 +291,8 @@ class Listener(StageThread):
         store.audio_format = self.settings.recorder.audio_format
         while True:
             memory = self.memory if no_room or disk_low(self.settings) else None
-            lock_wait = (
-                waiting_at_most(store.conn, _LIVE_LOCK_WAIT_S)
-                if self._live
-                else contextlib.nullcontext()
-            )
             try:
-                with lock_wait:
+                with self._lock_wait(store.conn):
                     recording = store.save(
                         heard.samples,
                         source=heard.source,
@@ -334,6 +329,13 @@ class Listener(StageThread):
                 self._audio_writable(store)
             return recording
 
+    def _lock_wait(self, conn: sqlite3.Connection) -> contextlib.AbstractContextManager[object]:
+        """How long a write waits for another process's lock: a live source's frames cannot
+        wait (_LIVE_LOCK_WAIT_S); a file's, as long as the busy timeout."""
+        if self._live:
+            return waiting_at_most(conn, _LIVE_LOCK_WAIT_S)
+        return contextlib.nullcontext()
+
     def _audio_refused(self, store: RecordingStore, exc: OSError, memory: MemoryAudio) -> None:
         """The audio directory refused a file: said once, looked at again in _FULL_RETRY_S."""
         self._probe_at_s = time.monotonic() + _FULL_RETRY_S
@@ -367,7 +369,8 @@ class Listener(StageThread):
             if not memory.write_lock.acquire(blocking=False):
                 return  # another listener is writing them
             try:
-                write_held(conn, self.settings, memory, held[0])
+                with self._lock_wait(conn):
+                    write_held(conn, self.settings, memory, held[0])
             except OSError as exc:
                 if not cannot_write(exc):
                     raise
@@ -406,8 +409,10 @@ class Listener(StageThread):
         started_at = clock.started_at(start_s, samples.size / SAMPLE_RATE_HZ)
         probs = buffer.probs(event.start_frame, event.end_frame)
         if len(self._waiting) >= _MAX_WAITING:
+            why = "cannot be written" if self.database_problem else "locked by another process"
             _LOGGER.error(
-                "database cannot be written and %d recordings waiting: recording of %.1f s dropped",
+                "database %s and %d recordings waiting: recording of %.1f s dropped",
+                why,
                 len(self._waiting),
                 samples.size / SAMPLE_RATE_HZ,
             )
@@ -451,7 +456,8 @@ class Listener(StageThread):
             del self._waiting[0]
             self._busy_retry_s = _SAVE_RETRY_S
             if kept is not None:
-                with contextlib.suppress(OSError, sqlite3.Error):  # else the next start does
+                # Else the next start does.
+                with contextlib.suppress(OSError, sqlite3.Error), self._lock_wait(store.conn):
                     forget_kept(store.conn, kept)
             if (self.database_problem is not None or self._locked_said) and not self._waiting:
                 _LOGGER.info("database written again: the recordings that waited are saved")

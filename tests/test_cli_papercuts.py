@@ -747,7 +747,7 @@ def test_looking_who_holds_the_data_dir_never_keeps_a_daemon_from_starting(
     """`status` looked who held the data directory by taking its lock (a shared one) for a
     moment: a daemon starting at that moment found it taken and refused to start, `another
     meraudiod (pid N) runs`, with the pid of the daemon before it (544 times in 2000 in a
-    loop). Now it reads the kernel's table of locks and takes none."""
+    loop). Now a start tries the lock again for a second before it refuses."""
     from meraudiod.checks import data_dir_holder, hold_data_dir
 
     settings.storage.data_dir.mkdir(parents=True)
@@ -1065,7 +1065,7 @@ def test_clips_of_different_people_enrolled_as_one_are_warned_about(
     clips = [str(TEST_DATA / name) for name in ("ls_3080_0000.flac", "ls_2609_0000.flac")]
     result = cli("speakers", "enroll", "Mixed", *clips, env=env)
     assert result.returncode == 0, result.stderr
-    said = "warning: sounds like none of the other clips of Mixed: are they all Mixed's?"
+    said = "warning: unlike the other clips of Mixed, as each of them is: are they all Mixed's?"
     assert result.stdout.count(said) == 2, result.stdout
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import getpass
 import json
+import os
+import pwd
 import re
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def test_a_data_dir_that_cannot_be_made_is_named_by_config_check_and_analyze(
     assert analyzed.returncode == 1, analyzed.stdout
     assert analyzed.stderr.strip() == (
         f"Error: storage.data_dir: {notes}/data is not writable by user"
-        f" {getpass.getuser()}: Not a directory"
+        f" {pwd.getpwuid(os.geteuid()).pw_name}: Not a directory"
     ), analyzed.stderr
     fine = cli("config", "check", env=env)  # nothing made by looking
     assert fine.returncode == 0 and not Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).exists()

@@ -416,7 +416,9 @@ def test_run_stopped_in_its_backlog_or_drain(
             # What is left is said (a stop said nothing of it; `run` on a terminal showed
             # `4 recordings, 1 transcribed` and no more).
             left = sum(r["status"] == "pending" for r in rows)
-            said = f"stopped with {left} recordings not transcribed: transcribed at the next start"
+            said = (
+                f"stopped with {left} recordings left to transcribe: transcribed at the next start"
+            )
             assert (said in daemon.stderr) == (left > 0), (left, daemon.stderr)
             if watcher is not None:
                 watcher.wait_for(lambda: _last_status(watcher) == b"offline", 10)
