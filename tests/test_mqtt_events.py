@@ -124,6 +124,17 @@ def test_outage_replays_no_stale_state_and_no_speech_and_keeps_transcripts(
                 break
             time.sleep(0.1)
         assert 0 < most_rows <= 10
+        # The retained state goes out as last computed: a reconnect before the main loop had
+        # run since the last transcript sent the state of the one before it (seen once in CI,
+        # the machine loaded). A heartbeat written since means it has: the state follows it
+        # in the same pass.
+        done_at = time.time()
+
+        def state_computed() -> bool:
+            age_s = json.loads(cli("status", "--json", env=conf).stdout)["heartbeat_age_s"]
+            return age_s is not None and time.time() - age_s > done_at + 0.1
+
+        wait_for(state_computed, 30, "a pass of the daemon's main loop", poll_s=0.5)
         with late.lock:  # what came before the outage is not under test
             late.messages.clear()
         broker.start()
