@@ -37,6 +37,7 @@ class Deleted:
 
     recordings: int = 0
     audio_files: int = 0
+    ids: tuple[str, ...] = ()  # of the recordings that existed
 
 
 def delete_recordings(
@@ -55,7 +56,8 @@ def delete_recordings(
     remove_audio_first). Once `stop` is set no further batch starts: what is left stays
     whole, rows and files, for the next time.
     """
-    deleted = files = 0
+    files = 0
+    found: list[str] = []
     wanted = list(dict.fromkeys(normalise_id(r) for r in rec_ids))
     try:
         for batch in batches(wanted, stop):
@@ -63,14 +65,14 @@ def delete_recordings(
                 f"SELECT id, audio_path FROM recordings WHERE id IN ({','.join('?' * len(batch))})",
                 batch,
             ).fetchall()
-            deleted += len(rows)
+            found += [str(row["id"]) for row in rows]
             files += remove_audio_first(conn, audio_dir, rows, forget_recording)
     finally:
-        if deleted:
+        if found:
             forget_deleted_text(conn)
         else:
             finish_forgetting(conn)
-    return Deleted(deleted, files)
+    return Deleted(len(found), files, tuple(found))
 
 
 def batches(items: Sequence[_Item], stop: threading.Event | None) -> Iterator[Sequence[_Item]]:

@@ -148,14 +148,9 @@ def _recordings_get(ctx: CommandContext, args: IdArgs) -> Any:
 def _recordings_delete(ctx: CommandContext, args: IdsArgs) -> Any:
     # An id named twice (in either case: the ids are normalised) is one recording, deleted
     # once, not one missing.
-    named = list(dict.fromkeys(args.ids))
-    marks = ",".join("?" * len(named))
-    found = {
-        r[0] for r in ctx.conn.execute(f"SELECT id FROM recordings WHERE id IN ({marks})", named)
-    }
-    deleted = delete_recordings(ctx.conn, ctx.settings.storage.audio_dir, args.ids).recordings
-    absent = [rec_id for rec_id in named if rec_id not in found]
-    return {"deleted": deleted, "missing": len(absent), "missing_ids": absent}
+    deleted = delete_recordings(ctx.conn, ctx.settings.storage.audio_dir, args.ids)
+    absent = [rec_id for rec_id in dict.fromkeys(args.ids) if rec_id not in deleted.ids]
+    return {"deleted": deleted.recordings, "missing": len(absent), "missing_ids": absent}
 
 
 def _speaker_id(conn: sqlite3.Connection, name: str) -> str:
