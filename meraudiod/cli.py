@@ -187,9 +187,9 @@ def run(
         raise click.ClickException(daemon.listener.error)
     if print_:
         n = daemon.listener.recordings_saved if daemon.listener else 0
-        earlier = f", and {count[1]} left by an earlier run" if count[1] else ""
+        left = f", and {count[1]} left by an earlier run" if count[1] else ""
         took_s = time.monotonic() - t0
-        click.echo(f"{n} recordings, {count[0]} transcribed{earlier}, in {took_s:.1f} s")
+        click.echo(f"{n} recordings, {count[0]} transcribed{left}, in {took_s:.1f} s")
     sys.exit(code)
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from . import jobs
 from .checks import check_writable, files_in_use, hold_data_dir, hold_run_dir
 from .config import Settings
 from .db import (
@@ -142,10 +143,7 @@ class Daemon:
         backlog, a `reprocess`): said, where a stop said nothing of them."""
         assert self.conn is not None
         try:
-            (left,) = self.conn.execute(
-                "SELECT COUNT(DISTINCT recording_id) FROM jobs"
-                " WHERE state IN ('pending', 'running') AND origin IS NULL"
-            ).fetchone()
+            left = jobs.unfinished(self.conn)
         except sqlite3.Error:  # a damaged or vanished database: said where it failed
             return
         if left:

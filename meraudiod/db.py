@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pwd
 import shutil
 import sqlite3
 import tempfile
@@ -222,12 +221,10 @@ def _unwritable(path: Path) -> str:
         log = "SQLite keeps the database's log there, also to read it"
         if exc.errno == errno.EROFS:
             return f" ({folder} is on a read-only file system; {log})"
-        try:
-            user = pwd.getpwuid(os.geteuid()).pw_name
-        except KeyError:
-            user = f"uid {os.geteuid()}"
+        from .checks import user_name  # here: checks imports the configuration
+
         return (
-            f" ({folder} is not writable by user {user}: {exc.strerror}; {log}: run this as"
+            f" ({folder} is not writable by user {user_name()}: {exc.strerror}; {log}: run this as"
             " the daemon's user, e.g. sudo -u meraudiod)"
         )
 

@@ -194,7 +194,7 @@ def enroll(
     # not one voice (it said nothing: two clips of two people were stored without a word).
     unlike = (
         f"unlike the other clips of {name}, as each of them is: are they all {name}'s?"
-        if len(odd) == len(found) + len(earlier)
+        if not earlier and len(odd) == len(found)
         else f"does not sound like the other clips of {name}"
     )
     results = [

@@ -380,10 +380,12 @@ def retry_now(conn: sqlite3.Connection, origin: str | None = None) -> int:
 
 
 def unfinished(conn: sqlite3.Connection, origin: str | None = None) -> int:
-    """Pending and running jobs of `origin` (None: the daemon's)."""
+    """Recordings with pending or running jobs of `origin` (None: the daemon's)."""
     mine, args = _mine(origin)
     row = conn.execute(
-        f"SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'running') AND {mine}", args
+        "SELECT COUNT(DISTINCT recording_id) FROM jobs"
+        f" WHERE state IN ('pending', 'running') AND {mine}",
+        args,
     ).fetchone()
     return int(row[0])
 

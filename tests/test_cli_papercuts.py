@@ -449,16 +449,7 @@ def test_an_export_onto_a_full_disk_names_the_file_and_leaves_no_truncated_copy(
         [sys.executable, "-m", "meraudiod", "recordings", "export", rec_id, "--out", str(out)]
     )
     listing = shlex.join(["ls", "-A", str(out)])
-    result = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", f"{mount} && {export}; echo rc=$?; {listing}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if "rc=" not in result.stdout:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    result = _with_mount(env, mount, f"{export}; echo rc=$?; {listing}")
     assert "rc=1" in result.stdout and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip() == (
         f"Error: cannot export to {out / rec_id}.flac: No space left on device"
@@ -479,16 +470,7 @@ def test_reading_a_database_on_a_read_only_file_system_says_why_it_cannot_be_ope
     data = shlex.quote(env["MERAUDIOD_STORAGE__DATA_DIR"])
     mount = f"mount --bind {data} {data} && mount -o remount,bind,ro {data}"
     listing = shlex.join([sys.executable, "-m", "meraudiod", "recordings", "list"])
-    result = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", f"{mount} && {listing}; echo rc=$?"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if "rc=" not in result.stdout:
-        pytest.skip(f"cannot bind-mount here: {result.stderr.strip()}")
+    result = _with_mount(env, mount, f"{listing}; echo rc=$?")
     assert "rc=1" in result.stdout, result.stdout
     data_dir = env["MERAUDIOD_STORAGE__DATA_DIR"]
     assert result.stderr.strip() == (
@@ -496,6 +478,22 @@ def test_reading_a_database_on_a_read_only_file_system_says_why_it_cannot_be_ope
         f" ({data_dir} is on a read-only file system; SQLite keeps the database's log there,"
         " also to read it)"
     ), result.stderr
+
+
+def _with_mount(env: dict[str, str], mount: str, then: str) -> subprocess.CompletedProcess[str]:
+    """`then` (which ends saying `rc=$?`) after `mount`, both in a private mount namespace;
+    the test is skipped where no mount can be made."""
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"{mount} && {then}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if "rc=" not in result.stdout:
+        pytest.skip(f"cannot mount here: {result.stderr.strip()}")
+    return result
 
 
 def _db(env: dict[str, str]) -> Path:
