@@ -218,30 +218,36 @@ class MemoryAudio:
         # process would write the same temp file.
         self.write_lock = threading.Lock()
         self.dropped = 0
-        self._evicted: list[str] = []  # dropped to make room, their marks not yet deleted
 
-    def put(self, rec_id: str, samples: Int16Array, finished: bool = False) -> bool:
-        """Keep a recording's audio (`finished`: nothing but writing it is left to do, as for
-        a recording not to be transcribed); False (and counted) when memory is full of audio
-        still to be transcribed."""
+    def room(self) -> tuple[bool, str | None]:
+        """Whether one more recording's audio can be held, and whose held audio it would
+        then take the room of (None: there is room). Nothing changes until `put`: a save
+        whose transaction fails has taken nobody's room. A refusal (memory full of audio
+        still to be transcribed) is counted."""
         with self._lock:
-            if len(self._items) >= self.max_recordings:
-                oldest = next((i for i in self._items if i in self._transcribed), None)
-                if oldest is None:
-                    self.dropped += 1
-                    return False
-                del self._items[oldest]
-                self._transcribed.discard(oldest)
-                self._evicted.append(oldest)
-                _LOGGER.warning(
-                    "recording %s: its audio, held in memory, dropped to make room (its"
-                    " transcript is kept)",
-                    oldest,
-                )
+            if len(self._items) < self.max_recordings:
+                return True, None
+            oldest = next((i for i in self._items if i in self._transcribed), None)
+            if oldest is None:
+                self.dropped += 1
+            return oldest is not None, oldest
+
+    def put(self, rec_id: str, samples: Int16Array, finished: bool = False) -> None:
+        """Keep a recording's audio, in the room `room()` found (`finished`: nothing but
+        writing it is left to do, as for a recording not to be transcribed)."""
+        with self._lock:
             self._items[rec_id] = samples
             if finished:
                 self._transcribed.add(rec_id)
-            return True
+
+    def evict(self, rec_id: str) -> None:
+        """Drop the audio whose room `room()` gave away, once the new recording is stored."""
+        if self.pop(rec_id) is not None:
+            _LOGGER.warning(
+                "recording %s: its audio, held in memory, dropped to make room (its"
+                " transcript is kept)",
+                rec_id,
+            )
 
     def get(self, rec_id: str) -> Int16Array | None:
         """A recording's audio, left in place (a failed transcription is retried from it)."""
@@ -259,12 +265,6 @@ class MemoryAudio:
         with self._lock:
             if rec_id in self._items:
                 self._transcribed.add(rec_id)
-
-    def take_evicted(self) -> list[str]:
-        """The recordings whose audio was dropped to make room since the last call."""
-        with self._lock:
-            evicted, self._evicted = self._evicted, []
-            return evicted
 
     def ids(self) -> list[str]:
         """The recordings whose audio is held, oldest first."""
@@ -318,9 +318,11 @@ class RecordingStore:
             )
             return self._register(recording, transcribe, in_transaction)
         # Held and registered under the lock that writing held audio takes: another
-        # listener never finds it held without its row (and takes it for deleted).
+        # listener never finds it held without its row (and takes it for deleted), and the
+        # room found stays free. Another's audio goes only once the rows are committed.
         with memory.write_lock:
-            if not memory.put(rec_id, samples, finished=not transcribe):
+            fits, replacing = memory.room()
+            if not fits:
                 _LOGGER.error(
                     "audio cannot be written and memory is full: recording of %.1f s dropped",
                     duration_s,
@@ -329,20 +331,24 @@ class RecordingStore:
             recording = Recording.new(
                 rec_id, source, started_at, start_s, duration_s, None, loudness_dbfs
             )
-            evicted = memory.take_evicted()
 
             def held(conn: sqlite3.Connection, recording: Recording) -> None:
                 put_kv(conn, HELD_MARK + rec_id, str(os.getpid()))
-                for gone in evicted:  # their audio will never be written
-                    forget_held(conn, gone)
+                if replacing is not None:  # its audio will never be written
+                    forget_held(conn, replacing)
                 if in_transaction is not None:
                     in_transaction(conn, recording)
 
+            # In memory before the job is committed: the worker finds it there.
+            memory.put(rec_id, samples, finished=not transcribe)
             try:
-                return self._register(recording, transcribe, held)
+                saved = self._register(recording, transcribe, held)
             except BaseException:
                 memory.pop(rec_id)
                 raise
+            if replacing is not None:
+                memory.evict(replacing)
+            return saved
 
     def save_blocks(
         self,

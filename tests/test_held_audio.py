@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -343,3 +344,34 @@ def test_held_audio_that_cannot_be_kept_over_a_stop_is_said_lost_in_one_line(
         ).fetchone()[0]
         == 0
     )
+
+
+def test_a_save_the_locked_database_refused_takes_no_held_audio_s_room(
+    settings: Settings,
+) -> None:
+    """Memory full of held audio only waiting to be written, and another process holding the
+    database's write lock: each save that fails (and is tried again, as a live listener does)
+    left one more recording's audio dropped from memory, its mark kept by the rollback. A
+    failed save now changes nothing; the save that succeeds takes one recording's room,
+    whose mark goes with it."""
+    memory = MemoryAudio(max_recordings=2)
+    store = RecordingStore(open_db(settings.storage.db_path), settings.storage.audio_dir, "flac")
+    held = []
+    for _ in range(2):
+        rec = store.save(
+            _AUDIO, source="t", start_s=0.0, started_at=1.7e9, transcribe=False, memory=memory
+        )
+        assert rec is not None
+        held.append(rec.id)
+    holder = open_db(settings.storage.db_path)
+    holder.execute("BEGIN IMMEDIATE")
+    store.conn.execute("PRAGMA busy_timeout=50")
+    for _ in range(3):
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.save(_AUDIO, source="t", start_s=0.0, started_at=1.7e9, memory=memory)
+        assert memory.ids() == held and memory.dropped == 0
+    holder.rollback()
+    rec = store.save(_AUDIO, source="t", start_s=0.0, started_at=1.7e9, memory=memory)
+    assert rec is not None and memory.ids() == [held[1], rec.id]
+    marks = store.conn.execute("SELECT key FROM kv WHERE key LIKE 'held_audio:%'").fetchall()
+    assert sorted(m[0] for m in marks) == sorted(f"held_audio:{i}" for i in (held[1], rec.id))
