@@ -129,6 +129,13 @@ class MqttLink(StageThread):
             _LOGGER.warning("MQTT send queue full; dropped %s", message.topic)
         self._waker.set()
 
+    def outdated(self, topic: str) -> None:
+        """The retained message of `topic` no longer holds (a newer one is being computed):
+        not sent, nor republished on a reconnect, until the next `send` of it."""
+        with self._retained_lock:
+            self._retained.pop(topic, None)
+            self._retained_due.discard(topic)
+
     # --- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:

@@ -46,6 +46,10 @@ class Surfaces:
         self.mqtt_problem: str | None = None  # MQTT's files cannot be used: off, retried
         self._last_state: dict[str, Any] | None = None
         self._state_dirty = False
+        # A state computed across a change is old: changes are counted, under the lock
+        # that its sending takes.
+        self._state_changes = 0
+        self._state_lock = threading.Lock()
 
     # --- start and stop --------------------------------------------------------------------
 
@@ -145,7 +149,7 @@ class Surfaces:
             if self.mqtt is not None:
                 self.mqtt.wake()
             if not result.reprocessed:  # reprocess leaves the last transcript alone
-                self._state_dirty = True
+                self._state_outdated()
 
     def _transcript_live(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
         for event in events.transcript_events(conn, self.settings.mqtt, result):
@@ -159,7 +163,7 @@ class Surfaces:
     def _after_command(self, conn: sqlite3.Connection, response: Response) -> None:
         """The state is republished after a command that changed something."""
         if response.command not in _READ_ONLY_COMMANDS:  # e.g. the backlog or a speaker changed
-            self._state_dirty = True
+            self._state_outdated()
             worker = self.daemon.pipeline.worker
             if worker is not None:  # `reprocess` queued jobs: look now
                 worker.wake()
@@ -200,6 +204,16 @@ class Surfaces:
             return
         self.mqtt.wake()
 
+    def _state_outdated(self) -> None:
+        """The retained state changed (on the worker's or the command runner's thread): the
+        main loop computes it anew; until then a reconnect does not send the old one (it
+        did, a transcript behind)."""
+        with self._state_lock:
+            self._state_changes += 1
+            self._state_dirty = True
+            if self.mqtt is not None:
+                self.mqtt.outdated("state")
+
     def state_changed(self) -> bool:
         """Something the retained state shows changed since it was last published."""
         if self._state_dirty:
@@ -215,9 +229,14 @@ class Surfaces:
             return
         conn = self.daemon.conn
         assert conn is not None
-        payload = retained_state(conn, self.daemon).to_payload()
-        self._last_state = payload
-        self.mqtt.send(Outgoing("state", json.dumps(payload), qos=1, retain=True))
+        for attempt in range(3):  # a transcript stored meanwhile: computed again
+            changes = self._state_changes
+            payload = retained_state(conn, self.daemon).to_payload()
+            with self._state_lock:
+                if changes == self._state_changes or attempt == 2:
+                    self._last_state = payload
+                    self.mqtt.send(Outgoing("state", json.dumps(payload), qos=1, retain=True))
+                    return
 
     def publish_listening(self) -> None:
         """The listening switch's retained state."""
