@@ -11,6 +11,7 @@ import logging
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -50,6 +51,8 @@ class Pipeline:
         self.job_origin = None if serves_store else jobs.owner_id()
         self.worker: Worker | None = None
         self.memory = MemoryAudio()  # recordings waiting in RAM while the disk is full
+        # The microphone's and every live audio socket's, for what they hold unsaved.
+        self._listeners: weakref.WeakSet[Listener] = weakref.WeakSet()
         # The listeners' VAD per frame, which the Wyoming client cuts recordings with.
         self.vad_traces = VadTraces() if settings.asr.backend == "wyoming" else None
         self.opened = False  # store recovered and models loaded
@@ -163,7 +166,13 @@ class Pipeline:
         listener.memory = self.memory
         listener.vad_traces = self.vad_traces
         listener.start()
+        self._listeners.add(listener)
         return listener
+
+    @property
+    def waiting_to_save(self) -> int:
+        """Recordings the running listeners hold while the database does not take them."""
+        return sum(x.waiting_to_save for x in list(self._listeners) if x.is_alive())
 
     def drain(self, stop: threading.Event | None = None) -> None:
         """Wait until every job of this process is done or failed (or stop, or the worker's

@@ -244,7 +244,7 @@ def daemon_snapshot(daemon: Daemon) -> dict[str, Any]:
             else None
         ),
         "recording": bool(listener is not None and listener.speaking),
-        "unsaved_recordings": listener.waiting_to_save if listener is not None else 0,
+        "unsaved_recordings": daemon.pipeline.waiting_to_save,
         "held_audio": len(daemon.pipeline.memory),
         "dropped_frames": daemon.source.dropped_frames,
         "uptime_s": round(time.monotonic() - daemon.started_at, 1),

@@ -329,3 +329,57 @@ def test_event_sockets_are_limited_and_leave_connections_for_requests(
 
     assert MAX_EVENT_SOCKETS < 64
     assert asyncio.run(one_over_the_limit(ws_url, MAX_EVENT_SOCKETS, health)) == 1013
+
+
+def test_recordings_of_a_live_socket_the_locked_database_did_not_take_are_counted(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    """Another process holds the database's write lock while someone speaks into /ws/audio:
+    the utterance waits in memory, and `status` and /metrics count it as they count the
+    microphone's (they counted only the microphone's: 0). Once the lock goes, it is saved and
+    transcribed, and the count is 0 again."""
+    import sqlite3
+
+    import websockets
+
+    env = daemon_env(tmp_path, models_dir)
+    server = HttpDaemon(env).start()
+    samples = decode_file(DEMO)[: 16000 * 14]  # the first two utterances
+    ws_url = server.url.replace("http://", "ws://")
+    holder = sqlite3.connect(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db")
+
+    def unsaved() -> tuple[int, int]:
+        metrics = server.client().get("/metrics").text
+        line = [x for x in metrics.splitlines() if x.startswith("meraudiod_unsaved_recordings ")]
+        said = server.client().get("/api/v1/status").json()["unsaved"]["recordings"]
+        return round(float(line[0].split()[1])), int(said)
+
+    async def run() -> tuple[tuple[int, int], list[dict[str, Any]]]:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with websockets.connect(f"{ws_url}/ws/audio", additional_headers=headers) as audio:
+            holder.execute("BEGIN IMMEDIATE")
+            for start in range(0, samples.size, 1600):
+                await audio.send(samples[start : start + 1600].astype("<i2").tobytes())
+            deadline = time.monotonic() + 60
+            while (counted := await asyncio.to_thread(unsaved)) != (2, 2):
+                assert time.monotonic() < deadline, counted
+                await asyncio.sleep(0.5)
+            holder.rollback()
+            await audio.send("end")
+            got = []
+            while not got or got[-1].get("type") != "done":
+                got.append(json.loads(await asyncio.wait_for(audio.recv(), 300)))
+        return counted, got
+
+    try:
+        counted, got = asyncio.run(run())
+        deadline = time.monotonic() + 30
+        while unsaved() != (0, 0):
+            assert time.monotonic() < deadline, unsaved()
+            time.sleep(0.5)
+    finally:
+        holder.close()
+        assert server.stop() == 0, server.log()
+    transcripts = [e for e in got if e.get("event_type") == "transcript"]
+    assert counted == (2, 2) and len(transcripts) == 2, got
+    assert "Dashwood" in transcripts[0]["text"]
