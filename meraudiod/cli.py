@@ -38,6 +38,7 @@ from .mounts import NotMounted, models_dir, store_dirs
 from .recording_views import analysis_record
 from .signals import Stopped, command_handlers, run_handlers
 from .sources import SourceError, open_source, printable
+from .wording import counted
 
 # What `bench --only` can pick (bench.py's sections, in the order they run).
 BENCH_SECTIONS: Final = ("vad", "listening", "asr", "speakers", "pipeline", "memory", "http")
@@ -189,7 +190,7 @@ def run(
         n = daemon.listener.recordings_saved if daemon.listener else 0
         left = f", and {count[1]} left by an earlier run" if count[1] else ""
         took_s = time.monotonic() - t0
-        click.echo(f"{n} recordings, {count[0]} transcribed{left}, in {took_s:.1f} s")
+        click.echo(f"{counted(n, 'recording')}, {count[0]} transcribed{left}, in {took_s:.1f} s")
     sys.exit(code)
 
 
@@ -334,7 +335,9 @@ def analyze(
             found = {"file": printable(str(path)), "duration_s": duration_s, "recordings": recs}
             echo_json({**found, "error": error} if error else found)
         elif duration_s or not error:
-            click.echo(f"{printable(str(path))} ({duration_s:.1f} s, {len(recs)} recordings)")
+            click.echo(
+                f"{printable(str(path))} ({duration_s:.1f} s, {counted(len(recs), 'recording')})"
+            )
             for rec in recs:
                 click.echo(f"  {fmt_span(rec['start_s'], rec['end_s'])} {rec['text'] or ''}")
         if error:
@@ -343,7 +346,7 @@ def analyze(
     if given_up:  # the worker logged each; a script reading the output must know too
         failed = True
         why = jobs.error_of(conn, given_up[0])
-        not_done = f"{len(given_up)} of {stored} recordings not transcribed"
+        not_done = f"{len(given_up)} of {counted(stored, 'recording')} not transcribed"
         click.echo(f"error: {not_done}: {why}", err=True)
     if stopped:  # the transcripts not stored (a full disk): printed without their text
         failed = True
@@ -353,7 +356,7 @@ def analyze(
         if len(files) > len(results):
             undone.append(f"{len(files) - len(results)} of {len(files)} files not read")
         if pending:  # whole and pending: a daemon on this data directory takes them over
-            undone.append(f"{pending} recordings not transcribed (left for the daemon)")
+            undone.append(f"{counted(pending, 'recording')} not transcribed (left for the daemon)")
         if undone:
             failed = True
             click.echo(f"error: interrupted: {', '.join(undone)}", err=True)

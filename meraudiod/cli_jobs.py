@@ -20,6 +20,7 @@ from .cli_common import (
     settings_from,
 )
 from .recordings import why_no_audio
+from .wording import counted
 
 
 @click.command("jobs")
@@ -81,4 +82,4 @@ def reprocess(config_path: Path | None, rec_ids: tuple[str, ...], failed: bool) 
     result = run_command(settings, "reprocess", {"ids": list(rec_ids), "failed": failed})
     for skipped in result["skipped"]:
         click.echo(f"skipped {skipped['id']}: {skipped['reason']}", err=True)
-    click.echo(f"queued {result['queued']} recordings")
+    click.echo(f"queued {counted(result['queued'], 'recording')}")

@@ -19,6 +19,7 @@ from .cli_common import (
     settings_from,
 )
 from .recording_views import export_recording, recording_details, voice_matches
+from .wording import counted
 
 
 @click.group()
@@ -131,7 +132,7 @@ def recordings_delete(config_path: Path | None, rec_ids: tuple[str, ...]) -> Non
     """
     settings = settings_from(config_path)
     result = run_command(settings, "recordings/delete", {"ids": list(rec_ids)})
-    click.echo(f"deleted {result['deleted']} recordings")
+    click.echo(f"deleted {counted(result['deleted'], 'recording')}")
     if result["missing"]:
         raise click.ClickException(f"no such recording: {', '.join(result['missing_ids'])}")
 
@@ -217,9 +218,7 @@ def purge(
         "audio_only": audio_only,
     }
     found = run_command(settings, "purge", {**args, "dry_run": True})
-    what = (
-        f"{found['recordings_deleted']} recordings and {found['audio_files_deleted']} audio files"
-    )
+    what = _what(found)
     if dry_run:
         click.echo(f"would delete {what}")
         return
@@ -235,7 +234,10 @@ def purge(
             raise click.ClickException(f"would delete {what}: add --yes to do it without asking")
         click.confirm(f"Delete {what}?", abort=True)
     result = run_command(settings, "purge", args)
-    click.echo(
-        f"deleted {result['recordings_deleted']} recordings"
-        f" and {result['audio_files_deleted']} audio files"
-    )
+    click.echo(f"deleted {_what(result)}")
+
+
+def _what(counts: dict[str, int]) -> str:
+    """A purge's counts, as its lines say them."""
+    recordings = counted(counts["recordings_deleted"], "recording")
+    return f"{recordings} and {counted(counts['audio_files_deleted'], 'audio file')}"

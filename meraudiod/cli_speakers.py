@@ -22,6 +22,7 @@ from .cli_common import (
     settings_from,
 )
 from .mounts import models_dir
+from .wording import counted
 
 
 @click.group("speakers")
@@ -88,10 +89,10 @@ def speakers_list(config_path: Path | None, as_json: bool) -> None:
             if f
         )
         click.echo(
-            f"{r.name:<20} {r.embeddings:3d} embeddings {r.speech_s:6.1f} s"
+            f"{r.name:<20} {counted(r.embeddings, 'embedding'):>14} {r.speech_s:6.1f} s"
             + (f"  consistency {r.consistency:.2f}" if r.consistency is not None else "")
             + "  heard in"
-            f" {r.recordings:4d} recordings, last {fmt_time(r.last_heard_at)}"
+            f" {counted(r.recordings, 'recording'):>15}, last {fmt_time(r.last_heard_at)}"
             + (f"  [{flags}]" if flags else "")
         )
     if not rows:
@@ -243,8 +244,8 @@ def speakers_delete(config_path: Path | None, name: str, with_recordings: bool) 
     audio_dir = settings.storage.audio_dir
     done = _profiles_call(conn, lambda: delete(conn, audio_dir, name, with_recordings))
     click.echo(
-        f"deleted {name}: {done.embeddings} embeddings"
-        + (f", {done.recordings} recordings" if with_recordings else "")
+        f"deleted {name}: {counted(done.embeddings, 'embedding')}"
+        + (f", {counted(done.recordings, 'recording')}" if with_recordings else "")
     )
 
 

@@ -13,6 +13,7 @@ from .cli_common import config_option, echo_json, fmt_time, json_option, run_com
 from .config import Settings, load_storage_settings
 from .machine import summary_line
 from .status import heartbeat_path
+from .wording import counted
 
 
 @click.command("status")
@@ -99,7 +100,8 @@ def _show(data: dict[str, Any], settings: Settings) -> None:
         ("last speaker", data["last_speaker"] or "-"),
         (
             "today",
-            f"{data['recordings_today']} recordings, {data['transcripts_today']} transcribed",
+            f"{counted(data['recordings_today'], 'recording')},"
+            f" {data['transcripts_today']} transcribed",
         ),
         ("models", ", ".join(f"{k} {v}" for k, v in data["models"].items() if v)),
         *(("asr server", _server_line(srv, mark)) for srv in data["asr_servers"] or ()),
@@ -137,8 +139,8 @@ def _daemon_line(data: dict[str, Any], settings: Settings, mark: Callable[..., s
 
 def _unsaved_line(unsaved: dict[str, Any]) -> str:
     """What waits for a writable disk (or the database's lock), and where; "" for nothing."""
-    parts = [f"{unsaved['recordings']} recordings"] if unsaved["recordings"] else []
-    parts += [f"audio of {unsaved['audio']} recordings"] if unsaved["audio"] else []
+    parts = [counted(unsaved["recordings"], "recording")] if unsaved["recordings"] else []
+    parts += [f"audio of {counted(unsaved['audio'], 'recording')}"] if unsaved["audio"] else []
     if not parts:
         return ""
     where = (

@@ -44,6 +44,7 @@ from .stage import StageThread
 from .status import configured_models, daemon_snapshot, heartbeat_path
 from .surfaces import Surfaces
 from .systemd import Notifier
+from .wording import counted
 from .worker import TranscribedRecording
 
 _LOGGER = logging.getLogger(__name__)
@@ -148,7 +149,8 @@ class Daemon:
             return
         if left:
             _LOGGER.warning(
-                "stopped with %d recordings left to transcribe: transcribed at the next start", left
+                "stopped with %s left to transcribe: transcribed at the next start",
+                counted(left, "recording"),
             )
 
     def _open_store(self) -> sqlite3.Connection | None:

@@ -46,6 +46,7 @@ from .recordings import (
     part_file,
     write_audio_atomically,
 )
+from .wording import counted
 
 _LOGGER = logging.getLogger(__name__)
 # kv key of a write under way: value "<pid> <audio path relative to the audio directory>".
@@ -249,16 +250,16 @@ def keep_held_on_stop(settings: Settings, memory: MemoryAudio) -> None:
             why = f", nor the database ({exc})"
     if kept:
         _LOGGER.warning(
-            "audio of %d recordings held in memory kept in %s until the next start: the"
+            "audio of %s held in memory kept in %s until the next start: the"
             " audio directory could not be written",
-            kept,
+            counted(kept, "recording"),
             folder,
         )
     if len(memory):  # nowhere else to keep it
         _LOGGER.warning(
-            "audio of %d recordings held in memory lost on stopping: the audio directory"
+            "audio of %s held in memory lost on stopping: the audio directory"
             " could not be written%s",
-            len(memory),
+            counted(len(memory), "recording"),
             why,
         )
 
@@ -357,11 +358,13 @@ def take_back_spilled(conn: sqlite3.Connection, settings: Settings, memory: Memo
             memory.pop(rec_id)
             _LOGGER.error("recording %s: cannot remove %s: %s", rec_id, path, exc)
     if taken:
-        _LOGGER.warning("audio of %d recordings kept over the last stop taken back", taken)
+        _LOGGER.warning(
+            "audio of %s kept over the last stop taken back", counted(taken, "recording")
+        )
     if lost:
         _LOGGER.warning(
-            "audio of %d recordings kept over the last stop is gone (the runtime directory"
+            "audio of %s kept over the last stop is gone (the runtime directory"
             " emptied by a reboot, or the stop killed before it was whole)",
-            lost,
+            counted(lost, "recording"),
         )
     return taken

@@ -33,6 +33,7 @@ from .unsaved import (
 )
 from .vad import SileroVad, VadTraces
 from .wall_clock import StreamClock, follow_step
+from .wording import counted
 
 _LOGGER = logging.getLogger(__name__)
 _READ_TIMEOUT_S = 0.5
@@ -265,9 +266,9 @@ class Listener(StageThread):
                 _LOGGER.error("cannot keep recordings in %s: %s", folder, exc.strerror or exc)
         if kept:
             _LOGGER.warning(
-                "database %s: %d recordings (%.1f s) kept in %s until the daemon listens again",
+                "database %s: %s (%.1f s) kept in %s until the daemon listens again",
                 why,
-                kept,
+                counted(kept, "recording"),
                 sum(heard.duration_s for heard in self._waiting[:kept]),
                 folder,
             )

@@ -26,6 +26,7 @@ from .memory import release_memory, unmap_loaded_library_pages
 from .recordings import MemoryAudio, Recording, remove_crashed_writes
 from .sources import AudioSource
 from .vad import SileroVad, VadTraces
+from .wording import counted
 from .worker import TranscribedRecording, Worker
 
 _LOGGER = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class Pipeline:
             keep_held_on_stop(self.settings, self.memory)
         elif len(self.memory):  # nowhere else to keep it
             _LOGGER.warning(
-                "audio of %d recordings held in memory lost on stopping: the audio directory"
+                "audio of %s held in memory lost on stopping: the audio directory"
                 " could not be written",
-                len(self.memory),
+                counted(len(self.memory), "recording"),
             )

@@ -19,6 +19,7 @@ from .deletion import batches, delete_recordings, finish_forgetting, remove_audi
 from .recordings import HELD_MARK, audio_file, forget_held
 from .stage import StageThread
 from .wall_clock import follow_step
+from .wording import counted
 
 _LOGGER = logging.getLogger(__name__)
 _DAY_S = 86400.0
@@ -152,9 +153,9 @@ def sweep(
         finish_forgetting(conn)  # a delete's checkpoint a backup's read kept from finishing
     if total.recordings_deleted or total.audio_files_deleted:
         _LOGGER.info(
-            "retention: deleted %d recordings and %d audio files%s",
-            total.recordings_deleted,
-            total.audio_files_deleted,
+            "retention: deleted %s and %s%s",
+            counted(total.recordings_deleted, "recording"),
+            counted(total.audio_files_deleted, "audio file"),
             "; stopping, the rest at the next sweep" if stop is not None and stop.is_set() else "",
         )
     return total

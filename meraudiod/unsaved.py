@@ -35,6 +35,7 @@ from .db import Transaction, database_id, put_kv
 from .deletion import remove_file
 from .held_audio import runtime_dir
 from .recordings import TMP_SUFFIX, Recording, atomic_file
+from .wording import counted
 
 _LOGGER = logging.getLogger(__name__)
 _FOLDER: Final = "unsaved"
@@ -106,9 +107,9 @@ def take_back_unsaved(conn: sqlite3.Connection, folder: Path) -> list[Unsaved]:
     mine = [path for path in files if kept_for(path.name, owner)]
     if len(mine) < len(files):
         _LOGGER.warning(
-            "%d recordings kept in %s for another database (another data directory's daemon"
+            "%s kept in %s for another database (another data directory's daemon"
             " used this runtime directory): left there for it",
-            len(files) - len(mine),
+            counted(len(files) - len(mine), "recording"),
             folder,
         )
     taken = []
@@ -126,9 +127,9 @@ def take_back_unsaved(conn: sqlite3.Connection, folder: Path) -> list[Unsaved]:
             remove_file(path)
     if taken:
         _LOGGER.warning(
-            "%d recordings the database did not take taken back from %s (%.1f s): saved as"
+            "%s the database did not take taken back from %s (%.1f s): saved as"
             " soon as it takes them",
-            len(taken),
+            counted(len(taken), "recording"),
             folder,
             sum(heard.duration_s for heard in taken),
         )

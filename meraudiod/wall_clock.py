@@ -20,6 +20,7 @@ from collections import OrderedDict
 from typing import Final
 
 from .db import Transaction, is_busy, waiting_at_most
+from .wording import counted
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -83,10 +84,10 @@ class _StepFollower:
                 self.offset += step_s
                 self._behind = bool(self._stamped)
                 _LOGGER.warning(
-                    "the wall clock was stepped by %+.1f s (set by NTP?): %d recordings saved"
+                    "the wall clock was stepped by %+.1f s (set by NTP?): %s saved"
                     " before it restamped",
                     step_s,
-                    len(self._stamped),
+                    counted(len(self._stamped), "recording"),
                 )
             if not self._behind:
                 return True

@@ -78,7 +78,7 @@ def test_run_print_names_the_transcripts_an_earlier_run_left(env: dict[str, str]
     assert len(theirs) == 1, printed.stdout
     assert theirs[0].endswith(f"  (file:{other}, left by an earlier run)"), printed.stdout
     assert re.fullmatch(
-        r"1 recordings, 1 transcribed, and 1 left by an earlier run, in [\d.]+ s", lines[-1]
+        r"1 recording, 1 transcribed, and 1 left by an earlier run, in [\d.]+ s", lines[-1]
     ), printed.stdout
 
 
@@ -587,7 +587,7 @@ def test_admin_commands_speak_of_their_own_options(env: dict[str, str]) -> None:
     assert "Invalid value for '--limit': 0 is not in the range 1<=x<=1000" in listed.stderr
     deleted = cli("recordings", "delete", rec_id, rec_id.lower(), env=env)
     assert deleted.returncode == 0, deleted.stderr
-    assert deleted.stdout.strip() == "deleted 1 recordings"
+    assert deleted.stdout.strip() == "deleted 1 recording"
     # Which ids did not exist is said (it said `1 of them did not exist`), in the order given.
     missing = cli("recordings", "delete", rec_id, "01ZZZZZZZZZZZZZZZZZZZZZZZZ", env=env)
     assert missing.returncode == 1, missing.stderr
@@ -630,7 +630,7 @@ def test_a_name_with_spaces_around_it_finds_the_person_everywhere(
         listed = cli("recordings", "list", "--speaker", name, "--json", env=env)
         assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 1, (name, listed)
         purged = cli("purge", "--speaker", name, "--dry-run", env=env)
-        assert purged.stdout.strip() == "would delete 1 recordings and 1 audio files", purged
+        assert purged.stdout.strip() == "would delete 1 recording and 1 audio file", purged
 
 
 def test_installing_a_file_that_is_no_model_names_that_file(

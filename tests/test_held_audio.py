@@ -308,7 +308,7 @@ def test_audio_kept_over_a_stop_is_taken_back_whole_or_not_at_all(
         assert [p.name for p in audio_dir.rglob("*") if p.is_file()] == [f"{rec_id}.flac"]
     else:
         assert taken == 0 and memory.ids() == [] and kv == []
-    gone = "audio of 1 recordings kept over the last stop is gone"
+    gone = "audio of 1 recording kept over the last stop is gone"
     said = after == "rebooted" or (after == "kept" and moment in ("announced", "part-written"))
     assert (gone in caplog.text) is said, caplog.text
 

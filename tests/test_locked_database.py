@@ -260,7 +260,7 @@ def test_a_recording_the_locked_database_did_not_take_is_kept_over_the_stop_and_
     assert code == 0 and "Traceback" not in out.text, out.text
     assert "lost on stopping" not in out.text, out.text
     kept = re.findall(
-        r"database locked by another process: 1 recordings \(([\d.]+) s\) kept in (\S+) until"
+        r"database locked by another process: 1 recording \(([\d.]+) s\) kept in (\S+) until"
         r" the daemon listens again",
         out.text,
     )
@@ -271,13 +271,13 @@ def test_a_recording_the_locked_database_did_not_take_is_kept_over_the_stop_and_
     assert len(db_rows(env, "SELECT id FROM recordings")) == 1
     assert status_json(env)["unsaved"] == {"recordings": 1, "audio": 0, "kept_in": str(run_dir)}
     said = cli("status", env=env).stdout
-    assert f"unsaved          1 recordings kept in {run_dir} until the next start\n" in said
+    assert f"unsaved          1 recording kept in {run_dir} until the next start\n" in said
 
     again = run_daemon(env)  # no audio: it only takes back what was kept and transcribes it
     _, err = again.communicate(timeout=300)
     log = err.decode()
     assert again.returncode == 0 and "Traceback" not in log, log
-    assert f"1 recordings the database did not take taken back from {run_dir}/unsaved" in log
+    assert f"1 recording the database did not take taken back from {run_dir}/unsaved" in log
     rows = db_rows(env, "SELECT started_at, duration_s, status FROM recordings ORDER BY 1")
     assert [r["status"] for r in rows] == ["done", "done"], rows
     assert rows[1]["duration_s"] == pytest.approx(float(kept[0][0]), abs=0.05)

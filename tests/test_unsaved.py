@@ -111,13 +111,13 @@ def test_a_purge_of_their_time_deletes_kept_recordings(env: dict[str, str], tmp_
     inside, outside = _kept(folder, hour_ago), _kept(folder, hour_ago - 86400)
     start = datetime.fromtimestamp(hour_ago - 60).isoformat(timespec="seconds")
     looked = cli("purge", "--start", start, "--end", "now", "--dry-run", env=env)
-    assert looked.stdout.strip() == "would delete 1 recordings and 1 audio files", looked
+    assert looked.stdout.strip() == "would delete 1 recording and 1 audio file", looked
     assert inside.exists()
     done = cli("purge", "--start", start, "--end", "now", "--yes", env=env)
-    assert done.stdout.strip() == "deleted 1 recordings and 1 audio files", done
+    assert done.stdout.strip() == "deleted 1 recording and 1 audio file", done
     assert not inside.exists() and outside.exists()
     audio_only = cli("purge", "--older-than", "0.5", "--audio-only", "--yes", env=env)
-    assert audio_only.stdout.strip() == "deleted 0 recordings and 1 audio files", audio_only
+    assert audio_only.stdout.strip() == "deleted 0 recordings and 1 audio file", audio_only
     assert not outside.exists()
     # The next start finds nothing to take back: deleted means deleted.
     taken = _run(env, "-m", "meraudiod")
@@ -205,7 +205,7 @@ def test_a_daemon_of_another_database_given_the_same_run_dir_leaves_its_kept_rec
 
     other = _run(second, "-m", "meraudiod")
     assert other.returncode == 0, other.stderr
-    assert "1 recordings kept in" in other.stderr and "for another database" in other.stderr
+    assert "1 recording kept in" in other.stderr and "for another database" in other.stderr
     assert not db_rows(second, "SELECT id FROM recordings")
     assert status_json(second)["unsaved"]["recordings"] == 0
     start = datetime.fromtimestamp(time.time() - 7200).isoformat(timespec="seconds")

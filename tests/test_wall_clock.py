@@ -158,7 +158,7 @@ def test_recordings_follow_steps_of_the_wall_clock(env: dict[str, str], tmp_path
     assert behind.daemon.returncode == 0, stderr.decode()
     _assert_stamped_in(env, behind.heard_from, 3)
     assert f"stepped by +{(_DAYS_BEHIND + 3) * 86400}.0 s" in stderr.decode()
-    assert "stepped by -259200.0 s (set by NTP?): 1 recordings" in stderr.decode()
+    assert "stepped by -259200.0 s (set by NTP?): 1 recording" in stderr.decode()
 
 
 def test_undelivered_events_survive_a_step_of_the_wall_clock(
