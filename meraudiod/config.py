@@ -145,7 +145,8 @@ def _misnamed_variables() -> list[str]:
     return errors
 
 
-def _format_error(error: ValidationError, source: str) -> str:
+def _error_lines(error: ValidationError) -> list[str]:
+    """Each of a validation's errors, `key: what is wrong` (and the variable it came from)."""
     lines = []
     names = _environment_names()
     for item in error.errors():
@@ -157,6 +158,10 @@ def _format_error(error: ValidationError, source: str) -> str:
         line = f"{key}: {message}" if key and f"{key}." not in message else message
         variable = _variable_for(tuple(item["loc"]), names)
         lines.append(f"{line} (from {variable})" if variable else line)
+    return lines
+
+
+def _refusal(lines: list[str], source: str) -> str:
     more = len(lines) - _MAX_ERRORS_SHOWN
     shown = lines[:_MAX_ERRORS_SHOWN] + ([f"and {more} more"] if more > 0 else [])
     return f"invalid configuration ({source}): " + "; ".join(shown)
@@ -222,12 +227,15 @@ def load_settings(path: str | Path | None = None) -> Settings:
     """Read the TOML file (if any), apply the environment, validate everything."""
     data, source = _read_file(path)
     refused = _misnamed_variables() + _wrong_types(data)
-    if refused:
-        raise ConfigError(f"invalid configuration ({source}): " + "; ".join(refused))
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source)) from exc
+        # Every mistake at once: the validation's, but for keys already named above.
+        named = {line.split(":", 1)[0] for line in refused}
+        refused += [line for line in _error_lines(exc) if line.split(":", 1)[0] not in named]
+    if refused:
+        raise ConfigError(_refusal(refused, source))
+    return settings
 
 
 def load_storage_settings(path: str | Path | None = None) -> Settings | None:

@@ -415,6 +415,22 @@ def test_a_value_of_the_wrong_type_in_the_file_is_named(
     assert last.startswith("Error: invalid configuration") and key in last, run.stderr
 
 
+def test_values_of_the_wrong_type_and_out_of_range_are_named_at_once(tmp_path: Path) -> None:
+    """A file with a value of the wrong type and others out of range: one refusal names them
+    all (it named the wrong type alone, and the admin learnt of the others one fix later)."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[recorder]\nmin_speech_ms = "abc"\nhangover_ms = -5\n[vad]\nstart_threshold = 7\n'
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path)
+    said = str(refused.value)
+    assert said.startswith(f"invalid configuration ({path}): recorder.min_speech_ms: "), said
+    for key in ("recorder.hangover_ms: ", "vad.start_threshold: "):
+        assert key in said, said
+    assert said.count("recorder.min_speech_ms") == 1, said
+
+
 def test_the_environment_stays_text_and_paths_in_the_file_are_text(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
