@@ -354,7 +354,7 @@ def analyze(
     elif interrupted:  # SIGTERM or Ctrl-C: what it left undone, in one line
         undone = [cut] if cut else []
         if len(files) > len(results):
-            undone.append(f"{len(files) - len(results)} of {len(files)} files not read")
+            undone.append(f"{len(files) - len(results)} of {counted(len(files), 'file')} not read")
         if pending:  # whole and pending: a daemon on this data directory takes them over
             undone.append(f"{counted(pending, 'recording')} not transcribed (left for the daemon)")
         if undone:

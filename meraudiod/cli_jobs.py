@@ -46,7 +46,7 @@ def jobs_cmd(config_path: Path | None, as_json: bool, retry_failed: bool) -> Non
             raise database_error(conn, exc) from exc
         for rec_id, reason in retried.skipped.items():
             click.echo(f"skipped {rec_id}: {reason}", err=True)
-        click.echo(f"requeued {retried.requeued} failed jobs", err=True)
+        click.echo(f"requeued {counted(retried.requeued, 'failed job')}", err=True)
     counts = jobqueue.counts(conn)
     backlog = jobqueue.backlog(conn)
     if as_json:

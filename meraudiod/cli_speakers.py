@@ -139,7 +139,7 @@ def speakers_enroll(
     name = name.strip()  # as enroll stored it (" Alice " is Alice)
     if not stored:
         raise click.ClickException(f"nothing enrolled for {name}")
-    click.echo(f"{name}: {stored} embeddings added")
+    click.echo(f"{name}: {counted(stored, 'embedding')} added")
     if not settings.speakers.enabled:
         click.echo("note: identification is off; set speakers.enabled = true to use it", err=True)
 
@@ -222,7 +222,7 @@ def speakers_merge(config_path: Path | None, source: str, target: str) -> None:
     settings = settings_from(config_path)
     conn = open_store(settings)
     moved = _profiles_call(conn, lambda: merge(conn, source, target))
-    click.echo(f"merged {source} into {target} ({moved} embeddings moved)")
+    click.echo(f"merged {source} into {target} ({counted(moved, 'embedding')} moved)")
 
 
 @speakers_group.command("delete")

@@ -94,7 +94,9 @@ class Pipeline:
             return
         requeued = jobs.requeue_stale(conn, storage.runtime_dir, self.settings.asr.max_attempts)
         if requeued:
-            _LOGGER.warning("requeued %d jobs left running by a stopped process", requeued)
+            _LOGGER.warning(
+                "requeued %s left running by a stopped process", counted(requeued, "job")
+            )
         remove_crashed_writes(conn, storage.audio_dir)
         finish_held_writes(conn, storage.audio_dir)
         take_back_spilled(conn, self.settings, self.memory)

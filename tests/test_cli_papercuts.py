@@ -804,7 +804,7 @@ def test_an_enrolment_names_the_person_as_stored(env: dict[str, str], speaker_mo
     # embeddings added`.
     enrolled = cli("speakers", "enroll", " Eve ", str(TEST_DATA / "ls_3080_0000.flac"), env=env)
     assert enrolled.returncode == 0, enrolled.stderr
-    assert enrolled.stdout.splitlines()[-1] == "Eve: 1 embeddings added", enrolled.stdout
+    assert enrolled.stdout.splitlines()[-1] == "Eve: 1 embedding added", enrolled.stdout
 
 
 def test_mp3_files_bring_no_decoder_chatter(env: dict[str, str], tmp_path: Path) -> None:

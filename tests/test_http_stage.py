@@ -126,7 +126,7 @@ def test_a_restart_in_the_middle_of_an_upload_task_loses_nothing(
     assert (body["attempts"], body["crashes"]) == (0, 1), body
     (recording,) = body["result"]["recordings"]
     assert recording["text"].count("Dashwood") == 4
-    assert "requeued 1 jobs" in server.log()
+    assert "requeued 1 job left running" in server.log()
     assert uploads.is_dir() and not any(uploads.iterdir())
 
 

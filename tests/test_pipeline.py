@@ -157,7 +157,7 @@ def test_sigkill_mid_backlog_loses_nothing_and_duplicates_nothing(env: dict[str,
     soundfile.write(silence, np.zeros(16000), 16000)
     result = cli("run", "--source", f"file:{silence}", env=env)
     assert result.returncode == 0, result.stderr
-    assert "requeued 1 jobs" in result.stderr
+    assert "requeued 1 job left running" in result.stderr
     after = db_rows(env, "SELECT id, status FROM recordings")
     assert {r["id"] for r in after} == {r["id"] for r in before}
     assert all(r["status"] == "done" for r in after)

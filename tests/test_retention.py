@@ -251,7 +251,7 @@ def test_keep_no_audio_with_a_file_it_may_not_delete_keeps_the_transcript_and_th
     purged = cli(
         "purge", "--start", "2000-01-01", "--end", "2002-01-01", "--audio-only", "--yes", env=env
     )
-    assert "1 audio files" in purged.stdout, purged.stderr
+    assert "and 1 audio file\n" in purged.stdout, purged.stderr
     assert not rec.audio_path.exists()
 
 

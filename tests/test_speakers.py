@@ -348,7 +348,7 @@ def test_the_same_clip_enrolled_again_is_not_stored_twice(
     in the person's voiceprint: it is reported as already enrolled and stored once."""
     env = {**env, "MERAUDIOD_SPEAKERS__ENABLED": "true"}
     first = cli("speakers", "enroll", "Alice", str(TEST_DATA / ALICE[0]), env=env)
-    assert first.returncode == 0 and "1 embeddings added" in first.stdout, first.stderr
+    assert first.returncode == 0 and "1 embedding added" in first.stdout, first.stderr
     copy = tmp_path / "copy.flac"
     copy.write_bytes((TEST_DATA / ALICE[0]).read_bytes())
     again = cli("speakers", "enroll", "Alice", str(TEST_DATA / ALICE[0]), str(copy), env=env)
@@ -356,7 +356,7 @@ def test_the_same_clip_enrolled_again_is_not_stored_twice(
     assert "already enrolled" in again.stdout + again.stderr, (again.stdout, again.stderr)
     assert speakers_json(env)["Alice"]["embeddings"] == 1
     more = cli("speakers", "enroll", "Alice", str(copy), str(TEST_DATA / ALICE[1]), env=env)
-    assert more.returncode == 0 and "1 embeddings added" in more.stdout, more.stderr
+    assert more.returncode == 0 and "1 embedding added" in more.stdout, more.stderr
     assert speakers_json(env)["Alice"]["embeddings"] == 2
 
 
