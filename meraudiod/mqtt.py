@@ -325,6 +325,11 @@ class MqttLink(StageThread):
             # Kept by the broker and handed over as we subscribe: a command from the past (a
             # retained purge ran at every start, a retained OFF muted again after an ON).
             _LOGGER.warning("retained %.80s ignored: publish commands without retain", topic)
+        elif not self.online and self._is_command(topic):
+            # Queued by the broker for our session while we were away (stopped, or cut
+            # off), handed over before our subscriptions are acknowledged: from the past
+            # too (an OFF from hours ago muted the device at its next start).
+            _LOGGER.warning("%.80s sent while the daemon was away ignored", topic)
         elif topic == f"{self.base}/listening/set":
             self._switch(bytes(msg.payload))
         elif topic.startswith(f"{self.base}/request/"):
@@ -340,6 +345,9 @@ class MqttLink(StageThread):
                 self.on_request(name, bytes(msg.payload))
         elif topic.endswith("/status") and msg.payload == b"online":
             self._republish_discovery = True  # Home Assistant restarted
+
+    def _is_command(self, topic: str) -> bool:
+        return topic == f"{self.base}/listening/set" or topic.startswith(f"{self.base}/request/")
 
     def _switch(self, payload: bytes) -> None:
         """Queue a listening switch for the main thread. Only the latest counts: a full queue

@@ -163,6 +163,40 @@ def test_retained_requests_are_never_replayed(env: dict[str, str], broker: Broke
         sub.close()
 
 
+def test_commands_sent_while_the_daemon_was_away_are_never_run(
+    env: dict[str, str], broker: Broker
+) -> None:
+    """The daemon's session outlives it (a persistent session): the broker queued the
+    commands published while it was stopped, without retain, and handed them over at its
+    next start, which obeyed them: an OFF from hours ago muted the device, a request was
+    answered to nobody (found by a new user). They arrive before its subscriptions are
+    acknowledged, so they are told from live ones and ignored, a line each."""
+    sub = Subscriber(broker.port, [f"{BASE}/#"])
+    conf = mqtt_env(env, broker)
+    proc = start_daemon(conf)
+    try:
+        sub.wait_online(60)
+        finish(proc)  # stopped cleanly: its session stays with the broker
+        sub.wait_for(lambda: sub.on(f"{BASE}/status")[-1].payload == b"offline", 10)
+        sub.publish(f"{BASE}/listening/set", "OFF")
+        sub.publish(f"{BASE}/request/recordings/list", json.dumps({"transaction": "away"}))
+        with sub.lock:
+            sub.messages.clear()
+        proc = start_daemon(conf)
+        sub.wait_online(60)
+        time.sleep(3)  # anything the broker kept has reached the daemon
+        fresh = request(sub, "status", json.dumps({"transaction": "fresh"}))
+        assert fresh["data"]["listening"] is True, fresh  # the OFF from the past not obeyed
+        replies = [m.json()["transaction"] for m in sub.on("/response/recordings/list")]
+        assert replies == [], replies
+        said = finish(proc)
+    finally:
+        stop_daemon(proc)
+        sub.close()
+    for topic in ("listening/set", "request/recordings/list"):
+        assert f"{BASE}/{topic} sent while the daemon was away ignored" in said, said
+
+
 def test_the_last_listening_switch_of_a_flood_is_obeyed(
     env: dict[str, str], broker: Broker
 ) -> None:
