@@ -247,7 +247,8 @@ class SpeakerStage:
                 if match.speaker_id is None and spk.group_unknown and nobody and enough:
                     profile = _new_provisional(conn, voice, recording_id, self.model)
                     profiles.append(profile)
-                    match = Match(profile.id, profile.name, match.score, match.margin, True)
+                    # Its first voice: no score (the rejected best match's is another's).
+                    match = Match(profile.id, profile.name, None, None, True)
                 elif match.provisional:
                     _grow_provisional(conn, match, voice, recording_id, self.model, spk)
             matches[voice.label] = match
