@@ -231,6 +231,10 @@ def delete(
 ) -> Deleted:
     """Remove a profile and its embeddings; with_recordings also every recording it spoke in."""
     speaker_id = str(profile_row(conn, name)["id"])
+    # Counted first: deleting its recordings deletes the embeddings learnt from them.
+    (embeddings,) = conn.execute(
+        "SELECT COUNT(*) FROM speaker_embeddings WHERE speaker_id=?", (speaker_id,)
+    ).fetchone()
     recordings = 0
     if with_recordings:
         ids = [
@@ -244,9 +248,6 @@ def delete(
         # Called with none left too: a delete killed before the index was merged is finished.
         recordings = delete_recordings(conn, audio_dir, ids).recordings
     with Transaction(conn):
-        (embeddings,) = conn.execute(
-            "SELECT COUNT(*) FROM speaker_embeddings WHERE speaker_id=?", (speaker_id,)
-        ).fetchone()
         conn.execute("UPDATE segments SET speaker_id=NULL WHERE speaker_id=?", (speaker_id,))
         conn.execute("DELETE FROM speakers WHERE id=?", (speaker_id,))  # embeddings cascade
     return Deleted(int(embeddings), recordings)

@@ -25,6 +25,7 @@ from meraudiod.recordings import RecordingStore
 from meraudiod.scoring import Calibration, calibration_for
 from meraudiod.speakers import SpeakerStage
 from meraudiod.voiceprints import Profile
+from meraudiod.wording import counted
 from meraudiod.worker import Worker
 
 from .conftest import SHARED_DATA, TEST_DATA, cli, needs_shared
@@ -248,9 +249,14 @@ def test_worker_names_voices_groups_strangers_and_forgets_opted_out(
     result = cli("speakers", "enroll", "Carl", carl[0], env=env)
     assert result.returncode == 1 and "already enrolled" in result.stdout, result.stdout
 
-    # Deleting a person with --recordings takes everything they said.
+    # Deleting a person with --recordings takes everything they said, and counts the
+    # embeddings it deleted (it said 0: those of the recordings went with them first).
+    embeddings = speakers_json(env)["Carl"]["embeddings"]
+    assert isinstance(embeddings, int) and embeddings >= 1
     result = cli("speakers", "delete", "Carl", "--recordings", env=env)
-    assert result.returncode == 0 and f"{2 * heard} recordings" in result.stdout
+    assert result.returncode == 0, result.stderr
+    said = f"deleted Carl: {counted(embeddings, 'embedding')}, {2 * heard} recordings"
+    assert result.stdout.strip() == said, result.stdout
     assert cli("recordings", "show", carl[0], env=env).returncode != 0
 
     # "Do not keep": recordings matched to Bob are deleted once processed.
