@@ -80,11 +80,11 @@ class ProfileInfo:
 
 
 def profile_row(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
-    """The named profile's row (the name as typed, or without its surrounding spaces);
-    Missing names the command that lists them."""
+    """The named profile's row (the name as typed, or as stored: without its surrounding
+    spaces, composed); Missing names the command that lists them."""
     row = conn.execute(
-        "SELECT * FROM speakers WHERE name IN (?, ?) ORDER BY name=? DESC",
-        (name, name.strip(), name),
+        "SELECT * FROM speakers WHERE name IN (?, ?, ?) ORDER BY name=? DESC",
+        (name, name.strip(), _composed(name.strip()), name),
     ).fetchone()
     if row is None:
         raise Missing(f"no speaker named {name!r} (see `meraudiod speakers list`)")
@@ -101,11 +101,17 @@ def _unseen(char: str) -> bool:
     return unicodedata.category(char) in ("Cf", "Zl", "Zp") and char not in _JOINERS
 
 
+def _composed(name: str) -> str:
+    """Unicode's composed form (NFC): "Mu\u0308ller", as a Mac types it, is "Müller"."""
+    return unicodedata.normalize("NFC", name)
+
+
 def check_name(name: str) -> str:
     """A person's name as stored, without surrounding spaces (" Alice" is Alice, not a
-    second person): not empty, no control characters (a new line would forge a line of a
-    log or a table), not of the form the device gives unknown voices, and not "." or ".."."""
-    name = name.strip()
+    second person) and composed (a decomposed "ü" made a second "Müller" that looked the
+    same): not empty, no control characters (a new line would forge a line of a log or a
+    table), not of the form the device gives unknown voices, and not "." or ".."."""
+    name = _composed(name.strip())
     if not name:
         raise ProfileError("a speaker needs a name")
     if any(unicodedata.category(c) == "Cc" for c in name):

@@ -540,6 +540,25 @@ def test_a_name_with_spaces_around_it_is_the_same_person(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_name_typed_decomposed_is_the_same_person(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    """A Mac types "ü" as u and a combining diaeresis: "Sonja Mu\u0308ller" was a second
+    person beside "Sonja Müller", shown alike, and `recordings list --speaker` with one
+    form did not find the other (found by a new-user helper). Names are stored composed."""
+    clip = str(TEST_DATA / "ls_3080_0000.flac")
+    composed, decomposed = "Sonja M\u00fcller", "Sonja Mu\u0308ller"
+    assert cli("speakers", "enroll", composed, clip, env=env).returncode == 0
+    assert cli("speakers", "enroll", "Carol", clip, env=env).returncode == 0
+    taken = cli("speakers", "rename", "Carol", decomposed, env=env)
+    assert taken.returncode == 1 and len(taken.stderr.strip().splitlines()) == 1, taken.stderr
+    listed = cli("recordings", "list", "--speaker", decomposed, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert cli("speakers", "rename", "Carol", "Zo\u0308e", env=env).returncode == 0
+    names = sorted(p["name"] for p in json.loads(cli("speakers", "list", "--json", env=env).stdout))
+    assert names == [composed, "Z\u00f6e"], names
+
+
 def test_a_name_with_invisible_or_reversing_characters_is_refused(
     env: dict[str, str], speaker_models: Path
 ) -> None:
