@@ -197,6 +197,8 @@ def _purge(ctx: CommandContext, args: PurgeArgs) -> Any:
 
 
 def _reprocess(ctx: CommandContext, args: ReprocessArgs) -> Any:
+    if not (args.ids or args.failed):  # as the CLI says: nothing asked is a mistake
+        raise InvalidArguments("reprocess needs ids or failed: true")
     ids = list(args.ids)
     if args.failed:
         ids += [

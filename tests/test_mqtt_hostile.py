@@ -73,6 +73,8 @@ def test_crafted_payloads_get_clear_errors_and_the_daemon_stays(
         ("recordings/get", json.dumps({"id": ["01M89D7G25TVATVQW1DF088EWQ"]}), "id"),
         ("recordings/list", json.dumps({"cursor": "zzz"}), "cursor"),
         ("purge", json.dumps({"older_than_days": "1"}), "allow_admin_commands"),
+        # it queued nothing and said ok, where the CLI refuses (found by a new user)
+        ("reprocess", json.dumps({"transaction": "p2"}), "reprocess needs ids or failed"),
     ]:
         reply = request(sub, command, payload)
         assert reply["status"] == "error" and message in reply["error"], (command, reply)
