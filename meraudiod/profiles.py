@@ -191,7 +191,8 @@ def rename(conn: sqlite3.Connection, old: str, new: str) -> tuple[str, str]:
     new = check_name(new)
     with Transaction(conn):
         speaker = profile_row(conn, old)
-        if conn.execute("SELECT 1 FROM speakers WHERE name=?", (new,)).fetchone():
+        holder = conn.execute("SELECT id FROM speakers WHERE name=?", (new,)).fetchone()
+        if holder is not None and holder["id"] != speaker["id"]:  # its own name: nothing to do
             raise NameTaken(str(speaker["name"]), new)
         conn.execute(
             "UPDATE speakers SET name=?, provisional=0, updated_at=? WHERE id=?",

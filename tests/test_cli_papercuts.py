@@ -554,6 +554,9 @@ def test_a_name_typed_decomposed_is_the_same_person(
     assert taken.returncode == 1 and len(taken.stderr.strip().splitlines()) == 1, taken.stderr
     listed = cli("recordings", "list", "--speaker", decomposed, env=env)
     assert listed.returncode == 0, listed.stderr
+    # Its own name again is no mistake (it suggested merging the person into themselves).
+    same = cli("speakers", "rename", composed, decomposed, env=env)
+    assert same.returncode == 0 and "merge" not in same.stderr, same.stderr
     assert cli("speakers", "rename", "Carol", "Zo\u0308e", env=env).returncode == 0
     names = sorted(p["name"] for p in json.loads(cli("speakers", "list", "--json", env=env).stdout))
     assert names == [composed, "Z\u00f6e"], names
