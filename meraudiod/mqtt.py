@@ -325,6 +325,9 @@ class MqttLink(StageThread):
             # Kept by the broker and handed over as we subscribe: a command from the past (a
             # retained purge ran at every start, a retained OFF muted again after an ON).
             _LOGGER.warning("retained %.80s ignored: publish commands without retain", topic)
+        elif not msg.payload and self._is_command(topic):
+            # How a retained command is cleared (`mosquitto_pub -r -n`): no command at all.
+            _LOGGER.info("empty message on %.80s ignored", topic)
         elif not self.online and self._is_command(topic):
             # Queued by the broker for our session while we were away (stopped, or cut
             # off), handed over before our subscriptions are acknowledged: from the past

@@ -101,7 +101,7 @@ def test_commands_listening_and_bad_payloads(env: dict[str, str], broker: Broker
         searched = request(sub, "recordings/list", json.dumps({"search": "amiable"}))
         assert len(searched["data"]) == 2
         assert request(sub, "speakers/list", "{}")["data"] == []
-        config = request(sub, "config/get", "")  # broker host, user, paths: admin only
+        config = request(sub, "config/get", "{}")  # broker host, user, paths: admin only
         assert config["status"] == "error" and "allow_admin_commands" in config["error"]
         assert config["data"] is None
 
@@ -169,7 +169,7 @@ def test_admin_commands_when_allowed(env: dict[str, str], broker: Broker) -> Non
         proc.stdin.flush()
         sub.wait_for(lambda: len(sub.on("/event/transcript")) == len(DEMO_TRUTH), 60)
         ids = [r["id"] for r in request(sub, "recordings/list", "{}")["data"]]
-        config = request(sub, "config/get", "")
+        config = request(sub, "config/get", "{}")
         assert config["status"] == "ok" and config["data"]["mqtt"]["host"] == "127.0.0.1"
         assert "password" not in config["data"]["mqtt"]
         assert "token" not in config["data"]["http"]
@@ -209,7 +209,7 @@ def running_daemon(
         ["status", "recordings/list", "recordings/get", "purge", "nope", "config/get"]
     ),
     payload=st.one_of(
-        st.binary(max_size=300),
+        st.binary(min_size=1, max_size=300),  # an empty message is no command (test_mqtt_hostile)
         st.dictionaries(
             st.text(max_size=10),
             st.one_of(

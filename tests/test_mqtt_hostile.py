@@ -157,7 +157,16 @@ def test_retained_requests_are_never_replayed(env: dict[str, str], broker: Broke
         sub.wait_for(lambda: len(sub.on("/response/recordings/list")) >= 1, 20)
         replies = [m.json()["transaction"] for m in sub.on("/response/recordings/list")]
         assert replies == ["live"], replies
-        finish(proc)
+        # Clearing them (an empty retained message, `mosquitto_pub -r -n`) reaches the
+        # daemon as an empty command: it was answered, and refused as a switch, a warning.
+        sub.publish(f"{BASE}/request/recordings/list", "", retain=True)
+        sub.publish(f"{BASE}/listening/set", "", retain=True)
+        time.sleep(2)
+        replies = [m.json()["transaction"] for m in sub.on("/response/recordings/list")]
+        assert replies == ["live"], replies
+        said = finish(proc)
+        assert "wants ON or OFF" not in said, said
+        assert f"empty message on {BASE}/listening/set ignored" in said, said
     finally:
         stop_daemon(proc)
         sub.publish(f"{BASE}/request/recordings/list", "", retain=True)  # clear them
