@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -140,7 +141,10 @@ class Listener(StageThread):
         # What cannot be written, and why (said once; None again once written).
         self.audio_problem: str | None = None
         self.database_problem: str | None = None
-        self._audio_read_only = False  # the audio problem is a read-only file system
+        # The audio problem is no want of room (a read-only file system, a directory the
+        # daemon may not write): the directory that refused is looked at until it can be.
+        self._audio_read_only = False
+        self._refused_dir: Path | None = None
         # Free space (MB) when the audio directory's disk refused audio for want of room.
         self._free_when_refused_mb = 0.0
         # time.monotonic() of the next look whether it is writable, and of the next write of
@@ -304,7 +308,7 @@ class Listener(StageThread):
                         memory=memory,
                     )
             except OSError as exc:  # full since the guard looked (or it is off), or read-only
-                if memory is not None or not cannot_write(exc) or self.memory is None:
+                if memory is not None or not _refusable(exc) or self.memory is None:
                     raise
                 self._audio_refused(store, exc, self.memory)
                 no_room = True
@@ -342,8 +346,12 @@ class Listener(StageThread):
         self._probe_at_s = time.monotonic() + _FULL_RETRY_S
         self._free_when_refused_mb = disk_free_mb(store.audio_dir)
         if self.audio_problem is None:
-            self.audio_problem = f"cannot write audio to {store.audio_dir} ({exc.strerror})"
-            self._audio_read_only = exc.errno == errno.EROFS
+            refused = store.audio_dir
+            if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
+                refused = Path(exc.filename).parent  # a day's directory made by another user
+            self.audio_problem = f"cannot write audio to {refused} ({exc.strerror})"
+            self._audio_read_only = exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+            self._refused_dir = refused
             _LOGGER.error(
                 "%s: recordings' audio kept in memory (at most %d) until it can be written",
                 self.audio_problem,
@@ -357,7 +365,7 @@ class Listener(StageThread):
         fsyncs: the source's frames are not kept waiting)."""
         self._probe_at_s = time.monotonic() + _FULL_RETRY_S
         if self.audio_problem is not None and not (
-            writable(store.audio_dir)
+            writable(self._refused_dir or store.audio_dir)
             if self._audio_read_only
             else room_again(store.audio_dir, self._free_when_refused_mb)
         ):
@@ -373,7 +381,7 @@ class Listener(StageThread):
                 with self._lock_wait(conn):
                     write_held(conn, self.settings, memory, held[0])
             except OSError as exc:
-                if not cannot_write(exc):
+                if not _refusable(exc):
                     raise
                 self._audio_refused(store, exc, memory)
                 return
@@ -389,7 +397,7 @@ class Listener(StageThread):
 
     def _audio_writable(self, store: RecordingStore) -> None:
         _LOGGER.info("can write audio to %s again", store.audio_dir)
-        self.audio_problem, self._audio_read_only = None, False
+        self.audio_problem, self._audio_read_only, self._refused_dir = None, False, None
         self._probe_at_s = 0.0  # what is held in memory is written from the next frame on
 
     def _handle(
@@ -493,3 +501,9 @@ class Listener(StageThread):
             self.recording_ids.append(recording.id)
         if self.on_recording is not None:
             self.on_recording(recording)
+
+
+def _refusable(exc: OSError) -> bool:
+    """An audio file the storage refused, which waiting (or an admin) may mend: a full or
+    read-only disk, or a directory the daemon may not write (today's, made by root)."""
+    return cannot_write(exc) or exc.errno in (errno.EACCES, errno.EPERM)

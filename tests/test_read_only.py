@@ -20,8 +20,11 @@ import pytest
 
 from meraudiod import db
 from meraudiod.audio import decode_file
-from tests.conftest import DEMO, needs_root, wait_for
+from meraudiod.recordings import audio_name
+from tests.conftest import DEMO, TEST_DATA, cli, db_rows, needs_root, wait_for
 from tests.test_full_disk import FullDiskDaemon, _recordings, full_disk_daemon
+
+SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance
 
 
 def _mount(daemon: FullDiskDaemon, *options: str) -> None:
@@ -295,3 +298,31 @@ def test_a_stdin_run_that_ends_on_a_read_only_disk_ends_as_any(
     log = daemon.log()
     assert code == 0, log
     assert "Traceback" not in log and not [x for x in log.splitlines() if x.startswith("Error")]
+
+
+@needs_root
+def test_a_day_directory_the_daemon_may_not_write_loses_no_recording(
+    env: dict[str, str],
+) -> None:
+    """Today's audio directory made by root (an `analyze` run as root, mode 0750) under a
+    daemon that runs as its own user: the write is refused with EACCES, which was no refusal
+    the listener knew (only a full or read-only disk). It died with a traceback, the
+    utterance was lost, and every restart died the same way (found by fault injection).
+    Now the audio is kept in memory as for a read-only directory, the refusal said in one
+    line naming the directory; kept over the stop, it is written at the next start that can."""
+    audio_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio"
+    day = audio_dir / Path(audio_name("x", time.time(), "flac")).parent
+    day.mkdir(parents=True)
+    day.chmod(0o550)  # as the service's user without root's override: no writing here
+    env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(audio_dir.parent.parent / "run")}
+    first = cli("run", "--source", f"file:{SHORT}", env=env, as_user=True)
+    assert first.returncode == 0, first.stderr
+    assert "Traceback" not in first.stderr, first.stderr
+    assert f"cannot write audio to {day} (Permission denied)" in first.stderr, first.stderr
+    (row,) = db_rows(env, "SELECT id, text, audio_path FROM recordings")
+    assert row["text"] and row["audio_path"] is None, row
+    day.chmod(0o750)
+    again = cli("run", "--source", f"file:{SHORT}", env=env, as_user=True)
+    assert again.returncode == 0, again.stderr
+    rows = {r["id"]: r["audio_path"] for r in db_rows(env, "SELECT id, audio_path FROM recordings")}
+    assert rows[row["id"]] is not None and (audio_dir / rows[row["id"]]).is_file(), rows
