@@ -8,12 +8,14 @@ Unknown keys and a named file that does not exist are errors that say which key 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Final, get_args
+from typing import Any, Final, get_args, get_origin
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from .compat import tomllib
 from .config_network import HomeAssistantSettings, HttpSettings, MqttSettings
@@ -126,6 +128,43 @@ def _variable_for(loc: tuple[int | str, ...], names: dict[str, str]) -> str | No
     return None
 
 
+def _not_json() -> list[str]:
+    """Variables for a list or a whole section whose value is not the JSON that
+    pydantic-settings reads them as (it says only which section, in a traceback)."""
+    errors = []
+    for upper, name in sorted(_environment_names().items()):
+        model: Any = Settings
+        annotation: Any = None
+        for part in upper.removeprefix(_ENV_PREFIX).lower().split(_ENV_DELIMITER):
+            fields = getattr(model, "model_fields", {}) if isinstance(model, type) else {}
+            field = fields.get(part)
+            if field is None:
+                break
+            annotation = model = field.annotation
+        else:
+            if _scalar(annotation):
+                continue
+            try:
+                json.loads(os.environ[name])
+            except ValueError:
+                errors.append(
+                    f"{name}: not JSON, as a list or a section from the environment must be"
+                    ' (["a", "b"]; a section is set key by key, MERAUDIOD_ASR__MODEL)'
+                )
+    return errors
+
+
+def _scalar(annotation: Any) -> bool:
+    """A setting the environment gives as plain text (a number, a path, a name)."""
+    if isinstance(annotation, type):
+        return not issubclass(annotation, BaseModel | list | dict | tuple | set)
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    origin = get_origin(annotation)
+    if origin in (list, dict, tuple, set, frozenset):
+        return False
+    return all(_scalar(a) for a in args) if args else True
+
+
 def _misnamed_variables() -> list[str]:
     """Variables meant as settings that no setting reads, which pydantic-settings skips
     without a word: an unknown section (MERAUDIOD_AUDOI__SOURCE), or one underscore where
@@ -229,6 +268,8 @@ def load_settings(path: str | Path | None = None) -> Settings:
     refused = _misnamed_variables() + _wrong_types(data)
     try:
         settings = Settings(**data)
+    except SettingsError as exc:  # a list or a section from the environment, not JSON
+        refused += _not_json() or [str(exc)]
     except ValidationError as exc:
         # Every mistake at once: the validation's, but for keys already named above.
         named = {line.split(":", 1)[0] for line in refused}

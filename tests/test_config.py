@@ -431,6 +431,31 @@ def test_values_of_the_wrong_type_and_out_of_range_are_named_at_once(tmp_path: P
     assert said.count("recorder.min_speech_ms") == 1, said
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MERAUDIOD_ASR__WYOMING__SERVERS", "a:1"),
+        ("MERAUDIOD_HTTP__CORS_ORIGINS", "https://x"),
+        ("MERAUDIOD_ASR", "x"),
+    ],
+)
+def test_a_list_or_section_from_the_environment_that_is_not_json_is_named(
+    env: dict[str, str], variable: str, value: str
+) -> None:
+    """A list or a whole section from the environment is read as JSON; one that is not was a
+    60-line traceback naming no variable, exit 1: a bad line in the service's environment file
+    restarted it for ever (found by fault injection). Now one line naming the variable, the
+    configuration's exit code."""
+    env = {**env, variable: value}
+    check = cli("config", "check", env=env)
+    assert check.returncode == 1 and "Traceback" not in check.stderr, check.stderr
+    (line,) = check.stderr.strip().splitlines()
+    assert line.startswith("Error: invalid configuration") and f"{variable}: " in line, line
+    assert "JSON" in line, line
+    run = cli("run", "--source", "demo", env=env)
+    assert run.returncode == 78 and run.stderr.strip().splitlines()[-1] == line, run.stderr
+
+
 def test_the_environment_stays_text_and_paths_in_the_file_are_text(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
