@@ -128,6 +128,18 @@ def _variable_for(loc: tuple[int | str, ...], names: dict[str, str]) -> str | No
     return None
 
 
+def _nul_characters(value: Any, key: str = "") -> list[str]:
+    """The file's texts holding a NUL character (TOML writes one as \\u0000), which no path,
+    name or address can hold: each named, not a traceback ("embedded null byte")."""
+    if isinstance(value, str):
+        return [f"{key}: holds a NUL character (\\u0000)"] if "\0" in value else []
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in _nul_characters(v, f"{key}.{k}".strip("."))]
+    if isinstance(value, list):
+        return [e for v in value for e in _nul_characters(v, key)][:1]
+    return []
+
+
 def _not_json() -> list[str]:
     """Variables for a list or a whole section whose value is not the JSON that
     pydantic-settings reads them as (it says only which section, in a traceback)."""
@@ -265,7 +277,7 @@ def _wrong_types(data: dict[str, Any]) -> list[str]:
 def load_settings(path: str | Path | None = None) -> Settings:
     """Read the TOML file (if any), apply the environment, validate everything."""
     data, source = _read_file(path)
-    refused = _misnamed_variables() + _wrong_types(data)
+    refused = _misnamed_variables() + _nul_characters(data) + _wrong_types(data)
     try:
         settings = Settings(**data)
     except SettingsError as exc:  # a list or a section from the environment, not JSON

@@ -456,6 +456,26 @@ def test_a_list_or_section_from_the_environment_that_is_not_json_is_named(
     assert run.returncode == 78 and run.stderr.strip().splitlines()[-1] == line, run.stderr
 
 
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('[storage]\ndata_dir = "/tmp/a\\u0000b"\n', "storage.data_dir"),
+        ('[audio]\nsource = "file:/tmp/a\\u0000b"\n', "audio.source"),
+        ('[asr.wyoming]\nservers = ["a\\u0000:1"]\n', "asr.wyoming.servers"),
+    ],
+)
+def test_a_nul_character_in_the_file_is_named(env: dict[str, str], toml: str, key: str) -> None:
+    """TOML can write a NUL (\\u0000), which no path or name can hold: `config check` and
+    `status` ended in a traceback (`embedded null byte`), `run` named no key, and in
+    `audio.source` it was `configuration ok` (found by fault injection)."""
+    Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    for args in (["config", "check"], ["status"]):
+        said = cli(*args, env=env)
+        assert said.returncode != 0 and "Traceback" not in said.stderr, said.stderr
+        line = said.stderr.strip().splitlines()[-1]
+        assert f"{key}: " in line and "NUL" in line, line
+
+
 def test_the_environment_stays_text_and_paths_in_the_file_are_text(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
