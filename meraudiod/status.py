@@ -145,8 +145,14 @@ def status(
     # abs: a heartbeat from the future was written before the clock was set back, and not
     # since (a running daemon writes one every few seconds).
     age_s = now() - float(heartbeat.get("at", 0))
+    # A heartbeat names its data directory: one copied with the directory (`cp -a` while
+    # the daemon runs) is another directory's daemon.
+    written_for = heartbeat.get("data_dir")
     running = (
-        bool(heartbeat) and abs(age_s) < HEARTBEAT_STALE_S and jobs.pid_alive(int(heartbeat["pid"]))
+        bool(heartbeat)
+        and abs(age_s) < HEARTBEAT_STALE_S
+        and jobs.pid_alive(int(heartbeat["pid"]))
+        and (written_for is None or written_for == str(settings.storage.data_dir.resolve()))
     )
     counts = jobs.counts(conn)
     oldest = conn.execute(
@@ -234,6 +240,7 @@ def daemon_snapshot(daemon: Daemon) -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "at": time.time(),
+        "data_dir": str(daemon.settings.storage.data_dir.resolve()),
         "listening": daemon.listening,
         "degraded": daemon.degraded,
         "stopped_because": daemon.stage_problem,  # what `status` says once it has exited

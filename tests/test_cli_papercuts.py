@@ -719,6 +719,28 @@ def test_status_of_a_stopped_daemon_gives_no_heartbeat_age(env: dict[str, str]) 
     assert stopped["running"] is False and stopped["heartbeat_age_s"] is None, stopped
 
 
+def test_status_of_a_copy_of_a_running_daemon_s_data_directory(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`cp -a` of the data directory while the daemon runs copies its fresh heartbeat: status
+    on the copy said `daemon running (pid ...)`, of a daemon that runs on the original
+    (found by fault injection). The heartbeat names its data directory; a copy's is not
+    this one's."""
+    from meraudiod.config import load_settings
+    from meraudiod.status import write_heartbeat
+
+    settings = load_settings()
+    open_db(settings.storage.db_path).close()
+    original = tmp_path / "original"
+    write_heartbeat(settings, {"pid": os.getpid(), "at": time.time(), "data_dir": str(original)})
+    copied = json.loads(cli("status", "--json", env=env).stdout)
+    assert copied["running"] is False, copied
+    assert "daemon           not running\n" in cli("status", env=env).stdout
+    data_dir = str(Path(env["MERAUDIOD_STORAGE__DATA_DIR"]).resolve())
+    write_heartbeat(settings, {"pid": os.getpid(), "at": time.time(), "data_dir": data_dir})
+    assert json.loads(cli("status", "--json", env=env).stdout)["running"] is True
+
+
 def test_status_of_a_daemon_that_holds_its_data_dir_but_writes_no_heartbeat(
     env: dict[str, str],
 ) -> None:
