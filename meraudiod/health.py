@@ -8,6 +8,7 @@ retained state. The watchdog is fed only while every thread is alive and audio a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -227,6 +228,15 @@ class Health:
 
     def heartbeat(self, stopped: bool = False) -> None:
         """The file `meraudiod status` reads (`at` 0 once stopped)."""
+        folder = self.settings.storage.runtime_dir
+        if not folder.exists() and self.settings.storage.run_dir is not None:
+            # `rm -rf` of run_dir (a tmpfs) under the daemon: the heartbeat and the notes
+            # of the job in hand go there. (The data directory's removal stops the daemon.)
+            with contextlib.suppress(OSError):  # if not, said below, once
+                folder.mkdir(parents=True, exist_ok=True)
+                _LOGGER.warning(
+                    "storage.run_dir %s was removed under the daemon: made again", folder
+                )
         try:
             write_heartbeat(
                 self.settings,

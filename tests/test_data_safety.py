@@ -175,6 +175,30 @@ def test_a_daemon_of_another_data_directory_given_the_same_run_dir_is_refused(
     assert alone.returncode == 0, alone.stderr  # the first one stopped: its turn
 
 
+def test_a_run_dir_removed_under_the_daemon_is_made_again(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`rm -rf` of storage.run_dir under a running daemon: its heartbeat was never written
+    again (`cannot write the heartbeat`, once), so `status` said `starting ... no heartbeat
+    yet` of a daemon at work, and the notes of the job in hand stopped, so a crash during
+    one was not counted (found by fault injection). The next heartbeat makes it again."""
+    run_dir = tmp_path / "run"
+    env = {**env, "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir)}
+    proc = run_daemon(env)
+    try:
+        wait_running(env, proc)
+        shutil.rmtree(run_dir)
+        wait_for(lambda: (run_dir / "heartbeat.json").is_file(), 30, "the heartbeat again")
+        assert status_json(env)["running"] is True
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert f"storage.run_dir {run_dir} was removed under the daemon: made again" in stderr, stderr
+
+
 def test_a_symlinked_data_directory_used_by_its_real_path_loses_nothing(
     env: dict[str, str], tmp_path: Path
 ) -> None:
