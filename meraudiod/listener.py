@@ -213,6 +213,7 @@ class Listener(StageThread):
                     continue
                 self.frames_read += 1
                 self.last_frame_at = time.monotonic()
+                clock.heard(self.frames_read * FRAME_S)
                 if self.muted:
                     frame = np.zeros_like(frame)
                     self.last_prob, self._last_frame = 0.0, None

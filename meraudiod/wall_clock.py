@@ -34,6 +34,9 @@ _BATCH: Final = 500  # ids per UPDATE
 # later check: the listener checks every frame, and must not stop listening for it.
 _RESTAMP_WAIT_MS: Final = 200
 _RESTAMP_RETRY_S: Final = 1.0
+# A live stream's frames later than their samples say by more than this came after a pause
+# (a microphone's blocks arrive well within it).
+_PAUSE_S: Final = 2.0
 
 
 def _offset_s() -> float:
@@ -124,6 +127,7 @@ class StreamClock:
     def __init__(self, lead_s: float = 0.0) -> None:
         # The stream's start: lead_s before now for a file read faster than real time.
         self._start_boot_s = time.clock_gettime(time.CLOCK_BOOTTIME) - lead_s
+        self._live = lead_s == 0.0  # a microphone, a pipe, a socket: heard as it comes
         self._offset = _FOLLOWER.offset  # the one of the last `at`
         # Of the last start, in boot time (a step does not move it); a replay's lead may
         # reach back before the boot.
@@ -134,6 +138,17 @@ class StreamClock:
         clock as it was at the last `follow_step`."""
         self._offset = _FOLLOWER.offset
         return self._offset + self._start_boot_s + stream_s
+
+    def heard(self, stream_s: float) -> None:
+        """A live stream's frame ending at `stream_s` has just arrived. Its samples count its
+        time only while they come without a pause: after a pause (a sender that sends
+        nothing in silence, a stalled process) the stream starts again from now, so what
+        follows is stamped when it is heard, not as far behind as the pause lasted."""
+        if not self._live:
+            return
+        late_s = time.clock_gettime(time.CLOCK_BOOTTIME) - (self._start_boot_s + stream_s)
+        if late_s > _PAUSE_S:
+            self._start_boot_s += late_s
 
     def started_at(self, stream_s: float, length_s: float) -> float:
         """When a recording at that stream position, that long, began. A stream read faster

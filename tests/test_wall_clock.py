@@ -305,3 +305,21 @@ def test_stdin_stamps_follow_its_samples_at_real_time_and_never_run_ahead(
     spans = [r["start_s"] for r in rows]
     assert spans[-1] - spans[0] > 25, spans  # the stream's own positions are kept
     assert starts[-1] - starts[0] < spans[-1] - spans[0] - 10, (starts, spans)  # not the stamps
+
+
+def test_a_live_pipe_that_pauses_is_stamped_when_it_is_heard(env: dict[str, str]) -> None:
+    """A pipe whose sender sends nothing for a while (a gated sender, a paused stream), then
+    speech: the stamps counted only the samples, so they ran as far behind the clock as the
+    pause had lasted (81 s behind after an 80 s pause; found by a new user). A live stream
+    is stamped when its frames arrive; a file's lead still places it in the past."""
+    live = run_daemon(env)
+    assert live.stdin is not None
+    wait_running(env, live)
+    _play(live.stdin, _span(0.0, 1.0))  # a second of the demo's opening silence
+    time.sleep(8)  # the sender pauses: nothing arrives
+    spoken_at = time.time()
+    _play(live.stdin, _SECOND)
+    _, stderr = live.communicate(timeout=180)
+    assert live.returncode == 0, stderr.decode()
+    (row,) = db_rows(env, "SELECT * FROM recordings")
+    assert row["started_at"] > spoken_at - 1.5, (dict(row), spoken_at)
