@@ -114,6 +114,7 @@ class Health:
         if not self._store or self._store_identity() == self._store:
             return False
         data_dir = self.settings.storage.data_dir
+        self.daemon.pipeline.store_moved()  # before the stop saves what is being said
         self._stop_for(
             "storage",
             f"the data directory {data_dir} or its database was moved, removed or replaced"

@@ -141,6 +141,9 @@ class Listener(StageThread):
         # What cannot be written, and why (said once; None again once written).
         self.audio_problem: str | None = None
         self.database_problem: str | None = None
+        # The data directory was moved under the daemon (Health.check_store): nothing more is
+        # written to the old path; what is heard is kept in run_dir for the next start.
+        self.store_moved = False
         # The audio problem is no want of room (a read-only file system, a directory the
         # daemon may not write): the directory that refused is looked at until it can be.
         self._audio_read_only = False
@@ -207,7 +210,8 @@ class Listener(StageThread):
                 if self._waiting and time.monotonic() >= self._retry_at_s:
                     self._save_waiting(store, clock)
                 held = self.memory is not None and len(self.memory) > 0
-                if time.monotonic() >= self._probe_at_s and (self.audio_problem or held):
+                probe = (self.audio_problem or held) and not self.store_moved
+                if probe and time.monotonic() >= self._probe_at_s:
                     self._probe_audio_dir(conn, store)
                 if frame is None:
                     continue
@@ -259,7 +263,13 @@ class Listener(StageThread):
         """Stopping with recordings the database did not take: the daemon keeps them in the
         runtime directory for its next listener (after a restart, or a microphone reopened);
         what cannot be kept is lost, a line each."""
-        why = "cannot be written" if self.database_problem else "locked by another process"
+        why = (
+            "was moved"
+            if self.store_moved
+            else "cannot be written"
+            if self.database_problem
+            else "locked by another process"
+        )
         folder = unsaved_dir(self.settings.storage) if self.job_origin is None else None
         kept = 0
         if folder is not None:
@@ -434,6 +444,8 @@ class Listener(StageThread):
         """Save what waits, oldest first; while the database cannot be written (its disk
         full, or read-only) it waits on in memory (said once), and is tried again every
         _FULL_RETRY_S."""
+        if self.store_moved:  # its database is elsewhere, its audio would go to the old path
+            return
         while self._waiting:
             heard = self._waiting[0]
             try:

@@ -172,6 +172,12 @@ class Pipeline:
         self._listeners.add(listener)
         return listener
 
+    def store_moved(self) -> None:
+        """The data directory was moved under the daemon: its listeners write nothing more
+        to the old path (what they hear is kept in run_dir for the next start)."""
+        for listener in list(self._listeners):
+            listener.store_moved = True
+
     @property
     def waiting_to_save(self) -> int:
         """Recordings the running listeners hold while the database does not take them."""

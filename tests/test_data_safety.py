@@ -3,6 +3,7 @@ keeps every audio file; start-up recovery deletes only half-written files of dea
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -197,6 +198,38 @@ def test_a_run_dir_removed_under_the_daemon_is_made_again(
             proc.kill()
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     assert f"storage.run_dir {run_dir} was removed under the daemon: made again" in stderr, stderr
+
+
+def test_a_data_directory_moved_while_someone_speaks_keeps_the_utterance_for_the_next_start(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`mv A B` while an utterance is being heard: the stop saved it on its way out, its row
+    in the moved database and its audio in a directory made anew at A (found by fault
+    injection, 3 of 3 tries). Now nothing is written at A: the utterance is kept in run_dir,
+    and the daemon started on B takes it back and saves it there whole."""
+    a, b, run_dir = tmp_path / "A", tmp_path / "B", tmp_path / "run"
+    run_env = {**env, **_data(a), "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir)}
+    proc = run_daemon(run_env)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        wait_running(run_env, proc)
+        proc.stdin.write(SPEECH[: SPEECH.size // 2].astype("<i2").tobytes())  # mid-sentence
+        proc.stdin.flush()
+        heartbeat = run_dir / "heartbeat.json"
+        wait_for(lambda: json.loads(heartbeat.read_text())["recording"], 60, "speech heard")
+        shutil.move(str(a), str(b))
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    stderr = proc.stderr.read().decode()
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert not a.exists(), sorted(a.rglob("*"))
+    assert db_rows({**env, **_data(b)}, "SELECT id FROM recordings") == []
+    assert len(list((run_dir / "unsaved").iterdir())) == 1, stderr
+    again = {**env, **_data(b), "MERAUDIOD_STORAGE__RUN_DIR": str(run_dir)}
+    start_daemon(again, b)
+    rows = db_rows(again, "SELECT id, audio_path FROM recordings ORDER BY id")
+    assert len(rows) == 2 and all((b / "audio" / r["audio_path"]).is_file() for r in rows), rows
 
 
 def test_a_symlinked_data_directory_used_by_its_real_path_loses_nothing(
