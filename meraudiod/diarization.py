@@ -390,8 +390,12 @@ def attribute(transcript: Transcript, diarization: Diarization) -> tuple[Labelle
             out.append(LabelledSegment(seg, diarization.label_at(seg.start_s, seg.end_s)))
             continue
         labels = [diarization.label_at(w.start_s, w.end_s) for w in seg.words]
-        for i, word in enumerate(seg.words):  # words between turns: the nearest turn
-            if labels[i] is None:
+        for i, word in enumerate(seg.words):
+            if labels[i] is not None:
+                continue
+            if word.end_s <= word.start_s and i > 0 and labels[i - 1] is not None:
+                labels[i] = labels[i - 1]  # Whisper gave it no length: it overlaps nothing
+            else:  # between turns: the nearest turn
                 labels[i] = diarization.nearest_label((word.start_s + word.end_s) / 2, 1.0)
         runs: list[tuple[str | None, list[Word]]] = []
         for label, word in zip(labels, seg.words, strict=True):

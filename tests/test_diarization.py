@@ -165,6 +165,24 @@ def test_segments_split_where_the_speaker_changes() -> None:
     assert parts[0].segment.end_s == 0.9 and parts[1].segment.start_s == 1.4
 
 
+def test_a_word_of_no_length_stays_with_the_words_before_it() -> None:
+    """Whisper gives some words no length ("need" at 10.262-10.262 s of a phone call): it
+    overlapped no turn, took the nearest one, the other voice's where a turn ended, and came
+    out as a segment of its own, of no length, splitting the sentence (found by a new
+    user). A word of no length is said by whoever said the word before it."""
+    words = (
+        Word(8.4, 9.6, " I", 0.9),
+        Word(10.262, 10.262, " need", 0.9),
+        Word(10.3, 11.0, " to", 0.9),
+        Word(11.0, 11.6, " go.", 0.9),
+    )
+    segment = Segment(8.4, 11.6, "I need to go.", -0.2, 0.01, 1.1, words)
+    turns = (Turn(8.3, 10.262, "S2"), Turn(10.262, 10.5, "S1"), Turn(10.3, 11.7, "S2"))
+    diarization = Diarization(turns, ())
+    parts = attribute(Transcript("en", 11.6, (segment,)), diarization)
+    assert [(p.segment.text, p.label) for p in parts] == [("I need to go.", "S2")], parts
+
+
 _AMI = SHARED_DATA / "diarization" / "pyannote_ami_debug_excerpts"
 
 
