@@ -12,6 +12,7 @@ from .cli_common import config_option, echo_json, json_option, settings_from
 from .config import ConfigError
 from .mic_source import input_devices
 from .mounts import models_dir, storage_dirs, unmounted_paths
+from .sources import FileSource, SourceError, file_path
 
 
 @click.group("config")
@@ -46,6 +47,11 @@ def config_check(config_path: Path | None, as_json: bool) -> None:
     problems = unmakeable_dirs(settings) + (
         unreadable_files(settings) or mqtt_file_problems(settings)
     )
+    if settings.audio.source.startswith("file:"):  # the file the daemon is to replay
+        try:
+            FileSource(file_path(settings.audio.source[5:])).check()
+        except SourceError as exc:
+            problems.append(f"audio.source: {exc}")
     if problems:
         raise click.ClickException("; ".join(problems))
     try:

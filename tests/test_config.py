@@ -476,6 +476,22 @@ def test_a_nul_character_in_the_file_is_named(env: dict[str, str], toml: str, ke
         assert f"{key}: " in line and "NUL" in line, line
 
 
+def test_config_check_names_an_audio_source_file_that_is_not_there(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`audio.source = "file:..."` naming no file was `configuration ok`, and `run` then
+    failed (found by fault injection); now `config check` names the key and the file."""
+    missing = tmp_path / "nope.flac"
+    Path(env["MERAUDIOD_CONFIG"]).write_text(f'[audio]\nsource = "file:{missing}"\n')
+    check = cli("config", "check", env=env)
+    assert check.returncode == 1, check.stdout
+    assert check.stderr.strip() == f"Error: audio.source: {missing}: audio file not found"
+    Path(env["MERAUDIOD_CONFIG"]).write_text(
+        f'[audio]\nsource = "file:{TEST_DATA / "ls_103_0000.flac"}"\n'
+    )
+    assert cli("config", "check", env=env).returncode == 0
+
+
 def test_the_environment_stays_text_and_paths_in_the_file_are_text(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
