@@ -101,6 +101,9 @@ class MqttLink(StageThread):
         # Events created while there was no connection are sent late and say so.
         self._offline_since: float | None = None
         self._replay_before = 0.0
+        # The retained state as the stop leaves it, made on this thread's connection once
+        # the outbox is delivered and its delivered rows deleted (Surfaces.stop_mqtt).
+        self.last_state: Callable[[sqlite3.Connection], Outgoing] | None = None
 
     # --- called from other threads ---------------------------------------------------------
 
@@ -264,6 +267,12 @@ class MqttLink(StageThread):
             )
             if idle and not unsent:
                 break
+        if self.last_state is not None:
+            try:
+                self._delivery.delete_delivered(conn, force=True)
+                self._publish(client, self.last_state(conn))
+            except sqlite3.Error as exc:  # the store may be why the daemon stops
+                _LOGGER.warning("MQTT: the last state not sent: %s", exc)
         info = client.publish(f"{self.base}/status", "offline", qos=1, retain=True)
         while not info.is_published() and time.monotonic() < deadline + 2.0:
             network_step(client, self._waker, _LOOP_S)

@@ -113,8 +113,8 @@ class Surfaces:
         (which says `offline`)."""
         if self.commands is not None:
             self.commands.join(timeout_s=_COMMAND_STOP_S)
-        if self.daemon.conn is not None:
-            self.publish_state()  # the last word before `offline`
+        if self.mqtt is not None and self.daemon.conn is not None:
+            self.mqtt.last_state = self._state_message  # the last word before `offline`
         self._mqtt_stop.set()
         if self.mqtt is not None:
             self.mqtt.join()
@@ -222,6 +222,10 @@ class Surfaces:
         listener = self.daemon.listener
         speaking = bool(listener is not None and listener.speaking)
         return self._last_state is None or self._last_state.get("recording") != speaking
+
+    def _state_message(self, conn: sqlite3.Connection) -> Outgoing:
+        payload = retained_state(conn, self.daemon).to_payload()
+        return Outgoing("state", json.dumps(payload), qos=1, retain=True)
 
     def publish_state(self) -> None:
         """The retained state, now."""

@@ -331,3 +331,25 @@ def test_a_reconnect_sends_no_state_older_than_the_last_transcript(
     assert stale == [], stale
     (fresh,) = [m.json() for m in sub.on(f"{BASE}/state")]
     assert "rachel" in str(fresh["last_transcript_full"]).lower(), fresh
+
+
+def test_the_last_state_counts_the_outbox_as_the_stop_left_it(
+    env: dict[str, str], broker: Broker
+) -> None:
+    """The state said before `offline` was computed before the outbox was delivered and its
+    delivered rows deleted: a file run that ended showed `outbox_depth: 8` for good, where
+    `status` said 0 (found by a new user). It is now computed once they are."""
+    proc = start_daemon(mqtt_env(env, broker))
+    try:
+        feed_demo(proc)
+        finish(proc)
+    finally:
+        stop_daemon(proc)
+    late = Subscriber(broker.port, [f"{BASE}/state", f"{BASE}/status"])
+    late.wait_for(lambda: late.on(f"{BASE}/state") and late.on(f"{BASE}/status"), 10)
+    state = late.on(f"{BASE}/state")[-1].json()
+    late.close()
+    assert late.on(f"{BASE}/status")[-1].payload == b"offline"
+    shown = json.loads(cli("status", "--json", env=env).stdout)
+    assert shown["outbox_pending"] == 0, shown
+    assert state["outbox_depth"] == 0 and state["queue_depth"] == 0, state
