@@ -121,7 +121,9 @@ def _daemon_line(data: dict[str, Any], settings: Settings, mark: Callable[..., s
     """Running (pid, uptime), not running (why it stopped), or a process that holds the data
     directory while its heartbeat does not say it runs: starting, stopping, not answering."""
     if data["running"]:
-        return mark(True, "running") + f" (pid {data['pid']}, up {data['uptime_s']:.0f} s)"
+        up_s = data["uptime_s"]  # None in a heartbeat an older version wrote
+        up = f", up {up_s:.0f} s" if up_s is not None else ""
+        return mark(True, "running") + f" (pid {data['pid']}{up})"
     holder = data.get("data_dir_held_by")
     if holder is not None:
         state, heartbeat = data["data_dir_holder_state"], heartbeat_path(settings)

@@ -296,10 +296,31 @@ def load_storage_settings(path: str | Path | None = None) -> Settings | None:
     find the daemon's database and heartbeat while another section is broken (the running
     daemon refused it on SIGHUP and says why); None when that does not load either."""
     try:
-        data, _ = _read_file(path)
-        storage = data.get("storage", {})
+        try:
+            storage = _read_file(path)[0].get("storage", {})
+        except ConfigError:  # no TOML at all (a key given twice): that section by itself
+            storage = _storage_section(path)
         return Settings(storage=storage) if isinstance(storage, dict) else None
-    except (ConfigError, ValidationError):
+    except (ConfigError, ValidationError, SettingsError):
+        return None
+
+
+def _storage_section(path: str | Path | None) -> dict[str, Any] | None:
+    """The `[storage]` table of a file that is no TOML as a whole, read by itself."""
+    config_path, _ = resolve_config_path(path)
+    try:
+        text = config_path.read_text(encoding="utf-8-sig") if config_path else ""
+    except (OSError, UnicodeDecodeError):
+        return None
+    lines, inside = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("["):
+            inside = line.split("#", 1)[0].strip() == "[storage]"
+        elif inside:
+            lines.append(line)
+    try:
+        return tomllib.loads("\n".join(lines)) if lines else None
+    except tomllib.TOMLDecodeError:
         return None
 
 

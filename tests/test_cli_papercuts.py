@@ -1098,6 +1098,45 @@ def test_status_says_reload_refused_while_the_file_is_broken(env: dict[str, str]
     assert data["running"] is True and "recorder.hangover_ms" in data["reload_error"]
 
 
+def test_status_finds_the_daemon_of_a_file_that_is_no_toml_by_its_storage_section(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A file that does not parse at all (a key given twice) left `status` with the file's
+    error alone: no daemon line, though the README says the storage section finds it
+    (found by fault injection). That section is now read by itself."""
+    config = Path(env["MERAUDIOD_CONFIG"])
+    storage = f'[storage]\ndata_dir = "{tmp_path / "room"}"\n'  # the file's, not the env's
+    config.write_text(storage)
+    own = {k: v for k, v in env.items() if k != "MERAUDIOD_STORAGE__DATA_DIR"}
+    room = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "room")}
+    proc = run_daemon(room, stderr=subprocess.DEVNULL)
+    feeder = SilenceFeeder(proc).start()
+    try:
+        wait_running(room, proc)
+        config.write_text(storage + '[asr]\nmodel = "a"\nmodel = "b"\n')
+        shown = cli("status", env=own)
+    finally:
+        feeder.stop()
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert shown.returncode == 1, shown.stderr
+    assert shown.stdout.splitlines()[0].split()[:2] == ["daemon", "running"], shown.stdout
+    assert shown.stderr.startswith(f"Error: cannot read config file {config}: "), shown.stderr
+
+
+def test_status_of_a_heartbeat_with_fields_missing_is_no_traceback(env: dict[str, str]) -> None:
+    """A heartbeat without the uptime (another version's, a hand-made one) of a live process
+    ended `status` in a traceback (`unsupported format string passed to NoneType`)."""
+    data_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"])
+    open_db(data_dir / "meraudiod.db").close()
+    beat = {"pid": os.getpid(), "at": time.time(), "listening": True}
+    (data_dir / "heartbeat.json").write_text(json.dumps(beat))
+    shown = cli("status", env=env)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert shown.stdout.startswith(f"daemon           running (pid {os.getpid()})"), shown.stdout
+
+
 def test_clips_of_different_people_enrolled_as_one_are_warned_about(
     env: dict[str, str], speaker_models: Path
 ) -> None:
