@@ -298,20 +298,26 @@ def load_storage_settings(path: str | Path | None = None) -> Settings | None:
     try:
         try:
             storage = _read_file(path)[0].get("storage", {})
-        except ConfigError:  # no TOML at all (a key given twice): that section by itself
-            storage = _storage_section(path)
-        return Settings(storage=storage) if isinstance(storage, dict) else None
+        except _NotToml as exc:  # a key given twice, say: that section read by itself
+            storage = _storage_section(exc.text)
+        if not isinstance(storage, dict) or _nul_characters(storage):
+            return None
+        return Settings(storage=storage)
     except (ConfigError, ValidationError, SettingsError):
         return None
 
 
-def _storage_section(path: str | Path | None) -> dict[str, Any] | None:
-    """The `[storage]` table of a file that is no TOML as a whole, read by itself."""
-    config_path, _ = resolve_config_path(path)
-    try:
-        text = config_path.read_text(encoding="utf-8-sig") if config_path else ""
-    except (OSError, UnicodeDecodeError):
-        return None
+class _NotToml(ConfigError):
+    """A regular file of a sane size that is no TOML as a whole (its text in `text`)."""
+
+    def __init__(self, message: str, text: str) -> None:
+        super().__init__(message)
+        self.text = text
+
+
+def _storage_section(text: str) -> dict[str, Any] | None:
+    """The `[storage]` table of a text that is no TOML as a whole, read by itself ({}: none,
+    the defaults and the environment)."""
     lines, inside = [], False
     for line in text.splitlines():
         if line.lstrip().startswith("["):
@@ -319,9 +325,10 @@ def _storage_section(path: str | Path | None) -> dict[str, Any] | None:
         elif inside:
             lines.append(line)
     try:
-        return tomllib.loads("\n".join(lines)) if lines else None
-    except tomllib.TOMLDecodeError:
+        table: dict[str, Any] = tomllib.loads("\n".join(lines))
+    except (tomllib.TOMLDecodeError, RecursionError):
         return None
+    return table
 
 
 def _not_a_file(path: Path) -> str:
@@ -348,8 +355,11 @@ def _read_file(path: str | Path | None) -> tuple[dict[str, Any], str]:
                     f" configuration (at most {_MAX_FILE_BYTES / 1e6:.0f} MB are read)"
                 )
             # -sig: a byte order mark (Notepad's UTF-8) is no "invalid statement"
-            data = tomllib.loads(config_path.read_text(encoding="utf-8-sig"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            text = config_path.read_text(encoding="utf-8-sig")
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise _NotToml(f"cannot read config file {config_path}: {exc}", text) from exc
+        except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_path}: {exc}") from exc
         except RecursionError as exc:  # the parser recurses per nested array or table
             raise ConfigError(

@@ -58,6 +58,7 @@ class Surfaces:
         worker = self.daemon.pipeline.worker
         if worker is not None:
             worker.on_stored.append(self._transcript_event)
+            worker.on_committed.append(self._transcript_committed)
         self.connect_mqtt()
 
     def connect_mqtt(self) -> None:
@@ -145,11 +146,13 @@ class Surfaces:
         return {"on_speech_start": on_speech_start, "on_speech_end": on_speech_end}
 
     def _transcript_event(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
-        if events.transcribed(conn, self.settings.mqtt, result):
-            if self.mqtt is not None:
-                self.mqtt.wake()
-            if not result.reprocessed:  # reprocess leaves the last transcript alone
-                self._state_outdated()
+        if events.transcribed(conn, self.settings.mqtt, result) and self.mqtt is not None:
+            self.mqtt.wake()
+
+    def _transcript_committed(self, result: TranscribedRecording) -> None:
+        # Once committed: a state computed before then on another connection is old.
+        if not result.reprocessed:  # reprocess leaves the last transcript alone
+            self._state_outdated()
 
     def _transcript_live(self, conn: sqlite3.Connection, result: TranscribedRecording) -> None:
         for event in events.transcript_events(conn, self.settings.mqtt, result):
@@ -216,8 +219,9 @@ class Surfaces:
 
     def state_changed(self) -> bool:
         """Something the retained state shows changed since it was last published."""
-        if self._state_dirty:
-            self._state_dirty = False
+        with self._state_lock:
+            dirty, self._state_dirty = self._state_dirty, False
+        if dirty:
             return True
         listener = self.daemon.listener
         speaking = bool(listener is not None and listener.speaking)
@@ -233,14 +237,13 @@ class Surfaces:
             return
         conn = self.daemon.conn
         assert conn is not None
-        for attempt in range(3):  # a transcript stored meanwhile: computed again
-            changes = self._state_changes
-            payload = retained_state(conn, self.daemon).to_payload()
-            with self._state_lock:
-                if changes == self._state_changes or attempt == 2:
-                    self._last_state = payload
-                    self.mqtt.send(Outgoing("state", json.dumps(payload), qos=1, retain=True))
-                    return
+        changes = self._state_changes
+        payload = retained_state(conn, self.daemon).to_payload()
+        with self._state_lock:
+            if changes != self._state_changes:  # made old meanwhile: the next pass, anew
+                return
+            self._last_state = payload
+            self.mqtt.send(Outgoing("state", json.dumps(payload), qos=1, retain=True))
 
     def publish_listening(self) -> None:
         """The listening switch's retained state."""

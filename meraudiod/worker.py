@@ -87,6 +87,8 @@ class Worker(StageThread):
         # Called inside the transaction that stores a transcript, so whatever they write
         # (events in the outbox) is committed together with it or not at all.
         self.on_stored: list[Callable[[sqlite3.Connection, TranscribedRecording], None]] = []
+        # Called once it is committed: what other connections can now read (the state).
+        self.on_committed: list[Callable[[TranscribedRecording], None]] = []
         self.speakers: SpeakerStage | None = None  # diarization + identification, when enabled
         self.memory: MemoryAudio | None = None  # audio held while the disk is full
         self.vad_traces: VadTraces | None = None  # the listeners' VAD, for the Wyoming client
@@ -272,8 +274,11 @@ class Worker(StageThread):
         finally:
             self.busy = False
             self._done_working(job)
-        if result is not None and self.on_transcribed is not None:
-            self.on_transcribed(result)
+        if result is not None:
+            for hook in self.on_committed:
+                hook(result)
+            if self.on_transcribed is not None:
+                self.on_transcribed(result)
         return True
 
     def _left_running(self, job: jobs.Job, exc: sqlite3.OperationalError, what: str) -> bool:

@@ -1125,6 +1125,17 @@ def test_status_finds_the_daemon_of_a_file_that_is_no_toml_by_its_storage_sectio
     assert shown.stderr.startswith(f"Error: cannot read config file {config}: "), shown.stderr
 
 
+def test_status_of_a_config_that_is_no_file_says_so(env: dict[str, str], tmp_path: Path) -> None:
+    """Reading the storage section of a broken file by itself must not read what is no file
+    (a reviewer: /dev/zero ran out of memory, a FIFO hung)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for config in ("/dev/zero", str(fifo)):
+        said = cli("status", "--config", config, env=env, timeout_s=30)
+        assert said.returncode == 1, said.stderr
+        assert said.stderr.strip() == f"Error: config file is not a regular file: {config}"
+
+
 def test_status_of_a_heartbeat_with_fields_missing_is_no_traceback(env: dict[str, str]) -> None:
     """A heartbeat without the uptime (another version's, a hand-made one) of a live process
     ended `status` in a traceback (`unsupported format string passed to NoneType`)."""

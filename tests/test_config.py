@@ -469,8 +469,9 @@ def test_a_nul_character_in_the_file_is_named(env: dict[str, str], toml: str, ke
     `status` ended in a traceback (`embedded null byte`), `run` named no key, and in
     `audio.source` it was `configuration ok` (found by fault injection)."""
     Path(env["MERAUDIOD_CONFIG"]).write_text(toml)
+    own = {k: v for k, v in env.items() if k != "MERAUDIOD_STORAGE__DATA_DIR"}  # the file's
     for args in (["config", "check"], ["status"]):
-        said = cli(*args, env=env)
+        said = cli(*args, env=own)
         assert said.returncode != 0 and "Traceback" not in said.stderr, said.stderr
         line = said.stderr.strip().splitlines()[-1]
         assert f"{key}: " in line and "NUL" in line, line
