@@ -193,6 +193,7 @@ class Listener(StageThread):
         segmenter = self._segmenter = Segmenter(self.params)
         buffer = FrameBuffer()
         clock = StreamClock(self.source.lead_s)
+        starved = False
         self.vad.reset()
         try:
             if self.job_origin is None:  # the daemon: what the last one's database did not take
@@ -214,10 +215,13 @@ class Listener(StageThread):
                 if probe and time.monotonic() >= self._probe_at_s:
                     self._probe_audio_dir(conn, store)
                 if frame is None:
+                    starved = True  # the source gave nothing (a pipe's sender paused?)
                     continue
+                if starved:
+                    clock.resumed(self.frames_read * FRAME_S)
+                    starved = False
                 self.frames_read += 1
                 self.last_frame_at = time.monotonic()
-                clock.heard(self.frames_read * FRAME_S)
                 if self.muted:
                     frame = np.zeros_like(frame)
                     self.last_prob, self._last_frame = 0.0, None

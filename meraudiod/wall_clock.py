@@ -34,8 +34,8 @@ _BATCH: Final = 500  # ids per UPDATE
 # later check: the listener checks every frame, and must not stop listening for it.
 _RESTAMP_WAIT_MS: Final = 200
 _RESTAMP_RETRY_S: Final = 1.0
-# A live stream's frames later than their samples say by more than this came after a pause
-# (a microphone's blocks arrive well within it).
+# A live stream that gave no frames, then frames later than its samples say by more than
+# this, paused (a microphone's blocks arrive well within it).
 _PAUSE_S: Final = 2.0
 
 
@@ -139,11 +139,12 @@ class StreamClock:
         self._offset = _FOLLOWER.offset
         return self._offset + self._start_boot_s + stream_s
 
-    def heard(self, stream_s: float) -> None:
-        """A live stream's frame ending at `stream_s` has just arrived. Its samples count its
-        time only while they come without a pause: after a pause (a sender that sends
-        nothing in silence, a stalled process) the stream starts again from now, so what
-        follows is stamped when it is heard, not as far behind as the pause lasted."""
+    def resumed(self, stream_s: float) -> None:
+        """A live stream gave frames again, at `stream_s`, after a while it gave none. Its
+        samples count its time only while they come: after a pause longer than _PAUSE_S (a
+        sender that sends nothing in silence) it starts again from now, so what follows is
+        stamped when it is heard, not as far behind as the pause lasted. (Frames that wait in
+        a source's queue while the listener is slow are no pause: they keep their time.)"""
         if not self._live:
             return
         late_s = time.clock_gettime(time.CLOCK_BOOTTIME) - (self._start_boot_s + stream_s)
