@@ -11,6 +11,7 @@ is wrong with it in `health.py`, and SIGHUP's reload in `reloader.py`.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -242,6 +243,14 @@ class Daemon:
         self.surfaces.published(event)
 
     # --- main loop -------------------------------------------------------------------------
+
+    def hold_run_dir_again(self) -> None:
+        """storage.run_dir was made again (removed under the daemon, its lock file with it):
+        its lock taken again, so a second daemon given it is still refused; MayPassError
+        when one took it meanwhile."""
+        if self._run_lock is not None:
+            os.close(self._run_lock)
+        self._run_lock = hold_run_dir(self.settings)
 
     def run(self) -> int:
         """Main loop until stopped (or, for a file, until it has played and been transcribed)."""

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checks import MayPassError
 from .messages import ErrorEvent
 from .retention import disk_free_mb, disk_low, read_only_dirs
 from .status import write_heartbeat
@@ -238,6 +239,11 @@ class Health:
                 _LOGGER.warning(
                     "storage.run_dir %s was removed under the daemon: made again", folder
                 )
+                try:
+                    self.daemon.hold_run_dir_again()
+                except MayPassError as exc:  # another daemon took it meanwhile
+                    self._stop_for("storage", str(exc))
+                    return
         try:
             write_heartbeat(
                 self.settings,

@@ -54,6 +54,8 @@ class Pipeline:
         self.memory = MemoryAudio()  # recordings waiting in RAM while the disk is full
         # The microphone's and every live audio socket's, for what they hold unsaved.
         self._listeners: weakref.WeakSet[Listener] = weakref.WeakSet()
+        self._listeners_lock = threading.Lock()  # added on a socket's thread, read on others
+        self._store_moved = False  # the data directory was moved under the daemon
         # The listeners' VAD per frame, which the Wyoming client cuts recordings with.
         self.vad_traces = VadTraces() if settings.asr.backend == "wyoming" else None
         self.opened = False  # store recovered and models loaded
@@ -169,19 +171,25 @@ class Pipeline:
         listener.memory = self.memory
         listener.vad_traces = self.vad_traces
         listener.start()
-        self._listeners.add(listener)
+        with self._listeners_lock:
+            self._listeners.add(listener)
         return listener
 
     def store_moved(self) -> None:
-        """The data directory was moved under the daemon: its listeners write nothing more
-        to the old path (what they hear is kept in run_dir for the next start)."""
-        for listener in list(self._listeners):
+        """The data directory was moved under the daemon: nothing more is written to the old
+        path (what the listeners hear is kept in run_dir for the next start)."""
+        self._store_moved = True
+        for listener in self._running():
             listener.store_moved = True
 
     @property
     def waiting_to_save(self) -> int:
         """Recordings the running listeners hold while the database does not take them."""
-        return sum(x.waiting_to_save for x in list(self._listeners) if x.is_alive())
+        return sum(x.waiting_to_save for x in self._running())
+
+    def _running(self) -> list[Listener]:
+        with self._listeners_lock:
+            return [x for x in self._listeners if x.is_alive()]
 
     def drain(self, stop: threading.Event | None = None) -> None:
         """Wait until every job of this process is done or failed (or stop, or the worker's
@@ -216,7 +224,9 @@ class Pipeline:
         if self.worker is not None:
             self.worker.wake()  # an idle worker sleeps until woken (or for seconds)
             self.worker.join()
-        if len(self.memory) and self.serves_store:  # in the runtime directory, if it can be
+        # In the runtime directory, if it can be; not when the data directory was moved: its
+        # announcement would make a database anew at the old path.
+        if len(self.memory) and self.serves_store and not self._store_moved:
             keep_held_on_stop(self.settings, self.memory)
         elif len(self.memory):  # nowhere else to keep it
             _LOGGER.warning(

@@ -191,6 +191,10 @@ def test_a_run_dir_removed_under_the_daemon_is_made_again(
         shutil.rmtree(run_dir)
         wait_for(lambda: (run_dir / "heartbeat.json").is_file(), 30, "the heartbeat again")
         assert status_json(env)["running"] is True
+        # Its lock is taken again: another room's daemon given this run_dir is still refused.
+        second_room = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "room2")}
+        second = cli("run", "--source", "demo", env=second_room, timeout_s=60)
+        assert second.returncode == 1 and "uses storage.run_dir" in second.stderr, second.stderr
         proc.terminate()
         assert proc.wait(timeout=60) == 0
     finally:
