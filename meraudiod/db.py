@@ -514,6 +514,14 @@ def cannot_write(exc: BaseException) -> bool:
     return code & 0xFF in (_SQLITE_FULL, _SQLITE_READONLY, _SQLITE_IOERR)
 
 
+def refused_write(exc: BaseException) -> bool:
+    """A write the storage refused that waiting or an admin may mend: cannot_write, or a
+    directory this user may not write (EACCES, EPERM: today's audio directory made by root)."""
+    return cannot_write(exc) or (
+        isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM)
+    )
+
+
 def no_room(exc: BaseException) -> bool:
     """Of the writes refused (cannot_write), one for want of space."""
     if isinstance(exc, OSError):

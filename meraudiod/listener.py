@@ -16,7 +16,7 @@ import numpy as np
 
 from .audio import FRAME_S, SAMPLE_RATE_HZ, Float32Array, Int16Array, rms_dbfs
 from .config import Settings
-from .db import cannot_write, database_id, is_busy, open_db, waiting_at_most
+from .db import cannot_write, database_id, is_busy, open_db, refused_write, waiting_at_most
 from .held_audio import write_held
 from .recordings import MemoryAudio, Recording, RecordingStore
 from .retention import disk_free_mb, disk_low, room_again, writable
@@ -323,7 +323,7 @@ class Listener(StageThread):
                         memory=memory,
                     )
             except OSError as exc:  # full since the guard looked (or it is off), or read-only
-                if memory is not None or not _refusable(exc) or self.memory is None:
+                if memory is not None or not refused_write(exc) or self.memory is None:
                     raise
                 self._audio_refused(store, exc, self.memory)
                 no_room = True
@@ -396,7 +396,7 @@ class Listener(StageThread):
                 with self._lock_wait(conn):
                     write_held(conn, self.settings, memory, held[0])
             except OSError as exc:
-                if not _refusable(exc):
+                if not refused_write(exc):
                     raise
                 self._audio_refused(store, exc, memory)
                 return
@@ -518,9 +518,3 @@ class Listener(StageThread):
             self.recording_ids.append(recording.id)
         if self.on_recording is not None:
             self.on_recording(recording)
-
-
-def _refusable(exc: OSError) -> bool:
-    """An audio file the storage refused, which waiting (or an admin) may mend: a full or
-    read-only disk, or a directory the daemon may not write (today's, made by root)."""
-    return cannot_write(exc) or exc.errno in (errno.EACCES, errno.EPERM)

@@ -187,10 +187,11 @@ def room_again(path: Path, free_when_refused_mb: float) -> bool:
 
 
 def writable(path: Path) -> bool:
-    """A file can be made in directory `path` (made and gone at once: for a look now and
-    then while it could not be written, not a poll)."""
+    """A file can be made in directory `path`, or in its nearest parent that exists when it
+    is gone (made and gone at once: for a look now and then while it could not be written,
+    not a poll)."""
     try:
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=_existing(path)):
             return True
     except OSError:
         return False

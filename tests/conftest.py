@@ -159,11 +159,16 @@ def run_daemon(
     source: str = "stdin",
     stdout: int | IO[bytes] = subprocess.DEVNULL,
     stderr: int | IO[bytes] = subprocess.PIPE,
+    as_user: bool = False,
 ) -> subprocess.Popen[bytes]:
     """`meraudiod run --source SOURCE ARGS` as a real process: its stdin a pipe (the audio of
-    `--source stdin`), its stderr a pipe to read unless told otherwise."""
+    `--source stdin`), its stderr a pipe to read unless told otherwise; `as_user`: without
+    root's right to write anything (AS_A_USER)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "meraudiod", "run", "--source", source, *args],
+        [
+            *(AS_A_USER if as_user else []),
+            *(sys.executable, "-m", "meraudiod", "run", "--source", source, *args),
+        ],
         env=env,
         stdin=subprocess.PIPE,
         stdout=stdout,

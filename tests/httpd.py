@@ -27,8 +27,15 @@ enabled = true
 class HttpDaemon:
     """`meraudiod run --source stdin` with `[http]` enabled; `url` is where it serves."""
 
-    def __init__(self, env: dict[str, str], config: str = "", token: str | None = TOKEN) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        config: str = "",
+        token: str | None = TOKEN,
+        as_user: bool = False,
+    ) -> None:
         self.env = env
+        self.as_user = as_user  # without root's right to write anything (AS_A_USER)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = token
@@ -54,7 +61,9 @@ class HttpDaemon:
         """Start and wait until /health/ready answers 200 (models loaded)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        self.proc = run_daemon(self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = run_daemon(
+            self.env, stdout=self._log, stderr=subprocess.STDOUT, as_user=self.as_user
+        )
         self._feeder = SilenceFeeder(self.proc, block_s=0.1).start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

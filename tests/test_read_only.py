@@ -22,6 +22,7 @@ from meraudiod import db
 from meraudiod.audio import decode_file
 from meraudiod.recordings import audio_name
 from tests.conftest import DEMO, TEST_DATA, cli, db_rows, needs_root, wait_for
+from tests.httpd import HttpDaemon, daemon_env
 from tests.test_full_disk import FullDiskDaemon, _recordings, full_disk_daemon
 
 SHORT = TEST_DATA / "ls_103_0000.flac"  # one utterance
@@ -326,3 +327,29 @@ def test_a_day_directory_the_daemon_may_not_write_loses_no_recording(
     assert again.returncode == 0, again.stderr
     rows = {r["id"]: r["audio_path"] for r in db_rows(env, "SELECT id, audio_path FROM recordings")}
     assert rows[row["id"]] is not None and (audio_dir / rows[row["id"]]).is_file(), rows
+
+
+@needs_root
+def test_an_upload_into_a_day_directory_the_daemon_may_not_write_is_refused_in_one_line(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    """Today's audio directory made by root, the daemon run as its own user: an upload got
+    500 `internal error: PermissionError` with a traceback in the log (a reviewer). It is a
+    storage refusal like a full or read-only disk: 507 naming the directory, nothing stored."""
+    env = daemon_env(tmp_path, models_dir)
+    audio_dir = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "audio"
+    day = audio_dir / Path(audio_name("x", time.time(), "flac")).parent
+    day.mkdir(parents=True)
+    day.chmod(0o550)
+    server = HttpDaemon(env, as_user=True).start()
+    try:
+        with server.client() as client:
+            answer = client.post(
+                "/api/v1/analysis/upload", files={"file": ("demo.flac", DEMO.read_bytes())}
+            )
+    finally:
+        assert server.stop() == 0, server.log()
+    assert answer.status_code == 507, answer.text
+    message = answer.json()["error"]["message"]
+    assert message.startswith(f"cannot write {day}: Permission denied"), message
+    assert "Traceback" not in server.log(), server.log()

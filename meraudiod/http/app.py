@@ -27,7 +27,7 @@ from ulid import ULID
 
 from .. import __version__
 from ..config_network import is_loopback
-from ..db import cannot_write, no_room
+from ..db import no_room, refused_write
 from .common import BEYOND_LIMIT, REQUEST_ID, ApiError, HttpContext, error_body
 
 _LOGGER = logging.getLogger(__name__)
@@ -452,7 +452,7 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OSError)
     @app.exception_handler(sqlite3.Error)
     async def storage_error(request: Request, exc: Exception) -> JSONResponse:
-        if not cannot_write(exc):  # the storage refused it: room or a remount mends that
+        if not refused_write(exc):  # the storage refused it: room, a remount, an admin mend that
             return await internal(request, exc)
         why = exc.strerror if isinstance(exc, OSError) else str(exc)
         if no_room(exc):
