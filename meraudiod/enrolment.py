@@ -22,7 +22,14 @@ from .audio import (
     to_float32,
 )
 from .db import Transaction, now
-from .profiles import GOOD_ENROL_SPEECH_S, Missing, ProfileError, check_name, profile_row
+from .profiles import (
+    GOOD_ENROL_SPEECH_S,
+    Missing,
+    ProfileError,
+    check_name,
+    find_profile,
+    profile_row,
+)
 from .recordings import audio_file, normalise_id
 from .sources import SourceError, file_path, not_a_file
 from .speakers import SpeakerStage, add_embedding
@@ -201,7 +208,7 @@ def enroll(
         replace(r, warnings=(*r.warnings, unlike)) if r.source in odd else r for r in results
     ]
     with Transaction(conn):
-        row = conn.execute("SELECT id FROM speakers WHERE name=?", (name,)).fetchone()
+        row = find_profile(conn, name)
         t = now()
         if row is None:
             speaker_id = str(ULID())

@@ -80,15 +80,23 @@ class ProfileInfo:
 
 
 def profile_row(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
-    """The named profile's row (the name as typed, or as stored: without its surrounding
-    spaces, composed); Missing names the command that lists them."""
-    row = conn.execute(
-        "SELECT * FROM speakers WHERE name IN (?, ?, ?) ORDER BY name=? DESC",
-        (name, name.strip(), _composed(name.strip()), name),
-    ).fetchone()
+    """The named profile's row (find_profile); Missing names the command that lists them."""
+    row = find_profile(conn, name)
     if row is None:
         raise Missing(f"no speaker named {name!r} (see `meraudiod speakers list`)")
-    return row  # type: ignore[no-any-return]
+    return row
+
+
+def find_profile(conn: sqlite3.Connection, name: str) -> sqlite3.Row | None:
+    """The profile of that name as typed, or as stored: without its surrounding spaces, in
+    Unicode's composed or (a name stored by an older version) decomposed form."""
+    bare = name.strip()
+    forms = (name, bare, _composed(bare), unicodedata.normalize("NFD", bare))
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT * FROM speakers WHERE name IN (?, ?, ?, ?) ORDER BY name=? DESC",
+        (*forms, name),
+    ).fetchone()
+    return row
 
 
 # Inside a word, joiners are part of a name: an emoji sequence, a Persian or Indic name.
@@ -191,7 +199,7 @@ def rename(conn: sqlite3.Connection, old: str, new: str) -> tuple[str, str]:
     new = check_name(new)
     with Transaction(conn):
         speaker = profile_row(conn, old)
-        holder = conn.execute("SELECT id FROM speakers WHERE name=?", (new,)).fetchone()
+        holder = find_profile(conn, new)
         if holder is not None and holder["id"] != speaker["id"]:  # its own name: nothing to do
             raise NameTaken(str(speaker["name"]), new)
         conn.execute(

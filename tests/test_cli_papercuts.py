@@ -562,6 +562,25 @@ def test_a_name_typed_decomposed_is_the_same_person(
     assert names == [composed, "Z\u00f6e"], names
 
 
+def test_a_name_an_older_version_stored_decomposed_is_found_composed(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    """A name stored decomposed before names were composed (a reviewer): typed composed it
+    was not found, and its enrolment made the second "Müller" again."""
+    db = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+    open_db(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO speakers (id, name, provisional, opt_out, created_at, updated_at)"
+            " VALUES ('01M8XE4ESQ6NNXH16808V7K5MJ', 'Mu\u0308ller', 0, 0, 0, 0)"
+        )
+    clip = str(TEST_DATA / "ls_3080_0000.flac")
+    assert cli("speakers", "enroll", "M\u00fcller", clip, env=env).returncode == 0
+    (row,) = json.loads(cli("speakers", "list", "--json", env=env).stdout)
+    assert row["embeddings"] == 1, row
+    assert cli("recordings", "list", "--speaker", "M\u00fcller", env=env).returncode == 0
+
+
 def test_a_name_with_invisible_or_reversing_characters_is_refused(
     env: dict[str, str], speaker_models: Path
 ) -> None:
