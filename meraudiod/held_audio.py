@@ -333,11 +333,9 @@ def take_back_spilled(conn: sqlite3.Connection, settings: Settings, memory: Memo
             except (OSError, soundfile.LibsndfileError):
                 lost += 1
         finished = found is not None and found["status"] != "pending" and not found["queued"]
-        replacing = None
         if samples is not None:
-            fits, replacing = memory.room()
-            if not fits:
-                continue  # memory full: it stays where it is, for the next start
+            if memory.room() != (True, None):
+                continue  # no free room: it stays where it is, safe, for the next start
             memory.put(rec_id, samples, finished=finished)
         try:
             with Transaction(conn):
@@ -349,11 +347,7 @@ def take_back_spilled(conn: sqlite3.Connection, settings: Settings, memory: Memo
                     taken += 1
                 else:
                     conn.execute("DELETE FROM kv WHERE key=?", (HELD_MARK + rec_id,))
-                if replacing is not None:  # its audio will never be written
-                    forget_held(conn, replacing)
                 conn.execute("DELETE FROM kv WHERE key=?", (SPILLED + rec_id,))
-            if replacing is not None:
-                memory.evict(replacing)
         except OSError as exc:
             memory.pop(rec_id)
             _LOGGER.error("recording %s: cannot remove %s: %s", rec_id, path, exc)

@@ -222,14 +222,11 @@ class MemoryAudio:
     def room(self) -> tuple[bool, str | None]:
         """Whether one more recording's audio can be held, and whose held audio it would
         then take the room of (None: there is room). Nothing changes until `put`: a save
-        whose transaction fails has taken nobody's room. A refusal (memory full of audio
-        still to be transcribed) is counted."""
+        whose transaction fails has taken nobody's room."""
         with self._lock:
             if len(self._items) < self.max_recordings:
                 return True, None
             oldest = next((i for i in self._items if i in self._transcribed), None)
-            if oldest is None:
-                self.dropped += 1
             return oldest is not None, oldest
 
     def put(self, rec_id: str, samples: Int16Array, finished: bool = False) -> None:
@@ -323,6 +320,7 @@ class RecordingStore:
         with memory.write_lock:
             fits, replacing = memory.room()
             if not fits:
+                memory.dropped += 1
                 _LOGGER.error(
                     "audio cannot be written and memory is full: recording of %.1f s dropped",
                     duration_s,
