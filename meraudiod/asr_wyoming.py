@@ -44,6 +44,7 @@ from .asr import (
 from .audio import FRAME_S, FRAME_SAMPLES, SAMPLE_RATE_HZ, Float32Array
 from .config import Settings
 from .segmenter import Segmenter, SegmenterParams, Utterance
+from .sources import printable
 from .vad import SileroVad
 from .wyoming_wire import MAX_LINE_BYTES, WyomingError, read_event
 
@@ -117,6 +118,9 @@ async def _exchange(
                 raise WyomingError("closed the connection")
             if answer.type == want:
                 return answer
+            if answer.type == "error":  # the protocol's own: its model cannot run, say
+                said = (answer.data or {}).get("text")
+                raise WyomingError(f"answered with an error: {printable(str(said))[:200]}")
     finally:
         client.abort()
 

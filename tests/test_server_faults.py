@@ -193,3 +193,27 @@ def test_analyze_whose_recordings_failed_to_be_transcribed_says_so_and_exits_1(
         "error: 4 of 5 recordings not transcribed: WyomingError: "
         f"{made.uri}: not a Wyoming server: it sent 'HTTP/1.1 500 Internal Server Error'"
     ], result.stderr
+
+
+def test_a_server_that_answers_with_an_error_event_is_heard_at_once(
+    env: dict[str, str],
+    server: tuple[HostileServer, dict[str, Callable[[Send], None]]],
+) -> None:
+    """A server whose model cannot run answers with the protocol's own `error` event: it was
+    skipped while the client waited for a transcript, so each request waited out its
+    deadline ("no answer in 35.1 s", three times for an 8 s clip) and the server's words
+    were never shown (found by a new user). Now the request fails at once, with them."""
+    made, holder = server
+    holder["answer"] = lambda send: send(event_bytes("error", {"text": "GPU out of memory"}))
+    run_env = wyoming_env(
+        env, [made.uri], MERAUDIOD_ASR__MAX_ATTEMPTS="1", MERAUDIOD_ASR__WYOMING__RETRY_MAX_S="1"
+    )
+    short = Path(__file__).parent / "data" / "ls_103_0000.flac"
+    result = cli("analyze", str(short), env=run_env, timeout_s=120)
+    assert result.returncode == 1, result.stderr
+    said = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert said == [
+        "error: 1 of 1 recording not transcribed: WyomingError: "
+        f"{made.uri}: answered with an error: GPU out of memory"
+    ], result.stderr
+    assert "no answer in" not in result.stderr, result.stderr
