@@ -107,6 +107,12 @@ def test_recordings_search_page_play_and_delete(daemon: HttpDaemon) -> None:
         details = client.get(f"/api/v1/recordings/{ids[0]}").json()
         assert details["segments"] and "audio_path" not in details
         assert details["audio_url"] == f"/api/v1/recordings/{ids[0]}/audio"
+        # An id in lower case is the same id here too (it was a 404, "ids are 26-character
+        # ULIDs", while the cursor and the CLI took it; found by a new user).
+        low = ids[0].lower()
+        assert client.get(f"/api/v1/recordings/{low}").json() == details
+        assert client.get(f"/api/v1/recordings/{low}/audio").status_code == 200
+        assert client.get(f"/api/v1/tasks/{low}").json()["status"] == "completed"
         whole = client.get(details["audio_url"])
         assert whole.status_code == 200 and whole.headers["content-type"] == "audio/flac"
         part = client.get(details["audio_url"], headers={"Range": "bytes=100-199"})

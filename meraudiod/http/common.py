@@ -86,10 +86,12 @@ class HttpContext:
 
 
 def check_id(rec_id: str, what: str = "recording") -> str:
-    """A ULID, or a 404 before it goes anywhere near a query or a path."""
-    if not ULID_RE.fullmatch(rec_id):
+    """A ULID as stored (upper case: typed in either case, as the CLI and a cursor take it),
+    or a 404 before it goes anywhere near a query or a path."""
+    stored = rec_id.upper()
+    if not ULID_RE.fullmatch(stored):
         raise ApiError(404, "not_found", f"no {what} {rec_id[:40]!r}: ids are 26-character ULIDs")
-    return rec_id
+    return stored
 
 
 # The HTTP status of each kind of command error (commands.CommandError.code).

@@ -126,7 +126,8 @@ def list_recordings(
 @router.get("/{rec_id}")
 def get_recording(rec_id: str, ctx: HttpContext = Depends(context)) -> Any:
     """One recording with its segments and speakers (the `recordings/get` command)."""
-    data = run_command(ctx, "recordings/get", {"id": check_id(rec_id)})
+    rec_id = check_id(rec_id)
+    data = run_command(ctx, "recordings/get", {"id": rec_id})
     data.pop("audio_path", None)  # where the file lives is the device's business
     data["audio_url"] = f"/api/v1/recordings/{rec_id}/audio"
     return data
@@ -135,7 +136,7 @@ def get_recording(rec_id: str, ctx: HttpContext = Depends(context)) -> Any:
 @router.get("/{rec_id}/audio", response_class=FileResponse)
 def get_audio(rec_id: str, ctx: HttpContext = Depends(context)) -> AudioResponse:
     """The recording's audio; HTTP range requests let a player seek."""
-    check_id(rec_id)
+    rec_id = check_id(rec_id)
     with ctx.connect() as conn:
         row = conn.execute("SELECT audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
     if row is None:

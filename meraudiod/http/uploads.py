@@ -208,7 +208,7 @@ async def upload_recording(request: Request, ctx: HttpContext = Depends(context)
 def task(task_id: str, ctx: HttpContext = Depends(context)) -> dict[str, Any]:
     """pending, running, completed or failed; completed carries what `analyze --json` prints.
     `attempts` counts failed tries, `crashes` the tries the process died in (a restart)."""
-    check_id(task_id, "task")
+    task_id = check_id(task_id, "task")
     with ctx.connect() as conn:
         row = conn.execute(
             "SELECT source, duration_s FROM recordings WHERE id=?"
