@@ -367,6 +367,8 @@ class RecordingStore:
                 out.write(block)
                 loudness.add(block)
         duration_s = loudness.samples / SAMPLE_RATE_HZ
+        # Stamped as a file is, ending as it was read: never a time to come.
+        started_at = min(started_at, now() - duration_s)
         recording = Recording.new(rec_id, source, started_at, 0.0, duration_s, path, loudness.dbfs)
         return self._register(recording, transcribe, in_transaction)
 

@@ -47,10 +47,16 @@ def test_upload_is_a_task_that_completes_with_what_analyze_prints(daemon: HttpDa
             files={"file": ("talk.flac", DEMO.read_bytes())},
             headers={"X-Request-ID": "upload-1"},
         )
+        answered_at = time.time()
         assert response.status_code == 202, response.text
         task_id = response.json()["task_id"]
         assert response.json()["status"] == "pending"
         body = wait_task(client, task_id, "completed")
+        # Stamped as a file is, ending as it was read: it began and ended in the future
+        # (its length after the upload; found by a new user).
+        stored = client.get(f"/api/v1/recordings/{task_id}").json()
+        assert stored["ended_at"] <= answered_at, (stored["ended_at"], answered_at)
+        assert stored["started_at"] <= answered_at - 35, (stored["started_at"], answered_at)
     assert body["status"] == "completed", body
     assert body["progress"] == 1.0
     result = body["result"]
