@@ -117,7 +117,13 @@ def list_recordings(
     rows = run_command(
         ctx,
         "recordings/list",
-        {"search": search, "since": since, "speaker": speaker, "limit": limit, "cursor": cursor},
+        {
+            "search": search,
+            "since": since,
+            "speaker": speaker,
+            "limit": limit,
+            "cursor": cursor or None,
+        },
     )
     next_cursor = rows[-1]["id"] if len(rows) == limit else None
     return {"recordings": rows, "next_cursor": next_cursor}
