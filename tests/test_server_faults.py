@@ -18,6 +18,7 @@ from meraudiod.audio import decode_file
 
 from .conftest import DEMO, DEMO_TRUTH, cli, db_rows, run_daemon, status_json, wait_for
 from .hostile_wyoming import HostileServer, Send, event_bytes
+from .httpd import HttpDaemon
 from .test_wyoming import wyoming_env
 
 BROKEN = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
@@ -217,3 +218,33 @@ def test_a_server_that_answers_with_an_error_event_is_heard_at_once(
         f"{made.uri}: answered with an error: GPU out of memory"
     ], result.stderr
     assert "no answer in" not in result.stderr, result.stderr
+
+
+def test_an_upload_task_waiting_to_be_tried_again_says_why_the_last_try_failed(
+    env: dict[str, str],
+    server: tuple[HostileServer, dict[str, Callable[[Send], None]]],
+) -> None:
+    """A task whose tries fail is `pending` until its attempts are used up: it said
+    `"error": null` meanwhile, while `meraudiod jobs` showed why (found by a new user)."""
+    made, holder = server
+    holder["answer"] = lambda send: send(event_bytes("error", {"text": "GPU out of memory"}))
+    run_env = wyoming_env(
+        env,
+        [made.uri],
+        MERAUDIOD_ASR__MAX_ATTEMPTS="3",
+        MERAUDIOD_ASR__RETRY_DELAY_S="600",
+        MERAUDIOD_ASR__WYOMING__RETRY_MAX_S="1",
+    )
+    http = HttpDaemon(run_env).start()
+    try:
+        with http.client() as client:
+            clip = (Path(__file__).parent / "data" / "ls_103_0000.flac").read_bytes()
+            answer = client.post("/api/v1/analysis/upload", files={"file": ("a.flac", clip)})
+            assert answer.status_code == 202, answer.text
+            task = f"/api/v1/tasks/{answer.json()['task_id']}"
+            wait_for(lambda: client.get(task).json()["error"] is not None, 60, "the error")
+            body = client.get(task).json()
+    finally:
+        assert http.stop() == 0, http.log()
+    assert body["status"] == "pending", body
+    assert "GPU out of memory" in body["error"], body

@@ -236,7 +236,8 @@ def task(task_id: str, ctx: HttpContext = Depends(context)) -> dict[str, Any]:
         "progress": {"pending": 0.0, "completed": 1.0}.get(state),
         "attempts": job["attempts"] if job is not None else 0,  # failed tries
         "crashes": job["crashes"] if job is not None else 0,  # tries the process died in
-        "error": job["error"] if job is not None and state == "failed" else None,
+        # Failed, why; waiting to be tried again, why the last try failed (it said null).
+        "error": job["error"] if job is not None and state != "completed" else None,
         "result": result,
     }
 
