@@ -78,6 +78,7 @@ class ServerState:
     def address(self) -> tuple[str, int]:
         """Host and port of tcp://host:port."""
         host, port = self.uri.removeprefix("tcp://").rsplit(":", 1)
+        host = host.removeprefix("[").removesuffix("]")  # an IPv6 address
         return host, int(port)
 
 

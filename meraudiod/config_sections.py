@@ -174,7 +174,8 @@ class RecorderSettings(Section):
         return self
 
 
-_WYOMING_URI: Final = re.compile(r"^tcp://[^\s:/]+:\d{1,5}$")
+# A host name, an IPv4 address or a bracketed IPv6 one (tcp://[::1]:10300), then the port.
+_WYOMING_URI: Final = re.compile(r"^tcp://([^\s:/\[\]]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}$")
 
 
 class WyomingSettings(Section):

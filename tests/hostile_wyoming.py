@@ -7,6 +7,7 @@ client let in."""
 from __future__ import annotations
 
 import json
+import socket
 import socketserver
 import threading
 from collections.abc import Callable
@@ -76,8 +77,10 @@ class HostileServer:
         answer: Callable[[Send], None],
         info: Callable[[Send], None] | None = None,
         early: bool = False,
+        ipv6: bool = False,
     ) -> None:
         self.port = free_port()
+        self.host = "::1" if ipv6 else "127.0.0.1"
         self.sent_bytes = 0
         self.requests = 0
         self.audio_bytes = 0  # the last request's audio, in bytes
@@ -105,15 +108,19 @@ class HostileServer:
                 except OSError:  # the client hung up: what it should do with nonsense
                     pass
 
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        class Server(socketserver.ThreadingTCPServer):
+            address_family = socket.AF_INET6 if ipv6 else socket.AF_INET
+            allow_reuse_address = True
+
+        self._server = Server((self.host, self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
     @property
     def uri(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
 
     def close(self) -> None:
         self.stopping.set()

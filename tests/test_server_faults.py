@@ -24,6 +24,7 @@ from .test_wyoming import wyoming_env
 BROKEN = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
 HELLO = event_bytes("transcript", {"text": "hello"})
 DEMO_PCM = decode_file(DEMO).astype("<i2").tobytes()
+TEST_DATA_SHORT = Path(__file__).parent / "data" / "ls_103_0000.flac"  # one utterance
 
 
 @pytest.fixture
@@ -248,3 +249,18 @@ def test_an_upload_task_waiting_to_be_tried_again_says_why_the_last_try_failed(
         assert http.stop() == 0, http.log()
     assert body["status"] == "pending", body
     assert "GPU out of memory" in body["error"], body
+
+
+def test_a_server_at_an_ipv6_address_is_used(env: dict[str, str]) -> None:
+    """`tcp://[::1]:10300` was refused by the configuration, "is not tcp://host:port" (found
+    by a new user): a bracketed IPv6 address is a server's address too."""
+    made = HostileServer(answer=lambda send: send(HELLO), ipv6=True)
+    try:
+        assert made.uri.startswith("tcp://[::1]:")
+        run_env = wyoming_env(env, [made.uri])
+        result = cli("analyze", "--json", str(TEST_DATA_SHORT), env=run_env, timeout_s=120)
+    finally:
+        made.close()
+    assert result.returncode == 0, result.stderr
+    (recording,) = json.loads(result.stdout)["recordings"]
+    assert recording["text"] == "hello", recording
