@@ -263,17 +263,17 @@ class Listener(StageThread):
         except (OSError, sqlite3.Error) as exc:
             _LOGGER.error("cannot take back the recordings kept in %s: %s", folder, exc)
 
+    def _why_unsaved(self) -> str:
+        """Why the database does not take the recordings that wait, as the log says it."""
+        if self.store_moved:
+            return "was moved"
+        return "cannot be written" if self.database_problem else "locked by another process"
+
     def _keep_waiting(self) -> None:
         """Stopping with recordings the database did not take: the daemon keeps them in the
         runtime directory for its next listener (after a restart, or a microphone reopened);
         what cannot be kept is lost, a line each."""
-        why = (
-            "was moved"
-            if self.store_moved
-            else "cannot be written"
-            if self.database_problem
-            else "locked by another process"
-        )
+        why = self._why_unsaved()
         folder = unsaved_dir(self.settings.storage) if self.job_origin is None else None
         kept = 0
         if folder is not None:
@@ -433,10 +433,9 @@ class Listener(StageThread):
         started_at = clock.started_at(start_s, samples.size / SAMPLE_RATE_HZ)
         probs = buffer.probs(event.start_frame, event.end_frame)
         if len(self._waiting) >= _MAX_WAITING:
-            why = "cannot be written" if self.database_problem else "locked by another process"
             _LOGGER.error(
                 "database %s and %d recordings waiting: recording of %.1f s dropped",
-                why,
+                self._why_unsaved(),
                 len(self._waiting),
                 samples.size / SAMPLE_RATE_HZ,
             )

@@ -228,8 +228,7 @@ class Surfaces:
         return self._last_state is None or self._last_state.get("recording") != speaking
 
     def _state_message(self, conn: sqlite3.Connection) -> Outgoing:
-        payload = retained_state(conn, self.daemon).to_payload()
-        return Outgoing("state", json.dumps(payload), qos=1, retain=True)
+        return _retained("state", retained_state(conn, self.daemon).to_payload())
 
     def publish_state(self) -> None:
         """The retained state, now."""
@@ -243,7 +242,7 @@ class Surfaces:
             if changes != self._state_changes:  # made old meanwhile: the next pass, anew
                 return
             self._last_state = payload
-            self.mqtt.send(Outgoing("state", json.dumps(payload), qos=1, retain=True))
+            self.mqtt.send(_retained("state", payload))
 
     def publish_listening(self) -> None:
         """The listening switch's retained state."""
@@ -251,3 +250,8 @@ class Surfaces:
             return
         value = "ON" if self.daemon.listening else "OFF"
         self.mqtt.send(Outgoing("listening/state", value, qos=1, retain=True))
+
+
+def _retained(topic: str, payload: dict[str, Any]) -> Outgoing:
+    """A retained message of JSON, at QoS 1 (the device's state)."""
+    return Outgoing(topic, json.dumps(payload), qos=1, retain=True)

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -1092,25 +1094,33 @@ def test_mqtt_test_with_mqtt_off_says_so(env: dict[str, str]) -> None:
     ), result.stderr
 
 
-def test_status_says_reload_refused_while_the_file_is_broken(env: dict[str, str]) -> None:
-    # Found walking the README ("`status` says `reload refused` and why, until a reload
-    # succeeds"): `meraudiod status` read the same broken file and said only "Error: invalid
-    # configuration ...", so whether the daemon still ran, and on what, went unsaid.
-    config = Path(env["MERAUDIOD_CONFIG"])
+@contextmanager
+def _quiet_room_daemon(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A daemon running on stdin fed silence, as a quiet room's; its stdin closed at the end
+    (its end: it stops)."""
     proc = run_daemon(env, stderr=subprocess.DEVNULL)
     feeder = SilenceFeeder(proc).start()
     try:
         wait_running(env, proc)
-        config.write_text("[recorder]\nhangover_ms = 1e9\n")  # a typo for 1e3
-        proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "reload refused" in cli("status", env=env).stdout, 60, "the refusal")
-        shown = cli("status", env=env)
-        data = json.loads(cli("status", "--json", env=env).stdout)
+        yield proc
     finally:
         feeder.stop()
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(timeout=60)
+
+
+def test_status_says_reload_refused_while_the_file_is_broken(env: dict[str, str]) -> None:
+    # Found walking the README ("`status` says `reload refused` and why, until a reload
+    # succeeds"): `meraudiod status` read the same broken file and said only "Error: invalid
+    # configuration ...", so whether the daemon still ran, and on what, went unsaid.
+    config = Path(env["MERAUDIOD_CONFIG"])
+    with _quiet_room_daemon(env) as proc:
+        config.write_text("[recorder]\nhangover_ms = 1e9\n")  # a typo for 1e3
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in cli("status", env=env).stdout, 60, "the refusal")
+        shown = cli("status", env=env)
+        data = json.loads(cli("status", "--json", env=env).stdout)
     assert shown.returncode == 1, shown.stderr
     assert shown.stdout.splitlines()[0].split()[:2] == ["daemon", "running"], shown.stdout
     assert shown.stderr.startswith(f"Error: invalid configuration ({config}): recorder.hangover")
@@ -1128,17 +1138,9 @@ def test_status_finds_the_daemon_of_a_file_that_is_no_toml_by_its_storage_sectio
     config.write_text(storage)
     own = {k: v for k, v in env.items() if k != "MERAUDIOD_STORAGE__DATA_DIR"}
     room = {**env, "MERAUDIOD_STORAGE__DATA_DIR": str(tmp_path / "room")}
-    proc = run_daemon(room, stderr=subprocess.DEVNULL)
-    feeder = SilenceFeeder(proc).start()
-    try:
-        wait_running(room, proc)
+    with _quiet_room_daemon(room):
         config.write_text(storage + '[asr]\nmodel = "a"\nmodel = "b"\n')
         shown = cli("status", env=own)
-    finally:
-        feeder.stop()
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=60)
     assert shown.returncode == 1, shown.stderr
     assert shown.stdout.splitlines()[0].split()[:2] == ["daemon", "running"], shown.stdout
     assert shown.stderr.startswith(f"Error: cannot read config file {config}: "), shown.stderr

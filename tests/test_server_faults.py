@@ -23,6 +23,8 @@ from .test_wyoming import wyoming_env
 
 BROKEN = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
 HELLO = event_bytes("transcript", {"text": "hello"})
+# The protocol's own error event, as from a server whose model cannot run.
+GPU_FULL = event_bytes("error", {"text": "GPU out of memory"})
 DEMO_PCM = decode_file(DEMO).astype("<i2").tobytes()
 TEST_DATA_SHORT = Path(__file__).parent / "data" / "ls_103_0000.flac"  # one utterance
 
@@ -206,12 +208,11 @@ def test_a_server_that_answers_with_an_error_event_is_heard_at_once(
     deadline ("no answer in 35.1 s", three times for an 8 s clip) and the server's words
     were never shown (found by a new user). Now the request fails at once, with them."""
     made, holder = server
-    holder["answer"] = lambda send: send(event_bytes("error", {"text": "GPU out of memory"}))
+    holder["answer"] = lambda send: send(GPU_FULL)
     run_env = wyoming_env(
         env, [made.uri], MERAUDIOD_ASR__MAX_ATTEMPTS="1", MERAUDIOD_ASR__WYOMING__RETRY_MAX_S="1"
     )
-    short = Path(__file__).parent / "data" / "ls_103_0000.flac"
-    result = cli("analyze", str(short), env=run_env, timeout_s=120)
+    result = cli("analyze", str(TEST_DATA_SHORT), env=run_env, timeout_s=120)
     assert result.returncode == 1, result.stderr
     said = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert said == [
@@ -228,7 +229,7 @@ def test_an_upload_task_waiting_to_be_tried_again_says_why_the_last_try_failed(
     """A task whose tries fail is `pending` until its attempts are used up: it said
     `"error": null` meanwhile, while `meraudiod jobs` showed why (found by a new user)."""
     made, holder = server
-    holder["answer"] = lambda send: send(event_bytes("error", {"text": "GPU out of memory"}))
+    holder["answer"] = lambda send: send(GPU_FULL)
     run_env = wyoming_env(
         env,
         [made.uri],
@@ -239,7 +240,7 @@ def test_an_upload_task_waiting_to_be_tried_again_says_why_the_last_try_failed(
     http = HttpDaemon(run_env).start()
     try:
         with http.client() as client:
-            clip = (Path(__file__).parent / "data" / "ls_103_0000.flac").read_bytes()
+            clip = TEST_DATA_SHORT.read_bytes()
             answer = client.post("/api/v1/analysis/upload", files={"file": ("a.flac", clip)})
             assert answer.status_code == 202, answer.text
             task = f"/api/v1/tasks/{answer.json()['task_id']}"
