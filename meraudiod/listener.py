@@ -144,9 +144,8 @@ class Listener(StageThread):
         # The data directory was moved under the daemon (Health.check_store): nothing more is
         # written to the old path; what is heard is kept in run_dir for the next start.
         self.store_moved = False
-        # The audio problem is no want of room (a read-only file system, a directory the
-        # daemon may not write): the directory that refused is looked at until it can be.
-        self._audio_read_only = False
+        # When the audio problem is no want of room (a read-only file system, a directory
+        # the daemon may not write), the directory that refused, looked at until it can be.
         self._refused_dir: Path | None = None
         # Free space (MB) when the audio directory's disk refused audio for want of room.
         self._free_when_refused_mb = 0.0
@@ -365,8 +364,8 @@ class Listener(StageThread):
             if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
                 refused = Path(exc.filename).parent  # a day's directory made by another user
             self.audio_problem = f"cannot write audio to {refused} ({exc.strerror})"
-            self._audio_read_only = exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
-            self._refused_dir = refused
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                self._refused_dir = refused
             _LOGGER.error(
                 "%s: recordings' audio kept in memory (at most %d) until it can be written",
                 self.audio_problem,
@@ -380,8 +379,8 @@ class Listener(StageThread):
         fsyncs: the source's frames are not kept waiting)."""
         self._probe_at_s = time.monotonic() + _FULL_RETRY_S
         if self.audio_problem is not None and not (
-            writable(self._refused_dir or store.audio_dir)
-            if self._audio_read_only
+            writable(self._refused_dir)
+            if self._refused_dir is not None
             else room_again(store.audio_dir, self._free_when_refused_mb)
         ):
             return
@@ -412,7 +411,7 @@ class Listener(StageThread):
 
     def _audio_writable(self, store: RecordingStore) -> None:
         _LOGGER.info("can write audio to %s again", store.audio_dir)
-        self.audio_problem, self._audio_read_only, self._refused_dir = None, False, None
+        self.audio_problem, self._refused_dir = None, None
         self._probe_at_s = 0.0  # what is held in memory is written from the next frame on
 
     def _handle(
