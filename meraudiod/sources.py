@@ -36,6 +36,7 @@ from .audio import (
 )
 from .config_sections import AudioSettings
 from .paths import NoHomeError, expand_home, link_loop
+from .wording import counted
 
 _STDIN_READ_BYTES: Final = FRAME_SAMPLES * 2
 
@@ -321,7 +322,7 @@ def _wav_refusal(header: WavHeader) -> str:
     if header.codec == 0:
         return "stdin is a WAV file without a format chunk: " + _RAW_HINT
     return (
-        f"stdin is a WAV file of {header.rate_hz} Hz, {header.channels} channel(s),"
+        f"stdin is a WAV file of {header.rate_hz} Hz, {counted(header.channels, 'channel')},"
         f" {header.bits}-bit (format {header.codec}), not 16 kHz mono 16-bit: " + _RAW_HINT
     )
 

@@ -297,7 +297,8 @@ def test_a_wav_file_on_stdin_is_told_apart_from_raw_pcm(env: dict[str, str]) -> 
     wrong_rate = np.repeat(speech, 3)  # 48 kHz
     refused = run_stdin(env, wav_bytes(wrong_rate, 48000))
     assert refused.returncode == 1
-    assert b"WAV file of 48000 Hz" in refused.stderr and b"Traceback" not in refused.stderr
+    assert b"WAV file of 48000 Hz, 1 channel, 16-bit" in refused.stderr
+    assert b"Traceback" not in refused.stderr
     assert db_rows(env, "SELECT id FROM recordings") == []
     fitting = run_stdin(env, wav_bytes(speech, 16000))
     assert fitting.returncode == 0, fitting.stderr.decode()

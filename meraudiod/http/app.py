@@ -85,6 +85,7 @@ class Guard:
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
+                    *(PAGE_HEADERS if scope["path"] in PAGES else ()),
                 ]
             await send(message)
 
@@ -155,7 +156,7 @@ class Guard:
                 if token and _same(token, self.token):
                     await _respond(scope, receive, send, _login(token))
                     return
-                await _respond(scope, receive, send, HTMLResponse(_LOGIN_PAGE, 401, NO_FRAMES))
+                await _respond(scope, receive, send, HTMLResponse(_LOGIN_PAGE, 401))
                 return
             await _respond(
                 scope, receive, send, _error(401, "unauthorized", "missing or wrong bearer token")
@@ -303,9 +304,21 @@ def _login(token: str) -> Response:
     return response
 
 
-# The page in another site's frame, invisible over that site's buttons, would take the
-# user's clicks (delete, opt out, the listening switch): clickjacking.
-NO_FRAMES: Final = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+# The device's pages (the review page, its login, Swagger UI and ReDoc) load nothing from
+# another host: ReDoc's bundle asked cdn.redoc.ly for its logo, telling that host that a
+# device was being looked at. And no other site may frame them: the page in another site's
+# frame, invisible over that site's buttons, would take the user's clicks (delete, opt out,
+# the listening switch): clickjacking.
+PAGES: Final = frozenset({"/", "/api/docs", "/api/redoc"})
+PAGE_HEADERS: Final = [
+    (b"x-frame-options", b"DENY"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline';"
+        b" img-src 'self' data:; media-src 'self' blob:; worker-src 'self' blob:;"
+        b" frame-ancestors 'none'",
+    ),
+]
 
 _LOGIN_PAGE: Final = """<!doctype html><meta name="viewport" content="width=device-width">
 <title>meraudiod</title><form method="get" action="/"><p>This device needs its token
@@ -383,7 +396,7 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:
-        return HTMLResponse(_asset("index.html"), headers=NO_FRAMES)
+        return HTMLResponse(_asset("index.html"))
 
     @app.get("/page/{name}", include_in_schema=False)
     def page_asset(name: str) -> Response:

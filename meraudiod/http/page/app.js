@@ -16,6 +16,9 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+// "1 clip", "2 clips" (as the CLI's wording.counted says counts).
+const counted = (n, noun) => `${n} ${noun}${n === 1 ? "" : "s"}`;
+
 function say(text) {
   $("message").textContent = text;
   clearTimeout(say.timer);
@@ -188,7 +191,7 @@ function unknownCard(p, people) {
 function personCard(p) {
   return el("li", { "data-name": p.name },
     el("div", {}, el("strong", {}, p.name), p.opt_out ? " (not kept)" : ""),
-    el("div", { class: "meta" }, `${p.embeddings} voice samples · heard ${when(p.last_heard_at) || "-"}`),
+    el("div", { class: "meta" }, `${counted(p.embeddings, "voice sample")} · heard ${when(p.last_heard_at) || "-"}`),
     el("div", { class: "actions" }, ...speakerActions(p)));
 }
 
@@ -198,7 +201,7 @@ $("enrol-form").addEventListener("submit", async (e) => {
   form.set("name", $("enrol-name").value.trim());
   Array.from($("enrol-files").files).forEach((f) => form.append("files", f));
   const result = await api("POST", "/api/v1/persistent-speakers/upload", form);
-  say(`${result.name} enrolled from ${result.sources.filter((s) => s.stored).length} clip(s)`);
+  say(`${result.name} enrolled from ${counted(result.sources.filter((s) => s.stored).length, "clip")}`);
   e.target.reset();
   loadSpeakers();
 });
