@@ -383,3 +383,66 @@ def test_recordings_of_a_live_socket_the_locked_database_did_not_take_are_counte
     transcripts = [e for e in got if e.get("event_type") == "transcript"]
     assert counted == (2, 2) and len(transcripts) == 2, got
     assert "Dashwood" in transcripts[0]["text"]
+
+
+def test_no_live_stream_is_recorded_while_listening_is_off(daemon: HttpDaemon) -> None:
+    # The listening switch closed the microphone, but /ws/audio went on recording: a remote
+    # microphone, recorded while the owner had switched listening off.
+    import websockets
+
+    ws_url = daemon.url.replace("http://", "ws://") + "/ws/audio"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    first = decode_file(DEMO)[: 16000 * 9].astype("<i2").tobytes()  # one utterance
+    second = decode_file(DEMO)[16000 * 9 : 16000 * 14].astype("<i2").tobytes()
+
+    def stored() -> list[str]:
+        with daemon.client() as client:
+            got = client.get("/api/v1/recordings", params={"limit": 1000}).json()
+            return [r["id"] for r in got["recordings"]]
+
+    async def refused() -> tuple[int, str]:
+        async with websockets.connect(ws_url, additional_headers=headers) as ws:
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                await ws.send(first)
+                await asyncio.wait_for(ws.recv(), 60)
+        assert info.value.rcvd is not None
+        return info.value.rcvd.code, info.value.rcvd.reason
+
+    async def switched_off_midway() -> tuple[int, str]:
+        async with websockets.connect(ws_url, additional_headers=headers) as ws:
+            for start in range(0, len(first), 3200):
+                await ws.send(first[start : start + 3200])
+            with daemon.client() as client:
+                assert client.post("/api/v1/vad/stop").json() == {"listening": False}
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                for start in range(0, len(second), 3200):
+                    await ws.send(second[start : start + 3200])
+                    await asyncio.sleep(0.01)
+                while True:
+                    await asyncio.wait_for(ws.recv(), 60)
+        assert info.value.rcvd is not None
+        return info.value.rcvd.code, info.value.rcvd.reason
+
+    before = stored()
+    try:
+        with daemon.client() as client:
+            assert client.post("/api/v1/vad/stop").json() == {"listening": False}
+        code, reason = asyncio.run(refused())
+        assert code == 4409 and "listening is off" in reason, reason
+        assert stored() == before
+        with daemon.client() as client:
+            assert client.post("/api/v1/vad/start").json() == {"listening": True}
+        code, reason = asyncio.run(switched_off_midway())
+        assert code == 4409 and "listening was switched off" in reason, reason
+        deadline = time.monotonic() + 60
+        while len(stored()) == len(before) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+        new = [r for r in stored() if r not in before]
+        assert len(new) == 1, new  # what was said before the switch, and nothing after
+        with daemon.client() as client:
+            recording = client.get(f"/api/v1/recordings/{new[0]}").json()
+        assert recording["duration_s"] < 9.5, recording
+    finally:
+        with daemon.client() as client:
+            client.post("/api/v1/vad/start")

@@ -34,6 +34,7 @@ MAX_LIVE_STREAMS: Final = 4
 # A WebSocket is the one thing that holds a connection for long: 64 of /ws/events, the
 # connection limit (http.max_connections), and every other request got 503.
 MAX_EVENT_SOCKETS: Final = 16
+LISTENING_OFF: Final = 4409  # the close code of a stream while listening is switched off
 
 
 class EventHub:
@@ -167,6 +168,9 @@ async def ws_audio(websocket: WebSocket, rate_hz: str = str(SAMPLE_RATE_HZ)) -> 
     if not 8000 <= rate <= 192000:
         await websocket.close(1003, f"rate_hz must be 8000 to 192000, not {rate_hz[:20]}")
         return
+    if not daemon.listening:  # a live stream is a microphone: the switch closes it too
+        await websocket.close(LISTENING_OFF, "listening is off: nothing is recorded until it is on")
+        return
     if not slots.acquire(blocking=False):  # each stream costs a VAD and a listener thread
         await websocket.close(1013, f"at most {MAX_LIVE_STREAMS} live audio streams at once")
         return
@@ -204,6 +208,9 @@ async def _stream(websocket: WebSocket, ctx: HttpContext, daemon: Any, rate_hz: 
                 await websocket.close(1008, said)
                 break
             if message["type"] == "websocket.disconnect":
+                break
+            if not daemon.listening:  # what was said before the switch is saved
+                await websocket.close(LISTENING_OFF, "listening was switched off")
                 break
             if message.get("bytes"):
                 await asyncio.to_thread(stream.push, message["bytes"])
