@@ -190,7 +190,10 @@ class WyomingSettings(Section):
         " by; spread: each request goes to the next server that is up, in turn",
     )
     connect_timeout_s: float = Field(
-        3.0, gt=0, description="Connecting, and a server's answer to Describe, within this"
+        3.0,
+        gt=0,
+        description="Connecting within this; Describe answered within twice this, connecting"
+        " included",
     )
     deadline_base_s: float = Field(
         10.0, gt=0, description="A request's deadline: this plus deadline_per_audio_s per second"
