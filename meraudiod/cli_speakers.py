@@ -178,13 +178,14 @@ def speakers_test(
         echo_json([asdict(r) for r in results])
         return
     for r in results:
+        source = f"{r.source}, voice {r.voice} of {r.voices}" if r.voice else r.source
         if r.reason:
-            click.echo(f"{r.source}: {r.speech_s:.1f} s of speech, no score: {r.reason}")
+            click.echo(f"{source}: {r.speech_s:.1f} s of speech, no score: {r.reason}")
             continue
         verdict = "named " + r.named if r.named else "unknown"
         mark = "ok" if r.named == name else f"not {name}"
         scores = ", ".join(f"{who} {score:.2f}" for who, score in r.scores)
-        click.echo(f"{r.source}: {r.speech_s:.1f} s of speech, {verdict} ({mark}); {scores}")
+        click.echo(f"{source}: {r.speech_s:.1f} s of speech, {verdict} ({mark}); {scores}")
 
 
 @speakers_group.command("rename")

@@ -22,6 +22,7 @@ from .audio import (
     to_float32,
 )
 from .db import Transaction, now
+from .diarization import LocalSpeaker, gather
 from .profiles import (
     GOOD_ENROL_SPEECH_S,
     Missing,
@@ -80,13 +81,22 @@ def clip_warnings(stage: SpeakerStage, audio: Float32Array, speech_s: float) -> 
             noise_db = 10 * np.log10(float(np.mean(audio[~mask] ** 2)) + 1e-12)
             if speech_db - noise_db < _MIN_SNR_DB:
                 warnings.append(f"noisy: speech only {speech_db - noise_db:.0f} dB over the pauses")
-    # Without speaker-change detection: a close clip's second voice is the segmentation's
-    # second local speaker (two LibriSpeech voices back to back, no pause: found in each of
-    # ten pairs either way), and on a 30 s clip of one voice the detection was about half
-    # of the clip's CPU (18 -> 10 s on a 2-core x86 test machine, voiceprint included).
-    if len(stage.diarizer(audio, find_changes=False).speakers) > 1:
+    if len(voices(stage, audio)) > 1:
         warnings.append("holds more than one voice (diarization found several)")
     return warnings
+
+
+def voices(stage: SpeakerStage, audio: Float32Array) -> tuple[LocalSpeaker, ...]:
+    """The voices of a clip with speech of their own to score (speakers.min_speech_s): a
+    local speaker heard only over another (0.0 s alone, in one LibriSpeech reader's clip)
+    is no second voice.
+
+    Without speaker-change detection: a close clip's second voice is the segmentation's
+    second local speaker (two LibriSpeech voices back to back, no pause: found in each of
+    ten pairs either way), and on a 30 s clip of one voice the detection was about half
+    of the clip's CPU (18 -> 10 s on a 2-core x86 test machine, voiceprint included)."""
+    found = stage.diarizer(audio, find_changes=False).speakers
+    return tuple(v for v in found if v.speech_s >= stage.settings.speakers.min_speech_s)
 
 
 def _odd_ones(
@@ -232,20 +242,24 @@ def enroll(
 
 @dataclass(frozen=True)
 class ClipTest:
-    """What identification makes of one clip: every profile's confidence and the verdict."""
+    """What identification makes of one clip (or of one voice of it): every profile's
+    confidence and the verdict."""
 
     source: str
     speech_s: float
     scores: tuple[tuple[str, float], ...]  # (name, confidence), best first
     named: str | None  # who it would be named as (None: unknown)
     reason: str | None = None  # why there is no score
+    voice: int | None = None  # which voice of the clip (1, 2, ...), when it holds several
+    voices: int = 1
 
 
 def test_clips(
     conn: sqlite3.Connection, stage: SpeakerStage, name: str, sources: Sequence[str]
 ) -> tuple[str, list[ClipTest]]:
     """The person's name as stored (" Alice" is Alice), and each clip scored against
-    everyone, as the worker would, for `speakers test`."""
+    everyone, as the worker would, for `speakers test`: each voice on its own where the
+    diarization finds several (one score of them all, mixed, was no one's)."""
     stored = str(profile_row(conn, name)["name"])  # the person must exist
     profiles = load_profiles(conn, stage.model)
     out = []
@@ -256,15 +270,30 @@ def test_clips(
         except AudioDecodeError as exc:
             out.append(ClipTest(label, 0.0, (), None, str(exc)))
             continue
-        vector, speech_s = stage.voiceprint(audio)
-        if vector is None:
-            out.append(ClipTest(label, speech_s, (), None, "too little speech"))
+        found = voices(stage, audio)
+        if len(found) > 1:
+            for i, voice in enumerate(found, 1):
+                clip = gather(audio, voice.spans, stage.settings.speakers.max_embedding_s)
+                tested = _tested(stage, profiles, label, stage.embedder(clip), voice.speech_s)
+                out.append(replace(tested, voice=i, voices=len(found)))
             continue
-        scores = tuple(
-            (p.name, round(stage.calibration.confidence(s, speech_s), 3))
-            for s, p in score_profiles(profiles, vector, stage.calibration)
-        )
-        out.append(
-            ClipTest(label, speech_s, scores, stage.identify(profiles, vector, speech_s).name)
-        )
+        vector, speech_s = stage.voiceprint(audio)
+        out.append(_tested(stage, profiles, label, vector, speech_s))
     return stored, out
+
+
+def _tested(
+    stage: SpeakerStage,
+    profiles: list[Profile],
+    source: str,
+    vector: Float32Array | None,
+    speech_s: float,
+) -> ClipTest:
+    """One voice's scores against everyone and its verdict (None: too little speech)."""
+    if vector is None:
+        return ClipTest(source, speech_s, (), None, "too little speech")
+    scores = tuple(
+        (p.name, round(stage.calibration.confidence(s, speech_s), 3))
+        for s, p in score_profiles(profiles, vector, stage.calibration)
+    )
+    return ClipTest(source, speech_s, scores, stage.identify(profiles, vector, speech_s).name)

@@ -454,6 +454,33 @@ def test_enrolment_warns_and_clips_can_be_tested(
     assert cli("speakers", "test", "Nobody", str(short), env=env).returncode != 0
 
 
+def test_each_voice_of_a_clip_is_tested_on_its_own(
+    env: dict[str, str], speaker_models: Path, tmp_path: Path
+) -> None:
+    """A clip of Alice and a stranger got one score, of the voice that spoke most, as if
+    the clip held one voice: each voice the diarization finds is now scored on its own."""
+    import soundfile
+
+    two = tmp_path / "two.wav"  # Alice, then a stranger with no pause between them
+    soundfile.write(two, np.concatenate([audio(ALICE_TEST[0]), audio(STRANGERS[0])]), 16000)
+    assert cli("speakers", "enroll", "Alice", *(str(TEST_DATA / c) for c in ALICE), env=env)
+    result = cli("speakers", "test", "Alice", str(two), "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    clips = json.loads(result.stdout)
+    assert [(c["voice"], c["voices"]) for c in clips] == [(1, 2), (2, 2)], clips
+    assert sorted(str(c["named"]) for c in clips) == ["Alice", "None"], clips
+    said = cli("speakers", "test", "Alice", str(two), env=env).stdout.splitlines()
+    assert len(said) == 2 and all("two.wav, voice " in line for line in said), said
+    assert any("named Alice (ok)" in line for line in said), said
+    alone = cli("speakers", "test", "Alice", str(TEST_DATA / ALICE_TEST[0]), "--json", env=env)
+    ((voice, voices),) = [(c["voice"], c["voices"]) for c in json.loads(alone.stdout)]
+    assert (voice, voices) == (None, 1)
+    # That clip's segmentation has a second local speaker heard only over Alice (0.0 s of
+    # its own): enrolling from it warned of a second voice.
+    enrolled = cli("speakers", "enroll", "Again", str(TEST_DATA / ALICE_TEST[0]), env=env)
+    assert enrolled.returncode == 0 and "warning" not in enrolled.stdout, enrolled.stdout
+
+
 def first_speech_plain(clip: np.ndarray, seconds: float) -> np.ndarray:
     """The clip's first seconds after 0.3 s (LibriSpeech clips start with speech at once)."""
     return clip[: int((0.3 + seconds) * 16000)]
