@@ -87,7 +87,7 @@ def forget_recording(conn: sqlite3.Connection, rec_id: str) -> None:
     """A recording's rows (inside the caller's transaction): text, index rows, jobs,
     undelivered events and the embeddings taken from it. Marks its text as still to be
     forgotten (forget_deleted_text), in the same commit."""
-    put_kv(conn, _UNFORGOTTEN_KEY, "1")
+    mark_unforgotten(conn)
     conn.execute("DELETE FROM outbox WHERE recording_id=?", (rec_id,))
     conn.execute("DELETE FROM speaker_embeddings WHERE recording_id=?", (rec_id,))
     conn.execute("DELETE FROM recordings WHERE id=?", (rec_id,))
@@ -144,6 +144,12 @@ def remove_file(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def mark_unforgotten(conn: sqlite3.Connection) -> None:
+    """Inside a delete's transaction: what it deletes is still in the database files until
+    forget_deleted_text has run (done at the next sweep or start if the process dies first)."""
+    put_kv(conn, _UNFORGOTTEN_KEY, "1")
 
 
 def forget_deleted_text(conn: sqlite3.Connection) -> None:

@@ -23,7 +23,7 @@ from . import models
 from .audio import Float32Array
 from .config import Settings
 from .db import Transaction, now
-from .deletion import delete_recordings
+from .deletion import delete_recordings, forget_deleted_text, mark_unforgotten
 from .scoring import Calibration
 from .speakers import is_provisional_name
 from .voiceprints import load_profiles, model_id
@@ -263,8 +263,12 @@ def delete(
         # Called with none left too: a delete killed before the index was merged is finished.
         recordings = delete_recordings(conn, audio_dir, ids).recordings
     with Transaction(conn):
+        mark_unforgotten(conn)
         conn.execute("UPDATE segments SET speaker_id=NULL WHERE speaker_id=?", (speaker_id,))
         conn.execute("DELETE FROM speakers WHERE id=?", (speaker_id,))  # embeddings cascade
+    # The voiceprints, the name and the clips' paths leave the log too (with the daemon
+    # holding the database open, the log kept them until some later delete's checkpoint).
+    forget_deleted_text(conn)
     return Deleted(int(embeddings), recordings)
 
 

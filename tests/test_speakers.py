@@ -481,6 +481,33 @@ def test_each_voice_of_a_clip_is_tested_on_its_own(
     assert enrolled.returncode == 0 and "warning" not in enrolled.stdout, enrolled.stdout
 
 
+@pytest.mark.parametrize("recordings", [False, True])
+def test_a_deleted_persons_voiceprints_and_name_leave_the_database_files(
+    env: dict[str, str], speaker_models: Path, recordings: bool
+) -> None:
+    """`speakers delete` removed the rows, but with the daemon holding the database open
+    the log kept the voiceprints, the name and the clips' paths until some later delete of a
+    recording happened to checkpoint it (with --recordings too: its checkpoint came before
+    the person's row went)."""
+    db_path = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+    name = "Quentinella"
+    enrolled = cli("speakers", "enroll", name, *(str(TEST_DATA / c) for c in ALICE), env=env)
+    assert enrolled.returncode == 0, enrolled.stderr
+    daemon = sqlite3.connect(db_path)  # as the running daemon does: the log is not removed
+    try:
+        vectors = [bytes(r[0]) for r in daemon.execute("SELECT vector FROM speaker_embeddings")]
+        assert len(vectors) == 2
+        args = ["--recordings"] if recordings else []
+        deleted = cli("speakers", "delete", name, *args, env=env)
+        assert deleted.returncode == 0, deleted.stderr
+        stored = b"".join(p.read_bytes() for p in db_path.parent.glob("meraudiod.db*"))
+        assert name.encode() not in stored
+        assert ALICE[0].encode() not in stored  # the clip's path, stored as its source
+        assert not any(v in stored for v in vectors)
+    finally:
+        daemon.close()
+
+
 def first_speech_plain(clip: np.ndarray, seconds: float) -> np.ndarray:
     """The clip's first seconds after 0.3 s (LibriSpeech clips start with speech at once)."""
     return clip[: int((0.3 + seconds) * 16000)]
