@@ -55,6 +55,7 @@ class EnrolResult:
     warnings: tuple[str, ...] = ()  # stored, but it may recognise the person badly
 
 
+_ALREADY: Final = "already enrolled (the same audio as an earlier clip)"
 # What makes an enrolment clip a poor reference (it is still stored: the owner decides).
 _FULL_SCALE: Final = 0.99
 _MAX_CLIPPED_FRACTION: Final = 0.001
@@ -196,8 +197,7 @@ def enroll(
             results.append(EnrolResult(label, speech_s, False, reason))
             continue
         if any(float(vector @ v) > SAME_AUDIO_COSINE for v in stored_vectors):
-            reason = "already enrolled (the same audio as an earlier clip)"
-            results.append(EnrolResult(label, speech_s, False, reason))
+            results.append(EnrolResult(label, speech_s, False, _ALREADY))
             continue
         stored_vectors.append(vector)
         found.append((label, vector, speech_s))
@@ -218,6 +218,24 @@ def enroll(
         replace(r, warnings=(*r.warnings, unlike)) if r.source in odd else r for r in results
     ]
     with Transaction(conn):
+        # Looked for again under the write lock: the same clip enrolled at the same moment by
+        # another request (a double click, a retry) was stored as many times as it was sent.
+        now_stored = [
+            v for p in load_profiles(conn, stage.model) if p.name == name for v in p.vectors
+        ]
+        again = {
+            label
+            for label, v, _ in found
+            if any(float(v @ w) > SAME_AUDIO_COSINE for w in now_stored)
+        }
+        if again:
+            found = [f for f in found if f[0] not in again]
+            results = [
+                EnrolResult(r.source, r.speech_s, False, _ALREADY) if r.source in again else r
+                for r in results
+            ]
+        if not found:
+            return results
         row = find_profile(conn, name)
         t = now()
         if row is None:

@@ -508,6 +508,34 @@ def test_a_deleted_persons_voiceprints_and_name_leave_the_database_files(
         daemon.close()
 
 
+def test_the_same_clip_enrolled_at_once_by_several_requests_is_stored_once(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    """A double click on the page's enrol button, or a client retrying after a timeout: the
+    same clip enrolled four times at once was stored four times (each request looked for it
+    before any had stored it), weighting the person's mean towards it."""
+    import subprocess
+    import sys
+
+    clip = str(TEST_DATA / ALICE[0])
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "meraudiod", "speakers", "enroll", "Fay", clip],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    said = [run.communicate(timeout=300) for run in runs]
+    assert speakers_json(env)["Fay"]["embeddings"] == 1, said
+    # One stored it; the others say so, as one sent after it does (exit 1, nothing enrolled).
+    assert sorted(run.returncode for run in runs) == [0, 1, 1, 1], said
+    skipped = [out for out, err in said if "already enrolled" in out and "nothing" in err]
+    assert len(skipped) == 3, said
+
+
 def first_speech_plain(clip: np.ndarray, seconds: float) -> np.ndarray:
     """The clip's first seconds after 0.3 s (LibriSpeech clips start with speech at once)."""
     return clip[: int((0.3 + seconds) * 16000)]
