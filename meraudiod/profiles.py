@@ -25,6 +25,7 @@ from .config import Settings
 from .db import Transaction, now
 from .deletion import delete_recordings, forget_deleted_text, mark_unforgotten
 from .scoring import Calibration
+from .speaker_commands import MAX_NAME_CHARS
 from .speakers import is_provisional_name
 from .voiceprints import load_profiles, model_id
 
@@ -128,6 +129,11 @@ def check_name(name: str) -> str:
         raise ProfileError(
             f"{name!r}: a speaker's name cannot hold invisible characters (a zero-width space,"
             " a direction override, a line separator): it would look like another name"
+        )
+    if len(name) > MAX_NAME_CHARS:
+        raise ProfileError(
+            f"{name[:20]!r}...: a speaker's name is at most {MAX_NAME_CHARS} characters,"
+            f" not {len(name)}"
         )
     if is_provisional_name(name):
         raise ProfileError(

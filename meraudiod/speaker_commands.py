@@ -7,7 +7,7 @@ import json
 import shlex
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import Field
 
@@ -20,6 +20,9 @@ from .messages import SpeakerEvent, enqueue
 if TYPE_CHECKING:
     from .profiles import NameTaken
 
+# A person's name, at most (a longer one given to the CLI could be addressed by no HTTP
+# route or MQTT command: the page showed a profile it could not rename or delete).
+MAX_NAME_CHARS: Final = 100
 # Where the HTTP API's profile routes are (http/speakers.py's router prefix).
 _HTTP_SPEAKERS = "/api/v1/persistent-speakers"
 
@@ -27,13 +30,13 @@ _HTTP_SPEAKERS = "/api/v1/persistent-speakers"
 class NameArgs(Args):
     """One voice profile."""
 
-    name: str = Field(min_length=1, max_length=100)
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
 
 
 class EnrollArgs(Args):
     """Enrol a person from stored recordings."""
 
-    name: str = Field(min_length=1, max_length=100)
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     # Not RecordingId: a file path (the HTTP upload's clips) must keep its case; profiles
     # normalises what is not a file as an id. Files only from the caller's own upload or the
     # CLI (CommandContext.readable_files).
@@ -48,28 +51,28 @@ class EnrollArgs(Args):
 class RenameArgs(Args):
     """Give a profile (e.g. a provisional "unknown-3") a name."""
 
-    name: str = Field(min_length=1, max_length=100)
-    new_name: str = Field(min_length=1, max_length=100)
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    new_name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
 
 
 class MergeArgs(Args):
     """Move one profile's voice into another."""
 
-    source: str = Field(min_length=1, max_length=100)
-    target: str = Field(min_length=1, max_length=100)
+    source: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    target: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
 
 
 class DeleteSpeakerArgs(Args):
     """Delete a profile's embeddings, and with recordings=true what they said."""
 
-    name: str = Field(min_length=1, max_length=100)
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     recordings: bool = False
 
 
 class OptOutArgs(Args):
     """Mark a profile "do not keep" (what it says is deleted), or undo that."""
 
-    name: str = Field(min_length=1, max_length=100)
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     opt_out: bool = Field(True, description="false undoes it")
 
 

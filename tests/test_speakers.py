@@ -536,6 +536,23 @@ def test_the_same_clip_enrolled_at_once_by_several_requests_is_stored_once(
     assert len(skipped) == 3, said
 
 
+def test_a_name_no_http_route_could_address_is_refused(
+    env: dict[str, str], speaker_models: Path
+) -> None:
+    """The CLI took names of any length, the HTTP API and MQTT at most 100 characters: the
+    page showed a profile it could neither rename, play, opt out nor delete."""
+    clip = str(TEST_DATA / ALICE[0])
+    for args in (["enroll", "L" * 150, clip], ["rename", "Alice", "Q" * 101]):
+        if args[0] == "rename":
+            assert cli("speakers", "enroll", "Alice", clip, env=env).returncode == 0
+        refused = cli("speakers", *args, env=env)
+        assert refused.returncode == 1, refused.stdout
+        assert "is at most 100 characters, not 1" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert set(speakers_json(env)) == {"Alice"}
+    assert cli("speakers", "rename", "Alice", "A" * 100, env=env).returncode == 0
+
+
 def first_speech_plain(clip: np.ndarray, seconds: float) -> np.ndarray:
     """The clip's first seconds after 0.3 s (LibriSpeech clips start with speech at once)."""
     return clip[: int((0.3 + seconds) * 16000)]
