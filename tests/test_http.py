@@ -716,6 +716,13 @@ def test_a_request_h11_cannot_parse_is_answered_in_the_json_shape(
     assert set(error) == {"code", "message", "request_id"} and error["code"] == code, error
     assert error["message"].startswith("malformed HTTP request: "), error
     assert error["request_id"] == headers["x-request-id"], (error, head)
+    # Logged with its id as every request's line is (uvicorn's own line had none).
+    deadline = time.monotonic() + 10
+    while f"[request {error['request_id']}]" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (line,) = [x for x in daemon.log().splitlines() if error["request_id"] in x]
+    assert "malformed HTTP request: " in line, line
+    assert "Invalid HTTP request received" not in daemon.log()
 
 
 def test_headers_over_16_kib_in_pieces_are_431_in_the_json_shape(daemon: HttpDaemon) -> None:

@@ -56,8 +56,9 @@ class RequestIdFilter(logging.Filter):
     recording an upload stored) can be found by it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Always keep the record."""
-        record.request_id = REQUEST_ID.get()
+        """Always keep the record (one logged with its own request id keeps it)."""
+        if not hasattr(record, "request_id"):
+            record.request_id = REQUEST_ID.get()
         return True
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import struct
 import sys
@@ -28,6 +29,7 @@ from .common import BEYOND_LIMIT, error_body
 from .timeouts import HeaderDeadline
 
 ABORT: Final = "meraudiod.abort"  # scope["extensions"][ABORT]: reset this connection now
+_LOGGER = logging.getLogger(__name__)
 _MOST_REASON_CHARS: Final = 120
 
 
@@ -71,6 +73,8 @@ class ServerProtocol(HeaderDeadline):
             status = 400
             body = error_body("bad_request", f"malformed HTTP request: {reason}")
         body["error"]["request_id"] = request_id
+        # With its id, as every request's line (uvicorn's own line, dropped, had none).
+        _LOGGER.warning("%s", body["error"]["message"], extra={"request_id": request_id})
         content = json.dumps(body).encode()
         headers = [
             (b"content-type", b"application/json"),

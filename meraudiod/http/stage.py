@@ -120,6 +120,7 @@ def _clear_uploads(folder: Path) -> None:
 # What uvicorn logs with a traceback though the fault is the client's, not the daemon's.
 _CLIENT_FAULTS: Final = ("Invalid UTF-8 sequence received from client.",)
 _APP_FAILED: Final = "Exception in ASGI application\n"  # what uvicorn says of an exception
+_UNPARSED: Final = "Invalid HTTP request received."  # a request h11 cannot parse
 
 
 def _client_errors_in_one_line(record: logging.LogRecord) -> bool:
@@ -130,6 +131,8 @@ def _client_errors_in_one_line(record: logging.LogRecord) -> bool:
     cancelled = record.exc_info is not None and isinstance(
         record.exc_info[1], asyncio.CancelledError
     )
+    if record.msg == _UNPARSED:  # protocol.send_400_response logs it with its request id
+        return False
     if record.msg in _CLIENT_FAULTS or (record.msg == _APP_FAILED and cancelled):
         if cancelled:
             record.msg = f"request cancelled on stopping: not done within {_GRACE_S} s"
