@@ -42,8 +42,10 @@ from .clustering import Piece, cluster, join_alike, relabel
 from .segmentation import (
     FRAME_CENTRE_SAMPLES,
     FRAME_STEP_SAMPLES,
+    WINDOW_FRAMES,
     WINDOW_SAMPLES,
     Mask,
+    frame_sample,
     mask_runs,
     mask_spans,
     n_frames,
@@ -130,8 +132,12 @@ def _unit(vector: Float32Array) -> Float32Array:
 def _split(run: tuple[int, int], first: int, changes: ChangeFinder) -> list[tuple[int, int]]:
     """A window's run of frames (the window starting at global frame `first`) cut where
     the voice changes."""
-    start, end = ((first + f) * FRAME_STEP_SAMPLES for f in run)
-    cuts = [sample // FRAME_STEP_SAMPLES - first for sample in changes.changes(start, end)]
+    start, end = (frame_sample(first + f) for f in run)
+    # The frame whose stretch [frame_sample(f), frame_sample(f + 1)) holds each change.
+    cuts = [
+        (sample - frame_sample(0)) // FRAME_STEP_SAMPLES - first
+        for sample in changes.changes(start, end)
+    ]
     edges = [run[0], *cuts, run[1]]
     return list(pairwise(edges))
 
@@ -172,7 +178,7 @@ class Diarizer:
     ) -> list[tuple[int, Float32Array]]:
         """(first global frame, powerset probabilities [frames, 7]) per window."""
         total = n_frames(audio.size)
-        per_window = n_frames(WINDOW_SAMPLES)
+        per_window = WINDOW_FRAMES  # the model's frames per window, not n_frames(10 s)
         starts = list(range(0, max(1, total - per_window + 1), _WINDOW_STEP_FRAMES))
         if starts[-1] + per_window < total:
             starts.append(total - per_window)  # the last window ends with the audio
@@ -278,9 +284,7 @@ class Diarizer:
     ) -> Float32Array:
         """The unit embedding of a window's runs of frames (the window starts at global
         frame `first`), at most max_embedding_s of them."""
-        spans = [
-            ((first + a) * FRAME_STEP_SAMPLES, (first + b) * FRAME_STEP_SAMPLES) for a, b in runs
-        ]
+        spans = [(frame_sample(first + a), frame_sample(first + b)) for a, b in runs]
         return _unit(self.embed(gather(audio, spans, self.max_embedding_s)))
 
     def _reconstruct(
@@ -349,8 +353,11 @@ def _column(
             column[a:b] = x.cluster
             if changes is None or not x.core or (b - a) < _MIN_RELABEL_FRAMES:
                 continue
-            start, end = ((first + f) * FRAME_STEP_SAMPLES for f in (a, b))
+            start, end = (frame_sample(first + f) for f in (a, b))
             centres, sub_windows = changes.sub_windows(start, end)
+            if sub_windows.shape[0] == 0:
+                # A run of 1.5-2 s between the grid's points: one sub-window on its centre.
+                centres, sub_windows = changes.centred_sub_window(start, end)
             frame_centres = np.arange(first + a, first + b) * FRAME_STEP_SAMPLES
             frame_centres += FRAME_CENTRE_SAMPLES
             column[a:b] = relabel(

@@ -20,6 +20,9 @@ from .onnx import OnnxLoadError, cpu_session
 WINDOW_SAMPLES: Final = 10 * SAMPLE_RATE_HZ
 FRAME_STEP_SAMPLES: Final = 270  # 16.875 ms per output frame
 FRAME_CENTRE_SAMPLES: Final = 495  # half the model's receptive field
+# Frames the model gives for a whole window: 589, each with its receptive field (991 samples)
+# inside the 10 s (n_frames(WINDOW_SAMPLES), 591, counts the last frames' centres only).
+WINDOW_FRAMES: Final = (WINDOW_SAMPLES - (2 * FRAME_CENTRE_SAMPLES + 1)) // FRAME_STEP_SAMPLES + 1
 # Powerset class -> which of the window's three speakers are active.
 _POWERSET: Final = np.array(
     [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=np.int8

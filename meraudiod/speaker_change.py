@@ -47,11 +47,12 @@ class ChangeFinder:
         self.embed = embed
         self.threshold = threshold
         self._cache: dict[int, Float32Array] = {}  # grid index -> unit embedding
+        self._off_grid_s = 0.0  # audio of the sub-windows embedded off the grid
 
     @property
     def embedded_s(self) -> float:
         """Audio embedded so far, in seconds (the cost)."""
-        return len(self._cache) * SUB_WINDOW_S
+        return len(self._cache) * SUB_WINDOW_S + self._off_grid_s
 
     def _sub_window(self, index: int) -> Float32Array:
         """The unit embedding of the sub-window starting at grid point `index`."""
@@ -69,6 +70,19 @@ class ChangeFinder:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 1), dtype=np.float32)
         centres = np.array([i * _HOP_SAMPLES + _SUB_WINDOW_SAMPLES // 2 for i in indices])
         return centres, np.stack([self._sub_window(i) for i in indices])
+
+    def centred_sub_window(
+        self, start: int, end: int
+    ) -> tuple[npt.NDArray[np.int64], Float32Array]:
+        """Centre sample and unit embedding [1, dim] of one sub-window centred on the samples
+        [start, end), off the grid: for a stretch about a sub-window long that no grid
+        sub-window fits in (which one does depends on where the recording starts)."""
+        centre = (start + end) // 2
+        first = centre - _SUB_WINDOW_SAMPLES // 2
+        first = max(0, min(first, self.audio.size - _SUB_WINDOW_SAMPLES))
+        self._off_grid_s += SUB_WINDOW_S
+        vector = _unit(self.embed(self.audio[first : first + _SUB_WINDOW_SAMPLES]))
+        return np.array([first + _SUB_WINDOW_SAMPLES // 2]), vector[None, :]
 
     def similarities(self, start: int, end: int) -> list[tuple[int, float]]:
         """(sample, cosine between the voice before and after it) at each grid point inside
