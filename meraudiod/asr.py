@@ -10,6 +10,7 @@ import logging
 import re
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -68,6 +69,9 @@ _SOUND_LABELS: Final = frozenset(
 _VERY_LOW_MARGIN: Final = 0.5
 
 
+Wanted = Callable[[], bool]  # is the recording being transcribed still wanted?
+
+
 class AsrError(Exception):
     """The model could not be loaded or the audio could not be transcribed."""
 
@@ -75,6 +79,11 @@ class AsrError(Exception):
 class Stopped(AsrError):
     """The daemon stops: a long recording's transcription was given up part way (its job
     goes back as it was, no attempt counted)."""
+
+
+class Unwanted(AsrError):
+    """The recording was deleted while a long transcription of it was under way: given up
+    part way (nothing of it is stored)."""
 
 
 class ServerError(AsrError):
@@ -134,9 +143,15 @@ class SpeechToText(Protocol):
         """The model that made the last transcript (stored with it, named in events)."""
         ...
 
-    def transcribe(self, audio: Float32Array, vad_trace: Float32Array | None = None) -> Transcript:
+    def transcribe(
+        self,
+        audio: Float32Array,
+        vad_trace: Float32Array | None = None,
+        wanted: Wanted | None = None,
+    ) -> Transcript:
         """Transcribe one recording of 16 kHz float32 audio; raises AsrError. `vad_trace`:
-        the listener's speech probability for each of its frames, when known."""
+        the listener's speech probability for each of its frames, when known. `wanted`:
+        asked between the parts of a long recording; False gives it up (Unwanted)."""
         ...
 
     def ready(self) -> bool:
@@ -267,7 +282,12 @@ class Transcriber:
         """A loaded model has none."""
         return None
 
-    def transcribe(self, audio: Float32Array, vad_trace: Float32Array | None = None) -> Transcript:
+    def transcribe(
+        self,
+        audio: Float32Array,
+        vad_trace: Float32Array | None = None,
+        wanted: Wanted | None = None,
+    ) -> Transcript:
         """Transcribe one recording (whole: the VAD trace is not needed); the lazy segment
         generator is consumed here."""
         s = self.settings
@@ -299,9 +319,13 @@ class Transcriber:
                 result = []
                 for seg in segments:
                     result.append(self._convert(seg, duration_s))
-                    if duration_s > WHISPER_WINDOW_S and self._stop and self._stop.is_set():
-                        raise Stopped(f"given up {seg.end:.0f} s into {duration_s:.0f} s")
-        except Stopped:
+                    if duration_s > WHISPER_WINDOW_S:  # a window of a long one is done
+                        where = f"given up {seg.end:.0f} s into {duration_s:.0f} s"
+                        if self._stop and self._stop.is_set():
+                            raise Stopped(where)
+                        if wanted is not None and not wanted():
+                            raise Unwanted(where)
+        except (Stopped, Unwanted):
             raise
         except Exception as exc:  # decoding failures surface while iterating
             raise AsrError(f"transcription failed: {exc}") from exc

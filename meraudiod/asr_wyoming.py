@@ -38,6 +38,8 @@ from .asr import (
     Stopped,
     Transcriber,
     Transcript,
+    Unwanted,
+    Wanted,
     compression_ratio,
     judge,
 )
@@ -282,27 +284,36 @@ class WyomingTranscriber:
         meanwhile = "transcribing locally" if self._local is not None else "recordings wait"
         return f"no Wyoming server answers: {meanwhile}"
 
-    def transcribe(self, audio: Float32Array, vad_trace: Float32Array | None = None) -> Transcript:
+    def transcribe(
+        self,
+        audio: Float32Array,
+        vad_trace: Float32Array | None = None,
+        wanted: Wanted | None = None,
+    ) -> Transcript:
         """One request per part of the recording (cut where the listener's `vad_trace`, or
         the VAD run here, finds pauses); all of it locally when no server answers and the
         fallback is local, else WyomingError (the job's retry path)."""
         try:
-            return self._remote(audio, vad_trace)
+            return self._remote(audio, vad_trace, wanted)
         except WyomingError as exc:
             if self._local is None or self._stop.is_set():  # stopping: no local work now
                 raise
             _LOGGER.warning("no Wyoming server answered (%s): transcribing locally", exc)
             self._last_model = self._local.model_name
-            return self._local.transcribe(audio)
+            return self._local.transcribe(audio, wanted=wanted)
 
     # --- requests -------------------------------------------------------------------------
 
-    def _remote(self, audio: Float32Array, vad_trace: Float32Array | None) -> Transcript:
+    def _remote(
+        self, audio: Float32Array, vad_trace: Float32Array | None, wanted: Wanted | None
+    ) -> Transcript:
         asr = self.settings.asr
         duration_s = audio.size / SAMPLE_RATE_HZ
         segments: list[Segment] = []
         language = asr.language or ""
         for start_s, end_s in speech_spans(audio, self._vad, self.settings, vad_trace):
+            if segments and wanted is not None and not wanted():
+                raise Unwanted(f"given up {start_s:.0f} s into {duration_s:.0f} s")
             part = audio[round(start_s * SAMPLE_RATE_HZ) : round(end_s * SAMPLE_RATE_HZ)]
             text, said_language, model = self._request(part)
             language = said_language or language

@@ -17,7 +17,7 @@ import numpy as np
 import soundfile
 
 from . import jobs
-from .asr import WHISPER_WINDOW_S, ServerError, SpeechToText, Stopped, Transcript
+from .asr import WHISPER_WINDOW_S, ServerError, SpeechToText, Stopped, Transcript, Unwanted
 from .audio import Float32Array, to_float32
 from .config import Settings
 from .db import Transaction, cannot_write, is_busy, no_room, now, open_db, sync_log
@@ -350,7 +350,14 @@ class Worker(StageThread):
         t0 = time.perf_counter()
         audio = np.ascontiguousarray(audio, dtype=np.float32)
         trace = self.vad_traces.get(job.recording_id) if self.vad_traces is not None else None
-        transcript = self.transcriber.transcribe(audio, trace)
+        try:
+            transcript = self.transcriber.transcribe(
+                audio, trace, lambda: _recording_exists(conn, job.recording_id)
+            )
+        except Unwanted as exc:  # its job went with it
+            _LOGGER.info("recording %s deleted while it was transcribed: %s", job.recording_id, exc)
+            self._forget_held(job.recording_id)
+            return None
         if self.server_faults.transcribed(job.recording_id) and self.job_origin is None:
             jobs.retry_now(conn)  # the jobs that waited on the servers go on now
         asr_s = time.perf_counter() - t0

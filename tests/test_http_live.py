@@ -446,3 +446,33 @@ def test_no_live_stream_is_recorded_while_listening_is_off(daemon: HttpDaemon) -
     finally:
         with daemon.client() as client:
             client.post("/api/v1/vad/start")
+
+
+def test_a_long_upload_deleted_while_it_is_transcribed_is_given_up(
+    daemon: HttpDaemon, tmp_path: Path
+) -> None:
+    # Deleted while transcribed, a ten-minute upload was transcribed to its end (minutes of
+    # CPU on a Pi, every recording of the room waiting behind it) and then thrown away.
+    import soundfile
+
+    from tests.httpd import wait_task
+
+    demo = decode_file(DEMO)
+    long = np.tile(demo, 600 * 16000 // demo.size + 1)[: 600 * 16000]
+    path = tmp_path / "meeting.flac"
+    soundfile.write(path, long, 16000)
+    with daemon.client() as client:
+        response = client.post(
+            "/api/v1/vad/upload_recording", files={"file": (path.name, path.read_bytes())}
+        )
+        rec_id = str(response.json()["recording_id"])
+        assert wait_task(client, rec_id, "running")["status"] == "running"
+        time.sleep(1)
+        assert client.delete(f"/api/v1/recordings/{rec_id}").status_code == 200
+    said = f"recording {rec_id} deleted while it was transcribed: given up"
+    deadline = time.monotonic() + 60
+    while said not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (line,) = [x for x in daemon.log().splitlines() if said in x]
+    given_up_s = float(line.split("given up ")[1].split(" s into")[0])
+    assert given_up_s < 590, line  # not transcribed to its end
