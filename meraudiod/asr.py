@@ -11,7 +11,7 @@ import re
 import threading
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -82,8 +82,14 @@ class Stopped(AsrError):
 
 
 class Unwanted(AsrError):
-    """The recording was deleted while a long transcription of it was under way: given up
-    part way (nothing of it is stored)."""
+    """A long transcription given up part way because `wanted` said no (the recording was
+    deleted, or the room's recordings go first): what was heard up to `done_s`, from where
+    a transcription of the rest takes up."""
+
+    def __init__(self, done_s: float, duration_s: float, heard: Transcript) -> None:
+        super().__init__(f"given up {done_s:.0f} s into {duration_s:.0f} s")
+        self.done_s = done_s
+        self.heard = heard
 
 
 class ServerError(AsrError):
@@ -133,6 +139,30 @@ class Transcript:
     def suspect(self) -> bool:
         """Nothing in it is trusted as speech."""
         return all(s.suspect for s in self.segments)
+
+
+def later(transcript: Transcript, by_s: float, earlier: Transcript | None) -> Transcript:
+    """The transcript of audio that starts by_s into a recording, as times of the whole
+    recording, after what was heard of it before (`earlier`, None: nothing)."""
+    moved = tuple(
+        replace(
+            s,
+            start_s=round(s.start_s + by_s, 3),
+            end_s=round(s.end_s + by_s, 3),
+            words=tuple(
+                replace(w, start_s=round(w.start_s + by_s, 3), end_s=round(w.end_s + by_s, 3))
+                for w in s.words
+            ),
+        )
+        for s in transcript.segments
+    )
+    if earlier is None:
+        return replace(
+            transcript, duration_s=round(transcript.duration_s + by_s, 3), segments=moved
+        )
+    return Transcript(
+        earlier.language, round(transcript.duration_s + by_s, 3), earlier.segments + moved
+    )
 
 
 class SpeechToText(Protocol):
@@ -320,11 +350,11 @@ class Transcriber:
                 for seg in segments:
                     result.append(self._convert(seg, duration_s))
                     if duration_s > WHISPER_WINDOW_S:  # a window of a long one is done
-                        where = f"given up {seg.end:.0f} s into {duration_s:.0f} s"
                         if self._stop and self._stop.is_set():
-                            raise Stopped(where)
+                            raise Stopped(f"given up {seg.end:.0f} s into {duration_s:.0f} s")
                         if wanted is not None and not wanted():
-                            raise Unwanted(where)
+                            heard = Transcript(str(info.language), duration_s, tuple(result))
+                            raise Unwanted(result[-1].end_s, duration_s, heard)
         except (Stopped, Unwanted):
             raise
         except Exception as exc:  # decoding failures surface while iterating

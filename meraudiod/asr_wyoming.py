@@ -313,7 +313,8 @@ class WyomingTranscriber:
         language = asr.language or ""
         for start_s, end_s in speech_spans(audio, self._vad, self.settings, vad_trace):
             if segments and wanted is not None and not wanted():
-                raise Unwanted(f"given up {start_s:.0f} s into {duration_s:.0f} s")
+                heard = Transcript(language, duration_s, tuple(segments))
+                raise Unwanted(start_s, duration_s, heard)
             part = audio[round(start_s * SAMPLE_RATE_HZ) : round(end_s * SAMPLE_RATE_HZ)]
             text, said_language, model = self._request(part)
             language = said_language or language

@@ -72,6 +72,7 @@ def _mine(origin: str | None) -> tuple[str, tuple[str, ...]]:
 
 
 # Sorts a job false (0) for the device's own audio, true (1) for an upload's (http/uploads.py).
+_UPLOADED: Final = ("upload:", "client:")
 _UPLOADED_LAST: Final = (
     "(SELECT source LIKE 'upload:%' OR source LIKE 'client:%' FROM recordings"
     " WHERE recordings.id = jobs.recording_id)"
@@ -112,6 +113,25 @@ def claim(
     if row is None:
         return None
     return Job(int(row["id"]), str(row["recording_id"]), str(row["kind"]), int(row["attempts"]) + 1)
+
+
+def uploaded(source: str) -> bool:
+    """A recording of a file uploaded over HTTP, not of the device's own audio."""
+    return source.startswith(_UPLOADED)
+
+
+def room_waiting(conn: sqlite3.Connection, origin: str | None = None) -> bool:
+    """A job of the device's own audio is pending and due: an upload being transcribed
+    yields to it (worker.py)."""
+    mine, args = _mine(origin)
+    return (
+        conn.execute(
+            f"SELECT 1 FROM jobs WHERE state='pending' AND {mine} AND {_UPLOADED_LAST} = 0"
+            " AND (not_before IS NULL OR not_before <= ?) LIMIT 1",
+            (*args, now()),
+        ).fetchone()
+        is not None
+    )
 
 
 def complete(conn: sqlite3.Connection, job_id: int) -> None:

@@ -17,8 +17,16 @@ import numpy as np
 import soundfile
 
 from . import jobs
-from .asr import WHISPER_WINDOW_S, ServerError, SpeechToText, Stopped, Transcript, Unwanted
-from .audio import Float32Array, to_float32
+from .asr import (
+    WHISPER_WINDOW_S,
+    ServerError,
+    SpeechToText,
+    Stopped,
+    Transcript,
+    Unwanted,
+    later,
+)
+from .audio import SAMPLE_RATE_HZ, Float32Array, to_float32
 from .config import Settings
 from .db import Transaction, cannot_write, is_busy, no_room, now, open_db, sync_log
 from .deletion import forget_deleted_text, forget_recording, forget_with_audio
@@ -105,6 +113,9 @@ class Worker(StageThread):
         self._given_back: int | None = None  # a claimed job the storage kept from storing
         self._note_refused = False  # a job's note (jobs.note_working) could not be written
         self.server_faults = ServerFaults()  # whose fault a failed server request is
+        # An upload that yielded to the room's recordings: (recording id, what was heard,
+        # up to where, seconds spent), taken up from there at its next claim (_heard).
+        self._partial: tuple[str, Transcript, float, float] | None = None
 
     def wake(self) -> None:
         """A new job is waiting: look now rather than at the next poll."""
@@ -349,18 +360,13 @@ class Worker(StageThread):
                 audio = self._read_audio(audio_file(audio_dir, row["audio_path"]))
         t0 = time.perf_counter()
         audio = np.ascontiguousarray(audio, dtype=np.float32)
-        trace = self.vad_traces.get(job.recording_id) if self.vad_traces is not None else None
-        try:
-            transcript = self.transcriber.transcribe(
-                audio, trace, lambda: _recording_exists(conn, job.recording_id)
-            )
-        except Unwanted as exc:  # its job went with it
-            _LOGGER.info("recording %s deleted while it was transcribed: %s", job.recording_id, exc)
-            self._forget_held(job.recording_id)
+        heard = self._heard(conn, job, str(row["source"]), audio)
+        if heard is None:  # deleted while it was transcribed: its job went with it
             return None
+        transcript, spent_before_s = heard
         if self.server_faults.transcribed(job.recording_id) and self.job_origin is None:
             jobs.retry_now(conn)  # the jobs that waited on the servers go on now
-        asr_s = time.perf_counter() - t0
+        asr_s = spent_before_s + time.perf_counter() - t0
         rtf = asr_s / max(float(row["duration_s"]), 1e-6)
         analysis = None
         stage = self.speakers  # one stage for the whole job: a reload may free it meanwhile
@@ -437,6 +443,47 @@ class Worker(StageThread):
         )
         _LOGGER.debug("transcript %s text: %s", job.recording_id, transcript.text)
         return result
+
+    def _heard(
+        self, conn: sqlite3.Connection, job: jobs.Job, source: str, audio: Float32Array
+    ) -> tuple[Transcript, float] | None:
+        """The recording's transcript, and the seconds spent on it in earlier tries; None:
+        deleted while it was transcribed (given up between Whisper windows).
+
+        An upload yields to the room: between the windows of its transcription, a recording
+        of the device's own audio waiting gives its job back (Stopped), and the next claim
+        takes up where it left off (a ten-minute upload held back a spoken command for as
+        long as it took)."""
+        earlier, offset_s, spent_s = None, 0.0, 0.0
+        if self._partial is not None and self._partial[0] == job.recording_id:
+            _, earlier, offset_s, spent_s = self._partial
+        self._partial = None
+        upload = jobs.uploaded(source)
+
+        def wanted() -> bool:
+            if not _recording_exists(conn, job.recording_id):
+                return False
+            return not (upload and jobs.room_waiting(conn, self.job_origin))
+
+        # The listeners' VAD trace is of the whole recording (an upload has none).
+        trace = self.vad_traces.get(job.recording_id) if self.vad_traces is not None else None
+        t0 = time.perf_counter()
+        try:
+            part = audio[round(offset_s * SAMPLE_RATE_HZ) :]
+            heard = self.transcriber.transcribe(part, None if offset_s else trace, wanted)
+        except Unwanted as exc:
+            done_s = offset_s + exc.done_s
+            where = f"given up {done_s:.0f} s into {audio.size / SAMPLE_RATE_HZ:.0f} s"
+            if not _recording_exists(conn, job.recording_id):
+                _LOGGER.info(
+                    "recording %s deleted while it was transcribed: %s", job.recording_id, where
+                )
+                self._forget_held(job.recording_id)
+                return None
+            spent_s += time.perf_counter() - t0
+            self._partial = (job.recording_id, later(exc.heard, offset_s, earlier), done_s, spent_s)
+            raise Stopped(f"the room's recordings first: {where}, taken up there next") from exc
+        return (later(heard, offset_s, earlier) if earlier is not None else heard), spent_s
 
     @staticmethod
     def _read_audio(path: Path) -> Float32Array:

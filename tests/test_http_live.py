@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -476,3 +477,52 @@ def test_a_long_upload_deleted_while_it_is_transcribed_is_given_up(
     (line,) = [x for x in daemon.log().splitlines() if said in x]
     given_up_s = float(line.split("given up ")[1].split(" s into")[0])
     assert given_up_s < 590, line  # not transcribed to its end
+
+
+def test_a_long_upload_yields_to_the_rooms_speech_and_takes_up_where_it_left_off(
+    daemon: HttpDaemon, tmp_path: Path
+) -> None:
+    # A ten-minute upload being transcribed held a command spoken to the device back for as
+    # long as it took: it now gives its job back between Whisper windows when the room's
+    # audio waits, and goes on from there.
+    import soundfile
+    import websockets
+
+    from tests.httpd import wait_task
+
+    demo = decode_file(DEMO)
+    times = 600 * 16000 // demo.size + 1
+    path = tmp_path / "lecture.flac"
+    soundfile.write(path, np.tile(demo, times)[: 600 * 16000], 16000)
+    spoken = demo[: 16000 * 9].astype("<i2").tobytes()  # the demo's first utterance
+
+    async def say() -> list[dict[str, Any]]:
+        async with websockets.connect(
+            daemon.url.replace("http://", "ws://") + "/ws/audio",
+            additional_headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as audio:
+            for start in range(0, len(spoken), 3200):
+                await audio.send(spoken[start : start + 3200])
+            await audio.send("end")
+            got = []
+            while not got or got[-1].get("type") != "done":
+                got.append(json.loads(await asyncio.wait_for(audio.recv(), 300)))
+            return got
+
+    with daemon.client() as client:
+        response = client.post(
+            "/api/v1/vad/upload_recording", files={"file": (path.name, path.read_bytes())}
+        )
+        rec_id = str(response.json()["recording_id"])
+        assert wait_task(client, rec_id, "running")["status"] == "running"
+        got = asyncio.run(say())
+        assert any(e.get("event_type") == "transcript" for e in got), got
+        assert client.get(f"/api/v1/tasks/{rec_id}").json()["status"] != "completed"
+        assert wait_task(client, rec_id, "completed", 600)["status"] == "completed"
+        recording = client.get(f"/api/v1/recordings/{rec_id}").json()
+    assert f"recording {rec_id}) given back: the room's recordings first" in daemon.log()
+    ends = [(s["start_s"], s["end_s"]) for s in recording["segments"]]
+    assert all(a <= b <= c for (a, b), (c, _) in itertools.pairwise(ends)), ends
+    assert ends[-1][1] > 590, ends[-1]  # to its end, the times of the whole recording
+    # Nothing lost or said twice where it was taken up: each repeat of the demo is there.
+    assert abs(recording["text"].count("Dashwood") - times) <= 1, recording["text"]
