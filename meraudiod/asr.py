@@ -77,8 +77,9 @@ class AsrError(Exception):
 
 
 class Stopped(AsrError):
-    """The daemon stops: a long recording's transcription was given up part way (its job
-    goes back as it was, no attempt counted)."""
+    """A long recording's transcription was given up part way, the daemon stopping or the
+    room's recordings going first (worker._heard): its job goes back as it was, no attempt
+    counted."""
 
 
 class Unwanted(AsrError):

@@ -195,7 +195,7 @@ class Worker(StageThread):
         self.busy = True
         try:
             result = self._transcribe(conn, job)
-        except Stopped as exc:  # a long upload, on stopping: done again at the next start
+        except Stopped as exc:  # a long upload: stopping, or the room's recordings first
             try:
                 jobs.release(conn, job.id)
             except sqlite3.OperationalError as busy:
