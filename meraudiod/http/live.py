@@ -212,6 +212,10 @@ async def _stream(websocket: WebSocket, ctx: HttpContext, daemon: Any, rate_hz: 
             if not daemon.listening:  # what was said before the switch is saved
                 await websocket.close(LISTENING_OFF, "listening was switched off")
                 break
+            if len(message.get("bytes") or b"") > MAX_MESSAGE_BYTES:
+                said = f"a message of {len(message['bytes'])} bytes, over 1 MiB"
+                await websocket.close(1009, said)
+                break
             if message.get("bytes"):
                 await asyncio.to_thread(stream.push, message["bytes"])
             elif (message.get("text") or "").strip() == "end":

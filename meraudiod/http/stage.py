@@ -79,7 +79,10 @@ class HttpStage(StageThread):
             access_log=False,  # the app logs one line per request, with its id
             lifespan="off",
             ws="websockets-sansio",
-            ws_max_size=MAX_MESSAGE_BYTES,  # a larger message closes its socket with 1009
+            # The library holds the frame as sent: a message of 1 MiB that compresses badly
+            # (permessage-deflate) is a little more, so it has room; live.py holds the
+            # message itself to 1 MiB.
+            ws_max_size=MAX_MESSAGE_BYTES + 64 * 1024,
             # h11 (not httptools) with a deadline for each request's headers; h11 keeps
             # its 16 KiB limit on them. The body's deadline is the app's Guard. A request
             # h11 cannot parse is answered in JSON, and a response can reset its connection.
