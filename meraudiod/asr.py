@@ -353,9 +353,11 @@ class Transcriber:
                     if duration_s > WHISPER_WINDOW_S:  # a window of a long one is done
                         if self._stop and self._stop.is_set():
                             raise Stopped(f"given up {seg.end:.0f} s into {duration_s:.0f} s")
-                        if wanted is not None and not wanted():
+                        # Not before a window's worth is done: each try gets on by that.
+                        done_s = result[-1].end_s
+                        if done_s >= WHISPER_WINDOW_S and wanted is not None and not wanted():
                             heard = Transcript(str(info.language), duration_s, tuple(result))
-                            raise Unwanted(result[-1].end_s, duration_s, heard)
+                            raise Unwanted(done_s, duration_s, heard)
         except (Stopped, Unwanted):
             raise
         except Exception as exc:  # decoding failures surface while iterating

@@ -311,8 +311,9 @@ class WyomingTranscriber:
         duration_s = audio.size / SAMPLE_RATE_HZ
         segments: list[Segment] = []
         language = asr.language or ""
-        for start_s, end_s in speech_spans(audio, self._vad, self.settings, vad_trace):
-            if segments and wanted is not None and not wanted():
+        spans = speech_spans(audio, self._vad, self.settings, vad_trace)
+        for i, (start_s, end_s) in enumerate(spans):
+            if i and wanted is not None and not wanted():  # a part that said nothing too
                 heard = Transcript(language, duration_s, tuple(segments))
                 raise Unwanted(start_s, duration_s, heard)
             part = audio[round(start_s * SAMPLE_RATE_HZ) : round(end_s * SAMPLE_RATE_HZ)]

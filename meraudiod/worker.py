@@ -370,6 +370,8 @@ class Worker(StageThread):
         rtf = asr_s / max(float(row["duration_s"]), 1e-6)
         analysis = None
         stage = self.speakers  # one stage for the whole job: a reload may free it meanwhile
+        if stage is not None and not _recording_exists(conn, job.recording_id):
+            stage = None  # deleted while it was transcribed: its speakers are not wanted
         if stage is not None:  # the heavy part, outside the transaction
             # A long upload's takes minutes: given up on stopping, like its transcription.
             long = float(row["duration_s"]) > WHISPER_WINDOW_S
@@ -457,13 +459,19 @@ class Worker(StageThread):
         earlier, offset_s, spent_s = None, 0.0, 0.0
         if self._partial is not None and self._partial[0] == job.recording_id:
             _, earlier, offset_s, spent_s = self._partial
-        self._partial = None
+            self._partial = None  # kept meanwhile: the room's jobs come in between
+            _LOGGER.info(
+                "recording %s: transcription taken up at %.0f s", job.recording_id, offset_s
+            )
         upload = jobs.uploaded(source)
 
         def wanted() -> bool:
-            if not _recording_exists(conn, job.recording_id):
-                return False
-            return not (upload and jobs.room_waiting(conn, self.job_origin))
+            try:
+                if not _recording_exists(conn, job.recording_id):
+                    return False
+                return not (upload and jobs.room_waiting(conn, self.job_origin))
+            except sqlite3.Error:  # cannot tell (the database locked): go on
+                return True
 
         # The listeners' VAD trace is of the whole recording (an upload has none).
         trace = self.vad_traces.get(job.recording_id) if self.vad_traces is not None else None
@@ -479,6 +487,7 @@ class Worker(StageThread):
                     "recording %s deleted while it was transcribed: %s", job.recording_id, where
                 )
                 self._forget_held(job.recording_id)
+                self.server_faults.forget(job.recording_id)
                 return None
             spent_s += time.perf_counter() - t0
             self._partial = (job.recording_id, later(exc.heard, offset_s, earlier), done_s, spent_s)

@@ -536,6 +536,9 @@ def test_a_long_upload_yields_to_the_rooms_speech_and_takes_up_where_it_left_off
         assert wait_task(client, rec_id, "completed", 600)["status"] == "completed"
         recording = client.get(f"/api/v1/recordings/{rec_id}").json()
     assert f"recording {rec_id}) given back: the room's recordings first" in daemon.log()
+    # Taken up where it left off, not started again from the beginning.
+    (resumed,) = [x for x in daemon.log().splitlines() if f"{rec_id}: transcription taken up" in x]
+    assert float(resumed.split("taken up at ")[1].split(" s")[0]) >= 30, resumed
     ends = [(s["start_s"], s["end_s"]) for s in recording["segments"]]
     assert all(a <= b <= c for (a, b), (c, _) in itertools.pairwise(ends)), ends
     assert ends[-1][1] > 590, ends[-1]  # to its end, the times of the whole recording
