@@ -85,7 +85,7 @@ class Guard:
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
-                    *(PAGE_HEADERS if scope["path"] in PAGES else ()),
+                    *PAGE_HEADERS.get(scope["path"], ()),
                 ]
             await send(message)
 
@@ -306,19 +306,23 @@ def _login(token: str) -> Response:
 
 # The device's pages (the review page, its login, Swagger UI and ReDoc) load nothing from
 # another host: ReDoc's bundle asked cdn.redoc.ly for its logo, telling that host that a
-# device was being looked at. And no other site may frame them: the page in another site's
+# device was being looked at. No other site may frame them: the page in another site's
 # frame, invisible over that site's buttons, would take the user's clicks (delete, opt out,
-# the listening switch): clickjacking.
-PAGES: Final = frozenset({"/", "/api/docs", "/api/redoc"})
-PAGE_HEADERS: Final = [
-    (b"x-frame-options", b"DENY"),
-    (
-        b"content-security-policy",
-        b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline';"
-        b" img-src 'self' data:; media-src 'self' blob:; worker-src 'self' blob:;"
-        b" frame-ancestors 'none'",
-    ),
-]
+# the listening switch): clickjacking. The review page runs no script but its own file (a
+# name injected into it runs nothing); the docs' pages need their inline start-up script.
+_NO_FRAMES: Final = (b"x-frame-options", b"DENY")
+_PAGE_POLICY: Final = (
+    b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+_DOCS_POLICY: Final = (
+    b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline';"
+    b" img-src 'self' data:; worker-src 'self' blob:; frame-ancestors 'none'"
+)
+PAGE_HEADERS: Final = {
+    "/": [_NO_FRAMES, (b"content-security-policy", _PAGE_POLICY)],
+    "/api/docs": [_NO_FRAMES, (b"content-security-policy", _DOCS_POLICY)],
+    "/api/redoc": [_NO_FRAMES, (b"content-security-policy", _DOCS_POLICY)],
+}
 
 _LOGIN_PAGE: Final = """<!doctype html><meta name="viewport" content="width=device-width">
 <title>meraudiod</title><form method="get" action="/"><p>This device needs its token
@@ -341,6 +345,9 @@ def create_app(ctx: HttpContext, token: str | None) -> FastAPI:
         redoc_url="/api/redoc",
         openapi_url="/api/openapi.json",
         static_url="/api/static-docs",
+        # Swagger UI sent the spec's URL to validator.swagger.io for a badge when the page
+        # was opened by any name but localhost.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.ctx = ctx
     app.state.live_streams = threading.BoundedSemaphore(live.MAX_LIVE_STREAMS)
