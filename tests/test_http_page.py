@@ -176,7 +176,9 @@ def test_the_page_cannot_be_framed_by_another_site(daemon: HttpDaemon) -> None:
     for headers in ({}, daemon.headers):  # the page asking for the token, and the page
         response = httpx.get(f"{daemon.url}/", headers=headers)
         assert response.headers.get("x-frame-options") == "DENY", response.headers
-        assert "frame-ancestors 'none'" in response.headers.get("content-security-policy", "")
+        policy = response.headers.get("content-security-policy", "")
+        assert "frame-ancestors 'none'" in policy
+        assert "default-src 'self'" in policy and "unsafe-inline" not in policy, policy
 
 
 def test_another_site_on_the_same_host_cannot_use_the_pages_cookie(daemon: HttpDaemon) -> None:
