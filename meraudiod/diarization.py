@@ -353,6 +353,8 @@ def _column(
             column[a:b] = x.cluster
             if changes is None or not x.core or (b - a) < _MIN_RELABEL_FRAMES:
                 continue
+            if not np.delete(allowed, x.cluster).any():  # no other cluster it could go to
+                continue
             start, end = (frame_sample(first + f) for f in (a, b))
             centres, sub_windows = changes.sub_windows(start, end)
             if sub_windows.shape[0] == 0:

@@ -276,8 +276,8 @@ def test_clips(
     conn: sqlite3.Connection, stage: SpeakerStage, name: str, sources: Sequence[str]
 ) -> tuple[str, list[ClipTest]]:
     """The person's name as stored (" Alice" is Alice), and each clip scored against
-    everyone, as the worker would, for `speakers test`: each voice on its own where the
-    diarization finds several (one score of them all, mixed, was no one's)."""
+    everyone, as the worker would, for `speakers test`: with diarization on, each voice on
+    its own where it finds several (one score of them all, mixed, was no one's)."""
     stored = str(profile_row(conn, name)["name"])  # the person must exist
     profiles = load_profiles(conn, stage.model)
     out = []
@@ -288,7 +288,8 @@ def test_clips(
         except AudioDecodeError as exc:
             out.append(ClipTest(label, 0.0, (), None, str(exc)))
             continue
-        found = voices(stage, audio)
+        # As the worker hears it: with diarization off, a clip is one voice.
+        found = voices(stage, audio) if stage.settings.diarization.enabled else ()
         if len(found) > 1:
             for i, voice in enumerate(found, 1):
                 clip = gather(audio, voice.spans, stage.settings.speakers.max_embedding_s)

@@ -464,6 +464,9 @@ def test_each_voice_of_a_clip_is_tested_on_its_own(
     two = tmp_path / "two.wav"  # Alice, then a stranger with no pause between them
     soundfile.write(two, np.concatenate([audio(ALICE_TEST[0]), audio(STRANGERS[0])]), 16000)
     assert cli("speakers", "enroll", "Alice", *(str(TEST_DATA / c) for c in ALICE), env=env)
+    mixed = cli("speakers", "test", "Alice", str(two), "--json", env=env)  # as the worker,
+    assert [c["voices"] for c in json.loads(mixed.stdout)] == [1]  # diarization off: one
+    env = {**env, "MERAUDIOD_DIARIZATION__ENABLED": "true"}
     result = cli("speakers", "test", "Alice", str(two), "--json", env=env)
     assert result.returncode == 0, result.stderr
     clips = json.loads(result.stdout)

@@ -209,7 +209,7 @@ async def _stream(websocket: WebSocket, ctx: HttpContext, daemon: Any, rate_hz: 
                 break
             if message["type"] == "websocket.disconnect":
                 break
-            if not daemon.listening:  # what was said before the switch is saved
+            if message.get("bytes") and not daemon.listening:  # `end` still ends it
                 await websocket.close(LISTENING_OFF, "listening was switched off")
                 break
             if len(message.get("bytes") or b"") > MAX_MESSAGE_BYTES:
