@@ -177,10 +177,8 @@ def enroll(
     found: list[tuple[str, Float32Array, float]] = []
     results = []
     seen: set[Path] = set()
-    known = [p for p in load_profiles(conn, stage.model) if p.name == name]
-    # Identical audio (this clip enrolled in an earlier call, or a copy of it under another
-    # name) gives the very same vector; stored again it would weigh twice in the mean.
-    stored_vectors = [v for p in known for v in p.vectors]
+    known = _stored_vectors(conn, stage, name)
+    stored_vectors = list(known)
     for source in sources:  # one clip's audio at a time
         label, path = _load(conn, stage.settings.storage.audio_dir, source, files)
         if path.resolve() in seen:  # the same clip twice would weigh twice in the mean
@@ -196,7 +194,7 @@ def enroll(
             reason = f"only {speech_s:.1f} s of speech (at least {need:.1f} s needed)"
             results.append(EnrolResult(label, speech_s, False, reason))
             continue
-        if any(float(vector @ v) > SAME_AUDIO_COSINE for v in stored_vectors):
+        if _same_audio(vector, stored_vectors):
             results.append(EnrolResult(label, speech_s, False, _ALREADY))
             continue
         stored_vectors.append(vector)
@@ -205,7 +203,7 @@ def enroll(
         results.append(EnrolResult(label, speech_s, True, None, warnings))
     if not found:
         return results
-    earlier = [(f"earlier {i}", v, 10.0) for p in known for i, v in enumerate(p.vectors)]
+    earlier = [(f"earlier {i}", v, 10.0) for i, v in enumerate(known)]
     odd = _odd_ones(stage, found + earlier, {label for label, _, _ in found})
     # Every clip unlike the others' mean (none earlier): none can be singled out, but they are
     # not one voice (it said nothing: two clips of two people were stored without a word).
@@ -220,14 +218,8 @@ def enroll(
     with Transaction(conn):
         # Looked for again under the write lock: the same clip enrolled at the same moment by
         # another request (a double click, a retry) was stored as many times as it was sent.
-        now_stored = [
-            v for p in load_profiles(conn, stage.model) if p.name == name for v in p.vectors
-        ]
-        again = {
-            label
-            for label, v, _ in found
-            if any(float(v @ w) > SAME_AUDIO_COSINE for w in now_stored)
-        }
+        now_stored = _stored_vectors(conn, stage, name)
+        again = {label for label, v, _ in found if _same_audio(v, now_stored)}
         if again:
             found = [f for f in found if f[0] not in again]
             results = [
@@ -256,6 +248,17 @@ def enroll(
             # No recording_id: deleting that recording later must not unlearn the person.
             add_embedding(conn, speaker_id, stage.model, vector, speech_s, None, label)
     return results
+
+
+def _stored_vectors(conn: sqlite3.Connection, stage: SpeakerStage, name: str) -> list[Float32Array]:
+    """The person's embeddings stored now (none for a new name)."""
+    return [v for p in load_profiles(conn, stage.model) if p.name == name for v in p.vectors]
+
+
+def _same_audio(vector: Float32Array, stored: list[Float32Array]) -> bool:
+    """Identical audio (a clip enrolled in an earlier call) gives the very same vector;
+    stored again it would weigh twice in the mean."""
+    return any(float(vector @ v) > SAME_AUDIO_COSINE for v in stored)
 
 
 @dataclass(frozen=True)

@@ -74,9 +74,12 @@ def _mine(origin: str | None) -> tuple[str, tuple[str, ...]]:
 # Sorts a job false (0) for the device's own audio, true (1) for an upload's (http/uploads.py).
 _UPLOADED: Final = ("upload:", "client:")
 _UPLOADED_LAST: Final = (
-    "(SELECT source LIKE 'upload:%' OR source LIKE 'client:%' FROM recordings"
-    " WHERE recordings.id = jobs.recording_id)"
+    "(SELECT "
+    + " OR ".join(f"source LIKE '{prefix}%'" for prefix in _UPLOADED)
+    + " FROM recordings WHERE recordings.id = jobs.recording_id)"
 )
+# A pending job that may be taken now (parameters: now, now + _FROM_THE_FUTURE_S; see claim).
+_DUE: Final = "(not_before IS NULL OR not_before <= ? OR updated_at > ?)"
 
 
 def claim(
@@ -104,7 +107,7 @@ def claim(
         row = conn.execute(
             "UPDATE jobs SET state='running', lease_until=?, owner=?,"
             " updated_at=? WHERE id = (SELECT id FROM jobs WHERE state='pending'"
-            f" AND {mine} AND (not_before IS NULL OR not_before <= ? OR updated_at > ?)"
+            f" AND {mine} AND {_DUE}"
             f" ORDER BY {_UPLOADED_LAST}, id LIMIT 1) RETURNING id, recording_id, kind, attempts",
             (t + lease_s, owner or owner_id(), t, *args, t, t + _FROM_THE_FUTURE_S),
         ).fetchone()
@@ -124,11 +127,12 @@ def room_waiting(conn: sqlite3.Connection, origin: str | None = None) -> bool:
     """A job of the device's own audio is pending and due: an upload being transcribed
     yields to it (worker.py)."""
     mine, args = _mine(origin)
+    t = now()
     return (
         conn.execute(
-            f"SELECT 1 FROM jobs WHERE state='pending' AND {mine} AND {_UPLOADED_LAST} = 0"
-            " AND (not_before IS NULL OR not_before <= ?) LIMIT 1",
-            (*args, now()),
+            f"SELECT 1 FROM jobs WHERE state='pending' AND {mine} AND {_DUE}"
+            f" AND {_UPLOADED_LAST} = 0 LIMIT 1",
+            (*args, t, t + _FROM_THE_FUTURE_S),
         ).fetchone()
         is not None
     )

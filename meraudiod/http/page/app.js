@@ -57,7 +57,7 @@ function play(url, start, end) {
 async function refreshStatus() {
   const s = await api("GET", "/api/v1/status");
   $("listening").checked = !!s.listening;
-  $("st-backlog").textContent = `${s.backlog} job${s.backlog === 1 ? "" : "s"}`;
+  $("st-backlog").textContent = counted(s.backlog, "job");
   $("st-disk").textContent = `${Math.round(s.disk_free_mb)} MB`;
   $("st-mqtt").textContent = s.mqtt ? (s.mqtt.connected ? "connected" : s.mqtt.error || "offline") : "off";
   $("st-mic").textContent = s.listening ? s.microphone || "-" : "muted";
