@@ -5,8 +5,8 @@ running daemon's `Runtime`), its argument schema's base (`Args`) and its table e
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -45,10 +45,11 @@ class CommandContext:
     runtime: Runtime | None = None
     # Over MQTT a request must be cheap: `status` then reads counters, never the disk tree.
     remote: bool = False
-    # Files a command may read (enrolment clips). None: any path (the CLI, run on the device
-    # by its admin). A remote surface gives only the files it received itself (an HTTP
-    # upload's clips), so no client can make the daemon read a path of its choosing.
-    readable_files: tuple[str, ...] | None = ()
+    # Files a command may read (enrolment clips), each with the name to call it by. None:
+    # any path (the CLI, run on the device by its admin). A remote surface gives only the
+    # files it received itself (an HTTP upload's clips, by the client's names for them), so
+    # no client can make the daemon read a path of its choosing.
+    readable_files: Mapping[str, str] | None = field(default_factory=dict)
     surface: Surface = "cli"
 
 

@@ -5,7 +5,7 @@ profile, each clip checked first (short, clipped, noisy, another voice, unlike t
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
@@ -120,10 +120,10 @@ def _odd_ones(
 
 
 def _load(
-    conn: sqlite3.Connection, audio_dir: Path, source: str, files: Collection[str] | None
+    conn: sqlite3.Connection, audio_dir: Path, source: str, files: Mapping[str, str] | None
 ) -> tuple[str, Path]:
     """(label, audio path) of a file or of a stored recording given by its id; only the
-    `files` named may be read (None: any)."""
+    `files` named may be read, labelled by their names there (None: any, by its path)."""
     path = None
     if files is None or source in files:
         try:  # as `analyze` names it: ~name of no user was a traceback
@@ -131,7 +131,7 @@ def _load(
         except SourceError as exc:
             raise Missing(str(exc)) from None
         if path.is_file():
-            return str(path), path
+            return (str(path) if files is None else files[source]), path
     rec_id = normalise_id(source)
     row = conn.execute("SELECT id, audio_path FROM recordings WHERE id=?", (rec_id,)).fetchone()
     if row is None:
@@ -164,7 +164,7 @@ def enroll(
     name: str,
     sources: Sequence[str],
     opt_out: bool = False,
-    files: Collection[str] | None = None,
+    files: Mapping[str, str] | None = None,
 ) -> list[EnrolResult]:
     """Add one embedding per source (file or recording id) to the named profile; a source
     that is a file is read only if `files` is None (the CLI) or names it (an upload).

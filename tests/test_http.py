@@ -746,3 +746,30 @@ def test_headers_over_16_kib_in_pieces_are_431_in_the_json_shape(daemon: HttpDae
     assert head.startswith(b"HTTP/1.1 431 "), response[:300]
     error = json.loads(body)["error"]
     assert error["code"] == "too_large" and "16 KiB" in error["message"], error
+
+
+def test_clips_enrolled_over_http_are_known_by_the_clients_names(daemon: HttpDaemon) -> None:
+    """An enrolment's embeddings stored the server's temporary path (`uploads/<id>.part`)
+    as their source, not the clip's name; two clips of one name (two folders) stay two."""
+    import sqlite3
+
+    one = (TEST_DATA / "ls_2609_0000.flac").read_bytes()
+    two = (TEST_DATA / "ls_2609_0003.flac").read_bytes()
+    with daemon.client() as client:
+        response = client.post(
+            "/api/v1/persistent-speakers/upload",
+            data={"name": "Yves"},
+            files=[("files", ("take.flac", one)), ("files", ("take.flac", two))],
+        )
+    assert response.status_code == 201, response.text
+    assert [s["source"] for s in response.json()["sources"]] == ["take.flac", "take.flac (2)"]
+    db = Path(daemon.env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        sources = [
+            r[0]
+            for r in conn.execute(
+                "SELECT e.source FROM speaker_embeddings e JOIN speakers s ON s.id = e.speaker_id"
+                " WHERE s.name = 'Yves' ORDER BY e.id"
+            )
+        ]
+    assert sources == ["take.flac", "take.flac (2)"], sources

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -106,11 +106,11 @@ _STATUS_OF: Final = {
 
 
 def run_command(
-    ctx: HttpContext, name: str, args: dict[str, Any], uploaded: tuple[str, ...] = ()
+    ctx: HttpContext, name: str, args: dict[str, Any], uploaded: Mapping[str, str] | None = None
 ) -> Any:
     """One operation of the shared command table; its typed error becomes an ApiError.
-    `uploaded`: the files this request itself received, which the command may read (a
-    client can name no other file on the device)."""
+    `uploaded`: the files this request itself received, by the client's names for them,
+    which the command may read (a client can name no other file on the device)."""
     command = COMMANDS[name]
     if command.admin and not ctx.settings.http.allow_admin_commands:
         raise ApiError(
@@ -122,7 +122,7 @@ def run_command(
             ctx.settings,
             admin=True,
             runtime=ctx.daemon,
-            readable_files=uploaded,
+            readable_files=uploaded or {},
             surface="http",
         )
         try:

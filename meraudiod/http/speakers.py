@@ -67,22 +67,36 @@ def _enroll_clips(ctx: HttpContext, form: ReceivedForm) -> Any:
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", "body.do_not_keep: a boolean") from exc
     paths = [str(clip.path) for clip in form.files]
-    names = [clip.name or f"clip {i + 1}" for i, clip in enumerate(form.files)]
+    names = _apart([clip.name or f"clip {i + 1}" for i, clip in enumerate(form.files)])
     heard_s = 0.0  # the clips together are held to the upload's audio limit
     limit_s = ctx.settings.http.max_upload_audio_s
     for path, client_name in zip(paths, names, strict=True):
         for block in upload_blocks(Path(path), client_name, limit_s, heard_s):  # counted only
             heard_s += block.size / SAMPLE_RATE_HZ
     args = {"name": name, "recording_ids": paths, "do_not_keep": do_not_keep}
+    clips = dict(zip(paths, names, strict=True))
     try:
-        data = run_command(ctx, "speakers/enroll", args, uploaded=tuple(paths))
+        data = run_command(ctx, "speakers/enroll", args, uploaded=clips)
     except ApiError as exc:  # the client's names, not our temporary paths
-        for tmp_path, client_name in zip(paths, names, strict=True):
+        for tmp_path, client_name in clips.items():
             exc.message = exc.message.replace(tmp_path, client_name)
         raise
     for source, client_name in zip(data["sources"], names, strict=True):
         source["source"] = client_name
     return data
+
+
+def _apart(names: list[str]) -> list[str]:
+    """The clips' names, one told apart from another of the same name (two "clip.wav" from
+    two folders): enrolment knows each clip by its name (stored as its source)."""
+    out: list[str] = []
+    for name in names:
+        n, unique = 1, name
+        while unique in out:
+            n += 1
+            unique = f"{name} ({n})"
+        out.append(unique)
+    return out
 
 
 @router.post("/rename")
