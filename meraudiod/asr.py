@@ -157,13 +157,9 @@ def later(transcript: Transcript, by_s: float, earlier: Transcript | None) -> Tr
         )
         for s in transcript.segments
     )
-    if earlier is None:
-        return replace(
-            transcript, duration_s=round(transcript.duration_s + by_s, 3), segments=moved
-        )
-    return Transcript(
-        earlier.language, round(transcript.duration_s + by_s, 3), earlier.segments + moved
-    )
+    language = earlier.language if earlier is not None else transcript.language
+    before = earlier.segments if earlier is not None else ()
+    return Transcript(language, round(transcript.duration_s + by_s, 3), before + moved)
 
 
 class SpeechToText(Protocol):
