@@ -185,18 +185,26 @@ def test_analyze_whose_recordings_failed_to_be_transcribed_says_so_and_exits_1(
         send(HELLO if len(answered) == 1 else BROKEN)
 
     holder["answer"] = first_only
-    run_env = wyoming_env(
-        env, [made.uri], MERAUDIOD_ASR__MAX_ATTEMPTS="1", MERAUDIOD_ASR__WYOMING__RETRY_MAX_S="1"
-    )
-    result = cli("analyze", "--json", str(DEMO), env=run_env, timeout_s=300)
+    result, said = _analyzed_trying_once(env, made.uri, "--json", str(DEMO), timeout_s=300)
     states = [rec["state"] for rec in json.loads(result.stdout)["recordings"]]
     assert states == ["done"] + ["failed"] * 4, result.stdout
     assert result.returncode == 1, result.stderr
-    said = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert said == [
         "error: 4 of 5 recordings not transcribed: WyomingError: "
         f"{made.uri}: not a Wyoming server: it sent 'HTTP/1.1 500 Internal Server Error'"
     ], result.stderr
+
+
+def _analyzed_trying_once(
+    env: dict[str, str], uri: str, *args: str, timeout_s: float
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """`analyze ARGS` against the server at `uri`, each recording tried once; with the
+    error lines it printed."""
+    run_env = wyoming_env(
+        env, [uri], MERAUDIOD_ASR__MAX_ATTEMPTS="1", MERAUDIOD_ASR__WYOMING__RETRY_MAX_S="1"
+    )
+    result = cli("analyze", *args, env=run_env, timeout_s=timeout_s)
+    return result, [x for x in result.stderr.splitlines() if x.startswith("error:")]
 
 
 def test_a_server_that_answers_with_an_error_event_is_heard_at_once(
@@ -209,12 +217,8 @@ def test_a_server_that_answers_with_an_error_event_is_heard_at_once(
     were never shown (found by a new user). Now the request fails at once, with them."""
     made, holder = server
     holder["answer"] = lambda send: send(GPU_FULL)
-    run_env = wyoming_env(
-        env, [made.uri], MERAUDIOD_ASR__MAX_ATTEMPTS="1", MERAUDIOD_ASR__WYOMING__RETRY_MAX_S="1"
-    )
-    result = cli("analyze", str(TEST_DATA_SHORT), env=run_env, timeout_s=120)
+    result, said = _analyzed_trying_once(env, made.uri, str(TEST_DATA_SHORT), timeout_s=120)
     assert result.returncode == 1, result.stderr
-    said = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert said == [
         "error: 1 of 1 recording not transcribed: WyomingError: "
         f"{made.uri}: answered with an error: GPU out of memory"
