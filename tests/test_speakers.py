@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -520,7 +521,13 @@ def test_the_same_clip_enrolled_at_once_by_several_requests_is_stored_once(
     import subprocess
     import sys
 
+    assert cli("speakers", "enroll", "Bob", str(TEST_DATA / BOB[0]), env=env).returncode == 0
     clip = str(TEST_DATA / ALICE[0])
+    # The write lock held (as another request's transaction would) while the four read the
+    # profile and embed the clip: each looks before any has stored it, whatever the timing.
+    db_path = Path(env["MERAUDIOD_STORAGE__DATA_DIR"]) / "meraudiod.db"
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
     runs = [
         subprocess.Popen(
             [sys.executable, "-m", "meraudiod", "speakers", "enroll", "Fay", clip],
@@ -531,12 +538,35 @@ def test_the_same_clip_enrolled_at_once_by_several_requests_is_stored_once(
         )
         for _ in range(4)
     ]
+    try:
+        _until_idle([run.pid for run in runs], 20.0)  # each waits for the lock
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
     said = [run.communicate(timeout=300) for run in runs]
     assert speakers_json(env)["Fay"]["embeddings"] == 1, said
     # One stored it; the others say so, as one sent after it does (exit 1, nothing enrolled).
     assert sorted(run.returncode for run in runs) == [0, 1, 1, 1], said
     skipped = [out for out, err in said if "already enrolled" in out and "nothing" in err]
     assert len(skipped) == 3, said
+
+
+def _until_idle(pids: list[int], most_s: float) -> None:
+    """Until none of the processes used CPU for a second (each waits for a lock), or
+    most_s."""
+
+    def cpu_ticks() -> list[int]:
+        stats = [Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split() for pid in pids]
+        return [int(s[11]) + int(s[12]) for s in stats]  # utime + stime
+
+    deadline = time.monotonic() + most_s
+    before = cpu_ticks()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = cpu_ticks()
+        if now == before:
+            return
+        before = now
 
 
 def test_a_name_no_http_route_could_address_is_refused(
