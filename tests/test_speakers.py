@@ -555,15 +555,13 @@ def _until_idle(pids: list[int], most_s: float) -> None:
     """Until none of the processes used CPU for a second (each waits for a lock), or
     most_s."""
 
-    def cpu_ticks() -> list[int]:
-        stats = [Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split() for pid in pids]
-        return [int(s[11]) + int(s[12]) for s in stats]  # utime + stime
+    from meraudiod.bench_listening import proc_cpu_s
 
     deadline = time.monotonic() + most_s
-    before = cpu_ticks()
+    before = [proc_cpu_s(pid) for pid in pids]
     while time.monotonic() < deadline:
         time.sleep(1.0)
-        now = cpu_ticks()
+        now = [proc_cpu_s(pid) for pid in pids]
         if now == before:
             return
         before = now
