@@ -209,15 +209,15 @@ async def _stream(websocket: WebSocket, ctx: HttpContext, daemon: Any, rate_hz: 
                 break
             if message["type"] == "websocket.disconnect":
                 break
-            if message.get("bytes") and not daemon.listening:  # `end` still ends it
+            audio = message.get("bytes")
+            if audio and not daemon.listening:  # `end` still ends the stream
                 await websocket.close(LISTENING_OFF, "listening was switched off")
                 break
-            if len(message.get("bytes") or b"") > MAX_MESSAGE_BYTES:
-                said = f"a message of {len(message['bytes'])} bytes, over 1 MiB"
-                await websocket.close(1009, said)
+            if audio and len(audio) > MAX_MESSAGE_BYTES:
+                await websocket.close(1009, f"a message of {len(audio)} bytes, over 1 MiB")
                 break
-            if message.get("bytes"):
-                await asyncio.to_thread(stream.push, message["bytes"])
+            if audio:
+                await asyncio.to_thread(stream.push, audio)
             elif (message.get("text") or "").strip() == "end":
                 await asyncio.to_thread(stream.push, b"")
                 await asyncio.to_thread(listener.finished.wait, _FINISH_TIMEOUT_S)
