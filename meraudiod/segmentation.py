@@ -48,7 +48,7 @@ class SegmentationModel:
         chunk = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
         chunk[: audio.size] = audio[:WINDOW_SAMPLES]
         log_probs = self._session.run(None, {"input": chunk.reshape(1, 1, -1)})[0][0]
-        frames = n_frames(min(audio.size, WINDOW_SAMPLES))
+        frames = min(n_frames(audio.size), WINDOW_FRAMES)  # those of its audio
         return np.exp(np.asarray(log_probs, dtype=np.float32)[:frames])
 
     def window(self, audio: Float32Array, lenient: bool = False) -> npt.NDArray[np.int8]:
