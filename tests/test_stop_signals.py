@@ -30,6 +30,7 @@ import pytest
 import soundfile
 
 from meraudiod.audio import decode_file
+from meraudiod.wording import counted
 
 from .broker import Broker, Subscriber, free_port
 from .conftest import DEMO, DEMO_TRUTH, StartWyoming, db_rows, run_daemon, stored_audio, wait_for
@@ -205,7 +206,7 @@ def test_analyze_stopped_mid_file_stops_at_once_and_says_what_it_left(
     # Those not transcribed are counted (none when the job in hand was the only one saved,
     # as on a loaded machine that read little before the signal).
     pending = sum(row["status"] == "pending" for row in rows)
-    left = f"{pending} recordings not transcribed (left for the daemon)"
+    left = f"{counted(pending, 'recording')} not transcribed (left for the daemon)"
     assert (left in last) if pending else ("not transcribed" not in last), (pending, last)
     assert len(rows) <= at_signal + 10, len(rows)  # read on for a moment (it was ~200)
     # What was stored is printed, each recording once.
@@ -417,7 +418,8 @@ def test_run_stopped_in_its_backlog_or_drain(
             # `4 recordings, 1 transcribed` and no more).
             left = sum(r["status"] == "pending" for r in rows)
             said = (
-                f"stopped with {left} recordings left to transcribe: transcribed at the next start"
+                f"stopped with {counted(left, 'recording')} left to transcribe:"
+                " transcribed at the next start"
             )
             assert (said in daemon.stderr) == (left > 0), (left, daemon.stderr)
             if watcher is not None:
