@@ -27,7 +27,6 @@ splits Whisper segments where the speaker changes.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -36,7 +35,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from .asr import Segment, Stopped, Transcript, Word
+from .asr import Segment, Stopped, Transcript, Wanted, Word
 from .audio import SAMPLE_RATE_HZ, Float32Array
 from .clustering import Piece, cluster, join_alike, relabel
 from .segmentation import (
@@ -142,13 +141,34 @@ def _split(run: tuple[int, int], first: int, changes: ChangeFinder) -> list[tupl
     return list(pairwise(edges))
 
 
-def _check_stop(stop: threading.Event | None, at_sample: int, audio: Float32Array) -> None:
-    """The worker stops: a long upload's analysis (minutes) is given up between windows."""
-    if stop is not None and stop.is_set():
-        raise Stopped(
-            f"speaker analysis given up {at_sample / SAMPLE_RATE_HZ:.0f} s"
-            f" into {audio.size / SAMPLE_RATE_HZ:.0f} s"
-        )
+@dataclass
+class Progress:
+    """How far one recording's diarization got: handed to the next call on the same audio
+    after a give-up (Stopped), that call goes on from there (a long upload's analysis, minutes
+    on a Pi, yields to the room's speech between windows and is not started again)."""
+
+    segmented: list[tuple[int, Float32Array]] = field(default_factory=list)  # per window
+    pieces: list[Piece] = field(default_factory=list)  # of the first `embedded` windows
+    embedded: int = 0
+    changes: ChangeFinder | None = None
+
+
+class _Asker:
+    """Asks `wanted` between windows, not before the call's first (each call gets a window
+    further, however often it is asked to yield); False gives the analysis up (Stopped)."""
+
+    def __init__(self, wanted: Wanted | None, audio: Float32Array) -> None:
+        self.wanted = wanted
+        self.audio = audio
+        self.stepped = False
+
+    def __call__(self, at_sample: int) -> None:
+        if self.wanted is not None and self.stepped and not self.wanted():
+            raise Stopped(
+                f"speaker analysis given up {at_sample / SAMPLE_RATE_HZ:.0f} s"
+                f" into {self.audio.size / SAMPLE_RATE_HZ:.0f} s"
+            )
+        self.stepped = True
 
 
 class Diarizer:
@@ -174,28 +194,40 @@ class Diarizer:
         self.change_embedded_s = 0.0  # audio embedded by change detection so far (its cost)
 
     def _windows(
-        self, audio: Float32Array, stop: threading.Event | None = None
+        self,
+        audio: Float32Array,
+        ask: _Asker | None = None,
+        windows: list[tuple[int, Float32Array]] | None = None,
     ) -> list[tuple[int, Float32Array]]:
-        """(first global frame, powerset probabilities [frames, 7]) per window."""
+        """(first global frame, powerset probabilities [frames, 7]) per window, appended to
+        `windows` (those of an earlier call given up)."""
         total = n_frames(audio.size)
         per_window = WINDOW_FRAMES  # the model's frames per window, not n_frames(10 s)
         starts = list(range(0, max(1, total - per_window + 1), _WINDOW_STEP_FRAMES))
         if starts[-1] + per_window < total:
             starts.append(total - per_window)  # the last window ends with the audio
-        windows = []
-        for first in starts:
+        windows = [] if windows is None else windows
+        for first in starts[len(windows) :]:
             offset = first * FRAME_STEP_SAMPLES
-            _check_stop(stop, offset, audio)
+            if ask is not None:
+                ask(offset)
             probs = self.segmentation.probabilities(audio[offset : offset + WINDOW_SAMPLES])
             windows.append((first, probs[: total - first]))
         return windows
 
-    def speech(self, audio: Float32Array, stop: threading.Event | None = None) -> Diarization:
-        """One speaker: where anybody speaks (diarization off, identification on)."""
+    def speech(
+        self,
+        audio: Float32Array,
+        wanted: Wanted | None = None,
+        progress: Progress | None = None,
+    ) -> Diarization:
+        """One speaker: where anybody speaks (diarization off, identification on).
+        `wanted` and `progress` as for a diarization (__call__)."""
         total = n_frames(audio.size)
         votes = np.zeros(total)
         cover = np.zeros(total)
-        for first, probs in self._windows(audio, stop):
+        done = None if progress is None else progress.segmented
+        for first, probs in self._windows(audio, _Asker(wanted, audio), done):
             active = activity(probs).any(axis=1)
             votes[first : first + active.size] += active
             cover[first : first + active.size] += 1
@@ -209,20 +241,24 @@ class Diarizer:
         self,
         audio: Float32Array,
         recognise: Recognise | None = None,
-        stop: threading.Event | None = None,
+        wanted: Wanted | None = None,
         find_changes: bool = True,
+        progress: Progress | None = None,
     ) -> Diarization:
         """Turns and local speakers of one recording.
 
         With `recognise`, pieces that surely are two different enrolled people are never
         joined, and pieces of the same enrolled person always are: voices the device knows
-        guide the clustering of similar-sounding ones. `stop` set gives it up (Stopped).
+        guide the clustering of similar-sounding ones. `wanted`, asked between windows,
+        False gives it up (Stopped); `progress` keeps how far it got, for the next call.
         `find_changes=False`: no speaker-change detection inside runs (most of the cost on
         long single-speaker speech), for a clean close clip whose voices the segmentation
         tells apart by itself.
         """
         threshold = self.change_threshold if find_changes else None
-        probabilities = self._windows(audio, stop)
+        done = Progress() if progress is None else progress
+        ask = _Asker(wanted, audio)
+        probabilities = self._windows(audio, ask, done.segmented)
         # Who speaks alone (the runs embedded) by the argmax; who is heard (the output) also
         # where the overlap classes hold more than overlap_probability.
         windows = [(first, activity(probs, lenient=True)) for first, probs in probabilities]
@@ -230,11 +266,18 @@ class Diarizer:
             (first, activity(probs, True, self.overlap_probability))
             for first, probs in probabilities
         ]
-        changes = ChangeFinder(audio, self.embed, threshold) if threshold is not None else None
-        pieces: list[Piece] = []
+        if done.changes is None and threshold is not None:
+            done.changes = ChangeFinder(audio, self.embed, threshold)
+        changes = done.changes
+        if changes is not None:
+            changes.audio = audio  # the same audio, read again for this call
+        pieces = done.pieces
         frame_s = FRAME_STEP_SAMPLES / SAMPLE_RATE_HZ
         for w, (first, solo) in enumerate(windows):
-            _check_stop(stop, first * FRAME_STEP_SAMPLES, audio)
+            if w < done.embedded:
+                continue
+            ask(first * FRAME_STEP_SAMPLES)
+            found: list[Piece] = []  # the window's, kept only once it is done
             alone = solo.sum(axis=1) == 1
             for k in range(solo.shape[1]):
                 active = solo[:, k] == 1
@@ -272,7 +315,9 @@ class Diarizer:
                     identity = (
                         recognise(embedding, speech_s) if recognise and not overheard else None
                     )
-                    pieces.append(Piece(w, k, group, speech_s, embedding, bool(long), identity))
+                    found.append(Piece(w, k, group, speech_s, embedding, bool(long), identity))
+            pieces.extend(found)
+            done.embedded = w + 1
         if changes is not None:
             self.change_embedded_s += changes.embedded_s
         centroids = cluster(pieces, self.threshold, self.max_speakers)

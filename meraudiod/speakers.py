@@ -22,13 +22,12 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Final
 
 from . import models
-from .asr import Transcript
+from .asr import Transcript, Wanted
 from .audio import Float32Array
 from .config import Settings
 from .config_sections import SpeakersSettings
@@ -37,6 +36,7 @@ from .diarization import (
     Diarization,
     Diarizer,
     LabelledSegment,
+    Progress,
     Recognise,
     SegmentationModel,
     attribute,
@@ -175,20 +175,23 @@ class SpeakerStage:
         audio: Float32Array,
         transcript: Transcript,
         conn: sqlite3.Connection | None = None,
-        stop: threading.Event | None = None,
+        wanted: Wanted | None = None,
+        progress: Progress | None = None,
     ) -> SpeakerAnalysis:
         """Turns, local speakers and their embeddings (the heavy part, outside transactions).
 
         With `conn`, the enrolled people guide diarization (see Diarizer); it is only read.
-        `stop` set gives it up between windows (asr.Stopped).
+        `wanted`, asked between windows, False gives it up (asr.Stopped); `progress` keeps
+        how far diarization got, for the next call on the same audio to go on from.
         """
         t0 = time.perf_counter()
         # Whatever Whisper made of the words (a language it does not know comes out
         # "suspect"), who speaks is a fact about the voice: the segmentation decides.
         if self.settings.diarization.enabled:
-            diarization = self.diarizer(audio, self._recogniser(conn), stop)
+            recognise = self._recogniser(conn)
+            diarization = self.diarizer(audio, recognise, wanted, progress=progress)
         else:
-            diarization = self.diarizer.speech(audio, stop)
+            diarization = self.diarizer.speech(audio, wanted, progress)
         segments = attribute(transcript, diarization)
         voices = []
         for local in diarization.speakers:

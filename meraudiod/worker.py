@@ -9,7 +9,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -30,6 +30,7 @@ from .audio import SAMPLE_RATE_HZ, Float32Array, to_float32
 from .config import Settings
 from .db import Transaction, cannot_write, is_busy, no_room, now, open_db, sync_log
 from .deletion import forget_deleted_text, forget_recording, forget_with_audio
+from .diarization import Progress
 from .recordings import MemoryAudio, audio_file, forget_held
 from .retention import disk_free_mb, drop_audio, room_again, writable
 from .server_faults import ServerFaults
@@ -51,6 +52,19 @@ _IDLE_WAIT_S: Final = 2.0
 # How often the daemon's worker takes over the jobs of one-off processes that died (an
 # `analyze` killed half way), so their recordings are transcribed without a restart.
 _ADOPT_EVERY_S = 30.0
+
+
+@dataclass
+class _Progress:
+    """How far a job's recording got: what was heard of it (to `heard_s`), the ASR seconds
+    spent on that, and its speaker analysis. An upload that yields to the room's recordings
+    keeps it (in memory: a restart starts it again), and its next claim goes on from there."""
+
+    recording_id: str
+    heard: Transcript | None = None
+    heard_s: float = 0.0
+    asr_s: float = 0.0
+    diarization: Progress = field(default_factory=Progress)
 
 
 @dataclass(frozen=True)
@@ -113,9 +127,8 @@ class Worker(StageThread):
         self._given_back: int | None = None  # a claimed job the storage kept from storing
         self._note_refused = False  # a job's note (jobs.note_working) could not be written
         self.server_faults = ServerFaults()  # whose fault a failed server request is
-        # An upload that yielded to the room's recordings: (recording id, what was heard,
-        # up to where, seconds spent), taken up from there at its next claim (_heard).
-        self._partial: tuple[str, Transcript, float, float] | None = None
+        # An upload that yielded to the room's recordings, taken up at its next claim.
+        self._partial: _Progress | None = None
 
     def wake(self) -> None:
         """A new job is waiting: look now rather than at the next poll."""
@@ -337,6 +350,9 @@ class Worker(StageThread):
             )
 
     def _transcribe(self, conn: sqlite3.Connection, job: jobs.Job) -> TranscribedRecording | None:
+        partial = self._partial
+        if partial is not None and not _recording_exists(conn, partial.recording_id):
+            self._partial = None  # deleted while the room's went first: its audio, its words
         row = conn.execute("SELECT * FROM recordings WHERE id=?", (job.recording_id,)).fetchone()
         if row is None:
             with Transaction(conn):  # deleted meanwhile: nothing to do
@@ -358,25 +374,48 @@ class Worker(StageThread):
                 if row is None or not row["audio_path"]:
                     raise AudioLostError("its audio was never written (disk full) and is gone")
                 audio = self._read_audio(audio_file(audio_dir, row["audio_path"]))
-        t0 = time.perf_counter()
         audio = np.ascontiguousarray(audio, dtype=np.float32)
-        heard = self._heard(conn, job, str(row["source"]), audio)
-        if heard is None:  # deleted while it was transcribed: its job went with it
+        upload = jobs.uploaded(str(row["source"]))
+        progress = self._heard(conn, job, upload, audio)
+        if progress is None:  # deleted while it was transcribed: its job went with it
             return None
-        transcript, spent_before_s = heard
+        assert progress.heard is not None
+        transcript = progress.heard
         if self.server_faults.transcribed(job.recording_id) and self.job_origin is None:
             jobs.retry_now(conn)  # the jobs that waited on the servers go on now
-        asr_s = spent_before_s + time.perf_counter() - t0
+        asr_s = progress.asr_s
         rtf = asr_s / max(float(row["duration_s"]), 1e-6)
         analysis = None
         stage = self.speakers  # one stage for the whole job: a reload may free it meanwhile
         if stage is not None and not _recording_exists(conn, job.recording_id):
             stage = None  # deleted while it was transcribed: its speakers are not wanted
         if stage is not None:  # the heavy part, outside the transaction
-            # A long upload's takes minutes: given up on stopping, like its transcription.
+            # A long one's takes minutes: given up on stopping or a deletion, and an upload's
+            # yields to the room's recordings, like its transcription.
             long = float(row["duration_s"]) > WHISPER_WINDOW_S
             _LOGGER.debug("job %d: transcribed in %.1f s, its speakers next", job.id, asr_s)
-            analysis = stage.analyze(audio, transcript, conn, self.stop_event if long else None)
+
+            def wanted() -> bool:
+                return not self.stop_event.is_set() and self._wanted(conn, job, upload)
+
+            try:
+                analysis = stage.analyze(
+                    audio, transcript, conn, wanted if long else None, progress.diarization
+                )
+            except Stopped as exc:
+                if self.stop_event.is_set():
+                    raise
+                if not _recording_exists(conn, job.recording_id):
+                    _LOGGER.info(
+                        "recording %s deleted while its speakers were analysed: %s",
+                        job.recording_id,
+                        exc,
+                    )
+                    self._forget_held(job.recording_id)
+                    self.server_faults.forget(job.recording_id)
+                    return None
+                self._partial = progress
+                raise Stopped(f"the room's recordings first: {exc}, taken up there next") from exc
             transcript = analysis.transcript  # segments split at speaker changes
         # Without an fsync of its own: a power cut may take back the last transcripts, whose
         # recordings are then transcribed again at the next start (their save was durable),
@@ -446,39 +485,46 @@ class Worker(StageThread):
         _LOGGER.debug("transcript %s text: %s", job.recording_id, transcript.text)
         return result
 
+    def _wanted(self, conn: sqlite3.Connection, job: jobs.Job, upload: bool) -> bool:
+        """Is the job's work to go on: its recording not deleted, and, for an upload, no
+        recording of the room's own audio waiting?"""
+        try:
+            if not _recording_exists(conn, job.recording_id):
+                return False
+            return not (upload and jobs.room_waiting(conn, self.job_origin))
+        except sqlite3.Error:  # cannot tell (the database locked): go on
+            return True
+
     def _heard(
-        self, conn: sqlite3.Connection, job: jobs.Job, source: str, audio: Float32Array
-    ) -> tuple[Transcript, float] | None:
-        """The recording's transcript, and the seconds spent on it in earlier tries; None:
-        deleted while it was transcribed (given up between Whisper windows).
+        self, conn: sqlite3.Connection, job: jobs.Job, upload: bool, audio: Float32Array
+    ) -> _Progress | None:
+        """The recording transcribed whole (and its speaker analysis as far as an earlier
+        try got); None: deleted while it was transcribed (given up between Whisper windows).
 
-        An upload yields to the room: between the windows of its transcription, a recording
-        of the device's own audio waiting gives its job back (Stopped), and the next claim
-        takes up where it left off (a ten-minute upload held back a spoken command for as
-        long as it took)."""
-        earlier, offset_s, spent_s = None, 0.0, 0.0
-        if self._partial is not None and self._partial[0] == job.recording_id:
-            _, earlier, offset_s, spent_s = self._partial
-            self._partial = None  # kept meanwhile: the room's jobs come in between
+        An upload yields to the room: between the windows of its transcription (or of its
+        speaker analysis), a recording of the device's own audio waiting gives its job back
+        (Stopped), and the next claim takes up where it left off (a ten-minute upload held
+        back a spoken command for as long as it took)."""
+        progress = _Progress(job.recording_id)
+        if self._partial is not None and self._partial.recording_id == job.recording_id:
+            progress, self._partial = self._partial, None  # the room's jobs came in between
+            if progress.heard is not None and progress.heard_s >= progress.heard.duration_s:
+                _LOGGER.info("recording %s: speaker analysis taken up", job.recording_id)
+                return progress
             _LOGGER.info(
-                "recording %s: transcription taken up at %.0f s", job.recording_id, offset_s
+                "recording %s: transcription taken up at %.0f s",
+                job.recording_id,
+                progress.heard_s,
             )
-        upload = jobs.uploaded(source)
-
-        def wanted() -> bool:
-            try:
-                if not _recording_exists(conn, job.recording_id):
-                    return False
-                return not (upload and jobs.room_waiting(conn, self.job_origin))
-            except sqlite3.Error:  # cannot tell (the database locked): go on
-                return True
-
+        earlier, offset_s = progress.heard, progress.heard_s
         # The listeners' VAD trace is of the whole recording (an upload has none).
         trace = self.vad_traces.get(job.recording_id) if self.vad_traces is not None else None
         t0 = time.perf_counter()
         try:
             part = audio[round(offset_s * SAMPLE_RATE_HZ) :]
-            heard = self.transcriber.transcribe(part, None if offset_s else trace, wanted)
+            heard = self.transcriber.transcribe(
+                part, None if offset_s else trace, lambda: self._wanted(conn, job, upload)
+            )
         except Unwanted as exc:
             done_s = offset_s + exc.done_s
             where = f"given up {done_s:.0f} s into {audio.size / SAMPLE_RATE_HZ:.0f} s"
@@ -489,10 +535,14 @@ class Worker(StageThread):
                 self._forget_held(job.recording_id)
                 self.server_faults.forget(job.recording_id)
                 return None
-            spent_s += time.perf_counter() - t0
-            self._partial = (job.recording_id, later(exc.heard, offset_s, earlier), done_s, spent_s)
+            progress.asr_s += time.perf_counter() - t0
+            progress.heard, progress.heard_s = later(exc.heard, offset_s, earlier), done_s
+            self._partial = progress
             raise Stopped(f"the room's recordings first: {where}, taken up there next") from exc
-        return (later(heard, offset_s, earlier) if earlier is not None else heard), spent_s
+        progress.asr_s += time.perf_counter() - t0
+        progress.heard = later(heard, offset_s, earlier) if earlier is not None else heard
+        progress.heard_s = progress.heard.duration_s
+        return progress
 
     @staticmethod
     def _read_audio(path: Path) -> Float32Array:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from meraudiod.asr import Segment, Transcript, Word
+from meraudiod.asr import Segment, Stopped, Transcript, Word
 from meraudiod.audio import decode_file, to_float32
 from meraudiod.clustering import Piece, cluster, join_alike, relabel
 from meraudiod.config import Settings
@@ -17,6 +17,7 @@ from meraudiod.diarization import (
     OVERLAP_PROBABILITY,
     Diarization,
     Diarizer,
+    Progress,
     Turn,
     _split,
     activity,
@@ -81,6 +82,32 @@ def test_diarizer_finds_two_people_taking_turns(
         labels.append(label)
     assert labels[0] == labels[2] and labels[1] == labels[3] and labels[0] != labels[1]
     assert len(result.speakers) == 2
+
+
+@pytest.mark.parametrize("diarize", [True, False])
+def test_an_analysis_given_up_goes_on_where_it_stopped(
+    stage: SpeakerStage, conversation: tuple[Path, list[tuple[str, float, float]]], diarize: bool
+) -> None:
+    """A long upload's analysis yields to the room's speech between windows: each call,
+    asked to stop at every window, does one more window, and the calls together give what
+    one call gives (diarization, or where the speech is with diarization off)."""
+    audio = to_float32(decode_file(conversation[0]))
+    analyse = stage.diarizer.__call__ if diarize else stage.diarizer.speech
+    whole = analyse(audio)
+    progress, calls = Progress(), 0
+    while True:
+        calls += 1
+        steps = len(progress.segmented) + progress.embedded
+        try:
+            result = analyse(audio.copy(), wanted=lambda: False, progress=progress)
+            break
+        except Stopped:  # one window further each time, never the same one twice
+            assert len(progress.segmented) + progress.embedded == steps + 1
+    windows = len(progress.segmented)
+    assert windows >= 3 and progress.embedded == (windows if diarize else 0)
+    # A window segmented or embedded per call, and the last call ends it.
+    assert calls == windows * (2 if diarize else 1)
+    assert result == whole
 
 
 @pytest.mark.parametrize("first, second", [("1034", "2609"), ("2609", "1034")])

@@ -21,6 +21,7 @@ import pytest
 from meraudiod.audio import decode_file
 from tests.conftest import DEMO
 from tests.httpd import (
+    SPEAKERS_CONFIG,
     TOKEN,
     HttpDaemon,
     daemon_env,
@@ -494,6 +495,24 @@ def test_a_long_upload_deleted_while_it_is_transcribed_is_given_up(
     assert given_up_s < 590, line  # not transcribed to its end
 
 
+async def _say_to_the_room(daemon: HttpDaemon) -> list[dict[str, Any]]:
+    """The demo's first utterance spoken to the device over /ws/audio: what it answers."""
+    import websockets
+
+    spoken = decode_file(DEMO)[: 16000 * 9].astype("<i2").tobytes()
+    async with websockets.connect(
+        daemon.url.replace("http://", "ws://") + "/ws/audio",
+        additional_headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as audio:
+        for start in range(0, len(spoken), 3200):
+            await audio.send(spoken[start : start + 3200])
+        await audio.send("end")
+        got = []
+        while not got or got[-1].get("type") != "done":
+            got.append(json.loads(await asyncio.wait_for(audio.recv(), 300)))
+        return got
+
+
 def test_a_long_upload_yields_to_the_rooms_speech_and_takes_up_where_it_left_off(
     daemon: HttpDaemon, tmp_path: Path
 ) -> None:
@@ -501,7 +520,6 @@ def test_a_long_upload_yields_to_the_rooms_speech_and_takes_up_where_it_left_off
     # long as it took: it now gives its job back between Whisper windows when the room's
     # audio waits, and goes on from there.
     import soundfile
-    import websockets
 
     from tests.httpd import wait_task
 
@@ -509,20 +527,6 @@ def test_a_long_upload_yields_to_the_rooms_speech_and_takes_up_where_it_left_off
     times = 600 * 16000 // demo.size + 1
     path = tmp_path / "lecture.flac"
     soundfile.write(path, np.tile(demo, times)[: 600 * 16000], 16000)
-    spoken = demo[: 16000 * 9].astype("<i2").tobytes()  # the demo's first utterance
-
-    async def say() -> list[dict[str, Any]]:
-        async with websockets.connect(
-            daemon.url.replace("http://", "ws://") + "/ws/audio",
-            additional_headers={"Authorization": f"Bearer {TOKEN}"},
-        ) as audio:
-            for start in range(0, len(spoken), 3200):
-                await audio.send(spoken[start : start + 3200])
-            await audio.send("end")
-            got = []
-            while not got or got[-1].get("type") != "done":
-                got.append(json.loads(await asyncio.wait_for(audio.recv(), 300)))
-            return got
 
     with daemon.client() as client:
         response = client.post(
@@ -530,7 +534,7 @@ def test_a_long_upload_yields_to_the_rooms_speech_and_takes_up_where_it_left_off
         )
         rec_id = str(response.json()["recording_id"])
         assert wait_task(client, rec_id, "running")["status"] == "running"
-        got = asyncio.run(say())
+        got = asyncio.run(_say_to_the_room(daemon))
         assert any(e.get("event_type") == "transcript" for e in got), got
         assert client.get(f"/api/v1/tasks/{rec_id}").json()["status"] != "completed"
         assert wait_task(client, rec_id, "completed", 600)["status"] == "completed"
@@ -544,3 +548,52 @@ def test_a_long_upload_yields_to_the_rooms_speech_and_takes_up_where_it_left_off
     assert ends[-1][1] > 590, ends[-1]  # to its end, the times of the whole recording
     # Nothing lost or said twice where it was taken up: each repeat of the demo is there.
     assert abs(recording["text"].count("Dashwood") - times) <= 1, recording["text"]
+
+
+def test_a_long_uploads_speaker_analysis_yields_to_the_room_and_stops_when_deleted(
+    tmp_path: Path, speaker_models: Path
+) -> None:
+    # With diarization on, a long upload's speaker analysis (more CPU than its transcription)
+    # held a command spoken to the device back for as long as it took, and went on to its end
+    # after the upload was deleted: it now yields between windows, goes on from there, and a
+    # deletion gives it up.
+    import soundfile
+
+    from tests.httpd import wait_task
+
+    config = '[logging]\nlevel = "DEBUG"\n[diarization]\nenabled = true\n' + SPEAKERS_CONFIG
+    daemon = HttpDaemon(daemon_env(tmp_path / "d", speaker_models), config=config).start()
+    try:
+        demo = decode_file(DEMO)
+        path = tmp_path / "meeting.flac"
+        soundfile.write(path, np.tile(demo, 300 * 16000 // demo.size + 1), 16000)  # 5 minutes
+
+        def logged(text: str, timeout_s: float = 300) -> str:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                found = [x for x in daemon.log().splitlines() if text in x]
+                if found:
+                    return found[0]
+                time.sleep(0.2)
+            raise AssertionError(f"not logged: {text}\n{daemon.log()[-3000:]}")
+
+        with daemon.client() as client:
+            response = client.post(
+                "/api/v1/vad/upload_recording", files={"file": (path.name, path.read_bytes())}
+            )
+            rec_id = str(response.json()["recording_id"])
+            assert wait_task(client, rec_id, "running")["status"] == "running"
+            logged("its speakers next", 600)
+            got = asyncio.run(_say_to_the_room(daemon))
+            assert any(e.get("event_type") == "transcript" for e in got), got
+            given_back = logged(f"recording {rec_id}) given back: the room's recordings first")
+            assert "speaker analysis given up" in given_back, given_back
+            logged(f"recording {rec_id}: speaker analysis taken up")
+            assert "transcription taken up" not in daemon.log()  # its words were kept
+            assert client.delete(f"/api/v1/recordings/{rec_id}").status_code == 200
+            line = logged(f"recording {rec_id} deleted while its speakers were analysed")
+            given_up_s = float(line.split("given up ")[1].split(" s into")[0])
+            assert given_up_s < 290, line  # not analysed to its end
+            assert client.get(f"/api/v1/tasks/{rec_id}").status_code == 404
+    finally:
+        assert daemon.stop() == 0, daemon.log()
