@@ -65,6 +65,7 @@ class _Progress:
     heard_s: float = 0.0
     asr_s: float = 0.0
     diarization: Progress = field(default_factory=Progress)
+    analysed_by: SpeakerStage | None = None  # whose `diarization` it is (a reload makes another)
 
 
 @dataclass(frozen=True)
@@ -398,6 +399,8 @@ class Worker(StageThread):
             def wanted() -> bool:
                 return not self.stop_event.is_set() and self._wanted(conn, job, upload)
 
+            if progress.analysed_by is not stage:  # begun with other models or settings
+                progress.diarization, progress.analysed_by = Progress(), stage
             try:
                 analysis = stage.analyze(
                     audio, transcript, conn, wanted if long else None, progress.diarization

@@ -19,7 +19,7 @@ import soundfile
 from meraudiod import jobs, models
 from meraudiod import worker as worker_module
 from meraudiod.asr import Transcriber
-from meraudiod.audio import decode_file
+from meraudiod.audio import decode_file, to_float32
 from meraudiod.config import Settings
 from meraudiod.db import Transaction, open_db
 from meraudiod.deletion import delete_recordings
@@ -28,6 +28,7 @@ from meraudiod.pipeline import Pipeline
 from meraudiod.recordings import MemoryAudio, RecordingStore
 from meraudiod.retention import disk_free_mb, disk_low
 from meraudiod.sources import FileSource
+from meraudiod.speakers import SpeakerStage
 from meraudiod.worker import TranscribedRecording, Worker
 
 from .conftest import (
@@ -296,3 +297,53 @@ def test_each_saved_recording_wakes_the_worker_and_none_saved_while_it_is_busy_i
     finally:
         pipeline.close()
         conn.close()
+
+
+def test_an_uploads_analysis_taken_up_after_a_reload_starts_again_with_the_new_stage(
+    settings: Settings, speaker_models: Path
+) -> None:
+    """A long upload's speaker analysis that yielded to the room's speech keeps how far it
+    got for its next try; a reload meanwhile (other models or settings) makes a new stage,
+    which analyses it from its first window, not from the old stage's pieces."""
+    settings.storage.models_dir = speaker_models
+    settings.speakers.enabled = settings.diarization.enabled = True
+    conn = open_db(settings.storage.db_path)
+    store = RecordingStore(conn, settings.storage.audio_dir, "flac")
+    talk = np.concatenate([decode_file(TEST_DATA / f"ls_2609_000{i}.flac") for i in (0, 1, 3, 9)])
+    talk = np.tile(talk, 45 * 16000 // talk.size + 1)  # over a Whisper window: given up
+    upload = store.save(talk, source="upload:talk.wav", start_s=0.0, started_at=1000.0)
+    assert upload is not None
+    asr = settings.asr
+    path = models.resolve(asr.model, settings.storage.resolved_models_dir, False)
+    worker = Worker(settings, Transcriber(path, asr, asr.model), threading.Event())
+
+    def counting(stage: SpeakerStage, room_speaks_at: int = 0) -> list[int]:
+        """Counts its segmentation windows; the room speaks at the given one."""
+        calls: list[int] = []
+        segmentation = stage.diarizer.segmentation
+        real = segmentation.probabilities
+
+        def probabilities(audio: np.ndarray) -> np.ndarray:
+            calls.append(audio.size)
+            if len(calls) == room_speaks_at:
+                store.save(decode_file(SHORT), source="mic", start_s=0.0, started_at=2000.0)
+            return real(audio)
+
+        segmentation.probabilities = probabilities  # type: ignore[method-assign]
+        return calls
+
+    worker.speakers = SpeakerStage(settings)
+    counting(worker.speakers, room_speaks_at=2)
+    assert worker.process_next(conn)  # transcribed; its analysis yields after two windows
+    states = dict(conn.execute("SELECT recording_id, state FROM jobs").fetchall())
+    assert states[upload.id] == "pending" and len(states) == 2, states
+    assert worker.process_next(conn)  # the room's
+    worker.speakers = SpeakerStage(settings)  # a reload
+    calls = counting(worker.speakers)
+    assert worker.process_next(conn)  # the upload, by the new stage
+    assert worker.last_error is None
+    status = "SELECT status FROM recordings WHERE id=?"
+    assert conn.execute(status, (upload.id,)).fetchone()[0] == "done"
+    segmented = len(calls)
+    windows = len(worker.speakers.diarizer._windows(to_float32(talk)))
+    assert windows > 2 and segmented == windows  # every one of them, the first two again
