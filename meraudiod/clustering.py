@@ -36,6 +36,7 @@ class Piece:
     embedding: Float32Array
     core: bool  # long enough to found or join clusters by itself
     identity: str | None = None  # an enrolled person it was recognised as
+    overheard: bool = False  # heard (almost) only over someone else: never named
     cluster: int = -1
 
 

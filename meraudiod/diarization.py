@@ -150,23 +150,23 @@ class Progress:
     segmented: list[tuple[int, Float32Array]] = field(default_factory=list)  # per window
     pieces: list[Piece] = field(default_factory=list)  # of the first `embedded` windows
     embedded: int = 0
-    changes: ChangeFinder | None = None
+    sub_windows: dict[int, Float32Array] = field(default_factory=dict)  # ChangeFinder's
 
 
 class _Asker:
     """Asks `wanted` between windows, not before the call's first (each call gets a window
     further, however often it is asked to yield); False gives the analysis up (Stopped)."""
 
-    def __init__(self, wanted: Wanted | None, audio: Float32Array) -> None:
+    def __init__(self, wanted: Wanted | None, samples: int) -> None:
         self.wanted = wanted
-        self.audio = audio
+        self.samples = samples
         self.stepped = False
 
-    def __call__(self, at_sample: int) -> None:
+    def __call__(self, at_sample: int, step: str) -> None:
         if self.wanted is not None and self.stepped and not self.wanted():
             raise Stopped(
                 f"speaker analysis given up {at_sample / SAMPLE_RATE_HZ:.0f} s"
-                f" into {self.audio.size / SAMPLE_RATE_HZ:.0f} s"
+                f" into {self.samples / SAMPLE_RATE_HZ:.0f} s ({step})"
             )
         self.stepped = True
 
@@ -210,7 +210,7 @@ class Diarizer:
         for first in starts[len(windows) :]:
             offset = first * FRAME_STEP_SAMPLES
             if ask is not None:
-                ask(offset)
+                ask(offset, "segmentation")
             probs = self.segmentation.probabilities(audio[offset : offset + WINDOW_SAMPLES])
             windows.append((first, probs[: total - first]))
         return windows
@@ -227,7 +227,7 @@ class Diarizer:
         votes = np.zeros(total)
         cover = np.zeros(total)
         done = None if progress is None else progress.segmented
-        for first, probs in self._windows(audio, _Asker(wanted, audio), done):
+        for first, probs in self._windows(audio, _Asker(wanted, audio.size), done):
             active = activity(probs).any(axis=1)
             votes[first : first + active.size] += active
             cover[first : first + active.size] += 1
@@ -257,7 +257,7 @@ class Diarizer:
         """
         threshold = self.change_threshold if find_changes else None
         done = Progress() if progress is None else progress
-        ask = _Asker(wanted, audio)
+        ask = _Asker(wanted, audio.size)
         probabilities = self._windows(audio, ask, done.segmented)
         # Who speaks alone (the runs embedded) by the argmax; who is heard (the output) also
         # where the overlap classes hold more than overlap_probability.
@@ -266,18 +266,15 @@ class Diarizer:
             (first, activity(probs, True, self.overlap_probability))
             for first, probs in probabilities
         ]
-        if done.changes is None and threshold is not None:
-            done.changes = ChangeFinder(audio, self.embed, threshold)
-        changes = done.changes
-        if changes is not None:
-            changes.audio = audio  # the same audio, read again for this call
+        changes = None
+        if threshold is not None:
+            changes = ChangeFinder(audio, self.embed, threshold, done.sub_windows)
         pieces = done.pieces
         frame_s = FRAME_STEP_SAMPLES / SAMPLE_RATE_HZ
         for w, (first, solo) in enumerate(windows):
             if w < done.embedded:
                 continue
-            ask(first * FRAME_STEP_SAMPLES)
-            found: list[Piece] = []  # the window's, kept only once it is done
+            ask(first * FRAME_STEP_SAMPLES, "embeddings")
             alone = solo.sum(axis=1) == 1
             for k in range(solo.shape[1]):
                 active = solo[:, k] == 1
@@ -311,13 +308,14 @@ class Diarizer:
                     ]
                 for group, embedding in zip(groups, embeddings, strict=True):
                     speech_s = sum(b - a for a, b in group) * frame_s
-                    # Another voice in the clip: too unsure to name anybody.
-                    identity = (
-                        recognise(embedding, speech_s) if recognise and not overheard else None
-                    )
-                    found.append(Piece(w, k, group, speech_s, embedding, bool(long), identity))
-            pieces.extend(found)
+                    piece = Piece(w, k, group, speech_s, embedding, bool(long), overheard=overheard)
+                    pieces.append(piece)
             done.embedded = w + 1
+        if recognise is not None:  # by the profiles as they are now, whenever it was embedded
+            for piece in pieces:
+                # Another voice in the clip: too unsure to name anybody.
+                if not piece.overheard:
+                    piece.identity = recognise(piece.embedding, piece.speech_s)
         if changes is not None:
             self.change_embedded_s += changes.embedded_s
         centroids = cluster(pieces, self.threshold, self.max_speakers)

@@ -42,11 +42,18 @@ Embed = Callable[[Float32Array], Float32Array]
 class ChangeFinder:
     """Speaker changes inside stretches of one recording (one instance per recording)."""
 
-    def __init__(self, audio: Float32Array, embed: Embed, threshold: float) -> None:
+    def __init__(
+        self,
+        audio: Float32Array,
+        embed: Embed,
+        threshold: float,
+        cache: dict[int, Float32Array] | None = None,
+    ) -> None:
         self.audio = audio
         self.embed = embed
         self.threshold = threshold
-        self._cache: dict[int, Float32Array] = {}  # grid index -> unit embedding
+        # Grid index -> unit embedding; `cache`: that of an earlier finder on the same audio.
+        self._cache: dict[int, Float32Array] = {} if cache is None else cache
         self._off_grid_s = 0.0  # audio of the sub-windows embedded off the grid
 
     @property

@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,8 @@ class _Progress:
     heard_s: float = 0.0
     asr_s: float = 0.0
     diarization: Progress = field(default_factory=Progress)
-    analysed_by: SpeakerStage | None = None  # whose `diarization` it is (a reload makes another)
+    # Whose `diarization` it is (a reload makes another stage; the old one's models go).
+    analysed_by: weakref.ref[SpeakerStage] | None = None
 
 
 @dataclass(frozen=True)
@@ -351,9 +353,12 @@ class Worker(StageThread):
             )
 
     def _transcribe(self, conn: sqlite3.Connection, job: jobs.Job) -> TranscribedRecording | None:
-        partial = self._partial
-        if partial is not None and not _recording_exists(conn, partial.recording_id):
-            self._partial = None  # deleted while the room's went first: its audio, its words
+        # How far an earlier try of this job got: taken now, so a failure of this one drops it.
+        partial, self._partial = self._partial, None
+        if partial is not None and partial.recording_id != job.recording_id:
+            if _recording_exists(conn, partial.recording_id):  # not deleted meanwhile
+                self._partial = partial  # kept for its own job while the room's go first
+            partial = None
         row = conn.execute("SELECT * FROM recordings WHERE id=?", (job.recording_id,)).fetchone()
         if row is None:
             with Transaction(conn):  # deleted meanwhile: nothing to do
@@ -377,13 +382,11 @@ class Worker(StageThread):
                 audio = self._read_audio(audio_file(audio_dir, row["audio_path"]))
         audio = np.ascontiguousarray(audio, dtype=np.float32)
         upload = jobs.uploaded(str(row["source"]))
-        progress = self._heard(conn, job, upload, audio)
+        progress = self._heard(conn, job, upload, audio, partial)
         if progress is None:  # deleted while it was transcribed: its job went with it
             return None
         assert progress.heard is not None
         transcript = progress.heard
-        if self.server_faults.transcribed(job.recording_id) and self.job_origin is None:
-            jobs.retry_now(conn)  # the jobs that waited on the servers go on now
         asr_s = progress.asr_s
         rtf = asr_s / max(float(row["duration_s"]), 1e-6)
         analysis = None
@@ -399,8 +402,8 @@ class Worker(StageThread):
             def wanted() -> bool:
                 return not self.stop_event.is_set() and self._wanted(conn, job, upload)
 
-            if progress.analysed_by is not stage:  # begun with other models or settings
-                progress.diarization, progress.analysed_by = Progress(), stage
+            if progress.analysed_by is None or progress.analysed_by() is not stage:
+                progress.diarization, progress.analysed_by = Progress(), weakref.ref(stage)
             try:
                 analysis = stage.analyze(
                     audio, transcript, conn, wanted if long else None, progress.diarization
@@ -499,18 +502,23 @@ class Worker(StageThread):
             return True
 
     def _heard(
-        self, conn: sqlite3.Connection, job: jobs.Job, upload: bool, audio: Float32Array
+        self,
+        conn: sqlite3.Connection,
+        job: jobs.Job,
+        upload: bool,
+        audio: Float32Array,
+        partial: _Progress | None,
     ) -> _Progress | None:
         """The recording transcribed whole (and its speaker analysis as far as an earlier
-        try got); None: deleted while it was transcribed (given up between Whisper windows).
+        try got, `partial`); None: deleted while it was transcribed (given up between
+        Whisper windows).
 
         An upload yields to the room: between the windows of its transcription (or of its
         speaker analysis), a recording of the device's own audio waiting gives its job back
         (Stopped), and the next claim takes up where it left off (a ten-minute upload held
         back a spoken command for as long as it took)."""
-        progress = _Progress(job.recording_id)
-        if self._partial is not None and self._partial.recording_id == job.recording_id:
-            progress, self._partial = self._partial, None  # the room's jobs came in between
+        progress = _Progress(job.recording_id) if partial is None else partial
+        if partial is not None:  # the room's jobs came in between
             if progress.heard is not None and progress.heard_s >= progress.heard.duration_s:
                 _LOGGER.info("recording %s: speaker analysis taken up", job.recording_id)
                 return progress
@@ -545,6 +553,9 @@ class Worker(StageThread):
         progress.asr_s += time.perf_counter() - t0
         progress.heard = later(heard, offset_s, earlier) if earlier is not None else heard
         progress.heard_s = progress.heard.duration_s
+        # Only a transcription made now says the servers work (not one taken up whole).
+        if self.server_faults.transcribed(job.recording_id) and self.job_origin is None:
+            jobs.retry_now(conn)  # the jobs that waited on the servers go on now
         return progress
 
     @staticmethod

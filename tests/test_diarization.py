@@ -93,7 +93,9 @@ def test_an_analysis_given_up_goes_on_where_it_stopped(
     one call gives (diarization, or where the speech is with diarization off)."""
     audio = to_float32(decode_file(conversation[0]))
     analyse = stage.diarizer.__call__ if diarize else stage.diarizer.speech
+    start_s = stage.diarizer.change_embedded_s  # the audio change detection embedded
     whole = analyse(audio)
+    whole_s = stage.diarizer.change_embedded_s - start_s
     progress, calls = Progress(), 0
     while True:
         calls += 1
@@ -108,6 +110,9 @@ def test_an_analysis_given_up_goes_on_where_it_stopped(
     # A window segmented or embedded per call, and the last call ends it.
     assert calls == windows * (2 if diarize else 1)
     assert result == whole
+    # The change detection's sub-windows embedded once, not again at each call.
+    assert stage.diarizer.change_embedded_s - start_s - whole_s == pytest.approx(whole_s)
+    assert (whole_s > 0) == diarize
 
 
 @pytest.mark.parametrize("first, second", [("1034", "2609"), ("2609", "1034")])

@@ -592,8 +592,7 @@ def test_a_long_uploads_speaker_analysis_yields_to_the_room_and_stops_when_delet
             assert "transcription taken up" not in daemon.log()  # its words were kept
             assert client.delete(f"/api/v1/recordings/{rec_id}").status_code == 200
             line = logged(f"recording {rec_id} deleted while its speakers were analysed")
-            given_up_s = float(line.split("given up ")[1].split(" s into")[0])
-            assert given_up_s < 140, line  # not analysed to its end
+            assert line.endswith(("s (segmentation)", "s (embeddings)")), line  # where it was
             assert client.get(f"/api/v1/tasks/{rec_id}").status_code == 404
     finally:
         assert daemon.stop() == 0, daemon.log()

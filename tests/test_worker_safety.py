@@ -18,14 +18,14 @@ import soundfile
 
 from meraudiod import jobs, models
 from meraudiod import worker as worker_module
-from meraudiod.asr import Transcriber
+from meraudiod.asr import ServerError, Transcriber
 from meraudiod.audio import decode_file, to_float32
 from meraudiod.config import Settings
 from meraudiod.db import Transaction, open_db
 from meraudiod.deletion import delete_recordings
 from meraudiod.held_audio import write_held
 from meraudiod.pipeline import Pipeline
-from meraudiod.recordings import MemoryAudio, RecordingStore
+from meraudiod.recordings import MemoryAudio, RecordingStore, audio_file
 from meraudiod.retention import disk_free_mb, disk_low
 from meraudiod.sources import FileSource
 from meraudiod.speakers import SpeakerStage
@@ -299,26 +299,27 @@ def test_each_saved_recording_wakes_the_worker_and_none_saved_while_it_is_busy_i
         conn.close()
 
 
-def test_an_uploads_analysis_taken_up_after_a_reload_starts_again_with_the_new_stage(
-    settings: Settings, speaker_models: Path
-) -> None:
-    """A long upload's speaker analysis that yielded to the room's speech keeps how far it
-    got for its next try; a reload meanwhile (other models or settings) makes a new stage,
-    which analyses it from its first window, not from the old stage's pieces."""
-    settings.storage.models_dir = speaker_models
-    settings.speakers.enabled = settings.diarization.enabled = True
-    conn = open_db(settings.storage.db_path)
-    store = RecordingStore(conn, settings.storage.audio_dir, "flac")
-    talk = np.concatenate([decode_file(TEST_DATA / f"ls_2609_000{i}.flac") for i in (0, 1, 3, 9)])
-    talk = np.tile(talk, 45 * 16000 // talk.size + 1)  # over a Whisper window: given up
-    upload = store.save(talk, source="upload:talk.wav", start_s=0.0, started_at=1000.0)
-    assert upload is not None
-    asr = settings.asr
-    path = models.resolve(asr.model, settings.storage.resolved_models_dir, False)
-    worker = Worker(settings, Transcriber(path, asr, asr.model), threading.Event())
+class _RoomAndUpload:
+    """A 35 s upload and the room's speech in one store; a worker to take them."""
 
-    def counting(stage: SpeakerStage, room_speaks_at: int = 0) -> list[int]:
-        """Counts its segmentation windows; the room speaks at the given one."""
+    def __init__(self, settings: Settings, transcriber: type[Transcriber] = Transcriber) -> None:
+        self.conn = open_db(settings.storage.db_path)
+        self.store = RecordingStore(self.conn, settings.storage.audio_dir, "flac")
+        clips = [decode_file(TEST_DATA / f"ls_2609_000{i}.flac") for i in (0, 1, 3, 9)]
+        talk = np.concatenate(clips)
+        self.talk = np.tile(talk, 3)[: 35 * 16000]  # over a Whisper window
+        upload = self.store.save(self.talk, "upload:talk.wav", start_s=0.0, started_at=1000.0)
+        assert upload is not None
+        self.upload = upload.id
+        asr = settings.asr
+        path = models.resolve(asr.model, settings.storage.resolved_models_dir, False)
+        self.worker = Worker(settings, transcriber(path, asr, asr.model), threading.Event())
+
+    def room_speaks(self) -> None:
+        self.store.save(decode_file(SHORT), source="mic", start_s=0.0, started_at=2000.0)
+
+    def counting(self, stage: SpeakerStage, room_speaks_at: int = 0) -> list[int]:
+        """The stage's segmentation windows, counted; the room speaks at the given one."""
         calls: list[int] = []
         segmentation = stage.diarizer.segmentation
         real = segmentation.probabilities
@@ -326,24 +327,89 @@ def test_an_uploads_analysis_taken_up_after_a_reload_starts_again_with_the_new_s
         def probabilities(audio: np.ndarray) -> np.ndarray:
             calls.append(audio.size)
             if len(calls) == room_speaks_at:
-                store.save(decode_file(SHORT), source="mic", start_s=0.0, started_at=2000.0)
+                self.room_speaks()
             return real(audio)
 
         segmentation.probabilities = probabilities  # type: ignore[method-assign]
         return calls
 
+    def jobs(self) -> dict[str, sqlite3.Row]:
+        rows = self.conn.execute("SELECT * FROM jobs").fetchall()
+        return {row["recording_id"]: row for row in rows}
+
+    def status(self, recording_id: str) -> str:
+        query = "SELECT status FROM recordings WHERE id=?"
+        return str(self.conn.execute(query, (recording_id,)).fetchone()[0])
+
+
+class _RoomServerDown(Transcriber):
+    """The transcription servers fail the room's recording (the short clip)."""
+
+    def transcribe(self, audio: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        if audio.size < 10 * 16000:
+            raise ServerError("wyoming server 127.0.0.1:1: connection refused")
+        return super().transcribe(audio, *args, **kwargs)
+
+
+def _speakers_on(settings: Settings, speaker_models: Path) -> None:
+    settings.storage.models_dir = speaker_models
+    settings.speakers.enabled = settings.diarization.enabled = True
+
+
+@pytest.mark.parametrize("reload", [False, True])
+def test_an_uploads_analysis_goes_on_after_the_rooms_speech_where_it_stopped(
+    settings: Settings, speaker_models: Path, reload: bool
+) -> None:
+    """A long upload's speaker analysis that yielded to the room's speech goes on at its
+    next claim from the window where it stopped; after a reload (other models or settings: a
+    new stage) from its first. A room recording the servers failed meanwhile waits on: the
+    upload taken up (not transcribed again) is no sign that they work (it was, and the room's
+    job was made due again, its next failure counted against it)."""
+    _speakers_on(settings, speaker_models)
+    settings.asr.retry_delay_s = 600  # the room's job waits out the test, however slow
+    both = _RoomAndUpload(settings, _RoomServerDown)
+    worker = both.worker
     worker.speakers = SpeakerStage(settings)
-    counting(worker.speakers, room_speaks_at=2)
-    assert worker.process_next(conn)  # transcribed; its analysis yields after two windows
-    states = dict(conn.execute("SELECT recording_id, state FROM jobs").fetchall())
-    assert states[upload.id] == "pending" and len(states) == 2, states
-    assert worker.process_next(conn)  # the room's
-    worker.speakers = SpeakerStage(settings)  # a reload
-    calls = counting(worker.speakers)
-    assert worker.process_next(conn)  # the upload, by the new stage
-    assert worker.last_error is None
-    status = "SELECT status FROM recordings WHERE id=?"
-    assert conn.execute(status, (upload.id,)).fetchone()[0] == "done"
+    both.counting(worker.speakers, room_speaks_at=2)
+    assert worker.process_next(both.conn)  # transcribed; its analysis yields after two windows
+    jobs = both.jobs()
+    assert jobs[both.upload]["state"] == "pending" and len(jobs) == 2, dict(jobs)
+    assert worker.process_next(both.conn)  # the room's: the servers fail it
+    (room,) = [row for rec, row in both.jobs().items() if rec != both.upload]
+    assert room["not_before"] is not None and room["attempts"] == 0, dict(room)
+    if reload:
+        worker.speakers = SpeakerStage(settings)
+    calls = both.counting(worker.speakers)
+    assert worker.process_next(both.conn)  # the upload
+    assert both.status(both.upload) == "done"
     segmented = len(calls)
-    windows = len(worker.speakers.diarizer._windows(to_float32(talk)))
-    assert windows > 2 and segmented == windows  # every one of them, the first two again
+    windows = len(worker.speakers.diarizer._windows(to_float32(both.talk)))
+    assert windows > 2 and segmented == (windows if reload else windows - 2)
+    (room,) = [row for rec, row in both.jobs().items() if rec != both.upload]
+    assert room["not_before"] is not None, dict(room)  # still waiting for the servers
+
+
+def test_an_upload_whose_next_try_fails_keeps_nothing_of_its_earlier_one(
+    settings: Settings,
+) -> None:
+    """What an upload that yielded to the room had heard is kept in memory for its next
+    claim; that claim failing (its audio file gone) drops it, not only its deletion."""
+    both: _RoomAndUpload
+
+    class RoomSpeaksMeanwhile(Transcriber):
+        def transcribe(self, audio: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+            if audio.size > 30 * 16000 and len(both.jobs()) == 1:
+                both.room_speaks()  # the upload then gives its job back after 30 s
+            return super().transcribe(audio, *args, **kwargs)
+
+    both = _RoomAndUpload(settings, RoomSpeaksMeanwhile)
+    worker = both.worker
+    assert worker.process_next(both.conn)  # the upload, given back after a window
+    assert both.jobs()[both.upload]["state"] == "pending"
+    assert worker._partial is not None and worker._partial.recording_id == both.upload
+    assert worker.process_next(both.conn)  # the room's: what the upload had heard is kept
+    assert worker._partial is not None
+    (path,) = both.conn.execute("SELECT audio_path FROM recordings WHERE id=?", (both.upload,))
+    audio_file(settings.storage.audio_dir, path[0]).unlink()
+    assert worker.process_next(both.conn)  # the upload: its audio is lost
+    assert both.status(both.upload) == "failed" and worker._partial is None
