@@ -154,21 +154,18 @@ class Progress:
 
 
 class _Asker:
-    """Asks `wanted` between windows, not before the call's first (each call gets a window
-    further, however often it is asked to yield); False gives the analysis up (Stopped)."""
+    """Asks `wanted` before each window; False gives the analysis up (Stopped)."""
 
     def __init__(self, wanted: Wanted | None, samples: int) -> None:
         self.wanted = wanted
         self.samples = samples
-        self.stepped = False
 
     def __call__(self, at_sample: int, step: str) -> None:
-        if self.wanted is not None and self.stepped and not self.wanted():
+        if self.wanted is not None and not self.wanted():
             raise Stopped(
                 f"speaker analysis given up {at_sample / SAMPLE_RATE_HZ:.0f} s"
                 f" into {self.samples / SAMPLE_RATE_HZ:.0f} s ({step})"
             )
-        self.stepped = True
 
 
 class Diarizer:
@@ -249,7 +246,7 @@ class Diarizer:
 
         With `recognise`, pieces that surely are two different enrolled people are never
         joined, and pieces of the same enrolled person always are: voices the device knows
-        guide the clustering of similar-sounding ones. `wanted`, asked between windows,
+        guide the clustering of similar-sounding ones. `wanted`, asked before each window,
         False gives it up (Stopped); `progress` keeps how far it got, for the next call.
         `find_changes=False`: no speaker-change detection inside runs (most of the cost on
         long single-speaker speech), for a clean close clip whose voices the segmentation

@@ -181,7 +181,7 @@ class SpeakerStage:
         """Turns, local speakers and their embeddings (the heavy part, outside transactions).
 
         With `conn`, the enrolled people guide diarization (see Diarizer); it is only read.
-        `wanted`, asked between windows, False gives it up (asr.Stopped); `progress` keeps
+        `wanted`, asked before each window, False gives it up (asr.Stopped); `progress` keeps
         how far diarization got, for the next call on the same audio to go on from.
         """
         t0 = time.perf_counter()

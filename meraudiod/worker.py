@@ -399,8 +399,16 @@ class Worker(StageThread):
             long = float(row["duration_s"]) > WHISPER_WINDOW_S
             _LOGGER.debug("job %d: transcribed in %.1f s, its speakers next", job.id, asr_s)
 
-            def wanted() -> bool:
-                return not self.stop_event.is_set() and self._wanted(conn, job, upload)
+            asked = 0
+
+            def wanted() -> bool:  # asked before each window
+                nonlocal asked
+                asked += 1
+                if self.stop_event.is_set():
+                    return False
+                # Not yielding before the first: each try gets a window further, however
+                # often the room speaks.
+                return self._wanted(conn, job, upload and asked > 1)
 
             if progress.analysed_by is None or progress.analysed_by() is not stage:
                 progress.diarization, progress.analysed_by = Progress(), weakref.ref(stage)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -84,13 +86,20 @@ def test_diarizer_finds_two_people_taking_turns(
     assert len(result.speakers) == 2
 
 
+def _yes_once() -> Callable[[], bool]:
+    """Yes to the first question, no to the others."""
+    asked = itertools.count()
+    return lambda: next(asked) == 0
+
+
 @pytest.mark.parametrize("diarize", [True, False])
 def test_an_analysis_given_up_goes_on_where_it_stopped(
     stage: SpeakerStage, conversation: tuple[Path, list[tuple[str, float, float]]], diarize: bool
 ) -> None:
     """A long upload's analysis yields to the room's speech between windows: each call,
-    asked to stop at every window, does one more window, and the calls together give what
-    one call gives (diarization, or where the speech is with diarization off)."""
+    asked to stop at every window but its first (as the worker asks), does one more window,
+    and the calls together give what one call gives (diarization, or where the speech is
+    with diarization off)."""
     audio = to_float32(decode_file(conversation[0]))
     analyse = stage.diarizer.__call__ if diarize else stage.diarizer.speech
     start_s = stage.diarizer.change_embedded_s  # the audio change detection embedded
@@ -101,7 +110,7 @@ def test_an_analysis_given_up_goes_on_where_it_stopped(
         calls += 1
         steps = len(progress.segmented) + progress.embedded
         try:
-            result = analyse(audio.copy(), wanted=lambda: False, progress=progress)
+            result = analyse(audio.copy(), wanted=_yes_once(), progress=progress)
             break
         except Stopped:  # one window further each time, never the same one twice
             assert len(progress.segmented) + progress.embedded == steps + 1
