@@ -420,13 +420,7 @@ class Worker(StageThread):
                 if self.stop_event.is_set():
                     raise
                 if not _recording_exists(conn, job.recording_id):
-                    _LOGGER.info(
-                        "recording %s deleted while its speakers were analysed: %s",
-                        job.recording_id,
-                        exc,
-                    )
-                    self._forget_held(job.recording_id)
-                    self.server_faults.forget(job.recording_id)
+                    self._deleted_meanwhile(job.recording_id, f"its speakers were analysed: {exc}")
                     return None
                 self._partial = progress
                 raise Stopped(f"the room's recordings first: {exc}, taken up there next") from exc
@@ -499,6 +493,13 @@ class Worker(StageThread):
         _LOGGER.debug("transcript %s text: %s", job.recording_id, transcript.text)
         return result
 
+    def _deleted_meanwhile(self, recording_id: str, what: str) -> None:
+        """Its recording was deleted while it was worked on (given up part way): said, and
+        what was kept for it forgotten."""
+        _LOGGER.info("recording %s deleted while %s", recording_id, what)
+        self._forget_held(recording_id)
+        self.server_faults.forget(recording_id)
+
     def _wanted(self, conn: sqlite3.Connection, job: jobs.Job, upload: bool) -> bool:
         """Is the job's work to go on: its recording not deleted, and, for an upload, no
         recording of the room's own audio waiting?"""
@@ -548,11 +549,7 @@ class Worker(StageThread):
             done_s = offset_s + exc.done_s
             where = f"given up {done_s:.0f} s into {audio.size / SAMPLE_RATE_HZ:.0f} s"
             if not _recording_exists(conn, job.recording_id):
-                _LOGGER.info(
-                    "recording %s deleted while it was transcribed: %s", job.recording_id, where
-                )
-                self._forget_held(job.recording_id)
-                self.server_faults.forget(job.recording_id)
+                self._deleted_meanwhile(job.recording_id, f"it was transcribed: {where}")
                 return None
             progress.asr_s += time.perf_counter() - t0
             progress.heard, progress.heard_s = later(exc.heard, offset_s, earlier), done_s
