@@ -159,9 +159,6 @@ class Worker(StageThread):
                             self.settings.asr.max_attempts,
                             expired_leases=False,
                         )
-                    if self._given_back is not None:
-                        jobs.release(conn, self._given_back)
-                        self._given_back = None
                     found = self.process_next(conn)
                     # Its claim (a write) or its transcript stored: writable again, even with
                     # no job to do (a read-only database refused the claim of none as well).
@@ -198,6 +195,9 @@ class Worker(StageThread):
 
     def process_next(self, conn: sqlite3.Connection) -> bool:
         """Claim and process one job; False when there was none."""
+        if self._given_back is not None:  # the storage kept it from being given back or stored
+            jobs.release(conn, self._given_back)
+            self._given_back = None
         if not self.transcriber.ready():  # every ASR server is down: the jobs wait pending
             return False
         job = jobs.claim(
@@ -236,10 +236,10 @@ class Worker(StageThread):
             self._forget_held(job.recording_id)
             return True
         except Exception as exc:
-            if isinstance(exc, sqlite3.OperationalError) and self._left_running(
-                job, exc, "transcript not stored on stopping"
-            ):
-                return True
+            if isinstance(exc, sqlite3.OperationalError) and is_busy(exc):
+                if self._left_running(job, exc, "transcript not stored on stopping"):
+                    return True
+                raise  # another process's lock, not the recording's fault: no attempt counted
             # Its transcript refused for want of room, or by a file system that refuses writes
             # (read-only): given back, no attempt counted. An I/O error on a writable one (a
             # failing card) counts, as any error: given back, it would be transcribed again
@@ -311,7 +311,11 @@ class Worker(StageThread):
     def _left_running(self, job: jobs.Job, exc: sqlite3.OperationalError, what: str) -> bool:
         """True (and said) when `exc` is another process's write lock met on stopping: the
         job stays `running` in the database, and the next start gives it back with no crash
-        counted (its note removed: _done_working); not the recording's fault."""
+        counted (its note removed: _done_working); not the recording's fault. Met while
+        running, the job is given back once the lock is gone (process_next; it stayed
+        `running` until a restart), and the caller raises it: False."""
+        if is_busy(exc) and not self.stop_event.is_set():
+            self._given_back = job.id
         if not (is_busy(exc) and self.stop_event.is_set()):
             return False
         _LOGGER.warning(

@@ -8,7 +8,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +318,18 @@ class _RoomAndUpload:
     def room_speaks(self) -> None:
         self.store.save(decode_file(SHORT), source="mic", start_s=0.0, started_at=2000.0)
 
+    def room_speaks_as_the_upload_is_transcribed(self, also: Callable[[], Any] = list) -> None:
+        """The upload then gives its job back after a Whisper window; `also` runs then too."""
+        real = self.worker.transcriber.transcribe
+
+        def transcribe(audio: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+            if audio.size > 30 * 16000 and len(self.jobs()) == 1:
+                self.room_speaks()
+                also()
+            return real(audio, *args, **kwargs)
+
+        self.worker.transcriber.transcribe = transcribe  # type: ignore[method-assign]
+
     def counting(self, stage: SpeakerStage, room_speaks_at: int = 0) -> list[int]:
         """The stage's segmentation windows, counted; the room speaks at the given one."""
         calls: list[int] = []
@@ -394,15 +406,8 @@ def test_an_upload_whose_next_try_fails_keeps_nothing_of_its_earlier_one(
 ) -> None:
     """What an upload that yielded to the room had heard is kept in memory for its next
     claim; that claim failing (its audio file gone) drops it, not only its deletion."""
-    both: _RoomAndUpload
-
-    class RoomSpeaksMeanwhile(Transcriber):
-        def transcribe(self, audio: np.ndarray, *args: Any, **kwargs: Any) -> Any:
-            if audio.size > 30 * 16000 and len(both.jobs()) == 1:
-                both.room_speaks()  # the upload then gives its job back after 30 s
-            return super().transcribe(audio, *args, **kwargs)
-
-    both = _RoomAndUpload(settings, RoomSpeaksMeanwhile)
+    both = _RoomAndUpload(settings)
+    both.room_speaks_as_the_upload_is_transcribed()
     worker = both.worker
     assert worker.process_next(both.conn)  # the upload, given back after a window
     assert both.jobs()[both.upload]["state"] == "pending"
@@ -413,3 +418,58 @@ def test_an_upload_whose_next_try_fails_keeps_nothing_of_its_earlier_one(
     audio_file(settings.storage.audio_dir, path[0]).unlink()
     assert worker.process_next(both.conn)  # the upload: its audio is lost
     assert both.status(both.upload) == "failed" and worker._partial is None
+
+
+def test_a_give_back_the_locked_database_refused_is_made_once_the_lock_is_gone(
+    settings: Settings,
+) -> None:
+    """Found by a fault injector: an upload yielding to the room's speech while another
+    process (an admin's sqlite3 shell, a backup) held the write lock past the wait stayed
+    `running`, its task too, until the daemon restarted. Now given back once the lock is
+    gone, no attempt counted, and taken up where it left off."""
+    both = _RoomAndUpload(settings)
+    holder = sqlite3.connect(settings.storage.db_path, isolation_level=None)
+    both.room_speaks_as_the_upload_is_transcribed(lambda: holder.execute("BEGIN IMMEDIATE"))
+    both.conn.execute("PRAGMA busy_timeout=200")  # the daemon's waits 30 s
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        both.worker.process_next(both.conn)  # transcribed a window, not given back
+    holder.execute("COMMIT")
+    assert both.worker.process_next(both.conn)  # given back now; the room's first
+    (room,) = both.conn.execute("SELECT id FROM recordings WHERE source='mic'").fetchone()
+    assert both.status(room) == "done"
+    job = both.jobs()[both.upload]
+    assert (job["state"], job["attempts"], job["crashes"]) == ("pending", 0, 0), dict(job)
+    assert both.worker._partial is not None  # what it had heard, kept
+    assert both.worker.process_next(both.conn)  # the upload, taken up
+    assert both.status(both.upload) == "done"
+
+
+def test_a_transcript_the_locked_database_refused_is_no_failure(settings: Settings) -> None:
+    """Another process held the write lock past the wait while a transcript was stored: it
+    was a failure of the recording's, logged with a traceback and an attempt counted, whose
+    own storing waited for the same lock and left the job `running` until a restart. Now
+    the job is given back once the lock is gone, no attempt counted, and transcribed."""
+    conn = open_db(settings.storage.db_path)
+    rec = RecordingStore(conn, settings.storage.audio_dir, "flac").save(
+        decode_file(SHORT), source="mic", start_s=0.0, started_at=1000.0
+    )
+    assert rec is not None
+    conn.execute("PRAGMA busy_timeout=200")  # the daemon's waits 30 s
+    holder = sqlite3.connect(settings.storage.db_path, isolation_level=None)
+    asr = settings.asr
+    path = models.resolve(asr.model, settings.storage.resolved_models_dir, False)
+    worker = Worker(settings, Transcriber(path, asr, asr.model), threading.Event())
+    real = worker.transcriber.transcribe
+
+    def transcribe(*args: Any, **kwargs: Any) -> Any:
+        holder.execute("BEGIN IMMEDIATE")  # an admin's sqlite3 shell, while Whisper runs
+        return real(*args, **kwargs)
+
+    worker.transcriber.transcribe = transcribe  # type: ignore[method-assign]
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        worker.process_next(conn)
+    holder.execute("COMMIT")
+    worker.transcriber.transcribe = real  # type: ignore[method-assign]
+    assert worker.process_next(conn) and worker.last_error is None
+    (row,) = conn.execute("SELECT state, attempts, crashes FROM jobs").fetchall()
+    assert tuple(row) == ("done", 0, 0), tuple(row)
