@@ -65,6 +65,11 @@ def enqueue(
     return int(cur.lastrowid or 0)
 
 
+def exists(conn: sqlite3.Connection, job_id: int) -> bool:
+    """The job is still there (not deleted with its recording, nor replaced by a reprocess)."""
+    return conn.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone() is not None
+
+
 def _mine(origin: str | None) -> tuple[str, tuple[str, ...]]:
     """SQL condition (and its parameters) for the jobs a process works on: its own when it
     has an origin, else the daemon's."""

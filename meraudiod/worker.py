@@ -57,11 +57,12 @@ _ADOPT_EVERY_S = 30.0
 
 @dataclass
 class _Progress:
-    """How far a job's recording got: what was heard of it (to `heard_s`), the ASR seconds
-    spent on that, and its speaker analysis. An upload that yields to the room's recordings
-    keeps it (in memory: a restart starts it again), and its next claim goes on from there."""
+    """How far a job got with its recording: what was heard of it (to `heard_s`), the ASR
+    seconds spent on that, and its speaker analysis. An upload that yields to the room's
+    recordings keeps it (in memory: a restart starts it again), and the job's next claim goes
+    on from there (not another job of the recording: a `reprocess` transcribes it anew)."""
 
-    recording_id: str
+    job_id: int
     heard: Transcript | None = None
     heard_s: float = 0.0
     asr_s: float = 0.0
@@ -359,8 +360,8 @@ class Worker(StageThread):
     def _transcribe(self, conn: sqlite3.Connection, job: jobs.Job) -> TranscribedRecording | None:
         # How far an earlier try of this job got: taken now, so a failure of this one drops it.
         partial, self._partial = self._partial, None
-        if partial is not None and partial.recording_id != job.recording_id:
-            if _recording_exists(conn, partial.recording_id):  # not deleted meanwhile
+        if partial is not None and partial.job_id != job.id:
+            if jobs.exists(conn, partial.job_id):  # not deleted or replaced meanwhile
                 self._partial = partial  # kept for its own job while the room's go first
             partial = None
         row = conn.execute("SELECT * FROM recordings WHERE id=?", (job.recording_id,)).fetchone()
@@ -530,7 +531,7 @@ class Worker(StageThread):
         speaker analysis), a recording of the device's own audio waiting gives its job back
         (Stopped), and the next claim takes up where it left off (a ten-minute upload held
         back a spoken command for as long as it took)."""
-        progress = _Progress(job.recording_id) if partial is None else partial
+        progress = _Progress(job.id) if partial is None else partial
         if partial is not None:  # the room's jobs came in between
             if progress.heard is not None and progress.heard_s >= progress.heard.duration_s:
                 _LOGGER.info("recording %s: speaker analysis taken up", job.recording_id)

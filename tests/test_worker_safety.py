@@ -411,7 +411,8 @@ def test_an_upload_whose_next_try_fails_keeps_nothing_of_its_earlier_one(
     worker = both.worker
     assert worker.process_next(both.conn)  # the upload, given back after a window
     assert both.jobs()[both.upload]["state"] == "pending"
-    assert worker._partial is not None and worker._partial.recording_id == both.upload
+    assert worker._partial is not None
+    assert worker._partial.job_id == both.jobs()[both.upload]["id"]
     assert worker.process_next(both.conn)  # the room's: what the upload had heard is kept
     assert worker._partial is not None
     (path,) = both.conn.execute("SELECT audio_path FROM recordings WHERE id=?", (both.upload,))
@@ -473,3 +474,20 @@ def test_a_transcript_the_locked_database_refused_is_no_failure(settings: Settin
     assert worker.process_next(conn) and worker.last_error is None
     (row,) = conn.execute("SELECT state, attempts, crashes FROM jobs").fetchall()
     assert tuple(row) == ("done", 0, 0), tuple(row)
+
+
+def test_a_given_back_upload_reprocessed_meanwhile_is_transcribed_anew(
+    env: dict[str, str], settings: Settings
+) -> None:
+    """Found by a fault injector: a `reprocess` of an upload given back to the room replaced
+    its job, and the new one took up what the old one had heard (with another model since
+    a reload, the transcript asked for again would have been the old model's)."""
+    both = _RoomAndUpload(settings)
+    both.room_speaks_as_the_upload_is_transcribed()
+    assert both.worker.process_next(both.conn)  # the upload, given back after a window
+    assert both.worker._partial is not None
+    assert cli("reprocess", both.upload, env=env).returncode == 0
+    assert both.worker.process_next(both.conn)  # the room's
+    assert both.worker._partial is None  # the replaced job's, dropped
+    assert both.worker.process_next(both.conn)  # the upload, transcribed from its start
+    assert both.status(both.upload) == "done"
