@@ -211,16 +211,38 @@ class Worker(StageThread):
             return False
         self.busy = True
         try:
-            result = self._transcribe(conn, job)
+            result = self._process(conn, job)
+        except sqlite3.OperationalError as exc:
+            # Another process's write lock kept its transcript, give-back or failure from
+            # being stored: given back once the lock is gone, no attempt counted (it stayed
+            # `running`, its task too, until a restart); on stopping, _left_running said it.
+            if is_busy(exc) and not self.stop_event.is_set():
+                self._given_back = job.id
+            raise
+        finally:
+            self.busy = False
+            self._done_working(job)
+        if result is not None:
+            for hook in self.on_committed:
+                hook(result)
+            if self.on_transcribed is not None:
+                self.on_transcribed(result)
+        return True
+
+    def _process(self, conn: sqlite3.Connection, job: jobs.Job) -> TranscribedRecording | None:
+        """A claimed job: its transcript stored (returned), or the job given back, deferred
+        or failed, or its recording deleted meanwhile (None)."""
+        try:
+            return self._transcribe(conn, job)
         except Stopped as exc:  # a long upload: stopping, or the room's recordings first
             try:
                 jobs.release(conn, job.id)
             except sqlite3.OperationalError as busy:
                 if not self._left_running(job, busy, f"{exc}, not given back"):
                     raise
-                return True
+                return None
             _LOGGER.info("job %d (recording %s) given back: %s", job.id, job.recording_id, exc)
-            return True
+            return None
         except AudioLostError as exc:  # no retry can bring it back: one line, failed for good
             self.last_error = f"audio lost: {exc}"
             _LOGGER.error("job %d (recording %s) failed: %s", job.id, job.recording_id, exc)
@@ -233,13 +255,13 @@ class Worker(StageThread):
             except sqlite3.OperationalError as busy:
                 if not self._left_running(job, busy, "its failure not stored on stopping"):
                     raise
-                return True
+                return None
             self._forget_held(job.recording_id)
-            return True
+            return None
         except Exception as exc:
             if isinstance(exc, sqlite3.OperationalError) and is_busy(exc):
                 if self._left_running(job, exc, "transcript not stored on stopping"):
-                    return True
+                    return None
                 raise  # another process's lock, not the recording's fault: no attempt counted
             # Its transcript refused for want of room, or by a file system that refuses writes
             # (read-only): given back, no attempt counted. An I/O error on a writable one (a
@@ -268,7 +290,7 @@ class Worker(StageThread):
                     except sqlite3.OperationalError as busy:
                         if not self._left_running(job, busy, "its wait not stored on stopping"):
                             raise
-                    return True
+                    return None
             _LOGGER.error(
                 "job %d (recording %s) failed: %s%s",
                 job.id,
@@ -293,30 +315,18 @@ class Worker(StageThread):
             except sqlite3.OperationalError as busy:
                 if not self._left_running(job, busy, "its failure not stored on stopping"):
                     raise
-                return True
+                return None
             if final:
                 self.server_faults.forget(job.recording_id)
                 if self.memory is not None:  # its audio is kept, as a file would be
                     self.memory.transcribed(job.recording_id)
-            return True
-        finally:
-            self.busy = False
-            self._done_working(job)
-        if result is not None:
-            for hook in self.on_committed:
-                hook(result)
-            if self.on_transcribed is not None:
-                self.on_transcribed(result)
-        return True
+            return None
 
     def _left_running(self, job: jobs.Job, exc: sqlite3.OperationalError, what: str) -> bool:
         """True (and said) when `exc` is another process's write lock met on stopping: the
         job stays `running` in the database, and the next start gives it back with no crash
         counted (its note removed: _done_working); not the recording's fault. Met while
-        running, the job is given back once the lock is gone (process_next; it stayed
-        `running` until a restart), and the caller raises it: False."""
-        if is_busy(exc) and not self.stop_event.is_set():
-            self._given_back = job.id
+        running: False, and the caller raises it (process_next gives the job back)."""
         if not (is_busy(exc) and self.stop_event.is_set()):
             return False
         _LOGGER.warning(
